@@ -1,0 +1,282 @@
+"""VisualizationCallback: the one base every lightning-viz callback stands on.
+
+It owns everything that is the same for every method: the schedule (``every_n_epochs``, train- or
+validation-epoch end, never during the sanity check), the probe set (picked once, saved in
+checkpoints), isolation (the model is left exactly as it was), the rank split and gather under DDP,
+timing, and rank-0-only writing to TensorBoard. A subclass overrides :meth:`compute` (all ranks, its
+shard of the probes, returns per-probe tensors) and :meth:`log_results` (rank 0, the gathered results).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from ..capture import isolated
+from ..logging import VizLogger, make_tag
+from ..probe import ProbeSet
+
+try:
+    from typing import override
+except ImportError:  # Python < 3.12
+    from typing_extensions import override
+
+__all__ = ["VisualizationCallback", "VisualizationError", "gather_results"]
+
+
+class VisualizationError(RuntimeError):
+    """A visualization failed; raised on every rank so DDP ranks stay in step."""
+
+
+def _world(trainer: Trainer) -> tuple[int, int]:
+    return int(getattr(trainer, "global_rank", 0)), int(getattr(trainer, "world_size", 1))
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Concatenate per-rank results in rank order: tensors on dim 0, lists end to end, dicts per key."""
+    first = next((p for p in parts if p is not None), None)
+    if isinstance(first, dict):
+        keys = list(first)
+        return {k: _concat([p.get(k) for p in parts if p is not None]) for k in keys}
+    if isinstance(first, Tensor):
+        nonempty = [p for p in parts if p is not None and p.shape[0] > 0] or [first]
+        return torch.cat(nonempty, dim=0)
+    if isinstance(first, list):
+        return [x for p in parts if p is not None for x in p]
+    return first
+
+
+def gather_results(trainer: Trainer, local: Any, error: BaseException | None, what: str = "visualization") -> Any:
+    """Gather every rank's ``local`` results (concatenated in rank order) on all ranks.
+
+    Every rank calls this exactly once per run, also a rank that failed or has no probes (it sends
+    ``None``), so all ranks make the same collective calls. If any rank failed, every rank raises a
+    :class:`VisualizationError` naming the failed ranks and their errors.
+    """
+    rank, world = _world(trainer)
+    payload = (None if error is None else f"{type(error).__name__}: {error}", _to_cpu(local) if error is None else None)
+    if world > 1 and _dist_ready():
+        gathered: list[Any] = [None] * world
+        try:
+            torch.distributed.all_gather_object(gathered, payload)
+        except Exception as exc:  # timeouts and broken process groups
+            raise VisualizationError(
+                f"lightning-viz: gathering {what} results across {world} ranks failed on rank {rank} ({exc}). "
+                "Every rank must reach the same epoch end; check that no rank skipped or crashed."
+            ) from exc
+    else:
+        gathered = [payload]
+    errors = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
+    if errors:
+        msg = "; ".join(f"rank {r}: {e}" for r, e in errors)
+        if error is not None:
+            raise VisualizationError(f"lightning-viz {what} failed: {msg}") from error
+        raise VisualizationError(f"lightning-viz {what} failed: {msg}")
+    return _concat([res for _, res in gathered])
+
+
+class VisualizationCallback(Callback):
+    """Base class. Subclasses set ``method`` and override :meth:`compute` and :meth:`log_results`.
+
+    Args:
+        every_n_epochs: run at epochs 0, n, 2n, ... (``current_epoch % n == 0``).
+        run_on: ``"train_epoch_end"`` (default) or ``"validation_epoch_end"`` (also runs under
+            ``trainer.validate``, inside inference mode).
+        num_probes: how many probe images to pick (class-stratified, seeded).
+        probe_seed: seed of the probe pick.
+        probe_source: ``"val"`` (fall back to train) or ``"train"`` dataloader's dataset.
+        probes: an explicit :class:`ProbeSet` (overrides the three options above).
+        log_time: log the seconds each run took as ``viz/<method>/time_s``.
+    """
+
+    method: str = "viz"
+    #: False for methods that do not depend on the probes (e.g. filters): only rank 0 computes.
+    per_probe: bool = True
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        run_on: Literal["train_epoch_end", "validation_epoch_end"] = "train_epoch_end",
+        num_probes: int = 16,
+        probe_seed: int = 0,
+        probe_source: Literal["val", "train"] = "val",
+        probes: ProbeSet | None = None,
+        log_time: bool = True,
+    ):
+        super().__init__()
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1; got {every_n_epochs}")
+        if run_on not in ("train_epoch_end", "validation_epoch_end"):
+            raise ValueError(f"run_on must be 'train_epoch_end' or 'validation_epoch_end'; got {run_on!r}")
+        if probe_source not in ("val", "train"):
+            raise ValueError(f"probe_source must be 'val' or 'train'; got {probe_source!r}")
+        if num_probes < 1:
+            raise ValueError(f"num_probes must be >= 1; got {num_probes}")
+        self.every_n_epochs = every_n_epochs
+        self.run_on = run_on
+        self.num_probes = num_probes
+        self.probe_seed = probe_seed
+        self.probe_source = probe_source
+        self.probes = probes
+        self.log_time = log_time
+        self.last_logged_tags: list[str] = []
+        self.last_duration_s: float | None = None
+
+    # ------------------------------------------------------------------ subclass API
+    def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
+        """Compute on ``probe`` (this rank's shard) inside :func:`isolated`; return tensors with the
+        probe dimension first (lists also concatenate), gathered to rank 0 in probe order."""
+        raise NotImplementedError
+
+    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
+        """Render and write the gathered ``results`` for the full ``probe`` set (rank 0 only)."""
+        raise NotImplementedError
+
+    def check(self, pl_module: LightningModule) -> None:
+        """Validate options against the model before training starts (raise a clear error)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Subclass state to keep in checkpoints (history for filmstrips, fixed scales, ...)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_key_parts(self) -> tuple[Any, ...]:
+        """Distinguish several instances of one callback class in a checkpoint (override to add options)."""
+        return (self.method, self.num_probes, self.probe_seed, self.probe_source)
+
+    # ------------------------------------------------------------------ schedule
+    def should_run(self, trainer: Trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        return trainer.current_epoch % self.every_n_epochs == 0
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.check(pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.run_on == "train_epoch_end":
+            self.run(trainer, pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.run_on == "validation_epoch_end":
+            self.run(trainer, pl_module)
+
+    # ------------------------------------------------------------------ probes
+    def get_probes(self, trainer: Trainer) -> ProbeSet:
+        """The full probe set (same on every rank), picked on first use."""
+        if self.probes is None:
+            self.probes = self._pick_probes(trainer)
+        return self.probes
+
+    def _pick_probes(self, trainer: Trainer) -> ProbeSet:
+        dataset = _find_dataset(trainer, self.probe_source)
+        if dataset is None:
+            raise VisualizationError(
+                f"{type(self).__name__}: found no {self.probe_source} dataset to pick probes from; "
+                "pass probes=ProbeSet(...) or give the Trainer a datamodule / dataloaders."
+            )
+        dm = getattr(trainer, "datamodule", None)
+        mean = getattr(dm, "mean", None) or getattr(dataset, "mean", None)
+        std = getattr(dm, "std", None) or getattr(dataset, "std", None)
+        return ProbeSet.from_dataset(dataset, num=self.num_probes, seed=self.probe_seed, mean=mean, std=std)
+
+    # ------------------------------------------------------------------ run
+    def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
+        """Compute on this rank's shard, gather, and log on rank 0. Returns the gathered results."""
+        if not self.should_run(trainer):
+            return None
+        rank, world = _world(trainer)
+        start = time.perf_counter()
+        probe = self.get_probes(trainer)
+        distributed = self.per_probe and world > 1
+        shard = probe.shard(rank, world) if distributed else probe
+        local, error = None, None
+        if distributed or rank == 0:
+            try:
+                with isolated(pl_module):
+                    local = self.compute(pl_module, shard) if len(shard) > 0 or not self.per_probe else None
+            except Exception as exc:  # re-raised on every rank by gather_results
+                error = exc
+        if distributed:
+            results = gather_results(trainer, local, error, what=self.method)
+        elif error is not None:
+            raise VisualizationError(f"lightning-viz {self.method} failed: {type(error).__name__}: {error}") from error
+        else:
+            results = local
+        if rank == 0 and results is not None:
+            logger = VizLogger.from_trainer(trainer, step=trainer.current_epoch)
+            try:
+                self.log_results(logger, results, probe, trainer)
+                self.last_duration_s = time.perf_counter() - start
+                if self.log_time:
+                    logger.scalar(make_tag(self.method, "time_s"), self.last_duration_s)
+            finally:
+                logger.flush()
+            self.last_logged_tags = logger.written
+        return results
+
+    # ------------------------------------------------------------------ checkpoint
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(key=self.state_key_parts())
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"probes": None if self.probes is None else self.probes.state_dict(), "extra": self.extra_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("probes") is not None:
+            self.probes = ProbeSet.from_state_dict(state_dict["probes"])
+        self.load_extra_state(state_dict.get("extra") or {})
+
+
+def _find_dataset(trainer: Trainer, source: str) -> Any:
+    """The dataset behind the val (or train) dataloader, without iterating a sampler."""
+    order = ["val", "train"] if source == "val" else ["train", "val"]
+    for which in order:
+        loaders = getattr(trainer, "val_dataloaders" if which == "val" else "train_dataloader", None)
+        if loaders is None:
+            dm = getattr(trainer, "datamodule", None)
+            fn = getattr(dm, "val_dataloader" if which == "val" else "train_dataloader", None) if dm is not None else None
+            if fn is not None:
+                try:
+                    loaders = fn()
+                except Exception:  # noqa: BLE001 - a datamodule without that split
+                    loaders = None
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        if isinstance(loaders, dict):
+            loaders = next(iter(loaders.values()), None)
+        dataset = getattr(loaders, "dataset", None)
+        if dataset is not None:
+            try:
+                if len(dataset) > 0:
+                    return dataset
+            except TypeError:  # iterable dataset
+                continue
+    return None

@@ -1,0 +1,157 @@
+"""Context managers that let a visualization touch a live, training model without changing it.
+
+* :func:`eval_mode` puts every submodule in eval mode and restores each one's own flag afterwards
+  (a model may deliberately keep some submodules in eval mode while training).
+* :func:`frozen_params` turns ``requires_grad`` off on every parameter and restores it, so no
+  visualization can ever write a parameter's ``.grad`` (and autograd builds no parameter graph).
+* :func:`isolated` combines both, forks the global RNG (restored on exit), and enables autograd even
+  when the trainer runs under ``torch.inference_mode`` (``trainer.validate``).
+* :func:`capture` records the outputs of named layers with forward hooks; the hooks are removed in
+  ``finally`` even when the forward pass raises.
+
+BatchNorm running statistics are only updated in train mode, so :func:`eval_mode` also guarantees
+they are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .layers import get_layer, unwrap_model
+
+__all__ = ["eval_mode", "frozen_params", "isolated", "grad_enabled", "capture", "Capture"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Switch every submodule to eval mode; restore each submodule's own ``training`` flag on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, was_training in flags:
+            m.training = was_training
+
+
+@contextlib.contextmanager
+def frozen_params(model: nn.Module) -> Iterator[nn.Module]:
+    """Set ``requires_grad=False`` on every parameter; restore the flags on exit.
+
+    Gradients are then only ever taken w.r.t. inputs or activations (``torch.autograd.grad``),
+    so parameter ``.grad`` fields and DDP's gradient hooks are never touched.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def grad_enabled() -> Iterator[None]:
+    """Enable autograd, also inside ``torch.inference_mode`` (as under ``trainer.validate``).
+
+    Tensors created before entering (the probe images) must be cloned inside the context to leave
+    inference mode; :func:`isolated` callers do that with ``x.clone()``.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _rng_devices() -> list[int]:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return [torch.cuda.current_device()]
+    return []
+
+
+@contextlib.contextmanager
+def isolated(model: nn.Module) -> Iterator[nn.Module]:
+    """Everything a visualization needs to leave training exactly as it was.
+
+    Eval mode (restored per submodule), frozen parameters (no ``.grad`` writes, no BatchNorm
+    updates), the global RNG forked and restored (methods draw noise from their own seeded
+    ``torch.Generator``), and autograd enabled even under inference mode. Yields the unwrapped model.
+    """
+    model = unwrap_model(model)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=_rng_devices()))
+        stack.enter_context(grad_enabled())
+        stack.enter_context(eval_mode(model))
+        stack.enter_context(frozen_params(model))
+        yield model
+
+
+class Capture:
+    """Layer outputs recorded by :func:`capture`: ``cap[name]`` is that layer's last output.
+
+    With ``grad=True`` the recorded tensors are part of the autograd graph, so
+    ``torch.autograd.grad(score, [cap[n] for n in names])`` gives d score / d activation.
+    """
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.outputs: dict[str, Tensor] = {}
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.outputs:
+            raise KeyError(
+                f"Layer {name!r} produced no output in the forward pass (is it used by forward()?). "
+                f"Recorded: {sorted(self.outputs)}"
+            )
+        return self.outputs[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.outputs
+
+    def clear(self) -> None:
+        self.outputs.clear()
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, layer_names: Iterable[str], grad: bool = False) -> Iterator[Capture]:
+    """Record the output of each named layer during forward passes inside the block.
+
+    Later in-place operations (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``) cannot overwrite
+    the recorded values: without grad the hook keeps a detached copy; with ``grad=True`` it keeps the
+    layer's own output node (whose gradient is wanted) and passes a copy downstream.
+    A module called several times in one forward (a reused module) keeps its last call's output.
+    Hooks are removed on exit, also on error.
+    """
+    names = list(layer_names)
+    cap = Capture(names)
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs, output):
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"Layer {name!r} ({type(module).__name__}) returns {type(output).__name__}, not a tensor; "
+                    "choose a layer whose output is a single tensor."
+                )
+            if grad:
+                # Keep the layer's own output node; hand a copy downstream so in-place ops there
+                # cannot modify the recorded tensor (which would break autograd.grad w.r.t. it).
+                # With frozen parameters and an input that needs no grad, make it a leaf that does.
+                node = output if output.requires_grad else output.detach().requires_grad_(True)
+                cap.outputs[name] = node
+                return node.clone()
+            cap.outputs[name] = output.detach().clone()
+            return None
+
+        return hook
+
+    try:
+        for name in names:
+            handles.append(get_layer(model, name).register_forward_hook(make_hook(name)))
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,115 @@
+"""Writing to TensorBoard: find the TensorBoardLogger, build tags, write only on rank 0.
+
+Tag scheme: ``viz/<method>/<layer>/<probe-id>`` for per-probe images, ``viz/<method>/<layer>/<stat>``
+for scalars, ``viz/<method>/time_s`` for the time a callback took. The global step is the epoch.
+
+TensorBoard keeps only 10 images per tag by default; start it with
+``tensorboard --logdir lightning_logs --samples_per_plugin images=0`` to see every epoch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable
+
+import numpy as np
+from torch import Tensor
+
+from .render import to_uint8_hwc
+
+__all__ = ["find_tensorboard", "make_tag", "VizLogger", "NoTensorBoardLoggerWarning"]
+
+
+class NoTensorBoardLoggerWarning(UserWarning):
+    """Raised (as a warning) once when a visualization callback finds no TensorBoardLogger."""
+
+
+def find_tensorboard(trainer: Any):
+    """The first ``TensorBoardLogger`` in ``trainer.loggers`` (or ``None``)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for lg in getattr(trainer, "loggers", []) or []:
+        if isinstance(lg, TensorBoardLogger):
+            return lg
+    return None
+
+
+def _clean(part: Any) -> str:
+    s = str(part).strip("/").replace(" ", "_")
+    return s or "_"
+
+
+def make_tag(*parts: Any) -> str:
+    """``make_tag("gradcam", "layer4", "p003")`` -> ``"viz/gradcam/layer4/p003"`` (empty parts skipped)."""
+    return "/".join(["viz"] + [_clean(p) for p in parts if p is not None and str(p) != ""])
+
+
+class VizLogger:
+    """Thin writer over a TensorBoard ``SummaryWriter`` that is a no-op off rank 0 or without TensorBoard.
+
+    Every write goes through here, so callbacks never have to check the rank themselves.
+    """
+
+    def __init__(self, writer: Any | None, step: int, enabled: bool = True):
+        self.writer = writer
+        self.step = int(step)
+        self.enabled = enabled and writer is not None
+        self.written: list[str] = []
+
+    @classmethod
+    def from_trainer(cls, trainer: Any, step: int, warn: bool = True) -> "VizLogger":
+        tb = find_tensorboard(trainer)
+        if tb is None and warn and trainer.is_global_zero:
+            warnings.warn(
+                "lightning-viz: no TensorBoardLogger in trainer.loggers, so visualizations are computed but not "
+                "written. Add one: Trainer(logger=TensorBoardLogger('lightning_logs')) (the default logger when "
+                "tensorboard is installed).",
+                NoTensorBoardLoggerWarning,
+                stacklevel=2,
+            )
+        return cls(tb.experiment if tb is not None else None, step, enabled=trainer.is_global_zero)
+
+    def image(self, tag: str, image01: Tensor) -> None:
+        """Log one ``[3, H, W]`` float image in ``[0, 1]``."""
+        if self.enabled:
+            self.writer.add_image(tag, to_uint8_hwc(image01), self.step, dataformats="HWC")
+            self.written.append(tag)
+
+    def scalar(self, tag: str, value: float | Tensor) -> None:
+        if self.enabled:
+            self.writer.add_scalar(tag, float(value), self.step)
+            self.written.append(tag)
+
+    def scalars(self, values: dict[str, float | Tensor]) -> None:
+        for tag, v in values.items():
+            self.scalar(tag, v)
+
+    def figure(self, tag: str, fig: Any) -> None:
+        """Log a matplotlib figure (closed afterwards)."""
+        if self.enabled:
+            self.writer.add_figure(tag, fig, self.step, close=True)
+            self.written.append(tag)
+        else:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+
+    def embedding(self, features: Tensor, metadata: list | None = None, label_img: Tensor | None = None,
+                  tag: str = "default", metadata_header: list[str] | None = None) -> None:
+        if self.enabled:
+            self.writer.add_embedding(features, metadata=metadata, label_img=label_img, global_step=self.step,
+                                      tag=tag, metadata_header=metadata_header)
+            self.written.append(tag)
+
+    def text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, text, self.step)
+            self.written.append(tag)
+
+    def custom_scalars(self, layout: dict) -> None:
+        if self.enabled:
+            self.writer.add_custom_scalars(layout)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.writer.flush()

@@ -1,0 +1,232 @@
+"""ProbeSet: the fixed images every visualization is computed on, epoch after epoch.
+
+Picked once, seeded and class-stratified, straight from a dataset by index (not through a
+dataloader, whose sampler differs per rank under DDP), so every rank and every epoch sees the same
+probes. Kept on CPU; saved in checkpoints so a resumed run uses the same probes.
+
+Batches may be ``(x, y)``, ``(x, y, mask)``, ``x`` alone, or a dict with keys ``image``/``x``/``input``,
+``label``/``y``/``target`` and optional ``mask``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["ProbeSet", "split_sample"]
+
+_IMAGE_KEYS = ("image", "images", "x", "input", "inputs")
+_LABEL_KEYS = ("label", "labels", "y", "target", "targets")
+_MASK_KEYS = ("mask", "masks")
+
+
+def split_sample(sample: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Return ``(image, label, mask)`` from one dataset item or one batch (missing parts are ``None``)."""
+    if isinstance(sample, Tensor):
+        return sample, None, None
+    if isinstance(sample, dict):
+        img = next((sample[k] for k in _IMAGE_KEYS if k in sample), None)
+        if img is None:
+            raise ValueError(f"cannot find the image in a dict sample with keys {sorted(sample)}; expected one of {_IMAGE_KEYS}")
+        lab = next((sample[k] for k in _LABEL_KEYS if k in sample), None)
+        mask = next((sample[k] for k in _MASK_KEYS if k in sample), None)
+        return img, _as_tensor(lab), mask
+    if isinstance(sample, (tuple, list)) and len(sample) >= 1:
+        img = sample[0]
+        lab = _as_tensor(sample[1]) if len(sample) > 1 else None
+        mask = sample[2] if len(sample) > 2 and isinstance(sample[2], Tensor) else None
+        return img, lab, mask
+    raise ValueError(f"cannot read a sample of type {type(sample).__name__}; expected a tensor, (x, y[, mask]) or a dict")
+
+
+def _as_tensor(v: Any) -> Tensor | None:
+    if v is None or isinstance(v, Tensor):
+        return v
+    return torch.as_tensor(v)
+
+
+@dataclass
+class ProbeSet:
+    """Fixed probe samples, on CPU.
+
+    Attributes:
+        images: ``[N, C, H, W]`` model inputs (normalized as the model expects).
+        labels: ``[N]`` class labels, or ``None``.
+        masks: ``[N, H, W]`` ground-truth object masks (e.g. the shapes dataset), or ``None``.
+        indices: ``[N]`` dataset indices the probes came from (``-1`` when given explicitly).
+        mean, std: per-channel normalization to undo for display, or ``None`` (display min-max scales).
+        offset: index of the first probe in the full set (non-zero for a rank's shard).
+    """
+
+    images: Tensor
+    labels: Tensor | None = None
+    masks: Tensor | None = None
+    indices: Tensor | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    offset: int = 0
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise ValueError(f"probe images must be [N, C, H, W]; got shape {tuple(self.images.shape)}")
+        n = self.images.shape[0]
+        self.images = self.images.detach().cpu()
+        if self.labels is not None:
+            self.labels = torch.as_tensor(self.labels).detach().cpu().long().view(-1)
+            if self.labels.shape[0] != n:
+                raise ValueError(f"{n} probe images but {self.labels.shape[0]} labels")
+        if self.masks is not None:
+            m = self.masks.detach().cpu()
+            if m.ndim == 4 and m.shape[1] == 1:
+                m = m[:, 0]
+            if m.ndim != 3 or m.shape[0] != n:
+                raise ValueError(f"probe masks must be [N, H, W] with N={n}; got {tuple(self.masks.shape)}")
+            self.masks = m.float()
+        if self.indices is None:
+            self.indices = torch.full((n,), -1, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def ids(self) -> list[str]:
+        """Stable probe ids used in TensorBoard tags: ``p000``, ``p001``, ..."""
+        return [f"p{self.offset + i:03d}" for i in range(len(self))]
+
+    def fingerprint(self) -> str:
+        """Content hash: equal probe sets share cached passes."""
+        if self._fingerprint is None:
+            import hashlib
+
+            h = hashlib.sha1(self.images.float().numpy().tobytes())
+            if self.labels is not None:
+                h.update(self.labels.numpy().tobytes())
+            h.update(str(self.offset).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    # ----------------------------------------------------------------- selection
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset: Any,
+        num: int = 16,
+        seed: int = 0,
+        stratified: bool = True,
+        scan_limit: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> "ProbeSet":
+        """Pick ``num`` samples from a map-style dataset.
+
+        A seeded permutation of the dataset's indices is scanned (at most ``scan_limit`` items,
+        default ``20 * num``); with ``stratified`` the picks round-robin over classes in order of
+        first appearance, so every class seen is represented as evenly as possible.
+        """
+        n_total = len(dataset)
+        if n_total == 0:
+            raise ValueError("cannot pick probes from an empty dataset")
+        num = min(num, n_total)
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(n_total, generator=gen).tolist()
+        scan = order[: min(n_total, scan_limit or max(20 * num, num))]
+        if not stratified:
+            chosen = scan[:num]
+        else:
+            by_class: dict[int, list[int]] = {}
+            labels = getattr(dataset, "targets", None)
+            for idx in scan:
+                if labels is not None:
+                    lab = int(labels[idx])
+                else:
+                    _, lab_t, _ = split_sample(dataset[idx])
+                    lab = int(lab_t) if lab_t is not None and lab_t.numel() == 1 else -1
+                by_class.setdefault(lab, []).append(idx)
+            chosen = []
+            queues = list(by_class.values())
+            while len(chosen) < num and any(queues):
+                for q in queues:
+                    if q and len(chosen) < num:
+                        chosen.append(q.pop(0))
+        return cls.from_indices(dataset, chosen, mean=mean, std=std)
+
+    @classmethod
+    def from_indices(cls, dataset: Any, indices: Sequence[int], mean=None, std=None) -> "ProbeSet":
+        imgs, labs, masks = [], [], []
+        for i in indices:
+            img, lab, mask = split_sample(dataset[i])
+            imgs.append(torch.as_tensor(img))
+            labs.append(lab)
+            masks.append(mask)
+        labels = torch.stack([torch.as_tensor(lab).view(()) for lab in labs]) if all(lab is not None for lab in labs) else None
+        mask_t = torch.stack([torch.as_tensor(m).float() for m in masks]) if all(m is not None for m in masks) else None
+        return cls(
+            images=torch.stack(imgs).float(),
+            labels=labels,
+            masks=mask_t,
+            indices=torch.as_tensor(list(indices), dtype=torch.long),
+            mean=mean,
+            std=std,
+        )
+
+    # ----------------------------------------------------------------- DDP
+    def shard_bounds(self, rank: int, world_size: int) -> tuple[int, int]:
+        """Contiguous block ``[start, stop)`` of this rank (sizes differ by at most one; may be empty)."""
+        n = len(self)
+        base, extra = divmod(n, world_size)
+        start = rank * base + min(rank, extra)
+        return start, start + base + (1 if rank < extra else 0)
+
+    def shard(self, rank: int, world_size: int) -> "ProbeSet":
+        """This rank's contiguous share; concatenating all shards in rank order gives the full set."""
+        if world_size <= 1:
+            return self
+        start, stop = self.shard_bounds(rank, world_size)
+        return self.subset(slice(start, stop))
+
+    def subset(self, sel: slice) -> "ProbeSet":
+        start = sel.start or 0
+        return ProbeSet(
+            images=self.images[sel],
+            labels=None if self.labels is None else self.labels[sel],
+            masks=None if self.masks is None else self.masks[sel],
+            indices=self.indices[sel],
+            mean=self.mean,
+            std=self.std,
+            offset=self.offset + start,
+        )
+
+    # ----------------------------------------------------------------- display
+    def display_images(self) -> Tensor:
+        """Images in ``[0, 1]`` for rendering: normalization undone, or per-image min-max if unknown."""
+        x = self.images.float()
+        if self.mean is not None and self.std is not None:
+            mean = torch.as_tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+            std = torch.as_tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+            return (x * std + mean).clamp(0, 1)
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        return (x - lo) / (hi - lo).clamp_min(1e-12)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+        """Images on ``device`` (a fresh tensor, safe to mark ``requires_grad``)."""
+        return self.images.to(device=device, dtype=dtype or self.images.dtype, copy=True)
+
+    # ----------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "labels": self.labels,
+            "masks": self.masks,
+            "indices": self.indices,
+            "mean": None if self.mean is None else list(self.mean),
+            "std": None if self.std is None else list(self.std),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "ProbeSet":
+        return cls(**state)
