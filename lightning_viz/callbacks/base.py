@@ -108,8 +108,11 @@ class VisualizationCallback(Callback):
     """
 
     method: str = "viz"
-    #: False for methods that do not depend on the probes (e.g. filters): only rank 0 computes.
+    #: False for methods whose work is not split over probes (e.g. filters, class-model images):
+    #: only rank 0 computes, and nothing is gathered.
     per_probe: bool = True
+    #: False for methods that use no probe images at all: ``compute``/``log_results`` get ``probe=None``.
+    needs_probes: bool = True
 
     def __init__(
         self,
@@ -141,12 +144,13 @@ class VisualizationCallback(Callback):
         self.last_duration_s: float | None = None
 
     # ------------------------------------------------------------------ subclass API
-    def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
+    def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         """Compute on ``probe`` (this rank's shard) inside :func:`isolated`; return tensors with the
-        probe dimension first (lists also concatenate), gathered to rank 0 in probe order."""
+        probe dimension first (lists also concatenate), gathered to rank 0 in probe order.
+        ``probe`` is ``None`` when ``needs_probes`` is False."""
         raise NotImplementedError
 
-    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
+    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         """Render and write the gathered ``results`` for the full ``probe`` set (rank 0 only)."""
         raise NotImplementedError
 
@@ -210,14 +214,14 @@ class VisualizationCallback(Callback):
             return None
         rank, world = _world(trainer)
         start = time.perf_counter()
-        probe = self.get_probes(trainer)
+        probe = self.get_probes(trainer) if self.needs_probes else None
         distributed = self.per_probe and world > 1
-        shard = probe.shard(rank, world) if distributed else probe
+        shard = probe.shard(rank, world) if distributed and probe is not None else probe
         local, error = None, None
         if distributed or rank == 0:
             try:
                 with isolated(pl_module):
-                    local = self.compute(pl_module, shard) if len(shard) > 0 or not self.per_probe else None
+                    local = None if shard is not None and len(shard) == 0 else self.compute(pl_module, shard)
             except Exception as exc:  # re-raised on every rank by gather_results
                 error = exc
         if distributed:
