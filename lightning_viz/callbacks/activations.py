@@ -1,0 +1,117 @@
+"""ActivationCallback: each probe's feature maps at chosen layers, as one grid per (layer, probe).
+
+Tags (step = epoch):
+* ``viz/activations/<layer>/<probe-id>`` -- grid of the probe's channels (``max_channels`` of them),
+  upscaled to the probe image size, on one range per probe (so weak channels look weak);
+* ``viz/activations/<layer>/dead_fraction`` -- fraction of all recorded activations that are ``<= 0``
+  (zero after a ReLU; for a layer whose output is already rectified exactly the zeros);
+* ``viz/activations/<layer>/dead_channels`` -- fraction of channels that are ``<= 0`` everywhere on
+  every probe (dead units).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+
+from ..layers import first_conv_name, last_conv_name, resolve_layers
+from ..logging import VizLogger, make_tag
+from ..methods.activations import feature_maps
+from ..probe import ProbeSet
+from ..render import colormap, image_grid, normalize_maps, resize_maps
+from .base import VisualizationCallback
+
+__all__ = ["ActivationCallback"]
+
+
+class ActivationCallback(VisualizationCallback):
+    """Log feature maps of ``layers`` for every probe image.
+
+    Args:
+        layers: dotted layer names; default the first and the last conv layer. Each must output a
+            ``[B, C, h, w]`` map (a conv, a block such as ``"layer2"``, an activation module ...).
+        max_channels: channels per grid.
+        channels: which channels: ``"first"`` (channels ``0..max_channels-1``: the same channels every
+            epoch, so each grid cell can be followed through training) or ``"top"`` (each probe's
+            ``max_channels`` channels with the largest mean activation, strongest first).
+        cmap: matplotlib colormap for the maps.
+        chunk_size: probes per forward pass (``None``: all at once).
+        num_probes: probe images (default 4).
+        **kwargs: schedule and probe options of :class:`VisualizationCallback`.
+    """
+
+    method = "activations"
+
+    def __init__(
+        self,
+        layers: Optional[list[str]] = None,
+        max_channels: int = 16,
+        channels: Literal["first", "top"] = "first",
+        cmap: str = "viridis",
+        chunk_size: Optional[int] = None,
+        num_probes: int = 4,
+        **kwargs: Any,
+    ):
+        super().__init__(num_probes=num_probes, **kwargs)
+        if max_channels < 1:
+            raise ValueError(f"ActivationCallback: max_channels must be >= 1; got {max_channels}")
+        if channels not in ("first", "top"):
+            raise ValueError(f"ActivationCallback: channels must be 'first' or 'top'; got {channels!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"ActivationCallback: chunk_size must be >= 1 or None; got {chunk_size}")
+        if isinstance(layers, str):
+            layers = [layers]
+        self.layers = None if layers is None else list(layers)
+        self.max_channels = max_channels
+        self.channels = channels
+        self.cmap = cmap
+        self.chunk_size = chunk_size
+
+    def state_key_parts(self) -> tuple[Any, ...]:
+        return (*super().state_key_parts(), tuple(self.layers or ()), self.max_channels, self.channels)
+
+    def layer_names(self, pl_module: LightningModule) -> list[str]:
+        if self.layers is None:
+            return list(dict.fromkeys([first_conv_name(pl_module), last_conv_name(pl_module)]))
+        return resolve_layers(pl_module, self.layers)
+
+    def check(self, pl_module: LightningModule) -> None:
+        self.layer_names(pl_module)
+        colormap(torch.zeros(1, 1, 1), self.cmap)  # an unknown colormap fails here, at setup
+
+    def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
+        x = probe.to(pl_module.device)
+        fmaps = feature_maps(pl_module, x, self.layer_names(pl_module), chunk_size=self.chunk_size)
+        out: dict[str, Any] = {}
+        for name, a in fmaps.items():
+            a = a.float()
+            k = min(self.max_channels, a.shape[1])
+            if self.channels == "top":
+                idx = a.mean(dim=(2, 3)).topk(k, dim=1).indices  # [N, k]
+            else:
+                idx = torch.arange(k, device=a.device).expand(a.shape[0], k)
+            sel = a.gather(1, idx.view(*idx.shape, 1, 1).expand(-1, -1, *a.shape[2:]))
+            out[f"maps:{name}"] = sel.cpu()
+            out[f"channels:{name}"] = idx.cpu()
+            out[f"nonpos:{name}"] = (a <= 0).flatten(1).sum(dim=1).cpu()  # [N] count of values <= 0
+            out[f"numel:{name}"] = torch.full((a.shape[0],), a[0].numel(), dtype=torch.long)
+            out[f"chmax:{name}"] = a.amax(dim=(2, 3)).cpu()  # [N, C]
+        return out
+
+    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
+        size = probe.images.shape[-2:]
+        for key, maps in results.items():
+            if not key.startswith("maps:"):
+                continue
+            name = key[len("maps:"):]
+            nonpos, numel = results[f"nonpos:{name}"], results[f"numel:{name}"]
+            logger.scalar(make_tag(self.method, name, "dead_fraction"), nonpos.sum().float() / numel.sum().float())
+            dead = (results[f"chmax:{name}"].amax(dim=0) <= 0).float().mean()
+            logger.scalar(make_tag(self.method, name, "dead_channels"), dead)
+            for pid, m in zip(probe.ids, maps):  # m: [k, h, w]
+                m01 = normalize_maps(m, "fixed", vmin=float(m.min()), vmax=float(m.max()))
+                tiles = colormap(resize_maps(m01, size, mode="nearest"), self.cmap)
+                logger.image(make_tag(self.method, name, pid), image_grid(tiles, padding=1))

@@ -1,0 +1,149 @@
+"""FilterCallback: the learned first-layer filters (or linear templates) as an image grid, every epoch.
+
+Tags (step = epoch):
+* ``viz/filters/<layer>/grid`` -- RGB tiles when the filters have 3 input channels, otherwise one
+  grayscale tile per (filter, input channel): one row per filter;
+* ``viz/filters/<layer>/mean_norm`` -- mean L2 norm of the filters;
+* ``viz/filters/<layer>/rel_change`` -- ``||W_t - W_prev|| / ||W_prev||`` since the previous logged
+  epoch (from the second run on; kept across resume).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor, nn
+
+from ..layers import canonical_name, first_conv_name, get_layer, linear_layer_names
+from ..logging import VizLogger, make_tag
+from ..methods.filters import conv_filters, first_linear_name, linear_templates
+from ..probe import ProbeSet
+from ..render import image_grid, normalize_maps
+from .base import VisualizationCallback
+
+__all__ = ["FilterCallback", "filter_grid"]
+
+#: Tiles are upscaled (nearest) by an integer factor to at least this many pixels, so 3x3 kernels are visible.
+MIN_TILE_PX = 24
+
+
+def filter_grid(weights: Tensor, normalize: str = "per_filter", max_filters: int = 64) -> Tensor:
+    """``[out, in, kh, kw]`` weights -> one ``[3, H, W]`` grid image in ``[0, 1]``.
+
+    The first ``max_filters`` filters are shown (and, without RGB, at most ``max_filters`` input channels),
+    min-max scaled per filter (``"per_filter"``) or on one range for all shown filters (``"global"``).
+    """
+    w = weights.detach().float()[:max_filters]
+    rgb = w.shape[1] == 3
+    if not rgb:
+        w = w[:, :max_filters]
+    out, cin, kh, kw = w.shape
+    flat = w.reshape(out, cin * kh, kw)
+    if normalize == "per_filter":
+        w01 = normalize_maps(flat, "per_image")
+    else:
+        w01 = normalize_maps(flat, "fixed", vmin=float(w.min()), vmax=float(w.max()))
+    w01 = w01.view(out, cin, kh, kw)
+    tiles = w01 if rgb else w01.reshape(out * cin, 1, kh, kw)
+    scale = max(1, -(-MIN_TILE_PX // max(kh, kw)))
+    if scale > 1:
+        tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
+    return image_grid(tiles, nrow=None if rgb else cin, padding=1)
+
+
+class FilterCallback(VisualizationCallback):
+    """Log the weights of a conv layer (default: the first) or a linear layer's per-class templates.
+
+    Args:
+        layer: dotted layer name (``model.named_modules()``); default the first conv (``kind="conv"``)
+            or the first linear layer (``kind="linear"``).
+        kind: ``"conv"`` (kernels ``[out, in, kh, kw]``) or ``"linear"`` (rows of a linear layer fed by
+            the flattened image, reshaped to the input shape).
+        normalize: ``"per_filter"`` (each filter on its own range) or ``"global"`` (one range for all).
+        max_filters: at most this many filters (and grayscale input channels) in the grid.
+        input_shape: ``[C, H, W]`` of one input, for ``kind="linear"``; default: the probe images' shape.
+        **kwargs: schedule options of :class:`VisualizationCallback` (``every_n_epochs``, ``run_on``, ...).
+
+    Only rank 0 computes (``per_probe = False``); probes are only picked for ``kind="linear"`` without
+    ``input_shape``.
+    """
+
+    method = "filters"
+    per_probe = False
+    needs_probes = False
+
+    def __init__(
+        self,
+        layer: Optional[str] = None,
+        kind: Literal["conv", "linear"] = "conv",
+        normalize: Literal["per_filter", "global"] = "per_filter",
+        max_filters: int = 64,
+        input_shape: Optional[list[int]] = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if kind not in ("conv", "linear"):
+            raise ValueError(f"FilterCallback: kind must be 'conv' or 'linear'; got {kind!r}")
+        if normalize not in ("per_filter", "global"):
+            raise ValueError(f"FilterCallback: normalize must be 'per_filter' or 'global'; got {normalize!r}")
+        if max_filters < 1:
+            raise ValueError(f"FilterCallback: max_filters must be >= 1; got {max_filters}")
+        if input_shape is not None and len(input_shape) != 3:
+            raise ValueError(f"FilterCallback: input_shape must be [C, H, W]; got {input_shape}")
+        self.layer = layer
+        self.kind = kind
+        self.normalize = normalize
+        self.max_filters = max_filters
+        self.input_shape = None if input_shape is None else [int(s) for s in input_shape]
+        # Linear templates need the input shape; take it from the probe images when not given.
+        self.needs_probes = kind == "linear" and input_shape is None
+        self.previous: Optional[Tensor] = None
+
+    def state_key_parts(self) -> tuple[Any, ...]:
+        return (self.method, self.kind, self.layer)
+
+    def layer_name(self, pl_module: nn.Module) -> str:
+        if self.layer is not None:
+            return canonical_name(self.layer)
+        return first_conv_name(pl_module) if self.kind == "conv" else first_linear_name(pl_module)
+
+    def check(self, pl_module: LightningModule) -> None:
+        name = self.layer_name(pl_module)
+        if self.kind == "conv":
+            conv_filters(pl_module, name)
+            return
+        lin = get_layer(pl_module, name)
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(
+                f"FilterCallback(kind='linear'): layer {name!r} is a {type(lin).__name__}, not nn.Linear. "
+                f"Valid linear layers: {linear_layer_names(pl_module)}."
+            )
+        if self.input_shape is not None:
+            linear_templates(pl_module, name, self.input_shape)
+
+    def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        name = self.layer_name(pl_module)
+        if self.kind == "conv":
+            weights = conv_filters(pl_module, name)
+        else:
+            shape = self.input_shape if self.input_shape is not None else list(probe.images.shape[1:])
+            weights = linear_templates(pl_module, name, shape)
+        return {"layer": name, "weights": weights.float().cpu()}
+
+    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        name, w = results["layer"], results["weights"]
+        logger.image(make_tag(self.method, name, "grid"), filter_grid(w, self.normalize, self.max_filters))
+        logger.scalar(make_tag(self.method, name, "mean_norm"), w.flatten(1).norm(dim=1).mean())
+        if self.previous is not None and self.previous.shape == w.shape:
+            change = (w - self.previous).norm() / self.previous.norm().clamp_min(1e-12)
+            logger.scalar(make_tag(self.method, name, "rel_change"), change)
+        self.previous = w.clone()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"previous": self.previous}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.previous = state.get("previous")

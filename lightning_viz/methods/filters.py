@@ -1,0 +1,77 @@
+"""Learned weights shown as images: first-layer conv filters and linear-classifier templates.
+
+* :func:`conv_filters`: the kernels of a convolution, ``[out, in, kh, kw]`` -- the first layer's
+  filters are directly interpretable as image patches (Krizhevsky et al. 2012, Fig. 3;
+  Zeiler & Fergus 2014, Fig. 5).
+* :func:`linear_templates`: the rows ``w_k`` of a linear classifier ``s_k = w_k . vec(x) + b_k`` fed
+  directly by the flattened image, reshaped to the image shape: one "template" per class
+  (Simonyan et al. 2014, "Deep Inside Convolutional Networks", the linear-model intuition of eq. 2).
+
+Both read weights only (no forward pass) and return detached copies.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor, nn
+
+from ..layers import LayerNotFoundError, first_conv_name, get_layer, linear_layer_names, require_conv, unwrap_model
+
+__all__ = ["conv_filters", "linear_templates", "first_linear_name"]
+
+
+def conv_filters(model: nn.Module, layer: str | None = None) -> Tensor:
+    """Kernels of the 2-D convolution ``layer`` (default: the first conv), ``Tensor[out, in/groups, kh, kw]``.
+
+    Raises:
+        LayerNotFoundError: unknown name (listing valid ones) or a layer that is not a 2-D convolution.
+    """
+    name = layer if layer is not None else first_conv_name(model)
+    conv = require_conv(model, name, "conv_filters")
+    if conv.weight.ndim != 4:
+        raise LayerNotFoundError(
+            f"conv_filters needs a 2-D convolution (nn.Conv2d), but {name!r} is a {type(conv).__name__} "
+            f"with weight shape {tuple(conv.weight.shape)}."
+        )
+    return conv.weight.detach().clone()
+
+
+def first_linear_name(model: nn.Module) -> str:
+    """Name of the first ``nn.Linear`` layer (the only one a flattened image can feed directly)."""
+    names = linear_layer_names(model)
+    if not names:
+        raise LayerNotFoundError(f"{type(unwrap_model(model)).__name__} has no nn.Linear layer to show templates of.")
+    return names[0]
+
+
+def linear_templates(model: nn.Module, layer: str | None, input_shape: Sequence[int]) -> Tensor:
+    """Weights of linear layer ``layer`` (default: the first) reshaped to images, ``Tensor[K, C, H, W]``.
+
+    Only meaningful when the layer is fed by the flattened image itself (``in_features == C*H*W``);
+    row ``k`` is then the template whose dot product with ``x`` gives the score of output ``k``.
+
+    Args:
+        input_shape: ``(C, H, W)`` of one model input.
+
+    Raises:
+        LayerNotFoundError: unknown name, or a layer that is not ``nn.Linear``.
+        ValueError: ``in_features`` differs from ``C*H*W``.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3:
+        raise ValueError(f"input_shape must be (C, H, W); got {shape}")
+    name = layer if layer is not None else first_linear_name(model)
+    lin = get_layer(model, name)
+    if not isinstance(lin, nn.Linear):
+        raise LayerNotFoundError(
+            f"linear_templates needs an nn.Linear layer, but {name!r} is a {type(lin).__name__}. "
+            f"Valid linear layers: {', '.join(repr(n) for n in linear_layer_names(model)) or '(none)'}."
+        )
+    c, h, w = shape
+    if lin.in_features != c * h * w:
+        raise ValueError(
+            f"linear_templates: layer {name!r} has in_features={lin.in_features}, but an input of shape "
+            f"{shape} flattens to {c * h * w}; templates only exist for a linear layer fed directly by the image."
+        )
+    return lin.weight.detach().clone().view(lin.out_features, c, h, w)
