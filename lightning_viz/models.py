@@ -1,0 +1,136 @@
+"""Models for the demos: a small CNN made for visualization, and a LightningModule around any classifier.
+
+``ImageClassifier(arch=...)`` builds ``"small_cnn"`` or any torchvision classification model by its
+builder name (``resnet18``, ``vgg11``, ``densenet121``, ``mobilenet_v3_small``, ...) with random
+weights (``weights=None``: nothing is downloaded). The network is ``self.net``, so layer names read
+``net.conv3`` or ``net.layer4`` in callback options.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import named_layers
+from .probe import split_sample
+
+__all__ = ["SmallCNN", "ImageClassifier", "available_archs", "build_model"]
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU blocks, global average pooling and a linear head (so CAM applies).
+
+    Layers: ``conv1 bn1 relu1 pool1 conv2 bn2 (F.relu) pool2 conv3 bn3 relu3 gap fc``; ``relu1``/``relu3``
+    are in-place ``nn.ReLU`` modules and block 2 uses the functional ``F.relu``, the mix visualization
+    methods meet in real models. Channels: ``width``, ``2*width``, ``4*width``; resolution halves twice.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 4, width: int = 16):
+        super().__init__()
+        w = width
+        self.conv1 = nn.Conv2d(in_channels, w, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(w, 2 * w, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * w)
+        self.pool2 = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4 * w)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool1(self.relu1(self.bn1(self.conv1(x))))
+        x = self.pool2(F.relu(self.bn2(self.conv2(x))))
+        x = self.relu3(self.bn3(self.conv3(x)))
+        return self.fc(self.gap(x).flatten(1))
+
+
+def available_archs() -> list[str]:
+    """``"small_cnn"`` and every torchvision classification builder name."""
+    import torchvision
+
+    return ["small_cnn"] + sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _replace_first_conv(net: nn.Module, in_channels: int) -> None:
+    """Swap the first ``Conv2d`` for one taking ``in_channels`` (same kernel, stride, padding, ...)."""
+    for name, m in named_layers(net).items():
+        if isinstance(m, nn.Conv2d):
+            new = nn.Conv2d(in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                            dilation=m.dilation,
+                            bias=m.bias is not None, padding_mode=m.padding_mode)
+            parent_name, _, attr = name.rpartition(".")
+            parent = net.get_submodule(parent_name) if parent_name else net
+            setattr(parent, attr, new)
+            return
+    raise ValueError(f"cannot adapt {type(net).__name__} to in_channels={in_channels}: it has no Conv2d layer")
+
+
+def build_model(arch: str = "small_cnn", num_classes: int = 4, in_channels: int = 3, width: int = 16) -> nn.Module:
+    """A randomly initialised classifier. ``width`` applies to ``small_cnn`` only.
+
+    Raises:
+        ValueError: for an unknown ``arch``, listing the allowed names.
+    """
+    if arch == "small_cnn":
+        return SmallCNN(in_channels=in_channels, num_classes=num_classes, width=width)
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if arch not in names:
+        raise ValueError(f"Unknown arch {arch!r}. Allowed: {', '.join(available_archs())}.")
+    kwargs = {"aux_logits": False} if arch in ("googlenet", "inception_v3") else {}
+    net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    if in_channels != 3:
+        _replace_first_conv(net, in_channels)
+    return net
+
+
+class ImageClassifier(L.LightningModule):
+    """Cross-entropy classifier trained with Adam; logs ``train_loss``, ``val_loss`` and ``val_acc``.
+
+    Args:
+        arch: ``"small_cnn"`` or a torchvision classification builder name (see :func:`available_archs`).
+        num_classes: number of output logits.
+        in_channels: image channels (the first conv of torchvision models is replaced when not 3).
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        width: base channel width of ``small_cnn`` (ignored by torchvision architectures).
+
+    Batches may be ``(x, y)``, ``(x, y, mask)`` or dicts (see :func:`lightning_viz.probe.split_sample`).
+    """
+
+    def __init__(self, arch: str = "small_cnn", num_classes: int = 4, in_channels: int = 3, lr: float = 1e-3,
+                 weight_decay: float = 0.0, width: int = 16):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_model(arch, num_classes=num_classes, in_channels=in_channels, width=width)
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def _step(self, batch) -> tuple[Tensor, Tensor]:
+        x, y, _ = split_sample(batch)
+        if y is None:
+            raise ValueError("ImageClassifier needs labelled batches: (x, y), (x, y, mask) or a dict with a label key")
+        logits = self(x)
+        return F.cross_entropy(logits, y), (logits.argmax(dim=1) == y).float().mean()
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        loss, _ = self._step(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss, acc = self._step(batch)
+        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_acc", acc, prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
