@@ -1,0 +1,152 @@
+"""Adversarial examples under an L-inf budget, batched: FGSM, PGD and the smallest budget that flips a prediction.
+
+* :func:`fgsm` -- ``x' = x + eps * sign(grad_x J(x, y))`` (Goodfellow et al. 2015, eq. 3);
+* :func:`pgd` -- ``x^{t+1} = Proj_{||x' - x||_inf <= eps}(x^t + alpha * sign(grad_x J(x^t, y)))`` from a
+  seeded random start (Madry et al. 2018, eq. 2 and sec. 2.1);
+* :func:`minimal_flip_budget` -- per image, the smallest ``eps`` for which the attack flips the
+  prediction, by bisection over ``eps`` (all images bisected together, one attack per halving).
+
+``J`` is the cross-entropy. Untargeted attacks ascend it for the reference class (move away from
+it); targeted attacks descend it for the target class (move toward it). ``epsilon`` may be one float
+or one value per image (``Tensor[B]``), in the model's input space. ``bounds=(lo, hi)`` (see
+:func:`lightning_viz.methods.synthesis.valid_range`) keeps the images valid. Gradients are taken
+with ``torch.autograd.grad`` w.r.t. the input only; run inside ``isolated(model)``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["predict", "fgsm", "pgd", "is_flipped", "minimal_flip_budget"]
+
+
+def predict(model: nn.Module, x: Tensor) -> Tensor:
+    """Arg-max class of each image (no graph)."""
+    with torch.no_grad():
+        return model(x).argmax(dim=1)
+
+
+def _per_image(value: float | Tensor, x: Tensor) -> Tensor:
+    t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"need one epsilon per image ({x.shape[0]}); got shape {tuple(t.shape)}")
+    if bool((t < 0).any()):
+        raise ValueError(f"epsilon must be >= 0; got {t.tolist()}")
+    return t.view(-1, 1, 1, 1)
+
+
+def _clamp(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    return torch.maximum(torch.minimum(x, hi), lo)
+
+
+def _project(x_adv: Tensor, x: Tensor, eps: Tensor, bounds: tuple[Tensor, Tensor] | None) -> Tensor:
+    x_adv = _clamp(x_adv, x - eps, x + eps)
+    if bounds is not None:
+        x_adv = _clamp(x_adv, bounds[0].to(x), bounds[1].to(x))
+    return x_adv
+
+
+def _loss_sign_grad(model: nn.Module, x: Tensor, classes: Tensor, targeted: bool) -> Tensor:
+    """``sign`` of the direction that raises the attack's objective (ascent on CE, or descent when targeted)."""
+    x = x.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(model(x), classes.to(x.device), reduction="sum")
+    (g,) = torch.autograd.grad(loss, [x])
+    return -g.sign() if targeted else g.sign()
+
+
+def fgsm(
+    model: nn.Module,
+    x: Tensor,
+    classes: Tensor,
+    epsilon: float | Tensor,
+    targeted: bool = False,
+    bounds: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Fast gradient sign method (Goodfellow et al. 2015): one signed-gradient step of size ``epsilon``.
+    ``classes``: the class to move away from (untargeted) or toward (``targeted``)."""
+    x = x.detach()
+    eps = _per_image(epsilon, x)
+    return _project(x + eps * _loss_sign_grad(model, x, classes, targeted), x, eps, bounds).detach()
+
+
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    classes: Tensor,
+    epsilon: float | Tensor,
+    steps: int = 10,
+    step_size: float | Tensor | None = None,
+    targeted: bool = False,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+    bounds: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Projected gradient descent in the L-inf ball (Madry et al. 2018): ``steps`` signed steps of
+    ``step_size`` (default ``2.5 * epsilon / steps``), each projected back into the ball and ``bounds``,
+    starting from ``x`` plus uniform noise in the ball drawn from ``generator`` (``random_start``)."""
+    if steps < 1:
+        raise ValueError(f"pgd needs steps >= 1; got {steps}")
+    x = x.detach()
+    eps = _per_image(epsilon, x)
+    alpha = 2.5 * eps / steps if step_size is None else _per_image(step_size, x)
+    x_adv = x.clone()
+    if random_start:
+        gen_device = generator.device if generator is not None else "cpu"
+        u = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+        x_adv = _project(x + (2 * u - 1) * eps, x, eps, bounds)
+    for _ in range(steps):
+        x_adv = _project(x_adv + alpha * _loss_sign_grad(model, x_adv, classes, targeted), x, eps, bounds)
+    return x_adv.detach()
+
+
+def is_flipped(pred: Tensor, classes: Tensor, targeted: bool) -> Tensor:
+    """Attack success per image: the prediction left ``classes`` (untargeted) or reached it (targeted)."""
+    classes = classes.to(pred.device)
+    return pred == classes if targeted else pred != classes
+
+
+def minimal_flip_budget(
+    model: nn.Module,
+    x: Tensor,
+    classes: Tensor,
+    max_epsilon: float,
+    iterations: int = 8,
+    attack: Literal["fgsm", "pgd"] = "fgsm",
+    steps: int = 5,
+    targeted: bool = False,
+    bounds: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Smallest L-inf budget (to a precision of ``max_epsilon / 2^iterations``) with which ``attack`` flips
+    each image, by bisection over ``epsilon`` on all images at once; ``inf`` where even ``max_epsilon``
+    fails. PGD runs without random start here, so the search is deterministic.
+    Costs ``(iterations + 1)`` attacks, i.e. ``(iterations + 1) * steps`` forward/backward passes for PGD."""
+    if max_epsilon <= 0 or iterations < 0:
+        raise ValueError(f"need max_epsilon > 0 and iterations >= 0; got {max_epsilon}, {iterations}")
+    if attack not in ("fgsm", "pgd"):
+        raise ValueError(f"unknown attack {attack!r}; allowed: 'fgsm', 'pgd'")
+
+    def flips(eps: Tensor) -> Tensor:
+        if attack == "fgsm":
+            adv = fgsm(model, x, classes, eps, targeted=targeted, bounds=bounds)
+        else:
+            adv = pgd(model, x, classes, eps, steps=steps, targeted=targeted, random_start=False, bounds=bounds)
+        return is_flipped(predict(model, adv), classes, targeted)
+
+    b = x.shape[0]
+    hi = torch.full((b,), float(max_epsilon), device=x.device, dtype=x.dtype)
+    lo = torch.zeros_like(hi)
+    already = is_flipped(predict(model, x), classes, targeted)
+    ok = flips(hi) | already
+    hi = torch.where(already, lo, hi)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        f = flips(mid)
+        hi = torch.where(f, mid, hi)
+        lo = torch.where(f, lo, mid)
+    return torch.where(ok, hi, torch.full_like(hi, float("inf")))

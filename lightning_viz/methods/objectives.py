@@ -1,0 +1,158 @@
+"""Objectives for input optimization: small callables ``(logits, activations) -> score[B]`` to maximize.
+
+Each image in the batch has its own target (one class / one channel per image), so a whole set of
+class-model or unit images is optimized in one batched run. Objectives compose like in lucid:
+``class_logit([0, 1]) + 0.1 * channel("conv2", [3, 3])`` is again an objective (sum, weight, negate).
+
+``activations`` maps layer names to their outputs in the same forward pass (see
+:func:`lightning_viz.capture.capture`); an objective lists the layers it needs in ``layers``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Objective", "class_logit", "channel", "neuron", "feature_match", "per_image"]
+
+ScoreFn = Callable[[Tensor, Mapping[str, Tensor], Tensor], Tensor]
+
+
+def as_index(values: int | Sequence[int] | Tensor) -> Tensor:
+    """Indices as a 1-D long tensor (an int gives one index, used for every image)."""
+    return torch.as_tensor(values, dtype=torch.long).view(-1)
+
+
+def per_image(values: Tensor, rows: Tensor, batch: int) -> Tensor:
+    """The entries of per-image ``values`` for the images ``rows`` of the current (chunk of the) batch;
+    a single value is broadcast to every image."""
+    if values.shape[0] == 1:
+        return values.expand(batch, *values.shape[1:])
+    if int(rows.max()) >= values.shape[0]:
+        raise ValueError(f"the objective has {values.shape[0]} per-image targets but is used on image {int(rows.max())}")
+    return values[rows.to(values.device)]
+
+
+class Objective:
+    """A score ``fn(logits[B, K], activations, rows) -> Tensor[B]`` to maximize, one value per image.
+
+    ``rows`` are the indices of the current images in the whole optimized batch (the batch may be run
+    in chunks); objectives with per-image targets pick theirs with :func:`per_image`.
+    ``layers`` are the layer names whose outputs ``fn`` reads. ``a + b``, ``w * a``, ``a - b`` and
+    ``-a`` build new objectives (weights are plain floats), so ``sum([...])`` also works.
+    """
+
+    def __init__(self, fn: ScoreFn, layers: Sequence[str] = (), name: str = "objective"):
+        self.fn = fn
+        self.layers = tuple(dict.fromkeys(layers))
+        self.name = name
+
+    def __call__(self, logits: Tensor, activations: Mapping[str, Tensor] | None = None, rows: Tensor | None = None) -> Tensor:
+        if rows is None:
+            rows = torch.arange(logits.shape[0])
+        out = self.fn(logits, activations or {}, rows)
+        if out.ndim != 1 or out.shape[0] != logits.shape[0]:
+            raise ValueError(f"objective {self.name!r} must return one score per image, shape ({logits.shape[0]},); got {tuple(out.shape)}")
+        return out
+
+    def __add__(self, other: "Objective | float") -> "Objective":
+        if isinstance(other, (int, float)):
+            if other == 0:  # sum([...]) starts from 0
+                return self
+            return NotImplemented
+        return Objective(lambda lg, acts, rows: self(lg, acts, rows) + other(lg, acts, rows), self.layers + other.layers, f"{self.name} + {other.name}")
+
+    __radd__ = __add__
+
+    def __mul__(self, weight: float) -> "Objective":
+        if not isinstance(weight, (int, float)):
+            return NotImplemented
+        w = float(weight)
+        return Objective(lambda lg, acts, rows: w * self(lg, acts, rows), self.layers, f"{w:g} * {self.name}")
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "Objective":
+        return -1.0 * self
+
+    def __sub__(self, other: "Objective") -> "Objective":
+        return self + (-other)
+
+    def __repr__(self) -> str:
+        return f"Objective({self.name})"
+
+
+def class_logit(classes: int | Sequence[int] | Tensor) -> Objective:
+    """Unnormalized class score S_c(I) of class ``classes[b]`` for image ``b`` (Simonyan et al. 2014, eq. 1:
+    the logit, not the softmax, so the image cannot win by suppressing the other classes)."""
+    idx = as_index(classes)
+
+    def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
+        cls = per_image(idx, rows, logits.shape[0]).to(logits.device)
+        if int(cls.max()) >= logits.shape[1] or int(cls.min()) < 0:
+            raise ValueError(f"class index out of range: the model has {logits.shape[1]} classes (0..{logits.shape[1] - 1}); got {cls.tolist()}")
+        return logits.gather(1, cls.view(-1, 1)).squeeze(1)
+
+    return Objective(fn, (), f"class_logit{idx.tolist()}")
+
+
+def _layer_output(acts: Mapping[str, Tensor], layer: str) -> Tensor:
+    if layer not in acts:
+        raise KeyError(f"layer {layer!r} was not captured in the forward pass; captured: {sorted(acts)}")
+    return acts[layer]
+
+
+def _check_channels(a: Tensor, ch: Tensor, layer: str) -> None:
+    if int(ch.max()) >= a.shape[1] or int(ch.min()) < 0:
+        raise ValueError(f"channel out of range for layer {layer!r}: it has {a.shape[1]} channels (0..{a.shape[1] - 1}); got {ch.tolist()}")
+
+
+def channel(layer: str, channels: int | Sequence[int] | Tensor) -> Objective:
+    """Mean activation of channel ``channels[b]`` of ``layer`` over all positions, for image ``b``
+    (activation maximization, Erhan et al. 2009, eq. x* = argmax h_ij(theta, x))."""
+    idx = as_index(channels)
+
+    def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
+        a = _layer_output(acts, layer)
+        ch = per_image(idx, rows, a.shape[0]).to(a.device)
+        _check_channels(a, ch, layer)
+        sel = a[torch.arange(a.shape[0], device=a.device), ch]
+        return sel.flatten(1).mean(1) if sel.ndim > 1 else sel
+
+    return Objective(fn, (layer,), f"channel({layer}, {idx.tolist()})")
+
+
+def neuron(layer: str, channels: int | Sequence[int] | Tensor, y: int | None = None, x: int | None = None) -> Objective:
+    """One unit: channel ``channels[b]`` of ``layer`` at position ``(y, x)`` (default: the center) for image ``b``
+    (Erhan et al. 2009; Yosinski et al. 2015 optimize single units the same way)."""
+    idx = as_index(channels)
+
+    def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
+        a = _layer_output(acts, layer)
+        ch = per_image(idx, rows, a.shape[0]).to(a.device)
+        _check_channels(a, ch, layer)
+        sel = a[torch.arange(a.shape[0], device=a.device), ch]
+        if sel.ndim == 1:
+            return sel
+        h, w = sel.shape[-2:]
+        return sel[:, h // 2 if y is None else y, w // 2 if x is None else x]
+
+    return Objective(fn, (layer,), f"neuron({layer}, {idx.tolist()})")
+
+
+def feature_match(layer: str, target: Tensor) -> Objective:
+    """Negative normalized reconstruction loss ``-||phi(x) - phi0||^2 / ||phi0||^2`` at ``layer``
+    (feature inversion, Mahendran & Vedaldi 2015, eq. 1 with the loss of their eq. 2)."""
+    phi0 = target.detach()
+
+    def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
+        a = _layer_output(acts, layer)
+        t = per_image(phi0, rows, a.shape[0]).to(a.device, a.dtype)
+        if t.shape != a.shape:
+            raise ValueError(f"feature_match target has shape {tuple(t.shape)} but layer {layer!r} gives {tuple(a.shape)}")
+        err = (a - t).flatten(1).pow(2).sum(1)
+        return -err / t.flatten(1).pow(2).sum(1).clamp_min(1e-12)
+
+    return Objective(fn, (layer,), f"feature_match({layer})")

@@ -1,0 +1,235 @@
+"""Input optimization with the model frozen: class-model images, unit images, feature inversion.
+
+One loop, :func:`optimize_input`, maximizes an :mod:`~lightning_viz.methods.objectives` objective over
+a batch of images (one image per class / unit / probe, all in one batch) under the priors of
+:mod:`~lightning_viz.methods.regularizers`, in a pixel or FFT :mod:`~lightning_viz.methods.parameterization`.
+
+* :func:`class_model_images` -- ``argmax_I S_c(I) - lambda ||I||_2^2`` (Simonyan et al. 2014, eq. 1);
+* :func:`unit_images` -- ``argmax_x h_ij(x)`` for channels of a layer (Erhan et al. 2009), with the
+  regularizers of Yosinski et al. 2015;
+* :func:`invert_features` -- ``argmin_x ||phi(x) - phi0||^2 / ||phi0||^2 + lambda R(x)``
+  (Mahendran & Vedaldi 2015, eq. 1-2).
+
+Gradients are taken with ``torch.autograd.grad`` w.r.t. the image parameters only: the model's
+parameters never get a ``.grad``. Run inside :func:`lightning_viz.capture.isolated` (the callbacks do)
+so eval mode, frozen parameters and the untouched global RNG are guaranteed; every random draw here
+comes from the ``generator`` argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import capture
+from .objectives import Objective, channel, class_logit, feature_match, neuron
+from .parameterization import make_param
+from .regularizers import L2Penalty, Regularizer, total_penalty
+
+__all__ = [
+    "SynthesisResult",
+    "valid_range",
+    "initial_images",
+    "optimize_input",
+    "class_model_images",
+    "unit_images",
+    "invert_features",
+]
+
+InitSpec = Literal["zero", "gray", "noise"]
+
+
+@dataclass
+class SynthesisResult:
+    """``images[B, C, H, W]`` (model input space), the objective at the final image (``scores[B]``,
+    without jitter or penalties) and at the starting image (``start_scores[B]``)."""
+
+    images: Tensor
+    scores: Tensor
+    start_scores: Tensor
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def valid_range(mean: Sequence[float] | None, std: Sequence[float] | None, device=None) -> tuple[Tensor, Tensor] | None:
+    """Per-channel ``(lo, hi)`` ``[1, C, 1, 1]`` of normalized images whose pixels are in ``[0, 1]``
+    (``x = (p - mean) / std``), or ``None`` when the normalization is unknown."""
+    if mean is None or std is None:
+        return None
+    m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return (0 - m) / s, (1 - m) / s
+
+
+def initial_images(
+    init: InitSpec | Tensor,
+    shape: Sequence[int],
+    generator: torch.Generator | None = None,
+    bounds: tuple[Tensor, Tensor] | None = None,
+    noise_std: float = 0.1,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Starting images: ``"zero"`` (zeros in input space: the mean image when inputs are normalized, as in
+    Simonyan et al.), ``"gray"`` (mid-range ``(lo + hi) / 2`` of ``bounds``; zeros when unknown), ``"noise"``
+    (gray plus ``noise_std`` Gaussian noise from ``generator``), or an explicit tensor."""
+    if isinstance(init, Tensor):
+        if tuple(init.shape) != tuple(shape):
+            raise ValueError(f"init tensor has shape {tuple(init.shape)}, expected {tuple(shape)}")
+        return init.detach().to(device=device, dtype=torch.float32).clone()
+    if init not in ("zero", "gray", "noise"):
+        raise ValueError(f"unknown init {init!r}; allowed: 'zero', 'gray', 'noise' or a tensor")
+    x = torch.zeros(tuple(shape), device=device)
+    if init in ("gray", "noise") and bounds is not None:
+        x = x + ((bounds[0] + bounds[1]) / 2).to(device)
+    if init == "noise":
+        gen_device = generator.device if generator is not None else "cpu"
+        x = x + noise_std * torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
+    return x
+
+
+def _scores(model: nn.Module, objective: Objective, images: Tensor, rows: Tensor) -> Tensor:
+    with torch.no_grad(), capture(model, objective.layers) as cap:
+        logits = model(images)
+        return objective(logits, cap.outputs, rows).detach()
+
+
+def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds, optimizer, decorrelate) -> Tensor:
+    p = make_param(param, init, decorrelate=decorrelate)
+    if optimizer == "adam":
+        opt = torch.optim.Adam(p.params, lr=lr)
+    else:
+        opt = torch.optim.SGD(p.params, lr=lr)
+    needs_img_grad = any(r.needs_grad for r in regs)
+    project = bool(regs) or bounds is not None
+    with capture(model, objective.layers, grad=True) as cap:
+        for step in range(steps):
+            img = p.image()
+            x = img
+            for r in regs:
+                x = r.transform(x, step)
+            cap.clear()
+            logits = model(x)
+            loss = -objective(logits, cap.outputs, rows).sum() + total_penalty(regs, img).sum()
+            inputs = p.params + ([img] if needs_img_grad else [])
+            grads = torch.autograd.grad(loss, inputs)
+            # .grad of our own image parameters (never the model's) feeds the optimizer
+            for prm, g in zip(p.params, grads):
+                prm.grad = g
+            opt.step()
+            if project:
+                with torch.no_grad():
+                    img = p.image()
+                    ascent = -grads[-1] if needs_img_grad else None
+                    for r in regs:
+                        img = r.project(img, ascent, step)
+                    if bounds is not None:
+                        img = torch.maximum(torch.minimum(img, bounds[1]), bounds[0])
+                    p.set_image(img)
+    return p.image().detach()
+
+
+def optimize_input(
+    model: nn.Module,
+    objective: Objective,
+    shape: Sequence[int],
+    steps: int = 64,
+    lr: float = 0.05,
+    regularizers: Sequence[Regularizer] = (),
+    param: Literal["pixel", "fft"] = "pixel",
+    generator: torch.Generator | None = None,
+    init: InitSpec | Tensor = "gray",
+    bounds: tuple[Tensor, Tensor] | None = None,
+    optimizer: Literal["adam", "sgd"] = "adam",
+    chunk_size: int | None = None,
+    noise_std: float = 0.1,
+    decorrelate: bool = True,
+) -> SynthesisResult:
+    """Maximize ``objective`` over a batch of images of ``shape = (B, C, H, W)``.
+
+    Each step: image from the parameterization -> regularizer transforms (jitter) -> forward ->
+    ``loss = -sum_b objective_b + sum_b penalty_b`` -> ``torch.autograd.grad`` w.r.t. the image
+    parameters -> optimizer step -> regularizer projections (decay, blur, clipping) and clamping to
+    ``bounds`` (``(lo, hi)`` from :func:`valid_range`). Images are independent (eval mode), so
+    ``chunk_size`` images at a time give the same result as one batch.
+    """
+    if steps < 0 or lr <= 0:
+        raise ValueError(f"need steps >= 0 and lr > 0; got steps={steps}, lr={lr}")
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; allowed: 'adam', 'sgd'")
+    if len(shape) != 4:
+        raise ValueError(f"shape must be (B, C, H, W); got {tuple(shape)}")
+    device = _device(model)
+    if bounds is not None:
+        bounds = (bounds[0].to(device), bounds[1].to(device))
+    x0 = initial_images(init, shape, generator, bounds, noise_std, device)
+    if bounds is not None:
+        x0 = torch.maximum(torch.minimum(x0, bounds[1]), bounds[0])
+    regs = list(regularizers)
+    for r in regs:
+        r.reset(steps, generator, device)
+    b = x0.shape[0]
+    chunk = chunk_size or b
+    images, scores, start = [], [], []
+    for lo in range(0, b, chunk):
+        rows = torch.arange(lo, min(lo + chunk, b))
+        init_c = x0[lo : lo + chunk]
+        start.append(_scores(model, objective, init_c, rows))
+        img = _optimize_chunk(model, objective, init_c, rows, steps, lr, regs, param, bounds, optimizer, decorrelate)
+        images.append(img)
+        scores.append(_scores(model, objective, img, rows))
+    return SynthesisResult(torch.cat(images), torch.cat(scores), torch.cat(start))
+
+
+def class_model_images(
+    model: nn.Module,
+    classes: Sequence[int] | Tensor,
+    shape: Sequence[int],
+    l2: float = 1e-3,
+    regularizers: Sequence[Regularizer] = (),
+    **kwargs,
+) -> SynthesisResult:
+    """One image per class maximizing ``S_c(I) - l2 * ||I||_2^2`` (Simonyan et al. 2014, eq. 1), all classes
+    in one batch. ``shape = (C, H, W)`` of one image; ``kwargs`` go to :func:`optimize_input`."""
+    cls = torch.as_tensor(classes, dtype=torch.long).view(-1)
+    regs = ([L2Penalty(l2)] if l2 else []) + list(regularizers)
+    return optimize_input(model, class_logit(cls), (cls.numel(), *shape), regularizers=regs, **kwargs)
+
+
+def unit_images(
+    model: nn.Module,
+    layer: str,
+    channels: Sequence[int] | Tensor,
+    shape: Sequence[int],
+    unit: Literal["channel", "neuron"] = "channel",
+    **kwargs,
+) -> SynthesisResult:
+    """One image per channel of ``layer`` maximizing its mean activation (``unit="channel"``) or its center
+    unit (``"neuron"``) (Erhan et al. 2009; regularized as Yosinski et al. 2015). ``shape = (C, H, W)``."""
+    ch = torch.as_tensor(channels, dtype=torch.long).view(-1)
+    if unit not in ("channel", "neuron"):
+        raise ValueError(f"unknown unit {unit!r}; allowed: 'channel', 'neuron'")
+    obj = channel(layer, ch) if unit == "channel" else neuron(layer, ch)
+    return optimize_input(model, obj, (ch.numel(), *shape), **kwargs)
+
+
+def invert_features(
+    model: nn.Module,
+    x: Tensor,
+    layer: str,
+    init: InitSpec | Tensor = "noise",
+    **kwargs,
+) -> SynthesisResult:
+    """Reconstruct each image of ``x[B, C, H, W]`` from its representation ``phi0`` at ``layer``:
+    minimize ``||phi(x') - phi0||^2 / ||phi0||^2`` plus the image prior in ``regularizers`` (Mahendran &
+    Vedaldi 2015, eq. 1-2; use ``TotalVariation`` and ``L2Penalty``). ``scores`` are the negated normalized
+    squared feature errors, so ``(-scores).sqrt()`` is the relative feature error."""
+    with torch.no_grad(), capture(model, [layer]) as cap:
+        model(x.detach().clone())
+        phi0 = cap[layer]
+    return optimize_input(model, feature_match(layer, phi0), tuple(x.shape), init=init, **kwargs)
