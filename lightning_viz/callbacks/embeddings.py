@@ -1,0 +1,111 @@
+"""EmbeddingCallback: a layer's features for the probe set -> TensorBoard projector, 2-D scatters, separation scores."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+
+from ..layers import get_layer
+from ..logging import VizLogger, make_tag
+from ..methods.embeddings import extract_features, knn_accuracy, pca_2d, penultimate_layer, scatter_image, silhouette, tsne_2d
+from ..probe import ProbeSet
+from .base import VisualizationCallback
+
+__all__ = ["EmbeddingCallback"]
+
+PENULTIMATE = "penultimate"
+
+
+class EmbeddingCallback(VisualizationCallback):
+    """Embeddings of the probe set, epoch by epoch, so class separation can be watched while training.
+
+    Features are the output of ``layer`` (conv maps averaged over space) or, by default, the
+    penultimate features: the input of the model's last ``nn.Linear`` in definition order (the
+    classifier head of resnet/vgg/densenet/mobilenet). Logged at step = epoch, with
+    ``<layer>`` = the layer name or ``"penultimate"``:
+
+    * ``viz/embeddings/<layer>/pca`` (and ``/tsne``): scatter image colored by class;
+    * ``viz/embeddings/<layer>/silhouette`` and ``/knn_acc``: class-separation scalars (need labels);
+    * the TensorBoard projector (``projector: true``): features with metadata columns
+      ``label``/``prediction`` and image sprites, under ``<log_dir>/<epoch:05d>/<tag>/``.
+
+    Args:
+        layer: layer name, or ``None`` for the penultimate features.
+        projection: 2-D projections to plot: ``"pca"`` (SVD, cheap) and/or ``"tsne"`` (scikit-learn, slower).
+        projector: also write the TensorBoard projector files.
+        sprite_size: side in pixels of each probe thumbnail in the projector sprite.
+        knn_k: neighbours for the leave-one-out kNN accuracy.
+        tsne_perplexity: t-SNE perplexity (capped below N/3).
+        batch_size: images per forward.
+        num_probes: probe set size (default 128).
+        **kwargs: :class:`VisualizationCallback` options.
+    """
+
+    method = "embeddings"
+
+    def __init__(
+        self,
+        layer: Optional[str] = None,
+        projection: list[Literal["pca", "tsne"]] = ["pca"],  # noqa: B006 - jsonargparse default
+        projector: bool = True,
+        sprite_size: int = 32,
+        knn_k: int = 5,
+        tsne_perplexity: float = 30.0,
+        batch_size: int = 256,
+        num_probes: int = 128,
+        **kwargs: Any,
+    ):
+        super().__init__(num_probes=num_probes, **kwargs)
+        if isinstance(projection, str):
+            projection = [projection]
+        bad = [p for p in projection if p not in ("pca", "tsne")]
+        if bad:
+            raise ValueError(f"projection must be a list of 'pca' and/or 'tsne'; got {projection!r}")
+        for name, v in (("sprite_size", sprite_size), ("knn_k", knn_k), ("batch_size", batch_size)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1; got {v}")
+        if tsne_perplexity <= 0:
+            raise ValueError(f"tsne_perplexity must be > 0; got {tsne_perplexity}")
+        self.layer = layer
+        self.projection = list(projection)
+        self.projector = projector
+        self.sprite_size, self.knn_k, self.tsne_perplexity, self.batch_size = sprite_size, knn_k, tsne_perplexity, batch_size
+
+    @property
+    def layer_tag(self) -> str:
+        return self.layer or PENULTIMATE
+
+    def state_key_parts(self) -> tuple[Any, ...]:
+        return super().state_key_parts() + (self.layer_tag,)
+
+    def check(self, pl_module: LightningModule) -> None:
+        if self.layer is None:
+            penultimate_layer(pl_module)  # raises a clear error when the model has no nn.Linear
+        else:
+            get_layer(pl_module, self.layer)
+
+    def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
+        feats, logits = extract_features(pl_module, probe.to(pl_module.device), self.layer, self.batch_size)
+        return {"features": feats.cpu(), "prediction": logits.argmax(1).cpu()}
+
+    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
+        feats, preds, labels = results["features"], results["prediction"], probe.labels
+        name = self.layer_tag
+        for proj in self.projection:
+            pts = pca_2d(feats) if proj == "pca" else tsne_2d(feats, seed=self.probe_seed, perplexity=self.tsne_perplexity)
+            title = f"{name} {proj.upper()}, epoch {logger.step}"
+            logger.image(make_tag(self.method, name, proj), scatter_image(pts, labels, title))
+        if labels is not None:
+            logger.scalar(make_tag(self.method, name, "silhouette"), silhouette(feats, labels))
+            logger.scalar(make_tag(self.method, name, "knn_acc"), knn_accuracy(feats, labels, self.knn_k))
+        if self.projector:
+            lab = ["?"] * len(preds) if labels is None else [str(int(v)) for v in labels]
+            metadata = [[a, str(int(p))] for a, p in zip(lab, preds)]
+            sprites = F.interpolate(probe.display_images(), size=(self.sprite_size, self.sprite_size), mode="bilinear",
+                                    align_corners=False).clamp(0, 1)
+            if sprites.shape[1] == 1:
+                sprites = sprites.expand(-1, 3, -1, -1)
+            logger.embedding(feats, metadata=metadata, label_img=sprites, tag=make_tag(self.method, name),
+                             metadata_header=["label", "prediction"])

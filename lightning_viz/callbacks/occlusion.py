@@ -1,0 +1,78 @@
+"""OcclusionCallback: Zeiler-Fergus occlusion sensitivity maps of the probe images, every n epochs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from ..methods.occlusion import FILLS, occlusion, positions_per_forward, spread_to_pixels
+from ..probe import ProbeSet
+from ..targets import resolve_target
+from .maps import MapCallback
+
+__all__ = ["OcclusionCallback"]
+
+
+class OcclusionCallback(MapCallback):
+    """Occlusion sensitivity (Zeiler & Fergus 2014, Sec. 4.2) as heatmap overlays per probe.
+
+    Logs ``viz/occlusion/score/<probe-id>`` (drop of the target's logit) and, if asked,
+    ``viz/occlusion/prob/<probe-id>`` (drop of its softmax probability), plus the
+    :class:`MapCallback` statistics. Each pixel shows the mean drop of the windows covering it.
+
+    Args:
+        window: side of the square occluding window, pixels.
+        stride: step between window positions, pixels (a last window flush with the border is added).
+        fill: ``"gray"`` (0.5 after un-normalizing with the probe set's mean/std; 0 in normalized space
+            when they are unknown), ``"mean"`` (image's channel mean), ``"zero"`` (0 in normalized space)
+            or ``"blur"`` (Gaussian-blurred image).
+        target: ``"label"``, ``"predicted"`` or a class index.
+        outputs: which drops to log, ``"score"`` and/or ``"prob"``.
+        memory_mb: activation memory per forward; the number of occluded images per forward is this
+            divided by one image's activations (measured once per run). Results do not depend on it.
+        **kwargs: :class:`MapCallback` / :class:`VisualizationCallback` options.
+    """
+
+    method = "occlusion"
+
+    def __init__(
+        self,
+        window: int = 8,
+        stride: int = 4,
+        fill: Literal["gray", "mean", "zero", "blur"] = "gray",
+        target: Union[int, str] = "label",
+        outputs: list[Literal["score", "prob"]] = ["score", "prob"],  # noqa: B006 - jsonargparse default
+        memory_mb: float = 256.0,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if window < 1 or stride < 1:
+            raise ValueError(f"window and stride must be >= 1; got window={window}, stride={stride}")
+        if fill not in FILLS:
+            raise ValueError(f"fill must be one of {', '.join(map(repr, FILLS))}; got {fill!r}")
+        bad = [o for o in outputs if o not in ("score", "prob")]
+        if bad or not outputs:
+            raise ValueError(f"outputs must be a non-empty list of 'score' and/or 'prob'; got {outputs!r}")
+        if memory_mb <= 0:
+            raise ValueError(f"memory_mb must be > 0; got {memory_mb}")
+        resolve_target(target)  # validates the spelling now
+        self.window, self.stride, self.fill = window, stride, fill
+        self.target, self.outputs, self.memory_mb = target, list(outputs), memory_mb
+
+    def state_key_parts(self) -> tuple[Any, ...]:
+        return super().state_key_parts() + (self.window, self.stride, self.fill, str(self.target))
+
+    def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
+        x = probe.to(pl_module.device)
+        size = x.shape[-2:]
+        if self.window > min(size):
+            raise ValueError(f"occlusion window={self.window} is larger than the {size[0]}x{size[1]} probe images; "
+                             f"use window <= {min(size)}")
+        chunk = positions_per_forward(pl_module, x, self.memory_mb)
+        labels = None if probe.labels is None else probe.labels.to(pl_module.device)
+        drops = occlusion(pl_module, x, self.target, labels, window=self.window, stride=self.stride, fill=self.fill,
+                          mean=probe.mean, std=probe.std, chunk_size=chunk)
+        return {f"occlusion/{o}": spread_to_pixels(drops[o], size, self.window, self.stride)
+                for o in self.outputs if o in drops}

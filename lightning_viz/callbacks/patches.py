@@ -1,0 +1,130 @@
+"""TopPatchesCallback: for chosen units, the input patches (receptive fields) of the probes that excite them most."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+
+from ..capture import capture, isolated
+from ..layers import get_layer, resolve_layers
+from ..logging import VizLogger, make_tag
+from ..methods.patches import TopK, merge_topk, scan_topk
+from ..methods.receptive_field import crop_boxes, receptive_field
+from ..probe import ProbeSet
+from ..render import image_grid
+from .base import VisualizationCallback
+
+__all__ = ["TopPatchesCallback"]
+
+
+class TopPatchesCallback(VisualizationCallback):
+    """Top-``k`` activating patches per unit (Zeiler & Fergus 2014, Fig. 2), one image grid per unit.
+
+    Every rank scans its shard of the (larger) probe set in batches and keeps its own top-``k`` per
+    unit; rank 0 merges the candidate lists with :func:`~lightning_viz.methods.patches.merge_topk`
+    (value descending, then probe index ascending, so the result does not depend on the number of
+    ranks), crops each winner's receptive field around its strongest position (padding gray at the
+    borders) and logs ``viz/top_patches/<layer>/unit<c>`` (grid, best first) and ``.../unit<c>/max``
+    (the top activation).
+
+    Args:
+        layers: layers whose channels are the units (conv feature maps ``[B, C, h, w]``).
+        units: channel indices per layer; ``None``: the first ``num_units`` channels.
+        num_units: how many channels when ``units`` is ``None``.
+        k: patches per unit.
+        batch_size: images per forward while scanning.
+        receptive_field: ``"auto"`` (layer arithmetic on plain conv/pool chains, else gradient support),
+            ``"arithmetic"`` or ``"gradient"``.
+        patch_px: displayed size of each patch (nearest upsampling; 0 keeps the receptive-field size).
+        num_probes: size of the scanned probe set (default 256).
+        **kwargs: :class:`VisualizationCallback` options.
+    """
+
+    method = "top_patches"
+
+    def __init__(
+        self,
+        layers: list[str],
+        units: Optional[list[int]] = None,
+        num_units: int = 8,
+        k: int = 9,
+        batch_size: int = 64,
+        receptive_field: Literal["auto", "arithmetic", "gradient"] = "auto",
+        patch_px: int = 32,
+        num_probes: int = 256,
+        **kwargs: Any,
+    ):
+        super().__init__(num_probes=num_probes, **kwargs)
+        if isinstance(layers, str):
+            layers = [layers]
+        if not layers:
+            raise ValueError("layers must name at least one layer (e.g. ['layer2', 'layer3.1.conv2'])")
+        if units is not None and (not units or min(units) < 0):
+            raise ValueError(f"units must be a non-empty list of channel indices >= 0, or None; got {units!r}")
+        for name, v in (("num_units", num_units), ("k", k), ("batch_size", batch_size)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1; got {v}")
+        if receptive_field not in ("auto", "arithmetic", "gradient"):
+            raise ValueError(f"receptive_field must be 'auto', 'arithmetic' or 'gradient'; got {receptive_field!r}")
+        if patch_px < 0:
+            raise ValueError(f"patch_px must be >= 0; got {patch_px}")
+        self.layers = list(layers)
+        self.units = None if units is None else list(units)
+        self.num_units, self.k, self.batch_size = num_units, k, batch_size
+        self.receptive_field, self.patch_px = receptive_field, patch_px
+        self._boxes: dict[tuple, Tensor] = {}
+
+    def state_key_parts(self) -> tuple[Any, ...]:
+        return super().state_key_parts() + (tuple(self.layers), None if self.units is None else tuple(self.units), self.num_units, self.k)
+
+    def check(self, pl_module: LightningModule) -> None:
+        self.layers = resolve_layers(pl_module, self.layers)
+        if self.units is not None:
+            for name in self.layers:
+                channels = getattr(get_layer(pl_module, name), "out_channels", None)
+                if channels is not None and max(self.units) >= channels:
+                    raise ValueError(f"units {self.units} out of range for layer {name!r} with {channels} channels (0..{channels - 1})")
+
+    def _units(self, pl_module: LightningModule, x1: Tensor) -> dict[str, list[int]]:
+        if self.units is not None:
+            return {name: self.units for name in self.layers}
+        with torch.no_grad(), capture(pl_module, self.layers) as cap:
+            pl_module(x1)
+            return {name: list(range(min(self.num_units, cap[name].shape[1]))) for name in self.layers}
+
+    def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
+        x = probe.to(pl_module.device)
+        units = self._units(pl_module, x[:1])
+        out: dict[str, Any] = {}
+        for name in self.layers:
+            top = scan_topk(pl_module, x, name, units[name], self.k, self.batch_size, offset=probe.offset)
+            out[name] = top.to_rows()  # [k_local, U, 4]: dim 0 = candidate, concatenated over ranks
+            out["units:" + name] = torch.tensor(units[name]).view(1, -1)  # same on every rank
+        return out
+
+    def boxes(self, pl_module: LightningModule, layer: str, input_shape: tuple[int, ...]) -> Tensor:
+        """Receptive-field boxes ``[h, w, 4]`` of ``layer`` (cached: a property of the architecture)."""
+        key = (layer, tuple(input_shape), self.receptive_field)
+        if key not in self._boxes:
+            with isolated(pl_module) as model:
+                self._boxes[key] = receptive_field(model, layer, input_shape, self.receptive_field).cpu()
+        return self._boxes[key]
+
+    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
+        images = probe.display_images()
+        for name in self.layers:
+            units = results["units:" + name][0].tolist()
+            top: TopK = merge_topk([TopK.from_rows(results[name])], self.k)
+            boxes = self.boxes(trainer.lightning_module, name, tuple(probe.images.shape[1:]))
+            for u, c in enumerate(units):
+                img_idx = top.image[u]
+                sel = boxes[top.y[u], top.x[u]]  # [k, 4]
+                crops = crop_boxes(images[img_idx], sel, pad_value=0.5, max_size=images.shape[-2:])
+                if self.patch_px:
+                    crops = F.interpolate(crops, size=(self.patch_px, self.patch_px), mode="nearest")
+                logger.image(make_tag(self.method, name, f"unit{c:03d}"), image_grid(crops, nrow=len(crops)))
+                logger.scalar(make_tag(self.method, name, f"unit{c:03d}", "max"), top.values[u, 0])

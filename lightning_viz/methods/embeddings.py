@@ -1,0 +1,149 @@
+"""Embeddings: a layer's features for the probe set, 2-D projections and class-separation scores.
+
+* features: the output of a chosen layer (conv maps are averaged over space), or by default the
+  *penultimate* features = the input of the model's last ``nn.Linear`` (found with
+  ``layers.linear_layer_names``, last in definition order; recorded with a forward pre-hook);
+* :func:`pca_2d`: principal components by SVD of the centered features (Pearson 1901; exact and
+  deterministic, signs fixed so the plot does not flip between epochs);
+* :func:`tsne_2d`: t-SNE (van der Maaten & Hinton, JMLR 2008) from scikit-learn, seeded;
+* :func:`silhouette` (Rousseeuw 1987, ``s = (b - a) / max(a, b)`` averaged) and :func:`knn_accuracy`
+  (leave-one-out k-nearest-neighbour accuracy) measure how well classes separate.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import capture
+from ..layers import LayerNotFoundError, get_layer, linear_layer_names, unwrap_model
+
+__all__ = ["penultimate_layer", "extract_features", "pca_2d", "tsne_2d", "silhouette", "knn_accuracy", "scatter_image"]
+
+
+def penultimate_layer(model: nn.Module) -> str:
+    """Name of the last ``nn.Linear`` (definition order): its *input* is the penultimate feature vector."""
+    linears = linear_layer_names(model)
+    if not linears:
+        raise LayerNotFoundError(
+            f"{type(unwrap_model(model)).__name__} has no nn.Linear layer, so the penultimate features cannot be found; "
+            "pass layer=<name> (any layer from model.named_modules(), conv maps are averaged over space)."
+        )
+    return linears[-1]
+
+
+def extract_features(model: nn.Module, x: Tensor, layer: str | None = None, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """``(features[B, D], logits[B, K])`` of ``x``; no autograd.
+
+    ``layer=None``: the input of the last linear layer (penultimate features). Otherwise the output of
+    ``layer``; ``[B, C, h, w]`` maps are averaged over ``h, w``, other shapes flattened.
+    """
+    feats, logits = [], []
+    with torch.no_grad():
+        for s in range(0, x.shape[0], batch_size):
+            xb = x[s:s + batch_size]
+            if layer is None:
+                seen: list[Tensor] = []
+                handle = get_layer(model, penultimate_layer(model)).register_forward_pre_hook(
+                    lambda _m, inputs: seen.append(inputs[0].detach().clone()))
+                try:
+                    out = model(xb)
+                finally:
+                    handle.remove()
+                f = seen[-1]
+            else:
+                with capture(model, [layer]) as cap:
+                    out = model(xb)
+                    f = cap[layer]
+            f = f.float().mean(dim=(2, 3)) if f.ndim == 4 else f.float().flatten(1)
+            feats.append(f)
+            logits.append(out.float())
+    return torch.cat(feats), torch.cat(logits)
+
+
+def pca_2d(features: Tensor, dims: int = 2) -> Tensor:
+    """``[N, D]`` -> ``[N, dims]`` scores on the leading principal axes (SVD of the centered data).
+
+    Each axis's sign is fixed so that its largest-magnitude loading is positive (stable across epochs).
+    Missing dimensions (``N`` or ``D`` < dims) are zero.
+    """
+    f = features.double()
+    f = f - f.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(f, full_matrices=False)
+    vh = vh[:dims]
+    signs = torch.sign(vh.gather(1, vh.abs().argmax(1, keepdim=True))).clamp_min(0) * 2 - 1
+    proj = f @ (vh * signs).t()
+    if proj.shape[1] < dims:
+        proj = torch.cat([proj, proj.new_zeros(proj.shape[0], dims - proj.shape[1])], 1)
+    return proj.float()
+
+
+def tsne_2d(features: Tensor, seed: int = 0, perplexity: float = 30.0) -> Tensor:
+    """t-SNE to 2-D with scikit-learn (seeded; perplexity capped below ``N / 3`` for small probe sets)."""
+    from sklearn.manifold import TSNE
+
+    n = features.shape[0]
+    if n < 3:
+        return torch.zeros(n, 2)
+    perp = float(max(1.0, min(perplexity, (n - 1) / 3)))
+    emb = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(features.double().numpy())
+    return torch.as_tensor(emb, dtype=torch.float32)
+
+
+def silhouette(features: Tensor, labels: Tensor) -> float:
+    """Mean silhouette coefficient with Euclidean distance; NaN unless 2 <= #classes <= N - 1."""
+    from sklearn.metrics import silhouette_score
+
+    n_cls = int(labels.unique().numel())
+    if not 2 <= n_cls <= features.shape[0] - 1:
+        return float("nan")
+    return float(silhouette_score(features.double().numpy(), labels.numpy(), metric="euclidean"))
+
+
+def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
+    """Leave-one-out k-NN accuracy (Euclidean; majority vote, ties to the nearer neighbour's class)."""
+    n = features.shape[0]
+    if n < 2:
+        return float("nan")
+    k = min(k, n - 1)
+    d = torch.cdist(features.double(), features.double())
+    d.fill_diagonal_(float("inf"))
+    nn_idx = torch.sort(d, dim=1, stable=True).indices[:, :k]  # [N, k], nearest first
+    nn_lab = labels[nn_idx]
+    num_classes = int(labels.max()) + 1
+    # Votes plus a tiny bonus decreasing with rank, so ties go to the class of the nearer neighbour.
+    bonus = torch.linspace(1e-3, 1e-6, k, dtype=torch.float64).expand(n, k)
+    votes = torch.zeros(n, num_classes, dtype=torch.float64).scatter_add_(1, nn_lab, 1 + bonus)
+    return float((votes.argmax(1) == labels).double().mean())
+
+
+def scatter_image(points: Tensor, labels: Tensor | None, title: str = "", class_names: Sequence[str] | None = None,
+                  size_px: int = 384) -> Tensor:
+    """A 2-D scatter colored by class, rendered with matplotlib's Agg canvas -> ``[3, H, W]`` in ``[0, 1]``."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    dpi = 100
+    fig = Figure(figsize=(size_px / dpi, size_px / dpi), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    p = points.detach().float().cpu().numpy()
+    if labels is None:
+        ax.scatter(p[:, 0], p[:, 1], s=12, c="tab:blue")
+    else:
+        lab = labels.cpu().numpy()
+        for i, c in enumerate(np.unique(lab)):
+            sel = lab == c
+            name = class_names[int(c)] if class_names is not None and 0 <= int(c) < len(class_names) else str(int(c))
+            ax.scatter(p[sel, 0], p[sel, 1], s=12, color=matplotlib.colormaps["tab10"](i % 10), label=name)
+        ax.legend(fontsize=7, loc="best", markerscale=1.5)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    canvas.draw()
+    arr = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0

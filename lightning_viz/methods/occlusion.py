@@ -1,0 +1,201 @@
+"""Occlusion sensitivity (Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014, Sec. 4.2).
+
+A window of ``fill`` values slides over the image; at each position ``p`` the drop of the target's
+score is recorded: ``drop_p = s(x) - s(x with window p filled)`` (and likewise for the softmax
+probability of the target class). The (image, position) pairs are run in batched forwards whose size
+is set by a memory budget (:func:`positions_per_forward`); chunking never changes the result.
+
+``occlusion`` returns the drops on the grid of window positions ``[B, nY, nX]``;
+:func:`spread_to_pixels` turns them into a ``[B, H, W]`` map where each pixel averages the drops of
+every window covering it (as Captum does).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..targets import Target, TargetSpec, resolve_target
+
+__all__ = [
+    "FILLS",
+    "window_positions",
+    "fill_values",
+    "activation_bytes_per_image",
+    "positions_per_forward",
+    "occlusion",
+    "spread_to_pixels",
+]
+
+FILLS = ("gray", "mean", "zero", "blur")
+Fill = Literal["gray", "mean", "zero", "blur"]
+IntPair = Union[int, Sequence[int]]
+
+
+def _pair(v: IntPair, what: str) -> tuple[int, int]:
+    t = (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
+    if len(t) != 2 or min(t) < 1:
+        raise ValueError(f"{what} must be a positive int or a pair of positive ints; got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def _axis_starts(size: int, win: int, stride: int) -> list[int]:
+    starts = list(range(0, size - win + 1, stride))
+    if starts[-1] != size - win:  # one more window flush with the border, so every pixel is covered
+        starts.append(size - win)
+    return starts
+
+
+def window_positions(size: Sequence[int], window: IntPair, stride: IntPair) -> tuple[list[int], list[int]]:
+    """Top-left corners ``(ys, xs)`` of the windows on an ``(H, W)`` image.
+
+    Windows start every ``stride`` pixels; a last window flush with the bottom/right border is added
+    when the stride does not land there, so every pixel is covered at least once.
+    """
+    (h, w), (wh, ww), (sh, sw) = tuple(size), _pair(window, "window"), _pair(stride, "stride")
+    if wh > h or ww > w:
+        raise ValueError(f"occlusion window {wh}x{ww} is larger than the {h}x{w} image; use a window <= the image size")
+    return _axis_starts(h, wh, sh), _axis_starts(w, ww, sw)
+
+
+def fill_values(x: Tensor, fill: Fill | float, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                window: IntPair = 8) -> Tensor:
+    """What the occluded pixels are set to, broadcastable to ``x[B, C, H, W]`` (inputs are normalized).
+
+    * ``"gray"``: mid-gray 0.5 in pixel space, i.e. ``(0.5 - mean) / std`` per channel when the
+      normalization is known, else 0 (in normalized space, the dataset mean color);
+    * ``"mean"``: each image's own per-channel mean;
+    * ``"zero"``: 0 in normalized space;
+    * ``"blur"``: the image blurred with a Gaussian of sigma = window / 4 (kernel ~ the window), so
+      only the fine detail under the window is removed;
+    * a float: that constant (normalized space).
+    """
+    if isinstance(fill, (int, float)) and not isinstance(fill, bool):
+        return torch.full((1, 1, 1, 1), float(fill), dtype=x.dtype, device=x.device)
+    if fill == "zero":
+        return torch.zeros((1, 1, 1, 1), dtype=x.dtype, device=x.device)
+    if fill == "gray":
+        if mean is None or std is None:
+            return torch.zeros((1, 1, 1, 1), dtype=x.dtype, device=x.device)
+        m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (0.5 - m) / s
+    if fill == "mean":
+        return x.mean(dim=(2, 3), keepdim=True)
+    if fill == "blur":
+        from torchvision.transforms.functional import gaussian_blur
+
+        wh, ww = _pair(window, "window")
+        ks = [2 * (ww // 2) + 1, 2 * (wh // 2) + 1]  # odd, about the window (reflect padding stays < image size)
+        return gaussian_blur(x, kernel_size=ks, sigma=[max(ww / 4, 0.1), max(wh / 4, 0.1)])
+    raise ValueError(f"unknown occlusion fill {fill!r}; allowed: {', '.join(map(repr, FILLS))} or a float")
+
+
+def activation_bytes_per_image(model: nn.Module, x1: Tensor) -> int:
+    """Bytes of every module output in one forward of a single image ``x1[1, C, H, W]`` (hooks removed after).
+
+    An upper-bound-ish estimate of what one more image in a no-grad forward batch costs.
+    """
+    total = [x1.numel() * x1.element_size()]
+
+    def hook(_m, _i, out):
+        if isinstance(out, Tensor):
+            total[0] += out.numel() * out.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x1)
+    finally:
+        for h in handles:
+            h.remove()
+    return int(total[0])
+
+
+def positions_per_forward(model: nn.Module, x: Tensor, memory_mb: float) -> int:
+    """How many occluded images fit one forward pass within ``memory_mb`` of activations (at least 1)."""
+    if memory_mb <= 0:
+        raise ValueError(f"memory_mb must be > 0; got {memory_mb}")
+    per_image = activation_bytes_per_image(model, x[:1])
+    return max(1, int(memory_mb * 2**20 // max(per_image, 1)))
+
+
+def occlusion(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetSpec | Target = "predicted",
+    labels: Tensor | None = None,
+    window: IntPair = 8,
+    stride: IntPair = 4,
+    fill: Fill | float = "gray",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Occlusion sensitivity of ``model`` on ``x[B, C, H, W]``.
+
+    Returns ``{"score": [B, nY, nX], "prob": [B, nY, nX]}``: ``score`` is the drop of the target
+    score ``s(x) - s(x_occluded)`` per window position (Zeiler & Fergus 2014, Sec. 4.2); ``prob`` the
+    drop of the softmax probability of the target class (only when the target names a class, i.e.
+    not a custom callable). The target class is decided once on the unoccluded image.
+    ``chunk_size``: occluded images per forward (``None``: all at once); any value gives the same result.
+    Runs without autograd; the caller keeps the model in eval mode (see ``capture.isolated``).
+    """
+    tgt = resolve_target(target)
+    ys, xs = window_positions(x.shape[-2:], window, stride)
+    wh, ww = _pair(window, "window")
+    b, n_pos = x.shape[0], len(ys) * len(xs)
+    with torch.no_grad():
+        x = x.detach()
+        fillv = fill_values(x, fill, mean, std, window).expand_as(x)
+        logits = model(x)
+        classes = tgt.classes(logits, labels)
+        base_score = tgt.score(logits, labels)
+        base_prob = None if classes is None else logits.softmax(1).gather(1, classes.view(-1, 1)).squeeze(1)
+        # One boolean window mask per position: [P, 1, H, W].
+        masks = torch.zeros(n_pos, 1, *x.shape[-2:], dtype=torch.bool, device=x.device)
+        for p, (y0, x0) in enumerate((y0, x0) for y0 in ys for x0 in xs):
+            masks[p, :, y0:y0 + wh, x0:x0 + ww] = True
+        # Pairs (image, position), image-major; chunks of them go through one forward each.
+        pairs_img = torch.arange(b, device=x.device).repeat_interleave(n_pos)
+        pairs_pos = torch.arange(n_pos, device=x.device).repeat(b)
+        total = b * n_pos
+        chunk = total if chunk_size is None else max(1, int(chunk_size))
+        scores, probs = [], []
+        for s in range(0, total, chunk):
+            bi, pi = pairs_img[s:s + chunk], pairs_pos[s:s + chunk]
+            xo = torch.where(masks[pi], fillv[bi], x[bi])
+            out = model(xo)
+            lab = None if labels is None else labels.to(x.device)[bi]
+            if classes is None:
+                scores.append(tgt.score(out, lab))
+            else:
+                c = classes[bi].view(-1, 1)
+                scores.append(out.gather(1, c).squeeze(1))
+                probs.append(out.softmax(1).gather(1, c).squeeze(1))
+        occ_score = torch.cat(scores).view(b, n_pos)
+        result = {"score": (base_score.view(b, 1) - occ_score).view(b, len(ys), len(xs))}
+        if base_prob is not None:
+            result["prob"] = (base_prob.view(b, 1) - torch.cat(probs).view(b, n_pos)).view(b, len(ys), len(xs))
+    return result
+
+
+def spread_to_pixels(drops: Tensor, size: Sequence[int], window: IntPair, stride: IntPair) -> Tensor:
+    """``[B, nY, nX]`` drops per window -> ``[B, H, W]``: each pixel averages the windows that cover it."""
+    ys, xs = window_positions(size, window, stride)
+    wh, ww = _pair(window, "window")
+    if tuple(drops.shape[-2:]) != (len(ys), len(xs)):
+        raise ValueError(f"drops have grid {tuple(drops.shape[-2:])} but window/stride give {(len(ys), len(xs))}")
+    h, w = int(size[0]), int(size[1])
+    # Indicator of which rows/cols each window covers; the sum over windows is then two matmuls.
+    ry = torch.zeros(len(ys), h, dtype=drops.dtype, device=drops.device)
+    rx = torch.zeros(len(xs), w, dtype=drops.dtype, device=drops.device)
+    for i, y0 in enumerate(ys):
+        ry[i, y0:y0 + wh] = 1
+    for j, x0 in enumerate(xs):
+        rx[j, x0:x0 + ww] = 1
+    total = torch.einsum("bij,ih,jw->bhw", drops, ry, rx)
+    count = torch.einsum("ih,jw->hw", ry, rx)
+    return total / count.clamp_min(1)

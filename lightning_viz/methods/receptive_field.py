@@ -1,0 +1,291 @@
+"""Receptive fields of conv units: which input pixels a unit at ``(i, j)`` of a layer can see.
+
+Two ways, which agree on conv/pool stacks:
+
+* :func:`stack_receptive_field` -- exact layer arithmetic (Araujo et al., "Computing Receptive Fields
+  of Convolutional Neural Networks", Distill 2019, Eq. 1-2). Walking the conv/pool layers in
+  execution order, with kernel ``k``, stride ``s``, padding ``p``, dilation ``d``:
+  ``R_l = R_{l-1} + (d_l (k_l - 1)) J_{l-1}``, ``J_l = J_{l-1} s_l``, ``P_l = P_{l-1} + p_l J_{l-1}``;
+  unit ``i`` then covers input pixels ``[i J - P, i J - P + R)``. The walk checks that every layer's
+  input has the spatial size the chain predicts, so a model with branches (a ResNet's downsample
+  shortcut) is refused rather than answered wrongly.
+* :func:`gradient_receptive_field` -- for any model: the non-zero support of ``d unit / d input``,
+  united over a few random inputs (seeded generator), one batched backward for all positions.
+
+Both return a :class:`ReceptiveField` whose :meth:`ReceptiveField.boxes` give, for every output
+position, the input box ``(y0, x0, y1, x1)`` (end exclusive; may extend past the image border, the
+crop pads there, see :func:`crop_boxes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..capture import capture
+from ..layers import get_layer, named_layers
+
+__all__ = [
+    "ReceptiveField",
+    "NotAConvStackError",
+    "layer_geometry",
+    "compose",
+    "stack_receptive_field",
+    "gradient_receptive_field",
+    "receptive_field",
+    "crop_boxes",
+]
+
+_GEOMETRIC = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+# Modules that do not move pixels (elementwise or per-channel); anything else in the path is refused.
+_NEUTRAL = (
+    nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d, nn.Identity, nn.Dropout, nn.Dropout2d,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.PReLU, nn.Softplus, nn.Mish,
+)
+
+
+class NotAConvStackError(ValueError):
+    """The path to a layer is not a plain chain of conv/pool layers (use the gradient method)."""
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """Per axis ``(y, x)``: ``size`` R, ``jump`` J (input pixels between neighbouring units), ``offset`` P.
+
+    Unit ``(i, j)`` covers rows ``[i*J_y - P_y, i*J_y - P_y + R_y)`` and the like for columns.
+    ``grid`` is the layer's ``(h, w)`` output size.
+    """
+
+    size: tuple[int, int]
+    jump: tuple[int, int]
+    offset: tuple[int, int]
+    grid: tuple[int, int]
+
+    def boxes(self) -> Tensor:
+        """``LongTensor[h, w, 4]`` of ``(y0, x0, y1, x1)`` input boxes, one per output position."""
+        h, w = self.grid
+        iy = torch.arange(h) * self.jump[0] - self.offset[0]
+        ix = torch.arange(w) * self.jump[1] - self.offset[1]
+        y0 = iy.view(h, 1).expand(h, w)
+        x0 = ix.view(1, w).expand(h, w)
+        return torch.stack([y0, x0, y0 + self.size[0], x0 + self.size[1]], dim=-1)
+
+    def box(self, i: int, j: int) -> tuple[int, int, int, int]:
+        y0, x0 = i * self.jump[0] - self.offset[0], j * self.jump[1] - self.offset[1]
+        return y0, x0, y0 + self.size[0], x0 + self.size[1]
+
+
+def _two(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def layer_geometry(module: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], bool]:
+    """``(kernel, stride, padding, dilation, ceil_mode)`` of a Conv2d / MaxPool2d / AvgPool2d, per axis."""
+    if isinstance(module, nn.Conv2d):
+        if isinstance(module.padding, str):
+            if module.padding == "valid":
+                pad = (0, 0)
+            else:  # 'same' (stride 1): total padding d (k - 1), the left part is half of it
+                pad = tuple(d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation))
+        else:
+            pad = _two(module.padding)
+        return _two(module.kernel_size), _two(module.stride), pad, _two(module.dilation), False
+    if isinstance(module, nn.MaxPool2d):
+        return (_two(module.kernel_size), _two(module.stride or module.kernel_size), _two(module.padding),
+                _two(module.dilation), bool(module.ceil_mode))
+    if isinstance(module, nn.AvgPool2d):
+        return (_two(module.kernel_size), _two(module.stride or module.kernel_size), _two(module.padding),
+                (1, 1), bool(module.ceil_mode))
+    raise TypeError(f"no receptive-field geometry for {type(module).__name__}; supported: Conv2d, MaxPool2d, AvgPool2d")
+
+
+def compose(geometries: Sequence[tuple], input_size: Sequence[int]) -> ReceptiveField:
+    """Compose ``(kernel, stride, padding, dilation[, ceil_mode])`` per-layer geometries (first layer first)."""
+    r, j, p, n = [1, 1], [1, 1], [0, 0], [int(input_size[0]), int(input_size[1])]
+    for g in geometries:
+        k, s, pad, d = (_two(v) for v in g[:4])
+        ceil = bool(g[4]) if len(g) > 4 else False
+        for a in range(2):
+            r[a] += d[a] * (k[a] - 1) * j[a]
+            p[a] += pad[a] * j[a]
+            j[a] *= s[a]
+            span = n[a] + 2 * pad[a] - d[a] * (k[a] - 1) - 1
+            n[a] = (-(-span // s[a]) if ceil else span // s[a]) + 1
+    return ReceptiveField(size=(r[0], r[1]), jump=(j[0], j[1]), offset=(p[0], p[1]), grid=(n[0], n[1]))
+
+
+def stack_receptive_field(model: nn.Module, layer: str, input_shape: Sequence[int]) -> ReceptiveField:
+    """Exact receptive field of ``layer``'s units by layer arithmetic over the modules run before it.
+
+    One forward of zeros ``[1, *input_shape]`` (no grad; call inside ``isolated``/eval) records the
+    leaf modules in execution order up to the end of ``layer``. Conv/pool layers compose; norms and
+    activations are neutral; anything else (adaptive pools, linear, upsampling) or a layer whose
+    input size is not the one the chain predicts (a branch) raises :class:`NotAConvStackError`.
+    """
+    target = get_layer(model, layer)
+    names = {id(m): n for n, m in named_layers(model).items()}
+    calls: list[tuple[nn.Module, tuple[int, ...]]] = []
+    done = [False]
+    out_size: list[tuple[int, ...]] = [()]
+
+    def pre(m, inputs):
+        if not done[0] and inputs and isinstance(inputs[0], Tensor):
+            calls.append((m, tuple(inputs[0].shape[-2:])))
+
+    def post_target(m, inputs, out):
+        done[0] = True
+        if isinstance(out, Tensor):
+            out_size[0] = tuple(out.shape[-2:])
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_pre_hook(pre) for m in leaves]
+    handles.append(target.register_forward_hook(post_target))
+    try:
+        p = next(model.parameters(), None)
+        x = torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu",
+                        dtype=p.dtype if p is not None else torch.float32)
+        with torch.no_grad():
+            try:
+                model(x)
+            except Exception as exc:  # noqa: BLE001
+                raise NotAConvStackError(f"forward of a {tuple(input_shape)} input failed: {exc}") from exc
+    finally:
+        for h in handles:
+            h.remove()
+    if not done[0]:
+        raise NotAConvStackError(f"layer {layer!r} was not called in the forward pass")
+    geoms: list[tuple] = []
+    size = list(input_shape[-2:])
+    for m, in_size in calls:
+        name = names.get(id(m), type(m).__name__)
+        if list(in_size) != size:
+            raise NotAConvStackError(
+                f"{name!r} sees a {in_size[0]}x{in_size[1]} input where the chain of conv/pool layers before it "
+                f"predicts {size[0]}x{size[1]}: the model branches (e.g. a residual shortcut); use the gradient method")
+        if isinstance(m, _GEOMETRIC):
+            geoms.append(layer_geometry(m))
+            size = list(compose([geoms[-1]], size).grid)
+        elif not isinstance(m, _NEUTRAL):
+            raise NotAConvStackError(
+                f"{name!r} ({type(m).__name__}) is not a conv/pool/elementwise layer, so layer arithmetic does not apply; "
+                "use the gradient method")
+    rf = compose(geoms, input_shape[-2:])
+    if list(rf.grid) != list(out_size[0]):
+        raise NotAConvStackError(
+            f"layer {layer!r} outputs {tuple(out_size[0])} positions where its conv/pool chain predicts {rf.grid} "
+            "(functional pooling or a branch); use the gradient method")
+    return rf
+
+
+def _support_boxes(support: Tensor) -> Tensor:
+    """``[P, H, W]`` boolean support -> ``[P, 4]`` bounding boxes (empty support -> zero-size box at 0)."""
+    rows, cols = support.any(2), support.any(1)
+    h, w = support.shape[1:]
+    ar_h, ar_w = torch.arange(h, device=support.device), torch.arange(w, device=support.device)
+    y0 = torch.where(rows, ar_h, h).amin(1)
+    y1 = torch.where(rows, ar_h + 1, 0).amax(1)
+    x0 = torch.where(cols, ar_w, w).amin(1)
+    x1 = torch.where(cols, ar_w + 1, 0).amax(1)
+    return torch.stack([y0.clamp(max=y1), x0.clamp(max=x1), y1, x1], 1)
+
+
+def gradient_receptive_field(model: nn.Module, layer: str, input_shape: Sequence[int], trials: int = 2,
+                             seed: int = 0, chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Receptive field of every output position of ``layer`` as the support of ``d unit / d input``.
+
+    For position ``(i, j)`` the unit is the sum over channels of the layer output at ``(i, j)``; the
+    support (pixels with a non-zero gradient in any channel) is united over ``trials`` random normal
+    inputs drawn from a seeded generator (a ReLU that happens to be off hides a path for one input
+    only). Positions are batched: ``chunk_size`` copies of the input, one position each, one backward.
+    Needs autograd w.r.t. the input only (parameters may be frozen).
+
+    Returns ``(support[h, w, H, W] bool, boxes[h, w, 4])``, boxes clipped to the image.
+    """
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None else torch.float32
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    H, W = int(input_shape[-2]), int(input_shape[-1])
+    support = None
+    for _ in range(trials):
+        x0 = torch.randn(1, *input_shape, generator=gen).to(device=device, dtype=dtype)
+        with torch.no_grad(), capture(model, [layer]) as cap:
+            model(x0)
+        h, w = cap[layer].shape[-2:]
+        if support is None:
+            support = torch.zeros(h * w, H, W, dtype=torch.bool)
+        for s in range(0, h * w, chunk_size):
+            pos = torch.arange(s, min(s + chunk_size, h * w))
+            x = x0.expand(len(pos), *x0.shape[1:]).clone().requires_grad_(True)
+            with capture(model, [layer], grad=True) as cap:
+                model(x)
+                act = cap[layer]
+                sel = act.sum(1).flatten(1)[torch.arange(len(pos)), pos.to(device)]
+                (g,) = torch.autograd.grad(sel.sum(), x)
+            support[pos] |= (g.detach().abs().sum(1) > 0).cpu()
+    assert support is not None
+    boxes = _support_boxes(support)
+    return support.view(h, w, H, W), boxes.view(h, w, 4)
+
+
+def receptive_field(model: nn.Module, layer: str, input_shape: Sequence[int], method: str = "auto") -> Tensor:
+    """Input boxes ``[h, w, 4]`` (``y0, x0, y1, x1``, end exclusive) of every output position of ``layer``.
+
+    ``method``: ``"arithmetic"`` (:func:`stack_receptive_field`, boxes may extend past the border),
+    ``"gradient"`` (:func:`gradient_receptive_field`; boxes clipped by the border are extended back to
+    the full receptive-field size seen at interior positions), or ``"auto"`` (arithmetic when the path
+    is a plain conv/pool chain, else gradient).
+    """
+    if method not in ("auto", "arithmetic", "gradient"):
+        raise ValueError(f"receptive field method must be 'auto', 'arithmetic' or 'gradient'; got {method!r}")
+    if method in ("auto", "arithmetic"):
+        try:
+            return stack_receptive_field(model, layer, input_shape).boxes()
+        except NotAConvStackError:
+            if method == "arithmetic":
+                raise
+    _, boxes = gradient_receptive_field(model, layer, input_shape)
+    return _unclip(boxes, int(input_shape[-2]), int(input_shape[-1]))
+
+
+def _unclip(boxes: Tensor, H: int, W: int) -> Tensor:
+    """Extend boxes cut by the image border back to the largest box size (the interior receptive field)."""
+    b = boxes.clone()
+    for lo, hi, n in ((0, 2, H), (1, 3, W)):
+        full = int((b[..., hi] - b[..., lo]).max())
+        short = (b[..., hi] - b[..., lo]) < full
+        at_lo = short & (b[..., lo] == 0) & (b[..., hi] < n)
+        at_hi = short & (b[..., hi] == n) & (b[..., lo] > 0)
+        b[..., lo] = torch.where(at_lo, b[..., hi] - full, b[..., lo])
+        b[..., hi] = torch.where(at_hi, b[..., lo] + full, b[..., hi])
+    return b
+
+
+def crop_boxes(images: Tensor, boxes: Tensor, pad_value: float = 0.5, max_size: Sequence[int] | None = None) -> Tensor:
+    """Crop ``boxes[M, 4]`` from ``images[M, C, H, W]`` (one box per image), padding where a box leaves the image.
+
+    All boxes must have the same size, which is also the output size; ``max_size=(h, w)`` caps it
+    (keeping each box's center), so a receptive field much larger than the image stays viewable.
+    """
+    if boxes.shape[0] == 0:
+        return images.new_zeros(0, images.shape[1], 1, 1)
+    hs, ws = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    bh, bw = int(hs.max()), int(ws.max())
+    y0, x0 = boxes[:, 0].clone(), boxes[:, 1].clone()
+    if max_size is not None:
+        ch, cw = min(bh, int(max_size[0])), min(bw, int(max_size[1]))
+        y0, x0 = y0 + (hs - ch) // 2, x0 + (ws - cw) // 2
+        bh, bw = ch, cw
+    _, _, H, W = images.shape
+    pad_t, pad_l = max(0, -int(y0.min())), max(0, -int(x0.min()))
+    pad_b = max(0, int((y0 + bh).max()) - H)
+    pad_r = max(0, int((x0 + bw).max()) - W)
+    padded = F.pad(images, (pad_l, pad_r, pad_t, pad_b), value=pad_value)
+    out = [padded[m, :, y + pad_t:y + pad_t + bh, x + pad_l:x + pad_l + bw]
+           for m, (y, x) in enumerate(zip(y0.tolist(), x0.tolist()))]
+    return torch.stack(out)
