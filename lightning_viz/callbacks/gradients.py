@@ -1,0 +1,149 @@
+"""Gradient-attribution callbacks: saliency, signed gradient, guided backprop, deconvnet, input x gradient,
+integrated gradients and SmoothGrad around any of them, logged as overlays per probe image.
+
+Methods that are read off one gradient pass (see :data:`lightning_viz.methods.gradients.PASS_RULES`)
+share it with every other gradient/CAM callback of the same model at the same epoch
+(:class:`lightning_viz.methods.shared_pass.PassCache`): each callback registers its layers at ``setup``,
+and the first one to run computes one forward + one backward per chunk for all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from ..methods.gradients import GRADIENT_METHODS, PASS_RULES, gradient_from_pass, reduce_channels, smoothgrad
+from ..methods.shared_pass import PassResult, gradient_pass, pass_cache
+from ..probe import ProbeSet
+from ..targets import resolve_target
+from .maps import MapCallback
+
+__all__ = ["GradientMapCallback", "GradientCallback", "SMOOTHGRAD_PREFIX"]
+
+SMOOTHGRAD_PREFIX = "smoothgrad_"
+
+
+class GradientMapCallback(MapCallback):
+    """Shared plumbing of gradient and CAM callbacks: target, chunking, and the shared pass.
+
+    Subclasses list what they need from a pass in :meth:`pass_needs` (``{rule: layers}``) and read
+    passes with :meth:`get_pass`.
+
+    Args:
+        target: ``"label"`` (default), ``"predicted"``, a class index, or (from Python) a callable
+            ``logits -> score[B]``.
+        chunk_size: probe images per forward/backward (``None``: all at once); results do not depend on it.
+        share_pass: reuse one pass per epoch with the other gradient/CAM callbacks of the model.
+    """
+
+    def __init__(self, target: Union[str, int] = "label", chunk_size: Optional[int] = None, share_pass: bool = True,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.target = resolve_target(target)  # raises a clear error for an unknown spec
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.share_pass = share_pass
+
+    def pass_needs(self, pl_module: LightningModule) -> dict[Optional[str], list[str]]:
+        """``{relu_rule: layer names}`` this callback reads from shared passes."""
+        return {}
+
+    def check(self, pl_module: LightningModule) -> None:
+        if self.share_pass:
+            cache = pass_cache(pl_module)
+            for rule, layers in self.pass_needs(pl_module).items():
+                cache.register(self.target, rule, layers)
+
+    def get_pass(self, pl_module: LightningModule, probe: ProbeSet, x: Tensor, rule: Optional[str],
+                 layers: list[str]) -> PassResult:
+        if not self.share_pass:
+            return gradient_pass(pl_module, x, self.target, probe.labels, layers, rule, self.chunk_size)
+        return pass_cache(pl_module).get(pl_module, x, probe.fingerprint(), self.target, probe.labels, layers, rule,
+                                         self.chunk_size)
+
+    def state_key_parts(self) -> tuple[Any, ...]:
+        return super().state_key_parts() + (self.target.name,)
+
+
+class GradientCallback(GradientMapCallback):
+    """Gradient attribution maps of the probe images, logged as ``viz/<method>/input/<probe-id>``.
+
+    Args:
+        methods: any of ``saliency`` (Simonyan, max |grad| over channels), ``gradient`` (signed),
+            ``guided_backprop``, ``deconvnet``, ``input_x_gradient``, ``integrated_gradients``, and
+            ``smoothgrad_<any of those>`` (SmoothGrad around it).
+        reduce: how ``[C, H, W]`` attributions become a map: ``abs_max`` (default), ``sum`` (signed;
+            ``signed`` then defaults to True), ``abs_sum``. Saliency is already a map.
+        smoothgrad_samples, smoothgrad_sigma, smoothgrad_seed: SmoothGrad noise samples, standard
+            deviation as a fraction of each image's value range, and the seed of its own generator.
+        ig_steps, ig_baseline: integrated-gradients path points and constant baseline value.
+        target, chunk_size, share_pass: see :class:`GradientMapCallback`.
+        **kwargs: rendering (:class:`MapCallback`) and schedule/probe options (``VisualizationCallback``).
+    """
+
+    method = "gradients"
+
+    def __init__(
+        self,
+        methods: list[str] = ["saliency"],  # noqa: B006 - jsonargparse needs the literal default
+        target: Union[str, int] = "label",
+        reduce: Literal["abs_max", "sum", "abs_sum"] = "abs_max",
+        smoothgrad_samples: int = 16,
+        smoothgrad_sigma: float = 0.15,
+        smoothgrad_seed: int = 0,
+        ig_steps: int = 32,
+        ig_baseline: float = 0.0,
+        chunk_size: Optional[int] = None,
+        share_pass: bool = True,
+        **kwargs: Any,
+    ):
+        kwargs.setdefault("signed", reduce == "sum")
+        super().__init__(target=target, chunk_size=chunk_size, share_pass=share_pass, **kwargs)
+        if isinstance(methods, str):
+            methods = [methods]
+        if not methods:
+            raise ValueError("GradientCallback needs at least one method")
+        allowed = list(GRADIENT_METHODS) + [SMOOTHGRAD_PREFIX + m for m in GRADIENT_METHODS]
+        for m in methods:
+            if m not in allowed:
+                raise ValueError(f"unknown gradient method {m!r}; allowed: {', '.join(allowed)}")
+        if reduce not in ("abs_max", "sum", "abs_sum"):
+            raise ValueError(f"reduce must be 'abs_max', 'sum' or 'abs_sum'; got {reduce!r}")
+        if smoothgrad_samples < 1:
+            raise ValueError(f"smoothgrad_samples must be >= 1; got {smoothgrad_samples}")
+        if smoothgrad_sigma < 0:
+            raise ValueError(f"smoothgrad_sigma must be >= 0; got {smoothgrad_sigma}")
+        if ig_steps < 1:
+            raise ValueError(f"ig_steps must be >= 1; got {ig_steps}")
+        self.methods = list(dict.fromkeys(methods))
+        self.reduce = reduce
+        self.smoothgrad_samples = smoothgrad_samples
+        self.smoothgrad_sigma = smoothgrad_sigma
+        self.smoothgrad_seed = smoothgrad_seed
+        self.ig_steps = ig_steps
+        self.ig_baseline = ig_baseline
+
+    def pass_needs(self, pl_module: LightningModule) -> dict[Optional[str], list[str]]:
+        return {PASS_RULES[m]: [] for m in self.methods if m in PASS_RULES}
+
+    def state_key_parts(self) -> tuple[Any, ...]:
+        return super().state_key_parts() + (tuple(self.methods), self.reduce)
+
+    def attribution(self, pl_module: LightningModule, probe: ProbeSet, x: Tensor, method: str) -> Tensor:
+        """Raw attribution of one method: ``[N, C, H, W]`` (saliency ``[N, H, W]``)."""
+        if method in PASS_RULES:
+            result = self.get_pass(pl_module, probe, x, PASS_RULES[method], [])
+            return gradient_from_pass(method, x, result.input_grad)
+        kwargs = {"baseline": self.ig_baseline, "steps": self.ig_steps} if method.endswith("integrated_gradients") else {}
+        if method.startswith(SMOOTHGRAD_PREFIX):
+            fn = GRADIENT_METHODS[method[len(SMOOTHGRAD_PREFIX):]]
+            return smoothgrad(fn, pl_module, x, self.target, probe.labels, self.chunk_size, self.smoothgrad_samples,
+                              self.smoothgrad_sigma, self.smoothgrad_seed, **kwargs)
+        return GRADIENT_METHODS[method](pl_module, x, self.target, probe.labels, self.chunk_size, **kwargs)
+
+    def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
+        x = probe.to(pl_module.device)
+        return {f"{m}/input": reduce_channels(self.attribution(pl_module, probe, x, m), self.reduce) for m in self.methods}

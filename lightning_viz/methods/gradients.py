@@ -1,0 +1,187 @@
+"""Gradient attributions: pure torch, batched, chunked, raw signed values out.
+
+Every function takes ``(model, x[B, C, H, W], target, labels, ...)`` and returns ``[B, C, H, W]``
+(``saliency``: ``[B, H, W]``). Gradients are taken with ``torch.autograd.grad`` w.r.t. the input only,
+so parameter ``.grad`` is never written. ``target`` is ``"label"`` (needs ``labels``), ``"predicted"``,
+a class index, or a callable ``logits -> score[B]`` (see :mod:`lightning_viz.targets`).
+
+* :func:`gradient` -- ``dS_c/dx`` (signed).
+* :func:`saliency` -- Simonyan et al., "Deep Inside Convolutional Networks", ICLR-W 2014, Sec. 3.1:
+  ``M_ij = max_c |dS_c/dx_{c,i,j}|``.
+* :func:`guided_backprop` / :func:`deconvnet` -- the gradient with the guided / Zeiler-Fergus ReLU
+  backward rule (:mod:`lightning_viz.methods.relu_rules`: ``nn.ReLU``, ``F.relu``, ``torch.relu``,
+  ``Tensor.relu`` and their in-place forms are all covered).
+* :func:`input_x_gradient` -- Shrikumar et al., 2016 ("Not Just a Black Box"): ``x * dS/dx``.
+* :func:`integrated_gradients` -- Sundararajan et al., "Axiomatic Attribution for Deep Networks",
+  ICML 2017, Eq. 3 (Riemann midpoint sum): ``(x - x') * 1/m sum_k dS/dx(x' + (k - 1/2)/m (x - x'))``.
+* :func:`smoothgrad` -- Smilkov et al., "SmoothGrad", 2017, Eq. 2: ``1/n sum_i M(x + N(0, sigma^2))``
+  around any of the above, ``sigma`` a fraction of each image's value range, noise from a seeded
+  ``torch.Generator`` (the global RNG is never used).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..targets import LabelTarget, PredictedTarget, TargetSpec, resolve_target
+from .shared_pass import chunks, gradient_pass
+
+__all__ = [
+    "GRADIENT_METHODS",
+    "gradient",
+    "saliency",
+    "guided_backprop",
+    "deconvnet",
+    "input_x_gradient",
+    "integrated_gradients",
+    "smoothgrad",
+    "reduce_channels",
+    "PASS_RULES",
+    "gradient_from_pass",
+]
+
+
+def gradient(model: nn.Module, x: Tensor, target: TargetSpec = "label", labels: Optional[Tensor] = None,
+             chunk_size: Optional[int] = None, rule: Optional[str] = None) -> Tensor:
+    """``dS/dx`` ``[B, C, H, W]`` (with ReLU backward ``rule``: ``None``, ``"guided"``, ``"deconv"``)."""
+    return gradient_pass(model, x, target, labels, (), rule, chunk_size).input_grad
+
+
+def saliency(model: nn.Module, x: Tensor, target: TargetSpec = "label", labels: Optional[Tensor] = None,
+             chunk_size: Optional[int] = None) -> Tensor:
+    """Simonyan saliency ``max_c |dS/dx|`` -> ``[B, H, W]``."""
+    return gradient(model, x, target, labels, chunk_size).abs().amax(dim=1)
+
+
+def guided_backprop(model: nn.Module, x: Tensor, target: TargetSpec = "label", labels: Optional[Tensor] = None,
+                    chunk_size: Optional[int] = None) -> Tensor:
+    """Guided backpropagation ``[B, C, H, W]`` (Springenberg et al. 2015)."""
+    return gradient(model, x, target, labels, chunk_size, rule="guided")
+
+
+def deconvnet(model: nn.Module, x: Tensor, target: TargetSpec = "label", labels: Optional[Tensor] = None,
+              chunk_size: Optional[int] = None) -> Tensor:
+    """Deconvnet ``[B, C, H, W]`` (Zeiler & Fergus 2014)."""
+    return gradient(model, x, target, labels, chunk_size, rule="deconv")
+
+
+def input_x_gradient(model: nn.Module, x: Tensor, target: TargetSpec = "label", labels: Optional[Tensor] = None,
+                     chunk_size: Optional[int] = None) -> Tensor:
+    """``x * dS/dx`` ``[B, C, H, W]``."""
+    return x.detach() * gradient(model, x, target, labels, chunk_size)
+
+
+def integrated_gradients(model: nn.Module, x: Tensor, target: TargetSpec = "label", labels: Optional[Tensor] = None,
+                         chunk_size: Optional[int] = None, baseline: Union[float, Tensor] = 0.0, steps: int = 32) -> Tensor:
+    """Integrated gradients ``[B, C, H, W]`` along the straight path from ``baseline`` (a value or a
+    tensor broadcastable to ``x``) with ``steps`` midpoint samples; ``chunk_size`` bounds the number of
+    path points (images) per forward. ``sum`` of the result ~= ``S(x) - S(baseline)`` (completeness)."""
+    if steps < 1:
+        raise ValueError(f"integrated_gradients needs steps >= 1; got {steps}")
+    tgt, labels = _fixed_target(model, x, target, labels)
+    x = x.detach()
+    base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
+    alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
+    return _path_average(model, x, base, alphas, tgt, labels, chunk_size) * (x - base)
+
+
+def _path_average(model, x, base, alphas, target, labels, chunk_size) -> Tensor:
+    """Mean over ``alphas`` of ``dS/dx`` at ``base + a (x - base)``, evaluated ``chunk_size`` images at a time."""
+    b, steps = x.shape[0], alphas.shape[0]
+    total = torch.zeros_like(x)
+    # flat index j = step * B + image: points of consecutive steps share one forward
+    flat = torch.arange(steps * b, device=x.device)
+    for sl in chunks(steps * b, chunk_size):
+        idx = flat[sl]
+        img, step = idx % b, idx // b
+        pts = base[img] + alphas[step].view(-1, 1, 1, 1) * (x[img] - base[img])
+        lab = None if labels is None else labels.to(x.device)[img]
+        g = gradient(model, pts, target, lab)
+        total.index_add_(0, img, g)
+    return total / steps
+
+
+def smoothgrad(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: TargetSpec = "label",
+               labels: Optional[Tensor] = None, chunk_size: Optional[int] = None, n_samples: int = 16,
+               sigma: float = 0.15, seed: int = 0, **kwargs) -> Tensor:
+    """SmoothGrad around ``method`` (any function above): the mean of ``method`` over ``n_samples``
+    noisy copies ``x + N(0, (sigma * (max(x_i) - min(x_i)))^2)``. Noise comes from
+    ``torch.Generator().manual_seed(seed)`` (same seed, same result; global RNG untouched); ``chunk_size``
+    bounds the noisy images per forward. A ``"predicted"`` target is fixed from the clean input."""
+    if n_samples < 1:
+        raise ValueError(f"smoothgrad needs n_samples >= 1; got {n_samples}")
+    if sigma < 0:
+        raise ValueError(f"smoothgrad needs sigma >= 0 (a fraction of the input range); got {sigma}")
+    tgt, labels = _fixed_target(model, x, target, labels)
+    x = x.detach()
+    b = x.shape[0]
+    span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(-1, *([1] * (x.ndim - 1)))
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    noise = torch.randn((n_samples,) + tuple(x.shape), generator=gen, dtype=x.dtype).to(x.device)
+    noisy = (x.unsqueeze(0) + sigma * span.unsqueeze(0) * noise).flatten(0, 1)  # [n*B, ...], sample-major
+    lab = None if labels is None else labels.to(x.device).repeat(n_samples)
+    total = None
+    for sl in chunks(n_samples * b, chunk_size):
+        out = method(model, noisy[sl], tgt, None if lab is None else lab[sl], chunk_size=chunk_size, **kwargs)
+        img = torch.arange(sl.start, sl.stop, device=x.device) % b
+        if total is None:
+            total = torch.zeros((b,) + tuple(out.shape[1:]), dtype=out.dtype, device=out.device)
+        total.index_add_(0, img, out)
+    return total / n_samples
+
+
+def _fixed_target(model: nn.Module, x: Tensor, target: TargetSpec, labels: Optional[Tensor]):
+    """For methods that evaluate perturbed inputs: pin ``"predicted"`` to the clean input's class.
+    Returns ``(target, labels)``."""
+    tgt = resolve_target(target)
+    if isinstance(tgt, PredictedTarget):
+        with torch.no_grad():
+            return LabelTarget(), model(x.detach()).argmax(dim=1)
+    return tgt, labels
+
+
+def reduce_channels(attr: Tensor, how: str = "abs_max") -> Tensor:
+    """``[B, C, H, W]`` -> ``[B, H, W]``: ``"abs_max"`` (Simonyan), ``"sum"`` (signed), ``"abs_sum"``."""
+    if attr.ndim == 3:
+        return attr
+    if how == "abs_max":
+        return attr.abs().amax(dim=1)
+    if how == "sum":
+        return attr.sum(dim=1)
+    if how == "abs_sum":
+        return attr.abs().sum(dim=1)
+    raise ValueError(f"unknown channel reduction {how!r}; allowed: 'abs_max', 'sum', 'abs_sum'")
+
+
+#: methods read off one shared pass, and the ReLU backward rule that pass needs
+PASS_RULES: dict[str, Optional[str]] = {
+    "saliency": None,
+    "gradient": None,
+    "input_x_gradient": None,
+    "guided_backprop": "guided",
+    "deconvnet": "deconv",
+}
+
+
+def gradient_from_pass(method: str, x: Tensor, input_grad: Tensor) -> Tensor:
+    """A :data:`PASS_RULES` method from a pass's input gradient (taken with ``PASS_RULES[method]``)."""
+    if method not in PASS_RULES:
+        raise ValueError(f"{method!r} cannot be read off one gradient pass; allowed: {', '.join(PASS_RULES)}")
+    if method == "saliency":
+        return input_grad.abs().amax(dim=1)
+    if method == "input_x_gradient":
+        return x.detach().to(input_grad.device) * input_grad
+    return input_grad
+
+
+GRADIENT_METHODS: dict[str, Callable[..., Tensor]] = {
+    "saliency": saliency,
+    "gradient": gradient,
+    "guided_backprop": guided_backprop,
+    "deconvnet": deconvnet,
+    "input_x_gradient": input_x_gradient,
+    "integrated_gradients": integrated_gradients,
+}

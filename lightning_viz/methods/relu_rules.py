@@ -1,0 +1,99 @@
+"""Modified ReLU backward rules for guided backpropagation and the deconvnet, as a context manager.
+
+Forward passes are unchanged; only the gradient that flows back through every ReLU is replaced:
+
+* ``"guided"`` -- guided backpropagation (Springenberg et al., "Striving for Simplicity: The All
+  Convolutional Net", ICLR-W 2015, Eq. in Fig. 1): ``R_in = 1[x > 0] * relu(R_out)``.
+* ``"deconv"`` -- deconvnet (Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks",
+  ECCV 2014, Sec. 2.1): ``R_in = relu(R_out)`` (the forward mask is ignored).
+
+How every ReLU is covered: :func:`relu_rule` installs a :class:`torch.overrides.TorchFunctionMode`
+that intercepts the *functions* ``F.relu`` / ``F.relu_``, ``torch.relu`` / ``torch.relu_`` and the
+methods ``Tensor.relu`` / ``Tensor.relu_``. ``nn.ReLU`` modules call ``F.relu``, so modules, functional
+calls and a ReLU module reused several times in one forward (torchvision ResNet) are all caught.
+In-place calls keep in-place semantics: the rule's output is computed out of place (backward saves
+that fresh tensor, so later in-place ops cannot corrupt it) and then copied into the input.
+Other activations (``hardswish``, ``relu6``, ``gelu``) keep their ordinary gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["RULES", "ReLURule", "relu_rule", "GuidedReLU", "DeconvReLU"]
+
+ReLURule = Literal["guided", "deconv"]
+RULES = ("guided", "deconv")
+
+
+class GuidedReLU(torch.autograd.Function):
+    """ReLU forward; backward ``1[out > 0] * relu(grad)`` (guided backprop)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x.clamp_min(0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        return grad.clamp_min(0) * (out > 0).to(grad.dtype)
+
+
+class DeconvReLU(torch.autograd.Function):
+    """ReLU forward; backward ``relu(grad)`` (deconvnet, Zeiler-Fergus rule)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.clamp_min(0)
+
+
+_FUNCTIONS = {"guided": GuidedReLU, "deconv": DeconvReLU}
+_OUT_OF_PLACE = {F.relu, torch.relu, Tensor.relu}
+_IN_PLACE = {F.relu_, torch.relu_, Tensor.relu_}
+
+
+class _ReLURuleMode(TorchFunctionMode):
+    def __init__(self, rule: str):
+        super().__init__()
+        self.fn = _FUNCTIONS[rule]
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _OUT_OF_PLACE or func in _IN_PLACE:
+            x = args[0]
+            inplace = func in _IN_PLACE or (func is F.relu and bool(kwargs.get("inplace", args[1] if len(args) > 1 else False)))
+            if isinstance(x, Tensor) and torch.is_grad_enabled() and x.requires_grad:
+                self.calls += 1
+                out = self.fn.apply(x)
+                if not inplace:
+                    return out
+                return x.copy_(out)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def relu_rule(rule: Optional[str]) -> Iterator[Optional[_ReLURuleMode]]:
+    """Replace the backward rule of every ReLU called inside the block (``None``: plain gradients).
+
+    Yields the active mode (``mode.calls`` counts the ReLU calls it rewrote) or ``None``.
+    """
+    if rule is None:
+        yield None
+        return
+    if rule not in _FUNCTIONS:
+        raise ValueError(f"unknown ReLU rule {rule!r}; allowed: {', '.join(map(repr, RULES))} or None (plain gradient)")
+    with _ReLURuleMode(rule) as mode:
+        yield mode

@@ -1,0 +1,191 @@
+"""One forward + one backward per chunk, shared by every gradient and CAM method.
+
+:func:`gradient_pass` runs, per chunk of inputs, a single forward pass that records the activations of
+a union of layers (:func:`lightning_viz.capture.capture` with ``grad=True``), then a single
+``torch.autograd.grad`` call of the summed target score w.r.t. the input *and* all those activations.
+Saliency, input x gradient, guided backprop / deconvnet (with a :mod:`relu_rules` rule), Grad-CAM,
+Grad-CAM++, XGrad-CAM, LayerCAM, CAM ... are all read off that one :class:`PassResult`.
+
+:class:`PassCache` shares passes between callbacks: each consumer registers the layers it needs for a
+``(target, rule)`` before training (``register``), and the first consumer to ask at an epoch end
+(``get``) computes one pass over the union of layers; the others reuse it. An entry is valid while the
+model's parameters and buffers are unchanged (their autograd version counters, bumped by every
+optimizer step / BatchNorm update / ``load_state_dict``) and the probe images are the same
+(``ProbeSet.fingerprint``). Each model gets its own cache (:func:`pass_cache`, a weak mapping).
+
+No parameter ``.grad`` is written (``autograd.grad`` w.r.t. inputs/activations only); call inside
+:func:`lightning_viz.capture.isolated` for eval mode, frozen parameters and an untouched RNG.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import capture
+from ..targets import CallableTarget, Target, TargetSpec, resolve_target
+from .relu_rules import relu_rule
+
+__all__ = ["PassResult", "gradient_pass", "PassCache", "pass_cache", "target_key", "model_version", "chunks"]
+
+
+def chunks(n: int, chunk_size: Optional[int]) -> list[slice]:
+    """Slices covering ``range(n)`` in pieces of ``chunk_size`` (``None`` or ``<= 0``: one piece)."""
+    if not chunk_size or chunk_size <= 0 or chunk_size >= n:
+        return [slice(0, n)]
+    return [slice(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
+
+
+@dataclass
+class PassResult:
+    """Everything one forward + backward gives, concatenated over chunks (all detached).
+
+    Attributes:
+        logits: ``[B, K]``.  scores: ``[B]`` target score.  classes: ``[B]`` target class or ``None``
+        (callable targets).  input_grad: ``[B, C, H, W]`` d score / d x.  activations / grads:
+        ``{layer: [B, ...]}`` layer outputs and d score / d output.  rule: the ReLU rule used.
+    """
+
+    logits: Tensor
+    scores: Tensor
+    classes: Optional[Tensor]
+    input_grad: Tensor
+    activations: dict[str, Tensor] = field(default_factory=dict)
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    rule: Optional[str] = None
+
+    def layer(self, name: str) -> tuple[Tensor, Tensor]:
+        if name not in self.activations:
+            raise KeyError(f"layer {name!r} was not recorded in this pass; recorded: {sorted(self.activations)}")
+        return self.activations[name], self.grads[name]
+
+
+def _cat(parts: list[Any]) -> Any:
+    if parts[0] is None:
+        return None
+    return torch.cat(parts, dim=0)
+
+
+def gradient_pass(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetSpec = "label",
+    labels: Optional[Tensor] = None,
+    layers: Iterable[str] = (),
+    rule: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+) -> PassResult:
+    """One forward + one ``autograd.grad`` per chunk: logits, target scores, input gradient, and the
+    activations and activation gradients of ``layers``, with ReLU backward ``rule`` (None/guided/deconv)."""
+    tgt = resolve_target(target)
+    names = list(dict.fromkeys(layers))
+    parts: dict[str, list] = {"logits": [], "scores": [], "classes": [], "input_grad": []}
+    acts: dict[str, list] = {n: [] for n in names}
+    grads: dict[str, list] = {n: [] for n in names}
+    for sl in chunks(x.shape[0], chunk_size):
+        xc = x[sl].detach().clone().requires_grad_(True)
+        lab = None if labels is None else labels[sl].to(x.device)
+        with capture(model, names, grad=True) as cap, relu_rule(rule):
+            logits = model(xc)
+            if not isinstance(logits, Tensor) or logits.ndim != 2:
+                raise ValueError(f"the model must return logits [B, K]; got {getattr(logits, 'shape', type(logits))}")
+            scores = tgt.score(logits, lab)
+            cls = tgt.classes(logits, lab) if not isinstance(tgt, CallableTarget) else None
+            outs = [cap[n] for n in names]
+            g = torch.autograd.grad(scores.sum(), [xc] + outs, allow_unused=True)
+        parts["logits"].append(logits.detach())
+        parts["scores"].append(scores.detach())
+        parts["classes"].append(None if cls is None else cls.detach())
+        parts["input_grad"].append(torch.zeros_like(xc) if g[0] is None else g[0])
+        for n, a, ga in zip(names, outs, g[1:]):
+            acts[n].append(a.detach())
+            grads[n].append(torch.zeros_like(a) if ga is None else ga.detach())
+    return PassResult(
+        logits=_cat(parts["logits"]),
+        scores=_cat(parts["scores"]),
+        classes=_cat(parts["classes"]),
+        input_grad=_cat(parts["input_grad"]),
+        activations={n: _cat(v) for n, v in acts.items()},
+        grads={n: _cat(v) for n, v in grads.items()},
+        rule=rule,
+    )
+
+
+def target_key(target: TargetSpec) -> Hashable:
+    """A hashable identity of a target: its name, or the callable's identity."""
+    tgt = resolve_target(target)
+    if isinstance(tgt, CallableTarget):
+        return ("callable", id(tgt.fn))
+    return (type(tgt).__name__, tgt.name)
+
+
+def model_version(model: nn.Module) -> tuple[int, int]:
+    """Changes whenever any parameter or buffer is modified in place (optimizer step, BN update, load)."""
+    params = sum(p._version for p in model.parameters())
+    buffers = sum(b._version for b in model.buffers())
+    return params, buffers
+
+
+class PassCache:
+    """Shares :func:`gradient_pass` results between consumers (callbacks) of one model; see module doc.
+
+    ``forwards`` / ``backwards`` count the chunks actually computed (for tests and benchmarks).
+    """
+
+    def __init__(self) -> None:
+        self.needs: dict[tuple, set[str]] = {}
+        self.entries: dict[tuple, PassResult] = {}
+        self.version: Any = None
+        self.forwards = 0
+
+    def register(self, target: TargetSpec, rule: Optional[str], layers: Iterable[str]) -> None:
+        """Declare that a consumer will ask for ``layers`` under ``(target, rule)`` (call at setup)."""
+        self.needs.setdefault((target_key(target), rule), set()).update(layers)
+
+    def get(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        probe_key: Hashable,
+        target: TargetSpec = "label",
+        labels: Optional[Tensor] = None,
+        layers: Iterable[str] = (),
+        rule: Optional[str] = None,
+        chunk_size: Optional[int] = None,
+    ) -> PassResult:
+        """The pass for ``(probe_key, target, rule)`` covering at least ``layers`` (computed once per
+        model state: the union of every registered consumer's layers)."""
+        version = model_version(model)
+        if version != self.version:
+            self.entries.clear()
+            self.version = version
+        layers = list(layers)
+        tkey = target_key(target)
+        key = (probe_key, tkey, rule, str(x.device))
+        hit = self.entries.get(key)
+        if hit is not None and all(n in hit.activations for n in layers):
+            return hit
+        wanted = sorted(self.needs.get((tkey, rule), set()) | set(layers) | (set(hit.activations) if hit else set()))
+        result = gradient_pass(model, x, target, labels, wanted, rule, chunk_size)
+        self.forwards += len(chunks(x.shape[0], chunk_size))
+        self.entries[key] = result
+        return result
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.version = None
+
+
+_CACHES: "weakref.WeakKeyDictionary[nn.Module, PassCache]" = weakref.WeakKeyDictionary()
+
+
+def pass_cache(model: nn.Module) -> PassCache:
+    """The :class:`PassCache` of ``model`` (created on first use, freed with the model)."""
+    cache = _CACHES.get(model)
+    if cache is None:
+        cache = _CACHES[model] = PassCache()
+    return cache
