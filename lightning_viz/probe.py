@@ -42,6 +42,17 @@ def split_sample(sample: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
     raise ValueError(f"cannot read a sample of type {type(sample).__name__}; expected a tensor, (x, y[, mask]) or a dict")
 
 
+def _plain(t: Tensor) -> Tensor:
+    """Detached CPU tensor that autograd may use: probes picked under ``torch.inference_mode``
+    (``trainer.validate``) would otherwise be inference tensors, which cannot be saved for backward
+    (e.g. labels as a ``gather`` index of a target score)."""
+    t = t.detach().cpu()
+    if t.is_inference():
+        with torch.inference_mode(False):
+            t = t.clone()
+    return t
+
+
 def _as_tensor(v: Any) -> Tensor | None:
     if v is None or isinstance(v, Tensor):
         return v
@@ -74,18 +85,18 @@ class ProbeSet:
         if self.images.ndim != 4:
             raise ValueError(f"probe images must be [N, C, H, W]; got shape {tuple(self.images.shape)}")
         n = self.images.shape[0]
-        self.images = self.images.detach().cpu()
+        self.images = _plain(self.images)
         if self.labels is not None:
-            self.labels = torch.as_tensor(self.labels).detach().cpu().long().view(-1)
+            self.labels = _plain(torch.as_tensor(self.labels).long().view(-1))
             if self.labels.shape[0] != n:
                 raise ValueError(f"{n} probe images but {self.labels.shape[0]} labels")
         if self.masks is not None:
-            m = self.masks.detach().cpu()
+            m = _plain(self.masks)
             if m.ndim == 4 and m.shape[1] == 1:
                 m = m[:, 0]
             if m.ndim != 3 or m.shape[0] != n:
                 raise ValueError(f"probe masks must be [N, H, W] with N={n}; got {tuple(self.masks.shape)}")
-            self.masks = m.float()
+            self.masks = _plain(m.float())
         if self.indices is None:
             self.indices = torch.full((n,), -1, dtype=torch.long)
 

@@ -1,0 +1,292 @@
+"""Foundation guarantees, checked through real ``Trainer.fit`` / ``Trainer.validate`` runs:
+training is untouched (bitwise), tags land at the expected epochs, failures are clean, probes survive resume.
+
+``CALLBACK_FACTORIES`` lists one small instance of every callback family; the data-driven tests
+(bitwise weights, nothing touched during a run) cover every entry. Append new families there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+import lightning as L
+import pytest
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from helpers import LitTiny, TinyCNN, assert_untouched, image_steps, read_events, scalar_steps, snapshot, tiny_dataset, tiny_loaders, tiny_trainer
+from lightning_viz.callbacks.activations import ActivationCallback
+from lightning_viz.callbacks.base import VisualizationError
+from lightning_viz.callbacks.filters import FilterCallback
+from lightning_viz.callbacks.maps import MapCallback
+from lightning_viz.capture import capture
+from lightning_viz.layers import LayerNotFoundError
+
+
+class InputGradMap(MapCallback):
+    """Test-only map method: |d logit_label / d x| summed over channels (Simonyan et al. 2014, eq. 3 style)."""
+
+    method = "inputgrad"
+
+    def compute_maps(self, pl_module, probe):
+        x = probe.to(pl_module.device).requires_grad_()
+        score = pl_module(x).gather(1, probe.labels.to(x.device).view(-1, 1)).sum()
+        (g,) = torch.autograd.grad(score, x)
+        return {"inputgrad/input": g.abs().sum(dim=1)}
+
+
+# One small instance per callback family; each factory takes the schedule kwargs of the base class.
+CALLBACK_FACTORIES = [
+    ("filters", lambda **kw: FilterCallback(**kw)),
+    ("activations", lambda **kw: ActivationCallback(num_probes=3, **kw)),
+    ("inputgrad", lambda **kw: InputGradMap(num_probes=3, **kw)),
+]
+FACTORY_IDS = [name for name, _ in CALLBACK_FACTORIES]
+
+
+def all_callbacks(**kw):
+    return [make(**kw) for _, make in CALLBACK_FACTORIES]
+
+
+def fit_weights(tmp_path, callbacks, epochs=2):
+    L.seed_everything(0, verbose=False)
+    model = LitTiny()
+    # Shuffled: the sampler draws from the global RNG each epoch, so a callback consuming it changes the weights.
+    train, val = DataLoader(tiny_dataset(24), batch_size=8, shuffle=True), tiny_loaders(n=12)[1]
+    trainer = tiny_trainer(str(tmp_path), callbacks, max_epochs=epochs, deterministic=True)
+    trainer.fit(model, train, val)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_training_bitwise_identical_with_all_callbacks(tmp_path):
+    plain = fit_weights(tmp_path / "plain", [])
+    viz = fit_weights(tmp_path / "viz", all_callbacks())
+    assert plain.keys() == viz.keys()
+    for k in plain:
+        assert torch.equal(plain[k], viz[k]), f"{k} differs when visualization callbacks are attached"
+    # The callbacks really ran (otherwise this test could not fail).
+    acc = read_events(str(tmp_path / "viz"))
+    assert image_steps(acc, "viz/filters/net.conv1/grid") == [0, 1]
+
+
+class Planter(Callback):
+    """Before the viz callbacks at each hook: plant .grad values, freeze one param, put bn1 in eval; snapshot."""
+
+    def __init__(self, hook):
+        self.hook = hook
+        self.before = None
+
+    def _plant(self, pl_module):
+        g = torch.Generator().manual_seed(1)
+        for p in pl_module.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        pl_module.net.conv1.bias.requires_grad_(False)
+        pl_module.net.bn1.eval()  # a submodule deliberately in another mode than its parent
+        self.before = snapshot(pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.hook == "train":
+            self._plant(pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self.hook == "val" and not trainer.sanity_checking:
+            self._plant(pl_module)
+
+
+class Checker(Callback):
+    """After the viz callbacks: everything the planter snapshot must be bit-identical; then undo the planting."""
+
+    def __init__(self, planter):
+        self.planter = planter
+        self.checks = 0
+
+    def _check(self, pl_module):
+        assert_untouched(self.planter.before, snapshot(pl_module))
+        self.checks += 1
+        pl_module.net.conv1.bias.requires_grad_(True)
+        pl_module.net.bn1.train()
+        for p in pl_module.parameters():
+            p.grad = None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.planter.hook == "train":
+            self._check(pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self.planter.hook == "val" and not trainer.sanity_checking:
+            self._check(pl_module)
+
+
+@pytest.mark.parametrize("name,make", CALLBACK_FACTORIES, ids=FACTORY_IDS)
+def test_callback_leaves_model_untouched(tmp_path, name, make):
+    """.grad bit-identical, requires_grad/modes/hooks/BN stats/params/global RNG unchanged by a real run."""
+    planter = Planter("train")
+    checker = Checker(planter)
+    cb = make()
+    trainer = tiny_trainer(str(tmp_path), [planter, cb, checker], max_epochs=1, limit_val_batches=1)
+    trainer.fit(LitTiny(), *tiny_loaders(n=16))
+    assert checker.checks == 1
+    assert cb.last_logged_tags, f"{name} logged nothing"
+
+
+def test_validate_inference_mode_path(tmp_path):
+    """trainer.validate runs under inference_mode: gradient-based maps must still work, model untouched."""
+    cbs = all_callbacks(run_on="validation_epoch_end")
+    planter = Planter("val")
+    checker = Checker(planter)
+    trainer = tiny_trainer(str(tmp_path), [planter, *cbs, checker])
+    trainer.validate(LitTiny(), tiny_loaders(n=12)[1], verbose=False)
+    assert checker.checks == 1
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz/inputgrad/input/p000") == [0]
+    grad_map = acc.Scalars("viz/inputgrad/input/stats/max_abs")[0].value
+    assert grad_map > 0  # real gradients flowed under inference mode
+    assert image_steps(acc, "viz/activations/net.conv2/p002") == [0]
+    assert image_steps(acc, "viz/filters/net.conv1/grid") == [0]
+
+
+def test_tags_at_expected_steps_and_not_in_sanity_check(tmp_path):
+    cbs = [
+        FilterCallback(every_n_epochs=2),
+        InputGradMap(num_probes=2, every_n_epochs=2, run_on="validation_epoch_end"),
+        ActivationCallback(num_probes=2, layers=["net.conv1"], run_on="validation_epoch_end"),
+    ]
+    trainer = tiny_trainer(str(tmp_path), cbs, max_epochs=3, num_sanity_val_steps=2)
+    trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz/filters/net.conv1/grid") == [0, 2]
+    assert scalar_steps(acc, "viz/filters/time_s") == [0, 2]
+    assert scalar_steps(acc, "viz/filters/net.conv1/rel_change") == [2]  # needs a previous logged epoch
+    # validation_epoch_end: the sanity check (also epoch 0) must not add a second step-0 event.
+    assert image_steps(acc, "viz/inputgrad/input/p001") == [0, 2]
+    assert scalar_steps(acc, "viz/inputgrad/time_s") == [0, 2]
+    assert image_steps(acc, "viz/activations/net.conv1/p000") == [0, 1, 2]
+    assert scalar_steps(acc, "viz/activations/net.conv1/dead_fraction") == [0, 1, 2]
+    assert all(e.value >= 0 for e in acc.Scalars("viz/activations/time_s"))
+    assert "viz/activations/net.conv1/p002" not in acc.Tags()["images"]  # only 2 probes
+
+
+class FailingMap(MapCallback):
+    """Works at epoch 0; at epoch 1 raises inside capture() with a forward hook registered."""
+
+    method = "failing"
+
+    def compute_maps(self, pl_module, probe):
+        x = probe.to(pl_module.device)
+        with capture(pl_module, ["net.conv1", "net.relu"]):
+            pl_module(x)
+            if pl_module.current_epoch == 1:
+                raise RuntimeError("boom at epoch 1")
+        return {"failing/input": x.abs().sum(dim=1)}
+
+
+class ModeRecorder(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        pl_module.net.bn1.eval()
+        self.modes = {n: m.training for n, m in pl_module.named_modules()}
+
+
+def test_error_is_clean_and_keeps_earlier_images(tmp_path):
+    recorder = ModeRecorder()
+    model = LitTiny()
+    trainer = tiny_trainer(str(tmp_path), [recorder, FailingMap(num_probes=2)], max_epochs=3)
+    with pytest.raises(VisualizationError, match=r"failing.*RuntimeError: boom at epoch 1"):
+        trainer.fit(model, *tiny_loaders(n=12))
+    assert trainer.current_epoch == 1
+    for name, m in model.named_modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks, f"hook left on {name!r}"
+    assert {n: m.training for n, m in model.named_modules()} == recorder.modes
+    assert all(p.requires_grad for p in model.parameters())
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz/failing/input/p000") == [0]  # logged before the failure, not lost
+    assert image_steps(acc, "viz/failing/input/p001") == [0]
+
+
+def test_bad_layer_fails_at_setup_listing_valid_names(tmp_path):
+    model = LitTiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = tiny_trainer(str(tmp_path), [ActivationCallback(layers=["net.conv1", "net.nope"])])
+    with pytest.raises(LayerNotFoundError) as err:
+        trainer.fit(model, *tiny_loaders(n=12))
+    msg = str(err.value)
+    assert "'net.nope'" in msg and "'net.conv1'" in msg and "'net.conv2'" in msg and "'net.fc'" in msg
+    assert trainer.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    trainer = tiny_trainer(str(tmp_path), [FilterCallback(layer="net.fc")])
+    with pytest.raises(LayerNotFoundError, match=r"'net.fc' is a Linear.*'net.conv1'"):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    assert trainer.global_step == 0
+
+
+def test_resume_keeps_probe_set(tmp_path, monkeypatch):
+    ckpt_dir = tmp_path / "ckpt"
+    cb = ActivationCallback(num_probes=4, probe_seed=5, layers=["net.conv1"])
+    trainer = tiny_trainer(str(tmp_path / "a"), [cb, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+                           max_epochs=1, enable_checkpointing=True)
+    trainer.fit(LitTiny(), *tiny_loaders(n=24))
+    first = cb.probes
+    assert first is not None and len(first) == 4
+
+    # Resume on *different* data: re-picking would give other images; the checkpoint's probes must win.
+    resumed = ActivationCallback(num_probes=4, probe_seed=5, layers=["net.conv1"])
+    picks = []
+    original = ActivationCallback._pick_probes
+    monkeypatch.setattr(ActivationCallback, "_pick_probes", lambda self, t: picks.append(1) or original(self, t))
+    trainer2 = tiny_trainer(str(tmp_path / "b"), [resumed], max_epochs=2)
+    trainer2.fit(LitTiny(), *tiny_loaders(n=24, seed=7), ckpt_path=str(ckpt_dir / "last.ckpt"))
+    assert picks == []
+    assert torch.equal(resumed.probes.images, first.images)
+    assert torch.equal(resumed.probes.indices, first.indices)
+    assert torch.equal(resumed.probes.labels, first.labels)
+    acc = read_events(str(tmp_path / "b"))
+    assert image_steps(acc, "viz/activations/net.conv1/p000") == [1]
+
+
+def test_torchvision_resnet18(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    net = torchvision.models.resnet18(weights=None, num_classes=3)
+    cbs = [FilterCallback(), ActivationCallback(num_probes=2), InputGradMap(num_probes=2)]
+    trainer = tiny_trainer(str(tmp_path), cbs, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(LitTiny(net), *tiny_loaders(n=6, batch_size=3, size=32))
+    acc = read_events(str(tmp_path))
+    images = acc.Tags()["images"]
+    assert "viz/filters/net.conv1/grid" in images
+    assert "viz/activations/net.conv1/p001" in images
+    assert "viz/activations/net.layer4.1.conv2/p001" in images
+    assert "viz/inputgrad/input/p001" in images
+    # RGB filter grid: 64 filters of 7x7 upscaled to 28 px -> 8x8 tiles with 1 px padding.
+    img = acc.Images("viz/filters/net.conv1/grid")[0]
+    assert (img.width, img.height) == (8 * 29 + 1, 8 * 29 + 1)
+
+
+class InplaceNet(nn.Module):
+    """conv followed directly by ReLU(inplace=True), as in VGG's ``features``."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1),
+                                      nn.ReLU(inplace=True))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+def test_inplace_relu_model_trains_and_logs_pre_relu(tmp_path):
+    model = LitTiny(InplaceNet())
+    cb = ActivationCallback(num_probes=3, layers=["net.features.0"], max_channels=4)
+    grad = InputGradMap(num_probes=3)
+    trainer = tiny_trainer(str(tmp_path), [cb, grad], max_epochs=1)
+    trainer.fit(model, *tiny_loaders(n=12))
+    # Pre-ReLU values were recorded: negative activations exist, so not every value was zeroed.
+    x = cb.probes.images
+    with torch.no_grad():
+        pre = model.net.features[0](x)
+    expected_dead = float((pre <= 0).float().mean())
+    acc = read_events(str(tmp_path))
+    logged = acc.Scalars("viz/activations/net.features.0/dead_fraction")[0].value
+    assert 0 < expected_dead < 1
+    assert logged == pytest.approx(expected_dead, abs=1e-6)
