@@ -1,0 +1,133 @@
+"""Guided-backprop / deconvnet ReLU rules: every ReLU spelling, in-place semantics, reused modules, torchvision."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from helpers import check_untouched
+from lightning_viz.capture import isolated
+from lightning_viz.methods.relu_rules import GuidedReLU, relu_rule
+
+SPELLINGS = {
+    "F.relu": lambda x: F.relu(x),
+    "F.relu_inplace": lambda x: F.relu(x, inplace=True),
+    "F.relu_": lambda x: F.relu_(x),
+    "torch.relu": lambda x: torch.relu(x),
+    "torch.relu_": lambda x: torch.relu_(x),
+    "Tensor.relu": lambda x: x.relu(),
+    "Tensor.relu_": lambda x: x.relu_(),
+    "nn.ReLU": lambda x: nn.ReLU()(x),
+    "nn.ReLU_inplace": lambda x: nn.ReLU(inplace=True)(x),
+}
+
+X = torch.tensor([1.0, -2.0, 3.0, -0.5, 0.7])
+C = torch.tensor([2.0, 1.0, -1.0, -3.0, 0.5])  # upstream gradient: mixed signs
+
+
+def _grad(spelling, rule):
+    x = X.clone().requires_grad_(True)
+    with relu_rule(rule) as mode:
+        h = x * 1.0  # non-leaf, so in-place spellings are legal
+        y = SPELLINGS[spelling](h)
+        (g,) = torch.autograd.grad((C * y).sum(), x)
+    return g, y.detach(), mode
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+def test_rules_match_hand_computed_for_every_spelling(spelling):
+    pos = (X > 0).float()
+    plain, y, _ = _grad(spelling, None)
+    assert torch.equal(plain, C * pos)
+    guided, y_g, mode = _grad(spelling, "guided")
+    assert torch.equal(guided, C.clamp_min(0) * pos)  # [2, 0, 0, 0, 0.5]
+    assert torch.equal(guided, torch.tensor([2.0, 0.0, 0.0, 0.0, 0.5]))
+    assert mode.calls == 1
+    deconv, y_d, _ = _grad(spelling, "deconv")
+    assert torch.equal(deconv, C.clamp_min(0))  # ignores the forward mask: -2 and -0.5 get gradient 1 and 0
+    assert torch.equal(y, X.clamp_min(0)) and torch.equal(y_g, y) and torch.equal(y_d, y)  # forward unchanged
+
+
+def test_inplace_spellings_keep_inplace_semantics():
+    for spelling in ("F.relu_inplace", "F.relu_", "torch.relu_", "Tensor.relu_", "nn.ReLU_inplace"):
+        x = X.clone().requires_grad_(True)
+        with relu_rule("guided"):
+            h = x * 1.0
+            out = SPELLINGS[spelling](h)
+        assert out is h, spelling
+        assert torch.equal(h.detach(), X.clamp_min(0)), spelling
+
+
+def test_reused_module_and_unknown_rule():
+    relu = nn.ReLU(inplace=True)  # one module called twice, as in torchvision's BasicBlock
+    x = torch.tensor([1.0, -1.0, 2.0], requires_grad=True)
+    w = torch.tensor([-1.0, 1.0, 1.0])
+    with relu_rule("guided") as mode:
+        h = relu(x * 1.0)  # [1, 0, 2]
+        z = relu(h * w + 0.5)  # [-0.5, 0.5, 2.5] -> [0, 0.5, 2.5]
+        (g,) = torch.autograd.grad((torch.tensor([1.0, -1.0, 2.0]) * z).sum(), x)
+    assert mode.calls == 2
+    # upstream at z: [1, -1, 2] -> guided through z: [0 (z=0), 0 (neg grad), 2]; times w: [0, 0, 2]; guided through h: [0, 0, 2]
+    assert torch.equal(g, torch.tensor([0.0, 0.0, 2.0]))
+    with pytest.raises(ValueError, match="unknown ReLU rule 'guidd'.*'guided', 'deconv'"):
+        with relu_rule("guidd"):
+            pass
+
+
+class _GuidedModule(nn.Module):
+    def forward(self, x):
+        return GuidedReLU.apply(x)
+
+
+def _swap_relu_modules(model):
+    for name, child in model.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(model, name, _GuidedModule())
+        else:
+            _swap_relu_modules(child)
+    return model
+
+
+def test_resnet18_inplace_reused_relu_matches_out_of_place_reference():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    ref = _swap_relu_modules(copy.deepcopy(model)).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    def guided():
+        with isolated(model):
+            xi = x.clone().requires_grad_(True)
+            with relu_rule("guided") as mode:
+                (g,) = torch.autograd.grad(model(xi)[:, 1].sum(), xi)
+            return g, mode.calls
+
+    g, calls = check_untouched(model, guided)
+    assert calls == 17  # stem + 2 per BasicBlock x 8 (the block's relu module is reused)
+    xr = x.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(ref(xr)[:, 1].sum(), xr)
+    torch.testing.assert_close(g, g_ref)
+    with isolated(model):
+        xi = x.clone().requires_grad_(True)
+        (plain,) = torch.autograd.grad(model(xi)[:, 1].sum(), xi)
+    assert not torch.allclose(plain, g)
+
+
+def test_densenet121_functional_and_inplace_relu():
+    torch.manual_seed(0)
+    model = torchvision.models.densenet121(weights=None, num_classes=3)
+    x = torch.randn(2, 3, 32, 32)
+
+    def run(rule):
+        with isolated(model):
+            xi = x.clone().requires_grad_(True)
+            with relu_rule(rule) as mode:
+                (g,) = torch.autograd.grad(model(xi)[:, 0].sum(), xi)
+            return g, (mode.calls if mode else 0)
+
+    g, calls = check_untouched(model, lambda: run("guided"))
+    assert calls == 1 + 58 * 2 + 3 + 1  # stem, 2 per dense layer, transitions, functional F.relu(inplace=True) at the end
+    plain, _ = run(None)
+    assert torch.isfinite(g).all() and not torch.allclose(plain, g)
