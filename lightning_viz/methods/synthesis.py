@@ -99,14 +99,35 @@ def _scores(model: nn.Module, objective: Objective, images: Tensor, rows: Tensor
         return objective(logits, cap.outputs, rows).detach()
 
 
+class _Ascent:
+    """Minimal Adam (Kingma & Ba 2015, Algorithm 1) or plain SGD over our own image parameters, in place:
+    no ``.grad`` fields and none of ``torch.optim``'s per-call overhead, which dominates on tiny images."""
+
+    def __init__(self, params: list[Tensor], lr: float, kind: str, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.kind, self.betas, self.eps, self.t = params, lr, kind, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[Tensor]) -> None:
+        """One descent step on the loss whose gradients are ``grads``."""
+        self.t += 1
+        b1, b2 = self.betas
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            if self.kind == "sgd":
+                p.sub_(self.lr * g)
+                continue
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v / (1 - b2**self.t)).sqrt_().add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / (1 - b1**self.t))
+
+
 def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds, optimizer, decorrelate) -> Tensor:
     p = make_param(param, init, decorrelate=decorrelate)
-    if optimizer == "adam":
-        opt = torch.optim.Adam(p.params, lr=lr)
-    else:
-        opt = torch.optim.SGD(p.params, lr=lr)
+    opt = _Ascent(p.params, lr, optimizer)
     needs_img_grad = any(r.needs_grad for r in regs)
-    project = bool(regs) or bounds is not None
+    project = bounds is not None or any(type(r).project is not Regularizer.project for r in regs)
     with capture(model, objective.layers, grad=True) as cap:
         for step in range(steps):
             img = p.image()
@@ -116,12 +137,8 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
             cap.clear()
             logits = model(x)
             loss = -objective(logits, cap.outputs, rows).sum() + total_penalty(regs, img).sum()
-            inputs = p.params + ([img] if needs_img_grad else [])
-            grads = torch.autograd.grad(loss, inputs)
-            # .grad of our own image parameters (never the model's) feeds the optimizer
-            for prm, g in zip(p.params, grads):
-                prm.grad = g
-            opt.step()
+            grads = torch.autograd.grad(loss, p.params + ([img] if needs_img_grad else []))
+            opt.step(grads[: len(p.params)])
             if project:
                 with torch.no_grad():
                     img = p.image()

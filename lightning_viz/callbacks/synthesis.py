@@ -1,0 +1,364 @@
+"""Callbacks that optimize the input with the model frozen: class-model images, unit images, feature
+inversion and adversarial examples, every ``every_n_epochs`` epochs (step = epoch).
+
+Tags:
+* :class:`ClassModelCallback` -- ``viz/class_model/grid`` and ``viz/class_model/class<c>/score``;
+* :class:`UnitCallback` -- ``viz/units/<layer>/grid`` and ``viz/units/<layer>/ch<k>/activation``;
+* :class:`InversionCallback` -- ``viz/inversion/<layer>/<probe-id>`` (original | reconstruction) and
+  ``viz/inversion/<layer>/feature_error`` (mean relative feature error);
+* :class:`AdversarialCallback` -- ``viz/adversarial/<probe-id>`` (image | amplified perturbation |
+  adversarial, with "pred a -> b" underneath), ``viz/adversarial/{linf,l2,flip_rate}`` and
+  ``viz/adversarial/min_flip_eps`` (mean over probes of the smallest budget that flips each one).
+
+Images live in the model's input space; when the probe set knows its normalization (``mean``/``std``)
+the images are kept in the valid pixel range ``[0, 1]`` and shown un-normalized.
+Every random draw comes from a ``torch.Generator`` seeded with ``seed`` at each run, so two epochs
+differ only because the model changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+
+from ..layers import canonical_name, get_layer
+from ..logging import VizLogger, make_tag
+from ..methods.adversarial import fgsm, minimal_flip_budget, pgd, predict
+from ..methods.regularizers import build_regularizers
+from ..methods.synthesis import class_model_images, invert_features, unit_images, valid_range
+from ..probe import ProbeSet
+from ..render import image_grid, label_strip
+from .base import VisualizationCallback
+
+__all__ = ["ClassModelCallback", "UnitCallback", "InversionCallback", "AdversarialCallback"]
+
+
+def _device(pl_module: LightningModule) -> torch.device:
+    p = next(pl_module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _display(images: Tensor, mean: Any, std: Any) -> Tensor:
+    """Model-space images -> ``[0, 1]`` for display (normalization undone, else per-image min-max)."""
+    return ProbeSet(images=images.detach().float().cpu(), mean=mean, std=std).display_images()
+
+
+class _InputOptimizationCallback(VisualizationCallback):
+    """Shared options of the input-optimization callbacks (see :mod:`lightning_viz.methods.synthesis`).
+
+    Args:
+        steps: optimization steps.
+        lr: learning rate of the optimizer.
+        l2: weight of the ``||I||^2`` penalty (Simonyan et al. 2014, eq. 1).
+        l2_decay: ``I <- (1 - l2_decay) I`` after every step (Yosinski et al. 2015).
+        blur_every: Gaussian blur every ``blur_every`` steps (0 = off), of width ``blur_sigma`` pixels.
+        blur_sigma: blur width in pixels.
+        jitter: random shift of up to ``jitter`` pixels before each forward pass (0 = off).
+        tv: weight of the total-variation penalty (Mahendran & Vedaldi 2015).
+        clip_percentile: zero pixels whose norm is below this percentile of each image (0 = off).
+        clip_contribution_percentile: zero pixels whose contribution ``|I * dS/dI|`` is below this percentile (0 = off).
+        parameterization: ``"pixel"`` or ``"fft"`` (decorrelated Fourier basis, lucid).
+        init: starting image: ``"zero"`` (the mean image), ``"gray"`` (mid-range) or ``"noise"``.
+        optimizer: ``"adam"`` or ``"sgd"`` (plain gradient ascent).
+        seed: seed of the generator for init noise and jitter, reset at every run.
+        chunk_size: optimize this many images at a time (``None``: all at once).
+        input_shape: ``[C, H, W]`` of one image (class/unit callbacks; default: the probe images' shape).
+        **kwargs: schedule and probe options of :class:`VisualizationCallback`.
+    """
+
+    def __init__(
+        self,
+        steps: int = 64,
+        lr: float = 0.05,
+        l2: float = 0.0,
+        l2_decay: float = 0.0,
+        blur_every: int = 0,
+        blur_sigma: float = 0.5,
+        jitter: int = 0,
+        tv: float = 0.0,
+        clip_percentile: float = 0.0,
+        clip_contribution_percentile: float = 0.0,
+        parameterization: Literal["pixel", "fft"] = "pixel",
+        init: Literal["zero", "gray", "noise"] = "gray",
+        optimizer: Literal["adam", "sgd"] = "adam",
+        seed: int = 0,
+        chunk_size: Optional[int] = None,
+        input_shape: Optional[list[int]] = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        name = type(self).__name__
+        if steps < 1 or lr <= 0:
+            raise ValueError(f"{name}: need steps >= 1 and lr > 0; got steps={steps}, lr={lr}")
+        if parameterization not in ("pixel", "fft"):
+            raise ValueError(f"{name}: parameterization must be 'pixel' or 'fft'; got {parameterization!r}")
+        if init not in ("zero", "gray", "noise"):
+            raise ValueError(f"{name}: init must be 'zero', 'gray' or 'noise'; got {init!r}")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"{name}: optimizer must be 'adam' or 'sgd'; got {optimizer!r}")
+        if min(l2, l2_decay, tv, blur_every, jitter, clip_percentile, clip_contribution_percentile) < 0:
+            raise ValueError(f"{name}: l2, l2_decay, tv, blur_every, jitter and the clip percentiles must be >= 0")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"{name}: chunk_size must be >= 1 or None; got {chunk_size}")
+        if input_shape is not None and len(input_shape) != 3:
+            raise ValueError(f"{name}: input_shape must be [C, H, W]; got {input_shape}")
+        self.steps, self.lr, self.l2 = steps, lr, l2
+        self.reg_options = dict(
+            l2_decay=l2_decay, blur_every=blur_every, blur_sigma=blur_sigma, jitter=jitter, tv=tv,
+            clip_percentile=clip_percentile, clip_contribution_percentile=clip_contribution_percentile,
+        )
+        build_regularizers(**self.reg_options)  # validates the values now, not at the first epoch end
+        self.parameterization, self.init, self.optimizer = parameterization, init, optimizer
+        self.seed, self.chunk_size = seed, chunk_size
+        self.input_shape = None if input_shape is None else [int(s) for s in input_shape]
+
+    def optimize_kwargs(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        """Keyword arguments for :func:`~lightning_viz.methods.synthesis.optimize_input` (fresh generator and
+        regularizers every run, so each epoch starts from the same seed)."""
+        device = _device(pl_module)
+        return dict(
+            steps=self.steps, lr=self.lr, regularizers=build_regularizers(l2=self.l2, **self.reg_options),
+            param=self.parameterization, init=self.init, optimizer=self.optimizer, chunk_size=self.chunk_size,
+            generator=torch.Generator(device=device).manual_seed(self.seed),
+            bounds=None if probe is None else valid_range(probe.mean, probe.std, device),
+        )
+
+    def image_shape(self, probe: ProbeSet | None) -> list[int]:
+        return self.input_shape if self.input_shape is not None else list(probe.images.shape[1:])
+
+    def state_key_parts(self) -> tuple[Any, ...]:
+        return (*super().state_key_parts(), self.steps, self.parameterization, self.init, self.seed)
+
+
+class ClassModelCallback(_InputOptimizationCallback):
+    """Class-model images (Simonyan et al. 2014, eq. 1): for each class ``c``, the image maximizing
+    ``S_c(I) - l2 ||I||^2`` from the same start, all classes in one batch; rank 0 only.
+
+    Args:
+        classes: class indices (default: the first ``max_classes`` classes of the model).
+        max_classes: cap on the number of classes when ``classes`` is not given.
+        l2: the lambda of eq. 1.
+        **kwargs: the options of the input optimization (``steps``, ``lr``, ``blur_every``, ...) and of
+            :class:`VisualizationCallback`. The probe images give the input shape and valid range unless
+            ``input_shape`` is given.
+    """
+
+    method = "class_model"
+    per_probe = False
+
+    def __init__(self, classes: Optional[list[int]] = None, max_classes: int = 16, l2: float = 1e-3, **kwargs: Any):
+        super().__init__(l2=l2, **kwargs)
+        if classes is not None and (not classes or min(classes) < 0):
+            raise ValueError(f"ClassModelCallback: classes must be a non-empty list of class indices >= 0; got {classes}")
+        if max_classes < 1:
+            raise ValueError(f"ClassModelCallback: max_classes must be >= 1; got {max_classes}")
+        self.classes = None if classes is None else [int(c) for c in classes]
+        self.max_classes = max_classes
+        self.needs_probes = self.input_shape is None
+
+    def state_key_parts(self) -> tuple[Any, ...]:
+        return (*super().state_key_parts(), tuple(self.classes or ()), self.l2)
+
+    def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        shape = self.image_shape(probe)
+        classes = self.classes
+        if classes is None:
+            with torch.no_grad():
+                n = pl_module(torch.zeros(1, *shape, device=_device(pl_module))).shape[1]
+            classes = list(range(min(n, self.max_classes)))
+        # the l2 penalty of eq. 1 is among the regularizers of optimize_kwargs
+        res = class_model_images(pl_module, classes, shape, l2=0.0, **self.optimize_kwargs(pl_module, probe))
+        return {"images": res.images.cpu(), "scores": res.scores.cpu(), "start_scores": res.start_scores.cpu(),
+                "classes": torch.as_tensor(classes)}
+
+    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        mean, std = (probe.mean, probe.std) if probe is not None else (None, None)
+        logger.image(make_tag(self.method, "grid"), image_grid(_display(results["images"], mean, std)))
+        for c, s in zip(results["classes"].tolist(), results["scores"]):
+            logger.scalar(make_tag(self.method, f"class{c}", "score"), s)
+
+
+class UnitCallback(_InputOptimizationCallback):
+    """Unit visualization (Erhan et al. 2009; Yosinski et al. 2015): for each channel of ``layer`` the image
+    maximizing its mean activation (``unit="channel"``) or its center unit (``"neuron"``); rank 0 only.
+
+    Args:
+        layer: dotted layer name (``model.named_modules()``).
+        channels: channel indices of that layer, one image each (one batch).
+        unit: ``"channel"`` or ``"neuron"``.
+        **kwargs: as :class:`ClassModelCallback`.
+    """
+
+    method = "units"
+    per_probe = False
+
+    def __init__(self, layer: str, channels: list[int], unit: Literal["channel", "neuron"] = "channel", **kwargs: Any):
+        super().__init__(**kwargs)
+        if not channels or min(channels) < 0:
+            raise ValueError(f"UnitCallback: channels must be a non-empty list of channel indices >= 0; got {channels}")
+        if unit not in ("channel", "neuron"):
+            raise ValueError(f"UnitCallback: unit must be 'channel' or 'neuron'; got {unit!r}")
+        self.layer = canonical_name(layer)
+        self.channels = [int(c) for c in channels]
+        self.unit = unit
+        self.needs_probes = self.input_shape is None
+
+    def state_key_parts(self) -> tuple[Any, ...]:
+        return (*super().state_key_parts(), self.layer, tuple(self.channels), self.unit)
+
+    def check(self, pl_module: LightningModule) -> None:
+        module = get_layer(pl_module, self.layer)
+        n = getattr(module, "out_channels", None) or getattr(module, "out_features", None)
+        if n is not None and max(self.channels) >= n:
+            raise ValueError(f"UnitCallback: layer {self.layer!r} has {n} channels (0..{n - 1}); got channels {self.channels}")
+
+    def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        res = unit_images(pl_module, self.layer, self.channels, self.image_shape(probe), unit=self.unit,
+                          **self.optimize_kwargs(pl_module, probe))
+        return {"images": res.images.cpu(), "scores": res.scores.cpu()}
+
+    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        mean, std = (probe.mean, probe.std) if probe is not None else (None, None)
+        logger.image(make_tag(self.method, self.layer, "grid"), image_grid(_display(results["images"], mean, std)))
+        for c, s in zip(self.channels, results["scores"]):
+            logger.scalar(make_tag(self.method, self.layer, f"ch{c}", "activation"), s)
+
+
+class InversionCallback(_InputOptimizationCallback):
+    """Feature inversion (Mahendran & Vedaldi 2015): reconstruct each probe from its representation at ``layer``
+    with an image prior (``tv``, ``l2``; defaults below), starting from seeded noise. Per probe, split over ranks.
+
+    Args:
+        layer: dotted layer name whose output is inverted.
+        **kwargs: as :class:`ClassModelCallback` (defaults here: ``init="noise"``, ``tv=1e-3``, ``l2=1e-4``).
+    """
+
+    method = "inversion"
+
+    def __init__(self, layer: str, init: Literal["zero", "gray", "noise"] = "noise", tv: float = 1e-3,
+                 l2: float = 1e-4, **kwargs: Any):
+        super().__init__(init=init, tv=tv, l2=l2, **kwargs)
+        self.layer = canonical_name(layer)
+
+    def state_key_parts(self) -> tuple[Any, ...]:
+        return (*super().state_key_parts(), self.layer)
+
+    def check(self, pl_module: LightningModule) -> None:
+        get_layer(pl_module, self.layer)
+
+    def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        res = invert_features(pl_module, probe.to(_device(pl_module)), self.layer, **self.optimize_kwargs(pl_module, probe))
+        return {"images": res.images.cpu(), "error": (-res.scores).clamp_min(0).sqrt().cpu()}
+
+    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        originals = probe.display_images()
+        recons = _display(results["images"], probe.mean, probe.std)
+        for pid, orig, rec in zip(probe.ids, originals, recons):
+            logger.image(make_tag(self.method, self.layer, pid), image_grid(torch.stack([orig, rec]), nrow=2))
+        logger.scalar(make_tag(self.method, self.layer, "feature_error"), results["error"].mean())
+
+
+class AdversarialCallback(VisualizationCallback):
+    """Adversarial examples of the probes under an L-inf budget ``epsilon`` (model input space), and the
+    smallest budget that flips each probe, as a robustness curve over training. Per probe, split over ranks.
+
+    The attack moves each probe away from the model's clean prediction (``target="untargeted"``) or
+    toward the next class ``(pred + 1) % K`` (``"next_class"``); a probe is flipped when its prediction
+    leaves (reaches) that class.
+
+    Args:
+        epsilon: L-inf budget of the logged attack.
+        attack: ``"pgd"`` (Madry et al. 2018) or ``"fgsm"`` (Goodfellow et al. 2015).
+        steps: PGD steps.
+        step_size: PGD step (default ``2.5 * epsilon / steps``).
+        target: ``"untargeted"`` or ``"next_class"``.
+        random_start: PGD starts from a seeded uniform point in the ball.
+        seed: seed of the random start (reset every run).
+        min_flip: also search the smallest flipping budget per probe (bisection).
+        min_flip_max_epsilon: upper end of the search (default ``4 * epsilon``); probes not flipped even
+            there count as this value in ``min_flip_eps`` and are counted in ``min_flip_unflipped``.
+        min_flip_iterations: bisection halvings (precision ``max / 2^iterations``).
+        min_flip_attack: attack used in the search (``"fgsm"`` is cheapest; ``"pgd"`` uses ``steps``).
+        **kwargs: schedule and probe options of :class:`VisualizationCallback`.
+    """
+
+    method = "adversarial"
+
+    def __init__(
+        self,
+        epsilon: float = 0.03,
+        attack: Literal["pgd", "fgsm"] = "pgd",
+        steps: int = 10,
+        step_size: Optional[float] = None,
+        target: Literal["untargeted", "next_class"] = "untargeted",
+        random_start: bool = True,
+        seed: int = 0,
+        min_flip: bool = True,
+        min_flip_max_epsilon: Optional[float] = None,
+        min_flip_iterations: int = 6,
+        min_flip_attack: Literal["fgsm", "pgd"] = "fgsm",
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if epsilon <= 0:
+            raise ValueError(f"AdversarialCallback: epsilon must be > 0; got {epsilon}")
+        if attack not in ("pgd", "fgsm") or min_flip_attack not in ("pgd", "fgsm"):
+            raise ValueError(f"AdversarialCallback: attack and min_flip_attack must be 'pgd' or 'fgsm'; got {attack!r}, {min_flip_attack!r}")
+        if target not in ("untargeted", "next_class"):
+            raise ValueError(f"AdversarialCallback: target must be 'untargeted' or 'next_class'; got {target!r}")
+        if steps < 1 or (step_size is not None and step_size <= 0):
+            raise ValueError(f"AdversarialCallback: need steps >= 1 and step_size > 0; got {steps}, {step_size}")
+        if min_flip_iterations < 0 or (min_flip_max_epsilon is not None and min_flip_max_epsilon <= 0):
+            raise ValueError("AdversarialCallback: min_flip_iterations must be >= 0 and min_flip_max_epsilon > 0")
+        self.epsilon, self.attack, self.steps, self.step_size = epsilon, attack, steps, step_size
+        self.target, self.random_start, self.seed = target, random_start, seed
+        self.min_flip, self.min_flip_iterations, self.min_flip_attack = min_flip, min_flip_iterations, min_flip_attack
+        self.min_flip_max_epsilon = min_flip_max_epsilon if min_flip_max_epsilon is not None else 4 * epsilon
+
+    def state_key_parts(self) -> tuple[Any, ...]:
+        return (*super().state_key_parts(), self.epsilon, self.attack, self.target)
+
+    def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        device = _device(pl_module)
+        x = probe.to(device)
+        bounds = valid_range(probe.mean, probe.std, device)
+        with torch.no_grad():
+            logits = pl_module(x)
+        clean = logits.argmax(1)
+        targeted = self.target == "next_class"
+        classes = (clean + 1) % logits.shape[1] if targeted else clean
+        if self.attack == "fgsm":
+            adv = fgsm(pl_module, x, classes, self.epsilon, targeted=targeted, bounds=bounds)
+        else:
+            gen = torch.Generator(device=device).manual_seed(self.seed)
+            adv = pgd(pl_module, x, classes, self.epsilon, steps=self.steps, step_size=self.step_size, targeted=targeted,
+                      random_start=self.random_start, generator=gen, bounds=bounds)
+        out = {"adv": adv.cpu(), "clean_pred": clean.cpu(), "adv_pred": predict(pl_module, adv).cpu(), "classes": classes.cpu()}
+        if self.min_flip:
+            out["min_eps"] = minimal_flip_budget(
+                pl_module, x, classes, self.min_flip_max_epsilon, self.min_flip_iterations,
+                attack=self.min_flip_attack, steps=self.steps, targeted=targeted, bounds=bounds,
+            ).cpu()
+        return out
+
+    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        delta = results["adv"] - probe.images.float()
+        flat = delta.flatten(1)
+        amplified = (0.5 + delta / (2 * self.epsilon)).clamp(0, 1)  # the full budget [-eps, eps] spans [0, 1]
+        originals = probe.display_images()
+        advs = _display(results["adv"], probe.mean, probe.std)
+        for i, pid in enumerate(probe.ids):
+            grid = image_grid(torch.stack([originals[i], amplified[i], advs[i]]), nrow=3)
+            caption = f"pred {int(results['clean_pred'][i])} -> {int(results['adv_pred'][i])}"
+            logger.image(make_tag(self.method, pid), torch.cat([grid, label_strip(grid.shape[-1], caption)], dim=1))
+        flipped = results["adv_pred"] == results["classes"] if self.target == "next_class" else results["adv_pred"] != results["clean_pred"]
+        logger.scalar(make_tag(self.method, "linf"), flat.abs().amax(1).mean())
+        logger.scalar(make_tag(self.method, "l2"), flat.norm(dim=1).mean())
+        logger.scalar(make_tag(self.method, "flip_rate"), flipped.float().mean())
+        if "min_eps" in results:
+            eps = results["min_eps"]
+            logger.scalar(make_tag(self.method, "min_flip_eps"), eps.clamp(max=self.min_flip_max_epsilon).mean())
+            logger.scalar(make_tag(self.method, "min_flip_unflipped"), torch.isinf(eps).float().mean())
