@@ -3,7 +3,8 @@
 A window of ``fill`` values slides over the image; at each position ``p`` the drop of the target's
 score is recorded: ``drop_p = s(x) - s(x with window p filled)`` (and likewise for the softmax
 probability of the target class). The (image, position) pairs are run in batched forwards whose size
-is set by a memory budget (:func:`positions_per_forward`); chunking never changes the result.
+is set by a memory budget (:func:`positions_per_forward`); chunking does not change the result
+(beyond the float rounding of batched kernels).
 
 ``occlusion`` returns the drops on the grid of window positions ``[B, nY, nX]``;
 :func:`spread_to_pixels` turns them into a ``[B, H, W]`` map where each pixel averages the drops of
@@ -140,7 +141,9 @@ def occlusion(
     score ``s(x) - s(x_occluded)`` per window position (Zeiler & Fergus 2014, Sec. 4.2); ``prob`` the
     drop of the softmax probability of the target class (only when the target names a class, i.e.
     not a custom callable). The target class is decided once on the unoccluded image.
-    ``chunk_size``: occluded images per forward (``None``: all at once); any value gives the same result.
+    ``chunk_size``: occluded images per forward (``None``: all at once); any value gives the same result
+    (each occluded image's score is computed independently; only the float rounding of batched kernels,
+    ~1e-7 relative, may differ with the batch size).
     Runs without autograd; the caller keeps the model in eval mode (see ``capture.isolated``).
     """
     tgt = resolve_target(target)
