@@ -1,0 +1,135 @@
+"""Regularizers, parameterizations and objectives of the input-optimization family do what they claim."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import TinyCNN
+from lightning_viz.capture import capture, isolated
+from lightning_viz.methods.objectives import channel, class_logit, feature_match, neuron
+from lightning_viz.methods.parameterization import FFTParam, PixelParam, make_param
+from lightning_viz.methods.regularizers import (
+    ClipContribution,
+    ClipPixelNorm,
+    GaussianBlur,
+    Jitter,
+    L2Decay,
+    L2Penalty,
+    TotalVariation,
+    build_regularizers,
+    gaussian_blur,
+)
+from lightning_viz.methods.synthesis import class_model_images
+
+
+def high_freq_energy(x: torch.Tensor) -> torch.Tensor:
+    """Energy of the spectrum above half the Nyquist frequency, per image."""
+    f = torch.fft.rfft2(x, norm="ortho").abs().pow(2)
+    fy = torch.fft.fftfreq(x.shape[-2]).abs().view(-1, 1)
+    fx = torch.fft.rfftfreq(x.shape[-1]).view(1, -1)
+    high = (fy.pow(2) + fx.pow(2)).sqrt() > 0.25
+    return (f * high).flatten(1).sum(1)
+
+
+def test_gaussian_blur_lowers_high_frequencies_and_keeps_constants():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    blurred = gaussian_blur(x, 1.0)
+    assert (high_freq_energy(blurred) < 0.2 * high_freq_energy(x)).all()
+    const = torch.full((1, 3, 8, 8), 0.7)
+    torch.testing.assert_close(gaussian_blur(const, 1.0), const)
+    # every=3: only steps 2, 5, ... blur
+    reg = GaussianBlur(1.0, every=3)
+    assert torch.equal(reg.project(x, None, 0), x)
+    torch.testing.assert_close(reg.project(x, None, 2), blurred)
+
+
+def test_l2_penalty_decay_and_tv_values_by_hand():
+    img = torch.ones(1, 1, 2, 2)
+    assert L2Penalty(0.5).penalty(img).tolist() == [2.0]
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(L2Decay(0.1).project(x, None, 0).flatten(1).norm(dim=1), 0.9 * x.flatten(1).norm(dim=1))
+    ramp = torch.arange(3.0).view(1, 1, 1, 3).expand(1, 1, 3, 3)  # dx = 1, dy = 0 on the 2x2 interior
+    assert TotalVariation(1.0).penalty(ramp).tolist() == [4.0]
+    assert TotalVariation(2.0, beta=1.0).penalty(ramp).item() == pytest.approx(8.0, rel=1e-3)
+
+
+def test_clipping_zeroes_only_small_pixels_and_small_contributions():
+    x = torch.arange(1.0, 17.0).view(1, 1, 4, 4)
+    out = ClipPixelNorm(50).project(x, None, 0)
+    assert (out.flatten() == 0).sum() == 8 and torch.equal(out.flatten()[8:], x.flatten()[8:])
+    grad = torch.ones_like(x)
+    grad.view(-1)[8:] = 0.0  # large pixels contribute nothing, small ones do
+    out = ClipContribution(50).project(x, grad, 0)
+    assert torch.equal(out.flatten()[8:], torch.zeros(8)) and torch.equal(out.flatten()[:8], x.flatten()[:8])
+    with pytest.raises(ValueError, match="percentile"):
+        ClipPixelNorm(100)
+
+
+def test_jitter_is_seeded_bounded_and_leaves_global_rng():
+    x = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    a, b, c = Jitter(2), Jitter(2), Jitter(2)
+    state = torch.get_rng_state()
+    a.reset(20, torch.Generator().manual_seed(5))
+    b.reset(20, torch.Generator().manual_seed(5))
+    c.reset(20, torch.Generator().manual_seed(6))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a._offsets == b._offsets != c._offsets
+    assert all(abs(d) <= 2 for o in a._offsets for d in o)
+    dy, dx = a._offsets[3]
+    assert torch.equal(a.transform(x, 3), torch.roll(x, (dy, dx), (-2, -1)))
+
+
+def test_build_regularizers_switches_and_validates():
+    regs = build_regularizers(l2=1.0, tv=1.0, l2_decay=0.1, blur_every=2, clip_percentile=10, clip_contribution_percentile=5, jitter=1)
+    assert [type(r) for r in regs] == [Jitter, L2Penalty, TotalVariation, L2Decay, GaussianBlur, ClipPixelNorm, ClipContribution]
+    assert build_regularizers() == []
+    with pytest.raises(ValueError, match="theta"):
+        build_regularizers(l2_decay=1.5)
+
+
+@pytest.mark.parametrize("decorrelate", [True, False])
+def test_fft_parameterization_roundtrip(decorrelate):
+    x = torch.randn(2, 3, 7, 8, generator=torch.Generator().manual_seed(3))
+    p = FFTParam(x, decorrelate=decorrelate)
+    torch.testing.assert_close(p.image(), x, atol=1e-5, rtol=1e-5)
+    y = x.flip(-1)
+    p.set_image(y)
+    torch.testing.assert_close(p.image(), y, atol=1e-5, rtol=1e-5)
+    assert torch.equal(make_param("pixel", x).image(), x) and isinstance(make_param("pixel", x), PixelParam)
+    with pytest.raises(ValueError, match="allowed: 'pixel', 'fft'"):
+        make_param("dct", x)
+
+
+def test_objectives_compose_and_pick_per_image_targets():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    obj = 2 * class_logit([2, 0]) - class_logit(1)
+    assert obj(logits).tolist() == [2 * 3.0 - 2.0, 2 * 4.0 - 5.0]
+    assert sum([class_logit(0), class_logit(1)])(logits).tolist() == [3.0, 9.0]
+    assert obj(logits[1:], rows=torch.tensor([1])).tolist() == [2 * 4.0 - 5.0]  # a chunk keeps its targets
+    with pytest.raises(ValueError, match="3 classes"):
+        class_logit(5)(logits)
+    acts = {"c": torch.arange(2 * 3 * 3 * 3, dtype=torch.float32).view(2, 3, 3, 3)}
+    ch = channel("c", [1, 2])
+    assert ch.layers == ("c",)
+    assert ch(logits, acts).tolist() == [acts["c"][0, 1].mean().item(), acts["c"][1, 2].mean().item()]
+    assert neuron("c", [0, 1])(logits, acts).tolist() == [acts["c"][0, 0, 1, 1].item(), acts["c"][1, 1, 1, 1].item()]
+    fm = feature_match("c", acts["c"] * 2)
+    assert fm(logits, acts).tolist() == [-0.25, -0.25]  # ||a - 2a||^2 / ||2a||^2
+    with pytest.raises(ValueError, match="3 channels"):
+        channel("c", 3)(logits, acts)
+
+
+def test_l2_and_blur_in_the_loop_lower_norm_and_high_frequencies():
+    torch.manual_seed(0)
+    model = TinyCNN(width=4)
+    kw = dict(steps=15, lr=0.1, init="noise", generator=None)
+    with isolated(model):
+        runs = {}
+        for name, regs in {"plain": [], "l2": [L2Penalty(0.5)], "blur": [GaussianBlur(1.0, every=1)]}.items():
+            kw["generator"] = torch.Generator().manual_seed(0)
+            runs[name] = class_model_images(model, [0, 1], (3, 12, 12), l2=0.0, regularizers=regs, **kw).images
+    norm = {k: v.flatten(1).norm(dim=1) for k, v in runs.items()}
+    assert (norm["l2"] < 0.7 * norm["plain"]).all()
+    assert (high_freq_energy(runs["blur"]) < 0.3 * high_freq_energy(runs["plain"])).all()
