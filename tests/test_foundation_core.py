@@ -1,0 +1,283 @@
+"""Unit tests of the core: ProbeSet, layers, render, targets, capture/isolation (no Trainer)."""
+
+from __future__ import annotations
+
+import matplotlib
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from helpers import TinyCNN, check_untouched, tiny_dataset
+from lightning_viz.capture import capture, eval_mode, isolated
+from lightning_viz.layers import (
+    LayerNotFoundError,
+    canonical_name,
+    first_conv_name,
+    get_layer,
+    last_conv_name,
+    named_layers,
+    require_conv,
+    resolve_layers,
+)
+from lightning_viz.probe import ProbeSet
+from lightning_viz.render import colormap, filmstrip, normalize_maps, overlay, to_uint8_hwc
+from lightning_viz.targets import ClassTarget, resolve_target
+
+
+# ----------------------------------------------------------------------------- ProbeSet
+def unbalanced_dataset():
+    """30 samples, classes 0/1/2 with 20/8/2 members: a plain random pick would often miss class 2."""
+    y = torch.tensor([0] * 20 + [1] * 8 + [2] * 2)
+    x = torch.arange(30, dtype=torch.float32).view(30, 1, 1, 1).expand(30, 1, 2, 2).clone()
+    return TensorDataset(x, y)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_probe_stratified_every_class_present(seed):
+    probes = ProbeSet.from_dataset(unbalanced_dataset(), num=6, seed=seed)
+    assert len(probes) == 6
+    counts = torch.bincount(probes.labels, minlength=3).tolist()
+    assert counts == [2, 2, 2]
+    # images really are the dataset items at the stored indices
+    assert torch.equal(probes.images[:, 0, 0, 0], probes.indices.float())
+
+
+def test_probe_same_seed_same_indices_other_seed_differs():
+    ds = tiny_dataset(60)
+    a = ProbeSet.from_dataset(ds, num=8, seed=3)
+    b = ProbeSet.from_dataset(ds, num=8, seed=3)
+    c = ProbeSet.from_dataset(ds, num=8, seed=4)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
+    assert not torch.equal(a.indices, c.indices)
+
+
+def test_probe_does_not_consume_global_rng():
+    state = torch.get_rng_state()
+    ProbeSet.from_dataset(tiny_dataset(30), num=5, seed=0)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_probe_shards_concatenate_to_full_set(world):
+    probes = ProbeSet.from_dataset(tiny_dataset(30), num=7, seed=0)
+    shards = [probes.shard(r, world) for r in range(world)]
+    sizes = [len(s) for s in shards]
+    assert sum(sizes) == 7 and max(sizes) - min(sizes) <= 1
+    nonempty = [s for s in shards if len(s)]
+    assert torch.equal(torch.cat([s.images for s in nonempty]), probes.images)
+    assert torch.equal(torch.cat([s.labels for s in nonempty]), probes.labels)
+    assert [i for s in shards for i in s.ids] == probes.ids == [f"p{i:03d}" for i in range(7)]
+
+
+def test_probe_state_dict_round_trip():
+    masks = torch.rand(4, 1, 5, 5)
+    probes = ProbeSet(torch.randn(4, 3, 5, 5), labels=torch.tensor([0, 1, 2, 1]), masks=masks, mean=[0.1, 0.2, 0.3],
+                      std=[1.0, 2.0, 3.0])
+    back = ProbeSet.from_state_dict(probes.state_dict())
+    assert torch.equal(back.images, probes.images) and torch.equal(back.labels, probes.labels)
+    assert torch.equal(back.masks, masks[:, 0]) and torch.equal(back.indices, probes.indices)
+    assert back.mean == [0.1, 0.2, 0.3] and back.std == [1.0, 2.0, 3.0]
+    assert back.fingerprint() == probes.fingerprint()
+    # display undoes the normalization: x * std + mean, clipped to [0, 1]
+    expected = (probes.images * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1) + torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)).clamp(0, 1)
+    assert torch.allclose(back.display_images(), expected)
+
+
+def test_probe_picked_under_inference_mode_is_usable_by_autograd():
+    with torch.inference_mode():
+        probes = ProbeSet.from_dataset(tiny_dataset(12), num=3, seed=0)
+    assert not probes.images.is_inference() and not probes.labels.is_inference()
+    logits = torch.randn(3, 3, requires_grad=True)
+    score = resolve_target("label")(logits, probes.labels).sum()
+    (g,) = torch.autograd.grad(score, logits)
+    assert torch.equal(g, F.one_hot(probes.labels, 3).float())
+
+
+# ----------------------------------------------------------------------------- layers
+class CompiledLike(nn.Module):
+    """What ``torch.compile`` returns (an OptimizedModule keeping the model as ``_orig_mod``), without compiling."""
+
+    def __init__(self, model):
+        super().__init__()
+        self._orig_mod = model
+
+
+def test_layers_canonical_names_through_compile_wrapper():
+    model = TinyCNN()
+    compiled = CompiledLike(model)  # names gain '_orig_mod.'
+    assert any(n.startswith("_orig_mod.") for n, _ in compiled.named_modules())
+    assert canonical_name("_orig_mod.net._orig_mod.conv1") == "net.conv1"
+    assert get_layer(compiled, "conv1") is model.conv1
+    assert get_layer(compiled, "_orig_mod.conv2") is model.conv2
+    assert "conv1" in named_layers(compiled) and not any("_orig_mod" in n for n in named_layers(compiled))
+    assert first_conv_name(compiled) == "conv1" and last_conv_name(compiled) == "conv2"
+    assert resolve_layers(compiled, None) == ["conv2"]
+    assert resolve_layers(compiled, None, default="first_conv") == ["conv1"]
+    assert resolve_layers(compiled, "_orig_mod.bn1") == ["bn1"]
+
+
+def test_layers_errors_list_valid_names():
+    model = TinyCNN()
+    with pytest.raises(LayerNotFoundError, match=r"'conv3'.*'conv1', 'conv2'.*'fc'"):
+        get_layer(model, "conv3")
+    with pytest.raises(LayerNotFoundError) as err:
+        require_conv(model, "fc", "Grad-CAM")
+    msg = str(err.value)
+    assert "Grad-CAM" in msg and "'fc'" in msg and "Linear" in msg and "'conv1'" in msg and "'conv2'" in msg
+    assert require_conv(model, "conv2", "Grad-CAM") is model.conv2
+    with pytest.raises(LayerNotFoundError, match="has none"):
+        first_conv_name(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+
+
+# ----------------------------------------------------------------------------- render
+def test_normalize_maps_values():
+    m = torch.tensor([[[0.0, 1.0], [2.0, 3.0]], [[5.0, 5.0], [5.0, 5.0]]])
+    per = normalize_maps(m, "per_image")
+    assert torch.allclose(per[0], torch.tensor([[0.0, 1 / 3], [2 / 3, 1.0]]))
+    assert torch.equal(per[1], torch.zeros(2, 2))  # constant map: no division by zero
+    signed = normalize_maps(torch.tensor([[[-2.0, 1.0]]]), "per_image", signed=True)
+    assert torch.allclose(signed, torch.tensor([[[0.0, 0.75]]]))
+    fixed = normalize_maps(m, "fixed", vmin=1.0, vmax=3.0)
+    assert torch.allclose(fixed[0], torch.tensor([[0.0, 0.0], [0.5, 1.0]]))
+    assert torch.equal(fixed[1], torch.ones(2, 2))  # clipped
+    with pytest.raises(ValueError, match="vmin and vmax"):
+        normalize_maps(m, "fixed")
+
+
+def test_colormap_endpoints():
+    ends = torch.tensor([[[0.0, 1.0]]])
+    gray = colormap(ends, "gray")
+    assert gray.shape == (1, 3, 1, 2)
+    assert torch.allclose(gray[0, :, 0, 0], torch.zeros(3)) and torch.allclose(gray[0, :, 0, 1], torch.ones(3))
+    jet = colormap(ends, "jet")
+    cmap = matplotlib.colormaps["jet"]
+    assert torch.allclose(jet[0, :, 0, 0], torch.tensor(cmap(0.0)[:3], dtype=torch.float32))
+    assert torch.allclose(jet[0, :, 0, 1], torch.tensor(cmap(1.0)[:3], dtype=torch.float32))
+    with pytest.raises(ValueError, match="unknown colormap 'nope'"):
+        colormap(ends, "nope")
+
+
+def test_overlay_alpha_arithmetic():
+    image = torch.full((1, 3, 4, 4), 0.2)
+    maps = torch.zeros(1, 2, 2)
+    maps[0, 0, 0] = 1.0  # resized (bilinear) to 4x4; the gray heat equals the resized map
+    out = overlay(image, maps, alpha=0.25, cmap="gray")
+    heat = F.interpolate(maps.unsqueeze(1), size=(4, 4), mode="bilinear", align_corners=False)[:, 0]
+    heat = (heat * 255).round() / 255  # the colormap's 256-entry lookup table
+    expected = 0.75 * 0.2 + 0.25 * heat
+    assert torch.allclose(out, expected.unsqueeze(1).expand(-1, 3, -1, -1), atol=1e-6)
+    assert to_uint8_hwc(out[0]).shape == (4, 4, 3)
+
+
+def test_filmstrip_width_bounded_keeps_first_and_last():
+    frames = [torch.full((3, 8, 8), i / 29) for i in range(30)]
+    strip = filmstrip(frames, max_frames=5, padding=2)
+    assert strip.shape == (3, 8 + 2 * 2, 5 * 8 + 6 * 2)
+    assert torch.allclose(strip[:, 2:10, 2:10], frames[0])
+    assert torch.allclose(strip[:, 2:10, -10:-2], frames[-1])
+    assert filmstrip(frames[:3], max_frames=5).shape[-1] == 3 * 8 + 4 * 2
+
+
+# ----------------------------------------------------------------------------- targets
+def test_targets_scores():
+    logits = torch.tensor([[1.0, 5.0, 2.0], [7.0, 0.0, 3.0]])
+    labels = torch.tensor([2, 1])
+    assert torch.equal(resolve_target("label")(logits, labels), torch.tensor([2.0, 0.0]))
+    assert torch.equal(resolve_target("predicted")(logits, labels), torch.tensor([5.0, 7.0]))
+    assert torch.equal(resolve_target("predicted").classes(logits, None), torch.tensor([1, 0]))
+    assert torch.equal(resolve_target(2)(logits, None), torch.tensor([2.0, 3.0]))
+    assert torch.equal(resolve_target("0")(logits, None), torch.tensor([1.0, 7.0]))
+    margin = resolve_target(lambda z: z[:, 0] - z[:, 1])
+    assert torch.equal(margin(logits), torch.tensor([-4.0, 7.0]))
+    assert margin.classes(logits, labels) is None
+
+
+def test_target_errors():
+    logits = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"target class 3 is out of range.*3 classes \(0..2\)"):
+        ClassTarget(3)(logits)
+    with pytest.raises(ValueError, match="needs labels"):
+        resolve_target("label")(logits, None)
+    with pytest.raises(ValueError, match=r"unknown target 'best'.*'label', 'predicted'"):
+        resolve_target("best")
+    with pytest.raises(ValueError, match=r"one score per sample"):
+        resolve_target(lambda z: z.sum())(logits)
+
+
+# ----------------------------------------------------------------------------- capture / isolation
+def test_capture_hooks_removed_on_exception():
+    model = TinyCNN()
+    with pytest.raises(RuntimeError, match="inside"):
+        with capture(model, ["conv1", "bn1", "fc"]):
+            assert len(model.conv1._forward_hooks) == 1
+            raise RuntimeError("inside")
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(LayerNotFoundError):  # a bad name half-way: the hooks already added are removed
+        with capture(model, ["conv1", "nope"]):
+            pass
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_capture_records_pre_inplace_relu_values():
+    model = TinyCNN().eval()
+    x = torch.randn(2, 3, 6, 6)
+    for grad in (False, True):
+        with isolated(model), capture(model, ["bn1"], grad=grad) as cap:
+            out = model(x)
+        expected = model.bn1(model.conv1(x)).detach()
+        assert (expected < 0).any()
+        assert torch.allclose(cap["bn1"].detach(), expected, atol=1e-6)
+        assert torch.allclose(out.detach(), model(x).detach(), atol=1e-6)
+
+
+def test_capture_grad_equals_hand_computation():
+    """score = fc(mean_hw(relu(conv2_out)))[k]  =>  d score / d conv2_out = 1[conv2_out > 0] * W_fc[k, c] / (h w)."""
+    model = TinyCNN(width=3)
+    x = torch.randn(2, 3, 5, 5)
+    k = 1
+
+    def run():
+        with isolated(model) as m, capture(m, ["conv2", "pool"], grad=True) as cap:
+            score = m(x)[:, k].sum()
+            return [t.detach() for t in torch.autograd.grad(score, [cap["conv2"], cap["pool"]])], cap["conv2"].detach()
+
+    (g_conv, g_pool), a = check_untouched(model, run)
+    w = model.fc.weight[k].detach()
+    assert torch.allclose(g_pool, w.view(1, 3, 1, 1).expand(2, -1, -1, -1))
+    expected = (a > 0).float() * w.view(1, 3, 1, 1) / 25
+    assert torch.allclose(g_conv, expected, atol=1e-7)
+
+
+def test_isolated_restores_everything_and_enables_grad_under_inference_mode():
+    model = TinyCNN()
+    model.bn1.eval()  # mixed modes must come back per submodule
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model.conv1.bias.requires_grad_(False)
+
+    def run():
+        with torch.inference_mode():
+            x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+            with isolated(model) as m:
+                assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+                assert not any(mod.training for mod in m.modules())
+                assert not any(p.requires_grad for p in m.parameters())
+                torch.randn(5)  # the global RNG is forked
+                xi = x.clone().requires_grad_()
+                (g,) = torch.autograd.grad(m(xi).sum(), xi)
+                return g
+
+    g = check_untouched(model, run)
+    assert g.shape == (2, 3, 4, 4) and g.abs().sum() > 0
+    assert model.training and not model.bn1.training
+
+
+def test_eval_mode_restores_on_exception():
+    model = TinyCNN()
+    model.relu.eval()
+    with pytest.raises(KeyError):
+        with eval_mode(model):
+            raise KeyError("x")
+    assert model.training and model.conv1.training and not model.relu.training
