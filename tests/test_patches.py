@@ -1,0 +1,187 @@
+"""Receptive fields (arithmetic and gradient), top-k per unit with deterministic merges, and TopPatchesCallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from helpers import LitTiny, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
+from lightning_viz.callbacks.base import _concat
+from lightning_viz.callbacks.patches import TopPatchesCallback
+from lightning_viz.capture import isolated
+from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.methods.patches import TopK, merge_topk, scan_topk, topk_per_unit
+from lightning_viz.methods.receptive_field import (
+    NotAConvStackError,
+    crop_boxes,
+    gradient_receptive_field,
+    receptive_field,
+    stack_receptive_field,
+)
+from lightning_viz.probe import ProbeSet
+
+
+def known_stack(pool: nn.Module, relu: bool) -> nn.Sequential:
+    """conv3 p1 -> pool2 -> conv3 s2 p1 -> conv3 dilation 2 p2.
+
+    By hand: R = 1 + 2 = 3; pool: + 1*1 = 4 (J = 2); conv s2: + 2*2 = 8 (J = 4); dilated: + 2*2*4 = 24.
+    Offset P = 1 (conv) + 0 + 1*2 (conv) + 2*4 (dilated) = 11. Grid on 16 px: 16 -> 8 -> 4 -> 4.
+    """
+    act = nn.ReLU(inplace=True) if relu else nn.Identity()
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), act, pool, nn.Conv2d(2, 2, 3, stride=2, padding=1),
+                         nn.Conv2d(2, 2, 3, dilation=2, padding=2)).eval()
+
+
+def test_stack_receptive_field_is_hand_computed():
+    rf = stack_receptive_field(known_stack(nn.MaxPool2d(2), relu=True), "4", (1, 16, 16))
+    assert (rf.size, rf.jump, rf.offset, rf.grid) == ((24, 24), (4, 4), (11, 11), (4, 4))
+    assert rf.box(0, 0) == (-11, -11, 13, 13)
+    assert rf.box(2, 3) == (-3, 1, 21, 25)
+    assert torch.equal(rf.boxes()[2, 3], torch.tensor([-3, 1, 21, 25]))
+    # VGG11 up to the third max-pool (features.10): R = 30, J = 8, P = 11 by hand
+    vgg = torchvision.models.vgg11(weights=None).eval()
+    rf = stack_receptive_field(vgg, "features.10", (3, 32, 32))
+    assert (rf.size, rf.jump, rf.offset, rf.grid) == ((30, 30), (8, 8), (11, 11), (4, 4))
+
+
+def test_gradient_support_equals_arithmetic_box_inside_the_image():
+    model = known_stack(nn.AvgPool2d(2), relu=False)  # linear: every path carries gradient
+    boxes = stack_receptive_field(model, "4", (1, 48, 48)).boxes()
+    support, gboxes = gradient_receptive_field(model, "4", (1, 48, 48), trials=1)
+    assert support.shape == (12, 12, 48, 48)
+    for i, j in [(5, 5), (3, 8), (8, 3)]:  # positions whose receptive field lies inside the image
+        assert torch.equal(gboxes[i, j], boxes[i, j]), (i, j)
+    # at the border the gradient box is the arithmetic box clipped to the image
+    torch.testing.assert_close(gboxes[0, 0], boxes[0, 0].clamp(0, 48))
+    # with ReLU and max-pool the support (united over random inputs) stays inside the arithmetic box
+    model = known_stack(nn.MaxPool2d(2), relu=True)
+    support, gboxes = gradient_receptive_field(model, "4", (1, 48, 48), trials=3)
+    b = boxes[5, 5].tolist()
+    assert support[5, 5].any()
+    assert not support[5, 5][: b[0]].any() and not support[5, 5][b[2]:].any()
+    assert not support[5, 5][:, : b[1]].any() and not support[5, 5][:, b[3]:].any()
+
+
+def test_branching_model_falls_back_to_gradient():
+    net = torchvision.models.resnet18(weights=None).eval()
+    with pytest.raises(NotAConvStackError, match="downsample"):
+        stack_receptive_field(net, "layer2", (3, 32, 32))
+    assert stack_receptive_field(net, "layer1", (3, 32, 32)).size == (43, 43)  # stride-1 residual blocks: a chain
+    boxes = receptive_field(net, "layer2", (3, 32, 32), method="auto")  # RF 99 px > image: whole image
+    assert boxes.shape == (4, 4, 4)
+    assert torch.equal(boxes[1, 1], torch.tensor([0, 0, 32, 32]))
+    with pytest.raises(ValueError, match="method must be"):
+        receptive_field(net, "layer2", (3, 32, 32), method="exact")
+
+
+def test_crop_boxes_pads_at_borders():
+    img = torch.arange(16.0).view(1, 1, 4, 4)
+    crops = crop_boxes(img.expand(2, 1, 4, 4), torch.tensor([[-1, -1, 2, 2], [1, 1, 4, 4]]), pad_value=-1.0)
+    assert torch.equal(crops[0, 0], torch.tensor([[-1.0, -1, -1], [-1, 0, 1], [-1, 4, 5]]))
+    assert torch.equal(crops[1, 0], torch.tensor([[5.0, 6, 7], [9, 10, 11], [13, 14, 15]]))
+    big = crop_boxes(img, torch.tensor([[-10, -10, 14, 14]]), max_size=(4, 4))  # capped, centered
+    assert torch.equal(big, img)
+
+
+def brute_force_topk(act: torch.Tensor, k: int) -> list[list[tuple[float, int, int, int]]]:
+    """Per unit: (value, image, y, x) sorted by value desc then image asc; first max position per image."""
+    out = []
+    for u in range(act.shape[1]):
+        cands = []
+        for b in range(act.shape[0]):
+            flat = act[b, u].flatten().tolist()
+            best = max(flat)
+            pos = flat.index(best)
+            cands.append((best, b, pos // act.shape[3], pos % act.shape[3]))
+        out.append(sorted(cands, key=lambda c: (-c[0], c[1]))[:k])
+    return out
+
+
+def as_list(top: TopK) -> list[list[tuple[float, int, int, int]]]:
+    return [list(zip(top.values[u].tolist(), top.image[u].tolist(), top.y[u].tolist(), top.x[u].tolist()))
+            for u in range(top.values.shape[0])]
+
+
+def test_topk_and_merge_over_shards_equal_topk_of_whole_set_with_ties():
+    g = torch.Generator().manual_seed(0)
+    act = torch.randint(0, 4, (13, 3, 3, 3), generator=g).float()  # many ties
+    whole = topk_per_unit(act, k=5)
+    assert as_list(whole) == brute_force_topk(act, 5)
+    for cuts in ([0, 5, 9, 13], [0, 1, 13], [0, 4, 4, 13]):  # shards, one of them empty
+        parts = [topk_per_unit(act[a:b], 5, torch.arange(a, b)) for a, b in zip(cuts, cuts[1:]) if b > a]
+        # ranks send rows [k, U, 4]; the base concatenates them on dim 0 in rank order
+        rows = torch.cat([p.to_rows() for p in parts], dim=0)
+        merged = merge_topk([TopK.from_rows(rows)], 5)
+        assert as_list(merged) == as_list(whole)
+        assert as_list(merge_topk(parts[::-1], 5)) == as_list(whole)  # order of parts does not matter
+
+
+class Identity2d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Identity()
+
+    def forward(self, x):
+        return self.feat(x)
+
+
+def test_scan_topk_over_batches():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 2, 4, 4, generator=g)
+    model = Identity2d()
+    top = scan_topk(model, x, "feat", units=[1], k=4, batch_size=3, offset=100)
+    expected = brute_force_topk(x[:, [1]], 4)
+    assert as_list(top) == [[(v, b + 100, y, xx) for v, b, y, xx in expected[0]]]
+    with pytest.raises(ValueError, match=r"units \[5\] out of range for layer 'feat' with 2 channels"):
+        scan_topk(model, x, "feat", units=[5], k=2)
+
+
+def test_callback_logs_one_grid_per_unit_and_ddp_merge_equals_single(tmp_path):
+    cb = TopPatchesCallback(layers=["net.conv2"], units=[0, 2], k=3, num_probes=20, batch_size=8, patch_px=8)
+    train, val = tiny_loaders()
+    model = LitTiny()
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=2)
+    trainer.fit(model, train, val)
+    acc = read_events(str(tmp_path))
+    for unit in ("unit000", "unit002"):
+        assert image_steps(acc, f"viz/top_patches/net.conv2/{unit}") == [0, 1]
+        assert scalar_steps(acc, f"viz/top_patches/net.conv2/{unit}/max") == [0, 1]
+    img = acc.Images("viz/top_patches/net.conv2/unit000")[-1]
+    assert (img.height, img.width) == (8 + 4, 3 * (8 + 2) + 2)  # one row of k=3 patches, padding 2
+    assert "viz/top_patches/net.conv2/unit001" not in acc.Tags()["images"]
+    # TinyCNN conv1+conv2 (3x3, pad 1): receptive field 5x5, arithmetic
+    assert torch.equal(cb.boxes(model, "net.conv2", (3, 8, 8))[0, 0], torch.tensor([-2, -2, 3, 3]))
+
+    # What three DDP ranks would send, concatenated in rank order by the base, equals one rank's result.
+    probe = cb.probes
+    model.train()
+    with isolated(model):
+        single = cb.compute(model, probe)
+        shards = [cb.compute(model, probe.shard(r, 3)) for r in range(3)]
+    gathered = _concat(shards)
+    assert gathered["net.conv2"].shape == (9, 2, 4)
+    a = merge_topk([TopK.from_rows(gathered["net.conv2"])], 3)
+    b = merge_topk([TopK.from_rows(single["net.conv2"])], 3)
+    assert as_list(a) == as_list(b)
+    assert set(a.image.flatten().tolist()) <= set(range(20))
+    cb.every_n_epochs = 1
+    check_untouched(model, lambda: cb.run(trainer, model))
+
+
+def test_default_units_and_errors():
+    model = LitTiny()
+    cb = TopPatchesCallback(layers=["net.conv1"], num_units=3, k=2, num_probes=4)
+    probe = ProbeSet(images=torch.randn(4, 3, 8, 8), labels=torch.tensor([0, 1, 2, 0]))
+    with isolated(model):
+        out = cb.compute(model, probe)
+    assert out["units:net.conv1"].tolist() == [[0, 1, 2]]
+    assert out["net.conv1"].shape == (2, 3, 4)
+    with pytest.raises(LayerNotFoundError, match="Unknown layer 'net.conv9'"):
+        TopPatchesCallback(layers=["net.conv9"]).check(model)
+    with pytest.raises(ValueError, match=r"units \[7\] out of range for layer 'net.conv2' with 4 channels"):
+        TopPatchesCallback(layers=["net.conv2"], units=[7]).check(model)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        TopPatchesCallback(layers=["net.conv2"], k=0)
