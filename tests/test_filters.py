@@ -1,0 +1,154 @@
+"""First-layer filters and linear templates: methods, the grid rendering, and FilterCallback end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import LitTiny, TinyCNN, read_events, scalar_steps, tiny_loaders, tiny_trainer
+from lightning.pytorch.callbacks import Callback
+from lightning_viz.callbacks.filters import MIN_TILE_PX, FilterCallback, filter_grid
+from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.methods.filters import conv_filters, linear_templates
+
+
+def linear_net(c=3, h=8, w=8, k=3):
+    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, k))
+
+
+# ----------------------------------------------------------------------------- methods
+def test_conv_filters_default_first_conv_and_copy():
+    model = TinyCNN()
+    w = conv_filters(model)
+    assert torch.equal(w, model.conv1.weight) and w.shape == (4, 3, 3, 3)
+    w.zero_()  # a copy: the model is not changed through it
+    assert model.conv1.weight.abs().sum() > 0
+    assert torch.equal(conv_filters(model, "conv2"), model.conv2.weight)
+
+
+def test_conv_filters_errors():
+    with pytest.raises(LayerNotFoundError, match=r"conv_filters needs a convolution layer, but 'fc' is a Linear.*'conv1'"):
+        conv_filters(TinyCNN(), "fc")
+    with pytest.raises(LayerNotFoundError, match=r"Unknown layer 'conv9'"):
+        conv_filters(TinyCNN(), "conv9")
+    with pytest.raises(LayerNotFoundError, match=r"nn.Conv2d"):
+        conv_filters(nn.Sequential(nn.Conv1d(1, 2, 3)))
+
+
+def test_linear_templates_reshape_rows():
+    net = linear_net(c=2, h=3, w=4, k=5)
+    t = linear_templates(net, None, (2, 3, 4))
+    assert t.shape == (5, 2, 3, 4)
+    x = torch.randn(6, 2, 3, 4)
+    # the template's dot product with the image is the logit (minus bias): the defining property
+    logits = net(x) - net[1].bias
+    assert torch.allclose(torch.einsum("bchw,kchw->bk", x, t), logits, atol=1e-5)
+
+
+def test_linear_templates_errors():
+    net = linear_net(c=3, h=8, w=8)
+    with pytest.raises(ValueError, match=r"in_features=192.*\(1, 8, 8\) flattens to 64"):
+        linear_templates(net, "1", (1, 8, 8))
+    with pytest.raises(LayerNotFoundError, match=r"needs an nn.Linear layer, but '0' is a Flatten.*'1'"):
+        linear_templates(net, "0", (3, 8, 8))
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        linear_templates(net, "1", (192,))
+
+
+# ----------------------------------------------------------------------------- rendering
+def test_filter_grid_rgb_per_filter_and_global():
+    w = torch.zeros(2, 3, 3, 3)
+    w[0, 0, 0, 0] = 1.0  # filter 0 ranges 0..1
+    w[1] = 0.25  # filter 1 ranges -0.5..0.25
+    w[1, 2, 2, 2] = -0.5
+    scale = -(-MIN_TILE_PX // 3)
+    tile = 3 * scale
+    grid = filter_grid(w, "per_filter")
+    assert grid.shape == (3, tile + 2, 2 * (tile + 1) + 1)  # 2 RGB tiles in one row, 1 px padding
+    t0 = grid[:, 1:1 + tile, 1:1 + tile]
+    t1 = grid[:, 1:1 + tile, tile + 2:2 * tile + 2]
+    assert torch.equal(t0, F.interpolate(w[:1], scale_factor=scale, mode="nearest")[0])
+    assert t1.min() == 0 and t1.max() == 1  # each filter on its own range
+    assert torch.allclose(t1[:, 0, 0], torch.full((3,), 0.75 / 0.75))
+    g = filter_grid(w, "global")  # one range -0.5..1 for both
+    g1 = g[:, 1:1 + tile, tile + 2:2 * tile + 2]
+    assert torch.allclose(g1[0, 0, 0], torch.tensor(0.75 / 1.5)) and g1.min() == 0 and g1.max() < 1
+
+
+def test_filter_grid_grayscale_rows_and_max_filters():
+    w = torch.randn(5, 2, 3, 3)
+    tile = 3 * -(-MIN_TILE_PX // 3)
+    grid = filter_grid(w, max_filters=4)  # 4 filters x 2 input channels: one row per filter
+    assert grid.shape == (3, 4 * (tile + 1) + 1, 2 * (tile + 1) + 1)
+    # row 2, column 1 is filter 2's input channel 1, min-max scaled over the whole filter 2
+    cell = grid[0, 2 * (tile + 1) + 1: 3 * (tile + 1), tile + 2: 2 * tile + 2]
+    f = w[2]
+    expected = (f[1] - f.min()) / (f.max() - f.min())
+    assert torch.allclose(cell[::tile // 3, ::tile // 3], expected, atol=1e-6)
+    assert torch.allclose(grid[0], grid[1]) and torch.allclose(grid[1], grid[2])  # grayscale
+
+
+# ----------------------------------------------------------------------------- callback
+class WeightRecorder(Callback):
+    def __init__(self):
+        self.weights = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.weights.append(pl_module.net.conv1.weight.detach().clone())
+
+
+def test_filter_callback_logs_grid_norm_and_change(tmp_path):
+    cb = FilterCallback(max_filters=3)
+    rec = WeightRecorder()
+    trainer = tiny_trainer(str(tmp_path), [cb, rec], max_epochs=2)
+    trainer.fit(LitTiny(), *tiny_loaders(n=16))
+    assert cb.probes is None  # kind='conv' needs no probe images: none were picked
+    acc = read_events(str(tmp_path))
+    img = acc.Images("viz/filters/net.conv1/grid")
+    assert [e.step for e in img] == [0, 1]
+    tile = 3 * -(-MIN_TILE_PX // 3)
+    assert (img[0].width, img[0].height) == (2 * (tile + 1) + 1, 2 * (tile + 1) + 1)  # 3 RGB tiles, ~square
+    w0, w1 = rec.weights
+    norms = [e.value for e in acc.Scalars("viz/filters/net.conv1/mean_norm")]
+    assert norms == pytest.approx([float(w.flatten(1).norm(dim=1).mean()) for w in (w0, w1)], rel=1e-5)
+    assert scalar_steps(acc, "viz/filters/net.conv1/rel_change") == [1]
+    change = acc.Scalars("viz/filters/net.conv1/rel_change")[0].value
+    assert change == pytest.approx(float((w1 - w0).norm() / w0.norm()), rel=1e-5) and change > 0
+    assert scalar_steps(acc, "viz/filters/time_s") == [0, 1]
+
+    # The previous weights survive a checkpoint round trip (rel_change continues after resume).
+    fresh = FilterCallback(max_filters=3)
+    fresh.load_state_dict(cb.state_dict())
+    assert torch.equal(fresh.previous, w1) and fresh.probes is None
+    assert fresh.state_key == cb.state_key != FilterCallback(layer="net.conv2").state_key
+
+
+def test_filter_callback_linear_templates(tmp_path):
+    model = LitTiny(linear_net())
+    picked = FilterCallback(kind="linear")  # input shape from the probes
+    given = FilterCallback(kind="linear", layer="net.1", input_shape=[3, 8, 8], normalize="global")
+    trainer = tiny_trainer(str(tmp_path), [picked, given], max_epochs=1)
+    trainer.fit(model, *tiny_loaders(n=12))
+    assert picked.probes is not None and given.probes is None
+    acc = read_events(str(tmp_path))
+    img = acc.Images("viz/filters/net.1/grid")
+    assert len(img) == 2  # both instances log the same tag at step 0
+    tile = 8 * -(-MIN_TILE_PX // 8)
+    assert {(e.width, e.height) for e in img} == {(2 * (tile + 1) + 1, 2 * (tile + 1) + 1)}  # 3 RGB templates
+    assert torch.equal(picked.previous, model.net[1].weight.detach().view(3, 3, 8, 8))
+
+
+def test_filter_callback_setup_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"in_features=192.*flattens to 48"):
+        trainer = tiny_trainer(str(tmp_path), [FilterCallback(kind="linear", input_shape=[3, 4, 4])])
+        trainer.fit(LitTiny(linear_net()), *tiny_loaders(n=12))
+    with pytest.raises(ValueError, match=r"'net.conv1' is a Conv2d, not nn.Linear.*'net.fc'"):
+        tiny_trainer(str(tmp_path), [FilterCallback(kind="linear", layer="net.conv1")]).fit(LitTiny(), *tiny_loaders(n=12))
+    with pytest.raises(ValueError, match=r"kind must be 'conv' or 'linear'; got 'dense'"):
+        FilterCallback(kind="dense")
+    with pytest.raises(ValueError, match=r"normalize must be 'per_filter' or 'global'"):
+        FilterCallback(normalize="per_image")
+    with pytest.raises(ValueError, match=r"max_filters must be >= 1"):
+        FilterCallback(max_filters=0)
