@@ -72,18 +72,27 @@ def _rng_devices() -> list[int]:
     return []
 
 
+def _eager_stance() -> contextlib.AbstractContextManager:
+    """Run ``torch.compile``d code eagerly: compiled graphs ignore hooks registered after compilation
+    (and would recompile for every probe shape), so visualizations run the original Python modules."""
+    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def isolated(model: nn.Module) -> Iterator[nn.Module]:
     """Everything a visualization needs to leave training exactly as it was.
 
     Eval mode (restored per submodule), frozen parameters (no ``.grad`` writes, no BatchNorm
     updates), the global RNG forked and restored (methods draw noise from their own seeded
-    ``torch.Generator``), and autograd enabled even under inference mode. Yields the unwrapped model.
+    ``torch.Generator``), and autograd enabled even under inference mode; ``torch.compile``d modules
+    run eagerly (so hooks fire). Yields the unwrapped model.
     """
     model = unwrap_model(model)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=_rng_devices()))
         stack.enter_context(grad_enabled())
+        stack.enter_context(_eager_stance())
         stack.enter_context(eval_mode(model))
         stack.enter_context(frozen_params(model))
         yield model

@@ -74,13 +74,17 @@ def gather_results(trainer: Trainer, local: Any, error: BaseException | None, wh
     rank, world = _world(trainer)
     payload = (None if error is None else f"{type(error).__name__}: {error}", _to_cpu(local) if error is None else None)
     if world > 1 and _dist_ready():
+        # Objects travel as byte tensors on the current device: CPU for gloo, torch.cuda.current_device()
+        # for nccl (Lightning calls torch.cuda.set_device per rank), so both backends work.
         gathered: list[Any] = [None] * world
         try:
             torch.distributed.all_gather_object(gathered, payload)
         except Exception as exc:  # timeouts and broken process groups
             raise VisualizationError(
-                f"lightning-viz: gathering {what} results across {world} ranks failed on rank {rank} ({exc}). "
-                "Every rank must reach the same epoch end; check that no rank skipped or crashed."
+                f"lightning-viz: gathering {what} results across {world} ranks failed on rank {rank} "
+                f"({type(exc).__name__}: {exc}). Every rank must reach the same epoch end: check that no rank "
+                "skipped the callback or crashed, or raise the process-group timeout (DDPStrategy(timeout=...)) "
+                "if one rank is much slower."
             ) from exc
     else:
         gathered = [payload]
@@ -91,6 +95,20 @@ def gather_results(trainer: Trainer, local: Any, error: BaseException | None, wh
             raise VisualizationError(f"lightning-viz {what} failed: {msg}") from error
         raise VisualizationError(f"lightning-viz {what} failed: {msg}")
     return _concat([res for _, res in gathered])
+
+
+def _share_rank0_error(error: BaseException | None, what: str) -> None:
+    """Broadcast rank 0's outcome; every other rank raises if rank 0 failed (all ranks call this)."""
+    box = [None if error is None else f"{type(error).__name__}: {error}"]
+    try:
+        torch.distributed.broadcast_object_list(box, src=0)
+    except Exception as exc:  # timeouts and broken process groups
+        raise VisualizationError(
+            f"lightning-viz: sharing rank 0's {what} status failed on rank {torch.distributed.get_rank()} ({exc}). "
+            "Every rank must reach the same epoch end; check that no rank skipped or crashed."
+        ) from exc
+    if box[0] is not None and error is None:
+        raise VisualizationError(f"lightning-viz {what} failed on rank 0: {box[0]}")
 
 
 class VisualizationCallback(Callback):
@@ -209,16 +227,27 @@ class VisualizationCallback(Callback):
 
     # ------------------------------------------------------------------ run
     def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
-        """Compute on this rank's shard, gather, and log on rank 0. Returns the gathered results."""
+        """Compute on this rank's shard, gather, and log on rank 0. Returns the gathered results.
+
+        Under DDP every rank makes the same collective calls whatever happens: one gather (per-probe
+        methods; a rank without probes sends ``None``) and one broadcast of rank 0's outcome, so an
+        error on any rank (picking probes, computing, or rank 0's logging) raises on every rank
+        instead of leaving the others waiting in the next collective.
+        """
         if not self.should_run(trainer):
             return None
         rank, world = _world(trainer)
         start = time.perf_counter()
-        probe = self.get_probes(trainer) if self.needs_probes else None
         distributed = self.per_probe and world > 1
-        shard = probe.shard(rank, world) if distributed and probe is not None else probe
-        local, error = None, None
-        if distributed or rank == 0:
+        probe, local, error, stage = None, None, None, "probes"
+        try:
+            if self.needs_probes and (distributed or rank == 0):
+                probe = self.get_probes(trainer)
+        except Exception as exc:  # re-raised on every rank below
+            error = exc
+        if error is None and (distributed or rank == 0):
+            stage = "compute"
+            shard = probe.shard(rank, world) if distributed and probe is not None else probe
             try:
                 with isolated(pl_module):
                     local = None if shard is not None and len(shard) == 0 else self.compute(pl_module, shard)
@@ -226,20 +255,28 @@ class VisualizationCallback(Callback):
                 error = exc
         if distributed:
             results = gather_results(trainer, local, error, what=self.method)
-        elif error is not None:
-            raise VisualizationError(f"lightning-viz {self.method} failed: {type(error).__name__}: {error}") from error
+            error = None
         else:
             results = local
-        if rank == 0 and results is not None:
+        if rank == 0 and error is None and results is not None:
             logger = VizLogger.from_trainer(trainer, step=trainer.current_epoch)
+            stage = "log"
             try:
                 self.log_results(logger, results, probe, trainer)
                 self.last_duration_s = time.perf_counter() - start
                 if self.log_time:
                     logger.scalar(make_tag(self.method, "time_s"), self.last_duration_s)
+            except Exception as exc:
+                error = exc
             finally:
                 logger.flush()
             self.last_logged_tags = logger.written
+        if world > 1 and _dist_ready():
+            _share_rank0_error(error if rank == 0 else None, self.method)
+        if error is not None:
+            if stage != "compute":
+                raise error  # rank 0's own probe-picking or logging error: unchanged type
+            raise VisualizationError(f"lightning-viz {self.method} failed: {type(error).__name__}: {error}") from error
         return results
 
     # ------------------------------------------------------------------ checkpoint

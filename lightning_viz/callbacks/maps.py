@@ -11,7 +11,7 @@ A subclass implements :meth:`MapCallback.compute_maps` -> ``{key: Tensor[N, H, W
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -20,6 +20,7 @@ from torch import Tensor
 from ..logging import VizLogger, make_tag
 from ..probe import ProbeSet
 from ..render import FixedScale, image_grid, normalize_maps, overlay, resize_maps
+from ..tracking import MapTracker
 from .base import VisualizationCallback
 
 __all__ = ["MapCallback"]
@@ -37,7 +38,8 @@ class MapCallback(VisualizationCallback):
         cmap: matplotlib colormap for the heat.
         alpha: heat opacity over the image.
         signed: treat maps as signed (diverging normalization) -- e.g. the signed gradient.
-        tracker: optional ``lightning_viz.tracking.MapTracker`` for filmstrips / drift / faithfulness.
+        tracker: optional :class:`lightning_viz.tracking.MapTracker` for filmstrips, drift, faithfulness,
+            localization and the sanity check (it gets this callback, to render alike and recompute maps).
         **kwargs: schedule and probe options of :class:`VisualizationCallback`.
     """
 
@@ -48,7 +50,7 @@ class MapCallback(VisualizationCallback):
         cmap: str = "jet",
         alpha: float = 0.5,
         signed: bool = False,
-        tracker: Any | None = None,
+        tracker: Optional[MapTracker] = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -74,7 +76,7 @@ class MapCallback(VisualizationCallback):
         maps = self.compute_maps(pl_module, probe)
         out: dict[str, Any] = {MAP_PREFIX + k: v.detach().float().cpu() for k, v in maps.items()}
         if self.tracker is not None:
-            out.update(self.tracker.compute(pl_module, probe, maps))
+            out.update(self.tracker.compute(pl_module, probe, maps, callback=self))
         return out
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
@@ -83,7 +85,7 @@ class MapCallback(VisualizationCallback):
         for key, m in maps.items():
             self.log_map(logger, key, m, images, probe)
         if self.tracker is not None:
-            self.tracker.log(logger, maps, results, probe, trainer)
+            self.tracker.log(logger, maps, results, probe, trainer, callback=self)
 
     def log_map(self, logger: VizLogger, key: str, maps: Tensor, images01: Tensor, probe: ProbeSet) -> None:
         """Overlays and statistics for one ``[N, H, W]`` raw map tensor."""

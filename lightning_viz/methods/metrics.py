@@ -1,0 +1,219 @@
+"""Scores for saliency maps: faithfulness, localization, and similarity between maps. Pure torch.
+
+* :func:`deletion_auc` / :func:`insertion_auc` -- Petsiuk et al., "RISE" (BMVC 2018), Sec. 4.1: remove
+  (insert) pixels in order of decreasing saliency and take the area under the curve of the target
+  class probability. Low deletion AUC / high insertion AUC = faithful map.
+* :func:`pointing_game` -- Zhang et al., "Top-down neural attention by excitation backprop" (ECCV 2016):
+  hit if the map's maximum falls inside the ground-truth mask (within ``tolerance`` pixels).
+* :func:`energy_in_mask` -- Wang et al., "Score-CAM" (CVPRW 2020), Eq. 11: share of the positive
+  map energy that lies inside the mask.
+* :func:`rank_correlation` (Spearman, tie-aware) and :func:`topk_iou` -- similarity of two maps of one
+  image, as used by Adebayo et al., "Sanity checks for saliency maps" (NeurIPS 2018), Sec. 3.
+
+Maps are ``[B, h, w]`` raw values; they are resized (bilinear) to the image or mask size where needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..targets import TargetSpec, resolve_target
+
+__all__ = [
+    "perturbation_curve",
+    "deletion_auc",
+    "insertion_auc",
+    "curve_auc",
+    "gaussian_blur",
+    "pointing_game",
+    "energy_in_mask",
+    "rank_correlation",
+    "topk_iou",
+]
+
+
+def _resize(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    maps = maps.detach().float()
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of ``[B, C, H, W]`` (reflect padding), the RISE insertion baseline."""
+    radius = max(1, int(math.ceil(2 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    pad_h, pad_w = min(radius, x.shape[-2] - 1), min(radius, x.shape[-1] - 1)
+    out = x
+    if pad_w > 0:
+        kw = k[radius - pad_w: radius + pad_w + 1]
+        out = F.conv2d(F.pad(out, (pad_w, pad_w, 0, 0), mode="reflect"), (kw / kw.sum()).view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    if pad_h > 0:
+        kh = k[radius - pad_h: radius + pad_h + 1]
+        out = F.conv2d(F.pad(out, (0, 0, pad_h, pad_h), mode="reflect"), (kh / kh.sum()).view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return out
+
+
+def _baseline(x: Tensor, baseline: str, blur_sigma: float | None) -> Tensor:
+    if baseline == "zero":
+        return torch.zeros_like(x)
+    if baseline == "blur":
+        return gaussian_blur(x, blur_sigma if blur_sigma is not None else max(1.0, min(x.shape[-2:]) / 8))
+    raise ValueError(f"unknown baseline {baseline!r}; allowed: 'zero', 'blur'")
+
+
+def _target_classes(model: nn.Module, x: Tensor, target: Tensor | TargetSpec, labels: Tensor | None) -> Tensor:
+    if isinstance(target, Tensor):
+        return target.to(x.device).long().view(-1)
+    with torch.no_grad():
+        logits = model(x)
+    classes = resolve_target(target).classes(logits, labels)
+    if classes is None:
+        raise ValueError("deletion/insertion need a class to take the probability of; use target='label', "
+                         "'predicted' or a class index (a custom score callable has no class).")
+    return classes.long()
+
+
+def perturbation_curve(
+    model: nn.Module,
+    x: Tensor,
+    maps: Tensor,
+    target: Tensor | TargetSpec = "predicted",
+    labels: Tensor | None = None,
+    mode: str = "deletion",
+    steps: int = 16,
+    baseline: str = "zero",
+    blur_sigma: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Target-class probability as pixels are deleted/inserted in order of decreasing saliency.
+
+    Returns ``[B, steps + 1]``: point ``k`` has ``round(k / steps * H * W)`` pixels (all channels)
+    replaced by the ``baseline`` (deletion) or taken from the image into the baseline (insertion).
+    The ``(steps + 1) * B`` perturbed images go through ``model`` in batches of at most ``chunk_size``
+    images (``None``: one batch); ties in the map are broken by pixel index, so the result does not
+    depend on chunking. ``target``: class indices ``[B]`` or a target spec resolved on ``x``.
+    """
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion'; got {mode!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1; got {steps}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
+    b, c, h, w = x.shape
+    x = x.detach()
+    with torch.no_grad():
+        classes = _target_classes(model, x, target, labels)
+        sal = _resize(maps.to(x.device), (h, w)).flatten(1)  # [B, HW]
+        order = sal.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(h * w, device=x.device).expand(b, -1))
+        counts = torch.round(torch.arange(steps + 1, device=x.device, dtype=torch.float64) * (h * w) / steps).long()
+        base = _baseline(x, baseline, blur_sigma)
+        start, end = (x, base) if mode == "deletion" else (base, x)
+        # item i of the flat (step, probe) list: step i // B, probe i % B
+        total = (steps + 1) * b
+        chunk = total if chunk_size is None else chunk_size
+        probs = []
+        for lo in range(0, total, chunk):
+            idx = torch.arange(lo, min(lo + chunk, total), device=x.device)
+            s, p = idx // b, idx % b
+            changed = (rank[p] < counts[s].unsqueeze(1)).view(-1, 1, h, w)  # pixels already moved
+            xp = torch.where(changed, end[p], start[p])
+            out = model(xp)
+            if not isinstance(out, Tensor) or out.ndim != 2:
+                raise ValueError(f"deletion/insertion need a model returning logits [B, K]; got {getattr(out, 'shape', type(out))}")
+            probs.append(out.float().softmax(dim=1).gather(1, classes[p].view(-1, 1)).squeeze(1))
+        return torch.cat(probs).view(steps + 1, b).t().contiguous()
+
+
+def curve_auc(curve: Tensor) -> Tensor:
+    """Trapezoidal area under ``[B, S + 1]`` curves sampled evenly on ``[0, 1]``."""
+    s = curve.shape[1] - 1
+    return (curve[:, :-1] + curve[:, 1:]).sum(dim=1) / (2 * s)
+
+
+def deletion_auc(model: nn.Module, x: Tensor, maps: Tensor, target: Tensor | TargetSpec = "predicted",
+                 labels: Tensor | None = None, steps: int = 16, baseline: str = "zero",
+                 blur_sigma: float | None = None, chunk_size: int | None = None) -> Tensor:
+    """Deletion AUC (Petsiuk et al. 2018, Sec. 4.1), ``[B]``: lower = the map found what the model uses."""
+    return curve_auc(perturbation_curve(model, x, maps, target, labels, "deletion", steps, baseline, blur_sigma, chunk_size))
+
+
+def insertion_auc(model: nn.Module, x: Tensor, maps: Tensor, target: Tensor | TargetSpec = "predicted",
+                  labels: Tensor | None = None, steps: int = 16, baseline: str = "blur",
+                  blur_sigma: float | None = None, chunk_size: int | None = None) -> Tensor:
+    """Insertion AUC (Petsiuk et al. 2018, Sec. 4.1), ``[B]``: higher = the map found what the model uses."""
+    return curve_auc(perturbation_curve(model, x, maps, target, labels, "insertion", steps, baseline, blur_sigma, chunk_size))
+
+
+def _check_masks(maps: Tensor, masks: Tensor) -> Tensor:
+    if masks.ndim == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if masks.ndim != 3 or masks.shape[0] != maps.shape[0]:
+        raise ValueError(f"masks must be [B, H, W] with B={maps.shape[0]}; got {tuple(masks.shape)}")
+    return masks.to(maps.device).float() > 0.5
+
+
+def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
+    """Pointing game (Zhang et al. 2016), ``[B]`` floats: 1 if the map's maximum (first one on ties),
+    at mask resolution, lies in the mask dilated by ``tolerance`` pixels, else 0; NaN for an empty mask."""
+    m = _check_masks(maps, masks)
+    sal = _resize(maps, tuple(m.shape[-2:])).flatten(1)
+    if tolerance > 0:
+        k = 2 * tolerance + 1
+        m = F.max_pool2d(m.float().unsqueeze(1), k, stride=1, padding=tolerance).squeeze(1) > 0.5
+    flat = m.flatten(1)
+    hit = flat.gather(1, sal.argmax(dim=1, keepdim=True)).squeeze(1).float()
+    return torch.where(flat.any(dim=1), hit, torch.full_like(hit, float("nan")))
+
+
+def energy_in_mask(maps: Tensor, masks: Tensor) -> Tensor:
+    """Energy-based pointing game (Score-CAM, Wang et al. 2020, Eq. 11), ``[B]``:
+    ``sum(relu(map) * mask) / sum(relu(map))`` at mask resolution; NaN where the map has no positive energy."""
+    m = _check_masks(maps, masks).flatten(1).float()
+    sal = _resize(maps, tuple(masks.shape[-2:])).flatten(1).clamp_min(0)
+    total = sal.sum(dim=1)
+    inside = (sal * m).sum(dim=1)
+    return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.full_like(total, float("nan")))
+
+
+def _average_ranks(v: Tensor) -> Tensor:
+    """Ranks 0..N-1 per row, tied values sharing their average rank."""
+    s = v.sort(dim=1).values.contiguous()
+    v = v.contiguous()
+    left = torch.searchsorted(s, v, right=False)
+    right = torch.searchsorted(s, v, right=True)
+    return (left + right - 1).double() / 2
+
+
+def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman rank correlation of each pair of maps, ``[B]`` (ties get average ranks;
+    ``b`` is resized to ``a``'s size). NaN where a map is constant."""
+    b = _resize(b, tuple(a.shape[-2:]))
+    ra, rb = _average_ranks(a.detach().float().flatten(1)), _average_ranks(b.flatten(1))
+    ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
+    den = (ra.square().sum(dim=1) * rb.square().sum(dim=1)).sqrt()
+    num = (ra * rb).sum(dim=1)
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(den, float("nan"))).float()
+
+
+def topk_iou(a: Tensor, b: Tensor, fraction: float = 0.1) -> Tensor:
+    """IoU of the top ``fraction`` pixels of two maps, ``[B]`` (exactly ``ceil(fraction * HW)`` pixels
+    each, ties by pixel index; ``b`` is resized to ``a``'s size)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
+    b = _resize(b, tuple(a.shape[-2:])).flatten(1)
+    a = a.detach().float().flatten(1)
+    k = max(1, math.ceil(fraction * a.shape[1]))
+    sel_a = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a.argsort(dim=1, descending=True, stable=True)[:, :k], True)
+    sel_b = torch.zeros_like(b, dtype=torch.bool).scatter_(1, b.argsort(dim=1, descending=True, stable=True)[:, :k], True)
+    inter = (sel_a & sel_b).sum(dim=1).float()
+    return inter / (2 * k - inter)

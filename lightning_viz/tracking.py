@@ -1,0 +1,305 @@
+"""MapTracker: how a callback's heatmaps evolve over training, attached to any ``MapCallback(tracker=...)``.
+
+Per scheduled epoch and per map key (``"<method>/<layer>"``) it logs:
+
+* filmstrips ``viz/<key>/filmstrip/<probe-id>``: the probe's overlay at every epoch so far, side by side
+  (downsampled frames; at most ``max_frames``, always the first and the latest);
+* drift ``viz/<key>/drift/{rank_corr,topk_iou}``: Spearman correlation and top-k% IoU with the maps
+  of the previous run, and ``viz/<method>/drift/prediction_flips`` (share of probes whose predicted
+  class changed) plus ``viz/<method>/probe_accuracy``;
+* faithfulness ``viz/<key>/faithfulness/{deletion_auc,insertion_auc}`` (Petsiuk et al. 2018);
+* localization ``viz/<key>/localization/{pointing_game,energy_in_mask}`` on probes with masks;
+* sanity ``viz/<key>/sanity/rank_corr``: similarity of the maps to those of a randomly re-initialized
+  copy of the model (Adebayo et al. 2018, model parameter randomization; high = the map ignores the model);
+* once, a TensorBoard custom-scalars layout grouping all of these charts.
+
+:meth:`MapTracker.compute` runs on every rank on its probe shard (no collectives); :meth:`MapTracker.log`
+runs on rank 0 with the gathered results and keeps the history (saved in checkpoints).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .capture import _rng_devices
+from .logging import VizLogger, make_tag
+from .methods.metrics import deletion_auc, energy_in_mask, insertion_auc, pointing_game, rank_correlation, topk_iou
+from .probe import ProbeSet
+from .render import filmstrip as render_filmstrip
+from .render import normalize_maps, overlay, resize_maps
+from .targets import resolve_target
+
+__all__ = ["MapTracker", "randomized_copy", "TRACKING_LAYOUT"]
+
+PREFIX = "track:"
+
+#: Custom-scalars layout (regexes over tags, so one layout serves every callback and layer).
+TRACKING_LAYOUT: dict[str, dict[str, list]] = {
+    "lightning-viz drift": {
+        "map rank correlation with previous epoch": ["Multiline", [r"viz/.*/drift/rank_corr"]],
+        "map top-k IoU with previous epoch": ["Multiline", [r"viz/.*/drift/topk_iou"]],
+        "prediction flips on probes": ["Multiline", [r"viz/.*/drift/prediction_flips"]],
+        "probe accuracy": ["Multiline", [r"viz/.*/probe_accuracy"]],
+    },
+    "lightning-viz faithfulness": {
+        "deletion AUC (lower is better)": ["Multiline", [r"viz/.*/faithfulness/deletion_auc"]],
+        "insertion AUC (higher is better)": ["Multiline", [r"viz/.*/faithfulness/insertion_auc"]],
+    },
+    "lightning-viz localization": {
+        "pointing game": ["Multiline", [r"viz/.*/localization/pointing_game"]],
+        "energy in mask": ["Multiline", [r"viz/.*/localization/energy_in_mask"]],
+    },
+    "lightning-viz sanity check": {
+        "rank correlation with randomized model (lower passes)": ["Multiline", [r"viz/.*/sanity/rank_corr"]],
+    },
+}
+
+
+def _device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def randomized_copy(module: nn.Module, seed: int = 0) -> nn.Module:
+    """A deep copy of ``module`` with every parameter re-initialized (Adebayo et al. 2018, Sec. 3.1,
+    full model parameter randomization): ``reset_parameters()`` where a layer has one, otherwise
+    Gaussian noise with the parameter's own std. Seeded and identical on every rank; the global RNG
+    is restored. A LightningModule's trainer reference is not copied (``__getstate__`` drops it)."""
+    try:
+        clone = copy.deepcopy(module)
+    except Exception as exc:  # noqa: BLE001 - e.g. a module holding an unpicklable handle
+        raise RuntimeError(
+            f"sanity_check needs a deep copy of {type(module).__name__}, which failed ({type(exc).__name__}: {exc}). "
+            "Set sanity_check=False or make the module deep-copyable."
+        ) from exc
+    with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():
+        torch.manual_seed(seed)
+        for m in clone.modules():
+            own = list(m.parameters(recurse=False))
+            if not own:
+                continue
+            if callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+            else:
+                for p in own:
+                    std = float(p.float().std()) if p.numel() > 1 else 1.0
+                    p.normal_(0.0, std if std > 0 else 1.0)
+    return clone
+
+
+def _nanmean(v: Tensor) -> float | None:
+    v = v.float()
+    ok = ~torch.isnan(v)
+    return float(v[ok].mean()) if ok.any() else None
+
+
+class MapTracker:
+    """Track a ``MapCallback``'s maps over training (see module docstring).
+
+    Args:
+        filmstrip: log a filmstrip per probe and map key.
+        max_frames: most frames per filmstrip (its width stays bounded).
+        frame_size: longest side of a stored frame, in pixels (frames are kept downsampled).
+        drift: log drift scalars (map rank correlation, top-k IoU, prediction flips, probe accuracy).
+        topk: fraction of pixels for the top-k IoU.
+        faithfulness: log deletion (zero baseline) and insertion (blur baseline) AUC; costs
+            ``2 * (deletion_steps + 1)`` forward passes per probe and key.
+        deletion_steps: points on each deletion/insertion curve.
+        chunk_size: images per forward pass of the deletion/insertion curves (``None``: all at once).
+        pointing_game: log pointing game and energy in mask; ``None`` = when the probes have masks.
+        pointing_tolerance: pixels of tolerance of the pointing game.
+        sanity_check: log the rank correlation between the maps and those of a randomized copy of the
+            model (one extra ``compute_maps`` per run).
+        seed: seed of the randomized copy.
+        target: class whose probability the deletion/insertion curves follow: ``"label"``,
+            ``"predicted"`` or an index; ``None`` = the callback's own ``target`` if it has one, else
+            the label (or the prediction when the probes have no labels).
+        custom_scalars: write the custom-scalars layout once.
+    """
+
+    def __init__(
+        self,
+        filmstrip: bool = True,
+        max_frames: int = 12,
+        frame_size: int = 32,
+        drift: bool = True,
+        topk: float = 0.1,
+        faithfulness: bool = False,
+        deletion_steps: int = 16,
+        chunk_size: Optional[int] = 256,
+        pointing_game: Optional[bool] = None,
+        pointing_tolerance: int = 0,
+        sanity_check: bool = False,
+        seed: int = 0,
+        target: Optional[Union[str, int]] = None,
+        custom_scalars: bool = True,
+    ):
+        if max_frames < 2:
+            raise ValueError(f"max_frames must be >= 2 (first and latest epoch); got {max_frames}")
+        if frame_size < 4:
+            raise ValueError(f"frame_size must be >= 4 pixels; got {frame_size}")
+        if not 0 < topk <= 1:
+            raise ValueError(f"topk must be a fraction in (0, 1]; got {topk}")
+        if deletion_steps < 1:
+            raise ValueError(f"deletion_steps must be >= 1; got {deletion_steps}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
+        if pointing_tolerance < 0:
+            raise ValueError(f"pointing_tolerance must be >= 0; got {pointing_tolerance}")
+        if target is not None:
+            resolve_target(target)  # fails early with the allowed values
+        self.filmstrip = filmstrip
+        self.max_frames = max_frames
+        self.frame_size = frame_size
+        self.drift = drift
+        self.topk = topk
+        self.faithfulness = faithfulness
+        self.deletion_steps = deletion_steps
+        self.chunk_size = chunk_size
+        self.pointing_game = pointing_game
+        self.pointing_tolerance = pointing_tolerance
+        self.sanity_check = sanity_check
+        self.seed = seed
+        self.target = target
+        self.custom_scalars = custom_scalars
+        # history (rank 0), saved in checkpoints
+        self.frames: dict[str, dict[str, list[Tensor]]] = {}  # key -> probe id -> uint8 [3, h, w] per run
+        self.prev_maps: dict[str, Tensor] = {}  # key -> [N, h, w] downsampled maps of the previous run
+        self.prev_preds: Tensor | None = None
+        self._layout_written = False
+
+    # ------------------------------------------------------------------ all ranks
+    def compute(self, pl_module: nn.Module, probe: ProbeSet, maps: dict[str, Tensor], callback: Any = None) -> dict[str, Tensor]:
+        """Per-probe tracking values for this rank's ``probe`` shard (keys start with ``"track:"``)."""
+        out: dict[str, Tensor] = {}
+        use_masks = self._use_masks(probe)
+        if not (self.drift or self.faithfulness or use_masks or self.sanity_check):
+            return out
+        device = _device(pl_module)
+        if self.drift or self.faithfulness:
+            x = probe.to(device)
+            with torch.no_grad():
+                logits = pl_module(x)
+            if not isinstance(logits, Tensor) or logits.ndim != 2:
+                raise ValueError(
+                    f"MapTracker needs the model to return logits [B, K] for predictions and faithfulness; "
+                    f"got {getattr(logits, 'shape', type(logits).__name__)}. Set drift=False and faithfulness=False."
+                )
+            out[PREFIX + "pred"] = logits.argmax(dim=1).cpu()
+            if self.faithfulness:
+                classes = self._classes(logits, probe, callback)
+                for key, m in maps.items():
+                    kw = dict(steps=self.deletion_steps, chunk_size=self.chunk_size)
+                    out[f"{PREFIX}deletion/{key}"] = deletion_auc(pl_module, x, m, classes, baseline="zero", **kw).cpu()
+                    out[f"{PREFIX}insertion/{key}"] = insertion_auc(pl_module, x, m, classes, baseline="blur", **kw).cpu()
+        if use_masks:
+            for key, m in maps.items():
+                out[f"{PREFIX}pointing/{key}"] = pointing_game(m.cpu(), probe.masks, self.pointing_tolerance)
+                out[f"{PREFIX}energy/{key}"] = energy_in_mask(m.cpu(), probe.masks)
+        if self.sanity_check:
+            if callback is None or not hasattr(callback, "compute_maps"):
+                raise ValueError("MapTracker(sanity_check=True) needs the MapCallback to recompute maps; attach it as MapCallback(tracker=...).")
+            rand_maps = callback.compute_maps(randomized_copy(pl_module, self.seed), probe)
+            for key, m in maps.items():
+                if key in rand_maps:
+                    out[f"{PREFIX}sanity/{key}"] = rank_correlation(m.detach().float().cpu(), rand_maps[key].detach().float().cpu())
+        return out
+
+    def _use_masks(self, probe: ProbeSet) -> bool:
+        if self.pointing_game is False:
+            return False
+        if probe.masks is None:
+            if self.pointing_game:
+                raise ValueError(
+                    "MapTracker(pointing_game=True) needs ground-truth masks in the probe set (e.g. the shapes dataset, "
+                    "whose items are (image, label, mask)); these probes have none. Use pointing_game=None or False."
+                )
+            return False
+        return True
+
+    def _classes(self, logits: Tensor, probe: ProbeSet, callback: Any) -> Tensor:
+        spec = self.target
+        if spec is None:
+            spec = getattr(callback, "target", None)
+        if spec is None:
+            spec = "label" if probe.labels is not None else "predicted"
+        classes = resolve_target(spec).classes(logits, probe.labels)
+        if classes is None:  # a custom score has no class: follow the prediction
+            classes = logits.argmax(dim=1)
+        return classes.to(logits.device).long()
+
+    # ------------------------------------------------------------------ rank 0
+    def log(self, logger: VizLogger, maps: dict[str, Tensor], results: dict[str, Any], probe: ProbeSet,
+            trainer: Any = None, callback: Any = None) -> None:
+        """Write filmstrips and tracking scalars for the gathered ``maps``/``results`` (rank 0)."""
+        if self.custom_scalars and not self._layout_written:
+            logger.custom_scalars(TRACKING_LAYOUT)
+            self._layout_written = True
+        method = getattr(callback, "method", None) or (next(iter(maps)).split("/")[0] if maps else "viz")
+        if self.filmstrip and maps:
+            small = self._small(probe.display_images())
+        for key, m in maps.items():
+            if self.filmstrip:
+                self._log_filmstrip(logger, key, m, small, probe, callback)
+            if self.drift:
+                cur = self._small(m.float().unsqueeze(1)).squeeze(1)
+                prev = self.prev_maps.get(key)
+                if prev is not None and prev.shape == cur.shape:
+                    rc = _nanmean(rank_correlation(cur, prev))
+                    if rc is not None:
+                        logger.scalar(make_tag(key, "drift", "rank_corr"), rc)
+                    logger.scalar(make_tag(key, "drift", "topk_iou"), topk_iou(cur, prev, self.topk).mean())
+                self.prev_maps[key] = cur
+            for name, group, stat in (("deletion", "faithfulness", "deletion_auc"), ("insertion", "faithfulness", "insertion_auc"),
+                                      ("pointing", "localization", "pointing_game"), ("energy", "localization", "energy_in_mask"),
+                                      ("sanity", "sanity", "rank_corr")):
+                v = results.get(f"{PREFIX}{name}/{key}")
+                if v is not None:
+                    mean = _nanmean(torch.as_tensor(v))
+                    if mean is not None:
+                        logger.scalar(make_tag(key, group, stat), mean)
+        preds = results.get(PREFIX + "pred")
+        if preds is not None:
+            if self.prev_preds is not None and self.prev_preds.shape == preds.shape:
+                logger.scalar(make_tag(method, "drift", "prediction_flips"), (preds != self.prev_preds).float().mean())
+            if probe.labels is not None and probe.labels.shape == preds.shape:
+                logger.scalar(make_tag(method, "probe_accuracy"), (preds == probe.labels).float().mean())
+            self.prev_preds = preds.clone()
+
+    def _small(self, images: Tensor) -> Tensor:
+        """``[N, C, H, W]`` downsampled so the longest side is at most ``frame_size``."""
+        h, w = images.shape[-2:]
+        scale = self.frame_size / max(h, w)
+        if scale >= 1:
+            return images.float()
+        size = (max(1, math.floor(h * scale)), max(1, math.floor(w * scale)))
+        return torch.nn.functional.interpolate(images.float(), size=size, mode="area")
+
+    def _log_filmstrip(self, logger: VizLogger, key: str, maps: Tensor, small01: Tensor, probe: ProbeSet, callback: Any) -> None:
+        signed = bool(getattr(callback, "signed", False))
+        m01 = normalize_maps(resize_maps(maps.float(), small01.shape[-2:]), "per_image", signed=signed)
+        frames = overlay(small01, m01, float(getattr(callback, "alpha", 0.5)), str(getattr(callback, "cmap", "jet")))
+        frames_u8 = (frames * 255).round().to(torch.uint8)
+        history = self.frames.setdefault(key, {})
+        for pid, frame in zip(probe.ids, frames_u8):
+            seq = history.setdefault(pid, [])
+            seq.append(frame)
+            logger.image(make_tag(key, "filmstrip", pid), render_filmstrip([f.float() / 255 for f in seq], self.max_frames))
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "frames": {k: {pid: torch.stack(seq) for pid, seq in h.items()} for k, h in self.frames.items()},
+            "prev_maps": dict(self.prev_maps),
+            "prev_preds": self.prev_preds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.frames = {k: {pid: list(t.unbind(0)) for pid, t in h.items()} for k, h in (state.get("frames") or {}).items()}
+        self.prev_maps = dict(state.get("prev_maps") or {})
+        self.prev_preds = state.get("prev_preds")

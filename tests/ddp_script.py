@@ -1,0 +1,212 @@
+"""Real multi-process CPU (gloo) training for ``tests/test_ddp.py``; also importable (test callbacks, configs).
+
+    python tests/ddp_script.py OUT --runs equal,one_probe_bf16 [--strategy ddp|ddp_spawn] [--devices 2]
+    python tests/ddp_script.py OUT --gather-timeout
+
+Each run is one ``Trainer.fit`` writing TensorBoard events to ``OUT/<run>/`` and, per rank,
+``OUT/<run>/rank<r>.json`` (what that rank's callbacks wrote, its final parameters' checksum). With
+``strategy="ddp"`` Lightning launches rank 1 by re-running this script; later runs reuse the process
+group (``LOCAL_RANK`` is then set, so no new processes are started).
+
+The callbacks attached are data-driven: :data:`CALLBACKS` lists them in LightningCLI form
+(``class_path`` + ``init_args``; a nested dict with a ``class_path`` is instantiated too). Add other
+families' callbacks there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import lightning as L  # noqa: E402
+from torch.utils.data import DataLoader, Sampler  # noqa: E402
+
+from helpers import LitTiny, TinyCNN, tiny_dataset  # noqa: E402
+from lightning_viz.callbacks.maps import MapCallback  # noqa: E402
+
+CALLBACKS: list[dict[str, Any]] = [
+    {
+        "class_path": "ddp_script.InputGradCallback",
+        "init_args": {
+            "num_probes": 5,
+            "normalize": "both",
+            "tracker": {
+                "class_path": "lightning_viz.tracking.MapTracker",
+                "init_args": {"faithfulness": True, "deletion_steps": 4, "sanity_check": True, "max_frames": 3},
+            },
+        },
+    },
+    {"class_path": "lightning_viz.callbacks.filters.FilterCallback", "init_args": {}},
+    {"class_path": "lightning_viz.callbacks.activations.ActivationCallback", "init_args": {"num_probes": 5, "max_channels": 2}},
+]
+
+#: name -> Trainer/data options. ``equal`` is compared with a 1-process run with ``batch_size=8``: the
+#: model has no BatchNorm, so 2 ranks x 4 images (gradients averaged) train exactly like 1 x 8 images.
+#: (SyncBatchNorm cannot run under DDP on CPU -- torch: "SyncBatchNorm layers only work with GPU
+#: modules" -- so it is tested in-process, see test_ddp.py.)
+RUNS: dict[str, dict[str, Any]] = {
+    "equal": {"batchnorm": False, "batch_size": 4, "max_epochs": 2},
+    "one_probe_bf16": {"batch_size": 4, "max_epochs": 2, "num_probes": 1, "precision": "bf16-mixed"},
+}
+
+
+class InputGradCallback(MapCallback):
+    """Test MapCallback: ``|d logit_label / d x|``, max over channels (Simonyan et al. 2014, Eq. 3)."""
+
+    method = "inputgrad"
+
+    def compute_maps(self, pl_module, probe):
+        x = probe.to(pl_module.device).requires_grad_()
+        score = pl_module(x).gather(1, probe.labels.to(x.device).view(-1, 1)).sum()
+        (g,) = torch.autograd.grad(score, x)
+        return {"inputgrad/input": g.abs().amax(dim=1)}
+
+
+class RankStrideSampler(Sampler):
+    """Items ``rank, rank + world, ...`` in order (rank read when iterated): with batch size ``B`` per rank,
+    step ``k`` of all ranks together sees exactly the items of step ``k`` of one process with ``world * B``."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        d = torch.distributed
+        return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+    def __iter__(self):
+        rank, world = self._world()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self) -> int:
+        rank, world = self._world()
+        return len(range(rank, self.n, world))
+
+
+def _resolve(class_path: str):
+    module, _, name = class_path.rpartition(".")
+    if module == "ddp_script" and __name__ == "__main__":
+        return globals()[name]
+    return getattr(importlib.import_module(module), name)
+
+
+def instantiate(spec: Any) -> Any:
+    """``{"class_path": ..., "init_args": {...}}`` -> object (nested specs too)."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        args = {k: instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
+        return _resolve(spec["class_path"])(**args)
+    return spec
+
+
+def build_callbacks(num_probes: int | None = None, specs: list[dict] | None = None) -> list:
+    out = []
+    for spec in specs if specs is not None else CALLBACKS:
+        spec = {"class_path": spec["class_path"], "init_args": dict(spec.get("init_args") or {})}
+        if num_probes is not None:
+            spec["init_args"]["num_probes"] = num_probes
+        out.append(instantiate(spec))
+    return out
+
+
+def fit(logdir: str, devices: int, strategy: str = "auto", batch_size: int = 8, max_epochs: int = 2,
+        sync_batchnorm: bool = False, num_probes: int | None = None, precision: str = "32-true", seed: int = 0,
+        batchnorm: bool = True, compile: bool = False):
+    """One training run; returns (trainer, callbacks, module)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    L.seed_everything(seed, verbose=False)
+    net = TinyCNN(width=4)
+    if not batchnorm:
+        net.bn1 = torch.nn.Identity()
+    if sync_batchnorm and devices == 1:  # a SyncBatchNorm model without DDP (Lightning converts only under DDP)
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if compile:
+        net = torch.compile(net, backend="eager")  # dynamo tracing without a C++ compile (fast)
+    module = LitTiny(net, lr=0.05)
+    data = tiny_dataset(48)
+    loader = DataLoader(data, batch_size=batch_size, sampler=RankStrideSampler(len(data)))
+    callbacks = build_callbacks(num_probes)
+    trainer = L.Trainer(
+        max_epochs=max_epochs, accelerator="cpu", devices=devices, strategy=strategy,
+        sync_batchnorm=sync_batchnorm and devices > 1, precision=precision,
+        logger=TensorBoardLogger(logdir, name="", version=0), callbacks=callbacks,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        log_every_n_steps=1, limit_val_batches=0, use_distributed_sampler=False,
+    )
+    trainer.fit(module, loader)
+    return trainer, callbacks, module
+
+
+def checksum(module) -> float:
+    return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
+
+
+def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
+    for name in runs:
+        opts = dict(RUNS[name])
+        logdir = os.path.join(out, name)
+        trainer, callbacks, module = fit(logdir, devices, strategy, **opts)
+        if strategy == "ddp_spawn":  # the callbacks that ran live in the (gone) worker processes
+            continue
+        rank = trainer.global_rank
+        info = {
+            "rank": rank,
+            "world_size": trainer.world_size,
+            "written": {type(cb).__name__: list(cb.last_logged_tags) for cb in callbacks},
+            "checksum": checksum(module),
+        }
+        with open(os.path.join(logdir, f"rank{rank}.json"), "w") as f:
+            json.dump(info, f)
+        # later Trainers in this process reuse the process group instead of launching new processes
+        if strategy == "ddp":
+            os.environ.setdefault("LOCAL_RANK", str(trainer.local_rank))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 exits only when every rank has written its file
+
+
+def _timeout_worker(rank: int, out: str, port: int) -> None:
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from lightning_viz.callbacks.base import VisualizationError, gather_results
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                         timeout=timedelta(seconds=2))
+    if rank == 1:  # never reaches the gather: rank 0 must not hang forever
+        time.sleep(5)
+        return
+    try:
+        gather_results(SimpleNamespace(global_rank=0, world_size=2), {"x": torch.zeros(1)}, None, what="probe")
+        msg = "no error"
+    except VisualizationError as exc:
+        msg = str(exc)
+    with open(os.path.join(out, "timeout.txt"), "w") as f:
+        f.write(msg)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--runs", default="equal,one_probe_bf16")
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--strategy", default="ddp")
+    p.add_argument("--gather-timeout", action="store_true")
+    a = p.parse_args()
+    if a.gather_timeout:
+        from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+        torch.multiprocessing.spawn(_timeout_worker, args=(a.out, find_free_network_port()), nprocs=2)
+        return
+    main_runs(a.out, a.runs.split(","), a.devices, a.strategy)
+
+
+if __name__ == "__main__":
+    main()
