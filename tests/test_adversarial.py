@@ -1,0 +1,156 @@
+"""Adversarial examples: FGSM by hand on a linear model, PGD budgets and seeding, minimal flip budget by
+bisection, flips on a trained tiny model, the model left untouched, and the callback's TensorBoard output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import LitTiny, TinyCNN, check_untouched, read_events, scalar_steps, image_steps, tiny_dataset, tiny_loaders, tiny_trainer
+from lightning_viz.callbacks.synthesis import AdversarialCallback
+from lightning_viz.capture import isolated
+from lightning_viz.methods.adversarial import fgsm, is_flipped, minimal_flip_budget, pgd, predict
+from lightning_viz.methods.synthesis import valid_range
+
+
+class TwoClassLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0, -2.0, 0.5, 0.0], [-1.0, 1.0, -0.5, 3.0]]))
+            self.fc.bias.copy_(torch.tensor([0.2, -0.1]))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """TinyCNN trained (seeded, plain torch) to fit tiny_dataset; returns (model, x, y)."""
+    torch.manual_seed(0)
+    model = TinyCNN(width=4)
+    x, y = tiny_dataset(48).tensors
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(40):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert (predict(model, x) == y).all()
+    return model, x[:8], y[:8]
+
+
+def test_fgsm_matches_hand_computed_step_on_linear_model():
+    model = TwoClassLinear()
+    x = torch.tensor([[0.5, 0.1, -0.3, 0.2], [-0.4, 0.3, 0.1, -0.2]]).view(2, 1, 2, 2)
+    y = predict(model, x)
+    w = model.fc.weight.detach()
+    # d CE / dx = (1 - p_y) (W_other - W_y): its sign is sign(W_other - W_y)
+    expected = x + 0.1 * torch.sign(w[1 - y] - w[y]).view(2, 1, 2, 2)
+    with isolated(model):
+        adv = fgsm(model, x, y, 0.1)
+        targeted = fgsm(model, x, 1 - y, 0.1, targeted=True)
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(targeted, expected)  # two classes: toward the other = away from y
+
+
+def test_minimal_flip_budget_matches_closed_form_on_linear_model():
+    model = TwoClassLinear()
+    x = torch.tensor([[0.5, 0.1, -0.3, 0.2], [-0.4, 0.3, 0.1, -0.2], [6.0, -6.0, 0.0, 0.0]]).view(3, 1, 2, 2)
+    y = predict(model, x)
+    w, b = model.fc.weight.detach(), model.fc.bias.detach()
+    margin = (x.flatten(1) @ (w[y] - w[1 - y]).T).diagonal() + b[y] - b[1 - y]
+    exact = margin / (w[y] - w[1 - y]).abs().sum(1)  # FGSM lowers the margin by eps * ||w_y - w_o||_1
+    with isolated(model):
+        found = minimal_flip_budget(model, x, y, max_epsilon=2.0, iterations=10)
+    precision = 2.0 / 2**10
+    assert exact[2] > 2.0 and torch.isinf(found[2])  # beyond max_epsilon: reported as inf
+    assert ((found[:2] >= exact[:2] - 1e-6) & (found[:2] <= exact[:2] + precision + 1e-6)).all()
+
+
+def test_trained_model_flips_within_budget_and_is_untouched(trained):
+    model, x, _ = trained
+    model.train()
+    F.cross_entropy(model(x), predict(model, x)).backward()  # a .grad to keep intact
+    clean = predict(model, x)
+    eps = 1.0
+
+    def attack():
+        with isolated(model):
+            return pgd(model, x, clean, eps, steps=5, generator=torch.Generator().manual_seed(0)), fgsm(model, x, clean, 0.02)
+
+    adv, small = check_untouched(model, attack)
+    model.zero_grad(set_to_none=True)
+    with isolated(model):
+        new = predict(model, adv)
+        assert (new != clean).all()  # every probe flipped ...
+        assert (adv - x).abs().amax() <= eps + 1e-6  # ... within the L-inf budget
+        assert (predict(model, small) == clean).all()  # while a tiny budget flips nothing
+
+
+def test_pgd_seeded_projected_and_targeted(trained):
+    model, x, _ = trained
+    clean = predict(model, x)
+    bounds = (x.amin(dim=(0, 2, 3), keepdim=True) - 0.2, x.amax(dim=(0, 2, 3), keepdim=True) + 0.2)  # tighter than x +- 0.8
+    eps = torch.linspace(0.1, 0.8, x.shape[0])  # one budget per image
+    with isolated(model):
+        a = pgd(model, x, clean, eps, steps=4, generator=torch.Generator().manual_seed(1), bounds=bounds)
+        b = pgd(model, x, clean, eps, steps=4, generator=torch.Generator().manual_seed(1), bounds=bounds)
+        c = pgd(model, x, clean, eps, steps=4, generator=torch.Generator().manual_seed(2), bounds=bounds)
+        target = (clean + 1) % 3
+        t = pgd(model, x, target, 2.0, steps=10, targeted=True, random_start=False)
+        reached = predict(model, t)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert ((a - x).abs().flatten(1).amax(1) <= eps + 1e-6).all()
+    assert (a >= bounds[0]).all() and (a <= bounds[1]).all() and ((a == bounds[0]) | (a == bounds[1])).any()
+    assert is_flipped(reached, target, targeted=True).float().mean() >= 0.75
+
+
+def test_minimal_flip_budget_bisection_invariant(trained):
+    model, x, _ = trained
+    clean = predict(model, x)
+    max_eps, iters = 2.0, 5
+    with isolated(model):
+        eps = minimal_flip_budget(model, x, clean, max_eps, iterations=iters, attack="pgd", steps=3)
+        assert torch.isfinite(eps).all()
+        # flips at the returned budget, not one bisection step below it
+        at = predict(model, pgd(model, x, clean, eps, steps=3, random_start=False))
+        below = predict(model, pgd(model, x, clean, (eps - max_eps / 2**iters).clamp_min(0), steps=3, random_start=False))
+    assert (at != clean).all() and (below == clean).all()
+
+
+def test_adversarial_callback_logs_per_probe_and_robustness_scalars(tmp_path):
+    torch.manual_seed(0)
+    model = LitTiny(TinyCNN(width=4))
+    train, val = tiny_loaders(24)
+    cb = AdversarialCallback(epsilon=0.5, steps=3, num_probes=3, min_flip_iterations=3)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=2).fit(model, train, val)
+    acc = read_events(str(tmp_path))
+    for pid in ("p000", "p001", "p002"):
+        assert image_steps(acc, f"viz/adversarial/{pid}") == [0, 1]
+    for s in ("linf", "l2", "flip_rate", "min_flip_eps", "min_flip_unflipped"):
+        assert scalar_steps(acc, f"viz/adversarial/{s}") == [0, 1]
+    assert all(0 < e.value <= 0.5 + 1e-6 for e in acc.Scalars("viz/adversarial/linf"))
+    assert all(0 <= e.value <= 2.0 for e in acc.Scalars("viz/adversarial/min_flip_eps"))
+
+
+def test_adversarial_callback_under_validate_and_valid_range(tmp_path):
+    from lightning_viz.probe import ProbeSet
+
+    x, y = tiny_dataset(4).tensors
+    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    probes = ProbeSet(images=x.clamp(-2, 2), labels=y, mean=mean, std=std)
+    cb = AdversarialCallback(epsilon=3.0, attack="fgsm", target="next_class", probes=probes, min_flip=False,
+                             run_on="validation_epoch_end")
+    model = LitTiny(TinyCNN(width=4))
+    _, val = tiny_loaders(8)
+    tiny_trainer(str(tmp_path), [cb]).validate(model, val)
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz/adversarial/p003") == [0]
+    lo, hi = valid_range(mean, std)
+    assert scalar_steps(acc, "viz/adversarial/flip_rate") == [0]
+    with pytest.raises(ValueError, match="epsilon must be > 0"):
+        AdversarialCallback(epsilon=0.0)
+    assert lo.flatten().tolist() == [-2.0] * 3 and hi.flatten().tolist() == [2.0] * 3
