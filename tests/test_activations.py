@@ -1,0 +1,136 @@
+"""Feature maps: the method (hand-computed values, chunking, in-place ReLU) and ActivationCallback end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, tiny_loaders, tiny_trainer
+from lightning_viz.callbacks.activations import ActivationCallback
+from lightning_viz.capture import isolated
+from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.methods.activations import feature_maps
+from lightning_viz.probe import ProbeSet
+
+
+def test_feature_maps_hand_computed_and_chunked():
+    model = TinyCNN()
+    x = torch.randn(5, 3, 6, 6)
+
+    def run():
+        with isolated(model) as m:
+            return feature_maps(m, x, ["conv1", "relu", "conv2"]), feature_maps(m, x, ["conv1", "relu", "conv2"], chunk_size=2)
+
+    full, chunked = check_untouched(model, run)  # no hooks left, modes / RNG / params untouched
+    conv1 = F.conv2d(x, model.conv1.weight, model.conv1.bias, padding=1)
+    assert torch.allclose(full["conv1"], conv1, atol=1e-6)
+    bn = model.bn1
+    relu = F.relu((conv1 - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
+                  * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1))
+    assert torch.allclose(full["relu"], relu, atol=1e-6)
+    assert torch.allclose(full["conv2"], F.conv2d(relu, model.conv2.weight, model.conv2.bias, padding=1), atol=1e-6)
+    assert (full["conv1"] < 0).any()  # conv1's own output, before bn and the in-place ReLU
+    for k in full:
+        assert full[k].shape[0] == 5 and torch.allclose(full[k], chunked[k], atol=1e-6)
+
+
+def test_feature_maps_errors():
+    model = TinyCNN().eval()
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"layer 'fc' outputs shape \(2, 3\), not a \[B, C, h, w\]"):
+        feature_maps(model, x, ["fc"])
+    with pytest.raises(LayerNotFoundError, match="'conv1'"):
+        feature_maps(model, x, ["nope"])
+    with pytest.raises(ValueError, match="chunk_size"):
+        feature_maps(model, x, ["conv1"], chunk_size=0)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_compute_channel_selection_and_dead_stats():
+    lit = LitTiny(TinyCNN(width=6))
+    model = lit.net
+    probe = ProbeSet(torch.randn(3, 3, 5, 5))
+    first = ActivationCallback(layers=["net.conv2"], max_channels=4)
+    top = ActivationCallback(layers=["net.conv2"], max_channels=4, channels="top")
+    with isolated(lit):
+        r_first = first.compute(lit, probe)
+        r_top = top.compute(lit, probe)
+        a = model.conv2(model.relu(model.bn1(model.conv1(probe.images))))
+    assert torch.equal(r_first["channels:net.conv2"], torch.arange(4).expand(3, 4))
+    assert torch.allclose(r_first["maps:net.conv2"], a[:, :4], atol=1e-6)
+    order = a.mean(dim=(2, 3)).argsort(dim=1, descending=True)[:, :4]
+    assert torch.equal(r_top["channels:net.conv2"], order)
+    assert torch.allclose(r_top["maps:net.conv2"], a.gather(1, order.view(3, 4, 1, 1).expand(-1, -1, 5, 5)), atol=1e-6)
+    assert torch.equal(r_first["nonpos:net.conv2"], (a <= 0).flatten(1).sum(1))
+    assert torch.equal(r_first["chmax:net.conv2"], a.amax(dim=(2, 3)))
+
+
+def test_activation_callback_logs_grids_and_dead_fraction(tmp_path):
+    cb = ActivationCallback(max_channels=3)  # default layers: first and last conv
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=2)
+    model = LitTiny()
+    trainer.fit(model, *tiny_loaders(n=16))
+    assert len(cb.probes) == 4  # default num_probes
+    acc = read_events(str(tmp_path))
+    for layer in ("net.conv1", "net.conv2"):
+        for pid in ("p000", "p001", "p002", "p003"):
+            imgs = acc.Images(f"viz/activations/{layer}/{pid}")
+            assert [e.step for e in imgs] == [0, 1]
+            assert (imgs[0].width, imgs[0].height) == (2 * 9 + 1, 2 * 9 + 1)  # 3 tiles of 8 px, 2 per row
+    assert "viz/activations/net.fc/p000" not in acc.Tags()["images"]
+    # dead statistics at the last epoch, recomputed by hand from the final weights (eval mode)
+    with torch.no_grad():
+        net = model.net.eval()
+        x = cb.probes.images
+        pre = net.conv2(net.relu(net.bn1(net.conv1(x))))  # conv2's own output (before the functional relu)
+    dead = acc.Scalars("viz/activations/net.conv2/dead_fraction")[-1].value
+    assert dead == pytest.approx(float((pre <= 0).float().mean()), abs=1e-6)
+    dead_ch = acc.Scalars("viz/activations/net.conv2/dead_channels")[-1].value
+    assert dead_ch == pytest.approx(float((pre.amax(dim=(0, 2, 3)) <= 0).float().mean()), abs=1e-6)
+
+
+def test_activation_callback_dead_channel_counted(tmp_path):
+    """A channel forced negative everywhere is a dead unit after the in-place ReLU."""
+
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+            self.act = nn.ReLU(inplace=True)
+            self.fc = nn.Linear(2, 3)
+            with torch.no_grad():
+                self.conv.weight.zero_()
+                self.conv.bias.copy_(torch.tensor([-1.0, 1.0]))
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv(x)).mean(dim=(2, 3)))
+
+    lit = LitTiny(Dead())
+    cb = ActivationCallback(layers=["net.act"])
+    probe = ProbeSet(torch.randn(2, 3, 4, 4))
+    with isolated(lit):
+        r = cb.compute(lit, probe)
+    assert torch.equal(r["nonpos:net.act"], torch.tensor([16, 16]))  # channel 0 zero at all 16 positions
+    assert torch.equal(r["chmax:net.act"].amax(dim=0) <= 0, torch.tensor([True, False]))
+
+
+def test_activation_callback_options_validated(tmp_path):
+    with pytest.raises(ValueError, match="max_channels must be >= 1"):
+        ActivationCallback(max_channels=0)
+    with pytest.raises(ValueError, match=r"channels must be 'first' or 'top'; got 'best'"):
+        ActivationCallback(channels="best")
+    with pytest.raises(ValueError, match="unknown colormap 'nope'"):
+        tiny_trainer(str(tmp_path), [ActivationCallback(cmap="nope")]).fit(LitTiny(), *tiny_loaders(n=12))
+    cb = ActivationCallback(layers="net.conv2")
+    assert cb.layers == ["net.conv2"]
+    assert cb.state_key != ActivationCallback(layers=["net.conv1"]).state_key
+
+
+def test_activation_callback_every_n_epochs(tmp_path):
+    cb = ActivationCallback(layers=["net.relu"], num_probes=1, every_n_epochs=2, channels="top")
+    tiny_trainer(str(tmp_path), [cb], max_epochs=3).fit(LitTiny(), *tiny_loaders(n=12))
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz/activations/net.relu/p000") == [0, 2]
+    assert "viz/activations/net.relu/p001" not in acc.Tags()["images"]
