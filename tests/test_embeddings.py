@@ -1,0 +1,127 @@
+"""Embeddings: penultimate features, PCA, separation scores, projector files per scheduled epoch."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
+from lightning_viz.callbacks.embeddings import EmbeddingCallback
+from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.methods.embeddings import extract_features, knn_accuracy, pca_2d, penultimate_layer, silhouette, tsne_2d
+
+
+def test_penultimate_layer_of_real_architectures():
+    assert penultimate_layer(torchvision.models.resnet18(weights=None)) == "fc"
+    assert penultimate_layer(torchvision.models.mobilenet_v3_small(weights=None)) == "classifier.3"
+    assert penultimate_layer(TinyCNN()) == "fc"
+    with pytest.raises(LayerNotFoundError, match="has no nn.Linear"):
+        penultimate_layer(nn.Sequential(nn.Conv2d(3, 2, 3)))
+
+
+def test_extract_features_penultimate_and_conv_layer():
+    torch.manual_seed(0)
+    net = TinyCNN(width=4).eval()
+    x = torch.randn(5, 3, 8, 8)
+    feats, logits = extract_features(net, x, batch_size=2)
+    with torch.no_grad():
+        h = net.relu(net.bn1(net.conv1(x)))
+        conv2 = net.conv2(h)
+        expected = net.pool(F.relu(conv2)).flatten(1)
+        torch.testing.assert_close(feats, expected)
+        torch.testing.assert_close(logits, net(x))
+    feats, _ = extract_features(net, x, layer="conv2")
+    torch.testing.assert_close(feats, conv2.mean(dim=(2, 3)))  # conv maps averaged over space
+
+
+def test_pca_of_points_on_a_line():
+    t = torch.tensor([-2.0, -1.0, 0.5, 1.0, 1.5])
+    direction = torch.tensor([3.0, 4.0]) / 5
+    feats = t.view(-1, 1) * direction + torch.tensor([10.0, -3.0])
+    proj = pca_2d(feats)
+    # one axis carries everything: the centered positions along the line (sign: largest loading positive)
+    torch.testing.assert_close(proj[:, 0], t - t.mean())
+    torch.testing.assert_close(proj[:, 1], torch.zeros(5), atol=1e-5, rtol=0)
+    assert pca_2d(torch.randn(1, 4)).shape == (1, 2)
+
+
+def test_separation_scores_hand_computed():
+    feats = torch.tensor([[0.0], [1.0], [10.0], [11.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # a = 1 for every point; b = 10.5, 9.5, 9.5, 10.5 -> s = (b - a) / b
+    expected = (2 * (9.5 / 10.5) + 2 * (8.5 / 9.5)) / 4
+    assert math.isclose(silhouette(feats, labels), expected, rel_tol=1e-9)
+    assert math.isnan(silhouette(feats, torch.zeros(4, dtype=torch.long)))
+    assert knn_accuracy(feats, labels, k=1) == 1.0
+    # labels interleaved: every nearest neighbour has the other class
+    assert knn_accuracy(feats, torch.tensor([0, 1, 0, 1]), k=1) == 0.0
+    # k=3 on [0, 1, 2, 10]: point 10's neighbours 2, 1, 0 -> class 0 while it is 1
+    assert knn_accuracy(torch.tensor([[0.0], [1.0], [2.0], [10.0]]), torch.tensor([0, 0, 0, 1]), k=3) == 0.75
+
+
+def test_tsne_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(12, 4, generator=g)
+    a, b = tsne_2d(feats, seed=3), tsne_2d(feats, seed=3)
+    assert a.shape == (12, 2) and torch.equal(a, b)
+
+
+def test_projector_files_and_scalars_per_scheduled_epoch(tmp_path):
+    cb = EmbeddingCallback(projection=["pca", "tsne"], num_probes=12, every_n_epochs=2, sprite_size=8)
+    train, val = tiny_loaders()
+    model = LitTiny()
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=3)
+    trainer.fit(model, train, val)
+    logdir = trainer.logger.log_dir
+    acc = read_events(str(tmp_path))
+    for proj in ("pca", "tsne"):
+        assert image_steps(acc, f"viz/embeddings/penultimate/{proj}") == [0, 2]
+    for stat in ("silhouette", "knn_acc"):
+        assert scalar_steps(acc, f"viz/embeddings/penultimate/{stat}") == [0, 2]
+    knn = [e.value for e in acc.Scalars("viz/embeddings/penultimate/knn_acc")]
+    assert all(0.0 <= v <= 1.0 for v in knn)
+
+    labels = cb.probes.labels.tolist()
+    sub = "viz%2Fembeddings%2Fpenultimate"
+    found = {d for d in os.listdir(logdir) if d.isdigit()}
+    assert found == {"00000", "00002"}  # scheduled epochs only
+    for step in ("00000", "00002"):
+        folder = os.path.join(logdir, step, sub)
+        if not os.path.isdir(folder):  # the encoding of '/' may be lowercase
+            folder = os.path.join(logdir, step, sub.lower())
+        for f in ("tensors.tsv", "metadata.tsv", "sprite.png"):
+            assert os.path.isfile(os.path.join(folder, f)), (step, f)
+        rows = open(os.path.join(folder, "metadata.tsv")).read().splitlines()
+        assert rows[0].split("\t") == ["label", "prediction"]
+        assert [int(r.split("\t")[0]) for r in rows[1:]] == labels
+        assert all(0 <= int(r.split("\t")[1]) < 3 for r in rows[1:])
+        tensors = open(os.path.join(folder, "tensors.tsv")).read().splitlines()
+        assert len(tensors) == 12 and len(tensors[0].split("\t")) == 4  # TinyCNN width 4
+    config = open(os.path.join(logdir, "projector_config.pbtxt")).read()
+    assert "viz/embeddings/penultimate:00000" in config and "viz/embeddings/penultimate:00002" in config
+
+    cb.every_n_epochs = 1
+    model.train()
+    results = check_untouched(model, lambda: cb.run(trainer, model))
+    torch.testing.assert_close(results["features"], extract_features(model.eval(), cb.probes.images)[0])
+
+
+def test_chosen_layer_and_errors(tmp_path):
+    model = LitTiny()
+    cb = EmbeddingCallback(layer="net.conv2", projector=False, num_probes=6)
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1)
+    train, val = tiny_loaders()
+    trainer.fit(model, train, val)
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz/embeddings/net.conv2/pca") == [0]
+    assert not any(d.isdigit() for d in os.listdir(trainer.logger.log_dir))  # no projector files
+    with pytest.raises(LayerNotFoundError, match="Unknown layer 'net.fc9'"):
+        EmbeddingCallback(layer="net.fc9").check(model)
+    with pytest.raises(ValueError, match="projection must be a list of 'pca' and/or 'tsne'"):
+        EmbeddingCallback(projection=["umap"])
