@@ -1,0 +1,172 @@
+"""CAM family: hand-computed weights on a 2-layer conv net, chunking, errors, torchvision models, CAMCallback."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
+from lightning_viz.callbacks.cam import CAMCallback
+from lightning_viz.capture import isolated
+from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.methods import cam as C
+from lightning_viz.methods import gradients as G
+from lightning_viz.methods.shared_pass import gradient_pass
+from test_gradients import torchvision_model
+
+
+class TwoConv(nn.Module):
+    """conv1 (1x1, 1->2) -> ReLU -> conv2 (1x1, 2->2) -> GAP -> fc: every gradient is computable by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2, 1)
+        self.conv2 = nn.Conv2d(2, 2, 1, bias=False)
+        self.fc = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.conv1.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+            self.conv1.bias.copy_(torch.tensor([0.0, 0.5]))
+            self.conv2.weight.copy_(torch.tensor([[1.0, 2.0], [-1.0, 1.0]]).view(2, 2, 1, 1))
+            self.fc.weight.copy_(torch.tensor([[1.0, -1.0], [0.5, 1.0]]))
+
+    def forward(self, x):
+        return self.fc(self.conv2(F.relu(self.conv1(x))).mean(dim=(2, 3)))
+
+
+X = torch.tensor([[1.0, -1.0], [2.0, 0.5]]).view(1, 1, 2, 2)
+# Hand computation, class 0 (S = mean(A2_0) - mean(A2_1)):
+#   A1 = [x, 0.5 - x];  R = relu(A1): R0 = [[1, 0], [2, .5]], R1 = [[0, 1.5], [0, 0]]
+#   A2_0 = R0 + 2 R1 = [[1, 3], [2, .5]] (sum 6.5);  A2_1 = R1 - R0 = [[-1, 1.5], [-2, -.5]] (sum -2)
+#   dS/dA2 = [1/4, -1/4] everywhere;  dS/dR = [1/4 + 1/4, 2/4 - 1/4] = [.5, .25]
+#   dS/dA1_0 = .5 * [[1, 0], [1, 1]],  dS/dA1_1 = .25 * [[0, 1], [0, 0]]   (sum A1_0 = 2.5, sum A1_1 = -0.5)
+A2_0 = torch.tensor([[1.0, 3.0], [2.0, 0.5]])
+A2_1 = torch.tensor([[-1.0, 1.5], [-2.0, -0.5]])
+A1_0 = X[0, 0]
+A1_1 = 0.5 - X[0, 0]
+
+EXPECTED = {
+    # conv2: constant gradients g = (1/4, -1/4)
+    ("gradcam", "conv2"): F.relu(0.25 * A2_0 - 0.25 * A2_1),  # [[.5, .375], [1, .25]]
+    # Grad-CAM++: alpha = g^2 / (2 g^2 + sumA g^3) = 1 / (2 + sumA g); w = sum_ij alpha relu(g)
+    ("gradcampp", "conv2"): F.relu(4 * 0.25 / (2 + 6.5 * 0.25) * A2_0),  # channel 1 has relu(g) = 0
+    ("xgradcam", "conv2"): F.relu(0.25 * A2_0 - 0.25 * A2_1),  # constant g: sum(A g) / sum(A) = g
+    ("layercam", "conv2"): F.relu(0.25 * A2_0),
+    ("counterfactual_gradcam", "conv2"): F.relu(-0.25 * A2_0 + 0.25 * A2_1),  # all zero here
+    ("cam", "conv2"): F.relu(A2_0 - A2_1),  # fc.weight[0] = (1, -1)
+    # conv1: gradients vary over space
+    ("gradcam", "conv1"): F.relu((0.5 * 3 / 4) * A1_0 + (0.25 / 4) * A1_1),
+    ("gradcampp", "conv1"): F.relu(3 * 0.5 / (2 + 2.5 * 0.5) * A1_0 + 0.25 / (2 - 0.5 * 0.25) * A1_1),
+    ("layercam", "conv1"): F.relu(0.5 * torch.tensor([[1.0, 0], [1, 1]]) * A1_0 + 0.25 * torch.tensor([[0.0, 1], [0, 0]]) * A1_1),
+}
+
+
+@pytest.mark.parametrize("method,layer", list(EXPECTED))
+def test_hand_computed_cams(method, layer):
+    model = TwoConv()
+    with isolated(model):
+        got = C.class_activation_map(model, X, layer, method, target=0)
+    torch.testing.assert_close(got[0], EXPECTED[(method, layer)])
+
+
+def test_hand_computed_literals_and_weights():
+    torch.testing.assert_close(EXPECTED[("gradcam", "conv2")], torch.tensor([[0.5, 0.375], [1.0, 0.25]]))
+    a = torch.stack([A2_0, A2_1])[None]
+    g = torch.tensor([0.25, -0.25]).view(1, 2, 1, 1).expand(1, 2, 2, 2)
+    torch.testing.assert_close(C.gradcampp_weights(a, g), torch.tensor([[1 / 3.625, 0.0]]))
+    torch.testing.assert_close(C.gradcam_weights(a, g), torch.tensor([[0.25, -0.25]]))
+    # Grad-CAM++ where the gradient is 0: alpha is 0, not NaN
+    assert torch.isfinite(C.gradcampp_weights(a, torch.zeros_like(g))).all()
+
+
+def test_guided_gradcam_is_guided_backprop_times_cam():
+    model = TinyCNN(width=3).eval()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with isolated(model):
+        ggc = C.guided_class_activation_map(model, x, "conv1", "guided_gradcam++", target="predicted")
+        gb = G.guided_backprop(model, x, "predicted")
+        cam = C.class_activation_map(model, x, "conv1", "gradcam++", target="predicted")
+    torch.testing.assert_close(ggc, gb * cam[:, None])
+    assert ggc.abs().sum() > 0
+
+
+def test_chunked_equals_unchunked_all_methods():
+    model = TinyCNN(width=3).eval()
+    x, labels = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1])
+    with isolated(model):
+        full = gradient_pass(model, x, "label", labels, ["conv1", "conv2"])
+        part = gradient_pass(model, x, "label", labels, ["conv1", "conv2"], chunk_size=2)
+        for m in C.CAM_METHODS:
+            for layer in ("conv1", "conv2"):
+                if m == "cam" and layer == "conv1":
+                    continue
+                torch.testing.assert_close(C.cam_from_pass(part, layer, m, (8, 8), model), C.cam_from_pass(full, layer, m, (8, 8), model))
+
+
+def test_errors_are_clear():
+    model = TinyCNN(width=3)
+    x = torch.randn(2, 3, 8, 8)
+    with isolated(model):
+        with pytest.raises(ValueError, match="unknown CAM method 'gradcam\\+'; allowed: cam, gradcam, gradcampp"):
+            C.class_activation_map(model, x, "conv2", "gradcam+", target=0)
+        with pytest.raises(ValueError, match="callable target has none"):
+            C.class_activation_map(model, x, "conv2", "cam", target=lambda z: z[:, 0])
+        C.class_activation_map(model, x, "conv2", "gradcam", target=lambda z: z[:, 0])  # fine for Grad-CAM
+        seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+        with pytest.raises(LayerNotFoundError, match="layer '0' \\(4 channels\\), but '6' has in_features=6: the model has no GAP\\+linear head"):
+            C.class_activation_map(seq, x, "0", "cam", target=0)
+        C.class_activation_map(seq, x, "2", "cam", target=0)  # the layer that feeds GAP + linear is fine
+    with pytest.raises(ValueError, match="callable target has none"):
+        CAMCallback(methods=["cam"], target=lambda z: z[:, 0])
+    with pytest.raises(ValueError, match="unknown CAM method 'scorecam'"):
+        CAMCallback(methods=["scorecam"])
+    lit = LitTiny(TinyCNN(width=3))
+    with pytest.raises(LayerNotFoundError, match="Unknown layer 'net.conv9'.*'net.conv1', 'net.conv2'"):
+        CAMCallback(layers=["net.conv9"]).check(lit)
+    with pytest.raises(LayerNotFoundError, match="CAM needs a convolution layer, but 'net.fc' is a Linear"):
+        CAMCallback(layers=["net.fc"]).check(lit)
+    vgg = torchvision_model("vgg11")
+    with pytest.raises(LayerNotFoundError, match="no GAP\\+linear head"):
+        CAMCallback(methods=["cam"]).check(vgg)
+
+
+@pytest.mark.parametrize("arch,layer", [("resnet18", "layer4"), ("vgg11", None), ("densenet121", "features"),
+                                        ("mobilenet_v3_small", None)])
+def test_torchvision_gradients_and_cams_untouched(arch, layer):
+    """Gradient and CAM methods on real architectures (in-place / functional / reused relu), model untouched."""
+    model = torchvision_model(arch)
+    model.train()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model(x).sum().backward()  # live .grad and BN statistics must survive untouched
+    cb = CAMCallback(methods=["gradcam", "gradcampp", "layercam", "guided_gradcam"] + (["cam"] if layer else []), layers=layer and [layer])
+    cb.check(model)
+
+    def run():
+        with isolated(model):
+            plain = gradient_pass(model, x, "label", torch.tensor([0, 2]), cb.layers)
+            guided = gradient_pass(model, x, "label", torch.tensor([0, 2]), (), "guided")
+            cams = {m: (C.guided_cam_from_passes(plain, guided, cb.layers[0], m) if m.startswith("guided")
+                        else C.cam_from_pass(plain, cb.layers[0], m, (32, 32), model)) for m in cb.methods}
+            return plain, guided, cams
+
+    plain, guided, cams = check_untouched(model, run)
+    assert G.gradient_from_pass("saliency", x, plain.input_grad).shape == (2, 32, 32)
+    g1, g2 = (t / t.abs().max() for t in (plain.input_grad, guided.input_grad))
+    assert not torch.allclose(g1, g2, atol=1e-3)  # guided backprop differs from the plain gradient
+    for m, v in cams.items():
+        assert torch.isfinite(v).all() and v.shape[-2:] == (32, 32), m
+    assert cams["gradcam"].amin() >= 0
+
+
+def test_cam_callback_logs_layers_and_methods(tmp_path):
+    cb = CAMCallback(methods=["gradcam", "gradcam++", "guided_gradcam"], layers=["net.conv1", "net.conv2"],
+                     num_probes=2, chunk_size=1, normalize="fixed")
+    tl, vl = tiny_loaders(n=12)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=2).fit(LitTiny(TinyCNN(width=3)), tl, vl)
+    acc = read_events(str(tmp_path))
+    for m in ("gradcam", "gradcampp", "guided_gradcam"):
+        for layer in ("net.conv1", "net.conv2"):
+            assert image_steps(acc, f"viz/{m}/{layer}/p000") == [0, 1]
+            assert image_steps(acc, f"viz/{m}/{layer}/p001") == [0, 1]
+            assert scalar_steps(acc, f"viz/{m}/{layer}/stats/mean_abs") == [0, 1]
+    # fixed scale across epochs: set at the first run, kept afterwards
+    assert set(cb.scales) == {f"{m}/{layer}" for m in ("gradcam", "gradcampp", "guided_gradcam") for layer in ("net.conv1", "net.conv2")}

@@ -1,0 +1,151 @@
+"""Gradient methods (hand-computed on linear / tiny models, chunking, SmoothGrad seeding, torchvision) and GradientCallback."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
+from lightning_viz.callbacks.gradients import GradientCallback
+from lightning_viz.capture import isolated
+from lightning_viz.methods import gradients as G
+
+
+def _linear_model():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 3 * 3, 4))
+    return model, model[1].weight.detach().view(4, 2, 3, 3)
+
+
+def _x(b=3, c=2, s=3, seed=0):
+    return torch.randn(b, c, s, s, generator=torch.Generator().manual_seed(seed))
+
+
+def test_linear_model_hand_computed():
+    model, W = _linear_model()
+    x, labels = _x(), torch.tensor([0, 3, 1])
+    with isolated(model):
+        g = G.gradient(model, x, "label", labels)
+        assert torch.equal(g, W[labels])
+        assert torch.equal(G.saliency(model, x, "label", labels), W[labels].abs().amax(dim=1))
+        torch.testing.assert_close(G.input_x_gradient(model, x, 2), x * W[2])
+        # no ReLU: guided/deconv rules change nothing
+        assert torch.equal(G.guided_backprop(model, x, 2), W[[2, 2, 2]])
+        # linear: IG is exact, (x - baseline) * W_c, for any number of steps
+        torch.testing.assert_close(G.integrated_gradients(model, x, "label", labels, steps=3, baseline=0.5), (x - 0.5) * W[labels])
+        # linear: SmoothGrad of the gradient is the gradient
+        torch.testing.assert_close(G.smoothgrad(G.gradient, model, x, "label", labels, n_samples=4, sigma=0.3), W[labels])
+        # callable target: d(logit0 - logit1)/dx
+        torch.testing.assert_close(G.gradient(model, x, lambda z: z[:, 0] - z[:, 1]), (W[0] - W[1]).expand(3, -1, -1, -1))
+
+
+def test_predicted_target_and_saliency_on_relu_net():
+    model = TinyCNN(width=3).eval()
+    x = _x(4, 3, 8)
+    with isolated(model):
+        pred = model(x).argmax(1)
+        torch.testing.assert_close(G.gradient(model, x, "predicted"), G.gradient(model, x, "label", pred))
+        # guided backprop on a model using F.relu differs from the plain gradient
+        assert not torch.allclose(G.guided_backprop(model, x, "predicted"), G.gradient(model, x, "predicted"))
+        assert not torch.allclose(G.deconvnet(model, x, "predicted"), G.guided_backprop(model, x, "predicted"))
+
+
+def test_integrated_gradients_completeness():
+    torch.manual_seed(0)
+    model = TinyCNN(width=3).eval()
+    x = _x(2, 3, 8)
+    with isolated(model):
+        ig = G.integrated_gradients(model, x, 1, steps=128)
+        logits = model(x)[:, 1] - model(torch.zeros_like(x))[:, 1]
+    torch.testing.assert_close(ig.sum(dim=(1, 2, 3)), logits.detach(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", list(G.GRADIENT_METHODS))
+def test_chunked_equals_unchunked(name):
+    model = TinyCNN(width=3).eval()
+    x, labels = _x(5, 3, 8), torch.tensor([0, 1, 2, 0, 1])
+    kw = {"steps": 5} if name == "integrated_gradients" else {}
+    fn = G.GRADIENT_METHODS[name]
+    with isolated(model):
+        full = fn(model, x, "label", labels, None, **kw)
+        for chunk in (1, 2, 3):
+            torch.testing.assert_close(fn(model, x, "label", labels, chunk, **kw), full, rtol=1e-5, atol=1e-6)
+        sg = G.smoothgrad(fn, model, x, "predicted", None, None, n_samples=3, sigma=0.2, seed=5, **kw)
+        torch.testing.assert_close(G.smoothgrad(fn, model, x, "predicted", None, 4, n_samples=3, sigma=0.2, seed=5, **kw), sg,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_smoothgrad_seeded_and_rng_untouched():
+    model = TinyCNN(width=3)
+    model.train()
+    x = _x(2, 3, 8)
+
+    def run(seed):
+        with isolated(model):
+            return G.smoothgrad(G.saliency, model, x, 0, n_samples=4, sigma=0.2, seed=seed)
+
+    a = check_untouched(model, lambda: run(3))
+    b = check_untouched(model, lambda: run(3))
+    c = run(4)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    with isolated(model):
+        assert not torch.allclose(a, G.saliency(model, x, 0))
+        assert torch.allclose(G.smoothgrad(G.saliency, model, x, 0, n_samples=2, sigma=0.0), G.saliency(model, x, 0))
+    with pytest.raises(ValueError, match="n_samples >= 1"):
+        G.smoothgrad(G.saliency, model, x, 0, n_samples=0)
+
+
+def torchvision_model(arch: str) -> nn.Module:
+    """A torchvision architecture with weights=None; vgg11's 120M-parameter classifier is narrowed
+    (same Linear-ReLU(inplace)-Dropout structure) to keep CPU tests fast."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=3)
+    if arch == "vgg11":
+        model.classifier[0] = nn.Linear(512 * 7 * 7, 32)
+        model.classifier[3] = nn.Linear(32, 32)
+        model.classifier[6] = nn.Linear(32, 3)
+    return model
+
+
+def test_callback_options_are_validated():
+    with pytest.raises(ValueError, match="unknown gradient method 'gradcam'; allowed: saliency, gradient"):
+        GradientCallback(methods=["gradcam"])
+    with pytest.raises(ValueError, match="unknown target 'best'"):
+        GradientCallback(target="best")
+    with pytest.raises(ValueError, match="reduce must be"):
+        GradientCallback(reduce="max")
+    assert GradientCallback(reduce="sum").signed
+    a, b = GradientCallback(methods=["saliency"]), GradientCallback(methods=["gradient"])
+    assert a.state_key != b.state_key
+
+
+def test_callback_logs_every_method_at_scheduled_epochs(tmp_path):
+    methods = ["saliency", "gradient", "guided_backprop", "deconvnet", "input_x_gradient", "integrated_gradients",
+               "smoothgrad_saliency"]
+    cb = GradientCallback(methods=methods, num_probes=3, every_n_epochs=2, ig_steps=4, smoothgrad_samples=2,
+                          chunk_size=2, normalize="both")
+    tl, vl = tiny_loaders(n=24)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=3).fit(LitTiny(TinyCNN(width=3)), tl, vl)
+    acc = read_events(str(tmp_path))
+    for m in methods:
+        for pid in ("p000", "p001", "p002"):
+            assert image_steps(acc, f"viz/{m}/input/{pid}") == [0, 2]
+            assert image_steps(acc, f"viz/{m}/input/{pid}/fixed") == [0, 2]
+        assert scalar_steps(acc, f"viz/{m}/input/stats/max_abs") == [0, 2]
+    assert scalar_steps(acc, "viz/gradients/time_s") == [0, 2]
+    assert "viz/saliency/input/p003" not in acc.Tags()["images"]
+    img = acc.Images("viz/saliency/input/p000")[0]
+    assert (img.width, img.height) == (8, 8)
+
+
+def test_callback_under_validate_inference_mode(tmp_path):
+    cb = GradientCallback(methods=["saliency", "guided_backprop"], num_probes=2, run_on="validation_epoch_end",
+                          target="predicted")
+    tl, vl = tiny_loaders(n=12)
+    model = LitTiny(TinyCNN(width=3))
+    tiny_trainer(str(tmp_path), [cb]).validate(model, vl)
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz/guided_backprop/input/p001") == [0]
+    assert all(p.grad is None for p in model.parameters())
