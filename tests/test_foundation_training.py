@@ -8,7 +8,6 @@ training is untouched (bitwise), tags land at the expected epochs, failures are 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -16,7 +15,7 @@ import lightning as L
 import pytest
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from helpers import LitTiny, TinyCNN, assert_untouched, image_steps, read_events, scalar_steps, snapshot, tiny_dataset, tiny_loaders, tiny_trainer
+from helpers import LitTiny, assert_untouched, image_steps, read_events, scalar_steps, snapshot, tiny_dataset, tiny_loaders, tiny_trainer
 from lightning_viz.callbacks.activations import ActivationCallback
 from lightning_viz.callbacks.base import VisualizationError
 from lightning_viz.callbacks.filters import FilterCallback

@@ -15,7 +15,6 @@ from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from torch import Tensor
 
 from ..layers import first_conv_name, last_conv_name, resolve_layers
 from ..logging import VizLogger, make_tag

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
@@ -33,8 +32,8 @@ MIN_TILE_PX = 24
 def filter_grid(weights: Tensor, normalize: str = "per_filter", max_filters: int = 64) -> Tensor:
     """``[out, in, kh, kw]`` weights -> one ``[3, H, W]`` grid image in ``[0, 1]``.
 
-    The first ``max_filters`` filters are shown (and, without RGB, at most ``max_filters`` input channels),
-    min-max scaled per filter (``"per_filter"``) or on one range for all shown filters (``"global"``).
+    The first ``max_filters`` filters are shown (and, without RGB, at most ``max_filters`` input channels,
+    one row per filter; single-channel filters fill a square grid), min-max scaled per filter (``"per_filter"``) or on one range for all shown filters (``"global"``).
     """
     w = weights.detach().float()[:max_filters]
     rgb = w.shape[1] == 3
@@ -51,7 +50,7 @@ def filter_grid(weights: Tensor, normalize: str = "per_filter", max_filters: int
     scale = max(1, -(-MIN_TILE_PX // max(kh, kw)))
     if scale > 1:
         tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
-    return image_grid(tiles, nrow=None if rgb else cin, padding=1)
+    return image_grid(tiles, nrow=None if rgb or cin == 1 else cin, padding=1)
 
 
 class FilterCallback(VisualizationCallback):
