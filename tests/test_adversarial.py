@@ -15,6 +15,15 @@ from lightning_viz.methods.adversarial import fgsm, is_flipped, minimal_flip_bud
 from lightning_viz.methods.synthesis import valid_range
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class TwoClassLinear(nn.Module):
     def __init__(self):
         super().__init__()

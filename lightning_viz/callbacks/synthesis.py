@@ -61,7 +61,8 @@ class _InputOptimizationCallback(VisualizationCallback):
         clip_percentile: zero pixels whose norm is below this percentile of each image (0 = off).
         clip_contribution_percentile: zero pixels whose contribution ``|I * dS/dI|`` is below this percentile (0 = off).
         parameterization: ``"pixel"`` or ``"fft"`` (decorrelated Fourier basis, lucid).
-        init: starting image: ``"zero"`` (the mean image), ``"gray"`` (mid-range) or ``"noise"``.
+        init: starting image: ``"zero"`` (the mean image), ``"gray"`` (mid-range) or ``"noise"`` (gray plus
+            seeded noise; the default, since an all-zero input can be a zero-gradient saddle of a ReLU net).
         optimizer: ``"adam"`` or ``"sgd"`` (plain gradient ascent).
         seed: seed of the generator for init noise and jitter, reset at every run.
         chunk_size: optimize this many images at a time (``None``: all at once).
@@ -82,7 +83,7 @@ class _InputOptimizationCallback(VisualizationCallback):
         clip_percentile: float = 0.0,
         clip_contribution_percentile: float = 0.0,
         parameterization: Literal["pixel", "fft"] = "pixel",
-        init: Literal["zero", "gray", "noise"] = "gray",
+        init: Literal["zero", "gray", "noise"] = "noise",
         optimizer: Literal["adam", "sgd"] = "adam",
         seed: int = 0,
         chunk_size: Optional[int] = None,

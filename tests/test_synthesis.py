@@ -1,0 +1,153 @@
+"""Class-model images, unit images and feature inversion: the objective really rises, seeds reproduce,
+chunking changes nothing, the model is untouched, real architectures work, and the callbacks log."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_dataset, tiny_loaders, tiny_trainer
+from lightning_viz.callbacks.synthesis import ClassModelCallback, InversionCallback, UnitCallback
+from lightning_viz.capture import isolated
+from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.methods.objectives import class_logit
+from lightning_viz.methods.regularizers import build_regularizers
+from lightning_viz.methods.synthesis import class_model_images, invert_features, optimize_input, unit_images, valid_range
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    model = TinyCNN(width=4)
+    x, y = tiny_dataset(48).tensors
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(40):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, x
+
+
+@pytest.mark.parametrize("param", ["pixel", "fft"])
+def test_class_model_raises_target_score_and_leaves_model_untouched(trained, param):
+    model, x = trained
+    model.train()
+    F.cross_entropy(model(x[:4]), torch.zeros(4, dtype=torch.long)).backward()  # a .grad that must survive
+
+    def run():
+        with isolated(model):
+            return class_model_images(model, [0, 1, 2], (3, 8, 8), l2=1e-3, steps=20, lr=0.1, param=param, init="zero")
+
+    res = check_untouched(model, run)
+    model.zero_grad(set_to_none=True)
+    assert (res.scores - res.start_scores > 8.0).all(), (res.start_scores, res.scores)
+    with isolated(model), torch.no_grad():  # the reported score is the class logit of the returned image
+        torch.testing.assert_close(model(res.images).gather(1, torch.tensor([[0], [1], [2]])).squeeze(1), res.scores)
+
+
+def test_same_seed_same_images_and_chunked_equals_unchunked(trained):
+    model, _ = trained
+    regs = dict(jitter=1, blur_every=3, clip_contribution_percentile=5, tv=1e-3, l2_decay=0.01)
+
+    def run(seed, chunk=None, param="pixel"):
+        with isolated(model):
+            return optimize_input(model, class_logit([0, 1, 2, 0]), (4, 3, 8, 8), steps=8, lr=0.1, param=param,
+                                  regularizers=build_regularizers(**regs), init="noise",
+                                  generator=torch.Generator().manual_seed(seed), chunk_size=chunk).images
+
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    torch.testing.assert_close(run(0, chunk=3), a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(run(0, chunk=1, param="fft"), run(0, param="fft"), atol=1e-5, rtol=1e-4)
+
+
+def test_unit_images_raise_activation_and_inversion_lowers_feature_error(trained):
+    model, x = trained
+    bounds = valid_range([0.5] * 3, [0.5] * 3)  # inputs in [-1, 1]
+    with isolated(model):
+        for unit in ("channel", "neuron"):
+            res = unit_images(model, "conv2", [0, 1, 2, 3], (3, 8, 8), unit=unit, steps=15, lr=0.1, bounds=bounds)
+            assert (res.scores - res.start_scores > 0.5).all(), (unit, res.start_scores, res.scores)
+            assert res.images.min() >= -1 and res.images.max() <= 1
+        inv = invert_features(model, x[:3], "conv1", steps=30, lr=0.1, generator=torch.Generator().manual_seed(0),
+                              regularizers=build_regularizers(tv=1e-3))
+    start, end = (-inv.start_scores).sqrt(), (-inv.scores).sqrt()
+    assert (end < 0.5 * start).all() and (end < 0.3).all(), (start, end)
+
+
+def test_resnet18_in_place_relu_and_reused_modules():
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(weights=None, num_classes=5)
+
+    def run():
+        with isolated(model):
+            # from noise: an all-zero input is a saddle point of a bias-free ReLU network (zero gradient)
+            gen = torch.Generator().manual_seed(0)
+            units = unit_images(model, "layer1.0.conv2", [0, 7], (3, 32, 32), steps=3, lr=0.1, init="noise", generator=gen)
+            classes = class_model_images(model, [1, 4], (3, 32, 32), steps=3, lr=0.1, param="fft", init="noise", generator=gen)
+        return units, classes
+
+    units, classes = check_untouched(model, run)
+    assert (units.scores > units.start_scores).all() and (classes.scores > classes.start_scores).all()
+
+
+def test_callbacks_log_grids_pairs_and_scalars_every_epoch(tmp_path):
+    torch.manual_seed(0)
+    model = LitTiny(TinyCNN(width=4))
+    train, val = tiny_loaders(24)
+    cbs = [
+        ClassModelCallback(steps=4, input_shape=[3, 8, 8], blur_every=2, jitter=1),
+        UnitCallback(layer="net.conv2", channels=[0, 3], steps=4, parameterization="fft"),
+        InversionCallback(layer="net.conv1", steps=4, num_probes=2),
+    ]
+    assert not cbs[0].needs_probes and cbs[1].needs_probes
+    tiny_trainer(str(tmp_path), cbs, max_epochs=2).fit(model, train, val)
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz/class_model/grid") == [0, 1]
+    assert [scalar_steps(acc, f"viz/class_model/class{c}/score") for c in range(3)] == [[0, 1]] * 3
+    assert image_steps(acc, "viz/units/net.conv2/grid") == [0, 1]
+    assert scalar_steps(acc, "viz/units/net.conv2/ch3/activation") == [0, 1]
+    for pid in ("p000", "p001"):
+        assert image_steps(acc, f"viz/inversion/net.conv1/{pid}") == [0, 1]
+    assert scalar_steps(acc, "viz/inversion/net.conv1/feature_error") == [0, 1]
+    pair = acc.Images("viz/inversion/net.conv1/p000")[0]
+    assert pair.width > 2 * 8 and pair.height < 2 * 8  # original | reconstruction side by side
+    assert len({cb.state_key for cb in cbs}) == 3
+
+
+def test_inversion_under_validate_inference_mode(tmp_path):
+    cb = InversionCallback(layer="net.conv2", steps=3, num_probes=2, run_on="validation_epoch_end")
+    _, val = tiny_loaders(8)
+    tiny_trainer(str(tmp_path), [cb]).validate(LitTiny(TinyCNN(width=4)), val)
+    assert scalar_steps(read_events(str(tmp_path)), "viz/inversion/net.conv2/feature_error") == [0]
+
+
+def test_clear_errors_and_cli_parsing():
+    model = LitTiny(TinyCNN(width=4))
+    with pytest.raises(LayerNotFoundError, match="net.conv2"):
+        UnitCallback(layer="conv9", channels=[0]).check(model)
+    with pytest.raises(ValueError, match=r"4 channels \(0..3\)"):
+        UnitCallback(layer="net.conv2", channels=[4]).check(model)
+    with pytest.raises(ValueError, match="parameterization must be 'pixel' or 'fft'"):
+        ClassModelCallback(parameterization="dct")
+    with pytest.raises(ValueError, match="input_shape must be"):
+        ClassModelCallback(input_shape=[8, 8])
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(UnitCallback, "cb")
+    cfg = parser.parse_object({"cb": {"layer": "net.conv2", "channels": [1, 2], "parameterization": "fft", "every_n_epochs": 2}})
+    cb = parser.instantiate_classes(cfg).cb
+    assert (cb.layer, cb.channels, cb.parameterization, cb.every_n_epochs) == ("net.conv2", [1, 2], "fft", 2)
