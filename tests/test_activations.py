@@ -134,3 +134,31 @@ def test_activation_callback_every_n_epochs(tmp_path):
     acc = read_events(str(tmp_path))
     assert image_steps(acc, "viz/activations/net.relu/p000") == [0, 2]
     assert "viz/activations/net.relu/p001" not in acc.Tags()["images"]
+
+
+@pytest.mark.parametrize("arch,first,last", [
+    ("vgg11", "net.features.0", "net.features.18"),
+    ("mobilenet_v3_small", "net.features.0.0", "net.features.12.0"),
+    ("densenet121", "net.features.conv0", "net.features.denseblock4.denselayer16.conv2"),
+])
+def test_torchvision_architectures(arch, first, last):
+    """Default layers resolve on real architectures; filters and feature maps come out untouched-model."""
+    torchvision = pytest.importorskip("torchvision")
+    from lightning_viz.callbacks.filters import FilterCallback
+
+    lit = LitTiny(getattr(torchvision.models, arch)(weights=None, num_classes=3))
+    g = torch.Generator().manual_seed(0)
+    probe = ProbeSet(torch.randn(2, 3, 32, 32, generator=g), labels=torch.tensor([0, 1]))
+    filters, acts = FilterCallback(), ActivationCallback(max_channels=4)
+    filters.check(lit)
+    acts.check(lit)
+    assert acts.layer_names(lit) == [first, last]
+
+    def run():
+        with isolated(lit):
+            return filters.compute(lit, None), acts.compute(lit, probe)
+
+    f, a = check_untouched(lit, run)
+    assert f["layer"] == first and torch.equal(f["weights"], dict(lit.named_modules())[first].weight)
+    assert a[f"maps:{first}"].shape[:2] == (2, 4) and a[f"maps:{last}"].shape[:2] == (2, 4)
+    assert (a[f"maps:{first}"] < 0).any()  # the conv's own output, before its (in-place) activation
