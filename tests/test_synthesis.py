@@ -151,3 +151,20 @@ def test_clear_errors_and_cli_parsing():
     cfg = parser.parse_object({"cb": {"layer": "net.conv2", "channels": [1, 2], "parameterization": "fft", "every_n_epochs": 2}})
     cb = parser.instantiate_classes(cfg).cb
     assert (cb.layer, cb.channels, cb.parameterization, cb.every_n_epochs) == ("net.conv2", [1, 2], "fft", 2)
+
+
+def test_per_probe_callbacks_give_the_same_result_on_any_rank_split():
+    from lightning_viz.methods.synthesis import per_image_noise
+    from lightning_viz.probe import ProbeSet
+
+    full = per_image_noise((5, 3, 4, 4), seed=3)
+    torch.testing.assert_close(per_image_noise((2, 3, 4, 4), seed=3, first_index=3), full[3:])
+    x, y = tiny_dataset(5).tensors
+    probe = ProbeSet(images=x, labels=y)
+    model = LitTiny(TinyCNN(width=4))
+    cb = InversionCallback(layer="net.conv2", steps=4, jitter=1)
+    with isolated(model):
+        whole = cb.compute(model, probe)
+        parts = [cb.compute(model, probe.shard(r, 2)) for r in range(2)]
+    torch.testing.assert_close(torch.cat([p["images"] for p in parts]), whole["images"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([p["error"] for p in parts]), whole["error"], atol=1e-5, rtol=1e-4)

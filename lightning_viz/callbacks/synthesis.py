@@ -28,7 +28,7 @@ from ..layers import canonical_name, get_layer
 from ..logging import VizLogger, make_tag
 from ..methods.adversarial import fgsm, minimal_flip_budget, pgd, predict
 from ..methods.regularizers import build_regularizers
-from ..methods.synthesis import class_model_images, invert_features, unit_images, valid_range
+from ..methods.synthesis import class_model_images, initial_images, invert_features, per_image_noise, unit_images, valid_range
 from ..probe import ProbeSet
 from ..render import image_grid, label_strip
 from .base import VisualizationCallback
@@ -251,7 +251,12 @@ class InversionCallback(_InputOptimizationCallback):
         get_layer(pl_module, self.layer)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
-        res = invert_features(pl_module, probe.to(_device(pl_module)), self.layer, **self.optimize_kwargs(pl_module, probe))
+        kw = self.optimize_kwargs(pl_module, probe)
+        x = probe.to(_device(pl_module))
+        if self.init == "noise":  # per-probe noise: the same reconstruction whatever the split over ranks
+            kw["init"] = initial_images("gray", x.shape, bounds=kw["bounds"], device=x.device) + 0.1 * per_image_noise(
+                x.shape, self.seed, probe.offset, device=x.device)
+        res = invert_features(pl_module, x, self.layer, **kw)
         return {"images": res.images.cpu(), "error": (-res.scores).clamp_min(0).sqrt().cpu()}
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
@@ -334,9 +339,10 @@ class AdversarialCallback(VisualizationCallback):
         if self.attack == "fgsm":
             adv = fgsm(pl_module, x, classes, self.epsilon, targeted=targeted, bounds=bounds)
         else:
-            gen = torch.Generator(device=device).manual_seed(self.seed)
+            # per-probe random start: the same attack whatever the split of the probes over ranks
+            start = per_image_noise(x.shape, self.seed, probe.offset, uniform=True, device=device) if self.random_start else None
             adv = pgd(pl_module, x, classes, self.epsilon, steps=self.steps, step_size=self.step_size, targeted=targeted,
-                      random_start=self.random_start, generator=gen, bounds=bounds)
+                      random_start=False, start=start, bounds=bounds)
         out = {"adv": adv.cpu(), "clean_pred": clean.cpu(), "adv_pred": predict(pl_module, adv).cpu(), "classes": classes.cpu()}
         if self.min_flip:
             out["min_eps"] = minimal_flip_budget(

@@ -86,20 +86,23 @@ def pgd(
     random_start: bool = True,
     generator: torch.Generator | None = None,
     bounds: tuple[Tensor, Tensor] | None = None,
+    start: Tensor | None = None,
 ) -> Tensor:
     """Projected gradient descent in the L-inf ball (Madry et al. 2018): ``steps`` signed steps of
     ``step_size`` (default ``2.5 * epsilon / steps``), each projected back into the ball and ``bounds``,
-    starting from ``x`` plus uniform noise in the ball drawn from ``generator`` (``random_start``)."""
+    starting from ``x`` plus uniform noise in the ball drawn from ``generator`` (``random_start``), or
+    from ``x + start * epsilon`` for given noise ``start`` in ``[-1, 1]`` shaped like ``x``."""
     if steps < 1:
         raise ValueError(f"pgd needs steps >= 1; got {steps}")
     x = x.detach()
     eps = _per_image(epsilon, x)
     alpha = 2.5 * eps / steps if step_size is None else _per_image(step_size, x)
     x_adv = x.clone()
-    if random_start:
-        gen_device = generator.device if generator is not None else "cpu"
-        u = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
-        x_adv = _project(x + (2 * u - 1) * eps, x, eps, bounds)
+    if random_start or start is not None:
+        if start is None:
+            gen_device = generator.device if generator is not None else "cpu"
+            start = 2 * torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype) - 1
+        x_adv = _project(x + start.to(x) * eps, x, eps, bounds)
     for _ in range(steps):
         x_adv = _project(x_adv + alpha * _loss_sign_grad(model, x_adv, classes, targeted), x, eps, bounds)
     return x_adv.detach()

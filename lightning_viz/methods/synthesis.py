@@ -33,6 +33,7 @@ __all__ = [
     "SynthesisResult",
     "valid_range",
     "initial_images",
+    "per_image_noise",
     "optimize_input",
     "class_model_images",
     "unit_images",
@@ -91,6 +92,19 @@ def initial_images(
         gen_device = generator.device if generator is not None else "cpu"
         x = x + noise_std * torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
     return x
+
+
+def per_image_noise(
+    shape: Sequence[int], seed: int, first_index: int = 0, uniform: bool = False, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Standard normal (or ``uniform`` in ``[-1, 1]``) noise for images ``first_index .. first_index + B - 1`` of a
+    larger set: image ``i`` draws from its own generator seeded with ``(seed, i)``, so its noise does not depend
+    on how the set is split over DDP ranks or chunks."""
+    out = []
+    for i in range(first_index, first_index + int(shape[0])):
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + i)
+        out.append(torch.rand(tuple(shape[1:]), generator=g) * 2 - 1 if uniform else torch.randn(tuple(shape[1:]), generator=g))
+    return torch.stack(out).to(device) if out else torch.zeros(tuple(shape), device=device)
 
 
 def _scores(model: nn.Module, objective: Objective, images: Tensor, rows: Tensor) -> Tensor:
