@@ -114,12 +114,14 @@ def test_projector_files_and_scalars_per_scheduled_epoch(tmp_path):
 
 def test_chosen_layer_and_errors(tmp_path):
     model = LitTiny()
-    cb = EmbeddingCallback(layer="net.conv2", projector=False, num_probes=6)
+    cb = EmbeddingCallback(layer="net.conv2", projector=False, num_probes=6, run_on="validation_epoch_end")
     trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1)
     train, val = tiny_loaders()
     trainer.fit(model, train, val)
+    trainer.validate(model, val)  # inside inference mode, at current_epoch 1
     acc = read_events(str(tmp_path))
-    assert image_steps(acc, "viz/embeddings/net.conv2/pca") == [0]
+    assert image_steps(acc, "viz/embeddings/net.conv2/pca") == [0, 1]
+    assert scalar_steps(acc, "viz/embeddings/net.conv2/silhouette") == [0, 1]
     assert not any(d.isdigit() for d in os.listdir(trainer.logger.log_dir))  # no projector files
     with pytest.raises(LayerNotFoundError, match="Unknown layer 'net.fc9'"):
         EmbeddingCallback(layer="net.fc9").check(model)

@@ -169,6 +169,11 @@ def test_callback_logs_one_grid_per_unit_and_ddp_merge_equals_single(tmp_path):
     assert set(a.image.flatten().tolist()) <= set(range(20))
     cb.every_n_epochs = 1
     check_untouched(model, lambda: cb.run(trainer, model))
+    # under inference mode (trainer.validate), also the gradient receptive field works
+    cb.receptive_field, cb._boxes = "gradient", {}
+    with torch.inference_mode():
+        check_untouched(model, lambda: cb.run(trainer, model))
+    assert torch.equal(cb.boxes(model, "net.conv2", (3, 8, 8))[3, 3], torch.tensor([1, 1, 6, 6]))
 
 
 def test_default_units_and_errors():

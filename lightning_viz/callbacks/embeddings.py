@@ -78,7 +78,7 @@ class EmbeddingCallback(VisualizationCallback):
         return self.layer or PENULTIMATE
 
     def state_key_parts(self) -> tuple[Any, ...]:
-        return super().state_key_parts() + (self.layer_tag,)
+        return super().state_key_parts() + (self.layer_tag, tuple(self.projection))
 
     def check(self, pl_module: LightningModule) -> None:
         if self.layer is None:
