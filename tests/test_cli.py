@@ -1,0 +1,87 @@
+"""The ``lightning-viz`` CLI on the shipped configs (made tiny by overrides), README and CI commands."""
+
+from __future__ import annotations
+
+import os
+
+from helpers import image_steps, read_events, scalar_steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.yaml")
+DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
+
+DEMO_COMMAND = "python -m pip install torch==2.14.1 torchvision==0.29.1 -e . && lightning-viz fit --config configs/demo.yaml"
+TEST_COMMAND = 'python -m pip install torch==2.14.1 torchvision==0.29.1 -e ".[dev]" && python -m pytest -q'
+
+
+def tiny_overrides(logdir: str, epochs: int = 2) -> list[str]:
+    return [
+        f"--trainer.max_epochs={epochs}",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.accelerator=cpu",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.logger.init_args.save_dir={logdir}",
+        "--data.init_args.batch_size=8",
+    ]
+
+
+def test_demo_config_through_console_entry_point(tmp_path, monkeypatch):
+    """What ``lightning-viz fit --config configs/demo.yaml`` does (``sys.exit(main())``), made tiny."""
+    from lightning_viz.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    logdir = str(tmp_path / "logs")
+    args = ["fit", "--config", DEMO, *tiny_overrides(logdir),
+            "--data.init_args.num_train=32", "--data.init_args.num_val=16", "--data.init_args.image_size=16"]
+    assert main(args) is None  # the console script calls sys.exit(main()): anything else exits with status 1
+    acc = read_events(logdir)
+    assert image_steps(acc, "viz/filters/net.conv1/grid") == [0, 1]
+    probe_tags = [t for t in acc.Tags()["images"] if t.startswith("viz/activations/net.relu3/")]
+    assert sorted(probe_tags) == [f"viz/activations/net.relu3/p00{i}" for i in range(4)]
+    assert image_steps(acc, "viz/activations/net.conv1/p000") == [0, 1]
+    assert scalar_steps(acc, "viz/filters/net.conv1/rel_change") == [1]
+    assert scalar_steps(acc, "val_acc") and scalar_steps(acc, "train_loss")
+    saved = [os.path.join(d, f) for d, _, fs in os.walk(logdir) for f in fs if f == "config.yaml"]
+    assert saved, "LightningCLI should save the resolved config next to the events"
+    assert not os.path.exists(tmp_path / "lightning_logs")  # the save_dir override took effect
+
+
+def test_digits_config_in_process(tmp_path, monkeypatch):
+    from lightning_viz.cli import cli_main
+    from lightning_viz.data.digits import DigitsDataModule
+
+    monkeypatch.chdir(tmp_path)
+    logdir = str(tmp_path / "logs")
+    cli = cli_main(["fit", "--config", DIGITS, *tiny_overrides(logdir, epochs=1), "--data.init_args.image_size=8"])
+    assert isinstance(cli.datamodule, DigitsDataModule)
+    assert cli.model.net.conv1.in_channels == 1 and cli.model.net.fc.out_features == 10
+    acc = read_events(logdir)
+    assert image_steps(acc, "viz/filters/net.conv1/grid") == [0]
+    assert len([t for t in acc.Tags()["images"] if t.startswith("viz/activations/net.conv1/")]) == 10
+
+
+def test_cli_builds_other_arch_and_data_by_short_name():
+    from lightning_viz.cli import cli_main
+    from lightning_viz.data.shapes import ShapesDataModule
+
+    cli = cli_main(["--model.arch=resnet18", "--model.num_classes=3", "--data=ShapesDataModule",
+                    "--data.num_classes=3", "--trainer.logger=false"], run=False)
+    assert isinstance(cli.datamodule, ShapesDataModule) and cli.datamodule.num_classes == 3
+    assert cli.model.net.fc.out_features == 3 and hasattr(cli.model.net, "layer4")
+
+
+def test_console_script_readme_and_ci_commands():
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        assert 'lightning-viz = "lightning_viz.cli:main"' in f.read()
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert DEMO_COMMAND in readme and TEST_COMMAND in readme
+    ci = os.path.join(ROOT, ".ci", "run")
+    assert os.access(ci, os.X_OK)
+    with open(ci) as f:
+        lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "set -euo pipefail" and TEST_COMMAND in lines

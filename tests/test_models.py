@@ -1,0 +1,75 @@
+"""SmallCNN and ImageClassifier: layer names, CAM-ready head, torchvision archs, training on shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import read_events, scalar_steps, tiny_trainer
+from lightning_viz.capture import capture
+from lightning_viz.data.shapes import ShapesDataModule
+from lightning_viz.layers import conv_layer_names, first_conv_name, last_conv_name
+from lightning_viz.models import ImageClassifier, SmallCNN, available_archs, build_model
+
+
+def test_small_cnn_layers_and_cam_head():
+    net = SmallCNN(in_channels=3, num_classes=4, width=4).eval()
+    assert conv_layer_names(net) == ["conv1", "conv2", "conv3"] and last_conv_name(net) == "conv3"
+    assert net.relu1.inplace and net.relu3.inplace
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with capture(net, ["relu3", "conv2", "bn2"]) as acts:
+        logits = net(x)
+    feats = acts["relu3"]
+    assert feats.shape == (2, 16, 4, 4) and (feats >= 0).all()  # two 2x poolings, 4*width channels
+    # Global average pooling + linear: logits are the class-weighted mean of the last maps (CAM).
+    cam_logits = torch.einsum("kc,bchw->bk", net.fc.weight, feats) / 16 + net.fc.bias
+    torch.testing.assert_close(logits, cam_logits, atol=1e-5, rtol=1e-5)
+    # Block 2 is rectified by the functional relu: no module for it, and bn2's output still has negatives.
+    assert not any(isinstance(m, nn.ReLU) for n, m in net.named_modules() if n.startswith("bn2"))
+    assert (acts["bn2"] < 0).any()
+
+
+def test_image_classifier_layer_names_under_net():
+    model = ImageClassifier(arch="small_cnn", num_classes=4, width=4)
+    assert first_conv_name(model) == "net.conv1" and last_conv_name(model) == "net.conv3"
+    assert model.hparams.arch == "small_cnn" and model.hparams.width == 4
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11", "densenet121", "mobilenet_v3_small"])
+def test_torchvision_archs_build_for_1_and_3_channels(arch):
+    for in_channels in (1, 3):
+        model = ImageClassifier(arch=arch, num_classes=5, in_channels=in_channels).eval()
+        first = dict(model.named_modules())[first_conv_name(model)]
+        assert first.in_channels == in_channels
+        with torch.no_grad():
+            out = model(torch.randn(2, in_channels, 32, 32))
+        assert out.shape == (2, 5)
+
+
+def test_unknown_arch_lists_allowed_names():
+    with pytest.raises(ValueError, match="Unknown arch 'resnet19'") as e:
+        build_model("resnet19")
+    for name in ("small_cnn", "resnet18", "vgg11", "densenet121", "mobilenet_v3_small"):
+        assert name in str(e.value) and name in available_archs()
+
+
+def test_steps_accept_masks_and_dicts():
+    model = ImageClassifier(num_classes=4, width=4)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    loss = model.training_step((x, y, torch.zeros(4, 16, 16)), 0)
+    torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
+    torch.testing.assert_close(model.training_step({"image": x, "label": y}, 0), loss)
+    with pytest.raises(ValueError, match="labelled batches"):
+        model.training_step(x, 0)
+
+
+def test_small_cnn_learns_shapes_in_two_epochs(tmp_path):
+    dm = ShapesDataModule(num_train=768, num_val=128, image_size=24, batch_size=32, seed=0)
+    model = ImageClassifier(num_classes=4, width=8, lr=3e-3)
+    trainer = tiny_trainer(str(tmp_path), max_epochs=2)
+    trainer.fit(model, datamodule=dm)
+    assert float(trainer.callback_metrics["val_acc"]) > 0.6  # chance is 0.25
+    acc = read_events(str(tmp_path))
+    assert scalar_steps(acc, "val_acc") and scalar_steps(acc, "val_loss") and scalar_steps(acc, "train_loss")
