@@ -123,8 +123,11 @@ def test_activation_callback_options_validated(tmp_path):
         ActivationCallback(channels="best")
     with pytest.raises(ValueError, match="unknown colormap 'nope'"):
         tiny_trainer(str(tmp_path), [ActivationCallback(cmap="nope")]).fit(LitTiny(), *tiny_loaders(n=12))
+    with pytest.raises(ValueError, match="at least one layer"):
+        ActivationCallback(layers=[])
     cb = ActivationCallback(layers="net.conv2")
     assert cb.layers == ["net.conv2"]
+    assert ActivationCallback(layers=["net.conv2", "_orig_mod.net.conv2"]).layer_names(LitTiny()) == ["net.conv2"]
     assert cb.state_key != ActivationCallback(layers=["net.conv1"]).state_key
 
 

@@ -63,6 +63,8 @@ class ActivationCallback(VisualizationCallback):
             raise ValueError(f"ActivationCallback: chunk_size must be >= 1 or None; got {chunk_size}")
         if isinstance(layers, str):
             layers = [layers]
+        if layers is not None and len(layers) == 0:
+            raise ValueError("ActivationCallback: layers must name at least one layer, or be None (first and last conv)")
         self.layers = None if layers is None else list(layers)
         self.max_channels = max_channels
         self.channels = channels
@@ -75,7 +77,7 @@ class ActivationCallback(VisualizationCallback):
     def layer_names(self, pl_module: LightningModule) -> list[str]:
         if self.layers is None:
             return list(dict.fromkeys([first_conv_name(pl_module), last_conv_name(pl_module)]))
-        return resolve_layers(pl_module, self.layers)
+        return list(dict.fromkeys(resolve_layers(pl_module, self.layers)))
 
     def check(self, pl_module: LightningModule) -> None:
         self.layer_names(pl_module)
