@@ -92,8 +92,9 @@ def test_shapes_datamodule_batches_and_disjoint_splits():
     assert x.shape == (8, 3, 16, 16) and y.shape == (8,) and m.shape == (8, 16, 16)
     assert len(dm.val_dataloader().dataset) == 8 and dm.mean == dm.train_set.mean
     assert not any(torch.equal(dm.train_set[i][0], dm.val_set[i][0]) for i in range(8))
+    assert dm.classes == ["circle", "square", "triangle", "cross"]
     with pytest.raises(ValueError, match="num_classes must be between 1 and 4"):
-        ShapesDataset(4, num_classes=5)
+        ShapesDataModule(num_classes=5)
 
 
 # ----------------------------------------------------------------------------- digits

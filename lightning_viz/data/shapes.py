@@ -136,6 +136,7 @@ class ShapesDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        ShapesDataset(0, image_size=image_size, num_classes=num_classes)  # validates the options now, not at setup
         self.save_hyperparameters()
         self.num_train, self.num_val = num_train, num_val
         self.image_size, self.num_classes = image_size, num_classes
@@ -143,6 +144,7 @@ class ShapesDataModule(L.LightningDataModule):
         self.mean = tuple(SHAPES_MEAN)
         self.std = tuple(SHAPES_STD)
         self.in_channels = 3
+        self.classes = list(SHAPE_NAMES[:num_classes])
         self.train_set: Optional[ShapesDataset] = None
         self.val_set: Optional[ShapesDataset] = None
 
