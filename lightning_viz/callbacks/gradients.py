@@ -15,7 +15,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from ..methods.gradients import GRADIENT_METHODS, PASS_RULES, gradient_from_pass, reduce_channels, smoothgrad
-from ..methods.shared_pass import PassResult, gradient_pass, pass_cache
+from ..methods.shared_pass import PassCache, PassResult, pass_cache
 from ..probe import ProbeSet
 from ..targets import resolve_target
 from .maps import MapCallback
@@ -35,7 +35,8 @@ class GradientMapCallback(MapCallback):
         target: ``"label"`` (default), ``"predicted"``, a class index, or (from Python) a callable
             ``logits -> score[B]``.
         chunk_size: probe images per forward/backward (``None``: all at once); results do not depend on it.
-        share_pass: reuse one pass per epoch with the other gradient/CAM callbacks of the model.
+        share_pass: reuse one pass per epoch with the other gradient/CAM callbacks of the model
+            (``False``: the methods of this callback still share one pass, but no other callback does).
     """
 
     def __init__(self, target: Union[str, int] = "label", chunk_size: Optional[int] = None, share_pass: bool = True,
@@ -46,22 +47,25 @@ class GradientMapCallback(MapCallback):
             raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
         self.chunk_size = chunk_size
         self.share_pass = share_pass
+        self._own_cache = PassCache()  # used when share_pass is False
 
     def pass_needs(self, pl_module: LightningModule) -> dict[Optional[str], list[str]]:
         """``{relu_rule: layer names}`` this callback reads from shared passes."""
         return {}
 
+    def cache(self, pl_module: LightningModule) -> PassCache:
+        """The model's shared :class:`PassCache`, or this callback's own one (``share_pass=False``)."""
+        return pass_cache(pl_module) if self.share_pass else self._own_cache
+
     def check(self, pl_module: LightningModule) -> None:
-        if self.share_pass:
-            cache = pass_cache(pl_module)
-            for rule, layers in self.pass_needs(pl_module).items():
-                cache.register(self.target, rule, layers)
+        cache = self.cache(pl_module)
+        for rule, layers in self.pass_needs(pl_module).items():
+            cache.register(self.target, rule, layers)
 
     def get_pass(self, pl_module: LightningModule, probe: ProbeSet, x: Tensor, rule: Optional[str],
                  layers: list[str]) -> PassResult:
-        if not self.share_pass:
-            return gradient_pass(pl_module, x, self.target, probe.labels, layers, rule, self.chunk_size)
-        return pass_cache(pl_module).get(pl_module, x, probe.fingerprint(), self.target, probe.labels, layers, rule,
+        """The pass of ``rule`` over (at least) ``layers`` on this probe set, computed once per model state."""
+        return self.cache(pl_module).get(pl_module, x, probe.fingerprint(), self.target, probe.labels, layers, rule,
                                          self.chunk_size)
 
     def state_key_parts(self) -> tuple[Any, ...]:

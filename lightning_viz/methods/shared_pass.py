@@ -96,7 +96,8 @@ def gradient_pass(
             scores = tgt.score(logits, lab)
             cls = tgt.classes(logits, lab) if not isinstance(tgt, CallableTarget) else None
             outs = [cap[n] for n in names]
-            g = torch.autograd.grad(scores.sum(), [xc] + outs, allow_unused=True)
+        # the ReLU rule is recorded in the graph during forward; the backward runs outside the mode
+        g = torch.autograd.grad(scores.sum(), [xc] + outs, allow_unused=True)
         parts["logits"].append(logits.detach())
         parts["scores"].append(scores.detach())
         parts["classes"].append(None if cls is None else cls.detach())

@@ -1,0 +1,145 @@
+"""One forward + one backward per chunk shared by gradient and CAM callbacks; cache validity; training untouched."""
+
+import lightning as L
+import pytest
+import torch
+
+from helpers import LitTiny, TinyCNN, check_untouched, read_events, tiny_loaders, tiny_trainer
+from lightning_viz.callbacks.cam import CAMCallback
+from lightning_viz.callbacks.gradients import GradientCallback
+from lightning_viz.capture import isolated
+from lightning_viz.methods import cam as C
+from lightning_viz.methods import gradients as G
+from lightning_viz.methods.shared_pass import gradient_pass, pass_cache
+from lightning_viz.probe import ProbeSet
+
+
+class PassCounter:
+    """Counts forward calls of a module (a forward hook) and ``torch.autograd.grad`` calls while ``active``."""
+
+    def __init__(self, module, monkeypatch):
+        self.forwards = self.backwards = 0
+        self.active = False
+        module.register_forward_hook(self._hook)
+        real_grad = torch.autograd.grad
+
+        def counting_grad(*args, **kwargs):
+            if self.active:
+                self.backwards += 1
+            return real_grad(*args, **kwargs)
+
+        monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+
+    def _hook(self, *_):
+        if self.active:
+            self.forwards += 1
+
+
+class Window(L.Callback):
+    """Switches the counter on (``start=True``) or off at train epoch end; placed around the viz callbacks."""
+
+    def __init__(self, counter, start, log):
+        self.counter, self.start, self.records = counter, start, log
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.start:
+            self.counter.forwards = self.counter.backwards = 0
+        else:
+            self.records.append((self.counter.forwards, self.counter.backwards))
+        self.counter.active = self.start
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_two_callbacks_one_forward_and_backward_per_chunk(tmp_path, monkeypatch, share):
+    model = LitTiny(TinyCNN(width=3))
+    counter = PassCounter(model.net, monkeypatch)
+    log = []
+    sal = GradientCallback(methods=["saliency", "input_x_gradient"], num_probes=4, chunk_size=2, share_pass=share)
+    cam = CAMCallback(methods=["gradcam", "gradcampp"], layers=["net.conv1", "net.conv2"], num_probes=4, chunk_size=2,
+                      share_pass=share)
+    tl, vl = tiny_loaders(n=12)
+    trainer = tiny_trainer(str(tmp_path), [Window(counter, True, log), sal, cam, Window(counter, False, log)], max_epochs=2)
+    trainer.fit(model, tl, vl)
+    chunks = 2  # 4 probes, chunk_size 2
+    expected = chunks if share else 2 * chunks
+    assert log == [(expected, expected), (expected, expected)]
+    acc = read_events(str(tmp_path))
+    assert {"viz/saliency/input/p003", "viz/gradcampp/net.conv1/p003", "viz/gradcam/net.conv2/p000"} <= set(acc.Tags()["images"])
+
+
+def test_union_of_registered_layers_and_rules(monkeypatch):
+    lit = LitTiny(TinyCNN(width=3))
+    counter = PassCounter(lit.net, monkeypatch)
+    probe = ProbeSet(torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)), labels=torch.tensor([0, 1, 2, 0, 1]))
+    grads = GradientCallback(methods=["saliency", "guided_backprop", "deconvnet"], chunk_size=3)
+    cam1 = CAMCallback(methods=["gradcam", "guided_gradcam"], layers=["net.conv1"], chunk_size=3)
+    cam2 = CAMCallback(methods=["layercam"], layers=["net.conv2"], chunk_size=3)
+    for cb in (grads, cam1, cam2):
+        cb.check(lit)  # registers needs: conv1 + conv2 under the plain rule, plus guided and deconv passes
+    counter.active = True
+
+    def run():
+        with isolated(lit):
+            return grads.compute_maps(lit, probe), cam1.compute_maps(lit, probe), cam2.compute_maps(lit, probe)
+
+    m_grads, m_cam1, m_cam2 = check_untouched(lit, run)
+    assert counter.forwards == 3 * 2  # plain, guided, deconv passes x 2 chunks -- cam2's conv2 came with cam1's pass
+    assert counter.backwards == 3 * 2
+    x, labels = probe.images, probe.labels
+    with isolated(lit):
+        torch.testing.assert_close(m_grads["saliency/input"], G.saliency(lit, x, "label", labels))
+        torch.testing.assert_close(m_grads["deconvnet/input"], G.deconvnet(lit, x, "label", labels).abs().amax(1))
+        torch.testing.assert_close(m_cam1["gradcam/net.conv1"], C.class_activation_map(lit, x, "net.conv1", "gradcam", "label", labels))
+        torch.testing.assert_close(m_cam2["layercam/net.conv2"], C.class_activation_map(lit, x, "net.conv2", "layercam", "label", labels))
+        torch.testing.assert_close(m_cam1["guided_gradcam/net.conv1"],
+                                   C.guided_class_activation_map(lit, x, "net.conv1", "guided_gradcam", "label", labels).abs().amax(1))
+
+    # a parameter update (version bump) invalidates the cache: the next call recomputes and sees the new weights
+    counter.forwards = 0
+    with isolated(lit):
+        cam2.compute_maps(lit, probe)
+    assert counter.forwards == 0  # still cached
+    with torch.no_grad():
+        lit.net.conv2.weight.mul_(-1.0)
+    with isolated(lit):
+        again = cam2.compute_maps(lit, probe)
+    assert counter.forwards == 2
+    assert not torch.allclose(again["layercam/net.conv2"], m_cam2["layercam/net.conv2"])
+    # another probe set or another target is another entry
+    with isolated(lit):
+        cache = pass_cache(lit)
+        n = len(cache.entries)
+        cache.get(lit, x, "other-probes", "predicted", labels, ["net.conv2"])
+    assert len(cache.entries) == n + 1
+
+
+def test_gradient_pass_under_inference_mode_and_chunking():
+    model = TinyCNN(width=3)
+    x, labels = torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1])
+    with torch.inference_mode():
+        with isolated(model):
+            full = gradient_pass(model, x, "label", labels, ["conv1", "conv2"])
+            part = gradient_pass(model, x, "label", labels, ["conv1", "conv2"], chunk_size=2)
+    for a, b in [(full.input_grad, part.input_grad), (full.logits, part.logits)] + \
+                [(full.grads[n], part.grads[n]) for n in ("conv1", "conv2")] + [(full.activations[n], part.activations[n]) for n in ("conv1", "conv2")]:
+        torch.testing.assert_close(a, b)
+    assert full.input_grad.abs().sum() > 0 and torch.equal(full.classes, labels)
+    with pytest.raises(KeyError, match="'conv9' was not recorded"):
+        full.layer("conv9")
+
+
+def test_training_untouched_by_callbacks(tmp_path):
+    """Same seed, same data: training with every gradient/CAM callback ends in exactly the same weights."""
+    def train(callbacks, sub):
+        torch.manual_seed(0)
+        model = LitTiny(TinyCNN(width=3))
+        tl, vl = tiny_loaders(n=16)
+        tiny_trainer(str(tmp_path / sub), callbacks, max_epochs=2).fit(model, tl, vl)
+        return model
+
+    plain = train([], "plain")
+    viz = train([GradientCallback(methods=["smoothgrad_saliency", "guided_backprop", "integrated_gradients"], num_probes=2,
+                                  smoothgrad_samples=2, ig_steps=2),
+                 CAMCallback(methods=["cam", "gradcampp", "guided_gradcampp"], num_probes=2)], "viz")
+    for (n, p), (_, q) in zip(plain.state_dict().items(), viz.state_dict().items()):
+        assert torch.equal(p, q), n
