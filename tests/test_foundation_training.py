@@ -20,7 +20,7 @@ from lightning_viz.callbacks.activations import ActivationCallback
 from lightning_viz.callbacks.base import VisualizationError
 from lightning_viz.callbacks.filters import FilterCallback
 from lightning_viz.callbacks.maps import MapCallback
-from lightning_viz.capture import capture
+from lightning_viz.capture import capture, isolated
 from lightning_viz.layers import LayerNotFoundError
 
 
@@ -280,12 +280,17 @@ def test_inplace_relu_model_trains_and_logs_pre_relu(tmp_path):
     grad = InputGradMap(num_probes=3)
     trainer = tiny_trainer(str(tmp_path), [cb, grad], max_epochs=1)
     trainer.fit(model, *tiny_loaders(n=12))
-    # Pre-ReLU values were recorded: negative activations exist, so not every value was zeroed.
     x = cb.probes.images
     with torch.no_grad():
         pre = model.net.features[0](x)
+    # The conv's own (pre-ReLU) output is recorded, not the values the in-place ReLU overwrote.
+    with isolated(model):
+        recorded = cb.compute(model, cb.probes)["maps:net.features.0"]
+    assert (pre < 0).any() and torch.allclose(recorded, pre, atol=1e-6)
     expected_dead = float((pre <= 0).float().mean())
     acc = read_events(str(tmp_path))
     logged = acc.Scalars("viz/activations/net.features.0/dead_fraction")[0].value
     assert 0 < expected_dead < 1
     assert logged == pytest.approx(expected_dead, abs=1e-6)
+    # Gradients flow through the in-place ReLUs (capture hands a copy downstream).
+    assert acc.Scalars("viz/inputgrad/input/stats/max_abs")[0].value > 0
