@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import TinyCNN
-from lightning_viz.capture import capture, isolated
+from lightning_viz.capture import isolated
 from lightning_viz.methods.objectives import channel, class_logit, feature_match, neuron
 from lightning_viz.methods.parameterization import FFTParam, PixelParam, make_param
 from lightning_viz.methods.regularizers import (
