@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+
+import pytest
 
 from helpers import image_steps, read_events, scalar_steps
 
@@ -12,6 +15,12 @@ DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
 
 DEMO_COMMAND = "python -m pip install torch==2.14.1 torchvision==0.29.1 -e . && lightning-viz fit --config configs/demo.yaml"
 TEST_COMMAND = 'python -m pip install torch==2.14.1 torchvision==0.29.1 -e ".[dev]" && python -m pytest -q'
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    """LightningCLI warns when it gets ``args`` while ``sys.argv`` holds pytest's own arguments."""
+    monkeypatch.setattr(sys, "argv", ["lightning-viz"])
 
 
 def tiny_overrides(logdir: str, epochs: int = 2) -> list[str]:
@@ -65,6 +74,7 @@ def test_digits_config_in_process(tmp_path, monkeypatch):
 
 
 def test_cli_builds_other_arch_and_data_by_short_name():
+    """Short class names work for the built-in data modules (``--data=ShapesDataModule``)."""
     from lightning_viz.cli import cli_main
     from lightning_viz.data.shapes import ShapesDataModule
 
