@@ -63,6 +63,11 @@ def test_fgsm_matches_hand_computed_step_on_linear_model():
         targeted = fgsm(model, x, 1 - y, 0.1, targeted=True)
     torch.testing.assert_close(adv, expected)
     torch.testing.assert_close(targeted, expected)  # two classes: toward the other = away from y
+    with isolated(model):  # loss="score": descend S_y (untargeted) / ascend S_other (targeted)
+        away = fgsm(model, x, y, 0.1, loss="score")
+        toward = fgsm(model, x, 1 - y, 0.1, targeted=True, loss="score")
+    torch.testing.assert_close(away, x - 0.1 * torch.sign(w[y]).view(2, 1, 2, 2))
+    torch.testing.assert_close(toward, x + 0.1 * torch.sign(w[1 - y]).view(2, 1, 2, 2))
 
 
 def test_minimal_flip_budget_matches_closed_form_on_linear_model():

@@ -288,6 +288,7 @@ class AdversarialCallback(VisualizationCallback):
             there count as this value in ``min_flip_eps`` and are counted in ``min_flip_unflipped``.
         min_flip_iterations: bisection halvings (precision ``max / 2^iterations``).
         min_flip_attack: attack used in the search (``"fgsm"`` is cheapest; ``"pgd"`` uses ``steps``).
+        loss: what the attacks climb: ``"ce"`` (cross-entropy) or ``"score"`` (the class logit itself).
         **kwargs: schedule and probe options of :class:`VisualizationCallback`.
     """
 
@@ -306,6 +307,7 @@ class AdversarialCallback(VisualizationCallback):
         min_flip_max_epsilon: Optional[float] = None,
         min_flip_iterations: int = 6,
         min_flip_attack: Literal["fgsm", "pgd"] = "fgsm",
+        loss: Literal["ce", "score"] = "ce",
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -313,6 +315,8 @@ class AdversarialCallback(VisualizationCallback):
             raise ValueError(f"AdversarialCallback: epsilon must be > 0; got {epsilon}")
         if attack not in ("pgd", "fgsm") or min_flip_attack not in ("pgd", "fgsm"):
             raise ValueError(f"AdversarialCallback: attack and min_flip_attack must be 'pgd' or 'fgsm'; got {attack!r}, {min_flip_attack!r}")
+        if loss not in ("ce", "score"):
+            raise ValueError(f"AdversarialCallback: loss must be 'ce' or 'score'; got {loss!r}")
         if target not in ("untargeted", "next_class"):
             raise ValueError(f"AdversarialCallback: target must be 'untargeted' or 'next_class'; got {target!r}")
         if steps < 1 or (step_size is not None and step_size <= 0):
@@ -320,7 +324,7 @@ class AdversarialCallback(VisualizationCallback):
         if min_flip_iterations < 0 or (min_flip_max_epsilon is not None and min_flip_max_epsilon <= 0):
             raise ValueError("AdversarialCallback: min_flip_iterations must be >= 0 and min_flip_max_epsilon > 0")
         self.epsilon, self.attack, self.steps, self.step_size = epsilon, attack, steps, step_size
-        self.target, self.random_start, self.seed = target, random_start, seed
+        self.target, self.random_start, self.seed, self.loss = target, random_start, seed, loss
         self.min_flip, self.min_flip_iterations, self.min_flip_attack = min_flip, min_flip_iterations, min_flip_attack
         self.min_flip_max_epsilon = min_flip_max_epsilon if min_flip_max_epsilon is not None else 4 * epsilon
 
@@ -337,17 +341,17 @@ class AdversarialCallback(VisualizationCallback):
         targeted = self.target == "next_class"
         classes = (clean + 1) % logits.shape[1] if targeted else clean
         if self.attack == "fgsm":
-            adv = fgsm(pl_module, x, classes, self.epsilon, targeted=targeted, bounds=bounds)
+            adv = fgsm(pl_module, x, classes, self.epsilon, targeted=targeted, bounds=bounds, loss=self.loss)
         else:
             # per-probe random start: the same attack whatever the split of the probes over ranks
             start = per_image_noise(x.shape, self.seed, probe.offset, uniform=True, device=device) if self.random_start else None
             adv = pgd(pl_module, x, classes, self.epsilon, steps=self.steps, step_size=self.step_size, targeted=targeted,
-                      random_start=False, start=start, bounds=bounds)
+                      random_start=False, start=start, bounds=bounds, loss=self.loss)
         out = {"adv": adv.cpu(), "clean_pred": clean.cpu(), "adv_pred": predict(pl_module, adv).cpu(), "classes": classes.cpu()}
         if self.min_flip:
             out["min_eps"] = minimal_flip_budget(
                 pl_module, x, classes, self.min_flip_max_epsilon, self.min_flip_iterations,
-                attack=self.min_flip_attack, steps=self.steps, targeted=targeted, bounds=bounds,
+                attack=self.min_flip_attack, steps=self.steps, targeted=targeted, bounds=bounds, loss=self.loss,
             ).cpu()
         return out
 

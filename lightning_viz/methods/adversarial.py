@@ -6,8 +6,10 @@
 * :func:`minimal_flip_budget` -- per image, the smallest ``eps`` for which the attack flips the
   prediction, by bisection over ``eps`` (all images bisected together, one attack per halving).
 
-``J`` is the cross-entropy. Untargeted attacks ascend it for the reference class (move away from
-it); targeted attacks descend it for the target class (move toward it). ``epsilon`` may be one float
+``J`` is the cross-entropy (``loss="ce"``) or the negated class score ``-S_c`` (``loss="score"``, plain gradient
+ascent on the target's logit as in the fooling images of Szegedy et al. 2014 / Nguyen et al. 2015).
+Untargeted attacks ascend ``J`` for the reference class (move away from it); targeted attacks descend it
+for the target class (move toward it). ``epsilon`` may be one float
 or one value per image (``Tensor[B]``), in the model's input space. ``bounds=(lo, hi)`` (see
 :func:`lightning_viz.methods.synthesis.valid_range`) keeps the images valid. Gradients are taken
 with ``torch.autograd.grad`` w.r.t. the input only; run inside ``isolated(model)``.
@@ -52,11 +54,21 @@ def _project(x_adv: Tensor, x: Tensor, eps: Tensor, bounds: tuple[Tensor, Tensor
     return x_adv
 
 
-def _loss_sign_grad(model: nn.Module, x: Tensor, classes: Tensor, targeted: bool) -> Tensor:
-    """``sign`` of the direction that raises the attack's objective (ascent on CE, or descent when targeted)."""
+LossSpec = Literal["ce", "score"]
+
+
+def _loss_sign_grad(model: nn.Module, x: Tensor, classes: Tensor, targeted: bool, loss: LossSpec = "ce") -> Tensor:
+    """``sign`` of the direction that raises the attack's objective (ascent on ``J``, or descent when targeted)."""
     x = x.detach().clone().requires_grad_(True)
-    loss = F.cross_entropy(model(x), classes.to(x.device), reduction="sum")
-    (g,) = torch.autograd.grad(loss, [x])
+    logits = model(x)
+    cls = classes.to(x.device).long()
+    if loss == "ce":
+        j = F.cross_entropy(logits, cls, reduction="sum")
+    elif loss == "score":
+        j = -logits.gather(1, cls.view(-1, 1)).sum()
+    else:
+        raise ValueError(f"unknown attack loss {loss!r}; allowed: 'ce', 'score'")
+    (g,) = torch.autograd.grad(j, [x])
     return -g.sign() if targeted else g.sign()
 
 
@@ -67,12 +79,13 @@ def fgsm(
     epsilon: float | Tensor,
     targeted: bool = False,
     bounds: tuple[Tensor, Tensor] | None = None,
+    loss: LossSpec = "ce",
 ) -> Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015): one signed-gradient step of size ``epsilon``.
     ``classes``: the class to move away from (untargeted) or toward (``targeted``)."""
     x = x.detach()
     eps = _per_image(epsilon, x)
-    return _project(x + eps * _loss_sign_grad(model, x, classes, targeted), x, eps, bounds).detach()
+    return _project(x + eps * _loss_sign_grad(model, x, classes, targeted, loss), x, eps, bounds).detach()
 
 
 def pgd(
@@ -87,6 +100,7 @@ def pgd(
     generator: torch.Generator | None = None,
     bounds: tuple[Tensor, Tensor] | None = None,
     start: Tensor | None = None,
+    loss: LossSpec = "ce",
 ) -> Tensor:
     """Projected gradient descent in the L-inf ball (Madry et al. 2018): ``steps`` signed steps of
     ``step_size`` (default ``2.5 * epsilon / steps``), each projected back into the ball and ``bounds``,
@@ -104,7 +118,7 @@ def pgd(
             start = 2 * torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype) - 1
         x_adv = _project(x + start.to(x) * eps, x, eps, bounds)
     for _ in range(steps):
-        x_adv = _project(x_adv + alpha * _loss_sign_grad(model, x_adv, classes, targeted), x, eps, bounds)
+        x_adv = _project(x_adv + alpha * _loss_sign_grad(model, x_adv, classes, targeted, loss), x, eps, bounds)
     return x_adv.detach()
 
 
@@ -124,6 +138,7 @@ def minimal_flip_budget(
     steps: int = 5,
     targeted: bool = False,
     bounds: tuple[Tensor, Tensor] | None = None,
+    loss: LossSpec = "ce",
 ) -> Tensor:
     """Smallest L-inf budget (to a precision of ``max_epsilon / 2^iterations``) with which ``attack`` flips
     each image, by bisection over ``epsilon`` on all images at once; ``inf`` where even ``max_epsilon``
@@ -136,9 +151,9 @@ def minimal_flip_budget(
 
     def flips(eps: Tensor) -> Tensor:
         if attack == "fgsm":
-            adv = fgsm(model, x, classes, eps, targeted=targeted, bounds=bounds)
+            adv = fgsm(model, x, classes, eps, targeted=targeted, bounds=bounds, loss=loss)
         else:
-            adv = pgd(model, x, classes, eps, steps=steps, targeted=targeted, random_start=False, bounds=bounds)
+            adv = pgd(model, x, classes, eps, steps=steps, targeted=targeted, random_start=False, bounds=bounds, loss=loss)
         return is_flipped(predict(model, adv), classes, targeted)
 
     b = x.shape[0]
