@@ -129,8 +129,9 @@ class ImageClassifier(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, acc = self._step(batch)
-        self.log("val_loss", loss, prog_bar=True)
-        self.log("val_acc", acc, prog_bar=True)
+        # sync_dist: under DDP the epoch values are averaged over ranks (a no-op on one device).
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val_acc", acc, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
