@@ -170,15 +170,18 @@ def test_adversarial_callback_under_validate_and_valid_range(tmp_path):
     assert lo.flatten().tolist() == [-2.0] * 3 and hi.flatten().tolist() == [2.0] * 3
 
 
-def test_adversarial_callback_same_result_on_any_rank_split(trained):
+def test_adversarial_callback_same_result_on_any_rank_split_or_chunking(trained):
     from lightning_viz.probe import ProbeSet
 
     model, x, y = trained
     probe = ProbeSet(images=x[:5], labels=y[:5])
     cb = AdversarialCallback(epsilon=0.5, steps=3, min_flip_iterations=3)
+    chunked = AdversarialCallback(epsilon=0.5, steps=3, min_flip_iterations=3, chunk_size=2)
     with isolated(model):
         whole = cb.compute(model, probe)
         parts = [cb.compute(model, probe.shard(r, 2)) for r in range(2)]
+        in_chunks = chunked.compute(model, probe)
     for key in ("adv", "adv_pred", "min_eps"):
         torch.testing.assert_close(torch.cat([p[key] for p in parts]), whole[key], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(in_chunks[key], whole[key], atol=1e-5, rtol=1e-4)
     assert ((whole["adv"] - probe.images).abs().amax() <= 0.5 + 1e-6) and not torch.equal(whole["adv"], probe.images)

@@ -289,6 +289,7 @@ class AdversarialCallback(VisualizationCallback):
         min_flip_iterations: bisection halvings (precision ``max / 2^iterations``).
         min_flip_attack: attack used in the search (``"fgsm"`` is cheapest; ``"pgd"`` uses ``steps``).
         loss: what the attacks climb: ``"ce"`` (cross-entropy) or ``"score"`` (the class logit itself).
+        chunk_size: attack this many probes at a time (``None``: all at once); results are the same.
         **kwargs: schedule and probe options of :class:`VisualizationCallback`.
     """
 
@@ -308,6 +309,7 @@ class AdversarialCallback(VisualizationCallback):
         min_flip_iterations: int = 6,
         min_flip_attack: Literal["fgsm", "pgd"] = "fgsm",
         loss: Literal["ce", "score"] = "ce",
+        chunk_size: Optional[int] = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -315,6 +317,8 @@ class AdversarialCallback(VisualizationCallback):
             raise ValueError(f"AdversarialCallback: epsilon must be > 0; got {epsilon}")
         if attack not in ("pgd", "fgsm") or min_flip_attack not in ("pgd", "fgsm"):
             raise ValueError(f"AdversarialCallback: attack and min_flip_attack must be 'pgd' or 'fgsm'; got {attack!r}, {min_flip_attack!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"AdversarialCallback: chunk_size must be >= 1 or None; got {chunk_size}")
         if loss not in ("ce", "score"):
             raise ValueError(f"AdversarialCallback: loss must be 'ce' or 'score'; got {loss!r}")
         if target not in ("untargeted", "next_class"):
@@ -325,6 +329,7 @@ class AdversarialCallback(VisualizationCallback):
             raise ValueError("AdversarialCallback: min_flip_iterations must be >= 0 and min_flip_max_epsilon > 0")
         self.epsilon, self.attack, self.steps, self.step_size = epsilon, attack, steps, step_size
         self.target, self.random_start, self.seed, self.loss = target, random_start, seed, loss
+        self.chunk_size = chunk_size
         self.min_flip, self.min_flip_iterations, self.min_flip_attack = min_flip, min_flip_iterations, min_flip_attack
         self.min_flip_max_epsilon = min_flip_max_epsilon if min_flip_max_epsilon is not None else 4 * epsilon
 
@@ -332,6 +337,13 @@ class AdversarialCallback(VisualizationCallback):
         return (*super().state_key_parts(), self.epsilon, self.attack, self.target)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        n = len(probe)
+        step = self.chunk_size or n
+        parts = [self.attack_probes(pl_module, probe.subset(slice(i, i + step))) for i in range(0, n, step)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def attack_probes(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
+        """Attack (and bisect the flip budget of) one chunk of probes; all results per probe, on CPU."""
         device = _device(pl_module)
         x = probe.to(device)
         bounds = valid_range(probe.mean, probe.std, device)
