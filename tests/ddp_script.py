@@ -1,7 +1,6 @@
 """Real multi-process CPU (gloo) training for ``tests/test_ddp.py``; also importable (test callbacks, configs).
 
     python tests/ddp_script.py OUT --runs equal,one_probe_bf16 [--strategy ddp|ddp_spawn] [--devices 2]
-    python tests/ddp_script.py OUT --gather-timeout
 
 Each run is one ``Trainer.fit`` writing TensorBoard events to ``OUT/<run>/`` and, per rank,
 ``OUT/<run>/rank<r>.json`` (what that rank's callbacks wrote, its final parameters' checksum). With
@@ -20,7 +19,6 @@ import importlib
 import json
 import os
 import sys
-import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +53,11 @@ CALLBACKS: list[dict[str, Any]] = [
 RUNS: dict[str, dict[str, Any]] = {
     "equal": {"batchnorm": False, "batch_size": 4, "max_epochs": 2},
     "one_probe_bf16": {"batch_size": 4, "max_epochs": 2, "num_probes": 1, "precision": "bf16-mixed"},
+    # one rank fails: every rank must raise (recorded, not re-raised, so training goes on)
+    "errors": {"batch_size": 4, "max_epochs": 1, "callbacks": [
+        {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "log", "fail_rank": 0}},
+        {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "compute", "fail_rank": 1}},
+    ]},
 }
 
 
@@ -91,6 +94,37 @@ class RankStrideSampler(Sampler):
         return len(range(rank, self.n, world))
 
 
+class FailingCallback(MapCallback):
+    """Raises ``RuntimeError`` in ``compute`` or ``log_results`` on one rank; records what ``run`` raised
+    on this rank in :attr:`errors` instead of stopping the training."""
+
+    method = "failing"
+
+    def __init__(self, fail_in: str = "compute", fail_rank: int = 1, **kwargs):
+        super().__init__(num_probes=4, **kwargs)
+        self.fail_in, self.fail_rank = fail_in, fail_rank
+        self.errors: list[str] = []
+
+    def state_key_parts(self):
+        return super().state_key_parts() + (self.fail_in, self.fail_rank)
+
+    def compute_maps(self, pl_module, probe):
+        if self.fail_in == "compute" and pl_module.global_rank == self.fail_rank:
+            raise RuntimeError("boom in compute")
+        return {"failing/input": probe.images.mean(dim=1)}
+
+    def log_results(self, logger, results, probe, trainer):
+        if self.fail_in == "log":
+            raise RuntimeError("boom in log")
+        super().log_results(logger, results, probe, trainer)
+
+    def run(self, trainer, pl_module):
+        try:
+            return super().run(trainer, pl_module)
+        except Exception as exc:  # noqa: BLE001
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+
+
 def _resolve(class_path: str):
     module, _, name = class_path.rpartition(".")
     if module == "ddp_script" and __name__ == "__main__":
@@ -118,7 +152,7 @@ def build_callbacks(num_probes: int | None = None, specs: list[dict] | None = No
 
 def fit(logdir: str, devices: int, strategy: str = "auto", batch_size: int = 8, max_epochs: int = 2,
         sync_batchnorm: bool = False, num_probes: int | None = None, precision: str = "32-true", seed: int = 0,
-        batchnorm: bool = True, compile: bool = False):
+        batchnorm: bool = True, compile: bool = False, callbacks: list[dict] | None = None):
     """One training run; returns (trainer, callbacks, module)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -129,11 +163,11 @@ def fit(logdir: str, devices: int, strategy: str = "auto", batch_size: int = 8, 
     if sync_batchnorm and devices == 1:  # a SyncBatchNorm model without DDP (Lightning converts only under DDP)
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if compile:
-        net = torch.compile(net, backend="eager")  # dynamo tracing without a C++ compile (fast)
+        net = torch.compile(net, backend="aot_eager")  # dynamo + AOTAutograd like inductor, minus the C++ compile
     module = LitTiny(net, lr=0.05)
     data = tiny_dataset(48)
     loader = DataLoader(data, batch_size=batch_size, sampler=RankStrideSampler(len(data)))
-    callbacks = build_callbacks(num_probes)
+    callbacks = build_callbacks(num_probes, callbacks)
     trainer = L.Trainer(
         max_epochs=max_epochs, accelerator="cpu", devices=devices, strategy=strategy,
         sync_batchnorm=sync_batchnorm and devices > 1, precision=precision,
@@ -162,6 +196,7 @@ def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
             "world_size": trainer.world_size,
             "written": {type(cb).__name__: list(cb.last_logged_tags) for cb in callbacks},
             "checksum": checksum(module),
+            "errors": {f"{cb.fail_in}@rank{cb.fail_rank}": cb.errors for cb in callbacks if isinstance(cb, FailingCallback)},
         }
         with open(os.path.join(logdir, f"rank{rank}.json"), "w") as f:
             json.dump(info, f)
@@ -172,39 +207,13 @@ def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
         torch.distributed.barrier()  # rank 0 exits only when every rank has written its file
 
 
-def _timeout_worker(rank: int, out: str, port: int) -> None:
-    from datetime import timedelta
-    from types import SimpleNamespace
-
-    from lightning_viz.callbacks.base import VisualizationError, gather_results
-
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                                         timeout=timedelta(seconds=2))
-    if rank == 1:  # never reaches the gather: rank 0 must not hang forever
-        time.sleep(5)
-        return
-    try:
-        gather_results(SimpleNamespace(global_rank=0, world_size=2), {"x": torch.zeros(1)}, None, what="probe")
-        msg = "no error"
-    except VisualizationError as exc:
-        msg = str(exc)
-    with open(os.path.join(out, "timeout.txt"), "w") as f:
-        f.write(msg)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("--runs", default="equal,one_probe_bf16")
+    p.add_argument("--runs", default="equal,one_probe_bf16,errors")
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--strategy", default="ddp")
-    p.add_argument("--gather-timeout", action="store_true")
     a = p.parse_args()
-    if a.gather_timeout:
-        from lightning.fabric.plugins.environments.lightning import find_free_network_port
-
-        torch.multiprocessing.spawn(_timeout_worker, args=(a.out, find_free_network_port()), nprocs=2)
-        return
     main_runs(a.out, a.runs.split(","), a.devices, a.strategy)
 
 

@@ -1,0 +1,159 @@
+"""Real 2-process CPU (gloo) DDP training from a subprocess (tests/ddp_script.py), compared with 1 process.
+
+One subprocess run covers: the 2-rank == 1-rank comparison, rank-0-only writing, 1 probe on 2 ranks
+with bf16-mixed, and errors on one rank raising on all. SyncBatchNorm cannot run under DDP on CPU
+(torch refuses: "SyncBatchNorm layers only work with GPU modules"), so a SyncBatchNorm model and a
+``torch.compile``d model are trained in-process on 1 device.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ddp_script
+from helpers import image_steps, read_events
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_script.py")
+
+
+def _run_script(*args: str, timeout: int = 240) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    env["PYTHONWARNINGS"] = "ignore"
+    proc = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"ddp_script failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ddp"))
+    _run_script(out, "--runs", "equal,one_probe_bf16,errors", "--devices", "2", "--strategy", "ddp")
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_out(tmp_path_factory):
+    """The 'equal' run on one process with the union batch (2 x 4 = 8)."""
+    out = str(tmp_path_factory.mktemp("single"))
+    opts = dict(ddp_script.RUNS["equal"], batch_size=8)
+    _, _, module = ddp_script.fit(out, devices=1, **opts)
+    return out, ddp_script.checksum(module)
+
+
+def _decode(event) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(event.encoded_image_string))).astype(np.int16)
+
+
+def _json(out: str, run: str, rank: int) -> dict:
+    with open(os.path.join(out, run, f"rank{rank}.json")) as f:
+        return json.load(f)
+
+
+def test_two_ranks_log_the_same_maps_and_scalars_as_one(ddp_out, single_out):
+    single_dir, single_sum = single_out
+    info = _json(ddp_out, "equal", 0)
+    assert info["world_size"] == 2
+    assert info["checksum"] == pytest.approx(single_sum, rel=1e-5)  # same training, so same maps expected
+    two, one = read_events(os.path.join(ddp_out, "equal")), read_events(single_dir)
+    tags = sorted(t for t in two.Tags()["images"] if t.startswith("viz/"))
+    assert tags == sorted(t for t in one.Tags()["images"] if t.startswith("viz/"))
+    # probes 0..4 split 3 + 2 over the ranks, all present; filmstrips and activations too
+    for pid in ("p000", "p001", "p002", "p003", "p004"):
+        assert f"viz/inputgrad/input/{pid}" in tags and f"viz/inputgrad/input/filmstrip/{pid}" in tags
+    for tag in tags:
+        e2, e1 = two.Images(tag), one.Images(tag)
+        assert [e.step for e in e2] == [e.step for e in e1] == [0, 1], tag
+        for a, b in zip(e2, e1):
+            diff = np.abs(_decode(a) - _decode(b))
+            assert diff.max() <= 1, f"{tag} step {a.step}: images differ by {diff.max()}"
+    scalar_tags = [t for t in two.Tags()["scalars"] if t.startswith("viz/") and not t.endswith("time_s")]
+    assert set(scalar_tags) == {t for t in one.Tags()["scalars"] if t.startswith("viz/") and not t.endswith("time_s")}
+    for group in ("drift/rank_corr", "faithfulness/deletion_auc", "faithfulness/insertion_auc", "sanity/rank_corr"):
+        assert f"viz/inputgrad/input/{group}" in scalar_tags
+    for tag in scalar_tags:
+        v2, v1 = [e.value for e in two.Scalars(tag)], [e.value for e in one.Scalars(tag)]
+        np.testing.assert_allclose(v2, v1, rtol=1e-3, atol=1e-5, err_msg=tag)
+
+
+def test_only_rank_zero_writes(ddp_out):
+    for run in ("equal", "one_probe_bf16"):
+        files = glob.glob(os.path.join(ddp_out, run, "**", "events.out.tfevents.*"), recursive=True)
+        assert len(files) == 1, files
+        r0, r1 = _json(ddp_out, run, 0), _json(ddp_out, run, 1)
+        assert r1["rank"] == 1 and all(tags == [] for tags in r1["written"].values())
+        assert all(tags for tags in r0["written"].values())
+
+
+def test_one_probe_on_two_ranks_with_bf16(ddp_out):
+    acc = read_events(os.path.join(ddp_out, "one_probe_bf16"))
+    imgs = acc.Tags()["images"]
+    assert image_steps(acc, "viz/inputgrad/input/p000") == [0, 1]
+    assert image_steps(acc, "viz/activations/net.conv1/p000") == [0, 1]
+    assert not any(t.endswith("p001") for t in imgs)  # rank 1 had no probe and sent nothing
+    assert [e.step for e in acc.Scalars("viz/inputgrad/drift/prediction_flips")] == [1]
+
+
+def test_an_error_on_one_rank_raises_on_every_rank(ddp_out):
+    r0, r1 = _json(ddp_out, "errors", 0)["errors"], _json(ddp_out, "errors", 1)["errors"]
+    # compute failed on rank 1: both ranks raise, naming rank 1
+    for errs in (r0["compute@rank1"], r1["compute@rank1"]):
+        assert errs == ["VisualizationError: lightning-viz failing failed: rank 1: RuntimeError: boom in compute"]
+    # rank 0's logging failed: rank 0 raises its own error, rank 1 learns of it (instead of hanging later)
+    assert r0["log@rank0"] == ["RuntimeError: boom in log"]
+    assert r1["log@rank0"] == ["VisualizationError: lightning-viz failing failed on rank 0: RuntimeError: boom in log"]
+
+
+def test_gather_timeout_is_a_clear_error():
+    """This process is rank 0 of a 2-rank gloo group (5 s timeout) whose rank 1 never gathers."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    from lightning_viz.callbacks.base import VisualizationError, gather_results
+
+    assert not dist.is_initialized()
+    port = find_free_network_port()
+    peer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, datetime, torch.distributed as d; print('ready', flush=True); "
+        f"d.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=1, world_size=2, "
+        "timeout=datetime.timedelta(seconds=5)); time.sleep(8)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert peer.stdout.readline().strip() == "ready"  # imported: both ranks meet well within the timeout
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
+                                timeout=timedelta(seconds=5))
+        with pytest.raises(VisualizationError) as err:
+            gather_results(SimpleNamespace(global_rank=0, world_size=2), {"x": torch.zeros(1)}, None, what="probe")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        peer.kill()
+        peer.wait()
+    msg = str(err.value)
+    assert "gathering probe results across 2 ranks failed on rank 0" in msg
+    assert "DDPStrategy(timeout=" in msg
+
+
+def test_syncbatchnorm_compiled_bf16_model_in_process(tmp_path):
+    import torch
+
+    trainer, callbacks, module = ddp_script.fit(str(tmp_path), devices=1, sync_batchnorm=True, compile=True,
+                                                precision="bf16-mixed", max_epochs=2)
+    assert hasattr(module.net, "_orig_mod")  # really compiled
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules())
+    acc = read_events(str(tmp_path))
+    for tag in ("viz/inputgrad/input/p004", "viz/inputgrad/input/filmstrip/p000",
+                "viz/activations/net.conv1/p000", "viz/filters/net.conv1/grid"):
+        assert image_steps(acc, tag) == [0, 1], tag
+    assert [e.step for e in acc.Scalars("viz/inputgrad/input/faithfulness/deletion_auc")] == [0, 1]
