@@ -78,14 +78,15 @@ def integrated_gradients(model: nn.Module, x: Tensor, target: TargetSpec = "labe
                          chunk_size: Optional[int] = None, baseline: Union[float, Tensor] = 0.0, steps: int = 32) -> Tensor:
     """Integrated gradients ``[B, C, H, W]`` along the straight path from ``baseline`` (a value or a
     tensor broadcastable to ``x``) with ``steps`` midpoint samples; ``chunk_size`` bounds the number of
-    path points (images) per forward. ``sum`` of the result ~= ``S(x) - S(baseline)`` (completeness)."""
+    path points (images) per forward (``None``: ``B``, as many as the plain gradient uses).
+    ``sum`` of the result ~= ``S(x) - S(baseline)`` (completeness)."""
     if steps < 1:
         raise ValueError(f"integrated_gradients needs steps >= 1; got {steps}")
     tgt, labels = _fixed_target(model, x, target, labels)
     x = x.detach()
     base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
     alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
-    return _path_average(model, x, base, alphas, tgt, labels, chunk_size) * (x - base)
+    return _path_average(model, x, base, alphas, tgt, labels, chunk_size or x.shape[0]) * (x - base)
 
 
 def _path_average(model, x, base, alphas, target, labels, chunk_size) -> Tensor:
@@ -110,7 +111,7 @@ def smoothgrad(method: Callable[..., Tensor], model: nn.Module, x: Tensor, targe
     """SmoothGrad around ``method`` (any function above): the mean of ``method`` over ``n_samples``
     noisy copies ``x + N(0, (sigma * (max(x_i) - min(x_i)))^2)``. Noise comes from
     ``torch.Generator().manual_seed(seed)`` (same seed, same result; global RNG untouched); ``chunk_size``
-    bounds the noisy images per forward. A ``"predicted"`` target is fixed from the clean input."""
+    bounds the noisy images per forward (``None``: ``B``). A ``"predicted"`` target is fixed from the clean input."""
     if n_samples < 1:
         raise ValueError(f"smoothgrad needs n_samples >= 1; got {n_samples}")
     if sigma < 0:
@@ -124,7 +125,7 @@ def smoothgrad(method: Callable[..., Tensor], model: nn.Module, x: Tensor, targe
     noisy = (x.unsqueeze(0) + sigma * span.unsqueeze(0) * noise).flatten(0, 1)  # [n*B, ...], sample-major
     lab = None if labels is None else labels.to(x.device).repeat(n_samples)
     total = None
-    for sl in chunks(n_samples * b, chunk_size):
+    for sl in chunks(n_samples * b, chunk_size or b):
         out = method(model, noisy[sl], tgt, None if lab is None else lab[sl], chunk_size=chunk_size, **kwargs)
         img = torch.arange(sl.start, sl.stop, device=x.device) % b
         if total is None:
