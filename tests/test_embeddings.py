@@ -106,7 +106,7 @@ def test_projector_files_and_scalars_per_scheduled_epoch(tmp_path):
     config = open(os.path.join(logdir, "projector_config.pbtxt")).read()
     assert "viz/embeddings/penultimate:00000" in config and "viz/embeddings/penultimate:00002" in config
 
-    cb.every_n_epochs = 1
+    cb.every_n_epochs, cb.projection = 1, ["pca"]
     model.train()
     results = check_untouched(model, lambda: cb.run(trainer, model))
     torch.testing.assert_close(results["features"], extract_features(model.eval(), cb.probes.images)[0])
