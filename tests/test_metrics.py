@@ -1,0 +1,159 @@
+"""lightning_viz.methods.metrics: hand-computed values on constructed models and maps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import check_untouched
+from lightning_viz.methods.metrics import (
+    curve_auc,
+    deletion_auc,
+    energy_in_mask,
+    gaussian_blur,
+    insertion_auc,
+    perturbation_curve,
+    pointing_game,
+    rank_correlation,
+    topk_iou,
+)
+
+
+class RegionModel(nn.Module):
+    """logit_0 = sum of the pixels inside ``region`` (1 channel, 8x8), logit_1 = 0."""
+
+    def __init__(self, region: torch.Tensor):
+        super().__init__()
+        self.register_buffer("w", region.float())
+
+    def forward(self, x):
+        s = (x[:, 0] * self.w).flatten(1).sum(1)
+        return torch.stack([s, torch.zeros_like(s)], dim=1)
+
+
+def _region_setup():
+    region = torch.zeros(8, 8)
+    region[2:6, 2:6] = 1  # 16 of 64 pixels
+    model = RegionModel(region).eval()
+    x = torch.full((2, 1, 8, 8), 0.25)  # logit_0 = 16 * 0.25 = 4 with the region intact
+    return region, model, x
+
+
+def test_deletion_of_a_perfect_map_is_hand_computed_and_beats_a_random_map():
+    region, model, x = _region_setup()
+    perfect = region.expand(2, 8, 8) + 0.01 * torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    curve = perturbation_curve(model, x, perfect, target=torch.tensor([0, 0]), mode="deletion", steps=4, baseline="zero")
+    # step k deletes 16k pixels, all of the region first: logit_0 = 4, 0, 0, 0, 0
+    p4 = 1 / (1 + math.exp(-4))
+    expected = torch.tensor([p4, 0.5, 0.5, 0.5, 0.5])
+    torch.testing.assert_close(curve, expected.expand(2, -1), atol=1e-6, rtol=0)
+    auc = deletion_auc(model, x, perfect, target=torch.tensor([0, 0]), steps=4, baseline="zero")
+    torch.testing.assert_close(auc, torch.full((2,), (p4 + 0.5) / 8 + 0.5 * 3 / 4))
+    # a random map deletes region pixels only gradually: larger area under the curve
+    rand = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert (deletion_auc(model, x, rand, target=torch.tensor([0, 0]), steps=16) > deletion_auc(model, x, perfect, target=torch.tensor([0, 0]), steps=16)).all()
+    # insertion: the perfect map restores the evidence first
+    ins_p = insertion_auc(model, x, perfect, target=torch.tensor([0, 0]), steps=16, baseline="zero")
+    ins_r = insertion_auc(model, x, rand, target=torch.tensor([0, 0]), steps=16, baseline="zero")
+    assert (ins_p > ins_r).all()
+
+
+def test_curve_endpoints_and_target_specs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.randn(3, 3, 8, 8)
+    maps = torch.rand(3, 4, 4)  # lower resolution than the image: resized
+    labels = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        probs = model(x).softmax(1)
+        base_probs = model(torch.zeros_like(x)).softmax(1)
+        blur_probs = model(gaussian_blur(x, 1.0)).softmax(1)
+    cur = perturbation_curve(model, x, maps, "label", labels, mode="deletion", steps=5, baseline="zero")
+    torch.testing.assert_close(cur[:, 0], probs[torch.arange(3), labels])
+    torch.testing.assert_close(cur[:, -1], base_probs[torch.arange(3), labels])
+    ins = perturbation_curve(model, x, maps, "predicted", mode="insertion", steps=5, baseline="blur", blur_sigma=1.0)
+    pred = probs.argmax(1)
+    torch.testing.assert_close(ins[:, 0], blur_probs[torch.arange(3), pred])
+    torch.testing.assert_close(ins[:, -1], probs[torch.arange(3), pred])
+    torch.testing.assert_close(curve_auc(torch.tensor([[0.0, 1.0, 1.0]])), torch.tensor([0.75]))
+    with pytest.raises(ValueError, match="baseline"):
+        deletion_auc(model, x, maps, baseline="noise")
+    with pytest.raises(ValueError, match="'deletion' or 'insertion'"):
+        perturbation_curve(model, x, maps, mode="both")
+
+
+def test_chunked_equals_unchunked_and_model_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    model.eval()
+    x = torch.randn(3, 3, 8, 8)
+    maps = torch.rand(3, 8, 8)
+    maps[:, :2] = 0.5  # ties: broken by pixel index, whatever the chunking
+    full = perturbation_curve(model, x, maps, "predicted", steps=6)
+    for chunk in (1, 4, 7):
+        torch.testing.assert_close(perturbation_curve(model, x, maps, "predicted", steps=6, chunk_size=chunk), full, atol=1e-6, rtol=1e-5)
+    check_untouched(model, lambda: insertion_auc(model, x, maps, steps=4, chunk_size=5))
+
+
+def test_gaussian_blur_keeps_constants_and_smooths():
+    c = torch.full((1, 3, 6, 6), 2.5)
+    torch.testing.assert_close(gaussian_blur(c, 1.5), c)
+    spike = torch.zeros(1, 1, 9, 9)
+    spike[0, 0, 4, 4] = 1
+    out = gaussian_blur(spike, 1.0)
+    assert out[0, 0, 4, 4] < 1 and out[0, 0, 4, 5] > 0
+    torch.testing.assert_close(out.sum(), torch.tensor(1.0))  # reflect padding far from the border
+
+
+def test_pointing_game_hand_cases():
+    masks = torch.zeros(3, 4, 4)
+    masks[:, 0, 0] = 1  # object in the top-left pixel
+    maps = torch.zeros(3, 4, 4)
+    maps[0, 0, 0] = 1  # hit
+    maps[1, 0, 2] = 1  # two pixels away: miss, hit with tolerance 2
+    maps[2, 3, 3] = 1  # miss
+    torch.testing.assert_close(pointing_game(maps, masks), torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(pointing_game(maps, masks, tolerance=2), torch.tensor([1.0, 1.0, 0.0]))
+    # low-resolution map (2x2) resized to the mask: its top-left cell covers the object
+    low = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    assert pointing_game(low, masks[:1]).item() == 1.0
+    empty = pointing_game(maps[:1], torch.zeros(1, 4, 4))
+    assert torch.isnan(empty).all()
+
+
+def test_energy_in_mask_hand_values():
+    masks = torch.zeros(2, 2, 2)
+    masks[:, 0] = 1  # top row
+    maps = torch.tensor([[[3.0, 1.0], [1.0, -5.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    e = energy_in_mask(maps, masks)
+    assert e[0].item() == pytest.approx(4 / 5)  # negative values carry no energy
+    assert torch.isnan(e[1])
+
+
+def test_rank_correlation_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 6, 6, generator=g)
+    a[:, :3] = 0.0  # many ties (like ReLU'd maps)
+    b = torch.randn(4, 6, 6, generator=g).round()
+    ours = rank_correlation(a, b)
+    ref = torch.tensor([spearmanr(a[i].flatten().numpy(), b[i].flatten().numpy())[0] for i in range(4)], dtype=torch.float32)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rank_correlation(a, a * 3 + 1), torch.ones(4))
+    torch.testing.assert_close(rank_correlation(a, -a), -torch.ones(4))
+    assert torch.isnan(rank_correlation(torch.ones(1, 3, 3), a[:1, :3, :3])).all()
+
+
+def test_topk_iou_hand_values():
+    a = torch.arange(16.0).view(1, 4, 4)  # top 25% (4 pixels): 12..15
+    b = a.clone()
+    b[0, 3, 3] = -1  # one of a's top pixels leaves b's top 4 -> 3 shared of 5 in the union
+    torch.testing.assert_close(topk_iou(a, a, 0.25), torch.ones(1))
+    torch.testing.assert_close(topk_iou(a, b, 0.25), torch.tensor([3 / 5]))
+    torch.testing.assert_close(topk_iou(a, -a, 0.25), torch.zeros(1))
+    with pytest.raises(ValueError, match="fraction"):
+        topk_iou(a, b, 0.0)
