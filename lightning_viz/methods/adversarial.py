@@ -1,6 +1,6 @@
 """Adversarial examples under an L-inf budget, batched: FGSM, PGD and the smallest budget that flips a prediction.
 
-* :func:`fgsm` -- ``x' = x + eps * sign(grad_x J(x, y))`` (Goodfellow et al. 2015, eq. 3);
+* :func:`fgsm` -- ``x' = x + eps * sign(grad_x J(x, y))`` (Goodfellow et al. 2015, sec. 4);
 * :func:`pgd` -- ``x^{t+1} = Proj_{||x' - x||_inf <= eps}(x^t + alpha * sign(grad_x J(x^t, y)))`` from a
   seeded random start (Madry et al. 2018, eq. 2 and sec. 2.1);
 * :func:`minimal_flip_budget` -- per image, the smallest ``eps`` for which the attack flips the

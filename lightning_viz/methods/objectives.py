@@ -111,7 +111,7 @@ def _check_channels(a: Tensor, ch: Tensor, layer: str) -> None:
 
 def channel(layer: str, channels: int | Sequence[int] | Tensor) -> Objective:
     """Mean activation of channel ``channels[b]`` of ``layer`` over all positions, for image ``b``
-    (activation maximization, Erhan et al. 2009, eq. x* = argmax h_ij(theta, x))."""
+    (activation maximization, Erhan et al. 2009: x* = argmax_x h_ij(theta, x))."""
     idx = as_index(channels)
 
     def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
@@ -144,7 +144,7 @@ def neuron(layer: str, channels: int | Sequence[int] | Tensor, y: int | None = N
 
 def feature_match(layer: str, target: Tensor) -> Objective:
     """Negative normalized reconstruction loss ``-||phi(x) - phi0||^2 / ||phi0||^2`` at ``layer``
-    (feature inversion, Mahendran & Vedaldi 2015, eq. 1 with the loss of their eq. 2)."""
+    (feature inversion, Mahendran & Vedaldi 2015: their objective with the normalized Euclidean loss)."""
     phi0 = target.detach()
 
     def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:

@@ -74,7 +74,8 @@ class L2Penalty(Regularizer):
 
 
 class TotalVariation(Regularizer):
-    """``weight * sum ((dI/dx)^2 + (dI/dy)^2)^(beta/2)`` per image (Mahendran & Vedaldi 2015, eq. 5)."""
+    """``weight * sum ((dI/dx)^2 + (dI/dy)^2)^(beta/2)`` per image: the V^beta (total variation)
+    regularizer of Mahendran & Vedaldi 2015."""
 
     def __init__(self, weight: float, beta: float = 2.0):
         self.weight = float(weight)

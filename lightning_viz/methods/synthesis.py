@@ -8,7 +8,7 @@ a batch of images (one image per class / unit / probe, all in one batch) under t
 * :func:`unit_images` -- ``argmax_x h_ij(x)`` for channels of a layer (Erhan et al. 2009), with the
   regularizers of Yosinski et al. 2015;
 * :func:`invert_features` -- ``argmin_x ||phi(x) - phi0||^2 / ||phi0||^2 + lambda R(x)``
-  (Mahendran & Vedaldi 2015, eq. 1-2).
+  (Mahendran & Vedaldi 2015, with their normalized Euclidean loss).
 
 Gradients are taken with ``torch.autograd.grad`` w.r.t. the image parameters only: the model's
 parameters never get a ``.grad``. Run inside :func:`lightning_viz.capture.isolated` (the callbacks do)
@@ -258,7 +258,7 @@ def invert_features(
 ) -> SynthesisResult:
     """Reconstruct each image of ``x[B, C, H, W]`` from its representation ``phi0`` at ``layer``:
     minimize ``||phi(x') - phi0||^2 / ||phi0||^2`` plus the image prior in ``regularizers`` (Mahendran &
-    Vedaldi 2015, eq. 1-2; use ``TotalVariation`` and ``L2Penalty``). ``scores`` are the negated normalized
+    Vedaldi 2015; use ``TotalVariation`` and ``L2Penalty``). ``scores`` are the negated normalized
     squared feature errors, so ``(-scores).sqrt()`` is the relative feature error."""
     with torch.no_grad(), capture(model, [layer]) as cap:
         model(x.detach().clone())
