@@ -31,7 +31,8 @@ class OcclusionCallback(MapCallback):
         target: ``"label"``, ``"predicted"`` or a class index.
         outputs: which drops to log, ``"score"`` and/or ``"prob"``.
         memory_mb: activation memory per forward; the number of occluded images per forward is this
-            divided by one image's activations (measured once per run). Results do not depend on it.
+            divided by one image's activations (measured by one single-image forward each run). Results do
+            not depend on it.
         **kwargs: :class:`MapCallback` / :class:`VisualizationCallback` options.
     """
 
