@@ -14,7 +14,8 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from ..layers import CONV_TYPES, get_layer, require_conv, resolve_layers
-from ..methods.cam import GUIDED_CAM_METHODS, cam_from_pass, cam_head, canonical_cam_method, guided_cam_from_passes
+from ..methods.cam import (GUIDED_CAM_METHODS, cam_from_pass, cam_head, canonical_cam_method, guided_cam_from_passes,
+                           scorecam_from_pass)
 from ..methods.gradients import reduce_channels
 from ..probe import ProbeSet
 from ..targets import CallableTarget
@@ -28,7 +29,8 @@ class CAMCallback(GradientMapCallback):
 
     Args:
         methods: any of ``cam``, ``gradcam``, ``gradcampp`` (or ``gradcam++``), ``xgradcam``, ``layercam``,
-            ``counterfactual_gradcam``, ``guided_gradcam``, ``guided_gradcampp`` (or ``guided_gradcam++``).
+            ``counterfactual_gradcam``, ``scorecam`` (K extra masked forwards per image), ``guided_gradcam``,
+            ``guided_gradcampp`` (or ``guided_gradcam++``).
         layers: layer names (``model.named_modules()``, e.g. ``net.layer4``); default: the last conv layer.
             Blocks containing convolutions are fine; ``cam`` also needs a GAP + linear head over the layer.
         target: ``"label"`` (default), ``"predicted"``, a class index, or (from Python) a callable
@@ -97,6 +99,9 @@ class CAMCallback(GradientMapCallback):
             for m in self.methods:
                 if m in GUIDED_CAM_METHODS:
                     out[f"{m}/{layer}"] = reduce_channels(guided_cam_from_passes(plain, guided, layer, m), self.reduce)
+                elif m == "scorecam":
+                    out[f"{m}/{layer}"] = scorecam_from_pass(plain, pl_module, x, layer, self.target, probe.labels,
+                                                             self.chunk_size)
                 else:
                     out[f"{m}/{layer}"] = cam_from_pass(plain, layer, m, tuple(x.shape[-2:]), pl_module)
         return out

@@ -17,6 +17,9 @@ bilinearly upsampled to the input size (:func:`cam_map`). A variant only chooses
 * ``counterfactual_gradcam`` -- Selvaraju et al. 2017, Sec. 5: Grad-CAM with negated gradients.
 * ``guided_gradcam`` / ``guided_gradcampp`` -- Selvaraju et al. 2017, Sec. 3: guided backprop
   ``[B, C, H, W]`` times the (Grad-CAM / Grad-CAM++) map upsampled to the input.
+* ``scorecam`` -- Wang et al., "Score-CAM", CVPR-W 2020, Eq. 5-7 (gradient-free): ``w_k`` is the
+  softmax probability of the target class (a callable target's own score) for the input masked by
+  ``A_k`` upsampled and min-max normalized; ``K`` extra forwards per image, batched in chunks.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import linear_layer_names, named_layers, LayerNotFoundError
-from ..targets import TargetSpec
-from .shared_pass import PassResult, gradient_pass
+from ..targets import CallableTarget, TargetSpec, resolve_target
+from .shared_pass import PassResult, chunks, gradient_pass
 
 __all__ = [
     "CAM_METHODS",
@@ -44,6 +47,8 @@ __all__ = [
     "counterfactual_weights",
     "cam_head",
     "cam_from_pass",
+    "scorecam_weights",
+    "scorecam_from_pass",
     "guided_cam_from_passes",
     "class_activation_map",
     "guided_class_activation_map",
@@ -98,7 +103,7 @@ WEIGHT_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "layercam": layercam_weights,
     "counterfactual_gradcam": counterfactual_weights,
 }
-CAM_METHODS = ("cam",) + tuple(WEIGHT_FUNCTIONS)
+CAM_METHODS = ("cam",) + tuple(WEIGHT_FUNCTIONS) + ("scorecam",)
 GUIDED_CAM_METHODS = ("guided_gradcam", "guided_gradcampp")
 _ALIASES = {"gradcam++": "gradcampp", "grad-cam++": "gradcampp", "guided_gradcam++": "guided_gradcampp",
             "grad-cam": "gradcam", "counterfactual": "counterfactual_gradcam"}
@@ -135,6 +140,33 @@ def cam_head(model: nn.Module, channels: int, layer: str = "?") -> nn.Linear:
     return head
 
 
+@torch.no_grad()
+def scorecam_weights(model: nn.Module, x: Tensor, activations: Tensor, target: TargetSpec = "label",
+                     labels: Optional[Tensor] = None, classes: Optional[Tensor] = None,
+                     chunk_size: Optional[int] = None) -> Tensor:
+    """Score-CAM weights ``[B, K]``: the target's softmax probability (for a callable target, its score)
+    on ``x * norm(upsample(A_k))`` for every channel ``k``; ``chunk_size`` masked images per forward
+    (``None``: ``B``). ``classes`` (e.g. a pass's ``PassResult.classes``) pins the class per image."""
+    b, k = activations.shape[:2]
+    masks = F.interpolate(activations.float(), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+    lo = masks.flatten(2).amin(2)[..., None, None]
+    hi = masks.flatten(2).amax(2)[..., None, None]
+    masks = torch.where(hi > lo, (masks - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(masks))
+    tgt = resolve_target(target)
+    if classes is None and not isinstance(tgt, CallableTarget):
+        classes = tgt.classes(model(x), labels)
+    out = torch.empty(b * k, device=x.device, dtype=x.dtype)
+    img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
+    for sl in chunks(b * k, chunk_size or b):
+        masked = x[img[sl]] * masks.flatten(0, 1)[sl, None].to(x.dtype)
+        logits = model(masked)
+        if isinstance(tgt, CallableTarget):
+            out[sl] = tgt.score(logits, None)
+        else:
+            out[sl] = logits.softmax(dim=1).gather(1, classes.to(x.device)[img[sl], None]).squeeze(1)
+    return out.view(b, k)
+
+
 def _layer_weights(method: str, a: Tensor, g: Tensor, classes: Optional[Tensor], model: Optional[nn.Module], layer: str) -> Tensor:
     if method == "cam":
         if classes is None:
@@ -148,15 +180,29 @@ def _layer_weights(method: str, a: Tensor, g: Tensor, classes: Optional[Tensor],
 
 def cam_from_pass(result: PassResult, layer: str, method: str = "gradcam", size: Optional[tuple[int, int]] = None,
                   model: Optional[nn.Module] = None) -> Tensor:
-    """The ``[B, H, W]`` map of ``method`` (a :data:`CAM_METHODS` name) from a plain (no ReLU rule) pass
-    that recorded ``layer``; ``model`` is needed for ``"cam"`` (classifier weights)."""
+    """The ``[B, H, W]`` map of ``method`` (a :data:`CAM_METHODS` name except ``scorecam``, which needs the
+    input: :func:`scorecam_from_pass`) from a plain (no ReLU rule) pass that recorded ``layer``;
+    ``model`` is needed for ``"cam"`` (classifier weights)."""
     method = canonical_cam_method(method)
+    if method == "scorecam":
+        raise ValueError("scorecam needs the input images and extra forwards: use scorecam_from_pass")
     if result.rule is not None:
         raise ValueError(f"CAM weights need plain gradients; this pass used the {result.rule!r} ReLU rule")
     a, g = result.layer(layer)
     if a.ndim != 4:
         raise ValueError(f"CAM needs a layer with [B, K, h, w] output; {layer!r} gives {tuple(a.shape)}. Choose a conv layer or block.")
     return cam_map(a, _layer_weights(method, a, g, result.classes, model, layer), size)
+
+
+def scorecam_from_pass(result: PassResult, model: nn.Module, x: Tensor, layer: str, target: TargetSpec = "label",
+                       labels: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> Tensor:
+    """Score-CAM ``[B, H, W]`` of ``layer`` from a pass's activations (and target classes) plus ``K``
+    masked forwards per image."""
+    a, _ = result.layer(layer)
+    if a.ndim != 4:
+        raise ValueError(f"Score-CAM needs a layer with [B, K, h, w] output; {layer!r} gives {tuple(a.shape)}.")
+    w = scorecam_weights(model, x, a, target, labels, result.classes, chunk_size)
+    return cam_map(a, w.to(a.dtype), tuple(x.shape[-2:]))
 
 
 def guided_cam_from_passes(plain: PassResult, guided: PassResult, layer: str, method: str = "guided_gradcam") -> Tensor:
@@ -175,6 +221,8 @@ def class_activation_map(model: nn.Module, x: Tensor, layer: str, method: str = 
                          labels: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> Tensor:
     """``[B, H, W]`` CAM of ``layer`` (one forward + one backward per chunk)."""
     result = gradient_pass(model, x, target, labels, [layer], None, chunk_size)
+    if canonical_cam_method(method) == "scorecam":
+        return scorecam_from_pass(result, model, x, layer, target, labels, chunk_size)
     return cam_from_pass(result, layer, method, tuple(x.shape[-2:]), model)
 
 
