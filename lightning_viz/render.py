@@ -139,6 +139,8 @@ def filmstrip(frames01: Sequence[Tensor], max_frames: int = 12, padding: int = 2
     if len(frames) > max_frames:
         keep = torch.linspace(0, len(frames) - 1, max_frames).round().long().tolist()
         frames = [frames[i] for i in keep]
+    if len(frames) == 1:  # make_grid returns a lone image unpadded; keep the border (and height) consistent
+        return F.pad(to_rgb(frames[0].float().unsqueeze(0))[0], (padding,) * 4, value=1.0)
     return image_grid(torch.stack(frames), nrow=len(frames), padding=padding)
 
 

@@ -1,0 +1,181 @@
+"""MapTracker: filmstrips, drift, faithfulness, pointing game on shapes, sanity check, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+from torch.utils.data import DataLoader
+
+from ddp_script import InputGradCallback
+from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
+from lightning_viz.callbacks.maps import MapCallback
+from lightning_viz.capture import isolated
+from lightning_viz.logging import VizLogger
+from lightning_viz.methods.metrics import energy_in_mask, pointing_game
+from lightning_viz.probe import ProbeSet
+from lightning_viz.tracking import TRACKING_LAYOUT, MapTracker, randomized_copy
+
+
+class RecordingWriter:
+    """Stands in for a SummaryWriter: keeps what was written."""
+
+    def __init__(self):
+        self.images: dict[str, list] = {}
+        self.scalars: dict[str, list] = {}
+        self.layouts: list = []
+
+    def add_image(self, tag, img, step, dataformats="HWC"):
+        self.images.setdefault(tag, []).append((step, img))
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+    def add_custom_scalars(self, layout):
+        self.layouts.append(layout)
+
+    def flush(self):
+        pass
+
+
+def test_tracking_over_real_training(tmp_path):
+    tracker = MapTracker(max_frames=3, frame_size=8, faithfulness=True, deletion_steps=4, sanity_check=True)
+    cb = InputGradCallback(num_probes=3, tracker=tracker)
+    train, _ = tiny_loaders(n=24, batch_size=8)
+    module = LitTiny(TinyCNN(width=4))
+    tiny_trainer(str(tmp_path), [cb], max_epochs=4).fit(module, train)
+    acc = read_events(str(tmp_path))
+    key = "viz/inputgrad/input"
+    # filmstrip: one 8x8 frame per epoch (make_grid padding 2), at most 3 frames wide
+    for pid in ("p000", "p001", "p002"):
+        events = acc.Images(f"{key}/filmstrip/{pid}")
+        assert [e.step for e in events] == [0, 1, 2, 3]
+        assert [e.width for e in events] == [12, 22, 32, 32]
+        assert {e.height for e in events} == {12}
+    for stat in ("drift/rank_corr", "drift/topk_iou"):
+        assert scalar_steps(acc, f"{key}/{stat}") == [1, 2, 3]
+    assert scalar_steps(acc, "viz/inputgrad/drift/prediction_flips") == [1, 2, 3]
+    assert scalar_steps(acc, "viz/inputgrad/probe_accuracy") == [0, 1, 2, 3]
+    for stat in ("faithfulness/deletion_auc", "faithfulness/insertion_auc"):
+        values = [e.value for e in acc.Scalars(f"{key}/{stat}")]
+        assert len(values) == 4 and all(0 <= v <= 1 for v in values)
+    sanity = [e.value for e in acc.Scalars(f"{key}/sanity/rank_corr")]
+    assert len(sanity) == 4 and all(-1 <= v <= 1 for v in sanity)
+    assert not any("localization" in t for t in acc.Tags()["scalars"])  # no masks, no pointing game
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+    # the history stays on the tracker (and goes into checkpoints), frames downsampled
+    assert [len(tracker.frames["inputgrad/input"][p]) for p in ("p000", "p001", "p002")] == [4, 4, 4]
+    assert tracker.frames["inputgrad/input"]["p000"][0].dtype == torch.uint8
+
+
+def _probe(n=4, size=8):
+    g = torch.Generator().manual_seed(0)
+    return ProbeSet(images=torch.rand(n, 3, size, size, generator=g), labels=torch.tensor([0, 1, 2, 0][:n]))
+
+
+def test_drift_flips_filmstrip_bound_and_resume_by_hand():
+    probe = _probe()
+    a = torch.arange(64.0).view(1, 8, 8).repeat(4, 1, 1)
+    w = RecordingWriter()
+    tr = MapTracker(max_frames=3, frame_size=8, topk=0.25)
+    tr.log(VizLogger(w, 0), {"m/l": a}, {"track:pred": torch.tensor([0, 1, 2, 0])}, probe)
+    tr.log(VizLogger(w, 1), {"m/l": -a}, {"track:pred": torch.tensor([0, 2, 2, 1])}, probe)
+    assert w.scalars["viz/m/l/drift/rank_corr"] == [(1, pytest.approx(-1.0))]
+    assert w.scalars["viz/m/l/drift/topk_iou"] == [(1, pytest.approx(0.0))]
+    assert w.scalars["viz/m/drift/prediction_flips"] == [(1, pytest.approx(0.5))]
+    assert w.scalars["viz/m/probe_accuracy"] == [(0, pytest.approx(1.0)), (1, pytest.approx(0.5))]
+    assert w.layouts == [TRACKING_LAYOUT]  # written once
+    first = w.images["viz/m/l/filmstrip/p001"][0][1]  # [12, 12, 3]: frame 0 alone
+    second = w.images["viz/m/l/filmstrip/p001"][1][1]
+    assert first.shape == (12, 12, 3) and second.shape == (12, 22, 3)
+    assert (second[2:10, 2:10] == first[2:10, 2:10]).all()  # epoch 0's frame stays in place
+    assert not (second[2:10, 12:20] == first[2:10, 2:10]).all()  # the reversed map looks different
+
+    # resume: a fresh tracker continues the history from the state dict
+    state = tr.state_dict()
+    tr2 = MapTracker(max_frames=3, frame_size=8, topk=0.25)
+    tr2.load_state_dict(state)
+    w2 = RecordingWriter()
+    for step in (2, 3):
+        tr2.log(VizLogger(w2, step), {"m/l": -a}, {"track:pred": torch.tensor([0, 2, 2, 1])}, probe)
+    assert w2.scalars["viz/m/l/drift/rank_corr"] == [(2, pytest.approx(1.0)), (3, pytest.approx(1.0))]
+    assert w2.scalars["viz/m/drift/prediction_flips"] == [(2, 0.0), (3, 0.0)]
+    strips = w2.images["viz/m/l/filmstrip/p001"]
+    assert [img.shape[1] for _, img in strips] == [32, 32]  # 3 then 4 frames: width bounded at 3
+    last = strips[-1][1]
+    assert (last[2:10, 2:10] == first[2:10, 2:10]).all()  # the first epoch is always shown
+    assert len(tr2.frames["m/l"]["p001"]) == 4
+
+
+class CenterBlobCallback(MapCallback):
+    """A fixed map per probe, independent of the model: a Gaussian blob peaking at pixel (4, 4)."""
+
+    method = "blob"
+
+    def compute_maps(self, pl_module, probe):
+        h, w = probe.images.shape[-2:]
+        yy, xx = torch.meshgrid(torch.arange(h) - 4.0, torch.arange(w) - 4.0, indexing="ij")
+        blob = torch.exp(-(xx**2 + yy**2) / (2 * 3.0**2))
+        return {"blob/center": blob.expand(len(probe), h, w).clone()}
+
+
+def test_pointing_game_on_shapes_uses_the_true_masks(tmp_path):
+    from lightning_viz.data.shapes import ShapesDataset
+
+    ds = ShapesDataset(num=24, image_size=16, seed=3)
+    cb = CenterBlobCallback(num_probes=12, tracker=MapTracker(filmstrip=False, drift=False))
+    module = LitTiny(TinyCNN(num_classes=4, width=4))
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(module, DataLoader(ds, batch_size=8))
+    idx = cb.probes.indices.tolist()
+    masks = torch.stack([ds[i][2] for i in idx])  # straight from the dataset
+    maps = CenterBlobCallback().compute_maps(None, cb.probes)["blob/center"]
+    hits = pointing_game(maps, masks)
+    torch.testing.assert_close(hits, masks[:, 4, 4])
+    assert 0 < hits.mean() < 1  # some shapes cover pixel (4, 4), some do not
+    energy = (maps * masks).flatten(1).sum(1) / maps.flatten(1).sum(1)
+    torch.testing.assert_close(energy_in_mask(maps, masks), energy)
+    acc = read_events(str(tmp_path))
+    [pg] = acc.Scalars("viz/blob/center/localization/pointing_game")
+    [em] = acc.Scalars("viz/blob/center/localization/energy_in_mask")
+    assert pg.step == 0 and pg.value == pytest.approx(float(hits.mean()))
+    assert em.value == pytest.approx(float(energy.mean()), rel=1e-5)
+
+
+def test_pointing_game_requested_without_masks_is_a_clear_error():
+    tr = MapTracker(pointing_game=True, drift=False)
+    with pytest.raises(ValueError, match="needs ground-truth masks"):
+        tr.compute(TinyCNN(), _probe(), {"m/l": torch.rand(4, 8, 8)})
+    with pytest.raises(ValueError, match="max_frames"):
+        MapTracker(max_frames=1)
+    with pytest.raises(ValueError, match="unknown target"):
+        MapTracker(target="biggest")
+
+
+def test_tracker_compute_keys_and_sanity_copy_leave_the_model_untouched():
+    module = LitTiny(TinyCNN(width=4))
+    module.train()
+    module.net.fc.weight.grad = torch.ones_like(module.net.fc.weight)
+    probe = _probe()
+    cb = InputGradCallback(tracker=MapTracker(faithfulness=True, deletion_steps=3, sanity_check=True, seed=5))
+
+    def run():
+        with isolated(module):
+            return cb.compute(module, probe)
+
+    out = check_untouched(module, run)
+    assert sorted(out) == sorted(["map:inputgrad/input", "track:pred", "track:deletion/inputgrad/input",
+                                  "track:insertion/inputgrad/input", "track:sanity/inputgrad/input"])
+    assert all(v.shape == (4,) for k, v in out.items() if k.startswith("track:"))
+    # the randomized copy: seeded (same on every rank), different weights, global RNG and original untouched
+    c1 = check_untouched(module, lambda: randomized_copy(module, seed=5))
+    c2 = randomized_copy(module, seed=5)
+    assert c1._trainer is None  # the trainer is not deep-copied
+    for (n, p), p1, p2 in zip(module.named_parameters(), c1.parameters(), c2.parameters()):
+        assert torch.equal(p1, p2), n
+        if p.numel() > 1 and "bn" not in n:
+            assert not torch.equal(p1, p), n
+    with isolated(c1):  # eval mode, as inside the callback's run
+        rand_maps = cb.compute_maps(c1, probe)["inputgrad/input"]
+    trained = out["map:inputgrad/input"]
+    expected = torch.tensor([spearmanr(trained[i].flatten().numpy(), rand_maps[i].flatten().numpy())[0] for i in range(4)])
+    torch.testing.assert_close(out["track:sanity/inputgrad/input"], expected.float(), atol=1e-5, rtol=1e-5)
