@@ -56,7 +56,7 @@ def test_integrated_gradients_completeness():
     model = TinyCNN(width=3).eval()
     x = _x(2, 3, 8)
     with isolated(model):
-        ig = G.integrated_gradients(model, x, 1, steps=128)
+        ig = G.integrated_gradients(model, x, 1, chunk_size=256, steps=128)
         logits = model(x)[:, 1] - model(torch.zeros_like(x))[:, 1]
     torch.testing.assert_close(ig.sum(dim=(1, 2, 3)), logits.detach(), rtol=2e-2, atol=2e-3)
 
