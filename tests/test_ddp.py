@@ -58,17 +58,14 @@ def _json(out: str, run: str, rank: int) -> dict:
         return json.load(f)
 
 
-def test_two_ranks_log_the_same_maps_and_scalars_as_one(ddp_out, single_out):
-    single_dir, single_sum = single_out
-    info = _json(ddp_out, "equal", 0)
-    assert info["world_size"] == 2
-    assert info["checksum"] == pytest.approx(single_sum, rel=1e-5)  # same training, so same maps expected
-    two, one = read_events(os.path.join(ddp_out, "equal")), read_events(single_dir)
+def _assert_same_events(two_dir: str, one_dir: str) -> None:
+    two, one = read_events(two_dir), read_events(one_dir)
     tags = sorted(t for t in two.Tags()["images"] if t.startswith("viz/"))
     assert tags == sorted(t for t in one.Tags()["images"] if t.startswith("viz/"))
     # probes 0..4 split 3 + 2 over the ranks, all present; filmstrips and activations too
     for pid in ("p000", "p001", "p002", "p003", "p004"):
         assert f"viz/inputgrad/input/{pid}" in tags and f"viz/inputgrad/input/filmstrip/{pid}" in tags
+        assert f"viz/activations/net.conv2/{pid}" in tags
     for tag in tags:
         e2, e1 = two.Images(tag), one.Images(tag)
         assert [e.step for e in e2] == [e.step for e in e1] == [0, 1], tag
@@ -82,6 +79,21 @@ def test_two_ranks_log_the_same_maps_and_scalars_as_one(ddp_out, single_out):
     for tag in scalar_tags:
         v2, v1 = [e.value for e in two.Scalars(tag)], [e.value for e in one.Scalars(tag)]
         np.testing.assert_allclose(v2, v1, rtol=1e-3, atol=1e-5, err_msg=tag)
+
+
+def test_two_ranks_log_the_same_maps_and_scalars_as_one(ddp_out, single_out):
+    single_dir, single_sum = single_out
+    info = _json(ddp_out, "equal", 0)
+    assert info["world_size"] == 2
+    assert info["checksum"] == pytest.approx(single_sum, rel=1e-5)  # same training, so same maps expected
+    _assert_same_events(os.path.join(ddp_out, "equal"), single_dir)
+
+
+def test_ddp_spawn_logs_the_same_as_one_process(tmp_path, single_out):
+    _run_script(str(tmp_path), "--runs", "equal", "--devices", "2", "--strategy", "ddp_spawn")
+    files = glob.glob(os.path.join(tmp_path, "equal", "**", "events.out.tfevents.*"), recursive=True)
+    assert len(files) == 1, files
+    _assert_same_events(os.path.join(tmp_path, "equal"), single_out[0])
 
 
 def test_only_rank_zero_writes(ddp_out):
