@@ -1,6 +1,7 @@
 """Real multi-process CPU (gloo) training for ``tests/test_ddp.py``; also importable (test callbacks, configs).
 
-    python tests/ddp_script.py OUT --runs equal,one_probe_bf16 [--strategy ddp|ddp_spawn] [--devices 2]
+    python tests/ddp_script.py OUT --runs equal,one_probe_bf16,errors [--strategy ddp|ddp_spawn] [--devices 2]
+                                   [--callbacks callbacks.json]
 
 Each run is one ``Trainer.fit`` writing TensorBoard events to ``OUT/<run>/`` and, per rank,
 ``OUT/<run>/rank<r>.json`` (what that rank's callbacks wrote, its final parameters' checksum). With
@@ -213,7 +214,11 @@ def main() -> None:
     p.add_argument("--runs", default="equal,one_probe_bf16,errors")
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--strategy", default="ddp")
+    p.add_argument("--callbacks", default=None, help="JSON file: a list like CALLBACKS, used instead of it")
     a = p.parse_args()
+    if a.callbacks:
+        with open(a.callbacks) as f:
+            CALLBACKS[:] = json.load(f)
     main_runs(a.out, a.runs.split(","), a.devices, a.strategy)
 
 

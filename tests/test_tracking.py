@@ -179,3 +179,35 @@ def test_tracker_compute_keys_and_sanity_copy_leave_the_model_untouched():
     trained = out["map:inputgrad/input"]
     expected = torch.tensor([spearmanr(trained[i].flatten().numpy(), rand_maps[i].flatten().numpy())[0] for i in range(4)])
     torch.testing.assert_close(out["track:sanity/inputgrad/input"], expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_history_survives_resume_from_a_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    train, _ = tiny_loaders(n=16, batch_size=8)
+
+    def trainer(epochs, tracker):
+        cb = InputGradCallback(num_probes=2, tracker=tracker)
+        ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+        return tiny_trainer(str(tmp_path / f"logs{epochs}"), [cb, ckpt], max_epochs=epochs, enable_checkpointing=True)
+
+    trainer(2, MapTracker(frame_size=8)).fit(LitTiny(TinyCNN(width=4)), train)
+    resumed = MapTracker(frame_size=8)
+    trainer(3, resumed).fit(LitTiny(TinyCNN(width=4)), train, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    acc = read_events(str(tmp_path / "logs3"))
+    [strip] = acc.Images("viz/inputgrad/input/filmstrip/p001")
+    assert strip.step == 2 and strip.width == 3 * 10 + 2  # epochs 0 and 1 came back from the checkpoint
+    assert scalar_steps(acc, "viz/inputgrad/input/drift/rank_corr") == [2]  # compared with epoch 1's maps
+    assert scalar_steps(acc, "viz/inputgrad/drift/prediction_flips") == [2]
+
+
+def test_tracker_under_trainer_validate(tmp_path):
+    """run_on='validation_epoch_end' under trainer.validate (inference mode): faithfulness and sanity still work."""
+    _, val = tiny_loaders(n=16, batch_size=8)
+    tracker = MapTracker(frame_size=8, faithfulness=True, deletion_steps=3, sanity_check=True)
+    cb = InputGradCallback(num_probes=2, run_on="validation_epoch_end", tracker=tracker)
+    tiny_trainer(str(tmp_path), [cb]).validate(LitTiny(TinyCNN(width=4)), val)
+    acc = read_events(str(tmp_path))
+    for tag in ("faithfulness/deletion_auc", "faithfulness/insertion_auc", "sanity/rank_corr"):
+        assert scalar_steps(acc, f"viz/inputgrad/input/{tag}") == [0], tag
+    assert image_steps(acc, "viz/inputgrad/input/filmstrip/p000") == [0]
