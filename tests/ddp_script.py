@@ -45,6 +45,18 @@ CALLBACKS: list[dict[str, Any]] = [
     },
     {"class_path": "lightning_viz.callbacks.filters.FilterCallback", "init_args": {}},
     {"class_path": "lightning_viz.callbacks.activations.ActivationCallback", "init_args": {"num_probes": 5, "max_channels": 2}},
+    # SmoothGrad is left out: its noise depends on how the probes are split (see the report to the lead)
+    {"class_path": "lightning_viz.callbacks.gradients.GradientCallback",
+     "init_args": {"num_probes": 5, "methods": ["saliency", "integrated_gradients"], "ig_steps": 3}},
+    {"class_path": "lightning_viz.callbacks.cam.CAMCallback", "init_args": {
+        "num_probes": 5, "methods": ["gradcam", "gradcam++"],
+        "tracker": {"class_path": "lightning_viz.tracking.MapTracker", "init_args": {"faithfulness": True, "deletion_steps": 3}}}},
+    {"class_path": "lightning_viz.callbacks.occlusion.OcclusionCallback", "init_args": {"num_probes": 5, "window": 4, "stride": 2}},
+    {"class_path": "lightning_viz.callbacks.patches.TopPatchesCallback",
+     "init_args": {"layers": ["net.conv2"], "num_units": 2, "k": 2, "num_probes": 8, "patch_px": 8}},
+    {"class_path": "lightning_viz.callbacks.embeddings.EmbeddingCallback", "init_args": {"num_probes": 12, "projector": False}},
+    {"class_path": "lightning_viz.callbacks.synthesis.ClassModelCallback", "init_args": {"steps": 2}},
+    {"class_path": "lightning_viz.callbacks.synthesis.AdversarialCallback", "init_args": {"num_probes": 5, "steps": 2, "min_flip": False}},
 ]
 
 #: name -> Trainer/data options. ``equal`` is compared with a 1-process run with ``batch_size=8``: the
