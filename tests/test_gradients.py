@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -95,6 +94,19 @@ def test_smoothgrad_seeded_and_rng_untouched():
         assert torch.allclose(G.smoothgrad(G.saliency, model, x, 0, n_samples=2, sigma=0.0), G.saliency(model, x, 0))
     with pytest.raises(ValueError, match="n_samples >= 1"):
         G.smoothgrad(G.saliency, model, x, 0, n_samples=0)
+
+
+def test_smoothgrad_noise_is_per_image_so_a_ddp_split_changes_nothing():
+    model = TinyCNN(width=3).eval()
+    x = _x(5, 3, 8)
+    with isolated(model):
+        whole = G.smoothgrad(G.gradient, model, x, "predicted", n_samples=3, sigma=0.3, seed=7)
+        # rank 0 gets probes 0..2, rank 1 probes 3..4 (global ids passed, as GradientCallback does)
+        split = torch.cat([G.smoothgrad(G.gradient, model, x[:3], "predicted", n_samples=3, sigma=0.3, seed=7, ids=[0, 1, 2]),
+                           G.smoothgrad(G.gradient, model, x[3:], "predicted", n_samples=3, sigma=0.3, seed=7, ids=[3, 4])])
+        torch.testing.assert_close(split, whole)
+        shifted = G.smoothgrad(G.gradient, model, x[3:], "predicted", n_samples=3, sigma=0.3, seed=7)  # ids 0, 1
+        assert not torch.allclose(shifted, whole[3:])
 
 
 def torchvision_model(arch: str) -> nn.Module:

@@ -144,8 +144,9 @@ class GradientCallback(GradientMapCallback):
         kwargs = {"baseline": self.ig_baseline, "steps": self.ig_steps} if method.endswith("integrated_gradients") else {}
         if method.startswith(SMOOTHGRAD_PREFIX):
             fn = GRADIENT_METHODS[method[len(SMOOTHGRAD_PREFIX):]]
+            ids = range(probe.offset, probe.offset + len(probe))  # global probe index: same noise on any DDP split
             return smoothgrad(fn, pl_module, x, self.target, probe.labels, self.chunk_size, self.smoothgrad_samples,
-                              self.smoothgrad_sigma, self.smoothgrad_seed, **kwargs)
+                              self.smoothgrad_sigma, self.smoothgrad_seed, ids, **kwargs)
         return GRADIENT_METHODS[method](pl_module, x, self.target, probe.labels, self.chunk_size, **kwargs)
 
     def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:

@@ -21,7 +21,7 @@ a class index, or a callable ``logits -> score[B]`` (see :mod:`lightning_viz.tar
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -107,11 +107,13 @@ def _path_average(model, x, base, alphas, target, labels, chunk_size) -> Tensor:
 
 def smoothgrad(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: TargetSpec = "label",
                labels: Optional[Tensor] = None, chunk_size: Optional[int] = None, n_samples: int = 16,
-               sigma: float = 0.15, seed: int = 0, **kwargs) -> Tensor:
+               sigma: float = 0.15, seed: int = 0, ids: Optional[Sequence[int]] = None, **kwargs) -> Tensor:
     """SmoothGrad around ``method`` (any function above): the mean of ``method`` over ``n_samples``
-    noisy copies ``x + N(0, (sigma * (max(x_i) - min(x_i)))^2)``. Noise comes from
-    ``torch.Generator().manual_seed(seed)`` (same seed, same result; global RNG untouched); ``chunk_size``
-    bounds the noisy images per forward (``None``: ``B``). A ``"predicted"`` target is fixed from the clean input."""
+    noisy copies ``x + N(0, (sigma * (max(x_i) - min(x_i)))^2)``. The noise of image ``i`` comes from its
+    own ``torch.Generator`` seeded by ``(seed, ids[i])`` (``ids`` default ``0..B-1``; pass global probe
+    indices so a DDP split or a different batching draws the same noise per image); the global RNG is
+    never used. ``chunk_size`` bounds the noisy images per forward (``None``: ``B``). A ``"predicted"``
+    target is fixed from the clean input."""
     if n_samples < 1:
         raise ValueError(f"smoothgrad needs n_samples >= 1; got {n_samples}")
     if sigma < 0:
@@ -119,9 +121,14 @@ def smoothgrad(method: Callable[..., Tensor], model: nn.Module, x: Tensor, targe
     tgt, labels = _fixed_target(model, x, target, labels)
     x = x.detach()
     b = x.shape[0]
+    ids = list(range(b)) if ids is None else [int(i) for i in ids]
+    if len(ids) != b:
+        raise ValueError(f"smoothgrad got {len(ids)} ids for {b} images")
     span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(-1, *([1] * (x.ndim - 1)))
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    noise = torch.randn((n_samples,) + tuple(x.shape), generator=gen, dtype=x.dtype).to(x.device)
+    noise = torch.stack([
+        torch.randn((n_samples,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(_noise_seed(seed, i)))
+        for i in ids
+    ], dim=1).to(device=x.device, dtype=x.dtype)  # [n, B, ...]
     noisy = (x.unsqueeze(0) + sigma * span.unsqueeze(0) * noise).flatten(0, 1)  # [n*B, ...], sample-major
     lab = None if labels is None else labels.to(x.device).repeat(n_samples)
     total = None
@@ -132,6 +139,11 @@ def smoothgrad(method: Callable[..., Tensor], model: nn.Module, x: Tensor, targe
             total = torch.zeros((b,) + tuple(out.shape[1:]), dtype=out.dtype, device=out.device)
         total.index_add_(0, img, out)
     return total / n_samples
+
+
+def _noise_seed(seed: int, image_id: int) -> int:
+    """A distinct generator seed per (seed, image id)."""
+    return (int(seed) * 1_000_003 + int(image_id) * 7_919 + 12_345) % (2**63 - 1)
 
 
 def _fixed_target(model: nn.Module, x: Tensor, target: TargetSpec, labels: Optional[Tensor]):

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import capture
-from ..targets import CallableTarget, Target, TargetSpec, resolve_target
+from ..targets import CallableTarget, TargetSpec, resolve_target
 from .relu_rules import relu_rule
 
 __all__ = ["PassResult", "gradient_pass", "PassCache", "pass_cache", "target_key", "model_version", "chunks"]
@@ -134,7 +134,7 @@ def model_version(model: nn.Module) -> tuple[int, int]:
 class PassCache:
     """Shares :func:`gradient_pass` results between consumers (callbacks) of one model; see module doc.
 
-    ``forwards`` / ``backwards`` count the chunks actually computed (for tests and benchmarks).
+    ``forwards`` counts the chunks actually computed (one forward + one backward each).
     """
 
     def __init__(self) -> None:
