@@ -65,7 +65,7 @@ def _device(module: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def randomized_copy(module: nn.Module, seed: int = 0) -> nn.Module:
+def randomized_copy(module: nn.Module, seed: int = 2018) -> nn.Module:
     """A deep copy of ``module`` with every parameter re-initialized (Adebayo et al. 2018, Sec. 3.1,
     full model parameter randomization): ``reset_parameters()`` where a layer has one, otherwise
     Gaussian noise with the parameter's own std. Seeded and identical on every rank; the global RNG
@@ -115,7 +115,8 @@ class MapTracker:
         pointing_tolerance: pixels of tolerance of the pointing game.
         sanity_check: log the rank correlation between the maps and those of a randomized copy of the
             model (one extra ``compute_maps`` per run).
-        seed: seed of the randomized copy.
+        seed: seed of the randomized copy (same on every rank). Keep it different from the seed the
+            model was initialized with: an untrained model re-initialized with its own seed is itself.
         target: class whose probability the deletion/insertion curves follow: ``"label"``,
             ``"predicted"`` or an index; ``None`` = the callback's own ``target`` if it has one, else
             the label (or the prediction when the probes have no labels).
@@ -135,7 +136,7 @@ class MapTracker:
         pointing_game: Optional[bool] = None,
         pointing_tolerance: int = 0,
         sanity_check: bool = False,
-        seed: int = 0,
+        seed: int = 2018,
         target: Optional[Union[str, int]] = None,
         custom_scalars: bool = True,
     ):
