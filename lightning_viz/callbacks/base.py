@@ -238,7 +238,7 @@ class VisualizationCallback(Callback):
             return None
         rank, world = _world(trainer)
         start = time.perf_counter()
-        distributed = self.per_probe and world > 1
+        distributed = self.per_probe and self.needs_probes and world > 1  # without probes there is nothing to split
         probe, local, error, stage = None, None, None, "probes"
         try:
             if self.needs_probes and (distributed or rank == 0):
