@@ -138,6 +138,8 @@ def test_errors_are_clear():
         C.class_activation_map(seq, x, "2", "cam", target=0)  # the layer that feeds GAP + linear is fine
     with pytest.raises(ValueError, match="callable target has none"):
         CAMCallback(methods=["cam"], target=lambda z: z[:, 0])
+    with pytest.raises(ValueError, match="layers must name at least one layer"):
+        CAMCallback(layers=[])
     with pytest.raises(ValueError, match="unknown CAM method 'score_cam'"):
         CAMCallback(methods=["score_cam"])
     lit = LitTiny(TinyCNN(width=3))

@@ -64,7 +64,9 @@ class CAMCallback(GradientMapCallback):
         if reduce not in ("abs_max", "sum", "abs_sum"):
             raise ValueError(f"reduce must be 'abs_max', 'sum' or 'abs_sum'; got {reduce!r}")
         self.reduce = reduce
-        self.layer_names = [layers] if isinstance(layers, str) else (None if layers is None else list(layers))
+        self.layer_names = [layers] if isinstance(layers, str) else (None if layers is None else list(dict.fromkeys(layers)))
+        if self.layer_names == []:
+            raise ValueError("layers must name at least one layer, or be None for the last conv layer")
         self.layers: list[str] = []
 
     def check(self, pl_module: LightningModule) -> None:

@@ -11,7 +11,8 @@ Grad-CAM++, XGrad-CAM, LayerCAM, CAM ... are all read off that one :class:`PassR
 (``get``) computes one pass over the union of layers; the others reuse it. An entry is valid while the
 model's parameters and buffers are unchanged (their autograd version counters, bumped by every
 optimizer step / BatchNorm update / ``load_state_dict``) and the probe images are the same
-(``ProbeSet.fingerprint``). Each model gets its own cache (:func:`pass_cache`, a weak mapping).
+(``ProbeSet.fingerprint``). Each model gets its own cache (:func:`pass_cache`, a weak mapping); its
+entries stay on the probes' device until the model next changes (the next optimizer step).
 
 No parameter ``.grad`` is written (``autograd.grad`` w.r.t. inputs/activations only); call inside
 :func:`lightning_viz.capture.isolated` for eval mode, frozen parameters and an untouched RNG.
@@ -166,7 +167,7 @@ class PassCache:
             self.version = version
         layers = list(layers)
         tkey = target_key(target)
-        key = (probe_key, tkey, rule, str(x.device))
+        key = (probe_key, tkey, rule, str(x.device), x.dtype)
         hit = self.entries.get(key)
         if hit is not None and all(n in hit.activations for n in layers):
             return hit
