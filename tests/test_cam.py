@@ -193,3 +193,18 @@ def test_cam_callback_logs_layers_and_methods(tmp_path):
             assert scalar_steps(acc, f"viz/{m}/{layer}/stats/mean_abs") == [0, 1]
     # fixed scale across epochs: set at the first run, kept afterwards
     assert set(cb.scales) == {f"{m}/{layer}" for m in ("gradcam", "gradcampp", "guided_gradcam", "scorecam") for layer in ("net.conv1", "net.conv2")}
+
+
+def test_full_size_vgg11_one_pass():
+    """The unmodified vgg11 (120M-parameter classifier, in-place ReLU + Dropout): one pass, saliency + Grad-CAM."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.vgg11(weights=None, num_classes=3)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with isolated(model):
+        res = gradient_pass(model, x, "predicted", layers=["features.18"])
+        sal = G.gradient_from_pass("saliency", x, res.input_grad)
+        cam = C.cam_from_pass(res, "features.18", "gradcam", (32, 32))
+    assert sal.shape == cam.shape == (1, 32, 32) and sal.abs().sum() > 0 and torch.isfinite(cam).all()
+    assert all(m.training for m in model.modules()) and all(p.grad is None for p in model.parameters())
