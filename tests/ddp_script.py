@@ -45,9 +45,9 @@ CALLBACKS: list[dict[str, Any]] = [
     },
     {"class_path": "lightning_viz.callbacks.filters.FilterCallback", "init_args": {}},
     {"class_path": "lightning_viz.callbacks.activations.ActivationCallback", "init_args": {"num_probes": 5, "max_channels": 2}},
-    # SmoothGrad is left out: its noise depends on how the probes are split (see the report to the lead)
-    {"class_path": "lightning_viz.callbacks.gradients.GradientCallback",
-     "init_args": {"num_probes": 5, "methods": ["saliency", "integrated_gradients"], "ig_steps": 3}},
+    {"class_path": "lightning_viz.callbacks.gradients.GradientCallback", "init_args": {
+        "num_probes": 5, "methods": ["saliency", "integrated_gradients", "smoothgrad_saliency"], "ig_steps": 3,
+        "smoothgrad_samples": 2}},
     {"class_path": "lightning_viz.callbacks.cam.CAMCallback", "init_args": {
         "num_probes": 5, "methods": ["gradcam", "gradcam++"],
         "tracker": {"class_path": "lightning_viz.tracking.MapTracker", "init_args": {"faithfulness": True, "deletion_steps": 3}}}},
@@ -64,7 +64,7 @@ CALLBACKS: list[dict[str, Any]] = [
 #: (SyncBatchNorm cannot run under DDP on CPU -- torch: "SyncBatchNorm layers only work with GPU
 #: modules" -- so it is tested in-process, see test_ddp.py.)
 RUNS: dict[str, dict[str, Any]] = {
-    "equal": {"batchnorm": False, "batch_size": 4, "max_epochs": 2},
+    "equal": {"batchnorm": False, "batch_size": 4, "max_epochs": 2, "data": "shapes"},
     "one_probe_bf16": {"batch_size": 4, "max_epochs": 2, "num_probes": 1, "precision": "bf16-mixed"},
     # one rank fails: every rank must raise (recorded, not re-raised, so training goes on)
     "errors": {"batch_size": 4, "max_epochs": 1, "callbacks": [
@@ -165,12 +165,18 @@ def build_callbacks(num_probes: int | None = None, specs: list[dict] | None = No
 
 def fit(logdir: str, devices: int, strategy: str = "auto", batch_size: int = 8, max_epochs: int = 2,
         sync_batchnorm: bool = False, num_probes: int | None = None, precision: str = "32-true", seed: int = 0,
-        batchnorm: bool = True, compile: bool = False, callbacks: list[dict] | None = None):
+        batchnorm: bool = True, compile: bool = False, callbacks: list[dict] | None = None, data: str = "tiny"):
     """One training run; returns (trainer, callbacks, module)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     L.seed_everything(seed, verbose=False)
-    net = TinyCNN(width=4)
+    if data == "shapes":  # 4 classes, items (image, label, mask): the pointing game runs too
+        from lightning_viz.data.shapes import ShapesDataset
+
+        dataset, classes = ShapesDataset(48, image_size=12, seed=1), 4
+    else:
+        dataset, classes = tiny_dataset(48), 3
+    net = TinyCNN(num_classes=classes, width=4)
     if not batchnorm:
         net.bn1 = torch.nn.Identity()
     if sync_batchnorm and devices == 1:  # a SyncBatchNorm model without DDP (Lightning converts only under DDP)
@@ -178,8 +184,7 @@ def fit(logdir: str, devices: int, strategy: str = "auto", batch_size: int = 8, 
     if compile:
         net = torch.compile(net, backend="aot_eager")  # dynamo + AOTAutograd like inductor, minus the C++ compile
     module = LitTiny(net, lr=0.05)
-    data = tiny_dataset(48)
-    loader = DataLoader(data, batch_size=batch_size, sampler=RankStrideSampler(len(data)))
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=RankStrideSampler(len(dataset)))
     callbacks = build_callbacks(num_probes, callbacks)
     trainer = L.Trainer(
         max_epochs=max_epochs, accelerator="cpu", devices=devices, strategy=strategy,

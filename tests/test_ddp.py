@@ -70,11 +70,15 @@ def _assert_same_events(two_dir: str, one_dir: str) -> None:
         e2, e1 = two.Images(tag), one.Images(tag)
         assert [e.step for e in e2] == [e.step for e in e1] == [0, 1], tag
         for a, b in zip(e2, e1):
-            diff = np.abs(_decode(a) - _decode(b))  # float reduction order may move a pixel by a level or two
-            assert diff.max() <= 2, f"{tag} step {a.step}: images differ by {diff.max()}"
+            # float reduction order may move a pixel value by a level or two, or shift a plotted
+            # point's anti-aliasing (matplotlib figures): allow that, nothing more
+            diff = np.abs(_decode(a) - _decode(b))
+            off = float((diff > 2).mean())
+            assert off <= 1e-3 and diff.max() <= 32, f"{tag} step {a.step}: {off:.2%} of pixels differ, by up to {diff.max()}"
     scalar_tags = [t for t in two.Tags()["scalars"] if t.startswith("viz/") and not t.endswith("time_s")]
     assert set(scalar_tags) == {t for t in one.Tags()["scalars"] if t.startswith("viz/") and not t.endswith("time_s")}
-    for group in ("drift/rank_corr", "faithfulness/deletion_auc", "faithfulness/insertion_auc", "sanity/rank_corr"):
+    for group in ("drift/rank_corr", "faithfulness/deletion_auc", "faithfulness/insertion_auc", "sanity/rank_corr",
+                  "localization/pointing_game", "localization/energy_in_mask"):  # shapes: masks
         assert f"viz/inputgrad/input/{group}" in scalar_tags
     for tag in scalar_tags:
         v2, v1 = [e.value for e in two.Scalars(tag)], [e.value for e in one.Scalars(tag)]
