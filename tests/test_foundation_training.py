@@ -20,8 +20,15 @@ from lightning_viz.callbacks.activations import ActivationCallback
 from lightning_viz.callbacks.base import VisualizationError
 from lightning_viz.callbacks.filters import FilterCallback
 from lightning_viz.callbacks.maps import MapCallback
+from lightning_viz.callbacks.cam import CAMCallback
+from lightning_viz.callbacks.embeddings import EmbeddingCallback
+from lightning_viz.callbacks.gradients import GradientCallback
+from lightning_viz.callbacks.occlusion import OcclusionCallback
+from lightning_viz.callbacks.patches import TopPatchesCallback
+from lightning_viz.callbacks.synthesis import AdversarialCallback, ClassModelCallback, InversionCallback, UnitCallback
 from lightning_viz.capture import capture, isolated
 from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.tracking import MapTracker
 
 
 class InputGradMap(MapCallback):
@@ -41,6 +48,19 @@ CALLBACK_FACTORIES = [
     ("filters", lambda **kw: FilterCallback(**kw)),
     ("activations", lambda **kw: ActivationCallback(num_probes=3, **kw)),
     ("inputgrad", lambda **kw: InputGradMap(num_probes=3, **kw)),
+    ("gradients", lambda **kw: GradientCallback(
+        methods=["saliency", "guided_backprop", "integrated_gradients", "smoothgrad_saliency"],
+        ig_steps=3, smoothgrad_samples=2, num_probes=3, **kw)),
+    ("cam", lambda **kw: CAMCallback(
+        methods=["cam", "gradcam", "gradcam++", "scorecam", "guided_gradcam"], num_probes=3,
+        tracker=MapTracker(faithfulness=True, deletion_steps=3, sanity_check=True), **kw)),
+    ("occlusion", lambda **kw: OcclusionCallback(window=4, stride=4, num_probes=3, **kw)),
+    ("patches", lambda **kw: TopPatchesCallback(layers=["net.conv2"], num_units=2, k=2, num_probes=6, **kw)),
+    ("embeddings", lambda **kw: EmbeddingCallback(num_probes=9, projection=["pca", "tsne"], **kw)),
+    ("class_model", lambda **kw: ClassModelCallback(steps=3, jitter=1, **kw)),
+    ("units", lambda **kw: UnitCallback(layer="net.conv2", channels=[0, 1], steps=3, jitter=1, **kw)),
+    ("inversion", lambda **kw: InversionCallback(layer="net.conv1", steps=3, num_probes=2, **kw)),
+    ("adversarial", lambda **kw: AdversarialCallback(steps=2, num_probes=3, **kw)),
 ]
 FACTORY_IDS = [name for name, _ in CALLBACK_FACTORIES]
 
