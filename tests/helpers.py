@@ -65,6 +65,19 @@ def tiny_dataset(n: int = 48, channels: int = 3, size: int = 8, num_classes: int
     return TensorDataset(x, y)
 
 
+def trained_tiny_cnn(steps: int = 40, width: int = 4, n: int = 48) -> tuple[TinyCNN, torch.Tensor, torch.Tensor]:
+    """A TinyCNN fitted (seeded, plain full-batch SGD) to ``tiny_dataset(n)``; returns ``(model, x, y)``."""
+    torch.manual_seed(0)
+    model = TinyCNN(width=width)
+    x, y = tiny_dataset(n).tensors
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, x, y
+
+
 def tiny_loaders(n: int = 48, batch_size: int = 8, **kw) -> tuple[DataLoader, DataLoader]:
     ds = tiny_dataset(n, **kw)
     return DataLoader(ds, batch_size=batch_size), DataLoader(ds, batch_size=batch_size)

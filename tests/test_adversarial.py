@@ -8,20 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import LitTiny, TinyCNN, check_untouched, read_events, scalar_steps, image_steps, tiny_dataset, tiny_loaders, tiny_trainer
+from helpers import LitTiny, TinyCNN, check_untouched, read_events, scalar_steps, image_steps, tiny_dataset, tiny_loaders, tiny_trainer, trained_tiny_cnn
 from lightning_viz.callbacks.synthesis import AdversarialCallback
 from lightning_viz.capture import isolated
 from lightning_viz.methods.adversarial import fgsm, is_flipped, minimal_flip_budget, pgd, predict
 from lightning_viz.methods.synthesis import valid_range
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class TwoClassLinear(nn.Module):
@@ -38,15 +29,8 @@ class TwoClassLinear(nn.Module):
 
 @pytest.fixture(scope="module")
 def trained():
-    """TinyCNN trained (seeded, plain torch) to fit tiny_dataset; returns (model, x, y)."""
-    torch.manual_seed(0)
-    model = TinyCNN(width=4)
-    x, y = tiny_dataset(48).tensors
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(40):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    """TinyCNN trained to fit tiny_dataset; returns (model, x, y) for 8 images it classifies correctly."""
+    model, x, y = trained_tiny_cnn()
     assert (predict(model, x) == y).all()
     return model, x[:8], y[:8]
 

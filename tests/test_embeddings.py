@@ -17,15 +17,6 @@ from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.methods.embeddings import extract_features, knn_accuracy, pca_2d, penultimate_layer, silhouette, tsne_2d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_penultimate_layer_of_real_architectures():
     assert penultimate_layer(torchvision.models.resnet18(weights=None)) == "fc"
     assert penultimate_layer(torchvision.models.mobilenet_v3_small(weights=None)) == "classifier.3"

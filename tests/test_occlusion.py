@@ -19,15 +19,6 @@ from lightning_viz.methods.occlusion import (
 from lightning_viz.probe import ProbeSet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class RegionSum(nn.Module):
     """logit 0 = sum of channel 0 over rows 2..5, cols 3..6; logit 1 = 0. The answer is known by hand."""
 

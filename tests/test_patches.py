@@ -23,15 +23,6 @@ from lightning_viz.methods.receptive_field import (
 from lightning_viz.probe import ProbeSet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def known_stack(pool: nn.Module, relu: bool) -> nn.Sequential:
     """conv3 p1 -> pool2 -> conv3 s2 p1 -> conv3 dilation 2 p2.
 

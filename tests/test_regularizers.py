@@ -23,15 +23,6 @@ from lightning_viz.methods.regularizers import (
 from lightning_viz.methods.synthesis import class_model_images
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def high_freq_energy(x: torch.Tensor) -> torch.Tensor:
     """Energy of the spectrum above half the Nyquist frequency, per image."""
     f = torch.fft.rfft2(x, norm="ortho").abs().pow(2)

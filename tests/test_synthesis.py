@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_dataset, tiny_loaders, tiny_trainer
+from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_dataset, tiny_loaders, tiny_trainer, trained_tiny_cnn
 from lightning_viz.callbacks.synthesis import ClassModelCallback, InversionCallback, UnitCallback
 from lightning_viz.capture import isolated
 from lightning_viz.layers import LayerNotFoundError
@@ -16,25 +16,9 @@ from lightning_viz.methods.regularizers import build_regularizers
 from lightning_viz.methods.synthesis import class_model_images, invert_features, optimize_input, unit_images, valid_range
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained():
-    torch.manual_seed(0)
-    model = TinyCNN(width=4)
-    x, y = tiny_dataset(48).tensors
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(40):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, x, _ = trained_tiny_cnn()
     return model, x
 
 
