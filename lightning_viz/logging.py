@@ -10,9 +10,8 @@ TensorBoard keeps only 10 images per tag by default; start it with
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable
+from typing import Any
 
-import numpy as np
 from torch import Tensor
 
 from .render import to_uint8_hwc

@@ -70,7 +70,7 @@ def test_curve_endpoints_and_target_specs():
     with torch.no_grad():
         probs = model(x).softmax(1)
         base_probs = model(torch.zeros_like(x)).softmax(1)
-        blur_probs = model(gaussian_blur(x, 1.0)).softmax(1)
+        blur_probs = model(gaussian_blur(x, 1.0, truncate=2.0)).softmax(1)  # the insertion baseline
     cur = perturbation_curve(model, x, maps, "label", labels, mode="deletion", steps=5, baseline="zero")
     torch.testing.assert_close(cur[:, 0], probs[torch.arange(3), labels])
     torch.testing.assert_close(cur[:, -1], base_probs[torch.arange(3), labels])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 

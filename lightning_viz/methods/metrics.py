@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..targets import TargetSpec, resolve_target
+from .blur import gaussian_blur
 
 __all__ = [
     "perturbation_curve",
@@ -43,29 +44,16 @@ def _resize(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of ``[B, C, H, W]`` (reflect padding), the RISE insertion baseline."""
-    radius = max(1, int(math.ceil(2 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    pad_h, pad_w = min(radius, x.shape[-2] - 1), min(radius, x.shape[-1] - 1)
-    out = x
-    if pad_w > 0:
-        kw = k[radius - pad_w: radius + pad_w + 1]
-        out = F.conv2d(F.pad(out, (pad_w, pad_w, 0, 0), mode="reflect"), (kw / kw.sum()).view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    if pad_h > 0:
-        kh = k[radius - pad_h: radius + pad_h + 1]
-        out = F.conv2d(F.pad(out, (0, 0, pad_h, pad_h), mode="reflect"), (kh / kh.sum()).view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    return out
+def _insertion_blur(x: Tensor, sigma: float) -> Tensor:
+    """The RISE insertion baseline: a Gaussian blur truncated at 2 sigma."""
+    return gaussian_blur(x, sigma, truncate=2.0)
 
 
 def _baseline(x: Tensor, baseline: str, blur_sigma: float | None) -> Tensor:
     if baseline == "zero":
         return torch.zeros_like(x)
     if baseline == "blur":
-        return gaussian_blur(x, blur_sigma if blur_sigma is not None else max(1.0, min(x.shape[-2:]) / 8))
+        return _insertion_blur(x, blur_sigma if blur_sigma is not None else max(1.0, min(x.shape[-2:]) / 8))
     raise ValueError(f"unknown baseline {baseline!r}; allowed: 'zero', 'blur'")
 
 

@@ -13,12 +13,12 @@ run, so the same seed gives the same images and a chunked run equals an unchunke
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .blur import gaussian_blur
 
 __all__ = [
     "Regularizer",
@@ -99,24 +99,6 @@ class L2Decay(Regularizer):
 
     def project(self, image: Tensor, grad: Tensor | None, step: int) -> Tensor:
         return image * (1.0 - self.theta)
-
-
-def gaussian_blur(image: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of ``[B, C, H, W]`` (kernel radius ``ceil(3 sigma)``, reflect padding)."""
-    if sigma <= 0:
-        return image
-    radius = max(1, int(math.ceil(3 * sigma)))
-    h, w = image.shape[-2:]
-    radius = min(radius, h - 1, w - 1) if min(h, w) > 1 else 0
-    if radius == 0:
-        return image
-    t = torch.arange(-radius, radius + 1, device=image.device, dtype=image.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = image.shape[1]
-    out = F.pad(image, (radius, radius, radius, radius), mode="reflect")
-    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 class GaussianBlur(Regularizer):
