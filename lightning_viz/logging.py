@@ -49,14 +49,21 @@ class VizLogger:
     Every write goes through here, so callbacks never have to check the rank themselves.
     """
 
-    def __init__(self, writer: Any | None, step: int, enabled: bool = True):
+    def __init__(self, writer: Any | None, step: int, enabled: bool = True, namespace: str | None = None):
         self.writer = writer
         self.step = int(step)
         self.enabled = enabled and writer is not None
+        self.namespace = namespace
         self.written: list[str] = []
 
+    def _tag(self, tag: str) -> str:
+        """Insert the namespace after ``viz/`` (``viz/gradcam/...`` -> ``viz/<namespace>/gradcam/...``)."""
+        if self.namespace and tag.startswith("viz/"):
+            return make_tag(self.namespace, tag[len("viz/"):])
+        return tag
+
     @classmethod
-    def from_trainer(cls, trainer: Any, step: int, warn: bool = True) -> "VizLogger":
+    def from_trainer(cls, trainer: Any, step: int, warn: bool = True, namespace: str | None = None) -> "VizLogger":
         tb = find_tensorboard(trainer)
         if tb is None and warn and trainer.is_global_zero:
             warnings.warn(
@@ -66,16 +73,18 @@ class VizLogger:
                 NoTensorBoardLoggerWarning,
                 stacklevel=2,
             )
-        return cls(tb.experiment if tb is not None else None, step, enabled=trainer.is_global_zero)
+        return cls(tb.experiment if tb is not None else None, step, enabled=trainer.is_global_zero, namespace=namespace)
 
     def image(self, tag: str, image01: Tensor) -> None:
         """Log one ``[3, H, W]`` float image in ``[0, 1]``."""
         if self.enabled:
+            tag = self._tag(tag)
             self.writer.add_image(tag, to_uint8_hwc(image01), self.step, dataformats="HWC")
             self.written.append(tag)
 
     def scalar(self, tag: str, value: float | Tensor) -> None:
         if self.enabled:
+            tag = self._tag(tag)
             self.writer.add_scalar(tag, float(value), self.step)
             self.written.append(tag)
 
@@ -86,6 +95,7 @@ class VizLogger:
     def figure(self, tag: str, fig: Any) -> None:
         """Log a matplotlib figure (closed afterwards)."""
         if self.enabled:
+            tag = self._tag(tag)
             self.writer.add_figure(tag, fig, self.step, close=True)
             self.written.append(tag)
         else:
@@ -96,12 +106,14 @@ class VizLogger:
     def embedding(self, features: Tensor, metadata: list | None = None, label_img: Tensor | None = None,
                   tag: str = "default", metadata_header: list[str] | None = None) -> None:
         if self.enabled:
+            tag = self._tag(tag)
             self.writer.add_embedding(features, metadata=metadata, label_img=label_img, global_step=self.step,
                                       tag=tag, metadata_header=metadata_header)
             self.written.append(tag)
 
     def text(self, tag: str, text: str) -> None:
         if self.enabled:
+            tag = self._tag(tag)
             self.writer.add_text(tag, text, self.step)
             self.written.append(tag)
 

@@ -234,8 +234,8 @@ class ProbeSet:
             "labels": self.labels,
             "masks": self.masks,
             "indices": self.indices,
-            "mean": None if self.mean is None else list(self.mean),
-            "std": None if self.std is None else list(self.std),
+            "mean": None if self.mean is None else [float(v) for v in self.mean],
+            "std": None if self.std is None else [float(v) for v in self.std],
         }
 
     @classmethod

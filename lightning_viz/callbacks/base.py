@@ -10,11 +10,14 @@ shard of the probes, returns per-probe tensors) and :meth:`log_results` (rank 0,
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+import weakref
+from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
+
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..capture import isolated
 from ..logging import VizLogger, make_tag
@@ -25,11 +28,46 @@ try:
 except ImportError:  # Python < 3.12
     from typing_extensions import override
 
-__all__ = ["VisualizationCallback", "VisualizationError", "gather_results"]
+__all__ = ["VisualizationCallback", "VisualizationError", "VisualizationWarning", "gather_results"]
 
 
 class VisualizationError(RuntimeError):
     """A visualization failed; raised on every rank so DDP ranks stay in step."""
+
+
+class VisualizationWarning(UserWarning):
+    """A visualization failed and ``on_error="warn"`` let training go on."""
+
+
+def _first_not_none(*sources_and_attr: Any) -> Any:
+    """``getattr(source, attr)`` of the first source where it is not ``None`` (tensors are fine)."""
+    *sources, attr = sources_and_attr
+    for src in sources:
+        value = getattr(src, attr, None)
+        if value is not None:
+            return value
+    return None
+
+
+_announced: "weakref.WeakSet[Trainer]" = weakref.WeakSet()
+
+
+def _announce(trainer: Trainer) -> None:
+    """Once per trainer (rank 0): which visualization callbacks run, and where to look at them."""
+    if trainer in _announced:
+        return
+    _announced.add(trainer)
+    cbs = [cb for cb in trainer.callbacks if isinstance(cb, VisualizationCallback)]
+    from ..logging import find_tensorboard
+
+    tb = find_tensorboard(trainer)
+    where = (
+        f"writing to {tb.log_dir}; view with: tensorboard --logdir {tb.save_dir} --samples_per_plugin images=0"
+        if tb is not None
+        else "but the trainer has no TensorBoardLogger, so nothing will be written"
+    )
+    names = ", ".join(f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'} (every {cb.every_n_epochs})" for cb in cbs)
+    rank_zero_info(f"lightning-viz: {len(cbs)} visualization callback(s): {names}; {where}")
 
 
 def _world(trainer: Trainer) -> tuple[int, int]:
@@ -123,6 +161,10 @@ class VisualizationCallback(Callback):
         probe_source: ``"val"`` (fall back to train) or ``"train"`` dataloader's dataset.
         probes: an explicit :class:`ProbeSet` (overrides the three options above).
         log_time: log the seconds each run took as ``viz/<method>/time_s``.
+        name: optional namespace inserted in every tag (``viz/<name>/<method>/...``), to tell apart two
+            instances of one callback (e.g. two targets); also part of the checkpoint state key.
+        on_error: ``"raise"`` (default: a failed run stops training with a :class:`VisualizationError`)
+            or ``"warn"`` (warn and go on training; under DDP every rank decides the same way).
     """
 
     method: str = "viz"
@@ -141,6 +183,8 @@ class VisualizationCallback(Callback):
         probe_source: Literal["val", "train"] = "val",
         probes: ProbeSet | None = None,
         log_time: bool = True,
+        name: Optional[str] = None,
+        on_error: Literal["raise", "warn"] = "raise",
     ):
         super().__init__()
         if every_n_epochs < 1:
@@ -151,6 +195,10 @@ class VisualizationCallback(Callback):
             raise ValueError(f"probe_source must be 'val' or 'train'; got {probe_source!r}")
         if num_probes < 1:
             raise ValueError(f"num_probes must be >= 1; got {num_probes}")
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error must be 'raise' or 'warn'; got {on_error!r}")
+        if name is not None and (not name.strip() or "/" in name):
+            raise ValueError(f"name must be a non-empty tag part without '/'; got {name!r}")
         self.every_n_epochs = every_n_epochs
         self.run_on = run_on
         self.num_probes = num_probes
@@ -158,6 +206,8 @@ class VisualizationCallback(Callback):
         self.probe_source = probe_source
         self.probes = probes
         self.log_time = log_time
+        self.name = name
+        self.on_error = on_error
         self.last_logged_tags: list[str] = []
         self.last_duration_s: float | None = None
 
@@ -184,7 +234,7 @@ class VisualizationCallback(Callback):
 
     def state_key_parts(self) -> tuple[Any, ...]:
         """Distinguish several instances of one callback class in a checkpoint (override to add options)."""
-        return (self.method, self.num_probes, self.probe_seed, self.probe_source)
+        return (self.name, self.method, self.num_probes, self.probe_seed, self.probe_source)
 
     # ------------------------------------------------------------------ schedule
     def should_run(self, trainer: Trainer) -> bool:
@@ -195,6 +245,7 @@ class VisualizationCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.check(pl_module)
+        _announce(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -221,8 +272,7 @@ class VisualizationCallback(Callback):
                 "pass probes=ProbeSet(...) or give the Trainer a datamodule / dataloaders."
             )
         dm = getattr(trainer, "datamodule", None)
-        mean = getattr(dm, "mean", None) or getattr(dataset, "mean", None)
-        std = getattr(dm, "std", None) or getattr(dataset, "std", None)
+        mean, std = _first_not_none(dm, dataset, "mean"), _first_not_none(dm, dataset, "std")
         return ProbeSet.from_dataset(dataset, num=self.num_probes, seed=self.probe_seed, mean=mean, std=std)
 
     # ------------------------------------------------------------------ run
@@ -254,12 +304,15 @@ class VisualizationCallback(Callback):
             except Exception as exc:  # re-raised on every rank by gather_results
                 error = exc
         if distributed:
-            results = gather_results(trainer, local, error, what=self.method)
+            try:
+                results = gather_results(trainer, local, error, what=self.method)
+            except VisualizationError as exc:  # raised on every rank alike
+                return self._failed(exc)
             error = None
         else:
             results = local
         if rank == 0 and error is None and results is not None:
-            logger = VizLogger.from_trainer(trainer, step=trainer.current_epoch)
+            logger = VizLogger.from_trainer(trainer, step=trainer.current_epoch, namespace=self.name)
             stage = "log"
             try:
                 self.log_results(logger, results, probe, trainer)
@@ -272,12 +325,24 @@ class VisualizationCallback(Callback):
                 logger.flush()
             self.last_logged_tags = logger.written
         if world > 1 and _dist_ready():
-            _share_rank0_error(error if rank == 0 else None, self.method)
+            try:
+                _share_rank0_error(error if rank == 0 else None, self.method)
+            except VisualizationError as exc:  # rank 0 failed: every other rank gets here
+                return self._failed(exc)
         if error is not None:
             if stage != "compute":
-                raise error  # rank 0's own probe-picking or logging error: unchanged type
-            raise VisualizationError(f"lightning-viz {self.method} failed: {type(error).__name__}: {error}") from error
+                return self._failed(error)  # rank 0's own probe-picking or logging error: unchanged type
+            return self._failed(VisualizationError(f"lightning-viz {self.method} failed: {type(error).__name__}: {error}"), error)
         return results
+
+    def _failed(self, error: BaseException, cause: BaseException | None = None) -> None:
+        """Raise ``error`` (``on_error="raise"``) or warn and let training go on (``"warn"``)."""
+        if self.on_error == "warn":
+            rank_zero_warn(f"{error} (on_error='warn': training goes on)", category=VisualizationWarning)
+            return None
+        if cause is not None:
+            raise error from cause
+        raise error
 
     # ------------------------------------------------------------------ checkpoint
     @property

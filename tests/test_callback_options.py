@@ -1,0 +1,104 @@
+"""Base-callback options shared by every family: name (tag namespace), on_error, the start-up message,
+and normalization stats given as tensors."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import lightning as L
+from helpers import LitTiny, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
+from lightning_viz.callbacks.base import VisualizationError, VisualizationWarning
+from lightning_viz.callbacks.gradients import GradientCallback
+from lightning_viz.callbacks.maps import MapCallback
+
+
+class FailFromEpoch(MapCallback):
+    """Mean of channel 0 as a 'map' until ``fail_from`` epochs, then an error."""
+
+    method = "failing"
+
+    def __init__(self, fail_from: int = 1, **kw):
+        super().__init__(**kw)
+        self.fail_from = fail_from
+        self.epoch = 0
+
+    def run(self, trainer, pl_module):
+        self.epoch = trainer.current_epoch
+        return super().run(trainer, pl_module)
+
+    def compute_maps(self, pl_module, probe):
+        if self.epoch >= self.fail_from:
+            raise RuntimeError("boom at epoch %d" % self.epoch)
+        return {"failing/x": probe.images[:, 0]}
+
+
+def test_name_namespaces_tags_and_separates_two_instances(tmp_path):
+    by_label = GradientCallback(num_probes=2)
+    by_pred = GradientCallback(num_probes=2, target="predicted", name="pred")
+    assert by_label.state_key != by_pred.state_key
+    tiny_trainer(str(tmp_path), [by_label, by_pred], max_epochs=2).fit(LitTiny(), *tiny_loaders(n=12))
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz/saliency/input/p000") == [0, 1]
+    assert image_steps(acc, "viz/pred/saliency/input/p000") == [0, 1]
+    assert scalar_steps(acc, "viz/gradients/time_s") == [0, 1]
+    assert scalar_steps(acc, "viz/pred/gradients/time_s") == [0, 1]
+
+
+@pytest.mark.parametrize("bad", ["", "a/b"])
+def test_bad_name_is_refused(bad):
+    with pytest.raises(ValueError, match="name must be"):
+        GradientCallback(name=bad)
+
+
+def test_on_error_warn_keeps_training_and_earlier_logs(tmp_path):
+    cb = FailFromEpoch(fail_from=1, num_probes=2, on_error="warn")
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=3)
+    with pytest.warns(VisualizationWarning, match="boom at epoch 1"):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    assert trainer.current_epoch == 3  # training went on to the end
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz/failing/x/p000") == [0]
+    assert scalar_steps(acc, "train_loss")  # training metrics kept flowing
+
+
+def test_on_error_raise_is_the_default(tmp_path):
+    trainer = tiny_trainer(str(tmp_path), [FailFromEpoch(fail_from=0, num_probes=2)], max_epochs=1)
+    with pytest.raises(VisualizationError, match="failing failed: RuntimeError: boom at epoch 0"):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12))
+
+
+def test_bad_on_error_is_refused():
+    with pytest.raises(ValueError, match="on_error must be 'raise' or 'warn'"):
+        GradientCallback(on_error="ignore")
+
+
+def test_startup_message_names_callbacks_and_tensorboard_command(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2, every_n_epochs=2)], max_epochs=1).fit(
+            LitTiny(), *tiny_loaders(n=12))
+    msgs = [r.getMessage() for r in caplog.records if "lightning-viz:" in r.getMessage()]
+    assert len(msgs) == 1, msgs
+    assert "gradients (every 2)" in msgs[0] and f"tensorboard --logdir {tmp_path}" in msgs[0]
+
+
+class TensorStatsData(L.LightningDataModule):
+    """A datamodule whose mean/std are tensors (a multi-element tensor has no truth value)."""
+
+    mean = torch.tensor([0.5, 0.5, 0.5])
+    std = torch.tensor([0.25, 0.25, 0.25])
+
+    def train_dataloader(self):
+        return tiny_loaders(n=12)[0]
+
+    def val_dataloader(self):
+        return tiny_loaders(n=12)[1]
+
+
+def test_datamodule_stats_may_be_tensors(tmp_path):
+    cb = GradientCallback(num_probes=2)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), datamodule=TensorStatsData())
+    x = cb.probes.images
+    torch.testing.assert_close(cb.probes.display_images(), (x * 0.25 + 0.5).clamp(0, 1))
