@@ -1,0 +1,106 @@
+"""Cost of every callback in ``configs/demo.yaml`` per run, against one training epoch of the demo.
+
+For each callback: seconds per run, model forward calls and images pushed through the model during the
+run (counted with a forward pre-hook on the LightningModule), and that time as a multiple of one
+training epoch (2000 shapes, batch 64, SmallCNN). A method that needs P passes over N probes should
+show about P * N images forwarded in a handful of batched calls.
+
+    python benchmarks/bench_callbacks.py                      # CPU, the demo config
+    python benchmarks/bench_callbacks.py --config configs/digits.yaml --epochs 2
+
+Numbers depend on the machine and its load: run on a quiet machine before quoting them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+import time
+
+import lightning as L
+import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_viz.callbacks.base import VisualizationCallback
+
+
+def instantiate(spec):
+    """A ``{class_path, init_args}`` dict (nested ones too) -> the object."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        module, _, name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        return cls(**{k: instantiate(v) for k, v in (spec.get("init_args") or {}).items()})
+    if isinstance(spec, list):
+        return [instantiate(v) for v in spec]
+    return spec
+
+
+class Counted:
+    """Wrap a callback's ``run`` to count model forwards and images during it."""
+
+    def __init__(self, cb: VisualizationCallback):
+        self.cb, self.calls, self.images, self.seconds = cb, 0, 0, []
+        run = cb.run
+
+        def counted_run(trainer, pl_module):
+            counts = [0, 0]
+
+            def pre_hook(module, args):
+                counts[0] += 1
+                counts[1] += int(args[0].shape[0]) if args and hasattr(args[0], "shape") else 0
+
+            handle = pl_module.register_forward_pre_hook(pre_hook)
+            start = time.perf_counter()
+            try:
+                return run(trainer, pl_module)
+            finally:
+                if cb.should_run(trainer):
+                    self.seconds.append(time.perf_counter() - start)
+                    self.calls, self.images = counts
+                handle.remove()
+
+        cb.run = counted_run
+
+
+def build(config: dict, logdir: str, callbacks: list, epochs: int) -> tuple[L.Trainer, L.LightningModule, L.LightningDataModule]:
+    from lightning_viz.models import ImageClassifier
+
+    model = ImageClassifier(**config["model"])
+    data = instantiate(config["data"])
+    trainer = L.Trainer(max_epochs=epochs, logger=TensorBoardLogger(logdir), callbacks=callbacks, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", devices=1)
+    return trainer, model, data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"))
+    parser.add_argument("--epochs", type=int, default=1)
+    args = parser.parse_args()
+    with open(args.config) as f:
+        config = yaml.safe_load(f)
+    L.seed_everything(config.get("seed_everything", 0), verbose=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, model, data = build(config, tmp, [], args.epochs)
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data)
+        epoch_s = (time.perf_counter() - start) / args.epochs
+        callbacks = instantiate(config["trainer"].get("callbacks") or [])
+        counted = [Counted(cb) for cb in callbacks]
+        trainer, model, data = build(config, tmp, callbacks, args.epochs)
+        trainer.fit(model, datamodule=data)
+    print(f"training epoch without callbacks: {epoch_s:.2f} s  (torch threads: {__import__('torch').get_num_threads()})")
+    print(f"| callback | s per run | x epoch | forward calls | images forwarded |")
+    print(f"|---|---:|---:|---:|---:|")
+    for c in counted:
+        s = sum(c.seconds) / max(len(c.seconds), 1)
+        label = type(c.cb).__name__ + ("" if not getattr(c.cb, "methods", None) else f" {list(c.cb.methods)}")
+        print(f"| {label} | {s:.3f} | {s / epoch_s:.2f} | {c.calls} | {c.images} |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
