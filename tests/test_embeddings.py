@@ -65,6 +65,16 @@ def test_separation_scores_hand_computed():
     assert knn_accuracy(torch.tensor([[0.0], [1.0], [2.0], [10.0]]), torch.tensor([0, 0, 0, 1]), k=3) == 0.75
 
 
+def test_knn_vote_ties_go_to_the_class_of_the_nearest_neighbour():
+    # k = 5 = all other points. By hand, neighbours nearest first (equal distances: lower index first):
+    # p0: A B B C A -> tie A/B, nearest A (right)   p1: A B B C A -> A (right)
+    # p2: A B A C A -> A (wrong)   p3: B C A A A -> A (wrong)   p4: B A B A A -> A (wrong)
+    # p5: C B B A A -> tie A/B, nearest B (wrong). A vote bonus linear in rank would give B to p0 and p1.
+    feats = torch.arange(6.0).view(-1, 1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 0])
+    assert knn_accuracy(feats, labels, k=5) == pytest.approx(2 / 6)
+
+
 def test_tsne_is_seeded():
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(12, 4, generator=g)

@@ -117,12 +117,13 @@ def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
     d = torch.cdist(features.double(), features.double())
     d.fill_diagonal_(float("inf"))
     nn_idx = torch.sort(d, dim=1, stable=True).indices[:, :k]  # [N, k], nearest first
-    nn_lab = labels[nn_idx]
+    nn_lab = labels.long()[nn_idx]
     num_classes = int(labels.max()) + 1
-    # Votes plus a tiny bonus decreasing with rank, so ties go to the class of the nearer neighbour.
-    bonus = torch.linspace(1e-3, 1e-6, k, dtype=torch.float64).expand(n, k)
-    votes = torch.zeros(n, num_classes, dtype=torch.float64).scatter_add_(1, nn_lab, 1 + bonus)
-    return float((votes.argmax(1) == labels).double().mean())
+    votes = torch.zeros(n, num_classes, dtype=torch.long).scatter_add_(1, nn_lab, torch.ones_like(nn_lab))
+    # Among the most-voted classes, the one of the nearest neighbour: the first neighbour whose class has max votes.
+    top = votes.gather(1, nn_lab) == votes.amax(1, keepdim=True)
+    pred = nn_lab.gather(1, top.int().argmax(1, keepdim=True)).squeeze(1)
+    return float((pred == labels).double().mean())
 
 
 def scatter_image(points: Tensor, labels: Tensor | None, title: str = "", class_names: Sequence[str] | None = None,
