@@ -47,6 +47,19 @@ def test_stack_receptive_field_is_hand_computed():
     assert (rf.size, rf.jump, rf.offset, rf.grid) == ((30, 30), (8, 8), (11, 11), (4, 4))
 
 
+def test_ceil_mode_pool_output_size_like_torch():
+    # ceil_mode drops a last window that would start in the right padding (torch's pooling rule):
+    # conv3 p1 on 5 px -> 5; pool k2 s2 p1 ceil: ceil((5 + 2 - 2) / 2) + 1 = 4, but (4 - 1) * 2 >= 5 + 1 -> 3.
+    # By hand: R = 3 + 1 = 4, J = 2, P = 1 + 1 = 2.
+    for pool in (nn.MaxPool2d(2, stride=2, padding=1, ceil_mode=True), nn.AvgPool2d(2, stride=2, padding=1, ceil_mode=True)):
+        model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), pool).eval()
+        rf = stack_receptive_field(model, "1", (1, 5, 5))
+        assert (rf.size, rf.jump, rf.offset, rf.grid) == ((4, 4), (2, 2), (2, 2), (3, 3))
+    # kernel 1 stride 2 ceil on 4 px: torch gives 2 positions (a third would start past the input)
+    rf = stack_receptive_field(nn.Sequential(nn.MaxPool2d(1, stride=2, ceil_mode=True)), "0", (1, 4, 4))
+    assert rf.grid == (2, 2)
+
+
 def test_gradient_support_equals_arithmetic_box_inside_the_image():
     model = known_stack(nn.AvgPool2d(2), relu=False)  # linear: every path carries gradient
     boxes = stack_receptive_field(model, "4", (1, 48, 48)).boxes()

@@ -115,7 +115,10 @@ def compose(geometries: Sequence[tuple], input_size: Sequence[int]) -> Receptive
             p[a] += pad[a] * j[a]
             j[a] *= s[a]
             span = n[a] + 2 * pad[a] - d[a] * (k[a] - 1) - 1
-            n[a] = (-(-span // s[a]) if ceil else span // s[a]) + 1
+            out = (-(-span // s[a]) if ceil else span // s[a]) + 1
+            if ceil and (out - 1) * s[a] >= n[a] + pad[a]:  # torch: the last window must start inside input or left pad
+                out -= 1
+            n[a] = out
     return ReceptiveField(size=(r[0], r[1]), jump=(j[0], j[1]), offset=(p[0], p[1]), grid=(n[0], n[1]))
 
 
