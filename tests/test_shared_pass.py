@@ -143,3 +143,22 @@ def test_training_untouched_by_callbacks(tmp_path):
                  CAMCallback(methods=["cam", "gradcampp", "guided_gradcampp"], num_probes=2)], "viz")
     for (n, p), (_, q) in zip(plain.state_dict().items(), viz.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+def test_cache_never_serves_one_models_pass_to_another():
+    """Two models with equal version counters (same architecture, same number of in-place updates) -- e.g.
+    the tracker's randomized copy next to an untrained model under trainer.validate -- are different states."""
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    a = TinyCNN(width=3).eval()
+    torch.manual_seed(1)
+    b = TinyCNN(width=3).eval()
+    cache = pass_cache(a)  # one cache asked about both models, as a share_pass=False callback's own cache is
+    with isolated(a):
+        ra = cache.get(a, x, "probes", 0, None, ["conv2"])
+    with isolated(b):
+        rb = cache.get(b, x, "probes", 0, None, ["conv2"])
+        ref = gradient_pass(b, x, 0, None, ["conv2"])
+    assert rb is not ra
+    torch.testing.assert_close(rb.input_grad, ref.input_grad)
+    torch.testing.assert_close(rb.activations["conv2"], ref.activations["conv2"])

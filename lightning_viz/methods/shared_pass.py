@@ -9,9 +9,9 @@ Grad-CAM++, XGrad-CAM, LayerCAM, CAM ... are all read off that one :class:`PassR
 :class:`PassCache` shares passes between callbacks: each consumer registers the layers it needs for a
 ``(target, rule)`` before training (``register``), and the first consumer to ask at an epoch end
 (``get``) computes one pass over the union of layers; the others reuse it. An entry is valid while the
-model's parameters and buffers are unchanged (their autograd version counters, bumped by every
-optimizer step / BatchNorm update / ``load_state_dict``) and the probe images are the same
-(``ProbeSet.fingerprint``). Each model gets its own cache (:func:`pass_cache`, a weak mapping); its
+model is the same module object, its parameters and buffers are unchanged (their autograd version
+counters, bumped by every optimizer step / BatchNorm update / ``load_state_dict``) and the probe images
+are the same (``ProbeSet.fingerprint``). Each model gets its own cache (:func:`pass_cache`, a weak mapping); its
 entries stay on the probes' device until the model next changes (the next optimizer step).
 
 No parameter ``.grad`` is written (``autograd.grad`` w.r.t. inputs/activations only); call inside
@@ -161,7 +161,7 @@ class PassCache:
     ) -> PassResult:
         """The pass for ``(probe_key, target, rule)`` covering at least ``layers`` (computed once per
         model state: the union of every registered consumer's layers)."""
-        version = model_version(model)
+        version = (weakref.ref(model),) + model_version(model)  # another model (e.g. a copy) never shares entries
         if version != self.version:
             self.entries.clear()
             self.version = version
