@@ -122,6 +122,18 @@ def test_projector_files_and_scalars_per_scheduled_epoch(tmp_path):
     torch.testing.assert_close(results["features"], extract_features(model.eval(), cb.probes.images)[0])
 
 
+def test_callback_runs_a_model_in_another_dtype_than_the_probes():
+    from lightning_viz.capture import isolated
+    from lightning_viz.probe import ProbeSet
+
+    model = LitTiny().double()  # e.g. Trainer(precision="64-true"); the probes stay float32
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with isolated(model):
+        out = EmbeddingCallback().compute(model, ProbeSet(images=x, labels=torch.tensor([0, 1, 2, 0])))
+        feats, logits = extract_features(model, x.double())
+    assert torch.equal(out["features"], feats) and torch.equal(out["prediction"], logits.argmax(1))
+
+
 def test_chosen_layer_and_errors(tmp_path):
     model = LitTiny()
     cb = EmbeddingCallback(layer="net.conv2", projector=False, num_probes=6, run_on="validation_epoch_end")

@@ -136,6 +136,18 @@ def test_callback_maps_match_the_method_and_gray_uses_probe_normalization():
     assert maps["occlusion/score"][0, 2, 4] == 4.0  # the window rows 2-3 x cols 4-5 lies inside the region: 4 ones
 
 
+def test_callback_runs_a_model_in_another_dtype_than_the_probes():
+    # Trainer(precision="64-true") turns the module to float64 while the probes stay float32
+    module = LitTiny(TinyCNN(width=4)).double()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    probe = ProbeSet(images=x, labels=torch.tensor([0, 1]))
+    cb = OcclusionCallback(window=4, stride=2, outputs=["score"])
+    with torch.no_grad():
+        maps = cb.compute_maps(module.eval(), probe)
+    drops = occlusion(module, x.double(), "label", torch.tensor([0, 1]), window=4, stride=2, fill="gray")["score"]
+    assert torch.equal(maps["occlusion/score"], spread_to_pixels(drops, (8, 8), 4, 2))
+
+
 def test_invalid_options_have_clear_errors():
     with pytest.raises(ValueError, match="fill must be one of"):
         OcclusionCallback(fill="black")

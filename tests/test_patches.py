@@ -189,6 +189,16 @@ def test_callback_logs_one_grid_per_unit_and_ddp_merge_equals_single(tmp_path):
     assert torch.equal(cb.boxes(model, "net.conv2", (3, 8, 8))[3, 3], torch.tensor([1, 1, 6, 6]))
 
 
+def test_callback_runs_a_model_in_another_dtype_than_the_probes():
+    model = LitTiny().double()  # e.g. Trainer(precision="64-true"); the probes stay float32
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cb = TopPatchesCallback(layers=["net.conv2"], units=[1], k=2, batch_size=2)
+    with isolated(model):
+        out = cb.compute(model, ProbeSet(images=x, labels=torch.tensor([0, 1, 2, 0, 1])))
+        expected = scan_topk(model, x.double(), "net.conv2", [1], 2)
+    assert as_list(TopK.from_rows(out["net.conv2"])) == as_list(expected)
+
+
 def test_default_units_and_errors():
     model = LitTiny()
     cb = TopPatchesCallback(layers=["net.conv1"], num_units=3, k=2, num_probes=4)

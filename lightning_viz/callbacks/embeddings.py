@@ -87,7 +87,7 @@ class EmbeddingCallback(VisualizationCallback):
             get_layer(pl_module, self.layer)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
-        feats, logits = extract_features(pl_module, probe.to(pl_module.device), self.layer, self.batch_size)
+        feats, logits = extract_features(pl_module, probe.to(pl_module.device, pl_module.dtype), self.layer, self.batch_size)
         return {"features": feats.cpu(), "prediction": logits.argmax(1).cpu()}
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:

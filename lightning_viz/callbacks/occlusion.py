@@ -66,7 +66,7 @@ class OcclusionCallback(MapCallback):
         return super().state_key_parts() + (self.window, self.stride, self.fill, str(self.target))
 
     def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
-        x = probe.to(pl_module.device)
+        x = probe.to(pl_module.device, pl_module.dtype)
         size = x.shape[-2:]
         if self.window > min(size):
             raise ValueError(f"occlusion window={self.window} is larger than the {size[0]}x{size[1]} probe images; "

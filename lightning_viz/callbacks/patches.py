@@ -97,7 +97,7 @@ class TopPatchesCallback(VisualizationCallback):
             return {name: list(range(min(self.num_units, cap[name].shape[1]))) for name in self.layers}
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
-        x = probe.to(pl_module.device)
+        x = probe.to(pl_module.device, pl_module.dtype)
         units = self._units(pl_module, x[:1])
         out: dict[str, Any] = {}
         for name in self.layers:
