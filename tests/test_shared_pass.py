@@ -162,3 +162,55 @@ def test_cache_never_serves_one_models_pass_to_another():
     assert rb is not ra
     torch.testing.assert_close(rb.input_grad, ref.input_grad)
     torch.testing.assert_close(rb.activations["conv2"], ref.activations["conv2"])
+
+
+class DataSGD(torch.optim.Optimizer):
+    """Plain SGD written the old way, through ``p.data`` -- which bumps no autograd version counter."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+class LitDataSGD(LitTiny):
+    def configure_optimizers(self):
+        return DataSGD(self.parameters(), lr=0.5)
+
+
+class RecordingSaliency(GradientCallback):
+    """Records, per run, the logged saliency and a fresh one computed on the model as it is."""
+
+    def __init__(self, **kw):
+        super().__init__(methods=["saliency"], **kw)
+        self.records = []
+
+    def compute_maps(self, pl_module, probe):
+        maps = super().compute_maps(pl_module, probe)
+        fresh = G.saliency(pl_module, probe.to(pl_module.device), self.target, probe.labels)
+        self.records.append((maps["saliency/input"], fresh))
+        return maps
+
+
+def test_no_stale_pass_after_a_data_writing_optimizer_and_nothing_kept_after_fit(tmp_path):
+    """A model without BatchNorm trained by an optimizer that writes ``p.data`` (no version bump): every epoch's
+    maps are those of the model at that epoch, and no cached pass outlives the run (nor the training epochs)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    model = LitDataSGD(net)
+    cb = RecordingSaliency(num_probes=3)
+    tl, vl = tiny_loaders(n=12)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=3).fit(model, tl, vl)
+    assert len(cb.records) == 3
+    assert not torch.allclose(cb.records[0][1], cb.records[2][1], rtol=1e-3, atol=0)  # the model did change
+    for logged, fresh in cb.records:
+        torch.testing.assert_close(logged, fresh)
+    assert pass_cache(model).entries == {}

@@ -4,20 +4,23 @@ integrated gradients and SmoothGrad around any of them, logged as overlays per p
 Methods that are read off one gradient pass (see :data:`lightning_viz.methods.gradients.PASS_RULES`)
 share it with every other gradient/CAM callback of the same model at the same epoch
 (:class:`lightning_viz.methods.shared_pass.PassCache`): each callback registers its layers at ``setup``,
-and the first one to run computes one forward + one backward per chunk for all of them.
+and the first one to run computes one forward + one backward per chunk for all of them. The cached
+passes are dropped when the next training epoch starts and at ``teardown``: nothing is held while the
+model trains, and no pass outlives the epoch end it was computed for, whatever the optimizer does.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from ..methods.gradients import GRADIENT_METHODS, PASS_RULES, gradient_from_pass, reduce_channels, smoothgrad
 from ..methods.shared_pass import PassCache, PassResult, pass_cache
 from ..probe import ProbeSet
 from ..targets import resolve_target
+from .base import override
 from .maps import MapCallback
 
 __all__ = ["GradientMapCallback", "GradientCallback", "SMOOTHGRAD_PREFIX"]
@@ -61,6 +64,17 @@ class GradientMapCallback(MapCallback):
         cache = self.cache(pl_module)
         for rule, layers in self.pass_needs(pl_module).items():
             cache.register(self.target, rule, layers)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # free last epoch end's passes; also the only safe invalidation for an optimizer that writes
+        # ``p.data`` (no autograd version bump, so PassCache alone would serve stale maps)
+        self.cache(pl_module).clear()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self.cache(pl_module).clear()
 
     def get_pass(self, pl_module: LightningModule, probe: ProbeSet, x: Tensor, rule: Optional[str],
                  layers: list[str]) -> PassResult:

@@ -12,7 +12,9 @@ Grad-CAM++, XGrad-CAM, LayerCAM, CAM ... are all read off that one :class:`PassR
 model is the same module object, its parameters and buffers are unchanged (their autograd version
 counters, bumped by every optimizer step / BatchNorm update / ``load_state_dict``) and the probe images
 are the same (``ProbeSet.fingerprint``). Each model gets its own cache (:func:`pass_cache`, a weak mapping); its
-entries stay on the probes' device until the model next changes (the next optimizer step).
+entries stay on the probes' device until the model next changes or :meth:`PassCache.clear` is called.
+Writes through ``p.data`` bump no version counter and go unseen: the callbacks therefore clear the cache
+when each training epoch starts and at teardown.
 
 No parameter ``.grad`` is written (``autograd.grad`` w.r.t. inputs/activations only); call inside
 :func:`lightning_viz.capture.isolated` for eval mode, frozen parameters and an untouched RNG.
