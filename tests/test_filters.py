@@ -152,3 +152,13 @@ def test_filter_callback_setup_errors(tmp_path):
         FilterCallback(normalize="per_image")
     with pytest.raises(ValueError, match=r"max_filters must be >= 1"):
         FilterCallback(max_filters=0)
+
+
+def test_filter_callback_two_named_instances_on_one_layer(tmp_path):
+    """``name`` tells two instances apart (tags and checkpoint state key), also for FilterCallback."""
+    per, glob = FilterCallback(), FilterCallback(normalize="global", name="global")
+    assert per.state_key != glob.state_key
+    tiny_trainer(str(tmp_path), [per, glob], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    acc = read_events(str(tmp_path))
+    assert [e.step for e in acc.Images("viz/filters/net.conv1/grid")] == [0]
+    assert [e.step for e in acc.Images("viz/global/filters/net.conv1/grid")] == [0]

@@ -102,7 +102,7 @@ class FilterCallback(VisualizationCallback):
         self.previous: Optional[Tensor] = None
 
     def state_key_parts(self) -> tuple[Any, ...]:
-        return (self.method, self.kind, self.layer)
+        return (self.name, self.method, self.kind, self.layer)
 
     def layer_name(self, pl_module: nn.Module) -> str:
         if self.layer is not None:
