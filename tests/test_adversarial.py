@@ -154,6 +154,20 @@ def test_adversarial_callback_under_validate_and_valid_range(tmp_path):
     assert lo.flatten().tolist() == [-2.0] * 3 and hi.flatten().tolist() == [2.0] * 3
 
 
+def test_adversarial_callback_runs_a_model_in_another_dtype_than_the_probes():
+    from lightning_viz.probe import ProbeSet
+
+    x, y = tiny_dataset(3).tensors
+    x = x.clamp(-1, 1)  # inside the valid range of mean = std = 0.5
+    model = LitTiny(TinyCNN(width=4)).double()  # e.g. Trainer(precision="64-true"); the probes stay float32
+    cb = AdversarialCallback(epsilon=0.5, steps=2, min_flip_iterations=2)
+    with isolated(model):
+        out = cb.compute(model, ProbeSet(images=x, labels=y, mean=[0.5] * 3, std=[0.5] * 3))
+        clean = predict(model, x.double())
+    assert torch.equal(out["clean_pred"], clean)
+    assert (out["adv"] - x.double()).abs().amax() <= 0.5 + 1e-9 and out["adv"].min() >= -1 and out["adv"].max() <= 1
+
+
 def test_adversarial_callback_same_result_on_any_rank_split_or_chunking(trained):
     from lightning_viz.probe import ProbeSet
 

@@ -111,6 +111,25 @@ def test_callbacks_log_grids_pairs_and_scalars_every_epoch(tmp_path):
     assert len({cb.state_key for cb in cbs}) == 3
 
 
+def test_callbacks_and_methods_run_a_model_in_another_dtype_than_the_probes():
+    # Trainer(precision="64-true") turns the module to float64 while the probes (and valid range) stay float32
+    from lightning_viz.probe import ProbeSet
+
+    x, y = tiny_dataset(2).tensors
+    probe = ProbeSet(images=x, labels=y, mean=[0.5] * 3, std=[0.5] * 3)
+    model = LitTiny(TinyCNN(width=4)).double()
+    opts = dict(steps=2, blur_every=1, clip_contribution_percentile=5, jitter=1)
+    with isolated(model):
+        res = class_model_images(model.net, [0, 1], (3, 8, 8), steps=2, init=x[:2], bounds=valid_range([0.5] * 3, [0.5] * 3))
+        outs = [cb.compute(model, probe) for cb in (ClassModelCallback(**opts), UnitCallback(layer="net.conv2", channels=[1], **opts),
+                                                   InversionCallback(layer="net.conv1", **opts))]
+        with torch.no_grad():
+            logits = model(res.images)
+    assert res.images.dtype == torch.float64 and res.images.min() >= -1 and res.images.max() <= 1
+    torch.testing.assert_close(logits[:, :2].diagonal(), res.scores)
+    assert [tuple(o["images"].shape) for o in outs] == [(3, 3, 8, 8), (1, 3, 8, 8), (2, 3, 8, 8)]
+
+
 def test_inversion_under_validate_inference_mode(tmp_path):
     cb = InversionCallback(layer="net.conv2", steps=3, num_probes=2, run_on="validation_epoch_end")
     _, val = tiny_loaders(8)

@@ -41,6 +41,11 @@ def _device(pl_module: LightningModule) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _dtype(pl_module: LightningModule) -> torch.dtype:
+    p = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32
+
+
 def _display(images: Tensor, mean: Any, std: Any) -> Tensor:
     """Model-space images -> ``[0, 1]`` for display (normalization undone, else per-image min-max)."""
     return ProbeSet(images=images.detach().float().cpu(), mean=mean, std=std).display_images()
@@ -168,7 +173,7 @@ class ClassModelCallback(_InputOptimizationCallback):
         classes = self.classes
         if classes is None:
             with torch.no_grad():
-                n = pl_module(torch.zeros(1, *shape, device=_device(pl_module))).shape[1]
+                n = pl_module(torch.zeros(1, *shape, device=_device(pl_module), dtype=_dtype(pl_module))).shape[1]
             classes = list(range(min(n, self.max_classes)))
         # the l2 penalty of eq. 1 is among the regularizers of optimize_kwargs
         res = class_model_images(pl_module, classes, shape, l2=0.0, **self.optimize_kwargs(pl_module, probe))
@@ -252,7 +257,7 @@ class InversionCallback(_InputOptimizationCallback):
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         kw = self.optimize_kwargs(pl_module, probe)
-        x = probe.to(_device(pl_module))
+        x = probe.to(_device(pl_module), _dtype(pl_module))
         if self.init == "noise":  # per-probe noise: the same reconstruction whatever the split over ranks
             kw["init"] = initial_images("gray", x.shape, bounds=kw["bounds"], device=x.device) + 0.1 * per_image_noise(
                 x.shape, self.seed, probe.offset, device=x.device)
@@ -345,7 +350,7 @@ class AdversarialCallback(VisualizationCallback):
     def attack_probes(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
         """Attack (and bisect the flip budget of) one chunk of probes; all results per probe, on CPU."""
         device = _device(pl_module)
-        x = probe.to(device)
+        x = probe.to(device, _dtype(pl_module))
         bounds = valid_range(probe.mean, probe.std, device)
         with torch.no_grad():
             logits = pl_module(x)

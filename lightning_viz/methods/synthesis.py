@@ -58,6 +58,11 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _dtype(model: nn.Module) -> torch.dtype:
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32
+
+
 def valid_range(mean: Sequence[float] | None, std: Sequence[float] | None, device=None) -> tuple[Tensor, Tensor] | None:
     """Per-channel ``(lo, hi)`` ``[1, C, 1, 1]`` of normalized images whose pixels are in ``[0, 1]``
     (``x = (p - mean) / std``), or ``None`` when the normalization is unknown."""
@@ -75,22 +80,23 @@ def initial_images(
     bounds: tuple[Tensor, Tensor] | None = None,
     noise_std: float = 0.1,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Starting images: ``"zero"`` (zeros in input space: the mean image when inputs are normalized, as in
-    Simonyan et al.), ``"gray"`` (mid-range ``(lo + hi) / 2`` of ``bounds``; zeros when unknown), ``"noise"``
-    (gray plus ``noise_std`` Gaussian noise from ``generator``), or an explicit tensor."""
+    """Starting images (``dtype``, e.g. the model's): ``"zero"`` (zeros in input space: the mean image when
+    inputs are normalized, as in Simonyan et al.), ``"gray"`` (mid-range ``(lo + hi) / 2`` of ``bounds``; zeros
+    when unknown), ``"noise"`` (gray plus ``noise_std`` Gaussian noise from ``generator``), or an explicit tensor."""
     if isinstance(init, Tensor):
         if tuple(init.shape) != tuple(shape):
             raise ValueError(f"init tensor has shape {tuple(init.shape)}, expected {tuple(shape)}")
-        return init.detach().to(device=device, dtype=torch.float32).clone()
+        return init.detach().to(device=device, dtype=dtype).clone()
     if init not in ("zero", "gray", "noise"):
         raise ValueError(f"unknown init {init!r}; allowed: 'zero', 'gray', 'noise' or a tensor")
-    x = torch.zeros(tuple(shape), device=device)
+    x = torch.zeros(tuple(shape), device=device, dtype=dtype)
     if init in ("gray", "noise") and bounds is not None:
-        x = x + ((bounds[0] + bounds[1]) / 2).to(device)
+        x = x + ((bounds[0] + bounds[1]) / 2).to(device, dtype)
     if init == "noise":
         gen_device = generator.device if generator is not None else "cpu"
-        x = x + noise_std * torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
+        x = x + noise_std * torch.randn(tuple(shape), generator=generator, device=gen_device).to(device, dtype)
     return x
 
 
@@ -195,10 +201,10 @@ def optimize_input(
         raise ValueError(f"unknown optimizer {optimizer!r}; allowed: 'adam', 'sgd'")
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W); got {tuple(shape)}")
-    device = _device(model)
+    device, dtype = _device(model), _dtype(model)
     if bounds is not None:
-        bounds = (bounds[0].to(device), bounds[1].to(device))
-    x0 = initial_images(init, shape, generator, bounds, noise_std, device)
+        bounds = (bounds[0].to(device, dtype), bounds[1].to(device, dtype))
+    x0 = initial_images(init, shape, generator, bounds, noise_std, device, dtype)
     if bounds is not None:
         x0 = torch.maximum(torch.minimum(x0, bounds[1]), bounds[0])
     regs = list(regularizers)
@@ -261,6 +267,6 @@ def invert_features(
     Vedaldi 2015; use ``TotalVariation`` and ``L2Penalty``). ``scores`` are the negated normalized
     squared feature errors, so ``(-scores).sqrt()`` is the relative feature error."""
     with torch.no_grad(), capture(model, [layer]) as cap:
-        model(x.detach().clone())
+        model(x.detach().to(_device(model), _dtype(model), copy=True))
         phi0 = cap[layer]
     return optimize_input(model, feature_match(layer, phi0), tuple(x.shape), init=init, **kwargs)
