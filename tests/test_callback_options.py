@@ -102,3 +102,12 @@ def test_datamodule_stats_may_be_tensors(tmp_path):
     tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), datamodule=TensorStatsData())
     x = cb.probes.images
     torch.testing.assert_close(cb.probes.display_images(), (x * 0.25 + 0.5).clamp(0, 1))
+
+
+def test_map_rendering_options_are_checked_at_construction():
+    with pytest.raises(ValueError, match=r"unknown colormap 'nope'.*'jet', 'viridis'"):
+        GradientCallback(cmap="nope")
+    for alpha in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\].*got " + str(alpha)):
+            GradientCallback(alpha=alpha)
+    assert GradientCallback(alpha=0.0, cmap="bwr").alpha == 0.0

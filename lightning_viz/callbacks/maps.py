@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from ..logging import VizLogger, make_tag
 from ..probe import ProbeSet
-from ..render import FixedScale, image_grid, normalize_maps, overlay, resize_maps
+from ..render import FixedScale, colormap, image_grid, normalize_maps, overlay, resize_maps
 from ..tracking import MapTracker
 from .base import VisualizationCallback
 
@@ -57,6 +58,9 @@ class MapCallback(VisualizationCallback):
             raise ValueError(f"normalize must be 'per_image', 'fixed' or 'both'; got {normalize!r}")
         if layout not in ("per_probe", "grid"):
             raise ValueError(f"layout must be 'per_probe' or 'grid'; got {layout!r}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] (heat opacity over the image); got {alpha}")
+        colormap(torch.zeros(1, 1, 1), cmap)  # an unknown colormap fails here, not after the first epoch
         self.normalize = normalize
         self.layout = layout
         self.cmap = cmap
