@@ -65,6 +65,11 @@ def _device(module: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _dtype(module: nn.Module) -> Optional[torch.dtype]:
+    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return None if p is None else p.dtype
+
+
 def randomized_copy(module: nn.Module, seed: int = 2018) -> nn.Module:
     """A deep copy of ``module`` with every parameter re-initialized (Adebayo et al. 2018, Sec. 3.1,
     full model parameter randomization): ``reset_parameters()`` where a layer has one, otherwise
@@ -183,7 +188,7 @@ class MapTracker:
             return out
         device = _device(pl_module)
         if self.drift or self.faithfulness:
-            x = probe.to(device)
+            x = probe.to(device, _dtype(pl_module))
             with torch.no_grad():
                 logits = pl_module(x)
             if not isinstance(logits, Tensor) or logits.ndim != 2:

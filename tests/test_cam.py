@@ -208,3 +208,18 @@ def test_full_size_vgg11_one_pass():
         cam = C.cam_from_pass(res, "features.18", "gradcam", (32, 32))
     assert sal.shape == cam.shape == (1, 32, 32) and sal.abs().sum() > 0 and torch.isfinite(cam).all()
     assert all(m.training for m in model.modules()) and all(p.grad is None for p in model.parameters())
+
+
+def test_callback_on_a_float64_model():
+    """The probes (float32) follow the model's dtype, not only its device."""
+    from lightning_viz.probe import ProbeSet
+
+    lit = LitTiny(TinyCNN(width=3)).double()
+    probe = ProbeSet(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), labels=torch.tensor([0, 2]))
+    cb = CAMCallback(methods=["gradcam", "scorecam", "guided_gradcam"], layers=["net.conv2"])
+    cb.check(lit)
+    with isolated(lit):
+        maps = cb.compute_maps(lit, probe)
+        expected = C.class_activation_map(lit, probe.images.double(), "net.conv2", "gradcam", "label", probe.labels)
+    assert maps["gradcam/net.conv2"].dtype == torch.float64
+    torch.testing.assert_close(maps["gradcam/net.conv2"], expected)

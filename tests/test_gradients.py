@@ -161,3 +161,18 @@ def test_callback_under_validate_inference_mode(tmp_path):
     acc = read_events(str(tmp_path))
     assert image_steps(acc, "viz/guided_backprop/input/p001") == [0]
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_callback_on_a_float64_model():
+    """The probes (float32) follow the model's dtype, not only its device."""
+    from lightning_viz.probe import ProbeSet
+
+    lit = LitTiny(TinyCNN(width=3)).double()
+    probe = ProbeSet(_x(2, 3, 8).float(), labels=torch.tensor([0, 2]))
+    cb = GradientCallback(methods=["saliency", "integrated_gradients", "smoothgrad_gradient"], ig_steps=2, smoothgrad_samples=2)
+    cb.check(lit)
+    with isolated(lit):
+        maps = cb.compute_maps(lit, probe)
+        expected = G.saliency(lit, probe.images.double(), "label", probe.labels)
+    assert maps["saliency/input"].dtype == torch.float64
+    torch.testing.assert_close(maps["saliency/input"], expected)

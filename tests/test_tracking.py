@@ -211,3 +211,16 @@ def test_tracker_under_trainer_validate(tmp_path):
     for tag in ("faithfulness/deletion_auc", "faithfulness/insertion_auc", "sanity/rank_corr"):
         assert scalar_steps(acc, f"viz/inputgrad/input/{tag}") == [0], tag
     assert image_steps(acc, "viz/inputgrad/input/filmstrip/p000") == [0]
+
+
+def test_tracker_compute_on_a_float64_model():
+    """Predictions and deletion/insertion run the probes (float32) in the model's dtype."""
+    module = LitTiny(TinyCNN(width=4)).double()
+    probe = _probe()
+    maps = torch.rand(4, 8, 8, generator=torch.Generator().manual_seed(1))
+    tr = MapTracker(faithfulness=True, deletion_steps=2)
+    with isolated(module):
+        out = tr.compute(module, probe, {"m/l": maps})
+        logits = module(probe.images.double())
+    assert torch.equal(out["track:pred"], logits.argmax(1))
+    assert out["track:deletion/m/l"].shape == out["track:insertion/m/l"].shape == (4,)

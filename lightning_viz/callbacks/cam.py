@@ -91,7 +91,7 @@ class CAMCallback(GradientMapCallback):
     def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
         if not self.layers:
             self.check(pl_module)
-        x = probe.to(pl_module.device)
+        x = self.probe_images(pl_module, probe)
         plain = self.get_pass(pl_module, probe, x, None, self.layers)
         guided = None
         if any(m in GUIDED_CAM_METHODS for m in self.methods):

@@ -76,6 +76,12 @@ class GradientMapCallback(MapCallback):
         super().teardown(trainer, pl_module, stage)
         self.cache(pl_module).clear()
 
+    @staticmethod
+    def probe_images(pl_module: LightningModule, probe: ProbeSet) -> Tensor:
+        """The probe images on the model's device and in its (floating-point) parameter dtype."""
+        p = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
+        return probe.to(pl_module.device, None if p is None else p.dtype)
+
     def get_pass(self, pl_module: LightningModule, probe: ProbeSet, x: Tensor, rule: Optional[str],
                  layers: list[str]) -> PassResult:
         """The pass of ``rule`` over (at least) ``layers`` on this probe set, computed once per model state."""
@@ -164,5 +170,5 @@ class GradientCallback(GradientMapCallback):
         return GRADIENT_METHODS[method](pl_module, x, self.target, probe.labels, self.chunk_size, **kwargs)
 
     def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
-        x = probe.to(pl_module.device)
+        x = self.probe_images(pl_module, probe)
         return {f"{m}/input": reduce_channels(self.attribution(pl_module, probe, x, m), self.reduce) for m in self.methods}
