@@ -116,6 +116,16 @@ def test_activation_callback_dead_channel_counted(tmp_path):
     assert torch.equal(r["chmax:net.act"].amax(dim=0) <= 0, torch.tensor([True, False]))
 
 
+def test_compute_on_a_float64_model():
+    """Probes are float32 on CPU; a model trained in another dtype (precision="64-true") still gets its maps."""
+    lit = LitTiny(TinyCNN()).double()
+    probe = ProbeSet(torch.randn(2, 3, 5, 5))
+    with isolated(lit):
+        r = ActivationCallback(layers=["net.conv1"], max_channels=4).compute(lit, probe)
+    expected = F.conv2d(probe.images.double(), lit.net.conv1.weight, lit.net.conv1.bias, padding=1)
+    assert torch.allclose(r["maps:net.conv1"].double(), expected, atol=1e-6)
+
+
 def test_activation_callback_options_validated(tmp_path):
     with pytest.raises(ValueError, match="max_channels must be >= 1"):
         ActivationCallback(max_channels=0)

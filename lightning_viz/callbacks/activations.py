@@ -84,7 +84,7 @@ class ActivationCallback(VisualizationCallback):
         colormap(torch.zeros(1, 1, 1), self.cmap)  # an unknown colormap fails here, at setup
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
-        x = probe.to(pl_module.device)
+        x = probe.to(pl_module.device, pl_module.dtype)  # e.g. a float64 model (precision='64-true')
         fmaps = feature_maps(pl_module, x, self.layer_names(pl_module), chunk_size=self.chunk_size)
         out: dict[str, Any] = {}
         for name, a in fmaps.items():
