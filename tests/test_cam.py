@@ -223,3 +223,14 @@ def test_callback_on_a_float64_model():
         expected = C.class_activation_map(lit, probe.images.double(), "net.conv2", "gradcam", "label", probe.labels)
     assert maps["gradcam/net.conv2"].dtype == torch.float64
     torch.testing.assert_close(maps["gradcam/net.conv2"], expected)
+
+
+def test_guided_method_in_the_plain_map_function_is_a_clear_error():
+    model = TinyCNN(width=3).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with isolated(model):
+        with pytest.raises(ValueError, match="'guided_gradcampp' .*use guided_class_activation_map"):
+            C.class_activation_map(model, x, "conv2", "guided_gradcam++", target=0)
+        res = gradient_pass(model, x, 0, None, ["conv2"])
+        with pytest.raises(ValueError, match="'guided_gradcam' .*guided_cam_from_passes"):
+            C.cam_from_pass(res, "conv2", "guided_gradcam", (8, 8))

@@ -186,6 +186,9 @@ def cam_from_pass(result: PassResult, layer: str, method: str = "gradcam", size:
     method = canonical_cam_method(method)
     if method == "scorecam":
         raise ValueError("scorecam needs the input images and extra forwards: use scorecam_from_pass")
+    if method in GUIDED_CAM_METHODS:
+        raise ValueError(f"{method!r} is guided backprop times a CAM, [B, C, H, W]: use guided_class_activation_map "
+                         "or guided_cam_from_passes")
     if result.rule is not None:
         raise ValueError(f"CAM weights need plain gradients; this pass used the {result.rule!r} ReLU rule")
     a, g = result.layer(layer)
