@@ -63,6 +63,8 @@ class ClassTarget(Target):
 
     def __init__(self, index: int):
         self.index = int(index)
+        if self.index < 0:
+            raise ValueError(f"target class index must be >= 0; got {self.index} (allowed: 'label', 'predicted', or a class index 0..K-1)")
         self.name = f"class{self.index}"
 
     def classes(self, logits: Tensor, labels: Tensor | None) -> Tensor:

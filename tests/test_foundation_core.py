@@ -204,6 +204,9 @@ def test_target_errors():
         resolve_target("best")
     with pytest.raises(ValueError, match=r"one score per sample"):
         resolve_target(lambda z: z.sum())(logits)
+    for neg in (-1, "-1"):  # caught when the callback is built, not at the first epoch end
+        with pytest.raises(ValueError, match=r"target class index must be >= 0; got -1"):
+            resolve_target(neg)
 
 
 # ----------------------------------------------------------------------------- capture / isolation
