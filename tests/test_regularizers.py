@@ -67,6 +67,26 @@ def test_clipping_zeroes_only_small_pixels_and_small_contributions():
         ClipPixelNorm(100)
 
 
+class PixelWeights(torch.nn.Module):
+    """logit 0 = sum_p w_p x_p with w = 0, 1, ..., 15 over a 1x4x4 image; logit 1 = 0."""
+
+    def forward(self, x):
+        s = (x[:, 0] * torch.arange(16.0).view(4, 4)).sum(dim=(1, 2))
+        return torch.stack([s, torch.zeros_like(s)], dim=1)
+
+
+def test_contribution_clipping_in_the_loop_reads_the_objective_gradient_not_the_penalties():
+    from lightning_viz.methods.synthesis import optimize_input
+
+    # At I = 1 the contribution |I * dS/dI| is w_p: the 8 pixels with w < 7.5 are zeroed, the others stay ~1.
+    # With the L2 penalty's gradient mixed in (|w - 2 * 4 * 1|) the pixels around w = 8 would be zeroed instead.
+    res = optimize_input(PixelWeights(), class_logit(0), (1, 1, 4, 4), steps=1, lr=1e-3, optimizer="sgd",
+                         init=torch.ones(1, 1, 4, 4), regularizers=[L2Penalty(4.0), ClipContribution(50)])
+    flat = res.images.flatten()
+    assert torch.equal(flat[:8], torch.zeros(8))
+    torch.testing.assert_close(flat[8:], 1 + 1e-3 * (torch.arange(8.0, 16.0) - 8.0))  # one SGD step on S - 4 ||I||^2
+
+
 def test_jitter_is_seeded_bounded_and_leaves_global_rng():
     x = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(2))
     a, b, c = Jitter(2), Jitter(2), Jitter(2)

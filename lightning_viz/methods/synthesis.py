@@ -156,13 +156,14 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
                 x = r.transform(x, step)
             cap.clear()
             logits = model(x)
-            loss = -objective(logits, cap.outputs, rows).sum() + total_penalty(regs, img).sum()
-            grads = torch.autograd.grad(loss, p.params + ([img] if needs_img_grad else []))
-            opt.step(grads[: len(p.params)])
+            obj = objective(logits, cap.outputs, rows).sum()
+            loss = -obj + total_penalty(regs, img).sum()
+            # d objective / d image for the projections (Yosinski's contribution), without the penalties' part
+            ascent = torch.autograd.grad(obj, img, retain_graph=True)[0] if needs_img_grad else None
+            opt.step(torch.autograd.grad(loss, p.params))
             if project:
                 with torch.no_grad():
                     img = p.image()
-                    ascent = -grads[-1] if needs_img_grad else None
                     for r in regs:
                         img = r.project(img, ascent, step)
                     if bounds is not None:
