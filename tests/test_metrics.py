@@ -157,3 +157,15 @@ def test_topk_iou_hand_values():
     torch.testing.assert_close(topk_iou(a, -a, 0.25), torch.zeros(1))
     with pytest.raises(ValueError, match="fraction"):
         topk_iou(a, b, 0.0)
+
+
+def test_pointing_game_tolerance_is_a_euclidean_radius():
+    """Zhang et al. 2016 count a hit within ``tolerance`` pixels of the object (a disc, as TorchRay's pointing game)."""
+    masks = torch.zeros(2, 5, 5)
+    masks[:, 0, 0] = 1
+    maps = torch.zeros(2, 5, 5)
+    maps[0, 2, 2] = 1  # diagonal, sqrt(8) = 2.83 pixels from the object
+    maps[1, 0, 2] = 1  # straight, 2 pixels away
+    torch.testing.assert_close(pointing_game(maps, masks, tolerance=2), torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(pointing_game(maps, masks, tolerance=3), torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(pointing_game(maps, masks, tolerance=1), torch.tensor([0.0, 0.0]))

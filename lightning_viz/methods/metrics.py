@@ -4,7 +4,7 @@
   (insert) pixels in order of decreasing saliency and take the area under the curve of the target
   class probability. Low deletion AUC / high insertion AUC = faithful map.
 * :func:`pointing_game` -- Zhang et al., "Top-down neural attention by excitation backprop" (ECCV 2016):
-  hit if the map's maximum falls inside the ground-truth mask (within ``tolerance`` pixels).
+  hit if the map's maximum falls inside the ground-truth mask (within a Euclidean ``tolerance`` in pixels).
 * :func:`energy_in_mask` -- Wang et al., "Score-CAM" (CVPRW 2020), Eq. 11: share of the positive
   map energy that lies inside the mask.
 * :func:`rank_correlation` (Spearman, tie-aware) and :func:`topk_iou` -- similarity of two maps of one
@@ -152,15 +152,16 @@ def _check_masks(maps: Tensor, masks: Tensor) -> Tensor:
 
 def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
     """Pointing game (Zhang et al. 2016), ``[B]`` floats: 1 if the map's maximum (first one on ties),
-    at mask resolution, lies in the mask dilated by ``tolerance`` pixels, else 0; NaN for an empty mask."""
+    at mask resolution, lies within ``tolerance`` pixels (Euclidean distance, a disc as in TorchRay) of
+    the mask, else 0; NaN for an empty mask."""
     m = _check_masks(maps, masks)
     sal = _resize(maps, tuple(m.shape[-2:])).flatten(1)
-    if tolerance > 0:
-        k = 2 * tolerance + 1
-        m = F.max_pool2d(m.float().unsqueeze(1), k, stride=1, padding=tolerance).squeeze(1) > 0.5
-    flat = m.flatten(1)
-    hit = flat.gather(1, sal.argmax(dim=1, keepdim=True)).squeeze(1).float()
-    return torch.where(flat.any(dim=1), hit, torch.full_like(hit, float("nan")))
+    h, w = m.shape[-2:]
+    peak = sal.argmax(dim=1)
+    yy = torch.arange(h, device=m.device).view(1, h, 1) - (peak // w).view(-1, 1, 1)
+    xx = torch.arange(w, device=m.device).view(1, 1, w) - (peak % w).view(-1, 1, 1)
+    hit = (m & (yy.square() + xx.square() <= tolerance**2)).flatten(1).any(dim=1).float()
+    return torch.where(m.flatten(1).any(dim=1), hit, torch.full_like(hit, float("nan")))
 
 
 def energy_in_mask(maps: Tensor, masks: Tensor) -> Tensor:
