@@ -234,3 +234,13 @@ def test_guided_method_in_the_plain_map_function_is_a_clear_error():
         res = gradient_pass(model, x, 0, None, ["conv2"])
         with pytest.raises(ValueError, match="'guided_gradcam' .*guided_cam_from_passes"):
             C.cam_from_pass(res, "conv2", "guided_gradcam", (8, 8))
+
+
+def test_gradcampp_alpha_is_zero_where_its_denominator_vanishes():
+    # 2 g^2 + sum(A) g^3 = 2 - 2 = 0 with g = 1, sum(A) = -2: alpha is 0 (as documented), so is the weight
+    a = torch.tensor([[-1.0, -1.0]]).view(1, 1, 1, 2)
+    g = torch.ones_like(a)
+    torch.testing.assert_close(C.gradcampp_weights(a, g), torch.zeros(1, 1))
+    # next to a regular channel: sum(A) = 2, alpha = 1 / (2 + 2) per pixel, weight 2 * 1/4
+    a2 = torch.cat([a, -a], dim=1)
+    torch.testing.assert_close(C.gradcampp_weights(a2, torch.ones_like(a2)), torch.tensor([[0.0, 0.5]]))

@@ -82,7 +82,8 @@ def gradcampp_weights(a: Tensor, g: Tensor) -> Tensor:
     """Grad-CAM++ closed form (exponential trick) ``[B, K]``; ``alpha`` is 0 where its denominator is."""
     g2, g3 = g.pow(2), g.pow(3)
     denom = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g3
-    alpha = g2 / torch.where(denom != 0, denom, torch.ones_like(denom))
+    nonzero = denom != 0
+    alpha = torch.where(nonzero, g2 / torch.where(nonzero, denom, torch.ones_like(denom)), torch.zeros_like(g2))
     return (alpha * F.relu(g)).sum(dim=(2, 3))
 
 
