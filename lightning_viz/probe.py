@@ -173,7 +173,9 @@ class ProbeSet:
             imgs.append(torch.as_tensor(img))
             labs.append(lab)
             masks.append(mask)
-        labels = torch.stack([torch.as_tensor(lab).view(()) for lab in labs]) if all(lab is not None for lab in labs) else None
+        # Labels are one class index per item; one-hot or multi-label targets are not (the probes then have none).
+        scalar = all(lab is not None and torch.as_tensor(lab).numel() == 1 for lab in labs)
+        labels = torch.stack([torch.as_tensor(lab).view(()) for lab in labs]) if scalar else None
         mask_t = torch.stack([torch.as_tensor(m).float() for m in masks]) if all(m is not None for m in masks) else None
         return cls(
             images=torch.stack(imgs).float(),

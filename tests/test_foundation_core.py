@@ -95,6 +95,15 @@ def test_probe_picked_under_inference_mode_is_usable_by_autograd():
     assert torch.equal(g, F.one_hot(probes.labels, 3).float())
 
 
+
+def test_probe_non_scalar_labels_are_dropped_not_a_crash():
+    """One-hot (or multi-label) targets are no class index: the probes keep no labels (images still usable)."""
+    x = torch.arange(12, dtype=torch.float32).view(12, 1, 1, 1).expand(12, 1, 2, 2).clone()
+    onehot = F.one_hot(torch.arange(12) % 3, 3).float()
+    probes = ProbeSet.from_dataset(TensorDataset(x, onehot), num=4, seed=0)
+    assert probes.labels is None and len(probes) == 4
+    assert torch.equal(probes.images[:, 0, 0, 0], probes.indices.float())
+
 # ----------------------------------------------------------------------------- layers
 class CompiledLike(nn.Module):
     """What ``torch.compile`` returns (an OptimizedModule keeping the model as ``_orig_mod``), without compiling."""
