@@ -176,3 +176,12 @@ def test_callback_on_a_float64_model():
         expected = G.saliency(lit, probe.images.double(), "label", probe.labels)
     assert maps["saliency/input"].dtype == torch.float64
     torch.testing.assert_close(maps["saliency/input"], expected)
+
+
+def test_empty_batch_gives_empty_maps_like_every_other_method():
+    model = TinyCNN(width=3).eval()
+    x = _x(0, 3, 8)
+    with isolated(model):
+        assert G.smoothgrad(G.gradient, model, x, 0, n_samples=2).shape == (0, 3, 8, 8)
+        assert G.smoothgrad(G.saliency, model, x, 0, n_samples=2, chunk_size=3).shape == (0, 8, 8)
+        assert G.saliency(model, x, 0).shape == (0, 8, 8)

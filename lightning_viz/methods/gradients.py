@@ -128,7 +128,7 @@ def smoothgrad(method: Callable[..., Tensor], model: nn.Module, x: Tensor, targe
     noise = torch.stack([
         torch.randn((n_samples,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(_noise_seed(seed, i)))
         for i in ids
-    ], dim=1).to(device=x.device, dtype=x.dtype)  # [n, B, ...]
+    ], dim=1).to(device=x.device, dtype=x.dtype) if ids else x.new_zeros((n_samples,) + tuple(x.shape))  # [n, B, ...]
     noisy = (x.unsqueeze(0) + sigma * span.unsqueeze(0) * noise).flatten(0, 1)  # [n*B, ...], sample-major
     lab = None if labels is None else labels.to(x.device).repeat(n_samples)
     total = None
