@@ -19,7 +19,8 @@ from torch import Tensor
 
 __all__ = ["Parameterization", "PixelParam", "FFTParam", "make_param", "COLOR_CORRELATION_SVD_SQRT"]
 
-#: Square root of the ImageNet color correlation matrix (lucid), columns normalized to max norm 1.
+#: Square root of the ImageNet color correlation matrix, as in lucid (raw values; :class:`FFTParam` divides it by
+#: its largest column norm, lucid's ``color_correlation_normalized``).
 COLOR_CORRELATION_SVD_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 
 
