@@ -152,6 +152,10 @@ def test_adversarial_callback_under_validate_and_valid_range(tmp_path):
     with pytest.raises(ValueError, match="epsilon must be > 0"):
         AdversarialCallback(epsilon=0.0)
     assert lo.flatten().tolist() == [-2.0] * 3 and hi.flatten().tolist() == [2.0] * 3
+    # epsilon = 3 reaches past the valid range everywhere: every adversarial pixel is clamped into [lo, hi]
+    with isolated(model):
+        adv = cb.compute(model, probes)["adv"]
+    assert adv.min() >= -2.0 and adv.max() <= 2.0 and ((adv == -2.0) | (adv == 2.0)).float().mean() > 0.9
 
 
 def test_adversarial_callback_runs_a_model_in_another_dtype_than_the_probes():
