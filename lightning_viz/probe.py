@@ -84,8 +84,16 @@ class ProbeSet:
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
             raise ValueError(f"probe images must be [N, C, H, W]; got shape {tuple(self.images.shape)}")
-        n = self.images.shape[0]
+        n, c = self.images.shape[:2]
         self.images = _plain(self.images)
+        for attr in ("mean", "std"):  # a list of floats: numbers and tensors too (``mean = 0.1307``)
+            value = getattr(self, attr)
+            if value is not None:
+                value = torch.as_tensor(value, dtype=torch.float64).flatten().tolist()
+                if len(value) not in (1, c):
+                    raise ValueError(f"probe {attr} has {len(value)} values but the probe images have {c} channels; "
+                                     f"give 1 or {c} values (one per channel)")
+                setattr(self, attr, value)
         if self.labels is not None:
             self.labels = _plain(torch.as_tensor(self.labels).long().view(-1))
             if self.labels.shape[0] != n:

@@ -85,6 +85,17 @@ def test_probe_state_dict_round_trip():
     assert torch.allclose(back.display_images(), expected)
 
 
+def test_probe_scalar_stats_and_wrong_channel_count():
+    """A datamodule may give mean/std as plain numbers (MNIST-style ``mean = 0.1307``): one value per channel."""
+    x = torch.randn(2, 1, 3, 3)
+    for mean, std in ((0.5, 0.25), (torch.tensor(0.5), torch.tensor(0.25)), (torch.tensor([0.5]), [0.25])):
+        probes = ProbeSet(x, mean=mean, std=std)
+        back = ProbeSet.from_state_dict(probes.state_dict())  # what a checkpoint saves and loads
+        assert back.mean == [0.5] and back.std == [0.25]
+        assert torch.allclose(back.display_images(), (x * 0.25 + 0.5).clamp(0, 1))
+    with pytest.raises(ValueError, match=r"mean has 3 values but the probe images have 4 channels.*1 or 4"):
+        ProbeSet(torch.randn(2, 4, 3, 3), mean=[0.5] * 3, std=[0.2] * 3)
+
 def test_probe_picked_under_inference_mode_is_usable_by_autograd():
     with torch.inference_mode():
         probes = ProbeSet.from_dataset(tiny_dataset(12), num=3, seed=0)
