@@ -57,6 +57,9 @@ EXPECTED = {
     ("gradcam", "conv1"): F.relu((0.5 * 3 / 4) * A1_0 + (0.25 / 4) * A1_1),
     ("gradcampp", "conv1"): F.relu(3 * 0.5 / (2 + 2.5 * 0.5) * A1_0 + 0.25 / (2 - 0.5 * 0.25) * A1_1),
     ("layercam", "conv1"): F.relu(0.5 * torch.tensor([[1.0, 0], [1, 1]]) * A1_0 + 0.25 * torch.tensor([[0.0, 1], [0, 0]]) * A1_1),
+    # XGrad-CAM: w_k = sum(A_k G_k) / sum(A_k): (0.5 * (1 + 2 + 0.5)) / 2.5 = 0.7 and (0.25 * 1.5) / -0.5 = -0.75
+    ("xgradcam", "conv1"): F.relu(0.7 * A1_0 - 0.75 * A1_1),
+    ("counterfactual_gradcam", "conv1"): F.relu(-(0.5 * 3 / 4) * A1_0 - (0.25 / 4) * A1_1),
 }
 
 
