@@ -82,6 +82,15 @@ def test_tsne_is_seeded():
     assert a.shape == (12, 2) and torch.equal(a, b)
 
 
+def test_tsne_of_one_dimensional_features():
+    # e.g. a chosen layer with a single channel: PCA init cannot give 2 components; two clusters stay apart
+    feats = torch.cat([torch.linspace(0, 1, 6), torch.linspace(20, 21, 6)]).view(-1, 1)
+    emb = tsne_2d(feats, seed=0, perplexity=3)
+    assert emb.shape == (12, 2) and torch.equal(emb, tsne_2d(feats, seed=0, perplexity=3))
+    d = torch.cdist(emb, emb)
+    assert d[:6, 6:].min() > d[:6, :6].max() and d[:6, 6:].min() > d[6:, 6:].max()
+
+
 def test_projector_files_and_scalars_per_scheduled_epoch(tmp_path):
     cb = EmbeddingCallback(projection=["pca", "tsne"], num_probes=12, every_n_epochs=2, sprite_size=8)
     train, val = tiny_loaders()

@@ -81,7 +81,8 @@ def pca_2d(features: Tensor, dims: int = 2) -> Tensor:
 
 
 def tsne_2d(features: Tensor, seed: int = 0, perplexity: float = 30.0) -> Tensor:
-    """t-SNE to 2-D with scikit-learn (seeded; perplexity capped below ``N / 3`` for small probe sets).
+    """t-SNE to 2-D with scikit-learn (seeded; PCA init, random init for 1-D features; perplexity capped below
+    ``N / 3`` for small probe sets).
 
     Runs on one OpenMP thread: for probe-set sizes that is ~1 s, while sklearn's default thread pool
     competing with the training process's threads was measured 15x slower.
@@ -93,8 +94,9 @@ def tsne_2d(features: Tensor, seed: int = 0, perplexity: float = 30.0) -> Tensor
     if n < 3:
         return torch.zeros(n, 2)
     perp = float(max(1.0, min(perplexity, (n - 1) / 3)))
+    init = "pca" if features.shape[1] >= 2 else "random"  # PCA init needs 2 feature dimensions (seeded either way)
     with threadpool_limits(limits=1):
-        emb = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(features.double().numpy())
+        emb = TSNE(n_components=2, perplexity=perp, init=init, random_state=seed).fit_transform(features.double().numpy())
     return torch.as_tensor(emb, dtype=torch.float32)
 
 
