@@ -154,6 +154,13 @@ def test_image_folder_train_val_layout(tmp_path):
     assert len(dm.train_set) == 6 and len(dm.val_set) == 4 and dm.num_classes == 2
 
 
+def test_image_folder_train_without_val_is_an_error_not_two_classes(tmp_path):
+    """root/train + root/test (no val/) must not become a 2-class problem 'test' vs 'train'."""
+    _write_pngs(tmp_path / "train", n=2)
+    _write_pngs(tmp_path / "test", n=2)
+    with pytest.raises(ValueError, match=r"has 'train' but no 'val' folder.*root/train/<class>.*root/val/<class>"):
+        ImageFolderDataModule(str(tmp_path), image_size=8)
+
 def test_image_folder_clear_errors(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="does not exist") as e:

@@ -97,6 +97,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                 raise ValueError(f"ImageFolderDataModule: {train_dir!r} and {val_dir!r} have different class folders: "
                                  f"{train.classes} vs {val.classes}")
             self.train_set, self.val_set = train, val
+        elif os.path.isdir(train_dir) or os.path.isdir(val_dir):  # else 'train' (or 'val') would become a class
+            have, miss = ("train", "val") if os.path.isdir(train_dir) else ("val", "train")
+            raise ValueError(f"ImageFolderDataModule: {self.root!r} has {have!r} but no {miss!r} folder. Expected "
+                             "root/train/<class>/... and root/val/<class>/..., or root/<class>/... (split by val_fraction).")
         else:
             full = _image_folder(self.root, tf)
             order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed)).tolist()
