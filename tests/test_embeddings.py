@@ -25,6 +25,22 @@ def test_penultimate_layer_of_real_architectures():
         penultimate_layer(nn.Sequential(nn.Conv2d(3, 2, 3)))
 
 
+def test_penultimate_layer_not_called_in_forward_has_a_clear_error():
+    class WithUnusedHead(nn.Module):  # e.g. a projection head used only in training_step, defined last
+        def __init__(self):
+            super().__init__()
+            self.net = TinyCNN()
+            self.head = nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.net(x)
+
+    with pytest.raises(ValueError, match=r"'head' .* was not called .* pass layer="):
+        extract_features(WithUnusedHead(), torch.zeros(2, 3, 8, 8))
+    feats, _ = extract_features(WithUnusedHead(), torch.zeros(2, 3, 8, 8), layer="net.pool")
+    assert feats.shape == (2, 4)
+
+
 def test_extract_features_penultimate_and_conv_layer():
     torch.manual_seed(0)
     net = TinyCNN(width=4).eval()

@@ -46,12 +46,18 @@ def extract_features(model: nn.Module, x: Tensor, layer: str | None = None, batc
             xb = x[s:s + batch_size]
             if layer is None:
                 seen: list[Tensor] = []
-                handle = get_layer(model, penultimate_layer(model)).register_forward_pre_hook(
+                head = penultimate_layer(model)
+                handle = get_layer(model, head).register_forward_pre_hook(
                     lambda _m, inputs: seen.append(inputs[0].detach().clone()))
                 try:
                     out = model(xb)
                 finally:
                     handle.remove()
+                if not seen:
+                    raise ValueError(
+                        f"the last nn.Linear {head!r} (whose input would be the penultimate features) was not called "
+                        "in the forward pass; pass layer=<name> of the layer whose output to use."
+                    )
                 f = seen[-1]
             else:
                 with capture(model, [layer]) as cap:
