@@ -115,6 +115,15 @@ class ImageClassifier(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    def setup(self, stage: str) -> None:
+        """Fail before any step when the datamodule declares more classes or other ``in_channels``."""
+        dm = getattr(self.trainer, "datamodule", None)
+        for attr in ("num_classes", "in_channels"):
+            theirs, mine = getattr(dm, attr, None), self.hparams[attr]
+            if isinstance(theirs, int) and (theirs > mine if attr == "num_classes" else theirs != mine):
+                raise ValueError(f"ImageClassifier({attr}={mine}) does not match the data: {type(dm).__name__} has "
+                                 f"{attr}={theirs}. Set model.{attr} (CLI: --model.{attr}={theirs}).")
+
     def _step(self, batch) -> tuple[Tensor, Tensor]:
         x, y, _ = split_sample(batch)
         if y is None:

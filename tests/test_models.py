@@ -65,6 +65,17 @@ def test_steps_accept_masks_and_dicts():
         model.training_step(x, 0)
 
 
+@pytest.mark.parametrize("opts,bad", [({"num_classes": 4, "in_channels": 1}, "num_classes=10"),
+                                       ({"num_classes": 10, "in_channels": 3}, "in_channels=1")])
+def test_model_data_mismatch_fails_at_setup_naming_the_option(tmp_path, opts, bad):
+    """Digits (1 channel, 10 classes) with the demo's model options: an error naming the option, before any step."""
+    from lightning_viz.data.digits import DigitsDataModule
+
+    trainer = tiny_trainer(str(tmp_path), max_epochs=1)
+    with pytest.raises(ValueError, match=rf"DigitsDataModule has {bad}.*--model.{bad}"):
+        trainer.fit(ImageClassifier(width=4, **opts), datamodule=DigitsDataModule(image_size=8))
+    assert trainer.global_step == 0
+
 def test_small_cnn_learns_shapes_in_two_epochs(tmp_path):
     dm = ShapesDataModule(num_train=768, num_val=128, image_size=24, batch_size=32, seed=0)
     model = ImageClassifier(num_classes=4, width=8, lr=3e-3)
