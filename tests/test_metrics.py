@@ -169,3 +169,5 @@ def test_pointing_game_tolerance_is_a_euclidean_radius():
     torch.testing.assert_close(pointing_game(maps, masks, tolerance=2), torch.tensor([0.0, 1.0]))
     torch.testing.assert_close(pointing_game(maps, masks, tolerance=3), torch.tensor([1.0, 1.0]))
     torch.testing.assert_close(pointing_game(maps, masks, tolerance=1), torch.tensor([0.0, 0.0]))
+    with pytest.raises(ValueError, match="tolerance must be >= 0 pixels; got -2"):
+        pointing_game(maps, masks, tolerance=-2)

@@ -154,6 +154,8 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
     """Pointing game (Zhang et al. 2016), ``[B]`` floats: 1 if the map's maximum (first one on ties),
     at mask resolution, lies within ``tolerance`` pixels (Euclidean distance, a disc as in TorchRay) of
     the mask, else 0; NaN for an empty mask."""
+    if tolerance < 0:
+        raise ValueError(f"pointing game tolerance must be >= 0 pixels; got {tolerance}")
     m = _check_masks(maps, masks)
     sal = _resize(maps, tuple(m.shape[-2:])).flatten(1)
     h, w = m.shape[-2:]
