@@ -90,6 +90,18 @@ def test_chunked_equals_unchunked(fill):
     assert full["score"].shape == (3, 4, 4)  # starts 0, 3, 6 and 8 (flush with the border)
 
 
+def test_chunks_bound_the_memory_of_the_window_masks():
+    # 64x64 image, 1-px windows: 4096 positions. A [positions, H, W] mask would be one 16 MiB allocation;
+    # with 64 occluded images per forward no single allocation may exceed a few chunk-sized [64, 1, 64, 64] tensors.
+    x = torch.ones(1, 1, 64, 64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = occlusion(RegionSum(), x, target=0, window=1, stride=1, fill="zero", chunk_size=64)
+    assert max(e.cpu_memory_usage for e in prof.events()) <= 64 * 64 * 64 * 4
+    expected = torch.zeros(64, 64)
+    expected[2:6, 3:7] = 1.0  # occluding one pixel of the region removes its 1
+    assert torch.equal(out["score"][0], expected)
+
+
 def test_resnet18_chunked_and_memory_budget():
     net = torchvision.models.resnet18(weights=None, num_classes=3).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -157,10 +157,12 @@ def occlusion(
         classes = tgt.classes(logits, labels)
         base_score = tgt.score(logits, labels)
         base_prob = None if classes is None else logits.softmax(1).gather(1, classes.view(-1, 1)).squeeze(1)
-        # One boolean window mask per position: [P, 1, H, W].
-        masks = torch.zeros(n_pos, 1, *x.shape[-2:], dtype=torch.bool, device=x.device)
-        for p, (y0, x0) in enumerate((y0, x0) for y0 in ys for x0 in xs):
-            masks[p, :, y0:y0 + wh, x0:x0 + ww] = True
+        # Window corner of each position (row-major over the grid); masks are built per chunk, so memory
+        # stays bounded by the chunk size rather than positions x pixels.
+        pos_y = torch.tensor(ys, device=x.device).repeat_interleave(len(xs)).view(-1, 1, 1, 1)
+        pos_x = torch.tensor(xs, device=x.device).repeat(len(ys)).view(-1, 1, 1, 1)
+        rows = torch.arange(x.shape[-2], device=x.device).view(1, 1, -1, 1)
+        cols = torch.arange(x.shape[-1], device=x.device).view(1, 1, 1, -1)
         # Pairs (image, position), image-major; chunks of them go through one forward each.
         pairs_img = torch.arange(b, device=x.device).repeat_interleave(n_pos)
         pairs_pos = torch.arange(n_pos, device=x.device).repeat(b)
@@ -169,7 +171,9 @@ def occlusion(
         scores, probs = [], []
         for s in range(0, total, chunk):
             bi, pi = pairs_img[s:s + chunk], pairs_pos[s:s + chunk]
-            xo = torch.where(masks[pi], fillv[bi], x[bi])
+            y0, x0 = pos_y[pi], pos_x[pi]
+            mask = (rows >= y0) & (rows < y0 + wh) & (cols >= x0) & (cols < x0 + ww)  # [n, 1, H, W]
+            xo = torch.where(mask, fillv[bi], x[bi])
             out = model(xo)
             lab = None if labels is None else labels.to(x.device)[bi]
             if classes is None:
