@@ -94,8 +94,8 @@ def _lut(name: str) -> Tensor:
 
 
 def colormap(maps01: Tensor, name: str = "jet") -> Tensor:
-    """``[B, H, W]`` values in ``[0, 1]`` -> ``[B, 3, H, W]`` RGB through a matplotlib colormap."""
-    idx = (maps01.detach().float().clamp(0, 1) * 255).round().long()
+    """``[B, H, W]`` values in ``[0, 1]`` -> ``[B, 3, H, W]`` RGB through a matplotlib colormap (NaN as 0)."""
+    idx = (maps01.detach().float().nan_to_num(0.0).clamp(0, 1) * 255).round().long()
     return _lut(name)[idx].permute(0, 3, 1, 2).contiguous()
 
 

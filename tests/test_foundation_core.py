@@ -177,6 +177,9 @@ def test_colormap_endpoints():
     assert torch.allclose(jet[0, :, 0, 1], torch.tensor(cmap(1.0)[:3], dtype=torch.float32))
     with pytest.raises(ValueError, match="unknown colormap 'nope'"):
         colormap(ends, "nope")
+    # A diverged model's NaN maps render as the colormap's low end instead of an index error.
+    nan = colormap(torch.tensor([[[float("nan"), 1.0]]]), "gray")
+    assert torch.equal(nan[0, :, 0, 0], torch.zeros(3)) and torch.allclose(nan[0, :, 0, 1], torch.ones(3))
 
 
 def test_overlay_alpha_arithmetic():
