@@ -214,3 +214,19 @@ def test_no_stale_pass_after_a_data_writing_optimizer_and_nothing_kept_after_fit
     for logged, fresh in cb.records:
         torch.testing.assert_close(logged, fresh)
     assert pass_cache(model).entries == {}
+
+
+def test_a_used_cache_pickles_without_its_entries():
+    """ddp_spawn pickles callbacks (and a share_pass=False callback's own cache): the needs travel, passes do not."""
+    import pickle
+
+    from lightning_viz.methods.shared_pass import PassCache
+
+    model = TinyCNN(width=3).eval()
+    cache = PassCache()
+    cache.register(0, None, ["conv2"])
+    with isolated(model):
+        cache.get(model, torch.randn(2, 3, 8, 8), "probes", 0)
+    assert len(cache.entries) == 1
+    copy = pickle.loads(pickle.dumps(cache))
+    assert copy.entries == {} and copy.version is None and copy.needs == cache.needs

@@ -183,6 +183,10 @@ class PassCache:
         self.entries.clear()
         self.version = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # passes belong to one live model (held by a weak reference): only the registered needs travel
+        return {**self.__dict__, "entries": {}, "version": None}
+
 
 _CACHES: "weakref.WeakKeyDictionary[nn.Module, PassCache]" = weakref.WeakKeyDictionary()
 
