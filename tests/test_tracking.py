@@ -12,7 +12,7 @@ from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events,
 from lightning_viz.callbacks.maps import MapCallback
 from lightning_viz.capture import isolated
 from lightning_viz.logging import VizLogger
-from lightning_viz.methods.metrics import energy_in_mask, pointing_game
+from lightning_viz.methods.metrics import deletion_auc, energy_in_mask, pointing_game
 from lightning_viz.probe import ProbeSet
 from lightning_viz.tracking import TRACKING_LAYOUT, MapTracker, randomized_copy
 
@@ -222,5 +222,7 @@ def test_tracker_compute_on_a_float64_model():
     with isolated(module):
         out = tr.compute(module, probe, {"m/l": maps})
         logits = module(probe.images.double())
+        deletion = deletion_auc(module, probe.images.double(), maps, probe.labels, steps=2, baseline="zero")
     assert torch.equal(out["track:pred"], logits.argmax(1))
-    assert out["track:deletion/m/l"].shape == out["track:insertion/m/l"].shape == (4,)
+    torch.testing.assert_close(out["track:deletion/m/l"], deletion)  # the probes' labels, at the model's precision
+    assert out["track:insertion/m/l"].shape == (4,)
