@@ -2,7 +2,7 @@
 
 * :func:`conv_filters`: the kernels of a convolution, ``[out, in, kh, kw]`` -- the first layer's
   filters are directly interpretable as image patches (Krizhevsky et al. 2012, Fig. 3;
-  Zeiler & Fergus 2014, Fig. 5).
+  Zeiler & Fergus 2014, Fig. 6).
 * :func:`linear_templates`: the rows ``w_k`` of a linear classifier ``s_k = w_k . vec(x) + b_k`` fed
   directly by the flattened image, reshaped to the image shape: one "template" per class
   (Simonyan et al. 2014, "Deep Inside Convolutional Networks", the linear-model intuition of eq. 2).
