@@ -34,6 +34,8 @@ def test_feature_maps_hand_computed_and_chunked():
     assert (full["conv1"] < 0).any()  # conv1's own output, before bn and the in-place ReLU
     for k in full:
         assert full[k].shape[0] == 5 and torch.allclose(full[k], chunked[k], atol=1e-6)
+    empty = feature_maps(model.eval(), x[:0], ["conv1", "conv2"], chunk_size=2)  # an empty shard: empty maps
+    assert empty["conv1"].shape == (0, 4, 6, 6) and empty["conv2"].shape == (0, 4, 6, 6)
 
 
 def test_feature_maps_errors():

@@ -33,7 +33,7 @@ def feature_maps(model: nn.Module, x: Tensor, layers: Iterable[str], chunk_size:
     step = x.shape[0] if chunk_size is None else chunk_size
     parts: dict[str, list[Tensor]] = {n: [] for n in names}
     with torch.no_grad(), capture(model, names) as cap:
-        for start in range(0, x.shape[0], max(step, 1)):
+        for start in range(0, max(x.shape[0], 1), max(step, 1)):  # an empty batch: one empty pass, empty maps
             cap.clear()
             model(x[start:start + step])
             for n in names:
