@@ -230,3 +230,17 @@ def test_a_used_cache_pickles_without_its_entries():
     assert len(cache.entries) == 1
     copy = pickle.loads(pickle.dumps(cache))
     assert copy.entries == {} and copy.version is None and copy.needs == cache.needs
+
+
+def test_short_lived_callable_targets_never_share_a_pass():
+    """A fresh callable per call (freed right after) may get the address of the previous one: its key must not collide."""
+    from lightning_viz.methods.shared_pass import PassCache
+
+    model = TinyCNN(width=3).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cache = PassCache()
+    with isolated(model):
+        scores = [cache.get(model, x, "probes", lambda z, c=c: z[:, c]).scores for c in range(3)]
+        logits = model(x)
+    for c in range(3):
+        torch.testing.assert_close(scores[c], logits[:, c])

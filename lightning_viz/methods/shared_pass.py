@@ -119,11 +119,26 @@ def gradient_pass(
     )
 
 
+class _Same:
+    """Hashable by identity, holding its object: while a key lives, no other object can take that id."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+
 def target_key(target: TargetSpec) -> Hashable:
-    """A hashable identity of a target: its name, or the callable's identity."""
+    """A hashable identity of a target: its name, or the callable itself (by identity)."""
     tgt = resolve_target(target)
     if isinstance(tgt, CallableTarget):
-        return ("callable", id(tgt.fn))
+        return ("callable", _Same(tgt.fn))
     return (type(tgt).__name__, tgt.name)
 
 
