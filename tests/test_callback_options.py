@@ -111,3 +111,18 @@ def test_map_rendering_options_are_checked_at_construction():
         with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\].*got " + str(alpha)):
             GradientCallback(alpha=alpha)
     assert GradientCallback(alpha=0.0, cmap="bwr").alpha == 0.0
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """A stream: no ``len``, no indexing, so no probe can be picked from it."""
+
+    def __iter__(self):
+        return iter(tiny_loaders(n=12)[0].dataset)
+
+
+def test_iterable_data_without_probes_is_a_clear_error(tmp_path):
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=4)
+    trainer = tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2)], max_epochs=1, limit_train_batches=2,
+                           limit_val_batches=0)
+    with pytest.raises(VisualizationError, match=r"no map-style val or train dataset.*IterableDataset.*probes=ProbeSet"):
+        trainer.fit(LitTiny(), loader)

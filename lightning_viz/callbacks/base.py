@@ -267,9 +267,11 @@ class VisualizationCallback(Callback):
     def _pick_probes(self, trainer: Trainer) -> ProbeSet:
         dataset = _find_dataset(trainer, self.probe_source)
         if dataset is None:
+            other = "train" if self.probe_source == "val" else "val"
             raise VisualizationError(
-                f"{type(self).__name__}: found no {self.probe_source} dataset to pick probes from; "
-                "pass probes=ProbeSet(...) or give the Trainer a datamodule / dataloaders."
+                f"{type(self).__name__}: found no map-style {self.probe_source} or {other} dataset to pick probes from "
+                "(one with len() and indexing; an IterableDataset cannot be sampled). Pass probes=ProbeSet(...) or give "
+                "the Trainer a datamodule / dataloaders over a map-style dataset."
             )
         dm = getattr(trainer, "datamodule", None)
         mean, std = _first_not_none(dm, dataset, "mean"), _first_not_none(dm, dataset, "std")
