@@ -199,17 +199,19 @@ class RecordingSaliency(GradientCallback):
         return maps
 
 
-def test_no_stale_pass_after_a_data_writing_optimizer_and_nothing_kept_after_fit(tmp_path):
-    """A model without BatchNorm trained by an optimizer that writes ``p.data`` (no version bump): every epoch's
-    maps are those of the model at that epoch, and no cached pass outlives the run (nor the training epochs)."""
+@pytest.mark.parametrize("run_on,runs,kw", [("train_epoch_end", 3, {}),
+                                            ("validation_epoch_end", 6, {"val_check_interval": 0.5})])  # mid-epoch too
+def test_no_stale_pass_after_a_data_writing_optimizer_and_nothing_kept_after_fit(tmp_path, run_on, runs, kw):
+    """A model without BatchNorm trained by an optimizer that writes ``p.data`` (no version bump): every run's
+    maps are those of the model at that point, and no cached pass outlives the run (nor the training epochs)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                               torch.nn.Flatten(), torch.nn.Linear(4, 3))
     model = LitDataSGD(net)
-    cb = RecordingSaliency(num_probes=3)
+    cb = RecordingSaliency(num_probes=3, run_on=run_on)
     tl, vl = tiny_loaders(n=12)
-    tiny_trainer(str(tmp_path), [cb], max_epochs=3).fit(model, tl, vl)
-    assert len(cb.records) == 3
+    tiny_trainer(str(tmp_path), [cb], max_epochs=3, **kw).fit(model, tl, vl)
+    assert len(cb.records) == runs
     assert not torch.allclose(cb.records[0][1], cb.records[2][1], rtol=1e-3, atol=0)  # the model did change
     for logged, fresh in cb.records:
         torch.testing.assert_close(logged, fresh)

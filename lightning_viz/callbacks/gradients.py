@@ -5,8 +5,8 @@ Methods that are read off one gradient pass (see :data:`lightning_viz.methods.gr
 share it with every other gradient/CAM callback of the same model at the same epoch
 (:class:`lightning_viz.methods.shared_pass.PassCache`): each callback registers its layers at ``setup``,
 and the first one to run computes one forward + one backward per chunk for all of them. The cached
-passes are dropped when the next training epoch starts and at ``teardown``: nothing is held while the
-model trains, and no pass outlives the epoch end it was computed for, whatever the optimizer does.
+passes are dropped at the next training batch and at ``teardown``: nothing is held while the model
+trains, and no pass outlives an optimizer step, whatever the optimizer does (also mid-epoch validation).
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ class GradientMapCallback(MapCallback):
             cache.register(self.target, rule, layers)
 
     @override
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # free last epoch end's passes; also the only safe invalidation for an optimizer that writes
-        # ``p.data`` (no autograd version bump, so PassCache alone would serve stale maps)
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # free the last run's passes while training; also the only safe invalidation for an optimizer that
+        # writes ``p.data`` (no autograd version bump, so PassCache alone would serve stale maps)
         self.cache(pl_module).clear()
 
     @override

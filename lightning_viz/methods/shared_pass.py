@@ -14,7 +14,7 @@ counters, bumped by every optimizer step / BatchNorm update / ``load_state_dict`
 are the same (``ProbeSet.fingerprint``). Each model gets its own cache (:func:`pass_cache`, a weak mapping); its
 entries stay on the probes' device until the model next changes or :meth:`PassCache.clear` is called.
 Writes through ``p.data`` bump no version counter and go unseen: the callbacks therefore clear the cache
-when each training epoch starts and at teardown.
+at every training batch start and at teardown.
 
 No parameter ``.grad`` is written (``autograd.grad`` w.r.t. inputs/activations only); call inside
 :func:`lightning_viz.capture.isolated` for eval mode, frozen parameters and an untouched RNG.
