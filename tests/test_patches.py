@@ -60,6 +60,18 @@ def test_ceil_mode_pool_output_size_like_torch():
     assert rf.grid == (2, 2)
 
 
+def test_same_padding_with_an_even_kernel():
+    # padding='same', k = 4: torch pads 1 left / 2 right, the output keeps the input size. By hand: R = 4, J = 1,
+    # P = 1; then conv3 p1: R = 6, P = 2. Unit (0, 0) sees rows/cols [-2, 4).
+    model = nn.Sequential(nn.Conv2d(1, 1, 4, padding="same"), nn.Conv2d(1, 1, 3, padding=1)).eval()
+    rf = stack_receptive_field(model, "1", (1, 6, 7))
+    assert (rf.size, rf.jump, rf.offset, rf.grid) == ((6, 6), (1, 1), (2, 2), (6, 7))
+    assert rf.box(0, 0) == (-2, -2, 4, 4)
+    # the gradient support agrees inside the image
+    _, gboxes = gradient_receptive_field(model, "1", (1, 6, 7), trials=1)
+    assert torch.equal(gboxes[2, 3], torch.tensor([0, 1, 6, 7]))
+
+
 def test_gradient_support_equals_arithmetic_box_inside_the_image():
     model = known_stack(nn.AvgPool2d(2), relu=False)  # linear: every path carries gradient
     boxes = stack_receptive_field(model, "4", (1, 48, 48)).boxes()

@@ -104,8 +104,16 @@ def layer_geometry(module: nn.Module) -> tuple[tuple[int, int], tuple[int, int],
     raise TypeError(f"no receptive-field geometry for {type(module).__name__}; supported: Conv2d, MaxPool2d, AvgPool2d")
 
 
+def _same_padding(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.padding == "same"
+
+
 def compose(geometries: Sequence[tuple], input_size: Sequence[int]) -> ReceptiveField:
-    """Compose ``(kernel, stride, padding, dilation[, ceil_mode])`` per-layer geometries (first layer first)."""
+    """Compose ``(kernel, stride, padding, dilation[, ceil_mode])`` per-layer geometries (first layer first).
+
+    ``padding`` is the left/top padding; the ``grid`` assumes the same on the right/bottom (not so for
+    ``padding='same'`` with an even kernel, which :func:`stack_receptive_field` accounts for).
+    """
     r, j, p, n = [1, 1], [1, 1], [0, 0], [int(input_size[0]), int(input_size[1])]
     for g in geometries:
         k, s, pad, d = (_two(v) for v in g[:4])
@@ -172,12 +180,15 @@ def stack_receptive_field(model: nn.Module, layer: str, input_shape: Sequence[in
                 f"predicts {size[0]}x{size[1]}: the model branches (e.g. a residual shortcut); use the gradient method")
         if isinstance(m, _GEOMETRIC):
             geoms.append(layer_geometry(m))
-            size = list(compose([geoms[-1]], size).grid)
+            if not _same_padding(m):  # 'same' keeps the size (an even kernel pads one more on the right)
+                size = list(compose([geoms[-1]], size).grid)
         elif not isinstance(m, _NEUTRAL):
             raise NotAConvStackError(
                 f"{name!r} ({type(m).__name__}) is not a conv/pool/elementwise layer, so layer arithmetic does not apply; "
                 "use the gradient method")
     rf = compose(geoms, input_shape[-2:])
+    if any(_same_padding(m) for m, _ in calls):
+        rf = ReceptiveField(size=rf.size, jump=rf.jump, offset=rf.offset, grid=(size[0], size[1]))
     if list(rf.grid) != list(out_size[0]):
         raise NotAConvStackError(
             f"layer {layer!r} outputs {tuple(out_size[0])} positions where its conv/pool chain predicts {rf.grid} "
