@@ -126,3 +126,30 @@ def test_iterable_data_without_probes_is_a_clear_error(tmp_path):
                            limit_val_batches=0)
     with pytest.raises(VisualizationError, match=r"no map-style val or train dataset.*IterableDataset.*probes=ProbeSet"):
         trainer.fit(LitTiny(), loader)
+
+
+class Unlabeled(L.LightningDataModule):
+    """Images only: nothing to take target='label' from."""
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tiny_loaders(n=12)[0].dataset.tensors[0]), batch_size=4)
+
+    val_dataloader = train_dataloader
+
+
+class Unsupervised(LitTiny):
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_label_target_without_labels_fails_at_setup(tmp_path):
+    trainer = tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2)], max_epochs=1)
+    with pytest.raises(ValueError, match=r"GradientCallback: target='label' needs a class label.*TensorDataset.*'predicted'"):
+        trainer.fit(Unsupervised(), datamodule=Unlabeled())
+    assert trainer.global_step == 0  # before any training step
+    cb = GradientCallback(num_probes=2, target="predicted")  # no labels needed: works
+    tiny_trainer(str(tmp_path / "ok"), [cb], max_epochs=1).fit(Unsupervised(), datamodule=Unlabeled())
+    assert cb.probes.labels is None and cb.last_logged_tags

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..capture import isolated
 from ..logging import VizLogger, make_tag
-from ..probe import ProbeSet
+from ..probe import ProbeSet, split_sample
 
 try:
     from typing import override
@@ -225,6 +225,10 @@ class VisualizationCallback(Callback):
     def check(self, pl_module: LightningModule) -> None:
         """Validate options against the model before training starts (raise a clear error)."""
 
+    def needs_labels(self) -> bool:
+        """True when :meth:`compute` needs probe labels (e.g. ``target="label"``); checked on the data at setup."""
+        return False
+
     def extra_state(self) -> dict[str, Any]:
         """Subclass state to keep in checkpoints (history for filmstrips, fixed scales, ...)."""
         return {}
@@ -245,7 +249,22 @@ class VisualizationCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.check(pl_module)
+        if stage in ("fit", "validate") and self.needs_probes and self.probes is None and self.needs_labels():
+            self._check_labels(trainer)
         _announce(trainer)
+
+    def _check_labels(self, trainer: Trainer) -> None:
+        """Fail before training when the probe dataset's items carry no class label (one item is read)."""
+        dataset = _find_dataset(trainer, self.probe_source)
+        if dataset is None:  # dataloaders given to fit() are attached later: checked when the probes are picked
+            return
+        _, label, _ = split_sample(dataset[0])
+        if label is None or label.numel() != 1:
+            raise ValueError(
+                f"{type(self).__name__}: target='label' needs a class label per image, but the items of the probe "
+                f"dataset ({type(dataset).__name__}) have none. Use target='predicted' or a class index, or data "
+                "that yields (x, y)."
+            )
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..logging import VizLogger, make_tag
 from ..probe import ProbeSet
 from ..render import FixedScale, colormap, image_grid, normalize_maps, overlay, resize_maps
+from ..targets import LabelTarget, resolve_target
 from ..tracking import MapTracker
 from .base import VisualizationCallback
 
@@ -73,6 +74,10 @@ class MapCallback(VisualizationCallback):
     def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
         """Raw maps ``{key: Tensor[N, H, W]}`` for this rank's probes (``key`` = ``"<method>/<layer>"``)."""
         raise NotImplementedError
+
+    def needs_labels(self) -> bool:
+        target = getattr(self, "target", None)  # the target of gradient, CAM and occlusion maps
+        return target is not None and isinstance(resolve_target(target), LabelTarget)
 
     # ------------------------------------------------------------------ base implementation
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
