@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,6 +145,12 @@ def test_filter_callback_setup_errors(tmp_path):
     with pytest.raises(ValueError, match=r"in_features=192.*flattens to 48"):
         trainer = tiny_trainer(str(tmp_path), [FilterCallback(kind="linear", input_shape=[3, 4, 4])])
         trainer.fit(LitTiny(linear_net()), *tiny_loaders(n=12))
+    # Input shape from the data (no input_shape): read from one dataset item at setup, before any step.
+    trainer = tiny_trainer(str(tmp_path), [FilterCallback(kind="linear")])
+    ds = tiny_loaders(n=12)[0].dataset
+    with pytest.raises(ValueError, match=r"'net.fc' has in_features=4.*\(3, 8, 8\) flattens to 192"):
+        trainer.fit(LitTiny(), datamodule=L.LightningDataModule.from_datasets(ds, ds, batch_size=4))
+    assert trainer.global_step == 0
     with pytest.raises(ValueError, match=r"'net.conv1' is a Conv2d, not nn.Linear.*'net.fc'"):
         tiny_trainer(str(tmp_path), [FilterCallback(kind="linear", layer="net.conv1")]).fit(LitTiny(), *tiny_loaders(n=12))
     with pytest.raises(ValueError, match=r"kind must be 'conv' or 'linear'; got 'dense'"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
+import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
@@ -19,9 +20,9 @@ from torch import Tensor, nn
 from ..layers import canonical_name, first_conv_name, get_layer, linear_layer_names
 from ..logging import VizLogger, make_tag
 from ..methods.filters import conv_filters, first_linear_name, linear_templates
-from ..probe import ProbeSet
+from ..probe import ProbeSet, split_sample
 from ..render import image_grid, normalize_maps
-from .base import VisualizationCallback
+from .base import VisualizationCallback, _find_dataset
 
 __all__ = ["FilterCallback", "filter_grid"]
 
@@ -122,6 +123,15 @@ class FilterCallback(VisualizationCallback):
             )
         if self.input_shape is not None:
             linear_templates(pl_module, name, self.input_shape)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.needs_probes and self.probes is None and stage in ("fit", "validate"):
+            # Templates take their shape from the images: check it on one dataset item now, not at the first epoch end.
+            dataset = _find_dataset(trainer, self.probe_source)
+            if dataset is not None:  # dataloaders given to fit() are attached later: checked when the probes are picked
+                image, _, _ = split_sample(dataset[0])
+                linear_templates(pl_module, self.layer_name(pl_module), list(torch.as_tensor(image).shape))
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         name = self.layer_name(pl_module)
