@@ -153,3 +153,14 @@ def test_label_target_without_labels_fails_at_setup(tmp_path):
     cb = GradientCallback(num_probes=2, target="predicted")  # no labels needed: works
     tiny_trainer(str(tmp_path / "ok"), [cb], max_epochs=1).fit(Unsupervised(), datamodule=Unlabeled())
     assert cb.probes.labels is None and cb.last_logged_tags
+
+
+def test_validation_schedule_that_never_meets_fails_at_setup(tmp_path):
+    """Validation runs at epochs 1, 3, 5, ... with check_val_every_n_epoch=2: every_n_epochs=2 (0, 2, 4, ...) never meets it."""
+    trainer = tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2, run_on="validation_epoch_end", every_n_epochs=2)],
+                           check_val_every_n_epoch=2)
+    with pytest.raises(ValueError, match=r"never run.*every_n_epochs=2.*check_val_every_n_epoch=2"):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    assert trainer.global_step == 0
+    ok = tiny_trainer(str(tmp_path), check_val_every_n_epoch=2)  # every 3rd epoch meets validation at epoch 3
+    GradientCallback(run_on="validation_epoch_end", every_n_epochs=3).setup(ok, LitTiny(), "fit")

@@ -249,6 +249,16 @@ class VisualizationCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.check(pl_module)
+        every_val = getattr(trainer, "check_val_every_n_epoch", None) or 1  # validation ends epochs k*every_val - 1
+        n = self.every_n_epochs
+        if stage == "fit" and self.run_on == "validation_epoch_end" and not any(
+                (e + 1) % every_val == 0 and e % n == 0 for e in range(every_val * n)):
+            raise ValueError(
+                f"{type(self).__name__} would never run: run_on='validation_epoch_end' with every_n_epochs={n} "
+                f"(epochs 0, {n}, ...) but the Trainer validates only at epochs {every_val - 1}, {2 * every_val - 1}, ... "
+                f"(check_val_every_n_epoch={every_val}). Use an every_n_epochs with no common factor with "
+                f"{every_val} (e.g. 1), or run_on='train_epoch_end'."
+            )
         if stage in ("fit", "validate") and self.needs_probes and self.probes is None and self.needs_labels():
             self._check_labels(trainer)
         _announce(trainer)
