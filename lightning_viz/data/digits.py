@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from .base import SplitDataModule
 
 __all__ = ["DigitsDataModule", "LabeledTensors", "load_digit_images"]
 
@@ -51,7 +52,7 @@ def load_digit_images(image_size: int = 16) -> tuple[Tensor, Tensor]:
     return x.clamp(0, 1), torch.as_tensor(d.target, dtype=torch.long)
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """scikit-learn digits with a seeded train/val split; batches of ``(x[B, 1, S, S], y)``, 10 classes.
 
     ``mean``/``std`` (one value each, from the training split) are the normalization used.
@@ -62,14 +63,12 @@ class DigitsDataModule(L.LightningDataModule):
 
     def __init__(self, image_size: int = 16, val_fraction: float = 0.2, batch_size: int = 64, num_workers: int = 0,
                  seed: int = 0):
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be strictly between 0 and 1; got {val_fraction}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         self.save_hyperparameters()
         self.image_size, self.val_fraction = image_size, val_fraction
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.seed = seed
         x, y = load_digit_images(image_size)
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
         n_val = max(1, round(len(y) * val_fraction))
@@ -79,16 +78,6 @@ class DigitsDataModule(L.LightningDataModule):
         self.mean, self.std = (mean,), (std,)
         self.train_set = LabeledTensors((train_x - mean) / std, y[train_idx])
         self.val_set = LabeledTensors((x[val_idx] - mean) / std, y[val_idx])
-
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
 
     def setup(self, stage: Optional[str] = None) -> None:  # data is built in __init__ (1797 small images)
         pass

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
+
+from .base import SplitDataModule
 
 __all__ = ["ImageFolderDataModule", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -52,7 +53,7 @@ def _image_folder(path: str, transform) -> "Dataset":
         ) from exc
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(SplitDataModule):
     """Images from ``root`` resized to ``image_size`` x ``image_size``, RGB, normalized with ``mean``/``std``.
 
     Args:
@@ -67,17 +68,15 @@ class ImageFolderDataModule(L.LightningDataModule):
     def __init__(self, root: str, image_size: int = 64, val_fraction: float = 0.2, batch_size: int = 32,
                  num_workers: int = 0, seed: int = 0, mean: Optional[list[float]] = None,
                  std: Optional[list[float]] = None):
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         for name, v in (("mean", mean), ("std", std)):
             if v is not None and len(v) != 3:
                 raise ValueError(f"{name} must have 3 values (R, G, B); got {list(v)}")
         self.save_hyperparameters()
         self.root, self.image_size, self.val_fraction = root, image_size, val_fraction
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.seed = seed
         self.mean = tuple(mean) if mean is not None else IMAGENET_MEAN
         self.std = tuple(std) if std is not None else IMAGENET_STD
         self._build()  # fail at construction (with the path in the message), not mid-training
@@ -112,13 +111,3 @@ class ImageFolderDataModule(L.LightningDataModule):
             train = full
         self.classes: list[str] = list(train.classes)
         self.num_classes = len(self.classes)
-
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)

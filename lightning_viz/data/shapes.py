@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from .base import SplitDataModule
 
 __all__ = ["SHAPE_NAMES", "SHAPES_MEAN", "SHAPES_STD", "ShapesDataset", "ShapesDataModule", "draw_shape"]
 
@@ -125,7 +126,7 @@ class ShapesDataset(Dataset):
         return img, label, mask
 
 
-class ShapesDataModule(L.LightningDataModule):
+class ShapesDataModule(SplitDataModule):
     """Train/val :class:`ShapesDataset` splits (disjoint seeds), batches of ``(x, y, mask)``.
 
     ``mean``/``std`` are the normalization used, so probe images can be shown un-normalized.
@@ -133,40 +134,22 @@ class ShapesDataModule(L.LightningDataModule):
 
     def __init__(self, num_train: int = 2000, num_val: int = 400, image_size: int = 32, num_classes: int = 4,
                  batch_size: int = 64, num_workers: int = 0, seed: int = 0, noise: float = 0.06):
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        super().__init__(batch_size, num_workers)
         ShapesDataset(0, image_size=image_size, num_classes=num_classes)  # validates the options now, not at setup
         self.save_hyperparameters()
         self.num_train, self.num_val = num_train, num_val
         self.image_size, self.num_classes = image_size, num_classes
-        self.batch_size, self.num_workers, self.seed, self.noise = batch_size, num_workers, seed, noise
+        self.seed, self.noise = seed, noise
         self.mean = tuple(SHAPES_MEAN)
         self.std = tuple(SHAPES_STD)
         self.in_channels = 3
         self.classes = list(SHAPE_NAMES[:num_classes])
-        self.train_set: Optional[ShapesDataset] = None
-        self.val_set: Optional[ShapesDataset] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
         kw = dict(image_size=self.image_size, num_classes=self.num_classes, noise=self.noise)
         # Seeds 2*seed and 2*seed+1: the two splits never share an item.
         self.train_set = ShapesDataset(self.num_train, seed=2 * self.seed, **kw)
         self.val_set = ShapesDataset(self.num_val, seed=2 * self.seed + 1, **kw)
-
-    def _loader(self, ds: ShapesDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            self.setup("validate")
-        return self._loader(self.val_set, shuffle=False)
 
 
 def _measure_stats(num: int = 4096, image_size: int = 32) -> tuple[list[float], list[float]]:
