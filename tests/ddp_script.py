@@ -33,7 +33,7 @@ from lightning_viz.callbacks.maps import MapCallback  # noqa: E402
 
 CALLBACKS: list[dict[str, Any]] = [
     {
-        "class_path": "ddp_script.InputGradCallback",
+        "class_path": "helpers.InputGradMap",
         "init_args": {
             "num_probes": 5,
             "normalize": "both",
@@ -74,18 +74,6 @@ RUNS: dict[str, dict[str, Any]] = {
         {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "compute", "fail_rank": 1}},
     ]},
 }
-
-
-class InputGradCallback(MapCallback):
-    """Test MapCallback: ``|d logit_label / d x|``, max over channels (Simonyan et al. 2014, Eq. 3)."""
-
-    method = "inputgrad"
-
-    def compute_maps(self, pl_module, probe):
-        x = probe.to(pl_module.device).requires_grad_()
-        score = pl_module(x).gather(1, probe.labels.to(x.device).view(-1, 1)).sum()
-        (g,) = torch.autograd.grad(score, x)
-        return {"inputgrad/input": g.abs().amax(dim=1)}
 
 
 class RankStrideSampler(Sampler):

@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning as L
 
+from lightning_viz.callbacks.maps import MapCallback
+
 
 class TinyCNN(nn.Module):
     """conv-bn-ReLU(inplace) -> conv -> F.relu -> GAP -> linear: in-place and functional relu, a CAM head."""
@@ -55,6 +57,18 @@ class LitTiny(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class InputGradMap(MapCallback):
+    """Test-only map method: ``|d logit_label / d x|``, max over channels (Simonyan et al. 2014, Eq. 3)."""
+
+    method = "inputgrad"
+
+    def compute_maps(self, pl_module, probe):
+        x = probe.to(pl_module.device).requires_grad_()
+        score = pl_module(x).gather(1, probe.labels.to(x.device).view(-1, 1)).sum()
+        (g,) = torch.autograd.grad(score, x)
+        return {"inputgrad/input": g.abs().amax(dim=1)}
 
 
 def tiny_dataset(n: int = 48, channels: int = 3, size: int = 8, num_classes: int = 3, seed: int = 0) -> TensorDataset:

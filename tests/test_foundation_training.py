@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from helpers import LitTiny, assert_untouched, image_steps, read_events, scalar_steps, snapshot, tiny_dataset, tiny_loaders, tiny_trainer
+from helpers import InputGradMap, LitTiny, assert_untouched, image_steps, read_events, scalar_steps, snapshot, tiny_dataset, tiny_loaders, tiny_trainer
 from lightning_viz.callbacks.activations import ActivationCallback
 from lightning_viz.callbacks.base import VisualizationError
 from lightning_viz.callbacks.filters import FilterCallback
@@ -29,18 +29,6 @@ from lightning_viz.callbacks.synthesis import AdversarialCallback, ClassModelCal
 from lightning_viz.capture import capture, isolated
 from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.tracking import MapTracker
-
-
-class InputGradMap(MapCallback):
-    """Test-only map method: |d logit_label / d x| summed over channels (Simonyan et al. 2014, eq. 3 style)."""
-
-    method = "inputgrad"
-
-    def compute_maps(self, pl_module, probe):
-        x = probe.to(pl_module.device).requires_grad_()
-        score = pl_module(x).gather(1, probe.labels.to(x.device).view(-1, 1)).sum()
-        (g,) = torch.autograd.grad(score, x)
-        return {"inputgrad/input": g.abs().sum(dim=1)}
 
 
 # One small instance per callback family; each factory takes the schedule kwargs of the base class.

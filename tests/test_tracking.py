@@ -7,8 +7,7 @@ import torch
 from scipy.stats import spearmanr
 from torch.utils.data import DataLoader
 
-from ddp_script import InputGradCallback
-from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
+from helpers import InputGradMap, LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
 from lightning_viz.callbacks.maps import MapCallback
 from lightning_viz.capture import isolated
 from lightning_viz.logging import VizLogger
@@ -40,7 +39,7 @@ class RecordingWriter:
 
 def test_tracking_over_real_training(tmp_path):
     tracker = MapTracker(max_frames=3, frame_size=8, faithfulness=True, deletion_steps=4, sanity_check=True)
-    cb = InputGradCallback(num_probes=3, tracker=tracker)
+    cb = InputGradMap(num_probes=3, tracker=tracker)
     train, _ = tiny_loaders(n=24, batch_size=8)
     module = LitTiny(TinyCNN(width=4))
     tiny_trainer(str(tmp_path), [cb], max_epochs=4).fit(module, train)
@@ -156,7 +155,7 @@ def test_tracker_compute_keys_and_sanity_copy_leave_the_model_untouched():
     module.train()
     module.net.fc.weight.grad = torch.ones_like(module.net.fc.weight)
     probe = _probe()
-    cb = InputGradCallback(tracker=MapTracker(faithfulness=True, deletion_steps=3, sanity_check=True, seed=5))
+    cb = InputGradMap(tracker=MapTracker(faithfulness=True, deletion_steps=3, sanity_check=True, seed=5))
 
     def run():
         with isolated(module):
@@ -187,7 +186,7 @@ def test_history_survives_resume_from_a_checkpoint(tmp_path):
     train, _ = tiny_loaders(n=16, batch_size=8)
 
     def trainer(epochs, tracker):
-        cb = InputGradCallback(num_probes=2, tracker=tracker)
+        cb = InputGradMap(num_probes=2, tracker=tracker)
         ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
         return tiny_trainer(str(tmp_path / f"logs{epochs}"), [cb, ckpt], max_epochs=epochs, enable_checkpointing=True)
 
@@ -205,7 +204,7 @@ def test_tracker_under_trainer_validate(tmp_path):
     """run_on='validation_epoch_end' under trainer.validate (inference mode): faithfulness and sanity still work."""
     _, val = tiny_loaders(n=16, batch_size=8)
     tracker = MapTracker(frame_size=8, faithfulness=True, deletion_steps=3, sanity_check=True)
-    cb = InputGradCallback(num_probes=2, run_on="validation_epoch_end", tracker=tracker)
+    cb = InputGradMap(num_probes=2, run_on="validation_epoch_end", tracker=tracker)
     tiny_trainer(str(tmp_path), [cb]).validate(LitTiny(TinyCNN(width=4)), val)
     acc = read_events(str(tmp_path))
     for tag in ("faithfulness/deletion_auc", "faithfulness/insertion_auc", "sanity/rank_corr"):
