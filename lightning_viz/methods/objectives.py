@@ -104,9 +104,14 @@ def _layer_output(acts: Mapping[str, Tensor], layer: str) -> Tensor:
     return acts[layer]
 
 
-def _check_channels(a: Tensor, ch: Tensor, layer: str) -> None:
+def _selected_channels(acts: Mapping[str, Tensor], layer: str, idx: Tensor, rows: Tensor) -> Tensor:
+    """Channel ``idx[b]`` of ``layer``'s output for each image ``b`` of the (chunk of the) batch:
+    ``[B, h, w]`` (or ``[B]`` for a linear layer); clear error for a channel out of range."""
+    a = _layer_output(acts, layer)
+    ch = per_image(idx, rows, a.shape[0]).to(a.device)
     if int(ch.max()) >= a.shape[1] or int(ch.min()) < 0:
         raise ValueError(f"channel out of range for layer {layer!r}: it has {a.shape[1]} channels (0..{a.shape[1] - 1}); got {ch.tolist()}")
+    return a[torch.arange(a.shape[0], device=a.device), ch]
 
 
 def channel(layer: str, channels: int | Sequence[int] | Tensor) -> Objective:
@@ -115,10 +120,7 @@ def channel(layer: str, channels: int | Sequence[int] | Tensor) -> Objective:
     idx = as_index(channels)
 
     def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
-        a = _layer_output(acts, layer)
-        ch = per_image(idx, rows, a.shape[0]).to(a.device)
-        _check_channels(a, ch, layer)
-        sel = a[torch.arange(a.shape[0], device=a.device), ch]
+        sel = _selected_channels(acts, layer, idx, rows)
         return sel.flatten(1).mean(1) if sel.ndim > 1 else sel
 
     return Objective(fn, (layer,), f"channel({layer}, {idx.tolist()})")
@@ -130,10 +132,7 @@ def neuron(layer: str, channels: int | Sequence[int] | Tensor, y: int | None = N
     idx = as_index(channels)
 
     def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
-        a = _layer_output(acts, layer)
-        ch = per_image(idx, rows, a.shape[0]).to(a.device)
-        _check_channels(a, ch, layer)
-        sel = a[torch.arange(a.shape[0], device=a.device), ch]
+        sel = _selected_channels(acts, layer, idx, rows)
         if sel.ndim == 1:
             return sel
         h, w = sel.shape[-2:]
