@@ -1,10 +1,10 @@
 """Real multi-process CPU (gloo) training for ``tests/test_ddp.py``; also importable (test callbacks, configs).
 
-    python tests/ddp_script.py OUT --runs equal,one_probe_bf16,errors [--strategy ddp|ddp_spawn] [--devices 2]
-                                   [--callbacks callbacks.json]
+    python tests/ddp_script.py OUT --runs equal,one_probe_bf16,errors,syncbn_validate
+                                   [--strategy ddp|ddp_spawn] [--devices 2] [--callbacks callbacks.json]
 
-Each run is one ``Trainer.fit`` writing TensorBoard events to ``OUT/<run>/`` and, per rank,
-``OUT/<run>/rank<r>.json`` (what that rank's callbacks wrote, its final parameters' checksum). With
+Each run is one ``Trainer.fit`` (or ``Trainer.validate``) writing TensorBoard events to ``OUT/<run>/`` and,
+per rank, ``OUT/<run>/rank<r>.json`` (what that rank's callbacks wrote, its final parameters' checksum). With
 ``strategy="ddp"`` Lightning launches rank 1 by re-running this script; later runs reuse the process
 group (``LOCAL_RANK`` is then set, so no new processes are started).
 
@@ -63,8 +63,10 @@ CALLBACKS: list[dict[str, Any]] = [
 
 #: name -> Trainer/data options. ``equal`` is compared with a 1-process run with ``batch_size=8``: the
 #: model has no BatchNorm, so 2 ranks x 4 images (gradients averaged) train exactly like 1 x 8 images.
-#: (SyncBatchNorm cannot run under DDP on CPU -- torch: "SyncBatchNorm layers only work with GPU
-#: modules" -- so it is tested in-process, see test_ddp.py.)
+#: SyncBatchNorm cannot be *trained* under DDP on CPU (torch: "SyncBatchNorm layers only work with GPU
+#: modules"), but Lightning wraps the model in DDP only when fitting, and the callbacks run it in eval
+#: mode (no cross-rank sync): ``syncbn_validate`` runs every callback at validation epoch end of a
+#: ``Trainer.validate`` of a SyncBatchNorm model on 2 ranks (compared with 1 process in test_ddp.py).
 RUNS: dict[str, dict[str, Any]] = {
     "equal": {"batchnorm": False, "batch_size": 4, "max_epochs": 2, "data": "shapes"},
     "one_probe_bf16": {"batch_size": 4, "max_epochs": 2, "num_probes": 1, "precision": "bf16-mixed"},
@@ -73,6 +75,7 @@ RUNS: dict[str, dict[str, Any]] = {
         {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "log", "fail_rank": 0}},
         {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "compute", "fail_rank": 1}},
     ]},
+    "syncbn_validate": {"validate": True, "sync_batchnorm": True, "data": "shapes"},
 }
 
 
@@ -143,20 +146,24 @@ def instantiate(spec: Any) -> Any:
     return spec
 
 
-def build_callbacks(num_probes: int | None = None, specs: list[dict] | None = None) -> list:
+def build_callbacks(num_probes: int | None = None, specs: list[dict] | None = None, run_on: str | None = None) -> list:
     out = []
     for spec in specs if specs is not None else CALLBACKS:
         spec = {"class_path": spec["class_path"], "init_args": dict(spec.get("init_args") or {})}
         if num_probes is not None:
             spec["init_args"]["num_probes"] = num_probes
+        if run_on is not None:
+            spec["init_args"]["run_on"] = run_on
         out.append(instantiate(spec))
     return out
 
 
 def fit(logdir: str, devices: int, strategy: str = "auto", batch_size: int = 8, max_epochs: int = 2,
         sync_batchnorm: bool = False, num_probes: int | None = None, precision: str = "32-true", seed: int = 0,
-        batchnorm: bool = True, compile: bool = False, callbacks: list[dict] | None = None, data: str = "tiny"):
-    """One training run; returns (trainer, callbacks, module)."""
+        batchnorm: bool = True, compile: bool = False, callbacks: list[dict] | None = None, data: str = "tiny",
+        validate: bool = False):
+    """One training run; returns (trainer, callbacks, module). ``validate=True``: one ``Trainer.validate``
+    of the untrained model instead (callbacks run at validation epoch end; ``max_epochs`` unused)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     L.seed_everything(seed, verbose=False)
@@ -169,21 +176,25 @@ def fit(logdir: str, devices: int, strategy: str = "auto", batch_size: int = 8, 
     net = TinyCNN(num_classes=classes, width=4)
     if not batchnorm:
         net.bn1 = torch.nn.Identity()
-    if sync_batchnorm and devices == 1:  # a SyncBatchNorm model without DDP (Lightning converts only under DDP)
+    # Lightning's sync_batchnorm converts only under DDP and only when fitting: convert here otherwise
+    if sync_batchnorm and (devices == 1 or validate):
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if compile:
         net = torch.compile(net, backend="aot_eager")  # dynamo + AOTAutograd like inductor, minus the C++ compile
     module = LitTiny(net, lr=0.05)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=RankStrideSampler(len(dataset)))
-    callbacks = build_callbacks(num_probes, callbacks)
+    callbacks = build_callbacks(num_probes, callbacks, run_on="validation_epoch_end" if validate else None)
     trainer = L.Trainer(
         max_epochs=max_epochs, accelerator="cpu", devices=devices, strategy=strategy,
-        sync_batchnorm=sync_batchnorm and devices > 1, precision=precision,
+        sync_batchnorm=sync_batchnorm and devices > 1 and not validate, precision=precision,
         logger=TensorBoardLogger(logdir, name="", version=0), callbacks=callbacks,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        log_every_n_steps=1, limit_val_batches=0, use_distributed_sampler=False,
+        log_every_n_steps=1, limit_val_batches=1 if validate else 0, use_distributed_sampler=False,
     )
-    trainer.fit(module, loader)
+    if validate:
+        trainer.validate(module, loader, verbose=False)
+    else:
+        trainer.fit(module, loader)
     return trainer, callbacks, module
 
 
@@ -204,6 +215,7 @@ def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
             "world_size": trainer.world_size,
             "written": {type(cb).__name__: list(cb.last_logged_tags) for cb in callbacks},
             "checksum": checksum(module),
+            "syncbn": sum(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules()),
             "errors": {f"{cb.fail_in}@rank{cb.fail_rank}": cb.errors for cb in callbacks if isinstance(cb, FailingCallback)},
         }
         with open(os.path.join(logdir, f"rank{rank}.json"), "w") as f:
@@ -218,7 +230,7 @@ def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("--runs", default="equal,one_probe_bf16,errors")
+    p.add_argument("--runs", default="equal,one_probe_bf16,errors,syncbn_validate")
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--strategy", default="ddp")
     p.add_argument("--callbacks", default=None, help="JSON file: a list like CALLBACKS, used instead of it")

@@ -1,9 +1,10 @@
 """Real 2-process CPU (gloo) DDP training from a subprocess (tests/ddp_script.py), compared with 1 process.
 
 One subprocess run covers: the 2-rank == 1-rank comparison, rank-0-only writing, 1 probe on 2 ranks
-with bf16-mixed, and errors on one rank raising on all. SyncBatchNorm cannot run under DDP on CPU
-(torch refuses: "SyncBatchNorm layers only work with GPU modules"), so a SyncBatchNorm model and a
-``torch.compile``d model are trained in-process on 1 device.
+with bf16-mixed, errors on one rank raising on all, and every callback on a SyncBatchNorm model under
+``Trainer.validate`` on 2 ranks (== 1 process). SyncBatchNorm cannot be *trained* under DDP on CPU
+(torch refuses: "SyncBatchNorm layers only work with GPU modules"; Lightning wraps in DDP only when
+fitting), so SyncBatchNorm training, with ``torch.compile``, is tested in-process on 1 device.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _run_script(*args: str, timeout: int = 240) -> None:
 @pytest.fixture(scope="module")
 def ddp_out(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp"))
-    _run_script(out, "--runs", "equal,one_probe_bf16,errors", "--devices", "2", "--strategy", "ddp")
+    _run_script(out, "--runs", "equal,one_probe_bf16,errors,syncbn_validate", "--devices", "2", "--strategy", "ddp")
     return out
 
 
@@ -58,7 +59,12 @@ def _json(out: str, run: str, rank: int) -> dict:
         return json.load(f)
 
 
-def _assert_same_events(two_dir: str, one_dir: str) -> None:
+#: tracker scalar groups of the test InputGradMap (shapes data: masks, so the pointing game runs too)
+GROUPS = ("drift/rank_corr", "faithfulness/deletion_auc", "faithfulness/insertion_auc", "sanity/rank_corr",
+          "localization/pointing_game", "localization/energy_in_mask")
+
+
+def _assert_same_events(two_dir: str, one_dir: str, steps: tuple[int, ...] = (0, 1), groups=GROUPS) -> None:
     two, one = read_events(two_dir), read_events(one_dir)
     tags = sorted(t for t in two.Tags()["images"] if t.startswith("viz/"))
     assert tags == sorted(t for t in one.Tags()["images"] if t.startswith("viz/"))
@@ -68,7 +74,7 @@ def _assert_same_events(two_dir: str, one_dir: str) -> None:
         assert f"viz/activations/net.conv2/{pid}" in tags
     for tag in tags:
         e2, e1 = two.Images(tag), one.Images(tag)
-        assert [e.step for e in e2] == [e.step for e in e1] == [0, 1], tag
+        assert [e.step for e in e2] == [e.step for e in e1] == list(steps), tag
         for a, b in zip(e2, e1):
             # float reduction order may move a pixel value by a level or two, or shift a plotted
             # point's anti-aliasing (matplotlib figures): allow that, nothing more
@@ -77,8 +83,7 @@ def _assert_same_events(two_dir: str, one_dir: str) -> None:
             assert off <= 1e-3 and diff.max() <= 32, f"{tag} step {a.step}: {off:.2%} of pixels differ, by up to {diff.max()}"
     scalar_tags = [t for t in two.Tags()["scalars"] if t.startswith("viz/") and not t.endswith("time_s")]
     assert set(scalar_tags) == {t for t in one.Tags()["scalars"] if t.startswith("viz/") and not t.endswith("time_s")}
-    for group in ("drift/rank_corr", "faithfulness/deletion_auc", "faithfulness/insertion_auc", "sanity/rank_corr",
-                  "localization/pointing_game", "localization/energy_in_mask"):  # shapes: masks
+    for group in groups:
         assert f"viz/inputgrad/input/{group}" in scalar_tags
     for tag in scalar_tags:
         v2, v1 = [e.value for e in two.Scalars(tag)], [e.value for e in one.Scalars(tag)]
@@ -100,13 +105,68 @@ def test_ddp_spawn_logs_the_same_as_one_process(tmp_path, single_out):
     _assert_same_events(os.path.join(tmp_path, "equal"), single_out[0])
 
 
+def _assert_only_rank_zero_wrote(out: str, run: str) -> None:
+    files = glob.glob(os.path.join(out, run, "**", "events.out.tfevents.*"), recursive=True)
+    assert len(files) == 1, files
+    r0, r1 = _json(out, run, 0), _json(out, run, 1)
+    assert r1["rank"] == 1 and all(tags == [] for tags in r1["written"].values())
+    assert all(tags for tags in r0["written"].values())
+
+
 def test_only_rank_zero_writes(ddp_out):
     for run in ("equal", "one_probe_bf16"):
-        files = glob.glob(os.path.join(ddp_out, run, "**", "events.out.tfevents.*"), recursive=True)
-        assert len(files) == 1, files
-        r0, r1 = _json(ddp_out, run, 0), _json(ddp_out, run, 1)
-        assert r1["rank"] == 1 and all(tags == [] for tags in r1["written"].values())
-        assert all(tags for tags in r0["written"].values())
+        _assert_only_rank_zero_wrote(ddp_out, run)
+
+
+#: callback class -> tags it must write (images, then scalars) in the ``syncbn_validate`` run
+FAMILY_TAGS = {
+    "InputGradMap": ("viz/inputgrad/input/p004", "viz/inputgrad/input/filmstrip/p000",
+                     "viz/inputgrad/input/faithfulness/deletion_auc", "viz/inputgrad/input/sanity/rank_corr"),
+    "FilterCallback": ("viz/filters/net.conv1/grid", "viz/filters/net.conv1/mean_norm"),
+    "ActivationCallback": ("viz/activations/net.conv1/p004", "viz/activations/net.conv2/dead_fraction"),
+    "GradientCallback": ("viz/saliency/input/p000", "viz/integrated_gradients/input/p004",
+                         "viz/smoothgrad_saliency/input/p000"),
+    "CAMCallback": ("viz/gradcam/net.conv2/p004", "viz/gradcampp/net.conv2/filmstrip/p000",
+                    "viz/gradcam/net.conv2/localization/pointing_game"),
+    "OcclusionCallback": ("viz/occlusion/score/p004", "viz/occlusion/prob/p000"),
+    "TopPatchesCallback": ("viz/top_patches/net.conv2/unit001", "viz/top_patches/net.conv2/unit000/max"),
+    "EmbeddingCallback": ("viz/embeddings/penultimate/pca", "viz/embeddings/penultimate/knn_acc"),
+    "ClassModelCallback": ("viz/class_model/grid", "viz/class_model/class3/score"),
+    "UnitCallback": ("viz/units/net.conv2/grid", "viz/units/net.conv2/ch1/activation"),
+    "InversionCallback": ("viz/inversion/net.conv1/p004", "viz/inversion/net.conv1/feature_error"),
+    "AdversarialCallback": ("viz/adversarial/p004", "viz/adversarial/flip_rate"),
+}
+
+
+@pytest.fixture(scope="module")
+def single_validate_out(tmp_path_factory):
+    """The 'syncbn_validate' run on one process."""
+    out = str(tmp_path_factory.mktemp("single_validate"))
+    _, _, module = ddp_script.fit(out, devices=1, **ddp_script.RUNS["syncbn_validate"])
+    return out, module
+
+
+def test_syncbatchnorm_validate_on_two_ranks_logs_the_same_as_one(ddp_out, single_validate_out):
+    """Lightning wraps the model in DDP only when fitting, and the callbacks run it in eval mode (no
+    cross-rank sync), so every callback works on a SyncBatchNorm model under ``Trainer.validate``."""
+    import torch
+
+    single_dir, single_module = single_validate_out
+    run_dir = os.path.join(ddp_out, "syncbn_validate")
+    r0, r1 = _json(ddp_out, "syncbn_validate", 0), _json(ddp_out, "syncbn_validate", 1)
+    assert r0["world_size"] == 2
+    assert r0["syncbn"] == r1["syncbn"] == 1  # bn1 converted on both ranks
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in single_module.modules()) == 1
+    assert r0["checksum"] == r1["checksum"] == pytest.approx(ddp_script.checksum(single_module), rel=1e-6)
+    _assert_only_rank_zero_wrote(ddp_out, "syncbn_validate")
+    assert set(r0["written"]) == set(FAMILY_TAGS)  # a family added to CALLBACKS needs its tags here
+    acc = read_events(run_dir)
+    for family, tags in FAMILY_TAGS.items():
+        for tag in tags:
+            kind = "images" if tag in acc.Tags()["images"] else "scalars"
+            assert tag in r0["written"][family] and tag in acc.Tags()[kind], (family, tag)
+            assert [e.step for e in getattr(acc, kind.capitalize())(tag)] == [0], (family, tag)
+    _assert_same_events(run_dir, single_dir, steps=(0,), groups=[g for g in GROUPS if not g.startswith("drift/")])
 
 
 def test_one_probe_on_two_ranks_with_bf16(ddp_out):
