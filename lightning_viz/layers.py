@@ -3,12 +3,14 @@
 Names are the ones ``model.named_modules()`` yields (``"layer4.1.conv2"``, ``"features.0"``).
 Wrapper prefixes added by ``torch.compile`` (``_orig_mod.``) and DDP/DataParallel (``module.``)
 are ignored, so the same name works on the plain, compiled and wrapped model.
+Also: where a module lives (:func:`module_device`, :func:`module_dtype`), so inputs can be put there.
 """
 
 from __future__ import annotations
 
 from typing import Iterable
 
+import torch
 from torch import nn
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "last_conv_name",
     "require_conv",
     "resolve_layers",
+    "module_device",
+    "module_dtype",
 ]
 
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -146,3 +150,16 @@ def require_conv(model: nn.Module, name: str, method: str) -> nn.Module:
             f"Valid conv layers: {_format_names(convs)}."
         )
     return layer
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Device of the module's first parameter (CPU for a module without parameters)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """Dtype of the module's first floating-point parameter (float32 if it has none): the dtype its
+    inputs must have (e.g. float64 under ``precision="64-true"``)."""
+    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32

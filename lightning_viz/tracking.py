@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import _rng_devices
+from .layers import module_device, module_dtype
 from .logging import VizLogger, make_tag
 from .methods.metrics import deletion_auc, energy_in_mask, insertion_auc, pointing_game, rank_correlation, topk_iou
 from .probe import ProbeSet
@@ -58,16 +59,6 @@ TRACKING_LAYOUT: dict[str, dict[str, list]] = {
         "rank correlation with randomized model (lower passes)": ["Multiline", [r"viz/.*/sanity/rank_corr"]],
     },
 }
-
-
-def _device(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _dtype(module: nn.Module) -> Optional[torch.dtype]:
-    p = next((p for p in module.parameters() if p.is_floating_point()), None)
-    return None if p is None else p.dtype
 
 
 def randomized_copy(module: nn.Module, seed: int = 2018) -> nn.Module:
@@ -186,9 +177,9 @@ class MapTracker:
         use_masks = self._use_masks(probe)
         if not (self.drift or self.faithfulness or use_masks or self.sanity_check):
             return out
-        device = _device(pl_module)
+        device = module_device(pl_module)
         if self.drift or self.faithfulness:
-            x = probe.to(device, _dtype(pl_module))
+            x = probe.to(device, module_dtype(pl_module))
             with torch.no_grad():
                 logits = pl_module(x)
             if not isinstance(logits, Tensor) or logits.ndim != 2:

@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, Union
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
+from ..layers import module_device, module_dtype
 from ..methods.gradients import GRADIENT_METHODS, PASS_RULES, gradient_from_pass, reduce_channels, smoothgrad
 from ..methods.shared_pass import PassCache, PassResult, pass_cache
 from ..probe import ProbeSet
@@ -79,8 +80,7 @@ class GradientMapCallback(MapCallback):
     @staticmethod
     def probe_images(pl_module: LightningModule, probe: ProbeSet) -> Tensor:
         """The probe images on the model's device and in its (floating-point) parameter dtype."""
-        p = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
-        return probe.to(pl_module.device, None if p is None else p.dtype)
+        return probe.to(module_device(pl_module), module_dtype(pl_module))
 
     def get_pass(self, pl_module: LightningModule, probe: ProbeSet, x: Tensor, rule: Optional[str],
                  layers: list[str]) -> PassResult:

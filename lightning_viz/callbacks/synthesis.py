@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from ..layers import canonical_name, get_layer
+from ..layers import canonical_name, get_layer, module_device, module_dtype
 from ..logging import VizLogger, make_tag
 from ..methods.adversarial import fgsm, minimal_flip_budget, pgd, predict
 from ..methods.regularizers import build_regularizers
@@ -34,16 +34,6 @@ from ..render import image_grid, label_strip
 from .base import VisualizationCallback
 
 __all__ = ["ClassModelCallback", "UnitCallback", "InversionCallback", "AdversarialCallback"]
-
-
-def _device(pl_module: LightningModule) -> torch.device:
-    p = next(pl_module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _dtype(pl_module: LightningModule) -> torch.dtype:
-    p = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
-    return p.dtype if p is not None else torch.float32
 
 
 def _display(images: Tensor, mean: Any, std: Any) -> Tensor:
@@ -124,7 +114,7 @@ class _InputOptimizationCallback(VisualizationCallback):
     def optimize_kwargs(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         """Keyword arguments for :func:`~lightning_viz.methods.synthesis.optimize_input` (fresh generator and
         regularizers every run, so each epoch starts from the same seed)."""
-        device = _device(pl_module)
+        device = module_device(pl_module)
         return dict(
             steps=self.steps, lr=self.lr, regularizers=build_regularizers(l2=self.l2, **self.reg_options),
             param=self.parameterization, init=self.init, optimizer=self.optimizer, chunk_size=self.chunk_size,
@@ -173,7 +163,7 @@ class ClassModelCallback(_InputOptimizationCallback):
         classes = self.classes
         if classes is None:
             with torch.no_grad():
-                n = pl_module(torch.zeros(1, *shape, device=_device(pl_module), dtype=_dtype(pl_module))).shape[1]
+                n = pl_module(torch.zeros(1, *shape, device=module_device(pl_module), dtype=module_dtype(pl_module))).shape[1]
             classes = list(range(min(n, self.max_classes)))
         # the l2 penalty of eq. 1 is among the regularizers of optimize_kwargs
         res = class_model_images(pl_module, classes, shape, l2=0.0, **self.optimize_kwargs(pl_module, probe))
@@ -257,7 +247,7 @@ class InversionCallback(_InputOptimizationCallback):
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         kw = self.optimize_kwargs(pl_module, probe)
-        x = probe.to(_device(pl_module), _dtype(pl_module))
+        x = probe.to(module_device(pl_module), module_dtype(pl_module))
         if self.init == "noise":  # per-probe noise: the same reconstruction whatever the split over ranks
             kw["init"] = initial_images("gray", x.shape, bounds=kw["bounds"], device=x.device) + 0.1 * per_image_noise(
                 x.shape, self.seed, probe.offset, device=x.device)
@@ -349,8 +339,8 @@ class AdversarialCallback(VisualizationCallback):
 
     def attack_probes(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
         """Attack (and bisect the flip budget of) one chunk of probes; all results per probe, on CPU."""
-        device = _device(pl_module)
-        x = probe.to(device, _dtype(pl_module))
+        device = module_device(pl_module)
+        x = probe.to(device, module_dtype(pl_module))
         bounds = valid_range(probe.mean, probe.std, device)
         with torch.no_grad():
             logits = pl_module(x)

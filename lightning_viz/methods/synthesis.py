@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import capture
+from ..layers import module_device, module_dtype
 from .objectives import Objective, channel, class_logit, feature_match, neuron
 from .parameterization import make_param
 from .regularizers import L2Penalty, Regularizer, total_penalty
@@ -51,16 +52,6 @@ class SynthesisResult:
     images: Tensor
     scores: Tensor
     start_scores: Tensor
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _dtype(model: nn.Module) -> torch.dtype:
-    p = next((p for p in model.parameters() if p.is_floating_point()), None)
-    return p.dtype if p is not None else torch.float32
 
 
 def valid_range(mean: Sequence[float] | None, std: Sequence[float] | None, device=None) -> tuple[Tensor, Tensor] | None:
@@ -202,7 +193,7 @@ def optimize_input(
         raise ValueError(f"unknown optimizer {optimizer!r}; allowed: 'adam', 'sgd'")
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W); got {tuple(shape)}")
-    device, dtype = _device(model), _dtype(model)
+    device, dtype = module_device(model), module_dtype(model)
     if bounds is not None:
         bounds = (bounds[0].to(device, dtype), bounds[1].to(device, dtype))
     x0 = initial_images(init, shape, generator, bounds, noise_std, device, dtype)
@@ -268,6 +259,6 @@ def invert_features(
     Vedaldi 2015; use ``TotalVariation`` and ``L2Penalty``). ``scores`` are the negated normalized
     squared feature errors, so ``(-scores).sqrt()`` is the relative feature error."""
     with torch.no_grad(), capture(model, [layer]) as cap:
-        model(x.detach().to(_device(model), _dtype(model), copy=True))
+        model(x.detach().to(module_device(model), module_dtype(model), copy=True))
         phi0 = cap[layer]
     return optimize_input(model, feature_match(layer, phi0), tuple(x.shape), init=init, **kwargs)
