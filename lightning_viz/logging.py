@@ -3,8 +3,9 @@
 Tag scheme: ``viz/<method>/<layer>/<probe-id>`` for per-probe images, ``viz/<method>/<layer>/<stat>``
 for scalars, ``viz/<method>/time_s`` for the time a callback took. The global step is the epoch.
 
-TensorBoard keeps only 10 images per tag by default; start it with
-``tensorboard --logdir lightning_logs --samples_per_plugin images=0`` to see every epoch.
+TensorBoard serves only 10 images per tag by default (a random sample of the epochs); start it with
+:func:`tensorboard_command` (``--samples_per_plugin images=1000``) to see every epoch. Note that
+``images=0`` serves *no* image at all in current TensorBoard (2.21), not "all of them".
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from torch import Tensor
 
 from .render import to_uint8_hwc
 
-__all__ = ["find_tensorboard", "make_tag", "VizLogger", "NoTensorBoardLoggerWarning"]
+__all__ = ["find_tensorboard", "make_tag", "tensorboard_command", "TENSORBOARD_SAMPLES_FLAG", "VizLogger",
+           "NoTensorBoardLoggerWarning"]
+
+#: Keep up to 1000 images per tag (one per epoch) instead of TensorBoard's default sample of 10.
+TENSORBOARD_SAMPLES_FLAG = "--samples_per_plugin images=1000"
+
+
+def tensorboard_command(logdir: str) -> str:
+    """The command that shows a run's visualizations, every epoch of them."""
+    return f"tensorboard --logdir {logdir} {TENSORBOARD_SAMPLES_FLAG}"
 
 
 class NoTensorBoardLoggerWarning(UserWarning):

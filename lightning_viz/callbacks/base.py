@@ -58,11 +58,11 @@ def _announce(trainer: Trainer) -> None:
         return
     _announced.add(trainer)
     cbs = [cb for cb in trainer.callbacks if isinstance(cb, VisualizationCallback)]
-    from ..logging import find_tensorboard
+    from ..logging import find_tensorboard, tensorboard_command
 
     tb = find_tensorboard(trainer)
     where = (
-        f"writing to {tb.log_dir}; view with: tensorboard --logdir {tb.save_dir} --samples_per_plugin images=0"
+        f"writing to {tb.log_dir}; view with: {tensorboard_command(tb.save_dir)}"
         if tb is not None
         else "but the trainer has no TensorBoardLogger, so nothing will be written"
     )
