@@ -69,7 +69,7 @@ CALLBACKS: list[dict[str, Any]] = [
 #: ``Trainer.validate`` of a SyncBatchNorm model on 2 ranks (compared with 1 process in test_ddp.py).
 RUNS: dict[str, dict[str, Any]] = {
     "equal": {"batchnorm": False, "batch_size": 4, "max_epochs": 2, "data": "shapes"},
-    "one_probe_bf16": {"batch_size": 4, "max_epochs": 2, "num_probes": 1, "precision": "bf16-mixed"},
+    "one_probe_bf16": {"batch_size": 4, "max_epochs": 2, "num_probes": 1, "precision": "bf16-mixed", "compile": True},
     # one rank fails: every rank must raise (recorded, not re-raised, so training goes on)
     "errors": {"batch_size": 4, "max_epochs": 1, "callbacks": [
         {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "log", "fail_rank": 0}},
@@ -216,6 +216,7 @@ def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
             "written": {type(cb).__name__: list(cb.last_logged_tags) for cb in callbacks},
             "checksum": checksum(module),
             "syncbn": sum(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules()),
+            "compiled": hasattr(module.net, "_orig_mod"),
             "errors": {f"{cb.fail_in}@rank{cb.fail_rank}": cb.errors for cb in callbacks if isinstance(cb, FailingCallback)},
         }
         with open(os.path.join(logdir, f"rank{rank}.json"), "w") as f:

@@ -169,7 +169,8 @@ def test_syncbatchnorm_validate_on_two_ranks_logs_the_same_as_one(ddp_out, singl
     _assert_same_events(run_dir, single_dir, steps=(0,), groups=[g for g in GROUPS if not g.startswith("drift/")])
 
 
-def test_one_probe_on_two_ranks_with_bf16(ddp_out):
+def test_one_probe_on_two_ranks_with_bf16_and_a_compiled_model(ddp_out):
+    assert _json(ddp_out, "one_probe_bf16", 0)["compiled"] and _json(ddp_out, "one_probe_bf16", 1)["compiled"]
     acc = read_events(os.path.join(ddp_out, "one_probe_bf16"))
     imgs = acc.Tags()["images"]
     assert image_steps(acc, "viz/inputgrad/input/p000") == [0, 1]
