@@ -20,7 +20,7 @@ from torch import Tensor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..capture import isolated
-from ..logging import VizLogger, make_tag
+from ..logging import VizLogger, find_tensorboard, make_tag, tensorboard_command
 from ..probe import ProbeSet, split_sample
 
 try:
@@ -58,8 +58,6 @@ def _announce(trainer: Trainer) -> None:
         return
     _announced.add(trainer)
     cbs = [cb for cb in trainer.callbacks if isinstance(cb, VisualizationCallback)]
-    from ..logging import find_tensorboard, tensorboard_command
-
     tb = find_tensorboard(trainer)
     where = (
         f"writing to {tb.log_dir}; view with: {tensorboard_command(tb.save_dir)}"
