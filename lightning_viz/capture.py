@@ -16,14 +16,16 @@ they are untouched.
 from __future__ import annotations
 
 import contextlib
+import random
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .layers import get_layer, unwrap_model
 
-__all__ = ["eval_mode", "frozen_params", "isolated", "grad_enabled", "capture", "Capture"]
+__all__ = ["eval_mode", "frozen_params", "isolated", "grad_enabled", "capture", "Capture", "fork_rng"]
 
 
 @contextlib.contextmanager
@@ -67,9 +69,25 @@ def grad_enabled() -> Iterator[None]:
 
 
 def _rng_devices() -> list[int]:
+    """Every initialized CUDA device (a data pipeline may draw on any of them)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return [torch.cuda.current_device()]
+        return list(range(torch.cuda.device_count()))
     return []
+
+
+@contextlib.contextmanager
+def fork_rng() -> Iterator[None]:
+    """Fork every global RNG a data pipeline or a method may draw from -- torch (CPU and every
+    initialized CUDA device), numpy's global ``np.random`` and python's ``random`` -- and restore
+    them all on exit, also on error."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=_rng_devices()):
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
 
 
 def _eager_stance() -> contextlib.AbstractContextManager:
@@ -90,7 +108,7 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
     """
     model = unwrap_model(model)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.random.fork_rng(devices=_rng_devices()))
+        stack.enter_context(fork_rng())
         stack.enter_context(grad_enabled())
         stack.enter_context(_eager_stance())
         stack.enter_context(eval_mode(model))

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ProbeSet", "split_sample"]
+__all__ = ["ProbeSet", "split_sample", "read_item"]
 
 _IMAGE_KEYS = ("image", "images", "x", "input", "inputs")
 _LABEL_KEYS = ("label", "labels", "y", "target", "targets")
@@ -40,6 +40,15 @@ def split_sample(sample: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
         mask = sample[2] if len(sample) > 2 and isinstance(sample[2], Tensor) else None
         return img, lab, mask
     raise ValueError(f"cannot read a sample of type {type(sample).__name__}; expected a tensor, (x, y[, mask]) or a dict")
+
+
+def read_item(dataset: Any, index: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``split_sample(dataset[index])`` read inside :func:`~lightning_viz.capture.fork_rng`, so a dataset
+    whose ``__getitem__`` draws a random augmentation leaves every global RNG as it was."""
+    from .capture import fork_rng
+
+    with fork_rng():
+        return split_sample(dataset[index])
 
 
 def _plain(t: Tensor) -> Tensor:
@@ -162,7 +171,7 @@ class ProbeSet:
                 if labels is not None:
                     lab = int(labels[idx])
                 else:
-                    _, lab_t, _ = split_sample(dataset[idx])
+                    _, lab_t, _ = read_item(dataset, idx)
                     lab = int(lab_t) if lab_t is not None and lab_t.numel() == 1 else -1
                 by_class.setdefault(lab, []).append(idx)
             chosen = []
@@ -177,7 +186,7 @@ class ProbeSet:
     def from_indices(cls, dataset: Any, indices: Sequence[int], mean=None, std=None) -> "ProbeSet":
         imgs, labs, masks = [], [], []
         for i in indices:
-            img, lab, mask = split_sample(dataset[i])
+            img, lab, mask = read_item(dataset, i)
             imgs.append(torch.as_tensor(img))
             labs.append(lab)
             masks.append(mask)

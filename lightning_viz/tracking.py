@@ -26,7 +26,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .capture import _rng_devices
+from .capture import fork_rng
 from .layers import module_device, module_dtype
 from .logging import VizLogger, make_tag
 from .methods.metrics import deletion_auc, energy_in_mask, insertion_auc, pointing_game, rank_correlation, topk_iou
@@ -73,7 +73,7 @@ def randomized_copy(module: nn.Module, seed: int = 2018) -> nn.Module:
             f"sanity_check needs a deep copy of {type(module).__name__}, which failed ({type(exc).__name__}: {exc}). "
             "Set sanity_check=False or make the module deep-copyable."
         ) from exc
-    with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():
+    with fork_rng(), torch.no_grad():
         torch.manual_seed(seed)
         for m in clone.modules():
             own = list(m.parameters(recurse=False))

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..capture import isolated
 from ..logging import VizLogger, find_tensorboard, make_tag, tensorboard_command
-from ..probe import ProbeSet, split_sample
+from ..probe import ProbeSet, read_item
 
 try:
     from typing import override
@@ -266,7 +266,7 @@ class VisualizationCallback(Callback):
         dataset = _find_dataset(trainer, self.probe_source)
         if dataset is None:  # dataloaders given to fit() are attached later: checked when the probes are picked
             return
-        _, label, _ = split_sample(dataset[0])
+        _, label, _ = read_item(dataset, 0)
         if label is None or label.numel() != 1:
             raise ValueError(
                 f"{type(self).__name__}: target='label' needs a class label per image, but the items of the probe "

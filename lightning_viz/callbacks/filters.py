@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..layers import canonical_name, first_conv_name, get_layer, linear_layer_names
 from ..logging import VizLogger, make_tag
 from ..methods.filters import conv_filters, first_linear_name, linear_templates
-from ..probe import ProbeSet, split_sample
+from ..probe import ProbeSet, read_item
 from ..render import image_grid, normalize_maps
 from .base import VisualizationCallback, _find_dataset
 
@@ -130,7 +130,7 @@ class FilterCallback(VisualizationCallback):
             # Templates take their shape from the images: check it on one dataset item now, not at the first epoch end.
             dataset = _find_dataset(trainer, self.probe_source)
             if dataset is not None:  # dataloaders given to fit() are attached later: checked when the probes are picked
-                image, _, _ = split_sample(dataset[0])
+                image, _, _ = read_item(dataset, 0)
                 linear_templates(pl_module, self.layer_name(pl_module), list(torch.as_tensor(image).shape))
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
