@@ -10,7 +10,7 @@ from lightning_viz.callbacks.gradients import GradientCallback
 from lightning_viz.capture import isolated
 from lightning_viz.methods import cam as C
 from lightning_viz.methods import gradients as G
-from lightning_viz.methods.shared_pass import gradient_pass, pass_cache
+from lightning_viz.methods.shared_pass import INPUT, PassCache, gradient_pass, pass_cache
 from lightning_viz.probe import ProbeSet
 
 
@@ -155,9 +155,9 @@ def test_cache_never_serves_one_models_pass_to_another():
     b = TinyCNN(width=3).eval()
     cache = pass_cache(a)  # one cache asked about both models, as a share_pass=False callback's own cache is
     with isolated(a):
-        ra = cache.get(a, x, "probes", 0, None, ["conv2"])
+        ra = cache.get(a, x, "probes", 0, None, [INPUT, "conv2"])
     with isolated(b):
-        rb = cache.get(b, x, "probes", 0, None, ["conv2"])
+        rb = cache.get(b, x, "probes", 0, None, [INPUT, "conv2"])
         ref = gradient_pass(b, x, 0, None, ["conv2"])
     assert rb is not ra
     torch.testing.assert_close(rb.input_grad, ref.input_grad)
@@ -246,3 +246,48 @@ def test_short_lived_callable_targets_never_share_a_pass():
         logits = model(x)
     for c in range(3):
         torch.testing.assert_close(scores[c], logits[:, c])
+
+
+def test_layer_only_pass_leaves_the_input_out_of_the_graph():
+    """A CAM-only pass never differentiates w.r.t. the input: autograd is asked only for the layer outputs, the
+    input never requires grad, and the layer gradients equal those of a pass that also takes dS/dx."""
+    torch.manual_seed(0)
+    model = TinyCNN(width=3).eval()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+    handle = model.conv1.register_forward_pre_hook(lambda _m, args: seen.append(args[0].requires_grad))
+    try:
+        with isolated(model):
+            lean = gradient_pass(model, x, 0, None, ["conv2"], input_grad=False)
+            full = gradient_pass(model, x, 0, None, ["conv2"])
+    finally:
+        handle.remove()
+    assert seen == [False, True]
+    assert lean.input_grad is None and full.input_grad.abs().sum() > 0
+    torch.testing.assert_close(lean.grads["conv2"], full.grads["conv2"], rtol=0, atol=0)
+    torch.testing.assert_close(cam_ref := C.cam_from_pass(lean, "conv2", "gradcam", (8, 8)),
+                               C.cam_from_pass(full, "conv2", "gradcam", (8, 8)), rtol=0, atol=0)
+    assert cam_ref.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs at least one layer"):
+        gradient_pass(model, x, 0, None, [], input_grad=False)
+
+
+def test_cache_takes_the_input_gradient_only_when_a_consumer_asks():
+    torch.manual_seed(0)
+    model = TinyCNN(width=3).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with isolated(model):
+        ref = gradient_pass(model, x, 0, None, ["conv2"])
+        cams_only = PassCache()
+        cams_only.register(0, None, ["conv2"])
+        assert cams_only.get(model, x, "p", 0, None, ["conv2"]).input_grad is None
+        # an unregistered consumer asking for dS/dx later gets a (recomputed) pass that has it
+        late = cams_only.get(model, x, "p", 0, None, [INPUT])
+        torch.testing.assert_close(late.input_grad, ref.input_grad)
+        assert "conv2" in late.activations and cams_only.forwards == 2
+        both = PassCache()
+        both.register(0, None, ["conv2"])
+        both.register(0, None, [INPUT])
+        first = both.get(model, x, "p", 0, None, ["conv2"])
+        torch.testing.assert_close(first.input_grad, ref.input_grad)
+        assert both.get(model, x, "p", 0, None, []) is first and both.forwards == 1

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..layers import module_device, module_dtype
 from ..methods.gradients import GRADIENT_METHODS, PASS_RULES, gradient_from_pass, reduce_channels, smoothgrad
-from ..methods.shared_pass import PassCache, PassResult, pass_cache
+from ..methods.shared_pass import INPUT, PassCache, PassResult, pass_cache
 from ..probe import ProbeSet
 from ..targets import resolve_target
 from .base import override
@@ -54,7 +54,8 @@ class GradientMapCallback(MapCallback):
         self._own_cache = PassCache()  # used when share_pass is False
 
     def pass_needs(self, pl_module: LightningModule) -> dict[Optional[str], list[str]]:
-        """``{relu_rule: layer names}`` this callback reads from shared passes."""
+        """``{relu_rule: layer names}`` this callback reads from shared passes (``shared_pass.INPUT``: the input
+        gradient, computed only when some consumer lists it)."""
         return {}
 
     def cache(self, pl_module: LightningModule) -> PassCache:
@@ -151,7 +152,7 @@ class GradientCallback(GradientMapCallback):
         self.ig_baseline = ig_baseline
 
     def pass_needs(self, pl_module: LightningModule) -> dict[Optional[str], list[str]]:
-        return {PASS_RULES[m]: [] for m in self.methods if m in PASS_RULES}
+        return {PASS_RULES[m]: [INPUT] for m in self.methods if m in PASS_RULES}
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return super().state_key_parts() + (tuple(self.methods), self.reduce)
@@ -159,7 +160,7 @@ class GradientCallback(GradientMapCallback):
     def attribution(self, pl_module: LightningModule, probe: ProbeSet, x: Tensor, method: str) -> Tensor:
         """Raw attribution of one method: ``[N, C, H, W]`` (saliency ``[N, H, W]``)."""
         if method in PASS_RULES:
-            result = self.get_pass(pl_module, probe, x, PASS_RULES[method], [])
+            result = self.get_pass(pl_module, probe, x, PASS_RULES[method], [INPUT])
             return gradient_from_pass(method, x, result.input_grad)
         kwargs = {"baseline": self.ig_baseline, "steps": self.ig_steps} if method.endswith("integrated_gradients") else {}
         if method.startswith(SMOOTHGRAD_PREFIX):

@@ -224,7 +224,7 @@ def guided_cam_from_passes(plain: PassResult, guided: PassResult, layer: str, me
 def class_activation_map(model: nn.Module, x: Tensor, layer: str, method: str = "gradcam", target: TargetSpec = "label",
                          labels: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> Tensor:
     """``[B, H, W]`` CAM of ``layer`` (one forward + one backward per chunk)."""
-    result = gradient_pass(model, x, target, labels, [layer], None, chunk_size)
+    result = gradient_pass(model, x, target, labels, [layer], None, chunk_size, input_grad=False)
     if canonical_cam_method(method) == "scorecam":
         return scorecam_from_pass(result, model, x, layer, target, labels, chunk_size)
     return cam_from_pass(result, layer, method, tuple(x.shape[-2:]), model)
@@ -234,6 +234,6 @@ def guided_class_activation_map(model: nn.Module, x: Tensor, layer: str, method:
                                 target: TargetSpec = "label", labels: Optional[Tensor] = None,
                                 chunk_size: Optional[int] = None) -> Tensor:
     """``[B, C, H, W]`` Guided Grad-CAM(++) of ``layer`` (a plain and a guided pass per chunk)."""
-    plain = gradient_pass(model, x, target, labels, [layer], None, chunk_size)
+    plain = gradient_pass(model, x, target, labels, [layer], None, chunk_size, input_grad=False)
     guided = gradient_pass(model, x, target, labels, (), "guided", chunk_size)
     return guided_cam_from_passes(plain, guided, layer, method)

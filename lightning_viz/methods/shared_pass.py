@@ -5,9 +5,13 @@ a union of layers (:func:`lightning_viz.capture.capture` with ``grad=True``), th
 ``torch.autograd.grad`` call of the summed target score w.r.t. the input *and* all those activations.
 Saliency, input x gradient, guided backprop / deconvnet (with a :mod:`relu_rules` rule), Grad-CAM,
 Grad-CAM++, XGrad-CAM, LayerCAM, CAM ... are all read off that one :class:`PassResult`.
+A pass that serves only layers (``input_grad=False``: no gradient method asks for ``dS/dx``) leaves the input
+out of the graph, so autograd records nothing below the earliest requested layer and the backward stops
+there (as Captum's ``LayerGradCam`` and torchcam do).
 
 :class:`PassCache` shares passes between callbacks: each consumer registers the layers it needs for a
-``(target, rule)`` before training (``register``), and the first consumer to ask at an epoch end
+``(target, rule)`` before training (``register``; :data:`INPUT` among the layers = the input gradient), and the
+first consumer to ask at an epoch end
 (``get``) computes one pass over the union of layers; the others reuse it. An entry is valid while the
 model is the same module object, its parameters and buffers are unchanged (their autograd version
 counters, bumped by every optimizer step / BatchNorm update / ``load_state_dict``) and the probe images
@@ -33,7 +37,11 @@ from ..capture import capture
 from ..targets import CallableTarget, TargetSpec, resolve_target
 from .relu_rules import relu_rule
 
-__all__ = ["PassResult", "gradient_pass", "PassCache", "pass_cache", "target_key", "model_version", "chunks"]
+__all__ = ["INPUT", "PassResult", "gradient_pass", "PassCache", "pass_cache", "target_key", "model_version", "chunks"]
+
+
+#: the "layer" name a :class:`PassCache` consumer lists when it reads the input gradient ``dS/dx``
+INPUT = "<input>"
 
 
 def chunks(n: int, chunk_size: Optional[int]) -> list[slice]:
@@ -49,14 +57,15 @@ class PassResult:
 
     Attributes:
         logits: ``[B, K]``.  scores: ``[B]`` target score.  classes: ``[B]`` target class or ``None``
-        (callable targets).  input_grad: ``[B, C, H, W]`` d score / d x.  activations / grads:
+        (callable targets).  input_grad: ``[B, C, H, W]`` d score / d x, ``None`` when the pass was taken
+        with ``input_grad=False``.  activations / grads:
         ``{layer: [B, ...]}`` layer outputs and d score / d output.  rule: the ReLU rule used.
     """
 
     logits: Tensor
     scores: Tensor
     classes: Optional[Tensor]
-    input_grad: Tensor
+    input_grad: Optional[Tensor]
     activations: dict[str, Tensor] = field(default_factory=dict)
     grads: dict[str, Tensor] = field(default_factory=dict)
     rule: Optional[str] = None
@@ -81,16 +90,22 @@ def gradient_pass(
     layers: Iterable[str] = (),
     rule: Optional[str] = None,
     chunk_size: Optional[int] = None,
+    input_grad: bool = True,
 ) -> PassResult:
     """One forward + one ``autograd.grad`` per chunk: logits, target scores, input gradient, and the
-    activations and activation gradients of ``layers``, with ReLU backward ``rule`` (None/guided/deconv)."""
+    activations and activation gradients of ``layers``, with ReLU backward ``rule`` (None/guided/deconv).
+
+    ``input_grad=False`` (only with ``layers``): the input does not require grad, so the graph -- and the
+    backward -- begins at the earliest recorded layer; ``PassResult.input_grad`` is then ``None``."""
     tgt = resolve_target(target)
     names = list(dict.fromkeys(layers))
+    if not input_grad and not names:
+        raise ValueError("gradient_pass with input_grad=False needs at least one layer: there is nothing to differentiate")
     parts: dict[str, list] = {"logits": [], "scores": [], "classes": [], "input_grad": []}
     acts: dict[str, list] = {n: [] for n in names}
     grads: dict[str, list] = {n: [] for n in names}
     for sl in chunks(x.shape[0], chunk_size):
-        xc = x[sl].detach().clone().requires_grad_(True)
+        xc = x[sl].detach().clone().requires_grad_(True) if input_grad else x[sl].detach()
         lab = None if labels is None else labels[sl].to(x.device)
         with capture(model, names, grad=True) as cap, relu_rule(rule):
             logits = model(xc)
@@ -100,11 +115,18 @@ def gradient_pass(
             cls = tgt.classes(logits, lab) if not isinstance(tgt, CallableTarget) else None
             outs = [cap[n] for n in names]
         # the ReLU rule is recorded in the graph during forward; the backward runs outside the mode
-        g = torch.autograd.grad(scores.sum(), [xc] + outs, allow_unused=True)
+        wrt = ([xc] if input_grad else []) + outs
+        if scores.requires_grad:
+            g = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
+        else:  # no recorded layer feeds the target (only possible with input_grad=False): every gradient is 0
+            g = (None,) * len(wrt)
+        if not input_grad:
+            g = (None,) + tuple(g)
         parts["logits"].append(logits.detach())
         parts["scores"].append(scores.detach())
         parts["classes"].append(None if cls is None else cls.detach())
-        parts["input_grad"].append(torch.zeros_like(xc) if g[0] is None else g[0])
+        if input_grad:
+            parts["input_grad"].append(torch.zeros_like(xc) if g[0] is None else g[0])
         for n, a, ga in zip(names, outs, g[1:]):
             acts[n].append(a.detach())
             grads[n].append(torch.zeros_like(a) if ga is None else ga.detach())
@@ -112,7 +134,7 @@ def gradient_pass(
         logits=_cat(parts["logits"]),
         scores=_cat(parts["scores"]),
         classes=_cat(parts["classes"]),
-        input_grad=_cat(parts["input_grad"]),
+        input_grad=_cat(parts["input_grad"]) if input_grad else None,
         activations={n: _cat(v) for n, v in acts.items()},
         grads={n: _cat(v) for n, v in grads.items()},
         rule=rule,
@@ -162,8 +184,9 @@ class PassCache:
         self.forwards = 0
 
     def register(self, target: TargetSpec, rule: Optional[str], layers: Iterable[str]) -> None:
-        """Declare that a consumer will ask for ``layers`` under ``(target, rule)`` (call at setup)."""
-        self.needs.setdefault((target_key(target), rule), set()).update(layers)
+        """Declare that a consumer will ask for ``layers`` under ``(target, rule)`` (call at setup);
+        list :data:`INPUT` (or no layer at all) to read the input gradient."""
+        self.needs.setdefault((target_key(target), rule), set()).update(list(layers) or [INPUT])
 
     def get(
         self,
@@ -172,24 +195,29 @@ class PassCache:
         probe_key: Hashable,
         target: TargetSpec = "label",
         labels: Optional[Tensor] = None,
-        layers: Iterable[str] = (),
+        layers: Iterable[str] = (INPUT,),
         rule: Optional[str] = None,
         chunk_size: Optional[int] = None,
     ) -> PassResult:
-        """The pass for ``(probe_key, target, rule)`` covering at least ``layers`` (computed once per
-        model state: the union of every registered consumer's layers)."""
+        """The pass for ``(probe_key, target, rule)`` covering at least ``layers`` (:data:`INPUT`: the input
+        gradient; no layer at all means the same), computed once per model state over the union of every
+        registered consumer's needs. The input gradient is computed only when some consumer of that
+        ``(target, rule)`` listed :data:`INPUT` or the rule is guided/deconv (a pass without it is recomputed,
+        with it, if a later unregistered consumer asks for it)."""
         version = (weakref.ref(model),) + model_version(model)  # another model (e.g. a copy) never shares entries
         if version != self.version:
             self.entries.clear()
             self.version = version
-        layers = list(layers)
+        layers = list(layers) or [INPUT]
         tkey = target_key(target)
         key = (probe_key, tkey, rule, str(x.device), x.dtype)
         hit = self.entries.get(key)
-        if hit is not None and all(n in hit.activations for n in layers):
+        if hit is not None and all((hit.input_grad is not None) if n == INPUT else n in hit.activations for n in layers):
             return hit
-        wanted = sorted(self.needs.get((tkey, rule), set()) | set(layers) | (set(hit.activations) if hit else set()))
-        result = gradient_pass(model, x, target, labels, wanted, rule, chunk_size)
+        wanted = self.needs.get((tkey, rule), set()) | set(layers) | (set(hit.activations) if hit else set())
+        input_grad = INPUT in wanted or rule is not None or (hit is not None and hit.input_grad is not None)
+        names = sorted(wanted - {INPUT})
+        result = gradient_pass(model, x, target, labels, names, rule, chunk_size, input_grad=input_grad)
         self.forwards += len(chunks(x.shape[0], chunk_size))
         self.entries[key] = result
         return result
