@@ -106,7 +106,8 @@ class MapTracker:
         faithfulness: log deletion (zero baseline) and insertion (blur baseline) AUC; costs
             ``2 * (deletion_steps + 1)`` forward passes per probe and key.
         deletion_steps: points on each deletion/insertion curve.
-        chunk_size: images per forward pass of the deletion/insertion curves (``None``: all at once).
+        chunk_size: images per forward pass of the deletion/insertion curves (``None``: as many as the default
+            memory budget holds, :func:`lightning_viz.methods.batching.images_per_forward`).
         pointing_game: log pointing game and energy in mask; ``None`` = when the probes have masks.
         pointing_tolerance: pixels of tolerance of the pointing game.
         sanity_check: log the rank correlation between the maps and those of a randomized copy of the
@@ -128,7 +129,7 @@ class MapTracker:
         topk: float = 0.1,
         faithfulness: bool = False,
         deletion_steps: int = 16,
-        chunk_size: Optional[int] = 256,
+        chunk_size: Optional[int] = None,
         pointing_game: Optional[bool] = None,
         pointing_tolerance: int = 0,
         sanity_check: bool = False,

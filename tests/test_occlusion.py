@@ -9,7 +9,9 @@ from torch import nn
 
 from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
 from lightning_viz.callbacks.occlusion import OcclusionCallback
+from lightning_viz.methods.batching import activation_bytes_per_image, images_per_forward
 from lightning_viz.methods.occlusion import (
+    default_window,
     fill_values,
     occlusion,
     positions_per_forward,
@@ -82,8 +84,8 @@ def test_chunked_equals_unchunked(fill):
     net = TinyCNN(width=4).eval()
     x = torch.randn(3, 3, 12, 12)
     labels = torch.tensor([0, 1, 2])
-    full = occlusion(net, x, "label", labels, window=4, stride=3, fill=fill, chunk_size=None)
-    for chunk in (1, 7, 16):
+    full = occlusion(net, x, "label", labels, window=4, stride=3, fill=fill, chunk_size=10**6)
+    for chunk in (1, 7, 16, None):  # None: the memory budget's choice
         part = occlusion(net, x, "label", labels, window=4, stride=3, fill=fill, chunk_size=chunk)
         for key in ("score", "prob"):
             torch.testing.assert_close(part[key], full[key], rtol=0, atol=1e-6)
@@ -108,9 +110,44 @@ def test_resnet18_chunked_and_memory_budget():
     assert positions_per_forward(net, x, memory_mb=1e-6) == 1
     chunk = positions_per_forward(net, x, memory_mb=4)
     assert 1 < chunk < 1000
-    full = occlusion(net, x, "predicted", window=16, stride=8)
+    full = occlusion(net, x, "predicted", window=16, stride=8, chunk_size=10**6)
     part = occlusion(net, x, "predicted", window=16, stride=8, chunk_size=chunk)
     torch.testing.assert_close(part["score"], full["score"], rtol=0, atol=1e-5)
+    # the default budget (256 MiB on the CPU) measures ~0.6 MiB per 32-px image: ~400 images per forward
+    assert positions_per_forward(net, x) == images_per_forward(net, x) == 256 * 2**20 // activation_bytes_per_image(net, x[:1])
+    default = occlusion(net, x, "predicted", window=16, stride=8)
+    torch.testing.assert_close(default["score"], full["score"], rtol=0, atol=1e-5)
+
+
+class Counting(nn.Module):
+    """TinyCNN that counts the images it forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.images = TinyCNN(width=2).eval(), 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return self.net(x)
+
+
+def test_default_window_scales_with_the_image_so_positions_do_not_grow():
+    assert default_window((64, 64)) == ((8, 8), (4, 4)) and default_window((224, 224)) == ((28, 28), (14, 14))
+    counts = {}
+    for side in (32, 64, 224):
+        net = Counting()
+        x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+        drops = occlusion(net, x, 0)["score"]
+        counts[side] = net.images - 2  # minus the clean forward and the memory measurement
+        assert drops.shape == (1, 15, 15)
+        assert spread_to_pixels(drops, (side, side)).shape == (1, side, side)
+    assert counts[224] <= counts[64] == 225 and counts[32] == 225
+    # the callback's defaults are the method's: 15 x 15 positions on 224-px probes too
+    net = LitTiny(TinyCNN(width=2))
+    probe = ProbeSet(images=torch.randn(1, 3, 224, 224), labels=torch.tensor([0]))
+    maps = OcclusionCallback(outputs=["score"]).compute_maps(net, probe)
+    expected = spread_to_pixels(occlusion(net, probe.images, "label", probe.labels)["score"], (224, 224))
+    torch.testing.assert_close(maps["occlusion/score"], expected)
 
 
 def test_callback_logs_overlays_per_epoch_and_leaves_training_untouched(tmp_path):

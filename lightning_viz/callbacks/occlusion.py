@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 from lightning.pytorch import LightningModule
 from torch import Tensor
@@ -23,16 +23,20 @@ class OcclusionCallback(MapCallback):
     :class:`MapCallback` statistics. Each pixel shows the mean drop of the windows covering it.
 
     Args:
-        window: side of the square occluding window, pixels.
-        stride: step between window positions, pixels (a last window flush with the border is added).
+        window: side of the square occluding window, pixels; ``None`` (default): scales with the image,
+            ``ceil(side / 8)`` per axis (8 px on 64 px images, 28 px on 224 px), so the number of window
+            positions -- and the cost -- does not grow with the resolution (at most 16 x 16 positions).
+        stride: step between window positions, pixels (a last window flush with the border is added);
+            ``None`` (default): ``ceil(window / 2)``.
         fill: ``"gray"`` (0.5 after un-normalizing with the probe set's mean/std; 0 in normalized space
             when they are unknown), ``"mean"`` (image's channel mean), ``"zero"`` (0 in normalized space)
             or ``"blur"`` (Gaussian-blurred image).
         target: ``"label"``, ``"predicted"`` or a class index.
         outputs: which drops to log, ``"score"`` and/or ``"prob"``.
         memory_mb: activation memory per forward; the number of occluded images per forward is this
-            divided by one image's activations (measured by one single-image forward each run). Results do
-            not depend on it.
+            divided by one image's activations (measured once by a single-image forward). ``None``
+            (default): :func:`lightning_viz.methods.batching.default_memory_mb` (256 MiB on the CPU, a
+            quarter of the free memory up to 4 GiB on a GPU). Results do not depend on it.
         **kwargs: :class:`MapCallback` / :class:`VisualizationCallback` options.
     """
 
@@ -40,23 +44,23 @@ class OcclusionCallback(MapCallback):
 
     def __init__(
         self,
-        window: int = 8,
-        stride: int = 4,
+        window: Optional[int] = None,
+        stride: Optional[int] = None,
         fill: Literal["gray", "mean", "zero", "blur"] = "gray",
         target: Union[int, str] = "label",
         outputs: list[Literal["score", "prob"]] = ["score", "prob"],  # noqa: B006 - jsonargparse default
-        memory_mb: float = 256.0,
+        memory_mb: Optional[float] = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        if window < 1 or stride < 1:
+        if (window is not None and window < 1) or (stride is not None and stride < 1):
             raise ValueError(f"window and stride must be >= 1; got window={window}, stride={stride}")
         if fill not in FILLS:
             raise ValueError(f"fill must be one of {', '.join(map(repr, FILLS))}; got {fill!r}")
         bad = [o for o in outputs if o not in ("score", "prob")]
         if bad or not outputs:
             raise ValueError(f"outputs must be a non-empty list of 'score' and/or 'prob'; got {outputs!r}")
-        if memory_mb <= 0:
+        if memory_mb is not None and memory_mb <= 0:
             raise ValueError(f"memory_mb must be > 0; got {memory_mb}")
         resolve_target(target)  # validates the spelling now
         self.window, self.stride, self.fill = window, stride, fill
@@ -68,7 +72,7 @@ class OcclusionCallback(MapCallback):
     def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
         x = probe.to(pl_module.device, pl_module.dtype)
         size = x.shape[-2:]
-        if self.window > min(size):
+        if self.window is not None and self.window > min(size):
             raise ValueError(f"occlusion window={self.window} is larger than the {size[0]}x{size[1]} probe images; "
                              f"use window <= {min(size)}")
         chunk = positions_per_forward(pl_module, x, self.memory_mb)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..layers import linear_layer_names, named_layers, LayerNotFoundError
 from ..targets import CallableTarget, TargetSpec, resolve_target
+from .batching import images_per_forward
 from .shared_pass import PassResult, chunks, gradient_pass
 
 __all__ = [
@@ -147,7 +148,8 @@ def scorecam_weights(model: nn.Module, x: Tensor, activations: Tensor, target: T
                      chunk_size: Optional[int] = None) -> Tensor:
     """Score-CAM weights ``[B, K]``: the target's softmax probability (for a callable target, its score)
     on ``x * norm(upsample(A_k))`` for every channel ``k``; ``chunk_size`` masked images per forward
-    (``None``: ``B``). ``classes`` (e.g. a pass's ``PassResult.classes``) pins the class per image."""
+    (``None``: as many as the default memory budget holds, :func:`~lightning_viz.methods.batching.images_per_forward`;
+    the result does not depend on it). ``classes`` (e.g. a pass's ``PassResult.classes``) pins the class per image."""
     b, k = activations.shape[:2]
     masks = F.interpolate(activations.float(), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
     lo = masks.flatten(2).amin(2)[..., None, None]
@@ -158,7 +160,7 @@ def scorecam_weights(model: nn.Module, x: Tensor, activations: Tensor, target: T
         classes = tgt.classes(model(x), labels)
     out = torch.empty(b * k, device=x.device, dtype=x.dtype)
     img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
-    for sl in chunks(b * k, chunk_size or b):
+    for sl in chunks(b * k, chunk_size or images_per_forward(model, x)):
         masked = x[img[sl]] * masks.flatten(0, 1)[sl, None].to(x.dtype)
         logits = model(masked)
         if isinstance(tgt, CallableTarget):

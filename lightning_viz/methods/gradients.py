@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..targets import LabelTarget, PredictedTarget, TargetSpec, resolve_target
+from .batching import images_per_forward
 from .shared_pass import chunks, gradient_pass
 
 __all__ = [
@@ -78,7 +79,8 @@ def integrated_gradients(model: nn.Module, x: Tensor, target: TargetSpec = "labe
                          chunk_size: Optional[int] = None, baseline: Union[float, Tensor] = 0.0, steps: int = 32) -> Tensor:
     """Integrated gradients ``[B, C, H, W]`` along the straight path from ``baseline`` (a value or a
     tensor broadcastable to ``x``) with ``steps`` midpoint samples; ``chunk_size`` bounds the number of
-    path points (images) per forward (``None``: ``B``, as many as the plain gradient uses).
+    path points (images) per forward + backward (``None``: as many as the default memory budget holds,
+    :func:`lightning_viz.methods.batching.images_per_forward`); the result does not depend on it.
     ``sum`` of the result ~= ``S(x) - S(baseline)`` (completeness)."""
     if steps < 1:
         raise ValueError(f"integrated_gradients needs steps >= 1; got {steps}")
@@ -86,7 +88,8 @@ def integrated_gradients(model: nn.Module, x: Tensor, target: TargetSpec = "labe
     x = x.detach()
     base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
     alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
-    return _path_average(model, x, base, alphas, tgt, labels, chunk_size or x.shape[0]) * (x - base)
+    chunk_size = chunk_size or images_per_forward(model, x, grad=True)
+    return _path_average(model, x, base, alphas, tgt, labels, chunk_size) * (x - base)
 
 
 def _path_average(model, x, base, alphas, target, labels, chunk_size) -> Tensor:
@@ -112,8 +115,10 @@ def smoothgrad(method: Callable[..., Tensor], model: nn.Module, x: Tensor, targe
     noisy copies ``x + N(0, (sigma * (max(x_i) - min(x_i)))^2)``. The noise of image ``i`` comes from its
     own ``torch.Generator`` seeded by ``(seed, ids[i])`` (``ids`` default ``0..B-1``; pass global probe
     indices so a DDP split or a different batching draws the same noise per image); the global RNG is
-    never used. ``chunk_size`` bounds the noisy images per forward (``None``: ``B``). A ``"predicted"``
-    target is fixed from the clean input."""
+    never used. ``chunk_size`` bounds the noisy images per forward (``None``: as many as the default memory
+    budget holds, :func:`lightning_viz.methods.batching.images_per_forward`; for integrated gradients, whose
+    every noisy image is ``steps`` path points, that many fewer); the result does not depend on it.
+    A ``"predicted"`` target is fixed from the clean input."""
     if n_samples < 1:
         raise ValueError(f"smoothgrad needs n_samples >= 1; got {n_samples}")
     if sigma < 0:
@@ -132,7 +137,12 @@ def smoothgrad(method: Callable[..., Tensor], model: nn.Module, x: Tensor, targe
     noisy = (x.unsqueeze(0) + sigma * span.unsqueeze(0) * noise).flatten(0, 1)  # [n*B, ...], sample-major
     lab = None if labels is None else labels.to(x.device).repeat(n_samples)
     total = None
-    for sl in chunks(n_samples * b, chunk_size or b):
+    per_forward = chunk_size
+    if per_forward is None:
+        per_forward = images_per_forward(model, x, grad=True)
+        if method is integrated_gradients:  # each noisy image becomes `steps` path points (IG budgets its own chunks)
+            per_forward = max(1, per_forward // int(kwargs.get("steps", 32)))
+    for sl in chunks(n_samples * b, per_forward):
         out = method(model, noisy[sl], tgt, None if lab is None else lab[sl], chunk_size=chunk_size, **kwargs)
         img = torch.arange(sl.start, sl.stop, device=x.device) % b
         if total is None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..targets import TargetSpec, resolve_target
+from .batching import images_per_forward
 from .blur import gaussian_blur
 
 __all__ = [
@@ -86,7 +87,8 @@ def perturbation_curve(
     Returns ``[B, steps + 1]``: point ``k`` has ``round(k / steps * H * W)`` pixels (all channels)
     replaced by the ``baseline`` (deletion) or taken from the image into the baseline (insertion).
     The ``(steps + 1) * B`` perturbed images go through ``model`` in batches of at most ``chunk_size``
-    images (``None``: one batch); ties in the map are broken by pixel index, so the result does not
+    images (``None``: as many as the default memory budget holds,
+    :func:`~lightning_viz.methods.batching.images_per_forward`); ties in the map are broken by pixel index, so the result does not
     depend on chunking. ``target``: class indices ``[B]`` or a target spec resolved on ``x``.
     """
     if mode not in ("deletion", "insertion"):
@@ -108,7 +110,7 @@ def perturbation_curve(
         start, end = (x, base) if mode == "deletion" else (base, x)
         # item i of the flat (step, probe) list: step i // B, probe i % B
         total = (steps + 1) * b
-        chunk = total if chunk_size is None else chunk_size
+        chunk = images_per_forward(model, x) if chunk_size is None else chunk_size
         probs = []
         for lo in range(0, total, chunk):
             idx = torch.arange(lo, min(lo + chunk, total), device=x.device)

@@ -13,12 +13,14 @@ every window covering it (as Captum does).
 
 from __future__ import annotations
 
-from typing import Literal, Sequence, Union
+import math
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..targets import Target, TargetSpec, resolve_target
+from .batching import activation_bytes_per_image, images_per_forward
 
 __all__ = [
     "FILLS",
@@ -26,6 +28,7 @@ __all__ = [
     "fill_values",
     "activation_bytes_per_image",
     "positions_per_forward",
+    "default_window",
     "occlusion",
     "spread_to_pixels",
 ]
@@ -94,33 +97,18 @@ def fill_values(x: Tensor, fill: Fill | float, mean: Sequence[float] | None = No
     raise ValueError(f"unknown occlusion fill {fill!r}; allowed: {', '.join(map(repr, FILLS))} or a float")
 
 
-def activation_bytes_per_image(model: nn.Module, x1: Tensor) -> int:
-    """Bytes of every module output in one forward of a single image ``x1[1, C, H, W]`` (hooks removed after).
-
-    An upper-bound-ish estimate of what one more image in a no-grad forward batch costs.
-    """
-    total = [x1.numel() * x1.element_size()]
-
-    def hook(_m, _i, out):
-        if isinstance(out, Tensor):
-            total[0] += out.numel() * out.element_size()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            model(x1)
-    finally:
-        for h in handles:
-            h.remove()
-    return int(total[0])
+def positions_per_forward(model: nn.Module, x: Tensor, memory_mb: float | None = None) -> int:
+    """How many occluded images fit one forward pass within ``memory_mb`` of activations (at least 1;
+    ``None``: the default budget of :mod:`lightning_viz.methods.batching`)."""
+    return images_per_forward(model, x, memory_mb)
 
 
-def positions_per_forward(model: nn.Module, x: Tensor, memory_mb: float) -> int:
-    """How many occluded images fit one forward pass within ``memory_mb`` of activations (at least 1)."""
-    if memory_mb <= 0:
-        raise ValueError(f"memory_mb must be > 0; got {memory_mb}")
-    per_image = activation_bytes_per_image(model, x[:1])
-    return max(1, int(memory_mb * 2**20 // max(per_image, 1)))
+def default_window(size: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The default ``(window, stride)`` for an ``(H, W)`` image: window ``ceil(side / 8)`` and stride
+    ``ceil(window / 2)`` per axis (8 and 4 on 64 px, 28 and 14 on 224 px), so the number of window positions
+    stays at most 16 x 16 whatever the resolution."""
+    win = tuple(max(1, math.ceil(int(s) / 8)) for s in size)
+    return win, tuple(max(1, math.ceil(w / 2)) for w in win)  # type: ignore[return-value]
 
 
 def occlusion(
@@ -128,8 +116,8 @@ def occlusion(
     x: Tensor,
     target: TargetSpec | Target = "predicted",
     labels: Tensor | None = None,
-    window: IntPair = 8,
-    stride: IntPair = 4,
+    window: Optional[IntPair] = None,
+    stride: Optional[IntPair] = None,
     fill: Fill | float = "gray",
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -141,12 +129,16 @@ def occlusion(
     score ``s(x) - s(x_occluded)`` per window position (Zeiler & Fergus 2014, Sec. 4.2); ``prob`` the
     drop of the softmax probability of the target class (only when the target names a class, i.e.
     not a custom callable). The target class is decided once on the unoccluded image.
-    ``chunk_size``: occluded images per forward (``None``: all at once); any value gives the same result
+    ``window`` / ``stride``: pixels (an int or ``(h, w)``); ``None``: :func:`default_window` of the image size
+    (window ~ side / 8, stride ~ window / 2: at most 16 x 16 positions at any resolution).
+    ``chunk_size``: occluded images per forward (``None``: as many as the default memory budget holds,
+    :func:`lightning_viz.methods.batching.images_per_forward`); any value gives the same result
     (each occluded image's score is computed independently; only the float rounding of batched kernels,
     ~1e-7 relative, may differ with the batch size).
     Runs without autograd; the caller keeps the model in eval mode (see ``capture.isolated``).
     """
     tgt = resolve_target(target)
+    window, stride = _window_stride(x.shape[-2:], window, stride)
     ys, xs = window_positions(x.shape[-2:], window, stride)
     wh, ww = _pair(window, "window")
     b, n_pos = x.shape[0], len(ys) * len(xs)
@@ -167,7 +159,7 @@ def occlusion(
         pairs_img = torch.arange(b, device=x.device).repeat_interleave(n_pos)
         pairs_pos = torch.arange(n_pos, device=x.device).repeat(b)
         total = b * n_pos
-        chunk = total if chunk_size is None else max(1, int(chunk_size))
+        chunk = images_per_forward(model, x) if chunk_size is None else max(1, int(chunk_size))
         scores, probs = [], []
         for s in range(0, total, chunk):
             bi, pi = pairs_img[s:s + chunk], pairs_pos[s:s + chunk]
@@ -189,8 +181,22 @@ def occlusion(
     return result
 
 
-def spread_to_pixels(drops: Tensor, size: Sequence[int], window: IntPair, stride: IntPair) -> Tensor:
-    """``[B, nY, nX]`` drops per window -> ``[B, H, W]``: each pixel averages the windows that cover it."""
+def _window_stride(size: Sequence[int], window: Optional[IntPair], stride: Optional[IntPair]):
+    """``window`` / ``stride`` with ``None`` replaced by :func:`default_window` (a given window alone: stride
+    ``ceil(window / 2)``)."""
+    if window is None:
+        win, st = default_window(size)
+        return win, (st if stride is None else stride)
+    if stride is None:
+        stride = tuple(max(1, math.ceil(w / 2)) for w in _pair(window, "window"))
+    return window, stride
+
+
+def spread_to_pixels(drops: Tensor, size: Sequence[int], window: Optional[IntPair] = None,
+                     stride: Optional[IntPair] = None) -> Tensor:
+    """``[B, nY, nX]`` drops per window -> ``[B, H, W]``: each pixel averages the windows that cover it
+    (``window`` / ``stride`` as given to :func:`occlusion`, ``None`` meaning the same defaults)."""
+    window, stride = _window_stride(size, window, stride)
     ys, xs = window_positions(size, window, stride)
     wh, ww = _pair(window, "window")
     if tuple(drops.shape[-2:]) != (len(ys), len(xs)):

@@ -1,0 +1,81 @@
+"""Batch sizes from a memory budget, for every method that pushes many perturbed copies of the inputs
+through the model (integrated-gradient path points, SmoothGrad samples, Score-CAM masks, occlusion
+windows, deletion/insertion curves).
+
+The activation memory of one image is measured once per (model, image shape, dtype, device) -- one
+single-image no-grad forward summing every leaf module's output (:func:`activation_bytes_per_image`) --
+and batches are filled up to ``memory_mb`` (:func:`images_per_forward`). A pass that also differentiates
+keeps those activations for the backward and adds as much again for their gradients, so it counts
+:data:`GRAD_FACTOR` x. The default budget (:func:`default_memory_mb`) is :data:`CPU_MEMORY_MB` on the
+CPU and a quarter of the free memory (at most :data:`GPU_MEMORY_MB`) on a GPU. An explicit
+``chunk_size`` always wins; results never depend on the batch size (each perturbed image is
+evaluated independently; only the float rounding of batched kernels may differ, ~1e-7 relative).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CPU_MEMORY_MB", "GPU_MEMORY_MB", "GRAD_FACTOR", "activation_bytes_per_image", "default_memory_mb",
+           "images_per_forward"]
+
+#: default activation budget of one forward on the CPU, MiB (resnet18 at 64 px: ~100 images per forward)
+CPU_MEMORY_MB = 256.0
+#: cap of the default budget on a GPU, MiB (the default is a quarter of the free memory, at most this)
+GPU_MEMORY_MB = 4096.0
+#: a forward + backward holds about this many times the activations of a no-grad forward
+GRAD_FACTOR = 2
+
+_MEASURED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]]" = weakref.WeakKeyDictionary()
+
+
+def activation_bytes_per_image(model: nn.Module, x1: Tensor) -> int:
+    """Bytes of every leaf module's output in one no-grad forward of a single image ``x1[1, C, H, W]``,
+    plus the image itself (hooks removed after); measured once per (model, shape, dtype, device), then cached.
+
+    An upper-bound-ish estimate of what one more image in a no-grad forward batch costs.
+    """
+    key = (tuple(x1.shape[1:]), x1.dtype, str(x1.device))
+    cache = _MEASURED.setdefault(model, {})
+    if key in cache:
+        return cache[key]
+    total = [x1.numel() * x1.element_size()]
+
+    def hook(_m, _i, out):
+        if isinstance(out, Tensor):
+            total[0] += out.numel() * out.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x1[:1].detach())
+    finally:
+        for h in handles:
+            h.remove()
+    cache[key] = int(total[0])
+    return cache[key]
+
+
+def default_memory_mb(device: torch.device | str) -> float:
+    """The default activation budget: :data:`CPU_MEMORY_MB` on the CPU; on CUDA a quarter of the free
+    memory, at most :data:`GPU_MEMORY_MB` (at least :data:`CPU_MEMORY_MB`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(max(CPU_MEMORY_MB, min(GPU_MEMORY_MB, free / 4 / 2**20)))
+    return CPU_MEMORY_MB
+
+
+def images_per_forward(model: nn.Module, x: Tensor, memory_mb: Optional[float] = None, grad: bool = False) -> int:
+    """How many images like ``x[0]`` fit one forward (``grad``: forward + backward) within ``memory_mb`` of
+    activations (``None``: :func:`default_memory_mb` of ``x``'s device); at least 1."""
+    if memory_mb is None:
+        memory_mb = default_memory_mb(x.device)
+    if memory_mb <= 0:
+        raise ValueError(f"memory_mb must be > 0; got {memory_mb}")
+    per_image = activation_bytes_per_image(model, x[:1]) * (GRAD_FACTOR if grad else 1)
+    return max(1, int(memory_mb * 2**20 // max(per_image, 1)))
