@@ -11,8 +11,13 @@ How every ReLU is covered: :func:`relu_rule` installs a :class:`torch.overrides.
 that intercepts the *functions* ``F.relu`` / ``F.relu_``, ``torch.relu`` / ``torch.relu_`` and the
 methods ``Tensor.relu`` / ``Tensor.relu_``. ``nn.ReLU`` modules call ``F.relu``, so modules, functional
 calls and a ReLU module reused several times in one forward (torchvision ResNet) are all caught.
-In-place calls keep in-place semantics: the rule's output is computed out of place (backward saves
-that fresh tensor, so later in-place ops cannot corrupt it) and then copied into the input.
+In-place calls keep in-place semantics.
+
+Cost: the guided rule keeps the ReLU itself (its C++ forward and its backward mask ``1[x > 0]``, in
+place where it was in place) and only adds a tensor hook on its output that takes ``relu`` of the
+incoming gradient -- one elementwise kernel per ReLU in the backward, as Captum's module hooks cost,
+but also for functional ReLUs. The deconv rule replaces the ReLU by :class:`DeconvReLU` (the mask
+must go), in place for in-place calls (``ctx.mark_dirty``).
 Other activations (``hardswish``, ``relu6``, ``gelu``) keep their ordinary gradient.
 """
 
@@ -47,12 +52,29 @@ class GuidedReLU(torch.autograd.Function):
         return grad.clamp_min(0) * (out > 0).to(grad.dtype)
 
 
+def _positive(grad: Tensor) -> Tensor:
+    return grad.clamp_min(0)
+
+
 class DeconvReLU(torch.autograd.Function):
     """ReLU forward; backward ``relu(grad)`` (deconvnet, Zeiler-Fergus rule)."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.clamp_min(0)
+
+
+class _DeconvReLUInplace(torch.autograd.Function):
+    """:class:`DeconvReLU` for in-place calls: the input is clamped in place and marked dirty."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.mark_dirty(x)
+        return x.clamp_min_(0)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -67,7 +89,7 @@ _IN_PLACE = {F.relu_, torch.relu_, Tensor.relu_}
 class _ReLURuleMode(TorchFunctionMode):
     def __init__(self, rule: str):
         super().__init__()
-        self.fn = _FUNCTIONS[rule]
+        self.rule = rule
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -77,10 +99,11 @@ class _ReLURuleMode(TorchFunctionMode):
             inplace = func in _IN_PLACE or (func is F.relu and bool(kwargs.get("inplace", args[1] if len(args) > 1 else False)))
             if isinstance(x, Tensor) and torch.is_grad_enabled() and x.requires_grad:
                 self.calls += 1
-                out = self.fn.apply(x)
-                if not inplace:
+                if self.rule == "guided":  # relu's own backward applies 1[x > 0] after the hook's relu(grad)
+                    out = func(*args, **kwargs)
+                    out.register_hook(_positive)
                     return out
-                return x.copy_(out)
+                return _DeconvReLUInplace.apply(x) if inplace else DeconvReLU.apply(x)
         return func(*args, **kwargs)
 
 
