@@ -5,8 +5,13 @@ run (counted with a forward pre-hook on the LightningModule), and that time as a
 training epoch (2000 shapes, batch 64, SmallCNN). A method that needs P passes over N probes should
 show about P * N images forwarded in a handful of batched calls.
 
-    python benchmarks/bench_callbacks.py                      # CPU, the demo config
-    python benchmarks/bench_callbacks.py --config configs/digits.yaml --epochs 2
+The training epoch is timed *in the same run*, just before the epoch-end pause it is compared with
+(first training batch start to last training batch end, each epoch), so a machine whose load drifts
+still gives fair ratios; the last line is the whole pause (every callback) over its epoch's training,
+per epoch (the first epoch also picks the probes and measures activation memory once).
+
+    python benchmarks/bench_callbacks.py                      # CPU, the demo config, 2 epochs
+    python benchmarks/bench_callbacks.py --config configs/digits.yaml --epochs 3
 
 Numbers depend on the machine and its load: run on a quiet machine before quoting them.
 """
@@ -20,7 +25,10 @@ import sys
 import tempfile
 import time
 
+import statistics
+
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -65,6 +73,22 @@ class Counted:
         cb.run = counted_run
 
 
+class EpochClock(L.Callback):
+    """Training time of each epoch: first training batch start to last training batch end."""
+
+    def __init__(self):
+        self.start, self.end, self.train_s = 0.0, 0.0, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.end = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):  # runs before the visualization callbacks' hooks
+        self.train_s.append(self.end - self.start)
+
+
 def build(config: dict, logdir: str, callbacks: list, epochs: int) -> tuple[L.Trainer, L.LightningModule, L.LightningDataModule]:
     from lightning_viz.models import ImageClassifier
 
@@ -78,27 +102,32 @@ def build(config: dict, logdir: str, callbacks: list, epochs: int) -> tuple[L.Tr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"))
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with open(args.config) as f:
         config = yaml.safe_load(f)
     L.seed_everything(config.get("seed_everything", 0), verbose=False)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, model, data = build(config, tmp, [], args.epochs)
-        start = time.perf_counter()
-        trainer.fit(model, datamodule=data)
-        epoch_s = (time.perf_counter() - start) / args.epochs
         callbacks = instantiate(config["trainer"].get("callbacks") or [])
         counted = [Counted(cb) for cb in callbacks]
-        trainer, model, data = build(config, tmp, callbacks, args.epochs)
+        clock = EpochClock()
+        trainer, model, data = build(config, tmp, [clock] + callbacks, args.epochs)
         trainer.fit(model, datamodule=data)
-    print(f"training epoch without callbacks: {epoch_s:.2f} s  (torch threads: {__import__('torch').get_num_threads()})")
-    print(f"| callback | s per run | x epoch | forward calls | images forwarded |")
-    print(f"|---|---:|---:|---:|---:|")
+    epoch_s = statistics.median(clock.train_s)
+    print(f"training epoch (same run, median of {len(clock.train_s)}): {epoch_s:.2f} s  (torch threads: {torch.get_num_threads()})")
+    print("| callback | s per run | x epoch | forward calls | images forwarded |")
+    print("|---|---:|---:|---:|---:|")
     for c in counted:
-        s = sum(c.seconds) / max(len(c.seconds), 1)
+        ratio = statistics.median(s / t for s, t in zip(c.seconds, clock.train_s)) if c.seconds else float("nan")
+        s = statistics.median(c.seconds) if c.seconds else float("nan")
         label = type(c.cb).__name__ + ("" if not getattr(c.cb, "methods", None) else f" {list(c.cb.methods)}")
-        print(f"| {label} | {s:.3f} | {s / epoch_s:.2f} | {c.calls} | {c.images} |")
+        print(f"| {label} | {s:.3f} | {ratio:.2f} | {c.calls} | {c.images} |")
+    pauses = [sum(c.seconds[e] for c in counted if len(c.seconds) > e) for e in range(len(clock.train_s))]
+    print("whole epoch-end pause / that epoch's training: "
+          + ", ".join(f"epoch {e}: {p:.2f} s / {t:.2f} s = {p / t:.2f}" for e, (p, t) in enumerate(zip(pauses, clock.train_s))))
     sys.stdout.flush()
 
 

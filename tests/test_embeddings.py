@@ -98,6 +98,27 @@ def test_tsne_is_seeded():
     assert a.shape == (12, 2) and torch.equal(a, b)
 
 
+def test_tsne_default_iterations_are_as_faithful_as_sklearns_1000():
+    """The cheaper default (500 steps) keeps the neighbourhoods of sklearn's default 1000: 4 clusters of 16
+    points stay apart, trustworthiness (Venna & Kaski) is within 0.01, output shape and seeding unchanged."""
+    from sklearn.manifold import trustworthiness
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 4
+    feats = (centers.repeat_interleave(16, 0) + torch.randn(64, 16, generator=g)).double()
+    fast, full = tsne_2d(feats, seed=1), tsne_2d(feats, seed=1, iterations=1000)
+    assert fast.shape == (64, 2) and torch.equal(fast, tsne_2d(feats, seed=1))
+    assert not torch.equal(fast, full)
+    labels = torch.arange(4).repeat_interleave(16)
+    assert knn_accuracy(fast, labels, k=5) == 1.0 and silhouette(fast, labels) > 0.8
+    t_fast, t_full = (trustworthiness(feats.numpy(), e.numpy(), n_neighbors=5) for e in (fast, full))
+    assert t_fast > 0.9 and abs(t_fast - t_full) < 0.01
+    with pytest.raises(ValueError, match="iterations >= 250"):
+        tsne_2d(feats, iterations=100)
+    with pytest.raises(ValueError, match="tsne_iterations must be >= 250"):
+        EmbeddingCallback(tsne_iterations=10)
+
+
 def test_tsne_of_one_dimensional_features():
     # e.g. a chosen layer with a single channel: PCA init cannot give 2 components; two clusters stay apart
     feats = torch.cat([torch.linspace(0, 1, 6), torch.linspace(20, 21, 6)]).view(-1, 1)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -86,13 +87,21 @@ def pca_2d(features: Tensor, dims: int = 2) -> Tensor:
     return proj.float()
 
 
-def tsne_2d(features: Tensor, seed: int = 0, perplexity: float = 30.0) -> Tensor:
-    """t-SNE to 2-D with scikit-learn (seeded; PCA init, random init for 1-D features; perplexity capped below
-    ``N / 3`` for small probe sets).
+#: t-SNE gradient-descent iterations by default: 250 early-exaggeration + 250 more (sklearn's default is 1000)
+TSNE_ITERATIONS = 500
 
-    Runs on one OpenMP thread: for probe-set sizes that is ~1 s, while sklearn's default thread pool
-    competing with the training process's threads was measured 15x slower.
+
+def tsne_2d(features: Tensor, seed: int = 0, perplexity: float = 30.0, iterations: int = TSNE_ITERATIONS) -> Tensor:
+    """t-SNE to 2-D with scikit-learn (seeded; PCA init, random init for 1-D features; perplexity capped below
+    ``N / 3`` for small probe sets; ``iterations`` >= 250 gradient steps, the first 250 early exaggeration).
+
+    Runs on one OpenMP thread: for probe-set sizes that is well under 1 s, while sklearn's default thread pool
+    competing with the training process's threads was measured 15x slower. 500 iterations (the default) cost
+    half of sklearn's 1000 with the same trustworthiness (measured on 128 clustered 64-d points: 0.958 both,
+    0.25 s vs 0.52 s CPU); openTSNE (0.48 s) and the exact method (1.2 s) were slower at these sizes.
     """
+    if iterations < 250:
+        raise ValueError(f"t-SNE needs iterations >= 250 (the early-exaggeration phase); got {iterations}")
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
@@ -102,7 +111,8 @@ def tsne_2d(features: Tensor, seed: int = 0, perplexity: float = 30.0) -> Tensor
     perp = float(max(1.0, min(perplexity, (n - 1) / 3)))
     init = "pca" if features.shape[1] >= 2 else "random"  # PCA init needs 2 feature dimensions (seeded either way)
     with threadpool_limits(limits=1):
-        emb = TSNE(n_components=2, perplexity=perp, init=init, random_state=seed).fit_transform(features.double().numpy())
+        steps = {"max_iter" if "max_iter" in inspect.signature(TSNE).parameters else "n_iter": int(iterations)}  # sklearn<1.5
+        emb = TSNE(n_components=2, perplexity=perp, init=init, random_state=seed, **steps).fit_transform(features.double().numpy())
     return torch.as_tensor(emb, dtype=torch.float32)
 
 
