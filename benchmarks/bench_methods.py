@@ -23,7 +23,7 @@ from lightning_viz.capture import isolated
 from lightning_viz.layers import last_conv_name
 from lightning_viz.methods import cam as C
 from lightning_viz.methods import gradients as G
-from lightning_viz.methods.shared_pass import PassCache
+from lightning_viz.methods.shared_pass import INPUT, PassCache
 
 
 def timeit(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -72,9 +72,9 @@ def main() -> None:
             "deconvnet": lambda: G.deconvnet(model, x, "label", labels),
             "input_x_gradient": lambda: G.input_x_gradient(model, x, "label", labels),
             f"integrated_gradients (steps={args.ig_steps})": lambda: G.integrated_gradients(
-                model, x, "label", labels, chunk_size=args.batch, steps=args.ig_steps),
+                model, x, "label", labels, steps=args.ig_steps),
             f"smoothgrad_saliency (n={args.sg_samples})": lambda: G.smoothgrad(
-                G.saliency, model, x, "label", labels, chunk_size=args.batch, n_samples=args.sg_samples),
+                G.saliency, model, x, "label", labels, n_samples=args.sg_samples),
         }
         for m in C.CAM_METHODS:
             if m == "cam":
@@ -87,7 +87,8 @@ def main() -> None:
 
         def shared():
             cache = PassCache()
-            res = cache.get(model, x, "probe", "label", labels, [layer])
+            cache.register("label", None, [INPUT, layer])  # as the callbacks do at setup
+            res = cache.get(model, x, "probe", "label", labels, [INPUT])
             G.gradient_from_pass("saliency", x, res.input_grad)
             for m in ("gradcam", "gradcampp", "xgradcam", "layercam"):
                 C.cam_from_pass(cache.get(model, x, "probe", "label", labels, [layer]), layer, m, x.shape[-2:])
