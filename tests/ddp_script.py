@@ -56,8 +56,8 @@ CALLBACKS: list[dict[str, Any]] = [
      "init_args": {"layers": ["net.conv2"], "num_units": 2, "k": 2, "num_probes": 8, "patch_px": 8}},
     {"class_path": "lightning_viz.callbacks.embeddings.EmbeddingCallback", "init_args": {"num_probes": 12, "projector": False}},
     {"class_path": "lightning_viz.callbacks.synthesis.ClassModelCallback", "init_args": {"steps": 2}},
-    {"class_path": "lightning_viz.callbacks.synthesis.UnitCallback", "init_args": {"layer": "net.conv2", "channels": [0, 1], "steps": 2}},
-    {"class_path": "lightning_viz.callbacks.synthesis.InversionCallback", "init_args": {"layer": "net.conv1", "num_probes": 5, "steps": 2}},
+    {"class_path": "lightning_viz.callbacks.synthesis.UnitCallback", "init_args": {"layers": "net.conv2", "channels": [0, 1], "steps": 2}},
+    {"class_path": "lightning_viz.callbacks.synthesis.InversionCallback", "init_args": {"layers": "net.conv1", "num_probes": 5, "steps": 2}},
     {"class_path": "lightning_viz.callbacks.synthesis.AdversarialCallback", "init_args": {"num_probes": 5, "steps": 2, "min_flip": False}},
 ]
 

@@ -133,7 +133,7 @@ def test_cli_trains_a_user_lightning_module_with_the_default_data(tmp_path, monk
                     "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
                     "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
                     "--trainer.accelerator=cpu", "--trainer.logger=TensorBoardLogger", f"--trainer.logger.save_dir={logdir}",
-                    "--trainer.callbacks+=lightning_viz.CAMCallback", "--trainer.callbacks.layers=[features.0]",
+                    "--trainer.callbacks+=lightning_viz.CAMCallback", "--trainer.callbacks.layers=features.0",
                     "--trainer.callbacks.num_probes=2", "--trainer.callbacks.probe_source=train"])
     assert type(cli.model) is UserNet and cli.model.head.in_features == 5
     assert isinstance(cli.datamodule, ShapesDataModule)  # the default data module

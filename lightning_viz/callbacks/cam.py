@@ -18,6 +18,7 @@ from ..methods.cam import cam_head, cam_variant, canonical_cam_method, guided_ca
 from ..methods.gradients import reduce_channels
 from ..probe import ProbeSet
 from ..targets import CallableTarget
+from ._options import LayersSpec, as_layer_list
 from .gradients import GradientMapCallback
 
 __all__ = ["CAMCallback"]
@@ -31,7 +32,7 @@ class CAMCallback(GradientMapCallback):
             (or ``gradcam++``), ``xgradcam``, ``layercam``, ``counterfactual_gradcam``, ``hirescam``,
             ``eigencam`` (class-agnostic), ``scorecam`` and ``ablationcam`` (K extra forwards per image),
             ``guided_gradcam``, ``guided_gradcampp`` (or ``guided_gradcam++``).
-        layers: layer names (``model.named_modules()``, e.g. ``net.layer4``); default: the last conv layer.
+        layers: layer name or names (``model.named_modules()``, e.g. ``net.layer4``); default: the last conv layer.
             Blocks containing convolutions are fine; ``cam`` also needs a GAP + linear head over the layer.
         target: ``"label"`` (default), ``"predicted"``, a class index, or (from Python) a callable
             ``logits -> score[B]`` -- not with ``cam``, which needs a class.
@@ -45,7 +46,7 @@ class CAMCallback(GradientMapCallback):
     def __init__(
         self,
         methods: list[str] = ["gradcam"],  # noqa: B006 - jsonargparse needs the literal default
-        layers: Optional[list[str]] = None,
+        layers: LayersSpec = None,
         target: Union[str, int] = "label",
         reduce: Literal["abs_max", "sum", "abs_sum"] = "abs_max",
         chunk_size: Optional[int] = None,
@@ -65,9 +66,7 @@ class CAMCallback(GradientMapCallback):
         if reduce not in ("abs_max", "sum", "abs_sum"):
             raise ValueError(f"reduce must be 'abs_max', 'sum' or 'abs_sum'; got {reduce!r}")
         self.reduce = reduce
-        self.layer_names = [layers] if isinstance(layers, str) else (None if layers is None else list(dict.fromkeys(layers)))
-        if self.layer_names == []:
-            raise ValueError("layers must name at least one layer, or be None for the last conv layer")
+        self.layer_names = as_layer_list(type(self).__name__, layers)  # None: the last conv layer
         self.layers: list[str] = []
 
     def check(self, pl_module: LightningModule) -> None:
