@@ -73,14 +73,15 @@ def _replace_first_conv(net: nn.Module, in_channels: int, keep_weights: bool = F
     (a gray image then gives the same response as the same image in RGB)."""
     for name, m in named_layers(net).items():
         if isinstance(m, nn.Conv2d):
-            new = nn.Conv2d(in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                            dilation=m.dilation, groups=1,
-                            bias=m.bias is not None, padding_mode=m.padding_mode)
+            geometry: dict[str, Any] = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                                            dilation=m.dilation)
+            new = nn.Conv2d(in_channels, m.out_channels, **geometry, bias=m.bias is not None,
+                            padding_mode=m.padding_mode)
             if keep_weights:
                 with torch.no_grad():
                     mean = m.weight.mean(dim=1, keepdim=True) * (m.in_channels / in_channels)
                     new.weight.copy_(mean.expand(-1, in_channels, -1, -1))
-                    if m.bias is not None:
+                    if m.bias is not None and new.bias is not None:
                         new.bias.copy_(m.bias)
             _set_module(net, name, new)
             return
@@ -95,8 +96,8 @@ def _replace_head(net: nn.Module, num_outputs: int, num_classes: int) -> None:
             _set_module(net, name, nn.Linear(m.in_features, num_classes, bias=m.bias is not None))
             return
         if isinstance(m, nn.Conv2d) and m.out_channels == num_outputs:
-            _set_module(net, name, nn.Conv2d(m.in_channels, num_classes, m.kernel_size, stride=m.stride,
-                                             padding=m.padding, bias=m.bias is not None))
+            geometry: dict[str, Any] = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding)
+            _set_module(net, name, nn.Conv2d(m.in_channels, num_classes, **geometry, bias=m.bias is not None))
             return
     raise ValueError(f"cannot find the classifier of {type(net).__name__} ({num_outputs} outputs) to replace")
 

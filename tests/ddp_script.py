@@ -24,12 +24,12 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-import lightning as L  # noqa: E402
-from torch.utils.data import DataLoader, Sampler  # noqa: E402
+import torch
+import lightning as L
+from torch.utils.data import DataLoader, Sampler
 
-from helpers import LitTiny, TinyCNN, tiny_dataset  # noqa: E402
-from lightning_viz.callbacks.maps import MapCallback  # noqa: E402
+from helpers import LitTiny, TinyCNN, tiny_dataset
+from lightning_viz.callbacks.maps import MapCallback
 
 CALLBACKS: list[dict[str, Any]] = [
     {
@@ -127,7 +127,7 @@ class FailingCallback(MapCallback):
     def run(self, trainer, pl_module):
         try:
             return super().run(trainer, pl_module)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.errors.append(f"{type(exc).__name__}: {exc}")
 
 

@@ -45,7 +45,7 @@ class CAMCallback(GradientMapCallback):
 
     def __init__(
         self,
-        methods: list[str] = ["gradcam"],  # noqa: B006 - jsonargparse needs the literal default
+        methods: list[str] = ["gradcam"],
         layers: LayersSpec = None,
         target: Union[str, int] = "label",
         reduce: Literal["abs_max", "sum", "abs_sum"] = "abs_max",

@@ -51,7 +51,7 @@ class EmbeddingCallback(VisualizationCallback):
     def __init__(
         self,
         layers: LayersSpec = None,
-        projection: list[Literal["pca", "tsne"]] = ["pca"],  # noqa: B006 - jsonargparse default
+        projection: list[Literal["pca", "tsne"]] = ["pca"],
         projector: bool = True,
         sprite_size: int = 32,
         knn_k: int = 5,

@@ -66,7 +66,7 @@ class TopPatchesCallback(VisualizationCallback):
         chunk_size = renamed_option(owner, "batch_size", "chunk_size", batch_size, chunk_size, 64)
         if not layers:
             raise ValueError("layers must name at least one layer (e.g. ['layer2', 'layer3.1.conv2'])")
-        layers = as_layer_list(owner, layers)
+        names = as_layer_list(owner, layers) or []
         if units is not None and (not units or min(units) < 0):
             raise ValueError(f"units must be a non-empty list of channel indices >= 0, or None; got {units!r}")
         for name, v in (("num_units", num_units), ("k", k), ("chunk_size", chunk_size or 1)):
@@ -76,7 +76,7 @@ class TopPatchesCallback(VisualizationCallback):
             raise ValueError(f"receptive_field must be 'auto', 'arithmetic' or 'gradient'; got {receptive_field!r}")
         if patch_px < 0:
             raise ValueError(f"patch_px must be >= 0; got {patch_px}")
-        self.layers = list(layers)
+        self.layers = names
         self.units = None if units is None else list(units)
         self.num_units, self.k, self.chunk_size = num_units, k, chunk_size
         self.receptive_field, self.patch_px = receptive_field, patch_px

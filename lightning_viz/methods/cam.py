@@ -77,7 +77,7 @@ __all__ = [
 _EPS = 1e-7
 
 
-def cam_map(activations: Tensor, weights: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
+def cam_map(activations: Tensor, weights: Tensor, size: Optional[tuple[int, ...]] = None) -> Tensor:
     """``ReLU(sum_k w_k A_k)`` ``[B, h, w]``, bilinearly upsampled to ``size`` if given."""
     if activations.ndim != 4:
         raise ValueError(f"CAM needs activations [B, K, h, w] from a convolutional layer; got shape {tuple(activations.shape)}")
@@ -384,7 +384,11 @@ def variant_from_pass(result: PassResult, layer: str, method: str = "gradcam", s
             raise ValueError(f"{v.name} needs the model and the input images for its extra forwards")
         w = v.forward_weights(model, x, layer, a, result, target, labels, chunk_size)
         return cam_map(a, w.to(a.dtype), tuple(size) if size is not None else tuple(x.shape[-2:]))
-    w = _head_weights(a, result.classes, model, layer) if v.head else v.weights(a, g)
+    if v.head:
+        w = _head_weights(a, result.classes, model, layer)
+    else:
+        assert v.weights is not None  # exactly one way per variant (CAMVariant.__post_init__)
+        w = v.weights(a, g)
     return cam_map(a, w, None if size is None else tuple(size))
 
 
