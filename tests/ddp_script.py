@@ -146,11 +146,15 @@ def instantiate(spec: Any) -> Any:
     return spec
 
 
+#: callbacks that read one probe image only (input shape and value range): they take no num_probes
+ONE_PROBE_IMAGE = {"FilterCallback", "ClassModelCallback", "UnitCallback"}
+
+
 def build_callbacks(num_probes: int | None = None, specs: list[dict] | None = None, run_on: str | None = None) -> list:
     out = []
     for spec in specs if specs is not None else CALLBACKS:
         spec = {"class_path": spec["class_path"], "init_args": dict(spec.get("init_args") or {})}
-        if num_probes is not None:
+        if num_probes is not None and spec["class_path"].rsplit(".", 1)[1] not in ONE_PROBE_IMAGE:
             spec["init_args"]["num_probes"] = num_probes
         if run_on is not None:
             spec["init_args"]["run_on"] = run_on
