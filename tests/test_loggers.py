@@ -148,9 +148,14 @@ def wandb_logger(root):
                                                x_save_requirements=False, disable_git=True))
 
 
-def mlflow_logger(root):
-    return MLFlowLogger(experiment_name="viz", tracking_uri=f"sqlite:///{root}/mlflow.db",
-                        artifact_location=str(root / "artifacts"))
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    """One sqlite database for the module's tests (creating one runs MLflow's migrations: seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+def mlflow_logger(uri, root):
+    return MLFlowLogger(experiment_name=f"viz-{root.name}", tracking_uri=uri, artifact_location=str(root / "artifacts"))
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -174,12 +179,12 @@ def test_logger_false_writes_a_new_image_folder_version_per_trainer(tmp_path):
     assert {e for e, _ in png_tags(str(tmp_path / "lightning_viz" / "version_1"))} == {0}
 
 
-def test_mlflow_logger_alone_gets_metrics_and_artifacts(offline):
+def test_mlflow_logger_alone_gets_metrics_and_artifacts(offline, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    logger = mlflow_logger(offline)
+    logger = mlflow_logger(mlflow_uri, offline)
     rec, _ = fit(logger, offline)
-    client = MlflowClient(f"sqlite:///{offline}/mlflow.db")
+    client = MlflowClient(mlflow_uri)
     paths = mlflow_artifacts(client, logger.run_id)
     assert paths and all(p.startswith("lightning_viz/epoch_") for p in paths)
     images = {}
@@ -210,6 +215,7 @@ def test_wandb_logger_alone_offline_keeps_every_point_with_epoch_as_x_axis(offli
     import wandb
 
     wandb.finish()
+    wandb.teardown()  # waits until wandb-core has written the last records, and stops it
     rows = wandb_history(run_dir)
     images, scalars = {}, {}
     for row in rows:
@@ -231,15 +237,16 @@ def test_wandb_logger_alone_offline_keeps_every_point_with_epoch_as_x_axis(offli
     assert os.path.exists(offline / "twin" / "epoch_0000" / "viz" / "extra" / "emb" / "tensors.tsv")
 
 
-def test_all_loggers_write_the_same_values_and_pixels_as_tensorboard(offline):
+def test_all_loggers_write_the_same_values_and_pixels_as_tensorboard(offline, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     tb, csvl, ml, wb = (TensorBoardLogger(str(offline), name="tb", version=0), CSVLogger(str(offline), name="csv"),
-                        mlflow_logger(offline), wandb_logger(offline))
+                        mlflow_logger(mlflow_uri, offline), wandb_logger(offline))
     rec, _ = fit([tb, csvl, ml, wb], offline)
     import wandb
 
     wandb.finish()
+    wandb.teardown()  # waits until wandb-core has written the last records, and stops it
     acc = read_events(tb.log_dir)
     img_tags = [t for t in acc.Tags()["images"] if t.startswith("viz")]
     sc_tags = [t for t in acc.Tags()["scalars"] if t.startswith("viz")]
@@ -251,7 +258,7 @@ def test_all_loggers_write_the_same_values_and_pixels_as_tensorboard(offline):
     assert csv_scalars(csvl.log_dir, set(sc_tags)) == pytest.approx(ref_sc, rel=1e-6)
     assert not os.path.exists(os.path.join(csvl.log_dir, "lightning_viz"))
     # MLflow
-    client = MlflowClient(f"sqlite:///{offline}/mlflow.db")
+    client = MlflowClient(mlflow_uri)
     ml_sc = {(m.step, t): m.value for t in sc_tags for m in client.get_metric_history(ml.run_id, t)}
     assert ml_sc == pytest.approx(ref_sc, rel=1e-6)
     for (e, t), img in ref_img.items():
