@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 import weakref
 from typing import Any, Optional, Sequence
 
