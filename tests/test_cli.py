@@ -165,3 +165,15 @@ def test_cli_version_help_and_packaged_config_by_name(capsys):
     assert resolve_config("no_such_config") == "no_such_config"  # jsonargparse then reports the missing file
     cli = cli_main(["--config", "digits", "--trainer.logger=false"], run=False)
     assert cli.model.hparams.in_channels == 1 and cli.model.hparams.num_classes == 10
+
+
+def test_config_path_of_the_repository_layout_resolves_from_anywhere(tmp_path, monkeypatch):
+    """``--config configs/demo.yaml`` as the README writes it also works outside the repository."""
+    from lightning_viz.cli import packaged_configs, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config("configs/demo.yaml") == str(packaged_configs()["demo"])
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("model: {width: 4}\n")
+    assert resolve_config("configs/demo.yaml") == "configs/demo.yaml"  # an existing file always wins
+    assert set(packaged_configs()) >= {"demo", "digits"}
