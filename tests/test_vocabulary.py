@@ -46,6 +46,16 @@ def test_deprecated_alias_still_works_and_names_the_new_option(cls, old, value, 
                 cls(**{old: value, NEW_NAME[old]: other}, **REQUIRED.get(cls, {}))
 
 
+def test_deprecations_are_shown_by_default_outside_main():
+    """Plain DeprecationWarnings are hidden unless raised in ``__main__``; LightningCLI builds the callbacks."""
+    import subprocess
+
+    code = ("from lightning_viz.cli import cli_main; cli_main(['--trainer.logger=false', "
+            "'--trainer.callbacks+=FilterCallback', '--trainer.callbacks.layer=net.conv1'], run=False)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "VizDeprecationWarning: FilterCallback: option 'layer' is deprecated" in proc.stderr
+
+
 def test_layers_takes_one_name_or_a_list_everywhere():
     for cls in CALLBACKS:
         params = inspect.signature(cls).parameters

@@ -10,7 +10,15 @@ from __future__ import annotations
 import warnings
 from typing import Any, Optional, Union
 
-__all__ = ["LayersSpec", "renamed_option", "as_layer_list", "single_layer", "reject_options"]
+__all__ = ["LayersSpec", "VizDeprecationWarning", "renamed_option", "as_layer_list", "single_layer", "reject_options"]
+
+
+class VizDeprecationWarning(DeprecationWarning):
+    """A deprecated lightning-viz option; shown by default (plain DeprecationWarnings are hidden outside
+    ``__main__``, e.g. when LightningCLI builds the callbacks), as Lightning does for its own."""
+
+
+warnings.simplefilter("default", category=VizDeprecationWarning)
 
 #: The type of every ``layers`` option: one layer name, a list of names, or ``None`` (the callback's default).
 LayersSpec = Optional[Union[str, list[str]]]
@@ -24,7 +32,7 @@ def renamed_option(owner: str, old: str, new: str, old_value: Any, new_value: An
     if old_value is None:
         return new_value
     warnings.warn(f"{owner}: option {old!r} is deprecated and will be removed; use {new!r} instead "
-                  f"({new}={old_value!r})", DeprecationWarning, stacklevel=3)
+                  f"({new}={old_value!r})", VizDeprecationWarning, stacklevel=3)
     if new_value is not None and new_value != new_default and new_value != old_value:
         raise ValueError(f"{owner}: got both {new}={new_value!r} and its deprecated alias {old}={old_value!r}; "
                          f"use only {new!r}")
