@@ -91,7 +91,7 @@ def test_unused_probe_options_are_not_exposed():
     def options(cls):
         parser = ArgumentParser()
         parser.add_class_arguments(cls, "cb")
-        return {a.dest.split(".", 1)[1] for a in parser._actions if a.dest.startswith("cb.")}
+        return set(parser.get_defaults()["cb"].keys())
 
     for cls in (FilterCallback, ClassModelCallback, UnitCallback):
         shown = options(cls)
