@@ -23,7 +23,8 @@ def test_activation_bytes_are_the_leaf_outputs_and_measured_once():
     assert batching.activation_bytes_per_image(model, x[:1]) == expected
     assert batching.activation_bytes_per_image(model, x[2:3]) == expected and calls == [1]  # cached
     assert batching.images_per_forward(model, x, memory_mb=expected * 10 / 2**20) == 10
-    assert batching.images_per_forward(model, x, memory_mb=expected * 10 / 2**20, grad=True) == 10 // batching.GRAD_FACTOR
+    ten = expected * 10 / 2**20
+    assert batching.images_per_forward(model, x, memory_mb=ten, grad=True) == 10 // batching.GRAD_FACTOR
     assert batching.images_per_forward(model, x, memory_mb=1e-9) == 1
     assert batching.images_per_forward(model, x) == int(batching.CPU_MEMORY_MB * 2**20 // expected)
     with pytest.raises(ValueError, match="memory_mb must be > 0"):

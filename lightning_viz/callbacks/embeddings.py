@@ -78,7 +78,8 @@ class EmbeddingCallback(VisualizationCallback):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1; got {v}")
         if tsne_iterations < 250:
-            raise ValueError(f"tsne_iterations must be >= 250 (t-SNE's early-exaggeration phase); got {tsne_iterations}")
+            raise ValueError(f"tsne_iterations must be >= 250 (t-SNE's early-exaggeration phase); "
+                             f"got {tsne_iterations}")
         if tsne_perplexity <= 0:
             raise ValueError(f"tsne_perplexity must be > 0; got {tsne_perplexity}")
         self.layer = layer
@@ -110,8 +111,10 @@ class EmbeddingCallback(VisualizationCallback):
         feats, preds, labels = results["features"], results["prediction"], probe.labels
         name = self.layer_tag
         for proj in self.projection:
-            pts = pca_2d(feats) if proj == "pca" else tsne_2d(feats, seed=self.probe_seed, perplexity=self.tsne_perplexity,
-                                                              iterations=self.tsne_iterations)
+            if proj == "pca":
+                pts = pca_2d(feats)
+            else:
+                pts = tsne_2d(feats, seed=self.probe_seed, perplexity=self.tsne_perplexity, iterations=self.tsne_iterations)
             title = f"{name} {proj.upper()}, epoch {logger.step}"
             logger.image(make_tag(self.method, name, proj), scatter_image(pts, labels, title))
         if labels is not None:

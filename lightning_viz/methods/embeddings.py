@@ -111,8 +111,9 @@ def tsne_2d(features: Tensor, seed: int = 0, perplexity: float = 30.0, iteration
     perp = float(max(1.0, min(perplexity, (n - 1) / 3)))
     init = "pca" if features.shape[1] >= 2 else "random"  # PCA init needs 2 feature dimensions (seeded either way)
     with threadpool_limits(limits=1):
-        steps = {"max_iter" if "max_iter" in inspect.signature(TSNE).parameters else "n_iter": int(iterations)}  # sklearn<1.5
-        emb = TSNE(n_components=2, perplexity=perp, init=init, random_state=seed, **steps).fit_transform(features.double().numpy())
+        key = "max_iter" if "max_iter" in inspect.signature(TSNE).parameters else "n_iter"  # n_iter: sklearn < 1.5
+        tsne = TSNE(n_components=2, perplexity=perp, init=init, random_state=seed, **{key: int(iterations)})
+        emb = tsne.fit_transform(features.double().numpy())
     return torch.as_tensor(emb, dtype=torch.float32)
 
 

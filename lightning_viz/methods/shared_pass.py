@@ -100,7 +100,8 @@ def gradient_pass(
     tgt = resolve_target(target)
     names = list(dict.fromkeys(layers))
     if not input_grad and not names:
-        raise ValueError("gradient_pass with input_grad=False needs at least one layer: there is nothing to differentiate")
+        raise ValueError("gradient_pass with input_grad=False needs at least one layer: "
+                         "there is nothing to differentiate")
     parts: dict[str, list] = {"logits": [], "scores": [], "classes": [], "input_grad": []}
     acts: dict[str, list] = {n: [] for n in names}
     grads: dict[str, list] = {n: [] for n in names}
@@ -212,7 +213,8 @@ class PassCache:
         tkey = target_key(target)
         key = (probe_key, tkey, rule, str(x.device), x.dtype)
         hit = self.entries.get(key)
-        if hit is not None and all((hit.input_grad is not None) if n == INPUT else n in hit.activations for n in layers):
+        if hit is not None and all((hit.input_grad is not None) if n == INPUT else n in hit.activations
+                                   for n in layers):
             return hit
         wanted = self.needs.get((tkey, rule), set()) | set(layers) | (set(hit.activations) if hit else set())
         input_grad = INPUT in wanted or rule is not None or (hit is not None and hit.input_grad is not None)
