@@ -35,7 +35,7 @@ class OcclusionCallback(MapCallback):
         outputs: which drops to log, ``"score"`` and/or ``"prob"``.
         memory_mb: activation memory per forward; the number of occluded images per forward is this
             divided by one image's activations (measured once by a single-image forward). ``None``
-            (default): :func:`lightning_viz.methods.batching.default_memory_mb` (256 MiB on the CPU, a
+            (default): :func:`lightning_viz.methods.batching.default_memory_mb` (512 MiB on the CPU, a
             quarter of the free memory up to 4 GiB on a GPU). Results do not depend on it.
         **kwargs: :class:`MapCallback` / :class:`VisualizationCallback` options.
     """
