@@ -65,6 +65,7 @@ class ActivationCallback(VisualizationCallback):
             layers = [layers]
         if layers is not None and len(layers) == 0:
             raise ValueError("ActivationCallback: layers must name at least one layer, or be None (first and last conv)")
+        colormap(torch.zeros(1, 1, 1), cmap)  # an unknown colormap fails here, at construction
         self.layers = None if layers is None else list(layers)
         self.max_channels = max_channels
         self.channels = channels
@@ -81,7 +82,6 @@ class ActivationCallback(VisualizationCallback):
 
     def check(self, pl_module: LightningModule) -> None:
         self.layer_names(pl_module)
-        colormap(torch.zeros(1, 1, 1), self.cmap)  # an unknown colormap fails here, at setup
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
         x = probe.to(pl_module.device, pl_module.dtype)  # e.g. a float64 model (precision='64-true')
