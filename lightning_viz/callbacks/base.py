@@ -161,9 +161,10 @@ class VisualizationCallback(Callback):
 
     Args:
         every_n_epochs: Lightning's ``ModelCheckpoint`` convention: run when ``(current_epoch + 1) % n == 0``
-            (``n=1``: every epoch; ``n=2``: epochs 1, 3, 5, ...), and always at the last epoch of a fit
-            (``current_epoch == max_epochs - 1``, ``max_steps`` reached, or ``trainer.should_stop`` set before
-            this callback's hook, as EarlyStopping on a validation metric does for ``run_on="train_epoch_end"``).
+            (``n=1``: every epoch; ``n=2``: epochs 1, 3, 5, ...), and always at the last epoch of a fit: at its
+            epoch-end hook when the end is known there (``current_epoch == max_epochs - 1``, ``max_steps``
+            reached, ``trainer.should_stop`` already set), else at ``on_train_end`` on the final weights, logged
+            at that epoch's step (an EarlyStopping after this callback, a last epoch without validation).
             ``0`` turns the epoch-end runs off. Under ``trainer.validate`` it runs at every call (unless ``0``).
         run_on: ``"train_epoch_end"`` (default) or ``"validation_epoch_end"`` (also runs under
             ``trainer.validate``, inside inference mode). With several validations per epoch
@@ -229,7 +230,8 @@ class VisualizationCallback(Callback):
         self.name = name
         self.on_error = on_error
         self.run_at_start = run_at_start
-        self._last_fit_step: int | None = None  # epoch of the last validation-end run in this fit
+        self._last_run_epoch: int | None = None  # last epoch run in this fit (never run an epoch twice)
+        self._trained_epoch: int | None = None  # last epoch trained in this fit
         self.last_logged_tags: list[str] = []
         self.last_duration_s: float | None = None
 
@@ -276,7 +278,7 @@ class VisualizationCallback(Callback):
         _check_strategy(self, trainer)
         self.check(pl_module)
         if stage == "fit":
-            self._last_fit_step = None
+            self._last_run_epoch = self._trained_epoch = None
             self._check_schedule(trainer, pl_module)
         _announce(trainer)
 
@@ -304,7 +306,7 @@ class VisualizationCallback(Callback):
         source = getattr(source, "_data_source", None)
         defined = source is None or source.is_defined()
         if not defined or not is_overridden("validation_step", pl_module):
-            what = "a validation_step" if defined else "a val dataloader"
+            what = "validation_step" if defined else "val dataloader"
             raise ValueError(f"{name} would never run: run_on='validation_epoch_end' but the fit has no {what}, so no "
                              f"validation runs. {fix} (val_dataloaders=..., a datamodule with val_dataloader(), and "
                              "a validation_step).")
@@ -336,18 +338,25 @@ class VisualizationCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._trained_epoch = trainer.current_epoch
         if self.run_on == "train_epoch_end":
             self.run(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The last epoch of a fit is always visualized. When its end was not known at the epoch-end hook (an
+        # EarlyStopping or other callback setting should_stop after this one, no validation in the last epoch),
+        # run now, on the final weights, at that epoch's step.
+        epoch = self._trained_epoch
+        if epoch is not None and self.every_n_epochs > 0 and self._last_run_epoch != epoch:
+            self.run(trainer, pl_module, step=epoch, scheduled=True)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.run_on != "validation_epoch_end" or not _chosen_validation(trainer):
             return
-        if _fitting(trainer):  # once per epoch, also when the first validation of an epoch was the chosen one
-            if self._last_fit_step == trainer.current_epoch:
-                return
-            if self.should_run(trainer):
-                self._last_fit_step = trainer.current_epoch
+        if _fitting(trainer) and self._last_run_epoch == trainer.current_epoch:
+            return  # once per epoch, also when the first validation of an epoch was the chosen one
         self.run(trainer, pl_module)
 
     # ------------------------------------------------------------------ probes
@@ -421,6 +430,8 @@ class VisualizationCallback(Callback):
         if not scheduled and not self.should_run(trainer):
             return None
         step = trainer.current_epoch if step is None else step
+        if _fitting(trainer) and step >= 0:
+            self._last_run_epoch = step
         rank, world = _world(trainer)
         start = time.perf_counter()
         distributed = self.per_probe and self.needs_probes and world > 1  # without probes there is nothing to split
