@@ -73,8 +73,13 @@ def _announce(trainer: Trainer) -> None:
         if tb is not None
         else "but the trainer has no TensorBoardLogger, so nothing will be written"
     )
-    names = ", ".join(f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'} (every {cb.every_n_epochs})" for cb in cbs)
+    names = ", ".join(f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'} ({_schedule_words(cb)})" for cb in cbs)
     rank_zero_info(f"lightning-viz: {len(cbs)} visualization callback(s): {names}; {where}")
+
+
+def _schedule_words(cb: "VisualizationCallback") -> str:
+    every = f"every {cb.every_n_epochs}" if cb.every_n_epochs else "epoch ends off"
+    return every + (", and before training" if cb.run_at_start else "")
 
 
 def _world(trainer: Trainer) -> tuple[int, int]:
