@@ -3,8 +3,9 @@
 It owns everything that is the same for every method: the schedule (``every_n_epochs``, train- or
 validation-epoch end, never during the sanity check), the probe set (picked once, saved in
 checkpoints), isolation (the model is left exactly as it was), the rank split and gather under DDP,
-timing, and rank-0-only writing to TensorBoard. A subclass overrides :meth:`compute` (all ranks, its
-shard of the probes, returns per-probe tensors) and :meth:`log_results` (rank 0, the gathered results).
+timing, and rank-0-only writing to the trainer's loggers (:mod:`lightning_viz.logging`). A subclass
+overrides :meth:`compute` (all ranks, its shard of the probes, returns per-probe tensors) and
+:meth:`log_results` (rank 0, the gathered results).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..capture import isolated
-from ..logging import VizLogger, find_tensorboard, make_tag, tensorboard_command
+from ..logging import NothingWrittenWarning, VizLogger, check_sinks, describe_sinks, make_tag, sink_names
 from ..probe import PROBE_BANK_KEY, ProbeSet, probe_bank_get, probe_bank_put
 
 try:
@@ -67,12 +68,7 @@ def _announce(trainer: Trainer) -> None:
         return
     _announced.add(trainer)
     cbs = [cb for cb in trainer.callbacks if isinstance(cb, VisualizationCallback)]
-    tb = find_tensorboard(trainer)
-    where = (
-        f"writing to {tb.log_dir}; view with: {tensorboard_command(tb.save_dir)}"
-        if tb is not None
-        else "but the trainer has no TensorBoardLogger, so nothing will be written"
-    )
+    where = describe_sinks(trainer) if trainer.is_global_zero else ""
     names = ", ".join(f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'} ({_schedule_words(cb)})" for cb in cbs)
     rank_zero_info(f"lightning-viz: {len(cbs)} visualization callback(s): {names}; {where}")
 
@@ -190,6 +186,10 @@ class VisualizationCallback(Callback):
         run_at_start: also run once before training (``on_train_start`` of a fresh fit, not on resume), a
             baseline of the untrained model, logged at step ``-1`` (:data:`BASELINE_STEP`); epoch ``e`` logs at
             step ``e``.
+        loggers: where to write, by name: ``None`` (default) every logger in ``trainer.loggers`` (plus the
+            plain image folder when none of them stores images), or a list of the trainer's logger names
+            (``"tensorboard"``, ``"csv"``, ``"mlflow"``, ``"wandb"``, ...) and ``"folder"``. ``[]`` writes
+            nowhere, and then nothing is computed (one warning).
     """
 
     method: str = "viz"
@@ -210,6 +210,7 @@ class VisualizationCallback(Callback):
         log_time: bool = True,
         name: Optional[str] = None,
         on_error: Literal["raise", "warn"] = "raise",
+        loggers: Optional[list[str]] = None,
         run_at_start: bool = False,
     ):
         super().__init__()
@@ -223,6 +224,8 @@ class VisualizationCallback(Callback):
             raise ValueError(f"num_probes must be >= 1; got {num_probes}")
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error must be 'raise' or 'warn'; got {on_error!r}")
+        if isinstance(loggers, str):
+            raise ValueError(f"loggers must be a list of logger names, e.g. [{loggers!r}]; got the string {loggers!r}")
         if name is not None and (not name.strip() or "/" in name):
             raise ValueError(f"name must be a non-empty tag part without '/'; got {name!r}")
         self.every_n_epochs = every_n_epochs
@@ -234,6 +237,7 @@ class VisualizationCallback(Callback):
         self.log_time = log_time
         self.name = name
         self.on_error = on_error
+        self.loggers = None if loggers is None else list(loggers)
         self.run_at_start = run_at_start
         self._last_run_epoch: int | None = None  # last epoch run in this fit (never run an epoch twice)
         self._trained_epoch: int | None = None  # last epoch trained in this fit
@@ -282,6 +286,11 @@ class VisualizationCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _check_strategy(self, trainer)
         self.check(pl_module)
+        check_sinks(trainer, self.loggers, type(self).__name__)
+        if not sink_names(trainer, self.loggers):
+            rank_zero_warn(f"lightning-viz: {type(self).__name__} writes nowhere (loggers={self.loggers}), so it "
+                           "computes nothing. Attach a logger or allow one, e.g. loggers=None (all) or ['folder'].",
+                           category=NothingWrittenWarning)
         if stage == "fit":
             self._last_run_epoch = self._trained_epoch = None
             self._check_schedule(trainer, pl_module)
@@ -377,6 +386,8 @@ class VisualizationCallback(Callback):
         (no labels, no masks, images of different sizes, an IterableDataset) stop the run before the first step."""
         if not self.needs_probes or (self.every_n_epochs == 0 and not self.run_at_start):
             return
+        if not sink_names(trainer, self.loggers):  # nothing would be written: nothing is read or computed
+            return
         if self.probes is None:
             dataset, iterable = _find_dataset(trainer, self.probe_source, with_iterable=True)
             if dataset is None and iterable is not None:
@@ -432,7 +443,7 @@ class VisualizationCallback(Callback):
         error on any rank (picking probes, computing, or rank 0's logging) raises on every rank
         instead of leaving the others waiting in the next collective.
         """
-        if not scheduled and not self.should_run(trainer):
+        if (not scheduled and not self.should_run(trainer)) or not sink_names(trainer, self.loggers):  # nothing would be written
             return None
         step = trainer.current_epoch if step is None else step
         if _fitting(trainer) and step >= 0:
@@ -463,22 +474,20 @@ class VisualizationCallback(Callback):
         else:
             results = local
         if rank == 0 and error is None and results is not None:
-            stage, logger = "log", None
-            try:  # any logging error (a full disk when writing or flushing) goes through on_error
-                logger = VizLogger.from_trainer(trainer, step=step, namespace=self.name)
-                self.log_results(logger, results, probe, trainer)
-                self.last_duration_s = time.perf_counter() - start
-                if self.log_time:
-                    logger.scalar(make_tag(self.method, "time_s"), self.last_duration_s)
-            except Exception as exc:
-                error = exc
-            finally:
-                if logger is not None:
-                    try:
-                        logger.flush()
-                    except Exception as exc:
-                        error = error if error is not None else exc
+            stage = "log"
+            try:
+                logger = VizLogger.from_trainer(trainer, step=step, namespace=self.name,
+                                                loggers=self.loggers)
+                try:
+                    self.log_results(logger, results, probe, trainer)
+                    self.last_duration_s = time.perf_counter() - start
+                    if self.log_time:
+                        logger.scalar(make_tag(self.method, "time_s"), self.last_duration_s)
+                finally:
                     self.last_logged_tags = logger.written
+                    logger.flush()
+            except Exception as exc:  # any logging error (a full disk when writing or flushing): shared below
+                error = exc
         if world > 1 and _dist_ready():
             try:
                 _share_rank0_error(error if rank == 0 else None, self.method)
