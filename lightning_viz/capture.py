@@ -73,7 +73,8 @@ def buffers_kept(model: nn.Module) -> Iterator[nn.Module]:
     observers (``FakeQuantize`` updates its ranges, scale and zero point on every forward), or any buffer a
     ``forward`` writes. Only what changed is written back, so untouched buffers keep their version counters.
     """
-    saved = [(m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    saved = [(m, name, b, b.detach().clone())
+             for m in model.modules() for name, b in m._buffers.items() if b is not None]
     try:
         yield model
     finally:
@@ -133,8 +134,9 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
     """Everything a visualization needs to leave training exactly as it was.
 
     Eval mode (restored per submodule), frozen parameters (no ``.grad`` writes, no BatchNorm
-    updates), every buffer restored if it changed (:func:`buffers_kept`), all global RNGs forked and restored (methods draw noise from their own seeded
-    ``torch.Generator``), and autograd enabled even under inference mode; ``torch.compile``d modules
+    updates), every buffer restored if it changed (:func:`buffers_kept`), every global RNG forked
+    and restored (:func:`fork_rng`; methods draw noise from their own seeded ``torch.Generator``),
+    and autograd enabled even under inference mode; ``torch.compile``d modules
     run eagerly (so hooks fire). Yields the unwrapped model.
     """
     model = unwrap_model(model)

@@ -296,7 +296,9 @@ def _bank_put_tensor(bank: dict[str, Any], kind: str, t: Tensor) -> dict[str, An
     old = groups.get(group)
     old = None if old is None else old.to(t.dtype)
     known = {} if old is None else {_row_key(r): i for i, r in enumerate(old)}
-    n_old, new, rows = (0 if old is None else old.shape[0]), [], []
+    n_old = 0 if old is None else old.shape[0]
+    new: list[Tensor] = []
+    rows: list[int] = []
     for r in t:
         k = _row_key(r)
         if k not in known:

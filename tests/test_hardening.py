@@ -19,12 +19,12 @@ import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from helpers import InputGradMap, LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_dataset, tiny_loaders, tiny_trainer
+from helpers import (
+    InputGradMap, LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_dataset, tiny_loaders, tiny_trainer,
+)
 from test_foundation_training import CALLBACK_FACTORIES
 from lightning_viz.callbacks.activations import ActivationCallback
-from lightning_viz.callbacks.base import (
-    BASELINE_STEP, VisualizationCallback, VisualizationError, VisualizationWarning,
-)
+from lightning_viz.callbacks.base import BASELINE_STEP, VisualizationError, VisualizationWarning
 from lightning_viz.callbacks.embeddings import EmbeddingCallback
 from lightning_viz.callbacks.gradients import GradientCallback
 from lightning_viz.callbacks.occlusion import OcclusionCallback
@@ -57,7 +57,8 @@ def _fit_augmenting(tmp_path, callbacks):
     train = DataLoader(Augmenting(24), batch_size=8, shuffle=True, num_workers=0)
     val = DataLoader(Augmenting(12), batch_size=6, num_workers=0)
     tiny_trainer(str(tmp_path), callbacks, max_epochs=2, deterministic=True).fit(model, train, val)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, (torch.rand(1), np.random.rand(), random.random())
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return weights, (torch.rand(1), np.random.rand(), random.random())
 
 
 @pytest.mark.parametrize("probe_source", ["val", "train"])
@@ -207,7 +208,8 @@ def test_validation_schedule_without_validation_is_refused_at_setup(tmp_path, ca
 
 # --------------------------------------------------------------------------- 5. Lightning's schedule convention
 def _steps(tmp_path, cb, max_epochs, **kw):
-    tiny_trainer(str(tmp_path), [cb] + kw.pop("extra", []), max_epochs=max_epochs, **kw).fit(LitTiny(), *tiny_loaders(n=12))
+    trainer = tiny_trainer(str(tmp_path), [cb] + kw.pop("extra", []), max_epochs=max_epochs, **kw)
+    trainer.fit(LitTiny(), *tiny_loaders(n=12))
     acc = read_events(str(tmp_path))
     return scalar_steps(acc, "viz/inputgrad/time_s") if "viz/inputgrad/time_s" in acc.Tags()["scalars"] else []
 
@@ -384,9 +386,10 @@ def test_activation_colormap_is_checked_at_construction():
 
 def test_two_identical_callbacks_point_to_name():
     with pytest.raises(RuntimeError, match=r"Two GradientCallback callbacks have the same checkpoint state key.*name="):
-        L.Trainer(callbacks=[GradientCallback(normalize="fixed"), GradientCallback(normalize="per_image")], logger=False,
-                  accelerator="cpu")
-    L.Trainer(callbacks=[GradientCallback(normalize="fixed"), GradientCallback(name="b")], logger=False, accelerator="cpu")
+        L.Trainer(callbacks=[GradientCallback(normalize="fixed"), GradientCallback(normalize="per_image")],
+                  logger=False, accelerator="cpu")
+    L.Trainer(callbacks=[GradientCallback(normalize="fixed"), GradientCallback(name="b")], logger=False,
+              accelerator="cpu")
 
 
 # --------------------------------------------------------------------------- 9. sharding strategies

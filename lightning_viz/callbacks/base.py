@@ -215,7 +215,8 @@ class VisualizationCallback(Callback):
     ):
         super().__init__()
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
-            raise ValueError(f"every_n_epochs must be an int >= 0 (0 = off, as in ModelCheckpoint); got {every_n_epochs!r}")
+            raise ValueError(
+                f"every_n_epochs must be an int >= 0 (0 = off, as in ModelCheckpoint); got {every_n_epochs!r}")
         if run_on not in ("train_epoch_end", "validation_epoch_end"):
             raise ValueError(f"run_on must be 'train_epoch_end' or 'validation_epoch_end'; got {run_on!r}")
         if probe_source not in ("val", "train"):
@@ -332,8 +333,9 @@ class VisualizationCallback(Callback):
                    for e in range(min(max_epochs, every_val * n))):
             raise ValueError(
                 f"{name} would never run: run_on='validation_epoch_end' with every_n_epochs={n} but the Trainer "
-                f"validates only at epochs {every_val - 1}, {2 * every_val - 1}, ... (check_val_every_n_epoch={every_val}) "
-                f"and max_epochs={max_epochs} ends before any of them is scheduled. Use every_n_epochs=1, a "
+                f"validates only at epochs {every_val - 1}, {2 * every_val - 1}, ... "
+                f"(check_val_every_n_epoch={every_val}) and max_epochs={max_epochs} ends before any of them is "
+                "scheduled. Use every_n_epochs=1, a "
                 f"check_val_every_n_epoch that divides max_epochs, or run_on='train_epoch_end'."
             )
 
@@ -422,7 +424,8 @@ class VisualizationCallback(Callback):
         key = (id(dataset), self.num_probes, self.probe_seed)
         if key not in picks:  # callbacks with the same options share one pick (and one copy in checkpoints)
             try:
-                picks[key] = ProbeSet.from_dataset(dataset, num=self.num_probes, seed=self.probe_seed, mean=mean, std=std)
+                picks[key] = ProbeSet.from_dataset(dataset, num=self.num_probes, seed=self.probe_seed,
+                                                   mean=mean, std=std)
             except Exception as exc:
                 raise VisualizationError(
                     f"{type(self).__name__}: picking {self.num_probes} probe images (probe_seed={self.probe_seed}) "
@@ -443,7 +446,9 @@ class VisualizationCallback(Callback):
         error on any rank (picking probes, computing, or rank 0's logging) raises on every rank
         instead of leaving the others waiting in the next collective.
         """
-        if (not scheduled and not self.should_run(trainer)) or not sink_names(trainer, self.loggers):  # nothing would be written
+        if not scheduled and not self.should_run(trainer):
+            return None
+        if not sink_names(trainer, self.loggers):  # nothing would be written
             return None
         step = trainer.current_epoch if step is None else step
         if _fitting(trainer) and step >= 0:
@@ -535,7 +540,7 @@ class VisualizationCallback(Callback):
         """Move this callback's probes into the checkpoint's shared probe bank (each image stored once)."""
         entry = (checkpoint.get("callbacks") or {}).get(self.state_key)
         probes = entry.get("probes") if isinstance(entry, dict) else None
-        if isinstance(probes, dict) and "images" in probes:
+        if isinstance(entry, dict) and isinstance(probes, dict) and "images" in probes:
             entry["probes"] = {"bank_ref": probe_bank_put(checkpoint.setdefault(PROBE_BANK_KEY, {}), probes)}
 
     @override
@@ -544,7 +549,7 @@ class VisualizationCallback(Callback):
         states = checkpoint.get("callbacks") or {}
         entry = states.get(self.state_key, states.get(self._legacy_state_key))
         probes = entry.get("probes") if isinstance(entry, dict) else None
-        if isinstance(probes, dict) and "bank_ref" in probes:
+        if isinstance(entry, dict) and isinstance(probes, dict) and "bank_ref" in probes:
             entry["probes"] = probe_bank_get(checkpoint[PROBE_BANK_KEY], probes["bank_ref"])
 
 
@@ -622,7 +627,7 @@ def _source_loaders(trainer: Trainer, which: str) -> Any:
         loop = getattr(loop, "val_loop", loop)
     source = getattr(loop, "_data_source", None)
     instance = getattr(source, "instance", None)
-    if instance is None or not source.is_defined():
+    if source is None or instance is None or not source.is_defined():
         return None
     if isinstance(instance, (LightningModule, LightningDataModule)):
         try:
