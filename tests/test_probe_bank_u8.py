@@ -8,11 +8,11 @@ import io
 
 import pytest
 import torch
+from helpers import LitTiny, TinyCNN, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from torchvision import transforms
 
-from helpers import LitTiny, TinyCNN, tiny_trainer
 from lightning_viz.callbacks.embeddings import EmbeddingCallback
 from lightning_viz.callbacks.gradients import GradientCallback
 from lightning_viz.data.shapes import ShapesDataModule, ShapesDataset
