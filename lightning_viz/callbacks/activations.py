@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from ..layers import first_conv_name, last_conv_name, resolve_layers
+from ..layers import first_conv_name, last_conv_name, module_device, module_dtype, resolve_layers
 from ..logging import VizLogger, make_tag
 from ..methods.activations import feature_maps
 from ..probe import ProbeSet
@@ -43,6 +43,7 @@ class ActivationCallback(VisualizationCallback):
     """
 
     method = "activations"
+    model_use = "forward"
 
     def __init__(
         self,
@@ -84,8 +85,9 @@ class ActivationCallback(VisualizationCallback):
         colormap(torch.zeros(1, 1, 1), self.cmap)  # an unknown colormap fails here, at setup
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
-        x = probe.to(pl_module.device, pl_module.dtype)  # e.g. a float64 model (precision='64-true')
-        fmaps = feature_maps(pl_module, x, self.layer_names(pl_module), chunk_size=self.chunk_size)
+        model = self.adapted(pl_module)
+        x = probe.to(module_device(model), module_dtype(model))  # e.g. a float64 network
+        fmaps = feature_maps(model, x, self.layer_names(model), chunk_size=self.chunk_size)
         out: dict[str, Any] = {}
         for name, a in fmaps.items():
             a = a.float()

@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 
-from ..layers import get_layer
+from ..layers import get_layer, module_device, module_dtype
 from ..logging import VizLogger, make_tag
 from ..methods.embeddings import extract_features, knn_accuracy, pca_2d, penultimate_layer, scatter_image, silhouette, tsne_2d
 from ..probe import ProbeSet
@@ -87,7 +87,9 @@ class EmbeddingCallback(VisualizationCallback):
             get_layer(pl_module, self.layer)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
-        feats, logits = extract_features(pl_module, probe.to(pl_module.device, pl_module.dtype), self.layer, self.batch_size)
+        model = self.adapted(pl_module)
+        x = probe.to(module_device(model), module_dtype(model))
+        feats, logits = extract_features(model, x, self.layer, self.batch_size)
         return {"features": feats.cpu(), "prediction": logits.argmax(1).cpu()}
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:

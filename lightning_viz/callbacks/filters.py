@@ -74,6 +74,7 @@ class FilterCallback(VisualizationCallback):
     method = "filters"
     per_probe = False
     needs_probes = False
+    model_use = "none"
 
     def __init__(
         self,

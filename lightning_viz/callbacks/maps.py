@@ -81,10 +81,11 @@ class MapCallback(VisualizationCallback):
 
     # ------------------------------------------------------------------ base implementation
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
-        maps = self.compute_maps(pl_module, probe)
+        model = self.adapted(pl_module)  # logits_fn applied; layer names unchanged
+        maps = self.compute_maps(model, probe)
         out: dict[str, Any] = {MAP_PREFIX + k: v.detach().float().cpu() for k, v in maps.items()}
         if self.tracker is not None:
-            out.update(self.tracker.compute(pl_module, probe, maps, callback=self))
+            out.update(self.tracker.compute(model, probe, maps, callback=self))
         return out
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:

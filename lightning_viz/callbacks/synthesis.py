@@ -159,6 +159,7 @@ class ClassModelCallback(_InputOptimizationCallback):
         return (*super().state_key_parts(), tuple(self.classes or ()), self.l2)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        pl_module = self.adapted(pl_module)
         shape = self.image_shape(probe)
         classes = self.classes
         if classes is None:
@@ -190,6 +191,7 @@ class UnitCallback(_InputOptimizationCallback):
 
     method = "units"
     per_probe = False
+    model_use = "forward"
 
     def __init__(self, layer: str, channels: list[int], unit: Literal["channel", "neuron"] = "channel", **kwargs: Any):
         super().__init__(**kwargs)
@@ -212,6 +214,7 @@ class UnitCallback(_InputOptimizationCallback):
             raise ValueError(f"UnitCallback: layer {self.layer!r} has {n} channels (0..{n - 1}); got channels {self.channels}")
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        pl_module = self.adapted(pl_module)
         res = unit_images(pl_module, self.layer, self.channels, self.image_shape(probe), unit=self.unit,
                           **self.optimize_kwargs(pl_module, probe))
         return {"images": res.images.cpu(), "scores": res.scores.cpu()}
@@ -233,6 +236,7 @@ class InversionCallback(_InputOptimizationCallback):
     """
 
     method = "inversion"
+    model_use = "forward"
 
     def __init__(self, layer: str, init: Literal["zero", "gray", "noise"] = "noise", tv: float = 1e-3,
                  l2: float = 1e-4, **kwargs: Any):
@@ -246,6 +250,7 @@ class InversionCallback(_InputOptimizationCallback):
         get_layer(pl_module, self.layer)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        pl_module = self.adapted(pl_module)
         kw = self.optimize_kwargs(pl_module, probe)
         x = probe.to(module_device(pl_module), module_dtype(pl_module))
         if self.init == "noise":  # per-probe noise: the same reconstruction whatever the split over ranks
@@ -332,6 +337,7 @@ class AdversarialCallback(VisualizationCallback):
         return (*super().state_key_parts(), self.epsilon, self.attack, self.target)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        pl_module = self.adapted(pl_module)
         n = len(probe)
         step = self.chunk_size or n
         parts = [self.attack_probes(pl_module, probe.subset(slice(i, i + step))) for i in range(0, n, step)]
