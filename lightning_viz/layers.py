@@ -187,8 +187,9 @@ def default_cam_layer(model: nn.Module, x: Tensor) -> str:
 
     The *final spatial feature map* is the last ``[B, C, h, w]`` module output completed before the global pooling
     starts (the last module without convolutions that turns a spatial map into a vector or a ``1x1`` map, or the
-    last adaptive pooling; squeeze-excitation pools come before it). Of the modules that return that very tensor (e.g. ``layer4``, ``layer4.1`` and its last
-    ``relu``), the outermost is the stage and its child returning it the last block: ``layer4.1`` of a ResNet
+    last adaptive pooling; squeeze-excitation pools come before it). Of the modules that return that very tensor
+    (e.g. ``layer4``, ``layer4.1`` and its last ``relu``), the outermost is the stage and its child returning it
+    the last block: ``layer4.1`` of a ResNet
     (``model.layer4[-1]``), ``features.<last>`` of VGG / DenseNet / MobileNet / EfficientNet / ConvNeXt -- the
     layer CAM libraries tell users to pick. Not the last conv, which sits before the last BatchNorm, residual
     add and ReLU (Grad-CAM maps of residual nets are degenerate there).

@@ -159,8 +159,8 @@ def read_logits(out: Any) -> Tensor:
         return out["logits"]
     if isinstance(getattr(out, "logits", None), Tensor):
         return out.logits
-    raise ModelOutputError(f"the model returned {describe_output(out)}, which has no logits tensor (not a Tensor, and no "
-                           f"'logits' entry or attribute); {_LOGITS_HINT}.")
+    raise ModelOutputError(f"the model returned {describe_output(out)}, which has no logits tensor (not a Tensor, "
+                           f"and no 'logits' entry or attribute); {_LOGITS_HINT}.")
 
 
 def resolve_logits_fn(spec: Optional[LogitsFn]) -> Optional[Callable[[nn.Module, Tensor], Any]]:

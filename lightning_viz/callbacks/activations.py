@@ -114,7 +114,10 @@ class ActivationCallback(VisualizationCallback):
             logger.scalar(make_tag(self.method, name, "dead_fraction"), nonpos.sum().float() / numel.sum().float())
             dead = (results[f"chmax:{name}"].amax(dim=0) <= 0).float().mean()
             logger.scalar(make_tag(self.method, name, "dead_channels"), dead)
-            for pid, m in zip(probe.ids, maps):  # m: [k, h, w]
+            ok = self.warn_non_finite(f"the {name} activations", maps)
+            for pid, m, finite in zip(probe.ids, maps, ok.tolist()):  # m: [k, h, w]
+                if not finite:
+                    continue
                 m01 = normalize_maps(m, "fixed", vmin=float(m.min()), vmax=float(m.max()))
                 tiles = colormap(resize_maps(m01, size, mode="nearest"), self.cmap)
                 logger.image(make_tag(self.method, name, pid), image_grid(tiles, padding=1))

@@ -312,7 +312,7 @@ class VisualizationCallback(Callback):
         if self.probes is not None and len(self.probes) > 0:
             x = self.probes.subset(slice(0, 1)).to("cpu")
         else:
-            dataset = _find_dataset(trainer, self.probe_source)
+            dataset = _find_dataset(trainer, self.probe_source) or _fit_argument_dataset(trainer, self.probe_source)
             if dataset is not None:
                 image = read_item(dataset, 0)[0]
                 x = image[None] if isinstance(image, Tensor) and image.is_floating_point() else None
@@ -499,4 +499,23 @@ def _find_dataset(trainer: Trainer, source: str) -> Any:
                     return dataset
             except TypeError:  # iterable dataset
                 continue
+    return None
+
+
+def _fit_argument_dataset(trainer: Trainer, source: str) -> Any:
+    """At setup, the map-style dataset of dataloaders passed to ``trainer.fit(model, train, val)`` (attached to the
+    trainer only later), val first for ``source="val"``; ``None`` if there is none."""
+    loops = [getattr(trainer, "validate_loop", None), getattr(trainer, "fit_loop", None)]
+    for loop in loops if source == "val" else loops[::-1]:
+        loaders = getattr(getattr(loop, "_data_source", None), "instance", None)
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        if isinstance(loaders, dict):
+            loaders = next(iter(loaders.values()), None)
+        dataset = getattr(loaders, "dataset", None)
+        try:
+            if dataset is not None and len(dataset) > 0:
+                return dataset
+        except TypeError:  # iterable dataset
+            continue
     return None

@@ -17,7 +17,8 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from ..capture import capture
-from ..layers import CONV_TYPES, default_cam_layer, get_layer, linear_layer_names, named_layers, require_conv, resolve_layers
+from ..layers import (CONV_TYPES, default_cam_layer, get_layer, linear_layer_names, named_layers, require_conv,
+                      resolve_layers)
 from ..methods.cam import (GUIDED_CAM_METHODS, cam_from_pass, cam_head, canonical_cam_method, guided_cam_from_passes,
                            scorecam_from_pass, verify_cam_head)
 from ..methods.gradients import reduce_channels
@@ -147,6 +148,7 @@ class CAMCallback(GradientMapCallback):
                 else:
                     src = plain
                     if m == "cam" and self._rectified.get(layer):  # the head reads ReLU(A): so must CAM
-                        src = dataclasses.replace(plain, activations={**plain.activations, layer: plain.layer(layer)[0].relu()})
+                        rectified = {**plain.activations, layer: plain.layer(layer)[0].relu()}
+                        src = dataclasses.replace(plain, activations=rectified)
                     out[f"{m}/{layer}"] = cam_from_pass(src, layer, m, tuple(x.shape[-2:]), pl_module)
         return out

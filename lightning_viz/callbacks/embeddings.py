@@ -94,6 +94,12 @@ class EmbeddingCallback(VisualizationCallback):
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
         feats, preds, labels = results["features"], results["prediction"], probe.labels
+        ok = self.warn_non_finite(f"the {self.layer_tag} features", feats)
+        if int(ok.sum()) < 2:
+            return  # nothing to project (warned)
+        if not bool(ok.all()):  # leave the non-finite probes out of everything
+            feats, preds = feats[ok], preds[ok]
+            labels = None if labels is None else labels[ok]
         name = self.layer_tag
         for proj in self.projection:
             pts = pca_2d(feats) if proj == "pca" else tsne_2d(feats, seed=self.probe_seed, perplexity=self.tsne_perplexity)
@@ -105,8 +111,8 @@ class EmbeddingCallback(VisualizationCallback):
         if self.projector:
             lab = ["?"] * len(preds) if labels is None else [str(int(v)) for v in labels]
             metadata = [[a, str(int(p))] for a, p in zip(lab, preds)]
-            sprites = F.interpolate(probe.display_images(), size=(self.sprite_size, self.sprite_size), mode="bilinear",
-                                    align_corners=False).clamp(0, 1)
+            sprites = F.interpolate(probe.display_images()[ok], size=(self.sprite_size, self.sprite_size),
+                                    mode="bilinear", align_corners=False).clamp(0, 1)
             if sprites.shape[1] == 1:
                 sprites = sprites.expand(-1, 3, -1, -1)
             logger.embedding(feats, metadata=metadata, label_img=sprites, tag=make_tag(self.method, name),

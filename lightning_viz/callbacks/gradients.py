@@ -85,8 +85,8 @@ class GradientMapCallback(MapCallback):
     def get_pass(self, pl_module: LightningModule, probe: ProbeSet, x: Tensor, rule: Optional[str],
                  layers: list[str]) -> PassResult:
         """The pass of ``rule`` over (at least) ``layers`` on this probe set, computed once per model state."""
-        return self.cache(pl_module).get(self.adapted(pl_module), x, probe.fingerprint(), self.target, probe.labels, layers, rule,
-                                         self.chunk_size)
+        return self.cache(pl_module).get(self.adapted(pl_module), x, probe.fingerprint(), self.target, probe.labels,
+                                         layers, rule, self.chunk_size)
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return super().state_key_parts() + (self.target.name,)

@@ -191,7 +191,6 @@ class UnitCallback(_InputOptimizationCallback):
 
     method = "units"
     per_probe = False
-    model_use = "forward"
 
     def __init__(self, layer: str, channels: list[int], unit: Literal["channel", "neuron"] = "channel", **kwargs: Any):
         super().__init__(**kwargs)
@@ -236,7 +235,6 @@ class InversionCallback(_InputOptimizationCallback):
     """
 
     method = "inversion"
-    model_use = "forward"
 
     def __init__(self, layer: str, init: Literal["zero", "gray", "noise"] = "noise", tv: float = 1e-3,
                  l2: float = 1e-4, **kwargs: Any):

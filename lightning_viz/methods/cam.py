@@ -149,7 +149,8 @@ def verify_cam_head(activations: Tensor, logits: Tensor, head: nn.Linear, layer:
     BatchNorm / residual add): clear error. Returns ``True`` when the head reads ``ReLU(A)`` instead of ``A``
     (a functional ``F.relu`` between the layer and the pooling): CAM must then use ``ReLU(A)``."""
     if activations.ndim != 4:
-        raise LayerNotFoundError(f"CAM needs a layer with [B, K, h, w] output; {layer!r} gives {tuple(activations.shape)}")
+        raise LayerNotFoundError(f"CAM needs a layer with [B, K, h, w] output; {layer!r} gives "
+                                 f"{tuple(activations.shape)}")
     w = head.weight.detach().double().to(activations.device)
     if activations.shape[1] != w.shape[1]:
         raise LayerNotFoundError(
