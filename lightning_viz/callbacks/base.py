@@ -312,7 +312,9 @@ class VisualizationCallback(Callback):
         if self.probes is not None and len(self.probes) > 0:
             x = self.probes.subset(slice(0, 1)).to("cpu")
         else:
-            dataset = _find_dataset(trainer, self.probe_source) or _fit_argument_dataset(trainer, self.probe_source)
+            dataset = _find_dataset(trainer, self.probe_source)
+            if dataset is None:  # dataloaders passed to fit() are attached to the trainer only later
+                dataset = _fit_argument_dataset(trainer, self.probe_source)
             if dataset is not None:
                 image = read_item(dataset, 0)[0]
                 x = image[None] if isinstance(image, Tensor) and image.is_floating_point() else None
