@@ -3,8 +3,9 @@
 It owns everything that is the same for every method: the schedule (``every_n_epochs``, train- or
 validation-epoch end, never during the sanity check), the probe set (picked once, saved in
 checkpoints), isolation (the model is left exactly as it was), the rank split and gather under DDP,
-timing, and rank-0-only writing to TensorBoard. A subclass overrides :meth:`compute` (all ranks, its
-shard of the probes, returns per-probe tensors) and :meth:`log_results` (rank 0, the gathered results).
+timing, and rank-0-only writing to the trainer's loggers (:mod:`lightning_viz.logging`). A subclass
+overrides :meth:`compute` (all ranks, its shard of the probes, returns per-probe tensors) and
+:meth:`log_results` (rank 0, the gathered results).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..capture import isolated
 from ..layers import module_device, module_dtype
-from ..logging import VizLogger, find_tensorboard, make_tag, tensorboard_command
+from ..logging import NothingWrittenWarning, VizLogger, check_sinks, describe_sinks, make_tag, sink_names
 from ..probe import ProbeSet, read_item
 from ..targets import ModelAdapter, ModelOutputError, describe_output, model_adapter, read_logits, resolve_logits_fn
 
@@ -60,12 +61,7 @@ def _announce(trainer: Trainer) -> None:
         return
     _announced.add(trainer)
     cbs = [cb for cb in trainer.callbacks if isinstance(cb, VisualizationCallback)]
-    tb = find_tensorboard(trainer)
-    where = (
-        f"writing to {tb.log_dir}; view with: {tensorboard_command(tb.save_dir)}"
-        if tb is not None
-        else "but the trainer has no TensorBoardLogger, so nothing will be written"
-    )
+    where = describe_sinks(trainer) if trainer.is_global_zero else ""
     names = ", ".join(f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'} (every {cb.every_n_epochs})" for cb in cbs)
     rank_zero_info(f"lightning-viz: {len(cbs)} visualization callback(s): {names}; {where}")
 
@@ -168,6 +164,10 @@ class VisualizationCallback(Callback):
         logits_fn: how to call the model and get logits ``[B, K]``: a callable ``(model, x) -> logits`` or its
             dotted import path (``"my_pkg.heads.logits"``, for YAML). Default: ``model(x)``, whose output is used
             as is when a tensor, else its ``logits`` entry or attribute. Checked by one forward at setup.
+        loggers: where to write, by name: ``None`` (default) every logger in ``trainer.loggers`` (plus the
+            plain image folder when none of them stores images), or a list of the trainer's logger names
+            (``"tensorboard"``, ``"csv"``, ``"mlflow"``, ``"wandb"``, ...) and ``"folder"``. ``[]`` writes
+            nowhere, and then nothing is computed (one warning).
     """
 
     method: str = "viz"
@@ -192,6 +192,7 @@ class VisualizationCallback(Callback):
         name: Optional[str] = None,
         on_error: Literal["raise", "warn"] = "raise",
         logits_fn: Optional[Union[str, Callable]] = None,
+        loggers: Optional[list[str]] = None,
     ):
         super().__init__()
         if every_n_epochs < 1:
@@ -204,6 +205,8 @@ class VisualizationCallback(Callback):
             raise ValueError(f"num_probes must be >= 1; got {num_probes}")
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error must be 'raise' or 'warn'; got {on_error!r}")
+        if isinstance(loggers, str):
+            raise ValueError(f"loggers must be a list of logger names, e.g. [{loggers!r}]; got the string {loggers!r}")
         if name is not None and (not name.strip() or "/" in name):
             raise ValueError(f"name must be a non-empty tag part without '/'; got {name!r}")
         self.every_n_epochs = every_n_epochs
@@ -218,6 +221,7 @@ class VisualizationCallback(Callback):
         resolve_logits_fn(logits_fn)  # a bad path or type fails here
         self.logits_fn = logits_fn
         self._adapter: ModelAdapter | None = None
+        self.loggers = None if loggers is None else list(loggers)
         self.last_logged_tags: list[str] = []
         self.last_duration_s: float | None = None
 
@@ -287,6 +291,11 @@ class VisualizationCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.check(pl_module)
+        check_sinks(trainer, self.loggers, type(self).__name__)
+        if not sink_names(trainer, self.loggers):
+            rank_zero_warn(f"lightning-viz: {type(self).__name__} writes nowhere (loggers={self.loggers}), so it "
+                           "computes nothing. Attach a logger or allow one, e.g. loggers=None (all) or ['folder'].",
+                           category=NothingWrittenWarning)
         every_val = getattr(trainer, "check_val_every_n_epoch", None) or 1  # validation ends epochs k*every_val - 1
         n = self.every_n_epochs
         if stage == "fit" and self.run_on == "validation_epoch_end" and not any(
@@ -400,7 +409,7 @@ class VisualizationCallback(Callback):
         error on any rank (picking probes, computing, or rank 0's logging) raises on every rank
         instead of leaving the others waiting in the next collective.
         """
-        if not self.should_run(trainer):
+        if not self.should_run(trainer) or not sink_names(trainer, self.loggers):  # nothing would be written
             return None
         rank, world = _world(trainer)
         start = time.perf_counter()
@@ -428,18 +437,20 @@ class VisualizationCallback(Callback):
         else:
             results = local
         if rank == 0 and error is None and results is not None:
-            logger = VizLogger.from_trainer(trainer, step=trainer.current_epoch, namespace=self.name)
             stage = "log"
             try:
-                self.log_results(logger, results, probe, trainer)
-                self.last_duration_s = time.perf_counter() - start
-                if self.log_time:
-                    logger.scalar(make_tag(self.method, "time_s"), self.last_duration_s)
-            except Exception as exc:
+                logger = VizLogger.from_trainer(trainer, step=trainer.current_epoch, namespace=self.name,
+                                                loggers=self.loggers)
+                try:
+                    self.log_results(logger, results, probe, trainer)
+                    self.last_duration_s = time.perf_counter() - start
+                    if self.log_time:
+                        logger.scalar(make_tag(self.method, "time_s"), self.last_duration_s)
+                finally:
+                    self.last_logged_tags = logger.written
+                    logger.flush()
+            except Exception as exc:  # shared with the other ranks below
                 error = exc
-            finally:
-                logger.flush()
-            self.last_logged_tags = logger.written
         if world > 1 and _dist_ready():
             try:
                 _share_rank0_error(error if rank == 0 else None, self.method)
