@@ -174,6 +174,23 @@ def test_nan_model_warns_and_never_poisons_fixed_scales(tmp_path):
     assert grad.state_dict()["extra"]["scales"]["saliency/input"]["vmax"] is None
 
 
+def test_every_callback_survives_a_nan_model_with_a_warning(tmp_path):
+    """All weights NaN: no callback crashes; each one whose results turn non-finite warns, naming itself."""
+    torch.manual_seed(0)
+    model = LitTiny(TinyCNN(width=4), lr=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    cbs = all_callbacks()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        fit(tmp_path, model, cbs)
+    warned = {str(w.message).split(":")[0] for w in rec if issubclass(w.category, VisualizationWarning)}
+    for cb in cbs:
+        assert cb.last_logged_tags, type(cb).__name__
+    assert warned == {type(cb).__name__ for cb in cbs} - {"AdversarialCallback"}  # its images stay finite
+
+
 def test_fixed_scale_ignores_non_finite_values():
     scale = FixedScale(quantile=1.0)
     assert scale.update(torch.full((2, 3, 3), float("nan"))) == (0.0, 1.0) and scale.vmax is None  # waits

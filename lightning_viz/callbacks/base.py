@@ -256,15 +256,16 @@ class VisualizationCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_adapter": None}  # the adapter holds the model: never pickled with the callback
 
-    def warn_non_finite(self, what: str, values: Tensor) -> Tensor:
-        """``True`` per row of ``values`` (dim 0: probes) that is all finite; warns (rank 0, naming this callback)
+    def warn_non_finite(self, what: str, values: Tensor, rows: str = "probes") -> Tensor:
+        """``True`` per row of ``values`` (dim 0: ``rows``) that is all finite; warns (rank 0, naming this callback)
         when some are not, e.g. after the model's weights became NaN."""
         ok = torch.isfinite(values.detach()).flatten(1).all(dim=1) if values.ndim > 1 else torch.isfinite(values)
         if not bool(ok.all()):
             rank_zero_warn(
                 f"{type(self).__name__}: {what} contain non-finite values (NaN or inf) for {int((~ok).sum())} of "
-                f"{ok.numel()} probes (has the model diverged?); these are left out of the images, statistics and "
-                "fixed scales.", category=VisualizationWarning)
+                f"{ok.numel()} {rows} (has the model diverged?)"
+                + ("; these are left out of the images, statistics and fixed scales." if rows == "probes" else "."),
+                category=VisualizationWarning)
         return ok
 
     def needs_labels(self) -> bool:

@@ -122,6 +122,7 @@ class TopPatchesCallback(VisualizationCallback):
         for name in self.layers:
             units = results["units:" + name][0].tolist()
             top: TopK = merge_topk([TopK.from_rows(results[name])], self.k)
+            self.warn_non_finite(f"the {name} top activations", top.values, rows="units")
             boxes = self.boxes(trainer.lightning_module, name, tuple(probe.images.shape[1:]))
             for u, c in enumerate(units):
                 img_idx = top.image[u]

@@ -173,6 +173,7 @@ class ClassModelCallback(_InputOptimizationCallback):
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         mean, std = (probe.mean, probe.std) if probe is not None else (None, None)
+        self.warn_non_finite("the class-model images", results["images"], rows="classes")
         logger.image(make_tag(self.method, "grid"), image_grid(_display(results["images"], mean, std)))
         for c, s in zip(results["classes"].tolist(), results["scores"]):
             logger.scalar(make_tag(self.method, f"class{c}", "score"), s)
@@ -220,6 +221,7 @@ class UnitCallback(_InputOptimizationCallback):
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         mean, std = (probe.mean, probe.std) if probe is not None else (None, None)
+        self.warn_non_finite(f"the {self.layer} unit images", results["images"], rows="channels")
         logger.image(make_tag(self.method, self.layer, "grid"), image_grid(_display(results["images"], mean, std)))
         for c, s in zip(self.channels, results["scores"]):
             logger.scalar(make_tag(self.method, self.layer, f"ch{c}", "activation"), s)
@@ -259,6 +261,7 @@ class InversionCallback(_InputOptimizationCallback):
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         originals = probe.display_images()
+        self.warn_non_finite(f"the {self.layer} reconstructions", results["images"], rows="probes")
         recons = _display(results["images"], probe.mean, probe.std)
         for pid, orig, rec in zip(probe.ids, originals, recons):
             logger.image(make_tag(self.method, self.layer, pid), image_grid(torch.stack([orig, rec]), nrow=2))
@@ -367,6 +370,7 @@ class AdversarialCallback(VisualizationCallback):
         return out
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        self.warn_non_finite("the adversarial images", results["adv"], rows="probes")
         delta = results["adv"] - probe.images.float()
         flat = delta.flatten(1)
         amplified = (0.5 + delta / (2 * self.epsilon)).clamp(0, 1)  # the full budget [-eps, eps] spans [0, 1]
