@@ -217,6 +217,7 @@ def test_cam_refuses_a_layer_without_the_gap_linear_head_at_setup(tmp_path, laye
     with pytest.raises(LayerNotFoundError, match=match):
         fit(tmp_path, model, [CAMCallback(methods=["cam"], layers=[layer], num_probes=2)],
             data=tiny_loaders(n=6, batch_size=6, size=32))
+    assert model.steps == 0  # refused before training
 
 
 def test_cam_head_accepts_the_layers_that_feed_it():
