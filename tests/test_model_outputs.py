@@ -73,7 +73,7 @@ class LitHead(LitTiny):
 
 def all_callbacks(**kw):
     """One callback of every family (tiny settings); ``kw`` goes to every one (e.g. ``logits_fn``)."""
-    syn = dict(steps=2, num_probes=2, **kw)
+    syn = dict(steps=2, **kw)
     return [
         FilterCallback(**kw),
         ActivationCallback(num_probes=2, **kw),
@@ -84,8 +84,8 @@ def all_callbacks(**kw):
         TopPatchesCallback(layers=["net.conv2"], num_units=2, k=2, num_probes=4, **kw),
         EmbeddingCallback(num_probes=6, **kw),
         ClassModelCallback(**syn),
-        UnitCallback(layer="net.conv2", channels=[0, 1], **syn),
-        InversionCallback(layer="net.conv2", **syn),
+        UnitCallback(layers="net.conv2", channels=[0, 1], **syn),
+        InversionCallback(layers="net.conv2", num_probes=2, **syn),
         AdversarialCallback(steps=2, num_probes=2, min_flip_iterations=1, **kw),
     ]
 
@@ -162,7 +162,7 @@ def test_nan_model_warns_and_never_poisons_fixed_scales(tmp_path):
     model = LitTiny(TinyCNN(width=4), lr=0.0)
     with torch.no_grad():
         model.net.fc.weight.fill_(float("nan"))
-    emb = EmbeddingCallback(layer="net.fc", num_probes=6)
+    emb = EmbeddingCallback(layers="net.fc", num_probes=6)
     grad = GradientCallback(num_probes=2, normalize="fixed")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")

@@ -21,6 +21,7 @@ from ..logging import VizLogger, make_tag
 from ..methods.activations import feature_maps
 from ..probe import ProbeSet
 from ..render import colormap, image_grid, normalize_maps, resize_maps
+from ._options import LayersSpec, as_layer_list
 from .base import VisualizationCallback
 
 __all__ = ["ActivationCallback"]
@@ -48,7 +49,7 @@ class ActivationCallback(VisualizationCallback):
 
     def __init__(
         self,
-        layers: Optional[list[str]] = None,
+        layers: LayersSpec = None,
         max_channels: int = 16,
         channels: Literal["first", "top"] = "first",
         cmap: str = "viridis",
@@ -63,12 +64,7 @@ class ActivationCallback(VisualizationCallback):
             raise ValueError(f"ActivationCallback: channels must be 'first' or 'top'; got {channels!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"ActivationCallback: chunk_size must be >= 1 or None; got {chunk_size}")
-        if isinstance(layers, str):
-            layers = [layers]
-        if layers is not None and len(layers) == 0:
-            raise ValueError("ActivationCallback: layers must name at least one layer, or be None (first conv and "
-                             "last block)")
-        self.layers = None if layers is None else list(layers)
+        self.layers = as_layer_list(type(self).__name__, layers)  # None: the first conv and the last block
         self.max_channels = max_channels
         self.channels = channels
         self.cmap = cmap

@@ -19,11 +19,12 @@ from torch import Tensor
 from ..capture import capture
 from ..layers import (CONV_TYPES, default_cam_layer, get_layer, linear_layer_names, named_layers, require_conv,
                       resolve_layers)
-from ..methods.cam import (GUIDED_CAM_METHODS, cam_from_pass, cam_head, canonical_cam_method, guided_cam_from_passes,
-                           scorecam_from_pass, verify_cam_head)
+from ..methods.cam import (cam_head, cam_variant, canonical_cam_method, guided_cam_from_passes, variant_from_pass,
+                           verify_cam_head)
 from ..methods.gradients import reduce_channels
 from ..probe import ProbeSet
 from ..targets import CallableTarget
+from ._options import LayersSpec, as_layer_list
 from .gradients import GradientMapCallback
 
 __all__ = ["CAMCallback"]
@@ -33,11 +34,12 @@ class CAMCallback(GradientMapCallback):
     """Class activation maps of the probe images.
 
     Args:
-        methods: any of ``cam``, ``gradcam``, ``gradcampp`` (or ``gradcam++``), ``xgradcam``, ``layercam``,
-            ``counterfactual_gradcam``, ``scorecam`` (K extra masked forwards per image), ``guided_gradcam``,
-            ``guided_gradcampp`` (or ``guided_gradcam++``).
-        layers: layer names (``model.named_modules()``, e.g. ``net.layer4``); default: the last block feeding
-            global pooling (:func:`~lightning_viz.layers.default_cam_layer`: ``layer4.1`` of a ResNet,
+        methods: any of :data:`~lightning_viz.methods.cam.CAM_VARIANTS`: ``cam``, ``gradcam``, ``gradcampp``
+            (or ``gradcam++``), ``xgradcam``, ``layercam``, ``counterfactual_gradcam``, ``hirescam``,
+            ``eigencam`` (class-agnostic), ``scorecam`` and ``ablationcam`` (K extra forwards per image),
+            ``guided_gradcam``, ``guided_gradcampp`` (or ``guided_gradcam++``).
+        layers: layer name or names (``model.named_modules()``, e.g. ``net.layer4``); default: the last block
+            feeding global pooling (:func:`~lightning_viz.layers.default_cam_layer`: ``layer4.1`` of a ResNet,
             ``features.<last>`` of VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt), found by one forward at setup.
             Blocks containing convolutions are fine; ``cam`` also needs the GAP + linear head right after the
             layer (verified numerically at setup).
@@ -52,8 +54,8 @@ class CAMCallback(GradientMapCallback):
 
     def __init__(
         self,
-        methods: list[str] = ["gradcam"],  # noqa: B006 - jsonargparse needs the literal default
-        layers: Optional[list[str]] = None,
+        methods: list[str] = ["gradcam"],
+        layers: LayersSpec = None,
         target: Union[str, int] = "label",
         reduce: Literal["abs_max", "sum", "abs_sum"] = "abs_max",
         chunk_size: Optional[int] = None,
@@ -66,15 +68,14 @@ class CAMCallback(GradientMapCallback):
         if not methods:
             raise ValueError("CAMCallback needs at least one method")
         self.methods = list(dict.fromkeys(canonical_cam_method(m) for m in methods))
-        if "cam" in self.methods and isinstance(self.target, CallableTarget):
-            raise ValueError("method 'cam' needs a target class ('label', 'predicted' or a class index); "
+        needs_class = [m for m in self.methods if cam_variant(m).needs_class]
+        if needs_class and isinstance(self.target, CallableTarget):
+            raise ValueError(f"method {needs_class[0]!r} needs a target class ('label', 'predicted' or a class index); "
                              "a callable target has none. Use 'gradcam' with a callable target.")
         if reduce not in ("abs_max", "sum", "abs_sum"):
             raise ValueError(f"reduce must be 'abs_max', 'sum' or 'abs_sum'; got {reduce!r}")
         self.reduce = reduce
-        self.layer_names = [layers] if isinstance(layers, str) else (None if layers is None else list(dict.fromkeys(layers)))
-        if self.layer_names == []:
-            raise ValueError("layers must name at least one layer, or be None for the last block before global pooling")
+        self.layer_names = as_layer_list(type(self).__name__, layers)  # None: the last block before global pooling
         self.layers: list[str] = []
         self._head_verified = False
         self._rectified: dict[str, bool] = {}  # cam: layers whose output reaches the head through a functional ReLU
@@ -82,7 +83,7 @@ class CAMCallback(GradientMapCallback):
     def check(self, pl_module: LightningModule) -> None:
         if self.layer_names is None:  # the default layer needs a forward: found in check_input (setup) or compute
             if not self.layers:
-                if "cam" in self.methods:  # refuse now if no layer at all has the head's channel count
+                if self._uses_head():  # refuse now if no layer at all has the head's channel count
                     widths = {getattr(m, a) for m in named_layers(pl_module).values()
                               for a in ("out_channels", "num_features") if isinstance(getattr(m, a, None), int)}
                     linears = linear_layer_names(pl_module)
@@ -95,7 +96,7 @@ class CAMCallback(GradientMapCallback):
             layer = get_layer(pl_module, name)
             if self.layer_names is not None and not any(isinstance(m, CONV_TYPES) for m in layer.modules()):
                 require_conv(pl_module, name, "CAM")  # raises, listing the conv layers
-            if "cam" in self.methods and isinstance(layer, CONV_TYPES):
+            if any(cam_variant(m).head for m in self.methods) and isinstance(layer, CONV_TYPES):
                 cam_head(pl_module, layer.out_channels, name)
         super().check(pl_module)
 
@@ -103,20 +104,23 @@ class CAMCallback(GradientMapCallback):
         if self.layer_names is None:
             self.layers = [default_cam_layer(model, x)]
             self.check(model)
-        if "cam" in self.methods:
+        if self._uses_head():
             with torch.no_grad(), capture(model, self.layers) as cap:
                 logits = model(x)
                 self._verify_head(model, logits, {n: cap[n] for n in self.layers})
 
+    def _uses_head(self) -> bool:
+        return any(cam_variant(m).head for m in self.methods)
+
     def _verify_head(self, model: Any, logits: Tensor, activations: dict[str, Tensor]) -> None:
-        """``cam`` only: each layer must feed the GAP + linear head (numerical check, once)."""
+        """Variants with the classifier head (``cam``) only: each layer must feed the GAP + linear head (numerical check, once)."""
         self._rectified = {name: verify_cam_head(a, logits, cam_head(model, a.shape[1], name), name)
                            for name, a in activations.items()}
         self._head_verified = True
 
     def pass_needs(self, pl_module: LightningModule) -> dict[Optional[str], list[str]]:
         needs: dict[Optional[str], list[str]] = {None: list(self.layers)}
-        if any(m in GUIDED_CAM_METHODS for m in self.methods):
+        if any(cam_variant(m).guided for m in self.methods):
             needs["guided"] = []
         return needs
 
@@ -132,23 +136,21 @@ class CAMCallback(GradientMapCallback):
                 self.layers = [default_cam_layer(pl_module, x[:1])]
                 self.check(pl_module)
         plain = self.get_pass(pl_module, probe, x, None, self.layers)
-        if "cam" in self.methods and not self._head_verified:
+        if self._uses_head() and not self._head_verified:
             self._verify_head(pl_module, plain.logits, {n: plain.layer(n)[0] for n in self.layers})
         guided = None
-        if any(m in GUIDED_CAM_METHODS for m in self.methods):
+        if any(cam_variant(m).guided for m in self.methods):
             guided = self.get_pass(pl_module, probe, x, "guided", [])
         out: dict[str, Tensor] = {}
         for layer in self.layers:
             for m in self.methods:
-                if m in GUIDED_CAM_METHODS:
+                if guided is not None and cam_variant(m).guided:
                     out[f"{m}/{layer}"] = reduce_channels(guided_cam_from_passes(plain, guided, layer, m), self.reduce)
-                elif m == "scorecam":
-                    out[f"{m}/{layer}"] = scorecam_from_pass(plain, pl_module, x, layer, self.target, probe.labels,
-                                                             self.chunk_size)
                 else:
                     src = plain
-                    if m == "cam" and self._rectified.get(layer):  # the head reads ReLU(A): so must CAM
+                    if cam_variant(m).head and self._rectified.get(layer):  # the head reads ReLU(A): so must CAM
                         rectified = {**plain.activations, layer: plain.layer(layer)[0].relu()}
                         src = dataclasses.replace(plain, activations=rectified)
-                    out[f"{m}/{layer}"] = cam_from_pass(src, layer, m, tuple(x.shape[-2:]), pl_module)
+                    out[f"{m}/{layer}"] = variant_from_pass(src, layer, m, tuple(x.shape[-2:]), pl_module, x,
+                                                            self.target, probe.labels, self.chunk_size)
         return out
