@@ -211,7 +211,7 @@ def default_cam_layer(model: nn.Module, x: Tensor) -> str:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             clock[0] += 1
             first = inputs[0] if inputs else None
-            if not has_conv[name] and _spatial(first) and isinstance(output, Tensor) and (
+            if not has_conv[name] and isinstance(first, Tensor) and _spatial(first) and isinstance(output, Tensor) and (
                     isinstance(module, _ADAPTIVE_POOLS) or (_spatial(first) > 1 and (
                         _spatial(output) == 1 or output.ndim == 2) and output.numel() < first.numel())):
                 pool_start.append(starts[name])  # a pooling without convs reducing space away (e.g. in SE blocks too)

@@ -8,13 +8,23 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from helpers import LitTiny, TinyCNN, read_events, tiny_dataset, tiny_loaders, tiny_trainer
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from lightning_viz.callbacks import (ActivationCallback, AdversarialCallback, CAMCallback, ClassModelCallback,
-                                     EmbeddingCallback, FilterCallback, GradientCallback, InversionCallback,
-                                     OcclusionCallback, TopPatchesCallback, UnitCallback)
+
+from lightning_viz.callbacks import (
+    ActivationCallback,
+    AdversarialCallback,
+    CAMCallback,
+    ClassModelCallback,
+    EmbeddingCallback,
+    FilterCallback,
+    GradientCallback,
+    InversionCallback,
+    OcclusionCallback,
+    TopPatchesCallback,
+    UnitCallback,
+)
 from lightning_viz.callbacks.base import VisualizationWarning
 from lightning_viz.capture import isolated
 from lightning_viz.layers import LayerNotFoundError, default_cam_layer
@@ -78,7 +88,8 @@ def all_callbacks(**kw):
         FilterCallback(**kw),
         ActivationCallback(num_probes=2, **kw),
         GradientCallback(methods=["saliency", "integrated_gradients", "smoothgrad_saliency"], num_probes=2, ig_steps=2,
-                         smoothgrad_samples=2, normalize="both", tracker=MapTracker(faithfulness=True, deletion_steps=2), **kw),
+                         smoothgrad_samples=2, normalize="both",
+                         tracker=MapTracker(faithfulness=True, deletion_steps=2), **kw),
         CAMCallback(methods=["cam", "gradcam", "scorecam", "guided_gradcam"], num_probes=2, **kw),
         OcclusionCallback(window=4, stride=4, num_probes=2, **kw),
         TopPatchesCallback(layers=["net.conv2"], num_units=2, k=2, num_probes=4, **kw),
@@ -122,7 +133,8 @@ def test_model_output_checked_at_setup(tmp_path):
     an error naming the callback, what the model returned and how to set logits_fn."""
     model = LitHead("tuple")
     with pytest.raises(ModelOutputError, match=r"GradientCallback: the model returned a tuple of length 2 "
-                                               r"\(a Tensor of shape \(1, 3\), a Tensor of shape \(1, 4\)\).*logits_fn"):
+                                               r"\(a Tensor of shape \(1, 3\), a Tensor of shape \(1, 4\)\)"
+                                               r".*logits_fn"):
         fit(tmp_path / "a", model, [GradientCallback(num_probes=2)])
     assert model.steps == 0
     model = LitHead("extra")
@@ -130,7 +142,8 @@ def test_model_output_checked_at_setup(tmp_path):
                                                r"of shape \(1, 3, 8, 8\) failed \(TypeError.*temperature.*logits_fn"):
         fit(tmp_path / "b", model, [ActivationCallback(num_probes=2)])
     assert model.steps == 0
-    with pytest.raises(ModelOutputError, match=r"EmbeddingCallback needs logits \[B, K\] from the model, but logits_fn=<function"
+    with pytest.raises(ModelOutputError, match=r"EmbeddingCallback needs logits \[B, K\] from the model, but "
+                                               r"logits_fn=<function"
                                                r".*gave a Tensor of shape \(1, 3, 1\) for one input of shape"):
         fit(tmp_path / "c", model, [EmbeddingCallback(num_probes=4, logits_fn=lambda m, x: m(x, 1.0)[:, :, None])])
     with pytest.raises(ValueError, match="logits_fn='no_such_module.fn' cannot be imported"):

@@ -243,8 +243,9 @@ class VisualizationCallback(Callback):
         """Checks that need one forward (``x``: one data item, ``[1, C, H, W]``), run at setup inside
         :func:`isolated` after the model output was checked; ``model`` is :meth:`adapted`."""
 
-    def adapted(self, pl_module: torch.nn.Module) -> ModelAdapter:
-        """``pl_module`` behind this callback's model adapter (``logits_fn``): ``adapted(m)(x)`` gives logits
+    def adapted(self, pl_module: torch.nn.Module) -> Any:
+        """``pl_module`` behind this callback's model adapter (a :class:`~lightning_viz.targets.ModelAdapter`, typed
+        ``Any`` as it stands in for the LightningModule in subclasses' signatures): ``adapted(m)(x)`` gives logits
         ``[B, K]`` (``model_use="logits"``) or the raw output; layer names, parameters and hooks are those of
         ``pl_module``. One adapter object per (model, ``logits_fn``), shared by callbacks (and their pass caches)."""
         if isinstance(pl_module, ModelAdapter):

@@ -113,7 +113,8 @@ class CAMCallback(GradientMapCallback):
         return any(cam_variant(m).head for m in self.methods)
 
     def _verify_head(self, model: Any, logits: Tensor, activations: dict[str, Tensor]) -> None:
-        """Variants with the classifier head (``cam``) only: each layer must feed the GAP + linear head (numerical check, once)."""
+        """Variants with the classifier head (``cam``) only: each layer must feed the GAP + linear head
+        (numerical check, once)."""
         self._rectified = {name: verify_cam_head(a, logits, cam_head(model, a.shape[1], name), name)
                            for name, a in activations.items()}
         self._head_verified = True
