@@ -64,6 +64,7 @@ class ActivationCallback(VisualizationCallback):
             raise ValueError(f"ActivationCallback: channels must be 'first' or 'top'; got {channels!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"ActivationCallback: chunk_size must be >= 1 or None; got {chunk_size}")
+        colormap(torch.zeros(1, 1, 1), cmap)  # an unknown colormap fails here, at construction
         self.layers = as_layer_list(type(self).__name__, layers)  # None: the first conv and the last block
         self.max_channels = max_channels
         self.channels = channels
@@ -87,7 +88,6 @@ class ActivationCallback(VisualizationCallback):
 
     def check(self, pl_module: LightningModule) -> None:
         self.layer_names(pl_module)
-        colormap(torch.zeros(1, 1, 1), self.cmap)  # an unknown colormap fails here, at setup
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
         model = self.adapted(pl_module)
