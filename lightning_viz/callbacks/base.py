@@ -10,26 +10,37 @@ overrides :meth:`compute` (all ranks, its shard of the probes, returns per-probe
 
 from __future__ import annotations
 
+import sys
 import time
 import weakref
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch import Tensor
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..capture import isolated
+from ..layers import module_device, module_dtype
 from ..logging import NothingWrittenWarning, VizLogger, check_sinks, describe_sinks, make_tag, sink_names
-from ..probe import ProbeSet, read_item
+from ..probe import PROBE_BANK_KEY, ProbeSet, probe_bank_get, probe_bank_put, read_item
+from ..targets import ModelAdapter, ModelOutputError, describe_output, model_adapter, read_logits, resolve_logits_fn
 
 try:
     from typing import override
 except ImportError:  # Python < 3.12
     from typing_extensions import override
 
-__all__ = ["VisualizationCallback", "VisualizationError", "VisualizationWarning", "gather_results"]
+__all__ = ["VisualizationCallback", "VisualizationError", "VisualizationWarning", "gather_results", "BASELINE_STEP",
+           "SHARDING_STRATEGIES"]
+
+#: Step of the ``run_at_start`` baseline (before epoch 0, which logs at step 0).
+BASELINE_STEP = -1
+
+#: Strategies whose module holds only a shard of the parameters (refused at setup).
+SHARDING_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
 class VisualizationError(RuntimeError):
@@ -60,8 +71,13 @@ def _announce(trainer: Trainer) -> None:
     _announced.add(trainer)
     cbs = [cb for cb in trainer.callbacks if isinstance(cb, VisualizationCallback)]
     where = describe_sinks(trainer) if trainer.is_global_zero else ""
-    names = ", ".join(f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'} (every {cb.every_n_epochs})" for cb in cbs)
+    names = ", ".join(f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'} ({_schedule_words(cb)})" for cb in cbs)
     rank_zero_info(f"lightning-viz: {len(cbs)} visualization callback(s): {names}; {where}")
+
+
+def _schedule_words(cb: "VisualizationCallback") -> str:
+    every = f"every {cb.every_n_epochs}" if cb.every_n_epochs else "epoch ends off"
+    return every + (", and before training" if cb.run_at_start else "")
 
 
 def _world(trainer: Trainer) -> tuple[int, int]:
@@ -147,9 +163,18 @@ class VisualizationCallback(Callback):
     """Base class. Subclasses set ``method`` and override :meth:`compute` and :meth:`log_results`.
 
     Args:
-        every_n_epochs: run at epochs 0, n, 2n, ... (``current_epoch % n == 0``).
+        every_n_epochs: Lightning's ``ModelCheckpoint`` convention: run when ``(current_epoch + 1) % n == 0``
+            (``n=1``: every epoch; ``n=2``: epochs 1, 3, 5, ...), and always at the last epoch of a fit: at its
+            epoch-end hook when the end is known there (``current_epoch == max_epochs - 1``, ``max_steps``
+            reached, ``trainer.should_stop`` already set), else at ``on_train_end`` on the final weights, logged
+            at that epoch's step (an EarlyStopping after this callback, a last epoch without validation).
+            ``0`` turns the epoch-end runs off. Under ``trainer.validate`` it runs at every call (unless ``0``).
         run_on: ``"train_epoch_end"`` (default) or ``"validation_epoch_end"`` (also runs under
-            ``trainer.validate``, inside inference mode).
+            ``trainer.validate``, inside inference mode). With several validations per epoch
+            (``val_check_interval`` < 1.0 or an int) it runs once per epoch: at the validation after the
+            epoch's last training batch when the schedule has one, else at the first validation of the epoch.
+            A fit where it could never run (no validation data or ``validation_step``, ``limit_val_batches=0``,
+            or no scheduled epoch that validates) is refused at setup.
         num_probes: how many probe images to pick (class-stratified, seeded).
         probe_seed: seed of the probe pick.
         probe_source: ``"val"`` (fall back to train) or ``"train"`` dataloader's dataset.
@@ -158,7 +183,14 @@ class VisualizationCallback(Callback):
         name: optional namespace inserted in every tag (``viz/<name>/<method>/...``), to tell apart two
             instances of one callback (e.g. two targets); also part of the checkpoint state key.
         on_error: ``"raise"`` (default: a failed run stops training with a :class:`VisualizationError`)
-            or ``"warn"`` (warn and go on training; under DDP every rank decides the same way).
+            or ``"warn"`` (warn and go on training; under DDP every rank decides the same way). Errors while
+            logging (e.g. a full disk when writing or flushing) are handled the same way.
+        run_at_start: also run once before training (``on_train_start`` of a fresh fit, not on resume), a
+            baseline of the untrained model, logged at step ``-1`` (:data:`BASELINE_STEP`); epoch ``e`` logs at
+            step ``e``.
+        logits_fn: how to call the model and get logits ``[B, K]``: a callable ``(model, x) -> logits`` or its
+            dotted import path (``"my_pkg.heads.logits"``, for YAML). Default: ``model(x)``, whose output is used
+            as is when a tensor, else its ``logits`` entry or attribute. Checked by one forward at setup.
         loggers: where to write, by name: ``None`` (default) every logger in ``trainer.loggers`` (plus the
             plain image folder when none of them stores images), or a list of the trainer's logger names
             (``"tensorboard"``, ``"csv"``, ``"mlflow"``, ``"wandb"``, ...) and ``"folder"``. ``[]`` writes
@@ -171,6 +203,9 @@ class VisualizationCallback(Callback):
     per_probe: bool = True
     #: False for methods that use no probe images at all: ``compute``/``log_results`` get ``probe=None``.
     needs_probes: bool = True
+    #: How :meth:`compute` uses the model: ``"logits"`` (reads logits), ``"forward"`` (only runs it, e.g. to
+    #: hook layers) or ``"none"`` (never calls it). Decides what :meth:`adapted` returns and checks at setup.
+    model_use: Literal["logits", "forward", "none"] = "logits"
 
     def __init__(
         self,
@@ -183,11 +218,14 @@ class VisualizationCallback(Callback):
         log_time: bool = True,
         name: Optional[str] = None,
         on_error: Literal["raise", "warn"] = "raise",
+        logits_fn: Optional[Union[str, Callable]] = None,
         loggers: Optional[list[str]] = None,
+        run_at_start: bool = False,
     ):
         super().__init__()
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1; got {every_n_epochs}")
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
+            raise ValueError(
+                f"every_n_epochs must be an int >= 0 (0 = off, as in ModelCheckpoint); got {every_n_epochs!r}")
         if run_on not in ("train_epoch_end", "validation_epoch_end"):
             raise ValueError(f"run_on must be 'train_epoch_end' or 'validation_epoch_end'; got {run_on!r}")
         if probe_source not in ("val", "train"):
@@ -209,7 +247,13 @@ class VisualizationCallback(Callback):
         self.log_time = log_time
         self.name = name
         self.on_error = on_error
+        resolve_logits_fn(logits_fn)  # a bad path or type fails here
+        self.logits_fn = logits_fn
+        self._adapter: ModelAdapter | None = None
         self.loggers = None if loggers is None else list(loggers)
+        self.run_at_start = run_at_start
+        self._last_run_epoch: int | None = None  # last epoch run in this fit (never run an epoch twice)
+        self._trained_epoch: int | None = None  # last epoch trained in this fit
         self.last_logged_tags: list[str] = []
         self.last_duration_s: float | None = None
 
@@ -226,6 +270,36 @@ class VisualizationCallback(Callback):
 
     def check(self, pl_module: LightningModule) -> None:
         """Validate options against the model before training starts (raise a clear error)."""
+
+    def check_input(self, model: ModelAdapter, x: Tensor) -> None:
+        """Checks that need one forward (``x``: one data item, ``[1, C, H, W]``), run at setup inside
+        :func:`isolated` after the model output was checked; ``model`` is :meth:`adapted`."""
+
+    def adapted(self, pl_module: torch.nn.Module) -> Any:
+        """``pl_module`` behind this callback's model adapter (a :class:`~lightning_viz.targets.ModelAdapter`, typed
+        ``Any`` as it stands in for the LightningModule in subclasses' signatures): ``adapted(m)(x)`` gives logits
+        ``[B, K]`` (``model_use="logits"``) or the raw output; layer names, parameters and hooks are those of
+        ``pl_module``. One adapter object per (model, ``logits_fn``), shared by callbacks (and their pass caches)."""
+        if isinstance(pl_module, ModelAdapter):
+            return pl_module
+        if self._adapter is None or self._adapter.module is not pl_module:
+            self._adapter = model_adapter(pl_module, self.logits_fn, logits=self.model_use == "logits")
+        return self._adapter
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_adapter": None}  # the adapter holds the model: never pickled with the callback
+
+    def warn_non_finite(self, what: str, values: Tensor, rows: str = "probes") -> Tensor:
+        """``True`` per row of ``values`` (dim 0: ``rows``) that is all finite; warns (rank 0, naming this callback)
+        when some are not, e.g. after the model's weights became NaN."""
+        ok = torch.isfinite(values.detach()).flatten(1).all(dim=1) if values.ndim > 1 else torch.isfinite(values)
+        if not bool(ok.all()):
+            rank_zero_warn(
+                f"{type(self).__name__}: {what} contain non-finite values (NaN or inf) for {int((~ok).sum())} of "
+                f"{ok.numel()} {rows} (has the model diverged?)"
+                + ("; these are left out of the images, statistics and fixed scales." if rows == "probes" else "."),
+                category=VisualizationWarning)
+        return ok
 
     def needs_labels(self) -> bool:
         """True when :meth:`compute` needs probe labels (e.g. ``target="label"``); checked on the data at setup."""
@@ -244,86 +318,230 @@ class VisualizationCallback(Callback):
 
     # ------------------------------------------------------------------ schedule
     def should_run(self, trainer: Trainer) -> bool:
-        if trainer.sanity_checking:
+        """Whether this epoch end is scheduled (see ``every_n_epochs`` in the class docstring)."""
+        if trainer.sanity_checking or self.every_n_epochs == 0:
             return False
-        return trainer.current_epoch % self.every_n_epochs == 0
+        if not _fitting(trainer):  # trainer.validate: every call
+            return True
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 or _last_epoch(trainer)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _check_strategy(self, trainer)
         self.check(pl_module)
         check_sinks(trainer, self.loggers, type(self).__name__)
         if not sink_names(trainer, self.loggers):
             rank_zero_warn(f"lightning-viz: {type(self).__name__} writes nowhere (loggers={self.loggers}), so it "
                            "computes nothing. Attach a logger or allow one, e.g. loggers=None (all) or ['folder'].",
                            category=NothingWrittenWarning)
-        every_val = getattr(trainer, "check_val_every_n_epoch", None) or 1  # validation ends epochs k*every_val - 1
-        n = self.every_n_epochs
-        if stage == "fit" and self.run_on == "validation_epoch_end" and not any(
-                (e + 1) % every_val == 0 and e % n == 0 for e in range(every_val * n)):
-            raise ValueError(
-                f"{type(self).__name__} would never run: run_on='validation_epoch_end' with every_n_epochs={n} "
-                f"(epochs 0, {n}, ...) but the Trainer validates only at epochs {every_val - 1}, {2 * every_val - 1}, ... "
-                f"(check_val_every_n_epoch={every_val}). Use an every_n_epochs with no common factor with "
-                f"{every_val} (e.g. 1), or run_on='train_epoch_end'."
-            )
-        if stage in ("fit", "validate") and self.needs_probes and self.probes is None and self.needs_labels():
-            self._check_labels(trainer)
+        if stage == "fit":
+            self._last_run_epoch = self._trained_epoch = None
+            self._check_schedule(trainer, pl_module)
+        self._check_model_call(trainer, pl_module)
         _announce(trainer)
 
-    def _check_labels(self, trainer: Trainer) -> None:
-        """Fail before training when the probe dataset's items carry no class label (one item is read)."""
-        dataset = _find_dataset(trainer, self.probe_source)
-        if dataset is None:  # dataloaders given to fit() are attached later: checked when the probes are picked
+    def _check_model_call(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """One forward of one data item (a probe, else item 0 of the probe dataset; skipped when neither is
+        there yet) through :meth:`adapted`, inside :func:`isolated`: the model can be called as configured and
+        returns logits ``[B, K]`` (``model_use="logits"``), then :meth:`check_input`. Fails before training."""
+        if self.model_use == "none" or (self.every_n_epochs == 0 and not self.run_at_start):
             return
-        _, label, _ = read_item(dataset, 0)
-        if label is None or label.numel() != 1:
+        if not sink_names(trainer, self.loggers):  # nothing would be written: nothing is computed
+            return
+        x = None
+        if self.probes is not None and len(self.probes) > 0:
+            x = self.probes.subset(slice(0, 1)).to("cpu")
+        else:
+            dataset = _find_dataset(trainer, self.probe_source)
+            if dataset is not None:
+                image = read_item(dataset, 0)[0]
+                x = image[None] if isinstance(image, Tensor) and image.is_floating_point() else None
+        if x is None:
+            return
+        name = type(self).__name__
+        how = "model(x)" if self.logits_fn is None else f"logits_fn={self.logits_fn!r}"
+        with isolated(pl_module):
+            model = self.adapted(pl_module)
+            x = x.to(module_device(model), module_dtype(model), copy=True)
+            try:
+                with torch.no_grad():
+                    out = model.call(x)
+            except Exception as exc:
+                raise ModelOutputError(
+                    f"{name}: calling the model as {how} on one data item of shape {tuple(x.shape)} failed "
+                    f"({type(exc).__name__}: {exc}). If its forward takes other arguments or inputs, set logits_fn="
+                    "<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
+                ) from exc
+            if self.model_use == "logits":
+                try:
+                    logits = read_logits(out)
+                except ModelOutputError as exc:
+                    raise ModelOutputError(f"{name}: {exc}") from None
+                if logits.ndim != 2 or logits.shape[0] != 1:
+                    raise ModelOutputError(
+                        f"{name} needs logits [B, K] from the model, but {how} gave {describe_output(logits)} for one "
+                        f"input of shape {tuple(x.shape)}"
+                        + ("" if out is logits else f" (read from {describe_output(out)})")
+                        + "; set logits_fn=<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
+                    )
+            self.check_input(model, x)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after a checkpoint's callback states are restored (a resumed run keeps its probes), before the sanity check
+        self._setup_probes(trainer)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not _fitting(trainer):  # trainer.validate
+            self._setup_probes(trainer)
+
+    def _check_schedule(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse a ``run_on="validation_epoch_end"`` schedule that can never run in this fit."""
+        if self.run_on != "validation_epoch_end" or self.every_n_epochs == 0:
+            return
+        name, n = type(self).__name__, self.every_n_epochs
+        fix = "Use run_on='train_epoch_end', or give the fit validation data"
+        limit = getattr(trainer, "limit_val_batches", 1.0)
+        if limit == 0:
+            raise ValueError(f"{name} would never run: run_on='validation_epoch_end' but the Trainer has "
+                             f"limit_val_batches={limit}, so no validation runs. {fix} (limit_val_batches > 0).")
+        source = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "val_loop", None)
+        source = getattr(source, "_data_source", None)
+        defined = source is None or source.is_defined()
+        if not defined or not is_overridden("validation_step", pl_module):
+            what = "validation_step" if defined else "val dataloader"
+            raise ValueError(f"{name} would never run: run_on='validation_epoch_end' but the fit has no {what}, so no "
+                             f"validation runs. {fix} (val_dataloaders=..., a datamodule with val_dataloader(), and "
+                             "a validation_step).")
+        every_val = getattr(trainer, "check_val_every_n_epoch", 1)
+        max_epochs = getattr(trainer, "max_epochs", None)
+        if every_val is None or max_epochs is None or max_epochs < 0:  # validation by steps, or no last epoch
+            return
+        if not any((e + 1) % every_val == 0 and ((e + 1) % n == 0 or e == max_epochs - 1)
+                   for e in range(min(max_epochs, every_val * n))):
             raise ValueError(
-                f"{type(self).__name__}: target='label' needs a class label per image, but the items of the probe "
-                f"dataset ({type(dataset).__name__}) have none. Use target='predicted' or a class index, or data "
-                "that yields (x, y)."
+                f"{name} would never run: run_on='validation_epoch_end' with every_n_epochs={n} but the Trainer "
+                f"validates only at epochs {every_val - 1}, {2 * every_val - 1}, ... "
+                f"(check_val_every_n_epoch={every_val}) and max_epochs={max_epochs} ends before any of them is "
+                "scheduled. Use every_n_epochs=1, a "
+                f"check_val_every_n_epoch that divides max_epochs, or run_on='train_epoch_end'."
+            )
+
+    def check_probes(self, probe: ProbeSet) -> None:
+        """Validate the probe set against the options (at setup when the data allows, else when picked)."""
+        if self.needs_labels() and probe.labels is None:
+            raise ValueError(
+                f"{type(self).__name__}: target='label' needs a class label per image, but the probe images have "
+                f"none{self._origin()}. Use target='predicted' or a class index, or data that yields (x, y)."
             )
 
     @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.run_at_start and trainer.current_epoch == 0 and trainer.global_step == 0:  # a fresh fit, not a resume
+            self.run(trainer, pl_module, step=BASELINE_STEP, scheduled=True)
+
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._trained_epoch = trainer.current_epoch
         if self.run_on == "train_epoch_end":
             self.run(trainer, pl_module)
 
     @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The last epoch of a fit is always visualized. When its end was not known at the epoch-end hook (an
+        # EarlyStopping or other callback setting should_stop after this one, no validation in the last epoch),
+        # run now, on the final weights, at that epoch's step.
+        epoch = self._trained_epoch
+        if epoch is not None and self.every_n_epochs > 0 and self._last_run_epoch != epoch:
+            self.run(trainer, pl_module, step=epoch, scheduled=True)
+
+    @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.run_on == "validation_epoch_end":
-            self.run(trainer, pl_module)
+        if self.run_on != "validation_epoch_end" or not _chosen_validation(trainer):
+            return
+        if _fitting(trainer) and self._last_run_epoch == trainer.current_epoch:
+            return  # once per epoch, also when the first validation of an epoch was the chosen one
+        self.run(trainer, pl_module)
 
     # ------------------------------------------------------------------ probes
     def get_probes(self, trainer: Trainer) -> ProbeSet:
-        """The full probe set (same on every rank), picked on first use."""
+        """The full probe set (same on every rank): given, picked at setup, or picked on first use."""
         if self.probes is None:
             self.probes = self._pick_probes(trainer)
+            self.check_probes(self.probes)
         return self.probes
+
+    def _setup_probes(self, trainer: Trainer) -> None:
+        """Pick the probes before training when the data allows (every rank picks the same), so that data problems
+        (no labels, no masks, images of different sizes, an IterableDataset) stop the run before the first step."""
+        if not self.needs_probes or (self.every_n_epochs == 0 and not self.run_at_start):
+            return
+        if not sink_names(trainer, self.loggers):  # nothing would be written: nothing is read or computed
+            return
+        if self.probes is None:
+            dataset, iterable = _find_dataset(trainer, self.probe_source, with_iterable=True)
+            if dataset is None and iterable is not None:
+                raise VisualizationError(self._no_dataset_message(iterable))
+            if dataset is None:  # no data known yet: picked at the first run
+                return
+            self.probes = self._pick_probes(trainer)
+        self.check_probes(self.probes)
+
+    def _origin(self) -> str:
+        origin = getattr(self, "_probe_origin", None)
+        return "" if origin is None else f" (picked from the {origin} dataset)"
+
+    def _no_dataset_message(self, iterable: Any = None) -> str:
+        other = "train" if self.probe_source == "val" else "val"
+        seen = f" (found {type(iterable).__name__}, an IterableDataset)" if iterable is not None else ""
+        return (
+            f"{type(self).__name__}: found no map-style {self.probe_source} or {other} dataset to pick probes from"
+            f"{seen}: probes are picked by index (len() and indexing), which an IterableDataset cannot do. Pass "
+            "probes=ProbeSet(images=..., labels=...) or give the Trainer a datamodule / dataloaders over a "
+            "map-style dataset."
+        )
 
     def _pick_probes(self, trainer: Trainer) -> ProbeSet:
         dataset = _find_dataset(trainer, self.probe_source)
         if dataset is None:
-            other = "train" if self.probe_source == "val" else "val"
-            raise VisualizationError(
-                f"{type(self).__name__}: found no map-style {self.probe_source} or {other} dataset to pick probes from "
-                "(one with len() and indexing; an IterableDataset cannot be sampled). Pass probes=ProbeSet(...) or give "
-                "the Trainer a datamodule / dataloaders over a map-style dataset."
-            )
+            raise VisualizationError(self._no_dataset_message())
         dm = getattr(trainer, "datamodule", None)
         mean, std = _first_not_none(dm, dataset, "mean"), _first_not_none(dm, dataset, "std")
-        return ProbeSet.from_dataset(dataset, num=self.num_probes, seed=self.probe_seed, mean=mean, std=std)
+        self._probe_origin = type(dataset).__name__
+        picks = _picks.setdefault(trainer, {})
+        key = (id(dataset), self.num_probes, self.probe_seed)
+        if key not in picks:  # callbacks with the same options share one pick (and one copy in checkpoints)
+            try:
+                picks[key] = ProbeSet.from_dataset(dataset, num=self.num_probes, seed=self.probe_seed,
+                                                   mean=mean, std=std)
+            except Exception as exc:
+                raise VisualizationError(
+                    f"{type(self).__name__}: picking {self.num_probes} probe images (probe_seed={self.probe_seed}) "
+                    f"from the {type(dataset).__name__} dataset failed: {type(exc).__name__}: {exc}. Make the "
+                    "dataset's items stackable (e.g. a resize transform, torchvision.transforms.Resize((H, W)), "
+                    "so that every image has one size), or pass probes=ProbeSet(...)."
+                ) from exc
+        return picks[key]
 
     # ------------------------------------------------------------------ run
-    def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
-        """Compute on this rank's shard, gather, and log on rank 0. Returns the gathered results.
+    def run(self, trainer: Trainer, pl_module: LightningModule, step: int | None = None,
+            scheduled: bool = False) -> dict[str, Any] | None:
+        """Compute on this rank's shard, gather, and log on rank 0 at ``step`` (default: the epoch).
+        Returns the gathered results. ``scheduled=True`` skips :meth:`should_run`.
 
         Under DDP every rank makes the same collective calls whatever happens: one gather (per-probe
         methods; a rank without probes sends ``None``) and one broadcast of rank 0's outcome, so an
         error on any rank (picking probes, computing, or rank 0's logging) raises on every rank
         instead of leaving the others waiting in the next collective.
         """
-        if not self.should_run(trainer) or not sink_names(trainer, self.loggers):  # nothing would be written
+        if not scheduled and not self.should_run(trainer):
             return None
+        if not sink_names(trainer, self.loggers):  # nothing would be written
+            return None
+        step = trainer.current_epoch if step is None else step
+        if _fitting(trainer) and step >= 0:
+            self._last_run_epoch = step
         rank, world = _world(trainer)
         start = time.perf_counter()
         distributed = self.per_probe and self.needs_probes and world > 1  # without probes there is nothing to split
@@ -352,7 +570,7 @@ class VisualizationCallback(Callback):
         if rank == 0 and error is None and results is not None:
             stage = "log"
             try:
-                logger = VizLogger.from_trainer(trainer, step=trainer.current_epoch, namespace=self.name,
+                logger = VizLogger.from_trainer(trainer, step=step, namespace=self.name,
                                                 loggers=self.loggers)
                 try:
                     self.log_results(logger, results, probe, trainer)
@@ -362,7 +580,7 @@ class VisualizationCallback(Callback):
                 finally:
                     self.last_logged_tags = logger.written
                     logger.flush()
-            except Exception as exc:  # shared with the other ranks below
+            except Exception as exc:  # any logging error (a full disk when writing or flushing): shared below
                 error = exc
         if world > 1 and _dist_ready():
             try:
@@ -370,8 +588,12 @@ class VisualizationCallback(Callback):
             except VisualizationError as exc:  # rank 0 failed: every other rank gets here
                 return self._failed(exc)
         if error is not None:
+            if stage == "log":
+                return self._failed(VisualizationError(
+                    f"lightning-viz {type(self).__name__} ({self.method}) failed while logging at step {step}: "
+                    f"{type(error).__name__}: {error}"), error)
             if stage != "compute":
-                return self._failed(error)  # rank 0's own probe-picking or logging error: unchanged type
+                return self._failed(error)  # rank 0's own probe-picking error: unchanged type
             return self._failed(VisualizationError(f"lightning-viz {self.method} failed: {type(error).__name__}: {error}"), error)
         return results
 
@@ -388,7 +610,9 @@ class VisualizationCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(key=self.state_key_parts())
+        key = self._generate_state_key(key=self.state_key_parts())
+        _refuse_duplicate(self, key)
+        return key
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -400,10 +624,114 @@ class VisualizationCallback(Callback):
             self.probes = ProbeSet.from_state_dict(state_dict["probes"])
         self.load_extra_state(state_dict.get("extra") or {})
 
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Move this callback's probes into the checkpoint's shared probe bank (each image stored once)."""
+        entry = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        probes = entry.get("probes") if isinstance(entry, dict) else None
+        if isinstance(entry, dict) and isinstance(probes, dict) and "images" in probes:
+            entry["probes"] = {"bank_ref": probe_bank_put(checkpoint.setdefault(PROBE_BANK_KEY, {}), probes)}
 
-def _find_dataset(trainer: Trainer, source: str) -> Any:
-    """The dataset behind the val (or train) dataloader, without iterating a sampler."""
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Lightning calls this before :meth:`load_state_dict`: resolve the probe-bank reference in place."""
+        states = checkpoint.get("callbacks") or {}
+        entry = states.get(self.state_key, states.get(self._legacy_state_key))
+        probes = entry.get("probes") if isinstance(entry, dict) else None
+        if isinstance(entry, dict) and isinstance(probes, dict) and "bank_ref" in probes:
+            entry["probes"] = probe_bank_get(checkpoint[PROBE_BANK_KEY], probes["bank_ref"])
+
+
+def _refuse_duplicate(callback: VisualizationCallback, key: str) -> None:
+    """Lightning refuses two stateful callbacks with one state key at ``Trainer(...)`` with a generic message;
+    when that check (``_validate_callbacks_list``) asks for a key it has seen, say how to fix it: ``name=``."""
+    frame = sys._getframe(2)
+    if frame.f_code.co_name != "_validate_callbacks_list" or key not in frame.f_locals.get("seen_callbacks", ()):
+        return
+    cls = type(callback).__name__
+    raise RuntimeError(
+        f"Two {cls} callbacks have the same checkpoint state key ({key}): their options do not tell them apart. "
+        f"Give each a distinct name=, e.g. {cls}(..., name='a') and {cls}(..., name='b') (the name is also "
+        "inserted in their tags), or remove the duplicate."
+    )
+
+
+def _fitting(trainer: Trainer) -> bool:
+    """True while fitting (also in its validation loops); False under ``trainer.validate``/``test``."""
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return fn is None or fn == "fit"
+
+
+def _last_epoch(trainer: Trainer) -> bool:
+    """The fit ends after this epoch: ``max_epochs``, ``max_steps`` or a stop request (e.g. EarlyStopping)."""
+    max_epochs = getattr(trainer, "max_epochs", None)
+    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs - 1:
+        return True
+    max_steps = getattr(trainer, "max_steps", -1)
+    if max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps:
+        return True
+    return bool(getattr(trainer, "should_stop", False)) and bool(getattr(trainer.fit_loop, "_can_stop_early", True))
+
+
+def _validates_after_last_batch(trainer: Trainer) -> bool:
+    """Whether this fit's validation schedule has a validation after each epoch's last training batch."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None or trainer.check_val_every_n_epoch is None:
+        return False  # validation by time or by global step: not tied to epoch ends
+    every, n = trainer.val_check_batch, trainer.num_training_batches
+    if every is None or every == float("inf") or n == float("inf"):
+        return every is not None
+    return int(n) % int(every) == 0
+
+
+def _chosen_validation(trainer: Trainer) -> bool:
+    """With several validations per epoch, the one a ``validation_epoch_end`` callback runs at (see ``run_on``)."""
+    if not _fitting(trainer):
+        return True
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return progress.is_last_batch or trainer.should_stop or not _validates_after_last_batch(trainer)
+
+
+def _check_strategy(callback: VisualizationCallback, trainer: Trainer) -> None:
+    """Refuse strategies that shard parameters: the unwrapped module there holds only this rank's shard."""
+    strategy = getattr(trainer, "strategy", None)
+    sharded = next((c.__name__ for c in type(strategy).__mro__ if c.__name__ in SHARDING_STRATEGIES), None)
+    if sharded is not None:
+        raise ValueError(
+            f"{type(callback).__name__} does not support {type(strategy).__name__}: it shards the model's parameters "
+            f"across devices ({sharded}), so the module a visualization runs holds only a shard. Supported strategies: "
+            "a single device (strategy='auto' with devices=1, SingleDeviceStrategy) and the DDP family ('ddp', "
+            "'ddp_spawn', 'ddp_fork', 'ddp_notebook', DDPStrategy(...)). Visualize this model with one of them, e.g. "
+            "a short fit or trainer.validate from a checkpoint."
+        )
+
+
+_picks: "weakref.WeakKeyDictionary[Trainer, dict[tuple, ProbeSet]]" = weakref.WeakKeyDictionary()
+
+
+def _source_loaders(trainer: Trainer, which: str) -> Any:
+    """Dataloaders given to ``fit``/``validate`` (or a module's dataloader hooks), before the loops load them."""
+    loop = getattr(trainer, "fit_loop", None)
+    if which == "val":
+        loop = getattr(trainer, "validate_loop", None) if not _fitting(trainer) else getattr(loop, "epoch_loop", None)
+        loop = getattr(loop, "val_loop", loop)
+    source = getattr(loop, "_data_source", None)
+    instance = getattr(source, "instance", None)
+    if source is None or instance is None or not source.is_defined():
+        return None
+    if isinstance(instance, (LightningModule, LightningDataModule)):
+        try:
+            return getattr(instance, source.name)()
+        except Exception:  # noqa: BLE001 - a hook that needs the running loop
+            return None
+    return instance
+
+
+def _find_dataset(trainer: Trainer, source: str, with_iterable: bool = False) -> Any:
+    """The map-style dataset behind the val (or train) dataloader, without iterating a sampler.
+
+    With ``with_iterable`` returns ``(dataset, iterable)``, ``iterable`` an IterableDataset seen on the way."""
     order = ["val", "train"] if source == "val" else ["train", "val"]
+    found, iterable = None, None
     for which in order:
         loaders = getattr(trainer, "val_dataloaders" if which == "val" else "train_dataloader", None)
         if loaders is None:
@@ -414,15 +742,22 @@ def _find_dataset(trainer: Trainer, source: str) -> Any:
                     loaders = fn()
                 except Exception:  # noqa: BLE001 - a datamodule without that split
                     loaders = None
+        if loaders is None:
+            loaders = _source_loaders(trainer, which)
         if isinstance(loaders, (list, tuple)):
             loaders = loaders[0] if loaders else None
         if isinstance(loaders, dict):
             loaders = next(iter(loaders.values()), None)
         dataset = getattr(loaders, "dataset", None)
         if dataset is not None:
+            if isinstance(dataset, torch.utils.data.IterableDataset):
+                iterable = iterable if iterable is not None else dataset
+                continue
             try:
                 if len(dataset) > 0:
-                    return dataset
-            except TypeError:  # iterable dataset
+                    found = dataset
+                    break
+            except TypeError:  # no len(): cannot be sampled by index
+                iterable = iterable if iterable is not None else dataset
                 continue
-    return None
+    return (found, iterable) if with_iterable else found

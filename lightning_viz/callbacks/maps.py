@@ -79,12 +79,22 @@ class MapCallback(VisualizationCallback):
         target = getattr(self, "target", None)  # the target of gradient, CAM and occlusion maps
         return target is not None and isinstance(resolve_target(target), LabelTarget)
 
+    def check_probes(self, probe: ProbeSet) -> None:
+        super().check_probes(probe)
+        if self.tracker is not None and self.tracker.pointing_game and probe.masks is None:
+            raise ValueError(
+                f"{type(self).__name__}(tracker=MapTracker(pointing_game=True)): the pointing game needs a ground-truth "
+                "mask per probe image (items (image, label, mask), e.g. the shapes dataset), but these probes have "
+                "none. Use pointing_game=None (when masks exist) or False, or data with masks."
+            )
+
     # ------------------------------------------------------------------ base implementation
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
-        maps = self.compute_maps(pl_module, probe)
+        model = self.adapted(pl_module)  # logits_fn applied; layer names unchanged
+        maps = self.compute_maps(model, probe)
         out: dict[str, Any] = {MAP_PREFIX + k: v.detach().float().cpu() for k, v in maps.items()}
         if self.tracker is not None:
-            out.update(self.tracker.compute(pl_module, probe, maps, callback=self))
+            out.update(self.tracker.compute(model, probe, maps, callback=self))
         return out
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
@@ -96,8 +106,11 @@ class MapCallback(VisualizationCallback):
             self.tracker.log(logger, maps, results, probe, trainer, callback=self)
 
     def log_map(self, logger: VizLogger, key: str, maps: Tensor, images01: Tensor, probe: ProbeSet) -> None:
-        """Overlays and statistics for one ``[N, H, W]`` raw map tensor."""
-        flat = maps.flatten(1)
+        """Overlays and statistics for one ``[N, H, W]`` raw map tensor (probes with non-finite maps: a warning,
+        left out of the statistics and the fixed scale, not logged per probe, zero in a grid)."""
+        ok = self.warn_non_finite(f"the {key} maps", maps)
+        maps = torch.where(ok.view(-1, *[1] * (maps.ndim - 1)), maps, torch.zeros_like(maps))
+        flat = maps[ok].flatten(1) if bool(ok.any()) else maps.new_zeros(1, 1)
         logger.scalar(make_tag(key, "stats", "mean_abs"), flat.abs().mean())
         logger.scalar(make_tag(key, "stats", "max_abs"), flat.abs().max())
         logger.scalar(make_tag(key, "stats", "std"), flat.std() if flat.numel() > 1 else 0.0)
@@ -106,15 +119,16 @@ class MapCallback(VisualizationCallback):
             variants.append(("", normalize_maps(maps, "per_image", signed=self.signed)))
         if self.normalize in ("fixed", "both"):
             scale = self.scales.setdefault(key, FixedScale(signed=self.signed))
-            vmin, vmax = scale.update(maps)
+            vmin, vmax = scale.update(maps[ok])
             variants.append(("fixed" if self.normalize == "both" else "", normalize_maps(maps, "fixed", vmin, vmax)))
         for suffix, m01 in variants:
             over = overlay(images01, resize_maps(m01, images01.shape[-2:]), self.alpha, self.cmap)
             if self.layout == "grid":
                 logger.image(make_tag(key, suffix or None, "grid"), image_grid(over))
             else:
-                for pid, img in zip(probe.ids, over):
-                    logger.image(make_tag(key, pid, suffix or None), img)
+                for pid, img, finite in zip(probe.ids, over, ok.tolist()):
+                    if finite:
+                        logger.image(make_tag(key, pid, suffix or None), img)
 
     def extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"scales": {k: s.state_dict() for k, s in self.scales.items()}}

@@ -162,6 +162,7 @@ class ClassModelCallback(_InputOptimizationCallback):
         return (*super().state_key_parts(), tuple(self.classes or ()), self.l2)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        pl_module = self.adapted(pl_module)
         shape = self.image_shape(probe)
         classes = self.classes
         if classes is None:
@@ -175,6 +176,7 @@ class ClassModelCallback(_InputOptimizationCallback):
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         mean, std = (probe.mean, probe.std) if probe is not None else (None, None)
+        self.warn_non_finite("the class-model images", results["images"], rows="classes")
         logger.image(make_tag(self.method, "grid"), image_grid(_display(results["images"], mean, std)))
         for c, s in zip(results["classes"].tolist(), results["scores"]):
             logger.scalar(make_tag(self.method, f"class{c}", "score"), s)
@@ -226,12 +228,14 @@ class UnitCallback(_InputOptimizationCallback):
             raise ValueError(f"UnitCallback: layer {self.layer!r} has {n} channels (0..{n - 1}); got channels {self.channels}")
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        pl_module = self.adapted(pl_module)
         res = unit_images(pl_module, self.layer, self.channels, self.image_shape(probe), unit=self.unit,
                           **self.optimize_kwargs(pl_module, probe))
         return {"images": res.images.cpu(), "scores": res.scores.cpu()}
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         mean, std = (probe.mean, probe.std) if probe is not None else (None, None)
+        self.warn_non_finite(f"the {self.layer} unit images", results["images"], rows="channels")
         logger.image(make_tag(self.method, self.layer, "grid"), image_grid(_display(results["images"], mean, std)))
         for c, s in zip(self.channels, results["scores"]):
             logger.scalar(make_tag(self.method, self.layer, f"ch{c}", "activation"), s)
@@ -268,6 +272,7 @@ class InversionCallback(_InputOptimizationCallback):
         get_layer(pl_module, self.layer)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        pl_module = self.adapted(pl_module)
         kw = self.optimize_kwargs(pl_module, probe)
         x = probe.to(module_device(pl_module), module_dtype(pl_module))
         if self.init == "noise":  # per-probe noise: the same reconstruction whatever the split over ranks
@@ -278,6 +283,7 @@ class InversionCallback(_InputOptimizationCallback):
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         originals = probe.display_images()
+        self.warn_non_finite(f"the {self.layer} reconstructions", results["images"], rows="probes")
         recons = _display(results["images"], probe.mean, probe.std)
         for pid, orig, rec in zip(probe.ids, originals, recons):
             logger.image(make_tag(self.method, self.layer, pid), image_grid(torch.stack([orig, rec]), nrow=2))
@@ -356,6 +362,7 @@ class AdversarialCallback(VisualizationCallback):
         return (*super().state_key_parts(), self.epsilon, self.attack, self.mode)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        pl_module = self.adapted(pl_module)
         n = len(probe)
         step = self.chunk_size or n
         parts = [self.attack_probes(pl_module, probe.subset(slice(i, i + step))) for i in range(0, n, step)]
@@ -387,6 +394,7 @@ class AdversarialCallback(VisualizationCallback):
         return out
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        self.warn_non_finite("the adversarial images", results["adv"], rows="probes")
         delta = results["adv"] - probe.images.float()
         flat = delta.flatten(1)
         amplified = (0.5 + delta / (2 * self.epsilon)).clamp(0, 1)  # the full budget [-eps, eps] spans [0, 1]
