@@ -1,7 +1,11 @@
 """Writing to TensorBoard: find the TensorBoardLogger, build tags, write only on rank 0.
 
-Tag scheme: ``viz/<method>/<layer>/<probe-id>`` for per-probe images, ``viz/<method>/<layer>/<stat>``
-for scalars, ``viz/<method>/time_s`` for the time a callback took. The global step is the epoch.
+Tag scheme: the first segment is ``viz-<family>``, the callback's ``method`` (``viz-cam``, ``viz-gradients``,
+``viz-embeddings``, ...), so TensorBoard shows each callback family as its own collapsible group, apart from
+the user's own metrics. The rest names what is shown: ``viz-cam/panel/<probe-id>`` (per-probe panel),
+``viz-cam/<method>/<layer>/<probe-id>`` and ``.../stats/<stat>`` (per map key), ``viz-cam/time_s`` (seconds
+the callback took). A callback's ``name`` goes right after the family: ``viz-cam/<name>/panel/p000``.
+The global step is the epoch.
 
 TensorBoard serves only 10 images per tag by default (a random sample of the epochs); start it with
 :func:`tensorboard_command` (``--samples_per_plugin images=1000``) to see every epoch. Note that
@@ -17,7 +21,7 @@ from torch import Tensor
 
 from .render import to_uint8_hwc
 
-__all__ = ["find_tensorboard", "make_tag", "tensorboard_command", "TENSORBOARD_SAMPLES_FLAG", "VizLogger",
+__all__ = ["find_tensorboard", "make_tag", "namespaced", "TAG_PREFIX", "tensorboard_command", "TENSORBOARD_SAMPLES_FLAG", "VizLogger",
            "NoTensorBoardLoggerWarning"]
 
 #: Keep up to 1000 images per tag (one per epoch) instead of TensorBoard's default sample of 10.
@@ -48,9 +52,24 @@ def _clean(part: Any) -> str:
     return s or "_"
 
 
-def make_tag(*parts: Any) -> str:
-    """``make_tag("gradcam", "layer4", "p003")`` -> ``"viz/gradcam/layer4/p003"`` (empty parts skipped)."""
-    return "/".join(["viz"] + [_clean(p) for p in parts if p is not None and str(p) != ""])
+#: First characters of every lightning-viz tag: ``viz-<family>/...``.
+TAG_PREFIX = "viz-"
+
+
+def make_tag(family: str, *parts: Any) -> str:
+    """``make_tag("cam", "gradcam", "layer4", "p003")`` -> ``"viz-cam/gradcam/layer4/p003"``: the first
+    segment ``viz-<family>`` is TensorBoard's group (``family`` = the callback's ``method``); empty parts skipped.
+    A part may hold several segments (``"gradcam/layer4"``)."""
+    return "/".join([TAG_PREFIX + _clean(family)] + [_clean(p) for p in parts if p is not None and str(p) != ""])
+
+
+def namespaced(tag: str, namespace: str | None) -> str:
+    """Insert ``namespace`` after the family segment: ``viz-cam/panel/p000`` -> ``viz-cam/<namespace>/panel/p000``
+    (tags that are not lightning-viz tags are left alone)."""
+    if not namespace or not tag.startswith(TAG_PREFIX):
+        return tag
+    family, _, rest = tag.partition("/")
+    return "/".join(p for p in (family, _clean(namespace), rest) if p)
 
 
 class VizLogger:
@@ -67,10 +86,8 @@ class VizLogger:
         self.written: list[str] = []
 
     def _tag(self, tag: str) -> str:
-        """Insert the namespace after ``viz/`` (``viz/gradcam/...`` -> ``viz/<namespace>/gradcam/...``)."""
-        if self.namespace and tag.startswith("viz/"):
-            return make_tag(self.namespace, tag[len("viz/"):])
-        return tag
+        """Insert the namespace after the family (``viz-cam/...`` -> ``viz-cam/<namespace>/...``)."""
+        return namespaced(tag, self.namespace)
 
     @classmethod
     def from_trainer(cls, trainer: Any, step: int, warn: bool = True, namespace: str | None = None) -> "VizLogger":

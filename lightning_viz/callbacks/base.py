@@ -22,6 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from ..capture import isolated
 from ..logging import VizLogger, find_tensorboard, make_tag, tensorboard_command
 from ..probe import ProbeSet, read_item
+from ..progress import logger as _log
+from ..progress import reporting
 
 try:
     from typing import override
@@ -66,6 +68,28 @@ def _announce(trainer: Trainer) -> None:
     )
     names = ", ".join(f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'} (every {cb.every_n_epochs})" for cb in cbs)
     rank_zero_info(f"lightning-viz: {len(cbs)} visualization callback(s): {names}; {where}")
+
+
+_epoch_runs: "weakref.WeakKeyDictionary[Trainer, list[tuple[str, float]]]" = weakref.WeakKeyDictionary()
+
+
+def _epoch_report(cb: "VisualizationCallback", trainer: Trainer, seconds: float) -> None:
+    """After ``cb`` ran at an epoch end: note its seconds; the last visualization callback scheduled at that
+    epoch end (``trainer.callbacks`` order) logs one line for all of them (rank 0, logger ``lightning_viz``)."""
+    if not trainer.is_global_zero:
+        return
+    runs = _epoch_runs.setdefault(trainer, [])
+    if cb.epoch_summary:
+        runs.append((cb.method if cb.name is None else f"{cb.method}[{cb.name}]", seconds))
+    peers = [c for c in trainer.callbacks
+             if isinstance(c, VisualizationCallback) and c.run_on == cb.run_on and c.should_run(trainer)]
+    if peers and peers[-1] is cb:
+        _epoch_runs.pop(trainer, None)
+        if runs:
+            parts = ", ".join(f"{label} {t:.2f} s" for label, t in sorted(runs, key=lambda r: -r[1]))
+            where = "" if cb.run_on == "train_epoch_end" else " (validation end)"
+            _log.info("lightning-viz epoch %d%s: %.1f s (%s)", trainer.current_epoch, where,
+                      sum(t for _, t in runs), parts)
 
 
 def _world(trainer: Trainer) -> tuple[int, int]:
@@ -158,11 +182,15 @@ class VisualizationCallback(Callback):
         probe_seed: seed of the probe pick.
         probe_source: ``"val"`` (fall back to train) or ``"train"`` dataloader's dataset.
         probes: an explicit :class:`ProbeSet` (overrides the three options above).
-        log_time: log the seconds each run took as ``viz/<method>/time_s``.
-        name: optional namespace inserted in every tag (``viz/<name>/<method>/...``), to tell apart two
+        log_time: log the seconds each run took as ``viz-<method>/time_s``.
+        name: optional namespace inserted in every tag after the family (``viz-<method>/<name>/...``), to tell apart two
             instances of one callback (e.g. two targets); also part of the checkpoint state key.
         on_error: ``"raise"`` (default: a failed run stops training with a :class:`VisualizationError`)
             or ``"warn"`` (warn and go on training; under DDP every rank decides the same way).
+        class_names: names of the classes (index -> name) for captions and legends; default the
+            datamodule's or the probe dataset's ``classes`` (torchvision ``ImageFolder`` convention), else indices.
+        epoch_summary: count this callback in the one line logged at every epoch end (logger ``lightning_viz``:
+            ``lightning-viz epoch 3: 1.7 s (embeddings 0.55 s, cam 0.29 s)``); no line when no callback is counted.
     """
 
     method: str = "viz"
@@ -183,6 +211,8 @@ class VisualizationCallback(Callback):
         log_time: bool = True,
         name: Optional[str] = None,
         on_error: Literal["raise", "warn"] = "raise",
+        class_names: Optional[list[str]] = None,
+        epoch_summary: bool = True,
     ):
         super().__init__()
         if every_n_epochs < 1:
@@ -206,6 +236,9 @@ class VisualizationCallback(Callback):
         self.log_time = log_time
         self.name = name
         self.on_error = on_error
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
+        self.epoch_summary = epoch_summary
+        self._found_class_names: list[str] | None = None
         self.last_logged_tags: list[str] = []
         self.last_duration_s: float | None = None
 
@@ -277,12 +310,32 @@ class VisualizationCallback(Callback):
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.run_on == "train_epoch_end":
-            self.run(trainer, pl_module)
+            self._run_and_report(trainer, pl_module)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.run_on == "validation_epoch_end":
-            self.run(trainer, pl_module)
+            self._run_and_report(trainer, pl_module)
+
+    def _run_and_report(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.should_run(trainer):
+            return
+        start = time.perf_counter()
+        self.run(trainer, pl_module)
+        _epoch_report(self, trainer, time.perf_counter() - start)
+
+    def get_class_names(self, trainer: Trainer | None) -> list[str] | None:
+        """Class names (index -> name): the ``class_names`` option, else ``classes`` of the trainer's datamodule
+        or of the probe dataset (torchvision ``ImageFolder`` convention), else ``None`` (indices are shown)."""
+        if self.class_names is not None:
+            return self.class_names
+        if self._found_class_names is None and trainer is not None:
+            names = getattr(getattr(trainer, "datamodule", None), "classes", None)
+            if names is None:
+                names = getattr(_find_dataset(trainer, self.probe_source), "classes", None)
+            if names is not None and not isinstance(names, (str, bytes)):
+                self._found_class_names = [str(c) for c in names]
+        return self._found_class_names
 
     # ------------------------------------------------------------------ probes
     def get_probes(self, trainer: Trainer) -> ProbeSet:
@@ -328,7 +381,7 @@ class VisualizationCallback(Callback):
             stage = "compute"
             shard = probe.shard(rank, world) if distributed and probe is not None else probe
             try:
-                with isolated(pl_module):
+                with isolated(pl_module), reporting(self.method if rank == 0 else None):
                     local = None if shard is not None and len(shard) == 0 else self.compute(pl_module, shard)
             except Exception as exc:  # re-raised on every rank by gather_results
                 error = exc
