@@ -33,6 +33,7 @@ __all__ = [
     "upscale",
     "colorbar",
     "compose",
+    "labeled_grid",
     "diverging_cmap",
     "class_name",
     "DIVERGING_CMAP",
@@ -303,3 +304,16 @@ def to_uint8_hwc(image01: Tensor):
         img = img.unsqueeze(0)
     img = to_rgb(img.unsqueeze(0))[0]
     return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def labeled_grid(tiles: Tensor, labels: Sequence[str], nrow: int | None = None, caption: str | None = None,
+                 label_px: int = 13) -> Tensor:
+    """``[B, C, h, w]`` tiles in rows of ``nrow`` (default ~square), each with its label underneath, and an
+    optional caption on top -> one ``[3, H, W]`` image."""
+    b = tiles.shape[0]
+    if nrow is None:
+        nrow = max(1, int(round(b ** 0.5 + 0.499)))
+    w = int(tiles.shape[-1])
+    rows = [list(tiles[i:i + nrow]) for i in range(0, b, nrow)]
+    under = [[text_strip(w, [labels[j]], label_px) for j in range(i, min(i + nrow, b))] for i in range(0, b, nrow)]
+    return compose(rows, None, caption, under=under)
