@@ -105,10 +105,14 @@ class MapCallback(VisualizationCallback):
         maps = self.compute_maps(pl_module, probe)
         out: dict[str, Any] = {MAP_PREFIX + k: v.detach().float().cpu() for k, v in maps.items()}
         if self.layout == "panel":
-            out.update(predictions(pl_module, probe, getattr(self, "chunk_size", None)))
+            out.update(self.predict(pl_module, probe))
         if self.tracker is not None:
             out.update(self.tracker.compute(pl_module, probe, maps, callback=self))
         return out
+
+    def predict(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
+        """Predicted class and probability per probe for the panel captions (see :func:`predictions`)."""
+        return predictions(pl_module, probe, getattr(self, "chunk_size", None))
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
         maps = {k[len(MAP_PREFIX):]: v for k, v in results.items() if k.startswith(MAP_PREFIX)}
@@ -200,6 +204,12 @@ class MapCallback(VisualizationCallback):
             self.tracker.load_state_dict(state["tracker"])
 
 
+def probabilities(logits: Tensor) -> dict[str, Tensor]:
+    """``{"pred:class": [N], "pred:prob": [N]}`` from logits ``[N, K]``: argmax and its softmax probability."""
+    prob, cls = logits.detach().float().softmax(dim=1).max(dim=1)
+    return {PRED_PREFIX + "class": cls.cpu(), PRED_PREFIX + "prob": prob.cpu()}
+
+
 def predictions(pl_module: LightningModule, probe: ProbeSet, chunk_size: int | None = None) -> dict[str, Tensor]:
     """``{"pred:class": [N], "pred:prob": [N]}``: the model's predicted class and its softmax probability
     (no-grad forwards of ``chunk_size`` probes; nothing when the model does not return logits ``[N, K]``)."""
@@ -212,8 +222,7 @@ def predictions(pl_module: LightningModule, probe: ProbeSet, chunk_size: int | N
             if not isinstance(logits, Tensor) or logits.ndim != 2:
                 return {}
             parts.append(logits.float())
-    prob, cls = torch.cat(parts).softmax(dim=1).max(dim=1)
-    return {PRED_PREFIX + "class": cls.cpu(), PRED_PREFIX + "prob": prob.cpu()}
+    return probabilities(torch.cat(parts))
 
 
 def panel_caption(pid: str, probe: ProbeSet, results: dict[str, Any], i: int, class_names: list[str] | None) -> str:

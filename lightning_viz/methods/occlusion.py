@@ -18,6 +18,7 @@ from typing import Literal, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..progress import progress
 from ..targets import Target, TargetSpec, resolve_target
 
 __all__ = [
@@ -170,6 +171,7 @@ def occlusion(
         chunk = total if chunk_size is None else max(1, int(chunk_size))
         scores, probs = [], []
         for s in range(0, total, chunk):
+            progress(s, total, "occluded images")  # a line every few seconds inside a callback run (rank 0)
             bi, pi = pairs_img[s:s + chunk], pairs_pos[s:s + chunk]
             y0, x0 = pos_y[pi], pos_x[pi]
             mask = (rows >= y0) & (rows < y0 + wh) & (cols >= x0) & (cols < x0 + ww)  # [n, 1, H, W]
