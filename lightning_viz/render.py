@@ -206,7 +206,10 @@ def text_strip(width: int, texts: Sequence[str], height: int = 14, align: str = 
         x0 = i * (cw + pad)
         t = _fit(draw, str(t), font, cw - 2)
         x = x0 + 2 if align == "left" else x0 + (cw - draw.textlength(t, font=font)) / 2
-        draw.text((x, height / 2), t, fill=(0, 0, 0), font=font, anchor="lm")
+        try:
+            draw.text((x, height / 2), t, fill=(0, 0, 0), font=font, anchor="lm")
+        except ValueError:  # a bitmap font (old Pillow without FreeType) has no anchors
+            draw.text((x, 1), t, fill=(0, 0, 0), font=font)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0
 
 
@@ -232,19 +235,17 @@ def colorbar(width: int, vmin: float, vmax: float, cmap: str = "jet", height: in
     bar = colormap(torch.linspace(0, 1, width).view(1, 1, -1).expand(1, bar_h, width), cmap)[0]
     ticks = torch.ones(3, 2, width)
     zero = None
-    if vmin < 0 < vmax:
-        zero = int(round((0 - vmin) / (vmax - vmin) * (width - 1)))
-        bar[:, :, max(0, zero - 0):zero + 1] = 0.0
-        ticks[:, :, max(0, zero - 0):zero + 1] = 0.0
+    if vmin < 0 < vmax:  # a black line through the bar and a tick under it at zero
+        zero = int(round(-vmin / (vmax - vmin) * (width - 1)))
+        bar[:, :, zero] = 0.0
+        ticks[:, :, zero] = 0.0
     label_h = height - bar_h - 2
     labels = text_strip(width, [_fmt(vmin)], label_h, align="left")
     right = text_strip(width // 2, [_fmt(vmax)], label_h, align="left")
-    rw = int(right.shape[-1])
-    # right-align the vmax label: keep the text's width only
     ink = (right.min(dim=0).values < 0.5).any(dim=0).nonzero()
-    if len(ink):
+    if len(ink):  # right-align the vmax label: keep only the width of its text
         right = right[:, :, : int(ink.max()) + 3]
-        rw = right.shape[-1]
+    rw = int(right.shape[-1])
     labels[:, :, width - rw:] = torch.minimum(labels[:, :, width - rw:], right)
     if zero is not None and 0.2 * width < zero < 0.8 * width:
         z = text_strip(16, ["0"], label_h)

@@ -19,7 +19,7 @@ from lightning_viz.callbacks.embeddings import EmbeddingCallback
 from lightning_viz.callbacks.filters import FilterCallback
 from lightning_viz.callbacks.gradients import GradientCallback
 from lightning_viz.callbacks.maps import panel_caption
-from lightning_viz.logging import make_tag, namespaced
+from lightning_viz.logging import VizLogger, make_tag, namespaced
 from lightning_viz.probe import ProbeSet
 from lightning_viz.progress import logger as viz_logger
 from lightning_viz.progress import progress, reporting
@@ -111,6 +111,26 @@ def test_signed_maps_use_a_diverging_colormap_with_zero_marked():
     zero = round(1 / 4 * 100)  # 0 sits at a quarter of the range
     assert (bar[:, :8, zero] == 0).all() and (bar[:, :8, zero + 3] > 0).any()  # a black tick at zero
     assert not (bar[:, :8, 0] == 0).all()
+    # in a panel of signed maps each per-image tile gets its own symmetric range, zero marked in the middle
+    images = {}
+
+    class Writer:
+        def add_image(self, tag, img, step, dataformats):
+            images[tag] = img
+
+        def add_scalar(self, *args):
+            pass
+
+    probe = ProbeSet(images=torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+                     labels=torch.tensor([0, 1]))
+    maps = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    cb.log_results(VizLogger(Writer(), 0), {"map:gradient/input": maps}, probe, None)
+    panel = images["viz-gradients/panel/p000"]
+    assert panel.shape == (16 + 14 + 2 + 128 + 1 + 24 + 2, 2 * 128 + 3 * 2, 3)
+    bar = panel[16 + 14 + 2 + 128 + 1:][:8, 132:260]  # under the map tile
+    assert (bar[:, 64] == 0).all() or (bar[:, 63] == 0).all()  # the zero line at the middle of -m..m
+    lut = (colormap(torch.tensor([[[0.0, 1.0]]]), "RdBu_r")[0, :, 0].T * 255).round().numpy()
+    assert np.abs(bar[:, 0].astype(float) - lut[0]).max() <= 2
 
 
 def test_class_names_from_the_dataset_reach_the_projector_metadata(tmp_path):

@@ -70,7 +70,9 @@ def _announce(trainer: Trainer) -> None:
     rank_zero_info(f"lightning-viz: {len(cbs)} visualization callback(s): {names}; {where}")
 
 
-_epoch_runs: "weakref.WeakKeyDictionary[Trainer, list[tuple[str, float]]]" = weakref.WeakKeyDictionary()
+#: per trainer: (epoch, run_on) of the epoch end being summed up, and (callback label, seconds) of each run
+_epoch_runs: "weakref.WeakKeyDictionary[Trainer, tuple[tuple[int, str], list[tuple[str, float]]]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def _epoch_report(cb: "VisualizationCallback", trainer: Trainer, seconds: float) -> None:
@@ -78,7 +80,10 @@ def _epoch_report(cb: "VisualizationCallback", trainer: Trainer, seconds: float)
     epoch end (``trainer.callbacks`` order) logs one line for all of them (rank 0, logger ``lightning_viz``)."""
     if not trainer.is_global_zero:
         return
-    runs = _epoch_runs.setdefault(trainer, [])
+    when = (trainer.current_epoch, cb.run_on)
+    if _epoch_runs.get(trainer, (None,))[0] != when:  # a new epoch end (or one cut short by an error)
+        _epoch_runs[trainer] = (when, [])
+    runs = _epoch_runs[trainer][1]
     if cb.epoch_summary:
         runs.append((cb.method if cb.name is None else f"{cb.method}[{cb.name}]", seconds))
     peers = [c for c in trainer.callbacks

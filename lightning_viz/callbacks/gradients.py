@@ -104,7 +104,7 @@ class GradientMapCallback(MapCallback):
 
 
 class GradientCallback(GradientMapCallback):
-    """Gradient attribution maps of the probe images, logged as ``viz/<method>/input/<probe-id>``.
+    """Gradient attribution maps of the probe images, logged as one panel per probe ``viz-gradients/panel/<probe-id>``.
 
     Args:
         methods: any of ``saliency`` (Simonyan, max |grad| over channels), ``gradient`` (signed),

@@ -154,13 +154,18 @@ class MapCallback(VisualizationCallback):
         """Overlays (``layout="per_probe"`` or ``"grid"``) and statistics for one ``[N, H, W]`` raw map tensor."""
         self.log_stats(logger, key, maps)
         big = self.display(images01)
-        for suffix, m01, _ in self.variants(key, maps):
+        for suffix, m01, rng in self.variants(key, maps):
             over = overlay(big, resize_maps(m01, big.shape[-2:]), self.alpha, self.heat_cmap)
             if self.layout == "grid":
-                logger.image(make_tag(self.method, key, suffix or None, "grid"), image_grid(over))
+                grid = image_grid(over)
+                if rng is not None:  # the fixed scale's numeric range under the grid
+                    grid = torch.cat([grid, colorbar(int(grid.shape[-1]), rng[0], rng[1], self.heat_cmap)], dim=1)
+                logger.image(make_tag(self.method, key, suffix or None, "grid"), grid)
             else:
+                bar = None if rng is None else colorbar(int(big.shape[-1]), rng[0], rng[1], self.heat_cmap)
                 for pid, img in zip(probe.ids, over):
-                    logger.image(make_tag(self.method, key, pid, suffix or None), img)
+                    logger.image(make_tag(self.method, key, pid, suffix or None),
+                                 img if bar is None else torch.cat([img, bar], dim=1))
 
     def log_panels(self, logger: VizLogger, maps: dict[str, Tensor], images01: Tensor, probe: ProbeSet,
                    results: dict[str, Any], class_names: list[str] | None) -> None:
@@ -169,22 +174,29 @@ class MapCallback(VisualizationCallback):
         big = self.display(images01)
         size = big.shape[-2:]
         keys = list(maps)
+        width = int(size[-1])
         rows: list[list[Tensor]] = []  # per variant: [N, 3, h, w] overlays per key
-        bars: list[list[Tensor | None]] = []
+        bars: list[list[list[Tensor | None]]] = []  # per variant, per key: a colorbar per probe (or None)
         for key in keys:
             for v, (_, m01, rng) in enumerate(self.variants(key, maps[key])):
                 if len(rows) <= v:
                     rows.append([])
                     bars.append([])
                 rows[v].append(overlay(big, resize_maps(m01, size), self.alpha, self.heat_cmap))
-                bars[v].append(None if rng is None else colorbar(int(size[-1]), rng[0], rng[1], self.heat_cmap))
+                if rng is not None:  # fixed scale: one range for every probe
+                    bars[v].append([colorbar(width, rng[0], rng[1], self.heat_cmap)] * len(probe))
+                elif self.signed:  # per image, signed: each probe's own symmetric range, zero marked
+                    top = maps[key].flatten(1).abs().amax(dim=1).clamp_min(1e-12).tolist()
+                    bars[v].append([colorbar(width, -t, t, self.heat_cmap) for t in top])
+                else:
+                    bars[v].append([None] * len(probe))
         layers = {k.split("/", 1)[-1] for k in keys}
         labels = ["image"] + [k.split("/", 1)[0] if len(layers) == 1 else k.replace("/", " ") for k in keys]
         both = self.normalize == "both"
         fixed_tile = text_strip(int(size[-1]), ["fixed scale"], 14)
         for i, pid in enumerate(probe.ids):
             tiles = [[big[i] if v == 0 else fixed_tile] + [r[i] for r in row] for v, row in enumerate(rows)]
-            under = [[None] + bar for bar in bars]
+            under = [[None] + [per_key[i] for per_key in bar] for bar in bars]
             caption = panel_caption(pid, probe, results, i, class_names)
             if both:
                 caption += "   top: per image, bottom: fixed scale"
