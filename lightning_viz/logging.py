@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .render import to_uint8_hwc
 
-__all__ = ["find_tensorboard", "make_tag", "namespaced", "TAG_PREFIX", "tensorboard_command", "TENSORBOARD_SAMPLES_FLAG", "VizLogger",
+__all__ = ["find_tensorboard", "make_tag", "namespaced", "TAG_PREFIX", "tensorboard_command",
+           "TENSORBOARD_SAMPLES_FLAG", "VizLogger",
            "NoTensorBoardLoggerWarning"]
 
 #: Keep up to 1000 images per tag (one per epoch) instead of TensorBoard's default sample of 10.

@@ -121,7 +121,8 @@ def test_only_rank_zero_writes(ddp_out):
 #: callback class -> tags it must write (images, then scalars) in the ``syncbn_validate`` run
 FAMILY_TAGS = {
     "InputGradMap": ("viz-inputgrad/panel/p004", "viz-inputgrad/filmstrip/p000",
-                     "viz-inputgrad/inputgrad/input/faithfulness/deletion_auc", "viz-inputgrad/inputgrad/input/sanity/rank_corr"),
+                     "viz-inputgrad/inputgrad/input/faithfulness/deletion_auc",
+                     "viz-inputgrad/inputgrad/input/sanity/rank_corr"),
     "FilterCallback": ("viz-filters/net.conv1/grid", "viz-filters/net.conv1/mean_norm"),
     "ActivationCallback": ("viz-activations/net.conv1/p004", "viz-activations/net.conv2/dead_fraction"),
     "GradientCallback": ("viz-gradients/panel/p000", "viz-gradients/panel/p004",

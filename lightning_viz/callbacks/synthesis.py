@@ -187,7 +187,8 @@ class ClassModelCallback(_InputOptimizationCallback):
         mean, std = (probe.mean, probe.std) if probe is not None else (None, None)
         names = self.get_class_names(trainer)
         labels = [class_name(c, names) for c in results["classes"].tolist()]
-        logger.image(make_tag(self.method, "grid"), labeled_grid(self.show(_display(results["images"], mean, std)), labels))
+        tiles = self.show(_display(results["images"], mean, std))
+        logger.image(make_tag(self.method, "grid"), labeled_grid(tiles, labels))
         for c, s in zip(results["classes"].tolist(), results["scores"]):
             logger.scalar(make_tag(self.method, f"class{c}", "score"), s)
 
@@ -234,7 +235,8 @@ class UnitCallback(_InputOptimizationCallback):
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         mean, std = (probe.mean, probe.std) if probe is not None else (None, None)
         logger.image(make_tag(self.method, self.layer, "grid"),
-                     labeled_grid(self.show(_display(results["images"], mean, std)), [f"ch {c}" for c in self.channels]))
+                     labeled_grid(self.show(_display(results["images"], mean, std)),
+                                  [f"ch {c}" for c in self.channels]))
         for c, s in zip(self.channels, results["scores"]):
             logger.scalar(make_tag(self.method, self.layer, f"ch{c}", "activation"), s)
 
@@ -279,8 +281,9 @@ class InversionCallback(_InputOptimizationCallback):
         recons = self.show(_display(results["images"], probe.mean, probe.std))
         if self.layout == "grid":
             names = self.get_class_names(trainer)
-            rows = [[text_strip(96, [pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"], 13),
-                     o, r] for i, (pid, o, r) in enumerate(zip(probe.ids, originals, recons))]
+            heads = [pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
+                     for i, pid in enumerate(probe.ids)]
+            rows = [[text_strip(96, [h], 13), o, r] for h, o, r in zip(heads, originals, recons)]
             logger.image(make_tag(self.method, self.layer, "grid"),
                          compose(rows, ["", "original", "reconstruction"], f"inversion of {self.layer}"))
         else:
