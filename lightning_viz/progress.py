@@ -41,9 +41,11 @@ _current: ContextVar[Optional[_Run]] = ContextVar("lightning_viz_progress", defa
 
 
 @contextmanager
-def reporting(label: Optional[str], every_s: float = PROGRESS_EVERY_S) -> Iterator[None]:
-    """Let :func:`progress` calls inside log under ``label`` (``None``: stay silent, e.g. off rank 0)."""
-    token = _current.set(None if label is None else _Run(label, every_s))
+def reporting(label: Optional[str], every_s: Optional[float] = None) -> Iterator[None]:
+    """Let :func:`progress` calls inside log under ``label`` (``None``: stay silent, e.g. off rank 0), at most
+    one line every ``every_s`` seconds (default :data:`PROGRESS_EVERY_S`)."""
+    every = PROGRESS_EVERY_S if every_s is None else every_s
+    token = _current.set(None if label is None else _Run(label, every))
     try:
         yield
     finally:

@@ -183,6 +183,22 @@ def test_progress_lines_only_inside_a_run(caplog, monkeypatch):
     assert len(msgs) == 1 and msgs[0].startswith("lightning-viz occlusion: 3/10 occluded images")
 
 
+def test_a_long_callback_shows_progress(tmp_path, caplog, monkeypatch):
+    import lightning_viz.progress as progress_module
+    from lightning_viz.callbacks.occlusion import OcclusionCallback
+
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every chunk of occluded images: a line
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    cb = OcclusionCallback(window=4, stride=2, num_probes=2, memory_mb=0.01)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    lines = [m for m in msgs if m.startswith("lightning-viz occlusion: ")]
+    assert len(lines) >= 2 and all("occluded images" in m for m in lines)
+    total = int(lines[0].split("/")[1].split(" ")[0])
+    assert total == 2 * 9  # 2 probes x 9 window positions (8 px, window 4, stride 2)
+
+
 def test_demo_config_fits_the_card_budget(tmp_path, monkeypatch, caplog):
     """The demo config (every callback, 5 CAM and 5 gradient methods), one short epoch: at most 60 image
     cards in at least 6 TensorBoard groups, median image shorter side >= 128 px, one line at the epoch end."""
