@@ -188,8 +188,8 @@ class VisualizationCallback(Callback):
         probe_source: ``"val"`` (fall back to train) or ``"train"`` dataloader's dataset.
         probes: an explicit :class:`ProbeSet` (overrides the three options above).
         log_time: log the seconds each run took as ``viz-<method>/time_s``.
-        name: optional namespace inserted in every tag after the family (``viz-<method>/<name>/...``), to tell apart two
-            instances of one callback (e.g. two targets); also part of the checkpoint state key.
+        name: optional namespace inserted in every tag after the family (``viz-<method>/<name>/...``), to tell
+            apart two instances of one callback (e.g. two targets); also part of the checkpoint state key.
         on_error: ``"raise"`` (default: a failed run stops training with a :class:`VisualizationError`)
             or ``"warn"`` (warn and go on training; under DDP every rank decides the same way).
         class_names: names of the classes (index -> name) for captions and legends; default the
