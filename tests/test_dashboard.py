@@ -55,9 +55,11 @@ def test_tags_start_with_the_family_and_name_goes_after_it():
     import re
 
     patterns = [p for section in TRACKING_LAYOUT.values() for _, (_, regs) in section.items() for p in regs]
-    assert all(re.match(p, t) for p, t in zip(
-        [r"viz-.*/drift/rank_corr", r"viz-.*/drift/prediction_flips"],
-        ["viz-cam/pred/gradcam/net.conv3/drift/rank_corr", "viz-cam/drift/prediction_flips"]))
+    for tag in ("viz-cam/gradcam/net.conv3/drift/rank_corr", "viz-cam/pred/gradcam/net.conv3/drift/topk_iou",
+                "viz-cam/drift/prediction_flips", "viz-gradients/probe_accuracy",
+                "viz-occlusion/occlusion/score/faithfulness/deletion_auc", "viz-cam/gradcam/net.conv3/sanity/rank_corr",
+                "viz-cam/gradcam/net.conv3/localization/pointing_game"):
+        assert sum(bool(re.search(p, tag)) for p in patterns) == 1, tag  # one chart of the Custom Scalars tab
     assert not any(re.search(p, "viz/gradcam/net.conv3/drift/rank_corr") for p in patterns)  # old scheme gone
 
 
