@@ -1,11 +1,19 @@
-"""Writing to TensorBoard: find the TensorBoardLogger, build tags, write only on rank 0.
+"""Writing visualizations: one writer interface, one backend per logger in ``trainer.loggers``, rank 0 only.
+
+Backends: TensorBoard (images, scalars, projector embeddings, Custom Scalars), MLflow (scalars as metrics,
+images as PNG artifacts under ``lightning_viz/epoch_NNNN/<tag>.png``), Weights & Biases (``wandb.Image``
+with captions, scalars, embeddings as a ``wandb.Table``), any other Lightning logger (scalars through
+its ``log_metrics``, e.g. ``CSVLogger``'s ``metrics.csv``) and a plain image folder (``epoch_NNNN/<tag>.png``
+plus ``scalars.csv``), used when no attached logger can store images (``CSVLogger`` alone, ``logger=False``).
 
 Tag scheme: the first segment is ``viz-<family>``, the callback's ``method`` (``viz-cam``, ``viz-gradients``,
 ``viz-embeddings``, ...), so TensorBoard shows each callback family as its own collapsible group, apart from
 the user's own metrics. The rest names what is shown: ``viz-cam/panel/<probe-id>`` (per-probe panel),
 ``viz-cam/<method>/<layer>/<probe-id>`` and ``.../stats/<stat>`` (per map key), ``viz-cam/time_s`` (seconds
 the callback took). A callback's ``name`` goes right after the family: ``viz-cam/<name>/panel/p000``.
-The global step is the epoch.
+The step is always the epoch: TensorBoard, MLflow and ``CSVLogger`` take it as the step of each value;
+W&B gets ``epoch`` as the x-axis of every visualization key (``define_metric``), because its own step must
+only grow.
 
 TensorBoard serves only 10 images per tag by default (a random sample of the epochs); start it with
 :func:`tensorboard_command` (``--samples_per_plugin images=1000``) to see every epoch. Note that
@@ -14,19 +22,32 @@ TensorBoard serves only 10 images per tag by default (a random sample of the epo
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
+import csv
+import html
+import os
+import re
+import shutil
+import tempfile
+import weakref
+from typing import Any, Optional, Sequence
 
+import numpy as np
 from torch import Tensor
 
 from .render import to_uint8_hwc
 
 __all__ = ["find_tensorboard", "make_tag", "namespaced", "TAG_PREFIX", "tensorboard_command",
-           "TENSORBOARD_SAMPLES_FLAG", "VizLogger",
-           "NoTensorBoardLoggerWarning"]
+           "TENSORBOARD_SAMPLES_FLAG", "VizLogger", "NothingWrittenWarning", "Backend", "TensorBoardBackend",
+           "MLflowBackend", "WandbBackend", "MetricsBackend", "FolderBackend", "logger_name", "sink_names",
+           "check_sinks", "describe_sinks", "image_folder", "image_relpath", "FOLDER"]
 
 #: Keep up to 1000 images per tag (one per epoch) instead of TensorBoard's default sample of 10.
 TENSORBOARD_SAMPLES_FLAG = "--samples_per_plugin images=1000"
+
+#: The name of the plain image folder in a callback's ``loggers`` option.
+FOLDER = "folder"
+#: Logger names whose backend stores images (the others only get scalars).
+IMAGE_LOGGERS = ("tensorboard", "mlflow", "wandb")
 
 
 def tensorboard_command(logdir: str) -> str:
@@ -34,8 +55,50 @@ def tensorboard_command(logdir: str) -> str:
     return f"tensorboard --logdir {logdir} {TENSORBOARD_SAMPLES_FLAG}"
 
 
-class NoTensorBoardLoggerWarning(UserWarning):
-    """Raised (as a warning) once when a visualization callback finds no TensorBoardLogger."""
+class NothingWrittenWarning(UserWarning):
+    """Warned once per callback when it would write nowhere, so its computation is skipped."""
+
+
+def logger_name(logger: Any) -> str:
+    """``"tensorboard"``, ``"csv"``, ``"mlflow"``, ``"wandb"``, or the class name without ``Logger``, lower case."""
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+
+    for cls, name in ((TensorBoardLogger, "tensorboard"), (CSVLogger, "csv"), (MLFlowLogger, "mlflow"),
+                      (WandbLogger, "wandb")):
+        if isinstance(logger, cls):
+            return name
+    name = type(logger).__name__.lower()
+    return name[: -len("logger")] if name.endswith("logger") and name != "logger" else name
+
+
+def _attached(trainer: Any) -> list[Any]:
+    return list(getattr(trainer, "loggers", None) or [])
+
+
+def sink_names(trainer: Any, loggers: Optional[Sequence[str]] = None) -> list[str]:
+    """Where a callback writes: the names of the chosen loggers, plus ``"folder"`` for the image folder.
+
+    ``loggers=None``: every logger in ``trainer.loggers``, and the image folder when none of them stores
+    images (``CSVLogger`` alone, ``logger=False``). A list picks among the attached loggers' names and
+    ``"folder"``; ``[]`` writes nowhere. The same on every rank (no logger experiment is created).
+    """
+    attached = list(dict.fromkeys(logger_name(lg) for lg in _attached(trainer)))
+    if loggers is None:
+        return attached if any(n in IMAGE_LOGGERS for n in attached) else attached + [FOLDER]
+    return [n for n in dict.fromkeys(loggers) if n == FOLDER or n in attached]
+
+
+def check_sinks(trainer: Any, loggers: Optional[Sequence[str]], owner: str) -> None:
+    """Fail early when ``loggers`` names a logger that the trainer does not have."""
+    if loggers is None:
+        return
+    allowed = list(dict.fromkeys(logger_name(lg) for lg in _attached(trainer))) + [FOLDER]
+    unknown = [n for n in loggers if n not in allowed]
+    if unknown:
+        raise ValueError(
+            f"{owner}: loggers={list(loggers)} names {unknown}, which the Trainer does not have. Allowed: {allowed} "
+            "(the Trainer's loggers by name, and 'folder' for the plain image folder); None uses them all."
+        )
 
 
 def find_tensorboard(trainer: Any):
@@ -46,6 +109,310 @@ def find_tensorboard(trainer: Any):
         if isinstance(lg, TensorBoardLogger):
             return lg
     return None
+
+
+def describe_sinks(trainer: Any, loggers: Optional[Sequence[str]] = None) -> str:
+    """One line for the user: where the visualizations go (rank 0; may create no experiment)."""
+    parts = []
+    for name in sink_names(trainer, loggers):
+        if name == "tensorboard":
+            tb = find_tensorboard(trainer)
+            parts.append(f"TensorBoard at {tb.log_dir} (view with: {tensorboard_command(tb.save_dir)})")
+        elif name == FOLDER:
+            parts.append(f"an image folder at {image_folder(trainer)}")
+        elif name == "mlflow":
+            parts.append("MLflow (images as artifacts under lightning_viz/)")
+        else:
+            parts.append(f"the {name} logger" + ("" if name in IMAGE_LOGGERS else " (scalars only)"))
+    return "writing to " + ", ".join(parts) if parts else "writing nowhere, so computing nothing"
+
+
+_folders: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def image_folder(trainer: Any) -> str:
+    """The plain image folder of a trainer: ``<log_dir>/lightning_viz`` of its first logger that has a
+    ``log_dir`` (e.g. ``CSVLogger``: ``lightning_logs/version_0/lightning_viz``), else (``logger=False``)
+    ``<default_root_dir>/lightning_viz/version_<n>``, a new version per trainer."""
+    if trainer in _folders:
+        return _folders[trainer]
+    folder = None
+    for lg in _attached(trainer):
+        log_dir = getattr(lg, "log_dir", None)
+        if isinstance(log_dir, str) and log_dir:
+            folder = os.path.join(log_dir, "lightning_viz")
+            break
+    if folder is None:
+        root = os.path.join(getattr(trainer, "default_root_dir", None) or os.getcwd(), "lightning_viz")
+        taken = [int(d[len("version_"):]) for d in (os.listdir(root) if os.path.isdir(root) else [])
+                 if re.fullmatch(r"version_\d+", d)]
+        folder = os.path.join(root, f"version_{max(taken, default=-1) + 1}")
+    _folders[trainer] = folder
+    return folder
+
+
+def _safe_part(part: str) -> str:
+    part = re.sub(r"[^A-Za-z0-9_.=+-]", "_", part)
+    return "_" if part in ("", ".", "..") else part
+
+
+def image_relpath(tag: str, step: int, ext: str = ".png") -> str:
+    """``epoch_0003/viz-cam/gradcam/layer4/p000.png``: where a tag's file lands in the folder and in MLflow."""
+    return "/".join([f"epoch_{int(step):04d}"] + [_safe_part(p) for p in tag.split("/")]) + ext
+
+
+def _write_png(path: str, hwc: np.ndarray) -> None:
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(hwc).save(path)
+
+
+def _write_embedding(folder: str, features: Tensor, metadata: list | None, header: list[str] | None) -> None:
+    """The TensorBoard projector's files: ``tensors.tsv`` (one row per point) and ``metadata.tsv``."""
+    os.makedirs(folder, exist_ok=True)
+    np.savetxt(os.path.join(folder, "tensors.tsv"), features.detach().float().cpu().numpy(), delimiter="\t", fmt="%.6g")
+    if metadata is not None:
+        with open(os.path.join(folder, "metadata.tsv"), "w", newline="") as f:
+            w = csv.writer(f, delimiter="\t")
+            if header:
+                w.writerow(header)
+            w.writerows(row if isinstance(row, (list, tuple)) else [row] for row in metadata)
+
+
+def _figure_to_hwc(fig: Any) -> np.ndarray:
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+# ---------------------------------------------------------------------------------------------- backends
+class Backend:
+    """One destination. Images come as uint8 ``[H, W, 3]`` arrays, the step is the epoch; a method that a
+    destination cannot keep does nothing. ``flush`` ends one callback run (batched writes happen there)."""
+
+    def image(self, tag: str, hwc: np.ndarray, step: int, caption: str | None = None) -> None:
+        pass
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        pass
+
+    def embedding(self, tag: str, features: Tensor, metadata: list | None, label_img: Tensor | None,
+                  metadata_header: list[str] | None, step: int) -> None:
+        pass
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def custom_scalars(self, layout: dict) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class TensorBoardBackend(Backend):
+    """A TensorBoard ``SummaryWriter`` (the ``TensorBoardLogger``'s ``experiment``)."""
+
+    def __init__(self, writer: Any):
+        self.writer = writer
+
+    def image(self, tag, hwc, step, caption=None):
+        self.writer.add_image(tag, hwc, step, dataformats="HWC")
+
+    def scalar(self, tag, value, step):
+        self.writer.add_scalar(tag, value, step)
+
+    def figure(self, tag: str, fig: Any, step: int) -> None:
+        self.writer.add_figure(tag, fig, step, close=False)
+
+    def embedding(self, tag, features, metadata, label_img, metadata_header, step):
+        self.writer.add_embedding(features, metadata=metadata, label_img=label_img, global_step=step,
+                                  tag=tag, metadata_header=metadata_header)
+
+    def text(self, tag, text, step):
+        self.writer.add_text(tag, text, step)
+
+    def custom_scalars(self, layout):
+        self.writer.add_custom_scalars(layout)
+
+    def flush(self):
+        self.writer.flush()
+
+
+class MetricsBackend(Backend):
+    """Scalars through a Lightning logger's ``log_metrics(metrics, step=epoch)``, one call per run (e.g.
+    ``CSVLogger``: one row of ``metrics.csv`` whose ``step`` is the epoch). Images are not kept."""
+
+    def __init__(self, logger: Any):
+        self.logger = logger
+        self.metrics: dict[str, float] = {}
+        self.step = 0
+
+    def scalar(self, tag, value, step):
+        self.metrics[tag] = value
+        self.step = step
+
+    def flush(self):
+        if self.metrics:
+            self.logger.log_metrics(self.metrics, step=self.step)
+            self.logger.save()
+            self.metrics = {}
+
+
+class _FileWriter(Backend):
+    """Images, embeddings and texts as files under ``root`` (layout: :func:`image_relpath`)."""
+
+    root: str
+
+    def image(self, tag, hwc, step, caption=None):
+        _write_png(os.path.join(self.root, image_relpath(tag, step)), hwc)
+
+    def embedding(self, tag, features, metadata, label_img, metadata_header, step):
+        _write_embedding(os.path.join(self.root, image_relpath(tag, step, ext="")), features, metadata,
+                         metadata_header)
+
+    def text(self, tag, text, step):
+        path = os.path.join(self.root, image_relpath(tag, step, ext=".txt"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+
+class FolderBackend(_FileWriter):
+    """A plain folder: ``epoch_NNNN/<tag>.png`` per image and ``scalars.csv`` (``epoch,tag,value``)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.rows: list[tuple[int, str, float]] = []
+
+    def scalar(self, tag, value, step):
+        self.rows.append((int(step), tag, value))
+
+    def flush(self):
+        if self.rows:
+            os.makedirs(self.root, exist_ok=True)
+            path = os.path.join(self.root, "scalars.csv")
+            new = not os.path.exists(path)
+            with open(path, "a", newline="") as f:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(["epoch", "tag", "value"])
+                w.writerows(self.rows)
+            self.rows = []
+
+
+class MLflowBackend(MetricsBackend, _FileWriter):
+    """An ``MLFlowLogger``: scalars as metrics (step = epoch); images, embeddings and texts as artifacts
+    under ``lightning_viz/epoch_NNNN/<tag>.png``, uploaded once per run from a temporary folder."""
+
+    ARTIFACT_ROOT = "lightning_viz"
+
+    def __init__(self, logger: Any):
+        MetricsBackend.__init__(self, logger)
+        self.root = ""
+
+    def _ensure_root(self) -> None:
+        if not self.root:
+            self.root = tempfile.mkdtemp(prefix="lightning_viz_mlflow_")
+
+    def image(self, tag, hwc, step, caption=None):
+        self._ensure_root()
+        super().image(tag, hwc, step, caption)
+
+    def embedding(self, tag, features, metadata, label_img, metadata_header, step):
+        self._ensure_root()
+        super().embedding(tag, features, metadata, label_img, metadata_header, step)
+
+    def text(self, tag, text, step):
+        self._ensure_root()
+        super().text(tag, text, step)
+
+    def flush(self):
+        MetricsBackend.flush(self)
+        if self.root:
+            try:
+                self.logger.experiment.log_artifacts(self.logger.run_id, self.root, artifact_path=self.ARTIFACT_ROOT)
+            finally:
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.root = ""
+
+
+_wandb_defined: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
+
+
+class WandbBackend(Backend):
+    """A ``WandbLogger``'s run: one ``run.log`` per callback run with ``epoch`` in it, and every key defined
+    with ``epoch`` as its x-axis (``define_metric``). No ``step=`` is passed, so W&B's own step just grows and
+    no point is dropped (``run.log(step=epoch)`` would drop every point once training has logged further)."""
+
+    def __init__(self, logger: Any):
+        self.logger = logger
+        self.row: dict[str, Any] = {}
+        self.step = 0
+
+    def _put(self, tag: str, value: Any, step: int) -> None:
+        self.row[tag] = value
+        self.step = step
+
+    def image(self, tag, hwc, step, caption=None):
+        import wandb
+
+        self._put(tag, wandb.Image(hwc, caption=caption), step)
+
+    def scalar(self, tag, value, step):
+        self._put(tag, value, step)
+
+    def embedding(self, tag, features, metadata, label_img, metadata_header, step):
+        import wandb
+
+        feats = features.detach().float().cpu().numpy()
+        rows = [list(r) if isinstance(r, (list, tuple)) else [r] for r in metadata] if metadata is not None else None
+        meta_cols = list(metadata_header) if metadata_header else (["label"] if rows else [])
+        columns = meta_cols + [f"d{i}" for i in range(feats.shape[1])]
+        data = [(rows[i] if rows else []) + [float(v) for v in feats[i]] for i in range(feats.shape[0])]
+        if label_img is not None:
+            columns.append("image")
+            for i, img in enumerate(label_img):
+                data[i].append(wandb.Image(to_uint8_hwc(img)))
+        self._put(tag, wandb.Table(columns=columns, data=data), step)
+
+    def text(self, tag, text, step):
+        import wandb
+
+        self._put(tag, wandb.Html(f"<pre>{html.escape(text)}</pre>"), step)
+
+    def flush(self):
+        if not self.row:
+            return
+        run = self.logger.experiment
+        try:
+            defined = _wandb_defined.setdefault(run, set())
+        except TypeError:  # not weak-referenceable: define again (idempotent)
+            defined = set()
+        for key in self.row:
+            if key not in defined:
+                run.define_metric(key, step_metric="epoch")
+                defined.add(key)
+        run.log({**self.row, "epoch": self.step})
+        self.row = {}
+
+
+def _backend_for(trainer: Any, name: str) -> list[Backend]:
+    if name == FOLDER:
+        return [FolderBackend(image_folder(trainer))]
+    out: list[Backend] = []
+    for lg in _attached(trainer):
+        if logger_name(lg) != name:
+            continue
+        if name == "tensorboard":
+            out.append(TensorBoardBackend(lg.experiment))
+        elif name == "mlflow":
+            out.append(MLflowBackend(lg))
+        elif name == "wandb":
+            out.append(WandbBackend(lg))
+        else:
+            out.append(MetricsBackend(lg))
+    return out
 
 
 def _clean(part: Any) -> str:
@@ -74,15 +441,25 @@ def namespaced(tag: str, namespace: str | None) -> str:
 
 
 class VizLogger:
-    """Thin writer over a TensorBoard ``SummaryWriter`` that is a no-op off rank 0 or without TensorBoard.
+    """The one writer every callback uses: forwards each write to its backends, nothing off rank 0.
 
-    Every write goes through here, so callbacks never have to check the rank themselves.
+    ``VizLogger(writer, step)`` takes a TensorBoard ``SummaryWriter``, one :class:`Backend` or a list of them;
+    :meth:`from_trainer` builds the backends from ``trainer.loggers``. Callbacks never check the rank.
     """
 
     def __init__(self, writer: Any | None, step: int, enabled: bool = True, namespace: str | None = None):
+        if writer is None:
+            backends: list[Backend] = []
+        elif isinstance(writer, Backend):
+            backends = [writer]
+        elif isinstance(writer, (list, tuple)):
+            backends = list(writer)
+        else:
+            backends = [TensorBoardBackend(writer)]
+        self.backends = backends
         self.writer = writer
         self.step = int(step)
-        self.enabled = enabled and writer is not None
+        self.enabled = enabled and bool(backends)
         self.namespace = namespace
         self.written: list[str] = []
 
@@ -91,29 +468,27 @@ class VizLogger:
         return namespaced(tag, self.namespace)
 
     @classmethod
-    def from_trainer(cls, trainer: Any, step: int, warn: bool = True, namespace: str | None = None) -> "VizLogger":
-        tb = find_tensorboard(trainer)
-        if tb is None and warn and trainer.is_global_zero:
-            warnings.warn(
-                "lightning-viz: no TensorBoardLogger in trainer.loggers, so visualizations are computed but not "
-                "written. Add one: Trainer(logger=TensorBoardLogger('lightning_logs')) (the default logger when "
-                "tensorboard is installed).",
-                NoTensorBoardLoggerWarning,
-                stacklevel=2,
-            )
-        return cls(tb.experiment if tb is not None else None, step, enabled=trainer.is_global_zero, namespace=namespace)
+    def from_trainer(cls, trainer: Any, step: int, namespace: str | None = None,
+                     loggers: Optional[Sequence[str]] = None) -> "VizLogger":
+        """Backends for :func:`sink_names` ``(trainer, loggers)``, built on rank 0 only."""
+        enabled = bool(trainer.is_global_zero)
+        backends = [b for n in sink_names(trainer, loggers) for b in _backend_for(trainer, n)] if enabled else []
+        return cls(backends, step, enabled=enabled, namespace=namespace)
 
-    def image(self, tag: str, image01: Tensor) -> None:
-        """Log one ``[3, H, W]`` float image in ``[0, 1]``."""
+    def image(self, tag: str, image01: Tensor, caption: str | None = None) -> None:
+        """Log one ``[3, H, W]`` float image in ``[0, 1]`` (``caption``: shown by W&B, kept by none else)."""
         if self.enabled:
             tag = self._tag(tag)
-            self.writer.add_image(tag, to_uint8_hwc(image01), self.step, dataformats="HWC")
+            hwc = to_uint8_hwc(image01)
+            for b in self.backends:
+                b.image(tag, hwc, self.step, caption)
             self.written.append(tag)
 
     def scalar(self, tag: str, value: float | Tensor) -> None:
         if self.enabled:
             tag = self._tag(tag)
-            self.writer.add_scalar(tag, float(value), self.step)
+            for b in self.backends:
+                b.scalar(tag, float(value), self.step)
             self.written.append(tag)
 
     def scalars(self, values: dict[str, float | Tensor]) -> None:
@@ -122,33 +497,50 @@ class VizLogger:
 
     def figure(self, tag: str, fig: Any) -> None:
         """Log a matplotlib figure (closed afterwards)."""
-        if self.enabled:
-            tag = self._tag(tag)
-            self.writer.add_figure(tag, fig, self.step, close=True)
-            self.written.append(tag)
-        else:
-            import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt
 
+        try:
+            if self.enabled:
+                tag = self._tag(tag)
+                hwc = None
+                for b in self.backends:
+                    if isinstance(b, TensorBoardBackend):
+                        b.figure(tag, fig, self.step)
+                    else:
+                        hwc = _figure_to_hwc(fig) if hwc is None else hwc
+                        b.image(tag, hwc, self.step)
+                self.written.append(tag)
+        finally:
             plt.close(fig)
 
     def embedding(self, features: Tensor, metadata: list | None = None, label_img: Tensor | None = None,
                   tag: str = "default", metadata_header: list[str] | None = None) -> None:
         if self.enabled:
             tag = self._tag(tag)
-            self.writer.add_embedding(features, metadata=metadata, label_img=label_img, global_step=self.step,
-                                      tag=tag, metadata_header=metadata_header)
+            for b in self.backends:
+                b.embedding(tag, features, metadata, label_img, metadata_header, self.step)
             self.written.append(tag)
 
     def text(self, tag: str, text: str) -> None:
         if self.enabled:
             tag = self._tag(tag)
-            self.writer.add_text(tag, text, self.step)
+            for b in self.backends:
+                b.text(tag, text, self.step)
             self.written.append(tag)
 
     def custom_scalars(self, layout: dict) -> None:
+        """TensorBoard's Custom Scalars layout (other backends have no such thing)."""
         if self.enabled:
-            self.writer.add_custom_scalars(layout)
+            for b in self.backends:
+                b.custom_scalars(layout)
 
     def flush(self) -> None:
-        if self.enabled:
-            self.writer.flush()
+        """End of one callback run: every backend writes what it batched (first error raised after all)."""
+        error = None
+        for b in self.backends if self.enabled else []:
+            try:
+                b.flush()
+            except Exception as exc:  # noqa: BLE001 - flush the others, then raise
+                error = error or exc
+        if error is not None:
+            raise error

@@ -3,8 +3,9 @@
 It owns everything that is the same for every method: the schedule (``every_n_epochs``, train- or
 validation-epoch end, never during the sanity check), the probe set (picked once, saved in
 checkpoints), isolation (the model is left exactly as it was), the rank split and gather under DDP,
-timing, and rank-0-only writing to TensorBoard. A subclass overrides :meth:`compute` (all ranks, its
-shard of the probes, returns per-probe tensors) and :meth:`log_results` (rank 0, the gathered results).
+timing, and rank-0-only writing to the trainer's loggers (:mod:`lightning_viz.logging`). A subclass
+overrides :meth:`compute` (all ranks, its shard of the probes, returns per-probe tensors) and
+:meth:`log_results` (rank 0, the gathered results).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..capture import isolated
-from ..logging import VizLogger, find_tensorboard, make_tag, tensorboard_command
+from ..logging import NothingWrittenWarning, VizLogger, check_sinks, describe_sinks, make_tag, sink_names
 from ..probe import ProbeSet, read_item
 from ..progress import logger as _log
 from ..progress import reporting
@@ -60,12 +61,7 @@ def _announce(trainer: Trainer) -> None:
         return
     _announced.add(trainer)
     cbs = [cb for cb in trainer.callbacks if isinstance(cb, VisualizationCallback)]
-    tb = find_tensorboard(trainer)
-    where = (
-        f"writing to {tb.log_dir}; view with: {tensorboard_command(tb.save_dir)}"
-        if tb is not None
-        else "but the trainer has no TensorBoardLogger, so nothing will be written"
-    )
+    where = describe_sinks(trainer) if trainer.is_global_zero else ""
     names = ", ".join(f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'} (every {cb.every_n_epochs})" for cb in cbs)
     rank_zero_info(f"lightning-viz: {len(cbs)} visualization callback(s): {names}; {where}")
 
@@ -192,6 +188,10 @@ class VisualizationCallback(Callback):
             apart two instances of one callback (e.g. two targets); also part of the checkpoint state key.
         on_error: ``"raise"`` (default: a failed run stops training with a :class:`VisualizationError`)
             or ``"warn"`` (warn and go on training; under DDP every rank decides the same way).
+        loggers: where to write, by name: ``None`` (default) every logger in ``trainer.loggers`` (plus the
+            plain image folder when none of them stores images), or a list of the trainer's logger names
+            (``"tensorboard"``, ``"csv"``, ``"mlflow"``, ``"wandb"``, ...) and ``"folder"``. ``[]`` writes
+            nowhere, and then nothing is computed (one warning).
         class_names: names of the classes (index -> name) for captions and legends; default the
             datamodule's or the probe dataset's ``classes`` (torchvision ``ImageFolder`` convention), else indices.
         epoch_summary: count this callback in the one line logged at every epoch end (logger ``lightning_viz``:
@@ -216,6 +216,7 @@ class VisualizationCallback(Callback):
         log_time: bool = True,
         name: Optional[str] = None,
         on_error: Literal["raise", "warn"] = "raise",
+        loggers: Optional[list[str]] = None,
         class_names: Optional[list[str]] = None,
         epoch_summary: bool = True,
     ):
@@ -230,6 +231,8 @@ class VisualizationCallback(Callback):
             raise ValueError(f"num_probes must be >= 1; got {num_probes}")
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error must be 'raise' or 'warn'; got {on_error!r}")
+        if isinstance(loggers, str):
+            raise ValueError(f"loggers must be a list of logger names, e.g. [{loggers!r}]; got the string {loggers!r}")
         if name is not None and (not name.strip() or "/" in name):
             raise ValueError(f"name must be a non-empty tag part without '/'; got {name!r}")
         self.every_n_epochs = every_n_epochs
@@ -241,6 +244,7 @@ class VisualizationCallback(Callback):
         self.log_time = log_time
         self.name = name
         self.on_error = on_error
+        self.loggers = None if loggers is None else list(loggers)
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.epoch_summary = epoch_summary
         self._found_class_names: list[str] | None = None
@@ -285,6 +289,11 @@ class VisualizationCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.check(pl_module)
+        check_sinks(trainer, self.loggers, type(self).__name__)
+        if not sink_names(trainer, self.loggers):
+            rank_zero_warn(f"lightning-viz: {type(self).__name__} writes nowhere (loggers={self.loggers}), so it "
+                           "computes nothing. Attach a logger or allow one, e.g. loggers=None (all) or ['folder'].",
+                           category=NothingWrittenWarning)
         every_val = getattr(trainer, "check_val_every_n_epoch", None) or 1  # validation ends epochs k*every_val - 1
         n = self.every_n_epochs
         if stage == "fit" and self.run_on == "validation_epoch_end" and not any(
@@ -371,7 +380,7 @@ class VisualizationCallback(Callback):
         error on any rank (picking probes, computing, or rank 0's logging) raises on every rank
         instead of leaving the others waiting in the next collective.
         """
-        if not self.should_run(trainer):
+        if not self.should_run(trainer) or not sink_names(trainer, self.loggers):  # nothing would be written
             return None
         rank, world = _world(trainer)
         start = time.perf_counter()
@@ -399,18 +408,20 @@ class VisualizationCallback(Callback):
         else:
             results = local
         if rank == 0 and error is None and results is not None:
-            logger = VizLogger.from_trainer(trainer, step=trainer.current_epoch, namespace=self.name)
             stage = "log"
             try:
-                self.log_results(logger, results, probe, trainer)
-                self.last_duration_s = time.perf_counter() - start
-                if self.log_time:
-                    logger.scalar(make_tag(self.method, "time_s"), self.last_duration_s)
-            except Exception as exc:
+                logger = VizLogger.from_trainer(trainer, step=trainer.current_epoch, namespace=self.name,
+                                                loggers=self.loggers)
+                try:
+                    self.log_results(logger, results, probe, trainer)
+                    self.last_duration_s = time.perf_counter() - start
+                    if self.log_time:
+                        logger.scalar(make_tag(self.method, "time_s"), self.last_duration_s)
+                finally:
+                    self.last_logged_tags = logger.written
+                    logger.flush()
+            except Exception as exc:  # shared with the other ranks below
                 error = exc
-            finally:
-                logger.flush()
-            self.last_logged_tags = logger.written
         if world > 1 and _dist_ready():
             try:
                 _share_rank0_error(error if rank == 0 else None, self.method)

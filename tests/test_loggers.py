@@ -1,0 +1,311 @@
+"""Every Lightning logger gets the visualizations: TensorBoard, CSV, MLflow (sqlite), W&B (offline) and the
+plain image folder, each read back with that logger's own tools; nothing is computed when nothing is written."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+
+from helpers import InputGradMap, LitTiny, image_steps, read_events, tiny_loaders
+from lightning_viz.logging import FolderBackend, NothingWrittenWarning, VizLogger, WandbBackend, image_relpath
+
+EPOCHS = 2
+
+
+class Recorder(L.Callback):
+    """Records, per epoch, the tags the visualization callback before it wrote (images and scalars)."""
+
+    def __init__(self, viz):
+        self.viz, self.tags = viz, {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.tags[trainer.current_epoch] = set(self.viz.last_logged_tags)
+
+
+class CountingMap(InputGradMap):
+    calls = 0
+
+    def compute_maps(self, pl_module, probe):
+        type(self).calls += 1
+        return super().compute_maps(pl_module, probe)
+
+
+def fit(logger, root, **cb_kw):
+    """A 2-epoch fit of a tiny CNN on 16 px images with one map callback (2 probes); returns the recorder."""
+    torch.manual_seed(0)
+    viz = InputGradMap(num_probes=2, **cb_kw)
+    rec = Recorder(viz)
+    trainer = L.Trainer(max_epochs=EPOCHS, logger=logger, callbacks=[viz, rec], default_root_dir=str(root),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", devices=1, log_every_n_steps=1, limit_train_batches=2, limit_val_batches=1)
+    train, val = tiny_loaders(n=12, batch_size=6, size=16)
+    trainer.fit(LitTiny(), train, val)
+    assert sorted(rec.tags) == list(range(EPOCHS)) and all(rec.tags.values())
+    return rec, trainer
+
+
+def written(rec) -> set:
+    return {(e, t) for e, tags in rec.tags.items() for t in tags}
+
+
+def png_tags(folder: str) -> dict:
+    """``{(epoch, tag): HWC uint8}`` for every ``epoch_NNNN/<tag>.png`` under ``folder``."""
+    out = {}
+    for path in glob.glob(os.path.join(folder, "epoch_*", "**", "*.png"), recursive=True):
+        rel = os.path.relpath(path, folder).replace(os.sep, "/")
+        epoch, tag = rel.split("/", 1)
+        out[(int(epoch[len("epoch_"):]), tag[: -len(".png")])] = np.asarray(Image.open(path))
+    return out
+
+
+def folder_scalars(folder: str) -> dict:
+    with open(os.path.join(folder, "scalars.csv")) as f:
+        return {(int(r["epoch"]), r["tag"]): float(r["value"]) for r in csv.DictReader(f)}
+
+
+def csv_scalars(log_dir: str, tags: set) -> dict:
+    """``{(step, column): value}`` for the given columns of a CSVLogger's ``metrics.csv``."""
+    with open(os.path.join(log_dir, "metrics.csv")) as f:
+        return {(int(r["step"]), k): float(v) for r in csv.DictReader(f) for k, v in r.items() if k in tags and v}
+
+
+def check_split(rec, images: dict, scalars: dict) -> None:
+    """Every written (epoch, tag) came back exactly once, as an image or a scalar; both kinds, every epoch."""
+    assert not set(images) & set(scalars)
+    assert set(images) | set(scalars) == written(rec)
+    for e in range(EPOCHS):
+        assert any(k[0] == e for k in images) and any(k[0] == e for k in scalars), e
+    for img in images.values():
+        assert img.dtype == np.uint8 and img.shape == (16, 16, 3)
+    assert all(np.isfinite(v) for v in scalars.values())
+
+
+# ---------------------------------------------------------------------------------------------- readers
+def mlflow_artifacts(client, run_id: str, path: str = "") -> list[str]:
+    out = []
+    for f in client.list_artifacts(run_id, path or None):
+        out += mlflow_artifacts(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+def wandb_history(run_dir: str) -> list[dict]:
+    """The history rows of an offline W&B run, read from its ``.wandb`` transaction log (a LevelDB-style log
+    of 32 KiB blocks of ``Record`` protobufs after a 7-byte ``:W&B`` header)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = glob.glob(os.path.join(run_dir, "*.wandb"))
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, buf, rows = 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # block padding
+            pos += left
+            continue
+        buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # a full record, or the last piece of one
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in rec.history.item})
+    return rows
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """W&B offline and MLflow local: no network, every file under tmp_path, no background process left."""
+    for k, v in dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path),
+                     WANDB_CACHE_DIR=str(tmp_path), WANDB_DATA_DIR=str(tmp_path), WANDB_DISABLE_GIT="true",
+                     WANDB_DISABLE_CODE="true", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true").items():
+        monkeypatch.setenv(k, v)
+    yield tmp_path
+    if "wandb" in __import__("sys").modules:
+        import wandb
+
+        wandb.finish()
+        wandb.teardown()  # stops the wandb-core service process
+
+
+def wandb_logger(root):
+    import wandb
+
+    return WandbLogger(save_dir=str(root), offline=True, project="viz",
+                       settings=wandb.Settings(console="off", x_disable_stats=True, x_disable_meta=True,
+                                               x_save_requirements=False, disable_git=True))
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    """One sqlite database for the module's tests (creating one runs MLflow's migrations: seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+def mlflow_logger(uri, root):
+    return MLFlowLogger(experiment_name=f"viz-{root.name}", tracking_uri=uri, artifact_location=str(root / "artifacts"))
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_csv_logger_alone_gets_scalars_in_metrics_csv_and_images_in_the_folder(tmp_path):
+    logger = CSVLogger(str(tmp_path), name="", version=0)
+    rec, _ = fit(logger, tmp_path)
+    folder = os.path.join(logger.log_dir, "lightning_viz")
+    tags = {t for _, t in written(rec)}
+    scalars = csv_scalars(logger.log_dir, tags)
+    check_split(rec, png_tags(folder), scalars)
+    assert folder_scalars(folder) == pytest.approx(scalars)  # the folder's own scalars.csv agrees
+    assert image_relpath("viz/a b/p0", 3) == "epoch_0003/viz/a_b/p0.png"
+
+
+def test_logger_false_writes_a_new_image_folder_version_per_trainer(tmp_path):
+    rec, _ = fit(False, tmp_path)
+    folder = tmp_path / "lightning_viz" / "version_0"
+    scalars = folder_scalars(str(folder))
+    check_split(rec, png_tags(str(folder)), scalars)
+    rec2, _ = fit(False, tmp_path, every_n_epochs=2)
+    assert {e for e, _ in png_tags(str(tmp_path / "lightning_viz" / "version_1"))} == {0}
+
+
+def test_mlflow_logger_alone_gets_metrics_and_artifacts(offline, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    logger = mlflow_logger(mlflow_uri, offline)
+    rec, _ = fit(logger, offline)
+    client = MlflowClient(mlflow_uri)
+    paths = mlflow_artifacts(client, logger.run_id)
+    assert paths and all(p.startswith("lightning_viz/epoch_") for p in paths)
+    images = {}
+    for p in paths:
+        epoch, tag = p[len("lightning_viz/"):].split("/", 1)
+        local = client.download_artifacts(logger.run_id, p, str(offline / "dl"))
+        images[(int(epoch[len("epoch_"):]), tag[: -len(".png")])] = np.asarray(Image.open(local))
+    scalars = {}
+    for tag in {t for _, t in written(rec)} - {t for _, t in images}:
+        for m in client.get_metric_history(logger.run_id, tag):
+            scalars[(m.step, tag)] = m.value
+    check_split(rec, images, scalars)
+    assert not glob.glob(str(offline / "dl" / "*mlflow*"))
+
+
+def test_wandb_logger_alone_offline_keeps_every_point_with_epoch_as_x_axis(offline):
+    logger = wandb_logger(offline)
+    rec, trainer = fit(logger, offline)
+    run_dir = os.path.dirname(logger.experiment.dir)
+    # After training, W&B's own step is far past epoch 0: a write at epoch 0 must still be kept, with its
+    # caption, an embedding table and a plain-folder twin of the same write.
+    vl = VizLogger([WandbBackend(logger), FolderBackend(str(offline / "twin"))], step=0)
+    vl.image("viz/extra/p0", torch.full((3, 16, 16), 0.5), caption="cat (p=0.9)")
+    vl.embedding(torch.arange(6.0).view(3, 2), metadata=[["a", 1], ["b", 2], ["c", 0]],
+                 label_img=torch.zeros(3, 3, 4, 4), tag="viz/extra/emb", metadata_header=["label", "pred"])
+    vl.scalar("viz/extra/late", 7.0)
+    vl.flush()
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()  # waits until wandb-core has written the last records, and stops it
+    rows = wandb_history(run_dir)
+    images, scalars = {}, {}
+    for row in rows:
+        for k, v in row.items():
+            if k.endswith("/_type") and v == "image-file":
+                tag = k[: -len("/_type")]
+                path = os.path.join(run_dir, "files", row[tag + "/path"])
+                images[(row["epoch"], tag)] = np.asarray(Image.open(path).convert("RGB"))
+            elif (row.get("epoch"), k) in written(rec) and isinstance(v, (int, float)):
+                scalars[(row["epoch"], k)] = v
+    extra = {k for k in images if k[1].startswith("viz/extra")}
+    assert extra == {(0, "viz/extra/p0")}
+    images = {k: v for k, v in images.items() if k not in extra}
+    check_split(rec, images, scalars)
+    last = rows[-1]
+    assert last["epoch"] == 0 and last["viz/extra/late"] == 7.0 and last["viz/extra/p0/caption"] == "cat (p=0.9)"
+    assert last["viz/extra/emb/_type"] == "table-file" and last["viz/extra/emb/nrows"] == 3
+    assert last["_step"] > trainer.global_step  # W&B's step went on; the epoch-0 point is there all the same
+    assert os.path.exists(offline / "twin" / "epoch_0000" / "viz" / "extra" / "emb" / "tensors.tsv")
+
+
+def test_all_loggers_write_the_same_values_and_pixels_as_tensorboard(offline, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    tb, csvl, ml, wb = (TensorBoardLogger(str(offline), name="tb", version=0), CSVLogger(str(offline), name="csv"),
+                        mlflow_logger(mlflow_uri, offline), wandb_logger(offline))
+    rec, _ = fit([tb, csvl, ml, wb], offline)
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()  # waits until wandb-core has written the last records, and stops it
+    acc = read_events(tb.log_dir)
+    img_tags = [t for t in acc.Tags()["images"] if t.startswith("viz")]
+    sc_tags = [t for t in acc.Tags()["scalars"] if t.startswith("viz")]
+    ref_sc = {(e.step, t): e.value for t in sc_tags for e in acc.Scalars(t)}
+    ref_img = {(e.step, t): np.asarray(Image.open(io.BytesIO(e.encoded_image_string))) for t in img_tags
+               for e in acc.Images(t)}
+    assert set(ref_sc) | set(ref_img) == written(rec) and all(image_steps(acc, t) == [0, 1] for t in img_tags)
+    # CSV: metrics.csv, no image folder (TensorBoard keeps the images)
+    assert csv_scalars(csvl.log_dir, set(sc_tags)) == pytest.approx(ref_sc, rel=1e-6)
+    assert not os.path.exists(os.path.join(csvl.log_dir, "lightning_viz"))
+    # MLflow
+    client = MlflowClient(mlflow_uri)
+    ml_sc = {(m.step, t): m.value for t in sc_tags for m in client.get_metric_history(ml.run_id, t)}
+    assert ml_sc == pytest.approx(ref_sc, rel=1e-6)
+    for (e, t), img in ref_img.items():
+        local = client.download_artifacts(ml.run_id, f"lightning_viz/{image_relpath(t, e)}", str(offline / "dl"))
+        np.testing.assert_array_equal(np.asarray(Image.open(local)), img)
+    # W&B
+    run_dir = os.path.dirname(wb.experiment.dir)
+    wb_sc, wb_img = {}, {}
+    for row in wandb_history(run_dir):
+        for t in sc_tags:
+            if t in row:
+                wb_sc[(row["epoch"], t)] = row[t]
+        for t in img_tags:
+            if t + "/path" in row:
+                wb_img[(row["epoch"], t)] = np.asarray(Image.open(os.path.join(run_dir, "files", row[t + "/path"])))
+    assert wb_sc == pytest.approx(ref_sc, rel=1e-6)
+    assert set(wb_img) == set(ref_img)
+    for k, img in ref_img.items():
+        np.testing.assert_array_equal(wb_img[k][..., :3], img)
+
+
+def test_restricting_loggers_writes_only_there_and_an_empty_list_computes_nothing(tmp_path):
+    tb, csvl = TensorBoardLogger(str(tmp_path), name="tb", version=0), CSVLogger(str(tmp_path), name="csv")
+    rec, _ = fit([tb, csvl], tmp_path, loggers=["csv"])
+    assert not [t for t in read_events(tb.log_dir).Tags()["images"] if t.startswith("viz")]
+    tags = {t for _, t in written(rec)}
+    assert {t for _, t in csv_scalars(csvl.log_dir, tags)} and not os.path.exists(
+        os.path.join(csvl.log_dir, "lightning_viz"))
+
+    CountingMap.calls = 0
+    cb = CountingMap(num_probes=2, loggers=[])
+    trainer = L.Trainer(max_epochs=EPOCHS, logger=TensorBoardLogger(str(tmp_path), name="none", version=0),
+                        callbacks=[cb], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1, limit_train_batches=1,
+                        limit_val_batches=1)
+    with pytest.warns(NothingWrittenWarning, match="writes nowhere") as record:
+        trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
+    assert len([w for w in record if w.category is NothingWrittenWarning]) == 1
+    assert CountingMap.calls == 0 and cb.last_logged_tags == [] and cb.probes is None
+
+
+def test_loggers_option_fails_early_naming_what_the_trainer_has(tmp_path):
+    with pytest.raises(ValueError, match=r"list of logger names"):
+        InputGradMap(loggers="csv")
+    cb = InputGradMap(num_probes=2, loggers=["wandb", "folder"])
+    trainer = L.Trainer(max_epochs=1, logger=CSVLogger(str(tmp_path)), callbacks=[cb], enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1)
+    with pytest.raises(ValueError, match=r"InputGradMap: loggers=\['wandb', 'folder'\] names \['wandb'\].*"
+                                         r"\['csv', 'folder'\]"):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
