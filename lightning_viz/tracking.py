@@ -311,7 +311,7 @@ class MapTracker:
                 rows.append([text_strip(max(w, 96), [label], 14)] + list(tiles))
                 under.append([None] + [text_strip(w, [f"epoch {epochs[j]}"], 13) for j in keep])
             caption = pid if probe.labels is None else f"{pid}  true: {class_name(probe.labels[i], names)}"
-            logger.image(make_tag(method, "filmstrip", pid), compose(rows, None, caption, under=under))
+            logger.image(make_tag(method, "filmstrip", pid), compose(rows, None, caption, under=under), caption=caption)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -200,7 +200,8 @@ class MapCallback(VisualizationCallback):
             caption = panel_caption(pid, probe, results, i, class_names)
             if both:
                 caption += "   top: per image, bottom: fixed scale"
-            logger.image(make_tag(self.method, "panel", pid), compose(tiles, labels, caption, under=under))
+            logger.image(make_tag(self.method, "panel", pid), compose(tiles, labels, caption, under=under),
+                         caption=caption)  # drawn in the image; also shown by backends that keep captions (W&B)
 
     def extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"scales": {k: s.state_dict() for k, s in self.scales.items()}}

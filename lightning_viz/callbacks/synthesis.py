@@ -419,7 +419,8 @@ class AdversarialCallback(VisualizationCallback):
                          compose(rows, head, f"{self.attack} attack, L-inf budget {self.epsilon:g}"))
         for i, pid in enumerate(probe.ids if self.layout == "per_probe" else []):
             grid = image_grid(torch.stack([originals[i], amplified[i], advs[i]]), nrow=3)
-            logger.image(make_tag(self.method, pid), torch.cat([grid, label_strip(grid.shape[-1], captions[i])], dim=1))
+            logger.image(make_tag(self.method, pid), torch.cat([grid, label_strip(grid.shape[-1], captions[i])], dim=1),
+                         caption=f"{pid}: {captions[i]}")
         flipped = results["adv_pred"] == results["classes"] if self.target == "next_class" else results["adv_pred"] != results["clean_pred"]
         logger.scalar(make_tag(self.method, "linf"), flat.abs().amax(1).mean())
         logger.scalar(make_tag(self.method, "l2"), flat.norm(dim=1).mean())
