@@ -18,7 +18,7 @@ def main() -> None:
     data = ShapesDataModule(num_train=2000, num_val=400, image_size=32, batch_size=64)
     model = ImageClassifier(arch="small_cnn", num_classes=4, in_channels=3, lr=2e-3)
     callbacks = [
-        FilterCallback(layer="net.conv1"),  # first-layer kernels, every epoch
+        FilterCallback(layers="net.conv1"),  # first-layer kernels, every epoch
         ActivationCallback(layers=["net.conv1", "net.relu3"], num_probes=4),  # feature maps of 4 probes
     ]
     trainer = L.Trainer(

@@ -4,22 +4,8 @@ Attach callbacks from :mod:`lightning_viz.callbacks` to a ``Trainer``; the pure-
 use live in :mod:`lightning_viz.methods`.
 """
 
-from .callbacks import (
-    ActivationCallback,
-    AdversarialCallback,
-    CAMCallback,
-    ClassModelCallback,
-    EmbeddingCallback,
-    FilterCallback,
-    GradientCallback,
-    InversionCallback,
-    MapCallback,
-    OcclusionCallback,
-    TopPatchesCallback,
-    UnitCallback,
-    VisualizationCallback,
-    VisualizationError,
-)
+from . import callbacks as _callbacks
+from .callbacks import *  # noqa: F403 - exactly callbacks.__all__ (its CALLBACKS list)
 from .capture import capture, eval_mode, isolated
 from .layers import LayerNotFoundError, get_layer
 from .probe import ProbeSet
@@ -29,20 +15,7 @@ from .tracking import MapTracker
 __version__ = "0.1.0"
 
 __all__ = [
-    "VisualizationCallback",
-    "VisualizationError",
-    "MapCallback",
-    "FilterCallback",
-    "ActivationCallback",
-    "GradientCallback",
-    "CAMCallback",
-    "OcclusionCallback",
-    "TopPatchesCallback",
-    "EmbeddingCallback",
-    "ClassModelCallback",
-    "UnitCallback",
-    "InversionCallback",
-    "AdversarialCallback",
+    *_callbacks.__all__,
     "MapTracker",
     "ProbeSet",
     "LayerNotFoundError",

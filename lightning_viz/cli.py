@@ -1,33 +1,105 @@
-"""``lightning-viz`` command line: LightningCLI over :class:`ImageClassifier` and any LightningDataModule.
+"""``lightning-viz`` command line: LightningCLI over any LightningModule and any LightningDataModule.
 
 Examples::
 
-    lightning-viz fit --config configs/demo.yaml
+    lightning-viz fit --config demo                      # the packaged configs/demo.yaml (works from anywhere)
     lightning-viz fit --config configs/demo.yaml --trainer.max_epochs=5 --model.arch=resnet18
     lightning-viz fit --model.num_classes=10 --model.in_channels=1 --data=DigitsDataModule
+    lightning-viz fit --model=my_pkg.MyNet --data=my_pkg.MyData --trainer.callbacks+=lightning_viz.CAMCallback
 
+The model defaults to :class:`~lightning_viz.models.ImageClassifier` and the data to
+:class:`~lightning_viz.data.ShapesDataModule`; a config's ``model:`` or ``data:`` section without
+``class_path`` gives their init arguments. ``--config NAME`` also finds the configs shipped with the
+package (``demo``, ``digits``; see :func:`packaged_configs`) when no file ``NAME`` exists.
 Callbacks are added under ``trainer.callbacks`` (``class_path`` + ``init_args``) in the YAML config.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from pathlib import Path
+from typing import Any, Optional
 
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import ActionConfigFile
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported so that jsonargparse knows the built-in data modules by their short class names.
 from . import data as _data  # noqa: F401
-from .models import ImageClassifier
+from . import __version__
 
-__all__ = ["main", "cli_main"]
+__all__ = ["main", "cli_main", "VizCLI", "packaged_configs", "resolve_config"]
+
+DESCRIPTION = (
+    "lightning-viz: train a LightningModule with visualization callbacks that explain the CNN while it trains "
+    "(filters, activations, gradients, CAMs, occlusion, top patches, embeddings, synthesis), logged to TensorBoard. "
+    "Start with `lightning-viz fit --config demo`, then `tensorboard --logdir lightning_logs`."
+)
+DEFAULT_MODEL = "lightning_viz.models.ImageClassifier"
+DEFAULT_DATA = "lightning_viz.data.ShapesDataModule"
+
+
+def _config_dirs() -> list[Path]:
+    """Where the shipped configs live: ``lightning_viz/configs`` in an installed wheel, ``configs/`` in a checkout."""
+    pkg = Path(__file__).resolve().parent
+    return [pkg / "configs", pkg.parent / "configs"]
+
+
+def packaged_configs() -> dict[str, Path]:
+    """The configs shipped with lightning-viz, by name (``{"demo": .../demo.yaml, ...}``)."""
+    found: dict[str, Path] = {}
+    for folder in _config_dirs():
+        if folder.is_dir():
+            for f in sorted(folder.glob("*.yaml")):
+                found.setdefault(f.stem, f)
+    return found
+
+
+def resolve_config(value: Any) -> Any:
+    """``value`` unchanged when it is an existing file (or not a plain name); else the packaged config of that
+    name (``"demo"`` or ``"demo.yaml"``, also ``"configs/demo.yaml"``)."""
+    if not isinstance(value, (str, os.PathLike)) or os.path.exists(value):
+        return value
+    text = os.fspath(value)
+    if "\n" in text or ":" in text.split("/")[-1]:  # an inline YAML/JSON config string
+        return value
+    name = Path(text).name
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    return str(packaged_configs().get(stem, value))
+
+
+class _ConfigFile(ActionConfigFile):
+    """``--config``: a path, an inline config, or the name of a packaged config (``demo``)."""
+
+    def __call__(self, parser: Any, cfg: Any, values: Any, option_string: Optional[str] = None) -> None:
+        super().__call__(parser, cfg, resolve_config(values), option_string)
+
+
+class VizCLI(LightningCLI):
+    """LightningCLI with lightning-viz's defaults, ``--version``, and packaged configs by name."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("dump_header", ["lightning-viz==" + __version__])
+        kwargs.setdefault("description", DESCRIPTION)
+        parser = self.parser_class(**kwargs)
+        parser.add_argument(
+            "-c", "--config", action=_ConfigFile,
+            help="Path to a configuration file in json or yaml format, or the name of a packaged config: "
+                 + ", ".join(packaged_configs()) + ".",
+        )
+        parser.add_argument("--version", action="version", version=f"lightning-viz {__version__}")
+        return parser
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
 
 
 def cli_main(args: Optional[list[str]] = None, run: bool = True) -> LightningCLI:
     """Build (and with ``run``, run) the CLI on ``args`` (default ``sys.argv[1:]``); returns the ``LightningCLI``."""
-    return LightningCLI(
-        ImageClassifier,
+    return VizCLI(
+        LightningModule,
         LightningDataModule,
+        subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},

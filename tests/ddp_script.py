@@ -24,12 +24,12 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-import lightning as L  # noqa: E402
-from torch.utils.data import DataLoader, Sampler  # noqa: E402
+import torch
+import lightning as L
+from torch.utils.data import DataLoader, Sampler
 
-from helpers import LitTiny, TinyCNN, tiny_dataset  # noqa: E402
-from lightning_viz.callbacks.maps import MapCallback  # noqa: E402
+from helpers import LitTiny, TinyCNN, tiny_dataset
+from lightning_viz.callbacks.maps import MapCallback
 
 CALLBACKS: list[dict[str, Any]] = [
     {
@@ -56,8 +56,8 @@ CALLBACKS: list[dict[str, Any]] = [
      "init_args": {"layers": ["net.conv2"], "num_units": 2, "k": 2, "num_probes": 8, "patch_px": 8}},
     {"class_path": "lightning_viz.callbacks.embeddings.EmbeddingCallback", "init_args": {"num_probes": 12, "projector": False}},
     {"class_path": "lightning_viz.callbacks.synthesis.ClassModelCallback", "init_args": {"steps": 2}},
-    {"class_path": "lightning_viz.callbacks.synthesis.UnitCallback", "init_args": {"layer": "net.conv2", "channels": [0, 1], "steps": 2}},
-    {"class_path": "lightning_viz.callbacks.synthesis.InversionCallback", "init_args": {"layer": "net.conv1", "num_probes": 5, "steps": 2}},
+    {"class_path": "lightning_viz.callbacks.synthesis.UnitCallback", "init_args": {"layers": "net.conv2", "channels": [0, 1], "steps": 2}},
+    {"class_path": "lightning_viz.callbacks.synthesis.InversionCallback", "init_args": {"layers": "net.conv1", "num_probes": 5, "steps": 2}},
     {"class_path": "lightning_viz.callbacks.synthesis.AdversarialCallback", "init_args": {"num_probes": 5, "steps": 2, "min_flip": False}},
 ]
 
@@ -127,7 +127,7 @@ class FailingCallback(MapCallback):
     def run(self, trainer, pl_module):
         try:
             return super().run(trainer, pl_module)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.errors.append(f"{type(exc).__name__}: {exc}")
 
 
@@ -146,11 +146,15 @@ def instantiate(spec: Any) -> Any:
     return spec
 
 
+#: callbacks that read one probe image only (input shape and value range): they take no num_probes
+ONE_PROBE_IMAGE = {"FilterCallback", "ClassModelCallback", "UnitCallback"}
+
+
 def build_callbacks(num_probes: int | None = None, specs: list[dict] | None = None, run_on: str | None = None) -> list:
     out = []
     for spec in specs if specs is not None else CALLBACKS:
         spec = {"class_path": spec["class_path"], "init_args": dict(spec.get("init_args") or {})}
-        if num_probes is not None:
+        if num_probes is not None and spec["class_path"].rsplit(".", 1)[1] not in ONE_PROBE_IMAGE:
             spec["init_args"]["num_probes"] = num_probes
         if run_on is not None:
             spec["init_args"]["run_on"] = run_on

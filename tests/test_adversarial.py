@@ -140,7 +140,7 @@ def test_adversarial_callback_under_validate_and_valid_range(tmp_path):
     x, y = tiny_dataset(4).tensors
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
     probes = ProbeSet(images=x.clamp(-2, 2), labels=y, mean=mean, std=std)
-    cb = AdversarialCallback(epsilon=3.0, attack="fgsm", target="next_class", probes=probes, min_flip=False,
+    cb = AdversarialCallback(epsilon=3.0, attack="fgsm", mode="next_class", probes=probes, min_flip=False,
                              run_on="validation_epoch_end")
     model = LitTiny(TinyCNN(width=4))
     _, val = tiny_loaders(8)

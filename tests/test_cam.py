@@ -60,6 +60,11 @@ EXPECTED = {
     # XGrad-CAM: w_k = sum(A_k G_k) / sum(A_k): (0.5 * (1 + 2 + 0.5)) / 2.5 = 0.7 and (0.25 * 1.5) / -0.5 = -0.75
     ("xgradcam", "conv1"): F.relu(0.7 * A1_0 - 0.75 * A1_1),
     ("counterfactual_gradcam", "conv1"): F.relu(-(0.5 * 3 / 4) * A1_0 - (0.25 / 4) * A1_1),
+    # HiResCAM: relu(sum_k G_k * A_k) element-wise: .5 [[1, 0], [1, 1]] * A1_0 + .25 [[0, 1], [0, 0]] * A1_1
+    ("hirescam", "conv1"): torch.tensor([[0.5, 0.375], [1.0, 0.25]]),
+    ("hirescam", "conv2"): F.relu(0.25 * A2_0 - 0.25 * A2_1),
+    # Ablation-CAM: S = mean A2_0 - mean A2_1 = 2.125; channel 0 zeroed: S = 0.5, channel 1 zeroed: S = 1.625
+    ("ablationcam", "conv2"): F.relu((2.125 - 0.5) / 2.125 * A2_0 + (2.125 - 1.625) / 2.125 * A2_1),
 }
 
 
@@ -69,6 +74,96 @@ def test_hand_computed_cams(method, layer):
     with isolated(model):
         got = C.class_activation_map(model, X, layer, method, target=0)
     torch.testing.assert_close(got[0], EXPECTED[(method, layer)])
+
+
+def test_hand_computed_ablation_on_conv1_and_weights():
+    """Zeroing channel k of conv1 zeroes R_k = relu(A1_k); S is linear in R (hand computation below)."""
+    model = TwoConv()
+    # S = (1/4) sum (R0 + 2 R1) - (1/4) sum (R1 - R0) = (1/4) (2 sum R0 + sum R1) = (2 * 3.5 + 1.5) / 4 = 2.125
+    # zero A1_0 -> R0 = 0: S = 1.5 / 4 = 0.375;  zero A1_1 -> R1 = relu(0) = 0: S = 7 / 4 = 1.75
+    with isolated(model):
+        res = gradient_pass(model, X, 0, None, ["conv1"])
+        w = C.ablationcam_weights(model, X, "conv1", res.activations["conv1"], res.scores, 0, res.classes)
+        got = C.class_activation_map(model, X, "conv1", "ablationcam", target=0)
+    torch.testing.assert_close(res.scores, torch.tensor([2.125]))
+    torch.testing.assert_close(w, torch.tensor([[(2.125 - 0.375) / 2.125, (2.125 - 1.75) / 2.125]]))
+    torch.testing.assert_close(got[0], F.relu(w[0, 0] * A1_0 + w[0, 1] * A1_1))
+    # a callable target ablates its own score; a zero score gives zero weights, not NaN
+    with isolated(model):
+        margin = C.class_activation_map(model, X, "conv2", "ablationcam", target=lambda z: z[:, 0] - z[:, 1])
+        zero = C.class_activation_map(model, X, "conv2", "ablationcam", target=lambda z: 0 * z[:, 0])
+    assert margin.shape == (1, 2, 2) and torch.isfinite(margin).all() and torch.equal(zero, torch.zeros(1, 2, 2))
+
+
+def test_hand_computed_eigencam():
+    """Centred positions x channels = u [1, 2] (rank 1): first component [1, 2] / sqrt 5, projection sqrt 5 u."""
+    v = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    a = torch.stack([v, 2 * v + 5])[None]  # [1, 2, 2, 2]
+    u = v - 1.5
+    torch.testing.assert_close(C.eigencam_map(a)[0], 5**0.5 * u)
+    torch.testing.assert_close(C.eigencam_map(-a)[0], -(5**0.5) * u)  # sign follows sum_k A_k
+    res = gradient_pass(nn.Sequential(nn.Identity(), nn.Flatten(), nn.Linear(8, 2)), a, 0, None, ["0"])
+    torch.testing.assert_close(C.cam_from_pass(res, "0", "eigencam")[0], F.relu(5**0.5 * u))
+    torch.testing.assert_close(C.eigencam_map(torch.ones(1, 3, 2, 2)), torch.zeros(1, 2, 2))  # constant: no component
+
+
+def test_registry_one_entry_makes_a_new_variant():
+    from lightning_viz.methods.cam import CAMVariant, register_cam_variant
+
+    assert set(C.CAM_VARIANTS) >= {"hirescam", "eigencam", "ablationcam", "scorecam", "guided_gradcampp"}
+    assert C.cam_variant("gradcam++").name == "gradcampp" and C.cam_variant("guided_gradcam").guided_of == "gradcam"
+    assert C.cam_variant("scorecam").needs_input and not C.cam_variant("eigencam").needs_input
+    try:
+        register_cam_variant(CAMVariant("doubled", "test", weights=lambda a, g: 2 * C.gradcam_weights(a, g)))
+        register_cam_variant(CAMVariant("guided_doubled", "test", guided_of="doubled"))
+        model = TwoConv()
+        with isolated(model):
+            got = C.class_activation_map(model, X, "conv2", "doubled", target=0)
+        torch.testing.assert_close(got[0], 2 * EXPECTED[("gradcam", "conv2")])
+        cb = CAMCallback(methods=["doubled", "guided_doubled"], layers=["net.conv2"], num_probes=2)
+        assert cb.pass_needs(None) == {None: [], "guided": []}
+        with pytest.raises(ValueError, match="exactly one of"):
+            CAMVariant("bad", "test", weights=C.gradcam_weights, head=True)
+        with pytest.raises(ValueError, match="already used by 'gradcampp'"):
+            register_cam_variant(CAMVariant("other", "test", weights=C.gradcam_weights, aliases=("gradcam++",)))
+    finally:
+        for name in ("doubled", "guided_doubled"):
+            C.CAM_VARIANTS.pop(name, None)
+            C._ALIASES.pop(name, None)
+        C._refresh_names()
+    with pytest.raises(ValueError, match="unknown CAM method 'doubled'.*hirescam"):
+        C.canonical_cam_method("doubled")
+
+
+def test_parity_with_pytorch_grad_cam():
+    """HiResCAM, Ablation-CAM and Eigen-CAM against pytorch-grad-cam (min-max normalized maps; no resizing:
+    the layer keeps the input's resolution)."""
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    torch.manual_seed(0)
+    model = TinyCNN(width=5).eval()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    classes = [0, 2, 1]
+
+    def minmax(m):
+        m = m - m.flatten(1).amin(1)[:, None, None]
+        return m / m.flatten(1).amax(1).clamp_min(1e-7)[:, None, None]
+
+    for ours, theirs in (("hirescam", pgc.HiResCAM), ("ablationcam", pgc.AblationCAM)):
+        with isolated(model):
+            got = C.class_activation_map(model, x, "relu", ours, target="label", labels=torch.tensor(classes))
+        with theirs(model=model, target_layers=[model.relu]) as cam:
+            ref = cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])
+        torch.testing.assert_close(minmax(got), torch.as_tensor(ref), atol=1e-5, rtol=1e-4, msg=ours)
+    with torch.no_grad():
+        acts = model.relu(model.bn1(model.conv1(x)))
+    proj = torch.as_tensor(get_2d_projection(acts.numpy().copy()))
+    ours = C.eigencam_map(acts)
+    for i in range(len(x)):  # the SVD sign is open: pytorch-grad-cam keeps numpy's, we fix ours
+        sign = 1.0 if (ours[i] * proj[i]).sum() >= 0 else -1.0
+        torch.testing.assert_close(sign * ours[i], proj[i].to(ours.dtype), atol=1e-4, rtol=1e-4)
 
 
 def test_hand_computed_literals_and_weights():
@@ -99,12 +194,12 @@ def test_chunked_equals_unchunked_all_methods():
         full = gradient_pass(model, x, "label", labels, ["conv1", "conv2"])
         part = gradient_pass(model, x, "label", labels, ["conv1", "conv2"], chunk_size=2)
         for m in C.CAM_METHODS:
-            if m == "scorecam":
-                continue
             for layer in ("conv1", "conv2"):
                 if m == "cam" and layer == "conv1":
                     continue
-                torch.testing.assert_close(C.cam_from_pass(part, layer, m, (8, 8), model), C.cam_from_pass(full, layer, m, (8, 8), model))
+                kw = dict(model=model, x=x, target="label", labels=labels)
+                torch.testing.assert_close(C.variant_from_pass(part, layer, m, (8, 8), chunk_size=2, **kw),
+                                           C.variant_from_pass(full, layer, m, (8, 8), **kw))
 
 
 def test_scorecam_against_per_channel_loop():
@@ -184,12 +279,12 @@ def test_torchvision_gradients_and_cams_untouched(arch, layer):
 
 
 def test_cam_callback_logs_layers_and_methods(tmp_path):
-    cb = CAMCallback(methods=["gradcam", "gradcam++", "guided_gradcam", "scorecam"], layers=["net.conv1", "net.conv2"],
-                     num_probes=2, chunk_size=1, normalize="fixed")
+    cb = CAMCallback(methods=["gradcam", "gradcam++", "guided_gradcam", "scorecam", "hirescam", "eigencam", "ablationcam"],
+                     layers=["net.conv1", "net.conv2"], num_probes=2, chunk_size=1, normalize="fixed")
     tl, vl = tiny_loaders(n=12)
     tiny_trainer(str(tmp_path), [cb], max_epochs=2).fit(LitTiny(TinyCNN(width=3)), tl, vl)
     acc = read_events(str(tmp_path))
-    for m in ("gradcam", "gradcampp", "guided_gradcam", "scorecam"):
+    for m in ("gradcam", "gradcampp", "guided_gradcam", "scorecam", "hirescam", "eigencam", "ablationcam"):
         for layer in ("net.conv1", "net.conv2"):
             assert scalar_steps(acc, f"viz-cam/{m}/{layer}/stats/mean_abs") == [0, 1]
     # one panel per probe: the image and the 4 methods x 2 layers, each tile 8 px upscaled to 128 px
@@ -198,7 +293,8 @@ def test_cam_callback_logs_layers_and_methods(tmp_path):
         assert acc.Images(f"viz-cam/panel/{pid}")[0].width == 9 * 128 + 10 * 2
     assert not [t for t in acc.Tags()["images"] if not t.startswith("viz-cam/panel/")]
     # fixed scale across epochs: set at the first run, kept afterwards
-    assert set(cb.scales) == {f"{m}/{layer}" for m in ("gradcam", "gradcampp", "guided_gradcam", "scorecam") for layer in ("net.conv1", "net.conv2")}
+    assert set(cb.scales) == {f"{m}/{layer}" for m in cb.methods for layer in ("net.conv1", "net.conv2")}
+    assert len(cb.methods) == 7
 
 
 def test_full_size_vgg11_one_pass():
@@ -222,13 +318,15 @@ def test_callback_on_a_float64_model():
 
     lit = LitTiny(TinyCNN(width=3)).double()
     probe = ProbeSet(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), labels=torch.tensor([0, 2]))
-    cb = CAMCallback(methods=["gradcam", "scorecam", "guided_gradcam"], layers=["net.conv2"])
+    methods = ["gradcam", "scorecam", "hirescam", "eigencam", "ablationcam"]
+    cb = CAMCallback(methods=methods + ["guided_gradcam"], layers=["net.conv2"])
     cb.check(lit)
     with isolated(lit):
         maps = cb.compute_maps(lit, probe)
-        expected = C.class_activation_map(lit, probe.images.double(), "net.conv2", "gradcam", "label", probe.labels)
-    assert maps["gradcam/net.conv2"].dtype == torch.float64
-    torch.testing.assert_close(maps["gradcam/net.conv2"], expected)
+        for m in methods:  # the callback follows the registry entry of every variant
+            expected = C.class_activation_map(lit, probe.images.double(), "net.conv2", m, "label", probe.labels)
+            assert maps[f"{m}/net.conv2"].dtype == torch.float64, m
+            torch.testing.assert_close(maps[f"{m}/net.conv2"], expected, msg=m)
 
 
 def test_guided_method_in_the_plain_map_function_is_a_clear_error():

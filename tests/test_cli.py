@@ -95,3 +95,86 @@ def test_console_script_readme_and_ci_commands():
     with open(ci) as f:
         lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
     assert lines[0] == "set -euo pipefail" and TEST_COMMAND in lines
+
+
+class UserNet(__import__("lightning").LightningModule):
+    """A user's own LightningModule (not an ImageClassifier), for ``--model=test_cli.UserNet``."""
+
+    def __init__(self, hidden: int = 6, num_classes: int = 4):
+        super().__init__()
+        import torch.nn as nn
+
+        self.features = nn.Sequential(nn.Conv2d(3, hidden, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        import torch.nn.functional as F
+
+        x, y = batch[0], batch[1]
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        import torch
+
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_cli_trains_a_user_lightning_module_with_the_default_data(tmp_path, monkeypatch):
+    from lightning_viz.cli import cli_main
+    from lightning_viz.data.shapes import ShapesDataModule
+
+    monkeypatch.chdir(tmp_path)
+    logdir = str(tmp_path / "logs")
+    cli = cli_main(["fit", "--model=test_cli.UserNet", "--model.hidden=5", "--data.num_train=16", "--data.num_val=8",
+                    "--data.image_size=16", "--data.batch_size=8", "--trainer.max_epochs=1",
+                    "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
+                    "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
+                    "--trainer.accelerator=cpu", "--trainer.logger=TensorBoardLogger", f"--trainer.logger.save_dir={logdir}",
+                    "--trainer.callbacks+=lightning_viz.CAMCallback", "--trainer.callbacks.layers=features.0",
+                    "--trainer.callbacks.num_probes=2", "--trainer.callbacks.probe_source=train"])
+    assert type(cli.model) is UserNet and cli.model.head.in_features == 5
+    assert isinstance(cli.datamodule, ShapesDataModule)  # the default data module
+    acc = read_events(logdir)
+    assert image_steps(acc, "viz-cam/panel/p000") == [0]
+    assert scalar_steps(acc, "viz-cam/gradcam/features.0/stats/max_abs") == [0]
+
+
+def test_cli_defaults_to_image_classifier_and_shapes():
+    from lightning_viz.cli import cli_main
+    from lightning_viz.data.shapes import ShapesDataModule
+    from lightning_viz.models import ImageClassifier
+
+    cli = cli_main(["--model.width=4", "--trainer.logger=false"], run=False)
+    assert type(cli.model) is ImageClassifier and cli.model.net.conv1.out_channels == 4
+    assert type(cli.datamodule) is ShapesDataModule
+
+
+def test_cli_version_help_and_packaged_config_by_name(capsys):
+    from lightning_viz import __version__
+    from lightning_viz.cli import cli_main, resolve_config
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"lightning-viz {__version__}"
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    assert "visualization callbacks" in capsys.readouterr().out
+    assert resolve_config("demo") == resolve_config("demo.yaml") == os.path.realpath(DEMO)
+    assert resolve_config("no_such_config") == "no_such_config"  # jsonargparse then reports the missing file
+    cli = cli_main(["--config", "digits", "--trainer.logger=false"], run=False)
+    assert cli.model.hparams.in_channels == 1 and cli.model.hparams.num_classes == 10
+
+
+def test_config_path_of_the_repository_layout_resolves_from_anywhere(tmp_path, monkeypatch):
+    """``--config configs/demo.yaml`` as the README writes it also works outside the repository."""
+    from lightning_viz.cli import packaged_configs, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config("configs/demo.yaml") == str(packaged_configs()["demo"])
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("model: {width: 4}\n")
+    assert resolve_config("configs/demo.yaml") == "configs/demo.yaml"  # an existing file always wins
+    assert set(packaged_configs()) >= {"demo", "digits"}

@@ -235,3 +235,22 @@ def test_syncbatchnorm_compiled_bf16_model_in_process(tmp_path):
                 "viz-activations/net.conv1/p000", "viz-filters/net.conv1/grid"):
         assert image_steps(acc, tag) == [0, 1], tag
     assert [e.step for e in acc.Scalars("viz-inputgrad/inputgrad/input/faithfulness/deletion_auc")] == [0, 1]
+
+
+def test_shared_contracts_cover_every_exported_callback():
+    """``lightning_viz.callbacks.CALLBACKS`` is the one list: the package exports follow it, and each shared test
+    contract (bit-identical training, DDP == 1 process, the tags each family writes) must cover all of it."""
+    import lightning_viz
+    from lightning_viz.callbacks import CALLBACKS
+    from test_foundation_training import CALLBACK_FACTORIES
+
+    names = {cls.__name__ for cls in CALLBACKS}
+    assert names <= set(lightning_viz.__all__) and all(getattr(lightning_viz, n) is c for c in CALLBACKS
+                                                       for n in [c.__name__])
+    contracts = {
+        "test_foundation_training.CALLBACK_FACTORIES": {type(make()).__name__ for _, make in CALLBACK_FACTORIES},
+        "ddp_script.CALLBACKS": {spec["class_path"].rsplit(".", 1)[1] for spec in ddp_script.CALLBACKS},
+        "test_ddp.FAMILY_TAGS": set(FAMILY_TAGS),
+    }
+    for where, covered in contracts.items():
+        assert names <= covered, f"{where} misses {sorted(names - covered)}"

@@ -161,7 +161,7 @@ def test_callback_runs_a_model_in_another_dtype_than_the_probes():
 
 def test_chosen_layer_and_errors(tmp_path):
     model = LitTiny()
-    cb = EmbeddingCallback(layer="net.conv2", projector=False, num_probes=6, run_on="validation_epoch_end")
+    cb = EmbeddingCallback(layers="net.conv2", projector=False, num_probes=6, run_on="validation_epoch_end")
     trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1)
     train, val = tiny_loaders()
     trainer.fit(model, train, val)
@@ -171,6 +171,6 @@ def test_chosen_layer_and_errors(tmp_path):
     assert scalar_steps(acc, "viz-embeddings/net.conv2/silhouette") == [0, 1]
     assert not any(d.isdigit() for d in os.listdir(trainer.logger.log_dir))  # no projector files
     with pytest.raises(LayerNotFoundError, match="Unknown layer 'net.fc9'"):
-        EmbeddingCallback(layer="net.fc9").check(model)
+        EmbeddingCallback(layers="net.fc9").check(model)
     with pytest.raises(ValueError, match="projection must be a list of 'pca' and/or 'tsne'"):
         EmbeddingCallback(projection=["umap"])

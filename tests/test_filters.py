@@ -123,13 +123,13 @@ def test_filter_callback_logs_grid_norm_and_change(tmp_path):
     fresh = FilterCallback(max_filters=3)
     fresh.load_state_dict(cb.state_dict())
     assert torch.equal(fresh.previous, w1) and fresh.probes is None
-    assert fresh.state_key == cb.state_key != FilterCallback(layer="net.conv2").state_key
+    assert fresh.state_key == cb.state_key != FilterCallback(layers="net.conv2").state_key
 
 
 def test_filter_callback_linear_templates(tmp_path):
     model = LitTiny(linear_net())
     picked = FilterCallback(kind="linear")  # input shape from the probes
-    given = FilterCallback(kind="linear", layer="net.1", input_shape=[3, 8, 8], normalize="global")
+    given = FilterCallback(kind="linear", layers="net.1", input_shape=[3, 8, 8], scale="global")
     trainer = tiny_trainer(str(tmp_path), [picked, given], max_epochs=1)
     trainer.fit(model, *tiny_loaders(n=12))
     assert picked.probes is not None and given.probes is None
@@ -152,18 +152,18 @@ def test_filter_callback_setup_errors(tmp_path):
         trainer.fit(LitTiny(), datamodule=L.LightningDataModule.from_datasets(ds, ds, batch_size=4))
     assert trainer.global_step == 0
     with pytest.raises(ValueError, match=r"'net.conv1' is a Conv2d, not nn.Linear.*'net.fc'"):
-        tiny_trainer(str(tmp_path), [FilterCallback(kind="linear", layer="net.conv1")]).fit(LitTiny(), *tiny_loaders(n=12))
+        tiny_trainer(str(tmp_path), [FilterCallback(kind="linear", layers="net.conv1")]).fit(LitTiny(), *tiny_loaders(n=12))
     with pytest.raises(ValueError, match=r"kind must be 'conv' or 'linear'; got 'dense'"):
         FilterCallback(kind="dense")
-    with pytest.raises(ValueError, match=r"normalize must be 'per_filter' or 'global'"):
-        FilterCallback(normalize="per_image")
+    with pytest.raises(ValueError, match=r"scale must be 'per_filter' or 'global'"):
+        FilterCallback(scale="per_image")
     with pytest.raises(ValueError, match=r"max_filters must be >= 1"):
         FilterCallback(max_filters=0)
 
 
 def test_filter_callback_two_named_instances_on_one_layer(tmp_path):
     """``name`` tells two instances apart (tags and checkpoint state key), also for FilterCallback."""
-    per, glob = FilterCallback(), FilterCallback(normalize="global", name="global")
+    per, glob = FilterCallback(), FilterCallback(scale="global", name="global")
     assert per.state_key != glob.state_key
     tiny_trainer(str(tmp_path), [per, glob], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
     acc = read_events(str(tmp_path))

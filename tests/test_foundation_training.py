@@ -46,8 +46,8 @@ CALLBACK_FACTORIES = [
     ("patches", lambda **kw: TopPatchesCallback(layers=["net.conv2"], num_units=2, k=2, num_probes=6, **kw)),
     ("embeddings", lambda **kw: EmbeddingCallback(num_probes=9, projection=["pca", "tsne"], **kw)),
     ("class_model", lambda **kw: ClassModelCallback(steps=3, jitter=1, **kw)),
-    ("units", lambda **kw: UnitCallback(layer="net.conv2", channels=[0, 1], steps=3, jitter=1, **kw)),
-    ("inversion", lambda **kw: InversionCallback(layer="net.conv1", steps=3, num_probes=2, **kw)),
+    ("units", lambda **kw: UnitCallback(layers="net.conv2", channels=[0, 1], steps=3, jitter=1, **kw)),
+    ("inversion", lambda **kw: InversionCallback(layers="net.conv1", steps=3, num_probes=2, **kw)),
     ("adversarial", lambda **kw: AdversarialCallback(steps=2, num_probes=3, **kw)),
 ]
 FACTORY_IDS = [name for name, _ in CALLBACK_FACTORIES]
@@ -222,7 +222,7 @@ def test_bad_layer_fails_at_setup_listing_valid_names(tmp_path):
     assert trainer.global_step == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
-    trainer = tiny_trainer(str(tmp_path), [FilterCallback(layer="net.fc")])
+    trainer = tiny_trainer(str(tmp_path), [FilterCallback(layers="net.fc")])
     with pytest.raises(LayerNotFoundError, match=r"'net.fc' is a Linear.*'net.conv1'"):
         trainer.fit(LitTiny(), *tiny_loaders(n=12))
     assert trainer.global_step == 0

@@ -84,3 +84,68 @@ def test_small_cnn_learns_shapes_in_two_epochs(tmp_path):
     assert float(trainer.callback_metrics["val_acc"]) > 0.6  # chance is 0.25
     acc = read_events(str(tmp_path))
     assert scalar_steps(acc, "val_acc") and scalar_steps(acc, "val_loss") and scalar_steps(acc, "train_loss")
+
+
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch):
+    """An empty local torch hub cache (TORCH_HOME) for this test only."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert torch.hub.get_dir() == str(tmp_path / "torch" / "hub")
+    return tmp_path / "torch" / "hub"
+
+
+def _place_weights(arch: str, name: str, seed: int = 0) -> dict:
+    """A real torchvision state dict (random, seeded) saved where torchvision's cache keeps ``name``."""
+    import torchvision
+
+    from lightning_viz.models import pretrained_weights_file
+
+    weights = torchvision.models.get_weight(name)
+    torch.manual_seed(seed)
+    state = torchvision.models.get_model(arch, weights=None, num_classes=len(weights.meta["categories"])).state_dict()
+    path = pretrained_weights_file(weights)
+    import os
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(state, path)
+    return state
+
+
+def test_pretrained_weights_load_bit_identically_from_the_hub_cache(hub_dir):
+    state = _place_weights("resnet18", "ResNet18_Weights.IMAGENET1K_V1")
+    assert (hub_dir / "checkpoints" / "resnet18-f37072fd.pth").is_file()
+    for name in ("ResNet18_Weights.IMAGENET1K_V1", "IMAGENET1K_V1", "DEFAULT"):
+        model = ImageClassifier(arch="resnet18", num_classes=1000, weights=name)
+        loaded = model.net.state_dict()
+        assert loaded.keys() == state.keys()
+        assert all(torch.equal(loaded[k], state[k]) for k in state), name
+    assert model.hparams.weights == "DEFAULT"
+
+
+def test_pretrained_weights_with_other_classes_and_channels(hub_dir):
+    state = _place_weights("resnet18", "ResNet18_Weights.IMAGENET1K_V1", seed=1)
+    model = ImageClassifier(arch="resnet18", num_classes=3, in_channels=1, weights="DEFAULT")
+    net = model.net
+    assert net.fc.out_features == 3 and net.fc.in_features == 512  # a fresh head
+    assert torch.equal(net.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])  # the body is pretrained
+    # the gray first conv: RGB kernels summed (mean * 3), so a gray image responds as its RGB copy
+    torch.testing.assert_close(net.conv1.weight, state["conv1.weight"].sum(dim=1, keepdim=True))
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    rgb = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    with torch.no_grad():
+        rgb.weight.copy_(state["conv1.weight"])
+        torch.testing.assert_close(net.conv1(x), rgb(x.expand(-1, 3, -1, -1)), atol=1e-5, rtol=1e-5)
+    assert model.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 3)
+
+
+def test_missing_pretrained_weights_name_the_file_and_url_and_never_download(hub_dir):
+    with pytest.raises(FileNotFoundError) as info:
+        ImageClassifier(arch="resnet18", num_classes=4, weights="DEFAULT")
+    msg = str(info.value)
+    assert str(hub_dir / "checkpoints" / "resnet18-f37072fd.pth") in msg
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in msg
+    assert not (hub_dir / "checkpoints").exists()  # nothing was downloaded
+    with pytest.raises(ValueError, match="unknown weights 'IMAGENET9'.*ResNet18_Weights.IMAGENET1K_V1"):
+        ImageClassifier(arch="resnet18", weights="IMAGENET9")
+    with pytest.raises(ValueError, match="small_cnn has no pretrained weights"):
+        ImageClassifier(weights="DEFAULT")

@@ -165,7 +165,7 @@ def test_scan_topk_over_batches():
 
 
 def test_callback_logs_one_grid_per_unit_and_ddp_merge_equals_single(tmp_path):
-    cb = TopPatchesCallback(layers=["net.conv2"], units=[0, 2], k=3, num_probes=20, batch_size=8, patch_px=8)
+    cb = TopPatchesCallback(layers=["net.conv2"], units=[0, 2], k=3, num_probes=20, chunk_size=8, patch_px=8)
     train, val = tiny_loaders()
     model = LitTiny()
     trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=2)
@@ -204,7 +204,7 @@ def test_callback_logs_one_grid_per_unit_and_ddp_merge_equals_single(tmp_path):
 def test_callback_runs_a_model_in_another_dtype_than_the_probes():
     model = LitTiny().double()  # e.g. Trainer(precision="64-true"); the probes stay float32
     x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    cb = TopPatchesCallback(layers=["net.conv2"], units=[1], k=2, batch_size=2)
+    cb = TopPatchesCallback(layers=["net.conv2"], units=[1], k=2, chunk_size=2)
     with isolated(model):
         out = cb.compute(model, ProbeSet(images=x, labels=torch.tensor([0, 1, 2, 0, 1])))
         expected = scan_topk(model, x.double(), "net.conv2", [1], 2)

@@ -93,8 +93,8 @@ def test_callbacks_log_grids_pairs_and_scalars_every_epoch(tmp_path):
     train, val = tiny_loaders(24)
     cbs = [
         ClassModelCallback(steps=4, input_shape=[3, 8, 8], blur_every=2, jitter=1),
-        UnitCallback(layer="net.conv2", channels=[0, 3], steps=4, parameterization="fft"),
-        InversionCallback(layer="net.conv1", steps=4, num_probes=2),
+        UnitCallback(layers="net.conv2", channels=[0, 3], steps=4, parameterization="fft"),
+        InversionCallback(layers="net.conv1", steps=4, num_probes=2),
     ]
     assert not cbs[0].needs_probes and cbs[1].needs_probes
     tiny_trainer(str(tmp_path), cbs, max_epochs=2).fit(model, train, val)
@@ -121,8 +121,8 @@ def test_callbacks_and_methods_run_a_model_in_another_dtype_than_the_probes():
     opts = dict(steps=2, blur_every=1, clip_contribution_percentile=5, jitter=1)
     with isolated(model):
         res = class_model_images(model.net, [0, 1], (3, 8, 8), steps=2, init=x[:2], bounds=valid_range([0.5] * 3, [0.5] * 3))
-        outs = [cb.compute(model, probe) for cb in (ClassModelCallback(**opts), UnitCallback(layer="net.conv2", channels=[1], **opts),
-                                                   InversionCallback(layer="net.conv1", **opts))]
+        outs = [cb.compute(model, probe) for cb in (ClassModelCallback(**opts), UnitCallback(layers="net.conv2", channels=[1], **opts),
+                                                   InversionCallback(layers="net.conv1", **opts))]
         with torch.no_grad():
             logits = model(res.images)
     assert res.images.dtype == torch.float64 and res.images.min() >= -1 and res.images.max() <= 1
@@ -131,7 +131,7 @@ def test_callbacks_and_methods_run_a_model_in_another_dtype_than_the_probes():
 
 
 def test_inversion_under_validate_inference_mode(tmp_path):
-    cb = InversionCallback(layer="net.conv2", steps=3, num_probes=2, run_on="validation_epoch_end")
+    cb = InversionCallback(layers="net.conv2", steps=3, num_probes=2, run_on="validation_epoch_end")
     _, val = tiny_loaders(8)
     tiny_trainer(str(tmp_path), [cb]).validate(LitTiny(TinyCNN(width=4)), val)
     assert scalar_steps(read_events(str(tmp_path)), "viz-inversion/net.conv2/feature_error") == [0]
@@ -140,9 +140,9 @@ def test_inversion_under_validate_inference_mode(tmp_path):
 def test_clear_errors_and_cli_parsing():
     model = LitTiny(TinyCNN(width=4))
     with pytest.raises(LayerNotFoundError, match="net.conv2"):
-        UnitCallback(layer="conv9", channels=[0]).check(model)
+        UnitCallback(layers="conv9", channels=[0]).check(model)
     with pytest.raises(ValueError, match=r"4 channels \(0..3\)"):
-        UnitCallback(layer="net.conv2", channels=[4]).check(model)
+        UnitCallback(layers="net.conv2", channels=[4]).check(model)
     with pytest.raises(ValueError, match="parameterization must be 'pixel' or 'fft'"):
         ClassModelCallback(parameterization="dct")
     with pytest.raises(ValueError, match="input_shape must be"):
@@ -165,7 +165,7 @@ def test_per_probe_callbacks_give_the_same_result_on_any_rank_split():
     x, y = tiny_dataset(5).tensors
     probe = ProbeSet(images=x, labels=y)
     model = LitTiny(TinyCNN(width=4))
-    cb = InversionCallback(layer="net.conv2", steps=4, jitter=1)
+    cb = InversionCallback(layers="net.conv2", steps=4, jitter=1)
     with isolated(model):
         whole = cb.compute(model, probe)
         parts = [cb.compute(model, probe.shard(r, 2)) for r in range(2)]

@@ -23,6 +23,7 @@ from ..logging import VizLogger, make_tag
 from ..methods.activations import feature_maps
 from ..probe import ProbeSet
 from ..render import class_name, colormap, compose, image_grid, normalize_maps, resize_maps, text_strip, upscale
+from ._options import LayersSpec, as_layer_list
 from .base import VisualizationCallback
 
 __all__ = ["ActivationCallback"]
@@ -51,7 +52,7 @@ class ActivationCallback(VisualizationCallback):
 
     def __init__(
         self,
-        layers: Optional[list[str]] = None,
+        layers: LayersSpec = None,
         max_channels: int = 16,
         channels: Literal["first", "top"] = "first",
         cmap: str = "viridis",
@@ -72,11 +73,7 @@ class ActivationCallback(VisualizationCallback):
             raise ValueError(f"ActivationCallback: layout must be 'per_probe' or 'grid'; got {layout!r}")
         if display_px < 0:
             raise ValueError(f"ActivationCallback: display_px must be >= 0; got {display_px}")
-        if isinstance(layers, str):
-            layers = [layers]
-        if layers is not None and len(layers) == 0:
-            raise ValueError("ActivationCallback: layers must name at least one layer, or be None (first and last conv)")
-        self.layers = None if layers is None else list(layers)
+        self.layers = as_layer_list(type(self).__name__, layers)  # None: the first and last conv
         self.max_channels = max_channels
         self.channels = channels
         self.cmap = cmap

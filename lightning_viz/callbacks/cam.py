@@ -15,11 +15,11 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from ..layers import CONV_TYPES, get_layer, require_conv, resolve_layers
-from ..methods.cam import (GUIDED_CAM_METHODS, cam_from_pass, cam_head, canonical_cam_method, guided_cam_from_passes,
-                           scorecam_from_pass)
+from ..methods.cam import cam_head, cam_variant, canonical_cam_method, guided_cam_from_passes, variant_from_pass
 from ..methods.gradients import reduce_channels
 from ..probe import ProbeSet
 from ..targets import CallableTarget
+from ._options import LayersSpec, as_layer_list
 from .gradients import GradientMapCallback
 
 __all__ = ["CAMCallback"]
@@ -29,10 +29,11 @@ class CAMCallback(GradientMapCallback):
     """Class activation maps of the probe images.
 
     Args:
-        methods: any of ``cam``, ``gradcam``, ``gradcampp`` (or ``gradcam++``), ``xgradcam``, ``layercam``,
-            ``counterfactual_gradcam``, ``scorecam`` (K extra masked forwards per image), ``guided_gradcam``,
-            ``guided_gradcampp`` (or ``guided_gradcam++``).
-        layers: layer names (``model.named_modules()``, e.g. ``net.layer4``); default: the last conv layer.
+        methods: any of :data:`~lightning_viz.methods.cam.CAM_VARIANTS`: ``cam``, ``gradcam``, ``gradcampp``
+            (or ``gradcam++``), ``xgradcam``, ``layercam``, ``counterfactual_gradcam``, ``hirescam``,
+            ``eigencam`` (class-agnostic), ``scorecam`` and ``ablationcam`` (K extra forwards per image),
+            ``guided_gradcam``, ``guided_gradcampp`` (or ``guided_gradcam++``).
+        layers: layer name or names (``model.named_modules()``, e.g. ``net.layer4``); default: the last conv layer.
             Blocks containing convolutions are fine; ``cam`` also needs a GAP + linear head over the layer.
         target: ``"label"`` (default), ``"predicted"``, a class index, or (from Python) a callable
             ``logits -> score[B]`` -- not with ``cam``, which needs a class.
@@ -45,8 +46,8 @@ class CAMCallback(GradientMapCallback):
 
     def __init__(
         self,
-        methods: list[str] = ["gradcam"],  # noqa: B006 - jsonargparse needs the literal default
-        layers: Optional[list[str]] = None,
+        methods: list[str] = ["gradcam"],
+        layers: LayersSpec = None,
         target: Union[str, int] = "label",
         reduce: Literal["abs_max", "sum", "abs_sum"] = "abs_max",
         chunk_size: Optional[int] = None,
@@ -59,15 +60,14 @@ class CAMCallback(GradientMapCallback):
         if not methods:
             raise ValueError("CAMCallback needs at least one method")
         self.methods = list(dict.fromkeys(canonical_cam_method(m) for m in methods))
-        if "cam" in self.methods and isinstance(self.target, CallableTarget):
-            raise ValueError("method 'cam' needs a target class ('label', 'predicted' or a class index); "
+        needs_class = [m for m in self.methods if cam_variant(m).needs_class]
+        if needs_class and isinstance(self.target, CallableTarget):
+            raise ValueError(f"method {needs_class[0]!r} needs a target class ('label', 'predicted' or a class index); "
                              "a callable target has none. Use 'gradcam' with a callable target.")
         if reduce not in ("abs_max", "sum", "abs_sum"):
             raise ValueError(f"reduce must be 'abs_max', 'sum' or 'abs_sum'; got {reduce!r}")
         self.reduce = reduce
-        self.layer_names = [layers] if isinstance(layers, str) else (None if layers is None else list(dict.fromkeys(layers)))
-        if self.layer_names == []:
-            raise ValueError("layers must name at least one layer, or be None for the last conv layer")
+        self.layer_names = as_layer_list(type(self).__name__, layers)  # None: the last conv layer
         self.layers: list[str] = []
 
     def check(self, pl_module: LightningModule) -> None:
@@ -76,13 +76,13 @@ class CAMCallback(GradientMapCallback):
             layer = get_layer(pl_module, name)
             if not any(isinstance(m, CONV_TYPES) for m in layer.modules()):
                 require_conv(pl_module, name, "CAM")  # raises, listing the conv layers
-            if "cam" in self.methods and isinstance(layer, CONV_TYPES):
+            if any(cam_variant(m).head for m in self.methods) and isinstance(layer, CONV_TYPES):
                 cam_head(pl_module, layer.out_channels, name)
         super().check(pl_module)
 
     def pass_needs(self, pl_module: LightningModule) -> dict[Optional[str], list[str]]:
         needs: dict[Optional[str], list[str]] = {None: list(self.layers)}
-        if any(m in GUIDED_CAM_METHODS for m in self.methods):
+        if any(cam_variant(m).guided for m in self.methods):
             needs["guided"] = []
         return needs
 
@@ -95,16 +95,14 @@ class CAMCallback(GradientMapCallback):
         x = self.probe_images(pl_module, probe)
         plain = self.get_pass(pl_module, probe, x, None, self.layers)
         guided = None
-        if any(m in GUIDED_CAM_METHODS for m in self.methods):
+        if any(cam_variant(m).guided for m in self.methods):
             guided = self.get_pass(pl_module, probe, x, "guided", [])
         out: dict[str, Tensor] = {}
         for layer in self.layers:
             for m in self.methods:
-                if m in GUIDED_CAM_METHODS:
+                if guided is not None and cam_variant(m).guided:
                     out[f"{m}/{layer}"] = reduce_channels(guided_cam_from_passes(plain, guided, layer, m), self.reduce)
-                elif m == "scorecam":
-                    out[f"{m}/{layer}"] = scorecam_from_pass(plain, pl_module, x, layer, self.target, probe.labels,
-                                                             self.chunk_size)
                 else:
-                    out[f"{m}/{layer}"] = cam_from_pass(plain, layer, m, tuple(x.shape[-2:]), pl_module)
+                    out[f"{m}/{layer}"] = variant_from_pass(plain, layer, m, tuple(x.shape[-2:]), pl_module, x,
+                                                            self.target, probe.labels, self.chunk_size)
         return out

@@ -12,6 +12,7 @@ from ..logging import VizLogger, make_tag
 from ..methods.embeddings import extract_features, knn_accuracy, pca_2d, penultimate_layer, scatter_image, silhouette, tsne_2d
 from ..probe import ProbeSet
 from ..render import class_name
+from ._options import LayersSpec, renamed_option, single_layer
 from .base import VisualizationCallback
 
 __all__ = ["EmbeddingCallback"]
@@ -33,14 +34,16 @@ class EmbeddingCallback(VisualizationCallback):
       ``label``/``prediction`` (class names when known) and image sprites, under ``<log_dir>/<epoch:05d>/<tag>/``.
 
     Args:
-        layer: layer name, or ``None`` for the penultimate features.
+        layers: the layer (one name of ``model.named_modules()`` or a one-element list), or ``None`` for the
+            penultimate features. One layer per instance.
         projection: 2-D projections to plot: ``"pca"`` (SVD, cheap) and/or ``"tsne"`` (scikit-learn, slower).
         projector: also write the TensorBoard projector files.
         sprite_size: side in pixels of each probe thumbnail in the projector sprite.
         knn_k: neighbours for the leave-one-out kNN accuracy.
         tsne_perplexity: t-SNE perplexity (capped below N/3).
-        batch_size: images per forward.
+        chunk_size: probe images per forward (``None``: all at once).
         num_probes: probe set size (default 128).
+        layer: deprecated alias of ``layers``.  batch_size: deprecated alias of ``chunk_size``.
         **kwargs: :class:`VisualizationCallback` options.
     """
 
@@ -48,23 +51,28 @@ class EmbeddingCallback(VisualizationCallback):
 
     def __init__(
         self,
-        layer: Optional[str] = None,
-        projection: list[Literal["pca", "tsne"]] = ["pca"],  # noqa: B006 - jsonargparse default
+        layers: LayersSpec = None,
+        projection: list[Literal["pca", "tsne"]] = ["pca"],
         projector: bool = True,
         sprite_size: int = 32,
         knn_k: int = 5,
         tsne_perplexity: float = 30.0,
-        batch_size: int = 256,
+        chunk_size: Optional[int] = 256,
         num_probes: int = 128,
+        layer: Optional[str] = None,
+        batch_size: Optional[int] = None,
         **kwargs: Any,
     ):
         super().__init__(num_probes=num_probes, **kwargs)
+        owner = type(self).__name__
+        layer = single_layer(owner, renamed_option(owner, "layer", "layers", layer, layers, None))
+        chunk_size = renamed_option(owner, "batch_size", "chunk_size", batch_size, chunk_size, 256)
         if isinstance(projection, str):
             projection = [projection]
         bad = [p for p in projection if p not in ("pca", "tsne")]
         if bad:
             raise ValueError(f"projection must be a list of 'pca' and/or 'tsne'; got {projection!r}")
-        for name, v in (("sprite_size", sprite_size), ("knn_k", knn_k), ("batch_size", batch_size)):
+        for name, v in (("sprite_size", sprite_size), ("knn_k", knn_k), ("chunk_size", chunk_size or 1)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1; got {v}")
         if tsne_perplexity <= 0:
@@ -72,7 +80,8 @@ class EmbeddingCallback(VisualizationCallback):
         self.layer = layer
         self.projection = list(projection)
         self.projector = projector
-        self.sprite_size, self.knn_k, self.tsne_perplexity, self.batch_size = sprite_size, knn_k, tsne_perplexity, batch_size
+        self.sprite_size, self.knn_k, self.tsne_perplexity = sprite_size, knn_k, tsne_perplexity
+        self.chunk_size = chunk_size
 
     @property
     def layer_tag(self) -> str:
@@ -88,7 +97,8 @@ class EmbeddingCallback(VisualizationCallback):
             get_layer(pl_module, self.layer)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
-        feats, logits = extract_features(pl_module, probe.to(pl_module.device, pl_module.dtype), self.layer, self.batch_size)
+        feats, logits = extract_features(pl_module, probe.to(pl_module.device, pl_module.dtype), self.layer,
+                                       self.chunk_size or len(probe))
         return {"features": feats.cpu(), "prediction": logits.argmax(1).cpu()}
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:

@@ -22,6 +22,7 @@ from ..logging import VizLogger, make_tag
 from ..methods.filters import conv_filters, first_linear_name, linear_templates
 from ..probe import ProbeSet, read_item
 from ..render import image_grid, normalize_maps
+from ._options import LayersSpec, reject_options, renamed_option, single_layer
 from .base import VisualizationCallback, _find_dataset
 
 __all__ = ["FilterCallback", "filter_grid"]
@@ -58,16 +59,18 @@ class FilterCallback(VisualizationCallback):
     """Log the weights of a conv layer (default: the first) or a linear layer's per-class templates.
 
     Args:
-        layer: dotted layer name (``model.named_modules()``); default the first conv (``kind="conv"``)
-            or the first linear layer (``kind="linear"``).
+        layers: the layer (one dotted name of ``model.named_modules()``, or a one-element list); default the
+            first conv (``kind="conv"``) or the first linear layer (``kind="linear"``). One layer per instance.
         kind: ``"conv"`` (kernels ``[out, in, kh, kw]``) or ``"linear"`` (rows of a linear layer fed by
             the flattened image, reshaped to the input shape).
-        normalize: ``"per_filter"`` (each filter on its own range) or ``"global"`` (one range for all).
+        scale: ``"per_filter"`` (each filter on its own range) or ``"global"`` (one range for all).
         max_filters: at most this many filters (and grayscale input channels) in the grid.
         input_shape: ``[C, H, W]`` of one input, for ``kind="linear"``; default: the probe images' shape.
-        **kwargs: schedule options of :class:`VisualizationCallback` (``every_n_epochs``, ``run_on``, ...).
+        layer: deprecated alias of ``layers``.  normalize: deprecated alias of ``scale``.
+        **kwargs: schedule options of :class:`VisualizationCallback` (``every_n_epochs``, ``run_on``, ...);
+            ``probe_source``/``probes`` give the input shape of ``kind="linear"`` templates (one image is read).
 
-    Only rank 0 computes (``per_probe = False``); probes are only picked for ``kind="linear"`` without
+    Only rank 0 computes (``per_probe = False``); a probe image is only read for ``kind="linear"`` without
     ``input_shape``.
     """
 
@@ -77,25 +80,32 @@ class FilterCallback(VisualizationCallback):
 
     def __init__(
         self,
-        layer: Optional[str] = None,
+        layers: LayersSpec = None,
         kind: Literal["conv", "linear"] = "conv",
-        normalize: Literal["per_filter", "global"] = "per_filter",
+        scale: Literal["per_filter", "global"] = "per_filter",
         max_filters: int = 64,
         input_shape: Optional[list[int]] = None,
+        layer: Optional[str] = None,
+        normalize: Optional[str] = None,
         **kwargs: Any,
     ):
-        super().__init__(**kwargs)
+        owner = type(self).__name__
+        reject_options(owner, kwargs, ("num_probes", "probe_seed"), "only the input shape of linear templates is "
+                       "read from one probe image")
+        super().__init__(num_probes=1, probe_seed=0, **kwargs)
+        layer = single_layer(owner, renamed_option(owner, "layer", "layers", layer, layers, None))
+        scale = renamed_option(owner, "normalize", "scale", normalize, scale, "per_filter")
         if kind not in ("conv", "linear"):
             raise ValueError(f"FilterCallback: kind must be 'conv' or 'linear'; got {kind!r}")
-        if normalize not in ("per_filter", "global"):
-            raise ValueError(f"FilterCallback: normalize must be 'per_filter' or 'global'; got {normalize!r}")
+        if scale not in ("per_filter", "global"):
+            raise ValueError(f"FilterCallback: scale must be 'per_filter' or 'global'; got {scale!r}")
         if max_filters < 1:
             raise ValueError(f"FilterCallback: max_filters must be >= 1; got {max_filters}")
         if input_shape is not None and len(input_shape) != 3:
             raise ValueError(f"FilterCallback: input_shape must be [C, H, W]; got {input_shape}")
         self.layer = layer
         self.kind = kind
-        self.normalize = normalize
+        self.scale = scale
         self.max_filters = max_filters
         self.input_shape = None if input_shape is None else [int(s) for s in input_shape]
         # Linear templates need the input shape; take it from the probe images when not given.
@@ -144,7 +154,7 @@ class FilterCallback(VisualizationCallback):
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         name, w = results["layer"], results["weights"]
-        logger.image(make_tag(self.method, name, "grid"), filter_grid(w, self.normalize, self.max_filters))
+        logger.image(make_tag(self.method, name, "grid"), filter_grid(w, self.scale, self.max_filters))
         logger.scalar(make_tag(self.method, name, "mean_norm"), w.flatten(1).norm(dim=1).mean())
         if self.previous is not None and self.previous.shape == w.shape:
             change = (w - self.previous).norm() / self.previous.norm().clamp_min(1e-12)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from ..methods.patches import TopK, merge_topk, scan_topk
 from ..methods.receptive_field import crop_boxes, receptive_field
 from ..probe import ProbeSet
 from ..render import class_name, compose, image_grid, text_strip
+from ._options import as_layer_list, renamed_option
 from .base import VisualizationCallback
 
 __all__ = ["TopPatchesCallback"]
@@ -33,11 +34,12 @@ class TopPatchesCallback(VisualizationCallback):
     row per unit, each patch with the class of its probe underneath.
 
     Args:
-        layers: layers whose channels are the units (conv feature maps ``[B, C, h, w]``).
+        layers: layer name(s) whose channels are the units (conv feature maps ``[B, C, h, w]``).
         units: channel indices per layer; ``None``: the first ``num_units`` channels.
         num_units: how many channels when ``units`` is ``None``.
         k: patches per unit.
-        batch_size: images per forward while scanning.
+        chunk_size: probe images per forward while scanning (``None``: all at once).
+        batch_size: deprecated alias of ``chunk_size``.
         receptive_field: ``"auto"`` (layer arithmetic on plain conv/pool chains, else gradient support),
             ``"arithmetic"`` or ``"gradient"``.
         patch_px: displayed size of each patch (nearest upsampling; 0 keeps the receptive-field size).
@@ -50,25 +52,27 @@ class TopPatchesCallback(VisualizationCallback):
 
     def __init__(
         self,
-        layers: list[str],
+        layers: Union[str, list[str]],
         units: Optional[list[int]] = None,
         num_units: int = 8,
         k: int = 9,
-        batch_size: int = 64,
+        chunk_size: Optional[int] = 64,
         receptive_field: Literal["auto", "arithmetic", "gradient"] = "auto",
         patch_px: int = 32,
         layout: Literal["per_unit", "grid"] = "per_unit",
         num_probes: int = 256,
+        batch_size: Optional[int] = None,
         **kwargs: Any,
     ):
         super().__init__(num_probes=num_probes, **kwargs)
-        if isinstance(layers, str):
-            layers = [layers]
+        owner = type(self).__name__
+        chunk_size = renamed_option(owner, "batch_size", "chunk_size", batch_size, chunk_size, 64)
         if not layers:
             raise ValueError("layers must name at least one layer (e.g. ['layer2', 'layer3.1.conv2'])")
+        names = as_layer_list(owner, layers) or []
         if units is not None and (not units or min(units) < 0):
             raise ValueError(f"units must be a non-empty list of channel indices >= 0, or None; got {units!r}")
-        for name, v in (("num_units", num_units), ("k", k), ("batch_size", batch_size)):
+        for name, v in (("num_units", num_units), ("k", k), ("chunk_size", chunk_size or 1)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1; got {v}")
         if receptive_field not in ("auto", "arithmetic", "gradient"):
@@ -78,9 +82,9 @@ class TopPatchesCallback(VisualizationCallback):
         if layout not in ("per_unit", "grid"):
             raise ValueError(f"TopPatchesCallback: layout must be 'per_unit' or 'grid'; got {layout!r}")
         self.layout = layout
-        self.layers = list(layers)
+        self.layers = names
         self.units = None if units is None else list(units)
-        self.num_units, self.k, self.batch_size = num_units, k, batch_size
+        self.num_units, self.k, self.chunk_size = num_units, k, chunk_size
         self.receptive_field, self.patch_px = receptive_field, patch_px
         self._boxes: dict[tuple, Tensor] = {}
 
@@ -107,7 +111,7 @@ class TopPatchesCallback(VisualizationCallback):
         units = self._units(pl_module, x[:1])
         out: dict[str, Any] = {}
         for name in self.layers:
-            top = scan_topk(pl_module, x, name, units[name], self.k, self.batch_size, offset=probe.offset)
+            top = scan_topk(pl_module, x, name, units[name], self.k, self.chunk_size or len(x), offset=probe.offset)
             out[name] = top.to_rows()  # [k_local, U, 4]: dim 0 = candidate, concatenated over ranks
             out["units:" + name] = torch.tensor(units[name]).view(1, -1)  # same on every rank
         return out

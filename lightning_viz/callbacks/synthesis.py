@@ -35,6 +35,7 @@ from ..methods.regularizers import build_regularizers
 from ..methods.synthesis import class_model_images, initial_images, invert_features, per_image_noise, unit_images, valid_range
 from ..probe import ProbeSet
 from ..render import class_name, compose, image_grid, label_strip, labeled_grid, text_strip, upscale
+from ._options import LayersSpec, reject_options, renamed_option, single_layer
 from .base import VisualizationCallback
 
 __all__ = ["ClassModelCallback", "UnitCallback", "InversionCallback", "AdversarialCallback"]
@@ -151,15 +152,17 @@ class ClassModelCallback(_InputOptimizationCallback):
         max_classes: cap on the number of classes when ``classes`` is not given.
         l2: the lambda of eq. 1.
         **kwargs: the options of the input optimization (``steps``, ``lr``, ``blur_every``, ...) and of
-            :class:`VisualizationCallback`. The probe images give the input shape and valid range unless
-            ``input_shape`` is given.
+            :class:`VisualizationCallback`. One probe image (``probe_source``, or ``probes``) gives the input
+            shape and valid range unless ``input_shape`` is given; ``num_probes``/``probe_seed`` do not apply.
     """
 
     method = "class_model"
     per_probe = False
 
     def __init__(self, classes: Optional[list[int]] = None, max_classes: int = 16, l2: float = 1e-3, **kwargs: Any):
-        super().__init__(l2=l2, **kwargs)
+        reject_options(type(self).__name__, kwargs, ("num_probes", "probe_seed"),
+                       "one probe image gives the input shape and value range")
+        super().__init__(l2=l2, num_probes=1, probe_seed=0, **kwargs)
         if classes is not None and (not classes or min(classes) < 0):
             raise ValueError(f"ClassModelCallback: classes must be a non-empty list of class indices >= 0; got {classes}")
         if max_classes < 1:
@@ -198,17 +201,28 @@ class UnitCallback(_InputOptimizationCallback):
     maximizing its mean activation (``unit="channel"``) or its center unit (``"neuron"``); rank 0 only.
 
     Args:
-        layer: dotted layer name (``model.named_modules()``).
+        layers: the layer (one dotted name of ``model.named_modules()``, or a one-element list; required).
         channels: channel indices of that layer, one image each (one batch).
         unit: ``"channel"`` or ``"neuron"``.
+        layer: deprecated alias of ``layers``.
         **kwargs: as :class:`ClassModelCallback`.
     """
 
     method = "units"
     per_probe = False
 
-    def __init__(self, layer: str, channels: list[int], unit: Literal["channel", "neuron"] = "channel", **kwargs: Any):
-        super().__init__(**kwargs)
+    def __init__(self, layers: LayersSpec = None, channels: Optional[list[int]] = None,
+                 unit: Literal["channel", "neuron"] = "channel", layer: Optional[str] = None, **kwargs: Any):
+        owner = type(self).__name__
+        reject_options(owner, kwargs, ("num_probes", "probe_seed"),
+                       "one probe image gives the input shape and value range")
+        super().__init__(num_probes=1, probe_seed=0, **kwargs)
+        layer = single_layer(owner, renamed_option(owner, "layer", "layers", layer, layers, None))
+        if layer is None:
+            raise ValueError("UnitCallback needs layers: the layer whose channels to visualize "
+                             "(e.g. layers='net.conv3')")
+        if channels is None:
+            raise ValueError("UnitCallback needs channels: the channel indices of the layer, e.g. channels=[0, 1, 2]")
         if not channels or min(channels) < 0:
             raise ValueError(f"UnitCallback: channels must be a non-empty list of channel indices >= 0; got {channels}")
         if unit not in ("channel", "neuron"):
@@ -246,19 +260,28 @@ class InversionCallback(_InputOptimizationCallback):
     with an image prior (``tv``, ``l2``; defaults below), starting from seeded noise. Per probe, split over ranks.
 
     Args:
-        layer: dotted layer name whose output is inverted.
+        layers: the layer whose output is inverted (one dotted name, or a one-element list; required).
+        layer: deprecated alias of ``layers``.
         layout: ``"per_probe"`` (one image per probe) or ``"grid"`` (one image, a row per probe).
-        **kwargs: as :class:`ClassModelCallback` (defaults here: ``init="noise"``, ``tv=1e-3``, ``l2=1e-4``).
+        **kwargs: as :class:`ClassModelCallback` (defaults here: ``init="noise"``, ``tv=1e-3``, ``l2=1e-4``),
+            and the probe options of :class:`VisualizationCallback` (each probe is reconstructed).
     """
 
     method = "inversion"
 
-    def __init__(self, layer: str, init: Literal["zero", "gray", "noise"] = "noise", tv: float = 1e-3,
-                 l2: float = 1e-4, layout: Literal["per_probe", "grid"] = "per_probe", **kwargs: Any):
-        super().__init__(init=init, tv=tv, l2=l2, **kwargs)
+    def __init__(self, layers: LayersSpec = None, init: Literal["zero", "gray", "noise"] = "noise", tv: float = 1e-3,
+                 l2: float = 1e-4, layer: Optional[str] = None, layout: Literal["per_probe", "grid"] = "per_probe",
+                 **kwargs: Any):
+        owner = type(self).__name__
+        reject_options(owner, kwargs, ("input_shape",), "each probe image is reconstructed at its own shape")
+        super().__init__(init=init, tv=tv, l2=l2, input_shape=None, **kwargs)
         if layout not in ("per_probe", "grid"):
             raise ValueError(f"InversionCallback: layout must be 'per_probe' or 'grid'; got {layout!r}")
         self.layout = layout
+        layer = single_layer(owner, renamed_option(owner, "layer", "layers", layer, layers, None))
+        if layer is None:
+            raise ValueError("InversionCallback needs layers: the layer whose features to invert "
+                             "(e.g. layers='net.conv2')")
         self.layer = canonical_name(layer)
 
     def state_key_parts(self) -> tuple[Any, ...]:
@@ -296,7 +319,7 @@ class AdversarialCallback(VisualizationCallback):
     """Adversarial examples of the probes under an L-inf budget ``epsilon`` (model input space), and the
     smallest budget that flips each probe, as a robustness curve over training. Per probe, split over ranks.
 
-    The attack moves each probe away from the model's clean prediction (``target="untargeted"``) or
+    The attack moves each probe away from the model's clean prediction (``mode="untargeted"``) or
     toward the next class ``(pred + 1) % K`` (``"next_class"``); a probe is flipped when its prediction
     leaves (reaches) that class.
 
@@ -305,7 +328,7 @@ class AdversarialCallback(VisualizationCallback):
         attack: ``"pgd"`` (Madry et al. 2018) or ``"fgsm"`` (Goodfellow et al. 2015).
         steps: PGD steps.
         step_size: PGD step (default ``2.5 * epsilon / steps``).
-        target: ``"untargeted"`` or ``"next_class"``.
+        mode: ``"untargeted"`` or ``"next_class"`` (the attack's goal; ``target`` is a deprecated alias).
         random_start: PGD starts from a seeded uniform point in the ball.
         seed: seed of the random start (reset every run).
         min_flip: also search the smallest flipping budget per probe (bisection).
@@ -328,7 +351,7 @@ class AdversarialCallback(VisualizationCallback):
         attack: Literal["pgd", "fgsm"] = "pgd",
         steps: int = 10,
         step_size: Optional[float] = None,
-        target: Literal["untargeted", "next_class"] = "untargeted",
+        mode: Literal["untargeted", "next_class"] = "untargeted",
         random_start: bool = True,
         seed: int = 0,
         min_flip: bool = True,
@@ -339,6 +362,7 @@ class AdversarialCallback(VisualizationCallback):
         chunk_size: Optional[int] = None,
         layout: Literal["per_probe", "grid"] = "per_probe",
         display_px: int = 96,
+        target: Optional[str] = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -346,6 +370,7 @@ class AdversarialCallback(VisualizationCallback):
             raise ValueError(f"AdversarialCallback: layout must be 'per_probe' or 'grid' and display_px >= 0; "
                              f"got {layout!r}, {display_px}")
         self.layout, self.display_px = layout, display_px
+        mode = renamed_option(type(self).__name__, "target", "mode", target, mode, "untargeted")
         if epsilon <= 0:
             raise ValueError(f"AdversarialCallback: epsilon must be > 0; got {epsilon}")
         if attack not in ("pgd", "fgsm") or min_flip_attack not in ("pgd", "fgsm"):
@@ -354,20 +379,20 @@ class AdversarialCallback(VisualizationCallback):
             raise ValueError(f"AdversarialCallback: chunk_size must be >= 1 or None; got {chunk_size}")
         if loss not in ("ce", "score"):
             raise ValueError(f"AdversarialCallback: loss must be 'ce' or 'score'; got {loss!r}")
-        if target not in ("untargeted", "next_class"):
-            raise ValueError(f"AdversarialCallback: target must be 'untargeted' or 'next_class'; got {target!r}")
+        if mode not in ("untargeted", "next_class"):
+            raise ValueError(f"AdversarialCallback: mode must be 'untargeted' or 'next_class'; got {mode!r}")
         if steps < 1 or (step_size is not None and step_size <= 0):
             raise ValueError(f"AdversarialCallback: need steps >= 1 and step_size > 0; got {steps}, {step_size}")
         if min_flip_iterations < 0 or (min_flip_max_epsilon is not None and min_flip_max_epsilon <= 0):
             raise ValueError("AdversarialCallback: min_flip_iterations must be >= 0 and min_flip_max_epsilon > 0")
         self.epsilon, self.attack, self.steps, self.step_size = epsilon, attack, steps, step_size
-        self.target, self.random_start, self.seed, self.loss = target, random_start, seed, loss
+        self.mode, self.random_start, self.seed, self.loss = mode, random_start, seed, loss
         self.chunk_size = chunk_size
         self.min_flip, self.min_flip_iterations, self.min_flip_attack = min_flip, min_flip_iterations, min_flip_attack
         self.min_flip_max_epsilon = min_flip_max_epsilon if min_flip_max_epsilon is not None else 4 * epsilon
 
     def state_key_parts(self) -> tuple[Any, ...]:
-        return (*super().state_key_parts(), self.epsilon, self.attack, self.target)
+        return (*super().state_key_parts(), self.epsilon, self.attack, self.mode)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         n = len(probe)
@@ -383,7 +408,7 @@ class AdversarialCallback(VisualizationCallback):
         with torch.no_grad():
             logits = pl_module(x)
         clean = logits.argmax(1)
-        targeted = self.target == "next_class"
+        targeted = self.mode == "next_class"
         classes = (clean + 1) % logits.shape[1] if targeted else clean
         if self.attack == "fgsm":
             adv = fgsm(pl_module, x, classes, self.epsilon, targeted=targeted, bounds=bounds, loss=self.loss)
@@ -421,7 +446,10 @@ class AdversarialCallback(VisualizationCallback):
             grid = image_grid(torch.stack([originals[i], amplified[i], advs[i]]), nrow=3)
             logger.image(make_tag(self.method, pid), torch.cat([grid, label_strip(grid.shape[-1], captions[i])], dim=1),
                          caption=f"{pid}: {captions[i]}")
-        flipped = results["adv_pred"] == results["classes"] if self.target == "next_class" else results["adv_pred"] != results["clean_pred"]
+        if self.mode == "next_class":
+            flipped = results["adv_pred"] == results["classes"]
+        else:
+            flipped = results["adv_pred"] != results["clean_pred"]
         logger.scalar(make_tag(self.method, "linf"), flat.abs().amax(1).mean())
         logger.scalar(make_tag(self.method, "l2"), flat.norm(dim=1).mean())
         logger.scalar(make_tag(self.method, "flip_rate"), flipped.float().mean())

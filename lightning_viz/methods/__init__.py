@@ -5,7 +5,14 @@ One module per family; the most used functions are re-exported here.
 
 from .activations import feature_maps
 from .adversarial import fgsm, minimal_flip_budget, pgd
-from .cam import cam_map, class_activation_map, guided_class_activation_map
+from .cam import (
+    CAM_VARIANTS,
+    CAMVariant,
+    cam_map,
+    class_activation_map,
+    guided_class_activation_map,
+    register_cam_variant,
+)
 from .embeddings import extract_features, knn_accuracy, pca_2d, penultimate_layer, silhouette, tsne_2d
 from .filters import conv_filters, linear_templates
 from .gradients import (
@@ -34,6 +41,9 @@ __all__ = [
     "cam_map",
     "class_activation_map",
     "guided_class_activation_map",
+    "CAMVariant",
+    "CAM_VARIANTS",
+    "register_cam_variant",
     "extract_features",
     "penultimate_layer",
     "pca_2d",

@@ -20,21 +20,37 @@ bilinearly upsampled to the input size (:func:`cam_map`). A variant only chooses
 * ``scorecam`` -- Wang et al., "Score-CAM", CVPR-W 2020, Eq. 5-7 (gradient-free): ``w_k`` is the
   softmax probability of the target class (a callable target's own score) for the input masked by
   ``A_k`` upsampled and min-max normalized; ``K`` extra forwards per image, batched in chunks.
+* ``hirescam`` -- Draelos & Carin, "Use HiResCAM instead of Grad-CAM for faithful explanations of
+  convolutional neural networks", 2020, Eq. 3: element-wise ``w_kij = G_kij`` (``sum_k G_k * A_k``).
+* ``eigencam`` -- Muhammad & Yeasin, "Eigen-CAM", IJCNN 2020, Eq. 5-6 (class-agnostic, no gradient): the
+  projection of each position's centred activations on their first principal component (sign chosen to
+  correlate positively with ``sum_k A_k``, since the SVD leaves it open).
+* ``ablationcam`` -- Desai & Ramaswamy, "Ablation-CAM", WACV 2020, Eq. 3: ``w_k = (y_c - y_c^k) / y_c``
+  with ``y_c^k`` the target score with channel ``k`` of the layer zeroed; ``K`` extra forwards per image.
+
+Every variant is one :class:`CAMVariant` entry of :data:`CAM_VARIANTS` saying what it needs: weights
+from ``(A, G)``, the classifier head, a map from ``A`` alone, weights from extra forwards, or a guided
+pass; :func:`register_cam_variant` adds one, and the callback and every function here follow the entry.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import linear_layer_names, named_layers, LayerNotFoundError
+from ..layers import LayerNotFoundError, get_layer, linear_layer_names, named_layers
 from ..targets import CallableTarget, TargetSpec, resolve_target
 from .shared_pass import PassResult, chunks, gradient_pass
 
 __all__ = [
+    "CAMVariant",
+    "CAM_VARIANTS",
+    "register_cam_variant",
+    "cam_variant",
     "CAM_METHODS",
     "GUIDED_CAM_METHODS",
     "WEIGHT_FUNCTIONS",
@@ -49,6 +65,10 @@ __all__ = [
     "cam_from_pass",
     "scorecam_weights",
     "scorecam_from_pass",
+    "hirescam_weights",
+    "eigencam_map",
+    "ablationcam_weights",
+    "variant_from_pass",
     "guided_cam_from_passes",
     "class_activation_map",
     "guided_class_activation_map",
@@ -57,7 +77,7 @@ __all__ = [
 _EPS = 1e-7
 
 
-def cam_map(activations: Tensor, weights: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
+def cam_map(activations: Tensor, weights: Tensor, size: Optional[tuple[int, ...]] = None) -> Tensor:
     """``ReLU(sum_k w_k A_k)`` ``[B, h, w]``, bilinearly upsampled to ``size`` if given."""
     if activations.ndim != 4:
         raise ValueError(f"CAM needs activations [B, K, h, w] from a convolutional layer; got shape {tuple(activations.shape)}")
@@ -95,30 +115,6 @@ def xgradcam_weights(a: Tensor, g: Tensor) -> Tensor:
 def layercam_weights(a: Tensor, g: Tensor) -> Tensor:
     """LayerCAM: element-wise positive gradients ``[B, K, h, w]``."""
     return F.relu(g)
-
-
-WEIGHT_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "gradcam": gradcam_weights,
-    "gradcampp": gradcampp_weights,
-    "xgradcam": xgradcam_weights,
-    "layercam": layercam_weights,
-    "counterfactual_gradcam": counterfactual_weights,
-}
-CAM_METHODS = ("cam",) + tuple(WEIGHT_FUNCTIONS) + ("scorecam",)
-GUIDED_CAM_METHODS = ("guided_gradcam", "guided_gradcampp")
-_ALIASES = {"gradcam++": "gradcampp", "grad-cam++": "gradcampp", "guided_gradcam++": "guided_gradcampp",
-            "grad-cam": "gradcam", "counterfactual": "counterfactual_gradcam"}
-
-
-def canonical_cam_method(name: str) -> str:
-    """Canonical method name (``"gradcam++"`` -> ``"gradcampp"``); clear error listing the allowed ones."""
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in CAM_METHODS + GUIDED_CAM_METHODS:
-        raise ValueError(
-            f"unknown CAM method {name!r}; allowed: {', '.join(CAM_METHODS + GUIDED_CAM_METHODS)} "
-            "(aliases: 'gradcam++', 'guided_gradcam++', 'counterfactual')"
-        )
-    return key
 
 
 def cam_head(model: nn.Module, channels: int, layer: str = "?") -> nn.Linear:
@@ -168,66 +164,268 @@ def scorecam_weights(model: nn.Module, x: Tensor, activations: Tensor, target: T
     return out.view(b, k)
 
 
-def _layer_weights(method: str, a: Tensor, g: Tensor, classes: Optional[Tensor], model: Optional[nn.Module], layer: str) -> Tensor:
-    if method == "cam":
-        if classes is None:
-            raise ValueError("CAM needs a target class ('label', 'predicted' or a class index); a callable target has none. Use 'gradcam'.")
-        if model is None:
-            raise ValueError("CAM needs the model to read the classifier weights")
-        head = cam_head(model, a.shape[1], layer)
-        return head.weight.detach().to(a.dtype)[classes.to(head.weight.device)].to(a.device)
-    return WEIGHT_FUNCTIONS[method](a, g)
+def hirescam_weights(a: Tensor, g: Tensor) -> Tensor:
+    """HiResCAM: the gradients themselves, element-wise ``[B, K, h, w]`` (map ``ReLU(sum_k G_k * A_k)``)."""
+    return g
 
 
-def cam_from_pass(result: PassResult, layer: str, method: str = "gradcam", size: Optional[tuple[int, int]] = None,
-                  model: Optional[nn.Module] = None) -> Tensor:
-    """The ``[B, H, W]`` map of ``method`` (a :data:`CAM_METHODS` name except ``scorecam``, which needs the
-    input: :func:`scorecam_from_pass`) from a plain (no ReLU rule) pass that recorded ``layer``;
-    ``model`` is needed for ``"cam"`` (classifier weights)."""
-    method = canonical_cam_method(method)
-    if method == "scorecam":
-        raise ValueError("scorecam needs the input images and extra forwards: use scorecam_from_pass")
-    if method in GUIDED_CAM_METHODS:
-        raise ValueError(f"{method!r} is guided backprop times a CAM, [B, C, H, W]: use guided_class_activation_map "
+def eigencam_map(a: Tensor) -> Tensor:
+    """Eigen-CAM ``[B, h, w]`` (before the ReLU of the core): each position's activations ``[h*w, K]``,
+    centred over positions, projected on their first right singular vector; the sign is chosen so the
+    projection correlates positively with ``sum_k A_k`` (0 where the activations are constant)."""
+    b, k, h, w = a.shape
+    m = a.detach().double().flatten(2).transpose(1, 2)  # [B, h*w, K]
+    m = m - m.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(m, full_matrices=False)
+    proj = m @ vh[:, 0, :, None]  # [B, h*w, 1]
+    total = a.detach().double().sum(dim=1).flatten(1)
+    corr = ((total - total.mean(dim=1, keepdim=True)) * proj[..., 0]).sum(dim=1)
+    sign = torch.where(corr < 0, -1.0, 1.0).to(proj.dtype)
+    return (proj[..., 0] * sign[:, None]).view(b, h, w).to(a.dtype)
+
+
+@torch.no_grad()
+def ablationcam_weights(model: nn.Module, x: Tensor, layer: str, activations: Tensor, scores: Tensor,
+                        target: TargetSpec = "label", classes: Optional[Tensor] = None,
+                        chunk_size: Optional[int] = None) -> Tensor:
+    """Ablation-CAM weights ``[B, K]``: ``(y - y^k) / y`` with ``y`` the target score (``scores``, e.g. a
+    pass's ``PassResult.scores``) and ``y^k`` the same score with channel ``k`` of ``layer``'s output
+    zeroed (a forward hook); ``chunk_size`` ablated images per forward (``None``: ``B``); 0 where ``y = 0``."""
+    b, k = activations.shape[:2]
+    tgt = resolve_target(target)
+    if classes is None and not isinstance(tgt, CallableTarget):
+        raise ValueError("ablationcam needs the target classes of the pass (PassResult.classes)")
+    module = get_layer(model, layer)
+    out = torch.empty(b * k, device=x.device, dtype=torch.float64)
+    img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
+    channel = torch.arange(b * k, device=x.device) % k
+    for sl in chunks(b * k, chunk_size or b):
+        keep = torch.ones(len(img[sl]), k, device=x.device)
+        keep[torch.arange(len(keep), device=x.device), channel[sl]] = 0
+
+        def ablate(_m: nn.Module, _inputs: object, output: Tensor, keep: Tensor = keep) -> Tensor:
+            return output * keep.to(output.dtype).view(*keep.shape, *([1] * (output.ndim - 2)))
+
+        handle = module.register_forward_hook(ablate)
+        try:
+            logits = model(x[img[sl]])
+        finally:
+            handle.remove()
+        if isinstance(tgt, CallableTarget):
+            out[sl] = tgt.score(logits, None).double()
+        else:
+            out[sl] = logits.gather(1, classes.to(x.device)[img[sl], None]).squeeze(1).double()
+    y = scores.detach().to(x.device, torch.float64)[:, None]
+    drop = (y - out.view(b, k)) / torch.where(y != 0, y, torch.ones_like(y))
+    return torch.where(y != 0, drop, torch.zeros_like(drop)).to(activations.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class CAMVariant:
+    """One CAM variant: exactly one of the ways to get its map, and what that needs.
+
+    Attributes:
+        name: canonical method name (tags, options).
+        reference: paper and equation.
+        weights: ``(A, G) -> w`` (``[B, K]`` or element-wise ``[B, K, h, w]``) from one plain gradient pass.
+        activation_map: ``A -> [B, h, w]`` map from the activations alone (no gradient, no class).
+        forward_weights: ``(model, x, layer, A, result, target, labels, chunk_size) -> w [B, K]`` from
+            extra forwards of the input (``result`` is the plain pass: its classes and scores).
+        head: weights from the classifier (the last ``nn.Linear`` over the GAP of the layer): needs a class.
+        guided_of: the variant whose map multiplies guided backprop (needs a pass with the guided ReLU rule).
+        needs_class: a class target is required (not a callable score).
+        aliases: other accepted spellings.
+    """
+
+    name: str
+    reference: str
+    weights: Optional[Callable[[Tensor, Tensor], Tensor]] = None
+    activation_map: Optional[Callable[[Tensor], Tensor]] = None
+    forward_weights: Optional[Callable[..., Tensor]] = None
+    head: bool = False
+    guided_of: Optional[str] = None
+    needs_class: bool = False
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        ways = [self.weights is not None, self.activation_map is not None, self.forward_weights is not None,
+                self.head, self.guided_of is not None]
+        if sum(ways) != 1:
+            raise ValueError(f"CAM variant {self.name!r} must have exactly one of weights, activation_map, "
+                             f"forward_weights, head, guided_of; got {sum(ways)}")
+
+    @property
+    def guided(self) -> bool:
+        """True when the map is ``[B, C, H, W]`` guided backprop times a CAM (needs a guided pass)."""
+        return self.guided_of is not None
+
+    @property
+    def needs_input(self) -> bool:
+        """True when the map needs extra forwards of the input images."""
+        return self.forward_weights is not None
+
+
+def _scorecam_forward(model: nn.Module, x: Tensor, layer: str, a: Tensor, result: PassResult, target: TargetSpec,
+                      labels: Optional[Tensor], chunk_size: Optional[int]) -> Tensor:
+    return scorecam_weights(model, x, a, target, labels, result.classes, chunk_size)
+
+
+def _ablation_forward(model: nn.Module, x: Tensor, layer: str, a: Tensor, result: PassResult, target: TargetSpec,
+                      labels: Optional[Tensor], chunk_size: Optional[int]) -> Tensor:
+    return ablationcam_weights(model, x, layer, a, result.scores, target, result.classes, chunk_size)
+
+
+#: Every CAM variant by canonical name, in the order they are listed to users.
+CAM_VARIANTS: dict[str, CAMVariant] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_cam_variant(variant: CAMVariant) -> CAMVariant:
+    """Add (or replace) a variant; the callback, :func:`class_activation_map` and the checks follow it."""
+    for key in (variant.name, *variant.aliases):
+        owner = _ALIASES.get(key.lower())
+        if owner is not None and owner != variant.name:
+            raise ValueError(f"CAM method name {key!r} is already used by {owner!r}")
+    if variant.guided_of is not None:
+        base = CAM_VARIANTS.get(variant.guided_of)
+        if base is None or base.guided or base.needs_input:
+            raise ValueError(f"guided CAM {variant.name!r}: guided_of must name a registered plain-pass variant")
+    CAM_VARIANTS[variant.name] = variant
+    for key in (variant.name, *variant.aliases):
+        _ALIASES[key.lower()] = variant.name
+    _refresh_names()
+    return variant
+
+
+def _refresh_names() -> None:
+    global CAM_METHODS, GUIDED_CAM_METHODS, WEIGHT_FUNCTIONS
+    CAM_METHODS = tuple(n for n, v in CAM_VARIANTS.items() if not v.guided)
+    GUIDED_CAM_METHODS = tuple(n for n, v in CAM_VARIANTS.items() if v.guided)
+    WEIGHT_FUNCTIONS = {n: v.weights for n, v in CAM_VARIANTS.items() if v.weights is not None}
+
+
+CAM_METHODS: tuple[str, ...] = ()
+GUIDED_CAM_METHODS: tuple[str, ...] = ()
+WEIGHT_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+
+for _v in (
+    CAMVariant("cam", "Zhou et al. 2016, Eq. 2", head=True, needs_class=True),
+    CAMVariant("gradcam", "Selvaraju et al. 2017, Eq. 1", weights=gradcam_weights, aliases=("grad-cam",)),
+    CAMVariant("gradcampp", "Chattopadhay et al. 2018, Eq. 19", weights=gradcampp_weights,
+               aliases=("gradcam++", "grad-cam++")),
+    CAMVariant("xgradcam", "Fu et al. 2020, Eq. 9", weights=xgradcam_weights),
+    CAMVariant("layercam", "Jiang et al. 2021, Eq. 5", weights=layercam_weights),
+    CAMVariant("counterfactual_gradcam", "Selvaraju et al. 2017, Sec. 5", weights=counterfactual_weights,
+               aliases=("counterfactual",)),
+    CAMVariant("hirescam", "Draelos & Carin 2020, Eq. 3", weights=hirescam_weights),
+    CAMVariant("eigencam", "Muhammad & Yeasin 2020, Eq. 5-6", activation_map=eigencam_map),
+    CAMVariant("scorecam", "Wang et al. 2020, Eq. 5-7", forward_weights=_scorecam_forward),
+    CAMVariant("ablationcam", "Desai & Ramaswamy 2020, Eq. 3", forward_weights=_ablation_forward,
+               aliases=("ablation-cam",)),
+    CAMVariant("guided_gradcam", "Selvaraju et al. 2017, Sec. 3", guided_of="gradcam"),
+    CAMVariant("guided_gradcampp", "Selvaraju et al. 2017, Sec. 3 with Grad-CAM++", guided_of="gradcampp",
+               aliases=("guided_gradcam++",)),
+):
+    register_cam_variant(_v)
+
+
+def canonical_cam_method(name: str) -> str:
+    """Canonical method name (``"gradcam++"`` -> ``"gradcampp"``); clear error listing the allowed ones."""
+    key = _ALIASES.get(name.lower())
+    if key is None:
+        aliases = ", ".join(repr(a) for v in CAM_VARIANTS.values() for a in v.aliases)
+        raise ValueError(f"unknown CAM method {name!r}; allowed: {', '.join(CAM_VARIANTS)} (aliases: {aliases})")
+    return key
+
+
+def cam_variant(name: str) -> CAMVariant:
+    """The registry entry of ``name`` (any accepted spelling)."""
+    return CAM_VARIANTS[canonical_cam_method(name)]
+
+
+def _check_layer(a: Tensor, layer: str, what: str = "CAM") -> None:
+    if a.ndim != 4:
+        raise ValueError(f"{what} needs a layer with [B, K, h, w] output; {layer!r} gives {tuple(a.shape)}. "
+                         "Choose a conv layer or block.")
+
+
+def _head_weights(a: Tensor, classes: Optional[Tensor], model: Optional[nn.Module], layer: str) -> Tensor:
+    if classes is None:
+        raise ValueError("CAM needs a target class ('label', 'predicted' or a class index); a callable target has "
+                         "none. Use 'gradcam'.")
+    if model is None:
+        raise ValueError("CAM needs the model to read the classifier weights")
+    head = cam_head(model, a.shape[1], layer)
+    return head.weight.detach().to(a.dtype)[classes.to(head.weight.device)].to(a.device)
+
+
+def variant_from_pass(result: PassResult, layer: str, method: str = "gradcam", size: Optional[tuple[int, ...]] = None,
+                      model: Optional[nn.Module] = None, x: Optional[Tensor] = None, target: TargetSpec = "label",
+                      labels: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> Tensor:
+    """The ``[B, H, W]`` map of any non-guided variant from a plain pass that recorded ``layer``; ``model``
+    (classifier head, extra forwards), ``x``, ``target`` and ``labels`` (extra forwards) as the variant needs.
+    ``size`` defaults to the input size for variants that forward ``x``."""
+    v = cam_variant(method)
+    if v.guided:
+        raise ValueError(f"{v.name!r} is guided backprop times a CAM, [B, C, H, W]: use guided_class_activation_map "
                          "or guided_cam_from_passes")
     if result.rule is not None:
         raise ValueError(f"CAM weights need plain gradients; this pass used the {result.rule!r} ReLU rule")
     a, g = result.layer(layer)
-    if a.ndim != 4:
-        raise ValueError(f"CAM needs a layer with [B, K, h, w] output; {layer!r} gives {tuple(a.shape)}. Choose a conv layer or block.")
-    return cam_map(a, _layer_weights(method, a, g, result.classes, model, layer), size)
+    _check_layer(a, layer, v.name)
+    if v.activation_map is not None:
+        cam = F.relu(v.activation_map(a))
+        if size is not None and tuple(cam.shape[-2:]) != tuple(size):
+            cam = F.interpolate(cam[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+        return cam
+    if v.forward_weights is not None:
+        if model is None or x is None:
+            raise ValueError(f"{v.name} needs the model and the input images for its extra forwards")
+        w = v.forward_weights(model, x, layer, a, result, target, labels, chunk_size)
+        return cam_map(a, w.to(a.dtype), tuple(size) if size is not None else tuple(x.shape[-2:]))
+    if v.head:
+        w = _head_weights(a, result.classes, model, layer)
+    else:
+        assert v.weights is not None  # exactly one way per variant (CAMVariant.__post_init__)
+        w = v.weights(a, g)
+    return cam_map(a, w, None if size is None else tuple(size))
+
+
+def cam_from_pass(result: PassResult, layer: str, method: str = "gradcam", size: Optional[tuple[int, ...]] = None,
+                  model: Optional[nn.Module] = None) -> Tensor:
+    """The ``[B, H, W]`` map of ``method`` (a variant that needs no extra forward: see :func:`variant_from_pass`)
+    from a plain (no ReLU rule) pass that recorded ``layer``; ``model`` is needed for ``"cam"`` (classifier weights)."""
+    v = cam_variant(method)
+    if v.needs_input:
+        raise ValueError(f"{v.name} needs the input images and extra forwards: use variant_from_pass(..., x=...)")
+    return variant_from_pass(result, layer, v.name, size, model)
 
 
 def scorecam_from_pass(result: PassResult, model: nn.Module, x: Tensor, layer: str, target: TargetSpec = "label",
                        labels: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> Tensor:
     """Score-CAM ``[B, H, W]`` of ``layer`` from a pass's activations (and target classes) plus ``K``
     masked forwards per image."""
-    a, _ = result.layer(layer)
-    if a.ndim != 4:
-        raise ValueError(f"Score-CAM needs a layer with [B, K, h, w] output; {layer!r} gives {tuple(a.shape)}.")
-    w = scorecam_weights(model, x, a, target, labels, result.classes, chunk_size)
-    return cam_map(a, w.to(a.dtype), tuple(x.shape[-2:]))
+    return variant_from_pass(result, layer, "scorecam", tuple(x.shape[-2:]), model, x, target, labels, chunk_size)
 
 
 def guided_cam_from_passes(plain: PassResult, guided: PassResult, layer: str, method: str = "guided_gradcam") -> Tensor:
     """Guided Grad-CAM(++) ``[B, C, H, W]``: guided-backprop input gradient times the upsampled CAM."""
-    method = canonical_cam_method(method)
-    if method not in GUIDED_CAM_METHODS:
-        raise ValueError(f"{method!r} is not a guided CAM method; allowed: {', '.join(GUIDED_CAM_METHODS)}")
+    v = cam_variant(method)
+    if v.guided_of is None:
+        raise ValueError(f"{v.name!r} is not a guided CAM method; allowed: {', '.join(GUIDED_CAM_METHODS)}")
     if guided.rule != "guided":
         raise ValueError("guided CAM needs a pass with the 'guided' ReLU rule")
     size = tuple(guided.input_grad.shape[-2:])
-    cam = cam_from_pass(plain, layer, method[len("guided_"):], size)
+    cam = variant_from_pass(plain, layer, v.guided_of, size)
     return guided.input_grad * cam[:, None]
 
 
 def class_activation_map(model: nn.Module, x: Tensor, layer: str, method: str = "gradcam", target: TargetSpec = "label",
                          labels: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> Tensor:
-    """``[B, H, W]`` CAM of ``layer`` (one forward + one backward per chunk)."""
+    """``[B, H, W]`` CAM of ``layer`` (one forward + one backward per chunk, plus the variant's extra forwards)."""
     result = gradient_pass(model, x, target, labels, [layer], None, chunk_size)
-    if canonical_cam_method(method) == "scorecam":
-        return scorecam_from_pass(result, model, x, layer, target, labels, chunk_size)
-    return cam_from_pass(result, layer, method, tuple(x.shape[-2:]), model)
+    return variant_from_pass(result, layer, method, tuple(x.shape[-2:]), model, x, target, labels, chunk_size)
 
 
 def guided_class_activation_map(model: nn.Module, x: Tensor, layer: str, method: str = "guided_gradcam",

@@ -1,0 +1,68 @@
+"""Option handling shared by the callbacks' ``__init__``: one vocabulary, and deprecated aliases of renamed options.
+
+Names used across callbacks: ``layers`` (one name or a list), ``chunk_size`` (images per forward), ``target``
+(the class or score to explain), ``normalize`` (how heatmaps are scaled for display). A renamed option keeps its
+old name as a deprecated alias: accepted with a :class:`DeprecationWarning` naming the new option.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional, Union
+
+__all__ = ["LayersSpec", "VizDeprecationWarning", "renamed_option", "as_layer_list", "single_layer", "reject_options"]
+
+
+class VizDeprecationWarning(DeprecationWarning):
+    """A deprecated lightning-viz option; shown by default (plain DeprecationWarnings are hidden outside
+    ``__main__``, e.g. when LightningCLI builds the callbacks), as Lightning does for its own."""
+
+
+warnings.simplefilter("default", category=VizDeprecationWarning)
+
+#: The type of every ``layers`` option: one layer name, a list of names, or ``None`` (the callback's default).
+LayersSpec = Optional[Union[str, list[str]]]
+
+
+def renamed_option(owner: str, old: str, new: str, old_value: Any, new_value: Any, new_default: Any) -> Any:
+    """``new_value``, or ``old_value`` of the deprecated alias ``old`` (with a DeprecationWarning naming ``new``).
+
+    Giving both (the new one not at its default) is an error: which one is meant is unclear.
+    """
+    if old_value is None:
+        return new_value
+    warnings.warn(f"{owner}: option {old!r} is deprecated and will be removed; use {new!r} instead "
+                  f"({new}={old_value!r})", VizDeprecationWarning, stacklevel=3)
+    if new_value is not None and new_value != new_default and new_value != old_value:
+        raise ValueError(f"{owner}: got both {new}={new_value!r} and its deprecated alias {old}={old_value!r}; "
+                         f"use only {new!r}")
+    return old_value
+
+
+def as_layer_list(owner: str, layers: LayersSpec, option: str = "layers") -> Optional[list[str]]:
+    """``layers`` as a list of unique names (one name is a one-element list); ``None`` stays ``None``."""
+    if layers is None:
+        return None
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"{owner}: {option} must name at least one layer (a name or a list of names from "
+                         f"model.named_modules()), or be None for the default; got {layers!r}")
+    return list(dict.fromkeys(names))
+
+
+def single_layer(owner: str, layers: LayersSpec) -> Optional[str]:
+    """The one layer of a callback that shows one layer per instance (``layers`` a name or a one-element list)."""
+    names = as_layer_list(owner, layers)
+    if names is None:
+        return None
+    if len(names) != 1:
+        raise ValueError(f"{owner} shows one layer per instance; got layers={names}. Attach one {owner} per layer "
+                         "(with name=... to tell them apart if needed).")
+    return names[0]
+
+
+def reject_options(owner: str, kwargs: dict[str, Any], unused: tuple[str, ...], why: str) -> None:
+    """A clear error for base-class options this callback does not use (instead of Python's TypeError)."""
+    given = [k for k in unused if k in kwargs]
+    if given:
+        raise TypeError(f"{owner} takes no {', '.join(given)}: {why}")
