@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .layers import get_layer, unwrap_model
 
-__all__ = ["eval_mode", "frozen_params", "isolated", "grad_enabled", "capture", "Capture", "fork_rng"]
+__all__ = ["eval_mode", "frozen_params", "buffers_kept", "isolated", "grad_enabled", "capture", "Capture", "fork_rng"]
 
 
 @contextlib.contextmanager
@@ -55,6 +55,38 @@ def frozen_params(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Bit equality (NaN payloads and the sign of zero included)."""
+    try:
+        return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    except RuntimeError:  # dtypes without a byte view
+        return torch.equal(a, b)
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore every buffer that changed inside the block to its exact value (and object) on exit.
+
+    Eval mode stops BatchNorm updates, but some buffers change in any mode: quantization-aware-training
+    observers (``FakeQuantize`` updates its ranges, scale and zero point on every forward), or any buffer a
+    ``forward`` writes. Only what changed is written back, so untouched buffers keep their version counters.
+    """
+    saved = [(m, name, b, b.detach().clone())
+             for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for m, name, b, value in saved:
+                if m._buffers.get(name) is not b:  # reassigned: put the original tensor back
+                    m._buffers[name] = b
+                if b.shape != value.shape:
+                    b.resize_(value.shape)
+                elif _same_bits(b, value):
+                    continue
+                b.copy_(value)
 
 
 @contextlib.contextmanager
@@ -102,8 +134,9 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
     """Everything a visualization needs to leave training exactly as it was.
 
     Eval mode (restored per submodule), frozen parameters (no ``.grad`` writes, no BatchNorm
-    updates), the global RNG forked and restored (methods draw noise from their own seeded
-    ``torch.Generator``), and autograd enabled even under inference mode; ``torch.compile``d modules
+    updates), every buffer restored if it changed (:func:`buffers_kept`), every global RNG forked
+    and restored (:func:`fork_rng`; methods draw noise from their own seeded ``torch.Generator``),
+    and autograd enabled even under inference mode; ``torch.compile``d modules
     run eagerly (so hooks fire). Yields the unwrapped model.
     """
     model = unwrap_model(model)
@@ -113,6 +146,7 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
         stack.enter_context(_eager_stance())
         stack.enter_context(eval_mode(model))
         stack.enter_context(frozen_params(model))
+        stack.enter_context(buffers_kept(model))
         yield model
 
 

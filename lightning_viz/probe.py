@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ProbeSet", "split_sample", "read_item"]
+__all__ = ["ProbeSet", "split_sample", "read_item", "PROBE_BANK_KEY", "probe_bank_put", "probe_bank_get"]
 
 _IMAGE_KEYS = ("image", "images", "x", "input", "inputs")
 _LABEL_KEYS = ("label", "labels", "y", "target", "targets")
@@ -190,6 +190,11 @@ class ProbeSet:
             imgs.append(torch.as_tensor(img))
             labs.append(lab)
             masks.append(mask)
+        shapes = {tuple(im.shape): i for i, im in zip(indices, imgs)}
+        if len(shapes) > 1:
+            seen = ", ".join(f"{list(s)} (item {i})" for s, i in list(shapes.items())[:4])
+            raise ValueError(f"the probe images have different sizes: {seen}; probes are stacked into one batch, so "
+                             "every image needs one size (e.g. a torchvision.transforms.Resize((H, W)) transform)")
         # Labels are one class index per item; one-hot or multi-label targets are not (the probes then have none).
         scalar = all(lab is not None and torch.as_tensor(lab).numel() == 1 for lab in labs)
         labels = torch.stack([torch.as_tensor(lab).view(()) for lab in labs]) if scalar else None
@@ -260,3 +265,72 @@ class ProbeSet:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "ProbeSet":
         return cls(**state)
+
+
+# --------------------------------------------------------------------------- checkpoint probe bank
+#: Top-level checkpoint key of the probe bank shared by every callback's probes.
+PROBE_BANK_KEY = "lightning_viz_probe_bank"
+
+
+def _compact(t: Tensor) -> Tensor:
+    """``t`` in the smallest dtype that gives back its exact bits (bool, uint8, float16, bfloat16), else unchanged."""
+    bits = t.contiguous().view(torch.uint8)
+    for dtype in (torch.bool, torch.uint8, torch.float16, torch.bfloat16):
+        if dtype == t.dtype or (dtype.itemsize >= t.dtype.itemsize and dtype != torch.bool) or t.dtype == torch.bool:
+            continue
+        if torch.equal(t.to(dtype).to(t.dtype).contiguous().view(torch.uint8), bits):
+            return t.to(dtype)
+    return t
+
+
+def _row_key(row: Tensor) -> bytes:
+    import hashlib
+
+    return hashlib.sha1(row.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).digest()
+
+
+def _bank_put_tensor(bank: dict[str, Any], kind: str, t: Tensor) -> dict[str, Any]:
+    """Store the rows of ``t`` (dim 0) in ``bank``, each distinct row once; return ``{"group", "rows"}``."""
+    group = f"{kind}:{str(t.dtype).replace('torch.', '')}:{'x'.join(str(d) for d in t.shape[1:])}"
+    groups = bank.setdefault("groups", {})
+    old = groups.get(group)
+    old = None if old is None else old.to(t.dtype)
+    known = {} if old is None else {_row_key(r): i for i, r in enumerate(old)}
+    n_old = 0 if old is None else old.shape[0]
+    new: list[Tensor] = []
+    rows: list[int] = []
+    for r in t:
+        k = _row_key(r)
+        if k not in known:
+            known[k] = n_old + len(new)
+            new.append(r)
+        rows.append(known[k])
+    if new:
+        stacked = torch.stack(new)
+        groups[group] = _compact(stacked if old is None else torch.cat([old, stacked]))
+    return {"group": group, "rows": torch.tensor(rows, dtype=torch.long)}
+
+
+def _bank_get_tensor(bank: dict[str, Any], ref: dict[str, Any]) -> Tensor:
+    dtype = getattr(torch, ref["group"].split(":")[1])
+    return bank["groups"][ref["group"]][ref["rows"]].to(dtype)
+
+
+def probe_bank_put(bank: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """Move a :meth:`ProbeSet.state_dict` into a checkpoint's probe ``bank``, returning a small reference.
+
+    Images and masks are stored row by row, each distinct row once across every probe set of the
+    checkpoint (callbacks with overlapping probes share them), in the smallest dtype that holds them
+    exactly; :func:`probe_bank_get` gives back the bit-identical state."""
+    ref = {k: v for k, v in state.items() if k not in ("images", "masks")}
+    ref["images"] = _bank_put_tensor(bank, "images", state["images"])
+    ref["masks"] = None if state.get("masks") is None else _bank_put_tensor(bank, "masks", state["masks"])
+    return ref
+
+
+def probe_bank_get(bank: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    """The :meth:`ProbeSet.state_dict` that :func:`probe_bank_put` stored as ``ref``."""
+    state = dict(ref)
+    state["images"] = _bank_get_tensor(bank, ref["images"])
+    state["masks"] = None if ref.get("masks") is None else _bank_get_tensor(bank, ref["masks"])
+    return state

@@ -147,7 +147,7 @@ def test_activation_callback_every_n_epochs(tmp_path):
     cb = ActivationCallback(layers=["net.relu"], num_probes=1, every_n_epochs=2, channels="top")
     tiny_trainer(str(tmp_path), [cb], max_epochs=3).fit(LitTiny(), *tiny_loaders(n=12))
     acc = read_events(str(tmp_path))
-    assert image_steps(acc, "viz-activations/net.relu/p000") == [0, 2]
+    assert image_steps(acc, "viz-activations/net.relu/p000") == [1, 2]  # (epoch + 1) % 2 == 0, and the last epoch
     assert "viz-activations/net.relu/p001" not in acc.Tags()["images"]
 
 

@@ -157,11 +157,13 @@ def test_label_target_without_labels_fails_at_setup(tmp_path):
 
 
 def test_validation_schedule_that_never_meets_fails_at_setup(tmp_path):
-    """Validation runs at epochs 1, 3, 5, ... with check_val_every_n_epoch=2: every_n_epochs=2 (0, 2, 4, ...) never meets it."""
-    trainer = tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2, run_on="validation_epoch_end", every_n_epochs=2)],
-                           check_val_every_n_epoch=2)
-    with pytest.raises(ValueError, match=r"never run.*every_n_epochs=2.*check_val_every_n_epoch=2"):
+    """check_val_every_n_epoch=2 validates at epochs 1, 3, ...; every_n_epochs=3 runs at epochs 2, 5, ... and the
+    last one: in a 3-epoch fit (epochs 0-2) no validation is ever scheduled."""
+    cb = GradientCallback(num_probes=2, run_on="validation_epoch_end", every_n_epochs=3)
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=3, check_val_every_n_epoch=2)
+    with pytest.raises(ValueError, match=r"GradientCallback would never run.*every_n_epochs=3.*check_val_every_n_epoch=2"
+                                         r".*max_epochs=3"):
         trainer.fit(LitTiny(), *tiny_loaders(n=12))
     assert trainer.global_step == 0
-    ok = tiny_trainer(str(tmp_path), check_val_every_n_epoch=2)  # every 3rd epoch meets validation at epoch 3
+    ok = tiny_trainer(str(tmp_path), max_epochs=4, check_val_every_n_epoch=2)  # the last epoch (3) validates
     GradientCallback(run_on="validation_epoch_end", every_n_epochs=3).setup(ok, LitTiny(), "fit")

@@ -186,7 +186,8 @@ def test_an_error_on_one_rank_raises_on_every_rank(ddp_out):
     for errs in (r0["compute@rank1"], r1["compute@rank1"]):
         assert errs == ["VisualizationError: lightning-viz failing failed: rank 1: RuntimeError: boom in compute"]
     # rank 0's logging failed: rank 0 raises its own error, rank 1 learns of it (instead of hanging later)
-    assert r0["log@rank0"] == ["RuntimeError: boom in log"]
+    assert r0["log@rank0"] == ["VisualizationError: lightning-viz FailingCallback (failing) failed while logging at step 0: "
+                               "RuntimeError: boom in log"]
     assert r1["log@rank0"] == ["VisualizationError: lightning-viz failing failed on rank 0: RuntimeError: boom in log"]
 
 

@@ -163,12 +163,13 @@ def test_tags_at_expected_steps_and_not_in_sanity_check(tmp_path):
     trainer = tiny_trainer(str(tmp_path), cbs, max_epochs=3, num_sanity_val_steps=2)
     trainer.fit(LitTiny(), *tiny_loaders(n=12))
     acc = read_events(str(tmp_path))
-    assert image_steps(acc, "viz-filters/net.conv1/grid") == [0, 2]
-    assert scalar_steps(acc, "viz-filters/time_s") == [0, 2]
+    # every_n_epochs=2 (Lightning's convention): epochs 1, 3, ... and always the last epoch (2)
+    assert image_steps(acc, "viz-filters/net.conv1/grid") == [1, 2]
+    assert scalar_steps(acc, "viz-filters/time_s") == [1, 2]
     assert scalar_steps(acc, "viz-filters/net.conv1/rel_change") == [2]  # needs a previous logged epoch
     # validation_epoch_end: the sanity check (also epoch 0) must not add a second step-0 event.
-    assert image_steps(acc, "viz-inputgrad/panel/p001") == [0, 2]
-    assert scalar_steps(acc, "viz-inputgrad/time_s") == [0, 2]
+    assert image_steps(acc, "viz-inputgrad/panel/p001") == [1, 2]
+    assert scalar_steps(acc, "viz-inputgrad/time_s") == [1, 2]
     assert image_steps(acc, "viz-activations/net.conv1/p000") == [0, 1, 2]
     assert scalar_steps(acc, "viz-activations/net.conv1/dead_fraction") == [0, 1, 2]
     assert all(e.value >= 0 for e in acc.Scalars("viz-activations/time_s"))

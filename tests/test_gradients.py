@@ -143,10 +143,10 @@ def test_callback_logs_every_method_at_scheduled_epochs(tmp_path):
     acc = read_events(str(tmp_path))
     for m in methods:
         for pid in ("p000", "p001", "p002"):
-            assert image_steps(acc, f"viz-gradients/{m}/input/{pid}") == [0, 2]
-            assert image_steps(acc, f"viz-gradients/{m}/input/{pid}/fixed") == [0, 2]
-        assert scalar_steps(acc, f"viz-gradients/{m}/input/stats/max_abs") == [0, 2]
-    assert scalar_steps(acc, "viz-gradients/time_s") == [0, 2]
+            assert image_steps(acc, f"viz-gradients/{m}/input/{pid}") == [1, 2]
+            assert image_steps(acc, f"viz-gradients/{m}/input/{pid}/fixed") == [1, 2]
+        assert scalar_steps(acc, f"viz-gradients/{m}/input/stats/max_abs") == [1, 2]
+    assert scalar_steps(acc, "viz-gradients/time_s") == [1, 2]
     assert "viz-gradients/saliency/input/p003" not in acc.Tags()["images"]
     img = acc.Images("viz-gradients/saliency/input/p000")[0]
     assert (img.width, img.height) == (128, 128)  # 8 px probes upscaled 16x to the default display_px

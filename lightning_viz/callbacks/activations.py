@@ -73,6 +73,7 @@ class ActivationCallback(VisualizationCallback):
             raise ValueError(f"ActivationCallback: layout must be 'per_probe' or 'grid'; got {layout!r}")
         if display_px < 0:
             raise ValueError(f"ActivationCallback: display_px must be >= 0; got {display_px}")
+        colormap(torch.zeros(1, 1, 1), cmap)  # an unknown colormap fails here, at construction
         self.layers = as_layer_list(type(self).__name__, layers)  # None: the first and last conv
         self.max_channels = max_channels
         self.channels = channels
@@ -91,7 +92,6 @@ class ActivationCallback(VisualizationCallback):
 
     def check(self, pl_module: LightningModule) -> None:
         self.layer_names(pl_module)
-        colormap(torch.zeros(1, 1, 1), self.cmap)  # an unknown colormap fails here, at setup
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
         x = probe.to(pl_module.device, pl_module.dtype)  # e.g. a float64 model (precision='64-true')

@@ -10,19 +10,21 @@ overrides :meth:`compute` (all ranks, its shard of the probes, returns per-probe
 
 from __future__ import annotations
 
+import sys
 import time
 import weakref
 from typing import Any, Literal, Optional
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch import Tensor
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..capture import isolated
 from ..logging import NothingWrittenWarning, VizLogger, check_sinks, describe_sinks, make_tag, sink_names
-from ..probe import ProbeSet, read_item
+from ..probe import PROBE_BANK_KEY, ProbeSet, probe_bank_get, probe_bank_put
 from ..progress import logger as _log
 from ..progress import reporting
 
@@ -31,7 +33,14 @@ try:
 except ImportError:  # Python < 3.12
     from typing_extensions import override
 
-__all__ = ["VisualizationCallback", "VisualizationError", "VisualizationWarning", "gather_results"]
+__all__ = ["VisualizationCallback", "VisualizationError", "VisualizationWarning", "gather_results", "BASELINE_STEP",
+           "SHARDING_STRATEGIES"]
+
+#: Step of the ``run_at_start`` baseline (before epoch 0, which logs at step 0).
+BASELINE_STEP = -1
+
+#: Strategies whose module holds only a shard of the parameters (refused at setup).
+SHARDING_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
 class VisualizationError(RuntimeError):
@@ -62,35 +71,51 @@ def _announce(trainer: Trainer) -> None:
     _announced.add(trainer)
     cbs = [cb for cb in trainer.callbacks if isinstance(cb, VisualizationCallback)]
     where = describe_sinks(trainer) if trainer.is_global_zero else ""
-    names = ", ".join(f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'} (every {cb.every_n_epochs})" for cb in cbs)
+    names = ", ".join(f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'} ({_schedule_words(cb)})" for cb in cbs)
     rank_zero_info(f"lightning-viz: {len(cbs)} visualization callback(s): {names}; {where}")
 
 
-#: per trainer: (epoch, run_on) of the epoch end being summed up, and (callback label, seconds) of each run
+#: per trainer: the point being summed up ((step, where)) and (callback label, seconds) of each run there
 _epoch_runs: "weakref.WeakKeyDictionary[Trainer, tuple[tuple[int, str], list[tuple[str, float]]]]" = \
     weakref.WeakKeyDictionary()
 
 
-def _epoch_report(cb: "VisualizationCallback", trainer: Trainer, seconds: float) -> None:
-    """After ``cb`` ran at an epoch end: note its seconds; the last visualization callback scheduled at that
-    epoch end (``trainer.callbacks`` order) logs one line for all of them (rank 0, logger ``lightning_viz``)."""
+def _runs_at(c: "VisualizationCallback", trainer: Trainer, where: str) -> bool:
+    """Whether callback ``c`` (not run yet at this point) will run at ``where`` of the current epoch."""
+    if where == "start":
+        return c.run_at_start
+    if where == "end":
+        return c._trained_epoch is not None and c.every_n_epochs > 0 and c._last_run_epoch != c._trained_epoch
+    if c.run_on != where or not c.should_run(trainer) or not sink_names(trainer, c.loggers):
+        return False
+    return not (where == "validation_epoch_end" and _fitting(trainer) and c._last_run_epoch == trainer.current_epoch)
+
+
+def _epoch_report(cb: "VisualizationCallback", trainer: Trainer, step: int, where: str, seconds: float) -> None:
+    """After ``cb`` ran at ``where`` (``"start"``, ``"train_epoch_end"``, ``"validation_epoch_end"``, ``"end"``):
+    note its seconds; when no later visualization callback (``trainer.callbacks`` order) runs there, log one
+    line for all of them (rank 0, logger ``lightning_viz``)."""
     if not trainer.is_global_zero:
         return
-    when = (trainer.current_epoch, cb.run_on)
-    if _epoch_runs.get(trainer, (None,))[0] != when:  # a new epoch end (or one cut short by an error)
-        _epoch_runs[trainer] = (when, [])
+    if _epoch_runs.get(trainer, (None,))[0] != (step, where):  # a new point (or one cut short by an error)
+        _epoch_runs[trainer] = ((step, where), [])
     runs = _epoch_runs[trainer][1]
     if cb.epoch_summary:
         runs.append((cb.method if cb.name is None else f"{cb.method}[{cb.name}]", seconds))
-    peers = [c for c in trainer.callbacks
-             if isinstance(c, VisualizationCallback) and c.run_on == cb.run_on and c.should_run(trainer)]
-    if peers and peers[-1] is cb:
-        _epoch_runs.pop(trainer, None)
-        if runs:
-            parts = ", ".join(f"{label} {t:.2f} s" for label, t in sorted(runs, key=lambda r: -r[1]))
-            where = "" if cb.run_on == "train_epoch_end" else " (validation end)"
-            _log.info("lightning-viz epoch %d%s: %.1f s (%s)", trainer.current_epoch, where,
-                      sum(t for _, t in runs), parts)
+    cbs = [c for c in trainer.callbacks if isinstance(c, VisualizationCallback)]
+    if any(_runs_at(c, trainer, where) for c in cbs[cbs.index(cb) + 1:]):
+        return
+    _epoch_runs.pop(trainer, None)
+    if runs:
+        when = {"start": "before training", "validation_epoch_end": f"epoch {step} (validation end)",
+                "end": f"epoch {step} (end of training)"}.get(where, f"epoch {step}")
+        parts = ", ".join(f"{label} {t:.2f} s" for label, t in sorted(runs, key=lambda r: -r[1]))
+        _log.info("lightning-viz %s: %.1f s (%s)", when, sum(t for _, t in runs), parts)
+
+
+def _schedule_words(cb: "VisualizationCallback") -> str:
+    every = f"every {cb.every_n_epochs}" if cb.every_n_epochs else "epoch ends off"
+    return every + (", and before training" if cb.run_at_start else "")
 
 
 def _world(trainer: Trainer) -> tuple[int, int]:
@@ -176,9 +201,18 @@ class VisualizationCallback(Callback):
     """Base class. Subclasses set ``method`` and override :meth:`compute` and :meth:`log_results`.
 
     Args:
-        every_n_epochs: run at epochs 0, n, 2n, ... (``current_epoch % n == 0``).
+        every_n_epochs: Lightning's ``ModelCheckpoint`` convention: run when ``(current_epoch + 1) % n == 0``
+            (``n=1``: every epoch; ``n=2``: epochs 1, 3, 5, ...), and always at the last epoch of a fit: at its
+            epoch-end hook when the end is known there (``current_epoch == max_epochs - 1``, ``max_steps``
+            reached, ``trainer.should_stop`` already set), else at ``on_train_end`` on the final weights, logged
+            at that epoch's step (an EarlyStopping after this callback, a last epoch without validation).
+            ``0`` turns the epoch-end runs off. Under ``trainer.validate`` it runs at every call (unless ``0``).
         run_on: ``"train_epoch_end"`` (default) or ``"validation_epoch_end"`` (also runs under
-            ``trainer.validate``, inside inference mode).
+            ``trainer.validate``, inside inference mode). With several validations per epoch
+            (``val_check_interval`` < 1.0 or an int) it runs once per epoch: at the validation after the
+            epoch's last training batch when the schedule has one, else at the first validation of the epoch.
+            A fit where it could never run (no validation data or ``validation_step``, ``limit_val_batches=0``,
+            or no scheduled epoch that validates) is refused at setup.
         num_probes: how many probe images to pick (class-stratified, seeded).
         probe_seed: seed of the probe pick.
         probe_source: ``"val"`` (fall back to train) or ``"train"`` dataloader's dataset.
@@ -187,7 +221,11 @@ class VisualizationCallback(Callback):
         name: optional namespace inserted in every tag after the family (``viz-<method>/<name>/...``), to tell
             apart two instances of one callback (e.g. two targets); also part of the checkpoint state key.
         on_error: ``"raise"`` (default: a failed run stops training with a :class:`VisualizationError`)
-            or ``"warn"`` (warn and go on training; under DDP every rank decides the same way).
+            or ``"warn"`` (warn and go on training; under DDP every rank decides the same way). Errors while
+            logging (e.g. a full disk when writing or flushing) are handled the same way.
+        run_at_start: also run once before training (``on_train_start`` of a fresh fit, not on resume), a
+            baseline of the untrained model, logged at step ``-1`` (:data:`BASELINE_STEP`); epoch ``e`` logs at
+            step ``e``.
         loggers: where to write, by name: ``None`` (default) every logger in ``trainer.loggers`` (plus the
             plain image folder when none of them stores images), or a list of the trainer's logger names
             (``"tensorboard"``, ``"csv"``, ``"mlflow"``, ``"wandb"``, ...) and ``"folder"``. ``[]`` writes
@@ -217,12 +255,14 @@ class VisualizationCallback(Callback):
         name: Optional[str] = None,
         on_error: Literal["raise", "warn"] = "raise",
         loggers: Optional[list[str]] = None,
+        run_at_start: bool = False,
         class_names: Optional[list[str]] = None,
         epoch_summary: bool = True,
     ):
         super().__init__()
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1; got {every_n_epochs}")
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
+            raise ValueError(
+                f"every_n_epochs must be an int >= 0 (0 = off, as in ModelCheckpoint); got {every_n_epochs!r}")
         if run_on not in ("train_epoch_end", "validation_epoch_end"):
             raise ValueError(f"run_on must be 'train_epoch_end' or 'validation_epoch_end'; got {run_on!r}")
         if probe_source not in ("val", "train"):
@@ -245,6 +285,9 @@ class VisualizationCallback(Callback):
         self.name = name
         self.on_error = on_error
         self.loggers = None if loggers is None else list(loggers)
+        self.run_at_start = run_at_start
+        self._last_run_epoch: int | None = None  # last epoch run in this fit (never run an epoch twice)
+        self._trained_epoch: int | None = None  # last epoch trained in this fit
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.epoch_summary = epoch_summary
         self._found_class_names: list[str] | None = None
@@ -282,61 +325,114 @@ class VisualizationCallback(Callback):
 
     # ------------------------------------------------------------------ schedule
     def should_run(self, trainer: Trainer) -> bool:
-        if trainer.sanity_checking:
+        """Whether this epoch end is scheduled (see ``every_n_epochs`` in the class docstring)."""
+        if trainer.sanity_checking or self.every_n_epochs == 0:
             return False
-        return trainer.current_epoch % self.every_n_epochs == 0
+        if not _fitting(trainer):  # trainer.validate: every call
+            return True
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 or _last_epoch(trainer)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _check_strategy(self, trainer)
         self.check(pl_module)
         check_sinks(trainer, self.loggers, type(self).__name__)
         if not sink_names(trainer, self.loggers):
             rank_zero_warn(f"lightning-viz: {type(self).__name__} writes nowhere (loggers={self.loggers}), so it "
                            "computes nothing. Attach a logger or allow one, e.g. loggers=None (all) or ['folder'].",
                            category=NothingWrittenWarning)
-        every_val = getattr(trainer, "check_val_every_n_epoch", None) or 1  # validation ends epochs k*every_val - 1
-        n = self.every_n_epochs
-        if stage == "fit" and self.run_on == "validation_epoch_end" and not any(
-                (e + 1) % every_val == 0 and e % n == 0 for e in range(every_val * n)):
-            raise ValueError(
-                f"{type(self).__name__} would never run: run_on='validation_epoch_end' with every_n_epochs={n} "
-                f"(epochs 0, {n}, ...) but the Trainer validates only at epochs {every_val - 1}, {2 * every_val - 1}, ... "
-                f"(check_val_every_n_epoch={every_val}). Use an every_n_epochs with no common factor with "
-                f"{every_val} (e.g. 1), or run_on='train_epoch_end'."
-            )
-        if stage in ("fit", "validate") and self.needs_probes and self.probes is None and self.needs_labels():
-            self._check_labels(trainer)
+        if stage == "fit":
+            self._last_run_epoch = self._trained_epoch = None
+            self._check_schedule(trainer, pl_module)
         _announce(trainer)
 
-    def _check_labels(self, trainer: Trainer) -> None:
-        """Fail before training when the probe dataset's items carry no class label (one item is read)."""
-        dataset = _find_dataset(trainer, self.probe_source)
-        if dataset is None:  # dataloaders given to fit() are attached later: checked when the probes are picked
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after a checkpoint's callback states are restored (a resumed run keeps its probes), before the sanity check
+        self._setup_probes(trainer)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not _fitting(trainer):  # trainer.validate
+            self._setup_probes(trainer)
+
+    def _check_schedule(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse a ``run_on="validation_epoch_end"`` schedule that can never run in this fit."""
+        if self.run_on != "validation_epoch_end" or self.every_n_epochs == 0:
             return
-        _, label, _ = read_item(dataset, 0)
-        if label is None or label.numel() != 1:
+        name, n = type(self).__name__, self.every_n_epochs
+        fix = "Use run_on='train_epoch_end', or give the fit validation data"
+        limit = getattr(trainer, "limit_val_batches", 1.0)
+        if limit == 0:
+            raise ValueError(f"{name} would never run: run_on='validation_epoch_end' but the Trainer has "
+                             f"limit_val_batches={limit}, so no validation runs. {fix} (limit_val_batches > 0).")
+        source = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "val_loop", None)
+        source = getattr(source, "_data_source", None)
+        defined = source is None or source.is_defined()
+        if not defined or not is_overridden("validation_step", pl_module):
+            what = "validation_step" if defined else "val dataloader"
+            raise ValueError(f"{name} would never run: run_on='validation_epoch_end' but the fit has no {what}, so no "
+                             f"validation runs. {fix} (val_dataloaders=..., a datamodule with val_dataloader(), and "
+                             "a validation_step).")
+        every_val = getattr(trainer, "check_val_every_n_epoch", 1)
+        max_epochs = getattr(trainer, "max_epochs", None)
+        if every_val is None or max_epochs is None or max_epochs < 0:  # validation by steps, or no last epoch
+            return
+        if not any((e + 1) % every_val == 0 and ((e + 1) % n == 0 or e == max_epochs - 1)
+                   for e in range(min(max_epochs, every_val * n))):
             raise ValueError(
-                f"{type(self).__name__}: target='label' needs a class label per image, but the items of the probe "
-                f"dataset ({type(dataset).__name__}) have none. Use target='predicted' or a class index, or data "
-                "that yields (x, y)."
+                f"{name} would never run: run_on='validation_epoch_end' with every_n_epochs={n} but the Trainer "
+                f"validates only at epochs {every_val - 1}, {2 * every_val - 1}, ... "
+                f"(check_val_every_n_epoch={every_val}) and max_epochs={max_epochs} ends before any of them is "
+                "scheduled. Use every_n_epochs=1, a "
+                f"check_val_every_n_epoch that divides max_epochs, or run_on='train_epoch_end'."
             )
+
+    def check_probes(self, probe: ProbeSet) -> None:
+        """Validate the probe set against the options (at setup when the data allows, else when picked)."""
+        if self.needs_labels() and probe.labels is None:
+            raise ValueError(
+                f"{type(self).__name__}: target='label' needs a class label per image, but the probe images have "
+                f"none{self._origin()}. Use target='predicted' or a class index, or data that yields (x, y)."
+            )
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.run_at_start and trainer.current_epoch == 0 and trainer.global_step == 0:  # a fresh fit, not a resume
+            self._run_and_report(trainer, pl_module, "start", step=BASELINE_STEP, scheduled=True)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._trained_epoch = trainer.current_epoch
         if self.run_on == "train_epoch_end":
-            self._run_and_report(trainer, pl_module)
+            self._run_and_report(trainer, pl_module, "train_epoch_end")
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The last epoch of a fit is always visualized. When its end was not known at the epoch-end hook (an
+        # EarlyStopping or other callback setting should_stop after this one, no validation in the last epoch),
+        # run now, on the final weights, at that epoch's step.
+        epoch = self._trained_epoch
+        if epoch is not None and self.every_n_epochs > 0 and self._last_run_epoch != epoch:
+            self._run_and_report(trainer, pl_module, "end", step=epoch, scheduled=True)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.run_on == "validation_epoch_end":
-            self._run_and_report(trainer, pl_module)
+        if self.run_on != "validation_epoch_end" or not _chosen_validation(trainer):
+            return
+        if _fitting(trainer) and self._last_run_epoch == trainer.current_epoch:
+            return  # once per epoch, also when the first validation of an epoch was the chosen one
+        self._run_and_report(trainer, pl_module, "validation_epoch_end")
 
-    def _run_and_report(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.should_run(trainer):
+    def _run_and_report(self, trainer: Trainer, pl_module: LightningModule, where: str, step: int | None = None,
+                        scheduled: bool = False) -> None:
+        """:meth:`run`, then its part of the one log line of this point (see :func:`_epoch_report`)."""
+        if not (scheduled or self.should_run(trainer)) or not sink_names(trainer, self.loggers):
             return
         start = time.perf_counter()
-        self.run(trainer, pl_module)
-        _epoch_report(self, trainer, time.perf_counter() - start)
+        self.run(trainer, pl_module, step=step, scheduled=scheduled)
+        _epoch_report(self, trainer, trainer.current_epoch if step is None else step, where,
+                      time.perf_counter() - start)
 
     def get_class_names(self, trainer: Trainer | None) -> list[str] | None:
         """Class names (index -> name): the ``class_names`` option, else ``classes`` of the trainer's datamodule
@@ -353,35 +449,82 @@ class VisualizationCallback(Callback):
 
     # ------------------------------------------------------------------ probes
     def get_probes(self, trainer: Trainer) -> ProbeSet:
-        """The full probe set (same on every rank), picked on first use."""
+        """The full probe set (same on every rank): given, picked at setup, or picked on first use."""
         if self.probes is None:
             self.probes = self._pick_probes(trainer)
+            self.check_probes(self.probes)
         return self.probes
+
+    def _setup_probes(self, trainer: Trainer) -> None:
+        """Pick the probes before training when the data allows (every rank picks the same), so that data problems
+        (no labels, no masks, images of different sizes, an IterableDataset) stop the run before the first step."""
+        if not self.needs_probes or (self.every_n_epochs == 0 and not self.run_at_start):
+            return
+        if not sink_names(trainer, self.loggers):  # nothing would be written: nothing is read or computed
+            return
+        if self.probes is None:
+            dataset, iterable = _find_dataset(trainer, self.probe_source, with_iterable=True)
+            if dataset is None and iterable is not None:
+                raise VisualizationError(self._no_dataset_message(iterable))
+            if dataset is None:  # no data known yet: picked at the first run
+                return
+            self.probes = self._pick_probes(trainer)
+        self.check_probes(self.probes)
+
+    def _origin(self) -> str:
+        origin = getattr(self, "_probe_origin", None)
+        return "" if origin is None else f" (picked from the {origin} dataset)"
+
+    def _no_dataset_message(self, iterable: Any = None) -> str:
+        other = "train" if self.probe_source == "val" else "val"
+        seen = f" (found {type(iterable).__name__}, an IterableDataset)" if iterable is not None else ""
+        return (
+            f"{type(self).__name__}: found no map-style {self.probe_source} or {other} dataset to pick probes from"
+            f"{seen}: probes are picked by index (len() and indexing), which an IterableDataset cannot do. Pass "
+            "probes=ProbeSet(images=..., labels=...) or give the Trainer a datamodule / dataloaders over a "
+            "map-style dataset."
+        )
 
     def _pick_probes(self, trainer: Trainer) -> ProbeSet:
         dataset = _find_dataset(trainer, self.probe_source)
         if dataset is None:
-            other = "train" if self.probe_source == "val" else "val"
-            raise VisualizationError(
-                f"{type(self).__name__}: found no map-style {self.probe_source} or {other} dataset to pick probes from "
-                "(one with len() and indexing; an IterableDataset cannot be sampled). Pass probes=ProbeSet(...) or give "
-                "the Trainer a datamodule / dataloaders over a map-style dataset."
-            )
+            raise VisualizationError(self._no_dataset_message())
         dm = getattr(trainer, "datamodule", None)
         mean, std = _first_not_none(dm, dataset, "mean"), _first_not_none(dm, dataset, "std")
-        return ProbeSet.from_dataset(dataset, num=self.num_probes, seed=self.probe_seed, mean=mean, std=std)
+        self._probe_origin = type(dataset).__name__
+        picks = _picks.setdefault(trainer, {})
+        key = (id(dataset), self.num_probes, self.probe_seed)
+        if key not in picks:  # callbacks with the same options share one pick (and one copy in checkpoints)
+            try:
+                picks[key] = ProbeSet.from_dataset(dataset, num=self.num_probes, seed=self.probe_seed,
+                                                   mean=mean, std=std)
+            except Exception as exc:
+                raise VisualizationError(
+                    f"{type(self).__name__}: picking {self.num_probes} probe images (probe_seed={self.probe_seed}) "
+                    f"from the {type(dataset).__name__} dataset failed: {type(exc).__name__}: {exc}. Make the "
+                    "dataset's items stackable (e.g. a resize transform, torchvision.transforms.Resize((H, W)), "
+                    "so that every image has one size), or pass probes=ProbeSet(...)."
+                ) from exc
+        return picks[key]
 
     # ------------------------------------------------------------------ run
-    def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
-        """Compute on this rank's shard, gather, and log on rank 0. Returns the gathered results.
+    def run(self, trainer: Trainer, pl_module: LightningModule, step: int | None = None,
+            scheduled: bool = False) -> dict[str, Any] | None:
+        """Compute on this rank's shard, gather, and log on rank 0 at ``step`` (default: the epoch).
+        Returns the gathered results. ``scheduled=True`` skips :meth:`should_run`.
 
         Under DDP every rank makes the same collective calls whatever happens: one gather (per-probe
         methods; a rank without probes sends ``None``) and one broadcast of rank 0's outcome, so an
         error on any rank (picking probes, computing, or rank 0's logging) raises on every rank
         instead of leaving the others waiting in the next collective.
         """
-        if not self.should_run(trainer) or not sink_names(trainer, self.loggers):  # nothing would be written
+        if not scheduled and not self.should_run(trainer):
             return None
+        if not sink_names(trainer, self.loggers):  # nothing would be written
+            return None
+        step = trainer.current_epoch if step is None else step
+        if _fitting(trainer) and step >= 0:
+            self._last_run_epoch = step
         rank, world = _world(trainer)
         start = time.perf_counter()
         distributed = self.per_probe and self.needs_probes and world > 1  # without probes there is nothing to split
@@ -410,7 +553,7 @@ class VisualizationCallback(Callback):
         if rank == 0 and error is None and results is not None:
             stage = "log"
             try:
-                logger = VizLogger.from_trainer(trainer, step=trainer.current_epoch, namespace=self.name,
+                logger = VizLogger.from_trainer(trainer, step=step, namespace=self.name,
                                                 loggers=self.loggers)
                 try:
                     self.log_results(logger, results, probe, trainer)
@@ -420,7 +563,7 @@ class VisualizationCallback(Callback):
                 finally:
                     self.last_logged_tags = logger.written
                     logger.flush()
-            except Exception as exc:  # shared with the other ranks below
+            except Exception as exc:  # any logging error (a full disk when writing or flushing): shared below
                 error = exc
         if world > 1 and _dist_ready():
             try:
@@ -428,8 +571,12 @@ class VisualizationCallback(Callback):
             except VisualizationError as exc:  # rank 0 failed: every other rank gets here
                 return self._failed(exc)
         if error is not None:
+            if stage == "log":
+                return self._failed(VisualizationError(
+                    f"lightning-viz {type(self).__name__} ({self.method}) failed while logging at step {step}: "
+                    f"{type(error).__name__}: {error}"), error)
             if stage != "compute":
-                return self._failed(error)  # rank 0's own probe-picking or logging error: unchanged type
+                return self._failed(error)  # rank 0's own probe-picking error: unchanged type
             return self._failed(VisualizationError(f"lightning-viz {self.method} failed: {type(error).__name__}: {error}"), error)
         return results
 
@@ -446,7 +593,9 @@ class VisualizationCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(key=self.state_key_parts())
+        key = self._generate_state_key(key=self.state_key_parts())
+        _refuse_duplicate(self, key)
+        return key
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -458,10 +607,114 @@ class VisualizationCallback(Callback):
             self.probes = ProbeSet.from_state_dict(state_dict["probes"])
         self.load_extra_state(state_dict.get("extra") or {})
 
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Move this callback's probes into the checkpoint's shared probe bank (each image stored once)."""
+        entry = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        probes = entry.get("probes") if isinstance(entry, dict) else None
+        if isinstance(entry, dict) and isinstance(probes, dict) and "images" in probes:
+            entry["probes"] = {"bank_ref": probe_bank_put(checkpoint.setdefault(PROBE_BANK_KEY, {}), probes)}
 
-def _find_dataset(trainer: Trainer, source: str) -> Any:
-    """The dataset behind the val (or train) dataloader, without iterating a sampler."""
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Lightning calls this before :meth:`load_state_dict`: resolve the probe-bank reference in place."""
+        states = checkpoint.get("callbacks") or {}
+        entry = states.get(self.state_key, states.get(self._legacy_state_key))
+        probes = entry.get("probes") if isinstance(entry, dict) else None
+        if isinstance(entry, dict) and isinstance(probes, dict) and "bank_ref" in probes:
+            entry["probes"] = probe_bank_get(checkpoint[PROBE_BANK_KEY], probes["bank_ref"])
+
+
+def _refuse_duplicate(callback: VisualizationCallback, key: str) -> None:
+    """Lightning refuses two stateful callbacks with one state key at ``Trainer(...)`` with a generic message;
+    when that check (``_validate_callbacks_list``) asks for a key it has seen, say how to fix it: ``name=``."""
+    frame = sys._getframe(2)
+    if frame.f_code.co_name != "_validate_callbacks_list" or key not in frame.f_locals.get("seen_callbacks", ()):
+        return
+    cls = type(callback).__name__
+    raise RuntimeError(
+        f"Two {cls} callbacks have the same checkpoint state key ({key}): their options do not tell them apart. "
+        f"Give each a distinct name=, e.g. {cls}(..., name='a') and {cls}(..., name='b') (the name is also "
+        "inserted in their tags), or remove the duplicate."
+    )
+
+
+def _fitting(trainer: Trainer) -> bool:
+    """True while fitting (also in its validation loops); False under ``trainer.validate``/``test``."""
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return fn is None or fn == "fit"
+
+
+def _last_epoch(trainer: Trainer) -> bool:
+    """The fit ends after this epoch: ``max_epochs``, ``max_steps`` or a stop request (e.g. EarlyStopping)."""
+    max_epochs = getattr(trainer, "max_epochs", None)
+    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs - 1:
+        return True
+    max_steps = getattr(trainer, "max_steps", -1)
+    if max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps:
+        return True
+    return bool(getattr(trainer, "should_stop", False)) and bool(getattr(trainer.fit_loop, "_can_stop_early", True))
+
+
+def _validates_after_last_batch(trainer: Trainer) -> bool:
+    """Whether this fit's validation schedule has a validation after each epoch's last training batch."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None or trainer.check_val_every_n_epoch is None:
+        return False  # validation by time or by global step: not tied to epoch ends
+    every, n = trainer.val_check_batch, trainer.num_training_batches
+    if every is None or every == float("inf") or n == float("inf"):
+        return every is not None
+    return int(n) % int(every) == 0
+
+
+def _chosen_validation(trainer: Trainer) -> bool:
+    """With several validations per epoch, the one a ``validation_epoch_end`` callback runs at (see ``run_on``)."""
+    if not _fitting(trainer):
+        return True
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return progress.is_last_batch or trainer.should_stop or not _validates_after_last_batch(trainer)
+
+
+def _check_strategy(callback: VisualizationCallback, trainer: Trainer) -> None:
+    """Refuse strategies that shard parameters: the unwrapped module there holds only this rank's shard."""
+    strategy = getattr(trainer, "strategy", None)
+    sharded = next((c.__name__ for c in type(strategy).__mro__ if c.__name__ in SHARDING_STRATEGIES), None)
+    if sharded is not None:
+        raise ValueError(
+            f"{type(callback).__name__} does not support {type(strategy).__name__}: it shards the model's parameters "
+            f"across devices ({sharded}), so the module a visualization runs holds only a shard. Supported strategies: "
+            "a single device (strategy='auto' with devices=1, SingleDeviceStrategy) and the DDP family ('ddp', "
+            "'ddp_spawn', 'ddp_fork', 'ddp_notebook', DDPStrategy(...)). Visualize this model with one of them, e.g. "
+            "a short fit or trainer.validate from a checkpoint."
+        )
+
+
+_picks: "weakref.WeakKeyDictionary[Trainer, dict[tuple, ProbeSet]]" = weakref.WeakKeyDictionary()
+
+
+def _source_loaders(trainer: Trainer, which: str) -> Any:
+    """Dataloaders given to ``fit``/``validate`` (or a module's dataloader hooks), before the loops load them."""
+    loop = getattr(trainer, "fit_loop", None)
+    if which == "val":
+        loop = getattr(trainer, "validate_loop", None) if not _fitting(trainer) else getattr(loop, "epoch_loop", None)
+        loop = getattr(loop, "val_loop", loop)
+    source = getattr(loop, "_data_source", None)
+    instance = getattr(source, "instance", None)
+    if source is None or instance is None or not source.is_defined():
+        return None
+    if isinstance(instance, (LightningModule, LightningDataModule)):
+        try:
+            return getattr(instance, source.name)()
+        except Exception:  # noqa: BLE001 - a hook that needs the running loop
+            return None
+    return instance
+
+
+def _find_dataset(trainer: Trainer, source: str, with_iterable: bool = False) -> Any:
+    """The map-style dataset behind the val (or train) dataloader, without iterating a sampler.
+
+    With ``with_iterable`` returns ``(dataset, iterable)``, ``iterable`` an IterableDataset seen on the way."""
     order = ["val", "train"] if source == "val" else ["train", "val"]
+    found, iterable = None, None
     for which in order:
         loaders = getattr(trainer, "val_dataloaders" if which == "val" else "train_dataloader", None)
         if loaders is None:
@@ -472,15 +725,22 @@ def _find_dataset(trainer: Trainer, source: str) -> Any:
                     loaders = fn()
                 except Exception:  # noqa: BLE001 - a datamodule without that split
                     loaders = None
+        if loaders is None:
+            loaders = _source_loaders(trainer, which)
         if isinstance(loaders, (list, tuple)):
             loaders = loaders[0] if loaders else None
         if isinstance(loaders, dict):
             loaders = next(iter(loaders.values()), None)
         dataset = getattr(loaders, "dataset", None)
         if dataset is not None:
+            if isinstance(dataset, torch.utils.data.IterableDataset):
+                iterable = iterable if iterable is not None else dataset
+                continue
             try:
                 if len(dataset) > 0:
-                    return dataset
-            except TypeError:  # iterable dataset
+                    found = dataset
+                    break
+            except TypeError:  # no len(): cannot be sampled by index
+                iterable = iterable if iterable is not None else dataset
                 continue
-    return None
+    return (found, iterable) if with_iterable else found

@@ -95,6 +95,15 @@ class MapCallback(VisualizationCallback):
         target = getattr(self, "target", None)  # the target of gradient, CAM and occlusion maps
         return target is not None and isinstance(resolve_target(target), LabelTarget)
 
+    def check_probes(self, probe: ProbeSet) -> None:
+        super().check_probes(probe)
+        if self.tracker is not None and self.tracker.pointing_game and probe.masks is None:
+            raise ValueError(
+                f"{type(self).__name__}(tracker=MapTracker(pointing_game=True)): the pointing game needs a ground-truth "
+                "mask per probe image (items (image, label, mask), e.g. the shapes dataset), but these probes have "
+                "none. Use pointing_game=None (when masks exist) or False, or data with masks."
+            )
+
     # ------------------------------------------------------------------ base implementation
     @property
     def heat_cmap(self) -> str:
