@@ -175,6 +175,17 @@ def test_one_log_line_per_epoch_end(tmp_path, caplog, monkeypatch):
     assert total == pytest.approx(sum(parts), abs=0.1)
 
 
+def test_runs_before_training_get_their_own_line(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    cbs = [FilterCallback(run_at_start=True), GradientCallback(num_probes=2, run_at_start=True)]
+    tiny_trainer(str(tmp_path), cbs, max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    lines = [m for m in msgs if m.startswith("lightning-viz ") and " s (" in m]
+    assert [line.split(":")[0] for line in lines] == ["lightning-viz before training", "lightning-viz epoch 0"]
+    assert all("filters " in line and "gradients " in line for line in lines)
+
+
 def test_progress_lines_only_inside_a_run(caplog, monkeypatch):
     monkeypatch.setattr(viz_logger, "propagate", True)
     caplog.set_level(logging.INFO, logger="lightning_viz")

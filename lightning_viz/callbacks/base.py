@@ -430,7 +430,10 @@ class VisualizationCallback(Callback):
         if not (scheduled or self.should_run(trainer)) or not sink_names(trainer, self.loggers):
             return
         start = time.perf_counter()
-        self.run(trainer, pl_module, step=step, scheduled=scheduled)
+        if scheduled:
+            self.run(trainer, pl_module, step=step, scheduled=True)
+        else:  # the plain call, as subclasses overriding run(trainer, pl_module) expect
+            self.run(trainer, pl_module)
         _epoch_report(self, trainer, trainer.current_epoch if step is None else step, where,
                       time.perf_counter() - start)
 
