@@ -3,15 +3,18 @@
 Names are the ones ``model.named_modules()`` yields (``"layer4.1.conv2"``, ``"features.0"``).
 Wrapper prefixes added by ``torch.compile`` (``_orig_mod.``) and DDP/DataParallel (``module.``)
 are ignored, so the same name works on the plain, compiled and wrapped model.
-Also: where a module lives (:func:`module_device`, :func:`module_dtype`), so inputs can be put there.
+Also: where a module lives (:func:`module_device`, :func:`module_dtype`), so inputs can be put there, and
+the default layer of CAM methods (:func:`default_cam_layer`: the last block feeding global pooling).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from .targets import ModelAdapter
 
 __all__ = [
     "LayerNotFoundError",
@@ -27,6 +30,7 @@ __all__ = [
     "resolve_layers",
     "module_device",
     "module_dtype",
+    "default_cam_layer",
 ]
 
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -38,9 +42,12 @@ class LayerNotFoundError(ValueError):
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip ``torch.compile`` / DDP / DataParallel wrappers and return the module with the real names."""
+    """Strip ``torch.compile`` / DDP / DataParallel / :class:`~lightning_viz.targets.ModelAdapter` wrappers and
+    return the module with the real names."""
     while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+        if isinstance(model, ModelAdapter):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
@@ -163,3 +170,77 @@ def module_dtype(module: nn.Module) -> torch.dtype:
     inputs must have (e.g. float64 under ``precision="64-true"``)."""
     p = next((p for p in module.parameters() if p.is_floating_point()), None)
     return p.dtype if p is not None else torch.float32
+
+
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                   nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+def _spatial(t: Any) -> int:
+    """``h * w`` of a ``[B, C, h, w]`` tensor, else 0."""
+    return int(t.shape[-1] * t.shape[-2]) if isinstance(t, Tensor) and t.ndim == 4 else 0
+
+
+def default_cam_layer(model: nn.Module, x: Tensor) -> str:
+    """The layer CAM methods explain by default: the last block feeding global pooling, found by one forward of
+    ``x`` (a batch of the data's shape; call inside :func:`lightning_viz.capture.isolated`).
+
+    The *final spatial feature map* is the last ``[B, C, h, w]`` module output completed before the global pooling
+    starts (the last module without convolutions that turns a spatial map into a vector or a ``1x1`` map, or the
+    last adaptive pooling; squeeze-excitation pools come before it). Of the modules that return that very tensor
+    (e.g. ``layer4``, ``layer4.1`` and its last ``relu``), the outermost is the stage and its child returning it
+    the last block: ``layer4.1`` of a ResNet
+    (``model.layer4[-1]``), ``features.<last>`` of VGG / DenseNet / MobileNet / EfficientNet / ConvNeXt -- the
+    layer CAM libraries tell users to pick. Not the last conv, which sits before the last BatchNorm, residual
+    add and ReLU (Grad-CAM maps of residual nets are degenerate there).
+    """
+    layers = {n: m for n, m in named_layers(model).items() if n}
+    has_conv = {n: any(isinstance(s, CONV_TYPES) for s in m.modules()) for n, m in layers.items()}
+    clock = [0]
+    starts: dict[str, int] = {}
+    ends: dict[str, tuple[int, Tensor]] = {}
+    pool_start: list[int] = []
+
+    def pre_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            clock[0] += 1
+            starts.setdefault(name, clock[0])
+        return hook
+
+    def post_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            clock[0] += 1
+            first = inputs[0] if inputs else None
+            if not has_conv[name] and isinstance(first, Tensor) and _spatial(first) and isinstance(output, Tensor) and (
+                    isinstance(module, _ADAPTIVE_POOLS) or (_spatial(first) > 1 and (
+                        _spatial(output) == 1 or output.ndim == 2) and output.numel() < first.numel())):
+                pool_start.append(starts[name])  # a pooling without convs reducing space away (e.g. in SE blocks too)
+            if isinstance(output, Tensor) and output.ndim == 4:
+                ends[name] = (clock[0], output)
+        return hook
+
+    handles = []
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(pre_hook(name)))
+            handles.append(module.register_forward_hook(post_hook(name)))
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    limit = max(pool_start, default=clock[0] + 1)  # the last one is the global pooling before the head
+    before = {n: e for n, e in ends.items() if e[0] < limit and not isinstance(layers[n], _ADAPTIVE_POOLS)}
+    if not before:
+        raise LayerNotFoundError(
+            f"found no layer with a [B, C, h, w] output before global pooling in {type(unwrap_model(model)).__name__} "
+            f"(its layers: {_format_names(layers)}); name the layer to explain with layers=[...]."
+        )
+    final = max(before.values(), key=lambda e: e[0])[1]
+    same = {n: e[0] for n, e in before.items() if e[1] is final}  # modules returning the final map itself
+    depth = min(n.count(".") for n in same)
+    outer = [n for n in same if n.count(".") == depth]
+    outer.sort(key=lambda n: (not isinstance(layers[n], nn.Identity), same[n]))  # the last completed, not an Identity
+    stage = outer[-1]
+    blocks = [n for n in same if n.startswith(stage + ".") and n.count(".") == depth + 1]
+    return max(blocks, key=lambda n: same[n]) if blocks else stage

@@ -316,14 +316,54 @@ def _bank_get_tensor(bank: dict[str, Any], ref: dict[str, Any]) -> Tensor:
     return bank["groups"][ref["group"]][ref["rows"]].to(dtype)
 
 
+#: Codec of images stored as the 8-bit pixels they were normalized from (``ref["images"]["codec"]``).
+_U8_CODEC = "u8norm"
+
+
+def _u8_stats(state: dict[str, Any], channels: int) -> tuple[Tensor, Tensor] | None:
+    """``mean``/``std`` of ``state`` as float32 ``[C, 1, 1]`` tensors (as ``Normalize`` uses them), or ``None``."""
+    mean, std = state.get("mean"), state.get("std")
+    if mean is None or std is None or len(mean) not in (1, channels) or len(std) not in (1, channels):
+        return None
+    return (torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1),
+            torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+
+
+def _u8_decode(q: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Normalized float32 images from 8-bit pixels in ``ToTensor`` + ``Normalize`` order: ``(q / 255 - mean) / std``."""
+    return (q.float() / 255 - mean) / std
+
+
+def _u8_encode(images: Tensor, state: dict[str, Any]) -> Tensor | None:
+    """The uint8 pixels ``q`` whose :func:`_u8_decode` gives back ``images`` bit for bit, or ``None`` if there are none
+    (no mean/std, not float32, or not normalized from 8-bit data)."""
+    stats = None if images.dtype != torch.float32 or images.ndim != 4 else _u8_stats(state, images.shape[1])
+    if stats is None or not bool(torch.isfinite(images).all()):
+        return None
+    mean, std = stats
+    q = ((images.double() * std.double() + mean.double()) * 255).round().clamp(0, 255).to(torch.uint8)
+    back = _u8_decode(q, mean, std)
+    if not torch.equal(back.contiguous().view(torch.uint8), images.contiguous().view(torch.uint8)):
+        return None
+    return q
+
+
 def probe_bank_put(bank: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
     """Move a :meth:`ProbeSet.state_dict` into a checkpoint's probe ``bank``, returning a small reference.
 
     Images and masks are stored row by row, each distinct row once across every probe set of the
     checkpoint (callbacks with overlapping probes share them), in the smallest dtype that holds them
-    exactly; :func:`probe_bank_get` gives back the bit-identical state."""
+    exactly; :func:`probe_bank_get` gives back the bit-identical state. Images normalized from 8-bit
+    pixels (``ToTensor`` + ``Normalize`` with the state's mean/std) are stored as those uint8 pixels,
+    a quarter of float32, when decoding them gives back the exact bits (``codec: "u8norm"``)."""
     ref = {k: v for k, v in state.items() if k not in ("images", "masks")}
-    ref["images"] = _bank_put_tensor(bank, "images", state["images"])
+    q = _u8_encode(state["images"], state)
+    if q is None:
+        ref["images"] = _bank_put_tensor(bank, "images", state["images"])
+    else:  # one group per mean/std: the same pixels decode to other images under other statistics
+        stats = torch.cat([t.flatten() for t in _u8_stats(state, q.shape[1])])  # type: ignore[union-attr]
+        kind = f"images/{_U8_CODEC}/{_row_key(stats).hex()[:16]}"
+        ref["images"] = {**_bank_put_tensor(bank, kind, q), "codec": _U8_CODEC}
     ref["masks"] = None if state.get("masks") is None else _bank_put_tensor(bank, "masks", state["masks"])
     return ref
 
@@ -331,6 +371,16 @@ def probe_bank_put(bank: dict[str, Any], state: dict[str, Any]) -> dict[str, Any
 def probe_bank_get(bank: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
     """The :meth:`ProbeSet.state_dict` that :func:`probe_bank_put` stored as ``ref``."""
     state = dict(ref)
-    state["images"] = _bank_get_tensor(bank, ref["images"])
+    images = _bank_get_tensor(bank, ref["images"])
+    codec = ref["images"].get("codec")
+    if codec == _U8_CODEC:
+        stats = _u8_stats(ref, images.shape[1])
+        if stats is None:
+            raise ValueError("probe bank: 8-bit probe images stored without their mean/std; the checkpoint is damaged")
+        images = _u8_decode(images, *stats)
+    elif codec is not None:
+        raise ValueError(f"probe bank: unknown image codec {codec!r} (known: {_U8_CODEC!r} or none); "
+                         "the checkpoint comes from a newer lightning-viz")
+    state["images"] = images
     state["masks"] = None if ref.get("masks") is None else _bank_get_tensor(bank, ref["masks"])
     return state

@@ -11,6 +11,8 @@ Normalization of maps:
 
 from __future__ import annotations
 
+import math
+
 from functools import lru_cache
 from typing import Sequence
 
@@ -90,8 +92,13 @@ class FixedScale:
         self.signed = signed
 
     def update(self, maps: Tensor) -> tuple[float, float]:
+        """``(vmin, vmax)``; set on the first call with finite values (non-finite entries are ignored; while there
+        are none, ``vmax`` stays unset and ``(.., 1)`` is returned)."""
         if self.vmax is None:
             flat = maps.detach().float().abs().flatten()
+            flat = flat[torch.isfinite(flat)]
+            if flat.numel() == 0:
+                return (-1.0 if self.signed else 0.0), 1.0
             if flat.numel() > 1_000_000:
                 flat = flat[torch.linspace(0, flat.numel() - 1, 1_000_000).long()]
             self.vmax = float(torch.quantile(flat, self.quantile).clamp_min(1e-12))
@@ -102,6 +109,8 @@ class FixedScale:
 
     def load_state_dict(self, state: dict) -> None:
         self.vmax, self.quantile, self.signed = state["vmax"], state["quantile"], state["signed"]
+        if self.vmax is not None and not math.isfinite(self.vmax):  # e.g. saved by an older version from a NaN run
+            self.vmax = None
 
 
 @lru_cache(maxsize=16)

@@ -5,16 +5,27 @@ class's logit, also says which class (``classes``), which CAM needs to pick its 
 
 Spelled in configs as ``"label"`` (true label, the default), ``"predicted"``, an ``int`` class
 index, or a Python callable ``logits -> score[B]``.
+
+The model adapter (:class:`ModelAdapter`, option ``logits_fn`` of every callback) says how to call the
+model and read logits ``[B, K]`` from what it returns: by default a tensor is the logits, and a mapping
+or object with a ``logits`` entry/attribute (Hugging Face / timm conventions) is read; anything else
+needs ``logits_fn``, a callable ``(model, x) -> logits`` or its dotted import path (usable from YAML).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Union
+import dataclasses
+import importlib
+import weakref
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["Target", "LabelTarget", "PredictedTarget", "ClassTarget", "CallableTarget", "resolve_target", "TargetSpec"]
+__all__ = ["Target", "LabelTarget", "PredictedTarget", "ClassTarget", "CallableTarget", "resolve_target", "TargetSpec",
+           "LogitsFn", "ModelOutputError", "ModelAdapter", "model_adapter", "resolve_logits_fn", "read_logits",
+           "describe_output"]
 
 
 class Target:
@@ -112,3 +123,122 @@ def resolve_target(spec: TargetSpec) -> Target:
     if callable(spec):
         return CallableTarget(spec)
     raise ValueError(f"invalid target {spec!r}; allowed: 'label', 'predicted', a class index (int), or a callable logits -> score[B]")
+
+
+# ---------------------------------------------------------------------------------------------- model adapter
+LogitsFn = Union[str, Callable[[nn.Module, Tensor], Tensor]]
+_LOGITS_HINT = ("set logits_fn=<a callable (model, x) -> logits[B, K]> (Python, e.g. "
+                "logits_fn=lambda model, x: model(x)[0]), or in YAML logits_fn: my_package.my_module.my_logits_fn "
+                "(the dotted import path of such a function)")
+
+
+class ModelOutputError(ValueError):
+    """The model's output could not be read as logits ``[B, K]`` (or the model could not be called as ``model(x)``)."""
+
+
+def describe_output(out: Any) -> str:
+    """A short description of a model output: type plus keys / length / fields / shape."""
+    name = type(out).__name__
+    if isinstance(out, Tensor):
+        return f"a Tensor of shape {tuple(out.shape)}"
+    if isinstance(out, Mapping):
+        return f"a {name} with keys {list(out.keys())[:20]}"
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return f"a dataclass {name} with fields {[f.name for f in dataclasses.fields(out)]}"
+    if isinstance(out, (tuple, list)):
+        parts = ", ".join(describe_output(o) if isinstance(o, Tensor) else type(o).__name__ for o in out[:6])
+        return f"a {name} of length {len(out)} ({parts}{', ...' if len(out) > 6 else ''})"
+    return f"a {name}"
+
+
+def read_logits(out: Any) -> Tensor:
+    """Logits from a model output: a tensor as is; a mapping's ``"logits"`` entry; an object's ``logits`` attribute."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
+        return out["logits"]
+    if isinstance(getattr(out, "logits", None), Tensor):
+        return out.logits
+    raise ModelOutputError(f"the model returned {describe_output(out)}, which has no logits tensor (not a Tensor, "
+                           f"and no 'logits' entry or attribute); {_LOGITS_HINT}.")
+
+
+def resolve_logits_fn(spec: Optional[LogitsFn]) -> Optional[Callable[[nn.Module, Tensor], Any]]:
+    """``None``, a callable, or the dotted import path ``"package.module.function"`` of a callable."""
+    if spec is None or callable(spec):
+        return spec
+    if not isinstance(spec, str) or "." not in spec.strip("."):
+        raise ValueError(f"logits_fn must be a callable (model, x) -> logits[B, K] or the dotted import path of one "
+                         f"('package.module.function'); got {spec!r}")
+    module_name, _, attr = spec.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"logits_fn={spec!r} cannot be imported ({type(exc).__name__}: {exc}); give the dotted path "
+                         "of a function (model, x) -> logits[B, K] importable from the training script") from None
+    if not callable(fn):
+        raise ValueError(f"logits_fn={spec!r} is a {type(fn).__name__}, not a callable (model, x) -> logits[B, K]")
+    return fn
+
+
+class ModelAdapter(nn.Module):
+    """Calls ``module`` on a batch ``x`` the way the user said and returns logits ``[B, K]``.
+
+    ``forward(x)`` is ``logits_fn(module, x)`` (or ``module(x)``), then, with ``logits=True``, the logits read off
+    the output (:func:`read_logits`); with ``logits=False`` the raw output (for methods that only hook layers).
+    The wrapped module is a registered child, so its parameters, buffers and hooks are the adapter's; layer
+    names are unchanged (:func:`lightning_viz.layers.unwrap_model` sees through the adapter).
+    """
+
+    def __init__(self, module: nn.Module, logits_fn: Optional[Callable[[nn.Module, Tensor], Any]] = None,
+                 logits: bool = True):
+        super().__init__()
+        self.module = module
+        self.logits_fn = logits_fn
+        self.logits = logits
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first parameter (as :func:`lightning_viz.layers.module_device`)."""
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the first floating-point parameter (as :func:`lightning_viz.layers.module_dtype`)."""
+        p = next((p for p in self.parameters() if p.is_floating_point()), None)
+        return p.dtype if p is not None else torch.float32
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("module")
+            if inner is None:
+                raise
+            return getattr(inner, name)  # anything else reads as the wrapped model's (trainer, hparams, ...)
+
+    def call(self, x: Tensor) -> Any:
+        """The raw model call (``logits_fn(module, x)`` or ``module(x)``)."""
+        return self.module(x) if self.logits_fn is None else self.logits_fn(self.module, x)
+
+    def forward(self, x: Tensor) -> Any:
+        out = self.call(x)
+        return read_logits(out) if self.logits else out
+
+
+_ADAPTERS: "weakref.WeakValueDictionary[tuple, ModelAdapter]" = weakref.WeakValueDictionary()
+
+
+def model_adapter(model: nn.Module, logits_fn: Optional[LogitsFn] = None, logits: bool = True) -> ModelAdapter:
+    """The :class:`ModelAdapter` of ``(model, logits_fn, logits)``: one object while any holder keeps it (so every
+    callback with the same adapter shares one gradient-pass cache); ``model`` itself if it already is an adapter."""
+    if isinstance(model, ModelAdapter):
+        return model
+    fn = resolve_logits_fn(logits_fn)
+    key = (id(model), fn, logits)  # the adapter holds the model: its id cannot be reused while the entry lives
+    adapter = _ADAPTERS.get(key)
+    if adapter is None or adapter.module is not model:
+        adapter = ModelAdapter(model, fn, logits)
+        _ADAPTERS[key] = adapter
+    return adapter

@@ -152,9 +152,9 @@ def test_activation_callback_every_n_epochs(tmp_path):
 
 
 @pytest.mark.parametrize("arch,first,last", [
-    ("vgg11", "net.features.0", "net.features.18"),
-    ("mobilenet_v3_small", "net.features.0.0", "net.features.12.0"),
-    ("densenet121", "net.features.conv0", "net.features.denseblock4.denselayer16.conv2"),
+    ("vgg11", "net.features.0", "net.features.20"),  # the last block feeding global pooling, not the last conv
+    ("mobilenet_v3_small", "net.features.0.0", "net.features.12"),
+    ("densenet121", "net.features.conv0", "net.features.norm5"),
 ])
 def test_torchvision_architectures(arch, first, last):
     """Default layers resolve on real architectures; filters and feature maps come out untouched-model."""
@@ -163,10 +163,12 @@ def test_torchvision_architectures(arch, first, last):
 
     lit = LitTiny(getattr(torchvision.models, arch)(weights=None, num_classes=3))
     g = torch.Generator().manual_seed(0)
-    probe = ProbeSet(torch.randn(2, 3, 32, 32, generator=g), labels=torch.tensor([0, 1]))
+    probe = ProbeSet(torch.randn(2, 3, 64, 64, generator=g), labels=torch.tensor([0, 1]))
     filters, acts = FilterCallback(), ActivationCallback(max_channels=4)
     filters.check(lit)
     acts.check(lit)
+    with isolated(lit):
+        acts.check_input(acts.adapted(lit), probe.images[:1])  # setup: the default's last block by one forward
     assert acts.layer_names(lit) == [first, last]
 
     def run():

@@ -260,6 +260,8 @@ def test_torchvision_gradients_and_cams_untouched(arch, layer):
     model(x).sum().backward()  # live .grad and BN statistics must survive untouched
     cb = CAMCallback(methods=["gradcam", "gradcampp", "layercam", "guided_gradcam"] + (["cam"] if layer else []), layers=layer and [layer])
     cb.check(model)
+    with isolated(model):
+        cb.check_input(cb.adapted(model), x[:1])  # setup: the default layer by one forward, the CAM head verified
 
     def run():
         with isolated(model):

@@ -263,7 +263,7 @@ def test_torchvision_resnet18(tmp_path):
     images = acc.Tags()["images"]
     assert "viz-filters/net.conv1/grid" in images
     assert "viz-activations/net.conv1/p001" in images
-    assert "viz-activations/net.layer4.1.conv2/p001" in images
+    assert "viz-activations/net.layer4.1/p001" in images  # the default: the last block feeding global pooling
     assert "viz-inputgrad/panel/p001" in images
     # RGB filter grid: 64 filters of 7x7 upscaled to 28 px -> 8x8 tiles with 1 px padding.
     img = acc.Images("viz-filters/net.conv1/grid")[0]

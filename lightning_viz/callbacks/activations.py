@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from ..layers import first_conv_name, last_conv_name, resolve_layers
+from ..layers import default_cam_layer, first_conv_name, module_device, module_dtype, resolve_layers
 from ..logging import VizLogger, make_tag
 from ..methods.activations import feature_maps
 from ..probe import ProbeSet
@@ -33,8 +33,9 @@ class ActivationCallback(VisualizationCallback):
     """Log feature maps of ``layers`` for every probe image.
 
     Args:
-        layers: dotted layer names; default the first and the last conv layer. Each must output a
-            ``[B, C, h, w]`` map (a conv, a block such as ``"layer2"``, an activation module ...).
+        layers: dotted layer names; default the first conv layer and the last block feeding global pooling
+            (:func:`~lightning_viz.layers.default_cam_layer`, e.g. ``layer4.1``; found by one forward at setup).
+            Each must output a ``[B, C, h, w]`` map (a conv, a block such as ``"layer2"``, an activation module ...).
         max_channels: channels per grid.
         channels: which channels: ``"first"`` (channels ``0..max_channels-1``: the same channels every
             epoch, so each grid cell can be followed through training) or ``"top"`` (each probe's
@@ -49,6 +50,7 @@ class ActivationCallback(VisualizationCallback):
     """
 
     method = "activations"
+    model_use = "forward"
 
     def __init__(
         self,
@@ -74,28 +76,36 @@ class ActivationCallback(VisualizationCallback):
         if display_px < 0:
             raise ValueError(f"ActivationCallback: display_px must be >= 0; got {display_px}")
         colormap(torch.zeros(1, 1, 1), cmap)  # an unknown colormap fails here, at construction
-        self.layers = as_layer_list(type(self).__name__, layers)  # None: the first and last conv
+        self.layers = as_layer_list(type(self).__name__, layers)  # None: the first conv and the last block
         self.max_channels = max_channels
         self.channels = channels
         self.cmap = cmap
         self.chunk_size = chunk_size
         self.layout = layout
         self.display_px = display_px
+        self._last_block: Optional[str] = None  # the default's deepest layer, found by one forward
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return (*super().state_key_parts(), tuple(self.layers or ()), self.max_channels, self.channels)
 
-    def layer_names(self, pl_module: LightningModule) -> list[str]:
+    def layer_names(self, pl_module: LightningModule, x: Optional[torch.Tensor] = None) -> list[str]:
+        """The layers to show; the default needs one forward of an input ``x`` of the data's shape (once)."""
         if self.layers is None:
-            return list(dict.fromkeys([first_conv_name(pl_module), last_conv_name(pl_module)]))
+            if self._last_block is None and x is not None:
+                self._last_block = default_cam_layer(self.adapted(pl_module), x[:1])
+            return list(dict.fromkeys([first_conv_name(pl_module)] + ([self._last_block] if self._last_block else [])))
         return list(dict.fromkeys(resolve_layers(pl_module, self.layers)))
+
+    def check_input(self, model: Any, x: torch.Tensor) -> None:
+        self.layer_names(model, x)
 
     def check(self, pl_module: LightningModule) -> None:
         self.layer_names(pl_module)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
-        x = probe.to(pl_module.device, pl_module.dtype)  # e.g. a float64 model (precision='64-true')
-        fmaps = feature_maps(pl_module, x, self.layer_names(pl_module), chunk_size=self.chunk_size)
+        model = self.adapted(pl_module)
+        x = probe.to(module_device(model), module_dtype(model))  # e.g. a float64 network
+        fmaps = feature_maps(model, x, self.layer_names(model, x), chunk_size=self.chunk_size)
         out: dict[str, Any] = {}
         for name, a in fmaps.items():
             a = a.float()
@@ -122,11 +132,15 @@ class ActivationCallback(VisualizationCallback):
             logger.scalar(make_tag(self.method, name, "dead_fraction"), nonpos.sum().float() / numel.sum().float())
             dead = (results[f"chmax:{name}"].amax(dim=0) <= 0).float().mean()
             logger.scalar(make_tag(self.method, name, "dead_channels"), dead)
+            ok = self.warn_non_finite(f"the {name} activations", maps)
             if self.layout == "grid":
+                finite_maps = torch.where(ok.view(-1, 1, 1, 1), maps, torch.zeros_like(maps))
                 logger.image(make_tag(self.method, name, "grid"),
-                             self.layer_grid(name, maps, results[f"channels:{name}"], probe, trainer))
+                             self.layer_grid(name, finite_maps, results[f"channels:{name}"], probe, trainer))
                 continue
-            for pid, m in zip(probe.ids, maps):  # m: [k, h, w]
+            for pid, m, finite in zip(probe.ids, maps, ok.tolist()):  # m: [k, h, w]
+                if not finite:
+                    continue
                 m01 = normalize_maps(m, "fixed", vmin=float(m.min()), vmax=float(m.max()))
                 tiles = colormap(resize_maps(m01, size, mode="nearest"), self.cmap)
                 logger.image(make_tag(self.method, name, pid), image_grid(tiles, padding=1))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 import weakref
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -23,8 +23,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..capture import isolated
+from ..layers import module_device, module_dtype
 from ..logging import NothingWrittenWarning, VizLogger, check_sinks, describe_sinks, make_tag, sink_names
-from ..probe import PROBE_BANK_KEY, ProbeSet, probe_bank_get, probe_bank_put
+from ..probe import PROBE_BANK_KEY, ProbeSet, probe_bank_get, probe_bank_put, read_item
+from ..targets import ModelAdapter, ModelOutputError, describe_output, model_adapter, read_logits, resolve_logits_fn
 from ..progress import logger as _log
 from ..progress import reporting
 
@@ -226,6 +228,9 @@ class VisualizationCallback(Callback):
         run_at_start: also run once before training (``on_train_start`` of a fresh fit, not on resume), a
             baseline of the untrained model, logged at step ``-1`` (:data:`BASELINE_STEP`); epoch ``e`` logs at
             step ``e``.
+        logits_fn: how to call the model and get logits ``[B, K]``: a callable ``(model, x) -> logits`` or its
+            dotted import path (``"my_pkg.heads.logits"``, for YAML). Default: ``model(x)``, whose output is used
+            as is when a tensor, else its ``logits`` entry or attribute. Checked by one forward at setup.
         loggers: where to write, by name: ``None`` (default) every logger in ``trainer.loggers`` (plus the
             plain image folder when none of them stores images), or a list of the trainer's logger names
             (``"tensorboard"``, ``"csv"``, ``"mlflow"``, ``"wandb"``, ...) and ``"folder"``. ``[]`` writes
@@ -242,6 +247,9 @@ class VisualizationCallback(Callback):
     per_probe: bool = True
     #: False for methods that use no probe images at all: ``compute``/``log_results`` get ``probe=None``.
     needs_probes: bool = True
+    #: How :meth:`compute` uses the model: ``"logits"`` (reads logits), ``"forward"`` (only runs it, e.g. to
+    #: hook layers) or ``"none"`` (never calls it). Decides what :meth:`adapted` returns and checks at setup.
+    model_use: Literal["logits", "forward", "none"] = "logits"
 
     def __init__(
         self,
@@ -254,6 +262,7 @@ class VisualizationCallback(Callback):
         log_time: bool = True,
         name: Optional[str] = None,
         on_error: Literal["raise", "warn"] = "raise",
+        logits_fn: Optional[Union[str, Callable]] = None,
         loggers: Optional[list[str]] = None,
         run_at_start: bool = False,
         class_names: Optional[list[str]] = None,
@@ -284,6 +293,9 @@ class VisualizationCallback(Callback):
         self.log_time = log_time
         self.name = name
         self.on_error = on_error
+        resolve_logits_fn(logits_fn)  # a bad path or type fails here
+        self.logits_fn = logits_fn
+        self._adapter: ModelAdapter | None = None
         self.loggers = None if loggers is None else list(loggers)
         self.run_at_start = run_at_start
         self._last_run_epoch: int | None = None  # last epoch run in this fit (never run an epoch twice)
@@ -307,6 +319,36 @@ class VisualizationCallback(Callback):
 
     def check(self, pl_module: LightningModule) -> None:
         """Validate options against the model before training starts (raise a clear error)."""
+
+    def check_input(self, model: ModelAdapter, x: Tensor) -> None:
+        """Checks that need one forward (``x``: one data item, ``[1, C, H, W]``), run at setup inside
+        :func:`isolated` after the model output was checked; ``model`` is :meth:`adapted`."""
+
+    def adapted(self, pl_module: torch.nn.Module) -> Any:
+        """``pl_module`` behind this callback's model adapter (a :class:`~lightning_viz.targets.ModelAdapter`, typed
+        ``Any`` as it stands in for the LightningModule in subclasses' signatures): ``adapted(m)(x)`` gives logits
+        ``[B, K]`` (``model_use="logits"``) or the raw output; layer names, parameters and hooks are those of
+        ``pl_module``. One adapter object per (model, ``logits_fn``), shared by callbacks (and their pass caches)."""
+        if isinstance(pl_module, ModelAdapter):
+            return pl_module
+        if self._adapter is None or self._adapter.module is not pl_module:
+            self._adapter = model_adapter(pl_module, self.logits_fn, logits=self.model_use == "logits")
+        return self._adapter
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_adapter": None}  # the adapter holds the model: never pickled with the callback
+
+    def warn_non_finite(self, what: str, values: Tensor, rows: str = "probes") -> Tensor:
+        """``True`` per row of ``values`` (dim 0: ``rows``) that is all finite; warns (rank 0, naming this callback)
+        when some are not, e.g. after the model's weights became NaN."""
+        ok = torch.isfinite(values.detach()).flatten(1).all(dim=1) if values.ndim > 1 else torch.isfinite(values)
+        if not bool(ok.all()):
+            rank_zero_warn(
+                f"{type(self).__name__}: {what} contain non-finite values (NaN or inf) for {int((~ok).sum())} of "
+                f"{ok.numel()} {rows} (has the model diverged?)"
+                + ("; these are left out of the images, statistics and fixed scales." if rows == "probes" else "."),
+                category=VisualizationWarning)
+        return ok
 
     def needs_labels(self) -> bool:
         """True when :meth:`compute` needs probe labels (e.g. ``target="label"``); checked on the data at setup."""
@@ -344,7 +386,54 @@ class VisualizationCallback(Callback):
         if stage == "fit":
             self._last_run_epoch = self._trained_epoch = None
             self._check_schedule(trainer, pl_module)
+        self._check_model_call(trainer, pl_module)
         _announce(trainer)
+
+    def _check_model_call(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """One forward of one data item (a probe, else item 0 of the probe dataset; skipped when neither is
+        there yet) through :meth:`adapted`, inside :func:`isolated`: the model can be called as configured and
+        returns logits ``[B, K]`` (``model_use="logits"``), then :meth:`check_input`. Fails before training."""
+        if self.model_use == "none" or (self.every_n_epochs == 0 and not self.run_at_start):
+            return
+        if not sink_names(trainer, self.loggers):  # nothing would be written: nothing is computed
+            return
+        x = None
+        if self.probes is not None and len(self.probes) > 0:
+            x = self.probes.subset(slice(0, 1)).to("cpu")
+        else:
+            dataset = _find_dataset(trainer, self.probe_source)
+            if dataset is not None:
+                image = read_item(dataset, 0)[0]
+                x = image[None] if isinstance(image, Tensor) and image.is_floating_point() else None
+        if x is None:
+            return
+        name = type(self).__name__
+        how = "model(x)" if self.logits_fn is None else f"logits_fn={self.logits_fn!r}"
+        with isolated(pl_module):
+            model = self.adapted(pl_module)
+            x = x.to(module_device(model), module_dtype(model), copy=True)
+            try:
+                with torch.no_grad():
+                    out = model.call(x)
+            except Exception as exc:
+                raise ModelOutputError(
+                    f"{name}: calling the model as {how} on one data item of shape {tuple(x.shape)} failed "
+                    f"({type(exc).__name__}: {exc}). If its forward takes other arguments or inputs, set logits_fn="
+                    "<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
+                ) from exc
+            if self.model_use == "logits":
+                try:
+                    logits = read_logits(out)
+                except ModelOutputError as exc:
+                    raise ModelOutputError(f"{name}: {exc}") from None
+                if logits.ndim != 2 or logits.shape[0] != 1:
+                    raise ModelOutputError(
+                        f"{name} needs logits [B, K] from the model, but {how} gave {describe_output(logits)} for one "
+                        f"input of shape {tuple(x.shape)}"
+                        + ("" if out is logits else f" (read from {describe_output(out)})")
+                        + "; set logits_fn=<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
+                    )
+            self.check_input(model, x)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -11,11 +11,17 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
+import dataclasses
+
+import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from ..layers import CONV_TYPES, get_layer, require_conv, resolve_layers
-from ..methods.cam import cam_head, cam_variant, canonical_cam_method, guided_cam_from_passes, variant_from_pass
+from ..capture import capture
+from ..layers import (CONV_TYPES, default_cam_layer, get_layer, linear_layer_names, named_layers, require_conv,
+                      resolve_layers)
+from ..methods.cam import (cam_head, cam_variant, canonical_cam_method, guided_cam_from_passes, variant_from_pass,
+                           verify_cam_head)
 from ..methods.gradients import reduce_channels
 from ..probe import ProbeSet
 from ..targets import CallableTarget
@@ -33,8 +39,11 @@ class CAMCallback(GradientMapCallback):
             (or ``gradcam++``), ``xgradcam``, ``layercam``, ``counterfactual_gradcam``, ``hirescam``,
             ``eigencam`` (class-agnostic), ``scorecam`` and ``ablationcam`` (K extra forwards per image),
             ``guided_gradcam``, ``guided_gradcampp`` (or ``guided_gradcam++``).
-        layers: layer name or names (``model.named_modules()``, e.g. ``net.layer4``); default: the last conv layer.
-            Blocks containing convolutions are fine; ``cam`` also needs a GAP + linear head over the layer.
+        layers: layer name or names (``model.named_modules()``, e.g. ``net.layer4``); default: the last block
+            feeding global pooling (:func:`~lightning_viz.layers.default_cam_layer`: ``layer4.1`` of a ResNet,
+            ``features.<last>`` of VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt), found by one forward at setup.
+            Blocks containing convolutions are fine; ``cam`` also needs the GAP + linear head right after the
+            layer (verified numerically at setup).
         target: ``"label"`` (default), ``"predicted"``, a class index, or (from Python) a callable
             ``logits -> score[B]`` -- not with ``cam``, which needs a class.
         reduce: channel reduction of the guided methods' ``[C, H, W]`` output (``abs_max``, ``sum``, ``abs_sum``).
@@ -67,18 +76,49 @@ class CAMCallback(GradientMapCallback):
         if reduce not in ("abs_max", "sum", "abs_sum"):
             raise ValueError(f"reduce must be 'abs_max', 'sum' or 'abs_sum'; got {reduce!r}")
         self.reduce = reduce
-        self.layer_names = as_layer_list(type(self).__name__, layers)  # None: the last conv layer
+        self.layer_names = as_layer_list(type(self).__name__, layers)  # None: the last block before global pooling
         self.layers: list[str] = []
+        self._head_verified = False
+        self._rectified: dict[str, bool] = {}  # cam: layers whose output reaches the head through a functional ReLU
 
     def check(self, pl_module: LightningModule) -> None:
-        self.layers = resolve_layers(pl_module, self.layer_names)
+        if self.layer_names is None:  # the default layer needs a forward: found in check_input (setup) or compute
+            if not self.layers:
+                if self._uses_head():  # refuse now if no layer at all has the head's channel count
+                    widths = {getattr(m, a) for m in named_layers(pl_module).values()
+                              for a in ("out_channels", "num_features") if isinstance(getattr(m, a, None), int)}
+                    linears = linear_layer_names(pl_module)
+                    if not linears or get_layer(pl_module, linears[-1]).in_features not in widths:
+                        cam_head(pl_module, max(widths, default=-1), "(default)")  # raises, explaining
+                return
+        else:
+            self.layers = resolve_layers(pl_module, self.layer_names)
         for name in self.layers:
             layer = get_layer(pl_module, name)
-            if not any(isinstance(m, CONV_TYPES) for m in layer.modules()):
+            if self.layer_names is not None and not any(isinstance(m, CONV_TYPES) for m in layer.modules()):
                 require_conv(pl_module, name, "CAM")  # raises, listing the conv layers
             if any(cam_variant(m).head for m in self.methods) and isinstance(layer, CONV_TYPES):
                 cam_head(pl_module, layer.out_channels, name)
         super().check(pl_module)
+
+    def check_input(self, model: Any, x: Tensor) -> None:
+        if self.layer_names is None:
+            self.layers = [default_cam_layer(model, x)]
+            self.check(model)
+        if self._uses_head():
+            with torch.no_grad(), capture(model, self.layers) as cap:
+                logits = model(x)
+                self._verify_head(model, logits, {n: cap[n] for n in self.layers})
+
+    def _uses_head(self) -> bool:
+        return any(cam_variant(m).head for m in self.methods)
+
+    def _verify_head(self, model: Any, logits: Tensor, activations: dict[str, Tensor]) -> None:
+        """Variants with the classifier head (``cam``) only: each layer must feed the GAP + linear head
+        (numerical check, once)."""
+        self._rectified = {name: verify_cam_head(a, logits, cam_head(model, a.shape[1], name), name)
+                           for name, a in activations.items()}
+        self._head_verified = True
 
     def pass_needs(self, pl_module: LightningModule) -> dict[Optional[str], list[str]]:
         needs: dict[Optional[str], list[str]] = {None: list(self.layers)}
@@ -90,10 +130,16 @@ class CAMCallback(GradientMapCallback):
         return super().state_key_parts() + (tuple(self.methods), tuple(self.layer_names or ()))
 
     def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
+        pl_module = self.adapted(pl_module)
+        x = self.probe_images(pl_module, probe)
         if not self.layers:
             self.check(pl_module)
-        x = self.probe_images(pl_module, probe)
+            if not self.layers:  # setup found no data item: the default layer from the first probe
+                self.layers = [default_cam_layer(pl_module, x[:1])]
+                self.check(pl_module)
         plain = self.get_pass(pl_module, probe, x, None, self.layers)
+        if self._uses_head() and not self._head_verified:
+            self._verify_head(pl_module, plain.logits, {n: plain.layer(n)[0] for n in self.layers})
         guided = None
         if any(cam_variant(m).guided for m in self.methods):
             guided = self.get_pass(pl_module, probe, x, "guided", [])
@@ -103,6 +149,10 @@ class CAMCallback(GradientMapCallback):
                 if guided is not None and cam_variant(m).guided:
                     out[f"{m}/{layer}"] = reduce_channels(guided_cam_from_passes(plain, guided, layer, m), self.reduce)
                 else:
-                    out[f"{m}/{layer}"] = variant_from_pass(plain, layer, m, tuple(x.shape[-2:]), pl_module, x,
+                    src = plain
+                    if cam_variant(m).head and self._rectified.get(layer):  # the head reads ReLU(A): so must CAM
+                        rectified = {**plain.activations, layer: plain.layer(layer)[0].relu()}
+                        src = dataclasses.replace(plain, activations=rectified)
+                    out[f"{m}/{layer}"] = variant_from_pass(src, layer, m, tuple(x.shape[-2:]), pl_module, x,
                                                             self.target, probe.labels, self.chunk_size)
         return out

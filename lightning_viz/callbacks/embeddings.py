@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 
-from ..layers import get_layer
+from ..layers import get_layer, module_device, module_dtype
 from ..logging import VizLogger, make_tag
 from ..methods.embeddings import extract_features, knn_accuracy, pca_2d, penultimate_layer, scatter_image, silhouette, tsne_2d
 from ..probe import ProbeSet
@@ -97,12 +97,19 @@ class EmbeddingCallback(VisualizationCallback):
             get_layer(pl_module, self.layer)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
-        feats, logits = extract_features(pl_module, probe.to(pl_module.device, pl_module.dtype), self.layer,
-                                       self.chunk_size or len(probe))
+        model = self.adapted(pl_module)
+        x = probe.to(module_device(model), module_dtype(model))
+        feats, logits = extract_features(model, x, self.layer, self.chunk_size or len(probe))
         return {"features": feats.cpu(), "prediction": logits.argmax(1).cpu()}
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
         feats, preds, labels = results["features"], results["prediction"], probe.labels
+        ok = self.warn_non_finite(f"the {self.layer_tag} features", feats)
+        if int(ok.sum()) < 2:
+            return  # nothing to project (warned)
+        if not bool(ok.all()):  # leave the non-finite probes out of everything
+            feats, preds = feats[ok], preds[ok]
+            labels = None if labels is None else labels[ok]
         name = self.layer_tag
         names = self.get_class_names(trainer)
         for proj in self.projection:
@@ -115,8 +122,8 @@ class EmbeddingCallback(VisualizationCallback):
         if self.projector:
             lab = ["?"] * len(preds) if labels is None else [class_name(v, names) for v in labels]
             metadata = [[a, class_name(p, names)] for a, p in zip(lab, preds)]
-            sprites = F.interpolate(probe.display_images(), size=(self.sprite_size, self.sprite_size), mode="bilinear",
-                                    align_corners=False).clamp(0, 1)
+            sprites = F.interpolate(probe.display_images()[ok], size=(self.sprite_size, self.sprite_size),
+                                    mode="bilinear", align_corners=False).clamp(0, 1)
             if sprites.shape[1] == 1:
                 sprites = sprites.expand(-1, 3, -1, -1)
             logger.embedding(feats, metadata=metadata, label_img=sprites, tag=make_tag(self.method, name),

@@ -77,6 +77,7 @@ class FilterCallback(VisualizationCallback):
     method = "filters"
     per_probe = False
     needs_probes = False
+    model_use = "none"
 
     def __init__(
         self,
@@ -154,6 +155,7 @@ class FilterCallback(VisualizationCallback):
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         name, w = results["layer"], results["weights"]
+        self.warn_non_finite(f"the {name} weights", w, rows="filters")
         logger.image(make_tag(self.method, name, "grid"), filter_grid(w, self.scale, self.max_filters))
         logger.scalar(make_tag(self.method, name, "mean_norm"), w.flatten(1).norm(dim=1).mean())
         if self.previous is not None and self.previous.shape == w.shape:

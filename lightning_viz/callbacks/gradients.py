@@ -60,7 +60,7 @@ class GradientMapCallback(MapCallback):
 
     def cache(self, pl_module: LightningModule) -> PassCache:
         """The model's shared :class:`PassCache`, or this callback's own one (``share_pass=False``)."""
-        return pass_cache(pl_module) if self.share_pass else self._own_cache
+        return pass_cache(self.adapted(pl_module)) if self.share_pass else self._own_cache
 
     def check(self, pl_module: LightningModule) -> None:
         cache = self.cache(pl_module)
@@ -96,8 +96,8 @@ class GradientMapCallback(MapCallback):
     def get_pass(self, pl_module: LightningModule, probe: ProbeSet, x: Tensor, rule: Optional[str],
                  layers: list[str]) -> PassResult:
         """The pass of ``rule`` over (at least) ``layers`` on this probe set, computed once per model state."""
-        return self.cache(pl_module).get(pl_module, x, probe.fingerprint(), self.target, probe.labels, layers, rule,
-                                         self.chunk_size)
+        return self.cache(pl_module).get(self.adapted(pl_module), x, probe.fingerprint(), self.target, probe.labels,
+                                         layers, rule, self.chunk_size)
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return super().state_key_parts() + (self.target.name,)
@@ -181,5 +181,6 @@ class GradientCallback(GradientMapCallback):
         return GRADIENT_METHODS[method](pl_module, x, self.target, probe.labels, self.chunk_size, **kwargs)
 
     def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
+        pl_module = self.adapted(pl_module)
         x = self.probe_images(pl_module, probe)
         return {f"{m}/input": reduce_channels(self.attribution(pl_module, probe, x, m), self.reduce) for m in self.methods}

@@ -111,12 +111,13 @@ class MapCallback(VisualizationCallback):
         return diverging_cmap(self.cmap, self.signed)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
-        maps = self.compute_maps(pl_module, probe)
+        model = self.adapted(pl_module)  # logits_fn applied; layer names unchanged
+        maps = self.compute_maps(model, probe)
         out: dict[str, Any] = {MAP_PREFIX + k: v.detach().float().cpu() for k, v in maps.items()}
         if self.layout == "panel":
-            out.update(self.predict(pl_module, probe))
+            out.update(self.predict(model, probe))
         if self.tracker is not None:
-            out.update(self.tracker.compute(pl_module, probe, maps, callback=self))
+            out.update(self.tracker.compute(model, probe, maps, callback=self))
         return out
 
     def predict(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
@@ -127,30 +128,41 @@ class MapCallback(VisualizationCallback):
         maps = {k[len(MAP_PREFIX):]: v for k, v in results.items() if k.startswith(MAP_PREFIX)}
         images = probe.display_images()
         if self.layout == "panel":
+            shown, oks = {}, {}
             for key, m in maps.items():
-                self.log_stats(logger, key, m)
-            self.log_panels(logger, maps, images, probe, results, self.get_class_names(trainer))
+                oks[key], shown[key] = self.finite(key, m)
+                self.log_stats(logger, key, shown[key], oks[key])
+            self.log_panels(logger, shown, images, probe, results, self.get_class_names(trainer), oks)
         else:
             for key, m in maps.items():
                 self.log_map(logger, key, m, images, probe)
         if self.tracker is not None:
             self.tracker.log(logger, maps, results, probe, trainer, callback=self)
 
-    def log_stats(self, logger: VizLogger, key: str, maps: Tensor) -> None:
-        """``viz-<family>/<key>/stats/{mean_abs,max_abs,std}`` of the raw maps."""
-        flat = maps.flatten(1)
+    def finite(self, key: str, maps: Tensor) -> tuple[Tensor, Tensor]:
+        """``(ok, maps)``: which probes' maps are all finite (a warning otherwise), and the maps with the others
+        zeroed (left out of the statistics and the fixed scale, zero in panels and grids, not logged per probe)."""
+        ok = self.warn_non_finite(f"the {key} maps", maps)
+        return ok, torch.where(ok.view(-1, *[1] * (maps.ndim - 1)), maps, torch.zeros_like(maps))
+
+    def log_stats(self, logger: VizLogger, key: str, maps: Tensor, ok: Tensor | None = None) -> None:
+        """``viz-<family>/<key>/stats/{mean_abs,max_abs,std}`` of the raw maps (of the ``ok`` probes)."""
+        ok = torch.ones(maps.shape[0], dtype=torch.bool) if ok is None else ok
+        flat = maps[ok].flatten(1) if bool(ok.any()) else maps.new_zeros(1, 1)
         logger.scalar(make_tag(self.method, key, "stats", "mean_abs"), flat.abs().mean())
         logger.scalar(make_tag(self.method, key, "stats", "max_abs"), flat.abs().max())
         logger.scalar(make_tag(self.method, key, "stats", "std"), flat.std() if flat.numel() > 1 else 0.0)
 
-    def variants(self, key: str, maps: Tensor) -> list[tuple[str, Tensor, tuple[float, float] | None]]:
-        """``(suffix, maps in [0, 1], fixed (vmin, vmax) or None)`` for each asked normalization."""
+    def variants(self, key: str, maps: Tensor, ok: Tensor | None = None) -> list[tuple[str, Tensor,
+                                                                                     tuple[float, float] | None]]:
+        """``(suffix, maps in [0, 1], fixed (vmin, vmax) or None)`` for each asked normalization (the fixed scale
+        is set from the ``ok`` probes only)."""
         out: list[tuple[str, Tensor, tuple[float, float] | None]] = []
         if self.normalize in ("per_image", "both"):
             out.append(("", normalize_maps(maps, "per_image", signed=self.signed), None))
         if self.normalize in ("fixed", "both"):
             scale = self.scales.setdefault(key, FixedScale(signed=self.signed))
-            vmin, vmax = scale.update(maps)
+            vmin, vmax = scale.update(maps if ok is None else maps[ok])
             out.append(("fixed" if self.normalize == "both" else "", normalize_maps(maps, "fixed", vmin, vmax),
                         (vmin, vmax)))
         return out
@@ -161,9 +173,10 @@ class MapCallback(VisualizationCallback):
 
     def log_map(self, logger: VizLogger, key: str, maps: Tensor, images01: Tensor, probe: ProbeSet) -> None:
         """Overlays (``layout="per_probe"`` or ``"grid"``) and statistics for one ``[N, H, W]`` raw map tensor."""
-        self.log_stats(logger, key, maps)
+        ok, maps = self.finite(key, maps)
+        self.log_stats(logger, key, maps, ok)
         big = self.display(images01)
-        for suffix, m01, rng in self.variants(key, maps):
+        for suffix, m01, rng in self.variants(key, maps, ok):
             over = overlay(big, resize_maps(m01, big.shape[-2:]), self.alpha, self.heat_cmap)
             if self.layout == "grid":
                 grid = image_grid(over)
@@ -172,12 +185,14 @@ class MapCallback(VisualizationCallback):
                 logger.image(make_tag(self.method, key, suffix or None, "grid"), grid)
             else:
                 bar = None if rng is None else colorbar(int(big.shape[-1]), rng[0], rng[1], self.heat_cmap)
-                for pid, img in zip(probe.ids, over):
-                    logger.image(make_tag(self.method, key, pid, suffix or None),
-                                 img if bar is None else torch.cat([img, bar], dim=1))
+                for pid, img, finite in zip(probe.ids, over, ok.tolist()):
+                    if finite:
+                        logger.image(make_tag(self.method, key, pid, suffix or None),
+                                     img if bar is None else torch.cat([img, bar], dim=1))
 
     def log_panels(self, logger: VizLogger, maps: dict[str, Tensor], images01: Tensor, probe: ProbeSet,
-                   results: dict[str, Any], class_names: list[str] | None) -> None:
+                   results: dict[str, Any], class_names: list[str] | None,
+                   oks: dict[str, Tensor] | None = None) -> None:
         """One ``viz-<family>/panel/<probe-id>`` image per probe: image | one overlay per key, a second row on
         the fixed scale (with colorbars) when ``normalize="both"``, captions with class names."""
         big = self.display(images01)
@@ -187,7 +202,7 @@ class MapCallback(VisualizationCallback):
         rows: list[list[Tensor]] = []  # per variant: [N, 3, h, w] overlays per key
         bars: list[list[list[Tensor | None]]] = []  # per variant, per key: a colorbar per probe (or None)
         for key in keys:
-            for v, (_, m01, rng) in enumerate(self.variants(key, maps[key])):
+            for v, (_, m01, rng) in enumerate(self.variants(key, maps[key], (oks or {}).get(key))):
                 if len(rows) <= v:
                     rows.append([])
                     bars.append([])

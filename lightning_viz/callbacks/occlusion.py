@@ -7,6 +7,7 @@ from typing import Any, Literal, Union
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from ..layers import module_device, module_dtype
 from ..methods.occlusion import FILLS, occlusion, positions_per_forward, spread_to_pixels
 from ..probe import ProbeSet
 from ..targets import resolve_target
@@ -66,13 +67,15 @@ class OcclusionCallback(MapCallback):
         return super().state_key_parts() + (self.window, self.stride, self.fill, str(self.target))
 
     def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
-        x = probe.to(pl_module.device, pl_module.dtype)
+        pl_module = self.adapted(pl_module)
+        device = module_device(pl_module)
+        x = probe.to(device, module_dtype(pl_module))
         size = x.shape[-2:]
         if self.window > min(size):
             raise ValueError(f"occlusion window={self.window} is larger than the {size[0]}x{size[1]} probe images; "
                              f"use window <= {min(size)}")
         chunk = positions_per_forward(pl_module, x, self.memory_mb)
-        labels = None if probe.labels is None else probe.labels.to(pl_module.device)
+        labels = None if probe.labels is None else probe.labels.to(device)
         drops = occlusion(pl_module, x, self.target, labels, window=self.window, stride=self.stride, fill=self.fill,
                           mean=probe.mean, std=probe.std, chunk_size=chunk)
         return {f"occlusion/{o}": spread_to_pixels(drops[o], size, self.window, self.stride)

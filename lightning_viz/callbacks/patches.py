@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from ..capture import capture, isolated
-from ..layers import get_layer, resolve_layers
+from ..layers import get_layer, module_device, module_dtype, resolve_layers
 from ..logging import VizLogger, make_tag
 from ..methods.patches import TopK, merge_topk, scan_topk
 from ..methods.receptive_field import crop_boxes, receptive_field
@@ -49,6 +49,7 @@ class TopPatchesCallback(VisualizationCallback):
     """
 
     method = "top_patches"
+    model_use = "forward"
 
     def __init__(
         self,
@@ -107,7 +108,8 @@ class TopPatchesCallback(VisualizationCallback):
             return {name: list(range(min(self.num_units, cap[name].shape[1]))) for name in self.layers}
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
-        x = probe.to(pl_module.device, pl_module.dtype)
+        pl_module = self.adapted(pl_module)
+        x = probe.to(module_device(pl_module), module_dtype(pl_module))
         units = self._units(pl_module, x[:1])
         out: dict[str, Any] = {}
         for name in self.layers:
@@ -120,7 +122,8 @@ class TopPatchesCallback(VisualizationCallback):
         """Receptive-field boxes ``[h, w, 4]`` of ``layer`` (cached: a property of the architecture)."""
         key = (layer, tuple(input_shape), self.receptive_field)
         if key not in self._boxes:
-            with isolated(pl_module) as model:
+            model = self.adapted(pl_module)
+            with isolated(model):
                 self._boxes[key] = receptive_field(model, layer, input_shape, self.receptive_field).cpu()
         return self._boxes[key]
 
@@ -130,6 +133,7 @@ class TopPatchesCallback(VisualizationCallback):
         for name in self.layers:
             units = results["units:" + name][0].tolist()
             top: TopK = merge_topk([TopK.from_rows(results[name])], self.k)
+            self.warn_non_finite(f"the {name} top activations", top.values, rows="units")
             boxes = self.boxes(trainer.lightning_module, name, tuple(probe.images.shape[1:]))
             rows, under = [], []
             for u, c in enumerate(units):

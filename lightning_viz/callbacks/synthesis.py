@@ -175,6 +175,7 @@ class ClassModelCallback(_InputOptimizationCallback):
         return (*super().state_key_parts(), tuple(self.classes or ()), self.l2)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        pl_module = self.adapted(pl_module)
         shape = self.image_shape(probe)
         classes = self.classes
         if classes is None:
@@ -188,6 +189,7 @@ class ClassModelCallback(_InputOptimizationCallback):
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         mean, std = (probe.mean, probe.std) if probe is not None else (None, None)
+        self.warn_non_finite("the class-model images", results["images"], rows="classes")
         names = self.get_class_names(trainer)
         labels = [class_name(c, names) for c in results["classes"].tolist()]
         tiles = self.show(_display(results["images"], mean, std))
@@ -242,12 +244,14 @@ class UnitCallback(_InputOptimizationCallback):
             raise ValueError(f"UnitCallback: layer {self.layer!r} has {n} channels (0..{n - 1}); got channels {self.channels}")
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        pl_module = self.adapted(pl_module)
         res = unit_images(pl_module, self.layer, self.channels, self.image_shape(probe), unit=self.unit,
                           **self.optimize_kwargs(pl_module, probe))
         return {"images": res.images.cpu(), "scores": res.scores.cpu()}
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         mean, std = (probe.mean, probe.std) if probe is not None else (None, None)
+        self.warn_non_finite(f"the {self.layer} unit images", results["images"], rows="channels")
         logger.image(make_tag(self.method, self.layer, "grid"),
                      labeled_grid(self.show(_display(results["images"], mean, std)),
                                   [f"ch {c}" for c in self.channels]))
@@ -291,6 +295,7 @@ class InversionCallback(_InputOptimizationCallback):
         get_layer(pl_module, self.layer)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        pl_module = self.adapted(pl_module)
         kw = self.optimize_kwargs(pl_module, probe)
         x = probe.to(module_device(pl_module), module_dtype(pl_module))
         if self.init == "noise":  # per-probe noise: the same reconstruction whatever the split over ranks
@@ -300,6 +305,7 @@ class InversionCallback(_InputOptimizationCallback):
         return {"images": res.images.cpu(), "error": (-res.scores).clamp_min(0).sqrt().cpu()}
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        self.warn_non_finite(f"the {self.layer} reconstructions", results["images"], rows="probes")
         originals = self.show(probe.display_images())
         recons = self.show(_display(results["images"], probe.mean, probe.std))
         if self.layout == "grid":
@@ -395,6 +401,7 @@ class AdversarialCallback(VisualizationCallback):
         return (*super().state_key_parts(), self.epsilon, self.attack, self.mode)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        pl_module = self.adapted(pl_module)
         n = len(probe)
         step = self.chunk_size or n
         parts = [self.attack_probes(pl_module, probe.subset(slice(i, i + step))) for i in range(0, n, step)]
@@ -426,6 +433,7 @@ class AdversarialCallback(VisualizationCallback):
         return out
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        self.warn_non_finite("the adversarial images", results["adv"], rows="probes")
         delta = results["adv"] - probe.images.float()
         flat = delta.flatten(1)
         amplified = (0.5 + delta / (2 * self.epsilon)).clamp(0, 1)  # the full budget [-eps, eps] spans [0, 1]

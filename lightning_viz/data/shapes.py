@@ -94,7 +94,7 @@ class ShapesDataset(Dataset):
         return torch.Generator().manual_seed(self.seed * _SEED_STRIDE + index)
 
     def raw(self, index: int) -> tuple[Tensor, int, Tensor]:
-        """``(image[3, H, W] in [0, 1], label, mask[H, W])`` before normalization."""
+        """``(image[3, H, W] in [0, 1], label, mask[H, W])`` before normalization; pixels are multiples of 1/255."""
         if not 0 <= index < self.num:
             raise IndexError(f"index {index} out of range for {self.num} shapes")
         g = self.generator(index)
@@ -113,7 +113,8 @@ class ShapesDataset(Dataset):
         color[int(torch.randint(3, (1,), generator=g))] = float(u(0.8, 1.0))
         canvas = background.view(3, 1, 1) + (color - background).view(3, 1, 1) * mask
         canvas = canvas + self.noise * torch.randn(3, s, s, generator=g)
-        return canvas.clamp(0, 1), label, mask
+        # 8-bit pixels, like decoded image files: normalized images keep exactly what an 8-bit file would give.
+        return (canvas.clamp(0, 1) * 255).round() / 255, label, mask
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, Tensor]:
         if index < 0:
@@ -122,7 +123,7 @@ class ShapesDataset(Dataset):
         if self.normalize:
             mean = torch.tensor(self.mean).view(3, 1, 1)
             std = torch.tensor(self.std).view(3, 1, 1)
-            img = (img - mean) / std
+            img = (img - mean) / std  # float32, in ToTensor + Normalize order (the probe bank stores it as uint8)
         return img, label, mask
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "layercam_weights",
     "counterfactual_weights",
     "cam_head",
+    "verify_cam_head",
     "cam_from_pass",
     "scorecam_weights",
     "scorecam_from_pass",
@@ -135,6 +136,45 @@ def cam_head(model: nn.Module, channels: int, layer: str = "?") -> nn.Linear:
             "over that layer. Choose the layer that feeds global average pooling, or use 'gradcam'."
         )
     return head
+
+
+def verify_cam_head(activations: Tensor, logits: Tensor, head: nn.Linear, layer: str = "?") -> bool:
+    """Check numerically that ``layer`` feeds a GAP + linear head (Zhou et al. 2016, Eq. 2): for every class ``c``,
+    ``mean_ij sum_k W[c, k] A_kij + b_c`` (the spatial mean of the pre-ReLU class map plus the bias) must equal
+    logit ``c``. Else CAM's weights do not belong to that layer (a block before the last, a conv before its
+    BatchNorm / residual add): clear error. Returns ``True`` when the head reads ``ReLU(A)`` instead of ``A``
+    (a functional ``F.relu`` between the layer and the pooling): CAM must then use ``ReLU(A)``."""
+    if activations.ndim != 4:
+        raise LayerNotFoundError(f"CAM needs a layer with [B, K, h, w] output; {layer!r} gives "
+                                 f"{tuple(activations.shape)}")
+    w = head.weight.detach().double().to(activations.device)
+    if activations.shape[1] != w.shape[1]:
+        raise LayerNotFoundError(
+            f"CAM needs the last linear layer to read the globally average-pooled channels of layer {layer!r} "
+            f"({activations.shape[1]} channels), but it has in_features={w.shape[1]}: the model has no GAP+linear head "
+            "over that layer. Choose the layer that feeds global average pooling, or use 'gradcam'."
+        )
+    a = activations.detach().double()
+    ref = logits.detach().double().to(a.device)
+    tol = 1e-3 if logits.dtype in (torch.float32, torch.float64) else 3e-2
+    errs = []
+    for rectified in (False, True):
+        pred = (a.relu() if rectified else a).mean(dim=(2, 3)) @ w.T
+        if head.bias is not None:
+            pred = pred + head.bias.detach().double().to(pred.device)
+        if not (torch.isfinite(pred).all() and torch.isfinite(ref).all()):
+            return False  # a non-finite model: nothing to tell from it
+        errs.append(float((pred - ref).abs().max()) if ref.shape == pred.shape else float("inf"))
+        if errs[-1] <= tol * (1.0 + float(ref.abs().max())):
+            return rectified
+    err = min(errs)
+    raise LayerNotFoundError(
+        f"CAM needs layer {layer!r} to feed global average pooling and the last nn.Linear directly, but it does "
+        f"not: the spatial mean of its class maps plus the bias differs from the logits by up to {err:.3g} "
+        "(other layers lie between them: a block before the last one, or a conv before its BatchNorm, residual "
+        "add or ReLU). Choose the last block before the pooling (e.g. 'layer4' of a ResNet; the default layer), "
+        "or use 'gradcam'."
+    )
 
 
 @torch.no_grad()
