@@ -6,10 +6,14 @@ with captions, scalars, embeddings as a ``wandb.Table``), any other Lightning lo
 its ``log_metrics``, e.g. ``CSVLogger``'s ``metrics.csv``) and a plain image folder (``epoch_NNNN/<tag>.png``
 plus ``scalars.csv``), used when no attached logger can store images (``CSVLogger`` alone, ``logger=False``).
 
-Tag scheme: ``viz/<method>/<layer>/<probe-id>`` for per-probe images, ``viz/<method>/<layer>/<stat>``
-for scalars, ``viz/<method>/time_s`` for the time a callback took. The step is always the epoch:
-TensorBoard, MLflow and ``CSVLogger`` take it as the step of each value; W&B gets ``epoch`` as the
-x-axis of every visualization key (``define_metric``), because its own step must only grow.
+Tag scheme: the first segment is ``viz-<family>``, the callback's ``method`` (``viz-cam``, ``viz-gradients``,
+``viz-embeddings``, ...), so TensorBoard shows each callback family as its own collapsible group, apart from
+the user's own metrics. The rest names what is shown: ``viz-cam/panel/<probe-id>`` (per-probe panel),
+``viz-cam/<method>/<layer>/<probe-id>`` and ``.../stats/<stat>`` (per map key), ``viz-cam/time_s`` (seconds
+the callback took). A callback's ``name`` goes right after the family: ``viz-cam/<name>/panel/p000``.
+The step is always the epoch: TensorBoard, MLflow and ``CSVLogger`` take it as the step of each value;
+W&B gets ``epoch`` as the x-axis of every visualization key (``define_metric``), because its own step must
+only grow.
 
 TensorBoard serves only 10 images per tag by default (a random sample of the epochs); start it with
 :func:`tensorboard_command` (``--samples_per_plugin images=1000``) to see every epoch. Note that
@@ -32,10 +36,10 @@ from torch import Tensor
 
 from .render import to_uint8_hwc
 
-__all__ = ["find_tensorboard", "make_tag", "tensorboard_command", "TENSORBOARD_SAMPLES_FLAG", "VizLogger",
-           "NothingWrittenWarning", "Backend", "TensorBoardBackend", "MLflowBackend", "WandbBackend", "MetricsBackend",
-           "FolderBackend", "logger_name", "sink_names", "check_sinks", "describe_sinks", "image_folder",
-           "image_relpath", "FOLDER"]
+__all__ = ["find_tensorboard", "make_tag", "namespaced", "TAG_PREFIX", "tensorboard_command",
+           "TENSORBOARD_SAMPLES_FLAG", "VizLogger", "NothingWrittenWarning", "Backend", "TensorBoardBackend",
+           "MLflowBackend", "WandbBackend", "MetricsBackend", "FolderBackend", "logger_name", "sink_names",
+           "check_sinks", "describe_sinks", "image_folder", "image_relpath", "FOLDER"]
 
 #: Keep up to 1000 images per tag (one per epoch) instead of TensorBoard's default sample of 10.
 TENSORBOARD_SAMPLES_FLAG = "--samples_per_plugin images=1000"
@@ -153,7 +157,7 @@ def _safe_part(part: str) -> str:
 
 
 def image_relpath(tag: str, step: int, ext: str = ".png") -> str:
-    """``epoch_0003/viz/gradcam/layer4/p000.png``: where a tag's file lands in the folder and in MLflow."""
+    """``epoch_0003/viz-cam/gradcam/layer4/p000.png``: where a tag's file lands in the folder and in MLflow."""
     return "/".join([f"epoch_{int(step):04d}"] + [_safe_part(p) for p in tag.split("/")]) + ext
 
 
@@ -416,9 +420,24 @@ def _clean(part: Any) -> str:
     return s or "_"
 
 
-def make_tag(*parts: Any) -> str:
-    """``make_tag("gradcam", "layer4", "p003")`` -> ``"viz/gradcam/layer4/p003"`` (empty parts skipped)."""
-    return "/".join(["viz"] + [_clean(p) for p in parts if p is not None and str(p) != ""])
+#: First characters of every lightning-viz tag: ``viz-<family>/...``.
+TAG_PREFIX = "viz-"
+
+
+def make_tag(family: str, *parts: Any) -> str:
+    """``make_tag("cam", "gradcam", "layer4", "p003")`` -> ``"viz-cam/gradcam/layer4/p003"``: the first
+    segment ``viz-<family>`` is TensorBoard's group (``family`` = the callback's ``method``); empty parts skipped.
+    A part may hold several segments (``"gradcam/layer4"``)."""
+    return "/".join([TAG_PREFIX + _clean(family)] + [_clean(p) for p in parts if p is not None and str(p) != ""])
+
+
+def namespaced(tag: str, namespace: str | None) -> str:
+    """Insert ``namespace`` after the family segment: ``viz-cam/panel/p000`` -> ``viz-cam/<namespace>/panel/p000``
+    (tags that are not lightning-viz tags are left alone)."""
+    if not namespace or not tag.startswith(TAG_PREFIX):
+        return tag
+    family, _, rest = tag.partition("/")
+    return "/".join(p for p in (family, _clean(namespace), rest) if p)
 
 
 class VizLogger:
@@ -445,10 +464,8 @@ class VizLogger:
         self.written: list[str] = []
 
     def _tag(self, tag: str) -> str:
-        """Insert the namespace after ``viz/`` (``viz/gradcam/...`` -> ``viz/<namespace>/gradcam/...``)."""
-        if self.namespace and tag.startswith("viz/"):
-            return make_tag(self.namespace, tag[len("viz/"):])
-        return tag
+        """Insert the namespace after the family (``viz-cam/...`` -> ``viz-cam/<namespace>/...``)."""
+        return namespaced(tag, self.namespace)
 
     @classmethod
     def from_trainer(cls, trainer: Any, step: int, namespace: str | None = None,

@@ -31,7 +31,29 @@ __all__ = [
     "filmstrip",
     "to_uint8_hwc",
     "label_strip",
+    "text_strip",
+    "upscale",
+    "colorbar",
+    "compose",
+    "labeled_grid",
+    "diverging_cmap",
+    "class_name",
+    "DIVERGING_CMAP",
 ]
+
+#: Colormap of signed maps (zero is white, the middle of the map).
+DIVERGING_CMAP = "RdBu_r"
+
+
+def diverging_cmap(cmap: str | None, signed: bool) -> str:
+    """The colormap to use: ``cmap`` when given, else ``"jet"`` (unsigned) or :data:`DIVERGING_CMAP` (signed)."""
+    return cmap if cmap else (DIVERGING_CMAP if signed else "jet")
+
+
+def class_name(index: int, names: Sequence[str] | None) -> str:
+    """``names[index]`` when known, else the index as text."""
+    index = int(index)
+    return str(names[index]) if names is not None and 0 <= index < len(names) else str(index)
 
 
 def normalize_maps(maps: Tensor, mode: str = "per_image", vmin: float | None = None, vmax: float | None = None, signed: bool = False) -> Tensor:
@@ -153,19 +175,142 @@ def filmstrip(frames01: Sequence[Tensor], max_frames: int = 12, padding: int = 2
     return image_grid(torch.stack(frames), nrow=len(frames), padding=padding)
 
 
-def label_strip(width: int, text: str, height: int = 12) -> Tensor:
-    """A small white strip with black text (for captions under grids); ``[3, height, width]``."""
-    import numpy as np
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def label_strip(width: int, text: str, height: int = 14) -> Tensor:
+    """A small white strip with black text, left-aligned (captions under grids); ``[3, height, width]``."""
+    return text_strip(width, [text], height, align="left")
 
-    dpi = 100
-    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    canvas = FigureCanvasAgg(fig)
-    fig.text(0.01, 0.5, text, fontsize=max(6, height * 0.6), va="center", ha="left")
-    canvas.draw()
-    arr = np.asarray(canvas.buffer_rgba())[..., :3].copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
+
+@lru_cache(maxsize=8)
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1 with FreeType)
+    except TypeError:  # older Pillow: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw: object, text: str, font: object, width: float) -> str:
+    """``text`` cut (with an ellipsis) so that it fits in ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:  # type: ignore[attr-defined]
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:  # type: ignore[attr-defined]
+        text = text[:-1]
+    return text + "..." if text else ""
+
+
+def text_strip(width: int, texts: Sequence[str], height: int = 14, align: str = "center",
+               cell: int | None = None, pad: int = 0) -> Tensor:
+    """A white ``[3, height, width]`` strip with black text: one text per cell of ``cell`` pixels
+    (default: equal cells over the width) separated by ``pad`` pixels, centered (or ``align="left"``)."""
+    return _text_strip(int(width), tuple(str(t) for t in texts), int(height), align, cell, pad).clone()
+
+
+@lru_cache(maxsize=4096)
+def _text_strip(width: int, texts: tuple[str, ...], height: int, align: str, cell: int | None, pad: int) -> Tensor:
+    """:func:`text_strip`, cached: the same labels (method names, epochs) come back every probe and epoch."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (max(1, int(width)), max(1, int(height))), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = _font(max(6, int(round(height * 0.78))))
+    n = max(1, len(texts))
+    cw = cell if cell is not None else (width - pad * (n - 1)) / n
+    for i, t in enumerate(texts):
+        x0 = i * (cw + pad)
+        t = _fit(draw, str(t), font, cw - 2)
+        x = x0 + 2 if align == "left" else x0 + (cw - draw.textlength(t, font=font)) / 2
+        try:
+            draw.text((x, height / 2), t, fill=(0, 0, 0), font=font, anchor="lm")
+        except ValueError:  # a bitmap font (old Pillow without FreeType) has no anchors
+            draw.text((x, 1), t, fill=(0, 0, 0), font=font)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def upscale(images: Tensor, min_px: int, mode: str = "nearest") -> Tensor:
+    """``[B, C, H, W]`` upscaled by the smallest integer factor that makes the shorter side ``>= min_px``
+    (nearest: pixels stay crisp); images already that large are returned as they are."""
+    h, w = images.shape[-2:]
+    factor = -(-int(min_px) // max(1, min(h, w)))
+    if factor <= 1:
+        return images
+    kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(images.float(), scale_factor=factor, mode=mode, **kw)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if v == 0 or 1e-2 <= abs(v) < 1e4 else f"{v:.1e}"
+
+
+def colorbar(width: int, vmin: float, vmax: float, cmap: str = "jet", height: int = 24) -> Tensor:
+    """A horizontal colorbar ``[3, height, width]``: the colormap from ``vmin`` to ``vmax`` with both values
+    written underneath, and ``0`` marked (a black tick and label) when the range spans zero."""
+    bar_h = max(3, height // 3)
+    bar = colormap(torch.linspace(0, 1, width).view(1, 1, -1).expand(1, bar_h, width), cmap)[0]
+    ticks = torch.ones(3, 2, width)
+    zero = None
+    if vmin < 0 < vmax:  # a black line through the bar and a tick under it at zero
+        zero = int(round(-vmin / (vmax - vmin) * (width - 1)))
+        bar[:, :, zero] = 0.0
+        ticks[:, :, zero] = 0.0
+    label_h = height - bar_h - 2
+    labels = text_strip(width, [_fmt(vmin)], label_h, align="left")
+    right = text_strip(width // 2, [_fmt(vmax)], label_h, align="left")
+    ink = (right.min(dim=0).values < 0.5).any(dim=0).nonzero()
+    if len(ink):  # right-align the vmax label: keep only the width of its text
+        right = right[:, :, : int(ink.max()) + 3]
+    rw = int(right.shape[-1])
+    labels[:, :, width - rw:] = torch.minimum(labels[:, :, width - rw:], right)
+    if zero is not None and 0.2 * width < zero < 0.8 * width:
+        z = text_strip(16, ["0"], label_h)
+        x0 = max(0, min(width - 16, zero - 8))
+        labels[:, :, x0:x0 + 16] = torch.minimum(labels[:, :, x0:x0 + 16], z)
+    return torch.cat([bar, ticks, labels], dim=1)
+
+
+def compose(rows: Sequence[Sequence[Tensor | None]], col_labels: Sequence[str] | None = None,
+            caption: str | None = None, under: Sequence[Sequence[Tensor | None]] | None = None,
+            pad: int = 2, label_px: int = 14) -> Tensor:
+    """Tiles ``[3, h, w]`` (``None``: blank) in rows -> one ``[3, H, W]`` image on white: a ``caption``
+    strip on top, ``col_labels`` over the columns, and for each row an optional strip per column
+    under it (``under[r][c]``, e.g. a colorbar). Every tile of a column has the width of the first."""
+    ncol = max(len(r) for r in rows)
+    widths = [0] * ncol
+    for r in rows:
+        for c, t in enumerate(r):
+            if t is not None:
+                widths[c] = max(widths[c], int(t.shape[-1]))
+    widths = [w or 1 for w in widths]
+    total_w = sum(widths) + pad * (ncol + 1)
+    parts: list[Tensor] = []
+    white = lambda h: torch.ones(3, h, total_w)  # noqa: E731
+
+    def band(tiles: Sequence[Tensor | None]) -> Tensor:
+        h = max([int(t.shape[-2]) for t in tiles if t is not None] or [1])
+        out = white(h)
+        x = pad
+        for c in range(ncol):
+            t = tiles[c] if c < len(tiles) else None
+            if t is not None:
+                t = to_rgb(t.float().unsqueeze(0))[0]
+                out[:, : t.shape[-2], x: x + min(t.shape[-1], widths[c])] = t[:, :, : widths[c]]
+            x += widths[c] + pad
+        return out
+
+    if caption:
+        parts.append(text_strip(total_w, [caption], label_px + 2, align="left"))
+    if col_labels:
+        parts.append(band([text_strip(widths[c], [col_labels[c]], label_px) if c < len(col_labels) else None
+                           for c in range(ncol)]))
+    for r, tiles in enumerate(rows):
+        parts.append(white(pad))
+        parts.append(band(tiles))
+        if under is not None and r < len(under) and any(u is not None for u in under[r]):
+            parts.append(white(1))
+            parts.append(band(under[r]))
+    parts.append(white(pad))
+    return torch.cat(parts, dim=1).clamp(0, 1)
 
 
 def to_uint8_hwc(image01: Tensor):
@@ -175,3 +320,16 @@ def to_uint8_hwc(image01: Tensor):
         img = img.unsqueeze(0)
     img = to_rgb(img.unsqueeze(0))[0]
     return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def labeled_grid(tiles: Tensor, labels: Sequence[str], nrow: int | None = None, caption: str | None = None,
+                 label_px: int = 13) -> Tensor:
+    """``[B, C, h, w]`` tiles in rows of ``nrow`` (default ~square), each with its label underneath, and an
+    optional caption on top -> one ``[3, H, W]`` image."""
+    b = tiles.shape[0]
+    if nrow is None:
+        nrow = max(1, int(round(b ** 0.5 + 0.499)))
+    w = int(tiles.shape[-1])
+    rows = [list(tiles[i:i + nrow]) for i in range(0, b, nrow)]
+    under = [[text_strip(w, [labels[j]], label_px) for j in range(i, min(i + nrow, b))] for i in range(0, b, nrow)]
+    return compose(rows, None, caption, under=under)

@@ -1,15 +1,17 @@
 """MapTracker: how a callback's heatmaps evolve over training, attached to any ``MapCallback(tracker=...)``.
 
-Per scheduled epoch and per map key (``"<method>/<layer>"``) it logs:
+Per scheduled epoch and per map key (``"<method>/<layer>"``) it logs, in the callback's group
+``viz-<family>`` (``<family>`` = the callback's ``method``, e.g. ``cam``):
 
-* filmstrips ``viz/<key>/filmstrip/<probe-id>``: the probe's overlay at every epoch so far, side by side
-  (downsampled frames; at most ``max_frames``, always the first and the latest);
-* drift ``viz/<key>/drift/{rank_corr,topk_iou}``: Spearman correlation and top-k% IoU with the maps
-  of the previous run, and ``viz/<method>/drift/prediction_flips`` (share of probes whose predicted
-  class changed) plus ``viz/<method>/probe_accuracy``;
-* faithfulness ``viz/<key>/faithfulness/{deletion_auc,insertion_auc}`` (Petsiuk et al. 2018);
-* localization ``viz/<key>/localization/{pointing_game,energy_in_mask}`` on probes with masks;
-* sanity ``viz/<key>/sanity/rank_corr``: similarity of the maps to those of a randomly re-initialized
+* filmstrips ``viz-<family>/filmstrip/<probe-id>``: one image per probe, one row per map key, the probe's
+  overlay at every epoch so far side by side with the epoch under each frame (downsampled frames; at
+  most ``max_frames``, always the first and the latest);
+* drift ``viz-<family>/<key>/drift/{rank_corr,topk_iou}``: Spearman correlation and top-k% IoU with the maps
+  of the previous run, and ``viz-<family>/drift/prediction_flips`` (share of probes whose predicted
+  class changed) plus ``viz-<family>/probe_accuracy``;
+* faithfulness ``viz-<family>/<key>/faithfulness/{deletion_auc,insertion_auc}`` (Petsiuk et al. 2018);
+* localization ``viz-<family>/<key>/localization/{pointing_game,energy_in_mask}`` on probes with masks;
+* sanity ``viz-<family>/<key>/sanity/rank_corr``: similarity of the maps to those of a randomly re-initialized
   copy of the model (Adebayo et al. 2018, model parameter randomization; high = the map ignores the model);
 * once, a TensorBoard custom-scalars layout grouping all of these charts.
 
@@ -31,8 +33,7 @@ from .layers import module_device, module_dtype
 from .logging import VizLogger, make_tag
 from .methods.metrics import deletion_auc, energy_in_mask, insertion_auc, pointing_game, rank_correlation, topk_iou
 from .probe import ProbeSet
-from .render import filmstrip as render_filmstrip
-from .render import normalize_maps, overlay, resize_maps
+from .render import class_name, compose, diverging_cmap, normalize_maps, overlay, resize_maps, text_strip, upscale
 from .targets import resolve_target
 
 __all__ = ["MapTracker", "randomized_copy", "TRACKING_LAYOUT"]
@@ -42,21 +43,21 @@ PREFIX = "track:"
 #: Custom-scalars layout (regexes over tags, so one layout serves every callback and layer).
 TRACKING_LAYOUT: dict[str, dict[str, list]] = {
     "lightning-viz drift": {
-        "map rank correlation with previous epoch": ["Multiline", [r"viz/.*/drift/rank_corr"]],
-        "map top-k IoU with previous epoch": ["Multiline", [r"viz/.*/drift/topk_iou"]],
-        "prediction flips on probes": ["Multiline", [r"viz/.*/drift/prediction_flips"]],
-        "probe accuracy": ["Multiline", [r"viz/.*/probe_accuracy"]],
+        "map rank correlation with previous epoch": ["Multiline", [r"viz-.*/drift/rank_corr"]],
+        "map top-k IoU with previous epoch": ["Multiline", [r"viz-.*/drift/topk_iou"]],
+        "prediction flips on probes": ["Multiline", [r"viz-.*/drift/prediction_flips"]],
+        "probe accuracy": ["Multiline", [r"viz-.*/probe_accuracy"]],
     },
     "lightning-viz faithfulness": {
-        "deletion AUC (lower is better)": ["Multiline", [r"viz/.*/faithfulness/deletion_auc"]],
-        "insertion AUC (higher is better)": ["Multiline", [r"viz/.*/faithfulness/insertion_auc"]],
+        "deletion AUC (lower is better)": ["Multiline", [r"viz-.*/faithfulness/deletion_auc"]],
+        "insertion AUC (higher is better)": ["Multiline", [r"viz-.*/faithfulness/insertion_auc"]],
     },
     "lightning-viz localization": {
-        "pointing game": ["Multiline", [r"viz/.*/localization/pointing_game"]],
-        "energy in mask": ["Multiline", [r"viz/.*/localization/energy_in_mask"]],
+        "pointing game": ["Multiline", [r"viz-.*/localization/pointing_game"]],
+        "energy in mask": ["Multiline", [r"viz-.*/localization/energy_in_mask"]],
     },
     "lightning-viz sanity check": {
-        "rank correlation with randomized model (lower passes)": ["Multiline", [r"viz/.*/sanity/rank_corr"]],
+        "rank correlation with randomized model (lower passes)": ["Multiline", [r"viz-.*/sanity/rank_corr"]],
     },
 }
 
@@ -98,7 +99,7 @@ class MapTracker:
     """Track a ``MapCallback``'s maps over training (see module docstring).
 
     Args:
-        filmstrip: log a filmstrip per probe and map key.
+        filmstrip: log a filmstrip per probe: one row per map key, one frame per run with its epoch underneath.
         max_frames: most frames per filmstrip (its width stays bounded).
         frame_size: longest side of a stored frame, in pixels (frames are kept downsampled).
         drift: log drift scalars (map rank correlation, top-k IoU, prediction flips, probe accuracy).
@@ -167,6 +168,7 @@ class MapTracker:
         self.custom_scalars = custom_scalars
         # history (rank 0), saved in checkpoints
         self.frames: dict[str, dict[str, list[Tensor]]] = {}  # key -> probe id -> uint8 [3, h, w] per run
+        self.epochs: dict[str, list[int]] = {}  # key -> epoch of each stored frame
         self.prev_maps: dict[str, Tensor] = {}  # key -> [N, h, w] downsampled maps of the previous run
         self.prev_preds: Tensor | None = None
         self._layout_written = False
@@ -240,18 +242,16 @@ class MapTracker:
             self._layout_written = True
         method = getattr(callback, "method", None) or (next(iter(maps)).split("/")[0] if maps else "viz")
         if self.filmstrip and maps:
-            small = self._small(probe.display_images())
+            self._log_filmstrips(logger, maps, probe, trainer, callback, method)
         for key, m in maps.items():
-            if self.filmstrip:
-                self._log_filmstrip(logger, key, m, small, probe, callback)
             if self.drift:
                 cur = self._small(m.float().unsqueeze(1)).squeeze(1)
                 prev = self.prev_maps.get(key)
                 if prev is not None and prev.shape == cur.shape:
                     rc = _nanmean(rank_correlation(cur, prev))
                     if rc is not None:
-                        logger.scalar(make_tag(key, "drift", "rank_corr"), rc)
-                    logger.scalar(make_tag(key, "drift", "topk_iou"), topk_iou(cur, prev, self.topk).mean())
+                        logger.scalar(make_tag(method, key, "drift", "rank_corr"), rc)
+                    logger.scalar(make_tag(method, key, "drift", "topk_iou"), topk_iou(cur, prev, self.topk).mean())
                 self.prev_maps[key] = cur
             for name, group, stat in (("deletion", "faithfulness", "deletion_auc"), ("insertion", "faithfulness", "insertion_auc"),
                                       ("pointing", "localization", "pointing_game"), ("energy", "localization", "energy_in_mask"),
@@ -260,7 +260,7 @@ class MapTracker:
                 if v is not None:
                     mean = _nanmean(torch.as_tensor(v))
                     if mean is not None:
-                        logger.scalar(make_tag(key, group, stat), mean)
+                        logger.scalar(make_tag(method, key, group, stat), mean)
         preds = results.get(PREFIX + "pred")
         if preds is not None:
             if self.prev_preds is not None and self.prev_preds.shape == preds.shape:
@@ -278,26 +278,53 @@ class MapTracker:
         size = (max(1, math.floor(h * scale)), max(1, math.floor(w * scale)))
         return torch.nn.functional.interpolate(images.float(), size=size, mode="area")
 
-    def _log_filmstrip(self, logger: VizLogger, key: str, maps: Tensor, small01: Tensor, probe: ProbeSet, callback: Any) -> None:
+    def _log_filmstrips(self, logger: VizLogger, maps: dict[str, Tensor], probe: ProbeSet, trainer: Any,
+                        callback: Any, method: str) -> None:
+        """Store this run's downsampled overlays, then log one ``viz-<family>/filmstrip/<probe-id>`` per probe:
+        one row per map key, one column per run (at most ``max_frames``), the epoch under each frame."""
         signed = bool(getattr(callback, "signed", False))
-        m01 = normalize_maps(resize_maps(maps.float(), small01.shape[-2:]), "per_image", signed=signed)
-        frames = overlay(small01, m01, float(getattr(callback, "alpha", 0.5)), str(getattr(callback, "cmap", "jet")))
-        frames_u8 = (frames * 255).round().to(torch.uint8)
-        history = self.frames.setdefault(key, {})
-        for pid, frame in zip(probe.ids, frames_u8):
-            seq = history.setdefault(pid, [])
-            seq.append(frame)
-            logger.image(make_tag(key, "filmstrip", pid), render_filmstrip([f.float() / 255 for f in seq], self.max_frames))
+        cmap = diverging_cmap(getattr(callback, "cmap", None), signed)
+        small01 = self._small(probe.display_images())
+        epoch = int(getattr(logger, "step", 0))
+        for key, m in maps.items():
+            m01 = normalize_maps(resize_maps(m.float(), small01.shape[-2:]), "per_image", signed=signed)
+            frames = overlay(small01, m01, float(getattr(callback, "alpha", 0.5)), cmap)
+            history = self.frames.setdefault(key, {})
+            for pid, frame in zip(probe.ids, (frames * 255).round().to(torch.uint8)):
+                history.setdefault(pid, []).append(frame)
+            self.epochs.setdefault(key, []).append(epoch)
+        display_px = int(getattr(callback, "display_px", 128) or 0)
+        names = callback.get_class_names(trainer) if hasattr(callback, "get_class_names") else None
+        layers = {k.split("/", 1)[-1] for k in maps}
+        for i, pid in enumerate(probe.ids):
+            rows, under = [], []
+            for key in maps:
+                seq = self.frames[key][pid]
+                epochs = self.epochs.get(key, [])
+                epochs = epochs[-len(seq):] if len(epochs) >= len(seq) else list(range(len(seq)))
+                keep = list(range(len(seq)))
+                if len(seq) > self.max_frames:  # an even subsample, always the first and the latest frame
+                    keep = torch.linspace(0, len(seq) - 1, self.max_frames).round().long().tolist()
+                tiles = torch.stack([seq[j].float() / 255 for j in keep])
+                tiles = upscale(tiles, display_px) if display_px else tiles
+                w = int(tiles.shape[-1])
+                label = key.split("/", 1)[0] if len(layers) == 1 else key.replace("/", " ")
+                rows.append([text_strip(max(w, 96), [label], 14)] + list(tiles))
+                under.append([None] + [text_strip(w, [f"epoch {epochs[j]}"], 13) for j in keep])
+            caption = pid if probe.labels is None else f"{pid}  true: {class_name(probe.labels[i], names)}"
+            logger.image(make_tag(method, "filmstrip", pid), compose(rows, None, caption, under=under), caption=caption)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {
             "frames": {k: {pid: torch.stack(seq) for pid, seq in h.items()} for k, h in self.frames.items()},
+            "epochs": {k: list(v) for k, v in self.epochs.items()},
             "prev_maps": dict(self.prev_maps),
             "prev_preds": self.prev_preds,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.frames = {k: {pid: list(t.unbind(0)) for pid, t in h.items()} for k, h in (state.get("frames") or {}).items()}
+        self.epochs = {k: list(v) for k, v in (state.get("epochs") or {}).items()}
         self.prev_maps = dict(state.get("prev_maps") or {})
         self.prev_preds = state.get("prev_preds")

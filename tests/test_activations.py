@@ -78,18 +78,18 @@ def test_activation_callback_logs_grids_and_dead_fraction(tmp_path):
     acc = read_events(str(tmp_path))
     for layer in ("net.conv1", "net.conv2"):
         for pid in ("p000", "p001", "p002", "p003"):
-            imgs = acc.Images(f"viz/activations/{layer}/{pid}")
+            imgs = acc.Images(f"viz-activations/{layer}/{pid}")
             assert [e.step for e in imgs] == [0, 1]
             assert (imgs[0].width, imgs[0].height) == (2 * 9 + 1, 2 * 9 + 1)  # 3 tiles of 8 px, 2 per row
-    assert "viz/activations/net.fc/p000" not in acc.Tags()["images"]
+    assert "viz-activations/net.fc/p000" not in acc.Tags()["images"]
     # dead statistics at the last epoch, recomputed by hand from the final weights (eval mode)
     with torch.no_grad():
         net = model.net.eval()
         x = cb.probes.images
         pre = net.conv2(net.relu(net.bn1(net.conv1(x))))  # conv2's own output (before the functional relu)
-    dead = acc.Scalars("viz/activations/net.conv2/dead_fraction")[-1].value
+    dead = acc.Scalars("viz-activations/net.conv2/dead_fraction")[-1].value
     assert dead == pytest.approx(float((pre <= 0).float().mean()), abs=1e-6)
-    dead_ch = acc.Scalars("viz/activations/net.conv2/dead_channels")[-1].value
+    dead_ch = acc.Scalars("viz-activations/net.conv2/dead_channels")[-1].value
     assert dead_ch == pytest.approx(float((pre.amax(dim=(0, 2, 3)) <= 0).float().mean()), abs=1e-6)
 
 
@@ -147,8 +147,8 @@ def test_activation_callback_every_n_epochs(tmp_path):
     cb = ActivationCallback(layers=["net.relu"], num_probes=1, every_n_epochs=2, channels="top")
     tiny_trainer(str(tmp_path), [cb], max_epochs=3).fit(LitTiny(), *tiny_loaders(n=12))
     acc = read_events(str(tmp_path))
-    assert image_steps(acc, "viz/activations/net.relu/p000") == [1, 2]  # (epoch + 1) % 2 == 0, and the last epoch
-    assert "viz/activations/net.relu/p001" not in acc.Tags()["images"]
+    assert image_steps(acc, "viz-activations/net.relu/p000") == [1, 2]  # (epoch + 1) % 2 == 0, and the last epoch
+    assert "viz-activations/net.relu/p001" not in acc.Tags()["images"]
 
 
 @pytest.mark.parametrize("arch,first,last", [

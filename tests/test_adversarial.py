@@ -127,11 +127,11 @@ def test_adversarial_callback_logs_per_probe_and_robustness_scalars(tmp_path):
     tiny_trainer(str(tmp_path), [cb], max_epochs=2).fit(model, train, val)
     acc = read_events(str(tmp_path))
     for pid in ("p000", "p001", "p002"):
-        assert image_steps(acc, f"viz/adversarial/{pid}") == [0, 1]
+        assert image_steps(acc, f"viz-adversarial/{pid}") == [0, 1]
     for s in ("linf", "l2", "flip_rate", "min_flip_eps", "min_flip_unflipped"):
-        assert scalar_steps(acc, f"viz/adversarial/{s}") == [0, 1]
-    assert all(0 < e.value <= 0.5 + 1e-6 for e in acc.Scalars("viz/adversarial/linf"))
-    assert all(0 <= e.value <= 2.0 for e in acc.Scalars("viz/adversarial/min_flip_eps"))
+        assert scalar_steps(acc, f"viz-adversarial/{s}") == [0, 1]
+    assert all(0 < e.value <= 0.5 + 1e-6 for e in acc.Scalars("viz-adversarial/linf"))
+    assert all(0 <= e.value <= 2.0 for e in acc.Scalars("viz-adversarial/min_flip_eps"))
 
 
 def test_adversarial_callback_under_validate_and_valid_range(tmp_path):
@@ -146,9 +146,9 @@ def test_adversarial_callback_under_validate_and_valid_range(tmp_path):
     _, val = tiny_loaders(8)
     tiny_trainer(str(tmp_path), [cb]).validate(model, val)
     acc = read_events(str(tmp_path))
-    assert image_steps(acc, "viz/adversarial/p003") == [0]
+    assert image_steps(acc, "viz-adversarial/p003") == [0]
     lo, hi = valid_range(mean, std)
-    assert scalar_steps(acc, "viz/adversarial/flip_rate") == [0]
+    assert scalar_steps(acc, "viz-adversarial/flip_rate") == [0]
     with pytest.raises(ValueError, match="epsilon must be > 0"):
         AdversarialCallback(epsilon=0.0)
     assert lo.flatten().tolist() == [-2.0] * 3 and hi.flatten().tolist() == [2.0] * 3

@@ -41,10 +41,11 @@ def test_name_namespaces_tags_and_separates_two_instances(tmp_path):
     assert by_label.state_key != by_pred.state_key
     tiny_trainer(str(tmp_path), [by_label, by_pred], max_epochs=2).fit(LitTiny(), *tiny_loaders(n=12))
     acc = read_events(str(tmp_path))
-    assert image_steps(acc, "viz/saliency/input/p000") == [0, 1]
-    assert image_steps(acc, "viz/pred/saliency/input/p000") == [0, 1]
-    assert scalar_steps(acc, "viz/gradients/time_s") == [0, 1]
-    assert scalar_steps(acc, "viz/pred/gradients/time_s") == [0, 1]
+    assert image_steps(acc, "viz-gradients/panel/p000") == [0, 1]
+    assert image_steps(acc, "viz-gradients/pred/panel/p000") == [0, 1]
+    assert scalar_steps(acc, "viz-gradients/pred/saliency/input/stats/max_abs") == [0, 1]
+    assert scalar_steps(acc, "viz-gradients/time_s") == [0, 1]
+    assert scalar_steps(acc, "viz-gradients/pred/time_s") == [0, 1]
 
 
 @pytest.mark.parametrize("bad", ["", "a/b"])
@@ -60,7 +61,7 @@ def test_on_error_warn_keeps_training_and_earlier_logs(tmp_path):
         trainer.fit(LitTiny(), *tiny_loaders(n=12))
     assert trainer.current_epoch == 3  # training went on to the end
     acc = read_events(str(tmp_path))
-    assert image_steps(acc, "viz/failing/x/p000") == [0]
+    assert image_steps(acc, "viz-failing/panel/p000") == [0]
     assert scalar_steps(acc, "train_loss")  # training metrics kept flowing
 
 

@@ -288,9 +288,12 @@ def test_cam_callback_logs_layers_and_methods(tmp_path):
     acc = read_events(str(tmp_path))
     for m in ("gradcam", "gradcampp", "guided_gradcam", "scorecam", "hirescam", "eigencam", "ablationcam"):
         for layer in ("net.conv1", "net.conv2"):
-            assert image_steps(acc, f"viz/{m}/{layer}/p000") == [0, 1]
-            assert image_steps(acc, f"viz/{m}/{layer}/p001") == [0, 1]
-            assert scalar_steps(acc, f"viz/{m}/{layer}/stats/mean_abs") == [0, 1]
+            assert scalar_steps(acc, f"viz-cam/{m}/{layer}/stats/mean_abs") == [0, 1]
+    # one panel per probe: the image and the 7 methods x 2 layers, each tile 8 px upscaled to 128 px, padding 2
+    for pid in ("p000", "p001"):
+        assert image_steps(acc, f"viz-cam/panel/{pid}") == [0, 1]
+        assert acc.Images(f"viz-cam/panel/{pid}")[0].width == 15 * 128 + 16 * 2
+    assert not [t for t in acc.Tags()["images"] if not t.startswith("viz-cam/panel/")]
     # fixed scale across epochs: set at the first run, kept afterwards
     assert set(cb.scales) == {f"{m}/{layer}" for m in cb.methods for layer in ("net.conv1", "net.conv2")}
     assert len(cb.methods) == 7

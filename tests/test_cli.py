@@ -48,11 +48,11 @@ def test_demo_config_through_console_entry_point(tmp_path, monkeypatch):
             "--data.init_args.num_train=32", "--data.init_args.num_val=16", "--data.init_args.image_size=16"]
     assert main(args) is None  # the console script calls sys.exit(main()): anything else exits with status 1
     acc = read_events(logdir)
-    assert image_steps(acc, "viz/filters/net.conv1/grid") == [0, 1]
-    probe_tags = [t for t in acc.Tags()["images"] if t.startswith("viz/activations/net.relu3/")]
-    assert sorted(probe_tags) == [f"viz/activations/net.relu3/p00{i}" for i in range(4)]
-    assert image_steps(acc, "viz/activations/net.conv1/p000") == [0, 1]
-    assert scalar_steps(acc, "viz/filters/net.conv1/rel_change") == [1]
+    assert image_steps(acc, "viz-filters/net.conv1/grid") == [0, 1]
+    layer_tags = [t for t in acc.Tags()["images"] if t.startswith("viz-activations/")]
+    assert sorted(layer_tags) == ["viz-activations/net.conv1/grid", "viz-activations/net.relu3/grid"]  # layout: grid
+    assert image_steps(acc, "viz-activations/net.conv1/grid") == [0, 1]
+    assert scalar_steps(acc, "viz-filters/net.conv1/rel_change") == [1]
     assert scalar_steps(acc, "val_acc") and scalar_steps(acc, "train_loss")
     saved = [os.path.join(d, f) for d, _, fs in os.walk(logdir) for f in fs if f == "config.yaml"]
     assert saved, "LightningCLI should save the resolved config next to the events"
@@ -69,8 +69,8 @@ def test_digits_config_in_process(tmp_path, monkeypatch):
     assert isinstance(cli.datamodule, DigitsDataModule)
     assert cli.model.net.conv1.in_channels == 1 and cli.model.net.fc.out_features == 10
     acc = read_events(logdir)
-    assert image_steps(acc, "viz/filters/net.conv1/grid") == [0]
-    assert len([t for t in acc.Tags()["images"] if t.startswith("viz/activations/net.conv1/")]) == 10
+    assert image_steps(acc, "viz-filters/net.conv1/grid") == [0]
+    assert len([t for t in acc.Tags()["images"] if t.startswith("viz-activations/net.conv1/")]) == 10
 
 
 def test_cli_builds_other_arch_and_data_by_short_name():
@@ -138,7 +138,8 @@ def test_cli_trains_a_user_lightning_module_with_the_default_data(tmp_path, monk
     assert type(cli.model) is UserNet and cli.model.head.in_features == 5
     assert isinstance(cli.datamodule, ShapesDataModule)  # the default data module
     acc = read_events(logdir)
-    assert image_steps(acc, "viz/gradcam/features.0/p000") == [0]
+    assert image_steps(acc, "viz-cam/panel/p000") == [0]
+    assert scalar_steps(acc, "viz-cam/gradcam/features.0/stats/max_abs") == [0]
 
 
 def test_cli_defaults_to_image_classifier_and_shapes():

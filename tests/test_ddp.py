@@ -66,12 +66,12 @@ GROUPS = ("drift/rank_corr", "faithfulness/deletion_auc", "faithfulness/insertio
 
 def _assert_same_events(two_dir: str, one_dir: str, steps: tuple[int, ...] = (0, 1), groups=GROUPS) -> None:
     two, one = read_events(two_dir), read_events(one_dir)
-    tags = sorted(t for t in two.Tags()["images"] if t.startswith("viz/"))
-    assert tags == sorted(t for t in one.Tags()["images"] if t.startswith("viz/"))
+    tags = sorted(t for t in two.Tags()["images"] if t.startswith("viz-"))
+    assert tags == sorted(t for t in one.Tags()["images"] if t.startswith("viz-"))
     # probes 0..4 split 3 + 2 over the ranks, all present; filmstrips and activations too
     for pid in ("p000", "p001", "p002", "p003", "p004"):
-        assert f"viz/inputgrad/input/{pid}" in tags and f"viz/inputgrad/input/filmstrip/{pid}" in tags
-        assert f"viz/activations/net.conv2/{pid}" in tags
+        assert f"viz-inputgrad/panel/{pid}" in tags and f"viz-inputgrad/filmstrip/{pid}" in tags
+        assert f"viz-activations/net.conv2/{pid}" in tags
     for tag in tags:
         e2, e1 = two.Images(tag), one.Images(tag)
         assert [e.step for e in e2] == [e.step for e in e1] == list(steps), tag
@@ -81,10 +81,10 @@ def _assert_same_events(two_dir: str, one_dir: str, steps: tuple[int, ...] = (0,
             diff = np.abs(_decode(a) - _decode(b))
             off = float((diff > 2).mean())
             assert off <= 1e-3 and diff.max() <= 32, f"{tag} step {a.step}: {off:.2%} of pixels differ, by up to {diff.max()}"
-    scalar_tags = [t for t in two.Tags()["scalars"] if t.startswith("viz/") and not t.endswith("time_s")]
-    assert set(scalar_tags) == {t for t in one.Tags()["scalars"] if t.startswith("viz/") and not t.endswith("time_s")}
+    scalar_tags = [t for t in two.Tags()["scalars"] if t.startswith("viz-") and not t.endswith("time_s")]
+    assert set(scalar_tags) == {t for t in one.Tags()["scalars"] if t.startswith("viz-") and not t.endswith("time_s")}
     for group in groups:
-        assert f"viz/inputgrad/input/{group}" in scalar_tags
+        assert f"viz-inputgrad/inputgrad/input/{group}" in scalar_tags
     for tag in scalar_tags:
         v2, v1 = [e.value for e in two.Scalars(tag)], [e.value for e in one.Scalars(tag)]
         np.testing.assert_allclose(v2, v1, rtol=1e-3, atol=1e-5, err_msg=tag)
@@ -120,21 +120,22 @@ def test_only_rank_zero_writes(ddp_out):
 
 #: callback class -> tags it must write (images, then scalars) in the ``syncbn_validate`` run
 FAMILY_TAGS = {
-    "InputGradMap": ("viz/inputgrad/input/p004", "viz/inputgrad/input/filmstrip/p000",
-                     "viz/inputgrad/input/faithfulness/deletion_auc", "viz/inputgrad/input/sanity/rank_corr"),
-    "FilterCallback": ("viz/filters/net.conv1/grid", "viz/filters/net.conv1/mean_norm"),
-    "ActivationCallback": ("viz/activations/net.conv1/p004", "viz/activations/net.conv2/dead_fraction"),
-    "GradientCallback": ("viz/saliency/input/p000", "viz/integrated_gradients/input/p004",
-                         "viz/smoothgrad_saliency/input/p000"),
-    "CAMCallback": ("viz/gradcam/net.conv2/p004", "viz/gradcampp/net.conv2/filmstrip/p000",
-                    "viz/gradcam/net.conv2/localization/pointing_game"),
-    "OcclusionCallback": ("viz/occlusion/score/p004", "viz/occlusion/prob/p000"),
-    "TopPatchesCallback": ("viz/top_patches/net.conv2/unit001", "viz/top_patches/net.conv2/unit000/max"),
-    "EmbeddingCallback": ("viz/embeddings/penultimate/pca", "viz/embeddings/penultimate/knn_acc"),
-    "ClassModelCallback": ("viz/class_model/grid", "viz/class_model/class3/score"),
-    "UnitCallback": ("viz/units/net.conv2/grid", "viz/units/net.conv2/ch1/activation"),
-    "InversionCallback": ("viz/inversion/net.conv1/p004", "viz/inversion/net.conv1/feature_error"),
-    "AdversarialCallback": ("viz/adversarial/p004", "viz/adversarial/flip_rate"),
+    "InputGradMap": ("viz-inputgrad/panel/p004", "viz-inputgrad/filmstrip/p000",
+                     "viz-inputgrad/inputgrad/input/faithfulness/deletion_auc",
+                     "viz-inputgrad/inputgrad/input/sanity/rank_corr"),
+    "FilterCallback": ("viz-filters/net.conv1/grid", "viz-filters/net.conv1/mean_norm"),
+    "ActivationCallback": ("viz-activations/net.conv1/p004", "viz-activations/net.conv2/dead_fraction"),
+    "GradientCallback": ("viz-gradients/panel/p000", "viz-gradients/panel/p004",
+                         "viz-gradients/smoothgrad_saliency/input/stats/max_abs"),
+    "CAMCallback": ("viz-cam/panel/p004", "viz-cam/filmstrip/p000",
+                    "viz-cam/gradcam/net.conv2/localization/pointing_game"),
+    "OcclusionCallback": ("viz-occlusion/panel/p004", "viz-occlusion/occlusion/prob/stats/max_abs"),
+    "TopPatchesCallback": ("viz-top_patches/net.conv2/unit001", "viz-top_patches/net.conv2/unit000/max"),
+    "EmbeddingCallback": ("viz-embeddings/penultimate/pca", "viz-embeddings/penultimate/knn_acc"),
+    "ClassModelCallback": ("viz-class_model/grid", "viz-class_model/class3/score"),
+    "UnitCallback": ("viz-units/net.conv2/grid", "viz-units/net.conv2/ch1/activation"),
+    "InversionCallback": ("viz-inversion/net.conv1/p004", "viz-inversion/net.conv1/feature_error"),
+    "AdversarialCallback": ("viz-adversarial/p004", "viz-adversarial/flip_rate"),
 }
 
 
@@ -173,10 +174,10 @@ def test_one_probe_on_two_ranks_with_bf16_and_a_compiled_model(ddp_out):
     assert _json(ddp_out, "one_probe_bf16", 0)["compiled"] and _json(ddp_out, "one_probe_bf16", 1)["compiled"]
     acc = read_events(os.path.join(ddp_out, "one_probe_bf16"))
     imgs = acc.Tags()["images"]
-    assert image_steps(acc, "viz/inputgrad/input/p000") == [0, 1]
-    assert image_steps(acc, "viz/activations/net.conv1/p000") == [0, 1]
+    assert image_steps(acc, "viz-inputgrad/panel/p000") == [0, 1]
+    assert image_steps(acc, "viz-activations/net.conv1/p000") == [0, 1]
     assert not any(t.endswith("p001") for t in imgs)  # rank 1 had no probe and sent nothing
-    assert [e.step for e in acc.Scalars("viz/inputgrad/drift/prediction_flips")] == [1]
+    assert [e.step for e in acc.Scalars("viz-inputgrad/drift/prediction_flips")] == [1]
 
 
 def test_an_error_on_one_rank_raises_on_every_rank(ddp_out):
@@ -231,10 +232,10 @@ def test_syncbatchnorm_compiled_bf16_model_in_process(tmp_path):
     assert hasattr(module.net, "_orig_mod")  # really compiled
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules())
     acc = read_events(str(tmp_path))
-    for tag in ("viz/inputgrad/input/p004", "viz/inputgrad/input/filmstrip/p000",
-                "viz/activations/net.conv1/p000", "viz/filters/net.conv1/grid"):
+    for tag in ("viz-inputgrad/panel/p004", "viz-inputgrad/filmstrip/p000",
+                "viz-activations/net.conv1/p000", "viz-filters/net.conv1/grid"):
         assert image_steps(acc, tag) == [0, 1], tag
-    assert [e.step for e in acc.Scalars("viz/inputgrad/input/faithfulness/deletion_auc")] == [0, 1]
+    assert [e.step for e in acc.Scalars("viz-inputgrad/inputgrad/input/faithfulness/deletion_auc")] == [0, 1]
 
 
 def test_shared_contracts_cover_every_exported_callback():

@@ -137,14 +137,14 @@ def test_projector_files_and_scalars_per_scheduled_epoch(tmp_path):
     logdir = trainer.logger.log_dir
     acc = read_events(str(tmp_path))
     for proj in ("pca", "tsne"):
-        assert image_steps(acc, f"viz/embeddings/penultimate/{proj}") == [1, 2]
+        assert image_steps(acc, f"viz-embeddings/penultimate/{proj}") == [1, 2]
     for stat in ("silhouette", "knn_acc"):
-        assert scalar_steps(acc, f"viz/embeddings/penultimate/{stat}") == [1, 2]
-    knn = [e.value for e in acc.Scalars("viz/embeddings/penultimate/knn_acc")]
+        assert scalar_steps(acc, f"viz-embeddings/penultimate/{stat}") == [1, 2]
+    knn = [e.value for e in acc.Scalars("viz-embeddings/penultimate/knn_acc")]
     assert all(0.0 <= v <= 1.0 for v in knn)
 
     labels = cb.probes.labels.tolist()
-    sub = "viz%2Fembeddings%2Fpenultimate"
+    sub = "viz-embeddings%2Fpenultimate"
     found = {d for d in os.listdir(logdir) if d.isdigit()}
     assert found == {"00001", "00002"}  # scheduled epochs only
     for step in ("00001", "00002"):
@@ -160,7 +160,7 @@ def test_projector_files_and_scalars_per_scheduled_epoch(tmp_path):
         tensors = open(os.path.join(folder, "tensors.tsv")).read().splitlines()
         assert len(tensors) == 12 and len(tensors[0].split("\t")) == 4  # TinyCNN width 4
     config = open(os.path.join(logdir, "projector_config.pbtxt")).read()
-    assert "viz/embeddings/penultimate:00001" in config and "viz/embeddings/penultimate:00002" in config
+    assert "viz-embeddings/penultimate:00001" in config and "viz-embeddings/penultimate:00002" in config
 
     cb.every_n_epochs, cb.projection = 1, ["pca"]
     model.train()
@@ -188,8 +188,8 @@ def test_chosen_layer_and_errors(tmp_path):
     trainer.fit(model, train, val)
     trainer.validate(model, val)  # inside inference mode, at current_epoch 1
     acc = read_events(str(tmp_path))
-    assert image_steps(acc, "viz/embeddings/net.conv2/pca") == [0, 1]
-    assert scalar_steps(acc, "viz/embeddings/net.conv2/silhouette") == [0, 1]
+    assert image_steps(acc, "viz-embeddings/net.conv2/pca") == [0, 1]
+    assert scalar_steps(acc, "viz-embeddings/net.conv2/silhouette") == [0, 1]
     assert not any(d.isdigit() for d in os.listdir(trainer.logger.log_dir))  # no projector files
     with pytest.raises(LayerNotFoundError, match="Unknown layer 'net.fc9'"):
         EmbeddingCallback(layers="net.fc9").check(model)

@@ -107,17 +107,17 @@ def test_filter_callback_logs_grid_norm_and_change(tmp_path):
     trainer.fit(LitTiny(), *tiny_loaders(n=16))
     assert cb.probes is None  # kind='conv' needs no probe images: none were picked
     acc = read_events(str(tmp_path))
-    img = acc.Images("viz/filters/net.conv1/grid")
+    img = acc.Images("viz-filters/net.conv1/grid")
     assert [e.step for e in img] == [0, 1]
     tile = 3 * -(-MIN_TILE_PX // 3)
     assert (img[0].width, img[0].height) == (2 * (tile + 1) + 1, 2 * (tile + 1) + 1)  # 3 RGB tiles, ~square
     w0, w1 = rec.weights
-    norms = [e.value for e in acc.Scalars("viz/filters/net.conv1/mean_norm")]
+    norms = [e.value for e in acc.Scalars("viz-filters/net.conv1/mean_norm")]
     assert norms == pytest.approx([float(w.flatten(1).norm(dim=1).mean()) for w in (w0, w1)], rel=1e-5)
-    assert scalar_steps(acc, "viz/filters/net.conv1/rel_change") == [1]
-    change = acc.Scalars("viz/filters/net.conv1/rel_change")[0].value
+    assert scalar_steps(acc, "viz-filters/net.conv1/rel_change") == [1]
+    change = acc.Scalars("viz-filters/net.conv1/rel_change")[0].value
     assert change == pytest.approx(float((w1 - w0).norm() / w0.norm()), rel=1e-5) and change > 0
-    assert scalar_steps(acc, "viz/filters/time_s") == [0, 1]
+    assert scalar_steps(acc, "viz-filters/time_s") == [0, 1]
 
     # The previous weights survive a checkpoint round trip (rel_change continues after resume).
     fresh = FilterCallback(max_filters=3)
@@ -134,7 +134,7 @@ def test_filter_callback_linear_templates(tmp_path):
     trainer.fit(model, *tiny_loaders(n=12))
     assert picked.probes is not None and given.probes is None
     acc = read_events(str(tmp_path))
-    img = acc.Images("viz/filters/net.1/grid")
+    img = acc.Images("viz-filters/net.1/grid")
     assert len(img) == 2  # both instances log the same tag at step 0
     tile = 8 * -(-MIN_TILE_PX // 8)
     assert {(e.width, e.height) for e in img} == {(2 * (tile + 1) + 1, 2 * (tile + 1) + 1)}  # 3 RGB templates
@@ -167,5 +167,5 @@ def test_filter_callback_two_named_instances_on_one_layer(tmp_path):
     assert per.state_key != glob.state_key
     tiny_trainer(str(tmp_path), [per, glob], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
     acc = read_events(str(tmp_path))
-    assert [e.step for e in acc.Images("viz/filters/net.conv1/grid")] == [0]
-    assert [e.step for e in acc.Images("viz/global/filters/net.conv1/grid")] == [0]
+    assert [e.step for e in acc.Images("viz-filters/net.conv1/grid")] == [0]
+    assert [e.step for e in acc.Images("viz-filters/global/net.conv1/grid")] == [0]

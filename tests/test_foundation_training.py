@@ -75,7 +75,7 @@ def test_training_bitwise_identical_with_all_callbacks(tmp_path):
         assert torch.equal(plain[k], viz[k]), f"{k} differs when visualization callbacks are attached"
     # The callbacks really ran (otherwise this test could not fail).
     acc = read_events(str(tmp_path / "viz"))
-    assert image_steps(acc, "viz/filters/net.conv1/grid") == [0, 1]
+    assert image_steps(acc, "viz-filters/net.conv1/grid") == [0, 1]
 
 
 class Planter(Callback):
@@ -147,11 +147,11 @@ def test_validate_inference_mode_path(tmp_path):
     trainer.validate(LitTiny(), tiny_loaders(n=12)[1], verbose=False)
     assert checker.checks == 1
     acc = read_events(str(tmp_path))
-    assert image_steps(acc, "viz/inputgrad/input/p000") == [0]
-    grad_map = acc.Scalars("viz/inputgrad/input/stats/max_abs")[0].value
+    assert image_steps(acc, "viz-inputgrad/panel/p000") == [0]
+    grad_map = acc.Scalars("viz-inputgrad/inputgrad/input/stats/max_abs")[0].value
     assert grad_map > 0  # real gradients flowed under inference mode
-    assert image_steps(acc, "viz/activations/net.conv2/p002") == [0]
-    assert image_steps(acc, "viz/filters/net.conv1/grid") == [0]
+    assert image_steps(acc, "viz-activations/net.conv2/p002") == [0]
+    assert image_steps(acc, "viz-filters/net.conv1/grid") == [0]
 
 
 def test_tags_at_expected_steps_and_not_in_sanity_check(tmp_path):
@@ -164,16 +164,16 @@ def test_tags_at_expected_steps_and_not_in_sanity_check(tmp_path):
     trainer.fit(LitTiny(), *tiny_loaders(n=12))
     acc = read_events(str(tmp_path))
     # every_n_epochs=2 (Lightning's convention): epochs 1, 3, ... and always the last epoch (2)
-    assert image_steps(acc, "viz/filters/net.conv1/grid") == [1, 2]
-    assert scalar_steps(acc, "viz/filters/time_s") == [1, 2]
-    assert scalar_steps(acc, "viz/filters/net.conv1/rel_change") == [2]  # needs a previous logged epoch
-    assert image_steps(acc, "viz/inputgrad/input/p001") == [1, 2]
-    assert scalar_steps(acc, "viz/inputgrad/time_s") == [1, 2]
+    assert image_steps(acc, "viz-filters/net.conv1/grid") == [1, 2]
+    assert scalar_steps(acc, "viz-filters/time_s") == [1, 2]
+    assert scalar_steps(acc, "viz-filters/net.conv1/rel_change") == [2]  # needs a previous logged epoch
     # validation_epoch_end: the sanity check (also epoch 0) must not add a second step-0 event.
-    assert image_steps(acc, "viz/activations/net.conv1/p000") == [0, 1, 2]
-    assert scalar_steps(acc, "viz/activations/net.conv1/dead_fraction") == [0, 1, 2]
-    assert all(e.value >= 0 for e in acc.Scalars("viz/activations/time_s"))
-    assert "viz/activations/net.conv1/p002" not in acc.Tags()["images"]  # only 2 probes
+    assert image_steps(acc, "viz-inputgrad/panel/p001") == [1, 2]
+    assert scalar_steps(acc, "viz-inputgrad/time_s") == [1, 2]
+    assert image_steps(acc, "viz-activations/net.conv1/p000") == [0, 1, 2]
+    assert scalar_steps(acc, "viz-activations/net.conv1/dead_fraction") == [0, 1, 2]
+    assert all(e.value >= 0 for e in acc.Scalars("viz-activations/time_s"))
+    assert "viz-activations/net.conv1/p002" not in acc.Tags()["images"]  # only 2 probes
 
 
 class FailingMap(MapCallback):
@@ -208,8 +208,8 @@ def test_error_is_clean_and_keeps_earlier_images(tmp_path):
     assert {n: m.training for n, m in model.named_modules()} == recorder.modes
     assert all(p.requires_grad for p in model.parameters())
     acc = read_events(str(tmp_path))
-    assert image_steps(acc, "viz/failing/input/p000") == [0]  # logged before the failure, not lost
-    assert image_steps(acc, "viz/failing/input/p001") == [0]
+    assert image_steps(acc, "viz-failing/panel/p000") == [0]  # logged before the failure, not lost
+    assert image_steps(acc, "viz-failing/panel/p001") == [0]
 
 
 def test_bad_layer_fails_at_setup_listing_valid_names(tmp_path):
@@ -250,7 +250,7 @@ def test_resume_keeps_probe_set(tmp_path, monkeypatch):
     assert torch.equal(resumed.probes.indices, first.indices)
     assert torch.equal(resumed.probes.labels, first.labels)
     acc = read_events(str(tmp_path / "b"))
-    assert image_steps(acc, "viz/activations/net.conv1/p000") == [1]
+    assert image_steps(acc, "viz-activations/net.conv1/p000") == [1]
 
 
 def test_torchvision_resnet18(tmp_path):
@@ -261,12 +261,12 @@ def test_torchvision_resnet18(tmp_path):
     trainer.fit(LitTiny(net), *tiny_loaders(n=6, batch_size=3, size=32))
     acc = read_events(str(tmp_path))
     images = acc.Tags()["images"]
-    assert "viz/filters/net.conv1/grid" in images
-    assert "viz/activations/net.conv1/p001" in images
-    assert "viz/activations/net.layer4.1/p001" in images  # the default: the last block feeding global pooling
-    assert "viz/inputgrad/input/p001" in images
+    assert "viz-filters/net.conv1/grid" in images
+    assert "viz-activations/net.conv1/p001" in images
+    assert "viz-activations/net.layer4.1/p001" in images  # the default: the last block feeding global pooling
+    assert "viz-inputgrad/panel/p001" in images
     # RGB filter grid: 64 filters of 7x7 upscaled to 28 px -> 8x8 tiles with 1 px padding.
-    img = acc.Images("viz/filters/net.conv1/grid")[0]
+    img = acc.Images("viz-filters/net.conv1/grid")[0]
     assert (img.width, img.height) == (8 * 29 + 1, 8 * 29 + 1)
 
 
@@ -298,8 +298,8 @@ def test_inplace_relu_model_trains_and_logs_pre_relu(tmp_path):
     assert (pre < 0).any() and torch.allclose(recorded, pre, atol=1e-6)
     expected_dead = float((pre <= 0).float().mean())
     acc = read_events(str(tmp_path))
-    logged = acc.Scalars("viz/activations/net.features.0/dead_fraction")[0].value
+    logged = acc.Scalars("viz-activations/net.features.0/dead_fraction")[0].value
     assert 0 < expected_dead < 1
     assert logged == pytest.approx(expected_dead, abs=1e-6)
     # Gradients flow through the in-place ReLUs (capture hands a copy downstream).
-    assert acc.Scalars("viz/inputgrad/input/stats/max_abs")[0].value > 0
+    assert acc.Scalars("viz-inputgrad/inputgrad/input/stats/max_abs")[0].value > 0

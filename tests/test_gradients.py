@@ -137,19 +137,19 @@ def test_callback_logs_every_method_at_scheduled_epochs(tmp_path):
     methods = ["saliency", "gradient", "guided_backprop", "deconvnet", "input_x_gradient", "integrated_gradients",
                "smoothgrad_saliency"]
     cb = GradientCallback(methods=methods, num_probes=3, every_n_epochs=2, ig_steps=4, smoothgrad_samples=2,
-                          chunk_size=2, normalize="both")
+                          chunk_size=2, normalize="both", layout="per_probe")
     tl, vl = tiny_loaders(n=24)
     tiny_trainer(str(tmp_path), [cb], max_epochs=3).fit(LitTiny(TinyCNN(width=3)), tl, vl)
     acc = read_events(str(tmp_path))
     for m in methods:
         for pid in ("p000", "p001", "p002"):
-            assert image_steps(acc, f"viz/{m}/input/{pid}") == [1, 2]
-            assert image_steps(acc, f"viz/{m}/input/{pid}/fixed") == [1, 2]
-        assert scalar_steps(acc, f"viz/{m}/input/stats/max_abs") == [1, 2]
-    assert scalar_steps(acc, "viz/gradients/time_s") == [1, 2]
-    assert "viz/saliency/input/p003" not in acc.Tags()["images"]
-    img = acc.Images("viz/saliency/input/p000")[0]
-    assert (img.width, img.height) == (8, 8)
+            assert image_steps(acc, f"viz-gradients/{m}/input/{pid}") == [1, 2]
+            assert image_steps(acc, f"viz-gradients/{m}/input/{pid}/fixed") == [1, 2]
+        assert scalar_steps(acc, f"viz-gradients/{m}/input/stats/max_abs") == [1, 2]
+    assert scalar_steps(acc, "viz-gradients/time_s") == [1, 2]
+    assert "viz-gradients/saliency/input/p003" not in acc.Tags()["images"]
+    img = acc.Images("viz-gradients/saliency/input/p000")[0]
+    assert (img.width, img.height) == (128, 128)  # 8 px probes upscaled 16x to the default display_px
 
 
 def test_callback_under_validate_inference_mode(tmp_path):
@@ -159,7 +159,8 @@ def test_callback_under_validate_inference_mode(tmp_path):
     model = LitTiny(TinyCNN(width=3))
     tiny_trainer(str(tmp_path), [cb]).validate(model, vl)
     acc = read_events(str(tmp_path))
-    assert image_steps(acc, "viz/guided_backprop/input/p001") == [0]
+    assert image_steps(acc, "viz-gradients/panel/p001") == [0]
+    assert scalar_steps(acc, "viz-gradients/guided_backprop/input/stats/std") == [0]
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -73,8 +73,8 @@ def test_augmenting_dataset_trains_bit_identically_with_callbacks(tmp_path, prob
         assert torch.equal(plain[k], viz[k]), f"{k} differs with callbacks (probe_source={probe_source!r})"
     assert plain_next == viz_next  # every global RNG ends where it would have without callbacks
     acc = read_events(str(tmp_path / "viz"))
-    assert image_steps(acc, "viz/activations/net.conv1/p000") == [0, 1]  # the callbacks really ran
-    assert image_steps(acc, "viz/val_end/saliency/input/p000") == [0, 1]
+    assert image_steps(acc, "viz-activations/net.conv1/p000") == [0, 1]  # the callbacks really ran
+    assert image_steps(acc, "viz-gradients/val_end/panel/p000") == [0, 1]
 
 
 def test_isolated_restores_numpy_and_python_random():
@@ -105,7 +105,7 @@ def test_compute_drawing_numpy_and_random_leaves_training_identical(tmp_path):
     plain, plain_next = _fit_augmenting(tmp_path / "plain", [])
     viz, viz_next = _fit_augmenting(tmp_path / "viz", [DrawingMap(num_probes=2)])
     assert all(torch.equal(plain[k], viz[k]) for k in plain) and plain_next == viz_next
-    assert image_steps(read_events(str(tmp_path / "viz")), "viz/inputgrad/input/p000") == [0, 1]
+    assert image_steps(read_events(str(tmp_path / "viz")), "viz-drawing/panel/p000") == [0, 1]
 
 
 # --------------------------------------------------------------------------- 2. buffers changed in eval mode
@@ -170,7 +170,7 @@ def test_mid_epoch_validation_runs_once_per_epoch(tmp_path, interval, n, expecte
     assert [e for e, _ in cb.where] == [0, 1]
     assert {b for _, b in cb.where} == {expected_batch}
     acc = read_events(str(tmp_path))
-    tags = [t for t in acc.Tags()["images"] + acc.Tags()["scalars"] if t.startswith("viz/")]
+    tags = [t for t in acc.Tags()["images"] + acc.Tags()["scalars"] if t.startswith("viz-")]
     assert tags
     for tag in tags:
         steps = image_steps(acc, tag) if tag in acc.Tags()["images"] else scalar_steps(acc, tag)
@@ -211,7 +211,7 @@ def _steps(tmp_path, cb, max_epochs, **kw):
     trainer = tiny_trainer(str(tmp_path), [cb] + kw.pop("extra", []), max_epochs=max_epochs, **kw)
     trainer.fit(LitTiny(), *tiny_loaders(n=12))
     acc = read_events(str(tmp_path))
-    return scalar_steps(acc, "viz/inputgrad/time_s") if "viz/inputgrad/time_s" in acc.Tags()["scalars"] else []
+    return scalar_steps(acc, "viz-inputgrad/time_s") if "viz-inputgrad/time_s" in acc.Tags()["scalars"] else []
 
 
 @pytest.mark.parametrize("run_on", ["train_epoch_end", "validation_epoch_end"])
@@ -241,7 +241,7 @@ def test_last_epoch_when_early_stopping_stops_the_fit(tmp_path, order, run_on):
     tiny_trainer(str(tmp_path), cbs, max_epochs=10).fit(LitTiny(), *tiny_loaders(n=12))
     assert stop.stopped_epoch == 1
     acc = read_events(str(tmp_path))
-    assert scalar_steps(acc, "viz/inputgrad/time_s") == [1] and image_steps(acc, "viz/inputgrad/input/p000") == [1]
+    assert scalar_steps(acc, "viz-inputgrad/time_s") == [1] and image_steps(acc, "viz-inputgrad/panel/p000") == [1]
 
 
 def test_run_at_start_logs_a_baseline_before_epoch_zero(tmp_path):
@@ -249,12 +249,12 @@ def test_run_at_start_logs_a_baseline_before_epoch_zero(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     assert _steps(tmp_path / "a", cb, 2, extra=[ckpt], enable_checkpointing=True) == [BASELINE_STEP, 1]
     acc = read_events(str(tmp_path / "a"))
-    assert image_steps(acc, "viz/inputgrad/input/p000") == [-1, 1]
+    assert image_steps(acc, "viz-inputgrad/panel/p000") == [-1, 1]
     # a resumed fit does not log the baseline again
     again = InputGradMap(num_probes=2, run_at_start=True, every_n_epochs=2)
     tiny_trainer(str(tmp_path / "b"), [again], max_epochs=3).fit(
         LitTiny(), *tiny_loaders(n=12), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert scalar_steps(read_events(str(tmp_path / "b")), "viz/inputgrad/time_s") == [2]
+    assert scalar_steps(read_events(str(tmp_path / "b")), "viz-inputgrad/time_s") == [2]
 
 
 # --------------------------------------------------------------------------- 6. logging errors and on_error
@@ -285,7 +285,7 @@ def test_full_disk_with_on_error_warn_trains_on_and_keeps_earlier_logs(tmp_path,
         trainer.fit(LitTiny(), *tiny_loaders(n=12))
     assert fault.calls >= 1 and trainer.current_epoch == 3  # training went on to the end
     acc = read_events(str(tmp_path))
-    assert 0 in image_steps(acc, "viz/inputgrad/input/p000") and 2 in image_steps(acc, "viz/inputgrad/input/p000")
+    assert 0 in image_steps(acc, "viz-inputgrad/panel/p000") and 2 in image_steps(acc, "viz-inputgrad/panel/p000")
     assert scalar_steps(acc, "train_loss")
 
 
@@ -343,7 +343,7 @@ def test_probes_are_picked_before_training_and_shared(tmp_path):
 def test_validate_picks_probes_and_logs(tmp_path):
     cb = GradientCallback(num_probes=2, run_on="validation_epoch_end", every_n_epochs=3)
     tiny_trainer(str(tmp_path), [cb]).validate(LitTiny(), tiny_loaders(n=12)[1])
-    assert len(cb.probes) == 2 and image_steps(read_events(str(tmp_path)), "viz/saliency/input/p000") == [0]
+    assert len(cb.probes) == 2 and image_steps(read_events(str(tmp_path)), "viz-gradients/panel/p000") == [0]
 
 
 # --------------------------------------------------------------------------- 8. setup checks
@@ -450,7 +450,7 @@ def test_checkpoint_stores_shared_probes_once_and_resumes_exactly(tmp_path):
             assert (torch.equal(v, w) and v.dtype == w.dtype) if isinstance(v, torch.Tensor) else v == w, k
     assert resumed[0].scales.keys() == cbs[0].scales.keys()
     acc = read_events(str(tmp_path / "b"))
-    assert scalar_steps(acc, "viz/gradients/time_s") == [2]  # continues at the right step
+    assert scalar_steps(acc, "viz-gradients/time_s") == [2]  # continues at the right step
     frames = resumed[2].tracker.frames["occlusion/score"]["p000"]
     assert len(frames) == 3  # epochs 0 and 1 from the checkpoint, then 2
 

@@ -121,8 +121,9 @@ def test_every_callback_adapts_the_model_call(tmp_path, kind, logits_fn):
         assert cb.last_logged_tags, type(cb).__name__
     acc = read_events(str(tmp_path))
     tags = acc.Tags()["images"]
-    assert any(t.startswith("viz/cam/net.conv2/") for t in tags)  # the default CAM layer, by its real name
-    assert any(t.startswith("viz/gradients/") for t in acc.Tags()["scalars"])
+    assert any(t.startswith("viz-cam/") and "/net.conv2/" in t for t in acc.Tags()["scalars"])  # the default CAM layer
+    assert any(t.startswith("viz-cam/panel/") for t in tags)
+    assert any(t.startswith("viz-gradients/") for t in acc.Tags()["scalars"])
     # callbacks with one adapter share it, so gradient and CAM callbacks share their passes too
     grad, cam = cbs[2], cbs[3]
     assert grad.adapted(model) is cam.adapted(model)

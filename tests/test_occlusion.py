@@ -159,11 +159,11 @@ def test_callback_logs_overlays_per_epoch_and_leaves_training_untouched(tmp_path
     trainer.fit(model, train, val)
     acc = read_events(str(tmp_path))
     for pid in ("p000", "p001", "p002"):
-        assert image_steps(acc, f"viz/occlusion/score/{pid}") == [1, 2]
-        assert image_steps(acc, f"viz/occlusion/prob/{pid}") == [1, 2]
-    assert scalar_steps(acc, "viz/occlusion/score/stats/max_abs") == [1, 2]
-    img = acc.Images("viz/occlusion/score/p000")[0]
-    assert (img.height, img.width) == (8, 8)
+        assert image_steps(acc, f"viz-occlusion/panel/{pid}") == [1, 2]
+    assert scalar_steps(acc, "viz-occlusion/occlusion/score/stats/max_abs") == [1, 2]
+    assert scalar_steps(acc, "viz-occlusion/occlusion/prob/stats/max_abs") == [1, 2]
+    img = acc.Images("viz-occlusion/panel/p000")[0]
+    assert img.width == 3 * 128 + 4 * 2  # image | score | prob, 8 px tiles shown at 128 px, padding 2
     # after fit: train mode, real .grad; a run (also under inference mode) must change nothing
     model.train()
     cb.every_n_epochs = 1  # trainer.current_epoch is 3 after fit

@@ -66,4 +66,4 @@ def test_demo_config_by_name_from_the_unpacked_wheel_outside_the_repository(whee
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[0].startswith(str(site))  # the unpacked wheel, not the checkout
     acc = read_events(str(run / "lightning_logs"))
-    assert image_steps(acc, "viz/filters/net.conv1/grid") == [0]
+    assert image_steps(acc, "viz-filters/net.conv1/grid") == [0]

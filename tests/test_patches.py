@@ -172,11 +172,11 @@ def test_callback_logs_one_grid_per_unit_and_ddp_merge_equals_single(tmp_path):
     trainer.fit(model, train, val)
     acc = read_events(str(tmp_path))
     for unit in ("unit000", "unit002"):
-        assert image_steps(acc, f"viz/top_patches/net.conv2/{unit}") == [0, 1]
-        assert scalar_steps(acc, f"viz/top_patches/net.conv2/{unit}/max") == [0, 1]
-    img = acc.Images("viz/top_patches/net.conv2/unit000")[-1]
+        assert image_steps(acc, f"viz-top_patches/net.conv2/{unit}") == [0, 1]
+        assert scalar_steps(acc, f"viz-top_patches/net.conv2/{unit}/max") == [0, 1]
+    img = acc.Images("viz-top_patches/net.conv2/unit000")[-1]
     assert (img.height, img.width) == (8 + 4, 3 * (8 + 2) + 2)  # one row of k=3 patches, padding 2
-    assert "viz/top_patches/net.conv2/unit001" not in acc.Tags()["images"]
+    assert "viz-top_patches/net.conv2/unit001" not in acc.Tags()["images"]
     # TinyCNN conv1+conv2 (3x3, pad 1): receptive field 5x5, arithmetic
     assert torch.equal(cb.boxes(model, "net.conv2", (3, 8, 8))[0, 0], torch.tensor([-2, -2, 3, 3]))
 

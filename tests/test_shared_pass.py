@@ -64,7 +64,9 @@ def test_two_callbacks_one_forward_and_backward_per_chunk(tmp_path, monkeypatch,
     expected = chunks if share else 2 * chunks
     assert log == [(expected, expected), (expected, expected)]
     acc = read_events(str(tmp_path))
-    assert {"viz/saliency/input/p003", "viz/gradcampp/net.conv1/p003", "viz/gradcam/net.conv2/p000"} <= set(acc.Tags()["images"])
+    assert {"viz-gradients/panel/p003", "viz-cam/panel/p003"} <= set(acc.Tags()["images"])
+    assert {"viz-gradients/saliency/input/stats/std", "viz-cam/gradcampp/net.conv1/stats/std",
+            "viz-cam/gradcam/net.conv2/stats/std"} <= set(acc.Tags()["scalars"])
 
 
 def test_union_of_registered_layers_and_rules(monkeypatch):

@@ -99,15 +99,15 @@ def test_callbacks_log_grids_pairs_and_scalars_every_epoch(tmp_path):
     assert not cbs[0].needs_probes and cbs[1].needs_probes
     tiny_trainer(str(tmp_path), cbs, max_epochs=2).fit(model, train, val)
     acc = read_events(str(tmp_path))
-    assert image_steps(acc, "viz/class_model/grid") == [0, 1]
-    assert [scalar_steps(acc, f"viz/class_model/class{c}/score") for c in range(3)] == [[0, 1]] * 3
-    assert image_steps(acc, "viz/units/net.conv2/grid") == [0, 1]
-    assert scalar_steps(acc, "viz/units/net.conv2/ch3/activation") == [0, 1]
+    assert image_steps(acc, "viz-class_model/grid") == [0, 1]
+    assert [scalar_steps(acc, f"viz-class_model/class{c}/score") for c in range(3)] == [[0, 1]] * 3
+    assert image_steps(acc, "viz-units/net.conv2/grid") == [0, 1]
+    assert scalar_steps(acc, "viz-units/net.conv2/ch3/activation") == [0, 1]
     for pid in ("p000", "p001"):
-        assert image_steps(acc, f"viz/inversion/net.conv1/{pid}") == [0, 1]
-    assert scalar_steps(acc, "viz/inversion/net.conv1/feature_error") == [0, 1]
-    pair = acc.Images("viz/inversion/net.conv1/p000")[0]
-    assert pair.width > 2 * 8 and pair.height < 2 * 8  # original | reconstruction side by side
+        assert image_steps(acc, f"viz-inversion/net.conv1/{pid}") == [0, 1]
+    assert scalar_steps(acc, "viz-inversion/net.conv1/feature_error") == [0, 1]
+    pair = acc.Images("viz-inversion/net.conv1/p000")[0]
+    assert (pair.width, pair.height) == (2 * 96 + 3 * 2, 96 + 2 * 2)  # original | reconstruction, 8 px shown at 96
     assert len({cb.state_key for cb in cbs}) == 3
 
 
@@ -134,7 +134,7 @@ def test_inversion_under_validate_inference_mode(tmp_path):
     cb = InversionCallback(layers="net.conv2", steps=3, num_probes=2, run_on="validation_epoch_end")
     _, val = tiny_loaders(8)
     tiny_trainer(str(tmp_path), [cb]).validate(LitTiny(TinyCNN(width=4)), val)
-    assert scalar_steps(read_events(str(tmp_path)), "viz/inversion/net.conv2/feature_error") == [0]
+    assert scalar_steps(read_events(str(tmp_path)), "viz-inversion/net.conv2/feature_error") == [0]
 
 
 def test_clear_errors_and_cli_parsing():

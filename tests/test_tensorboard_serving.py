@@ -56,6 +56,6 @@ def test_documented_flag_serves_every_epoch_and_zero_serves_none(tmp_path):
     epochs = 12  # more than TensorBoard's default sample of 10 images per tag
     tiny_trainer(str(tmp_path), [GradientCallback(num_probes=1)], max_epochs=epochs).fit(LitTiny(), *tiny_loaders(n=8))
     assert tensorboard_command("lightning_logs") == f"tensorboard --logdir lightning_logs {TENSORBOARD_SAMPLES_FLAG}"
-    tag = "viz/saliency/input/p000"
+    tag = "viz-gradients/panel/p000"
     assert _served_steps(str(tmp_path), shlex.split(TENSORBOARD_SAMPLES_FLAG), tag) == list(range(epochs))
     assert _served_steps(str(tmp_path), ["--samples_per_plugin", "images=0"], tag) == []  # what the README warns of

@@ -37,6 +37,11 @@ class RecordingWriter:
         pass
 
 
+#: filmstrip geometry: caption strip (16 px) + padding 2 above the frames; padding 2 + a 128 px label column
+#: + padding 2 left of them; every frame (128 px at the default display_px) is followed by 2 px of padding
+FILM_Y0, FILM_X0 = 18, 132
+
+
 def test_tracking_over_real_training(tmp_path):
     tracker = MapTracker(max_frames=3, frame_size=8, faithfulness=True, deletion_steps=4, sanity_check=True)
     cb = InputGradMap(num_probes=3, tracker=tracker)
@@ -44,17 +49,17 @@ def test_tracking_over_real_training(tmp_path):
     module = LitTiny(TinyCNN(width=4))
     tiny_trainer(str(tmp_path), [cb], max_epochs=4).fit(module, train)
     acc = read_events(str(tmp_path))
-    key = "viz/inputgrad/input"
-    # filmstrip: one 8x8 frame per epoch (make_grid padding 2), at most 3 frames wide
+    key = "viz-inputgrad/inputgrad/input"
+    # filmstrip per probe: a label column, then one 8x8 frame per epoch shown at 128 px (padding 2), at most 3
     for pid in ("p000", "p001", "p002"):
-        events = acc.Images(f"{key}/filmstrip/{pid}")
+        events = acc.Images(f"viz-inputgrad/filmstrip/{pid}")
         assert [e.step for e in events] == [0, 1, 2, 3]
-        assert [e.width for e in events] == [12, 22, 32, 32]
-        assert {e.height for e in events} == {12}
+        assert [e.width for e in events] == [FILM_X0 + n * 130 for n in (1, 2, 3, 3)]
+        assert {e.height for e in events} == {FILM_Y0 + 128 + 1 + 13 + 2}  # frames, epoch strip, padding
     for stat in ("drift/rank_corr", "drift/topk_iou"):
         assert scalar_steps(acc, f"{key}/{stat}") == [1, 2, 3]
-    assert scalar_steps(acc, "viz/inputgrad/drift/prediction_flips") == [1, 2, 3]
-    assert scalar_steps(acc, "viz/inputgrad/probe_accuracy") == [0, 1, 2, 3]
+    assert scalar_steps(acc, "viz-inputgrad/drift/prediction_flips") == [1, 2, 3]
+    assert scalar_steps(acc, "viz-inputgrad/probe_accuracy") == [0, 1, 2, 3]
     for stat in ("faithfulness/deletion_auc", "faithfulness/insertion_auc"):
         values = [e.value for e in acc.Scalars(f"{key}/{stat}")]
         assert len(values) == 4 and all(0 <= v <= 1 for v in values)
@@ -79,16 +84,22 @@ def test_drift_flips_filmstrip_bound_and_resume_by_hand():
     tr = MapTracker(max_frames=3, frame_size=8, topk=0.25)
     tr.log(VizLogger(w, 0), {"m/l": a}, {"track:pred": torch.tensor([0, 1, 2, 0])}, probe)
     tr.log(VizLogger(w, 1), {"m/l": -a}, {"track:pred": torch.tensor([0, 2, 2, 1])}, probe)
-    assert w.scalars["viz/m/l/drift/rank_corr"] == [(1, pytest.approx(-1.0))]
-    assert w.scalars["viz/m/l/drift/topk_iou"] == [(1, pytest.approx(0.0))]
-    assert w.scalars["viz/m/drift/prediction_flips"] == [(1, pytest.approx(0.5))]
-    assert w.scalars["viz/m/probe_accuracy"] == [(0, pytest.approx(1.0)), (1, pytest.approx(0.5))]
+    # without a callback the family is the first part of the map key
+    assert w.scalars["viz-m/m/l/drift/rank_corr"] == [(1, pytest.approx(-1.0))]
+    assert w.scalars["viz-m/m/l/drift/topk_iou"] == [(1, pytest.approx(0.0))]
+    assert w.scalars["viz-m/drift/prediction_flips"] == [(1, pytest.approx(0.5))]
+    assert w.scalars["viz-m/probe_accuracy"] == [(0, pytest.approx(1.0)), (1, pytest.approx(0.5))]
     assert w.layouts == [TRACKING_LAYOUT]  # written once
-    first = w.images["viz/m/l/filmstrip/p001"][0][1]  # [12, 12, 3]: frame 0 alone
-    second = w.images["viz/m/l/filmstrip/p001"][1][1]
-    assert first.shape == (12, 12, 3) and second.shape == (12, 22, 3)
-    assert (second[2:10, 2:10] == first[2:10, 2:10]).all()  # epoch 0's frame stays in place
-    assert not (second[2:10, 12:20] == first[2:10, 2:10]).all()  # the reversed map looks different
+    first = w.images["viz-m/filmstrip/p001"][0][1]  # frame 0 alone, 8 px shown at 128 px
+    second = w.images["viz-m/filmstrip/p001"][1][1]
+    assert first.shape == (FILM_Y0 + 144, FILM_X0 + 130, 3) and second.shape == (FILM_Y0 + 144, FILM_X0 + 260, 3)
+    frame0 = (slice(FILM_Y0, FILM_Y0 + 128), slice(FILM_X0, FILM_X0 + 128))
+    frame1 = (slice(FILM_Y0, FILM_Y0 + 128), slice(FILM_X0 + 130, FILM_X0 + 258))
+    assert (second[frame0] == first[frame0]).all()  # epoch 0's frame stays in place
+    assert not (second[frame1] == first[frame0]).all()  # the reversed map looks different
+    under = second[FILM_Y0 + 129:FILM_Y0 + 142, FILM_X0 + 130:FILM_X0 + 258]
+    assert (under < 128).any() and (under > 250).mean() > 0.5  # "epoch 1" written in black on white
+    assert tr.epochs == {"m/l": [0, 1]}
 
     # resume: a fresh tracker continues the history from the state dict
     state = tr.state_dict()
@@ -97,12 +108,13 @@ def test_drift_flips_filmstrip_bound_and_resume_by_hand():
     w2 = RecordingWriter()
     for step in (2, 3):
         tr2.log(VizLogger(w2, step), {"m/l": -a}, {"track:pred": torch.tensor([0, 2, 2, 1])}, probe)
-    assert w2.scalars["viz/m/l/drift/rank_corr"] == [(2, pytest.approx(1.0)), (3, pytest.approx(1.0))]
-    assert w2.scalars["viz/m/drift/prediction_flips"] == [(2, 0.0), (3, 0.0)]
-    strips = w2.images["viz/m/l/filmstrip/p001"]
-    assert [img.shape[1] for _, img in strips] == [32, 32]  # 3 then 4 frames: width bounded at 3
+    assert w2.scalars["viz-m/m/l/drift/rank_corr"] == [(2, pytest.approx(1.0)), (3, pytest.approx(1.0))]
+    assert w2.scalars["viz-m/drift/prediction_flips"] == [(2, 0.0), (3, 0.0)]
+    strips = w2.images["viz-m/filmstrip/p001"]
+    assert [img.shape[1] for _, img in strips] == [FILM_X0 + 390] * 2  # 3 then 4 frames: width bounded at 3
     last = strips[-1][1]
-    assert (last[2:10, 2:10] == first[2:10, 2:10]).all()  # the first epoch is always shown
+    assert (last[frame0] == first[frame0]).all()  # the first epoch is always shown
+    assert tr2.epochs == {"m/l": [0, 1, 2, 3]}
     assert len(tr2.frames["m/l"]["p001"]) == 4
 
 
@@ -134,8 +146,8 @@ def test_pointing_game_on_shapes_uses_the_true_masks(tmp_path):
     energy = (maps * masks).flatten(1).sum(1) / maps.flatten(1).sum(1)
     torch.testing.assert_close(energy_in_mask(maps, masks), energy)
     acc = read_events(str(tmp_path))
-    [pg] = acc.Scalars("viz/blob/center/localization/pointing_game")
-    [em] = acc.Scalars("viz/blob/center/localization/energy_in_mask")
+    [pg] = acc.Scalars("viz-blob/blob/center/localization/pointing_game")
+    [em] = acc.Scalars("viz-blob/blob/center/localization/energy_in_mask")
     assert pg.step == 0 and pg.value == pytest.approx(float(hits.mean()))
     assert em.value == pytest.approx(float(energy.mean()), rel=1e-5)
 
@@ -163,7 +175,12 @@ def test_tracker_compute_keys_and_sanity_copy_leave_the_model_untouched():
 
     out = check_untouched(module, run)
     assert sorted(out) == sorted(["map:inputgrad/input", "track:pred", "track:deletion/inputgrad/input",
-                                  "track:insertion/inputgrad/input", "track:sanity/inputgrad/input"])
+                                  "track:insertion/inputgrad/input", "track:sanity/inputgrad/input",
+                                  "pred:class", "pred:prob"])  # prediction and probability for the panel caption
+    logits = module.eval()(probe.images)
+    module.train()
+    assert torch.equal(out["pred:class"], logits.argmax(1))
+    torch.testing.assert_close(out["pred:prob"], logits.softmax(1).amax(1))
     assert all(v.shape == (4,) for k, v in out.items() if k.startswith("track:"))
     # the randomized copy: seeded (same on every rank), different weights, global RNG and original untouched
     c1 = check_untouched(module, lambda: randomized_copy(module, seed=5))
@@ -194,10 +211,11 @@ def test_history_survives_resume_from_a_checkpoint(tmp_path):
     resumed = MapTracker(frame_size=8)
     trainer(3, resumed).fit(LitTiny(TinyCNN(width=4)), train, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     acc = read_events(str(tmp_path / "logs3"))
-    [strip] = acc.Images("viz/inputgrad/input/filmstrip/p001")
-    assert strip.step == 2 and strip.width == 3 * 10 + 2  # epochs 0 and 1 came back from the checkpoint
-    assert scalar_steps(acc, "viz/inputgrad/input/drift/rank_corr") == [2]  # compared with epoch 1's maps
-    assert scalar_steps(acc, "viz/inputgrad/drift/prediction_flips") == [2]
+    [strip] = acc.Images("viz-inputgrad/filmstrip/p001")
+    assert strip.step == 2 and strip.width == FILM_X0 + 3 * 130  # epochs 0 and 1 came back from the checkpoint
+    assert resumed.epochs == {"inputgrad/input": [0, 1, 2]}
+    assert scalar_steps(acc, "viz-inputgrad/inputgrad/input/drift/rank_corr") == [2]  # compared with epoch 1's maps
+    assert scalar_steps(acc, "viz-inputgrad/drift/prediction_flips") == [2]
 
 
 def test_tracker_under_trainer_validate(tmp_path):
@@ -208,8 +226,8 @@ def test_tracker_under_trainer_validate(tmp_path):
     tiny_trainer(str(tmp_path), [cb]).validate(LitTiny(TinyCNN(width=4)), val)
     acc = read_events(str(tmp_path))
     for tag in ("faithfulness/deletion_auc", "faithfulness/insertion_auc", "sanity/rank_corr"):
-        assert scalar_steps(acc, f"viz/inputgrad/input/{tag}") == [0], tag
-    assert image_steps(acc, "viz/inputgrad/input/filmstrip/p000") == [0]
+        assert scalar_steps(acc, f"viz-inputgrad/inputgrad/input/{tag}") == [0], tag
+    assert image_steps(acc, "viz-inputgrad/filmstrip/p000") == [0]
 
 
 def test_tracker_compute_on_a_float64_model():

@@ -113,7 +113,7 @@ def test_shape_only_callbacks_pick_one_probe_image(tmp_path):
     classes = ClassModelCallback(steps=2)
     tiny_trainer(str(tmp_path / "b"), [classes], max_epochs=1).fit(LitTiny(TinyCNN(width=2)), *tiny_loaders(n=12))
     assert len(filters.probes) == 1 and len(classes.probes) == 1  # was num_probes=16 images read for one shape
-    assert image_steps(read_events(str(tmp_path / "b")), "viz/class_model/grid") == [0]
+    assert image_steps(read_events(str(tmp_path / "b")), "viz-class_model/grid") == [0]
 
 
 def test_an_old_config_still_runs_through_the_cli(tmp_path, monkeypatch):

@@ -1,11 +1,13 @@
 """ActivationCallback: each probe's feature maps at chosen layers, as one grid per (layer, probe).
 
 Tags (step = epoch):
-* ``viz/activations/<layer>/<probe-id>`` -- grid of the probe's channels (``max_channels`` of them),
+* ``viz-activations/<layer>/<probe-id>`` -- grid of the probe's channels (``max_channels`` of them),
   upscaled to the probe image size, on one range per probe (so weak channels look weak);
-* ``viz/activations/<layer>/dead_fraction`` -- fraction of all recorded activations that are ``<= 0``
+  with ``layout="grid"`` instead one ``viz-activations/<layer>/grid`` per layer: one row per probe
+  (the probe image, then its channels), captions with class names;
+* ``viz-activations/<layer>/dead_fraction`` -- fraction of all recorded activations that are ``<= 0``
   (zero after a ReLU; for a layer whose output is already rectified exactly the zeros);
-* ``viz/activations/<layer>/dead_channels`` -- fraction of channels that are ``<= 0`` everywhere on
+* ``viz-activations/<layer>/dead_channels`` -- fraction of channels that are ``<= 0`` everywhere on
   every probe (dead units).
 """
 
@@ -20,7 +22,7 @@ from ..layers import default_cam_layer, first_conv_name, module_device, module_d
 from ..logging import VizLogger, make_tag
 from ..methods.activations import feature_maps
 from ..probe import ProbeSet
-from ..render import colormap, image_grid, normalize_maps, resize_maps
+from ..render import class_name, colormap, compose, image_grid, normalize_maps, resize_maps, text_strip, upscale
 from ._options import LayersSpec, as_layer_list
 from .base import VisualizationCallback
 
@@ -40,6 +42,9 @@ class ActivationCallback(VisualizationCallback):
             ``max_channels`` channels with the largest mean activation, strongest first).
         cmap: matplotlib colormap for the maps.
         chunk_size: probes per forward pass (``None``: all at once).
+        layout: ``"per_probe"`` (one grid image per layer and probe) or ``"grid"`` (one image per layer, a row
+            per probe, tiles upscaled to at least ``display_px``).
+        display_px: shorter side of each tile with ``layout="grid"``.
         num_probes: probe images (default 4).
         **kwargs: schedule and probe options of :class:`VisualizationCallback`.
     """
@@ -54,6 +59,8 @@ class ActivationCallback(VisualizationCallback):
         channels: Literal["first", "top"] = "first",
         cmap: str = "viridis",
         chunk_size: Optional[int] = None,
+        layout: Literal["per_probe", "grid"] = "per_probe",
+        display_px: int = 48,
         num_probes: int = 4,
         **kwargs: Any,
     ):
@@ -64,12 +71,18 @@ class ActivationCallback(VisualizationCallback):
             raise ValueError(f"ActivationCallback: channels must be 'first' or 'top'; got {channels!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"ActivationCallback: chunk_size must be >= 1 or None; got {chunk_size}")
+        if layout not in ("per_probe", "grid"):
+            raise ValueError(f"ActivationCallback: layout must be 'per_probe' or 'grid'; got {layout!r}")
+        if display_px < 0:
+            raise ValueError(f"ActivationCallback: display_px must be >= 0; got {display_px}")
         colormap(torch.zeros(1, 1, 1), cmap)  # an unknown colormap fails here, at construction
         self.layers = as_layer_list(type(self).__name__, layers)  # None: the first conv and the last block
         self.max_channels = max_channels
         self.channels = channels
         self.cmap = cmap
         self.chunk_size = chunk_size
+        self.layout = layout
+        self.display_px = display_px
         self._last_block: Optional[str] = None  # the default's deepest layer, found by one forward
 
     def state_key_parts(self) -> tuple[Any, ...]:
@@ -120,9 +133,34 @@ class ActivationCallback(VisualizationCallback):
             dead = (results[f"chmax:{name}"].amax(dim=0) <= 0).float().mean()
             logger.scalar(make_tag(self.method, name, "dead_channels"), dead)
             ok = self.warn_non_finite(f"the {name} activations", maps)
+            if self.layout == "grid":
+                finite_maps = torch.where(ok.view(-1, 1, 1, 1), maps, torch.zeros_like(maps))
+                logger.image(make_tag(self.method, name, "grid"),
+                             self.layer_grid(name, finite_maps, results[f"channels:{name}"], probe, trainer))
+                continue
             for pid, m, finite in zip(probe.ids, maps, ok.tolist()):  # m: [k, h, w]
                 if not finite:
                     continue
                 m01 = normalize_maps(m, "fixed", vmin=float(m.min()), vmax=float(m.max()))
                 tiles = colormap(resize_maps(m01, size, mode="nearest"), self.cmap)
                 logger.image(make_tag(self.method, name, pid), image_grid(tiles, padding=1))
+
+    def layer_grid(self, name: str, maps: Any, channels: Any, probe: ProbeSet, trainer: Trainer) -> Any:
+        """One image for ``layer``: a row per probe (its image, then its channels on one range per probe)."""
+        size = probe.images.shape[-2:]
+        images = probe.display_images()
+        names = self.get_class_names(trainer)
+        rows, under = [], []
+        for i, (pid, m) in enumerate(zip(probe.ids, maps)):
+            m01 = normalize_maps(m, "fixed", vmin=float(m.min()), vmax=float(m.max()))
+            tiles = colormap(resize_maps(m01, size, mode="nearest"), self.cmap)
+            tiles = torch.cat([images[i:i + 1].expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[i:i + 1, :3],
+                               tiles])
+            tiles = upscale(tiles, self.display_px) if self.display_px else tiles
+            rows.append(list(tiles))
+            label = pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
+            under.append([label] + [f"ch {int(c)}" for c in channels[i]])
+        w = int(rows[0][0].shape[-1])
+        strips = [[text_strip(w, [t], 12) for t in r] for r in under]
+        order = "first channels" if self.channels == "first" else "strongest channels first"
+        return compose(rows, None, f"{name}: one row per probe ({order})", under=strips)

@@ -27,6 +27,8 @@ from ..layers import module_device, module_dtype
 from ..logging import NothingWrittenWarning, VizLogger, check_sinks, describe_sinks, make_tag, sink_names
 from ..probe import PROBE_BANK_KEY, ProbeSet, probe_bank_get, probe_bank_put, read_item
 from ..targets import ModelAdapter, ModelOutputError, describe_output, model_adapter, read_logits, resolve_logits_fn
+from ..progress import logger as _log
+from ..progress import reporting
 
 try:
     from typing import override
@@ -73,6 +75,44 @@ def _announce(trainer: Trainer) -> None:
     where = describe_sinks(trainer) if trainer.is_global_zero else ""
     names = ", ".join(f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'} ({_schedule_words(cb)})" for cb in cbs)
     rank_zero_info(f"lightning-viz: {len(cbs)} visualization callback(s): {names}; {where}")
+
+
+#: per trainer: the point being summed up ((step, where)) and (callback label, seconds) of each run there
+_epoch_runs: "weakref.WeakKeyDictionary[Trainer, tuple[tuple[int, str], list[tuple[str, float]]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _runs_at(c: "VisualizationCallback", trainer: Trainer, where: str) -> bool:
+    """Whether callback ``c`` (not run yet at this point) will run at ``where`` of the current epoch."""
+    if where == "start":
+        return c.run_at_start
+    if where == "end":
+        return c._trained_epoch is not None and c.every_n_epochs > 0 and c._last_run_epoch != c._trained_epoch
+    if c.run_on != where or not c.should_run(trainer) or not sink_names(trainer, c.loggers):
+        return False
+    return not (where == "validation_epoch_end" and _fitting(trainer) and c._last_run_epoch == trainer.current_epoch)
+
+
+def _epoch_report(cb: "VisualizationCallback", trainer: Trainer, step: int, where: str, seconds: float) -> None:
+    """After ``cb`` ran at ``where`` (``"start"``, ``"train_epoch_end"``, ``"validation_epoch_end"``, ``"end"``):
+    note its seconds; when no later visualization callback (``trainer.callbacks`` order) runs there, log one
+    line for all of them (rank 0, logger ``lightning_viz``)."""
+    if not trainer.is_global_zero:
+        return
+    if _epoch_runs.get(trainer, (None,))[0] != (step, where):  # a new point (or one cut short by an error)
+        _epoch_runs[trainer] = ((step, where), [])
+    runs = _epoch_runs[trainer][1]
+    if cb.epoch_summary:
+        runs.append((cb.method if cb.name is None else f"{cb.method}[{cb.name}]", seconds))
+    cbs = [c for c in trainer.callbacks if isinstance(c, VisualizationCallback)]
+    if any(_runs_at(c, trainer, where) for c in cbs[cbs.index(cb) + 1:]):
+        return
+    _epoch_runs.pop(trainer, None)
+    if runs:
+        when = {"start": "before training", "validation_epoch_end": f"epoch {step} (validation end)",
+                "end": f"epoch {step} (end of training)"}.get(where, f"epoch {step}")
+        parts = ", ".join(f"{label} {t:.2f} s" for label, t in sorted(runs, key=lambda r: -r[1]))
+        _log.info("lightning-viz %s: %.1f s (%s)", when, sum(t for _, t in runs), parts)
 
 
 def _schedule_words(cb: "VisualizationCallback") -> str:
@@ -179,9 +219,9 @@ class VisualizationCallback(Callback):
         probe_seed: seed of the probe pick.
         probe_source: ``"val"`` (fall back to train) or ``"train"`` dataloader's dataset.
         probes: an explicit :class:`ProbeSet` (overrides the three options above).
-        log_time: log the seconds each run took as ``viz/<method>/time_s``.
-        name: optional namespace inserted in every tag (``viz/<name>/<method>/...``), to tell apart two
-            instances of one callback (e.g. two targets); also part of the checkpoint state key.
+        log_time: log the seconds each run took as ``viz-<method>/time_s``.
+        name: optional namespace inserted in every tag after the family (``viz-<method>/<name>/...``), to tell
+            apart two instances of one callback (e.g. two targets); also part of the checkpoint state key.
         on_error: ``"raise"`` (default: a failed run stops training with a :class:`VisualizationError`)
             or ``"warn"`` (warn and go on training; under DDP every rank decides the same way). Errors while
             logging (e.g. a full disk when writing or flushing) are handled the same way.
@@ -195,6 +235,10 @@ class VisualizationCallback(Callback):
             plain image folder when none of them stores images), or a list of the trainer's logger names
             (``"tensorboard"``, ``"csv"``, ``"mlflow"``, ``"wandb"``, ...) and ``"folder"``. ``[]`` writes
             nowhere, and then nothing is computed (one warning).
+        class_names: names of the classes (index -> name) for captions and legends; default the
+            datamodule's or the probe dataset's ``classes`` (torchvision ``ImageFolder`` convention), else indices.
+        epoch_summary: count this callback in the one line logged at every epoch end (logger ``lightning_viz``:
+            ``lightning-viz epoch 3: 1.7 s (embeddings 0.55 s, cam 0.29 s)``); no line when no callback is counted.
     """
 
     method: str = "viz"
@@ -221,6 +265,8 @@ class VisualizationCallback(Callback):
         logits_fn: Optional[Union[str, Callable]] = None,
         loggers: Optional[list[str]] = None,
         run_at_start: bool = False,
+        class_names: Optional[list[str]] = None,
+        epoch_summary: bool = True,
     ):
         super().__init__()
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
@@ -254,6 +300,9 @@ class VisualizationCallback(Callback):
         self.run_at_start = run_at_start
         self._last_run_epoch: int | None = None  # last epoch run in this fit (never run an epoch twice)
         self._trained_epoch: int | None = None  # last epoch trained in this fit
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
+        self.epoch_summary = epoch_summary
+        self._found_class_names: list[str] | None = None
         self.last_logged_tags: list[str] = []
         self.last_duration_s: float | None = None
 
@@ -439,13 +488,13 @@ class VisualizationCallback(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.run_at_start and trainer.current_epoch == 0 and trainer.global_step == 0:  # a fresh fit, not a resume
-            self.run(trainer, pl_module, step=BASELINE_STEP, scheduled=True)
+            self._run_and_report(trainer, pl_module, "start", step=BASELINE_STEP, scheduled=True)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trained_epoch = trainer.current_epoch
         if self.run_on == "train_epoch_end":
-            self.run(trainer, pl_module)
+            self._run_and_report(trainer, pl_module, "train_epoch_end")
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -454,7 +503,7 @@ class VisualizationCallback(Callback):
         # run now, on the final weights, at that epoch's step.
         epoch = self._trained_epoch
         if epoch is not None and self.every_n_epochs > 0 and self._last_run_epoch != epoch:
-            self.run(trainer, pl_module, step=epoch, scheduled=True)
+            self._run_and_report(trainer, pl_module, "end", step=epoch, scheduled=True)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -462,7 +511,33 @@ class VisualizationCallback(Callback):
             return
         if _fitting(trainer) and self._last_run_epoch == trainer.current_epoch:
             return  # once per epoch, also when the first validation of an epoch was the chosen one
-        self.run(trainer, pl_module)
+        self._run_and_report(trainer, pl_module, "validation_epoch_end")
+
+    def _run_and_report(self, trainer: Trainer, pl_module: LightningModule, where: str, step: int | None = None,
+                        scheduled: bool = False) -> None:
+        """:meth:`run`, then its part of the one log line of this point (see :func:`_epoch_report`)."""
+        if not (scheduled or self.should_run(trainer)) or not sink_names(trainer, self.loggers):
+            return
+        start = time.perf_counter()
+        if scheduled:
+            self.run(trainer, pl_module, step=step, scheduled=True)
+        else:  # the plain call, as subclasses overriding run(trainer, pl_module) expect
+            self.run(trainer, pl_module)
+        _epoch_report(self, trainer, trainer.current_epoch if step is None else step, where,
+                      time.perf_counter() - start)
+
+    def get_class_names(self, trainer: Trainer | None) -> list[str] | None:
+        """Class names (index -> name): the ``class_names`` option, else ``classes`` of the trainer's datamodule
+        or of the probe dataset (torchvision ``ImageFolder`` convention), else ``None`` (indices are shown)."""
+        if self.class_names is not None:
+            return self.class_names
+        if self._found_class_names is None and trainer is not None:
+            names = getattr(getattr(trainer, "datamodule", None), "classes", None)
+            if names is None:
+                names = getattr(_find_dataset(trainer, self.probe_source), "classes", None)
+            if names is not None and not isinstance(names, (str, bytes)):
+                self._found_class_names = [str(c) for c in names]
+        return self._found_class_names
 
     # ------------------------------------------------------------------ probes
     def get_probes(self, trainer: Trainer) -> ProbeSet:
@@ -555,7 +630,7 @@ class VisualizationCallback(Callback):
             stage = "compute"
             shard = probe.shard(rank, world) if distributed and probe is not None else probe
             try:
-                with isolated(pl_module):
+                with isolated(pl_module), reporting(self.method if rank == 0 else None):
                     local = None if shard is not None and len(shard) == 0 else self.compute(pl_module, shard)
             except Exception as exc:  # re-raised on every rank by gather_results
                 error = exc

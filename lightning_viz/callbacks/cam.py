@@ -1,5 +1,6 @@
 """CAM-family callback: CAM, Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, counterfactual Grad-CAM and
-Guided Grad-CAM(++) of chosen layers, logged as overlays ``viz/<method>/<layer>/<probe-id>``.
+Guided Grad-CAM(++) of chosen layers, logged as one panel per probe ``viz-cam/panel/<probe-id>`` (every method
+and layer side by side).
 
 All methods and layers of one callback -- and of every other gradient/CAM callback of the model at the
 same epoch -- come from one shared forward + backward per chunk (plus one guided pass if a guided

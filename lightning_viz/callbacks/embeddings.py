@@ -11,6 +11,7 @@ from ..layers import get_layer, module_device, module_dtype
 from ..logging import VizLogger, make_tag
 from ..methods.embeddings import extract_features, knn_accuracy, pca_2d, penultimate_layer, scatter_image, silhouette, tsne_2d
 from ..probe import ProbeSet
+from ..render import class_name
 from ._options import LayersSpec, renamed_option, single_layer
 from .base import VisualizationCallback
 
@@ -27,10 +28,10 @@ class EmbeddingCallback(VisualizationCallback):
     classifier head of resnet/vgg/densenet/mobilenet). Logged at step = epoch, with
     ``<layer>`` = the layer name or ``"penultimate"``:
 
-    * ``viz/embeddings/<layer>/pca`` (and ``/tsne``): scatter image colored by class;
-    * ``viz/embeddings/<layer>/silhouette`` and ``/knn_acc``: class-separation scalars (need labels);
+    * ``viz-embeddings/<layer>/pca`` (and ``/tsne``): scatter image colored by class, class names in the legend;
+    * ``viz-embeddings/<layer>/silhouette`` and ``/knn_acc``: class-separation scalars (need labels);
     * the TensorBoard projector (``projector: true``): features with metadata columns
-      ``label``/``prediction`` and image sprites, under ``<log_dir>/<epoch:05d>/<tag>/``.
+      ``label``/``prediction`` (class names when known) and image sprites, under ``<log_dir>/<epoch:05d>/<tag>/``.
 
     Args:
         layers: the layer (one name of ``model.named_modules()`` or a one-element list), or ``None`` for the
@@ -117,19 +118,20 @@ class EmbeddingCallback(VisualizationCallback):
             feats, preds = feats[ok], preds[ok]
             labels = None if labels is None else labels[ok]
         name = self.layer_tag
+        names = self.get_class_names(trainer)
         for proj in self.projection:
             if proj == "pca":
                 pts = pca_2d(feats)
             else:
                 pts = tsne_2d(feats, seed=self.probe_seed, perplexity=self.tsne_perplexity, iterations=self.tsne_iterations)
             title = f"{name} {proj.upper()}, epoch {logger.step}"
-            logger.image(make_tag(self.method, name, proj), scatter_image(pts, labels, title))
+            logger.image(make_tag(self.method, name, proj), scatter_image(pts, labels, title, class_names=names))
         if labels is not None:
             logger.scalar(make_tag(self.method, name, "silhouette"), silhouette(feats, labels))
             logger.scalar(make_tag(self.method, name, "knn_acc"), knn_accuracy(feats, labels, self.knn_k))
         if self.projector:
-            lab = ["?"] * len(preds) if labels is None else [str(int(v)) for v in labels]
-            metadata = [[a, str(int(p))] for a, p in zip(lab, preds)]
+            lab = ["?"] * len(preds) if labels is None else [class_name(v, names) for v in labels]
+            metadata = [[a, class_name(p, names)] for a, p in zip(lab, preds)]
             sprites = F.interpolate(probe.display_images()[ok], size=(self.sprite_size, self.sprite_size),
                                     mode="bilinear", align_corners=False).clamp(0, 1)
             if sprites.shape[1] == 1:

@@ -1,10 +1,10 @@
 """FilterCallback: the learned first-layer filters (or linear templates) as an image grid, every epoch.
 
 Tags (step = epoch):
-* ``viz/filters/<layer>/grid`` -- RGB tiles when the filters have 3 input channels, otherwise one
+* ``viz-filters/<layer>/grid`` -- RGB tiles when the filters have 3 input channels, otherwise one
   grayscale tile per (filter, input channel): one row per filter;
-* ``viz/filters/<layer>/mean_norm`` -- mean L2 norm of the filters;
-* ``viz/filters/<layer>/rel_change`` -- ``||W_t - W_prev|| / ||W_prev||`` since the previous logged
+* ``viz-filters/<layer>/mean_norm`` -- mean L2 norm of the filters;
+* ``viz-filters/<layer>/rel_change`` -- ``||W_t - W_prev|| / ||W_prev||`` since the previous logged
   epoch (from the second run on; kept across resume).
 """
 

@@ -11,6 +11,7 @@ trains, and no pass outlives an optimizer step, whatever the optimizer does (als
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Literal, Optional, Union
 
 from lightning.pytorch import LightningModule, Trainer
@@ -18,11 +19,11 @@ from torch import Tensor
 
 from ..layers import module_device, module_dtype
 from ..methods.gradients import GRADIENT_METHODS, PASS_RULES, gradient_from_pass, reduce_channels, smoothgrad
-from ..methods.shared_pass import INPUT, PassCache, PassResult, pass_cache
+from ..methods.shared_pass import INPUT, PassCache, PassResult, model_version, pass_cache
 from ..probe import ProbeSet
 from ..targets import resolve_target
 from .base import override
-from .maps import MapCallback
+from .maps import MapCallback, probabilities
 
 __all__ = ["GradientMapCallback", "GradientCallback", "SMOOTHGRAD_PREFIX"]
 
@@ -83,6 +84,16 @@ class GradientMapCallback(MapCallback):
         """The probe images on the model's device and in its (floating-point) parameter dtype."""
         return probe.to(module_device(pl_module), module_dtype(pl_module))
 
+    def predict(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
+        """The panel's predictions from the logits of a pass already made on these probes (no extra forward);
+        a forward of its own only when this callback used no shared pass (e.g. integrated gradients alone)."""
+        cache, fingerprint = self.cache(pl_module), probe.fingerprint()
+        if cache.version == (weakref.ref(pl_module),) + model_version(pl_module):  # passes of this model state
+            for key, result in cache.entries.items():
+                if key[0] == fingerprint and result.logits.shape[0] == len(probe):
+                    return probabilities(result.logits)
+        return super().predict(pl_module, probe)
+
     def get_pass(self, pl_module: LightningModule, probe: ProbeSet, x: Tensor, rule: Optional[str],
                  layers: list[str]) -> PassResult:
         """The pass of ``rule`` over (at least) ``layers`` on this probe set, computed once per model state."""
@@ -94,7 +105,7 @@ class GradientMapCallback(MapCallback):
 
 
 class GradientCallback(GradientMapCallback):
-    """Gradient attribution maps of the probe images, logged as ``viz/<method>/input/<probe-id>``.
+    """Gradient attribution maps of the probe images, logged as one panel per probe ``viz-gradients/panel/<probe-id>``.
 
     Args:
         methods: any of ``saliency`` (Simonyan, max |grad| over channels), ``gradient`` (signed),

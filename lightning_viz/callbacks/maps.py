@@ -3,9 +3,12 @@
 A subclass implements :meth:`MapCallback.compute_maps` -> ``{key: Tensor[N, H, W]}`` with raw
 (signed) values, ``key`` like ``"gradcam/layer4"``. This base then, on rank 0:
 
-* logs an overlay per probe image (``viz/<key>/<probe-id>``) or one grid per key (``layout="grid"``),
-  normalized per image and/or on a scale fixed for the whole run (``normalize``);
-* logs summary statistics of the raw maps as scalars (``viz/<key>/stats/{mean_abs,max_abs,std}``);
+* logs, by default, one panel per probe image (``viz-<family>/panel/<probe-id>``): the probe image and every
+  map key as an overlay side by side, under a caption strip (probe id, true class, predicted class and its
+  probability) and the method names; with ``normalize="both"`` a second row shows the maps on the fixed
+  scale, each with a colorbar giving its numeric range. ``layout="per_probe"`` logs one overlay per key
+  and probe (``viz-<family>/<key>/<probe-id>``), ``layout="grid"`` one grid per key;
+* logs summary statistics of the raw maps as scalars (``viz-<family>/<key>/stats/{mean_abs,max_abs,std}``);
 * hands the maps to the optional :attr:`tracker` (filmstrips, drift, faithfulness; see ``tracking.py``).
 """
 
@@ -17,9 +20,11 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
+from ..layers import module_device, module_dtype
 from ..logging import VizLogger, make_tag
 from ..probe import ProbeSet
-from ..render import FixedScale, colormap, image_grid, normalize_maps, overlay, resize_maps
+from ..render import (FixedScale, class_name, colorbar, colormap, compose, diverging_cmap, image_grid, normalize_maps,
+                      overlay, resize_maps, text_strip, upscale)
 from ..targets import LabelTarget, resolve_target
 from ..tracking import MapTracker
 from .base import VisualizationCallback
@@ -27,6 +32,7 @@ from .base import VisualizationCallback
 __all__ = ["MapCallback"]
 
 MAP_PREFIX = "map:"
+PRED_PREFIX = "pred:"
 
 
 class MapCallback(VisualizationCallback):
@@ -34,9 +40,14 @@ class MapCallback(VisualizationCallback):
 
     Args:
         normalize: ``"per_image"`` (shape of each map), ``"fixed"`` (one scale for the whole run, so
-            magnitudes compare across epochs), or ``"both"`` (two images per probe).
-        layout: ``"per_probe"`` (one image tag per probe) or ``"grid"`` (one grid per method/layer).
-        cmap: matplotlib colormap for the heat.
+            magnitudes compare across epochs), or ``"both"`` (a second row of the panel; two images per
+            probe and key with the other layouts).
+        layout: ``"panel"`` (one image per probe: the image and every method/layer, with captions),
+            ``"per_probe"`` (one image per probe and method/layer) or ``"grid"`` (one grid per method/layer).
+        display_px: shorter side, in pixels, that each tile is upscaled to (integer factor; 0 keeps the
+            probe size), so a 32 px probe shows at 128 px.
+        cmap: matplotlib colormap for the heat (default ``"jet"``, or the diverging ``"RdBu_r"`` for signed maps,
+            zero in white).
         alpha: heat opacity over the image.
         signed: treat maps as signed (diverging normalization) -- e.g. the signed gradient.
         tracker: optional :class:`lightning_viz.tracking.MapTracker` for filmstrips, drift, faithfulness,
@@ -47,8 +58,9 @@ class MapCallback(VisualizationCallback):
     def __init__(
         self,
         normalize: Literal["per_image", "fixed", "both"] = "per_image",
-        layout: Literal["per_probe", "grid"] = "per_probe",
-        cmap: str = "jet",
+        layout: Literal["panel", "per_probe", "grid"] = "panel",
+        display_px: int = 128,
+        cmap: Optional[str] = None,
         alpha: float = 0.5,
         signed: bool = False,
         tracker: Optional[MapTracker] = None,
@@ -57,13 +69,17 @@ class MapCallback(VisualizationCallback):
         super().__init__(**kwargs)
         if normalize not in ("per_image", "fixed", "both"):
             raise ValueError(f"normalize must be 'per_image', 'fixed' or 'both'; got {normalize!r}")
-        if layout not in ("per_probe", "grid"):
-            raise ValueError(f"layout must be 'per_probe' or 'grid'; got {layout!r}")
+        if layout not in ("panel", "per_probe", "grid"):
+            raise ValueError(f"layout must be 'panel', 'per_probe' or 'grid'; got {layout!r}")
+        if display_px < 0:
+            raise ValueError(f"display_px must be >= 0 (0 keeps the probe size); got {display_px}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1] (heat opacity over the image); got {alpha}")
-        colormap(torch.zeros(1, 1, 1), cmap)  # an unknown colormap fails here, not after the first epoch
+        if cmap is not None:
+            colormap(torch.zeros(1, 1, 1), cmap)  # an unknown colormap fails here, not after the first epoch
         self.normalize = normalize
         self.layout = layout
+        self.display_px = display_px
         self.cmap = cmap
         self.alpha = alpha
         self.signed = signed
@@ -89,46 +105,127 @@ class MapCallback(VisualizationCallback):
             )
 
     # ------------------------------------------------------------------ base implementation
+    @property
+    def heat_cmap(self) -> str:
+        """The colormap in use (``cmap``, or the default for signed / unsigned maps)."""
+        return diverging_cmap(self.cmap, self.signed)
+
     def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
         model = self.adapted(pl_module)  # logits_fn applied; layer names unchanged
         maps = self.compute_maps(model, probe)
         out: dict[str, Any] = {MAP_PREFIX + k: v.detach().float().cpu() for k, v in maps.items()}
+        if self.layout == "panel":
+            out.update(self.predict(model, probe))
         if self.tracker is not None:
             out.update(self.tracker.compute(model, probe, maps, callback=self))
         return out
 
+    def predict(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
+        """Predicted class and probability per probe for the panel captions (see :func:`predictions`)."""
+        return predictions(pl_module, probe, getattr(self, "chunk_size", None))
+
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
         maps = {k[len(MAP_PREFIX):]: v for k, v in results.items() if k.startswith(MAP_PREFIX)}
         images = probe.display_images()
-        for key, m in maps.items():
-            self.log_map(logger, key, m, images, probe)
+        if self.layout == "panel":
+            shown, oks = {}, {}
+            for key, m in maps.items():
+                oks[key], shown[key] = self.finite(key, m)
+                self.log_stats(logger, key, shown[key], oks[key])
+            self.log_panels(logger, shown, images, probe, results, self.get_class_names(trainer), oks)
+        else:
+            for key, m in maps.items():
+                self.log_map(logger, key, m, images, probe)
         if self.tracker is not None:
             self.tracker.log(logger, maps, results, probe, trainer, callback=self)
 
-    def log_map(self, logger: VizLogger, key: str, maps: Tensor, images01: Tensor, probe: ProbeSet) -> None:
-        """Overlays and statistics for one ``[N, H, W]`` raw map tensor (probes with non-finite maps: a warning,
-        left out of the statistics and the fixed scale, not logged per probe, zero in a grid)."""
+    def finite(self, key: str, maps: Tensor) -> tuple[Tensor, Tensor]:
+        """``(ok, maps)``: which probes' maps are all finite (a warning otherwise), and the maps with the others
+        zeroed (left out of the statistics and the fixed scale, zero in panels and grids, not logged per probe)."""
         ok = self.warn_non_finite(f"the {key} maps", maps)
-        maps = torch.where(ok.view(-1, *[1] * (maps.ndim - 1)), maps, torch.zeros_like(maps))
+        return ok, torch.where(ok.view(-1, *[1] * (maps.ndim - 1)), maps, torch.zeros_like(maps))
+
+    def log_stats(self, logger: VizLogger, key: str, maps: Tensor, ok: Tensor | None = None) -> None:
+        """``viz-<family>/<key>/stats/{mean_abs,max_abs,std}`` of the raw maps (of the ``ok`` probes)."""
+        ok = torch.ones(maps.shape[0], dtype=torch.bool) if ok is None else ok
         flat = maps[ok].flatten(1) if bool(ok.any()) else maps.new_zeros(1, 1)
-        logger.scalar(make_tag(key, "stats", "mean_abs"), flat.abs().mean())
-        logger.scalar(make_tag(key, "stats", "max_abs"), flat.abs().max())
-        logger.scalar(make_tag(key, "stats", "std"), flat.std() if flat.numel() > 1 else 0.0)
-        variants: list[tuple[str, Tensor]] = []
+        logger.scalar(make_tag(self.method, key, "stats", "mean_abs"), flat.abs().mean())
+        logger.scalar(make_tag(self.method, key, "stats", "max_abs"), flat.abs().max())
+        logger.scalar(make_tag(self.method, key, "stats", "std"), flat.std() if flat.numel() > 1 else 0.0)
+
+    def variants(self, key: str, maps: Tensor, ok: Tensor | None = None) -> list[tuple[str, Tensor,
+                                                                                     tuple[float, float] | None]]:
+        """``(suffix, maps in [0, 1], fixed (vmin, vmax) or None)`` for each asked normalization (the fixed scale
+        is set from the ``ok`` probes only)."""
+        out: list[tuple[str, Tensor, tuple[float, float] | None]] = []
         if self.normalize in ("per_image", "both"):
-            variants.append(("", normalize_maps(maps, "per_image", signed=self.signed)))
+            out.append(("", normalize_maps(maps, "per_image", signed=self.signed), None))
         if self.normalize in ("fixed", "both"):
             scale = self.scales.setdefault(key, FixedScale(signed=self.signed))
-            vmin, vmax = scale.update(maps[ok])
-            variants.append(("fixed" if self.normalize == "both" else "", normalize_maps(maps, "fixed", vmin, vmax)))
-        for suffix, m01 in variants:
-            over = overlay(images01, resize_maps(m01, images01.shape[-2:]), self.alpha, self.cmap)
+            vmin, vmax = scale.update(maps if ok is None else maps[ok])
+            out.append(("fixed" if self.normalize == "both" else "", normalize_maps(maps, "fixed", vmin, vmax),
+                        (vmin, vmax)))
+        return out
+
+    def display(self, images01: Tensor) -> Tensor:
+        """Probe images upscaled to ``display_px`` (nearest, integer factor)."""
+        return upscale(images01, self.display_px) if self.display_px else images01.float()
+
+    def log_map(self, logger: VizLogger, key: str, maps: Tensor, images01: Tensor, probe: ProbeSet) -> None:
+        """Overlays (``layout="per_probe"`` or ``"grid"``) and statistics for one ``[N, H, W]`` raw map tensor."""
+        ok, maps = self.finite(key, maps)
+        self.log_stats(logger, key, maps, ok)
+        big = self.display(images01)
+        for suffix, m01, rng in self.variants(key, maps, ok):
+            over = overlay(big, resize_maps(m01, big.shape[-2:]), self.alpha, self.heat_cmap)
             if self.layout == "grid":
-                logger.image(make_tag(key, suffix or None, "grid"), image_grid(over))
+                grid = image_grid(over)
+                if rng is not None:  # the fixed scale's numeric range under the grid
+                    grid = torch.cat([grid, colorbar(int(grid.shape[-1]), rng[0], rng[1], self.heat_cmap)], dim=1)
+                logger.image(make_tag(self.method, key, suffix or None, "grid"), grid)
             else:
+                bar = None if rng is None else colorbar(int(big.shape[-1]), rng[0], rng[1], self.heat_cmap)
                 for pid, img, finite in zip(probe.ids, over, ok.tolist()):
                     if finite:
-                        logger.image(make_tag(key, pid, suffix or None), img)
+                        logger.image(make_tag(self.method, key, pid, suffix or None),
+                                     img if bar is None else torch.cat([img, bar], dim=1))
+
+    def log_panels(self, logger: VizLogger, maps: dict[str, Tensor], images01: Tensor, probe: ProbeSet,
+                   results: dict[str, Any], class_names: list[str] | None,
+                   oks: dict[str, Tensor] | None = None) -> None:
+        """One ``viz-<family>/panel/<probe-id>`` image per probe: image | one overlay per key, a second row on
+        the fixed scale (with colorbars) when ``normalize="both"``, captions with class names."""
+        big = self.display(images01)
+        size = big.shape[-2:]
+        keys = list(maps)
+        width = int(size[-1])
+        rows: list[list[Tensor]] = []  # per variant: [N, 3, h, w] overlays per key
+        bars: list[list[list[Tensor | None]]] = []  # per variant, per key: a colorbar per probe (or None)
+        for key in keys:
+            for v, (_, m01, rng) in enumerate(self.variants(key, maps[key], (oks or {}).get(key))):
+                if len(rows) <= v:
+                    rows.append([])
+                    bars.append([])
+                rows[v].append(overlay(big, resize_maps(m01, size), self.alpha, self.heat_cmap))
+                if rng is not None:  # fixed scale: one range for every probe
+                    bars[v].append([colorbar(width, rng[0], rng[1], self.heat_cmap)] * len(probe))
+                elif self.signed:  # per image, signed: each probe's own symmetric range, zero marked
+                    top = maps[key].flatten(1).abs().amax(dim=1).clamp_min(1e-12).tolist()
+                    bars[v].append([colorbar(width, -t, t, self.heat_cmap) for t in top])
+                else:
+                    bars[v].append([None] * len(probe))
+        layers = {k.split("/", 1)[-1] for k in keys}
+        labels = ["image"] + [k.split("/", 1)[0] if len(layers) == 1 else k.replace("/", " ") for k in keys]
+        both = self.normalize == "both"
+        fixed_tile = text_strip(int(size[-1]), ["fixed scale"], 14)
+        for i, pid in enumerate(probe.ids):
+            tiles = [[big[i] if v == 0 else fixed_tile] + [r[i] for r in row] for v, row in enumerate(rows)]
+            under = [[None] + [per_key[i] for per_key in bar] for bar in bars]
+            caption = panel_caption(pid, probe, results, i, class_names)
+            if both:
+                caption += "   top: per image, bottom: fixed scale"
+            logger.image(make_tag(self.method, "panel", pid), compose(tiles, labels, caption, under=under),
+                         caption=caption)  # drawn in the image; also shown by backends that keep captions (W&B)
 
     def extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"scales": {k: s.state_dict() for k, s in self.scales.items()}}
@@ -142,3 +239,35 @@ class MapCallback(VisualizationCallback):
             self.scales[k].load_state_dict(s)
         if self.tracker is not None and state.get("tracker") is not None and hasattr(self.tracker, "load_state_dict"):
             self.tracker.load_state_dict(state["tracker"])
+
+
+def probabilities(logits: Tensor) -> dict[str, Tensor]:
+    """``{"pred:class": [N], "pred:prob": [N]}`` from logits ``[N, K]``: argmax and its softmax probability."""
+    prob, cls = logits.detach().float().softmax(dim=1).max(dim=1)
+    return {PRED_PREFIX + "class": cls.cpu(), PRED_PREFIX + "prob": prob.cpu()}
+
+
+def predictions(pl_module: LightningModule, probe: ProbeSet, chunk_size: int | None = None) -> dict[str, Tensor]:
+    """``{"pred:class": [N], "pred:prob": [N]}``: the model's predicted class and its softmax probability
+    (no-grad forwards of ``chunk_size`` probes; nothing when the model does not return logits ``[N, K]``)."""
+    x = probe.to(module_device(pl_module), module_dtype(pl_module))
+    step = chunk_size or len(x)
+    parts = []
+    with torch.no_grad():
+        for s in range(0, len(x), step):
+            logits = pl_module(x[s:s + step])
+            if not isinstance(logits, Tensor) or logits.ndim != 2:
+                return {}
+            parts.append(logits.float())
+    return probabilities(torch.cat(parts))
+
+
+def panel_caption(pid: str, probe: ProbeSet, results: dict[str, Any], i: int, class_names: list[str] | None) -> str:
+    """``"p003  true: circle  pred: square 87%"`` (parts that are unknown are left out)."""
+    parts = [pid]
+    if probe.labels is not None:
+        parts.append(f"true: {class_name(probe.labels[i], class_names)}")
+    cls, prob = results.get(PRED_PREFIX + "class"), results.get(PRED_PREFIX + "prob")
+    if cls is not None and prob is not None:
+        parts.append(f"pred: {class_name(cls[i], class_names)} {float(prob[i]):.0%}")
+    return "  ".join(parts)

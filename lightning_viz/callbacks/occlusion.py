@@ -19,8 +19,8 @@ __all__ = ["OcclusionCallback"]
 class OcclusionCallback(MapCallback):
     """Occlusion sensitivity (Zeiler & Fergus 2014, Sec. 4.2) as heatmap overlays per probe.
 
-    Logs ``viz/occlusion/score/<probe-id>`` (drop of the target's logit) and, if asked,
-    ``viz/occlusion/prob/<probe-id>`` (drop of its softmax probability), plus the
+    Logs one panel per probe ``viz-occlusion/panel/<probe-id>`` with the map ``occlusion/score`` (drop of the
+    target's logit) and, if asked, ``occlusion/prob`` (drop of its softmax probability), plus the
     :class:`MapCallback` statistics. Each pixel shows the mean drop of the windows covering it.
 
     Args:

@@ -15,7 +15,7 @@ from ..logging import VizLogger, make_tag
 from ..methods.patches import TopK, merge_topk, scan_topk
 from ..methods.receptive_field import crop_boxes, receptive_field
 from ..probe import ProbeSet
-from ..render import image_grid
+from ..render import class_name, compose, image_grid, text_strip
 from ._options import as_layer_list, renamed_option
 from .base import VisualizationCallback
 
@@ -29,8 +29,9 @@ class TopPatchesCallback(VisualizationCallback):
     unit; rank 0 merges the candidate lists with :func:`~lightning_viz.methods.patches.merge_topk`
     (value descending, then probe index ascending, so the result does not depend on the number of
     ranks), crops each winner's receptive field around its strongest position (padding gray at the
-    borders) and logs ``viz/top_patches/<layer>/unit<c>`` (grid, best first) and ``.../unit<c>/max``
-    (the top activation).
+    borders) and logs ``viz-top_patches/<layer>/unit<c>`` (grid, best first) and ``.../unit<c>/max``
+    (the top activation); with ``layout="grid"`` one ``viz-top_patches/<layer>/grid`` per layer instead, one
+    row per unit, each patch with the class of its probe underneath.
 
     Args:
         layers: layer name(s) whose channels are the units (conv feature maps ``[B, C, h, w]``).
@@ -42,6 +43,7 @@ class TopPatchesCallback(VisualizationCallback):
         receptive_field: ``"auto"`` (layer arithmetic on plain conv/pool chains, else gradient support),
             ``"arithmetic"`` or ``"gradient"``.
         patch_px: displayed size of each patch (nearest upsampling; 0 keeps the receptive-field size).
+        layout: ``"per_unit"`` (one image per unit) or ``"grid"`` (one image per layer, a row per unit).
         num_probes: size of the scanned probe set (default 256).
         **kwargs: :class:`VisualizationCallback` options.
     """
@@ -58,6 +60,7 @@ class TopPatchesCallback(VisualizationCallback):
         chunk_size: Optional[int] = 64,
         receptive_field: Literal["auto", "arithmetic", "gradient"] = "auto",
         patch_px: int = 32,
+        layout: Literal["per_unit", "grid"] = "per_unit",
         num_probes: int = 256,
         batch_size: Optional[int] = None,
         **kwargs: Any,
@@ -77,6 +80,9 @@ class TopPatchesCallback(VisualizationCallback):
             raise ValueError(f"receptive_field must be 'auto', 'arithmetic' or 'gradient'; got {receptive_field!r}")
         if patch_px < 0:
             raise ValueError(f"patch_px must be >= 0; got {patch_px}")
+        if layout not in ("per_unit", "grid"):
+            raise ValueError(f"TopPatchesCallback: layout must be 'per_unit' or 'grid'; got {layout!r}")
+        self.layout = layout
         self.layers = names
         self.units = None if units is None else list(units)
         self.num_units, self.k, self.chunk_size = num_units, k, chunk_size
@@ -123,16 +129,28 @@ class TopPatchesCallback(VisualizationCallback):
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
         images = probe.display_images()
+        names = self.get_class_names(trainer)
         for name in self.layers:
             units = results["units:" + name][0].tolist()
             top: TopK = merge_topk([TopK.from_rows(results[name])], self.k)
             self.warn_non_finite(f"the {name} top activations", top.values, rows="units")
             boxes = self.boxes(trainer.lightning_module, name, tuple(probe.images.shape[1:]))
+            rows, under = [], []
             for u, c in enumerate(units):
                 img_idx = top.image[u]
                 sel = boxes[top.y[u], top.x[u]]  # [k, 4]
                 crops = crop_boxes(images[img_idx], sel, pad_value=0.5, max_size=images.shape[-2:])
                 if self.patch_px:
                     crops = F.interpolate(crops, size=(self.patch_px, self.patch_px), mode="nearest")
-                logger.image(make_tag(self.method, name, f"unit{c:03d}"), image_grid(crops, nrow=len(crops)))
+                if self.layout == "grid":
+                    w = int(crops.shape[-1])
+                    rows.append([text_strip(64, [f"unit {c}"], 14)] + list(crops))
+                    labels = [class_name(probe.labels[j], names) if probe.labels is not None else f"#{int(j)}"
+                              for j in img_idx.tolist()]
+                    under.append([None] + [text_strip(w, [t], 11) for t in labels])
+                else:
+                    logger.image(make_tag(self.method, name, f"unit{c:03d}"), image_grid(crops, nrow=len(crops)))
                 logger.scalar(make_tag(self.method, name, f"unit{c:03d}", "max"), top.values[u, 0])
+            if self.layout == "grid" and rows:
+                caption = f"{name}: top-{self.k} patches per unit, strongest first"
+                logger.image(make_tag(self.method, name, "grid"), compose(rows, None, caption, under=under))

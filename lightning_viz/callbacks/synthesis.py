@@ -2,13 +2,17 @@
 inversion and adversarial examples, every ``every_n_epochs`` epochs (step = epoch).
 
 Tags:
-* :class:`ClassModelCallback` -- ``viz/class_model/grid`` and ``viz/class_model/class<c>/score``;
-* :class:`UnitCallback` -- ``viz/units/<layer>/grid`` and ``viz/units/<layer>/ch<k>/activation``;
-* :class:`InversionCallback` -- ``viz/inversion/<layer>/<probe-id>`` (original | reconstruction) and
-  ``viz/inversion/<layer>/feature_error`` (mean relative feature error);
-* :class:`AdversarialCallback` -- ``viz/adversarial/<probe-id>`` (image | amplified perturbation |
-  adversarial, with "pred a -> b" underneath), ``viz/adversarial/{linf,l2,flip_rate}`` and
-  ``viz/adversarial/min_flip_eps`` (mean over probes of the smallest budget that flips each one).
+* :class:`ClassModelCallback` -- ``viz-class_model/grid`` (each image with its class name underneath) and
+  ``viz-class_model/class<c>/score``;
+* :class:`UnitCallback` -- ``viz-units/<layer>/grid`` and ``viz-units/<layer>/ch<k>/activation``;
+* :class:`InversionCallback` -- ``viz-inversion/<layer>/<probe-id>`` (original | reconstruction), or one
+  ``viz-inversion/<layer>/grid`` with ``layout="grid"``, and ``viz-inversion/<layer>/feature_error``;
+* :class:`AdversarialCallback` -- ``viz-adversarial/<probe-id>`` (image | amplified perturbation |
+  adversarial, with "pred a -> b" in class names underneath), or one ``viz-adversarial/grid`` with
+  ``layout="grid"``, ``viz-adversarial/{linf,l2,flip_rate}`` and ``viz-adversarial/min_flip_eps``
+  (mean over probes of the smallest budget that flips each one).
+
+``display_px`` (default 96): tiles are upscaled (nearest, integer factor) so the shorter side is at least that.
 
 Images live in the model's input space; when the probe set knows its normalization (``mean``/``std``)
 the images are kept in the valid pixel range ``[0, 1]`` and shown un-normalized.
@@ -30,7 +34,7 @@ from ..methods.adversarial import fgsm, minimal_flip_budget, pgd, predict
 from ..methods.regularizers import build_regularizers
 from ..methods.synthesis import class_model_images, initial_images, invert_features, per_image_noise, unit_images, valid_range
 from ..probe import ProbeSet
-from ..render import image_grid, label_strip
+from ..render import class_name, compose, image_grid, label_strip, labeled_grid, text_strip, upscale
 from ._options import LayersSpec, reject_options, renamed_option, single_layer
 from .base import VisualizationCallback
 
@@ -63,6 +67,7 @@ class _InputOptimizationCallback(VisualizationCallback):
         seed: seed of the generator for init noise and jitter, reset at every run.
         chunk_size: optimize this many images at a time (``None``: all at once).
         input_shape: ``[C, H, W]`` of one image (class/unit callbacks; default: the probe images' shape).
+        display_px: shorter side each shown image is upscaled to (0: as computed).
         **kwargs: schedule and probe options of :class:`VisualizationCallback`.
     """
 
@@ -84,10 +89,14 @@ class _InputOptimizationCallback(VisualizationCallback):
         seed: int = 0,
         chunk_size: Optional[int] = None,
         input_shape: Optional[list[int]] = None,
+        display_px: int = 96,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
         name = type(self).__name__
+        if display_px < 0:
+            raise ValueError(f"{name}: display_px must be >= 0; got {display_px}")
+        self.display_px = display_px
         if steps < 1 or lr <= 0:
             raise ValueError(f"{name}: need steps >= 1 and lr > 0; got steps={steps}, lr={lr}")
         if parameterization not in ("pixel", "fft"):
@@ -122,6 +131,10 @@ class _InputOptimizationCallback(VisualizationCallback):
             generator=torch.Generator(device=device).manual_seed(self.seed),
             bounds=None if probe is None else valid_range(probe.mean, probe.std, device),
         )
+
+    def show(self, images01: Tensor) -> Tensor:
+        """Images upscaled to ``display_px`` for display."""
+        return upscale(images01, self.display_px) if self.display_px else images01
 
     def image_shape(self, probe: ProbeSet | None) -> list[int]:
         return self.input_shape if self.input_shape is not None else list(probe.images.shape[1:])
@@ -177,7 +190,10 @@ class ClassModelCallback(_InputOptimizationCallback):
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         mean, std = (probe.mean, probe.std) if probe is not None else (None, None)
         self.warn_non_finite("the class-model images", results["images"], rows="classes")
-        logger.image(make_tag(self.method, "grid"), image_grid(_display(results["images"], mean, std)))
+        names = self.get_class_names(trainer)
+        labels = [class_name(c, names) for c in results["classes"].tolist()]
+        tiles = self.show(_display(results["images"], mean, std))
+        logger.image(make_tag(self.method, "grid"), labeled_grid(tiles, labels))
         for c, s in zip(results["classes"].tolist(), results["scores"]):
             logger.scalar(make_tag(self.method, f"class{c}", "score"), s)
 
@@ -236,7 +252,9 @@ class UnitCallback(_InputOptimizationCallback):
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         mean, std = (probe.mean, probe.std) if probe is not None else (None, None)
         self.warn_non_finite(f"the {self.layer} unit images", results["images"], rows="channels")
-        logger.image(make_tag(self.method, self.layer, "grid"), image_grid(_display(results["images"], mean, std)))
+        logger.image(make_tag(self.method, self.layer, "grid"),
+                     labeled_grid(self.show(_display(results["images"], mean, std)),
+                                  [f"ch {c}" for c in self.channels]))
         for c, s in zip(self.channels, results["scores"]):
             logger.scalar(make_tag(self.method, self.layer, f"ch{c}", "activation"), s)
 
@@ -248,6 +266,7 @@ class InversionCallback(_InputOptimizationCallback):
     Args:
         layers: the layer whose output is inverted (one dotted name, or a one-element list; required).
         layer: deprecated alias of ``layers``.
+        layout: ``"per_probe"`` (one image per probe) or ``"grid"`` (one image, a row per probe).
         **kwargs: as :class:`ClassModelCallback` (defaults here: ``init="noise"``, ``tv=1e-3``, ``l2=1e-4``),
             and the probe options of :class:`VisualizationCallback` (each probe is reconstructed).
     """
@@ -255,10 +274,14 @@ class InversionCallback(_InputOptimizationCallback):
     method = "inversion"
 
     def __init__(self, layers: LayersSpec = None, init: Literal["zero", "gray", "noise"] = "noise", tv: float = 1e-3,
-                 l2: float = 1e-4, layer: Optional[str] = None, **kwargs: Any):
+                 l2: float = 1e-4, layer: Optional[str] = None, layout: Literal["per_probe", "grid"] = "per_probe",
+                 **kwargs: Any):
         owner = type(self).__name__
         reject_options(owner, kwargs, ("input_shape",), "each probe image is reconstructed at its own shape")
         super().__init__(init=init, tv=tv, l2=l2, input_shape=None, **kwargs)
+        if layout not in ("per_probe", "grid"):
+            raise ValueError(f"InversionCallback: layout must be 'per_probe' or 'grid'; got {layout!r}")
+        self.layout = layout
         layer = single_layer(owner, renamed_option(owner, "layer", "layers", layer, layers, None))
         if layer is None:
             raise ValueError("InversionCallback needs layers: the layer whose features to invert "
@@ -282,11 +305,19 @@ class InversionCallback(_InputOptimizationCallback):
         return {"images": res.images.cpu(), "error": (-res.scores).clamp_min(0).sqrt().cpu()}
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
-        originals = probe.display_images()
         self.warn_non_finite(f"the {self.layer} reconstructions", results["images"], rows="probes")
-        recons = _display(results["images"], probe.mean, probe.std)
-        for pid, orig, rec in zip(probe.ids, originals, recons):
-            logger.image(make_tag(self.method, self.layer, pid), image_grid(torch.stack([orig, rec]), nrow=2))
+        originals = self.show(probe.display_images())
+        recons = self.show(_display(results["images"], probe.mean, probe.std))
+        if self.layout == "grid":
+            names = self.get_class_names(trainer)
+            heads = [pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
+                     for i, pid in enumerate(probe.ids)]
+            rows = [[text_strip(96, [h], 13), o, r] for h, o, r in zip(heads, originals, recons)]
+            logger.image(make_tag(self.method, self.layer, "grid"),
+                         compose(rows, ["", "original", "reconstruction"], f"inversion of {self.layer}"))
+        else:
+            for pid, orig, rec in zip(probe.ids, originals, recons):
+                logger.image(make_tag(self.method, self.layer, pid), image_grid(torch.stack([orig, rec]), nrow=2))
         logger.scalar(make_tag(self.method, self.layer, "feature_error"), results["error"].mean())
 
 
@@ -313,6 +344,8 @@ class AdversarialCallback(VisualizationCallback):
         min_flip_attack: attack used in the search (``"fgsm"`` is cheapest; ``"pgd"`` uses ``steps``).
         loss: what the attacks climb: ``"ce"`` (cross-entropy) or ``"score"`` (the class logit itself).
         chunk_size: attack this many probes at a time (``None``: all at once); results are the same.
+        layout: ``"per_probe"`` (one image per probe) or ``"grid"`` (one image, a row per probe).
+        display_px: shorter side each shown image is upscaled to (0: as computed).
         **kwargs: schedule and probe options of :class:`VisualizationCallback`.
     """
 
@@ -333,10 +366,16 @@ class AdversarialCallback(VisualizationCallback):
         min_flip_attack: Literal["fgsm", "pgd"] = "fgsm",
         loss: Literal["ce", "score"] = "ce",
         chunk_size: Optional[int] = None,
+        layout: Literal["per_probe", "grid"] = "per_probe",
+        display_px: int = 96,
         target: Optional[str] = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
+        if layout not in ("per_probe", "grid") or display_px < 0:
+            raise ValueError(f"AdversarialCallback: layout must be 'per_probe' or 'grid' and display_px >= 0; "
+                             f"got {layout!r}, {display_px}")
+        self.layout, self.display_px = layout, display_px
         mode = renamed_option(type(self).__name__, "target", "mode", target, mode, "untargeted")
         if epsilon <= 0:
             raise ValueError(f"AdversarialCallback: epsilon must be > 0; got {epsilon}")
@@ -400,10 +439,21 @@ class AdversarialCallback(VisualizationCallback):
         amplified = (0.5 + delta / (2 * self.epsilon)).clamp(0, 1)  # the full budget [-eps, eps] spans [0, 1]
         originals = probe.display_images()
         advs = _display(results["adv"], probe.mean, probe.std)
-        for i, pid in enumerate(probe.ids):
+        if self.display_px:
+            originals, amplified, advs = (upscale(t, self.display_px) for t in (originals, amplified, advs))
+        names = self.get_class_names(trainer)
+        captions = [f"pred {class_name(results['clean_pred'][i], names)} -> {class_name(results['adv_pred'][i], names)}"
+                    for i in range(len(probe))]
+        if self.layout == "grid":
+            rows = [[text_strip(150, [f"{pid}: {cap[5:]}"], 13), originals[i], amplified[i], advs[i]]
+                    for i, (pid, cap) in enumerate(zip(probe.ids, captions))]
+            head = ["prediction", "original", f"delta +-{self.epsilon:g}", "adversarial"]
+            logger.image(make_tag(self.method, "grid"),
+                         compose(rows, head, f"{self.attack} attack, L-inf budget {self.epsilon:g}"))
+        for i, pid in enumerate(probe.ids if self.layout == "per_probe" else []):
             grid = image_grid(torch.stack([originals[i], amplified[i], advs[i]]), nrow=3)
-            caption = f"pred {int(results['clean_pred'][i])} -> {int(results['adv_pred'][i])}"
-            logger.image(make_tag(self.method, pid), torch.cat([grid, label_strip(grid.shape[-1], caption)], dim=1))
+            logger.image(make_tag(self.method, pid), torch.cat([grid, label_strip(grid.shape[-1], captions[i])], dim=1),
+                         caption=f"{pid}: {captions[i]}")
         if self.mode == "next_class":
             flipped = results["adv_pred"] == results["classes"]
         else:

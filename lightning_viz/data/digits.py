@@ -55,11 +55,13 @@ def load_digit_images(image_size: int = 16) -> tuple[Tensor, Tensor]:
 class DigitsDataModule(SplitDataModule):
     """scikit-learn digits with a seeded train/val split; batches of ``(x[B, 1, S, S], y)``, 10 classes.
 
-    ``mean``/``std`` (one value each, from the training split) are the normalization used.
+    ``mean``/``std`` (one value each, from the training split) are the normalization used; ``classes`` are
+    the class names ``"0"`` .. ``"9"``.
     """
 
     num_classes = 10
     in_channels = 1
+    classes = [str(d) for d in range(10)]
 
     def __init__(self, image_size: int = 16, val_fraction: float = 0.2, batch_size: int = 64, num_workers: int = 0,
                  seed: int = 0):

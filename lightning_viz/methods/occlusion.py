@@ -19,6 +19,7 @@ from typing import Literal, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..progress import progress
 from ..targets import Target, TargetSpec, resolve_target
 from .batching import activation_bytes_per_image, images_per_forward
 
@@ -162,6 +163,7 @@ def occlusion(
         chunk = images_per_forward(model, x) if chunk_size is None else max(1, int(chunk_size))
         scores, probs = [], []
         for s in range(0, total, chunk):
+            progress(s, total, "occluded images")  # a line every few seconds inside a callback run (rank 0)
             bi, pi = pairs_img[s:s + chunk], pairs_pos[s:s + chunk]
             y0, x0 = pos_y[pi], pos_x[pi]
             mask = (rows >= y0) & (rows < y0 + wh) & (cols >= x0) & (cols < x0 + ww)  # [n, 1, H, W]

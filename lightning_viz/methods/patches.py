@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import capture
+from ..progress import progress
 
 __all__ = ["TopK", "unit_activations", "topk_per_unit", "merge_topk", "scan_topk"]
 
@@ -103,6 +104,7 @@ def scan_topk(model: nn.Module, images: Tensor, layer: str, units: Sequence[int]
     """Scan ``images[N, C, H, W]`` (on the model's device) in batches; global image index = ``offset + n``."""
     best: TopK | None = None
     for s in range(0, images.shape[0], batch_size):
+        progress(s, images.shape[0], "images scanned")  # a line every few seconds inside a callback run (rank 0)
         act = unit_activations(model, images[s:s + batch_size], layer, units)
         cand = topk_per_unit(act, k, torch.arange(offset + s, offset + s + act.shape[0]))
         best = cand if best is None else merge_topk([best, cand], k)

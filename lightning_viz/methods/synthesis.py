@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..capture import capture
 from ..layers import module_device, module_dtype
+from ..progress import progress
 from .objectives import Objective, channel, class_logit, feature_match, neuron
 from .parameterization import make_param
 from .regularizers import L2Penalty, Regularizer, total_penalty
@@ -141,6 +142,7 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
     project = bounds is not None or any(type(r).project is not Regularizer.project for r in regs)
     with capture(model, objective.layers, grad=True) as cap:
         for step in range(steps):
+            progress(step, steps, "optimization steps")  # a line every few seconds inside a callback run (rank 0)
             img = p.image()
             x = img
             for r in regs:

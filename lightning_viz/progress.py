@@ -1,0 +1,64 @@
+"""A word while the callbacks work: the ``lightning_viz`` Python logger, progress lines from long loops.
+
+Lines go through Python logging (logger ``lightning_viz``, level INFO), so they can be silenced or
+redirected like any other library's: ``logging.getLogger("lightning_viz").setLevel(logging.WARNING)``.
+When the program has configured no logging at all, a stream handler is added (as Lightning does for
+its own logger), so the lines show in a plain ``lightning-viz fit`` run.
+
+:func:`reporting` marks a stretch of work (a callback's compute on rank 0); inside it, loops in
+:mod:`lightning_viz.methods` call :func:`progress`, which logs at most one line every ``every_s``
+seconds. Outside :func:`reporting` (the methods used on their own, or on ranks other than 0)
+:func:`progress` does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Optional
+
+__all__ = ["logger", "reporting", "progress", "PROGRESS_EVERY_S"]
+
+logger = logging.getLogger("lightning_viz")
+if not logging.getLogger().hasHandlers() and not logger.handlers:
+    logger.setLevel(logging.INFO)
+    logger.addHandler(logging.StreamHandler())
+    logger.propagate = False
+
+#: Seconds between two progress lines of one run.
+PROGRESS_EVERY_S = 5.0
+
+
+class _Run:
+    def __init__(self, label: str, every_s: float):
+        self.label, self.every_s = label, every_s
+        self.start = self.last = time.perf_counter()
+
+
+_current: ContextVar[Optional[_Run]] = ContextVar("lightning_viz_progress", default=None)
+
+
+@contextmanager
+def reporting(label: Optional[str], every_s: Optional[float] = None) -> Iterator[None]:
+    """Let :func:`progress` calls inside log under ``label`` (``None``: stay silent, e.g. off rank 0), at most
+    one line every ``every_s`` seconds (default :data:`PROGRESS_EVERY_S`)."""
+    every = PROGRESS_EVERY_S if every_s is None else every_s
+    token = _current.set(None if label is None else _Run(label, every))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def progress(done: int, total: int, what: str = "steps") -> None:
+    """Report ``done`` of ``total`` ``what`` (one line at most every ``every_s`` seconds of a run)."""
+    run = _current.get()
+    if run is None:
+        return
+    now = time.perf_counter()
+    if now - run.last < run.every_s:
+        return
+    run.last = now
+    logger.info("lightning-viz %s: %d/%d %s (%.0f s)", run.label, done, total, what, now - run.start)

@@ -1,0 +1,247 @@
+"""Monitoring that reads at a glance: tag groups, per-probe panels, class names, the epoch-end line, and the
+card budget of the demo config -- all read back from real event files."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
+from lightning_viz.callbacks.embeddings import EmbeddingCallback
+from lightning_viz.callbacks.filters import FilterCallback
+from lightning_viz.callbacks.gradients import GradientCallback
+from lightning_viz.callbacks.maps import panel_caption
+from lightning_viz.logging import VizLogger, make_tag, namespaced
+from lightning_viz.probe import ProbeSet
+from lightning_viz.progress import logger as viz_logger
+from lightning_viz.progress import progress, reporting
+from lightning_viz.render import colorbar, colormap, upscale
+from lightning_viz.tracking import TRACKING_LAYOUT
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
+NAMES = ["circle", "square", "triangle"]
+
+
+class NamedTensorDataset(TensorDataset):
+    """A TensorDataset with torchvision's ``classes`` attribute (class names by index)."""
+
+    classes = NAMES
+
+
+def named_loaders(n: int = 12, batch_size: int = 8):
+    train, val = tiny_loaders(n=n, batch_size=batch_size)
+    named = [NamedTensorDataset(*loader.dataset.tensors) for loader in (train, val)]
+    return DataLoader(named[0], batch_size=batch_size), DataLoader(named[1], batch_size=batch_size)
+
+
+def _decode(event) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+
+
+def test_tags_start_with_the_family_and_name_goes_after_it():
+    assert make_tag("cam", "gradcam/net.conv3", "p000") == "viz-cam/gradcam/net.conv3/p000"
+    assert make_tag("gradients", "panel", None, "", "p001") == "viz-gradients/panel/p001"
+    assert namespaced("viz-cam/panel/p000", "pred") == "viz-cam/pred/panel/p000"
+    assert namespaced("viz-cam/time_s", None) == "viz-cam/time_s"
+    assert namespaced("train_loss", "pred") == "train_loss"  # not a lightning-viz tag: left alone
+    import re
+
+    patterns = [p for section in TRACKING_LAYOUT.values() for _, (_, regs) in section.items() for p in regs]
+    for tag in ("viz-cam/gradcam/net.conv3/drift/rank_corr", "viz-cam/pred/gradcam/net.conv3/drift/topk_iou",
+                "viz-cam/drift/prediction_flips", "viz-gradients/probe_accuracy",
+                "viz-occlusion/occlusion/score/faithfulness/deletion_auc", "viz-cam/gradcam/net.conv3/sanity/rank_corr",
+                "viz-cam/gradcam/net.conv3/localization/pointing_game"):
+        assert sum(bool(re.search(p, tag)) for p in patterns) == 1, tag  # one chart of the Custom Scalars tab
+    assert not any(re.search(p, "viz/gradcam/net.conv3/drift/rank_corr") for p in patterns)  # old scheme gone
+
+
+def test_panel_tiles_size_caption_and_fixed_row_with_colorbars(tmp_path):
+    cb = GradientCallback(methods=["saliency", "guided_backprop", "input_x_gradient"], num_probes=3,
+                          normalize="both", class_names=["zero", "one", "two"])
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1)
+    model = LitTiny(TinyCNN(width=3))
+    trainer.fit(model, *tiny_loaders(n=12))
+    acc = read_events(str(tmp_path))
+    assert sorted(t for t in acc.Tags()["images"]) == [f"viz-gradients/panel/p00{i}" for i in range(3)]
+    img = _decode(acc.Images("viz-gradients/panel/p001")[0])
+    # 4 tiles (image + 3 methods) of 8 px shown at 128 px, padding 2; caption (16) and method names (14)
+    # over two rows (per image; fixed scale), a colorbar (24) under the fixed row
+    assert img.shape == (16 + 14 + 2 + 128 + 2 + 128 + 1 + 24 + 2, 4 * 128 + 5 * 2, 3)
+    caption, names = img[:16], img[16:30]
+    assert (caption < 100).any() and (names < 100).any()  # text in black on the white strips
+    # the first tile is the probe image itself, upscaled 16x (nearest)
+    probe = cb.probes.subset(slice(1, 2))
+    want = (upscale(probe.display_images(), 128)[0].permute(1, 2, 0) * 255).round().numpy()
+    tile = img[32:160, 2:130].astype(float)
+    assert np.abs(tile - want).max() <= 1
+    # every method tile differs from the plain image (an overlay), in both rows
+    for c in range(1, 4):
+        x0 = 2 + c * 130
+        assert np.abs(img[32:160, x0:x0 + 128].astype(float) - want).mean() > 5
+        assert np.abs(img[162:290, x0:x0 + 128].astype(float) - want).mean() > 5
+    # under the fixed row: a colorbar from cmap(0) to cmap(1) of jet, one per method
+    lut = (colormap(torch.tensor([[[0.0, 1.0]]]), "jet")[0, :, 0].T * 255).round().numpy()
+    bar = img[291:299]
+    for c in range(1, 4):
+        x0 = 2 + c * 130
+        assert np.abs(bar[:, x0].astype(float) - lut[0]).max() <= 2
+        assert np.abs(bar[:, x0 + 127].astype(float) - lut[1]).max() <= 2
+    # the caption's values: true class and prediction with its probability, in the class names given
+    with torch.no_grad():
+        logits = model.eval()(probe.images)
+    prob, pred = logits.softmax(1).max(1)
+    results = cb.compute(model, cb.probes)
+    torch.testing.assert_close(results["pred:prob"][1:2], prob)  # from the shared pass's logits
+    text = panel_caption("p001", cb.probes, results, 1, cb.get_class_names(trainer))
+    assert text == f"p001  true: {['zero', 'one', 'two'][int(probe.labels)]}  pred: " \
+                   f"{['zero', 'one', 'two'][int(pred)]} {float(prob):.0%}"
+
+
+def test_signed_maps_use_a_diverging_colormap_with_zero_marked():
+    cb = GradientCallback(methods=["gradient"], reduce="sum")
+    assert cb.signed and cb.heat_cmap == "RdBu_r"
+    assert GradientCallback(methods=["gradient"], reduce="sum", cmap="bwr").heat_cmap == "bwr"
+    bar = colorbar(101, -1.0, 3.0, "RdBu_r")
+    zero = round(1 / 4 * 100)  # 0 sits at a quarter of the range
+    assert (bar[:, :8, zero] == 0).all() and (bar[:, :8, zero + 3] > 0).any()  # a black tick at zero
+    assert not (bar[:, :8, 0] == 0).all()
+    # in a panel of signed maps each per-image tile gets its own symmetric range, zero marked in the middle
+    images = {}
+
+    class Writer:
+        def add_image(self, tag, img, step, dataformats):
+            images[tag] = img
+
+        def add_scalar(self, *args):
+            pass
+
+    probe = ProbeSet(images=torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+                     labels=torch.tensor([0, 1]))
+    maps = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    cb.log_results(VizLogger(Writer(), 0), {"map:gradient/input": maps}, probe, None)
+    panel = images["viz-gradients/panel/p000"]
+    assert panel.shape == (16 + 14 + 2 + 128 + 1 + 24 + 2, 2 * 128 + 3 * 2, 3)
+    bar = panel[16 + 14 + 2 + 128 + 1:][:8, 132:260]  # under the map tile
+    assert (bar[:, 64] == 0).all() or (bar[:, 63] == 0).all()  # the zero line at the middle of -m..m
+    lut = (colormap(torch.tensor([[[0.0, 1.0]]]), "RdBu_r")[0, :, 0].T * 255).round().numpy()
+    assert np.abs(bar[:, 0].astype(float) - lut[0]).max() <= 2
+
+
+def test_class_names_from_the_dataset_reach_the_projector_metadata(tmp_path):
+    cb = EmbeddingCallback(num_probes=12, projection=["pca"])
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1)
+    trainer.fit(LitTiny(), *named_loaders())
+    assert cb.get_class_names(trainer) == NAMES
+    logdir = trainer.logger.log_dir
+    folders = [os.path.join(logdir, "00000", d) for d in os.listdir(os.path.join(logdir, "00000"))]
+    assert len(folders) == 1 and "viz-embeddings" in folders[0]
+    rows = open(os.path.join(folders[0], "metadata.tsv")).read().splitlines()
+    assert rows[0].split("\t") == ["label", "prediction"]
+    assert [r.split("\t")[0] for r in rows[1:]] == [NAMES[int(v)] for v in cb.probes.labels]
+    assert all(r.split("\t")[1] in NAMES for r in rows[1:])
+    # the option wins over the dataset's names
+    assert EmbeddingCallback(class_names=["a", "b", "c"]).get_class_names(trainer) == ["a", "b", "c"]
+
+
+def test_built_in_datamodules_name_their_classes():
+    from lightning_viz.data import DigitsDataModule, ShapesDataModule
+
+    assert ShapesDataModule(num_train=8, num_val=8).classes == ["circle", "square", "triangle", "cross"]
+    assert DigitsDataModule.classes == [str(d) for d in range(10)]
+
+
+def test_one_log_line_per_epoch_end(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(viz_logger, "propagate", True)  # caplog listens on the root logger
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    cbs = [FilterCallback(), GradientCallback(num_probes=2, every_n_epochs=2),
+           GradientCallback(num_probes=2, name="quiet", epoch_summary=False)]
+    tiny_trainer(str(tmp_path), cbs, max_epochs=3).fit(LitTiny(), *tiny_loaders(n=12))
+    lines = [r.getMessage() for r in caplog.records if r.name == "lightning_viz" and " epoch " in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == [f"lightning-viz epoch {e}" for e in range(3)]
+    # every_n_epochs=2: epochs 1, 3, ... and the last (2)
+    assert "filters " in lines[0] and "gradients" not in lines[0]
+    assert "gradients " in lines[1] and "filters " in lines[1] and "gradients " in lines[2]
+    assert "quiet" not in "".join(lines)  # epoch_summary=False leaves it out
+    total = float(lines[1].split(": ")[1].split(" s")[0])
+    parts = [float(p.rsplit(" ", 2)[1]) for p in lines[1].split("(")[1].rstrip(")").split(", ")]
+    assert total == pytest.approx(sum(parts), abs=0.1)
+
+
+def test_runs_before_training_get_their_own_line(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    cbs = [FilterCallback(run_at_start=True), GradientCallback(num_probes=2, run_at_start=True)]
+    tiny_trainer(str(tmp_path), cbs, max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    lines = [m for m in msgs if m.startswith("lightning-viz ") and " s (" in m]
+    assert [line.split(":")[0] for line in lines] == ["lightning-viz before training", "lightning-viz epoch 0"]
+    assert all("filters " in line and "gradients " in line for line in lines)
+
+
+def test_progress_lines_only_inside_a_run(caplog, monkeypatch):
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    progress(1, 10)  # outside a run (the methods used on their own): silent
+    with reporting("occlusion", every_s=0.0):
+        progress(3, 10, "occluded images")
+    with reporting(None, every_s=0.0):  # ranks other than 0
+        progress(4, 10)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    assert len(msgs) == 1 and msgs[0].startswith("lightning-viz occlusion: 3/10 occluded images")
+
+
+def test_a_long_callback_shows_progress(tmp_path, caplog, monkeypatch):
+    import lightning_viz.progress as progress_module
+    from lightning_viz.callbacks.occlusion import OcclusionCallback
+
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every chunk of occluded images: a line
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    cb = OcclusionCallback(window=4, stride=2, num_probes=2, memory_mb=0.01)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    lines = [m for m in msgs if m.startswith("lightning-viz occlusion: ")]
+    assert len(lines) >= 2 and all("occluded images" in m for m in lines)
+    total = int(lines[0].split("/")[1].split(" ")[0])
+    assert total == 2 * 9  # 2 probes x 9 window positions (8 px, window 4, stride 2)
+
+
+def test_demo_config_fits_the_card_budget(tmp_path, monkeypatch, caplog):
+    """The demo config (every callback, 5 CAM and 5 gradient methods), one short epoch: at most 60 image
+    cards in at least 6 TensorBoard groups, median image shorter side >= 128 px, one line at the epoch end."""
+    from lightning_viz.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    logdir = str(tmp_path / "logs")
+    cli_main(["fit", "--config", DEMO, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+              "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+              "--trainer.enable_model_summary=false", "--trainer.enable_checkpointing=false",
+              f"--trainer.logger.init_args.save_dir={logdir}", "--data.init_args.num_train=64",
+              "--data.init_args.num_val=256"])
+    acc = read_events(logdir)
+    images = acc.Tags()["images"]
+    groups = {t.split("/")[0] for t in images + acc.Tags()["scalars"] if t.startswith("viz-")}
+    assert groups == {f"viz-{f}" for f in ("filters", "activations", "gradients", "cam", "occlusion", "top_patches",
+                                          "embeddings", "class_model", "units", "inversion", "adversarial")}
+    assert len(images) <= 60
+    sides = [min(e.width, e.height) for t in images for e in acc.Images(t)]
+    assert statistics.median(sides) >= 128
+    # the content is all there: 5 CAM and 5 gradient methods, a panel and a filmstrip per probe
+    cam = {t.split("/")[1] for t in acc.Tags()["scalars"] if t.startswith("viz-cam/") and "/stats/" in t}
+    grad = {t.split("/")[1] for t in acc.Tags()["scalars"] if t.startswith("viz-gradients/") and "/stats/" in t}
+    assert len(cam) >= 5 and len(grad) >= 5
+    assert image_steps(acc, "viz-cam/panel/p007") == [0] and image_steps(acc, "viz-cam/filmstrip/p007") == [0]
+    assert scalar_steps(acc, "viz-cam/time_s") == [0]
+    lines = [r.getMessage() for r in caplog.records if r.name == "lightning_viz" and " epoch " in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("lightning-viz epoch 0: ")
+    assert len(lines[0].split("(")[1].split(", ")) == 11  # every callback's seconds
