@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import statistics
 import sys
 import tempfile
 import time
-
-import statistics
 
 import lightning as L
 import torch
@@ -89,13 +88,23 @@ class EpochClock(L.Callback):
         self.train_s.append(self.end - self.start)
 
 
-def build(config: dict, logdir: str, callbacks: list, epochs: int) -> tuple[L.Trainer, L.LightningModule, L.LightningDataModule]:
+def build(
+    config: dict, logdir: str, callbacks: list, epochs: int
+) -> tuple[L.Trainer, L.LightningModule, L.LightningDataModule]:
     from lightning_viz.models import ImageClassifier
 
     model = ImageClassifier(**config["model"])
     data = instantiate(config["data"])
-    trainer = L.Trainer(max_epochs=epochs, logger=TensorBoardLogger(logdir), callbacks=callbacks, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", devices=1)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        logger=TensorBoardLogger(logdir),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
+    )
     return trainer, model, data
 
 
@@ -117,7 +126,9 @@ def main() -> None:
         trainer, model, data = build(config, tmp, [clock] + callbacks, args.epochs)
         trainer.fit(model, datamodule=data)
     epoch_s = statistics.median(clock.train_s)
-    print(f"training epoch (same run, median of {len(clock.train_s)}): {epoch_s:.2f} s  (torch threads: {torch.get_num_threads()})")
+    print(
+        f"training epoch (same run, median of {len(clock.train_s)}): {epoch_s:.2f} s  (torch threads: {torch.get_num_threads()})"
+    )
     print("| callback | s per run | x epoch | forward calls | images forwarded |")
     print("|---|---:|---:|---:|---:|")
     for c in counted:
@@ -126,8 +137,12 @@ def main() -> None:
         label = type(c.cb).__name__ + ("" if not getattr(c.cb, "methods", None) else f" {list(c.cb.methods)}")
         print(f"| {label} | {s:.3f} | {ratio:.2f} | {c.calls} | {c.images} |")
     pauses = [sum(c.seconds[e] for c in counted if len(c.seconds) > e) for e in range(len(clock.train_s))]
-    print("whole epoch-end pause / that epoch's training: "
-          + ", ".join(f"epoch {e}: {p:.2f} s / {t:.2f} s = {p / t:.2f}" for e, (p, t) in enumerate(zip(pauses, clock.train_s))))
+    print(
+        "whole epoch-end pause / that epoch's training: "
+        + ", ".join(
+            f"epoch {e}: {p:.2f} s / {t:.2f} s = {p / t:.2f}" for e, (p, t) in enumerate(zip(pauses, clock.train_s))
+        )
+    )
     sys.stdout.flush()
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -61,6 +61,7 @@ def main() -> None:
     layer = last_conv_name(model)
 
     with isolated(model):
+
         def reference():
             xi = x.clone().requires_grad_(True)
             (g,) = torch.autograd.grad(model(xi).gather(1, labels[:, None]).sum(), xi)
@@ -72,9 +73,11 @@ def main() -> None:
             "deconvnet": lambda: G.deconvnet(model, x, "label", labels),
             "input_x_gradient": lambda: G.input_x_gradient(model, x, "label", labels),
             f"integrated_gradients (steps={args.ig_steps})": lambda: G.integrated_gradients(
-                model, x, "label", labels, steps=args.ig_steps),
+                model, x, "label", labels, steps=args.ig_steps
+            ),
             f"smoothgrad_saliency (n={args.sg_samples})": lambda: G.smoothgrad(
-                G.saliency, model, x, "label", labels, n_samples=args.sg_samples),
+                G.saliency, model, x, "label", labels, n_samples=args.sg_samples
+            ),
         }
         for m in C.CAM_METHODS:
             if m == "cam":
@@ -83,7 +86,9 @@ def main() -> None:
                 except ValueError:
                     continue
             methods[f"{m} ({layer})"] = lambda m=m: C.class_activation_map(model, x, layer, m, "label", labels)
-        methods[f"guided_gradcam ({layer})"] = lambda: C.guided_class_activation_map(model, x, layer, "guided_gradcam", "label", labels)
+        methods[f"guided_gradcam ({layer})"] = lambda: C.guided_class_activation_map(
+            model, x, layer, "guided_gradcam", "label", labels
+        )
 
         def shared():
             cache = PassCache()

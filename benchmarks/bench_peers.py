@@ -27,8 +27,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import redirect_stderr
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torchvision
@@ -81,6 +82,7 @@ def build_groups(args, model, frozen, trainable, x, labels, layer_name):
             with tm.__dict__[cls](trainable, layer_name, **kw) as extractor:
                 out = trainable(x)
                 return extractor(lab_list, out)
+
         return run
 
     def pg_fn(cls):
@@ -91,12 +93,14 @@ def build_groups(args, model, frozen, trainable, x, labels, layer_name):
                     return cam(input_tensor=x, targets=pg_targets)
                 finally:
                     cam.activations_and_grads.release()
+
         return run
 
     def captum_cam(cls, **kw):
         def run():
             a = getattr(ca, cls)(frozen, layer_f).attribute(x, target=labels, **kw)
             return ca.LayerAttribution.interpolate(a, size, "bilinear") if a.shape[-2:] != size else a
+
         return run
 
     groups: list[tuple[str, Fn, dict[str, Fn], Optional[int]]] = []
@@ -104,45 +108,91 @@ def build_groups(args, model, frozen, trainable, x, labels, layer_name):
     def add(name: str, ours: Fn, peers: dict[str, Optional[Fn]], floor_batch: Optional[int] = None) -> None:
         groups.append((name, ours, {k: v for k, v in peers.items() if v is not None}, floor_batch))
 
-    add("saliency", lambda: G.saliency(model, x, "label", labels),
-        {"Captum Saliency": (lambda: ca.Saliency(frozen).attribute(x, target=labels)) if captum else None})
-    add("input_x_gradient", lambda: G.input_x_gradient(model, x, "label", labels),
-        {"Captum InputXGradient": (lambda: ca.InputXGradient(frozen).attribute(x, target=labels)) if captum else None})
-    add("guided_backprop", lambda: G.guided_backprop(model, x, "label", labels),
-        {"Captum GuidedBackprop": (lambda: ca.GuidedBackprop(frozen).attribute(x, target=labels)) if captum else None})
-    add("deconvnet", lambda: G.deconvnet(model, x, "label", labels),
-        {"Captum Deconvolution": (lambda: ca.Deconvolution(frozen).attribute(x, target=labels)) if captum else None})
+    add(
+        "saliency",
+        lambda: G.saliency(model, x, "label", labels),
+        {"Captum Saliency": (lambda: ca.Saliency(frozen).attribute(x, target=labels)) if captum else None},
+    )
+    add(
+        "input_x_gradient",
+        lambda: G.input_x_gradient(model, x, "label", labels),
+        {"Captum InputXGradient": (lambda: ca.InputXGradient(frozen).attribute(x, target=labels)) if captum else None},
+    )
+    add(
+        "guided_backprop",
+        lambda: G.guided_backprop(model, x, "label", labels),
+        {"Captum GuidedBackprop": (lambda: ca.GuidedBackprop(frozen).attribute(x, target=labels)) if captum else None},
+    )
+    add(
+        "deconvnet",
+        lambda: G.deconvnet(model, x, "label", labels),
+        {"Captum Deconvolution": (lambda: ca.Deconvolution(frozen).attribute(x, target=labels)) if captum else None},
+    )
     steps = args.ig_steps
-    add(f"integrated_gradients ({steps} steps)", lambda: G.integrated_gradients(model, x, "label", labels, steps=steps),
-        {f"Captum IntegratedGradients (internal_batch_size={args.peer_batch})": (
-            lambda: ca.IntegratedGradients(frozen).attribute(x, target=labels, n_steps=steps, method="riemann_middle",
-                                                             internal_batch_size=args.peer_batch)) if captum else None})
+    add(
+        f"integrated_gradients ({steps} steps)",
+        lambda: G.integrated_gradients(model, x, "label", labels, steps=steps),
+        {
+            f"Captum IntegratedGradients (internal_batch_size={args.peer_batch})": (
+                lambda: ca.IntegratedGradients(frozen).attribute(
+                    x, target=labels, n_steps=steps, method="riemann_middle", internal_batch_size=args.peer_batch
+                )
+            )
+            if captum
+            else None
+        },
+    )
     n = args.sg_samples
-    add(f"smoothgrad saliency ({n} samples)", lambda: G.smoothgrad(G.saliency, model, x, "label", labels, n_samples=n),
-        {"Captum NoiseTunnel(Saliency) (nt_samples_batch_size=8)": (
-            lambda: ca.NoiseTunnel(ca.Saliency(frozen)).attribute(x, target=labels, nt_type="smoothgrad", nt_samples=n,
-                                                                  nt_samples_batch_size=8, stdevs=sigma)) if captum else None})
+    add(
+        f"smoothgrad saliency ({n} samples)",
+        lambda: G.smoothgrad(G.saliency, model, x, "label", labels, n_samples=n),
+        {
+            "Captum NoiseTunnel(Saliency) (nt_samples_batch_size=8)": (
+                lambda: ca.NoiseTunnel(ca.Saliency(frozen)).attribute(
+                    x, target=labels, nt_type="smoothgrad", nt_samples=n, nt_samples_batch_size=8, stdevs=sigma
+                )
+            )
+            if captum
+            else None
+        },
+    )
     cam_peers = {
-        "gradcam": ({"Captum LayerGradCam": captum_cam("LayerGradCam") if captum else None,
-                     "torchcam GradCAM": torchcam_fn("GradCAM") if tcam else None,
-                     "pytorch-grad-cam GradCAM": pg_fn("GradCAM") if pgc else None}),
-        "gradcampp": {"torchcam GradCAMpp": torchcam_fn("GradCAMpp") if tcam else None,
-                      "pytorch-grad-cam GradCAMPlusPlus": pg_fn("GradCAMPlusPlus") if pgc else None},
-        "xgradcam": {"torchcam XGradCAM": torchcam_fn("XGradCAM") if tcam else None,
-                     "pytorch-grad-cam XGradCAM": pg_fn("XGradCAM") if pgc else None},
-        "layercam": {"torchcam LayerCAM": torchcam_fn("LayerCAM") if tcam else None,
-                     "pytorch-grad-cam LayerCAM": pg_fn("LayerCAM") if pgc else None},
+        "gradcam": (
+            {
+                "Captum LayerGradCam": captum_cam("LayerGradCam") if captum else None,
+                "torchcam GradCAM": torchcam_fn("GradCAM") if tcam else None,
+                "pytorch-grad-cam GradCAM": pg_fn("GradCAM") if pgc else None,
+            }
+        ),
+        "gradcampp": {
+            "torchcam GradCAMpp": torchcam_fn("GradCAMpp") if tcam else None,
+            "pytorch-grad-cam GradCAMPlusPlus": pg_fn("GradCAMPlusPlus") if pgc else None,
+        },
+        "xgradcam": {
+            "torchcam XGradCAM": torchcam_fn("XGradCAM") if tcam else None,
+            "pytorch-grad-cam XGradCAM": pg_fn("XGradCAM") if pgc else None,
+        },
+        "layercam": {
+            "torchcam LayerCAM": torchcam_fn("LayerCAM") if tcam else None,
+            "pytorch-grad-cam LayerCAM": pg_fn("LayerCAM") if pgc else None,
+        },
         "cam": {"torchcam CAM": torchcam_fn("CAM", fc_layer="fc") if tcam else None},
     }
     for m, peers in cam_peers.items():
         add(f"{m} ({layer_name})", lambda m=m: C.class_activation_map(model, x, layer_name, m, "label", labels), peers)
-    add(f"guided_gradcam ({layer_name})",
+    add(
+        f"guided_gradcam ({layer_name})",
         lambda: C.guided_class_activation_map(model, x, layer_name, "guided_gradcam", "label", labels),
-        {"Captum GuidedGradCam": (lambda: ca.GuidedGradCam(frozen, layer_f).attribute(x, target=labels)) if captum else None})
+        {
+            "Captum GuidedGradCam": (lambda: ca.GuidedGradCam(frozen, layer_f).attribute(x, target=labels))
+            if captum
+            else None
+        },
+    )
     # Score-CAM: K = 512 masked forwards per probe on resnet18; timed on the first --scorecam-probes probes
     # (floor and peers too), or one run would take minutes on a CPU
-    xs, ls = x[:args.scorecam_probes], labels[:args.scorecam_probes]
-    ls_list = lab_list[:args.scorecam_probes]
+    xs, ls = x[: args.scorecam_probes], labels[: args.scorecam_probes]
+    ls_list = lab_list[: args.scorecam_probes]
 
     def torchcam_score():
         with tm.ScoreCAM(trainable, layer_name, input_shape=tuple(x.shape[1:])) as extractor:
@@ -152,20 +202,37 @@ def build_groups(args, model, frozen, trainable, x, labels, layer_name):
         with redirect_stderr(io.StringIO()):
             cam = pg.ScoreCAM(model=trainable, target_layers=[layer_t])
             try:
-                return cam(input_tensor=xs, targets=pg_targets[:args.scorecam_probes])
+                return cam(input_tensor=xs, targets=pg_targets[: args.scorecam_probes])
             finally:
                 cam.activations_and_grads.release()
 
-    add(f"scorecam ({layer_name}, {len(xs)} probes)",
+    add(
+        f"scorecam ({layer_name}, {len(xs)} probes)",
         lambda: C.class_activation_map(model, xs, layer_name, "scorecam", "label", ls),
-        {"torchcam ScoreCAM (batch_size=32)": torchcam_score if tcam else None,
-         "pytorch-grad-cam ScoreCAM": pg_score if pgc else None}, floor_batch=len(xs))
-    add(f"occlusion (default window {win[0]}, stride {stride[0]})",
+        {
+            "torchcam ScoreCAM (batch_size=32)": torchcam_score if tcam else None,
+            "pytorch-grad-cam ScoreCAM": pg_score if pgc else None,
+        },
+        floor_batch=len(xs),
+    )
+    add(
+        f"occlusion (default window {win[0]}, stride {stride[0]})",
         lambda: occlusion(model, x, "label", labels),
-        {f"Captum Occlusion (perturbations_per_eval={args.peer_batch // 2})": (
-            lambda: ca.Occlusion(frozen).attribute(x, target=labels, sliding_window_shapes=(x.shape[1],) + win,
-                                                   strides=(x.shape[1],) + stride, baselines=0.0,
-                                                   perturbations_per_eval=args.peer_batch // 2)) if captum else None})
+        {
+            f"Captum Occlusion (perturbations_per_eval={args.peer_batch // 2})": (
+                lambda: ca.Occlusion(frozen).attribute(
+                    x,
+                    target=labels,
+                    sliding_window_shapes=(x.shape[1],) + win,
+                    strides=(x.shape[1],) + stride,
+                    baselines=0.0,
+                    perturbations_per_eval=args.peer_batch // 2,
+                )
+            )
+            if captum
+            else None
+        },
+    )
 
     def shared_five():  # what the callbacks do: saliency + four CAMs read off one pass
         cache = PassCache()
@@ -206,8 +273,11 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     labels = torch.randint(0, args.classes, (args.batch,), device=device)
     layer = last_conv_name(model).rsplit(".", 2)[0] if args.arch.startswith("resnet") else last_conv_name(model)
-    missing = [p for p, mod in (("captum", "captum"), ("grad-cam", "pytorch_grad_cam"), ("torchcam", "torchcam"))
-               if not have(mod)]
+    missing = [
+        p
+        for p, mod in (("captum", "captum"), ("grad-cam", "pytorch_grad_cam"), ("torchcam", "torchcam"))
+        if not have(mod)
+    ]
     if missing:
         print(f"peers not installed, skipped: {', '.join(missing)} (pip install {' '.join(missing)})")
 
@@ -216,6 +286,7 @@ def main() -> None:
             xi = x[:n].clone().requires_grad_(True)
             (g,) = torch.autograd.grad(frozen(xi).gather(1, labels[:n, None]).sum(), xi)
             return g
+
         return floor
 
     now = clock(args.clock)
@@ -231,16 +302,20 @@ def main() -> None:
         groups = build_groups(args, model, frozen, trainable, x, labels, layer)
         wanted = [w.strip() for w in args.methods.split(",") if w.strip()]
         groups = [g for g in groups if not wanted or any(w in g[0] for w in wanted)]
-        print(f"{args.arch} {args.size}px, {args.batch} probes, {args.threads} threads, {device}, {args.clock} clock, "
-              f"{args.repeats} interleaved repeats, torch {torch.__version__}")
-        print("| method | ours ms | ours x floor | best peer | peer ms | peer x floor | ours / best peer | other peers x floor |")
+        print(
+            f"{args.arch} {args.size}px, {args.batch} probes, {args.threads} threads, {device}, {args.clock} clock, "
+            f"{args.repeats} interleaved repeats, torch {torch.__version__}"
+        )
+        print(
+            "| method | ours ms | ours x floor | best peer | peer ms | peer x floor | ours / best peer | other peers x floor |"
+        )
         print("|---|---:|---:|---|---:|---:|---:|---|")
         for name, ours, peers, floor_batch in groups:
             impls = {"floor": make_floor(floor_batch), "ours": ours, **peers}
             for key, fn in list(impls.items()):  # warm-up; a peer that fails is reported and dropped
                 try:
                     fn()
-                except Exception as exc:  # noqa: BLE001 - report any peer failure, keep benchmarking
+                except Exception as exc:
                     if key in ("floor", "ours"):
                         raise
                     print(f"  ({key} failed on {name}: {type(exc).__name__}: {exc}; skipped)", file=sys.stderr)
@@ -248,7 +323,7 @@ def main() -> None:
             times: dict[str, list[float]] = {k: [] for k in impls}
             order = list(impls)
             for r in range(args.repeats):
-                for key in (order if r % 2 == 0 else order[::-1]):
+                for key in order if r % 2 == 0 else order[::-1]:
                     times[key].append(timed(impls[key]))
             ratio = {k: statistics.median(a / f for a, f in zip(v, times["floor"])) for k, v in times.items()}
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -257,8 +332,10 @@ def main() -> None:
                 best = min(peer_keys, key=lambda k: ratio[k])
                 vs = statistics.median(a / b for a, b in zip(times["ours"], times[best]))
                 others = ", ".join(f"{k} {ratio[k]:.2f}" for k in peer_keys if k != best) or "-"
-                print(f"| {name} | {med['ours']:.1f} | {ratio['ours']:.2f} | {best} | {med[best]:.1f} | {ratio[best]:.2f} "
-                      f"| **{vs:.2f}** | {others} |")
+                print(
+                    f"| {name} | {med['ours']:.1f} | {ratio['ours']:.2f} | {best} | {med[best]:.1f} | {ratio[best]:.2f} "
+                    f"| **{vs:.2f}** | {others} |"
+                )
             else:
                 print(f"| {name} | {med['ours']:.1f} | {ratio['ours']:.2f} | - | - | - | - | - |")
             sys.stdout.flush()

@@ -37,9 +37,17 @@ def main(argv: list[str] | None = None) -> None:
     from lightning_viz.cli import cli_main
 
     with tempfile.TemporaryDirectory() as tmp:
-        cli_main(["fit", "--config", os.path.abspath(args.config), f"--trainer.max_epochs={args.epochs}",
-                  "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
-                  f"--trainer.logger.init_args.save_dir={tmp}"])
+        cli_main(
+            [
+                "fit",
+                "--config",
+                os.path.abspath(args.config),
+                f"--trainer.max_epochs={args.epochs}",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_checkpointing=false",
+                f"--trainer.logger.init_args.save_dir={tmp}",
+            ]
+        )
         run = next(d for d, _, files in os.walk(tmp) if any(f.startswith("events.") for f in files))
         acc = EventAccumulator(run, size_guidance={"images": 0})
         acc.Reload()
@@ -48,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
             event = acc.Images(tag)[-1]
             # a 256-color palette keeps the committed PNGs small
             Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB").quantize(colors=256).save(
-                os.path.join(args.out, name), optimize=True)
+                os.path.join(args.out, name), optimize=True
+            )
             print(f"{os.path.join(args.out, name)}: {tag} at epoch {event.step} ({event.width}x{event.height})")
 
 

@@ -1,7 +1,7 @@
 """Train a small CNN on the built-in shapes and attach lightning-viz callbacks in plain Python.
 
-    python examples/train_shapes.py
-    tensorboard --logdir lightning_logs --samples_per_plugin images=1000
+python examples/train_shapes.py
+tensorboard --logdir lightning_logs --samples_per_plugin images=1000
 """
 
 import lightning as L

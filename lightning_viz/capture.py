@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -73,8 +73,9 @@ def buffers_kept(model: nn.Module) -> Iterator[nn.Module]:
     observers (``FakeQuantize`` updates its ranges, scale and zero point on every forward), or any buffer a
     ``forward`` writes. Only what changed is written back, so untouched buffers keep their version counters.
     """
-    saved = [(m, name, b, b.detach().clone())
-             for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    saved = [
+        (m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None
+    ]
     try:
         yield model
     finally:

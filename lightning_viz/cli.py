@@ -24,9 +24,10 @@ from jsonargparse import ActionConfigFile
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from . import __version__
+
 # Imported so that jsonargparse knows the built-in data modules by their short class names.
 from . import data as _data  # noqa: F401
-from . import __version__
 
 __all__ = ["main", "cli_main", "VizCLI", "packaged_configs", "resolve_config"]
 
@@ -83,9 +84,12 @@ class VizCLI(LightningCLI):
         kwargs.setdefault("description", DESCRIPTION)
         parser = self.parser_class(**kwargs)
         parser.add_argument(
-            "-c", "--config", action=_ConfigFile,
+            "-c",
+            "--config",
+            action=_ConfigFile,
             help="Path to a configuration file in json or yaml format, or the name of a packaged config: "
-                 + ", ".join(packaged_configs()) + ".",
+            + ", ".join(packaged_configs())
+            + ".",
         )
         parser.add_argument("--version", action="version", version=f"lightning-viz {__version__}")
         return parser

@@ -9,7 +9,8 @@ the default layer of CAM methods (:func:`default_cam_layer`: the last block feed
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -99,8 +100,8 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     if key in layers:
         return layers[key]
     # Forgive a DDP-style 'module.' prefix that is not part of the model's own names.
-    if key.startswith("module.") and key[len("module."):] in layers:
-        return layers[key[len("module."):]]
+    if key.startswith("module.") and key[len("module.") :] in layers:
+        return layers[key[len("module.") :]]
     convs = conv_layer_names(model)
     linears = linear_layer_names(model)
     raise LayerNotFoundError(
@@ -172,8 +173,14 @@ def module_dtype(module: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
-_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                   nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_ADAPTIVE_POOLS = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
 
 
 def _spatial(t: Any) -> int:
@@ -205,18 +212,31 @@ def default_cam_layer(model: nn.Module, x: Tensor) -> str:
         def hook(module: nn.Module, inputs: tuple) -> None:
             clock[0] += 1
             starts.setdefault(name, clock[0])
+
         return hook
 
     def post_hook(name: str):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             clock[0] += 1
             first = inputs[0] if inputs else None
-            if not has_conv[name] and isinstance(first, Tensor) and _spatial(first) and isinstance(output, Tensor) and (
-                    isinstance(module, _ADAPTIVE_POOLS) or (_spatial(first) > 1 and (
-                        _spatial(output) == 1 or output.ndim == 2) and output.numel() < first.numel())):
+            if (
+                not has_conv[name]
+                and isinstance(first, Tensor)
+                and _spatial(first)
+                and isinstance(output, Tensor)
+                and (
+                    isinstance(module, _ADAPTIVE_POOLS)
+                    or (
+                        _spatial(first) > 1
+                        and (_spatial(output) == 1 or output.ndim == 2)
+                        and output.numel() < first.numel()
+                    )
+                )
+            ):
                 pool_start.append(starts[name])  # a pooling without convs reducing space away (e.g. in SE blocks too)
             if isinstance(output, Tensor) and output.ndim == 4:
                 ends[name] = (clock[0], output)
+
         return hook
 
     handles = []

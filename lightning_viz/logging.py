@@ -29,17 +29,37 @@ import re
 import shutil
 import tempfile
 import weakref
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 from torch import Tensor
 
 from .render import to_uint8_hwc
 
-__all__ = ["find_tensorboard", "make_tag", "namespaced", "TAG_PREFIX", "tensorboard_command",
-           "TENSORBOARD_SAMPLES_FLAG", "VizLogger", "NothingWrittenWarning", "Backend", "TensorBoardBackend",
-           "MLflowBackend", "WandbBackend", "MetricsBackend", "FolderBackend", "logger_name", "sink_names",
-           "check_sinks", "describe_sinks", "image_folder", "image_relpath", "FOLDER"]
+__all__ = [
+    "find_tensorboard",
+    "make_tag",
+    "namespaced",
+    "TAG_PREFIX",
+    "tensorboard_command",
+    "TENSORBOARD_SAMPLES_FLAG",
+    "VizLogger",
+    "NothingWrittenWarning",
+    "Backend",
+    "TensorBoardBackend",
+    "MLflowBackend",
+    "WandbBackend",
+    "MetricsBackend",
+    "FolderBackend",
+    "logger_name",
+    "sink_names",
+    "check_sinks",
+    "describe_sinks",
+    "image_folder",
+    "image_relpath",
+    "FOLDER",
+]
 
 #: Keep up to 1000 images per tag (one per epoch) instead of TensorBoard's default sample of 10.
 TENSORBOARD_SAMPLES_FLAG = "--samples_per_plugin images=1000"
@@ -63,8 +83,12 @@ def logger_name(logger: Any) -> str:
     """``"tensorboard"``, ``"csv"``, ``"mlflow"``, ``"wandb"``, or the class name without ``Logger``, lower case."""
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
-    for cls, name in ((TensorBoardLogger, "tensorboard"), (CSVLogger, "csv"), (MLFlowLogger, "mlflow"),
-                      (WandbLogger, "wandb")):
+    for cls, name in (
+        (TensorBoardLogger, "tensorboard"),
+        (CSVLogger, "csv"),
+        (MLFlowLogger, "mlflow"),
+        (WandbLogger, "wandb"),
+    ):
         if isinstance(logger, cls):
             return name
     name = type(logger).__name__.lower()
@@ -127,7 +151,7 @@ def describe_sinks(trainer: Any, loggers: Optional[Sequence[str]] = None) -> str
     return "writing to " + ", ".join(parts) if parts else "writing nowhere, so computing nothing"
 
 
-_folders: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_folders: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 def image_folder(trainer: Any) -> str:
@@ -144,8 +168,11 @@ def image_folder(trainer: Any) -> str:
             break
     if folder is None:
         root = os.path.join(getattr(trainer, "default_root_dir", None) or os.getcwd(), "lightning_viz")
-        taken = [int(d[len("version_"):]) for d in (os.listdir(root) if os.path.isdir(root) else [])
-                 if re.fullmatch(r"version_\d+", d)]
+        taken = [
+            int(d[len("version_") :])
+            for d in (os.listdir(root) if os.path.isdir(root) else [])
+            if re.fullmatch(r"version_\d+", d)
+        ]
         folder = os.path.join(root, f"version_{max(taken, default=-1) + 1}")
     _folders[trainer] = folder
     return folder
@@ -196,8 +223,15 @@ class Backend:
     def scalar(self, tag: str, value: float, step: int) -> None:
         pass
 
-    def embedding(self, tag: str, features: Tensor, metadata: list | None, label_img: Tensor | None,
-                  metadata_header: list[str] | None, step: int) -> None:
+    def embedding(
+        self,
+        tag: str,
+        features: Tensor,
+        metadata: list | None,
+        label_img: Tensor | None,
+        metadata_header: list[str] | None,
+        step: int,
+    ) -> None:
         pass
 
     def text(self, tag: str, text: str, step: int) -> None:
@@ -226,8 +260,9 @@ class TensorBoardBackend(Backend):
         self.writer.add_figure(tag, fig, step, close=False)
 
     def embedding(self, tag, features, metadata, label_img, metadata_header, step):
-        self.writer.add_embedding(features, metadata=metadata, label_img=label_img, global_step=step,
-                                  tag=tag, metadata_header=metadata_header)
+        self.writer.add_embedding(
+            features, metadata=metadata, label_img=label_img, global_step=step, tag=tag, metadata_header=metadata_header
+        )
 
     def text(self, tag, text, step):
         self.writer.add_text(tag, text, step)
@@ -268,8 +303,7 @@ class _FileWriter(Backend):
         _write_png(os.path.join(self.root, image_relpath(tag, step)), hwc)
 
     def embedding(self, tag, features, metadata, label_img, metadata_header, step):
-        _write_embedding(os.path.join(self.root, image_relpath(tag, step, ext="")), features, metadata,
-                         metadata_header)
+        _write_embedding(os.path.join(self.root, image_relpath(tag, step, ext="")), features, metadata, metadata_header)
 
     def text(self, tag, text, step):
         path = os.path.join(self.root, image_relpath(tag, step, ext=".txt"))
@@ -337,7 +371,7 @@ class MLflowBackend(MetricsBackend, _FileWriter):
                 self.root = ""
 
 
-_wandb_defined: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
+_wandb_defined: weakref.WeakKeyDictionary[Any, set] = weakref.WeakKeyDictionary()
 
 
 class WandbBackend(Backend):
@@ -468,8 +502,9 @@ class VizLogger:
         return namespaced(tag, self.namespace)
 
     @classmethod
-    def from_trainer(cls, trainer: Any, step: int, namespace: str | None = None,
-                     loggers: Optional[Sequence[str]] = None) -> "VizLogger":
+    def from_trainer(
+        cls, trainer: Any, step: int, namespace: str | None = None, loggers: Optional[Sequence[str]] = None
+    ) -> VizLogger:
         """Backends for :func:`sink_names` ``(trainer, loggers)``, built on rank 0 only."""
         enabled = bool(trainer.is_global_zero)
         backends = [b for n in sink_names(trainer, loggers) for b in _backend_for(trainer, n)] if enabled else []
@@ -513,8 +548,14 @@ class VizLogger:
         finally:
             plt.close(fig)
 
-    def embedding(self, features: Tensor, metadata: list | None = None, label_img: Tensor | None = None,
-                  tag: str = "default", metadata_header: list[str] | None = None) -> None:
+    def embedding(
+        self,
+        features: Tensor,
+        metadata: list | None = None,
+        label_img: Tensor | None = None,
+        tag: str = "default",
+        metadata_header: list[str] | None = None,
+    ) -> None:
         if self.enabled:
             tag = self._tag(tag)
             for b in self.backends:
@@ -540,7 +581,7 @@ class VizLogger:
         for b in self.backends if self.enabled else []:
             try:
                 b.flush()
-            except Exception as exc:  # noqa: BLE001 - flush the others, then raise
+            except Exception as exc:
                 error = error or exc
         if error is not None:
             raise error

@@ -21,7 +21,14 @@ from torch import Tensor, nn
 from .layers import named_layers
 from .probe import split_sample
 
-__all__ = ["SmallCNN", "ImageClassifier", "available_archs", "build_model", "resolve_weights", "pretrained_weights_file"]
+__all__ = [
+    "SmallCNN",
+    "ImageClassifier",
+    "available_archs",
+    "build_model",
+    "resolve_weights",
+    "pretrained_weights_file",
+]
 
 
 class SmallCNN(nn.Module):
@@ -73,10 +80,12 @@ def _replace_first_conv(net: nn.Module, in_channels: int, keep_weights: bool = F
     (a gray image then gives the same response as the same image in RGB)."""
     for name, m in named_layers(net).items():
         if isinstance(m, nn.Conv2d):
-            geometry: dict[str, Any] = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
-                                            dilation=m.dilation)
-            new = nn.Conv2d(in_channels, m.out_channels, **geometry, bias=m.bias is not None,
-                            padding_mode=m.padding_mode)
+            geometry: dict[str, Any] = dict(
+                kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation
+            )
+            new = nn.Conv2d(
+                in_channels, m.out_channels, **geometry, bias=m.bias is not None, padding_mode=m.padding_mode
+            )
             if keep_weights:
                 with torch.no_grad():
                     mean = m.weight.mean(dim=1, keepdim=True) * (m.in_channels / in_channels)
@@ -108,8 +117,9 @@ def resolve_weights(arch: str, weights: str) -> Any:
     import torchvision
 
     if arch == "small_cnn":
-        raise ValueError("small_cnn has no pretrained weights; use a torchvision arch (e.g. arch='resnet18') or "
-                         "weights=None")
+        raise ValueError(
+            "small_cnn has no pretrained weights; use a torchvision arch (e.g. arch='resnet18') or weights=None"
+        )
     enum = torchvision.models.get_model_weights(arch)
     allowed = ["DEFAULT"] + [f"{enum.__name__}.{w.name}" for w in enum] + [w.name for w in enum]
     name = weights.split(".", 1)[1] if weights.startswith(enum.__name__ + ".") else weights
@@ -127,8 +137,9 @@ def pretrained_weights_file(weights: Any) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
 
 
-def build_model(arch: str = "small_cnn", num_classes: int = 4, in_channels: int = 3, width: int = 16,
-                weights: Optional[str] = None) -> nn.Module:
+def build_model(
+    arch: str = "small_cnn", num_classes: int = 4, in_channels: int = 3, width: int = 16, weights: Optional[str] = None
+) -> nn.Module:
     """A classifier, randomly initialised or (``weights``) from torchvision's pretrained weights in the local
     torch hub cache. ``width`` applies to ``small_cnn`` only. With ``weights``, a ``num_classes`` other than the
     weights' gets a fresh classifier layer, and ``in_channels`` other than 3 a first conv whose kernels are the
@@ -186,8 +197,16 @@ class ImageClassifier(L.LightningModule):
     Batches may be ``(x, y)``, ``(x, y, mask)`` or dicts (see :func:`lightning_viz.probe.split_sample`).
     """
 
-    def __init__(self, arch: str = "small_cnn", num_classes: int = 4, in_channels: int = 3, lr: float = 1e-3,
-                 weight_decay: float = 0.0, width: int = 16, weights: Optional[str] = None):
+    def __init__(
+        self,
+        arch: str = "small_cnn",
+        num_classes: int = 4,
+        in_channels: int = 3,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        width: int = 16,
+        weights: Optional[str] = None,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.net = build_model(arch, num_classes=num_classes, in_channels=in_channels, width=width, weights=weights)
@@ -202,8 +221,10 @@ class ImageClassifier(L.LightningModule):
         for attr in ("num_classes", "in_channels"):
             theirs, mine = getattr(dm, attr, None), self.hparams[attr]
             if isinstance(theirs, int) and (theirs > mine if attr == "num_classes" else theirs != mine):
-                raise ValueError(f"ImageClassifier({attr}={mine}) does not match the data: {type(dm).__name__} has "
-                                 f"{attr}={theirs}. Set model.{attr} (CLI: --model.{attr}={theirs}).")
+                raise ValueError(
+                    f"ImageClassifier({attr}={mine}) does not match the data: {type(dm).__name__} has "
+                    f"{attr}={theirs}. Set model.{attr} (CLI: --model.{attr}={theirs})."
+                )
 
     def _step(self, batch) -> tuple[Tensor, Tensor]:
         x, y, _ = split_sample(batch)

@@ -10,8 +10,9 @@ Batches may be ``(x, y)``, ``(x, y, mask)``, ``x`` alone, or a dict with keys ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,7 +31,9 @@ def split_sample(sample: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
     if isinstance(sample, dict):
         img = next((sample[k] for k in _IMAGE_KEYS if k in sample), None)
         if img is None:
-            raise ValueError(f"cannot find the image in a dict sample with keys {sorted(sample)}; expected one of {_IMAGE_KEYS}")
+            raise ValueError(
+                f"cannot find the image in a dict sample with keys {sorted(sample)}; expected one of {_IMAGE_KEYS}"
+            )
         lab = next((sample[k] for k in _LABEL_KEYS if k in sample), None)
         mask = next((sample[k] for k in _MASK_KEYS if k in sample), None)
         return img, _as_tensor(lab), mask
@@ -39,7 +42,9 @@ def split_sample(sample: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
         lab = _as_tensor(sample[1]) if len(sample) > 1 else None
         mask = sample[2] if len(sample) > 2 and isinstance(sample[2], Tensor) else None
         return img, lab, mask
-    raise ValueError(f"cannot read a sample of type {type(sample).__name__}; expected a tensor, (x, y[, mask]) or a dict")
+    raise ValueError(
+        f"cannot read a sample of type {type(sample).__name__}; expected a tensor, (x, y[, mask]) or a dict"
+    )
 
 
 def read_item(dataset: Any, index: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -100,8 +105,10 @@ class ProbeSet:
             if value is not None:
                 value = torch.as_tensor(value, dtype=torch.float64).flatten().tolist()
                 if len(value) not in (1, c):
-                    raise ValueError(f"probe {attr} has {len(value)} values but the probe images have {c} channels; "
-                                     f"give 1 or {c} values (one per channel)")
+                    raise ValueError(
+                        f"probe {attr} has {len(value)} values but the probe images have {c} channels; "
+                        f"give 1 or {c} values (one per channel)"
+                    )
                 setattr(self, attr, value)
         if self.labels is not None:
             self.labels = _plain(torch.as_tensor(self.labels).long().view(-1))
@@ -148,7 +155,7 @@ class ProbeSet:
         scan_limit: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-    ) -> "ProbeSet":
+    ) -> ProbeSet:
         """Pick ``num`` samples from a map-style dataset.
 
         A seeded permutation of the dataset's indices is scanned (at most ``scan_limit`` items,
@@ -183,7 +190,7 @@ class ProbeSet:
         return cls.from_indices(dataset, chosen, mean=mean, std=std)
 
     @classmethod
-    def from_indices(cls, dataset: Any, indices: Sequence[int], mean=None, std=None) -> "ProbeSet":
+    def from_indices(cls, dataset: Any, indices: Sequence[int], mean=None, std=None) -> ProbeSet:
         imgs, labs, masks = [], [], []
         for i in indices:
             img, lab, mask = read_item(dataset, i)
@@ -193,8 +200,10 @@ class ProbeSet:
         shapes = {tuple(im.shape): i for i, im in zip(indices, imgs)}
         if len(shapes) > 1:
             seen = ", ".join(f"{list(s)} (item {i})" for s, i in list(shapes.items())[:4])
-            raise ValueError(f"the probe images have different sizes: {seen}; probes are stacked into one batch, so "
-                             "every image needs one size (e.g. a torchvision.transforms.Resize((H, W)) transform)")
+            raise ValueError(
+                f"the probe images have different sizes: {seen}; probes are stacked into one batch, so "
+                "every image needs one size (e.g. a torchvision.transforms.Resize((H, W)) transform)"
+            )
         # Labels are one class index per item; one-hot or multi-label targets are not (the probes then have none).
         scalar = all(lab is not None and torch.as_tensor(lab).numel() == 1 for lab in labs)
         labels = torch.stack([torch.as_tensor(lab).view(()) for lab in labs]) if scalar else None
@@ -216,14 +225,14 @@ class ProbeSet:
         start = rank * base + min(rank, extra)
         return start, start + base + (1 if rank < extra else 0)
 
-    def shard(self, rank: int, world_size: int) -> "ProbeSet":
+    def shard(self, rank: int, world_size: int) -> ProbeSet:
         """This rank's contiguous share; concatenating all shards in rank order gives the full set."""
         if world_size <= 1:
             return self
         start, stop = self.shard_bounds(rank, world_size)
         return self.subset(slice(start, stop))
 
-    def subset(self, sel: slice) -> "ProbeSet":
+    def subset(self, sel: slice) -> ProbeSet:
         start = sel.start or 0
         return ProbeSet(
             images=self.images[sel],
@@ -263,7 +272,7 @@ class ProbeSet:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "ProbeSet":
+    def from_state_dict(cls, state: dict[str, Any]) -> ProbeSet:
         return cls(**state)
 
 
@@ -325,8 +334,10 @@ def _u8_stats(state: dict[str, Any], channels: int) -> tuple[Tensor, Tensor] | N
     mean, std = state.get("mean"), state.get("std")
     if mean is None or std is None or len(mean) not in (1, channels) or len(std) not in (1, channels):
         return None
-    return (torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1),
-            torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+    return (
+        torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1),
+        torch.tensor(std, dtype=torch.float32).view(-1, 1, 1),
+    )
 
 
 def _u8_decode(q: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -379,8 +390,10 @@ def probe_bank_get(bank: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
             raise ValueError("probe bank: 8-bit probe images stored without their mean/std; the checkpoint is damaged")
         images = _u8_decode(images, *stats)
     elif codec is not None:
-        raise ValueError(f"probe bank: unknown image codec {codec!r} (known: {_U8_CODEC!r} or none); "
-                         "the checkpoint comes from a newer lightning-viz")
+        raise ValueError(
+            f"probe bank: unknown image codec {codec!r} (known: {_U8_CODEC!r} or none); "
+            "the checkpoint comes from a newer lightning-viz"
+        )
     state["images"] = images
     state["masks"] = None if ref.get("masks") is None else _bank_get_tensor(bank, ref["masks"])
     return state

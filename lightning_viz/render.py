@@ -12,9 +12,8 @@ Normalization of maps:
 from __future__ import annotations
 
 import math
-
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +55,9 @@ def class_name(index: int, names: Sequence[str] | None) -> str:
     return str(names[index]) if names is not None and 0 <= index < len(names) else str(index)
 
 
-def normalize_maps(maps: Tensor, mode: str = "per_image", vmin: float | None = None, vmax: float | None = None, signed: bool = False) -> Tensor:
+def normalize_maps(
+    maps: Tensor, mode: str = "per_image", vmin: float | None = None, vmax: float | None = None, signed: bool = False
+) -> Tensor:
     """Scale ``[B, H, W]`` maps to ``[0, 1]``.
 
     ``mode="per_image"``: each map on its own range (``signed``: ``0.5 + m / (2 max|m|)``).
@@ -120,7 +121,9 @@ def _lut(name: str) -> Tensor:
     try:
         cmap = matplotlib.colormaps[name]
     except KeyError:
-        raise ValueError(f"unknown colormap {name!r}; use any matplotlib colormap name, e.g. 'jet', 'viridis', 'inferno', 'bwr'") from None
+        raise ValueError(
+            f"unknown colormap {name!r}; use any matplotlib colormap name, e.g. 'jet', 'viridis', 'inferno', 'bwr'"
+        ) from None
     return torch.tensor(cmap(torch.linspace(0, 1, 256).numpy())[:, :3], dtype=torch.float32)
 
 
@@ -159,7 +162,7 @@ def image_grid(images01: Tensor, nrow: int | None = None, padding: int = 2, pad_
 
     b = images01.shape[0]
     if nrow is None:
-        nrow = max(1, int(round(b ** 0.5 + 0.499)))
+        nrow = max(1, int(round(b**0.5 + 0.499)))
     return make_grid(to_rgb(images01.float()), nrow=nrow, padding=padding, pad_value=pad_value)
 
 
@@ -199,8 +202,9 @@ def _fit(draw: object, text: str, font: object, width: float) -> str:
     return text + "..." if text else ""
 
 
-def text_strip(width: int, texts: Sequence[str], height: int = 14, align: str = "center",
-               cell: int | None = None, pad: int = 0) -> Tensor:
+def text_strip(
+    width: int, texts: Sequence[str], height: int = 14, align: str = "center", cell: int | None = None, pad: int = 0
+) -> Tensor:
     """A white ``[3, height, width]`` strip with black text: one text per cell of ``cell`` pixels
     (default: equal cells over the width) separated by ``pad`` pixels, centered (or ``align="left"``)."""
     return _text_strip(int(width), tuple(str(t) for t in texts), int(height), align, cell, pad).clone()
@@ -261,17 +265,22 @@ def colorbar(width: int, vmin: float, vmax: float, cmap: str = "jet", height: in
     if len(ink):  # right-align the vmax label: keep only the width of its text
         right = right[:, :, : int(ink.max()) + 3]
     rw = int(right.shape[-1])
-    labels[:, :, width - rw:] = torch.minimum(labels[:, :, width - rw:], right)
+    labels[:, :, width - rw :] = torch.minimum(labels[:, :, width - rw :], right)
     if zero is not None and 0.2 * width < zero < 0.8 * width:
         z = text_strip(16, ["0"], label_h)
         x0 = max(0, min(width - 16, zero - 8))
-        labels[:, :, x0:x0 + 16] = torch.minimum(labels[:, :, x0:x0 + 16], z)
+        labels[:, :, x0 : x0 + 16] = torch.minimum(labels[:, :, x0 : x0 + 16], z)
     return torch.cat([bar, ticks, labels], dim=1)
 
 
-def compose(rows: Sequence[Sequence[Tensor | None]], col_labels: Sequence[str] | None = None,
-            caption: str | None = None, under: Sequence[Sequence[Tensor | None]] | None = None,
-            pad: int = 2, label_px: int = 14) -> Tensor:
+def compose(
+    rows: Sequence[Sequence[Tensor | None]],
+    col_labels: Sequence[str] | None = None,
+    caption: str | None = None,
+    under: Sequence[Sequence[Tensor | None]] | None = None,
+    pad: int = 2,
+    label_px: int = 14,
+) -> Tensor:
     """Tiles ``[3, h, w]`` (``None``: blank) in rows -> one ``[3, H, W]`` image on white: a ``caption``
     strip on top, ``col_labels`` over the columns, and for each row an optional strip per column
     under it (``under[r][c]``, e.g. a colorbar). Every tile of a column has the width of the first."""
@@ -284,7 +293,7 @@ def compose(rows: Sequence[Sequence[Tensor | None]], col_labels: Sequence[str] |
     widths = [w or 1 for w in widths]
     total_w = sum(widths) + pad * (ncol + 1)
     parts: list[Tensor] = []
-    white = lambda h: torch.ones(3, h, total_w)  # noqa: E731
+    white = lambda h: torch.ones(3, h, total_w)
 
     def band(tiles: Sequence[Tensor | None]) -> Tensor:
         h = max([int(t.shape[-2]) for t in tiles if t is not None] or [1])
@@ -294,15 +303,18 @@ def compose(rows: Sequence[Sequence[Tensor | None]], col_labels: Sequence[str] |
             t = tiles[c] if c < len(tiles) else None
             if t is not None:
                 t = to_rgb(t.float().unsqueeze(0))[0]
-                out[:, : t.shape[-2], x: x + min(t.shape[-1], widths[c])] = t[:, :, : widths[c]]
+                out[:, : t.shape[-2], x : x + min(t.shape[-1], widths[c])] = t[:, :, : widths[c]]
             x += widths[c] + pad
         return out
 
     if caption:
         parts.append(text_strip(total_w, [caption], label_px + 2, align="left"))
     if col_labels:
-        parts.append(band([text_strip(widths[c], [col_labels[c]], label_px) if c < len(col_labels) else None
-                           for c in range(ncol)]))
+        parts.append(
+            band(
+                [text_strip(widths[c], [col_labels[c]], label_px) if c < len(col_labels) else None for c in range(ncol)]
+            )
+        )
     for r, tiles in enumerate(rows):
         parts.append(white(pad))
         parts.append(band(tiles))
@@ -322,14 +334,15 @@ def to_uint8_hwc(image01: Tensor):
     return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def labeled_grid(tiles: Tensor, labels: Sequence[str], nrow: int | None = None, caption: str | None = None,
-                 label_px: int = 13) -> Tensor:
+def labeled_grid(
+    tiles: Tensor, labels: Sequence[str], nrow: int | None = None, caption: str | None = None, label_px: int = 13
+) -> Tensor:
     """``[B, C, h, w]`` tiles in rows of ``nrow`` (default ~square), each with its label underneath, and an
     optional caption on top -> one ``[3, H, W]`` image."""
     b = tiles.shape[0]
     if nrow is None:
-        nrow = max(1, int(round(b ** 0.5 + 0.499)))
+        nrow = max(1, int(round(b**0.5 + 0.499)))
     w = int(tiles.shape[-1])
-    rows = [list(tiles[i:i + nrow]) for i in range(0, b, nrow)]
+    rows = [list(tiles[i : i + nrow]) for i in range(0, b, nrow)]
     under = [[text_strip(w, [labels[j]], label_px) for j in range(i, min(i + nrow, b))] for i in range(0, b, nrow)]
     return compose(rows, None, caption, under=under)

@@ -17,15 +17,28 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import weakref
-from collections.abc import Mapping
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Target", "LabelTarget", "PredictedTarget", "ClassTarget", "CallableTarget", "resolve_target", "TargetSpec",
-           "LogitsFn", "ModelOutputError", "ModelAdapter", "model_adapter", "resolve_logits_fn", "read_logits",
-           "describe_output"]
+__all__ = [
+    "Target",
+    "LabelTarget",
+    "PredictedTarget",
+    "ClassTarget",
+    "CallableTarget",
+    "resolve_target",
+    "TargetSpec",
+    "LogitsFn",
+    "ModelOutputError",
+    "ModelAdapter",
+    "model_adapter",
+    "resolve_logits_fn",
+    "read_logits",
+    "describe_output",
+]
 
 
 class Target:
@@ -56,7 +69,9 @@ class LabelTarget(Target):
 
     def classes(self, logits: Tensor, labels: Tensor | None) -> Tensor:
         if labels is None:
-            raise ValueError("target='label' needs labels; the probe set has none. Use target='predicted' or a class index.")
+            raise ValueError(
+                "target='label' needs labels; the probe set has none. Use target='predicted' or a class index."
+            )
         return labels.to(logits.device).long()
 
 
@@ -75,12 +90,16 @@ class ClassTarget(Target):
     def __init__(self, index: int):
         self.index = int(index)
         if self.index < 0:
-            raise ValueError(f"target class index must be >= 0; got {self.index} (allowed: 'label', 'predicted', or a class index 0..K-1)")
+            raise ValueError(
+                f"target class index must be >= 0; got {self.index} (allowed: 'label', 'predicted', or a class index 0..K-1)"
+            )
         self.name = f"class{self.index}"
 
     def classes(self, logits: Tensor, labels: Tensor | None) -> Tensor:
         if not 0 <= self.index < logits.shape[1]:
-            raise ValueError(f"target class {self.index} is out of range: the model has {logits.shape[1]} classes (0..{logits.shape[1] - 1}).")
+            raise ValueError(
+                f"target class {self.index} is out of range: the model has {logits.shape[1]} classes (0..{logits.shape[1] - 1})."
+            )
         return torch.full((logits.shape[0],), self.index, dtype=torch.long, device=logits.device)
 
     def __repr__(self) -> str:
@@ -97,7 +116,9 @@ class CallableTarget(Target):
     def score(self, logits: Tensor, labels: Tensor | None) -> Tensor:
         out = self.fn(logits)
         if out.shape != (logits.shape[0],):
-            raise ValueError(f"custom target must return one score per sample, shape ({logits.shape[0]},); got {tuple(out.shape)}")
+            raise ValueError(
+                f"custom target must return one score per sample, shape ({logits.shape[0]},); got {tuple(out.shape)}"
+            )
         return out
 
 
@@ -119,17 +140,23 @@ def resolve_target(spec: TargetSpec) -> Target:
             return PredictedTarget()
         if spec.lstrip("-").isdigit():
             return ClassTarget(int(spec))
-        raise ValueError(f"unknown target {spec!r}; allowed: 'label', 'predicted', a class index (int), or a callable logits -> score[B]")
+        raise ValueError(
+            f"unknown target {spec!r}; allowed: 'label', 'predicted', a class index (int), or a callable logits -> score[B]"
+        )
     if callable(spec):
         return CallableTarget(spec)
-    raise ValueError(f"invalid target {spec!r}; allowed: 'label', 'predicted', a class index (int), or a callable logits -> score[B]")
+    raise ValueError(
+        f"invalid target {spec!r}; allowed: 'label', 'predicted', a class index (int), or a callable logits -> score[B]"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- model adapter
 LogitsFn = Union[str, Callable[[nn.Module, Tensor], Tensor]]
-_LOGITS_HINT = ("set logits_fn=<a callable (model, x) -> logits[B, K]> (Python, e.g. "
-                "logits_fn=lambda model, x: model(x)[0]), or in YAML logits_fn: my_package.my_module.my_logits_fn "
-                "(the dotted import path of such a function)")
+_LOGITS_HINT = (
+    "set logits_fn=<a callable (model, x) -> logits[B, K]> (Python, e.g. "
+    "logits_fn=lambda model, x: model(x)[0]), or in YAML logits_fn: my_package.my_module.my_logits_fn "
+    "(the dotted import path of such a function)"
+)
 
 
 class ModelOutputError(ValueError):
@@ -159,8 +186,10 @@ def read_logits(out: Any) -> Tensor:
         return out["logits"]
     if isinstance(getattr(out, "logits", None), Tensor):
         return out.logits
-    raise ModelOutputError(f"the model returned {describe_output(out)}, which has no logits tensor (not a Tensor, "
-                           f"and no 'logits' entry or attribute); {_LOGITS_HINT}.")
+    raise ModelOutputError(
+        f"the model returned {describe_output(out)}, which has no logits tensor (not a Tensor, "
+        f"and no 'logits' entry or attribute); {_LOGITS_HINT}."
+    )
 
 
 def resolve_logits_fn(spec: Optional[LogitsFn]) -> Optional[Callable[[nn.Module, Tensor], Any]]:
@@ -168,14 +197,18 @@ def resolve_logits_fn(spec: Optional[LogitsFn]) -> Optional[Callable[[nn.Module,
     if spec is None or callable(spec):
         return spec
     if not isinstance(spec, str) or "." not in spec.strip("."):
-        raise ValueError(f"logits_fn must be a callable (model, x) -> logits[B, K] or the dotted import path of one "
-                         f"('package.module.function'); got {spec!r}")
+        raise ValueError(
+            f"logits_fn must be a callable (model, x) -> logits[B, K] or the dotted import path of one "
+            f"('package.module.function'); got {spec!r}"
+        )
     module_name, _, attr = spec.rpartition(".")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"logits_fn={spec!r} cannot be imported ({type(exc).__name__}: {exc}); give the dotted path "
-                         "of a function (model, x) -> logits[B, K] importable from the training script") from None
+        raise ValueError(
+            f"logits_fn={spec!r} cannot be imported ({type(exc).__name__}: {exc}); give the dotted path "
+            "of a function (model, x) -> logits[B, K] importable from the training script"
+        ) from None
     if not callable(fn):
         raise ValueError(f"logits_fn={spec!r} is a {type(fn).__name__}, not a callable (model, x) -> logits[B, K]")
     return fn
@@ -190,8 +223,9 @@ class ModelAdapter(nn.Module):
     names are unchanged (:func:`lightning_viz.layers.unwrap_model` sees through the adapter).
     """
 
-    def __init__(self, module: nn.Module, logits_fn: Optional[Callable[[nn.Module, Tensor], Any]] = None,
-                 logits: bool = True):
+    def __init__(
+        self, module: nn.Module, logits_fn: Optional[Callable[[nn.Module, Tensor], Any]] = None, logits: bool = True
+    ):
         super().__init__()
         self.module = module
         self.logits_fn = logits_fn
@@ -227,7 +261,7 @@ class ModelAdapter(nn.Module):
         return read_logits(out) if self.logits else out
 
 
-_ADAPTERS: "weakref.WeakValueDictionary[tuple, ModelAdapter]" = weakref.WeakValueDictionary()
+_ADAPTERS: weakref.WeakValueDictionary[tuple, ModelAdapter] = weakref.WeakValueDictionary()
 
 
 def model_adapter(model: nn.Module, logits_fn: Optional[LogitsFn] = None, logits: bool = True) -> ModelAdapter:

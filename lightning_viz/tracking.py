@@ -69,7 +69,7 @@ def randomized_copy(module: nn.Module, seed: int = 2018) -> nn.Module:
     is restored. A LightningModule's trainer reference is not copied (``__getstate__`` drops it)."""
     try:
         clone = copy.deepcopy(module)
-    except Exception as exc:  # noqa: BLE001 - e.g. a module holding an unpicklable handle
+    except Exception as exc:
         raise RuntimeError(
             f"sanity_check needs a deep copy of {type(module).__name__}, which failed ({type(exc).__name__}: {exc}). "
             "Set sanity_check=False or make the module deep-copyable."
@@ -174,7 +174,9 @@ class MapTracker:
         self._layout_written = False
 
     # ------------------------------------------------------------------ all ranks
-    def compute(self, pl_module: nn.Module, probe: ProbeSet, maps: dict[str, Tensor], callback: Any = None) -> dict[str, Tensor]:
+    def compute(
+        self, pl_module: nn.Module, probe: ProbeSet, maps: dict[str, Tensor], callback: Any = None
+    ) -> dict[str, Tensor]:
         """Per-probe tracking values for this rank's ``probe`` shard (keys start with ``"track:"``)."""
         out: dict[str, Tensor] = {}
         use_masks = self._use_masks(probe)
@@ -196,18 +198,24 @@ class MapTracker:
                 for key, m in maps.items():
                     kw = dict(steps=self.deletion_steps, chunk_size=self.chunk_size)
                     out[f"{PREFIX}deletion/{key}"] = deletion_auc(pl_module, x, m, classes, baseline="zero", **kw).cpu()
-                    out[f"{PREFIX}insertion/{key}"] = insertion_auc(pl_module, x, m, classes, baseline="blur", **kw).cpu()
+                    out[f"{PREFIX}insertion/{key}"] = insertion_auc(
+                        pl_module, x, m, classes, baseline="blur", **kw
+                    ).cpu()
         if use_masks:
             for key, m in maps.items():
                 out[f"{PREFIX}pointing/{key}"] = pointing_game(m.cpu(), probe.masks, self.pointing_tolerance)
                 out[f"{PREFIX}energy/{key}"] = energy_in_mask(m.cpu(), probe.masks)
         if self.sanity_check:
             if callback is None or not hasattr(callback, "compute_maps"):
-                raise ValueError("MapTracker(sanity_check=True) needs the MapCallback to recompute maps; attach it as MapCallback(tracker=...).")
+                raise ValueError(
+                    "MapTracker(sanity_check=True) needs the MapCallback to recompute maps; attach it as MapCallback(tracker=...)."
+                )
             rand_maps = callback.compute_maps(randomized_copy(pl_module, self.seed), probe)
             for key, m in maps.items():
                 if key in rand_maps:
-                    out[f"{PREFIX}sanity/{key}"] = rank_correlation(m.detach().float().cpu(), rand_maps[key].detach().float().cpu())
+                    out[f"{PREFIX}sanity/{key}"] = rank_correlation(
+                        m.detach().float().cpu(), rand_maps[key].detach().float().cpu()
+                    )
         return out
 
     def _use_masks(self, probe: ProbeSet) -> bool:
@@ -234,8 +242,15 @@ class MapTracker:
         return classes.to(logits.device).long()
 
     # ------------------------------------------------------------------ rank 0
-    def log(self, logger: VizLogger, maps: dict[str, Tensor], results: dict[str, Any], probe: ProbeSet,
-            trainer: Any = None, callback: Any = None) -> None:
+    def log(
+        self,
+        logger: VizLogger,
+        maps: dict[str, Tensor],
+        results: dict[str, Any],
+        probe: ProbeSet,
+        trainer: Any = None,
+        callback: Any = None,
+    ) -> None:
         """Write filmstrips and tracking scalars for the gathered ``maps``/``results`` (rank 0)."""
         if self.custom_scalars and not self._layout_written:
             logger.custom_scalars(TRACKING_LAYOUT)
@@ -253,9 +268,13 @@ class MapTracker:
                         logger.scalar(make_tag(method, key, "drift", "rank_corr"), rc)
                     logger.scalar(make_tag(method, key, "drift", "topk_iou"), topk_iou(cur, prev, self.topk).mean())
                 self.prev_maps[key] = cur
-            for name, group, stat in (("deletion", "faithfulness", "deletion_auc"), ("insertion", "faithfulness", "insertion_auc"),
-                                      ("pointing", "localization", "pointing_game"), ("energy", "localization", "energy_in_mask"),
-                                      ("sanity", "sanity", "rank_corr")):
+            for name, group, stat in (
+                ("deletion", "faithfulness", "deletion_auc"),
+                ("insertion", "faithfulness", "insertion_auc"),
+                ("pointing", "localization", "pointing_game"),
+                ("energy", "localization", "energy_in_mask"),
+                ("sanity", "sanity", "rank_corr"),
+            ):
                 v = results.get(f"{PREFIX}{name}/{key}")
                 if v is not None:
                     mean = _nanmean(torch.as_tensor(v))
@@ -278,8 +297,9 @@ class MapTracker:
         size = (max(1, math.floor(h * scale)), max(1, math.floor(w * scale)))
         return torch.nn.functional.interpolate(images.float(), size=size, mode="area")
 
-    def _log_filmstrips(self, logger: VizLogger, maps: dict[str, Tensor], probe: ProbeSet, trainer: Any,
-                        callback: Any, method: str) -> None:
+    def _log_filmstrips(
+        self, logger: VizLogger, maps: dict[str, Tensor], probe: ProbeSet, trainer: Any, callback: Any, method: str
+    ) -> None:
         """Store this run's downsampled overlays, then log one ``viz-<family>/filmstrip/<probe-id>`` per probe:
         one row per map key, one column per run (at most ``max_frames``), the epoch under each frame."""
         signed = bool(getattr(callback, "signed", False))
@@ -301,7 +321,7 @@ class MapTracker:
             for key in maps:
                 seq = self.frames[key][pid]
                 epochs = self.epochs.get(key, [])
-                epochs = epochs[-len(seq):] if len(epochs) >= len(seq) else list(range(len(seq)))
+                epochs = epochs[-len(seq) :] if len(epochs) >= len(seq) else list(range(len(seq)))
                 keep = list(range(len(seq)))
                 if len(seq) > self.max_frames:  # an even subsample, always the first and the latest frame
                     keep = torch.linspace(0, len(seq) - 1, self.max_frames).round().long().tolist()
@@ -324,7 +344,9 @@ class MapTracker:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.frames = {k: {pid: list(t.unbind(0)) for pid, t in h.items()} for k, h in (state.get("frames") or {}).items()}
+        self.frames = {
+            k: {pid: list(t.unbind(0)) for pid, t in h.items()} for k, h in (state.get("frames") or {}).items()
+        }
         self.epochs = {k: list(v) for k, v in (state.get("epochs") or {}).items()}
         self.prev_maps = dict(state.get("prev_maps") or {})
         self.prev_preds = state.get("prev_preds")

@@ -24,11 +24,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch
 import lightning as L
+import torch
+from helpers import LitTiny, TinyCNN, tiny_dataset
 from torch.utils.data import DataLoader, Sampler
 
-from helpers import LitTiny, TinyCNN, tiny_dataset
 from lightning_viz.callbacks.maps import MapCallback
 
 CALLBACKS: list[dict[str, Any]] = [
@@ -44,21 +44,55 @@ CALLBACKS: list[dict[str, Any]] = [
         },
     },
     {"class_path": "lightning_viz.callbacks.filters.FilterCallback", "init_args": {}},
-    {"class_path": "lightning_viz.callbacks.activations.ActivationCallback", "init_args": {"num_probes": 5, "max_channels": 2}},
-    {"class_path": "lightning_viz.callbacks.gradients.GradientCallback", "init_args": {
-        "num_probes": 5, "methods": ["saliency", "integrated_gradients", "smoothgrad_saliency"], "ig_steps": 3,
-        "smoothgrad_samples": 2}},
-    {"class_path": "lightning_viz.callbacks.cam.CAMCallback", "init_args": {
-        "num_probes": 5, "methods": ["gradcam", "gradcam++"],
-        "tracker": {"class_path": "lightning_viz.tracking.MapTracker", "init_args": {"faithfulness": True, "deletion_steps": 3}}}},
-    {"class_path": "lightning_viz.callbacks.occlusion.OcclusionCallback", "init_args": {"num_probes": 5, "window": 4, "stride": 2}},
-    {"class_path": "lightning_viz.callbacks.patches.TopPatchesCallback",
-     "init_args": {"layers": ["net.conv2"], "num_units": 2, "k": 2, "num_probes": 8, "patch_px": 8}},
-    {"class_path": "lightning_viz.callbacks.embeddings.EmbeddingCallback", "init_args": {"num_probes": 12, "projector": False}},
+    {
+        "class_path": "lightning_viz.callbacks.activations.ActivationCallback",
+        "init_args": {"num_probes": 5, "max_channels": 2},
+    },
+    {
+        "class_path": "lightning_viz.callbacks.gradients.GradientCallback",
+        "init_args": {
+            "num_probes": 5,
+            "methods": ["saliency", "integrated_gradients", "smoothgrad_saliency"],
+            "ig_steps": 3,
+            "smoothgrad_samples": 2,
+        },
+    },
+    {
+        "class_path": "lightning_viz.callbacks.cam.CAMCallback",
+        "init_args": {
+            "num_probes": 5,
+            "methods": ["gradcam", "gradcam++"],
+            "tracker": {
+                "class_path": "lightning_viz.tracking.MapTracker",
+                "init_args": {"faithfulness": True, "deletion_steps": 3},
+            },
+        },
+    },
+    {
+        "class_path": "lightning_viz.callbacks.occlusion.OcclusionCallback",
+        "init_args": {"num_probes": 5, "window": 4, "stride": 2},
+    },
+    {
+        "class_path": "lightning_viz.callbacks.patches.TopPatchesCallback",
+        "init_args": {"layers": ["net.conv2"], "num_units": 2, "k": 2, "num_probes": 8, "patch_px": 8},
+    },
+    {
+        "class_path": "lightning_viz.callbacks.embeddings.EmbeddingCallback",
+        "init_args": {"num_probes": 12, "projector": False},
+    },
     {"class_path": "lightning_viz.callbacks.synthesis.ClassModelCallback", "init_args": {"steps": 2}},
-    {"class_path": "lightning_viz.callbacks.synthesis.UnitCallback", "init_args": {"layers": "net.conv2", "channels": [0, 1], "steps": 2}},
-    {"class_path": "lightning_viz.callbacks.synthesis.InversionCallback", "init_args": {"layers": "net.conv1", "num_probes": 5, "steps": 2}},
-    {"class_path": "lightning_viz.callbacks.synthesis.AdversarialCallback", "init_args": {"num_probes": 5, "steps": 2, "min_flip": False}},
+    {
+        "class_path": "lightning_viz.callbacks.synthesis.UnitCallback",
+        "init_args": {"layers": "net.conv2", "channels": [0, 1], "steps": 2},
+    },
+    {
+        "class_path": "lightning_viz.callbacks.synthesis.InversionCallback",
+        "init_args": {"layers": "net.conv1", "num_probes": 5, "steps": 2},
+    },
+    {
+        "class_path": "lightning_viz.callbacks.synthesis.AdversarialCallback",
+        "init_args": {"num_probes": 5, "steps": 2, "min_flip": False},
+    },
 ]
 
 #: name -> Trainer/data options. ``equal`` is compared with a 1-process run with ``batch_size=8``: the
@@ -71,10 +105,14 @@ RUNS: dict[str, dict[str, Any]] = {
     "equal": {"batchnorm": False, "batch_size": 4, "max_epochs": 2, "data": "shapes"},
     "one_probe_bf16": {"batch_size": 4, "max_epochs": 2, "num_probes": 1, "precision": "bf16-mixed", "compile": True},
     # one rank fails: every rank must raise (recorded, not re-raised, so training goes on)
-    "errors": {"batch_size": 4, "max_epochs": 1, "callbacks": [
-        {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "log", "fail_rank": 0}},
-        {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "compute", "fail_rank": 1}},
-    ]},
+    "errors": {
+        "batch_size": 4,
+        "max_epochs": 1,
+        "callbacks": [
+            {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "log", "fail_rank": 0}},
+            {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "compute", "fail_rank": 1}},
+        ],
+    },
     "syncbn_validate": {"validate": True, "sync_batchnorm": True, "data": "shapes"},
 }
 
@@ -162,10 +200,22 @@ def build_callbacks(num_probes: int | None = None, specs: list[dict] | None = No
     return out
 
 
-def fit(logdir: str, devices: int, strategy: str = "auto", batch_size: int = 8, max_epochs: int = 2,
-        sync_batchnorm: bool = False, num_probes: int | None = None, precision: str = "32-true", seed: int = 0,
-        batchnorm: bool = True, compile: bool = False, callbacks: list[dict] | None = None, data: str = "tiny",
-        validate: bool = False):
+def fit(
+    logdir: str,
+    devices: int,
+    strategy: str = "auto",
+    batch_size: int = 8,
+    max_epochs: int = 2,
+    sync_batchnorm: bool = False,
+    num_probes: int | None = None,
+    precision: str = "32-true",
+    seed: int = 0,
+    batchnorm: bool = True,
+    compile: bool = False,
+    callbacks: list[dict] | None = None,
+    data: str = "tiny",
+    validate: bool = False,
+):
     """One training run; returns (trainer, callbacks, module). ``validate=True``: one ``Trainer.validate``
     of the untrained model instead (callbacks run at validation epoch end; ``max_epochs`` unused)."""
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -189,11 +239,20 @@ def fit(logdir: str, devices: int, strategy: str = "auto", batch_size: int = 8, 
     loader = DataLoader(dataset, batch_size=batch_size, sampler=RankStrideSampler(len(dataset)))
     callbacks = build_callbacks(num_probes, callbacks, run_on="validation_epoch_end" if validate else None)
     trainer = L.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", devices=devices, strategy=strategy,
-        sync_batchnorm=sync_batchnorm and devices > 1 and not validate, precision=precision,
-        logger=TensorBoardLogger(logdir, name="", version=0), callbacks=callbacks,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        log_every_n_steps=1, limit_val_batches=1 if validate else 0, use_distributed_sampler=False,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        sync_batchnorm=sync_batchnorm and devices > 1 and not validate,
+        precision=precision,
+        logger=TensorBoardLogger(logdir, name="", version=0),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        limit_val_batches=1 if validate else 0,
+        use_distributed_sampler=False,
     )
     if validate:
         trainer.validate(module, loader, verbose=False)
@@ -221,7 +280,9 @@ def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
             "checksum": checksum(module),
             "syncbn": sum(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules()),
             "compiled": hasattr(module.net, "_orig_mod"),
-            "errors": {f"{cb.fail_in}@rank{cb.fail_rank}": cb.errors for cb in callbacks if isinstance(cb, FailingCallback)},
+            "errors": {
+                f"{cb.fail_in}@rank{cb.fail_rank}": cb.errors for cb in callbacks if isinstance(cb, FailingCallback)
+            },
         }
         with open(os.path.join(logdir, f"rank{rank}.json"), "w") as f:
             json.dump(info, f)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Callable
+from collections.abc import Callable
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-import lightning as L
 
 from lightning_viz.callbacks.maps import MapCallback
 
@@ -142,8 +141,12 @@ def snapshot(model: nn.Module) -> dict:
         "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
         "modes": {n: m.training for n, m in model.named_modules()},
         "hooks": {
-            n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
-                len(getattr(m, "_backward_pre_hooks", {})))
+            n: (
+                len(m._forward_hooks),
+                len(m._forward_pre_hooks),
+                len(m._backward_hooks),
+                len(getattr(m, "_backward_pre_hooks", {})),
+            )
             for n, m in model.named_modules()
         },
         "rng": torch.get_rng_state().clone(),

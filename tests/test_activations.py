@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, tiny_loaders, tiny_trainer
 from torch import nn
 
-from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, tiny_loaders, tiny_trainer
 from lightning_viz.callbacks.activations import ActivationCallback
 from lightning_viz.capture import isolated
 from lightning_viz.layers import LayerNotFoundError
@@ -21,14 +21,20 @@ def test_feature_maps_hand_computed_and_chunked():
 
     def run():
         with isolated(model) as m:
-            return feature_maps(m, x, ["conv1", "relu", "conv2"]), feature_maps(m, x, ["conv1", "relu", "conv2"], chunk_size=2)
+            return feature_maps(m, x, ["conv1", "relu", "conv2"]), feature_maps(
+                m, x, ["conv1", "relu", "conv2"], chunk_size=2
+            )
 
     full, chunked = check_untouched(model, run)  # no hooks left, modes / RNG / params untouched
     conv1 = F.conv2d(x, model.conv1.weight, model.conv1.bias, padding=1)
     assert torch.allclose(full["conv1"], conv1, atol=1e-6)
     bn = model.bn1
-    relu = F.relu((conv1 - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
-                  * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1))
+    relu = F.relu(
+        (conv1 - bn.running_mean.view(1, -1, 1, 1))
+        / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
+        * bn.weight.view(1, -1, 1, 1)
+        + bn.bias.view(1, -1, 1, 1)
+    )
     assert torch.allclose(full["relu"], relu, atol=1e-6)
     assert torch.allclose(full["conv2"], F.conv2d(relu, model.conv2.weight, model.conv2.bias, padding=1), atol=1e-6)
     assert (full["conv1"] < 0).any()  # conv1's own output, before bn and the in-place ReLU
@@ -151,11 +157,14 @@ def test_activation_callback_every_n_epochs(tmp_path):
     assert "viz-activations/net.relu/p001" not in acc.Tags()["images"]
 
 
-@pytest.mark.parametrize("arch,first,last", [
-    ("vgg11", "net.features.0", "net.features.20"),  # the last block feeding global pooling, not the last conv
-    ("mobilenet_v3_small", "net.features.0.0", "net.features.12"),
-    ("densenet121", "net.features.conv0", "net.features.norm5"),
-])
+@pytest.mark.parametrize(
+    "arch,first,last",
+    [
+        ("vgg11", "net.features.0", "net.features.20"),  # the last block feeding global pooling, not the last conv
+        ("mobilenet_v3_small", "net.features.0.0", "net.features.12"),
+        ("densenet121", "net.features.conv0", "net.features.norm5"),
+    ],
+)
 def test_torchvision_architectures(arch, first, last):
     """Default layers resolve on real architectures; filters and feature maps come out untouched-model."""
     torchvision = pytest.importorskip("torchvision")

@@ -6,9 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    LitTiny,
+    TinyCNN,
+    check_untouched,
+    image_steps,
+    read_events,
+    scalar_steps,
+    tiny_dataset,
+    tiny_loaders,
+    tiny_trainer,
+    trained_tiny_cnn,
+)
 from torch import nn
 
-from helpers import LitTiny, TinyCNN, check_untouched, read_events, scalar_steps, image_steps, tiny_dataset, tiny_loaders, tiny_trainer, trained_tiny_cnn
 from lightning_viz.callbacks.synthesis import AdversarialCallback
 from lightning_viz.capture import isolated
 from lightning_viz.methods.adversarial import fgsm, is_flipped, minimal_flip_budget, pgd, predict
@@ -77,7 +88,9 @@ def test_trained_model_flips_within_budget_and_is_untouched(trained):
 
     def attack():
         with isolated(model):
-            return pgd(model, x, clean, eps, steps=5, generator=torch.Generator().manual_seed(0)), fgsm(model, x, clean, 0.02)
+            return pgd(model, x, clean, eps, steps=5, generator=torch.Generator().manual_seed(0)), fgsm(
+                model, x, clean, 0.02
+            )
 
     adv, small = check_untouched(model, attack)
     model.zero_grad(set_to_none=True)
@@ -91,7 +104,10 @@ def test_trained_model_flips_within_budget_and_is_untouched(trained):
 def test_pgd_seeded_projected_and_targeted(trained):
     model, x, _ = trained
     clean = predict(model, x)
-    bounds = (x.amin(dim=(0, 2, 3), keepdim=True) - 0.2, x.amax(dim=(0, 2, 3), keepdim=True) + 0.2)  # tighter than x +- 0.8
+    bounds = (
+        x.amin(dim=(0, 2, 3), keepdim=True) - 0.2,
+        x.amax(dim=(0, 2, 3), keepdim=True) + 0.2,
+    )  # tighter than x +- 0.8
     eps = torch.linspace(0.1, 0.8, x.shape[0])  # one budget per image
     with isolated(model):
         a = pgd(model, x, clean, eps, steps=4, generator=torch.Generator().manual_seed(1), bounds=bounds)
@@ -115,7 +131,9 @@ def test_minimal_flip_budget_bisection_invariant(trained):
         assert torch.isfinite(eps).all()
         # flips at the returned budget, not one bisection step below it
         at = predict(model, pgd(model, x, clean, eps, steps=3, random_start=False))
-        below = predict(model, pgd(model, x, clean, (eps - max_eps / 2**iters).clamp_min(0), steps=3, random_start=False))
+        below = predict(
+            model, pgd(model, x, clean, (eps - max_eps / 2**iters).clamp_min(0), steps=3, random_start=False)
+        )
     assert (at != clean).all() and (below == clean).all()
 
 
@@ -140,8 +158,9 @@ def test_adversarial_callback_under_validate_and_valid_range(tmp_path):
     x, y = tiny_dataset(4).tensors
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
     probes = ProbeSet(images=x.clamp(-2, 2), labels=y, mean=mean, std=std)
-    cb = AdversarialCallback(epsilon=3.0, attack="fgsm", mode="next_class", probes=probes, min_flip=False,
-                             run_on="validation_epoch_end")
+    cb = AdversarialCallback(
+        epsilon=3.0, attack="fgsm", mode="next_class", probes=probes, min_flip=False, run_on="validation_epoch_end"
+    )
     model = LitTiny(TinyCNN(width=4))
     _, val = tiny_loaders(8)
     tiny_trainer(str(tmp_path), [cb]).validate(model, val)

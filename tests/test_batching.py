@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import TinyCNN
+
 from lightning_viz.capture import isolated
 from lightning_viz.methods import batching
 from lightning_viz.methods import cam as C
@@ -52,8 +52,9 @@ def test_default_chunks_follow_the_budget_and_change_nothing(small_budget):
     runs = {
         "integrated_gradients": lambda c: G.integrated_gradients(model, x, "label", labels, c, steps=5),
         "smoothgrad": lambda c: G.smoothgrad(G.saliency, model, x, "label", labels, c, n_samples=5, seed=3),
-        "smoothgrad_ig": lambda c: G.smoothgrad(G.integrated_gradients, model, x, "label", labels, c, n_samples=2,
-                                                seed=3, steps=3),
+        "smoothgrad_ig": lambda c: G.smoothgrad(
+            G.integrated_gradients, model, x, "label", labels, c, n_samples=2, seed=3, steps=3
+        ),
         "scorecam": lambda c: C.class_activation_map(model, x, "conv1", "scorecam", "label", labels, c),
         "deletion": lambda c: perturbation_curve(model, x, maps, "label", labels, steps=6, chunk_size=c),
         "occlusion": lambda c: occlusion(model, x, "label", labels, window=4, stride=2, chunk_size=c)["score"],

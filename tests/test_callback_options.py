@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 
+import lightning as L
 import pytest
 import torch
-
-import lightning as L
 from helpers import LitTiny, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
+
 from lightning_viz.callbacks.base import VisualizationError, VisualizationWarning
 from lightning_viz.callbacks.gradients import GradientCallback
 from lightning_viz.callbacks.maps import MapCallback
@@ -79,7 +79,8 @@ def test_bad_on_error_is_refused():
 def test_startup_message_names_callbacks_and_tensorboard_command(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2, every_n_epochs=2)], max_epochs=1).fit(
-            LitTiny(), *tiny_loaders(n=12))
+            LitTiny(), *tiny_loaders(n=12)
+        )
     msgs = [r.getMessage() for r in caplog.records if "lightning-viz:" in r.getMessage()]
     assert len(msgs) == 1, msgs
     assert "gradients (every 2)" in msgs[0] and f"tensorboard --logdir {tmp_path}" in msgs[0]
@@ -123,9 +124,12 @@ class Stream(torch.utils.data.IterableDataset):
 
 def test_iterable_data_without_probes_is_a_clear_error(tmp_path):
     loader = torch.utils.data.DataLoader(Stream(), batch_size=4)
-    trainer = tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2)], max_epochs=1, limit_train_batches=2,
-                           limit_val_batches=0)
-    with pytest.raises(VisualizationError, match=r"no map-style val or train dataset.*IterableDataset.*probes=ProbeSet"):
+    trainer = tiny_trainer(
+        str(tmp_path), [GradientCallback(num_probes=2)], max_epochs=1, limit_train_batches=2, limit_val_batches=0
+    )
+    with pytest.raises(
+        VisualizationError, match=r"no map-style val or train dataset.*IterableDataset.*probes=ProbeSet"
+    ):
         trainer.fit(LitTiny(), loader)
 
 
@@ -133,7 +137,9 @@ class Unlabeled(L.LightningDataModule):
     """Images only: nothing to take target='label' from."""
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tiny_loaders(n=12)[0].dataset.tensors[0]), batch_size=4)
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(tiny_loaders(n=12)[0].dataset.tensors[0]), batch_size=4
+        )
 
     val_dataloader = train_dataloader
 
@@ -148,7 +154,9 @@ class Unsupervised(LitTiny):
 
 def test_label_target_without_labels_fails_at_setup(tmp_path):
     trainer = tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2)], max_epochs=1)
-    with pytest.raises(ValueError, match=r"GradientCallback: target='label' needs a class label.*TensorDataset.*'predicted'"):
+    with pytest.raises(
+        ValueError, match=r"GradientCallback: target='label' needs a class label.*TensorDataset.*'predicted'"
+    ):
         trainer.fit(Unsupervised(), datamodule=Unlabeled())
     assert trainer.global_step == 0  # before any training step
     cb = GradientCallback(num_probes=2, target="predicted")  # no labels needed: works
@@ -161,8 +169,11 @@ def test_validation_schedule_that_never_meets_fails_at_setup(tmp_path):
     last one: in a 3-epoch fit (epochs 0-2) no validation is ever scheduled."""
     cb = GradientCallback(num_probes=2, run_on="validation_epoch_end", every_n_epochs=3)
     trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=3, check_val_every_n_epoch=2)
-    with pytest.raises(ValueError, match=r"GradientCallback would never run.*every_n_epochs=3.*check_val_every_n_epoch=2"
-                                         r".*max_epochs=3"):
+    with pytest.raises(
+        ValueError,
+        match=r"GradientCallback would never run.*every_n_epochs=3.*check_val_every_n_epoch=2"
+        r".*max_epochs=3",
+    ):
         trainer.fit(LitTiny(), *tiny_loaders(n=12))
     assert trainer.global_step == 0
     ok = tiny_trainer(str(tmp_path), max_epochs=4, check_val_every_n_epoch=2)  # the last epoch (3) validates

@@ -3,16 +3,25 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    LitTiny,
+    TinyCNN,
+    check_untouched,
+    image_steps,
+    read_events,
+    scalar_steps,
+    tiny_loaders,
+    tiny_trainer,
+)
+from test_gradients import torchvision_model
 from torch import nn
 
-from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
 from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.capture import isolated
 from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.methods import cam as C
 from lightning_viz.methods import gradients as G
 from lightning_viz.methods.shared_pass import gradient_pass
-from test_gradients import torchvision_model
 
 
 class TwoConv(nn.Module):
@@ -56,7 +65,9 @@ EXPECTED = {
     # conv1: gradients vary over space
     ("gradcam", "conv1"): F.relu((0.5 * 3 / 4) * A1_0 + (0.25 / 4) * A1_1),
     ("gradcampp", "conv1"): F.relu(3 * 0.5 / (2 + 2.5 * 0.5) * A1_0 + 0.25 / (2 - 0.5 * 0.25) * A1_1),
-    ("layercam", "conv1"): F.relu(0.5 * torch.tensor([[1.0, 0], [1, 1]]) * A1_0 + 0.25 * torch.tensor([[0.0, 1], [0, 0]]) * A1_1),
+    ("layercam", "conv1"): F.relu(
+        0.5 * torch.tensor([[1.0, 0], [1, 1]]) * A1_0 + 0.25 * torch.tensor([[0.0, 1], [0, 0]]) * A1_1
+    ),
     # XGrad-CAM: w_k = sum(A_k G_k) / sum(A_k): (0.5 * (1 + 2 + 0.5)) / 2.5 = 0.7 and (0.25 * 1.5) / -0.5 = -0.75
     ("xgradcam", "conv1"): F.relu(0.7 * A1_0 - 0.75 * A1_1),
     ("counterfactual_gradcam", "conv1"): F.relu(-(0.5 * 3 / 4) * A1_0 - (0.25 / 4) * A1_1),
@@ -198,8 +209,10 @@ def test_chunked_equals_unchunked_all_methods():
                 if m == "cam" and layer == "conv1":
                     continue
                 kw = dict(model=model, x=x, target="label", labels=labels)
-                torch.testing.assert_close(C.variant_from_pass(part, layer, m, (8, 8), chunk_size=2, **kw),
-                                           C.variant_from_pass(full, layer, m, (8, 8), **kw))
+                torch.testing.assert_close(
+                    C.variant_from_pass(part, layer, m, (8, 8), chunk_size=2, **kw),
+                    C.variant_from_pass(full, layer, m, (8, 8), **kw),
+                )
 
 
 def test_scorecam_against_per_channel_loop():
@@ -216,7 +229,9 @@ def test_scorecam_against_per_channel_loop():
         tiny = TinyCNN(width=3).eval()
         x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
         full = C.class_activation_map(tiny, x, "conv2", "scorecam", "predicted")
-        torch.testing.assert_close(C.class_activation_map(tiny, x, "conv2", "scorecam", "predicted", chunk_size=2), full)
+        torch.testing.assert_close(
+            C.class_activation_map(tiny, x, "conv2", "scorecam", "predicted", chunk_size=2), full
+        )
         margin = C.class_activation_map(tiny, x, "conv2", "scorecam", lambda z: z[:, 0] - z[:, 1])
         assert margin.shape == (3, 8, 8) and not torch.allclose(margin, full)
 
@@ -230,8 +245,19 @@ def test_errors_are_clear():
         with pytest.raises(ValueError, match="callable target has none"):
             C.class_activation_map(model, x, "conv2", "cam", target=lambda z: z[:, 0])
         C.class_activation_map(model, x, "conv2", "gradcam", target=lambda z: z[:, 0])  # fine for Grad-CAM
-        seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
-        with pytest.raises(LayerNotFoundError, match="layer '0' \\(4 channels\\), but '6' has in_features=6: the model has no GAP\\+linear head"):
+        seq = nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.ReLU(),
+            nn.Conv2d(4, 6, 1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(6, 3),
+        )
+        with pytest.raises(
+            LayerNotFoundError,
+            match="layer '0' \\(4 channels\\), but '6' has in_features=6: the model has no GAP\\+linear head",
+        ):
             C.class_activation_map(seq, x, "0", "cam", target=0)
         C.class_activation_map(seq, x, "2", "cam", target=0)  # the layer that feeds GAP + linear is fine
     with pytest.raises(ValueError, match="callable target has none"):
@@ -250,15 +276,19 @@ def test_errors_are_clear():
         CAMCallback(methods=["cam"]).check(vgg)
 
 
-@pytest.mark.parametrize("arch,layer", [("resnet18", "layer4"), ("vgg11", None), ("densenet121", "features"),
-                                        ("mobilenet_v3_small", None)])
+@pytest.mark.parametrize(
+    "arch,layer", [("resnet18", "layer4"), ("vgg11", None), ("densenet121", "features"), ("mobilenet_v3_small", None)]
+)
 def test_torchvision_gradients_and_cams_untouched(arch, layer):
     """Gradient and CAM methods on real architectures (in-place / functional / reused relu), model untouched."""
     model = torchvision_model(arch)
     model.train()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     model(x).sum().backward()  # live .grad and BN statistics must survive untouched
-    cb = CAMCallback(methods=["gradcam", "gradcampp", "layercam", "guided_gradcam"] + (["cam"] if layer else []), layers=layer and [layer])
+    cb = CAMCallback(
+        methods=["gradcam", "gradcampp", "layercam", "guided_gradcam"] + (["cam"] if layer else []),
+        layers=layer and [layer],
+    )
     cb.check(model)
     with isolated(model):
         cb.check_input(cb.adapted(model), x[:1])  # setup: the default layer by one forward, the CAM head verified
@@ -267,8 +297,14 @@ def test_torchvision_gradients_and_cams_untouched(arch, layer):
         with isolated(model):
             plain = gradient_pass(model, x, "label", torch.tensor([0, 2]), cb.layers)
             guided = gradient_pass(model, x, "label", torch.tensor([0, 2]), (), "guided")
-            cams = {m: (C.guided_cam_from_passes(plain, guided, cb.layers[0], m) if m.startswith("guided")
-                        else C.cam_from_pass(plain, cb.layers[0], m, (32, 32), model)) for m in cb.methods}
+            cams = {
+                m: (
+                    C.guided_cam_from_passes(plain, guided, cb.layers[0], m)
+                    if m.startswith("guided")
+                    else C.cam_from_pass(plain, cb.layers[0], m, (32, 32), model)
+                )
+                for m in cb.methods
+            }
             return plain, guided, cams
 
     plain, guided, cams = check_untouched(model, run)
@@ -281,8 +317,13 @@ def test_torchvision_gradients_and_cams_untouched(arch, layer):
 
 
 def test_cam_callback_logs_layers_and_methods(tmp_path):
-    cb = CAMCallback(methods=["gradcam", "gradcam++", "guided_gradcam", "scorecam", "hirescam", "eigencam", "ablationcam"],
-                     layers=["net.conv1", "net.conv2"], num_probes=2, chunk_size=1, normalize="fixed")
+    cb = CAMCallback(
+        methods=["gradcam", "gradcam++", "guided_gradcam", "scorecam", "hirescam", "eigencam", "ablationcam"],
+        layers=["net.conv1", "net.conv2"],
+        num_probes=2,
+        chunk_size=1,
+        normalize="fixed",
+    )
     tl, vl = tiny_loaders(n=12)
     tiny_trainer(str(tmp_path), [cb], max_epochs=2).fit(LitTiny(TinyCNN(width=3)), tl, vl)
     acc = read_events(str(tmp_path))

@@ -6,14 +6,15 @@ import os
 import sys
 
 import pytest
-
 from helpers import image_steps, read_events, scalar_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
 
-DEMO_COMMAND = "python -m pip install torch==2.14.1 torchvision==0.29.1 -e . && lightning-viz fit --config configs/demo.yaml"
+DEMO_COMMAND = (
+    "python -m pip install torch==2.14.1 torchvision==0.29.1 -e . && lightning-viz fit --config configs/demo.yaml"
+)
 TEST_COMMAND = 'python -m pip install torch==2.14.1 torchvision==0.29.1 -e ".[dev]" && python -m pytest -q'
 
 
@@ -44,8 +45,15 @@ def test_demo_config_through_console_entry_point(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     logdir = str(tmp_path / "logs")
-    args = ["fit", "--config", DEMO, *tiny_overrides(logdir),
-            "--data.init_args.num_train=32", "--data.init_args.num_val=16", "--data.init_args.image_size=16"]
+    args = [
+        "fit",
+        "--config",
+        DEMO,
+        *tiny_overrides(logdir),
+        "--data.init_args.num_train=32",
+        "--data.init_args.num_val=16",
+        "--data.init_args.image_size=16",
+    ]
     assert main(args) is None  # the console script calls sys.exit(main()): anything else exits with status 1
     acc = read_events(logdir)
     assert image_steps(acc, "viz-filters/net.conv1/grid") == [0, 1]
@@ -78,8 +86,16 @@ def test_cli_builds_other_arch_and_data_by_short_name():
     from lightning_viz.cli import cli_main
     from lightning_viz.data.shapes import ShapesDataModule
 
-    cli = cli_main(["--model.arch=resnet18", "--model.num_classes=3", "--data=ShapesDataModule",
-                    "--data.num_classes=3", "--trainer.logger=false"], run=False)
+    cli = cli_main(
+        [
+            "--model.arch=resnet18",
+            "--model.num_classes=3",
+            "--data=ShapesDataModule",
+            "--data.num_classes=3",
+            "--trainer.logger=false",
+        ],
+        run=False,
+    )
     assert isinstance(cli.datamodule, ShapesDataModule) and cli.datamodule.num_classes == 3
     assert cli.model.net.fc.out_features == 3 and hasattr(cli.model.net, "layer4")
 
@@ -128,13 +144,29 @@ def test_cli_trains_a_user_lightning_module_with_the_default_data(tmp_path, monk
 
     monkeypatch.chdir(tmp_path)
     logdir = str(tmp_path / "logs")
-    cli = cli_main(["fit", "--model=test_cli.UserNet", "--model.hidden=5", "--data.num_train=16", "--data.num_val=8",
-                    "--data.image_size=16", "--data.batch_size=8", "--trainer.max_epochs=1",
-                    "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
-                    "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
-                    "--trainer.accelerator=cpu", "--trainer.logger=TensorBoardLogger", f"--trainer.logger.save_dir={logdir}",
-                    "--trainer.callbacks+=lightning_viz.CAMCallback", "--trainer.callbacks.layers=features.0",
-                    "--trainer.callbacks.num_probes=2", "--trainer.callbacks.probe_source=train"])
+    cli = cli_main(
+        [
+            "fit",
+            "--model=test_cli.UserNet",
+            "--model.hidden=5",
+            "--data.num_train=16",
+            "--data.num_val=8",
+            "--data.image_size=16",
+            "--data.batch_size=8",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=TensorBoardLogger",
+            f"--trainer.logger.save_dir={logdir}",
+            "--trainer.callbacks+=lightning_viz.CAMCallback",
+            "--trainer.callbacks.layers=features.0",
+            "--trainer.callbacks.num_probes=2",
+            "--trainer.callbacks.probe_source=train",
+        ]
+    )
     assert type(cli.model) is UserNet and cli.model.head.in_features == 5
     assert isinstance(cli.datamodule, ShapesDataModule)  # the default data module
     acc = read_events(logdir)

@@ -11,10 +11,10 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from helpers import LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
 from lightning_viz.callbacks.embeddings import EmbeddingCallback
 from lightning_viz.callbacks.filters import FilterCallback
 from lightning_viz.callbacks.gradients import GradientCallback
@@ -55,17 +55,26 @@ def test_tags_start_with_the_family_and_name_goes_after_it():
     import re
 
     patterns = [p for section in TRACKING_LAYOUT.values() for _, (_, regs) in section.items() for p in regs]
-    for tag in ("viz-cam/gradcam/net.conv3/drift/rank_corr", "viz-cam/pred/gradcam/net.conv3/drift/topk_iou",
-                "viz-cam/drift/prediction_flips", "viz-gradients/probe_accuracy",
-                "viz-occlusion/occlusion/score/faithfulness/deletion_auc", "viz-cam/gradcam/net.conv3/sanity/rank_corr",
-                "viz-cam/gradcam/net.conv3/localization/pointing_game"):
+    for tag in (
+        "viz-cam/gradcam/net.conv3/drift/rank_corr",
+        "viz-cam/pred/gradcam/net.conv3/drift/topk_iou",
+        "viz-cam/drift/prediction_flips",
+        "viz-gradients/probe_accuracy",
+        "viz-occlusion/occlusion/score/faithfulness/deletion_auc",
+        "viz-cam/gradcam/net.conv3/sanity/rank_corr",
+        "viz-cam/gradcam/net.conv3/localization/pointing_game",
+    ):
         assert sum(bool(re.search(p, tag)) for p in patterns) == 1, tag  # one chart of the Custom Scalars tab
     assert not any(re.search(p, "viz/gradcam/net.conv3/drift/rank_corr") for p in patterns)  # old scheme gone
 
 
 def test_panel_tiles_size_caption_and_fixed_row_with_colorbars(tmp_path):
-    cb = GradientCallback(methods=["saliency", "guided_backprop", "input_x_gradient"], num_probes=3,
-                          normalize="both", class_names=["zero", "one", "two"])
+    cb = GradientCallback(
+        methods=["saliency", "guided_backprop", "input_x_gradient"],
+        num_probes=3,
+        normalize="both",
+        class_names=["zero", "one", "two"],
+    )
     trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1)
     model = LitTiny(TinyCNN(width=3))
     trainer.fit(model, *tiny_loaders(n=12))
@@ -85,8 +94,8 @@ def test_panel_tiles_size_caption_and_fixed_row_with_colorbars(tmp_path):
     # every method tile differs from the plain image (an overlay), in both rows
     for c in range(1, 4):
         x0 = 2 + c * 130
-        assert np.abs(img[32:160, x0:x0 + 128].astype(float) - want).mean() > 5
-        assert np.abs(img[162:290, x0:x0 + 128].astype(float) - want).mean() > 5
+        assert np.abs(img[32:160, x0 : x0 + 128].astype(float) - want).mean() > 5
+        assert np.abs(img[162:290, x0 : x0 + 128].astype(float) - want).mean() > 5
     # under the fixed row: a colorbar from cmap(0) to cmap(1) of jet, one per method
     lut = (colormap(torch.tensor([[[0.0, 1.0]]]), "jet")[0, :, 0].T * 255).round().numpy()
     bar = img[291:299]
@@ -101,8 +110,10 @@ def test_panel_tiles_size_caption_and_fixed_row_with_colorbars(tmp_path):
     results = cb.compute(model, cb.probes)
     torch.testing.assert_close(results["pred:prob"][1:2], prob)  # from the shared pass's logits
     text = panel_caption("p001", cb.probes, results, 1, cb.get_class_names(trainer))
-    assert text == f"p001  true: {['zero', 'one', 'two'][int(probe.labels)]}  pred: " \
-                   f"{['zero', 'one', 'two'][int(pred)]} {float(prob):.0%}"
+    assert (
+        text == f"p001  true: {['zero', 'one', 'two'][int(probe.labels)]}  pred: "
+        f"{['zero', 'one', 'two'][int(pred)]} {float(prob):.0%}"
+    )
 
 
 def test_signed_maps_use_a_diverging_colormap_with_zero_marked():
@@ -123,13 +134,14 @@ def test_signed_maps_use_a_diverging_colormap_with_zero_marked():
         def add_scalar(self, *args):
             pass
 
-    probe = ProbeSet(images=torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
-                     labels=torch.tensor([0, 1]))
+    probe = ProbeSet(
+        images=torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), labels=torch.tensor([0, 1])
+    )
     maps = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1))
     cb.log_results(VizLogger(Writer(), 0), {"map:gradient/input": maps}, probe, None)
     panel = images["viz-gradients/panel/p000"]
     assert panel.shape == (16 + 14 + 2 + 128 + 1 + 24 + 2, 2 * 128 + 3 * 2, 3)
-    bar = panel[16 + 14 + 2 + 128 + 1:][:8, 132:260]  # under the map tile
+    bar = panel[16 + 14 + 2 + 128 + 1 :][:8, 132:260]  # under the map tile
     assert (bar[:, 64] == 0).all() or (bar[:, 63] == 0).all()  # the zero line at the middle of -m..m
     lut = (colormap(torch.tensor([[[0.0, 1.0]]]), "RdBu_r")[0, :, 0].T * 255).round().numpy()
     assert np.abs(bar[:, 0].astype(float) - lut[0]).max() <= 2
@@ -161,8 +173,11 @@ def test_built_in_datamodules_name_their_classes():
 def test_one_log_line_per_epoch_end(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(viz_logger, "propagate", True)  # caplog listens on the root logger
     caplog.set_level(logging.INFO, logger="lightning_viz")
-    cbs = [FilterCallback(), GradientCallback(num_probes=2, every_n_epochs=2),
-           GradientCallback(num_probes=2, name="quiet", epoch_summary=False)]
+    cbs = [
+        FilterCallback(),
+        GradientCallback(num_probes=2, every_n_epochs=2),
+        GradientCallback(num_probes=2, name="quiet", epoch_summary=False),
+    ]
     tiny_trainer(str(tmp_path), cbs, max_epochs=3).fit(LitTiny(), *tiny_loaders(n=12))
     lines = [r.getMessage() for r in caplog.records if r.name == "lightning_viz" and " epoch " in r.getMessage()]
     assert [line.split(":")[0] for line in lines] == [f"lightning-viz epoch {e}" for e in range(3)]
@@ -223,16 +238,41 @@ def test_demo_config_fits_the_card_budget(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(viz_logger, "propagate", True)
     caplog.set_level(logging.INFO, logger="lightning_viz")
     logdir = str(tmp_path / "logs")
-    cli_main(["fit", "--config", DEMO, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
-              "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-              "--trainer.enable_model_summary=false", "--trainer.enable_checkpointing=false",
-              f"--trainer.logger.init_args.save_dir={logdir}", "--data.init_args.num_train=64",
-              "--data.init_args.num_val=256"])
+    cli_main(
+        [
+            "fit",
+            "--config",
+            DEMO,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.enable_checkpointing=false",
+            f"--trainer.logger.init_args.save_dir={logdir}",
+            "--data.init_args.num_train=64",
+            "--data.init_args.num_val=256",
+        ]
+    )
     acc = read_events(logdir)
     images = acc.Tags()["images"]
     groups = {t.split("/")[0] for t in images + acc.Tags()["scalars"] if t.startswith("viz-")}
-    assert groups == {f"viz-{f}" for f in ("filters", "activations", "gradients", "cam", "occlusion", "top_patches",
-                                          "embeddings", "class_model", "units", "inversion", "adversarial")}
+    assert groups == {
+        f"viz-{f}"
+        for f in (
+            "filters",
+            "activations",
+            "gradients",
+            "cam",
+            "occlusion",
+            "top_patches",
+            "embeddings",
+            "class_model",
+            "units",
+            "inversion",
+            "adversarial",
+        )
+    }
     assert len(images) <= 60
     sides = [min(e.width, e.height) for t in images for e in acc.Images(t)]
     assert statistics.median(sides) >= 128

@@ -102,7 +102,7 @@ def test_digits_shapes_split_and_normalization():
     dm = DigitsDataModule(image_size=16, val_fraction=0.2, seed=0)
     assert len(dm.train_set) + len(dm.val_set) == 1797 and len(dm.val_set) == 359
     x, y = next(iter(dm.val_dataloader()))
-    assert x.shape == (64, 1, 16, 16) and y.dtype == torch.long and 0 <= int(y.min()) and int(y.max()) <= 9
+    assert x.shape == (64, 1, 16, 16) and y.dtype == torch.long and int(y.min()) >= 0 and int(y.max()) <= 9
     imgs = dm.train_set.images
     assert abs(float(imgs.mean())) < 1e-4 and abs(float(imgs.std()) - 1) < 1e-4
     assert len(dm.mean) == len(dm.std) == 1 and dm.num_classes == 10 and dm.in_channels == 1
@@ -160,6 +160,7 @@ def test_image_folder_train_without_val_is_an_error_not_two_classes(tmp_path):
     _write_pngs(tmp_path / "test", n=2)
     with pytest.raises(ValueError, match=r"has 'train' but no 'val' folder.*root/train/<class>.*root/val/<class>"):
         ImageFolderDataModule(str(tmp_path), image_size=8)
+
 
 def test_image_folder_clear_errors(tmp_path):
     missing = tmp_path / "nope"

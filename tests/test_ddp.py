@@ -16,10 +16,9 @@ import os
 import subprocess
 import sys
 
+import ddp_script
 import numpy as np
 import pytest
-
-import ddp_script
 from helpers import image_steps, read_events
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_script.py")
@@ -60,8 +59,14 @@ def _json(out: str, run: str, rank: int) -> dict:
 
 
 #: tracker scalar groups of the test InputGradMap (shapes data: masks, so the pointing game runs too)
-GROUPS = ("drift/rank_corr", "faithfulness/deletion_auc", "faithfulness/insertion_auc", "sanity/rank_corr",
-          "localization/pointing_game", "localization/energy_in_mask")
+GROUPS = (
+    "drift/rank_corr",
+    "faithfulness/deletion_auc",
+    "faithfulness/insertion_auc",
+    "sanity/rank_corr",
+    "localization/pointing_game",
+    "localization/energy_in_mask",
+)
 
 
 def _assert_same_events(two_dir: str, one_dir: str, steps: tuple[int, ...] = (0, 1), groups=GROUPS) -> None:
@@ -80,7 +85,9 @@ def _assert_same_events(two_dir: str, one_dir: str, steps: tuple[int, ...] = (0,
             # point's anti-aliasing (matplotlib figures): allow that, nothing more
             diff = np.abs(_decode(a) - _decode(b))
             off = float((diff > 2).mean())
-            assert off <= 1e-3 and diff.max() <= 32, f"{tag} step {a.step}: {off:.2%} of pixels differ, by up to {diff.max()}"
+            assert off <= 1e-3 and diff.max() <= 32, (
+                f"{tag} step {a.step}: {off:.2%} of pixels differ, by up to {diff.max()}"
+            )
     scalar_tags = [t for t in two.Tags()["scalars"] if t.startswith("viz-") and not t.endswith("time_s")]
     assert set(scalar_tags) == {t for t in one.Tags()["scalars"] if t.startswith("viz-") and not t.endswith("time_s")}
     for group in groups:
@@ -120,15 +127,24 @@ def test_only_rank_zero_writes(ddp_out):
 
 #: callback class -> tags it must write (images, then scalars) in the ``syncbn_validate`` run
 FAMILY_TAGS = {
-    "InputGradMap": ("viz-inputgrad/panel/p004", "viz-inputgrad/filmstrip/p000",
-                     "viz-inputgrad/inputgrad/input/faithfulness/deletion_auc",
-                     "viz-inputgrad/inputgrad/input/sanity/rank_corr"),
+    "InputGradMap": (
+        "viz-inputgrad/panel/p004",
+        "viz-inputgrad/filmstrip/p000",
+        "viz-inputgrad/inputgrad/input/faithfulness/deletion_auc",
+        "viz-inputgrad/inputgrad/input/sanity/rank_corr",
+    ),
     "FilterCallback": ("viz-filters/net.conv1/grid", "viz-filters/net.conv1/mean_norm"),
     "ActivationCallback": ("viz-activations/net.conv1/p004", "viz-activations/net.conv2/dead_fraction"),
-    "GradientCallback": ("viz-gradients/panel/p000", "viz-gradients/panel/p004",
-                         "viz-gradients/smoothgrad_saliency/input/stats/max_abs"),
-    "CAMCallback": ("viz-cam/panel/p004", "viz-cam/filmstrip/p000",
-                    "viz-cam/gradcam/net.conv2/localization/pointing_game"),
+    "GradientCallback": (
+        "viz-gradients/panel/p000",
+        "viz-gradients/panel/p004",
+        "viz-gradients/smoothgrad_saliency/input/stats/max_abs",
+    ),
+    "CAMCallback": (
+        "viz-cam/panel/p004",
+        "viz-cam/filmstrip/p000",
+        "viz-cam/gradcam/net.conv2/localization/pointing_game",
+    ),
     "OcclusionCallback": ("viz-occlusion/panel/p004", "viz-occlusion/occlusion/prob/stats/max_abs"),
     "TopPatchesCallback": ("viz-top_patches/net.conv2/unit001", "viz-top_patches/net.conv2/unit000/max"),
     "EmbeddingCallback": ("viz-embeddings/penultimate/pca", "viz-embeddings/penultimate/knn_acc"),
@@ -186,8 +202,10 @@ def test_an_error_on_one_rank_raises_on_every_rank(ddp_out):
     for errs in (r0["compute@rank1"], r1["compute@rank1"]):
         assert errs == ["VisualizationError: lightning-viz failing failed: rank 1: RuntimeError: boom in compute"]
     # rank 0's logging failed: rank 0 raises its own error, rank 1 learns of it (instead of hanging later)
-    assert r0["log@rank0"] == ["VisualizationError: lightning-viz FailingCallback (failing) failed while logging at step 0: "
-                               "RuntimeError: boom in log"]
+    assert r0["log@rank0"] == [
+        "VisualizationError: lightning-viz FailingCallback (failing) failed while logging at step 0: "
+        "RuntimeError: boom in log"
+    ]
     assert r1["log@rank0"] == ["VisualizationError: lightning-viz failing failed on rank 0: RuntimeError: boom in log"]
 
 
@@ -204,14 +222,24 @@ def test_gather_timeout_is_a_clear_error():
 
     assert not dist.is_initialized()
     port = find_free_network_port()
-    peer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time, datetime, torch.distributed as d; print('ready', flush=True); "
-        f"d.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=1, world_size=2, "
-        "timeout=datetime.timedelta(seconds=5)); time.sleep(8)")], stdout=subprocess.PIPE, text=True)
+    peer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time, datetime, torch.distributed as d; print('ready', flush=True); "
+                f"d.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=1, world_size=2, "
+                "timeout=datetime.timedelta(seconds=5)); time.sleep(8)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert peer.stdout.readline().strip() == "ready"  # imported: both ranks meet well within the timeout
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
-                                timeout=timedelta(seconds=5))
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2, timeout=timedelta(seconds=5)
+        )
         with pytest.raises(VisualizationError) as err:
             gather_results(SimpleNamespace(global_rank=0, world_size=2), {"x": torch.zeros(1)}, None, what="probe")
     finally:
@@ -227,13 +255,18 @@ def test_gather_timeout_is_a_clear_error():
 def test_syncbatchnorm_compiled_bf16_model_in_process(tmp_path):
     import torch
 
-    trainer, callbacks, module = ddp_script.fit(str(tmp_path), devices=1, sync_batchnorm=True, compile=True,
-                                                precision="bf16-mixed", max_epochs=2)
+    trainer, callbacks, module = ddp_script.fit(
+        str(tmp_path), devices=1, sync_batchnorm=True, compile=True, precision="bf16-mixed", max_epochs=2
+    )
     assert hasattr(module.net, "_orig_mod")  # really compiled
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules())
     acc = read_events(str(tmp_path))
-    for tag in ("viz-inputgrad/panel/p004", "viz-inputgrad/filmstrip/p000",
-                "viz-activations/net.conv1/p000", "viz-filters/net.conv1/grid"):
+    for tag in (
+        "viz-inputgrad/panel/p004",
+        "viz-inputgrad/filmstrip/p000",
+        "viz-activations/net.conv1/p000",
+        "viz-filters/net.conv1/grid",
+    ):
         assert image_steps(acc, tag) == [0, 1], tag
     assert [e.step for e in acc.Scalars("viz-inputgrad/inputgrad/input/faithfulness/deletion_auc")] == [0, 1]
 
@@ -241,13 +274,15 @@ def test_syncbatchnorm_compiled_bf16_model_in_process(tmp_path):
 def test_shared_contracts_cover_every_exported_callback():
     """``lightning_viz.callbacks.CALLBACKS`` is the one list: the package exports follow it, and each shared test
     contract (bit-identical training, DDP == 1 process, the tags each family writes) must cover all of it."""
-    import lightning_viz
-    from lightning_viz.callbacks import CALLBACKS
     from test_foundation_training import CALLBACK_FACTORIES
 
+    import lightning_viz
+    from lightning_viz.callbacks import CALLBACKS
+
     names = {cls.__name__ for cls in CALLBACKS}
-    assert names <= set(lightning_viz.__all__) and all(getattr(lightning_viz, n) is c for c in CALLBACKS
-                                                       for n in [c.__name__])
+    assert names <= set(lightning_viz.__all__) and all(
+        getattr(lightning_viz, n) is c for c in CALLBACKS for n in [c.__name__]
+    )
     contracts = {
         "test_foundation_training.CALLBACK_FACTORIES": {type(make()).__name__ for _, make in CALLBACK_FACTORIES},
         "ddp_script.CALLBACKS": {spec["class_path"].rsplit(".", 1)[1] for spec in ddp_script.CALLBACKS},

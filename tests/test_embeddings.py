@@ -9,12 +9,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import (
+    LitTiny,
+    TinyCNN,
+    check_untouched,
+    image_steps,
+    read_events,
+    scalar_steps,
+    tiny_loaders,
+    tiny_trainer,
+)
 from torch import nn
 
-from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
 from lightning_viz.callbacks.embeddings import EmbeddingCallback
 from lightning_viz.layers import LayerNotFoundError
-from lightning_viz.methods.embeddings import extract_features, knn_accuracy, pca_2d, penultimate_layer, silhouette, tsne_2d
+from lightning_viz.methods.embeddings import (
+    extract_features,
+    knn_accuracy,
+    pca_2d,
+    penultimate_layer,
+    silhouette,
+    tsne_2d,
+)
 
 
 def test_penultimate_layer_of_real_architectures():

@@ -6,10 +6,10 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from helpers import LitTiny, TinyCNN, read_events, scalar_steps, tiny_loaders, tiny_trainer
 from lightning.pytorch.callbacks import Callback
+from torch import nn
+
 from lightning_viz.callbacks.filters import MIN_TILE_PX, FilterCallback, filter_grid
 from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.methods.filters import conv_filters, linear_templates
@@ -30,7 +30,9 @@ def test_conv_filters_default_first_conv_and_copy():
 
 
 def test_conv_filters_errors():
-    with pytest.raises(LayerNotFoundError, match=r"conv_filters needs a convolution layer, but 'fc' is a Linear.*'conv1'"):
+    with pytest.raises(
+        LayerNotFoundError, match=r"conv_filters needs a convolution layer, but 'fc' is a Linear.*'conv1'"
+    ):
         conv_filters(TinyCNN(), "fc")
     with pytest.raises(LayerNotFoundError, match=r"Unknown layer 'conv9'"):
         conv_filters(TinyCNN(), "conv9")
@@ -68,13 +70,13 @@ def test_filter_grid_rgb_per_filter_and_global():
     tile = 3 * scale
     grid = filter_grid(w, "per_filter")
     assert grid.shape == (3, tile + 2, 2 * (tile + 1) + 1)  # 2 RGB tiles in one row, 1 px padding
-    t0 = grid[:, 1:1 + tile, 1:1 + tile]
-    t1 = grid[:, 1:1 + tile, tile + 2:2 * tile + 2]
+    t0 = grid[:, 1 : 1 + tile, 1 : 1 + tile]
+    t1 = grid[:, 1 : 1 + tile, tile + 2 : 2 * tile + 2]
     assert torch.equal(t0, F.interpolate(w[:1], scale_factor=scale, mode="nearest")[0])
     assert t1.min() == 0 and t1.max() == 1  # each filter on its own range
     assert torch.allclose(t1[:, 0, 0], torch.full((3,), 0.75 / 0.75))
     g = filter_grid(w, "global")  # one range -0.5..1 for both
-    g1 = g[:, 1:1 + tile, tile + 2:2 * tile + 2]
+    g1 = g[:, 1 : 1 + tile, tile + 2 : 2 * tile + 2]
     assert torch.allclose(g1[0, 0, 0], torch.tensor(0.75 / 1.5)) and g1.min() == 0 and g1.max() < 1
 
 
@@ -84,10 +86,10 @@ def test_filter_grid_grayscale_rows_and_max_filters():
     grid = filter_grid(w, max_filters=4)  # 4 filters x 2 input channels: one row per filter
     assert grid.shape == (3, 4 * (tile + 1) + 1, 2 * (tile + 1) + 1)
     # row 2, column 1 is filter 2's input channel 1, min-max scaled over the whole filter 2
-    cell = grid[0, 2 * (tile + 1) + 1: 3 * (tile + 1), tile + 2: 2 * tile + 2]
+    cell = grid[0, 2 * (tile + 1) + 1 : 3 * (tile + 1), tile + 2 : 2 * tile + 2]
     f = w[2]
     expected = (f[1] - f.min()) / (f.max() - f.min())
-    assert torch.allclose(cell[::tile // 3, ::tile // 3], expected, atol=1e-6)
+    assert torch.allclose(cell[:: tile // 3, :: tile // 3], expected, atol=1e-6)
     assert torch.allclose(grid[0], grid[1]) and torch.allclose(grid[1], grid[2])  # grayscale
 
 
@@ -152,7 +154,9 @@ def test_filter_callback_setup_errors(tmp_path):
         trainer.fit(LitTiny(), datamodule=L.LightningDataModule.from_datasets(ds, ds, batch_size=4))
     assert trainer.global_step == 0
     with pytest.raises(ValueError, match=r"'net.conv1' is a Conv2d, not nn.Linear.*'net.fc'"):
-        tiny_trainer(str(tmp_path), [FilterCallback(kind="linear", layers="net.conv1")]).fit(LitTiny(), *tiny_loaders(n=12))
+        tiny_trainer(str(tmp_path), [FilterCallback(kind="linear", layers="net.conv1")]).fit(
+            LitTiny(), *tiny_loaders(n=12)
+        )
     with pytest.raises(ValueError, match=r"kind must be 'conv' or 'linear'; got 'dense'"):
         FilterCallback(kind="dense")
     with pytest.raises(ValueError, match=r"scale must be 'per_filter' or 'global'"):

@@ -6,10 +6,10 @@ import matplotlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TinyCNN, check_untouched, tiny_dataset
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from helpers import TinyCNN, check_untouched, tiny_dataset
 from lightning_viz.capture import capture, eval_mode, isolated
 from lightning_viz.layers import (
     LayerNotFoundError,
@@ -73,15 +73,22 @@ def test_probe_shards_concatenate_to_full_set(world):
 
 def test_probe_state_dict_round_trip():
     masks = torch.rand(4, 1, 5, 5)
-    probes = ProbeSet(torch.randn(4, 3, 5, 5), labels=torch.tensor([0, 1, 2, 1]), masks=masks, mean=[0.1, 0.2, 0.3],
-                      std=[1.0, 2.0, 3.0])
+    probes = ProbeSet(
+        torch.randn(4, 3, 5, 5),
+        labels=torch.tensor([0, 1, 2, 1]),
+        masks=masks,
+        mean=[0.1, 0.2, 0.3],
+        std=[1.0, 2.0, 3.0],
+    )
     back = ProbeSet.from_state_dict(probes.state_dict())
     assert torch.equal(back.images, probes.images) and torch.equal(back.labels, probes.labels)
     assert torch.equal(back.masks, masks[:, 0]) and torch.equal(back.indices, probes.indices)
     assert back.mean == [0.1, 0.2, 0.3] and back.std == [1.0, 2.0, 3.0]
     assert back.fingerprint() == probes.fingerprint()
     # display undoes the normalization: x * std + mean, clipped to [0, 1]
-    expected = (probes.images * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1) + torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)).clamp(0, 1)
+    expected = (
+        probes.images * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1) + torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)
+    ).clamp(0, 1)
     assert torch.allclose(back.display_images(), expected)
 
 
@@ -96,6 +103,7 @@ def test_probe_scalar_stats_and_wrong_channel_count():
     with pytest.raises(ValueError, match=r"mean has 3 values but the probe images have 4 channels.*1 or 4"):
         ProbeSet(torch.randn(2, 4, 3, 3), mean=[0.5] * 3, std=[0.2] * 3)
 
+
 def test_probe_picked_under_inference_mode_is_usable_by_autograd():
     with torch.inference_mode():
         probes = ProbeSet.from_dataset(tiny_dataset(12), num=3, seed=0)
@@ -106,7 +114,6 @@ def test_probe_picked_under_inference_mode_is_usable_by_autograd():
     assert torch.equal(g, F.one_hot(probes.labels, 3).float())
 
 
-
 def test_probe_non_scalar_labels_are_dropped_not_a_crash():
     """One-hot (or multi-label) targets are no class index: the probes keep no labels (images still usable)."""
     x = torch.arange(12, dtype=torch.float32).view(12, 1, 1, 1).expand(12, 1, 2, 2).clone()
@@ -114,6 +121,7 @@ def test_probe_non_scalar_labels_are_dropped_not_a_crash():
     probes = ProbeSet.from_dataset(TensorDataset(x, onehot), num=4, seed=0)
     assert probes.labels is None and len(probes) == 4
     assert torch.equal(probes.images[:, 0, 0, 0], probes.indices.float())
+
 
 # ----------------------------------------------------------------------------- layers
 class CompiledLike(nn.Module):

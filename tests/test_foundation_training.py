@@ -7,22 +7,32 @@ training is untouched (bitwise), tags land at the expected epochs, failures are 
 
 from __future__ import annotations
 
+import lightning as L
+import pytest
 import torch
+from helpers import (
+    InputGradMap,
+    LitTiny,
+    assert_untouched,
+    image_steps,
+    read_events,
+    scalar_steps,
+    snapshot,
+    tiny_dataset,
+    tiny_loaders,
+    tiny_trainer,
+)
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
-import lightning as L
-import pytest
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-
-from helpers import InputGradMap, LitTiny, assert_untouched, image_steps, read_events, scalar_steps, snapshot, tiny_dataset, tiny_loaders, tiny_trainer
 from lightning_viz.callbacks.activations import ActivationCallback
 from lightning_viz.callbacks.base import VisualizationError
-from lightning_viz.callbacks.filters import FilterCallback
-from lightning_viz.callbacks.maps import MapCallback
 from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.callbacks.embeddings import EmbeddingCallback
+from lightning_viz.callbacks.filters import FilterCallback
 from lightning_viz.callbacks.gradients import GradientCallback
+from lightning_viz.callbacks.maps import MapCallback
 from lightning_viz.callbacks.occlusion import OcclusionCallback
 from lightning_viz.callbacks.patches import TopPatchesCallback
 from lightning_viz.callbacks.synthesis import AdversarialCallback, ClassModelCallback, InversionCallback, UnitCallback
@@ -30,18 +40,30 @@ from lightning_viz.capture import capture, isolated
 from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.tracking import MapTracker
 
-
 # One small instance per callback family; each factory takes the schedule kwargs of the base class.
 CALLBACK_FACTORIES = [
     ("filters", lambda **kw: FilterCallback(**kw)),
     ("activations", lambda **kw: ActivationCallback(num_probes=3, **kw)),
     ("inputgrad", lambda **kw: InputGradMap(num_probes=3, **kw)),
-    ("gradients", lambda **kw: GradientCallback(
-        methods=["saliency", "guided_backprop", "integrated_gradients", "smoothgrad_saliency"],
-        ig_steps=3, smoothgrad_samples=2, num_probes=3, **kw)),
-    ("cam", lambda **kw: CAMCallback(
-        methods=["cam", "gradcam", "gradcam++", "scorecam", "guided_gradcam"], num_probes=3,
-        tracker=MapTracker(faithfulness=True, deletion_steps=3, sanity_check=True), **kw)),
+    (
+        "gradients",
+        lambda **kw: GradientCallback(
+            methods=["saliency", "guided_backprop", "integrated_gradients", "smoothgrad_saliency"],
+            ig_steps=3,
+            smoothgrad_samples=2,
+            num_probes=3,
+            **kw,
+        ),
+    ),
+    (
+        "cam",
+        lambda **kw: CAMCallback(
+            methods=["cam", "gradcam", "gradcam++", "scorecam", "guided_gradcam"],
+            num_probes=3,
+            tracker=MapTracker(faithfulness=True, deletion_steps=3, sanity_check=True),
+            **kw,
+        ),
+    ),
     ("occlusion", lambda **kw: OcclusionCallback(window=4, stride=4, num_probes=3, **kw)),
     ("patches", lambda **kw: TopPatchesCallback(layers=["net.conv2"], num_units=2, k=2, num_probes=6, **kw)),
     ("embeddings", lambda **kw: EmbeddingCallback(num_probes=9, projection=["pca", "tsne"], **kw)),
@@ -232,8 +254,12 @@ def test_bad_layer_fails_at_setup_listing_valid_names(tmp_path):
 def test_resume_keeps_probe_set(tmp_path, monkeypatch):
     ckpt_dir = tmp_path / "ckpt"
     cb = ActivationCallback(num_probes=4, probe_seed=5, layers=["net.conv1"])
-    trainer = tiny_trainer(str(tmp_path / "a"), [cb, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
-                           max_epochs=1, enable_checkpointing=True)
+    trainer = tiny_trainer(
+        str(tmp_path / "a"),
+        [cb, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+        max_epochs=1,
+        enable_checkpointing=True,
+    )
     trainer.fit(LitTiny(), *tiny_loaders(n=24))
     first = cb.probes
     assert first is not None and len(first) == 4
@@ -275,8 +301,9 @@ class InplaceNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1),
-                                      nn.ReLU(inplace=True))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(inplace=True)
+        )
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):

@@ -3,9 +3,18 @@
 import pytest
 import torch
 import torchvision
+from helpers import (
+    LitTiny,
+    TinyCNN,
+    check_untouched,
+    image_steps,
+    read_events,
+    scalar_steps,
+    tiny_loaders,
+    tiny_trainer,
+)
 from torch import nn
 
-from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
 from lightning_viz.callbacks.gradients import GradientCallback
 from lightning_viz.capture import isolated
 from lightning_viz.methods import gradients as G
@@ -32,11 +41,17 @@ def test_linear_model_hand_computed():
         # no ReLU: guided/deconv rules change nothing
         assert torch.equal(G.guided_backprop(model, x, 2), W[[2, 2, 2]])
         # linear: IG is exact, (x - baseline) * W_c, for any number of steps
-        torch.testing.assert_close(G.integrated_gradients(model, x, "label", labels, steps=3, baseline=0.5), (x - 0.5) * W[labels])
+        torch.testing.assert_close(
+            G.integrated_gradients(model, x, "label", labels, steps=3, baseline=0.5), (x - 0.5) * W[labels]
+        )
         # linear: SmoothGrad of the gradient is the gradient
-        torch.testing.assert_close(G.smoothgrad(G.gradient, model, x, "label", labels, n_samples=4, sigma=0.3), W[labels])
+        torch.testing.assert_close(
+            G.smoothgrad(G.gradient, model, x, "label", labels, n_samples=4, sigma=0.3), W[labels]
+        )
         # callable target: d(logit0 - logit1)/dx
-        torch.testing.assert_close(G.gradient(model, x, lambda z: z[:, 0] - z[:, 1]), (W[0] - W[1]).expand(3, -1, -1, -1))
+        torch.testing.assert_close(
+            G.gradient(model, x, lambda z: z[:, 0] - z[:, 1]), (W[0] - W[1]).expand(3, -1, -1, -1)
+        )
 
 
 def test_predicted_target_and_saliency_on_relu_net():
@@ -71,8 +86,12 @@ def test_chunked_equals_unchunked(name):
         for chunk in (1, 2, 3):
             torch.testing.assert_close(fn(model, x, "label", labels, chunk, **kw), full, rtol=1e-5, atol=1e-6)
         sg = G.smoothgrad(fn, model, x, "predicted", None, None, n_samples=3, sigma=0.2, seed=5, **kw)
-        torch.testing.assert_close(G.smoothgrad(fn, model, x, "predicted", None, 4, n_samples=3, sigma=0.2, seed=5, **kw), sg,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            G.smoothgrad(fn, model, x, "predicted", None, 4, n_samples=3, sigma=0.2, seed=5, **kw),
+            sg,
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def test_smoothgrad_seeded_and_rng_untouched():
@@ -102,8 +121,12 @@ def test_smoothgrad_noise_is_per_image_so_a_ddp_split_changes_nothing():
     with isolated(model):
         whole = G.smoothgrad(G.gradient, model, x, "predicted", n_samples=3, sigma=0.3, seed=7)
         # rank 0 gets probes 0..2, rank 1 probes 3..4 (global ids passed, as GradientCallback does)
-        split = torch.cat([G.smoothgrad(G.gradient, model, x[:3], "predicted", n_samples=3, sigma=0.3, seed=7, ids=[0, 1, 2]),
-                           G.smoothgrad(G.gradient, model, x[3:], "predicted", n_samples=3, sigma=0.3, seed=7, ids=[3, 4])])
+        split = torch.cat(
+            [
+                G.smoothgrad(G.gradient, model, x[:3], "predicted", n_samples=3, sigma=0.3, seed=7, ids=[0, 1, 2]),
+                G.smoothgrad(G.gradient, model, x[3:], "predicted", n_samples=3, sigma=0.3, seed=7, ids=[3, 4]),
+            ]
+        )
         torch.testing.assert_close(split, whole)
         shifted = G.smoothgrad(G.gradient, model, x[3:], "predicted", n_samples=3, sigma=0.3, seed=7)  # ids 0, 1
         assert not torch.allclose(shifted, whole[3:])
@@ -134,10 +157,25 @@ def test_callback_options_are_validated():
 
 
 def test_callback_logs_every_method_at_scheduled_epochs(tmp_path):
-    methods = ["saliency", "gradient", "guided_backprop", "deconvnet", "input_x_gradient", "integrated_gradients",
-               "smoothgrad_saliency"]
-    cb = GradientCallback(methods=methods, num_probes=3, every_n_epochs=2, ig_steps=4, smoothgrad_samples=2,
-                          chunk_size=2, normalize="both", layout="per_probe")
+    methods = [
+        "saliency",
+        "gradient",
+        "guided_backprop",
+        "deconvnet",
+        "input_x_gradient",
+        "integrated_gradients",
+        "smoothgrad_saliency",
+    ]
+    cb = GradientCallback(
+        methods=methods,
+        num_probes=3,
+        every_n_epochs=2,
+        ig_steps=4,
+        smoothgrad_samples=2,
+        chunk_size=2,
+        normalize="both",
+        layout="per_probe",
+    )
     tl, vl = tiny_loaders(n=24)
     tiny_trainer(str(tmp_path), [cb], max_epochs=3).fit(LitTiny(TinyCNN(width=3)), tl, vl)
     acc = read_events(str(tmp_path))
@@ -153,8 +191,9 @@ def test_callback_logs_every_method_at_scheduled_epochs(tmp_path):
 
 
 def test_callback_under_validate_inference_mode(tmp_path):
-    cb = GradientCallback(methods=["saliency", "guided_backprop"], num_probes=2, run_on="validation_epoch_end",
-                          target="predicted")
+    cb = GradientCallback(
+        methods=["saliency", "guided_backprop"], num_probes=2, run_on="validation_epoch_end", target="predicted"
+    )
     tl, vl = tiny_loaders(n=12)
     model = LitTiny(TinyCNN(width=3))
     tiny_trainer(str(tmp_path), [cb]).validate(model, vl)
@@ -170,7 +209,9 @@ def test_callback_on_a_float64_model():
 
     lit = LitTiny(TinyCNN(width=3)).double()
     probe = ProbeSet(_x(2, 3, 8).float(), labels=torch.tensor([0, 2]))
-    cb = GradientCallback(methods=["saliency", "integrated_gradients", "smoothgrad_gradient"], ig_steps=2, smoothgrad_samples=2)
+    cb = GradientCallback(
+        methods=["saliency", "integrated_gradients", "smoothgrad_gradient"], ig_steps=2, smoothgrad_samples=2
+    )
     cb.check(lit)
     with isolated(lit):
         maps = cb.compute_maps(lit, probe)

@@ -12,17 +12,25 @@ import sys
 import warnings
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
-import lightning as L
+from helpers import (
+    InputGradMap,
+    LitTiny,
+    TinyCNN,
+    image_steps,
+    read_events,
+    scalar_steps,
+    tiny_dataset,
+    tiny_loaders,
+    tiny_trainer,
+)
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from test_foundation_training import CALLBACK_FACTORIES
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from helpers import (
-    InputGradMap, LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_dataset, tiny_loaders, tiny_trainer,
-)
-from test_foundation_training import CALLBACK_FACTORIES
 from lightning_viz.callbacks.activations import ActivationCallback
 from lightning_viz.callbacks.base import BASELINE_STEP, VisualizationError, VisualizationWarning
 from lightning_viz.callbacks.embeddings import EmbeddingCallback
@@ -66,8 +74,11 @@ def test_augmenting_dataset_trains_bit_identically_with_callbacks(tmp_path, prob
     plain, plain_next = _fit_augmenting(tmp_path / "plain", [])
     families = ("activations", "inputgrad", "gradients", "cam", "occlusion", "patches", "embeddings", "adversarial")
     cbs = [make(probe_source=probe_source) for name, make in CALLBACK_FACTORIES if name in families]
-    cbs.append(GradientCallback(methods=["saliency"], num_probes=3, probe_source=probe_source, name="val_end",
-                                run_on="validation_epoch_end"))
+    cbs.append(
+        GradientCallback(
+            methods=["saliency"], num_probes=3, probe_source=probe_source, name="val_end", run_on="validation_epoch_end"
+        )
+    )
     viz, viz_next = _fit_augmenting(tmp_path / "viz", cbs)
     for k in plain:
         assert torch.equal(plain[k], viz[k]), f"{k} differs with callbacks (probe_source={probe_source!r})"
@@ -141,8 +152,10 @@ def test_qat_model_trains_bit_identically_with_callbacks(tmp_path):
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     plain = fit(tmp_path / "plain", [])
-    viz = fit(tmp_path / "viz", [ActivationCallback(num_probes=2, layers=["net.conv1"]),
-                                 GradientCallback(methods=["saliency"], num_probes=2)])
+    viz = fit(
+        tmp_path / "viz",
+        [ActivationCallback(num_probes=2, layers=["net.conv1"]), GradientCallback(methods=["saliency"], num_probes=2)],
+    )
     assert plain.keys() == viz.keys()
     for k in plain:
         assert torch.equal(plain[k], viz[k]), f"{k} differs with callbacks on a QAT model"
@@ -189,12 +202,18 @@ def test_validation_schedule_without_validation_is_refused_at_setup(tmp_path, ca
     kw = {"limit_val_batches": 0} if case == "limit_val_batches_0" else {}
     trainer = tiny_trainer(str(tmp_path), [cb], **kw)
     model = NoValidationStep() if case == "no_validation_step" else LitTiny()
-    expected = {"no_val_loader": "no val dataloader", "limit_val_batches_0": "limit_val_batches=0",
-                "no_validation_step": "no validation_step"}[case]
+    expected = {
+        "no_val_loader": "no val dataloader",
+        "limit_val_batches_0": "limit_val_batches=0",
+        "no_validation_step": "no validation_step",
+    }[case]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match=rf"GradientCallback would never run: run_on='validation_epoch_end'.*"
-                                             rf"{expected}.*run_on='train_epoch_end'"):
+        with pytest.raises(
+            ValueError,
+            match=rf"GradientCallback would never run: run_on='validation_epoch_end'.*"
+            rf"{expected}.*run_on='train_epoch_end'",
+        ):
             trainer.fit(model, train, None if case == "no_val_loader" else val)
     assert trainer.global_step == 0
     # the same data with run_on="train_epoch_end" is fine
@@ -202,7 +221,8 @@ def test_validation_schedule_without_validation_is_refused_at_setup(tmp_path, ca
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tiny_trainer(str(tmp_path / "ok"), [ok], max_epochs=1, **kw).fit(
-            model, train, None if case == "no_val_loader" else val)
+            model, train, None if case == "no_val_loader" else val
+        )
     assert ok.last_logged_tags
 
 
@@ -253,7 +273,8 @@ def test_run_at_start_logs_a_baseline_before_epoch_zero(tmp_path):
     # a resumed fit does not log the baseline again
     again = InputGradMap(num_probes=2, run_at_start=True, every_n_epochs=2)
     tiny_trainer(str(tmp_path / "b"), [again], max_epochs=3).fit(
-        LitTiny(), *tiny_loaders(n=12), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        LitTiny(), *tiny_loaders(n=12), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
     assert scalar_steps(read_events(str(tmp_path / "b")), "viz-inputgrad/time_s") == [2]
 
 
@@ -316,15 +337,19 @@ class MixedSizesData(L.LightningDataModule):
 
 def test_images_of_different_sizes_fail_before_training_with_a_hint(tmp_path):
     trainer = tiny_trainer(str(tmp_path), [GradientCallback(num_probes=4)], max_epochs=1, num_sanity_val_steps=0)
-    with pytest.raises(VisualizationError, match=r"GradientCallback: picking 4 probe images.*MixedSizes.*different "
-                                                 r"sizes.*\[3, 10, 10\].*\[3, 8, 8\].*Resize.*probes=ProbeSet"):
+    with pytest.raises(
+        VisualizationError,
+        match=r"GradientCallback: picking 4 probe images.*MixedSizes.*different "
+        r"sizes.*\[3, 10, 10\].*\[3, 8, 8\].*Resize.*probes=ProbeSet",
+    ):
         trainer.fit(LitTiny(), datamodule=MixedSizesData())
     assert trainer.global_step == 0
     # explicit probes= need no picking
     x, y = tiny_dataset(4).tensors
     cb = GradientCallback(probes=ProbeSet(images=x, labels=y))
     tiny_trainer(str(tmp_path / "ok"), [cb], max_epochs=1, num_sanity_val_steps=0).fit(
-        LitTiny(), datamodule=MixedSizesData())
+        LitTiny(), datamodule=MixedSizesData()
+    )
     assert cb.last_logged_tags and torch.equal(cb.probes.images, x)
 
 
@@ -361,8 +386,11 @@ class StreamData(L.LightningDataModule):
 
 def test_iterable_datamodule_fails_at_setup_unless_probes_are_given(tmp_path):
     trainer = tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2)], max_epochs=1)
-    with pytest.raises(VisualizationError, match=r"GradientCallback: found no map-style val or train dataset.*Stream, "
-                                                 r"an IterableDataset.*probes=ProbeSet"):
+    with pytest.raises(
+        VisualizationError,
+        match=r"GradientCallback: found no map-style val or train dataset.*Stream, "
+        r"an IterableDataset.*probes=ProbeSet",
+    ):
         trainer.fit(LitTiny(), datamodule=StreamData())
     assert trainer.global_step == 0
     x, y = tiny_dataset(2).tensors
@@ -386,10 +414,14 @@ def test_activation_colormap_is_checked_at_construction():
 
 def test_two_identical_callbacks_point_to_name():
     with pytest.raises(RuntimeError, match=r"Two GradientCallback callbacks have the same checkpoint state key.*name="):
-        L.Trainer(callbacks=[GradientCallback(normalize="fixed"), GradientCallback(normalize="per_image")],
-                  logger=False, accelerator="cpu")
-    L.Trainer(callbacks=[GradientCallback(normalize="fixed"), GradientCallback(name="b")], logger=False,
-              accelerator="cpu")
+        L.Trainer(
+            callbacks=[GradientCallback(normalize="fixed"), GradientCallback(normalize="per_image")],
+            logger=False,
+            accelerator="cpu",
+        )
+    L.Trainer(
+        callbacks=[GradientCallback(normalize="fixed"), GradientCallback(name="b")], logger=False, accelerator="cpu"
+    )
 
 
 # --------------------------------------------------------------------------- 9. sharding strategies
@@ -397,8 +429,11 @@ def test_model_parallel_strategy_is_refused_at_setup():
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     trainer = L.Trainer(strategy=ModelParallelStrategy(), accelerator="cpu", devices=1, logger=False)
-    with pytest.raises(ValueError, match=r"GradientCallback does not support ModelParallelStrategy.*shards.*Supported "
-                                         r"strategies: a single device.*DDP"):
+    with pytest.raises(
+        ValueError,
+        match=r"GradientCallback does not support ModelParallelStrategy.*shards.*Supported "
+        r"strategies: a single device.*DDP",
+    ):
         GradientCallback().setup(trainer, LitTiny(), "fit")
 
 
@@ -429,8 +464,12 @@ def _shared_probe_callbacks():
 def test_checkpoint_stores_shared_probes_once_and_resumes_exactly(tmp_path):
     cbs = _shared_probe_callbacks()
     ckdir = tmp_path / "ckpt"
-    trainer = tiny_trainer(str(tmp_path / "a"), cbs + [ModelCheckpoint(dirpath=ckdir, save_last=True)],
-                           max_epochs=2, enable_checkpointing=True)
+    trainer = tiny_trainer(
+        str(tmp_path / "a"),
+        cbs + [ModelCheckpoint(dirpath=ckdir, save_last=True)],
+        max_epochs=2,
+        enable_checkpointing=True,
+    )
     trainer.fit(LitTiny(), *tiny_loaders(n=24))
     ckpt = torch.load(ckdir / "last.ckpt", weights_only=False)
     bank = ckpt[PROBE_BANK_KEY]
@@ -443,7 +482,8 @@ def test_checkpoint_stores_shared_probes_once_and_resumes_exactly(tmp_path):
 
     resumed = _shared_probe_callbacks()
     tiny_trainer(str(tmp_path / "b"), resumed, max_epochs=3).fit(
-        LitTiny(), *tiny_loaders(n=24, seed=7), ckpt_path=str(ckdir / "last.ckpt"))  # other data: no re-pick
+        LitTiny(), *tiny_loaders(n=24, seed=7), ckpt_path=str(ckdir / "last.ckpt")
+    )  # other data: no re-pick
     for old, new in zip(cbs, resumed):
         for k, v in old.probes.state_dict().items():
             w = new.probes.state_dict()[k]
@@ -458,8 +498,12 @@ def test_checkpoint_stores_shared_probes_once_and_resumes_exactly(tmp_path):
 def test_old_format_checkpoint_still_loads(tmp_path):
     cbs = _shared_probe_callbacks()[:2]
     ckdir = tmp_path / "ckpt"
-    tiny_trainer(str(tmp_path / "a"), cbs + [ModelCheckpoint(dirpath=ckdir, save_last=True)], max_epochs=1,
-                 enable_checkpointing=True).fit(LitTiny(), *tiny_loaders(n=24))
+    tiny_trainer(
+        str(tmp_path / "a"),
+        cbs + [ModelCheckpoint(dirpath=ckdir, save_last=True)],
+        max_epochs=1,
+        enable_checkpointing=True,
+    ).fit(LitTiny(), *tiny_loaders(n=24))
     ckpt = torch.load(ckdir / "last.ckpt", weights_only=False)
     for cb in cbs:  # the format before the bank: full probe states in each callback's entry
         ckpt["callbacks"][cb.state_key]["probes"] = cb.probes.state_dict()
@@ -467,7 +511,8 @@ def test_old_format_checkpoint_still_loads(tmp_path):
     torch.save(ckpt, tmp_path / "old.ckpt")
     resumed = _shared_probe_callbacks()[:2]
     tiny_trainer(str(tmp_path / "b"), resumed, max_epochs=2).fit(
-        LitTiny(), *tiny_loaders(n=24, seed=7), ckpt_path=str(tmp_path / "old.ckpt"))
+        LitTiny(), *tiny_loaders(n=24, seed=7), ckpt_path=str(tmp_path / "old.ckpt")
+    )
     assert all(torch.equal(o.probes.images, n.probes.images) for o, n in zip(cbs, resumed))
 
 

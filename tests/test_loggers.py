@@ -10,15 +10,14 @@ import json
 import os
 import struct
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import InputGradMap, LitTiny, image_steps, read_events, tiny_loaders
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
-import lightning as L
-from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
-
-from helpers import InputGradMap, LitTiny, image_steps, read_events, tiny_loaders
 from lightning_viz.logging import FolderBackend, NothingWrittenWarning, VizLogger, WandbBackend, image_relpath
 
 EPOCHS = 2
@@ -47,9 +46,20 @@ def fit(logger, root, **cb_kw):
     torch.manual_seed(0)
     viz = InputGradMap(num_probes=2, **cb_kw)
     rec = Recorder(viz)
-    trainer = L.Trainer(max_epochs=EPOCHS, logger=logger, callbacks=[viz, rec], default_root_dir=str(root),
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", devices=1, log_every_n_steps=1, limit_train_batches=2, limit_val_batches=1)
+    trainer = L.Trainer(
+        max_epochs=EPOCHS,
+        logger=logger,
+        callbacks=[viz, rec],
+        default_root_dir=str(root),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        log_every_n_steps=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+    )
     train, val = tiny_loaders(n=12, batch_size=6, size=16)
     trainer.fit(LitTiny(), train, val)
     assert sorted(rec.tags) == list(range(EPOCHS)) and (cb_kw or all(rec.tags.values()))
@@ -66,7 +76,7 @@ def png_tags(folder: str) -> dict:
     for path in glob.glob(os.path.join(folder, "epoch_*", "**", "*.png"), recursive=True):
         rel = os.path.relpath(path, folder).replace(os.sep, "/")
         epoch, tag = rel.split("/", 1)
-        out[(int(epoch[len("epoch_"):]), tag[: -len(".png")])] = np.asarray(Image.open(path))
+        out[(int(epoch[len("epoch_") :]), tag[: -len(".png")])] = np.asarray(Image.open(path))
     return out
 
 
@@ -112,11 +122,11 @@ def wandb_history(run_dir: str) -> list[dict]:
     pos, buf, rows = 7, b"", []
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
         if kind == 0:  # block padding
             pos += left
             continue
-        buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
+        buf, pos = buf + data[pos + 7 : pos + 7 + n], pos + 7 + n
         if kind in (1, 4):  # a full record, or the last piece of one
             rec = pb.Record()
             rec.ParseFromString(buf)
@@ -129,9 +139,18 @@ def wandb_history(run_dir: str) -> list[dict]:
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
     """W&B offline and MLflow local: no network, every file under tmp_path, no background process left."""
-    for k, v in dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path),
-                     WANDB_CACHE_DIR=str(tmp_path), WANDB_DATA_DIR=str(tmp_path), WANDB_DISABLE_GIT="true",
-                     WANDB_DISABLE_CODE="true", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true").items():
+    for k, v in dict(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        WANDB_DIR=str(tmp_path),
+        WANDB_CONFIG_DIR=str(tmp_path),
+        WANDB_CACHE_DIR=str(tmp_path),
+        WANDB_DATA_DIR=str(tmp_path),
+        WANDB_DISABLE_GIT="true",
+        WANDB_DISABLE_CODE="true",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="true",
+    ).items():
         monkeypatch.setenv(k, v)
     yield tmp_path
     if "wandb" in __import__("sys").modules:
@@ -144,9 +163,14 @@ def offline(tmp_path, monkeypatch):
 def wandb_logger(root):
     import wandb
 
-    return WandbLogger(save_dir=str(root), offline=True, project="viz",
-                       settings=wandb.Settings(console="off", x_disable_stats=True, x_disable_meta=True,
-                                               x_save_requirements=False, disable_git=True))
+    return WandbLogger(
+        save_dir=str(root),
+        offline=True,
+        project="viz",
+        settings=wandb.Settings(
+            console="off", x_disable_stats=True, x_disable_meta=True, x_save_requirements=False, disable_git=True
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +214,9 @@ def test_mlflow_logger_alone_gets_metrics_and_artifacts(offline, mlflow_uri):
     assert paths and all(p.startswith("lightning_viz/epoch_") for p in paths)
     images = {}
     for p in paths:
-        epoch, tag = p[len("lightning_viz/"):].split("/", 1)
+        epoch, tag = p[len("lightning_viz/") :].split("/", 1)
         local = client.download_artifacts(logger.run_id, p, str(offline / "dl"))
-        images[(int(epoch[len("epoch_"):]), tag[: -len(".png")])] = np.asarray(Image.open(local))
+        images[(int(epoch[len("epoch_") :]), tag[: -len(".png")])] = np.asarray(Image.open(local))
     scalars = {}
     for tag in {t for _, t in written(rec)} - {t for _, t in images}:
         for m in client.get_metric_history(logger.run_id, tag):
@@ -209,8 +233,13 @@ def test_wandb_logger_alone_offline_keeps_every_point_with_epoch_as_x_axis(offli
     # caption, an embedding table and a plain-folder twin of the same write.
     vl = VizLogger([WandbBackend(logger), FolderBackend(str(offline / "twin"))], step=0)
     vl.image("viz/extra/p0", torch.full((3, 16, 16), 0.5), caption="cat (p=0.9)")
-    vl.embedding(torch.arange(6.0).view(3, 2), metadata=[["a", 1], ["b", 2], ["c", 0]],
-                 label_img=torch.zeros(3, 3, 4, 4), tag="viz/extra/emb", metadata_header=["label", "pred"])
+    vl.embedding(
+        torch.arange(6.0).view(3, 2),
+        metadata=[["a", 1], ["b", 2], ["c", 0]],
+        label_img=torch.zeros(3, 3, 4, 4),
+        tag="viz/extra/emb",
+        metadata_header=["label", "pred"],
+    )
     vl.scalar("viz/extra/late", 7.0)
     vl.flush()
     import wandb
@@ -241,8 +270,12 @@ def test_wandb_logger_alone_offline_keeps_every_point_with_epoch_as_x_axis(offli
 def test_all_loggers_write_the_same_values_and_pixels_as_tensorboard(offline, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    tb, csvl, ml, wb = (TensorBoardLogger(str(offline), name="tb", version=0), CSVLogger(str(offline), name="csv"),
-                        mlflow_logger(mlflow_uri, offline), wandb_logger(offline))
+    tb, csvl, ml, wb = (
+        TensorBoardLogger(str(offline), name="tb", version=0),
+        CSVLogger(str(offline), name="csv"),
+        mlflow_logger(mlflow_uri, offline),
+        wandb_logger(offline),
+    )
     rec, _ = fit([tb, csvl, ml, wb], offline)
     import wandb
 
@@ -252,8 +285,9 @@ def test_all_loggers_write_the_same_values_and_pixels_as_tensorboard(offline, ml
     img_tags = [t for t in acc.Tags()["images"] if t.startswith("viz")]
     sc_tags = [t for t in acc.Tags()["scalars"] if t.startswith("viz")]
     ref_sc = {(e.step, t): e.value for t in sc_tags for e in acc.Scalars(t)}
-    ref_img = {(e.step, t): np.asarray(Image.open(io.BytesIO(e.encoded_image_string))) for t in img_tags
-               for e in acc.Images(t)}
+    ref_img = {
+        (e.step, t): np.asarray(Image.open(io.BytesIO(e.encoded_image_string))) for t in img_tags for e in acc.Images(t)
+    }
     assert set(ref_sc) | set(ref_img) == written(rec) and all(image_steps(acc, t) == [0, 1] for t in img_tags)
     # CSV: metrics.csv, no image folder (TensorBoard keeps the images)
     assert csv_scalars(csvl.log_dir, set(sc_tags)) == pytest.approx(ref_sc, rel=1e-6)
@@ -287,14 +321,23 @@ def test_restricting_loggers_writes_only_there_and_an_empty_list_computes_nothin
     assert not [t for t in read_events(tb.log_dir).Tags()["images"] if t.startswith("viz")]
     tags = {t for _, t in written(rec)}
     assert {t for _, t in csv_scalars(csvl.log_dir, tags)} and not os.path.exists(
-        os.path.join(csvl.log_dir, "lightning_viz"))
+        os.path.join(csvl.log_dir, "lightning_viz")
+    )
 
     CountingMap.calls = 0
     cb = CountingMap(num_probes=2, loggers=[])
-    trainer = L.Trainer(max_epochs=EPOCHS, logger=TensorBoardLogger(str(tmp_path), name="none", version=0),
-                        callbacks=[cb], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", devices=1, limit_train_batches=1,
-                        limit_val_batches=1)
+    trainer = L.Trainer(
+        max_epochs=EPOCHS,
+        logger=TensorBoardLogger(str(tmp_path), name="none", version=0),
+        callbacks=[cb],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+    )
     with pytest.warns(NothingWrittenWarning, match="writes nowhere") as record:
         trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
     assert len([w for w in record if w.category is NothingWrittenWarning]) == 1
@@ -305,8 +348,18 @@ def test_loggers_option_fails_early_naming_what_the_trainer_has(tmp_path):
     with pytest.raises(ValueError, match=r"list of logger names"):
         InputGradMap(loggers="csv")
     cb = InputGradMap(num_probes=2, loggers=["wandb", "folder"])
-    trainer = L.Trainer(max_epochs=1, logger=CSVLogger(str(tmp_path)), callbacks=[cb], enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", devices=1)
-    with pytest.raises(ValueError, match=r"InputGradMap: loggers=\['wandb', 'folder'\] names \['wandb'\].*"
-                                         r"\['csv', 'folder'\]"):
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=CSVLogger(str(tmp_path)),
+        callbacks=[cb],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"InputGradMap: loggers=\['wandb', 'folder'\] names \['wandb'\].*"
+        r"\['csv', 'folder'\]",
+    ):
         trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))

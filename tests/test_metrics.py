@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from helpers import check_untouched
 from torch import nn
 
-from helpers import check_untouched
 from lightning_viz.methods.metrics import (
     curve_auc,
     deletion_auc,
@@ -45,7 +45,9 @@ def _region_setup():
 def test_deletion_of_a_perfect_map_is_hand_computed_and_beats_a_random_map():
     region, model, x = _region_setup()
     perfect = region.expand(2, 8, 8) + 0.01 * torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(1))
-    curve = perturbation_curve(model, x, perfect, target=torch.tensor([0, 0]), mode="deletion", steps=4, baseline="zero")
+    curve = perturbation_curve(
+        model, x, perfect, target=torch.tensor([0, 0]), mode="deletion", steps=4, baseline="zero"
+    )
     # step k deletes 16k pixels, all of the region first: logit_0 = 4, 0, 0, 0, 0
     p4 = 1 / (1 + math.exp(-4))
     expected = torch.tensor([p4, 0.5, 0.5, 0.5, 0.5])
@@ -54,7 +56,10 @@ def test_deletion_of_a_perfect_map_is_hand_computed_and_beats_a_random_map():
     torch.testing.assert_close(auc, torch.full((2,), (p4 + 0.5) / 8 + 0.5 * 3 / 4))
     # a random map deletes region pixels only gradually: larger area under the curve
     rand = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0))
-    assert (deletion_auc(model, x, rand, target=torch.tensor([0, 0]), steps=16) > deletion_auc(model, x, perfect, target=torch.tensor([0, 0]), steps=16)).all()
+    assert (
+        deletion_auc(model, x, rand, target=torch.tensor([0, 0]), steps=16)
+        > deletion_auc(model, x, perfect, target=torch.tensor([0, 0]), steps=16)
+    ).all()
     # insertion: the perfect map restores the evidence first
     ins_p = insertion_auc(model, x, perfect, target=torch.tensor([0, 0]), steps=16, baseline="zero")
     ins_r = insertion_auc(model, x, rand, target=torch.tensor([0, 0]), steps=16, baseline="zero")
@@ -63,7 +68,9 @@ def test_deletion_of_a_perfect_map_is_hand_computed_and_beats_a_random_map():
 
 def test_curve_endpoints_and_target_specs():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    ).eval()
     x = torch.randn(3, 3, 8, 8)
     maps = torch.rand(3, 4, 4)  # lower resolution than the image: resized
     labels = torch.tensor([0, 1, 2])
@@ -87,14 +94,23 @@ def test_curve_endpoints_and_target_specs():
 
 def test_chunked_equals_unchunked_and_model_untouched():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
     model.eval()
     x = torch.randn(3, 3, 8, 8)
     maps = torch.rand(3, 8, 8)
     maps[:, :2] = 0.5  # ties: broken by pixel index, whatever the chunking
     full = perturbation_curve(model, x, maps, "predicted", steps=6)
     for chunk in (1, 4, 7):
-        torch.testing.assert_close(perturbation_curve(model, x, maps, "predicted", steps=6, chunk_size=chunk), full, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            perturbation_curve(model, x, maps, "predicted", steps=6, chunk_size=chunk), full, atol=1e-6, rtol=1e-5
+        )
     check_untouched(model, lambda: insertion_auc(model, x, maps, steps=4, chunk_size=5))
 
 
@@ -141,7 +157,9 @@ def test_rank_correlation_matches_scipy_with_ties():
     a[:, :3] = 0.0  # many ties (like ReLU'd maps)
     b = torch.randn(4, 6, 6, generator=g).round()
     ours = rank_correlation(a, b)
-    ref = torch.tensor([spearmanr(a[i].flatten().numpy(), b[i].flatten().numpy())[0] for i in range(4)], dtype=torch.float32)
+    ref = torch.tensor(
+        [spearmanr(a[i].flatten().numpy(), b[i].flatten().numpy())[0] for i in range(4)], dtype=torch.float32
+    )
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rank_correlation(a, a * 3 + 1), torch.ones(4))
     torch.testing.assert_close(rank_correlation(a, -a), -torch.ones(4))

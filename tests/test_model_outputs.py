@@ -87,9 +87,15 @@ def all_callbacks(**kw):
     return [
         FilterCallback(**kw),
         ActivationCallback(num_probes=2, **kw),
-        GradientCallback(methods=["saliency", "integrated_gradients", "smoothgrad_saliency"], num_probes=2, ig_steps=2,
-                         smoothgrad_samples=2, normalize="both",
-                         tracker=MapTracker(faithfulness=True, deletion_steps=2), **kw),
+        GradientCallback(
+            methods=["saliency", "integrated_gradients", "smoothgrad_saliency"],
+            num_probes=2,
+            ig_steps=2,
+            smoothgrad_samples=2,
+            normalize="both",
+            tracker=MapTracker(faithfulness=True, deletion_steps=2),
+            **kw,
+        ),
         CAMCallback(methods=["cam", "gradcam", "scorecam", "guided_gradcam"], num_probes=2, **kw),
         OcclusionCallback(window=4, stride=4, num_probes=2, **kw),
         TopPatchesCallback(layers=["net.conv2"], num_units=2, k=2, num_probes=4, **kw),
@@ -107,9 +113,15 @@ def fit(tmp_path, model, callbacks, data=None, **kw):
     tiny_trainer(str(tmp_path), callbacks, **kw).fit(model, tl, vl)
 
 
-@pytest.mark.parametrize("kind,logits_fn", [("dict", None), ("tuple", lambda model, x: model(x)[0]),
-                                            ("tuple", "test_model_outputs.tuple_logits"),
-                                            ("extra", lambda model, x: model(x, 1.0))])
+@pytest.mark.parametrize(
+    "kind,logits_fn",
+    [
+        ("dict", None),
+        ("tuple", lambda model, x: model(x)[0]),
+        ("tuple", "test_model_outputs.tuple_logits"),
+        ("extra", lambda model, x: model(x, 1.0)),
+    ],
+)
 def test_every_callback_adapts_the_model_call(tmp_path, kind, logits_fn):
     """Dict outputs are read by default; tuples and extra forward arguments through logits_fn (callable or dotted
     path): every callback family runs through Trainer.fit and logs, with layer names unchanged."""
@@ -133,19 +145,28 @@ def test_model_output_checked_at_setup(tmp_path):
     """What the model returns (or how it must be called) is checked by one forward at setup, before training, with
     an error naming the callback, what the model returned and how to set logits_fn."""
     model = LitHead("tuple")
-    with pytest.raises(ModelOutputError, match=r"GradientCallback: the model returned a tuple of length 2 "
-                                               r"\(a Tensor of shape \(1, 3\), a Tensor of shape \(1, 4\)\)"
-                                               r".*logits_fn"):
+    with pytest.raises(
+        ModelOutputError,
+        match=r"GradientCallback: the model returned a tuple of length 2 "
+        r"\(a Tensor of shape \(1, 3\), a Tensor of shape \(1, 4\)\)"
+        r".*logits_fn",
+    ):
         fit(tmp_path / "a", model, [GradientCallback(num_probes=2)])
     assert model.steps == 0
     model = LitHead("extra")
-    with pytest.raises(ModelOutputError, match=r"ActivationCallback: calling the model as model\(x\) on one data item "
-                                               r"of shape \(1, 3, 8, 8\) failed \(TypeError.*temperature.*logits_fn"):
+    with pytest.raises(
+        ModelOutputError,
+        match=r"ActivationCallback: calling the model as model\(x\) on one data item "
+        r"of shape \(1, 3, 8, 8\) failed \(TypeError.*temperature.*logits_fn",
+    ):
         fit(tmp_path / "b", model, [ActivationCallback(num_probes=2)])
     assert model.steps == 0
-    with pytest.raises(ModelOutputError, match=r"EmbeddingCallback needs logits \[B, K\] from the model, but "
-                                               r"logits_fn=<function"
-                                               r".*gave a Tensor of shape \(1, 3, 1\) for one input of shape"):
+    with pytest.raises(
+        ModelOutputError,
+        match=r"EmbeddingCallback needs logits \[B, K\] from the model, but "
+        r"logits_fn=<function"
+        r".*gave a Tensor of shape \(1, 3, 1\) for one input of shape",
+    ):
         fit(tmp_path / "c", model, [EmbeddingCallback(num_probes=4, logits_fn=lambda m, x: m(x, 1.0)[:, :, None])])
     with pytest.raises(ValueError, match="logits_fn='no_such_module.fn' cannot be imported"):
         GradientCallback(logits_fn="no_such_module.fn")
@@ -215,11 +236,14 @@ def test_fixed_scale_ignores_non_finite_values():
     assert restored.vmax is None
 
 
-@pytest.mark.parametrize("layer,match", [
-    ("net.layer4.0", "does not: the spatial mean of its class maps plus the bias differs from the logits"),
-    ("net.layer4.0.conv2", "does not: the spatial mean"),
-    ("net.layer3", r"\(256 channels\), but 'net.fc' has in_features=512"),
-])
+@pytest.mark.parametrize(
+    "layer,match",
+    [
+        ("net.layer4.0", "does not: the spatial mean of its class maps plus the bias differs from the logits"),
+        ("net.layer4.0.conv2", "does not: the spatial mean"),
+        ("net.layer3", r"\(256 channels\), but 'net.fc' has in_features=512"),
+    ],
+)
 def test_cam_refuses_a_layer_without_the_gap_linear_head_at_setup(tmp_path, layer, match):
     """torchvision resnet18: layers whose channel count matches the head but do not feed it are refused at
     setup (numerically), like a block with the wrong width, before any training step."""
@@ -229,8 +253,12 @@ def test_cam_refuses_a_layer_without_the_gap_linear_head_at_setup(tmp_path, laye
     model = LitHead("dict")
     model.net = torchvision.models.resnet18(weights=None, num_classes=3)
     with pytest.raises(LayerNotFoundError, match=match):
-        fit(tmp_path, model, [CAMCallback(methods=["cam"], layers=[layer], num_probes=2)],
-            data=tiny_loaders(n=6, batch_size=6, size=32))
+        fit(
+            tmp_path,
+            model,
+            [CAMCallback(methods=["cam"], layers=[layer], num_probes=2)],
+            data=tiny_loaders(n=6, batch_size=6, size=32),
+        )
     assert model.steps == 0  # refused before training
 
 
@@ -246,6 +274,7 @@ def test_cam_head_accepts_the_layers_that_feed_it():
         with isolated(net):
             cb.check_input(cb.adapted(net), x[:1])
             from lightning_viz.probe import ProbeSet
+
             maps = cb.compute_maps(net, ProbeSet(images=x, labels=torch.tensor([0, 1])))
         layer = cb.layers[0]
         assert layer == (layers[0] if layers else "layer4.1")
@@ -284,9 +313,17 @@ def _gradcam_at_default_layer(net, size=64):
     return cb.layers[0], maps[f"gradcam/{cb.layers[0]}"]
 
 
-@pytest.mark.parametrize("arch,expected", [("resnet18", "layer4.1"), ("vgg11", "features.20"),
-                                           ("densenet121", "features.norm5"), ("mobilenet_v3_small", "features.12"),
-                                           ("efficientnet_b0", "features.8"), ("convnext_tiny", "features.7")])
+@pytest.mark.parametrize(
+    "arch,expected",
+    [
+        ("resnet18", "layer4.1"),
+        ("vgg11", "features.20"),
+        ("densenet121", "features.norm5"),
+        ("mobilenet_v3_small", "features.12"),
+        ("efficientnet_b0", "features.8"),
+        ("convnext_tiny", "features.7"),
+    ],
+)
 def test_default_cam_layer_torchvision(arch, expected):
     """The default CAM layer is the last block feeding global pooling (model.layer4[-1], model.features[-1]),
     and its Grad-CAM maps are not all zero."""
@@ -319,8 +356,14 @@ def test_default_cam_layer_timm(arch, expected):
 
 def test_default_cam_layer_plain_models():
     """Hand-written nets: the last module output before global pooling, in-place ReLU included."""
-    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
-                        nn.Flatten(), nn.Linear(4, 2))
+    seq = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
     with isolated(seq):
         assert default_cam_layer(seq, torch.randn(1, 3, 8, 8)) == "2"  # not the BN whose output ReLU rewrote
         assert default_cam_layer(TinyCNN(), torch.randn(1, 3, 8, 8)) == "conv2"  # F.relu follows: conv2 is last

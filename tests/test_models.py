@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import read_events, scalar_steps, tiny_trainer
 from torch import nn
 
-from helpers import read_events, scalar_steps, tiny_trainer
 from lightning_viz.capture import capture
 from lightning_viz.data.shapes import ShapesDataModule
 from lightning_viz.layers import conv_layer_names, first_conv_name, last_conv_name
@@ -65,8 +65,13 @@ def test_steps_accept_masks_and_dicts():
         model.training_step(x, 0)
 
 
-@pytest.mark.parametrize("opts,bad", [({"num_classes": 4, "in_channels": 1}, "num_classes=10"),
-                                       ({"num_classes": 10, "in_channels": 3}, "in_channels=1")])
+@pytest.mark.parametrize(
+    "opts,bad",
+    [
+        ({"num_classes": 4, "in_channels": 1}, "num_classes=10"),
+        ({"num_classes": 10, "in_channels": 3}, "in_channels=1"),
+    ],
+)
 def test_model_data_mismatch_fails_at_setup_naming_the_option(tmp_path, opts, bad):
     """Digits (1 channel, 10 classes) with the demo's model options: an error naming the option, before any step."""
     from lightning_viz.data.digits import DigitsDataModule
@@ -75,6 +80,7 @@ def test_model_data_mismatch_fails_at_setup_naming_the_option(tmp_path, opts, ba
     with pytest.raises(ValueError, match=rf"DigitsDataModule has {bad}.*--model.{bad}"):
         trainer.fit(ImageClassifier(width=4, **opts), datamodule=DigitsDataModule(image_size=8))
     assert trainer.global_step == 0
+
 
 def test_small_cnn_learns_shapes_in_two_epochs(tmp_path):
     dm = ShapesDataModule(num_train=768, num_val=128, image_size=24, batch_size=32, seed=0)

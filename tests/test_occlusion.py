@@ -5,9 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from helpers import (
+    LitTiny,
+    TinyCNN,
+    check_untouched,
+    image_steps,
+    read_events,
+    scalar_steps,
+    tiny_loaders,
+    tiny_trainer,
+)
 from torch import nn
 
-from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
 from lightning_viz.callbacks.occlusion import OcclusionCallback
 from lightning_viz.methods.batching import activation_bytes_per_image, images_per_forward
 from lightning_viz.methods.occlusion import (

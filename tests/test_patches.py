@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from helpers import LitTiny, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
 from torch import nn
 
-from helpers import LitTiny, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
 from lightning_viz.callbacks.base import _concat
 from lightning_viz.callbacks.patches import TopPatchesCallback
 from lightning_viz.capture import isolated
@@ -31,8 +31,13 @@ def known_stack(pool: nn.Module, relu: bool) -> nn.Sequential:
     """
     act = nn.ReLU(inplace=True) if relu else nn.Identity()
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), act, pool, nn.Conv2d(2, 2, 3, stride=2, padding=1),
-                         nn.Conv2d(2, 2, 3, dilation=2, padding=2)).eval()
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        act,
+        pool,
+        nn.Conv2d(2, 2, 3, stride=2, padding=1),
+        nn.Conv2d(2, 2, 3, dilation=2, padding=2),
+    ).eval()
 
 
 def test_stack_receptive_field_is_hand_computed():
@@ -51,7 +56,10 @@ def test_ceil_mode_pool_output_size_like_torch():
     # ceil_mode drops a last window that would start in the right padding (torch's pooling rule):
     # conv3 p1 on 5 px -> 5; pool k2 s2 p1 ceil: ceil((5 + 2 - 2) / 2) + 1 = 4, but (4 - 1) * 2 >= 5 + 1 -> 3.
     # By hand: R = 3 + 1 = 4, J = 2, P = 1 + 1 = 2.
-    for pool in (nn.MaxPool2d(2, stride=2, padding=1, ceil_mode=True), nn.AvgPool2d(2, stride=2, padding=1, ceil_mode=True)):
+    for pool in (
+        nn.MaxPool2d(2, stride=2, padding=1, ceil_mode=True),
+        nn.AvgPool2d(2, stride=2, padding=1, ceil_mode=True),
+    ):
         model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), pool).eval()
         rf = stack_receptive_field(model, "1", (1, 5, 5))
         assert (rf.size, rf.jump, rf.offset, rf.grid) == ((4, 4), (2, 2), (2, 2), (3, 3))
@@ -86,8 +94,8 @@ def test_gradient_support_equals_arithmetic_box_inside_the_image():
     support, gboxes = gradient_receptive_field(model, "4", (1, 48, 48), trials=3)
     b = boxes[5, 5].tolist()
     assert support[5, 5].any()
-    assert not support[5, 5][: b[0]].any() and not support[5, 5][b[2]:].any()
-    assert not support[5, 5][:, : b[1]].any() and not support[5, 5][:, b[3]:].any()
+    assert not support[5, 5][: b[0]].any() and not support[5, 5][b[2] :].any()
+    assert not support[5, 5][:, : b[1]].any() and not support[5, 5][:, b[3] :].any()
 
 
 def test_branching_model_falls_back_to_gradient():
@@ -126,8 +134,10 @@ def brute_force_topk(act: torch.Tensor, k: int) -> list[list[tuple[float, int, i
 
 
 def as_list(top: TopK) -> list[list[tuple[float, int, int, int]]]:
-    return [list(zip(top.values[u].tolist(), top.image[u].tolist(), top.y[u].tolist(), top.x[u].tolist()))
-            for u in range(top.values.shape[0])]
+    return [
+        list(zip(top.values[u].tolist(), top.image[u].tolist(), top.y[u].tolist(), top.x[u].tolist()))
+        for u in range(top.values.shape[0])
+    ]
 
 
 def test_topk_and_merge_over_shards_equal_topk_of_whole_set_with_ties():

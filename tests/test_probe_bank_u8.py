@@ -56,8 +56,9 @@ def test_bank_stores_8bit_normalized_images_as_uint8_and_gives_back_the_bits():
     ref2 = probe_bank_put(bank, ProbeSet(images=x[2:4], mean=MEAN, std=STD).state_dict())
     assert ref2["images"]["group"] == ref["images"]["group"] and ref2["images"]["rows"].tolist() == [2, 3]
     assert bank["groups"][ref["images"]["group"]].shape[0] == 6
-    other = ProbeSet(images=transforms.Normalize((0.5,) * 3, (0.25,) * 3)(q[:2].float() / 255), mean=[0.5] * 3,
-                     std=[0.25] * 3).state_dict()
+    other = ProbeSet(
+        images=transforms.Normalize((0.5,) * 3, (0.25,) * 3)(q[:2].float() / 255), mean=[0.5] * 3, std=[0.25] * 3
+    ).state_dict()
     ref3 = probe_bank_put(bank, other)
     assert ref3["images"]["codec"] == "u8norm" and ref3["images"]["group"] != ref["images"]["group"]
     assert _bits(probe_bank_get(bank, ref3)["images"]) == _bits(other["images"])
@@ -128,16 +129,22 @@ def test_image_folder_pngs_take_the_8bit_path(tmp_path):
 
 
 def _shapes_callbacks():
-    return [GradientCallback(methods=["saliency"], num_probes=4, normalize="fixed"),
-            EmbeddingCallback(num_probes=8, projection=["pca"])]
+    return [
+        GradientCallback(methods=["saliency"], num_probes=4, normalize="fixed"),
+        EmbeddingCallback(num_probes=8, projection=["pca"]),
+    ]
 
 
 def test_checkpoint_with_8bit_probes_resumes_bit_exactly(tmp_path):
     cbs = _shapes_callbacks()
     ckdir = tmp_path / "ckpt"
     dm = ShapesDataModule(num_train=24, num_val=16, image_size=8, batch_size=8)
-    trainer = tiny_trainer(str(tmp_path / "a"), cbs + [ModelCheckpoint(dirpath=ckdir, save_last=True)],
-                           max_epochs=1, enable_checkpointing=True)
+    trainer = tiny_trainer(
+        str(tmp_path / "a"),
+        cbs + [ModelCheckpoint(dirpath=ckdir, save_last=True)],
+        max_epochs=1,
+        enable_checkpointing=True,
+    )
     trainer.fit(LitTiny(TinyCNN(num_classes=4)), datamodule=dm)
     ckpt = torch.load(ckdir / "last.ckpt", weights_only=False)
     [(group, stored)] = [(g, t) for g, t in ckpt[PROBE_BANK_KEY]["groups"].items() if g.startswith("images")]
@@ -146,7 +153,8 @@ def test_checkpoint_with_8bit_probes_resumes_bit_exactly(tmp_path):
     resumed = _shapes_callbacks()
     other = ShapesDataModule(num_train=24, num_val=16, image_size=8, batch_size=8, seed=5)  # other data: no re-pick
     tiny_trainer(str(tmp_path / "b"), resumed, max_epochs=2).fit(
-        LitTiny(TinyCNN(num_classes=4)), datamodule=other, ckpt_path=str(ckdir / "last.ckpt"))
+        LitTiny(TinyCNN(num_classes=4)), datamodule=other, ckpt_path=str(ckdir / "last.ckpt")
+    )
     for old, new in zip(cbs, resumed):
         for k, v in old.probes.state_dict().items():
             w = new.probes.state_dict()[k]

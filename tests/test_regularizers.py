@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import TinyCNN
+
 from lightning_viz.capture import isolated
 from lightning_viz.methods.objectives import channel, class_logit, feature_match, neuron
 from lightning_viz.methods.parameterization import FFTParam, PixelParam, make_param
@@ -80,8 +80,16 @@ def test_contribution_clipping_in_the_loop_reads_the_objective_gradient_not_the_
 
     # At I = 1 the contribution |I * dS/dI| is w_p: the 8 pixels with w < 7.5 are zeroed, the others stay ~1.
     # With the L2 penalty's gradient mixed in (|w - 2 * 4 * 1|) the pixels around w = 8 would be zeroed instead.
-    res = optimize_input(PixelWeights(), class_logit(0), (1, 1, 4, 4), steps=1, lr=1e-3, optimizer="sgd",
-                         init=torch.ones(1, 1, 4, 4), regularizers=[L2Penalty(4.0), ClipContribution(50)])
+    res = optimize_input(
+        PixelWeights(),
+        class_logit(0),
+        (1, 1, 4, 4),
+        steps=1,
+        lr=1e-3,
+        optimizer="sgd",
+        init=torch.ones(1, 1, 4, 4),
+        regularizers=[L2Penalty(4.0), ClipContribution(50)],
+    )
     flat = res.images.flatten()
     assert torch.equal(flat[:8], torch.zeros(8))
     torch.testing.assert_close(flat[8:], 1 + 1e-3 * (torch.arange(8.0, 16.0) - 8.0))  # one SGD step on S - 4 ||I||^2
@@ -102,8 +110,18 @@ def test_jitter_is_seeded_bounded_and_leaves_global_rng():
 
 
 def test_build_regularizers_switches_and_validates():
-    regs = build_regularizers(l2=1.0, tv=1.0, l2_decay=0.1, blur_every=2, clip_percentile=10, clip_contribution_percentile=5, jitter=1)
-    assert [type(r) for r in regs] == [Jitter, L2Penalty, TotalVariation, L2Decay, GaussianBlur, ClipPixelNorm, ClipContribution]
+    regs = build_regularizers(
+        l2=1.0, tv=1.0, l2_decay=0.1, blur_every=2, clip_percentile=10, clip_contribution_percentile=5, jitter=1
+    )
+    assert [type(r) for r in regs] == [
+        Jitter,
+        L2Penalty,
+        TotalVariation,
+        L2Decay,
+        GaussianBlur,
+        ClipPixelNorm,
+        ClipContribution,
+    ]
     assert build_regularizers() == []
     with pytest.raises(ValueError, match="theta"):
         build_regularizers(l2_decay=1.5)

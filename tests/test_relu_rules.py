@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import check_untouched
 from torch import nn
 
-from helpers import check_untouched
 from lightning_viz.capture import isolated
 from lightning_viz.methods.relu_rules import GuidedReLU, relu_rule
 
@@ -128,6 +128,8 @@ def test_densenet121_functional_and_inplace_relu():
             return g, (mode.calls if mode else 0)
 
     g, calls = check_untouched(model, lambda: run("guided"))
-    assert calls == 1 + 58 * 2 + 3 + 1  # stem, 2 per dense layer, transitions, functional F.relu(inplace=True) at the end
+    assert (
+        calls == 1 + 58 * 2 + 3 + 1
+    )  # stem, 2 per dense layer, transitions, functional F.relu(inplace=True) at the end
     plain, _ = run(None)
     assert torch.isfinite(g).all() and not torch.allclose(plain, g)

@@ -3,8 +3,8 @@
 import lightning as L
 import pytest
 import torch
-
 from helpers import LitTiny, TinyCNN, check_untouched, read_events, tiny_loaders, tiny_trainer
+
 from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.callbacks.gradients import GradientCallback
 from lightning_viz.capture import isolated
@@ -55,24 +55,36 @@ def test_two_callbacks_one_forward_and_backward_per_chunk(tmp_path, monkeypatch,
     counter = PassCounter(model.net, monkeypatch)
     log = []
     sal = GradientCallback(methods=["saliency", "input_x_gradient"], num_probes=4, chunk_size=2, share_pass=share)
-    cam = CAMCallback(methods=["gradcam", "gradcampp"], layers=["net.conv1", "net.conv2"], num_probes=4, chunk_size=2,
-                      share_pass=share)
+    cam = CAMCallback(
+        methods=["gradcam", "gradcampp"],
+        layers=["net.conv1", "net.conv2"],
+        num_probes=4,
+        chunk_size=2,
+        share_pass=share,
+    )
     tl, vl = tiny_loaders(n=12)
-    trainer = tiny_trainer(str(tmp_path), [Window(counter, True, log), sal, cam, Window(counter, False, log)], max_epochs=2)
+    trainer = tiny_trainer(
+        str(tmp_path), [Window(counter, True, log), sal, cam, Window(counter, False, log)], max_epochs=2
+    )
     trainer.fit(model, tl, vl)
     chunks = 2  # 4 probes, chunk_size 2
     expected = chunks if share else 2 * chunks
     assert log == [(expected, expected), (expected, expected)]
     acc = read_events(str(tmp_path))
     assert {"viz-gradients/panel/p003", "viz-cam/panel/p003"} <= set(acc.Tags()["images"])
-    assert {"viz-gradients/saliency/input/stats/std", "viz-cam/gradcampp/net.conv1/stats/std",
-            "viz-cam/gradcam/net.conv2/stats/std"} <= set(acc.Tags()["scalars"])
+    assert {
+        "viz-gradients/saliency/input/stats/std",
+        "viz-cam/gradcampp/net.conv1/stats/std",
+        "viz-cam/gradcam/net.conv2/stats/std",
+    } <= set(acc.Tags()["scalars"])
 
 
 def test_union_of_registered_layers_and_rules(monkeypatch):
     lit = LitTiny(TinyCNN(width=3))
     counter = PassCounter(lit.net, monkeypatch)
-    probe = ProbeSet(torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)), labels=torch.tensor([0, 1, 2, 0, 1]))
+    probe = ProbeSet(
+        torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)), labels=torch.tensor([0, 1, 2, 0, 1])
+    )
     grads = GradientCallback(methods=["saliency", "guided_backprop", "deconvnet"], chunk_size=3)
     cam1 = CAMCallback(methods=["gradcam", "guided_gradcam"], layers=["net.conv1"], chunk_size=3)
     cam2 = CAMCallback(methods=["layercam"], layers=["net.conv2"], chunk_size=3)
@@ -91,10 +103,16 @@ def test_union_of_registered_layers_and_rules(monkeypatch):
     with isolated(lit):
         torch.testing.assert_close(m_grads["saliency/input"], G.saliency(lit, x, "label", labels))
         torch.testing.assert_close(m_grads["deconvnet/input"], G.deconvnet(lit, x, "label", labels).abs().amax(1))
-        torch.testing.assert_close(m_cam1["gradcam/net.conv1"], C.class_activation_map(lit, x, "net.conv1", "gradcam", "label", labels))
-        torch.testing.assert_close(m_cam2["layercam/net.conv2"], C.class_activation_map(lit, x, "net.conv2", "layercam", "label", labels))
-        torch.testing.assert_close(m_cam1["guided_gradcam/net.conv1"],
-                                   C.guided_class_activation_map(lit, x, "net.conv1", "guided_gradcam", "label", labels).abs().amax(1))
+        torch.testing.assert_close(
+            m_cam1["gradcam/net.conv1"], C.class_activation_map(lit, x, "net.conv1", "gradcam", "label", labels)
+        )
+        torch.testing.assert_close(
+            m_cam2["layercam/net.conv2"], C.class_activation_map(lit, x, "net.conv2", "layercam", "label", labels)
+        )
+        torch.testing.assert_close(
+            m_cam1["guided_gradcam/net.conv1"],
+            C.guided_class_activation_map(lit, x, "net.conv1", "guided_gradcam", "label", labels).abs().amax(1),
+        )
 
     # a parameter update (version bump) invalidates the cache: the next call recomputes and sees the new weights
     counter.forwards = 0
@@ -122,8 +140,11 @@ def test_gradient_pass_under_inference_mode_and_chunking():
         with isolated(model):
             full = gradient_pass(model, x, "label", labels, ["conv1", "conv2"])
             part = gradient_pass(model, x, "label", labels, ["conv1", "conv2"], chunk_size=2)
-    for a, b in [(full.input_grad, part.input_grad), (full.logits, part.logits)] + \
-                [(full.grads[n], part.grads[n]) for n in ("conv1", "conv2")] + [(full.activations[n], part.activations[n]) for n in ("conv1", "conv2")]:
+    for a, b in (
+        [(full.input_grad, part.input_grad), (full.logits, part.logits)]
+        + [(full.grads[n], part.grads[n]) for n in ("conv1", "conv2")]
+        + [(full.activations[n], part.activations[n]) for n in ("conv1", "conv2")]
+    ):
         torch.testing.assert_close(a, b)
     assert full.input_grad.abs().sum() > 0 and torch.equal(full.classes, labels)
     with pytest.raises(KeyError, match="'conv9' was not recorded"):
@@ -132,6 +153,7 @@ def test_gradient_pass_under_inference_mode_and_chunking():
 
 def test_training_untouched_by_callbacks(tmp_path):
     """Same seed, same data: training with every gradient/CAM callback ends in exactly the same weights."""
+
     def train(callbacks, sub):
         torch.manual_seed(0)
         model = LitTiny(TinyCNN(width=3))
@@ -140,9 +162,18 @@ def test_training_untouched_by_callbacks(tmp_path):
         return model
 
     plain = train([], "plain")
-    viz = train([GradientCallback(methods=["smoothgrad_saliency", "guided_backprop", "integrated_gradients"], num_probes=2,
-                                  smoothgrad_samples=2, ig_steps=2),
-                 CAMCallback(methods=["cam", "gradcampp", "guided_gradcampp"], num_probes=2)], "viz")
+    viz = train(
+        [
+            GradientCallback(
+                methods=["smoothgrad_saliency", "guided_backprop", "integrated_gradients"],
+                num_probes=2,
+                smoothgrad_samples=2,
+                ig_steps=2,
+            ),
+            CAMCallback(methods=["cam", "gradcampp", "guided_gradcampp"], num_probes=2),
+        ],
+        "viz",
+    )
     for (n, p), (_, q) in zip(plain.state_dict().items(), viz.state_dict().items()):
         assert torch.equal(p, q), n
 
@@ -202,14 +233,20 @@ class RecordingSaliency(GradientCallback):
 
 
 # 3 batches per epoch; val_check_interval=2 validates after batch 2 only: the runs happen mid-epoch, once per epoch
-@pytest.mark.parametrize("run_on,runs,kw", [("train_epoch_end", 3, {}),
-                                            ("validation_epoch_end", 3, {"val_check_interval": 2})])
+@pytest.mark.parametrize(
+    "run_on,runs,kw", [("train_epoch_end", 3, {}), ("validation_epoch_end", 3, {"val_check_interval": 2})]
+)
 def test_no_stale_pass_after_a_data_writing_optimizer_and_nothing_kept_after_fit(tmp_path, run_on, runs, kw):
     """A model without BatchNorm trained by an optimizer that writes ``p.data`` (no version bump): every run's
     maps are those of the model at that point, and no cached pass outlives the run (nor the training epochs)."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                              torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    )
     model = LitDataSGD(net)
     cb = RecordingSaliency(num_probes=3, run_on=run_on)
     tl, vl = tiny_loaders(n=24)
@@ -218,7 +255,9 @@ def test_no_stale_pass_after_a_data_writing_optimizer_and_nothing_kept_after_fit
     assert not torch.allclose(cb.records[0][1], cb.records[2][1], rtol=1e-3, atol=0)  # the model did change
     for logged, fresh in cb.records:
         torch.testing.assert_close(logged, fresh)
-    assert pass_cache(model).entries == {} and pass_cache(cb.adapted(model)).entries == {}  # the cache the callback used
+    assert (
+        pass_cache(model).entries == {} and pass_cache(cb.adapted(model)).entries == {}
+    )  # the cache the callback used
 
 
 def test_a_used_cache_pickles_without_its_entries():
@@ -268,8 +307,12 @@ def test_layer_only_pass_leaves_the_input_out_of_the_graph():
     assert seen == [False, True]
     assert lean.input_grad is None and full.input_grad.abs().sum() > 0
     torch.testing.assert_close(lean.grads["conv2"], full.grads["conv2"], rtol=0, atol=0)
-    torch.testing.assert_close(cam_ref := C.cam_from_pass(lean, "conv2", "gradcam", (8, 8)),
-                               C.cam_from_pass(full, "conv2", "gradcam", (8, 8)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        cam_ref := C.cam_from_pass(lean, "conv2", "gradcam", (8, 8)),
+        C.cam_from_pass(full, "conv2", "gradcam", (8, 8)),
+        rtol=0,
+        atol=0,
+    )
     assert cam_ref.abs().sum() > 0
     with pytest.raises(ValueError, match="needs at least one layer"):
         gradient_pass(model, x, 0, None, [], input_grad=False)

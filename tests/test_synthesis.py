@@ -6,14 +6,31 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    LitTiny,
+    TinyCNN,
+    check_untouched,
+    image_steps,
+    read_events,
+    scalar_steps,
+    tiny_dataset,
+    tiny_loaders,
+    tiny_trainer,
+    trained_tiny_cnn,
+)
 
-from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_dataset, tiny_loaders, tiny_trainer, trained_tiny_cnn
 from lightning_viz.callbacks.synthesis import ClassModelCallback, InversionCallback, UnitCallback
 from lightning_viz.capture import isolated
 from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.methods.objectives import class_logit
 from lightning_viz.methods.regularizers import build_regularizers
-from lightning_viz.methods.synthesis import class_model_images, invert_features, optimize_input, unit_images, valid_range
+from lightning_viz.methods.synthesis import (
+    class_model_images,
+    invert_features,
+    optimize_input,
+    unit_images,
+    valid_range,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +62,18 @@ def test_same_seed_same_images_and_chunked_equals_unchunked(trained):
 
     def run(seed, chunk=None, param="pixel"):
         with isolated(model):
-            return optimize_input(model, class_logit([0, 1, 2, 0]), (4, 3, 8, 8), steps=8, lr=0.1, param=param,
-                                  regularizers=build_regularizers(**regs), init="noise",
-                                  generator=torch.Generator().manual_seed(seed), chunk_size=chunk).images
+            return optimize_input(
+                model,
+                class_logit([0, 1, 2, 0]),
+                (4, 3, 8, 8),
+                steps=8,
+                lr=0.1,
+                param=param,
+                regularizers=build_regularizers(**regs),
+                init="noise",
+                generator=torch.Generator().manual_seed(seed),
+                chunk_size=chunk,
+            ).images
 
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a, b) and not torch.allclose(a, c)
@@ -63,8 +89,15 @@ def test_unit_images_raise_activation_and_inversion_lowers_feature_error(trained
             res = unit_images(model, "conv2", [0, 1, 2, 3], (3, 8, 8), unit=unit, steps=15, lr=0.1, bounds=bounds)
             assert (res.scores - res.start_scores > 0.5).all(), (unit, res.start_scores, res.scores)
             assert res.images.min() >= -1 and res.images.max() <= 1
-        inv = invert_features(model, x[:3], "conv1", steps=30, lr=0.1, generator=torch.Generator().manual_seed(0),
-                              regularizers=build_regularizers(tv=1e-3))
+        inv = invert_features(
+            model,
+            x[:3],
+            "conv1",
+            steps=30,
+            lr=0.1,
+            generator=torch.Generator().manual_seed(0),
+            regularizers=build_regularizers(tv=1e-3),
+        )
     start, end = (-inv.start_scores).sqrt(), (-inv.scores).sqrt()
     assert (end < 0.5 * start).all() and (end < 0.3).all(), (start, end)
 
@@ -79,8 +112,12 @@ def test_resnet18_in_place_relu_and_reused_modules():
         with isolated(model):
             # from noise: an all-zero input is a saddle point of a bias-free ReLU network (zero gradient)
             gen = torch.Generator().manual_seed(0)
-            units = unit_images(model, "layer1.0.conv2", [0, 7], (3, 32, 32), steps=3, lr=0.1, init="noise", generator=gen)
-            classes = class_model_images(model, [1, 4], (3, 32, 32), steps=3, lr=0.1, param="fft", init="noise", generator=gen)
+            units = unit_images(
+                model, "layer1.0.conv2", [0, 7], (3, 32, 32), steps=3, lr=0.1, init="noise", generator=gen
+            )
+            classes = class_model_images(
+                model, [1, 4], (3, 32, 32), steps=3, lr=0.1, param="fft", init="noise", generator=gen
+            )
         return units, classes
 
     units, classes = check_untouched(model, run)
@@ -120,9 +157,17 @@ def test_callbacks_and_methods_run_a_model_in_another_dtype_than_the_probes():
     model = LitTiny(TinyCNN(width=4)).double()
     opts = dict(steps=2, blur_every=1, clip_contribution_percentile=5, jitter=1)
     with isolated(model):
-        res = class_model_images(model.net, [0, 1], (3, 8, 8), steps=2, init=x[:2], bounds=valid_range([0.5] * 3, [0.5] * 3))
-        outs = [cb.compute(model, probe) for cb in (ClassModelCallback(**opts), UnitCallback(layers="net.conv2", channels=[1], **opts),
-                                                   InversionCallback(layers="net.conv1", **opts))]
+        res = class_model_images(
+            model.net, [0, 1], (3, 8, 8), steps=2, init=x[:2], bounds=valid_range([0.5] * 3, [0.5] * 3)
+        )
+        outs = [
+            cb.compute(model, probe)
+            for cb in (
+                ClassModelCallback(**opts),
+                UnitCallback(layers="net.conv2", channels=[1], **opts),
+                InversionCallback(layers="net.conv1", **opts),
+            )
+        ]
         with torch.no_grad():
             logits = model(res.images)
     assert res.images.dtype == torch.float64 and res.images.min() >= -1 and res.images.max() <= 1
@@ -151,7 +196,9 @@ def test_clear_errors_and_cli_parsing():
 
     parser = ArgumentParser()
     parser.add_class_arguments(UnitCallback, "cb")
-    cfg = parser.parse_object({"cb": {"layer": "net.conv2", "channels": [1, 2], "parameterization": "fft", "every_n_epochs": 2}})
+    cfg = parser.parse_object(
+        {"cb": {"layer": "net.conv2", "channels": [1, 2], "parameterization": "fft", "every_n_epochs": 2}}
+    )
     cb = parser.instantiate_classes(cfg).cb
     assert (cb.layer, cb.channels, cb.parameterization, cb.every_n_epochs) == ("net.conv2", [1, 2], "fft", 2)
 

@@ -12,6 +12,7 @@ import urllib.parse
 import urllib.request
 
 from helpers import LitTiny, tiny_loaders, tiny_trainer
+
 from lightning_viz.callbacks.gradients import GradientCallback
 from lightning_viz.logging import TENSORBOARD_SAMPLES_FLAG, tensorboard_command
 
@@ -30,7 +31,18 @@ def _get_json(url: str):
 def _served_steps(logdir: str, flags: list[str], tag: str, timeout_s: float = 60.0) -> list[int]:
     """Start TensorBoard on a free loopback port; return the steps its images API serves for ``tag``."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1", "--port", str(port), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        logdir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *flags,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/data"
     deadline = time.monotonic() + timeout_s

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import (
+    InputGradMap,
+    LitTiny,
+    TinyCNN,
+    check_untouched,
+    image_steps,
+    read_events,
+    scalar_steps,
+    tiny_loaders,
+    tiny_trainer,
+)
 from scipy.stats import spearmanr
 from torch.utils.data import DataLoader
 
-from helpers import InputGradMap, LitTiny, TinyCNN, check_untouched, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
 from lightning_viz.callbacks.maps import MapCallback
 from lightning_viz.capture import isolated
 from lightning_viz.logging import VizLogger
@@ -97,7 +107,7 @@ def test_drift_flips_filmstrip_bound_and_resume_by_hand():
     frame1 = (slice(FILM_Y0, FILM_Y0 + 128), slice(FILM_X0 + 130, FILM_X0 + 258))
     assert (second[frame0] == first[frame0]).all()  # epoch 0's frame stays in place
     assert not (second[frame1] == first[frame0]).all()  # the reversed map looks different
-    under = second[FILM_Y0 + 129:FILM_Y0 + 142, FILM_X0 + 130:FILM_X0 + 258]
+    under = second[FILM_Y0 + 129 : FILM_Y0 + 142, FILM_X0 + 130 : FILM_X0 + 258]
     assert (under < 128).any() and (under > 250).mean() > 0.5  # "epoch 1" written in black on white
     assert tr.epochs == {"m/l": [0, 1]}
 
@@ -174,9 +184,17 @@ def test_tracker_compute_keys_and_sanity_copy_leave_the_model_untouched():
             return cb.compute(module, probe)
 
     out = check_untouched(module, run)
-    assert sorted(out) == sorted(["map:inputgrad/input", "track:pred", "track:deletion/inputgrad/input",
-                                  "track:insertion/inputgrad/input", "track:sanity/inputgrad/input",
-                                  "pred:class", "pred:prob"])  # prediction and probability for the panel caption
+    assert sorted(out) == sorted(
+        [
+            "map:inputgrad/input",
+            "track:pred",
+            "track:deletion/inputgrad/input",
+            "track:insertion/inputgrad/input",
+            "track:sanity/inputgrad/input",
+            "pred:class",
+            "pred:prob",
+        ]
+    )  # prediction and probability for the panel caption
     logits = module.eval()(probe.images)
     module.train()
     assert torch.equal(out["pred:class"], logits.argmax(1))
@@ -193,7 +211,9 @@ def test_tracker_compute_keys_and_sanity_copy_leave_the_model_untouched():
     with isolated(c1):  # eval mode, as inside the callback's run
         rand_maps = cb.compute_maps(c1, probe)["inputgrad/input"]
     trained = out["map:inputgrad/input"]
-    expected = torch.tensor([spearmanr(trained[i].flatten().numpy(), rand_maps[i].flatten().numpy())[0] for i in range(4)])
+    expected = torch.tensor(
+        [spearmanr(trained[i].flatten().numpy(), rand_maps[i].flatten().numpy())[0] for i in range(4)]
+    )
     torch.testing.assert_close(out["track:sanity/inputgrad/input"], expected.float(), atol=1e-5, rtol=1e-5)
 
 

@@ -10,11 +10,20 @@ import warnings
 
 import pytest
 import torch
-
 from helpers import LitTiny, TinyCNN, image_steps, read_events, tiny_loaders, tiny_trainer
-from lightning_viz.callbacks import (CALLBACKS, ActivationCallback, AdversarialCallback, CAMCallback, ClassModelCallback,
-                                     EmbeddingCallback, FilterCallback, InversionCallback, TopPatchesCallback,
-                                     UnitCallback)
+
+from lightning_viz.callbacks import (
+    CALLBACKS,
+    ActivationCallback,
+    AdversarialCallback,
+    CAMCallback,
+    ClassModelCallback,
+    EmbeddingCallback,
+    FilterCallback,
+    InversionCallback,
+    TopPatchesCallback,
+    UnitCallback,
+)
 
 #: (callback, old option, value, new attribute, expected value): every rename and its deprecated alias
 RENAMES = [
@@ -50,8 +59,10 @@ def test_deprecations_are_shown_by_default_outside_main():
     """Plain DeprecationWarnings are hidden unless raised in ``__main__``; LightningCLI builds the callbacks."""
     import subprocess
 
-    code = ("from lightning_viz.cli import cli_main; cli_main(['--trainer.logger=false', "
-            "'--trainer.callbacks+=FilterCallback', '--trainer.callbacks.layer=net.conv1'], run=False)")
+    code = (
+        "from lightning_viz.cli import cli_main; cli_main(['--trainer.logger=false', "
+        "'--trainer.callbacks+=FilterCallback', '--trainer.callbacks.layer=net.conv1'], run=False)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "VizDeprecationWarning: FilterCallback: option 'layer' is deprecated" in proc.stderr
 
@@ -101,8 +112,10 @@ def test_unused_probe_options_are_not_exposed():
             cls(num_probes=4, **REQUIRED.get(cls, {}))
     assert "input_shape" not in options(InversionCallback)
     assert {"num_probes", "probe_seed"} <= options(InversionCallback)
-    assert "target" not in options(AdversarialCallback) or inspect.signature(AdversarialCallback).parameters[
-        "target"].default is None  # only the deprecated alias
+    assert (
+        "target" not in options(AdversarialCallback)
+        or inspect.signature(AdversarialCallback).parameters["target"].default is None
+    )  # only the deprecated alias
     assert "scale" in options(FilterCallback) and "mode" in options(AdversarialCallback)
 
 
@@ -137,5 +150,7 @@ model: {width: 4}
     with pytest.warns(DeprecationWarning) as record:
         cli = cli_main(["--config", str(cfg)], run=False)
     assert {str(w.message).split(":")[0] for w in record} >= {"FilterCallback", "AdversarialCallback", "UnitCallback"}
-    f, a, u = [cb for cb in cli.trainer.callbacks if isinstance(cb, (FilterCallback, AdversarialCallback, UnitCallback))]
+    f, a, u = [
+        cb for cb in cli.trainer.callbacks if isinstance(cb, (FilterCallback, AdversarialCallback, UnitCallback))
+    ]
     assert (f.layer, f.scale, a.mode, u.layer) == ("net.conv2", "global", "next_class", "net.conv3")

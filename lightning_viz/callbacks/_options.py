@@ -31,11 +31,15 @@ def renamed_option(owner: str, old: str, new: str, old_value: Any, new_value: An
     """
     if old_value is None:
         return new_value
-    warnings.warn(f"{owner}: option {old!r} is deprecated and will be removed; use {new!r} instead "
-                  f"({new}={old_value!r})", VizDeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{owner}: option {old!r} is deprecated and will be removed; use {new!r} instead ({new}={old_value!r})",
+        VizDeprecationWarning,
+        stacklevel=3,
+    )
     if new_value is not None and new_value != new_default and new_value != old_value:
-        raise ValueError(f"{owner}: got both {new}={new_value!r} and its deprecated alias {old}={old_value!r}; "
-                         f"use only {new!r}")
+        raise ValueError(
+            f"{owner}: got both {new}={new_value!r} and its deprecated alias {old}={old_value!r}; use only {new!r}"
+        )
     return old_value
 
 
@@ -45,8 +49,10 @@ def as_layer_list(owner: str, layers: LayersSpec, option: str = "layers") -> Opt
         return None
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names or not all(isinstance(n, str) and n.strip() for n in names):
-        raise ValueError(f"{owner}: {option} must name at least one layer (a name or a list of names from "
-                         f"model.named_modules()), or be None for the default; got {layers!r}")
+        raise ValueError(
+            f"{owner}: {option} must name at least one layer (a name or a list of names from "
+            f"model.named_modules()), or be None for the default; got {layers!r}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -56,8 +62,10 @@ def single_layer(owner: str, layers: LayersSpec) -> Optional[str]:
     if names is None:
         return None
     if len(names) != 1:
-        raise ValueError(f"{owner} shows one layer per instance; got layers={names}. Attach one {owner} per layer "
-                         "(with name=... to tell them apart if needed).")
+        raise ValueError(
+            f"{owner} shows one layer per instance; got layers={names}. Attach one {owner} per layer "
+            "(with name=... to tell them apart if needed)."
+        )
     return names[0]
 
 

@@ -127,7 +127,7 @@ class ActivationCallback(VisualizationCallback):
         for key, maps in results.items():
             if not key.startswith("maps:"):
                 continue
-            name = key[len("maps:"):]
+            name = key[len("maps:") :]
             nonpos, numel = results[f"nonpos:{name}"], results[f"numel:{name}"]
             logger.scalar(make_tag(self.method, name, "dead_fraction"), nonpos.sum().float() / numel.sum().float())
             dead = (results[f"chmax:{name}"].amax(dim=0) <= 0).float().mean()
@@ -135,8 +135,10 @@ class ActivationCallback(VisualizationCallback):
             ok = self.warn_non_finite(f"the {name} activations", maps)
             if self.layout == "grid":
                 finite_maps = torch.where(ok.view(-1, 1, 1, 1), maps, torch.zeros_like(maps))
-                logger.image(make_tag(self.method, name, "grid"),
-                             self.layer_grid(name, finite_maps, results[f"channels:{name}"], probe, trainer))
+                logger.image(
+                    make_tag(self.method, name, "grid"),
+                    self.layer_grid(name, finite_maps, results[f"channels:{name}"], probe, trainer),
+                )
                 continue
             for pid, m, finite in zip(probe.ids, maps, ok.tolist()):  # m: [k, h, w]
                 if not finite:
@@ -154,8 +156,9 @@ class ActivationCallback(VisualizationCallback):
         for i, (pid, m) in enumerate(zip(probe.ids, maps)):
             m01 = normalize_maps(m, "fixed", vmin=float(m.min()), vmax=float(m.max()))
             tiles = colormap(resize_maps(m01, size, mode="nearest"), self.cmap)
-            tiles = torch.cat([images[i:i + 1].expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[i:i + 1, :3],
-                               tiles])
+            tiles = torch.cat(
+                [images[i : i + 1].expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[i : i + 1, :3], tiles]
+            )
             tiles = upscale(tiles, self.display_px) if self.display_px else tiles
             rows.append(list(tiles))
             label = pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"

@@ -13,30 +13,36 @@ from __future__ import annotations
 import sys
 import time
 import weakref
-from typing import Any, Callable, Literal, Optional, Union
+from collections.abc import Callable
+from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from torch import Tensor
-
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
 
 from ..capture import isolated
 from ..layers import module_device, module_dtype
 from ..logging import NothingWrittenWarning, VizLogger, check_sinks, describe_sinks, make_tag, sink_names
 from ..probe import PROBE_BANK_KEY, ProbeSet, probe_bank_get, probe_bank_put, read_item
-from ..targets import ModelAdapter, ModelOutputError, describe_output, model_adapter, read_logits, resolve_logits_fn
 from ..progress import logger as _log
 from ..progress import reporting
+from ..targets import ModelAdapter, ModelOutputError, describe_output, model_adapter, read_logits, resolve_logits_fn
 
 try:
     from typing import override
 except ImportError:  # Python < 3.12
     from typing_extensions import override
 
-__all__ = ["VisualizationCallback", "VisualizationError", "VisualizationWarning", "gather_results", "BASELINE_STEP",
-           "SHARDING_STRATEGIES"]
+__all__ = [
+    "VisualizationCallback",
+    "VisualizationError",
+    "VisualizationWarning",
+    "gather_results",
+    "BASELINE_STEP",
+    "SHARDING_STRATEGIES",
+]
 
 #: Step of the ``run_at_start`` baseline (before epoch 0, which logs at step 0).
 BASELINE_STEP = -1
@@ -63,7 +69,7 @@ def _first_not_none(*sources_and_attr: Any) -> Any:
     return None
 
 
-_announced: "weakref.WeakSet[Trainer]" = weakref.WeakSet()
+_announced: weakref.WeakSet[Trainer] = weakref.WeakSet()
 
 
 def _announce(trainer: Trainer) -> None:
@@ -78,11 +84,12 @@ def _announce(trainer: Trainer) -> None:
 
 
 #: per trainer: the point being summed up ((step, where)) and (callback label, seconds) of each run there
-_epoch_runs: "weakref.WeakKeyDictionary[Trainer, tuple[tuple[int, str], list[tuple[str, float]]]]" = \
+_epoch_runs: weakref.WeakKeyDictionary[Trainer, tuple[tuple[int, str], list[tuple[str, float]]]] = (
     weakref.WeakKeyDictionary()
+)
 
 
-def _runs_at(c: "VisualizationCallback", trainer: Trainer, where: str) -> bool:
+def _runs_at(c: VisualizationCallback, trainer: Trainer, where: str) -> bool:
     """Whether callback ``c`` (not run yet at this point) will run at ``where`` of the current epoch."""
     if where == "start":
         return c.run_at_start
@@ -93,7 +100,7 @@ def _runs_at(c: "VisualizationCallback", trainer: Trainer, where: str) -> bool:
     return not (where == "validation_epoch_end" and _fitting(trainer) and c._last_run_epoch == trainer.current_epoch)
 
 
-def _epoch_report(cb: "VisualizationCallback", trainer: Trainer, step: int, where: str, seconds: float) -> None:
+def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where: str, seconds: float) -> None:
     """After ``cb`` ran at ``where`` (``"start"``, ``"train_epoch_end"``, ``"validation_epoch_end"``, ``"end"``):
     note its seconds; when no later visualization callback (``trainer.callbacks`` order) runs there, log one
     line for all of them (rank 0, logger ``lightning_viz``)."""
@@ -105,17 +112,20 @@ def _epoch_report(cb: "VisualizationCallback", trainer: Trainer, step: int, wher
     if cb.epoch_summary:
         runs.append((cb.method if cb.name is None else f"{cb.method}[{cb.name}]", seconds))
     cbs = [c for c in trainer.callbacks if isinstance(c, VisualizationCallback)]
-    if any(_runs_at(c, trainer, where) for c in cbs[cbs.index(cb) + 1:]):
+    if any(_runs_at(c, trainer, where) for c in cbs[cbs.index(cb) + 1 :]):
         return
     _epoch_runs.pop(trainer, None)
     if runs:
-        when = {"start": "before training", "validation_epoch_end": f"epoch {step} (validation end)",
-                "end": f"epoch {step} (end of training)"}.get(where, f"epoch {step}")
+        when = {
+            "start": "before training",
+            "validation_epoch_end": f"epoch {step} (validation end)",
+            "end": f"epoch {step} (end of training)",
+        }.get(where, f"epoch {step}")
         parts = ", ".join(f"{label} {t:.2f} s" for label, t in sorted(runs, key=lambda r: -r[1]))
         _log.info("lightning-viz %s: %.1f s (%s)", when, sum(t for _, t in runs), parts)
 
 
-def _schedule_words(cb: "VisualizationCallback") -> str:
+def _schedule_words(cb: VisualizationCallback) -> str:
     every = f"every {cb.every_n_epochs}" if cb.every_n_epochs else "epoch ends off"
     return every + (", and before training" if cb.run_at_start else "")
 
@@ -271,7 +281,8 @@ class VisualizationCallback(Callback):
         super().__init__()
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
             raise ValueError(
-                f"every_n_epochs must be an int >= 0 (0 = off, as in ModelCheckpoint); got {every_n_epochs!r}")
+                f"every_n_epochs must be an int >= 0 (0 = off, as in ModelCheckpoint); got {every_n_epochs!r}"
+            )
         if run_on not in ("train_epoch_end", "validation_epoch_end"):
             raise ValueError(f"run_on must be 'train_epoch_end' or 'validation_epoch_end'; got {run_on!r}")
         if probe_source not in ("val", "train"):
@@ -347,7 +358,8 @@ class VisualizationCallback(Callback):
                 f"{type(self).__name__}: {what} contain non-finite values (NaN or inf) for {int((~ok).sum())} of "
                 f"{ok.numel()} {rows} (has the model diverged?)"
                 + ("; these are left out of the images, statistics and fixed scales." if rows == "probes" else "."),
-                category=VisualizationWarning)
+                category=VisualizationWarning,
+            )
         return ok
 
     def needs_labels(self) -> bool:
@@ -380,9 +392,11 @@ class VisualizationCallback(Callback):
         self.check(pl_module)
         check_sinks(trainer, self.loggers, type(self).__name__)
         if not sink_names(trainer, self.loggers):
-            rank_zero_warn(f"lightning-viz: {type(self).__name__} writes nowhere (loggers={self.loggers}), so it "
-                           "computes nothing. Attach a logger or allow one, e.g. loggers=None (all) or ['folder'].",
-                           category=NothingWrittenWarning)
+            rank_zero_warn(
+                f"lightning-viz: {type(self).__name__} writes nowhere (loggers={self.loggers}), so it "
+                "computes nothing. Attach a logger or allow one, e.g. loggers=None (all) or ['folder'].",
+                category=NothingWrittenWarning,
+            )
         if stage == "fit":
             self._last_run_epoch = self._trained_epoch = None
             self._check_schedule(trainer, pl_module)
@@ -453,22 +467,28 @@ class VisualizationCallback(Callback):
         fix = "Use run_on='train_epoch_end', or give the fit validation data"
         limit = getattr(trainer, "limit_val_batches", 1.0)
         if limit == 0:
-            raise ValueError(f"{name} would never run: run_on='validation_epoch_end' but the Trainer has "
-                             f"limit_val_batches={limit}, so no validation runs. {fix} (limit_val_batches > 0).")
+            raise ValueError(
+                f"{name} would never run: run_on='validation_epoch_end' but the Trainer has "
+                f"limit_val_batches={limit}, so no validation runs. {fix} (limit_val_batches > 0)."
+            )
         source = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "val_loop", None)
         source = getattr(source, "_data_source", None)
         defined = source is None or source.is_defined()
         if not defined or not is_overridden("validation_step", pl_module):
             what = "validation_step" if defined else "val dataloader"
-            raise ValueError(f"{name} would never run: run_on='validation_epoch_end' but the fit has no {what}, so no "
-                             f"validation runs. {fix} (val_dataloaders=..., a datamodule with val_dataloader(), and "
-                             "a validation_step).")
+            raise ValueError(
+                f"{name} would never run: run_on='validation_epoch_end' but the fit has no {what}, so no "
+                f"validation runs. {fix} (val_dataloaders=..., a datamodule with val_dataloader(), and "
+                "a validation_step)."
+            )
         every_val = getattr(trainer, "check_val_every_n_epoch", 1)
         max_epochs = getattr(trainer, "max_epochs", None)
         if every_val is None or max_epochs is None or max_epochs < 0:  # validation by steps, or no last epoch
             return
-        if not any((e + 1) % every_val == 0 and ((e + 1) % n == 0 or e == max_epochs - 1)
-                   for e in range(min(max_epochs, every_val * n))):
+        if not any(
+            (e + 1) % every_val == 0 and ((e + 1) % n == 0 or e == max_epochs - 1)
+            for e in range(min(max_epochs, every_val * n))
+        ):
             raise ValueError(
                 f"{name} would never run: run_on='validation_epoch_end' with every_n_epochs={n} but the Trainer "
                 f"validates only at epochs {every_val - 1}, {2 * every_val - 1}, ... "
@@ -513,8 +533,9 @@ class VisualizationCallback(Callback):
             return  # once per epoch, also when the first validation of an epoch was the chosen one
         self._run_and_report(trainer, pl_module, "validation_epoch_end")
 
-    def _run_and_report(self, trainer: Trainer, pl_module: LightningModule, where: str, step: int | None = None,
-                        scheduled: bool = False) -> None:
+    def _run_and_report(
+        self, trainer: Trainer, pl_module: LightningModule, where: str, step: int | None = None, scheduled: bool = False
+    ) -> None:
         """:meth:`run`, then its part of the one log line of this point (see :func:`_epoch_report`)."""
         if not (scheduled or self.should_run(trainer)) or not sink_names(trainer, self.loggers):
             return
@@ -523,8 +544,9 @@ class VisualizationCallback(Callback):
             self.run(trainer, pl_module, step=step, scheduled=True)
         else:  # the plain call, as subclasses overriding run(trainer, pl_module) expect
             self.run(trainer, pl_module)
-        _epoch_report(self, trainer, trainer.current_epoch if step is None else step, where,
-                      time.perf_counter() - start)
+        _epoch_report(
+            self, trainer, trainer.current_epoch if step is None else step, where, time.perf_counter() - start
+        )
 
     def get_class_names(self, trainer: Trainer | None) -> list[str] | None:
         """Class names (index -> name): the ``class_names`` option, else ``classes`` of the trainer's datamodule
@@ -588,8 +610,9 @@ class VisualizationCallback(Callback):
         key = (id(dataset), self.num_probes, self.probe_seed)
         if key not in picks:  # callbacks with the same options share one pick (and one copy in checkpoints)
             try:
-                picks[key] = ProbeSet.from_dataset(dataset, num=self.num_probes, seed=self.probe_seed,
-                                                   mean=mean, std=std)
+                picks[key] = ProbeSet.from_dataset(
+                    dataset, num=self.num_probes, seed=self.probe_seed, mean=mean, std=std
+                )
             except Exception as exc:
                 raise VisualizationError(
                     f"{type(self).__name__}: picking {self.num_probes} probe images (probe_seed={self.probe_seed}) "
@@ -600,8 +623,9 @@ class VisualizationCallback(Callback):
         return picks[key]
 
     # ------------------------------------------------------------------ run
-    def run(self, trainer: Trainer, pl_module: LightningModule, step: int | None = None,
-            scheduled: bool = False) -> dict[str, Any] | None:
+    def run(
+        self, trainer: Trainer, pl_module: LightningModule, step: int | None = None, scheduled: bool = False
+    ) -> dict[str, Any] | None:
         """Compute on this rank's shard, gather, and log on rank 0 at ``step`` (default: the epoch).
         Returns the gathered results. ``scheduled=True`` skips :meth:`should_run`.
 
@@ -645,8 +669,7 @@ class VisualizationCallback(Callback):
         if rank == 0 and error is None and results is not None:
             stage = "log"
             try:
-                logger = VizLogger.from_trainer(trainer, step=step, namespace=self.name,
-                                                loggers=self.loggers)
+                logger = VizLogger.from_trainer(trainer, step=step, namespace=self.name, loggers=self.loggers)
                 try:
                     self.log_results(logger, results, probe, trainer)
                     self.last_duration_s = time.perf_counter() - start
@@ -664,12 +687,18 @@ class VisualizationCallback(Callback):
                 return self._failed(exc)
         if error is not None:
             if stage == "log":
-                return self._failed(VisualizationError(
-                    f"lightning-viz {type(self).__name__} ({self.method}) failed while logging at step {step}: "
-                    f"{type(error).__name__}: {error}"), error)
+                return self._failed(
+                    VisualizationError(
+                        f"lightning-viz {type(self).__name__} ({self.method}) failed while logging at step {step}: "
+                        f"{type(error).__name__}: {error}"
+                    ),
+                    error,
+                )
             if stage != "compute":
                 return self._failed(error)  # rank 0's own probe-picking error: unchanged type
-            return self._failed(VisualizationError(f"lightning-viz {self.method} failed: {type(error).__name__}: {error}"), error)
+            return self._failed(
+                VisualizationError(f"lightning-viz {self.method} failed: {type(error).__name__}: {error}"), error
+            )
         return results
 
     def _failed(self, error: BaseException, cause: BaseException | None = None) -> None:
@@ -780,7 +809,7 @@ def _check_strategy(callback: VisualizationCallback, trainer: Trainer) -> None:
         )
 
 
-_picks: "weakref.WeakKeyDictionary[Trainer, dict[tuple, ProbeSet]]" = weakref.WeakKeyDictionary()
+_picks: weakref.WeakKeyDictionary[Trainer, dict[tuple, ProbeSet]] = weakref.WeakKeyDictionary()
 
 
 def _source_loaders(trainer: Trainer, which: str) -> Any:
@@ -796,7 +825,7 @@ def _source_loaders(trainer: Trainer, which: str) -> Any:
     if isinstance(instance, (LightningModule, LightningDataModule)):
         try:
             return getattr(instance, source.name)()
-        except Exception:  # noqa: BLE001 - a hook that needs the running loop
+        except Exception:
             return None
     return instance
 
@@ -811,11 +840,15 @@ def _find_dataset(trainer: Trainer, source: str, with_iterable: bool = False) ->
         loaders = getattr(trainer, "val_dataloaders" if which == "val" else "train_dataloader", None)
         if loaders is None:
             dm = getattr(trainer, "datamodule", None)
-            fn = getattr(dm, "val_dataloader" if which == "val" else "train_dataloader", None) if dm is not None else None
+            fn = (
+                getattr(dm, "val_dataloader" if which == "val" else "train_dataloader", None)
+                if dm is not None
+                else None
+            )
             if fn is not None:
                 try:
                     loaders = fn()
-                except Exception:  # noqa: BLE001 - a datamodule without that split
+                except Exception:
                     loaders = None
         if loaders is None:
             loaders = _source_loaders(trainer, which)

@@ -9,19 +9,31 @@ method is asked for); see :mod:`lightning_viz.methods.shared_pass`.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
-
 import dataclasses
+from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from ..capture import capture
-from ..layers import (CONV_TYPES, default_cam_layer, get_layer, linear_layer_names, named_layers, require_conv,
-                      resolve_layers)
-from ..methods.cam import (cam_head, cam_variant, canonical_cam_method, guided_cam_from_passes, variant_from_pass,
-                           verify_cam_head)
+from ..layers import (
+    CONV_TYPES,
+    default_cam_layer,
+    get_layer,
+    linear_layer_names,
+    named_layers,
+    require_conv,
+    resolve_layers,
+)
+from ..methods.cam import (
+    cam_head,
+    cam_variant,
+    canonical_cam_method,
+    guided_cam_from_passes,
+    variant_from_pass,
+    verify_cam_head,
+)
 from ..methods.gradients import reduce_channels
 from ..probe import ProbeSet
 from ..targets import CallableTarget
@@ -71,8 +83,10 @@ class CAMCallback(GradientMapCallback):
         self.methods = list(dict.fromkeys(canonical_cam_method(m) for m in methods))
         needs_class = [m for m in self.methods if cam_variant(m).needs_class]
         if needs_class and isinstance(self.target, CallableTarget):
-            raise ValueError(f"method {needs_class[0]!r} needs a target class ('label', 'predicted' or a class index); "
-                             "a callable target has none. Use 'gradcam' with a callable target.")
+            raise ValueError(
+                f"method {needs_class[0]!r} needs a target class ('label', 'predicted' or a class index); "
+                "a callable target has none. Use 'gradcam' with a callable target."
+            )
         if reduce not in ("abs_max", "sum", "abs_sum"):
             raise ValueError(f"reduce must be 'abs_max', 'sum' or 'abs_sum'; got {reduce!r}")
         self.reduce = reduce
@@ -85,8 +99,12 @@ class CAMCallback(GradientMapCallback):
         if self.layer_names is None:  # the default layer needs a forward: found in check_input (setup) or compute
             if not self.layers:
                 if self._uses_head():  # refuse now if no layer at all has the head's channel count
-                    widths = {getattr(m, a) for m in named_layers(pl_module).values()
-                              for a in ("out_channels", "num_features") if isinstance(getattr(m, a, None), int)}
+                    widths = {
+                        getattr(m, a)
+                        for m in named_layers(pl_module).values()
+                        for a in ("out_channels", "num_features")
+                        if isinstance(getattr(m, a, None), int)
+                    }
                     linears = linear_layer_names(pl_module)
                     if not linears or get_layer(pl_module, linears[-1]).in_features not in widths:
                         cam_head(pl_module, max(widths, default=-1), "(default)")  # raises, explaining
@@ -116,8 +134,9 @@ class CAMCallback(GradientMapCallback):
     def _verify_head(self, model: Any, logits: Tensor, activations: dict[str, Tensor]) -> None:
         """Variants with the classifier head (``cam``) only: each layer must feed the GAP + linear head
         (numerical check, once)."""
-        self._rectified = {name: verify_cam_head(a, logits, cam_head(model, a.shape[1], name), name)
-                           for name, a in activations.items()}
+        self._rectified = {
+            name: verify_cam_head(a, logits, cam_head(model, a.shape[1], name), name) for name, a in activations.items()
+        }
         self._head_verified = True
 
     def pass_needs(self, pl_module: LightningModule) -> dict[Optional[str], list[str]]:
@@ -153,6 +172,7 @@ class CAMCallback(GradientMapCallback):
                     if cam_variant(m).head and self._rectified.get(layer):  # the head reads ReLU(A): so must CAM
                         rectified = {**plain.activations, layer: plain.layer(layer)[0].relu()}
                         src = dataclasses.replace(plain, activations=rectified)
-                    out[f"{m}/{layer}"] = variant_from_pass(src, layer, m, tuple(x.shape[-2:]), pl_module, x,
-                                                            self.target, probe.labels, self.chunk_size)
+                    out[f"{m}/{layer}"] = variant_from_pass(
+                        src, layer, m, tuple(x.shape[-2:]), pl_module, x, self.target, probe.labels, self.chunk_size
+                    )
         return out

@@ -9,7 +9,15 @@ from lightning.pytorch import LightningModule, Trainer
 
 from ..layers import get_layer, module_device, module_dtype
 from ..logging import VizLogger, make_tag
-from ..methods.embeddings import extract_features, knn_accuracy, pca_2d, penultimate_layer, scatter_image, silhouette, tsne_2d
+from ..methods.embeddings import (
+    extract_features,
+    knn_accuracy,
+    pca_2d,
+    penultimate_layer,
+    scatter_image,
+    silhouette,
+    tsne_2d,
+)
 from ..probe import ProbeSet
 from ..render import class_name
 from ._options import LayersSpec, renamed_option, single_layer
@@ -79,8 +87,9 @@ class EmbeddingCallback(VisualizationCallback):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1; got {v}")
         if tsne_iterations < 250:
-            raise ValueError(f"tsne_iterations must be >= 250 (t-SNE's early-exaggeration phase); "
-                             f"got {tsne_iterations}")
+            raise ValueError(
+                f"tsne_iterations must be >= 250 (t-SNE's early-exaggeration phase); got {tsne_iterations}"
+            )
         if tsne_perplexity <= 0:
             raise ValueError(f"tsne_perplexity must be > 0; got {tsne_perplexity}")
         self.layer = layer
@@ -123,7 +132,9 @@ class EmbeddingCallback(VisualizationCallback):
             if proj == "pca":
                 pts = pca_2d(feats)
             else:
-                pts = tsne_2d(feats, seed=self.probe_seed, perplexity=self.tsne_perplexity, iterations=self.tsne_iterations)
+                pts = tsne_2d(
+                    feats, seed=self.probe_seed, perplexity=self.tsne_perplexity, iterations=self.tsne_iterations
+                )
             title = f"{name} {proj.upper()}, epoch {logger.step}"
             logger.image(make_tag(self.method, name, proj), scatter_image(pts, labels, title, class_names=names))
         if labels is not None:
@@ -132,9 +143,18 @@ class EmbeddingCallback(VisualizationCallback):
         if self.projector:
             lab = ["?"] * len(preds) if labels is None else [class_name(v, names) for v in labels]
             metadata = [[a, class_name(p, names)] for a, p in zip(lab, preds)]
-            sprites = F.interpolate(probe.display_images()[ok], size=(self.sprite_size, self.sprite_size),
-                                    mode="bilinear", align_corners=False).clamp(0, 1)
+            sprites = F.interpolate(
+                probe.display_images()[ok],
+                size=(self.sprite_size, self.sprite_size),
+                mode="bilinear",
+                align_corners=False,
+            ).clamp(0, 1)
             if sprites.shape[1] == 1:
                 sprites = sprites.expand(-1, 3, -1, -1)
-            logger.embedding(feats, metadata=metadata, label_img=sprites, tag=make_tag(self.method, name),
-                             metadata_header=["label", "prediction"])
+            logger.embedding(
+                feats,
+                metadata=metadata,
+                label_img=sprites,
+                tag=make_tag(self.method, name),
+                metadata_header=["label", "prediction"],
+            )

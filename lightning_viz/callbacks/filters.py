@@ -91,8 +91,12 @@ class FilterCallback(VisualizationCallback):
         **kwargs: Any,
     ):
         owner = type(self).__name__
-        reject_options(owner, kwargs, ("num_probes", "probe_seed"), "only the input shape of linear templates is "
-                       "read from one probe image")
+        reject_options(
+            owner,
+            kwargs,
+            ("num_probes", "probe_seed"),
+            "only the input shape of linear templates is read from one probe image",
+        )
         super().__init__(num_probes=1, probe_seed=0, **kwargs)
         layer = single_layer(owner, renamed_option(owner, "layer", "layers", layer, layers, None))
         scale = renamed_option(owner, "normalize", "scale", normalize, scale, "per_filter")

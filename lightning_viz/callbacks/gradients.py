@@ -44,8 +44,13 @@ class GradientMapCallback(MapCallback):
             (``False``: the methods of this callback still share one pass, but no other callback does).
     """
 
-    def __init__(self, target: Union[str, int] = "label", chunk_size: Optional[int] = None, share_pass: bool = True,
-                 **kwargs: Any):
+    def __init__(
+        self,
+        target: Union[str, int] = "label",
+        chunk_size: Optional[int] = None,
+        share_pass: bool = True,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.target = resolve_target(target)  # raises a clear error for an unknown spec
         if chunk_size is not None and chunk_size < 1:
@@ -94,11 +99,13 @@ class GradientMapCallback(MapCallback):
                     return probabilities(result.logits)
         return super().predict(pl_module, probe)
 
-    def get_pass(self, pl_module: LightningModule, probe: ProbeSet, x: Tensor, rule: Optional[str],
-                 layers: list[str]) -> PassResult:
+    def get_pass(
+        self, pl_module: LightningModule, probe: ProbeSet, x: Tensor, rule: Optional[str], layers: list[str]
+    ) -> PassResult:
         """The pass of ``rule`` over (at least) ``layers`` on this probe set, computed once per model state."""
-        return self.cache(pl_module).get(self.adapted(pl_module), x, probe.fingerprint(), self.target, probe.labels,
-                                         layers, rule, self.chunk_size)
+        return self.cache(pl_module).get(
+            self.adapted(pl_module), x, probe.fingerprint(), self.target, probe.labels, layers, rule, self.chunk_size
+        )
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return super().state_key_parts() + (self.target.name,)
@@ -124,7 +131,7 @@ class GradientCallback(GradientMapCallback):
 
     def __init__(
         self,
-        methods: list[str] = ["saliency"],  # noqa: B006 - jsonargparse needs the literal default
+        methods: list[str] = ["saliency"],
         target: Union[str, int] = "label",
         reduce: Literal["abs_max", "sum", "abs_sum"] = "abs_max",
         smoothgrad_samples: int = 16,
@@ -173,15 +180,30 @@ class GradientCallback(GradientMapCallback):
         if method in PASS_RULES:
             result = self.get_pass(pl_module, probe, x, PASS_RULES[method], [INPUT])
             return gradient_from_pass(method, x, result.input_grad)
-        kwargs = {"baseline": self.ig_baseline, "steps": self.ig_steps} if method.endswith("integrated_gradients") else {}
+        kwargs = (
+            {"baseline": self.ig_baseline, "steps": self.ig_steps} if method.endswith("integrated_gradients") else {}
+        )
         if method.startswith(SMOOTHGRAD_PREFIX):
-            fn = GRADIENT_METHODS[method[len(SMOOTHGRAD_PREFIX):]]
+            fn = GRADIENT_METHODS[method[len(SMOOTHGRAD_PREFIX) :]]
             ids = range(probe.offset, probe.offset + len(probe))  # global probe index: same noise on any DDP split
-            return smoothgrad(fn, pl_module, x, self.target, probe.labels, self.chunk_size, self.smoothgrad_samples,
-                              self.smoothgrad_sigma, self.smoothgrad_seed, ids, **kwargs)
+            return smoothgrad(
+                fn,
+                pl_module,
+                x,
+                self.target,
+                probe.labels,
+                self.chunk_size,
+                self.smoothgrad_samples,
+                self.smoothgrad_sigma,
+                self.smoothgrad_seed,
+                ids,
+                **kwargs,
+            )
         return GRADIENT_METHODS[method](pl_module, x, self.target, probe.labels, self.chunk_size, **kwargs)
 
     def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
         pl_module = self.adapted(pl_module)
         x = self.probe_images(pl_module, probe)
-        return {f"{m}/input": reduce_channels(self.attribution(pl_module, probe, x, m), self.reduce) for m in self.methods}
+        return {
+            f"{m}/input": reduce_channels(self.attribution(pl_module, probe, x, m), self.reduce) for m in self.methods
+        }

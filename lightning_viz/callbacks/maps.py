@@ -23,8 +23,20 @@ from torch import Tensor
 from ..layers import module_device, module_dtype
 from ..logging import VizLogger, make_tag
 from ..probe import ProbeSet
-from ..render import (FixedScale, class_name, colorbar, colormap, compose, diverging_cmap, image_grid, normalize_maps,
-                      overlay, resize_maps, text_strip, upscale)
+from ..render import (
+    FixedScale,
+    class_name,
+    colorbar,
+    colormap,
+    compose,
+    diverging_cmap,
+    image_grid,
+    normalize_maps,
+    overlay,
+    resize_maps,
+    text_strip,
+    upscale,
+)
 from ..targets import LabelTarget, resolve_target
 from ..tracking import MapTracker
 from .base import VisualizationCallback
@@ -125,7 +137,7 @@ class MapCallback(VisualizationCallback):
         return predictions(pl_module, probe, getattr(self, "chunk_size", None))
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
-        maps = {k[len(MAP_PREFIX):]: v for k, v in results.items() if k.startswith(MAP_PREFIX)}
+        maps = {k[len(MAP_PREFIX) :]: v for k, v in results.items() if k.startswith(MAP_PREFIX)}
         images = probe.display_images()
         if self.layout == "panel":
             shown, oks = {}, {}
@@ -153,8 +165,9 @@ class MapCallback(VisualizationCallback):
         logger.scalar(make_tag(self.method, key, "stats", "max_abs"), flat.abs().max())
         logger.scalar(make_tag(self.method, key, "stats", "std"), flat.std() if flat.numel() > 1 else 0.0)
 
-    def variants(self, key: str, maps: Tensor, ok: Tensor | None = None) -> list[tuple[str, Tensor,
-                                                                                     tuple[float, float] | None]]:
+    def variants(
+        self, key: str, maps: Tensor, ok: Tensor | None = None
+    ) -> list[tuple[str, Tensor, tuple[float, float] | None]]:
         """``(suffix, maps in [0, 1], fixed (vmin, vmax) or None)`` for each asked normalization (the fixed scale
         is set from the ``ok`` probes only)."""
         out: list[tuple[str, Tensor, tuple[float, float] | None]] = []
@@ -163,8 +176,9 @@ class MapCallback(VisualizationCallback):
         if self.normalize in ("fixed", "both"):
             scale = self.scales.setdefault(key, FixedScale(signed=self.signed))
             vmin, vmax = scale.update(maps if ok is None else maps[ok])
-            out.append(("fixed" if self.normalize == "both" else "", normalize_maps(maps, "fixed", vmin, vmax),
-                        (vmin, vmax)))
+            out.append(
+                ("fixed" if self.normalize == "both" else "", normalize_maps(maps, "fixed", vmin, vmax), (vmin, vmax))
+            )
         return out
 
     def display(self, images01: Tensor) -> Tensor:
@@ -187,12 +201,21 @@ class MapCallback(VisualizationCallback):
                 bar = None if rng is None else colorbar(int(big.shape[-1]), rng[0], rng[1], self.heat_cmap)
                 for pid, img, finite in zip(probe.ids, over, ok.tolist()):
                     if finite:
-                        logger.image(make_tag(self.method, key, pid, suffix or None),
-                                     img if bar is None else torch.cat([img, bar], dim=1))
+                        logger.image(
+                            make_tag(self.method, key, pid, suffix or None),
+                            img if bar is None else torch.cat([img, bar], dim=1),
+                        )
 
-    def log_panels(self, logger: VizLogger, maps: dict[str, Tensor], images01: Tensor, probe: ProbeSet,
-                   results: dict[str, Any], class_names: list[str] | None,
-                   oks: dict[str, Tensor] | None = None) -> None:
+    def log_panels(
+        self,
+        logger: VizLogger,
+        maps: dict[str, Tensor],
+        images01: Tensor,
+        probe: ProbeSet,
+        results: dict[str, Any],
+        class_names: list[str] | None,
+        oks: dict[str, Tensor] | None = None,
+    ) -> None:
         """One ``viz-<family>/panel/<probe-id>`` image per probe: image | one overlay per key, a second row on
         the fixed scale (with colorbars) when ``normalize="both"``, captions with class names."""
         big = self.display(images01)
@@ -224,8 +247,9 @@ class MapCallback(VisualizationCallback):
             caption = panel_caption(pid, probe, results, i, class_names)
             if both:
                 caption += "   top: per image, bottom: fixed scale"
-            logger.image(make_tag(self.method, "panel", pid), compose(tiles, labels, caption, under=under),
-                         caption=caption)  # drawn in the image; also shown by backends that keep captions (W&B)
+            logger.image(
+                make_tag(self.method, "panel", pid), compose(tiles, labels, caption, under=under), caption=caption
+            )  # drawn in the image; also shown by backends that keep captions (W&B)
 
     def extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"scales": {k: s.state_dict() for k, s in self.scales.items()}}
@@ -255,7 +279,7 @@ def predictions(pl_module: LightningModule, probe: ProbeSet, chunk_size: int | N
     parts = []
     with torch.no_grad():
         for s in range(0, len(x), step):
-            logits = pl_module(x[s:s + step])
+            logits = pl_module(x[s : s + step])
             if not isinstance(logits, Tensor) or logits.ndim != 2:
                 return {}
             parts.append(logits.float())

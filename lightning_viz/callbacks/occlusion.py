@@ -49,7 +49,7 @@ class OcclusionCallback(MapCallback):
         stride: Optional[int] = None,
         fill: Literal["gray", "mean", "zero", "blur"] = "gray",
         target: Union[int, str] = "label",
-        outputs: list[Literal["score", "prob"]] = ["score", "prob"],  # noqa: B006 - jsonargparse default
+        outputs: list[Literal["score", "prob"]] = ["score", "prob"],
         memory_mb: Optional[float] = None,
         **kwargs: Any,
     ):
@@ -76,11 +76,26 @@ class OcclusionCallback(MapCallback):
         x = probe.to(device, module_dtype(pl_module))
         size = x.shape[-2:]
         if self.window is not None and self.window > min(size):
-            raise ValueError(f"occlusion window={self.window} is larger than the {size[0]}x{size[1]} probe images; "
-                             f"use window <= {min(size)}")
+            raise ValueError(
+                f"occlusion window={self.window} is larger than the {size[0]}x{size[1]} probe images; "
+                f"use window <= {min(size)}"
+            )
         chunk = positions_per_forward(pl_module, x, self.memory_mb)
         labels = None if probe.labels is None else probe.labels.to(device)
-        drops = occlusion(pl_module, x, self.target, labels, window=self.window, stride=self.stride, fill=self.fill,
-                          mean=probe.mean, std=probe.std, chunk_size=chunk)
-        return {f"occlusion/{o}": spread_to_pixels(drops[o], size, self.window, self.stride)
-                for o in self.outputs if o in drops}
+        drops = occlusion(
+            pl_module,
+            x,
+            self.target,
+            labels,
+            window=self.window,
+            stride=self.stride,
+            fill=self.fill,
+            mean=probe.mean,
+            std=probe.std,
+            chunk_size=chunk,
+        )
+        return {
+            f"occlusion/{o}": spread_to_pixels(drops[o], size, self.window, self.stride)
+            for o in self.outputs
+            if o in drops
+        }

@@ -90,7 +90,12 @@ class TopPatchesCallback(VisualizationCallback):
         self._boxes: dict[tuple, Tensor] = {}
 
     def state_key_parts(self) -> tuple[Any, ...]:
-        return super().state_key_parts() + (tuple(self.layers), None if self.units is None else tuple(self.units), self.num_units, self.k)
+        return super().state_key_parts() + (
+            tuple(self.layers),
+            None if self.units is None else tuple(self.units),
+            self.num_units,
+            self.k,
+        )
 
     def check(self, pl_module: LightningModule) -> None:
         self.layers = resolve_layers(pl_module, self.layers)
@@ -98,7 +103,9 @@ class TopPatchesCallback(VisualizationCallback):
             for name in self.layers:
                 channels = getattr(get_layer(pl_module, name), "out_channels", None)
                 if channels is not None and max(self.units) >= channels:
-                    raise ValueError(f"units {self.units} out of range for layer {name!r} with {channels} channels (0..{channels - 1})")
+                    raise ValueError(
+                        f"units {self.units} out of range for layer {name!r} with {channels} channels (0..{channels - 1})"
+                    )
 
     def _units(self, pl_module: LightningModule, x1: Tensor) -> dict[str, list[int]]:
         if self.units is not None:
@@ -145,8 +152,10 @@ class TopPatchesCallback(VisualizationCallback):
                 if self.layout == "grid":
                     w = int(crops.shape[-1])
                     rows.append([text_strip(64, [f"unit {c}"], 14)] + list(crops))
-                    labels = [class_name(probe.labels[j], names) if probe.labels is not None else f"#{int(j)}"
-                              for j in img_idx.tolist()]
+                    labels = [
+                        class_name(probe.labels[j], names) if probe.labels is not None else f"#{int(j)}"
+                        for j in img_idx.tolist()
+                    ]
                     under.append([None] + [text_strip(w, [t], 11) for t in labels])
                 else:
                     logger.image(make_tag(self.method, name, f"unit{c:03d}"), image_grid(crops, nrow=len(crops)))

@@ -32,7 +32,14 @@ from ..layers import canonical_name, get_layer, module_device, module_dtype
 from ..logging import VizLogger, make_tag
 from ..methods.adversarial import fgsm, minimal_flip_budget, pgd, predict
 from ..methods.regularizers import build_regularizers
-from ..methods.synthesis import class_model_images, initial_images, invert_features, per_image_noise, unit_images, valid_range
+from ..methods.synthesis import (
+    class_model_images,
+    initial_images,
+    invert_features,
+    per_image_noise,
+    unit_images,
+    valid_range,
+)
 from ..probe import ProbeSet
 from ..render import class_name, compose, image_grid, label_strip, labeled_grid, text_strip, upscale
 from ._options import LayersSpec, reject_options, renamed_option, single_layer
@@ -113,8 +120,13 @@ class _InputOptimizationCallback(VisualizationCallback):
             raise ValueError(f"{name}: input_shape must be [C, H, W]; got {input_shape}")
         self.steps, self.lr, self.l2 = steps, lr, l2
         self.reg_options = dict(
-            l2_decay=l2_decay, blur_every=blur_every, blur_sigma=blur_sigma, jitter=jitter, tv=tv,
-            clip_percentile=clip_percentile, clip_contribution_percentile=clip_contribution_percentile,
+            l2_decay=l2_decay,
+            blur_every=blur_every,
+            blur_sigma=blur_sigma,
+            jitter=jitter,
+            tv=tv,
+            clip_percentile=clip_percentile,
+            clip_contribution_percentile=clip_contribution_percentile,
         )
         build_regularizers(**self.reg_options)  # validates the values now, not at the first epoch end
         self.parameterization, self.init, self.optimizer = parameterization, init, optimizer
@@ -126,8 +138,13 @@ class _InputOptimizationCallback(VisualizationCallback):
         regularizers every run, so each epoch starts from the same seed)."""
         device = module_device(pl_module)
         return dict(
-            steps=self.steps, lr=self.lr, regularizers=build_regularizers(l2=self.l2, **self.reg_options),
-            param=self.parameterization, init=self.init, optimizer=self.optimizer, chunk_size=self.chunk_size,
+            steps=self.steps,
+            lr=self.lr,
+            regularizers=build_regularizers(l2=self.l2, **self.reg_options),
+            param=self.parameterization,
+            init=self.init,
+            optimizer=self.optimizer,
+            chunk_size=self.chunk_size,
             generator=torch.Generator(device=device).manual_seed(self.seed),
             bounds=None if probe is None else valid_range(probe.mean, probe.std, device),
         )
@@ -160,11 +177,17 @@ class ClassModelCallback(_InputOptimizationCallback):
     per_probe = False
 
     def __init__(self, classes: Optional[list[int]] = None, max_classes: int = 16, l2: float = 1e-3, **kwargs: Any):
-        reject_options(type(self).__name__, kwargs, ("num_probes", "probe_seed"),
-                       "one probe image gives the input shape and value range")
+        reject_options(
+            type(self).__name__,
+            kwargs,
+            ("num_probes", "probe_seed"),
+            "one probe image gives the input shape and value range",
+        )
         super().__init__(l2=l2, num_probes=1, probe_seed=0, **kwargs)
         if classes is not None and (not classes or min(classes) < 0):
-            raise ValueError(f"ClassModelCallback: classes must be a non-empty list of class indices >= 0; got {classes}")
+            raise ValueError(
+                f"ClassModelCallback: classes must be a non-empty list of class indices >= 0; got {classes}"
+            )
         if max_classes < 1:
             raise ValueError(f"ClassModelCallback: max_classes must be >= 1; got {max_classes}")
         self.classes = None if classes is None else [int(c) for c in classes]
@@ -180,12 +203,18 @@ class ClassModelCallback(_InputOptimizationCallback):
         classes = self.classes
         if classes is None:
             with torch.no_grad():
-                n = pl_module(torch.zeros(1, *shape, device=module_device(pl_module), dtype=module_dtype(pl_module))).shape[1]
+                n = pl_module(
+                    torch.zeros(1, *shape, device=module_device(pl_module), dtype=module_dtype(pl_module))
+                ).shape[1]
             classes = list(range(min(n, self.max_classes)))
         # the l2 penalty of eq. 1 is among the regularizers of optimize_kwargs
         res = class_model_images(pl_module, classes, shape, l2=0.0, **self.optimize_kwargs(pl_module, probe))
-        return {"images": res.images.cpu(), "scores": res.scores.cpu(), "start_scores": res.start_scores.cpu(),
-                "classes": torch.as_tensor(classes)}
+        return {
+            "images": res.images.cpu(),
+            "scores": res.scores.cpu(),
+            "start_scores": res.start_scores.cpu(),
+            "classes": torch.as_tensor(classes),
+        }
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         mean, std = (probe.mean, probe.std) if probe is not None else (None, None)
@@ -213,16 +242,24 @@ class UnitCallback(_InputOptimizationCallback):
     method = "units"
     per_probe = False
 
-    def __init__(self, layers: LayersSpec = None, channels: Optional[list[int]] = None,
-                 unit: Literal["channel", "neuron"] = "channel", layer: Optional[str] = None, **kwargs: Any):
+    def __init__(
+        self,
+        layers: LayersSpec = None,
+        channels: Optional[list[int]] = None,
+        unit: Literal["channel", "neuron"] = "channel",
+        layer: Optional[str] = None,
+        **kwargs: Any,
+    ):
         owner = type(self).__name__
-        reject_options(owner, kwargs, ("num_probes", "probe_seed"),
-                       "one probe image gives the input shape and value range")
+        reject_options(
+            owner, kwargs, ("num_probes", "probe_seed"), "one probe image gives the input shape and value range"
+        )
         super().__init__(num_probes=1, probe_seed=0, **kwargs)
         layer = single_layer(owner, renamed_option(owner, "layer", "layers", layer, layers, None))
         if layer is None:
-            raise ValueError("UnitCallback needs layers: the layer whose channels to visualize "
-                             "(e.g. layers='net.conv3')")
+            raise ValueError(
+                "UnitCallback needs layers: the layer whose channels to visualize (e.g. layers='net.conv3')"
+            )
         if channels is None:
             raise ValueError("UnitCallback needs channels: the channel indices of the layer, e.g. channels=[0, 1, 2]")
         if not channels or min(channels) < 0:
@@ -241,20 +278,29 @@ class UnitCallback(_InputOptimizationCallback):
         module = get_layer(pl_module, self.layer)
         n = getattr(module, "out_channels", None) or getattr(module, "out_features", None)
         if n is not None and max(self.channels) >= n:
-            raise ValueError(f"UnitCallback: layer {self.layer!r} has {n} channels (0..{n - 1}); got channels {self.channels}")
+            raise ValueError(
+                f"UnitCallback: layer {self.layer!r} has {n} channels (0..{n - 1}); got channels {self.channels}"
+            )
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         pl_module = self.adapted(pl_module)
-        res = unit_images(pl_module, self.layer, self.channels, self.image_shape(probe), unit=self.unit,
-                          **self.optimize_kwargs(pl_module, probe))
+        res = unit_images(
+            pl_module,
+            self.layer,
+            self.channels,
+            self.image_shape(probe),
+            unit=self.unit,
+            **self.optimize_kwargs(pl_module, probe),
+        )
         return {"images": res.images.cpu(), "scores": res.scores.cpu()}
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         mean, std = (probe.mean, probe.std) if probe is not None else (None, None)
         self.warn_non_finite(f"the {self.layer} unit images", results["images"], rows="channels")
-        logger.image(make_tag(self.method, self.layer, "grid"),
-                     labeled_grid(self.show(_display(results["images"], mean, std)),
-                                  [f"ch {c}" for c in self.channels]))
+        logger.image(
+            make_tag(self.method, self.layer, "grid"),
+            labeled_grid(self.show(_display(results["images"], mean, std)), [f"ch {c}" for c in self.channels]),
+        )
         for c, s in zip(self.channels, results["scores"]):
             logger.scalar(make_tag(self.method, self.layer, f"ch{c}", "activation"), s)
 
@@ -273,9 +319,16 @@ class InversionCallback(_InputOptimizationCallback):
 
     method = "inversion"
 
-    def __init__(self, layers: LayersSpec = None, init: Literal["zero", "gray", "noise"] = "noise", tv: float = 1e-3,
-                 l2: float = 1e-4, layer: Optional[str] = None, layout: Literal["per_probe", "grid"] = "per_probe",
-                 **kwargs: Any):
+    def __init__(
+        self,
+        layers: LayersSpec = None,
+        init: Literal["zero", "gray", "noise"] = "noise",
+        tv: float = 1e-3,
+        l2: float = 1e-4,
+        layer: Optional[str] = None,
+        layout: Literal["per_probe", "grid"] = "per_probe",
+        **kwargs: Any,
+    ):
         owner = type(self).__name__
         reject_options(owner, kwargs, ("input_shape",), "each probe image is reconstructed at its own shape")
         super().__init__(init=init, tv=tv, l2=l2, input_shape=None, **kwargs)
@@ -284,8 +337,9 @@ class InversionCallback(_InputOptimizationCallback):
         self.layout = layout
         layer = single_layer(owner, renamed_option(owner, "layer", "layers", layer, layers, None))
         if layer is None:
-            raise ValueError("InversionCallback needs layers: the layer whose features to invert "
-                             "(e.g. layers='net.conv2')")
+            raise ValueError(
+                "InversionCallback needs layers: the layer whose features to invert (e.g. layers='net.conv2')"
+            )
         self.layer = canonical_name(layer)
 
     def state_key_parts(self) -> tuple[Any, ...]:
@@ -300,7 +354,8 @@ class InversionCallback(_InputOptimizationCallback):
         x = probe.to(module_device(pl_module), module_dtype(pl_module))
         if self.init == "noise":  # per-probe noise: the same reconstruction whatever the split over ranks
             kw["init"] = initial_images("gray", x.shape, bounds=kw["bounds"], device=x.device) + 0.1 * per_image_noise(
-                x.shape, self.seed, probe.offset, device=x.device)
+                x.shape, self.seed, probe.offset, device=x.device
+            )
         res = invert_features(pl_module, x, self.layer, **kw)
         return {"images": res.images.cpu(), "error": (-res.scores).clamp_min(0).sqrt().cpu()}
 
@@ -310,11 +365,15 @@ class InversionCallback(_InputOptimizationCallback):
         recons = self.show(_display(results["images"], probe.mean, probe.std))
         if self.layout == "grid":
             names = self.get_class_names(trainer)
-            heads = [pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
-                     for i, pid in enumerate(probe.ids)]
+            heads = [
+                pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
+                for i, pid in enumerate(probe.ids)
+            ]
             rows = [[text_strip(96, [h], 13), o, r] for h, o, r in zip(heads, originals, recons)]
-            logger.image(make_tag(self.method, self.layer, "grid"),
-                         compose(rows, ["", "original", "reconstruction"], f"inversion of {self.layer}"))
+            logger.image(
+                make_tag(self.method, self.layer, "grid"),
+                compose(rows, ["", "original", "reconstruction"], f"inversion of {self.layer}"),
+            )
         else:
             for pid, orig, rec in zip(probe.ids, originals, recons):
                 logger.image(make_tag(self.method, self.layer, pid), image_grid(torch.stack([orig, rec]), nrow=2))
@@ -373,14 +432,18 @@ class AdversarialCallback(VisualizationCallback):
     ):
         super().__init__(**kwargs)
         if layout not in ("per_probe", "grid") or display_px < 0:
-            raise ValueError(f"AdversarialCallback: layout must be 'per_probe' or 'grid' and display_px >= 0; "
-                             f"got {layout!r}, {display_px}")
+            raise ValueError(
+                f"AdversarialCallback: layout must be 'per_probe' or 'grid' and display_px >= 0; "
+                f"got {layout!r}, {display_px}"
+            )
         self.layout, self.display_px = layout, display_px
         mode = renamed_option(type(self).__name__, "target", "mode", target, mode, "untargeted")
         if epsilon <= 0:
             raise ValueError(f"AdversarialCallback: epsilon must be > 0; got {epsilon}")
         if attack not in ("pgd", "fgsm") or min_flip_attack not in ("pgd", "fgsm"):
-            raise ValueError(f"AdversarialCallback: attack and min_flip_attack must be 'pgd' or 'fgsm'; got {attack!r}, {min_flip_attack!r}")
+            raise ValueError(
+                f"AdversarialCallback: attack and min_flip_attack must be 'pgd' or 'fgsm'; got {attack!r}, {min_flip_attack!r}"
+            )
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"AdversarialCallback: chunk_size must be >= 1 or None; got {chunk_size}")
         if loss not in ("ce", "score"):
@@ -421,14 +484,42 @@ class AdversarialCallback(VisualizationCallback):
             adv = fgsm(pl_module, x, classes, self.epsilon, targeted=targeted, bounds=bounds, loss=self.loss)
         else:
             # per-probe random start: the same attack whatever the split of the probes over ranks
-            start = per_image_noise(x.shape, self.seed, probe.offset, uniform=True, device=device) if self.random_start else None
-            adv = pgd(pl_module, x, classes, self.epsilon, steps=self.steps, step_size=self.step_size, targeted=targeted,
-                      random_start=False, start=start, bounds=bounds, loss=self.loss)
-        out = {"adv": adv.cpu(), "clean_pred": clean.cpu(), "adv_pred": predict(pl_module, adv).cpu(), "classes": classes.cpu()}
+            start = (
+                per_image_noise(x.shape, self.seed, probe.offset, uniform=True, device=device)
+                if self.random_start
+                else None
+            )
+            adv = pgd(
+                pl_module,
+                x,
+                classes,
+                self.epsilon,
+                steps=self.steps,
+                step_size=self.step_size,
+                targeted=targeted,
+                random_start=False,
+                start=start,
+                bounds=bounds,
+                loss=self.loss,
+            )
+        out = {
+            "adv": adv.cpu(),
+            "clean_pred": clean.cpu(),
+            "adv_pred": predict(pl_module, adv).cpu(),
+            "classes": classes.cpu(),
+        }
         if self.min_flip:
             out["min_eps"] = minimal_flip_budget(
-                pl_module, x, classes, self.min_flip_max_epsilon, self.min_flip_iterations,
-                attack=self.min_flip_attack, steps=self.steps, targeted=targeted, bounds=bounds, loss=self.loss,
+                pl_module,
+                x,
+                classes,
+                self.min_flip_max_epsilon,
+                self.min_flip_iterations,
+                attack=self.min_flip_attack,
+                steps=self.steps,
+                targeted=targeted,
+                bounds=bounds,
+                loss=self.loss,
             ).cpu()
         return out
 
@@ -442,18 +533,27 @@ class AdversarialCallback(VisualizationCallback):
         if self.display_px:
             originals, amplified, advs = (upscale(t, self.display_px) for t in (originals, amplified, advs))
         names = self.get_class_names(trainer)
-        captions = [f"pred {class_name(results['clean_pred'][i], names)} -> {class_name(results['adv_pred'][i], names)}"
-                    for i in range(len(probe))]
+        captions = [
+            f"pred {class_name(results['clean_pred'][i], names)} -> {class_name(results['adv_pred'][i], names)}"
+            for i in range(len(probe))
+        ]
         if self.layout == "grid":
-            rows = [[text_strip(150, [f"{pid}: {cap[5:]}"], 13), originals[i], amplified[i], advs[i]]
-                    for i, (pid, cap) in enumerate(zip(probe.ids, captions))]
+            rows = [
+                [text_strip(150, [f"{pid}: {cap[5:]}"], 13), originals[i], amplified[i], advs[i]]
+                for i, (pid, cap) in enumerate(zip(probe.ids, captions))
+            ]
             head = ["prediction", "original", f"delta +-{self.epsilon:g}", "adversarial"]
-            logger.image(make_tag(self.method, "grid"),
-                         compose(rows, head, f"{self.attack} attack, L-inf budget {self.epsilon:g}"))
+            logger.image(
+                make_tag(self.method, "grid"),
+                compose(rows, head, f"{self.attack} attack, L-inf budget {self.epsilon:g}"),
+            )
         for i, pid in enumerate(probe.ids if self.layout == "per_probe" else []):
             grid = image_grid(torch.stack([originals[i], amplified[i], advs[i]]), nrow=3)
-            logger.image(make_tag(self.method, pid), torch.cat([grid, label_strip(grid.shape[-1], captions[i])], dim=1),
-                         caption=f"{pid}: {captions[i]}")
+            logger.image(
+                make_tag(self.method, pid),
+                torch.cat([grid, label_strip(grid.shape[-1], captions[i])], dim=1),
+                caption=f"{pid}: {captions[i]}",
+            )
         if self.mode == "next_class":
             flipped = results["adv_pred"] == results["classes"]
         else:

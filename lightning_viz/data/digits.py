@@ -63,8 +63,9 @@ class DigitsDataModule(SplitDataModule):
     in_channels = 1
     classes = [str(d) for d in range(10)]
 
-    def __init__(self, image_size: int = 16, val_fraction: float = 0.2, batch_size: int = 64, num_workers: int = 0,
-                 seed: int = 0):
+    def __init__(
+        self, image_size: int = 16, val_fraction: float = 0.2, batch_size: int = 64, num_workers: int = 0, seed: int = 0
+    ):
         super().__init__(batch_size, num_workers)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be strictly between 0 and 1; got {val_fraction}")

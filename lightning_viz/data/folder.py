@@ -31,19 +31,23 @@ class _LabeledSubset(Subset):
         return [base[i] for i in self.indices]
 
 
-def _image_folder(path: str, transform) -> "Dataset":
+def _image_folder(path: str, transform) -> Dataset:
     """``ImageFolder(path)`` with errors that name the path and say what layout is expected."""
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     if not os.path.isdir(path):
         what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-        raise FileNotFoundError(f"ImageFolderDataModule: image folder {path!r} {what}. "
-                                "Expected root/<class_name>/<image files> (or root/train/... and root/val/...).")
+        raise FileNotFoundError(
+            f"ImageFolderDataModule: image folder {path!r} {what}. "
+            "Expected root/<class_name>/<image files> (or root/train/... and root/val/...)."
+        )
     classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise FileNotFoundError(f"ImageFolderDataModule: {path!r} has no class sub-folders. "
-                                "Expected root/<class_name>/<image files>, one sub-folder per class.")
+        raise FileNotFoundError(
+            f"ImageFolderDataModule: {path!r} has no class sub-folders. "
+            "Expected root/<class_name>/<image files>, one sub-folder per class."
+        )
     try:
         return ImageFolder(path, transform=transform)
     except FileNotFoundError as exc:
@@ -65,9 +69,17 @@ class ImageFolderDataModule(SplitDataModule):
 
     in_channels = 3
 
-    def __init__(self, root: str, image_size: int = 64, val_fraction: float = 0.2, batch_size: int = 32,
-                 num_workers: int = 0, seed: int = 0, mean: Optional[list[float]] = None,
-                 std: Optional[list[float]] = None):
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 64,
+        val_fraction: float = 0.2,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+        mean: Optional[list[float]] = None,
+        std: Optional[list[float]] = None,
+    ):
         super().__init__(batch_size, num_workers)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
@@ -84,22 +96,28 @@ class ImageFolderDataModule(SplitDataModule):
     def _build(self) -> None:
         from torchvision import transforms
 
-        tf = transforms.Compose([
-            transforms.Resize((self.image_size, self.image_size)),
-            transforms.ToTensor(),
-            transforms.Normalize(self.mean, self.std),
-        ])
+        tf = transforms.Compose(
+            [
+                transforms.Resize((self.image_size, self.image_size)),
+                transforms.ToTensor(),
+                transforms.Normalize(self.mean, self.std),
+            ]
+        )
         train_dir, val_dir = os.path.join(self.root, "train"), os.path.join(self.root, "val")
         if os.path.isdir(train_dir) and os.path.isdir(val_dir):
             train, val = _image_folder(train_dir, tf), _image_folder(val_dir, tf)
             if train.classes != val.classes:
-                raise ValueError(f"ImageFolderDataModule: {train_dir!r} and {val_dir!r} have different class folders: "
-                                 f"{train.classes} vs {val.classes}")
+                raise ValueError(
+                    f"ImageFolderDataModule: {train_dir!r} and {val_dir!r} have different class folders: "
+                    f"{train.classes} vs {val.classes}"
+                )
             self.train_set, self.val_set = train, val
         elif os.path.isdir(train_dir) or os.path.isdir(val_dir):  # else 'train' (or 'val') would become a class
             have, miss = ("train", "val") if os.path.isdir(train_dir) else ("val", "train")
-            raise ValueError(f"ImageFolderDataModule: {self.root!r} has {have!r} but no {miss!r} folder. Expected "
-                             "root/train/<class>/... and root/val/<class>/..., or root/<class>/... (split by val_fraction).")
+            raise ValueError(
+                f"ImageFolderDataModule: {self.root!r} has {have!r} but no {miss!r} folder. Expected "
+                "root/train/<class>/... and root/val/<class>/..., or root/<class>/... (split by val_fraction)."
+            )
         else:
             full = _image_folder(self.root, tf)
             order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed)).tolist()

@@ -66,10 +66,19 @@ class ShapesDataset(Dataset):
     mean = SHAPES_MEAN
     std = SHAPES_STD
 
-    def __init__(self, num: int = 1000, image_size: int = 32, num_classes: int = 4, seed: int = 0,
-                 noise: float = 0.06, normalize: bool = True):
+    def __init__(
+        self,
+        num: int = 1000,
+        image_size: int = 32,
+        num_classes: int = 4,
+        seed: int = 0,
+        noise: float = 0.06,
+        normalize: bool = True,
+    ):
         if not 1 <= num_classes <= len(SHAPE_NAMES):
-            raise ValueError(f"num_classes must be between 1 and {len(SHAPE_NAMES)} ({', '.join(SHAPE_NAMES)}); got {num_classes}")
+            raise ValueError(
+                f"num_classes must be between 1 and {len(SHAPE_NAMES)} ({', '.join(SHAPE_NAMES)}); got {num_classes}"
+            )
         if image_size < 8:
             raise ValueError(f"image_size must be >= 8 pixels; got {image_size}")
         if num < 0:
@@ -133,8 +142,17 @@ class ShapesDataModule(SplitDataModule):
     ``mean``/``std`` are the normalization used, so probe images can be shown un-normalized.
     """
 
-    def __init__(self, num_train: int = 2000, num_val: int = 400, image_size: int = 32, num_classes: int = 4,
-                 batch_size: int = 64, num_workers: int = 0, seed: int = 0, noise: float = 0.06):
+    def __init__(
+        self,
+        num_train: int = 2000,
+        num_val: int = 400,
+        image_size: int = 32,
+        num_classes: int = 4,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        noise: float = 0.06,
+    ):
         super().__init__(batch_size, num_workers)
         ShapesDataset(0, image_size=image_size, num_classes=num_classes)  # validates the options now, not at setup
         self.save_hyperparameters()

@@ -8,7 +8,7 @@ own output, e.g. pre-activation for a conv followed by ``ReLU(inplace=True)``).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,9 @@ from ..capture import capture
 __all__ = ["feature_maps"]
 
 
-def feature_maps(model: nn.Module, x: Tensor, layers: Iterable[str], chunk_size: int | None = None) -> dict[str, Tensor]:
+def feature_maps(
+    model: nn.Module, x: Tensor, layers: Iterable[str], chunk_size: int | None = None
+) -> dict[str, Tensor]:
     """Outputs of ``layers`` for ``x[B, C, H, W]``: ``{name: Tensor[B, C', h, w]}``.
 
     The caller controls train/eval mode (use :func:`lightning_viz.capture.isolated` on a live model).
@@ -35,7 +37,7 @@ def feature_maps(model: nn.Module, x: Tensor, layers: Iterable[str], chunk_size:
     with torch.no_grad(), capture(model, names) as cap:
         for start in range(0, max(x.shape[0], 1), max(step, 1)):  # an empty batch: one empty pass, empty maps
             cap.clear()
-            model(x[start:start + step])
+            model(x[start : start + step])
             for n in names:
                 out = cap[n]
                 if out.ndim != 4:

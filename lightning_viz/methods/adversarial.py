@@ -153,7 +153,9 @@ def minimal_flip_budget(
         if attack == "fgsm":
             adv = fgsm(model, x, classes, eps, targeted=targeted, bounds=bounds, loss=loss)
         else:
-            adv = pgd(model, x, classes, eps, steps=steps, targeted=targeted, random_start=False, bounds=bounds, loss=loss)
+            adv = pgd(
+                model, x, classes, eps, steps=steps, targeted=targeted, random_start=False, bounds=bounds, loss=loss
+            )
         return is_flipped(predict(model, adv), classes, targeted)
 
     b = x.shape[0]

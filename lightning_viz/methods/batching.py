@@ -20,8 +20,14 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CPU_MEMORY_MB", "GPU_MEMORY_MB", "GRAD_FACTOR", "activation_bytes_per_image", "default_memory_mb",
-           "images_per_forward"]
+__all__ = [
+    "CPU_MEMORY_MB",
+    "GPU_MEMORY_MB",
+    "GRAD_FACTOR",
+    "activation_bytes_per_image",
+    "default_memory_mb",
+    "images_per_forward",
+]
 
 #: default activation budget of one forward on the CPU, MiB (resnet18 at 64 px: ~215 images per forward, ~107 with a backward)
 CPU_MEMORY_MB = 512.0
@@ -30,7 +36,7 @@ GPU_MEMORY_MB = 4096.0
 #: a forward + backward holds about this many times the activations of a no-grad forward
 GRAD_FACTOR = 2
 
-_MEASURED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]]" = weakref.WeakKeyDictionary()
+_MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
 def activation_bytes_per_image(model: nn.Module, x1: Tensor) -> int:

@@ -35,8 +35,9 @@ pass; :func:`register_cam_variant` adds one, and the callback and every function
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,9 @@ _EPS = 1e-7
 def cam_map(activations: Tensor, weights: Tensor, size: Optional[tuple[int, ...]] = None) -> Tensor:
     """``ReLU(sum_k w_k A_k)`` ``[B, h, w]``, bilinearly upsampled to ``size`` if given."""
     if activations.ndim != 4:
-        raise ValueError(f"CAM needs activations [B, K, h, w] from a convolutional layer; got shape {tuple(activations.shape)}")
+        raise ValueError(
+            f"CAM needs activations [B, K, h, w] from a convolutional layer; got shape {tuple(activations.shape)}"
+        )
     w = weights if weights.ndim == 4 else weights[:, :, None, None]
     cam = F.relu((w * activations).sum(dim=1))
     if size is not None and tuple(cam.shape[-2:]) != tuple(size):
@@ -146,8 +149,9 @@ def verify_cam_head(activations: Tensor, logits: Tensor, head: nn.Linear, layer:
     BatchNorm / residual add): clear error. Returns ``True`` when the head reads ``ReLU(A)`` instead of ``A``
     (a functional ``F.relu`` between the layer and the pooling): CAM must then use ``ReLU(A)``."""
     if activations.ndim != 4:
-        raise LayerNotFoundError(f"CAM needs a layer with [B, K, h, w] output; {layer!r} gives "
-                                 f"{tuple(activations.shape)}")
+        raise LayerNotFoundError(
+            f"CAM needs a layer with [B, K, h, w] output; {layer!r} gives {tuple(activations.shape)}"
+        )
     w = head.weight.detach().double().to(activations.device)
     if activations.shape[1] != w.shape[1]:
         raise LayerNotFoundError(
@@ -179,9 +183,15 @@ def verify_cam_head(activations: Tensor, logits: Tensor, head: nn.Linear, layer:
 
 
 @torch.no_grad()
-def scorecam_weights(model: nn.Module, x: Tensor, activations: Tensor, target: TargetSpec = "label",
-                     labels: Optional[Tensor] = None, classes: Optional[Tensor] = None,
-                     chunk_size: Optional[int] = None) -> Tensor:
+def scorecam_weights(
+    model: nn.Module,
+    x: Tensor,
+    activations: Tensor,
+    target: TargetSpec = "label",
+    labels: Optional[Tensor] = None,
+    classes: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
     """Score-CAM weights ``[B, K]``: the target's softmax probability (for a callable target, its score)
     on ``x * norm(upsample(A_k))`` for every channel ``k``; ``chunk_size`` masked images per forward
     (``None``: as many as the default memory budget holds, :func:`~lightning_viz.methods.batching.images_per_forward`;
@@ -227,9 +237,16 @@ def eigencam_map(a: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def ablationcam_weights(model: nn.Module, x: Tensor, layer: str, activations: Tensor, scores: Tensor,
-                        target: TargetSpec = "label", classes: Optional[Tensor] = None,
-                        chunk_size: Optional[int] = None) -> Tensor:
+def ablationcam_weights(
+    model: nn.Module,
+    x: Tensor,
+    layer: str,
+    activations: Tensor,
+    scores: Tensor,
+    target: TargetSpec = "label",
+    classes: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
     """Ablation-CAM weights ``[B, K]``: ``(y - y^k) / y`` with ``y`` the target score (``scores``, e.g. a
     pass's ``PassResult.scores``) and ``y^k`` the same score with channel ``k`` of ``layer``'s output
     zeroed (a forward hook); ``chunk_size`` ablated images per forward (``None``: as many as the default memory
@@ -292,11 +309,18 @@ class CAMVariant:
     aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        ways = [self.weights is not None, self.activation_map is not None, self.forward_weights is not None,
-                self.head, self.guided_of is not None]
+        ways = [
+            self.weights is not None,
+            self.activation_map is not None,
+            self.forward_weights is not None,
+            self.head,
+            self.guided_of is not None,
+        ]
         if sum(ways) != 1:
-            raise ValueError(f"CAM variant {self.name!r} must have exactly one of weights, activation_map, "
-                             f"forward_weights, head, guided_of; got {sum(ways)}")
+            raise ValueError(
+                f"CAM variant {self.name!r} must have exactly one of weights, activation_map, "
+                f"forward_weights, head, guided_of; got {sum(ways)}"
+            )
 
     @property
     def guided(self) -> bool:
@@ -309,13 +333,29 @@ class CAMVariant:
         return self.forward_weights is not None
 
 
-def _scorecam_forward(model: nn.Module, x: Tensor, layer: str, a: Tensor, result: PassResult, target: TargetSpec,
-                      labels: Optional[Tensor], chunk_size: Optional[int]) -> Tensor:
+def _scorecam_forward(
+    model: nn.Module,
+    x: Tensor,
+    layer: str,
+    a: Tensor,
+    result: PassResult,
+    target: TargetSpec,
+    labels: Optional[Tensor],
+    chunk_size: Optional[int],
+) -> Tensor:
     return scorecam_weights(model, x, a, target, labels, result.classes, chunk_size)
 
 
-def _ablation_forward(model: nn.Module, x: Tensor, layer: str, a: Tensor, result: PassResult, target: TargetSpec,
-                      labels: Optional[Tensor], chunk_size: Optional[int]) -> Tensor:
+def _ablation_forward(
+    model: nn.Module,
+    x: Tensor,
+    layer: str,
+    a: Tensor,
+    result: PassResult,
+    target: TargetSpec,
+    labels: Optional[Tensor],
+    chunk_size: Optional[int],
+) -> Tensor:
     return ablationcam_weights(model, x, layer, a, result.scores, target, result.classes, chunk_size)
 
 
@@ -355,20 +395,30 @@ WEIGHT_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
 for _v in (
     CAMVariant("cam", "Zhou et al. 2016, Eq. 2", head=True, needs_class=True),
     CAMVariant("gradcam", "Selvaraju et al. 2017, Eq. 1", weights=gradcam_weights, aliases=("grad-cam",)),
-    CAMVariant("gradcampp", "Chattopadhay et al. 2018, Eq. 19", weights=gradcampp_weights,
-               aliases=("gradcam++", "grad-cam++")),
+    CAMVariant(
+        "gradcampp", "Chattopadhay et al. 2018, Eq. 19", weights=gradcampp_weights, aliases=("gradcam++", "grad-cam++")
+    ),
     CAMVariant("xgradcam", "Fu et al. 2020, Eq. 9", weights=xgradcam_weights),
     CAMVariant("layercam", "Jiang et al. 2021, Eq. 5", weights=layercam_weights),
-    CAMVariant("counterfactual_gradcam", "Selvaraju et al. 2017, Sec. 5", weights=counterfactual_weights,
-               aliases=("counterfactual",)),
+    CAMVariant(
+        "counterfactual_gradcam",
+        "Selvaraju et al. 2017, Sec. 5",
+        weights=counterfactual_weights,
+        aliases=("counterfactual",),
+    ),
     CAMVariant("hirescam", "Draelos & Carin 2020, Eq. 3", weights=hirescam_weights),
     CAMVariant("eigencam", "Muhammad & Yeasin 2020, Eq. 5-6", activation_map=eigencam_map),
     CAMVariant("scorecam", "Wang et al. 2020, Eq. 5-7", forward_weights=_scorecam_forward),
-    CAMVariant("ablationcam", "Desai & Ramaswamy 2020, Eq. 3", forward_weights=_ablation_forward,
-               aliases=("ablation-cam",)),
+    CAMVariant(
+        "ablationcam", "Desai & Ramaswamy 2020, Eq. 3", forward_weights=_ablation_forward, aliases=("ablation-cam",)
+    ),
     CAMVariant("guided_gradcam", "Selvaraju et al. 2017, Sec. 3", guided_of="gradcam"),
-    CAMVariant("guided_gradcampp", "Selvaraju et al. 2017, Sec. 3 with Grad-CAM++", guided_of="gradcampp",
-               aliases=("guided_gradcam++",)),
+    CAMVariant(
+        "guided_gradcampp",
+        "Selvaraju et al. 2017, Sec. 3 with Grad-CAM++",
+        guided_of="gradcampp",
+        aliases=("guided_gradcam++",),
+    ),
 ):
     register_cam_variant(_v)
 
@@ -389,30 +439,44 @@ def cam_variant(name: str) -> CAMVariant:
 
 def _check_layer(a: Tensor, layer: str, what: str = "CAM") -> None:
     if a.ndim != 4:
-        raise ValueError(f"{what} needs a layer with [B, K, h, w] output; {layer!r} gives {tuple(a.shape)}. "
-                         "Choose a conv layer or block.")
+        raise ValueError(
+            f"{what} needs a layer with [B, K, h, w] output; {layer!r} gives {tuple(a.shape)}. "
+            "Choose a conv layer or block."
+        )
 
 
 def _head_weights(a: Tensor, classes: Optional[Tensor], model: Optional[nn.Module], layer: str) -> Tensor:
     if classes is None:
-        raise ValueError("CAM needs a target class ('label', 'predicted' or a class index); a callable target has "
-                         "none. Use 'gradcam'.")
+        raise ValueError(
+            "CAM needs a target class ('label', 'predicted' or a class index); a callable target has "
+            "none. Use 'gradcam'."
+        )
     if model is None:
         raise ValueError("CAM needs the model to read the classifier weights")
     head = cam_head(model, a.shape[1], layer)
     return head.weight.detach().to(a.dtype)[classes.to(head.weight.device)].to(a.device)
 
 
-def variant_from_pass(result: PassResult, layer: str, method: str = "gradcam", size: Optional[tuple[int, ...]] = None,
-                      model: Optional[nn.Module] = None, x: Optional[Tensor] = None, target: TargetSpec = "label",
-                      labels: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> Tensor:
+def variant_from_pass(
+    result: PassResult,
+    layer: str,
+    method: str = "gradcam",
+    size: Optional[tuple[int, ...]] = None,
+    model: Optional[nn.Module] = None,
+    x: Optional[Tensor] = None,
+    target: TargetSpec = "label",
+    labels: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
     """The ``[B, H, W]`` map of any non-guided variant from a plain pass that recorded ``layer``; ``model``
     (classifier head, extra forwards), ``x``, ``target`` and ``labels`` (extra forwards) as the variant needs.
     ``size`` defaults to the input size for variants that forward ``x``."""
     v = cam_variant(method)
     if v.guided:
-        raise ValueError(f"{v.name!r} is guided backprop times a CAM, [B, C, H, W]: use guided_class_activation_map "
-                         "or guided_cam_from_passes")
+        raise ValueError(
+            f"{v.name!r} is guided backprop times a CAM, [B, C, H, W]: use guided_class_activation_map "
+            "or guided_cam_from_passes"
+        )
     if result.rule is not None:
         raise ValueError(f"CAM weights need plain gradients; this pass used the {result.rule!r} ReLU rule")
     a, g = result.layer(layer)
@@ -435,8 +499,13 @@ def variant_from_pass(result: PassResult, layer: str, method: str = "gradcam", s
     return cam_map(a, w, None if size is None else tuple(size))
 
 
-def cam_from_pass(result: PassResult, layer: str, method: str = "gradcam", size: Optional[tuple[int, ...]] = None,
-                  model: Optional[nn.Module] = None) -> Tensor:
+def cam_from_pass(
+    result: PassResult,
+    layer: str,
+    method: str = "gradcam",
+    size: Optional[tuple[int, ...]] = None,
+    model: Optional[nn.Module] = None,
+) -> Tensor:
     """The ``[B, H, W]`` map of ``method`` (a variant that needs no extra forward: see :func:`variant_from_pass`)
     from a plain (no ReLU rule) pass that recorded ``layer``; ``model`` is needed for ``"cam"`` (classifier weights)."""
     v = cam_variant(method)
@@ -445,8 +514,15 @@ def cam_from_pass(result: PassResult, layer: str, method: str = "gradcam", size:
     return variant_from_pass(result, layer, v.name, size, model)
 
 
-def scorecam_from_pass(result: PassResult, model: nn.Module, x: Tensor, layer: str, target: TargetSpec = "label",
-                       labels: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> Tensor:
+def scorecam_from_pass(
+    result: PassResult,
+    model: nn.Module,
+    x: Tensor,
+    layer: str,
+    target: TargetSpec = "label",
+    labels: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
     """Score-CAM ``[B, H, W]`` of ``layer`` from a pass's activations (and target classes) plus ``K``
     masked forwards per image."""
     return variant_from_pass(result, layer, "scorecam", tuple(x.shape[-2:]), model, x, target, labels, chunk_size)
@@ -464,17 +540,30 @@ def guided_cam_from_passes(plain: PassResult, guided: PassResult, layer: str, me
     return guided.input_grad * cam[:, None]
 
 
-def class_activation_map(model: nn.Module, x: Tensor, layer: str, method: str = "gradcam", target: TargetSpec = "label",
-                         labels: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> Tensor:
+def class_activation_map(
+    model: nn.Module,
+    x: Tensor,
+    layer: str,
+    method: str = "gradcam",
+    target: TargetSpec = "label",
+    labels: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
     """``[B, H, W]`` CAM of ``layer`` (one forward + one backward per chunk, plus the variant's extra forwards;
     the backward stops at ``layer``: no input gradient is taken)."""
     result = gradient_pass(model, x, target, labels, [layer], None, chunk_size, input_grad=False)
     return variant_from_pass(result, layer, method, tuple(x.shape[-2:]), model, x, target, labels, chunk_size)
 
 
-def guided_class_activation_map(model: nn.Module, x: Tensor, layer: str, method: str = "guided_gradcam",
-                                target: TargetSpec = "label", labels: Optional[Tensor] = None,
-                                chunk_size: Optional[int] = None) -> Tensor:
+def guided_class_activation_map(
+    model: nn.Module,
+    x: Tensor,
+    layer: str,
+    method: str = "guided_gradcam",
+    target: TargetSpec = "label",
+    labels: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
     """``[B, C, H, W]`` Guided Grad-CAM(++) of ``layer`` (a plain and a guided pass per chunk)."""
     plain = gradient_pass(model, x, target, labels, [layer], None, chunk_size, input_grad=False)
     guided = gradient_pass(model, x, target, labels, (), "guided", chunk_size)

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,9 @@ def penultimate_layer(model: nn.Module) -> str:
     return linears[-1]
 
 
-def extract_features(model: nn.Module, x: Tensor, layer: str | None = None, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+def extract_features(
+    model: nn.Module, x: Tensor, layer: str | None = None, batch_size: int = 256
+) -> tuple[Tensor, Tensor]:
     """``(features[B, D], logits[B, K])`` of ``x``; no autograd.
 
     ``layer=None``: the input of the last linear layer (penultimate features). Otherwise the output of
@@ -44,12 +46,13 @@ def extract_features(model: nn.Module, x: Tensor, layer: str | None = None, batc
     feats, logits = [], []
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
-            xb = x[s:s + batch_size]
+            xb = x[s : s + batch_size]
             if layer is None:
                 seen: list[Tensor] = []
                 head = penultimate_layer(model)
                 handle = get_layer(model, head).register_forward_pre_hook(
-                    lambda _m, inputs: seen.append(inputs[0].detach().clone()))
+                    lambda _m, inputs: seen.append(inputs[0].detach().clone())
+                )
                 try:
                     out = model(xb)
                 finally:
@@ -145,8 +148,9 @@ def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
     return float((pred == labels).double().mean())
 
 
-def scatter_image(points: Tensor, labels: Tensor | None, title: str = "", class_names: Sequence[str] | None = None,
-                  size_px: int = 384) -> Tensor:
+def scatter_image(
+    points: Tensor, labels: Tensor | None, title: str = "", class_names: Sequence[str] | None = None, size_px: int = 384
+) -> Tensor:
     """A 2-D scatter colored by class, rendered with matplotlib's Agg canvas -> ``[3, H, W]`` in ``[0, 1]``."""
     import matplotlib
     import numpy as np

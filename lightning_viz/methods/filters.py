@@ -12,7 +12,7 @@ Both read weights only (no forward pass) and return detached copies.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 

@@ -21,7 +21,8 @@ a class index, or a callable ``logits -> score[B]`` (see :mod:`lightning_viz.tar
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -45,38 +46,71 @@ __all__ = [
 ]
 
 
-def gradient(model: nn.Module, x: Tensor, target: TargetSpec = "label", labels: Optional[Tensor] = None,
-             chunk_size: Optional[int] = None, rule: Optional[str] = None) -> Tensor:
+def gradient(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetSpec = "label",
+    labels: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    rule: Optional[str] = None,
+) -> Tensor:
     """``dS/dx`` ``[B, C, H, W]`` (with ReLU backward ``rule``: ``None``, ``"guided"``, ``"deconv"``)."""
     return gradient_pass(model, x, target, labels, (), rule, chunk_size).input_grad
 
 
-def saliency(model: nn.Module, x: Tensor, target: TargetSpec = "label", labels: Optional[Tensor] = None,
-             chunk_size: Optional[int] = None) -> Tensor:
+def saliency(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetSpec = "label",
+    labels: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
     """Simonyan saliency ``max_c |dS/dx|`` -> ``[B, H, W]``."""
     return gradient(model, x, target, labels, chunk_size).abs().amax(dim=1)
 
 
-def guided_backprop(model: nn.Module, x: Tensor, target: TargetSpec = "label", labels: Optional[Tensor] = None,
-                    chunk_size: Optional[int] = None) -> Tensor:
+def guided_backprop(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetSpec = "label",
+    labels: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
     """Guided backpropagation ``[B, C, H, W]`` (Springenberg et al. 2015)."""
     return gradient(model, x, target, labels, chunk_size, rule="guided")
 
 
-def deconvnet(model: nn.Module, x: Tensor, target: TargetSpec = "label", labels: Optional[Tensor] = None,
-              chunk_size: Optional[int] = None) -> Tensor:
+def deconvnet(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetSpec = "label",
+    labels: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
     """Deconvnet ``[B, C, H, W]`` (Zeiler & Fergus 2014)."""
     return gradient(model, x, target, labels, chunk_size, rule="deconv")
 
 
-def input_x_gradient(model: nn.Module, x: Tensor, target: TargetSpec = "label", labels: Optional[Tensor] = None,
-                     chunk_size: Optional[int] = None) -> Tensor:
+def input_x_gradient(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetSpec = "label",
+    labels: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
     """``x * dS/dx`` ``[B, C, H, W]``."""
     return x.detach() * gradient(model, x, target, labels, chunk_size)
 
 
-def integrated_gradients(model: nn.Module, x: Tensor, target: TargetSpec = "label", labels: Optional[Tensor] = None,
-                         chunk_size: Optional[int] = None, baseline: Union[float, Tensor] = 0.0, steps: int = 32) -> Tensor:
+def integrated_gradients(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetSpec = "label",
+    labels: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    baseline: Union[float, Tensor] = 0.0,
+    steps: int = 32,
+) -> Tensor:
     """Integrated gradients ``[B, C, H, W]`` along the straight path from ``baseline`` (a value or a
     tensor broadcastable to ``x``) with ``steps`` midpoint samples; ``chunk_size`` bounds the number of
     path points (images) per forward + backward (``None``: as many as the default memory budget holds,
@@ -108,9 +142,19 @@ def _path_average(model, x, base, alphas, target, labels, chunk_size) -> Tensor:
     return total / steps
 
 
-def smoothgrad(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: TargetSpec = "label",
-               labels: Optional[Tensor] = None, chunk_size: Optional[int] = None, n_samples: int = 16,
-               sigma: float = 0.15, seed: int = 0, ids: Optional[Sequence[int]] = None, **kwargs) -> Tensor:
+def smoothgrad(
+    method: Callable[..., Tensor],
+    model: nn.Module,
+    x: Tensor,
+    target: TargetSpec = "label",
+    labels: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    n_samples: int = 16,
+    sigma: float = 0.15,
+    seed: int = 0,
+    ids: Optional[Sequence[int]] = None,
+    **kwargs,
+) -> Tensor:
     """SmoothGrad around ``method`` (any function above): the mean of ``method`` over ``n_samples``
     noisy copies ``x + N(0, (sigma * (max(x_i) - min(x_i)))^2)``. The noise of image ``i`` comes from its
     own ``torch.Generator`` seeded by ``(seed, ids[i])`` (``ids`` default ``0..B-1``; pass global probe
@@ -130,10 +174,19 @@ def smoothgrad(method: Callable[..., Tensor], model: nn.Module, x: Tensor, targe
     if len(ids) != b:
         raise ValueError(f"smoothgrad got {len(ids)} ids for {b} images")
     span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(-1, *([1] * (x.ndim - 1)))
-    noise = torch.stack([
-        torch.randn((n_samples,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(_noise_seed(seed, i)))
-        for i in ids
-    ], dim=1).to(device=x.device, dtype=x.dtype) if ids else x.new_zeros((n_samples,) + tuple(x.shape))  # [n, B, ...]
+    noise = (
+        torch.stack(
+            [
+                torch.randn(
+                    (n_samples,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(_noise_seed(seed, i))
+                )
+                for i in ids
+            ],
+            dim=1,
+        ).to(device=x.device, dtype=x.dtype)
+        if ids
+        else x.new_zeros((n_samples,) + tuple(x.shape))
+    )  # [n, B, ...]
     noisy = (x.unsqueeze(0) + sigma * span.unsqueeze(0) * noise).flatten(0, 1)  # [n*B, ...], sample-major
     lab = None if labels is None else labels.to(x.device).repeat(n_samples)
     total = None

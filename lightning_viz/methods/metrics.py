@@ -65,8 +65,10 @@ def _target_classes(model: nn.Module, x: Tensor, target: Tensor | TargetSpec, la
         logits = model(x)
     classes = resolve_target(target).classes(logits, labels)
     if classes is None:
-        raise ValueError("deletion/insertion need a class to take the probability of; use target='label', "
-                         "'predicted' or a class index (a custom score callable has no class).")
+        raise ValueError(
+            "deletion/insertion need a class to take the probability of; use target='label', "
+            "'predicted' or a class index (a custom score callable has no class)."
+        )
     return classes.long()
 
 
@@ -119,7 +121,9 @@ def perturbation_curve(
             xp = torch.where(changed, end[p], start[p])
             out = model(xp)
             if not isinstance(out, Tensor) or out.ndim != 2:
-                raise ValueError(f"deletion/insertion need a model returning logits [B, K]; got {getattr(out, 'shape', type(out))}")
+                raise ValueError(
+                    f"deletion/insertion need a model returning logits [B, K]; got {getattr(out, 'shape', type(out))}"
+                )
             probs.append(out.float().softmax(dim=1).gather(1, classes[p].view(-1, 1)).squeeze(1))
         return torch.cat(probs).view(steps + 1, b).t().contiguous()
 
@@ -130,18 +134,38 @@ def curve_auc(curve: Tensor) -> Tensor:
     return (curve[:, :-1] + curve[:, 1:]).sum(dim=1) / (2 * s)
 
 
-def deletion_auc(model: nn.Module, x: Tensor, maps: Tensor, target: Tensor | TargetSpec = "predicted",
-                 labels: Tensor | None = None, steps: int = 16, baseline: str = "zero",
-                 blur_sigma: float | None = None, chunk_size: int | None = None) -> Tensor:
+def deletion_auc(
+    model: nn.Module,
+    x: Tensor,
+    maps: Tensor,
+    target: Tensor | TargetSpec = "predicted",
+    labels: Tensor | None = None,
+    steps: int = 16,
+    baseline: str = "zero",
+    blur_sigma: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
     """Deletion AUC (Petsiuk et al. 2018, Sec. 4.1), ``[B]``: lower = the map found what the model uses."""
-    return curve_auc(perturbation_curve(model, x, maps, target, labels, "deletion", steps, baseline, blur_sigma, chunk_size))
+    return curve_auc(
+        perturbation_curve(model, x, maps, target, labels, "deletion", steps, baseline, blur_sigma, chunk_size)
+    )
 
 
-def insertion_auc(model: nn.Module, x: Tensor, maps: Tensor, target: Tensor | TargetSpec = "predicted",
-                  labels: Tensor | None = None, steps: int = 16, baseline: str = "blur",
-                  blur_sigma: float | None = None, chunk_size: int | None = None) -> Tensor:
+def insertion_auc(
+    model: nn.Module,
+    x: Tensor,
+    maps: Tensor,
+    target: Tensor | TargetSpec = "predicted",
+    labels: Tensor | None = None,
+    steps: int = 16,
+    baseline: str = "blur",
+    blur_sigma: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
     """Insertion AUC (Petsiuk et al. 2018, Sec. 4.1), ``[B]``: higher = the map found what the model uses."""
-    return curve_auc(perturbation_curve(model, x, maps, target, labels, "insertion", steps, baseline, blur_sigma, chunk_size))
+    return curve_auc(
+        perturbation_curve(model, x, maps, target, labels, "insertion", steps, baseline, blur_sigma, chunk_size)
+    )
 
 
 def _check_masks(maps: Tensor, masks: Tensor) -> Tensor:
@@ -206,7 +230,11 @@ def topk_iou(a: Tensor, b: Tensor, fraction: float = 0.1) -> Tensor:
     b = _resize(b, tuple(a.shape[-2:])).flatten(1)
     a = a.detach().float().flatten(1)
     k = max(1, math.ceil(fraction * a.shape[1]))
-    sel_a = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a.argsort(dim=1, descending=True, stable=True)[:, :k], True)
-    sel_b = torch.zeros_like(b, dtype=torch.bool).scatter_(1, b.argsort(dim=1, descending=True, stable=True)[:, :k], True)
+    sel_a = torch.zeros_like(a, dtype=torch.bool).scatter_(
+        1, a.argsort(dim=1, descending=True, stable=True)[:, :k], True
+    )
+    sel_b = torch.zeros_like(b, dtype=torch.bool).scatter_(
+        1, b.argsort(dim=1, descending=True, stable=True)[:, :k], True
+    )
     inter = (sel_a & sel_b).sum(dim=1).float()
     return inter / (2 * k - inter)

@@ -10,7 +10,7 @@ class-model or unit images is optimized in one batched run. Objectives compose l
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -31,7 +31,9 @@ def per_image(values: Tensor, rows: Tensor, batch: int) -> Tensor:
     if values.shape[0] == 1:
         return values.expand(batch, *values.shape[1:])
     if int(rows.max()) >= values.shape[0]:
-        raise ValueError(f"the objective has {values.shape[0]} per-image targets but is used on image {int(rows.max())}")
+        raise ValueError(
+            f"the objective has {values.shape[0]} per-image targets but is used on image {int(rows.max())}"
+        )
     return values[rows.to(values.device)]
 
 
@@ -49,24 +51,32 @@ class Objective:
         self.layers = tuple(dict.fromkeys(layers))
         self.name = name
 
-    def __call__(self, logits: Tensor, activations: Mapping[str, Tensor] | None = None, rows: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, logits: Tensor, activations: Mapping[str, Tensor] | None = None, rows: Tensor | None = None
+    ) -> Tensor:
         if rows is None:
             rows = torch.arange(logits.shape[0])
         out = self.fn(logits, activations or {}, rows)
         if out.ndim != 1 or out.shape[0] != logits.shape[0]:
-            raise ValueError(f"objective {self.name!r} must return one score per image, shape ({logits.shape[0]},); got {tuple(out.shape)}")
+            raise ValueError(
+                f"objective {self.name!r} must return one score per image, shape ({logits.shape[0]},); got {tuple(out.shape)}"
+            )
         return out
 
-    def __add__(self, other: "Objective | float") -> "Objective":
+    def __add__(self, other: Objective | float) -> Objective:
         if isinstance(other, (int, float)):
             if other == 0:  # sum([...]) starts from 0
                 return self
             return NotImplemented
-        return Objective(lambda lg, acts, rows: self(lg, acts, rows) + other(lg, acts, rows), self.layers + other.layers, f"{self.name} + {other.name}")
+        return Objective(
+            lambda lg, acts, rows: self(lg, acts, rows) + other(lg, acts, rows),
+            self.layers + other.layers,
+            f"{self.name} + {other.name}",
+        )
 
     __radd__ = __add__
 
-    def __mul__(self, weight: float) -> "Objective":
+    def __mul__(self, weight: float) -> Objective:
         if not isinstance(weight, (int, float)):
             return NotImplemented
         w = float(weight)
@@ -74,10 +84,10 @@ class Objective:
 
     __rmul__ = __mul__
 
-    def __neg__(self) -> "Objective":
+    def __neg__(self) -> Objective:
         return -1.0 * self
 
-    def __sub__(self, other: "Objective") -> "Objective":
+    def __sub__(self, other: Objective) -> Objective:
         return self + (-other)
 
     def __repr__(self) -> str:
@@ -92,7 +102,9 @@ def class_logit(classes: int | Sequence[int] | Tensor) -> Objective:
     def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
         cls = per_image(idx, rows, logits.shape[0]).to(logits.device)
         if int(cls.max()) >= logits.shape[1] or int(cls.min()) < 0:
-            raise ValueError(f"class index out of range: the model has {logits.shape[1]} classes (0..{logits.shape[1] - 1}); got {cls.tolist()}")
+            raise ValueError(
+                f"class index out of range: the model has {logits.shape[1]} classes (0..{logits.shape[1] - 1}); got {cls.tolist()}"
+            )
         return logits.gather(1, cls.view(-1, 1)).squeeze(1)
 
     return Objective(fn, (), f"class_logit{idx.tolist()}")
@@ -110,7 +122,9 @@ def _selected_channels(acts: Mapping[str, Tensor], layer: str, idx: Tensor, rows
     a = _layer_output(acts, layer)
     ch = per_image(idx, rows, a.shape[0]).to(a.device)
     if int(ch.max()) >= a.shape[1] or int(ch.min()) < 0:
-        raise ValueError(f"channel out of range for layer {layer!r}: it has {a.shape[1]} channels (0..{a.shape[1] - 1}); got {ch.tolist()}")
+        raise ValueError(
+            f"channel out of range for layer {layer!r}: it has {a.shape[1]} channels (0..{a.shape[1] - 1}); got {ch.tolist()}"
+        )
     return a[torch.arange(a.shape[0], device=a.device), ch]
 
 
@@ -150,7 +164,9 @@ def feature_match(layer: str, target: Tensor) -> Objective:
         a = _layer_output(acts, layer)
         t = per_image(phi0, rows, a.shape[0]).to(a.device, a.dtype)
         if t.shape != a.shape:
-            raise ValueError(f"feature_match target has shape {tuple(t.shape)} but layer {layer!r} gives {tuple(a.shape)}")
+            raise ValueError(
+                f"feature_match target has shape {tuple(t.shape)} but layer {layer!r} gives {tuple(a.shape)}"
+            )
         err = (a - t).flatten(1).pow(2).sum(1)
         return -err / t.flatten(1).pow(2).sum(1).clamp_min(1e-12)
 

@@ -14,7 +14,8 @@ every window covering it (as Captum does).
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -65,8 +66,13 @@ def window_positions(size: Sequence[int], window: IntPair, stride: IntPair) -> t
     return _axis_starts(h, wh, sh), _axis_starts(w, ww, sw)
 
 
-def fill_values(x: Tensor, fill: Fill | float, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                window: IntPair = 8) -> Tensor:
+def fill_values(
+    x: Tensor,
+    fill: Fill | float,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    window: IntPair = 8,
+) -> Tensor:
     """What the occluded pixels are set to, broadcastable to ``x[B, C, H, W]`` (inputs are normalized).
 
     * ``"gray"``: mid-gray 0.5 in pixel space, i.e. ``(0.5 - mean) / std`` per channel when the
@@ -164,7 +170,7 @@ def occlusion(
         scores, probs = [], []
         for s in range(0, total, chunk):
             progress(s, total, "occluded images")  # a line every few seconds inside a callback run (rank 0)
-            bi, pi = pairs_img[s:s + chunk], pairs_pos[s:s + chunk]
+            bi, pi = pairs_img[s : s + chunk], pairs_pos[s : s + chunk]
             y0, x0 = pos_y[pi], pos_x[pi]
             mask = (rows >= y0) & (rows < y0 + wh) & (cols >= x0) & (cols < x0 + ww)  # [n, 1, H, W]
             xo = torch.where(mask, fillv[bi], x[bi])
@@ -194,8 +200,9 @@ def _window_stride(size: Sequence[int], window: Optional[IntPair], stride: Optio
     return window, stride
 
 
-def spread_to_pixels(drops: Tensor, size: Sequence[int], window: Optional[IntPair] = None,
-                     stride: Optional[IntPair] = None) -> Tensor:
+def spread_to_pixels(
+    drops: Tensor, size: Sequence[int], window: Optional[IntPair] = None, stride: Optional[IntPair] = None
+) -> Tensor:
     """``[B, nY, nX]`` drops per window -> ``[B, H, W]``: each pixel averages the windows that cover it
     (``window`` / ``stride`` as given to :func:`occlusion`, ``None`` meaning the same defaults)."""
     window, stride = _window_stride(size, window, stride)
@@ -208,9 +215,9 @@ def spread_to_pixels(drops: Tensor, size: Sequence[int], window: Optional[IntPai
     ry = torch.zeros(len(ys), h, dtype=drops.dtype, device=drops.device)
     rx = torch.zeros(len(xs), w, dtype=drops.dtype, device=drops.device)
     for i, y0 in enumerate(ys):
-        ry[i, y0:y0 + wh] = 1
+        ry[i, y0 : y0 + wh] = 1
     for j, x0 in enumerate(xs):
-        rx[j, x0:x0 + ww] = 1
+        rx[j, x0 : x0 + ww] = 1
     total = torch.einsum("bij,ih,jw->bhw", drops, ry, rx)
     count = torch.einsum("ih,jw->hw", ry, rx)
     return total / count.clamp_min(1)

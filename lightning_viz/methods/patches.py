@@ -9,8 +9,8 @@ merge of shards equals the top-``k`` of the whole set, ties included.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,10 +36,12 @@ class TopK:
 
     def to_rows(self) -> Tensor:
         """``[k, U, 4]`` float rows ``(value, image, y, x)`` with the candidate first (what a rank sends)."""
-        return torch.stack([self.values.double(), self.image.double(), self.y.double(), self.x.double()], -1).transpose(0, 1)
+        return torch.stack([self.values.double(), self.image.double(), self.y.double(), self.x.double()], -1).transpose(
+            0, 1
+        )
 
     @classmethod
-    def from_rows(cls, rows: Tensor) -> "TopK":
+    def from_rows(cls, rows: Tensor) -> TopK:
         """Inverse of :meth:`to_rows` (rows of several ranks concatenated on dim 0 are fine)."""
         r = rows.transpose(0, 1)
         return cls(values=r[..., 0].float(), image=r[..., 1].long(), y=r[..., 2].long(), x=r[..., 3].long())
@@ -51,12 +53,16 @@ def unit_activations(model: nn.Module, x: Tensor, layer: str, units: Sequence[in
         model(x)
         act = cap[layer]
     if act.ndim != 4:
-        raise ValueError(f"top patches need a conv feature map [B, C, h, w] from layer {layer!r}; it outputs shape {tuple(act.shape)}")
+        raise ValueError(
+            f"top patches need a conv feature map [B, C, h, w] from layer {layer!r}; it outputs shape {tuple(act.shape)}"
+        )
     if units is not None:
         units = list(units)
         bad = [u for u in units if not 0 <= u < act.shape[1]]
         if bad:
-            raise ValueError(f"units {bad} out of range for layer {layer!r} with {act.shape[1]} channels (0..{act.shape[1] - 1})")
+            raise ValueError(
+                f"units {bad} out of range for layer {layer!r} with {act.shape[1]} channels (0..{act.shape[1] - 1})"
+            )
         act = act[:, units]
     return act
 
@@ -99,13 +105,20 @@ def merge_topk(parts: Sequence[TopK], k: int) -> TopK:
     return _select(*cat, k=k)
 
 
-def scan_topk(model: nn.Module, images: Tensor, layer: str, units: Sequence[int] | None, k: int,
-              batch_size: int = 64, offset: int = 0) -> TopK:
+def scan_topk(
+    model: nn.Module,
+    images: Tensor,
+    layer: str,
+    units: Sequence[int] | None,
+    k: int,
+    batch_size: int = 64,
+    offset: int = 0,
+) -> TopK:
     """Scan ``images[N, C, H, W]`` (on the model's device) in batches; global image index = ``offset + n``."""
     best: TopK | None = None
     for s in range(0, images.shape[0], batch_size):
         progress(s, images.shape[0], "images scanned")  # a line every few seconds inside a callback run (rank 0)
-        act = unit_activations(model, images[s:s + batch_size], layer, units)
+        act = unit_activations(model, images[s : s + batch_size], layer, units)
         cand = topk_per_unit(act, k, torch.arange(offset + s, offset + s + act.shape[0]))
         best = cand if best is None else merge_topk([best, cand], k)
     if best is None:

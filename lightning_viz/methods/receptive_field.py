@@ -19,8 +19,8 @@ crop pads there, see :func:`crop_boxes`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +43,26 @@ __all__ = [
 _GEOMETRIC = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 # Modules that do not move pixels (elementwise or per-channel); anything else in the path is refused.
 _NEUTRAL = (
-    nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d, nn.Identity, nn.Dropout, nn.Dropout2d,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
-    nn.Hardsigmoid, nn.PReLU, nn.Softplus, nn.Mish,
+    nn.BatchNorm2d,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.InstanceNorm2d,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.PReLU,
+    nn.Softplus,
+    nn.Mish,
 )
 
 
@@ -84,7 +101,9 @@ def _two(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def layer_geometry(module: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], bool]:
+def layer_geometry(
+    module: nn.Module,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], bool]:
     """``(kernel, stride, padding, dilation, ceil_mode)`` of a Conv2d / MaxPool2d / AvgPool2d, per axis."""
     if isinstance(module, nn.Conv2d):
         if isinstance(module.padding, str):
@@ -96,11 +115,21 @@ def layer_geometry(module: nn.Module) -> tuple[tuple[int, int], tuple[int, int],
             pad = _two(module.padding)
         return _two(module.kernel_size), _two(module.stride), pad, _two(module.dilation), False
     if isinstance(module, nn.MaxPool2d):
-        return (_two(module.kernel_size), _two(module.stride or module.kernel_size), _two(module.padding),
-                _two(module.dilation), bool(module.ceil_mode))
+        return (
+            _two(module.kernel_size),
+            _two(module.stride or module.kernel_size),
+            _two(module.padding),
+            _two(module.dilation),
+            bool(module.ceil_mode),
+        )
     if isinstance(module, nn.AvgPool2d):
-        return (_two(module.kernel_size), _two(module.stride or module.kernel_size), _two(module.padding),
-                (1, 1), bool(module.ceil_mode))
+        return (
+            _two(module.kernel_size),
+            _two(module.stride or module.kernel_size),
+            _two(module.padding),
+            (1, 1),
+            bool(module.ceil_mode),
+        )
     raise TypeError(f"no receptive-field geometry for {type(module).__name__}; supported: Conv2d, MaxPool2d, AvgPool2d")
 
 
@@ -158,12 +187,16 @@ def stack_receptive_field(model: nn.Module, layer: str, input_shape: Sequence[in
     handles.append(target.register_forward_hook(post_target))
     try:
         p = next(model.parameters(), None)
-        x = torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu",
-                        dtype=p.dtype if p is not None else torch.float32)
+        x = torch.zeros(
+            1,
+            *input_shape,
+            device=p.device if p is not None else "cpu",
+            dtype=p.dtype if p is not None else torch.float32,
+        )
         with torch.no_grad():
             try:
                 model(x)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise NotAConvStackError(f"forward of a {tuple(input_shape)} input failed: {exc}") from exc
     finally:
         for h in handles:
@@ -177,7 +210,8 @@ def stack_receptive_field(model: nn.Module, layer: str, input_shape: Sequence[in
         if list(in_size) != size:
             raise NotAConvStackError(
                 f"{name!r} sees a {in_size[0]}x{in_size[1]} input where the chain of conv/pool layers before it "
-                f"predicts {size[0]}x{size[1]}: the model branches (e.g. a residual shortcut); use the gradient method")
+                f"predicts {size[0]}x{size[1]}: the model branches (e.g. a residual shortcut); use the gradient method"
+            )
         if isinstance(m, _GEOMETRIC):
             geoms.append(layer_geometry(m))
             if not _same_padding(m):  # 'same' keeps the size (an even kernel pads one more on the right)
@@ -185,14 +219,16 @@ def stack_receptive_field(model: nn.Module, layer: str, input_shape: Sequence[in
         elif not isinstance(m, _NEUTRAL):
             raise NotAConvStackError(
                 f"{name!r} ({type(m).__name__}) is not a conv/pool/elementwise layer, so layer arithmetic does not apply; "
-                "use the gradient method")
+                "use the gradient method"
+            )
     rf = compose(geoms, input_shape[-2:])
     if any(_same_padding(m) for m, _ in calls):
         rf = ReceptiveField(size=rf.size, jump=rf.jump, offset=rf.offset, grid=(size[0], size[1]))
     if list(rf.grid) != list(out_size[0]):
         raise NotAConvStackError(
             f"layer {layer!r} outputs {tuple(out_size[0])} positions where its conv/pool chain predicts {rf.grid} "
-            "(functional pooling or a branch); use the gradient method")
+            "(functional pooling or a branch); use the gradient method"
+        )
     return rf
 
 
@@ -208,8 +244,9 @@ def _support_boxes(support: Tensor) -> Tensor:
     return torch.stack([y0.clamp(max=y1), x0.clamp(max=x1), y1, x1], 1)
 
 
-def gradient_receptive_field(model: nn.Module, layer: str, input_shape: Sequence[int], trials: int = 2,
-                             seed: int = 0, chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+def gradient_receptive_field(
+    model: nn.Module, layer: str, input_shape: Sequence[int], trials: int = 2, seed: int = 0, chunk_size: int = 64
+) -> tuple[Tensor, Tensor]:
     """Receptive field of every output position of ``layer`` as the support of ``d unit / d input``.
 
     For position ``(i, j)`` the unit is the sum over channels of the layer output at ``(i, j)``; the
@@ -300,6 +337,8 @@ def crop_boxes(images: Tensor, boxes: Tensor, pad_value: float = 0.5, max_size: 
     pad_b = max(0, int((y0 + bh).max()) - H)
     pad_r = max(0, int((x0 + bw).max()) - W)
     padded = F.pad(images, (pad_l, pad_r, pad_t, pad_b), value=pad_value)
-    out = [padded[m, :, y + pad_t:y + pad_t + bh, x + pad_l:x + pad_l + bw]
-           for m, (y, x) in enumerate(zip(y0.tolist(), x0.tolist()))]
+    out = [
+        padded[m, :, y + pad_t : y + pad_t + bh, x + pad_l : x + pad_l + bw]
+        for m, (y, x) in enumerate(zip(y0.tolist(), x0.tolist()))
+    ]
     return torch.stack(out)

@@ -13,7 +13,7 @@ run, so the same seed gives the same images and a chunked run equals an unchunke
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -24,7 +24,8 @@ Other activations (``hardswish``, ``relu6``, ``gelu``) keep their ordinary gradi
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal, Optional
+from collections.abc import Iterator
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,9 @@ class _ReLURuleMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _OUT_OF_PLACE or func in _IN_PLACE:
             x = args[0]
-            inplace = func in _IN_PLACE or (func is F.relu and bool(kwargs.get("inplace", args[1] if len(args) > 1 else False)))
+            inplace = func in _IN_PLACE or (
+                func is F.relu and bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+            )
             if isinstance(x, Tensor) and torch.is_grad_enabled() and x.requires_grad:
                 self.calls += 1
                 if self.rule == "guided":  # relu's own backward applies 1[x > 0] after the hook's relu(grad)

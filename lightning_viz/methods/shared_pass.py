@@ -27,8 +27,9 @@ No parameter ``.grad`` is written (``autograd.grad`` w.r.t. inputs/activations o
 from __future__ import annotations
 
 import weakref
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -100,8 +101,9 @@ def gradient_pass(
     tgt = resolve_target(target)
     names = list(dict.fromkeys(layers))
     if not input_grad and not names:
-        raise ValueError("gradient_pass with input_grad=False needs at least one layer: "
-                         "there is nothing to differentiate")
+        raise ValueError(
+            "gradient_pass with input_grad=False needs at least one layer: there is nothing to differentiate"
+        )
     parts: dict[str, list] = {"logits": [], "scores": [], "classes": [], "input_grad": []}
     acts: dict[str, list] = {n: [] for n in names}
     grads: dict[str, list] = {n: [] for n in names}
@@ -213,8 +215,9 @@ class PassCache:
         tkey = target_key(target)
         key = (probe_key, tkey, rule, str(x.device), x.dtype)
         hit = self.entries.get(key)
-        if hit is not None and all((hit.input_grad is not None) if n == INPUT else n in hit.activations
-                                   for n in layers):
+        if hit is not None and all(
+            (hit.input_grad is not None) if n == INPUT else n in hit.activations for n in layers
+        ):
             return hit
         wanted = self.needs.get((tkey, rule), set()) | set(layers) | (set(hit.activations) if hit else set())
         input_grad = INPUT in wanted or rule is not None or (hit is not None and hit.input_grad is not None)
@@ -233,7 +236,7 @@ class PassCache:
         return {**self.__dict__, "entries": {}, "version": None}
 
 
-_CACHES: "weakref.WeakKeyDictionary[nn.Module, PassCache]" = weakref.WeakKeyDictionary()
+_CACHES: weakref.WeakKeyDictionary[nn.Module, PassCache] = weakref.WeakKeyDictionary()
 
 
 def pass_cache(model: nn.Module) -> PassCache:

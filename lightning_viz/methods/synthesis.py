@@ -18,8 +18,9 @@ comes from the ``generator`` argument.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -101,7 +102,9 @@ def per_image_noise(
     out = []
     for i in range(first_index, first_index + int(shape[0])):
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + i)
-        out.append(torch.rand(tuple(shape[1:]), generator=g) * 2 - 1 if uniform else torch.randn(tuple(shape[1:]), generator=g))
+        out.append(
+            torch.rand(tuple(shape[1:]), generator=g) * 2 - 1 if uniform else torch.randn(tuple(shape[1:]), generator=g)
+        )
     return torch.stack(out).to(device) if out else torch.zeros(tuple(shape), device=device)
 
 
