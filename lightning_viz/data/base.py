@@ -34,9 +34,11 @@ class SplitDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
+        assert self.train_set is not None, f"{type(self).__name__}.setup('fit') must build train_set"
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             self.setup("validate")
+        assert self.val_set is not None, f"{type(self).__name__}.setup('validate') must build val_set"
         return self._loader(self.val_set, shuffle=False)

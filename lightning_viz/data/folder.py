@@ -9,12 +9,15 @@ Layouts::
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 
 from .base import SplitDataModule
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
 
 __all__ = ["ImageFolderDataModule", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -27,11 +30,11 @@ class _LabeledSubset(Subset):
 
     @property
     def targets(self) -> list[int]:
-        base = self.dataset.targets
+        base = cast("ImageFolder", self.dataset).targets  # built over an ImageFolder by _build
         return [base[i] for i in self.indices]
 
 
-def _image_folder(path: str, transform) -> Dataset:
+def _image_folder(path: str, transform) -> ImageFolder:
     """``ImageFolder(path)`` with errors that name the path and say what layout is expected."""
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -52,7 +55,8 @@ def _image_folder(path: str, transform) -> Dataset:
         return ImageFolder(path, transform=transform)
     except FileNotFoundError as exc:
         raise FileNotFoundError(
-            f"ImageFolderDataModule: no images in the class folders of {path!r} (classes: {', '.join(classes)}). "
+            f"ImageFolderDataModule: no images in the class folders of {path!r} "
+            f"(classes: {', '.join(classes)}). "
             f"Allowed extensions: {', '.join(IMG_EXTENSIONS)}. ({exc})"
         ) from exc
 

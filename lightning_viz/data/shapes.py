@@ -30,7 +30,8 @@ _SEED_STRIDE = 1_000_003  # a prime larger than any dataset size we use: (seed, 
 
 
 def draw_shape(kind: int, size: int, cx: float, cy: float, r: float) -> Tensor:
-    """Binary mask ``[size, size]`` (float, 0/1) of shape ``kind`` centred at ``(cx, cy)`` with radius ``r`` (pixels)."""
+    """Binary mask ``[size, size]`` (float, 0/1) of shape ``kind`` centred at ``(cx, cy)``
+    with radius ``r`` (pixels)."""
     coords = torch.arange(size, dtype=torch.float32) + 0.5
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     dx, dy = (xx - cx).abs(), yy - cy
@@ -165,10 +166,10 @@ class ShapesDataModule(SplitDataModule):
         self.classes = list(SHAPE_NAMES[:num_classes])
 
     def setup(self, stage: Optional[str] = None) -> None:
-        kw = dict(image_size=self.image_size, num_classes=self.num_classes, noise=self.noise)
+        size, k, noise = self.image_size, self.num_classes, self.noise
         # Seeds 2*seed and 2*seed+1: the two splits never share an item.
-        self.train_set = ShapesDataset(self.num_train, seed=2 * self.seed, **kw)
-        self.val_set = ShapesDataset(self.num_val, seed=2 * self.seed + 1, **kw)
+        self.train_set = ShapesDataset(self.num_train, image_size=size, num_classes=k, seed=2 * self.seed, noise=noise)
+        self.val_set = ShapesDataset(self.num_val, image_size=size, num_classes=k, seed=2 * self.seed + 1, noise=noise)
 
 
 def _measure_stats(num: int = 4096, image_size: int = 32) -> tuple[list[float], list[float]]:

@@ -29,7 +29,8 @@ __all__ = [
     "images_per_forward",
 ]
 
-#: default activation budget of one forward on the CPU, MiB (resnet18 at 64 px: ~215 images per forward, ~107 with a backward)
+#: default activation budget of one forward on the CPU, MiB
+#: (resnet18 at 64 px: ~215 images per forward, ~107 with a backward)
 CPU_MEMORY_MB = 512.0
 #: cap of the default budget on a GPU, MiB (the default is a quarter of the free memory, at most this)
 GPU_MEMORY_MB = 4096.0

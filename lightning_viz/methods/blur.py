@@ -20,7 +20,7 @@ def gaussian_blur(x: Tensor, sigma: float, truncate: float = 3.0) -> Tensor:
     """
     if sigma <= 0:
         return x
-    radius = max(1, int(math.ceil(truncate * sigma)))
+    radius = max(1, math.ceil(truncate * sigma))
     c = x.shape[1]
     out = x
     for axis, size in ((-1, x.shape[-1]), (-2, x.shape[-2])):

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -128,11 +128,11 @@ def cam_head(model: nn.Module, channels: int, layer: str = "?") -> nn.Linear:
     linears = linear_layer_names(model)
     if not linears:
         raise LayerNotFoundError(
-            f"CAM needs a global-average-pooling + nn.Linear classifier head, but {type(model).__name__} has no nn.Linear; "
-            "use 'gradcam' (same idea, no head needed)."
+            "CAM needs a global-average-pooling + nn.Linear classifier head, "
+            f"but {type(model).__name__} has no nn.Linear; use 'gradcam' (same idea, no head needed)."
         )
     name = linears[-1]
-    head = named_layers(model)[name]
+    head = cast(nn.Linear, named_layers(model)[name])  # linear_layer_names lists nn.Linear layers only
     if head.in_features != channels:
         raise LayerNotFoundError(
             f"CAM needs the last linear layer to read the globally average-pooled channels of layer {layer!r} "
@@ -212,6 +212,7 @@ def scorecam_weights(
         if isinstance(tgt, CallableTarget):
             out[sl] = tgt.score(logits, None)
         else:
+            assert classes is not None  # given, or set above for every non-callable target
             out[sl] = logits.softmax(dim=1).gather(1, classes.to(x.device)[img[sl], None]).squeeze(1)
     return out.view(b, k)
 
@@ -225,7 +226,7 @@ def eigencam_map(a: Tensor) -> Tensor:
     """Eigen-CAM ``[B, h, w]`` (before the ReLU of the core): each position's activations ``[h*w, K]``,
     centred over positions, projected on their first right singular vector; the sign is chosen so the
     projection correlates positively with ``sum_k A_k`` (0 where the activations are constant)."""
-    b, k, h, w = a.shape
+    b, _k, h, w = a.shape
     m = a.detach().double().flatten(2).transpose(1, 2)  # [B, h*w, K]
     m = m - m.mean(dim=1, keepdim=True)
     _, _, vh = torch.linalg.svd(m, full_matrices=False)
@@ -274,6 +275,7 @@ def ablationcam_weights(
         if isinstance(tgt, CallableTarget):
             out[sl] = tgt.score(logits, None).double()
         else:
+            assert classes is not None  # checked above for every non-callable target
             out[sl] = logits.gather(1, classes.to(x.device)[img[sl], None]).squeeze(1).double()
     y = scores.detach().to(x.device, torch.float64)[:, None]
     drop = (y - out.view(b, k)) / torch.where(y != 0, y, torch.ones_like(y))
@@ -535,9 +537,12 @@ def guided_cam_from_passes(plain: PassResult, guided: PassResult, layer: str, me
         raise ValueError(f"{v.name!r} is not a guided CAM method; allowed: {', '.join(GUIDED_CAM_METHODS)}")
     if guided.rule != "guided":
         raise ValueError("guided CAM needs a pass with the 'guided' ReLU rule")
-    size = tuple(guided.input_grad.shape[-2:])
+    input_grad = guided.input_grad
+    if input_grad is None:
+        raise ValueError("guided CAM needs a guided pass taken with input_grad=True")
+    size = tuple(input_grad.shape[-2:])
     cam = variant_from_pass(plain, layer, v.guided_of, size)
-    return guided.input_grad * cam[:, None]
+    return input_grad * cam[:, None]
 
 
 def class_activation_map(

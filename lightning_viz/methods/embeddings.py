@@ -29,7 +29,8 @@ def penultimate_layer(model: nn.Module) -> str:
     linears = linear_layer_names(model)
     if not linears:
         raise LayerNotFoundError(
-            f"{type(unwrap_model(model)).__name__} has no nn.Linear layer, so the penultimate features cannot be found; "
+            f"{type(unwrap_model(model)).__name__} has no nn.Linear layer, "
+            "so the penultimate features cannot be found; "
             "pass layer=<name> (any layer from model.named_modules(), conv maps are averaged over space)."
         )
     return linears[-1]
@@ -51,7 +52,7 @@ def extract_features(
                 seen: list[Tensor] = []
                 head = penultimate_layer(model)
                 handle = get_layer(model, head).register_forward_pre_hook(
-                    lambda _m, inputs: seen.append(inputs[0].detach().clone())
+                    lambda _m, inputs, seen=seen: seen.append(inputs[0].detach().clone())
                 )
                 try:
                     out = model(xb)

@@ -13,6 +13,7 @@ Both read weights only (no forward pass) and return detached copies.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -29,12 +30,13 @@ def conv_filters(model: nn.Module, layer: str | None = None) -> Tensor:
     """
     name = layer if layer is not None else first_conv_name(model)
     conv = require_conv(model, name, "conv_filters")
-    if conv.weight.ndim != 4:
+    weight = cast(Tensor, conv.weight)  # require_conv returns a convolution, whose weight is a tensor
+    if weight.ndim != 4:
         raise LayerNotFoundError(
             f"conv_filters needs a 2-D convolution (nn.Conv2d), but {name!r} is a {type(conv).__name__} "
-            f"with weight shape {tuple(conv.weight.shape)}."
+            f"with weight shape {tuple(weight.shape)}."
         )
-    return conv.weight.detach().clone()
+    return weight.detach().clone()
 
 
 def first_linear_name(model: nn.Module) -> str:

@@ -55,7 +55,9 @@ def gradient(
     rule: Optional[str] = None,
 ) -> Tensor:
     """``dS/dx`` ``[B, C, H, W]`` (with ReLU backward ``rule``: ``None``, ``"guided"``, ``"deconv"``)."""
-    return gradient_pass(model, x, target, labels, (), rule, chunk_size).input_grad
+    grad = gradient_pass(model, x, target, labels, (), rule, chunk_size).input_grad
+    assert grad is not None  # input_grad=True (the default) always fills it
+    return grad
 
 
 def saliency(
@@ -201,6 +203,7 @@ def smoothgrad(
         if total is None:
             total = torch.zeros((b,) + tuple(out.shape[1:]), dtype=out.dtype, device=out.device)
         total.index_add_(0, img, out)
+    assert total is not None  # chunks() always yields at least one slice
     return total / n_samples
 
 

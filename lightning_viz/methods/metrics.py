@@ -90,8 +90,8 @@ def perturbation_curve(
     replaced by the ``baseline`` (deletion) or taken from the image into the baseline (insertion).
     The ``(steps + 1) * B`` perturbed images go through ``model`` in batches of at most ``chunk_size``
     images (``None``: as many as the default memory budget holds,
-    :func:`~lightning_viz.methods.batching.images_per_forward`); ties in the map are broken by pixel index, so the result does not
-    depend on chunking. ``target``: class indices ``[B]`` or a target spec resolved on ``x``.
+    :func:`~lightning_viz.methods.batching.images_per_forward`); ties in the map are broken by pixel index,
+    so the result does not depend on chunking. ``target``: class indices ``[B]`` or a target spec resolved on ``x``.
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion'; got {mode!r}")
@@ -99,7 +99,7 @@ def perturbation_curve(
         raise ValueError(f"steps must be >= 1; got {steps}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
-    b, c, h, w = x.shape
+    b, _c, h, w = x.shape
     x = x.detach()
     with torch.no_grad():
         classes = _target_classes(model, x, target, labels)
@@ -183,7 +183,7 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
     if tolerance < 0:
         raise ValueError(f"pointing game tolerance must be >= 0 pixels; got {tolerance}")
     m = _check_masks(maps, masks)
-    sal = _resize(maps, tuple(m.shape[-2:])).flatten(1)
+    sal = _resize(maps, (m.shape[-2], m.shape[-1])).flatten(1)
     h, w = m.shape[-2:]
     peak = sal.argmax(dim=1)
     yy = torch.arange(h, device=m.device).view(1, h, 1) - (peak // w).view(-1, 1, 1)
@@ -196,7 +196,7 @@ def energy_in_mask(maps: Tensor, masks: Tensor) -> Tensor:
     """Energy-based pointing game (Score-CAM, Wang et al. 2020, Eq. 11), ``[B]``:
     ``sum(relu(map) * mask) / sum(relu(map))`` at mask resolution; NaN where the map has no positive energy."""
     m = _check_masks(maps, masks).flatten(1).float()
-    sal = _resize(maps, tuple(masks.shape[-2:])).flatten(1).clamp_min(0)
+    sal = _resize(maps, (masks.shape[-2], masks.shape[-1])).flatten(1).clamp_min(0)
     total = sal.sum(dim=1)
     inside = (sal * m).sum(dim=1)
     return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.full_like(total, float("nan")))
@@ -214,7 +214,7 @@ def _average_ranks(v: Tensor) -> Tensor:
 def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
     """Spearman rank correlation of each pair of maps, ``[B]`` (ties get average ranks;
     ``b`` is resized to ``a``'s size). NaN where a map is constant."""
-    b = _resize(b, tuple(a.shape[-2:]))
+    b = _resize(b, (a.shape[-2], a.shape[-1]))
     ra, rb = _average_ranks(a.detach().float().flatten(1)), _average_ranks(b.flatten(1))
     ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
     den = (ra.square().sum(dim=1) * rb.square().sum(dim=1)).sqrt()
@@ -227,7 +227,7 @@ def topk_iou(a: Tensor, b: Tensor, fraction: float = 0.1) -> Tensor:
     each, ties by pixel index; ``b`` is resized to ``a``'s size)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
-    b = _resize(b, tuple(a.shape[-2:])).flatten(1)
+    b = _resize(b, (a.shape[-2], a.shape[-1])).flatten(1)
     a = a.detach().float().flatten(1)
     k = max(1, math.ceil(fraction * a.shape[1]))
     sel_a = torch.zeros_like(a, dtype=torch.bool).scatter_(

@@ -59,7 +59,8 @@ class Objective:
         out = self.fn(logits, activations or {}, rows)
         if out.ndim != 1 or out.shape[0] != logits.shape[0]:
             raise ValueError(
-                f"objective {self.name!r} must return one score per image, shape ({logits.shape[0]},); got {tuple(out.shape)}"
+                f"objective {self.name!r} must return one score per image, shape ({logits.shape[0]},); "
+                f"got {tuple(out.shape)}"
             )
         return out
 
@@ -103,7 +104,8 @@ def class_logit(classes: int | Sequence[int] | Tensor) -> Objective:
         cls = per_image(idx, rows, logits.shape[0]).to(logits.device)
         if int(cls.max()) >= logits.shape[1] or int(cls.min()) < 0:
             raise ValueError(
-                f"class index out of range: the model has {logits.shape[1]} classes (0..{logits.shape[1] - 1}); got {cls.tolist()}"
+                f"class index out of range: the model has {logits.shape[1]} classes "
+                f"(0..{logits.shape[1] - 1}); got {cls.tolist()}"
             )
         return logits.gather(1, cls.view(-1, 1)).squeeze(1)
 
@@ -123,7 +125,8 @@ def _selected_channels(acts: Mapping[str, Tensor], layer: str, idx: Tensor, rows
     ch = per_image(idx, rows, a.shape[0]).to(a.device)
     if int(ch.max()) >= a.shape[1] or int(ch.min()) < 0:
         raise ValueError(
-            f"channel out of range for layer {layer!r}: it has {a.shape[1]} channels (0..{a.shape[1] - 1}); got {ch.tolist()}"
+            f"channel out of range for layer {layer!r}: it has {a.shape[1]} channels "
+            f"(0..{a.shape[1] - 1}); got {ch.tolist()}"
         )
     return a[torch.arange(a.shape[0], device=a.device), ch]
 

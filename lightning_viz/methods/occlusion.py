@@ -44,7 +44,7 @@ def _pair(v: IntPair, what: str) -> tuple[int, int]:
     t = (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
     if len(t) != 2 or min(t) < 1:
         raise ValueError(f"{what} must be a positive int or a pair of positive ints; got {v!r}")
-    return t  # type: ignore[return-value]
+    return t
 
 
 def _axis_starts(size: int, win: int, stride: int) -> list[int]:

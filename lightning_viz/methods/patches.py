@@ -54,7 +54,8 @@ def unit_activations(model: nn.Module, x: Tensor, layer: str, units: Sequence[in
         act = cap[layer]
     if act.ndim != 4:
         raise ValueError(
-            f"top patches need a conv feature map [B, C, h, w] from layer {layer!r}; it outputs shape {tuple(act.shape)}"
+            f"top patches need a conv feature map [B, C, h, w] from layer {layer!r}; "
+            f"it outputs shape {tuple(act.shape)}"
         )
     if units is not None:
         units = list(units)
@@ -86,7 +87,7 @@ def topk_per_unit(act: Tensor, k: int, image_index: Tensor | None = None) -> Top
     Each image counts once per unit, at its maximum position (the first in raster order on ties).
     ``image_index[B]``: global indices of the images (default ``0..B-1``).
     """
-    b, u, h, w = act.shape
+    b, u, _h, w = act.shape
     if image_index is None:
         image_index = torch.arange(b)
     best, pos = act.flatten(2).max(dim=2)  # [B, U]
@@ -102,7 +103,8 @@ def merge_topk(parts: Sequence[TopK], k: int) -> TopK:
     if not parts:
         raise ValueError("merge_topk needs at least one non-empty candidate list")
     cat = [torch.cat([getattr(p, f) for p in parts], dim=1) for f in ("values", "image", "y", "x")]
-    return _select(*cat, k=k)
+    values, image, y, x = cat
+    return _select(values, image, y, x, k=k)
 
 
 def scan_topk(

@@ -110,7 +110,7 @@ def layer_geometry(
             if module.padding == "valid":
                 pad = (0, 0)
             else:  # 'same' (stride 1): total padding d (k - 1), the left part is half of it
-                pad = tuple(d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation))
+                pad = _two([d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation)])
         else:
             pad = _two(module.padding)
         return _two(module.kernel_size), _two(module.stride), pad, _two(module.dilation), False
@@ -218,8 +218,8 @@ def stack_receptive_field(model: nn.Module, layer: str, input_shape: Sequence[in
                 size = list(compose([geoms[-1]], size).grid)
         elif not isinstance(m, _NEUTRAL):
             raise NotAConvStackError(
-                f"{name!r} ({type(m).__name__}) is not a conv/pool/elementwise layer, so layer arithmetic does not apply; "
-                "use the gradient method"
+                f"{name!r} ({type(m).__name__}) is not a conv/pool/elementwise layer, "
+                "so layer arithmetic does not apply; use the gradient method"
             )
     rf = compose(geoms, input_shape[-2:])
     if any(_same_padding(m) for m, _ in calls):

@@ -119,6 +119,7 @@ def gradient_pass(
             outs = [cap[n] for n in names]
         # the ReLU rule is recorded in the graph during forward; the backward runs outside the mode
         wrt = ([xc] if input_grad else []) + outs
+        g: tuple[Optional[Tensor], ...]
         if scores.requires_grad:
             g = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
         else:  # no recorded layer feeds the target (only possible with input_grad=False): every gradient is 0
