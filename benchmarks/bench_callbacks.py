@@ -127,7 +127,8 @@ def main() -> None:
         trainer.fit(model, datamodule=data)
     epoch_s = statistics.median(clock.train_s)
     print(
-        f"training epoch (same run, median of {len(clock.train_s)}): {epoch_s:.2f} s  (torch threads: {torch.get_num_threads()})"
+        f"training epoch (same run, median of {len(clock.train_s)}): {epoch_s:.2f} s  "
+        f"(torch threads: {torch.get_num_threads()})"
     )
     print("| callback | s per run | x epoch | forward calls | images forwarded |")
     print("|---|---:|---:|---:|---:|")

@@ -307,7 +307,8 @@ def main() -> None:
             f"{args.repeats} interleaved repeats, torch {torch.__version__}"
         )
         print(
-            "| method | ours ms | ours x floor | best peer | peer ms | peer x floor | ours / best peer | other peers x floor |"
+            "| method | ours ms | ours x floor | best peer | peer ms | peer x floor | ours / best peer "
+            "| other peers x floor |"
         )
         print("|---|---:|---:|---|---:|---:|---:|---|")
         for name, ours, peers, floor_batch in groups:
@@ -333,7 +334,8 @@ def main() -> None:
                 vs = statistics.median(a / b for a, b in zip(times["ours"], times[best]))
                 others = ", ".join(f"{k} {ratio[k]:.2f}" for k in peer_keys if k != best) or "-"
                 print(
-                    f"| {name} | {med['ours']:.1f} | {ratio['ours']:.2f} | {best} | {med[best]:.1f} | {ratio[best]:.2f} "
+                    f"| {name} | {med['ours']:.1f} | {ratio['ours']:.2f} | {best} | {med[best]:.1f} "
+                    f"| {ratio[best]:.2f} "
                     f"| **{vs:.2f}** | {others} |"
                 )
             else:

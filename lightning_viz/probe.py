@@ -234,6 +234,7 @@ class ProbeSet:
 
     def subset(self, sel: slice) -> ProbeSet:
         start = sel.start or 0
+        assert self.indices is not None  # __post_init__ always sets it
         return ProbeSet(
             images=self.images[sel],
             labels=None if self.labels is None else self.labels[sel],

@@ -49,7 +49,7 @@ def diverging_cmap(cmap: str | None, signed: bool) -> str:
     return cmap if cmap else (DIVERGING_CMAP if signed else "jet")
 
 
-def class_name(index: int, names: Sequence[str] | None) -> str:
+def class_name(index: int | Tensor, names: Sequence[str] | None) -> str:
     """``names[index]`` when known, else the index as text."""
     index = int(index)
     return str(names[index]) if names is not None and 0 <= index < len(names) else str(index)
@@ -162,7 +162,7 @@ def image_grid(images01: Tensor, nrow: int | None = None, padding: int = 2, pad_
 
     b = images01.shape[0]
     if nrow is None:
-        nrow = max(1, int(round(b**0.5 + 0.499)))
+        nrow = max(1, round(b**0.5 + 0.499))
     return make_grid(to_rgb(images01.float()), nrow=nrow, padding=padding, pad_value=pad_value)
 
 
@@ -218,7 +218,7 @@ def _text_strip(width: int, texts: tuple[str, ...], height: int, align: str, cel
 
     img = Image.new("RGB", (max(1, int(width)), max(1, int(height))), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    font = _font(max(6, int(round(height * 0.78))))
+    font = _font(max(6, round(height * 0.78)))
     n = max(1, len(texts))
     cw = cell if cell is not None else (width - pad * (n - 1)) / n
     for i, t in enumerate(texts):
@@ -255,7 +255,7 @@ def colorbar(width: int, vmin: float, vmax: float, cmap: str = "jet", height: in
     ticks = torch.ones(3, 2, width)
     zero = None
     if vmin < 0 < vmax:  # a black line through the bar and a tick under it at zero
-        zero = int(round(-vmin / (vmax - vmin) * (width - 1)))
+        zero = round(-vmin / (vmax - vmin) * (width - 1))
         bar[:, :, zero] = 0.0
         ticks[:, :, zero] = 0.0
     label_h = height - bar_h - 2
@@ -315,18 +315,19 @@ def compose(
                 [text_strip(widths[c], [col_labels[c]], label_px) if c < len(col_labels) else None for c in range(ncol)]
             )
         )
-    for r, tiles in enumerate(rows):
+    for ri, tiles in enumerate(rows):
         parts.append(white(pad))
         parts.append(band(tiles))
-        if under is not None and r < len(under) and any(u is not None for u in under[r]):
+        if under is not None and ri < len(under) and any(u is not None for u in under[ri]):
             parts.append(white(1))
-            parts.append(band(under[r]))
+            parts.append(band(under[ri]))
     parts.append(white(pad))
     return torch.cat(parts, dim=1).clamp(0, 1)
 
 
 def to_uint8_hwc(image01: Tensor):
-    """``[3, H, W]`` (or ``[H, W]``) floats in ``[0, 1]`` -> numpy uint8 ``[H, W, 3]`` for ``add_image(dataformats='HWC')``."""
+    """``[3, H, W]`` (or ``[H, W]``) floats in ``[0, 1]`` -> numpy uint8 ``[H, W, 3]``, for
+    ``add_image(dataformats='HWC')``."""
     img = image01.detach().float().cpu()
     if img.ndim == 2:
         img = img.unsqueeze(0)
@@ -341,7 +342,7 @@ def labeled_grid(
     optional caption on top -> one ``[3, H, W]`` image."""
     b = tiles.shape[0]
     if nrow is None:
-        nrow = max(1, int(round(b**0.5 + 0.499)))
+        nrow = max(1, round(b**0.5 + 0.499))
     w = int(tiles.shape[-1])
     rows = [list(tiles[i : i + nrow]) for i in range(0, b, nrow)]
     under = [[text_strip(w, [labels[j]], label_px) for j in range(i, min(i + nrow, b))] for i in range(0, b, nrow)]

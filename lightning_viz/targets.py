@@ -18,7 +18,7 @@ import dataclasses
 import importlib
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -91,14 +91,16 @@ class ClassTarget(Target):
         self.index = int(index)
         if self.index < 0:
             raise ValueError(
-                f"target class index must be >= 0; got {self.index} (allowed: 'label', 'predicted', or a class index 0..K-1)"
+                f"target class index must be >= 0; got {self.index} "
+                "(allowed: 'label', 'predicted', or a class index 0..K-1)"
             )
         self.name = f"class{self.index}"
 
     def classes(self, logits: Tensor, labels: Tensor | None) -> Tensor:
         if not 0 <= self.index < logits.shape[1]:
             raise ValueError(
-                f"target class {self.index} is out of range: the model has {logits.shape[1]} classes (0..{logits.shape[1] - 1})."
+                f"target class {self.index} is out of range: the model has {logits.shape[1]} classes "
+                f"(0..{logits.shape[1] - 1})."
             )
         return torch.full((logits.shape[0],), self.index, dtype=torch.long, device=logits.device)
 
@@ -111,7 +113,7 @@ class CallableTarget(Target):
 
     def __init__(self, fn: Callable[[Tensor], Tensor], name: str | None = None):
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", "custom")
+        self.name = name or cast(str, getattr(fn, "__name__", "custom"))
 
     def score(self, logits: Tensor, labels: Tensor | None) -> Tensor:
         out = self.fn(logits)
@@ -141,7 +143,8 @@ def resolve_target(spec: TargetSpec) -> Target:
         if spec.lstrip("-").isdigit():
             return ClassTarget(int(spec))
         raise ValueError(
-            f"unknown target {spec!r}; allowed: 'label', 'predicted', a class index (int), or a callable logits -> score[B]"
+            f"unknown target {spec!r}; allowed: 'label', 'predicted', a class index (int), "
+            "or a callable logits -> score[B]"
         )
     if callable(spec):
         return CallableTarget(spec)

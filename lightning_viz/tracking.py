@@ -80,8 +80,9 @@ def randomized_copy(module: nn.Module, seed: int = 2018) -> nn.Module:
             own = list(m.parameters(recurse=False))
             if not own:
                 continue
-            if callable(getattr(m, "reset_parameters", None)):
-                m.reset_parameters()
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
             else:
                 for p in own:
                     std = float(p.float().std()) if p.numel() > 1 else 1.0
@@ -195,20 +196,25 @@ class MapTracker:
             out[PREFIX + "pred"] = logits.argmax(dim=1).cpu()
             if self.faithfulness:
                 classes = self._classes(logits, probe, callback)
+                steps, chunk = self.deletion_steps, self.chunk_size
                 for key, m in maps.items():
-                    kw = dict(steps=self.deletion_steps, chunk_size=self.chunk_size)
-                    out[f"{PREFIX}deletion/{key}"] = deletion_auc(pl_module, x, m, classes, baseline="zero", **kw).cpu()
+                    out[f"{PREFIX}deletion/{key}"] = deletion_auc(
+                        pl_module, x, m, classes, baseline="zero", steps=steps, chunk_size=chunk
+                    ).cpu()
                     out[f"{PREFIX}insertion/{key}"] = insertion_auc(
-                        pl_module, x, m, classes, baseline="blur", **kw
+                        pl_module, x, m, classes, baseline="blur", steps=steps, chunk_size=chunk
                     ).cpu()
         if use_masks:
+            masks = probe.masks
+            assert masks is not None  # _use_masks is True only with masks
             for key, m in maps.items():
-                out[f"{PREFIX}pointing/{key}"] = pointing_game(m.cpu(), probe.masks, self.pointing_tolerance)
-                out[f"{PREFIX}energy/{key}"] = energy_in_mask(m.cpu(), probe.masks)
+                out[f"{PREFIX}pointing/{key}"] = pointing_game(m.cpu(), masks, self.pointing_tolerance)
+                out[f"{PREFIX}energy/{key}"] = energy_in_mask(m.cpu(), masks)
         if self.sanity_check:
             if callback is None or not hasattr(callback, "compute_maps"):
                 raise ValueError(
-                    "MapTracker(sanity_check=True) needs the MapCallback to recompute maps; attach it as MapCallback(tracker=...)."
+                    "MapTracker(sanity_check=True) needs the MapCallback to recompute maps; "
+                    "attach it as MapCallback(tracker=...)."
                 )
             rand_maps = callback.compute_maps(randomized_copy(pl_module, self.seed), probe)
             for key, m in maps.items():
@@ -224,8 +230,9 @@ class MapTracker:
         if probe.masks is None:
             if self.pointing_game:
                 raise ValueError(
-                    "MapTracker(pointing_game=True) needs ground-truth masks in the probe set (e.g. the shapes dataset, "
-                    "whose items are (image, label, mask)); these probes have none. Use pointing_game=None or False."
+                    "MapTracker(pointing_game=True) needs ground-truth masks in the probe set (e.g. the shapes "
+                    "dataset, whose items are (image, label, mask)); these probes have none. "
+                    "Use pointing_game=None or False."
                 )
             return False
         return True

@@ -31,7 +31,7 @@ class FailFromEpoch(MapCallback):
 
     def compute_maps(self, pl_module, probe):
         if self.epoch >= self.fail_from:
-            raise RuntimeError("boom at epoch %d" % self.epoch)
+            raise RuntimeError(f"boom at epoch {self.epoch}")
         return {"failing/x": probe.images[:, 0]}
 
 

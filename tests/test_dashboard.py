@@ -155,7 +155,8 @@ def test_class_names_from_the_dataset_reach_the_projector_metadata(tmp_path):
     logdir = trainer.logger.log_dir
     folders = [os.path.join(logdir, "00000", d) for d in os.listdir(os.path.join(logdir, "00000"))]
     assert len(folders) == 1 and "viz-embeddings" in folders[0]
-    rows = open(os.path.join(folders[0], "metadata.tsv")).read().splitlines()
+    with open(os.path.join(folders[0], "metadata.tsv")) as fh:
+        rows = fh.read().splitlines()
     assert rows[0].split("\t") == ["label", "prediction"]
     assert [r.split("\t")[0] for r in rows[1:]] == [NAMES[int(v)] for v in cb.probes.labels]
     assert all(r.split("\t")[1] in NAMES for r in rows[1:])

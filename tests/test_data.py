@@ -113,7 +113,7 @@ def test_digits_shapes_split_and_normalization():
     # Un-normalizing gives the [0, 1] pixels back; at 8 px they are sklearn's values / 16.
     from sklearn.datasets import load_digits
 
-    x8, y8 = load_digit_images(8)
+    x8, _y8 = load_digit_images(8)
     assert torch.equal(x8[5, 0], torch.as_tensor(load_digits().images[5], dtype=torch.float32) / 16)
     with pytest.raises(ValueError, match="val_fraction"):
         DigitsDataModule(val_fraction=1.0)

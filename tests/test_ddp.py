@@ -255,7 +255,7 @@ def test_gather_timeout_is_a_clear_error():
 def test_syncbatchnorm_compiled_bf16_model_in_process(tmp_path):
     import torch
 
-    trainer, callbacks, module = ddp_script.fit(
+    _trainer, _callbacks, module = ddp_script.fit(
         str(tmp_path), devices=1, sync_batchnorm=True, compile=True, precision="bf16-mixed", max_epochs=2
     )
     assert hasattr(module.net, "_orig_mod")  # really compiled

@@ -169,13 +169,16 @@ def test_projector_files_and_scalars_per_scheduled_epoch(tmp_path):
             folder = os.path.join(logdir, step, sub.lower())
         for f in ("tensors.tsv", "metadata.tsv", "sprite.png"):
             assert os.path.isfile(os.path.join(folder, f)), (step, f)
-        rows = open(os.path.join(folder, "metadata.tsv")).read().splitlines()
+        with open(os.path.join(folder, "metadata.tsv")) as fh:
+            rows = fh.read().splitlines()
         assert rows[0].split("\t") == ["label", "prediction"]
         assert [int(r.split("\t")[0]) for r in rows[1:]] == labels
         assert all(0 <= int(r.split("\t")[1]) < 3 for r in rows[1:])
-        tensors = open(os.path.join(folder, "tensors.tsv")).read().splitlines()
+        with open(os.path.join(folder, "tensors.tsv")) as fh:
+            tensors = fh.read().splitlines()
         assert len(tensors) == 12 and len(tensors[0].split("\t")) == 4  # TinyCNN width 4
-    config = open(os.path.join(logdir, "projector_config.pbtxt")).read()
+    with open(os.path.join(logdir, "projector_config.pbtxt")) as fh:
+        config = fh.read()
     assert "viz-embeddings/penultimate:00001" in config and "viz-embeddings/penultimate:00002" in config
 
     cb.every_n_epochs, cb.projection = 1, ["pca"]

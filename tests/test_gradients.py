@@ -1,4 +1,5 @@
-"""Gradient methods (hand-computed on linear / tiny models, chunking, SmoothGrad seeding, torchvision) and GradientCallback."""
+"""Gradient methods (hand-computed on linear / tiny models, chunking, SmoothGrad seeding, torchvision) and
+GradientCallback."""
 
 import pytest
 import torch
@@ -194,7 +195,7 @@ def test_callback_under_validate_inference_mode(tmp_path):
     cb = GradientCallback(
         methods=["saliency", "guided_backprop"], num_probes=2, run_on="validation_epoch_end", target="predicted"
     )
-    tl, vl = tiny_loaders(n=12)
+    _tl, vl = tiny_loaders(n=12)
     model = LitTiny(TinyCNN(width=3))
     tiny_trainer(str(tmp_path), [cb]).validate(model, vl)
     acc = read_events(str(tmp_path))

@@ -117,7 +117,8 @@ def wandb_history(run_dir: str) -> list[dict]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = glob.glob(os.path.join(run_dir, "*.wandb"))
-    data = open(path, "rb").read()
+    with open(path, "rb") as fh:
+        data = fh.read()
     assert data[:4] == b":W&B"
     pos, buf, rows = 7, b"", []
     while pos + 7 <= len(data):
@@ -200,7 +201,7 @@ def test_logger_false_writes_a_new_image_folder_version_per_trainer(tmp_path):
     folder = tmp_path / "lightning_viz" / "version_0"
     scalars = folder_scalars(str(folder))
     check_split(rec, png_tags(str(folder)), scalars)
-    rec2, _ = fit(False, tmp_path, every_n_epochs=2)
+    _rec2, _ = fit(False, tmp_path, every_n_epochs=2)
     assert {e for e, _ in png_tags(str(tmp_path / "lightning_viz" / "version_1"))} == {1}  # (1 + 1) % 2 == 0
 
 

@@ -85,7 +85,10 @@ def test_demo_config_by_name_from_the_unpacked_wheel_outside_the_repository(whee
         "--data.init_args.image_size=16",
         "--trainer.callbacks=lightning_viz.callbacks.filters.FilterCallback",
     ]
-    code = "import lightning_viz, sys; from lightning_viz.cli import main; print(lightning_viz.__file__); main(sys.argv[1:])"
+    code = (
+        "import lightning_viz, sys; from lightning_viz.cli import main; "
+        "print(lightning_viz.__file__); main(sys.argv[1:])"
+    )
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=run, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[0].startswith(str(site))  # the unpacked wheel, not the checkout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torchvision
@@ -146,7 +148,7 @@ def test_topk_and_merge_over_shards_equal_topk_of_whole_set_with_ties():
     whole = topk_per_unit(act, k=5)
     assert as_list(whole) == brute_force_topk(act, 5)
     for cuts in ([0, 5, 9, 13], [0, 1, 13], [0, 4, 4, 13]):  # shards, one of them empty
-        parts = [topk_per_unit(act[a:b], 5, torch.arange(a, b)) for a, b in zip(cuts, cuts[1:]) if b > a]
+        parts = [topk_per_unit(act[a:b], 5, torch.arange(a, b)) for a, b in itertools.pairwise(cuts) if b > a]
         # ranks send rows [k, U, 4]; the base concatenates them on dim 0 in rank order
         rows = torch.cat([p.to_rows() for p in parts], dim=0)
         merged = merge_topk([TopK.from_rows(rows)], 5)

@@ -70,7 +70,8 @@ def test_reused_module_and_unknown_rule():
         z = relu(h * w + 0.5)  # [-0.5, 0.5, 2.5] -> [0, 0.5, 2.5]
         (g,) = torch.autograd.grad((torch.tensor([1.0, -1.0, 2.0]) * z).sum(), x)
     assert mode.calls == 2
-    # upstream at z: [1, -1, 2] -> guided through z: [0 (z=0), 0 (neg grad), 2]; times w: [0, 0, 2]; guided through h: [0, 0, 2]
+    # upstream at z: [1, -1, 2] -> guided through z: [0 (z=0), 0 (neg grad), 2]; times w: [0, 0, 2];
+    # guided through h: [0, 0, 2]
     assert torch.equal(g, torch.tensor([0.0, 0.0, 2.0]))
     with pytest.raises(ValueError, match="unknown ReLU rule 'guidd'.*'guided', 'deconv'"):
         with relu_rule("guidd"):

@@ -277,7 +277,8 @@ def test_a_used_cache_pickles_without_its_entries():
 
 
 def test_short_lived_callable_targets_never_share_a_pass():
-    """A fresh callable per call (freed right after) may get the address of the previous one: its key must not collide."""
+    """A fresh callable per call (freed right after) may get the address of the previous one: its key must not
+    collide."""
     from lightning_viz.methods.shared_pass import PassCache
 
     model = TinyCNN(width=3).eval()
