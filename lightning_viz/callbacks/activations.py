@@ -102,7 +102,8 @@ class ActivationCallback(VisualizationCallback):
     def check(self, pl_module: LightningModule) -> None:
         self.layer_names(pl_module)
 
-    def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
+    def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        assert probe is not None  # needs_probes is True: the base class always passes the probes
         model = self.adapted(pl_module)
         x = probe.to(module_device(model), module_dtype(model))  # e.g. a float64 network
         fmaps = feature_maps(model, x, self.layer_names(model, x), chunk_size=self.chunk_size)
@@ -122,7 +123,8 @@ class ActivationCallback(VisualizationCallback):
             out[f"chmax:{name}"] = a.amax(dim=(2, 3)).cpu()  # [N, C]
         return out
 
-    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
+    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        assert probe is not None  # needs_probes is True: the base class always passes the probes
         size = probe.images.shape[-2:]
         for key, maps in results.items():
             if not key.startswith("maps:"):

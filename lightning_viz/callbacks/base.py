@@ -30,9 +30,9 @@ from ..progress import logger as _log
 from ..progress import reporting
 from ..targets import ModelAdapter, ModelOutputError, describe_output, model_adapter, read_logits, resolve_logits_fn
 
-try:
+if sys.version_info >= (3, 12):
     from typing import override
-except ImportError:  # Python < 3.12
+else:  # Python < 3.12
     from typing_extensions import override
 
 __all__ = [
@@ -72,12 +72,19 @@ def _first_not_none(*sources_and_attr: Any) -> Any:
 _announced: weakref.WeakSet[Trainer] = weakref.WeakSet()
 
 
+def _viz_callbacks(trainer: Trainer) -> list[VisualizationCallback]:
+    """The trainer's visualization callbacks, in ``trainer.callbacks`` order."""
+    # ``Trainer.callbacks`` is assigned by Lightning's callback connector, not declared on the class
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+    return [cb for cb in callbacks if isinstance(cb, VisualizationCallback)]
+
+
 def _announce(trainer: Trainer) -> None:
     """Once per trainer (rank 0): which visualization callbacks run, and where to look at them."""
     if trainer in _announced:
         return
     _announced.add(trainer)
-    cbs = [cb for cb in trainer.callbacks if isinstance(cb, VisualizationCallback)]
+    cbs = _viz_callbacks(trainer)
     where = describe_sinks(trainer) if trainer.is_global_zero else ""
     names = ", ".join(f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'} ({_schedule_words(cb)})" for cb in cbs)
     rank_zero_info(f"lightning-viz: {len(cbs)} visualization callback(s): {names}; {where}")
@@ -111,7 +118,7 @@ def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where:
     runs = _epoch_runs[trainer][1]
     if cb.epoch_summary:
         runs.append((cb.method if cb.name is None else f"{cb.method}[{cb.name}]", seconds))
-    cbs = [c for c in trainer.callbacks if isinstance(c, VisualizationCallback)]
+    cbs = _viz_callbacks(trainer)
     if any(_runs_at(c, trainer, where) for c in cbs[cbs.index(cb) + 1 :]):
         return
     _epoch_runs.pop(trainer, None)
@@ -662,7 +669,8 @@ class VisualizationCallback(Callback):
             try:
                 results = gather_results(trainer, local, error, what=self.method)
             except VisualizationError as exc:  # raised on every rank alike
-                return self._failed(exc)
+                self._failed(exc)
+                return None
             error = None
         else:
             results = local
@@ -684,21 +692,24 @@ class VisualizationCallback(Callback):
             try:
                 _share_rank0_error(error if rank == 0 else None, self.method)
             except VisualizationError as exc:  # rank 0 failed: every other rank gets here
-                return self._failed(exc)
+                self._failed(exc)
+                return None
         if error is not None:
             if stage == "log":
-                return self._failed(
+                self._failed(
                     VisualizationError(
                         f"lightning-viz {type(self).__name__} ({self.method}) failed while logging at step {step}: "
                         f"{type(error).__name__}: {error}"
                     ),
                     error,
                 )
-            if stage != "compute":
-                return self._failed(error)  # rank 0's own probe-picking error: unchanged type
-            return self._failed(
-                VisualizationError(f"lightning-viz {self.method} failed: {type(error).__name__}: {error}"), error
-            )
+            elif stage != "compute":
+                self._failed(error)  # rank 0's own probe-picking error: unchanged type
+            else:
+                self._failed(
+                    VisualizationError(f"lightning-viz {self.method} failed: {type(error).__name__}: {error}"), error
+                )
+            return None
         return results
 
     def _failed(self, error: BaseException, cause: BaseException | None = None) -> None:

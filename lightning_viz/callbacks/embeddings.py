@@ -112,13 +112,15 @@ class EmbeddingCallback(VisualizationCallback):
         else:
             get_layer(pl_module, self.layer)
 
-    def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
+    def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        assert probe is not None  # needs_probes is True: the base class always passes the probes
         model = self.adapted(pl_module)
         x = probe.to(module_device(model), module_dtype(model))
         feats, logits = extract_features(model, x, self.layer, self.chunk_size or len(probe))
         return {"features": feats.cpu(), "prediction": logits.argmax(1).cpu()}
 
-    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
+    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        assert probe is not None  # needs_probes is True: the base class always passes the probes
         feats, preds, labels = results["features"], results["prediction"], probe.labels
         ok = self.warn_non_finite(f"the {self.layer_tag} features", feats)
         if int(ok.sum()) < 2:

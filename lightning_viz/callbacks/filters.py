@@ -35,7 +35,8 @@ def filter_grid(weights: Tensor, normalize: str = "per_filter", max_filters: int
     """``[out, in, kh, kw]`` weights -> one ``[3, H, W]`` grid image in ``[0, 1]``.
 
     The first ``max_filters`` filters are shown (and, without RGB, at most ``max_filters`` input channels,
-    one row per filter; single-channel filters fill a square grid), min-max scaled per filter (``"per_filter"``) or on one range for all shown filters (``"global"``).
+    one row per filter; single-channel filters fill a square grid), min-max scaled per filter (``"per_filter"``)
+    or on one range for all shown filters (``"global"``).
     """
     w = weights.detach().float()[:max_filters]
     rgb = w.shape[1] == 3
@@ -153,7 +154,11 @@ class FilterCallback(VisualizationCallback):
         if self.kind == "conv":
             weights = conv_filters(pl_module, name)
         else:
-            shape = self.input_shape if self.input_shape is not None else list(probe.images.shape[1:])
+            if self.input_shape is not None:
+                shape = self.input_shape
+            else:
+                assert probe is not None  # needs_probes is True for kind="linear" without input_shape
+                shape = list(probe.images.shape[1:])
             weights = linear_templates(pl_module, name, shape)
         return {"layer": name, "weights": weights.float().cpu()}
 

@@ -179,6 +179,7 @@ class GradientCallback(GradientMapCallback):
         """Raw attribution of one method: ``[N, C, H, W]`` (saliency ``[N, H, W]``)."""
         if method in PASS_RULES:
             result = self.get_pass(pl_module, probe, x, PASS_RULES[method], [INPUT])
+            assert result.input_grad is not None  # asked for INPUT: the pass holds the input gradient
             return gradient_from_pass(method, x, result.input_grad)
         kwargs = (
             {"baseline": self.ig_baseline, "steps": self.ig_steps} if method.endswith("integrated_gradients") else {}

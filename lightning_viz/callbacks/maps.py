@@ -111,9 +111,9 @@ class MapCallback(VisualizationCallback):
         super().check_probes(probe)
         if self.tracker is not None and self.tracker.pointing_game and probe.masks is None:
             raise ValueError(
-                f"{type(self).__name__}(tracker=MapTracker(pointing_game=True)): the pointing game needs a ground-truth "
-                "mask per probe image (items (image, label, mask), e.g. the shapes dataset), but these probes have "
-                "none. Use pointing_game=None (when masks exist) or False, or data with masks."
+                f"{type(self).__name__}(tracker=MapTracker(pointing_game=True)): the pointing game needs a "
+                "ground-truth mask per probe image (items (image, label, mask), e.g. the shapes dataset), but these "
+                "probes have none. Use pointing_game=None (when masks exist) or False, or data with masks."
             )
 
     # ------------------------------------------------------------------ base implementation
@@ -122,7 +122,8 @@ class MapCallback(VisualizationCallback):
         """The colormap in use (``cmap``, or the default for signed / unsigned maps)."""
         return diverging_cmap(self.cmap, self.signed)
 
-    def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
+    def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        assert probe is not None  # needs_probes is True: the base class always passes the probes
         model = self.adapted(pl_module)  # logits_fn applied; layer names unchanged
         maps = self.compute_maps(model, probe)
         out: dict[str, Any] = {MAP_PREFIX + k: v.detach().float().cpu() for k, v in maps.items()}
@@ -136,7 +137,8 @@ class MapCallback(VisualizationCallback):
         """Predicted class and probability per probe for the panel captions (see :func:`predictions`)."""
         return predictions(pl_module, probe, getattr(self, "chunk_size", None))
 
-    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
+    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        assert probe is not None  # needs_probes is True: the base class always passes the probes
         maps = {k[len(MAP_PREFIX) :]: v for k, v in results.items() if k.startswith(MAP_PREFIX)}
         images = probe.display_images()
         if self.layout == "panel":
@@ -243,7 +245,7 @@ class MapCallback(VisualizationCallback):
         fixed_tile = text_strip(int(size[-1]), ["fixed scale"], 14)
         for i, pid in enumerate(probe.ids):
             tiles = [[big[i] if v == 0 else fixed_tile] + [r[i] for r in row] for v, row in enumerate(rows)]
-            under = [[None] + [per_key[i] for per_key in bar] for bar in bars]
+            under: list[list[Tensor | None]] = [[None, *(per_key[i] for per_key in bar)] for bar in bars]
             caption = panel_caption(pid, probe, results, i, class_names)
             if both:
                 caption += "   top: per image, bottom: fixed scale"

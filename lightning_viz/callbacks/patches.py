@@ -104,7 +104,8 @@ class TopPatchesCallback(VisualizationCallback):
                 channels = getattr(get_layer(pl_module, name), "out_channels", None)
                 if channels is not None and max(self.units) >= channels:
                     raise ValueError(
-                        f"units {self.units} out of range for layer {name!r} with {channels} channels (0..{channels - 1})"
+                        f"units {self.units} out of range for layer {name!r} with {channels} channels "
+                        f"(0..{channels - 1})"
                     )
 
     def _units(self, pl_module: LightningModule, x1: Tensor) -> dict[str, list[int]]:
@@ -114,7 +115,8 @@ class TopPatchesCallback(VisualizationCallback):
             pl_module(x1)
             return {name: list(range(min(self.num_units, cap[name].shape[1]))) for name in self.layers}
 
-    def compute(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Any]:
+    def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        assert probe is not None  # needs_probes is True: the base class always passes the probes
         pl_module = self.adapted(pl_module)
         x = probe.to(module_device(pl_module), module_dtype(pl_module))
         units = self._units(pl_module, x[:1])
@@ -134,7 +136,8 @@ class TopPatchesCallback(VisualizationCallback):
                 self._boxes[key] = receptive_field(model, layer, input_shape, self.receptive_field).cpu()
         return self._boxes[key]
 
-    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet, trainer: Trainer) -> None:
+    def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        assert probe is not None  # needs_probes is True: the base class always passes the probes
         images = probe.display_images()
         names = self.get_class_names(trainer)
         for name in self.layers:

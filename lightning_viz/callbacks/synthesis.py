@@ -119,7 +119,7 @@ class _InputOptimizationCallback(VisualizationCallback):
         if input_shape is not None and len(input_shape) != 3:
             raise ValueError(f"{name}: input_shape must be [C, H, W]; got {input_shape}")
         self.steps, self.lr, self.l2 = steps, lr, l2
-        self.reg_options = dict(
+        self.reg_options: dict[str, Any] = dict(
             l2_decay=l2_decay,
             blur_every=blur_every,
             blur_sigma=blur_sigma,
@@ -154,7 +154,10 @@ class _InputOptimizationCallback(VisualizationCallback):
         return upscale(images01, self.display_px) if self.display_px else images01
 
     def image_shape(self, probe: ProbeSet | None) -> list[int]:
-        return self.input_shape if self.input_shape is not None else list(probe.images.shape[1:])
+        if self.input_shape is not None:
+            return self.input_shape
+        assert probe is not None  # needs_probes is True exactly when input_shape is None
+        return list(probe.images.shape[1:])
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return (*super().state_key_parts(), self.steps, self.parameterization, self.init, self.seed)
@@ -349,6 +352,7 @@ class InversionCallback(_InputOptimizationCallback):
         get_layer(pl_module, self.layer)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        assert probe is not None  # needs_probes is True: the base class always passes the probes
         pl_module = self.adapted(pl_module)
         kw = self.optimize_kwargs(pl_module, probe)
         x = probe.to(module_device(pl_module), module_dtype(pl_module))
@@ -360,6 +364,7 @@ class InversionCallback(_InputOptimizationCallback):
         return {"images": res.images.cpu(), "error": (-res.scores).clamp_min(0).sqrt().cpu()}
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        assert probe is not None  # needs_probes is True: the base class always passes the probes
         self.warn_non_finite(f"the {self.layer} reconstructions", results["images"], rows="probes")
         originals = self.show(probe.display_images())
         recons = self.show(_display(results["images"], probe.mean, probe.std))
@@ -442,7 +447,8 @@ class AdversarialCallback(VisualizationCallback):
             raise ValueError(f"AdversarialCallback: epsilon must be > 0; got {epsilon}")
         if attack not in ("pgd", "fgsm") or min_flip_attack not in ("pgd", "fgsm"):
             raise ValueError(
-                f"AdversarialCallback: attack and min_flip_attack must be 'pgd' or 'fgsm'; got {attack!r}, {min_flip_attack!r}"
+                "AdversarialCallback: attack and min_flip_attack must be 'pgd' or 'fgsm'; "
+                f"got {attack!r}, {min_flip_attack!r}"
             )
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"AdversarialCallback: chunk_size must be >= 1 or None; got {chunk_size}")
@@ -464,6 +470,7 @@ class AdversarialCallback(VisualizationCallback):
         return (*super().state_key_parts(), self.epsilon, self.attack, self.mode)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
+        assert probe is not None  # needs_probes is True: the base class always passes the probes
         pl_module = self.adapted(pl_module)
         n = len(probe)
         step = self.chunk_size or n
@@ -524,6 +531,7 @@ class AdversarialCallback(VisualizationCallback):
         return out
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
+        assert probe is not None  # needs_probes is True: the base class always passes the probes
         self.warn_non_finite("the adversarial images", results["adv"], rows="probes")
         delta = results["adv"] - probe.images.float()
         flat = delta.flatten(1)
