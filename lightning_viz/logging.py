@@ -207,6 +207,21 @@ def _write_embedding(folder: str, features: Tensor, metadata: list | None, heade
             w.writerows(row if isinstance(row, (list, tuple)) else [row] for row in metadata)
 
 
+def _png_summary(tag: str, hwc: np.ndarray) -> Any:
+    """The TensorBoard image summary of a uint8 ``[H, W, 3]`` array (what ``SummaryWriter.add_image`` writes for
+    it, PNG-encoded at zlib level 1)."""
+    import io
+
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(hwc, dtype=np.uint8)).save(buf, format="PNG", compress_level=1)
+    h, w, c = hwc.shape
+    img = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buf.getvalue())
+    return Summary(value=[Summary.Value(tag=tag, image=img)])
+
+
 def _figure_to_hwc(fig: Any) -> np.ndarray:
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
@@ -251,7 +266,14 @@ class TensorBoardBackend(Backend):
         self.writer = writer
 
     def image(self, tag, hwc, step, caption=None):
-        self.writer.add_image(tag, hwc, step, dataformats="HWC")
+        from torch.utils.tensorboard import SummaryWriter
+
+        if not isinstance(self.writer, SummaryWriter):  # e.g. tensorboardX: its own protos
+            self.writer.add_image(tag, hwc, step, dataformats="HWC")
+            return
+        # add_image's summary, encoded with zlib level 1: the same pixels, ~3.5x faster than PIL's default level 6
+        # (files ~20% larger)
+        self.writer._get_file_writer().add_summary(_png_summary(tag, hwc), step)
 
     def scalar(self, tag, value, step):
         self.writer.add_scalar(tag, value, step)
