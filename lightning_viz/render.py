@@ -207,7 +207,14 @@ def text_strip(
 ) -> Tensor:
     """A white ``[3, height, width]`` strip with black text: one text per cell of ``cell`` pixels
     (default: equal cells over the width) separated by ``pad`` pixels, centered (or ``align="left"``)."""
-    return _text_strip(int(width), tuple(str(t) for t in texts), int(height), align, cell, pad).clone()
+    return _shared_strip(width, texts, height, align, cell, pad).clone()
+
+
+def _shared_strip(
+    width: int, texts: Sequence[str], height: int = 14, align: str = "center", cell: int | None = None, pad: int = 0
+) -> Tensor:
+    """:func:`text_strip` without the copy: the cached tensor itself, for callers that only read it (never write)."""
+    return _text_strip(int(width), tuple(str(t) for t in texts), int(height), align, cell, pad)
 
 
 @lru_cache(maxsize=4096)
@@ -229,7 +236,7 @@ def _text_strip(width: int, texts: tuple[str, ...], height: int, align: str, cel
             draw.text((x, height / 2), t, fill=(0, 0, 0), font=font, anchor="lm")
         except ValueError:  # a bitmap font (old Pillow without FreeType) has no anchors
             draw.text((x, 1), t, fill=(0, 0, 0), font=font)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))).float() / 255.0
 
 
 def upscale(images: Tensor, min_px: int, mode: str = "nearest") -> Tensor:
@@ -260,14 +267,14 @@ def colorbar(width: int, vmin: float, vmax: float, cmap: str = "jet", height: in
         ticks[:, :, zero] = 0.0
     label_h = height - bar_h - 2
     labels = text_strip(width, [_fmt(vmin)], label_h, align="left")
-    right = text_strip(width // 2, [_fmt(vmax)], label_h, align="left")
+    right = _shared_strip(width // 2, [_fmt(vmax)], label_h, align="left")
     ink = (right.min(dim=0).values < 0.5).any(dim=0).nonzero()
     if len(ink):  # right-align the vmax label: keep only the width of its text
         right = right[:, :, : int(ink.max()) + 3]
     rw = int(right.shape[-1])
     labels[:, :, width - rw :] = torch.minimum(labels[:, :, width - rw :], right)
     if zero is not None and 0.2 * width < zero < 0.8 * width:
-        z = text_strip(16, ["0"], label_h)
+        z = _shared_strip(16, ["0"], label_h)
         x0 = max(0, min(width - 16, zero - 8))
         labels[:, :, x0 : x0 + 16] = torch.minimum(labels[:, :, x0 : x0 + 16], z)
     return torch.cat([bar, ticks, labels], dim=1)
@@ -308,11 +315,14 @@ def compose(
         return out
 
     if caption:
-        parts.append(text_strip(total_w, [caption], label_px + 2, align="left"))
+        parts.append(_shared_strip(total_w, [caption], label_px + 2, align="left"))
     if col_labels:
         parts.append(
             band(
-                [text_strip(widths[c], [col_labels[c]], label_px) if c < len(col_labels) else None for c in range(ncol)]
+                [
+                    _shared_strip(widths[c], [col_labels[c]], label_px) if c < len(col_labels) else None
+                    for c in range(ncol)
+                ]
             )
         )
     for ri, tiles in enumerate(rows):
@@ -345,5 +355,5 @@ def labeled_grid(
         nrow = max(1, round(b**0.5 + 0.499))
     w = int(tiles.shape[-1])
     rows = [list(tiles[i : i + nrow]) for i in range(0, b, nrow)]
-    under = [[text_strip(w, [labels[j]], label_px) for j in range(i, min(i + nrow, b))] for i in range(0, b, nrow)]
+    under = [[_shared_strip(w, [labels[j]], label_px) for j in range(i, min(i + nrow, b))] for i in range(0, b, nrow)]
     return compose(rows, None, caption, under=under)

@@ -33,7 +33,7 @@ from .layers import module_device, module_dtype
 from .logging import VizLogger, make_tag
 from .methods.metrics import deletion_auc, energy_in_mask, insertion_auc, pointing_game, rank_correlation, topk_iou
 from .probe import ProbeSet
-from .render import class_name, compose, diverging_cmap, normalize_maps, overlay, resize_maps, text_strip, upscale
+from .render import _shared_strip, class_name, compose, diverging_cmap, normalize_maps, overlay, resize_maps, upscale
 from .targets import resolve_target
 
 __all__ = ["MapTracker", "randomized_copy", "TRACKING_LAYOUT"]
@@ -336,8 +336,8 @@ class MapTracker:
                 tiles = upscale(tiles, display_px) if display_px else tiles
                 w = int(tiles.shape[-1])
                 label = key.split("/", 1)[0] if len(layers) == 1 else key.replace("/", " ")
-                rows.append([text_strip(max(w, 96), [label], 14)] + list(tiles))
-                under.append([None] + [text_strip(w, [f"epoch {epochs[j]}"], 13) for j in keep])
+                rows.append([_shared_strip(max(w, 96), [label], 14)] + list(tiles))
+                under.append([None] + [_shared_strip(w, [f"epoch {epochs[j]}"], 13) for j in keep])
             caption = pid if probe.labels is None else f"{pid}  true: {class_name(probe.labels[i], names)}"
             logger.image(make_tag(method, "filmstrip", pid), compose(rows, None, caption, under=under), caption=caption)
 

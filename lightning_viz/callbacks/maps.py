@@ -25,6 +25,7 @@ from ..logging import VizLogger, make_tag
 from ..probe import ProbeSet
 from ..render import (
     FixedScale,
+    _shared_strip,
     class_name,
     colorbar,
     colormap,
@@ -34,7 +35,6 @@ from ..render import (
     normalize_maps,
     overlay,
     resize_maps,
-    text_strip,
     upscale,
 )
 from ..targets import LabelTarget, resolve_target
@@ -242,7 +242,7 @@ class MapCallback(VisualizationCallback):
         layers = {k.split("/", 1)[-1] for k in keys}
         labels = ["image"] + [k.split("/", 1)[0] if len(layers) == 1 else k.replace("/", " ") for k in keys]
         both = self.normalize == "both"
-        fixed_tile = text_strip(int(size[-1]), ["fixed scale"], 14)
+        fixed_tile = _shared_strip(int(size[-1]), ["fixed scale"], 14)
         for i, pid in enumerate(probe.ids):
             tiles = [[big[i] if v == 0 else fixed_tile] + [r[i] for r in row] for v, row in enumerate(rows)]
             under: list[list[Tensor | None]] = [[None, *(per_key[i] for per_key in bar)] for bar in bars]
