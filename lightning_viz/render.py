@@ -299,23 +299,16 @@ def compose(
                 widths[c] = max(widths[c], int(t.shape[-1]))
     widths = [w or 1 for w in widths]
     total_w = sum(widths) + pad * (ncol + 1)
-    parts: list[Tensor] = []
-    white = lambda h: torch.ones(3, h, total_w)
+    # the layout first (a full-width strip, a band of tiles, or white space, each with its height), then one white
+    # canvas that every piece is pasted into (clamped to [0, 1]): no per-band allocations, no concatenation
+    parts: list[tuple[int, Tensor | Sequence[Tensor | None] | None]] = []
 
-    def band(tiles: Sequence[Tensor | None]) -> Tensor:
-        h = max([int(t.shape[-2]) for t in tiles if t is not None] or [1])
-        out = white(h)
-        x = pad
-        for c in range(ncol):
-            t = tiles[c] if c < len(tiles) else None
-            if t is not None:
-                t = to_rgb(t.float().unsqueeze(0))[0]
-                out[:, : t.shape[-2], x : x + min(t.shape[-1], widths[c])] = t[:, :, : widths[c]]
-            x += widths[c] + pad
-        return out
+    def band(tiles: Sequence[Tensor | None]) -> tuple[int, Sequence[Tensor | None]]:
+        return max([int(t.shape[-2]) for t in tiles if t is not None] or [1]), tiles
 
     if caption:
-        parts.append(_shared_strip(total_w, [caption], label_px + 2, align="left"))
+        strip = _shared_strip(total_w, [caption], label_px + 2, align="left")
+        parts.append((int(strip.shape[-2]), strip))
     if col_labels:
         parts.append(
             band(
@@ -326,13 +319,27 @@ def compose(
             )
         )
     for ri, tiles in enumerate(rows):
-        parts.append(white(pad))
+        parts.append((pad, None))
         parts.append(band(tiles))
         if under is not None and ri < len(under) and any(u is not None for u in under[ri]):
-            parts.append(white(1))
+            parts.append((1, None))
             parts.append(band(under[ri]))
-    parts.append(white(pad))
-    return torch.cat(parts, dim=1).clamp(0, 1)
+    parts.append((pad, None))
+    out = torch.ones(3, sum(h for h, _ in parts), total_w)
+    y = 0
+    for h, part in parts:
+        if isinstance(part, Tensor):
+            out[:, y : y + h] = part.clamp(0, 1)
+        elif part is not None:
+            x = pad
+            for c in range(ncol):
+                t = part[c] if c < len(part) else None
+                if t is not None:
+                    t = to_rgb(t.float().unsqueeze(0))[0]
+                    out[:, y : y + t.shape[-2], x : x + min(t.shape[-1], widths[c])] = t[:, :, : widths[c]].clamp(0, 1)
+                x += widths[c] + pad
+        y += h
+    return out
 
 
 def to_uint8_hwc(image01: Tensor):
