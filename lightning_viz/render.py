@@ -300,7 +300,7 @@ def compose(
     widths = [w or 1 for w in widths]
     total_w = sum(widths) + pad * (ncol + 1)
     # the layout first (a full-width strip, a band of tiles, or white space, each with its height), then one white
-    # canvas that every piece is pasted into (clamped to [0, 1]): no per-band allocations, no concatenation
+    # canvas that every piece is pasted into and clamped to [0, 1] in place: no per-band or per-tile temporaries
     parts: list[tuple[int, Tensor | Sequence[Tensor | None] | None]] = []
 
     def band(tiles: Sequence[Tensor | None]) -> tuple[int, Sequence[Tensor | None]]:
@@ -329,14 +329,17 @@ def compose(
     y = 0
     for h, part in parts:
         if isinstance(part, Tensor):
-            out[:, y : y + h] = part.clamp(0, 1)
+            out[:, y : y + h] = part
+            out[:, y : y + h].clamp_(0, 1)
         elif part is not None:
             x = pad
             for c in range(ncol):
                 t = part[c] if c < len(part) else None
                 if t is not None:
                     t = to_rgb(t.float().unsqueeze(0))[0]
-                    out[:, y : y + t.shape[-2], x : x + min(t.shape[-1], widths[c])] = t[:, :, : widths[c]].clamp(0, 1)
+                    region = out[:, y : y + t.shape[-2], x : x + min(t.shape[-1], widths[c])]
+                    region.copy_(t[:, :, : widths[c]])
+                    region.clamp_(0, 1)  # in place: no temporary per tile
                 x += widths[c] + pad
         y += h
     return out
@@ -349,7 +352,8 @@ def to_uint8_hwc(image01: Tensor):
     if img.ndim == 2:
         img = img.unsqueeze(0)
     img = to_rgb(img.unsqueeze(0))[0]
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    # one float temporary (clamp), then in place; a contiguous HWC array (what PNG encoders take without a copy)
+    return img.clamp(0, 1).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
 
 
 def labeled_grid(
