@@ -300,7 +300,7 @@ def compose(
     widths = [w or 1 for w in widths]
     total_w = sum(widths) + pad * (ncol + 1)
     # the layout first (a full-width strip, a band of tiles, or white space, each with its height), then one white
-    # canvas that every piece is pasted into and clamped to [0, 1] in place: no per-band or per-tile temporaries
+    # canvas that every piece is pasted into, clamped to [0, 1] in place once: no per-band or per-tile temporaries
     parts: list[tuple[int, Tensor | Sequence[Tensor | None] | None]] = []
 
     def band(tiles: Sequence[Tensor | None]) -> tuple[int, Sequence[Tensor | None]]:
@@ -330,19 +330,16 @@ def compose(
     for h, part in parts:
         if isinstance(part, Tensor):
             out[:, y : y + h] = part
-            out[:, y : y + h].clamp_(0, 1)
         elif part is not None:
             x = pad
             for c in range(ncol):
                 t = part[c] if c < len(part) else None
                 if t is not None:
                     t = to_rgb(t.float().unsqueeze(0))[0]
-                    region = out[:, y : y + t.shape[-2], x : x + min(t.shape[-1], widths[c])]
-                    region.copy_(t[:, :, : widths[c]])
-                    region.clamp_(0, 1)  # in place: no temporary per tile
+                    out[:, y : y + t.shape[-2], x : x + min(t.shape[-1], widths[c])] = t[:, :, : widths[c]]
                 x += widths[c] + pad
         y += h
-    return out
+    return out.clamp_(0, 1)
 
 
 def to_uint8_hwc(image01: Tensor):
