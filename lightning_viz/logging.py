@@ -209,14 +209,19 @@ def _write_embedding(folder: str, features: Tensor, metadata: list | None, heade
 
 def _png_summary(tag: str, hwc: np.ndarray) -> Any:
     """The TensorBoard image summary of a uint8 ``[H, W, 3]`` array (what ``SummaryWriter.add_image`` writes for
-    it, PNG-encoded at zlib level 1)."""
+    it, with a faster PNG encoding of the same pixels)."""
     import io
+    import zlib
 
     from PIL import Image
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(hwc, dtype=np.uint8)).save(buf, format="PNG", compress_level=1)
+    # zlib level 1, run-length strategy: measured on the demo's images ~4x faster than the default level 6, ~12%
+    # larger files (and both faster and smaller than level 1 with the default strategy)
+    Image.fromarray(np.ascontiguousarray(hwc, dtype=np.uint8)).save(
+        buf, format="PNG", compress_level=1, compress_type=zlib.Z_RLE
+    )
     h, w, c = hwc.shape
     img = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buf.getvalue())
     return Summary(value=[Summary.Value(tag=tag, image=img)])
@@ -271,8 +276,7 @@ class TensorBoardBackend(Backend):
         if not isinstance(self.writer, SummaryWriter):  # e.g. tensorboardX: its own protos
             self.writer.add_image(tag, hwc, step, dataformats="HWC")
             return
-        # add_image's summary, encoded with zlib level 1: the same pixels, ~3.5x faster than PIL's default level 6
-        # (files ~20% larger)
+        # add_image's summary with a faster PNG encoding: the same pixels (see _png_summary)
         self.writer._get_file_writer().add_summary(_png_summary(tag, hwc), step)
 
     def scalar(self, tag, value, step):

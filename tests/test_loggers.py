@@ -364,3 +364,36 @@ def test_loggers_option_fails_early_naming_what_the_trainer_has(tmp_path):
         r"\['csv', 'folder'\]",
     ):
         trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
+
+
+def test_tensorboard_images_read_back_with_the_exact_pixels_and_size(tmp_path):
+    """TensorBoard images are encoded by lightning-viz (a faster PNG setting than add_image's): the event file must
+    still hold exactly the logged uint8 pixels, with add_image's height/width/colorspace, at the logged step; a
+    compose'd panel is pasted pixel for pixel (values outside [0, 1] clamped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_viz.render import compose, to_uint8_hwc
+
+    g = torch.Generator().manual_seed(0)
+    tiles = [torch.rand(3, 9, 7, generator=g) * 1.4 - 0.2, torch.rand(1, 5, 4, generator=g)]
+    panel = compose([tiles], ["a", "b"], "cap")
+    assert panel.min() >= 0 and panel.max() <= 1
+    x0 = 2  # pad; the first tile sits under the caption strip and the column labels
+    y0 = panel.shape[1] - 2 - 9
+    assert torch.equal(panel[:, y0 : y0 + 9, x0 : x0 + 7], tiles[0].clamp(0, 1))
+    assert torch.equal(panel[:, y0 : y0 + 5, x0 + 7 + 2 : x0 + 7 + 2 + 4], tiles[1].expand(3, -1, -1))
+    writer = SummaryWriter(str(tmp_path))
+    VizLogger(writer, step=3).image("viz-test/panel", panel)
+    noise = torch.rand(3, 33, 65, generator=g)
+    VizLogger(writer, step=3).image("viz-test/noise", noise)
+    writer.close()
+    ea = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    ea.Reload()
+    assert sorted(ea.Tags()["images"]) == ["viz-test/noise", "viz-test/panel"]
+    for tag, img in [("viz-test/panel", panel), ("viz-test/noise", noise)]:
+        (ev,) = ea.Images(tag)
+        expected = to_uint8_hwc(img)
+        assert ev.step == 3 and (ev.height, ev.width) == expected.shape[:2]
+        got = np.asarray(Image.open(io.BytesIO(ev.encoded_image_string)).convert("RGB"))
+        assert np.array_equal(got, expected)
