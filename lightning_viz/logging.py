@@ -273,10 +273,11 @@ class TensorBoardBackend(Backend):
     def image(self, tag, hwc, step, caption=None):
         from torch.utils.tensorboard import SummaryWriter
 
-        if not isinstance(self.writer, SummaryWriter):  # e.g. tensorboardX: its own protos
+        # add_image's summary with a faster PNG encoding of the same pixels (see _png_summary), only where add_image is
+        # torch's own: a tensorboardX writer (its own protos) or a replaced/overridden add_image gets the call
+        if getattr(getattr(self.writer, "add_image", None), "__func__", None) is not SummaryWriter.add_image:
             self.writer.add_image(tag, hwc, step, dataformats="HWC")
             return
-        # add_image's summary with a faster PNG encoding: the same pixels (see _png_summary)
         self.writer._get_file_writer().add_summary(_png_summary(tag, hwc), step)
 
     def scalar(self, tag, value, step):
