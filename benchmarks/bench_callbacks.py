@@ -48,6 +48,8 @@ def instantiate(spec):
 class Counted:
     """Wrap a callback's ``run`` to count model forwards and images during it."""
 
+    profiler = None  # a cProfile.Profile enabled around every run when --profile is given
+
     def __init__(self, cb: VisualizationCallback):
         self.cb, self.calls, self.images, self.seconds = cb, 0, 0, []
         run = cb.run
@@ -61,9 +63,13 @@ class Counted:
 
             handle = pl_module.register_forward_pre_hook(pre_hook)
             start = time.perf_counter()
+            if Counted.profiler is not None:
+                Counted.profiler.enable()
             try:
                 return run(trainer, pl_module)
             finally:
+                if Counted.profiler is not None:
+                    Counted.profiler.disable()
                 if cb.should_run(trainer):
                     self.seconds.append(time.perf_counter() - start)
                     self.calls, self.images = counts
@@ -113,7 +119,12 @@ def main() -> None:
     parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--profile", default="", help="write a cProfile of every callback run to this file")
     args = parser.parse_args()
+    if args.profile:
+        import cProfile
+
+        Counted.profiler = cProfile.Profile()
     if args.threads:
         torch.set_num_threads(args.threads)
     with open(args.config) as f:
@@ -144,6 +155,9 @@ def main() -> None:
             f"epoch {e}: {p:.2f} s / {t:.2f} s = {p / t:.2f}" for e, (p, t) in enumerate(zip(pauses, clock.train_s))
         )
     )
+    if args.profile:
+        Counted.profiler.dump_stats(args.profile)
+        print(f"profile of every callback run: {args.profile} (python -m pstats {args.profile})")
     sys.stdout.flush()
 
 
