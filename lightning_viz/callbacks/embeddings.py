@@ -44,13 +44,14 @@ class EmbeddingCallback(VisualizationCallback):
     Args:
         layers: the layer (one name of ``model.named_modules()`` or a one-element list), or ``None`` for the
             penultimate features. One layer per instance.
-        projection: 2-D projections to plot: ``"pca"`` (SVD, cheap) and/or ``"tsne"`` (scikit-learn, slower).
+        projection: 2-D projections to plot: ``"pca"`` (SVD, cheap) and/or ``"tsne"`` (exact t-SNE in torch,
+            deterministic; scikit-learn's Barnes-Hut above 1000 probes; slower).
         projector: also write the TensorBoard projector files.
         sprite_size: side in pixels of each probe thumbnail in the projector sprite.
         knn_k: neighbours for the leave-one-out kNN accuracy.
         tsne_perplexity: t-SNE perplexity (capped below N/3).
         tsne_iterations: t-SNE gradient steps (>= 250; 500 by default, half of scikit-learn's 1000 at the same
-            trustworthiness on probe-set sizes).
+            trustworthiness on probe-set sizes; 400 loses some at 1000 probes).
         chunk_size: probe images per forward (``None``: all at once).
         num_probes: probe set size (default 128).
         layer: deprecated alias of ``layers``.  batch_size: deprecated alias of ``chunk_size``.
