@@ -101,6 +101,23 @@ def test_separation_scores_hand_computed():
     assert knn_accuracy(torch.tensor([[0.0], [1.0], [2.0], [10.0]]), torch.tensor([0, 0, 0, 1]), k=3) == 0.75
 
 
+def test_silhouette_matches_sklearn():
+    """The torch silhouette is scikit-learn's silhouette_score: clusters, labels that are not 0..K-1, a class of
+    one point (scores 0) and coincident points."""
+    from sklearn.metrics import silhouette_score
+
+    feats, labels = _clusters(per=10, dims=8, spread=0.8)
+    cases = [
+        (feats.double(), labels),
+        (feats.double(), labels * 3 + 5),
+        (torch.tensor([[0.0], [0.0], [1.0], [5.0], [5.5], [9.0]]), torch.tensor([3, 3, 7, 9, 9, 7])),
+        (torch.tensor([[0.0], [0.0], [1.0], [5.0], [5.5], [9.0]]), torch.tensor([3, 3, 7, 9, 9, 1])),
+    ]
+    for f, lab in cases:
+        ref = silhouette_score(f.double().numpy(), lab.numpy())
+        assert math.isclose(silhouette(f, lab), ref, rel_tol=1e-12, abs_tol=1e-12)
+
+
 def test_knn_vote_ties_go_to_the_class_of_the_nearest_neighbour():
     # k = 5 = all other points. By hand, neighbours nearest first (equal distances: lower index first):
     # p0: A B B C A -> tie A/B, nearest A (right)   p1: A B B C A -> A (right)

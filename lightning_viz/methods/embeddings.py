@@ -309,13 +309,22 @@ def _tsne_sklearn(features: Tensor, seed: int, perplexity: float, iterations: in
 
 
 def silhouette(features: Tensor, labels: Tensor) -> float:
-    """Mean silhouette coefficient with Euclidean distance; NaN unless 2 <= #classes <= N - 1."""
-    from sklearn.metrics import silhouette_score
-
-    n_cls = int(labels.unique().numel())
-    if not 2 <= n_cls <= features.shape[0] - 1:
+    """Mean silhouette coefficient (Rousseeuw 1987) with Euclidean distance, as scikit-learn's
+    ``silhouette_score``: ``s_i = (b_i - a_i) / max(a_i, b_i)`` with ``a_i`` the mean distance to the other
+    points of its class and ``b_i`` the smallest mean distance to another class; 0 for a class of one point.
+    NaN unless 2 <= #classes <= N - 1. float64 torch (no scikit-learn import)."""
+    n = features.shape[0]
+    classes, inv, counts = torch.unique(labels.reshape(-1), return_inverse=True, return_counts=True)
+    if not 2 <= classes.numel() <= n - 1:
         return float("nan")
-    return float(silhouette_score(features.double().numpy(), labels.numpy(), metric="euclidean"))
+    f = features.detach().cpu().double().reshape(n, -1)
+    d = squared_distances(f).sqrt_()
+    sums = d.new_zeros(n, classes.numel()).index_add_(1, inv, d)  # [N, K]: distance sums to each class
+    size = counts[inv].double()
+    a = sums.gather(1, inv[:, None]).squeeze(1) / (size - 1).clamp_min(1)
+    b = (sums / counts.double()).scatter_(1, inv[:, None], math.inf).amin(1)
+    s = torch.where(size > 1, (b - a) / torch.maximum(a, b), torch.zeros_like(a))
+    return float(torch.nan_to_num(s, nan=0.0).mean())  # a = b = 0 (coincident points): 0 as sklearn
 
 
 def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
