@@ -267,6 +267,44 @@ def test_tsne_of_one_dimensional_features():
     assert d[:6, 6:].min() > d[:6, :6].max() and d[:6, 6:].min() > d[6:, 6:].max()
 
 
+def test_scatter_image_draws_each_class_where_it_is_with_a_legend_beside():
+    """Dots in tab10 class colors at their places (class 1 right of class 0, class 2 above it), a legend with every
+    class color right of the plot frame, a title above it; no labels: blue dots only, no legend; the same input
+    gives the same pixels; non-finite points are left out."""
+    from lightning_viz.methods.embeddings import _TAB10, scatter_image
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    labels = torch.arange(3).repeat_interleave(10)
+    pts = centers[labels] + torch.randn(30, 2, generator=g) * 0.5
+    img = scatter_image(pts, labels, "penultimate TSNE, epoch 3", class_names=["zero", "one", "two"])
+    assert img.shape[:2] == (3, 384) and img.shape[2] > 384 and img.min() >= 0 and img.max() <= 1
+    assert torch.equal(img, scatter_image(pts, labels, "penultimate TSNE, epoch 3", class_names=["zero", "one", "two"]))
+    arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0)
+    frame = ((arr == 0).all(-1).sum(0) > 300).nonzero().flatten()  # the plot frame's two vertical sides
+    x_left, x_right = int(frame.min()), int(frame.max())
+    assert x_right - x_left > 300
+    rows = ((arr == 0).all(-1).sum(1) > 300).nonzero().flatten()
+    assert bool((arr[: int(rows.min())] < 128).any())  # the title, above the frame
+    where = []
+    for k in range(3):
+        mask = (arr == torch.tensor(_TAB10[k], dtype=torch.uint8)).all(-1)
+        inside, legend = mask[:, x_left:x_right], mask[:, x_right:]
+        assert int(inside.sum()) >= 10 * 4 and int(legend.sum()) >= 4, k  # 10 dots, 1 legend dot
+        yx = inside.nonzero().double().mean(0)
+        where.append(yx)
+    assert where[1][1] - where[0][1] > 150 and abs(where[1][0] - where[0][0]) < 30  # class 1: right of class 0
+    assert where[0][0] - where[2][0] > 150 and abs(where[2][1] - where[0][1]) < 30  # class 2: above class 0
+
+    pts[3] = float("nan")
+    plain = scatter_image(pts, None, "no labels")
+    arr = (plain * 255).round().to(torch.uint8).permute(1, 2, 0)
+    colored = (arr.max(-1).values.int() - arr.min(-1).values.int()) > 40
+    blue = (arr == torch.tensor(_TAB10[0], dtype=torch.uint8)).all(-1)
+    assert plain.shape[2] < img.shape[2] and int(blue.sum()) >= 29 * 4
+    assert not bool((colored & ~blue & (arr[..., 2] < arr[..., 0])).any())  # nothing orange, red or green
+
+
 def test_projector_files_and_scalars_per_scheduled_epoch(tmp_path):
     cb = EmbeddingCallback(projection=["pca", "tsne"], num_probes=12, every_n_epochs=2, sprite_size=8)
     train, val = tiny_loaders()

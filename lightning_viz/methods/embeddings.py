@@ -8,7 +8,8 @@
 * :func:`tsne_2d`: t-SNE (van der Maaten & Hinton, JMLR 2008), exact and deterministic in torch for probe-set
   sizes (:func:`joint_probabilities`, :func:`tsne_exact`), scikit-learn's Barnes-Hut beyond;
 * :func:`silhouette` (Rousseeuw 1987, ``s = (b - a) / max(a, b)`` averaged) and :func:`knn_accuracy`
-  (leave-one-out k-nearest-neighbour accuracy) measure how well classes separate.
+  (leave-one-out k-nearest-neighbour accuracy) measure how well classes separate;
+* :func:`scatter_image`: the 2-D points colored by class with a legend, drawn with PIL.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import inspect
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -345,32 +348,170 @@ def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
     return float((pred == labels).double().mean())
 
 
+#: matplotlib's "tab10" colors, class by class (cycled past 10 classes).
+_TAB10 = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+)
+_DOT_STEPS = 4  # dot positions to a quarter pixel: one antialiased mask per sub-pixel offset
+
+
+@lru_cache(maxsize=4)
+def _dot_masks(radius: float) -> tuple[tuple[Any, ...], ...]:
+    """PIL ``"L"`` masks of a disc of ``radius`` px, antialiased (coverage of 8 x 8 samples per pixel), centred at
+    ``(c + i / 4, c + j / 4)`` for ``c = ceil(radius)``: ``masks[i][j]``, pasted with the top-left at
+    ``(floor(x) - c, floor(y) - c)``."""
+    import numpy as np
+    from PIL import Image
+
+    c = math.ceil(radius)
+    size = 2 * c + 2
+    sub = (np.arange(size * 8) + 0.5) / 8  # sample positions, in pixels
+    out = []
+    for i in range(_DOT_STEPS):
+        row = []
+        for j in range(_DOT_STEPS):
+            dx = sub[None, :] - (c + i / _DOT_STEPS)
+            dy = sub[:, None] - (c + j / _DOT_STEPS)
+            inside = (dx * dx + dy * dy <= radius * radius).astype(np.float64)
+            cover = inside.reshape(size, 8, size, 8).mean(axis=(1, 3))
+            row.append(Image.fromarray(np.round(cover * 255).astype(np.uint8), "L"))
+        out.append(tuple(row))
+    return tuple(out)
+
+
+def _paste_dot(img: Any, x: float, y: float, radius: float, color: tuple[int, int, int]) -> None:
+    """An antialiased disc of ``color`` centred at pixel coordinates ``(x, y)`` (pixel ``i`` spans ``[i, i+1)``)."""
+    ix, iy = math.floor(x), math.floor(y)
+    qx = min(_DOT_STEPS - 1, round((x - ix) * _DOT_STEPS))
+    qy = min(_DOT_STEPS - 1, round((y - iy) * _DOT_STEPS))
+    c = math.ceil(radius)
+    img.paste(color, (ix - c, iy - c), _dot_masks(radius)[qx][qy])
+
+
+def _nice_ticks(lo: float, hi: float, max_ticks: int = 6) -> tuple[list[float], int]:
+    """Tick values at a 1-2-2.5-5 x 10^k step inside ``[lo, hi]`` (at most ``max_ticks``) and their decimals."""
+    raw = (hi - lo) / max_ticks
+    exp = math.floor(math.log10(raw))
+    step = next(m * 10.0**exp for m in (1.0, 2.0, 2.5, 5.0, 10.0) if m * 10.0**exp >= raw)
+    first = math.ceil(lo / step - 1e-9)
+    ticks = [(first + i) * step for i in range(int((hi - lo) / step + 1e-9) + 2)]
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) + (1 if round(step / 10.0**exp, 6) == 2.5 else 0)
+    return [t for t in ticks if lo - 1e-9 * step <= t <= hi + 1e-9 * step], decimals
+
+
+def _tick_label(v: float, decimals: int) -> str:
+    if v != 0 and not 1e-3 <= abs(v) < 1e5:
+        return f"{v:.2g}"
+    text = f"{v:.{min(decimals, 6)}f}"
+    return "0" if float(text) == 0 else text
+
+
+def _text(draw: Any, xy: tuple[float, float], text: str, font: Any, anchor: str, fill=(0, 0, 0)) -> None:
+    try:
+        draw.text(xy, text, fill=fill, font=font, anchor=anchor)
+    except ValueError:  # a bitmap font (old Pillow without FreeType) has no anchors: top-left, shifted by hand
+        w, h = draw.textlength(text, font=font), 11
+        dx = {"l": 0, "m": -w / 2, "r": -w}[anchor[0]]
+        dy = {"a": 0, "t": 0, "m": -h / 2, "s": -h, "b": -h, "d": -h}[anchor[1]]
+        draw.text((xy[0] + dx, xy[1] + dy), text, fill=fill, font=font)
+
+
 def scatter_image(
     points: Tensor, labels: Tensor | None, title: str = "", class_names: Sequence[str] | None = None, size_px: int = 384
 ) -> Tensor:
-    """A 2-D scatter colored by class, rendered with matplotlib's Agg canvas -> ``[3, H, W]`` in ``[0, 1]``."""
-    import matplotlib
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """A 2-D scatter colored by class -> ``[3, H, W]`` in ``[0, 1]``, drawn with PIL (no matplotlib figure).
 
-    dpi = 100
-    fig = Figure(figsize=(size_px / dpi, size_px / dpi), dpi=dpi)
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot(111)
-    p = points.detach().float().cpu().numpy()
-    if labels is None:
-        ax.scatter(p[:, 0], p[:, 1], s=12, c="tab:blue")
+    ``size_px`` high: the title on top, a square plot (data limits padded 5% as matplotlib, a frame with
+    1-2-2.5-5 ticks and their values), dots of 5 px in matplotlib's tab10 colors (one per class present, in
+    label order, later classes on top; antialiased by drawing 4x larger and box-filtering), and a legend to the
+    right of the plot (a dot and the class name, more columns when the classes do not fit in one), so it never
+    hides points. Non-finite points are left out.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from ..render import _fit, _font
+
+    p = points.detach().cpu().double()[:, :2]
+    finite = torch.isfinite(p).all(1)
+    lab = None if labels is None else labels.detach().cpu().reshape(-1).long()
+    classes = [] if lab is None else [int(c) for c in torch.unique(lab)]
+    names = [str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else str(c) for c in classes]
+
+    h = int(size_px)
+    title_font, tick_font, legend_font = _font(13), _font(10), _font(11)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # data limits (5% margins), ticks, then the layout around them
+    lims = []
+    for axis in range(2):
+        v = p[finite, axis]
+        lo, hi = (float(v.min()), float(v.max())) if v.numel() else (0.0, 1.0)
+        if hi - lo <= 1e-12 * max(1.0, abs(lo), abs(hi)):
+            lo, hi = lo - max(0.5, abs(lo) * 0.05), hi + max(0.5, abs(hi) * 0.05)
+        pad = (hi - lo) * 0.05
+        lims.append((lo - pad, hi + pad))
+    ticks = [_nice_ticks(*lim) for lim in lims]
+    tick_text = [[_tick_label(t, dec) for t in ts] for ts, dec in ticks]
+    top, bottom = 24, 20
+    left = 8 + 6 + max([probe.textlength(t, font=tick_font) for t in tick_text[1]] or [0.0])
+    left = math.ceil(left)
+    side = max(16, h - top - bottom)
+    legend_x, row_h, dot_r = left + side + 14, 15, 4
+    rows = max(1, (h - top) // row_h)
+    cols = -(-len(classes) // rows) if classes else 0
+    name_w = min(130.0, max([probe.textlength(n, font=legend_font) for n in names] or [0.0]))
+    col_w = math.ceil(2 * dot_r + 6 + name_w + 10)
+    width = legend_x + cols * col_w if cols else left + side + 12
+
+    img = Image.new("RGB", (width, h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+
+    # the dots, class by class (antialiased masks pasted over what is there)
+    (x0, x1), (y0, y1) = lims
+    px = (left + (p[:, 0] - x0) / (x1 - x0) * side).tolist()
+    py = (top + (1.0 - (p[:, 1] - y0) / (y1 - y0)) * side).tolist()
+    ok = finite.tolist()
+    if lab is None:
+        groups = [(list(range(p.shape[0])), _TAB10[0])]
     else:
-        lab = labels.cpu().numpy()
-        for i, c in enumerate(np.unique(lab)):
-            sel = lab == c
-            name = class_names[int(c)] if class_names is not None and 0 <= int(c) < len(class_names) else str(int(c))
-            ax.scatter(p[sel, 0], p[sel, 1], s=12, color=matplotlib.colormaps["tab10"](i % 10), label=name)
-        ax.legend(fontsize=7, loc="best", markerscale=1.5)
-    ax.set_title(title, fontsize=9)
-    ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    canvas.draw()
-    arr = np.asarray(canvas.buffer_rgba())[..., :3].copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
+        groups = [(torch.nonzero(lab == c).flatten().tolist(), _TAB10[i % 10]) for i, c in enumerate(classes)]
+    for idx, color in groups:
+        for j in idx:
+            if ok[j]:
+                _paste_dot(img, px[j], py[j], 2.5, color)
+
+    # frame, ticks and their values
+    draw.rectangle((left - 1, top - 1, left + side, top + side), outline=(0, 0, 0))
+    for t, text in zip(ticks[0][0], tick_text[0]):
+        x = left + (t - x0) / (x1 - x0) * side
+        draw.line((x, top + side, x, top + side + 4), fill=(0, 0, 0))
+        _text(draw, (x, top + side + 6), text, tick_font, "mt")
+    for t, text in zip(ticks[1][0], tick_text[1]):
+        y = top + (1.0 - (t - y0) / (y1 - y0)) * side
+        draw.line((left - 5, y, left - 1, y), fill=(0, 0, 0))
+        _text(draw, (left - 7, y), text, tick_font, "rm")
+    if title:  # centred over the plot, shifted (or cut) to stay inside the image
+        text = _fit(draw, title, title_font, width - 4)
+        half = draw.textlength(text, font=title_font) / 2
+        _text(draw, (min(max(left + side / 2, half + 2), width - half - 2), top / 2), text, title_font, "mm")
+
+    # legend: a dot and the class name per class, column by column
+    for i, name in enumerate(names):
+        cx = legend_x + (i // rows) * col_w + dot_r
+        cy = top + (i % rows) * row_h + row_h / 2
+        _paste_dot(img, cx, cy, dot_r, _TAB10[i % 10])
+        _text(draw, (cx + dot_r + 6, cy), _fit(draw, name, legend_font, name_w), legend_font, "lm")
+    # float in numpy (one thread: torch's threads only wait on each other at this size), then a [3, H, W] view
+    # of the HWC pixels, so that to_uint8_hwc gets its HWC layout back without a copy
+    pixels = np.asarray(img, dtype=np.float32)
+    pixels /= 255.0
+    return torch.from_numpy(pixels).permute(2, 0, 1)
