@@ -146,12 +146,12 @@ class EmbeddingCallback(VisualizationCallback):
         if self.projector:
             lab = ["?"] * len(preds) if labels is None else [class_name(v, names) for v in labels]
             metadata = [[a, class_name(p, names)] for a, p in zip(lab, preds)]
-            sprites = F.interpolate(
-                probe.display_images()[ok],
-                size=(self.sprite_size, self.sprite_size),
-                mode="bilinear",
-                align_corners=False,
-            ).clamp(0, 1)
+            sprites = probe.display_images()[ok]
+            if tuple(sprites.shape[-2:]) != (self.sprite_size, self.sprite_size):  # (same size: the same pixels)
+                sprites = F.interpolate(
+                    sprites, size=(self.sprite_size, self.sprite_size), mode="bilinear", align_corners=False
+                )
+            sprites = sprites.clamp(0, 1)
             if sprites.shape[1] == 1:
                 sprites = sprites.expand(-1, 3, -1, -1)
             logger.embedding(
