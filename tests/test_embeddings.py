@@ -221,19 +221,15 @@ def test_tsne_is_deterministic_and_leaves_global_state_alone():
     assert np.array_equal(states[1], np.random.get_state()[1]) and states[2] == random.getstate()
 
 
-def test_tsne_float32_and_barnes_hut_ranges(monkeypatch):
-    """Above TSNE_FLOAT64_MAX_POINTS the exact t-SNE runs in float32 (clusters still apart); above
-    TSNE_EXACT_MAX_POINTS scikit-learn's Barnes-Hut takes over (seeded)."""
+def test_tsne_above_the_exact_range_is_sklearns_barnes_hut(monkeypatch):
+    """Above TSNE_EXACT_MAX_POINTS scikit-learn's Barnes-Hut takes over (seeded): clusters still apart."""
     import lightning_viz.methods.embeddings as emb_mod
 
     feats, labels = _clusters(per=16)
-    f64 = tsne_2d(feats)
-    monkeypatch.setattr(emb_mod, "TSNE_FLOAT64_MAX_POINTS", 32)
-    f32 = tsne_2d(feats)
-    assert knn_accuracy(f32, labels) == 1.0 and not torch.equal(f32, f64)
+    exact = tsne_2d(feats)
     monkeypatch.setattr(emb_mod, "TSNE_EXACT_MAX_POINTS", 32)
     bh = tsne_2d(feats, seed=2)
-    assert torch.equal(bh, tsne_2d(feats, seed=2)) and not torch.equal(bh, f32)
+    assert torch.equal(bh, tsne_2d(feats, seed=2)) and not torch.equal(bh, exact)
     assert knn_accuracy(bh, labels) == 1.0
 
 
