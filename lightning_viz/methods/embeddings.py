@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache
 from typing import Any
 
@@ -85,9 +85,10 @@ def pca_2d(features: Tensor, dims: int = 2) -> Tensor:
 
     Each axis's sign is fixed so that its largest-magnitude loading is positive (stable across epochs).
     Missing dimensions (``N`` or ``D`` < dims) are zero. Probe-set sizes (up to 2^20 values) on one torch
-    thread: MKL's threaded SVD of 128 x 64 was measured ~100x slower than one thread on a loaded 2-core machine.
+    thread: MKL's threaded SVD of 128 x 64 was measured ~100x slower than one thread on a loaded 2-core machine
+    (the separation scores likewise).
     """
-    with _one_thread() if features.numel() <= 2**20 else nullcontext():
+    with _one_thread_if_small(features.numel()):
         return _pca_scores(features, dims).float()
 
 
@@ -280,6 +281,11 @@ def tsne_2d(features: Tensor, seed: int = 0, perplexity: float = 30.0, iteration
     return y.float()
 
 
+def _one_thread_if_small(numel: int) -> AbstractContextManager[None]:
+    """:func:`_one_thread` for work on up to 2^20 values (probe-set sizes), else nothing."""
+    return _one_thread() if numel <= 2**20 else nullcontext()
+
+
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """torch's intra-op threads set to 1 for the block, then restored. The small t-SNE products and
@@ -320,13 +326,14 @@ def silhouette(features: Tensor, labels: Tensor) -> float:
     if not 2 <= classes.numel() <= n - 1:
         return float("nan")
     f = features.detach().cpu().double().reshape(n, -1)
-    d = squared_distances(f).sqrt_()
-    sums = d.new_zeros(n, classes.numel()).index_add_(1, inv, d)  # [N, K]: distance sums to each class
-    size = counts[inv].double()
-    a = sums.gather(1, inv[:, None]).squeeze(1) / (size - 1).clamp_min(1)
-    b = (sums / counts.double()).scatter_(1, inv[:, None], math.inf).amin(1)
-    s = torch.where(size > 1, (b - a) / torch.maximum(a, b), torch.zeros_like(a))
-    return float(torch.nan_to_num(s, nan=0.0).mean())  # a = b = 0 (coincident points): 0 as sklearn
+    with _one_thread_if_small(n * max(n, f.shape[1])):
+        d = squared_distances(f).sqrt_()
+        sums = d.new_zeros(n, classes.numel()).index_add_(1, inv, d)  # [N, K]: distance sums to each class
+        size = counts[inv].double()
+        a = sums.gather(1, inv[:, None]).squeeze(1) / (size - 1).clamp_min(1)
+        b = (sums / counts.double()).scatter_(1, inv[:, None], math.inf).amin(1)
+        s = torch.where(size > 1, (b - a) / torch.maximum(a, b), torch.zeros_like(a))
+        return float(torch.nan_to_num(s, nan=0.0).mean())  # a = b = 0 (coincident points): 0 as sklearn
 
 
 def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
@@ -335,9 +342,10 @@ def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
     if n < 2:
         return float("nan")
     k = min(k, n - 1)
-    d = torch.cdist(features.double(), features.double())
-    d.fill_diagonal_(float("inf"))
-    nn_idx = torch.sort(d, dim=1, stable=True).indices[:, :k]  # [N, k], nearest first
+    with _one_thread_if_small(n * max(n, features[0].numel())):
+        d = torch.cdist(features.double(), features.double())
+        d.fill_diagonal_(float("inf"))
+        nn_idx = torch.sort(d, dim=1, stable=True).indices[:, :k]  # [N, k], nearest first
     nn_lab = labels.long()[nn_idx]
     num_classes = int(labels.max()) + 1
     votes = torch.zeros(n, num_classes, dtype=torch.long).scatter_add_(1, nn_lab, torch.ones_like(nn_lab))
