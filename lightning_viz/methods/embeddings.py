@@ -292,7 +292,7 @@ def _one_thread() -> Iterator[None]:
     element-wise ops gain nothing from threads, while MKL's threaded GEMMs and OpenMP barriers were measured
     5-6x slower on a loaded 2-core machine; one thread also makes the result independent of the thread count."""
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == 1 or not _openmp_backend():  # the native backend cannot change its count once it has run
         yield
         return
     torch.set_num_threads(1)
@@ -300,6 +300,11 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@lru_cache(maxsize=1)
+def _openmp_backend() -> bool:
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def _tsne_sklearn(features: Tensor, seed: int, perplexity: float, iterations: int) -> Tensor:
