@@ -366,6 +366,47 @@ def test_loggers_option_fails_early_naming_what_the_trainer_has(tmp_path):
         trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
 
 
+def test_png_writer_round_trips_exact_pixels_through_pil_and_the_event_file(tmp_path):
+    """lightning-viz's own PNG writer: RGB and gray images of odd sizes (one pixel, one row, one column), all zero,
+    all 255 and random, decode with PIL to exactly the written pixels, and so do TensorBoard summaries read back
+    from the event file (at the step, with the height and width, gray as gray)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_viz.logging import _encode_png, _png_summary
+
+    rng = np.random.default_rng(0)
+    images = {}
+    for h, w in [(1, 1), (1, 9), (13, 1), (7, 5), (33, 65)]:
+        for c in (3, 1):
+            images[f"zero/{h}x{w}x{c}"] = np.zeros((h, w, c), np.uint8)
+            images[f"full/{h}x{w}x{c}"] = np.full((h, w, c), 255, np.uint8)
+            images[f"rand/{h}x{w}x{c}"] = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+    stripes = np.repeat(np.repeat(rng.integers(0, 256, (4, 6, 3), dtype=np.uint8), 4, axis=0), 4, axis=1)
+    images["nearest_upscaled"] = stripes  # repeated rows: the Up filter's zero rows
+    images["non_contiguous"] = stripes[::2, 1::3]
+
+    def decode(png: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(png)))
+
+    writer = SummaryWriter(str(tmp_path))
+    for tag, img in images.items():
+        assert np.array_equal(decode(_encode_png(img)).reshape(img.shape), img), tag
+        writer._get_file_writer().add_summary(_png_summary(tag, img), 5)
+    gray = rng.integers(0, 256, (6, 11), dtype=np.uint8)
+    assert np.array_equal(decode(_encode_png(gray)), gray)
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["images"]) == sorted(images)
+    for tag, img in images.items():
+        (ev,) = acc.Images(tag)
+        assert (ev.step, ev.height, ev.width) == (5, *img.shape[:2])
+        got = decode(ev.encoded_image_string)
+        assert got.ndim == (3 if img.shape[2] == 3 else 2), tag
+        assert np.array_equal(got.reshape(img.shape), img), tag
+
+
 def test_tensorboard_images_read_back_with_the_exact_pixels_and_size(tmp_path):
     """TensorBoard images are encoded by lightning-viz (a faster PNG setting than add_image's): the event file must
     still hold exactly the logged uint8 pixels, with add_image's height/width/colorspace, at the logged step; a
