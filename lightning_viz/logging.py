@@ -555,7 +555,8 @@ class VizLogger:
         return cls(backends, step, enabled=enabled, namespace=namespace)
 
     def image(self, tag: str, image01: Tensor, caption: str | None = None) -> None:
-        """Log one ``[3, H, W]`` float image in ``[0, 1]`` (``caption``: shown by W&B, kept by none else)."""
+        """Log one ``[3, H, W]`` float image in ``[0, 1]`` or uint8 image (e.g. from ``compose``; see
+        :func:`~lightning_viz.render.to_uint8_hwc`); ``caption``: shown by W&B, kept by none else."""
         if self.enabled:
             tag = self._tag(tag)
             hwc = to_uint8_hwc(image01)

@@ -410,7 +410,7 @@ def test_png_writer_round_trips_exact_pixels_through_pil_and_the_event_file(tmp_
 def test_tensorboard_images_read_back_with_the_exact_pixels_and_size(tmp_path):
     """TensorBoard images are encoded by lightning-viz (a faster PNG setting than add_image's): the event file must
     still hold exactly the logged uint8 pixels, with add_image's height/width/colorspace, at the logged step; a
-    compose'd panel is pasted pixel for pixel (values outside [0, 1] clamped)."""
+    compose'd panel (uint8) is pasted pixel for pixel (values outside [0, 1] clamped)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
@@ -419,11 +419,13 @@ def test_tensorboard_images_read_back_with_the_exact_pixels_and_size(tmp_path):
     g = torch.Generator().manual_seed(0)
     tiles = [torch.rand(3, 9, 7, generator=g) * 1.4 - 0.2, torch.rand(1, 5, 4, generator=g)]
     panel = compose([tiles], ["a", "b"], "cap")
-    assert panel.min() >= 0 and panel.max() <= 1
+    assert panel.dtype == torch.uint8
     x0 = 2  # pad; the first tile sits under the caption strip and the column labels
     y0 = panel.shape[1] - 2 - 9
-    assert torch.equal(panel[:, y0 : y0 + 9, x0 : x0 + 7], tiles[0].clamp(0, 1))
-    assert torch.equal(panel[:, y0 : y0 + 5, x0 + 7 + 2 : x0 + 7 + 2 + 4], tiles[1].expand(3, -1, -1))
+    u8 = [(t.clamp(0, 1) * 255).round().to(torch.uint8) for t in tiles]
+    assert torch.equal(panel[:, y0 : y0 + 9, x0 : x0 + 7], u8[0])
+    assert torch.equal(panel[:, y0 : y0 + 5, x0 + 7 + 2 : x0 + 7 + 2 + 4], u8[1].expand(3, -1, -1))
+    assert (panel[:, y0 + 5 :, x0 + 7 + 2 :] == 255).all()  # white under the shorter tile
     writer = SummaryWriter(str(tmp_path))
     VizLogger(writer, step=3).image("viz-test/panel", panel)
     noise = torch.rand(3, 33, 65, generator=g)
