@@ -37,6 +37,7 @@ from typing import Any, Optional
 import numpy as np
 from torch import Tensor
 
+from . import _crc32c
 from .render import to_uint8_hwc
 
 __all__ = [
@@ -244,6 +245,16 @@ def _png_summary(tag: str, hwc: np.ndarray) -> Any:
     return Summary(value=[Summary.Value(tag=tag, image=img)])
 
 
+def _fast_record_checksums() -> None:
+    """Have TensorBoard's record writer checksum records with :mod:`lightning_viz._crc32c` (the same checksums,
+    ~30x faster on images than its pure-Python loop), where it uses that pure-Python loop (no TensorFlow)."""
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+    from tensorboard.summary.writer import record_writer
+
+    if record_writer.masked_crc32c is pywrap_tensorflow.masked_crc32c:
+        record_writer.masked_crc32c = _crc32c.masked(pywrap_tensorflow.masked_crc32c)
+
+
 def _figure_to_hwc(fig: Any) -> np.ndarray:
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
@@ -290,11 +301,13 @@ class TensorBoardBackend(Backend):
     def image(self, tag, hwc, step, caption=None):
         from torch.utils.tensorboard import SummaryWriter
 
-        # add_image's summary with a faster PNG encoding of the same pixels (see _png_summary), only where add_image is
-        # torch's own: a tensorboardX writer (its own protos) or a replaced/overridden add_image gets the call
+        # add_image's summary with a faster PNG encoding of the same pixels (see _png_summary) and faster record
+        # checksums, only where add_image is torch's own: a tensorboardX writer (its own protos) or a
+        # replaced/overridden add_image gets the call
         if getattr(getattr(self.writer, "add_image", None), "__func__", None) is not SummaryWriter.add_image:
             self.writer.add_image(tag, hwc, step, dataformats="HWC")
             return
+        _fast_record_checksums()
         self.writer._get_file_writer().add_summary(_png_summary(tag, hwc), step)
 
     def scalar(self, tag, value, step):

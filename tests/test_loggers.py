@@ -407,6 +407,29 @@ def test_png_writer_round_trips_exact_pixels_through_pil_and_the_event_file(tmp_
         assert np.array_equal(got.reshape(img.shape), img), tag
 
 
+def test_event_record_checksums_match_tensorboards_own(tmp_path):
+    """The numpy CRC-32C that image records are checksummed with gives TensorBoard's own (pure-Python) checksums, at
+    and around the lane and merge boundaries; once an image is logged, TensorBoard's record writer uses it."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import crc32c as slow_crc32c
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as slow_masked
+    from tensorboard.summary.writer import record_writer
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_viz._crc32c import LANE, crc32c, masked
+
+    rng = np.random.default_rng(0)
+    fast = masked(slow_masked)
+    for n in [4, 5, LANE - 1, LANE, LANE + 1, 3 * LANE, 64 * LANE, 64 * LANE + 1, 128 * LANE - 3, 100_003]:
+        for data in (rng.integers(0, 256, n, dtype=np.uint8).tobytes(), bytes(n), b"\xff" * n):
+            assert crc32c(data) == slow_crc32c(data), n
+            assert fast(data) == slow_masked(data), n
+    writer = SummaryWriter(str(tmp_path))
+    VizLogger(writer, step=0).image("viz-test/noise", torch.rand(3, 40, 50))
+    writer.close()
+    assert read_events(str(tmp_path)).Tags()["images"] == ["viz-test/noise"]  # the reader checks every checksum
+    assert record_writer.masked_crc32c.__module__ == "lightning_viz._crc32c"
+
+
 def test_tensorboard_images_read_back_with_the_exact_pixels_and_size(tmp_path):
     """TensorBoard images are encoded by lightning-viz (a faster PNG setting than add_image's): the event file must
     still hold exactly the logged uint8 pixels, with add_image's height/width/colorspace, at the logged step; a
