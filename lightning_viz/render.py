@@ -30,6 +30,7 @@ __all__ = [
     "to_rgb",
     "image_grid",
     "filmstrip",
+    "to_uint8",
     "to_uint8_hwc",
     "label_strip",
     "text_strip",
@@ -259,16 +260,26 @@ def _text_strip(width: int, texts: tuple[str, ...], height: int, align: str, cel
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
+def _nearest_index(n: int, factor: int) -> np.ndarray:
+    """The source index of each of ``n * factor`` outputs, as torch's ``nearest`` upsampling computes it."""
+    src = np.floor(np.arange(n * factor, dtype=np.float32) * np.float32(1 / factor))
+    return np.minimum(src, n - 1).astype(np.intp)
+
+
 def upscale(images: Tensor, min_px: int, mode: str = "nearest") -> Tensor:
     """``[B, C, H, W]`` upscaled by the smallest integer factor that makes the shorter side ``>= min_px``
-    (nearest: pixels stay crisp, and the dtype, e.g. uint8; other modes give floats); images already that large
+    (nearest: pixels stay crisp) as float32 (uint8 stays uint8 with ``"nearest"``); images already that large
     are returned as they are."""
     h, w = images.shape[-2:]
     factor = -(-int(min_px) // max(1, min(h, w)))
     if factor <= 1:
         return images
+    if mode == "nearest":  # torch's pixels, gathered by numpy (one thread: no thread pool to wake)
+        x = images.detach().cpu()
+        a = (x if x.dtype == torch.uint8 else x.float()).numpy()
+        return torch.from_numpy(a.take(_nearest_index(h, factor), axis=-2).take(_nearest_index(w, factor), axis=-1))
     kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    return F.interpolate(images if mode == "nearest" else images.float(), scale_factor=factor, mode=mode, **kw)
+    return F.interpolate(images.float(), scale_factor=factor, mode=mode, **kw)
 
 
 def _fmt(v: float) -> str:
@@ -373,6 +384,12 @@ def _hwc(image: Tensor) -> np.ndarray:
     if img.dtype == torch.uint8:
         return img.permute(1, 2, 0).numpy()
     return _levels(img.permute(1, 2, 0)).astype(np.uint8)  # NaN as 0, what torch's uint8 cast gave
+
+
+def to_uint8(images01: Tensor) -> Tensor:
+    """Floats in ``[0, 1]`` (any shape) -> uint8 levels ``round(255 * value)`` (clipped; NaN as 0): the pixels the
+    loggers get, e.g. before a nearest :func:`upscale` (fewer pixels to convert, the same result)."""
+    return torch.from_numpy(_levels(images01).astype(np.uint8))
 
 
 def to_uint8_hwc(image: Tensor) -> np.ndarray:
