@@ -137,7 +137,7 @@ def _levels(values01: Tensor) -> np.ndarray:
     """``round(255 * value)`` (float32) of the values clipped to ``[0, 1]``, NaN as 0: the uint8 level of an image
     and the colormap row of a map. In numpy: one thread, no torch thread pool to wake for each small step (which
     dominates on a busy machine)."""
-    a = np.fmax(values01.detach().cpu().float().numpy(), 0.0)  # a new array; fmax: NaN -> 0
+    a = np.fmax(values01.detach().cpu().float().numpy(), 0.0, order="C")  # a new C-ordered array; NaN -> 0
     np.fmin(a, 1.0, out=a)
     a *= 255
     return np.rint(a, out=a)
