@@ -128,7 +128,7 @@ def _lut(name: str) -> np.ndarray:
         raise ValueError(
             f"unknown colormap {name!r}; use any matplotlib colormap name, e.g. 'jet', 'viridis', 'inferno', 'bwr'"
         ) from None
-    lut = cmap(torch.linspace(0, 1, 256).numpy())[:, :3].astype(np.float32)  # float32 steps, as matplotlib got them
+    lut = cmap(torch.linspace(0, 1, 256).numpy())[:, :3].astype(np.float32)  # 256 float32 steps into the colormap
     lut.flags.writeable = False
     return lut
 
