@@ -27,14 +27,17 @@ import html
 import os
 import re
 import shutil
+import struct
 import tempfile
 import weakref
+import zlib
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import numpy as np
 from torch import Tensor
 
+from . import _crc32c
 from .render import to_uint8_hwc
 
 __all__ = [
@@ -207,24 +210,49 @@ def _write_embedding(folder: str, features: Tensor, metadata: list | None, heade
             w.writerows(row if isinstance(row, (list, tuple)) else [row] for row in metadata)
 
 
+def _encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 ``[H, W, 3]`` (RGB) or ``[H, W]`` / ``[H, W, 1]`` (gray) array, written with numpy
+    and zlib: PNG's "Up" filter on every row (the byte difference to the row above, so a row repeated by a
+    nearest upscale is all zeros), zlib level 1. Measured on the demo's images: ~2x faster than PIL's adaptive
+    filters at level 1 with the run-length strategy, ~7% larger."""
+    h, w = image.shape[:2]
+    c = 1 if image.ndim == 2 else image.shape[2]
+    rows = image.reshape(h, w * c)
+    data = np.empty((h, w * c + 1), np.uint8)
+    data[:, 0] = 2  # the filter type of every row: Up (the first row's "above" is zeros)
+    data[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=data[1:, 1:])  # wraps modulo 256, as PNG's filter arithmetic
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2 if c == 3 else 0, 0, 0, 0)  # 8 bits, RGB or gray, no interlace
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(data.data, 1))
+        + chunk(b"IEND", b"")
+    )
+
+
 def _png_summary(tag: str, hwc: np.ndarray) -> Any:
     """The TensorBoard image summary of a uint8 ``[H, W, 3]`` array (what ``SummaryWriter.add_image`` writes for
-    it, with a faster PNG encoding of the same pixels)."""
-    import io
-    import zlib
-
-    from PIL import Image
+    it, with a faster PNG encoding of the same pixels: :func:`_encode_png`)."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    buf = io.BytesIO()
-    # zlib level 1, run-length strategy: measured on the demo's images ~4x faster than the default level 6, ~12%
-    # larger files (and both faster and smaller than level 1 with the default strategy)
-    Image.fromarray(np.ascontiguousarray(hwc, dtype=np.uint8)).save(
-        buf, format="PNG", compress_level=1, compress_type=zlib.Z_RLE
-    )
     h, w, c = hwc.shape
-    img = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buf.getvalue())
+    img = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=_encode_png(hwc))
     return Summary(value=[Summary.Value(tag=tag, image=img)])
+
+
+def _fast_record_checksums() -> None:
+    """Have TensorBoard's record writer checksum records with :mod:`lightning_viz._crc32c` (the same checksums,
+    ~30x faster on images than its pure-Python loop), where it uses that pure-Python loop (no TensorFlow)."""
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+    from tensorboard.summary.writer import record_writer
+
+    if record_writer.masked_crc32c is pywrap_tensorflow.masked_crc32c:
+        record_writer.masked_crc32c = _crc32c.masked(pywrap_tensorflow.masked_crc32c)
 
 
 def _figure_to_hwc(fig: Any) -> np.ndarray:
@@ -273,11 +301,13 @@ class TensorBoardBackend(Backend):
     def image(self, tag, hwc, step, caption=None):
         from torch.utils.tensorboard import SummaryWriter
 
-        # add_image's summary with a faster PNG encoding of the same pixels (see _png_summary), only where add_image is
-        # torch's own: a tensorboardX writer (its own protos) or a replaced/overridden add_image gets the call
+        # add_image's summary with a faster PNG encoding of the same pixels (see _png_summary) and faster record
+        # checksums, only where add_image is torch's own: a tensorboardX writer (its own protos) or a
+        # replaced/overridden add_image gets the call
         if getattr(getattr(self.writer, "add_image", None), "__func__", None) is not SummaryWriter.add_image:
             self.writer.add_image(tag, hwc, step, dataformats="HWC")
             return
+        _fast_record_checksums()
         self.writer._get_file_writer().add_summary(_png_summary(tag, hwc), step)
 
     def scalar(self, tag, value, step):
@@ -538,7 +568,8 @@ class VizLogger:
         return cls(backends, step, enabled=enabled, namespace=namespace)
 
     def image(self, tag: str, image01: Tensor, caption: str | None = None) -> None:
-        """Log one ``[3, H, W]`` float image in ``[0, 1]`` (``caption``: shown by W&B, kept by none else)."""
+        """Log one ``[3, H, W]`` float image in ``[0, 1]`` or uint8 image (e.g. from ``compose``; see
+        :func:`~lightning_viz.render.to_uint8_hwc`); ``caption``: shown by W&B, kept by none else."""
         if self.enabled:
             tag = self._tag(tag)
             hwc = to_uint8_hwc(image01)

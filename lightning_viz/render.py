@@ -1,7 +1,8 @@
 """Tensors -> uint8 images for TensorBoard: normalization, colormaps, heatmap overlays, grids, filmstrips.
 
-All functions are pure torch on CPU tensors. Images are ``[B, 3, H, W]`` floats in ``[0, 1]`` until
-:func:`to_uint8_hwc`, which produces the ``[H, W, 3]`` uint8 array handed to ``add_image``.
+Images are ``[B, 3, H, W]`` floats in ``[0, 1]`` (torch, CPU) until they are laid out: :func:`compose` pastes
+tiles into one uint8 canvas (numpy), and :func:`to_uint8_hwc` produces the ``[H, W, 3]`` uint8 array handed to the
+loggers. Text strips are rendered once and cached as uint8.
 
 Normalization of maps:
 * ``"per_image"``: each map min-max (or 0..max|m| for signed maps) on its own -- shape, not magnitude;
@@ -15,6 +16,7 @@ import math
 from collections.abc import Sequence
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,6 +30,7 @@ __all__ = [
     "to_rgb",
     "image_grid",
     "filmstrip",
+    "to_uint8",
     "to_uint8_hwc",
     "label_strip",
     "text_strip",
@@ -115,7 +118,8 @@ class FixedScale:
 
 
 @lru_cache(maxsize=16)
-def _lut(name: str) -> Tensor:
+def _lut(name: str) -> np.ndarray:
+    """The ``[256, 3]`` float32 RGB table of a matplotlib colormap (read-only: cached)."""
     import matplotlib
 
     try:
@@ -124,13 +128,25 @@ def _lut(name: str) -> Tensor:
         raise ValueError(
             f"unknown colormap {name!r}; use any matplotlib colormap name, e.g. 'jet', 'viridis', 'inferno', 'bwr'"
         ) from None
-    return torch.tensor(cmap(torch.linspace(0, 1, 256).numpy())[:, :3], dtype=torch.float32)
+    lut = cmap(torch.linspace(0, 1, 256).numpy())[:, :3].astype(np.float32)  # 256 float32 steps into the colormap
+    lut.flags.writeable = False
+    return lut
+
+
+def _levels(values01: Tensor) -> np.ndarray:
+    """``round(255 * value)`` (float32) of the values clipped to ``[0, 1]``, NaN as 0: the uint8 level of an image
+    and the colormap row of a map. In numpy: one thread, no torch thread pool to wake for each small step (which
+    dominates on a busy machine)."""
+    a = np.fmax(values01.detach().cpu().float().numpy(), 0.0, order="C")  # a new C-ordered array; NaN -> 0
+    np.fmin(a, 1.0, out=a)
+    a *= 255
+    return np.rint(a, out=a)
 
 
 def colormap(maps01: Tensor, name: str = "jet") -> Tensor:
     """``[B, H, W]`` values in ``[0, 1]`` -> ``[B, 3, H, W]`` RGB through a matplotlib colormap (NaN as 0)."""
-    idx = (maps01.detach().float().nan_to_num(0.0).clamp(0, 1) * 255).round().long()
-    return _lut(name)[idx].permute(0, 3, 1, 2).contiguous()
+    idx = _levels(maps01).astype(np.intp)
+    return torch.from_numpy(np.stack([_lut(name)[:, c][idx] for c in range(3)], axis=1))
 
 
 def resize_maps(maps: Tensor, size: Sequence[int], mode: str = "bilinear") -> Tensor:
@@ -152,8 +168,12 @@ def to_rgb(images: Tensor) -> Tensor:
 
 def overlay(images01: Tensor, maps01: Tensor, alpha: float = 0.5, cmap: str = "jet") -> Tensor:
     """Blend colored maps over images: ``(1 - alpha) * image + alpha * cmap(map)``; maps are resized to the images."""
-    heat = colormap(resize_maps(maps01, images01.shape[-2:]), cmap)
-    return ((1 - alpha) * to_rgb(images01.float()) + alpha * heat).clamp(0, 1)
+    idx = _levels(resize_maps(maps01, images01.shape[-2:])).astype(np.intp)
+    out = np.multiply(to_rgb(images01.detach().float().cpu()).numpy(), 1 - alpha, order="C")
+    heat = alpha * _lut(cmap)  # alpha * cmap(map) entry by entry: the same float32 products, 256 of them
+    for c in range(3):
+        out[:, c] += heat[:, c][idx]
+    return torch.from_numpy(np.clip(out, 0, 1, out=out))
 
 
 def image_grid(images01: Tensor, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0) -> Tensor:
@@ -207,20 +227,21 @@ def text_strip(
 ) -> Tensor:
     """A white ``[3, height, width]`` strip with black text: one text per cell of ``cell`` pixels
     (default: equal cells over the width) separated by ``pad`` pixels, centered (or ``align="left"``)."""
-    return _shared_strip(width, texts, height, align, cell, pad).clone()
+    return _shared_strip(width, texts, height, align, cell, pad).float() / 255.0
 
 
 def _shared_strip(
     width: int, texts: Sequence[str], height: int = 14, align: str = "center", cell: int | None = None, pad: int = 0
 ) -> Tensor:
-    """:func:`text_strip` without the copy: the cached tensor itself, for callers that only read it (never write)."""
+    """:func:`text_strip` as uint8 ``[3, height, width]`` (0..255), the cached tensor itself: for callers that only
+    read it (never write), e.g. as a tile of :func:`compose`."""
     return _text_strip(int(width), tuple(str(t) for t in texts), int(height), align, cell, pad)
 
 
 @lru_cache(maxsize=4096)
 def _text_strip(width: int, texts: tuple[str, ...], height: int, align: str, cell: int | None, pad: int) -> Tensor:
-    """:func:`text_strip`, cached: the same labels (method names, epochs) come back every probe and epoch."""
-    import numpy as np
+    """:func:`_shared_strip`, cached: the same labels (method names, epochs) come back every probe and epoch. A
+    ``[3, h, w]`` view of an ``[h, w, 3]`` uint8 array (the layout that :func:`compose` pastes)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (max(1, int(width)), max(1, int(height))), (255, 255, 255))
@@ -236,16 +257,27 @@ def _text_strip(width: int, texts: tuple[str, ...], height: int, align: str, cel
             draw.text((x, height / 2), t, fill=(0, 0, 0), font=font, anchor="lm")
         except ValueError:  # a bitmap font (old Pillow without FreeType) has no anchors
             draw.text((x, 1), t, fill=(0, 0, 0), font=font)
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))).float() / 255.0
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def _nearest_index(n: int, factor: int) -> np.ndarray:
+    """The source index of each of ``n * factor`` outputs, as torch's ``nearest`` upsampling computes it."""
+    src = np.floor(np.arange(n * factor, dtype=np.float32) * np.float32(1 / factor))
+    return np.minimum(src, n - 1).astype(np.intp)
 
 
 def upscale(images: Tensor, min_px: int, mode: str = "nearest") -> Tensor:
     """``[B, C, H, W]`` upscaled by the smallest integer factor that makes the shorter side ``>= min_px``
-    (nearest: pixels stay crisp); images already that large are returned as they are."""
+    (nearest: pixels stay crisp) as float32 (uint8 stays uint8 with ``"nearest"``); images already that large
+    are returned as they are."""
     h, w = images.shape[-2:]
     factor = -(-int(min_px) // max(1, min(h, w)))
     if factor <= 1:
         return images
+    if mode == "nearest":  # torch's pixels, gathered by numpy (one thread: no thread pool to wake)
+        x = images.detach().cpu()
+        a = (x if x.dtype == torch.uint8 else x.float()).numpy()
+        return torch.from_numpy(a.take(_nearest_index(h, factor), axis=-2).take(_nearest_index(w, factor), axis=-1))
     kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     return F.interpolate(images.float(), scale_factor=factor, mode=mode, **kw)
 
@@ -267,14 +299,14 @@ def colorbar(width: int, vmin: float, vmax: float, cmap: str = "jet", height: in
         ticks[:, :, zero] = 0.0
     label_h = height - bar_h - 2
     labels = text_strip(width, [_fmt(vmin)], label_h, align="left")
-    right = _shared_strip(width // 2, [_fmt(vmax)], label_h, align="left")
+    right = text_strip(width // 2, [_fmt(vmax)], label_h, align="left")
     ink = (right.min(dim=0).values < 0.5).any(dim=0).nonzero()
     if len(ink):  # right-align the vmax label: keep only the width of its text
         right = right[:, :, : int(ink.max()) + 3]
     rw = int(right.shape[-1])
     labels[:, :, width - rw :] = torch.minimum(labels[:, :, width - rw :], right)
     if zero is not None and 0.2 * width < zero < 0.8 * width:
-        z = _shared_strip(16, ["0"], label_h)
+        z = text_strip(16, ["0"], label_h)
         x0 = max(0, min(width - 16, zero - 8))
         labels[:, :, x0 : x0 + 16] = torch.minimum(labels[:, :, x0 : x0 + 16], z)
     return torch.cat([bar, ticks, labels], dim=1)
@@ -288,9 +320,10 @@ def compose(
     pad: int = 2,
     label_px: int = 14,
 ) -> Tensor:
-    """Tiles ``[3, h, w]`` (``None``: blank) in rows -> one ``[3, H, W]`` image on white: a ``caption``
-    strip on top, ``col_labels`` over the columns, and for each row an optional strip per column
-    under it (``under[r][c]``, e.g. a colorbar). Every tile of a column has the width of the first."""
+    """Tiles ``[C, h, w]`` (``None``: blank; floats in ``[0, 1]`` or uint8, see :func:`to_uint8_hwc`) in rows -> one
+    uint8 ``[3, H, W]`` image on white: a ``caption`` strip on top, ``col_labels`` over the columns, and for each
+    row an optional strip per column under it (``under[r][c]``, e.g. a colorbar). A column is as wide as its widest
+    tile; wider labels and strips under it are cut."""
     ncol = max(len(r) for r in rows)
     widths = [0] * ncol
     for r in rows:
@@ -300,7 +333,7 @@ def compose(
     widths = [w or 1 for w in widths]
     total_w = sum(widths) + pad * (ncol + 1)
     # the layout first (a full-width strip, a band of tiles, or white space, each with its height), then one white
-    # canvas that every piece is pasted into, clamped to [0, 1] in place once: no per-band or per-tile temporaries
+    # uint8 canvas that every piece is pasted into as uint8 (the pixels to_uint8_hwc gives it)
     parts: list[tuple[int, Tensor | Sequence[Tensor | None] | None]] = []
 
     def band(tiles: Sequence[Tensor | None]) -> tuple[int, Sequence[Tensor | None]]:
@@ -325,39 +358,51 @@ def compose(
             parts.append((1, None))
             parts.append(band(under[ri]))
     parts.append((pad, None))
-    out = torch.ones(3, sum(h for h, _ in parts), total_w)
+    out = np.full((sum(h for h, _ in parts), total_w, 3), 255, np.uint8)
     y = 0
     for h, part in parts:
         if isinstance(part, Tensor):
-            out[:, y : y + h] = part
+            out[y : y + h] = _hwc(part)
         elif part is not None:
             x = pad
             for c in range(ncol):
                 t = part[c] if c < len(part) else None
                 if t is not None:
-                    t = to_rgb(t.float().unsqueeze(0))[0]
-                    out[:, y : y + t.shape[-2], x : x + min(t.shape[-1], widths[c])] = t[:, :, : widths[c]]
+                    tile = _hwc(t)[:, : widths[c]]
+                    out[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
                 x += widths[c] + pad
         y += h
-    return out.clamp_(0, 1)
+    return torch.from_numpy(out).permute(2, 0, 1)
 
 
-def to_uint8_hwc(image01: Tensor):
-    """``[3, H, W]`` (or ``[H, W]``) floats in ``[0, 1]`` -> numpy uint8 ``[H, W, 3]``, for
-    ``add_image(dataformats='HWC')``."""
-    img = image01.detach().float().cpu()
+def _hwc(image: Tensor) -> np.ndarray:
+    """:func:`to_uint8_hwc` without making the result contiguous (a view of a uint8 image that is one already)."""
+    img = image.detach().cpu()
     if img.ndim == 2:
         img = img.unsqueeze(0)
     img = to_rgb(img.unsqueeze(0))[0]
-    # one float temporary (clamp), then in place; a contiguous HWC array (what PNG encoders take without a copy)
-    return img.clamp(0, 1).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    if img.dtype == torch.uint8:
+        return img.permute(1, 2, 0).numpy()
+    return _levels(img.permute(1, 2, 0)).astype(np.uint8)  # NaN as 0, what torch's uint8 cast gave
+
+
+def to_uint8(images01: Tensor) -> Tensor:
+    """Floats in ``[0, 1]`` (any shape) -> uint8 levels ``round(255 * value)`` (clipped; NaN as 0): the pixels the
+    loggers get, e.g. before a nearest :func:`upscale` (fewer pixels to convert, the same result)."""
+    return torch.from_numpy(_levels(images01).astype(np.uint8))
+
+
+def to_uint8_hwc(image: Tensor) -> np.ndarray:
+    """``[C, H, W]`` (or ``[H, W]``) floats in ``[0, 1]`` (clipped), or uint8 (0..255, e.g. from :func:`compose`) ->
+    a contiguous numpy uint8 ``[H, W, 3]`` (gray repeated, channels beyond 3 dropped), for the loggers."""
+    return np.ascontiguousarray(_hwc(image))
 
 
 def labeled_grid(
     tiles: Tensor, labels: Sequence[str], nrow: int | None = None, caption: str | None = None, label_px: int = 13
 ) -> Tensor:
     """``[B, C, h, w]`` tiles in rows of ``nrow`` (default ~square), each with its label underneath, and an
-    optional caption on top -> one ``[3, H, W]`` image."""
+    optional caption on top -> one uint8 ``[3, H, W]`` image (:func:`compose`)."""
     b = tiles.shape[0]
     if nrow is None:
         nrow = max(1, round(b**0.5 + 0.499))

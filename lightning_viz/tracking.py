@@ -332,7 +332,7 @@ class MapTracker:
                 keep = list(range(len(seq)))
                 if len(seq) > self.max_frames:  # an even subsample, always the first and the latest frame
                     keep = torch.linspace(0, len(seq) - 1, self.max_frames).round().long().tolist()
-                tiles = torch.stack([seq[j].float() / 255 for j in keep])
+                tiles = torch.stack([seq[j] for j in keep])  # uint8, pasted as they are
                 tiles = upscale(tiles, display_px) if display_px else tiles
                 w = int(tiles.shape[-1])
                 label = key.split("/", 1)[0] if len(layers) == 1 else key.replace("/", " ")

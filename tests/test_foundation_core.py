@@ -22,7 +22,7 @@ from lightning_viz.layers import (
     resolve_layers,
 )
 from lightning_viz.probe import ProbeSet
-from lightning_viz.render import colormap, filmstrip, normalize_maps, overlay, to_uint8_hwc
+from lightning_viz.render import colormap, filmstrip, normalize_maps, overlay, to_uint8, to_uint8_hwc, upscale
 from lightning_viz.targets import ClassTarget, resolve_target
 
 
@@ -200,6 +200,35 @@ def test_overlay_alpha_arithmetic():
     expected = 0.75 * 0.2 + 0.25 * heat
     assert torch.allclose(out, expected.unsqueeze(1).expand(-1, 3, -1, -1), atol=1e-6)
     assert to_uint8_hwc(out[0]).shape == (4, 4, 3)
+
+
+def test_numpy_rendering_gives_the_pixels_of_the_torch_formulas():
+    """colormap, overlay, upscale and to_uint8 run in numpy: exactly the values of the torch formulas they replace
+    (NaN and infinite maps, images outside [0, 1], gray images, alphas that are not binary fractions)."""
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(2, 5, 6, generator=g) * 1.4 - 0.2
+    maps[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    lut = torch.tensor(matplotlib.colormaps["viridis"](torch.linspace(0, 1, 256).numpy())[:, :3], dtype=torch.float32)
+    heat = lut[(maps.nan_to_num(0.0).clamp(0, 1) * 255).round().long()].permute(0, 3, 1, 2)
+    assert torch.equal(colormap(maps, "viridis"), heat)
+    for channels, alpha in [(3, 0.5), (3, 0.3), (1, 0.123)]:
+        images = torch.rand(2, channels, 10, 12, generator=g) * 1.2 - 0.1
+        big = F.interpolate(maps.unsqueeze(1), size=(10, 12), mode="bilinear", align_corners=False)[:, 0]
+        idx = (big.nan_to_num(0.0).clamp(0, 1) * 255).round().long()
+        want = ((1 - alpha) * images.expand(-1, 3, -1, -1) + alpha * lut[idx].permute(0, 3, 1, 2)).clamp(0, 1)
+        assert torch.equal(overlay(images, maps, alpha, "viridis"), want)
+        assert torch.equal(to_uint8(want), (want * 255).round().to(torch.uint8))
+    for factor_px, size in [(64, (7, 13)), (100, (33, 40)), (129, (43, 5))]:
+        x = torch.rand(2, 3, *size, generator=g)
+        factor = -(-factor_px // min(size))
+        want = F.interpolate(x, scale_factor=factor, mode="nearest")
+        assert torch.equal(upscale(x, factor_px), want)
+        up8 = upscale(to_uint8(x), factor_px)
+        assert up8.dtype == torch.uint8 and torch.equal(up8, to_uint8(want))
+    assert torch.equal(
+        to_uint8(torch.tensor([float("nan"), -1.0, 0.5 / 255, 1.5 / 255, 2.0])),
+        torch.tensor([0, 0, 0, 2, 255], dtype=torch.uint8),
+    )
 
 
 def test_filmstrip_width_bounded_keeps_first_and_last():

@@ -366,10 +366,74 @@ def test_loggers_option_fails_early_naming_what_the_trainer_has(tmp_path):
         trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
 
 
+def test_png_writer_round_trips_exact_pixels_through_pil_and_the_event_file(tmp_path):
+    """lightning-viz's own PNG writer: RGB and gray images of odd sizes (one pixel, one row, one column), all zero,
+    all 255 and random, decode with PIL to exactly the written pixels, and so do TensorBoard summaries read back
+    from the event file (at the step, with the height and width, gray as gray)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_viz.logging import _encode_png, _png_summary
+
+    rng = np.random.default_rng(0)
+    images = {}
+    for h, w in [(1, 1), (1, 9), (13, 1), (7, 5), (33, 65)]:
+        for c in (3, 1):
+            images[f"zero/{h}x{w}x{c}"] = np.zeros((h, w, c), np.uint8)
+            images[f"full/{h}x{w}x{c}"] = np.full((h, w, c), 255, np.uint8)
+            images[f"rand/{h}x{w}x{c}"] = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+    stripes = np.repeat(np.repeat(rng.integers(0, 256, (4, 6, 3), dtype=np.uint8), 4, axis=0), 4, axis=1)
+    images["nearest_upscaled"] = stripes  # repeated rows: the Up filter's zero rows
+    images["non_contiguous"] = stripes[::2, 1::3]
+
+    def decode(png: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(png)))
+
+    writer = SummaryWriter(str(tmp_path))
+    for tag, img in images.items():
+        assert np.array_equal(decode(_encode_png(img)).reshape(img.shape), img), tag
+        writer._get_file_writer().add_summary(_png_summary(tag, img), 5)
+    gray = rng.integers(0, 256, (6, 11), dtype=np.uint8)
+    assert np.array_equal(decode(_encode_png(gray)), gray)
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["images"]) == sorted(images)
+    for tag, img in images.items():
+        (ev,) = acc.Images(tag)
+        assert (ev.step, ev.height, ev.width) == (5, *img.shape[:2])
+        got = decode(ev.encoded_image_string)
+        assert got.ndim == (3 if img.shape[2] == 3 else 2), tag
+        assert np.array_equal(got.reshape(img.shape), img), tag
+
+
+def test_event_record_checksums_match_tensorboards_own(tmp_path):
+    """The numpy CRC-32C that image records are checksummed with gives TensorBoard's own (pure-Python) checksums, at
+    and around the lane and merge boundaries; once an image is logged, TensorBoard's record writer uses it."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import crc32c as slow_crc32c
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as slow_masked
+    from tensorboard.summary.writer import record_writer
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_viz._crc32c import LANE, crc32c, masked
+
+    rng = np.random.default_rng(0)
+    fast = masked(slow_masked)
+    for n in [4, 5, LANE - 1, LANE, LANE + 1, 3 * LANE, 64 * LANE, 64 * LANE + 1, 128 * LANE - 3, 100_003]:
+        for data in (rng.integers(0, 256, n, dtype=np.uint8).tobytes(), bytes(n), b"\xff" * n):
+            assert crc32c(data) == slow_crc32c(data), n
+            assert fast(data) == slow_masked(data), n
+    writer = SummaryWriter(str(tmp_path))
+    VizLogger(writer, step=0).image("viz-test/noise", torch.rand(3, 40, 50))
+    writer.close()
+    assert read_events(str(tmp_path)).Tags()["images"] == ["viz-test/noise"]  # the reader checks every checksum
+    assert record_writer.masked_crc32c.__module__ == "lightning_viz._crc32c"
+
+
 def test_tensorboard_images_read_back_with_the_exact_pixels_and_size(tmp_path):
     """TensorBoard images are encoded by lightning-viz (a faster PNG setting than add_image's): the event file must
     still hold exactly the logged uint8 pixels, with add_image's height/width/colorspace, at the logged step; a
-    compose'd panel is pasted pixel for pixel (values outside [0, 1] clamped)."""
+    compose'd panel (uint8) is pasted pixel for pixel (values outside [0, 1] clamped)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
@@ -378,11 +442,13 @@ def test_tensorboard_images_read_back_with_the_exact_pixels_and_size(tmp_path):
     g = torch.Generator().manual_seed(0)
     tiles = [torch.rand(3, 9, 7, generator=g) * 1.4 - 0.2, torch.rand(1, 5, 4, generator=g)]
     panel = compose([tiles], ["a", "b"], "cap")
-    assert panel.min() >= 0 and panel.max() <= 1
+    assert panel.dtype == torch.uint8
     x0 = 2  # pad; the first tile sits under the caption strip and the column labels
     y0 = panel.shape[1] - 2 - 9
-    assert torch.equal(panel[:, y0 : y0 + 9, x0 : x0 + 7], tiles[0].clamp(0, 1))
-    assert torch.equal(panel[:, y0 : y0 + 5, x0 + 7 + 2 : x0 + 7 + 2 + 4], tiles[1].expand(3, -1, -1))
+    u8 = [(t.clamp(0, 1) * 255).round().to(torch.uint8) for t in tiles]
+    assert torch.equal(panel[:, y0 : y0 + 9, x0 : x0 + 7], u8[0])
+    assert torch.equal(panel[:, y0 : y0 + 5, x0 + 7 + 2 : x0 + 7 + 2 + 4], u8[1].expand(3, -1, -1))
+    assert (panel[:, y0 + 5 :, x0 + 7 + 2 :] == 255).all()  # white under the shorter tile
     writer = SummaryWriter(str(tmp_path))
     VizLogger(writer, step=3).image("viz-test/panel", panel)
     noise = torch.rand(3, 33, 65, generator=g)

@@ -22,7 +22,17 @@ from ..layers import default_cam_layer, first_conv_name, module_device, module_d
 from ..logging import VizLogger, make_tag
 from ..methods.activations import feature_maps
 from ..probe import ProbeSet
-from ..render import class_name, colormap, compose, image_grid, normalize_maps, resize_maps, text_strip, upscale
+from ..render import (
+    _shared_strip,
+    class_name,
+    colormap,
+    compose,
+    image_grid,
+    normalize_maps,
+    resize_maps,
+    to_uint8,
+    upscale,
+)
 from ._options import LayersSpec, as_layer_list
 from .base import VisualizationCallback
 
@@ -158,14 +168,13 @@ class ActivationCallback(VisualizationCallback):
         for i, (pid, m) in enumerate(zip(probe.ids, maps)):
             m01 = normalize_maps(m, "fixed", vmin=float(m.min()), vmax=float(m.max()))
             tiles = colormap(resize_maps(m01, size, mode="nearest"), self.cmap)
-            tiles = torch.cat(
-                [images[i : i + 1].expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[i : i + 1, :3], tiles]
-            )
+            image = images[i : i + 1].expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[i : i + 1, :3]
+            tiles = to_uint8(torch.cat([image, tiles]))  # uint8 before the upscale: fewer pixels to convert
             tiles = upscale(tiles, self.display_px) if self.display_px else tiles
             rows.append(list(tiles))
             label = pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
             under.append([label] + [f"ch {int(c)}" for c in channels[i]])
         w = int(rows[0][0].shape[-1])
-        strips = [[text_strip(w, [t], 12) for t in r] for r in under]
+        strips = [[_shared_strip(w, [t], 12) for t in r] for r in under]
         order = "first channels" if self.channels == "first" else "strongest channels first"
         return compose(rows, None, f"{name}: one row per probe ({order})", under=strips)

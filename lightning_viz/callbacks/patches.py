@@ -15,7 +15,7 @@ from ..logging import VizLogger, make_tag
 from ..methods.patches import TopK, merge_topk, scan_topk
 from ..methods.receptive_field import crop_boxes, receptive_field
 from ..probe import ProbeSet
-from ..render import class_name, compose, image_grid, text_strip
+from ..render import _shared_strip, class_name, compose, image_grid
 from ._options import as_layer_list, renamed_option
 from .base import VisualizationCallback
 
@@ -154,12 +154,12 @@ class TopPatchesCallback(VisualizationCallback):
                     crops = F.interpolate(crops, size=(self.patch_px, self.patch_px), mode="nearest")
                 if self.layout == "grid":
                     w = int(crops.shape[-1])
-                    rows.append([text_strip(64, [f"unit {c}"], 14)] + list(crops))
+                    rows.append([_shared_strip(64, [f"unit {c}"], 14)] + list(crops))
                     labels = [
                         class_name(probe.labels[j], names) if probe.labels is not None else f"#{int(j)}"
                         for j in img_idx.tolist()
                     ]
-                    under.append([None] + [text_strip(w, [t], 11) for t in labels])
+                    under.append([None] + [_shared_strip(w, [t], 11) for t in labels])
                 else:
                     logger.image(make_tag(self.method, name, f"unit{c:03d}"), image_grid(crops, nrow=len(crops)))
                 logger.scalar(make_tag(self.method, name, f"unit{c:03d}", "max"), top.values[u, 0])

@@ -41,7 +41,7 @@ from ..methods.synthesis import (
     valid_range,
 )
 from ..probe import ProbeSet
-from ..render import class_name, compose, image_grid, label_strip, labeled_grid, text_strip, upscale
+from ..render import _shared_strip, class_name, compose, image_grid, label_strip, labeled_grid, upscale
 from ._options import LayersSpec, reject_options, renamed_option, single_layer
 from .base import VisualizationCallback
 
@@ -374,7 +374,7 @@ class InversionCallback(_InputOptimizationCallback):
                 pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
                 for i, pid in enumerate(probe.ids)
             ]
-            rows = [[text_strip(96, [h], 13), o, r] for h, o, r in zip(heads, originals, recons)]
+            rows = [[_shared_strip(96, [h], 13), o, r] for h, o, r in zip(heads, originals, recons)]
             logger.image(
                 make_tag(self.method, self.layer, "grid"),
                 compose(rows, ["", "original", "reconstruction"], f"inversion of {self.layer}"),
@@ -547,7 +547,7 @@ class AdversarialCallback(VisualizationCallback):
         ]
         if self.layout == "grid":
             rows = [
-                [text_strip(150, [f"{pid}: {cap[5:]}"], 13), originals[i], amplified[i], advs[i]]
+                [_shared_strip(150, [f"{pid}: {cap[5:]}"], 13), originals[i], amplified[i], advs[i]]
                 for i, (pid, cap) in enumerate(zip(probe.ids, captions))
             ]
             head = ["prediction", "original", f"delta +-{self.epsilon:g}", "adversarial"]
