@@ -42,14 +42,17 @@ class Objective:
 
     ``rows`` are the indices of the current images in the whole optimized batch (the batch may be run
     in chunks); objectives with per-image targets pick theirs with :func:`per_image`.
-    ``layers`` are the layer names whose outputs ``fn`` reads. ``a + b``, ``w * a``, ``a - b`` and
-    ``-a`` build new objectives (weights are plain floats), so ``sum([...])`` also works.
+    ``layers`` are the layer names whose outputs ``fn`` reads. ``uses_logits=False`` says ``fn`` never reads
+    ``logits`` (only activations): the forward pass may then stop after the last of ``layers``, and ``fn`` gets
+    an empty ``[B, 0]`` tensor as logits. ``a + b``, ``w * a``, ``a - b`` and ``-a`` build new objectives
+    (weights are plain floats), so ``sum([...])`` also works.
     """
 
-    def __init__(self, fn: ScoreFn, layers: Sequence[str] = (), name: str = "objective"):
+    def __init__(self, fn: ScoreFn, layers: Sequence[str] = (), name: str = "objective", uses_logits: bool = True):
         self.fn = fn
         self.layers = tuple(dict.fromkeys(layers))
         self.name = name
+        self.uses_logits = bool(uses_logits)
 
     def __call__(
         self, logits: Tensor, activations: Mapping[str, Tensor] | None = None, rows: Tensor | None = None
@@ -73,6 +76,7 @@ class Objective:
             lambda lg, acts, rows: self(lg, acts, rows) + other(lg, acts, rows),
             self.layers + other.layers,
             f"{self.name} + {other.name}",
+            self.uses_logits or other.uses_logits,
         )
 
     __radd__ = __add__
@@ -81,7 +85,9 @@ class Objective:
         if not isinstance(weight, (int, float)):
             return NotImplemented
         w = float(weight)
-        return Objective(lambda lg, acts, rows: w * self(lg, acts, rows), self.layers, f"{w:g} * {self.name}")
+        return Objective(
+            lambda lg, acts, rows: w * self(lg, acts, rows), self.layers, f"{w:g} * {self.name}", self.uses_logits
+        )
 
     __rmul__ = __mul__
 
@@ -140,7 +146,7 @@ def channel(layer: str, channels: int | Sequence[int] | Tensor) -> Objective:
         sel = _selected_channels(acts, layer, idx, rows)
         return sel.flatten(1).mean(1) if sel.ndim > 1 else sel
 
-    return Objective(fn, (layer,), f"channel({layer}, {idx.tolist()})")
+    return Objective(fn, (layer,), f"channel({layer}, {idx.tolist()})", uses_logits=False)
 
 
 def neuron(layer: str, channels: int | Sequence[int] | Tensor, y: int | None = None, x: int | None = None) -> Objective:
@@ -155,7 +161,7 @@ def neuron(layer: str, channels: int | Sequence[int] | Tensor, y: int | None = N
         h, w = sel.shape[-2:]
         return sel[:, h // 2 if y is None else y, w // 2 if x is None else x]
 
-    return Objective(fn, (layer,), f"neuron({layer}, {idx.tolist()})")
+    return Objective(fn, (layer,), f"neuron({layer}, {idx.tolist()})", uses_logits=False)
 
 
 def feature_match(layer: str, target: Tensor) -> Objective:
@@ -173,4 +179,4 @@ def feature_match(layer: str, target: Tensor) -> Objective:
         err = (a - t).flatten(1).pow(2).sum(1)
         return -err / t.flatten(1).pow(2).sum(1).clamp_min(1e-12)
 
-    return Objective(fn, (layer,), f"feature_match({layer})")
+    return Objective(fn, (layer,), f"feature_match({layer})", uses_logits=False)

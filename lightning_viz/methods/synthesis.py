@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..capture import capture
+from ..capture import capture, forward_until
 from ..layers import module_device, module_dtype
 from ..progress import progress
 from .objectives import Objective, channel, class_logit, feature_match, neuron
@@ -143,7 +144,9 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
     opt = _Ascent(p.params, lr, optimizer)
     needs_img_grad = any(r.needs_grad for r in regs)
     project = bounds is not None or any(type(r).project is not Regularizer.project for r in regs)
-    with capture(model, objective.layers, grad=True) as cap:
+    # an objective that reads only activations needs no layer after its last one: those passes stop there
+    cut = () if objective.uses_logits else objective.layers
+    with capture(model, objective.layers, grad=True) as cap, forward_until(model, cut) as run:
         for step in range(steps):
             progress(step, steps, "optimization steps")  # a line every few seconds inside a callback run (rank 0)
             img = p.image()
@@ -151,7 +154,9 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
             for r in regs:
                 x = r.transform(x, step)
             cap.clear()
-            logits = model(x)
+            logits = run(partial(model, x))
+            if logits is None:  # stopped after the objective's layers: no logits (the objective reads none)
+                logits = x.new_empty(x.shape[0], 0)
             obj = objective(logits, cap.outputs, rows).sum()
             loss = -obj + total_penalty(regs, img).sum()
             # d objective / d image for the projections (Yosinski's contribution), without the penalties' part
