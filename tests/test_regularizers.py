@@ -219,6 +219,31 @@ def test_objectives_compose_and_pick_per_image_targets():
         channel("c", 3)(logits, acts)
 
 
+def test_objectives_pick_targets_once_per_rows_and_recheck_for_other_rows_or_shapes():
+    """An optimization passes the same ``rows`` every step: targets are picked once, but other rows, another
+    batch or another layer width pick (and check) again."""
+    rows, a = torch.tensor([0, 1]), torch.randn(2, 3, 4, 4)
+    ch, fm, cls = channel("c", [1, 2, 0]), feature_match("c", torch.randn(3, 3, 4, 4)), class_logit([2, 0, 1])
+    logits = torch.randn(3, 3)
+    for _ in range(2):  # the second call reads the picked targets
+        assert torch.equal(ch(logits[:2], {"c": a}, rows), a[[0, 1], [1, 2]].flatten(1).mean(1))
+        assert torch.equal(cls(logits[:2], {}, rows), logits[[0, 1], [2, 0]])
+    b = torch.randn(2, 3, 4, 4)
+    assert torch.equal(ch(logits[:2], {"c": b}, rows), b[[0, 1], [1, 2]].flatten(1).mean(1))  # same rows, new values
+    last = torch.tensor([2])
+    assert torch.equal(ch(logits[2:], {"c": a[:1]}, last), a[:1, 0].flatten(1).mean(1))
+    assert torch.equal(cls(logits[2:], {}, last), logits[2:, 1])
+    t = fm.fn(logits, {"c": a}, rows)
+    assert torch.equal(fm(logits[:2], {"c": a}, rows), t)
+    assert not torch.equal(fm(logits[:2], {"c": b}, rows), t)
+    with pytest.raises(ValueError, match="2 channels"):  # a narrower layer with the same rows: checked again
+        ch(logits[:2], {"c": a[:, :2]}, rows)
+    with pytest.raises(ValueError, match="2 classes"):
+        cls(logits[:2, :2], {}, rows)
+    with pytest.raises(ValueError, match="target has shape"):
+        fm(logits[:2], {"c": a[..., :3]}, rows)
+
+
 def test_l2_and_blur_in_the_loop_lower_norm_and_high_frequencies():
     torch.manual_seed(0)
     model = TinyCNN(width=4)
