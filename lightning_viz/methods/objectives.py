@@ -61,8 +61,8 @@ class Objective:
     ``rows`` are the indices of the current images in the whole optimized batch (the batch may be run
     in chunks); objectives with per-image targets pick theirs with :func:`per_image`.
     ``layers`` are the layer names whose outputs ``fn`` reads. ``uses_logits=False`` says ``fn`` never reads
-    ``logits`` (only activations): the forward pass may then stop after the last of ``layers``, and ``fn`` gets
-    an empty ``[B, 0]`` tensor as logits. ``a + b``, ``w * a``, ``a - b`` and ``-a`` build new objectives
+    ``logits`` (only activations): the forward pass may then stop after the last of ``layers`` (``fn`` gets an
+    empty ``[B, 0]`` tensor as logits when it did). ``a + b``, ``w * a``, ``a - b`` and ``-a`` build new objectives
     (weights are plain floats), so ``sum([...])`` also works.
     """
 
