@@ -8,6 +8,8 @@
   when the trainer runs under ``torch.inference_mode`` (``trainer.validate``).
 * :func:`capture` records the outputs of named layers with forward hooks; the hooks are removed in
   ``finally`` even when the forward pass raises.
+* :func:`forward_until` cuts forward passes short once the named layers have run (nothing after them is
+  computed), for methods that only read those layers' outputs.
 
 BatchNorm running statistics are only updated in train mode, so :func:`eval_mode` also guarantees
 they are untouched.
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +28,17 @@ from torch import Tensor, nn
 
 from .layers import get_layer, unwrap_model
 
-__all__ = ["eval_mode", "frozen_params", "buffers_kept", "isolated", "grad_enabled", "capture", "Capture", "fork_rng"]
+__all__ = [
+    "eval_mode",
+    "frozen_params",
+    "buffers_kept",
+    "isolated",
+    "grad_enabled",
+    "capture",
+    "Capture",
+    "forward_until",
+    "fork_rng",
+]
 
 
 @contextlib.contextmanager
@@ -214,6 +227,69 @@ def capture(model: nn.Module, layer_names: Iterable[str], grad: bool = False) ->
         for name in names:
             handles.append(get_layer(model, name).register_forward_hook(make_hook(name)))
         yield cap
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _ForwardStopped(BaseException):
+    """Ends a forward pass early (a ``BaseException``, so model code catching ``Exception`` cannot swallow it)."""
+
+
+def _distributed_wrappers() -> tuple[type, ...]:
+    kinds: list[type] = [nn.parallel.DistributedDataParallel, nn.DataParallel]
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        kinds.append(FullyShardedDataParallel)
+    except ImportError:  # torch built without distributed support
+        pass
+    return tuple(kinds)
+
+
+@contextlib.contextmanager
+def forward_until(model: nn.Module, layer_names: Iterable[str]) -> Iterator[Callable[[Callable[[], Any]], Any]]:
+    """Cut forward passes of ``model`` short once the named layers have run.
+
+    Inside the block, ``run(call)`` returns ``call()`` (e.g. ``functools.partial(model, x)``), or ``None`` when
+    the pass was stopped right after the last named layer's forward hooks: nothing after it is computed, and only
+    what hooks recorded (a :func:`capture` entered *before* this block, whose hooks then run first) is available.
+    The first ``run`` goes through the whole model and counts the layers' calls; later passes are cut only when
+    each named layer ran exactly once in it (a reused module's *last* output is the one :func:`capture` keeps).
+    Never cut: no layer names, or a DDP / DataParallel / FSDP wrapper inside ``model`` (their forward pairs with
+    collectives and a backward). Hooks are removed on exit, also on error.
+    """
+    names = list(dict.fromkeys(layer_names))
+    counts = dict.fromkeys(names, 0)
+    state = {"armed": False, "first": True}
+    wrapped = bool(names) and any(isinstance(m, _distributed_wrappers()) for m in model.modules())
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs, output) -> None:
+            counts[name] += 1
+            if state["armed"] and all(counts.values()):
+                raise _ForwardStopped
+
+        return hook
+
+    def run(call: Callable[[], Any]) -> Any:
+        for name in counts:
+            counts[name] = 0
+        try:
+            out = call()
+        except _ForwardStopped:
+            return None
+        if state["first"]:
+            state["first"] = False
+            state["armed"] = bool(names) and not wrapped and all(c == 1 for c in counts.values())
+        return out
+
+    handles = []
+    try:
+        if names and not wrapped:
+            for name in names:
+                handles.append(get_layer(model, name).register_forward_hook(make_hook(name)))
+        yield run
     finally:
         for h in handles:
             h.remove()

@@ -31,7 +31,14 @@ from torch import Tensor, nn
 from .capture import fork_rng
 from .layers import module_device, module_dtype
 from .logging import VizLogger, make_tag
-from .methods.metrics import deletion_auc, energy_in_mask, insertion_auc, pointing_game, rank_correlation, topk_iou
+from .methods.metrics import (
+    curve_auc,
+    energy_in_mask,
+    perturbation_curves,
+    pointing_game,
+    rank_correlation,
+    topk_iou,
+)
 from .probe import ProbeSet
 from .render import _shared_strip, class_name, compose, diverging_cmap, normalize_maps, overlay, resize_maps, upscale
 from .targets import resolve_target
@@ -106,10 +113,12 @@ class MapTracker:
         drift: log drift scalars (map rank correlation, top-k IoU, prediction flips, probe accuracy).
         topk: fraction of pixels for the top-k IoU.
         faithfulness: log deletion (zero baseline) and insertion (blur baseline) AUC; costs
-            ``2 * (deletion_steps + 1)`` forward passes per probe and key.
+            ``2 * (deletion_steps - 1)`` images forwarded per probe and key, plus 3 per probe shared by all keys
+            (the image and both baselines), batched together.
         deletion_steps: points on each deletion/insertion curve.
         chunk_size: images per forward pass of the deletion/insertion curves (``None``: as many as the default
-            memory budget holds, :func:`lightning_viz.methods.batching.images_per_forward`).
+            memory budget holds, on the CPU at most ``CPU_THROUGHPUT_MB`` of activations; see
+            :func:`lightning_viz.methods.metrics.perturbation_curves`).
         pointing_game: log pointing game and energy in mask; ``None`` = when the probes have masks.
         pointing_tolerance: pixels of tolerance of the pointing game.
         sanity_check: log the rank correlation between the maps and those of a randomized copy of the
@@ -196,14 +205,13 @@ class MapTracker:
             out[PREFIX + "pred"] = logits.argmax(dim=1).cpu()
             if self.faithfulness:
                 classes = self._classes(logits, probe, callback)
-                steps, chunk = self.deletion_steps, self.chunk_size
-                for key, m in maps.items():
-                    out[f"{PREFIX}deletion/{key}"] = deletion_auc(
-                        pl_module, x, m, classes, baseline="zero", steps=steps, chunk_size=chunk
-                    ).cpu()
-                    out[f"{PREFIX}insertion/{key}"] = insertion_auc(
-                        pl_module, x, m, classes, baseline="blur", steps=steps, chunk_size=chunk
-                    ).cpu()
+                # every key's deletion (zero baseline) and insertion (blur baseline) curve in one batched pass
+                curves = perturbation_curves(
+                    pl_module, x, maps, classes, steps=self.deletion_steps, chunk_size=self.chunk_size
+                )
+                for mode, per_key in curves.items():
+                    for key, curve in per_key.items():
+                        out[f"{PREFIX}{mode}/{key}"] = curve_auc(curve).cpu()
         if use_masks:
             masks = probe.masks
             assert masks is not None  # _use_masks is True only with masks

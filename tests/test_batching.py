@@ -10,7 +10,7 @@ from lightning_viz.capture import isolated
 from lightning_viz.methods import batching
 from lightning_viz.methods import cam as C
 from lightning_viz.methods import gradients as G
-from lightning_viz.methods.metrics import perturbation_curve
+from lightning_viz.methods.metrics import perturbation_curve, perturbation_curves
 from lightning_viz.methods.occlusion import occlusion
 
 
@@ -71,3 +71,24 @@ def test_default_chunks_follow_the_budget_and_change_nothing(small_budget):
             cap = 7 // batching.GRAD_FACTOR if grad else 7
             assert max(sizes[1:]) <= max(cap, len(x)) and len(sizes) >= 3, (name, sizes)  # bounded, several forwards
             torch.testing.assert_close(default, one_batch, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_deletion_curves_on_the_cpu_forward_at_most_the_throughput_budget(monkeypatch):
+    """On the CPU the curves' batches also stop at CPU_THROUGHPUT_MB of activations (cache-sized), same result."""
+    model = TinyCNN(width=2).eval()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    maps = {"a": torch.rand(4, 8, 8), "b": torch.rand(4, 4, 4)}
+    labels = torch.tensor([0, 1, 2, 0])
+    per_image = batching.activation_bytes_per_image(model, x[:1])
+    with isolated(model):
+        whole = perturbation_curves(model, x, maps, labels, steps=6, chunk_size=10**6)
+        monkeypatch.setattr(batching, "CPU_THROUGHPUT_MB", 9 * per_image / 2**20)
+        sizes, handle = _batches(model)
+        try:
+            capped = perturbation_curves(model, x, maps, labels, steps=6)
+        finally:
+            handle.remove()
+    assert max(sizes) == 9 and sum(sizes) == (3 + 2 * 2 * 5) * 4
+    for mode in whole:
+        for key in maps:
+            torch.testing.assert_close(capped[mode][key], whole[mode][key], rtol=1e-5, atol=1e-6)

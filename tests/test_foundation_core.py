@@ -10,7 +10,7 @@ from helpers import TinyCNN, check_untouched, tiny_dataset
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_viz.capture import capture, eval_mode, isolated
+from lightning_viz.capture import capture, eval_mode, forward_until, isolated
 from lightning_viz.layers import (
     LayerNotFoundError,
     canonical_name,
@@ -311,6 +311,83 @@ def test_capture_grad_equals_hand_computation():
     assert torch.allclose(g_pool, w.view(1, 3, 1, 1).expand(2, -1, -1, -1))
     expected = (a > 0).float() * w.view(1, 3, 1, 1) / 25
     assert torch.allclose(g_conv, expected, atol=1e-7)
+
+
+def _call_counter(model: nn.Module) -> tuple[dict[str, int], list]:
+    calls = {n: 0 for n, _ in model.named_children()}
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: calls.__setitem__(n, calls[n] + 1))
+        for n, m in model.named_children()
+    ]
+    return calls, handles
+
+
+def test_forward_until_stops_after_the_last_named_layer_with_the_same_capture_and_no_hooks_left():
+    model = TinyCNN().eval()
+    x = torch.randn(2, 3, 6, 6)
+    with isolated(model):
+        xf = x.clone().requires_grad_(True)
+        with capture(model, ["bn1"], grad=True) as full:  # reference: the whole forward
+            model(xf)
+        ref = full["bn1"]
+        g_ref = torch.autograd.grad(ref.square().sum(), xf)[0]
+        calls, handles = _call_counter(model)
+        with capture(model, ["bn1"], grad=True) as cap, forward_until(model, ["bn1"]) as run:
+            assert isinstance(run(lambda: model(x)), torch.Tensor)  # the first pass runs through and counts
+            assert calls["fc"] == 1
+            cap.clear()
+            xc = x.clone().requires_grad_(True)
+            assert run(lambda: model(xc)) is None  # cut: nothing after bn1 ran
+            assert calls == {"conv1": 2, "bn1": 2, "relu": 1, "conv2": 1, "pool": 1, "fc": 1}
+            assert torch.equal(cap["bn1"], ref)
+            assert torch.equal(torch.autograd.grad(cap["bn1"].square().sum(), xc)[0], g_ref)
+        for h in handles:
+            h.remove()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_forward_until_never_cuts_reused_layers_wrappers_or_swallowed_stops():
+    class Reuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+            self.head = nn.Linear(1, 2)
+
+        def forward(self, x):
+            return self.head(self.conv(self.conv(x)).mean((1, 2, 3)).view(-1, 1))
+
+    x = torch.randn(2, 1, 5, 5)
+    model = Reuse().eval()
+    calls, handles = _call_counter(model)
+    with torch.no_grad(), forward_until(model, ["conv"]) as run:
+        for _ in range(3):
+            assert run(lambda: model(x)) is not None  # conv runs twice per pass: never cut
+    assert calls["head"] == 3
+    tiny = TinyCNN().eval()
+    wrapped = nn.DataParallel(tiny)  # CPU: runs the module itself
+    calls, handles2 = _call_counter(tiny)
+    with torch.no_grad(), forward_until(wrapped, ["module.bn1"]) as run:
+        for _ in range(2):
+            assert run(lambda: wrapped(x.expand(-1, 3, -1, -1))) is not None
+    assert calls["fc"] == 2
+
+    def swallowing(model, x):  # model code catching Exception cannot swallow the stop
+        try:
+            return model(x)
+        except Exception:
+            return None
+
+    calls, handles3 = _call_counter(tiny)
+    with torch.no_grad(), forward_until(tiny, ["bn1"]) as run:
+        assert run(lambda: swallowing(tiny, x.expand(-1, 3, -1, -1))) is not None
+        assert run(lambda: swallowing(tiny, x.expand(-1, 3, -1, -1))) is None
+    assert calls["fc"] == 1 and calls["bn1"] == 2
+    for h in handles + handles2 + handles3:
+        h.remove()
+    assert all(not m._forward_hooks for m in list(model.modules()) + list(wrapped.modules()))
+    with pytest.raises(LayerNotFoundError), forward_until(tiny, ["bn1", "nope"]):
+        pass
+    assert all(not m._forward_hooks for m in tiny.modules())
 
 
 def test_isolated_restores_everything_and_enables_grad_under_inference_mode():

@@ -16,6 +16,7 @@ from lightning_viz.methods.metrics import (
     gaussian_blur,
     insertion_auc,
     perturbation_curve,
+    perturbation_curves,
     pointing_game,
     rank_correlation,
     topk_iou,
@@ -112,6 +113,49 @@ def test_chunked_equals_unchunked_and_model_untouched():
             perturbation_curve(model, x, maps, "predicted", steps=6, chunk_size=chunk), full, atol=1e-6, rtol=1e-5
         )
     check_untouched(model, lambda: insertion_auc(model, x, maps, steps=4, chunk_size=5))
+
+
+def test_curves_of_several_maps_and_both_modes_equal_single_curves_and_share_images():
+    """All keys' deletion and insertion curves in one batched pass: each equals its own perturbation_curve; the
+    image and each baseline (shared by every curve) are forwarded once, the rest in chunk_size batches."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+    x, labels = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 1])
+    ties = torch.rand(3, 8, 8)
+    ties[:, :3] = 0.5
+    maps = {"a": torch.rand(3, 4, 4), "b": ties, "c": -ties}
+    perturbation_curves(model, x, maps, labels, steps=2)  # measures the memory budget once (a 1-image forward)
+    sizes: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        for modes in (None, {"deletion": "zero", "insertion": "zero"}, {"insertion": "blur"}):
+            for chunk in (None, 1, 5):
+                sizes.clear()
+                curves = perturbation_curves(model, x, maps, labels.clone(), modes=modes, steps=6, chunk_size=chunk)
+                pairs = (modes or {"deletion": "zero", "insertion": "blur"}).items()
+                shared = 1 + len(set(dict(pairs).values()))  # the image and each distinct baseline
+                assert sum(sizes) == (shared + len(pairs) * len(maps) * 5) * 3, (modes, chunk)
+                assert max(sizes) <= (chunk or 10**9) and (chunk is not None or len(sizes) == 1)
+                assert list(curves) == [m for m, _ in pairs]
+                for mode, baseline in pairs:
+                    for key, m in maps.items():
+                        single = perturbation_curve(model, x, m, labels, mode=mode, steps=6, baseline=baseline)
+                        torch.testing.assert_close(curves[mode][key], single, atol=1e-6, rtol=1e-5)
+        sizes.clear()
+        assert perturbation_curves(model, x, {}, labels) == {"deletion": {}, "insertion": {}} and not sizes
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="baseline"):
+        perturbation_curves(model, x, maps, labels, modes={"deletion": "noise"})
+    with pytest.raises(ValueError, match="'deletion' or 'insertion'"):
+        perturbation_curves(model, x, maps, labels, modes={"both": "zero"})
 
 
 def test_gaussian_blur_keeps_constants_and_smooths():

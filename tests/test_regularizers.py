@@ -95,6 +95,66 @@ def test_contribution_clipping_in_the_loop_reads_the_objective_gradient_not_the_
     torch.testing.assert_close(flat[8:], 1 + 1e-3 * (torch.arange(8.0, 16.0) - 8.0))  # one SGD step on S - 4 ||I||^2
 
 
+class CountedBackward(torch.autograd.Function):
+    """Identity whose backward counts its calls (how many backward passes reach the model's input)."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        CountedBackward.calls += 1
+        return g
+
+
+def test_contribution_clipping_takes_one_backward_per_step_with_the_two_backward_result():
+    """The objective's image gradient (for the projections) and the loss gradient come from one backward
+    through the model, bit for bit what two separate backwards (the textbook loop below) give."""
+    from lightning_viz.capture import capture
+    from lightning_viz.methods.regularizers import total_penalty
+    from lightning_viz.methods.synthesis import optimize_input
+
+    torch.manual_seed(0)
+    net = TinyCNN(width=4)
+    model = torch.nn.Sequential()
+    model.add_module("net", net)
+    model.forward = lambda x: net(CountedBackward.apply(x))  # type: ignore[method-assign]
+    x0 = torch.randn(2, 3, 8, 8)
+    options = dict(jitter=1, clip_contribution_percentile=30, tv=1e-2, l2=1e-2, blur_every=2)
+    for obj in (class_logit([0, 2]), channel("net.conv2", [1, 3])):
+        with isolated(model):
+            CountedBackward.calls = 0
+            regs = build_regularizers(**options)
+            gen = torch.Generator().manual_seed(0)
+            res = optimize_input(
+                model, obj, (2, 3, 8, 8), steps=4, lr=0.1, optimizer="sgd", init=x0, regularizers=regs, generator=gen
+            )
+            assert CountedBackward.calls == 4
+            regs = build_regularizers(**options)
+            for r in regs:
+                r.reset(4, torch.Generator().manual_seed(0))
+            img = x0.clone().requires_grad_(True)
+            for step in range(4):
+                x = img
+                for r in regs:
+                    x = r.transform(x, step)
+                with capture(model, obj.layers, grad=True) as cap:
+                    o = obj(model(x), cap.outputs).sum()
+                loss = -o + total_penalty(regs, img).sum()
+                ascent = torch.autograd.grad(o, img, retain_graph=True)[0]
+                g = torch.autograd.grad(loss, img)[0]
+                with torch.no_grad():
+                    img.sub_(0.1 * g)
+                    new = img
+                    for r in regs:
+                        new = r.project(new, ascent, step)
+                    img.copy_(new)
+        assert torch.equal(res.images, img.detach()), obj
+
+
 def test_jitter_is_seeded_bounded_and_leaves_global_rng():
     x = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(2))
     a, b, c = Jitter(2), Jitter(2), Jitter(2)
@@ -157,6 +217,31 @@ def test_objectives_compose_and_pick_per_image_targets():
     assert fm(logits, acts).tolist() == [-0.25, -0.25]  # ||a - 2a||^2 / ||2a||^2
     with pytest.raises(ValueError, match="3 channels"):
         channel("c", 3)(logits, acts)
+
+
+def test_objectives_pick_targets_once_per_rows_and_recheck_for_other_rows_or_shapes():
+    """An optimization passes the same ``rows`` every step: targets are picked once, but other rows, another
+    batch or another layer width pick (and check) again."""
+    rows, a = torch.tensor([0, 1]), torch.randn(2, 3, 4, 4)
+    ch, fm, cls = channel("c", [1, 2, 0]), feature_match("c", torch.randn(3, 3, 4, 4)), class_logit([2, 0, 1])
+    logits = torch.randn(3, 3)
+    for _ in range(2):  # the second call reads the picked targets
+        assert torch.equal(ch(logits[:2], {"c": a}, rows), a[[0, 1], [1, 2]].flatten(1).mean(1))
+        assert torch.equal(cls(logits[:2], {}, rows), logits[[0, 1], [2, 0]])
+    b = torch.randn(2, 3, 4, 4)
+    assert torch.equal(ch(logits[:2], {"c": b}, rows), b[[0, 1], [1, 2]].flatten(1).mean(1))  # same rows, new values
+    last = torch.tensor([2])
+    assert torch.equal(ch(logits[2:], {"c": a[:1]}, last), a[:1, 0].flatten(1).mean(1))
+    assert torch.equal(cls(logits[2:], {}, last), logits[2:, 1])
+    t = fm.fn(logits, {"c": a}, rows)
+    assert torch.equal(fm(logits[:2], {"c": a}, rows), t)
+    assert not torch.equal(fm(logits[:2], {"c": b}, rows), t)
+    with pytest.raises(ValueError, match="2 channels"):  # a narrower layer with the same rows: checked again
+        ch(logits[:2], {"c": a[:, :2]}, rows)
+    with pytest.raises(ValueError, match="2 classes"):
+        cls(logits[:2, :2], {}, rows)
+    with pytest.raises(ValueError, match="target has shape"):
+        fm(logits[:2], {"c": a[..., :3]}, rows)
 
 
 def test_l2_and_blur_in_the_loop_lower_norm_and_high_frequencies():

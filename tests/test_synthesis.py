@@ -20,9 +20,9 @@ from helpers import (
 )
 
 from lightning_viz.callbacks.synthesis import ClassModelCallback, InversionCallback, UnitCallback
-from lightning_viz.capture import isolated
+from lightning_viz.capture import capture, isolated
 from lightning_viz.layers import LayerNotFoundError
-from lightning_viz.methods.objectives import class_logit
+from lightning_viz.methods.objectives import Objective, channel, class_logit, feature_match, neuron
 from lightning_viz.methods.regularizers import build_regularizers
 from lightning_viz.methods.synthesis import (
     class_model_images,
@@ -100,6 +100,49 @@ def test_unit_images_raise_activation_and_inversion_lowers_feature_error(trained
         )
     start, end = (-inv.start_scores).sqrt(), (-inv.scores).sqrt()
     assert (end < 0.5 * start).all() and (end < 0.3).all(), (start, end)
+
+
+def test_activation_objectives_stop_the_forward_after_their_layers_with_the_same_images(trained):
+    """channel / neuron / feature_match read no logits: their passes end at their layer (the head never runs
+    after the first step), with the images and scores of whole passes, bit for bit."""
+    model, x = trained
+
+    def whole(obj):  # the same objective, said to read logits: whole passes
+        return Objective(obj.fn, obj.layers, obj.name, uses_logits=True)
+
+    with isolated(model):
+        with torch.no_grad(), capture(model, ["conv1"]) as cap:
+            model(x[:2])
+        objectives = [channel("conv1", [0, 1]), neuron("bn1", [2, 3]), feature_match("conv1", cap["conv1"])]
+    assert not any(o.uses_logits for o in objectives) and (objectives[0] + class_logit([0, 1])).uses_logits
+    assert not (2.0 * objectives[0] - objectives[1]).uses_logits
+    heads = []
+    hook = model.fc.register_forward_pre_hook(lambda m, args: heads.append(1))
+    try:
+        for obj in objectives:
+            for regs in (dict(tv=1e-3, jitter=1, blur_every=2), dict(clip_contribution_percentile=10, l2=1e-3)):
+
+                def run(o, regs=regs):
+                    with isolated(model):
+                        return optimize_input(
+                            model,
+                            o,
+                            (2, 3, 8, 8),
+                            steps=6,
+                            lr=0.1,
+                            regularizers=build_regularizers(**regs),
+                            init="noise",
+                            generator=torch.Generator().manual_seed(0),
+                        )
+
+                heads.clear()
+                cut = check_untouched(model, lambda obj=obj: run(obj))  # no hook left behind, nothing changed
+                assert len(heads) == 3  # the score passes before and after, and the first (counting) step
+                ref = run(whole(obj))
+                for field in ("images", "scores", "start_scores"):
+                    assert torch.equal(getattr(cut, field), getattr(ref, field)), (obj, regs, field)
+    finally:
+        hook.remove()
 
 
 def test_resnet18_in_place_relu_and_reused_modules():

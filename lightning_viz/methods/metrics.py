@@ -16,17 +16,20 @@ Maps are ``[B, h, w]`` raw values; they are resized (bilinear) to the image or m
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..targets import TargetSpec, resolve_target
-from .batching import images_per_forward
+from . import batching
+from .batching import default_memory_mb, images_per_forward
 from .blur import gaussian_blur
 
 __all__ = [
     "perturbation_curve",
+    "perturbation_curves",
     "deletion_auc",
     "insertion_auc",
     "curve_auc",
@@ -72,6 +75,102 @@ def _target_classes(model: nn.Module, x: Tensor, target: Tensor | TargetSpec, la
     return classes.long()
 
 
+def perturbation_curves(
+    model: nn.Module,
+    x: Tensor,
+    maps: Mapping[str, Tensor],
+    target: Tensor | TargetSpec = "predicted",
+    labels: Tensor | None = None,
+    modes: Mapping[str, str] | None = None,
+    steps: int = 16,
+    blur_sigma: float | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, dict[str, Tensor]]:
+    """Deletion/insertion curves (Petsiuk et al. 2018, Sec. 4.1) of several maps of the same images at once.
+
+    ``maps``: ``{key: [B, h, w]}``; ``modes``: ``{mode: baseline}`` (default ``{"deletion": "zero",
+    "insertion": "blur"}``). Returns ``{mode: {key: [B, steps + 1]}}``, each curve as
+    :func:`perturbation_curve` gives it. The images every curve shares are evaluated once: the image itself
+    (deletion start, insertion end) and each baseline (deletion end, insertion start); the other perturbed
+    images of all keys and modes go through ``model`` in batches of at most ``chunk_size`` images (``None``:
+    as many as the default memory budget holds, on the CPU at most
+    :data:`~lightning_viz.methods.batching.CPU_THROUGHPUT_MB` of activations); the result does not depend on
+    chunking (up to the float rounding of batched kernels)."""
+    modes = dict(modes) if modes is not None else {"deletion": "zero", "insertion": "blur"}
+    for mode, baseline in modes.items():
+        if mode not in ("deletion", "insertion"):
+            raise ValueError(f"mode must be 'deletion' or 'insertion'; got {mode!r}")
+        if baseline not in ("zero", "blur"):
+            raise ValueError(f"unknown baseline {baseline!r}; allowed: 'zero', 'blur'")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1; got {steps}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
+    b, _c, h, w = x.shape
+    x = x.detach()
+    keys = list(maps)
+    if not keys:
+        return {mode: {} for mode in modes}
+    with torch.no_grad():
+        classes = _target_classes(model, x, target, labels)
+        # sources: the image (0) and each baseline (1, 2, ...), [S, B, C, H, W]
+        baselines = list(dict.fromkeys(modes.values()))
+        sources = torch.stack([x] + [_baseline(x, name, blur_sigma) for name in baselines])
+        src = {name: i + 1 for i, name in enumerate(baselines)}
+        ranks = []  # per key: rank of each pixel in order of decreasing saliency (ties by pixel index), [B, HW]
+        for key in keys:
+            order = _resize(maps[key].to(x.device), (h, w)).flatten(1).argsort(dim=1, descending=True, stable=True)
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, torch.arange(h * w, device=x.device).expand(b, -1))
+            ranks.append(rank)
+        rank_all = torch.stack(ranks)
+        counts = torch.round(torch.arange(steps + 1, device=x.device, dtype=torch.float64) * (h * w) / steps).long()
+        # every evaluated image: (start source, end source, key, pixels moved) per probe; first the shared ones
+        # (nothing moved), then the inner points of every (mode, key) curve
+        items = [(i, i, 0, 0) for i in range(len(sources))]
+        inner: dict[tuple[str, str], int] = {}  # (mode, key) -> index of its first inner point in items
+        for mode, baseline in modes.items():
+            first, last = (0, src[baseline]) if mode == "deletion" else (src[baseline], 0)
+            for r, key in enumerate(keys):
+                inner[(mode, key)] = len(items)
+                items.extend((first, last, r, int(counts[k])) for k in range(1, steps))
+        spec = torch.tensor(items, dtype=torch.long, device=x.device)  # [N, 4]
+        total = len(items) * b  # flat item i: spec row i // B, probe i % B
+        budget = default_memory_mb(x.device)
+        if x.device.type == "cpu":
+            budget = min(budget, batching.CPU_THROUGHPUT_MB)
+        chunk = chunk_size or images_per_forward(model, x, budget)
+        probs = []
+        for lo in range(0, total, chunk):
+            idx = torch.arange(lo, min(lo + chunk, total), device=x.device)
+            row, p = spec[idx // b], idx % b
+            moved = (rank_all[row[:, 2], p] < row[:, 3].unsqueeze(1)).view(-1, 1, h, w)
+            xp = torch.where(moved, sources[row[:, 1], p], sources[row[:, 0], p])
+            out = model(xp)
+            if not isinstance(out, Tensor) or out.ndim != 2:
+                raise ValueError(
+                    f"deletion/insertion need a model returning logits [B, K]; got {getattr(out, 'shape', type(out))}"
+                )
+            probs.append(out.float().softmax(dim=1).gather(1, classes[p].view(-1, 1)).squeeze(1))
+        flat = torch.cat(probs).view(len(items), b)
+        curves: dict[str, dict[str, Tensor]] = {}
+        for mode, baseline in modes.items():
+            first, last = (0, src[baseline]) if mode == "deletion" else (src[baseline], 0)
+            curves[mode] = {
+                key: torch.cat(
+                    [
+                        flat[first : first + 1],
+                        flat[inner[(mode, key)] : inner[(mode, key)] + steps - 1],
+                        flat[last : last + 1],
+                    ]
+                )
+                .t()
+                .contiguous()
+                for key in keys
+            }
+        return curves
+
+
 def perturbation_curve(
     model: nn.Module,
     x: Tensor,
@@ -89,43 +188,14 @@ def perturbation_curve(
     Returns ``[B, steps + 1]``: point ``k`` has ``round(k / steps * H * W)`` pixels (all channels)
     replaced by the ``baseline`` (deletion) or taken from the image into the baseline (insertion).
     The ``(steps + 1) * B`` perturbed images go through ``model`` in batches of at most ``chunk_size``
-    images (``None``: as many as the default memory budget holds,
-    :func:`~lightning_viz.methods.batching.images_per_forward`); ties in the map are broken by pixel index,
+    images (``None``: as in :func:`perturbation_curves`); ties in the map are broken by pixel index,
     so the result does not depend on chunking. ``target``: class indices ``[B]`` or a target spec resolved on ``x``.
+    Several maps or both modes: :func:`perturbation_curves` (shared images evaluated once).
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion'; got {mode!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1; got {steps}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
-    b, _c, h, w = x.shape
-    x = x.detach()
-    with torch.no_grad():
-        classes = _target_classes(model, x, target, labels)
-        sal = _resize(maps.to(x.device), (h, w)).flatten(1)  # [B, HW]
-        order = sal.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(h * w, device=x.device).expand(b, -1))
-        counts = torch.round(torch.arange(steps + 1, device=x.device, dtype=torch.float64) * (h * w) / steps).long()
-        base = _baseline(x, baseline, blur_sigma)
-        start, end = (x, base) if mode == "deletion" else (base, x)
-        # item i of the flat (step, probe) list: step i // B, probe i % B
-        total = (steps + 1) * b
-        chunk = images_per_forward(model, x) if chunk_size is None else chunk_size
-        probs = []
-        for lo in range(0, total, chunk):
-            idx = torch.arange(lo, min(lo + chunk, total), device=x.device)
-            s, p = idx // b, idx % b
-            changed = (rank[p] < counts[s].unsqueeze(1)).view(-1, 1, h, w)  # pixels already moved
-            xp = torch.where(changed, end[p], start[p])
-            out = model(xp)
-            if not isinstance(out, Tensor) or out.ndim != 2:
-                raise ValueError(
-                    f"deletion/insertion need a model returning logits [B, K]; got {getattr(out, 'shape', type(out))}"
-                )
-            probs.append(out.float().softmax(dim=1).gather(1, classes[p].view(-1, 1)).squeeze(1))
-        return torch.cat(probs).view(steps + 1, b).t().contiguous()
+    curves = perturbation_curves(model, x, {"": maps}, target, labels, {mode: baseline}, steps, blur_sigma, chunk_size)
+    return curves[mode][""]
 
 
 def curve_auc(curve: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ class-model or unit images is optimized in one batched run. Objectives compose l
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,19 +38,39 @@ def per_image(values: Tensor, rows: Tensor, batch: int) -> Tensor:
     return values[rows.to(values.device)]
 
 
+class _PerChunk:
+    """A value computed once per chunk: the optimization passes the same ``rows`` tensor at every step, so
+    per-image targets are picked and checked once, not at every step. ``get`` recomputes for other ``rows``
+    (another object) or another ``key`` (shapes, device)."""
+
+    def __init__(self) -> None:
+        self.rows: Tensor | None = None
+        self.key: tuple = ()
+        self.value: Any = None
+
+    def get(self, rows: Tensor, key: tuple, make: Callable[[], Any]) -> Any:
+        if rows is not self.rows or key != self.key:
+            self.value = make()
+            self.rows, self.key = rows, key
+        return self.value
+
+
 class Objective:
     """A score ``fn(logits[B, K], activations, rows) -> Tensor[B]`` to maximize, one value per image.
 
     ``rows`` are the indices of the current images in the whole optimized batch (the batch may be run
     in chunks); objectives with per-image targets pick theirs with :func:`per_image`.
-    ``layers`` are the layer names whose outputs ``fn`` reads. ``a + b``, ``w * a``, ``a - b`` and
-    ``-a`` build new objectives (weights are plain floats), so ``sum([...])`` also works.
+    ``layers`` are the layer names whose outputs ``fn`` reads. ``uses_logits=False`` says ``fn`` never reads
+    ``logits`` (only activations): the forward pass may then stop after the last of ``layers`` (``fn`` gets an
+    empty ``[B, 0]`` tensor as logits when it did). ``a + b``, ``w * a``, ``a - b`` and ``-a`` build new objectives
+    (weights are plain floats), so ``sum([...])`` also works.
     """
 
-    def __init__(self, fn: ScoreFn, layers: Sequence[str] = (), name: str = "objective"):
+    def __init__(self, fn: ScoreFn, layers: Sequence[str] = (), name: str = "objective", uses_logits: bool = True):
         self.fn = fn
         self.layers = tuple(dict.fromkeys(layers))
         self.name = name
+        self.uses_logits = bool(uses_logits)
 
     def __call__(
         self, logits: Tensor, activations: Mapping[str, Tensor] | None = None, rows: Tensor | None = None
@@ -73,6 +94,7 @@ class Objective:
             lambda lg, acts, rows: self(lg, acts, rows) + other(lg, acts, rows),
             self.layers + other.layers,
             f"{self.name} + {other.name}",
+            self.uses_logits or other.uses_logits,
         )
 
     __radd__ = __add__
@@ -81,7 +103,9 @@ class Objective:
         if not isinstance(weight, (int, float)):
             return NotImplemented
         w = float(weight)
-        return Objective(lambda lg, acts, rows: w * self(lg, acts, rows), self.layers, f"{w:g} * {self.name}")
+        return Objective(
+            lambda lg, acts, rows: w * self(lg, acts, rows), self.layers, f"{w:g} * {self.name}", self.uses_logits
+        )
 
     __rmul__ = __mul__
 
@@ -99,15 +123,20 @@ def class_logit(classes: int | Sequence[int] | Tensor) -> Objective:
     """Unnormalized class score S_c(I) of class ``classes[b]`` for image ``b`` (Simonyan et al. 2014, eq. 1:
     the logit, not the softmax, so the image cannot win by suppressing the other classes)."""
     idx = as_index(classes)
+    memo = _PerChunk()
 
-    def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
+    def pick(logits: Tensor, rows: Tensor) -> Tensor:
         cls = per_image(idx, rows, logits.shape[0]).to(logits.device)
         if int(cls.max()) >= logits.shape[1] or int(cls.min()) < 0:
             raise ValueError(
                 f"class index out of range: the model has {logits.shape[1]} classes "
                 f"(0..{logits.shape[1] - 1}); got {cls.tolist()}"
             )
-        return logits.gather(1, cls.view(-1, 1)).squeeze(1)
+        return cls.view(-1, 1)
+
+    def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
+        cls = memo.get(rows, (*logits.shape, logits.device), lambda: pick(logits, rows))
+        return logits.gather(1, cls).squeeze(1)
 
     return Objective(fn, (), f"class_logit{idx.tolist()}")
 
@@ -118,59 +147,69 @@ def _layer_output(acts: Mapping[str, Tensor], layer: str) -> Tensor:
     return acts[layer]
 
 
-def _selected_channels(acts: Mapping[str, Tensor], layer: str, idx: Tensor, rows: Tensor) -> Tensor:
+def _selected_channels(acts: Mapping[str, Tensor], layer: str, idx: Tensor, rows: Tensor, memo: _PerChunk) -> Tensor:
     """Channel ``idx[b]`` of ``layer``'s output for each image ``b`` of the (chunk of the) batch:
     ``[B, h, w]`` (or ``[B]`` for a linear layer); clear error for a channel out of range."""
     a = _layer_output(acts, layer)
-    ch = per_image(idx, rows, a.shape[0]).to(a.device)
-    if int(ch.max()) >= a.shape[1] or int(ch.min()) < 0:
-        raise ValueError(
-            f"channel out of range for layer {layer!r}: it has {a.shape[1]} channels "
-            f"(0..{a.shape[1] - 1}); got {ch.tolist()}"
-        )
-    return a[torch.arange(a.shape[0], device=a.device), ch]
+
+    def pick() -> tuple[Tensor, Tensor]:
+        ch = per_image(idx, rows, a.shape[0]).to(a.device)
+        if int(ch.max()) >= a.shape[1] or int(ch.min()) < 0:
+            raise ValueError(
+                f"channel out of range for layer {layer!r}: it has {a.shape[1]} channels "
+                f"(0..{a.shape[1] - 1}); got {ch.tolist()}"
+            )
+        return torch.arange(a.shape[0], device=a.device), ch
+
+    return a[memo.get(rows, (*a.shape[:2], a.device), pick)]
 
 
 def channel(layer: str, channels: int | Sequence[int] | Tensor) -> Objective:
     """Mean activation of channel ``channels[b]`` of ``layer`` over all positions, for image ``b``
     (activation maximization, Erhan et al. 2009: x* = argmax_x h_ij(theta, x))."""
     idx = as_index(channels)
+    memo = _PerChunk()
 
     def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
-        sel = _selected_channels(acts, layer, idx, rows)
+        sel = _selected_channels(acts, layer, idx, rows, memo)
         return sel.flatten(1).mean(1) if sel.ndim > 1 else sel
 
-    return Objective(fn, (layer,), f"channel({layer}, {idx.tolist()})")
+    return Objective(fn, (layer,), f"channel({layer}, {idx.tolist()})", uses_logits=False)
 
 
 def neuron(layer: str, channels: int | Sequence[int] | Tensor, y: int | None = None, x: int | None = None) -> Objective:
     """One unit: channel ``channels[b]`` of ``layer`` at position ``(y, x)`` (default: the center) for image ``b``
     (Erhan et al. 2009; Yosinski et al. 2015 optimize single units the same way)."""
     idx = as_index(channels)
+    memo = _PerChunk()
 
     def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
-        sel = _selected_channels(acts, layer, idx, rows)
+        sel = _selected_channels(acts, layer, idx, rows, memo)
         if sel.ndim == 1:
             return sel
         h, w = sel.shape[-2:]
         return sel[:, h // 2 if y is None else y, w // 2 if x is None else x]
 
-    return Objective(fn, (layer,), f"neuron({layer}, {idx.tolist()})")
+    return Objective(fn, (layer,), f"neuron({layer}, {idx.tolist()})", uses_logits=False)
 
 
 def feature_match(layer: str, target: Tensor) -> Objective:
     """Negative normalized reconstruction loss ``-||phi(x) - phi0||^2 / ||phi0||^2`` at ``layer``
     (feature inversion, Mahendran & Vedaldi 2015: their objective with the normalized Euclidean loss)."""
     phi0 = target.detach()
+    memo = _PerChunk()
 
-    def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
-        a = _layer_output(acts, layer)
+    def targets(a: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         t = per_image(phi0, rows, a.shape[0]).to(a.device, a.dtype)
         if t.shape != a.shape:
             raise ValueError(
                 f"feature_match target has shape {tuple(t.shape)} but layer {layer!r} gives {tuple(a.shape)}"
             )
-        err = (a - t).flatten(1).pow(2).sum(1)
-        return -err / t.flatten(1).pow(2).sum(1).clamp_min(1e-12)
+        return t, t.flatten(1).pow(2).sum(1).clamp_min(1e-12)
 
-    return Objective(fn, (layer,), f"feature_match({layer})")
+    def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
+        a = _layer_output(acts, layer)
+        t, norm = memo.get(rows, (*a.shape, a.device, a.dtype), lambda: targets(a, rows))
+        return -(a - t).flatten(1).pow(2).sum(1) / norm
+
+    return Objective(fn, (layer,), f"feature_match({layer})", uses_logits=False)

@@ -63,10 +63,11 @@ class FFTParam(Parameterization):
         fx = torch.fft.rfftfreq(w, device=init.device).view(1, -1)
         freqs = (fy.pow(2) + fx.pow(2)).sqrt()
         self.scale = (1.0 / freqs.clamp_min(1.0 / max(h, w)).pow(decay_power)).to(init.dtype)
-        self.color = None
+        self.color = self.color_inv = None
         if decorrelate and c == 3:
             m = COLOR_CORRELATION_SVD_SQRT.to(init.device, init.dtype)
             self.color = m / m.norm(dim=0).max()
+            self.color_inv = torch.linalg.inv(self.color)
         self.spectrum = torch.zeros(b, c, h, w // 2 + 1, 2, device=init.device, dtype=init.dtype, requires_grad=True)
         self.params = [self.spectrum]
         self.set_image(init)
@@ -81,8 +82,8 @@ class FFTParam(Parameterization):
     @torch.no_grad()
     def set_image(self, image: Tensor) -> None:
         img = image.to(self.spectrum.dtype)
-        if self.color is not None:
-            img = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(self.color), img)
+        if self.color_inv is not None:
+            img = torch.einsum("ij,bjhw->bihw", self.color_inv, img)
         coeffs = torch.fft.rfft2(img, norm="ortho") / self.scale
         self.spectrum.copy_(torch.view_as_real(coeffs))
 

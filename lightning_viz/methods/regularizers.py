@@ -201,9 +201,9 @@ def build_regularizers(
 
 def total_penalty(regularizers: Sequence[Regularizer], image: Tensor) -> Tensor:
     """Sum of the regularizers' penalties per image (zeros when none has one)."""
-    total = torch.zeros(image.shape[0], device=image.device, dtype=image.dtype)
+    total: Tensor | None = None
     for r in regularizers:
         p = r.penalty(image)
         if p is not None:
-            total = total + p
-    return total
+            total = p if total is None else total + p
+    return torch.zeros(image.shape[0], device=image.device, dtype=image.dtype) if total is None else total

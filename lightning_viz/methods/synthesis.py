@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..capture import capture
+from ..capture import capture, forward_until
 from ..layers import module_device, module_dtype
 from ..progress import progress
 from .objectives import Objective, channel, class_logit, feature_match, neuron
@@ -143,27 +144,41 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
     opt = _Ascent(p.params, lr, optimizer)
     needs_img_grad = any(r.needs_grad for r in regs)
     project = bounds is not None or any(type(r).project is not Regularizer.project for r in regs)
-    with capture(model, objective.layers, grad=True) as cap:
+    penalized = any(type(r).penalty is not Regularizer.penalty for r in regs)
+    # an objective that reads only activations needs no layer after its last one: those passes stop there
+    cut = () if objective.uses_logits else objective.layers
+    with capture(model, objective.layers, grad=True) as cap, forward_until(model, cut) as run:
         for step in range(steps):
             progress(step, steps, "optimization steps")  # a line every few seconds inside a callback run (rank 0)
             img = p.image()
             x = img
             for r in regs:
                 x = r.transform(x, step)
+            # with needs_img_grad the model gets a node of its own, which no penalty reaches
+            x_in = x.view_as(x) if needs_img_grad else x
             cap.clear()
-            logits = model(x)
+            logits = run(partial(model, x_in))
+            if logits is None:  # stopped after the objective's layers: no logits (the objective reads none)
+                logits = x.new_empty(x.shape[0], 0)
             obj = objective(logits, cap.outputs, rows).sum()
-            loss = -obj + total_penalty(regs, img).sum()
-            # d objective / d image for the projections (Yosinski's contribution), without the penalties' part
-            ascent = torch.autograd.grad(obj, img, retain_graph=True)[0] if needs_img_grad else None
-            opt.step(torch.autograd.grad(loss, p.params))
+            loss = -obj + total_penalty(regs, img).sum() if penalized else -obj
+            ascent = None
+            if needs_img_grad:
+                # one backward through the model for both: d loss / d x_in is exactly -(d objective / d x), which
+                # pulled back through the transforms is d objective / d image (Yosinski's contribution, for the
+                # projections, without the penalties' part)
+                g_x, *grads = torch.autograd.grad(loss, [x_in, *p.params], retain_graph=True)
+                ascent = torch.autograd.grad(x_in, img, grad_outputs=-g_x)[0]
+            else:
+                grads = list(torch.autograd.grad(loss, p.params))
+            opt.step(grads)
             if project:
                 with torch.no_grad():
                     img = p.image()
                     for r in regs:
                         img = r.project(img, ascent, step)
                     if bounds is not None:
-                        img = torch.maximum(torch.minimum(img, bounds[1]), bounds[0])
+                        img = torch.clamp(img, bounds[0], bounds[1])
                     p.set_image(img)
     return p.image().detach()
 
