@@ -124,7 +124,7 @@ def perturbation_curves(
             rank.scatter_(1, order, torch.arange(h * w, device=x.device).expand(b, -1))
             ranks.append(rank)
         rank_all = torch.stack(ranks)
-        counts = torch.round(torch.arange(steps + 1, device=x.device, dtype=torch.float64) * (h * w) / steps).long()
+        counts = torch.round(torch.arange(steps + 1, dtype=torch.float64) * (h * w) / steps).long().tolist()
         # every evaluated image: (start source, end source, key, pixels moved) per probe; first the shared ones
         # (nothing moved), then the inner points of every (mode, key) curve
         items = [(i, i, 0, 0) for i in range(len(sources))]
@@ -133,7 +133,7 @@ def perturbation_curves(
             first, last = (0, src[baseline]) if mode == "deletion" else (src[baseline], 0)
             for r, key in enumerate(keys):
                 inner[(mode, key)] = len(items)
-                items.extend((first, last, r, int(counts[k])) for k in range(1, steps))
+                items.extend((first, last, r, counts[k]) for k in range(1, steps))
         spec = torch.tensor(items, dtype=torch.long, device=x.device)  # [N, 4]
         total = len(items) * b  # flat item i: spec row i // B, probe i % B
         budget = default_memory_mb(x.device)
