@@ -444,9 +444,9 @@ def scatter_image(
 
     ``size_px`` high: the title on top, a square plot (data limits padded 5% as matplotlib, a frame with
     1-2-2.5-5 ticks and their values), dots of 5 px in matplotlib's tab10 colors (one per class present, in
-    label order, later classes on top; antialiased by drawing 4x larger and box-filtering), and a legend to the
-    right of the plot (a dot and the class name, more columns when the classes do not fit in one), so it never
-    hides points. Non-finite points are left out.
+    label order, later classes on top; antialiased: cached coverage masks at quarter-pixel offsets,
+    :func:`_dot_masks`), and a legend to the right of the plot (a dot and the class name, more columns when the
+    classes do not fit in one), so it never hides points. Non-finite points are left out.
     """
     import numpy as np
     from PIL import Image, ImageDraw
