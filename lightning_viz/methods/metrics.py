@@ -129,8 +129,9 @@ def perturbation_curves(
         # (nothing moved), then the inner points of every (mode, key) curve
         items = [(i, i, 0, 0) for i in range(len(sources))]
         inner: dict[tuple[str, str], int] = {}  # (mode, key) -> index of its first inner point in items
-        for mode, baseline in modes.items():
-            first, last = (0, src[baseline]) if mode == "deletion" else (src[baseline], 0)
+        # (start, end) source of each mode's curves: deletion moves from the image to the baseline, insertion back
+        ends = {mode: (0, src[base]) if mode == "deletion" else (src[base], 0) for mode, base in modes.items()}
+        for mode, (first, last) in ends.items():
             for r, key in enumerate(keys):
                 inner[(mode, key)] = len(items)
                 items.extend((first, last, r, counts[k]) for k in range(1, steps))
@@ -154,8 +155,7 @@ def perturbation_curves(
             probs.append(out.float().softmax(dim=1).gather(1, classes[p].view(-1, 1)).squeeze(1))
         flat = torch.cat(probs).view(len(items), b)
         curves: dict[str, dict[str, Tensor]] = {}
-        for mode, baseline in modes.items():
-            first, last = (0, src[baseline]) if mode == "deletion" else (src[baseline], 0)
+        for mode, (first, last) in ends.items():
             curves[mode] = {
                 key: torch.cat(
                     [
