@@ -28,7 +28,15 @@ from ..logging import NothingWrittenWarning, VizLogger, check_sinks, describe_si
 from ..probe import PROBE_BANK_KEY, ProbeSet, probe_bank_get, probe_bank_put, read_item
 from ..progress import logger as _log
 from ..progress import reporting
-from ..targets import ModelAdapter, ModelOutputError, describe_output, model_adapter, read_logits, resolve_logits_fn
+from ..targets import (
+    ModelAdapter,
+    ModelOutputError,
+    choose_memory_format,
+    describe_output,
+    model_adapter,
+    read_logits,
+    resolve_logits_fn,
+)
 
 if sys.version_info >= (3, 12):
     from typing import override
@@ -455,6 +463,7 @@ class VisualizationCallback(Callback):
                         + "; set logits_fn=<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
                     )
             self.check_input(model, x)
+            choose_memory_format(model, x, out)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
