@@ -35,6 +35,7 @@ from ..render import (
     normalize_maps,
     overlay,
     resize_maps,
+    to_uint8,
     upscale,
 )
 from ..targets import LabelTarget, resolve_target
@@ -231,9 +232,10 @@ class MapCallback(VisualizationCallback):
                 if len(rows) <= v:
                     rows.append([])
                     bars.append([])
-                rows[v].append(overlay(big, resize_maps(m01, size), self.alpha, self.heat_cmap))
+                # uint8 once per key and variant (the pixels compose would give each tile): fewer, larger conversions
+                rows[v].append(to_uint8(overlay(big, resize_maps(m01, size), self.alpha, self.heat_cmap)))
                 if rng is not None:  # fixed scale: one range for every probe
-                    bars[v].append([colorbar(width, rng[0], rng[1], self.heat_cmap)] * len(probe))
+                    bars[v].append([to_uint8(colorbar(width, rng[0], rng[1], self.heat_cmap))] * len(probe))
                 elif self.signed:  # per image, signed: each probe's own symmetric range, zero marked
                     top = maps[key].flatten(1).abs().amax(dim=1).clamp_min(1e-12).tolist()
                     bars[v].append([colorbar(width, -t, t, self.heat_cmap) for t in top])
@@ -243,8 +245,9 @@ class MapCallback(VisualizationCallback):
         labels = ["image"] + [k.split("/", 1)[0] if len(layers) == 1 else k.replace("/", " ") for k in keys]
         both = self.normalize == "both"
         fixed_tile = _shared_strip(int(size[-1]), ["fixed scale"], 14)
+        big8 = to_uint8(big)
         for i, pid in enumerate(probe.ids):
-            tiles = [[big[i] if v == 0 else fixed_tile] + [r[i] for r in row] for v, row in enumerate(rows)]
+            tiles = [[big8[i] if v == 0 else fixed_tile] + [r[i] for r in row] for v, row in enumerate(rows)]
             under: list[list[Tensor | None]] = [[None, *(per_key[i] for per_key in bar)] for bar in bars]
             caption = panel_caption(pid, probe, results, i, class_names)
             if both:
