@@ -29,9 +29,11 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
 import weakref
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
 import numpy as np
@@ -58,6 +60,8 @@ __all__ = [
     "logger_name",
     "sink_names",
     "check_sinks",
+    "wait_for_writes",
+    "BackgroundWriteError",
     "describe_sinks",
     "image_folder",
     "image_relpath",
@@ -245,6 +249,52 @@ def _png_summary(tag: str, hwc: np.ndarray) -> Any:
     return Summary(value=[Summary.Value(tag=tag, image=img)])
 
 
+# ------------------------------------------------------------------------------------ background writes
+# In a callback run, TensorBoard image records are PNG-encoded and handed to the event writer on one background
+# thread, in the order they were logged (then the writer's flush), so a callback's encoding (zlib releases the GIL)
+# overlaps the next callback's computation. The last callback run at an epoch-end point waits for all of them
+# (wait_for_writes, inside its run, so an error reaches every DDP rank), as does a run called on its own and a
+# callback's teardown. A VizLogger made outside a run writes at once.
+_writes_lock = threading.Lock()
+_writer_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child starts its own
+_pending: list[tuple[Future, str]] = []
+
+
+class BackgroundWriteError(Exception):
+    """A background write for ``owner`` (the callback that logged it) failed with ``error``."""
+
+    def __init__(self, owner: str, error: Exception):
+        super().__init__(f"{owner}: {type(error).__name__}: {error}")
+        self.owner, self.error = owner, error
+
+
+def _submit_write(fn: Callable[[], Any], owner: str) -> None:
+    """Run ``fn`` on the background writer thread after every write submitted before it."""
+    global _writer_pool
+    with _writes_lock:
+        if _writer_pool is None or _writer_pool[0] != os.getpid():
+            _writer_pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="lightning-viz-writer"))
+            _pending.clear()  # a parent's futures (after a fork) are not this process's
+        _pending.append((_writer_pool[1].submit(fn), owner))
+
+
+def wait_for_writes() -> None:
+    """Wait until every background write is done; then raise :class:`BackgroundWriteError` for the first that
+    failed, if any."""
+    with _writes_lock:
+        pending = list(_pending)
+        _pending.clear()
+    failed = None
+    for future, owner in pending:
+        exc = future.exception()
+        if exc is not None and not isinstance(exc, Exception):
+            raise exc  # KeyboardInterrupt, SystemExit: not a logging error
+        if exc is not None and failed is None:
+            failed = BackgroundWriteError(owner, exc)
+    if failed is not None:
+        raise failed
+
+
 def _fast_record_checksums() -> None:
     """Have TensorBoard's record writer checksum records with :mod:`lightning_viz._crc32c` (the same checksums,
     ~30x faster on images than its pure-Python loop), where it uses that pure-Python loop (no TensorFlow)."""
@@ -297,6 +347,8 @@ class TensorBoardBackend(Backend):
 
     def __init__(self, writer: Any):
         self.writer = writer
+        self.background: str | None = None  # in a callback run, its label: images are written in the background
+        self.submitted = False  # images went to the background writer: the flush goes there too, after them
 
     def image(self, tag, hwc, step, caption=None):
         from torch.utils.tensorboard import SummaryWriter
@@ -308,7 +360,13 @@ class TensorBoardBackend(Backend):
             self.writer.add_image(tag, hwc, step, dataformats="HWC")
             return
         _fast_record_checksums()
-        self.writer._get_file_writer().add_summary(_png_summary(tag, hwc), step)
+        file_writer = self.writer._get_file_writer()
+        if self.background is None:
+            file_writer.add_summary(_png_summary(tag, hwc), step)
+            return
+        hwc = hwc.copy()  # the caller may reuse its array; the background thread encodes this copy
+        _submit_write(lambda: file_writer.add_summary(_png_summary(tag, hwc), step), self.background)
+        self.submitted = True
 
     def scalar(self, tag, value, step):
         self.writer.add_scalar(tag, value, step)
@@ -328,7 +386,11 @@ class TensorBoardBackend(Backend):
         self.writer.add_custom_scalars(layout)
 
     def flush(self):
-        self.writer.flush()
+        if self.submitted and self.background is not None:
+            writer = self.writer
+            _submit_write(lambda: writer.flush(), self.background)
+        else:
+            self.writer.flush()
 
 
 class MetricsBackend(Backend):
@@ -560,11 +622,21 @@ class VizLogger:
 
     @classmethod
     def from_trainer(
-        cls, trainer: Any, step: int, namespace: str | None = None, loggers: Optional[Sequence[str]] = None
+        cls,
+        trainer: Any,
+        step: int,
+        namespace: str | None = None,
+        loggers: Optional[Sequence[str]] = None,
+        background: str | None = None,
     ) -> VizLogger:
-        """Backends for :func:`sink_names` ``(trainer, loggers)``, built on rank 0 only."""
+        """Backends for :func:`sink_names` ``(trainer, loggers)``, built on rank 0 only. With ``background`` (the
+        label of the callback run logging), TensorBoard images are written on the background writer thread (see
+        :func:`wait_for_writes`)."""
         enabled = bool(trainer.is_global_zero)
         backends = [b for n in sink_names(trainer, loggers) for b in _backend_for(trainer, n)] if enabled else []
+        for b in backends:
+            if isinstance(b, TensorBoardBackend):
+                b.background = background
         return cls(backends, step, enabled=enabled, namespace=namespace)
 
     def image(self, tag: str, image01: Tensor, caption: str | None = None) -> None:

@@ -24,7 +24,16 @@ from torch import Tensor
 
 from ..capture import isolated
 from ..layers import module_device, module_dtype
-from ..logging import NothingWrittenWarning, VizLogger, check_sinks, describe_sinks, make_tag, sink_names
+from ..logging import (
+    BackgroundWriteError,
+    NothingWrittenWarning,
+    VizLogger,
+    check_sinks,
+    describe_sinks,
+    make_tag,
+    sink_names,
+    wait_for_writes,
+)
 from ..probe import PROBE_BANK_KEY, ProbeSet, probe_bank_get, probe_bank_put, read_item
 from ..progress import logger as _log
 from ..progress import reporting
@@ -332,6 +341,9 @@ class VisualizationCallback(Callback):
         self.last_logged_tags: list[str] = []
         self.last_duration_s: float | None = None
 
+    #: set by :meth:`_run_and_report` while a later callback runs at the same point (see :meth:`run`)
+    _defer_writes = False
+
     # ------------------------------------------------------------------ subclass API
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         """Compute on ``probe`` (this rank's shard) inside :func:`isolated`; return tensors with the
@@ -533,6 +545,14 @@ class VisualizationCallback(Callback):
             self._run_and_report(trainer, pl_module, "train_epoch_end")
 
     @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        _finish_writes(self)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _finish_writes(self)
+
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The last epoch of a fit is always visualized. When its end was not known at the epoch-end hook (an
         # EarlyStopping or other callback setting should_stop after this one, no validation in the last epoch),
@@ -556,10 +576,17 @@ class VisualizationCallback(Callback):
         if not (scheduled or self.should_run(trainer)) or not sink_names(trainer, self.loggers):
             return
         start = time.perf_counter()
-        if scheduled:
-            self.run(trainer, pl_module, step=step, scheduled=True)
-        else:  # the plain call, as subclasses overriding run(trainer, pl_module) expect
-            self.run(trainer, pl_module)
+        cbs = _viz_callbacks(trainer)
+        # a later callback runs at this point too: this run's background image writes need not be waited for (the
+        # last run waits for all of them), so they overlap the later callbacks' computations
+        self._defer_writes = self in cbs and any(_runs_at(c, trainer, where) for c in cbs[cbs.index(self) + 1 :])
+        try:
+            if scheduled:
+                self.run(trainer, pl_module, step=step, scheduled=True)
+            else:  # the plain call, as subclasses overriding run(trainer, pl_module) expect
+                self.run(trainer, pl_module)
+        finally:
+            self._defer_writes = False
         _epoch_report(
             self, trainer, trainer.current_epoch if step is None else step, where, time.perf_counter() - start
         )
@@ -686,7 +713,9 @@ class VisualizationCallback(Callback):
         if rank == 0 and error is None and results is not None:
             stage = "log"
             try:
-                logger = VizLogger.from_trainer(trainer, step=step, namespace=self.name, loggers=self.loggers)
+                logger = VizLogger.from_trainer(
+                    trainer, step=step, namespace=self.name, loggers=self.loggers, background=self._label()
+                )
                 try:
                     self.log_results(logger, results, probe, trainer)
                     self.last_duration_s = time.perf_counter() - start
@@ -697,6 +726,13 @@ class VisualizationCallback(Callback):
                     logger.flush()
             except Exception as exc:  # any logging error (a full disk when writing or flushing): shared below
                 error = exc
+        culprit = self._label()
+        if rank == 0 and not self._defer_writes:  # the images encoded in the background are written (below: shared)
+            try:
+                wait_for_writes()
+            except BackgroundWriteError as exc:
+                if error is None:
+                    error, stage, culprit = exc.error, "log", exc.owner  # maybe an earlier callback's images
         if world > 1 and _dist_ready():
             try:
                 _share_rank0_error(error if rank == 0 else None, self.method)
@@ -707,8 +743,7 @@ class VisualizationCallback(Callback):
             if stage == "log":
                 self._failed(
                     VisualizationError(
-                        f"lightning-viz {type(self).__name__} ({self.method}) failed while logging at step {step}: "
-                        f"{type(error).__name__}: {error}"
+                        f"lightning-viz {culprit} failed while logging at step {step}: {type(error).__name__}: {error}"
                     ),
                     error,
                 )
@@ -720,6 +755,10 @@ class VisualizationCallback(Callback):
                 )
             return None
         return results
+
+    def _label(self) -> str:
+        """``"GradientCallback (gradients)"``: the callback in messages."""
+        return f"{type(self).__name__} ({self.method})"
 
     def _failed(self, error: BaseException, cause: BaseException | None = None) -> None:
         """Raise ``error`` (``on_error="raise"``) or warn and let training go on (``"warn"``)."""
@@ -764,6 +803,18 @@ class VisualizationCallback(Callback):
         probes = entry.get("probes") if isinstance(entry, dict) else None
         if isinstance(entry, dict) and isinstance(probes, dict) and "bank_ref" in probes:
             entry["probes"] = probe_bank_get(checkpoint[PROBE_BANK_KEY], probes["bank_ref"])
+
+
+def _finish_writes(callback: VisualizationCallback) -> None:
+    """Wait for the images still being written in the background (a fit stopped by an error, or ended); an error
+    writing them is warned about, not raised over the one that stopped the fit."""
+    try:
+        wait_for_writes()
+    except BackgroundWriteError as exc:
+        rank_zero_warn(
+            f"lightning-viz {exc.owner} failed while logging: {type(exc.error).__name__}: {exc.error}",
+            category=VisualizationWarning,
+        )
 
 
 def _refuse_duplicate(callback: VisualizationCallback, key: str) -> None:

@@ -1,0 +1,123 @@
+"""TensorBoard images of a callback run are encoded and written on a background thread while the later callbacks of
+the same epoch end compute; the last run waits for them, so the whole epoch's images are on disk when the pause
+ends, and a failed write names the callback that logged the image."""
+
+from __future__ import annotations
+
+import errno
+
+import lightning as L
+import pytest
+import torch
+from helpers import InputGradMap, LitTiny, image_steps, read_events, tiny_loaders, tiny_trainer
+
+import lightning_viz.callbacks.base as base
+import lightning_viz.logging as vlog
+from lightning_viz.callbacks import ActivationCallback
+from lightning_viz.callbacks.base import VisualizationError
+
+
+class Waits:
+    """Counts ``wait_for_writes`` calls made by callback runs (a spy around the real function)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = base.wait_for_writes
+
+        def counted():
+            self.calls += 1
+            real()
+
+        monkeypatch.setattr(base, "wait_for_writes", counted)
+
+
+class OnDiskAtPauseEnd(L.Callback):
+    """Last callback: when the epoch-end pause ends, nothing is pending and the event file has both callbacks'
+    images of this epoch (read back with TensorBoard's reader)."""
+
+    def __init__(self, logdir: str, waits: Waits):
+        self.logdir, self.waits, self.checked = logdir, waits, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        assert vlog._pending == []
+        acc = read_events(self.logdir)
+        epoch = trainer.current_epoch
+        assert epoch in image_steps(acc, "viz-inputgrad/panel/p000")
+        assert epoch in image_steps(acc, "viz-activations/net.conv1/p000")
+        self.checked.append((epoch, self.waits.calls))
+
+
+def test_the_last_run_of_an_epoch_end_waits_for_every_background_image(tmp_path, monkeypatch):
+    waits = Waits(monkeypatch)
+    owners = []
+    real_submit = vlog._submit_write
+
+    def submit(fn, owner):
+        owners.append(owner)
+        real_submit(fn, owner)
+
+    monkeypatch.setattr(vlog, "_submit_write", submit)
+    check = OnDiskAtPauseEnd(str(tmp_path), waits)
+    cbs = [InputGradMap(num_probes=2), ActivationCallback(layers=["net.conv1"], num_probes=2), check]
+    tiny_trainer(str(tmp_path), cbs, max_epochs=2).fit(LitTiny(), *tiny_loaders(n=12))
+    # one wait per epoch end, by the last visualization callback (the first one's images were left to the thread)
+    assert check.checked == [(0, 1), (1, 2)]
+    assert {"InputGradMap (inputgrad)", "ActivationCallback (activations)"} <= set(owners)
+
+
+def test_a_failed_background_write_names_the_callback_that_logged_the_image(tmp_path, monkeypatch):
+    """The disk fills while the first callback's image is written in the background: the error (its type and
+    message) is reported for that callback at that step, by the run that waits for it."""
+    trainer_ref = {}
+    real = vlog._png_summary
+
+    def full_disk(tag, hwc):
+        if tag.startswith("viz-inputgrad/") and trainer_ref["t"].current_epoch == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tag, hwc)
+
+    monkeypatch.setattr(vlog, "_png_summary", full_disk)
+    cbs = [InputGradMap(num_probes=2), ActivationCallback(layers=["net.conv1"], num_probes=2)]
+    trainer = trainer_ref["t"] = tiny_trainer(str(tmp_path), cbs, max_epochs=3)
+    with pytest.raises(VisualizationError, match=r"InputGradMap \(inputgrad\) failed while logging at step 1: OSError"):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz-inputgrad/panel/p000") == [0]
+    assert image_steps(acc, "viz-activations/net.conv1/p000") == [0, 1]  # written before the error was raised
+
+
+class Broken(InputGradMap):
+    method = "broken"
+
+    def compute_maps(self, pl_module, probe):
+        if self.trainer_epoch == 1:
+            raise RuntimeError("broken at epoch 1")
+        return super().compute_maps(pl_module, probe)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.trainer_epoch = trainer.current_epoch
+        super().on_train_epoch_end(trainer, pl_module)
+
+
+def test_images_left_to_the_thread_are_written_when_a_later_callback_fails(tmp_path):
+    """Nothing already logged is lost: the last callback fails at epoch 1, and the first one's epoch-1 images (left
+    to the background thread) are in the event file after the fit stopped."""
+    cbs = [ActivationCallback(layers=["net.conv1"], num_probes=2), Broken(num_probes=2)]
+    trainer = tiny_trainer(str(tmp_path), cbs, max_epochs=3)
+    with pytest.raises(VisualizationError, match="broken at epoch 1"):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    assert vlog._pending == []
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz-activations/net.conv1/p000") == [0, 1]
+    assert image_steps(acc, "viz-broken/panel/p000") == [0]
+
+
+def test_a_viz_logger_made_outside_a_run_writes_at_once(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    vlog.VizLogger(writer, step=4).image("viz-test/now", torch.rand(3, 6, 5))
+    assert vlog._pending == []
+    writer.flush()
+    assert image_steps(read_events(str(tmp_path)), "viz-test/now") == [4]
+    writer.close()
