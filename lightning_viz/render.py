@@ -276,8 +276,12 @@ def upscale(images: Tensor, min_px: int, mode: str = "nearest") -> Tensor:
         return images
     if mode == "nearest":  # torch's pixels, gathered by numpy (one thread: no thread pool to wake)
         x = images.detach().cpu()
+        rows, cols = _nearest_index(h, factor), _nearest_index(w, factor)
+        if x.dtype == torch.uint8 and x.ndim >= 3:  # gathered as [..., H, W, C] (to_uint8's layout), viewed as CHW
+            a = x.movedim(-3, -1).numpy()
+            return torch.from_numpy(a.take(rows, axis=-3).take(cols, axis=-2)).movedim(-1, -3)
         a = (x if x.dtype == torch.uint8 else x.float()).numpy()
-        return torch.from_numpy(a.take(_nearest_index(h, factor), axis=-2).take(_nearest_index(w, factor), axis=-1))
+        return torch.from_numpy(a.take(rows, axis=-2).take(cols, axis=-1))
     kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     return F.interpolate(images.float(), scale_factor=factor, mode=mode, **kw)
 
@@ -388,8 +392,12 @@ def _hwc(image: Tensor) -> np.ndarray:
 
 def to_uint8(images01: Tensor) -> Tensor:
     """Floats in ``[0, 1]`` (any shape) -> uint8 levels ``round(255 * value)`` (clipped; NaN as 0): the pixels the
-    loggers get, e.g. before a nearest :func:`upscale` (fewer pixels to convert, the same result)."""
-    return torch.from_numpy(_levels(images01).astype(np.uint8))
+    loggers get, e.g. before a nearest :func:`upscale` (fewer pixels to convert, the same result). Images
+    ``[..., C, H, W]`` come back as a view of ``[..., H, W, C]`` memory, the layout :func:`compose` pastes and
+    PNG rows take (no strided copy later)."""
+    if images01.ndim < 3:
+        return torch.from_numpy(_levels(images01).astype(np.uint8))
+    return torch.from_numpy(_levels(images01.movedim(-3, -1)).astype(np.uint8)).movedim(-1, -3)
 
 
 def to_uint8_hwc(image: Tensor) -> np.ndarray:

@@ -40,7 +40,17 @@ from .methods.metrics import (
     topk_iou,
 )
 from .probe import ProbeSet
-from .render import _shared_strip, class_name, compose, diverging_cmap, normalize_maps, overlay, resize_maps, upscale
+from .render import (
+    _shared_strip,
+    class_name,
+    compose,
+    diverging_cmap,
+    normalize_maps,
+    overlay,
+    resize_maps,
+    to_uint8,
+    upscale,
+)
 from .targets import resolve_target
 
 __all__ = ["MapTracker", "randomized_copy", "TRACKING_LAYOUT"]
@@ -325,7 +335,7 @@ class MapTracker:
             m01 = normalize_maps(resize_maps(m.float(), small01.shape[-2:]), "per_image", signed=signed)
             frames = overlay(small01, m01, float(getattr(callback, "alpha", 0.5)), cmap)
             history = self.frames.setdefault(key, {})
-            for pid, frame in zip(probe.ids, (frames * 255).round().to(torch.uint8)):
+            for pid, frame in zip(probe.ids, to_uint8(frames)):
                 history.setdefault(pid, []).append(frame)
             self.epochs.setdefault(key, []).append(epoch)
         display_px = int(getattr(callback, "display_px", 128) or 0)

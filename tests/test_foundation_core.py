@@ -225,6 +225,9 @@ def test_numpy_rendering_gives_the_pixels_of_the_torch_formulas():
         assert torch.equal(upscale(x, factor_px), want)
         up8 = upscale(to_uint8(x), factor_px)
         assert up8.dtype == torch.uint8 and torch.equal(up8, to_uint8(want))
+        # uint8 images keep [..., H, W, C] memory (what compose pastes and PNG rows take), CHW-strided too
+        assert up8.movedim(1, -1).is_contiguous() and to_uint8(x).movedim(1, -1).is_contiguous()
+        assert torch.equal(upscale(to_uint8(x).contiguous(), factor_px), up8)
     assert torch.equal(
         to_uint8(torch.tensor([float("nan"), -1.0, 0.5 / 255, 1.5 / 255, 2.0])),
         torch.tensor([0, 0, 0, 2, 255], dtype=torch.uint8),
