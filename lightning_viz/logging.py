@@ -375,9 +375,23 @@ class TensorBoardBackend(Backend):
         self.writer.add_figure(tag, fig, step, close=False)
 
     def embedding(self, tag, features, metadata, label_img, metadata_header, step):
-        self.writer.add_embedding(
-            features, metadata=metadata, label_img=label_img, global_step=step, tag=tag, metadata_header=metadata_header
-        )
+        writer = self.writer
+
+        def write() -> None:
+            writer.add_embedding(
+                features,
+                metadata=metadata,
+                label_img=label_img,
+                global_step=step,
+                tag=tag,
+                metadata_header=metadata_header,
+            )
+
+        if self.background is None:
+            write()
+        else:  # the projector files (a tsv written value by value, the sprite) in the background too
+            _submit_write(write, self.background)
+            self.submitted = True
 
     def text(self, tag, text, step):
         self.writer.add_text(tag, text, step)

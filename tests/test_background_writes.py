@@ -5,6 +5,8 @@ ends, and a failed write names the callback that logged the image."""
 from __future__ import annotations
 
 import errno
+import glob
+import os
 
 import lightning as L
 import pytest
@@ -13,7 +15,7 @@ from helpers import InputGradMap, LitTiny, image_steps, read_events, tiny_loader
 
 import lightning_viz.callbacks.base as base
 import lightning_viz.logging as vlog
-from lightning_viz.callbacks import ActivationCallback
+from lightning_viz.callbacks import ActivationCallback, EmbeddingCallback
 from lightning_viz.callbacks.base import VisualizationError
 
 
@@ -32,8 +34,8 @@ class Waits:
 
 
 class OnDiskAtPauseEnd(L.Callback):
-    """Last callback: when the epoch-end pause ends, nothing is pending and the event file has both callbacks'
-    images of this epoch (read back with TensorBoard's reader)."""
+    """Last callback: when the epoch-end pause ends, nothing is pending, the event file has both image callbacks'
+    images of this epoch (read back with TensorBoard's reader) and the projector has this epoch's tensors."""
 
     def __init__(self, logdir: str, waits: Waits):
         self.logdir, self.waits, self.checked = logdir, waits, []
@@ -44,6 +46,9 @@ class OnDiskAtPauseEnd(L.Callback):
         epoch = trainer.current_epoch
         assert epoch in image_steps(acc, "viz-inputgrad/panel/p000")
         assert epoch in image_steps(acc, "viz-activations/net.conv1/p000")
+        (tsv,) = glob.glob(os.path.join(self.logdir, "version_0", f"{epoch:05d}", "*", "tensors.tsv"))
+        with open(tsv) as f:
+            assert len(f.read().splitlines()) == 6
         self.checked.append((epoch, self.waits.calls))
 
 
@@ -58,11 +63,18 @@ def test_the_last_run_of_an_epoch_end_waits_for_every_background_image(tmp_path,
 
     monkeypatch.setattr(vlog, "_submit_write", submit)
     check = OnDiskAtPauseEnd(str(tmp_path), waits)
-    cbs = [InputGradMap(num_probes=2), ActivationCallback(layers=["net.conv1"], num_probes=2), check]
+    cbs = [
+        InputGradMap(num_probes=2),
+        EmbeddingCallback(num_probes=6, projector=True),
+        ActivationCallback(layers=["net.conv1"], num_probes=2),
+        check,
+    ]
     tiny_trainer(str(tmp_path), cbs, max_epochs=2).fit(LitTiny(), *tiny_loaders(n=12))
     # one wait per epoch end, by the last visualization callback (the first one's images were left to the thread)
     assert check.checked == [(0, 1), (1, 2)]
-    assert {"InputGradMap (inputgrad)", "ActivationCallback (activations)"} <= set(owners)
+    assert {"InputGradMap (inputgrad)", "EmbeddingCallback (embeddings)", "ActivationCallback (activations)"} <= set(
+        owners
+    )
 
 
 def test_a_failed_background_write_names_the_callback_that_logged_the_image(tmp_path, monkeypatch):
