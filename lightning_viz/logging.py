@@ -34,6 +34,7 @@ import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -61,7 +62,8 @@ __all__ = [
     "sink_names",
     "check_sinks",
     "wait_for_writes",
-    "BackgroundWriteError",
+    "submit_write",
+    "WriteOwner",
     "describe_sinks",
     "image_folder",
     "image_relpath",
@@ -250,26 +252,29 @@ def _png_summary(tag: str, hwc: np.ndarray) -> Any:
 
 
 # ------------------------------------------------------------------------------------ background writes
-# In a callback run, TensorBoard image records are PNG-encoded and handed to the event writer on one background
-# thread, in the order they were logged (then the writer's flush), so a callback's encoding (zlib releases the GIL)
-# overlaps the next callback's computation. The last callback run at an epoch-end point waits for all of them
-# (wait_for_writes, inside its run, so an error reaches every DDP rank), as does a run called on its own and a
-# callback's teardown. A VizLogger made outside a run writes at once.
+# In a callback run at an epoch end where later callbacks still run, TensorBoard images are PNG-encoded (zlib
+# releases the GIL) and written, and projector files written, on one background thread, in order, overlapping the
+# later callbacks' computations on the other core. The last run of the point waits for all of it
+# (wait_for_writes, inside its run, so a failure reaches every DDP rank), as does a run called on its own and a
+# callback's teardown. A VizLogger made outside a run writes at once. (A callback's whole log stage on that thread
+# was measured no faster on 2 cores: its torch and Python work competes with the computations.)
 _writes_lock = threading.Lock()
 _writer_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child starts its own
-_pending: list[tuple[Future, str]] = []
+_pending: list[tuple[Future, WriteOwner]] = []
 
 
-class BackgroundWriteError(Exception):
-    """A background write for ``owner`` (the callback that logged it) failed with ``error``."""
+@dataclass(frozen=True)
+class WriteOwner:
+    """Who logged a background write: ``label`` for messages, ``key`` (``id`` of the callback) and whether a
+    failure only warns (``on_error="warn"``)."""
 
-    def __init__(self, owner: str, error: Exception):
-        super().__init__(f"{owner}: {type(error).__name__}: {error}")
-        self.owner, self.error = owner, error
+    label: str
+    key: int
+    warn: bool = False
 
 
-def _submit_write(fn: Callable[[], Any], owner: str) -> None:
-    """Run ``fn`` on the background writer thread after every write submitted before it."""
+def submit_write(fn: Callable[[], Any], owner: WriteOwner) -> None:
+    """Run ``fn`` on the background writer thread after every job submitted before it."""
     global _writer_pool
     with _writes_lock:
         if _writer_pool is None or _writer_pool[0] != os.getpid():
@@ -278,21 +283,22 @@ def _submit_write(fn: Callable[[], Any], owner: str) -> None:
         _pending.append((_writer_pool[1].submit(fn), owner))
 
 
-def wait_for_writes() -> None:
-    """Wait until every background write is done; then raise :class:`BackgroundWriteError` for the first that
-    failed, if any."""
-    with _writes_lock:
-        pending = list(_pending)
-        _pending.clear()
-    failed = None
-    for future, owner in pending:
-        exc = future.exception()
-        if exc is not None and not isinstance(exc, Exception):
-            raise exc  # KeyboardInterrupt, SystemExit: not a logging error
-        if exc is not None and failed is None:
-            failed = BackgroundWriteError(owner, exc)
-    if failed is not None:
-        raise failed
+def wait_for_writes() -> list[tuple[WriteOwner, Exception]]:
+    """Wait until every background job is done (also those submitted meanwhile); the ones that failed, in order,
+    with their error. ``KeyboardInterrupt`` and the like are raised."""
+    failures: list[tuple[WriteOwner, Exception]] = []
+    while True:
+        with _writes_lock:
+            pending = list(_pending)
+            _pending.clear()
+        if not pending:
+            return failures
+        for future, owner in pending:
+            exc = future.exception()
+            if exc is not None and not isinstance(exc, Exception):
+                raise exc
+            if exc is not None:
+                failures.append((owner, exc))
 
 
 def _fast_record_checksums() -> None:
@@ -347,7 +353,7 @@ class TensorBoardBackend(Backend):
 
     def __init__(self, writer: Any):
         self.writer = writer
-        self.background: str | None = None  # in a callback run, its label: images are written in the background
+        self.background: WriteOwner | None = None  # in a callback run: images are written in the background
         self.submitted = False  # images went to the background writer: the flush goes there too, after them
 
     def image(self, tag, hwc, step, caption=None):
@@ -365,7 +371,7 @@ class TensorBoardBackend(Backend):
             file_writer.add_summary(_png_summary(tag, hwc), step)
             return
         hwc = hwc.copy()  # the caller may reuse its array; the background thread encodes this copy
-        _submit_write(lambda: file_writer.add_summary(_png_summary(tag, hwc), step), self.background)
+        submit_write(lambda: file_writer.add_summary(_png_summary(tag, hwc), step), self.background)
         self.submitted = True
 
     def scalar(self, tag, value, step):
@@ -390,7 +396,7 @@ class TensorBoardBackend(Backend):
         if self.background is None:
             write()
         else:  # the projector files (a tsv written value by value, the sprite) in the background too
-            _submit_write(write, self.background)
+            submit_write(write, self.background)
             self.submitted = True
 
     def text(self, tag, text, step):
@@ -402,7 +408,7 @@ class TensorBoardBackend(Backend):
     def flush(self):
         if self.submitted and self.background is not None:
             writer = self.writer
-            _submit_write(lambda: writer.flush(), self.background)
+            submit_write(lambda: writer.flush(), self.background)
         else:
             self.writer.flush()
 
@@ -641,17 +647,18 @@ class VizLogger:
         step: int,
         namespace: str | None = None,
         loggers: Optional[Sequence[str]] = None,
-        background: str | None = None,
     ) -> VizLogger:
-        """Backends for :func:`sink_names` ``(trainer, loggers)``, built on rank 0 only. With ``background`` (the
-        label of the callback run logging), TensorBoard images are written on the background writer thread (see
-        :func:`wait_for_writes`)."""
+        """Backends for :func:`sink_names` ``(trainer, loggers)``, built on rank 0 only."""
         enabled = bool(trainer.is_global_zero)
         backends = [b for n in sink_names(trainer, loggers) for b in _backend_for(trainer, n)] if enabled else []
-        for b in backends:
-            if isinstance(b, TensorBoardBackend):
-                b.background = background
         return cls(backends, step, enabled=enabled, namespace=namespace)
+
+    def write_in_background(self, owner: WriteOwner) -> None:
+        """TensorBoard images and projector files go to the background writer thread (see :func:`submit_write`),
+        for ``owner``; the others write at once."""
+        for b in self.backends:
+            if isinstance(b, TensorBoardBackend):
+                b.background = owner
 
     def image(self, tag: str, image01: Tensor, caption: str | None = None) -> None:
         """Log one ``[3, H, W]`` float image in ``[0, 1]`` or uint8 image (e.g. from ``compose``; see

@@ -16,7 +16,7 @@ from helpers import InputGradMap, LitTiny, image_steps, read_events, tiny_loader
 import lightning_viz.callbacks.base as base
 import lightning_viz.logging as vlog
 from lightning_viz.callbacks import ActivationCallback, EmbeddingCallback
-from lightning_viz.callbacks.base import VisualizationError
+from lightning_viz.callbacks.base import VisualizationError, VisualizationWarning
 
 
 class Waits:
@@ -28,7 +28,7 @@ class Waits:
 
         def counted():
             self.calls += 1
-            real()
+            return real()
 
         monkeypatch.setattr(base, "wait_for_writes", counted)
 
@@ -55,13 +55,13 @@ class OnDiskAtPauseEnd(L.Callback):
 def test_the_last_run_of_an_epoch_end_waits_for_every_background_image(tmp_path, monkeypatch):
     waits = Waits(monkeypatch)
     owners = []
-    real_submit = vlog._submit_write
+    real_submit = vlog.submit_write
 
     def submit(fn, owner):
-        owners.append(owner)
+        owners.append(owner.label)
         real_submit(fn, owner)
 
-    monkeypatch.setattr(vlog, "_submit_write", submit)
+    monkeypatch.setattr(vlog, "submit_write", submit)
     check = OnDiskAtPauseEnd(str(tmp_path), waits)
     cbs = [
         InputGradMap(num_probes=2),
@@ -70,7 +70,7 @@ def test_the_last_run_of_an_epoch_end_waits_for_every_background_image(tmp_path,
         check,
     ]
     tiny_trainer(str(tmp_path), cbs, max_epochs=2).fit(LitTiny(), *tiny_loaders(n=12))
-    # one wait per epoch end, by the last visualization callback (the first one's images were left to the thread)
+    # one wait per epoch end, by the last visualization callback (the first ones' images were left to the thread)
     assert check.checked == [(0, 1), (1, 2)]
     assert {"InputGradMap (inputgrad)", "EmbeddingCallback (embeddings)", "ActivationCallback (activations)"} <= set(
         owners
@@ -109,6 +109,35 @@ class Broken(InputGradMap):
     def on_train_epoch_end(self, trainer, pl_module):
         self.trainer_epoch = trainer.current_epoch
         super().on_train_epoch_end(trainer, pl_module)
+
+
+def test_a_failed_background_write_warns_or_raises_as_its_own_callback_says(tmp_path, monkeypatch):
+    """The failure of an earlier callback's background logging follows that callback's on_error, not the one of the
+    callback that waits for it: "warn" trains on (every later epoch still logged), "raise" stops the fit."""
+    real = vlog._png_summary
+    epoch = {"now": 0}
+
+    def full_disk(tag, hwc):
+        if tag.startswith("viz-inputgrad/") and epoch["now"] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tag, hwc)
+
+    class Epoch(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            epoch["now"] = trainer.current_epoch
+
+    monkeypatch.setattr(vlog, "_png_summary", full_disk)
+    cbs = [Epoch(), InputGradMap(num_probes=2, on_error="warn"), ActivationCallback(layers=["net.conv1"], num_probes=2)]
+    with pytest.warns(
+        VisualizationWarning, match=r"InputGradMap \(inputgrad\) failed while logging at step 1: OSError"
+    ):
+        tiny_trainer(str(tmp_path / "warn"), cbs, max_epochs=3).fit(LitTiny(), *tiny_loaders(n=12))
+    acc = read_events(str(tmp_path / "warn"))
+    assert image_steps(acc, "viz-inputgrad/panel/p000") == [0, 2]
+    assert image_steps(acc, "viz-activations/net.conv1/p000") == [0, 1, 2]
+    cbs = [Epoch(), InputGradMap(num_probes=2), ActivationCallback(layers=["net.conv1"], num_probes=2, on_error="warn")]
+    with pytest.raises(VisualizationError, match=r"InputGradMap \(inputgrad\) failed while logging at step 1"):
+        tiny_trainer(str(tmp_path / "raise"), cbs, max_epochs=3).fit(LitTiny(), *tiny_loaders(n=12))
 
 
 def test_images_left_to_the_thread_are_written_when_a_later_callback_fails(tmp_path):

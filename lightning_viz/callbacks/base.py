@@ -25,9 +25,9 @@ from torch import Tensor
 from ..capture import isolated
 from ..layers import module_device, module_dtype
 from ..logging import (
-    BackgroundWriteError,
     NothingWrittenWarning,
     VizLogger,
+    WriteOwner,
     check_sinks,
     describe_sinks,
     make_tag,
@@ -219,9 +219,10 @@ def gather_results(trainer: Trainer, local: Any, error: BaseException | None, wh
     return _concat([res for _, res in gathered])
 
 
-def _share_rank0_error(error: BaseException | None, what: str) -> None:
-    """Broadcast rank 0's outcome; every other rank raises if rank 0 failed (all ranks call this)."""
-    box = [None if error is None else f"{type(error).__name__}: {error}"]
+def _share_rank0_error(error: BaseException | None, what: str, force: bool = False) -> None:
+    """Broadcast rank 0's outcome; every other rank raises if rank 0 failed (all ranks call this), with
+    ``force`` (see :meth:`VisualizationCallback._failed`) as the error's attribute."""
+    box: list[Any] = [None if error is None else f"{type(error).__name__}: {error}", force]
     try:
         torch.distributed.broadcast_object_list(box, src=0)
     except Exception as exc:  # timeouts and broken process groups
@@ -230,7 +231,9 @@ def _share_rank0_error(error: BaseException | None, what: str) -> None:
             "Every rank must reach the same epoch end; check that no rank skipped or crashed."
         ) from exc
     if box[0] is not None and error is None:
-        raise VisualizationError(f"lightning-viz {what} failed on rank 0: {box[0]}")
+        failed = VisualizationError(f"lightning-viz {what} failed on rank 0: {box[0]}")
+        failed.force = bool(box[1])  # type: ignore[attr-defined]
+        raise failed
 
 
 class VisualizationCallback(Callback):
@@ -713,9 +716,8 @@ class VisualizationCallback(Callback):
         if rank == 0 and error is None and results is not None:
             stage = "log"
             try:
-                logger = VizLogger.from_trainer(
-                    trainer, step=step, namespace=self.name, loggers=self.loggers, background=self._label()
-                )
+                logger = VizLogger.from_trainer(trainer, step=step, namespace=self.name, loggers=self.loggers)
+                logger.write_in_background(self._owner())
                 try:
                     self.log_results(logger, results, probe, trainer)
                     self.last_duration_s = time.perf_counter() - start
@@ -726,18 +728,22 @@ class VisualizationCallback(Callback):
                     logger.flush()
             except Exception as exc:  # any logging error (a full disk when writing or flushing): shared below
                 error = exc
-        culprit = self._label()
-        if rank == 0 and not self._defer_writes:  # the images encoded in the background are written (below: shared)
-            try:
-                wait_for_writes()
-            except BackgroundWriteError as exc:
-                if error is None:
-                    error, stage, culprit = exc.error, "log", exc.owner  # maybe an earlier callback's images
+        culprit, force = self._label(), False
+        if rank == 0 and not self._defer_writes:  # everything left to the writer thread is done (below: shared)
+            for owner, failure in wait_for_writes():
+                if owner.key != id(self) and owner.warn:  # an earlier callback's, on_error="warn": warned here
+                    rank_zero_warn(
+                        f"lightning-viz {owner.label} failed while logging at step {step}: "
+                        f"{type(failure).__name__}: {failure} (on_error='warn': training goes on)",
+                        category=VisualizationWarning,
+                    )
+                elif error is None:  # this callback's own, or an earlier one's that raises whatever this one does
+                    error, stage, culprit, force = failure, "log", owner.label, owner.key != id(self)
         if world > 1 and _dist_ready():
             try:
-                _share_rank0_error(error if rank == 0 else None, self.method)
+                _share_rank0_error(error if rank == 0 else None, self.method, force)
             except VisualizationError as exc:  # rank 0 failed: every other rank gets here
-                self._failed(exc)
+                self._failed(exc, force=getattr(exc, "force", False))
                 return None
         if error is not None:
             if stage == "log":
@@ -746,6 +752,7 @@ class VisualizationCallback(Callback):
                         f"lightning-viz {culprit} failed while logging at step {step}: {type(error).__name__}: {error}"
                     ),
                     error,
+                    force=force,
                 )
             elif stage != "compute":
                 self._failed(error)  # rank 0's own probe-picking error: unchanged type
@@ -760,9 +767,13 @@ class VisualizationCallback(Callback):
         """``"GradientCallback (gradients)"``: the callback in messages."""
         return f"{type(self).__name__} ({self.method})"
 
-    def _failed(self, error: BaseException, cause: BaseException | None = None) -> None:
-        """Raise ``error`` (``on_error="raise"``) or warn and let training go on (``"warn"``)."""
-        if self.on_error == "warn":
+    def _owner(self) -> WriteOwner:
+        return WriteOwner(self._label(), id(self), self.on_error == "warn")
+
+    def _failed(self, error: BaseException, cause: BaseException | None = None, force: bool = False) -> None:
+        """Raise ``error`` (``on_error="raise"``, or ``force``: an earlier callback's failure whose own setting is
+        "raise") or warn and let training go on (``"warn"``)."""
+        if self.on_error == "warn" and not force:
             rank_zero_warn(f"{error} (on_error='warn': training goes on)", category=VisualizationWarning)
             return None
         if cause is not None:
@@ -808,11 +819,9 @@ class VisualizationCallback(Callback):
 def _finish_writes(callback: VisualizationCallback) -> None:
     """Wait for the images still being written in the background (a fit stopped by an error, or ended); an error
     writing them is warned about, not raised over the one that stopped the fit."""
-    try:
-        wait_for_writes()
-    except BackgroundWriteError as exc:
+    for owner, failure in wait_for_writes():
         rank_zero_warn(
-            f"lightning-viz {exc.owner} failed while logging: {type(exc.error).__name__}: {exc.error}",
+            f"lightning-viz {owner.label} failed while logging: {type(failure).__name__}: {failure}",
             category=VisualizationWarning,
         )
 
