@@ -210,6 +210,25 @@ def test_rank_correlation_matches_scipy_with_ties():
     assert torch.isnan(rank_correlation(torch.ones(1, 3, 3), a[:1, :3, :3])).all()
 
 
+def test_average_ranks_match_scipy_with_ties_infinities_and_nans_last():
+    """Average ranks (0-based) equal scipy's rankdata(method="average") - 1, on 224-px sized rows too; NaNs rank
+    after +inf, tied among themselves."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    from lightning_viz.methods.metrics import _average_ranks
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, 50176, generator=g).clamp_min(0).round(decimals=2)  # ReLU'd, many ties
+    rows[1, :100] = float("inf")
+    rows[2, 5:9] = -float("inf")
+    for r, want in zip(_average_ranks(rows), rows.numpy()):
+        np.testing.assert_array_equal(r.numpy(), rankdata(want, method="average") - 1)
+    v = torch.tensor([[0.5, float("nan"), 0.1, float("nan"), 0.1, float("inf")]])
+    assert _average_ranks(v).tolist() == [[2.0, 4.5, 0.5, 4.5, 0.5, 3.0]]
+    assert _average_ranks(torch.empty(2, 0)).shape == (2, 0)
+
+
 def test_topk_iou_hand_values():
     a = torch.arange(16.0).view(1, 4, 4)  # top 25% (4 pixels): 12..15
     b = a.clone()

@@ -273,12 +273,22 @@ def energy_in_mask(maps: Tensor, masks: Tensor) -> Tensor:
 
 
 def _average_ranks(v: Tensor) -> Tensor:
-    """Ranks 0..N-1 per row, tied values sharing their average rank."""
-    s = v.sort(dim=1).values.contiguous()
-    v = v.contiguous()
-    left = torch.searchsorted(s, v, right=False)
-    right = torch.searchsorted(s, v, right=True)
-    return (left + right - 1).double() / 2
+    """Ranks 0..N-1 per row, tied values (NaNs among themselves, ranked last) sharing their average rank: one
+    sort, then each sorted run of equal values gets ``(first + last) / 2`` of its positions."""
+    s, order = v.sort(dim=1)
+    n = s.shape[1]
+    if n == 0:
+        return torch.empty(s.shape, dtype=torch.float64, device=v.device)
+    nan = s.isnan()
+    same = (s[:, 1:] == s[:, :-1]) | (nan[:, 1:] & nan[:, :-1])  # position i+1 continues the run of position i
+    pos = torch.arange(n, device=v.device).expand_as(s)
+    starts = torch.ones_like(nan)
+    starts[:, 1:] = ~same
+    first = torch.where(starts, pos, 0).cummax(dim=1).values
+    ends = torch.ones_like(nan)
+    ends[:, :-1] = ~same
+    last = torch.where(ends, pos, n).flip(1).cummin(dim=1).values.flip(1)
+    return torch.empty(s.shape, dtype=torch.float64, device=v.device).scatter_(1, order, (first + last).double() / 2)
 
 
 def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
