@@ -115,8 +115,8 @@ _epoch_runs: weakref.WeakKeyDictionary[Trainer, tuple[tuple[int, str], list[tupl
 
 def _runs_at(c: VisualizationCallback, trainer: Trainer, where: str) -> bool:
     """Whether callback ``c`` (not run yet at this point) will run at ``where`` of the current epoch."""
-    if where == "start":
-        return c.run_at_start
+    if where == "start":  # as on_train_start: a fresh fit, not a resume
+        return c.run_at_start and trainer.current_epoch == 0 and trainer.global_step == 0
     if where == "end":
         return c._trained_epoch is not None and c.every_n_epochs > 0 and c._last_run_epoch != c._trained_epoch
     if c.run_on != where or not c.should_run(trainer) or not sink_names(trainer, c.loggers):
