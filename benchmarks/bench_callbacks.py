@@ -170,6 +170,11 @@ def main() -> None:
             f"epoch {e}: {p:.2f} s / {t:.2f} s = {p / t:.2f}" for e, (p, t) in enumerate(zip(pauses, clock.train_s))
         )
     )
+    ratios = [p / t for p, t in zip(pauses, clock.train_s)]
+    print(
+        f"median over the epochs: pause {statistics.median(pauses):.2f} s, training {epoch_s:.2f} s, "
+        f"per-epoch ratio {statistics.median(ratios):.2f}"
+    )
     if args.profile:
         Counted.profiler.dump_stats(args.profile)
         print(f"profile of every callback run: {args.profile} (python -m pstats {args.profile})")
