@@ -274,7 +274,7 @@ class ModelAdapter(nn.Module):
 
 
 def _tensors(out: Any) -> list[Tensor]:
-    """The tensors in a model output (a tensor, or mappings / sequences / objects with ``__dict__`` of them)."""
+    """The tensors in a model output (a tensor, or mappings / lists / tuples / dataclasses of them)."""
     if isinstance(out, Tensor):
         return [out]
     if isinstance(out, Mapping):
@@ -306,7 +306,7 @@ def choose_memory_format(adapter: ModelAdapter, x: Tensor, reference: Any) -> No
     xc = x.contiguous(memory_format=torch.channels_last)
     try:
         with torch.no_grad():
-            out = _tensors(adapter.module(xc) if adapter.logits_fn is None else adapter.logits_fn(adapter.module, xc))
+            out = _tensors(adapter.call(xc))  # memory_format is still None: the call as configured, nothing converted
     except Exception:  # the model cannot take this layout: it gets its inputs as given
         return
     same = len(out) == len(ref) and all(

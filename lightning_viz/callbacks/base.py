@@ -549,11 +549,11 @@ class VisualizationCallback(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        _finish_writes(self)
+        _finish_writes()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        _finish_writes(self)
+        _finish_writes()
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -816,7 +816,7 @@ class VisualizationCallback(Callback):
             entry["probes"] = probe_bank_get(checkpoint[PROBE_BANK_KEY], probes["bank_ref"])
 
 
-def _finish_writes(callback: VisualizationCallback) -> None:
+def _finish_writes() -> None:
     """Wait for the images still being written in the background (a fit stopped by an error, or ended); an error
     writing them is warned about, not raised over the one that stopped the fit."""
     for owner, failure in wait_for_writes():
