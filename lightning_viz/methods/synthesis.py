@@ -149,28 +149,27 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
     cut = () if objective.uses_logits else objective.layers
     ascent: Tensor | None = None
 
-    def projected(img: Tensor, step: int) -> Tensor | None:
-        """The image after ``step``'s projections and clamping; ``None`` when they leave it exactly as it is."""
-        out = img
-        for r in regs:
-            out = r.project(out, ascent, step)
-        if bounds is not None:
-            out = torch.clamp(out, bounds[0], bounds[1])
-        return None if torch.equal(out, img) else out
+    def projected(img: Tensor, step: int) -> Tensor:
+        """``img`` after ``step``'s projections and clamping. Written back into the parameters (and made again from
+        them) only when they change it: no parameter -> image -> parameter round trip between two blurs while the
+        image stays in range."""
+        with torch.no_grad():
+            out = img.detach()
+            for r in regs:
+                out = r.project(out, ascent, step)
+            if bounds is not None:
+                out = torch.clamp(out, bounds[0], bounds[1])
+            if torch.equal(out, img):
+                return img
+            p.set_image(out)
+        return p.image()
 
     with capture(model, objective.layers, grad=True) as cap, forward_until(model, cut) as run:
         for step in range(steps):
             progress(step, steps, "optimization steps")  # a line every few seconds inside a callback run (rank 0)
             img = p.image()
-            if project and step > 0:
-                # the last step's projections, on the image this step starts from: written back (and the image
-                # made again) only when they change it, e.g. no parameter -> image -> parameter round trip
-                # between two blurs while the image stays in range
-                with torch.no_grad():
-                    new = projected(img.detach(), step - 1)
-                if new is not None:
-                    p.set_image(new)
-                    img = p.image()
+            if project and step > 0:  # the last step's projections, on the image this step starts from
+                img = projected(img, step - 1)
             x = img
             for r in regs:
                 x = r.transform(x, step)
@@ -192,14 +191,10 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
             else:
                 grads = list(torch.autograd.grad(loss, p.params))
             opt.step(grads)
-        final = p.image().detach()
+        final = p.image()
         if project and steps > 0:
-            with torch.no_grad():
-                new = projected(final, steps - 1)
-            if new is not None:
-                p.set_image(new)
-                final = p.image().detach()
-    return final
+            final = projected(final, steps - 1)
+    return final.detach()
 
 
 def optimize_input(
