@@ -202,7 +202,6 @@ def capture(model: nn.Module, layer_names: Iterable[str], grad: bool = False) ->
     """
     names = list(layer_names)
     cap = Capture(names)
-    handles = []
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs, output):
@@ -223,10 +222,18 @@ def capture(model: nn.Module, layer_names: Iterable[str], grad: bool = False) ->
 
         return hook
 
+    with _forward_hooks(model, names, make_hook):
+        yield cap
+
+
+@contextlib.contextmanager
+def _forward_hooks(model: nn.Module, names: Iterable[str], make_hook: Callable[[str], Callable]) -> Iterator[None]:
+    """``make_hook(name)`` as a forward hook on each named layer for the block; removed on exit, also on error."""
+    handles = []
     try:
         for name in names:
             handles.append(get_layer(model, name).register_forward_hook(make_hook(name)))
-        yield cap
+        yield
     finally:
         for h in handles:
             h.remove()
@@ -284,12 +291,5 @@ def forward_until(model: nn.Module, layer_names: Iterable[str]) -> Iterator[Call
             state["armed"] = bool(names) and not wrapped and all(c == 1 for c in counts.values())
         return out
 
-    handles = []
-    try:
-        if names and not wrapped:
-            for name in names:
-                handles.append(get_layer(model, name).register_forward_hook(make_hook(name)))
+    with _forward_hooks(model, [] if wrapped else names, make_hook):
         yield run
-    finally:
-        for h in handles:
-            h.remove()
