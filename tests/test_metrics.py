@@ -93,17 +93,21 @@ def test_curve_endpoints_and_target_specs():
         perturbation_curve(model, x, maps, mode="both")
 
 
-def test_chunked_equals_unchunked_and_model_untouched():
-    torch.manual_seed(0)
-    model = nn.Sequential(
+def conv_bn_gap_head() -> nn.Module:
+    """conv -> BatchNorm -> ReLU -> global average pooling -> linear, 3 classes, in eval mode."""
+    return nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1),
         nn.BatchNorm2d(4),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(4, 3),
-    )
-    model.eval()
+    ).eval()
+
+
+def test_chunked_equals_unchunked_and_model_untouched():
+    torch.manual_seed(0)
+    model = conv_bn_gap_head()
     x = torch.randn(3, 3, 8, 8)
     maps = torch.rand(3, 8, 8)
     maps[:, :2] = 0.5  # ties: broken by pixel index, whatever the chunking
@@ -119,14 +123,7 @@ def test_curves_of_several_maps_and_both_modes_equal_single_curves_and_share_ima
     """All keys' deletion and insertion curves in one batched pass: each equals its own perturbation_curve; the
     image and each baseline (shared by every curve) are forwarded once, the rest in chunk_size batches."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 3),
-    ).eval()
+    model = conv_bn_gap_head()
     x, labels = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 1])
     ties = torch.rand(3, 8, 8)
     ties[:, :3] = 0.5
