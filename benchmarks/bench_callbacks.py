@@ -14,6 +14,7 @@ activation memory once).
 
     python benchmarks/bench_callbacks.py                      # CPU, the demo config, 2 epochs
     python benchmarks/bench_callbacks.py --config configs/digits.yaml --epochs 3
+    python benchmarks/bench_callbacks.py --accelerator gpu --epochs 4   # the demo trained on one GPU
 
 Numbers depend on the machine and its load: run on a quiet machine before quoting them.
 """
@@ -93,6 +94,9 @@ class EpochClock(L.Callback):
         self.end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):  # runs before the visualization callbacks' hooks
+        if pl_module.device.type == "cuda":  # the epoch's queued GPU work belongs to training
+            torch.cuda.synchronize(pl_module.device)
+            self.end = time.perf_counter()
         self.train_s.append(self.end - self.start)
         self.pause_start = time.perf_counter()
 
@@ -105,11 +109,13 @@ class PauseEnd(L.Callback):
         self.clock, self.pause_s = clock, []
 
     def on_train_epoch_end(self, trainer, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
         self.pause_s.append(time.perf_counter() - self.clock.pause_start)
 
 
 def build(
-    config: dict, logdir: str, callbacks: list, epochs: int
+    config: dict, logdir: str, callbacks: list, epochs: int, accelerator: str = "cpu"
 ) -> tuple[L.Trainer, L.LightningModule, L.LightningDataModule]:
     from lightning_viz.models import ImageClassifier
 
@@ -122,7 +128,7 @@ def build(
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
     )
     return trainer, model, data
@@ -133,6 +139,7 @@ def main() -> None:
     parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu, gpu (one device)")
     parser.add_argument("--profile", default="", help="write a cProfile of every callback run to this file")
     args = parser.parse_args()
     if args.profile:
@@ -149,12 +156,12 @@ def main() -> None:
         counted = [Counted(cb) for cb in callbacks]
         clock = EpochClock()
         end = PauseEnd(clock)
-        trainer, model, data = build(config, tmp, [clock] + callbacks + [end], args.epochs)
+        trainer, model, data = build(config, tmp, [clock] + callbacks + [end], args.epochs, args.accelerator)
         trainer.fit(model, datamodule=data)
     epoch_s = statistics.median(clock.train_s)
     print(
         f"training epoch (same run, median of {len(clock.train_s)}): {epoch_s:.2f} s  "
-        f"(torch threads: {torch.get_num_threads()})"
+        f"(torch threads: {torch.get_num_threads()}, accelerator: {args.accelerator})"
     )
     print("| callback | s per run | x epoch | forward calls | images forwarded |")
     print("|---|---:|---:|---:|---:|")

@@ -100,13 +100,13 @@ def tiny_trainer(logdir: str, callbacks=(), max_epochs: int = 2, **kw) -> L.Trai
     from lightning.pytorch.loggers import TensorBoardLogger
 
     kw.setdefault("enable_checkpointing", False)
+    kw.setdefault("accelerator", "cpu")
     return L.Trainer(
         max_epochs=max_epochs,
         logger=TensorBoardLogger(logdir, name="", version=0),
         callbacks=list(callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
-        accelerator="cpu",
         devices=1,
         log_every_n_steps=1,
         **kw,
