@@ -68,6 +68,8 @@ __all__ = [
     "image_folder",
     "image_relpath",
     "FOLDER",
+    "DRY_RUN",
+    "logging_disabled",
 ]
 
 #: Keep up to 1000 images per tag (one per epoch) instead of TensorBoard's default sample of 10.
@@ -108,13 +110,33 @@ def _attached(trainer: Any) -> list[Any]:
     return list(getattr(trainer, "loggers", None) or [])
 
 
+#: The one sink of a trainer whose logging Lightning switched off (``fast_dev_run``): computed, written nowhere.
+DRY_RUN = "dry_run"
+
+
+def logging_disabled(trainer: Any) -> bool:
+    """Whether Lightning switched logging off: ``fast_dev_run`` (which swaps every logger for its no-op
+    ``DummyLogger``), or only ``DummyLogger`` attached."""
+    from lightning.pytorch.loggers.logger import DummyLogger
+
+    if getattr(trainer, "fast_dev_run", False):
+        return True
+    attached = _attached(trainer)
+    return bool(attached) and all(isinstance(lg, DummyLogger) for lg in attached)
+
+
 def sink_names(trainer: Any, loggers: Optional[Sequence[str]] = None) -> list[str]:
     """Where a callback writes: the names of the chosen loggers, plus ``"folder"`` for the image folder.
 
     ``loggers=None``: every logger in ``trainer.loggers``, and the image folder when none of them stores
     images (``CSVLogger`` alone, ``logger=False``). A list picks among the attached loggers' names and
     ``"folder"``; ``[]`` writes nowhere. The same on every rank (no logger experiment is created).
+    When Lightning switched logging off (:func:`logging_disabled`: ``fast_dev_run``), ``[DRY_RUN]``: the callbacks
+    still compute everything (that is what a fast dev run is for: find the bugs) and write nothing, like
+    Lightning's own logging callbacks, whatever ``loggers`` names (except ``[]``).
     """
+    if logging_disabled(trainer):
+        return [] if loggers is not None and not list(loggers) else [DRY_RUN]
     attached = list(dict.fromkeys(logger_name(lg) for lg in _attached(trainer)))
     if loggers is None:
         return attached if any(n in IMAGE_LOGGERS for n in attached) else attached + [FOLDER]
@@ -123,7 +145,7 @@ def sink_names(trainer: Any, loggers: Optional[Sequence[str]] = None) -> list[st
 
 def check_sinks(trainer: Any, loggers: Optional[Sequence[str]], owner: str) -> None:
     """Fail early when ``loggers`` names a logger that the trainer does not have."""
-    if loggers is None:
+    if loggers is None or logging_disabled(trainer):  # fast_dev_run replaced the loggers it would check
         return
     allowed = list(dict.fromkeys(logger_name(lg) for lg in _attached(trainer))) + [FOLDER]
     unknown = [n for n in loggers if n not in allowed]
@@ -148,6 +170,11 @@ def describe_sinks(trainer: Any, loggers: Optional[Sequence[str]] = None) -> str
     """One line for the user: where the visualizations go (rank 0; may create no experiment)."""
     parts = []
     for name in sink_names(trainer, loggers):
+        if name == DRY_RUN:
+            return (
+                "writing nothing: Lightning switched logging off (fast_dev_run), so the visualizations are "
+                "computed, to check them, and not written"
+            )
         if name == "tensorboard":
             tb = find_tensorboard(trainer)
             parts.append(f"TensorBoard at {tb.log_dir} (view with: {tensorboard_command(tb.save_dir)})")
@@ -571,6 +598,8 @@ class WandbBackend(Backend):
 
 
 def _backend_for(trainer: Any, name: str) -> list[Backend]:
+    if name == DRY_RUN:  # takes every write and keeps none: the callbacks render as usual
+        return [Backend()]
     if name == FOLDER:
         return [FolderBackend(image_folder(trainer))]
     out: list[Backend] = []

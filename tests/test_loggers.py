@@ -463,3 +463,28 @@ def test_tensorboard_images_read_back_with_the_exact_pixels_and_size(tmp_path):
         assert ev.step == 3 and (ev.height, ev.width) == expected.shape[:2]
         got = np.asarray(Image.open(io.BytesIO(ev.encoded_image_string)).convert("RGB"))
         assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("loggers", [None, ["tensorboard"], ["folder"], ["wandb", "folder"]])
+def test_fast_dev_run_computes_every_callback_and_writes_nothing(tmp_path, monkeypatch, caplog, loggers):
+    """fast_dev_run swaps the loggers for Lightning's DummyLogger: the callbacks still compute (that is what the
+    run is for), write no file anywhere (no image folder in the working directory either), and a ``loggers``
+    list naming the replaced loggers is no setup error."""
+    monkeypatch.chdir(tmp_path)
+    CountingMap.calls = 0
+    cb = CountingMap(num_probes=2, loggers=loggers)
+    trainer = L.Trainer(
+        fast_dev_run=True,
+        logger=TensorBoardLogger(str(tmp_path / "logs")),
+        callbacks=[cb],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=str(tmp_path),
+    )
+    with caplog.at_level("INFO"):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
+    assert CountingMap.calls == 1 and any(t.startswith("viz-inputgrad/") for t in cb.last_logged_tags)
+    assert [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs] == []
+    assert "Lightning switched logging off (fast_dev_run)" in caplog.text
