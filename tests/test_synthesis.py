@@ -3,6 +3,8 @@ chunking changes nothing, the model is untouched, real architectures work, and t
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,3 +263,27 @@ def test_per_probe_callbacks_give_the_same_result_on_any_rank_split():
         parts = [cb.compute(model, probe.shard(r, 2)) for r in range(2)]
     torch.testing.assert_close(torch.cat([p["images"] for p in parts]), whole["images"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.cat([p["error"] for p in parts]), whole["error"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_optimize_in_float32_and_give_finite_images(trained, dtype):
+    """precision="16-true" / "bf16-true": the FFT parameterization (no half FFT or color inverse), Adam (eps 1e-8
+    is 0 in float16) and the inversion loss (sums of squares overflow float16) work in float32; each forward
+    gets the image in the model's dtype."""
+    model32, x = trained
+    model = copy.deepcopy(model32).to(dtype)
+    regs = build_regularizers(l2=1e-3, blur_every=4, jitter=1)
+    with isolated(model):
+        cm = class_model_images(model, [0, 1, 2], (3, 8, 8), steps=20, lr=0.1, param="fft", regularizers=regs)
+        units = unit_images(model, "conv2", [0, 1], (3, 8, 8), steps=15, lr=0.1, param="fft")
+        inv = invert_features(model, x[:2], "conv1", steps=30, lr=0.1, param="fft")
+    for res in (cm, units, inv):
+        assert res.images.dtype == torch.float32 and torch.isfinite(res.images).all()
+        assert torch.isfinite(res.scores).all() and (res.scores > res.start_scores).all(), (dtype, res)
+    with isolated(model), torch.no_grad():  # the reported score is the class logit of the returned image, as run
+        logits = model(cm.images.to(dtype)).float()
+    torch.testing.assert_close(logits.gather(1, torch.tensor([[0], [1], [2]])).squeeze(1), cm.scores)
+    # a large feature map: ||phi||^2 = 512 * 7 * 7 * 4 > 65504 would be inf in float16, its loss then 0
+    big = feature_match("f", torch.full((1, 512, 7, 7), 2.0, dtype=dtype))
+    a = torch.full((1, 512, 7, 7), 1.0, dtype=dtype)
+    assert float(big(torch.empty(1, 0), {"f": a}, torch.arange(1))) == pytest.approx(-0.25)

@@ -145,7 +145,7 @@ class _InputOptimizationCallback(VisualizationCallback):
             init=self.init,
             optimizer=self.optimizer,
             chunk_size=self.chunk_size,
-            generator=torch.Generator(device=device).manual_seed(self.seed),
+            generator=torch.Generator().manual_seed(self.seed),  # on the CPU: the same draws on every device
             bounds=None if probe is None else valid_range(probe.mean, probe.std, device),
         )
 

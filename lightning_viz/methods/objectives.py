@@ -200,7 +200,7 @@ def feature_match(layer: str, target: Tensor) -> Objective:
     memo = _PerChunk()
 
     def targets(a: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        t = per_image(phi0, rows, a.shape[0]).to(a.device, a.dtype)
+        t = per_image(phi0, rows, a.shape[0]).to(a.device, a.dtype)  # a: float32 at least (below)
         if t.shape != a.shape:
             raise ValueError(
                 f"feature_match target has shape {tuple(t.shape)} but layer {layer!r} gives {tuple(a.shape)}"
@@ -209,6 +209,8 @@ def feature_match(layer: str, target: Tensor) -> Objective:
 
     def fn(logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor) -> Tensor:
         a = _layer_output(acts, layer)
+        if a.dtype in (torch.float16, torch.bfloat16):  # sums of squares overflow float16 (max 65504)
+            a = a.float()
         t, norm = memo.get(rows, (*a.shape, a.device, a.dtype), lambda: targets(a, rows))
         return -(a - t).flatten(1).pow(2).sum(1) / norm
 

@@ -109,10 +109,17 @@ def per_image_noise(
     return torch.stack(out).to(device) if out else torch.zeros(tuple(shape), device=device)
 
 
+def work_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype images are optimized in: float32 for a half / bfloat16 model (``precision="16-true"``), whose
+    Adam state would underflow (``eps = 1e-8`` is 0 in float16) and whose FFT and color inverse do not exist;
+    the model's own dtype otherwise. Each forward gets the image cast to the model's dtype."""
+    return torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
+
+
 def _scores(model: nn.Module, objective: Objective, images: Tensor, rows: Tensor) -> Tensor:
     with torch.no_grad(), capture(model, objective.layers) as cap:
-        logits = model(images)
-        return objective(logits, cap.outputs, rows).detach()
+        logits = model(images.to(module_dtype(model)))
+        return objective(logits, cap.outputs, rows).detach().to(images.dtype)
 
 
 class _Ascent:
@@ -141,6 +148,7 @@ class _Ascent:
 
 def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds, optimizer, decorrelate) -> Tensor:
     p = make_param(param, init, decorrelate=decorrelate)
+    model_dtype = module_dtype(model)
     opt = _Ascent(p.params, lr, optimizer)
     needs_img_grad = any(r.needs_grad for r in regs)
     project = bounds is not None or any(type(r).project is not Regularizer.project for r in regs)
@@ -176,10 +184,10 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
             # with needs_img_grad the model gets a node of its own, which no penalty reaches
             x_in = x.view_as(x) if needs_img_grad else x
             cap.clear()
-            logits = run(partial(model, x_in))
+            logits = run(partial(model, x_in.to(model_dtype)))
             if logits is None:  # stopped after the objective's layers: no logits (the objective reads none)
                 logits = x.new_empty(x.shape[0], 0)
-            obj = objective(logits, cap.outputs, rows).sum()
+            obj = objective(logits, cap.outputs, rows).sum().to(img.dtype)
             loss = -obj + total_penalty(regs, img).sum() if penalized else -obj
             ascent = None
             if needs_img_grad:
@@ -227,7 +235,7 @@ def optimize_input(
         raise ValueError(f"unknown optimizer {optimizer!r}; allowed: 'adam', 'sgd'")
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W); got {tuple(shape)}")
-    device, dtype = module_device(model), module_dtype(model)
+    device, dtype = module_device(model), work_dtype(module_dtype(model))
     if bounds is not None:
         bounds = (bounds[0].to(device, dtype), bounds[1].to(device, dtype))
     x0 = initial_images(init, shape, generator, bounds, noise_std, device, dtype)
