@@ -190,3 +190,18 @@ def test_training_on_gpu_bitwise_identical_with_all_callbacks(tmp_path):
     for k in plain:
         assert torch.equal(plain[k], viz[k]), f"{k} differs on the GPU when visualization callbacks are attached"
     assert image_steps(read_events(str(tmp_path / "viz")), "viz-filters/net.conv1/grid") == [0, 1]
+
+
+def test_public_metrics_take_gpu_tensors():
+    """The public scores take GPU tensors (and a second map on another device) and give the CPU's values."""
+    from lightning_viz.methods.embeddings import knn_accuracy, silhouette
+    from lightning_viz.methods.metrics import rank_correlation, topk_iou
+
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(40, 6, generator=g), torch.arange(40) % 3
+    a, b = torch.rand(4, 8, 8, generator=g), torch.rand(4, 16, 16, generator=g)
+    assert knn_accuracy(feats.to(CUDA), labels.to(CUDA)) == knn_accuracy(feats, labels)
+    assert silhouette(feats.to(CUDA), labels.to(CUDA)) == pytest.approx(silhouette(feats, labels))
+    for fn in (rank_correlation, topk_iou):
+        torch.testing.assert_close(fn(a.to(CUDA), b).cpu(), fn(a, b))
+        torch.testing.assert_close(fn(a.to(CUDA), b.to(CUDA)).cpu(), fn(a, b))

@@ -327,7 +327,7 @@ def silhouette(features: Tensor, labels: Tensor) -> float:
     points of its class and ``b_i`` the smallest mean distance to another class; 0 for a class of one point.
     NaN unless 2 <= #classes <= N - 1. float64 torch (no scikit-learn import)."""
     n = features.shape[0]
-    classes, inv, counts = torch.unique(labels.reshape(-1), return_inverse=True, return_counts=True)
+    classes, inv, counts = torch.unique(labels.cpu().reshape(-1), return_inverse=True, return_counts=True)
     if not 2 <= classes.numel() <= n - 1:
         return float("nan")
     f = features.detach().cpu().double().reshape(n, -1)
@@ -347,6 +347,7 @@ def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
     if n < 2:
         return float("nan")
     k = min(k, n - 1)
+    features, labels = features.detach().cpu(), labels.cpu()  # [N, N] work, small: on the CPU like silhouette
     with _one_thread_if_small(n * max(n, features[0].numel())):
         d = torch.cdist(features.double(), features.double())
         d.fill_diagonal_(float("inf"))

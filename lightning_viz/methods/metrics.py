@@ -294,7 +294,7 @@ def _average_ranks(v: Tensor) -> Tensor:
 def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
     """Spearman rank correlation of each pair of maps, ``[B]`` (ties get average ranks;
     ``b`` is resized to ``a``'s size). NaN where a map is constant."""
-    b = _resize(b, (a.shape[-2], a.shape[-1]))
+    b = _resize(b.to(a.device), (a.shape[-2], a.shape[-1]))
     ra, rb = _average_ranks(a.detach().float().flatten(1)), _average_ranks(b.flatten(1))
     ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
     den = (ra.square().sum(dim=1) * rb.square().sum(dim=1)).sqrt()
@@ -307,7 +307,7 @@ def topk_iou(a: Tensor, b: Tensor, fraction: float = 0.1) -> Tensor:
     each, ties by pixel index; ``b`` is resized to ``a``'s size)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
-    b = _resize(b, (a.shape[-2], a.shape[-1])).flatten(1)
+    b = _resize(b.to(a.device), (a.shape[-2], a.shape[-1])).flatten(1)
     a = a.detach().float().flatten(1)
     k = max(1, math.ceil(fraction * a.shape[1]))
     sel_a = torch.zeros_like(a, dtype=torch.bool).scatter_(
