@@ -73,12 +73,15 @@ def activation_bytes_per_image(model: nn.Module, x1: Tensor) -> int:
 
 
 def default_memory_mb(device: torch.device | str) -> float:
-    """The default activation budget: :data:`CPU_MEMORY_MB` on the CPU; on CUDA a quarter of the free
-    memory, at most :data:`GPU_MEMORY_MB` (at least :data:`CPU_MEMORY_MB`)."""
+    """The default activation budget: :data:`CPU_MEMORY_MB` on the CPU; on CUDA a quarter of the memory
+    available to torch -- free on the device plus what torch's caching allocator holds unused (after a
+    training epoch most of the card is such cache, which ``mem_get_info`` counts as taken) -- at most
+    :data:`GPU_MEMORY_MB` (at least :data:`CPU_MEMORY_MB`)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return float(max(CPU_MEMORY_MB, min(GPU_MEMORY_MB, free / 4 / 2**20)))
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return float(max(CPU_MEMORY_MB, min(GPU_MEMORY_MB, (free + max(0, cached)) / 4 / 2**20)))
     return CPU_MEMORY_MB
 
 

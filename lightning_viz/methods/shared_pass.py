@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ..capture import capture
 from ..targets import CallableTarget, TargetSpec, resolve_target
+from .batching import images_per_forward
 from .relu_rules import relu_rule
 
 __all__ = ["INPUT", "PassResult", "gradient_pass", "PassCache", "pass_cache", "target_key", "model_version", "chunks"]
@@ -50,6 +51,14 @@ def chunks(n: int, chunk_size: Optional[int]) -> list[slice]:
     if not chunk_size or chunk_size <= 0 or chunk_size >= n:
         return [slice(0, n)]
     return [slice(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
+
+
+def pass_chunks(model: nn.Module, x: Tensor, chunk_size: Optional[int]) -> list[slice]:
+    """The chunks of a :func:`gradient_pass` over ``x``: ``chunk_size`` images each, or (``None``) as many as the
+    default memory budget holds with a backward (:func:`~lightning_viz.methods.batching.images_per_forward`)."""
+    if chunk_size is None and x.shape[0] > 1:
+        chunk_size = images_per_forward(model, x, grad=True)
+    return chunks(x.shape[0], chunk_size)
 
 
 @dataclass
@@ -95,6 +104,7 @@ def gradient_pass(
 ) -> PassResult:
     """One forward + one ``autograd.grad`` per chunk: logits, target scores, input gradient, and the
     activations and activation gradients of ``layers``, with ReLU backward ``rule`` (None/guided/deconv).
+    Chunks of ``chunk_size`` images (``None``: as many as the default memory budget holds, :func:`pass_chunks`).
 
     ``input_grad=False`` (only with ``layers``): the input does not require grad, so the graph -- and the
     backward -- begins at the earliest recorded layer; ``PassResult.input_grad`` is then ``None``."""
@@ -107,7 +117,7 @@ def gradient_pass(
     parts: dict[str, list] = {"logits": [], "scores": [], "classes": [], "input_grad": []}
     acts: dict[str, list] = {n: [] for n in names}
     grads: dict[str, list] = {n: [] for n in names}
-    for sl in chunks(x.shape[0], chunk_size):
+    for sl in pass_chunks(model, x, chunk_size):
         xc = x[sl].detach().clone().requires_grad_(True) if input_grad else x[sl].detach()
         lab = None if labels is None else labels[sl].to(x.device)
         with capture(model, names, grad=True) as cap, relu_rule(rule):
@@ -224,7 +234,7 @@ class PassCache:
         input_grad = INPUT in wanted or rule is not None or (hit is not None and hit.input_grad is not None)
         names = sorted(wanted - {INPUT})
         result = gradient_pass(model, x, target, labels, names, rule, chunk_size, input_grad=input_grad)
-        self.forwards += len(chunks(x.shape[0], chunk_size))
+        self.forwards += len(pass_chunks(model, x, chunk_size))
         self.entries[key] = result
         return result
 
