@@ -197,17 +197,18 @@ def scorecam_weights(
     (``None``: as many as the default memory budget holds, :func:`~lightning_viz.methods.batching.images_per_forward`;
     the result does not depend on it). ``classes`` (e.g. a pass's ``PassResult.classes``) pins the class per image."""
     b, k = activations.shape[:2]
-    masks = F.interpolate(activations.float(), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
-    lo = masks.flatten(2).amin(2)[..., None, None]
-    hi = masks.flatten(2).amax(2)[..., None, None]
-    masks = torch.where(hi > lo, (masks - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(masks))
+    acts = activations.float().flatten(0, 1)  # [B * K, h, w]; each chunk upsamples and normalizes only its masks
     tgt = resolve_target(target)
     if classes is None and not isinstance(tgt, CallableTarget):
         classes = tgt.classes(model(x), labels)
     out = torch.empty(b * k, device=x.device, dtype=x.dtype)
     img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
     for sl in chunks(b * k, chunk_size or images_per_forward(model, x)):
-        masked = x[img[sl]] * masks.flatten(0, 1)[sl, None].to(x.dtype)
+        masks = F.interpolate(acts[sl, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        lo = masks.flatten(1).amin(1)[:, None, None, None]
+        hi = masks.flatten(1).amax(1)[:, None, None, None]
+        masks = torch.where(hi > lo, (masks - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(masks))
+        masked = x[img[sl]] * masks.to(x.dtype)
         logits = model(masked)
         if isinstance(tgt, CallableTarget):
             out[sl] = tgt.score(logits, None)
