@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -38,6 +39,8 @@ __all__ = [
     "Capture",
     "forward_until",
     "fork_rng",
+    "deterministic_warn_only",
+    "NondeterministicOpWarning",
 ]
 
 
@@ -143,6 +146,50 @@ def _eager_stance() -> contextlib.AbstractContextManager:
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
+class NondeterministicOpWarning(UserWarning):
+    """A visualization ran an op without a deterministic implementation under ``deterministic=True``."""
+
+
+_NO_DETERMINISTIC = " does not have a deterministic implementation"
+_warned_ops: set[str] = set()
+
+
+@contextlib.contextmanager
+def deterministic_warn_only() -> Iterator[None]:
+    """Under ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``), let ops without a
+    deterministic implementation run inside the block instead of raising. A visualization differentiates where
+    training never does -- w.r.t. the input, through a frozen backbone -- so it can meet such a backward (on CUDA:
+    bilinear upsampling, adaptive pooling to more than 1x1, reflection padding) that training never runs; it
+    changes no training state, so it must not stop the run. One :class:`NondeterministicOpWarning` per op names
+    it (torch's own warnings are replaced); the mode is restored on exit, also on error."""
+    if not torch.are_deterministic_algorithms_enabled() or torch.is_deterministic_algorithms_warn_only_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        torch.use_deterministic_algorithms(True)
+        for w in caught:
+            text = str(w.message)
+            if _NO_DETERMINISTIC not in text:  # not ours to rephrase: as it came
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                continue
+            op = text.split(_NO_DETERMINISTIC)[0].strip()
+            if op not in _warned_ops:
+                _warned_ops.add(op)
+                warnings.warn(
+                    f"lightning-viz: a visualization ran {op}, which has no deterministic implementation, under "
+                    "deterministic=True (torch.use_deterministic_algorithms). It ran anyway: training does not run "
+                    "it and stays deterministic; only that visualization may vary in the last bits between runs.",
+                    NondeterministicOpWarning,
+                    stacklevel=3,
+                )
+
+
 @contextlib.contextmanager
 def isolated(model: nn.Module) -> Iterator[nn.Module]:
     """Everything a visualization needs to leave training exactly as it was.
@@ -151,10 +198,12 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
     updates), every buffer restored if it changed (:func:`buffers_kept`), every global RNG forked
     and restored (:func:`fork_rng`; methods draw noise from their own seeded ``torch.Generator``),
     and autograd enabled even under inference mode; ``torch.compile``d modules
-    run eagerly (so hooks fire). Yields the unwrapped model.
+    run eagerly (so hooks fire); ops without a deterministic implementation do not raise under
+    ``deterministic=True`` (:func:`deterministic_warn_only`). Yields the unwrapped model.
     """
     model = unwrap_model(model)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(deterministic_warn_only())
         stack.enter_context(fork_rng())
         stack.enter_context(grad_enabled())
         stack.enter_context(_eager_stance())

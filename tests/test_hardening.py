@@ -540,3 +540,64 @@ def test_probe_bank_round_trip_is_bit_exact_and_compact():
 
 def _bits(t: torch.Tensor) -> bytes:
     return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+class _InputResample(torch.autograd.Function):
+    """Identity whose backward, like CUDA's bilinear-upsampling backward, has no deterministic implementation:
+    it raises under ``torch.use_deterministic_algorithms(True)`` and warns under ``warn_only=True``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.are_deterministic_algorithms_enabled():
+            msg = "resample_backward_cuda does not have a deterministic implementation, but you set ..."
+            if not torch.is_deterministic_algorithms_warn_only_enabled():
+                raise RuntimeError(msg)
+            warnings.warn(msg, stacklevel=2)
+        return g
+
+
+class _ResampledInput(TinyCNN):
+    def forward(self, x):
+        return super().forward(_InputResample.apply(x))
+
+
+def test_deterministic_training_runs_visualizations_through_ops_it_never_differentiates(tmp_path):
+    """deterministic=True: training never differentiates w.r.t. the input, a saliency map does; an op there without
+    a deterministic backward must not stop the fit. It warns once, naming the op; training stays bitwise the same;
+    the strict mode is back after each run."""
+    from lightning_viz.capture import NondeterministicOpWarning
+
+    def fit(callbacks):
+        L.seed_everything(0, verbose=False)
+        model = LitTiny(_ResampledInput())
+        trainer = tiny_trainer(str(tmp_path / str(len(callbacks))), callbacks, max_epochs=2, deterministic=True)
+        trainer.fit(model, *tiny_loaders(n=16))
+        return model
+
+    strict = []
+
+    class Probe(L.Callback):  # after the visualization: the strict mode is back
+        def on_train_epoch_end(self, trainer, pl_module):
+            strict.append(
+                torch.are_deterministic_algorithms_enabled()
+                and not torch.is_deterministic_algorithms_warn_only_enabled()
+            )
+
+    try:
+        plain = fit([])
+        cb = GradientCallback(methods=["saliency", "integrated_gradients"], ig_steps=2, num_probes=2)
+        with pytest.warns(
+            NondeterministicOpWarning, match=r"ran resample_backward_cuda, which has no deterministic"
+        ) as rec:
+            viz = fit([cb, Probe()])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert len([w for w in rec if w.category is NondeterministicOpWarning]) == 1
+    assert not [w for w in rec if "resample_backward_cuda does not have" in str(w.message)]  # torch's own: replaced
+    assert strict == [True, True] and any(t.startswith("viz-gradients/saliency") for t in cb.last_logged_tags)
+    for (k, a), b in zip(plain.state_dict().items(), viz.state_dict().values()):
+        assert torch.equal(a, b), k
