@@ -17,34 +17,79 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ProbeSet", "split_sample", "read_item", "PROBE_BANK_KEY", "probe_bank_put", "probe_bank_get"]
+__all__ = [
+    "ProbeSet",
+    "split_sample",
+    "read_item",
+    "class_index",
+    "SampleFormatError",
+    "PROBE_BANK_KEY",
+    "probe_bank_put",
+    "probe_bank_get",
+]
 
-_IMAGE_KEYS = ("image", "images", "x", "input", "inputs")
-_LABEL_KEYS = ("label", "labels", "y", "target", "targets")
+_IMAGE_KEYS = ("image", "images", "img", "pixel_values", "x", "input", "inputs")
+_LABEL_KEYS = ("label", "labels", "y", "target", "targets", "class", "class_id")
 _MASK_KEYS = ("mask", "masks")
 
 
+class SampleFormatError(ValueError):
+    """A dataset item (or batch) lightning-viz cannot read an image from."""
+
+
 def split_sample(sample: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Return ``(image, label, mask)`` from one dataset item or one batch (missing parts are ``None``)."""
+    """Return ``(image, label, mask)`` from one dataset item or one batch (missing parts are ``None``).
+
+    Items: a tensor, ``(x, y[, mask, ...])`` or a dict (image under one of ``image``, ``images``, ``img``,
+    ``pixel_values``, ``x``, ``input``, ``inputs``; label under ``label``, ``labels``, ``y``, ``target``,
+    ``targets``, ``class``, ``class_id``; mask under ``mask``, ``masks``). A tuple's third element is the mask
+    only when it is one: a tensor of the image's height and width (``[H, W]`` or ``[1, H, W]``; a batch's
+    ``[B, H, W]`` or ``[B, 1, H, W]``); anything else there (an index, a path, extra targets) is ignored.
+    One-hot or probability-vector labels (label smoothing, mixup) count as the class they give most weight to
+    (:func:`class_index`)."""
     if isinstance(sample, Tensor):
         return sample, None, None
     if isinstance(sample, dict):
         img = next((sample[k] for k in _IMAGE_KEYS if k in sample), None)
         if img is None:
-            raise ValueError(
-                f"cannot find the image in a dict sample with keys {sorted(sample)}; expected one of {_IMAGE_KEYS}"
+            raise SampleFormatError(
+                f"cannot find the image in a dict item with keys {sorted(sample)}; the image must be under one of "
+                f"{list(_IMAGE_KEYS)}"
             )
         lab = next((sample[k] for k in _LABEL_KEYS if k in sample), None)
         mask = next((sample[k] for k in _MASK_KEYS if k in sample), None)
-        return img, _as_tensor(lab), mask
+        return img, class_index(_as_tensor(lab), img), mask
     if isinstance(sample, (tuple, list)) and len(sample) >= 1:
         img = sample[0]
-        lab = _as_tensor(sample[1]) if len(sample) > 1 else None
-        mask = sample[2] if len(sample) > 2 and isinstance(sample[2], Tensor) else None
+        lab = class_index(_as_tensor(sample[1]), img) if len(sample) > 1 else None
+        mask = sample[2] if len(sample) > 2 and _is_mask_of(sample[2], img) else None
         return img, lab, mask
-    raise ValueError(
-        f"cannot read a sample of type {type(sample).__name__}; expected a tensor, (x, y[, mask]) or a dict"
+    raise SampleFormatError(
+        f"cannot read an item of type {type(sample).__name__}; expected a tensor, (x, y[, mask]) or a dict"
     )
+
+
+def _is_mask_of(m: Any, img: Any) -> bool:
+    """Whether ``m`` is a mask of image (or batch) ``img``: its height and width, one channel at most."""
+    if not isinstance(m, Tensor) or not isinstance(img, Tensor) or img.ndim < 3 or m.ndim < 2:
+        return False
+    if tuple(m.shape[-2:]) != tuple(img.shape[-2:]):
+        return False
+    return m.ndim == img.ndim - 1 or (m.ndim == img.ndim and m.shape[-3] == 1)
+
+
+def class_index(label: Tensor | None, img: Any) -> Tensor | None:
+    """A one-hot or probability-vector label (``[K]`` per item, ``[B, K]`` per batch: non-negative, summing to 1)
+    as the index of its largest entry; any other label as it is (a class index, or a multi-label target)."""
+    if label is None or not isinstance(img, Tensor) or (not label.is_floating_point() and label.dtype != torch.long):
+        return label
+    per_item = img.ndim == 3
+    if label.ndim != (1 if per_item else 2) or label.shape[-1] < 2:
+        return label
+    v = label.double()
+    if bool((v >= 0).all()) and bool(torch.allclose(v.sum(-1), torch.ones((), dtype=torch.float64), atol=1e-3)):
+        return v.argmax(-1)
+    return label
 
 
 def read_item(dataset: Any, index: int) -> tuple[Tensor, Tensor | None, Tensor | None]:

@@ -174,3 +174,66 @@ def test_image_folder_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no images") as e:
         ImageFolderDataModule(str(tmp_path))
     assert str(tmp_path) in str(e.value) and ".png" in str(e.value)
+
+
+class _Items(torch.utils.data.Dataset):
+    """Tiny images in the item formats real datasets use (``kind``)."""
+
+    def __init__(self, kind: str, n: int = 12):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y, self.kind = torch.randn(n, 3, 8, 8, generator=g), torch.arange(n) % 3, kind
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        x, y = self.x[i], self.y[i]
+        return {
+            "index": (x, y, torch.tensor(i)),  # a third element that is no mask
+            "weights": (x, y, torch.ones(5)),
+            "mask": (x, y, (x[:1] > 0).float()),  # [1, H, W]: a mask
+            "hf": {"pixel_values": x, "labels": y},
+            "class_id": {"img": x, "class_id": int(y)},
+            "onehot": (x, torch.nn.functional.one_hot(y, 3).float()),
+            "smoothed": (x, torch.nn.functional.one_hot(y, 3).float() * 0.9 + 0.1 / 3),
+            "multilabel": (x, torch.tensor([1.0, 1.0, 0.0])),
+            "nokey": {"picture": x, "label": y},
+        }[self.kind]
+
+
+@pytest.mark.parametrize("kind", ["index", "weights", "mask", "hf", "class_id", "onehot", "smoothed", "multilabel"])
+def test_probes_read_real_item_formats(kind):
+    ds = _Items(kind)
+    p = ProbeSet.from_dataset(ds, num=6, seed=0)
+    idx = p.indices
+    torch.testing.assert_close(p.images, ds.x[idx])
+    if kind == "multilabel":  # several classes at once: no class label
+        assert p.labels is None
+    else:  # a class index, or the class a one-hot / smoothed label gives most weight to
+        assert torch.equal(p.labels, ds.y[idx])
+    if kind == "mask":
+        assert torch.equal(p.masks, (ds.x[idx, 0] > 0).float())
+    else:  # an index, per-item weights, ...: not a mask
+        assert p.masks is None
+
+
+def test_unreadable_items_fail_at_setup_naming_the_callback_and_the_accepted_keys(tmp_path):
+    import lightning as L
+    from helpers import LitTiny, tiny_trainer
+    from torch.utils.data import DataLoader
+
+    from lightning_viz.callbacks.activations import ActivationCallback
+    from lightning_viz.callbacks.base import VisualizationError
+
+    steps = []
+
+    class Count(L.Callback):
+        def on_train_batch_start(self, *args):
+            steps.append(1)
+
+    trainer = tiny_trainer(str(tmp_path), [ActivationCallback(layers=["net.conv1"], num_probes=2), Count()])
+    loader = DataLoader(_Items("nokey"), batch_size=4)
+    with pytest.raises(VisualizationError, match=r"ActivationCallback: reading an item of the _Items dataset") as err:
+        trainer.fit(LitTiny(), loader, loader)
+    assert "['label', 'picture']" in str(err.value) and "'pixel_values'" in str(err.value)
+    assert "probes=ProbeSet" in str(err.value) and steps == []

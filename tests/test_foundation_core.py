@@ -114,11 +114,15 @@ def test_probe_picked_under_inference_mode_is_usable_by_autograd():
     assert torch.equal(g, F.one_hot(probes.labels, 3).float())
 
 
-def test_probe_non_scalar_labels_are_dropped_not_a_crash():
-    """One-hot (or multi-label) targets are no class index: the probes keep no labels (images still usable)."""
+def test_probe_one_hot_labels_are_classes_and_multi_labels_are_dropped_not_a_crash():
+    """One-hot targets give their class; multi-label targets are no class index: the probes keep no labels
+    (images still usable)."""
     x = torch.arange(12, dtype=torch.float32).view(12, 1, 1, 1).expand(12, 1, 2, 2).clone()
     onehot = F.one_hot(torch.arange(12) % 3, 3).float()
     probes = ProbeSet.from_dataset(TensorDataset(x, onehot), num=4, seed=0)
+    assert torch.equal(probes.labels, probes.indices % 3) and len(probes) == 4
+    multi = onehot + F.one_hot((torch.arange(12) + 1) % 3, 3).float()
+    probes = ProbeSet.from_dataset(TensorDataset(x, multi), num=4, seed=0)
     assert probes.labels is None and len(probes) == 4
     assert torch.equal(probes.images[:, 0, 0, 0], probes.indices.float())
 

@@ -34,7 +34,7 @@ from ..logging import (
     sink_names,
     wait_for_writes,
 )
-from ..probe import PROBE_BANK_KEY, ProbeSet, probe_bank_get, probe_bank_put, read_item
+from ..probe import PROBE_BANK_KEY, ProbeSet, SampleFormatError, probe_bank_get, probe_bank_put, read_item
 from ..progress import logger as _log
 from ..progress import reporting
 from ..targets import (
@@ -447,7 +447,10 @@ class VisualizationCallback(Callback):
         else:
             dataset = _find_dataset(trainer, self.probe_source)
             if dataset is not None:
-                image = read_item(dataset, 0)[0]
+                try:
+                    image = read_item(dataset, 0)[0]
+                except SampleFormatError as exc:
+                    raise VisualizationError(self._unreadable_message(dataset, exc)) from exc
                 x = image[None] if isinstance(image, Tensor) and image.is_floating_point() else None
         if x is None:
             return
@@ -533,7 +536,9 @@ class VisualizationCallback(Callback):
         if self.needs_labels() and probe.labels is None:
             raise ValueError(
                 f"{type(self).__name__}: target='label' needs a class label per image, but the probe images have "
-                f"none{self._origin()}. Use target='predicted' or a class index, or data that yields (x, y)."
+                f"none{self._origin()}: its items give no label, or one that is not a class (a class index, or a "
+                "one-hot / probability vector), e.g. a multi-label target. Use target='predicted' or a class index, "
+                "or data that yields (x, y)."
             )
 
     @override
@@ -645,6 +650,13 @@ class VisualizationCallback(Callback):
             "map-style dataset."
         )
 
+    def _unreadable_message(self, dataset: Any, exc: Exception) -> str:
+        return (
+            f"{type(self).__name__}: reading an item of the {type(dataset).__name__} dataset "
+            f"(probe_source={self.probe_source!r}) failed: {exc}. Make its items a tensor, (image, label[, mask]) "
+            "or such a dict, or pass probes=ProbeSet(images=..., labels=...)."
+        )
+
     def _pick_probes(self, trainer: Trainer) -> ProbeSet:
         dataset = _find_dataset(trainer, self.probe_source)
         if dataset is None:
@@ -659,6 +671,8 @@ class VisualizationCallback(Callback):
                 picks[key] = ProbeSet.from_dataset(
                     dataset, num=self.num_probes, seed=self.probe_seed, mean=mean, std=std
                 )
+            except SampleFormatError as exc:
+                raise VisualizationError(self._unreadable_message(dataset, exc)) from exc
             except Exception as exc:
                 raise VisualizationError(
                     f"{type(self).__name__}: picking {self.num_probes} probe images (probe_seed={self.probe_seed}) "
