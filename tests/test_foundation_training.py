@@ -13,6 +13,7 @@ import torch
 from helpers import (
     InputGradMap,
     LitTiny,
+    TinyCNN,
     assert_untouched,
     image_steps,
     read_events,
@@ -330,3 +331,41 @@ def test_inplace_relu_model_trains_and_logs_pre_relu(tmp_path):
     assert logged == pytest.approx(expected_dead, abs=1e-6)
     # Gradients flow through the in-place ReLUs (capture hands a copy downstream).
     assert acc.Scalars("viz-inputgrad/inputgrad/input/stats/max_abs")[0].value > 0
+
+
+class LazyLit(LitTiny):
+    """Builds its network in Lightning's ``configure_model`` hook (called after every setup hook), as large or
+    sharded models do: at setup the layers do not exist yet."""
+
+    def __init__(self):
+        super().__init__(net=nn.Identity())
+        self.net = None
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = TinyCNN()
+
+
+class StepCounter(Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_start(self, *args):
+        self.steps += 1
+
+
+def test_models_built_in_configure_model_are_checked_once_built_and_visualized(tmp_path):
+    callbacks = all_callbacks()
+    trainer = tiny_trainer(str(tmp_path / "fit"), callbacks, max_epochs=1, limit_val_batches=1)
+    trainer.fit(LazyLit(), *tiny_loaders(n=16))
+    for (name, _), cb in zip(CALLBACK_FACTORIES, callbacks):
+        assert cb.last_logged_tags, f"{name} logged nothing on a configure_model network"
+    cb = CAMCallback(methods=["gradcam"], num_probes=2, run_on="validation_epoch_end")
+    tiny_trainer(str(tmp_path / "validate"), [cb]).validate(LazyLit(), tiny_loaders(n=16)[1])
+    assert cb.last_logged_tags
+    # a wrong layer still fails before the first training step, naming the layers that exist once built
+    counter = StepCounter()
+    trainer = tiny_trainer(str(tmp_path / "bad"), [CAMCallback(layers=["net.nope"], num_probes=2), counter])
+    with pytest.raises(LayerNotFoundError, match=r"net\.nope.*net\.conv2"):
+        trainer.fit(LazyLit(), *tiny_loaders(n=16))
+    assert counter.steps == 0

@@ -113,6 +113,13 @@ _epoch_runs: weakref.WeakKeyDictionary[Trainer, tuple[tuple[int, str], list[tupl
 )
 
 
+def _builds_in_configure_model(pl_module: LightningModule) -> bool:
+    """Whether the module overrides Lightning's ``configure_model`` hook (its layers may not exist at setup)."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return any(is_overridden(hook, pl_module) for hook in ("configure_model", "configure_sharded_model"))
+
+
 def _runs_at(c: VisualizationCallback, trainer: Trainer, where: str) -> bool:
     """Whether callback ``c`` (not run yet at this point) will run at ``where`` of the current epoch."""
     if where == "start":  # as on_train_start: a fresh fit, not a resume
@@ -419,7 +426,6 @@ class VisualizationCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _check_strategy(self, trainer)
-        self.check(pl_module)
         check_sinks(trainer, self.loggers, type(self).__name__)
         if not sink_names(trainer, self.loggers):
             rank_zero_warn(
@@ -430,8 +436,24 @@ class VisualizationCallback(Callback):
         if stage == "fit":
             self._last_run_epoch = self._trained_epoch = None
             self._check_schedule(trainer, pl_module)
-        self._check_model_call(trainer, pl_module)
+        # A model that builds its layers in configure_model (Lightning calls it after every setup hook) is checked
+        # once they exist: on_fit_start / on_validation_start, still before the first step.
+        self._model_checks_due = stage if _builds_in_configure_model(pl_module) else None
+        if self._model_checks_due is None:
+            self.check_model(trainer, pl_module, stage)
         _announce(trainer)
+
+    def check_model(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """The setup checks that need the model's layers: :meth:`check` (options against the model) and one
+        forward of a data item (:meth:`_check_model_call`). Subclasses add theirs after ``super()``."""
+        self.check(pl_module)
+        self._check_model_call(trainer, pl_module)
+
+    def _run_due_model_checks(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        stage: str | None = getattr(self, "_model_checks_due", None)
+        if stage is not None:
+            self._model_checks_due = None
+            self.check_model(trainer, pl_module, stage)
 
     def _check_model_call(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """One forward of one data item (a probe, else item 0 of the probe dataset; skipped when neither is
@@ -486,11 +508,13 @@ class VisualizationCallback(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after a checkpoint's callback states are restored (a resumed run keeps its probes), before the sanity check
+        self._run_due_model_checks(trainer, pl_module)
         self._setup_probes(trainer)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not _fitting(trainer):  # trainer.validate
+            self._run_due_model_checks(trainer, pl_module)
             self._setup_probes(trainer)
 
     def _check_schedule(self, trainer: Trainer, pl_module: LightningModule) -> None:

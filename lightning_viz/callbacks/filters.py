@@ -140,8 +140,8 @@ class FilterCallback(VisualizationCallback):
         if self.input_shape is not None:
             linear_templates(pl_module, name, self.input_shape)
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+    def check_model(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().check_model(trainer, pl_module, stage)
         if self.needs_probes and self.probes is None and stage in ("fit", "validate"):
             # Templates take their shape from the images: check it on one dataset item now, not at the first epoch end.
             dataset = _find_dataset(trainer, self.probe_source)
