@@ -22,7 +22,9 @@ runs on rank 0 with the gathered results and keeps the history (saved in checkpo
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import types
 from typing import Any, Optional, Union
 
 import torch
@@ -83,14 +85,17 @@ def randomized_copy(module: nn.Module, seed: int = 2018) -> nn.Module:
     """A deep copy of ``module`` with every parameter re-initialized (Adebayo et al. 2018, Sec. 3.1,
     full model parameter randomization): ``reset_parameters()`` where a layer has one, otherwise
     Gaussian noise with the parameter's own std. Seeded and identical on every rank; the global RNG
-    is restored. A LightningModule's trainer reference is not copied (``__getstate__`` drops it)."""
+    is restored. A LightningModule's trainer reference is not copied (``__getstate__`` drops it).
+    The copy runs its own forward: see :func:`_own_methods`."""
+    memo: dict[int, Any] = {}
     try:
-        clone = copy.deepcopy(module)
+        clone = copy.deepcopy(module, memo)
     except Exception as exc:
         raise RuntimeError(
             f"sanity_check needs a deep copy of {type(module).__name__}, which failed ({type(exc).__name__}: {exc}). "
             "Set sanity_check=False or make the module deep-copyable."
         ) from exc
+    _own_methods(clone, memo)
     with fork_rng(), torch.no_grad():
         torch.manual_seed(seed)
         for m in clone.modules():
@@ -105,6 +110,29 @@ def randomized_copy(module: nn.Module, seed: int = 2018) -> nn.Module:
                     std = float(p.float().std()) if p.numel() > 1 else 1.0
                     p.normal_(0.0, std if std > 0 else 1.0)
     return clone
+
+
+def _own_methods(clone: nn.Module, memo: dict[int, Any]) -> None:
+    """Make a deep copy call its own methods, not the original's.
+
+    ``deepcopy`` rebinds an instance-level bound method to the copy, but copies a plain function as is: a
+    wrapper around a bound method of the original (Lightning's ``trainer.fit(torch.compile(module))`` sets
+    ``module.forward`` and the ``*_step`` methods to dynamo wrappers of the original's methods) would run
+    the original model. Such an attribute is replaced by the wrapped method bound to the copy (run eagerly),
+    and Lightning's ``_compiler_ctx`` is cleared on the copy."""
+    for m in clone.modules():
+        for name, value in list(vars(m).items()):
+            if isinstance(value, (nn.Module, Tensor)) or not callable(value):
+                continue
+            inner = inspect.unwrap(value)
+            owner = getattr(inner, "__self__", None)
+            if inner is value or not isinstance(inner, types.MethodType) or not isinstance(owner, nn.Module):
+                continue
+            twin = memo.get(id(owner))  # the copy of the module the method is bound to, if an original
+            if isinstance(twin, nn.Module) and twin is not owner:
+                setattr(m, name, types.MethodType(inner.__func__, twin))
+        if isinstance(vars(m).get("_compiler_ctx"), dict):
+            vars(m)["_compiler_ctx"] = None
 
 
 def _nanmean(v: Tensor) -> float | None:

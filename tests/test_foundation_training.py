@@ -7,6 +7,8 @@ training is untouched (bitwise), tags land at the expected epochs, failures are 
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import pytest
 import torch
@@ -369,3 +371,53 @@ def test_models_built_in_configure_model_are_checked_once_built_and_visualized(t
     with pytest.raises(LayerNotFoundError, match=r"net\.nope.*net\.conv2"):
         trainer.fit(LazyLit(), *tiny_loaders(n=16))
     assert counter.steps == 0
+
+
+def test_each_validate_after_fit_gets_its_own_step(tmp_path, caplog):
+    """run_on='validation_epoch_end': validating the last and then the best checkpoint after fit writes at
+    steps 1 and 2 (not twice at 1); a fresh Trainer on another log directory starts at 0, on the same one goes on."""
+    train, val = tiny_loaders(n=16)
+    cbs = [
+        CAMCallback(num_probes=2, run_on="validation_epoch_end"),
+        EmbeddingCallback(num_probes=6, projection=["pca"], run_on="validation_epoch_end"),
+    ]
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val_loss", save_last=True)
+    trainer = tiny_trainer(str(tmp_path), [*cbs, ckpt], max_epochs=1, enable_checkpointing=True)
+    model = LitTiny()
+    trainer.fit(model, train, val)
+    trainer.validate(model, val, verbose=False)
+    with caplog.at_level("INFO"):
+        trainer.validate(model, val, ckpt_path="best", verbose=False)
+    assert "CAMCallback (cam) under trainer.validate logs at step 2 (this log directory already has its step 1)" in (
+        caplog.text
+    )
+    acc = read_events(str(tmp_path))
+    tags = [t for t in acc.Tags()["images"] + acc.Tags()["scalars"] if t.startswith("viz-")]
+    assert "viz-cam/panel/p000" in tags and "viz-embeddings/penultimate/pca" in tags
+    for tag in tags:
+        steps = image_steps(acc, tag) if tag in acc.Tags()["images"] else scalar_steps(acc, tag)
+        assert steps == [0, 1, 2], tag
+    assert sorted(d for d in os.listdir(trainer.logger.log_dir) if d.isdigit()) == ["00000", "00001", "00002"]
+
+    tiny_trainer(str(tmp_path / "other"), cbs).validate(model, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert image_steps(read_events(str(tmp_path / "other")), "viz-cam/panel/p000") == [0]
+    tiny_trainer(str(tmp_path), cbs).validate(model, val, verbose=False)  # a fresh Trainer, same log directory
+    assert image_steps(read_events(str(tmp_path / "version_0")), "viz-cam/panel/p000") == [0, 1, 2, 3]
+
+
+def test_validate_before_fit_then_fit_then_validate(tmp_path, caplog):
+    """A validate before fit logs at step 0 (the fit's epoch 0 writes there too, and says so); validates after
+    the fit each take a new step."""
+    train, val = tiny_loaders(n=16)
+    cb = CAMCallback(num_probes=2, run_on="validation_epoch_end")
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=2)
+    model = LitTiny()
+    with caplog.at_level("INFO"):
+        trainer.validate(model, val, verbose=False)
+        trainer.validate(model, val, verbose=False)
+        assert image_steps(read_events(str(tmp_path)), "viz-cam/panel/p000") == [0, 1]
+        trainer.fit(model, train, val)
+        trainer.validate(model, val, verbose=False)
+        trainer.validate(model, val, verbose=False)
+    assert image_steps(read_events(str(tmp_path)), "viz-cam/panel/p000") == [0, 1, 0, 1, 2, 3]
+    assert caplog.text.count("which a trainer.validate before this fit already wrote to this log directory") == 2

@@ -263,3 +263,64 @@ def test_tracker_compute_on_a_float64_model():
     assert torch.equal(out["track:pred"], logits.argmax(1))
     torch.testing.assert_close(out["track:deletion/m/l"], deletion)  # the probes' labels, at the model's precision
     assert out["track:insertion/m/l"].shape == (4,)
+
+
+def test_sanity_check_under_a_lightning_compiled_module(tmp_path):
+    """trainer.fit(torch.compile(module)): Lightning sets ``module.forward`` to a dynamo wrapper of the original's
+    forward; the randomized copy must run its own (sanity scores as uncompiled, not 1.0; CAM hooks on the copy fire)."""
+    from lightning_viz.callbacks import CAMCallback, GradientCallback
+
+    train, val = tiny_loaders(n=16, batch_size=8)
+
+    def scores(compiled):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        module = LitTiny(TinyCNN(width=4))
+        callbacks = [
+            GradientCallback(num_probes=4, tracker=MapTracker(filmstrip=False, sanity_check=True)),
+            CAMCallback(num_probes=4, tracker=MapTracker(filmstrip=False, sanity_check=True)),
+        ]
+        logdir = str(tmp_path / f"compiled{compiled}")
+        tiny_trainer(logdir, callbacks).fit(
+            torch.compile(module, backend="aot_eager") if compiled else module, train, val
+        )
+        acc = read_events(logdir)
+        tags = [t for t in acc.Tags()["scalars"] if t.startswith("viz-") and not t.endswith("time_s")]
+        return {t: torch.tensor([e.value for e in acc.Scalars(t)]) for t in tags}
+
+    plain, compiled = scores(False), scores(True)
+    sanity = [t for t in plain if t.endswith("sanity/rank_corr")]
+    assert sanity == [t for t in compiled if t.endswith("sanity/rank_corr")] and len(sanity) == 2
+    assert sorted(plain) == sorted(compiled)
+    for tag in plain:  # sanity scores, and the maps' own drift and probe accuracy (hooks on the compiled module)
+        assert len(compiled[tag]) == len(plain[tag]) == (1 if "drift" in tag else 2), tag
+        torch.testing.assert_close(compiled[tag], plain[tag], atol=1e-4, rtol=1e-4, msg=tag)
+        assert "sanity" not in tag or (compiled[tag].abs() < 0.9).all(), (tag, compiled[tag])
+
+
+def test_randomized_copy_runs_its_own_instance_level_forward():
+    """An instance-level forward (a bound method, or a wrapper of one) is the copy's, not the original's."""
+    import functools
+
+    from lightning.pytorch.utilities.compile import from_compiled
+
+    x = _probe().images
+    torch.manual_seed(0)
+    base = LitTiny(TinyCNN(width=4))
+    ref = randomized_copy(base, seed=3)
+    overrides = {
+        "bound method": lambda m: m.forward,
+        "functools.wraps wrapper": lambda m: functools.wraps(m.forward)(lambda *a, _f=m.forward: _f(*a)),
+    }
+    for name, override in overrides.items():
+        torch.manual_seed(0)
+        module = LitTiny(TinyCNN(width=4))
+        module.forward = override(module)
+        clone = randomized_copy(module, seed=3)
+        torch.testing.assert_close(clone(x), ref(x), msg=name)
+        assert not torch.allclose(clone(x), module(x)), name
+    torch.manual_seed(0)
+    lightning_compiled = from_compiled(torch.compile(LitTiny(TinyCNN(width=4)), backend="eager"))
+    clone = randomized_copy(lightning_compiled, seed=3)
+    assert clone._compiler_ctx is None and lightning_compiled._compiler_ctx is not None
+    torch.testing.assert_close(clone(x), ref(x))

@@ -30,6 +30,7 @@ from ..logging import (
     WriteOwner,
     check_sinks,
     describe_sinks,
+    image_folder,
     make_tag,
     sink_names,
     wait_for_writes,
@@ -257,6 +258,8 @@ class VisualizationCallback(Callback):
             ``trainer.validate``, inside inference mode). With several validations per epoch
             (``val_check_interval`` < 1.0 or an int) it runs once per epoch: at the validation after the
             epoch's last training batch when the schedule has one, else at the first validation of the epoch.
+            A ``trainer.validate`` logs at step ``current_epoch``, or after the latest step this callback wrote
+            to the same log directory (validating twice after fit: two steps, never one step twice).
             A fit where it could never run (no validation data or ``validation_step``, ``limit_val_batches=0``,
             or no scheduled epoch that validates) is refused at setup.
         num_probes: how many probe images to pick (class-stratified, seeded).
@@ -345,6 +348,8 @@ class VisualizationCallback(Callback):
         self.run_at_start = run_at_start
         self._last_run_epoch: int | None = None  # last epoch run in this fit (never run an epoch twice)
         self._trained_epoch: int | None = None  # last epoch trained in this fit
+        #: per log destination (:func:`_destination`): each step this callback wrote there -> by trainer.validate
+        self._written: dict[tuple[str, ...], dict[int, bool]] = {}
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.epoch_summary = epoch_summary
         self._found_class_names: list[str] | None = None
@@ -353,6 +358,8 @@ class VisualizationCallback(Callback):
 
     #: set by :meth:`_run_and_report` while a later callback runs at the same point (see :meth:`run`)
     _defer_writes = False
+    #: the step :meth:`run` chose (for the epoch line of :meth:`_run_and_report`)
+    _run_step: int | None = None
 
     # ------------------------------------------------------------------ subclass API
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
@@ -612,6 +619,7 @@ class VisualizationCallback(Callback):
         # a later callback runs at this point too: this run's background image writes need not be waited for (the
         # last run waits for all of them), so they overlap the later callbacks' computations
         self._defer_writes = self in cbs and any(_runs_at(c, trainer, where) for c in cbs[cbs.index(self) + 1 :])
+        self._run_step = None
         try:
             if scheduled:
                 self.run(trainer, pl_module, step=step, scheduled=True)
@@ -619,9 +627,8 @@ class VisualizationCallback(Callback):
                 self.run(trainer, pl_module)
         finally:
             self._defer_writes = False
-        _epoch_report(
-            self, trainer, trainer.current_epoch if step is None else step, where, time.perf_counter() - start
-        )
+        step = (self._run_step if self._run_step is not None else trainer.current_epoch) if step is None else step
+        _epoch_report(self, trainer, step, where, time.perf_counter() - start)
 
     def get_class_names(self, trainer: Trainer | None) -> list[str] | None:
         """Class names (index -> name): the ``class_names`` option, else ``classes`` of the trainer's datamodule
@@ -725,6 +732,9 @@ class VisualizationCallback(Callback):
         step = trainer.current_epoch if step is None else step
         if _fitting(trainer) and step >= 0:
             self._last_run_epoch = step
+        elif trainer.is_global_zero and step == trainer.current_epoch:  # trainer.validate at the plain step
+            step = self._validate_step(trainer, step)
+        self._run_step = step
         rank, world = _world(trainer)
         start = time.perf_counter()
         distributed = self.per_probe and self.needs_probes and world > 1  # without probes there is nothing to split
@@ -754,6 +764,7 @@ class VisualizationCallback(Callback):
         if rank == 0 and error is None and results is not None:
             stage = "log"
             try:
+                self._note_step(trainer, step)
                 logger = VizLogger.from_trainer(trainer, step=step, namespace=self.name, loggers=self.loggers)
                 logger.write_in_background(self._owner())
                 try:
@@ -800,6 +811,31 @@ class VisualizationCallback(Callback):
                 )
             return None
         return results
+
+    def _validate_step(self, trainer: Trainer, step: int) -> int:
+        """The step of a ``trainer.validate`` run: ``step`` (the epoch), or past every step this callback
+        wrote to the same log destination (a second validate after fit: the next step, never one step twice)."""
+        written = self._written.get(_destination(trainer), {})
+        if not written or step > max(written):
+            return step
+        free = max(written) + 1
+        rank_zero_info(
+            f"lightning-viz: {self._label()} under trainer.validate logs at step {free} (this log directory "
+            f"already has its step {step}{' and later' if max(written) > step else ''})."
+        )
+        return free
+
+    def _note_step(self, trainer: Trainer, step: int) -> None:
+        """Remember that this callback writes ``step`` (rank 0); a fit writing where a validate wrote says so."""
+        written = self._written.setdefault(_destination(trainer), {})
+        fitting = _fitting(trainer)
+        if fitting and written.get(step):
+            rank_zero_info(
+                f"lightning-viz: {self._label()} writes step {step}, which a trainer.validate before this fit "
+                "already wrote to this log directory (TensorBoard shows both); give the fit its own logger "
+                "version to keep them apart."
+            )
+        written[step] = written.get(step, False) or not fitting
 
     def _label(self) -> str:
         """``"GradientCallback (gradients)"``: the callback in messages."""
@@ -876,6 +912,17 @@ def _refuse_duplicate(callback: VisualizationCallback, key: str) -> None:
         f"Give each a distinct name=, e.g. {cls}(..., name='a') and {cls}(..., name='b') (the name is also "
         "inserted in their tags), or remove the duplicate."
     )
+
+
+def _destination(trainer: Trainer) -> tuple[str, ...]:
+    """Where a trainer's runs are written: the image folder (the first logger's directory) and every logger's
+    directory or run, so a fresh Trainer on a new logger version starts its steps afresh."""
+    parts = [image_folder(trainer)]
+    for lg in trainer.loggers:
+        log_dir = getattr(lg, "log_dir", None)
+        run = (type(lg).__name__, getattr(lg, "save_dir", None), getattr(lg, "version", None))
+        parts.append(log_dir if isinstance(log_dir, str) else repr(run))
+    return tuple(parts)
 
 
 def _fitting(trainer: Trainer) -> bool:
