@@ -141,12 +141,17 @@ def _nanmean(v: Tensor) -> float | None:
     return float(v[ok].mean()) if ok.any() else None
 
 
+#: A filmstrip stores at most this many times ``max_frames`` runs (then every other one is dropped).
+STORED_PER_SHOWN = 8
+
+
 class MapTracker:
     """Track a ``MapCallback``'s maps over training (see module docstring).
 
     Args:
         filmstrip: log a filmstrip per probe: one row per map key, one frame per run with its epoch underneath.
-        max_frames: most frames per filmstrip (its width stays bounded).
+        max_frames: most frames per filmstrip (its width stays bounded); at most ``8 * max_frames`` runs are
+            stored (memory and checkpoints stay bounded), thinned evenly, always the first and the latest.
         frame_size: longest side of a stored frame, in pixels (frames are kept downsampled).
         drift: log drift scalars (map rank correlation, top-k IoU, prediction flips, probe accuracy).
         topk: fraction of pixels for the top-k IoU.
@@ -217,6 +222,8 @@ class MapTracker:
         # history (rank 0), saved in checkpoints
         self.frames: dict[str, dict[str, list[Tensor]]] = {}  # key -> probe id -> uint8 [3, h, w] per run
         self.epochs: dict[str, list[int]] = {}  # key -> epoch of each stored frame
+        self.run_ids: dict[str, list[int]] = {}  # key -> run index (0, 1, ...) of each stored frame
+        self.strides: dict[str, int] = {}  # key -> runs kept are multiples of this (see _thin)
         self.prev_maps: dict[str, Tensor] = {}  # key -> [N, h, w] downsampled maps of the previous run
         self.prev_preds: Tensor | None = None
         self._layout_written = False
@@ -350,6 +357,28 @@ class MapTracker:
         size = (max(1, math.floor(h * scale)), max(1, math.floor(w * scale)))
         return torch.nn.functional.interpolate(images.float(), size=size, mode="area")
 
+    def _thin(self, key: str) -> None:
+        """Bound the stored frames of ``key`` (memory and checkpoint size over long runs): keep the runs whose index
+        is a multiple of a stride, plus the latest; past ``STORED_PER_SHOWN * max_frames`` stored, the stride
+        doubles. The frames kept stay evenly spaced over the whole run, from the first to the latest."""
+        epochs, history = self.epochs[key], self.frames[key]
+        runs = self.run_ids.setdefault(key, list(range(len(epochs) - 1)))
+        runs.append(runs[-1] + 1 if runs else 0)
+        if len(runs) != len(epochs) or any(len(seq) != len(epochs) for seq in history.values()):
+            return  # a history this tracker did not build run by run: left as it is
+        stride = self.strides.get(key, 1)
+        drop = [len(runs) - 2] if len(runs) >= 2 and runs[-2] % stride else []  # the latest until now, off-stride
+        if len(runs) - len(drop) > STORED_PER_SHOWN * self.max_frames:
+            stride = self.strides[key] = stride * 2
+            drop = [j for j in range(len(runs) - 1) if runs[j] % stride]
+        if drop:
+            gone = set(drop)
+            keep = [j for j in range(len(runs)) if j not in gone]
+            self.run_ids[key] = [runs[j] for j in keep]
+            self.epochs[key] = [epochs[j] for j in keep]
+            for pid, seq in history.items():
+                history[pid] = [seq[j] for j in keep]
+
     def _log_filmstrips(
         self, logger: VizLogger, maps: dict[str, Tensor], probe: ProbeSet, trainer: Any, callback: Any, method: str
     ) -> None:
@@ -366,6 +395,7 @@ class MapTracker:
             for pid, frame in zip(probe.ids, to_uint8(frames)):
                 history.setdefault(pid, []).append(frame)
             self.epochs.setdefault(key, []).append(epoch)
+            self._thin(key)
         display_px = int(getattr(callback, "display_px", 128) or 0)
         names = callback.get_class_names(trainer) if hasattr(callback, "get_class_names") else None
         layers = {k.split("/", 1)[-1] for k in maps}
@@ -392,6 +422,8 @@ class MapTracker:
         return {
             "frames": {k: {pid: torch.stack(seq) for pid, seq in h.items()} for k, h in self.frames.items()},
             "epochs": {k: list(v) for k, v in self.epochs.items()},
+            "run_ids": {k: list(v) for k, v in self.run_ids.items()},
+            "strides": dict(self.strides),
             "prev_maps": dict(self.prev_maps),
             "prev_preds": self.prev_preds,
         }
@@ -401,5 +433,7 @@ class MapTracker:
             k: {pid: list(t.unbind(0)) for pid, t in h.items()} for k, h in (state.get("frames") or {}).items()
         }
         self.epochs = {k: list(v) for k, v in (state.get("epochs") or {}).items()}
+        self.run_ids = {k: list(v) for k, v in (state.get("run_ids") or {}).items()}
+        self.strides = dict(state.get("strides") or {})
         self.prev_maps = dict(state.get("prev_maps") or {})
         self.prev_preds = state.get("prev_preds")

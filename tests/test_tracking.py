@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from helpers import (
@@ -324,3 +326,30 @@ def test_randomized_copy_runs_its_own_instance_level_forward():
     clone = randomized_copy(lightning_compiled, seed=3)
     assert clone._compiler_ctx is None and lightning_compiled._compiler_ctx is not None
     torch.testing.assert_close(clone(x), ref(x))
+
+
+def test_filmstrip_storage_stays_bounded_over_long_runs_and_spans_the_whole_run():
+    """Past 8 * max_frames runs every other stored frame is dropped (first and latest kept): memory and checkpoints
+    stay bounded, and the frames shown still run from the first epoch to the latest, evenly."""
+    from lightning_viz.tracking import STORED_PER_SHOWN
+
+    probe = _probe()
+    a = torch.arange(64.0).view(1, 8, 8).repeat(4, 1, 1)
+    tr = MapTracker(max_frames=3, frame_size=8, drift=False)
+    limit = STORED_PER_SHOWN * 3
+    for step in range(100):
+        tr.log(VizLogger(RecordingWriter(), step), {"m/l": a.roll(step, -1)}, {}, probe)
+        stored = tr.epochs["m/l"]
+        assert len(stored) <= limit and stored[0] == 0 and stored[-1] == step
+        assert all(len(seq) == len(stored) for seq in tr.frames["m/l"].values())
+    assert stored == sorted(stored) and len(stored) > limit // 2
+    gaps = {b - a for a, b in itertools.pairwise(stored[:-1])}
+    assert len(gaps) == 1, stored  # evenly thinned (the latest run may sit closer to the one before it)
+    # a resumed tracker continues the same thinning
+    tr2 = MapTracker(max_frames=3, frame_size=8, drift=False)
+    tr2.load_state_dict(tr.state_dict())
+    for step in range(100, 130):
+        tr.log(VizLogger(RecordingWriter(), step), {"m/l": a}, {}, probe)
+        tr2.log(VizLogger(RecordingWriter(), step), {"m/l": a}, {}, probe)
+    assert tr2.epochs == tr.epochs and len(tr.epochs["m/l"]) <= limit and tr.epochs["m/l"][-1] == 129
+    assert sum(t.numel() for t in tr.state_dict()["frames"]["m/l"].values()) <= 4 * limit * 3 * 8 * 8
