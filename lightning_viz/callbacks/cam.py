@@ -121,7 +121,7 @@ class CAMCallback(GradientMapCallback):
 
     def check_input(self, model: Any, x: Tensor) -> None:
         if self.layer_names is None:
-            self.layers = [default_cam_layer(model, x)]
+            self.layers = [default_cam_layer(model, x, type(self).__name__)]
             self.check(model)
         if self._uses_head():
             with torch.no_grad(), capture(model, self.layers) as cap:
@@ -154,7 +154,7 @@ class CAMCallback(GradientMapCallback):
         if not self.layers:
             self.check(pl_module)
             if not self.layers:  # setup found no data item: the default layer from the first probe
-                self.layers = [default_cam_layer(pl_module, x[:1])]
+                self.layers = [default_cam_layer(pl_module, x[:1], type(self).__name__)]
                 self.check(pl_module)
         plain = self.get_pass(pl_module, probe, x, None, self.layers)
         if self._uses_head() and not self._head_verified:
