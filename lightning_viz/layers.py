@@ -9,8 +9,9 @@ the default layer of CAM methods (:func:`default_cam_layer`: the last block feed
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,8 @@ __all__ = [
     "get_layer",
     "conv_layer_names",
     "linear_layer_names",
+    "linear_calls",
+    "last_called_linear",
     "first_conv_name",
     "last_conv_name",
     "require_conv",
@@ -86,6 +89,35 @@ def conv_layer_names(model: nn.Module) -> list[str]:
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Names of every ``nn.Linear`` layer, in definition order."""
     return [n for n, m in named_layers(model).items() if isinstance(m, nn.Linear)]
+
+
+@contextmanager
+def linear_calls(model: nn.Module) -> Iterator[list[str]]:
+    """Names of the ``nn.Linear`` layers called during forwards inside the block, in call order (forward hooks,
+    removed on exit). The last one called is the classifier head, whatever order the layers were defined in (a
+    discriminator defined before its generator, an auxiliary head defined after the classifier)."""
+    calls: list[str] = []
+    handles = [
+        m.register_forward_hook(lambda _m, _i, _o, name=name: calls.append(name))
+        for name, m in named_layers(model).items()
+        if isinstance(m, nn.Linear)
+    ]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def last_called_linear(model: nn.Module, x: Optional[Tensor] = None) -> Optional[str]:
+    """The last ``nn.Linear`` called in one no-grad forward of ``x`` (``None`` if none is); without ``x`` the last
+    one defined (a fallback where no forward is available)."""
+    if x is None:
+        linears = linear_layer_names(model)
+        return linears[-1] if linears else None
+    with linear_calls(model) as calls, torch.no_grad():
+        model(x)
+    return calls[-1] if calls else None
 
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
