@@ -220,3 +220,39 @@ def test_cam_on_a_model_without_gap_linear_head_says_what_is_allowed(tmp_path, a
         model, *tiny_loaders(n=6, size=64)
     )
     assert "viz-cam/panel/p000" in cb.last_logged_tags
+
+
+@pytest.mark.parametrize(
+    "every_n,max_epochs,fixes",
+    [
+        (
+            1,
+            2,
+            "Use max_epochs=3 (a multiple of check_val_every_n_epoch), a check_val_every_n_epoch that divides "
+            "max_epochs=2 (e.g. 1), or run_on='train_epoch_end'.",
+        ),  # every_n_epochs=1 already: not suggested
+        (
+            2,
+            4,
+            "Use max_epochs=6 (a multiple of check_val_every_n_epoch), a check_val_every_n_epoch that divides "
+            "max_epochs=4 (e.g. 1), every_n_epochs=1, or run_on='train_epoch_end'.",
+        ),  # epoch 2 validates: helps
+    ],
+)
+def test_never_running_validation_schedule_suggests_what_helps(tmp_path, every_n, max_epochs, fixes):
+    """check_val_every_n_epoch=3 validates at epoch 2 only (in these fits), which the schedule never reaches."""
+    cb = CAMCallback(num_probes=2, run_on="validation_epoch_end", every_n_epochs=every_n)
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=max_epochs, check_val_every_n_epoch=3)
+    with pytest.raises(ValueError) as err:
+        trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    assert trainer.global_step == 0 and str(err.value).endswith(fixes)
+    for suggestion in [{"max_epochs": -(-max_epochs // 3) * 3}, {"check_val_every_n_epoch": 1}] + (
+        [{"every_n_epochs": 1}] if every_n != 1 else []
+    ):  # every suggestion runs
+        every = suggestion.pop("every_n_epochs", every_n)
+        kw = {"max_epochs": max_epochs, "check_val_every_n_epoch": 3, **suggestion}
+        cb = CAMCallback(num_probes=2, run_on="validation_epoch_end", every_n_epochs=every)
+        tiny_trainer(str(tmp_path / "ok"), [cb], limit_train_batches=1, limit_val_batches=1, **kw).fit(
+            LitTiny(), *tiny_loaders(n=12)
+        )
+        assert cb.last_logged_tags
