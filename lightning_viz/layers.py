@@ -9,8 +9,9 @@ the default layer of CAM methods (:func:`default_cam_layer`: the last block feed
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,8 @@ __all__ = [
     "get_layer",
     "conv_layer_names",
     "linear_layer_names",
+    "linear_calls",
+    "last_called_linear",
     "first_conv_name",
     "last_conv_name",
     "require_conv",
@@ -86,6 +89,35 @@ def conv_layer_names(model: nn.Module) -> list[str]:
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Names of every ``nn.Linear`` layer, in definition order."""
     return [n for n, m in named_layers(model).items() if isinstance(m, nn.Linear)]
+
+
+@contextmanager
+def linear_calls(model: nn.Module) -> Iterator[list[str]]:
+    """Names of the ``nn.Linear`` layers called during forwards inside the block, in call order (forward hooks,
+    removed on exit). The last one called is the classifier head, whatever order the layers were defined in (a
+    discriminator defined before its generator, an auxiliary head defined after the classifier)."""
+    calls: list[str] = []
+    handles = [
+        m.register_forward_hook(lambda _m, _i, _o, name=name: calls.append(name))
+        for name, m in named_layers(model).items()
+        if isinstance(m, nn.Linear)
+    ]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def last_called_linear(model: nn.Module, x: Optional[Tensor] = None) -> Optional[str]:
+    """The last ``nn.Linear`` called in one no-grad forward of ``x`` (``None`` if none is); without ``x`` the last
+    one defined (a fallback where no forward is available)."""
+    if x is None:
+        linears = linear_layer_names(model)
+        return linears[-1] if linears else None
+    with linear_calls(model) as calls, torch.no_grad():
+        model(x)
+    return calls[-1] if calls else None
 
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
@@ -188,30 +220,39 @@ def _spatial(t: Any) -> int:
     return int(t.shape[-1] * t.shape[-2]) if isinstance(t, Tensor) and t.ndim == 4 else 0
 
 
-def default_cam_layer(model: nn.Module, x: Tensor) -> str:
+def default_cam_layer(model: nn.Module, x: Tensor, owner: str = "") -> str:
     """The layer CAM methods explain by default: the last block feeding global pooling, found by one forward of
     ``x`` (a batch of the data's shape; call inside :func:`lightning_viz.capture.isolated`).
 
-    The *final spatial feature map* is the last ``[B, C, h, w]`` module output completed before the global pooling
-    starts (the last module without convolutions that turns a spatial map into a vector or a ``1x1`` map, or the
-    last adaptive pooling; squeeze-excitation pools come before it). Of the modules that return that very tensor
-    (e.g. ``layer4``, ``layer4.1`` and its last ``relu``), the outermost is the stage and its child returning it
-    the last block: ``layer4.1`` of a ResNet
-    (``model.layer4[-1]``), ``features.<last>`` of VGG / DenseNet / MobileNet / EfficientNet / ConvNeXt -- the
-    layer CAM libraries tell users to pick. Not the last conv, which sits before the last BatchNorm, residual
-    add and ReLU (Grad-CAM maps of residual nets are degenerate there).
+    The *final spatial feature map* is the last conv-produced ``[B, C, h, w]`` module output completed before the
+    global pooling starts (the last module without convolutions that turns a spatial map into a vector or a ``1x1``
+    map, or the last adaptive pooling; squeeze-excitation pools come before it). Conv-produced, as an explicit
+    ``layers=[...]`` name must be: the output of a convolution or of a module containing one, or of a module
+    without one (norm, activation, pooling, ``Identity``) that keeps the ``[B, C]`` of such a map. Of the modules
+    that return that very tensor (e.g. ``layer4``, ``layer4.1`` and its last ``relu``), the outermost is the stage
+    and its child returning it the last block: ``layer4.1`` of a ResNet (``model.layer4[-1]``), ``features.<last>``
+    of VGG / DenseNet / MobileNet / EfficientNet / ConvNeXt -- the layer CAM libraries tell users to pick. Not the
+    last conv, which sits before the last BatchNorm, residual add and ReLU (Grad-CAM maps of residual nets are
+    degenerate there). A map that layers with weights then process as tokens before the pooling (a vision
+    transformer's patch embedding) is no final map: error. ``owner`` (e.g. ``"CAMCallback"``) starts the errors.
     """
     layers = {n: m for n, m in named_layers(model).items() if n}
     has_conv = {n: any(isinstance(s, CONV_TYPES) for s in m.modules()) for n, m in layers.items()}
+    weighted = {n for n, m in layers.items() if next(m.parameters(recurse=False), None) is not None}
     clock = [0]
     starts: dict[str, int] = {}
     ends: dict[str, tuple[int, Tensor]] = {}
     pool_start: list[int] = []
+    map_shape: list[Any] = [None]  # shape of the latest conv-produced map
+    token_calls: list[tuple[int, str, tuple[int, ...]]] = []  # weighted modules called on >= 3-D non-maps
 
     def pre_hook(name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
             clock[0] += 1
             starts.setdefault(name, clock[0])
+            first = inputs[0] if inputs else None
+            if name in weighted and isinstance(first, Tensor) and first.ndim >= 3 and first.shape != map_shape[0]:
+                token_calls.append((clock[0], name, tuple(first.shape)))
 
         return hook
 
@@ -234,8 +275,20 @@ def default_cam_layer(model: nn.Module, x: Tensor) -> str:
                 )
             ):
                 pool_start.append(starts[name])  # a pooling without convs reducing space away (e.g. in SE blocks too)
-            if isinstance(output, Tensor) and output.ndim == 4:
+            if (
+                isinstance(output, Tensor)
+                and output.ndim == 4
+                and (
+                    has_conv[name]  # a conv, or a block containing one (as an explicit name must be)
+                    or (  # a norm, activation, spatial pooling ... on that map
+                        isinstance(first, Tensor)
+                        and first.shape == map_shape[0]
+                        and output.shape[:2] == first.shape[:2]
+                    )
+                )
+            ):
                 ends[name] = (clock[0], output)
+                map_shape[0] = output.shape
 
         return hook
 
@@ -251,12 +304,24 @@ def default_cam_layer(model: nn.Module, x: Tensor) -> str:
             h.remove()
     limit = max(pool_start, default=clock[0] + 1)  # the last one is the global pooling before the head
     before = {n: e for n, e in ends.items() if e[0] < limit and not isinstance(layers[n], _ADAPTIVE_POOLS)}
+    who = f"{owner}: " if owner else ""
+    kind = type(unwrap_model(model)).__name__
+    allowed = "a convolution or a block containing convolutions with a [B, C, h, w] output (e.g. 'layer4' of a ResNet)"
     if not before:
         raise LayerNotFoundError(
-            f"found no layer with a [B, C, h, w] output before global pooling in {type(unwrap_model(model)).__name__} "
-            f"(its layers: {_format_names(layers)}); name the layer to explain with layers=[...]."
+            f"{who}found no layer with a [B, C, h, w] output before global pooling in {kind} "
+            f"(its layers: {_format_names(layers)}); name the layer to explain with layers=[...]: {allowed}."
         )
-    final = max(before.values(), key=lambda e: e[0])[1]
+    end, final = max(before.values(), key=lambda e: e[0])
+    later = [c for c in token_calls if end < c[0] < limit]
+    if later:
+        last = max(before, key=lambda n: (before[n][0], -n.count(".")))
+        raise LayerNotFoundError(
+            f"{who}found no final [B, C, h, w] feature map before global pooling in {kind}: the last conv-produced "
+            f"map, {last!r}, is processed further as tokens (e.g. {later[0][1]!r} on shape "
+            f"{list(later[0][2])}), not as a feature map (a vision transformer?); name the layer to explain with "
+            f"layers=[...]: {allowed}."
+        )
     same = {n: e[0] for n, e in before.items() if e[1] is final}  # modules returning the final map itself
     depth = min(n.count(".") for n in same)
     outer = [n for n in same if n.count(".") == depth]

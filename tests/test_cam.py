@@ -256,7 +256,8 @@ def test_errors_are_clear():
         )
         with pytest.raises(
             LayerNotFoundError,
-            match="layer '0' \\(4 channels\\), but '6' has in_features=6: the model has no GAP\\+linear head",
+            match="classifier \\(the last nn.Linear called in the forward, '6'\\) to read the globally average-pooled "
+            "channels of layer '0' \\(4 channels\\), but it has in_features=6: the model has no GAP\\+linear head",
         ):
             C.class_activation_map(seq, x, "0", "cam", target=0)
         C.class_activation_map(seq, x, "2", "cam", target=0)  # the layer that feeds GAP + linear is fine

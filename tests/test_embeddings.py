@@ -45,7 +45,7 @@ def test_penultimate_layer_of_real_architectures():
         penultimate_layer(nn.Sequential(nn.Conv2d(3, 2, 3)))
 
 
-def test_penultimate_layer_not_called_in_forward_has_a_clear_error():
+def test_penultimate_features_are_the_input_of_the_last_linear_called():
     class WithUnusedHead(nn.Module):  # e.g. a projection head used only in training_step, defined last
         def __init__(self):
             super().__init__()
@@ -55,10 +55,20 @@ def test_penultimate_layer_not_called_in_forward_has_a_clear_error():
         def forward(self, x):
             return self.net(x)
 
-    with pytest.raises(ValueError, match=r"'head' .* was not called .* pass layer="):
-        extract_features(WithUnusedHead(), torch.zeros(2, 3, 8, 8))
-    feats, _ = extract_features(WithUnusedHead(), torch.zeros(2, 3, 8, 8), layer="net.pool")
-    assert feats.shape == (2, 4)
+    model, x = WithUnusedHead().eval(), torch.randn(2, 3, 8, 8)
+    assert penultimate_layer(model) == "head"  # no forward at hand: the last one defined
+    assert penultimate_layer(model, x) == "net.fc"  # the last one called
+    feats, _ = extract_features(model, x)
+    pooled, _ = extract_features(model, x, layer="net.pool")
+    torch.testing.assert_close(feats, pooled)  # the input of net.fc: the pooled features
+    no_call = WithUnusedHead()
+    no_call.net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # logits without a Linear
+    with pytest.raises(
+        LayerNotFoundError, match=r"no nn.Linear of WithUnusedHead is called in its forward.*layers=<name>"
+    ):
+        penultimate_layer(no_call, x)
+    with pytest.raises(ValueError, match=r"no nn.Linear is called in the model's forward.*pass layers=<name>"):
+        extract_features(no_call, x)
 
 
 def test_extract_features_penultimate_and_conv_layer():

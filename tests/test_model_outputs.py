@@ -241,7 +241,7 @@ def test_fixed_scale_ignores_non_finite_values():
     [
         ("net.layer4.0", "does not: the spatial mean of its class maps plus the bias differs from the logits"),
         ("net.layer4.0.conv2", "does not: the spatial mean"),
-        ("net.layer3", r"\(256 channels\), but 'net.fc' has in_features=512"),
+        ("net.layer3", r"'net.fc'\) to read .* of layer 'net.layer3' \(256 channels\), but it has in_features=512"),
     ],
 )
 def test_cam_refuses_a_layer_without_the_gap_linear_head_at_setup(tmp_path, layer, match):

@@ -102,7 +102,7 @@ class ActivationCallback(VisualizationCallback):
         """The layers to show; the default needs one forward of an input ``x`` of the data's shape (once)."""
         if self.layers is None:
             if self._last_block is None and x is not None:
-                self._last_block = default_cam_layer(self.adapted(pl_module), x[:1])
+                self._last_block = default_cam_layer(self.adapted(pl_module), x[:1], type(self).__name__)
             return list(dict.fromkeys([first_conv_name(pl_module)] + ([self._last_block] if self._last_block else [])))
         return list(dict.fromkeys(resolve_layers(pl_module, self.layers)))
 

@@ -554,12 +554,19 @@ class VisualizationCallback(Callback):
             (e + 1) % every_val == 0 and ((e + 1) % n == 0 or e == max_epochs - 1)
             for e in range(min(max_epochs, every_val * n))
         ):
+            # what would run: a max_epochs ending on a validating epoch (always scheduled, being the last), a
+            # check_val_every_n_epoch dividing max_epochs (the same), every_n_epochs=1 if some epoch validates
+            fixes = [
+                f"max_epochs={-(-max_epochs // every_val) * every_val} (a multiple of check_val_every_n_epoch)",
+                f"a check_val_every_n_epoch that divides max_epochs={max_epochs} (e.g. 1)",
+            ]
+            if n != 1 and max_epochs >= every_val:
+                fixes.append("every_n_epochs=1")
             raise ValueError(
                 f"{name} would never run: run_on='validation_epoch_end' with every_n_epochs={n} but the Trainer "
                 f"validates only at epochs {every_val - 1}, {2 * every_val - 1}, ... "
                 f"(check_val_every_n_epoch={every_val}) and max_epochs={max_epochs} ends before any of them is "
-                "scheduled. Use every_n_epochs=1, a "
-                f"check_val_every_n_epoch that divides max_epochs, or run_on='train_epoch_end'."
+                f"scheduled. Use {', '.join(fixes)}, or run_on='train_epoch_end'."
             )
 
     def check_probes(self, probe: ProbeSet) -> None:

@@ -10,23 +10,28 @@ method is asked for); see :mod:`lightning_viz.methods.shared_pass`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Optional, Union
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, Optional, Union, cast
 
 import torch
 from lightning.pytorch import LightningModule
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..capture import capture
 from ..layers import (
     CONV_TYPES,
+    LayerNotFoundError,
     default_cam_layer,
     get_layer,
+    linear_calls,
     linear_layer_names,
     named_layers,
     require_conv,
     resolve_layers,
 )
 from ..methods.cam import (
+    CAM_VARIANTS,
     cam_head,
     cam_variant,
     canonical_cam_method,
@@ -55,7 +60,7 @@ class CAMCallback(GradientMapCallback):
             feeding global pooling (:func:`~lightning_viz.layers.default_cam_layer`: ``layer4.1`` of a ResNet,
             ``features.<last>`` of VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt), found by one forward at setup.
             Blocks containing convolutions are fine; ``cam`` also needs the GAP + linear head right after the
-            layer (verified numerically at setup).
+            layer (the last ``nn.Linear`` called in the forward; verified numerically at setup).
         target: ``"label"`` (default), ``"predicted"``, a class index, or (from Python) a callable
             ``logits -> score[B]`` -- not with ``cam``, which needs a class.
         reduce: channel reduction of the guided methods' ``[C, H, W]`` output (``abs_max``, ``sum``, ``abs_sum``).
@@ -98,16 +103,14 @@ class CAMCallback(GradientMapCallback):
     def check(self, pl_module: LightningModule) -> None:
         if self.layer_names is None:  # the default layer needs a forward: found in check_input (setup) or compute
             if not self.layers:
-                if self._uses_head():  # refuse now if no layer at all has the head's channel count
+                if self._uses_head():  # refuse now if no nn.Linear at all reads a layer's channel count
                     widths = {
                         getattr(m, a)
                         for m in named_layers(pl_module).values()
                         for a in ("out_channels", "num_features")
                         if isinstance(getattr(m, a, None), int)
                     }
-                    linears = linear_layer_names(pl_module)
-                    if not linears or get_layer(pl_module, linears[-1]).in_features not in widths:
-                        cam_head(pl_module, max(widths, default=-1), "(default)")  # raises, explaining
+                    self._head_possible(pl_module, widths, "(default)")
                 return
         else:
             self.layers = resolve_layers(pl_module, self.layer_names)
@@ -115,27 +118,71 @@ class CAMCallback(GradientMapCallback):
             layer = get_layer(pl_module, name)
             if self.layer_names is not None and not any(isinstance(m, CONV_TYPES) for m in layer.modules()):
                 require_conv(pl_module, name, "CAM")  # raises, listing the conv layers
-            if any(cam_variant(m).head for m in self.methods) and isinstance(layer, CONV_TYPES):
-                cam_head(pl_module, layer.out_channels, name)
+            if self._uses_head() and isinstance(layer, CONV_TYPES):
+                self._head_possible(pl_module, {layer.out_channels}, name)
         super().check(pl_module)
+
+    def _head_possible(self, pl_module: LightningModule, widths: set[int], layer: str) -> None:
+        """Before any forward (which tells the head: the last nn.Linear called): some nn.Linear must read ``widths``."""
+        linears = [cast(nn.Linear, get_layer(pl_module, n)) for n in linear_layer_names(pl_module)]
+        if not any(m.in_features in widths for m in linears):
+            with self._naming():
+                cam_head(pl_module, max(widths, default=-1), layer, advice=self._head_advice(layer))  # raises
+
+    def _head_advice(self, layer: str) -> Optional[str]:
+        """What to do when ``cam`` finds no GAP + linear head over ``layer``: for the default layer (the last map
+        before the pooling) the model has none, so only the methods without a head can help."""
+        if self.layer_names is not None:
+            return None
+        why = (
+            "no nn.Linear of the model reads as many features as a layer has channels"
+            if layer == "(default)"
+            else f"the default layer {layer!r} is the model's last feature map before the global pooling"
+        )
+        others = ", ".join(repr(m) for m, v in CAM_VARIANTS.items() if not v.head)
+        return (
+            f"As {why}, the model has no GAP + nn.Linear head (e.g. a norm or a conv lies between the pooling and "
+            f"the classifier) and 'cam' cannot explain it: use the methods that need no such head ({others})."
+        )
+
+    @contextmanager
+    def _naming(self) -> Iterator[None]:
+        """Setup errors name this callback."""
+        try:
+            yield
+        except LayerNotFoundError as exc:
+            raise LayerNotFoundError(f"{type(self).__name__}: {exc}") from None
 
     def check_input(self, model: Any, x: Tensor) -> None:
         if self.layer_names is None:
-            self.layers = [default_cam_layer(model, x)]
+            self.layers = [default_cam_layer(model, x, type(self).__name__)]
             self.check(model)
         if self._uses_head():
-            with torch.no_grad(), capture(model, self.layers) as cap:
+            with torch.no_grad(), capture(model, self.layers) as cap, linear_calls(model) as calls:
                 logits = model(x)
-                self._verify_head(model, logits, {n: cap[n] for n in self.layers})
+            with self._naming():
+                self._verify_head(model, logits, {n: cap[n] for n in self.layers}, calls[-1] if calls else None)
 
     def _uses_head(self) -> bool:
         return any(cam_variant(m).head for m in self.methods)
 
-    def _verify_head(self, model: Any, logits: Tensor, activations: dict[str, Tensor]) -> None:
-        """Variants with the classifier head (``cam``) only: each layer must feed the GAP + linear head
-        (numerical check, once)."""
+    def _verify_head(self, model: Any, logits: Tensor, activations: dict[str, Tensor], head: Optional[str]) -> None:
+        """Variants with the classifier head (``cam``) only: each layer must feed the GAP + linear head, whose
+        classifier is ``head``, the last nn.Linear called in the forward (numerical check, once)."""
+        if head is None:
+            raise LayerNotFoundError(
+                "CAM needs a global-average-pooling + nn.Linear classifier head, but no nn.Linear is called in the "
+                "model's forward; use the methods that need no such head (e.g. 'gradcam')."
+            )
         self._rectified = {
-            name: verify_cam_head(a, logits, cam_head(model, a.shape[1], name), name) for name, a in activations.items()
+            name: verify_cam_head(
+                a,
+                logits,
+                cam_head(model, a.shape[1], name, head, self._head_advice(name)),
+                name,
+                self._head_advice(name),
+            )
+            for name, a in activations.items()
         }
         self._head_verified = True
 
@@ -154,11 +201,12 @@ class CAMCallback(GradientMapCallback):
         if not self.layers:
             self.check(pl_module)
             if not self.layers:  # setup found no data item: the default layer from the first probe
-                self.layers = [default_cam_layer(pl_module, x[:1])]
+                self.layers = [default_cam_layer(pl_module, x[:1], type(self).__name__)]
                 self.check(pl_module)
         plain = self.get_pass(pl_module, probe, x, None, self.layers)
         if self._uses_head() and not self._head_verified:
-            self._verify_head(pl_module, plain.logits, {n: plain.layer(n)[0] for n in self.layers})
+            with self._naming():
+                self._verify_head(pl_module, plain.logits, {n: plain.layer(n)[0] for n in self.layers}, plain.head)
         guided = None
         if any(cam_variant(m).guided for m in self.methods):
             guided = self.get_pass(pl_module, probe, x, "guided", [])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal, Optional
 
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
 
-from ..layers import get_layer, module_device, module_dtype
+from ..layers import LayerNotFoundError, get_layer, module_device, module_dtype
 from ..logging import VizLogger, make_tag
 from ..methods.embeddings import (
     extract_features,
@@ -32,8 +35,8 @@ class EmbeddingCallback(VisualizationCallback):
     """Embeddings of the probe set, epoch by epoch, so class separation can be watched while training.
 
     Features are the output of ``layer`` (conv maps averaged over space) or, by default, the
-    penultimate features: the input of the model's last ``nn.Linear`` in definition order (the
-    classifier head of resnet/vgg/densenet/mobilenet). Logged at step = epoch, with
+    penultimate features: the input of the last ``nn.Linear`` called in the model's forward (the
+    classifier head of resnet/vgg/densenet/mobilenet; found by one forward at setup). Logged at step = epoch, with
     ``<layer>`` = the layer name or ``"penultimate"``:
 
     * ``viz-embeddings/<layer>/pca`` (and ``/tsne``): scatter image colored by class, class names in the legend;
@@ -109,9 +112,23 @@ class EmbeddingCallback(VisualizationCallback):
 
     def check(self, pl_module: LightningModule) -> None:
         if self.layer is None:
-            penultimate_layer(pl_module)  # raises a clear error when the model has no nn.Linear
+            with self._naming():
+                penultimate_layer(pl_module)  # raises a clear error when the model has no nn.Linear
         else:
             get_layer(pl_module, self.layer)
+
+    def check_input(self, model: Any, x: Tensor) -> None:
+        if self.layer is None:  # the penultimate features: the input of the last nn.Linear called
+            with self._naming():
+                penultimate_layer(model, x)
+
+    @contextmanager
+    def _naming(self) -> Iterator[None]:
+        """Setup errors name this callback."""
+        try:
+            yield
+        except LayerNotFoundError as exc:
+            raise LayerNotFoundError(f"{type(self).__name__}: {exc}") from None
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         assert probe is not None  # needs_probes is True: the base class always passes the probes

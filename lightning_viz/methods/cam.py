@@ -7,7 +7,7 @@ bilinearly upsampled to the input size (:func:`cam_map`). A variant only chooses
 
 * ``cam`` -- Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016, Eq. 2:
   ``w_k = W_fc[c, k]`` of the linear layer after global average pooling (needs a class, and a model
-  whose last ``nn.Linear`` takes the ``K`` pooled channels of the layer -- else a clear error).
+  whose last ``nn.Linear`` called in the forward takes the ``K`` pooled channels of the layer -- else a clear error).
 * ``gradcam`` -- Selvaraju et al., ICCV 2017, Eq. 1: ``w_k = mean_ij G_kij``.
 * ``gradcampp`` -- Chattopadhay et al., "Grad-CAM++", WACV 2018, Eq. 19 with the exponential trick
   (score ``exp(S)``, so 2nd/3rd-order derivatives are powers of ``G``):
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import LayerNotFoundError, get_layer, linear_layer_names, named_layers
+from ..layers import LayerNotFoundError, get_layer, last_called_linear
 from ..targets import CallableTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
 from .shared_pass import PassResult, chunks, gradient_pass
@@ -122,32 +122,39 @@ def layercam_weights(a: Tensor, g: Tensor) -> Tensor:
     return F.relu(g)
 
 
-def cam_head(model: nn.Module, channels: int, layer: str = "?") -> nn.Linear:
-    """The classifier of a ``GAP -> nn.Linear`` head over ``channels`` features: the model's last
-    ``nn.Linear``, which must take exactly ``channels`` inputs (else CAM is undefined: clear error)."""
-    linears = linear_layer_names(model)
-    if not linears:
+def cam_head(
+    model: nn.Module, channels: int, layer: str = "?", head: Optional[str] = None, advice: Optional[str] = None
+) -> nn.Linear:
+    """The classifier of a ``GAP -> nn.Linear`` head over ``channels`` features: ``head`` (the last ``nn.Linear``
+    called in a forward, e.g. ``PassResult.head``), else the last one defined (no forward at hand); it must take
+    exactly ``channels`` inputs (else CAM is undefined: clear error, ending with ``advice`` when given)."""
+    name = head if head is not None else last_called_linear(model)
+    if name is None:
         raise LayerNotFoundError(
             "CAM needs a global-average-pooling + nn.Linear classifier head, "
             f"but {type(model).__name__} has no nn.Linear; use 'gradcam' (same idea, no head needed)."
         )
-    name = linears[-1]
-    head = cast(nn.Linear, named_layers(model)[name])  # linear_layer_names lists nn.Linear layers only
-    if head.in_features != channels:
+    which = "called in the forward" if head is not None else "defined"
+    linear = cast(nn.Linear, get_layer(model, name))
+    if linear.in_features != channels:
         raise LayerNotFoundError(
-            f"CAM needs the last linear layer to read the globally average-pooled channels of layer {layer!r} "
-            f"({channels} channels), but {name!r} has in_features={head.in_features}: the model has no GAP+linear head "
-            "over that layer. Choose the layer that feeds global average pooling, or use 'gradcam'."
+            f"CAM needs the classifier (the last nn.Linear {which}, {name!r}) to read the globally average-pooled "
+            f"channels of layer {layer!r} ({channels} channels), but it has in_features={linear.in_features}: the "
+            "model has no GAP+linear head over that layer. "
+            + (advice or "Choose the layer that feeds global average pooling, or use 'gradcam'.")
         )
-    return head
+    return linear
 
 
-def verify_cam_head(activations: Tensor, logits: Tensor, head: nn.Linear, layer: str = "?") -> bool:
+def verify_cam_head(
+    activations: Tensor, logits: Tensor, head: nn.Linear, layer: str = "?", advice: Optional[str] = None
+) -> bool:
     """Check numerically that ``layer`` feeds a GAP + linear head (Zhou et al. 2016, Eq. 2): for every class ``c``,
     ``mean_ij sum_k W[c, k] A_kij + b_c`` (the spatial mean of the pre-ReLU class map plus the bias) must equal
     logit ``c``. Else CAM's weights do not belong to that layer (a block before the last, a conv before its
     BatchNorm / residual add): clear error. Returns ``True`` when the head reads ``ReLU(A)`` instead of ``A``
-    (a functional ``F.relu`` between the layer and the pooling): CAM must then use ``ReLU(A)``."""
+    (a functional ``F.relu`` between the layer and the pooling): CAM must then use ``ReLU(A)``. ``advice`` replaces
+    the closing advice of the errors."""
     if activations.ndim != 4:
         raise LayerNotFoundError(
             f"CAM needs a layer with [B, K, h, w] output; {layer!r} gives {tuple(activations.shape)}"
@@ -157,7 +164,7 @@ def verify_cam_head(activations: Tensor, logits: Tensor, head: nn.Linear, layer:
         raise LayerNotFoundError(
             f"CAM needs the last linear layer to read the globally average-pooled channels of layer {layer!r} "
             f"({activations.shape[1]} channels), but it has in_features={w.shape[1]}: the model has no GAP+linear head "
-            "over that layer. Choose the layer that feeds global average pooling, or use 'gradcam'."
+            "over that layer. " + (advice or "Choose the layer that feeds global average pooling, or use 'gradcam'.")
         )
     a = activations.detach().double()
     ref = logits.detach().double().to(a.device)
@@ -177,8 +184,12 @@ def verify_cam_head(activations: Tensor, logits: Tensor, head: nn.Linear, layer:
         f"CAM needs layer {layer!r} to feed global average pooling and the last nn.Linear directly, but it does "
         f"not: the spatial mean of its class maps plus the bias differs from the logits by up to {err:.3g} "
         "(other layers lie between them: a block before the last one, or a conv before its BatchNorm, residual "
-        "add or ReLU). Choose the last block before the pooling (e.g. 'layer4' of a ResNet; the default layer), "
-        "or use 'gradcam'."
+        "add or ReLU). "
+        + (
+            advice
+            or "Choose the last block before the pooling (e.g. 'layer4' of a ResNet; the default layer), "
+            "or use 'gradcam'."
+        )
     )
 
 
@@ -448,7 +459,9 @@ def _check_layer(a: Tensor, layer: str, what: str = "CAM") -> None:
         )
 
 
-def _head_weights(a: Tensor, classes: Optional[Tensor], model: Optional[nn.Module], layer: str) -> Tensor:
+def _head_weights(
+    a: Tensor, classes: Optional[Tensor], model: Optional[nn.Module], layer: str, head: Optional[str] = None
+) -> Tensor:
     if classes is None:
         raise ValueError(
             "CAM needs a target class ('label', 'predicted' or a class index); a callable target has "
@@ -456,8 +469,8 @@ def _head_weights(a: Tensor, classes: Optional[Tensor], model: Optional[nn.Modul
         )
     if model is None:
         raise ValueError("CAM needs the model to read the classifier weights")
-    head = cam_head(model, a.shape[1], layer)
-    return head.weight.detach().to(a.dtype)[classes.to(head.weight.device)].to(a.device)
+    linear = cam_head(model, a.shape[1], layer, head)
+    return linear.weight.detach().to(a.dtype)[classes.to(linear.weight.device)].to(a.device)
 
 
 def variant_from_pass(
@@ -495,7 +508,7 @@ def variant_from_pass(
         w = v.forward_weights(model, x, layer, a, result, target, labels, chunk_size)
         return cam_map(a, w.to(a.dtype), tuple(size) if size is not None else tuple(x.shape[-2:]))
     if v.head:
-        w = _head_weights(a, result.classes, model, layer)
+        w = _head_weights(a, result.classes, model, layer, result.head)
     else:
         assert v.weights is not None  # exactly one way per variant (CAMVariant.__post_init__)
         w = v.weights(a, g)

@@ -1,8 +1,8 @@
 """Embeddings: a layer's features for the probe set, 2-D projections and class-separation scores.
 
 * features: the output of a chosen layer (conv maps are averaged over space), or by default the
-  *penultimate* features = the input of the model's last ``nn.Linear`` (found with
-  ``layers.linear_layer_names``, last in definition order; recorded with a forward pre-hook);
+  *penultimate* features = the input of the last ``nn.Linear`` called in the forward (whatever order the layers
+  were defined in; recorded with forward pre-hooks);
 * :func:`pca_2d`: principal components by SVD of the centered features (Pearson 1901; exact and
   deterministic, signs fixed so the plot does not flip between epochs);
 * :func:`tsne_2d`: t-SNE (van der Maaten & Hinton, JMLR 2008), exact and deterministic in torch for probe-set
@@ -18,28 +18,39 @@ import inspect
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..capture import capture
-from ..layers import LayerNotFoundError, get_layer, linear_layer_names, unwrap_model
+from ..layers import LayerNotFoundError, get_layer, last_called_linear, linear_layer_names, unwrap_model
 
 __all__ = ["penultimate_layer", "extract_features", "pca_2d", "tsne_2d", "silhouette", "knn_accuracy", "scatter_image"]
 
 
-def penultimate_layer(model: nn.Module) -> str:
-    """Name of the last ``nn.Linear`` (definition order): its *input* is the penultimate feature vector."""
-    linears = linear_layer_names(model)
-    if not linears:
+def penultimate_layer(model: nn.Module, x: Tensor | None = None) -> str:
+    """Name of the last ``nn.Linear`` called in one no-grad forward of ``x`` (its *input* is the penultimate feature
+    vector), whatever order the layers were defined in; without ``x`` the last one defined."""
+    if not linear_layer_names(model):
         raise LayerNotFoundError(
             f"{type(unwrap_model(model)).__name__} has no nn.Linear layer, "
             "so the penultimate features cannot be found; "
-            "pass layer=<name> (any layer from model.named_modules(), conv maps are averaged over space)."
+            "pass layers=<name> (any layer from model.named_modules(), conv maps are averaged over space)."
         )
-    return linears[-1]
+    name = last_called_linear(model, x)
+    if name is None:
+        raise LayerNotFoundError(
+            f"no nn.Linear of {type(unwrap_model(model)).__name__} is called in its forward, so the penultimate "
+            "features (the input of the last one called) cannot be found; pass layers=<name> of the layer whose "
+            "output to use (any layer from model.named_modules(), conv maps are averaged over space)."
+        )
+    return name
+
+
+def _keep_input(seen: list[Tensor], module: nn.Module, inputs: tuple) -> None:
+    seen[:] = [inputs[0].detach().clone()]
 
 
 def extract_features(
@@ -47,27 +58,28 @@ def extract_features(
 ) -> tuple[Tensor, Tensor]:
     """``(features[B, D], logits[B, K])`` of ``x``; no autograd.
 
-    ``layer=None``: the input of the last linear layer (penultimate features). Otherwise the output of
-    ``layer``; ``[B, C, h, w]`` maps are averaged over ``h, w``, other shapes flattened.
+    ``layer=None``: the input of the last linear layer called in the forward (penultimate features). Otherwise the
+    output of ``layer``; ``[B, C, h, w]`` maps are averaged over ``h, w``, other shapes flattened.
     """
     feats, logits = [], []
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
             xb = x[s : s + batch_size]
             if layer is None:
-                seen: list[Tensor] = []
-                head = penultimate_layer(model)
-                handle = get_layer(model, head).register_forward_pre_hook(
-                    lambda _m, inputs, seen=seen: seen.append(inputs[0].detach().clone())
-                )
+                seen: list[Tensor] = []  # the input of the latest nn.Linear called
+                handles = [
+                    get_layer(model, n).register_forward_pre_hook(partial(_keep_input, seen))
+                    for n in linear_layer_names(model)
+                ]
                 try:
                     out = model(xb)
                 finally:
-                    handle.remove()
+                    for h in handles:
+                        h.remove()
                 if not seen:
                     raise ValueError(
-                        f"the last nn.Linear {head!r} (whose input would be the penultimate features) was not called "
-                        "in the forward pass; pass layer=<name> of the layer whose output to use."
+                        "no nn.Linear is called in the model's forward, so the penultimate features (the input of the "
+                        "last one called) cannot be found; pass layers=<name> of the layer whose output to use."
                     )
                 f = seen[-1]
             else:

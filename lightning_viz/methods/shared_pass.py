@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import capture
+from ..layers import linear_calls
 from ..targets import CallableTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
 from .relu_rules import relu_rule
@@ -70,6 +71,7 @@ class PassResult:
         (callable targets).  input_grad: ``[B, C, H, W]`` d score / d x, ``None`` when the pass was taken
         with ``input_grad=False``.  activations / grads:
         ``{layer: [B, ...]}`` layer outputs and d score / d output.  rule: the ReLU rule used.
+        head: the last ``nn.Linear`` called in the forward (the classifier of CAM's head), ``None`` if none was.
     """
 
     logits: Tensor
@@ -79,6 +81,7 @@ class PassResult:
     activations: dict[str, Tensor] = field(default_factory=dict)
     grads: dict[str, Tensor] = field(default_factory=dict)
     rule: Optional[str] = None
+    head: Optional[str] = None
 
     def layer(self, name: str) -> tuple[Tensor, Tensor]:
         if name not in self.activations:
@@ -117,16 +120,18 @@ def gradient_pass(
     parts: dict[str, list] = {"logits": [], "scores": [], "classes": [], "input_grad": []}
     acts: dict[str, list] = {n: [] for n in names}
     grads: dict[str, list] = {n: [] for n in names}
+    head: Optional[str] = None  # the last nn.Linear called
     for sl in pass_chunks(model, x, chunk_size):
         xc = x[sl].detach().clone().requires_grad_(True) if input_grad else x[sl].detach()
         lab = None if labels is None else labels[sl].to(x.device)
-        with capture(model, names, grad=True) as cap, relu_rule(rule):
+        with capture(model, names, grad=True) as cap, relu_rule(rule), linear_calls(model) as calls:
             logits = model(xc)
             if not isinstance(logits, Tensor) or logits.ndim != 2:
                 raise ValueError(f"the model must return logits [B, K]; got {getattr(logits, 'shape', type(logits))}")
             scores = tgt.score(logits, lab)
             cls = tgt.classes(logits, lab) if not isinstance(tgt, CallableTarget) else None
             outs = [cap[n] for n in names]
+        head = calls[-1] if calls else None
         # the ReLU rule is recorded in the graph during forward; the backward runs outside the mode
         wrt = ([xc] if input_grad else []) + outs
         g: tuple[Optional[Tensor], ...]
@@ -152,6 +157,7 @@ def gradient_pass(
         activations={n: _cat(v) for n, v in acts.items()},
         grads={n: _cat(v) for n, v in grads.items()},
         rule=rule,
+        head=head,
     )
 
 

@@ -1,0 +1,258 @@
+"""Which layer a callback picks by default: the CAM/activation default on architectures without a final conv map
+(vision transformers), the classifier head (the last nn.Linear called, not the last defined) for CAM and
+embeddings, and the setup messages when no choice is possible."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import LitTiny, TinyCNN, read_events, tiny_loaders, tiny_trainer
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_viz.callbacks import ActivationCallback, CAMCallback, EmbeddingCallback
+from lightning_viz.capture import isolated
+from lightning_viz.layers import LayerNotFoundError, default_cam_layer
+from lightning_viz.methods.embeddings import extract_features, penultimate_layer
+from lightning_viz.probe import ProbeSet
+
+timm = pytest.importorskip("timm")
+
+
+class CountSteps(Callback):
+    """Counts training batches: a setup error must come before the first one."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps += 1
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8)
+
+
+def test_vit_has_no_default_cam_layer():
+    """The only conv-produced map of a ViT is its patch embedding, which the blocks then process as tokens: no
+    final feature map (was: 'blocks.11.attn.k_norm', an Identity with a [B, heads, tokens, head_dim] output)."""
+    with isolated(tiny_vit()) as net, pytest.raises(LayerNotFoundError) as err:
+        default_cam_layer(net, torch.randn(1, 3, 32, 32), "CAMCallback")
+    msg = str(err.value)
+    assert msg.startswith("CAMCallback: found no final [B, C, h, w] feature map before global pooling")
+    assert "'patch_embed.proj'" in msg and "'blocks.0.norm1' on shape [1, 17, 192]" in msg
+    assert msg.endswith(
+        "layers=[...]: a convolution or a block containing convolutions with a [B, C, h, w] output "
+        "(e.g. 'layer4' of a ResNet)."
+    )
+
+
+@pytest.mark.parametrize("make", [lambda: CAMCallback(num_probes=2), lambda: ActivationCallback(num_probes=2)])
+def test_vit_default_layer_fails_at_setup(tmp_path, make):
+    cb, steps = make(), CountSteps()
+    trainer = tiny_trainer(str(tmp_path), [steps, cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    with pytest.raises(LayerNotFoundError, match=rf"^{type(cb).__name__}: found no final \[B, C, h, w\] feature map"):
+        trainer.fit(LitTiny(tiny_vit()), *tiny_loaders(n=8, size=32))
+    assert steps.steps == 0
+
+
+@pytest.mark.parametrize(
+    "arch,expected",
+    [
+        ("resnet18", "layer4.1"),
+        ("efficientnet_b0", "bn2.act"),  # conv_head -> BatchNormAct2d: its activation is the final map
+        ("convnext_atto", "stages.3"),
+        ("mobilenetv3_small_100", "blocks.5"),  # global pooling, then conv_head on the 1x1 map
+        ("regnetx_002", "s4.b7"),
+    ],
+)
+def test_default_cam_layer_of_timm_cnns_unchanged(arch, expected):
+    torch.manual_seed(0)
+    with isolated(timm.create_model(arch, pretrained=False, num_classes=3)) as net:
+        assert default_cam_layer(net, torch.randn(1, 3, 64, 64)) == expected
+
+
+class WithAuxHead(LitTiny):
+    """TinyCNN classifier plus a projection head ``aux`` defined after it and used only in training_step: the last
+    nn.Linear defined is not the classifier. ``aux`` reads 4 features, as many as ``net.conv2`` has channels."""
+
+    def __init__(self):
+        super().__init__(TinyCNN(width=4))
+        self.aux = nn.Linear(4, 8)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y) + 0.0 * self.aux(torch.ones(2, 4)).sum()
+
+
+class Generator(nn.Module):
+    def __init__(self, z: int = 8):
+        super().__init__()
+        self.fc = nn.Linear(z, 3 * 8 * 8)
+
+    def forward(self, z):
+        return torch.tanh(self.fc(z)).view(-1, 3, 8, 8)
+
+
+class DiscriminatorFirstGAN(L.LightningModule):
+    """A GAN whose discriminator (a 3-class TinyCNN, the model's forward) is defined before the generator: the last
+    nn.Linear defined is the generator's ``gen.fc``."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.disc = TinyCNN(num_classes=3)
+        self.gen = Generator()
+
+    def forward(self, x):
+        return self.disc(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_g, opt_d = self.optimizers()
+        fake = self.gen(torch.randn(x.shape[0], 8))
+        d_loss = F.cross_entropy(self.disc(x), y) + F.cross_entropy(self.disc(fake.detach()), torch.full_like(y, 2))
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_loss = -F.log_softmax(self.disc(fake), 1)[:, 0].mean()
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.gen.parameters(), 1e-3), torch.optim.Adam(self.disc.parameters(), 1e-3)]
+
+
+@pytest.mark.parametrize(
+    "make,net,cam_layers",
+    [(WithAuxHead, "net", ["net.conv2"]), (DiscriminatorFirstGAN, "disc", None)],  # explicit and default layer
+    ids=["aux_head_after_classifier", "gan_discriminator_first"],
+)
+def test_cam_head_and_penultimate_features_are_the_last_linear_called(tmp_path, make, net, cam_layers):
+    """CAM's classifier and the embeddings' penultimate features come from the classifier the forward ends with
+    (``<net>.fc``), not from the last nn.Linear defined ('aux' / 'gen.fc'): the fit runs and logs, and the values
+    are those computed by hand from ``<net>.fc``."""
+    torch.manual_seed(0)
+    lit = make()
+    cam = CAMCallback(methods=["cam", "gradcam"], layers=cam_layers, num_probes=3)
+    emb = EmbeddingCallback(num_probes=6, projection=["pca"], projector=False)
+    steps = CountSteps()
+    tiny_trainer(str(tmp_path), [steps, cam, emb], max_epochs=1, limit_train_batches=2).fit(lit, *tiny_loaders(n=12))
+    assert steps.steps == 2 and cam.layers == [f"{net}.conv2"]
+    tags = read_events(str(tmp_path)).Tags()
+    assert {"viz-cam/panel/p000", "viz-embeddings/penultimate/pca"} <= set(tags["images"])
+    assert "viz-embeddings/penultimate/silhouette" in tags["scalars"]
+
+    cnn = getattr(lit, net)
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2])
+    with isolated(lit):
+        maps = cam.compute_maps(lit, ProbeSet(images=x, labels=labels))
+        feats, _ = extract_features(lit, x)
+        assert penultimate_layer(lit, x[:1]) == f"{net}.fc"
+        pooled = F.relu(cnn.conv2(cnn.relu(cnn.bn1(cnn.conv1(x)))))  # TinyCNN: conv2 -> F.relu -> GAP -> fc
+    expected = F.relu(torch.einsum("bk,bkhw->bhw", cnn.fc.weight[labels], pooled))  # Zhou et al. 2016, Eq. 2
+    torch.testing.assert_close(maps[f"cam/{net}.conv2"], expected)
+    torch.testing.assert_close(feats, pooled.mean(dim=(2, 3)))
+
+
+def test_embedding_default_without_a_called_linear_fails_at_setup(tmp_path):
+    """A model whose forward calls no nn.Linear (logits from a conv + GAP) but defines one: the default (penultimate
+    features) is refused at setup, before the first step, with the option to use (was: after a training epoch,
+    naming the deprecated ``layer=``)."""
+
+    class ConvLogits(LitTiny):
+        def __init__(self):
+            super().__init__(nn.Sequential(nn.Conv2d(3, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+            self.aux = nn.Linear(3, 8)
+
+    steps = CountSteps()
+    trainer = tiny_trainer(str(tmp_path), [steps, EmbeddingCallback(num_probes=6, projector=False)], max_epochs=1)
+    with pytest.raises(LayerNotFoundError) as err:
+        trainer.fit(ConvLogits(), *tiny_loaders(n=12))
+    assert steps.steps == 0
+    assert str(err.value) == (
+        "EmbeddingCallback: no nn.Linear of ConvLogits is called in its forward, so the penultimate features (the "
+        "input of the last one called) cannot be found; pass layers=<name> of the layer whose output to use (any "
+        "layer from model.named_modules(), conv maps are averaged over space)."
+    )
+    cb = EmbeddingCallback(layers="net.1", num_probes=6, projector=False)  # as the message says: runs
+    tiny_trainer(str(tmp_path / "ok"), [cb], max_epochs=1).fit(ConvLogits(), *tiny_loaders(n=12))
+    assert cb.last_logged_tags
+
+
+@pytest.mark.parametrize(
+    "arch,reason",
+    [
+        ("convnext_atto", "CAM needs layer 'net.stages.3' to feed global average pooling"),  # LayerNorm after pooling
+        ("mobilenetv3_small_100", "'net.classifier') to read"),  # conv_head after pooling: 1024 != 576 channels
+    ],
+)
+def test_cam_on_a_model_without_gap_linear_head_says_what_is_allowed(tmp_path, arch, reason):
+    """The default layer is the last map before the pooling, so the head is what is missing: the message says so
+    and lists the methods that work (was, for ConvNeXt: 'Choose the last block before the pooling (...; the default
+    layer)', the failing layer itself)."""
+    torch.manual_seed(0)
+    steps = CountSteps()
+    trainer = tiny_trainer(str(tmp_path), [steps, CAMCallback(methods=["cam"], num_probes=2)], max_epochs=1)
+    with pytest.raises(LayerNotFoundError) as err:
+        trainer.fit(LitTiny(timm.create_model(arch, pretrained=False, num_classes=3)), *tiny_loaders(n=6, size=64))
+    msg = str(err.value)
+    assert steps.steps == 0 and msg.startswith("CAMCallback: ") and reason in msg
+    assert "Choose" not in msg
+    assert msg.endswith(
+        "is the model's last feature map before the global pooling, the model has no GAP + nn.Linear head (e.g. a "
+        "norm or a conv lies between the pooling and the classifier) and 'cam' cannot explain it: use the methods "
+        "that need no such head ('gradcam', 'gradcampp', 'xgradcam', 'layercam', 'counterfactual_gradcam', "
+        "'hirescam', 'eigencam', 'scorecam', 'ablationcam', 'guided_gradcam', 'guided_gradcampp')."
+    )
+    cb = CAMCallback(methods=["gradcam"], num_probes=2)  # as the message says: runs
+    torch.manual_seed(0)
+    model = LitTiny(timm.create_model(arch, pretrained=False, num_classes=3))
+    tiny_trainer(str(tmp_path / "ok"), [cb], max_epochs=1, limit_train_batches=1).fit(
+        model, *tiny_loaders(n=6, size=64)
+    )
+    assert "viz-cam/panel/p000" in cb.last_logged_tags
+
+
+@pytest.mark.parametrize(
+    "every_n,max_epochs,fixes",
+    [
+        (
+            1,
+            2,
+            "Use max_epochs=3 (a multiple of check_val_every_n_epoch), a check_val_every_n_epoch that divides "
+            "max_epochs=2 (e.g. 1), or run_on='train_epoch_end'.",
+        ),  # every_n_epochs=1 already: not suggested
+        (
+            2,
+            4,
+            "Use max_epochs=6 (a multiple of check_val_every_n_epoch), a check_val_every_n_epoch that divides "
+            "max_epochs=4 (e.g. 1), every_n_epochs=1, or run_on='train_epoch_end'.",
+        ),  # epoch 2 validates: helps
+    ],
+)
+def test_never_running_validation_schedule_suggests_what_helps(tmp_path, every_n, max_epochs, fixes):
+    """check_val_every_n_epoch=3 validates at epoch 2 only (in these fits), which the schedule never reaches."""
+    cb = CAMCallback(num_probes=2, run_on="validation_epoch_end", every_n_epochs=every_n)
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=max_epochs, check_val_every_n_epoch=3)
+    with pytest.raises(ValueError) as err:
+        trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    assert trainer.global_step == 0 and str(err.value).endswith(fixes)
+    for suggestion in [{"max_epochs": -(-max_epochs // 3) * 3}, {"check_val_every_n_epoch": 1}] + (
+        [{"every_n_epochs": 1}] if every_n != 1 else []
+    ):  # every suggestion runs
+        every = suggestion.pop("every_n_epochs", every_n)
+        kw = {"max_epochs": max_epochs, "check_val_every_n_epoch": 3, **suggestion}
+        cb = CAMCallback(num_probes=2, run_on="validation_epoch_end", every_n_epochs=every)
+        tiny_trainer(str(tmp_path / "ok"), [cb], limit_train_batches=1, limit_val_batches=1, **kw).fit(
+            LitTiny(), *tiny_loaders(n=12)
+        )
+        assert cb.last_logged_tags
