@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from helpers import LitTiny, TinyCNN, read_events, tiny_loaders, tiny_trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_viz.callbacks import ActivationCallback, CAMCallback, EmbeddingCallback
+from lightning_viz.callbacks import ActivationCallback, CAMCallback, EmbeddingCallback, TopPatchesCallback, UnitCallback
 from lightning_viz.capture import isolated
 from lightning_viz.layers import LayerNotFoundError, default_cam_layer
 from lightning_viz.methods.embeddings import extract_features, penultimate_layer
 from lightning_viz.probe import ProbeSet
-
-timm = pytest.importorskip("timm")
 
 
 class CountSteps(Callback):
@@ -256,3 +255,39 @@ def test_never_running_validation_schedule_suggests_what_helps(tmp_path, every_n
             LitTiny(), *tiny_loaders(n=12)
         )
         assert cb.last_logged_tags
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: ActivationCallback(layers=["net.blocks.1"], num_probes=2), r"ActivationCallback: layers names"),
+        (lambda: TopPatchesCallback(layers=["net.blocks.1"], num_probes=4, k=2), r"TopPatchesCallback: layers names"),
+        (lambda: UnitCallback(layers="net.blocks.1", channels=[0, 1], steps=2), r"UnitCallback: layers names"),
+    ],
+)
+def test_token_outputs_named_as_feature_maps_fail_at_setup(tmp_path, make, match):
+    """A transformer block gives [B, tokens, D]: its dimension 1 is tokens, not channels; refused before training
+    (was: activations and top patches failed after the first epoch; units silently optimized tokens 0 and 1)."""
+    cb, steps = make(), CountSteps()
+    trainer = tiny_trainer(str(tmp_path), [steps, cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    with pytest.raises(ValueError, match=match + r" 'net.blocks.1', whose output has shape \(1, 17, 192\)"):
+        trainer.fit(LitTiny(tiny_vit()), *tiny_loaders(n=8, size=32))
+    assert steps.steps == 0
+
+
+def test_unit_options_checked_against_the_layer_output_at_setup(tmp_path):
+    """UnitCallback on a block (no out_channels to read): channels beyond its outputs and unit='neuron' on [B, C]
+    features fail at setup; unit='channel' on a linear layer's [B, C] features runs."""
+    for cb, match in (
+        (UnitCallback(layers="net.conv2", channels=[4], steps=2), r"layer 'net.conv2' has 4 channels \(0..3\)"),
+        (UnitCallback(layers="net.pool", channels=[9], steps=2), r"layer 'net.pool' has 4 channels"),
+        (UnitCallback(layers="net.fc", channels=[0], unit="neuron", steps=2), r"unit='neuron' needs a \[B, C, h, w\]"),
+    ):
+        trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+        with pytest.raises(ValueError, match=match):
+            trainer.fit(LitTiny(), *tiny_loaders(n=8))
+    cb = UnitCallback(layers="net.fc", channels=[0, 2], steps=2)
+    tiny_trainer(str(tmp_path / "ok"), [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1).fit(
+        LitTiny(), *tiny_loaders(n=8)
+    )
+    assert "viz-units/net.fc/ch2/activation" in cb.last_logged_tags

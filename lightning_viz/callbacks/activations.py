@@ -107,7 +107,7 @@ class ActivationCallback(VisualizationCallback):
         return list(dict.fromkeys(resolve_layers(pl_module, self.layers)))
 
     def check_input(self, model: Any, x: torch.Tensor) -> None:
-        self.layer_names(model, x)
+        self.check_layer_outputs(model, x, self.layer_names(model, x))
 
     def check(self, pl_module: LightningModule) -> None:
         self.layer_names(pl_module)

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
-from ..capture import isolated
+from ..capture import capture, isolated
 from ..layers import module_device, module_dtype
 from ..logging import (
     NothingWrittenWarning,
@@ -378,6 +378,25 @@ class VisualizationCallback(Callback):
     def check_input(self, model: ModelAdapter, x: Tensor) -> None:
         """Checks that need one forward (``x``: one data item, ``[1, C, H, W]``), run at setup inside
         :func:`isolated` after the model output was checked; ``model`` is :meth:`adapted`."""
+
+    def check_layer_outputs(
+        self, model: ModelAdapter, x: Tensor, layers: list[str], dims: tuple[int, ...] = (4,), what: str = "layers"
+    ) -> dict[str, Tensor]:
+        """At setup: one no-grad forward of ``x`` recording ``layers``; each output must have one of ``dims``
+        dimensions (4: a ``[B, C, h, w]`` feature map, 2: ``[B, C]`` features), else a clear error naming this
+        callback and option ``what`` (a transformer block's ``[B, tokens, D]`` is no feature map). Returns them."""
+        with torch.no_grad(), capture(model, layers) as cap:
+            model(x)
+        outs = {n: cap[n] for n in layers}
+        for n, out in outs.items():
+            if out.ndim not in dims:
+                kinds = " or ".join({4: "a [B, C, h, w] feature map", 2: "[B, C] features"}[d] for d in dims)
+                raise ValueError(
+                    f"{type(self).__name__}: {what} names {n!r}, whose output has shape {tuple(out.shape)}, but it "
+                    f"needs {kinds} (channels are the units). Choose a convolution layer or a block of them "
+                    "(e.g. 'layer4' of a ResNet); a transformer block's [B, tokens, D] output is not one."
+                )
+        return outs
 
     def adapted(self, pl_module: torch.nn.Module) -> Any:
         """``pl_module`` behind this callback's model adapter (a :class:`~lightning_viz.targets.ModelAdapter`, typed

@@ -97,6 +97,15 @@ class TopPatchesCallback(VisualizationCallback):
             self.k,
         )
 
+    def check_input(self, model: Any, x: Tensor) -> None:
+        outs = self.check_layer_outputs(model, x, list(self.layers))
+        for name, out in outs.items():
+            if self.units is not None and max(self.units) >= out.shape[1]:
+                raise ValueError(
+                    f"TopPatchesCallback: units {self.units} out of range for layer {name!r} with {out.shape[1]} "
+                    f"channels (0..{out.shape[1] - 1})"
+                )
+
     def check(self, pl_module: LightningModule) -> None:
         self.layers = resolve_layers(pl_module, self.layers)
         if self.units is not None:

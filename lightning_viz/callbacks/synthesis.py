@@ -285,6 +285,19 @@ class UnitCallback(_InputOptimizationCallback):
                 f"UnitCallback: layer {self.layer!r} has {n} channels (0..{n - 1}); got channels {self.channels}"
             )
 
+    def check_input(self, model: Any, x: Tensor) -> None:
+        out = self.check_layer_outputs(model, x, [self.layer], dims=(4, 2), what="layers")[self.layer]
+        if max(self.channels) >= out.shape[1]:
+            raise ValueError(
+                f"UnitCallback: layer {self.layer!r} has {out.shape[1]} channels (0..{out.shape[1] - 1}); got "
+                f"channels {self.channels}"
+            )
+        if self.unit == "neuron" and out.ndim != 4:
+            raise ValueError(
+                f"UnitCallback: unit='neuron' needs a [B, C, h, w] feature map (a neuron is one position); layer "
+                f"{self.layer!r} gives {tuple(out.shape)}. Use unit='channel'."
+            )
+
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         pl_module = self.adapted(pl_module)
         res = unit_images(
