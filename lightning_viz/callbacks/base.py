@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
 from ..capture import capture, isolated
-from ..layers import module_device, module_dtype
+from ..layers import LayerNotFoundError, module_device, module_dtype
 from ..logging import (
     NothingWrittenWarning,
     VizLogger,
@@ -378,6 +379,14 @@ class VisualizationCallback(Callback):
     def check_input(self, model: ModelAdapter, x: Tensor) -> None:
         """Checks that need one forward (``x``: one data item, ``[1, C, H, W]``), run at setup inside
         :func:`isolated` after the model output was checked; ``model`` is :meth:`adapted`."""
+
+    @contextmanager
+    def _naming(self) -> Iterator[None]:
+        """Layer errors raised inside name this callback."""
+        try:
+            yield
+        except LayerNotFoundError as exc:
+            raise LayerNotFoundError(f"{type(self).__name__}: {exc}") from None
 
     def check_layer_outputs(
         self, model: ModelAdapter, x: Tensor, layers: list[str], dims: tuple[int, ...] = (4,), what: str = "layers"

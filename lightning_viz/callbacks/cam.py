@@ -10,8 +10,6 @@ method is asked for); see :mod:`lightning_viz.methods.shared_pass`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal, Optional, Union, cast
 
 import torch
@@ -144,14 +142,6 @@ class CAMCallback(GradientMapCallback):
             f"As {why}, the model has no GAP + nn.Linear head (e.g. a norm or a conv lies between the pooling and "
             f"the classifier) and 'cam' cannot explain it: use the methods that need no such head ({others})."
         )
-
-    @contextmanager
-    def _naming(self) -> Iterator[None]:
-        """Setup errors name this callback."""
-        try:
-            yield
-        except LayerNotFoundError as exc:
-            raise LayerNotFoundError(f"{type(self).__name__}: {exc}") from None
 
     def check_input(self, model: Any, x: Tensor) -> None:
         if self.layer_names is None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal, Optional
 
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from ..layers import LayerNotFoundError, get_layer, module_device, module_dtype
+from ..layers import get_layer, module_device, module_dtype
 from ..logging import VizLogger, make_tag
 from ..methods.embeddings import (
     extract_features,
@@ -121,14 +119,6 @@ class EmbeddingCallback(VisualizationCallback):
         if self.layer is None:  # the penultimate features: the input of the last nn.Linear called
             with self._naming():
                 penultimate_layer(model, x)
-
-    @contextmanager
-    def _naming(self) -> Iterator[None]:
-        """Setup errors name this callback."""
-        try:
-            yield
-        except LayerNotFoundError as exc:
-            raise LayerNotFoundError(f"{type(self).__name__}: {exc}") from None
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         assert probe is not None  # needs_probes is True: the base class always passes the probes
