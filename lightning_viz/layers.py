@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "unwrap_model",
     "canonical_name",
     "named_layers",
+    "conv_produced_maps",
     "get_layer",
     "conv_layer_names",
     "linear_layer_names",
@@ -220,22 +222,21 @@ def _spatial(t: Any) -> int:
     return int(t.shape[-1] * t.shape[-2]) if isinstance(t, Tensor) and t.ndim == 4 else 0
 
 
-def default_cam_layer(model: nn.Module, x: Tensor, owner: str = "") -> str:
-    """The layer CAM methods explain by default: the last block feeding global pooling, found by one forward of
-    ``x`` (a batch of the data's shape; call inside :func:`lightning_viz.capture.isolated`).
+@dataclass
+class _MapTrace:
+    """What one forward tells about a model's feature maps (see :func:`_trace_maps`)."""
 
-    The *final spatial feature map* is the last conv-produced ``[B, C, h, w]`` module output completed before the
-    global pooling starts (the last module without convolutions that turns a spatial map into a vector or a ``1x1``
-    map, or the last adaptive pooling; squeeze-excitation pools come before it). Conv-produced, as an explicit
-    ``layers=[...]`` name must be: the output of a convolution or of a module containing one, or of a module
-    without one (norm, activation, pooling, ``Identity``) that keeps the ``[B, C]`` of such a map. Of the modules
-    that return that very tensor (e.g. ``layer4``, ``layer4.1`` and its last ``relu``), the outermost is the stage
-    and its child returning it the last block: ``layer4.1`` of a ResNet (``model.layer4[-1]``), ``features.<last>``
-    of VGG / DenseNet / MobileNet / EfficientNet / ConvNeXt -- the layer CAM libraries tell users to pick. Not the
-    last conv, which sits before the last BatchNorm, residual add and ReLU (Grad-CAM maps of residual nets are
-    degenerate there). A map that layers with weights then process as tokens before the pooling (a vision
-    transformer's patch embedding) is no final map: error. ``owner`` (e.g. ``"CAMCallback"``) starts the errors.
-    """
+    layers: dict[str, nn.Module]
+    ends: dict[str, tuple[int, Tensor]]  # conv-produced [B, C, h, w] outputs: name -> (clock, output)
+    pool_start: list[int]  # clock of each pooling (without convs) that reduces space away
+    token_calls: list[tuple[int, str, tuple[int, ...]]]  # weighted modules called on >= 3-D non-maps
+    clock: int
+
+
+def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
+    """One no-grad forward of ``x`` recording, in call order, every module output that is a conv-produced
+    ``[B, C, h, w]`` map: the output of a convolution or of a module containing one, or of a module without one
+    (norm, activation, pooling, ``Identity``) that keeps the ``[B, C]`` of such a map."""
     layers = {n: m for n, m in named_layers(model).items() if n}
     has_conv = {n: any(isinstance(s, CONV_TYPES) for s in m.modules()) for n, m in layers.items()}
     weighted = {n for n, m in layers.items() if next(m.parameters(recurse=False), None) is not None}
@@ -302,7 +303,35 @@ def default_cam_layer(model: nn.Module, x: Tensor, owner: str = "") -> str:
     finally:
         for h in handles:
             h.remove()
-    limit = max(pool_start, default=clock[0] + 1)  # the last one is the global pooling before the head
+    return _MapTrace(layers, ends, pool_start, token_calls, clock[0])
+
+
+def conv_produced_maps(model: nn.Module, x: Tensor) -> set[str]:
+    """Names of the layers whose output is a conv-produced ``[B, C, h, w]`` map in a forward of ``x`` (call inside
+    :func:`lightning_viz.capture.isolated`): what a CAM method can explain (e.g. DenseNet's ``features.norm5``,
+    VGG's last ``MaxPool2d``), but not a transformer's token tensors."""
+    return set(_trace_maps(model, x).ends)
+
+
+def default_cam_layer(model: nn.Module, x: Tensor, owner: str = "") -> str:
+    """The layer CAM methods explain by default: the last block feeding global pooling, found by one forward of
+    ``x`` (a batch of the data's shape; call inside :func:`lightning_viz.capture.isolated`).
+
+    The *final spatial feature map* is the last conv-produced ``[B, C, h, w]`` module output completed before the
+    global pooling starts (the last module without convolutions that turns a spatial map into a vector or a ``1x1``
+    map, or the last adaptive pooling; squeeze-excitation pools come before it). Conv-produced, as an explicit
+    ``layers=[...]`` name must be: the output of a convolution or of a module containing one, or of a module
+    without one (norm, activation, pooling, ``Identity``) that keeps the ``[B, C]`` of such a map. Of the modules
+    that return that very tensor (e.g. ``layer4``, ``layer4.1`` and its last ``relu``), the outermost is the stage
+    and its child returning it the last block: ``layer4.1`` of a ResNet (``model.layer4[-1]``), ``features.<last>``
+    of VGG / DenseNet / MobileNet / EfficientNet / ConvNeXt -- the layer CAM libraries tell users to pick. Not the
+    last conv, which sits before the last BatchNorm, residual add and ReLU (Grad-CAM maps of residual nets are
+    degenerate there). A map that layers with weights then process as tokens before the pooling (a vision
+    transformer's patch embedding) is no final map: error. ``owner`` (e.g. ``"CAMCallback"``) starts the errors.
+    """
+    trace = _trace_maps(model, x)
+    layers, ends, token_calls = trace.layers, trace.ends, trace.token_calls
+    limit = max(trace.pool_start, default=trace.clock + 1)  # the last one is the global pooling before the head
     before = {n: e for n, e in ends.items() if e[0] < limit and not isinstance(layers[n], _ADAPTIVE_POOLS)}
     who = f"{owner}: " if owner else ""
     kind = type(unwrap_model(model)).__name__

@@ -16,6 +16,7 @@ from torch import nn
 from lightning_viz.callbacks import ActivationCallback, CAMCallback, EmbeddingCallback, TopPatchesCallback, UnitCallback
 from lightning_viz.capture import isolated
 from lightning_viz.layers import LayerNotFoundError, default_cam_layer
+from lightning_viz.methods import cam as C
 from lightning_viz.methods.embeddings import extract_features, penultimate_layer
 from lightning_viz.probe import ProbeSet
 
@@ -291,3 +292,40 @@ def test_unit_options_checked_against_the_layer_output_at_setup(tmp_path):
         LitTiny(), *tiny_loaders(n=8)
     )
     assert "viz-units/net.fc/ch2/activation" in cb.last_logged_tags
+
+
+@pytest.mark.parametrize("arch,layer", [("densenet121", "features.norm5"), ("vgg11", "features.20")])
+def test_cam_explains_the_layers_pytorch_grad_cam_names(tmp_path, arch, layer):
+    """pytorch-grad-cam's docs name ``model.features[-1]``: DenseNet's final BatchNorm, VGG's last MaxPool2d.
+    Neither contains a convolution, but both keep the convolutions' feature map: named, they run (was: refused
+    with 'CAM needs a convolution layer'), and the map is Grad-CAM of that layer's output (Eq. 1-2, by hand)."""
+    from test_gradients import torchvision_model  # vgg11 with a narrowed classifier
+
+    from lightning_viz.capture import capture
+
+    net = torchvision_model(arch).eval()
+    cb = CAMCallback(layers=[f"net.{layer}"], num_probes=2)
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(LitTiny(net), *tiny_loaders(n=4, size=64, batch_size=2))
+    assert f"viz-cam/gradcam/net.{layer}/stats/mean_abs" in cb.last_logged_tags
+    net.eval()
+    x, labels = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1)), torch.arange(6) % 3
+    with isolated(net):
+        ours = C.class_activation_map(net, x, layer, "gradcam", "label", labels)
+        with capture(net, [layer], grad=True) as cap:
+            score = net(x).gather(1, labels[:, None]).sum()
+            (g,) = torch.autograd.grad(score, cap[layer])
+    a = cap[layer].detach()
+    ref = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
+    ref = F.interpolate(ref, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+    assert float(ref.abs().max()) > 0
+
+
+def test_cam_refuses_a_named_layer_that_is_no_conv_feature_map(tmp_path):
+    """A transformer's LayerNorm has no convolution and gives tokens: refused at setup, listing the conv layers."""
+    cb, steps = CAMCallback(layers=["net.blocks.0.norm1"], num_probes=2), CountSteps()
+    trainer = tiny_trainer(str(tmp_path), [steps, cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    with pytest.raises(LayerNotFoundError, match=r"CAMCallback: layers names 'net.blocks.0.norm1', a LayerNorm whose"):
+        trainer.fit(LitTiny(tiny_vit()), *tiny_loaders(n=8, size=32))
+    assert steps.steps == 0

@@ -20,6 +20,7 @@ from ..capture import capture
 from ..layers import (
     CONV_TYPES,
     LayerNotFoundError,
+    conv_produced_maps,
     default_cam_layer,
     get_layer,
     linear_calls,
@@ -97,6 +98,7 @@ class CAMCallback(GradientMapCallback):
         self.layers: list[str] = []
         self._head_verified = False
         self._rectified: dict[str, bool] = {}  # cam: layers whose output reaches the head through a functional ReLU
+        self._unverified: list[str] = []  # named layers without convs: a forward must show a conv-produced map
 
     def check(self, pl_module: LightningModule) -> None:
         if self.layer_names is None:  # the default layer needs a forward: found in check_input (setup) or compute
@@ -112,10 +114,13 @@ class CAMCallback(GradientMapCallback):
                 return
         else:
             self.layers = resolve_layers(pl_module, self.layer_names)
+        self._unverified = []
         for name in self.layers:
             layer = get_layer(pl_module, name)
             if self.layer_names is not None and not any(isinstance(m, CONV_TYPES) for m in layer.modules()):
-                require_conv(pl_module, name, "CAM")  # raises, listing the conv layers
+                if any(isinstance(m, nn.Linear) for m in layer.modules()):
+                    require_conv(pl_module, name, "CAM")  # raises, listing the conv layers
+                self._unverified.append(name)  # a norm / activation / pooling after convs is fine: see _verify_maps
             if self._uses_head() and isinstance(layer, CONV_TYPES):
                 self._head_possible(pl_module, {layer.out_channels}, name)
         super().check(pl_module)
@@ -147,11 +152,30 @@ class CAMCallback(GradientMapCallback):
         if self.layer_names is None:
             self.layers = [default_cam_layer(model, x, type(self).__name__)]
             self.check(model)
+        self._verify_maps(model, x)
         if self._uses_head():
             with torch.no_grad(), capture(model, self.layers) as cap, linear_calls(model) as calls:
                 logits = model(x)
             with self._naming():
                 self._verify_head(model, logits, {n: cap[n] for n in self.layers}, calls[-1] if calls else None)
+
+    def _verify_maps(self, model: Any, x: Tensor) -> None:
+        """Named layers without convolutions must give a conv-produced ``[B, C, h, w]`` map in a forward of ``x``: a
+        norm, activation or pooling right after convolutions (DenseNet's ``features.norm5``, VGG's last
+        ``MaxPool2d``, the layers pytorch-grad-cam's docs name), not a transformer's tokens or a flattened vector."""
+        if not self._unverified:
+            return
+        maps = conv_produced_maps(model, x)
+        for name in self._unverified:
+            if name not in maps:
+                convs = [n for n, m in named_layers(model).items() if isinstance(m, CONV_TYPES)]
+                raise LayerNotFoundError(
+                    f"{type(self).__name__}: layers names {name!r}, a {type(get_layer(model, name)).__name__} whose "
+                    "output is no feature map produced by convolutions; CAM needs a convolution, a block containing "
+                    "one, or a norm / activation / pooling right after them ([B, C, h, w]). Conv layers: "
+                    f"{', '.join(repr(c) for c in convs[-8:]) or '(none)'}."
+                )
+        self._unverified = []
 
     def _uses_head(self) -> bool:
         return any(cam_variant(m).head for m in self.methods)
@@ -193,6 +217,7 @@ class CAMCallback(GradientMapCallback):
             if not self.layers:  # setup found no data item: the default layer from the first probe
                 self.layers = [default_cam_layer(pl_module, x[:1], type(self).__name__)]
                 self.check(pl_module)
+        self._verify_maps(pl_module, x[:1])  # setup found no data item to check the named layers on
         plain = self.get_pass(pl_module, probe, x, None, self.layers)
         if self._uses_head() and not self._head_verified:
             with self._naming():
