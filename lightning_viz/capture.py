@@ -223,6 +223,7 @@ class Capture:
     def __init__(self, names: list[str]):
         self.names = names
         self.outputs: dict[str, Tensor] = {}
+        self.without_grad: set[str] = set()  # grad=True: layers that ran with autograd off (see capture)
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.outputs:
@@ -245,7 +246,9 @@ def capture(model: nn.Module, layer_names: Iterable[str], grad: bool = False) ->
 
     Later in-place operations (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``) cannot overwrite
     the recorded values: without grad the hook keeps a detached copy; with ``grad=True`` it keeps the
-    layer's own output node (whose gradient is wanted) and passes a copy downstream.
+    layer's own output node (whose gradient is wanted) and passes a copy downstream, and notes in
+    ``cap.without_grad`` the layers that ran with autograd off (no gradient can reach them). Take gradients
+    inside the block: gradient checkpointing recomputes the forward during the backward, hooks included.
     A module called several times in one forward (a reused module) keeps its last call's output.
     Hooks are removed on exit, also on error.
     """
@@ -260,6 +263,8 @@ def capture(model: nn.Module, layer_names: Iterable[str], grad: bool = False) ->
                     "choose a layer whose output is a single tensor."
                 )
             if grad:
+                if not torch.is_grad_enabled():  # e.g. inside torch.utils.checkpoint(use_reentrant=True)'s forward
+                    cap.without_grad.add(name)
                 # Keep the layer's own output node; hand a copy downstream so in-place ops there
                 # cannot modify the recorded tensor (which would break autograd.grad w.r.t. it).
                 # With frozen parameters and an input that needs no grad, make it a leaf that does.
@@ -317,13 +322,14 @@ def forward_until(model: nn.Module, layer_names: Iterable[str]) -> Iterator[Call
     """
     names = list(dict.fromkeys(layer_names))
     counts = dict.fromkeys(names, 0)
-    state = {"armed": False, "first": True}
+    state = {"armed": False, "first": True, "running": False}
     wrapped = bool(names) and any(isinstance(m, _distributed_wrappers()) for m in model.modules())
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs, output) -> None:
             counts[name] += 1
-            if state["armed"] and all(counts.values()):
+            # only inside run(): a backward that recomputes the forward (gradient checkpointing) runs it whole
+            if state["armed"] and state["running"] and all(counts.values()):
                 raise _ForwardStopped
 
         return hook
@@ -331,10 +337,13 @@ def forward_until(model: nn.Module, layer_names: Iterable[str]) -> Iterator[Call
     def run(call: Callable[[], Any]) -> Any:
         for name in counts:
             counts[name] = 0
+        state["running"] = True
         try:
             out = call()
         except _ForwardStopped:
             return None
+        finally:
+            state["running"] = False
         if state["first"]:
             state["first"] = False
             state["armed"] = bool(names) and not wrapped and all(c == 1 for c in counts.values())

@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import (
     InputGradMap,
     LitTiny,
@@ -601,3 +602,74 @@ def test_deterministic_training_runs_visualizations_through_ops_it_never_differe
     assert strict == [True, True] and any(t.startswith("viz-gradients/saliency") for t in cb.last_logged_tags)
     for (k, a), b in zip(plain.state_dict().items(), viz.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+class _Checkpointed(TinyCNN):
+    """TinyCNN whose first block runs under torch.utils.checkpoint, as timm's set_grad_checkpointing() does (also in
+    eval mode): the backward recomputes it."""
+
+    def __init__(self, reentrant: bool = False):
+        super().__init__()
+        self.reentrant = reentrant
+
+    def block(self, x):
+        return F.relu(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        x = checkpoint(self.block, x, use_reentrant=self.reentrant)
+        return self.fc(self.pool(x).flatten(1))
+
+
+def test_gradient_checkpointing_gives_the_same_maps_and_images(tmp_path):
+    """Gradients, CAMs (the backward recomputes the forward: hooks and ReLU rules must still be there) and input
+    optimization (a forward cut after its layer must not stop the recomputation) as without checkpointing; every
+    family runs in a real fit (was: CheckpointError for CAMs, a bare _ForwardStopped for units and inversion)."""
+    from test_foundation_training import all_callbacks
+
+    from lightning_viz.methods import cam as C
+    from lightning_viz.methods import gradients as G
+    from lightning_viz.methods.synthesis import invert_features, unit_images
+
+    torch.manual_seed(0)
+    plain, ckpt = TinyCNN().eval(), _Checkpointed().eval()
+    ckpt.load_state_dict(plain.state_dict())
+    x, y = tiny_dataset(6).tensors
+
+    def maps(m):
+        with isolated(m):
+            return [
+                G.saliency(m, x, "label", y),
+                G.guided_backprop(m, x, "label", y),
+                C.class_activation_map(m, x, "conv2", "gradcam", "label", y),
+                C.class_activation_map(m, x, "conv1", "layercam", "label", y),
+                unit_images(m, "conv1", [0, 1], (3, 8, 8), steps=4).images,
+                invert_features(m, x[:2], "conv1", steps=4).images,
+            ]
+
+    for a, b in zip(maps(plain), maps(ckpt)):
+        torch.testing.assert_close(a, b)
+    callbacks = all_callbacks()
+    tiny_trainer(str(tmp_path), callbacks, max_epochs=1, limit_val_batches=1).fit(
+        LitTiny(_Checkpointed()), *tiny_loaders(n=16)
+    )
+    assert all(cb.last_logged_tags for cb in callbacks)
+
+
+def test_gradient_checkpointing_limits_fail_clearly():
+    """Reentrant checkpointing runs its forward with autograd off: no gradient reaches a layer inside (was: all-zero
+    Grad-CAM maps, silently). The deconvnet rule cannot be recomputed by a checkpoint."""
+    from lightning_viz.methods import cam as C
+    from lightning_viz.methods import gradients as G
+
+    x, y = tiny_dataset(4).tensors
+    model = _Checkpointed(reentrant=True).eval()
+    with isolated(model), pytest.raises(ValueError, match=r"\['conv2'\] ran with autograd off.*use_reentrant=False"):
+        C.class_activation_map(model, x, "conv2", "gradcam", "label", y)
+    model = _Checkpointed().eval()
+    with (
+        isolated(model),
+        pytest.raises(ValueError, match="the deconv ReLU rule cannot run through torch.utils.checkpoint"),
+    ):
+        G.deconvnet(model, x, "label", y)

@@ -23,10 +23,17 @@ class PassCounter:
         module.register_forward_hook(self._hook)
         real_grad = torch.autograd.grad
 
+        depth = [0]
+
         def counting_grad(*args, **kwargs):
-            if self.active:
+            # a torch function mode (the ReLU rules) routes autograd.grad through this name once more: count once
+            if self.active and depth[0] == 0:
                 self.backwards += 1
-            return real_grad(*args, **kwargs)
+            depth[0] += 1
+            try:
+                return real_grad(*args, **kwargs)
+            finally:
+                depth[0] -= 1
 
         monkeypatch.setattr(torch.autograd, "grad", counting_grad)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..capture import capture
@@ -124,6 +125,8 @@ def gradient_pass(
     for sl in pass_chunks(model, x, chunk_size):
         xc = x[sl].detach().clone().requires_grad_(True) if input_grad else x[sl].detach()
         lab = None if labels is None else labels[sl].to(x.device)
+        # The backward runs inside the hooks and the ReLU rule: gradient checkpointing (torch.utils.checkpoint)
+        # recomputes the forward during it, which must be the same forward.
         with capture(model, names, grad=True) as cap, relu_rule(rule), linear_calls(model) as calls:
             logits = model(xc)
             if not isinstance(logits, Tensor) or logits.ndim != 2:
@@ -131,14 +134,29 @@ def gradient_pass(
             scores = tgt.score(logits, lab)
             cls = tgt.classes(logits, lab) if not isinstance(tgt, CallableTarget) else None
             outs = [cap[n] for n in names]
-        head = calls[-1] if calls else None
-        # the ReLU rule is recorded in the graph during forward; the backward runs outside the mode
-        wrt = ([xc] if input_grad else []) + outs
-        g: tuple[Optional[Tensor], ...]
-        if scores.requires_grad:
-            g = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
-        else:  # no recorded layer feeds the target (only possible with input_grad=False): every gradient is 0
-            g = (None,) * len(wrt)
+            head = calls[-1] if calls else None
+            if cap.without_grad:
+                raise ValueError(
+                    f"layer(s) {sorted(cap.without_grad)} ran with autograd off, so no gradient reaches them: inside "
+                    "torch.utils.checkpoint(..., use_reentrant=True) (timm: set_grad_checkpointing()) or "
+                    "torch.no_grad() in the model's forward. Use use_reentrant=False, or turn gradient checkpointing "
+                    "off for the visualized model."
+                )
+            wrt = ([xc] if input_grad else []) + outs
+            g: tuple[Optional[Tensor], ...]
+            if scores.requires_grad:
+                try:
+                    g = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
+                except torch.utils.checkpoint.CheckpointError as exc:
+                    if rule is None:
+                        raise
+                    raise ValueError(
+                        f"the {rule} ReLU rule cannot run through torch.utils.checkpoint: its recomputation during "
+                        "the backward does not see the rule. Turn gradient checkpointing off for the visualized "
+                        f"model (timm: set_grad_checkpointing(False)) to use it. ({exc})"
+                    ) from exc
+            else:  # no recorded layer feeds the target (only possible with input_grad=False): every gradient is 0
+                g = (None,) * len(wrt)
         if not input_grad:
             g = (None,) + tuple(g)
         parts["logits"].append(logits.detach())
