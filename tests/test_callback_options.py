@@ -178,3 +178,26 @@ def test_validation_schedule_that_never_meets_fails_at_setup(tmp_path):
     assert trainer.global_step == 0
     ok = tiny_trainer(str(tmp_path), max_epochs=4, check_val_every_n_epoch=2)  # the last epoch (3) validates
     GradientCallback(run_on="validation_epoch_end", every_n_epochs=3).setup(ok, LitTiny(), "fit")
+
+
+def test_setup_and_option_errors_name_the_callback(tmp_path):
+    """With many callbacks attached (the demo has eleven), every setup or option error says which one is wrong."""
+    from lightning_viz.callbacks.activations import ActivationCallback
+    from lightning_viz.callbacks.filters import FilterCallback
+    from lightning_viz.callbacks.patches import TopPatchesCallback
+    from lightning_viz.callbacks.synthesis import InversionCallback
+    from lightning_viz.layers import LayerNotFoundError
+
+    for make in (
+        lambda: FilterCallback(layers="net.relu3"),
+        lambda: ActivationCallback(layers=["net.relu3"], num_probes=2),
+        lambda: TopPatchesCallback(layers=["net.relu3"], num_probes=4),
+        lambda: InversionCallback(layers="net.relu3", num_probes=2),
+    ):
+        cb = make()
+        trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+        with pytest.raises(LayerNotFoundError, match=rf"^{type(cb).__name__}: Unknown layer 'net.relu3'"):
+            trainer.fit(LitTiny(), *tiny_loaders(n=8))
+    for kwargs, what in (({"num_probes": 0}, "num_probes"), ({"every_n_epochs": -1}, "every_n_epochs")):
+        with pytest.raises(ValueError, match=rf"^GradientCallback: {what} must be"):
+            GradientCallback(**kwargs)

@@ -317,22 +317,25 @@ class VisualizationCallback(Callback):
         epoch_summary: bool = True,
     ):
         super().__init__()
+        who = type(self).__name__
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
             raise ValueError(
-                f"every_n_epochs must be an int >= 0 (0 = off, as in ModelCheckpoint); got {every_n_epochs!r}"
+                f"{who}: every_n_epochs must be an int >= 0 (0 = off, as in ModelCheckpoint); got {every_n_epochs!r}"
             )
         if run_on not in ("train_epoch_end", "validation_epoch_end"):
-            raise ValueError(f"run_on must be 'train_epoch_end' or 'validation_epoch_end'; got {run_on!r}")
+            raise ValueError(f"{who}: run_on must be 'train_epoch_end' or 'validation_epoch_end'; got {run_on!r}")
         if probe_source not in ("val", "train"):
-            raise ValueError(f"probe_source must be 'val' or 'train'; got {probe_source!r}")
+            raise ValueError(f"{who}: probe_source must be 'val' or 'train'; got {probe_source!r}")
         if num_probes < 1:
-            raise ValueError(f"num_probes must be >= 1; got {num_probes}")
+            raise ValueError(f"{who}: num_probes must be >= 1; got {num_probes}")
         if on_error not in ("raise", "warn"):
-            raise ValueError(f"on_error must be 'raise' or 'warn'; got {on_error!r}")
+            raise ValueError(f"{who}: on_error must be 'raise' or 'warn'; got {on_error!r}")
         if isinstance(loggers, str):
-            raise ValueError(f"loggers must be a list of logger names, e.g. [{loggers!r}]; got the string {loggers!r}")
+            raise ValueError(
+                f"{who}: loggers must be a list of logger names, e.g. [{loggers!r}]; got the string {loggers!r}"
+            )
         if name is not None and (not name.strip() or "/" in name):
-            raise ValueError(f"name must be a non-empty tag part without '/'; got {name!r}")
+            raise ValueError(f"{who}: name must be a non-empty tag part without '/'; got {name!r}")
         self.every_n_epochs = every_n_epochs
         self.run_on = run_on
         self.num_probes = num_probes
@@ -382,11 +385,19 @@ class VisualizationCallback(Callback):
 
     @contextmanager
     def _naming(self) -> Iterator[None]:
-        """Layer errors raised inside name this callback."""
+        """Layer and option errors raised inside start with this callback's name (with several callbacks
+        attached, the user sees which one is wrong); messages that already name it pass unchanged."""
         try:
             yield
-        except LayerNotFoundError as exc:
-            raise LayerNotFoundError(f"{type(self).__name__}: {exc}") from None
+        except (LayerNotFoundError, ValueError, TypeError) as exc:
+            who = type(self).__name__
+            if str(exc).startswith(who) or isinstance(exc, VisualizationError):
+                raise
+            try:
+                named = type(exc)(f"{who}: {exc}")
+            except Exception:  # an exception type that takes other arguments: as it was
+                raise exc from None
+            raise named from exc
 
     def check_layer_outputs(
         self, model: ModelAdapter, x: Tensor, layers: list[str], dims: tuple[int, ...] = (4,), what: str = "layers"
@@ -470,12 +481,14 @@ class VisualizationCallback(Callback):
             )
         if stage == "fit":
             self._last_run_epoch = self._trained_epoch = None
-            self._check_schedule(trainer, pl_module)
+            with self._naming():
+                self._check_schedule(trainer, pl_module)
         # A model that builds its layers in configure_model (Lightning calls it after every setup hook) is checked
         # once they exist: on_fit_start / on_validation_start, still before the first step.
         self._model_checks_due = stage if _builds_in_configure_model(pl_module) else None
         if self._model_checks_due is None:
-            self.check_model(trainer, pl_module, stage)
+            with self._naming():
+                self.check_model(trainer, pl_module, stage)
         _announce(trainer)
 
     def check_model(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -488,7 +501,8 @@ class VisualizationCallback(Callback):
         stage: str | None = getattr(self, "_model_checks_due", None)
         if stage is not None:
             self._model_checks_due = None
-            self.check_model(trainer, pl_module, stage)
+            with self._naming():
+                self.check_model(trainer, pl_module, stage)
 
     def _check_model_call(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """One forward of one data item (a probe, else item 0 of the probe dataset; skipped when neither is
