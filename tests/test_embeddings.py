@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from helpers import (
     tiny_loaders,
     tiny_trainer,
 )
+from PIL import Image
 from torch import nn
 
 from lightning_viz.callbacks.embeddings import EmbeddingCallback
@@ -381,3 +383,28 @@ def test_chosen_layer_and_errors(tmp_path):
         EmbeddingCallback(layers="net.fc9").check(model)
     with pytest.raises(ValueError, match="projection must be a list of 'pca' and/or 'tsne'"):
         EmbeddingCallback(projection=["umap"])
+
+
+def test_rgba_probes_embed_and_one_probe_is_refused_or_warned(tmp_path):
+    """4-channel (RGBA) images reach the projector as RGB sprites (was: TensorBoard's 'Input should be a 4D numpy
+    array with 3 channels' at the first epoch end); num_probes=1 is refused, a one-item dataset warned about."""
+    from helpers import read_events, tiny_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_viz.callbacks.base import VisualizationWarning
+    from lightning_viz.callbacks.embeddings import EmbeddingCallback
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(12, 4, 8, 8, generator=g), torch.arange(12) % 3
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    cb = EmbeddingCallback(num_probes=9, projection=["pca"], projector=True)
+    tiny_trainer(str(tmp_path / "rgba"), [cb], max_epochs=1).fit(LitTiny(TinyCNN(in_channels=4)), loader, loader)
+    assert "viz-embeddings/penultimate/pca" in read_events(str(tmp_path / "rgba")).Tags()["images"]
+    sprite = list((tmp_path / "rgba").rglob("sprite.png"))
+    assert sprite and np.asarray(Image.open(sprite[0])).shape[-1] == 3
+    with pytest.raises(ValueError, match=r"^EmbeddingCallback: num_probes must be >= 2"):
+        EmbeddingCallback(num_probes=1)
+    one = DataLoader(TensorDataset(x[:1, :3], y[:1]), batch_size=1)
+    cb = EmbeddingCallback(num_probes=4, projection=["pca"])
+    with pytest.warns(VisualizationWarning, match="1 probe to embed"):
+        tiny_trainer(str(tmp_path / "one"), [cb], max_epochs=1).fit(LitTiny(), one, one)

@@ -6,6 +6,7 @@ from typing import Any, Literal, Optional
 
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..layers import get_layer, module_device, module_dtype
@@ -20,9 +21,9 @@ from ..methods.embeddings import (
     tsne_2d,
 )
 from ..probe import ProbeSet
-from ..render import class_name
+from ..render import class_name, to_rgb
 from ._options import LayersSpec, renamed_option, single_layer
-from .base import VisualizationCallback
+from .base import VisualizationCallback, VisualizationWarning
 
 __all__ = ["EmbeddingCallback"]
 
@@ -78,6 +79,10 @@ class EmbeddingCallback(VisualizationCallback):
     ):
         super().__init__(num_probes=num_probes, **kwargs)
         owner = type(self).__name__
+        if num_probes < 2:
+            raise ValueError(
+                f"{owner}: num_probes must be >= 2 (an embedding of one point shows nothing); got {num_probes}"
+            )
         layer = single_layer(owner, renamed_option(owner, "layer", "layers", layer, layers, None))
         chunk_size = renamed_option(owner, "batch_size", "chunk_size", batch_size, chunk_size, 256)
         if isinstance(projection, str):
@@ -132,6 +137,12 @@ class EmbeddingCallback(VisualizationCallback):
         feats, preds, labels = results["features"], results["prediction"], probe.labels
         ok = self.warn_non_finite(f"the {self.layer_tag} features", feats)
         if int(ok.sum()) < 2:
+            if bool(ok.all()):  # one probe (a one-item dataset): nothing to project, said once
+                rank_zero_warn(
+                    f"EmbeddingCallback: {int(ok.sum())} probe to embed; projections, separation scores and the "
+                    "projector need at least 2 (a dataset with 2 items or more).",
+                    category=VisualizationWarning,
+                )
             return  # nothing to project (warned)
         if not bool(ok.all()):  # leave the non-finite probes out of everything
             feats, preds = feats[ok], preds[ok]
@@ -158,9 +169,7 @@ class EmbeddingCallback(VisualizationCallback):
                 sprites = F.interpolate(
                     sprites, size=(self.sprite_size, self.sprite_size), mode="bilinear", align_corners=False
                 )
-            sprites = sprites.clamp(0, 1)
-            if sprites.shape[1] == 1:
-                sprites = sprites.expand(-1, 3, -1, -1)
+            sprites = to_rgb(sprites.clamp(0, 1))  # the projector takes RGB: gray repeated, RGBA's alpha dropped
             logger.embedding(
                 feats,
                 metadata=metadata,
