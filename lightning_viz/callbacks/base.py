@@ -754,11 +754,16 @@ class VisualizationCallback(Callback):
             except SampleFormatError as exc:
                 raise VisualizationError(self._unreadable_message(dataset, exc)) from exc
             except Exception as exc:
+                sizes = "size" in str(exc) or "stack" in str(exc)  # images of different sizes: the usual cause
+                hint = (
+                    " Make the dataset's items stackable (e.g. a resize transform, torchvision.transforms.Resize((H, "
+                    "W)), so that every image has one size), or pass probes=ProbeSet(...)."
+                    if sizes
+                    else " Or pass probes=ProbeSet(...)."
+                )
                 raise VisualizationError(
                     f"{type(self).__name__}: picking {self.num_probes} probe images (probe_seed={self.probe_seed}) "
-                    f"from the {type(dataset).__name__} dataset failed: {type(exc).__name__}: {exc}. Make the "
-                    "dataset's items stackable (e.g. a resize transform, torchvision.transforms.Resize((H, W)), "
-                    "so that every image has one size), or pass probes=ProbeSet(...)."
+                    f"from the {type(dataset).__name__} dataset failed: {type(exc).__name__}: {exc}.{hint}"
                 ) from exc
         return picks[key]
 
