@@ -79,10 +79,6 @@ class EmbeddingCallback(VisualizationCallback):
     ):
         super().__init__(num_probes=num_probes, **kwargs)
         owner = type(self).__name__
-        if num_probes < 2:
-            raise ValueError(
-                f"{owner}: num_probes must be >= 2 (an embedding of one point shows nothing); got {num_probes}"
-            )
         layer = single_layer(owner, renamed_option(owner, "layer", "layers", layer, layers, None))
         chunk_size = renamed_option(owner, "batch_size", "chunk_size", batch_size, chunk_size, 256)
         if isinstance(projection, str):
@@ -140,7 +136,7 @@ class EmbeddingCallback(VisualizationCallback):
             if bool(ok.all()):  # one probe (a one-item dataset): nothing to project, said once
                 rank_zero_warn(
                     f"EmbeddingCallback: {int(ok.sum())} probe to embed; projections, separation scores and the "
-                    "projector need at least 2 (a dataset with 2 items or more).",
+                    "projector need at least 2 (num_probes >= 2 and a dataset with 2 items or more).",
                     category=VisualizationWarning,
                 )
             return  # nothing to project (warned)
