@@ -33,6 +33,7 @@ __all__ = [
     "eval_mode",
     "frozen_params",
     "buffers_kept",
+    "attributes_kept",
     "isolated",
     "grad_enabled",
     "capture",
@@ -79,6 +80,34 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
         return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
     except RuntimeError:  # dtypes without a byte view
         return torch.equal(a, b)
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+@contextlib.contextmanager
+def attributes_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore every plain Python attribute (``bool``, ``int``, ``float``, ``str``, ``None``) of every submodule
+    that changed inside the block, and remove the plain ones the block added: a ``forward`` that counts its calls
+    or flips a flag (a warm-up counter, a "first call" switch) is as training left it."""
+    before = {id(m): {k: v for k, v in vars(m).items() if isinstance(v, _PLAIN)} for m in model.modules()}
+    try:
+        yield model
+    finally:
+        for m in model.modules():
+            old = before.get(id(m))
+            if old is None:
+                continue
+            d = vars(m)
+            for k, v in list(d.items()):
+                if k in old:
+                    if v is not old[k] and (type(v) is not type(old[k]) or v != old[k]):
+                        d[k] = old[k]
+                elif isinstance(v, _PLAIN):
+                    del d[k]
+            for k, v in old.items():
+                if k not in d:
+                    d[k] = v
 
 
 @contextlib.contextmanager
@@ -195,7 +224,8 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
     """Everything a visualization needs to leave training exactly as it was.
 
     Eval mode (restored per submodule), frozen parameters (no ``.grad`` writes, no BatchNorm
-    updates), every buffer restored if it changed (:func:`buffers_kept`), every global RNG forked
+    updates), every buffer restored if it changed (:func:`buffers_kept`), every plain Python attribute of
+    every submodule too (:func:`attributes_kept`: call counters, flags), every global RNG forked
     and restored (:func:`fork_rng`; methods draw noise from their own seeded ``torch.Generator``),
     and autograd enabled even under inference mode; ``torch.compile``d modules
     run eagerly (so hooks fire); ops without a deterministic implementation do not raise under
@@ -203,6 +233,7 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
     """
     model = unwrap_model(model)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(attributes_kept(model))  # first in, last out: after eval_mode restored the modes
         stack.enter_context(deterministic_warn_only())
         stack.enter_context(fork_rng())
         stack.enter_context(grad_enabled())

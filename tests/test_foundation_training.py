@@ -421,3 +421,41 @@ def test_validate_before_fit_then_fit_then_validate(tmp_path, caplog):
         trainer.validate(model, val, verbose=False)
     assert image_steps(read_events(str(tmp_path)), "viz-cam/panel/p000") == [0, 1, 0, 1, 2, 3]
     assert caplog.text.count("which a trainer.validate before this fit already wrote to this log directory") == 2
+
+
+class _CountingNet(TinyCNN):
+    """A forward with Python-side state: a call counter and a warm-up flag that changes the output (as a
+    schedule driven by forward calls would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.warm = False
+
+    def forward(self, x):
+        self.calls += 1
+        self.last_batch = int(x.shape[0])  # an attribute the forward adds
+        if self.calls > 20:
+            self.warm = True
+        out = super().forward(x)
+        return out * 0.5 if self.warm else out
+
+
+def test_python_attributes_a_forward_changes_are_restored(tmp_path):
+    """Training is untouched also where a forward keeps Python state: the callbacks' many forwards leave the counter,
+    the flag (which changes the training outputs) and the added attribute as training left them."""
+
+    def fit(callbacks):
+        L.seed_everything(0, verbose=False)
+        model = LitTiny(_CountingNet())
+        train = DataLoader(tiny_dataset(24), batch_size=8, shuffle=True)
+        tiny_trainer(str(tmp_path / str(len(callbacks))), callbacks, max_epochs=3, deterministic=True).fit(
+            model, train, tiny_loaders(n=12)[1]
+        )
+        return model
+
+    plain, viz = fit([]), fit(all_callbacks())
+    assert viz.net.calls == plain.net.calls and viz.net.warm == plain.net.warm
+    assert viz.net.last_batch == plain.net.last_batch
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, viz.state_dict()[k]), k
