@@ -201,3 +201,33 @@ def test_setup_and_option_errors_name_the_callback(tmp_path):
     for kwargs, what in (({"num_probes": 0}, "num_probes"), ({"every_n_epochs": -1}, "every_n_epochs")):
         with pytest.raises(ValueError, match=rf"^GradientCallback: {what} must be"):
             GradientCallback(**kwargs)
+
+
+def test_results_reach_log_results_detached_on_the_cpu_also_without_ddp(tmp_path):
+    """A subclass's compute may return tensors that need grad (or, on a GPU, live there) in a named tuple: its
+    log_results (and any history it keeps) gets them detached and on the CPU, as a DDP gather would give them."""
+    from collections import namedtuple
+
+    from lightning_viz.callbacks.base import VisualizationCallback
+    from lightning_viz.logging import make_tag
+
+    Out = namedtuple("Out", ["norm", "extra"])
+    seen = []
+
+    class GradNorm(VisualizationCallback):
+        method = "gradnorm"
+
+        def compute(self, pl_module, probe):
+            x = probe.images.clone().requires_grad_()
+            return Out(norm=pl_module(x).square().sum(1), extra=[x.sum()])
+
+        def log_results(self, logger, results, probe, trainer):
+            seen.append(results)
+            logger.scalar(make_tag(self.method, "mean"), results.norm.mean())
+
+    cb = GradNorm(num_probes=3)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=8))
+    (res,) = seen
+    assert isinstance(res, Out) and res.norm.shape == (3,)
+    assert not res.norm.requires_grad and not res.extra[0].requires_grad and res.norm.device.type == "cpu"
+    assert scalar_steps(read_events(str(tmp_path)), "viz-gradnorm/mean") == [0]

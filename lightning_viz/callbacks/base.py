@@ -172,10 +172,13 @@ def _dist_ready() -> bool:
 
 
 def _to_cpu(obj: Any) -> Any:
+    """Tensors in ``obj`` (dicts, lists, tuples, named tuples of them) detached and on the CPU."""
     if isinstance(obj, Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
         return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple takes its fields as arguments
+        return type(obj)(*(_to_cpu(v) for v in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
@@ -813,8 +816,8 @@ class VisualizationCallback(Callback):
                 self._failed(exc)
                 return None
             error = None
-        else:
-            results = local
+        else:  # as a DDP gather gives them: detached, on the CPU (no GPU memory kept by a subclass's history)
+            results = _to_cpu(local)
         if rank == 0 and error is None and results is not None:
             stage = "log"
             try:
