@@ -117,8 +117,6 @@ _epoch_runs: weakref.WeakKeyDictionary[Trainer, tuple[tuple[int, str], list[tupl
 
 def _builds_in_configure_model(pl_module: LightningModule) -> bool:
     """Whether the module overrides Lightning's ``configure_model`` hook (its layers may not exist at setup)."""
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
     return any(is_overridden(hook, pl_module) for hook in ("configure_model", "configure_sharded_model"))
 
 
@@ -367,6 +365,8 @@ class VisualizationCallback(Callback):
     _defer_writes = False
     #: the step :meth:`run` chose (for the epoch line of :meth:`_run_and_report`)
     _run_step: int | None = None
+    #: the setup stage whose model checks wait for ``configure_model`` (see :meth:`setup`), else ``None``
+    _model_checks_due: str | None = None
 
     # ------------------------------------------------------------------ subclass API
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
@@ -501,7 +501,7 @@ class VisualizationCallback(Callback):
         self._check_model_call(trainer, pl_module)
 
     def _run_due_model_checks(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        stage: str | None = getattr(self, "_model_checks_due", None)
+        stage = self._model_checks_due
         if stage is not None:
             self._model_checks_due = None
             with self._naming():

@@ -20,6 +20,7 @@ from ..capture import capture
 from ..layers import (
     CONV_TYPES,
     LayerNotFoundError,
+    conv_layer_names,
     conv_produced_maps,
     default_cam_layer,
     get_layer,
@@ -168,7 +169,7 @@ class CAMCallback(GradientMapCallback):
         maps = conv_produced_maps(model, x)
         for name in self._unverified:
             if name not in maps:
-                convs = [n for n, m in named_layers(model).items() if isinstance(m, CONV_TYPES)]
+                convs = conv_layer_names(model)
                 raise LayerNotFoundError(
                     f"{type(self).__name__}: layers names {name!r}, a {type(get_layer(model, name)).__name__} whose "
                     "output is no feature map produced by convolutions; CAM needs a convolution, a block containing "
