@@ -99,15 +99,9 @@ def attributes_kept(model: nn.Module) -> Iterator[nn.Module]:
             if old is None:
                 continue
             d = vars(m)
-            for k, v in list(d.items()):
-                if k in old:
-                    if v is not old[k] and (type(v) is not type(old[k]) or v != old[k]):
-                        d[k] = old[k]
-                elif isinstance(v, _PLAIN):
-                    del d[k]
-            for k, v in old.items():
-                if k not in d:
-                    d[k] = v
+            for k in [k for k, v in d.items() if k not in old and isinstance(v, _PLAIN)]:
+                del d[k]
+            d.update(old)
 
 
 @contextlib.contextmanager
