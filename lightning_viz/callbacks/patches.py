@@ -97,25 +97,22 @@ class TopPatchesCallback(VisualizationCallback):
             self.k,
         )
 
-    def check_input(self, model: Any, x: Tensor) -> None:
-        outs = self.check_layer_outputs(model, x, list(self.layers))
-        for name, out in outs.items():
-            if self.units is not None and max(self.units) >= out.shape[1]:
-                raise ValueError(
-                    f"TopPatchesCallback: units {self.units} out of range for layer {name!r} with {out.shape[1]} "
-                    f"channels (0..{out.shape[1] - 1})"
-                )
+    def _check_units(self, name: str, channels: int | None) -> None:
+        """``units`` within layer ``name``'s ``channels`` (``None``: not known yet)."""
+        if self.units is not None and channels is not None and max(self.units) >= channels:
+            raise ValueError(
+                f"TopPatchesCallback: units {self.units} out of range for layer {name!r} with {channels} channels "
+                f"(0..{channels - 1})"
+            )
 
-    def check(self, pl_module: LightningModule) -> None:
+    def check_input(self, model: Any, x: Tensor) -> None:  # the outputs' widths (also of blocks and pools)
+        for name, out in self.check_layer_outputs(model, x, list(self.layers)).items():
+            self._check_units(name, out.shape[1])
+
+    def check(self, pl_module: LightningModule) -> None:  # before any forward: the layers' declared widths
         self.layers = resolve_layers(pl_module, self.layers)
-        if self.units is not None:
-            for name in self.layers:
-                channels = getattr(get_layer(pl_module, name), "out_channels", None)
-                if channels is not None and max(self.units) >= channels:
-                    raise ValueError(
-                        f"units {self.units} out of range for layer {name!r} with {channels} channels "
-                        f"(0..{channels - 1})"
-                    )
+        for name in self.layers:
+            self._check_units(name, getattr(get_layer(pl_module, name), "out_channels", None))
 
     def _units(self, pl_module: LightningModule, x1: Tensor) -> dict[str, list[int]]:
         if self.units is not None:

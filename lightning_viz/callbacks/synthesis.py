@@ -277,21 +277,20 @@ class UnitCallback(_InputOptimizationCallback):
     def state_key_parts(self) -> tuple[Any, ...]:
         return (*super().state_key_parts(), self.layer, tuple(self.channels), self.unit)
 
-    def check(self, pl_module: LightningModule) -> None:
-        module = get_layer(pl_module, self.layer)
-        n = getattr(module, "out_channels", None) or getattr(module, "out_features", None)
+    def _check_channels(self, n: int | None) -> None:
+        """``channels`` within the layer's ``n`` channels (``None``: not known yet)."""
         if n is not None and max(self.channels) >= n:
             raise ValueError(
                 f"UnitCallback: layer {self.layer!r} has {n} channels (0..{n - 1}); got channels {self.channels}"
             )
 
-    def check_input(self, model: Any, x: Tensor) -> None:
+    def check(self, pl_module: LightningModule) -> None:  # before any forward: the layer's declared width
+        module = get_layer(pl_module, self.layer)
+        self._check_channels(getattr(module, "out_channels", None) or getattr(module, "out_features", None))
+
+    def check_input(self, model: Any, x: Tensor) -> None:  # the output's width (also of blocks and pools)
         out = self.check_layer_outputs(model, x, [self.layer], dims=(4, 2), what="layers")[self.layer]
-        if max(self.channels) >= out.shape[1]:
-            raise ValueError(
-                f"UnitCallback: layer {self.layer!r} has {out.shape[1]} channels (0..{out.shape[1] - 1}); got "
-                f"channels {self.channels}"
-            )
+        self._check_channels(out.shape[1])
         if self.unit == "neuron" and out.ndim != 4:
             raise ValueError(
                 f"UnitCallback: unit='neuron' needs a [B, C, h, w] feature map (a neuron is one position); layer "
