@@ -343,6 +343,7 @@ class VisualizationCallback(Callback):
         self.probe_seed = probe_seed
         self.probe_source = probe_source
         self.probes = probes
+        self._probes_given = probes is not None
         self.log_time = log_time
         self.name = name
         self.on_error = on_error
@@ -367,6 +368,8 @@ class VisualizationCallback(Callback):
     _run_step: int | None = None
     #: the setup stage whose model checks wait for ``configure_model`` (see :meth:`setup`), else ``None``
     _model_checks_due: str | None = None
+    #: the Trainer this callback last ran under (see :meth:`_start_over`)
+    _ran_with: weakref.ReferenceType[Trainer] | None = None
 
     # ------------------------------------------------------------------ subclass API
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
@@ -433,7 +436,8 @@ class VisualizationCallback(Callback):
         return self._adapter
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_adapter": None}  # the adapter holds the model: never pickled with the callback
+        # the adapter holds the model: never pickled with the callback (nor the weak reference to a Trainer)
+        return {**self.__dict__, "_adapter": None, "_ran_with": None}
 
     def warn_non_finite(self, what: str, values: Tensor, rows: str = "probes") -> Tensor:
         """``True`` per row of ``values`` (dim 0: ``rows``) that is all finite; warns (rank 0, naming this callback)
@@ -457,7 +461,7 @@ class VisualizationCallback(Callback):
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+        """Replace the state :meth:`extra_state` keeps by ``state`` (``{}``: forget it, as a fresh fit does)."""
 
     def state_key_parts(self) -> tuple[Any, ...]:
         """Distinguish several instances of one callback class in a checkpoint (override to add options)."""
@@ -484,6 +488,7 @@ class VisualizationCallback(Callback):
             )
         if stage == "fit":
             self._last_run_epoch = self._trained_epoch = None
+            self._start_over(trainer)
             with self._naming():
                 self._check_schedule(trainer, pl_module)
         # A model that builds its layers in configure_model (Lightning calls it after every setup hook) is checked
@@ -493,6 +498,20 @@ class VisualizationCallback(Callback):
             with self._naming():
                 self.check_model(trainer, pl_module, stage)
         _announce(trainer)
+
+    def _start_over(self, trainer: Trainer) -> None:
+        """A fresh fit under another Trainer than the one this callback last ran under (callbacks reused for a new
+        model or data: a sweep, a notebook cell run again) starts over: probes it picked are picked again from this
+        fit's data, class names found again, and the history (filmstrips, drift, fixed scales) forgotten. A resumed
+        fit (``ckpt_path``) gets them back from the checkpoint, restored after setup."""
+        ran_with = None if self._ran_with is None else self._ran_with()
+        if self._ran_with is None or ran_with is trainer or trainer.current_epoch != 0 or trainer.global_step != 0:
+            return
+        self._ran_with = None
+        if not self._probes_given:
+            self.probes = None
+        self._found_class_names = None
+        self.load_extra_state({})
 
     def check_model(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """The setup checks that need the model's layers: :meth:`check` (options against the model) and one
@@ -786,6 +805,7 @@ class VisualizationCallback(Callback):
             return None
         if not sink_names(trainer, self.loggers):  # nothing would be written
             return None
+        self._ran_with = weakref.ref(trainer)
         step = trainer.current_epoch if step is None else step
         if _fitting(trainer) and step >= 0:
             self._last_run_epoch = step

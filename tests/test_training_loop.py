@@ -1,0 +1,33 @@
+"""Callbacks under Lightning training-loop set-ups met in real use (several fits, checkpoints, loops)."""
+
+from __future__ import annotations
+
+from helpers import LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
+
+from lightning_viz.callbacks.cam import CAMCallback
+from lightning_viz.callbacks.filters import FilterCallback
+from lightning_viz.callbacks.gradients import GradientCallback
+from lightning_viz.tracking import MapTracker
+
+
+def test_callbacks_reused_by_a_new_trainer_start_over(tmp_path):
+    """One list of callbacks given to a second Trainer (a sweep, a notebook cell run again) for a fresh fit on
+    other data: probes are picked from that data (were the first fit's: a label out of the 2 classes, a crash),
+    class names found again, and filmstrips, drift, fixed scales and filter changes start over (were continued
+    from the other model: epochs 0, 0 in one filmstrip, drift at step 0)."""
+    cam = CAMCallback(num_probes=3, normalize="both", tracker=MapTracker(max_frames=4))
+    cbs = [GradientCallback(num_probes=3), cam, FilterCallback()]
+    tiny_trainer(str(tmp_path / "a"), cbs, max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12, num_classes=3))
+    assert sorted(cam.probes.labels.tolist()) == [0, 1, 2]
+    vmax_a = cam.scales["gradcam/net.conv2"].vmax
+
+    train, val = tiny_loaders(n=12, num_classes=2, seed=1)
+    tiny_trainer(str(tmp_path / "b"), cbs, max_epochs=1).fit(LitTiny(TinyCNN(num_classes=2)), train, val)
+    assert cam.probes.labels.max() == 1 and cbs[0].probes is cam.probes
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [0]}
+    assert cam.scales["gradcam/net.conv2"].vmax != vmax_a  # set from the second model's maps
+    acc = read_events(str(tmp_path / "b"))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [0]
+    assert "viz-cam/gradcam/net.conv2/drift/rank_corr" not in acc.Tags()["scalars"]
+    assert "viz-filters/net.conv1/rel_change" not in acc.Tags()["scalars"]
+    assert scalar_steps(acc, "viz-cam/time_s") == [0]
