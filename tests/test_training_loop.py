@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import torch
 from helpers import LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.callbacks.filters import FilterCallback
@@ -31,3 +33,25 @@ def test_callbacks_reused_by_a_new_trainer_start_over(tmp_path):
     assert "viz-cam/gradcam/net.conv2/drift/rank_corr" not in acc.Tags()["scalars"]
     assert "viz-filters/net.conv1/rel_change" not in acc.Tags()["scalars"]
     assert scalar_steps(acc, "viz-cam/time_s") == [0]
+
+
+def test_resume_from_a_checkpoint_saved_at_the_epoch_end_validation(tmp_path):
+    """With several validations per epoch (or check_val_every_n_epoch > 1) ModelCheckpoint saves at the validation
+    after the epoch's last batch, before on_train_epoch_end: the callbacks run there first, so the checkpoint holds
+    that epoch's frames, and the resumed fit (where Lightning calls on_train_epoch_end of that epoch again) does
+    not run it twice. Was: the checkpoint lacked the epoch, the resume wrote its step a second time."""
+    train, val = tiny_loaders(n=12)
+    cam = CAMCallback(num_probes=2, tracker=MapTracker())
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    kw = {"val_check_interval": 0.5, "enable_checkpointing": True}
+    tiny_trainer(str(tmp_path), [cam, ckpt], max_epochs=2, **kw).fit(LitTiny(), train, val)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][cam.state_key]
+    assert saved["extra"]["tracker"]["epochs"] == {"gradcam/net.conv2": [0, 1]}
+
+    again = CAMCallback(num_probes=2, tracker=MapTracker())
+    trainer = tiny_trainer(str(tmp_path), [again], max_epochs=3, **kw)
+    trainer.fit(LitTiny(), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert again.tracker.epochs == {"gradcam/net.conv2": [0, 1, 2]}
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [0, 1, 2]
+    assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [1, 2]

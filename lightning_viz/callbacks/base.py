@@ -128,7 +128,7 @@ def _runs_at(c: VisualizationCallback, trainer: Trainer, where: str) -> bool:
         return c._trained_epoch is not None and c.every_n_epochs > 0 and c._last_run_epoch != c._trained_epoch
     if c.run_on != where or not c.should_run(trainer) or not sink_names(trainer, c.loggers):
         return False
-    return not (where == "validation_epoch_end" and _fitting(trainer) and c._last_run_epoch == trainer.current_epoch)
+    return not (_fitting(trainer) and c._last_run_epoch == trainer.current_epoch)
 
 
 def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where: str, seconds: float) -> None:
@@ -651,7 +651,8 @@ class VisualizationCallback(Callback):
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trained_epoch = trainer.current_epoch
-        if self.run_on == "train_epoch_end":
+        # already run: at a checkpoint saved before this hook (see on_save_checkpoint), also in the fit resumed from it
+        if self.run_on == "train_epoch_end" and self._last_run_epoch != trainer.current_epoch:
             self._run_and_report(trainer, pl_module, "train_epoch_end")
 
     @override
@@ -941,17 +942,38 @@ class VisualizationCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"probes": None if self.probes is None else self.probes.state_dict(), "extra": self.extra_state()}
+        return {
+            "probes": None if self.probes is None else self.probes.state_dict(),
+            "extra": self.extra_state(),
+            "last_run_epoch": self._last_run_epoch,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("probes") is not None:
             self.probes = ProbeSet.from_state_dict(state_dict["probes"])
         self.load_extra_state(state_dict.get("extra") or {})
+        self._last_run_epoch = state_dict.get("last_run_epoch")
+
+    def _due_after_checkpoint(self, trainer: Trainer) -> bool:
+        """Whether this epoch's ``train_epoch_end`` run is still to come though the epoch's training is over: a
+        checkpoint saved between its last step and ``on_train_epoch_end`` (ModelCheckpoint at the validation after
+        the last batch, with ``val_check_interval`` < 1.0 or ``check_val_every_n_epoch`` > 1)."""
+        if self.run_on != "train_epoch_end" or not _fitting(trainer) or trainer.sanity_checking:
+            return False
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        over = progress.is_last_batch and progress.current.ready == progress.current.completed > 0
+        return over and _runs_at(self, trainer, "train_epoch_end")
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Move this callback's probes into the checkpoint's shared probe bank (each image stored once)."""
+        """Run now when this epoch's run is still to come (:meth:`_due_after_checkpoint`; the weights are the epoch's
+        final ones), so the checkpoint holds it and a fit resumed from it goes on after it; then move this callback's
+        probes into the checkpoint's shared probe bank (each image stored once)."""
+        states = checkpoint.get("callbacks")
+        if isinstance(states, dict) and self.state_key in states and self._due_after_checkpoint(trainer):
+            self._run_and_report(trainer, pl_module, "train_epoch_end")
+            states[self.state_key] = self.state_dict()
         entry = (checkpoint.get("callbacks") or {}).get(self.state_key)
         probes = entry.get("probes") if isinstance(entry, dict) else None
         if isinstance(entry, dict) and isinstance(probes, dict) and "images" in probes:
