@@ -55,3 +55,22 @@ def test_resume_from_a_checkpoint_saved_at_the_epoch_end_validation(tmp_path):
     acc = read_events(str(tmp_path))
     assert image_steps(acc, "viz-cam/filmstrip/p000") == [0, 1, 2]
     assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [1, 2]
+
+
+def test_resume_from_a_checkpoint_saved_at_the_epochs_last_step(tmp_path):
+    """ModelCheckpoint(every_n_train_steps=...) saving at an epoch's last step (on_train_batch_end, before the
+    epoch-end hooks): the checkpoint holds that epoch's run, and the fit resumed from it (which goes straight to
+    the next epoch) has it in its filmstrips and drift. Was: the epoch was missing after the resume."""
+    train, val = tiny_loaders(n=12)  # 2 steps per epoch
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1)
+    kw = {"enable_checkpointing": True}
+    cam = CAMCallback(num_probes=2, tracker=MapTracker())
+    tiny_trainer(str(tmp_path / "a"), [cam, ckpt], max_epochs=2, **kw).fit(LitTiny(), train, val)
+
+    again = CAMCallback(num_probes=2, tracker=MapTracker())
+    trainer = tiny_trainer(str(tmp_path / "b"), [again], max_epochs=2, **kw)
+    trainer.fit(LitTiny(), train, val, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+    assert again.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
+    acc = read_events(str(tmp_path / "b"))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [1]
+    assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [1]

@@ -958,11 +958,12 @@ class VisualizationCallback(Callback):
     def _due_after_checkpoint(self, trainer: Trainer) -> bool:
         """Whether this epoch's ``train_epoch_end`` run is still to come though the epoch's training is over: a
         checkpoint saved between its last step and ``on_train_epoch_end`` (ModelCheckpoint at the validation after
-        the last batch, with ``val_check_interval`` < 1.0 or ``check_val_every_n_epoch`` > 1)."""
+        the last batch, with ``val_check_interval`` < 1.0 or ``check_val_every_n_epoch`` > 1, or at the last batch's
+        ``on_train_batch_end`` with ``every_n_train_steps``)."""
         if self.run_on != "train_epoch_end" or not _fitting(trainer) or trainer.sanity_checking:
             return False
         progress = trainer.fit_loop.epoch_loop.batch_progress
-        over = progress.is_last_batch and progress.current.ready == progress.current.completed > 0
+        over = progress.is_last_batch and progress.current.ready == progress.current.processed > 0  # stepped
         return over and _runs_at(self, trainer, "train_epoch_end")
 
     @override
