@@ -963,7 +963,8 @@ class VisualizationCallback(Callback):
         if self.run_on != "train_epoch_end" or not _fitting(trainer) or trainer.sanity_checking:
             return False
         progress = trainer.fit_loop.epoch_loop.batch_progress
-        over = progress.is_last_batch and progress.current.ready == progress.current.processed > 0  # stepped
+        current = progress.current  # a _ProcessedTracker: ``processed`` counts the batches trained (and stepped)
+        over = progress.is_last_batch and current.ready == getattr(current, "processed", -1) > 0
         return over and _runs_at(self, trainer, "train_epoch_end")
 
     @override
