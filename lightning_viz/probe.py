@@ -44,7 +44,8 @@ def split_sample(sample: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
     ``pixel_values``, ``x``, ``input``, ``inputs``; label under ``label``, ``labels``, ``y``, ``target``,
     ``targets``, ``class``, ``class_id``; mask under ``mask``, ``masks``). A tuple's third element is the mask
     only when it is one: a tensor of the image's height and width (``[H, W]`` or ``[1, H, W]``; a batch's
-    ``[B, H, W]`` or ``[B, 1, H, W]``); anything else there (an index, a path, extra targets) is ignored.
+    ``[B, H, W]`` or ``[B, 1, H, W]``); anything else there (an index, a path, extra targets) is ignored. A label
+    that holds no numbers (a file name, a dict of targets) counts as none.
     One-hot or probability-vector labels (label smoothing, mixup) count as the class they give most weight to
     (:func:`class_index`)."""
     if isinstance(sample, Tensor):
@@ -113,9 +114,13 @@ def _plain(t: Tensor) -> Tensor:
 
 
 def _as_tensor(v: Any) -> Tensor | None:
+    """A label as a tensor; ``None`` when it holds no numbers (a file name, a dict of detection targets): no label."""
     if v is None or isinstance(v, Tensor):
         return v
-    return torch.as_tensor(v)
+    try:
+        return torch.as_tensor(v)
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 @dataclass

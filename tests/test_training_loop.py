@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from helpers import LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
+from helpers import LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_dataset, tiny_loaders, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.callbacks.filters import FilterCallback
@@ -74,3 +76,41 @@ def test_resume_from_a_checkpoint_saved_at_the_epochs_last_step(tmp_path):
     acc = read_events(str(tmp_path / "b"))
     assert image_steps(acc, "viz-cam/filmstrip/p000") == [1]
     assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [1]
+
+
+class _NamedItems(Dataset):
+    """Items ``(image, file name)``: a second element that is no number (an unlabeled set, a path)."""
+
+    def __init__(self, n: int = 8):
+        self.x = tiny_dataset(n).tensors[0]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], f"img_{i:03d}.png"
+
+
+class _SelfSupervised(LitTiny):
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_items_whose_second_element_is_not_a_label(tmp_path):
+    """(image, "img_000.png") items: the probes have no labels (was: a TypeError picking them, whatever the target);
+    target='predicted' runs, target='label' fails at setup saying the items give no label."""
+    loader = DataLoader(_NamedItems(), batch_size=4)
+    cb = GradientCallback(num_probes=2, target="predicted")
+    tiny_trainer(str(tmp_path / "a"), [cb], max_epochs=1).fit(_SelfSupervised(), loader, loader)
+    assert cb.probes.labels is None and len(cb.probes) == 2
+    assert image_steps(read_events(str(tmp_path / "a")), "viz-gradients/panel/p000") == [0]
+    counter = []
+    trainer = tiny_trainer(str(tmp_path / "b"), [GradientCallback(num_probes=2)], max_epochs=1)
+    model = _SelfSupervised()
+    model.on_train_batch_start = lambda *a: counter.append(1)
+    with pytest.raises(ValueError, match=r"GradientCallback: target='label' needs a class label.*give no label"):
+        trainer.fit(model, loader, loader)
+    assert not counter
