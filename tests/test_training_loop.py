@@ -46,9 +46,12 @@ def test_resume_from_a_checkpoint_saved_at_the_epoch_end_validation(tmp_path):
     cam = CAMCallback(num_probes=2, tracker=MapTracker())
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     kw = {"val_check_interval": 0.5, "enable_checkpointing": True}
-    tiny_trainer(str(tmp_path), [cam, ckpt], max_epochs=2, **kw).fit(LitTiny(), train, val)
+    first = tiny_trainer(str(tmp_path), [cam, ckpt], max_epochs=2, **kw)
+    first.fit(LitTiny(), train, val)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][cam.state_key]
     assert saved["extra"]["tracker"]["epochs"] == {"gradcam/net.conv2": [0, 1]}
+    first.save_checkpoint(tmp_path / "after_fit.ckpt")  # after the fit: nothing is due, nothing runs
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
 
     again = CAMCallback(num_probes=2, tracker=MapTracker())
     trainer = tiny_trainer(str(tmp_path), [again], max_epochs=3, **kw)

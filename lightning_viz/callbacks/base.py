@@ -962,6 +962,9 @@ class VisualizationCallback(Callback):
         ``on_train_batch_end`` with ``every_n_train_steps``)."""
         if self.run_on != "train_epoch_end" or not _fitting(trainer) or trainer.sanity_checking:
             return False
+        epoch = trainer.fit_loop.epoch_progress.current  # an epoch under way, its end hooks not reached (not after fit)
+        if not epoch.started > getattr(epoch, "processed", epoch.started):
+            return False
         progress = trainer.fit_loop.epoch_loop.batch_progress
         current = progress.current  # a _ProcessedTracker: ``processed`` counts the batches trained (and stepped)
         over = progress.is_last_batch and current.ready == getattr(current, "processed", -1) > 0
