@@ -963,7 +963,7 @@ class VisualizationCallback(Callback):
         if self.run_on != "train_epoch_end" or not _fitting(trainer) or trainer.sanity_checking:
             return False
         epoch = trainer.fit_loop.epoch_progress.current  # an epoch under way, its end hooks not reached (not after fit)
-        if not epoch.started > getattr(epoch, "processed", epoch.started):
+        if not getattr(epoch, "started", 0) > getattr(epoch, "processed", 0):
             return False
         progress = trainer.fit_loop.epoch_loop.batch_progress
         current = progress.current  # a _ProcessedTracker: ``processed`` counts the batches trained (and stepped)
