@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_dataset, tiny_loaders, tiny_trainer
@@ -117,3 +118,34 @@ def test_items_whose_second_element_is_not_a_label(tmp_path):
     with pytest.raises(ValueError, match=r"GradientCallback: target='label' needs a class label.*give no label"):
         trainer.fit(model, loader, loader)
     assert not counter
+
+
+class _Augmented(Dataset):
+    """Every read draws a random flip and noise from the global RNGs (torch, numpy), as an augmentation does."""
+
+    def __init__(self, n: int = 12):
+        self.x, self.y = tiny_dataset(n).tensors
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        x = self.x[i].flip(-1) if torch.rand(()) < 0.5 else self.x[i]
+        return x + float(np.random.normal()) + 0.1 * torch.randn_like(x), self.y[i]
+
+
+def test_probes_from_an_augmenting_dataset_do_not_depend_on_the_global_rng():
+    """Probes read through a random augmentation are the same whatever state the global RNGs are in (each DDP
+    rank, unseeded, picks the same images; a rerun picks the same), and the global RNGs are left as they were.
+    Was: each pick drew its own augmentation, so under DDP every rank had other probe images."""
+    from lightning_viz.probe import ProbeSet
+
+    picks = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        before = torch.get_rng_state(), np.random.get_state()[1].copy()
+        picks.append(ProbeSet.from_dataset(_Augmented(), num=4, seed=0))
+        assert torch.equal(torch.get_rng_state(), before[0]) and (np.random.get_state()[1] == before[1]).all()
+    assert torch.equal(picks[0].images, picks[1].images) and torch.equal(picks[0].labels, picks[1].labels)
+    assert not torch.equal(ProbeSet.from_dataset(_Augmented(), num=4, seed=5).images, picks[0].images)
