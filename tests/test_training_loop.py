@@ -149,3 +149,23 @@ def test_probes_from_an_augmenting_dataset_do_not_depend_on_the_global_rng():
         assert torch.equal(torch.get_rng_state(), before[0]) and (np.random.get_state()[1] == before[1]).all()
     assert torch.equal(picks[0].images, picks[1].images) and torch.equal(picks[0].labels, picks[1].labels)
     assert not torch.equal(ProbeSet.from_dataset(_Augmented(), num=4, seed=5).images, picks[0].images)
+
+
+class _FailingValidation(LitTiny):
+    def validation_step(self, batch, batch_idx):
+        if not self.trainer.sanity_checking:
+            raise RuntimeError("validation broke")
+
+
+def test_a_checkpoint_saved_on_an_exception_runs_nothing(tmp_path):
+    """OnExceptionCheckpoint saving after an error in the epoch's last validation: the callbacks do not run there."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    train, val = tiny_loaders(n=12)
+    cam = CAMCallback(num_probes=2, tracker=MapTracker())
+    on_error = OnExceptionCheckpoint(dirpath=str(tmp_path / "ckpt"))
+    trainer = tiny_trainer(str(tmp_path), [cam, on_error], max_epochs=1, enable_checkpointing=True)
+    with pytest.raises(RuntimeError, match="validation broke"):
+        trainer.fit(_FailingValidation(), train, val)
+    assert (tmp_path / "ckpt" / "on_exception.ckpt").exists()
+    assert cam.tracker.epochs == {} and cam._last_run_epoch is None

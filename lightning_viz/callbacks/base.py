@@ -962,6 +962,8 @@ class VisualizationCallback(Callback):
         ``on_train_batch_end`` with ``every_n_train_steps``)."""
         if self.run_on != "train_epoch_end" or not _fitting(trainer) or trainer.sanity_checking:
             return False
+        if trainer.state.status != "running":  # e.g. OnExceptionCheckpoint saving after an error: nothing runs
+            return False
         epoch = trainer.fit_loop.epoch_progress.current  # an epoch under way, its end hooks not reached (not after fit)
         if not getattr(epoch, "started", 0) > getattr(epoch, "processed", 0):
             return False
