@@ -172,25 +172,26 @@ def test_a_checkpoint_saved_on_an_exception_runs_nothing(tmp_path):
 
 
 def test_reused_callbacks_find_the_new_models_layers(tmp_path):
-    """What a callback derives from the model (ActivationCallback's default deepest block, TopPatchesCallback's
-    receptive fields) is found again for the model of the next fit. Was: the first model's, so another architecture
-    failed at setup (an unknown layer) or had its patches cut with the first model's receptive field."""
+    """What a callback derives from the model (ActivationCallback's and CAMCallback's default layers,
+    TopPatchesCallback's receptive fields) is found again for the model of the next fit. Was: the first model's,
+    so another architecture failed at setup (an unknown layer) or had its patches cut with the first model's
+    receptive field."""
     from lightning_viz.callbacks.activations import ActivationCallback
     from lightning_viz.callbacks.patches import TopPatchesCallback
     from lightning_viz.methods.receptive_field import receptive_field
 
-    acts = ActivationCallback(num_probes=2)
+    acts, cam = ActivationCallback(num_probes=2), CAMCallback(num_probes=2)
     patches = TopPatchesCallback(layers="net.conv2", num_units=2, k=2, num_probes=4, patch_px=8)
     train, val = tiny_loaders(n=8)
-    tiny_trainer(str(tmp_path / "a"), [acts, patches], max_epochs=1).fit(LitTiny(), train, val)
+    tiny_trainer(str(tmp_path / "a"), [acts, cam, patches], max_epochs=1).fit(LitTiny(), train, val)
     assert acts.layer_names(LitTiny()) == ["net.conv1", "net.conv2"]
 
     wide = TinyCNN()
     wide.conv1 = torch.nn.Conv2d(3, 4, 5, padding=2)  # same names, a larger receptive field for net.conv2
     seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1))
     other = torch.nn.Sequential(seq, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
-    tiny_trainer(str(tmp_path / "b"), [acts], max_epochs=1).fit(LitTiny(other), train, val)
-    assert acts.layer_names(LitTiny(other)) == ["net.0.0", "net.0.2"]
+    tiny_trainer(str(tmp_path / "b"), [acts, cam], max_epochs=1).fit(LitTiny(other), train, val)
+    assert acts.layer_names(LitTiny(other)) == ["net.0.0", "net.0.2"] and cam.layers == ["net.0.2"]
     model = LitTiny(wide)
     tiny_trainer(str(tmp_path / "c"), [patches], max_epochs=1).fit(model, train, val)
     ((layer, shape, how), boxes), *_ = patches._boxes.items()
