@@ -146,7 +146,9 @@ STORED_PER_SHOWN = 8
 
 
 class MapTracker:
-    """Track a ``MapCallback``'s maps over training (see module docstring).
+    """How a ``MapCallback``'s maps evolve over training: filmstrips, drift, faithfulness, localization, sanity check.
+
+    The tags are listed in the module docstring.
 
     Args:
         filmstrip: log a filmstrip per probe: one row per map key, one frame per run with its epoch underneath.

@@ -210,3 +210,49 @@ def test_config_path_of_the_repository_layout_resolves_from_anywhere(tmp_path, m
     (tmp_path / "configs" / "demo.yaml").write_text("model: {width: 4}\n")
     assert resolve_config("configs/demo.yaml") == "configs/demo.yaml"  # an existing file always wins
     assert set(packaged_configs()) >= {"demo", "digits"}
+
+
+def test_help_lists_every_callback_with_its_summary_and_how_to_see_its_options(capsys):
+    from lightning_viz.callbacks import CALLBACKS
+    from lightning_viz.cli import cli_main
+
+    for args in (["--help"], ["fit", "--help"]):
+        with pytest.raises(SystemExit):
+            cli_main(args)
+        out = capsys.readouterr().out
+        for cls in CALLBACKS:
+            assert f"  {cls.__name__} " in out, (args, cls.__name__)
+        assert "  CAMCallback           Class activation maps of the probe images." in out
+        assert "  MapTracker " in out and "--trainer.callbacks.help NAME" in out
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            ["--trainer.callbacks.methods=[gradcamm]"],
+            "CAMCallback: methods: unknown CAM method 'gradcamm'; allowed: cam,",
+        ),
+        (
+            ["--trainer.callbacks.tracker=MapTracker", "--trainer.callbacks.tracker.topk=2"],
+            "MapTracker: topk must be a fraction in (0, 1]; got 2",
+        ),
+    ],
+)
+def test_a_bad_callback_option_on_the_command_line_ends_with_the_callbacks_own_message(options, message):
+    """Not jsonargparse's 'Does not validate against any of the Union subtypes' with the message buried inside."""
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(ValueError) as info:
+        cli_main(["--trainer.logger=false", "--trainer.callbacks+=CAMCallback", *options], run=False)
+    assert str(info.value).startswith(message), str(info.value)
+    assert info.value.__cause__ is None and "Union" not in str(info.value)
+
+
+def test_a_folder_named_like_a_packaged_config_does_not_hide_it(tmp_path, monkeypatch):
+    """``--config demo`` in a directory that has a ``demo/`` folder (a run or data folder) still finds the config."""
+    from lightning_viz.cli import packaged_configs, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    assert resolve_config("demo") == str(packaged_configs()["demo"])
