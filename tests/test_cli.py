@@ -256,3 +256,81 @@ def test_a_folder_named_like_a_packaged_config_does_not_hide_it(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo").mkdir()
     assert resolve_config("demo") == str(packaged_configs()["demo"])
+
+
+def _accepted(cls) -> set[str]:
+    """Init argument names of ``cls``, following ``**kwargs`` up the MRO as LightningCLI does."""
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        names |= {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    return names
+
+
+def test_readme_snippets_import_and_name_only_real_classes_and_options():
+    """Every README Python block compiles and its lightning_viz imports work; every YAML block and every
+    ``lightning-viz fit`` command names importable classes and options they accept (the runs themselves are
+    checked by hand and by the tests of each feature; this keeps renamed options out of the docs)."""
+    import importlib
+    import re
+    import shlex
+
+    import lightning_viz
+    import lightning_viz.data as data
+    import yaml
+
+    from lightning_viz.models import ImageClassifier
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    blocks = re.findall(r"```(\w+)\n(.*?)```", readme, flags=re.S)
+    assert len([b for lang, b in blocks if lang == "python"]) >= 10
+
+    def resolve(path: str):
+        if "." not in path:
+            return getattr(lightning_viz, path, None) or getattr(data, path)
+        module, name = path.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)
+
+    def check_yaml(node) -> None:
+        if isinstance(node, dict):
+            if "class_path" in node:
+                cls = resolve(node["class_path"])
+                unknown = set(node.get("init_args") or {}) - _accepted(cls)
+                assert not unknown, (node["class_path"], unknown)
+            for value in node.values():
+                check_yaml(value)
+        elif isinstance(node, list):
+            for value in node:
+                check_yaml(value)
+
+    for lang, body in blocks:
+        if lang == "python":
+            compile(body, "README.md", "exec")
+            imports = "\n".join(ln for ln in body.splitlines() if re.match(r"(from|import) lightning_viz", ln))
+            exec(imports, {})
+        elif lang == "yaml":
+            check_yaml(yaml.safe_load(body))
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        with open(os.path.join(ROOT, "configs", name)) as f:
+            check_yaml(yaml.safe_load(f))
+    commands = re.findall(r"lightning-viz fit (?:\\\n|[^`\n])*", readme)
+    assert len(commands) >= 8
+    for command in commands:
+        owner: dict[str, type] = {"model": ImageClassifier, "data": data.ShapesDataModule}
+        for arg in shlex.split(command.replace("\\\n", " ")):
+            key, _, value = arg.partition("=")
+            if key == "--trainer.callbacks+":
+                owner["callbacks"] = resolve(value)
+            elif key in ("--model", "--data"):
+                owner[key[2:]] = resolve(value) if not value.startswith("my_pkg") else object
+            elif re.match(r"--(model|data|trainer\.callbacks)\.\w+$", key):
+                group, option = key[2:].rsplit(".", 1)
+                cls = owner[group.replace("trainer.", "")]
+                assert cls is object or option in _accepted(cls), (command, cls.__name__, option)
