@@ -281,10 +281,10 @@ def test_readme_snippets_import_and_name_only_real_classes_and_options():
     import re
     import shlex
 
-    import lightning_viz
-    import lightning_viz.data as data
     import yaml
 
+    import lightning_viz
+    import lightning_viz.data as data
     from lightning_viz.models import ImageClassifier
 
     with open(os.path.join(ROOT, "README.md")) as f:
