@@ -326,7 +326,9 @@ def test_readme_snippets_import_and_name_only_real_classes_and_options():
         owner: dict[str, type] = {"model": ImageClassifier, "data": data.ShapesDataModule}
         for arg in shlex.split(command.replace("\\\n", " ")):
             key, _, value = arg.partition("=")
-            if key == "--trainer.callbacks+":
+            if key == "--trainer.callbacks.help":
+                assert shlex.split(command)[-1] in lightning_viz.__all__, command
+            elif key == "--trainer.callbacks+":
                 owner["callbacks"] = resolve(value)
             elif key in ("--model", "--data"):
                 owner[key[2:]] = resolve(value) if not value.startswith("my_pkg") else object
