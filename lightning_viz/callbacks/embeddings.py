@@ -33,7 +33,7 @@ PENULTIMATE = "penultimate"
 class EmbeddingCallback(VisualizationCallback):
     """Embeddings of the probe set, epoch by epoch, so class separation can be watched while training.
 
-    Features are the output of ``layer`` (conv maps averaged over space) or, by default, the
+    Features are the output of ``layers`` (one layer; conv maps averaged over space) or, by default, the
     penultimate features: the input of the last ``nn.Linear`` called in the model's forward (the
     classifier head of resnet/vgg/densenet/mobilenet; found by one forward at setup). Logged at step = epoch, with
     ``<layer>`` = the layer name or ``"penultimate"``:

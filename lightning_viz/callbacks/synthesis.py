@@ -234,12 +234,12 @@ class ClassModelCallback(_InputOptimizationCallback):
 
 
 class UnitCallback(_InputOptimizationCallback):
-    """Unit visualization (Erhan et al. 2009; Yosinski et al. 2015): for each channel of ``layer`` the image
+    """Unit visualization (Erhan et al. 2009; Yosinski et al. 2015): for each channel of ``layers`` the image
     maximizing its mean activation (``unit="channel"``) or its center unit (``"neuron"``); rank 0 only.
 
     Args:
         layers: the layer (one dotted name of ``model.named_modules()``, or a one-element list; required).
-        channels: channel indices of that layer, one image each (one batch).
+        channels: channel indices of that layer, one image each (one batch; required).
         unit: ``"channel"`` or ``"neuron"``.
         layer: deprecated alias of ``layers``.
         **kwargs: as :class:`ClassModelCallback`.
@@ -324,7 +324,7 @@ class UnitCallback(_InputOptimizationCallback):
 
 
 class InversionCallback(_InputOptimizationCallback):
-    """Feature inversion (Mahendran & Vedaldi 2015): reconstruct each probe from its representation at ``layer``
+    """Feature inversion (Mahendran & Vedaldi 2015): reconstruct each probe from its representation at ``layers``
     with an image prior (``tv``, ``l2``; defaults below), starting from seeded noise. Per probe, split over ranks.
 
     Args:
