@@ -197,3 +197,20 @@ def test_reused_callbacks_find_the_new_models_layers(tmp_path):
     ((layer, shape, how), boxes), *_ = patches._boxes.items()
     assert torch.equal(boxes, receptive_field(model, layer, shape, how).cpu())
     assert not torch.equal(boxes, receptive_field(LitTiny(), layer, shape, how).cpu())
+
+
+def test_resumed_fit_keeps_the_earlier_epochs_in_the_projector(tmp_path):
+    """A fit resumed into the same log directory adds its embeddings to the Projector's config (was: a new
+    SummaryWriter rewrote projector_config.pbtxt with its own epochs only, the earlier ones vanished from the tab)."""
+    from lightning_viz.callbacks.embeddings import EmbeddingCallback
+
+    train, val = tiny_loaders(n=12)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    emb = EmbeddingCallback(num_probes=6, projection=["pca"])
+    tiny_trainer(str(tmp_path), [emb, ckpt], max_epochs=1, enable_checkpointing=True).fit(LitTiny(), train, val)
+    again = EmbeddingCallback(num_probes=6, projection=["pca"])
+    trainer = tiny_trainer(str(tmp_path), [again], max_epochs=2)
+    trainer.fit(LitTiny(), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    config = (tmp_path / "version_0" / "projector_config.pbtxt").read_text()
+    paths = [line.split('"')[1] for line in config.splitlines() if "tensor_path" in line]
+    assert paths == ["00000/viz-embeddings%2fpenultimate/tensors.tsv", "00001/viz-embeddings%2fpenultimate/tensors.tsv"]
