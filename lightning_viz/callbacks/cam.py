@@ -141,7 +141,11 @@ class CAMCallback(GradientMapCallback):
             f"the classifier) and 'cam' cannot explain it: use the methods that need no such head ({others})."
         )
 
+    def relu_rule_methods(self) -> list[str]:
+        return [m for m in self.methods if cam_variant(m).guided]
+
     def check_input(self, model: Any, x: Tensor) -> None:
+        super().check_input(model, x)  # guided methods on a forward without ReLUs: a warning
         if self.layer_names is None:
             self.layers = [default_cam_layer(model, x, type(self).__name__)]
             self.check(model)
