@@ -177,8 +177,9 @@ def test_guided_methods_on_a_forward_without_relu_warn_at_setup(tmp_path):
     no_relu = [m for m in messages if "calls no ReLU" in m]
     assert len(no_relu) == 2
     assert no_relu[0].startswith("GradientCallback: LitTiny calls no ReLU in its forward")
-    assert "'guided_backprop', 'smoothgrad_deconvnet' equal(s) the plain gradient's map" in no_relu[0]
-    assert no_relu[1].startswith("CAMCallback: LitTiny calls no ReLU") and "'guided_gradcam' equal(s)" in no_relu[1]
+    assert "so 'guided_backprop', 'smoothgrad_deconvnet' give the plain gradient's maps here" in no_relu[0]
+    assert no_relu[0].endswith("Use 'saliency' or 'gradient' (CAMs: 'gradcam') instead.")
+    assert no_relu[1].startswith("CAMCallback: LitTiny calls no ReLU") and "so 'guided_gradcam' give" in no_relu[1]
     lit = LitTiny(NoReLUNet())
     probe = ProbeSet(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), labels=torch.tensor([0, 2]))
     with isolated(lit):

@@ -87,10 +87,10 @@ class GradientMapCallback(MapCallback):
         if mode is not None and mode.calls == 0:
             rank_zero_warn(
                 f"{type(self).__name__}: {type(unwrap_model(model)).__name__} calls no ReLU in its forward (nn.ReLU, "
-                f"F.relu, torch.relu, Tensor.relu; other activations such as SiLU, GELU or Hardswish keep their "
-                f"gradient), so {', '.join(map(repr, methods))} equal(s) the plain gradient's map here (guided "
-                "backprop and the deconvnet only change the backward of ReLUs); use 'saliency', 'gradient' or "
-                "'gradcam' for the same maps under their own names.",
+                f"F.relu, torch.relu or Tensor.relu), so {', '.join(map(repr, methods))} give the plain gradient's "
+                "maps here (guided CAMs: the gradient times the CAM): guided backprop and the deconvnet change only "
+                "the backward of ReLUs (SiLU, GELU or Hardswish keep their gradient). Use 'saliency' or 'gradient' "
+                "(CAMs: 'gradcam') instead.",
                 category=VisualizationWarning,
             )
 
