@@ -3,7 +3,7 @@
 Examples::
 
     lightning-viz fit --config demo                      # the packaged configs/demo.yaml (works from anywhere)
-    lightning-viz fit --config configs/demo.yaml --trainer.max_epochs=5 --model.arch=resnet18
+    lightning-viz fit --config configs/demo.yaml --trainer.max_epochs=5 --model.lr=0.001
     lightning-viz fit --model.num_classes=10 --model.in_channels=1 --data=DigitsDataModule
     lightning-viz fit --model=my_pkg.MyNet --data=my_pkg.MyData --trainer.callbacks+=lightning_viz.CAMCallback
 
@@ -16,11 +16,14 @@ Callbacks are added under ``trainer.callbacks`` (``class_path`` + ``init_args``)
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
+import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
-from jsonargparse import ActionConfigFile
+from jsonargparse import ActionConfigFile, DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -35,6 +38,10 @@ DESCRIPTION = (
     "lightning-viz: train a LightningModule with visualization callbacks that explain the CNN while it trains "
     "(filters, activations, gradients, CAMs, occlusion, top patches, embeddings, synthesis), logged to TensorBoard. "
     "Start with `lightning-viz fit --config demo`, then `tensorboard --logdir lightning_logs`."
+)
+CALLBACKS_HELP_HINT = (
+    "Add one with --trainer.callbacks+=NAME (then --trainer.callbacks.OPTION=VALUE for that callback) or under "
+    "trainer.callbacks in a YAML config; `lightning-viz fit --trainer.callbacks.help NAME` lists its options."
 )
 DEFAULT_MODEL = "lightning_viz.models.ImageClassifier"
 DEFAULT_DATA = "lightning_viz.data.ShapesDataModule"
@@ -59,7 +66,7 @@ def packaged_configs() -> dict[str, Path]:
 def resolve_config(value: Any) -> Any:
     """``value`` unchanged when it is an existing file (or not a plain name); else the packaged config of that
     name (``"demo"`` or ``"demo.yaml"``, also ``"configs/demo.yaml"``)."""
-    if not isinstance(value, (str, os.PathLike)) or os.path.exists(value):
+    if not isinstance(value, (str, os.PathLike)) or os.path.isfile(value):
         return value
     text = os.fspath(value)
     if "\n" in text or ":" in text.split("/")[-1]:  # an inline YAML/JSON config string
@@ -67,6 +74,35 @@ def resolve_config(value: Any) -> Any:
     name = Path(text).name
     stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
     return str(packaged_configs().get(stem, value))
+
+
+def callbacks_help(width: int = 100) -> str:
+    """The help's list of the visualization callbacks: each name with the first sentence of its docstring."""
+    from .callbacks import CALLBACKS
+    from .tracking import MapTracker
+
+    lines = [
+        "visualization callbacks (lightning_viz.callbacks; MapTracker is the tracker= option of the heatmap ones):"
+    ]
+    for cls in (*CALLBACKS, MapTracker):
+        first = " ".join(inspect.getdoc(cls).split("\n\n")[0].split()).replace("``", "")  # type: ignore[union-attr]
+        summary = re.split(r"(?<!\bal)(?<!Sec)(?<!Fig)(?<!eq)\.\s", first)[0].rstrip(".") + "."
+        lines.append(textwrap.fill(summary, width, initial_indent=f"  {cls.__name__:<22}", subsequent_indent=" " * 24))
+    lines.append(textwrap.fill(CALLBACKS_HELP_HINT, width, initial_indent="  ", subsequent_indent="  "))
+    return "\n".join(lines)
+
+
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help formatter, keeping the line breaks of indented lists (the callbacks list)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        blocks = text.split("\n\n")
+        return "\n\n".join(
+            "".join(indent + line for line in b.splitlines(keepends=True))
+            if "\n  " in b
+            else super(_HelpFormatter, self)._fill_text(b, width, indent)
+            for b in blocks
+        )
 
 
 class _ConfigFile(ActionConfigFile):
@@ -82,6 +118,8 @@ class VizCLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("dump_header", ["lightning-viz==" + __version__])
         kwargs.setdefault("description", DESCRIPTION)
+        kwargs.setdefault("epilog", callbacks_help())
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         parser = self.parser_class(**kwargs)
         parser.add_argument(
             "-c",
@@ -96,6 +134,38 @@ class VizCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
+
+    def instantiate_classes(self) -> None:
+        """As LightningCLI, but a bad init argument of a lightning-viz class (a callback option, pretrained
+        weights not in the cache) ends with that class's own message instead of jsonargparse's union error
+        (``Does not validate against any of the Union subtypes ...``) with the message buried inside."""
+        try:
+            super().instantiate_classes()
+        except Exception as exc:
+            own = _own_error(exc)
+            if own is None:
+                raise
+            raise own.with_traceback(None) from None
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _own_error(exc: BaseException) -> Optional[BaseException]:
+    """The outermost error in ``exc``'s chain that lightning-viz code raised itself (a ``ValueError``,
+    ``TypeError`` or ``OSError`` whose innermost frame is in this package), else ``None``."""
+    seen: set[int] = set()
+    cur: Optional[BaseException] = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        tb = cur.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        own = tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+        if own and isinstance(cur, (ValueError, TypeError, OSError)):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def cli_main(args: Optional[list[str]] = None, run: bool = True) -> LightningCLI:

@@ -146,7 +146,9 @@ STORED_PER_SHOWN = 8
 
 
 class MapTracker:
-    """Track a ``MapCallback``'s maps over training (see module docstring).
+    """How a ``MapCallback``'s maps evolve over training: filmstrips, drift, faithfulness, localization, sanity check.
+
+    The tags are listed in the module docstring.
 
     Args:
         filmstrip: log a filmstrip per probe: one row per map key, one frame per run with its epoch underneath.
@@ -192,19 +194,22 @@ class MapTracker:
         custom_scalars: bool = True,
     ):
         if max_frames < 2:
-            raise ValueError(f"max_frames must be >= 2 (first and latest epoch); got {max_frames}")
+            raise ValueError(f"MapTracker: max_frames must be >= 2 (first and latest epoch); got {max_frames}")
         if frame_size < 4:
-            raise ValueError(f"frame_size must be >= 4 pixels; got {frame_size}")
+            raise ValueError(f"MapTracker: frame_size must be >= 4 pixels; got {frame_size}")
         if not 0 < topk <= 1:
-            raise ValueError(f"topk must be a fraction in (0, 1]; got {topk}")
+            raise ValueError(f"MapTracker: topk must be a fraction in (0, 1]; got {topk}")
         if deletion_steps < 1:
-            raise ValueError(f"deletion_steps must be >= 1; got {deletion_steps}")
+            raise ValueError(f"MapTracker: deletion_steps must be >= 1; got {deletion_steps}")
         if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
+            raise ValueError(f"MapTracker: chunk_size must be >= 1 or None; got {chunk_size}")
         if pointing_tolerance < 0:
-            raise ValueError(f"pointing_tolerance must be >= 0; got {pointing_tolerance}")
+            raise ValueError(f"MapTracker: pointing_tolerance must be >= 0; got {pointing_tolerance}")
         if target is not None:
-            resolve_target(target)  # fails early with the allowed values
+            try:
+                resolve_target(target)  # fails early with the allowed values
+            except ValueError as exc:
+                raise ValueError(f"MapTracker: target: {exc}") from None
         self.filmstrip = filmstrip
         self.max_frames = max_frames
         self.frame_size = frame_size

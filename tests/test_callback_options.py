@@ -231,3 +231,42 @@ def test_results_reach_log_results_detached_on_the_cpu_also_without_ddp(tmp_path
     assert isinstance(res, Out) and res.norm.shape == (3,)
     assert not res.norm.requires_grad and not res.extra[0].requires_grad and res.norm.device.type == "cpu"
     assert scalar_steps(read_events(str(tmp_path)), "viz-gradnorm/mean") == [0]
+
+
+@pytest.mark.parametrize(
+    "make, option, allowed",
+    [
+        ("CAMCallback(methods=['gradcamm'])", "methods", "gradcam"),
+        ("GradientCallback(methods=['salincy'])", "methods", "saliency"),
+        ("GradientCallback(methods=[])", "methods", "saliency"),
+        ("GradientCallback(target='foo')", "target", "'predicted'"),
+        ("CAMCallback(reduce='max')", "reduce", "'abs_sum'"),
+        ("OcclusionCallback(fill='black')", "fill", "'blur'"),
+        ("OcclusionCallback(window=0)", "window", ">= 1"),
+        ("GradientCallback(cmap='notacmap')", "cmap", "'viridis'"),
+        ("GradientCallback(alpha=2)", "alpha", "[0, 1]"),
+        ("ActivationCallback(logits_fn='no.such.fn')", "logits_fn", "dotted path"),
+        ("TopPatchesCallback(layers='net.conv2', k=0)", "k", ">= 1"),
+        ("TopPatchesCallback(layers='net.conv2', chunk_size=0)", "chunk_size", ">= 1 or None"),
+        ("EmbeddingCallback(chunk_size=0)", "chunk_size", ">= 1 or None"),
+        ("EmbeddingCallback(projection=['umap'])", "projection", "'tsne'"),
+        ("ClassModelCallback(tv=-1)", "tv", ">= 0"),
+        ("ClassModelCallback(clip_percentile=200)", "clip_percentile", "(0, 100)"),
+        ("ClassModelCallback(blur_every=2, blur_sigma=-1)", "blur_sigma", "> 0"),
+        ("AdversarialCallback(min_flip_iterations=-1)", "min_flip_iterations", ">= 0"),
+        ("MapTracker(topk=1.5)", "topk", "(0, 1]"),
+        ("MapTracker(target='foo')", "target", "'label'"),
+    ],
+)
+def test_option_errors_at_construction_name_the_callback_the_option_and_what_is_allowed(make, option, allowed):
+    """In a CLI run the message is all a user sees of a bad value among many callbacks: it must say whose option
+    it is (messages raised by shared helpers included), which option, and what is allowed."""
+    import lightning_viz
+    from lightning_viz.tracking import MapTracker
+
+    owner = make.split("(")[0]
+    with pytest.raises((ValueError, TypeError)) as info:
+        eval(make, {**{c: getattr(lightning_viz, c) for c in lightning_viz.__all__}, "MapTracker": MapTracker})
+    message = str(info.value)
+    assert message.startswith(f"{owner}: "), message
+    assert option in message and allowed in message, message

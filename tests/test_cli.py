@@ -210,3 +210,129 @@ def test_config_path_of_the_repository_layout_resolves_from_anywhere(tmp_path, m
     (tmp_path / "configs" / "demo.yaml").write_text("model: {width: 4}\n")
     assert resolve_config("configs/demo.yaml") == "configs/demo.yaml"  # an existing file always wins
     assert set(packaged_configs()) >= {"demo", "digits"}
+
+
+def test_help_lists_every_callback_with_its_summary_and_how_to_see_its_options(capsys):
+    from lightning_viz.callbacks import CALLBACKS
+    from lightning_viz.cli import cli_main
+
+    for args in (["--help"], ["fit", "--help"]):
+        with pytest.raises(SystemExit):
+            cli_main(args)
+        out = capsys.readouterr().out
+        for cls in CALLBACKS:
+            assert f"  {cls.__name__} " in out, (args, cls.__name__)
+        assert "  CAMCallback           Class activation maps of the probe images." in out
+        assert "  MapTracker " in out and "--trainer.callbacks.help NAME" in out
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            ["--trainer.callbacks.methods=[gradcamm]"],
+            "CAMCallback: methods: unknown CAM method 'gradcamm'; allowed: cam,",
+        ),
+        (
+            ["--trainer.callbacks.tracker=MapTracker", "--trainer.callbacks.tracker.topk=2"],
+            "MapTracker: topk must be a fraction in (0, 1]; got 2",
+        ),
+    ],
+)
+def test_a_bad_callback_option_on_the_command_line_ends_with_the_callbacks_own_message(options, message):
+    """Not jsonargparse's 'Does not validate against any of the Union subtypes' with the message buried inside."""
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(ValueError) as info:
+        cli_main(["--trainer.logger=false", "--trainer.callbacks+=CAMCallback", *options], run=False)
+    assert str(info.value).startswith(message), str(info.value)
+    assert info.value.__cause__ is None and "Union" not in str(info.value)
+
+
+def test_a_folder_named_like_a_packaged_config_does_not_hide_it(tmp_path, monkeypatch):
+    """``--config demo`` in a directory that has a ``demo/`` folder (a run or data folder) still finds the config."""
+    from lightning_viz.cli import packaged_configs, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    assert resolve_config("demo") == str(packaged_configs()["demo"])
+
+
+def _accepted(cls) -> set[str]:
+    """Init argument names of ``cls``, following ``**kwargs`` up the MRO as LightningCLI does."""
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        names |= {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    return names
+
+
+def test_readme_snippets_import_and_name_only_real_classes_and_options():
+    """Every README Python block compiles and its lightning_viz imports work; every YAML block and every
+    ``lightning-viz fit`` command names importable classes and options they accept (the runs themselves are
+    checked by hand and by the tests of each feature; this keeps renamed options out of the docs)."""
+    import importlib
+    import re
+    import shlex
+
+    import yaml
+
+    import lightning_viz
+    import lightning_viz.data as data
+    from lightning_viz.models import ImageClassifier
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    blocks = re.findall(r"```(\w+)\n(.*?)```", readme, flags=re.S)
+    assert len([b for lang, b in blocks if lang == "python"]) >= 10
+
+    def resolve(path: str):
+        if "." not in path:
+            return getattr(lightning_viz, path, None) or getattr(data, path)
+        module, name = path.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)
+
+    def check_yaml(node) -> None:
+        if isinstance(node, dict):
+            if "class_path" in node:
+                cls = resolve(node["class_path"])
+                unknown = set(node.get("init_args") or {}) - _accepted(cls)
+                assert not unknown, (node["class_path"], unknown)
+            for value in node.values():
+                check_yaml(value)
+        elif isinstance(node, list):
+            for value in node:
+                check_yaml(value)
+
+    for lang, body in blocks:
+        if lang == "python":
+            compile(body, "README.md", "exec")
+            imports = "\n".join(ln for ln in body.splitlines() if re.match(r"(from|import) lightning_viz", ln))
+            exec(imports, {})
+        elif lang == "yaml":
+            check_yaml(yaml.safe_load(body))
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        with open(os.path.join(ROOT, "configs", name)) as f:
+            check_yaml(yaml.safe_load(f))
+    commands = re.findall(r"lightning-viz fit (?:\\\n|[^`\n])*", readme)
+    assert len(commands) >= 8
+    for command in commands:
+        owner: dict[str, type] = {"model": ImageClassifier, "data": data.ShapesDataModule}
+        for arg in shlex.split(command.replace("\\\n", " ")):
+            key, _, value = arg.partition("=")
+            if key == "--trainer.callbacks.help":
+                assert shlex.split(command)[-1] in lightning_viz.__all__, command
+            elif key == "--trainer.callbacks+":
+                owner["callbacks"] = resolve(value)
+            elif key in ("--model", "--data"):
+                owner[key[2:]] = resolve(value) if not value.startswith("my_pkg") else object
+            elif re.match(r"--(model|data|trainer\.callbacks)\.\w+$", key):
+                group, option = key[2:].rsplit(".", 1)
+                cls = owner[group.replace("trainer.", "")]
+                assert cls is object or option in _accepted(cls), (command, cls.__name__, option)

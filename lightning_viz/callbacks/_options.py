@@ -34,7 +34,7 @@ def renamed_option(owner: str, old: str, new: str, old_value: Any, new_value: An
     warnings.warn(
         f"{owner}: option {old!r} is deprecated and will be removed; use {new!r} instead ({new}={old_value!r})",
         VizDeprecationWarning,
-        stacklevel=3,
+        stacklevel=4,  # the caller of the callback's __init__ (wrapped by VisualizationCallback.__init_subclass__)
     )
     if new_value is not None and new_value != new_default and new_value != old_value:
         raise ValueError(

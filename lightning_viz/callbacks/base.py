@@ -10,6 +10,7 @@ overrides :meth:`compute` (all ranks, its shard of the probes, returns per-probe
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 import weakref
@@ -299,6 +300,23 @@ class VisualizationCallback(Callback):
     #: How :meth:`compute` uses the model: ``"logits"`` (reads logits), ``"forward"`` (only runs it, e.g. to
     #: hook layers) or ``"none"`` (never calls it). Decides what :meth:`adapted` returns and checks at setup.
     model_use: Literal["logits", "forward", "none"] = "logits"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each subclass's ``__init__`` runs under :meth:`_naming`, so an option error names the callback
+        (``CAMCallback: ...``) also when a shared helper raised it: with many callbacks in one YAML config,
+        the message is all that tells which one is wrong."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_names_errors", False):
+            return
+
+        @functools.wraps(init)
+        def named_init(self: VisualizationCallback, *args: Any, **kw: Any) -> None:
+            with self._naming():
+                init(self, *args, **kw)
+
+        named_init._names_errors = True  # type: ignore[attr-defined]
+        cls.__init__ = named_init  # type: ignore[method-assign]
 
     def __init__(
         self,

@@ -83,8 +83,11 @@ class CAMCallback(GradientMapCallback):
         if isinstance(methods, str):
             methods = [methods]
         if not methods:
-            raise ValueError("CAMCallback needs at least one method")
-        self.methods = list(dict.fromkeys(canonical_cam_method(m) for m in methods))
+            raise ValueError(f"methods must name at least one method; allowed: {', '.join(CAM_VARIANTS)}")
+        try:
+            self.methods = list(dict.fromkeys(canonical_cam_method(m) for m in methods))
+        except ValueError as exc:
+            raise ValueError(f"methods: {exc}") from None
         needs_class = [m for m in self.methods if cam_variant(m).needs_class]
         if needs_class and isinstance(self.target, CallableTarget):
             raise ValueError(

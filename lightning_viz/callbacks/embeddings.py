@@ -33,7 +33,7 @@ PENULTIMATE = "penultimate"
 class EmbeddingCallback(VisualizationCallback):
     """Embeddings of the probe set, epoch by epoch, so class separation can be watched while training.
 
-    Features are the output of ``layer`` (conv maps averaged over space) or, by default, the
+    Features are the output of ``layers`` (one layer; conv maps averaged over space) or, by default, the
     penultimate features: the input of the last ``nn.Linear`` called in the model's forward (the
     classifier head of resnet/vgg/densenet/mobilenet; found by one forward at setup). Logged at step = epoch, with
     ``<layer>`` = the layer name or ``"penultimate"``:
@@ -86,9 +86,11 @@ class EmbeddingCallback(VisualizationCallback):
         bad = [p for p in projection if p not in ("pca", "tsne")]
         if bad:
             raise ValueError(f"projection must be a list of 'pca' and/or 'tsne'; got {projection!r}")
-        for name, v in (("sprite_size", sprite_size), ("knn_k", knn_k), ("chunk_size", chunk_size or 1)):
+        for name, v in (("sprite_size", sprite_size), ("knn_k", knn_k)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1; got {v}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
         if tsne_iterations < 250:
             raise ValueError(
                 f"tsne_iterations must be >= 250 (t-SNE's early-exaggeration phase); got {tsne_iterations}"

@@ -173,12 +173,12 @@ class GradientCallback(GradientMapCallback):
         super().__init__(target=target, chunk_size=chunk_size, share_pass=share_pass, **kwargs)
         if isinstance(methods, str):
             methods = [methods]
-        if not methods:
-            raise ValueError("GradientCallback needs at least one method")
         allowed = list(GRADIENT_METHODS) + [SMOOTHGRAD_PREFIX + m for m in GRADIENT_METHODS]
+        if not methods:
+            raise ValueError(f"methods must name at least one method; allowed: {', '.join(allowed)}")
         for m in methods:
             if m not in allowed:
-                raise ValueError(f"unknown gradient method {m!r}; allowed: {', '.join(allowed)}")
+                raise ValueError(f"methods: unknown gradient method {m!r}; allowed: {', '.join(allowed)}")
         if reduce not in ("abs_max", "sum", "abs_sum"):
             raise ValueError(f"reduce must be 'abs_max', 'sum' or 'abs_sum'; got {reduce!r}")
         if smoothgrad_samples < 1:

@@ -73,9 +73,11 @@ class TopPatchesCallback(VisualizationCallback):
         names = as_layer_list(owner, layers) or []
         if units is not None and (not units or min(units) < 0):
             raise ValueError(f"units must be a non-empty list of channel indices >= 0, or None; got {units!r}")
-        for name, v in (("num_units", num_units), ("k", k), ("chunk_size", chunk_size or 1)):
+        for name, v in (("num_units", num_units), ("k", k)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1; got {v}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
         if receptive_field not in ("auto", "arithmetic", "gradient"):
             raise ValueError(f"receptive_field must be 'auto', 'arithmetic' or 'gradient'; got {receptive_field!r}")
         if patch_px < 0:

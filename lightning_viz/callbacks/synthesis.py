@@ -112,8 +112,11 @@ class _InputOptimizationCallback(VisualizationCallback):
             raise ValueError(f"{name}: init must be 'zero', 'gray' or 'noise'; got {init!r}")
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"{name}: optimizer must be 'adam' or 'sgd'; got {optimizer!r}")
-        if min(l2, l2_decay, tv, blur_every, jitter, clip_percentile, clip_contribution_percentile) < 0:
-            raise ValueError(f"{name}: l2, l2_decay, tv, blur_every, jitter and the clip percentiles must be >= 0")
+        nonneg = dict(l2=l2, l2_decay=l2_decay, tv=tv, blur_every=blur_every, jitter=jitter)
+        nonneg.update(clip_percentile=clip_percentile, clip_contribution_percentile=clip_contribution_percentile)
+        negative = {k: v for k, v in nonneg.items() if v < 0}
+        if negative:
+            raise ValueError(f"{name}: {', '.join(negative)} must be >= 0 (0 = off); got {negative}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"{name}: chunk_size must be >= 1 or None; got {chunk_size}")
         if input_shape is not None and len(input_shape) != 3:
@@ -231,12 +234,12 @@ class ClassModelCallback(_InputOptimizationCallback):
 
 
 class UnitCallback(_InputOptimizationCallback):
-    """Unit visualization (Erhan et al. 2009; Yosinski et al. 2015): for each channel of ``layer`` the image
+    """Unit visualization (Erhan et al. 2009; Yosinski et al. 2015): for each channel of ``layers`` the image
     maximizing its mean activation (``unit="channel"``) or its center unit (``"neuron"``); rank 0 only.
 
     Args:
         layers: the layer (one dotted name of ``model.named_modules()``, or a one-element list; required).
-        channels: channel indices of that layer, one image each (one batch).
+        channels: channel indices of that layer, one image each (one batch; required).
         unit: ``"channel"`` or ``"neuron"``.
         layer: deprecated alias of ``layers``.
         **kwargs: as :class:`ClassModelCallback`.
@@ -321,7 +324,7 @@ class UnitCallback(_InputOptimizationCallback):
 
 
 class InversionCallback(_InputOptimizationCallback):
-    """Feature inversion (Mahendran & Vedaldi 2015): reconstruct each probe from its representation at ``layer``
+    """Feature inversion (Mahendran & Vedaldi 2015): reconstruct each probe from its representation at ``layers``
     with an image prior (``tv``, ``l2``; defaults below), starting from seeded noise. Per probe, split over ranks.
 
     Args:

@@ -107,7 +107,9 @@ class GaussianBlur(Regularizer):
 
     def __init__(self, sigma: float, every: int = 4):
         if sigma <= 0 or every < 1:
-            raise ValueError(f"blur needs sigma > 0 and every >= 1; got sigma={sigma}, every={every}")
+            raise ValueError(
+                f"blur needs blur_sigma > 0 and blur_every >= 1; got blur_sigma={sigma}, blur_every={every}"
+            )
         self.sigma = float(sigma)
         self.every = int(every)
 
@@ -120,7 +122,7 @@ class ClipPixelNorm(Regularizer):
 
     def __init__(self, percentile: float):
         if not 0.0 < percentile < 100.0:
-            raise ValueError(f"clip percentile must be in (0, 100); got {percentile}")
+            raise ValueError(f"clip_percentile must be in (0, 100) (0 = off); got {percentile}")
         self.percentile = float(percentile)
 
     def project(self, image: Tensor, grad: Tensor | None, step: int) -> Tensor:
@@ -136,7 +138,7 @@ class ClipContribution(Regularizer):
 
     def __init__(self, percentile: float):
         if not 0.0 < percentile < 100.0:
-            raise ValueError(f"contribution clip percentile must be in (0, 100); got {percentile}")
+            raise ValueError(f"clip_contribution_percentile must be in (0, 100) (0 = off); got {percentile}")
         self.percentile = float(percentile)
 
     def project(self, image: Tensor, grad: Tensor | None, step: int) -> Tensor:
