@@ -329,3 +329,48 @@ def test_cam_refuses_a_named_layer_that_is_no_conv_feature_map(tmp_path):
     with pytest.raises(LayerNotFoundError, match=r"CAMCallback: layers names 'net.blocks.0.norm1', a LayerNorm whose"):
         trainer.fit(LitTiny(tiny_vit()), *tiny_loaders(n=8, size=32))
     assert steps.steps == 0
+
+
+class ConcatBranches(nn.Module):
+    """Two conv branches concatenated (2 + 3 = 5 channels), as GoogLeNet's and Inception's last blocks: no module
+    of the block has the block's width."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 2, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+
+
+class ConcatNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = ConcatBranches()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.block(x)).flatten(1))
+
+
+def test_cam_default_layer_of_concatenated_branches(tmp_path):
+    """'cam' on a GAP + linear head over a block that concatenates branches (GoogLeNet, Inception v3) runs on the
+    default layer (was refused at setup: no module of the block has the 5 channels the classifier reads), and its
+    map is Zhou et al.'s Eq. 2 by hand: ReLU(sum_k W[c, k] A_k)."""
+    torch.manual_seed(0)
+    lit = LitTiny(ConcatNet())
+    cb = CAMCallback(methods=["cam"], num_probes=2)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1).fit(
+        lit, *tiny_loaders(n=6)
+    )
+    assert cb.layers == ["net.block"] and "viz-cam/cam/net.block/stats/mean_abs" in cb.last_logged_tags
+    probe = ProbeSet(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), labels=torch.tensor([0, 2]))
+    with isolated(lit):
+        got = cb.compute_maps(lit, probe)["cam/net.block"]
+        a = lit.net.block(probe.images)
+    w = lit.net.fc.weight.detach()[probe.labels]  # [B, 5]
+    ref = F.relu((w[:, :, None, None] * a).sum(1))
+    torch.testing.assert_close(got, ref)
+    assert float(ref.abs().max()) > 0

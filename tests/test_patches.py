@@ -82,6 +82,25 @@ def test_same_padding_with_an_even_kernel():
     assert torch.equal(gboxes[2, 3], torch.tensor([0, 1, 6, 7]))
 
 
+def test_gradient_receptive_field_batches_within_the_memory_budget():
+    """The positions' copies go through the model in batches the memory budget holds (was: 64 at a time whatever
+    the model, 4.4 GB for a ResNet-50's layer4 at 224 px on the CPU, whose default budget is 512 MiB); the boxes do
+    not depend on the batching."""
+    from lightning_viz.methods.batching import GRAD_FACTOR, activation_bytes_per_image
+
+    model = known_stack(nn.AvgPool2d(2), relu=False)  # layer '4': 12 x 12 positions at 48 px
+    per_image = activation_bytes_per_image(model, torch.zeros(1, 1, 48, 48)) * GRAD_FACTOR
+    sizes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, inputs: sizes.append(inputs[0].shape[0]))
+    try:
+        support, boxes = gradient_receptive_field(model, "4", (1, 48, 48), trials=1, memory_mb=5.5 * per_image / 2**20)
+    finally:
+        hook.remove()
+    assert sizes[0] == 1 and max(sizes[1:]) == 5 and sum(sizes[1:]) == 144  # one probe forward, then batches of 5
+    ref_support, ref_boxes = gradient_receptive_field(model, "4", (1, 48, 48), trials=1, chunk_size=144)
+    assert torch.equal(support, ref_support) and torch.equal(boxes, ref_boxes)
+
+
 def test_gradient_support_equals_arithmetic_box_inside_the_image():
     model = known_stack(nn.AvgPool2d(2), relu=False)  # linear: every path carries gradient
     boxes = stack_receptive_field(model, "4", (1, 48, 48)).boxes()

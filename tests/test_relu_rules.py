@@ -134,3 +134,56 @@ def test_densenet121_functional_and_inplace_relu():
     )  # stem, 2 per dense layer, transitions, functional F.relu(inplace=True) at the end
     plain, _ = run(None)
     assert torch.isfinite(g).all() and not torch.allclose(plain, g)
+
+
+class NoReLUNet(nn.Module):
+    """conv -> SiLU -> conv -> GELU -> GAP -> linear: EfficientNet's and ConvNeXt's activations, no ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.act1 = nn.Conv2d(3, 4, 3, padding=1), nn.SiLU()
+        self.conv2, self.act2 = nn.Conv2d(4, 4, 3, padding=1), nn.GELU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.act2(self.conv2(self.act1(self.conv1(x)))).mean(dim=(2, 3)))
+
+
+def test_guided_methods_on_a_forward_without_relu_warn_at_setup(tmp_path):
+    """Guided backprop and the deconvnet change only the backward of ReLUs: on a model without any, their maps are
+    the plain gradient's under another name. Said at setup, naming the callback and the methods (was: silent);
+    a model with ReLUs gets no such warning."""
+    import warnings
+
+    from helpers import LitTiny, TinyCNN, tiny_loaders, tiny_trainer
+
+    from lightning_viz.callbacks import CAMCallback, GradientCallback
+    from lightning_viz.callbacks.base import VisualizationWarning
+    from lightning_viz.probe import ProbeSet
+
+    def fit(net, path):
+        grads = GradientCallback(
+            methods=["saliency", "guided_backprop", "smoothgrad_deconvnet"], num_probes=2, smoothgrad_samples=2
+        )
+        cams = CAMCallback(methods=["gradcam", "guided_gradcam"], num_probes=2)
+        trainer = tiny_trainer(str(path), [grads, cams], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(LitTiny(net), *tiny_loaders(n=6))
+        return grads, [str(w.message) for w in caught if issubclass(w.category, VisualizationWarning)]
+
+    torch.manual_seed(0)
+    grads, messages = fit(NoReLUNet(), tmp_path / "silu")
+    no_relu = [m for m in messages if "calls no ReLU" in m]
+    assert len(no_relu) == 2
+    assert no_relu[0].startswith("GradientCallback: LitTiny calls no ReLU in its forward")
+    assert "so 'guided_backprop', 'smoothgrad_deconvnet' give the plain gradient's maps here" in no_relu[0]
+    assert no_relu[0].endswith("Use 'saliency' or 'gradient' (CAMs: 'gradcam') instead.")
+    assert no_relu[1].startswith("CAMCallback: LitTiny calls no ReLU") and "so 'guided_gradcam' give" in no_relu[1]
+    lit = LitTiny(NoReLUNet())
+    probe = ProbeSet(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), labels=torch.tensor([0, 2]))
+    with isolated(lit):
+        maps = grads.compute_maps(lit, probe)
+    torch.testing.assert_close(maps["guided_backprop/input"], maps["saliency/input"], rtol=0, atol=0)  # as it says
+    _, messages = fit(TinyCNN(), tmp_path / "relu")
+    assert not [m for m in messages if "calls no ReLU" in m]

@@ -26,7 +26,6 @@ from ..layers import (
     get_layer,
     linear_calls,
     linear_layer_names,
-    named_layers,
     require_conv,
     resolve_layers,
 )
@@ -112,14 +111,11 @@ class CAMCallback(GradientMapCallback):
     def check(self, pl_module: LightningModule) -> None:
         if self.layer_names is None:  # the default layer needs a forward: found in check_input (setup) or compute
             if not self.layers:
-                if self._uses_head():  # refuse now if no nn.Linear at all reads a layer's channel count
-                    widths = {
-                        getattr(m, a)
-                        for m in named_layers(pl_module).values()
-                        for a in ("out_channels", "num_features")
-                        if isinstance(getattr(m, a, None), int)
-                    }
-                    self._head_possible(pl_module, widths, "(default)")
+                if self._uses_head() and not linear_layer_names(pl_module):  # refuse now: no nn.Linear at all
+                    with self._naming():
+                        cam_head(pl_module, -1)  # raises: names the model, says it has no nn.Linear
+                # else the setup forward tells the default layer's width (a block concatenating branches, as
+                # GoogLeNet's and Inception's last ones, has no module of that width) and verifies the head
                 return
         else:
             self.layers = resolve_layers(pl_module, self.layer_names)
@@ -146,18 +142,18 @@ class CAMCallback(GradientMapCallback):
         before the pooling) the model has none, so only the methods without a head can help."""
         if self.layer_names is not None:
             return None
-        why = (
-            "no nn.Linear of the model reads as many features as a layer has channels"
-            if layer == "(default)"
-            else f"the default layer {layer!r} is the model's last feature map before the global pooling"
-        )
+        why = f"the default layer {layer!r} is the model's last feature map before the global pooling"
         others = ", ".join(repr(m) for m, v in CAM_VARIANTS.items() if not v.head)
         return (
             f"As {why}, the model has no GAP + nn.Linear head (e.g. a norm or a conv lies between the pooling and "
             f"the classifier) and 'cam' cannot explain it: use the methods that need no such head ({others})."
         )
 
+    def relu_rule_methods(self) -> list[str]:
+        return [m for m in self.methods if cam_variant(m).guided]
+
     def check_input(self, model: Any, x: Tensor) -> None:
+        super().check_input(model, x)  # guided methods on a forward without ReLUs: a warning
         if self.layer_names is None:
             self.layers = [default_cam_layer(model, x, type(self).__name__)]
             self.check(model)

@@ -14,15 +14,18 @@ from __future__ import annotations
 import weakref
 from typing import Any, Literal, Optional, Union
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ..layers import module_device, module_dtype
+from ..layers import module_device, module_dtype, unwrap_model
 from ..methods.gradients import GRADIENT_METHODS, PASS_RULES, gradient_from_pass, reduce_channels, smoothgrad
+from ..methods.relu_rules import relu_rule
 from ..methods.shared_pass import INPUT, PassCache, PassResult, model_version, pass_cache
 from ..probe import ProbeSet
 from ..targets import resolve_target
-from .base import override
+from .base import VisualizationWarning, override
 from .maps import MapCallback, probabilities
 
 __all__ = ["GradientMapCallback", "GradientCallback", "SMOOTHGRAD_PREFIX"]
@@ -67,6 +70,29 @@ class GradientMapCallback(MapCallback):
     def cache(self, pl_module: LightningModule) -> PassCache:
         """The model's shared :class:`PassCache`, or this callback's own one (``share_pass=False``)."""
         return pass_cache(self.adapted(pl_module)) if self.share_pass else self._own_cache
+
+    def relu_rule_methods(self) -> list[str]:
+        """This callback's methods that change the backward of ReLUs (guided backprop, deconvnet, guided CAMs)."""
+        return []
+
+    def check_input(self, model: Any, x: Tensor) -> None:
+        """Warn when the methods that only change the backward of ReLUs meet a forward that calls no ReLU
+        (EfficientNet's SiLU, ConvNeXt's GELU): their maps are then the plain gradient's, under another name."""
+        super().check_input(model, x)
+        methods = self.relu_rule_methods()
+        if not methods:
+            return
+        with torch.enable_grad(), relu_rule("guided") as mode:
+            model(x.detach().requires_grad_())
+        if mode is not None and mode.calls == 0:
+            rank_zero_warn(
+                f"{type(self).__name__}: {type(unwrap_model(model)).__name__} calls no ReLU in its forward (nn.ReLU, "
+                f"F.relu, torch.relu or Tensor.relu), so {', '.join(map(repr, methods))} give the plain gradient's "
+                "maps here (guided CAMs: the gradient times the CAM): guided backprop and the deconvnet change only "
+                "the backward of ReLUs (SiLU, GELU or Hardswish keep their gradient). Use 'saliency' or 'gradient' "
+                "(CAMs: 'gradcam') instead.",
+                category=VisualizationWarning,
+            )
 
     def check(self, pl_module: LightningModule) -> None:
         cache = self.cache(pl_module)
@@ -171,6 +197,9 @@ class GradientCallback(GradientMapCallback):
 
     def pass_needs(self, pl_module: LightningModule) -> dict[Optional[str], list[str]]:
         return {PASS_RULES[m]: [INPUT] for m in self.methods if m in PASS_RULES}
+
+    def relu_rule_methods(self) -> list[str]:
+        return [m for m in self.methods if PASS_RULES.get(m.removeprefix(SMOOTHGRAD_PREFIX)) is not None]
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return super().state_key_parts() + (tuple(self.methods), self.reduce)

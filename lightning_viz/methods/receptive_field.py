@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from ..capture import capture
 from ..layers import get_layer, named_layers
+from .batching import images_per_forward
 
 __all__ = [
     "ReceptiveField",
@@ -245,15 +247,23 @@ def _support_boxes(support: Tensor) -> Tensor:
 
 
 def gradient_receptive_field(
-    model: nn.Module, layer: str, input_shape: Sequence[int], trials: int = 2, seed: int = 0, chunk_size: int = 64
+    model: nn.Module,
+    layer: str,
+    input_shape: Sequence[int],
+    trials: int = 2,
+    seed: int = 0,
+    chunk_size: Optional[int] = None,
+    memory_mb: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     """Receptive field of every output position of ``layer`` as the support of ``d unit / d input``.
 
     For position ``(i, j)`` the unit is the sum over channels of the layer output at ``(i, j)``; the
     support (pixels with a non-zero gradient in any channel) is united over ``trials`` random normal
     inputs drawn from a seeded generator (a ReLU that happens to be off hides a path for one input
-    only). Positions are batched: ``chunk_size`` copies of the input, one position each, one backward.
-    Needs autograd w.r.t. the input only (parameters may be frozen).
+    only). Positions are batched: ``chunk_size`` copies of the input, one position each, one backward
+    (``None``: as many as ``memory_mb`` of activations hold with their gradients, by default the budget of
+    :mod:`lightning_viz.methods.batching`; a ResNet-50's ``layer4`` at 224 px has 49 positions, 4.4 GB in one
+    batch). Needs autograd w.r.t. the input only (parameters may be frozen).
 
     Returns ``(support[h, w, H, W] bool, boxes[h, w, 4])``, boxes clipped to the image.
     """
@@ -270,6 +280,8 @@ def gradient_receptive_field(
         h, w = cap[layer].shape[-2:]
         if support is None:
             support = torch.zeros(h * w, H, W, dtype=torch.bool)
+        if chunk_size is None:
+            chunk_size = images_per_forward(model, x0, memory_mb, grad=True)
         for s in range(0, h * w, chunk_size):
             pos = torch.arange(s, min(s + chunk_size, h * w))
             x = x0.expand(len(pos), *x0.shape[1:]).clone().requires_grad_(True)
@@ -284,13 +296,15 @@ def gradient_receptive_field(
     return support.view(h, w, H, W), boxes.view(h, w, 4)
 
 
-def receptive_field(model: nn.Module, layer: str, input_shape: Sequence[int], method: str = "auto") -> Tensor:
+def receptive_field(
+    model: nn.Module, layer: str, input_shape: Sequence[int], method: str = "auto", memory_mb: Optional[float] = None
+) -> Tensor:
     """Input boxes ``[h, w, 4]`` (``y0, x0, y1, x1``, end exclusive) of every output position of ``layer``.
 
     ``method``: ``"arithmetic"`` (:func:`stack_receptive_field`, boxes may extend past the border),
     ``"gradient"`` (:func:`gradient_receptive_field`; boxes clipped by the border are extended back to
     the full receptive-field size seen at interior positions), or ``"auto"`` (arithmetic when the path
-    is a plain conv/pool chain, else gradient).
+    is a plain conv/pool chain, else gradient; ``memory_mb``: its activation budget per batch).
     """
     if method not in ("auto", "arithmetic", "gradient"):
         raise ValueError(f"receptive field method must be 'auto', 'arithmetic' or 'gradient'; got {method!r}")
@@ -300,7 +314,7 @@ def receptive_field(model: nn.Module, layer: str, input_shape: Sequence[int], me
         except NotAConvStackError:
             if method == "arithmetic":
                 raise
-    _, boxes = gradient_receptive_field(model, layer, input_shape)
+    _, boxes = gradient_receptive_field(model, layer, input_shape, memory_mb=memory_mb)
     return _unclip(boxes, int(input_shape[-2]), int(input_shape[-1]))
 
 
