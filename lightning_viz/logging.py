@@ -375,6 +375,27 @@ class Backend:
         pass
 
 
+def _continue_projector_config(writer: Any) -> None:
+    """A ``SummaryWriter`` keeps the projector config it wrote in memory and rewrites the whole file at every
+    ``add_embedding``: a new one on a log directory that has the file (a fit resumed there) would drop the earlier
+    embeddings from the Projector tab. Start it from the file's entries instead."""
+    if hasattr(writer, "_projector_config"):
+        return
+    path = os.path.join(writer._get_file_writer().get_logdir(), "projector_config.pbtxt")
+    if not os.path.isfile(path):
+        return
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    config = ProjectorConfig()
+    try:
+        with open(path) as f:
+            text_format.Parse(f.read(), config)
+    except Exception:  # unreadable: written afresh, as before
+        return
+    writer._projector_config = config
+
+
 class TensorBoardBackend(Backend):
     """A TensorBoard ``SummaryWriter`` (the ``TensorBoardLogger``'s ``experiment``)."""
 
@@ -411,6 +432,7 @@ class TensorBoardBackend(Backend):
         writer = self.writer
 
         def write() -> None:
+            _continue_projector_config(writer)
             writer.add_embedding(
                 features,
                 metadata=metadata,

@@ -10,10 +10,12 @@ Batches may be ``(x, y)``, ``(x, y, mask)``, ``x`` alone, or a dict with keys ``
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -44,7 +46,8 @@ def split_sample(sample: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
     ``pixel_values``, ``x``, ``input``, ``inputs``; label under ``label``, ``labels``, ``y``, ``target``,
     ``targets``, ``class``, ``class_id``; mask under ``mask``, ``masks``). A tuple's third element is the mask
     only when it is one: a tensor of the image's height and width (``[H, W]`` or ``[1, H, W]``; a batch's
-    ``[B, H, W]`` or ``[B, 1, H, W]``); anything else there (an index, a path, extra targets) is ignored.
+    ``[B, H, W]`` or ``[B, 1, H, W]``); anything else there (an index, a path, extra targets) is ignored. A label
+    that holds no numbers (a file name, a dict of targets) counts as none.
     One-hot or probability-vector labels (label smoothing, mixup) count as the class they give most weight to
     (:func:`class_index`)."""
     if isinstance(sample, Tensor):
@@ -92,12 +95,19 @@ def class_index(label: Tensor | None, img: Any) -> Tensor | None:
     return label
 
 
-def read_item(dataset: Any, index: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def read_item(dataset: Any, index: int, seed: int | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``split_sample(dataset[index])`` read inside :func:`~lightning_viz.capture.fork_rng`, so a dataset
-    whose ``__getitem__`` draws a random augmentation leaves every global RNG as it was."""
+    whose ``__getitem__`` draws a random augmentation leaves every global RNG as it was. With ``seed``, the CPU
+    torch, numpy and python RNGs are seeded from ``(seed, index)`` for the read: the item is the same whatever
+    their state (every DDP rank, unseeded, reads the same probe images)."""
     from .capture import fork_rng
 
     with fork_rng():
+        if seed is not None:
+            item_seed = (seed * 1_000_003 + index) % 2**32
+            torch.default_generator.manual_seed(item_seed)  # CPU only: seeding CUDA would queue a lazy seed
+            np.random.seed(item_seed)
+            random.seed(item_seed)
         return split_sample(dataset[index])
 
 
@@ -113,9 +123,13 @@ def _plain(t: Tensor) -> Tensor:
 
 
 def _as_tensor(v: Any) -> Tensor | None:
+    """A label as a tensor; ``None`` when it holds no numbers (a file name, a dict of detection targets): no label."""
     if v is None or isinstance(v, Tensor):
         return v
-    return torch.as_tensor(v)
+    try:
+        return torch.as_tensor(v)
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 @dataclass
@@ -223,7 +237,7 @@ class ProbeSet:
                 if labels is not None:
                     lab = int(labels[idx])
                 else:
-                    _, lab_t, _ = read_item(dataset, idx)
+                    _, lab_t, _ = read_item(dataset, idx, seed)
                     lab = int(lab_t) if lab_t is not None and lab_t.numel() == 1 else -1
                 by_class.setdefault(lab, []).append(idx)
             chosen = []
@@ -232,13 +246,15 @@ class ProbeSet:
                 for q in queues:
                     if q and len(chosen) < num:
                         chosen.append(q.pop(0))
-        return cls.from_indices(dataset, chosen, mean=mean, std=std)
+        return cls.from_indices(dataset, chosen, mean=mean, std=std, seed=seed)
 
     @classmethod
-    def from_indices(cls, dataset: Any, indices: Sequence[int], mean=None, std=None) -> ProbeSet:
+    def from_indices(cls, dataset: Any, indices: Sequence[int], mean=None, std=None, seed: int = 0) -> ProbeSet:
+        """The items at ``indices``, each read with the global RNGs seeded from ``(seed, index)`` (a random
+        augmentation in the dataset gives the same probe images on every rank and every run)."""
         imgs, labs, masks = [], [], []
         for i in indices:
-            img, lab, mask = read_item(dataset, i)
+            img, lab, mask = read_item(dataset, i, seed)
             imgs.append(torch.as_tensor(img))
             labs.append(lab)
             masks.append(mask)

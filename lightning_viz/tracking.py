@@ -442,3 +442,4 @@ class MapTracker:
         self.strides = dict(state.get("strides") or {})
         self.prev_maps = dict(state.get("prev_maps") or {})
         self.prev_preds = state.get("prev_preds")
+        self._layout_written = False  # a resumed or new run's event files get the Custom Scalars layout too

@@ -110,6 +110,7 @@ class ActivationCallback(VisualizationCallback):
         self.check_layer_outputs(model, x, self.layer_names(model, x))
 
     def check(self, pl_module: LightningModule) -> None:
+        self._last_block = None  # found again for this setup's model (callbacks reused for another architecture)
         self.layer_names(pl_module)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:

@@ -129,7 +129,7 @@ def _runs_at(c: VisualizationCallback, trainer: Trainer, where: str) -> bool:
         return c._trained_epoch is not None and c.every_n_epochs > 0 and c._last_run_epoch != c._trained_epoch
     if c.run_on != where or not c.should_run(trainer) or not sink_names(trainer, c.loggers):
         return False
-    return not (where == "validation_epoch_end" and _fitting(trainer) and c._last_run_epoch == trainer.current_epoch)
+    return not (_fitting(trainer) and c._last_run_epoch == trainer.current_epoch)
 
 
 def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where: str, seconds: float) -> None:
@@ -361,6 +361,7 @@ class VisualizationCallback(Callback):
         self.probe_seed = probe_seed
         self.probe_source = probe_source
         self.probes = probes
+        self._probes_given = probes is not None
         self.log_time = log_time
         self.name = name
         self.on_error = on_error
@@ -385,6 +386,8 @@ class VisualizationCallback(Callback):
     _run_step: int | None = None
     #: the setup stage whose model checks wait for ``configure_model`` (see :meth:`setup`), else ``None``
     _model_checks_due: str | None = None
+    #: the Trainer this callback last ran under (see :meth:`_start_over`)
+    _ran_with: weakref.ReferenceType[Trainer] | None = None
 
     # ------------------------------------------------------------------ subclass API
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
@@ -451,7 +454,8 @@ class VisualizationCallback(Callback):
         return self._adapter
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_adapter": None}  # the adapter holds the model: never pickled with the callback
+        # the adapter holds the model: never pickled with the callback (nor the weak reference to a Trainer)
+        return {**self.__dict__, "_adapter": None, "_ran_with": None}
 
     def warn_non_finite(self, what: str, values: Tensor, rows: str = "probes") -> Tensor:
         """``True`` per row of ``values`` (dim 0: ``rows``) that is all finite; warns (rank 0, naming this callback)
@@ -475,7 +479,7 @@ class VisualizationCallback(Callback):
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+        """Replace the state :meth:`extra_state` keeps by ``state`` (``{}``: forget it, as a fresh fit does)."""
 
     def state_key_parts(self) -> tuple[Any, ...]:
         """Distinguish several instances of one callback class in a checkpoint (override to add options)."""
@@ -502,6 +506,7 @@ class VisualizationCallback(Callback):
             )
         if stage == "fit":
             self._last_run_epoch = self._trained_epoch = None
+            self._start_over(trainer)
             with self._naming():
                 self._check_schedule(trainer, pl_module)
         # A model that builds its layers in configure_model (Lightning calls it after every setup hook) is checked
@@ -511,6 +516,20 @@ class VisualizationCallback(Callback):
             with self._naming():
                 self.check_model(trainer, pl_module, stage)
         _announce(trainer)
+
+    def _start_over(self, trainer: Trainer) -> None:
+        """A fresh fit under another Trainer than the one this callback last ran under (callbacks reused for a new
+        model or data: a sweep, a notebook cell run again) starts over: probes it picked are picked again from this
+        fit's data, class names found again, and the history (filmstrips, drift, fixed scales) forgotten. A resumed
+        fit (``ckpt_path``) gets them back from the checkpoint, restored after setup."""
+        ran_with = None if self._ran_with is None else self._ran_with()
+        if self._ran_with is None or ran_with is trainer or trainer.current_epoch != 0 or trainer.global_step != 0:
+            return
+        self._ran_with = None
+        if not self._probes_given:
+            self.probes = None
+        self._found_class_names = None
+        self.load_extra_state({})
 
     def check_model(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """The setup checks that need the model's layers: :meth:`check` (options against the model) and one
@@ -650,7 +669,8 @@ class VisualizationCallback(Callback):
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trained_epoch = trainer.current_epoch
-        if self.run_on == "train_epoch_end":
+        # already run: at a checkpoint saved before this hook (see on_save_checkpoint), also in the fit resumed from it
+        if self.run_on == "train_epoch_end" and self._last_run_epoch != trainer.current_epoch:
             self._run_and_report(trainer, pl_module, "train_epoch_end")
 
     @override
@@ -804,6 +824,7 @@ class VisualizationCallback(Callback):
             return None
         if not sink_names(trainer, self.loggers):  # nothing would be written
             return None
+        self._ran_with = weakref.ref(trainer)
         step = trainer.current_epoch if step is None else step
         if _fitting(trainer) and step >= 0:
             self._last_run_epoch = step
@@ -939,17 +960,45 @@ class VisualizationCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"probes": None if self.probes is None else self.probes.state_dict(), "extra": self.extra_state()}
+        return {
+            "probes": None if self.probes is None else self.probes.state_dict(),
+            "extra": self.extra_state(),
+            "last_run_epoch": self._last_run_epoch,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("probes") is not None:
             self.probes = ProbeSet.from_state_dict(state_dict["probes"])
         self.load_extra_state(state_dict.get("extra") or {})
+        self._last_run_epoch = state_dict.get("last_run_epoch")
+
+    def _due_after_checkpoint(self, trainer: Trainer) -> bool:
+        """Whether this epoch's ``train_epoch_end`` run is still to come though the epoch's training is over: a
+        checkpoint saved between its last step and ``on_train_epoch_end`` (ModelCheckpoint at the validation after
+        the last batch, with ``val_check_interval`` < 1.0 or ``check_val_every_n_epoch`` > 1, or at the last batch's
+        ``on_train_batch_end`` with ``every_n_train_steps``)."""
+        if self.run_on != "train_epoch_end" or not _fitting(trainer) or trainer.sanity_checking:
+            return False
+        if trainer.state.status != "running":  # e.g. OnExceptionCheckpoint saving after an error: nothing runs
+            return False
+        epoch = trainer.fit_loop.epoch_progress.current  # an epoch under way, its end hooks not reached (not after fit)
+        if not getattr(epoch, "started", 0) > getattr(epoch, "processed", 0):
+            return False
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        current = progress.current  # a _ProcessedTracker: ``processed`` counts the batches trained (and stepped)
+        over = progress.is_last_batch and current.ready == getattr(current, "processed", -1) > 0
+        return over and _runs_at(self, trainer, "train_epoch_end")
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Move this callback's probes into the checkpoint's shared probe bank (each image stored once)."""
+        """Run now when this epoch's run is still to come (:meth:`_due_after_checkpoint`; the weights are the epoch's
+        final ones), so the checkpoint holds it and a fit resumed from it goes on after it; then move this callback's
+        probes into the checkpoint's shared probe bank (each image stored once)."""
+        states = checkpoint.get("callbacks")
+        if isinstance(states, dict) and self.state_key in states and self._due_after_checkpoint(trainer):
+            self._run_and_report(trainer, pl_module, "train_epoch_end")
+            states[self.state_key] = self.state_dict()
         entry = (checkpoint.get("callbacks") or {}).get(self.state_key)
         probes = entry.get("probes") if isinstance(entry, dict) else None
         if isinstance(entry, dict) and isinstance(probes, dict) and "images" in probes:

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any, Literal, Optional, Union, cast
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
 from ..capture import capture
@@ -102,6 +102,11 @@ class CAMCallback(GradientMapCallback):
         self._head_verified = False
         self._rectified: dict[str, bool] = {}  # cam: layers whose output reaches the head through a functional ReLU
         self._unverified: list[str] = []  # named layers without convs: a forward must show a conv-produced map
+
+    def check_model(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.layer_names is None:  # the default layer of this setup's model (callbacks reused for another one)
+            self.layers, self._head_verified, self._rectified = [], False, {}
+        super().check_model(trainer, pl_module, stage)
 
     def check(self, pl_module: LightningModule) -> None:
         if self.layer_names is None:  # the default layer needs a forward: found in check_input (setup) or compute

@@ -263,11 +263,12 @@ class MapCallback(VisualizationCallback):
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.scales = {}
         for k, s in (state.get("scales") or {}).items():
             self.scales[k] = FixedScale()
             self.scales[k].load_state_dict(s)
-        if self.tracker is not None and state.get("tracker") is not None and hasattr(self.tracker, "load_state_dict"):
-            self.tracker.load_state_dict(state["tracker"])
+        if self.tracker is not None and hasattr(self.tracker, "load_state_dict"):
+            self.tracker.load_state_dict(state.get("tracker") or {})
 
 
 def probabilities(logits: Tensor) -> dict[str, Tensor]:

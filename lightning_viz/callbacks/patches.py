@@ -113,6 +113,7 @@ class TopPatchesCallback(VisualizationCallback):
 
     def check(self, pl_module: LightningModule) -> None:  # before any forward: the layers' declared widths
         self.layers = resolve_layers(pl_module, self.layers)
+        self._boxes = {}  # receptive fields of this setup's model (callbacks reused for another architecture)
         for name in self.layers:
             self._check_units(name, getattr(get_layer(pl_module, name), "out_channels", None))
 

@@ -1,0 +1,216 @@
+"""Callbacks under Lightning training-loop set-ups met in real use (several fits, checkpoints, loops)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_dataset, tiny_loaders, tiny_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_viz.callbacks.cam import CAMCallback
+from lightning_viz.callbacks.filters import FilterCallback
+from lightning_viz.callbacks.gradients import GradientCallback
+from lightning_viz.tracking import MapTracker
+
+
+def test_callbacks_reused_by_a_new_trainer_start_over(tmp_path):
+    """One list of callbacks given to a second Trainer (a sweep, a notebook cell run again) for a fresh fit on
+    other data: probes are picked from that data (were the first fit's: a label out of the 2 classes, a crash),
+    class names found again, and filmstrips, drift, fixed scales and filter changes start over (were continued
+    from the other model: epochs 0, 0 in one filmstrip, drift at step 0)."""
+    cam = CAMCallback(num_probes=3, normalize="both", tracker=MapTracker(max_frames=4))
+    cbs = [GradientCallback(num_probes=3), cam, FilterCallback()]
+    tiny_trainer(str(tmp_path / "a"), cbs, max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12, num_classes=3))
+    assert sorted(cam.probes.labels.tolist()) == [0, 1, 2]
+    vmax_a = cam.scales["gradcam/net.conv2"].vmax
+
+    train, val = tiny_loaders(n=12, num_classes=2, seed=1)
+    tiny_trainer(str(tmp_path / "b"), cbs, max_epochs=1).fit(LitTiny(TinyCNN(num_classes=2)), train, val)
+    assert cam.probes.labels.max() == 1 and cbs[0].probes is cam.probes
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [0]}
+    assert cam.scales["gradcam/net.conv2"].vmax != vmax_a  # set from the second model's maps
+    acc = read_events(str(tmp_path / "b"))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [0]
+    assert "viz-cam/gradcam/net.conv2/drift/rank_corr" not in acc.Tags()["scalars"]
+    assert "viz-filters/net.conv1/rel_change" not in acc.Tags()["scalars"]
+    assert scalar_steps(acc, "viz-cam/time_s") == [0]
+
+
+def test_resume_from_a_checkpoint_saved_at_the_epoch_end_validation(tmp_path):
+    """With several validations per epoch (or check_val_every_n_epoch > 1) ModelCheckpoint saves at the validation
+    after the epoch's last batch, before on_train_epoch_end: the callbacks run there first, so the checkpoint holds
+    that epoch's frames, and the resumed fit (where Lightning calls on_train_epoch_end of that epoch again) does
+    not run it twice. Was: the checkpoint lacked the epoch, the resume wrote its step a second time."""
+    train, val = tiny_loaders(n=12)
+    cam = CAMCallback(num_probes=2, tracker=MapTracker())
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    kw = {"val_check_interval": 0.5, "enable_checkpointing": True}
+    first = tiny_trainer(str(tmp_path), [cam, ckpt], max_epochs=2, **kw)
+    first.fit(LitTiny(), train, val)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][cam.state_key]
+    assert saved["extra"]["tracker"]["epochs"] == {"gradcam/net.conv2": [0, 1]}
+    first.save_checkpoint(tmp_path / "after_fit.ckpt")  # after the fit: nothing is due, nothing runs
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
+
+    again = CAMCallback(num_probes=2, tracker=MapTracker())
+    trainer = tiny_trainer(str(tmp_path), [again], max_epochs=3, **kw)
+    trainer.fit(LitTiny(), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert again.tracker.epochs == {"gradcam/net.conv2": [0, 1, 2]}
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [0, 1, 2]
+    assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [1, 2]
+
+
+def test_resume_from_a_checkpoint_saved_at_the_epochs_last_step(tmp_path):
+    """ModelCheckpoint(every_n_train_steps=...) saving at an epoch's last step (on_train_batch_end, before the
+    epoch-end hooks): the checkpoint holds that epoch's run, and the fit resumed from it (which goes straight to
+    the next epoch) has it in its filmstrips and drift. Was: the epoch was missing after the resume."""
+    train, val = tiny_loaders(n=12)  # 2 steps per epoch
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1)
+    kw = {"enable_checkpointing": True}
+    cam = CAMCallback(num_probes=2, tracker=MapTracker())
+    tiny_trainer(str(tmp_path / "a"), [cam, ckpt], max_epochs=2, **kw).fit(LitTiny(), train, val)
+
+    again = CAMCallback(num_probes=2, tracker=MapTracker())
+    trainer = tiny_trainer(str(tmp_path / "b"), [again], max_epochs=2, **kw)
+    trainer.fit(LitTiny(), train, val, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+    assert again.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
+    acc = read_events(str(tmp_path / "b"))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [1]
+    assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [1]
+
+
+class _NamedItems(Dataset):
+    """Items ``(image, file name)``: a second element that is no number (an unlabeled set, a path)."""
+
+    def __init__(self, n: int = 8):
+        self.x = tiny_dataset(n).tensors[0]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], f"img_{i:03d}.png"
+
+
+class _SelfSupervised(LitTiny):
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_items_whose_second_element_is_not_a_label(tmp_path):
+    """(image, "img_000.png") items: the probes have no labels (was: a TypeError picking them, whatever the target);
+    target='predicted' runs, target='label' fails at setup saying the items give no label."""
+    loader = DataLoader(_NamedItems(), batch_size=4)
+    cb = GradientCallback(num_probes=2, target="predicted")
+    tiny_trainer(str(tmp_path / "a"), [cb], max_epochs=1).fit(_SelfSupervised(), loader, loader)
+    assert cb.probes.labels is None and len(cb.probes) == 2
+    assert image_steps(read_events(str(tmp_path / "a")), "viz-gradients/panel/p000") == [0]
+    counter = []
+    trainer = tiny_trainer(str(tmp_path / "b"), [GradientCallback(num_probes=2)], max_epochs=1)
+    model = _SelfSupervised()
+    model.on_train_batch_start = lambda *a: counter.append(1)
+    with pytest.raises(ValueError, match=r"GradientCallback: target='label' needs a class label.*give no label"):
+        trainer.fit(model, loader, loader)
+    assert not counter
+
+
+class _Augmented(Dataset):
+    """Every read draws a random flip and noise from the global RNGs (torch, numpy), as an augmentation does."""
+
+    def __init__(self, n: int = 12):
+        self.x, self.y = tiny_dataset(n).tensors
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        x = self.x[i].flip(-1) if torch.rand(()) < 0.5 else self.x[i]
+        return x + float(np.random.normal()) + 0.1 * torch.randn_like(x), self.y[i]
+
+
+def test_probes_from_an_augmenting_dataset_do_not_depend_on_the_global_rng():
+    """Probes read through a random augmentation are the same whatever state the global RNGs are in (each DDP
+    rank, unseeded, picks the same images; a rerun picks the same), and the global RNGs are left as they were.
+    Was: each pick drew its own augmentation, so under DDP every rank had other probe images."""
+    from lightning_viz.probe import ProbeSet
+
+    picks = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        before = torch.get_rng_state(), np.random.get_state()[1].copy()
+        picks.append(ProbeSet.from_dataset(_Augmented(), num=4, seed=0))
+        assert torch.equal(torch.get_rng_state(), before[0]) and (np.random.get_state()[1] == before[1]).all()
+    assert torch.equal(picks[0].images, picks[1].images) and torch.equal(picks[0].labels, picks[1].labels)
+    assert not torch.equal(ProbeSet.from_dataset(_Augmented(), num=4, seed=5).images, picks[0].images)
+
+
+class _FailingValidation(LitTiny):
+    def validation_step(self, batch, batch_idx):
+        if not self.trainer.sanity_checking:
+            raise RuntimeError("validation broke")
+
+
+def test_a_checkpoint_saved_on_an_exception_runs_nothing(tmp_path):
+    """OnExceptionCheckpoint saving after an error in the epoch's last validation: the callbacks do not run there."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    train, val = tiny_loaders(n=12)
+    cam = CAMCallback(num_probes=2, tracker=MapTracker())
+    on_error = OnExceptionCheckpoint(dirpath=str(tmp_path / "ckpt"))
+    trainer = tiny_trainer(str(tmp_path), [cam, on_error], max_epochs=1, enable_checkpointing=True)
+    with pytest.raises(RuntimeError, match="validation broke"):
+        trainer.fit(_FailingValidation(), train, val)
+    assert (tmp_path / "ckpt" / "on_exception.ckpt").exists()
+    assert cam.tracker.epochs == {} and cam._last_run_epoch is None
+
+
+def test_reused_callbacks_find_the_new_models_layers(tmp_path):
+    """What a callback derives from the model (ActivationCallback's and CAMCallback's default layers,
+    TopPatchesCallback's receptive fields) is found again for the model of the next fit. Was: the first model's,
+    so another architecture failed at setup (an unknown layer) or had its patches cut with the first model's
+    receptive field."""
+    from lightning_viz.callbacks.activations import ActivationCallback
+    from lightning_viz.callbacks.patches import TopPatchesCallback
+    from lightning_viz.methods.receptive_field import receptive_field
+
+    acts, cam = ActivationCallback(num_probes=2), CAMCallback(num_probes=2)
+    patches = TopPatchesCallback(layers="net.conv2", num_units=2, k=2, num_probes=4, patch_px=8)
+    train, val = tiny_loaders(n=8)
+    tiny_trainer(str(tmp_path / "a"), [acts, cam, patches], max_epochs=1).fit(LitTiny(), train, val)
+    assert acts.layer_names(LitTiny()) == ["net.conv1", "net.conv2"]
+
+    wide = TinyCNN()
+    wide.conv1 = torch.nn.Conv2d(3, 4, 5, padding=2)  # same names, a larger receptive field for net.conv2
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1))
+    other = torch.nn.Sequential(seq, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    tiny_trainer(str(tmp_path / "b"), [acts, cam], max_epochs=1).fit(LitTiny(other), train, val)
+    assert acts.layer_names(LitTiny(other)) == ["net.0.0", "net.0.2"] and cam.layers == ["net.0.2"]
+    model = LitTiny(wide)
+    tiny_trainer(str(tmp_path / "c"), [patches], max_epochs=1).fit(model, train, val)
+    ((layer, shape, how), boxes), *_ = patches._boxes.items()
+    assert torch.equal(boxes, receptive_field(model, layer, shape, how).cpu())
+    assert not torch.equal(boxes, receptive_field(LitTiny(), layer, shape, how).cpu())
+
+
+def test_resumed_fit_keeps_the_earlier_epochs_in_the_projector(tmp_path):
+    """A fit resumed into the same log directory adds its embeddings to the Projector's config (was: a new
+    SummaryWriter rewrote projector_config.pbtxt with its own epochs only, the earlier ones vanished from the tab)."""
+    from lightning_viz.callbacks.embeddings import EmbeddingCallback
+
+    train, val = tiny_loaders(n=12)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    emb = EmbeddingCallback(num_probes=6, projection=["pca"])
+    tiny_trainer(str(tmp_path), [emb, ckpt], max_epochs=1, enable_checkpointing=True).fit(LitTiny(), train, val)
+    again = EmbeddingCallback(num_probes=6, projection=["pca"])
+    trainer = tiny_trainer(str(tmp_path), [again], max_epochs=2)
+    trainer.fit(LitTiny(), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    config = (tmp_path / "version_0" / "projector_config.pbtxt").read_text()
+    paths = [line.split('"')[1] for line in config.splitlines() if "tensor_path" in line]
+    assert paths == ["00000/viz-embeddings%2fpenultimate/tensors.tsv", "00001/viz-embeddings%2fpenultimate/tensors.tsv"]
