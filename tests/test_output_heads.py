@@ -1,0 +1,115 @@
+"""Heads real users train: a one-logit binary classifier (``BCEWithLogitsLoss``, float 0./1. labels), multi-label
+and regression targets, and the containers and dtypes model outputs come in."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from helpers import LitTiny, TinyCNN, read_events, tiny_trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_viz.callbacks import (
+    AdversarialCallback,
+    CAMCallback,
+    ClassModelCallback,
+    EmbeddingCallback,
+    GradientCallback,
+    OcclusionCallback,
+)
+from lightning_viz.methods import class_activation_map, gradient
+from lightning_viz.methods.metrics import perturbation_curve
+from lightning_viz.targets import binary_logits, model_adapter
+from lightning_viz.tracking import MapTracker
+
+
+class LitBinary(LitTiny):
+    """One logit per image, trained with BCEWithLogitsLoss on float 0./1. labels."""
+
+    def __init__(self):
+        super().__init__(TinyCNN(num_classes=1))
+
+    def training_step(self, batch, batch_idx):
+        return F.binary_cross_entropy_with_logits(self(batch[0]).squeeze(1), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def binary_data(n: int = 16, size: int = 8) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    y = (torch.arange(n) % 2).float()
+    x = torch.randn(n, 3, size, size, generator=g)
+    x[:, 0] += y.view(-1, 1, 1)
+    return TensorDataset(x, y)
+
+
+def test_one_logit_reads_as_two_classes():
+    """(-z/2, z/2): softmax is (1 - sigmoid(z), sigmoid(z)), arg-max is z > 0, class 1 minus class 0 is z."""
+    z = torch.tensor([[2.0], [-0.5], [0.0]])
+    two = binary_logits(z)
+    assert torch.equal(two, torch.tensor([[-1.0, 1.0], [0.25, -0.25], [0.0, 0.0]]))
+    assert torch.allclose(two.softmax(1)[:, 1], torch.sigmoid(z[:, 0]))
+    assert torch.equal(two.argmax(1), torch.tensor([1, 0, 0]))
+    wide = torch.randn(3, 4)
+    assert binary_logits(wide) is wide
+
+
+def test_one_logit_targets_and_cam_by_hand():
+    """Through the adapter: class 1's gradient is half dz/dx and class 0's its negative; CAM of class 1 is
+    relu(sum_k w_k/2 A_k) and of class 0 relu(-sum_k w_k/2 A_k)."""
+    torch.manual_seed(0)
+    net = TinyCNN(num_classes=1).eval()
+    x = torch.randn(4, 3, 8, 8)
+    adapter = model_adapter(net)
+    xr = x.clone().requires_grad_()
+    (dz,) = torch.autograd.grad(net(xr).sum(), xr)
+    assert torch.allclose(gradient(adapter, x, 1), 0.5 * dz, atol=1e-6)
+    assert torch.allclose(gradient(adapter, x, 0), -0.5 * dz, atol=1e-6)
+    labels = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    sign = (labels * 2 - 1).view(-1, 1, 1, 1)
+    assert torch.allclose(gradient(adapter, x, "label", labels), sign * 0.5 * dz, atol=1e-6)
+    a = net.conv2(net.relu(net.bn1(net.conv1(x)))).detach()  # the pure method weighs the layer's own output
+    m = torch.einsum("k,bkhw->bhw", net.fc.weight[0].detach() / 2, a)
+    for cls, expected in ((1, m.relu()), (0, (-m).relu())):
+        got = class_activation_map(adapter, x, "conv2", "cam", target=cls)
+        assert torch.allclose(got, expected, atol=1e-5), cls
+
+
+def test_one_logit_binary_classifier_through_fit(tmp_path):
+    """target='label' (the default) on a BCE model with float labels used to index class 1 of a one-column output
+    (IndexError at the first epoch end) and every softmax over one column was 1 (faithfulness curves flat at 1,
+    occlusion's prob drop 0, AdversarialCallback never flipping). Now every callback runs, with sigmoid
+    probabilities."""
+    torch.manual_seed(0)
+    ds = binary_data()
+    tracker = MapTracker(faithfulness=True, deletion_steps=3)
+    cbs = [
+        GradientCallback(num_probes=4, tracker=tracker),
+        CAMCallback(methods=["cam", "gradcam", "scorecam"], num_probes=4),
+        OcclusionCallback(window=4, stride=4, num_probes=4, target="predicted"),
+        EmbeddingCallback(num_probes=8),
+        ClassModelCallback(steps=2),
+        AdversarialCallback(steps=2, num_probes=2, min_flip_iterations=1),
+    ]
+    model = LitBinary()
+    trainer = tiny_trainer(str(tmp_path), cbs, max_epochs=1, limit_train_batches=2)
+    trainer.fit(model, DataLoader(ds, batch_size=8), DataLoader(ds, batch_size=8))
+    acc = read_events(str(tmp_path))
+    scalars = {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"]}
+    auc = scalars["viz-gradients/saliency/input/faithfulness/deletion_auc"]
+    assert 0.0 < auc < 0.99  # a sigmoid probability, not a softmax over one column (always 1)
+    assert scalars["viz-occlusion/occlusion/prob/stats/max_abs"] > 0
+    assert {"viz-class_model/class0/score", "viz-class_model/class1/score"} <= set(scalars)
+    for cb in cbs:
+        assert cb.last_logged_tags, type(cb).__name__
+    # the faithfulness curve follows sigmoid(z) for label 1 and 1 - sigmoid(z) for label 0
+    probe = cbs[0].probes
+    x, net = probe.to("cpu"), model.net.eval()
+    with torch.no_grad():
+        z, z0 = net(x)[:, 0], net(torch.zeros_like(x))[:, 0]
+    pos = probe.labels > 0.5
+    assert bool(pos.any()) and bool((~pos).any())
+    curve = perturbation_curve(model_adapter(net), x, torch.rand(len(x), 8, 8), "label", probe.labels, steps=1)
+    for col, logit in ((0, z), (1, z0)):
+        p = torch.where(pos, torch.sigmoid(logit), 1 - torch.sigmoid(logit))
+        assert torch.allclose(curve[:, col], p, atol=1e-5)
