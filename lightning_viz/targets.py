@@ -39,6 +39,7 @@ __all__ = [
     "resolve_logits_fn",
     "read_logits",
     "binary_logits",
+    "as_logits",
     "check_labels",
     "describe_output",
 ]
@@ -90,11 +91,11 @@ def check_labels(labels: Tensor, num_classes: int) -> None:
         )
     bad = labels[(labels != labels.round()) | (labels < 0) | (labels >= num_classes)] if labels.numel() else labels
     if bad.numel():
-        what = "a one-logit binary classifier (read as classes 0, 1)" if num_classes == 2 else "the model"
+        one_logit = "; a one-logit binary classifier reads as classes 0 and 1" if num_classes == 2 else ""
         raise ValueError(
-            f"target='label' needs class indices 0..{num_classes - 1} ({what} has {num_classes} classes), but the "
-            f"labels include {bad[:5].tolist()} (a regression target?); use target='predicted', a class index "
-            "0..K-1, or a callable logits -> score[B]"
+            f"target='label' needs class indices 0..{num_classes - 1} (the model has {num_classes} classes"
+            f"{one_logit}), but the labels include {bad[:5].tolist()} (a regression target?); use "
+            "target='predicted', a class index 0..K-1, or a callable logits -> score[B]"
         )
 
 
@@ -231,6 +232,15 @@ def binary_logits(logits: Tensor) -> Tensor:
     return logits
 
 
+def as_logits(logits: Tensor, batch: int) -> Tensor:
+    """Logits ``[B, K]`` as the methods read them: a one-logit output squeezed to ``[B]`` (``model(x).squeeze(1)``,
+    or ``[]`` for one image after ``.squeeze()``) as ``[B, 1]``, then a one-logit output as two classes
+    (:func:`binary_logits`); other shapes as they are."""
+    if (logits.ndim == 1 and logits.shape[0] == batch) or (logits.ndim == 0 and batch == 1):
+        logits = logits.reshape(batch, 1)
+    return binary_logits(logits)
+
+
 def resolve_logits_fn(spec: Optional[LogitsFn]) -> Optional[Callable[[nn.Module, Tensor], Any]]:
     """``None``, a callable, or the dotted import path ``"package.module.function"`` of a callable."""
     if spec is None or callable(spec):
@@ -257,7 +267,7 @@ class ModelAdapter(nn.Module):
     """Calls ``module`` on a batch ``x`` the way the user said and returns logits ``[B, K]``.
 
     ``forward(x)`` is ``logits_fn(module, x)`` (or ``module(x)``), then, with ``logits=True``, the logits read off
-    the output (:func:`read_logits`; one logit ``[B, 1]`` as two classes, :func:`binary_logits`); with
+    the output (:func:`read_logits`; one logit ``[B, 1]`` or ``[B]`` as two classes, :func:`as_logits`); with
     ``logits=False`` the raw output (for methods that only hook layers).
     The wrapped module is a registered child, so its parameters, buffers and hooks are the adapter's; layer
     names are unchanged (:func:`lightning_viz.layers.unwrap_model` sees through the adapter).
@@ -306,7 +316,7 @@ class ModelAdapter(nn.Module):
 
     def forward(self, x: Tensor) -> Any:
         out = self.call(x)
-        return binary_logits(read_logits(out)) if self.logits else out
+        return as_logits(read_logits(out), x.shape[0]) if self.logits else out
 
 
 def _tensors(out: Any) -> list[Tensor]:

@@ -3,6 +3,7 @@ and regression targets, and the containers and dtypes model outputs come in."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import LitTiny, TinyCNN, read_events, tiny_trainer
@@ -113,3 +114,82 @@ def test_one_logit_binary_classifier_through_fit(tmp_path):
     for col, logit in ((0, z), (1, z0)):
         p = torch.where(pos, torch.sigmoid(logit), 1 - torch.sigmoid(logit))
         assert torch.allclose(curve[:, col], p, atol=1e-5)
+
+
+class Squeezed(TinyCNN):
+    """A binary classifier whose forward squeezes its one logit: ``[B]`` (``[]`` for one image with ``squeeze()``)."""
+
+    def __init__(self, squeeze_all: bool = False):
+        super().__init__(num_classes=1)
+        self.squeeze_all = squeeze_all
+
+    def forward(self, x):
+        z = super().forward(x)
+        return z.squeeze() if self.squeeze_all else z.squeeze(1)
+
+
+class LitHead(LitTiny):
+    def __init__(self, net, loss):
+        super().__init__(net)
+        self.loss = loss
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+@pytest.mark.parametrize("squeeze_all", [False, True])
+def test_squeezed_one_logit_output(tmp_path, squeeze_all):
+    """A model returning ``[B]`` (was: refused at setup, 'needs logits [B, K]') reads as one logit ``[B, 1]``."""
+    torch.manual_seed(0)
+    net = Squeezed(squeeze_all)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model_adapter(net)(x), binary_logits(TinyCNN.forward(net, x)))
+        assert model_adapter(net)(x[:1]).shape == (1, 2)
+    cbs = [GradientCallback(num_probes=4), CAMCallback(methods=["cam"], num_probes=4)]
+    model = LitHead(net, F.binary_cross_entropy_with_logits)
+    ds = binary_data()
+    tiny_trainer(str(tmp_path), cbs, max_epochs=1, limit_train_batches=2).fit(
+        model, DataLoader(ds, batch_size=8), DataLoader(ds, batch_size=8)
+    )
+    assert all(cb.last_logged_tags for cb in cbs)
+
+
+def test_regression_targets_are_no_class_labels(tmp_path):
+    """Float regression targets (2.7, -1.3) used to be cast to class indices (2, -1): target='label' then indexed
+    a wrong class or crashed at the epoch end, EmbeddingCallback crashed coloring by label -1. Now they are no
+    labels: target='label' fails at setup naming the callback, the others run."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(16, 3, 8, 8, generator=g), torch.randn(16, generator=g) * 3)
+
+    def mse(out, y):
+        return F.mse_loss(out.squeeze(1), y)
+
+    loaders = DataLoader(ds, batch_size=8), DataLoader(ds, batch_size=8)
+    with pytest.raises(ValueError, match=r"GradientCallback: target='label' .*regression target"):
+        tiny_trainer(str(tmp_path / "a"), [GradientCallback(num_probes=4)], max_epochs=1).fit(
+            LitHead(TinyCNN(num_classes=1), mse), *loaders
+        )
+    cbs = [GradientCallback(num_probes=4, target="predicted"), EmbeddingCallback(num_probes=8)]
+    tiny_trainer(str(tmp_path / "b"), cbs, max_epochs=1, limit_train_batches=2).fit(
+        LitHead(TinyCNN(num_classes=1), mse), *loaders
+    )
+    assert cbs[1].probes.labels is None
+    assert all(cb.last_logged_tags for cb in cbs)
+
+
+def test_label_out_of_range_fails_at_setup(tmp_path):
+    """Labels 1..K on a K-class head (an off-by-one) fail before training with the callback's name, not with an
+    index error at the first epoch end."""
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(12, 3, 8, 8, generator=g), torch.arange(12) % 3 + 1)
+    model = LitHead(TinyCNN(num_classes=3), lambda out, y: F.cross_entropy(out, y.clamp_max(2)))
+    with pytest.raises(ValueError, match=r"OcclusionCallback: target='label' needs class indices 0..2 .*\[3\]"):
+        tiny_trainer(str(tmp_path), [OcclusionCallback(num_probes=2)], max_epochs=1).fit(
+            model, DataLoader(ds, batch_size=6), DataLoader(ds, batch_size=6)
+        )
+    assert model.global_step == 0
