@@ -3,6 +3,8 @@ and regression targets, and the containers and dtypes model outputs come in."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from lightning_viz.callbacks import (
     GradientCallback,
     OcclusionCallback,
 )
+from lightning_viz.callbacks.base import VisualizationWarning
 from lightning_viz.methods import class_activation_map, gradient
 from lightning_viz.methods.metrics import perturbation_curve
 from lightning_viz.targets import binary_logits, model_adapter
@@ -193,3 +196,44 @@ def test_label_out_of_range_fails_at_setup(tmp_path):
             model, DataLoader(ds, batch_size=6), DataLoader(ds, batch_size=6)
         )
     assert model.global_step == 0
+
+
+class SoftmaxNet(TinyCNN):
+    """Probabilities out of the forward (a softmax inside the model)."""
+
+    def forward(self, x):
+        return super().forward(x).softmax(dim=1)
+
+
+def test_probabilities_from_forward_warn_at_setup_and_run(tmp_path):
+    """A softmax in the forward: every map still runs (gradients of probabilities), with one warning at setup
+    naming the callback and the fix; the log-probabilities fix is silent and its softmax is the model's output."""
+    torch.manual_seed(0)
+    loaders = (
+        DataLoader(TensorDataset(*tiny_data()), batch_size=6),
+        DataLoader(TensorDataset(*tiny_data()), batch_size=6),
+    )
+    nll = lambda out, y: F.nll_loss(out.clamp_min(1e-8).log(), y)
+    cbs = [GradientCallback(num_probes=3), CAMCallback(methods=["gradcam"], num_probes=3)]
+    with pytest.warns(VisualizationWarning, match=r"GradientCallback: model\(x\) returns probabilities"):
+        tiny_trainer(str(tmp_path / "a"), cbs, max_epochs=1, limit_train_batches=2).fit(
+            LitHead(SoftmaxNet(), nll), *loaders
+        )
+    assert all(cb.last_logged_tags for cb in cbs)
+    fixed = GradientCallback(num_probes=3, logits_fn=lambda model, x: model(x).log())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VisualizationWarning)
+        tiny_trainer(str(tmp_path / "b"), [fixed], max_epochs=1, limit_train_batches=2).fit(
+            LitHead(SoftmaxNet(), nll), *loaders
+        )
+    # a model returning logits does not warn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VisualizationWarning)
+        tiny_trainer(str(tmp_path / "c"), [GradientCallback(num_probes=3)], max_epochs=1, limit_train_batches=2).fit(
+            LitHead(TinyCNN(), F.cross_entropy), *loaders
+        )
+
+
+def tiny_data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(12, 3, 8, 8, generator=g), torch.arange(12) % 3

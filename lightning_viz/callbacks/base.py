@@ -541,6 +541,24 @@ class VisualizationCallback(Callback):
         self.check(pl_module)
         self._check_model_call(trainer, pl_module)
 
+    def _warn_probabilities(self, logits: Tensor, how: str) -> None:
+        """Warn when the model's ``[1, K]`` output looks like probabilities (in [0, 1], summing to 1): a softmax
+        in its forward. The callbacks take a softmax of the logits for probabilities (captions, faithfulness,
+        occlusion ``prob``, Score-CAM); over probabilities that is a second one, flattened toward 1/K."""
+        v = logits.detach().double()
+        if v.shape[1] < 2 or not bool(torch.isfinite(v).all()) or not bool(((v >= 0) & (v <= 1)).all()):
+            return
+        if abs(float(v.sum()) - 1.0) > 1e-3:
+            return
+        rank_zero_warn(
+            f"{type(self).__name__}: {how} returns probabilities (its output is in [0, 1] and sums to 1: a "
+            "softmax in the forward?), but lightning-viz reads logits: the maps explain the probabilities, and the "
+            "probabilities it shows (captions, faithfulness curves, occlusion 'prob', Score-CAM) are a softmax of "
+            "them, flattened toward 1/K. Return the logits before the softmax, or set logits_fn=lambda model, x: "
+            "model(x).log() (log-probabilities: their softmax is the model's probabilities).",
+            category=VisualizationWarning,
+        )
+
     def _run_due_model_checks(self, trainer: Trainer, pl_module: LightningModule) -> None:
         stage = self._model_checks_due
         if stage is not None:
@@ -598,6 +616,7 @@ class VisualizationCallback(Callback):
                         + "; set logits_fn=<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
                     )
                 self._num_classes = int(logits.shape[1])
+                self._warn_probabilities(logits, how)
                 if self.needs_labels() and isinstance(label, Tensor) and label.numel() == 1:
                     try:  # a class index the model has: else fail now, not at the first epoch end
                         check_labels(label.reshape(1), self._num_classes)
