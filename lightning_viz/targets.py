@@ -89,7 +89,8 @@ def check_labels(labels: Tensor, num_classes: int) -> None:
             "(multi-hot / multi-label or dense targets); use target='predicted', a class index, or a callable "
             "logits -> score[B]"
         )
-    bad = labels[(labels != labels.round()) | (labels < 0) | (labels >= num_classes)] if labels.numel() else labels
+    v = labels.double()  # bool and integer labels too
+    bad = labels[(v != v.round()) | (v < 0) | (v >= num_classes)] if labels.numel() else labels
     if bad.numel():
         one_logit = "; a one-logit binary classifier reads as classes 0 and 1" if num_classes == 2 else ""
         raise ValueError(

@@ -20,9 +20,10 @@ from lightning_viz.callbacks import (
     OcclusionCallback,
 )
 from lightning_viz.callbacks.base import VisualizationWarning
-from lightning_viz.methods import class_activation_map, gradient
+from lightning_viz.methods import class_activation_map, fgsm, gradient
+from lightning_viz.methods.adversarial import predict
 from lightning_viz.methods.metrics import perturbation_curve
-from lightning_viz.targets import binary_logits, model_adapter
+from lightning_viz.targets import binary_logits, check_labels, model_adapter
 from lightning_viz.tracking import MapTracker
 
 
@@ -56,6 +57,28 @@ def test_one_logit_reads_as_two_classes():
     assert torch.equal(two.argmax(1), torch.tensor([1, 0, 0]))
     wide = torch.randn(3, 4)
     assert binary_logits(wide) is wide
+    for labels in (torch.tensor([True, False]), torch.tensor([1.0, 0.0]), torch.tensor([1, 0], dtype=torch.uint8)):
+        check_labels(labels, 2)  # bool, float and integer binary labels are class indices
+    with pytest.raises(ValueError, match=r"class indices 0..1 .* include \[0.5\]"):
+        check_labels(torch.tensor([0.5, 1.0]), 2)
+
+
+def test_one_logit_attack_moves_the_logit():
+    """AdversarialCallback's attacks move a one-logit model's z away from the predicted side (arg-max of one
+    column was always 0: nothing could flip)."""
+    torch.manual_seed(0)
+    net = TinyCNN(num_classes=1).eval()
+    with torch.no_grad():
+        net.fc.bias.zero_()
+        net.fc.weight.mul_(10)
+    adapter = model_adapter(net)
+    x = torch.randn(8, 3, 8, 8)
+    clean = predict(adapter, x)
+    adv = fgsm(adapter, x, clean, 0.5)
+    with torch.no_grad():
+        z, z_adv = net(x)[:, 0], net(adv)[:, 0]
+    assert torch.equal(clean, (z > 0).long())
+    assert bool(((z_adv - z) * (clean * 2 - 1) < 0).all())  # every logit moved toward the other side
 
 
 def test_one_logit_targets_and_cam_by_hand():
