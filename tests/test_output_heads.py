@@ -20,6 +20,7 @@ from lightning_viz.callbacks import (
     OcclusionCallback,
 )
 from lightning_viz.callbacks.base import VisualizationWarning
+from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.methods import class_activation_map, fgsm, gradient
 from lightning_viz.methods.adversarial import predict
 from lightning_viz.methods.metrics import perturbation_curve
@@ -260,3 +261,31 @@ def test_probabilities_from_forward_warn_at_setup_and_run(tmp_path):
 def tiny_data():
     g = torch.Generator().manual_seed(0)
     return torch.randn(12, 3, 8, 8, generator=g), torch.arange(12) % 3
+
+
+def test_one_class_of_a_multilabel_model_as_a_binary_classifier(tmp_path):
+    """Multi-label (sigmoid per class): logits_fn selecting one column makes a one-logit model of that class, so its
+    probabilities are sigmoids; 'cam' then refuses at setup, saying the logits are not the head's outputs (was:
+    'differs from the logits by up to inf')."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(12, 3, 8, 8, generator=g), (torch.rand(12, 4, generator=g) > 0.5).float())
+    loaders = DataLoader(ds, batch_size=6), DataLoader(ds, batch_size=6)
+
+    def column2(model, x):
+        return model(x)[:, 2:3]
+
+    cbs = [
+        GradientCallback(num_probes=2, target=1, logits_fn=column2, tracker=MapTracker(faithfulness=True)),
+        CAMCallback(methods=["gradcam"], num_probes=2, target=1, logits_fn=column2),
+    ]
+    bce = F.binary_cross_entropy_with_logits
+    tiny_trainer(str(tmp_path / "a"), cbs, max_epochs=1, limit_train_batches=2).fit(
+        LitHead(TinyCNN(num_classes=4), bce), *loaders
+    )
+    assert all(cb.last_logged_tags for cb in cbs)
+    cam = CAMCallback(methods=["cam"], num_probes=2, target=1, logits_fn=column2)
+    with pytest.raises(
+        LayerNotFoundError, match=r"CAMCallback: CAM reads each class's weights .* 4 outputs .* shape \(1, 2\)"
+    ):
+        tiny_trainer(str(tmp_path / "b"), [cam], max_epochs=1).fit(LitHead(TinyCNN(num_classes=4), bce), *loaders)

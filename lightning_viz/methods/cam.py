@@ -168,6 +168,12 @@ def verify_cam_head(
         )
     a = activations.detach().double()
     ref = logits.detach().double().to(a.device)
+    if ref.ndim != 2 or ref.shape[1] != w.shape[0]:
+        raise LayerNotFoundError(
+            f"CAM reads each class's weights from the last nn.Linear, which has {w.shape[0]} outputs (classes), but "
+            f"the logits have shape {tuple(ref.shape)}: they are not that layer's outputs (a logits_fn that selects "
+            "or transforms them?). Let the logits be the classifier's outputs, or use 'gradcam' (no head needed)."
+        )
     tol = 1e-3 if logits.dtype in (torch.float32, torch.float64) else 3e-2
     errs = []
     for rectified in (False, True):
