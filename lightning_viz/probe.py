@@ -95,6 +95,20 @@ def class_index(label: Tensor | None, img: Any) -> Tensor | None:
     return label
 
 
+def _class_indices(labels: Tensor) -> bool:
+    """Whether scalar labels can be class indices: whole numbers >= 0 (``float`` 0./1. labels of a binary
+    classifier are; a regression target such as 2.7 or -1.3 is not)."""
+    if labels.dtype == torch.bool:
+        return True
+    if labels.is_complex() or not (labels.is_floating_point() or labels.dtype in _INT_DTYPES):
+        return False
+    v = labels.double()
+    return bool(torch.isfinite(v).all()) and bool((v == v.round()).all()) and bool((v >= 0).all())
+
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def read_item(dataset: Any, index: int, seed: int | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``split_sample(dataset[index])`` read inside :func:`~lightning_viz.capture.fork_rng`, so a dataset
     whose ``__getitem__`` draws a random augmentation leaves every global RNG as it was. With ``seed``, the CPU
@@ -265,9 +279,12 @@ class ProbeSet:
                 f"the probe images have different sizes: {seen}; probes are stacked into one batch, so "
                 "every image needs one size (e.g. a torchvision.transforms.Resize((H, W)) transform)"
             )
-        # Labels are one class index per item; one-hot or multi-label targets are not (the probes then have none).
+        # Labels are one class index per item; one-hot or multi-label targets are not (the probes then have none),
+        # nor are regression targets (a fraction or a negative value: cast to a class index it would be a wrong one).
         scalar = all(lab is not None and torch.as_tensor(lab).numel() == 1 for lab in labs)
         labels = torch.stack([torch.as_tensor(lab).view(()) for lab in labs]) if scalar else None
+        if labels is not None and not _class_indices(labels):
+            labels = None
         mask_t = torch.stack([torch.as_tensor(m).float() for m in masks]) if all(m is not None for m in masks) else None
         return cls(
             images=torch.stack(imgs).float(),

@@ -38,6 +38,9 @@ __all__ = [
     "choose_memory_format",
     "resolve_logits_fn",
     "read_logits",
+    "binary_logits",
+    "as_logits",
+    "check_labels",
     "describe_output",
 ]
 
@@ -73,7 +76,28 @@ class LabelTarget(Target):
             raise ValueError(
                 "target='label' needs labels; the probe set has none. Use target='predicted' or a class index."
             )
+        check_labels(labels, logits.shape[1])
         return labels.to(logits.device).long()
+
+
+def check_labels(labels: Tensor, num_classes: int) -> None:
+    """Labels usable as class indices of logits ``[B, num_classes]``: one whole number per sample in
+    ``0..num_classes-1`` (``float`` 0./1. labels of a binary classifier are fine); else a clear error."""
+    if labels.ndim != 1:
+        raise ValueError(
+            f"target='label' needs one class index per sample, but the labels have shape {tuple(labels.shape)} "
+            "(multi-hot / multi-label or dense targets); use target='predicted', a class index, or a callable "
+            "logits -> score[B]"
+        )
+    v = labels.double()  # bool and integer labels too
+    bad = labels[(v != v.round()) | (v < 0) | (v >= num_classes)] if labels.numel() else labels
+    if bad.numel():
+        one_logit = "; a one-logit binary classifier reads as classes 0 and 1" if num_classes == 2 else ""
+        raise ValueError(
+            f"target='label' needs class indices 0..{num_classes - 1} (the model has {num_classes} classes"
+            f"{one_logit}), but the labels include {bad[:5].tolist()} (a regression target?); use "
+            "target='predicted', a class index 0..K-1, or a callable logits -> score[B]"
+        )
 
 
 class PredictedTarget(Target):
@@ -196,6 +220,28 @@ def read_logits(out: Any) -> Tensor:
     )
 
 
+def binary_logits(logits: Tensor) -> Tensor:
+    """A one-logit binary classifier's output ``[B, 1]`` (``z``, the log-odds of the positive class, trained with
+    ``BCEWithLogitsLoss``) as two-class logits ``[B, 2] = (-z/2, z/2)``: their softmax is ``(1 - sigmoid(z),
+    sigmoid(z))``, their arg-max is ``z > 0``, and class 1's logit minus class 0's is ``z`` (the logistic model is
+    the two-class softmax model with these logits). So class 1 is the positive class, class 0 the negative one
+    (its score ``-z/2``: the evidence against), and targets, probabilities and accuracies mean what they mean for
+    any classifier. Any other shape is returned as it is."""
+    if logits.ndim == 2 and logits.shape[1] == 1:
+        half = 0.5 * logits
+        return torch.cat([-half, half], dim=1)
+    return logits
+
+
+def as_logits(logits: Tensor, batch: int) -> Tensor:
+    """Logits ``[B, K]`` as the methods read them: a one-logit output squeezed to ``[B]`` (``model(x).squeeze(1)``,
+    or ``[]`` for one image after ``.squeeze()``) as ``[B, 1]``, then a one-logit output as two classes
+    (:func:`binary_logits`); other shapes as they are."""
+    if (logits.ndim == 1 and logits.shape[0] == batch) or (logits.ndim == 0 and batch == 1):
+        logits = logits.reshape(batch, 1)
+    return binary_logits(logits)
+
+
 def resolve_logits_fn(spec: Optional[LogitsFn]) -> Optional[Callable[[nn.Module, Tensor], Any]]:
     """``None``, a callable, or the dotted import path ``"package.module.function"`` of a callable."""
     if spec is None or callable(spec):
@@ -222,7 +268,8 @@ class ModelAdapter(nn.Module):
     """Calls ``module`` on a batch ``x`` the way the user said and returns logits ``[B, K]``.
 
     ``forward(x)`` is ``logits_fn(module, x)`` (or ``module(x)``), then, with ``logits=True``, the logits read off
-    the output (:func:`read_logits`); with ``logits=False`` the raw output (for methods that only hook layers).
+    the output (:func:`read_logits`; one logit ``[B, 1]`` or ``[B]`` as two classes, :func:`as_logits`); with
+    ``logits=False`` the raw output (for methods that only hook layers).
     The wrapped module is a registered child, so its parameters, buffers and hooks are the adapter's; layer
     names are unchanged (:func:`lightning_viz.layers.unwrap_model` sees through the adapter).
 
@@ -270,7 +317,7 @@ class ModelAdapter(nn.Module):
 
     def forward(self, x: Tensor) -> Any:
         out = self.call(x)
-        return read_logits(out) if self.logits else out
+        return as_logits(read_logits(out), x.shape[0]) if self.logits else out
 
 
 def _tensors(out: Any) -> list[Tensor]:

@@ -43,6 +43,8 @@ from ..progress import reporting
 from ..targets import (
     ModelAdapter,
     ModelOutputError,
+    as_logits,
+    check_labels,
     choose_memory_format,
     describe_output,
     model_adapter,
@@ -368,6 +370,7 @@ class VisualizationCallback(Callback):
         resolve_logits_fn(logits_fn)  # a bad path or type fails here
         self.logits_fn = logits_fn
         self._adapter: ModelAdapter | None = None
+        self._num_classes: int | None = None  # columns of the logits, seen at the setup forward
         self.loggers = None if loggers is None else list(loggers)
         self.run_at_start = run_at_start
         self._last_run_epoch: int | None = None  # last epoch run in this fit (never run an epoch twice)
@@ -498,6 +501,7 @@ class VisualizationCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _check_strategy(self, trainer)
         check_sinks(trainer, self.loggers, type(self).__name__)
+        self._num_classes = None
         if not sink_names(trainer, self.loggers):
             rank_zero_warn(
                 f"lightning-viz: {type(self).__name__} writes nowhere (loggers={self.loggers}), so it "
@@ -537,6 +541,24 @@ class VisualizationCallback(Callback):
         self.check(pl_module)
         self._check_model_call(trainer, pl_module)
 
+    def _warn_probabilities(self, logits: Tensor, how: str) -> None:
+        """Warn when the model's ``[1, K]`` output looks like probabilities (in [0, 1], summing to 1): a softmax
+        in its forward. The callbacks take a softmax of the logits for probabilities (captions, faithfulness,
+        occlusion ``prob``, Score-CAM); over probabilities that is a second one, flattened toward 1/K."""
+        v = logits.detach().double()
+        if v.shape[1] < 2 or not bool(torch.isfinite(v).all()) or not bool(((v >= 0) & (v <= 1)).all()):
+            return
+        if abs(float(v.sum()) - 1.0) > 1e-3:
+            return
+        rank_zero_warn(
+            f"{type(self).__name__}: {how} returns probabilities (its output is in [0, 1] and sums to 1: a "
+            "softmax in the forward?), but lightning-viz reads logits: the maps explain the probabilities, and the "
+            "probabilities it shows (captions, faithfulness curves, occlusion 'prob', Score-CAM) are a softmax of "
+            "them, flattened toward 1/K. Return the logits before the softmax, or set logits_fn=lambda model, x: "
+            "model(x).log() (log-probabilities: their softmax is the model's probabilities).",
+            category=VisualizationWarning,
+        )
+
     def _run_due_model_checks(self, trainer: Trainer, pl_module: LightningModule) -> None:
         stage = self._model_checks_due
         if stage is not None:
@@ -552,14 +574,15 @@ class VisualizationCallback(Callback):
             return
         if not sink_names(trainer, self.loggers):  # nothing would be written: nothing is computed
             return
-        x = None
+        x, label = None, None
         if self.probes is not None and len(self.probes) > 0:
             x = self.probes.subset(slice(0, 1)).to("cpu")
+            label = None if self.probes.labels is None else self.probes.labels[:1]
         else:
             dataset = _find_dataset(trainer, self.probe_source)
             if dataset is not None:
                 try:
-                    image = read_item(dataset, 0)[0]
+                    image, label, _ = read_item(dataset, 0)
                 except SampleFormatError as exc:
                     raise VisualizationError(self._unreadable_message(dataset, exc)) from exc
                 x = image[None] if isinstance(image, Tensor) and image.is_floating_point() else None
@@ -581,16 +604,24 @@ class VisualizationCallback(Callback):
                 ) from exc
             if self.model_use == "logits":
                 try:
-                    logits = read_logits(out)
+                    raw = read_logits(out)
                 except ModelOutputError as exc:
                     raise ModelOutputError(f"{name}: {exc}") from None
+                logits = as_logits(raw, x.shape[0])
                 if logits.ndim != 2 or logits.shape[0] != 1:
                     raise ModelOutputError(
-                        f"{name} needs logits [B, K] from the model, but {how} gave {describe_output(logits)} for one "
+                        f"{name} needs logits [B, K] from the model, but {how} gave {describe_output(raw)} for one "
                         f"input of shape {tuple(x.shape)}"
-                        + ("" if out is logits else f" (read from {describe_output(out)})")
+                        + ("" if out is raw else f" (read from {describe_output(out)})")
                         + "; set logits_fn=<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
                     )
+                self._num_classes = int(logits.shape[1])
+                self._warn_probabilities(logits, how)
+                if self.needs_labels() and isinstance(label, Tensor) and label.numel() == 1:
+                    try:  # a class index the model has: else fail now, not at the first epoch end
+                        check_labels(label.reshape(1), self._num_classes)
+                    except ValueError as exc:
+                        raise ValueError(f"{name}: {exc}") from None
             self.check_input(model, x)
             choose_memory_format(model, x, out)
 
@@ -657,9 +688,14 @@ class VisualizationCallback(Callback):
             raise ValueError(
                 f"{type(self).__name__}: target='label' needs a class label per image, but the probe images have "
                 f"none{self._origin()}: its items give no label, or one that is not a class (a class index, or a "
-                "one-hot / probability vector), e.g. a multi-label target. Use target='predicted' or a class index, "
-                "or data that yields (x, y)."
+                "one-hot / probability vector), e.g. a multi-label or regression target. Use target='predicted' or "
+                "a class index, or data that yields (x, y)."
             )
+        if self.needs_labels() and probe.labels is not None and self._num_classes is not None:
+            try:  # every probe's label is a class of the model (seen at the setup forward)
+                check_labels(probe.labels, self._num_classes)
+            except ValueError as exc:
+                raise ValueError(f"{type(self).__name__}: {exc}") from None
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

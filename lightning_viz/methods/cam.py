@@ -159,7 +159,7 @@ def verify_cam_head(
         raise LayerNotFoundError(
             f"CAM needs a layer with [B, K, h, w] output; {layer!r} gives {tuple(activations.shape)}"
         )
-    w = head.weight.detach().double().to(activations.device)
+    w = _two_class(head.weight.detach().double().to(activations.device))
     if activations.shape[1] != w.shape[1]:
         raise LayerNotFoundError(
             f"CAM needs the last linear layer to read the globally average-pooled channels of layer {layer!r} "
@@ -168,12 +168,18 @@ def verify_cam_head(
         )
     a = activations.detach().double()
     ref = logits.detach().double().to(a.device)
+    if ref.ndim != 2 or ref.shape[1] != w.shape[0]:
+        raise LayerNotFoundError(
+            f"CAM reads each class's weights from the last nn.Linear, which has {w.shape[0]} outputs (classes), but "
+            f"the logits have shape {tuple(ref.shape)}: they are not that layer's outputs (a logits_fn that selects "
+            "or transforms them?). Let the logits be the classifier's outputs, or use 'gradcam' (no head needed)."
+        )
     tol = 1e-3 if logits.dtype in (torch.float32, torch.float64) else 3e-2
     errs = []
     for rectified in (False, True):
         pred = (a.relu() if rectified else a).mean(dim=(2, 3)) @ w.T
         if head.bias is not None:
-            pred = pred + head.bias.detach().double().to(pred.device)
+            pred = pred + _two_class(head.bias.detach().double().to(pred.device))
         if not (torch.isfinite(pred).all() and torch.isfinite(ref).all()):
             return False  # a non-finite model: nothing to tell from it
         errs.append(float((pred - ref).abs().max()) if ref.shape == pred.shape else float("inf"))
@@ -470,7 +476,14 @@ def _head_weights(
     if model is None:
         raise ValueError("CAM needs the model to read the classifier weights")
     linear = cam_head(model, a.shape[1], layer, head)
-    return linear.weight.detach().to(a.dtype)[classes.to(linear.weight.device)].to(a.device)
+    weight = _two_class(linear.weight.detach())
+    return weight.to(a.dtype)[classes.to(weight.device)].to(a.device)
+
+
+def _two_class(p: Tensor) -> Tensor:
+    """A one-output head's weight ``[1, C]`` or bias ``[1]`` as the two classes the model adapter reads a one-logit
+    model as (:func:`lightning_viz.targets.binary_logits`: ``(-z/2, z/2)``); any other head's as it is."""
+    return torch.cat([-0.5 * p, 0.5 * p]) if p.shape[0] == 1 else p
 
 
 def variant_from_pass(

@@ -1,0 +1,291 @@
+"""Heads real users train: a one-logit binary classifier (``BCEWithLogitsLoss``, float 0./1. labels), multi-label
+and regression targets, and the containers and dtypes model outputs come in."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import LitTiny, TinyCNN, read_events, tiny_trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_viz.callbacks import (
+    AdversarialCallback,
+    CAMCallback,
+    ClassModelCallback,
+    EmbeddingCallback,
+    GradientCallback,
+    OcclusionCallback,
+)
+from lightning_viz.callbacks.base import VisualizationWarning
+from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.methods import class_activation_map, fgsm, gradient
+from lightning_viz.methods.adversarial import predict
+from lightning_viz.methods.metrics import perturbation_curve
+from lightning_viz.targets import binary_logits, check_labels, model_adapter
+from lightning_viz.tracking import MapTracker
+
+
+class LitBinary(LitTiny):
+    """One logit per image, trained with BCEWithLogitsLoss on float 0./1. labels."""
+
+    def __init__(self):
+        super().__init__(TinyCNN(num_classes=1))
+
+    def training_step(self, batch, batch_idx):
+        return F.binary_cross_entropy_with_logits(self(batch[0]).squeeze(1), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def binary_data(n: int = 16, size: int = 8) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    y = (torch.arange(n) % 2).float()
+    x = torch.randn(n, 3, size, size, generator=g)
+    x[:, 0] += y.view(-1, 1, 1)
+    return TensorDataset(x, y)
+
+
+def test_one_logit_reads_as_two_classes():
+    """(-z/2, z/2): softmax is (1 - sigmoid(z), sigmoid(z)), arg-max is z > 0, class 1 minus class 0 is z."""
+    z = torch.tensor([[2.0], [-0.5], [0.0]])
+    two = binary_logits(z)
+    assert torch.equal(two, torch.tensor([[-1.0, 1.0], [0.25, -0.25], [0.0, 0.0]]))
+    assert torch.allclose(two.softmax(1)[:, 1], torch.sigmoid(z[:, 0]))
+    assert torch.equal(two.argmax(1), torch.tensor([1, 0, 0]))
+    wide = torch.randn(3, 4)
+    assert binary_logits(wide) is wide
+    for labels in (torch.tensor([True, False]), torch.tensor([1.0, 0.0]), torch.tensor([1, 0], dtype=torch.uint8)):
+        check_labels(labels, 2)  # bool, float and integer binary labels are class indices
+    with pytest.raises(ValueError, match=r"class indices 0..1 .* include \[0.5\]"):
+        check_labels(torch.tensor([0.5, 1.0]), 2)
+
+
+def test_one_logit_attack_moves_the_logit():
+    """AdversarialCallback's attacks move a one-logit model's z away from the predicted side (arg-max of one
+    column was always 0: nothing could flip)."""
+    torch.manual_seed(0)
+    net = TinyCNN(num_classes=1).eval()
+    with torch.no_grad():
+        net.fc.bias.zero_()
+        net.fc.weight.mul_(10)
+    adapter = model_adapter(net)
+    x = torch.randn(8, 3, 8, 8)
+    clean = predict(adapter, x)
+    adv = fgsm(adapter, x, clean, 0.5)
+    with torch.no_grad():
+        z, z_adv = net(x)[:, 0], net(adv)[:, 0]
+    assert torch.equal(clean, (z > 0).long())
+    assert bool(((z_adv - z) * (clean * 2 - 1) < 0).all())  # every logit moved toward the other side
+
+
+def test_one_logit_targets_and_cam_by_hand():
+    """Through the adapter: class 1's gradient is half dz/dx and class 0's its negative; CAM of class 1 is
+    relu(sum_k w_k/2 A_k) and of class 0 relu(-sum_k w_k/2 A_k)."""
+    torch.manual_seed(0)
+    net = TinyCNN(num_classes=1).eval()
+    x = torch.randn(4, 3, 8, 8)
+    adapter = model_adapter(net)
+    xr = x.clone().requires_grad_()
+    (dz,) = torch.autograd.grad(net(xr).sum(), xr)
+    assert torch.allclose(gradient(adapter, x, 1), 0.5 * dz, atol=1e-6)
+    assert torch.allclose(gradient(adapter, x, 0), -0.5 * dz, atol=1e-6)
+    labels = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    sign = (labels * 2 - 1).view(-1, 1, 1, 1)
+    assert torch.allclose(gradient(adapter, x, "label", labels), sign * 0.5 * dz, atol=1e-6)
+    a = net.conv2(net.relu(net.bn1(net.conv1(x)))).detach()  # the pure method weighs the layer's own output
+    m = torch.einsum("k,bkhw->bhw", net.fc.weight[0].detach() / 2, a)
+    for cls, expected in ((1, m.relu()), (0, (-m).relu())):
+        got = class_activation_map(adapter, x, "conv2", "cam", target=cls)
+        assert torch.allclose(got, expected, atol=1e-5), cls
+
+
+def test_one_logit_binary_classifier_through_fit(tmp_path):
+    """target='label' (the default) on a BCE model with float labels used to index class 1 of a one-column output
+    (IndexError at the first epoch end) and every softmax over one column was 1 (faithfulness curves flat at 1,
+    occlusion's prob drop 0, AdversarialCallback never flipping). Now every callback runs, with sigmoid
+    probabilities."""
+    torch.manual_seed(0)
+    ds = binary_data()
+    tracker = MapTracker(faithfulness=True, deletion_steps=3)
+    cbs = [
+        GradientCallback(num_probes=4, tracker=tracker),
+        CAMCallback(methods=["cam", "gradcam", "scorecam"], num_probes=4),
+        OcclusionCallback(window=4, stride=4, num_probes=4, target="predicted"),
+        EmbeddingCallback(num_probes=8),
+        ClassModelCallback(steps=2),
+        AdversarialCallback(steps=2, num_probes=2, min_flip_iterations=1),
+    ]
+    model = LitBinary()
+    trainer = tiny_trainer(str(tmp_path), cbs, max_epochs=1, limit_train_batches=2)
+    trainer.fit(model, DataLoader(ds, batch_size=8), DataLoader(ds, batch_size=8))
+    acc = read_events(str(tmp_path))
+    scalars = {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"]}
+    auc = scalars["viz-gradients/saliency/input/faithfulness/deletion_auc"]
+    assert 0.0 < auc < 0.99  # a sigmoid probability, not a softmax over one column (always 1)
+    assert scalars["viz-occlusion/occlusion/prob/stats/max_abs"] > 0
+    assert {"viz-class_model/class0/score", "viz-class_model/class1/score"} <= set(scalars)
+    for cb in cbs:
+        assert cb.last_logged_tags, type(cb).__name__
+    # the faithfulness curve follows sigmoid(z) for label 1 and 1 - sigmoid(z) for label 0
+    probe = cbs[0].probes
+    x, net = probe.to("cpu"), model.net.eval()
+    with torch.no_grad():
+        z, z0 = net(x)[:, 0], net(torch.zeros_like(x))[:, 0]
+    pos = probe.labels > 0.5
+    assert bool(pos.any()) and bool((~pos).any())
+    curve = perturbation_curve(model_adapter(net), x, torch.rand(len(x), 8, 8), "label", probe.labels, steps=1)
+    for col, logit in ((0, z), (1, z0)):
+        p = torch.where(pos, torch.sigmoid(logit), 1 - torch.sigmoid(logit))
+        assert torch.allclose(curve[:, col], p, atol=1e-5)
+
+
+class Squeezed(TinyCNN):
+    """A binary classifier whose forward squeezes its one logit: ``[B]`` (``[]`` for one image with ``squeeze()``)."""
+
+    def __init__(self, squeeze_all: bool = False):
+        super().__init__(num_classes=1)
+        self.squeeze_all = squeeze_all
+
+    def forward(self, x):
+        z = super().forward(x)
+        return z.squeeze() if self.squeeze_all else z.squeeze(1)
+
+
+class LitHead(LitTiny):
+    def __init__(self, net, loss):
+        super().__init__(net)
+        self.loss = loss
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+@pytest.mark.parametrize("squeeze_all", [False, True])
+def test_squeezed_one_logit_output(tmp_path, squeeze_all):
+    """A model returning ``[B]`` (was: refused at setup, 'needs logits [B, K]') reads as one logit ``[B, 1]``."""
+    torch.manual_seed(0)
+    net = Squeezed(squeeze_all)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model_adapter(net)(x), binary_logits(TinyCNN.forward(net, x)))
+        assert model_adapter(net)(x[:1]).shape == (1, 2)
+    cbs = [GradientCallback(num_probes=4), CAMCallback(methods=["cam"], num_probes=4)]
+    model = LitHead(net, F.binary_cross_entropy_with_logits)
+    ds = binary_data()
+    tiny_trainer(str(tmp_path), cbs, max_epochs=1, limit_train_batches=2).fit(
+        model, DataLoader(ds, batch_size=8), DataLoader(ds, batch_size=8)
+    )
+    assert all(cb.last_logged_tags for cb in cbs)
+
+
+def test_regression_targets_are_no_class_labels(tmp_path):
+    """Float regression targets (2.7, -1.3) used to be cast to class indices (2, -1): target='label' then indexed
+    a wrong class or crashed at the epoch end, EmbeddingCallback crashed coloring by label -1. Now they are no
+    labels: target='label' fails at setup naming the callback, the others run."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(16, 3, 8, 8, generator=g), torch.randn(16, generator=g) * 3)
+
+    def mse(out, y):
+        return F.mse_loss(out.squeeze(1), y)
+
+    loaders = DataLoader(ds, batch_size=8), DataLoader(ds, batch_size=8)
+    with pytest.raises(ValueError, match=r"GradientCallback: target='label' .*regression target"):
+        tiny_trainer(str(tmp_path / "a"), [GradientCallback(num_probes=4)], max_epochs=1).fit(
+            LitHead(TinyCNN(num_classes=1), mse), *loaders
+        )
+    cbs = [GradientCallback(num_probes=4, target="predicted"), EmbeddingCallback(num_probes=8)]
+    tiny_trainer(str(tmp_path / "b"), cbs, max_epochs=1, limit_train_batches=2).fit(
+        LitHead(TinyCNN(num_classes=1), mse), *loaders
+    )
+    assert cbs[1].probes.labels is None
+    assert all(cb.last_logged_tags for cb in cbs)
+
+
+def test_label_out_of_range_fails_at_setup(tmp_path):
+    """Labels 1..K on a K-class head (an off-by-one) fail before training with the callback's name, not with an
+    index error at the first epoch end."""
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(12, 3, 8, 8, generator=g), torch.arange(12) % 3 + 1)
+    model = LitHead(TinyCNN(num_classes=3), lambda out, y: F.cross_entropy(out, y.clamp_max(2)))
+    with pytest.raises(ValueError, match=r"OcclusionCallback: target='label' needs class indices 0..2 .*\[3\]"):
+        tiny_trainer(str(tmp_path), [OcclusionCallback(num_probes=2)], max_epochs=1).fit(
+            model, DataLoader(ds, batch_size=6), DataLoader(ds, batch_size=6)
+        )
+    assert model.global_step == 0
+
+
+class SoftmaxNet(TinyCNN):
+    """Probabilities out of the forward (a softmax inside the model)."""
+
+    def forward(self, x):
+        return super().forward(x).softmax(dim=1)
+
+
+def test_probabilities_from_forward_warn_at_setup_and_run(tmp_path):
+    """A softmax in the forward: every map still runs (gradients of probabilities), with one warning at setup
+    naming the callback and the fix; the log-probabilities fix is silent and its softmax is the model's output."""
+    torch.manual_seed(0)
+    loaders = (
+        DataLoader(TensorDataset(*tiny_data()), batch_size=6),
+        DataLoader(TensorDataset(*tiny_data()), batch_size=6),
+    )
+    nll = lambda out, y: F.nll_loss(out.clamp_min(1e-8).log(), y)
+    cbs = [GradientCallback(num_probes=3), CAMCallback(methods=["gradcam"], num_probes=3)]
+    with pytest.warns(VisualizationWarning, match=r"GradientCallback: model\(x\) returns probabilities"):
+        tiny_trainer(str(tmp_path / "a"), cbs, max_epochs=1, limit_train_batches=2).fit(
+            LitHead(SoftmaxNet(), nll), *loaders
+        )
+    assert all(cb.last_logged_tags for cb in cbs)
+    fixed = GradientCallback(num_probes=3, logits_fn=lambda model, x: model(x).log())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VisualizationWarning)
+        tiny_trainer(str(tmp_path / "b"), [fixed], max_epochs=1, limit_train_batches=2).fit(
+            LitHead(SoftmaxNet(), nll), *loaders
+        )
+    # a model returning logits does not warn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VisualizationWarning)
+        tiny_trainer(str(tmp_path / "c"), [GradientCallback(num_probes=3)], max_epochs=1, limit_train_batches=2).fit(
+            LitHead(TinyCNN(), F.cross_entropy), *loaders
+        )
+
+
+def tiny_data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(12, 3, 8, 8, generator=g), torch.arange(12) % 3
+
+
+def test_one_class_of_a_multilabel_model_as_a_binary_classifier(tmp_path):
+    """Multi-label (sigmoid per class): logits_fn selecting one column makes a one-logit model of that class, so its
+    probabilities are sigmoids; 'cam' then refuses at setup, saying the logits are not the head's outputs (was:
+    'differs from the logits by up to inf')."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(12, 3, 8, 8, generator=g), (torch.rand(12, 4, generator=g) > 0.5).float())
+    loaders = DataLoader(ds, batch_size=6), DataLoader(ds, batch_size=6)
+
+    def column2(model, x):
+        return model(x)[:, 2:3]
+
+    cbs = [
+        GradientCallback(num_probes=2, target=1, logits_fn=column2, tracker=MapTracker(faithfulness=True)),
+        CAMCallback(methods=["gradcam"], num_probes=2, target=1, logits_fn=column2),
+    ]
+    bce = F.binary_cross_entropy_with_logits
+    tiny_trainer(str(tmp_path / "a"), cbs, max_epochs=1, limit_train_batches=2).fit(
+        LitHead(TinyCNN(num_classes=4), bce), *loaders
+    )
+    assert all(cb.last_logged_tags for cb in cbs)
+    cam = CAMCallback(methods=["cam"], num_probes=2, target=1, logits_fn=column2)
+    with pytest.raises(
+        LayerNotFoundError, match=r"CAMCallback: CAM reads each class's weights .* 4 outputs .* shape \(1, 2\)"
+    ):
+        tiny_trainer(str(tmp_path / "b"), [cam], max_epochs=1).fit(LitHead(TinyCNN(num_classes=4), bce), *loaders)
