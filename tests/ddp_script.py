@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +30,7 @@ import torch
 from helpers import LitTiny, TinyCNN, tiny_dataset
 from torch.utils.data import DataLoader, Sampler
 
+from lightning_viz.callbacks.base import VisualizationWarning
 from lightning_viz.callbacks.maps import MapCallback
 
 CALLBACKS: list[dict[str, Any]] = [
@@ -111,6 +113,11 @@ RUNS: dict[str, dict[str, Any]] = {
         "callbacks": [
             {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "log", "fail_rank": 0}},
             {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "compute", "fail_rank": 1}},
+            # on_error="warn": rank 0 warns (naming rank 1), every rank trains on
+            {
+                "class_path": "ddp_script.FailingCallback",
+                "init_args": {"fail_in": "compute", "fail_rank": 1, "on_error": "warn"},
+            },
         ],
     },
     "syncbn_validate": {"validate": True, "sync_batchnorm": True, "data": "shapes"},
@@ -150,7 +157,7 @@ class FailingCallback(MapCallback):
         self.errors: list[str] = []
 
     def state_key_parts(self):
-        return super().state_key_parts() + (self.fail_in, self.fail_rank)
+        return super().state_key_parts() + (self.fail_in, self.fail_rank, self.on_error)
 
     def compute_maps(self, pl_module, probe):
         if self.fail_in == "compute" and pl_module.global_rank == self.fail_rank:
@@ -269,7 +276,9 @@ def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
     for name in runs:
         opts = dict(RUNS[name])
         logdir = os.path.join(out, name)
-        trainer, callbacks, module = fit(logdir, devices, strategy, **opts)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", VisualizationWarning)
+            trainer, callbacks, module = fit(logdir, devices, strategy, **opts)
         if strategy == "ddp_spawn":  # the callbacks that ran live in the (gone) worker processes
             continue
         rank = trainer.global_rank
@@ -281,8 +290,12 @@ def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
             "syncbn": sum(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules()),
             "compiled": hasattr(module.net, "_orig_mod"),
             "errors": {
-                f"{cb.fail_in}@rank{cb.fail_rank}": cb.errors for cb in callbacks if isinstance(cb, FailingCallback)
+                f"{cb.fail_in}@rank{cb.fail_rank}" + ("/warn" if cb.on_error == "warn" else ""): cb.errors
+                for cb in callbacks
+                if isinstance(cb, FailingCallback)
             },
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, VisualizationWarning)],
+            "global_step": trainer.global_step,
         }
         with open(os.path.join(logdir, f"rank{rank}.json"), "w") as f:
             json.dump(info, f)

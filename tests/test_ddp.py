@@ -207,6 +207,14 @@ def test_an_error_on_one_rank_raises_on_every_rank(ddp_out):
         "RuntimeError: boom in log"
     ]
     assert r1["log@rank0"] == ["VisualizationError: lightning-viz failing failed on rank 0: RuntimeError: boom in log"]
+    # on_error="warn": nothing raised on any rank, rank 0 warns once naming rank 1, both ranks train on
+    assert r0["compute@rank1/warn"] == r1["compute@rank1/warn"] == []
+    warned = [w for w in _json(ddp_out, "errors", 0)["warnings"] if "training goes on" in w]
+    assert warned == [
+        "lightning-viz failing failed: rank 1: RuntimeError: boom in compute (on_error='warn': training goes on)"
+    ]
+    assert _json(ddp_out, "errors", 1)["warnings"] == []
+    assert _json(ddp_out, "errors", 0)["global_step"] == _json(ddp_out, "errors", 1)["global_step"] == 6
 
 
 def test_gather_timeout_is_a_clear_error():
