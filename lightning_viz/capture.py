@@ -42,7 +42,23 @@ __all__ = [
     "fork_rng",
     "deterministic_warn_only",
     "NondeterministicOpWarning",
+    "torch_threads",
 ]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` (the CPU intra-op threads) for the block, the previous count restored on exit;
+    ``None``: unchanged."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -270,3 +270,30 @@ def test_option_errors_at_construction_name_the_callback_the_option_and_what_is_
     message = str(info.value)
     assert message.startswith(f"{owner}: "), message
     assert option in message and allowed in message, message
+
+
+class ThreadsSeen(FailFromEpoch):
+    """Records torch's CPU thread count while computing (never fails: ``fail_from`` is out of reach)."""
+
+    method = "threads"
+
+    def compute(self, pl_module, probe):
+        self.seen = torch.get_num_threads()
+        return super().compute(pl_module, probe)
+
+
+def test_num_threads_holds_while_computing_and_is_restored(tmp_path):
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    cb = ThreadsSeen(fail_from=99, num_probes=2, num_threads=want)
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1)
+    trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    assert cb.seen == want
+    assert torch.get_num_threads() == before
+    assert image_steps(read_events(str(tmp_path)), "viz-threads/panel/p000") == [0]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_bad_num_threads_is_refused(bad):
+    with pytest.raises(ValueError, match="GradientCallback: num_threads must be an int >= 1 or None"):
+        GradientCallback(num_threads=bad)

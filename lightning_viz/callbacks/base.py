@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
-from ..capture import capture, isolated
+from ..capture import capture, isolated, torch_threads
 from ..layers import LayerNotFoundError, module_device, module_dtype
 from ..logging import (
     NothingWrittenWarning,
@@ -291,6 +291,10 @@ class VisualizationCallback(Callback):
             datamodule's or the probe dataset's ``classes`` (torchvision ``ImageFolder`` convention), else indices.
         epoch_summary: count this callback in the one line logged at every epoch end (logger ``lightning_viz``:
             ``lightning-viz epoch 3: 1.7 s (embeddings 0.55 s, cam 0.29 s)``); no line when no callback is counted.
+        num_threads: torch CPU threads while this callback computes (``None``: as training; restored after). On a
+            machine where other processes hold cores, ``1`` keeps the many small steps of the input optimizations
+            from waiting at every OpenMP barrier for a descheduled thread (class-model images: 0.43 s with one
+            thread, 4.8 s with two, on a loaded 2-core machine; see ``benchmarks/README.md``).
     """
 
     method: str = "viz"
@@ -336,9 +340,15 @@ class VisualizationCallback(Callback):
         run_at_start: bool = False,
         class_names: Optional[list[str]] = None,
         epoch_summary: bool = True,
+        num_threads: Optional[int] = None,
     ):
         super().__init__()
         who = type(self).__name__
+        if num_threads is not None and (
+            isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+        ):
+            raise ValueError(f"{who}: num_threads must be an int >= 1 or None (as training); got {num_threads!r}")
+        self.num_threads = num_threads
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
             raise ValueError(
                 f"{who}: every_n_epochs must be an int >= 0 (0 = off, as in ModelCheckpoint); got {every_n_epochs!r}"
@@ -880,7 +890,11 @@ class VisualizationCallback(Callback):
             stage = "compute"
             shard = probe.shard(rank, world) if distributed and probe is not None else probe
             try:
-                with isolated(pl_module), reporting(self.method if rank == 0 else None):
+                with (
+                    isolated(pl_module),
+                    torch_threads(self.num_threads),
+                    reporting(self.method if rank == 0 else None),
+                ):
                     local = None if shard is not None and len(shard) == 0 else self.compute(pl_module, shard)
             except Exception as exc:  # re-raised on every rank by gather_results
                 error = exc
