@@ -42,6 +42,10 @@ __all__ = [
     "as_logits",
     "check_labels",
     "describe_output",
+    "PROBABILITIES",
+    "Probabilities",
+    "check_probabilities",
+    "class_probabilities",
 ]
 
 
@@ -231,6 +235,25 @@ def binary_logits(logits: Tensor) -> Tensor:
         half = 0.5 * logits
         return torch.cat([-half, half], dim=1)
     return logits
+
+
+#: How logits ``[B, K]`` become class probabilities: ``"softmax"`` (one class per image, the default) or
+#: ``"sigmoid"`` (multi-label heads trained with ``BCEWithLogitsLoss``: ``sigmoid(z_c)`` per class, independent).
+PROBABILITIES = ("softmax", "sigmoid")
+Probabilities = str  # one of PROBABILITIES
+
+
+def check_probabilities(probabilities: Any, where: str = "probabilities") -> None:
+    """Fail with the allowed values unless ``probabilities`` is one of :data:`PROBABILITIES`."""
+    if probabilities not in PROBABILITIES:
+        raise ValueError(f"{where} must be 'softmax' or 'sigmoid' (multi-label heads); got {probabilities!r}")
+
+
+def class_probabilities(logits: Tensor, probabilities: Probabilities = "softmax") -> Tensor:
+    """Class probabilities ``[B, K]`` of logits ``[B, K]``: their softmax over classes, or with ``"sigmoid"``
+    each class's own ``sigmoid(z_c)`` (multi-label: independent per class, not summing to 1)."""
+    check_probabilities(probabilities)
+    return logits.softmax(dim=1) if probabilities == "softmax" else logits.sigmoid()
 
 
 def as_logits(logits: Tensor, batch: int) -> Tensor:

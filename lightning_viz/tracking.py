@@ -170,7 +170,8 @@ class MapTracker:
             model (one extra ``compute_maps`` per run).
         seed: seed of the randomized copy (same on every rank). Keep it different from the seed the
             model was initialized with: an untrained model re-initialized with its own seed is itself.
-        target: class whose probability the deletion/insertion curves follow: ``"label"``,
+        target: class whose probability (the callback's ``probabilities``: softmax or per-class sigmoid) the
+            deletion/insertion curves follow: ``"label"``,
             ``"predicted"`` or an index; ``None`` = the callback's own ``target`` if it has one, else
             the label (or the prediction when the probes have no labels).
         custom_scalars: write the custom-scalars layout once.
@@ -257,7 +258,13 @@ class MapTracker:
                 classes = self._classes(logits, probe, callback)
                 # every key's deletion (zero baseline) and insertion (blur baseline) curve in one batched pass
                 curves = perturbation_curves(
-                    pl_module, x, maps, classes, steps=self.deletion_steps, chunk_size=self.chunk_size
+                    pl_module,
+                    x,
+                    maps,
+                    classes,
+                    steps=self.deletion_steps,
+                    chunk_size=self.chunk_size,
+                    probabilities=getattr(callback, "probabilities", "softmax"),  # the MapCallback's option
                 )
                 for mode, per_key in curves.items():
                     for key, curve in per_key.items():

@@ -20,10 +20,13 @@ from lightning_viz.callbacks import (
     OcclusionCallback,
 )
 from lightning_viz.callbacks.base import VisualizationWarning
+from lightning_viz.callbacks.maps import probabilities
 from lightning_viz.layers import LayerNotFoundError
-from lightning_viz.methods import class_activation_map, fgsm, gradient
+from lightning_viz.methods import class_activation_map, fgsm, gradient, occlusion
 from lightning_viz.methods.adversarial import predict
-from lightning_viz.methods.metrics import perturbation_curve
+from lightning_viz.methods.cam import scorecam_weights
+from lightning_viz.methods.metrics import curve_auc, perturbation_curve, perturbation_curves
+from lightning_viz.probe import ProbeSet
 from lightning_viz.targets import binary_logits, check_labels, model_adapter
 from lightning_viz.tracking import MapTracker
 
@@ -289,3 +292,140 @@ def test_one_class_of_a_multilabel_model_as_a_binary_classifier(tmp_path):
         LayerNotFoundError, match=r"CAMCallback: CAM reads each class's weights .* 4 outputs .* shape \(1, 2\)"
     ):
         tiny_trainer(str(tmp_path / "b"), [cam], max_epochs=1).fit(LitHead(TinyCNN(num_classes=4), bce), *loaders)
+
+
+class ChannelMeans(torch.nn.Module):
+    """Logits ``z_c = 4 * mean(x_c)``: one class per input channel, every probability computable by hand."""
+
+    def forward(self, x):
+        return 4 * x.mean(dim=(2, 3))
+
+
+def multilabel_image():
+    x = torch.zeros(1, 3, 8, 8)
+    x[0, 0] = 1.0  # z_0 = 4
+    x[0, 1, :4] = -1.0  # z_1 = -2
+    x[0, 2, :, :4] = 0.5  # z_2 = 1
+    return x
+
+
+def test_sigmoid_captions_are_sigmoid_of_the_max_logit():
+    """Multi-label: caption probability sigmoid(max logit) (softmax would share it among the classes), predicted
+    class the arg-max of the logits; the default stays the softmax."""
+    x = multilabel_image()
+    z = torch.tensor([4.0, -2.0, 1.0])
+    probe = ProbeSet(x)
+    sig = GradientCallback(probabilities="sigmoid").predict(ChannelMeans(), probe)
+    assert sig["pred:class"].tolist() == [0]
+    assert torch.allclose(sig["pred:prob"], torch.sigmoid(torch.tensor([4.0])))
+    soft = GradientCallback().predict(ChannelMeans(), probe)
+    assert soft["pred:class"].tolist() == [0]
+    assert torch.allclose(soft["pred:prob"], z.softmax(0)[:1])
+    assert not torch.allclose(sig["pred:prob"], soft["pred:prob"])
+    assert torch.allclose(probabilities(z[None], "sigmoid")["pred:prob"], torch.sigmoid(z[:1]))
+
+
+def test_sigmoid_faithfulness_curve_end_points():
+    """Deletion (zero baseline) runs from sigmoid(z_c(x)) to sigmoid(0) = 0.5; insertion ends at sigmoid(z_c(x))."""
+    x = multilabel_image()
+    saliency = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for c, zc in ((0, 4.0), (1, -2.0), (2, 1.0)):
+        curves = perturbation_curves(
+            ChannelMeans(), x, {"m": saliency}, torch.tensor([c]), steps=4, probabilities="sigmoid"
+        )
+        dele, ins = curves["deletion"]["m"][0], curves["insertion"]["m"][0]
+        assert dele[0].item() == pytest.approx(torch.sigmoid(torch.tensor(zc)).item(), abs=1e-6)
+        assert dele[-1].item() == pytest.approx(0.5, abs=1e-6)
+        assert ins[-1].item() == pytest.approx(torch.sigmoid(torch.tensor(zc)).item(), abs=1e-6)
+        soft = perturbation_curve(ChannelMeans(), x, saliency, torch.tensor([c]), steps=4)
+        assert soft[0, -1].item() == pytest.approx(1 / 3, abs=1e-6)  # softmax of zero logits, the default
+
+
+def test_sigmoid_occlusion_prob_drop():
+    """prob = sigmoid(z) - sigmoid(z_occluded): a 4x4 zero window over class 0's ones lowers z_0 by 4 * 16/64 = 1."""
+    x = multilabel_image()
+    drops = occlusion(ChannelMeans(), x, 0, window=4, stride=4, fill="zero", probabilities="sigmoid")
+    s = torch.sigmoid
+    assert torch.allclose(drops["score"], torch.ones(1, 2, 2))
+    assert torch.allclose(drops["prob"], (s(torch.tensor(4.0)) - s(torch.tensor(3.0))).expand(1, 2, 2))
+    drops2 = occlusion(ChannelMeans(), x, 2, window=4, stride=4, fill="zero", probabilities="sigmoid")
+    left = s(torch.tensor(1.0)) - s(torch.tensor(0.5))  # windows over the left half hold 0.5s: z_2 drops by 0.5
+    assert torch.allclose(drops2["prob"], torch.stack([left, torch.tensor(0.0)]).repeat(2).view(1, 2, 2))
+    soft = occlusion(ChannelMeans(), x, 0, window=4, stride=4, fill="zero")["prob"]
+    z = torch.tensor([4.0, -2.0, 1.0])
+    # the window zeroes every channel: each window's logits (row-major), class 0's softmax depends on all of them
+    zo = torch.tensor([[3.0, -1.0, 0.5], [3.0, -1.0, 1.0], [3.0, -2.0, 0.5], [3.0, -2.0, 1.0]])
+    assert torch.allclose(soft, (z.softmax(0)[0] - zo.softmax(1)[:, 0]).view(1, 2, 2))
+
+
+def test_sigmoid_scorecam_weights():
+    """Score-CAM weight of a channel = sigmoid(z_c) of the image masked by that channel (normalized to [0, 1])."""
+    x = multilabel_image()
+    acts = torch.zeros(1, 2, 4, 4)
+    acts[0, 0, :2] = 1.0  # top half (upsampled bilinearly: a soft edge)
+    acts[0, 1] = 2.0  # constant: an all-zero mask, z = 0
+    classes = torch.tensor([0])
+    w = scorecam_weights(ChannelMeans(), x, acts, "predicted", classes=classes, probabilities="sigmoid")
+    mask = F.interpolate(acts[:, :1], size=(8, 8), mode="bilinear", align_corners=False)[0, 0]
+    mask = (mask - mask.min()) / (mask.max() - mask.min())
+    z0 = 4 * mask.mean()  # channel 0 of x is all ones
+    assert torch.allclose(w, torch.stack([torch.sigmoid(z0), torch.tensor(0.5)])[None])
+    soft = scorecam_weights(ChannelMeans(), x, acts, "predicted", classes=classes)
+    assert soft[0, 1].item() == pytest.approx(1 / 3, abs=1e-6)
+
+
+def test_sigmoid_reaches_the_tracker_and_occlusion_callback():
+    """The callbacks pass their option down: the tracker's deletion AUC and OcclusionCallback's 'prob' map are
+    those of the sigmoid (not the softmax)."""
+    x, probe = multilabel_image(), ProbeSet(multilabel_image(), labels=torch.tensor([0]))
+    saliency = {"m": torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0))}
+    for how in ("sigmoid", "softmax"):
+        tracker = MapTracker(faithfulness=True, drift=False, pointing_game=False, deletion_steps=4)
+        cb = GradientCallback(target="label", probabilities=how, tracker=tracker)
+        out = tracker.compute(ChannelMeans(), probe, saliency, callback=cb)
+        curves = perturbation_curves(ChannelMeans(), x, saliency, torch.tensor([0]), steps=4, probabilities=how)
+        assert torch.allclose(out["track:deletion/m"], curve_auc(curves["deletion"]["m"]))
+        occ = OcclusionCallback(target=0, window=4, stride=4, fill="zero", probabilities=how)
+        prob = occ.compute_maps(ChannelMeans(), probe)["occlusion/prob"]
+        expected = occlusion(ChannelMeans(), x, 0, window=4, stride=4, fill="zero", probabilities=how)["prob"]
+        assert torch.allclose(prob, expected.repeat_interleave(4, 1).repeat_interleave(4, 2))
+        if how == "sigmoid":  # every window lowers z_0 from 4 to 3
+            assert torch.allclose(
+                prob, (torch.sigmoid(torch.tensor(4.0)) - torch.sigmoid(torch.tensor(3.0))).expand(1, 8, 8)
+            )
+
+
+def test_probabilities_option_is_validated(tmp_path):
+    """A bad value fails at construction, naming the callback, the option and the allowed values; 'sigmoid' on a
+    one-logit head (whose softmax already is sigmoid(z)) fails at setup."""
+    for cls in (GradientCallback, OcclusionCallback, CAMCallback):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}\(probabilities=...\) must be 'softmax' or 'sigmoid'"):
+            cls(probabilities="softmx")
+    with pytest.raises(ValueError, match=r"probabilities must be 'softmax' or 'sigmoid'.*'log'"):
+        occlusion(ChannelMeans(), multilabel_image(), 0, probabilities="log")
+    loaders = DataLoader(binary_data(), batch_size=8), DataLoader(binary_data(), batch_size=8)
+    with pytest.raises(ValueError, match=r"GradientCallback\(probabilities='sigmoid'\): the model has one logit"):
+        tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2, probabilities="sigmoid")], max_epochs=1).fit(
+            LitBinary(), *loaders
+        )
+
+
+def test_sigmoid_probabilities_through_fit(tmp_path):
+    """A multi-label model trained with BCEWithLogitsLoss: captions, faithfulness, occlusion 'prob' and Score-CAM
+    run with probabilities='sigmoid' and log their maps."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(8, 3, 8, 8, generator=g), (torch.rand(8, 4, generator=g) > 0.5).float())
+    loaders = DataLoader(ds, batch_size=4), DataLoader(ds, batch_size=4)
+    cbs = [
+        GradientCallback(
+            num_probes=2, target="predicted", probabilities="sigmoid", tracker=MapTracker(faithfulness=True)
+        ),
+        OcclusionCallback(num_probes=2, target="predicted", window=4, probabilities="sigmoid"),
+        CAMCallback(methods=["scorecam"], num_probes=2, target="predicted", probabilities="sigmoid"),
+    ]
+    tiny_trainer(str(tmp_path), cbs, max_epochs=1, limit_train_batches=1).fit(
+        LitHead(TinyCNN(num_classes=4), F.binary_cross_entropy_with_logits), *loaders
+    )
+    tags = set(read_events(str(tmp_path)).Tags()["images"])
+    assert any("occlusion" in t for t in tags) and any("scorecam" in t or "cam" in t for t in tags)

@@ -626,6 +626,12 @@ class VisualizationCallback(Callback):
                         + "; set logits_fn=<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
                     )
                 self._num_classes = int(logits.shape[1])
+                if getattr(self, "probabilities", "softmax") == "sigmoid" and logits is not raw:
+                    raise ValueError(
+                        f"{name}(probabilities='sigmoid'): the model has one logit z (a binary classifier), read as "
+                        "two classes whose softmax already is sigmoid(z); keep probabilities='softmax' ('sigmoid' "
+                        "is for multi-label heads with one logit per class)."
+                    )
                 self._warn_probabilities(logits, how)
                 if self.needs_labels() and isinstance(label, Tensor) and label.numel() == 1:
                     try:  # a class index the model has: else fail now, not at the first epoch end

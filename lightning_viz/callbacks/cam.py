@@ -241,6 +241,15 @@ class CAMCallback(GradientMapCallback):
                         rectified = {**plain.activations, layer: plain.layer(layer)[0].relu()}
                         src = dataclasses.replace(plain, activations=rectified)
                     out[f"{m}/{layer}"] = variant_from_pass(
-                        src, layer, m, tuple(x.shape[-2:]), pl_module, x, self.target, probe.labels, self.chunk_size
+                        src,
+                        layer,
+                        m,
+                        tuple(x.shape[-2:]),
+                        pl_module,
+                        x,
+                        self.target,
+                        probe.labels,
+                        self.chunk_size,
+                        self.probabilities,
                     )
         return out

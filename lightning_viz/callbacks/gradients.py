@@ -122,7 +122,7 @@ class GradientMapCallback(MapCallback):
         if cache.version == (weakref.ref(pl_module),) + model_version(pl_module):  # passes of this model state
             for key, result in cache.entries.items():
                 if key[0] == fingerprint and result.logits.shape[0] == len(probe):
-                    return probabilities(result.logits)
+                    return probabilities(result.logits, self.probabilities)
         return super().predict(pl_module, probe)
 
     def get_pass(

@@ -38,7 +38,7 @@ from ..render import (
     to_uint8,
     upscale,
 )
-from ..targets import LabelTarget, resolve_target
+from ..targets import LabelTarget, Probabilities, check_probabilities, class_probabilities, resolve_target
 from ..tracking import MapTracker
 from .base import VisualizationCallback
 
@@ -65,6 +65,9 @@ class MapCallback(VisualizationCallback):
         signed: treat maps as signed (diverging normalization) -- e.g. the signed gradient.
         tracker: optional :class:`lightning_viz.tracking.MapTracker` for filmstrips, drift, faithfulness,
             localization and the sanity check (it gets this callback, to render alike and recompute maps).
+        probabilities: how logits become the class probabilities shown and used (captions, the tracker's
+            deletion/insertion curves, occlusion's ``prob``, Score-CAM): ``"softmax"`` over the classes, or
+            ``"sigmoid"`` of each class's own logit (multi-label heads trained with ``BCEWithLogitsLoss``).
         **kwargs: schedule and probe options of :class:`VisualizationCallback`.
     """
 
@@ -77,9 +80,11 @@ class MapCallback(VisualizationCallback):
         alpha: float = 0.5,
         signed: bool = False,
         tracker: Optional[MapTracker] = None,
+        probabilities: Literal["softmax", "sigmoid"] = "softmax",
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
+        check_probabilities(probabilities, f"{type(self).__name__}(probabilities=...)")
         if normalize not in ("per_image", "fixed", "both"):
             raise ValueError(f"normalize must be 'per_image', 'fixed' or 'both'; got {normalize!r}")
         if layout not in ("panel", "per_probe", "grid"):
@@ -97,6 +102,7 @@ class MapCallback(VisualizationCallback):
         self.alpha = alpha
         self.signed = signed
         self.tracker = tracker
+        self.probabilities = probabilities
         self.scales: dict[str, FixedScale] = {}
 
     # ------------------------------------------------------------------ subclass API
@@ -136,7 +142,7 @@ class MapCallback(VisualizationCallback):
 
     def predict(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
         """Predicted class and probability per probe for the panel captions (see :func:`predictions`)."""
-        return predictions(pl_module, probe, getattr(self, "chunk_size", None))
+        return predictions(pl_module, probe, getattr(self, "chunk_size", None), self.probabilities)
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         assert probe is not None  # needs_probes is True: the base class always passes the probes
@@ -271,15 +277,23 @@ class MapCallback(VisualizationCallback):
             self.tracker.load_state_dict(state.get("tracker") or {})
 
 
-def probabilities(logits: Tensor) -> dict[str, Tensor]:
-    """``{"pred:class": [N], "pred:prob": [N]}`` from logits ``[N, K]``: argmax and its softmax probability."""
-    prob, cls = logits.detach().float().softmax(dim=1).max(dim=1)
+def probabilities(logits: Tensor, probabilities: Probabilities = "softmax") -> dict[str, Tensor]:
+    """``{"pred:class": [N], "pred:prob": [N]}`` from logits ``[N, K]``: argmax and its probability (softmax, or
+    with ``probabilities="sigmoid"`` ``sigmoid`` of the largest logit: multi-label heads)."""
+    return _predicted(logits, probabilities)
+
+
+def _predicted(logits: Tensor, how: Probabilities) -> dict[str, Tensor]:
+    prob, cls = class_probabilities(logits.detach().float(), how).max(dim=1)
     return {PRED_PREFIX + "class": cls.cpu(), PRED_PREFIX + "prob": prob.cpu()}
 
 
-def predictions(pl_module: LightningModule, probe: ProbeSet, chunk_size: int | None = None) -> dict[str, Tensor]:
-    """``{"pred:class": [N], "pred:prob": [N]}``: the model's predicted class and its softmax probability
-    (no-grad forwards of ``chunk_size`` probes; nothing when the model does not return logits ``[N, K]``)."""
+def predictions(
+    pl_module: LightningModule, probe: ProbeSet, chunk_size: int | None = None, probabilities: Probabilities = "softmax"
+) -> dict[str, Tensor]:
+    """``{"pred:class": [N], "pred:prob": [N]}``: the model's predicted class and its probability
+    (softmax or per-class sigmoid: :func:`probabilities`; no-grad forwards of ``chunk_size`` probes; nothing
+    when the model does not return logits ``[N, K]``)."""
     x = probe.to(module_device(pl_module), module_dtype(pl_module))
     step = chunk_size or len(x)
     parts = []
@@ -289,7 +303,7 @@ def predictions(pl_module: LightningModule, probe: ProbeSet, chunk_size: int | N
             if not isinstance(logits, Tensor) or logits.ndim != 2:
                 return {}
             parts.append(logits.float())
-    return probabilities(torch.cat(parts))
+    return _predicted(torch.cat(parts), probabilities)
 
 
 def panel_caption(pid: str, probe: ProbeSet, results: dict[str, Any], i: int, class_names: list[str] | None) -> str:

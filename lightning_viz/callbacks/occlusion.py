@@ -20,8 +20,9 @@ class OcclusionCallback(MapCallback):
     """Occlusion sensitivity (Zeiler & Fergus 2014, Sec. 4.2) as heatmap overlays per probe.
 
     Logs one panel per probe ``viz-occlusion/panel/<probe-id>`` with the map ``occlusion/score`` (drop of the
-    target's logit) and, if asked, ``occlusion/prob`` (drop of its softmax probability), plus the
-    :class:`MapCallback` statistics. Each pixel shows the mean drop of the windows covering it.
+    target's logit) and, if asked, ``occlusion/prob`` (drop of its probability: softmax, or its sigmoid with
+    ``probabilities="sigmoid"``), plus the :class:`MapCallback` statistics. Each pixel shows the mean drop of the
+    windows covering it.
 
     Args:
         window: side of the square occluding window, pixels; ``None`` (default): scales with the image,
@@ -93,6 +94,7 @@ class OcclusionCallback(MapCallback):
             mean=probe.mean,
             std=probe.std,
             chunk_size=chunk,
+            probabilities=self.probabilities,
         )
         return {
             f"occlusion/{o}": spread_to_pixels(drops[o], size, self.window, self.stride)

@@ -44,7 +44,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import LayerNotFoundError, get_layer, last_called_linear
-from ..targets import CallableTarget, TargetSpec, resolve_target
+from ..targets import (
+    CallableTarget,
+    Probabilities,
+    TargetSpec,
+    check_probabilities,
+    class_probabilities,
+    resolve_target,
+)
 from .batching import images_per_forward
 from .shared_pass import PassResult, chunks, gradient_pass
 
@@ -208,11 +215,14 @@ def scorecam_weights(
     labels: Optional[Tensor] = None,
     classes: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
+    probabilities: Probabilities = "softmax",
 ) -> Tensor:
-    """Score-CAM weights ``[B, K]``: the target's softmax probability (for a callable target, its score)
+    """Score-CAM weights ``[B, K]``: the target's probability (softmax, or with ``probabilities="sigmoid"`` its
+    own ``sigmoid(z_c)`` for multi-label heads; for a callable target, its score)
     on ``x * norm(upsample(A_k))`` for every channel ``k``; ``chunk_size`` masked images per forward
     (``None``: as many as the default memory budget holds, :func:`~lightning_viz.methods.batching.images_per_forward`;
     the result does not depend on it). ``classes`` (e.g. a pass's ``PassResult.classes``) pins the class per image."""
+    check_probabilities(probabilities)
     b, k = activations.shape[:2]
     acts = activations.float().flatten(0, 1)  # [B * K, h, w]; each chunk upsamples and normalizes only its masks
     tgt = resolve_target(target)
@@ -231,7 +241,9 @@ def scorecam_weights(
             out[sl] = tgt.score(logits, None)
         else:
             assert classes is not None  # given, or set above for every non-callable target
-            out[sl] = logits.softmax(dim=1).gather(1, classes.to(x.device)[img[sl], None]).squeeze(1)
+            out[sl] = (
+                class_probabilities(logits, probabilities).gather(1, classes.to(x.device)[img[sl], None]).squeeze(1)
+            )
     return out.view(b, k)
 
 
@@ -310,8 +322,9 @@ class CAMVariant:
         reference: paper and equation.
         weights: ``(A, G) -> w`` (``[B, K]`` or element-wise ``[B, K, h, w]``) from one plain gradient pass.
         activation_map: ``A -> [B, h, w]`` map from the activations alone (no gradient, no class).
-        forward_weights: ``(model, x, layer, A, result, target, labels, chunk_size) -> w [B, K]`` from
-            extra forwards of the input (``result`` is the plain pass: its classes and scores).
+        forward_weights: ``(model, x, layer, A, result, target, labels, chunk_size, probabilities) -> w [B, K]``
+            from extra forwards of the input (``result`` is the plain pass: its classes and scores;
+            ``probabilities``: ``"softmax"`` or ``"sigmoid"``, how logits become class probabilities).
         head: weights from the classifier (the last ``nn.Linear`` over the GAP of the layer): needs a class.
         guided_of: the variant whose map multiplies guided backprop (needs a pass with the guided ReLU rule).
         needs_class: a class target is required (not a callable score).
@@ -362,8 +375,9 @@ def _scorecam_forward(
     target: TargetSpec,
     labels: Optional[Tensor],
     chunk_size: Optional[int],
+    probabilities: Probabilities = "softmax",
 ) -> Tensor:
-    return scorecam_weights(model, x, a, target, labels, result.classes, chunk_size)
+    return scorecam_weights(model, x, a, target, labels, result.classes, chunk_size, probabilities)
 
 
 def _ablation_forward(
@@ -375,6 +389,7 @@ def _ablation_forward(
     target: TargetSpec,
     labels: Optional[Tensor],
     chunk_size: Optional[int],
+    probabilities: Probabilities = "softmax",
 ) -> Tensor:
     return ablationcam_weights(model, x, layer, a, result.scores, target, result.classes, chunk_size)
 
@@ -496,9 +511,11 @@ def variant_from_pass(
     target: TargetSpec = "label",
     labels: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
+    probabilities: Probabilities = "softmax",
 ) -> Tensor:
     """The ``[B, H, W]`` map of any non-guided variant from a plain pass that recorded ``layer``; ``model``
-    (classifier head, extra forwards), ``x``, ``target`` and ``labels`` (extra forwards) as the variant needs.
+    (classifier head, extra forwards), ``x``, ``target``, ``labels`` and ``probabilities`` (extra forwards:
+    Score-CAM's softmax or per-class sigmoid) as the variant needs.
     ``size`` defaults to the input size for variants that forward ``x``."""
     v = cam_variant(method)
     if v.guided:
@@ -518,7 +535,7 @@ def variant_from_pass(
     if v.forward_weights is not None:
         if model is None or x is None:
             raise ValueError(f"{v.name} needs the model and the input images for its extra forwards")
-        w = v.forward_weights(model, x, layer, a, result, target, labels, chunk_size)
+        w = v.forward_weights(model, x, layer, a, result, target, labels, chunk_size, probabilities)
         return cam_map(a, w.to(a.dtype), tuple(size) if size is not None else tuple(x.shape[-2:]))
     if v.head:
         w = _head_weights(a, result.classes, model, layer, result.head)
@@ -551,10 +568,13 @@ def scorecam_from_pass(
     target: TargetSpec = "label",
     labels: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
+    probabilities: Probabilities = "softmax",
 ) -> Tensor:
     """Score-CAM ``[B, H, W]`` of ``layer`` from a pass's activations (and target classes) plus ``K``
-    masked forwards per image."""
-    return variant_from_pass(result, layer, "scorecam", tuple(x.shape[-2:]), model, x, target, labels, chunk_size)
+    masked forwards per image (``probabilities``: see :func:`scorecam_weights`)."""
+    return variant_from_pass(
+        result, layer, "scorecam", tuple(x.shape[-2:]), model, x, target, labels, chunk_size, probabilities
+    )
 
 
 def guided_cam_from_passes(plain: PassResult, guided: PassResult, layer: str, method: str = "guided_gradcam") -> Tensor:
@@ -580,11 +600,15 @@ def class_activation_map(
     target: TargetSpec = "label",
     labels: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
+    probabilities: Probabilities = "softmax",
 ) -> Tensor:
     """``[B, H, W]`` CAM of ``layer`` (one forward + one backward per chunk, plus the variant's extra forwards;
-    the backward stops at ``layer``: no input gradient is taken)."""
+    the backward stops at ``layer``: no input gradient is taken). ``probabilities``: Score-CAM's softmax or
+    per-class sigmoid (:func:`scorecam_weights`)."""
     result = gradient_pass(model, x, target, labels, [layer], None, chunk_size, input_grad=False)
-    return variant_from_pass(result, layer, method, tuple(x.shape[-2:]), model, x, target, labels, chunk_size)
+    return variant_from_pass(
+        result, layer, method, tuple(x.shape[-2:]), model, x, target, labels, chunk_size, probabilities
+    )
 
 
 def guided_class_activation_map(

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..targets import TargetSpec, resolve_target
+from ..targets import Probabilities, TargetSpec, check_probabilities, class_probabilities, resolve_target
 from . import batching
 from .batching import default_memory_mb, images_per_forward
 from .blur import gaussian_blur
@@ -85,6 +85,7 @@ def perturbation_curves(
     steps: int = 16,
     blur_sigma: float | None = None,
     chunk_size: int | None = None,
+    probabilities: Probabilities = "softmax",
 ) -> dict[str, dict[str, Tensor]]:
     """Deletion/insertion curves (Petsiuk et al. 2018, Sec. 4.1) of several maps of the same images at once.
 
@@ -95,7 +96,9 @@ def perturbation_curves(
     images of all keys and modes go through ``model`` in batches of at most ``chunk_size`` images (``None``:
     as many as the default memory budget holds, on the CPU at most
     :data:`~lightning_viz.methods.batching.CPU_THROUGHPUT_MB` of activations); the result does not depend on
-    chunking (up to the float rounding of batched kernels)."""
+    chunking (up to the float rounding of batched kernels). ``probabilities``: ``"softmax"`` over the classes or
+    ``"sigmoid"`` of the class's own logit (multi-label heads; :func:`~lightning_viz.targets.class_probabilities`)."""
+    check_probabilities(probabilities)
     modes = dict(modes) if modes is not None else {"deletion": "zero", "insertion": "blur"}
     for mode, baseline in modes.items():
         if mode not in ("deletion", "insertion"):
@@ -152,7 +155,7 @@ def perturbation_curves(
                 raise ValueError(
                     f"deletion/insertion need a model returning logits [B, K]; got {getattr(out, 'shape', type(out))}"
                 )
-            probs.append(out.float().softmax(dim=1).gather(1, classes[p].view(-1, 1)).squeeze(1))
+            probs.append(class_probabilities(out.float(), probabilities).gather(1, classes[p].view(-1, 1)).squeeze(1))
         flat = torch.cat(probs).view(len(items), b)
         curves: dict[str, dict[str, Tensor]] = {}
         for mode, (first, last) in ends.items():
@@ -182,8 +185,10 @@ def perturbation_curve(
     baseline: str = "zero",
     blur_sigma: float | None = None,
     chunk_size: int | None = None,
+    probabilities: Probabilities = "softmax",
 ) -> Tensor:
-    """Target-class probability as pixels are deleted/inserted in order of decreasing saliency.
+    """Target-class probability (``probabilities``: softmax or per-class sigmoid) as pixels are deleted/inserted
+    in order of decreasing saliency.
 
     Returns ``[B, steps + 1]``: point ``k`` has ``round(k / steps * H * W)`` pixels (all channels)
     replaced by the ``baseline`` (deletion) or taken from the image into the baseline (insertion).
@@ -194,7 +199,9 @@ def perturbation_curve(
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion'; got {mode!r}")
-    curves = perturbation_curves(model, x, {"": maps}, target, labels, {mode: baseline}, steps, blur_sigma, chunk_size)
+    curves = perturbation_curves(
+        model, x, {"": maps}, target, labels, {mode: baseline}, steps, blur_sigma, chunk_size, probabilities
+    )
     return curves[mode][""]
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..progress import progress
-from ..targets import Target, TargetSpec, resolve_target
+from ..targets import Probabilities, Target, TargetSpec, check_probabilities, class_probabilities, resolve_target
 from .batching import activation_bytes_per_image, images_per_forward
 
 __all__ = [
@@ -129,13 +129,15 @@ def occlusion(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     chunk_size: int | None = None,
+    probabilities: Probabilities = "softmax",
 ) -> dict[str, Tensor]:
     """Occlusion sensitivity of ``model`` on ``x[B, C, H, W]``.
 
     Returns ``{"score": [B, nY, nX], "prob": [B, nY, nX]}``: ``score`` is the drop of the target
     score ``s(x) - s(x_occluded)`` per window position (Zeiler & Fergus 2014, Sec. 4.2); ``prob`` the
-    drop of the softmax probability of the target class (only when the target names a class, i.e.
-    not a custom callable). The target class is decided once on the unoccluded image.
+    drop of the probability of the target class (only when the target names a class, i.e.
+    not a custom callable): its softmax, or with ``probabilities="sigmoid"`` (multi-label heads) ``sigmoid(z_c)``.
+    The target class is decided once on the unoccluded image.
     ``window`` / ``stride``: pixels (an int or ``(h, w)``); ``None``: :func:`default_window` of the image size
     (window ~ side / 8, stride ~ window / 2: at most 16 x 16 positions at any resolution).
     ``chunk_size``: occluded images per forward (``None``: as many as the default memory budget holds,
@@ -145,6 +147,7 @@ def occlusion(
     Runs without autograd; the caller keeps the model in eval mode (see ``capture.isolated``).
     """
     tgt = resolve_target(target)
+    check_probabilities(probabilities)
     window, stride = _window_stride(x.shape[-2:], window, stride)
     ys, xs = window_positions(x.shape[-2:], window, stride)
     wh, ww = _pair(window, "window")
@@ -155,7 +158,9 @@ def occlusion(
         logits = model(x)
         classes = tgt.classes(logits, labels)
         base_score = tgt.score(logits, labels)
-        base_prob = None if classes is None else logits.softmax(1).gather(1, classes.view(-1, 1)).squeeze(1)
+        base_prob = (
+            None if classes is None else class_probabilities(logits, probabilities).gather(1, classes.view(-1, 1))
+        )
         # Window corner of each position (row-major over the grid); masks are built per chunk, so memory
         # stays bounded by the chunk size rather than positions x pixels.
         pos_y = torch.tensor(ys, device=x.device).repeat_interleave(len(xs)).view(-1, 1, 1, 1)
@@ -181,7 +186,7 @@ def occlusion(
             else:
                 c = classes[bi].view(-1, 1)
                 scores.append(out.gather(1, c).squeeze(1))
-                probs.append(out.softmax(1).gather(1, c).squeeze(1))
+                probs.append(class_probabilities(out, probabilities).gather(1, c).squeeze(1))
         occ_score = torch.cat(scores).view(b, n_pos)
         result = {"score": (base_score.view(b, 1) - occ_score).view(b, len(ys), len(xs))}
         if base_prob is not None:
