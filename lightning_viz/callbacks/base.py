@@ -634,10 +634,9 @@ class VisualizationCallback(Callback):
                     )
                 self._warn_probabilities(logits, how)
                 if self.needs_labels() and isinstance(label, Tensor) and label.numel() == 1:
-                    try:  # a class index the model has: else fail now, not at the first epoch end
-                        check_labels(label.reshape(1), self._num_classes)
-                    except ValueError as exc:
-                        raise ValueError(f"{name}: {exc}") from None
+                    # a class index the model has: else fail now, not at the first epoch end (check_model runs
+                    # under _naming, which puts this callback's name in front of the message)
+                    check_labels(label.reshape(1), self._num_classes)
             self.check_input(model, x)
             choose_memory_format(model, x, out)
 
