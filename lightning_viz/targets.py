@@ -46,6 +46,7 @@ __all__ = [
     "Probabilities",
     "check_probabilities",
     "class_probabilities",
+    "class_probability",
 ]
 
 
@@ -254,6 +255,11 @@ def class_probabilities(logits: Tensor, probabilities: Probabilities = "softmax"
     each class's own ``sigmoid(z_c)`` (multi-label: independent per class, not summing to 1)."""
     check_probabilities(probabilities)
     return logits.softmax(dim=1) if probabilities == "softmax" else logits.sigmoid()
+
+
+def class_probability(logits: Tensor, classes: Tensor, probabilities: Probabilities = "softmax") -> Tensor:
+    """``[B]``: row b's probability of class ``classes[b]`` (:func:`class_probabilities` of ``logits [B, K]``)."""
+    return class_probabilities(logits, probabilities).gather(1, classes.reshape(-1, 1)).squeeze(1)
 
 
 def as_logits(logits: Tensor, batch: int) -> Tensor:

@@ -49,7 +49,7 @@ from ..targets import (
     Probabilities,
     TargetSpec,
     check_probabilities,
-    class_probabilities,
+    class_probability,
     resolve_target,
 )
 from .batching import images_per_forward
@@ -241,9 +241,7 @@ def scorecam_weights(
             out[sl] = tgt.score(logits, None)
         else:
             assert classes is not None  # given, or set above for every non-callable target
-            out[sl] = (
-                class_probabilities(logits, probabilities).gather(1, classes.to(x.device)[img[sl], None]).squeeze(1)
-            )
+            out[sl] = class_probability(logits, classes.to(x.device)[img[sl]], probabilities)
     return out.view(b, k)
 
 

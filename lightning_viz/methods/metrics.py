@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..targets import Probabilities, TargetSpec, check_probabilities, class_probabilities, resolve_target
+from ..targets import Probabilities, TargetSpec, check_probabilities, class_probability, resolve_target
 from . import batching
 from .batching import default_memory_mb, images_per_forward
 from .blur import gaussian_blur
@@ -155,7 +155,7 @@ def perturbation_curves(
                 raise ValueError(
                     f"deletion/insertion need a model returning logits [B, K]; got {getattr(out, 'shape', type(out))}"
                 )
-            probs.append(class_probabilities(out.float(), probabilities).gather(1, classes[p].view(-1, 1)).squeeze(1))
+            probs.append(class_probability(out.float(), classes[p], probabilities))
         flat = torch.cat(probs).view(len(items), b)
         curves: dict[str, dict[str, Tensor]] = {}
         for mode, (first, last) in ends.items():

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..progress import progress
-from ..targets import Probabilities, Target, TargetSpec, check_probabilities, class_probabilities, resolve_target
+from ..targets import Probabilities, Target, TargetSpec, check_probabilities, class_probability, resolve_target
 from .batching import activation_bytes_per_image, images_per_forward
 
 __all__ = [
@@ -158,9 +158,7 @@ def occlusion(
         logits = model(x)
         classes = tgt.classes(logits, labels)
         base_score = tgt.score(logits, labels)
-        base_prob = (
-            None if classes is None else class_probabilities(logits, probabilities).gather(1, classes.view(-1, 1))
-        )
+        base_prob = None if classes is None else class_probability(logits, classes, probabilities)
         # Window corner of each position (row-major over the grid); masks are built per chunk, so memory
         # stays bounded by the chunk size rather than positions x pixels.
         pos_y = torch.tensor(ys, device=x.device).repeat_interleave(len(xs)).view(-1, 1, 1, 1)
@@ -186,7 +184,7 @@ def occlusion(
             else:
                 c = classes[bi].view(-1, 1)
                 scores.append(out.gather(1, c).squeeze(1))
-                probs.append(class_probabilities(out, probabilities).gather(1, c).squeeze(1))
+                probs.append(class_probability(out, c, probabilities))
         occ_score = torch.cat(scores).view(b, n_pos)
         result = {"score": (base_score.view(b, 1) - occ_score).view(b, len(ys), len(xs))}
         if base_prob is not None:
