@@ -265,6 +265,19 @@ class Capture:
         self.names = names
         self.outputs: dict[str, Tensor] = {}
         self.without_grad: set[str] = set()  # grad=True: layers that ran with autograd off (see capture)
+        self.passed_on: dict[str, Tensor] = {}  # grad=True: the copy each layer handed downstream
+
+    def rectified_later(self, name: str) -> bool:
+        """``True`` when the forward, after layer ``name``, rectified the layer's output in place (an
+        ``nn.ReLU(inplace=True)`` after a conv, DenseNet's ``F.relu(norm5, inplace=True)``): the tensor the layer
+        handed on was modified in place and now equals ``max(output, 0)``. The rest of the network then reads
+        ``ReLU(output)``. Only with ``grad=True``; ask after the forward."""
+        passed = self.passed_on.get(name)
+        if passed is None or passed._version == 0 or name not in self.outputs:
+            return False
+        with torch.no_grad():
+            out = self.outputs[name].detach()
+            return passed.shape == out.shape and bool(torch.equal(passed.detach(), out.clamp_min(0)))
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.outputs:
@@ -279,6 +292,7 @@ class Capture:
 
     def clear(self) -> None:
         self.outputs.clear()
+        self.passed_on.clear()
 
 
 @contextlib.contextmanager
@@ -311,7 +325,8 @@ def capture(model: nn.Module, layer_names: Iterable[str], grad: bool = False) ->
                 # With frozen parameters and an input that needs no grad, make it a leaf that does.
                 node = output if output.requires_grad else output.detach().requires_grad_(True)
                 cap.outputs[name] = node
-                return node.clone()
+                cap.passed_on[name] = node.clone()  # a fresh tensor: its version counts later in-place ops
+                return cap.passed_on[name]
             cap.outputs[name] = output.detach().clone()
             return None
 

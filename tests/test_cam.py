@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from helpers import (
     LitTiny,
     TinyCNN,
@@ -175,6 +176,70 @@ def test_parity_with_pytorch_grad_cam():
     for i in range(len(x)):  # the SVD sign is open: pytorch-grad-cam keeps numpy's, we fix ours
         sign = 1.0 if (ours[i] * proj[i]).sum() >= 0 else -1.0
         torch.testing.assert_close(sign * ours[i], proj[i].to(ours.dtype), atol=1e-4, rtol=1e-4)
+
+
+class ConvThenReLU(nn.Module):
+    """A conv whose output the forward then changes in place: ``ReLU(inplace=True)`` (VGG's conv + ReLU), or with
+    ``op="add"`` an in-place add (no rectification), or ``op="copy"`` an out-of-place ReLU."""
+
+    def __init__(self, op: str = "relu"):
+        super().__init__()
+        self.op = op
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        a = self.conv(x)
+        a = a.relu_() if self.op == "relu" else a.add_(0.5) if self.op == "add" else a.relu()
+        return self.fc(self.head(a).amax((2, 3)))
+
+
+def test_cam_maps_read_a_layer_output_rectified_in_place_as_pytorch_grad_cam():
+    """A layer whose output the forward rectifies in place (a conv followed by ReLU(inplace=True); DenseNet's norm5
+    and F.relu(inplace=True)): A is ReLU(output), the map the network reads, and every gradient CAM equals
+    pytorch-grad-cam's, which keeps the hooked tensor the ReLU overwrites (was: XGrad-CAM correlated -0.11 on
+    DenseNet-121). An in-place op that is no ReLU, or an out-of-place ReLU, leaves A the raw output."""
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from lightning_viz.capture import capture
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 2, 1])
+    for op, rectified in (("relu", True), ("add", False), ("copy", False)):
+        model = ConvThenReLU(op).eval()
+        with capture(model, ["conv"], grad=True) as cap:
+            model(x)
+        assert cap.rectified_later("conv") is rectified, op
+        with isolated(model):
+            plain = gradient_pass(model, x, "label", labels, ["conv"])
+        with torch.no_grad():
+            raw = model.conv(x)
+        torch.testing.assert_close(plain.activations["conv"], raw.clamp_min(0) if rectified else raw)
+    torch.manual_seed(0)
+    dense = torchvision.models.densenet121(weights=None, num_classes=4).eval()
+    cases = (
+        (ConvThenReLU("relu").eval(), "conv", x[:2], labels[:2]),
+        (dense, "features.norm5", torch.randn(2, 3, 96, 96), torch.tensor([1, 2])),
+    )
+    for model, layer, xs, ys in cases:
+        for ours, theirs in (
+            ("gradcam", pgc.GradCAM),
+            ("gradcam++", pgc.GradCAMPlusPlus),
+            ("xgradcam", pgc.XGradCAM),
+            ("layercam", pgc.LayerCAM),
+        ):
+            with isolated(model):
+                got = C.class_activation_map(model, xs, layer, ours, target="label", labels=ys)
+            with theirs(model=model, target_layers=[model.get_submodule(layer)]) as cam:
+                ref = torch.as_tensor(cam(input_tensor=xs, targets=[ClassifierOutputTarget(int(c)) for c in ys]))
+            got = got - got.flatten(1).amin(1)[:, None, None]
+            got = got / got.flatten(1).amax(1).clamp_min(1e-7)[:, None, None]
+            assert got.std() > 0 and ref.std() > 0, (layer, ours)
+            # (pytorch-grad-cam resizes with OpenCV: 0.998-1.000 here; the raw A gave -0.11 for XGrad-CAM)
+            assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > 0.995, (layer, ours)
 
 
 def test_hand_computed_literals_and_weights():

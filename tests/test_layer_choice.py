@@ -315,7 +315,9 @@ def test_cam_explains_the_layers_pytorch_grad_cam_names(tmp_path, arch, layer):
         with capture(net, [layer], grad=True) as cap:
             score = net(x).gather(1, labels[:, None]).sum()
             (g,) = torch.autograd.grad(score, cap[layer])
-    a = cap[layer].detach()
+    # DenseNet's forward rectifies norm5's output in place (F.relu(..., inplace=True)): A is what it reads, ReLU(norm5)
+    assert cap.rectified_later(layer) == (arch == "densenet121")
+    a = cap[layer].detach().clamp_min(0) if arch == "densenet121" else cap[layer].detach()
     ref = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
     ref = F.interpolate(ref, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))

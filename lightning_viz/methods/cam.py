@@ -3,7 +3,8 @@
 Core (every variant): ``L = ReLU(sum_k w_k * A_k)`` for a layer's activations ``A [B, K, h, w]``,
 bilinearly upsampled to the input size (:func:`cam_map`). A variant only chooses the weights ``w``
 (``[B, K]``, or ``[B, K, h, w]`` for element-wise weights) from ``A`` and the gradient
-``G = dS/dA`` of the target score -- both read off one :func:`~lightning_viz.methods.shared_pass.gradient_pass`:
+``G = dS/dA`` of the target score -- both read off one :func:`~lightning_viz.methods.shared_pass.gradient_pass`
+(``A`` is ``ReLU(output)`` when the forward rectifies the layer's output in place, e.g. DenseNet's ``norm5``):
 
 * ``cam`` -- Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016, Eq. 2:
   ``w_k = W_fc[c, k]`` of the linear layer after global average pooling (needs a class, and a model
