@@ -230,6 +230,26 @@ def test_a_long_callback_shows_progress(tmp_path, caplog, monkeypatch):
     assert total == 2 * 9  # 2 probes x 9 window positions (8 px, window 4, stride 2)
 
 
+def test_faithfulness_curves_show_progress(tmp_path, caplog, monkeypatch):
+    """The deletion/insertion curves (2 * (steps + 1) forwards per probe and key; minutes on a 224 px ResNet-50)
+    log progress lines like the other long loops, counting every perturbed image of the run."""
+    import lightning_viz.progress as progress_module
+    from lightning_viz.callbacks.cam import CAMCallback
+    from lightning_viz.tracking import MapTracker
+
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every chunk: a line
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    tracker = MapTracker(faithfulness=True, deletion_steps=4, chunk_size=4, filmstrip=False, drift=False)
+    cb = CAMCallback(num_probes=2, tracker=tracker)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    lines = [m for m in msgs if m.startswith("lightning-viz cam: ")]
+    assert len(lines) >= 2 and all("perturbed images" in m for m in lines)
+    # 2 probes x (image + zero and blur baselines + 2 modes x 3 inner points of one map key)
+    assert {int(m.split("/")[1].split(" ")[0]) for m in lines} == {2 * (3 + 2 * 3)}
+
+
 def test_demo_config_fits_the_card_budget(tmp_path, monkeypatch, caplog):
     """The demo config (every callback, 5 CAM and 5 gradient methods), one short epoch: at most 60 image
     cards in at least 6 TensorBoard groups, median image shorter side >= 128 px, one line at the epoch end."""
