@@ -250,6 +250,25 @@ def test_faithfulness_curves_show_progress(tmp_path, caplog, monkeypatch):
     assert {int(m.split("/")[1].split(" ")[0]) for m in lines} == {2 * (3 + 2 * 3)}
 
 
+@pytest.mark.parametrize("method, what", [("scorecam", "masked images"), ("ablationcam", "ablated images")])
+def test_forward_cams_show_progress(tmp_path, caplog, monkeypatch, method, what):
+    """Score-CAM and Ablation-CAM push one image per channel of the layer (2048 per probe at a ResNet-50's
+    layer4, hours on a CPU): progress lines count them."""
+    import lightning_viz.progress as progress_module
+    from lightning_viz.callbacks.cam import CAMCallback
+
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every chunk: a line
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    cb = CAMCallback(methods=[method], layers=["net.conv2"], num_probes=2, chunk_size=4)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    lines = [m for m in msgs if m.startswith("lightning-viz cam: ")]
+    assert len(lines) >= 2 and all(what in m for m in lines)
+    channels = dict(LitTiny().net.named_modules())["conv2"].out_channels
+    assert {int(m.split("/")[1].split(" ")[0]) for m in lines} == {2 * channels}
+
+
 def test_demo_config_fits_the_card_budget(tmp_path, monkeypatch, caplog):
     """The demo config (every callback, 5 CAM and 5 gradient methods), one short epoch: at most 60 image
     cards in at least 6 TensorBoard groups, median image shorter side >= 128 px, one line at the epoch end."""
