@@ -269,6 +269,25 @@ def test_forward_cams_show_progress(tmp_path, caplog, monkeypatch, method, what)
     assert {int(m.split("/")[1].split(" ")[0]) for m in lines} == {2 * channels}
 
 
+def test_gradient_receptive_field_shows_progress(tmp_path, caplog, monkeypatch):
+    """The gradient receptive field of TopPatchesCallback (one backward per output position and trial, minutes
+    at a ResNet-50's layer3 at 224 px; computed once, when the first patches are cropped) logs progress lines."""
+    import lightning_viz.progress as progress_module
+    from lightning_viz.callbacks.patches import TopPatchesCallback
+
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every chunk: a line
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    cb = TopPatchesCallback(layers=["net.conv2"], num_probes=4, receptive_field="gradient")
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    lines = [m for m in msgs if m.startswith("lightning-viz top_patches: ") and "receptive-field positions" in m]
+    assert [m.split(" receptive")[0] for m in lines] == [
+        "lightning-viz top_patches: 0/128",  # 2 trials x 8 x 8 positions of conv2 on 8 px images
+        "lightning-viz top_patches: 64/128",
+    ]
+
+
 def test_demo_config_fits_the_card_budget(tmp_path, monkeypatch, caplog):
     """The demo config (every callback, 5 CAM and 5 gradient methods), one short epoch: at most 60 image
     cards in at least 6 TensorBoard groups, median image shorter side >= 128 px, one line at the epoch end."""

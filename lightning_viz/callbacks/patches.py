@@ -15,6 +15,7 @@ from ..logging import VizLogger, make_tag
 from ..methods.patches import TopK, merge_topk, scan_topk
 from ..methods.receptive_field import crop_boxes, receptive_field
 from ..probe import ProbeSet
+from ..progress import reporting
 from ..render import _shared_strip, class_name, compose, image_grid
 from ._options import as_layer_list, renamed_option
 from .base import VisualizationCallback
@@ -141,7 +142,7 @@ class TopPatchesCallback(VisualizationCallback):
         key = (layer, tuple(input_shape), self.receptive_field)
         if key not in self._boxes:
             model = self.adapted(pl_module)
-            with isolated(model):
+            with isolated(model), reporting(self.method):  # log_results runs on rank 0 only
                 self._boxes[key] = receptive_field(model, layer, input_shape, self.receptive_field).cpu()
         return self._boxes[key]
 
