@@ -11,7 +11,7 @@ from helpers import LitTiny, check_untouched, image_steps, read_events, scalar_s
 from torch import nn
 
 from lightning_viz.callbacks.base import _concat
-from lightning_viz.callbacks.patches import TopPatchesCallback
+from lightning_viz.callbacks.patches import TopPatchesCallback, resize_patches
 from lightning_viz.capture import isolated
 from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.methods.patches import TopK, merge_topk, scan_topk, topk_per_unit
@@ -256,3 +256,18 @@ def test_default_units_and_errors():
         TopPatchesCallback(layers=["net.conv2"], units=[7]).check(model)
     with pytest.raises(ValueError, match="k must be >= 1"):
         TopPatchesCallback(layers=["net.conv2"], k=0)
+
+
+def test_patches_are_shown_at_64_px_and_large_receptive_fields_averaged_down(tmp_path):
+    """Default patch_px is 64 (32 made a ResNet-50 layer3 patch of a 224 px probe, its whole receptive field,
+    a 7x-subsampled thumbnail); small fields are upsampled with nearest, large ones area-averaged (no aliasing)."""
+    small = torch.arange(4.0).view(1, 1, 2, 2)
+    assert torch.equal(resize_patches(small, 4), small.repeat_interleave(2, -2).repeat_interleave(2, -1))
+    stripes = (torch.arange(32) % 2).float().view(1, 1, 1, 32).expand(2, 3, 32, 32)  # 1 px stripes
+    shown = resize_patches(stripes, 8)
+    assert shown.shape == (2, 3, 8, 8) and torch.equal(shown, torch.full_like(shown, 0.5))  # nearest: all 0 or 1
+
+    cb = TopPatchesCallback(layers=["net.conv2"], units=[0], k=2, num_probes=8)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    img = read_events(str(tmp_path)).Images("viz-top_patches/net.conv2/unit000")[-1]
+    assert (img.height, img.width) == (64 + 4, 2 * (64 + 2) + 2)  # 5x5 receptive fields shown at 64 px

@@ -23,6 +23,13 @@ from .base import VisualizationCallback
 __all__ = ["TopPatchesCallback"]
 
 
+def resize_patches(crops: Tensor, px: int) -> Tensor:
+    """Crops ``[k, C, h, w]`` shown at ``px x px``: small ones upsampled (nearest: crisp pixels), larger ones
+    averaged down (``area``: a 230 px receptive field shown at 64 px without nearest's aliasing)."""
+    mode = "area" if max(crops.shape[-2:]) > px else "nearest"
+    return F.interpolate(crops, size=(px, px), mode=mode)
+
+
 class TopPatchesCallback(VisualizationCallback):
     """Top-``k`` activating patches per unit (Zeiler & Fergus 2014, Fig. 2), one image grid per unit.
 
@@ -43,7 +50,8 @@ class TopPatchesCallback(VisualizationCallback):
         batch_size: deprecated alias of ``chunk_size``.
         receptive_field: ``"auto"`` (layer arithmetic on plain conv/pool chains, else gradient support),
             ``"arithmetic"`` or ``"gradient"``.
-        patch_px: displayed size of each patch (nearest upsampling; 0 keeps the receptive-field size).
+        patch_px: displayed size of each patch (nearest upsampling of small receptive fields, area averaging of
+            large ones: a deep layer's field spans a 224 px image; 0 keeps the receptive-field size).
         layout: ``"per_unit"`` (one image per unit) or ``"grid"`` (one image per layer, a row per unit).
         num_probes: size of the scanned probe set (default 256).
         **kwargs: :class:`VisualizationCallback` options.
@@ -60,7 +68,7 @@ class TopPatchesCallback(VisualizationCallback):
         k: int = 9,
         chunk_size: Optional[int] = 64,
         receptive_field: Literal["auto", "arithmetic", "gradient"] = "auto",
-        patch_px: int = 32,
+        patch_px: int = 64,
         layout: Literal["per_unit", "grid"] = "per_unit",
         num_probes: int = 256,
         batch_size: Optional[int] = None,
@@ -161,7 +169,7 @@ class TopPatchesCallback(VisualizationCallback):
                 sel = boxes[top.y[u], top.x[u]]  # [k, 4]
                 crops = crop_boxes(images[img_idx], sel, pad_value=0.5, max_size=images.shape[-2:])
                 if self.patch_px:
-                    crops = F.interpolate(crops, size=(self.patch_px, self.patch_px), mode="nearest")
+                    crops = resize_patches(crops, self.patch_px)
                 if self.layout == "grid":
                     w = int(crops.shape[-1])
                     rows.append([_shared_strip(64, [f"unit {c}"], 14)] + list(crops))
