@@ -12,6 +12,7 @@ from torch import Tensor
 from ..capture import capture, isolated
 from ..layers import get_layer, module_device, module_dtype, resolve_layers
 from ..logging import VizLogger, make_tag
+from ..methods.batching import images_per_forward
 from ..methods.patches import TopK, merge_topk, scan_topk
 from ..methods.receptive_field import crop_boxes, receptive_field
 from ..probe import ProbeSet
@@ -46,7 +47,8 @@ class TopPatchesCallback(VisualizationCallback):
         units: channel indices per layer; ``None``: the first ``num_units`` channels.
         num_units: how many channels when ``units`` is ``None``.
         k: patches per unit.
-        chunk_size: probe images per forward while scanning (``None``: all at once).
+        chunk_size: probe images per forward while scanning (``None``: as many as the memory budget of
+            :mod:`lightning_viz.methods.batching` holds).
         batch_size: deprecated alias of ``chunk_size``.
         receptive_field: ``"auto"`` (layer arithmetic on plain conv/pool chains, else gradient support),
             ``"arithmetic"`` or ``"gradient"``.
@@ -66,7 +68,7 @@ class TopPatchesCallback(VisualizationCallback):
         units: Optional[list[int]] = None,
         num_units: int = 8,
         k: int = 9,
-        chunk_size: Optional[int] = 64,
+        chunk_size: Optional[int] = None,
         receptive_field: Literal["auto", "arithmetic", "gradient"] = "auto",
         patch_px: int = 64,
         layout: Literal["per_unit", "grid"] = "per_unit",
@@ -76,7 +78,7 @@ class TopPatchesCallback(VisualizationCallback):
     ):
         super().__init__(num_probes=num_probes, **kwargs)
         owner = type(self).__name__
-        chunk_size = renamed_option(owner, "batch_size", "chunk_size", batch_size, chunk_size, 64)
+        chunk_size = renamed_option(owner, "batch_size", "chunk_size", batch_size, chunk_size, None)
         if not layers:
             raise ValueError("layers must name at least one layer (e.g. ['layer2', 'layer3.1.conv2'])")
         names = as_layer_list(owner, layers) or []
@@ -140,7 +142,8 @@ class TopPatchesCallback(VisualizationCallback):
         units = self._units(pl_module, x[:1])
         out: dict[str, Any] = {}
         for name in self.layers:
-            top = scan_topk(pl_module, x, name, units[name], self.k, self.chunk_size or len(x), offset=probe.offset)
+            chunk = self.chunk_size or images_per_forward(pl_module, x)
+            top = scan_topk(pl_module, x, name, units[name], self.k, chunk, offset=probe.offset)
             out[name] = top.to_rows()  # [k_local, U, 4]: dim 0 = candidate, concatenated over ranks
             out["units:" + name] = torch.tensor(units[name]).view(1, -1)  # same on every rank
         return out
