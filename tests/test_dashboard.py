@@ -288,6 +288,28 @@ def test_gradient_receptive_field_shows_progress(tmp_path, caplog, monkeypatch):
     ]
 
 
+def test_panel_says_when_a_map_is_all_zero(tmp_path):
+    """An all-zero map (Grad-CAM of a class with no positive evidence: 15 of 16 probes of a barely trained
+    1000-class ResNet-50) drew a uniform colormap tile like any other; the panel now writes "map all zero" under
+    it. Here the head's weights are zero, so every saliency map is zero; a 12-class head trained as usual is not."""
+    heights = {}
+    for zero in (False, True):
+        net = TinyCNN(width=3)
+        if zero:
+            with torch.no_grad():
+                net.fc.weight.zero_()  # logits independent of the input: every gradient is zero
+        cb = GradientCallback(num_probes=2)
+        logdir = str(tmp_path / str(zero))
+        tiny_trainer(logdir, [cb], max_epochs=1).fit(LitTiny(net, lr=0.0), *tiny_loaders(n=12))
+        img = _decode(read_events(logdir).Images("viz-gradients/panel/p000")[-1])
+        heights[zero] = img.shape[0]
+        if zero:
+            note = img[16 + 14 + 2 + 128 + 1 :, 130 + 2 : 130 + 2 + 128]  # under the saliency tile
+            assert note.shape[0] == 14 + 2 and (note < 100).any()  # black text on a white strip
+            assert (img[16 + 14 + 2 + 128 + 1 :, 2:130] > 250).all()  # nothing under the image tile
+    assert heights[True] == heights[False] + 14 + 1  # the note and its padding
+
+
 def test_demo_config_fits_the_card_budget(tmp_path, monkeypatch, caplog):
     """The demo config (every callback, 5 CAM and 5 gradient methods), one short epoch: at most 60 image
     cards in at least 6 TensorBoard groups, median image shorter side >= 128 px, one line at the epoch end."""
