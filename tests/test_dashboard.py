@@ -310,6 +310,28 @@ def test_panel_says_when_a_map_is_all_zero(tmp_path):
     assert heights[True] == heights[False] + 14 + 1  # the note and its padding
 
 
+def test_adversarial_attack_and_min_flip_search_show_progress(tmp_path, caplog, monkeypatch):
+    """AdversarialCallback (PGD, then the min-flip bisection: 5 minutes for 16 probes of a 224 px ResNet-50 on a
+    CPU) logs progress lines for both loops."""
+    import lightning_viz.progress as progress_module
+    from lightning_viz.callbacks.synthesis import AdversarialCallback
+
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every step: a line
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    cb = AdversarialCallback(num_probes=2, steps=3, min_flip_iterations=2)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    lines = [m.split(" (")[0] for m in msgs if m.startswith("lightning-viz adversarial: ")]
+    assert lines == [
+        "lightning-viz adversarial: 0/3 PGD steps",
+        "lightning-viz adversarial: 1/3 PGD steps",
+        "lightning-viz adversarial: 2/3 PGD steps",
+        "lightning-viz adversarial: 0/2 min-flip bisection steps",
+        "lightning-viz adversarial: 1/2 min-flip bisection steps",
+    ]
+
+
 def test_demo_config_fits_the_card_budget(tmp_path, monkeypatch, caplog):
     """The demo config (every callback, 5 CAM and 5 gradient methods), one short epoch: at most 60 image
     cards in at least 6 TensorBoard groups, median image shorter side >= 128 px, one line at the epoch end."""
