@@ -538,11 +538,11 @@ def scatter_image(
         _text(draw, (min(max(left + side / 2, half + 2), width - half - 2), top / 2), text, title_font, "mm")
 
     # legend: a dot and the class name per class, column by column
-    for i, (name, color) in enumerate(zip(names, colors)):
+    for i, (name, dot) in enumerate(zip(names, colors)):
         cx = legend_x + (i // rows) * col_w + dot_r
         cy = top + (i % rows) * row_h + row_h / 2
-        if color is not None:
-            _paste_dot(img, cx, cy, dot_r, color)
+        if dot is not None:
+            _paste_dot(img, cx, cy, dot_r, dot)
         _text(draw, (cx + dot_r + 6, cy), _fit(draw, name, legend_font, name_w), legend_font, "lm")
     # float in numpy (one thread: torch's threads only wait on each other at this size), then a [3, H, W] view
     # of the HWC pixels, so that to_uint8_hwc gets its HWC layout back without a copy
