@@ -266,18 +266,37 @@ class Capture:
         self.outputs: dict[str, Tensor] = {}
         self.without_grad: set[str] = set()  # grad=True: layers that ran with autograd off (see capture)
         self.passed_on: dict[str, Tensor] = {}  # grad=True: the copy each layer handed downstream
+        self._handed: dict[str, Any] = {}  # grad=True: that copy's autograd node when handed on
 
     def rectified_later(self, name: str) -> bool:
-        """``True`` when the forward, after layer ``name``, rectified the layer's output in place (an
-        ``nn.ReLU(inplace=True)`` after a conv, DenseNet's ``F.relu(norm5, inplace=True)``): the tensor the layer
-        handed on was modified in place and now equals ``max(output, 0)``. The rest of the network then reads
-        ``ReLU(output)``. Only with ``grad=True``; ask after the forward."""
+        """``True`` when the forward, right after layer ``name``, rectified the layer's output in place with one
+        ReLU or ReLU6 (``nn.ReLU(inplace=True)`` after a conv, DenseNet's ``F.relu(norm5, inplace=True)``,
+        MobileNetV2's ``nn.ReLU6(inplace=True)``): the tensor the layer handed on was modified in place, and the rest
+        of the network reads that rectified map, :meth:`read_later`. Told by the operation (the autograd node now on
+        that tensor is the rectifier, applied to it directly), not by the values, which would mistake a ReLU6 for a
+        ReLU as long as no value exceeds 6. Another in-place op (an add, SiLU, Hardswish) leaves it ``False``.
+        Only with ``grad=True``; ask after the forward."""
         passed = self.passed_on.get(name)
         if passed is None or passed._version == 0 or name not in self.outputs:
             return False
+        node = passed.grad_fn
+        if node is None or not node.next_functions or node.next_functions[0][0] is not self._handed.get(name):
+            return False  # no autograd record, or other in-place ops came first
+        kind = node.name()
+        if kind in ("ReluBackward0", "_DeconvReLUInplaceBackward"):  # (the latter: relu_rules' deconv rule)
+            top = None
+        elif kind == "HardtanhBackward0" and float(getattr(node, "_saved_min_val", -1.0)) == 0.0:
+            top = float(getattr(node, "_saved_max_val", 6.0))  # ReLU6 = hardtanh(x, 0, 6)
+        else:
+            return False
         with torch.no_grad():
             out = self.outputs[name].detach()
-            return passed.shape == out.shape and bool(torch.equal(passed.detach(), out.clamp_min(0)))
+            return passed.shape == out.shape and bool(torch.equal(passed.detach(), out.clamp(0, top)))
+
+    def read_later(self, name: str) -> Tensor:
+        """The map the rest of the network read from layer ``name``: ``ReLU(output)`` (or ``ReLU6``) when the
+        forward rectified it in place (:meth:`rectified_later`), else the output itself; detached."""
+        return (self.passed_on[name] if self.rectified_later(name) else self[name]).detach()
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.outputs:
@@ -293,6 +312,7 @@ class Capture:
     def clear(self) -> None:
         self.outputs.clear()
         self.passed_on.clear()
+        self._handed.clear()
 
 
 @contextlib.contextmanager
@@ -326,6 +346,7 @@ def capture(model: nn.Module, layer_names: Iterable[str], grad: bool = False) ->
                 node = output if output.requires_grad else output.detach().requires_grad_(True)
                 cap.outputs[name] = node
                 cap.passed_on[name] = node.clone()  # a fresh tensor: its version counts later in-place ops
+                cap._handed[name] = cap.passed_on[name].grad_fn
                 return cap.passed_on[name]
             cap.outputs[name] = output.detach().clone()
             return None

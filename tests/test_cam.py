@@ -180,7 +180,8 @@ def test_parity_with_pytorch_grad_cam():
 
 class ConvThenReLU(nn.Module):
     """A conv whose output the forward then changes in place: ``ReLU(inplace=True)`` (VGG's conv + ReLU), or with
-    ``op="add"`` an in-place add (no rectification), or ``op="copy"`` an out-of-place ReLU."""
+    ``op="add"`` an in-place add (no rectification), or ``op="copy"`` an out-of-place ReLU; ``"relu6"``, ``"silu"``:
+    those in place, ``"add_relu"``: an in-place add, then an in-place ReLU."""
 
     def __init__(self, op: str = "relu"):
         super().__init__()
@@ -191,7 +192,11 @@ class ConvThenReLU(nn.Module):
 
     def forward(self, x):
         a = self.conv(x)
-        a = a.relu_() if self.op == "relu" else a.add_(0.5) if self.op == "add" else a.relu()
+        if self.op in ("relu6", "silu", "add_relu"):
+            inplace = {"relu6": lambda t: F.relu6(t, inplace=True), "silu": lambda t: F.silu(t, inplace=True)}
+            a = inplace.get(self.op, lambda t: t.add_(0.5).relu_())(a)
+        else:
+            a = a.relu_() if self.op == "relu" else a.add_(0.5) if self.op == "add" else a.relu()
         return self.fc(self.head(a).amax((2, 3)))
 
 
@@ -240,6 +245,41 @@ def test_cam_maps_read_a_layer_output_rectified_in_place_as_pytorch_grad_cam():
             assert got.std() > 0 and ref.std() > 0, (layer, ours)
             # (pytorch-grad-cam resizes with OpenCV: 0.998-1.000 here; the raw A gave -0.11 for XGrad-CAM)
             assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > 0.995, (layer, ours)
+
+
+def test_cam_reads_an_in_place_relu6_by_the_operation_not_the_values():
+    """A conv followed by ReLU6(inplace=True) (MobileNetV2's blocks) is read as ReLU6(output), the map the network
+    reads, whatever its values (was: ReLU(output) while no value exceeded 6, but the raw output once one did, so the
+    maps of one layer changed meaning with the magnitudes), and every gradient CAM equals pytorch-grad-cam's there.
+    An in-place SiLU, or an in-place add before the ReLU, leaves A the raw output."""
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 2, 1])
+    reads = {"relu6": lambda r: r.clamp(0, 6), "relu": lambda r: r.clamp_min(0), "silu": None, "add_relu": None}
+    for scale in (0.1, 30.0):
+        for op, read in reads.items():
+            torch.manual_seed(0)
+            model = ConvThenReLU(op).eval()
+            with isolated(model):
+                plain = gradient_pass(model, scale * x, "label", labels, ["conv"], input_grad=False)
+            with torch.no_grad():
+                raw = model.conv(scale * x)
+            assert bool((raw > 6).any()) == (scale > 1)
+            torch.testing.assert_close(plain.activations["conv"], raw if read is None else read(raw), msg=op)
+    torch.manual_seed(0)
+    model = ConvThenReLU("relu6").eval()
+    ys = torch.tensor([2, 1, 0])  # classes whose maps are not all zero here
+    for ours, theirs in (("gradcam", pgc.GradCAM), ("xgradcam", pgc.XGradCAM), ("layercam", pgc.LayerCAM)):
+        with isolated(model):
+            got = C.class_activation_map(model, 30 * x, "conv", ours, target="label", labels=ys)
+        with theirs(model=model, target_layers=[model.conv]) as cam:
+            ref = torch.as_tensor(cam(input_tensor=30 * x, targets=[ClassifierOutputTarget(int(c)) for c in ys]))
+        got = got - got.flatten(1).amin(1)[:, None, None]
+        got = got / got.flatten(1).amax(1)[:, None, None]
+        assert bool((ref.flatten(1).std(1) > 0.1).all()), ours
+        torch.testing.assert_close(got, ref.to(got.dtype), atol=1e-4, rtol=1e-4, msg=ours)
 
 
 def test_hand_computed_literals_and_weights():

@@ -72,9 +72,10 @@ class PassResult:
         (callable targets).  input_grad: ``[B, C, H, W]`` d score / d x, ``None`` when the pass was taken
         with ``input_grad=False``.  activations / grads:
         ``{layer: [B, ...]}`` layer outputs and d score / d output; an output the forward then rectifies in place
-        (``ReLU(inplace=True)`` after a conv, DenseNet's ``norm5``) is recorded as ``ReLU(output)``, the map the
-        network reads, as in Grad-CAM's VGG-16 (Caffe's ``conv5_3`` blob after the in-place ``relu5_3``),
-        pytorch-grad-cam and torchcam.  rule: the ReLU rule used.
+        (``ReLU(inplace=True)`` after a conv, DenseNet's ``norm5``; or a ``ReLU6``) is recorded as ``ReLU(output)``,
+        the map the network reads, as in Grad-CAM's VGG-16 (Caffe's ``conv5_3`` blob after the in-place
+        ``relu5_3``) and pytorch-grad-cam on the CPU; its gradient stays d score / d output (torchcam takes it after
+        the ReLU). rule: the ReLU rule used.
         head: the last ``nn.Linear`` called in the forward (the classifier of CAM's head), ``None`` if none was.
     """
 
@@ -138,8 +139,8 @@ def gradient_pass(
             cls = tgt.classes(logits, lab) if not isinstance(tgt, CallableTarget) else None
             outs = [cap[n] for n in names]
             # CAM's A is the map the network goes on to read: rectified when the forward applies an in-place ReLU
-            # to the layer's output (a conv followed by ReLU(inplace=True), DenseNet's norm5)
-            rectified = [cap.rectified_later(n) for n in names]
+            # (or ReLU6) to the layer's output (a conv followed by ReLU(inplace=True), DenseNet's norm5)
+            reads = [cap.read_later(n) for n in names]
             head = calls[-1] if calls else None
             if cap.without_grad:
                 raise ValueError(
@@ -170,8 +171,8 @@ def gradient_pass(
         parts["classes"].append(None if cls is None else cls.detach())
         if input_grad:
             parts["input_grad"].append(torch.zeros_like(xc) if g[0] is None else g[0])
-        for n, a, ga, rect in zip(names, outs, g[1:], rectified):
-            acts[n].append(a.detach().clamp_min(0) if rect else a.detach())
+        for n, a, ga, read in zip(names, outs, g[1:], reads):
+            acts[n].append(read)
             grads[n].append(torch.zeros_like(a) if ga is None else ga.detach())
     return PassResult(
         logits=_cat(parts["logits"]),
