@@ -188,3 +188,23 @@ def test_torchvision_architectures(arch, first, last):
     assert f["layer"] == first and torch.equal(f["weights"], dict(lit.named_modules())[first].weight)
     assert a[f"maps:{first}"].shape[:2] == (2, 4) and a[f"maps:{last}"].shape[:2] == (2, 4)
     assert (a[f"maps:{first}"] < 0).any()  # the conv's own output, before its (in-place) activation
+
+
+def test_grid_tiles_of_large_probes_are_averaged_down_to_display_px(tmp_path):
+    """layout="grid" at 224 px drew every tile at the probe size (16 channels + the image: 3.8k px wide rows);
+    tiles now come down by an integer factor to the smallest size >= display_px, so 32 px probes at
+    display_px=8 give the same image as 8 px probes."""
+    from lightning_viz.callbacks.activations import grid_tile_size
+
+    assert grid_tile_size((224, 224), 48) == (56, 56)
+    assert grid_tile_size((32, 32), 48) == (32, 32)  # smaller: kept here, upscaled later
+    assert grid_tile_size((100, 60), 16) == (33, 20)  # factor 3: the shorter side 20 >= 16
+    assert grid_tile_size((224, 224), 0) == (224, 224)
+    widths = []
+    for size in (8, 32):
+        logdir = str(tmp_path / str(size))
+        cb = ActivationCallback(layers=["net.conv1"], num_probes=2, layout="grid", display_px=8)
+        tiny_trainer(logdir, [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12, size=size))
+        img = read_events(logdir).Images("viz-activations/net.conv1/grid")[-1]
+        widths.append((img.width, img.height))
+    assert widths[0] == widths[1]

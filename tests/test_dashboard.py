@@ -230,6 +230,108 @@ def test_a_long_callback_shows_progress(tmp_path, caplog, monkeypatch):
     assert total == 2 * 9  # 2 probes x 9 window positions (8 px, window 4, stride 2)
 
 
+def test_faithfulness_curves_show_progress(tmp_path, caplog, monkeypatch):
+    """The deletion/insertion curves (2 * (steps + 1) forwards per probe and key; minutes on a 224 px ResNet-50)
+    log progress lines like the other long loops, counting every perturbed image of the run."""
+    import lightning_viz.progress as progress_module
+    from lightning_viz.callbacks.cam import CAMCallback
+    from lightning_viz.tracking import MapTracker
+
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every chunk: a line
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    tracker = MapTracker(faithfulness=True, deletion_steps=4, chunk_size=4, filmstrip=False, drift=False)
+    cb = CAMCallback(num_probes=2, tracker=tracker)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    lines = [m for m in msgs if m.startswith("lightning-viz cam: ")]
+    assert len(lines) >= 2 and all("perturbed images" in m for m in lines)
+    # 2 probes x (image + zero and blur baselines + 2 modes x 3 inner points of one map key)
+    assert {int(m.split("/")[1].split(" ")[0]) for m in lines} == {2 * (3 + 2 * 3)}
+
+
+@pytest.mark.parametrize("method, what", [("scorecam", "masked images"), ("ablationcam", "ablated images")])
+def test_forward_cams_show_progress(tmp_path, caplog, monkeypatch, method, what):
+    """Score-CAM and Ablation-CAM push one image per channel of the layer (2048 per probe at a ResNet-50's
+    layer4, hours on a CPU): progress lines count them."""
+    import lightning_viz.progress as progress_module
+    from lightning_viz.callbacks.cam import CAMCallback
+
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every chunk: a line
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    cb = CAMCallback(methods=[method], layers=["net.conv2"], num_probes=2, chunk_size=4)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    lines = [m for m in msgs if m.startswith("lightning-viz cam: ")]
+    assert len(lines) >= 2 and all(what in m for m in lines)
+    channels = dict(LitTiny().net.named_modules())["conv2"].out_channels
+    assert {int(m.split("/")[1].split(" ")[0]) for m in lines} == {2 * channels}
+
+
+def test_gradient_receptive_field_shows_progress(tmp_path, caplog, monkeypatch):
+    """The gradient receptive field of TopPatchesCallback (one backward per output position and trial, minutes
+    at a ResNet-50's layer3 at 224 px; computed once, when the first patches are cropped) logs progress lines."""
+    import lightning_viz.progress as progress_module
+    from lightning_viz.callbacks.patches import TopPatchesCallback
+
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every chunk: a line
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    cb = TopPatchesCallback(layers=["net.conv2"], num_probes=4, receptive_field="gradient")
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    lines = [m for m in msgs if m.startswith("lightning-viz top_patches: ") and "receptive-field positions" in m]
+    assert [m.split(" receptive")[0] for m in lines] == [
+        "lightning-viz top_patches: 0/128",  # 2 trials x 8 x 8 positions of conv2 on 8 px images
+        "lightning-viz top_patches: 64/128",
+    ]
+
+
+def test_panel_says_when_a_map_is_all_zero(tmp_path):
+    """An all-zero map (Grad-CAM of a class with no positive evidence: 15 of 16 probes of a barely trained
+    1000-class ResNet-50) drew a uniform colormap tile like any other; the panel now writes "map all zero" under
+    it. Here the head's weights are zero, so every saliency map is zero; a 12-class head trained as usual is not."""
+    heights = {}
+    for zero in (False, True):
+        net = TinyCNN(width=3)
+        if zero:
+            with torch.no_grad():
+                net.fc.weight.zero_()  # logits independent of the input: every gradient is zero
+        cb = GradientCallback(num_probes=2)
+        logdir = str(tmp_path / str(zero))
+        tiny_trainer(logdir, [cb], max_epochs=1).fit(LitTiny(net, lr=0.0), *tiny_loaders(n=12))
+        img = _decode(read_events(logdir).Images("viz-gradients/panel/p000")[-1])
+        heights[zero] = img.shape[0]
+        if zero:
+            note = img[16 + 14 + 2 + 128 + 1 :, 130 + 2 : 130 + 2 + 128]  # under the saliency tile
+            assert note.shape[0] == 14 + 2 and (note < 100).any()  # black text on a white strip
+            assert (img[16 + 14 + 2 + 128 + 1 :, 2:130] > 250).all()  # nothing under the image tile
+    assert heights[True] == heights[False] + 14 + 1  # the note and its padding
+
+
+def test_adversarial_attack_and_min_flip_search_show_progress(tmp_path, caplog, monkeypatch):
+    """AdversarialCallback (PGD, then the min-flip bisection: 5 minutes for 16 probes of a 224 px ResNet-50 on a
+    CPU) logs progress lines for both loops."""
+    import lightning_viz.progress as progress_module
+    from lightning_viz.callbacks.synthesis import AdversarialCallback
+
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every step: a line
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    cb = AdversarialCallback(num_probes=2, steps=3, min_flip_iterations=2)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    lines = [m.split(" (")[0] for m in msgs if m.startswith("lightning-viz adversarial: ")]
+    assert lines == [
+        "lightning-viz adversarial: 0/3 PGD steps",
+        "lightning-viz adversarial: 1/3 PGD steps",
+        "lightning-viz adversarial: 2/3 PGD steps",
+        "lightning-viz adversarial: 0/2 min-flip bisection steps",
+        "lightning-viz adversarial: 1/2 min-flip bisection steps",
+    ]
+
+
 def test_demo_config_fits_the_card_budget(tmp_path, monkeypatch, caplog):
     """The demo config (every callback, 5 CAM and 5 gradient methods), one short epoch: at most 60 image
     cards in at least 6 TensorBoard groups, median image shorter side >= 128 px, one line at the epoch end."""

@@ -407,3 +407,24 @@ def test_rgba_probes_embed_and_one_probe_is_warned(tmp_path):
     cb = EmbeddingCallback(num_probes=4, projection=["pca"])
     with pytest.warns(VisualizationWarning, match="1 probe to embed"):
         tiny_trainer(str(tmp_path / "one"), [cb], max_epochs=1).fit(LitTiny(), one, one)
+
+
+def test_scatter_legend_of_many_classes_says_how_many():
+    """128 probes of a 1000-class head: the legend listed 128 names in 10 repeating colors, 6 columns wide. Beyond
+    LEGEND_MAX_CLASSES classes it says only how many there are (one narrow column, no dots); up to it, unchanged."""
+    from lightning_viz.methods.embeddings import _TAB10, LEGEND_MAX_CLASSES, scatter_image
+
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(128, 2, generator=g)
+    many = scatter_image(pts, torch.arange(128), "many")
+    few = scatter_image(pts[:40], torch.arange(40) % LEGEND_MAX_CLASSES, "few")  # 20 classes: every one named
+    assert LEGEND_MAX_CLASSES == 20
+    assert many.shape[2] <= 384 + 160  # one column (names up to 130 px), not 6
+    arr = (few * 255).round().to(torch.uint8).permute(1, 2, 0)
+    assert all(bool((arr == torch.tensor(c, dtype=torch.uint8)).all(-1).any()) for c in _TAB10)
+    arr = (many * 255).round().to(torch.uint8).permute(1, 2, 0)
+    frame = ((arr == 0).all(-1).sum(0) > 300).nonzero().flatten()
+    legend = arr[:, int(frame.max()) + 1 :]
+    assert bool((legend < 100).all(-1).any())  # the text
+    for color in _TAB10:  # no legend dots
+        assert not bool((legend == torch.tensor(color, dtype=torch.uint8)).all(-1).any())

@@ -11,7 +11,7 @@ from helpers import LitTiny, check_untouched, image_steps, read_events, scalar_s
 from torch import nn
 
 from lightning_viz.callbacks.base import _concat
-from lightning_viz.callbacks.patches import TopPatchesCallback
+from lightning_viz.callbacks.patches import TopPatchesCallback, resize_patches
 from lightning_viz.capture import isolated
 from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.methods.patches import TopK, merge_topk, scan_topk, topk_per_unit
@@ -256,3 +256,50 @@ def test_default_units_and_errors():
         TopPatchesCallback(layers=["net.conv2"], units=[7]).check(model)
     with pytest.raises(ValueError, match="k must be >= 1"):
         TopPatchesCallback(layers=["net.conv2"], k=0)
+
+
+def test_patches_are_shown_at_64_px_and_large_receptive_fields_averaged_down(tmp_path):
+    """Default patch_px is 64 (32 made a ResNet-50 layer3 patch of a 224 px probe, its whole receptive field,
+    a 7x-subsampled thumbnail); small fields are upsampled with nearest, large ones area-averaged (no aliasing)."""
+    small = torch.arange(4.0).view(1, 1, 2, 2)
+    assert torch.equal(resize_patches(small, 4), small.repeat_interleave(2, -2).repeat_interleave(2, -1))
+    stripes = (torch.arange(32) % 2).float().view(1, 1, 1, 32).expand(2, 3, 32, 32)  # 1 px stripes
+    shown = resize_patches(stripes, 8)
+    assert shown.shape == (2, 3, 8, 8) and torch.equal(shown, torch.full_like(shown, 0.5))  # nearest: all 0 or 1
+
+    cb = TopPatchesCallback(layers=["net.conv2"], units=[0], k=2, num_probes=8)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    img = read_events(str(tmp_path)).Images("viz-top_patches/net.conv2/unit000")[-1]
+    assert (img.height, img.width) == (64 + 4, 2 * (64 + 2) + 2)  # 5x5 receptive fields shown at 64 px
+
+
+@pytest.mark.parametrize("kind", ["embeddings", "top_patches"])
+def test_probe_scans_default_to_the_memory_budget(tmp_path, monkeypatch, kind):
+    """EmbeddingCallback (chunk_size was 256) and TopPatchesCallback (64) pushed their probe set through the model
+    in fixed batches: 128 probes of a 224 px ResNet-50 took 1.3 GB at once. By default they now fill each forward
+    up to the memory budget, like the other batched methods, with the same results as one batch."""
+    import lightning_viz.methods.batching as batching
+    from lightning_viz.callbacks.embeddings import EmbeddingCallback
+
+    def make(chunk_size):
+        if kind == "embeddings":
+            return EmbeddingCallback(num_probes=12, projector=False, chunk_size=chunk_size)
+        return TopPatchesCallback(layers=["net.conv2"], units=[0, 1], k=3, num_probes=12, chunk_size=chunk_size)
+
+    batches: list[int] = []
+    monkeypatch.setattr(batching, "CPU_MEMORY_MB", 1e-9)  # one image per forward
+
+    results = {}
+    for chunk_size in (None, 12):
+        torch.manual_seed(0)
+        model, cb = LitTiny(), make(chunk_size)
+        sizes: list[int] = []
+        model.net.register_forward_pre_hook(lambda _m, args, sizes=sizes: sizes.append(int(args[0].shape[0])))
+        train, val = tiny_loaders(n=12, batch_size=2)
+        tiny_trainer(str(tmp_path / str(chunk_size)), [cb], max_epochs=1).fit(model, train, val)
+        batches.append(max(sizes))
+        with isolated(model):
+            results[chunk_size] = cb.compute(model, cb.probes)
+    assert batches == [2, 12]  # default: at most the training batch (2) through the net; explicit 12 wins
+    for key, value in results[None].items():
+        torch.testing.assert_close(value, results[12][key], rtol=1e-5, atol=1e-6)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 
 from ..layers import default_cam_layer, first_conv_name, module_device, module_dtype, resolve_layers
@@ -39,6 +40,14 @@ from .base import VisualizationCallback
 __all__ = ["ActivationCallback"]
 
 
+def grid_tile_size(size: tuple[int, ...], display_px: int) -> tuple[int, int]:
+    """Tile ``(h, w)`` of a grid row for probes of ``size``: the probe size divided by the largest integer factor
+    that keeps the shorter side ``>= display_px`` (the size itself when it is not larger; ``0``: always)."""
+    h, w = int(size[-2]), int(size[-1])
+    factor = max(1, min(h, w) // display_px) if display_px else 1
+    return h // factor, w // factor
+
+
 class ActivationCallback(VisualizationCallback):
     """Log feature maps of ``layers`` for every probe image.
 
@@ -53,8 +62,10 @@ class ActivationCallback(VisualizationCallback):
         cmap: matplotlib colormap for the maps.
         chunk_size: probes per forward pass (``None``: all at once).
         layout: ``"per_probe"`` (one grid image per layer and probe) or ``"grid"`` (one image per layer, a row
-            per probe, tiles upscaled to at least ``display_px``).
-        display_px: shorter side of each tile with ``layout="grid"``.
+            per probe, tiles of about ``display_px``).
+        display_px: shorter side of each tile with ``layout="grid"``: smaller probes are upscaled (nearest, integer
+            factor), larger ones averaged down by an integer factor to the smallest size ``>= display_px`` (a row of
+            16 channels of a 224 px probe: 56 px tiles, not 224; see :func:`grid_tile_size`).
         num_probes: probe images (default 4).
         **kwargs: schedule and probe options of :class:`VisualizationCallback`.
     """
@@ -162,13 +173,16 @@ class ActivationCallback(VisualizationCallback):
 
     def layer_grid(self, name: str, maps: Any, channels: Any, probe: ProbeSet, trainer: Trainer) -> Any:
         """One image for ``layer``: a row per probe (its image, then its channels on one range per probe)."""
-        size = probe.images.shape[-2:]
+        size = grid_tile_size(tuple(probe.images.shape[-2:]), self.display_px)
         images = probe.display_images()
+        if tuple(images.shape[-2:]) != size:  # probes larger than the tiles: averaged down
+            images = F.interpolate(images.float(), size=size, mode="area")
         names = self.get_class_names(trainer)
         rows, under = [], []
         for i, (pid, m) in enumerate(zip(probe.ids, maps)):
             m01 = normalize_maps(m, "fixed", vmin=float(m.min()), vmax=float(m.max()))
-            tiles = colormap(resize_maps(m01, size, mode="nearest"), self.cmap)
+            mode = "area" if m01.shape[-2] > size[0] or m01.shape[-1] > size[1] else "nearest"
+            tiles = colormap(resize_maps(m01, size, mode=mode), self.cmap)
             image = images[i : i + 1].expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[i : i + 1, :3]
             tiles = to_uint8(torch.cat([image, tiles]))  # uint8 before the upscale: fewer pixels to convert
             tiles = upscale(tiles, self.display_px) if self.display_px else tiles

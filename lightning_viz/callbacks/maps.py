@@ -245,8 +245,8 @@ class MapCallback(VisualizationCallback):
                 elif self.signed:  # per image, signed: each probe's own symmetric range, zero marked
                     top = maps[key].flatten(1).abs().amax(dim=1).clamp_min(1e-12).tolist()
                     bars[v].append([colorbar(width, -t, t, self.heat_cmap) for t in top])
-                else:
-                    bars[v].append([None] * len(probe))
+                else:  # a map with nothing to show says so (Grad-CAM of a class with no positive evidence: all zero)
+                    bars[v].append(_empty_map_notes(maps[key], (oks or {}).get(key), width))
         layers = {k.split("/", 1)[-1] for k in keys}
         labels = ["image"] + [k.split("/", 1)[0] if len(layers) == 1 else k.replace("/", " ") for k in keys]
         both = self.normalize == "both"
@@ -304,6 +304,23 @@ def predictions(
                 return {}
             parts.append(logits.float())
     return _predicted(torch.cat(parts), probabilities)
+
+
+def _empty_map_notes(maps: Tensor, ok: Tensor | None, width: int) -> list[Tensor | None]:
+    """Per probe, a text strip under a panel tile whose map is constant (nothing but the colormap's lowest color
+    would show): ``"not finite"`` for maps zeroed for non-finite values, ``"map all zero"`` / ``"map constant"``
+    otherwise; ``None`` for a map with structure."""
+    flat = maps.flatten(1)
+    lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+    notes: list[Tensor | None] = []
+    for i in range(len(flat)):
+        if ok is not None and not bool(ok[i]):
+            notes.append(_shared_strip(width, ["not finite"], 14))
+        elif bool(lo[i] == hi[i]):
+            notes.append(_shared_strip(width, ["map all zero" if float(hi[i]) == 0 else "map constant"], 14))
+        else:
+            notes.append(None)
+    return notes
 
 
 def panel_caption(pid: str, probe: ProbeSet, results: dict[str, Any], i: int, class_names: list[str] | None) -> str:

@@ -12,14 +12,23 @@ from torch import Tensor
 from ..capture import capture, isolated
 from ..layers import get_layer, module_device, module_dtype, resolve_layers
 from ..logging import VizLogger, make_tag
+from ..methods.batching import images_per_forward
 from ..methods.patches import TopK, merge_topk, scan_topk
 from ..methods.receptive_field import crop_boxes, receptive_field
 from ..probe import ProbeSet
+from ..progress import reporting
 from ..render import _shared_strip, class_name, compose, image_grid
 from ._options import as_layer_list, renamed_option
 from .base import VisualizationCallback
 
 __all__ = ["TopPatchesCallback"]
+
+
+def resize_patches(crops: Tensor, px: int) -> Tensor:
+    """Crops ``[k, C, h, w]`` shown at ``px x px``: small ones upsampled (nearest: crisp pixels), larger ones
+    averaged down (``area``: a 230 px receptive field shown at 64 px without nearest's aliasing)."""
+    mode = "area" if max(crops.shape[-2:]) > px else "nearest"
+    return F.interpolate(crops, size=(px, px), mode=mode)
 
 
 class TopPatchesCallback(VisualizationCallback):
@@ -38,11 +47,13 @@ class TopPatchesCallback(VisualizationCallback):
         units: channel indices per layer; ``None``: the first ``num_units`` channels.
         num_units: how many channels when ``units`` is ``None``.
         k: patches per unit.
-        chunk_size: probe images per forward while scanning (``None``: all at once).
+        chunk_size: probe images per forward while scanning (``None``: as many as the memory budget of
+            :mod:`lightning_viz.methods.batching` holds).
         batch_size: deprecated alias of ``chunk_size``.
         receptive_field: ``"auto"`` (layer arithmetic on plain conv/pool chains, else gradient support),
             ``"arithmetic"`` or ``"gradient"``.
-        patch_px: displayed size of each patch (nearest upsampling; 0 keeps the receptive-field size).
+        patch_px: displayed size of each patch (nearest upsampling of small receptive fields, area averaging of
+            large ones: a deep layer's field spans a 224 px image; 0 keeps the receptive-field size).
         layout: ``"per_unit"`` (one image per unit) or ``"grid"`` (one image per layer, a row per unit).
         num_probes: size of the scanned probe set (default 256).
         **kwargs: :class:`VisualizationCallback` options.
@@ -57,9 +68,9 @@ class TopPatchesCallback(VisualizationCallback):
         units: Optional[list[int]] = None,
         num_units: int = 8,
         k: int = 9,
-        chunk_size: Optional[int] = 64,
+        chunk_size: Optional[int] = None,
         receptive_field: Literal["auto", "arithmetic", "gradient"] = "auto",
-        patch_px: int = 32,
+        patch_px: int = 64,
         layout: Literal["per_unit", "grid"] = "per_unit",
         num_probes: int = 256,
         batch_size: Optional[int] = None,
@@ -67,7 +78,7 @@ class TopPatchesCallback(VisualizationCallback):
     ):
         super().__init__(num_probes=num_probes, **kwargs)
         owner = type(self).__name__
-        chunk_size = renamed_option(owner, "batch_size", "chunk_size", batch_size, chunk_size, 64)
+        chunk_size = renamed_option(owner, "batch_size", "chunk_size", batch_size, chunk_size, None)
         if not layers:
             raise ValueError("layers must name at least one layer (e.g. ['layer2', 'layer3.1.conv2'])")
         names = as_layer_list(owner, layers) or []
@@ -131,7 +142,8 @@ class TopPatchesCallback(VisualizationCallback):
         units = self._units(pl_module, x[:1])
         out: dict[str, Any] = {}
         for name in self.layers:
-            top = scan_topk(pl_module, x, name, units[name], self.k, self.chunk_size or len(x), offset=probe.offset)
+            chunk = self.chunk_size or images_per_forward(pl_module, x)
+            top = scan_topk(pl_module, x, name, units[name], self.k, chunk, offset=probe.offset)
             out[name] = top.to_rows()  # [k_local, U, 4]: dim 0 = candidate, concatenated over ranks
             out["units:" + name] = torch.tensor(units[name]).view(1, -1)  # same on every rank
         return out
@@ -141,7 +153,7 @@ class TopPatchesCallback(VisualizationCallback):
         key = (layer, tuple(input_shape), self.receptive_field)
         if key not in self._boxes:
             model = self.adapted(pl_module)
-            with isolated(model):
+            with isolated(model), reporting(self.method):  # log_results runs on rank 0 only
                 self._boxes[key] = receptive_field(model, layer, input_shape, self.receptive_field).cpu()
         return self._boxes[key]
 
@@ -160,7 +172,7 @@ class TopPatchesCallback(VisualizationCallback):
                 sel = boxes[top.y[u], top.x[u]]  # [k, 4]
                 crops = crop_boxes(images[img_idx], sel, pad_value=0.5, max_size=images.shape[-2:])
                 if self.patch_px:
-                    crops = F.interpolate(crops, size=(self.patch_px, self.patch_px), mode="nearest")
+                    crops = resize_patches(crops, self.patch_px)
                 if self.layout == "grid":
                     w = int(crops.shape[-1])
                     rows.append([_shared_strip(64, [f"unit {c}"], 14)] + list(crops))

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..progress import progress
+
 __all__ = ["predict", "fgsm", "pgd", "is_flipped", "minimal_flip_budget"]
 
 
@@ -117,7 +119,8 @@ def pgd(
             gen_device = generator.device if generator is not None else "cpu"
             start = 2 * torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype) - 1
         x_adv = _project(x + start.to(x) * eps, x, eps, bounds)
-    for _ in range(steps):
+    for step in range(steps):
+        progress(step, steps, "PGD steps")  # a line every few seconds inside a callback run (rank 0)
         x_adv = _project(x_adv + alpha * _loss_sign_grad(model, x_adv, classes, targeted, loss), x, eps, bounds)
     return x_adv.detach()
 
@@ -164,7 +167,8 @@ def minimal_flip_budget(
     already = is_flipped(predict(model, x), classes, targeted)
     ok = flips(hi) | already
     hi = torch.where(already, lo, hi)
-    for _ in range(iterations):
+    for it in range(iterations):
+        progress(it, iterations, "min-flip bisection steps")  # a line every few seconds inside a callback run
         mid = (lo + hi) / 2
         f = flips(mid)
         hi = torch.where(f, mid, hi)

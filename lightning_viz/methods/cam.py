@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import LayerNotFoundError, get_layer, last_called_linear
+from ..progress import progress
 from ..targets import (
     CallableTarget,
     Probabilities,
@@ -232,6 +233,7 @@ def scorecam_weights(
     out = torch.empty(b * k, device=x.device, dtype=x.dtype)
     img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
     for sl in chunks(b * k, chunk_size or images_per_forward(model, x)):
+        progress(sl.start, b * k, "masked images")  # a line every few seconds inside a callback run (rank 0)
         masks = F.interpolate(acts[sl, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
         lo = masks.flatten(1).amin(1)[:, None, None, None]
         hi = masks.flatten(1).amax(1)[:, None, None, None]
@@ -290,6 +292,7 @@ def ablationcam_weights(
     img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
     channel = torch.arange(b * k, device=x.device) % k
     for sl in chunks(b * k, chunk_size or images_per_forward(model, x)):
+        progress(sl.start, b * k, "ablated images")  # a line every few seconds inside a callback run (rank 0)
         keep = torch.ones(len(img[sl]), k, device=x.device)
         keep[torch.arange(len(keep), device=x.device), channel[sl]] = 0
 

@@ -450,6 +450,10 @@ def _text(draw: Any, xy: tuple[float, float], text: str, font: Any, anchor: str,
         draw.text((xy[0] + dx, xy[1] + dy), text, fill=fill, font=font)
 
 
+#: Most classes :func:`scatter_image` names in its legend; with more, the legend says how many there are.
+LEGEND_MAX_CLASSES = 20
+
+
 def scatter_image(
     points: Tensor, labels: Tensor | None, title: str = "", class_names: Sequence[str] | None = None, size_px: int = 384
 ) -> Tensor:
@@ -459,7 +463,8 @@ def scatter_image(
     1-2-2.5-5 ticks and their values), dots of 5 px in matplotlib's tab10 colors (one per class present, in
     label order, later classes on top; antialiased: cached coverage masks at quarter-pixel offsets,
     :func:`_dot_masks`), and a legend to the right of the plot (a dot and the class name, more columns when the
-    classes do not fit in one), so it never hides points. Non-finite points are left out.
+    classes do not fit in one; beyond :data:`LEGEND_MAX_CLASSES` classes only their number), so it never hides
+    points. Non-finite points are left out.
     """
     import numpy as np
     from PIL import Image, ImageDraw
@@ -471,6 +476,9 @@ def scatter_image(
     lab = None if labels is None else labels.detach().cpu().reshape(-1).long()
     classes = [] if lab is None else [int(c) for c in torch.unique(lab)]
     names = [str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else str(c) for c in classes]
+    colors: list[tuple[int, int, int] | None] = [_TAB10[i % 10] for i in range(len(classes))]
+    if len(classes) > LEGEND_MAX_CLASSES:  # 128 names in 10 repeating colors (a 1000-class head) tell nothing
+        names, colors = [f"{len(classes)} classes,", "10 colors repeating"], [None, None]
 
     h = int(size_px)
     title_font, tick_font, legend_font = _font(13), _font(10), _font(11)
@@ -492,7 +500,7 @@ def scatter_image(
     side = max(16, h - top - bottom)
     legend_x, row_h, dot_r = left + side + 14, 15, 4
     rows = max(1, (h - top) // row_h)
-    cols = -(-len(classes) // rows) if classes else 0
+    cols = -(-len(names) // rows) if names else 0
     name_w = min(130.0, max([probe.textlength(n, font=legend_font) for n in names] or [0.0]))
     col_w = math.ceil(2 * dot_r + 6 + name_w + 10)
     width = legend_x + cols * col_w if cols else left + side + 12
@@ -530,10 +538,11 @@ def scatter_image(
         _text(draw, (min(max(left + side / 2, half + 2), width - half - 2), top / 2), text, title_font, "mm")
 
     # legend: a dot and the class name per class, column by column
-    for i, name in enumerate(names):
+    for i, (name, dot) in enumerate(zip(names, colors)):
         cx = legend_x + (i // rows) * col_w + dot_r
         cy = top + (i % rows) * row_h + row_h / 2
-        _paste_dot(img, cx, cy, dot_r, _TAB10[i % 10])
+        if dot is not None:
+            _paste_dot(img, cx, cy, dot_r, dot)
         _text(draw, (cx + dot_r + 6, cy), _fit(draw, name, legend_font, name_w), legend_font, "lm")
     # float in numpy (one thread: torch's threads only wait on each other at this size), then a [3, H, W] view
     # of the HWC pixels, so that to_uint8_hwc gets its HWC layout back without a copy

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..progress import progress
 from ..targets import Probabilities, TargetSpec, check_probabilities, class_probability, resolve_target
 from . import batching
 from .batching import default_memory_mb, images_per_forward
@@ -146,6 +147,7 @@ def perturbation_curves(
         chunk = chunk_size or images_per_forward(model, x, budget)
         probs = []
         for lo in range(0, total, chunk):
+            progress(lo, total, "perturbed images")  # a line every few seconds inside a callback run (rank 0)
             idx = torch.arange(lo, min(lo + chunk, total), device=x.device)
             row, p = spec[idx // b], idx % b
             moved = (rank_all[row[:, 2], p] < row[:, 3].unsqueeze(1)).view(-1, 1, h, w)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..capture import capture
 from ..layers import get_layer, named_layers
+from ..progress import progress
 from .batching import images_per_forward
 
 __all__ = [
@@ -273,7 +274,7 @@ def gradient_receptive_field(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     H, W = int(input_shape[-2]), int(input_shape[-1])
     support = None
-    for _ in range(trials):
+    for t in range(trials):
         x0 = torch.randn(1, *input_shape, generator=gen).to(device=device, dtype=dtype)
         with torch.no_grad(), capture(model, [layer]) as cap:
             model(x0)
@@ -283,6 +284,7 @@ def gradient_receptive_field(
         if chunk_size is None:
             chunk_size = images_per_forward(model, x0, memory_mb, grad=True)
         for s in range(0, h * w, chunk_size):
+            progress(t * h * w + s, trials * h * w, "receptive-field positions")  # inside a callback run (rank 0)
             pos = torch.arange(s, min(s + chunk_size, h * w))
             x = x0.expand(len(pos), *x0.shape[1:]).clone().requires_grad_(True)
             with capture(model, [layer], grad=True) as cap:
