@@ -269,7 +269,13 @@ class ProbeSet:
         imgs, labs, masks = [], [], []
         for i in indices:
             img, lab, mask = read_item(dataset, i, seed)
-            imgs.append(torch.as_tensor(img))
+            img = torch.as_tensor(img)
+            if img.ndim != 3:  # e.g. a grayscale [H, W] with no channel dimension: stacked, it would read as [N, C, H]
+                raise ValueError(
+                    f"item {i} gives an image of shape {list(img.shape)}; a probe image is [C, H, W] (a grayscale "
+                    "image is [1, H, W]: e.g. x.unsqueeze(0) in the dataset's __getitem__)"
+                )
+            imgs.append(img)
             labs.append(lab)
             masks.append(mask)
         shapes = {tuple(im.shape): i for i, im in zip(indices, imgs)}
