@@ -256,10 +256,10 @@ class _ItemsDataset(torch.utils.data.Dataset):
 def test_unstackable_probe_images_fail_at_setup_with_one_clear_hint(tmp_path, case):
     """A grayscale [H, W] item (no channel dimension) and items of different sizes stop Trainer.fit before the
     first training step, naming the callback, the item's shape and the fix once (not a [N, C, H] probe set)."""
+    from helpers import LitTiny, TinyCNN, tiny_trainer
+
     from lightning_viz import GradientCallback
     from lightning_viz.callbacks.base import VisualizationError
-
-    from helpers import LitTiny, TinyCNN, tiny_trainer
 
     class AddsChannel(TinyCNN):  # a grayscale model fed [B, H, W] batches
         def forward(self, x):
