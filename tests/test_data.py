@@ -280,3 +280,29 @@ def test_unstackable_probe_images_fail_at_setup_with_one_clear_hint(tmp_path, ca
         trainer.fit(model, loader, loader)
     assert str(info.value).count("Resize") <= 1 and str(info.value).count("probes=ProbeSet") == 1
     assert trainer.global_step == 0
+
+
+def test_uint8_probe_images_are_shown_as_pixels_not_min_max_stretched(tmp_path):
+    """Dark uint8 images (0..60) and no mean/std: the probes read as pixels in [0, 255] (display x / 255 exactly,
+    not stretched to [0, 1] per image), through a real Trainer.fit whose model divides by 255 itself."""
+    from helpers import LitTiny, TinyCNN, read_events, tiny_trainer
+
+    from lightning_viz import GradientCallback
+
+    class FromBytes(TinyCNN):
+        def forward(self, x):
+            return super().forward(x.float() / 255)
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randint(0, 61, (3, 8, 8), generator=g, dtype=torch.uint8) for _ in range(6)]
+    loader = torch.utils.data.DataLoader(_ItemsDataset(xs, [i % 3 for i in range(6)]), batch_size=3)
+    cb = GradientCallback(num_probes=4)
+    tiny_trainer(str(tmp_path), callbacks=[cb], max_epochs=1).fit(LitTiny(FromBytes()), loader, loader)
+    p = cb.probes
+    assert p.mean == [0.0] and p.std == [1 / 255]
+    expected = torch.stack([xs[i] for i in p.indices.tolist()]).float() / 255
+    torch.testing.assert_close(p.display_images(), expected, rtol=0, atol=1e-6)
+    assert float(p.display_images().amax()) <= 60 / 255 + 1e-6
+    assert {f"viz-gradients/panel/{i}" for i in p.ids} <= set(read_events(str(tmp_path)).Tags()["images"])
+    # explicit float images keep min-max display (nothing known about their range)
+    assert ProbeSet.from_indices(_ItemsDataset([x.float() for x in xs], [0] * 6), [0, 1]).mean is None
