@@ -265,11 +265,19 @@ class ProbeSet:
     @classmethod
     def from_indices(cls, dataset: Any, indices: Sequence[int], mean=None, std=None, seed: int = 0) -> ProbeSet:
         """The items at ``indices``, each read with the global RNGs seeded from ``(seed, index)`` (a random
-        augmentation in the dataset gives the same probe images on every rank and every run)."""
+        augmentation in the dataset gives the same probe images on every rank and every run). ``uint8`` images
+        with no ``mean``/``std`` given are pixels in ``[0, 255]``: ``mean=[0]``, ``std=[1/255]`` (shown as they are,
+        not min-max scaled; synthesized images kept in ``[0, 255]``; occlusion's gray is 127.5)."""
         imgs, labs, masks = [], [], []
         for i in indices:
             img, lab, mask = read_item(dataset, i, seed)
-            imgs.append(torch.as_tensor(img))
+            img = torch.as_tensor(img)
+            if img.ndim != 3:  # e.g. a grayscale [H, W] with no channel dimension: stacked, it would read as [N, C, H]
+                raise ValueError(
+                    f"item {i} gives an image of shape {list(img.shape)}; a probe image is [C, H, W] (a grayscale "
+                    "image is [1, H, W]: e.g. x.unsqueeze(0) in the dataset's __getitem__)"
+                )
+            imgs.append(img)
             labs.append(lab)
             masks.append(mask)
         shapes = {tuple(im.shape): i for i, im in zip(indices, imgs)}
@@ -286,6 +294,8 @@ class ProbeSet:
         if labels is not None and not _class_indices(labels):
             labels = None
         mask_t = torch.stack([torch.as_tensor(m).float() for m in masks]) if all(m is not None for m in masks) else None
+        if mean is None and std is None and imgs and all(im.dtype == torch.uint8 for im in imgs):
+            mean, std = [0.0], [1 / 255]  # uint8 pixels 0..255 are x = p / (1/255) of p in [0, 1]: shown as they are
         return cls(
             images=torch.stack(imgs).float(),
             labels=labels,

@@ -237,3 +237,72 @@ def test_unreadable_items_fail_at_setup_naming_the_callback_and_the_accepted_key
         trainer.fit(LitTiny(), loader, loader)
     assert "['label', 'picture']" in str(err.value) and "'pixel_values'" in str(err.value)
     assert "probes=ProbeSet" in str(err.value) and steps == []
+
+
+class _ItemsDataset(torch.utils.data.Dataset):
+    """Items ``(x, y)`` from a list (images of any shape), for probe-picking failures."""
+
+    def __init__(self, xs, ys):
+        self.xs, self.ys = xs, ys
+
+    def __len__(self):
+        return len(self.xs)
+
+    def __getitem__(self, i):
+        return self.xs[i], self.ys[i]
+
+
+@pytest.mark.parametrize("case", ["no_channel_dim", "sizes_differ"])
+def test_unstackable_probe_images_fail_at_setup_with_one_clear_hint(tmp_path, case):
+    """A grayscale [H, W] item (no channel dimension) and items of different sizes stop Trainer.fit before the
+    first training step, naming the callback, the item's shape and the fix once (not a [N, C, H] probe set)."""
+    from helpers import LitTiny, TinyCNN, tiny_trainer
+
+    from lightning_viz import GradientCallback
+    from lightning_viz.callbacks.base import VisualizationError
+
+    class AddsChannel(TinyCNN):  # a grayscale model fed [B, H, W] batches
+        def forward(self, x):
+            return super().forward(x.unsqueeze(-3) if x.ndim == 3 else x)
+
+    g = torch.Generator().manual_seed(0)
+    if case == "no_channel_dim":
+        xs = [torch.rand(8, 8, generator=g) for _ in range(6)]
+        expected = r"GradientCallback: picking .*item \d gives an image of shape \[8, 8\]; a probe image is \[C, H, W\]"
+    else:
+        xs = [torch.rand(3, 8, 8 + 4 * (i % 2), generator=g) for i in range(6)]
+        expected = r"GradientCallback: picking .*different sizes: .*\[3, 8, 12\].*Resize\(\(H, W\)\)"
+    ys = [i % 3 for i in range(6)]
+    loader = torch.utils.data.DataLoader(_ItemsDataset(xs, ys), batch_size=1)
+    model = LitTiny(AddsChannel(in_channels=1) if case == "no_channel_dim" else None)
+    trainer = tiny_trainer(str(tmp_path), callbacks=[GradientCallback(num_probes=4)])
+    with pytest.raises(VisualizationError, match=expected) as info:
+        trainer.fit(model, loader, loader)
+    assert str(info.value).count("Resize") <= 1 and str(info.value).count("probes=ProbeSet") == 1
+    assert trainer.global_step == 0
+
+
+def test_uint8_probe_images_are_shown_as_pixels_not_min_max_stretched(tmp_path):
+    """Dark uint8 images (0..60) and no mean/std: the probes read as pixels in [0, 255] (display x / 255 exactly,
+    not stretched to [0, 1] per image), through a real Trainer.fit whose model divides by 255 itself."""
+    from helpers import LitTiny, TinyCNN, read_events, tiny_trainer
+
+    from lightning_viz import GradientCallback
+
+    class FromBytes(TinyCNN):
+        def forward(self, x):
+            return super().forward(x.float() / 255)
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randint(0, 61, (3, 8, 8), generator=g, dtype=torch.uint8) for _ in range(6)]
+    loader = torch.utils.data.DataLoader(_ItemsDataset(xs, [i % 3 for i in range(6)]), batch_size=3)
+    cb = GradientCallback(num_probes=4)
+    tiny_trainer(str(tmp_path), callbacks=[cb], max_epochs=1).fit(LitTiny(FromBytes()), loader, loader)
+    p = cb.probes
+    assert p.mean == [0.0] and p.std == [1 / 255]
+    expected = torch.stack([xs[i] for i in p.indices.tolist()]).float() / 255
+    torch.testing.assert_close(p.display_images(), expected, rtol=0, atol=1e-6)
+    assert float(p.display_images().amax()) <= 60 / 255 + 1e-6
+    assert {f"viz-gradients/panel/{i}" for i in p.ids} <= set(read_events(str(tmp_path)).Tags()["images"])
+    # explicit float images keep min-max display (nothing known about their range)
+    assert ProbeSet.from_indices(_ItemsDataset([x.float() for x in xs], [0] * 6), [0, 1]).mean is None

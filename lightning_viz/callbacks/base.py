@@ -846,7 +846,8 @@ class VisualizationCallback(Callback):
             except SampleFormatError as exc:
                 raise VisualizationError(self._unreadable_message(dataset, exc)) from exc
             except Exception as exc:
-                sizes = "size" in str(exc) or "stack" in str(exc)  # images of different sizes: the usual cause
+                # images of different sizes: the usual cause (unless the message already says what to do)
+                sizes = ("size" in str(exc) or "stack" in str(exc)) and "Resize" not in str(exc)
                 hint = (
                     " Make the dataset's items stackable (e.g. a resize transform, torchvision.transforms.Resize((H, "
                     "W)), so that every image has one size), or pass probes=ProbeSet(...)."
