@@ -85,8 +85,8 @@ def randomized_copy(module: nn.Module, seed: int = 2018) -> nn.Module:
     """A deep copy of ``module`` with every parameter re-initialized (Adebayo et al. 2018, Sec. 3.1,
     full model parameter randomization): ``reset_parameters()`` where a layer has one, Gaussian noise with the
     parameter's own std for every parameter no reset wrote (a pruned or weight-normed layer resets a derived
-    weight). Seeded and identical on every rank; the global RNG is restored. A LightningModule's trainer reference is not copied (``__getstate__`` drops it).
-    The copy runs its own forward: see :func:`_own_methods`."""
+    weight). Seeded and identical on every rank; the global RNG is restored. A LightningModule's trainer
+    reference is not copied (``__getstate__`` drops it). The copy runs its own forward: see :func:`_own_methods`."""
     memo: dict[int, Any] = {}
     for m in module.modules():  # a weight a forward pre-hook derived with autograd on (pruning, legacy weight
         for value in vars(m).values():  # norm) cannot be deep-copied; the copy's next forward derives its own
