@@ -193,6 +193,20 @@ _NO_DETERMINISTIC = " does not have a deterministic implementation"
 _warned_ops: set[str] = set()
 
 
+_FULL_BACKWARD_HOOK_NOTE = "Full backward hook is firing when gradients are computed with respect to module outputs"
+
+
+@contextlib.contextmanager
+def user_backward_hooks_quiet() -> Iterator[None]:
+    """Inside the block, silence torch's note that a user's ``register_full_backward_hook`` fires "with respect to
+    module outputs since no inputs require gradients": a visualization freezes the parameters and differentiates
+    w.r.t. activations, so a hooked layer's inputs need no gradient there, never in training. The user's hook still
+    runs; other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_FULL_BACKWARD_HOOK_NOTE, category=UserWarning)
+        yield
+
+
 @contextlib.contextmanager
 def deterministic_warn_only() -> Iterator[None]:
     """Under ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``), let ops without a
@@ -245,6 +259,7 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(attributes_kept(model))  # first in, last out: after eval_mode restored the modes
         stack.enter_context(deterministic_warn_only())
+        stack.enter_context(user_backward_hooks_quiet())
         stack.enter_context(fork_rng())
         stack.enter_context(grad_enabled())
         stack.enter_context(_eager_stance())

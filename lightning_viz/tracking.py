@@ -83,11 +83,15 @@ TRACKING_LAYOUT: dict[str, dict[str, list]] = {
 
 def randomized_copy(module: nn.Module, seed: int = 2018) -> nn.Module:
     """A deep copy of ``module`` with every parameter re-initialized (Adebayo et al. 2018, Sec. 3.1,
-    full model parameter randomization): ``reset_parameters()`` where a layer has one, otherwise
-    Gaussian noise with the parameter's own std. Seeded and identical on every rank; the global RNG
-    is restored. A LightningModule's trainer reference is not copied (``__getstate__`` drops it).
-    The copy runs its own forward: see :func:`_own_methods`."""
+    full model parameter randomization): ``reset_parameters()`` where a layer has one, Gaussian noise with the
+    parameter's own std for every parameter no reset wrote (a pruned or weight-normed layer resets a derived
+    weight). Seeded and identical on every rank; the global RNG is restored. A LightningModule's trainer
+    reference is not copied (``__getstate__`` drops it). The copy runs its own forward: see :func:`_own_methods`."""
     memo: dict[int, Any] = {}
+    for m in module.modules():  # a weight a forward pre-hook derived with autograd on (pruning, legacy weight
+        for value in vars(m).values():  # norm) cannot be deep-copied; the copy's next forward derives its own
+            if isinstance(value, Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
     try:
         clone = copy.deepcopy(module, memo)
     except Exception as exc:
@@ -102,11 +106,14 @@ def randomized_copy(module: nn.Module, seed: int = 2018) -> nn.Module:
             own = list(m.parameters(recurse=False))
             if not own:
                 continue
+            versions = [p._version for p in own]
             reset = getattr(m, "reset_parameters", None)
             if callable(reset):
                 reset()
-            else:
-                for p in own:
+            for p, v in zip(own, versions):
+                # noise where no reset wrote the parameter (none, or it reset a derived tensor: pruning's
+                # ``weight`` = ``weight_orig * weight_mask``, legacy weight norm's ``weight``)
+                if p._version == v:
                     std = float(p.float().std()) if p.numel() > 1 else 1.0
                     p.normal_(0.0, std if std > 0 else 1.0)
     return clone

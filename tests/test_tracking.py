@@ -328,6 +328,31 @@ def test_randomized_copy_runs_its_own_instance_level_forward():
     torch.testing.assert_close(clone(x), ref(x))
 
 
+def test_randomized_copy_reinitializes_pruned_and_weight_normed_layers():
+    """Pruning and legacy weight norm keep the learned weight in ``weight_orig`` / ``weight_g``/``weight_v``;
+    ``reset_parameters()`` writes only the derived ``weight`` (a non-leaf tensor that defeats ``deepcopy``):
+    those parameters get noise, other resets stay as they are."""
+    from torch import nn
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    pruned, normed, bn = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+    prune.l1_unstructured(pruned, "weight", amount=0.5)
+    with pytest.warns(FutureWarning):
+        nn.utils.weight_norm(normed)
+    model = nn.Sequential(pruned, normed, bn)
+    with torch.no_grad():
+        bn.weight.fill_(3.0), bn.bias.fill_(2.0)
+    clone = randomized_copy(model, seed=1)
+    orig = dict(model.named_parameters())
+    for name, p in clone.named_parameters():
+        assert not torch.equal(p, orig[name]), f"{name} not randomized"
+    assert torch.equal(clone[0].weight_mask, pruned.weight_mask)  # the mask is a buffer: kept
+    assert torch.equal(clone[2].weight, torch.ones(4)) and torch.equal(clone[2].bias, torch.zeros(4))  # no noise
+    model(torch.randn(2, 3, 6, 6)).sum().backward()  # pre-hooks derive both weights with autograd: copyable still
+    assert not torch.equal(randomized_copy(model, seed=1)[0].weight_orig, pruned.weight_orig)
+
+
 def test_filmstrip_storage_stays_bounded_over_long_runs_and_spans_the_whole_run():
     """Past 8 * max_frames runs every other stored frame is dropped (first and latest kept): memory and checkpoints
     stay bounded, and the frames shown still run from the first epoch to the latest, evenly."""
