@@ -32,6 +32,7 @@ __all__ = [
     "gaussian_blur",
     "build_regularizers",
     "total_penalty",
+    "penalty_grads",
 ]
 
 
@@ -47,6 +48,11 @@ class Regularizer:
         return image
 
     def penalty(self, image: Tensor) -> Tensor | None:
+        return None
+
+    def penalty_grad(self, image: Tensor) -> Tensor | None:
+        """``d sum_b penalty_b / d image`` in closed form (no autograd graph), or ``None``: the optimization then
+        differentiates :meth:`penalty` with autograd. A subclass that overrides one should override both."""
         return None
 
     def project(self, image: Tensor, grad: Tensor | None, step: int) -> Tensor:
@@ -72,6 +78,9 @@ class L2Penalty(Regularizer):
     def penalty(self, image: Tensor) -> Tensor:
         return self.weight * image.flatten(1).pow(2).sum(1)
 
+    def penalty_grad(self, image: Tensor) -> Tensor:
+        return image.detach() * (2 * self.weight)
+
 
 class TotalVariation(Regularizer):
     """``weight * sum ((dI/dx)^2 + (dI/dy)^2)^(beta/2)`` per image: the V^beta (total variation)
@@ -87,6 +96,20 @@ class TotalVariation(Regularizer):
         sq = dx.pow(2) + dy.pow(2)
         tv = sq if self.beta == 2.0 else (sq + 1e-8).pow(self.beta / 2)
         return self.weight * tv.flatten(1).sum(1)
+
+    def penalty_grad(self, image: Tensor) -> Tensor | None:
+        """For ``beta = 2``: each difference ``d`` adds ``2 * weight * d`` to its far pixel and subtracts it from
+        its near one (a handful of kernels instead of autograd's graph of slices); other ``beta``: ``None``."""
+        if self.beta != 2.0:
+            return None
+        x = image.detach()
+        dx = (x[..., :-1, 1:] - x[..., :-1, :-1]).mul_(2 * self.weight)
+        dy = (x[..., 1:, :-1] - x[..., :-1, :-1]).mul_(2 * self.weight)
+        g = torch.zeros_like(x)
+        g[..., :-1, 1:] += dx
+        g[..., 1:, :-1] += dy
+        g[..., :-1, :-1] -= dx + dy
+        return g
 
 
 class L2Decay(Regularizer):
@@ -199,6 +222,22 @@ def build_regularizers(
     if clip_contribution_percentile:
         regs.append(ClipContribution(clip_contribution_percentile))
     return regs
+
+
+def penalty_grads(regularizers: Sequence[Regularizer], image: Tensor) -> tuple[Tensor | None, list[Regularizer]]:
+    """The sum of the closed-form penalty gradients (:meth:`Regularizer.penalty_grad`; ``None`` when none has
+    one) and the regularizers whose penalty must go through autograd instead."""
+    total: Tensor | None = None
+    rest: list[Regularizer] = []
+    for r in regularizers:
+        if type(r).penalty is Regularizer.penalty:
+            continue
+        g = r.penalty_grad(image)
+        if g is None:
+            rest.append(r)
+        else:
+            total = g if total is None else total + g
+    return total, rest
 
 
 def total_penalty(regularizers: Sequence[Regularizer], image: Tensor) -> Tensor:

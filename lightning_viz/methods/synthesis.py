@@ -31,7 +31,7 @@ from ..layers import module_device, module_dtype
 from ..progress import progress
 from .objectives import Objective, channel, class_logit, feature_match, neuron
 from .parameterization import make_param
-from .regularizers import L2Penalty, Regularizer, total_penalty
+from .regularizers import L2Penalty, Regularizer, penalty_grads, total_penalty
 
 __all__ = [
     "SynthesisResult",
@@ -152,7 +152,6 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
     opt = _Ascent(p.params, lr, optimizer)
     needs_img_grad = any(r.needs_grad for r in regs)
     project = bounds is not None or any(type(r).project is not Regularizer.project for r in regs)
-    penalized = any(type(r).penalty is not Regularizer.penalty for r in regs)
     # an objective that reads only activations needs no layer after its last one: those passes stop there
     cut = () if objective.uses_logits else objective.layers
     ascent: Tensor | None = None
@@ -188,16 +187,20 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
             if logits is None:  # stopped after the objective's layers: no logits (the objective reads none)
                 logits = x.new_empty(x.shape[0], 0)
             obj = objective(logits, cap.outputs, rows).sum().to(img.dtype)
-            loss = -obj + total_penalty(regs, img).sum() if penalized else -obj
+            # penalties with a closed-form gradient enter the backward at the image (no graph of their own); the
+            # others go through autograd as part of the loss
+            closed, traced = penalty_grads(regs, img)
+            loss = -obj + total_penalty(traced, img).sum() if traced else -obj
+            outputs, seeds = ([loss], [None]) if closed is None else ([loss, img], [None, closed])
             ascent = None
             if needs_img_grad:
                 # one backward through the model for both: d loss / d x_in is exactly -(d objective / d x), which
                 # pulled back through the transforms is d objective / d image (Yosinski's contribution, for the
                 # projections, without the penalties' part)
-                g_x, *grads = torch.autograd.grad(loss, [x_in, *p.params], retain_graph=True)
+                g_x, *grads = torch.autograd.grad(outputs, [x_in, *p.params], seeds, retain_graph=True)
                 ascent = torch.autograd.grad(x_in, img, grad_outputs=-g_x)[0]
             else:
-                grads = list(torch.autograd.grad(loss, p.params))
+                grads = list(torch.autograd.grad(outputs, p.params, seeds))
             opt.step(grads)
         final = p.image()
         if project and steps > 0:
