@@ -113,6 +113,11 @@ RUNS: dict[str, dict[str, Any]] = {
         "callbacks": [
             {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "log", "fail_rank": 0}},
             {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "compute", "fail_rank": 1}},
+            # computed on rank 0 only (as filters, class model, units): both ranks name rank 0
+            {
+                "class_path": "ddp_script.FailingCallback",
+                "init_args": {"fail_in": "compute", "fail_rank": 0, "rank0_only": True},
+            },
             # on_error="warn": rank 0 warns (naming rank 1), every rank trains on
             {
                 "class_path": "ddp_script.FailingCallback",
@@ -151,9 +156,10 @@ class FailingCallback(MapCallback):
 
     method = "failing"
 
-    def __init__(self, fail_in: str = "compute", fail_rank: int = 1, **kwargs):
+    def __init__(self, fail_in: str = "compute", fail_rank: int = 1, rank0_only: bool = False, **kwargs):
         super().__init__(num_probes=4, **kwargs)
         self.fail_in, self.fail_rank = fail_in, fail_rank
+        self.per_probe = not rank0_only  # False: rank 0 computes on every probe, the others wait for its outcome
         self.errors: list[str] = []
 
     def state_key_parts(self):

@@ -201,6 +201,9 @@ def test_an_error_on_one_rank_raises_on_every_rank(ddp_out):
     # compute failed on rank 1: both ranks raise, naming rank 1
     for errs in (r0["compute@rank1"], r1["compute@rank1"]):
         assert errs == ["VisualizationError: lightning-viz failing failed: rank 1: RuntimeError: boom in compute"]
+    # a rank-0-only computation failed: both ranks raise, naming rank 0
+    for errs in (r0["compute@rank0"], r1["compute@rank0"]):
+        assert errs == ["VisualizationError: lightning-viz failing failed on rank 0: RuntimeError: boom in compute"]
     # rank 0's logging failed: rank 0 raises its own error, rank 1 learns of it (instead of hanging later)
     assert r0["log@rank0"] == [
         "VisualizationError: lightning-viz FailingCallback (failing) failed while logging at step 0: "

@@ -957,9 +957,11 @@ class VisualizationCallback(Callback):
                 )
             elif stage != "compute":
                 self._failed(error)  # rank 0's own probe-picking error: unchanged type
-            else:
+            else:  # a rank-0-only computation under DDP names its rank, as the other ranks' message does
+                where = " on rank 0" if world > 1 and not distributed else ""
                 self._failed(
-                    VisualizationError(f"lightning-viz {self.method} failed: {type(error).__name__}: {error}"), error
+                    VisualizationError(f"lightning-viz {self.method} failed{where}: {type(error).__name__}: {error}"),
+                    error,
                 )
             return None
         return results
