@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -214,3 +216,60 @@ def test_resumed_fit_keeps_the_earlier_epochs_in_the_projector(tmp_path):
     config = (tmp_path / "version_0" / "projector_config.pbtxt").read_text()
     paths = [line.split('"')[1] for line in config.splitlines() if "tensor_path" in line]
     assert paths == ["00000/viz-embeddings%2fpenultimate/tensors.tsv", "00001/viz-embeddings%2fpenultimate/tensors.tsv"]
+
+
+class _Evaluated(LitTiny):
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+def test_test_and_predict_run_no_callback_and_check_nothing(tmp_path, caplog):
+    """trainer.test and trainer.predict run no visualization, and so check nothing at setup; trainer.validate runs
+    the run_on="validation_epoch_end" callbacks only. One info line per entry point says which run. Was: a callback
+    whose loggers=['csv'] named a logger of the training run, not of this evaluation Trainer, failed test/validate
+    at setup, and the start-up line said every callback writes to TensorBoard where none ran."""
+    grads = GradientCallback(num_probes=2, loggers=["csv"])
+    cam = CAMCallback(num_probes=2, run_on="validation_epoch_end")
+    trainer = tiny_trainer(str(tmp_path), [grads, cam], max_epochs=1)
+    model, val = _Evaluated(), tiny_loaders(n=12)[1]
+    with caplog.at_level("INFO"):
+        trainer.test(model, val)
+        assert len(trainer.predict(model, val)) == 2
+        assert cam.probes is None and grads.probes is None  # nothing picked either
+        trainer.validate(model, val)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning-viz:")]
+    assert lines[:2] == [
+        f"lightning-viz: the 2 visualization callback(s) do not run under trainer.{fn} (they run in fit, and under "
+        "trainer.validate when run_on='validation_epoch_end')."
+        for fn in ("test", "predict")
+    ]
+    assert lines[2].startswith("lightning-viz: 1 visualization callback(s) under trainer.validate: cam; writing to")
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz-cam/panel/p000") == [0]
+    tags = acc.Tags()["images"] + acc.Tags()["scalars"]
+    assert [t for t in tags if t.startswith("viz-") and not t.startswith("viz-cam/")] == []
+
+
+def test_barebones_computes_and_writes_nothing_and_says_so_once(tmp_path, monkeypatch):
+    """Trainer(barebones=True) switches logging off to time the loop: the callbacks compute, pick and write nothing,
+    check nothing (loggers=['tensorboard'] is no error where Lightning removed the logger), and one
+    NothingWrittenWarning says why. Was: every callback computed and wrote an image folder into the working
+    directory, and loggers=['tensorboard'] failed at setup."""
+    import lightning as L
+
+    from lightning_viz.logging import NothingWrittenWarning
+
+    monkeypatch.chdir(tmp_path)
+    cbs = [GradientCallback(num_probes=2), CAMCallback(num_probes=2, loggers=["tensorboard"]), FilterCallback()]
+    trainer = L.Trainer(max_epochs=1, barebones=True, callbacks=cbs, accelerator="cpu", default_root_dir=str(tmp_path))
+    with pytest.warns(NothingWrittenWarning) as record:
+        trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    ours = [str(w.message) for w in record if w.category is NothingWrittenWarning]
+    assert len(ours) == 1 and ours[0].startswith("lightning-viz: Trainer(barebones=True) switches logging off")
+    assert "the 3 visualization callback(s) compute and write nothing" in ours[0]
+    assert trainer.global_step == 2
+    assert all(cb.probes is None and cb.last_logged_tags == [] for cb in cbs)
+    assert [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs] == []
