@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from helpers import LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_dataset, tiny_loaders, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.callbacks.filters import FilterCallback
@@ -258,8 +259,6 @@ def test_barebones_computes_and_writes_nothing_and_says_so_once(tmp_path, monkey
     check nothing (loggers=['tensorboard'] is no error where Lightning removed the logger), and one
     NothingWrittenWarning says why. Was: every callback computed and wrote an image folder into the working
     directory, and loggers=['tensorboard'] failed at setup."""
-    import lightning as L
-
     from lightning_viz.logging import NothingWrittenWarning
 
     monkeypatch.chdir(tmp_path)
@@ -273,3 +272,50 @@ def test_barebones_computes_and_writes_nothing_and_says_so_once(tmp_path, monkey
     assert trainer.global_step == 2
     assert all(cb.probes is None and cb.last_logged_tags == [] for cb in cbs)
     assert [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs] == []
+
+
+class _FreshEachEpoch(L.LightningDataModule):
+    """New datasets at every dataloader call (``reload_dataloaders_every_n_epochs=1``) and two validation sets:
+    the first new at every call, the second made of images of 1000 (told apart at a glance)."""
+
+    def __init__(self):
+        super().__init__()
+        self.val_sets: list = []
+
+    def train_dataloader(self):
+        return DataLoader(tiny_dataset(12, seed=len(self.val_sets)), batch_size=8)
+
+    def val_dataloader(self):
+        self.val_sets.append(tiny_dataset(12, seed=100 + len(self.val_sets)))
+        x, y = tiny_dataset(6).tensors
+        return [DataLoader(self.val_sets[-1], batch_size=8), DataLoader(TensorDataset(x * 0 + 1000, y), batch_size=8)]
+
+
+class _TwoValSets(LitTiny):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+
+def test_several_val_sets_reloaded_every_epoch_keep_the_first_sets_probes(tmp_path):
+    """A list of validation dataloaders: the probes come from the first one (val_dataloaders[0]), and a
+    run_on="validation_epoch_end" callback runs once per epoch (not once per dataloader_idx). Dataloaders
+    reloaded every epoch (reload_dataloaders_every_n_epochs=1, new data each time) do not change the probes:
+    they stay the ones picked before training, so the frames of every epoch show the same images."""
+    from lightning_viz.probe import ProbeSet
+
+    seen = []
+
+    class Recorder(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            seen.append(cam.probes.images.clone())
+
+    cam = CAMCallback(num_probes=3, run_on="validation_epoch_end", tracker=MapTracker())
+    dm = _FreshEachEpoch()
+    kw = {"reload_dataloaders_every_n_epochs": 1, "num_sanity_val_steps": 0}
+    tiny_trainer(str(tmp_path), [cam, Recorder()], max_epochs=2, **kw).fit(_TwoValSets(), datamodule=dm)
+    assert len(dm.val_sets) >= 2 and not torch.equal(dm.val_sets[0].tensors[0], dm.val_sets[-1].tensors[0])
+    picks = [ProbeSet.from_dataset(v, num=3, seed=0).images for v in dm.val_sets]  # the first set, as made then
+    assert any(torch.equal(seen[0], p) for p in picks) and (seen[0].abs() < 100).all()
+    assert len(seen) == 2 and torch.equal(seen[1], seen[0])
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
+    assert image_steps(read_events(str(tmp_path)), "viz-cam/filmstrip/p000") == [0, 1]

@@ -292,16 +292,18 @@ class VisualizationCallback(Callback):
             at that epoch's step (an EarlyStopping after this callback, a last epoch without validation).
             ``0`` turns the epoch-end runs off. Under ``trainer.validate`` it runs at every call (unless ``0``).
         run_on: ``"train_epoch_end"`` (default) or ``"validation_epoch_end"`` (also runs under
-            ``trainer.validate``, inside inference mode). With several validations per epoch
-            (``val_check_interval`` < 1.0 or an int) it runs once per epoch: at the validation after the
-            epoch's last training batch when the schedule has one, else at the first validation of the epoch.
+            ``trainer.validate``, inside inference mode; ``trainer.test`` and ``trainer.predict`` run no callback).
+            With several validations per epoch (``val_check_interval`` < 1.0 or an int) it runs once per epoch: at
+            the validation after the epoch's last training batch when the schedule has one, else at the first
+            validation of the epoch.
             A ``trainer.validate`` logs at step ``current_epoch``, or after the latest step this callback wrote
             to the same log directory (validating twice after fit: two steps, never one step twice).
             A fit where it could never run (no validation data or ``validation_step``, ``limit_val_batches=0``,
             or no scheduled epoch that validates) is refused at setup.
         num_probes: how many probe images to pick (class-stratified, seeded).
         probe_seed: seed of the probe pick.
-        probe_source: ``"val"`` (fall back to train) or ``"train"`` dataloader's dataset.
+        probe_source: ``"val"`` (fall back to train) or ``"train"`` dataloader's dataset; with several val
+            dataloaders (a list, or a dict), the first one's.
         probes: an explicit :class:`ProbeSet` (overrides the three options above).
         log_time: log the seconds each run took as ``viz-<method>/time_s``.
         name: optional namespace inserted in every tag after the family (``viz-<method>/<name>/...``), to tell
