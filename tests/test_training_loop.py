@@ -319,3 +319,18 @@ def test_several_val_sets_reloaded_every_epoch_keep_the_first_sets_probes(tmp_pa
     assert len(seen) == 2 and torch.equal(seen[1], seen[0])
     assert cam.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
     assert image_steps(read_events(str(tmp_path)), "viz-cam/filmstrip/p000") == [0, 1]
+
+
+def test_callbacks_reused_by_a_fresh_trainer_for_validate_start_over(tmp_path):
+    """Callbacks that ran in a fit, given to a fresh Trainer for trainer.validate (a notebook: fit, then validate
+    with a new Trainer), start over as a fresh fit does: that validation (step 0 of the new Trainer) is the first
+    frame of its filmstrip. Was: the fit's history went on, a filmstrip of epochs 0, 1, 0 and a drift against it."""
+    cam = CAMCallback(num_probes=2, run_on="validation_epoch_end", tracker=MapTracker())
+    model, (train, val) = LitTiny(), tiny_loaders(n=12)
+    tiny_trainer(str(tmp_path / "a"), [cam], max_epochs=2).fit(model, train, val)
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
+    tiny_trainer(str(tmp_path / "b"), [cam], max_epochs=2).validate(model, val)
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [0]}
+    acc = read_events(str(tmp_path / "b"))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [0]
+    assert "viz-cam/gradcam/net.conv2/drift/rank_corr" not in acc.Tags()["scalars"]

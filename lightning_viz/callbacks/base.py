@@ -561,6 +561,8 @@ class VisualizationCallback(Callback):
             self._start_over(trainer)
             with self._naming():
                 self._check_schedule(trainer, pl_module)
+        else:  # trainer.validate
+            self._start_over(trainer)
         # A model that builds its layers in configure_model (Lightning calls it after every setup hook) is checked
         # once they exist: on_fit_start / on_validation_start, still before the first step.
         self._model_checks_due = stage if _builds_in_configure_model(pl_module) else None
@@ -570,10 +572,10 @@ class VisualizationCallback(Callback):
         _announce(trainer, stage)
 
     def _start_over(self, trainer: Trainer) -> None:
-        """A fresh fit under another Trainer than the one this callback last ran under (callbacks reused for a new
-        model or data: a sweep, a notebook cell run again) starts over: probes it picked are picked again from this
-        fit's data, class names found again, and the history (filmstrips, drift, fixed scales) forgotten. A resumed
-        fit (``ckpt_path``) gets them back from the checkpoint, restored after setup."""
+        """A fresh fit (or a ``trainer.validate``) under another Trainer than the one this callback last ran under
+        (callbacks reused for a new model or data: a sweep, a notebook cell run again) starts over: probes it picked
+        are picked again from this run's data, class names found again, and the history (filmstrips, drift, fixed
+        scales) forgotten. A resumed fit (``ckpt_path``) gets them back from the checkpoint, restored after setup."""
         ran_with = None if self._ran_with is None else self._ran_with()
         if self._ran_with is None or ran_with is trainer or trainer.current_epoch != 0 or trainer.global_step != 0:
             return
