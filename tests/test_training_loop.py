@@ -334,3 +334,20 @@ def test_callbacks_reused_by_a_fresh_trainer_for_validate_start_over(tmp_path):
     acc = read_events(str(tmp_path / "b"))
     assert image_steps(acc, "viz-cam/filmstrip/p000") == [0]
     assert "viz-cam/gradcam/net.conv2/drift/rank_corr" not in acc.Tags()["scalars"]
+
+
+def test_a_second_fit_on_the_same_trainer_goes_on(tmp_path):
+    """fit, raise max_epochs, fit again on the same Trainer (a notebook training on): the second fit goes on from
+    epoch 1 with the same probes and history, so the filmstrip has epochs 0 and 1 and drift is measured at 1."""
+    cam = CAMCallback(num_probes=2, tracker=MapTracker())
+    model, (train, val) = LitTiny(), tiny_loaders(n=12)
+    trainer = tiny_trainer(str(tmp_path), [cam], max_epochs=1)
+    trainer.fit(model, train, val)
+    probes = cam.probes
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(model, train, val)
+    assert trainer.current_epoch == 2 and cam.probes is probes
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [0, 1]
+    assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [1]
