@@ -351,3 +351,15 @@ def test_a_second_fit_on_the_same_trainer_goes_on(tmp_path):
     acc = read_events(str(tmp_path))
     assert image_steps(acc, "viz-cam/filmstrip/p000") == [0, 1]
     assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [1]
+
+
+@pytest.mark.parametrize("run_on", ["train_epoch_end", "validation_epoch_end"])
+def test_max_steps_ending_mid_epoch_visualizes_the_cut_epoch(tmp_path, run_on):
+    """Trainer(max_steps=3, max_epochs=-1) with 2 steps per epoch ends in epoch 1 after its first step: that last,
+    cut epoch is visualized once, at its step, on the final weights (with run_on="validation_epoch_end" at
+    on_train_end, as no validation runs in the cut epoch)."""
+    cam = CAMCallback(num_probes=2, run_on=run_on, tracker=MapTracker())
+    trainer = tiny_trainer(str(tmp_path), [cam], max_epochs=-1, max_steps=3)
+    trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    assert trainer.global_step == 3 and cam.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
+    assert image_steps(read_events(str(tmp_path)), "viz-cam/filmstrip/p000") == [0, 1]
