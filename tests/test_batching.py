@@ -97,3 +97,73 @@ def test_deletion_curves_on_the_cpu_forward_at_most_the_throughput_budget(monkey
     for mode in whole:
         for key in maps:
             torch.testing.assert_close(capped[mode][key], whole[mode][key], rtol=1e-5, atol=1e-6)
+
+
+class OutOfMemoryAbove(TinyCNN):
+    """A TinyCNN whose eval-mode forwards with autograd on (the callbacks' gradient passes, not training or
+    validation) of more than ``limit`` images raise ``torch.OutOfMemoryError`` (what CUDA's caching allocator
+    raises; no GPU here), to exercise the callbacks' retry at a smaller budget."""
+
+    limit = 10**9
+
+    def forward(self, x):
+        if not self.training and torch.is_grad_enabled() and x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {x.shape[0]} images")
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("limit", [40, 1])
+def test_a_callback_out_of_device_memory_computes_again_at_half_the_budget(tmp_path, monkeypatch, limit):
+    """The default budget holds 64 images with a backward here; integrated gradients (8 probes x 16 points) forward
+    64 > 40 images at a time (out of memory), then 32 <= 40 at half the budget: the maps of a run that never ran
+    out, logged at every epoch, one warning, training untouched. At ``limit=1`` even 1/8 of the budget is too much:
+    three warnings, then the failure names what to change."""
+    import warnings as _warnings
+
+    from helpers import LitTiny, read_events, tiny_loaders, tiny_trainer
+
+    from lightning_viz.callbacks.base import OOM_RETRIES, VisualizationError, VisualizationWarning
+    from lightning_viz.callbacks.gradients import GradientCallback
+
+    per_image = 4 * (3 * 64 + 4 * 64 * 4 + 4 + 3)  # TinyCNN(width=4) at 8 px, as measured above for width 2
+    monkeypatch.setattr(batching, "CPU_MEMORY_MB", 64 * batching.GRAD_FACTOR * per_image / 2**20)
+
+    def fit(limit, logdir, on_error="raise"):
+        torch.manual_seed(0)
+        net = OutOfMemoryAbove(width=4)
+        net.limit = limit
+        module = LitTiny(net)
+        cb = GradientCallback(
+            methods=["integrated_gradients"], ig_steps=16, num_probes=8, target="label", on_error=on_error
+        )
+        with _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always")
+            tiny_trainer(str(logdir), [cb], max_epochs=2).fit(module, *tiny_loaders())
+        messages = [str(w.message) for w in caught if issubclass(w.category, VisualizationWarning)]
+        fit.failed = [m for m in messages if "still out of memory" in m and "training goes on" in m]
+        return module, cb, [m for m in messages if "ran out of device memory" in m]
+
+    if limit == 1:
+        with pytest.raises(VisualizationError, match=r"still out of memory at 1/8 of the default memory budget"):
+            fit(limit, tmp_path / "fails")
+        _, cb, warned = fit(limit, tmp_path / "warns", on_error="warn")
+        # epoch 0 halves the budget OOM_RETRIES times and gives up; epoch 1 starts at the smallest budget and gives up
+        assert len(warned) == OOM_RETRIES and cb._budget_scale == 0.5**OOM_RETRIES and len(fit.failed) == 2
+        return
+    module, cb, warned = fit(limit, tmp_path / "oom")
+    reference, ref_cb, none = fit(10**9, tmp_path / "ref")
+    assert none == [] and ref_cb._budget_scale == 1.0
+    assert len(warned) == 1 and cb._budget_scale == 0.5  # epoch 1 kept the half budget
+    assert (
+        "GradientCallback (gradients) ran out of device memory (CUDA out of memory. Tried to allocate 64 images)"
+        in warned[0]
+    )
+    assert "computing again with half the memory budget per forward" in warned[0]
+    for (name, p), q in zip(module.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name  # training untouched by the failed attempt
+    got, ref = read_events(str(tmp_path / "oom")), read_events(str(tmp_path / "ref"))
+    tags = [t for t in ref.Tags()["images"] if "/panel/" in t]
+    assert tags and sorted(got.Tags()["images"]) == sorted(ref.Tags()["images"])
+    for tag in tags:
+        assert [e.step for e in got.Images(tag)] == [0, 1]
+        assert [e.encoded_image_string for e in got.Images(tag)] == [e.encoded_image_string for e in ref.Images(tag)]

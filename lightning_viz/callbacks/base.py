@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from ..logging import (
     sink_names,
     wait_for_writes,
 )
+from ..methods.batching import default_memory_mb, scaled_budget
 from ..probe import PROBE_BANK_KEY, ProbeSet, SampleFormatError, probe_bank_get, probe_bank_put, read_item
 from ..progress import logger as _log
 from ..progress import reporting
@@ -63,11 +65,15 @@ __all__ = [
     "VisualizationWarning",
     "gather_results",
     "BASELINE_STEP",
+    "OOM_RETRIES",
     "SHARDING_STRATEGIES",
 ]
 
 #: Step of the ``run_at_start`` baseline (before epoch 0, which logs at step 0).
 BASELINE_STEP = -1
+
+#: How many times a callback that ran out of device memory halves its default memory budget and computes again.
+OOM_RETRIES = 3
 
 #: Strategies whose module holds only a shard of the parameters (refused at setup).
 SHARDING_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
@@ -332,6 +338,8 @@ class VisualizationCallback(Callback):
     """
 
     method: str = "viz"
+    #: the default memory budget per forward is multiplied by this (halved after running out of device memory)
+    _budget_scale: float = 1.0
     #: False for methods whose work is not split over probes (e.g. filters, class-model images):
     #: only rank 0 computes, and nothing is gathered.
     per_probe: bool = True
@@ -936,12 +944,10 @@ class VisualizationCallback(Callback):
             stage = "compute"
             shard = probe.shard(rank, world) if distributed and probe is not None else probe
             try:
-                with (
-                    isolated(pl_module),
-                    torch_threads(self.num_threads),
-                    reporting(self.method if rank == 0 else None),
-                ):
-                    local = None if shard is not None and len(shard) == 0 else self.compute(pl_module, shard)
+                if shard is not None and len(shard) == 0:
+                    local = None
+                else:
+                    local = self._compute_within_memory(pl_module, shard, rank, world)
             except Exception as exc:  # re-raised on every rank by gather_results
                 error = exc
         if distributed:
@@ -1005,6 +1011,41 @@ class VisualizationCallback(Callback):
                 )
             return None
         return results
+
+    def _compute_within_memory(self, pl_module: LightningModule, shard: ProbeSet | None, rank: int, world: int) -> Any:
+        """:meth:`compute`, isolated; after running out of device memory (``torch.OutOfMemoryError``), computed
+        again with half the default memory budget per forward (:func:`~lightning_viz.methods.batching.scaled_budget`;
+        an explicit ``chunk_size`` is kept), up to :data:`OOM_RETRIES` times. Later runs keep the smaller budget."""
+        while True:
+            try:
+                with (
+                    scaled_budget(self._budget_scale),
+                    isolated(pl_module),
+                    torch_threads(self.num_threads),
+                    reporting(self.method if rank == 0 else None),
+                ):
+                    return self.compute(pl_module, shard)
+            except torch.OutOfMemoryError as exc:
+                if self._budget_scale <= 0.5**OOM_RETRIES:
+                    raise torch.OutOfMemoryError(
+                        f"{exc} (lightning-viz: still out of memory at 1/{round(1 / self._budget_scale)} of the "
+                        "default memory budget per forward; lower num_probes or set chunk_size)"
+                    ) from exc
+                reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "no details"
+            # here the failed attempt's tensors are free (the exception and its frames are gone)
+            device = module_device(pl_module)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._budget_scale /= 2
+            with scaled_budget(self._budget_scale):
+                budget = default_memory_mb(device)
+            warnings.warn(
+                f"{self._label()} ran out of device memory{f' on rank {rank}' if world > 1 else ''} ({reason}); "
+                f"computing again with half the memory budget per forward ({budget:.3g} MiB of activations; an "
+                "explicit chunk_size is kept). Later runs keep it.",
+                VisualizationWarning,
+                stacklevel=2,
+            )
 
     def _validate_step(self, trainer: Trainer, step: int) -> int:
         """The step of a ``trainer.validate`` run: ``step`` (the epoch), or past every step this callback

@@ -7,14 +7,18 @@ single-image no-grad forward summing every leaf module's output (:func:`activati
 and batches are filled up to ``memory_mb`` (:func:`images_per_forward`). A pass that also differentiates
 keeps those activations for the backward and adds as much again for their gradients, so it counts
 :data:`GRAD_FACTOR` x. The default budget (:func:`default_memory_mb`) is :data:`CPU_MEMORY_MB` on the
-CPU and a quarter of the free memory (at most :data:`GPU_MEMORY_MB`) on a GPU. An explicit
+CPU and a quarter of the free memory (at most :data:`GPU_MEMORY_MB`) on a GPU, times the factor of
+:func:`scaled_budget` (a callback that ran out of device memory computes again at half its budget). An explicit
 ``chunk_size`` always wins; results never depend on the batch size (each perturbed image is
 evaluated independently; only the float rounding of batched kernels may differ, ~1e-7 relative).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Optional
 
 import torch
@@ -28,6 +32,7 @@ __all__ = [
     "activation_bytes_per_image",
     "default_memory_mb",
     "images_per_forward",
+    "scaled_budget",
 ]
 
 #: default activation budget of one forward on the CPU, MiB
@@ -41,6 +46,8 @@ GRAD_FACTOR = 2
 #: batches leave the cache and cost more per image (SmallCNN at 32 px, one thread: ~2x per image at 1360 images
 #: a forward than at 136-272)
 CPU_THROUGHPUT_MB = 48.0
+
+_BUDGET_SCALE: ContextVar[float] = ContextVar("lightning_viz_budget_scale", default=1.0)
 
 _MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
@@ -81,8 +88,22 @@ def default_memory_mb(device: torch.device | str) -> float:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return float(max(CPU_MEMORY_MB, min(GPU_MEMORY_MB, (free + max(0, cached)) / 4 / 2**20)))
-    return CPU_MEMORY_MB
+        budget = float(max(CPU_MEMORY_MB, min(GPU_MEMORY_MB, (free + max(0, cached)) / 4 / 2**20)))
+    else:
+        budget = CPU_MEMORY_MB
+    return budget * _BUDGET_SCALE.get()
+
+
+@contextlib.contextmanager
+def scaled_budget(scale: float) -> Iterator[None]:
+    """:func:`default_memory_mb` times ``scale`` (in ``(0, 1]``) inside the block (this thread / context only)."""
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must be in (0, 1]; got {scale}")
+    token = _BUDGET_SCALE.set(scale)
+    try:
+        yield
+    finally:
+        _BUDGET_SCALE.reset(token)
 
 
 def images_per_forward(model: nn.Module, x: Tensor, memory_mb: Optional[float] = None, grad: bool = False) -> int:
