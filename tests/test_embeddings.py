@@ -459,6 +459,7 @@ def test_projector_sprite_written_once_for_the_same_probes(tmp_path):
     backend.embedding("viz-embeddings/penultimate", feats, None, imgs, None, 5)
     backend.embedding("viz-embeddings/penultimate", feats, None, imgs, None, 6)
     assert len(list(Path(logdir).rglob("sprite.png"))) == 2
-    text_format.Parse(open(os.path.join(logdir, "projector_config.pbtxt")).read(), config := ProjectorConfig())
+    config = ProjectorConfig()
+    text_format.Parse(Path(logdir, "projector_config.pbtxt").read_text(), config)
     assert config.embeddings[-1].sprite.image_path == config.embeddings[-2].sprite.image_path
     assert config.embeddings[-2].sprite.image_path.startswith("00005")
