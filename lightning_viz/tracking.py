@@ -172,7 +172,8 @@ class MapTracker:
             memory budget holds, on the CPU at most ``CPU_THROUGHPUT_MB`` of activations; see
             :func:`lightning_viz.methods.metrics.perturbation_curves`).
         pointing_game: log pointing game and energy in mask; ``None`` = when the probes have masks.
-        pointing_tolerance: pixels of tolerance of the pointing game.
+        pointing_tolerance: pixels of tolerance of the pointing game (distance <= it: a closed disc, see
+            :func:`~lightning_viz.methods.metrics.pointing_game` for TorchRay's open one).
         sanity_check: log the rank correlation between the maps and those of a randomized copy of the
             model (one extra ``compute_maps`` per run).
         seed: seed of the randomized copy (same on every rank). Keep it different from the seed the
@@ -195,7 +196,7 @@ class MapTracker:
         deletion_steps: int = 16,
         chunk_size: Optional[int] = None,
         pointing_game: Optional[bool] = None,
-        pointing_tolerance: int = 0,
+        pointing_tolerance: float = 0,
         sanity_check: bool = False,
         seed: int = 2018,
         target: Optional[Union[str, int]] = None,
