@@ -250,7 +250,7 @@ def test_topk_iou_hand_values():
 
 
 def test_pointing_game_tolerance_is_a_euclidean_radius():
-    """Zhang et al. 2016 count a hit within ``tolerance`` pixels of the object: a closed disc (distance <= tolerance)."""
+    """Zhang et al. 2016 count a hit within ``tolerance`` pixels of the object: a closed disc (distance <= it)."""
     masks = torch.zeros(2, 5, 5)
     masks[:, 0, 0] = 1
     maps = torch.zeros(2, 5, 5)
