@@ -133,8 +133,11 @@ def sink_names(trainer: Any, loggers: Optional[Sequence[str]] = None) -> list[st
     ``"folder"``; ``[]`` writes nowhere. The same on every rank (no logger experiment is created).
     When Lightning switched logging off (:func:`logging_disabled`: ``fast_dev_run``), ``[DRY_RUN]``: the callbacks
     still compute everything (that is what a fast dev run is for: find the bugs) and write nothing, like
-    Lightning's own logging callbacks, whatever ``loggers`` names (except ``[]``).
+    Lightning's own logging callbacks, whatever ``loggers`` names (except ``[]``). Under ``Trainer(barebones=True)``
+    (logging off to measure the loop's raw speed) ``[]``: nothing is computed either.
     """
+    if getattr(trainer, "barebones", False):  # Lightning switched logging off to time the loop: nothing is computed
+        return []
     if logging_disabled(trainer):
         return [] if loggers is not None and not list(loggers) else [DRY_RUN]
     attached = list(dict.fromkeys(logger_name(lg) for lg in _attached(trainer)))

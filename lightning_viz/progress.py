@@ -14,6 +14,7 @@ seconds. Outside :func:`reporting` (the methods used on their own, or on ranks o
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,10 +23,28 @@ from typing import Optional
 
 __all__ = ["logger", "reporting", "progress", "PROGRESS_EVERY_S"]
 
+
+class _BarAwareHandler(logging.StreamHandler):
+    """A stream handler that writes through ``tqdm.write`` while tqdm progress bars are shown (Lightning's default
+    progress bar): the bars are cleared, the line printed on its own, the bars drawn again. A plain write glued the
+    line to the end of the bar (``Epoch 0: 100%|...| 2/2 [...]lightning-viz epoch 0: 1.2 s (...)``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        std = sys.modules.get("tqdm.std")  # imported only where tqdm is in use
+        bars = getattr(getattr(std, "tqdm", None), "_instances", None)
+        if std is None or not bars:
+            super().emit(record)
+            return
+        try:
+            std.tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 logger = logging.getLogger("lightning_viz")
 if not logging.getLogger().hasHandlers() and not logger.handlers:
     logger.setLevel(logging.INFO)
-    logger.addHandler(logging.StreamHandler())
+    logger.addHandler(_BarAwareHandler())
     logger.propagate = False
 
 #: Seconds between two progress lines of one run.

@@ -125,11 +125,15 @@ def read_events(logdir: str):
 
 
 def image_steps(acc, tag: str) -> list[int]:
-    return [e.step for e in acc.Images(tag)]
+    """The steps of ``tag``'s images in the order they were written. (Several event files in one directory are read
+    in name order, and with TensorBoard's per-process file counter past 9 or 99 within one second, names sort out of
+    creation order: hence by wall time, which keeps the file order of equal times.)"""
+    return [e.step for e in sorted(acc.Images(tag), key=lambda e: e.wall_time)]
 
 
 def scalar_steps(acc, tag: str) -> list[int]:
-    return [e.step for e in acc.Scalars(tag)]
+    """As :func:`image_steps`, for scalars."""
+    return [e.step for e in sorted(acc.Scalars(tag), key=lambda e: e.wall_time)]
 
 
 def snapshot(model: nn.Module) -> dict:

@@ -336,3 +336,40 @@ def test_readme_snippets_import_and_name_only_real_classes_and_options():
                 group, option = key[2:].rsplit(".", 1)
                 cls = owner[group.replace("trainer.", "")]
                 assert cls is object or option in _accepted(cls), (command, cls.__name__, option)
+
+
+def _options(obj) -> dict:
+    """An object's plain options (numbers, strings, lists, None; nested callables/objects by their own options)."""
+    plain = (int, float, str, bool, list, tuple, dict, type(None))
+    out = {k: v for k, v in vars(obj).items() if isinstance(v, plain) and not k.startswith("_")}
+    return {**out, **{k: (type(v).__name__, _options(v)) for k, v in vars(obj).items() if hasattr(v, "__dict__")}}
+
+
+def test_print_config_of_a_config_with_callbacks_loads_back_to_the_same_run(tmp_path, capsys, monkeypatch):
+    """`lightning-viz fit --config demo --print_config > run.yaml`, then `--config run.yaml`: the printed config
+    (every callback with all its options) loads again, prints the same again, and builds the same callbacks, model
+    and data as the original config (a callback option that jsonargparse cannot print would break this)."""
+    from lightning_viz.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+
+    def printed(config: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["--config", config, "--trainer.max_epochs=1", "--print_config"], run=False)
+        assert exit_info.value.code in (0, None)
+        return capsys.readouterr().out
+
+    first = printed("demo")
+    assert first.count("class_path: lightning_viz.callbacks.") == 11
+    (tmp_path / "run.yaml").write_text(first)
+    assert printed(str(tmp_path / "run.yaml")) == first
+    original = cli_main(["--config", "demo", "--trainer.max_epochs=1"], run=False)
+    again = cli_main(["--config", str(tmp_path / "run.yaml")], run=False)
+    cbs = [cb for cb in original.trainer.callbacks if type(cb).__module__.startswith("lightning_viz")]
+    assert len(cbs) == 11
+    assert [(type(cb), _options(cb)) for cb in cbs] == [
+        (type(cb), _options(cb)) for cb in again.trainer.callbacks if type(cb).__module__.startswith("lightning_viz")
+    ]
+    assert original.trainer.max_epochs == again.trainer.max_epochs == 1
+    assert dict(original.model.hparams) == dict(again.model.hparams)
+    assert dict(original.datamodule.hparams) == dict(again.datamodule.hparams)

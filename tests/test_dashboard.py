@@ -388,3 +388,31 @@ def test_demo_config_fits_the_card_budget(tmp_path, monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "lightning_viz" and " epoch " in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("lightning-viz epoch 0: ")
     assert len(lines[0].split("(")[1].split(", ")) == 11  # every callback's seconds
+
+
+def test_a_line_under_a_progress_bar_gets_its_own_line():
+    """With tqdm progress bars on screen (Lightning's default progress bar), the lightning_viz stream handler clears
+    the bars, writes the line on its own and draws the bars again. Was: the line was glued to the end of the bar
+    (``Epoch 0: 100%|...| 2/2 [...]lightning-viz epoch 0: 1.2 s (...)``)."""
+    import io
+
+    from tqdm import tqdm
+
+    from lightning_viz.progress import _BarAwareHandler
+
+    stream = io.StringIO()
+    handler = _BarAwareHandler(stream)
+    line = "lightning-viz epoch 0: 1.2 s (cam 1.2 s)"
+    handler.emit(logging.LogRecord("lightning_viz", logging.INFO, __file__, 1, line, None, None))
+    assert stream.getvalue() == line + "\n"  # no bar: a plain line
+    bar = tqdm(total=2, desc="Epoch 0", file=stream, mininterval=0)
+    try:
+        bar.update(2)
+        handler.emit(logging.LogRecord("lightning_viz", logging.INFO, __file__, 1, line, None, None))
+    finally:
+        bar.close()
+    out = stream.getvalue()
+    at = out.rindex(line)
+    assert "2/2" in out[:at]  # the bar was drawn before
+    assert out[max(out.rfind("\r", 0, at), out.rfind("\n", 0, at)) + 1 : at].strip() == ""  # the line on its own
+    assert out[at + len(line)] == "\n" and "Epoch 0" in out[at:]  # then the bar again

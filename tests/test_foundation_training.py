@@ -419,7 +419,7 @@ def test_validate_before_fit_then_fit_then_validate(tmp_path, caplog):
         trainer.fit(model, train, val)
         trainer.validate(model, val, verbose=False)
         trainer.validate(model, val, verbose=False)
-    assert image_steps(read_events(str(tmp_path)), "viz-cam/panel/p000") == [0, 1, 0, 1, 2, 3]
+    assert image_steps(read_events(str(tmp_path)), "viz-cam/panel/p000") == [0, 1, 0, 1, 2, 3]  # five event files
     assert caplog.text.count("which a trainer.validate before this fit already wrote to this log directory") == 2
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from helpers import LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_dataset, tiny_loaders, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.callbacks.filters import FilterCallback
@@ -214,3 +217,149 @@ def test_resumed_fit_keeps_the_earlier_epochs_in_the_projector(tmp_path):
     config = (tmp_path / "version_0" / "projector_config.pbtxt").read_text()
     paths = [line.split('"')[1] for line in config.splitlines() if "tensor_path" in line]
     assert paths == ["00000/viz-embeddings%2fpenultimate/tensors.tsv", "00001/viz-embeddings%2fpenultimate/tensors.tsv"]
+
+
+class _Evaluated(LitTiny):
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+def test_test_and_predict_run_no_callback_and_check_nothing(tmp_path, caplog):
+    """trainer.test and trainer.predict run no visualization, and so check nothing at setup; trainer.validate runs
+    the run_on="validation_epoch_end" callbacks only. One info line per entry point says which run. Was: a callback
+    whose loggers=['csv'] named a logger of the training run, not of this evaluation Trainer, failed test/validate
+    at setup, and the start-up line said every callback writes to TensorBoard where none ran."""
+    grads = GradientCallback(num_probes=2, loggers=["csv"])
+    cam = CAMCallback(num_probes=2, run_on="validation_epoch_end")
+    trainer = tiny_trainer(str(tmp_path), [grads, cam], max_epochs=1)
+    model, val = _Evaluated(), tiny_loaders(n=12)[1]
+    with caplog.at_level("INFO"):
+        trainer.test(model, val)
+        assert len(trainer.predict(model, val)) == 2
+        assert cam.probes is None and grads.probes is None  # nothing picked either
+        trainer.validate(model, val)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning-viz:")]
+    assert lines[:2] == [
+        f"lightning-viz: the 2 visualization callback(s) do not run under trainer.{fn} (they run in fit, and under "
+        "trainer.validate when run_on='validation_epoch_end')."
+        for fn in ("test", "predict")
+    ]
+    assert lines[2].startswith("lightning-viz: 1 visualization callback(s) under trainer.validate: cam; writing to")
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz-cam/panel/p000") == [0]
+    tags = acc.Tags()["images"] + acc.Tags()["scalars"]
+    assert [t for t in tags if t.startswith("viz-") and not t.startswith("viz-cam/")] == []
+
+
+def test_barebones_computes_and_writes_nothing_and_says_so_once(tmp_path, monkeypatch):
+    """Trainer(barebones=True) switches logging off to time the loop: the callbacks compute, pick and write nothing,
+    check nothing (loggers=['tensorboard'] is no error where Lightning removed the logger), and one
+    NothingWrittenWarning says why. Was: every callback computed and wrote an image folder into the working
+    directory, and loggers=['tensorboard'] failed at setup."""
+    from lightning_viz.logging import NothingWrittenWarning
+
+    monkeypatch.chdir(tmp_path)
+    cbs = [GradientCallback(num_probes=2), CAMCallback(num_probes=2, loggers=["tensorboard"]), FilterCallback()]
+    trainer = L.Trainer(max_epochs=1, barebones=True, callbacks=cbs, accelerator="cpu", default_root_dir=str(tmp_path))
+    with pytest.warns(NothingWrittenWarning) as record:
+        trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    ours = [str(w.message) for w in record if w.category is NothingWrittenWarning]
+    assert len(ours) == 1 and ours[0].startswith("lightning-viz: Trainer(barebones=True) switches logging off")
+    assert "the 3 visualization callback(s) compute and write nothing" in ours[0]
+    assert trainer.global_step == 2
+    assert all(cb.probes is None and cb.last_logged_tags == [] for cb in cbs)
+    assert [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs] == []
+
+
+class _FreshEachEpoch(L.LightningDataModule):
+    """New datasets at every dataloader call (``reload_dataloaders_every_n_epochs=1``) and two validation sets:
+    the first new at every call, the second made of images of 1000 (told apart at a glance)."""
+
+    def __init__(self):
+        super().__init__()
+        self.val_sets: list = []
+
+    def train_dataloader(self):
+        return DataLoader(tiny_dataset(12, seed=len(self.val_sets)), batch_size=8)
+
+    def val_dataloader(self):
+        self.val_sets.append(tiny_dataset(12, seed=100 + len(self.val_sets)))
+        x, y = tiny_dataset(6).tensors
+        return [DataLoader(self.val_sets[-1], batch_size=8), DataLoader(TensorDataset(x * 0 + 1000, y), batch_size=8)]
+
+
+class _TwoValSets(LitTiny):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+
+def test_several_val_sets_reloaded_every_epoch_keep_the_first_sets_probes(tmp_path):
+    """A list of validation dataloaders: the probes come from the first one (val_dataloaders[0]), and a
+    run_on="validation_epoch_end" callback runs once per epoch (not once per dataloader_idx). Dataloaders
+    reloaded every epoch (reload_dataloaders_every_n_epochs=1, new data each time) do not change the probes:
+    they stay the ones picked before training, so the frames of every epoch show the same images."""
+    from lightning_viz.probe import ProbeSet
+
+    seen = []
+
+    class Recorder(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            seen.append(cam.probes.images.clone())
+
+    cam = CAMCallback(num_probes=3, run_on="validation_epoch_end", tracker=MapTracker())
+    dm = _FreshEachEpoch()
+    kw = {"reload_dataloaders_every_n_epochs": 1, "num_sanity_val_steps": 0}
+    tiny_trainer(str(tmp_path), [cam, Recorder()], max_epochs=2, **kw).fit(_TwoValSets(), datamodule=dm)
+    assert len(dm.val_sets) >= 2 and not torch.equal(dm.val_sets[0].tensors[0], dm.val_sets[-1].tensors[0])
+    picks = [ProbeSet.from_dataset(v, num=3, seed=0).images for v in dm.val_sets]  # the first set, as made then
+    assert any(torch.equal(seen[0], p) for p in picks) and (seen[0].abs() < 100).all()
+    assert len(seen) == 2 and torch.equal(seen[1], seen[0])
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
+    assert image_steps(read_events(str(tmp_path)), "viz-cam/filmstrip/p000") == [0, 1]
+
+
+def test_callbacks_reused_by_a_fresh_trainer_for_validate_start_over(tmp_path):
+    """Callbacks that ran in a fit, given to a fresh Trainer for trainer.validate (a notebook: fit, then validate
+    with a new Trainer), start over as a fresh fit does: that validation (step 0 of the new Trainer) is the first
+    frame of its filmstrip. Was: the fit's history went on, a filmstrip of epochs 0, 1, 0 and a drift against it."""
+    cam = CAMCallback(num_probes=2, run_on="validation_epoch_end", tracker=MapTracker())
+    model, (train, val) = LitTiny(), tiny_loaders(n=12)
+    tiny_trainer(str(tmp_path / "a"), [cam], max_epochs=2).fit(model, train, val)
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
+    tiny_trainer(str(tmp_path / "b"), [cam], max_epochs=2).validate(model, val)
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [0]}
+    acc = read_events(str(tmp_path / "b"))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [0]
+    assert "viz-cam/gradcam/net.conv2/drift/rank_corr" not in acc.Tags()["scalars"]
+
+
+def test_a_second_fit_on_the_same_trainer_goes_on(tmp_path):
+    """fit, raise max_epochs, fit again on the same Trainer (a notebook training on): the second fit goes on from
+    epoch 1 with the same probes and history, so the filmstrip has epochs 0 and 1 and drift is measured at 1."""
+    cam = CAMCallback(num_probes=2, tracker=MapTracker())
+    model, (train, val) = LitTiny(), tiny_loaders(n=12)
+    trainer = tiny_trainer(str(tmp_path), [cam], max_epochs=1)
+    trainer.fit(model, train, val)
+    probes = cam.probes
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(model, train, val)
+    assert trainer.current_epoch == 2 and cam.probes is probes
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [0, 1]
+    assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [1]
+
+
+@pytest.mark.parametrize("run_on", ["train_epoch_end", "validation_epoch_end"])
+def test_max_steps_ending_mid_epoch_visualizes_the_cut_epoch(tmp_path, run_on):
+    """Trainer(max_steps=3, max_epochs=-1) with 2 steps per epoch ends in epoch 1 after its first step: that last,
+    cut epoch is visualized once, at its step, on the final weights (with run_on="validation_epoch_end" at
+    on_train_end, as no validation runs in the cut epoch)."""
+    cam = CAMCallback(num_probes=2, run_on=run_on, tracker=MapTracker())
+    trainer = tiny_trainer(str(tmp_path), [cam], max_epochs=-1, max_steps=3)
+    trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    assert trainer.global_step == 3 and cam.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
+    assert image_steps(read_events(str(tmp_path)), "viz-cam/filmstrip/p000") == [0, 1]

@@ -97,7 +97,8 @@ def _first_not_none(*sources_and_attr: Any) -> Any:
     return None
 
 
-_announced: weakref.WeakSet[Trainer] = weakref.WeakSet()
+#: per trainer: the entry points (``"fit"``, ``"validate"``, ...) whose start-up line was logged
+_announced: weakref.WeakKeyDictionary[Trainer, set[str]] = weakref.WeakKeyDictionary()
 
 
 def _viz_callbacks(trainer: Trainer) -> list[VisualizationCallback]:
@@ -107,15 +108,46 @@ def _viz_callbacks(trainer: Trainer) -> list[VisualizationCallback]:
     return [cb for cb in callbacks if isinstance(cb, VisualizationCallback)]
 
 
-def _announce(trainer: Trainer) -> None:
-    """Once per trainer (rank 0): which visualization callbacks run, and where to look at them."""
-    if trainer in _announced:
+def _runs_under(cb: VisualizationCallback, stage: str) -> bool:
+    """Whether ``cb`` can run under the entry point ``stage`` (``"fit"``, ``"validate"``, ``"test"``,
+    ``"predict"``): in a fit; under ``trainer.validate`` with ``run_on="validation_epoch_end"``; never in a test
+    or predict run (nothing is checked or picked there either)."""
+    if stage == "validate":
+        return cb.run_on == "validation_epoch_end" and cb.every_n_epochs > 0
+    return stage == "fit"
+
+
+def _announce(trainer: Trainer, stage: str) -> None:
+    """Once per trainer and entry point (rank 0): which visualization callbacks run, and where to look at them."""
+    stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str enum)
+    seen = _announced.setdefault(trainer, set())
+    if stage in seen:
         return
-    _announced.add(trainer)
+    seen.add(stage)
     cbs = _viz_callbacks(trainer)
+    if getattr(trainer, "barebones", False):
+        rank_zero_warn(
+            f"lightning-viz: Trainer(barebones=True) switches logging off to measure the loop's raw speed, so the "
+            f"{len(cbs)} visualization callback(s) compute and write nothing. Drop barebones=True to get them "
+            "(logger=False writes their images to a folder).",
+            category=NothingWrittenWarning,
+        )
+        return
+    running = [cb for cb in cbs if _runs_under(cb, stage)]
+    if not running:
+        rank_zero_info(
+            f"lightning-viz: the {len(cbs)} visualization callback(s) do not run under trainer.{stage} (they run "
+            "in fit, and under trainer.validate when run_on='validation_epoch_end')."
+        )
+        return
     where = describe_sinks(trainer) if trainer.is_global_zero else ""
-    names = ", ".join(f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'} ({_schedule_words(cb)})" for cb in cbs)
-    rank_zero_info(f"lightning-viz: {len(cbs)} visualization callback(s): {names}; {where}")
+    names = ", ".join(
+        f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'}"
+        + (f" ({_schedule_words(cb)})" if stage == "fit" else "")
+        for cb in running
+    )
+    under = "" if stage == "fit" else f" under trainer.{stage}"
+    rank_zero_info(f"lightning-viz: {len(running)} visualization callback(s){under}: {names}; {where}")
 
 
 #: per trainer: the point being summed up ((step, where)) and (callback label, seconds) of each run there
@@ -266,16 +298,18 @@ class VisualizationCallback(Callback):
             at that epoch's step (an EarlyStopping after this callback, a last epoch without validation).
             ``0`` turns the epoch-end runs off. Under ``trainer.validate`` it runs at every call (unless ``0``).
         run_on: ``"train_epoch_end"`` (default) or ``"validation_epoch_end"`` (also runs under
-            ``trainer.validate``, inside inference mode). With several validations per epoch
-            (``val_check_interval`` < 1.0 or an int) it runs once per epoch: at the validation after the
-            epoch's last training batch when the schedule has one, else at the first validation of the epoch.
+            ``trainer.validate``, inside inference mode; ``trainer.test`` and ``trainer.predict`` run no callback).
+            With several validations per epoch (``val_check_interval`` < 1.0 or an int) it runs once per epoch: at
+            the validation after the epoch's last training batch when the schedule has one, else at the first
+            validation of the epoch.
             A ``trainer.validate`` logs at step ``current_epoch``, or after the latest step this callback wrote
             to the same log directory (validating twice after fit: two steps, never one step twice).
             A fit where it could never run (no validation data or ``validation_step``, ``limit_val_batches=0``,
             or no scheduled epoch that validates) is refused at setup.
         num_probes: how many probe images to pick (class-stratified, seeded).
         probe_seed: seed of the probe pick.
-        probe_source: ``"val"`` (fall back to train) or ``"train"`` dataloader's dataset.
+        probe_source: ``"val"`` (fall back to train) or ``"train"`` dataloader's dataset; with several val
+            dataloaders (a list, or a dict), the first one's.
         probes: an explicit :class:`ProbeSet` (overrides the three options above).
         log_time: log the seconds each run took as ``viz-<method>/time_s``.
         name: optional namespace inserted in every tag after the family (``viz-<method>/<name>/...``), to tell
@@ -517,6 +551,10 @@ class VisualizationCallback(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if getattr(trainer, "barebones", False) or not _runs_under(self, stage):  # nothing runs: nothing to check
+            self._model_checks_due = None
+            _announce(trainer, stage)
+            return
         _check_strategy(self, trainer)
         check_sinks(trainer, self.loggers, type(self).__name__)
         self._num_classes = None
@@ -531,19 +569,21 @@ class VisualizationCallback(Callback):
             self._start_over(trainer)
             with self._naming():
                 self._check_schedule(trainer, pl_module)
+        else:  # trainer.validate
+            self._start_over(trainer)
         # A model that builds its layers in configure_model (Lightning calls it after every setup hook) is checked
         # once they exist: on_fit_start / on_validation_start, still before the first step.
         self._model_checks_due = stage if _builds_in_configure_model(pl_module) else None
         if self._model_checks_due is None:
             with self._naming():
                 self.check_model(trainer, pl_module, stage)
-        _announce(trainer)
+        _announce(trainer, stage)
 
     def _start_over(self, trainer: Trainer) -> None:
-        """A fresh fit under another Trainer than the one this callback last ran under (callbacks reused for a new
-        model or data: a sweep, a notebook cell run again) starts over: probes it picked are picked again from this
-        fit's data, class names found again, and the history (filmstrips, drift, fixed scales) forgotten. A resumed
-        fit (``ckpt_path``) gets them back from the checkpoint, restored after setup."""
+        """A fresh fit (or a ``trainer.validate``) under another Trainer than the one this callback last ran under
+        (callbacks reused for a new model or data: a sweep, a notebook cell run again) starts over: probes it picked
+        are picked again from this run's data, class names found again, and the history (filmstrips, drift, fixed
+        scales) forgotten. A resumed fit (``ckpt_path``) gets them back from the checkpoint, restored after setup."""
         ran_with = None if self._ran_with is None else self._ran_with()
         if self._ran_with is None or ran_with is trainer or trainer.current_epoch != 0 or trainer.global_step != 0:
             return
@@ -656,7 +696,7 @@ class VisualizationCallback(Callback):
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not _fitting(trainer):  # trainer.validate
+        if not _fitting(trainer) and _runs_under(self, "validate"):  # trainer.validate
             self._run_due_model_checks(trainer, pl_module)
             self._setup_probes(trainer)
 
