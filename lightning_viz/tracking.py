@@ -22,6 +22,7 @@ runs on rank 0 with the gathered results and keeps the history (saved in checkpo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 import types
@@ -53,7 +54,7 @@ from .render import (
     to_uint8,
     upscale,
 )
-from .targets import resolve_target
+from .targets import LabelTarget, PredictedTarget, Target, resolve_target
 
 __all__ = ["MapTracker", "randomized_copy", "TRACKING_LAYOUT"]
 
@@ -172,9 +173,10 @@ class MapTracker:
             memory budget holds, on the CPU at most ``CPU_THROUGHPUT_MB`` of activations; see
             :func:`lightning_viz.methods.metrics.perturbation_curves`).
         pointing_game: log pointing game and energy in mask; ``None`` = when the probes have masks.
-        pointing_tolerance: pixels of tolerance of the pointing game.
+        pointing_tolerance: pixels of tolerance of the pointing game (distance <= it: a closed disc, see
+            :func:`~lightning_viz.methods.metrics.pointing_game` for TorchRay's open one).
         sanity_check: log the rank correlation between the maps and those of a randomized copy of the
-            model (one extra ``compute_maps`` per run).
+            model (one extra ``compute_maps`` per run; a ``"predicted"`` target stays the trained model's class).
         seed: seed of the randomized copy (same on every rank). Keep it different from the seed the
             model was initialized with: an untrained model re-initialized with its own seed is itself.
         target: class whose probability (the callback's ``probabilities``: softmax or per-class sigmoid) the
@@ -195,7 +197,7 @@ class MapTracker:
         deletion_steps: int = 16,
         chunk_size: Optional[int] = None,
         pointing_game: Optional[bool] = None,
-        pointing_tolerance: int = 0,
+        pointing_tolerance: float = 0,
         sanity_check: bool = False,
         seed: int = 2018,
         target: Optional[Union[str, int]] = None,
@@ -288,13 +290,29 @@ class MapTracker:
                     "MapTracker(sanity_check=True) needs the MapCallback to recompute maps; "
                     "attach it as MapCallback(tracker=...)."
                 )
-            rand_maps = callback.compute_maps(randomized_copy(pl_module, self.seed), probe)
+            rand_maps = self._randomized_maps(pl_module, probe, callback)
             for key, m in maps.items():
                 if key in rand_maps:
                     out[f"{PREFIX}sanity/{key}"] = rank_correlation(
                         m.detach().float().cpu(), rand_maps[key].detach().float().cpu()
                     )
         return out
+
+    def _randomized_maps(self, pl_module: nn.Module, probe: ProbeSet, callback: Any) -> dict[str, Tensor]:
+        """The callback's maps of a randomized copy of the model. A ``"predicted"`` target stays the class the trained
+        model predicts (Adebayo et al. compare maps of one class; Quantus' MPRT keeps ``y``), not the copy's own."""
+        copy = randomized_copy(pl_module, self.seed)
+        target = getattr(callback, "target", None)
+        if target is None or not isinstance(resolve_target(target), PredictedTarget):
+            return callback.compute_maps(copy, probe)
+        with torch.no_grad():
+            classes = pl_module(probe.to(module_device(pl_module), module_dtype(pl_module))).argmax(dim=1).cpu()
+        pinned = dataclasses.replace(probe, labels=classes, _fingerprint=None)
+        callback.target = LabelTarget() if isinstance(target, Target) else "label"
+        try:
+            return callback.compute_maps(copy, pinned)
+        finally:
+            callback.target = target
 
     def _use_masks(self, probe: ProbeSet) -> bool:
         if self.pointing_game is False:

@@ -190,6 +190,18 @@ def test_energy_in_mask_hand_values():
     assert torch.isnan(e[1])
 
 
+def test_energy_in_mask_is_undefined_without_an_object():
+    """An empty mask has no object to put energy in: NaN (as the pointing game), not 0, so a tracker's mean over
+    probes skips it instead of counting a miss."""
+    maps = torch.tensor([[[3.0, 1.0], [1.0, -5.0]], [[3.0, 1.0], [1.0, -5.0]]])
+    masks = torch.zeros(2, 2, 2)
+    masks[0, 0, 0] = 1
+    e = energy_in_mask(maps, masks)
+    assert e[0].item() == pytest.approx(3 / 5)
+    assert torch.isnan(e[1])
+    assert torch.isnan(pointing_game(maps, masks)[1])
+
+
 def test_rank_correlation_matches_scipy_with_ties():
     from scipy.stats import spearmanr
 
@@ -238,7 +250,7 @@ def test_topk_iou_hand_values():
 
 
 def test_pointing_game_tolerance_is_a_euclidean_radius():
-    """Zhang et al. 2016 count a hit within ``tolerance`` pixels of the object (a disc, as TorchRay's pointing game)."""
+    """Zhang et al. 2016 count a hit within ``tolerance`` pixels of the object: a closed disc (distance <= it)."""
     masks = torch.zeros(2, 5, 5)
     masks[:, 0, 0] = 1
     maps = torch.zeros(2, 5, 5)
@@ -247,5 +259,8 @@ def test_pointing_game_tolerance_is_a_euclidean_radius():
     torch.testing.assert_close(pointing_game(maps, masks, tolerance=2), torch.tensor([0.0, 1.0]))
     torch.testing.assert_close(pointing_game(maps, masks, tolerance=3), torch.tensor([1.0, 1.0]))
     torch.testing.assert_close(pointing_game(maps, masks, tolerance=1), torch.tensor([0.0, 0.0]))
+    # a closed disc: distance 2 hits with tolerance 2; TorchRay's open disc of 2 is ours of sqrt(2**2 - 1)
+    torch.testing.assert_close(pointing_game(maps, masks, tolerance=3**0.5), torch.tensor([0.0, 0.0]))
+    torch.testing.assert_close(pointing_game(maps, masks, tolerance=8**0.5), torch.tensor([1.0, 1.0]))
     with pytest.raises(ValueError, match="tolerance must be >= 0 pixels; got -2"):
         pointing_game(maps, masks, tolerance=-2)

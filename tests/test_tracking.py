@@ -219,6 +219,29 @@ def test_tracker_compute_keys_and_sanity_copy_leave_the_model_untouched():
     torch.testing.assert_close(out["track:sanity/inputgrad/input"], expected.float(), atol=1e-5, rtol=1e-5)
 
 
+def test_sanity_check_with_a_predicted_target_explains_the_trained_models_class():
+    """Model randomization compares maps of one class (Adebayo et al. 2018; Quantus' MPRT keeps ``y``): with
+    ``target="predicted"`` the randomized copy's maps explain the class the trained model predicts, not the copy's."""
+    from lightning_viz.callbacks.gradients import GradientCallback
+    from lightning_viz.methods.gradients import gradient
+    from lightning_viz.methods.metrics import rank_correlation
+
+    module = LitTiny(TinyCNN(width=4))
+    probe = ProbeSet(images=torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)))
+    tracker = MapTracker(filmstrip=False, drift=False, sanity_check=True, seed=5)
+    cb = GradientCallback(methods=["gradient"], reduce="sum", target="predicted", tracker=tracker)
+    with isolated(module):  # eval mode, as inside the callback's run
+        out = cb.compute(module, probe)
+        trained = module(probe.images).argmax(1)
+        maps = gradient(module, probe.images, "label", trained).sum(1)
+    copy = randomized_copy(module, seed=5)
+    with isolated(copy):
+        assert (copy(probe.images).argmax(1) != trained).any()  # the copy predicts other classes: the test can fail
+        want = rank_correlation(maps, gradient(copy, probe.images, "label", trained).sum(1))
+    torch.testing.assert_close(out["track:sanity/gradient/input"], want, atol=1e-5, rtol=1e-5)
+    assert cb.target.name == "predicted"  # the callback's own target is left as it was
+
+
 def test_history_survives_resume_from_a_checkpoint(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 

@@ -255,10 +255,12 @@ def _check_masks(maps: Tensor, masks: Tensor) -> Tensor:
     return masks.to(maps.device).float() > 0.5
 
 
-def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
-    """Pointing game (Zhang et al. 2016), ``[B]`` floats: 1 if the map's maximum (first one on ties),
-    at mask resolution, lies within ``tolerance`` pixels (Euclidean distance, a disc as in TorchRay) of
-    the mask, else 0; NaN for an empty mask."""
+def pointing_game(maps: Tensor, masks: Tensor, tolerance: float = 0) -> Tensor:
+    """Pointing game (Zhang et al. 2016), ``[B]`` floats: 1 if the map's maximum (the first in row-major order
+    on ties, as TorchRay), at mask resolution, lies within ``tolerance`` pixels (Euclidean distance ``<=``: a
+    closed disc; 0 = on the mask) of the mask, else 0; NaN for an empty mask. TorchRay's disc is open
+    (``< tolerance``: its 0 never hits); its ``tolerance=t`` equals ours ``sqrt(t**2 - 1)`` (e.g. 15 ->
+    ``sqrt(224)``)."""
     if tolerance < 0:
         raise ValueError(f"pointing game tolerance must be >= 0 pixels; got {tolerance}")
     m = _check_masks(maps, masks)
@@ -273,12 +275,14 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
 
 def energy_in_mask(maps: Tensor, masks: Tensor) -> Tensor:
     """Energy-based pointing game (Score-CAM, Wang et al. 2020, Eq. 11), ``[B]``:
-    ``sum(relu(map) * mask) / sum(relu(map))`` at mask resolution; NaN where the map has no positive energy."""
+    ``sum(relu(map) * mask) / sum(relu(map))`` at mask resolution; NaN where the map has no positive energy or the
+    mask is empty (no object: undefined, as in :func:`pointing_game`)."""
     m = _check_masks(maps, masks).flatten(1).float()
     sal = _resize(maps, (masks.shape[-2], masks.shape[-1])).flatten(1).clamp_min(0)
     total = sal.sum(dim=1)
     inside = (sal * m).sum(dim=1)
-    return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.full_like(total, float("nan")))
+    defined = (total > 0) & (m.sum(dim=1) > 0)
+    return torch.where(defined, inside / total.clamp_min(1e-30), torch.full_like(total, float("nan")))
 
 
 def _average_ranks(v: Tensor) -> Tensor:

@@ -6,6 +6,10 @@ The FFT parameterization (Olah et al. 2017, "Feature Visualization", lucid's ``f
 ``1/f`` spectrum), and ``M`` maps decorrelated color channels to RGB, so high-frequency noise is
 no longer the easiest way up.
 
+The same image as torch-lucent's ``fft_image`` + ``to_valid_rgb(decorrelate=True)`` before its last two steps
+(it divides by a "magic" 4 and squashes into ``[0, 1]`` with a sigmoid): here the image is the model input itself
+(clamped to the valid range when the normalization is known), so a step of ``lr`` moves it 4x more than in torch-lucent.
+
 Both are linear and invertible, so an image can be written back (``set_image``) after a projection
 (blur, clipping, clamping to the valid range) whatever the parameterization.
 """

@@ -172,8 +172,9 @@ class ClipContribution(Regularizer):
 
 
 class Jitter(Regularizer):
-    """Shift the image by a random ``(dy, dx)`` in ``[-pixels, pixels]`` (circular roll) before each forward
-    (lucid/Mordvintsev et al. 2015 "jitter"); offsets come from the seeded generator, one per step."""
+    """Shift the image by a random ``(dy, dx)`` in ``[-pixels, pixels]`` (circular roll, as DeepDream, Mordvintsev
+    et al. 2015) before each forward; offsets come from the seeded generator, one per step. lucid crops and
+    torch-lucent translates with zero fill by ``[0, d)`` instead: equal away from the wrapped border."""
 
     def __init__(self, pixels: int):
         if pixels < 0:
