@@ -459,3 +459,46 @@ def test_python_attributes_a_forward_changes_are_restored(tmp_path):
     assert viz.net.last_batch == plain.net.last_batch
     for k, v in plain.state_dict().items():
         assert torch.equal(v, viz.state_dict()[k]), k
+
+
+class _DrawingDataModule(L.LightningDataModule):
+    """Dataloader hooks that draw from every global RNG (a random subset, a numpy pick, a python shuffle: user
+    code does such things) and count their calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {"train": 0, "val": 0}
+
+    def _draw(self, which: str) -> None:
+        import random
+
+        import numpy as np
+
+        self.calls[which] += 1
+        torch.rand(1), np.random.rand(), random.random()
+
+    def train_dataloader(self):
+        self._draw("train")
+        return DataLoader(tiny_dataset(24), batch_size=8, shuffle=True)
+
+    def val_dataloader(self):
+        self._draw("val")
+        return tiny_loaders(n=12)[1]
+
+
+def test_dataloader_hooks_that_draw_random_numbers_leave_training_unchanged(tmp_path):
+    """The callbacks read the datamodule's dataloaders at setup to pick probes (before Lightning loads them): each
+    such call runs with every global RNG forked, and the hook is called once per setup, not once per callback."""
+
+    def fit(callbacks, name):
+        L.seed_everything(0, verbose=False)
+        model, dm = LitTiny(), _DrawingDataModule()
+        tiny_trainer(str(tmp_path / name), callbacks, max_epochs=2, deterministic=True).fit(model, datamodule=dm)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}, dm.calls
+
+    (plain, plain_calls), (viz, viz_calls) = fit([], "plain"), fit(all_callbacks(), "viz")
+    for k in plain:
+        assert torch.equal(plain[k], viz[k]), f"{k} differs when visualization callbacks are attached"
+    assert viz_calls["train"] == plain_calls["train"]
+    assert viz_calls["val"] <= plain_calls["val"] + 1, (plain_calls, viz_calls)
+    assert image_steps(read_events(str(tmp_path / "viz")), "viz-filters/net.conv1/grid") == [0, 1]

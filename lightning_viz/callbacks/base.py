@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
-from ..capture import capture, isolated, torch_threads
+from ..capture import capture, fork_rng, isolated, torch_threads
 from ..layers import LayerNotFoundError, module_device, module_dtype
 from ..logging import (
     NothingWrittenWarning,
@@ -1242,6 +1242,29 @@ def _check_strategy(callback: VisualizationCallback, trainer: Trainer) -> None:
 _picks: weakref.WeakKeyDictionary[Trainer, dict[tuple, ProbeSet]] = weakref.WeakKeyDictionary()
 
 
+#: per trainer: dataloaders a datamodule's / module's hook returned when the callbacks asked for it before the loops
+#: loaded theirs (setup), by (hook owner, hook name, entry point, global step): one call per setup, not per callback
+_hook_loaders: weakref.WeakKeyDictionary[Trainer, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+
+
+def _call_loader_hook(trainer: Trainer, owner: Any, name: str) -> Any:
+    """``owner.<name>()`` (``val_dataloader`` / ``train_dataloader`` of a datamodule or module), called at most once
+    per trainer, entry point and step, with every global RNG forked (a hook may draw random numbers: training must
+    not see them consumed); ``None`` when it is missing or raises."""
+    fn = getattr(owner, name, None)
+    if fn is None:
+        return None
+    key = (id(owner), name, str(getattr(trainer.state, "fn", None)), trainer.global_step)
+    cache = _hook_loaders.setdefault(trainer, {})
+    if key not in cache:
+        try:
+            with fork_rng():
+                cache[key] = fn()
+        except Exception:
+            cache[key] = None
+    return cache[key]
+
+
 def _source_loaders(trainer: Trainer, which: str) -> Any:
     """Dataloaders given to ``fit``/``validate`` (or a module's dataloader hooks), before the loops load them."""
     loop = getattr(trainer, "fit_loop", None)
@@ -1253,10 +1276,7 @@ def _source_loaders(trainer: Trainer, which: str) -> Any:
     if source is None or instance is None or not source.is_defined():
         return None
     if isinstance(instance, (LightningModule, LightningDataModule)):
-        try:
-            return getattr(instance, source.name)()
-        except Exception:
-            return None
+        return _call_loader_hook(trainer, instance, source.name)
     return instance
 
 
@@ -1270,16 +1290,8 @@ def _find_dataset(trainer: Trainer, source: str, with_iterable: bool = False) ->
         loaders = getattr(trainer, "val_dataloaders" if which == "val" else "train_dataloader", None)
         if loaders is None:
             dm = getattr(trainer, "datamodule", None)
-            fn = (
-                getattr(dm, "val_dataloader" if which == "val" else "train_dataloader", None)
-                if dm is not None
-                else None
-            )
-            if fn is not None:
-                try:
-                    loaders = fn()
-                except Exception:
-                    loaders = None
+            if dm is not None:
+                loaders = _call_loader_hook(trainer, dm, "val_dataloader" if which == "val" else "train_dataloader")
         if loaders is None:
             loaders = _source_loaders(trainer, which)
         if isinstance(loaders, (list, tuple)):
