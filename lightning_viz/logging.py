@@ -23,6 +23,7 @@ TensorBoard serves only 10 images per tag by default (a random sample of the epo
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import os
 import re
@@ -399,6 +400,45 @@ def _continue_projector_config(writer: Any) -> None:
     writer._projector_config = config
 
 
+#: Per ``SummaryWriter``: the projector sprites it wrote, ``digest of the images -> (path, [w, h])``.
+_tb_sprites: weakref.WeakKeyDictionary[Any, dict[str, tuple[str, list[int]]]] = weakref.WeakKeyDictionary()
+
+
+def _earlier_sprite(writer: Any, label_img: Tensor | None) -> tuple[tuple[str, list[int]] | None, str | None]:
+    """The sprite this writer already wrote of the same images (the probes are fixed: the same thumbnails at every
+    epoch), if its file is still there, and the images' digest."""
+    if label_img is None:
+        return None, None
+    arr = np.ascontiguousarray(label_img.detach().cpu().numpy())
+    digest = hashlib.sha1(arr.tobytes() + str((arr.shape, arr.dtype)).encode()).hexdigest()
+    try:
+        earlier = _tb_sprites.setdefault(writer, {}).get(digest)
+    except TypeError:  # not weak-referenceable: a sprite per call, as add_embedding does
+        return None, None
+    if earlier is not None and not os.path.isfile(os.path.join(writer._get_file_writer().get_logdir(), earlier[0])):
+        earlier = None
+    return earlier, digest
+
+
+def _share_sprite(writer: Any, earlier: tuple[str, list[int]] | None, digest: str | None) -> None:
+    """After ``add_embedding``: remember the sprite it wrote, or point its new projector entry (written without a
+    sprite) to the earlier one and rewrite the config, so a long run stores the probes' sprite once."""
+    config = getattr(writer, "_projector_config", None)
+    if digest is None or config is None or not config.embeddings:
+        return
+    entry = config.embeddings[-1]
+    if earlier is None:
+        if entry.sprite.image_path:
+            _tb_sprites.setdefault(writer, {})[digest] = (entry.sprite.image_path, list(entry.sprite.single_image_dim))
+        return
+    from google.protobuf import text_format
+    from torch.utils.tensorboard._embedding import write_pbtxt
+
+    entry.sprite.image_path = earlier[0]
+    entry.sprite.single_image_dim.extend(earlier[1])
+    write_pbtxt(writer._get_file_writer().get_logdir(), text_format.MessageToString(config))
+
+
 class TensorBoardBackend(Backend):
     """A TensorBoard ``SummaryWriter`` (the ``TensorBoardLogger``'s ``experiment``)."""
 
@@ -436,14 +476,16 @@ class TensorBoardBackend(Backend):
 
         def write() -> None:
             _continue_projector_config(writer)
+            earlier, digest = _earlier_sprite(writer, label_img)
             writer.add_embedding(
                 features,
                 metadata=metadata,
-                label_img=label_img,
+                label_img=None if earlier else label_img,
                 global_step=step,
                 tag=tag,
                 metadata_header=metadata_header,
             )
+            _share_sprite(writer, earlier, digest)
 
         if self.background is None:
             write()

@@ -13,6 +13,8 @@ Normalization of maps:
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -235,13 +237,34 @@ def _shared_strip(
 ) -> Tensor:
     """:func:`text_strip` as uint8 ``[3, height, width]`` (0..255), the cached tensor itself: for callers that only
     read it (never write), e.g. as a tile of :func:`compose`."""
-    return _text_strip(int(width), tuple(str(t) for t in texts), int(height), align, cell, pad)
+    key = (int(width), tuple(str(t) for t in texts), int(height), align, cell, pad)
+    global _strip_bytes
+    with _strip_lock:
+        strip = _strip_cache.get(key)
+        if strip is not None:
+            _strip_cache.move_to_end(key)
+            return strip
+    strip = _text_strip(*key)
+    with _strip_lock:
+        if key not in _strip_cache:
+            _strip_cache[key] = strip
+            _strip_bytes += strip.numel()
+        while _strip_cache and (_strip_bytes > STRIP_CACHE_BYTES or len(_strip_cache) > 4096):
+            _strip_bytes -= _strip_cache.popitem(last=False)[1].numel()
+    return strip
 
 
-@lru_cache(maxsize=4096)
+#: Bytes of text strips kept for reuse (least recently used dropped first): the same labels (method names, epochs)
+#: come back every probe and epoch, but captions with per-epoch values (probabilities) are new every epoch.
+STRIP_CACHE_BYTES = 16 * 2**20
+_strip_cache: OrderedDict[tuple, Tensor] = OrderedDict()
+_strip_bytes = 0
+_strip_lock = threading.Lock()
+
+
 def _text_strip(width: int, texts: tuple[str, ...], height: int, align: str, cell: int | None, pad: int) -> Tensor:
-    """:func:`_shared_strip`, cached: the same labels (method names, epochs) come back every probe and epoch. A
-    ``[3, h, w]`` view of an ``[h, w, 3]`` uint8 array (the layout that :func:`compose` pastes)."""
+    """:func:`_shared_strip`, drawn. A ``[3, h, w]`` view of an ``[h, w, 3]`` uint8 array (the layout that
+    :func:`compose` pastes)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (max(1, int(width)), max(1, int(height))), (255, 255, 255))

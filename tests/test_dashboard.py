@@ -23,7 +23,7 @@ from lightning_viz.logging import VizLogger, make_tag, namespaced
 from lightning_viz.probe import ProbeSet
 from lightning_viz.progress import logger as viz_logger
 from lightning_viz.progress import progress, reporting
-from lightning_viz.render import colorbar, colormap, upscale
+from lightning_viz.render import STRIP_CACHE_BYTES, colorbar, colormap, compose, upscale
 from lightning_viz.tracking import TRACKING_LAYOUT
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
@@ -416,3 +416,21 @@ def test_a_line_under_a_progress_bar_gets_its_own_line():
     assert "2/2" in out[:at]  # the bar was drawn before
     assert out[max(out.rfind("\r", 0, at), out.rfind("\n", 0, at)) + 1 : at].strip() == ""  # the line on its own
     assert out[at + len(line)] == "\n" and "Epoch 0" in out[at:]  # then the bar again
+
+
+def test_caption_strips_kept_for_reuse_stay_bounded_in_bytes_over_a_long_run():
+    """Captions carry per-epoch values (probabilities, activations), so every epoch renders new text strips; the
+    cache of strips kept for reuse held 4096 of them whatever their size (~200 MB of 1000 px captions after a long
+    run: 4096 * 1000 * 16 * 3 bytes). It is bounded in bytes; a strip seen again still comes from the cache."""
+    import gc
+
+    width = 1000
+    for i in range(600):  # 600 epochs' worth of a caption that changes every epoch, over a 1000 px panel
+        compose([[torch.zeros(3, 8, width)]], None, caption=f"p001  true: circle  pred: square (p={i / 600:.4f})")
+    gc.collect()
+    live = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.dtype == torch.uint8 and o.ndim == 3]
+    held = sum(t.numel() for t in live if t.shape[-1] >= width)  # the wide strips kept (any test's: all bounded)
+    assert 0 < held <= STRIP_CACHE_BYTES, held / 2**20
+    a = compose([[torch.zeros(3, 8, width)]], None, caption="fixed scale")
+    b = compose([[torch.zeros(3, 8, width)]], None, caption="fixed scale")
+    assert torch.equal(a, b)

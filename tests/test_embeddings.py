@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from torch import nn
 
 from lightning_viz.callbacks.embeddings import EmbeddingCallback
 from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.logging import TensorBoardBackend
 from lightning_viz.methods.embeddings import (
     conditional_probabilities,
     extract_features,
@@ -336,7 +338,7 @@ def test_projector_files_and_scalars_per_scheduled_epoch(tmp_path):
         folder = os.path.join(logdir, step, sub)
         if not os.path.isdir(folder):  # the encoding of '/' may be lowercase
             folder = os.path.join(logdir, step, sub.lower())
-        for f in ("tensors.tsv", "metadata.tsv", "sprite.png"):
+        for f in ("tensors.tsv", "metadata.tsv") + (("sprite.png",) if step == "00001" else ()):  # sprite: once
             assert os.path.isfile(os.path.join(folder, f)), (step, f)
         with open(os.path.join(folder, "metadata.tsv")) as fh:
             rows = fh.read().splitlines()
@@ -428,3 +430,36 @@ def test_scatter_legend_of_many_classes_says_how_many():
     assert bool((legend < 100).all(-1).any())  # the text
     for color in _TAB10:  # no legend dots
         assert not bool((legend == torch.tensor(color, dtype=torch.uint8)).all(-1).any())
+
+
+def test_projector_sprite_written_once_for_the_same_probes(tmp_path):
+    """A long run wrote the same sprite.png (the probe thumbnails) again at every epoch; it is written once and every
+    later embedding of the projector config points to it (a different sprite is written anew)."""
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    cb = EmbeddingCallback(projection=["pca"], num_probes=6, sprite_size=8)
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=3)
+    trainer.fit(LitTiny(), *tiny_loaders())
+    logdir = trainer.logger.log_dir
+    sprites = sorted(os.path.relpath(str(p), logdir) for p in Path(logdir).rglob("sprite.png"))
+    assert len(sprites) == 1 and sprites[0].startswith("00000"), sprites
+    config = ProjectorConfig()
+    with open(os.path.join(logdir, "projector_config.pbtxt")) as fh:
+        text_format.Parse(fh.read(), config)
+    assert [e.tensor_name.rsplit(":", 1)[1] for e in config.embeddings] == ["00000", "00001", "00002"]
+    for e in config.embeddings:
+        assert e.sprite.image_path == sprites[0] and list(e.sprite.single_image_dim) == [8, 8]
+        assert os.path.isfile(os.path.join(logdir, e.tensor_path))
+
+    # other images: a sprite of their own
+    writer = trainer.logger.experiment
+    backend = TensorBoardBackend(writer)
+    feats, imgs = torch.randn(6, 4), torch.rand(6, 3, 8, 8)
+    backend.embedding("viz-embeddings/penultimate", feats, None, imgs, None, 5)
+    backend.embedding("viz-embeddings/penultimate", feats, None, imgs, None, 6)
+    assert len(list(Path(logdir).rglob("sprite.png"))) == 2
+    config = ProjectorConfig()
+    text_format.Parse(Path(logdir, "projector_config.pbtxt").read_text(), config)
+    assert config.embeddings[-1].sprite.image_path == config.embeddings[-2].sprite.image_path
+    assert config.embeddings[-2].sprite.image_path.startswith("00005")

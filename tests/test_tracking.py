@@ -401,3 +401,40 @@ def test_filmstrip_storage_stays_bounded_over_long_runs_and_spans_the_whole_run(
         tr2.log(VizLogger(RecordingWriter(), step), {"m/l": a}, {}, probe)
     assert tr2.epochs == tr.epochs and len(tr.epochs["m/l"]) <= limit and tr.epochs["m/l"][-1] == 129
     assert sum(t.numel() for t in tr.state_dict()["frames"]["m/l"].values()) <= 4 * limit * 3 * 8 * 8
+
+
+def test_resume_after_the_filmstrip_cap_continues_as_an_uninterrupted_run(tmp_path):
+    """A long run resumed after its filmstrips were thinned (past 8 * max_frames runs) goes on exactly as the
+    uninterrupted run: same stored runs and stride, same frames, same filmstrip images and drift values."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    train, _ = tiny_loaders(n=16, batch_size=8)
+
+    def run(epochs, logs, ckpt_dir=None, ckpt_path=None):
+        L.seed_everything(0, verbose=False)
+        tr = MapTracker(max_frames=2, frame_size=8)
+        cbs = [InputGradMap(num_probes=2, tracker=tr)]
+        if ckpt_dir:
+            cbs.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0))
+        t = tiny_trainer(str(tmp_path / logs), cbs, max_epochs=epochs, enable_checkpointing=bool(ckpt_dir))
+        t.fit(LitTiny(TinyCNN(width=4)), train, ckpt_path=ckpt_path)
+        return tr
+
+    full = run(22, "full")
+    run(18, "first", ckpt_dir=tmp_path / "ck")
+    resumed = run(22, "second", ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert full.strides == {"inputgrad/input": 2} and len(full.epochs["inputgrad/input"]) < 18  # the cap was hit
+    assert resumed.epochs == full.epochs and resumed.strides == full.strides and resumed.run_ids == full.run_ids
+    for k in full.frames:
+        for pid in full.frames[k]:
+            assert all(torch.equal(a, b) for a, b in zip(full.frames[k][pid], resumed.frames[k][pid]))
+    a, b = read_events(str(tmp_path / "full")), read_events(str(tmp_path / "second"))
+    for tag in [t for t in a.Tags()["images"] if "filmstrip" in t]:
+        ia = next(e for e in a.Images(tag) if e.step == 21)
+        ib = next(e for e in b.Images(tag) if e.step == 21)
+        assert ia.encoded_image_string == ib.encoded_image_string, tag
+    for tag in [t for t in a.Tags()["scalars"] if "drift" in t]:
+        va = {e.step: e.value for e in a.Scalars(tag) if e.step >= 18}
+        vb = {e.step: e.value for e in b.Scalars(tag)}
+        assert va == vb, (tag, va, vb)

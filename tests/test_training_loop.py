@@ -363,3 +363,21 @@ def test_max_steps_ending_mid_epoch_visualizes_the_cut_epoch(tmp_path, run_on):
     trainer.fit(LitTiny(), *tiny_loaders(n=12))
     assert trainer.global_step == 3 and cam.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
     assert image_steps(read_events(str(tmp_path)), "viz-cam/filmstrip/p000") == [0, 1]
+
+
+def test_steps_remembered_per_log_directory_stay_bounded_over_a_long_fit(tmp_path, caplog):
+    """A callback remembers which steps it wrote to a log directory (for trainer.validate before/after a fit); it
+    kept one entry per epoch forever. It keeps the steps a validate wrote and the latest one: still enough for a
+    validate to go on past the fit, and for a fit over a validate's step to say so."""
+    train, val = tiny_loaders(n=16)
+    cb = FilterCallback(run_on="validation_epoch_end")
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=8, num_sanity_val_steps=0)
+    model = LitTiny()
+    trainer.validate(model, val, verbose=False)  # step 0
+    with caplog.at_level("INFO"):
+        trainer.fit(model, train, val)
+        trainer.validate(model, val, verbose=False)
+    assert "writes step 0, which a trainer.validate before this fit already wrote" in caplog.text
+    [written] = cb._written.values()
+    assert written == {0: True, 8: True}  # was one entry per epoch
+    assert image_steps(read_events(str(tmp_path)), "viz-filters/net.conv1/grid") == [0, *range(9)]
