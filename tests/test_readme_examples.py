@@ -1,0 +1,422 @@
+"""The README's examples run as written: every Python block is executed (tiny stand-ins only for what a block
+leaves to the user: a model, images, a run to fit), the files, tags and shapes its comments promise are checked,
+every YAML block builds its callbacks through LightningCLI, and the options, defaults and tags the README's
+tables state are those of the code and of a real run."""
+
+from __future__ import annotations
+
+import ast
+import glob
+import inspect
+import os
+import re
+import sys
+import types
+
+import lightning
+import lightning.pytorch
+import pytest
+import torch
+from helpers import LitTiny, read_events
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+with open(os.path.join(ROOT, "README.md")) as _f:
+    README = _f.read()
+
+
+def blocks(lang: str) -> list[tuple[int, str]]:
+    """``(line, body)`` of every fenced ``lang`` block of the README."""
+    return [
+        (README[: m.start()].count("\n") + 1, m.group(2))
+        for m in re.finditer(r"```(\w+)\n(.*?)```", README, flags=re.S)
+        if m.group(1) == lang
+    ]
+
+
+_Trainer = lightning.Trainer
+
+
+class _TinyTrainer(_Trainer):
+    """The blocks' own ``L.Trainer(...)``, with every argument they give kept, and two batches per epoch (one for
+    validation), at most 2 epochs when the block leaves ``max_epochs`` open, no progress bar: the only change the
+    harness makes to a block that trains."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("limit_train_batches", 2)
+        kwargs.setdefault("limit_val_batches", 1)
+        kwargs.setdefault("max_epochs", 2)
+        kwargs.setdefault("enable_progress_bar", False)
+        kwargs.setdefault("enable_model_summary", False)
+        kwargs.setdefault("log_every_n_steps", 1)
+        kwargs.setdefault("accelerator", "cpu")
+        super().__init__(*args, **kwargs)
+
+
+@pytest.fixture
+def harness(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-viz"])
+    for module in (lightning, lightning.pytorch):
+        monkeypatch.setattr(module, "Trainer", _TinyTrainer)
+    return tmp_path
+
+
+def tiny_model():
+    from lightning_viz.models import ImageClassifier
+
+    return ImageClassifier(arch="small_cnn", num_classes=4, width=4)
+
+
+def tiny_data():
+    from lightning_viz.data import ShapesDataModule
+
+    return ShapesDataModule(num_train=32, num_val=16, image_size=16, batch_size=8)
+
+
+def run_block(body: str, namespace: dict) -> list:
+    """Execute ``body`` statement by statement in ``namespace``; returns the values of its bare expressions
+    (``CAMCallback(...)`` on a line of its own), which a plain ``exec`` would drop."""
+    values = []
+    for node in ast.parse(body).body:
+        if isinstance(node, ast.Expr):
+            values.append(eval(compile(ast.Expression(node.value), "README.md", "eval"), namespace))
+        else:
+            exec(compile(ast.Module([node], type_ignores=[]), "README.md", "exec"), namespace)
+    return values
+
+
+def comment_paths(body: str) -> list[str]:
+    """Paths in a block's comments (``a/b/...png``), as glob patterns (``...`` = anything below)."""
+    comments = " ".join(line.split("#", 1)[1] for line in body.splitlines() if "#" in line)
+    paths = re.findall(r"[\w.*-]+(?:/[\w.*-]+)+", comments)
+    return [p.replace("...", "**/*") for p in paths if not p.startswith("viz-")]
+
+
+def assert_globs(patterns: list[str], prefix: str = "") -> None:
+    assert patterns
+    for pattern in patterns:
+        assert glob.glob(prefix + pattern, recursive=True), f"README promises {pattern}; not written"
+
+
+def comment_tags(body: str) -> list[str]:
+    comments = " ".join(line.split("#", 1)[1] for line in body.splitlines() if "#" in line)
+    return re.findall(r"viz-[\w./-]+[\w.]", comments)
+
+
+def assert_tags_written(tags: list[str], logdir: str) -> None:
+    acc = read_events(logdir)
+    written = acc.Tags()["images"] + acc.Tags()["scalars"]
+    assert tags
+    for tag in tags:
+        if tag.endswith("..."):
+            assert any(t.startswith(tag[:-3]) for t in written), (tag, written)
+        else:
+            assert tag in written, (tag, written)
+
+
+class TupleNet(LitTiny):
+    """``forward`` returns ``(logits, features)``."""
+
+    def forward(self, x):
+        return self.net(x), x.mean((2, 3))
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0])[0], batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+class TemperatureNet(LitTiny):
+    """``forward`` takes a second, required argument."""
+
+    def forward(self, x, temperature):
+        return self.net(x) / temperature
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0], 1.0), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def _check_logger_block(body, ns, values, tmp_path):
+    """A Trainer with a logger and a CAM callback: fit it on the tiny data, then the files the comment names."""
+    ns["trainer"].fit(tiny_model(), datamodule=tiny_data())
+    prefix = "mlartifacts/**/" if "MLFlowLogger" in body else ""
+    assert_globs(comment_paths(body), prefix)
+
+
+def _check_attaching(body, ns, values, tmp_path):
+    tags = ["viz-filters/net.conv1/grid", "viz-activations/net.conv1/p000", "viz-activations/net.relu3/p003"]
+    assert_tags_written(tags, "lightning_logs")  # the layer and probe tags of the Methods table
+
+
+def _check_tracker(body, ns, values, tmp_path):
+    from helpers import tiny_trainer
+
+    (cam,) = values
+    tiny_trainer(str(tmp_path / "tracker"), [cam], limit_train_batches=2, limit_val_batches=1).fit(
+        tiny_model(), datamodule=tiny_data()
+    )
+    key = "viz-cam/layercam/net.conv3"
+    tags = ["viz-cam/filmstrip/p007", f"{key}/drift/rank_corr", f"{key}/drift/topk_iou", "viz-cam/probe_accuracy"]
+    tags += ["viz-cam/drift/prediction_flips", f"{key}/faithfulness/deletion_auc", f"{key}/sanity/rank_corr"]
+    tags += [f"{key}/faithfulness/insertion_auc", f"{key}/localization/pointing_game"]
+    assert_tags_written(tags, str(tmp_path / "tracker"))
+
+
+def _check_logits_fn(body, ns, values, tmp_path):
+    """Each callback on a model its comment describes: it runs (without ``logits_fn`` setup refuses the model)."""
+    from helpers import tiny_loaders, tiny_trainer
+
+    for callback, model in zip(values, (TupleNet(), TemperatureNet())):
+        logdir = str(tmp_path / type(model).__name__)
+        tiny_trainer(logdir, [callback], max_epochs=1, limit_train_batches=1).fit(model, *tiny_loaders(n=16))
+        family = callback.method
+        assert_tags_written([f"viz-{family}/panel/p000", f"viz-{family}/time_s"], logdir)
+
+
+def _check_relu_rule(body, ns, values, tmp_path):
+    calls = int(re.search(r"\((\d+) for a torchvision resnet18\)", body).group(1))
+    assert ns["mode"].calls == calls
+    assert ns["x"].grad is not None and ns["x"].grad.abs().sum() > 0
+    assert all(p.grad is None for p in ns["model"].parameters()) and ns["model"].training
+
+
+def _check_methods(body, ns, values, tmp_path):
+    for name, shape in re.findall(r"(\w+) = .*# \[([\d, ]+)\]", body):
+        assert list(ns[name].shape) == [int(s) for s in shape.split(",")], name
+    assert ns["margin"].shape == ns["cam"].shape and ns["model"].training
+
+
+def _check_own_callback(body, ns, values, tmp_path):
+    assert_tags_written(comment_tags(body), "lightning_logs")
+
+
+# A distinctive line of each README Python block -> how its result is checked. Every block must be listed.
+CHECKS = {
+    "logger=CSVLogger": _check_logger_block,
+    'logger=False, default_root_dir="runs"': _check_logger_block,
+    "MLFlowLogger(experiment_name": _check_logger_block,
+    "WandbLogger(project=": _check_logger_block,
+    "FilterCallback(layers=": _check_attaching,
+    "tracker=MapTracker(": _check_tracker,
+    "logits_fn=lambda model, x: model(x)[0]": _check_logits_fn,
+    'relu_rule("guided")': _check_relu_rule,
+    "integrated_gradients(m, x": _check_methods,
+    "class LogitMargin": _check_own_callback,
+}
+
+
+def _block_ids() -> list[str]:
+    return [f"line{line}" for line, _ in blocks("python")]
+
+
+@pytest.mark.parametrize("index", range(len(blocks("python"))), ids=_block_ids())
+def test_readme_python_block_runs(index, harness, monkeypatch):
+    """The block as written, in a namespace holding only what its text leaves to the reader: ``L`` and the
+    callback classes it names without importing (blocks continuing an earlier one), and for the blocks on "any
+    model, x, labels y" a torchvision resnet18 with 32 px images. Blocks that build a Trainer without fitting it
+    are fitted on tiny shapes; blocks that fit run with two batches per epoch (``_TinyTrainer``)."""
+    import torchvision
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_viz.callbacks import CAMCallback, GradientCallback
+
+    line, body = blocks("python")[index]
+    (check,) = [fn for key, fn in CHECKS.items() if key in body] or [None]
+    assert check is not None, f"README.md:{line}: a Python block without a check here; add it to CHECKS"
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=4)
+    namespace = {
+        "__name__": "readme_block",
+        "L": lightning,
+        "CSVLogger": CSVLogger,
+        "CAMCallback": CAMCallback,
+        "GradientCallback": GradientCallback,
+        "model": model,
+        "x": torch.randn(2, 3, 32, 32),
+        "y": torch.tensor([0, 3]),
+    }
+    if "WandbLogger" in body:
+        pytest.importorskip("wandb")
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setenv("WANDB_SILENT", "true")
+    # classes defined in a block must be importable by name for checkpoints and DDP pickling
+    module = types.ModuleType("readme_block")
+    monkeypatch.setitem(sys.modules, "readme_block", module)
+    namespace = module.__dict__ | namespace
+    values = run_block(body, namespace)
+    if "WandbLogger" in body:
+        import wandb
+
+        namespace["trainer"].fit(tiny_model(), datamodule=tiny_data())
+        wandb.finish()
+        assert_globs(comment_paths(body))
+        return
+    check(body, namespace, values, harness)
+
+
+def test_every_readme_python_block_has_one_check():
+    for line, body in blocks("python"):
+        assert len([key for key in CHECKS if key in body]) == 1, f"README.md:{line}"
+    assert len(blocks("python")) == len(CHECKS)
+
+
+def test_readme_yaml_blocks_build_their_callbacks_through_lightning_cli(tmp_path, monkeypatch):
+    """Each YAML block, as a LightningCLI config (a bare ``- class_path`` list is a ``trainer.callbacks`` list),
+    builds the callbacks it names with the options it gives; a dotted ``logits_fn`` is imported and used."""
+    import yaml
+
+    from lightning_viz.cli import cli_main
+    from lightning_viz.targets import resolve_logits_fn
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-viz"])
+    heads = types.ModuleType("my_project.heads")
+    heads.logits_of = lambda model, x: model(x)["cls"]
+    monkeypatch.setitem(sys.modules, "my_project", types.ModuleType("my_project"))
+    monkeypatch.setitem(sys.modules, "my_project.heads", heads)
+    built = 0
+    for line, body in blocks("yaml"):
+        config = yaml.safe_load(body)
+        if isinstance(config, list):
+            config = {"trainer": {"callbacks": config}}
+        path = tmp_path / f"block{line}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        cli = cli_main(["--config", str(path)], run=False)
+        names = [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]]
+        ours = [c for c in cli.trainer.callbacks if type(c).__module__.startswith("lightning_viz")]
+        assert [type(c).__name__ for c in ours] == names, f"README.md:{line}"
+        for callback, spec in zip(ours, config["trainer"]["callbacks"]):
+            for option, value in (spec.get("init_args") or {}).items():
+                if option == "logits_fn":
+                    assert resolve_logits_fn(callback.logits_fn) is heads.logits_of
+                    continue
+                got = getattr(
+                    callback, option if hasattr(callback, option) else option.rstrip("s")
+                )  # FilterCallback.layer
+                assert got == value or got == [value], (line, option, got, value)
+        built += len(ours)
+    assert built >= 3
+
+
+def _accepted(cls) -> dict[str, inspect.Parameter]:
+    """Init parameters of ``cls``, following ``**kwargs`` up the MRO (as LightningCLI does), nearest first."""
+    params: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        sig = inspect.signature(klass.__init__).parameters
+        for name, p in sig.items():
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self":
+                params.setdefault(name, p)
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.values()):
+            break
+    return params
+
+
+def _same(default, text: str) -> bool:
+    """Whether a README default (``16``, ``0.15``, ``None``, ``val``, ``on``) is the signature's ``default``."""
+    text = text.strip().strip("`")
+    words = {"None": None, "True": True, "False": False, "on": True, "off": False}
+    if text in words:
+        return default is words[text] or default == words[text]
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return float(text) == default
+        except ValueError:
+            return False
+    return default == text
+
+
+def _table(header: str) -> list[list[str]]:
+    """Cells of the rows of the README table whose header line starts with ``header``."""
+    start = README.index(header)
+    rows = []
+    for line in README[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
+    return rows
+
+
+def test_readme_option_tables_name_real_options_with_their_defaults():
+    """The Common options, heatmap options, renamed options, tracker and Methods tables, the synthesis options
+    paragraph and the built-in model/data signatures: every option they name is an init argument of the class
+    they name it for, and every default they state is the signature's."""
+    import lightning_viz.callbacks as cbs
+    from lightning_viz import data
+    from lightning_viz.callbacks.base import VisualizationCallback
+    from lightning_viz.callbacks.maps import MapCallback
+    from lightning_viz.models import ImageClassifier
+    from lightning_viz.tracking import MapTracker
+
+    checked = 0
+
+    def check(cls, name: str, default: str | None = None) -> None:
+        nonlocal checked
+        params = _accepted(cls)
+        assert name in params, f"README names option {name!r} of {cls.__name__}; its options: {sorted(params)}"
+        if default is not None:
+            assert _same(params[name].default, default), (cls.__name__, name, params[name].default, default)
+        checked += 1
+
+    for header, cls in (
+        ("| Option | Default | Meaning |\n|---|---|---|\n| `every_n", VisualizationCallback),
+        ("| Option | Default | Meaning |\n|---|---|---|\n| `normalize", MapCallback),
+    ):
+        for option, default, _ in _table(header):
+            names, defaults = re.findall(r"`(\w+)`", option), re.findall(r"`([^`]+)`", default)
+            assert len(names) == len(defaults), option
+            for name, value in zip(names, defaults):
+                check(cls, name, value)
+    for callback, old, new in _table("| Callback | Old (deprecated) | New |"):
+        for name in re.findall(r"`(\w+)`", callback):
+            for option in re.findall(r"(?:^|, )`(\w+)`", old) + re.findall(r"`(\w+)`", new):
+                check(getattr(cbs, name), option)
+    for _what, option, _ in _table("| What | Option (default) | Tags"):
+        for name, flag, number in re.findall(
+            r"`(\w+)`(?:\s*\((on|off)\)|\s*=\s*([\d.]+))?", option.split(" (a hit")[0]
+        ):
+            if name not in ("None", "True"):
+                check(MapTracker, name, flag or number or None)
+    for row in _table("| Callback | What it shows |"):
+        path = re.match(r"`(\w+)\.(\w+)`", row[0])
+        cls = getattr(cbs, path.group(2), None) or MapTracker
+        if cls is MapTracker:
+            continue
+        for name, value in re.findall(r"`(\w+)`\s*=\s*(\d[\d.e-]*)(?! eps)", row[1]):
+            check(cls, name, value)
+        for name in re.findall(r"`(\w+)=", row[1]):
+            check(cls, name)
+        for name, value in re.findall(r"`(\w+)` \((\d[\d.e-]*)[,)]", row[1]):
+            check(cls, name, value)
+    shared = README[README.index("share these options:") : README.index("They and\n`AdversarialCallback`")]
+    shared = re.sub(r"\([^()]*\)", "", shared)  # option values and remarks in parentheses
+    for cls in (cbs.ClassModelCallback, cbs.UnitCallback, cbs.InversionCallback):
+        for name in re.findall(r"`(\w+)`", shared):
+            if not (cls is cbs.InversionCallback and name == "input_shape"):  # as the README says
+                check(cls, name)
+        for name, value in re.findall(r"`(\w+)` \((\d[\d.]*)\)", README[README.index("share these options:") :][:300]):
+            check(cls, name, value)
+    with pytest.raises(TypeError, match="input_shape"):  # "InversionCallback takes no input_shape"
+        cbs.InversionCallback(input_shape=[3, 8, 8])
+    for cls in (cbs.FilterCallback, cbs.ClassModelCallback, cbs.UnitCallback):  # "take no num_probes/probe_seed"
+        for option in ("num_probes", "probe_seed"):
+            with pytest.raises(TypeError, match=option):
+                cls(**{option: 4})
+    for cls in (cbs.ClassModelCallback, cbs.UnitCallback, cbs.InversionCallback, cbs.AdversarialCallback):
+        check(cls, "display_px", "96")
+    check(cbs.ActivationCallback, "display_px", "48")
+    for cls in (ImageClassifier, data.ShapesDataModule, data.DigitsDataModule, data.ImageFolderDataModule):
+        call = max(re.findall(rf"`(?:[\w.]+\.)?{cls.__name__}\(([^`]*)\)`", README), key=len)  # the full signature
+        params = list(_accepted(cls))
+        stated = ast.parse(f"f({call})").body[0].value
+        assert [a.arg for a in stated.keywords] == params[len(stated.args) :], cls.__name__
+        for keyword in stated.keywords:
+            assert _accepted(cls)[keyword.arg].default == ast.literal_eval(keyword.value), (cls, keyword.arg)
+        checked += 1
+    assert checked >= 80
