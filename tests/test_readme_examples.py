@@ -337,6 +337,7 @@ def _table(header: str) -> list[list[str]]:
     start = README.index(header)
     rows = []
     for line in README[start:].splitlines()[2:]:
+        line = line.strip()
         if not line.startswith("|"):
             break
         rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
@@ -420,3 +421,104 @@ def test_readme_option_tables_name_real_options_with_their_defaults():
             assert _accepted(cls)[keyword.arg].default == ast.literal_eval(keyword.value), (cls, keyword.arg)
         checked += 1
     assert checked >= 80
+
+
+def _tiny_demo_and_other_layouts(root: str) -> tuple[set[str], str]:
+    """The tags of the demo config (tiny, 2 epochs) and of a 1-epoch run of the other layouts and a named
+    instance; returns ``(tags, demo log directory)``."""
+    from helpers import tiny_trainer
+
+    import lightning_viz.callbacks as cbs
+    from lightning_viz.cli import cli_main
+
+    demo = os.path.join(root, "demo")
+    cli_main(
+        [
+            "fit",
+            "--config",
+            os.path.join(ROOT, "configs", "demo.yaml"),
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.enable_checkpointing=false",
+            f"--trainer.logger.init_args.save_dir={demo}",
+            "--data.init_args.batch_size=8",
+            "--data.init_args.num_train=32",
+            "--data.init_args.num_val=16",
+            "--data.init_args.image_size=16",
+            "--model.width=4",
+        ]
+    )
+    other = os.path.join(root, "other")
+    conv3 = {"layers": ["net.conv3"], "methods": ["gradcam"], "num_probes": 2}
+    callbacks = [
+        cbs.ActivationCallback(num_probes=2),
+        cbs.GradientCallback(layout="per_probe", normalize="both", num_probes=2),
+        cbs.CAMCallback(layout="per_probe", normalize="both", **conv3),
+        cbs.CAMCallback(name="x", layout="grid", **conv3),
+        cbs.OcclusionCallback(layout="per_probe", num_probes=2),
+        cbs.TopPatchesCallback(layers=["net.conv2"], num_units=2, k=2, num_probes=8),
+        cbs.InversionCallback(layers="net.conv2", steps=2, num_probes=2),
+        cbs.AdversarialCallback(steps=2, num_probes=2, min_flip_iterations=1),
+    ]
+    tiny_trainer(other, callbacks, max_epochs=1, limit_train_batches=1, limit_val_batches=1).fit(
+        tiny_model(), datamodule=tiny_data()
+    )
+    tags: set[str] = set()
+    for logdir in (demo, other):
+        acc = read_events(logdir)
+        tags |= {t for t in acc.Tags()["images"] + acc.Tags()["scalars"] if t.startswith("viz-")}
+    return tags, demo
+
+
+def _pattern(text: str, prefix: str = "") -> re.Pattern:
+    """A README tag pattern (``<layer>``, ``<key>`` = two segments, ``{a,b}``, ``...``) as a regex."""
+    out = re.escape(prefix + text)
+    out = out.replace(re.escape("<key>"), "[^/]+/[^/]+")
+    out = re.sub(r"<[^>]+>", "[^/]+", out.replace("\\<", "<").replace("\\>", ">"))
+    out = re.sub(r"\\\{([^}]*)\\\}", lambda m: "(?:" + m.group(1).replace(",", "|") + ")", out)
+    return re.compile(out.replace(re.escape("..."), ".+") + "$")
+
+
+def test_readme_tags_are_the_tags_a_run_writes(tmp_path, monkeypatch):
+    """The Methods table's and the tracker table's tag patterns, the 'Tags inside a group' table and the demo's
+    card count: every pattern is written by the tiny demo or a run of the other layouts, and every ``viz-`` tag
+    those runs write is one of the Methods table's patterns (or ``time_s``)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-viz"])
+    tags, demo = _tiny_demo_and_other_layouts(str(tmp_path))
+    plain = {re.sub(r"^(viz-cam)/x/", r"\1/", t) for t in tags}  # the named instance's tags, name dropped
+
+    methods = []
+    for row in _table("| Callback | What it shows |"):
+        for text in re.findall(r"`([^`]+)`", row[2]):
+            if "/" in text and "=" not in text and " " not in text and "%2f" not in text and text != "/fixed":
+                methods.append(_pattern(text, "viz-"))
+        for text in re.findall(r"`([^`]+)` \(\+ `/fixed`", row[2]):  # the fixed-scale image of `normalize="both"`
+            methods.append(_pattern(text + "/fixed", "viz-"))
+    tracker = [
+        _pattern(t, "viz-<family>/")
+        for row in _table("| What | Option (default) | Tags")
+        for t in re.findall(r"`([^`]+)`", row[2])
+    ]
+    for pattern in methods + tracker:
+        assert any(pattern.match(t) for t in plain), f"README tag {pattern.pattern} is never written"
+    for tag in sorted(plain):
+        assert tag.endswith("/time_s") or any(p.match(tag) for p in methods), f"{tag} is not in the Methods table"
+    for what, tag in _table("| What | Tag |"):
+        for text in re.findall(r"`(viz-[^`]+)`", tag):
+            assert text in plain, (what, text)
+    assert "viz-cam/x/time_s" in tags and "viz-cam/x/gradcam/net.conv3/grid" in tags  # `name="x"` as stated
+
+    acc = read_events(demo)
+    images = acc.Tags()["images"]
+    cards, groups = map(int, re.search(r"The demo writes (\d+) image cards in (\d+) groups", README).groups())
+    assert len(images) == cards and len({t.split("/")[0] for t in images}) == groups
+    stated = re.findall(r"`(viz-\w+)`", README[README.index("- **Groups**") : README.index("- **Tags inside")])
+    assert {t.split("/")[0] for t in tags} <= set(stated)
+    run_dir = os.path.dirname(glob.glob(os.path.join(demo, "**", "events.out.tfevents.*"), recursive=True)[0])
+    assert os.path.exists(os.path.join(run_dir, "projector_config.pbtxt"))
+    for name in ("tensors.tsv", "metadata.tsv", "sprite.png"):  # <epoch:05d>/viz-embeddings%2f<layer>/...
+        assert os.path.exists(os.path.join(run_dir, "00000", "viz-embeddings%2fpenultimate", name)), name
