@@ -522,3 +522,40 @@ def test_readme_tags_are_the_tags_a_run_writes(tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(run_dir, "projector_config.pbtxt"))
     for name in ("tensors.tsv", "metadata.tsv", "sprite.png"):  # <epoch:05d>/viz-embeddings%2f<layer>/...
         assert os.path.exists(os.path.join(run_dir, "00000", "viz-embeddings%2fpenultimate", name)), name
+
+
+def test_example_train_shapes_runs_and_writes_its_tags(harness):
+    """``python examples/train_shapes.py`` as a user runs it (its Trainer limited to two batches per epoch)."""
+    import runpy
+
+    runpy.run_path(os.path.join(ROOT, "examples", "train_shapes.py"), run_name="__main__")
+    acc = read_events(os.path.join("lightning_logs", "example"))
+    assert [e.step for e in acc.Images("viz-filters/net.conv1/grid")] == [0, 1, 2]
+    assert [e.step for e in acc.Images("viz-activations/net.relu3/p003")] == [0, 1, 2]
+
+
+def test_example_make_gallery_writes_the_gallery(harness, monkeypatch):
+    """``python examples/make_gallery.py --epochs 2 --out DIR`` writes every gallery PNG the README shows (the demo
+    it runs made tiny by the test overrides appended to its command line)."""
+    import runpy
+
+    from PIL import Image
+
+    import lightning_viz.cli as cli
+
+    real = cli.cli_main
+    tiny = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--model.width=4"]
+    tiny += ["--data.init_args.num_train=32", "--data.init_args.num_val=16", "--data.init_args.batch_size=8"]
+    tiny += ["--data.init_args.image_size=16"]
+    monkeypatch.setattr(cli, "cli_main", lambda args, **kw: real([*args, *tiny], **kw))
+    out = harness / "gallery"
+    monkeypatch.setattr(sys, "argv", ["make_gallery.py", "--epochs", "2", "--out", str(out)])
+    namespace = runpy.run_path(os.path.join(ROOT, "examples", "make_gallery.py"), run_name="__main__")
+    assert sorted(os.listdir(out)) == sorted(namespace["GALLERY"])
+    for name in namespace["GALLERY"]:
+        assert Image.open(out / name).size[0] > 16
+    shown = set(re.findall(r"\]\((docs/gallery/[\w.]+)\)", README)) | set(
+        re.findall(r"`(docs/gallery/[\w.]+)`", README)
+    )
+    assert shown and {os.path.basename(p) for p in shown} <= set(namespace["GALLERY"])
+    assert all(os.path.exists(os.path.join(ROOT, p)) for p in shown)
