@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import glob
 import inspect
+import logging
 import os
 import re
 import sys
@@ -482,13 +483,19 @@ def _pattern(text: str, prefix: str = "") -> re.Pattern:
     return re.compile(out.replace(re.escape("..."), ".+") + "$")
 
 
-def test_readme_tags_are_the_tags_a_run_writes(tmp_path, monkeypatch):
+def test_readme_tags_are_the_tags_a_run_writes(tmp_path, monkeypatch, caplog):
     """The Methods table's and the tracker table's tag patterns, the 'Tags inside a group' table and the demo's
     card count: every pattern is written by the tiny demo or a run of the other layouts, and every ``viz-`` tag
     those runs write is one of the Methods table's patterns (or ``time_s``)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning-viz"])
+    caplog.set_level(logging.INFO, logger="lightning_viz")
     tags, demo = _tiny_demo_and_other_layouts(str(tmp_path))
+    (example,) = re.findall(r"e\.g\.\n?\s*`(lightning-viz epoch [^`]+)`", README)  # the line at every epoch end
+    shape = r"lightning-viz epoch \d+: \d+\.\d s \((\w+ \d+\.\d\d s, )*\w+ \d+\.\d\d s\)"
+    assert re.fullmatch(shape, example.replace("...", "filters 0.01 s")), example
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning-viz epoch 1:")]
+    assert lines and all(re.fullmatch(shape, line) for line in lines), (shape, lines)
     plain = {re.sub(r"^(viz-cam)/x/", r"\1/", t) for t in tags}  # the named instance's tags, name dropped
 
     methods = []
@@ -559,3 +566,51 @@ def test_example_make_gallery_writes_the_gallery(harness, monkeypatch):
     )
     assert shown and {os.path.basename(p) for p in shown} <= set(namespace["GALLERY"])
     assert all(os.path.exists(os.path.join(ROOT, p)) for p in shown)
+
+
+def test_objectives_docstring_example_composes_as_stated():
+    """``class_logit([0, 1]) + 0.1 * channel("conv2", [3, 3])`` (the objectives module's example) is the class
+    logit plus a tenth of the channel's mean activation; ``-a``, ``a - b`` and ``sum([...])`` compose alike."""
+    from helpers import TinyCNN
+
+    import lightning_viz.methods.objectives as objectives
+    from lightning_viz.capture import capture
+
+    (example,) = re.findall(r"``(class_logit\(.*?)``", objectives.__doc__)
+    objective = eval(example, vars(objectives))
+    torch.manual_seed(0)
+    model, x = TinyCNN(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), capture(model, objective.layers) as cap:
+        logits = model(x)
+    acts = {name: cap[name] for name in objective.layers}
+    expected = logits[[0, 1], [0, 1]] + 0.1 * acts["conv2"][:, 3].mean((1, 2))
+    torch.testing.assert_close(objective(logits, acts), expected)
+    a, b = objectives.class_logit([0, 1]), objectives.channel("conv2", [3, 3])
+    torch.testing.assert_close(sum([a, 0.1 * b])(logits, acts), expected)
+    torch.testing.assert_close((a - b)(logits, acts), (-(b - a))(logits, acts))
+
+
+def test_readme_inline_calls_name_real_arguments():
+    """Calls written inline in the README text (``GradientCallback(reduce="sum")``, ``MapTracker(pointing_game=True)``,
+    ``methods.gradient(..., rule="guided")``, ...) pass keywords the callee accepts; every function the README lists
+    under "Also there" is in ``lightning_viz.methods``."""
+    import lightning_viz
+    import lightning_viz.methods as methods
+    from lightning_viz import data, models, targets
+
+    spaces = (lightning_viz, methods, data, models, targets)
+    calls = 0
+    for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", README, flags=re.S)):
+        for name, args in re.findall(r"(?<![\w.])(?:[\w.]*\.)?(\w+)\(([^()]*(?:\([^()]*\)[^()]*)*)\)", span):
+            owner = next((getattr(s, name) for s in spaces if hasattr(s, name)), None)
+            if owner is None or not callable(owner):
+                continue
+            params = _accepted(owner) if isinstance(owner, type) else dict(inspect.signature(owner).parameters)
+            for keyword in re.findall(r"(?:^|[(,]\s*)(\w+)\s*=(?!=)", args):
+                assert keyword in params, f"README `{span}`: {name} takes no {keyword!r}; takes {sorted(params)}"
+            calls += 1
+    assert calls >= 10
+    also = README[README.index("Also there:") : README.index("## Writing your own callback")]
+    listed = re.findall(r"`(\w+)`", also)
+    assert len(listed) >= 20
+    assert not [n for n in listed if not callable(getattr(methods, n, None))]
