@@ -614,3 +614,60 @@ def test_readme_inline_calls_name_real_arguments():
     listed = re.findall(r"`(\w+)`", also)
     assert len(listed) >= 20
     assert not [n for n in listed if not callable(getattr(methods, n, None))]
+
+
+def _readme_commands() -> list[str]:
+    """The README's ``lightning-viz fit`` commands that run the demo config on other data, or a model on an image
+    folder (the others are run by tests/test_cli.py or need two processes)."""
+    commands = [c.replace("\\\n", " ") for c in re.findall(r"lightning-viz fit (?:\\\n|[^`\n])*", README)]
+    return [c for c in commands if "--data=" in c and "my_pkg" not in c]
+
+
+@pytest.mark.parametrize(
+    "command",
+    _readme_commands(),
+    ids=lambda c: "pretrained" if "weights" in c else re.search(r"--data=(\w+)", c).group(1),
+)
+def test_readme_commands_on_other_data_run(command, tmp_path, monkeypatch):
+    """``--config configs/demo.yaml --data=DigitsDataModule ...`` ("every callback of the demo works on digits too"),
+    the same on an image folder, and the pretrained-model command on an image folder: as written, with the
+    placeholders filled (a folder of 4 classes x 4 PNGs), tiny overrides appended (two batches per epoch, small
+    images, one epoch), and ``--model.weights=DEFAULT`` first checked to fail naming the file to place (no weights
+    can be downloaded here), then left out."""
+    import shlex
+
+    from PIL import Image
+
+    from lightning_viz.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-viz"])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for c in range(4):
+        os.makedirs(tmp_path / "images" / f"class{c}")
+        for i in range(4):
+            pixels = torch.randint(0, 256, (12, 12, 3), generator=torch.Generator().manual_seed(4 * c + i))
+            Image.fromarray(pixels.to(torch.uint8).numpy()).save(tmp_path / "images" / f"class{c}" / f"{i}.png")
+    command = command.replace("path/to/images", "images").replace("my_images", "images")
+    args = shlex.split(command.replace("<number of class folders>", "4").replace("=5", "=4"))[2:]  # lightning-viz fit
+    args = [os.path.join(ROOT, a) if a.startswith("configs/") else a for a in args]
+    tiny = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+    tiny += ["--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false", "--data.batch_size=8"]
+    tiny += (
+        ["--data.image_size=16", "--data.val_fraction=0.05"]
+        if "DigitsDataModule" in command
+        else ["--data.image_size=16", "--data.val_fraction=0.5"]
+    )
+    if "--model.weights=DEFAULT" in args:
+        with pytest.raises(Exception, match=r"resnet18-f37072fd\.pth") as error:
+            cli_main(["fit", *args, *tiny])
+        assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in str(error.value)  # as the README says
+        args.remove("--model.weights=DEFAULT")
+    if "--config" in args:
+        tiny += ["--model.width=4", "--trainer.logger.init_args.save_dir=logs"]
+    cli = cli_main(["fit", *args, *tiny])
+    assert cli.trainer.current_epoch == 1
+    acc = read_events(".")
+    families = {t.split("/")[0] for t in acc.Tags()["images"]}
+    expected = 11 if "--config" in args else 2  # the demo's every family; CAM and gradients
+    assert len(families) == expected, families
