@@ -671,3 +671,36 @@ def test_readme_commands_on_other_data_run(command, tmp_path, monkeypatch):
     families = {t.split("/")[0] for t in acc.Tags()["images"]}
     expected = 11 if "--config" in args else 2  # the demo's every family; CAM and gradients
     assert len(families) == expected, families
+
+
+def test_readme_paths_and_dotted_names_exist():
+    """Every repository file the README names (``tests/test_hardening.py``, ``lightning_viz/{probe,capture}.py``,
+    ...) exists, and every dotted ``lightning_viz....`` name imports (module or attribute)."""
+    import importlib
+
+    paths = set()
+    for path in re.findall(
+        r"(?<![\w/.-])((?:\.ci|\.pre-commit|tests|benchmarks|configs|examples|docs|lightning_viz)"
+        r"[\w./{},-]*[\w/}])",
+        README,
+    ):
+        braces = re.search(r"\{([\w,]+)\}", path)
+        options = braces.group(1).split(",") if braces else [""]
+        paths |= {path.replace(braces.group(0), o) if braces else path for o in options}
+    files = {p for p in paths if "/" in p and not p.startswith(("lightning_viz/epoch_", "lightning_viz/configs"))}
+    assert len(files) >= 30
+    assert not [p for p in sorted(files) if not os.path.exists(os.path.join(ROOT, p))]
+    names = set(re.findall(r"\blightning_viz(?:\.\w+)+", README))
+    assert len(names) >= 20
+    for name in sorted(names):
+        module, attr = name, None
+        while True:
+            try:
+                obj = importlib.import_module(module)
+                break
+            except ModuleNotFoundError:
+                module, _, last = module.rpartition(".")
+                attr = last if attr is None else f"{last}.{attr}"
+        for part in (attr or "").split(".") if attr else []:
+            obj = getattr(obj, part)
+        assert obj is not None, name
