@@ -458,7 +458,8 @@ def _tiny_demo_and_other_layouts(root: str) -> tuple[set[str], str]:
         cbs.ActivationCallback(num_probes=2),
         cbs.GradientCallback(layout="per_probe", normalize="both", num_probes=2),
         cbs.CAMCallback(layout="per_probe", normalize="both", **conv3),
-        cbs.CAMCallback(name="x", layout="grid", **conv3),
+        cbs.CAMCallback(name="x", **conv3),
+        cbs.CAMCallback(name="y", layout="grid", **conv3),
         cbs.OcclusionCallback(layout="per_probe", num_probes=2),
         cbs.TopPatchesCallback(layers=["net.conv2"], num_units=2, k=2, num_probes=8),
         cbs.InversionCallback(layers="net.conv2", steps=2, num_probes=2),
@@ -483,6 +484,11 @@ def _pattern(text: str, prefix: str = "") -> re.Pattern:
     return re.compile(out.replace(re.escape("..."), ".+") + "$")
 
 
+def _bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def test_readme_tags_are_the_tags_a_run_writes(tmp_path, monkeypatch, caplog):
     """The Methods table's and the tracker table's tag patterns, the 'Tags inside a group' table and the demo's
     card count: every pattern is written by the tiny demo or a run of the other layouts, and every ``viz-`` tag
@@ -496,7 +502,7 @@ def test_readme_tags_are_the_tags_a_run_writes(tmp_path, monkeypatch, caplog):
     assert re.fullmatch(shape, example.replace("...", "filters 0.01 s")), example
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning-viz epoch 1:")]
     assert lines and all(re.fullmatch(shape, line) for line in lines), (shape, lines)
-    plain = {re.sub(r"^(viz-cam)/x/", r"\1/", t) for t in tags}  # the named instance's tags, name dropped
+    plain = {re.sub(r"^(viz-cam)/[xy]/", r"\1/", t) for t in tags}  # the named instances' tags, name dropped
 
     methods = []
     for row in _table("| Callback | What it shows |"):
@@ -517,7 +523,13 @@ def test_readme_tags_are_the_tags_a_run_writes(tmp_path, monkeypatch, caplog):
     for what, tag in _table("| What | Tag |"):
         for text in re.findall(r"`(viz-[^`]+)`", tag):
             assert text in plain, (what, text)
-    assert "viz-cam/x/time_s" in tags and "viz-cam/x/gradcam/net.conv3/grid" in tags  # `name="x"` as stated
+    assert "viz-cam/x/time_s" in tags and "viz-cam/y/gradcam/net.conv3/grid" in tags  # `name=` as stated
+    prose = re.findall(r"`(viz-[^`]*/[^`]*)`", re.sub(r"```.*?```", "", README, flags=re.S))
+    generic = [t for t in prose if "..." in t or "*" in t or "<name>" in t or "<method>" in t]
+    assert len(prose) - len(generic) >= 15
+    for text in sorted(set(prose) - set(generic)):
+        pattern = _pattern(text)
+        assert any(pattern.match(t) for t in tags | plain), f"README names {text}; not written"
 
     acc = read_events(demo)
     images = acc.Tags()["images"]
@@ -525,6 +537,9 @@ def test_readme_tags_are_the_tags_a_run_writes(tmp_path, monkeypatch, caplog):
     assert len(images) == cards and len({t.split("/")[0] for t in images}) == groups
     stated = re.findall(r"`(viz-\w+)`", README[README.index("- **Groups**") : README.index("- **Tags inside")])
     assert {t.split("/")[0] for t in tags} <= set(stated)
+    (regex,) = {t for t in prose if ".*" in t}  # the Custom Scalars layout's regexes
+    events = glob.glob(os.path.join(demo, "**", "events.out.tfevents.*"), recursive=True)
+    assert any(regex.encode() in _bytes(f) for f in events), regex
     run_dir = os.path.dirname(glob.glob(os.path.join(demo, "**", "events.out.tfevents.*"), recursive=True)[0])
     assert os.path.exists(os.path.join(run_dir, "projector_config.pbtxt"))
     for name in ("tensors.tsv", "metadata.tsv", "sprite.png"):  # <epoch:05d>/viz-embeddings%2f<layer>/...
