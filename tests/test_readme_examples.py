@@ -147,6 +147,22 @@ def _check_logger_block(body, ns, values, tmp_path):
     ns["trainer"].fit(tiny_model(), datamodule=tiny_data())
     prefix = "mlartifacts/**/" if "MLFlowLogger" in body else ""
     assert_globs(comment_paths(body), prefix)
+    if "CSVLogger" in body:  # "one row per callback run, step = epoch"
+        import csv
+
+        with open("logs/lightning_logs/version_0/metrics.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("viz-cam/time_s")]
+        assert [int(r["step"]) for r in rows] == [0, 1]
+    if "default_root_dir" in body:  # "scalars.csv (epoch,tag,value)"
+        with open("runs/lightning_viz/version_0/scalars.csv") as f:
+            lines = f.read().splitlines()
+        assert lines[0] == "epoch,tag,value" and any(ln.startswith("1,viz-cam/time_s,") for ln in lines)
+    if "MLFlowLogger" in body:  # "scalars as metrics (step = epoch, ... get_metric_history(run_id, tag))"
+        from mlflow.tracking import MlflowClient
+
+        run_id = ns["logger"].run_id
+        history = MlflowClient(tracking_uri="sqlite:///mlflow.db").get_metric_history(run_id, "viz-cam/time_s")
+        assert sorted(m.step for m in history) == [0, 1]
 
 
 def _check_attaching(body, ns, values, tmp_path):
