@@ -573,7 +573,7 @@ def test_example_train_shapes_runs_and_writes_its_tags(harness):
 
 
 def test_example_make_gallery_writes_the_gallery(harness, monkeypatch):
-    """``python examples/make_gallery.py --epochs 2 --out DIR`` writes every gallery PNG the README shows (the demo
+    """``python examples/make_gallery.py --epochs 1 --out DIR`` writes every gallery PNG the README shows (the demo
     it runs made tiny by the test overrides appended to its command line)."""
     import runpy
 
@@ -587,7 +587,7 @@ def test_example_make_gallery_writes_the_gallery(harness, monkeypatch):
     tiny += ["--data.init_args.image_size=16"]
     monkeypatch.setattr(cli, "cli_main", lambda args, **kw: real([*args, *tiny], **kw))
     out = harness / "gallery"
-    monkeypatch.setattr(sys, "argv", ["make_gallery.py", "--epochs", "2", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["make_gallery.py", "--epochs", "1", "--out", str(out)])
     namespace = runpy.run_path(os.path.join(ROOT, "examples", "make_gallery.py"), run_name="__main__")
     assert sorted(os.listdir(out)) == sorted(namespace["GALLERY"])
     for name in namespace["GALLERY"]:
