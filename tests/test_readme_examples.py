@@ -145,6 +145,10 @@ class TemperatureNet(LitTiny):
 def _check_logger_block(body, ns, values, tmp_path):
     """A Trainer with a logger and a CAM callback: fit it on the tiny data, then the files the comment names."""
     ns["trainer"].fit(tiny_model(), datamodule=tiny_data())
+    if "WandbLogger" in body:
+        import wandb
+
+        wandb.finish()
     prefix = "mlartifacts/**/" if "MLFlowLogger" in body else ""
     assert_globs(comment_paths(body), prefix)
     if "CSVLogger" in body:  # "one row per callback run, step = epoch"
@@ -188,6 +192,8 @@ def _check_logits_fn(body, ns, values, tmp_path):
     """Each callback on a model its comment describes: it runs (without ``logits_fn`` setup refuses the model)."""
     from helpers import tiny_loaders, tiny_trainer
 
+    with pytest.raises(Exception, match="logits_fn"):
+        tiny_trainer(str(tmp_path / "plain"), [type(values[0])()], max_epochs=1).fit(TupleNet(), *tiny_loaders(n=16))
     for callback, model in zip(values, (TupleNet(), TemperatureNet())):
         logdir = str(tmp_path / type(model).__name__)
         tiny_trainer(logdir, [callback], max_epochs=1, limit_train_batches=1).fit(model, *tiny_loaders(n=16))
@@ -199,6 +205,12 @@ def _check_relu_rule(body, ns, values, tmp_path):
     calls = int(re.search(r"\((\d+) for a torchvision resnet18\)", body).group(1))
     assert ns["mode"].calls == calls
     assert ns["x"].grad is not None and ns["x"].grad.abs().sum() > 0
+    from lightning_viz.capture import isolated
+    from lightning_viz.methods import gradient
+
+    with isolated(ns["model"]) as m:  # "methods.gradient(model, x, target, labels, rule="guided") does the same"
+        same = gradient(m, ns["x"].detach(), "label", ns["y"], rule="guided")
+    torch.testing.assert_close(same, ns["x"].grad)
     assert all(p.grad is None for p in ns["model"].parameters()) and ns["model"].training
 
 
@@ -266,13 +278,6 @@ def test_readme_python_block_runs(index, harness, monkeypatch):
     monkeypatch.setitem(sys.modules, "readme_block", module)
     namespace = module.__dict__ | namespace
     values = run_block(body, namespace)
-    if "WandbLogger" in body:
-        import wandb
-
-        namespace["trainer"].fit(tiny_model(), datamodule=tiny_data())
-        wandb.finish()
-        assert_globs(comment_paths(body))
-        return
     check(body, namespace, values, harness)
 
 
