@@ -417,6 +417,13 @@ def test_readme_option_tables_name_real_options_with_their_defaults():
             check(cls, name)
         for name, value in re.findall(r"`(\w+)` \((\d[\d.e-]*)[,)]", row[1]):
             check(cls, name, value)
+        for name, value in re.findall(r"`(\w+)` \(default `\[(\w+)\]`\)", row[1]):  # `methods` (default `[gradcam]`)
+            check(cls, name)
+            assert _accepted(cls)[name].default == [value], (cls.__name__, name)
+    differ = re.search(r"\(defaults differ: ([^)]*)\)", README).group(1)  # of num_probes
+    for family, value in re.findall(r"(\w[\w ]*?) (\d+)", differ):
+        (cls,) = [c for c in cbs.CALLBACKS if c.method == family.strip().replace(" ", "_")]
+        check(cls, "num_probes", value)
     shared = README[README.index("share these options:") : README.index("They and\n`AdversarialCallback`")]
     shared = re.sub(r"\([^()]*\)", "", shared)  # option values and remarks in parentheses
     for cls in (cbs.ClassModelCallback, cbs.UnitCallback, cbs.InversionCallback):
