@@ -396,10 +396,16 @@ def test_readme_option_tables_name_real_options_with_their_defaults():
             assert len(names) == len(defaults), option
             for name, value in zip(names, defaults):
                 check(cls, name, value)
+    values = {"layer": "net.conv1", "batch_size": 4, "normalize": "per_filter", "target": "untargeted"}
     for callback, old, new in _table("| Callback | Old (deprecated) | New |"):
         for name in re.findall(r"`(\w+)`", callback):
             for option in re.findall(r"(?:^|, )`(\w+)`", old) + re.findall(r"`(\w+)`", new):
                 check(getattr(cbs, name), option)
+            for option, renamed in zip(re.findall(r"(?:^|, )`(\w+)`", old), re.findall(r"`(\w+)`", new)):
+                with pytest.warns(DeprecationWarning, match=renamed):  # "accepted with a warning naming the new one"
+                    required = {"TopPatchesCallback": {"layers": ["net.conv1"]}, "UnitCallback": {"channels": [0]}}
+                    required = required.get(name, {})
+                    getattr(cbs, name)(**{option: values[option]}, **required)
     for _what, option, _ in _table("| What | Option (default) | Tags"):
         for name, flag, number in re.findall(
             r"`(\w+)`(?:\s*\((on|off)\)|\s*=\s*([\d.]+))?", option.split(" (a hit")[0]
