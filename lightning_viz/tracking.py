@@ -28,6 +28,7 @@ import math
 import types
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -163,6 +164,9 @@ class MapTracker:
         max_frames: most frames per filmstrip (its width stays bounded); at most ``8 * max_frames`` runs are
             stored (memory and checkpoints stay bounded), thinned evenly, always the first and the latest.
         frame_size: longest side of a stored frame, in pixels (frames are kept downsampled).
+        display_px: shorter side of a shown frame: stored frames upscaled (nearest, crisp) by the smallest integer
+            factor that reaches it (0: as stored; ``None``: the callback's ``display_px``). 64 keeps a 12-frame
+            filmstrip about 800 px wide (TensorBoard fits wider images to its card anyway) and its rendering cheap.
         drift: log drift scalars (map rank correlation, top-k IoU, prediction flips, probe accuracy).
         topk: fraction of pixels for the top-k IoU.
         faithfulness: log deletion (zero baseline) and insertion (blur baseline) AUC; costs
@@ -191,6 +195,7 @@ class MapTracker:
         filmstrip: bool = True,
         max_frames: int = 12,
         frame_size: int = 32,
+        display_px: Optional[int] = 64,
         drift: bool = True,
         topk: float = 0.1,
         faithfulness: bool = False,
@@ -207,6 +212,8 @@ class MapTracker:
             raise ValueError(f"MapTracker: max_frames must be >= 2 (first and latest epoch); got {max_frames}")
         if frame_size < 4:
             raise ValueError(f"MapTracker: frame_size must be >= 4 pixels; got {frame_size}")
+        if display_px is not None and display_px < 0:
+            raise ValueError(f"MapTracker: display_px must be >= 0 pixels (0: as stored) or None; got {display_px}")
         if not 0 < topk <= 1:
             raise ValueError(f"MapTracker: topk must be a fraction in (0, 1]; got {topk}")
         if deletion_steps < 1:
@@ -223,6 +230,7 @@ class MapTracker:
         self.filmstrip = filmstrip
         self.max_frames = max_frames
         self.frame_size = frame_size
+        self.display_px = display_px
         self.drift = drift
         self.topk = topk
         self.faithfulness = faithfulness
@@ -242,6 +250,8 @@ class MapTracker:
         self.prev_maps: dict[str, Tensor] = {}  # key -> [N, h, w] downsampled maps of the previous run
         self.prev_preds: Tensor | None = None
         self._layout_written = False
+        # (key, probe id) -> (display_px, {run index: shown frame, upscaled}); not saved, rebuilt from the frames
+        self._shown: dict[tuple[str, str], tuple[int, dict[int, np.ndarray]]] = {}
 
     # ------------------------------------------------------------------ all ranks
     def compute(
@@ -433,7 +443,9 @@ class MapTracker:
                 history.setdefault(pid, []).append(frame)
             self.epochs.setdefault(key, []).append(epoch)
             self._thin(key)
-        display_px = int(getattr(callback, "display_px", 128) or 0)
+        display_px = self.display_px
+        if display_px is None:
+            display_px = int(getattr(callback, "display_px", 128) or 0)
         names = callback.get_class_names(trainer) if hasattr(callback, "get_class_names") else None
         layers = {k.split("/", 1)[-1] for k in maps}
         for i, pid in enumerate(probe.ids):
@@ -445,14 +457,41 @@ class MapTracker:
                 keep = list(range(len(seq)))
                 if len(seq) > self.max_frames:  # an even subsample, always the first and the latest frame
                     keep = torch.linspace(0, len(seq) - 1, self.max_frames).round().long().tolist()
-                tiles = torch.stack([seq[j] for j in keep])  # uint8, pasted as they are
-                tiles = upscale(tiles, display_px) if display_px else tiles
-                w = int(tiles.shape[-1])
+                frames, strips, w = self._film_row(key, pid, seq, keep, epochs, display_px)
                 label = key.split("/", 1)[0] if len(layers) == 1 else key.replace("/", " ")
-                rows.append([_shared_strip(max(w, 96), [label], 14)] + list(tiles))
-                under.append([None] + [_shared_strip(w, [f"epoch {epochs[j]}"], 13) for j in keep])
+                rows.append([_shared_strip(max(w, 96), [label], 14), frames])
+                under.append([None, strips])
             caption = pid if probe.labels is None else f"{pid}  true: {class_name(probe.labels[i], names)}"
             logger.image(make_tag(method, "filmstrip", pid), compose(rows, None, caption, under=under), caption=caption)
+
+    def _film_row(
+        self, key: str, pid: str, seq: list[Tensor], keep: list[int], epochs: list[int], display_px: int
+    ) -> tuple[Tensor, Tensor, int]:
+        """One filmstrip row as two uint8 tiles -- the kept frames side by side (2 px of white between, as
+        :func:`compose` pads columns) and the epoch labels under them, pasted in numpy at once -- and the width of a
+        frame. A shown frame is upscaled once and kept while it stays shown (by run index)."""
+        runs = self.run_ids.get(key)
+        ids = [runs[j] for j in keep] if runs is not None and len(runs) == len(seq) else [None] * len(keep)
+        px, cache = self._shown.get((key, pid), (display_px, {}))
+        cache = cache if px == display_px else {}
+        shown = []
+        for j, rid in zip(keep, ids):
+            frame = cache.get(rid) if rid is not None else None
+            if frame is None:
+                t = upscale(seq[j][None], display_px)[0] if display_px else seq[j]
+                frame = np.asarray(t.permute(1, 2, 0))  # [h, w, 3] uint8
+            shown.append(frame)
+        self._shown[(key, pid)] = (display_px, {rid: f for rid, f in zip(ids, shown) if rid is not None})
+        # frames of other sizes (a resume with another frame_size): top-left in columns as wide as the widest
+        h, w = max(f.shape[0] for f in shown), max(f.shape[1] for f in shown)
+        pad, n = 2, len(shown)
+        row = np.full((h, n * w + (n - 1) * pad, 3), 255, np.uint8)
+        under = np.full((13, row.shape[1], 3), 255, np.uint8)
+        for i, (frame, j) in enumerate(zip(shown, keep)):
+            x = i * (w + pad)
+            row[: frame.shape[0], x : x + frame.shape[1]] = frame
+            under[:, x : x + w] = np.asarray(_shared_strip(w, [f"epoch {epochs[j]}"], 13).permute(1, 2, 0))
+        return torch.from_numpy(row).permute(2, 0, 1), torch.from_numpy(under).permute(2, 0, 1), w
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -475,3 +514,4 @@ class MapTracker:
         self.prev_maps = dict(state.get("prev_maps") or {})
         self.prev_preds = state.get("prev_preds")
         self._layout_written = False  # a resumed or new run's event files get the Custom Scalars layout too
+        self._shown = {}

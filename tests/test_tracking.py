@@ -49,9 +49,9 @@ class RecordingWriter:
         pass
 
 
-#: filmstrip geometry: caption strip (16 px) + padding 2 above the frames; padding 2 + a 128 px label column
-#: + padding 2 left of them; every frame (128 px at the default display_px) is followed by 2 px of padding
-FILM_Y0, FILM_X0 = 18, 132
+#: filmstrip geometry: caption strip (16 px) + padding 2 above the frames; padding 2 + a 96 px label column
+#: + padding 2 left of them; every frame (64 px at the tracker's default display_px) is followed by 2 px of padding
+FILM_Y0, FILM_X0, FRAME = 18, 100, 64
 
 
 def test_tracking_over_real_training(tmp_path):
@@ -62,12 +62,12 @@ def test_tracking_over_real_training(tmp_path):
     tiny_trainer(str(tmp_path), [cb], max_epochs=4).fit(module, train)
     acc = read_events(str(tmp_path))
     key = "viz-inputgrad/inputgrad/input"
-    # filmstrip per probe: a label column, then one 8x8 frame per epoch shown at 128 px (padding 2), at most 3
+    # filmstrip per probe: a label column, then one 8x8 frame per epoch shown at 64 px (padding 2), at most 3
     for pid in ("p000", "p001", "p002"):
         events = acc.Images(f"viz-inputgrad/filmstrip/{pid}")
         assert [e.step for e in events] == [0, 1, 2, 3]
-        assert [e.width for e in events] == [FILM_X0 + n * 130 for n in (1, 2, 3, 3)]
-        assert {e.height for e in events} == {FILM_Y0 + 128 + 1 + 13 + 2}  # frames, epoch strip, padding
+        assert [e.width for e in events] == [FILM_X0 + n * (FRAME + 2) for n in (1, 2, 3, 3)]
+        assert {e.height for e in events} == {FILM_Y0 + FRAME + 1 + 13 + 2}  # frames, epoch strip, padding
     for stat in ("drift/rank_corr", "drift/topk_iou"):
         assert scalar_steps(acc, f"{key}/{stat}") == [1, 2, 3]
     assert scalar_steps(acc, "viz-inputgrad/drift/prediction_flips") == [1, 2, 3]
@@ -102,14 +102,15 @@ def test_drift_flips_filmstrip_bound_and_resume_by_hand():
     assert w.scalars["viz-m/drift/prediction_flips"] == [(1, pytest.approx(0.5))]
     assert w.scalars["viz-m/probe_accuracy"] == [(0, pytest.approx(1.0)), (1, pytest.approx(0.5))]
     assert w.layouts == [TRACKING_LAYOUT]  # written once
-    first = w.images["viz-m/filmstrip/p001"][0][1]  # frame 0 alone, 8 px shown at 128 px
+    first = w.images["viz-m/filmstrip/p001"][0][1]  # frame 0 alone, 8 px shown at 64 px
     second = w.images["viz-m/filmstrip/p001"][1][1]
-    assert first.shape == (FILM_Y0 + 144, FILM_X0 + 130, 3) and second.shape == (FILM_Y0 + 144, FILM_X0 + 260, 3)
-    frame0 = (slice(FILM_Y0, FILM_Y0 + 128), slice(FILM_X0, FILM_X0 + 128))
-    frame1 = (slice(FILM_Y0, FILM_Y0 + 128), slice(FILM_X0 + 130, FILM_X0 + 258))
+    height = FILM_Y0 + FRAME + 16
+    assert first.shape == (height, FILM_X0 + FRAME + 2, 3) and second.shape == (height, FILM_X0 + 2 * FRAME + 4, 3)
+    frame0 = (slice(FILM_Y0, FILM_Y0 + FRAME), slice(FILM_X0, FILM_X0 + FRAME))
+    frame1 = (slice(FILM_Y0, FILM_Y0 + FRAME), slice(FILM_X0 + FRAME + 2, FILM_X0 + 2 * FRAME + 2))
     assert (second[frame0] == first[frame0]).all()  # epoch 0's frame stays in place
     assert not (second[frame1] == first[frame0]).all()  # the reversed map looks different
-    under = second[FILM_Y0 + 129 : FILM_Y0 + 142, FILM_X0 + 130 : FILM_X0 + 258]
+    under = second[FILM_Y0 + FRAME + 1 : FILM_Y0 + FRAME + 14, FILM_X0 + FRAME + 2 : FILM_X0 + 2 * FRAME + 2]
     assert (under < 128).any() and (under > 250).mean() > 0.5  # "epoch 1" written in black on white
     assert tr.epochs == {"m/l": [0, 1]}
 
@@ -123,11 +124,19 @@ def test_drift_flips_filmstrip_bound_and_resume_by_hand():
     assert w2.scalars["viz-m/m/l/drift/rank_corr"] == [(2, pytest.approx(1.0)), (3, pytest.approx(1.0))]
     assert w2.scalars["viz-m/drift/prediction_flips"] == [(2, 0.0), (3, 0.0)]
     strips = w2.images["viz-m/filmstrip/p001"]
-    assert [img.shape[1] for _, img in strips] == [FILM_X0 + 390] * 2  # 3 then 4 frames: width bounded at 3
+    assert [img.shape[1] for _, img in strips] == [FILM_X0 + 3 * (FRAME + 2)] * 2  # 3 then 4 frames: bounded at 3
     last = strips[-1][1]
     assert (last[frame0] == first[frame0]).all()  # the first epoch is always shown
     assert tr2.epochs == {"m/l": [0, 1, 2, 3]}
     assert len(tr2.frames["m/l"]["p001"]) == 4
+
+    # display_px=None shows the frames at the callback's display_px (128 without a callback); 0 as stored (8 px)
+    for display_px, frame in ((None, 128), (0, 8)):
+        w3 = RecordingWriter()
+        MapTracker(frame_size=8, display_px=display_px).log(VizLogger(w3, 0), {"m/l": a}, {}, probe)
+        img = w3.images["viz-m/filmstrip/p001"][0][1]
+        label_column, row = max(frame, 96), max(frame, 14)  # the row is as high as its 14 px label at least
+        assert img.shape == (FILM_Y0 + row + 16, 2 + label_column + 2 + frame + 2, 3), display_px
 
 
 class CenterBlobCallback(MapCallback):
@@ -257,7 +266,7 @@ def test_history_survives_resume_from_a_checkpoint(tmp_path):
     trainer(3, resumed).fit(LitTiny(TinyCNN(width=4)), train, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     acc = read_events(str(tmp_path / "logs3"))
     [strip] = acc.Images("viz-inputgrad/filmstrip/p001")
-    assert strip.step == 2 and strip.width == FILM_X0 + 3 * 130  # epochs 0 and 1 came back from the checkpoint
+    assert strip.step == 2 and strip.width == FILM_X0 + 3 * (FRAME + 2)  # epochs 0 and 1 came from the checkpoint
     assert resumed.epochs == {"inputgrad/input": [0, 1, 2]}
     assert scalar_steps(acc, "viz-inputgrad/inputgrad/input/drift/rank_corr") == [2]  # compared with epoch 1's maps
     assert scalar_steps(acc, "viz-inputgrad/drift/prediction_flips") == [2]
