@@ -406,10 +406,12 @@ def test_readme_option_tables_name_real_options_with_their_defaults():
                     required = {"TopPatchesCallback": {"layers": ["net.conv1"]}, "UnitCallback": {"channels": [0]}}
                     required = required.get(name, {})
                     getattr(cbs, name)(**{option: values[option]}, **required)
-    for _what, option, _ in _table("| What | Option (default) | Tags"):
-        for name, flag, number in re.findall(
-            r"`(\w+)`(?:\s*\((on|off)\)|\s*=\s*([\d.]+))?", option.split(" (a hit")[0]
-        ):
+    for what, option, _ in _table("| What | Option (default) | Tags"):
+        for name, number in re.findall(r"`(\w+)`=(\d[\d.]*)", what):  # `max_frames`=12 in the description
+            check(MapTracker, name, number)
+        # `drift` (on), `deletion_steps`=16, `display_px` (64; ...), `pointing_game` (`None` = ...): the defaults
+        pattern = r"`(\w+)`(?:\s*\((on|off|`None`|\d[\d.]*)[;:) =]|\s*=\s*([\d.]+))?"
+        for name, flag, number in re.findall(pattern, option.split(" (a hit")[0]):
             if name not in ("None", "True"):
                 check(MapTracker, name, flag or number or None)
     for row in _table("| Callback | What it shows |"):
