@@ -432,7 +432,8 @@ def test_readme_option_tables_name_real_options_with_their_defaults():
     for family, value in re.findall(r"(\w[\w ]*?) (\d+)", differ):
         (cls,) = [c for c in cbs.CALLBACKS if c.method == family.strip().replace(" ", "_")]
         check(cls, "num_probes", value)
-    shared = README[README.index("share these options:") : README.index("They and\n`AdversarialCallback`")]
+    start = README.index("share these options:")
+    shared = README[start : start + re.search(r"They and\s+`AdversarialCallback`", README[start:]).start()]
     shared = re.sub(r"\([^()]*\)", "", shared)  # option values and remarks in parentheses
     for cls in (cbs.ClassModelCallback, cbs.UnitCallback, cbs.InversionCallback):
         for name in re.findall(r"`(\w+)`", shared):
