@@ -40,6 +40,7 @@ __all__ = [
     "colorbar",
     "compose",
     "labeled_grid",
+    "text_px",
     "diverging_cmap",
     "class_name",
     "DIVERGING_CMAP",
@@ -213,6 +214,16 @@ def _font(size: int):
         return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1 with FreeType)
     except TypeError:  # older Pillow: the fixed bitmap font
         return ImageFont.load_default()
+
+
+def text_px(text: str, height: int = 14) -> int:
+    """Pixels a :func:`text_strip` of this ``height`` needs to show ``text`` uncut (its margins included)."""
+    font = _font(max(6, round(height * 0.78)))
+    try:
+        width = float(font.getlength(text))
+    except AttributeError:  # a bitmap font of an old Pillow
+        width = 6.0 * len(text)
+    return math.ceil(width) + 4
 
 
 def _fit(draw: object, text: str, font: object, width: float) -> str:

@@ -52,6 +52,7 @@ from .render import (
     normalize_maps,
     overlay,
     resize_maps,
+    text_px,
     to_uint8,
     upscale,
 )
@@ -459,7 +460,8 @@ class MapTracker:
                     keep = torch.linspace(0, len(seq) - 1, self.max_frames).round().long().tolist()
                 frames, strips, w = self._film_row(key, pid, seq, keep, epochs, display_px)
                 label = key.split("/", 1)[0] if len(layers) == 1 else key.replace("/", " ")
-                rows.append([_shared_strip(max(w, 96), [label], 14), frames])
+                # the label column: as wide as a frame, at least 96 px, wider (up to 200 px) for a longer label
+                rows.append([_shared_strip(max(w, 96, min(text_px(label, 14), 200)), [label], 14), frames])
                 under.append([None, strips])
             caption = pid if probe.labels is None else f"{pid}  true: {class_name(probe.labels[i], names)}"
             logger.image(make_tag(method, "filmstrip", pid), compose(rows, None, caption, under=under), caption=caption)

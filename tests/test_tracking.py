@@ -447,3 +447,22 @@ def test_resume_after_the_filmstrip_cap_continues_as_an_uninterrupted_run(tmp_pa
         va = {e.step: e.value for e in a.Scalars(tag) if e.step >= 18}
         vb = {e.step: e.value for e in b.Scalars(tag)}
         assert va == vb, (tag, va, vb)
+
+
+def test_filmstrip_label_column_fits_a_long_method_name():
+    """``guided_gradcam`` needs 100 px at the 14 px strip: the label column widens for it (was cut at 96 px)."""
+    from lightning_viz.render import text_px
+
+    probe = _probe()
+    w = RecordingWriter()
+    maps = {"guided_gradcam/l": torch.rand(4, 8, 8), "cam/l": torch.rand(4, 8, 8)}
+    MapTracker(frame_size=8).log(VizLogger(w, 0), maps, {}, probe)
+    img = w.images["viz-guided_gradcam/filmstrip/p000"][0][1]
+    need = text_px("guided_gradcam", 14)
+    assert need > 96 and img.shape[1] == 2 + need + 2 + FRAME + 2
+    from lightning_viz.render import _shared_strip, text_strip
+
+    label = img[FILM_Y0 : FILM_Y0 + 14, 2 : 2 + need]
+    assert (label == _shared_strip(need, ["guided_gradcam"], 14).permute(1, 2, 0).numpy()).all()
+    cut = (text_strip(96, ["guided_gradcam"], 14) * 255).round().byte().permute(1, 2, 0).numpy()
+    assert not (label[:, :96] == cut).all()  # at 96 px the name was cut (an ellipsis)
