@@ -301,7 +301,7 @@ class MapTracker:
                     "MapTracker(sanity_check=True) needs the MapCallback to recompute maps; "
                     "attach it as MapCallback(tracker=...)."
                 )
-            rand_maps = self._randomized_maps(pl_module, probe, callback)
+            rand_maps = self._randomized_maps(pl_module, probe, callback, out.get(PREFIX + "pred"))
             for key, m in maps.items():
                 if key in rand_maps:
                     out[f"{PREFIX}sanity/{key}"] = rank_correlation(
@@ -309,15 +309,19 @@ class MapTracker:
                     )
         return out
 
-    def _randomized_maps(self, pl_module: nn.Module, probe: ProbeSet, callback: Any) -> dict[str, Tensor]:
+    def _randomized_maps(
+        self, pl_module: nn.Module, probe: ProbeSet, callback: Any, classes: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """The callback's maps of a randomized copy of the model. A ``"predicted"`` target stays the class the trained
-        model predicts (Adebayo et al. compare maps of one class; Quantus' MPRT keeps ``y``), not the copy's own."""
+        model predicts (``classes``, when :meth:`compute` already has them; Adebayo et al. compare maps of one class;
+        Quantus' MPRT keeps ``y``), not the copy's own."""
         copy = randomized_copy(pl_module, self.seed)
         target = getattr(callback, "target", None)
         if target is None or not isinstance(resolve_target(target), PredictedTarget):
             return callback.compute_maps(copy, probe)
-        with torch.no_grad():
-            classes = pl_module(probe.to(module_device(pl_module), module_dtype(pl_module))).argmax(dim=1).cpu()
+        if classes is None:
+            with torch.no_grad():
+                classes = pl_module(probe.to(module_device(pl_module), module_dtype(pl_module))).argmax(dim=1).cpu()
         pinned = dataclasses.replace(probe, labels=classes, _fingerprint=None)
         callback.target = LabelTarget() if isinstance(target, Target) else "label"
         try:

@@ -1071,7 +1071,8 @@ class VisualizationCallback(Callback):
                 "version to keep them apart."
             )
         written[step] = written.get(step, False) or not fitting
-        for s in [s for s, by_validate in written.items() if not by_validate and s < max(written)]:
+        latest = max(written)
+        for s in [s for s, by_validate in written.items() if not by_validate and s < latest]:
             del written[s]  # a fit's step below the latest: never asked about again (bounded over long runs)
 
     def _label(self) -> str:
