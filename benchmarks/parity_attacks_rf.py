@@ -291,7 +291,10 @@ RF_LAYERS = {  # layer -> input size for the gradient method (the receptive fiel
     "alexnet": {"features.0": 64, "features.2": 64, "features.5": 128, "features.7": 160, "features.12": 320},
     "resnet18": {"maxpool": 32, "layer1": 64, "layer2": 128, "layer3": 256},
     "mobilenet_v3_small": {"features.0": 32, "features.1": 32, "features.3": 64},
+    "googlenet": {"maxpool2": 64, "inception3a": 96},  # same-size parallel branches
+    "squeezenet1_0": {"features.2": 64, "features.3": 64},
 }
+NO_RECEPTIVEFIELD = ("googlenet",)  # its functional F.relu is not linearized: at a zero input the gradient vanishes
 
 
 def tv(name: str) -> nn.Module:
@@ -301,8 +304,8 @@ def tv(name: str) -> nn.Module:
 
 def upto(model: nn.Module, name: str, layer: str) -> tuple[nn.Module, str]:
     """The model cut after ``layer`` (same modules; the receptive field is the same, the backward cheaper)."""
-    if name == "resnet18":
-        keep = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    if name in ("resnet18", "googlenet"):
+        keep = [k for k, _ in model.named_children() if not k.startswith("aux")]
         keep = keep[: keep.index(layer) + 1]
         return nn.Sequential(OrderedDict((k, getattr(model, k)) for k in keep)), layer
     head, i = layer.split(".")
@@ -389,6 +392,8 @@ def receptivefield_section() -> None:
             return self.feature_maps[0]
 
     for name, layers in RF_LAYERS.items():
+        if name in NO_RECEPTIVEFIELD:
+            continue
         base = tv(name)
         for layer, size in layers.items():
             cut, cut_layer = upto(base, name, layer)
@@ -399,7 +404,7 @@ def receptivefield_section() -> None:
                     .compute((size, size, 3))[0]
                     .rf
                 )
-                theirs = (desc.size.h, desc.stride[1], desc.offset[1])
+                theirs = (int(desc.size.h), float(desc.stride[1]), float(desc.offset[1]))
             except Exception as exc:  # its estimate may fail where the field fills the image
                 theirs = f"failed: {type(exc).__name__}"
             arith, grad = ours_rf(base, name, layer, size)
