@@ -169,7 +169,9 @@ def minimal_flip_budget(
     b = x.shape[0]
     scan = min(2, iterations)  # halvings the scan of 2^scan budgets replaces
     hi = torch.full((b,), float("inf"), device=x.device, dtype=x.dtype)
+    total = 2**scan + iterations - scan  # attacks: a progress line every few seconds inside a callback run
     for k in range(2**scan, 0, -1):  # largest first: the smallest flipping budget is written last
+        progress(2**scan - k, total, "min-flip search attacks")
         eps = torch.full_like(hi, float(max_epsilon) * k / 2**scan)
         hi = torch.where(flips(eps), eps, hi)
     ok = torch.isfinite(hi)
@@ -179,7 +181,7 @@ def minimal_flip_budget(
     hi = torch.where(already, torch.zeros_like(hi), torch.where(ok, hi, torch.full_like(hi, float(max_epsilon))))
     lo = torch.where(already, hi, lo)
     for it in range(iterations - scan):
-        progress(it, iterations - scan, "min-flip bisection steps")  # a line every few seconds inside a callback run
+        progress(2**scan + it, total, "min-flip search attacks")
         mid = (lo + hi) / 2
         f = flips(mid)
         hi = torch.where(f, mid, hi)
