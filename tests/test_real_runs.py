@@ -10,7 +10,9 @@ import re
 
 import lightning as L
 import rich
-from helpers import LitTiny, image_steps, read_events, tiny_loaders
+import torch
+import torch.nn.functional as F
+from helpers import LitTiny, image_steps, read_events, tiny_loaders, tiny_trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -61,3 +63,34 @@ def test_lines_print_above_a_rich_progress_bar(tmp_path):
     acc = read_events(str(tmp_path))
     assert image_steps(acc, "viz-gradients/panel/p000") == [0, 1]
     assert image_steps(acc, "viz-cam/panel/p000") == [0, 1, 2, 3]
+
+
+class _LogsInForward(LitTiny):
+    """A ``forward`` that logs a feature statistic (as modules logging an auxiliary loss in ``forward`` do)."""
+
+    def forward(self, x):
+        net = self.net
+        h = F.relu(net.conv2(net.relu(net.bn1(net.conv1(x)))))
+        self.log("feat_mean", h.mean(), on_step=False, on_epoch=True)
+        return net.fc(net.pool(h).flatten(1))
+
+
+def test_a_forward_that_logs_keeps_its_metrics_and_runs(tmp_path):
+    """``self.log`` inside ``forward`` is muted while a callback calls the model. Was: the setup check failed
+    (``You can't `self.log()` inside `setup```), so no callback could run on such a module; at epoch ends the probes'
+    values would have joined the user's metric. The logged values are those of a run without callbacks, and the
+    training bit-identical."""
+    runs = {}
+    for viz in (False, True):
+        torch.manual_seed(0)
+        model, logdir = _LogsInForward(), str(tmp_path / f"viz{int(viz)}")
+        cbs = [GradientCallback(num_probes=2), CAMCallback(num_probes=2, run_on="validation_epoch_end")] if viz else []
+        tiny_trainer(logdir, cbs).fit(model, *tiny_loaders())
+        acc = read_events(logdir)
+        runs[viz] = [(e.step, e.value) for e in acc.Scalars("feat_mean")], model.state_dict()
+        if viz:
+            assert image_steps(acc, "viz-gradients/panel/p000") == [0, 1]
+            assert image_steps(acc, "viz-cam/panel/p000") == [0, 1]
+    assert len(runs[False][0]) == 4 and runs[True][0] == runs[False][0]  # train + val epoch values, 2 epochs
+    assert all(torch.equal(v, runs[True][1][k]) for k, v in runs[False][1].items())
+    assert "log" not in vars(model) and "log_dict" not in vars(model)  # the mute left nothing behind
