@@ -9,6 +9,7 @@ import logging
 import re
 
 import lightning as L
+import pytest
 import rich
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.callbacks.gradients import GradientCallback
+from lightning_viz.callbacks.synthesis import UnitCallback
 from lightning_viz.progress import _BarAwareHandler
 
 
@@ -94,3 +96,10 @@ def test_a_forward_that_logs_keeps_its_metrics_and_runs(tmp_path):
     assert len(runs[False][0]) == 4 and runs[True][0] == runs[False][0]  # train + val epoch values, 2 epochs
     assert all(torch.equal(v, runs[True][1][k]) for k, v in runs[False][1].items())
     assert "log" not in vars(model) and "log_dict" not in vars(model)  # the mute left nothing behind
+
+
+def test_unit_callback_without_options_names_both_it_needs():
+    """``UnitCallback()``: both missing options in one message. Was: "needs layers", and once given, "needs
+    channels"."""
+    with pytest.raises(ValueError, match=r"UnitCallback needs layers and channels: .*channels=\[0, 1, 2\]\)"):
+        UnitCallback()
