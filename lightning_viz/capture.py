@@ -253,20 +253,22 @@ def log_muted(model: nn.Module) -> Iterator[nn.Module]:
     """Make ``self.log`` / ``self.log_dict`` of every LightningModule in ``model`` do nothing inside the block: a
     ``forward`` that logs (an auxiliary loss, a feature statistic) must not add the probes' values to the user's
     metrics, nor fail where Lightning refuses logging (setup: "You can't `self.log()` inside `setup`"). Told by the
-    class name, so this module needs no Lightning import; the instance attributes are removed on exit."""
-    muted = [m for m in model.modules() if any(c.__name__ == "LightningModule" for c in type(m).__mro__)]
-    saved: list[tuple[nn.Module, dict[str, Any]]] = [
-        (m, {k: vars(m)[k] for k in ("log", "log_dict") if k in vars(m)}) for m in muted
+    class name, so this module needs no Lightning import; an instance attribute of that name (not Lightning's
+    method) is left alone; the ones set here are removed on exit."""
+    muted = [
+        (m, k)
+        for m in model.modules()
+        if any(c.__name__ == "LightningModule" for c in type(m).__mro__)
+        for k in ("log", "log_dict")
+        if k not in vars(m)
     ]
-    for m in muted:
-        vars(m).update(log=_no_log, log_dict=_no_log)
+    for m, k in muted:
+        vars(m)[k] = _no_log
     try:
         yield model
     finally:
-        for m, old in saved:
-            for k in ("log", "log_dict"):
-                vars(m).pop(k, None)
-            vars(m).update(old)
+        for m, k in muted:
+            vars(m).pop(k, None)
 
 
 @contextlib.contextmanager
