@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 
 import lightning as L
@@ -103,3 +104,44 @@ def test_unit_callback_without_options_names_both_it_needs():
     channels"."""
     with pytest.raises(ValueError, match=r"UnitCallback needs layers and channels: .*channels=\[0, 1, 2\]\)"):
         UnitCallback()
+
+
+class _OneCycle(LitTiny):
+    """Adam with OneCycleLR stepped every optimizer step (its length from the trainer's estimate)."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        total = self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_common_trainer_knobs_together_train_the_same(tmp_path):
+    """A usual training setup: two validations per epoch, gradient accumulation and clipping, OneCycleLR,
+    EarlyStopping and ModelCheckpoint on ``val_loss``, LearningRateMonitor. With the callbacks (one on each
+    ``run_on``) the weights, every scalar the run logs and the checkpoints kept are those of the run without them;
+    each visualization is written once per epoch, at the epoch."""
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+    runs = {}
+    for viz in (False, True):
+        torch.manual_seed(0)
+        logdir = str(tmp_path / f"viz{int(viz)}")
+        ckpt = ModelCheckpoint(dirpath=logdir + "/ckpt", monitor="val_loss", save_top_k=2)
+        cbs = [LearningRateMonitor(), ckpt, EarlyStopping("val_loss", patience=3)]
+        if viz:
+            cbs += [GradientCallback(num_probes=2), CAMCallback(num_probes=2, run_on="validation_epoch_end")]
+        model = _OneCycle(lr=0.05)
+        kw = dict(val_check_interval=0.5, accumulate_grad_batches=2, gradient_clip_val=1.0, enable_checkpointing=True)
+        trainer = tiny_trainer(logdir, cbs, **kw)
+        trainer.fit(model, *tiny_loaders(n=64))
+        acc = read_events(logdir)
+        scalars = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"] if "viz-" not in t}
+        runs[viz] = model.state_dict(), scalars, sorted(os.listdir(logdir + "/ckpt")), trainer.global_step
+        if viz:
+            assert image_steps(acc, "viz-gradients/panel/p000") == [0, 1]
+            assert image_steps(acc, "viz-cam/panel/p000") == [0, 1]
+    assert runs[False][3] == 8  # 8 batches an epoch, 2 per optimizer step, 2 epochs
+    assert len(runs[False][1]["val_loss"]) == 4 and {s for s, _ in runs[False][1]["lr-Adam"]} == set(range(8))
+    assert runs[True][1:] == runs[False][1:]
+    assert all(torch.equal(v, runs[True][0][k]) for k, v in runs[False][0].items())
