@@ -191,7 +191,8 @@ def test_callback_compute_on_a_fake_device_gives_the_cpu_structure(name):
     torch.manual_seed(0)
     lit = LitTiny()
     x, y = tiny_dataset(6).tensors
-    probe = None if name == "filters" else ProbeSet(images=x, labels=y, **NORM)
+    masks = (x[:, 0] > 0).float()  # the tracker's pointing game and energy run too
+    probe = None if name == "filters" else ProbeSet(images=x, labels=y, masks=masks, **NORM)
     fake_lit = copy.deepcopy(lit)
     on_cpu = _structure(_compute(_callback(name, make), lit, probe), "cpu")
     with fake_device():
