@@ -258,7 +258,7 @@ class KeepResults(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.autocast = torch.is_autocast_enabled(CUDA.type)  # Lightning autocasts its steps, not the hooks
-        with isolated(pl_module):
+        with no_tf32(), isolated(pl_module):  # cuDNN's default TF32 convolutions would differ by ~1e-3
             self.results = self.cb.compute(pl_module, self.cb.probes)
 
 
