@@ -34,6 +34,7 @@ __all__ = [
     "frozen_params",
     "buffers_kept",
     "attributes_kept",
+    "log_muted",
     "isolated",
     "grad_enabled",
     "capture",
@@ -178,6 +179,22 @@ def fork_rng() -> Iterator[None]:
         random.setstate(py_state)
 
 
+def _autocast_off(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Autocast off for the model's device type while an enclosing ``torch.autocast`` has it on: visualizations
+    compute in the parameters' dtype wherever they are called from. (Lightning's ``precision="16-mixed"`` /
+    ``"bf16-mixed"`` autocasts only its ``*_step`` calls, not the callback hooks; an autocast around a direct call
+    would give float16 gradients, whose small values underflow, and bfloat16 maps.)"""
+    p = next(model.parameters(), None)
+    device_type = p.device.type if p is not None else "cpu"
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: one query per device type
+        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type without autocast
+        enabled = False
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+
+
 def _eager_stance() -> contextlib.AbstractContextManager:
     """Run ``torch.compile``d code eagerly: compiled graphs ignore hooks registered after compilation
     (and would recompile for every probe shape), so visualizations run the original Python modules."""
@@ -243,6 +260,33 @@ def deterministic_warn_only() -> Iterator[None]:
                 )
 
 
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``LightningModule.log`` / ``log_dict`` inside :func:`log_muted`."""
+
+
+@contextlib.contextmanager
+def log_muted(model: nn.Module) -> Iterator[nn.Module]:
+    """Make ``self.log`` / ``self.log_dict`` of every LightningModule in ``model`` do nothing inside the block: a
+    ``forward`` that logs (an auxiliary loss, a feature statistic) must not add the probes' values to the user's
+    metrics, nor fail where Lightning refuses logging (setup: "You can't `self.log()` inside `setup`"). Told by the
+    class name, so this module needs no Lightning import; an instance attribute of that name (not Lightning's
+    method) is left alone; the ones set here are removed on exit."""
+    muted = [
+        (m, k)
+        for m in model.modules()
+        if any(c.__name__ == "LightningModule" for c in type(m).__mro__)
+        for k in ("log", "log_dict")
+        if k not in vars(m)
+    ]
+    for m, k in muted:
+        vars(m)[k] = _no_log
+    try:
+        yield model
+    finally:
+        for m, k in muted:
+            vars(m).pop(k, None)
+
+
 @contextlib.contextmanager
 def isolated(model: nn.Module) -> Iterator[nn.Module]:
     """Everything a visualization needs to leave training exactly as it was.
@@ -251,9 +295,10 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
     updates), every buffer restored if it changed (:func:`buffers_kept`), every plain Python attribute of
     every submodule too (:func:`attributes_kept`: call counters, flags), every global RNG forked
     and restored (:func:`fork_rng`; methods draw noise from their own seeded ``torch.Generator``),
-    and autograd enabled even under inference mode; ``torch.compile``d modules
-    run eagerly (so hooks fire); ops without a deterministic implementation do not raise under
-    ``deterministic=True`` (:func:`deterministic_warn_only`). Yields the unwrapped model.
+    and autograd enabled even under inference mode; autocast off (:func:`_autocast_off`); ``self.log`` in a
+    ``forward`` muted (:func:`log_muted`); ``torch.compile``d modules run eagerly (so hooks fire); ops without a
+    deterministic implementation do not raise under ``deterministic=True`` (:func:`deterministic_warn_only`).
+    Yields the unwrapped model.
     """
     model = unwrap_model(model)
     with contextlib.ExitStack() as stack:
@@ -262,10 +307,12 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
         stack.enter_context(user_backward_hooks_quiet())
         stack.enter_context(fork_rng())
         stack.enter_context(grad_enabled())
+        stack.enter_context(_autocast_off(model))
         stack.enter_context(_eager_stance())
         stack.enter_context(eval_mode(model))
         stack.enter_context(frozen_params(model))
         stack.enter_context(buffers_kept(model))
+        stack.enter_context(log_muted(model))
         yield model
 
 

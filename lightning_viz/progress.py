@@ -19,15 +19,32 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Optional
+from typing import Optional, TextIO
 
 __all__ = ["logger", "reporting", "progress", "PROGRESS_EVERY_S"]
 
 
 class _BarAwareHandler(logging.StreamHandler):
-    """A stream handler that writes through ``tqdm.write`` while tqdm progress bars are shown (Lightning's default
-    progress bar): the bars are cleared, the line printed on its own, the bars drawn again. A plain write glued the
-    line to the end of the bar (``Epoch 0: 100%|...| 2/2 [...]lightning-viz epoch 0: 1.2 s (...)``)."""
+    """A stream handler that writes through ``tqdm.write`` while tqdm progress bars are shown (Lightning's
+    ``TQDMProgressBar``): the bars are cleared, the line printed on its own, the bars drawn again. A plain write glued
+    the line to the end of the bar (``Epoch 0: 100%|...| 2/2 [...]lightning-viz epoch 0: 1.2 s (...)``).
+
+    Without a ``stream`` it writes to whatever ``sys.stderr`` is at each line (as :data:`logging.lastResort`): rich's
+    live display (Lightning's ``RichProgressBar``, the default progress bar when ``rich`` is installed) swaps
+    ``sys.stderr`` for a proxy that prints above the bars. A stream taken at import wrote past the proxy, into the
+    bars: the next redraw erased the line or left it between two copies of the bar."""
+
+    def __init__(self, stream: Optional[TextIO] = None) -> None:
+        super().__init__(stream)
+        self._stream = stream
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr if self._stream is None else self._stream
+
+    @stream.setter
+    def stream(self, value: Optional[TextIO]) -> None:
+        self._stream = value
 
     def emit(self, record: logging.LogRecord) -> None:
         std = sys.modules.get("tqdm.std")  # imported only where tqdm is in use

@@ -8,7 +8,11 @@ The default test run (CI: 2 CPU cores, no GPU) does not collect this file (its n
 * a real ``Trainer.fit`` on the GPU with one callback of every family leaves parameters, ``.grad``, buffers,
   modes, hooks and the CPU *and CUDA* RNG states bit for bit as they were, and logs images;
 * training with every callback attached gives bitwise the weights of training without them
-  (``deterministic=True``: the callbacks must also run under ``torch.use_deterministic_algorithms``).
+  (``deterministic=True``: the callbacks must also run under ``torch.use_deterministic_algorithms``);
+* every pure method of tests/test_device_propagation.py (checked there on a fake device, without CUDA's own calls)
+  runs on the GPU and gives the CPU run's structure, shapes and dtypes, on the GPU or (host results) the CPU;
+* under ``precision="16-mixed"`` the callbacks log the float32 maps, and a float16 autocast around a direct call
+  changes nothing (``isolated`` turns it off).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from helpers import (
     tiny_trainer,
     trained_tiny_cnn,
 )
+from test_device_propagation import METHODS, _structure
 from test_foundation_training import CALLBACK_FACTORIES, all_callbacks
 from torch import nn
 from torch.utils.data import DataLoader
@@ -205,3 +210,72 @@ def test_public_metrics_take_gpu_tensors():
     for fn in (rank_correlation, topk_iou):
         torch.testing.assert_close(fn(a.to(CUDA), b).cpu(), fn(a, b))
         torch.testing.assert_close(fn(a.to(CUDA), b.to(CUDA)).cpu(), fn(a, b))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_runs_on_gpu_as_on_cpu(name):
+    """What the fake device cannot see (torch.cuda calls, CUDA kernels and RNG): each method for real on the GPU."""
+    fn, where = METHODS[name]
+    torch.manual_seed(0)
+    net = TinyCNN().eval()
+    x, y = tiny_dataset(5).tensors
+    on_cpu = _structure(fn(net, x, y), "cpu")
+    gpu_net = TinyCNN().eval().to(CUDA)
+    gpu_net.load_state_dict(net.state_dict())
+    with no_tf32():
+        out = fn(gpu_net, x.to(CUDA), y.to(CUDA))
+    assert _structure(out, CUDA if where == "model" else "cpu") == on_cpu
+
+
+HALF = torch.float16 if CUDA.type == "cuda" else torch.bfloat16
+
+
+def test_enclosing_float16_autocast_changes_nothing_on_gpu():
+    model, x, y = trained_tiny_cnn()
+    model, x, y = model.to(CUDA), x[:8].to(CUDA), y[:8].to(CUDA)
+
+    def maps():
+        return {
+            "saliency": G.saliency(model, x, "label", y),
+            "scorecam": C.class_activation_map(model, x, "conv2", "scorecam", "label", y),
+            "guided_gradcam": C.guided_class_activation_map(model, x, "conv2", "guided_gradcam", "label", y),
+        }
+
+    with no_tf32(), isolated(model):
+        full = maps()
+    with no_tf32(), torch.autocast(CUDA.type, dtype=HALF), isolated(model):
+        half = maps()
+    for key, m in full.items():
+        assert m.dtype == half[key].dtype == torch.float32, key
+        torch.testing.assert_close(half[key], m, rtol=1e-5, atol=1e-6 * float(m.abs().max()))
+
+
+class KeepResults(L.Callback):
+    """After the visualization callback at the last epoch end: the probes' maps it computed."""
+
+    def __init__(self, cb):
+        self.cb, self.results, self.autocast = cb, None, None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.autocast = torch.is_autocast_enabled(CUDA.type)  # Lightning autocasts its steps, not the hooks
+        with no_tf32(), isolated(pl_module):  # cuDNN's default TF32 convolutions would differ by ~1e-3
+            self.results = self.cb.compute(pl_module, self.cb.probes)
+
+
+def test_16_mixed_fit_on_gpu_logs_float32_maps(tmp_path):
+    from lightning_viz.callbacks.gradients import GradientCallback
+
+    L.seed_everything(0, verbose=False)
+    cb = GradientCallback(methods=["saliency", "integrated_gradients"], ig_steps=4, num_probes=4)
+    keep = KeepResults(cb)
+    precision = "16-mixed" if CUDA.type == "cuda" else "bf16-mixed"
+    trainer = tiny_trainer(str(tmp_path), [cb, keep], max_epochs=1, accelerator=ACCELERATOR, precision=precision)
+    model = LitTiny()
+    trainer.fit(model, *tiny_loaders(n=16))
+    assert cb.last_logged_tags and keep.autocast is False
+    x, y = cb.probes.images.to(CUDA), cb.probes.labels.to(CUDA)
+    with no_tf32(), isolated(model):
+        expected = G.saliency(model, x, "label", y).cpu()
+    got = keep.results["map:saliency/input"]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))

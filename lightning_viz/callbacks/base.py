@@ -1054,9 +1054,12 @@ class VisualizationCallback(Callback):
         if not written or step > max(written):
             return step
         free = max(written) + 1
-        rank_zero_info(
-            f"lightning-viz: {self._label()} under trainer.validate logs at step {free} (this log directory "
-            f"already has its step {step}{' and later' if max(written) > step else ''})."
+        _log.info(  # rank 0, inside the validation loop: the lightning_viz logger prints above a progress bar
+            "lightning-viz: %s under trainer.validate logs at step %d (this log directory already has its step %d%s).",
+            self._label(),
+            free,
+            step,
+            " and later" if max(written) > step else "",
         )
         return free
 
@@ -1065,10 +1068,11 @@ class VisualizationCallback(Callback):
         written = self._written.setdefault(_destination(trainer), {})
         fitting = _fitting(trainer)
         if fitting and written.get(step):
-            rank_zero_info(
-                f"lightning-viz: {self._label()} writes step {step}, which a trainer.validate before this fit "
-                "already wrote to this log directory (TensorBoard shows both); give the fit its own logger "
-                "version to keep them apart."
+            _log.info(  # rank 0, inside the fit loop: the lightning_viz logger prints above a progress bar
+                "lightning-viz: %s writes step %d, which a trainer.validate before this fit already wrote to this log "
+                "directory (TensorBoard shows both); give the fit its own logger version to keep them apart.",
+                self._label(),
+                step,
             )
         written[step] = written.get(step, False) or not fitting
         latest = max(written)

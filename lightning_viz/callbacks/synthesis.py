@@ -281,6 +281,11 @@ class UnitCallback(_InputOptimizationCallback):
         )
         super().__init__(num_probes=1, probe_seed=0, **kwargs)
         layer = single_layer(owner, renamed_option(owner, "layer", "layers", layer, layers, None))
+        if layer is None and channels is None:  # both at once, not one after the other
+            raise ValueError(
+                "UnitCallback needs layers and channels: the layer and the indices of its channels to visualize, "
+                "e.g. UnitCallback(layers='net.conv3', channels=[0, 1, 2])"
+            )
         if layer is None:
             raise ValueError(
                 "UnitCallback needs layers: the layer whose channels to visualize (e.g. layers='net.conv3')"

@@ -148,8 +148,8 @@ def conditional_probabilities(sq_distances: Tensor, perplexity: float, steps: in
     beta = d.new_ones(n)
     lo = d.new_full((n,), -math.inf)
     hi = d.new_full((n,), math.inf)
-    active = torch.ones(n, dtype=torch.bool)
-    eye = torch.eye(n, dtype=torch.bool)
+    active = torch.ones(n, dtype=torch.bool, device=d.device)
+    eye = torch.eye(n, dtype=torch.bool, device=d.device)
     p = d.new_zeros(n, n)
     for _ in range(steps):
         p = torch.exp(-d * beta[:, None]).masked_fill_(eye, 0.0)
@@ -216,7 +216,7 @@ def tsne_exact(
     n = p.shape[0]
     # Coordinates as rows of a [3, N] array whose last row is ones: one (3 x N) @ (N x N) product gives
     # (M Y)^T and M's row sums (M is symmetric), and runs ~3x faster than (N x N) @ (N x 3) with MKL.
-    ya = torch.ones(3, n, dtype=p.dtype)
+    ya = torch.ones(3, n, dtype=p.dtype, device=p.device)
     ya[:2] = init.t()
     yt = ya[:2]
     lr = max(n / _EXAGGERATION / 4.0, 50.0) if learning_rate is None else float(learning_rate)
