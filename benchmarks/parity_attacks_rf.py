@@ -244,7 +244,7 @@ def art_section() -> None:
         above = ours > grid * (1 + 1e-5)
         print(
             f"min flip budget, {name}, {n_img} images, max {max_eps}, {it} halvings: ART minimal = linear scan "
-            f"{agree}/{n_img}; our bisection = scan {same}/{n_img}, above it {int(above.sum())} "
+            f"{agree}/{n_img}; our minimal_flip_budget = scan {same}/{n_img}, above it {int(above.sum())} "
             f"(by {[round(float(v), 4) for v in (ours - grid)[above]]})"
         )
 
