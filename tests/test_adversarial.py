@@ -79,6 +79,40 @@ def test_minimal_flip_budget_matches_closed_form_on_linear_model():
     assert ((found[:2] >= exact[:2] - 1e-6) & (found[:2] <= exact[:2] + precision + 1e-6)).all()
 
 
+class Bump(nn.Module):
+    """One pixel ``p``; class 1's logit ``1 - 100 (p - 0.5)^2`` is positive only for ``|p - 0.5| < 0.1``."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(100.0))
+
+    def forward(self, x):
+        p = x.flatten(1)[:, :1]
+        return torch.cat([torch.zeros_like(p), 1 - self.scale * (p - 0.5) ** 2], 1)
+
+
+def test_minimal_flip_budget_finds_a_flip_the_full_budget_overshoots():
+    """FGSM from ``p = 0.3`` steps up (d logit_1 / dp = 40 > 0): it flips for ``eps`` in (0.1, 0.3) only, so the
+    full budget 0.5 (p = 0.8) fails; the smallest flipping budget on the grid 0.5 / 2^6 is 13 / 128 (p =
+    0.4015625, 1 - 100 * 0.0984375^2 > 0; 12 / 128 gives p = 0.39375, 1 - 100 * 0.10625^2 < 0). Bisection
+    from [0, 0.5] alone answered inf (found comparing with ART's FastGradientMethod(minimal=True))."""
+    model = Bump()
+    x = torch.tensor([0.3, 0.45]).view(2, 1, 1, 1)  # the second is class 1 already: budget 0
+    y = torch.tensor([0, 1])
+    with isolated(model):
+        assert torch.equal(predict(model, x), y)
+        assert predict(model, fgsm(model, x[:1], y[:1], 0.5))[0] == 0  # the full budget overshoots
+        found = minimal_flip_budget(model, x[:1], y[:1], max_epsilon=0.5, iterations=6)
+        other = minimal_flip_budget(model, x, torch.zeros(2, dtype=torch.long), max_epsilon=0.5, iterations=6)
+        coarse = minimal_flip_budget(model, x[:1], y[:1], max_epsilon=0.5, iterations=1)  # scans 0.25, 0.5
+        # p = 0.7 is outside the bump from the other side: beyond every scanned budget, inf
+        none = minimal_flip_budget(model, torch.full((1, 1, 1, 1), 0.7), y[:1], max_epsilon=0.05, iterations=6)
+    assert found.tolist() == [13 / 128]
+    assert other.tolist() == [13 / 128, 0.0]
+    assert coarse.tolist() == [0.25]
+    assert torch.isinf(none).all()
+
+
 def test_trained_model_flips_within_budget_and_is_untouched(trained):
     model, x, _ = trained
     model.train()

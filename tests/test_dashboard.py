@@ -311,7 +311,7 @@ def test_panel_says_when_a_map_is_all_zero(tmp_path):
 
 
 def test_adversarial_attack_and_min_flip_search_show_progress(tmp_path, caplog, monkeypatch):
-    """AdversarialCallback (PGD, then the min-flip bisection: 5 minutes for 16 probes of a 224 px ResNet-50 on a
+    """AdversarialCallback (PGD, then the min-flip search: 5 minutes for 16 probes of a 224 px ResNet-50 on a
     CPU) logs progress lines for both loops."""
     import lightning_viz.progress as progress_module
     from lightning_viz.callbacks.synthesis import AdversarialCallback
@@ -327,8 +327,10 @@ def test_adversarial_attack_and_min_flip_search_show_progress(tmp_path, caplog, 
         "lightning-viz adversarial: 0/3 PGD steps",
         "lightning-viz adversarial: 1/3 PGD steps",
         "lightning-viz adversarial: 2/3 PGD steps",
-        "lightning-viz adversarial: 0/2 min-flip bisection steps",
-        "lightning-viz adversarial: 1/2 min-flip bisection steps",
+        "lightning-viz adversarial: 0/4 min-flip search attacks",  # 2 iterations: the scan of 4 budgets
+        "lightning-viz adversarial: 1/4 min-flip search attacks",
+        "lightning-viz adversarial: 2/4 min-flip search attacks",
+        "lightning-viz adversarial: 3/4 min-flip search attacks",
     ]
 
 

@@ -131,6 +131,34 @@ def test_branching_model_falls_back_to_gradient():
         receptive_field(net, "layer2", (3, 32, 32), method="exact")
 
 
+class TwoBranches(nn.Module):
+    """A 3x3 and a 5x5 conv (same padding) side by side on one input, concatenated: an Inception block in small."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 5, padding=2)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
+def test_parallel_branches_of_one_size_are_not_a_chain():
+    """Both branches keep the size, so the size check passed and the walk composed them in series: R = 1 + 2 + 4 = 7
+    (found against torchvision GoogLeNet's inception3a: 75 where the gradient gives 43). The union is the 5x5: unit
+    (i, j) sees rows and columns [i - 2, i + 3)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(TwoBranches(), nn.Conv2d(2, 1, 1)).eval()
+    with pytest.raises(NotAConvStackError, match="'0.a' and '0.b' both read one tensor"):
+        stack_receptive_field(model, "1", (1, 12, 12))
+    boxes = receptive_field(model, "1", (1, 12, 12), method="auto")  # the gradient's support
+    i = torch.arange(12)
+    expected = torch.stack(torch.broadcast_tensors(i.view(12, 1) - 2, i.view(1, 12) - 2), -1)
+    assert torch.equal(boxes, torch.cat([expected, expected + 5], -1))
+    # an in-place activation hands its input on (a chain, not a branch); ReLU after the join is a chain too
+    chain = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(1, 1, 3, padding=1))
+    assert stack_receptive_field(chain, "2", (1, 12, 12)).size == (5, 5)
+
+
 def test_crop_boxes_pads_at_borders():
     img = torch.arange(16.0).view(1, 1, 4, 4)
     crops = crop_boxes(img.expand(2, 1, 4, 4), torch.tensor([[-1, -1, 2, 2], [1, 1, 4, 4]]), pad_value=-1.0)

@@ -440,10 +440,11 @@ class AdversarialCallback(VisualizationCallback):
         mode: ``"untargeted"`` or ``"next_class"`` (the attack's goal; ``target`` is a deprecated alias).
         random_start: PGD starts from a seeded uniform point in the ball.
         seed: seed of the random start (reset every run).
-        min_flip: also search the smallest flipping budget per probe (bisection).
+        min_flip: also search the smallest flipping budget per probe (scan and bisection).
         min_flip_max_epsilon: upper end of the search (default ``4 * epsilon``); probes not flipped even
             there count as this value in ``min_flip_eps`` and are counted in ``min_flip_unflipped``.
-        min_flip_iterations: bisection halvings (precision ``max / 2^iterations``).
+        min_flip_iterations: halvings of the search (precision ``max / 2^iterations``; the first two by a
+            scan of 4 budgets, as flipping need not be monotone in the budget).
         min_flip_attack: attack used in the search (``"fgsm"`` is cheapest; ``"pgd"`` uses ``steps``).
         loss: what the attacks climb: ``"ce"`` (cross-entropy) or ``"score"`` (the class logit itself).
         chunk_size: attack this many probes at a time (``None``: all at once); results are the same.

@@ -144,9 +144,14 @@ def minimal_flip_budget(
     loss: LossSpec = "ce",
 ) -> Tensor:
     """Smallest L-inf budget (to a precision of ``max_epsilon / 2^iterations``) with which ``attack`` flips
-    each image, by bisection over ``epsilon`` on all images at once; ``inf`` where even ``max_epsilon``
-    fails. PGD runs without random start here, so the search is deterministic.
-    Costs ``(iterations + 1)`` attacks, i.e. ``(iterations + 1) * steps`` forward/backward passes for PGD."""
+    each image, on all images at once: a scan of the budgets ``k max_epsilon / 4`` (k = 1..4) picks the first
+    quarter that flips, bisection narrows it down. ``inf`` where none of the scanned budgets flips. Flipping
+    need not be monotone in ``epsilon`` (FGSM's direction is fixed: a large step can overshoot the other
+    class's region and clamping changes it), so ``max_epsilon`` alone may fail where a smaller budget flips;
+    the scan finds those (ART's ``FastGradientMethod(minimal=True)`` scans every step). Where flipping is
+    monotone this is plain bisection over ``[0, max_epsilon]``. PGD runs without random start here, so the
+    search is deterministic. Costs ``iterations + 2`` attacks (``iterations + 1`` for ``iterations < 2``),
+    each ``steps`` forward/backward passes for PGD."""
     if max_epsilon <= 0 or iterations < 0:
         raise ValueError(f"need max_epsilon > 0 and iterations >= 0; got {max_epsilon}, {iterations}")
     if attack not in ("fgsm", "pgd"):
@@ -162,13 +167,21 @@ def minimal_flip_budget(
         return is_flipped(predict(model, adv), classes, targeted)
 
     b = x.shape[0]
-    hi = torch.full((b,), float(max_epsilon), device=x.device, dtype=x.dtype)
-    lo = torch.zeros_like(hi)
+    scan = min(2, iterations)  # halvings the scan of 2^scan budgets replaces
+    hi = torch.full((b,), float("inf"), device=x.device, dtype=x.dtype)
+    total = 2**scan + iterations - scan  # attacks: a progress line every few seconds inside a callback run
+    for k in range(2**scan, 0, -1):  # largest first: the smallest flipping budget is written last
+        progress(2**scan - k, total, "min-flip search attacks")
+        eps = torch.full_like(hi, float(max_epsilon) * k / 2**scan)
+        hi = torch.where(flips(eps), eps, hi)
+    ok = torch.isfinite(hi)
+    lo = torch.where(ok, hi - float(max_epsilon) / 2**scan, torch.zeros_like(hi))
     already = is_flipped(predict(model, x), classes, targeted)
-    ok = flips(hi) | already
-    hi = torch.where(already, lo, hi)
-    for it in range(iterations):
-        progress(it, iterations, "min-flip bisection steps")  # a line every few seconds inside a callback run
+    ok = ok | already
+    hi = torch.where(already, torch.zeros_like(hi), torch.where(ok, hi, torch.full_like(hi, float(max_epsilon))))
+    lo = torch.where(already, hi, lo)
+    for it in range(iterations - scan):
+        progress(2**scan + it, total, "min-flip search attacks")
         mid = (lo + hi) / 2
         f = flips(mid)
         hi = torch.where(f, mid, hi)

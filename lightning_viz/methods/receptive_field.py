@@ -7,8 +7,8 @@ Two ways, which agree on conv/pool stacks:
   execution order, with kernel ``k``, stride ``s``, padding ``p``, dilation ``d``:
   ``R_l = R_{l-1} + (d_l (k_l - 1)) J_{l-1}``, ``J_l = J_{l-1} s_l``, ``P_l = P_{l-1} + p_l J_{l-1}``;
   unit ``i`` then covers input pixels ``[i J - P, i J - P + R)``. The walk checks that every layer's
-  input has the spatial size the chain predicts, so a model with branches (a ResNet's downsample
-  shortcut) is refused rather than answered wrongly.
+  input has the spatial size the chain predicts and that no tensor feeds two modules, so a model with
+  branches (a ResNet's downsample shortcut, an Inception block) is refused rather than answered wrongly.
 * :func:`gradient_receptive_field` -- for any model: the non-zero support of ``d unit / d input``,
   united over a few random inputs (seeded generator), one batched backward for all positions.
 
@@ -185,8 +185,25 @@ def stack_receptive_field(model: nn.Module, layer: str, input_shape: Sequence[in
         if isinstance(out, Tensor):
             out_size[0] = tuple(out.shape[-2:])
 
+    # Parallel branches of the same size (an Inception block's 1x1 / 3x3 / pool paths, a Fire module's expands)
+    # pass the size check; they show as one tensor read by two modules that each make a new tensor (a module
+    # that returns its input, e.g. an in-place ReLU, passes it along). A shortcut added with ``+`` is no module
+    # read and needs none: an identity path sees less than the conv path it joins.
+    readers: dict[int, tuple[Tensor, str]] = {}
+    fan_out: list[str] = []
+
+    def post(m, inputs, out):
+        if done[0] or not inputs or not isinstance(inputs[0], Tensor) or out is inputs[0]:
+            return
+        name = names.get(id(m), type(m).__name__)
+        seen = readers.get(id(inputs[0]))
+        if seen is not None and seen[0] is inputs[0] and not fan_out:
+            fan_out.append(f"{seen[1]!r} and {name!r} both read one tensor")
+        readers[id(inputs[0])] = (inputs[0], name)  # the tensor kept alive, so its id is not reused
+
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_pre_hook(pre) for m in leaves]
+    handles += [m.register_forward_hook(post) for m in leaves]
     handles.append(target.register_forward_hook(post_target))
     try:
         p = next(model.parameters(), None)
@@ -206,6 +223,11 @@ def stack_receptive_field(model: nn.Module, layer: str, input_shape: Sequence[in
             h.remove()
     if not done[0]:
         raise NotAConvStackError(f"layer {layer!r} was not called in the forward pass")
+    if fan_out:
+        raise NotAConvStackError(
+            f"the model branches before the end of {layer!r} ({fan_out[0]}: parallel paths, e.g. an Inception "
+            "block), so layer arithmetic does not apply; use the gradient method"
+        )
     geoms: list[tuple] = []
     size = list(input_shape[-2:])
     for m, in_size in calls:
