@@ -256,10 +256,17 @@ def hirescam_weights(a: Tensor, g: Tensor) -> Tensor:
 def eigencam_map(a: Tensor) -> Tensor:
     """Eigen-CAM ``[B, h, w]`` (before the ReLU of the core): each position's activations ``[h*w, K]``,
     centred over positions, projected on their first right singular vector; the sign is chosen so the
-    projection correlates positively with ``sum_k A_k`` (0 where the activations are constant)."""
+    projection correlates positively with ``sum_k A_k`` (0 where the activations are constant; NaN for an image
+    whose activations are not finite, the others unaffected)."""
     b, _k, h, w = a.shape
     m = a.detach().double().flatten(2).transpose(1, 2)  # [B, h*w, K]
     m = m - m.mean(dim=1, keepdim=True)
+    finite = m.isfinite().flatten(1).all(dim=1)
+    if not bool(finite.all()):  # the SVD of a non-finite matrix fails for the whole batch: NaN for those images
+        out = torch.full((b, h, w), float("nan"), dtype=a.dtype, device=a.device)
+        if bool(finite.any()):
+            out[finite] = eigencam_map(a[finite])
+        return out
     _, _, vh = torch.linalg.svd(m, full_matrices=False)
     proj = m @ vh[:, 0, :, None]  # [B, h*w, 1]
     total = a.detach().double().sum(dim=1).flatten(1)

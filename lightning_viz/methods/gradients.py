@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..targets import LabelTarget, PredictedTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
+from .checks import check_eval, check_images
 from .shared_pass import chunks, gradient_pass
 
 __all__ = [
@@ -216,6 +217,8 @@ def _noise_seed(seed: int, image_id: int) -> int:
 def _fixed_target(model: nn.Module, x: Tensor, target: TargetSpec, labels: Optional[Tensor]):
     """For methods that evaluate perturbed inputs: pin ``"predicted"`` to the clean input's class.
     Returns ``(target, labels)``."""
+    check_images("gradient methods", x)
+    check_eval("gradient methods", model)
     tgt = resolve_target(target)
     if isinstance(tgt, PredictedTarget):
         with torch.no_grad():

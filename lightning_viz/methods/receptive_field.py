@@ -31,6 +31,7 @@ from ..capture import capture
 from ..layers import get_layer, named_layers
 from ..progress import progress
 from .batching import images_per_forward
+from .checks import check_eval
 
 __all__ = [
     "ReceptiveField",
@@ -338,6 +339,7 @@ def receptive_field(
         except NotAConvStackError:
             if method == "arithmetic":
                 raise
+    check_eval("receptive_field (gradient)", model)  # batch statistics would spread every input over every output
     _, boxes = gradient_receptive_field(model, layer, input_shape, memory_mb=memory_mb)
     return _unclip(boxes, int(input_shape[-2]), int(input_shape[-1]))
 

@@ -13,7 +13,7 @@ a batch of images (one image per class / unit / probe, all in one batch) under t
 Gradients are taken with ``torch.autograd.grad`` w.r.t. the image parameters only: the model's
 parameters never get a ``.grad``. Run inside :func:`lightning_viz.capture.isolated` (the callbacks do)
 so eval mode, frozen parameters and the untouched global RNG are guaranteed; every random draw here
-comes from the ``generator`` argument.
+comes from the ``generator`` argument (``None``: a fresh generator seeded 0, never the global RNG).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..capture import capture, forward_until
 from ..layers import module_device, module_dtype
 from ..progress import progress
+from .checks import check_eval, check_images
 from .objectives import Objective, channel, class_logit, feature_match, neuron
 from .parameterization import make_param
 from .regularizers import L2Penalty, Regularizer, penalty_grads, total_penalty
@@ -238,6 +239,9 @@ def optimize_input(
         raise ValueError(f"unknown optimizer {optimizer!r}; allowed: 'adam', 'sgd'")
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W); got {tuple(shape)}")
+    check_eval("optimize_input", model)
+    if generator is None:  # never the global RNG: the same draws (noise init, jitter) on every call
+        generator = torch.Generator().manual_seed(0)
     device, dtype = module_device(model), work_dtype(module_dtype(model))
     if bounds is not None:
         bounds = (bounds[0].to(device, dtype), bounds[1].to(device, dtype))
@@ -303,6 +307,8 @@ def invert_features(
     minimize ``||phi(x') - phi0||^2 / ||phi0||^2`` plus the image prior in ``regularizers`` (Mahendran &
     Vedaldi 2015; use ``TotalVariation`` and ``L2Penalty``). ``scores`` are the negated normalized
     squared feature errors, so ``(-scores).sqrt()`` is the relative feature error."""
+    check_images("invert_features", x)
+    check_eval("invert_features", model)
     with torch.no_grad(), capture(model, [layer]) as cap:
         model(x.detach().to(module_device(model), module_dtype(model), copy=True))
         phi0 = cap[layer]
