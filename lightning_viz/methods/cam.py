@@ -611,8 +611,9 @@ def class_activation_map(
     chunk_size: Optional[int] = None,
     probabilities: Probabilities = "softmax",
 ) -> Tensor:
-    """``[B, H, W]`` CAM of ``layer`` (one forward + one backward per chunk, plus the variant's extra forwards;
-    the backward stops at ``layer``: no input gradient is taken). ``probabilities``: Score-CAM's softmax or
+    """``[B, H, W]`` CAM of ``layer`` by ``method`` (each variant's paper and equation: :data:`CAM_VARIANTS`); one
+    forward + one backward per chunk, plus the variant's extra forwards (the backward stops at ``layer``: no input
+    gradient is taken). ``probabilities``: Score-CAM's softmax or
     per-class sigmoid (:func:`scorecam_weights`)."""
     result = gradient_pass(model, x, target, labels, [layer], None, chunk_size, input_grad=False)
     return variant_from_pass(
@@ -629,7 +630,8 @@ def guided_class_activation_map(
     labels: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
 ) -> Tensor:
-    """``[B, C, H, W]`` Guided Grad-CAM(++) of ``layer`` (a plain and a guided pass per chunk)."""
+    """``[B, C, H, W]`` Guided Grad-CAM(++) of ``layer`` (Selvaraju et al. 2017, Sec. 3: guided backprop times the
+    upsampled CAM; a plain and a guided pass per chunk)."""
     plain = gradient_pass(model, x, target, labels, [layer], None, chunk_size, input_grad=False)
     guided = gradient_pass(model, x, target, labels, (), "guided", chunk_size)
     return guided_cam_from_passes(plain, guided, layer, method)

@@ -93,7 +93,7 @@ def extract_features(
 
 
 def pca_2d(features: Tensor, dims: int = 2) -> Tensor:
-    """``[N, D]`` -> ``[N, dims]`` scores on the leading principal axes (SVD of the centered data).
+    """``[N, D]`` -> ``[N, dims]`` scores on the leading principal axes (PCA, Pearson 1901; SVD of the centered data).
 
     Each axis's sign is fixed so that its largest-magnitude loading is positive (stable across epochs).
     Missing dimensions (``N`` or ``D`` < dims) are zero. Probe-set sizes (up to 2^20 values) on one torch

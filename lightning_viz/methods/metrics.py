@@ -313,7 +313,7 @@ def _average_ranks(v: Tensor) -> Tensor:
 
 
 def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation of each pair of maps, ``[B]`` (ties get average ranks;
+    """Spearman rank correlation of each pair of maps (as Adebayo et al. 2018, Sec. 3), ``[B]`` (ties get average ranks;
     ``b`` is resized to ``a``'s size). NaN where a map is constant."""
     b = _resize(b.to(a.device), (a.shape[-2], a.shape[-1]))
     ra, rb = _average_ranks(a.detach().float().flatten(1)), _average_ranks(b.flatten(1))
@@ -324,8 +324,9 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
 
 
 def topk_iou(a: Tensor, b: Tensor, fraction: float = 0.1) -> Tensor:
-    """IoU of the top ``fraction`` pixels of two maps, ``[B]`` (exactly ``ceil(fraction * HW)`` pixels
-    each, ties by pixel index; ``b`` is resized to ``a``'s size); NaN where a map has non-finite values."""
+    """IoU of the top ``fraction`` pixels of two maps (as Adebayo et al. 2018, Sec. 3), ``[B]`` (exactly
+    ``ceil(fraction * HW)`` pixels each, ties by pixel index; ``b`` is resized to ``a``'s size); NaN where a map has
+    non-finite values."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
     b = _resize(b.to(a.device), (a.shape[-2], a.shape[-1])).flatten(1)

@@ -324,7 +324,8 @@ def gradient_receptive_field(
 def receptive_field(
     model: nn.Module, layer: str, input_shape: Sequence[int], method: str = "auto", memory_mb: Optional[float] = None
 ) -> Tensor:
-    """Input boxes ``[h, w, 4]`` (``y0, x0, y1, x1``, end exclusive) of every output position of ``layer``.
+    """Input boxes ``[h, w, 4]`` (``y0, x0, y1, x1``, end exclusive) of every output position of ``layer``
+    (receptive fields, Araujo et al. 2019).
 
     ``method``: ``"arithmetic"`` (:func:`stack_receptive_field`, boxes may extend past the border),
     ``"gradient"`` (:func:`gradient_receptive_field`; boxes clipped by the border are extended back to
