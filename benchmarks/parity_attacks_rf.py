@@ -159,6 +159,11 @@ def torchattacks_section() -> None:
                     )
                 adv = ours_at(EPS, model=folded, x=p, bounds=b)
                 show("  ... vs ours on the model with the normalization folded in, pixel eps", (adv - m_) / s_, theirs)
+            if name == "FGSM":
+                ours_px = fgsm(model, xn, yn, EPS, bounds=nb, std=std)
+            else:
+                ours_px = pgd(model, xn, yn, EPS, STEPS, ALPHA, random_start=False, bounds=nb, std=std)
+            show(f"  ... vs ours with std= (pixel units: AdversarialCallback's default), {label}", ours_px, theirs)
 
 
 def art_section() -> None:

@@ -217,12 +217,84 @@ def test_adversarial_callback_runs_a_model_in_another_dtype_than_the_probes():
     x, y = tiny_dataset(3).tensors
     x = x.clamp(-1, 1)  # inside the valid range of mean = std = 0.5
     model = LitTiny(TinyCNN(width=4)).double()  # e.g. Trainer(precision="64-true"); the probes stay float32
-    cb = AdversarialCallback(epsilon=0.5, steps=2, min_flip_iterations=2)
+    cb = AdversarialCallback(epsilon=0.25, steps=2, min_flip_iterations=2)  # pixels: 0.25 / std = 0.5 input units
     with isolated(model):
         out = cb.compute(model, ProbeSet(images=x, labels=y, mean=[0.5] * 3, std=[0.5] * 3))
         clean = predict(model, x.double())
     assert torch.equal(out["clean_pred"], clean)
     assert (out["adv"] - x.double()).abs().amax() <= 0.5 + 1e-9 and out["adv"].min() >= -1 and out["adv"].max() <= 1
+
+
+class _Normalized(nn.Module):
+    """A model on [0, 1] pixel images: the normalization folded in, as torchattacks / ART / foolbox attack it."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, p):
+        return self.net((p - self.mean) / self.std)
+
+
+def test_pixel_unit_budgets_equal_attacks_on_pixels_through_the_normalization():
+    """``std=``: epsilon / step size in pixel units. The same attack as on [0, 1] pixels with the normalization folded
+    into the model (what the peer libraries do), per channel ``eps / std_c`` in input units."""
+    torch.manual_seed(0)
+    net = TinyCNN(width=4).eval()
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    pix = torch.rand(4, 3, 8, 8)
+    x = (pix - m) / s
+    y = torch.tensor([0, 1, 0, 1])
+    folded = _Normalized(net, mean, std)
+    eps = 8 / 255
+    lo, hi = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    start = torch.rand(4, 3, 8, 8) * 2 - 1
+    with isolated(net), isolated(folded):
+        ours = fgsm(net, x, y, eps, bounds=valid_range(mean, std), std=std)
+        theirs = fgsm(folded, pix, y, eps, bounds=(lo, hi))
+        ours_pgd = pgd(net, x, y, eps, steps=4, start=start, bounds=valid_range(mean, std), std=std)
+        theirs_pgd = pgd(folded, pix, y, eps, steps=4, start=start, bounds=(lo, hi))
+        budget = minimal_flip_budget(net, x, y, max_epsilon=0.5, iterations=5, std=std)
+        budget_pix = minimal_flip_budget(folded, pix, y, max_epsilon=0.5, iterations=5, bounds=None)
+    for a, b in ((ours, theirs), (ours_pgd, theirs_pgd)):
+        assert torch.allclose(a * s + m, b, atol=1e-5)
+        d = (a - x) * s  # in pixels: the whole budget, never more
+        assert float(d.abs().amax()) == pytest.approx(eps, abs=1e-5)
+        per_channel = (a - x).abs().amax(dim=(0, 2, 3))  # in input units: eps / std_c
+        assert torch.allclose(per_channel, eps / torch.tensor(std), atol=1e-5)
+    assert torch.allclose(budget, budget_pix)
+    # input units (no std): the ball is eps in the normalized tensor, i.e. eps * std_c in pixels
+    with isolated(net):
+        plain = fgsm(net, x, y, eps)
+    assert torch.allclose((plain - x).abs().amax(dim=(0, 2, 3)), torch.full((3,), eps), atol=1e-6)
+    with pytest.raises(ValueError, match="std must be positive"):
+        fgsm(net, x, y, eps, std=[0.2, 0.2])
+
+
+def test_adversarial_callback_budget_in_pixels_or_input_units(tmp_path):
+    """The callback's default ``epsilon_units="pixels"``: with the probes' std 0.25, epsilon 0.1 moves input values by
+    up to 0.4 and the logged L-inf is 0.1 (pixels); ``"input"`` keeps the budget in the normalized tensor."""
+    from lightning_viz.probe import ProbeSet
+
+    x, y = tiny_dataset(4).tensors
+    probes = ProbeSet(images=x.clamp(-1, 1), labels=y, mean=[0.5] * 3, std=[0.25] * 3)
+    model = LitTiny(TinyCNN(width=4))
+    outs = {}
+    for units in ("pixels", "input"):
+        cb = AdversarialCallback(epsilon=0.1, epsilon_units=units, attack="fgsm", min_flip=False, probes=probes)
+        with isolated(model):
+            outs[units] = (cb.compute(model, probes)["adv"] - probes.images).abs().amax()
+    assert float(outs["pixels"]) == pytest.approx(0.4, abs=1e-5)
+    assert float(outs["input"]) == pytest.approx(0.1, abs=1e-6)
+    cb = AdversarialCallback(epsilon=0.1, attack="fgsm", min_flip=False, probes=probes)
+    tiny_trainer(str(tmp_path), [cb]).fit(model, *tiny_loaders(8))
+    linf = [e.value for e in read_events(str(tmp_path)).Scalars("viz-adversarial/linf")]
+    assert linf and all(v == pytest.approx(0.1, abs=1e-5) for v in linf)
+    with pytest.raises(ValueError, match="epsilon_units must be 'pixels' or 'input'"):
+        AdversarialCallback(epsilon_units="levels")
 
 
 def test_adversarial_callback_same_result_on_any_rank_split_or_chunking(trained):

@@ -425,7 +425,7 @@ class InversionCallback(_InputOptimizationCallback):
 
 
 class AdversarialCallback(VisualizationCallback):
-    """Adversarial examples of the probes under an L-inf budget ``epsilon`` (model input space), and the
+    """Adversarial examples of the probes under an L-inf budget ``epsilon`` (pixel units by default), and the
     smallest budget that flips each probe, as a robustness curve over training. Per probe, split over ranks.
 
     The attack moves each probe away from the model's clean prediction (``mode="untargeted"``) or
@@ -433,7 +433,13 @@ class AdversarialCallback(VisualizationCallback):
     leaves (reaches) that class.
 
     Args:
-        epsilon: L-inf budget of the logged attack.
+        epsilon: L-inf budget of the logged attack, in ``epsilon_units``.
+        epsilon_units: ``"pixels"`` (default): ``epsilon``, ``step_size`` and ``min_flip_max_epsilon`` are in pixel
+            units of the images before the probes' normalization (``[0, 1]``; e.g. ``8 / 255``), as torchattacks,
+            ART and foolbox take them: per channel ``epsilon / std_c`` in the model's input (for uint8 probes,
+            ``epsilon * 255`` levels); the ``linf`` / ``l2`` / ``min_flip_eps`` scalars are in the same units.
+            ``"input"``: in the model's input units (the normalized tensor). Without a known normalization (no
+            ``mean`` / ``std`` on the probes) the two are the same.
         attack: ``"pgd"`` (Madry et al. 2018) or ``"fgsm"`` (Goodfellow et al. 2015).
         steps: PGD steps.
         step_size: PGD step (default ``2.5 * epsilon / steps``).
@@ -458,6 +464,7 @@ class AdversarialCallback(VisualizationCallback):
     def __init__(
         self,
         epsilon: float = 0.03,
+        epsilon_units: Literal["pixels", "input"] = "pixels",
         attack: Literal["pgd", "fgsm"] = "pgd",
         steps: int = 10,
         step_size: Optional[float] = None,
@@ -485,6 +492,9 @@ class AdversarialCallback(VisualizationCallback):
         mode = renamed_option(type(self).__name__, "target", "mode", target, mode, "untargeted")
         if epsilon <= 0:
             raise ValueError(f"AdversarialCallback: epsilon must be > 0; got {epsilon}")
+        if epsilon_units not in ("pixels", "input"):
+            raise ValueError(f"AdversarialCallback: epsilon_units must be 'pixels' or 'input'; got {epsilon_units!r}")
+        self.epsilon_units = epsilon_units
         if attack not in ("pgd", "fgsm") or min_flip_attack not in ("pgd", "fgsm"):
             raise ValueError(
                 "AdversarialCallback: attack and min_flip_attack must be 'pgd' or 'fgsm'; "
@@ -517,18 +527,25 @@ class AdversarialCallback(VisualizationCallback):
         parts = [self.attack_probes(pl_module, probe.subset(slice(i, i + step))) for i in range(0, n, step)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
+    def budget_std(self, probe: ProbeSet) -> Optional[list[float]]:
+        """The per-channel std that turns pixel-unit budgets into input units (``None``: input units already)."""
+        if self.epsilon_units != "pixels" or probe.std is None:
+            return None
+        return [float(v) for v in probe.std]
+
     def attack_probes(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
         """Attack (and bisect the flip budget of) one chunk of probes; all results per probe, on CPU."""
         device = module_device(pl_module)
         x = probe.to(device, module_dtype(pl_module))
         bounds = valid_range(probe.mean, probe.std, device)
+        std = self.budget_std(probe)
         with torch.no_grad():
             logits = pl_module(x)
         clean = logits.argmax(1)
         targeted = self.mode == "next_class"
         classes = (clean + 1) % logits.shape[1] if targeted else clean
         if self.attack == "fgsm":
-            adv = fgsm(pl_module, x, classes, self.epsilon, targeted=targeted, bounds=bounds, loss=self.loss)
+            adv = fgsm(pl_module, x, classes, self.epsilon, targeted=targeted, bounds=bounds, loss=self.loss, std=std)
         else:
             # per-probe random start: the same attack whatever the split of the probes over ranks
             start = (
@@ -548,6 +565,7 @@ class AdversarialCallback(VisualizationCallback):
                 start=start,
                 bounds=bounds,
                 loss=self.loss,
+                std=std,
             )
         out = {
             "adv": adv.cpu(),
@@ -567,6 +585,7 @@ class AdversarialCallback(VisualizationCallback):
                 targeted=targeted,
                 bounds=bounds,
                 loss=self.loss,
+                std=std,
             ).cpu()
         return out
 
@@ -574,8 +593,12 @@ class AdversarialCallback(VisualizationCallback):
         assert probe is not None  # needs_probes is True: the base class always passes the probes
         self.warn_non_finite("the adversarial images", results["adv"], rows="probes")
         delta = results["adv"] - probe.images.float()
+        std = self.budget_std(probe)
+        if std is not None:  # in epsilon's units: pixels
+            delta = delta * torch.tensor(std, dtype=delta.dtype).view(1, -1, 1, 1)
         flat = delta.flatten(1)
         amplified = (0.5 + delta / (2 * self.epsilon)).clamp(0, 1)  # the full budget [-eps, eps] spans [0, 1]
+        units = " (pixels)" if std is not None else ""
         originals = probe.display_images()
         advs = _display(results["adv"], probe.mean, probe.std)
         if self.display_px:
@@ -593,7 +616,7 @@ class AdversarialCallback(VisualizationCallback):
             head = ["prediction", "original", f"delta +-{self.epsilon:g}", "adversarial"]
             logger.image(
                 make_tag(self.method, "grid"),
-                compose(rows, head, f"{self.attack} attack, L-inf budget {self.epsilon:g}"),
+                compose(rows, head, f"{self.attack} attack, L-inf budget {self.epsilon:g}{units}"),
             )
         for i, pid in enumerate(probe.ids if self.layout == "per_probe" else []):
             grid = image_grid(torch.stack([originals[i], amplified[i], advs[i]]), nrow=3)

@@ -10,13 +10,17 @@
 ascent on the target's logit as in the fooling images of Szegedy et al. 2014 / Nguyen et al. 2015).
 Untargeted attacks ascend ``J`` for the reference class (move away from it); targeted attacks descend it
 for the target class (move toward it). ``epsilon`` may be one float
-or one value per image (``Tensor[B]``), in the model's input space. ``bounds=(lo, hi)`` (see
-:func:`lightning_viz.methods.synthesis.valid_range`) keeps the images valid. Gradients are taken
-with ``torch.autograd.grad`` w.r.t. the input only; run inside ``isolated(model)``.
+or one value per image (``Tensor[B]``), in the model's input space; with ``std`` (the per-channel std of the input
+normalization ``x = (p - mean) / std``) it is in pixel units instead, as torchattacks, ART and foolbox take it on
+``[0, 1]`` images: the ball ``||p' - p||_inf <= eps`` in pixel space is ``|x'_c - x_c| <= eps / std_c`` per channel in
+input space, and a pixel-space step ``alpha sign(grad_p J)`` is ``alpha / std_c sign(grad_x J)``.
+``bounds=(lo, hi)`` (see :func:`lightning_viz.methods.synthesis.valid_range`) keeps the images valid. Gradients are
+taken with ``torch.autograd.grad`` w.r.t. the input only; run inside ``isolated(model)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -34,7 +38,8 @@ def predict(model: nn.Module, x: Tensor) -> Tensor:
         return model(x).argmax(dim=1)
 
 
-def _per_image(value: float | Tensor, x: Tensor) -> Tensor:
+def _per_image(value: float | Tensor, x: Tensor, std: Sequence[float] | Tensor | None = None) -> Tensor:
+    """``[B, 1, 1, 1]`` budgets in input units, or ``[B, C, 1, 1]`` (``value / std_c``) for pixel-unit ``value``."""
     t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
     if t.ndim == 0:
         t = t.expand(x.shape[0])
@@ -42,7 +47,15 @@ def _per_image(value: float | Tensor, x: Tensor) -> Tensor:
         raise ValueError(f"need one epsilon per image ({x.shape[0]}); got shape {tuple(t.shape)}")
     if bool((t < 0).any()):
         raise ValueError(f"epsilon must be >= 0; got {t.tolist()}")
-    return t.view(-1, 1, 1, 1)
+    t = t.view(-1, 1, 1, 1)
+    if std is None:
+        return t
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+    if s.shape[1] not in (1, x.shape[1]) or bool((s <= 0).any()):
+        raise ValueError(
+            f"std must be positive, one value or one per channel ({x.shape[1]}); got {s.flatten().tolist()}"
+        )
+    return t / s
 
 
 def _clamp(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -82,11 +95,13 @@ def fgsm(
     targeted: bool = False,
     bounds: tuple[Tensor, Tensor] | None = None,
     loss: LossSpec = "ce",
+    std: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
-    """Fast gradient sign method (Goodfellow et al. 2015): one signed-gradient step of size ``epsilon``.
-    ``classes``: the class to move away from (untargeted) or toward (``targeted``)."""
+    """Fast gradient sign method (Goodfellow et al. 2015): one signed-gradient step of size ``epsilon``
+    (pixel units with ``std``, see the module docstring). ``classes``: the class to move away from (untargeted) or
+    toward (``targeted``)."""
     x = x.detach()
-    eps = _per_image(epsilon, x)
+    eps = _per_image(epsilon, x, std)
     return _project(x + eps * _loss_sign_grad(model, x, classes, targeted, loss), x, eps, bounds).detach()
 
 
@@ -103,16 +118,18 @@ def pgd(
     bounds: tuple[Tensor, Tensor] | None = None,
     start: Tensor | None = None,
     loss: LossSpec = "ce",
+    std: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
     """Projected gradient descent in the L-inf ball (Madry et al. 2018): ``steps`` signed steps of
     ``step_size`` (default ``2.5 * epsilon / steps``), each projected back into the ball and ``bounds``,
     starting from ``x`` plus uniform noise in the ball drawn from ``generator`` (``random_start``), or
-    from ``x + start * epsilon`` for given noise ``start`` in ``[-1, 1]`` shaped like ``x``."""
+    from ``x + start * epsilon`` for given noise ``start`` in ``[-1, 1]`` shaped like ``x``. With ``std``,
+    ``epsilon`` and ``step_size`` are in pixel units (module docstring)."""
     if steps < 1:
         raise ValueError(f"pgd needs steps >= 1; got {steps}")
     x = x.detach()
-    eps = _per_image(epsilon, x)
-    alpha = 2.5 * eps / steps if step_size is None else _per_image(step_size, x)
+    eps = _per_image(epsilon, x, std)
+    alpha = 2.5 * eps / steps if step_size is None else _per_image(step_size, x, std)
     x_adv = x.clone()
     if random_start or start is not None:
         if start is None:
@@ -142,6 +159,7 @@ def minimal_flip_budget(
     targeted: bool = False,
     bounds: tuple[Tensor, Tensor] | None = None,
     loss: LossSpec = "ce",
+    std: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
     """Smallest L-inf budget (to a precision of ``max_epsilon / 2^iterations``) with which ``attack`` flips
     each image, on all images at once: a scan of the budgets ``k max_epsilon / 4`` (k = 1..4) picks the first
@@ -151,7 +169,7 @@ def minimal_flip_budget(
     the scan finds those (ART's ``FastGradientMethod(minimal=True)`` scans every step). Where flipping is
     monotone this is plain bisection over ``[0, max_epsilon]``. PGD runs without random start here, so the
     search is deterministic. Costs ``iterations + 2`` attacks (``iterations + 1`` for ``iterations < 2``),
-    each ``steps`` forward/backward passes for PGD."""
+    each ``steps`` forward/backward passes for PGD. With ``std``, budgets are in pixel units (module docstring)."""
     if max_epsilon <= 0 or iterations < 0:
         raise ValueError(f"need max_epsilon > 0 and iterations >= 0; got {max_epsilon}, {iterations}")
     if attack not in ("fgsm", "pgd"):
@@ -159,10 +177,19 @@ def minimal_flip_budget(
 
     def flips(eps: Tensor) -> Tensor:
         if attack == "fgsm":
-            adv = fgsm(model, x, classes, eps, targeted=targeted, bounds=bounds, loss=loss)
+            adv = fgsm(model, x, classes, eps, targeted=targeted, bounds=bounds, loss=loss, std=std)
         else:
             adv = pgd(
-                model, x, classes, eps, steps=steps, targeted=targeted, random_start=False, bounds=bounds, loss=loss
+                model,
+                x,
+                classes,
+                eps,
+                steps=steps,
+                targeted=targeted,
+                random_start=False,
+                bounds=bounds,
+                loss=loss,
+                std=std,
             )
         return is_flipped(predict(model, adv), classes, targeted)
 
