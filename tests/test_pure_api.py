@@ -25,6 +25,8 @@ from lightning_viz.methods import (
     topk_iou,
     tsne_2d,
 )
+from lightning_viz.methods.cam import scorecam_weights
+from lightning_viz.methods.shared_pass import gradient_pass
 from lightning_viz.probe import ProbeSet
 from lightning_viz.targets import model_adapter
 
@@ -144,3 +146,19 @@ def test_cam_callback_with_eigencam_leaves_a_nan_probe_out_instead_of_failing():
         maps = CAMCallback(methods=["eigencam"], layers=["net.conv2"]).compute_maps(net, probe)
     (key,) = maps
     assert maps[key][1].isnan().all() and maps[key][[0, 2]].isfinite().all()
+
+
+def test_scorecam_masks_of_a_constant_channel_are_zero_not_interpolation_noise():
+    # resnet18 at 32 px: layer4 is 1 x 1, so every upsampled activation map is constant up to the rounding of the
+    # bilinear interpolation; before, min-max normalization stretched that noise to random [0, 1] masks and the
+    # weights differed per channel (and between float32 and float64 by ~1e-3)
+    model, x = _resnet(10).eval(), _images(2, 32)
+    acts = gradient_pass(model, x, 0, None, ["layer4"], input_grad=False).activations["layer4"]
+    assert acts.shape[-2:] == (1, 1)
+    w = scorecam_weights(model, x, acts, 0)
+    zero = torch.softmax(model(torch.zeros_like(x)), dim=1)[:, 0]  # every mask zero: the blank image's probability
+    torch.testing.assert_close(w, zero[:, None].expand_as(w))
+    m64 = model.double()
+    maps64 = class_activation_map(m64, x.double(), "layer4", method="scorecam", target=0)
+    maps32 = class_activation_map(model.float(), x, "layer4", method="scorecam", target=0)
+    torch.testing.assert_close(maps32.double(), maps64, rtol=1e-5, atol=1e-6)

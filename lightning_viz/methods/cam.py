@@ -237,7 +237,10 @@ def scorecam_weights(
         masks = F.interpolate(acts[sl, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
         lo = masks.flatten(1).amin(1)[:, None, None, None]
         hi = masks.flatten(1).amax(1)[:, None, None, None]
-        masks = torch.where(hi > lo, (masks - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(masks))
+        # constant at the layer's resolution (a 1 x 1 map, a saturated channel): a zero mask; testing the upsampled
+        # map alone would stretch the rounding noise of the interpolation (~1e-7 relative) to a [0, 1] random mask
+        varies = (acts[sl].flatten(1).amax(1) > acts[sl].flatten(1).amin(1))[:, None, None, None] & (hi > lo)
+        masks = torch.where(varies, (masks - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(masks))
         masked = x[img[sl]] * masks.to(x.dtype)
         logits = model(masked)
         if isinstance(tgt, CallableTarget):
