@@ -19,6 +19,7 @@ from lightning_viz.methods import (
     occlusion,
     pca_2d,
     pointing_game,
+    rank_correlation,
     receptive_field,
     saliency,
     smoothgrad,
@@ -162,3 +163,10 @@ def test_scorecam_masks_of_a_constant_channel_are_zero_not_interpolation_noise()
     maps64 = class_activation_map(m64, x.double(), "layer4", method="scorecam", target=0)
     maps32 = class_activation_map(model.float(), x, "layer4", method="scorecam", target=0)
     torch.testing.assert_close(maps32.double(), maps64, rtol=1e-5, atol=1e-6)
+
+
+def test_similarity_of_maps_of_different_batches_fails_instead_of_broadcasting():
+    a, b = torch.rand(2, 4, 4), torch.rand(1, 4, 4)
+    for similarity in (rank_correlation, topk_iou):
+        with pytest.raises(ValueError, match=r"image by image; got \(2, 4, 4\) and \(1, 4, 4\)"):
+            similarity(a, b)

@@ -312,9 +312,16 @@ def _average_ranks(v: Tensor) -> Tensor:
     return torch.empty(s.shape, dtype=torch.float64, device=v.device).scatter_(1, order, (first + last).double() / 2)
 
 
+def _check_pair(fn: str, a: Tensor, b: Tensor) -> None:
+    """Two batches of maps ``[B, h, w]`` of the same images (a smaller batch would broadcast silently)."""
+    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"{fn} compares maps [B, h, w] image by image; got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
 def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
     """Spearman rank correlation of each pair of maps (as Adebayo et al. 2018, Sec. 3), ``[B]`` (ties get average ranks;
     ``b`` is resized to ``a``'s size). NaN where a map is constant."""
+    _check_pair("rank_correlation", a, b)
     b = _resize(b.to(a.device), (a.shape[-2], a.shape[-1]))
     ra, rb = _average_ranks(a.detach().float().flatten(1)), _average_ranks(b.flatten(1))
     ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
@@ -329,6 +336,7 @@ def topk_iou(a: Tensor, b: Tensor, fraction: float = 0.1) -> Tensor:
     non-finite values."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
+    _check_pair("topk_iou", a, b)
     b = _resize(b.to(a.device), (a.shape[-2], a.shape[-1])).flatten(1)
     a = a.detach().float().flatten(1)
     k = max(1, math.ceil(fraction * a.shape[1]))
