@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 __all__ = ["check_images", "check_eval"]
@@ -20,6 +21,8 @@ def _mode_dependent(module: nn.Module) -> bool:
     """Modules whose forward differs between train and eval mode (batch statistics, random drops)."""
     if isinstance(module, _BatchNorm):
         return True
+    if isinstance(module, _InstanceNorm):  # running statistics used in eval mode only when tracked
+        return module.track_running_stats
     if isinstance(module, (_DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)):
         return module.p > 0
     name = type(module).__name__
