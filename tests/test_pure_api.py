@@ -25,6 +25,7 @@ from lightning_viz.methods import (
     smoothgrad,
     topk_iou,
     tsne_2d,
+    unit_images,
 )
 from lightning_viz.methods.cam import scorecam_weights
 from lightning_viz.methods.shared_pass import gradient_pass
@@ -170,3 +171,11 @@ def test_similarity_of_maps_of_different_batches_fails_instead_of_broadcasting()
     for similarity in (rank_correlation, topk_iou):
         with pytest.raises(ValueError, match=r"image by image; got \(2, 4, 4\) and \(1, 4, 4\)"):
             similarity(a, b)
+
+
+def test_synthesis_shape_is_one_images_shape():
+    model = _resnet().eval()
+    with pytest.raises(ValueError, match=r"class_model_images: shape is \(C, H, W\) of one image.*\(16, 16\)"):
+        class_model_images(model, [0], [16, 16], steps=1)  # before: "shape must be (B, C, H, W); got (1, 16, 16)"
+    with pytest.raises(ValueError, match=r"unit_images: shape is \(C, H, W\)"):
+        unit_images(model, "layer2", [0], [1, 3, 16, 16], steps=1)

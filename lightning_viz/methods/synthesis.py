@@ -264,6 +264,11 @@ def optimize_input(
     return SynthesisResult(torch.cat(images), torch.cat(scores), torch.cat(start))
 
 
+def _check_one_image_shape(fn: str, shape: Sequence[int]) -> None:
+    if len(shape) != 3:
+        raise ValueError(f"{fn}: shape is (C, H, W) of one image (the batch is one image per item); got {tuple(shape)}")
+
+
 def class_model_images(
     model: nn.Module,
     classes: Sequence[int] | Tensor,
@@ -274,6 +279,7 @@ def class_model_images(
 ) -> SynthesisResult:
     """One image per class maximizing ``S_c(I) - l2 * ||I||_2^2`` (Simonyan et al. 2014, eq. 1), all classes
     in one batch. ``shape = (C, H, W)`` of one image; ``kwargs`` go to :func:`optimize_input`."""
+    _check_one_image_shape("class_model_images", shape)
     cls = torch.as_tensor(classes, dtype=torch.long).view(-1)
     regs = ([L2Penalty(l2)] if l2 else []) + list(regularizers)
     return optimize_input(model, class_logit(cls), (cls.numel(), *shape), regularizers=regs, **kwargs)
@@ -289,6 +295,7 @@ def unit_images(
 ) -> SynthesisResult:
     """One image per channel of ``layer`` maximizing its mean activation (``unit="channel"``) or its center
     unit (``"neuron"``) (Erhan et al. 2009; regularized as Yosinski et al. 2015). ``shape = (C, H, W)``."""
+    _check_one_image_shape("unit_images", shape)
     ch = torch.as_tensor(channels, dtype=torch.long).view(-1)
     if unit not in ("channel", "neuron"):
         raise ValueError(f"unknown unit {unit!r}; allowed: 'channel', 'neuron'")
