@@ -10,6 +10,7 @@ from helpers import LitTiny, TinyCNN
 
 from lightning_viz.callbacks import CAMCallback
 from lightning_viz.capture import isolated
+from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.methods import (
     class_activation_map,
     class_model_images,
@@ -179,3 +180,18 @@ def test_synthesis_shape_is_one_images_shape():
         class_model_images(model, [0], [16, 16], steps=1)  # before: "shape must be (B, C, H, W); got (1, 16, 16)"
     with pytest.raises(ValueError, match=r"unit_images: shape is \(C, H, W\)"):
         unit_images(model, "layer2", [0], [1, 3, 16, 16], steps=1)
+
+
+def test_cam_checks_the_head_as_the_callback_does():
+    model, x = _resnet().eval(), _images()
+    # layer4.1.conv2 has the head's 512 channels but BatchNorm, the residual add and a ReLU follow it: before, the
+    # pure function returned a map from the classifier's weights that is not that layer's CAM
+    with pytest.raises(LayerNotFoundError, match="differs from the logits"):
+        class_activation_map(model, x, "layer4.1.conv2", method="cam", target=0)
+    # a functional ReLU between the layer and the pooling: CAM of ReLU(A), whose spatial mean gives the logits
+    net = TinyCNN().eval()  # conv2 -> F.relu -> GAP -> fc
+    xs = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cam = class_activation_map(net, xs, "conv2", method="cam", target=1)
+    a = torch.relu(net.conv2(net.relu(net.bn1(net.conv1(xs)))))
+    expected = torch.relu(torch.einsum("k,bkhw->bhw", net.fc.weight[1], a))
+    torch.testing.assert_close(cam, expected.detach())

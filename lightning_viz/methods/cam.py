@@ -37,7 +37,7 @@ pass; :func:`register_cam_variant` adds one, and the callback and every function
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, cast
 
 import torch
@@ -616,9 +616,14 @@ def class_activation_map(
 ) -> Tensor:
     """``[B, H, W]`` CAM of ``layer`` by ``method`` (each variant's paper and equation: :data:`CAM_VARIANTS`); one
     forward + one backward per chunk, plus the variant's extra forwards (the backward stops at ``layer``: no input
-    gradient is taken). ``probabilities``: Score-CAM's softmax or
-    per-class sigmoid (:func:`scorecam_weights`)."""
+    gradient is taken). ``probabilities``: Score-CAM's softmax or per-class sigmoid (:func:`scorecam_weights`).
+    ``"cam"`` checks numerically, as the callback does at setup, that ``layer`` feeds the GAP + linear head
+    (:func:`verify_cam_head`; a functional ReLU in between: CAM of ``ReLU(A)``)."""
     result = gradient_pass(model, x, target, labels, [layer], None, chunk_size, input_grad=False)
+    if cam_variant(method).head and result.classes is not None:
+        a = result.layer(layer)[0]
+        if a.ndim == 4 and verify_cam_head(a, result.logits, cam_head(model, a.shape[1], layer, result.head), layer):
+            result = replace(result, activations={**result.activations, layer: a.relu()})
     return variant_from_pass(
         result, layer, method, tuple(x.shape[-2:]), model, x, target, labels, chunk_size, probabilities
     )
