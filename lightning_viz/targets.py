@@ -82,7 +82,17 @@ class LabelTarget(Target):
                 "target='label' needs labels; the probe set has none. Use target='predicted' or a class index."
             )
         check_labels(labels, logits.shape[1])
+        if labels.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"target='label' needs one label per image: got {labels.shape[0]} labels for {logits.shape[0]} images"
+            )
         return labels.to(logits.device).long()
+
+
+#: what a pure method given a raw one-logit model says (the callbacks wrap the model themselves)
+_ONE_LOGIT_HINT = (
+    "; a one-logit binary head is read as classes 0 and 1 through lightning_viz.targets.model_adapter(model)"
+)
 
 
 def check_labels(labels: Tensor, num_classes: int) -> None:
@@ -98,6 +108,7 @@ def check_labels(labels: Tensor, num_classes: int) -> None:
     bad = labels[(v != v.round()) | (v < 0) | (v >= num_classes)] if labels.numel() else labels
     if bad.numel():
         one_logit = "; a one-logit binary classifier reads as classes 0 and 1" if num_classes == 2 else ""
+        one_logit = _ONE_LOGIT_HINT if num_classes == 1 else one_logit
         raise ValueError(
             f"target='label' needs class indices 0..{num_classes - 1} (the model has {num_classes} classes"
             f"{one_logit}), but the labels include {bad[:5].tolist()} (a regression target?); use "
@@ -130,7 +141,7 @@ class ClassTarget(Target):
         if not 0 <= self.index < logits.shape[1]:
             raise ValueError(
                 f"target class {self.index} is out of range: the model has {logits.shape[1]} classes "
-                f"(0..{logits.shape[1] - 1})."
+                f"(0..{logits.shape[1] - 1}){_ONE_LOGIT_HINT if logits.shape[1] == 1 else ''}."
             )
         return torch.full((logits.shape[0],), self.index, dtype=torch.long, device=logits.device)
 

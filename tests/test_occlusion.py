@@ -18,6 +18,7 @@ from helpers import (
 from torch import nn
 
 from lightning_viz.callbacks.occlusion import OcclusionCallback
+from lightning_viz.capture import isolated
 from lightning_viz.methods.batching import activation_bytes_per_image, images_per_forward
 from lightning_viz.methods.occlusion import (
     default_window,
@@ -155,8 +156,9 @@ def test_default_window_scales_with_the_image_so_positions_do_not_grow():
     # the callback's defaults are the method's: 15 x 15 positions on 224-px probes too
     net = LitTiny(TinyCNN(width=2))
     probe = ProbeSet(images=torch.randn(1, 3, 224, 224), labels=torch.tensor([0]))
-    maps = OcclusionCallback(outputs=["score"]).compute_maps(net, probe)
-    expected = spread_to_pixels(occlusion(net, probe.images, "label", probe.labels)["score"], (224, 224))
+    with isolated(net):  # as the callback's compute runs (eval mode)
+        maps = OcclusionCallback(outputs=["score"]).compute_maps(net, probe)
+        expected = spread_to_pixels(occlusion(net, probe.images, "label", probe.labels)["score"], (224, 224))
     torch.testing.assert_close(maps["occlusion/score"], expected)
 
 

@@ -99,7 +99,8 @@ def test_one_logit_targets_and_cam_by_hand():
     labels = torch.tensor([0.0, 1.0, 1.0, 0.0])
     sign = (labels * 2 - 1).view(-1, 1, 1, 1)
     assert torch.allclose(gradient(adapter, x, "label", labels), sign * 0.5 * dz, atol=1e-6)
-    a = net.conv2(net.relu(net.bn1(net.conv1(x)))).detach()  # the pure method weighs the layer's own output
+    # conv2 reaches the pooling through F.relu: CAM (as the callback) weighs ReLU(A), the maps whose GAP the head reads
+    a = net.conv2(net.relu(net.bn1(net.conv1(x)))).relu().detach()
     m = torch.einsum("k,bkhw->bhw", net.fc.weight[0].detach() / 2, a)
     for cls, expected in ((1, m.relu()), (0, (-m).relu())):
         got = class_activation_map(adapter, x, "conv2", "cam", target=cls)

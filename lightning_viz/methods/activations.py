@@ -21,7 +21,7 @@ __all__ = ["feature_maps"]
 def feature_maps(
     model: nn.Module, x: Tensor, layers: Iterable[str], chunk_size: int | None = None
 ) -> dict[str, Tensor]:
-    """Outputs of ``layers`` for ``x[B, C, H, W]``: ``{name: Tensor[B, C', h, w]}``.
+    """Outputs of ``layers`` for ``x[B, C, H, W]``: ``{name: Tensor[B, C', h, w]}`` (Zeiler & Fergus 2014).
 
     The caller controls train/eval mode (use :func:`lightning_viz.capture.isolated` on a live model).
     ``chunk_size`` bounds memory: the batch is processed ``chunk_size`` images at a time (same values).

@@ -37,7 +37,7 @@ pass; :func:`register_cam_variant` adds one, and the callback and every function
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, cast
 
 import torch
@@ -237,7 +237,10 @@ def scorecam_weights(
         masks = F.interpolate(acts[sl, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
         lo = masks.flatten(1).amin(1)[:, None, None, None]
         hi = masks.flatten(1).amax(1)[:, None, None, None]
-        masks = torch.where(hi > lo, (masks - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(masks))
+        # constant at the layer's resolution (a 1 x 1 map, a saturated channel): a zero mask; testing the upsampled
+        # map alone would stretch the rounding noise of the interpolation (~1e-7 relative) to a [0, 1] random mask
+        varies = (acts[sl].flatten(1).amax(1) > acts[sl].flatten(1).amin(1))[:, None, None, None] & (hi > lo)
+        masks = torch.where(varies, (masks - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(masks))
         masked = x[img[sl]] * masks.to(x.dtype)
         logits = model(masked)
         if isinstance(tgt, CallableTarget):
@@ -256,10 +259,17 @@ def hirescam_weights(a: Tensor, g: Tensor) -> Tensor:
 def eigencam_map(a: Tensor) -> Tensor:
     """Eigen-CAM ``[B, h, w]`` (before the ReLU of the core): each position's activations ``[h*w, K]``,
     centred over positions, projected on their first right singular vector; the sign is chosen so the
-    projection correlates positively with ``sum_k A_k`` (0 where the activations are constant)."""
+    projection correlates positively with ``sum_k A_k`` (0 where the activations are constant; NaN for an image
+    whose activations are not finite, the others unaffected)."""
     b, _k, h, w = a.shape
     m = a.detach().double().flatten(2).transpose(1, 2)  # [B, h*w, K]
     m = m - m.mean(dim=1, keepdim=True)
+    finite = m.isfinite().flatten(1).all(dim=1)
+    if not bool(finite.all()):  # the SVD of a non-finite matrix fails for the whole batch: NaN for those images
+        out = torch.full((b, h, w), float("nan"), dtype=a.dtype, device=a.device)
+        if bool(finite.any()):
+            out[finite] = eigencam_map(a[finite])
+        return out
     _, _, vh = torch.linalg.svd(m, full_matrices=False)
     proj = m @ vh[:, 0, :, None]  # [B, h*w, 1]
     total = a.detach().double().sum(dim=1).flatten(1)
@@ -604,10 +614,16 @@ def class_activation_map(
     chunk_size: Optional[int] = None,
     probabilities: Probabilities = "softmax",
 ) -> Tensor:
-    """``[B, H, W]`` CAM of ``layer`` (one forward + one backward per chunk, plus the variant's extra forwards;
-    the backward stops at ``layer``: no input gradient is taken). ``probabilities``: Score-CAM's softmax or
-    per-class sigmoid (:func:`scorecam_weights`)."""
+    """``[B, H, W]`` CAM of ``layer`` by ``method`` (each variant's paper and equation: :data:`CAM_VARIANTS`); one
+    forward + one backward per chunk, plus the variant's extra forwards (the backward stops at ``layer``: no input
+    gradient is taken). ``probabilities``: Score-CAM's softmax or per-class sigmoid (:func:`scorecam_weights`).
+    ``"cam"`` checks numerically, as the callback does at setup, that ``layer`` feeds the GAP + linear head
+    (:func:`verify_cam_head`; a functional ReLU in between: CAM of ``ReLU(A)``)."""
     result = gradient_pass(model, x, target, labels, [layer], None, chunk_size, input_grad=False)
+    if cam_variant(method).head and result.classes is not None:
+        a = result.layer(layer)[0]
+        if a.ndim == 4 and verify_cam_head(a, result.logits, cam_head(model, a.shape[1], layer, result.head), layer):
+            result = replace(result, activations={**result.activations, layer: a.relu()})
     return variant_from_pass(
         result, layer, method, tuple(x.shape[-2:]), model, x, target, labels, chunk_size, probabilities
     )
@@ -622,7 +638,8 @@ def guided_class_activation_map(
     labels: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
 ) -> Tensor:
-    """``[B, C, H, W]`` Guided Grad-CAM(++) of ``layer`` (a plain and a guided pass per chunk)."""
+    """``[B, C, H, W]`` Guided Grad-CAM(++) of ``layer`` (Selvaraju et al. 2017, Sec. 3: guided backprop times the
+    upsampled CAM; a plain and a guided pass per chunk)."""
     plain = gradient_pass(model, x, target, labels, [layer], None, chunk_size, input_grad=False)
     guided = gradient_pass(model, x, target, labels, (), "guided", chunk_size)
     return guided_cam_from_passes(plain, guided, layer, method)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..targets import LabelTarget, PredictedTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
+from .checks import check_eval, check_images
 from .shared_pass import chunks, gradient_pass
 
 __all__ = [
@@ -68,7 +69,7 @@ def saliency(
     labels: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
 ) -> Tensor:
-    """Simonyan saliency ``max_c |dS/dx|`` -> ``[B, H, W]``."""
+    """Saliency ``max_c |dS/dx|`` -> ``[B, H, W]`` (Simonyan et al. 2014, Sec. 3.1)."""
     return gradient(model, x, target, labels, chunk_size).abs().amax(dim=1)
 
 
@@ -101,7 +102,7 @@ def input_x_gradient(
     labels: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
 ) -> Tensor:
-    """``x * dS/dx`` ``[B, C, H, W]``."""
+    """Input x gradient ``x * dS/dx`` ``[B, C, H, W]`` (Shrikumar et al. 2016)."""
     return x.detach() * gradient(model, x, target, labels, chunk_size)
 
 
@@ -114,8 +115,8 @@ def integrated_gradients(
     baseline: Union[float, Tensor] = 0.0,
     steps: int = 32,
 ) -> Tensor:
-    """Integrated gradients ``[B, C, H, W]`` along the straight path from ``baseline`` (a value or a
-    tensor broadcastable to ``x``) with ``steps`` midpoint samples; ``chunk_size`` bounds the number of
+    """Integrated gradients (Sundararajan et al. 2017) ``[B, C, H, W]`` along the straight path from ``baseline``
+    (a value or a tensor broadcastable to ``x``) with ``steps`` midpoint samples; ``chunk_size`` bounds the number of
     path points (images) per forward + backward (``None``: as many as the default memory budget holds,
     :func:`lightning_viz.methods.batching.images_per_forward`); the result does not depend on it.
     ``sum`` of the result ~= ``S(x) - S(baseline)`` (completeness)."""
@@ -158,9 +159,9 @@ def smoothgrad(
     ids: Optional[Sequence[int]] = None,
     **kwargs,
 ) -> Tensor:
-    """SmoothGrad around ``method`` (any function above): the mean of ``method`` over ``n_samples``
-    noisy copies ``x + N(0, (sigma * (max(x_i) - min(x_i)))^2)``. The noise of image ``i`` comes from its
-    own ``torch.Generator`` seeded by ``(seed, ids[i])`` (``ids`` default ``0..B-1``; pass global probe
+    """SmoothGrad (Smilkov et al. 2017) around ``method`` (any function above): the mean of ``method`` over
+    ``n_samples`` noisy copies ``x + N(0, (sigma * (max(x_i) - min(x_i)))^2)``. The noise of image ``i`` comes from
+    its own ``torch.Generator`` seeded by ``(seed, ids[i])`` (``ids`` default ``0..B-1``; pass global probe
     indices so a DDP split or a different batching draws the same noise per image); the global RNG is
     never used. ``chunk_size`` bounds the noisy images per forward (``None``: as many as the default memory
     budget holds, :func:`lightning_viz.methods.batching.images_per_forward`; for integrated gradients, whose
@@ -216,6 +217,8 @@ def _noise_seed(seed: int, image_id: int) -> int:
 def _fixed_target(model: nn.Module, x: Tensor, target: TargetSpec, labels: Optional[Tensor]):
     """For methods that evaluate perturbed inputs: pin ``"predicted"`` to the clean input's class.
     Returns ``(target, labels)``."""
+    check_images("gradient methods", x)
+    check_eval("gradient methods", model)
     tgt = resolve_target(target)
     if isinstance(tgt, PredictedTarget):
         with torch.no_grad():

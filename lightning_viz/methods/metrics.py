@@ -27,6 +27,7 @@ from ..targets import Probabilities, TargetSpec, check_probabilities, class_prob
 from . import batching
 from .batching import default_memory_mb, images_per_forward
 from .blur import gaussian_blur
+from .checks import check_eval, check_images
 
 __all__ = [
     "perturbation_curve",
@@ -110,7 +111,13 @@ def perturbation_curves(
         raise ValueError(f"steps must be >= 1; got {steps}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
+    check_images("deletion/insertion", x)
+    check_eval("deletion/insertion", model)
     b, _c, h, w = x.shape
+    for key, m in maps.items():
+        if m.ndim not in (3, 4) or m.shape[0] != b or (m.ndim == 4 and m.shape[1] != 1):
+            name = f"map {key!r}" if key else "maps"
+            raise ValueError(f"deletion/insertion: {name} must be [B, h, w] with B={b}; got {tuple(m.shape)}")
     x = x.detach()
     keys = list(maps)
     if not keys:
@@ -258,9 +265,9 @@ def _check_masks(maps: Tensor, masks: Tensor) -> Tensor:
 def pointing_game(maps: Tensor, masks: Tensor, tolerance: float = 0) -> Tensor:
     """Pointing game (Zhang et al. 2016), ``[B]`` floats: 1 if the map's maximum (the first in row-major order
     on ties, as TorchRay), at mask resolution, lies within ``tolerance`` pixels (Euclidean distance ``<=``: a
-    closed disc; 0 = on the mask) of the mask, else 0; NaN for an empty mask. TorchRay's disc is open
-    (``< tolerance``: its 0 never hits); its ``tolerance=t`` equals ours ``sqrt(t**2 - 1)`` (e.g. 15 ->
-    ``sqrt(224)``)."""
+    closed disc; 0 = on the mask) of the mask, else 0; NaN for an empty mask or a map with non-finite values.
+    TorchRay's disc is open (``< tolerance``: its 0 never hits); its ``tolerance=t`` equals ours
+    ``sqrt(t**2 - 1)`` (e.g. 15 -> ``sqrt(224)``)."""
     if tolerance < 0:
         raise ValueError(f"pointing game tolerance must be >= 0 pixels; got {tolerance}")
     m = _check_masks(maps, masks)
@@ -270,7 +277,8 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: float = 0) -> Tensor:
     yy = torch.arange(h, device=m.device).view(1, h, 1) - (peak // w).view(-1, 1, 1)
     xx = torch.arange(w, device=m.device).view(1, 1, w) - (peak % w).view(-1, 1, 1)
     hit = (m & (yy.square() + xx.square() <= tolerance**2)).flatten(1).any(dim=1).float()
-    return torch.where(m.flatten(1).any(dim=1), hit, torch.full_like(hit, float("nan")))
+    defined = m.flatten(1).any(dim=1) & sal.isfinite().all(dim=1)  # a NaN would be argmax's "maximum"
+    return torch.where(defined, hit, torch.full_like(hit, float("nan")))
 
 
 def energy_in_mask(maps: Tensor, masks: Tensor) -> Tensor:
@@ -304,9 +312,16 @@ def _average_ranks(v: Tensor) -> Tensor:
     return torch.empty(s.shape, dtype=torch.float64, device=v.device).scatter_(1, order, (first + last).double() / 2)
 
 
+def _check_pair(fn: str, a: Tensor, b: Tensor) -> None:
+    """Two batches of maps ``[B, h, w]`` of the same images (a smaller batch would broadcast silently)."""
+    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"{fn} compares maps [B, h, w] image by image; got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
 def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation of each pair of maps, ``[B]`` (ties get average ranks;
+    """Spearman rank correlation of each pair of maps (as Adebayo et al. 2018, Sec. 3), ``[B]`` (ties get average ranks;
     ``b`` is resized to ``a``'s size). NaN where a map is constant."""
+    _check_pair("rank_correlation", a, b)
     b = _resize(b.to(a.device), (a.shape[-2], a.shape[-1]))
     ra, rb = _average_ranks(a.detach().float().flatten(1)), _average_ranks(b.flatten(1))
     ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
@@ -316,10 +331,12 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
 
 
 def topk_iou(a: Tensor, b: Tensor, fraction: float = 0.1) -> Tensor:
-    """IoU of the top ``fraction`` pixels of two maps, ``[B]`` (exactly ``ceil(fraction * HW)`` pixels
-    each, ties by pixel index; ``b`` is resized to ``a``'s size)."""
+    """IoU of the top ``fraction`` pixels of two maps (as Adebayo et al. 2018, Sec. 3), ``[B]`` (exactly
+    ``ceil(fraction * HW)`` pixels each, ties by pixel index; ``b`` is resized to ``a``'s size); NaN where a map has
+    non-finite values."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
+    _check_pair("topk_iou", a, b)
     b = _resize(b.to(a.device), (a.shape[-2], a.shape[-1])).flatten(1)
     a = a.detach().float().flatten(1)
     k = max(1, math.ceil(fraction * a.shape[1]))
@@ -330,4 +347,5 @@ def topk_iou(a: Tensor, b: Tensor, fraction: float = 0.1) -> Tensor:
         1, b.argsort(dim=1, descending=True, stable=True)[:, :k], True
     )
     inter = (sel_a & sel_b).sum(dim=1).float()
-    return inter / (2 * k - inter)
+    finite = a.isfinite().all(dim=1) & b.isfinite().all(dim=1)  # NaN sorts as the largest value: no top-k
+    return torch.where(finite, inter / (2 * k - inter), torch.full_like(inter, float("nan")))

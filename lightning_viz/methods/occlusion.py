@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..progress import progress
 from ..targets import Probabilities, Target, TargetSpec, check_probabilities, class_probability, resolve_target
 from .batching import activation_bytes_per_image, images_per_forward
+from .checks import check_eval, check_images
 
 __all__ = [
     "FILLS",
@@ -144,8 +145,11 @@ def occlusion(
     :func:`lightning_viz.methods.batching.images_per_forward`); any value gives the same result
     (each occluded image's score is computed independently; only the float rounding of batched kernels,
     ~1e-7 relative, may differ with the batch size).
-    Runs without autograd; the caller keeps the model in eval mode (see ``capture.isolated``).
+    Runs without autograd; the caller keeps the model in eval mode (see ``capture.isolated``; a model whose
+    BatchNorm or dropout is in training mode is refused).
     """
+    check_images("occlusion", x)
+    check_eval("occlusion", model)
     tgt = resolve_target(target)
     check_probabilities(probabilities)
     window, stride = _window_stride(x.shape[-2:], window, stride)

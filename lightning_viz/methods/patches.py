@@ -116,7 +116,8 @@ def scan_topk(
     batch_size: int = 64,
     offset: int = 0,
 ) -> TopK:
-    """Scan ``images[N, C, H, W]`` (on the model's device) in batches; global image index = ``offset + n``."""
+    """Top-``k`` images per unit (Zeiler & Fergus 2014, Sec. 4): scan ``images[N, C, H, W]`` (on the model's
+    device) in batches; global image index = ``offset + n``."""
     best: TopK | None = None
     for s in range(0, images.shape[0], batch_size):
         progress(s, images.shape[0], "images scanned")  # a line every few seconds inside a callback run (rank 0)

@@ -31,6 +31,7 @@ from ..capture import capture
 from ..layers import get_layer, named_layers
 from ..progress import progress
 from .batching import images_per_forward
+from .checks import check_eval
 
 __all__ = [
     "ReceptiveField",
@@ -323,7 +324,8 @@ def gradient_receptive_field(
 def receptive_field(
     model: nn.Module, layer: str, input_shape: Sequence[int], method: str = "auto", memory_mb: Optional[float] = None
 ) -> Tensor:
-    """Input boxes ``[h, w, 4]`` (``y0, x0, y1, x1``, end exclusive) of every output position of ``layer``.
+    """Input boxes ``[h, w, 4]`` (``y0, x0, y1, x1``, end exclusive) of every output position of ``layer``
+    (receptive fields, Araujo et al. 2019).
 
     ``method``: ``"arithmetic"`` (:func:`stack_receptive_field`, boxes may extend past the border),
     ``"gradient"`` (:func:`gradient_receptive_field`; boxes clipped by the border are extended back to
@@ -338,6 +340,7 @@ def receptive_field(
         except NotAConvStackError:
             if method == "arithmetic":
                 raise
+    check_eval("receptive_field (gradient)", model)  # batch statistics would spread every input over every output
     _, boxes = gradient_receptive_field(model, layer, input_shape, memory_mb=memory_mb)
     return _unclip(boxes, int(input_shape[-2]), int(input_shape[-1]))
 

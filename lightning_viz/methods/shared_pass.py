@@ -39,6 +39,7 @@ from ..capture import capture
 from ..layers import linear_calls
 from ..targets import CallableTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
+from .checks import check_eval, check_images
 from .relu_rules import relu_rule
 
 __all__ = ["INPUT", "PassResult", "gradient_pass", "PassCache", "pass_cache", "target_key", "model_version", "chunks"]
@@ -116,6 +117,8 @@ def gradient_pass(
 
     ``input_grad=False`` (only with ``layers``): the input does not require grad, so the graph -- and the
     backward -- begins at the earliest recorded layer; ``PassResult.input_grad`` is then ``None``."""
+    check_images("gradient_pass", x)
+    check_eval("gradient and CAM methods", model)
     tgt = resolve_target(target)
     names = list(dict.fromkeys(layers))
     if not input_grad and not names:

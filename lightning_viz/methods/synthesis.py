@@ -13,7 +13,7 @@ a batch of images (one image per class / unit / probe, all in one batch) under t
 Gradients are taken with ``torch.autograd.grad`` w.r.t. the image parameters only: the model's
 parameters never get a ``.grad``. Run inside :func:`lightning_viz.capture.isolated` (the callbacks do)
 so eval mode, frozen parameters and the untouched global RNG are guaranteed; every random draw here
-comes from the ``generator`` argument.
+comes from the ``generator`` argument (``None``: a fresh generator seeded 0, never the global RNG).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..capture import capture, forward_until
 from ..layers import module_device, module_dtype
 from ..progress import progress
+from .checks import check_eval, check_images
 from .objectives import Objective, channel, class_logit, feature_match, neuron
 from .parameterization import make_param
 from .regularizers import L2Penalty, Regularizer, penalty_grads, total_penalty
@@ -238,6 +239,9 @@ def optimize_input(
         raise ValueError(f"unknown optimizer {optimizer!r}; allowed: 'adam', 'sgd'")
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W); got {tuple(shape)}")
+    check_eval("optimize_input", model)
+    if generator is None:  # never the global RNG: the same draws (noise init, jitter) on every call
+        generator = torch.Generator().manual_seed(0)
     device, dtype = module_device(model), work_dtype(module_dtype(model))
     if bounds is not None:
         bounds = (bounds[0].to(device, dtype), bounds[1].to(device, dtype))
@@ -260,6 +264,11 @@ def optimize_input(
     return SynthesisResult(torch.cat(images), torch.cat(scores), torch.cat(start))
 
 
+def _check_one_image_shape(fn: str, shape: Sequence[int]) -> None:
+    if len(shape) != 3:
+        raise ValueError(f"{fn}: shape is (C, H, W) of one image (the batch is one image per item); got {tuple(shape)}")
+
+
 def class_model_images(
     model: nn.Module,
     classes: Sequence[int] | Tensor,
@@ -270,6 +279,7 @@ def class_model_images(
 ) -> SynthesisResult:
     """One image per class maximizing ``S_c(I) - l2 * ||I||_2^2`` (Simonyan et al. 2014, eq. 1), all classes
     in one batch. ``shape = (C, H, W)`` of one image; ``kwargs`` go to :func:`optimize_input`."""
+    _check_one_image_shape("class_model_images", shape)
     cls = torch.as_tensor(classes, dtype=torch.long).view(-1)
     regs = ([L2Penalty(l2)] if l2 else []) + list(regularizers)
     return optimize_input(model, class_logit(cls), (cls.numel(), *shape), regularizers=regs, **kwargs)
@@ -285,6 +295,7 @@ def unit_images(
 ) -> SynthesisResult:
     """One image per channel of ``layer`` maximizing its mean activation (``unit="channel"``) or its center
     unit (``"neuron"``) (Erhan et al. 2009; regularized as Yosinski et al. 2015). ``shape = (C, H, W)``."""
+    _check_one_image_shape("unit_images", shape)
     ch = torch.as_tensor(channels, dtype=torch.long).view(-1)
     if unit not in ("channel", "neuron"):
         raise ValueError(f"unknown unit {unit!r}; allowed: 'channel', 'neuron'")
@@ -303,6 +314,8 @@ def invert_features(
     minimize ``||phi(x') - phi0||^2 / ||phi0||^2`` plus the image prior in ``regularizers`` (Mahendran &
     Vedaldi 2015; use ``TotalVariation`` and ``L2Penalty``). ``scores`` are the negated normalized
     squared feature errors, so ``(-scores).sqrt()`` is the relative feature error."""
+    check_images("invert_features", x)
+    check_eval("invert_features", model)
     with torch.no_grad(), capture(model, [layer]) as cap:
         model(x.detach().to(module_device(model), module_dtype(model), copy=True))
         phi0 = cap[layer]

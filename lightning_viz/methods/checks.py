@@ -1,0 +1,43 @@
+"""Early, clear checks of what a pure method is given (the callbacks check the same at setup)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+__all__ = ["check_images", "check_eval"]
+
+
+def check_images(fn: str, x: object) -> None:
+    """``x`` must be a floating ``[B, C, H, W]`` tensor."""
+    if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
+        what = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{fn}: x must be a float image batch [B, C, H, W] (one image: x[None]); got {what}")
+
+
+def _mode_dependent(module: nn.Module) -> bool:
+    """Modules whose forward differs between train and eval mode (batch statistics, random drops)."""
+    if isinstance(module, _BatchNorm):
+        return True
+    if isinstance(module, _InstanceNorm):  # running statistics used in eval mode only when tracked
+        return module.track_running_stats
+    if isinstance(module, (_DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)):
+        return module.p > 0
+    name = type(module).__name__
+    return name.endswith("DropPath") or name == "StochasticDepth"  # timm, torchvision
+
+
+def check_eval(fn: str, model: nn.Module) -> None:
+    """Refuse a model whose BatchNorm / dropout layers are in training mode: its maps would mix the images of a
+    batch (batch statistics) or be random (dropout), and every forward would update BatchNorm's running
+    statistics."""
+    bad = [n or type(model).__name__ for n, m in model.named_modules() if m.training and _mode_dependent(m)]
+    if bad:
+        shown = ", ".join(repr(n) for n in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ValueError(
+            f"{fn}: the model is in training mode ({shown}: batch statistics / random drops, and BatchNorm would "
+            "update its running statistics). Call it inside lightning_viz.capture.isolated(model) (eval mode, "
+            "restored on exit) or call model.eval() first."
+        )

@@ -1,0 +1,197 @@
+"""The pure methods called directly, as README's "Using the methods without Lightning" shows: clear early errors
+for wrong inputs, the model and the global RNG left as they were, and edge numerics (NaN probes, NaN maps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from helpers import LitTiny, TinyCNN
+
+from lightning_viz.callbacks import CAMCallback
+from lightning_viz.capture import isolated
+from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.methods import (
+    class_activation_map,
+    class_model_images,
+    deletion_auc,
+    integrated_gradients,
+    invert_features,
+    occlusion,
+    pca_2d,
+    pointing_game,
+    rank_correlation,
+    receptive_field,
+    saliency,
+    smoothgrad,
+    topk_iou,
+    tsne_2d,
+    unit_images,
+)
+from lightning_viz.methods.cam import scorecam_weights
+from lightning_viz.methods.shared_pass import gradient_pass
+from lightning_viz.probe import ProbeSet
+from lightning_viz.targets import model_adapter
+
+
+def _resnet(num_classes: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None, num_classes=num_classes)
+
+
+def _images(b: int = 2, side: int = 16) -> torch.Tensor:
+    return torch.randn(b, 3, side, side, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x: saliency(m, x, 0),
+        lambda m, x: integrated_gradients(m, x, 0, steps=2),
+        lambda m, x: smoothgrad(saliency, m, x, 0, n_samples=2),
+        lambda m, x: class_activation_map(m, x, "layer4", method="scorecam", target=0),
+        lambda m, x: occlusion(m, x, 0),
+        lambda m, x: deletion_auc(m, x, torch.rand(2, 16, 16), 0),
+        lambda m, x: class_model_images(m, [0], [3, 16, 16], steps=1),
+        lambda m, x: invert_features(m, x, "layer2", steps=1),
+        lambda m, x: receptive_field(m, "layer2", [3, 16, 16], method="gradient"),
+    ],
+    ids=["saliency", "ig", "smoothgrad", "scorecam", "occlusion", "deletion", "class_model", "inversion", "rf"],
+)
+def test_a_model_in_training_mode_is_refused_before_any_forward(call):
+    # a fresh torchvision model is in training mode: before, BatchNorm updated its running statistics on every
+    # forward (or the memory probe's batch of one failed with "Expected more than 1 value per channel")
+    model, x = _resnet(), _images()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"training mode \('bn1'.*isolated\(model\)"):
+        call(model, x)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with isolated(model) as m:  # as documented: eval mode inside, restored on exit
+        call(m, x)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_labels_must_be_one_per_image():
+    model, x = _resnet().eval(), _images()
+    with pytest.raises(ValueError, match="one label per image: got 1 labels for 2 images"):
+        saliency(model, x, "label", torch.tensor([1]))  # before: broadcast to every image
+    with pytest.raises(ValueError, match="one label per image"):
+        occlusion(model, x, "label", torch.tensor([1]))
+
+
+def test_an_image_without_batch_dimension_fails_clearly():
+    model, x = _resnet().eval(), _images()
+    with pytest.raises(ValueError, match=r"x must be a float image batch \[B, C, H, W\].*x\[None\].*\(3, 16, 16\)"):
+        class_activation_map(model, x[0], "layer4", target=0)
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        occlusion(model, x[0], 0)
+
+
+def test_deletion_maps_of_another_batch_fail_clearly():
+    model, x = _resnet().eval(), _images()
+    with pytest.raises(ValueError, match=r"maps must be \[B, h, w\] with B=2; got \(3, 16, 16\)"):
+        deletion_auc(model, x, torch.rand(3, 16, 16), 0)
+
+
+def test_one_logit_head_error_points_to_model_adapter():
+    model = _resnet(num_classes=1).eval()
+    with pytest.raises(ValueError, match="model_adapter"):
+        saliency(model, _images(), "label", torch.tensor([0, 1]))
+    assert saliency(model_adapter(model), _images(), "label", torch.tensor([0, 1])).shape == (2, 16, 16)
+
+
+def test_synthesis_without_generator_never_draws_from_the_global_rng():
+    model, x = _resnet().eval(), _images()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = invert_features(model, x, "layer2", steps=2).images  # init="noise", no generator given
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(7)  # another global state: the same images
+    assert torch.equal(invert_features(model, x, "layer2", steps=2).images, a)
+
+
+def test_eigencam_of_a_nan_probe_is_nan_and_leaves_the_others_alone():
+    model, x = _resnet().eval(), _images(3)
+    bad = x.clone()
+    bad[1, 0, 2, 2] = float("nan")
+    clean = class_activation_map(model, x, "layer4", method="eigencam", target=0)
+    maps = class_activation_map(model, bad, "layer4", method="eigencam", target=0)  # before: LinAlgError
+    assert maps[1].isnan().all()
+    torch.testing.assert_close(maps[[0, 2]], clean[[0, 2]])
+
+
+def test_pointing_game_and_topk_iou_of_a_nan_map_are_nan():
+    maps = torch.zeros(2, 4, 4)
+    maps[:, 3, 3] = 1.0
+    maps[1, 0, 0] = float("nan")  # argmax would take the NaN as the peak: a "hit" on this mask
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[:, 0, 0] = True
+    masks[0, 3, 3] = True
+    assert pointing_game(maps, masks)[0] == 1 and pointing_game(maps, masks)[1].isnan()
+    iou = topk_iou(maps, maps.flip(-1), fraction=1 / 16)  # the top pixel: (3, 3) vs (3, 0)
+    assert iou[0] == 0 and iou[1].isnan()
+
+
+def test_projections_name_the_non_finite_rows():
+    f = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    f[2, 0] = float("nan")
+    for project in (pca_2d, tsne_2d):
+        with pytest.raises(ValueError, match=r"rows \[2\] are not finite"):
+            project(f)
+
+
+def test_cam_callback_with_eigencam_leaves_a_nan_probe_out_instead_of_failing():
+    net = LitTiny(TinyCNN())
+    images = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    images[1, 0, 2, 2] = float("nan")  # one probe image with a NaN pixel (before: SVD failed for the whole set)
+    probe = ProbeSet(images=images, labels=torch.tensor([0, 1, 2]))
+    with isolated(net):
+        maps = CAMCallback(methods=["eigencam"], layers=["net.conv2"]).compute_maps(net, probe)
+    (key,) = maps
+    assert maps[key][1].isnan().all() and maps[key][[0, 2]].isfinite().all()
+
+
+def test_scorecam_masks_of_a_constant_channel_are_zero_not_interpolation_noise():
+    # resnet18 at 32 px: layer4 is 1 x 1, so every upsampled activation map is constant up to the rounding of the
+    # bilinear interpolation; before, min-max normalization stretched that noise to random [0, 1] masks and the
+    # weights differed per channel (and between float32 and float64 by ~1e-3)
+    model, x = _resnet(10).eval(), _images(2, 32)
+    acts = gradient_pass(model, x, 0, None, ["layer4"], input_grad=False).activations["layer4"]
+    assert acts.shape[-2:] == (1, 1)
+    w = scorecam_weights(model, x, acts, 0)
+    zero = torch.softmax(model(torch.zeros_like(x)), dim=1)[:, 0]  # every mask zero: the blank image's probability
+    torch.testing.assert_close(w, zero[:, None].expand_as(w))
+    m64 = model.double()
+    maps64 = class_activation_map(m64, x.double(), "layer4", method="scorecam", target=0)
+    maps32 = class_activation_map(model.float(), x, "layer4", method="scorecam", target=0)
+    torch.testing.assert_close(maps32.double(), maps64, rtol=1e-5, atol=1e-6)
+
+
+def test_similarity_of_maps_of_different_batches_fails_instead_of_broadcasting():
+    a, b = torch.rand(2, 4, 4), torch.rand(1, 4, 4)
+    for similarity in (rank_correlation, topk_iou):
+        with pytest.raises(ValueError, match=r"image by image; got \(2, 4, 4\) and \(1, 4, 4\)"):
+            similarity(a, b)
+
+
+def test_synthesis_shape_is_one_images_shape():
+    model = _resnet().eval()
+    with pytest.raises(ValueError, match=r"class_model_images: shape is \(C, H, W\) of one image.*\(16, 16\)"):
+        class_model_images(model, [0], [16, 16], steps=1)  # before: "shape must be (B, C, H, W); got (1, 16, 16)"
+    with pytest.raises(ValueError, match=r"unit_images: shape is \(C, H, W\)"):
+        unit_images(model, "layer2", [0], [1, 3, 16, 16], steps=1)
+
+
+def test_cam_checks_the_head_as_the_callback_does():
+    model, x = _resnet().eval(), _images()
+    # layer4.1.conv2 has the head's 512 channels but BatchNorm, the residual add and a ReLU follow it: before, the
+    # pure function returned a map from the classifier's weights that is not that layer's CAM
+    with pytest.raises(LayerNotFoundError, match="differs from the logits"):
+        class_activation_map(model, x, "layer4.1.conv2", method="cam", target=0)
+    # a functional ReLU between the layer and the pooling: CAM of ReLU(A), whose spatial mean gives the logits
+    net = TinyCNN().eval()  # conv2 -> F.relu -> GAP -> fc
+    xs = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cam = class_activation_map(net, xs, "conv2", method="cam", target=1)
+    a = torch.relu(net.conv2(net.relu(net.bn1(net.conv1(xs)))))
+    expected = torch.relu(torch.einsum("k,bkhw->bhw", net.fc.weight[1], a))
+    torch.testing.assert_close(cam, expected.detach())
