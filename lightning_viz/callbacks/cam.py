@@ -9,7 +9,6 @@ method is asked for); see :mod:`lightning_viz.methods.shared_pass`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Literal, Optional, Union, cast
 
 import torch
@@ -35,6 +34,7 @@ from ..methods.cam import (
     cam_variant,
     canonical_cam_method,
     guided_cam_from_passes,
+    rectified,
     variant_from_pass,
     verify_cam_head,
 )
@@ -238,8 +238,7 @@ class CAMCallback(GradientMapCallback):
                 else:
                     src = plain
                     if cam_variant(m).head and self._rectified.get(layer):  # the head reads ReLU(A): so must CAM
-                        rectified = {**plain.activations, layer: plain.layer(layer)[0].relu()}
-                        src = dataclasses.replace(plain, activations=rectified)
+                        src = rectified(plain, layer)
                     out[f"{m}/{layer}"] = variant_from_pass(
                         src,
                         layer,

@@ -281,17 +281,12 @@ class UnitCallback(_InputOptimizationCallback):
         )
         super().__init__(num_probes=1, probe_seed=0, **kwargs)
         layer = single_layer(owner, renamed_option(owner, "layer", "layers", layer, layers, None))
-        if layer is None and channels is None:  # both at once, not one after the other
+        if layer is None or channels is None:  # every missing option at once, not one after the other
+            missing = [name for name, value in (("layers", layer), ("channels", channels)) if value is None]
             raise ValueError(
-                "UnitCallback needs layers and channels: the layer and the indices of its channels to visualize, "
+                f"UnitCallback needs {' and '.join(missing)}: the layer and the indices of its channels to visualize, "
                 "e.g. UnitCallback(layers='net.conv3', channels=[0, 1, 2])"
             )
-        if layer is None:
-            raise ValueError(
-                "UnitCallback needs layers: the layer whose channels to visualize (e.g. layers='net.conv3')"
-            )
-        if channels is None:
-            raise ValueError("UnitCallback needs channels: the channel indices of the layer, e.g. channels=[0, 1, 2]")
         if not channels or min(channels) < 0:
             raise ValueError(f"UnitCallback: channels must be a non-empty list of channel indices >= 0; got {channels}")
         if unit not in ("channel", "neuron"):

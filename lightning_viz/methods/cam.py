@@ -74,6 +74,7 @@ __all__ = [
     "counterfactual_weights",
     "cam_head",
     "verify_cam_head",
+    "rectified",
     "cam_from_pass",
     "scorecam_weights",
     "scorecam_from_pass",
@@ -604,6 +605,12 @@ def guided_cam_from_passes(plain: PassResult, guided: PassResult, layer: str, me
     return input_grad * cam[:, None]
 
 
+def rectified(result: PassResult, layer: str) -> PassResult:
+    """``result`` with ``layer``'s activations ``ReLU(A)``: what a head-reading variant (``cam``) weighs when a
+    functional ReLU lies between the layer and the pooling (:func:`verify_cam_head` returned ``True``)."""
+    return replace(result, activations={**result.activations, layer: result.layer(layer)[0].relu()})
+
+
 def class_activation_map(
     model: nn.Module,
     x: Tensor,
@@ -623,7 +630,7 @@ def class_activation_map(
     if cam_variant(method).head and result.classes is not None:
         a = result.layer(layer)[0]
         if a.ndim == 4 and verify_cam_head(a, result.logits, cam_head(model, a.shape[1], layer, result.head), layer):
-            result = replace(result, activations={**result.activations, layer: a.relu()})
+            result = rectified(result, layer)
     return variant_from_pass(
         result, layer, method, tuple(x.shape[-2:]), model, x, target, labels, chunk_size, probabilities
     )
