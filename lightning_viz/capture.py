@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .layers import get_layer, unwrap_model
+from .layers import get_layer, module_device, unwrap_model
 
 __all__ = [
     "eval_mode",
@@ -184,8 +184,7 @@ def _autocast_off(model: nn.Module) -> contextlib.AbstractContextManager:
     compute in the parameters' dtype wherever they are called from. (Lightning's ``precision="16-mixed"`` /
     ``"bf16-mixed"`` autocasts only its ``*_step`` calls, not the callback hooks; an autocast around a direct call
     would give float16 gradients, whose small values underflow, and bfloat16 maps.)"""
-    p = next(model.parameters(), None)
-    device_type = p.device.type if p is not None else "cpu"
+    device_type = module_device(model).type
     try:
         enabled = torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4: one query per device type
