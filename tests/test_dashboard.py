@@ -91,11 +91,16 @@ def test_panel_tiles_size_caption_and_fixed_row_with_colorbars(tmp_path):
     want = (upscale(probe.display_images(), 128)[0].permute(1, 2, 0) * 255).round().numpy()
     tile = img[32:160, 2:130].astype(float)
     assert np.abs(tile - want).max() <= 1
-    # every method tile differs from the plain image (an overlay), in both rows
+    # every method tile differs from the plain image (an overlay), in both rows, and is blended at the probe's
+    # 8 px and zoomed as the image is: one uniform 16 x 16 block per probe pixel (not a bilinear 128 px map)
     for c in range(1, 4):
         x0 = 2 + c * 130
-        assert np.abs(img[32:160, x0 : x0 + 128].astype(float) - want).mean() > 5
-        assert np.abs(img[162:290, x0 : x0 + 128].astype(float) - want).mean() > 5
+        for y0 in (32, 162):
+            over = img[y0 : y0 + 128, x0 : x0 + 128].astype(float)
+            assert np.abs(over - want).mean() > 5
+            blocks = over.reshape(8, 16, 8, 16, 3)
+            assert (blocks == blocks[:, :1, :, :1]).all()
+            assert len(np.unique(blocks[:, 0, :, 0].reshape(-1, 3), axis=0)) > 8  # a map, not a flat tint
     # under the fixed row: a colorbar from cmap(0) to cmap(1) of jet, one per method
     lut = (colormap(torch.tensor([[[0.0, 1.0]]]), "jet")[0, :, 0].T * 255).round().numpy()
     bar = img[291:299]
