@@ -446,6 +446,7 @@ class TensorBoardBackend(Backend):
         self.writer = writer
         self.background: WriteOwner | None = None  # in a callback run: images are written in the background
         self.submitted = False  # images went to the background writer: the flush goes there too, after them
+        self.pending: list[tuple[str, float, int]] = []  # a run's scalars, written in the background at its flush
 
     def image(self, tag, hwc, step, caption=None):
         from torch.utils.tensorboard import SummaryWriter
@@ -466,7 +467,14 @@ class TensorBoardBackend(Backend):
         self.submitted = True
 
     def scalar(self, tag, value, step):
-        self.writer.add_scalar(tag, value, step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        # in a callback run, torch's own add_scalar of a float (no torch op) goes to the writer thread, all of the
+        # run's at its flush in one job: add_scalar waits whenever TensorBoard's event queue is full of images
+        if self.background is None or getattr(self.writer.add_scalar, "__func__", None) is not SummaryWriter.add_scalar:
+            self.writer.add_scalar(tag, value, step)
+        else:
+            self.pending.append((tag, float(value), step))
 
     def figure(self, tag: str, fig: Any, step: int) -> None:
         self.writer.add_figure(tag, fig, step, close=False)
@@ -500,9 +508,16 @@ class TensorBoardBackend(Backend):
         self.writer.add_custom_scalars(layout)
 
     def flush(self):
-        if self.submitted and self.background is not None:
-            writer = self.writer
-            submit_write(lambda: writer.flush(), self.background)
+        if (self.submitted or self.pending) and self.background is not None:
+            writer, scalars = self.writer, self.pending
+            self.pending = []
+
+            def write() -> None:
+                for tag, value, step in scalars:
+                    writer.add_scalar(tag, value, step)
+                writer.flush()
+
+            submit_write(write, self.background)
         else:
             self.writer.flush()
 

@@ -162,3 +162,35 @@ def test_a_viz_logger_made_outside_a_run_writes_at_once(tmp_path):
     writer.flush()
     assert image_steps(read_events(str(tmp_path)), "viz-test/now") == [4]
     writer.close()
+
+
+def test_a_runs_scalars_go_to_the_writer_thread_at_its_flush(tmp_path):
+    """In a run, torch's ``add_scalar`` can wait while TensorBoard's event queue is full of images: the run's
+    scalars are kept until its flush and written then, in order, on the writer thread; outside a run at once."""
+    import threading
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    file_writer = writer._get_file_writer()
+    real, threads = file_writer.add_summary, []
+
+    def add_summary(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    file_writer.add_summary = add_summary
+    backend = vlog.TensorBoardBackend(writer)
+    backend.scalar("viz-test/now", 0.5, 1)  # no run: at once, on this thread
+    assert threads == [threading.current_thread().name]
+    backend.background = vlog.WriteOwner("test", 1)
+    for step, value in ((2, 1.0), (2, 2.0), (3, 4.0)):
+        backend.scalar("viz-test/later", value, step)
+    assert len(threads) == 1 and vlog._pending == []  # kept until the flush
+    backend.flush()
+    assert vlog.wait_for_writes() == []
+    assert len(threads) == 4 and all(t.startswith("lightning-viz-writer") for t in threads[1:])
+    acc = read_events(str(tmp_path))
+    assert [(e.step, e.value) for e in acc.Scalars("viz-test/later")] == [(2, 1.0), (2, 2.0), (3, 4.0)]
+    assert [(e.step, e.value) for e in acc.Scalars("viz-test/now")] == [(1, 0.5)]
+    writer.close()
