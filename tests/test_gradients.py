@@ -1,6 +1,9 @@
 """Gradient methods (hand-computed on linear / tiny models, chunking, SmoothGrad seeding, torchvision) and
 GradientCallback."""
 
+import io
+
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -14,6 +17,7 @@ from helpers import (
     tiny_loaders,
     tiny_trainer,
 )
+from PIL import Image
 from torch import nn
 
 from lightning_viz.callbacks.gradients import GradientCallback
@@ -189,6 +193,9 @@ def test_callback_logs_every_method_at_scheduled_epochs(tmp_path):
     assert "viz-gradients/saliency/input/p003" not in acc.Tags()["images"]
     img = acc.Images("viz-gradients/saliency/input/p000")[0]
     assert (img.width, img.height) == (128, 128)  # 8 px probes upscaled 16x to the default display_px
+    # blended at the probe's 8 px and zoomed with it: one uniform 16 x 16 block per probe pixel
+    blocks = np.asarray(Image.open(io.BytesIO(img.encoded_image_string)).convert("RGB")).reshape(8, 16, 8, 16, 3)
+    assert (blocks == blocks[:, :1, :, :1]).all() and len(np.unique(blocks[:, 0, :, 0].reshape(-1, 3), axis=0)) > 8
 
 
 def test_callback_under_validate_inference_mode(tmp_path):
