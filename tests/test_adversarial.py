@@ -171,6 +171,33 @@ def test_minimal_flip_budget_bisection_invariant(trained):
     assert (at != clean).all() and (below == clean).all()
 
 
+def test_fgsm_flip_search_takes_the_gradient_once_and_matches_fgsm_at_each_budget(trained):
+    """FGSM's direction at ``x`` does not depend on the budget: the search takes it in one forward + backward
+    and checks every budget with a forward, and its answer is what ``fgsm`` itself gives at those budgets."""
+    model, x, _ = trained
+    clean = predict(model, x)
+    max_eps, iters = 2.0, 5
+    forwards: list[bool] = []  # per forward: whether its input needs a gradient
+
+    def count(module, args):
+        forwards.append(args[0].requires_grad)
+
+    handle = model.register_forward_pre_hook(count)
+    with isolated(model):
+        try:
+            eps = minimal_flip_budget(model, x, clean, max_eps, iterations=iters)
+        finally:
+            handle.remove()
+        flipped = torch.isfinite(eps)
+        assert flipped.any()
+        step = max_eps / 2**iters
+        at = predict(model, fgsm(model, x, clean, torch.where(flipped, eps, torch.zeros_like(eps))))
+        below = predict(model, fgsm(model, x, clean, torch.where(flipped, eps - step, torch.zeros_like(eps))))
+    assert sum(forwards) == 1
+    assert len(forwards) == 1 + (iters + 2) + 1  # the gradient, one check per attack, the clean prediction
+    assert (at != clean)[flipped].all() and (below == clean)[flipped].all()
+
+
 def test_adversarial_callback_logs_per_probe_and_robustness_scalars(tmp_path):
     torch.manual_seed(0)
     model = LitTiny(TinyCNN(width=4))

@@ -101,8 +101,19 @@ def fgsm(
     (pixel units with ``std``, see the module docstring). ``classes``: the class to move away from (untargeted) or
     toward (``targeted``)."""
     x = x.detach()
+    return _fgsm_step(x, _loss_sign_grad(model, x, classes, targeted, loss), epsilon, bounds, std)
+
+
+def _fgsm_step(
+    x: Tensor,
+    direction: Tensor,
+    epsilon: float | Tensor,
+    bounds: tuple[Tensor, Tensor] | None,
+    std: Sequence[float] | Tensor | None,
+) -> Tensor:
+    """FGSM's image for the signed gradient ``direction`` at ``x``: one step of ``epsilon``, projected."""
     eps = _per_image(epsilon, x, std)
-    return _project(x + eps * _loss_sign_grad(model, x, classes, targeted, loss), x, eps, bounds).detach()
+    return _project(x + eps * direction, x, eps, bounds).detach()
 
 
 def pgd(
@@ -168,16 +179,21 @@ def minimal_flip_budget(
     class's region and clamping changes it), so ``max_epsilon`` alone may fail where a smaller budget flips;
     the scan finds those (ART's ``FastGradientMethod(minimal=True)`` scans every step). Where flipping is
     monotone this is plain bisection over ``[0, max_epsilon]``. PGD runs without random start here, so the
-    search is deterministic. Costs ``iterations + 2`` attacks (``iterations + 1`` for ``iterations < 2``),
-    each ``steps`` forward/backward passes for PGD. With ``std``, budgets are in pixel units (module docstring)."""
+    search is deterministic. Costs ``iterations + 2`` attacks (``iterations + 1`` for ``iterations < 2``) and a
+    forward each to check them: FGSM's signed gradient at ``x`` is the same for every budget, so it is taken once
+    (one forward + backward in all); PGD's attacks take ``steps`` forward/backward passes each. With ``std``,
+    budgets are in pixel units (module docstring)."""
     if max_epsilon <= 0 or iterations < 0:
         raise ValueError(f"need max_epsilon > 0 and iterations >= 0; got {max_epsilon}, {iterations}")
     if attack not in ("fgsm", "pgd"):
         raise ValueError(f"unknown attack {attack!r}; allowed: 'fgsm', 'pgd'")
 
+    x = x.detach()
+    direction = _loss_sign_grad(model, x, classes, targeted, loss) if attack == "fgsm" else None
+
     def flips(eps: Tensor) -> Tensor:
-        if attack == "fgsm":
-            adv = fgsm(model, x, classes, eps, targeted=targeted, bounds=bounds, loss=loss, std=std)
+        if direction is not None:  # fgsm(model, x, ..., eps) without taking the same gradient again
+            adv = _fgsm_step(x, direction, eps, bounds, std)
         else:
             adv = pgd(
                 model,
