@@ -190,10 +190,6 @@ class MapCallback(VisualizationCallback):
             )
         return out
 
-    def display(self, images01: Tensor) -> Tensor:
-        """Probe images upscaled to ``display_px`` (nearest, integer factor)."""
-        return upscale(images01, self.display_px) if self.display_px else images01.float()
-
     def overlays(self, images01: Tensor, maps01: Tensor) -> Tensor:
         """uint8 overlays of ``[N, h, w]`` maps (in ``[0, 1]``) on the probe images, blended at the probes' own
         resolution (maps resized to it, bilinear) and then zoomed to ``display_px`` as the images are (nearest):
