@@ -311,11 +311,13 @@ def upscale(images: Tensor, min_px: int, mode: str = "nearest") -> Tensor:
     if mode == "nearest":  # torch's pixels, gathered by numpy (one thread: no thread pool to wake)
         x = images.detach().cpu()
         rows, cols = _nearest_index(h, factor), _nearest_index(w, factor)
+        # columns first (element by element, on the small array), then rows (whole rows copied): ~4x faster
+        # than the other order on [8, 32, 32, 3] -> [8, 128, 128, 3]
         if x.dtype == torch.uint8 and x.ndim >= 3:  # gathered as [..., H, W, C] (to_uint8's layout), viewed as CHW
             a = x.movedim(-3, -1).numpy()
-            return torch.from_numpy(a.take(rows, axis=-3).take(cols, axis=-2)).movedim(-1, -3)
+            return torch.from_numpy(a.take(cols, axis=-2).take(rows, axis=-3)).movedim(-1, -3)
         a = (x if x.dtype == torch.uint8 else x.float()).numpy()
-        return torch.from_numpy(a.take(rows, axis=-2).take(cols, axis=-1))
+        return torch.from_numpy(a.take(cols, axis=-1).take(rows, axis=-2))
     kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     return F.interpolate(images.float(), scale_factor=factor, mode=mode, **kw)
 
