@@ -43,6 +43,7 @@ from ..probe import PROBE_BANK_KEY, ProbeSet, SampleFormatError, probe_bank_get,
 from ..progress import logger as _log
 from ..progress import reporting
 from ..targets import (
+    ClassTarget,
     ModelAdapter,
     ModelOutputError,
     as_logits,
@@ -525,6 +526,28 @@ class VisualizationCallback(Callback):
             )
         return ok
 
+    def class_indices(self) -> dict[str, list[int]]:
+        """The class indices this callback's options name, by option as the user wrote it (``{"target=7": [7]}``):
+        checked against the model's classes at the setup forward, so a class beyond them fails before training."""
+        named: dict[str, list[int]] = {}
+        for label, spec in (
+            ("target={}", getattr(self, "target", None)),
+            ("tracker=MapTracker(target={})", getattr(getattr(self, "tracker", None), "target", None)),
+        ):
+            index = spec.index if isinstance(spec, ClassTarget) else spec
+            if isinstance(index, int) and not isinstance(index, bool):
+                named[label.format(index)] = [index]
+        return named
+
+    def _check_class_indices(self, num_classes: int) -> None:
+        for option, indices in self.class_indices().items():
+            if max(indices) >= num_classes:
+                raise ValueError(
+                    f"{type(self).__name__}: {option} is out of range: the model has {num_classes} classes "
+                    f"(0..{num_classes - 1}), seen in one forward of a data item at setup; use class indices "
+                    f"0..{num_classes - 1}."
+                )
+
     def needs_labels(self) -> bool:
         """True when :meth:`compute` needs probe labels (e.g. ``target="label"``); checked on the data at setup."""
         return False
@@ -674,6 +697,7 @@ class VisualizationCallback(Callback):
                         + "; set logits_fn=<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
                     )
                 self._num_classes = int(logits.shape[1])
+                self._check_class_indices(self._num_classes)
                 if getattr(self, "probabilities", "softmax") == "sigmoid" and logits is not raw:
                     raise ValueError(
                         f"{name}(probabilities='sigmoid'): the model has one logit z (a binary classifier), read as "

@@ -1,0 +1,61 @@
+"""Real-run scenarios of the training loop (bug hunt): options that a setup forward can check fail before the
+first training step, not after a whole epoch. Real ``Trainer.fit`` runs on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import LitTiny, tiny_loaders, tiny_trainer
+from lightning.pytorch.callbacks import Callback
+
+from lightning_viz.callbacks.cam import CAMCallback
+from lightning_viz.callbacks.gradients import GradientCallback
+from lightning_viz.callbacks.occlusion import OcclusionCallback
+from lightning_viz.callbacks.synthesis import ClassModelCallback
+from lightning_viz.tracking import MapTracker
+
+
+class StepCounter(Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_end(self, *args):
+        self.steps += 1
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: CAMCallback(target=7, num_probes=2), r"CAMCallback: target=7 .*3 classes \(0\.\.2\)"),
+        (lambda: GradientCallback(target=3, num_probes=2), r"GradientCallback: target=3 .*3 classes \(0\.\.2\)"),
+        (lambda: OcclusionCallback(target=5, window=4, num_probes=2), r"OcclusionCallback: target=5 .*3 classes"),
+        (lambda: ClassModelCallback(classes=[0, 4], steps=1), r"ClassModelCallback: classes=\[0, 4\] .*3 classes"),
+        (
+            lambda: CAMCallback(num_probes=2, tracker=MapTracker(target=9, faithfulness=True)),
+            r"CAMCallback: tracker=MapTracker\(target=9\) .*3 classes",
+        ),
+        (
+            lambda: OcclusionCallback(window=20, num_probes=2),
+            r"OcclusionCallback: occlusion window=20 is larger than the 8x8",
+        ),
+    ],
+)
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+def test_options_a_setup_forward_can_check_fail_before_the_first_step(tmp_path, make, match, on_error):
+    cb = make()
+    cb.on_error = on_error  # a setup error is a configuration error: raised whatever on_error says
+    counter = StepCounter()
+    trainer = tiny_trainer(str(tmp_path), [counter, cb], max_epochs=1)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    assert counter.steps == 0
+
+
+def test_class_indices_within_the_model_pass_the_setup_check(tmp_path):
+    cbs = [
+        CAMCallback(target=2, num_probes=2, tracker=MapTracker(target=1)),
+        ClassModelCallback(classes=[0, 2], steps=1),
+        OcclusionCallback(window=8, target=2, num_probes=2),
+    ]
+    trainer = tiny_trainer(str(tmp_path), cbs, max_epochs=1)
+    trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    assert all(cb.last_logged_tags for cb in cbs)
