@@ -4,13 +4,16 @@ first training step, not after a whole epoch. Real ``Trainer.fit`` runs on tiny 
 from __future__ import annotations
 
 import pytest
-from helpers import LitTiny, tiny_loaders, tiny_trainer
+from helpers import LitTiny, TinyCNN, tiny_loaders, tiny_trainer
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
+from lightning_viz.callbacks.activations import ActivationCallback
 from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.callbacks.gradients import GradientCallback
 from lightning_viz.callbacks.occlusion import OcclusionCallback
 from lightning_viz.callbacks.synthesis import ClassModelCallback
+from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.tracking import MapTracker
 
 
@@ -59,3 +62,31 @@ def test_class_indices_within_the_model_pass_the_setup_check(tmp_path):
     trainer = tiny_trainer(str(tmp_path), cbs, max_epochs=1)
     trainer.fit(LitTiny(), *tiny_loaders(n=12))
     assert all(cb.last_logged_tags for cb in cbs)
+
+
+class BuiltInSetup(LitTiny):
+    """Builds its network in ``LightningModule.setup`` (Lightning's pattern for a model that depends on the data),
+    which Lightning calls after the callbacks' ``setup``."""
+
+    def __init__(self):
+        super().__init__(net=nn.Identity())
+        self.net = None
+
+    def setup(self, stage):
+        if self.net is None:
+            self.net = TinyCNN()
+
+
+def test_models_built_in_setup_are_checked_once_built_and_visualized(tmp_path):
+    cbs = [CAMCallback(num_probes=2), ActivationCallback(layers=["net.conv1"], num_probes=2)]
+    trainer = tiny_trainer(str(tmp_path / "fit"), cbs, max_epochs=1)
+    trainer.fit(BuiltInSetup(), *tiny_loaders(n=12))
+    assert all(cb.last_logged_tags for cb in cbs)
+    cb = CAMCallback(num_probes=2, run_on="validation_epoch_end")
+    tiny_trainer(str(tmp_path / "validate"), [cb]).validate(BuiltInSetup(), tiny_loaders(n=12)[1])
+    assert cb.last_logged_tags
+    counter = StepCounter()  # a wrong layer still fails before the first step, listing the built layers
+    trainer = tiny_trainer(str(tmp_path / "bad"), [CAMCallback(layers=["net.nope"], num_probes=2), counter])
+    with pytest.raises(LayerNotFoundError, match=r"net\.nope.*net\.conv2"):
+        trainer.fit(BuiltInSetup(), *tiny_loaders(n=12))
+    assert counter.steps == 0

@@ -158,8 +158,9 @@ _epoch_runs: weakref.WeakKeyDictionary[Trainer, tuple[tuple[int, str], list[tupl
 
 
 def _builds_in_configure_model(pl_module: LightningModule) -> bool:
-    """Whether the module overrides Lightning's ``configure_model`` hook (its layers may not exist at setup)."""
-    return any(is_overridden(hook, pl_module) for hook in ("configure_model", "configure_sharded_model"))
+    """Whether the module overrides Lightning's ``configure_model`` hook or its own ``setup`` (its layers may not exist
+    at the callbacks' ``setup``: Lightning calls the module's ``setup`` after them, ``configure_model`` after both)."""
+    return any(is_overridden(hook, pl_module) for hook in ("configure_model", "configure_sharded_model", "setup"))
 
 
 def _runs_at(c: VisualizationCallback, trainer: Trainer, where: str) -> bool:
@@ -594,8 +595,8 @@ class VisualizationCallback(Callback):
                 self._check_schedule(trainer, pl_module)
         else:  # trainer.validate
             self._start_over(trainer)
-        # A model that builds its layers in configure_model (Lightning calls it after every setup hook) is checked
-        # once they exist: on_fit_start / on_validation_start, still before the first step.
+        # A model that builds its layers in configure_model or its own setup (Lightning calls both after this hook) is
+        # checked once they exist: on_fit_start / on_validation_start, still before the first step.
         self._model_checks_due = stage if _builds_in_configure_model(pl_module) else None
         if self._model_checks_due is None:
             with self._naming():
