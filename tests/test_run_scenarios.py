@@ -90,3 +90,12 @@ def test_models_built_in_setup_are_checked_once_built_and_visualized(tmp_path):
     with pytest.raises(LayerNotFoundError, match=r"net\.nope.*net\.conv2"):
         trainer.fit(BuiltInSetup(), *tiny_loaders(n=12))
     assert counter.steps == 0
+
+
+def test_max_epochs_zero_trains_nothing_and_refuses_no_schedule(tmp_path):
+    """``max_epochs=0`` (a fit that only sets up) runs no callback whatever ``run_on`` says; the schedule check refused
+    ``run_on="validation_epoch_end"`` there with the nonsense fix "Use max_epochs=0"."""
+    cbs = [CAMCallback(num_probes=2, run_on="validation_epoch_end"), CAMCallback(num_probes=2, name="train")]
+    trainer = tiny_trainer(str(tmp_path), cbs, max_epochs=0)
+    trainer.fit(LitTiny(), *tiny_loaders(n=12))
+    assert trainer.global_step == 0 and all(cb.last_logged_tags == [] for cb in cbs)

@@ -749,7 +749,7 @@ class VisualizationCallback(Callback):
             )
         every_val = getattr(trainer, "check_val_every_n_epoch", 1)
         max_epochs = getattr(trainer, "max_epochs", None)
-        if every_val is None or max_epochs is None or max_epochs < 0:  # validation by steps, or no last epoch
+        if every_val is None or max_epochs is None or max_epochs <= 0:  # by steps, no last epoch, or no epoch at all
             return
         if not any(
             (e + 1) % every_val == 0 and ((e + 1) % n == 0 or e == max_epochs - 1)
