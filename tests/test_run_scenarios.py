@@ -3,13 +3,16 @@ first training step, not after a whole epoch. Real ``Trainer.fit`` runs on tiny 
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
+import torch
 from helpers import LitTiny, TinyCNN, tiny_loaders, tiny_trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_viz.callbacks.activations import ActivationCallback
 from lightning_viz.callbacks.cam import CAMCallback
+from lightning_viz.callbacks.embeddings import EmbeddingCallback
 from lightning_viz.callbacks.gradients import GradientCallback
 from lightning_viz.callbacks.occlusion import OcclusionCallback
 from lightning_viz.callbacks.synthesis import ClassModelCallback
@@ -99,3 +102,46 @@ def test_max_epochs_zero_trains_nothing_and_refuses_no_schedule(tmp_path):
     trainer = tiny_trainer(str(tmp_path), cbs, max_epochs=0)
     trainer.fit(LitTiny(), *tiny_loaders(n=12))
     assert trainer.global_step == 0 and all(cb.last_logged_tags == [] for cb in cbs)
+
+
+class FeatureHookLoss(LitTiny):
+    """A feature regularizer fed by a forward hook (feature matching, deep supervision): the hook appends conv2's
+    output to ``self.feats`` and counts its calls in ``self.calls``; the training step sums and clears them."""
+
+    def __init__(self):
+        super().__init__()
+        self.feats: list = []
+        self.calls = {"n": 0}
+        self.net.conv2.register_forward_hook(self._collect)
+
+    def _collect(self, module, inputs, output):
+        self.feats.append(output)
+        self.calls["n"] += 1
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx) + 0.01 * sum(f.pow(2).mean() for f in self.feats)
+        self.feats.clear()
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.feats.clear()
+
+
+def test_a_forward_hook_collecting_features_for_the_loss_trains_the_same(tmp_path):
+    """The visualizations' forwards run the user's hook too: their tensors (with the visualization's freed graph)
+    must not reach the next training step's loss, nor the call counter change."""
+
+    def fit(logdir, callbacks):
+        L.seed_everything(0, verbose=False)
+        model = FeatureHookLoss()
+        tiny_trainer(str(logdir), callbacks, max_epochs=2).fit(model, *tiny_loaders(n=16))
+        return model
+
+    plain = fit(tmp_path / "plain", [])
+    cbs = [CAMCallback(num_probes=2), GradientCallback(num_probes=2), EmbeddingCallback(num_probes=4, projector=False)]
+    viz = fit(tmp_path / "viz", cbs)
+    assert all(cb.last_logged_tags for cb in cbs)
+    for (name, a), b in zip(plain.state_dict().items(), viz.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert viz.calls == plain.calls and viz.feats == plain.feats == []
