@@ -11,7 +11,11 @@ from torch import nn
 
 from lightning_viz.callbacks.base import VisualizationError
 from lightning_viz.callbacks.cam import CAMCallback
+from lightning_viz.callbacks.gradients import GradientCallback
+from lightning_viz.callbacks.occlusion import OcclusionCallback
+from lightning_viz.callbacks.synthesis import ClassModelCallback
 from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.tracking import MapTracker
 
 
 class ConvNormHead(nn.Module):
@@ -57,3 +61,25 @@ def test_cam_head_is_verified_at_every_run(tmp_path):
     with pytest.raises(VisualizationError, match="feed global average pooling and the last nn.Linear directly"):
         trainer.fit(LitTiny(ConvNormHead(functional_relu=True)), *tiny_loaders())
     assert trainer.current_epoch == 0  # at the first run, after epoch 0
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: GradientCallback(target=7, num_probes=2), r"GradientCallback: target: class 7 is out of range"),
+        (lambda: OcclusionCallback(target="5", num_probes=2), r"OcclusionCallback: target: class 5 is out of range"),
+        (
+            lambda: CAMCallback(num_probes=2, tracker=MapTracker(target=3, faithfulness=True)),
+            r"CAMCallback: tracker.target: class 3 is out of range",
+        ),
+        (lambda: ClassModelCallback(classes=[0, 9], steps=2), r"ClassModelCallback: classes: class 9 is out of range"),
+    ],
+)
+def test_class_index_beyond_the_model_fails_at_setup(tmp_path, make, match):
+    """The setup forward knows the number of classes (3 here): a class index beyond them fails before the first
+    step, not at the first epoch end."""
+    steps = _Steps()
+    trainer = tiny_trainer(str(tmp_path), [make(), steps])
+    with pytest.raises(ValueError, match=match + r": the model has 3 classes \(0\.\.2"):
+        trainer.fit(LitTiny(), *tiny_loaders())
+    assert steps.steps == 0

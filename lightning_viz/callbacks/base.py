@@ -43,6 +43,7 @@ from ..probe import PROBE_BANK_KEY, ProbeSet, SampleFormatError, probe_bank_get,
 from ..progress import logger as _log
 from ..progress import reporting
 from ..targets import (
+    ClassTarget,
     ModelAdapter,
     ModelOutputError,
     as_logits,
@@ -52,6 +53,7 @@ from ..targets import (
     model_adapter,
     read_logits,
     resolve_logits_fn,
+    resolve_target,
 )
 
 if sys.version_info >= (3, 12):
@@ -525,6 +527,23 @@ class VisualizationCallback(Callback):
             )
         return ok
 
+    def class_options(self) -> dict[str, list[int]]:
+        """Class indices this callback's options name, ``{option: indices}``: checked against the model's classes
+        at the setup forward, not at the first run. Default: a class-index ``target`` and ``tracker.target``."""
+        out: dict[str, list[int]] = {}
+        tracker = getattr(self, "tracker", None)
+        for option, spec in (
+            ("target", getattr(self, "target", None)),
+            ("tracker.target", getattr(tracker, "target", None)),
+        ):
+            try:
+                target = None if spec is None else resolve_target(spec)
+            except (ValueError, TypeError):  # not a target (e.g. AdversarialCallback's attack mode)
+                target = None
+            if isinstance(target, ClassTarget):
+                out[option] = [target.index]
+        return out
+
     def needs_labels(self) -> bool:
         """True when :meth:`compute` needs probe labels (e.g. ``target="label"``); checked on the data at setup."""
         return False
@@ -674,6 +693,14 @@ class VisualizationCallback(Callback):
                         + "; set logits_fn=<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
                     )
                 self._num_classes = int(logits.shape[1])
+                for option, indices in self.class_options().items():
+                    bad = [c for c in indices if not 0 <= c < self._num_classes]
+                    if bad:
+                        raise ValueError(
+                            f"{name}: {option}: class {bad[0] if len(bad) == 1 else bad} is out of range: the model "
+                            f"has {self._num_classes} classes (0..{self._num_classes - 1}; {how} gave logits of shape "
+                            f"{tuple(logits.shape)})."
+                        )
                 if getattr(self, "probabilities", "softmax") == "sigmoid" and logits is not raw:
                     raise ValueError(
                         f"{name}(probabilities='sigmoid'): the model has one logit z (a binary classifier), read as "
