@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import LitTiny, tiny_loaders, tiny_trainer
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_viz.callbacks.base import VisualizationError
 from lightning_viz.callbacks.cam import CAMCallback
@@ -15,6 +16,7 @@ from lightning_viz.callbacks.gradients import GradientCallback
 from lightning_viz.callbacks.occlusion import OcclusionCallback
 from lightning_viz.callbacks.synthesis import ClassModelCallback
 from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.targets import ModelOutputError
 from lightning_viz.tracking import MapTracker
 
 
@@ -83,3 +85,51 @@ def test_class_index_beyond_the_model_fails_at_setup(tmp_path, make, match):
     with pytest.raises(ValueError, match=match + r": the model has 3 classes \(0\.\.2"):
         trainer.fit(LitTiny(), *tiny_loaders())
     assert steps.steps == 0
+
+
+class Uint8Lit(LitTiny):
+    """A module that trains on 8-bit images and converts them in its forward, ``always`` or only for uint8 inputs."""
+
+    def __init__(self, always: bool, tuple_out: bool = False):
+        super().__init__()
+        self.always, self.tuple_out = always, tuple_out
+
+    def forward(self, x):
+        if self.always or x.dtype == torch.uint8:
+            x = x.float() / 255
+        z = self.net(x)
+        return (z, z) if self.tuple_out else z
+
+    def training_step(self, batch, batch_idx):
+        z = self(batch[0])
+        loss = F.cross_entropy(z[0] if self.tuple_out else z, batch[1])
+        return loss
+
+
+def uint8_loaders():
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randint(0, 256, (16, 3, 8, 8), generator=g, dtype=torch.uint8), torch.arange(16) % 3)
+    return DataLoader(ds, batch_size=8), DataLoader(ds, batch_size=8)
+
+
+def test_uint8_data_gets_the_setup_forward(tmp_path):
+    """8-bit images (a PILToTensor pipeline) are checked at setup like float ones: a forward returning a tuple fails
+    before the first step, not at the first epoch end."""
+    steps = _Steps()
+    trainer = tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2), steps])
+    with pytest.raises(ModelOutputError, match=r"GradientCallback: the model returned a tuple of length 2"):
+        trainer.fit(Uint8Lit(always=True, tuple_out=True), *uint8_loaders())
+    assert steps.steps == 0
+
+
+def test_uint8_data_and_a_forward_that_converts_only_uint8(tmp_path):
+    """The callbacks pass 8-bit probes as floats: a forward that divides by 255 only for uint8 inputs would be
+    explained on 255x larger inputs than it trains on. Refused at setup; one that always converts runs."""
+    steps = _Steps()
+    trainer = tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2), steps])
+    with pytest.raises(ModelOutputError, match=r"GradientCallback: the data gives uint8 images, .* other logits"):
+        trainer.fit(Uint8Lit(always=False), *uint8_loaders())
+    assert steps.steps == 0
+    trainer = tiny_trainer(str(tmp_path / "ok"), [GradientCallback(num_probes=2)], max_epochs=1)
+    trainer.fit(Uint8Lit(always=True), *uint8_loaders())
+    assert trainer.current_epoch == 1

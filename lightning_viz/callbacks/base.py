@@ -636,6 +636,33 @@ class VisualizationCallback(Callback):
             category=VisualizationWarning,
         )
 
+    def _check_uint8_call(self, model: ModelAdapter, x_u8: Tensor, logits: Tensor, how: str) -> None:
+        """8-bit data: the callbacks call the model on the same pixels as floats (gradients need them); a forward
+        that treats ``uint8`` inputs otherwise (``if x.dtype == torch.uint8: x = x.float() / 255``) would be
+        explained on other inputs than it trains on: a clear error. A model that takes no ``uint8`` input at all
+        (its first conv raises) is fine: floats are then its only input."""
+        try:
+            with torch.no_grad():
+                ref = as_logits(read_logits(model.call(x_u8)), 1)
+        except Exception:
+            return
+        if not isinstance(ref, Tensor) or ref.shape != logits.shape:
+            return
+        dtype = str(logits.dtype).replace("torch.", "")
+        ref, got = ref.detach().double(), logits.detach().double()
+        if not (bool(torch.isfinite(ref).all()) and bool(torch.isfinite(got).all())):
+            return
+        err = float((ref - got).abs().max())
+        if err > 1e-3 * (1.0 + float(ref.abs().max())):
+            raise ModelOutputError(
+                f"{type(self).__name__}: the data gives uint8 images, and {how} returns other logits for a uint8 item "
+                f"than for the same pixel values as {dtype} (up to {err:.3g} apart), "
+                "which is what lightning-viz passes (gradients need floating-point inputs): the maps would explain "
+                "other inputs than the model trains on. Convert regardless of the dtype in the forward (e.g. "
+                "x = x.float() / 255, not only when x.dtype is torch.uint8), or convert in the data (e.g. "
+                "torchvision's ToDtype(torch.float32, scale=True))."
+            )
+
     def _run_due_model_checks(self, trainer: Trainer, pl_module: LightningModule) -> None:
         stage = self._model_checks_due
         if stage is not None:
@@ -662,13 +689,16 @@ class VisualizationCallback(Callback):
                     image, label, _ = read_item(dataset, 0)
                 except SampleFormatError as exc:
                     raise VisualizationError(self._unreadable_message(dataset, exc)) from exc
-                x = image[None] if isinstance(image, Tensor) and image.is_floating_point() else None
+                # 8-bit images too: the callbacks pass them as floats in the parameters' dtype, as below
+                usable = isinstance(image, Tensor) and (image.is_floating_point() or image.dtype == torch.uint8)
+                x = image[None] if usable else None
         if x is None:
             return
         name = type(self).__name__
         how = "model(x)" if self.logits_fn is None else f"logits_fn={self.logits_fn!r}"
         with isolated(pl_module):
             model = self.adapted(pl_module)
+            x_u8 = x.to(module_device(model), copy=True) if x.dtype == torch.uint8 else None
             x = x.to(module_device(model), module_dtype(model), copy=True)
             try:
                 with torch.no_grad():
@@ -708,6 +738,8 @@ class VisualizationCallback(Callback):
                         "is for multi-label heads with one logit per class)."
                     )
                 self._warn_probabilities(logits, how)
+                if x_u8 is not None:
+                    self._check_uint8_call(model, x_u8, logits, how)
                 if self.needs_labels() and isinstance(label, Tensor) and label.numel() == 1:
                     # a class index the model has: else fail now, not at the first epoch end (check_model runs
                     # under _naming, which puts this callback's name in front of the message)
