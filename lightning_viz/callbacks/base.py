@@ -43,6 +43,7 @@ from ..probe import PROBE_BANK_KEY, ProbeSet, SampleFormatError, probe_bank_get,
 from ..progress import logger as _log
 from ..progress import reporting
 from ..targets import (
+    ClassTarget,
     ModelAdapter,
     ModelOutputError,
     as_logits,
@@ -52,6 +53,7 @@ from ..targets import (
     model_adapter,
     read_logits,
     resolve_logits_fn,
+    resolve_target,
 )
 
 if sys.version_info >= (3, 12):
@@ -525,6 +527,23 @@ class VisualizationCallback(Callback):
             )
         return ok
 
+    def class_options(self) -> dict[str, list[int]]:
+        """Class indices this callback's options name, ``{option: indices}``: checked against the model's classes
+        at the setup forward, not at the first run. Default: a class-index ``target`` and ``tracker.target``."""
+        out: dict[str, list[int]] = {}
+        tracker = getattr(self, "tracker", None)
+        for option, spec in (
+            ("target", getattr(self, "target", None)),
+            ("tracker.target", getattr(tracker, "target", None)),
+        ):
+            try:
+                target = None if spec is None else resolve_target(spec)
+            except (ValueError, TypeError):  # not a target (e.g. AdversarialCallback's attack mode)
+                target = None
+            if isinstance(target, ClassTarget):
+                out[option] = [target.index]
+        return out
+
     def needs_labels(self) -> bool:
         """True when :meth:`compute` needs probe labels (e.g. ``target="label"``); checked on the data at setup."""
         return False
@@ -617,6 +636,33 @@ class VisualizationCallback(Callback):
             category=VisualizationWarning,
         )
 
+    def _check_uint8_call(self, model: ModelAdapter, x_u8: Tensor, logits: Tensor, how: str) -> None:
+        """8-bit data: the callbacks call the model on the same pixels as floats (gradients need them); a forward
+        that treats ``uint8`` inputs otherwise (``if x.dtype == torch.uint8: x = x.float() / 255``) would be
+        explained on other inputs than it trains on: a clear error. A model that takes no ``uint8`` input at all
+        (its first conv raises) is fine: floats are then its only input."""
+        try:
+            with torch.no_grad():
+                ref = as_logits(read_logits(model.call(x_u8)), 1)
+        except Exception:
+            return
+        if not isinstance(ref, Tensor) or ref.shape != logits.shape:
+            return
+        dtype = str(logits.dtype).replace("torch.", "")
+        ref, got = ref.detach().double(), logits.detach().double()
+        if not (bool(torch.isfinite(ref).all()) and bool(torch.isfinite(got).all())):
+            return
+        err = float((ref - got).abs().max())
+        if err > 1e-3 * (1.0 + float(ref.abs().max())):
+            raise ModelOutputError(
+                f"{type(self).__name__}: the data gives uint8 images, and {how} returns other logits for a uint8 item "
+                f"than for the same pixel values as {dtype} (up to {err:.3g} apart), "
+                "which is what lightning-viz passes (gradients need floating-point inputs): the maps would explain "
+                "other inputs than the model trains on. Convert regardless of the dtype in the forward (e.g. "
+                "x = x.float() / 255, not only when x.dtype is torch.uint8), or convert in the data (e.g. "
+                "torchvision's ToDtype(torch.float32, scale=True))."
+            )
+
     def _run_due_model_checks(self, trainer: Trainer, pl_module: LightningModule) -> None:
         stage = self._model_checks_due
         if stage is not None:
@@ -643,13 +689,16 @@ class VisualizationCallback(Callback):
                     image, label, _ = read_item(dataset, 0)
                 except SampleFormatError as exc:
                     raise VisualizationError(self._unreadable_message(dataset, exc)) from exc
-                x = image[None] if isinstance(image, Tensor) and image.is_floating_point() else None
+                # 8-bit images too: the callbacks pass them as floats in the parameters' dtype, as below
+                usable = isinstance(image, Tensor) and (image.is_floating_point() or image.dtype == torch.uint8)
+                x = image[None] if usable else None
         if x is None:
             return
         name = type(self).__name__
         how = "model(x)" if self.logits_fn is None else f"logits_fn={self.logits_fn!r}"
         with isolated(pl_module):
             model = self.adapted(pl_module)
+            x_u8 = x.to(module_device(model), copy=True) if x.dtype == torch.uint8 else None
             x = x.to(module_device(model), module_dtype(model), copy=True)
             try:
                 with torch.no_grad():
@@ -674,6 +723,14 @@ class VisualizationCallback(Callback):
                         + "; set logits_fn=<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
                     )
                 self._num_classes = int(logits.shape[1])
+                for option, indices in self.class_options().items():
+                    bad = [c for c in indices if not 0 <= c < self._num_classes]
+                    if bad:
+                        raise ValueError(
+                            f"{name}: {option}: class {bad[0] if len(bad) == 1 else bad} is out of range: the model "
+                            f"has {self._num_classes} classes (0..{self._num_classes - 1}; {how} gave logits of shape "
+                            f"{tuple(logits.shape)})."
+                        )
                 if getattr(self, "probabilities", "softmax") == "sigmoid" and logits is not raw:
                     raise ValueError(
                         f"{name}(probabilities='sigmoid'): the model has one logit z (a binary classifier), read as "
@@ -681,6 +738,8 @@ class VisualizationCallback(Callback):
                         "is for multi-label heads with one logit per class)."
                     )
                 self._warn_probabilities(logits, how)
+                if x_u8 is not None:
+                    self._check_uint8_call(model, x_u8, logits, how)
                 if self.needs_labels() and isinstance(label, Tensor) and label.numel() == 1:
                     # a class index the model has: else fail now, not at the first epoch end (check_model runs
                     # under _naming, which puts this callback's name in front of the message)

@@ -222,6 +222,9 @@ class ClassModelCallback(_InputOptimizationCallback):
     def state_key_parts(self) -> tuple[Any, ...]:
         return (*super().state_key_parts(), tuple(self.classes or ()), self.l2)
 
+    def class_options(self) -> dict[str, list[int]]:
+        return {**super().class_options(), **({"classes": self.classes} if self.classes else {})}
+
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         pl_module = self.adapted(pl_module)
         shape = self.image_shape(probe)
