@@ -53,6 +53,7 @@ from ..targets import (
     model_adapter,
     read_logits,
     resolve_logits_fn,
+    resolve_target,
 )
 
 if sys.version_info >= (3, 12):
@@ -527,27 +528,22 @@ class VisualizationCallback(Callback):
             )
         return ok
 
-    def class_indices(self) -> dict[str, list[int]]:
-        """The class indices this callback's options name, by option as the user wrote it (``{"target=7": [7]}``):
-        checked against the model's classes at the setup forward, so a class beyond them fails before training."""
-        named: dict[str, list[int]] = {}
-        for label, spec in (
-            ("target={}", getattr(self, "target", None)),
-            ("tracker=MapTracker(target={})", getattr(getattr(self, "tracker", None), "target", None)),
+    def class_options(self) -> dict[str, list[int]]:
+        """Class indices this callback's options name, ``{option: indices}``: checked against the model's classes
+        at the setup forward, not at the first run. Default: a class-index ``target`` and ``tracker.target``."""
+        out: dict[str, list[int]] = {}
+        tracker = getattr(self, "tracker", None)
+        for option, spec in (
+            ("target", getattr(self, "target", None)),
+            ("tracker.target", getattr(tracker, "target", None)),
         ):
-            index = spec.index if isinstance(spec, ClassTarget) else spec
-            if isinstance(index, int) and not isinstance(index, bool):
-                named[label.format(index)] = [index]
-        return named
-
-    def _check_class_indices(self, num_classes: int) -> None:
-        for option, indices in self.class_indices().items():
-            if max(indices) >= num_classes:
-                raise ValueError(
-                    f"{type(self).__name__}: {option} is out of range: the model has {num_classes} classes "
-                    f"(0..{num_classes - 1}), seen in one forward of a data item at setup; use class indices "
-                    f"0..{num_classes - 1}."
-                )
+            try:
+                target = None if spec is None else resolve_target(spec)
+            except (ValueError, TypeError):  # not a target (e.g. AdversarialCallback's attack mode)
+                target = None
+            if isinstance(target, ClassTarget):
+                out[option] = [target.index]
+        return out
 
     def needs_labels(self) -> bool:
         """True when :meth:`compute` needs probe labels (e.g. ``target="label"``); checked on the data at setup."""
@@ -641,6 +637,33 @@ class VisualizationCallback(Callback):
             category=VisualizationWarning,
         )
 
+    def _check_uint8_call(self, model: ModelAdapter, x_u8: Tensor, logits: Tensor, how: str) -> None:
+        """8-bit data: the callbacks call the model on the same pixels as floats (gradients need them); a forward
+        that treats ``uint8`` inputs otherwise (``if x.dtype == torch.uint8: x = x.float() / 255``) would be
+        explained on other inputs than it trains on: a clear error. A model that takes no ``uint8`` input at all
+        (its first conv raises) is fine: floats are then its only input."""
+        try:
+            with torch.no_grad():
+                ref = as_logits(read_logits(model.call(x_u8)), 1)
+        except Exception:
+            return
+        if not isinstance(ref, Tensor) or ref.shape != logits.shape:
+            return
+        dtype = str(logits.dtype).replace("torch.", "")
+        ref, got = ref.detach().double(), logits.detach().double()
+        if not (bool(torch.isfinite(ref).all()) and bool(torch.isfinite(got).all())):
+            return
+        err = float((ref - got).abs().max())
+        if err > 1e-3 * (1.0 + float(ref.abs().max())):
+            raise ModelOutputError(
+                f"{type(self).__name__}: the data gives uint8 images, and {how} returns other logits for a uint8 item "
+                f"than for the same pixel values as {dtype} (up to {err:.3g} apart), "
+                "which is what lightning-viz passes (gradients need floating-point inputs): the maps would explain "
+                "other inputs than the model trains on. Convert regardless of the dtype in the forward (e.g. "
+                "x = x.float() / 255, not only when x.dtype is torch.uint8), or convert in the data (e.g. "
+                "torchvision's ToDtype(torch.float32, scale=True))."
+            )
+
     def _run_due_model_checks(self, trainer: Trainer, pl_module: LightningModule) -> None:
         stage = self._model_checks_due
         if stage is not None:
@@ -667,13 +690,16 @@ class VisualizationCallback(Callback):
                     image, label, _ = read_item(dataset, 0)
                 except SampleFormatError as exc:
                     raise VisualizationError(self._unreadable_message(dataset, exc)) from exc
-                x = image[None] if isinstance(image, Tensor) and image.is_floating_point() else None
+                # 8-bit images too: the callbacks pass them as floats in the parameters' dtype, as below
+                usable = isinstance(image, Tensor) and (image.is_floating_point() or image.dtype == torch.uint8)
+                x = image[None] if usable else None
         if x is None:
             return
         name = type(self).__name__
         how = "model(x)" if self.logits_fn is None else f"logits_fn={self.logits_fn!r}"
         with isolated(pl_module):
             model = self.adapted(pl_module)
+            x_u8 = x.to(module_device(model), copy=True) if x.dtype == torch.uint8 else None
             x = x.to(module_device(model), module_dtype(model), copy=True)
             try:
                 with torch.no_grad():
@@ -698,7 +724,14 @@ class VisualizationCallback(Callback):
                         + "; set logits_fn=<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
                     )
                 self._num_classes = int(logits.shape[1])
-                self._check_class_indices(self._num_classes)
+                for option, indices in self.class_options().items():
+                    bad = [c for c in indices if not 0 <= c < self._num_classes]
+                    if bad:
+                        raise ValueError(
+                            f"{name}: {option}: class {bad[0] if len(bad) == 1 else bad} is out of range: the model "
+                            f"has {self._num_classes} classes (0..{self._num_classes - 1}; {how} gave logits of shape "
+                            f"{tuple(logits.shape)})."
+                        )
                 if getattr(self, "probabilities", "softmax") == "sigmoid" and logits is not raw:
                     raise ValueError(
                         f"{name}(probabilities='sigmoid'): the model has one logit z (a binary classifier), read as "
@@ -706,6 +739,8 @@ class VisualizationCallback(Callback):
                         "is for multi-label heads with one logit per class)."
                     )
                 self._warn_probabilities(logits, how)
+                if x_u8 is not None:
+                    self._check_uint8_call(model, x_u8, logits, how)
                 if self.needs_labels() and isinstance(label, Tensor) and label.numel() == 1:
                     # a class index the model has: else fail now, not at the first epoch end (check_model runs
                     # under _naming, which puts this callback's name in front of the message)
@@ -1150,11 +1185,13 @@ class VisualizationCallback(Callback):
         self._last_run_epoch = state_dict.get("last_run_epoch")
 
     def _due_after_checkpoint(self, trainer: Trainer) -> bool:
-        """Whether this epoch's ``train_epoch_end`` run is still to come though the epoch's training is over: a
-        checkpoint saved between its last step and ``on_train_epoch_end`` (ModelCheckpoint at the validation after
-        the last batch, with ``val_check_interval`` < 1.0 or ``check_val_every_n_epoch`` > 1, or at the last batch's
-        ``on_train_batch_end`` with ``every_n_train_steps``)."""
-        if self.run_on != "train_epoch_end" or not _fitting(trainer) or trainer.sanity_checking:
+        """Whether this epoch's run is still to come though the training it shows is over: a checkpoint saved
+        between its last step and ``on_train_epoch_end`` (``train_epoch_end``: ModelCheckpoint at the validation
+        after the last batch, with ``val_check_interval`` < 1.0 or ``check_val_every_n_epoch`` > 1, or at the last
+        batch's ``on_train_batch_end`` with ``every_n_train_steps``), or (``validation_epoch_end``) at the
+        ``on_train_batch_end`` of the batch whose validation is the one it runs at: a fit resumed from there skips
+        that validation (Lightning fast-forwards past it), so it runs now, on the weights that validation sees."""
+        if not _fitting(trainer) or trainer.sanity_checking:
             return False
         if trainer.state.status != "running":  # e.g. OnExceptionCheckpoint saving after an error: nothing runs
             return False
@@ -1163,8 +1200,12 @@ class VisualizationCallback(Callback):
             return False
         progress = trainer.fit_loop.epoch_loop.batch_progress
         current = progress.current  # a _ProcessedTracker: ``processed`` counts the batches trained (and stepped)
-        over = progress.is_last_batch and current.ready == getattr(current, "processed", -1) > 0
-        return over and _runs_at(self, trainer, "train_epoch_end")
+        trained = current.ready == getattr(current, "processed", -1) > 0
+        if self.run_on == "train_epoch_end":
+            return progress.is_last_batch and trained and _runs_at(self, trainer, "train_epoch_end")
+        if trainer.validating or not trained or not _validates_after_batch(trainer):
+            return False
+        return _chosen_validation(trainer) and _runs_at(self, trainer, "validation_epoch_end")
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -1173,7 +1214,7 @@ class VisualizationCallback(Callback):
         probes into the checkpoint's shared probe bank (each image stored once)."""
         states = checkpoint.get("callbacks")
         if isinstance(states, dict) and self.state_key in states and self._due_after_checkpoint(trainer):
-            self._run_and_report(trainer, pl_module, "train_epoch_end")
+            self._run_and_report(trainer, pl_module, self.run_on)
             states[self.state_key] = self.state_dict()
         entry = (checkpoint.get("callbacks") or {}).get(self.state_key)
         probes = entry.get("probes") if isinstance(entry, dict) else None
@@ -1250,6 +1291,21 @@ def _validates_after_last_batch(trainer: Trainer) -> bool:
     if every is None or every == float("inf") or n == float("inf"):
         return every is not None
     return int(n) % int(every) == 0
+
+
+def _validates_after_batch(trainer: Trainer) -> bool:
+    """At a training batch's end (before Lightning's validation check): whether a validation follows this batch
+    (Lightning's own check; never for validation by time, whose moment is not known before)."""
+    loop = trainer.fit_loop.epoch_loop
+    if getattr(trainer, "_val_check_time_interval", None) is not None or getattr(loop, "_skip_next_val", False):
+        return False
+    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+    if fetcher is None:
+        return False
+    try:
+        return bool(loop._should_check_val_fx(fetcher))
+    except Exception:  # another Lightning version's loop: run at the validation as usual
+        return False
 
 
 def _chosen_validation(trainer: Trainer) -> bool:

@@ -9,6 +9,8 @@ method is asked for); see :mod:`lightning_viz.methods.shared_pass`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal, Optional, Union, cast
 
 import torch
@@ -25,6 +27,7 @@ from ..layers import (
     get_layer,
     linear_calls,
     linear_layer_names,
+    named_layers,
     require_conv,
     resolve_layers,
 )
@@ -47,6 +50,48 @@ from .gradients import GradientMapCallback
 __all__ = ["CAMCallback"]
 
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+@contextmanager
+def _norms_reading(model: nn.Module, layers: list[str]) -> Iterator[dict[str, str]]:
+    """``{layer: norm}`` for each of ``layers`` whose output tensor itself is the input of a normalization layer
+    (BatchNorm, GroupNorm, LayerNorm, or any module whose class name contains ``Norm``, e.g. torchvision's
+    ``FrozenBatchNorm2d``) during forwards inside the block (hooks, removed on exit): a conv named before its
+    BatchNorm. Such a norm is close to the identity at initialization, so the numeric head check cannot see it."""
+    found: dict[str, str] = {}
+    outputs: dict[str, Tensor] = {}  # the tensors themselves (an id could be reused once one is freed)
+    all_layers = named_layers(model)
+
+    def keep(name: str):
+        def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+            if isinstance(out, Tensor):
+                outputs[name] = out
+
+        return hook
+
+    def check(name: str):
+        def hook(_m: nn.Module, inputs: tuple) -> None:
+            first = inputs[0] if inputs else None
+            for layer, out in outputs.items():
+                if first is out and not (name + ".").startswith(layer + "."):
+                    found.setdefault(layer, name)
+
+        return hook
+
+    handles = [get_layer(model, n).register_forward_hook(keep(n)) for n in layers]
+    handles += [
+        m.register_forward_pre_hook(check(n))
+        for n, m in all_layers.items()
+        if n and (isinstance(m, _NORMS) or "Norm" in type(m).__name__)
+    ]
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class CAMCallback(GradientMapCallback):
     """Class activation maps of the probe images.
 
@@ -59,7 +104,7 @@ class CAMCallback(GradientMapCallback):
             feeding global pooling (:func:`~lightning_viz.layers.default_cam_layer`: ``layer4.1`` of a ResNet,
             ``features.<last>`` of VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt), found by one forward at setup.
             Blocks containing convolutions are fine; ``cam`` also needs the GAP + linear head right after the
-            layer (the last ``nn.Linear`` called in the forward; verified numerically at setup).
+            layer (the last ``nn.Linear`` called in the forward; verified at setup and numerically at every run).
         target: ``"label"`` (default), ``"predicted"``, a class index, or (from Python) a callable
             ``logits -> score[B]`` -- not with ``cam``, which needs a class.
         reduce: channel reduction of the guided methods' ``[C, H, W]`` output (``abs_max``, ``sum``, ``abs_sum``).
@@ -99,13 +144,12 @@ class CAMCallback(GradientMapCallback):
         self.reduce = reduce
         self.layer_names = as_layer_list(type(self).__name__, layers)  # None: the last block before global pooling
         self.layers: list[str] = []
-        self._head_verified = False
         self._rectified: dict[str, bool] = {}  # cam: layers whose output reaches the head through a functional ReLU
         self._unverified: list[str] = []  # named layers without convs: a forward must show a conv-produced map
 
     def check_model(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.layer_names is None:  # the default layer of this setup's model (callbacks reused for another one)
-            self.layers, self._head_verified, self._rectified = [], False, {}
+            self.layers, self._rectified = [], {}
         super().check_model(trainer, pl_module, stage)
 
     def check(self, pl_module: LightningModule) -> None:
@@ -159,10 +203,26 @@ class CAMCallback(GradientMapCallback):
             self.check(model)
         self._verify_maps(model, x)
         if self._uses_head():
-            with torch.no_grad(), capture(model, self.layers) as cap, linear_calls(model) as calls:
+            with (
+                torch.no_grad(),
+                capture(model, self.layers) as cap,
+                linear_calls(model) as calls,
+                _norms_reading(model, self.layers) as norms,
+            ):
                 logits = model(x)
             with self._naming():
                 self._verify_head(model, logits, {n: cap[n] for n in self.layers}, calls[-1] if calls else None)
+                for name, norm in norms.items():  # at init a norm is (nearly) the identity: the numbers agree yet
+                    raise LayerNotFoundError(
+                        f"CAM needs layer {name!r} to feed global average pooling and the last nn.Linear directly, "
+                        f"but its output goes through {norm!r} ({type(get_layer(model, norm)).__name__}) first: "
+                        "the classifier's weights do not belong to that layer once training changes the norm. "
+                        + (
+                            self._head_advice(name)
+                            or "Choose the block after the norm (e.g. 'layer4' of a ResNet; the default layer), "
+                            "or use 'gradcam'."
+                        )
+                    )
 
     def _verify_maps(self, model: Any, x: Tensor) -> None:
         """Named layers without convolutions must give a conv-produced ``[B, C, h, w]`` map in a forward of ``x``: a
@@ -187,7 +247,7 @@ class CAMCallback(GradientMapCallback):
 
     def _verify_head(self, model: Any, logits: Tensor, activations: dict[str, Tensor], head: Optional[str]) -> None:
         """Variants with the classifier head (``cam``) only: each layer must feed the GAP + linear head, whose
-        classifier is ``head``, the last nn.Linear called in the forward (numerical check, once)."""
+        classifier is ``head``, the last nn.Linear called in the forward (numerical check, at setup and every run)."""
         if head is None:
             raise LayerNotFoundError(
                 "CAM needs a global-average-pooling + nn.Linear classifier head, but no nn.Linear is called in the "
@@ -203,7 +263,6 @@ class CAMCallback(GradientMapCallback):
             )
             for name, a in activations.items()
         }
-        self._head_verified = True
 
     def pass_needs(self, pl_module: LightningModule) -> dict[Optional[str], list[str]]:
         needs: dict[Optional[str], list[str]] = {None: list(self.layers)}
@@ -224,7 +283,7 @@ class CAMCallback(GradientMapCallback):
                 self.check(pl_module)
         self._verify_maps(pl_module, x[:1])  # setup found no data item to check the named layers on
         plain = self.get_pass(pl_module, probe, x, None, self.layers)
-        if self._uses_head() and not self._head_verified:
+        if self._uses_head():  # every run: a head that matched at setup may not after training (e.g. a norm in between)
             with self._naming():
                 self._verify_head(pl_module, plain.logits, {n: plain.layer(n)[0] for n in self.layers}, plain.head)
         guided = None

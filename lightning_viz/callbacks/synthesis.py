@@ -222,8 +222,8 @@ class ClassModelCallback(_InputOptimizationCallback):
     def state_key_parts(self) -> tuple[Any, ...]:
         return (*super().state_key_parts(), tuple(self.classes or ()), self.l2)
 
-    def class_indices(self) -> dict[str, list[int]]:
-        return {} if self.classes is None else {f"classes={self.classes}": self.classes}
+    def class_options(self) -> dict[str, list[int]]:
+        return {**super().class_options(), **({"classes": self.classes} if self.classes else {})}
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         pl_module = self.adapted(pl_module)

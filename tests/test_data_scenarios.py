@@ -1,0 +1,135 @@
+"""Real-run scenarios around models and data (found by a bug hunt): each test failed before its fix."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import LitTiny, tiny_loaders, tiny_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_viz.callbacks.base import VisualizationError
+from lightning_viz.callbacks.cam import CAMCallback
+from lightning_viz.callbacks.gradients import GradientCallback
+from lightning_viz.callbacks.occlusion import OcclusionCallback
+from lightning_viz.callbacks.synthesis import ClassModelCallback
+from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.targets import ModelOutputError
+from lightning_viz.tracking import MapTracker
+
+
+class ConvNormHead(nn.Module):
+    """conv -> [relu] -> BatchNorm -> GAP -> linear: at initialization the BatchNorm (eval) is the identity, so the
+    numbers of a GAP + linear head over ``conv`` agree, but not once training moved the norm."""
+
+    def __init__(self, functional_relu: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+        self.functional_relu = functional_relu
+
+    def forward(self, x):
+        a = self.conv(x)
+        a = self.bn(F.relu(a) if self.functional_relu else a)
+        return self.fc(a.mean(dim=(2, 3)))
+
+
+class _Steps(L.Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_start(self, *args):
+        self.steps += 1
+
+
+def test_cam_on_a_conv_before_its_batchnorm_fails_at_setup(tmp_path):
+    """'cam' on a conv whose output a BatchNorm reads: refused before the first step (the numeric head check alone
+    passes at initialization, where the norm is the identity, and the maps were silently wrong after training)."""
+    steps = _Steps()
+    trainer = tiny_trainer(str(tmp_path), [CAMCallback(methods=["cam"], layers="net.conv", num_probes=2), steps])
+    with pytest.raises(LayerNotFoundError, match=r"CAMCallback: .*'net\.conv'.*'net\.bn' \(BatchNorm2d\)"):
+        trainer.fit(LitTiny(ConvNormHead()), *tiny_loaders())
+    assert steps.steps == 0
+
+
+def test_cam_head_is_verified_at_every_run(tmp_path):
+    """A norm behind a functional relu is not seen by the setup checks; once training moved it, the run refuses
+    'cam' with the head message instead of logging maps whose weights belong to another layer."""
+    torch.manual_seed(0)
+    trainer = tiny_trainer(str(tmp_path), [CAMCallback(methods=["cam"], layers="net.conv", num_probes=2)])
+    with pytest.raises(VisualizationError, match="feed global average pooling and the last nn.Linear directly"):
+        trainer.fit(LitTiny(ConvNormHead(functional_relu=True)), *tiny_loaders())
+    assert trainer.current_epoch == 0  # at the first run, after epoch 0
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: GradientCallback(target=7, num_probes=2), r"GradientCallback: target: class 7 is out of range"),
+        (lambda: OcclusionCallback(target="5", num_probes=2), r"OcclusionCallback: target: class 5 is out of range"),
+        (
+            lambda: CAMCallback(num_probes=2, tracker=MapTracker(target=3, faithfulness=True)),
+            r"CAMCallback: tracker.target: class 3 is out of range",
+        ),
+        (lambda: ClassModelCallback(classes=[0, 9], steps=2), r"ClassModelCallback: classes: class 9 is out of range"),
+    ],
+)
+def test_class_index_beyond_the_model_fails_at_setup(tmp_path, make, match):
+    """The setup forward knows the number of classes (3 here): a class index beyond them fails before the first
+    step, not at the first epoch end."""
+    steps = _Steps()
+    trainer = tiny_trainer(str(tmp_path), [make(), steps])
+    with pytest.raises(ValueError, match=match + r": the model has 3 classes \(0\.\.2"):
+        trainer.fit(LitTiny(), *tiny_loaders())
+    assert steps.steps == 0
+
+
+class Uint8Lit(LitTiny):
+    """A module that trains on 8-bit images and converts them in its forward, ``always`` or only for uint8 inputs."""
+
+    def __init__(self, always: bool, tuple_out: bool = False):
+        super().__init__()
+        self.always, self.tuple_out = always, tuple_out
+
+    def forward(self, x):
+        if self.always or x.dtype == torch.uint8:
+            x = x.float() / 255
+        z = self.net(x)
+        return (z, z) if self.tuple_out else z
+
+    def training_step(self, batch, batch_idx):
+        z = self(batch[0])
+        loss = F.cross_entropy(z[0] if self.tuple_out else z, batch[1])
+        return loss
+
+
+def uint8_loaders():
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randint(0, 256, (16, 3, 8, 8), generator=g, dtype=torch.uint8), torch.arange(16) % 3)
+    return DataLoader(ds, batch_size=8), DataLoader(ds, batch_size=8)
+
+
+def test_uint8_data_gets_the_setup_forward(tmp_path):
+    """8-bit images (a PILToTensor pipeline) are checked at setup like float ones: a forward returning a tuple fails
+    before the first step, not at the first epoch end."""
+    steps = _Steps()
+    trainer = tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2), steps])
+    with pytest.raises(ModelOutputError, match=r"GradientCallback: the model returned a tuple of length 2"):
+        trainer.fit(Uint8Lit(always=True, tuple_out=True), *uint8_loaders())
+    assert steps.steps == 0
+
+
+def test_uint8_data_and_a_forward_that_converts_only_uint8(tmp_path):
+    """The callbacks pass 8-bit probes as floats: a forward that divides by 255 only for uint8 inputs would be
+    explained on 255x larger inputs than it trains on. Refused at setup; one that always converts runs."""
+    steps = _Steps()
+    trainer = tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2), steps])
+    with pytest.raises(ModelOutputError, match=r"GradientCallback: the data gives uint8 images, .* other logits"):
+        trainer.fit(Uint8Lit(always=False), *uint8_loaders())
+    assert steps.steps == 0
+    trainer = tiny_trainer(str(tmp_path / "ok"), [GradientCallback(num_probes=2)], max_epochs=1)
+    trainer.fit(Uint8Lit(always=True), *uint8_loaders())
+    assert trainer.current_epoch == 1
