@@ -6,14 +6,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LitTiny, tiny_loaders, tiny_trainer
+from helpers import LitTiny, read_events, tiny_loaders, tiny_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_viz.callbacks.base import VisualizationError
+from lightning_viz.callbacks.base import VisualizationError, VisualizationWarning
 from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.callbacks.gradients import GradientCallback
 from lightning_viz.callbacks.occlusion import OcclusionCallback
+from lightning_viz.callbacks.patches import TopPatchesCallback
 from lightning_viz.callbacks.synthesis import ClassModelCallback
 from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.targets import ModelOutputError
@@ -133,3 +134,35 @@ def test_uint8_data_and_a_forward_that_converts_only_uint8(tmp_path):
     trainer = tiny_trainer(str(tmp_path / "ok"), [GradientCallback(num_probes=2)], max_epochs=1)
     trainer.fit(Uint8Lit(always=True), *uint8_loaders())
     assert trainer.current_epoch == 1
+
+
+class ResBlock(nn.Module):
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        return x + F.relu(self.conv(x))
+
+
+class Diverges(LitTiny):
+    """Its weights turn NaN during training (e.g. Adam under precision='16-true', whose eps underflows)."""
+
+    def __init__(self):
+        layers = [nn.Conv2d(3, 4, 3, padding=1), ResBlock(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)]
+        super().__init__(nn.Sequential(*layers))
+
+    def on_train_batch_end(self, *args):
+        with torch.no_grad():
+            self.net[0].weight.fill_(float("nan"))
+
+
+def test_top_patches_of_a_diverged_model_warn_instead_of_crashing(tmp_path):
+    """A residual layer's receptive field comes from gradients, which a NaN model has none of: the callback warns
+    (as every callback does on non-finite outputs) and leaves the units out, instead of failing on empty crops."""
+    cb = TopPatchesCallback(layers="net.1", num_probes=8, num_units=2, k=2, receptive_field="gradient")
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1)
+    with pytest.warns(VisualizationWarning, match=r"TopPatchesCallback: the net.1 top activations contain non-finite"):
+        trainer.fit(Diverges(), *tiny_loaders())
+    acc = read_events(str(tmp_path))
+    assert not [t for t in acc.Tags()["images"] if t.startswith("viz-top_patches")]
