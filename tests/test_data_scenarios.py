@@ -166,3 +166,21 @@ def test_top_patches_of_a_diverged_model_warn_instead_of_crashing(tmp_path):
         trainer.fit(Diverges(), *tiny_loaders())
     acc = read_events(str(tmp_path))
     assert not [t for t in acc.Tags()["images"] if t.startswith("viz-top_patches")]
+
+
+def test_cam_layer_with_a_one_by_one_map_warns_at_setup(tmp_path):
+    """torchvision's resnet18 on 32 px images: the default layer, layer4.1, is 1x1, so every CAM is constant; a
+    warning at setup names the layer (an earlier layer with a spatial map gets none)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = LitTiny(torchvision.models.resnet18(weights=None, num_classes=3))
+    trainer = tiny_trainer(str(tmp_path), [CAMCallback(num_probes=2)], max_epochs=1, limit_train_batches=1)
+    with pytest.warns(VisualizationWarning, match=r"CAMCallback: layer 'net.layer4.1' gives a 1x1 map for 32x32"):
+        trainer.fit(model, *tiny_loaders(n=8, size=32))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VisualizationWarning)
+        trainer = tiny_trainer(str(tmp_path / "l3"), [CAMCallback(layers="net.layer3", num_probes=2)], max_epochs=1)
+        trainer.fit(model, *tiny_loaders(n=8, size=32))

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union, cast
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..capture import capture
@@ -45,6 +46,7 @@ from ..methods.gradients import reduce_channels
 from ..probe import ProbeSet
 from ..targets import CallableTarget
 from ._options import LayersSpec, as_layer_list
+from .base import VisualizationWarning
 from .gradients import GradientMapCallback
 
 __all__ = ["CAMCallback"]
@@ -202,6 +204,7 @@ class CAMCallback(GradientMapCallback):
             self.layers = [default_cam_layer(model, x, type(self).__name__)]
             self.check(model)
         self._verify_maps(model, x)
+        self._warn_single_position(model, x)
         if self._uses_head():
             with (
                 torch.no_grad(),
@@ -223,6 +226,21 @@ class CAMCallback(GradientMapCallback):
                             "or use 'gradcam'."
                         )
                     )
+
+    def _warn_single_position(self, model: Any, x: Tensor) -> None:
+        """A layer whose map has one position for the data's images (a ResNet's ``layer4`` on 32 px CIFAR-size
+        images) gives constant CAMs, one value per image spread over it: say so at setup, not with blank heatmaps."""
+        with torch.no_grad(), capture(model, self.layers) as cap:
+            model(x)
+        flat = [n for n in self.layers if cap[n].ndim == 4 and cap[n].shape[-2:].numel() == 1]
+        if flat:
+            rank_zero_warn(
+                f"{type(self).__name__}: layer {flat[0]!r} gives a 1x1 map for {x.shape[-2]}x{x.shape[-1]} images, "
+                "so its class activation maps are constant (one value per image, spread over the whole image). "
+                "Name an earlier layer with a spatial map in layers=[...] (e.g. 'layer3' of a ResNet) or use larger "
+                "images.",
+                category=VisualizationWarning,
+            )
 
     def _verify_maps(self, model: Any, x: Tensor) -> None:
         """Named layers without convolutions must give a conv-produced ``[B, C, h, w]`` map in a forward of ``x``: a
