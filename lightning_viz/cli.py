@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from jsonargparse import ActionConfigFile, DefaultHelpFormatter
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from . import __version__
 
 # Imported so that jsonargparse knows the built-in data modules by their short class names.
 from . import data as _data  # noqa: F401
 
-__all__ = ["main", "cli_main", "VizCLI", "packaged_configs", "resolve_config"]
+__all__ = ["main", "cli_main", "VizCLI", "SaveConfig", "packaged_configs", "resolve_config"]
 
 DESCRIPTION = (
     "lightning-viz: train a LightningModule with visualization callbacks that explain the CNN while it trains "
@@ -112,8 +112,42 @@ class _ConfigFile(ActionConfigFile):
         super().__call__(parser, cfg, resolve_config(values), option_string)
 
 
+class _RootDirTrainer:
+    """A view of a Trainer whose ``log_dir`` is its ``default_root_dir`` (everything else is the Trainer's)."""
+
+    def __init__(self, trainer: Trainer):
+        self._trainer = trainer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trainer, name)
+
+    @property
+    def log_dir(self) -> str:
+        return self._trainer.default_root_dir
+
+
+class SaveConfig(SaveConfigCallback):
+    """Lightning's ``SaveConfigCallback`` (the resolved config as ``config.yaml`` in ``trainer.log_dir``), which saves
+    into ``default_root_dir`` (as without a logger) where the first logger has no local directory: an
+    ``MLFlowLogger`` with a database or server tracking URI (``sqlite:///...``, ``http://...``), whose ``save_dir`` is
+    ``None``. Lightning's own stops the fit there with a bare ``assert log_dir is not None``
+    (Lightning-AI/pytorch-lightning#19441)."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.save_to_log_dir and not self.already_saved and trainer.log_dir is None:  # every rank asks (broadcast)
+            super().setup(_RootDirTrainer(trainer), pl_module, stage)  # type: ignore[arg-type]
+        else:
+            super().setup(trainer, pl_module, stage)
+
+
 class VizCLI(LightningCLI):
-    """LightningCLI with lightning-viz's defaults, ``--version``, and packaged configs by name."""
+    """LightningCLI with lightning-viz's defaults, ``--version``, packaged configs by name, and the config saved also
+    where the first logger has no local directory (:class:`SaveConfig`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) < 3:  # save_config_callback is the third positional argument
+            kwargs.setdefault("save_config_callback", SaveConfig)
+        super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("dump_header", ["lightning-viz==" + __version__])

@@ -92,19 +92,23 @@ class NothingWrittenWarning(UserWarning):
 
 
 def logger_name(logger: Any) -> str:
-    """``"tensorboard"``, ``"csv"``, ``"mlflow"``, ``"wandb"``, or the class name without ``Logger``, lower case."""
+    """``"tensorboard"``, ``"csv"``, ``"mlflow"``, ``"wandb"`` (Lightning's loggers and their subclasses), or the class
+    name without ``Logger``, lower case; a class of another lineage named like one of Lightning's (a project's own
+    ``TensorBoardLogger``) keeps its whole name (``"tensorboardlogger"``): it is not written to as Lightning's."""
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
-    for cls, name in (
+    builtin = (
         (TensorBoardLogger, "tensorboard"),
         (CSVLogger, "csv"),
         (MLFlowLogger, "mlflow"),
         (WandbLogger, "wandb"),
-    ):
+    )
+    for cls, name in builtin:
         if isinstance(logger, cls):
             return name
     name = type(logger).__name__.lower()
-    return name[: -len("logger")] if name.endswith("logger") and name != "logger" else name
+    short = name[: -len("logger")] if name.endswith("logger") and name != "logger" else name
+    return name if short in (n for _, n in builtin) else short
 
 
 def _attached(trainer: Any) -> list[Any]:

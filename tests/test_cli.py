@@ -365,11 +365,46 @@ def test_print_config_of_a_config_with_callbacks_loads_back_to_the_same_run(tmp_
     assert printed(str(tmp_path / "run.yaml")) == first
     original = cli_main(["--config", "demo", "--trainer.max_epochs=1"], run=False)
     again = cli_main(["--config", str(tmp_path / "run.yaml")], run=False)
-    cbs = [cb for cb in original.trainer.callbacks if type(cb).__module__.startswith("lightning_viz")]
+    cbs = [cb for cb in original.trainer.callbacks if type(cb).__module__.startswith("lightning_viz.callbacks")]
     assert len(cbs) == 11
     assert [(type(cb), _options(cb)) for cb in cbs] == [
-        (type(cb), _options(cb)) for cb in again.trainer.callbacks if type(cb).__module__.startswith("lightning_viz")
+        (type(cb), _options(cb))
+        for cb in again.trainer.callbacks
+        if type(cb).__module__.startswith("lightning_viz.callbacks")
     ]
     assert original.trainer.max_epochs == again.trainer.max_epochs == 1
     assert dict(original.model.hparams) == dict(again.model.hparams)
     assert dict(original.datamodule.hparams) == dict(again.datamodule.hparams)
+
+
+def test_mlflow_logger_with_a_database_tracking_uri_through_the_cli(tmp_path, monkeypatch):
+    """``--trainer.logger=MLFlowLogger`` with a ``sqlite:///`` (or server) tracking URI has no local directory
+    (``save_dir`` is None): the resolved config goes to ``default_root_dir`` and the run trains, with the
+    visualizations in MLflow. Was: LightningCLI's SaveConfigCallback stopped the fit at setup with a bare
+    ``assert log_dir is not None`` (Lightning-AI/pytorch-lightning#19441)."""
+    import mlflow
+
+    from lightning_viz.cli import cli_main
+
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [
+        "fit",
+        "--config",
+        DIGITS,
+        *[a for a in tiny_overrides("unused", epochs=1) if "logger" not in a],
+        "--trainer.logger=MLFlowLogger",
+        "--trainer.logger.experiment_name=cli",
+        f"--trainer.logger.tracking_uri={uri}",
+        f"--trainer.logger.artifact_location={tmp_path / 'artifacts'}",
+        f"--trainer.default_root_dir={tmp_path / 'root'}",
+        "--data.init_args.image_size=8",
+    ]
+    cli = cli_main(args)
+    assert os.path.isfile(tmp_path / "root" / "config.yaml")
+    client = mlflow.MlflowClient(uri)
+    run_id = cli.trainer.logger.run_id
+    assert [m.step for m in client.get_metric_history(run_id, "viz-filters/net.conv1/mean_norm")] == [0]
+    epoch0 = [f.path for f in client.list_artifacts(run_id, "lightning_viz/epoch_0000/viz-filters/net.conv1")]
+    assert epoch0 == ["lightning_viz/epoch_0000/viz-filters/net.conv1/grid.png"]

@@ -15,10 +15,17 @@ import numpy as np
 import pytest
 import torch
 from helpers import InputGradMap, LitTiny, image_steps, read_events, tiny_loaders
-from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from lightning_viz.logging import FolderBackend, NothingWrittenWarning, VizLogger, WandbBackend, image_relpath
+from lightning_viz.logging import (
+    FolderBackend,
+    NothingWrittenWarning,
+    VizLogger,
+    WandbBackend,
+    image_relpath,
+    logger_name,
+)
 
 EPOCHS = 2
 
@@ -364,6 +371,39 @@ def test_loggers_option_fails_early_naming_what_the_trainer_has(tmp_path):
         r"\['csv', 'folder'\]",
     ):
         trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
+
+
+class _ScalarsOnly(Logger):
+    """A project's own logger (scalars in a list), not one of Lightning's."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    name = property(lambda self: "mine")
+    version = property(lambda self: 0)
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+
+@pytest.mark.parametrize("cls_name", ["TensorBoardLogger", "WandbLogger", "MLFlowLogger"])
+def test_an_own_logger_named_like_lightnings_is_not_taken_for_it(tmp_path, cls_name):
+    """A project's own ``Logger`` subclass whose class is named like one of Lightning's (``TensorBoardLogger``, a
+    wrapper) is another logger: its name is its class name (``tensorboardlogger``), it gets the scalars through
+    ``log_metrics`` and the images go to the image folder. Was: taken for Lightning's by its name, the fit stopped
+    at setup (AttributeError: 'NoneType' object has no attribute 'log_dir') or its images were dropped."""
+    own = type(cls_name, (_ScalarsOnly,), {})()
+    assert logger_name(own) == cls_name.lower()
+    rec, _ = fit(own, tmp_path)
+    folder = os.path.join(str(tmp_path), "lightning_viz", "version_0")
+    check_split(rec, png_tags(folder), folder_scalars(folder))
+    assert {(step, tag) for step, row in own.rows for tag in row if tag.startswith("viz-")} == set(
+        folder_scalars(folder)
+    )
 
 
 def test_png_writer_round_trips_exact_pixels_through_pil_and_the_event_file(tmp_path):

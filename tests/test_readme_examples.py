@@ -309,7 +309,7 @@ def test_readme_yaml_blocks_build_their_callbacks_through_lightning_cli(tmp_path
         path.write_text(yaml.safe_dump(config))
         cli = cli_main(["--config", str(path)], run=False)
         names = [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]]
-        ours = [c for c in cli.trainer.callbacks if type(c).__module__.startswith("lightning_viz")]
+        ours = [c for c in cli.trainer.callbacks if type(c).__module__.startswith("lightning_viz.callbacks")]
         assert [type(c).__name__ for c in ours] == names, f"README.md:{line}"
         for callback, spec in zip(ours, config["trainer"]["callbacks"]):
             for option, value in (spec.get("init_args") or {}).items():

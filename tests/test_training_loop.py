@@ -85,6 +85,31 @@ def test_resume_from_a_checkpoint_saved_at_the_epochs_last_step(tmp_path):
     assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [1]
 
 
+@pytest.mark.parametrize("val_check_interval", [1.0, 0.5])
+def test_resume_before_the_validation_a_validation_epoch_end_callback_runs_at(tmp_path, val_check_interval):
+    """run_on="validation_epoch_end" and ModelCheckpoint(every_n_train_steps=...) saving at the batch whose
+    validation is the epoch's chosen one (on_train_batch_end, before that validation): the fit resumed from it skips
+    that validation (Lightning fast-forwards past it), so the callback runs when the checkpoint is saved (the same
+    weights the validation sees) and the checkpoint holds that epoch. Was: the epoch was missing after the resume
+    (filmstrip and drift without it), and its run was lost from the resumed run's history."""
+    train, val = tiny_loaders(n=12)  # 2 steps per epoch
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1)
+    kw = {"enable_checkpointing": True, "val_check_interval": val_check_interval}
+    cam = CAMCallback(num_probes=2, run_on="validation_epoch_end", tracker=MapTracker())
+    tiny_trainer(str(tmp_path / "a"), [cam, ckpt], max_epochs=2, **kw).fit(LitTiny(), train, val)
+    assert image_steps(read_events(str(tmp_path / "a")), "viz-cam/filmstrip/p000") == [0, 1]  # once per epoch
+    saved = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=False)["callbacks"][cam.state_key]
+    assert saved["extra"]["tracker"]["epochs"] == {"gradcam/net.conv2": [0]}
+
+    again = CAMCallback(num_probes=2, run_on="validation_epoch_end", tracker=MapTracker())
+    trainer = tiny_trainer(str(tmp_path / "b"), [again], max_epochs=2, **kw)
+    trainer.fit(LitTiny(), train, val, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+    assert again.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
+    acc = read_events(str(tmp_path / "b"))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [1]
+    assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [1]
+
+
 class _NamedItems(Dataset):
     """Items ``(image, file name)``: a second element that is no number (an unlabeled set, a path)."""
 

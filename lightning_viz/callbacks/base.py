@@ -1179,11 +1179,13 @@ class VisualizationCallback(Callback):
         self._last_run_epoch = state_dict.get("last_run_epoch")
 
     def _due_after_checkpoint(self, trainer: Trainer) -> bool:
-        """Whether this epoch's ``train_epoch_end`` run is still to come though the epoch's training is over: a
-        checkpoint saved between its last step and ``on_train_epoch_end`` (ModelCheckpoint at the validation after
-        the last batch, with ``val_check_interval`` < 1.0 or ``check_val_every_n_epoch`` > 1, or at the last batch's
-        ``on_train_batch_end`` with ``every_n_train_steps``)."""
-        if self.run_on != "train_epoch_end" or not _fitting(trainer) or trainer.sanity_checking:
+        """Whether this epoch's run is still to come though the training it shows is over: a checkpoint saved
+        between its last step and ``on_train_epoch_end`` (``train_epoch_end``: ModelCheckpoint at the validation
+        after the last batch, with ``val_check_interval`` < 1.0 or ``check_val_every_n_epoch`` > 1, or at the last
+        batch's ``on_train_batch_end`` with ``every_n_train_steps``), or (``validation_epoch_end``) at the
+        ``on_train_batch_end`` of the batch whose validation is the one it runs at: a fit resumed from there skips
+        that validation (Lightning fast-forwards past it), so it runs now, on the weights that validation sees."""
+        if not _fitting(trainer) or trainer.sanity_checking:
             return False
         if trainer.state.status != "running":  # e.g. OnExceptionCheckpoint saving after an error: nothing runs
             return False
@@ -1192,8 +1194,12 @@ class VisualizationCallback(Callback):
             return False
         progress = trainer.fit_loop.epoch_loop.batch_progress
         current = progress.current  # a _ProcessedTracker: ``processed`` counts the batches trained (and stepped)
-        over = progress.is_last_batch and current.ready == getattr(current, "processed", -1) > 0
-        return over and _runs_at(self, trainer, "train_epoch_end")
+        trained = current.ready == getattr(current, "processed", -1) > 0
+        if self.run_on == "train_epoch_end":
+            return progress.is_last_batch and trained and _runs_at(self, trainer, "train_epoch_end")
+        if trainer.validating or not trained or not _validates_after_batch(trainer):
+            return False
+        return _chosen_validation(trainer) and _runs_at(self, trainer, "validation_epoch_end")
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -1202,7 +1208,7 @@ class VisualizationCallback(Callback):
         probes into the checkpoint's shared probe bank (each image stored once)."""
         states = checkpoint.get("callbacks")
         if isinstance(states, dict) and self.state_key in states and self._due_after_checkpoint(trainer):
-            self._run_and_report(trainer, pl_module, "train_epoch_end")
+            self._run_and_report(trainer, pl_module, self.run_on)
             states[self.state_key] = self.state_dict()
         entry = (checkpoint.get("callbacks") or {}).get(self.state_key)
         probes = entry.get("probes") if isinstance(entry, dict) else None
@@ -1279,6 +1285,21 @@ def _validates_after_last_batch(trainer: Trainer) -> bool:
     if every is None or every == float("inf") or n == float("inf"):
         return every is not None
     return int(n) % int(every) == 0
+
+
+def _validates_after_batch(trainer: Trainer) -> bool:
+    """At a training batch's end (before Lightning's validation check): whether a validation follows this batch
+    (Lightning's own check; never for validation by time, whose moment is not known before)."""
+    loop = trainer.fit_loop.epoch_loop
+    if getattr(trainer, "_val_check_time_interval", None) is not None or getattr(loop, "_skip_next_val", False):
+        return False
+    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+    if fetcher is None:
+        return False
+    try:
+        return bool(loop._should_check_val_fx(fetcher))
+    except Exception:  # another Lightning version's loop: run at the validation as usual
+        return False
 
 
 def _chosen_validation(trainer: Trainer) -> bool:
