@@ -18,6 +18,7 @@ they are untouched.
 from __future__ import annotations
 
 import contextlib
+import operator
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -112,6 +113,11 @@ def _changed(now: list | dict, then: list | dict) -> bool:
     return len(now) != len(then) or any(a is not b for a, b in zip(now, then))
 
 
+def _same_entries(now: dict, then: dict) -> bool:
+    """Whether a module's ``__dict__`` holds the very objects it held, under the same keys (one C-level pass)."""
+    return len(now) == len(then) and now.keys() == then.keys() and all(map(operator.is_, now.values(), then.values()))
+
+
 @contextlib.contextmanager
 def attributes_kept(model: nn.Module) -> Iterator[nn.Module]:
     """Restore every plain Python attribute (``bool``, ``int``, ``float``, ``str``, ``None``) of every submodule
@@ -119,24 +125,23 @@ def attributes_kept(model: nn.Module) -> Iterator[nn.Module]:
     or flips a flag (a warm-up counter, a "first call" switch) is as training left it. Lists and dicts of a submodule
     get their items back in place (the same object): a forward hook that collects features for a loss
     (``self.feats.append(out)``) would otherwise hand training the visualization's tensors."""
-    before = {id(m): {k: v for k, v in vars(m).items() if isinstance(v, _PLAIN)} for m in model.modules()}
+    snaps = [(m, vars(m).copy()) for m in model.modules()]  # shallow: the objects each attribute names
     kept = [
         (m, k, v, list(v) if isinstance(v, list) else dict(v))
-        for m in model.modules()
-        for k, v in vars(m).items()
-        if isinstance(v, (list, dict)) and k not in _MODULE_INTERNALS
+        for m, snap in snaps
+        for k in snap.keys() - _MODULE_INTERNALS
+        if isinstance(v := snap[k], (list, dict))
     ]
     try:
         yield model
     finally:
-        for m in model.modules():
-            old = before.get(id(m))
-            if old is None:
-                continue
+        for m, snap in snaps:
             d = vars(m)
-            for k in [k for k, v in d.items() if k not in old and isinstance(v, _PLAIN)]:
+            if _same_entries(d, snap):  # nothing rebound, added or removed (the usual case)
+                continue
+            for k in [k for k, v in d.items() if k not in snap and isinstance(v, _PLAIN)]:
                 del d[k]
-            d.update(old)
+            d.update((k, v) for k, v in snap.items() if isinstance(v, _PLAIN))
         for m, k, obj, items in kept:
             if vars(m).get(k) is not obj:
                 vars(m)[k] = obj

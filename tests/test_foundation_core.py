@@ -10,7 +10,7 @@ from helpers import TinyCNN, check_untouched, tiny_dataset
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_viz.capture import capture, eval_mode, forward_until, isolated
+from lightning_viz.capture import attributes_kept, capture, eval_mode, forward_until, isolated
 from lightning_viz.layers import (
     LayerNotFoundError,
     canonical_name,
@@ -419,6 +419,31 @@ def test_isolated_restores_everything_and_enables_grad_under_inference_mode():
     g = check_untouched(model, run)
     assert g.shape == (2, 3, 4, 4) and g.abs().sum() > 0
     assert model.training and not model.bn1.training
+
+
+def test_attributes_kept_restores_plain_attributes_and_collections_only():
+    """Plain attributes changed, added or deleted in the block are as before; a list and a dict get their items back
+    in place; a tensor attribute the block rebinds stays rebound (not plain state); an untouched module is left."""
+    net = TinyCNN()
+    sub = net.conv1
+    sub.count, sub.flag, sub.name, sub.feats, sub.cache = 3, True, "a", [1], {"k": 1}
+    feats, cache, weight = sub.feats, sub.cache, torch.ones(2)
+    sub.scale = weight
+    with attributes_kept(net):
+        sub.count += 1
+        sub.flag = None
+        del sub.name
+        sub.added = 7
+        sub.feats.append(2)
+        sub.cache["j"] = 2
+        sub.scale = torch.zeros(2)
+    assert (sub.count, sub.flag, sub.name) == (3, True, "a") and not hasattr(sub, "added")
+    assert sub.feats is feats and feats == [1] and sub.cache is cache and cache == {"k": 1}
+    assert torch.equal(sub.scale, torch.zeros(2))
+    before = dict(vars(net.conv2))
+    with attributes_kept(net):
+        pass
+    assert all(vars(net.conv2)[k] is v for k, v in before.items()) and vars(net.conv2).keys() == before.keys()
 
 
 def test_eval_mode_restores_on_exception():
