@@ -156,6 +156,20 @@ def test_pgd_seeded_projected_and_targeted(trained):
     assert is_flipped(reached, target, targeted=True).float().mean() >= 0.75
 
 
+def test_pgd_random_start_without_generator_is_seeded_and_leaves_the_global_rng(trained):
+    """generator=None: a fresh generator seeded 0 (same start every call), the global RNG neither read nor moved."""
+    model, x, _ = trained
+    clean = predict(model, x)
+    model.eval()
+    state = torch.get_rng_state()
+    a = pgd(model, x, clean, 0.3, steps=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)  # another global state: same attack
+    b = pgd(model, x, clean, 0.3, steps=1)
+    c = pgd(model, x, clean, 0.3, steps=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
 def test_minimal_flip_budget_bisection_invariant(trained):
     model, x, _ = trained
     clean = predict(model, x)

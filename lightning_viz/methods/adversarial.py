@@ -133,7 +133,8 @@ def pgd(
 ) -> Tensor:
     """Projected gradient descent in the L-inf ball (Madry et al. 2018): ``steps`` signed steps of
     ``step_size`` (default ``2.5 * epsilon / steps``), each projected back into the ball and ``bounds``,
-    starting from ``x`` plus uniform noise in the ball drawn from ``generator`` (``random_start``), or
+    starting from ``x`` plus uniform noise in the ball drawn from ``generator`` (``random_start``; ``None``: a
+    fresh CPU generator seeded 0, never the global RNG), or
     from ``x + start * epsilon`` for given noise ``start`` in ``[-1, 1]`` shaped like ``x``. With ``std``,
     ``epsilon`` and ``step_size`` are in pixel units (module docstring)."""
     if steps < 1:
@@ -144,8 +145,9 @@ def pgd(
     x_adv = x.clone()
     if random_start or start is not None:
         if start is None:
-            gen_device = generator.device if generator is not None else "cpu"
-            start = 2 * torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype) - 1
+            if generator is None:  # never the global RNG: the same start on every call
+                generator = torch.Generator().manual_seed(0)
+            start = 2 * torch.rand(x.shape, generator=generator, device=generator.device, dtype=x.dtype) - 1
         x_adv = _project(x + start.to(x) * eps, x, eps, bounds)
     for step in range(steps):
         progress(step, steps, "PGD steps")  # a line every few seconds inside a callback run (rank 0)
