@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..capture import grad_enabled
 from ..progress import progress
 
 __all__ = ["predict", "fgsm", "pgd", "is_flipped", "minimal_flip_budget"]
@@ -72,11 +73,14 @@ def _project(x_adv: Tensor, x: Tensor, eps: Tensor, bounds: tuple[Tensor, Tensor
 LossSpec = Literal["ce", "score"]
 
 
+@grad_enabled()  # also under a caller's torch.no_grad() / inference_mode()
 def _loss_sign_grad(model: nn.Module, x: Tensor, classes: Tensor, targeted: bool, loss: LossSpec = "ce") -> Tensor:
     """``sign`` of the direction that raises the attack's objective (ascent on ``J``, or descent when targeted)."""
     x = x.detach().clone().requires_grad_(True)
     logits = model(x)
     cls = classes.to(x.device).long()
+    if cls.is_inference():  # the loss saves the classes for the backward
+        cls = cls.clone()
     if loss == "ce":
         j = F.cross_entropy(logits, cls, reduction="sum")
     elif loss == "score":

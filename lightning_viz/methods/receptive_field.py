@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import capture
+from ..capture import capture, grad_enabled
 from ..layers import get_layer, named_layers
 from ..progress import progress
 from .batching import images_per_forward
@@ -270,6 +270,7 @@ def _support_boxes(support: Tensor) -> Tensor:
     return torch.stack([y0.clamp(max=y1), x0.clamp(max=x1), y1, x1], 1)
 
 
+@grad_enabled()  # also under a caller's torch.no_grad() / inference_mode()
 def gradient_receptive_field(
     model: nn.Module,
     layer: str,
