@@ -353,3 +353,21 @@ def test_adversarial_callback_same_result_on_any_rank_split_or_chunking(trained)
         torch.testing.assert_close(torch.cat([p[key] for p in parts]), whole[key], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(in_chunks[key], whole[key], atol=1e-5, rtol=1e-4)
     assert ((whole["adv"] - probe.images).abs().amax() <= 0.5 + 1e-6) and not torch.equal(whole["adv"], probe.images)
+
+
+def test_attacks_and_deletion_check_the_classes_clearly():
+    """Out-of-range or miscounted classes: a ValueError naming the method and the allowed range (was: torch's
+    'Target 9 is out of bounds' / 'index 5 is out of bounds' / AttributeError for an int)."""
+    from lightning_viz.methods.metrics import deletion_auc
+
+    model, x = TinyCNN(width=3).eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"adversarial attack: class indices must be 0\.\.2 .*got \[3\]"):
+        fgsm(model, x, torch.tensor([0, 3]), 0.1)
+    with pytest.raises(ValueError, match=r"class indices must be 0\.\.2 .*got \[-1\]"):
+        pgd(model, x, torch.tensor([-1, 0]), 0.1, steps=1)
+    with pytest.raises(ValueError, match="one class per image: got 3 classes for 2 images"):
+        fgsm(model, x, torch.tensor([0, 1, 2]), 0.1)
+    with pytest.raises(ValueError, match=r"deletion/insertion: class indices must be 0\.\.2 .*got \[5\]"):
+        deletion_auc(model, x, torch.rand(2, 8, 8), torch.tensor([5, 0]), steps=2)
+    # one class for every image, as an int or a one-element tensor
+    torch.testing.assert_close(fgsm(model, x, 1, 0.1), fgsm(model, x, torch.tensor([1, 1]), 0.1))

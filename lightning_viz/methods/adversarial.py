@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..capture import grad_enabled
 from ..progress import progress
+from .checks import check_classes
 
 __all__ = ["predict", "fgsm", "pgd", "is_flipped", "minimal_flip_budget"]
 
@@ -78,9 +79,7 @@ def _loss_sign_grad(model: nn.Module, x: Tensor, classes: Tensor, targeted: bool
     """``sign`` of the direction that raises the attack's objective (ascent on ``J``, or descent when targeted)."""
     x = x.detach().clone().requires_grad_(True)
     logits = model(x)
-    cls = classes.to(x.device).long()
-    if cls.is_inference():  # the loss saves the classes for the backward
-        cls = cls.clone()
+    cls = check_classes("adversarial attack", torch.as_tensor(classes, device=x.device), x.shape[0], logits.shape[-1])
     if loss == "ce":
         j = F.cross_entropy(logits, cls, reduction="sum")
     elif loss == "score":
