@@ -371,3 +371,25 @@ def test_attacks_and_deletion_check_the_classes_clearly():
         deletion_auc(model, x, torch.rand(2, 8, 8), torch.tensor([5, 0]), steps=2)
     # one class for every image, as an int or a one-element tensor
     torch.testing.assert_close(fgsm(model, x, 1, 0.1), fgsm(model, x, torch.tensor([1, 1]), 0.1))
+
+
+def test_attacks_feature_maps_and_scan_refuse_one_unbatched_image_and_attacks_a_training_model():
+    """One image [C, H, W]: a clear error (was: torch's 'expected 4D input', or pgd silently broadcasting it to C
+    images); a training-mode BatchNorm model: refused before a forward updates its running statistics."""
+    from lightning_viz.methods.activations import feature_maps
+    from lightning_viz.methods.patches import scan_topk
+
+    model, x = TinyCNN(width=3).eval(), torch.randn(2, 3, 8, 8)
+    for name, call in [
+        ("adversarial attack", lambda: fgsm(model, x[0], 1, 0.1)),
+        ("pgd", lambda: pgd(model, x[0], 1, 0.1, steps=1)),
+        ("feature_maps", lambda: feature_maps(model, x[0], ["conv2"])),
+        ("scan_topk", lambda: scan_topk(model, x[0], "conv2", None, 1)),
+    ]:
+        with pytest.raises(ValueError, match=rf"{name}: x must be a float image batch \[B, C, H, W\]"):
+            call()
+    model.train()
+    running = model.bn1.running_mean.clone()
+    with pytest.raises(ValueError, match="adversarial attack: the model is in training mode"):
+        fgsm(model, x, 1, 0.1)
+    assert torch.equal(model.bn1.running_mean, running)

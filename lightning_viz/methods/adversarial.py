@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..capture import grad_enabled
 from ..progress import progress
-from .checks import check_classes
+from .checks import check_classes, check_eval, check_images
 
 __all__ = ["predict", "fgsm", "pgd", "is_flipped", "minimal_flip_budget"]
 
@@ -77,6 +77,8 @@ LossSpec = Literal["ce", "score"]
 @grad_enabled()  # also under a caller's torch.no_grad() / inference_mode()
 def _loss_sign_grad(model: nn.Module, x: Tensor, classes: Tensor, targeted: bool, loss: LossSpec = "ce") -> Tensor:
     """``sign`` of the direction that raises the attack's objective (ascent on ``J``, or descent when targeted)."""
+    check_images("adversarial attack", x)
+    check_eval("adversarial attack", model)  # training-mode BatchNorm: mixed images, running statistics updated
     x = x.detach().clone().requires_grad_(True)
     logits = model(x)
     cls = check_classes("adversarial attack", torch.as_tensor(classes, device=x.device), x.shape[0], logits.shape[-1])
@@ -142,6 +144,7 @@ def pgd(
     ``epsilon`` and ``step_size`` are in pixel units (module docstring)."""
     if steps < 1:
         raise ValueError(f"pgd needs steps >= 1; got {steps}")
+    check_images("pgd", x)  # before the random start, which would broadcast one image [C, H, W] to C images
     x = x.detach()
     eps = _per_image(epsilon, x, std)
     alpha = 2.5 * eps / steps if step_size is None else _per_image(step_size, x, std)
