@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union, cast
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..capture import capture
@@ -45,6 +46,7 @@ from ..methods.gradients import reduce_channels
 from ..probe import ProbeSet
 from ..targets import CallableTarget
 from ._options import LayersSpec, as_layer_list
+from .base import VisualizationWarning
 from .gradients import GradientMapCallback
 
 __all__ = ["CAMCallback"]
@@ -104,7 +106,8 @@ class CAMCallback(GradientMapCallback):
             feeding global pooling (:func:`~lightning_viz.layers.default_cam_layer`: ``layer4.1`` of a ResNet,
             ``features.<last>`` of VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt), found by one forward at setup.
             Blocks containing convolutions are fine; ``cam`` also needs the GAP + linear head right after the
-            layer (the last ``nn.Linear`` called in the forward; verified at setup and numerically at every run).
+            layer (the last ``nn.Linear`` called in the forward; verified numerically at setup, where a norm reading the
+            layer's output is refused).
         target: ``"label"`` (default), ``"predicted"``, a class index, or (from Python) a callable
             ``logits -> score[B]`` -- not with ``cam``, which needs a class.
         reduce: channel reduction of the guided methods' ``[C, H, W]`` output (``abs_max``, ``sum``, ``abs_sum``).
@@ -144,12 +147,13 @@ class CAMCallback(GradientMapCallback):
         self.reduce = reduce
         self.layer_names = as_layer_list(type(self).__name__, layers)  # None: the last block before global pooling
         self.layers: list[str] = []
+        self._head_verified = False
         self._rectified: dict[str, bool] = {}  # cam: layers whose output reaches the head through a functional ReLU
         self._unverified: list[str] = []  # named layers without convs: a forward must show a conv-produced map
 
     def check_model(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.layer_names is None:  # the default layer of this setup's model (callbacks reused for another one)
-            self.layers, self._rectified = [], {}
+            self.layers, self._head_verified, self._rectified = [], False, {}
         super().check_model(trainer, pl_module, stage)
 
     def check(self, pl_module: LightningModule) -> None:
@@ -202,6 +206,7 @@ class CAMCallback(GradientMapCallback):
             self.layers = [default_cam_layer(model, x, type(self).__name__)]
             self.check(model)
         self._verify_maps(model, x)
+        self._warn_single_position(model, x)
         if self._uses_head():
             with (
                 torch.no_grad(),
@@ -223,6 +228,21 @@ class CAMCallback(GradientMapCallback):
                             "or use 'gradcam'."
                         )
                     )
+
+    def _warn_single_position(self, model: Any, x: Tensor) -> None:
+        """A layer whose map has one position for the data's images (a ResNet's ``layer4`` on 32 px CIFAR-size
+        images) gives constant CAMs, one value per image spread over it: say so at setup, not with blank heatmaps."""
+        with torch.no_grad(), capture(model, self.layers) as cap:
+            model(x)
+        flat = [n for n in self.layers if cap[n].ndim == 4 and cap[n].shape[-2:].numel() == 1]
+        if flat:
+            rank_zero_warn(
+                f"{type(self).__name__}: layer {flat[0]!r} gives a 1x1 map for {x.shape[-2]}x{x.shape[-1]} images, "
+                "so its class activation maps are constant (one value per image, spread over the whole image). "
+                "Name an earlier layer with a spatial map in layers=[...] (e.g. 'layer3' of a ResNet) or use larger "
+                "images.",
+                category=VisualizationWarning,
+            )
 
     def _verify_maps(self, model: Any, x: Tensor) -> None:
         """Named layers without convolutions must give a conv-produced ``[B, C, h, w]`` map in a forward of ``x``: a
@@ -247,7 +267,7 @@ class CAMCallback(GradientMapCallback):
 
     def _verify_head(self, model: Any, logits: Tensor, activations: dict[str, Tensor], head: Optional[str]) -> None:
         """Variants with the classifier head (``cam``) only: each layer must feed the GAP + linear head, whose
-        classifier is ``head``, the last nn.Linear called in the forward (numerical check, at setup and every run)."""
+        classifier is ``head``, the last nn.Linear called in the forward (numerical check, once)."""
         if head is None:
             raise LayerNotFoundError(
                 "CAM needs a global-average-pooling + nn.Linear classifier head, but no nn.Linear is called in the "
@@ -263,6 +283,7 @@ class CAMCallback(GradientMapCallback):
             )
             for name, a in activations.items()
         }
+        self._head_verified = True
 
     def pass_needs(self, pl_module: LightningModule) -> dict[Optional[str], list[str]]:
         needs: dict[Optional[str], list[str]] = {None: list(self.layers)}
@@ -283,7 +304,7 @@ class CAMCallback(GradientMapCallback):
                 self.check(pl_module)
         self._verify_maps(pl_module, x[:1])  # setup found no data item to check the named layers on
         plain = self.get_pass(pl_module, probe, x, None, self.layers)
-        if self._uses_head():  # every run: a head that matched at setup may not after training (e.g. a norm in between)
+        if self._uses_head() and not self._head_verified:
             with self._naming():
                 self._verify_head(pl_module, plain.logits, {n: plain.layer(n)[0] for n in self.layers}, plain.head)
         guided = None

@@ -154,7 +154,10 @@ class TopPatchesCallback(VisualizationCallback):
         if key not in self._boxes:
             model = self.adapted(pl_module)
             with isolated(model), reporting(self.method):  # log_results runs on rank 0 only
-                self._boxes[key] = receptive_field(model, layer, input_shape, self.receptive_field).cpu()
+                boxes = receptive_field(model, layer, input_shape, self.receptive_field).cpu()
+            if not bool((boxes[..., 2:] > boxes[..., :2]).all()):  # empty supports: no gradient got through (NaN)
+                return boxes.new_tensor([0, 0, *input_shape[-2:]]).expand_as(boxes)  # the whole image, not cached
+            self._boxes[key] = boxes
         return self._boxes[key]
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
@@ -164,10 +167,14 @@ class TopPatchesCallback(VisualizationCallback):
         for name in self.layers:
             units = results["units:" + name][0].tolist()
             top: TopK = merge_topk([TopK.from_rows(results[name])], self.k)
-            self.warn_non_finite(f"the {name} top activations", top.values, rows="units")
+            finite = self.warn_non_finite(f"the {name} top activations", top.values, rows="units")
+            if not bool(finite.any()):  # a diverged model (NaN weights): no unit to show, nor receptive fields
+                continue
             boxes = self.boxes(trainer.lightning_module, name, tuple(probe.images.shape[1:]))
             rows, under = [], []
             for u, c in enumerate(units):
+                if not bool(finite[u]):  # left out, as the warning says
+                    continue
                 img_idx = top.image[u]
                 sel = boxes[top.y[u], top.x[u]]  # [k, 4]
                 crops = crop_boxes(images[img_idx], sel, pad_value=0.5, max_size=images.shape[-2:])
