@@ -101,13 +101,31 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
 
 _PLAIN = (bool, int, float, str, type(None))
 
+#: what ``nn.Module`` keeps in its ``__dict__`` itself (parameters, buffers, submodules, hooks): not user state
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+def _changed(now: list | dict, then: list | dict) -> bool:
+    """Whether a list or dict no longer holds the very objects it held (an append, a new value for a key)."""
+    if isinstance(now, dict) and isinstance(then, dict):
+        return now.keys() != then.keys() or any(now[k] is not v for k, v in then.items())
+    return len(now) != len(then) or any(a is not b for a, b in zip(now, then))
+
 
 @contextlib.contextmanager
 def attributes_kept(model: nn.Module) -> Iterator[nn.Module]:
     """Restore every plain Python attribute (``bool``, ``int``, ``float``, ``str``, ``None``) of every submodule
     that changed inside the block, and remove the plain ones the block added: a ``forward`` that counts its calls
-    or flips a flag (a warm-up counter, a "first call" switch) is as training left it."""
+    or flips a flag (a warm-up counter, a "first call" switch) is as training left it. Lists and dicts of a submodule
+    get their items back in place (the same object): a forward hook that collects features for a loss
+    (``self.feats.append(out)``) would otherwise hand training the visualization's tensors."""
     before = {id(m): {k: v for k, v in vars(m).items() if isinstance(v, _PLAIN)} for m in model.modules()}
+    kept = [
+        (m, k, v, list(v) if isinstance(v, list) else dict(v))
+        for m in model.modules()
+        for k, v in vars(m).items()
+        if isinstance(v, (list, dict)) and k not in _MODULE_INTERNALS
+    ]
     try:
         yield model
     finally:
@@ -119,6 +137,15 @@ def attributes_kept(model: nn.Module) -> Iterator[nn.Module]:
             for k in [k for k, v in d.items() if k not in old and isinstance(v, _PLAIN)]:
                 del d[k]
             d.update(old)
+        for m, k, obj, items in kept:
+            if vars(m).get(k) is not obj:
+                vars(m)[k] = obj
+            if _changed(obj, items):
+                if isinstance(obj, list):
+                    obj[:] = items
+                else:
+                    obj.clear()
+                    obj.update(items)
 
 
 @contextlib.contextmanager

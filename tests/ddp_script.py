@@ -126,6 +126,12 @@ RUNS: dict[str, dict[str, Any]] = {
         ],
     },
     "syncbn_validate": {"validate": True, "sync_batchnorm": True, "data": "shapes"},
+    # each rank's dataset is its own shard (as a datamodule's setup may build it): all ranks must use rank 0's probes
+    "sharded": {
+        "max_epochs": 1,
+        "data": "sharded",
+        "callbacks": [{"class_path": "helpers.InputGradMap", "init_args": {"num_probes": 6}}],
+    },
 }
 
 
@@ -238,6 +244,9 @@ def fit(
         from lightning_viz.data.shapes import ShapesDataset
 
         dataset, classes = ShapesDataset(48, image_size=12, seed=1), 4
+    elif data == "sharded":  # items rank, rank + world, ... of one dataset: each rank picks from its own
+        rank, world = RankStrideSampler._world()
+        dataset, classes = torch.utils.data.Subset(tiny_dataset(48), range(rank, 48, world)), 3
     else:
         dataset, classes = tiny_dataset(48), 3
     net = TinyCNN(num_classes=classes, width=4)
@@ -249,7 +258,8 @@ def fit(
     if compile:
         net = torch.compile(net, backend="aot_eager")  # dynamo + AOTAutograd like inductor, minus the C++ compile
     module = LitTiny(net, lr=0.05)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=RankStrideSampler(len(dataset)))
+    sampler = None if data == "sharded" else RankStrideSampler(len(dataset))
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     callbacks = build_callbacks(num_probes, callbacks, run_on="validation_epoch_end" if validate else None)
     trainer = L.Trainer(
         max_epochs=max_epochs,
@@ -302,6 +312,7 @@ def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
             },
             "warnings": [str(w.message) for w in caught if issubclass(w.category, VisualizationWarning)],
             "global_step": trainer.global_step,
+            "probes": {type(cb).__name__: cb.probes.fingerprint() for cb in callbacks if cb.probes is not None},
         }
         with open(os.path.join(logdir, f"rank{rank}.json"), "w") as f:
             json.dump(info, f)

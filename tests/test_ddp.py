@@ -34,7 +34,8 @@ def _run_script(*args: str, timeout: int = 240) -> None:
 @pytest.fixture(scope="module")
 def ddp_out(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp"))
-    _run_script(out, "--runs", "equal,one_probe_bf16,errors,syncbn_validate", "--devices", "2", "--strategy", "ddp")
+    runs = "equal,one_probe_bf16,errors,syncbn_validate,sharded"
+    _run_script(out, "--runs", runs, "--devices", "2", "--strategy", "ddp")
     return out
 
 
@@ -218,6 +219,16 @@ def test_an_error_on_one_rank_raises_on_every_rank(ddp_out):
     ]
     assert _json(ddp_out, "errors", 1)["warnings"] == []
     assert _json(ddp_out, "errors", 0)["global_step"] == _json(ddp_out, "errors", 1)["global_step"] == 6
+
+
+def test_a_dataset_sharded_per_rank_gives_every_rank_rank_zeros_probes(ddp_out):
+    """Each rank picks from its own shard: without a check, rank 1 would draw the maps of its share of the probes on
+    other images than rank 0 shows them with (silently). Every rank takes rank 0's probes, and rank 0 says so."""
+    r0, r1 = _json(ddp_out, "sharded", 0), _json(ddp_out, "sharded", 1)
+    assert r0["probes"]["InputGradMap"] == r1["probes"]["InputGradMap"]
+    assert [w for w in r0["warnings"] if "differs across the 2 ranks" in w] and r1["warnings"] == []
+    acc = read_events(os.path.join(ddp_out, "sharded"))
+    assert image_steps(acc, "viz-inputgrad/panel/p005") == [0]
 
 
 def test_gather_timeout_is_a_clear_error():

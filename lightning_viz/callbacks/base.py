@@ -159,8 +159,9 @@ _epoch_runs: weakref.WeakKeyDictionary[Trainer, tuple[tuple[int, str], list[tupl
 
 
 def _builds_in_configure_model(pl_module: LightningModule) -> bool:
-    """Whether the module overrides Lightning's ``configure_model`` hook (its layers may not exist at setup)."""
-    return any(is_overridden(hook, pl_module) for hook in ("configure_model", "configure_sharded_model"))
+    """Whether the module overrides Lightning's ``configure_model`` hook or its own ``setup`` (its layers may not exist
+    at the callbacks' ``setup``: Lightning calls the module's ``setup`` after them, ``configure_model`` after both)."""
+    return any(is_overridden(hook, pl_module) for hook in ("configure_model", "configure_sharded_model", "setup"))
 
 
 def _runs_at(c: VisualizationCallback, trainer: Trainer, where: str) -> bool:
@@ -590,8 +591,8 @@ class VisualizationCallback(Callback):
                 self._check_schedule(trainer, pl_module)
         else:  # trainer.validate
             self._start_over(trainer)
-        # A model that builds its layers in configure_model (Lightning calls it after every setup hook) is checked
-        # once they exist: on_fit_start / on_validation_start, still before the first step.
+        # A model that builds its layers in configure_model or its own setup (Lightning calls both after this hook) is
+        # checked once they exist: on_fit_start / on_validation_start, still before the first step.
         self._model_checks_due = stage if _builds_in_configure_model(pl_module) else None
         if self._model_checks_due is None:
             with self._naming():
@@ -783,7 +784,7 @@ class VisualizationCallback(Callback):
             )
         every_val = getattr(trainer, "check_val_every_n_epoch", 1)
         max_epochs = getattr(trainer, "max_epochs", None)
-        if every_val is None or max_epochs is None or max_epochs < 0:  # validation by steps, or no last epoch
+        if every_val is None or max_epochs is None or max_epochs <= 0:  # by steps, no last epoch, or no epoch at all
             return
         if not any(
             (e + 1) % every_val == 0 and ((e + 1) % n == 0 or e == max_epochs - 1)
@@ -912,7 +913,7 @@ class VisualizationCallback(Callback):
                 raise VisualizationError(self._no_dataset_message(iterable))
             if dataset is None:  # no data known yet: picked at the first run
                 return
-            self.probes = self._pick_probes(trainer)
+            self.probes = self._pick_probes(trainer, same_on_every_rank=True)
         self.check_probes(self.probes)
 
     def _origin(self) -> str:
@@ -936,7 +937,10 @@ class VisualizationCallback(Callback):
             "or such a dict, or pass probes=ProbeSet(images=..., labels=...)."
         )
 
-    def _pick_probes(self, trainer: Trainer) -> ProbeSet:
+    def _pick_probes(self, trainer: Trainer, same_on_every_rank: bool = False) -> ProbeSet:
+        """Pick (or take the pick of an earlier callback with the same options). With ``same_on_every_rank`` (every
+        rank calls it: at setup), a pick that differs across DDP ranks is replaced by rank 0's (:func:`_rank0_probes`).
+        """
         dataset = _find_dataset(trainer, self.probe_source)
         if dataset is None:
             raise VisualizationError(self._no_dataset_message())
@@ -965,6 +969,8 @@ class VisualizationCallback(Callback):
                     f"{type(self).__name__}: picking {self.num_probes} probe images (probe_seed={self.probe_seed}) "
                     f"from the {type(dataset).__name__} dataset failed: {type(exc).__name__}: {exc}.{hint}"
                 ) from exc
+        if same_on_every_rank:  # every rank gathers, also where an earlier callback's pick is taken
+            picks[key] = _rank0_probes(trainer, picks[key], type(self).__name__, type(dataset).__name__)
         return picks[key]
 
     # ------------------------------------------------------------------ run
@@ -1308,6 +1314,29 @@ def _chosen_validation(trainer: Trainer) -> bool:
         return True
     progress = trainer.fit_loop.epoch_loop.batch_progress
     return progress.is_last_batch or trainer.should_stop or not _validates_after_last_batch(trainer)
+
+
+def _rank0_probes(trainer: Trainer, probes: ProbeSet, who: str, dataset: str) -> ProbeSet:
+    """Under DDP, rank 0's probes on every rank (all ranks call this). Ranks pick by index from their own dataset, the
+    same everywhere unless it is sharded per rank (e.g. built from the rank in a datamodule's ``setup``): then each rank
+    would draw the maps of its share of the probes on other images than rank 0 shows them with. One small gather of
+    the fingerprints; rank 0's images travel only when they differ (one warning)."""
+    rank, world = _world(trainer)
+    if world < 2 or not _dist_ready():
+        return probes
+    prints: list[Any] = [None] * world
+    torch.distributed.all_gather_object(prints, probes.fingerprint())
+    if len(set(prints)) == 1:
+        return probes
+    box: list[Any] = [probes if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    rank_zero_warn(
+        f"{who}: the {dataset} dataset the probes are picked from differs across the {world} ranks (sharded per "
+        "rank?), so each rank picked other images; every rank uses rank 0's probes. Give every rank the whole "
+        "dataset to pick from, or pass probes=ProbeSet(...).",
+        category=VisualizationWarning,
+    )
+    return box[0]
 
 
 def _check_strategy(callback: VisualizationCallback, trainer: Trainer) -> None:

@@ -71,16 +71,23 @@ class OcclusionCallback(MapCallback):
     def state_key_parts(self) -> tuple[Any, ...]:
         return super().state_key_parts() + (self.window, self.stride, self.fill, str(self.target))
 
-    def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
-        pl_module = self.adapted(pl_module)
-        device = module_device(pl_module)
-        x = probe.to(device, module_dtype(pl_module))
-        size = x.shape[-2:]
+    def check_input(self, model: Any, x: Tensor) -> None:
+        super().check_input(model, x)
+        self._check_window(x.shape[-2:])
+
+    def _check_window(self, size: Any) -> None:
         if self.window is not None and self.window > min(size):
             raise ValueError(
                 f"occlusion window={self.window} is larger than the {size[0]}x{size[1]} probe images; "
                 f"use window <= {min(size)}"
             )
+
+    def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
+        pl_module = self.adapted(pl_module)
+        device = module_device(pl_module)
+        x = probe.to(device, module_dtype(pl_module))
+        size = x.shape[-2:]
+        self._check_window(size)
         chunk = positions_per_forward(pl_module, x, self.memory_mb)
         labels = None if probe.labels is None else probe.labels.to(device)
         drops = occlusion(
