@@ -156,6 +156,20 @@ def test_pgd_seeded_projected_and_targeted(trained):
     assert is_flipped(reached, target, targeted=True).float().mean() >= 0.75
 
 
+def test_pgd_random_start_without_generator_is_seeded_and_leaves_the_global_rng(trained):
+    """generator=None: a fresh generator seeded 0 (same start every call), the global RNG neither read nor moved."""
+    model, x, _ = trained
+    clean = predict(model, x)
+    model.eval()
+    state = torch.get_rng_state()
+    a = pgd(model, x, clean, 0.3, steps=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)  # another global state: same attack
+    b = pgd(model, x, clean, 0.3, steps=1)
+    c = pgd(model, x, clean, 0.3, steps=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
 def test_minimal_flip_budget_bisection_invariant(trained):
     model, x, _ = trained
     clean = predict(model, x)
@@ -339,3 +353,43 @@ def test_adversarial_callback_same_result_on_any_rank_split_or_chunking(trained)
         torch.testing.assert_close(torch.cat([p[key] for p in parts]), whole[key], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(in_chunks[key], whole[key], atol=1e-5, rtol=1e-4)
     assert ((whole["adv"] - probe.images).abs().amax() <= 0.5 + 1e-6) and not torch.equal(whole["adv"], probe.images)
+
+
+def test_attacks_and_deletion_check_the_classes_clearly():
+    """Out-of-range or miscounted classes: a ValueError naming the method and the allowed range (was: torch's
+    'Target 9 is out of bounds' / 'index 5 is out of bounds' / AttributeError for an int)."""
+    from lightning_viz.methods.metrics import deletion_auc
+
+    model, x = TinyCNN(width=3).eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"adversarial attack: class indices must be 0\.\.2 .*got \[3\]"):
+        fgsm(model, x, torch.tensor([0, 3]), 0.1)
+    with pytest.raises(ValueError, match=r"class indices must be 0\.\.2 .*got \[-1\]"):
+        pgd(model, x, torch.tensor([-1, 0]), 0.1, steps=1)
+    with pytest.raises(ValueError, match="one class per image: got 3 classes for 2 images"):
+        fgsm(model, x, torch.tensor([0, 1, 2]), 0.1)
+    with pytest.raises(ValueError, match=r"deletion/insertion: class indices must be 0\.\.2 .*got \[5\]"):
+        deletion_auc(model, x, torch.rand(2, 8, 8), torch.tensor([5, 0]), steps=2)
+    # one class for every image, as an int or a one-element tensor
+    torch.testing.assert_close(fgsm(model, x, 1, 0.1), fgsm(model, x, torch.tensor([1, 1]), 0.1))
+
+
+def test_attacks_feature_maps_and_scan_refuse_one_unbatched_image_and_attacks_a_training_model():
+    """One image [C, H, W]: a clear error (was: torch's 'expected 4D input', or pgd silently broadcasting it to C
+    images); a training-mode BatchNorm model: refused before a forward updates its running statistics."""
+    from lightning_viz.methods.activations import feature_maps
+    from lightning_viz.methods.patches import scan_topk
+
+    model, x = TinyCNN(width=3).eval(), torch.randn(2, 3, 8, 8)
+    for name, call in [
+        ("adversarial attack", lambda: fgsm(model, x[0], 1, 0.1)),
+        ("pgd", lambda: pgd(model, x[0], 1, 0.1, steps=1)),
+        ("feature_maps", lambda: feature_maps(model, x[0], ["conv2"])),
+        ("scan_topk", lambda: scan_topk(model, x[0], "conv2", None, 1)),
+    ]:
+        with pytest.raises(ValueError, match=rf"{name}: x must be a float image batch \[B, C, H, W\]"):
+            call()
+    model.train()
+    running = model.bn1.running_mean.clone()
+    with pytest.raises(ValueError, match="adversarial attack: the model is in training mode"):
+        fgsm(model, x, 1, 0.1)
+    assert torch.equal(model.bn1.running_mean, running)

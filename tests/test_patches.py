@@ -54,6 +54,23 @@ def test_stack_receptive_field_is_hand_computed():
     assert (rf.size, rf.jump, rf.offset, rf.grid) == ((30, 30), (8, 8), (11, 11), (4, 4))
 
 
+def test_arithmetic_receptive_field_leaves_a_training_model_as_it_was():
+    """The shape-probing forward of a training-mode model (BatchNorm, dropout) updates no running statistics and
+    draws no dropout mask; 'auto' on a training-mode branching model is refused with its buffers untouched."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Dropout(0.5), nn.MaxPool2d(2))
+    model.train()
+    mean, batches, rng = model[1].running_mean.clone(), int(model[1].num_batches_tracked), torch.get_rng_state()
+    rf = receptive_field(model, "3", (1, 8, 8))
+    assert rf.shape == (4, 4, 4) and torch.equal(rf[0, 0], torch.tensor([-1, -1, 3, 3]))
+    assert torch.equal(model[1].running_mean, mean) and int(model[1].num_batches_tracked) == batches
+    assert torch.equal(torch.get_rng_state(), rng) and model.training and model[1].training
+    branching = torchvision.models.resnet18(weights=None)
+    buffers = [b.clone() for b in branching.buffers()]
+    with pytest.raises(ValueError, match="training mode"):
+        receptive_field(branching, "layer2", (3, 16, 16))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, branching.buffers()))
+
+
 def test_ceil_mode_pool_output_size_like_torch():
     # ceil_mode drops a last window that would start in the right padding (torch's pooling rule):
     # conv3 p1 on 5 px -> 5; pool k2 s2 p1 ceil: ceil((5 + 2 - 2) / 2) + 1 = 4, but (4 - 1) * 2 >= 5 + 1 -> 3.

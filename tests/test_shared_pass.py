@@ -158,6 +158,30 @@ def test_gradient_pass_under_inference_mode_and_chunking():
         full.layer("conv9")
 
 
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_methods_called_under_a_callers_no_grad_or_inference_mode_give_the_same_maps(context):
+    """Called outside isolated, under the caller's torch.no_grad() / inference_mode(), with inference-mode images and
+    labels: the same gradients and CAMs as with autograd on (was: all-zero saliency, errors for CAMs and IG)."""
+    model = TinyCNN(width=3).eval()
+    x, labels = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
+
+    def maps(x, labels):
+        return (
+            G.saliency(model, x, "label", labels),
+            G.integrated_gradients(model, x, "label", labels, steps=2),
+            C.class_activation_map(model, x, "conv2", "gradcam", "label", labels),
+        )
+
+    expected = maps(x, labels)
+    assert expected[0].abs().sum() > 0
+    ctx = torch.no_grad if context == "no_grad" else torch.inference_mode
+    with ctx():
+        got = maps(x.clone(), labels.clone())
+        assert not torch.is_grad_enabled()
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
 def test_training_untouched_by_callbacks(tmp_path):
     """Same seed, same data: training with every gradient/CAM callback ends in exactly the same weights."""
 

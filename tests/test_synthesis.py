@@ -314,3 +314,32 @@ def test_prior_weights_are_per_32px_image_area():
     assert (got - plain).abs().max() > 1e-3
     shape = ClassModelCallback(input_shape=[3, 64, 64], l2=1e-3).optimize_kwargs(model, None)["regularizers"]
     assert [r.weight for r in shape] == [1e-3 / 4]
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_input_gradient_methods_under_a_callers_no_grad_or_inference_mode(context):
+    """Attacks, synthesis and the gradient receptive field take their input gradients under the caller's
+    torch.no_grad() / inference_mode() too, with the same results (was: RuntimeError 'does not require grad' or
+    'Inference tensors cannot be saved for backward')."""
+    from lightning_viz.methods.adversarial import fgsm, pgd
+    from lightning_viz.methods.receptive_field import gradient_receptive_field
+
+    model = TinyCNN(width=3).eval()
+    x, classes = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+
+    def run(x, classes):
+        return (
+            fgsm(model, x, classes, 0.1),
+            pgd(model, x, classes, 0.1, steps=2),
+            class_model_images(model, classes, (3, 8, 8), steps=2).images,
+            unit_images(model, "conv2", [1], (3, 8, 8), steps=2).images,
+            invert_features(model, x, "conv2", steps=2).images,
+            gradient_receptive_field(model, "conv2", (3, 8, 8))[1],
+        )
+
+    expected = run(x, classes)
+    ctx = torch.no_grad if context == "no_grad" else torch.inference_mode
+    with ctx():
+        got = run(x.clone(), classes.clone())
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)

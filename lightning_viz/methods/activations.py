@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import capture
+from .checks import check_images
 
 __all__ = ["feature_maps"]
 
@@ -29,6 +30,7 @@ def feature_maps(
     Raises:
         ValueError: a layer's output is not a 4-D ``[B, C, h, w]`` feature map.
     """
+    check_images("feature_maps", x)
     names = list(layers)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")

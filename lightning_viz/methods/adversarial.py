@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..capture import grad_enabled
 from ..progress import progress
+from .checks import check_classes, check_eval, check_images
 
 __all__ = ["predict", "fgsm", "pgd", "is_flipped", "minimal_flip_budget"]
 
@@ -72,11 +74,14 @@ def _project(x_adv: Tensor, x: Tensor, eps: Tensor, bounds: tuple[Tensor, Tensor
 LossSpec = Literal["ce", "score"]
 
 
+@grad_enabled()  # also under a caller's torch.no_grad() / inference_mode()
 def _loss_sign_grad(model: nn.Module, x: Tensor, classes: Tensor, targeted: bool, loss: LossSpec = "ce") -> Tensor:
     """``sign`` of the direction that raises the attack's objective (ascent on ``J``, or descent when targeted)."""
+    check_images("adversarial attack", x)
+    check_eval("adversarial attack", model)  # training-mode BatchNorm: mixed images, running statistics updated
     x = x.detach().clone().requires_grad_(True)
     logits = model(x)
-    cls = classes.to(x.device).long()
+    cls = check_classes("adversarial attack", torch.as_tensor(classes, device=x.device), x.shape[0], logits.shape[-1])
     if loss == "ce":
         j = F.cross_entropy(logits, cls, reduction="sum")
     elif loss == "score":
@@ -133,19 +138,22 @@ def pgd(
 ) -> Tensor:
     """Projected gradient descent in the L-inf ball (Madry et al. 2018): ``steps`` signed steps of
     ``step_size`` (default ``2.5 * epsilon / steps``), each projected back into the ball and ``bounds``,
-    starting from ``x`` plus uniform noise in the ball drawn from ``generator`` (``random_start``), or
+    starting from ``x`` plus uniform noise in the ball drawn from ``generator`` (``random_start``; ``None``: a
+    fresh CPU generator seeded 0, never the global RNG), or
     from ``x + start * epsilon`` for given noise ``start`` in ``[-1, 1]`` shaped like ``x``. With ``std``,
     ``epsilon`` and ``step_size`` are in pixel units (module docstring)."""
     if steps < 1:
         raise ValueError(f"pgd needs steps >= 1; got {steps}")
+    check_images("pgd", x)  # before the random start, which would broadcast one image [C, H, W] to C images
     x = x.detach()
     eps = _per_image(epsilon, x, std)
     alpha = 2.5 * eps / steps if step_size is None else _per_image(step_size, x, std)
     x_adv = x.clone()
     if random_start or start is not None:
         if start is None:
-            gen_device = generator.device if generator is not None else "cpu"
-            start = 2 * torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype) - 1
+            if generator is None:  # never the global RNG: the same start on every call
+                generator = torch.Generator().manual_seed(0)
+            start = 2 * torch.rand(x.shape, generator=generator, device=generator.device, dtype=x.dtype) - 1
         x_adv = _project(x + start.to(x) * eps, x, eps, bounds)
     for step in range(steps):
         progress(step, steps, "PGD steps")  # a line every few seconds inside a callback run (rank 0)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["check_images", "check_eval"]
+__all__ = ["check_images", "check_eval", "check_classes"]
 
 
 def check_images(fn: str, x: object) -> None:
@@ -41,3 +43,21 @@ def check_eval(fn: str, model: nn.Module) -> None:
             "update its running statistics). Call it inside lightning_viz.capture.isolated(model) (eval mode, "
             "restored on exit) or call model.eval() first."
         )
+
+
+def check_classes(fn: str, classes: Tensor, batch: int, num_classes: Optional[int] = None) -> Tensor:
+    """``classes`` as ``long [batch]`` (one int: every image), or a clear error naming ``fn`` when they are not
+    one class index ``0..num_classes-1`` per image (``num_classes=None``: the count only)."""
+    cls = classes.long().view(-1)
+    if cls.numel() == 1:
+        cls = cls.expand(batch)
+    if cls.numel() != batch:
+        raise ValueError(f"{fn}: needs one class per image: got {cls.numel()} classes for {batch} images")
+    bad = cls[(cls < 0) | (cls >= num_classes)] if num_classes is not None else cls[:0]
+    if bad.numel():
+        assert num_classes is not None
+        raise ValueError(
+            f"{fn}: class indices must be 0..{num_classes - 1} (the model has {num_classes} classes); got "
+            f"{bad[:5].tolist()}"
+        )
+    return cls.clone() if cls.is_inference() else cls

@@ -27,7 +27,7 @@ from ..targets import Probabilities, TargetSpec, check_probabilities, class_prob
 from . import batching
 from .batching import default_memory_mb, images_per_forward
 from .blur import gaussian_blur
-from .checks import check_eval, check_images
+from .checks import check_classes, check_eval, check_images
 
 __all__ = [
     "perturbation_curve",
@@ -65,7 +65,7 @@ def _baseline(x: Tensor, baseline: str, blur_sigma: float | None) -> Tensor:
 
 def _target_classes(model: nn.Module, x: Tensor, target: Tensor | TargetSpec, labels: Tensor | None) -> Tensor:
     if isinstance(target, Tensor):
-        return target.to(x.device).long().view(-1)
+        return check_classes("deletion/insertion", target.to(x.device), x.shape[0])  # range: at the first forward
     with torch.no_grad():
         logits = model(x)
     classes = resolve_target(target).classes(logits, labels)
@@ -164,6 +164,8 @@ def perturbation_curves(
                 raise ValueError(
                     f"deletion/insertion need a model returning logits [B, K]; got {getattr(out, 'shape', type(out))}"
                 )
+            if lo == 0:
+                check_classes("deletion/insertion", classes, b, out.shape[1])
             probs.append(class_probability(out.float(), classes[p], probabilities))
         flat = torch.cat(probs).view(len(items), b)
         curves: dict[str, dict[str, Tensor]] = {}

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..capture import capture
 from ..progress import progress
+from .checks import check_images
 
 __all__ = ["TopK", "unit_activations", "topk_per_unit", "merge_topk", "scan_topk"]
 
@@ -118,6 +119,7 @@ def scan_topk(
 ) -> TopK:
     """Top-``k`` images per unit (Zeiler & Fergus 2014, Sec. 4): scan ``images[N, C, H, W]`` (on the model's
     device) in batches; global image index = ``offset + n``."""
+    check_images("scan_topk", images)
     best: TopK | None = None
     for s in range(0, images.shape[0], batch_size):
         progress(s, images.shape[0], "images scanned")  # a line every few seconds inside a callback run (rank 0)

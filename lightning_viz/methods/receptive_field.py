@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import capture
+from ..capture import buffers_kept, capture, eval_mode, grad_enabled
 from ..layers import get_layer, named_layers
 from ..progress import progress
 from .batching import images_per_forward
@@ -214,7 +214,8 @@ def stack_receptive_field(model: nn.Module, layer: str, input_shape: Sequence[in
             device=p.device if p is not None else "cpu",
             dtype=p.dtype if p is not None else torch.float32,
         )
-        with torch.no_grad():
+        # shapes only: a training-mode model neither updates its BatchNorm statistics nor draws dropout masks
+        with torch.no_grad(), eval_mode(model), buffers_kept(model):
             try:
                 model(x)
             except Exception as exc:
@@ -270,6 +271,7 @@ def _support_boxes(support: Tensor) -> Tensor:
     return torch.stack([y0.clamp(max=y1), x0.clamp(max=x1), y1, x1], 1)
 
 
+@grad_enabled()  # also under a caller's torch.no_grad() / inference_mode()
 def gradient_receptive_field(
     model: nn.Module,
     layer: str,

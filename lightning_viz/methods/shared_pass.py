@@ -35,7 +35,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from ..capture import capture
+from ..capture import capture, grad_enabled
 from ..layers import linear_calls
 from ..targets import CallableTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
@@ -130,11 +130,16 @@ def gradient_pass(
     grads: dict[str, list] = {n: [] for n in names}
     head: Optional[str] = None  # the last nn.Linear called
     for sl in pass_chunks(model, x, chunk_size):
-        xc = x[sl].detach().clone().requires_grad_(True) if input_grad else x[sl].detach()
-        lab = None if labels is None else labels[sl].to(x.device)
+        with grad_enabled():  # a caller's torch.no_grad() / inference_mode() would zero every gradient
+            xc = x[sl].detach()
+            if input_grad or xc.is_inference():  # a normal tensor autograd may save, also from an inference-mode x
+                xc = xc.clone().requires_grad_(input_grad)
+            lab = None if labels is None else labels[sl].to(x.device)
+            if lab is not None and lab.is_inference():  # gather saves the index for the backward
+                lab = lab.clone()
         # The backward runs inside the hooks and the ReLU rule: gradient checkpointing (torch.utils.checkpoint)
         # recomputes the forward during it, which must be the same forward.
-        with capture(model, names, grad=True) as cap, relu_rule(rule), linear_calls(model) as calls:
+        with grad_enabled(), capture(model, names, grad=True) as cap, relu_rule(rule), linear_calls(model) as calls:
             logits = model(xc)
             if not isinstance(logits, Tensor) or logits.ndim != 2:
                 raise ValueError(f"the model must return logits [B, K]; got {getattr(logits, 'shape', type(logits))}")

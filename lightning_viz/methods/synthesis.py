@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..capture import capture, forward_until
+from ..capture import capture, forward_until, grad_enabled
 from ..layers import module_device, module_dtype
 from ..progress import progress
 from .checks import check_eval, check_images
@@ -209,6 +209,7 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
     return final.detach()
 
 
+@grad_enabled()  # also under a caller's torch.no_grad() / inference_mode()
 def optimize_input(
     model: nn.Module,
     objective: Objective,
@@ -269,6 +270,7 @@ def _check_one_image_shape(fn: str, shape: Sequence[int]) -> None:
         raise ValueError(f"{fn}: shape is (C, H, W) of one image (the batch is one image per item); got {tuple(shape)}")
 
 
+@grad_enabled()  # also under a caller's torch.no_grad() / inference_mode()
 def class_model_images(
     model: nn.Module,
     classes: Sequence[int] | Tensor,
@@ -280,11 +282,12 @@ def class_model_images(
     """One image per class maximizing ``S_c(I) - l2 * ||I||_2^2`` (Simonyan et al. 2014, eq. 1), all classes
     in one batch. ``shape = (C, H, W)`` of one image; ``kwargs`` go to :func:`optimize_input`."""
     _check_one_image_shape("class_model_images", shape)
-    cls = torch.as_tensor(classes, dtype=torch.long).view(-1)
+    cls = torch.as_tensor(classes, dtype=torch.long).view(-1).clone()  # also a normal tensor from inference mode
     regs = ([L2Penalty(l2)] if l2 else []) + list(regularizers)
     return optimize_input(model, class_logit(cls), (cls.numel(), *shape), regularizers=regs, **kwargs)
 
 
+@grad_enabled()  # also under a caller's torch.no_grad() / inference_mode()
 def unit_images(
     model: nn.Module,
     layer: str,
@@ -296,13 +299,14 @@ def unit_images(
     """One image per channel of ``layer`` maximizing its mean activation (``unit="channel"``) or its center
     unit (``"neuron"``) (Erhan et al. 2009; regularized as Yosinski et al. 2015). ``shape = (C, H, W)``."""
     _check_one_image_shape("unit_images", shape)
-    ch = torch.as_tensor(channels, dtype=torch.long).view(-1)
+    ch = torch.as_tensor(channels, dtype=torch.long).view(-1).clone()  # also a normal tensor from inference mode
     if unit not in ("channel", "neuron"):
         raise ValueError(f"unknown unit {unit!r}; allowed: 'channel', 'neuron'")
     obj = channel(layer, ch) if unit == "channel" else neuron(layer, ch)
     return optimize_input(model, obj, (ch.numel(), *shape), **kwargs)
 
 
+@grad_enabled()  # also under a caller's torch.no_grad() / inference_mode()
 def invert_features(
     model: nn.Module,
     x: Tensor,
