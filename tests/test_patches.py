@@ -348,3 +348,22 @@ def test_probe_scans_default_to_the_memory_budget(tmp_path, monkeypatch, kind):
     assert batches == [2, 12]  # default: at most the training batch (2) through the net; explicit 12 wins
     for key, value in results[None].items():
         torch.testing.assert_close(value, results[12][key], rtol=1e-5, atol=1e-6)
+
+
+def test_scan_topk_and_extract_features_refuse_a_training_model_and_leave_its_statistics():
+    """Both rank or embed each image on its own: a training-mode BatchNorm would mix the images of a batch and update
+    its running statistics. They refuse it, naming the function, and the statistics are as they were."""
+    from helpers import TinyCNN
+
+    from lightning_viz.methods.embeddings import extract_features
+
+    net = TinyCNN().train()
+    x = torch.rand(4, 3, 8, 8)
+    stats = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="scan_topk: the model is in training mode"):
+        scan_topk(net, x, "conv2", [0], 2)
+    with pytest.raises(ValueError, match="extract_features: the model is in training mode"):
+        extract_features(net, x)
+    assert all(torch.equal(v, stats[k]) for k, v in net.state_dict().items())
+    top = scan_topk(net.eval(), x, "conv2", [0], 2)  # in eval mode: as before
+    assert top.values.shape == (1, 2)

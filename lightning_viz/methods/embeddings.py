@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..capture import capture
 from ..layers import LayerNotFoundError, get_layer, last_called_linear, linear_layer_names, unwrap_model
+from .checks import check_eval
 
 __all__ = ["penultimate_layer", "extract_features", "pca_2d", "tsne_2d", "silhouette", "knn_accuracy", "scatter_image"]
 
@@ -59,8 +60,10 @@ def extract_features(
     """``(features[B, D], logits[B, K])`` of ``x``; no autograd.
 
     ``layer=None``: the input of the last linear layer called in the forward (penultimate features). Otherwise the
-    output of ``layer``; ``[B, C, h, w]`` maps are averaged over ``h, w``, other shapes flattened.
+    output of ``layer``; ``[B, C, h, w]`` maps are averaged over ``h, w``, other shapes flattened. The model must be
+    in eval mode (:func:`~lightning_viz.methods.checks.check_eval`).
     """
+    check_eval("extract_features", model)
     feats, logits = [], []
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):

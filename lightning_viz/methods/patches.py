@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..capture import capture
 from ..progress import progress
-from .checks import check_images
+from .checks import check_eval, check_images
 
 __all__ = ["TopK", "unit_activations", "topk_per_unit", "merge_topk", "scan_topk"]
 
@@ -118,8 +118,10 @@ def scan_topk(
     offset: int = 0,
 ) -> TopK:
     """Top-``k`` images per unit (Zeiler & Fergus 2014, Sec. 4): scan ``images[N, C, H, W]`` (on the model's
-    device) in batches; global image index = ``offset + n``."""
+    device) in batches; global image index = ``offset + n``. The model must be in eval mode (BatchNorm statistics
+    of a batch would rank each image against the others of its batch)."""
     check_images("scan_topk", images)
+    check_eval("scan_topk", model)
     best: TopK | None = None
     for s in range(0, images.shape[0], batch_size):
         progress(s, images.shape[0], "images scanned")  # a line every few seconds inside a callback run (rank 0)
