@@ -1,0 +1,53 @@
+"""What the default (per-probe / per-unit) images say about themselves, read back from a real event file: every
+panel of several images is named (a header over it or a label under it), as in the grid layouts."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from helpers import LitTiny, TinyCNN, read_events, tiny_loaders, tiny_trainer
+
+from lightning_viz.callbacks.activations import ActivationCallback
+from lightning_viz.callbacks.patches import TopPatchesCallback
+from lightning_viz.callbacks.synthesis import AdversarialCallback, InversionCallback
+
+
+@pytest.fixture(scope="module")
+def acc(tmp_path_factory):
+    logdir = str(tmp_path_factory.mktemp("legible"))
+    cbs = [
+        AdversarialCallback(epsilon=0.1, attack="fgsm", num_probes=2, min_flip=False),
+        InversionCallback(layers="net.conv1", steps=2, num_probes=2),
+        TopPatchesCallback(layers="net.conv1", num_units=2, k=3, num_probes=8),
+        ActivationCallback(layers="net.conv1", max_channels=4, num_probes=2),
+    ]
+    train, val = tiny_loaders(16)
+    tiny_trainer(logdir, cbs, max_epochs=1).fit(LitTiny(TinyCNN(width=4)), train, val)
+    return read_events(logdir)
+
+
+def pixels(acc, tag: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(acc.Images(tag)[0].encoded_image_string)).convert("RGB"))
+
+
+def tiles(n: int, px: int = 96, pad: int = 2) -> list[tuple[int, int]]:
+    """The x-ranges of ``n`` tiles of ``px`` pixels side by side with ``pad`` pixels around each."""
+    return [(pad + i * (px + pad), (i + 1) * (px + pad)) for i in range(n)]
+
+
+def has_text(img: np.ndarray, cols: list[tuple[int, int]], where: str) -> list[bool]:
+    """Per column ``x0:x1``: dark (text) pixels above (``where="above"``) or below the tiles' rows (the rows
+    where the first column is mostly not white: an image there)."""
+    rows = np.flatnonzero((img[:, cols[0][0] : cols[0][1]] != 255).any(-1).mean(1) > 0.9)
+    band = img[: rows.min()] if where == "above" else img[rows.max() + 1 :]
+    return [bool((band[:, a:b].max(-1) < 100).any()) for a, b in cols]
+
+
+def test_adversarial_per_probe_image_names_its_three_panels(acc):
+    img = pixels(acc, "viz-adversarial/p000")
+    assert img.shape[1] == 3 * 98 + 2  # original | delta | adversarial, 8 px shown at 96
+    assert has_text(img, tiles(3), "above") == [True] * 3  # "original", "delta +-0.1", "adversarial"
