@@ -51,3 +51,9 @@ def test_adversarial_per_probe_image_names_its_three_panels(acc):
     img = pixels(acc, "viz-adversarial/p000")
     assert img.shape[1] == 3 * 98 + 2  # original | delta | adversarial, 8 px shown at 96
     assert has_text(img, tiles(3), "above") == [True] * 3  # "original", "delta +-0.1", "adversarial"
+
+
+def test_inversion_per_probe_image_names_original_and_reconstruction(acc):
+    img = pixels(acc, "viz-inversion/net.conv1/p000")
+    assert img.shape[1] == 2 * 98 + 2  # original | reconstruction, 8 px shown at 96
+    assert has_text(img, tiles(2), "above") == [True] * 2

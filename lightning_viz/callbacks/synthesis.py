@@ -41,7 +41,7 @@ from ..methods.synthesis import (
     valid_range,
 )
 from ..probe import ProbeSet
-from ..render import _shared_strip, class_name, compose, image_grid, labeled_grid, upscale
+from ..render import _shared_strip, class_name, compose, labeled_grid, upscale
 from ._options import LayersSpec, reject_options, renamed_option, single_layer
 from .base import VisualizationCallback
 
@@ -418,7 +418,8 @@ class InversionCallback(_InputOptimizationCallback):
             )
         else:
             for pid, orig, rec in zip(probe.ids, originals, recons):
-                logger.image(make_tag(self.method, self.layer, pid), image_grid(torch.stack([orig, rec]), nrow=2))
+                image = compose([[orig, rec]], ["original", "reconstruction"])  # named, as in the grid
+                logger.image(make_tag(self.method, self.layer, pid), image)
         logger.scalar(make_tag(self.method, self.layer, "feature_error"), results["error"].mean())
 
 
