@@ -57,3 +57,25 @@ def test_inversion_per_probe_image_names_original_and_reconstruction(acc):
     img = pixels(acc, "viz-inversion/net.conv1/p000")
     assert img.shape[1] == 2 * 98 + 2  # original | reconstruction, 8 px shown at 96
     assert has_text(img, tiles(2), "above") == [True] * 2
+
+
+def test_panel_caption_cuts_long_class_names_not_the_prediction():
+    import torch
+
+    from lightning_viz.callbacks.maps import panel_caption
+    from lightning_viz.probe import ProbeSet
+    from lightning_viz.render import text_px
+
+    names = ["n01440764 tench, Tinca tinca", "n01484850 great white shark, white shark, man-eater, Carcharodon"]
+    probe = ProbeSet(images=torch.zeros(1, 3, 8, 8), labels=torch.tensor([1]))
+    results = {"pred:class": torch.tensor([0]), "pred:prob": torch.tensor([0.4321])}
+    whole = panel_caption("p000", probe, results, 0, names)
+    assert whole == f"p000  true: {names[1]}  pred: {names[0]} 43%"  # no width: as before
+    width = 2 * 192 + 3 * 2  # an image and one map at 96 px shown at 192
+    text = panel_caption("p000", probe, results, 0, names, width)
+    assert text_px(text, 16) <= width < text_px(whole, 16)  # fits the strip, as the whole would not
+    assert text.startswith("p000  true: n01484850 great") and "  pred: n01440764 tench" in text
+    assert text.endswith(" 43%") and text.count("...") == 2  # both names cut, the probability kept
+    # no room for more: names keep 12 characters, the strip cuts the end (here the note on the rows)
+    text = panel_caption("p000", probe, results, 0, names, width, "   top: per image, bottom: fixed scale")
+    assert text.startswith("p000  true: n01484850...  pred: n01440764... 43%   top:")
