@@ -13,12 +13,15 @@ from lightning_viz.callbacks.activations import ActivationCallback
 from lightning_viz.callbacks.patches import TopPatchesCallback
 from lightning_viz.callbacks.synthesis import AdversarialCallback, InversionCallback
 
+#: ImageNet-like class names, alike up to their last characters (so that cut, they read the same whatever the class)
+LONG = [f"n01440764 a long class name, with synonyms, and its latin name number {i}" for i in range(3)]
+
 
 @pytest.fixture(scope="module")
 def acc(tmp_path_factory):
     logdir = str(tmp_path_factory.mktemp("legible"))
     cbs = [
-        AdversarialCallback(epsilon=0.1, attack="fgsm", num_probes=2, min_flip=False),
+        AdversarialCallback(epsilon=0.1, attack="fgsm", num_probes=2, min_flip=False, class_names=LONG),
         InversionCallback(layers="net.conv1", steps=2, num_probes=2),
         TopPatchesCallback(layers="net.conv1", num_units=2, k=3, num_probes=8),
         ActivationCallback(layers="net.conv1", max_channels=4, num_probes=2),
@@ -79,3 +82,14 @@ def test_panel_caption_cuts_long_class_names_not_the_prediction():
     # no room for more: names keep 12 characters, the strip cuts the end (here the note on the rows)
     text = panel_caption("p000", probe, results, 0, names, width, "   top: per image, bottom: fixed scale")
     assert text.startswith("p000  true: n01484850...  pred: n01440764... 43%   top:")
+
+
+def test_adversarial_caption_cuts_long_class_names_to_show_both_predictions(acc):
+    from lightning_viz.render import _shared_strip, cut_name, fit_names
+
+    img = pixels(acc, "viz-adversarial/p000")
+    width = img.shape[1]
+    text = fit_names(lambda n: f"p000: pred {cut_name(LONG[0], n)} -> {cut_name(LONG[0], n)}", width, 16)
+    assert text.count("...") == 2 and len(text) > 40  # both names, cut to the same length
+    want = _shared_strip(width, [text], 16, align="left").permute(1, 2, 0).numpy()
+    assert (img[:16] == want).all()  # the caption strip on top is that text

@@ -41,7 +41,7 @@ from ..methods.synthesis import (
     valid_range,
 )
 from ..probe import ProbeSet
-from ..render import _shared_strip, class_name, compose, labeled_grid, upscale
+from ..render import _shared_strip, class_name, compose, cut_name, fit_names, labeled_grid, upscale
 from ._options import LayersSpec, reject_options, renamed_option, single_layer
 from .base import VisualizationCallback
 
@@ -608,10 +608,15 @@ class AdversarialCallback(VisualizationCallback):
             for i in range(len(probe))
         ]
         head = ["prediction", "original", f"delta +-{self.epsilon:g}", "adversarial"]
+
+        def fitted(i: int, prefix: str, width: int, height: int) -> str:  # long class names cut, both shown
+            a, b = (class_name(results[k][i], names) for k in ("clean_pred", "adv_pred"))
+            return fit_names(lambda n: f"{prefix}{cut_name(a, n)} -> {cut_name(b, n)}", width, height)
+
         if self.layout == "grid":
             rows = [
-                [_shared_strip(150, [f"{pid}: {cap[5:]}"], 13), originals[i], amplified[i], advs[i]]
-                for i, (pid, cap) in enumerate(zip(probe.ids, captions))
+                [_shared_strip(150, [fitted(i, f"{pid}: ", 150, 13)], 13), originals[i], amplified[i], advs[i]]
+                for i, pid in enumerate(probe.ids)
             ]
             logger.image(
                 make_tag(self.method, "grid"),
@@ -620,7 +625,13 @@ class AdversarialCallback(VisualizationCallback):
         for i, pid in enumerate(probe.ids if self.layout == "per_probe" else []):
             logger.image(  # the panels named, as in the grid: the delta is amplified, gray = 0
                 make_tag(self.method, pid),
-                compose([[originals[i], amplified[i], advs[i]]], head[1:], f"{pid}: {captions[i]}"),
+                compose(
+                    [[originals[i], amplified[i], advs[i]]],
+                    head[1:],
+                    fitted(
+                        i, f"{pid}: pred ", sum(int(t[i].shape[-1]) + 2 for t in (originals, amplified, advs)) + 2, 16
+                    ),
+                ),
                 caption=f"{pid}: {captions[i]}",
             )
         if self.mode == "next_class":
