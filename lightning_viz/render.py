@@ -82,7 +82,15 @@ def normalize_maps(
         return (0.5 + m / (2 * scale)).clamp(0, 1)
     lo = flat.amin(dim=1).view(-1, 1, 1)
     hi = flat.amax(dim=1).view(-1, 1, 1)
-    return ((m - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+    span = torch.where(is_flat(lo, hi), torch.inf, (hi - lo).clamp_min(1e-12))  # flat: all 0, not rounding noise
+    return ((m - lo) / span).clamp(0, 1)
+
+
+def is_flat(lo: Tensor, hi: Tensor) -> Tensor:
+    """Whether maps with these minima and maxima are constant up to float rounding (a spread of at most 1e-5 of
+    their magnitude, e.g. a 1 x 1 CAM upsampled bilinearly): stretched to the full colormap, that rounding noise
+    would show as stripes."""
+    return (hi - lo) <= 1e-5 * torch.maximum(lo.abs(), hi.abs())
 
 
 class FixedScale:

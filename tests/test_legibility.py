@@ -93,3 +93,21 @@ def test_adversarial_caption_cuts_long_class_names_to_show_both_predictions(acc)
     assert text.count("...") == 2 and len(text) > 40  # both names, cut to the same length
     want = _shared_strip(width, [text], 16, align="left").permute(1, 2, 0).numpy()
     assert (img[:16] == want).all()  # the caption strip on top is that text
+
+
+def test_a_map_constant_up_to_rounding_is_drawn_and_noted_as_constant():
+    import torch
+    import torch.nn.functional as F
+
+    from lightning_viz.callbacks.maps import _empty_map_notes
+    from lightning_viz.render import _shared_strip, normalize_maps
+
+    # a 1 x 1 CAM (resnet18's layer4 at 28 px) upsampled as the CAM methods do: equal up to float rounding
+    maps = F.interpolate(torch.tensor([[[[0.058368]]], [[[0.065185]]]]), size=(28, 28), mode="bilinear")[:, 0]
+    maps = maps * torch.linspace(1, 1 + 3e-7, 28)  # the few ulps of spread that bilinear weights leave
+    assert (maps.flatten(1).amax(1) > maps.flatten(1).amin(1)).all()
+    assert (normalize_maps(maps) == 0).all()  # not stretched into stripes over the whole colormap
+    structured = torch.linspace(0, 1, 28 * 28).view(1, 28, 28)
+    assert normalize_maps(structured).max() == 1 and normalize_maps(torch.zeros(1, 4, 4)).max() == 0
+    notes = _empty_map_notes(torch.cat([maps, structured]), None, 64)
+    assert notes[0] is _shared_strip(64, ["map constant"], 14) and notes[2] is None

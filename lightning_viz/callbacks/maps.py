@@ -34,6 +34,7 @@ from ..render import (
     diverging_cmap,
     fit_names,
     image_grid,
+    is_flat,
     normalize_maps,
     overlay,
     to_uint8,
@@ -321,7 +322,7 @@ def _empty_map_notes(maps: Tensor, ok: Tensor | None, width: int) -> list[Tensor
     for i in range(len(flat)):
         if ok is not None and not bool(ok[i]):
             notes.append(_shared_strip(width, ["not finite"], 14))
-        elif bool(lo[i] == hi[i]):
+        elif bool(is_flat(lo[i], hi[i])):  # constant up to float rounding, drawn as constant by normalize_maps
             notes.append(_shared_strip(width, ["map all zero" if float(hi[i]) == 0 else "map constant"], 14))
         else:
             notes.append(None)
