@@ -111,3 +111,10 @@ def test_a_map_constant_up_to_rounding_is_drawn_and_noted_as_constant():
     assert normalize_maps(structured).max() == 1 and normalize_maps(torch.zeros(1, 4, 4)).max() == 0
     notes = _empty_map_notes(torch.cat([maps, structured]), None, 64)
     assert notes[0] is _shared_strip(64, ["map constant"], 14) and notes[2] is None
+
+
+def test_top_patches_per_unit_image_names_the_unit_and_each_patch_class(acc):
+    img = pixels(acc, "viz-top_patches/net.conv1/unit000")
+    assert img.shape[1] == 3 * 66 + 2  # k=3 patches shown at 64 px
+    assert has_text(img, tiles(3, 64), "below") == [True] * 3  # the class of the probe each patch is from
+    assert has_text(img, tiles(3, 64), "above")[0]  # "net.conv1 unit 0: top-3 patches, strongest first"
