@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -82,7 +82,15 @@ def normalize_maps(
         return (0.5 + m / (2 * scale)).clamp(0, 1)
     lo = flat.amin(dim=1).view(-1, 1, 1)
     hi = flat.amax(dim=1).view(-1, 1, 1)
-    return ((m - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+    span = torch.where(is_flat(lo, hi), torch.inf, (hi - lo).clamp_min(1e-12))  # flat: all 0, not rounding noise
+    return ((m - lo) / span).clamp(0, 1)
+
+
+def is_flat(lo: Tensor, hi: Tensor) -> Tensor:
+    """Whether maps with these minima and maxima are constant up to float rounding (a spread of at most 1e-5 of
+    their magnitude, e.g. a 1 x 1 CAM upsampled bilinearly): stretched to the full colormap, that rounding noise
+    would show as stripes."""
+    return (hi - lo) <= 1e-5 * torch.maximum(lo.abs(), hi.abs())
 
 
 class FixedScale:
@@ -224,6 +232,29 @@ def text_px(text: str, height: int = 14) -> int:
     except AttributeError:  # a bitmap font of an old Pillow
         width = 6.0 * len(text)
     return math.ceil(width) + 4
+
+
+def fit_names(make: Callable[[int | None], str], width: int, height: int = 16, min_chars: int = 12) -> str:
+    """``make(n)``: a caption with each class name cut to ``n`` characters (``None``: whole). The caption with
+    names as long as fit in ``width`` pixels of a :func:`text_strip` of this ``height``, so that long names
+    (``"n01440764 tench, Tinca tinca"``) do not push what follows them (the prediction, its probability) out;
+    names keep at least ``min_chars`` (the strip then cuts the caption's end)."""
+    text = make(None)
+    if text_px(text, height) <= width:
+        return text
+    lo, hi = min_chars, max(min_chars, len(text))  # the longest cut that fits, by bisection (width grows with n)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if text_px(make(mid), height) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return make(lo)
+
+
+def cut_name(name: str, n: int | None) -> str:
+    """``name`` cut to ``n`` characters with an ellipsis (whole when ``n`` is ``None`` or it is short enough)."""
+    return name if n is None or len(name) <= n else name[: max(1, n - 3)].rstrip(" ,") + "..."
 
 
 def _fit(draw: object, text: str, font: object, width: float) -> str:

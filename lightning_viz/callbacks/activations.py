@@ -28,7 +28,6 @@ from ..render import (
     class_name,
     colormap,
     compose,
-    image_grid,
     normalize_maps,
     resize_maps,
     to_uint8,
@@ -65,7 +64,8 @@ class ActivationCallback(VisualizationCallback):
             per probe, tiles of about ``display_px``).
         display_px: shorter side of each tile with ``layout="grid"``: smaller probes are upscaled (nearest, integer
             factor), larger ones averaged down by an integer factor to the smallest size ``>= display_px`` (a row of
-            16 channels of a 224 px probe: 56 px tiles, not 224; see :func:`grid_tile_size`).
+            16 channels of a 224 px probe: 56 px tiles, not 224; see :func:`grid_tile_size`); with ``"per_probe"``
+            smaller probes are upscaled the same way (room for the channel labels).
         num_probes: probe images (default 4).
         **kwargs: schedule and probe options of :class:`VisualizationCallback`.
     """
@@ -164,12 +164,24 @@ class ActivationCallback(VisualizationCallback):
                     self.layer_grid(name, finite_maps, results[f"channels:{name}"], probe, trainer),
                 )
                 continue
-            for pid, m, finite in zip(probe.ids, maps, ok.tolist()):  # m: [k, h, w]
+            names = self.get_class_names(trainer)
+            order = "first channels" if self.channels == "first" else "strongest channels first"
+            for i, (pid, m, finite) in enumerate(zip(probe.ids, maps, ok.tolist())):  # m: [k, h, w]
                 if not finite:
                     continue
                 m01 = normalize_maps(m, "fixed", vmin=float(m.min()), vmax=float(m.max()))
-                tiles = colormap(resize_maps(m01, size, mode="nearest"), self.cmap)
-                logger.image(make_tag(self.method, name, pid), image_grid(tiles, padding=1))
+                tiles = to_uint8(colormap(resize_maps(m01, size, mode="nearest"), self.cmap))
+                tiles = upscale(tiles, self.display_px) if self.display_px else tiles  # labels need the room
+                chans, w = results[f"channels:{name}"][i].tolist(), int(tiles.shape[-1])
+                ncol = max(1, round(len(tiles) ** 0.5 + 0.499))  # ~square, as before
+                rows = [list(tiles[r : r + ncol]) for r in range(0, len(tiles), ncol)]
+                under = [
+                    [_shared_strip(w, [f"ch {c}"], 12) for c in chans[r : r + ncol]] for r in range(0, len(tiles), ncol)
+                ]
+                head = pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
+                logger.image(
+                    make_tag(self.method, name, pid), compose(rows, None, f"{head}: {name}, {order}", under=under)
+                )
 
     def layer_grid(self, name: str, maps: Any, channels: Any, probe: ProbeSet, trainer: Trainer) -> Any:
         """One image for ``layer``: a row per probe (its image, then its channels on one range per probe)."""

@@ -30,8 +30,11 @@ from ..render import (
     colorbar,
     colormap,
     compose,
+    cut_name,
     diverging_cmap,
+    fit_names,
     image_grid,
+    is_flat,
     normalize_maps,
     overlay,
     to_uint8,
@@ -258,9 +261,9 @@ class MapCallback(VisualizationCallback):
         for i, pid in enumerate(probe.ids):
             tiles = [[big8[i] if v == 0 else fixed_tile] + [r[i] for r in row] for v, row in enumerate(rows)]
             under: list[list[Tensor | None]] = [[None, *(per_key[i] for per_key in bar)] for bar in bars]
-            caption = panel_caption(pid, probe, results, i, class_names)
-            if both:
-                caption += "   top: per image, bottom: fixed scale"
+            suffix = "   top: per image, bottom: fixed scale" if both else ""
+            width = sum(int(t.shape[-1]) for t in tiles[0]) + 2 * (len(tiles[0]) + 1)  # compose's, pad 2
+            caption = panel_caption(pid, probe, results, i, class_names, width, suffix)
             logger.image(
                 make_tag(self.method, "panel", pid), compose(tiles, labels, caption, under=under), caption=caption
             )  # drawn in the image; also shown by backends that keep captions (W&B)
@@ -319,19 +322,32 @@ def _empty_map_notes(maps: Tensor, ok: Tensor | None, width: int) -> list[Tensor
     for i in range(len(flat)):
         if ok is not None and not bool(ok[i]):
             notes.append(_shared_strip(width, ["not finite"], 14))
-        elif bool(lo[i] == hi[i]):
+        elif bool(is_flat(lo[i], hi[i])):  # constant up to float rounding, drawn as constant by normalize_maps
             notes.append(_shared_strip(width, ["map all zero" if float(hi[i]) == 0 else "map constant"], 14))
         else:
             notes.append(None)
     return notes
 
 
-def panel_caption(pid: str, probe: ProbeSet, results: dict[str, Any], i: int, class_names: list[str] | None) -> str:
-    """``"p003  true: circle  pred: square 87%"`` (parts that are unknown are left out)."""
-    parts = [pid]
-    if probe.labels is not None:
-        parts.append(f"true: {class_name(probe.labels[i], class_names)}")
-    cls, prob = results.get(PRED_PREFIX + "class"), results.get(PRED_PREFIX + "prob")
-    if cls is not None and prob is not None:
-        parts.append(f"pred: {class_name(cls[i], class_names)} {float(prob[i]):.0%}")
-    return "  ".join(parts)
+def panel_caption(
+    pid: str,
+    probe: ProbeSet,
+    results: dict[str, Any],
+    i: int,
+    class_names: list[str] | None,
+    width: int | None = None,
+    suffix: str = "",
+) -> str:
+    """``"p003  true: circle  pred: square 87%"`` (parts that are unknown are left out), then ``suffix``; with
+    ``width`` (pixels of the caption strip) the class names are cut so that the whole caption fits."""
+
+    def make(n: int | None) -> str:
+        parts = [pid]
+        if probe.labels is not None:
+            parts.append(f"true: {cut_name(class_name(probe.labels[i], class_names), n)}")
+        cls, prob = results.get(PRED_PREFIX + "class"), results.get(PRED_PREFIX + "prob")
+        if cls is not None and prob is not None:
+            parts.append(f"pred: {cut_name(class_name(cls[i], class_names), n)} {float(prob[i]):.0%}")
+        return "  ".join(parts) + suffix
+
+    return make(None) if width is None else fit_names(make, width)

@@ -17,7 +17,7 @@ from ..methods.patches import TopK, merge_topk, scan_topk
 from ..methods.receptive_field import crop_boxes, receptive_field
 from ..probe import ProbeSet
 from ..progress import reporting
-from ..render import _shared_strip, class_name, compose, image_grid
+from ..render import _shared_strip, class_name, compose
 from ._options import as_layer_list, renamed_option
 from .base import VisualizationCallback
 
@@ -180,16 +180,19 @@ class TopPatchesCallback(VisualizationCallback):
                 crops = crop_boxes(images[img_idx], sel, pad_value=0.5, max_size=images.shape[-2:])
                 if self.patch_px:
                     crops = resize_patches(crops, self.patch_px)
+                w = int(crops.shape[-1])
+                labels = [
+                    class_name(probe.labels[j], names) if probe.labels is not None else f"#{int(j)}"
+                    for j in img_idx.tolist()
+                ]
+                strips = [_shared_strip(w, [t], 11) for t in labels]
                 if self.layout == "grid":
-                    w = int(crops.shape[-1])
                     rows.append([_shared_strip(64, [f"unit {c}"], 14)] + list(crops))
-                    labels = [
-                        class_name(probe.labels[j], names) if probe.labels is not None else f"#{int(j)}"
-                        for j in img_idx.tolist()
-                    ]
-                    under.append([None] + [_shared_strip(w, [t], 11) for t in labels])
-                else:
-                    logger.image(make_tag(self.method, name, f"unit{c:03d}"), image_grid(crops, nrow=len(crops)))
+                    under.append([None] + strips)
+                else:  # as a row of the grid: the unit named, each patch's class under it
+                    caption = f"{name} unit {c}: top-{self.k} patches, strongest first"
+                    image = compose([list(crops)], None, caption, under=[strips])
+                    logger.image(make_tag(self.method, name, f"unit{c:03d}"), image)
                 logger.scalar(make_tag(self.method, name, f"unit{c:03d}", "max"), top.values[u, 0])
             if self.layout == "grid" and rows:
                 caption = f"{name}: top-{self.k} patches per unit, strongest first"

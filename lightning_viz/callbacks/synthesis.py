@@ -41,7 +41,7 @@ from ..methods.synthesis import (
     valid_range,
 )
 from ..probe import ProbeSet
-from ..render import _shared_strip, class_name, compose, image_grid, label_strip, labeled_grid, upscale
+from ..render import _shared_strip, class_name, compose, cut_name, fit_names, labeled_grid, upscale
 from ._options import LayersSpec, reject_options, renamed_option, single_layer
 from .base import VisualizationCallback
 
@@ -418,7 +418,8 @@ class InversionCallback(_InputOptimizationCallback):
             )
         else:
             for pid, orig, rec in zip(probe.ids, originals, recons):
-                logger.image(make_tag(self.method, self.layer, pid), image_grid(torch.stack([orig, rec]), nrow=2))
+                image = compose([[orig, rec]], ["original", "reconstruction"])  # named, as in the grid
+                logger.image(make_tag(self.method, self.layer, pid), image)
         logger.scalar(make_tag(self.method, self.layer, "feature_error"), results["error"].mean())
 
 
@@ -606,21 +607,31 @@ class AdversarialCallback(VisualizationCallback):
             f"pred {class_name(results['clean_pred'][i], names)} -> {class_name(results['adv_pred'][i], names)}"
             for i in range(len(probe))
         ]
+        head = ["prediction", "original", f"delta +-{self.epsilon:g}", "adversarial"]
+
+        def fitted(i: int, prefix: str, width: int, height: int) -> str:  # long class names cut, both shown
+            a, b = (class_name(results[k][i], names) for k in ("clean_pred", "adv_pred"))
+            return fit_names(lambda n: f"{prefix}{cut_name(a, n)} -> {cut_name(b, n)}", width, height)
+
         if self.layout == "grid":
             rows = [
-                [_shared_strip(150, [f"{pid}: {cap[5:]}"], 13), originals[i], amplified[i], advs[i]]
-                for i, (pid, cap) in enumerate(zip(probe.ids, captions))
+                [_shared_strip(150, [fitted(i, f"{pid}: ", 150, 13)], 13), originals[i], amplified[i], advs[i]]
+                for i, pid in enumerate(probe.ids)
             ]
-            head = ["prediction", "original", f"delta +-{self.epsilon:g}", "adversarial"]
             logger.image(
                 make_tag(self.method, "grid"),
                 compose(rows, head, f"{self.attack} attack, L-inf budget {self.epsilon:g}{units}"),
             )
         for i, pid in enumerate(probe.ids if self.layout == "per_probe" else []):
-            grid = image_grid(torch.stack([originals[i], amplified[i], advs[i]]), nrow=3)
-            logger.image(
+            logger.image(  # the panels named, as in the grid: the delta is amplified, gray = 0
                 make_tag(self.method, pid),
-                torch.cat([grid, label_strip(grid.shape[-1], captions[i])], dim=1),
+                compose(
+                    [[originals[i], amplified[i], advs[i]]],
+                    head[1:],
+                    fitted(
+                        i, f"{pid}: pred ", sum(int(t[i].shape[-1]) + 2 for t in (originals, amplified, advs)) + 2, 16
+                    ),
+                ),
                 caption=f"{pid}: {captions[i]}",
             )
         if self.mode == "next_class":
