@@ -175,7 +175,7 @@ class MapTracker:
             (the image and both baselines), batched together.
         deletion_steps: points on each deletion/insertion curve.
         chunk_size: images per forward pass of the deletion/insertion curves (``None``: as many as the default
-            memory budget holds, on the CPU at most ``CPU_THROUGHPUT_MB`` of activations; see
+            memory budget holds, on the CPU at most ``CPU_THROUGHPUT_MB`` of activations but ``CPU_MIN_IMAGES``; see
             :func:`lightning_viz.methods.metrics.perturbation_curves`).
         pointing_game: log pointing game and energy in mask; ``None`` = when the probes have masks.
         pointing_tolerance: pixels of tolerance of the pointing game (distance <= it: a closed disc, see

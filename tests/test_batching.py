@@ -99,6 +99,31 @@ def test_deletion_curves_on_the_cpu_forward_at_most_the_throughput_budget(monkey
             torch.testing.assert_close(capped[mode][key], whole[mode][key], rtol=1e-5, atol=1e-6)
 
 
+def test_deletion_curves_on_the_cpu_forward_a_few_large_images_at_once(monkeypatch):
+    """Images whose activations exceed CPU_THROUGHPUT_MB (resnet18 at 224 px: ~29 MiB each, the cap 48 MiB) still go
+    CPU_MIN_IMAGES at a time (was: one image per forward, ~1.4x the time per image), never more than the memory budget
+    holds; same curves."""
+    model = TinyCNN(width=2).eval()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    maps = {"a": torch.rand(4, 8, 8), "b": torch.rand(4, 4, 4)}
+    labels = torch.tensor([0, 1, 2, 0])
+    per_image = batching.activation_bytes_per_image(model, x[:1])
+    monkeypatch.setattr(batching, "CPU_THROUGHPUT_MB", 0.5 * per_image / 2**20)  # not one image
+    with isolated(model):
+        whole = perturbation_curves(model, x, maps, labels, steps=6, chunk_size=10**6)
+        for budget_images, expected in ((100, batching.CPU_MIN_IMAGES), (3, 3)):
+            monkeypatch.setattr(batching, "CPU_MEMORY_MB", budget_images * per_image / 2**20)
+            sizes, handle = _batches(model)
+            try:
+                capped = perturbation_curves(model, x, maps, labels, steps=6)
+            finally:
+                handle.remove()
+            assert max(sizes) == expected and sum(sizes) == (3 + 2 * 2 * 5) * 4, (budget_images, sizes)
+            for mode in whole:
+                for key in maps:
+                    torch.testing.assert_close(capped[mode][key], whole[mode][key], rtol=1e-5, atol=1e-6)
+
+
 class OutOfMemoryAbove(TinyCNN):
     """A TinyCNN whose eval-mode forwards with autograd on (the callbacks' gradient passes, not training or
     validation) of more than ``limit`` images raise ``torch.OutOfMemoryError`` (what CUDA's caching allocator

@@ -29,6 +29,7 @@ __all__ = [
     "GPU_MEMORY_MB",
     "GRAD_FACTOR",
     "CPU_THROUGHPUT_MB",
+    "CPU_MIN_IMAGES",
     "activation_bytes_per_image",
     "default_memory_mb",
     "images_per_forward",
@@ -46,6 +47,9 @@ GRAD_FACTOR = 2
 #: batches leave the cache and cost more per image (SmallCNN at 32 px, one thread: ~2x per image at 1360 images
 #: a forward than at 136-272)
 CPU_THROUGHPUT_MB = 48.0
+#: ... but at least this many images a forward where the memory budget holds them: resnet18 at 224 px has ~29 MiB of
+#: activations per image, so the cap alone gave one image per forward (74 vs 53 ms per image at 8, one thread)
+CPU_MIN_IMAGES = 8
 
 _BUDGET_SCALE: ContextVar[float] = ContextVar("lightning_viz_budget_scale", default=1.0)
 

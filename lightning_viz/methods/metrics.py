@@ -97,7 +97,8 @@ def perturbation_curves(
     (deletion start, insertion end) and each baseline (deletion end, insertion start); the other perturbed
     images of all keys and modes go through ``model`` in batches of at most ``chunk_size`` images (``None``:
     as many as the default memory budget holds, on the CPU at most
-    :data:`~lightning_viz.methods.batching.CPU_THROUGHPUT_MB` of activations); the result does not depend on
+    :data:`~lightning_viz.methods.batching.CPU_THROUGHPUT_MB` of activations, but at least
+    :data:`~lightning_viz.methods.batching.CPU_MIN_IMAGES` images the budget holds); the result does not depend on
     chunking (up to the float rounding of batched kernels). ``probabilities``: ``"softmax"`` over the classes or
     ``"sigmoid"`` of the class's own logit (multi-label heads; :func:`~lightning_viz.targets.class_probabilities`)."""
     check_probabilities(probabilities)
@@ -152,6 +153,8 @@ def perturbation_curves(
         if x.device.type == "cpu":
             budget = min(budget, batching.CPU_THROUGHPUT_MB)
         chunk = chunk_size or images_per_forward(model, x, budget)
+        if chunk_size is None and x.device.type == "cpu":  # large images: a few a forward, within the memory budget
+            chunk = max(chunk, min(batching.CPU_MIN_IMAGES, images_per_forward(model, x)))
         probs = []
         for lo in range(0, total, chunk):
             progress(lo, total, "perturbed images")  # a line every few seconds inside a callback run (rank 0)
