@@ -174,13 +174,20 @@ class VizCLI(LightningCLI):
         built-in one: jsonargparse carries init_args over to a new class_path, so the built-in defaults'
         values (ShapesDataModule's batch_size=64, ImageClassifier's lr) replaced the own defaults of
         ``--model=my.Net`` / ``--data=my.Data``."""
-        super().parse_arguments(parser, args)
+        import sys
+
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+        printing = argv is not None and any(a.split("=")[0] == "--print_config" for a in argv)
+        first = [a for a in argv if a.split("=")[0] != "--print_config"] if printing else args  # type: ignore
+        super().parse_arguments(parser, first)
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
         target = parser._subcommands_action._name_parser_map[sub] if sub else parser  # type: ignore[union-attr]
         chosen = {key: cfg[key]["class_path"] for key in ("model", "data") if cfg.get(key) is not None}
         if chosen and chosen != {"model": DEFAULT_MODEL, "data": DEFAULT_DATA}:
             target.set_defaults({key: {"class_path": path} for key, path in chosen.items()})
+            super().parse_arguments(parser, args)
+        elif printing:
             super().parse_arguments(parser, args)
 
     def instantiate_classes(self) -> None:

@@ -190,7 +190,7 @@ class UserData(__import__("lightning").LightningDataModule):
 
 
 @pytest.mark.parametrize("from_yaml", [False, True])
-def test_a_user_class_keeps_its_own_defaults_not_the_builtin_ones(tmp_path, from_yaml):
+def test_a_user_class_keeps_its_own_defaults_not_the_builtin_ones(tmp_path, capsys, from_yaml):
     """jsonargparse carries init_args over to a new class_path: the built-in defaults' values (ImageClassifier's
     num_classes=4, ShapesDataModule's batch_size=64 and seed=0) replaced UserNet3's and UserData's own."""
     from lightning_viz.cli import cli_main
@@ -207,6 +207,12 @@ def test_a_user_class_keeps_its_own_defaults_not_the_builtin_ones(tmp_path, from
     # an explicit value before the class still carries over (jsonargparse's documented behaviour)
     cli = cli_main(["--data.batch_size=9", "--data=test_cli.UserData", "--trainer.logger=false"], run=False)
     assert (cli.datamodule.batch_size, cli.datamodule.seed) == (9, 3)
+    with pytest.raises(SystemExit):  # --print_config prints the same values
+        cli_main([*args, "--print_config"], run=False)
+    printed = __import__("yaml").safe_load(capsys.readouterr().out)
+    assert (
+        printed["model"]["init_args"] == {"hidden": 7, "num_classes": 3} and printed["data"]["init_args"]["seed"] == 3
+    )
 
 
 def test_cli_defaults_to_image_classifier_and_shapes():
