@@ -169,6 +169,27 @@ class VizCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """As LightningCLI, parsing again with the chosen model/data class as the default where it is not the
+        built-in one: jsonargparse carries init_args over to a new class_path, so the built-in defaults'
+        values (ShapesDataModule's batch_size=64, ImageClassifier's lr) replaced the own defaults of
+        ``--model=my.Net`` / ``--data=my.Data``."""
+        import sys
+
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+        printing = argv is not None and any(a.split("=")[0] == "--print_config" for a in argv)
+        first = [a for a in argv if a.split("=")[0] != "--print_config"] if printing else args  # type: ignore
+        super().parse_arguments(parser, first)
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
+        target = parser._subcommands_action._name_parser_map[sub] if sub else parser  # type: ignore[union-attr]
+        chosen = {key: cfg[key]["class_path"] for key in ("model", "data") if cfg.get(key) is not None}
+        if chosen and chosen != {"model": DEFAULT_MODEL, "data": DEFAULT_DATA}:
+            target.set_defaults({key: {"class_path": path} for key, path in chosen.items()})
+            super().parse_arguments(parser, args)
+        elif printing:
+            super().parse_arguments(parser, args)
+
     def instantiate_classes(self) -> None:
         """As LightningCLI, but a bad init argument of a lightning-viz class (a callback option, pretrained
         weights not in the cache) ends with that class's own message instead of jsonargparse's union error

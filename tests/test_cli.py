@@ -174,6 +174,47 @@ def test_cli_trains_a_user_lightning_module_with_the_default_data(tmp_path, monk
     assert scalar_steps(acc, "viz-cam/gradcam/features.0/stats/max_abs") == [0]
 
 
+class UserNet3(UserNet):
+    """UserNet with 3 classes by default (ImageClassifier's default is 4)."""
+
+    def __init__(self, hidden: int = 6, num_classes: int = 3):
+        super().__init__(hidden, num_classes)
+
+
+class UserData(__import__("lightning").LightningDataModule):
+    """A user's own LightningDataModule whose defaults differ from ShapesDataModule's (batch_size=64, seed=0)."""
+
+    def __init__(self, batch_size: int = 5, seed: int = 3):
+        super().__init__()
+        self.batch_size, self.seed = batch_size, seed
+
+
+@pytest.mark.parametrize("from_yaml", [False, True])
+def test_a_user_class_keeps_its_own_defaults_not_the_builtin_ones(tmp_path, capsys, from_yaml):
+    """jsonargparse carries init_args over to a new class_path: the built-in defaults' values (ImageClassifier's
+    num_classes=4, ShapesDataModule's batch_size=64 and seed=0) replaced UserNet3's and UserData's own."""
+    from lightning_viz.cli import cli_main
+
+    if from_yaml:
+        cfg = tmp_path / "user.yaml"
+        cfg.write_text("model:\n  class_path: test_cli.UserNet3\n  init_args: {hidden: 7}\ndata: test_cli.UserData\n")
+        args = ["--config", str(cfg)]
+    else:
+        args = ["--model=test_cli.UserNet3", "--data=test_cli.UserData", "--model.hidden=7"]
+    cli = cli_main([*args, "--trainer.logger=false"], run=False)
+    assert cli.config.model.init_args.as_dict() == {"hidden": 7, "num_classes": 3} and cli.model.head.out_features == 3
+    assert (cli.datamodule.batch_size, cli.datamodule.seed) == (5, 3)
+    # an explicit value before the class still carries over (jsonargparse's documented behaviour)
+    cli = cli_main(["--data.batch_size=9", "--data=test_cli.UserData", "--trainer.logger=false"], run=False)
+    assert (cli.datamodule.batch_size, cli.datamodule.seed) == (9, 3)
+    with pytest.raises(SystemExit):  # --print_config prints the same values
+        cli_main([*args, "--print_config"], run=False)
+    printed = __import__("yaml").safe_load(capsys.readouterr().out)
+    assert (
+        printed["model"]["init_args"] == {"hidden": 7, "num_classes": 3} and printed["data"]["init_args"]["seed"] == 3
+    )
+
+
 def test_cli_defaults_to_image_classifier_and_shapes():
     from lightning_viz.cli import cli_main
     from lightning_viz.data.shapes import ShapesDataModule
