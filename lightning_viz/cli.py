@@ -182,7 +182,12 @@ class VizCLI(LightningCLI):
         super().parse_arguments(parser, first)
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
-        target = parser._subcommands_action._name_parser_map[sub] if sub else parser  # type: ignore[union-attr]
+        try:  # jsonargparse's subcommand parser (argparse's _name_parser_map)
+            target = parser._subcommands_action._name_parser_map[sub] if sub else parser  # type: ignore[union-attr]
+        except (AttributeError, KeyError, TypeError):  # another jsonargparse: parsed once, as LightningCLI does
+            if printing:
+                super().parse_arguments(parser, args)
+            return
         chosen = {key: cfg[key]["class_path"] for key in ("model", "data") if cfg.get(key) is not None}
         if chosen and chosen != {"model": DEFAULT_MODEL, "data": DEFAULT_DATA}:
             target.set_defaults({key: {"class_path": path} for key, path in chosen.items()})
