@@ -378,7 +378,9 @@ class MapTracker:
                     rc = _nanmean(rank_correlation(cur, prev))
                     if rc is not None:
                         logger.scalar(make_tag(method, key, "drift", "rank_corr"), rc)
-                    logger.scalar(make_tag(method, key, "drift", "topk_iou"), topk_iou(cur, prev, self.topk).mean())
+                    iou = _nanmean(topk_iou(cur, prev, self.topk))
+                    if iou is not None:
+                        logger.scalar(make_tag(method, key, "drift", "topk_iou"), iou)
                 self.prev_maps[key] = cur
             for name, group, stat in (
                 ("deletion", "faithfulness", "deletion_auc"),

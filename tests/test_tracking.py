@@ -89,6 +89,23 @@ def _probe(n=4, size=8):
     return ProbeSet(images=torch.rand(n, 3, size, size, generator=g), labels=torch.tensor([0, 1, 2, 0][:n]))
 
 
+def test_drift_skips_a_diverged_probe_map():
+    """One probe's map turning NaN (a diverged image) leaves the drift scalars as the mean over the other probes,
+    not NaN for the whole epoch."""
+    probe = _probe()
+    a = torch.arange(64.0).view(1, 8, 8).repeat(4, 1, 1)
+    b = a.clone()
+    b[0] = float("nan")
+    w = RecordingWriter()
+    tr = MapTracker(max_frames=3, frame_size=8, topk=0.25, filmstrip=False)
+    tr.log(VizLogger(w, 0), {"m/l": a}, {}, probe)
+    tr.log(VizLogger(w, 1), {"m/l": b}, {}, probe)
+    assert w.scalars["viz-m/m/l/drift/topk_iou"] == [(1, pytest.approx(1.0))]
+    assert w.scalars["viz-m/m/l/drift/rank_corr"] == [(1, pytest.approx(1.0))]
+    tr.log(VizLogger(w, 2), {"m/l": torch.full_like(a, float("nan"))}, {}, probe)
+    assert [s for s, _ in w.scalars["viz-m/m/l/drift/topk_iou"]] == [1]  # no map to compare: no scalar, not NaN
+
+
 def test_drift_flips_filmstrip_bound_and_resume_by_hand():
     probe = _probe()
     a = torch.arange(64.0).view(1, 8, 8).repeat(4, 1, 1)
