@@ -195,3 +195,14 @@ def test_cam_checks_the_head_as_the_callback_does():
     a = torch.relu(net.conv2(net.relu(net.bn1(net.conv1(xs)))))
     expected = torch.relu(torch.einsum("k,bkhw->bhw", net.fc.weight[1], a))
     torch.testing.assert_close(cam, expected.detach())
+
+
+def test_an_empty_batch_gives_empty_maps_in_occlusion_cam_and_deletion():
+    model = TinyCNN(width=3).eval()
+    x = _images(0, 8)
+    with isolated(model):
+        occ = occlusion(model, x, 0, window=4)
+        assert occ["score"].shape == occ["prob"].shape == (0, 3, 3)
+        for method in ("cam", "gradcam", "scorecam", "ablationcam"):
+            assert class_activation_map(model, x, "conv2", method, target=1).shape == (0, 8, 8)
+        assert deletion_auc(model, x, torch.zeros(0, 8, 8), 0).shape == (0,)

@@ -184,6 +184,8 @@ def verify_cam_head(
             f"the logits have shape {tuple(ref.shape)}: they are not that layer's outputs (a logits_fn that selects "
             "or transforms them?). Let the logits be the classifier's outputs, or use 'gradcam' (no head needed)."
         )
+    if a.shape[0] == 0:  # no image to compare the head with (an empty batch): nothing to tell from it
+        return False
     tol = 1e-3 if logits.dtype in (torch.float32, torch.float64) else 3e-2
     errs = []
     for rectified in (False, True):

@@ -170,7 +170,8 @@ def perturbation_curves(
             if lo == 0:
                 check_classes("deletion/insertion", classes, b, out.shape[1])
             probs.append(class_probability(out.float(), classes[p], probabilities))
-        flat = torch.cat(probs).view(len(items), b)
+        # an empty batch has no chunk: empty curves
+        flat = torch.cat(probs).view(len(items), b) if probs else torch.zeros(len(items), 0, device=x.device)
         curves: dict[str, dict[str, Tensor]] = {}
         for mode, (first, last) in ends.items():
             curves[mode] = {

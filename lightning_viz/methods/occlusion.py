@@ -189,10 +189,12 @@ def occlusion(
                 c = classes[bi].view(-1, 1)
                 scores.append(out.gather(1, c).squeeze(1))
                 probs.append(class_probability(out, c, probabilities))
-        occ_score = torch.cat(scores).view(b, n_pos)
+        # an empty batch has no chunk: its drops are empty like its base scores
+        occ_score = torch.cat(scores).view(b, n_pos) if scores else base_score.new_zeros(b, n_pos)
         result = {"score": (base_score.view(b, 1) - occ_score).view(b, len(ys), len(xs))}
         if base_prob is not None:
-            result["prob"] = (base_prob.view(b, 1) - torch.cat(probs).view(b, n_pos)).view(b, len(ys), len(xs))
+            occ_prob = torch.cat(probs).view(b, n_pos) if probs else base_prob.new_zeros(b, n_pos)
+            result["prob"] = (base_prob.view(b, 1) - occ_prob).view(b, len(ys), len(xs))
     return result
 
 
