@@ -206,3 +206,26 @@ def test_an_empty_batch_gives_empty_maps_in_occlusion_cam_and_deletion():
         for method in ("cam", "gradcam", "scorecam", "ablationcam"):
             assert class_activation_map(model, x, "conv2", method, target=1).shape == (0, 8, 8)
         assert deletion_auc(model, x, torch.zeros(0, 8, 8), 0).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x, y: saliency(m, x, "label", y, chunk_size=1),
+        lambda m, x, y: integrated_gradients(m, x, "label", y, steps=2),
+        lambda m, x, y: smoothgrad(saliency, m, x, "label", y, n_samples=2),
+        lambda m, x, y: class_activation_map(m, x, "conv2", "gradcam", "label", y),
+        lambda m, x, y: occlusion(m, x, "label", y, window=4)["score"],
+        lambda m, x, y: deletion_auc(m, x, x[:, 0], "label", y),
+    ],
+    ids=["saliency", "ig", "smoothgrad", "gradcam", "occlusion", "deletion"],
+)
+def test_labels_are_one_per_image_as_a_tensor_or_a_list(call):
+    """More labels than images was silently cut to the first ones per chunk (maps of the wrong classes); a list or
+    array of labels failed with AttributeError. Now: a clear error, and a list gives the tensor's maps."""
+    model = TinyCNN(width=3).eval()
+    x = _images(2, 8)
+    with isolated(model):
+        with pytest.raises(ValueError, match="one label per image: got 3 labels for 2 images"):
+            call(model, x, torch.tensor([0, 2, 1]))
+        torch.testing.assert_close(call(model, x, [2, 1]), call(model, x, torch.tensor([2, 1])))

@@ -55,6 +55,7 @@ from ..targets import (
     resolve_target,
 )
 from .batching import images_per_forward
+from .checks import check_labels_per_image
 from .shared_pass import PassResult, chunks, gradient_pass
 
 __all__ = [
@@ -228,6 +229,7 @@ def scorecam_weights(
     (``None``: as many as the default memory budget holds, :func:`~lightning_viz.methods.batching.images_per_forward`;
     the result does not depend on it). ``classes`` (e.g. a pass's ``PassResult.classes``) pins the class per image."""
     check_probabilities(probabilities)
+    labels = check_labels_per_image("scorecam", labels, x.shape[0])
     b, k = activations.shape[:2]
     acts = activations.float().flatten(0, 1)  # [B * K, h, w]; each chunk upsamples and normalizes only its masks
     tgt = resolve_target(target)

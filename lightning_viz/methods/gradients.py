@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..targets import LabelTarget, PredictedTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
-from .checks import check_eval, check_images
+from .checks import check_eval, check_images, check_labels_per_image
 from .shared_pass import chunks, gradient_pass
 
 __all__ = [
@@ -219,6 +219,7 @@ def _fixed_target(model: nn.Module, x: Tensor, target: TargetSpec, labels: Optio
     Returns ``(target, labels)``."""
     check_images("gradient methods", x)
     check_eval("gradient methods", model)
+    labels = check_labels_per_image("gradient methods", labels, x.shape[0])
     tgt = resolve_target(target)
     if isinstance(tgt, PredictedTarget):
         with torch.no_grad():

@@ -27,7 +27,7 @@ from ..targets import Probabilities, TargetSpec, check_probabilities, class_prob
 from . import batching
 from .batching import default_memory_mb, images_per_forward
 from .blur import gaussian_blur
-from .checks import check_classes, check_eval, check_images
+from .checks import check_classes, check_eval, check_images, check_labels_per_image
 
 __all__ = [
     "perturbation_curve",
@@ -66,6 +66,7 @@ def _baseline(x: Tensor, baseline: str, blur_sigma: float | None) -> Tensor:
 def _target_classes(model: nn.Module, x: Tensor, target: Tensor | TargetSpec, labels: Tensor | None) -> Tensor:
     if isinstance(target, Tensor):
         return check_classes("deletion/insertion", target.to(x.device), x.shape[0])  # range: at the first forward
+    labels = check_labels_per_image("deletion/insertion", labels, x.shape[0])
     with torch.no_grad():
         logits = model(x)
     classes = resolve_target(target).classes(logits, labels)

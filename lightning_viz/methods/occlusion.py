@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..progress import progress
 from ..targets import Probabilities, Target, TargetSpec, check_probabilities, class_probability, resolve_target
 from .batching import activation_bytes_per_image, images_per_forward
-from .checks import check_eval, check_images
+from .checks import check_eval, check_images, check_labels_per_image
 
 __all__ = [
     "FILLS",
@@ -150,6 +150,7 @@ def occlusion(
     """
     check_images("occlusion", x)
     check_eval("occlusion", model)
+    labels = check_labels_per_image("occlusion", labels, x.shape[0])
     tgt = resolve_target(target)
     check_probabilities(probabilities)
     window, stride = _window_stride(x.shape[-2:], window, stride)

@@ -39,7 +39,7 @@ from ..capture import capture, grad_enabled
 from ..layers import linear_calls
 from ..targets import CallableTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
-from .checks import check_eval, check_images
+from .checks import check_eval, check_images, check_labels_per_image
 from .relu_rules import relu_rule
 
 __all__ = ["INPUT", "PassResult", "gradient_pass", "PassCache", "pass_cache", "target_key", "model_version", "chunks"]
@@ -119,6 +119,7 @@ def gradient_pass(
     backward -- begins at the earliest recorded layer; ``PassResult.input_grad`` is then ``None``."""
     check_images("gradient_pass", x)
     check_eval("gradient and CAM methods", model)
+    labels = check_labels_per_image("gradient and CAM methods", labels, x.shape[0])
     tgt = resolve_target(target)
     names = list(dict.fromkeys(layers))
     if not input_grad and not names:
