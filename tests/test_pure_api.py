@@ -229,3 +229,16 @@ def test_labels_are_one_per_image_as_a_tensor_or_a_list(call):
         with pytest.raises(ValueError, match="one label per image: got 3 labels for 2 images"):
             call(model, x, torch.tensor([0, 2, 1]))
         torch.testing.assert_close(call(model, x, [2, 1]), call(model, x, torch.tensor([2, 1])))
+
+
+def test_a_numpy_or_0d_tensor_class_index_is_a_target_and_per_image_classes_point_to_labels():
+    import numpy as np
+
+    model = TinyCNN(width=3).eval()
+    x = _images(2, 8)
+    with isolated(model):
+        expected = saliency(model, x, 1)
+        torch.testing.assert_close(saliency(model, x, np.int64(1)), expected)
+        torch.testing.assert_close(saliency(model, x, torch.tensor(1)), expected)
+        with pytest.raises(ValueError, match="one class per image: pass them as labels with target='label'"):
+            saliency(model, x, torch.tensor([1, 0]))
