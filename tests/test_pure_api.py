@@ -242,3 +242,14 @@ def test_a_numpy_or_0d_tensor_class_index_is_a_target_and_per_image_classes_poin
         torch.testing.assert_close(saliency(model, x, torch.tensor(1)), expected)
         with pytest.raises(ValueError, match="one class per image: pass them as labels with target='label'"):
             saliency(model, x, torch.tensor([1, 0]))
+
+
+def test_one_layer_name_is_a_layer_not_its_characters():
+    """``feature_maps(model, x, "conv2")`` failed with "Unknown layer 'c'" (the name was iterated)."""
+    from lightning_viz.methods import feature_maps
+
+    model = TinyCNN(width=3).eval()
+    x = _images(2, 8)
+    with isolated(model):
+        assert list(feature_maps(model, x, "conv2")) == ["conv2"]
+        assert list(gradient_pass(model, x, 0, None, "conv2").activations) == ["conv2"]

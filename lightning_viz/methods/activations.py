@@ -20,9 +20,10 @@ __all__ = ["feature_maps"]
 
 
 def feature_maps(
-    model: nn.Module, x: Tensor, layers: Iterable[str], chunk_size: int | None = None
+    model: nn.Module, x: Tensor, layers: str | Iterable[str], chunk_size: int | None = None
 ) -> dict[str, Tensor]:
-    """Outputs of ``layers`` for ``x[B, C, H, W]``: ``{name: Tensor[B, C', h, w]}`` (Zeiler & Fergus 2014).
+    """Outputs of ``layers`` (one name or several) for ``x[B, C, H, W]``: ``{name: Tensor[B, C', h, w]}`` (Zeiler &
+    Fergus 2014).
 
     The caller controls train/eval mode (use :func:`lightning_viz.capture.isolated` on a live model).
     ``chunk_size`` bounds memory: the batch is processed ``chunk_size`` images at a time (same values).
@@ -31,7 +32,7 @@ def feature_maps(
         ValueError: a layer's output is not a 4-D ``[B, C, h, w]`` feature map.
     """
     check_images("feature_maps", x)
-    names = list(layers)
+    names = [layers] if isinstance(layers, str) else list(layers)  # one name is a layer, not its characters
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
     step = x.shape[0] if chunk_size is None else chunk_size
