@@ -253,3 +253,25 @@ def test_one_layer_name_is_a_layer_not_its_characters():
     with isolated(model):
         assert list(feature_maps(model, x, "conv2")) == ["conv2"]
         assert list(gradient_pass(model, x, 0, None, "conv2").activations) == ["conv2"]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x: saliency(m, x, 0),
+        lambda m, x: integrated_gradients(m, x, 0, steps=2),
+        lambda m, x: class_activation_map(m, x, "conv2", "gradcam", 0),
+        lambda m, x: occlusion(m, x, 0, window=4),
+        lambda m, x: deletion_auc(m, x, x[:, 0], 0),
+    ],
+    ids=["saliency", "ig", "gradcam", "occlusion", "deletion"],
+)
+def test_an_input_of_another_dtype_than_the_model_fails_clearly(call):
+    """(the same check covers a device mismatch: torch's bare 'Input type (float) and bias type (double)' error now
+    names the method and what to pass)"""
+    model = TinyCNN(width=3).double().eval()
+    x = _images(2, 8)
+    with isolated(model):
+        with pytest.raises(ValueError, match=r"x is torch.float32 on cpu but the model's parameters are torch.float64"):
+            call(model, x)
+        call(model, x.double())

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import capture
-from .checks import check_images
+from .checks import check_images, input_matches_model
 
 __all__ = ["feature_maps"]
 
@@ -37,7 +37,7 @@ def feature_maps(
         raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
     step = x.shape[0] if chunk_size is None else chunk_size
     parts: dict[str, list[Tensor]] = {n: [] for n in names}
-    with torch.no_grad(), capture(model, names) as cap:
+    with torch.no_grad(), capture(model, names) as cap, input_matches_model("feature_maps", model, x):
         for start in range(0, max(x.shape[0], 1), max(step, 1)):  # an empty batch: one empty pass, empty maps
             cap.clear()
             model(x[start : start + step])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -10,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["check_images", "check_eval", "check_classes", "check_labels_per_image"]
+__all__ = ["check_images", "check_eval", "check_classes", "check_labels_per_image", "input_matches_model"]
 
 
 def check_images(fn: str, x: object) -> None:
@@ -31,6 +33,26 @@ def check_labels_per_image(fn: str, labels: object, batch: int) -> Optional[Tens
         got = "one label (a 0-d tensor)" if t.ndim == 0 else f"{t.shape[0]} labels"
         raise ValueError(f"{fn}: labels must hold one label per image: got {got} for {batch} images")
     return t
+
+
+@contextlib.contextmanager
+def input_matches_model(fn: str, model: nn.Module, x: Tensor) -> Iterator[None]:
+    """Inside the block, torch's bare device / dtype error of a forward given ``x`` on another device or of another
+    dtype than the model's parameters becomes a clear one naming ``fn`` and both. Checked only once a forward
+    failed: a model that moves or casts its input itself, or runs under autocast, is fine."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        p = next((p for p in model.parameters() if p.is_floating_point()), None)
+        text = str(exc)
+        if p is None or (p.device == x.device and p.dtype == x.dtype) or not ("device" in text or "type" in text):
+            raise
+        raise ValueError(
+            f"{fn}: x is {x.dtype} on {x.device} but the model's parameters are {p.dtype} on {p.device}; pass x on "
+            f"the model's device and dtype, e.g. x.to(next(model.parameters())). (torch: {text.splitlines()[0]})"
+        ) from exc
 
 
 def _mode_dependent(module: nn.Module) -> bool:

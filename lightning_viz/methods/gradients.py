@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..targets import LabelTarget, PredictedTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
-from .checks import check_eval, check_images, check_labels_per_image
+from .checks import check_eval, check_images, check_labels_per_image, input_matches_model
 from .shared_pass import chunks, gradient_pass
 
 __all__ = [
@@ -126,7 +126,8 @@ def integrated_gradients(
     x = x.detach()
     base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
     alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
-    chunk_size = chunk_size or images_per_forward(model, x, grad=True)
+    with input_matches_model("integrated_gradients", model, x):
+        chunk_size = chunk_size or images_per_forward(model, x, grad=True)
     return _path_average(model, x, base, alphas, tgt, labels, chunk_size) * (x - base)
 
 
@@ -196,7 +197,8 @@ def smoothgrad(
     total = None
     per_forward = chunk_size
     if per_forward is None:
-        per_forward = images_per_forward(model, x, grad=True)
+        with input_matches_model("smoothgrad", model, x):
+            per_forward = images_per_forward(model, x, grad=True)
         if method is integrated_gradients:  # each noisy image becomes `steps` path points (IG budgets its own chunks)
             per_forward = max(1, per_forward // int(kwargs.get("steps", 32)))
     for sl in chunks(n_samples * b, per_forward):
@@ -222,7 +224,7 @@ def _fixed_target(model: nn.Module, x: Tensor, target: TargetSpec, labels: Optio
     labels = check_labels_per_image("gradient methods", labels, x.shape[0])
     tgt = resolve_target(target)
     if isinstance(tgt, PredictedTarget):
-        with torch.no_grad():
+        with torch.no_grad(), input_matches_model("gradient methods", model, x):
             return LabelTarget(), model(x.detach()).argmax(dim=1)
     return tgt, labels
 

@@ -27,7 +27,7 @@ from ..targets import Probabilities, TargetSpec, check_probabilities, class_prob
 from . import batching
 from .batching import default_memory_mb, images_per_forward
 from .blur import gaussian_blur
-from .checks import check_classes, check_eval, check_images, check_labels_per_image
+from .checks import check_classes, check_eval, check_images, check_labels_per_image, input_matches_model
 
 __all__ = [
     "perturbation_curve",
@@ -124,7 +124,7 @@ def perturbation_curves(
     keys = list(maps)
     if not keys:
         return {mode: {} for mode in modes}
-    with torch.no_grad():
+    with torch.no_grad(), input_matches_model("deletion/insertion", model, x):
         classes = _target_classes(model, x, target, labels)
         # sources: the image (0) and each baseline (1, 2, ...), [S, B, C, H, W]
         baselines = list(dict.fromkeys(modes.values()))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..progress import progress
 from ..targets import Probabilities, Target, TargetSpec, check_probabilities, class_probability, resolve_target
 from .batching import activation_bytes_per_image, images_per_forward
-from .checks import check_eval, check_images, check_labels_per_image
+from .checks import check_eval, check_images, check_labels_per_image, input_matches_model
 
 __all__ = [
     "FILLS",
@@ -157,7 +157,7 @@ def occlusion(
     ys, xs = window_positions(x.shape[-2:], window, stride)
     wh, ww = _pair(window, "window")
     b, n_pos = x.shape[0], len(ys) * len(xs)
-    with torch.no_grad():
+    with torch.no_grad(), input_matches_model("occlusion", model, x):
         x = x.detach()
         fillv = fill_values(x, fill, mean, std, window).expand_as(x)
         logits = model(x)
