@@ -275,3 +275,14 @@ def test_an_input_of_another_dtype_than_the_model_fails_clearly(call):
         with pytest.raises(ValueError, match=r"x is torch.float32 on cpu but the model's parameters are torch.float64"):
             call(model, x)
         call(model, x.double())
+
+
+def test_smoothgrad_takes_a_method_by_name():
+    model = TinyCNN(width=3).eval()
+    x = _images(2, 8)
+    with isolated(model):
+        torch.testing.assert_close(
+            smoothgrad("saliency", model, x, 0, n_samples=2), smoothgrad(saliency, model, x, 0, n_samples=2)
+        )
+        with pytest.raises(ValueError, match="unknown method 'salency'; allowed: saliency, gradient"):
+            smoothgrad("salency", model, x, 0, n_samples=2)

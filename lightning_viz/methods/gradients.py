@@ -148,7 +148,7 @@ def _path_average(model, x, base, alphas, target, labels, chunk_size) -> Tensor:
 
 
 def smoothgrad(
-    method: Callable[..., Tensor],
+    method: Union[str, Callable[..., Tensor]],
     model: nn.Module,
     x: Tensor,
     target: TargetSpec = "label",
@@ -160,7 +160,7 @@ def smoothgrad(
     ids: Optional[Sequence[int]] = None,
     **kwargs,
 ) -> Tensor:
-    """SmoothGrad (Smilkov et al. 2017) around ``method`` (any function above): the mean of ``method`` over
+    """SmoothGrad (Smilkov et al. 2017) around ``method`` (any function above, or its name): the mean of ``method`` over
     ``n_samples`` noisy copies ``x + N(0, (sigma * (max(x_i) - min(x_i)))^2)``. The noise of image ``i`` comes from
     its own ``torch.Generator`` seeded by ``(seed, ids[i])`` (``ids`` default ``0..B-1``; pass global probe
     indices so a DDP split or a different batching draws the same noise per image); the global RNG is
@@ -168,6 +168,10 @@ def smoothgrad(
     budget holds, :func:`lightning_viz.methods.batching.images_per_forward`; for integrated gradients, whose
     every noisy image is ``steps`` path points, that many fewer); the result does not depend on it.
     A ``"predicted"`` target is fixed from the clean input."""
+    if isinstance(method, str):
+        if method not in GRADIENT_METHODS:
+            raise ValueError(f"smoothgrad: unknown method {method!r}; allowed: {', '.join(GRADIENT_METHODS)}")
+        method = GRADIENT_METHODS[method]
     if n_samples < 1:
         raise ValueError(f"smoothgrad needs n_samples >= 1; got {n_samples}")
     if sigma < 0:
