@@ -286,3 +286,13 @@ def test_smoothgrad_takes_a_method_by_name():
         )
         with pytest.raises(ValueError, match="unknown method 'salency'; allowed: saliency, gradient"):
             smoothgrad("salency", model, x, 0, n_samples=2)
+
+
+def test_gray_occlusion_with_a_normalization_of_another_channel_count_fails_clearly():
+    model = TinyCNN(width=3).eval()
+    x = _images(1, 8)
+    with isolated(model):
+        with pytest.raises(ValueError, match=r"one value per channel \(3\) or one for all; got 2 and 2"):
+            occlusion(model, x, 0, window=4, mean=[0.5, 0.5], std=[0.2, 0.2])
+        gray = occlusion(model, x, 0, window=4, mean=[0.5], std=[0.25])["score"]
+        torch.testing.assert_close(gray, occlusion(model, x, 0, window=4, fill=0.0)["score"])

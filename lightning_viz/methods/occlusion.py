@@ -93,6 +93,11 @@ def fill_values(
             return torch.zeros((1, 1, 1, 1), dtype=x.dtype, device=x.device)
         m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        if {m.shape[1], s.shape[1]} - {1, x.shape[1]}:
+            raise ValueError(
+                f"occlusion fill 'gray': mean and std need one value per channel ({x.shape[1]}) or one for all; got "
+                f"{m.shape[1]} and {s.shape[1]}"
+            )
         return (0.5 - m) / s
     if fill == "mean":
         return x.mean(dim=(2, 3), keepdim=True)
