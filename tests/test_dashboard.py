@@ -219,6 +219,31 @@ def test_progress_lines_only_inside_a_run(caplog, monkeypatch):
     assert len(msgs) == 1 and msgs[0].startswith("lightning-viz occlusion: 3/10 occluded images")
 
 
+def test_progress_lines_say_the_time_left(caplog, monkeypatch):
+    """From a loop's second report on, a line gives the time left at the loop's rate since its first report; a new
+    loop of the same run starts its rate anew."""
+    import lightning_viz.progress as progress_module
+
+    clock = iter([0.0, 10.0, 20.0, 30.0, 40.0, 50.0])
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    with reporting("occlusion", every_s=0.0):  # run start: 0 s
+        progress(10, 100, "occluded images")  # 10 s: the loop's first report, no rate yet
+        progress(30, 100, "occluded images")  # 20 s: 20 images in 10 s, 70 left
+        progress(50, 100, "occluded images")  # 30 s: 40 images in 20 s, 50 left
+        progress(5, 20, "masked images")  # 40 s: another loop
+        progress(15, 20, "masked images")  # 50 s: 10 in 10 s, 5 left
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    assert msgs == [
+        "lightning-viz occlusion: 10/100 occluded images (10 s)",
+        "lightning-viz occlusion: 30/100 occluded images (20 s, ~35 s left)",
+        "lightning-viz occlusion: 50/100 occluded images (30 s, ~25 s left)",
+        "lightning-viz occlusion: 5/20 masked images (40 s)",
+        "lightning-viz occlusion: 15/20 masked images (50 s, ~5 s left)",
+    ]
+
+
 def test_a_long_callback_shows_progress(tmp_path, caplog, monkeypatch):
     import lightning_viz.progress as progress_module
     from lightning_viz.callbacks.occlusion import OcclusionCallback
