@@ -446,8 +446,9 @@ def _share_sprite(writer: Any, earlier: tuple[str, list[int]] | None, digest: st
 class TensorBoardBackend(Backend):
     """A TensorBoard ``SummaryWriter`` (the ``TensorBoardLogger``'s ``experiment``)."""
 
-    def __init__(self, writer: Any):
+    def __init__(self, writer: Any, prefix: str = ""):
         self.writer = writer
+        self.prefix = prefix  # the logger's prefix and join char (``"run1-"``): starts every tag, see _key_prefix
         self.background: WriteOwner | None = None  # in a callback run: images are written in the background
         self.submitted = False  # images went to the background writer: the flush goes there too, after them
         self.pending: list[tuple[str, float, int]] = []  # a run's scalars, written in the background at its flush
@@ -455,6 +456,7 @@ class TensorBoardBackend(Backend):
     def image(self, tag, hwc, step, caption=None):
         from torch.utils.tensorboard import SummaryWriter
 
+        tag = self.prefix + tag
         # add_image's summary with a faster PNG encoding of the same pixels (see _png_summary) and faster record
         # checksums, only where add_image is torch's own: a tensorboardX writer (its own protos) or a
         # replaced/overridden add_image gets the call
@@ -473,6 +475,7 @@ class TensorBoardBackend(Backend):
     def scalar(self, tag, value, step):
         from torch.utils.tensorboard import SummaryWriter
 
+        tag = self.prefix + tag
         # in a callback run, torch's own add_scalar of a float (no torch op) goes to the writer thread, all of the
         # run's at its flush in one job: add_scalar waits whenever TensorBoard's event queue is full of images
         if self.background is None or getattr(self.writer.add_scalar, "__func__", None) is not SummaryWriter.add_scalar:
@@ -481,10 +484,10 @@ class TensorBoardBackend(Backend):
             self.pending.append((tag, float(value), step))
 
     def figure(self, tag: str, fig: Any, step: int) -> None:
-        self.writer.add_figure(tag, fig, step, close=False)
+        self.writer.add_figure(self.prefix + tag, fig, step, close=False)
 
     def embedding(self, tag, features, metadata, label_img, metadata_header, step):
-        writer = self.writer
+        writer, tag = self.writer, self.prefix + tag
 
         def write() -> None:
             _continue_projector_config(writer)
@@ -506,9 +509,16 @@ class TensorBoardBackend(Backend):
             self.submitted = True
 
     def text(self, tag, text, step):
-        self.writer.add_text(tag, text, step)
+        self.writer.add_text(self.prefix + tag, text, step)
 
     def custom_scalars(self, layout):
+        if self.prefix:  # the layout's tag regexes are matched from the tag's start
+            layout = {
+                category: {
+                    chart: [kind, [re.escape(self.prefix) + r for r in regexes]] for chart, (kind, regexes) in c.items()
+                }
+                for category, c in layout.items()
+            }
         self.writer.add_custom_scalars(layout)
 
     def flush(self):
@@ -596,6 +606,7 @@ class MLflowBackend(MetricsBackend, _FileWriter):
     def __init__(self, logger: Any):
         MetricsBackend.__init__(self, logger)
         self.root = ""
+        self.prefix = _key_prefix(logger)  # the scalars get it from the logger's log_metrics, the artifacts here
 
     def _ensure_root(self) -> None:
         if not self.root:
@@ -603,15 +614,15 @@ class MLflowBackend(MetricsBackend, _FileWriter):
 
     def image(self, tag, hwc, step, caption=None):
         self._ensure_root()
-        super().image(tag, hwc, step, caption)
+        super().image(self.prefix + tag, hwc, step, caption)
 
     def embedding(self, tag, features, metadata, label_img, metadata_header, step):
         self._ensure_root()
-        super().embedding(tag, features, metadata, label_img, metadata_header, step)
+        super().embedding(self.prefix + tag, features, metadata, label_img, metadata_header, step)
 
     def text(self, tag, text, step):
         self._ensure_root()
-        super().text(tag, text, step)
+        super().text(self.prefix + tag, text, step)
 
     def flush(self):
         MetricsBackend.flush(self)
@@ -633,11 +644,12 @@ class WandbBackend(Backend):
 
     def __init__(self, logger: Any):
         self.logger = logger
+        self.prefix = _key_prefix(logger)  # starts every key, ``epoch`` too (Lightning logs its ``<prefix>-epoch``)
         self.row: dict[str, Any] = {}
         self.step = 0
 
     def _put(self, tag: str, value: Any, step: int) -> None:
-        self.row[tag] = value
+        self.row[self.prefix + tag] = value
         self.step = step
 
     def image(self, tag, hwc, step, caption=None):
@@ -675,12 +687,22 @@ class WandbBackend(Backend):
             defined = _wandb_defined.setdefault(run, set())
         except TypeError:  # not weak-referenceable: define again (idempotent)
             defined = set()
+        epoch = self.prefix + "epoch"
         for key in self.row:
             if key not in defined:
-                run.define_metric(key, step_metric="epoch")
+                run.define_metric(key, step_metric=epoch)
                 defined.add(key)
-        run.log({**self.row, "epoch": self.step})
+        run.log({**self.row, epoch: self.step})
         self.row = {}
+
+
+def _key_prefix(logger: Any) -> str:
+    """What a Lightning logger puts before every metric key it logs: its ``prefix`` and ``LOGGER_JOIN_CHAR``
+    (``TensorBoardLogger(prefix="run1")``: ``"run1-"``), or ``""``. Every key lightning-viz writes to that logger
+    starts with it, as the user's own metrics do (TensorBoard and W&B are written to directly, not through
+    ``log_metrics``, so the backends add it; ``CSVLogger`` and MLflow's metrics get it from ``log_metrics``)."""
+    prefix = getattr(logger, "_prefix", "")
+    return f"{prefix}{getattr(logger, 'LOGGER_JOIN_CHAR', '-')}" if isinstance(prefix, str) and prefix else ""
 
 
 def _backend_for(trainer: Any, name: str) -> list[Backend]:
@@ -693,7 +715,7 @@ def _backend_for(trainer: Any, name: str) -> list[Backend]:
         if logger_name(lg) != name:
             continue
         if name == "tensorboard":
-            out.append(TensorBoardBackend(lg.experiment))
+            out.append(TensorBoardBackend(lg.experiment, prefix=_key_prefix(lg)))
         elif name == "mlflow":
             out.append(MLflowBackend(lg))
         elif name == "wandb":
