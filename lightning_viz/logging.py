@@ -3,8 +3,9 @@
 Backends: TensorBoard (images, scalars, projector embeddings, Custom Scalars), MLflow (scalars as metrics,
 images as PNG artifacts under ``lightning_viz/epoch_NNNN/<tag>.png``), Weights & Biases (``wandb.Image``
 with captions, scalars, embeddings as a ``wandb.Table``), any other Lightning logger (scalars through
-its ``log_metrics``, e.g. ``CSVLogger``'s ``metrics.csv``) and a plain image folder (``epoch_NNNN/<tag>.png``
-plus ``scalars.csv``), used when no attached logger can store images (``CSVLogger`` alone, ``logger=False``).
+its ``log_metrics``, e.g. ``CSVLogger``'s ``metrics.csv``) and a plain image folder (``epoch_NNNN/<tag>.png``,
+the ``run_at_start`` baseline in ``before_training/<tag>.png``, plus ``scalars.csv``), used when no attached
+logger can store images (``CSVLogger`` alone, ``logger=False``).
 
 Tag scheme: the first segment is ``viz-<family>``, the callback's ``method`` (``viz-cam``, ``viz-gradients``,
 ``viz-embeddings``, ...), so TensorBoard shows each callback family as its own collapsible group, apart from
@@ -69,6 +70,7 @@ __all__ = [
     "image_folder",
     "image_relpath",
     "FOLDER",
+    "BEFORE_TRAINING",
     "DRY_RUN",
     "logging_disabled",
 ]
@@ -227,9 +229,15 @@ def _safe_part(part: str) -> str:
     return "_" if part in ("", ".", "..") else part
 
 
+#: The folder of the ``run_at_start`` baseline (step ``-1``) in the image folder and in MLflow's artifacts.
+BEFORE_TRAINING = "before_training"
+
+
 def image_relpath(tag: str, step: int, ext: str = ".png") -> str:
-    """``epoch_0003/viz-cam/gradcam/layer4/p000.png``: where a tag's file lands in the folder and in MLflow."""
-    return "/".join([f"epoch_{int(step):04d}"] + [_safe_part(p) for p in tag.split("/")]) + ext
+    """``epoch_0003/viz-cam/gradcam/layer4/p000.png``: where a tag's file lands in the folder and in MLflow; the
+    ``run_at_start`` baseline (step ``-1``) in ``before_training/`` (not ``epoch_-001``)."""
+    folder = BEFORE_TRAINING if int(step) < 0 else f"epoch_{int(step):04d}"
+    return "/".join([folder] + [_safe_part(p) for p in tag.split("/")]) + ext
 
 
 def _write_png(path: str, hwc: np.ndarray) -> None:

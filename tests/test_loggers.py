@@ -211,8 +211,14 @@ def test_logger_false_writes_a_new_image_folder_version_per_trainer(tmp_path):
     folder = tmp_path / "lightning_viz" / "version_0"
     scalars = folder_scalars(str(folder))
     check_split(rec, png_tags(str(folder)), scalars)
-    _rec2, _ = fit(False, tmp_path, every_n_epochs=2)
-    assert {e for e, _ in png_tags(str(tmp_path / "lightning_viz" / "version_1"))} == {1}  # (1 + 1) % 2 == 0
+    _rec2, _ = fit(False, tmp_path, every_n_epochs=2, run_at_start=True)
+    second = tmp_path / "lightning_viz" / "version_1"
+    assert {e for e, _ in png_tags(str(second))} == {1}  # (1 + 1) % 2 == 0
+    # the run_at_start baseline (step -1) in before_training/ (was: epoch_-001/), its scalars at epoch -1
+    assert sorted(os.listdir(second)) == ["before_training", "epoch_0001", "scalars.csv"]
+    assert {e for e, _ in folder_scalars(str(second))} == {-1, 1}
+    assert os.path.isfile(second / "before_training" / "viz-inputgrad" / "panel" / "p000.png")
+    assert image_relpath("viz-cam/panel/p000", -1) == "before_training/viz-cam/panel/p000.png"
 
 
 def test_mlflow_logger_alone_gets_metrics_and_artifacts(offline, mlflow_uri):
