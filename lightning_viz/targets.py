@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import numbers
+import operator
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Optional, Union, cast
@@ -176,6 +178,8 @@ def resolve_target(spec: TargetSpec) -> Target:
         raise ValueError(f"invalid target {spec!r}")
     if isinstance(spec, int):
         return ClassTarget(spec)
+    if _is_class_index(spec):  # a numpy integer, a 0-d integer tensor (e.g. labels[0], logits.argmax())
+        return ClassTarget(operator.index(spec))  # type: ignore[arg-type]
     if isinstance(spec, str):
         if spec == "label":
             return LabelTarget()
@@ -189,9 +193,22 @@ def resolve_target(spec: TargetSpec) -> Target:
         )
     if callable(spec):
         return CallableTarget(spec)
+    per_image = (
+        " (one class per image: pass them as labels with target='label')"
+        if isinstance(spec, (list, tuple)) or getattr(spec, "ndim", 0) == 1
+        else ""
+    )
     raise ValueError(
         f"invalid target {spec!r}; allowed: 'label', 'predicted', a class index (int), or a callable logits -> score[B]"
+        + per_image
     )
+
+
+def _is_class_index(spec: object) -> bool:
+    """An integer scalar that is no ``bool``: a numpy integer or a 0-d integer tensor."""
+    if isinstance(spec, Tensor):
+        return spec.ndim == 0 and not spec.is_floating_point() and not spec.is_complex() and spec.dtype != torch.bool
+    return isinstance(spec, numbers.Integral) and not isinstance(spec, bool)
 
 
 # ---------------------------------------------------------------------------------------------- model adapter

@@ -55,6 +55,7 @@ from ..targets import (
     resolve_target,
 )
 from .batching import images_per_forward
+from .checks import check_labels_per_image
 from .shared_pass import PassResult, chunks, gradient_pass
 
 __all__ = [
@@ -184,6 +185,8 @@ def verify_cam_head(
             f"the logits have shape {tuple(ref.shape)}: they are not that layer's outputs (a logits_fn that selects "
             "or transforms them?). Let the logits be the classifier's outputs, or use 'gradcam' (no head needed)."
         )
+    if a.shape[0] == 0:  # no image to compare the head with (an empty batch): nothing to tell from it
+        return False
     tol = 1e-3 if logits.dtype in (torch.float32, torch.float64) else 3e-2
     errs = []
     for rectified in (False, True):
@@ -226,6 +229,7 @@ def scorecam_weights(
     (``None``: as many as the default memory budget holds, :func:`~lightning_viz.methods.batching.images_per_forward`;
     the result does not depend on it). ``classes`` (e.g. a pass's ``PassResult.classes``) pins the class per image."""
     check_probabilities(probabilities)
+    labels = check_labels_per_image("scorecam", labels, x.shape[0])
     b, k = activations.shape[:2]
     acts = activations.float().flatten(0, 1)  # [B * K, h, w]; each chunk upsamples and normalizes only its masks
     tgt = resolve_target(target)

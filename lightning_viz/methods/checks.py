@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["check_images", "check_eval", "check_classes"]
+__all__ = ["check_images", "check_eval", "check_classes", "check_labels_per_image", "input_matches_model"]
 
 
 def check_images(fn: str, x: object) -> None:
@@ -17,6 +20,39 @@ def check_images(fn: str, x: object) -> None:
     if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
         what = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{fn}: x must be a float image batch [B, C, H, W] (one image: x[None]); got {what}")
+
+
+def check_labels_per_image(fn: str, labels: object, batch: int) -> Optional[Tensor]:
+    """``labels`` (``None``, or one label per image: a tensor, list or array) as a tensor, or a clear error naming
+    ``fn`` when their count is not ``batch`` (a method that slices them per chunk would silently pair the images
+    with the first labels of a longer tensor)."""
+    if labels is None:
+        return None
+    t = labels if isinstance(labels, Tensor) else torch.as_tensor(labels)
+    if t.ndim == 0 or t.shape[0] != batch:
+        got = "one label (a 0-d tensor)" if t.ndim == 0 else f"{t.shape[0]} labels"
+        raise ValueError(f"{fn}: labels must hold one label per image: got {got} for {batch} images")
+    return t
+
+
+@contextlib.contextmanager
+def input_matches_model(fn: str, model: nn.Module, x: Tensor) -> Iterator[None]:
+    """Inside the block, torch's bare device / dtype error of a forward given ``x`` on another device or of another
+    dtype than the model's parameters becomes a clear one naming ``fn`` and both. Checked only once a forward
+    failed: a model that moves or casts its input itself, or runs under autocast, is fine."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        p = next((p for p in model.parameters() if p.is_floating_point()), None)
+        text = str(exc)
+        if p is None or (p.device == x.device and p.dtype == x.dtype) or not ("device" in text or "type" in text):
+            raise
+        raise ValueError(
+            f"{fn}: x is {x.dtype} on {x.device} but the model's parameters are {p.dtype} on {p.device}; pass x on "
+            f"the model's device and dtype, e.g. x.to(next(model.parameters())). (torch: {text.splitlines()[0]})"
+        ) from exc
 
 
 def _mode_dependent(module: nn.Module) -> bool:
