@@ -82,17 +82,37 @@ def _is_mask_of(m: Any, img: Any) -> bool:
 
 
 def class_index(label: Tensor | None, img: Any) -> Tensor | None:
-    """A one-hot or probability-vector label (``[K]`` per item, ``[B, K]`` per batch: non-negative, summing to 1)
-    as the index of its largest entry; any other label as it is (a class index, or a multi-label target)."""
-    if label is None or not isinstance(img, Tensor) or (not label.is_floating_point() and label.dtype != torch.long):
+    """A one-hot or probability-vector label (``[K]`` per item, ``[B, K]`` per batch: non-negative, summing to 1;
+    any real or integer dtype, e.g. ``int32`` one-hot rows from numpy) as the index of its largest entry; any other
+    label as it is (a class index, or a multi-label target)."""
+    if label is None or not isinstance(img, Tensor):
         return label
-    per_item = img.ndim == 3
+    return _vector_class(label, per_item=img.ndim == 3)
+
+
+def _vector_class(label: Tensor, per_item: bool) -> Tensor:
+    """:func:`class_index` of a label of one item (``per_item``: ``[K]``) or of a batch (``[B, K]``)."""
+    if label.is_complex() or not (label.is_floating_point() or label.dtype in _INT_DTYPES or label.dtype == torch.bool):
+        return label
     if label.ndim != (1 if per_item else 2) or label.shape[-1] < 2:
         return label
     v = label.double()
     if bool((v >= 0).all()) and bool(torch.allclose(v.sum(-1), torch.ones((), dtype=torch.float64), atol=1e-3)):
         return v.argmax(-1)
     return label
+
+
+def _stratum(label: Any) -> int:
+    """The class an entry of a dataset's ``targets`` stratifies the probe pick by: a class index, the class a
+    one-hot / probability vector gives most weight to (:func:`class_index`), else ``-1`` (no class: a multi-label
+    row, a class name, ...)."""
+    t = _as_tensor(label)
+    if t is None:
+        return -1
+    t = _vector_class(t.reshape(-1) if t.numel() > 1 else t, per_item=True)
+    if t.numel() != 1 or t.is_complex() or not bool(torch.isfinite(t.double()).all()):
+        return -1
+    return int(t.reshape(()))
 
 
 def _class_indices(labels: Tensor) -> bool:
@@ -249,7 +269,7 @@ class ProbeSet:
             labels = getattr(dataset, "targets", None)
             for idx in scan:
                 if labels is not None:
-                    lab = int(labels[idx])
+                    lab = _stratum(labels[idx])
                 else:
                     _, lab_t, _ = read_item(dataset, idx, seed)
                     lab = int(lab_t) if lab_t is not None and lab_t.numel() == 1 else -1

@@ -127,6 +127,29 @@ def test_probe_one_hot_labels_are_classes_and_multi_labels_are_dropped_not_a_cra
     assert torch.equal(probes.images[:, 0, 0, 0], probes.indices.float())
 
 
+class _WithTargets(TensorDataset):
+    """A dataset exposing its labels as ``targets`` (as torchvision's), here one-hot rows or class names."""
+
+    def __init__(self, x, y, targets):
+        super().__init__(x, y)
+        self.targets = targets
+
+
+def test_probe_one_hot_labels_of_any_dtype_and_non_scalar_targets_attribute():
+    """int32 one-hot rows (numpy's) are classes too; a ``targets`` attribute of one-hot rows, lists or class names
+    stratifies the pick instead of crashing it (``int(row)``: 'only one element tensors can be converted')."""
+    x = torch.arange(12, dtype=torch.float32).view(12, 1, 1, 1).expand(12, 1, 2, 2).clone()
+    y = torch.arange(12) % 3
+    onehot = F.one_hot(y, 3)
+    probes = ProbeSet.from_dataset(TensorDataset(x, onehot.int()), num=4, seed=0)
+    assert probes.labels is not None and torch.equal(probes.labels, probes.indices % 3)
+    for targets in (onehot.float(), onehot.tolist(), [["a", "b", "c"][int(i)] for i in y]):
+        probes = ProbeSet.from_dataset(_WithTargets(x, onehot.float(), targets), num=3, seed=0)
+        assert torch.equal(probes.labels, probes.indices % 3)
+        if not isinstance(targets[0], str):  # one of each class: stratified by the targets' classes
+            assert sorted(probes.labels.tolist()) == [0, 1, 2]
+
+
 # ----------------------------------------------------------------------------- layers
 class CompiledLike(nn.Module):
     """What ``torch.compile`` returns (an OptimizedModule keeping the model as ``_orig_mod``), without compiling."""
