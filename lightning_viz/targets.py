@@ -110,7 +110,9 @@ def check_labels(labels: Tensor, num_classes: int) -> None:
         one_logit = "; a one-logit binary classifier reads as classes 0 and 1" if num_classes == 2 else ""
         one_logit = _ONE_LOGIT_HINT if num_classes == 1 else one_logit
         whole = bool((bad.double() == bad.double().round()).all())
-        why = "unlabeled images marked -1, or an ignore_index such as 255?" if whole else "a regression target?"
+        why = (
+            "-1 marking unlabeled images, an ignore_index such as 255, or counts?" if whole else "a regression target?"
+        )
         raise ValueError(
             f"target='label' needs class indices 0..{num_classes - 1} (the model has {num_classes} classes"
             f"{one_logit}), but the labels include {bad[:5].tolist()} ({why}); use "

@@ -229,7 +229,7 @@ def test_label_out_of_range_fails_at_setup(tmp_path):
 def test_ignore_labels_fail_at_setup_saying_what_they_look_like(tmp_path):
     """Whole-number labels outside the classes (-1 for unlabeled images, an ignore_index of 255) are not called
     'a regression target?' but what they likely are; fractions still are."""
-    with pytest.raises(ValueError, match=r"include \[255\] \(unlabeled images marked -1, or an ignore_index"):
+    with pytest.raises(ValueError, match=r"include \[255\] \(-1 marking unlabeled images, an ignore_index such as 255"):
         check_labels(torch.tensor([0, 255]), 3)
     with pytest.raises(ValueError, match=r"include \[2.5\] \(a regression target\?\)"):
         check_labels(torch.tensor([0.0, 2.5]), 3)
