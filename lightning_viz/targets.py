@@ -42,6 +42,7 @@ __all__ = [
     "as_logits",
     "check_labels",
     "describe_output",
+    "logits_fn_example",
     "PROBABILITIES",
     "Probabilities",
     "check_probabilities",
@@ -236,8 +237,33 @@ def read_logits(out: Any) -> Tensor:
         return out.logits
     raise ModelOutputError(
         f"the model returned {describe_output(out)}, which has no logits tensor (not a Tensor, "
-        f"and no 'logits' entry or attribute); {_LOGITS_HINT}."
+        f"and no 'logits' entry or attribute); {_LOGITS_HINT}.{logits_fn_example(out)}"
     )
+
+
+def logits_fn_example(out: Any) -> str:
+    """A ``logits_fn`` that would read the first tensor of model output ``out`` (a mapping's entry, a sequence's
+    item, a dataclass's field), averaged over the pixels when it is a dense ``[B, K, H, W]`` map (a segmentation
+    head: the class's mean score over the image); ``""`` when there is none."""
+    where, t = "", out
+    if isinstance(out, Mapping):
+        key = next((k for k, v in out.items() if isinstance(v, Tensor)), None)
+        where, t = ("", None) if key is None else (f"[{key!r}]", out[key])
+    elif isinstance(out, (tuple, list)):
+        i = next((i for i, v in enumerate(out) if isinstance(v, Tensor)), None)
+        where, t = ("", None) if i is None else (f"[{i}]", out[i])
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        name = next((f.name for f in dataclasses.fields(out) if isinstance(getattr(out, f.name), Tensor)), None)
+        where, t = ("", None) if name is None else (f".{name}", getattr(out, name))
+    if not isinstance(t, Tensor):
+        return ""
+    if t.ndim == 4:
+        return (
+            f" Its {where or 'output'} is a dense map {tuple(t.shape)} (a segmentation head): e.g. "
+            f"logits_fn=lambda model, x: model(x){where}.mean(dim=(2, 3)) explains each class's mean score over "
+            "the image."
+        )
+    return f" Here perhaps: logits_fn=lambda model, x: model(x){where}." if where else ""
 
 
 def binary_logits(logits: Tensor) -> Tensor:

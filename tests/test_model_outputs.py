@@ -176,6 +176,46 @@ def test_model_output_checked_at_setup(tmp_path):
     fit(tmp_path / "d", LitHead("tuple"), [ActivationCallback(num_probes=2), FilterCallback()])
 
 
+class SegNet(nn.Module):
+    """A segmentation head as torchvision's (fcn, deeplabv3, lraspp): ``{"out": [B, K, H, W]}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.classifier = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return {"out": self.classifier(F.relu(self.conv1(x)))}
+
+
+def seg_logits(model, x):
+    return model(x)["out"].mean(dim=(2, 3))
+
+
+class LitSeg(LitTiny):
+    def __init__(self):
+        super().__init__(SegNet())
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(seg_logits(self.net, batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_segmentation_output_gets_a_logits_fn_suggestion_at_setup(tmp_path):
+    """A dense {"out": [B, K, H, W]} output is refused at setup with the logits_fn that reads it (averaged over the
+    pixels); a logits_fn giving the dense map itself is told to average it; the suggested one runs."""
+    model = LitTiny(SegNet())
+    with pytest.raises(ModelOutputError, match=r"model\(x\)\['out'\]\.mean\(dim=\(2, 3\)\) explains each class's"):
+        fit(tmp_path / "a", model, [GradientCallback(num_probes=2)])
+    with pytest.raises(ModelOutputError, match=r"gave a Tensor of shape \(1, 3, 8, 8\).*average it over the pixels"):
+        fit(tmp_path / "b", model, [GradientCallback(num_probes=2, logits_fn=lambda m, x: m(x)["out"])])
+    cb = GradientCallback(methods=["saliency"], num_probes=2, logits_fn=seg_logits)
+    fit(tmp_path / "c", LitSeg(), [cb])
+    assert cb.last_logged_tags
+
+
 def test_float64_network_every_callback(tmp_path):
     """A network made float64 with .double() (no precision flag: the LightningModule's own dtype stays float32):
     every callback puts its inputs on the parameters' dtype and device."""
