@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import numbers
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Optional, Union, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -177,10 +179,13 @@ def resolve_target(spec: TargetSpec) -> Target:
     """Turn ``"label" | "predicted" | int | Target | callable`` into a :class:`Target`."""
     if isinstance(spec, Target):
         return spec
-    if isinstance(spec, bool):
-        raise ValueError(f"invalid target {spec!r}")
-    if isinstance(spec, int):
-        return ClassTarget(spec)
+    if isinstance(spec, (bool, np.bool_)):
+        raise ValueError(
+            f"invalid target {spec!r}; allowed: 'label', 'predicted', a class index (int), or a callable logits -> "
+            "score[B]"
+        )
+    if isinstance(spec, numbers.Integral):  # an int, or numpy's (np.argmax(...))
+        return ClassTarget(int(spec))
     if isinstance(spec, str):
         if spec == "label":
             return LabelTarget()

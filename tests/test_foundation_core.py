@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -279,6 +280,7 @@ def test_targets_scores():
     assert torch.equal(resolve_target("predicted").classes(logits, None), torch.tensor([1, 0]))
     assert torch.equal(resolve_target(2)(logits, None), torch.tensor([2.0, 3.0]))
     assert torch.equal(resolve_target("0")(logits, None), torch.tensor([1.0, 7.0]))
+    assert torch.equal(resolve_target(np.argmax([0, 0, 1]))(logits, None), torch.tensor([2.0, 3.0]))  # numpy's int
     margin = resolve_target(lambda z: z[:, 0] - z[:, 1])
     assert torch.equal(margin(logits), torch.tensor([-4.0, 7.0]))
     assert margin.classes(logits, labels) is None
@@ -292,6 +294,8 @@ def test_target_errors():
         resolve_target("label")(logits, None)
     with pytest.raises(ValueError, match=r"unknown target 'best'.*'label', 'predicted'"):
         resolve_target("best")
+    with pytest.raises(ValueError, match=r"invalid target True; allowed: 'label', 'predicted'"):
+        resolve_target(True)
     with pytest.raises(ValueError, match=r"one score per sample"):
         resolve_target(lambda z: z.sum())(logits)
     for neg in (-1, "-1"):  # caught when the callback is built, not at the first epoch end
