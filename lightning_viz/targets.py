@@ -195,7 +195,7 @@ def resolve_target(spec: TargetSpec) -> Target:
             return ClassTarget(int(spec))
         raise ValueError(
             f"unknown target {spec!r}; allowed: 'label', 'predicted', a class index (int), "
-            "or a callable logits -> score[B]"
+            "or a callable logits -> score[B] (a class is named by its index, not by its name)"
         )
     if callable(spec):
         return CallableTarget(spec)

@@ -292,7 +292,7 @@ def test_target_errors():
         ClassTarget(3)(logits)
     with pytest.raises(ValueError, match="needs labels"):
         resolve_target("label")(logits, None)
-    with pytest.raises(ValueError, match=r"unknown target 'best'.*'label', 'predicted'"):
+    with pytest.raises(ValueError, match=r"unknown target 'best'.*'label', 'predicted'.*by its index, not by its name"):
         resolve_target("best")
     with pytest.raises(ValueError, match=r"invalid target True; allowed: 'label', 'predicted'"):
         resolve_target(True)
