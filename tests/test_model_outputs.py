@@ -321,6 +321,34 @@ def test_cam_head_accepts_the_layers_that_feed_it():
         assert maps[f"cam/{layer}"].shape == (2, 64, 64) and maps[f"cam/{layer}"].amax() > 0
 
 
+class ScaledOutput(nn.Module):
+    """``net``'s logits through ``log_softmax`` (an NLLLoss model) or divided by a temperature."""
+
+    def __init__(self, net, how):
+        super().__init__()
+        self.net, self.how = net, how
+
+    def forward(self, x):
+        z = self.net(x)
+        return F.log_softmax(z, dim=1) if self.how == "log_softmax" else z / 2.0
+
+
+def test_cam_of_a_log_softmax_model_and_a_temperature_refused_by_name():
+    """A log_softmax after the classifier shifts every logit of an image alike: CAM (the classifier's class map)
+    is the plain model's, not refused as 'a layer that does not feed the head'; logits / T are refused naming
+    the temperature."""
+    from lightning_viz.methods.cam import class_activation_map
+
+    torch.manual_seed(0)
+    net = TinyCNN(width=4).eval()
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
+    want = class_activation_map(net, x, "conv2", "cam", "label", y)
+    got = class_activation_map(ScaledOutput(net, "log_softmax"), x, "net.conv2", "cam", "label", y)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(LayerNotFoundError, match=r"those scores times 0.5 \(a temperature"):
+        class_activation_map(ScaledOutput(net, "temperature"), x, "net.conv2", "cam", "label", y)
+
+
 def test_cam_uses_the_rectified_map_when_a_functional_relu_feeds_the_head():
     """TinyCNN: conv2 -> F.relu -> GAP -> fc. The head reads ReLU(A), so CAM is relu(sum_k W_ck ReLU(A_k))."""
     from lightning_viz.capture import capture
