@@ -55,6 +55,7 @@ from ..targets import (
     resolve_target,
 )
 from .batching import images_per_forward
+from .checks import check_logits
 from .shared_pass import PassResult, chunks, gradient_pass
 
 __all__ = [
@@ -250,7 +251,7 @@ def scorecam_weights(
     acts = activations.float().flatten(0, 1)  # [B * K, h, w]; each chunk upsamples and normalizes only its masks
     tgt = resolve_target(target)
     if classes is None and not isinstance(tgt, CallableTarget):
-        classes = tgt.classes(model(x), labels)
+        classes = tgt.classes(check_logits("Score-CAM", model(x), x.shape[0]), labels)
     out = torch.empty(b * k, device=x.device, dtype=x.dtype)
     img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
     for sl in chunks(b * k, chunk_size or images_per_forward(model, x)):

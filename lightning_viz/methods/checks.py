@@ -9,7 +9,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["check_images", "check_eval", "check_classes"]
+from ..targets import describe_output
+
+__all__ = ["check_images", "check_eval", "check_classes", "check_logits"]
 
 
 def check_images(fn: str, x: object) -> None:
@@ -61,3 +63,18 @@ def check_classes(fn: str, classes: Tensor, batch: int, num_classes: Optional[in
             f"{bad[:5].tolist()}"
         )
     return cls.clone() if cls.is_inference() else cls
+
+
+def check_logits(fn: str, out: object, batch: Optional[int]) -> Tensor:
+    """``out``, the model's output for ``batch`` images, as logits ``[batch, K]``; else a clear error naming ``fn``
+    that points at :func:`lightning_viz.targets.model_adapter` (dict / dataclass outputs, a ``logits_fn``, one-logit
+    heads squeezed to ``[B]``)."""
+    if isinstance(out, Tensor) and out.ndim == 2 and (batch is None or out.shape[0] == batch):
+        return out
+    here = "" if batch is None else f" (here B={batch})"
+    raise ValueError(
+        f"{fn}: the model must return logits [B, K]{here}, but it returned {describe_output(out)}. Wrap "
+        "it: lightning_viz.targets.model_adapter(model, logits_fn=None) reads a 'logits' entry or attribute, any "
+        "output through logits_fn=<a callable (model, x) -> logits>, and a one-logit head [B] or [B, 1] as two "
+        "classes."
+    )

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..progress import progress
 from ..targets import Probabilities, Target, TargetSpec, check_probabilities, class_probability, resolve_target
 from .batching import activation_bytes_per_image, images_per_forward
-from .checks import check_eval, check_images
+from .checks import check_eval, check_images, check_logits
 
 __all__ = [
     "FILLS",
@@ -159,7 +159,7 @@ def occlusion(
     with torch.no_grad():
         x = x.detach()
         fillv = fill_values(x, fill, mean, std, window).expand_as(x)
-        logits = model(x)
+        logits = check_logits("occlusion", model(x), x.shape[0])
         classes = tgt.classes(logits, labels)
         base_score = tgt.score(logits, labels)
         base_prob = None if classes is None else class_probability(logits, classes, probabilities)
