@@ -824,7 +824,8 @@ class VisualizationCallback(Callback):
                 f"{type(self).__name__}: target='label' needs a class label per image, but the probe images have "
                 f"none{self._origin()}: its items give no label, or one that is not a class (a class index, or a "
                 "one-hot / probability vector), e.g. a multi-label or regression target, or a negative one (-1 marking "
-                "unlabeled images). Use target='predicted' or a class index, or data that yields (x, y)."
+                "unlabeled images, or the negative class of labels -1/1: give 0/1). Use target='predicted' or a class "
+                "index, or data that yields (x, y)."
             )
         if self.needs_labels() and probe.labels is not None and self._num_classes is not None:
             try:  # every probe's label is a class of the model (seen at the setup forward)
