@@ -43,6 +43,7 @@ __all__ = [
     "binary_logits",
     "as_logits",
     "check_labels",
+    "invalid_classes",
     "describe_output",
     "logits_fn_example",
     "PROBABILITIES",
@@ -107,8 +108,7 @@ def check_labels(labels: Tensor, num_classes: int) -> None:
             "(multi-hot / multi-label or dense targets); use target='predicted', a class index, or a callable "
             "logits -> score[B]"
         )
-    v = labels.double()  # bool and integer labels too
-    bad = labels[(v != v.round()) | (v < 0) | (v >= num_classes)] if labels.numel() else labels
+    bad = invalid_classes(labels, num_classes)
     if bad.numel():
         one_logit = "; a one-logit binary classifier reads as classes 0 and 1" if num_classes == 2 else ""
         one_logit = _ONE_LOGIT_HINT if num_classes == 1 else one_logit
@@ -121,6 +121,16 @@ def check_labels(labels: Tensor, num_classes: int) -> None:
             f"{one_logit}), but the labels include {bad[:5].tolist()} ({why}); use "
             "target='predicted', a class index 0..K-1, or a callable logits -> score[B]"
         )
+
+
+def invalid_classes(values: Tensor, num_classes: Optional[int] = None) -> Tensor:
+    """The entries of ``values`` that are no class index ``0..num_classes-1`` (``None``: any ``>= 0``): fractions,
+    negatives, too large ones (bool, integer and float values; ``1.0`` is class 1)."""
+    v = values.double()
+    bad = (v != v.round()) | (v < 0)
+    if num_classes is not None:
+        bad |= v >= num_classes
+    return values[bad] if values.numel() else values
 
 
 class PredictedTarget(Target):

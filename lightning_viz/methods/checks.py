@@ -9,7 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from ..targets import describe_output
+from ..targets import describe_output, invalid_classes
 
 __all__ = ["check_images", "check_eval", "check_classes", "check_logits"]
 
@@ -50,18 +50,15 @@ def check_eval(fn: str, model: nn.Module) -> None:
 def check_classes(fn: str, classes: Tensor, batch: int, num_classes: Optional[int] = None) -> Tensor:
     """``classes`` as ``long [batch]`` (one int: every image), or a clear error naming ``fn`` when they are not
     one class index ``0..num_classes-1`` per image (``num_classes=None``: the count only)."""
+    bad = invalid_classes(classes.reshape(-1), num_classes)  # 2.7 is no class 2, nor -0.5 class 0
+    if bad.numel():
+        allowed = f"0..{num_classes - 1} (the model has {num_classes} classes)" if num_classes is not None else ">= 0"
+        raise ValueError(f"{fn}: class indices must be {allowed}, whole numbers; got {bad[:5].tolist()}")
     cls = classes.long().view(-1)
     if cls.numel() == 1:
         cls = cls.expand(batch)
     if cls.numel() != batch:
         raise ValueError(f"{fn}: needs one class per image: got {cls.numel()} classes for {batch} images")
-    bad = cls[(cls < 0) | (cls >= num_classes)] if num_classes is not None else cls[:0]
-    if bad.numel():
-        assert num_classes is not None
-        raise ValueError(
-            f"{fn}: class indices must be 0..{num_classes - 1} (the model has {num_classes} classes); got "
-            f"{bad[:5].tolist()}"
-        )
     return cls.clone() if cls.is_inference() else cls
 
 
