@@ -39,7 +39,7 @@ class SampleFormatError(ValueError):
     """A dataset item (or batch) lightning-viz cannot read an image from."""
 
 
-def split_sample(sample: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def split_sample(sample: Any, classes: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Return ``(image, label, mask)`` from one dataset item or one batch (missing parts are ``None``).
 
     Items: a tensor, ``(x, y[, mask, ...])`` or a dict (image under one of ``image``, ``images``, ``img``,
@@ -49,7 +49,7 @@ def split_sample(sample: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
     ``[B, H, W]`` or ``[B, 1, H, W]``); anything else there (an index, a path, extra targets) is ignored. A label
     that holds no numbers (a file name, a dict of targets) counts as none.
     One-hot or probability-vector labels (label smoothing, mixup) count as the class they give most weight to
-    (:func:`class_index`)."""
+    (:func:`class_index`); with ``classes=False`` labels are returned as read (what training on soft labels needs)."""
     if isinstance(sample, Tensor):
         return sample, None, None
     if isinstance(sample, dict):
@@ -61,10 +61,12 @@ def split_sample(sample: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
             )
         lab = next((sample[k] for k in _LABEL_KEYS if k in sample), None)
         mask = next((sample[k] for k in _MASK_KEYS if k in sample), None)
-        return img, class_index(_as_tensor(lab), img), mask
+        lab = _as_tensor(lab)
+        return img, class_index(lab, img) if classes else lab, mask
     if isinstance(sample, (tuple, list)) and len(sample) >= 1:
         img = sample[0]
-        lab = class_index(_as_tensor(sample[1]), img) if len(sample) > 1 else None
+        lab = _as_tensor(sample[1]) if len(sample) > 1 else None
+        lab = class_index(lab, img) if classes else lab
         mask = sample[2] if len(sample) > 2 and _is_mask_of(sample[2], img) else None
         return img, lab, mask
     raise SampleFormatError(
