@@ -228,10 +228,13 @@ class ImageClassifier(L.LightningModule):
                 )
 
     def _step(self, batch) -> tuple[Tensor, Tensor]:
-        x, y, _ = split_sample(batch)
+        x, y, _ = split_sample(batch, classes=False)
         if y is None:
             raise ValueError("ImageClassifier needs labelled batches: (x, y), (x, y, mask) or a dict with a label key")
         logits = self(x)
+        if y.ndim == 2 and y.shape == logits.shape:  # one-hot or soft labels (label smoothing, mixup, cutmix)
+            y = y.to(logits.dtype)  # class probabilities: cross-entropy against them, not against their arg-max
+            return F.cross_entropy(logits, y), (logits.argmax(dim=1) == y.argmax(dim=1)).float().mean()
         return F.cross_entropy(logits, y), (logits.argmax(dim=1) == y).float().mean()
 
     def training_step(self, batch, batch_idx: int) -> Tensor:

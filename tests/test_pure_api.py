@@ -15,6 +15,7 @@ from lightning_viz.methods import (
     class_activation_map,
     class_model_images,
     deletion_auc,
+    fgsm,
     integrated_gradients,
     invert_features,
     occlusion,
@@ -98,6 +99,43 @@ def test_one_logit_head_error_points_to_model_adapter():
     with pytest.raises(ValueError, match="model_adapter"):
         saliency(model, _images(), "label", torch.tensor([0, 1]))
     assert saliency(model_adapter(model), _images(), "label", torch.tensor([0, 1])).shape == (2, 16, 16)
+
+
+class _DictOut(TinyCNN):
+    def forward(self, x):
+        return {"logits": super().forward(x)}
+
+
+class _Squeezed(TinyCNN):
+    def __init__(self):
+        super().__init__(num_classes=1)
+
+    def forward(self, x):
+        return super().forward(x).squeeze(1)
+
+
+@pytest.mark.parametrize(
+    "call,fn",
+    [
+        (lambda m, x: saliency(m, x, "predicted"), "gradient and CAM methods"),
+        (lambda m, x: occlusion(m, x, 0, window=4), "occlusion"),
+        (lambda m, x: deletion_auc(m, x, torch.rand(2, 8, 8), "predicted", steps=2), "deletion/insertion"),
+        (lambda m, x: fgsm(m, x, torch.tensor([0, 1]), 0.1), "adversarial attack"),
+        (lambda m, x: class_model_images(m, [0], [3, 8, 8], steps=1), "objective 'class_logit"),
+    ],
+    ids=["saliency", "occlusion", "deletion", "fgsm", "class_model"],
+)
+def test_a_model_returning_no_logits_tensor_is_told_to_use_model_adapter(call, fn):
+    """A dict output or a one-logit head squeezed to [B], given to the pure methods unwrapped: one clear error naming
+    the method, what the model returned and model_adapter (was: AttributeError / IndexError / a cross-entropy
+    RuntimeError deep inside); wrapped, they run."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    for model, got in ((_DictOut(), r"a dict with keys \['logits'\]"), (_Squeezed(), r"a Tensor of shape \(\d,\)")):
+        model.eval()
+        with pytest.raises(ValueError, match=rf"{fn}.*must return logits \[B, K\].*{got}.*model_adapter"):
+            call(model, x)
+        call(model_adapter(model), x)
 
 
 def test_synthesis_without_generator_never_draws_from_the_global_rng():

@@ -51,6 +51,7 @@ from ..targets import (
     check_labels,
     choose_memory_format,
     describe_output,
+    logits_fn_example,
     model_adapter,
     read_logits,
     resolve_logits_fn,
@@ -289,6 +290,16 @@ def _share_rank0_error(error: BaseException | None, what: str, force: bool = Fal
         failed = VisualizationError(f"lightning-viz {what} failed on rank 0: {box[0]}")
         failed.force = bool(box[1])  # type: ignore[attr-defined]
         raise failed
+
+
+def _dense_hint(out: Any) -> str:
+    """What to do with a dense ``[B, K, H, W]`` output a ``logits_fn`` gave (a segmentation head); else ``""``."""
+    if not isinstance(out, Tensor) or out.ndim != 4:
+        return ""
+    return (
+        " It is a dense map (a segmentation head): let the logits_fn average it over the pixels (return "
+        "out.mean(dim=(2, 3)) of that map) to explain each class's mean score over the image."
+    )
 
 
 class VisualizationCallback(Callback):
@@ -723,6 +734,7 @@ class VisualizationCallback(Callback):
                         f"input of shape {tuple(x.shape)}"
                         + ("" if out is raw else f" (read from {describe_output(out)})")
                         + "; set logits_fn=<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
+                        + (logits_fn_example(raw) if self.logits_fn is None else _dense_hint(raw))
                     )
                 self._num_classes = int(logits.shape[1])
                 for option, indices in self.class_options().items():
@@ -812,8 +824,9 @@ class VisualizationCallback(Callback):
             raise ValueError(
                 f"{type(self).__name__}: target='label' needs a class label per image, but the probe images have "
                 f"none{self._origin()}: its items give no label, or one that is not a class (a class index, or a "
-                "one-hot / probability vector), e.g. a multi-label or regression target. Use target='predicted' or "
-                "a class index, or data that yields (x, y)."
+                "one-hot / probability vector), e.g. a multi-label or regression target, or a negative one (-1 marking "
+                "unlabeled images, or the negative class of labels -1/1: give 0/1). Use target='predicted' or a class "
+                "index, or data that yields (x, y)."
             )
         if self.needs_labels() and probe.labels is not None and self._num_classes is not None:
             try:  # every probe's label is a class of the model (seen at the setup forward)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..progress import progress, reporting
 from ..targets import LabelTarget, PredictedTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
-from .checks import check_eval, check_images, check_labels_per_image, input_matches_model
+from .checks import check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
 from .shared_pass import chunks, gradient_pass
 
 __all__ = [
@@ -233,7 +233,7 @@ def _fixed_target(model: nn.Module, x: Tensor, target: TargetSpec, labels: Optio
     tgt = resolve_target(target)
     if isinstance(tgt, PredictedTarget):
         with torch.no_grad(), input_matches_model("gradient methods", model, x):
-            return LabelTarget(), model(x.detach()).argmax(dim=1)
+            return LabelTarget(), check_logits("gradient methods", model(x.detach()), x.shape[0]).argmax(dim=1)
     return tgt, labels
 
 

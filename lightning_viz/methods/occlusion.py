@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..progress import progress
 from ..targets import Probabilities, Target, TargetSpec, check_probabilities, class_probability, resolve_target
 from .batching import activation_bytes_per_image, images_per_forward
-from .checks import check_eval, check_images, check_labels_per_image, input_matches_model
+from .checks import check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
 
 __all__ = [
     "FILLS",
@@ -165,7 +165,7 @@ def occlusion(
     with torch.no_grad(), input_matches_model("occlusion", model, x):
         x = x.detach()
         fillv = fill_values(x, fill, mean, std, window).expand_as(x)
-        logits = model(x)
+        logits = check_logits("occlusion", model(x), x.shape[0])
         classes = tgt.classes(logits, labels)
         base_score = tgt.score(logits, labels)
         base_prob = None if classes is None else class_probability(logits, classes, probabilities)

@@ -39,7 +39,7 @@ from ..capture import capture, grad_enabled
 from ..layers import linear_calls
 from ..targets import CallableTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
-from .checks import check_eval, check_images, check_labels_per_image, input_matches_model
+from .checks import check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
 from .relu_rules import relu_rule
 
 __all__ = ["INPUT", "PassResult", "gradient_pass", "PassCache", "pass_cache", "target_key", "model_version", "chunks"]
@@ -156,9 +156,7 @@ def _gradient_pass(
         # The backward runs inside the hooks and the ReLU rule: gradient checkpointing (torch.utils.checkpoint)
         # recomputes the forward during it, which must be the same forward.
         with grad_enabled(), capture(model, names, grad=True) as cap, relu_rule(rule), linear_calls(model) as calls:
-            logits = model(xc)
-            if not isinstance(logits, Tensor) or logits.ndim != 2:
-                raise ValueError(f"the model must return logits [B, K]; got {getattr(logits, 'shape', type(logits))}")
+            logits = check_logits("gradient and CAM methods", model(xc), xc.shape[0])
             scores = tgt.score(logits, lab)
             cls = tgt.classes(logits, lab) if not isinstance(tgt, CallableTarget) else None
             outs = [cap[n] for n in names]
