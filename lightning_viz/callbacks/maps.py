@@ -5,8 +5,9 @@ A subclass implements :meth:`MapCallback.compute_maps` -> ``{key: Tensor[N, H, W
 
 * logs, by default, one panel per probe image (``viz-<family>/panel/<probe-id>``): the probe image and every
   map key as an overlay side by side, under a caption strip (probe id, true class, predicted class and its
-  probability) and the method names; with ``normalize="both"`` a second row shows the maps on the fixed
-  scale, each with a colorbar giving its numeric range. ``layout="per_probe"`` logs one overlay per key
+  probability) and the method names, a colorbar under every map tile giving its numeric range (on its own
+  scale: the map's minimum to maximum); with ``normalize="both"`` a second row shows the maps on the fixed
+  scale, each with a colorbar of the fixed range. ``layout="per_probe"`` logs one overlay per key
   and probe (``viz-<family>/<key>/<probe-id>``), ``layout="grid"`` one grid per key;
 * logs summary statistics of the raw maps as scalars (``viz-<family>/<key>/stats/{mean_abs,max_abs,std}``);
 * hands the maps to the optional :attr:`tracker` (filmstrips, drift, faithfulness; see ``tracking.py``).
@@ -252,8 +253,8 @@ class MapCallback(VisualizationCallback):
                 elif self.signed:  # per image, signed: each probe's own symmetric range, zero marked
                     top = maps[key].flatten(1).abs().amax(dim=1).clamp_min(1e-12).tolist()
                     bars[v].append([colorbar(width, -t, t, self.heat_cmap) for t in top])
-                else:  # a map with nothing to show says so (Grad-CAM of a class with no positive evidence: all zero)
-                    bars[v].append(_empty_map_notes(maps[key], (oks or {}).get(key), width))
+                else:  # per image: each probe's own range (or a note on a map with nothing to show)
+                    bars[v].append(_per_image_bars(maps[key], (oks or {}).get(key), width, self.heat_cmap))
         layers = {k.split("/", 1)[-1] for k in keys}
         labels = ["image"] + [k.split("/", 1)[0] if len(layers) == 1 else k.replace("/", " ") for k in keys]
         both = self.normalize == "both"
@@ -310,6 +311,16 @@ def predictions(
                 return {}
             parts.append(logits.float())
     return _predicted(torch.cat(parts), probabilities)
+
+
+def _per_image_bars(maps: Tensor, ok: Tensor | None, width: int, cmap: str) -> list[Tensor]:
+    """Per probe, the strip under a panel tile of an unsigned map on its own scale: a colorbar from the map's
+    minimum to its maximum (the range the colormap spans for that probe), or the note of :func:`_empty_map_notes`
+    for a constant or non-finite map."""
+    flat = maps.flatten(1)
+    lo, hi = flat.amin(dim=1).tolist(), flat.amax(dim=1).tolist()
+    notes = _empty_map_notes(maps, ok, width)
+    return [to_uint8(colorbar(width, lo[i], hi[i], cmap)) if n is None else n for i, n in enumerate(notes)]
 
 
 def _empty_map_notes(maps: Tensor, ok: Tensor | None, width: int) -> list[Tensor | None]:
