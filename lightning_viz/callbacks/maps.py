@@ -313,7 +313,7 @@ def predictions(
     return _predicted(torch.cat(parts), probabilities)
 
 
-def _per_image_bars(maps: Tensor, ok: Tensor | None, width: int, cmap: str) -> list[Tensor]:
+def _per_image_bars(maps: Tensor, ok: Tensor | None, width: int, cmap: str) -> list[Tensor | None]:
     """Per probe, the strip under a panel tile of an unsigned map on its own scale: a colorbar from the map's
     minimum to its maximum (the range the colormap spans for that probe), or the note of :func:`_empty_map_notes`
     for a constant or non-finite map."""
