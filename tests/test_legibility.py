@@ -125,3 +125,39 @@ def test_activation_per_probe_image_names_its_channels_at_a_readable_size(acc):
     assert img.shape[1] == 2 * 50 + 2  # 4 channels in 2 x 2 tiles, 8 px maps shown at 48 (display_px)
     assert has_text(img, tiles(2, 48), "below") == [True] * 2  # "ch 2", "ch 3" under the last row
     assert has_text(img, tiles(2, 48), "above")[0]  # "p000 1: net.conv1, first channels"
+
+
+def test_activation_per_probe_image_explains_its_colors_with_a_colorbar_of_the_probe_range():
+    """The channels of a probe share one range (its activations' min..max), but nothing said which: viridis tiles
+    with no scale. A colorbar of that range now runs under them, the numbers written."""
+    import torch
+
+    from lightning_viz.logging import VizLogger
+    from lightning_viz.probe import ProbeSet
+    from lightning_viz.render import colorbar, to_uint8
+
+    images = {}
+
+    class Writer:
+        def add_image(self, tag, img, step, dataformats):
+            images[tag] = img
+
+        def add_scalar(self, *args):
+            pass
+
+    g = torch.Generator().manual_seed(0)
+    probe = ProbeSet(images=torch.rand(2, 3, 8, 8, generator=g), labels=torch.tensor([0, 1]))
+    maps = torch.randn(2, 4, 4, 4, generator=g) * torch.tensor([1.0, 5.0]).view(2, 1, 1, 1)
+    results = {
+        "maps:net.conv1": maps,
+        "channels:net.conv1": torch.arange(4).expand(2, 4),
+        "nonpos:net.conv1": (maps <= 0).flatten(1).sum(1),
+        "numel:net.conv1": torch.full((2,), 64),
+        "chmax:net.conv1": maps.amax(dim=(2, 3)),
+    }
+    cb = ActivationCallback(layers="net.conv1", max_channels=4, num_probes=2)
+    cb.log_results(VizLogger(Writer(), 0), results, probe, None)
+    for i in range(2):
+        img = images[f"viz-activations/net.conv1/p00{i}"]
+        want = to_uint8(colorbar(img.shape[1] - 4, float(maps[i].min()), float(maps[i].max()), "viridis"))
+        assert (img[-26:-2, 2:-2] == want.permute(1, 2, 0).numpy()).all()  # the last strip, 2 px margins

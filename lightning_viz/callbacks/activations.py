@@ -2,7 +2,8 @@
 
 Tags (step = epoch):
 * ``viz-activations/<layer>/<probe-id>`` -- grid of the probe's channels (``max_channels`` of them),
-  upscaled to the probe image size, on one range per probe (so weak channels look weak);
+  upscaled to the probe image size, on one range per probe (so weak channels look weak), with a colorbar
+  of that range under them;
   with ``layout="grid"`` instead one ``viz-activations/<layer>/grid`` per layer: one row per probe
   (the probe image, then its channels), captions with class names;
 * ``viz-activations/<layer>/dead_fraction`` -- fraction of all recorded activations that are ``<= 0``
@@ -18,6 +19,7 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
 
 from ..layers import default_cam_layer, first_conv_name, module_device, module_dtype, resolve_layers
 from ..logging import VizLogger, make_tag
@@ -26,6 +28,7 @@ from ..probe import ProbeSet
 from ..render import (
     _shared_strip,
     class_name,
+    colorbar,
     colormap,
     compose,
     normalize_maps,
@@ -179,9 +182,8 @@ class ActivationCallback(VisualizationCallback):
                     [_shared_strip(w, [f"ch {c}"], 12) for c in chans[r : r + ncol]] for r in range(0, len(tiles), ncol)
                 ]
                 head = pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
-                logger.image(
-                    make_tag(self.method, name, pid), compose(rows, None, f"{head}: {name}, {order}", under=under)
-                )
+                panel = compose(rows, None, f"{head}: {name}, {order}", under=under)
+                logger.image(make_tag(self.method, name, pid), with_colorbar(panel, m.min(), m.max(), self.cmap))
 
     def layer_grid(self, name: str, maps: Any, channels: Any, probe: ProbeSet, trainer: Trainer) -> Any:
         """One image for ``layer``: a row per probe (its image, then its channels on one range per probe)."""
@@ -205,3 +207,13 @@ class ActivationCallback(VisualizationCallback):
         strips = [[_shared_strip(w, [t], 12) for t in r] for r in under]
         order = "first channels" if self.channels == "first" else "strongest channels first"
         return compose(rows, None, f"{name}: one row per probe ({order})", under=strips)
+
+
+def with_colorbar(panel: Tensor, vmin: Tensor | float, vmax: Tensor | float, cmap: str, pad: int = 2) -> Tensor:
+    """A uint8 ``[3, H, W]`` image (:func:`compose`'s) with a colorbar from ``vmin`` to ``vmax`` under it, as wide
+    as the image less its padding: the values the colors of its maps stand for."""
+    width = int(panel.shape[-1])
+    bar = to_uint8(colorbar(width - 2 * pad, float(vmin), float(vmax), cmap))
+    strip = torch.full((3, int(bar.shape[-2]) + pad, width), 255, dtype=torch.uint8)
+    strip[:, : bar.shape[-2], pad : width - pad] = bar
+    return torch.cat([panel, strip], dim=1)
