@@ -19,7 +19,6 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
-from torch import Tensor
 
 from ..layers import default_cam_layer, first_conv_name, module_device, module_dtype, resolve_layers
 from ..logging import VizLogger, make_tag
@@ -28,13 +27,13 @@ from ..probe import ProbeSet
 from ..render import (
     _shared_strip,
     class_name,
-    colorbar,
     colormap,
     compose,
     normalize_maps,
     resize_maps,
     to_uint8,
     upscale,
+    with_colorbar,
 )
 from ._options import LayersSpec, as_layer_list
 from .base import VisualizationCallback
@@ -207,13 +206,3 @@ class ActivationCallback(VisualizationCallback):
         strips = [[_shared_strip(w, [t], 12) for t in r] for r in under]
         order = "first channels" if self.channels == "first" else "strongest channels first"
         return compose(rows, None, f"{name}: one row per probe ({order})", under=strips)
-
-
-def with_colorbar(panel: Tensor, vmin: Tensor | float, vmax: Tensor | float, cmap: str, pad: int = 2) -> Tensor:
-    """A uint8 ``[3, H, W]`` image (:func:`compose`'s) with a colorbar from ``vmin`` to ``vmax`` under it, as wide
-    as the image less its padding: the values the colors of its maps stand for."""
-    width = int(panel.shape[-1])
-    bar = to_uint8(colorbar(width - 2 * pad, float(vmin), float(vmax), cmap))
-    strip = torch.full((3, int(bar.shape[-2]) + pad, width), 255, dtype=torch.uint8)
-    strip[:, : bar.shape[-2], pad : width - pad] = bar
-    return torch.cat([panel, strip], dim=1)

@@ -8,7 +8,8 @@ A subclass implements :meth:`MapCallback.compute_maps` -> ``{key: Tensor[N, H, W
   probability) and the method names, a colorbar under every map tile giving its numeric range (on its own
   scale: the map's minimum to maximum); with ``normalize="both"`` a second row shows the maps on the fixed
   scale, each with a colorbar of the fixed range. ``layout="per_probe"`` logs one overlay per key
-  and probe (``viz-<family>/<key>/<probe-id>``), ``layout="grid"`` one grid per key;
+  and probe (``viz-<family>/<key>/<probe-id>``), ``layout="grid"`` one grid per key (each tile named by its
+  probe id and true class);
 * logs summary statistics of the raw maps as scalars (``viz-<family>/<key>/stats/{mean_abs,max_abs,std}``);
 * hands the maps to the optional :attr:`tracker` (filmstrips, drift, faithfulness; see ``tracking.py``).
 """
@@ -34,12 +35,13 @@ from ..render import (
     cut_name,
     diverging_cmap,
     fit_names,
-    image_grid,
     is_flat,
+    labeled_grid,
     normalize_maps,
     overlay,
     to_uint8,
     upscale,
+    with_colorbar,
 )
 from ..targets import LabelTarget, Probabilities, check_probabilities, class_probabilities, resolve_target
 from ..tracking import MapTracker
@@ -159,8 +161,9 @@ class MapCallback(VisualizationCallback):
                 self.log_stats(logger, key, shown[key], oks[key])
             self.log_panels(logger, shown, images, probe, results, self.get_class_names(trainer), oks)
         else:
+            names = self.get_class_names(trainer)
             for key, m in maps.items():
-                self.log_map(logger, key, m, images, probe)
+                self.log_map(logger, key, m, images, probe, names)
         if self.tracker is not None:
             self.tracker.log(logger, maps, results, probe, trainer, callback=self)
 
@@ -203,16 +206,29 @@ class MapCallback(VisualizationCallback):
         over = to_uint8(overlay(images01, maps01, self.alpha, self.heat_cmap))
         return upscale(over, self.display_px) if self.display_px else over
 
-    def log_map(self, logger: VizLogger, key: str, maps: Tensor, images01: Tensor, probe: ProbeSet) -> None:
+    def log_map(
+        self,
+        logger: VizLogger,
+        key: str,
+        maps: Tensor,
+        images01: Tensor,
+        probe: ProbeSet,
+        class_names: list[str] | None = None,
+    ) -> None:
         """Overlays (``layout="per_probe"`` or ``"grid"``) and statistics for one ``[N, H, W]`` raw map tensor."""
         ok, maps = self.finite(key, maps)
         self.log_stats(logger, key, maps, ok)
         for suffix, m01, rng in self.variants(key, maps, ok):
             over = self.overlays(images01, m01)
-            if self.layout == "grid":
-                grid = image_grid(over.float().div_(255))  # the same levels, as make_grid takes them
+            if self.layout == "grid":  # each tile named (probe id, true class), the scale in the caption
+                labels = [
+                    pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], class_names)}"
+                    for i, pid in enumerate(probe.ids)
+                ]
+                scale = "each map on its own range" if rng is None else "one fixed range"
+                grid = labeled_grid(over, labels, caption=f"{key}: {scale}")
                 if rng is not None:  # the fixed scale's numeric range under the grid
-                    grid = torch.cat([grid, colorbar(int(grid.shape[-1]), rng[0], rng[1], self.heat_cmap)], dim=1)
+                    grid = with_colorbar(grid, rng[0], rng[1], self.heat_cmap)
                 logger.image(make_tag(self.method, key, suffix or None, "grid"), grid)
             else:
                 bar = None if rng is None else to_uint8(colorbar(int(over.shape[-1]), rng[0], rng[1], self.heat_cmap))
