@@ -231,13 +231,24 @@ class MapCallback(VisualizationCallback):
                     grid = with_colorbar(grid, rng[0], rng[1], self.heat_cmap)
                 logger.image(make_tag(self.method, key, suffix or None, "grid"), grid)
             else:
-                bar = None if rng is None else to_uint8(colorbar(int(over.shape[-1]), rng[0], rng[1], self.heat_cmap))
-                for pid, img, finite in zip(probe.ids, over, ok.tolist()):
+                for pid, img, finite, bar in zip(
+                    probe.ids, over, ok.tolist(), self.bars(maps, ok, rng, int(over.shape[-1]))
+                ):
                     if finite:
                         logger.image(
                             make_tag(self.method, key, pid, suffix or None),
                             img if bar is None else torch.cat([img, bar], dim=1),
                         )
+
+    def bars(self, maps: Tensor, ok: Tensor | None, rng: tuple[float, float] | None, width: int) -> list[Tensor | None]:
+        """Per probe, the uint8 strip under its overlay of raw ``maps``: the colorbar of the fixed range ``rng``, else
+        of the map's own range (signed: ``-max|m|..max|m|``, zero marked), or a note on a constant map."""
+        if rng is not None:  # fixed scale: one range for every probe
+            return [to_uint8(colorbar(width, rng[0], rng[1], self.heat_cmap))] * len(maps)
+        if self.signed:  # per image, signed: each probe's own symmetric range, zero marked
+            top = maps.flatten(1).abs().amax(dim=1).clamp_min(1e-12).tolist()
+            return [to_uint8(colorbar(width, -t, t, self.heat_cmap)) for t in top]
+        return _per_image_bars(maps, ok, width, self.heat_cmap)  # per image: own range, or a note
 
     def log_panels(
         self,
@@ -264,13 +275,7 @@ class MapCallback(VisualizationCallback):
                     rows.append([])
                     bars.append([])
                 rows[v].append(self.overlays(images01, m01))  # uint8 once per key and variant: what compose pastes
-                if rng is not None:  # fixed scale: one range for every probe
-                    bars[v].append([to_uint8(colorbar(width, rng[0], rng[1], self.heat_cmap))] * len(probe))
-                elif self.signed:  # per image, signed: each probe's own symmetric range, zero marked
-                    top = maps[key].flatten(1).abs().amax(dim=1).clamp_min(1e-12).tolist()
-                    bars[v].append([colorbar(width, -t, t, self.heat_cmap) for t in top])
-                else:  # per image: each probe's own range (or a note on a map with nothing to show)
-                    bars[v].append(_per_image_bars(maps[key], (oks or {}).get(key), width, self.heat_cmap))
+                bars[v].append(self.bars(maps[key], (oks or {}).get(key), rng, width))
         layers = {k.split("/", 1)[-1] for k in keys}
         labels = ["image"] + [k.split("/", 1)[0] if len(layers) == 1 else k.replace("/", " ") for k in keys]
         both = self.normalize == "both"
