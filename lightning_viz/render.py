@@ -40,6 +40,7 @@ __all__ = [
     "colorbar",
     "compose",
     "labeled_grid",
+    "with_colorbar",
     "text_px",
     "diverging_cmap",
     "class_name",
@@ -487,3 +488,13 @@ def labeled_grid(
     rows = [list(tiles[i : i + nrow]) for i in range(0, b, nrow)]
     under = [[_shared_strip(w, [labels[j]], label_px) for j in range(i, min(i + nrow, b))] for i in range(0, b, nrow)]
     return compose(rows, None, caption, under=under)
+
+
+def with_colorbar(panel: Tensor, vmin: Tensor | float, vmax: Tensor | float, cmap: str, pad: int = 2) -> Tensor:
+    """A uint8 ``[3, H, W]`` image (:func:`compose`'s) with a :func:`colorbar` from ``vmin`` to ``vmax`` under it,
+    as wide as the image less its padding: the values the colors of its maps stand for."""
+    width = int(panel.shape[-1])
+    bar = to_uint8(colorbar(width - 2 * pad, float(vmin), float(vmax), cmap))
+    strip = torch.full((3, int(bar.shape[-2]) + pad, width), 255, dtype=torch.uint8)
+    strip[:, : bar.shape[-2], pad : width - pad] = bar
+    return torch.cat([panel, strip], dim=1)

@@ -23,7 +23,7 @@ from lightning_viz.logging import VizLogger, make_tag, namespaced
 from lightning_viz.probe import ProbeSet
 from lightning_viz.progress import logger as viz_logger
 from lightning_viz.progress import progress, reporting
-from lightning_viz.render import STRIP_CACHE_BYTES, colorbar, colormap, compose, upscale
+from lightning_viz.render import STRIP_CACHE_BYTES, colorbar, colormap, compose, to_uint8, upscale
 from lightning_viz.tracking import TRACKING_LAYOUT
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
@@ -82,8 +82,8 @@ def test_panel_tiles_size_caption_and_fixed_row_with_colorbars(tmp_path):
     assert sorted(t for t in acc.Tags()["images"]) == [f"viz-gradients/panel/p00{i}" for i in range(3)]
     img = _decode(acc.Images("viz-gradients/panel/p001")[0])
     # 4 tiles (image + 3 methods) of 8 px shown at 128 px, padding 2; caption (16) and method names (14)
-    # over two rows (per image; fixed scale), a colorbar (24) under the fixed row
-    assert img.shape == (16 + 14 + 2 + 128 + 2 + 128 + 1 + 24 + 2, 4 * 128 + 5 * 2, 3)
+    # over two rows (per image; fixed scale), a colorbar (24) under each row
+    assert img.shape == (16 + 14 + 2 + 128 + 1 + 24 + 2 + 128 + 1 + 24 + 2, 4 * 128 + 5 * 2, 3)
     caption, names = img[:16], img[16:30]
     assert (caption < 100).any() and (names < 100).any()  # text in black on the white strips
     # the first tile is the probe image itself, upscaled 16x (nearest)
@@ -95,7 +95,7 @@ def test_panel_tiles_size_caption_and_fixed_row_with_colorbars(tmp_path):
     # 8 px and zoomed as the image is: one uniform 16 x 16 block per probe pixel (not a bilinear 128 px map)
     for c in range(1, 4):
         x0 = 2 + c * 130
-        for y0 in (32, 162):
+        for y0 in (32, 187):
             over = img[y0 : y0 + 128, x0 : x0 + 128].astype(float)
             assert np.abs(over - want).mean() > 5
             blocks = over.reshape(8, 16, 8, 16, 3)
@@ -103,7 +103,7 @@ def test_panel_tiles_size_caption_and_fixed_row_with_colorbars(tmp_path):
             assert len(np.unique(blocks[:, 0, :, 0].reshape(-1, 3), axis=0)) > 8  # a map, not a flat tint
     # under the fixed row: a colorbar from cmap(0) to cmap(1) of jet, one per method
     lut = (colormap(torch.tensor([[[0.0, 1.0]]]), "jet")[0, :, 0].T * 255).round().numpy()
-    bar = img[291:299]
+    bar = img[316:324]
     for c in range(1, 4):
         x0 = 2 + c * 130
         assert np.abs(bar[:, x0].astype(float) - lut[0]).max() <= 2
@@ -114,6 +114,11 @@ def test_panel_tiles_size_caption_and_fixed_row_with_colorbars(tmp_path):
     prob, pred = logits.softmax(1).max(1)
     results = cb.compute(model, cb.probes)
     torch.testing.assert_close(results["pred:prob"][1:2], prob)  # from the shared pass's logits
+    # under the per-image row: each tile's own colorbar, from its map's minimum to its maximum (values written)
+    for c, method in enumerate(["saliency", "guided_backprop", "input_x_gradient"], start=1):
+        m = results[f"map:{method}/input"][1]
+        want = to_uint8(colorbar(128, float(m.min()), float(m.max()), "jet")).permute(1, 2, 0).numpy()
+        assert (img[161:185, 2 + c * 130 : 2 + c * 130 + 128] == want).all()
     text = panel_caption("p001", cb.probes, results, 1, cb.get_class_names(trainer))
     assert (
         text == f"p001  true: {['zero', 'one', 'two'][int(probe.labels)]}  pred: "
@@ -362,7 +367,8 @@ def test_panel_says_when_a_map_is_all_zero(tmp_path):
             note = img[16 + 14 + 2 + 128 + 1 :, 130 + 2 : 130 + 2 + 128]  # under the saliency tile
             assert note.shape[0] == 14 + 2 and (note < 100).any()  # black text on a white strip
             assert (img[16 + 14 + 2 + 128 + 1 :, 2:130] > 250).all()  # nothing under the image tile
-    assert heights[True] == heights[False] + 14 + 1  # the note and its padding
+    assert heights[True] == 16 + 14 + 2 + 128 + 1 + 14 + 2  # the note (14) instead of the map's colorbar (24)
+    assert heights[False] == heights[True] + 10
 
 
 def test_adversarial_attack_and_min_flip_search_show_progress(tmp_path, caplog, monkeypatch):

@@ -411,25 +411,38 @@ def test_rgba_probes_embed_and_one_probe_is_warned(tmp_path):
         tiny_trainer(str(tmp_path / "one"), [cb], max_epochs=1).fit(LitTiny(), one, one)
 
 
-def test_scatter_legend_of_many_classes_says_how_many():
-    """128 probes of a 1000-class head: the legend listed 128 names in 10 repeating colors, 6 columns wide. Beyond
-    LEGEND_MAX_CLASSES classes it says only how many there are (one narrow column, no dots); up to it, unchanged."""
-    from lightning_viz.methods.embeddings import _TAB10, LEGEND_MAX_CLASSES, scatter_image
+def test_scatter_legend_gives_each_class_its_own_color_and_names_the_first_of_many():
+    """128 probes of a 1000-class head: the legend listed 128 names in 10 repeating colors, 6 columns wide; then only
+    their number, over dots in 10 repeating colors (a cluster's color stood for 13 classes, as classes 0 and 10 of
+    a 20-class head shared one). Up to LEGEND_MAX_CLASSES classes each has a color of its own (tab10, then tab20's
+    light variants), all named; beyond, the first 18 classes are colored and named, the others gray under them."""
+    from lightning_viz.methods.embeddings import _OTHERS, _TAB10, _TAB20_LIGHT, LEGEND_MAX_CLASSES, scatter_image
+
+    def colors(img: torch.Tensor) -> list[tuple[int, ...]]:
+        arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).reshape(-1, 3)
+        return [tuple(c) for c in torch.unique(arr, dim=0).tolist()]
+
+    def legend(img: torch.Tensor) -> torch.Tensor:
+        arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0)
+        frame = ((arr == 0).all(-1).sum(0) > 300).nonzero().flatten()
+        return arr[:, int(frame.max()) + 1 :]
+
+    def has(arr: torch.Tensor, color: tuple[int, ...]) -> bool:
+        return bool((arr == torch.tensor(color, dtype=torch.uint8)).all(-1).any())
 
     g = torch.Generator().manual_seed(0)
     pts = torch.randn(128, 2, generator=g)
-    many = scatter_image(pts, torch.arange(128), "many")
-    few = scatter_image(pts[:40], torch.arange(40) % LEGEND_MAX_CLASSES, "few")  # 20 classes: every one named
     assert LEGEND_MAX_CLASSES == 20
+    few = scatter_image(pts[:40], torch.arange(40) % LEGEND_MAX_CLASSES, "few")  # 20 classes: every one named
+    assert all(has(legend(few), c) for c in _TAB10 + _TAB20_LIGHT)  # 20 colors, one a class
+    assert set(colors(few)) >= set(_TAB20_LIGHT)  # classes 10-19 drawn in tab20's light colors, not 0-9's again
+    many = scatter_image(pts, torch.arange(128), "many")
     assert many.shape[2] <= 384 + 160  # one column (names up to 130 px), not 6
-    arr = (few * 255).round().to(torch.uint8).permute(1, 2, 0)
-    assert all(bool((arr == torch.tensor(c, dtype=torch.uint8)).all(-1).any()) for c in _TAB10)
-    arr = (many * 255).round().to(torch.uint8).permute(1, 2, 0)
-    frame = ((arr == 0).all(-1).sum(0) > 300).nonzero().flatten()
-    legend = arr[:, int(frame.max()) + 1 :]
-    assert bool((legend < 100).all(-1).any())  # the text
-    for color in _TAB10:  # no legend dots
-        assert not bool((legend == torch.tensor(color, dtype=torch.uint8)).all(-1).any())
+    side = legend(many)
+    named = [c for c in _TAB10 + _TAB20_LIGHT if len(set(c)) > 1]
+    assert len(named) == 18 and all(has(side, c) for c in named) and has(side, _OTHERS)  # 18 dots, a gray one
+    assert not has(side, _TAB10[7]) and not has(side, _TAB20_LIGHT[7])  # tab's grays: not for a class
+    assert bool((side < 100).all(-1).any())  # the names and "+110 more classes"
 
 
 def test_projector_sprite_written_once_for_the_same_probes(tmp_path):

@@ -192,9 +192,11 @@ def test_callback_logs_every_method_at_scheduled_epochs(tmp_path):
     assert scalar_steps(acc, "viz-gradients/time_s") == [1, 2]
     assert "viz-gradients/saliency/input/p003" not in acc.Tags()["images"]
     img = acc.Images("viz-gradients/saliency/input/p000")[0]
-    assert (img.width, img.height) == (128, 128)  # 8 px probes upscaled 16x to the default display_px
+    # 8 px probes upscaled 16x to the default display_px, the colorbar (24) of the map's own range under them
+    assert (img.width, img.height) == (128, 128 + 24)
     # blended at the probe's 8 px and zoomed with it: one uniform 16 x 16 block per probe pixel
-    blocks = np.asarray(Image.open(io.BytesIO(img.encoded_image_string)).convert("RGB")).reshape(8, 16, 8, 16, 3)
+    pixels = np.asarray(Image.open(io.BytesIO(img.encoded_image_string)).convert("RGB"))
+    blocks = pixels[:128].reshape(8, 16, 8, 16, 3)
     assert (blocks == blocks[:, :1, :, :1]).all() and len(np.unique(blocks[:, 0, :, 0].reshape(-1, 3), axis=0)) > 8
 
 

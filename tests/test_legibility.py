@@ -125,3 +125,77 @@ def test_activation_per_probe_image_names_its_channels_at_a_readable_size(acc):
     assert img.shape[1] == 2 * 50 + 2  # 4 channels in 2 x 2 tiles, 8 px maps shown at 48 (display_px)
     assert has_text(img, tiles(2, 48), "below") == [True] * 2  # "ch 2", "ch 3" under the last row
     assert has_text(img, tiles(2, 48), "above")[0]  # "p000 1: net.conv1, first channels"
+
+
+def test_activation_per_probe_image_explains_its_colors_with_a_colorbar_of_the_probe_range():
+    """The channels of a probe share one range (its activations' min..max), but nothing said which: viridis tiles
+    with no scale. A colorbar of that range now runs under them, the numbers written."""
+    import torch
+
+    from lightning_viz.logging import VizLogger
+    from lightning_viz.probe import ProbeSet
+    from lightning_viz.render import colorbar, to_uint8
+
+    images = {}
+
+    class Writer:
+        def add_image(self, tag, img, step, dataformats):
+            images[tag] = img
+
+        def add_scalar(self, *args):
+            pass
+
+    g = torch.Generator().manual_seed(0)
+    probe = ProbeSet(images=torch.rand(2, 3, 8, 8, generator=g), labels=torch.tensor([0, 1]))
+    maps = torch.randn(2, 4, 4, 4, generator=g) * torch.tensor([1.0, 5.0]).view(2, 1, 1, 1)
+    results = {
+        "maps:net.conv1": maps,
+        "channels:net.conv1": torch.arange(4).expand(2, 4),
+        "nonpos:net.conv1": (maps <= 0).flatten(1).sum(1),
+        "numel:net.conv1": torch.full((2,), 64),
+        "chmax:net.conv1": maps.amax(dim=(2, 3)),
+    }
+    cb = ActivationCallback(layers="net.conv1", max_channels=4, num_probes=2)
+    cb.log_results(VizLogger(Writer(), 0), results, probe, None)
+    for i in range(2):
+        img = images[f"viz-activations/net.conv1/p00{i}"]
+        want = to_uint8(colorbar(img.shape[1] - 4, float(maps[i].min()), float(maps[i].max()), "viridis"))
+        assert (img[-26:-2, 2:-2] == want.permute(1, 2, 0).numpy()).all()  # the last strip, 2 px margins
+
+
+def test_map_grid_names_each_probe_tile_and_puts_the_fixed_range_under_it():
+    """layout="grid" pasted the probes' overlays with nothing to say which probe (or class) a tile was, nor on
+    which scale: 64 probes of 224 px made an anonymous 1810 px square. Each tile now has its probe id and true
+    class under it, a caption says the scale, and the fixed grid's colorbar keeps the margins of the tiles."""
+    import torch
+
+    from lightning_viz.callbacks.gradients import GradientCallback
+    from lightning_viz.logging import VizLogger
+    from lightning_viz.probe import ProbeSet
+    from lightning_viz.render import _shared_strip, colorbar, to_uint8
+
+    images = {}
+
+    class Writer:
+        def add_image(self, tag, img, step, dataformats):
+            images[tag] = img
+
+        def add_scalar(self, *args):
+            pass
+
+    g = torch.Generator().manual_seed(0)
+    probe = ProbeSet(images=torch.rand(3, 3, 8, 8, generator=g), labels=torch.tensor([2, 0, 1]))
+    maps = torch.rand(3, 8, 8, generator=g)
+    cb = GradientCallback(layout="grid", normalize="both", display_px=32, class_names=["cat", "dog", "eel"])
+    cb.log_map(VizLogger(Writer(), 0), "saliency/input", maps, probe.images, probe, cb.class_names)
+    grid = images["viz-gradients/saliency/input/grid"]
+    # 3 tiles of 32 px in rows of 2: caption (16), then per row 2 + 32 + 1 + label (13), then 2
+    assert grid.shape == (16 + 2 * (2 + 32 + 1 + 13) + 2, 2 * 34 + 2, 3)
+    caption = _shared_strip(grid.shape[1], ["saliency/input: each map on its own range"], 16, align="left")
+    assert (grid[:16] == caption.permute(1, 2, 0).numpy()).all()
+    for (y, x), text in zip([(16 + 35, 2), (16 + 35, 36), (16 + 48 + 35, 2)], ["p000 eel", "p001 cat", "p002 dog"]):
+        assert (grid[y : y + 13, x : x + 32] == _shared_strip(32, [text], 13).permute(1, 2, 0).numpy()).all()
+    fixed = images["viz-gradients/saliency/input/fixed/grid"]
+    vmin, vmax = cb.scales["saliency/input"].update(maps)
+    want = to_uint8(colorbar(fixed.shape[1] - 4, vmin, vmax, "jet")).permute(1, 2, 0).numpy()
+    assert fixed.shape[0] == grid.shape[0] + 24 + 2 and (fixed[-26:-2, 2:-2] == want).all()

@@ -105,8 +105,9 @@ def check_split(rec, images: dict, scalars: dict) -> None:
     for e in range(EPOCHS):
         assert any(k[0] == e for k in images) and any(k[0] == e for k in scalars), e
     for img in images.values():
-        # the default panel: caption (16) + method names (14) + padding over one row of image | map, 16 px shown at 128
-        assert img.dtype == np.uint8 and img.shape == (16 + 14 + 2 + 128 + 2, 2 * 128 + 3 * 2, 3)
+        # the default panel: caption (16) + method names (14) + padding over one row of image | map, 16 px shown at 128,
+        # and the map's colorbar (24) under it
+        assert img.dtype == np.uint8 and img.shape == (16 + 14 + 2 + 128 + 1 + 24 + 2, 2 * 128 + 3 * 2, 3)
     assert all(np.isfinite(v) for v in scalars.values())
 
 

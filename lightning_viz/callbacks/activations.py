@@ -2,7 +2,8 @@
 
 Tags (step = epoch):
 * ``viz-activations/<layer>/<probe-id>`` -- grid of the probe's channels (``max_channels`` of them),
-  upscaled to the probe image size, on one range per probe (so weak channels look weak);
+  upscaled to the probe image size, on one range per probe (so weak channels look weak), with a colorbar
+  of that range under them;
   with ``layout="grid"`` instead one ``viz-activations/<layer>/grid`` per layer: one row per probe
   (the probe image, then its channels), captions with class names;
 * ``viz-activations/<layer>/dead_fraction`` -- fraction of all recorded activations that are ``<= 0``
@@ -32,6 +33,7 @@ from ..render import (
     resize_maps,
     to_uint8,
     upscale,
+    with_colorbar,
 )
 from ._options import LayersSpec, as_layer_list
 from .base import VisualizationCallback
@@ -179,9 +181,8 @@ class ActivationCallback(VisualizationCallback):
                     [_shared_strip(w, [f"ch {c}"], 12) for c in chans[r : r + ncol]] for r in range(0, len(tiles), ncol)
                 ]
                 head = pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
-                logger.image(
-                    make_tag(self.method, name, pid), compose(rows, None, f"{head}: {name}, {order}", under=under)
-                )
+                panel = compose(rows, None, f"{head}: {name}, {order}", under=under)
+                logger.image(make_tag(self.method, name, pid), with_colorbar(panel, m.min(), m.max(), self.cmap))
 
     def layer_grid(self, name: str, maps: Any, channels: Any, probe: ProbeSet, trainer: Trainer) -> Any:
         """One image for ``layer``: a row per probe (its image, then its channels on one range per probe)."""

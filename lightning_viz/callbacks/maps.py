@@ -5,9 +5,11 @@ A subclass implements :meth:`MapCallback.compute_maps` -> ``{key: Tensor[N, H, W
 
 * logs, by default, one panel per probe image (``viz-<family>/panel/<probe-id>``): the probe image and every
   map key as an overlay side by side, under a caption strip (probe id, true class, predicted class and its
-  probability) and the method names; with ``normalize="both"`` a second row shows the maps on the fixed
-  scale, each with a colorbar giving its numeric range. ``layout="per_probe"`` logs one overlay per key
-  and probe (``viz-<family>/<key>/<probe-id>``), ``layout="grid"`` one grid per key;
+  probability) and the method names, a colorbar under every map tile giving its numeric range (on its own
+  scale: the map's minimum to maximum); with ``normalize="both"`` a second row shows the maps on the fixed
+  scale, each with a colorbar of the fixed range. ``layout="per_probe"`` logs one overlay per key
+  and probe (``viz-<family>/<key>/<probe-id>``), ``layout="grid"`` one grid per key (each tile named by its
+  probe id and true class);
 * logs summary statistics of the raw maps as scalars (``viz-<family>/<key>/stats/{mean_abs,max_abs,std}``);
 * hands the maps to the optional :attr:`tracker` (filmstrips, drift, faithfulness; see ``tracking.py``).
 """
@@ -33,12 +35,13 @@ from ..render import (
     cut_name,
     diverging_cmap,
     fit_names,
-    image_grid,
     is_flat,
+    labeled_grid,
     normalize_maps,
     overlay,
     to_uint8,
     upscale,
+    with_colorbar,
 )
 from ..targets import LabelTarget, Probabilities, check_probabilities, class_probabilities, resolve_target
 from ..tracking import MapTracker
@@ -158,8 +161,9 @@ class MapCallback(VisualizationCallback):
                 self.log_stats(logger, key, shown[key], oks[key])
             self.log_panels(logger, shown, images, probe, results, self.get_class_names(trainer), oks)
         else:
+            names = self.get_class_names(trainer)
             for key, m in maps.items():
-                self.log_map(logger, key, m, images, probe)
+                self.log_map(logger, key, m, images, probe, names)
         if self.tracker is not None:
             self.tracker.log(logger, maps, results, probe, trainer, callback=self)
 
@@ -202,25 +206,49 @@ class MapCallback(VisualizationCallback):
         over = to_uint8(overlay(images01, maps01, self.alpha, self.heat_cmap))
         return upscale(over, self.display_px) if self.display_px else over
 
-    def log_map(self, logger: VizLogger, key: str, maps: Tensor, images01: Tensor, probe: ProbeSet) -> None:
+    def log_map(
+        self,
+        logger: VizLogger,
+        key: str,
+        maps: Tensor,
+        images01: Tensor,
+        probe: ProbeSet,
+        class_names: list[str] | None = None,
+    ) -> None:
         """Overlays (``layout="per_probe"`` or ``"grid"``) and statistics for one ``[N, H, W]`` raw map tensor."""
         ok, maps = self.finite(key, maps)
         self.log_stats(logger, key, maps, ok)
         for suffix, m01, rng in self.variants(key, maps, ok):
             over = self.overlays(images01, m01)
-            if self.layout == "grid":
-                grid = image_grid(over.float().div_(255))  # the same levels, as make_grid takes them
+            if self.layout == "grid":  # each tile named (probe id, true class), the scale in the caption
+                labels = [
+                    pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], class_names)}"
+                    for i, pid in enumerate(probe.ids)
+                ]
+                scale = "each map on its own range" if rng is None else "one fixed range"
+                grid = labeled_grid(over, labels, caption=f"{key}: {scale}")
                 if rng is not None:  # the fixed scale's numeric range under the grid
-                    grid = torch.cat([grid, colorbar(int(grid.shape[-1]), rng[0], rng[1], self.heat_cmap)], dim=1)
+                    grid = with_colorbar(grid, rng[0], rng[1], self.heat_cmap)
                 logger.image(make_tag(self.method, key, suffix or None, "grid"), grid)
             else:
-                bar = None if rng is None else to_uint8(colorbar(int(over.shape[-1]), rng[0], rng[1], self.heat_cmap))
-                for pid, img, finite in zip(probe.ids, over, ok.tolist()):
+                for pid, img, finite, bar in zip(
+                    probe.ids, over, ok.tolist(), self.bars(maps, ok, rng, int(over.shape[-1]))
+                ):
                     if finite:
                         logger.image(
                             make_tag(self.method, key, pid, suffix or None),
                             img if bar is None else torch.cat([img, bar], dim=1),
                         )
+
+    def bars(self, maps: Tensor, ok: Tensor | None, rng: tuple[float, float] | None, width: int) -> list[Tensor | None]:
+        """Per probe, the uint8 strip under its overlay of raw ``maps``: the colorbar of the fixed range ``rng``, else
+        of the map's own range (signed: ``-max|m|..max|m|``, zero marked), or a note on a constant map."""
+        if rng is not None:  # fixed scale: one range for every probe
+            return [to_uint8(colorbar(width, rng[0], rng[1], self.heat_cmap))] * len(maps)
+        if self.signed:  # per image, signed: each probe's own symmetric range, zero marked
+            top = maps.flatten(1).abs().amax(dim=1).clamp_min(1e-12).tolist()
+            return [to_uint8(colorbar(width, -t, t, self.heat_cmap)) for t in top]
+        return _per_image_bars(maps, ok, width, self.heat_cmap)  # per image: own range, or a note
 
     def log_panels(
         self,
@@ -247,13 +275,7 @@ class MapCallback(VisualizationCallback):
                     rows.append([])
                     bars.append([])
                 rows[v].append(self.overlays(images01, m01))  # uint8 once per key and variant: what compose pastes
-                if rng is not None:  # fixed scale: one range for every probe
-                    bars[v].append([to_uint8(colorbar(width, rng[0], rng[1], self.heat_cmap))] * len(probe))
-                elif self.signed:  # per image, signed: each probe's own symmetric range, zero marked
-                    top = maps[key].flatten(1).abs().amax(dim=1).clamp_min(1e-12).tolist()
-                    bars[v].append([colorbar(width, -t, t, self.heat_cmap) for t in top])
-                else:  # a map with nothing to show says so (Grad-CAM of a class with no positive evidence: all zero)
-                    bars[v].append(_empty_map_notes(maps[key], (oks or {}).get(key), width))
+                bars[v].append(self.bars(maps[key], (oks or {}).get(key), rng, width))
         layers = {k.split("/", 1)[-1] for k in keys}
         labels = ["image"] + [k.split("/", 1)[0] if len(layers) == 1 else k.replace("/", " ") for k in keys]
         both = self.normalize == "both"
@@ -310,6 +332,16 @@ def predictions(
                 return {}
             parts.append(logits.float())
     return _predicted(torch.cat(parts), probabilities)
+
+
+def _per_image_bars(maps: Tensor, ok: Tensor | None, width: int, cmap: str) -> list[Tensor | None]:
+    """Per probe, the strip under a panel tile of an unsigned map on its own scale: a colorbar from the map's
+    minimum to its maximum (the range the colormap spans for that probe), or the note of :func:`_empty_map_notes`
+    for a constant or non-finite map."""
+    flat = maps.flatten(1)
+    lo, hi = flat.amin(dim=1).tolist(), flat.amax(dim=1).tolist()
+    notes = _empty_map_notes(maps, ok, width)
+    return [to_uint8(colorbar(width, lo[i], hi[i], cmap)) if n is None else n for i, n in enumerate(notes)]
 
 
 def _empty_map_notes(maps: Tensor, ok: Tensor | None, width: int) -> list[Tensor | None]:

@@ -465,8 +465,25 @@ def _text(draw: Any, xy: tuple[float, float], text: str, font: Any, anchor: str,
         draw.text((xy[0] + dx, xy[1] + dy), text, fill=fill, font=font)
 
 
-#: Most classes :func:`scatter_image` names in its legend; with more, the legend says how many there are.
+#: Most classes :func:`scatter_image` names in its legend, each in a color of its own (tab10, then tab20's light
+#: variants); with more, the first 18 classes are colored and named (the grays left out) and the others drawn in
+#: gray under them, "+N more classes" in the legend (all of them are named in TensorBoard's Projector tab).
 LEGEND_MAX_CLASSES = 20
+#: tab20's light variants of the tab10 colors, in order: the colors of classes 11 to 20.
+_TAB20_LIGHT = (
+    (174, 199, 232),
+    (255, 187, 120),
+    (152, 223, 138),
+    (255, 152, 150),
+    (197, 176, 213),
+    (196, 156, 148),
+    (247, 182, 210),
+    (199, 199, 199),
+    (219, 219, 141),
+    (158, 218, 229),
+)
+#: The color of the classes past the named ones.
+_OTHERS = (190, 190, 190)
 
 
 def scatter_image(
@@ -476,10 +493,11 @@ def scatter_image(
 
     ``size_px`` high: the title on top, a square plot (data limits padded 5% as matplotlib, a frame with
     1-2-2.5-5 ticks and their values), dots of 5 px in matplotlib's tab10 colors (one per class present, in
-    label order, later classes on top; antialiased: cached coverage masks at quarter-pixel offsets,
-    :func:`_dot_masks`), and a legend to the right of the plot (a dot and the class name, more columns when the
-    classes do not fit in one; beyond :data:`LEGEND_MAX_CLASSES` classes only their number), so it never hides
-    points. Non-finite points are left out.
+    label order, later classes on top; tab20's light variants past 10 classes, so no color stands for two;
+    antialiased: cached coverage masks at quarter-pixel offsets, :func:`_dot_masks`), and a legend to the right
+    of the plot (a dot and the class name, more columns when the classes do not fit in one; beyond
+    :data:`LEGEND_MAX_CLASSES` classes the first 18 colored and named, the others gray: "+N more classes"), so
+    it never hides points. Non-finite points are left out.
     """
     import numpy as np
     from PIL import Image, ImageDraw
@@ -491,9 +509,15 @@ def scatter_image(
     lab = None if labels is None else labels.detach().cpu().reshape(-1).long()
     classes = [] if lab is None else [int(c) for c in torch.unique(lab)]
     names = [str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else str(c) for c in classes]
-    colors: list[tuple[int, int, int] | None] = [_TAB10[i % 10] for i in range(len(classes))]
-    if len(classes) > LEGEND_MAX_CLASSES:  # 128 names in 10 repeating colors (a 1000-class head) tell nothing
-        names, colors = [f"{len(classes)} classes,", "10 colors repeating"], [None, None]
+    palette: tuple[tuple[int, int, int], ...] = _TAB10 if len(classes) <= 10 else _TAB10 + _TAB20_LIGHT  # none repeated
+    if len(classes) > LEGEND_MAX_CLASSES:  # a 1000-class head: the first classes in colors, the others gray
+        palette = tuple(c for c in palette if len(set(c)) > 1)  # tab10 and tab20's grays left out
+        n = len(palette)
+        class_colors = list(palette) + [_OTHERS] * (len(classes) - n)
+        names, colors = names[:n] + [f"+{len(classes) - n} more classes"], [*palette, _OTHERS]
+    else:
+        class_colors = list(palette[: len(classes)])
+        colors = class_colors
 
     h = int(size_px)
     title_font, tick_font, legend_font = _font(13), _font(10), _font(11)
@@ -531,7 +555,8 @@ def scatter_image(
     if lab is None:
         groups = [(list(range(p.shape[0])), _TAB10[0])]
     else:
-        groups = [(torch.nonzero(lab == c).flatten().tolist(), _TAB10[i % 10]) for i, c in enumerate(classes)]
+        groups = [(torch.nonzero(lab == c).flatten().tolist(), class_colors[i]) for i, c in enumerate(classes)]
+        groups.sort(key=lambda g: g[1] != _OTHERS)  # the gray classes first, under the colored ones
     for idx, color in groups:
         for j in idx:
             if ok[j]:
@@ -556,8 +581,7 @@ def scatter_image(
     for i, (name, dot) in enumerate(zip(names, colors)):
         cx = legend_x + (i // rows) * col_w + dot_r
         cy = top + (i % rows) * row_h + row_h / 2
-        if dot is not None:
-            _paste_dot(img, cx, cy, dot_r, dot)
+        _paste_dot(img, cx, cy, dot_r, dot)
         _text(draw, (cx + dot_r + 6, cy), _fit(draw, name, legend_font, name_w), legend_font, "lm")
     # float in numpy (one thread: torch's threads only wait on each other at this size), then a [3, H, W] view
     # of the HWC pixels, so that to_uint8_hwc gets its HWC layout back without a copy
