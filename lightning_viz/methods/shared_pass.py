@@ -153,9 +153,9 @@ def gradient_pass(
             if cap.without_grad:
                 raise ValueError(
                     f"layer(s) {sorted(cap.without_grad)} ran with autograd off, so no gradient reaches them: inside "
-                    "torch.utils.checkpoint(..., use_reentrant=True) (timm: set_grad_checkpointing()) or "
-                    "torch.no_grad() in the model's forward. Use use_reentrant=False, or turn gradient checkpointing "
-                    "off for the visualized model."
+                    "torch.no_grad() in the model's forward, or torch.utils.checkpoint(..., use_reentrant=True) "
+                    "outside lightning_viz.capture.isolated (which runs such blocks as plain calls). Use "
+                    "use_reentrant=False, or turn gradient checkpointing off for the visualized model."
                 )
             wrt = ([xc] if input_grad else []) + outs
             g: tuple[Optional[Tensor], ...]
