@@ -711,3 +711,36 @@ def test_reentrant_gradient_checkpointing_gives_the_same_maps(tmp_path):
     cb = GradientCallback(methods=["saliency"], num_probes=2)
     viz, bare = fit([cb]), fit([])
     assert cb.last_logged_tags and all(torch.equal(viz[k], bare[k]) for k in bare)
+
+
+def test_a_forward_that_cuts_the_input_off_autograd_fails_clearly():
+    """A frozen backbone called under torch.no_grad() in the forward: no gradient w.r.t. the input exists (was:
+    all-zero saliency and integrated-gradients maps, silently; raw torch errors from the synthesis and attacks)."""
+    from lightning_viz.methods import gradients as G
+    from lightning_viz.methods.adversarial import fgsm
+    from lightning_viz.methods.synthesis import class_model_images, unit_images
+
+    x, y = tiny_dataset(2).tensors
+    model = _NoGradBlock().eval()
+    with isolated(model):
+        for call in [
+            lambda: G.saliency(model, x, "label", y),
+            lambda: G.integrated_gradients(model, x, "label", y, steps=2),
+            lambda: fgsm(model, x, y, epsilon=0.1),
+            lambda: class_model_images(model, [0], (3, 8, 8), steps=1),
+            lambda: unit_images(model, "conv1", [0], (3, 8, 8), steps=1),
+        ]:
+            with pytest.raises(ValueError, match="the model's output does not depend on its input through autograd"):
+                call()
+
+
+def test_a_forward_that_cuts_the_input_off_autograd_fails_at_setup(tmp_path):
+    """The callbacks that differentiate the logits w.r.t. the input check it with their setup forward (was: the fit
+    stopped after its first epoch)."""
+    from test_foundation_training import StepCounter
+
+    counter = StepCounter()
+    trainer = tiny_trainer(str(tmp_path), [counter, GradientCallback(methods=["saliency"], num_probes=2)])
+    with pytest.raises(ValueError, match="GradientCallback needs gradients w.r.t. the input, but the model's output"):
+        trainer.fit(LitTiny(_NoGradBlock()), *tiny_loaders(n=8))
+    assert counter.steps == 0

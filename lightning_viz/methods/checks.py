@@ -9,7 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["check_images", "check_eval", "check_classes"]
+__all__ = ["check_images", "check_eval", "check_classes", "check_reaches_input"]
 
 
 def check_images(fn: str, x: object) -> None:
@@ -61,3 +61,17 @@ def check_classes(fn: str, classes: Tensor, batch: int, num_classes: Optional[in
             f"{bad[:5].tolist()}"
         )
     return cls.clone() if cls.is_inference() else cls
+
+
+def check_reaches_input(fn: str, reaches: bool) -> None:
+    """Refuse a model whose output the input cannot reach through autograd (``reaches`` is ``False``): its forward
+    runs the network, or the part before the output, under ``torch.no_grad()`` / ``torch.inference_mode()`` or
+    detaches a tensor (a frozen backbone called under ``torch.no_grad()``). Every gradient w.r.t. the input would
+    be missing: zero maps, images that never change."""
+    if not reaches:
+        raise ValueError(
+            f"{fn} needs gradients w.r.t. the input, but the model's output does not depend on its input through "
+            "autograd: its forward runs (part of) the network under torch.no_grad() / torch.inference_mode() or "
+            "detaches a tensor (e.g. a frozen backbone called under torch.no_grad()). Freeze the backbone with "
+            "requires_grad_(False) instead (training is the same), or leave out the methods that need gradients."
+        )

@@ -39,7 +39,7 @@ from ..capture import capture, grad_enabled
 from ..layers import linear_calls
 from ..targets import CallableTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
-from .checks import check_eval, check_images
+from .checks import check_eval, check_images, check_reaches_input
 from .relu_rules import relu_rule
 
 __all__ = ["INPUT", "PassResult", "gradient_pass", "PassCache", "pass_cache", "target_key", "model_version", "chunks"]
@@ -157,6 +157,8 @@ def gradient_pass(
                     "outside lightning_viz.capture.isolated (which runs such blocks as plain calls). Use "
                     "use_reentrant=False, or turn gradient checkpointing off for the visualized model."
                 )
+            if input_grad:  # else every input gradient is missing: silently zero maps
+                check_reaches_input("a gradient method", scores.requires_grad)
             wrt = ([xc] if input_grad else []) + outs
             g: tuple[Optional[Tensor], ...]
             if scores.requires_grad:
@@ -174,6 +176,8 @@ def gradient_pass(
                 g = (None,) * len(wrt)
         if not input_grad:
             g = (None,) + tuple(g)
+        else:
+            check_reaches_input("a gradient method", g[0] is not None)
         parts["logits"].append(logits.detach())
         parts["scores"].append(scores.detach())
         parts["classes"].append(None if cls is None else cls.detach())
