@@ -233,6 +233,34 @@ def _eager_stance() -> contextlib.AbstractContextManager:
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def reentrant_checkpoint_direct() -> Iterator[None]:
+    """Run ``torch.utils.checkpoint(fn, ..., use_reentrant=True)`` blocks as the plain call ``fn(...)`` inside the
+    block. Reentrant checkpointing runs ``fn`` with autograd off and refuses ``torch.autograd.grad`` in its backward
+    ("incompatible with .grad()"), so no gradient w.r.t. the input or a layer inside ``fn`` could be taken through
+    it; in eval mode with frozen parameters the plain call computes the same values. (``use_reentrant=False``
+    supports ``torch.autograd.grad`` and is left as it is.) The class attribute is restored on exit; training,
+    outside the block, checkpoints as before."""
+    try:
+        from torch.utils.checkpoint import CheckpointFunction
+    except ImportError:  # a torch without it
+        yield
+        return
+    own = vars(CheckpointFunction).get("apply")  # normally inherited from torch.autograd.Function
+
+    def direct(function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
+        return function(*args)
+
+    CheckpointFunction.apply = staticmethod(direct)
+    try:
+        yield
+    finally:
+        if own is None:
+            del CheckpointFunction.apply
+        else:
+            CheckpointFunction.apply = own
+
+
 class NondeterministicOpWarning(UserWarning):
     """A visualization ran an op without a deterministic implementation under ``deterministic=True``."""
 
@@ -327,7 +355,8 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
     every submodule too (:func:`attributes_kept`: call counters, flags), every global RNG forked
     and restored (:func:`fork_rng`; methods draw noise from their own seeded ``torch.Generator``),
     and autograd enabled even under inference mode; autocast off (:func:`_autocast_off`); ``self.log`` in a
-    ``forward`` muted (:func:`log_muted`); ``torch.compile``d modules run eagerly (so hooks fire); ops without a
+    ``forward`` muted (:func:`log_muted`); ``torch.compile``d modules run eagerly (so hooks fire); reentrant
+    gradient checkpointing runs as plain calls (:func:`reentrant_checkpoint_direct`); ops without a
     deterministic implementation do not raise under ``deterministic=True`` (:func:`deterministic_warn_only`).
     Yields the unwrapped model.
     """
@@ -340,6 +369,7 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
         stack.enter_context(grad_enabled())
         stack.enter_context(_autocast_off(model))
         stack.enter_context(_eager_stance())
+        stack.enter_context(reentrant_checkpoint_direct())
         stack.enter_context(eval_mode(model))
         stack.enter_context(frozen_params(model))
         stack.enter_context(buffers_kept(model))

@@ -64,7 +64,7 @@ class InputGradMap(MapCallback):
     method = "inputgrad"
 
     def compute_maps(self, pl_module, probe):
-        x = probe.to(pl_module.device).requires_grad_()
+        x = probe.to(pl_module.device, pl_module.dtype).requires_grad_()
         score = pl_module(x).gather(1, probe.labels.to(x.device).view(-1, 1)).sum()
         (g,) = torch.autograd.grad(score, x)
         return {"inputgrad/input": g.abs().amax(dim=1)}

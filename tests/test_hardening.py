@@ -657,14 +657,21 @@ def test_gradient_checkpointing_gives_the_same_maps_and_images(tmp_path):
     assert all(cb.last_logged_tags for cb in callbacks)
 
 
+class _NoGradBlock(_Checkpointed):
+    def forward(self, x):
+        with torch.no_grad():
+            x = self.block(x)
+        return self.fc(self.pool(x).flatten(1))
+
+
 def test_gradient_checkpointing_limits_fail_clearly():
-    """Reentrant checkpointing runs its forward with autograd off: no gradient reaches a layer inside (was: all-zero
+    """A block run with autograd off (torch.no_grad in the forward): no gradient reaches a layer inside (was: all-zero
     Grad-CAM maps, silently). The deconvnet rule cannot be recomputed by a checkpoint."""
     from lightning_viz.methods import cam as C
     from lightning_viz.methods import gradients as G
 
     x, y = tiny_dataset(4).tensors
-    model = _Checkpointed(reentrant=True).eval()
+    model = _NoGradBlock().eval()
     with isolated(model), pytest.raises(ValueError, match=r"\['conv2'\] ran with autograd off.*use_reentrant=False"):
         C.class_activation_map(model, x, "conv2", "gradcam", "label", y)
     model = _Checkpointed().eval()
@@ -673,3 +680,67 @@ def test_gradient_checkpointing_limits_fail_clearly():
         pytest.raises(ValueError, match="the deconv ReLU rule cannot run through torch.utils.checkpoint"),
     ):
         G.deconvnet(model, x, "label", y)
+
+
+def test_reentrant_gradient_checkpointing_gives_the_same_maps(tmp_path):
+    """``torch.utils.checkpoint(..., use_reentrant=True)`` refuses ``torch.autograd.grad``, so every gradient w.r.t.
+    the input failed through it and CAMs of a layer inside it had no gradient (was: the GradientCallback stopped the
+    fit after its first epoch). Inside ``isolated`` such a block runs as a plain call: the maps without checkpointing,
+    and the model still checkpoints in training (bit-identical weights)."""
+    from lightning_viz.methods import cam as C
+    from lightning_viz.methods import gradients as G
+
+    torch.manual_seed(0)
+    plain, ckpt = TinyCNN().eval(), _Checkpointed(reentrant=True).eval()
+    ckpt.load_state_dict(plain.state_dict())
+    x, y = tiny_dataset(4).tensors
+
+    def maps(m):
+        with isolated(m):
+            return [G.saliency(m, x, "label", y), C.class_activation_map(m, x, "conv2", "gradcam", "label", y)]
+
+    for a, b in zip(maps(plain), maps(ckpt)):
+        torch.testing.assert_close(a, b)
+
+    def fit(callbacks):
+        L.seed_everything(0, verbose=False)
+        model = LitTiny(_Checkpointed(reentrant=True))
+        tiny_trainer(str(tmp_path), callbacks, max_epochs=2, limit_val_batches=1).fit(model, *tiny_loaders(n=16))
+        return model.state_dict()
+
+    cb = GradientCallback(methods=["saliency"], num_probes=2)
+    viz, bare = fit([cb]), fit([])
+    assert cb.last_logged_tags and all(torch.equal(viz[k], bare[k]) for k in bare)
+
+
+def test_a_forward_that_cuts_the_input_off_autograd_fails_clearly():
+    """A frozen backbone called under torch.no_grad() in the forward: no gradient w.r.t. the input exists (was:
+    all-zero saliency and integrated-gradients maps, silently; raw torch errors from the synthesis and attacks)."""
+    from lightning_viz.methods import gradients as G
+    from lightning_viz.methods.adversarial import fgsm
+    from lightning_viz.methods.synthesis import class_model_images, unit_images
+
+    x, y = tiny_dataset(2).tensors
+    model = _NoGradBlock().eval()
+    with isolated(model):
+        for call in [
+            lambda: G.saliency(model, x, "label", y),
+            lambda: G.integrated_gradients(model, x, "label", y, steps=2),
+            lambda: fgsm(model, x, y, epsilon=0.1),
+            lambda: class_model_images(model, [0], (3, 8, 8), steps=1),
+            lambda: unit_images(model, "conv1", [0], (3, 8, 8), steps=1),
+        ]:
+            with pytest.raises(ValueError, match="the model's output does not depend on its input through autograd"):
+                call()
+
+
+def test_a_forward_that_cuts_the_input_off_autograd_fails_at_setup(tmp_path):
+    """The callbacks that differentiate the logits w.r.t. the input check it with their setup forward (was: the fit
+    stopped after its first epoch)."""
+    from test_foundation_training import StepCounter
+
+    counter = StepCounter()
+    trainer = tiny_trainer(str(tmp_path), [counter, GradientCallback(methods=["saliency"], num_probes=2)])
+    with pytest.raises(ValueError, match="GradientCallback needs gradients w.r.t. the input, but the model's output"):
+        trainer.fit(LitTiny(_NoGradBlock()), *tiny_loaders(n=8))
+    assert counter.steps == 0

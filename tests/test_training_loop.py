@@ -406,3 +406,37 @@ def test_steps_remembered_per_log_directory_stay_bounded_over_a_long_fit(tmp_pat
     [written] = cb._written.values()
     assert written == {0: True, 8: True}  # was one entry per epoch
     assert image_steps(read_events(str(tmp_path)), "viz-filters/net.conv1/grid") == [0, *range(9)]
+
+
+class _SeenWeights(FilterCallback):
+    """Records the head weights each run sees (the README's weight-averaging paragraph states which)."""
+
+    def compute(self, pl_module, probe):
+        self.seen = [*getattr(self, "seen", []), pl_module.net.fc.weight.detach().clone()]
+        return super().compute(pl_module, probe)
+
+
+def test_weight_averaging_which_weights_are_shown(tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    def fit(run_on=None, before=True):
+        L.seed_everything(0, verbose=False)
+        model, ema = LitTiny(), EMAWeightAveraging(decay=0.5)
+        viz = [] if run_on is None else [_SeenWeights(layers="net.conv1", run_on=run_on)]
+        live = []
+        probe = L.Callback()
+        probe.on_train_epoch_end = lambda trainer, m: live.append(m.net.fc.weight.detach().clone())
+        callbacks = (viz + [ema] if before else [ema] + viz) + [probe]
+        tiny_trainer(str(tmp_path / f"{run_on}{before}"), callbacks, max_epochs=2).fit(model, *tiny_loaders(n=16))
+        return model, (viz[0].seen if viz else None), live
+
+    bare, _, live = fit()
+    for run_on, before, shows_live in [
+        ("train_epoch_end", True, True),
+        ("validation_epoch_end", True, False),
+        ("validation_epoch_end", False, True),
+    ]:
+        model, seen, _ = fit(run_on, before)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), bare.state_dict().values()))
+        assert [torch.equal(s, w) for s, w in zip(seen, live)] == [shows_live] * 2, (run_on, before)
+    assert not torch.equal(seen[-1], bare.net.fc.weight)  # the average, copied in at the end of the fit

@@ -40,6 +40,7 @@ from ..logging import (
     wait_for_writes,
 )
 from ..methods.batching import default_memory_mb, scaled_budget
+from ..methods.checks import check_reaches_input
 from ..probe import PROBE_BANK_KEY, ProbeSet, SampleFormatError, probe_bank_get, probe_bank_put, read_item
 from ..progress import logger as _log
 from ..progress import reporting
@@ -363,6 +364,9 @@ class VisualizationCallback(Callback):
     #: How :meth:`compute` uses the model: ``"logits"`` (reads logits), ``"forward"`` (only runs it, e.g. to
     #: hook layers) or ``"none"`` (never calls it). Decides what :meth:`adapted` returns and checks at setup.
     model_use: Literal["logits", "forward", "none"] = "logits"
+    #: True when :meth:`compute` takes gradients of the logits w.r.t. the input: the setup forward then checks that
+    #: the input reaches the logits through autograd (not a backbone called under ``torch.no_grad()``).
+    needs_input_grad: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Each subclass's ``__init__`` runs under :meth:`_naming`, so an option error names the callback
@@ -713,9 +717,10 @@ class VisualizationCallback(Callback):
             model = self.adapted(pl_module)
             x_u8 = x.to(module_device(model), copy=True) if x.dtype == torch.uint8 else None
             x = x.to(module_device(model), module_dtype(model), copy=True)
+            x_in = x.clone().requires_grad_() if self.needs_input_grad and self.model_use == "logits" else x
             try:
-                with torch.no_grad():
-                    out = model.call(x)
+                with torch.enable_grad() if x_in.requires_grad else torch.no_grad():
+                    out = model.call(x_in)
             except Exception as exc:
                 raise ModelOutputError(
                     f"{name}: calling the model as {how} on one data item of shape {tuple(x.shape)} failed "
@@ -728,6 +733,8 @@ class VisualizationCallback(Callback):
                 except ModelOutputError as exc:
                     raise ModelOutputError(f"{name}: {exc}") from None
                 logits = as_logits(raw, x.shape[0])
+                if x_in.requires_grad:
+                    check_reaches_input(name, logits.requires_grad)
                 if logits.ndim != 2 or logits.shape[0] != 1:
                     raise ModelOutputError(
                         f"{name} needs logits [B, K] from the model, but {how} gave {describe_output(raw)} for one "

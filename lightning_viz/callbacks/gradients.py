@@ -153,6 +153,8 @@ class GradientCallback(GradientMapCallback):
         **kwargs: rendering (:class:`MapCallback`) and schedule/probe options (``VisualizationCallback``).
     """
 
+    needs_input_grad = True
+
     method = "gradients"
 
     def __init__(

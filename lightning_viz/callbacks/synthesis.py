@@ -198,6 +198,8 @@ class ClassModelCallback(_InputOptimizationCallback):
             shape and valid range unless ``input_shape`` is given; ``num_probes``/``probe_seed`` do not apply.
     """
 
+    needs_input_grad = True
+
     method = "class_model"
     per_probe = False
 
@@ -457,6 +459,8 @@ class AdversarialCallback(VisualizationCallback):
         display_px: shorter side each shown image is upscaled to (0: as computed).
         **kwargs: schedule and probe options of :class:`VisualizationCallback`.
     """
+
+    needs_input_grad = True
 
     method = "adversarial"
 

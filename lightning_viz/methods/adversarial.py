@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..capture import grad_enabled
 from ..progress import progress
-from .checks import check_classes, check_eval, check_images, check_logits, input_matches_model
+from .checks import check_classes, check_eval, check_images, check_logits, check_reaches_input, input_matches_model
 
 __all__ = ["predict", "fgsm", "pgd", "is_flipped", "minimal_flip_budget"]
 
@@ -89,6 +89,7 @@ def _loss_sign_grad(model: nn.Module, x: Tensor, classes: Tensor, targeted: bool
         j = -logits.gather(1, cls.view(-1, 1)).sum()
     else:
         raise ValueError(f"unknown attack loss {loss!r}; allowed: 'ce', 'score'")
+    check_reaches_input("adversarial attack", j.requires_grad)
     (g,) = torch.autograd.grad(j, [x])
     return -g.sign() if targeted else g.sign()
 

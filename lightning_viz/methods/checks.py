@@ -21,6 +21,7 @@ __all__ = [
     "check_labels_per_image",
     "check_logits",
     "input_matches_model",
+    "check_reaches_input",
 ]
 
 
@@ -118,3 +119,17 @@ def check_logits(fn: str, out: object, batch: Optional[int]) -> Tensor:
         "output through logits_fn=<a callable (model, x) -> logits>, and a one-logit head [B] or [B, 1] as two "
         "classes."
     )
+
+
+def check_reaches_input(fn: str, reaches: bool) -> None:
+    """Refuse a model whose output the input cannot reach through autograd (``reaches`` is ``False``): its forward
+    runs the network, or the part before the output, under ``torch.no_grad()`` / ``torch.inference_mode()`` or
+    detaches a tensor (a frozen backbone called under ``torch.no_grad()``). Every gradient w.r.t. the input would
+    be missing: zero maps, images that never change."""
+    if not reaches:
+        raise ValueError(
+            f"{fn} needs gradients w.r.t. the input, but the model's output does not depend on its input through "
+            "autograd: its forward runs (part of) the network under torch.no_grad() / torch.inference_mode() or "
+            "detaches a tensor (e.g. a frozen backbone called under torch.no_grad()). Freeze the backbone with "
+            "requires_grad_(False) instead (training is the same), or leave out the methods that need gradients."
+        )

@@ -39,7 +39,14 @@ from ..capture import capture, grad_enabled
 from ..layers import linear_calls
 from ..targets import CallableTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
-from .checks import check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
+from .checks import (
+    check_eval,
+    check_images,
+    check_labels_per_image,
+    check_logits,
+    check_reaches_input,
+    input_matches_model,
+)
 from .relu_rules import relu_rule
 
 __all__ = ["INPUT", "PassResult", "gradient_pass", "PassCache", "pass_cache", "target_key", "model_version", "chunks"]
@@ -167,10 +174,12 @@ def _gradient_pass(
             if cap.without_grad:
                 raise ValueError(
                     f"layer(s) {sorted(cap.without_grad)} ran with autograd off, so no gradient reaches them: inside "
-                    "torch.utils.checkpoint(..., use_reentrant=True) (timm: set_grad_checkpointing()) or "
-                    "torch.no_grad() in the model's forward. Use use_reentrant=False, or turn gradient checkpointing "
-                    "off for the visualized model."
+                    "torch.no_grad() in the model's forward, or torch.utils.checkpoint(..., use_reentrant=True) "
+                    "outside lightning_viz.capture.isolated (which runs such blocks as plain calls). Use "
+                    "use_reentrant=False, or turn gradient checkpointing off for the visualized model."
                 )
+            if input_grad:  # else every input gradient is missing: silently zero maps
+                check_reaches_input("a gradient method", scores.requires_grad)
             wrt = ([xc] if input_grad else []) + outs
             g: tuple[Optional[Tensor], ...]
             if scores.requires_grad:
@@ -188,6 +197,8 @@ def _gradient_pass(
                 g = (None,) * len(wrt)
         if not input_grad:
             g = (None,) + tuple(g)
+        else:
+            check_reaches_input("a gradient method", g[0] is not None)
         parts["logits"].append(logits.detach())
         parts["scores"].append(scores.detach())
         parts["classes"].append(None if cls is None else cls.detach())

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..capture import capture, forward_until, grad_enabled
 from ..layers import module_device, module_dtype
 from ..progress import progress
-from .checks import check_eval, check_images
+from .checks import check_eval, check_images, check_reaches_input
 from .objectives import Objective, channel, class_logit, feature_match, neuron
 from .parameterization import make_param
 from .regularizers import L2Penalty, Regularizer, penalty_grads, total_penalty
@@ -188,6 +188,7 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
             if logits is None:  # stopped after the objective's layers: no logits (the objective reads none)
                 logits = x.new_empty(x.shape[0], 0)
             obj = objective(logits, cap.outputs, rows).sum().to(img.dtype)
+            check_reaches_input("input optimization", obj.requires_grad and not cap.without_grad)
             # penalties with a closed-form gradient enter the backward at the image (no graph of their own); the
             # others go through autograd as part of the loss
             closed, traced = penalty_grads(regs, img)
