@@ -406,3 +406,34 @@ def test_steps_remembered_per_log_directory_stay_bounded_over_a_long_fit(tmp_pat
     [written] = cb._written.values()
     assert written == {0: True, 8: True}  # was one entry per epoch
     assert image_steps(read_events(str(tmp_path)), "viz-filters/net.conv1/grid") == [0, *range(9)]
+
+
+def test_time_spent_visualizing_does_not_bring_a_time_based_validation_forward(tmp_path, monkeypatch):
+    """With validation by time (val_check_interval as a timedelta) the seconds a callback spends at a train epoch end
+    (or before training) are not training time: Lightning's clock is paused for them, so attaching it does not add
+    validations (nor move ModelCheckpoint/EarlyStopping decisions). Was: a run longer than the interval brought a
+    validation at the next batch after every run. A fake clock (real time plus jumps) keeps the test free of timing."""
+    import time
+    from datetime import timedelta
+
+    real, jump = time.monotonic, [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: real() + jump[0])
+
+    class Slow(CAMCallback):
+        def compute(self, pl_module, probe):
+            jump[0] += 100.0  # a run taking 100 s, twice the interval
+            return super().compute(pl_module, probe)
+
+    class Count(L.Callback):
+        def __init__(self):
+            self.steps: list[int] = []
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            self.steps.append(trainer.global_step)
+
+    count = Count()
+    cbs = [Slow(num_probes=2, run_at_start=True), count]
+    kw = {"val_check_interval": timedelta(seconds=50), "num_sanity_val_steps": 0}
+    tiny_trainer(str(tmp_path), cbs, max_epochs=3, **kw).fit(LitTiny(), *tiny_loaders(n=16))
+    assert count.steps == []  # no validation falls due within the (real) seconds of training
+    assert scalar_steps(read_events(str(tmp_path)), "viz-cam/time_s") == [-1, 0, 1, 2]

@@ -863,7 +863,7 @@ class VisualizationCallback(Callback):
         """:meth:`run`, then its part of the one log line of this point (see :func:`_epoch_report`)."""
         if not (scheduled or self.should_run(trainer)) or not sink_names(trainer, self.loggers):
             return
-        start = time.perf_counter()
+        start, clock = time.perf_counter(), time.monotonic()
         cbs = _viz_callbacks(trainer)
         # a later callback runs at this point too: this run's background image writes need not be waited for (the
         # last run waits for all of them), so they overlap the later callbacks' computations
@@ -876,6 +876,7 @@ class VisualizationCallback(Callback):
                 self.run(trainer, pl_module)
         finally:
             self._defer_writes = False
+            _pause_val_clock(trainer, time.monotonic() - clock)
         step = (self._run_step if self._run_step is not None else trainer.current_epoch) if step is None else step
         _epoch_report(self, trainer, step, where, time.perf_counter() - start)
 
@@ -1229,6 +1230,19 @@ class VisualizationCallback(Callback):
         probes = entry.get("probes") if isinstance(entry, dict) else None
         if isinstance(entry, dict) and isinstance(probes, dict) and "bank_ref" in probes:
             entry["probes"] = probe_bank_get(checkpoint[PROBE_BANK_KEY], probes["bank_ref"])
+
+
+def _pause_val_clock(trainer: Trainer, seconds: float) -> None:
+    """With validation by time (``val_check_interval`` a ``timedelta``, dict or ``"DD:HH:MM:SS"``), the ``seconds`` a
+    run took in training (before it, at a train epoch end or step) are not training time: Lightning's clock since the
+    last validation is moved on by them, so attaching a callback adds no validation (nor moves the checkpoints and
+    early stopping decided there). A run inside a validation needs nothing: Lightning restarts the clock when it ends.
+    """
+    if getattr(trainer, "_val_check_time_interval", None) is None or not _fitting(trainer) or trainer.validating:
+        return
+    last = getattr(trainer, "_last_val_time", None)
+    if isinstance(last, (int, float)):
+        trainer._last_val_time = last + seconds  # type: ignore[attr-defined]
 
 
 def _finish_writes() -> None:
