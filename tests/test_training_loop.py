@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import lightning as L
 import numpy as np
@@ -437,3 +438,34 @@ def test_time_spent_visualizing_does_not_bring_a_time_based_validation_forward(t
     tiny_trainer(str(tmp_path), cbs, max_epochs=3, **kw).fit(LitTiny(), *tiny_loaders(n=16))
     assert count.steps == []  # no validation falls due within the (real) seconds of training
     assert scalar_steps(read_events(str(tmp_path)), "viz-cam/time_s") == [-1, 0, 1, 2]
+
+
+def test_an_endless_stream_without_epochs_is_said_to_be_visualized_once(tmp_path):
+    """An IterableDataset that never ends (no length, max_epochs=-1 by max_steps) has one epoch that never ends: the
+    callbacks run once, at the end of training, however often it validates. One warning says so and how to get
+    epochs (limit_train_batches=N), which then give one run per N batches. Was: a silent single visualization."""
+    from torch.utils.data import IterableDataset
+
+    from lightning_viz.callbacks.base import VisualizationWarning
+    from lightning_viz.probe import ProbeSet
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            ds = tiny_dataset(8)
+            while True:
+                yield from ds
+
+    x, y = tiny_dataset(8).tensors
+    kw = {"max_epochs": -1, "max_steps": 4, "limit_val_batches": 0}
+
+    def fit(logdir, **more):
+        cam = CAMCallback(num_probes=2, probes=ProbeSet(images=x[:2], labels=y[:2]))
+        tiny_trainer(logdir, [cam], **kw, **more).fit(LitTiny(), DataLoader(Stream(), batch_size=4))
+        return scalar_steps(read_events(logdir), "viz-cam/time_s")
+
+    with pytest.warns(VisualizationWarning, match=r"no length.*visualized once.*limit_train_batches=N") as caught:
+        assert fit(str(tmp_path / "endless")) == [0]
+    assert sum("no length" in str(w.message) for w in caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VisualizationWarning)
+        assert fit(str(tmp_path / "epochs"), limit_train_batches=2) == [0, 1]

@@ -822,6 +822,7 @@ class VisualizationCallback(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _warn_epochless(trainer)
         if self.run_at_start and trainer.current_epoch == 0 and trainer.global_step == 0:  # a fresh fit, not a resume
             self._run_and_report(trainer, pl_module, "start", step=BASELINE_STEP, scheduled=True)
 
@@ -1230,6 +1231,30 @@ class VisualizationCallback(Callback):
         probes = entry.get("probes") if isinstance(entry, dict) else None
         if isinstance(entry, dict) and isinstance(probes, dict) and "bank_ref" in probes:
             entry["probes"] = probe_bank_get(checkpoint[PROBE_BANK_KEY], probes["bank_ref"])
+
+
+#: trainers already warned that their training data has no epochs (see :func:`_warn_epochless`)
+_epochless_warned: weakref.WeakSet[Trainer] = weakref.WeakSet()
+
+
+def _warn_epochless(trainer: Trainer) -> None:
+    """Once per trainer (rank 0): training data without a length (an ``IterableDataset``) and no last epoch
+    (``max_epochs=-1``, e.g. set by Lightning for ``max_steps``): an epoch ends only where the stream does, so a stream
+    that never ends gets a single visualization, at the end of training, however often it validates."""
+    if trainer in _epochless_warned or trainer.num_training_batches != float("inf"):
+        return
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        return
+    if not any(cb.every_n_epochs > 0 for cb in _viz_callbacks(trainer)):
+        return
+    _epochless_warned.add(trainer)
+    rank_zero_warn(
+        "lightning-viz: the training data has no length (an IterableDataset), so an epoch ends only when the stream "
+        "does: the visualization callbacks run at epoch ends (and once per epoch under run_on='validation_epoch_end'), "
+        "so a stream that never ends is visualized once, at the end of training. Set the Trainer's "
+        "limit_train_batches=N for epochs of N batches (or give the dataset a __len__).",
+        category=VisualizationWarning,
+    )
 
 
 def _pause_val_clock(trainer: Trainer, seconds: float) -> None:
