@@ -469,3 +469,21 @@ def test_an_endless_stream_without_epochs_is_said_to_be_visualized_once(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error", VisualizationWarning)
         assert fit(str(tmp_path / "epochs"), limit_train_batches=2) == [0, 1]
+
+
+def test_two_callbacks_of_one_family_writing_the_same_panels_need_names(tmp_path):
+    """Two CAM callbacks with other methods (distinct checkpoint keys) but no name= both wrote viz-cam/panel/<probe>,
+    the tracker's filmstrips, probe accuracy and prediction flips at every step, one over the other (two images per
+    step in TensorBoard, one PNG overwriting the other in the image folder). Refused at setup, naming the fix;
+    layouts whose tags differ (a grid per method/layer) go on."""
+    train, val = tiny_loaders(n=8)
+    cbs = [CAMCallback(num_probes=2, methods=["gradcam"]), CAMCallback(num_probes=2, methods=["layercam"])]
+    with pytest.raises(ValueError, match=r"both write viz-cam/\{panel/\.\.\.\}.*distinct name="):
+        tiny_trainer(str(tmp_path / "a"), cbs).fit(LitTiny(), train, val)
+    cbs = [CAMCallback(num_probes=2, tracker=MapTracker(filmstrip=False)), CAMCallback(num_probes=2, target=1)]
+    with pytest.raises(ValueError, match=r"both write viz-cam/\{panel/\.\.\.\}"):
+        tiny_trainer(str(tmp_path / "b"), cbs).fit(LitTiny(), train, val)
+    cbs = [CAMCallback(num_probes=2, methods=[m], layout="grid") for m in ("gradcam", "layercam")]
+    tiny_trainer(str(tmp_path / "c"), cbs, max_epochs=1).fit(LitTiny(), train, val)
+    tags = read_events(str(tmp_path / "c")).Tags()["images"]
+    assert {"viz-cam/gradcam/net.conv2/grid", "viz-cam/layercam/net.conv2/grid"} <= set(tags)

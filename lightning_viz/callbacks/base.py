@@ -556,6 +556,12 @@ class VisualizationCallback(Callback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Replace the state :meth:`extra_state` keeps by ``state`` (``{}``: forget it, as a fresh fit does)."""
 
+    def shared_tags(self) -> set[str]:
+        """Tags (after ``viz-<family>/<name>/``) this callback writes whatever its methods and layers, e.g. one panel
+        per probe: two callbacks of one family writing one of them must be told apart by ``name=`` (checked at setup).
+        """
+        return set()
+
     def state_key_parts(self) -> tuple[Any, ...]:
         """Distinguish several instances of one callback class in a checkpoint (override to add options)."""
         return (self.name, self.method, self.num_probes, self.probe_seed, self.probe_source)
@@ -576,6 +582,7 @@ class VisualizationCallback(Callback):
             _announce(trainer, stage)
             return
         _check_strategy(self, trainer)
+        _check_tag_clash(self, trainer, stage)
         check_sinks(trainer, self.loggers, type(self).__name__)
         self._num_classes = None
         if not sink_names(trainer, self.loggers):
@@ -1376,6 +1383,27 @@ def _rank0_probes(trainer: Trainer, probes: ProbeSet, who: str, dataset: str) ->
         category=VisualizationWarning,
     )
     return box[0]
+
+
+def _check_tag_clash(callback: VisualizationCallback, trainer: Trainer, stage: str) -> None:
+    """Refuse two callbacks of one family (``method``) and ``name`` that would write the same images at every step
+    (:meth:`VisualizationCallback.shared_tags`, e.g. two CAM callbacks' panels), one over the other."""
+    mine = callback.shared_tags()
+    for other in _viz_callbacks(trainer):
+        if other is callback:
+            return
+        if other.method != callback.method or other.name != callback.name or not _runs_under(other, stage):
+            continue
+        common = sorted(mine & other.shared_tags())
+        if common:
+            a, b = type(other).__name__, type(callback).__name__
+            raise ValueError(
+                f"{b} and {a} both write viz-{callback.method}/"
+                + ("" if callback.name is None else f"{callback.name}/")
+                + f"{{{', '.join(t + '/...' if t in ('panel', 'filmstrip') else t for t in common)}}} at every step "
+                f"(same family, name={callback.name!r}): one would be written over the other. Give each a distinct "
+                f"name=, e.g. {a}(..., name='a') and {b}(..., name='b') (inserted in their tags)."
+            )
 
 
 def _check_strategy(callback: VisualizationCallback, trainer: Trainer) -> None:
