@@ -487,3 +487,23 @@ def test_two_callbacks_of_one_family_writing_the_same_panels_need_names(tmp_path
     tiny_trainer(str(tmp_path / "c"), cbs, max_epochs=1).fit(LitTiny(), train, val)
     tags = read_events(str(tmp_path / "c")).Tags()["images"]
     assert {"viz-cam/gradcam/net.conv2/grid", "viz-cam/layercam/net.conv2/grid"} <= set(tags)
+
+
+def test_probes_are_picked_before_training_from_a_combined_loader(tmp_path):
+    """fit(model, CombinedLoader({...})): the probes are picked at setup from the first loader it combines, as from
+    a plain DataLoader (data problems stop the run before the first step; under DDP the ranks' picks are compared
+    there). Was: not found at setup, picked at the first epoch end, where no rank compares them."""
+    from lightning.pytorch.utilities import CombinedLoader
+
+    class Lit(LitTiny):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch["a"], batch_idx)
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.picked = cam.probes
+
+    cam, spy = CAMCallback(num_probes=3), Spy()
+    train, _ = tiny_loaders(n=6, batch_size=6)
+    tiny_trainer(str(tmp_path), [cam, spy], max_epochs=1, limit_val_batches=0).fit(Lit(), CombinedLoader({"a": train}))
+    assert spy.picked is not None and sorted(spy.picked.labels.tolist()) == [0, 1, 2]

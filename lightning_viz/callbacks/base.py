@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
@@ -1475,6 +1475,8 @@ def _find_dataset(trainer: Trainer, source: str, with_iterable: bool = False) ->
                 loaders = _call_loader_hook(trainer, dm, "val_dataloader" if which == "val" else "train_dataloader")
         if loaders is None:
             loaders = _source_loaders(trainer, which)
+        if isinstance(loaders, CombinedLoader):  # fit(model, CombinedLoader(...)): the loaders it combines
+            loaders = loaders.iterables
         if isinstance(loaders, (list, tuple)):
             loaders = loaders[0] if loaders else None
         if isinstance(loaders, dict):
