@@ -181,7 +181,8 @@ def build_model(
 
 
 class ImageClassifier(L.LightningModule):
-    """Cross-entropy classifier trained with Adam; logs ``train_loss``, ``val_loss`` and ``val_acc``.
+    """Cross-entropy classifier trained with Adam; logs ``train_loss``, ``val_loss`` and ``val_acc`` (``test_loss``
+    and ``test_acc`` under ``trainer.test``); ``trainer.predict`` returns class probabilities.
 
     Args:
         arch: ``"small_cnn"`` or a torchvision classification builder name (see :func:`available_archs`).
@@ -227,10 +228,13 @@ class ImageClassifier(L.LightningModule):
                 )
 
     def _step(self, batch) -> tuple[Tensor, Tensor]:
-        x, y, _ = split_sample(batch)
+        x, y, _ = split_sample(batch, classes=False)
         if y is None:
             raise ValueError("ImageClassifier needs labelled batches: (x, y), (x, y, mask) or a dict with a label key")
         logits = self(x)
+        if y.ndim == 2 and y.shape == logits.shape:  # one-hot or soft labels (label smoothing, mixup, cutmix)
+            y = y.to(logits.dtype)  # class probabilities: cross-entropy against them, not against their arg-max
+            return F.cross_entropy(logits, y), (logits.argmax(dim=1) == y.argmax(dim=1)).float().mean()
         return F.cross_entropy(logits, y), (logits.argmax(dim=1) == y).float().mean()
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
@@ -243,6 +247,15 @@ class ImageClassifier(L.LightningModule):
         # sync_dist: under DDP the epoch values are averaged over ranks (a no-op on one device).
         self.log("val_loss", loss, prog_bar=True, sync_dist=True)
         self.log("val_acc", acc, prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        loss, acc = self._step(batch)
+        self.log("test_loss", loss, sync_dist=True)
+        self.log("test_acc", acc, sync_dist=True)
+
+    def predict_step(self, batch, batch_idx: int) -> Tensor:
+        """Class probabilities ``[B, num_classes]`` (softmax of the logits); labels in the batch are ignored."""
+        return self(split_sample(batch)[0]).softmax(dim=1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

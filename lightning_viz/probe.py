@@ -39,7 +39,7 @@ class SampleFormatError(ValueError):
     """A dataset item (or batch) lightning-viz cannot read an image from."""
 
 
-def split_sample(sample: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def split_sample(sample: Any, classes: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Return ``(image, label, mask)`` from one dataset item or one batch (missing parts are ``None``).
 
     Items: a tensor, ``(x, y[, mask, ...])`` or a dict (image under one of ``image``, ``images``, ``img``,
@@ -49,7 +49,7 @@ def split_sample(sample: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
     ``[B, H, W]`` or ``[B, 1, H, W]``); anything else there (an index, a path, extra targets) is ignored. A label
     that holds no numbers (a file name, a dict of targets) counts as none.
     One-hot or probability-vector labels (label smoothing, mixup) count as the class they give most weight to
-    (:func:`class_index`)."""
+    (:func:`class_index`); with ``classes=False`` labels are returned as read (what training on soft labels needs)."""
     if isinstance(sample, Tensor):
         return sample, None, None
     if isinstance(sample, dict):
@@ -61,10 +61,12 @@ def split_sample(sample: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
             )
         lab = next((sample[k] for k in _LABEL_KEYS if k in sample), None)
         mask = next((sample[k] for k in _MASK_KEYS if k in sample), None)
-        return img, class_index(_as_tensor(lab), img), mask
+        lab = _as_tensor(lab)
+        return img, class_index(lab, img) if classes else lab, mask
     if isinstance(sample, (tuple, list)) and len(sample) >= 1:
         img = sample[0]
-        lab = class_index(_as_tensor(sample[1]), img) if len(sample) > 1 else None
+        lab = _as_tensor(sample[1]) if len(sample) > 1 else None
+        lab = class_index(lab, img) if classes else lab
         mask = sample[2] if len(sample) > 2 and _is_mask_of(sample[2], img) else None
         return img, lab, mask
     raise SampleFormatError(
@@ -82,17 +84,37 @@ def _is_mask_of(m: Any, img: Any) -> bool:
 
 
 def class_index(label: Tensor | None, img: Any) -> Tensor | None:
-    """A one-hot or probability-vector label (``[K]`` per item, ``[B, K]`` per batch: non-negative, summing to 1)
-    as the index of its largest entry; any other label as it is (a class index, or a multi-label target)."""
-    if label is None or not isinstance(img, Tensor) or (not label.is_floating_point() and label.dtype != torch.long):
+    """A one-hot or probability-vector label (``[K]`` per item, ``[B, K]`` per batch: non-negative, summing to 1;
+    any real or integer dtype, e.g. ``int32`` one-hot rows from numpy) as the index of its largest entry; any other
+    label as it is (a class index, or a multi-label target)."""
+    if label is None or not isinstance(img, Tensor):
         return label
-    per_item = img.ndim == 3
+    return _vector_class(label, per_item=img.ndim == 3)
+
+
+def _vector_class(label: Tensor, per_item: bool) -> Tensor:
+    """:func:`class_index` of a label of one item (``per_item``: ``[K]``) or of a batch (``[B, K]``)."""
+    if label.is_complex() or not (label.is_floating_point() or label.dtype in _INT_DTYPES or label.dtype == torch.bool):
+        return label
     if label.ndim != (1 if per_item else 2) or label.shape[-1] < 2:
         return label
     v = label.double()
     if bool((v >= 0).all()) and bool(torch.allclose(v.sum(-1), torch.ones((), dtype=torch.float64), atol=1e-3)):
         return v.argmax(-1)
     return label
+
+
+def _stratum(label: Any) -> int:
+    """The class an entry of a dataset's ``targets`` stratifies the probe pick by: a class index, the class a
+    one-hot / probability vector gives most weight to (:func:`class_index`), else ``-1`` (no class: a multi-label
+    row, a class name, ...)."""
+    t = _as_tensor(label)
+    if t is None:
+        return -1
+    t = _vector_class(t.reshape(-1) if t.numel() > 1 else t, per_item=True)
+    if t.numel() != 1 or t.is_complex() or not bool(torch.isfinite(t.double()).all()):
+        return -1
+    return int(t.reshape(()))
 
 
 def _class_indices(labels: Tensor) -> bool:
@@ -249,7 +271,7 @@ class ProbeSet:
             labels = getattr(dataset, "targets", None)
             for idx in scan:
                 if labels is not None:
-                    lab = int(labels[idx])
+                    lab = _stratum(labels[idx])
                 else:
                     _, lab_t, _ = read_item(dataset, idx, seed)
                     lab = int(lab_t) if lab_t is not None and lab_t.numel() == 1 else -1

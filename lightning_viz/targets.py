@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import numbers
+import operator
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Optional, Union, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -41,7 +44,9 @@ __all__ = [
     "binary_logits",
     "as_logits",
     "check_labels",
+    "invalid_classes",
     "describe_output",
+    "logits_fn_example",
     "PROBABILITIES",
     "Probabilities",
     "check_probabilities",
@@ -104,16 +109,29 @@ def check_labels(labels: Tensor, num_classes: int) -> None:
             "(multi-hot / multi-label or dense targets); use target='predicted', a class index, or a callable "
             "logits -> score[B]"
         )
-    v = labels.double()  # bool and integer labels too
-    bad = labels[(v != v.round()) | (v < 0) | (v >= num_classes)] if labels.numel() else labels
+    bad = invalid_classes(labels, num_classes)
     if bad.numel():
         one_logit = "; a one-logit binary classifier reads as classes 0 and 1" if num_classes == 2 else ""
         one_logit = _ONE_LOGIT_HINT if num_classes == 1 else one_logit
+        whole = bool((bad.double() == bad.double().round()).all())
+        why = (
+            "-1 marking unlabeled images, an ignore_index such as 255, or counts?" if whole else "a regression target?"
+        )
         raise ValueError(
             f"target='label' needs class indices 0..{num_classes - 1} (the model has {num_classes} classes"
-            f"{one_logit}), but the labels include {bad[:5].tolist()} (a regression target?); use "
+            f"{one_logit}), but the labels include {bad[:5].tolist()} ({why}); use "
             "target='predicted', a class index 0..K-1, or a callable logits -> score[B]"
         )
+
+
+def invalid_classes(values: Tensor, num_classes: Optional[int] = None) -> Tensor:
+    """The entries of ``values`` that are no class index ``0..num_classes-1`` (``None``: any ``>= 0``): fractions,
+    negatives, too large ones (bool, integer and float values; ``1.0`` is class 1)."""
+    v = values.double()
+    bad = (v != v.round()) | (v < 0)
+    if num_classes is not None:
+        bad |= v >= num_classes
+    return values[bad] if values.numel() else values
 
 
 class PredictedTarget(Target):
@@ -172,10 +190,15 @@ def resolve_target(spec: TargetSpec) -> Target:
     """Turn ``"label" | "predicted" | int | Target | callable`` into a :class:`Target`."""
     if isinstance(spec, Target):
         return spec
-    if isinstance(spec, bool):
-        raise ValueError(f"invalid target {spec!r}")
+    if isinstance(spec, (bool, np.bool_)):
+        raise ValueError(
+            f"invalid target {spec!r}; allowed: 'label', 'predicted', a class index (int), or a callable logits -> "
+            "score[B]"
+        )
     if isinstance(spec, int):
         return ClassTarget(spec)
+    if _is_class_index(spec):  # a numpy integer, a 0-d integer tensor (e.g. labels[0], logits.argmax())
+        return ClassTarget(operator.index(spec))  # type: ignore[arg-type]
     if isinstance(spec, str):
         if spec == "label":
             return LabelTarget()
@@ -185,13 +208,26 @@ def resolve_target(spec: TargetSpec) -> Target:
             return ClassTarget(int(spec))
         raise ValueError(
             f"unknown target {spec!r}; allowed: 'label', 'predicted', a class index (int), "
-            "or a callable logits -> score[B]"
+            "or a callable logits -> score[B] (a class is named by its index, not by its name)"
         )
     if callable(spec):
         return CallableTarget(spec)
+    per_image = (
+        " (one class per image: pass them as labels with target='label')"
+        if isinstance(spec, (list, tuple)) or getattr(spec, "ndim", 0) == 1
+        else ""
+    )
     raise ValueError(
         f"invalid target {spec!r}; allowed: 'label', 'predicted', a class index (int), or a callable logits -> score[B]"
+        + per_image
     )
+
+
+def _is_class_index(spec: object) -> bool:
+    """An integer scalar that is no ``bool``: a numpy integer or a 0-d integer tensor."""
+    if isinstance(spec, Tensor):
+        return spec.ndim == 0 and not spec.is_floating_point() and not spec.is_complex() and spec.dtype != torch.bool
+    return isinstance(spec, numbers.Integral) and not isinstance(spec, bool)
 
 
 # ---------------------------------------------------------------------------------------------- model adapter
@@ -232,8 +268,33 @@ def read_logits(out: Any) -> Tensor:
         return out.logits
     raise ModelOutputError(
         f"the model returned {describe_output(out)}, which has no logits tensor (not a Tensor, "
-        f"and no 'logits' entry or attribute); {_LOGITS_HINT}."
+        f"and no 'logits' entry or attribute); {_LOGITS_HINT}.{logits_fn_example(out)}"
     )
+
+
+def logits_fn_example(out: Any) -> str:
+    """A ``logits_fn`` that would read the first tensor of model output ``out`` (a mapping's entry, a sequence's
+    item, a dataclass's field), averaged over the pixels when it is a dense ``[B, K, H, W]`` map (a segmentation
+    head: the class's mean score over the image); ``""`` when there is none."""
+    where, t = "", out
+    if isinstance(out, Mapping):
+        key = next((k for k, v in out.items() if isinstance(v, Tensor)), None)
+        where, t = ("", None) if key is None else (f"[{key!r}]", out[key])
+    elif isinstance(out, (tuple, list)):
+        i = next((i for i, v in enumerate(out) if isinstance(v, Tensor)), None)
+        where, t = ("", None) if i is None else (f"[{i}]", out[i])
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        name = next((f.name for f in dataclasses.fields(out) if isinstance(getattr(out, f.name), Tensor)), None)
+        where, t = ("", None) if name is None else (f".{name}", getattr(out, name))
+    if not isinstance(t, Tensor):
+        return ""
+    if t.ndim == 4:
+        return (
+            f" Its {where or 'output'} is a dense map {tuple(t.shape)} (a segmentation head): e.g. "
+            f"logits_fn=lambda model, x: model(x){where}.mean(dim=(2, 3)) explains each class's mean score over "
+            "the image."
+        )
+    return f" Here perhaps: logits_fn=lambda model, x: model(x){where}." if where else ""
 
 
 def binary_logits(logits: Tensor) -> Tensor:

@@ -367,6 +367,10 @@ def test_attacks_and_deletion_check_the_classes_clearly():
         pgd(model, x, torch.tensor([-1, 0]), 0.1, steps=1)
     with pytest.raises(ValueError, match="one class per image: got 3 classes for 2 images"):
         fgsm(model, x, torch.tensor([0, 1, 2]), 0.1)
+    with pytest.raises(ValueError, match=r"class indices must be 0\.\.2 .*whole numbers; got \[0.5\]"):
+        fgsm(model, x, torch.tensor([0.5, 1.0]), 0.1)  # was: silently class 0
+    with pytest.raises(ValueError, match=r"deletion/insertion: class indices must be >= 0, whole numbers; got \[2.5\]"):
+        deletion_auc(model, x, torch.rand(2, 8, 8), torch.tensor([2.5, 0.0]), steps=2)  # was: silently class 2
     with pytest.raises(ValueError, match=r"deletion/insertion: class indices must be 0\.\.2 .*got \[5\]"):
         deletion_auc(model, x, torch.rand(2, 8, 8), torch.tensor([5, 0]), steps=2)
     # one class for every image, as an int or a one-element tensor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,6 +126,29 @@ def test_probe_one_hot_labels_are_classes_and_multi_labels_are_dropped_not_a_cra
     probes = ProbeSet.from_dataset(TensorDataset(x, multi), num=4, seed=0)
     assert probes.labels is None and len(probes) == 4
     assert torch.equal(probes.images[:, 0, 0, 0], probes.indices.float())
+
+
+class _WithTargets(TensorDataset):
+    """A dataset exposing its labels as ``targets`` (as torchvision's), here one-hot rows or class names."""
+
+    def __init__(self, x, y, targets):
+        super().__init__(x, y)
+        self.targets = targets
+
+
+def test_probe_one_hot_labels_of_any_dtype_and_non_scalar_targets_attribute():
+    """int32 one-hot rows (numpy's) are classes too; a ``targets`` attribute of one-hot rows, lists or class names
+    stratifies the pick instead of crashing it (``int(row)``: 'only one element tensors can be converted')."""
+    x = torch.arange(12, dtype=torch.float32).view(12, 1, 1, 1).expand(12, 1, 2, 2).clone()
+    y = torch.arange(12) % 3
+    onehot = F.one_hot(y, 3)
+    probes = ProbeSet.from_dataset(TensorDataset(x, onehot.int()), num=4, seed=0)
+    assert probes.labels is not None and torch.equal(probes.labels, probes.indices % 3)
+    for targets in (onehot.float(), onehot.tolist(), [["a", "b", "c"][int(i)] for i in y]):
+        probes = ProbeSet.from_dataset(_WithTargets(x, onehot.float(), targets), num=3, seed=0)
+        assert torch.equal(probes.labels, probes.indices % 3)
+        if not isinstance(targets[0], str):  # one of each class: stratified by the targets' classes
+            assert sorted(probes.labels.tolist()) == [0, 1, 2]
 
 
 # ----------------------------------------------------------------------------- layers
@@ -256,6 +280,7 @@ def test_targets_scores():
     assert torch.equal(resolve_target("predicted").classes(logits, None), torch.tensor([1, 0]))
     assert torch.equal(resolve_target(2)(logits, None), torch.tensor([2.0, 3.0]))
     assert torch.equal(resolve_target("0")(logits, None), torch.tensor([1.0, 7.0]))
+    assert torch.equal(resolve_target(np.argmax([0, 0, 1]))(logits, None), torch.tensor([2.0, 3.0]))  # numpy's int
     margin = resolve_target(lambda z: z[:, 0] - z[:, 1])
     assert torch.equal(margin(logits), torch.tensor([-4.0, 7.0]))
     assert margin.classes(logits, labels) is None
@@ -267,8 +292,10 @@ def test_target_errors():
         ClassTarget(3)(logits)
     with pytest.raises(ValueError, match="needs labels"):
         resolve_target("label")(logits, None)
-    with pytest.raises(ValueError, match=r"unknown target 'best'.*'label', 'predicted'"):
+    with pytest.raises(ValueError, match=r"unknown target 'best'.*'label', 'predicted'.*by its index, not by its name"):
         resolve_target("best")
+    with pytest.raises(ValueError, match=r"invalid target True; allowed: 'label', 'predicted'"):
+        resolve_target(True)
     with pytest.raises(ValueError, match=r"one score per sample"):
         resolve_target(lambda z: z.sum())(logits)
     for neg in (-1, "-1"):  # caught when the callback is built, not at the first epoch end

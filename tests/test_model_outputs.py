@@ -176,6 +176,46 @@ def test_model_output_checked_at_setup(tmp_path):
     fit(tmp_path / "d", LitHead("tuple"), [ActivationCallback(num_probes=2), FilterCallback()])
 
 
+class SegNet(nn.Module):
+    """A segmentation head as torchvision's (fcn, deeplabv3, lraspp): ``{"out": [B, K, H, W]}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.classifier = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return {"out": self.classifier(F.relu(self.conv1(x)))}
+
+
+def seg_logits(model, x):
+    return model(x)["out"].mean(dim=(2, 3))
+
+
+class LitSeg(LitTiny):
+    def __init__(self):
+        super().__init__(SegNet())
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(seg_logits(self.net, batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_segmentation_output_gets_a_logits_fn_suggestion_at_setup(tmp_path):
+    """A dense {"out": [B, K, H, W]} output is refused at setup with the logits_fn that reads it (averaged over the
+    pixels); a logits_fn giving the dense map itself is told to average it; the suggested one runs."""
+    model = LitTiny(SegNet())
+    with pytest.raises(ModelOutputError, match=r"model\(x\)\['out'\]\.mean\(dim=\(2, 3\)\) explains each class's"):
+        fit(tmp_path / "a", model, [GradientCallback(num_probes=2)])
+    with pytest.raises(ModelOutputError, match=r"gave a Tensor of shape \(1, 3, 8, 8\).*average it over the pixels"):
+        fit(tmp_path / "b", model, [GradientCallback(num_probes=2, logits_fn=lambda m, x: m(x)["out"])])
+    cb = GradientCallback(methods=["saliency"], num_probes=2, logits_fn=seg_logits)
+    fit(tmp_path / "c", LitSeg(), [cb])
+    assert cb.last_logged_tags
+
+
 def test_float64_network_every_callback(tmp_path):
     """A network made float64 with .double() (no precision flag: the LightningModule's own dtype stays float32):
     every callback puts its inputs on the parameters' dtype and device."""
@@ -279,6 +319,34 @@ def test_cam_head_accepts_the_layers_that_feed_it():
         layer = cb.layers[0]
         assert layer == (layers[0] if layers else "layer4.1")
         assert maps[f"cam/{layer}"].shape == (2, 64, 64) and maps[f"cam/{layer}"].amax() > 0
+
+
+class ScaledOutput(nn.Module):
+    """``net``'s logits through ``log_softmax`` (an NLLLoss model) or divided by a temperature."""
+
+    def __init__(self, net, how):
+        super().__init__()
+        self.net, self.how = net, how
+
+    def forward(self, x):
+        z = self.net(x)
+        return F.log_softmax(z, dim=1) if self.how == "log_softmax" else z / 2.0
+
+
+def test_cam_of_a_log_softmax_model_and_a_temperature_refused_by_name():
+    """A log_softmax after the classifier shifts every logit of an image alike: CAM (the classifier's class map)
+    is the plain model's, not refused as 'a layer that does not feed the head'; logits / T are refused naming
+    the temperature."""
+    from lightning_viz.methods.cam import class_activation_map
+
+    torch.manual_seed(0)
+    net = TinyCNN(width=4).eval()
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
+    want = class_activation_map(net, x, "conv2", "cam", "label", y)
+    got = class_activation_map(ScaledOutput(net, "log_softmax"), x, "net.conv2", "cam", "label", y)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(LayerNotFoundError, match=r"those scores times 0.5 \(a temperature"):
+        class_activation_map(ScaledOutput(net, "temperature"), x, "net.conv2", "cam", "label", y)
 
 
 def test_cam_uses_the_rectified_map_when_a_functional_relu_feeds_the_head():

@@ -65,6 +65,21 @@ def test_steps_accept_masks_and_dicts():
         model.training_step(x, 0)
 
 
+def test_steps_train_on_soft_labels_not_their_arg_max():
+    """Mixup / cutmix / label-smoothed batches ([B, K] class probabilities, e.g. torchvision's v2.MixUp): the loss
+    is the cross-entropy against them (was: against their arg-max, silently training on hard labels)."""
+    torch.manual_seed(0)
+    model = ImageClassifier(num_classes=3, width=4)
+    x = torch.randn(2, 3, 16, 16)
+    soft = torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.3, 0.7]])
+    torch.testing.assert_close(model.training_step((x, soft), 0), F.cross_entropy(model(x), soft))
+    hard = torch.tensor([0, 2])
+    one_hot = F.one_hot(hard, 3)  # integer one-hot rows: the same loss as the class indices
+    torch.testing.assert_close(
+        model.training_step({"image": x, "labels": one_hot}, 0), model.training_step((x, hard), 0)
+    )
+
+
 @pytest.mark.parametrize(
     "opts,bad",
     [

@@ -226,6 +226,25 @@ def test_label_out_of_range_fails_at_setup(tmp_path):
     assert model.global_step == 0
 
 
+def test_ignore_labels_fail_at_setup_saying_what_they_look_like(tmp_path):
+    """Whole-number labels outside the classes (-1 for unlabeled images, an ignore_index of 255) are not called
+    'a regression target?' but what they likely are; fractions still are."""
+    with pytest.raises(ValueError, match=r"include \[255\] \(-1 marking unlabeled images, an ignore_index such as 255"):
+        check_labels(torch.tensor([0, 255]), 3)
+    with pytest.raises(ValueError, match=r"include \[2.5\] \(a regression target\?\)"):
+        check_labels(torch.tensor([0.0, 2.5]), 3)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(12) % 3
+    y[5] = -1  # not the item the setup forward reads: the probes then have no labels
+    ds = TensorDataset(torch.randn(12, 3, 8, 8, generator=g), y)
+    model = LitHead(TinyCNN(num_classes=3), lambda out, y: F.cross_entropy(out, y, ignore_index=-1))
+    with pytest.raises(ValueError, match=r"GradientCallback: target='label' .*-1 marking unlabeled images"):
+        tiny_trainer(str(tmp_path), [GradientCallback(num_probes=12)], max_epochs=1).fit(
+            model, DataLoader(ds, batch_size=6), DataLoader(ds, batch_size=6)
+        )
+    assert model.global_step == 0
+
+
 class SoftmaxNet(TinyCNN):
     """Probabilities out of the forward (a softmax inside the model)."""
 

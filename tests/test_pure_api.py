@@ -15,6 +15,7 @@ from lightning_viz.methods import (
     class_activation_map,
     class_model_images,
     deletion_auc,
+    fgsm,
     integrated_gradients,
     invert_features,
     occlusion,
@@ -98,6 +99,43 @@ def test_one_logit_head_error_points_to_model_adapter():
     with pytest.raises(ValueError, match="model_adapter"):
         saliency(model, _images(), "label", torch.tensor([0, 1]))
     assert saliency(model_adapter(model), _images(), "label", torch.tensor([0, 1])).shape == (2, 16, 16)
+
+
+class _DictOut(TinyCNN):
+    def forward(self, x):
+        return {"logits": super().forward(x)}
+
+
+class _Squeezed(TinyCNN):
+    def __init__(self):
+        super().__init__(num_classes=1)
+
+    def forward(self, x):
+        return super().forward(x).squeeze(1)
+
+
+@pytest.mark.parametrize(
+    "call,fn",
+    [
+        (lambda m, x: saliency(m, x, "predicted"), "gradient and CAM methods"),
+        (lambda m, x: occlusion(m, x, 0, window=4), "occlusion"),
+        (lambda m, x: deletion_auc(m, x, torch.rand(2, 8, 8), "predicted", steps=2), "deletion/insertion"),
+        (lambda m, x: fgsm(m, x, torch.tensor([0, 1]), 0.1), "adversarial attack"),
+        (lambda m, x: class_model_images(m, [0], [3, 8, 8], steps=1), "objective 'class_logit"),
+    ],
+    ids=["saliency", "occlusion", "deletion", "fgsm", "class_model"],
+)
+def test_a_model_returning_no_logits_tensor_is_told_to_use_model_adapter(call, fn):
+    """A dict output or a one-logit head squeezed to [B], given to the pure methods unwrapped: one clear error naming
+    the method, what the model returned and model_adapter (was: AttributeError / IndexError / a cross-entropy
+    RuntimeError deep inside); wrapped, they run."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    for model, got in ((_DictOut(), r"a dict with keys \['logits'\]"), (_Squeezed(), r"a Tensor of shape \(\d,\)")):
+        model.eval()
+        with pytest.raises(ValueError, match=rf"{fn}.*must return logits \[B, K\].*{got}.*model_adapter"):
+            call(model, x)
+        call(model_adapter(model), x)
 
 
 def test_synthesis_without_generator_never_draws_from_the_global_rng():
@@ -195,3 +233,104 @@ def test_cam_checks_the_head_as_the_callback_does():
     a = torch.relu(net.conv2(net.relu(net.bn1(net.conv1(xs)))))
     expected = torch.relu(torch.einsum("k,bkhw->bhw", net.fc.weight[1], a))
     torch.testing.assert_close(cam, expected.detach())
+
+
+def test_an_empty_batch_gives_empty_maps_in_occlusion_cam_and_deletion():
+    model = TinyCNN(width=3).eval()
+    x = _images(0, 8)
+    with isolated(model):
+        occ = occlusion(model, x, 0, window=4)
+        assert occ["score"].shape == occ["prob"].shape == (0, 3, 3)
+        for method in ("cam", "gradcam", "scorecam", "ablationcam"):
+            assert class_activation_map(model, x, "conv2", method, target=1).shape == (0, 8, 8)
+        assert deletion_auc(model, x, torch.zeros(0, 8, 8), 0).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x, y: saliency(m, x, "label", y, chunk_size=1),
+        lambda m, x, y: integrated_gradients(m, x, "label", y, steps=2),
+        lambda m, x, y: smoothgrad(saliency, m, x, "label", y, n_samples=2),
+        lambda m, x, y: class_activation_map(m, x, "conv2", "gradcam", "label", y),
+        lambda m, x, y: occlusion(m, x, "label", y, window=4)["score"],
+        lambda m, x, y: deletion_auc(m, x, x[:, 0], "label", y),
+    ],
+    ids=["saliency", "ig", "smoothgrad", "gradcam", "occlusion", "deletion"],
+)
+def test_labels_are_one_per_image_as_a_tensor_or_a_list(call):
+    """More labels than images was silently cut to the first ones per chunk (maps of the wrong classes); a list or
+    array of labels failed with AttributeError. Now: a clear error, and a list gives the tensor's maps."""
+    model = TinyCNN(width=3).eval()
+    x = _images(2, 8)
+    with isolated(model):
+        with pytest.raises(ValueError, match="one label per image: got 3 labels for 2 images"):
+            call(model, x, torch.tensor([0, 2, 1]))
+        torch.testing.assert_close(call(model, x, [2, 1]), call(model, x, torch.tensor([2, 1])))
+
+
+def test_a_numpy_or_0d_tensor_class_index_is_a_target_and_per_image_classes_point_to_labels():
+    import numpy as np
+
+    model = TinyCNN(width=3).eval()
+    x = _images(2, 8)
+    with isolated(model):
+        expected = saliency(model, x, 1)
+        torch.testing.assert_close(saliency(model, x, np.int64(1)), expected)
+        torch.testing.assert_close(saliency(model, x, torch.tensor(1)), expected)
+        with pytest.raises(ValueError, match="one class per image: pass them as labels with target='label'"):
+            saliency(model, x, torch.tensor([1, 0]))
+
+
+def test_one_layer_name_is_a_layer_not_its_characters():
+    """``feature_maps(model, x, "conv2")`` failed with "Unknown layer 'c'" (the name was iterated)."""
+    from lightning_viz.methods import feature_maps
+
+    model = TinyCNN(width=3).eval()
+    x = _images(2, 8)
+    with isolated(model):
+        assert list(feature_maps(model, x, "conv2")) == ["conv2"]
+        assert list(gradient_pass(model, x, 0, None, "conv2").activations) == ["conv2"]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x: saliency(m, x, 0),
+        lambda m, x: integrated_gradients(m, x, 0, steps=2),
+        lambda m, x: class_activation_map(m, x, "conv2", "gradcam", 0),
+        lambda m, x: occlusion(m, x, 0, window=4),
+        lambda m, x: deletion_auc(m, x, x[:, 0], 0),
+    ],
+    ids=["saliency", "ig", "gradcam", "occlusion", "deletion"],
+)
+def test_an_input_of_another_dtype_than_the_model_fails_clearly(call):
+    """(the same check covers a device mismatch: torch's bare 'Input type (float) and bias type (double)' error now
+    names the method and what to pass)"""
+    model = TinyCNN(width=3).double().eval()
+    x = _images(2, 8)
+    with isolated(model):
+        with pytest.raises(ValueError, match=r"x is torch.float32 on cpu but the model's parameters are torch.float64"):
+            call(model, x)
+        call(model, x.double())
+
+
+def test_smoothgrad_takes_a_method_by_name():
+    model = TinyCNN(width=3).eval()
+    x = _images(2, 8)
+    with isolated(model):
+        torch.testing.assert_close(
+            smoothgrad("saliency", model, x, 0, n_samples=2), smoothgrad(saliency, model, x, 0, n_samples=2)
+        )
+        with pytest.raises(ValueError, match="unknown method 'salency'; allowed: saliency, gradient"):
+            smoothgrad("salency", model, x, 0, n_samples=2)
+
+
+def test_gray_occlusion_with_a_normalization_of_another_channel_count_fails_clearly():
+    model = TinyCNN(width=3).eval()
+    x = _images(1, 8)
+    with isolated(model):
+        with pytest.raises(ValueError, match=r"one value per channel \(3\) or one for all; got 2 and 2"):
+            occlusion(model, x, 0, window=4, mean=[0.5, 0.5], std=[0.2, 0.2])
+        gray = occlusion(model, x, 0, window=4, mean=[0.5], std=[0.25])["score"]
+        torch.testing.assert_close(gray, occlusion(model, x, 0, window=4, fill=0.0)["score"])

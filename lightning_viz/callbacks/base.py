@@ -28,6 +28,7 @@ from torch import Tensor
 from ..capture import capture, fork_rng, isolated, torch_threads
 from ..layers import LayerNotFoundError, module_device, module_dtype
 from ..logging import (
+    FOLDER,
     NothingWrittenWarning,
     VizLogger,
     WriteOwner,
@@ -50,6 +51,7 @@ from ..targets import (
     check_labels,
     choose_memory_format,
     describe_output,
+    logits_fn_example,
     model_adapter,
     read_logits,
     resolve_logits_fn,
@@ -288,6 +290,16 @@ def _share_rank0_error(error: BaseException | None, what: str, force: bool = Fal
         failed = VisualizationError(f"lightning-viz {what} failed on rank 0: {box[0]}")
         failed.force = bool(box[1])  # type: ignore[attr-defined]
         raise failed
+
+
+def _dense_hint(out: Any) -> str:
+    """What to do with a dense ``[B, K, H, W]`` output a ``logits_fn`` gave (a segmentation head); else ``""``."""
+    if not isinstance(out, Tensor) or out.ndim != 4:
+        return ""
+    return (
+        " It is a dense map (a segmentation head): let the logits_fn average it over the pixels (return "
+        "out.mean(dim=(2, 3)) of that map) to explain each class's mean score over the image."
+    )
 
 
 class VisualizationCallback(Callback):
@@ -729,6 +741,7 @@ class VisualizationCallback(Callback):
                         f"input of shape {tuple(x.shape)}"
                         + ("" if out is raw else f" (read from {describe_output(out)})")
                         + "; set logits_fn=<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
+                        + (logits_fn_example(raw) if self.logits_fn is None else _dense_hint(raw))
                     )
                 self._num_classes = int(logits.shape[1])
                 for option, indices in self.class_options().items():
@@ -818,8 +831,9 @@ class VisualizationCallback(Callback):
             raise ValueError(
                 f"{type(self).__name__}: target='label' needs a class label per image, but the probe images have "
                 f"none{self._origin()}: its items give no label, or one that is not a class (a class index, or a "
-                "one-hot / probability vector), e.g. a multi-label or regression target. Use target='predicted' or "
-                "a class index, or data that yields (x, y)."
+                "one-hot / probability vector), e.g. a multi-label or regression target, or a negative one (-1 marking "
+                "unlabeled images, or the negative class of labels -1/1: give 0/1). Use target='predicted' or a class "
+                "index, or data that yields (x, y)."
             )
         if self.needs_labels() and probe.labels is not None and self._num_classes is not None:
             try:  # every probe's label is a class of the model (seen at the setup forward)
@@ -1142,11 +1156,16 @@ class VisualizationCallback(Callback):
         written = self._written.setdefault(_destination(trainer), {})
         fitting = _fitting(trainer)
         if fitting and written.get(step):
+            sinks = sink_names(trainer, self.loggers)
+            files = [w for n, w in ((FOLDER, "the image folder's"), ("mlflow", "MLflow's")) if n in sinks]
+            kept = ["TensorBoard shows both"] if "tensorboard" in sinks else []
+            kept += [f"{' and '.join(files)} files of that step are replaced by the fit's"] if files else []
             _log.info(  # rank 0, inside the fit loop: the lightning_viz logger prints above a progress bar
                 "lightning-viz: %s writes step %d, which a trainer.validate before this fit already wrote to this log "
-                "directory (TensorBoard shows both); give the fit its own logger version to keep them apart.",
+                "directory (%s); give the fit its own logger version to keep them apart.",
                 self._label(),
                 step,
+                "; ".join(kept) or "both are kept",
             )
         written[step] = written.get(step, False) or not fitting
         latest = max(written)

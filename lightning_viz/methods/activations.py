@@ -14,15 +14,16 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import capture
-from .checks import check_images
+from .checks import check_images, input_matches_model
 
 __all__ = ["feature_maps"]
 
 
 def feature_maps(
-    model: nn.Module, x: Tensor, layers: Iterable[str], chunk_size: int | None = None
+    model: nn.Module, x: Tensor, layers: str | Iterable[str], chunk_size: int | None = None
 ) -> dict[str, Tensor]:
-    """Outputs of ``layers`` for ``x[B, C, H, W]``: ``{name: Tensor[B, C', h, w]}`` (Zeiler & Fergus 2014).
+    """Outputs of ``layers`` (one name or several) for ``x[B, C, H, W]``: ``{name: Tensor[B, C', h, w]}`` (Zeiler &
+    Fergus 2014).
 
     The caller controls train/eval mode (use :func:`lightning_viz.capture.isolated` on a live model).
     ``chunk_size`` bounds memory: the batch is processed ``chunk_size`` images at a time (same values).
@@ -31,12 +32,12 @@ def feature_maps(
         ValueError: a layer's output is not a 4-D ``[B, C, h, w]`` feature map.
     """
     check_images("feature_maps", x)
-    names = list(layers)
+    names = [layers] if isinstance(layers, str) else list(layers)  # one name is a layer, not its characters
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
     step = x.shape[0] if chunk_size is None else chunk_size
     parts: dict[str, list[Tensor]] = {n: [] for n in names}
-    with torch.no_grad(), capture(model, names) as cap:
+    with torch.no_grad(), capture(model, names) as cap, input_matches_model("feature_maps", model, x):
         for start in range(0, max(x.shape[0], 1), max(step, 1)):  # an empty batch: one empty pass, empty maps
             cap.clear()
             model(x[start : start + step])

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..capture import grad_enabled
 from ..progress import progress
-from .checks import check_classes, check_eval, check_images
+from .checks import check_classes, check_eval, check_images, check_logits, input_matches_model
 
 __all__ = ["predict", "fgsm", "pgd", "is_flipped", "minimal_flip_budget"]
 
@@ -37,7 +37,7 @@ __all__ = ["predict", "fgsm", "pgd", "is_flipped", "minimal_flip_budget"]
 def predict(model: nn.Module, x: Tensor) -> Tensor:
     """Arg-max class of each image (no graph)."""
     with torch.no_grad():
-        return model(x).argmax(dim=1)
+        return check_logits("adversarial attack", model(x), x.shape[0]).argmax(dim=1)
 
 
 def _per_image(value: float | Tensor, x: Tensor, std: Sequence[float] | Tensor | None = None) -> Tensor:
@@ -80,7 +80,8 @@ def _loss_sign_grad(model: nn.Module, x: Tensor, classes: Tensor, targeted: bool
     check_images("adversarial attack", x)
     check_eval("adversarial attack", model)  # training-mode BatchNorm: mixed images, running statistics updated
     x = x.detach().clone().requires_grad_(True)
-    logits = model(x)
+    with input_matches_model("adversarial attack", model, x):
+        logits = check_logits("adversarial attack", model(x), x.shape[0])
     cls = check_classes("adversarial attack", torch.as_tensor(classes, device=x.device), x.shape[0], logits.shape[-1])
     if loss == "ce":
         j = F.cross_entropy(logits, cls, reduction="sum")

@@ -55,6 +55,7 @@ from ..targets import (
     resolve_target,
 )
 from .batching import images_per_forward
+from .checks import check_labels_per_image, check_logits
 from .shared_pass import PassResult, chunks, gradient_pass
 
 __all__ = [
@@ -161,8 +162,9 @@ def verify_cam_head(
 ) -> bool:
     """Check numerically that ``layer`` feeds a GAP + linear head (Zhou et al. 2016, Eq. 2): for every class ``c``,
     ``mean_ij sum_k W[c, k] A_kij + b_c`` (the spatial mean of the pre-ReLU class map plus the bias) must equal
-    logit ``c``. Else CAM's weights do not belong to that layer (a block before the last, a conv before its
-    BatchNorm / residual add): clear error. Returns ``True`` when the head reads ``ReLU(A)`` instead of ``A``
+    logit ``c``, up to one shift per image (a ``log_softmax`` after the classifier). Else CAM's weights do not
+    belong to that layer (a block before the last, a conv before its BatchNorm / residual add) or the output is
+    the scores scaled (a temperature): clear error. Returns ``True`` when the head reads ``ReLU(A)`` instead of ``A``
     (a functional ``F.relu`` between the layer and the pooling): CAM must then use ``ReLU(A)``. ``advice`` replaces
     the closing advice of the errors."""
     if activations.ndim != 4:
@@ -184,18 +186,39 @@ def verify_cam_head(
             f"the logits have shape {tuple(ref.shape)}: they are not that layer's outputs (a logits_fn that selects "
             "or transforms them?). Let the logits be the classifier's outputs, or use 'gradcam' (no head needed)."
         )
+    if a.shape[0] == 0:  # no image to compare the head with (an empty batch): nothing to tell from it
+        return False
     tol = 1e-3 if logits.dtype in (torch.float32, torch.float64) else 3e-2
-    errs = []
+    errs, scaled = [], None
     for rectified in (False, True):
         pred = (a.relu() if rectified else a).mean(dim=(2, 3)) @ w.T
         if head.bias is not None:
             pred = pred + _two_class(head.bias.detach().double().to(pred.device))
         if not (torch.isfinite(pred).all() and torch.isfinite(ref).all()):
             return False  # a non-finite model: nothing to tell from it
-        errs.append(float((pred - ref).abs().max()) if ref.shape == pred.shape else float("inf"))
+        if ref.shape != pred.shape:
+            errs.append(float("inf"))
+            continue
+        # the logits up to one shift per image: a log_softmax after the classifier (NLLLoss models) changes no
+        # class's evidence against another, and CAM maps the classifier's scores (Zhou et al. also read them
+        # before the softmax)
+        d = pred - ref
+        errs.append(float((d - d.mean(dim=1, keepdim=True)).abs().max()))
         if errs[-1] <= tol * (1.0 + float(ref.abs().max())):
             return rectified
+        c = pred - pred.mean(dim=1, keepdim=True)
+        s = float((c * (ref - ref.mean(dim=1, keepdim=True))).sum() / (c * c).sum().clamp_min(1e-30))
+        if abs(s - 1.0) > 1e-2 and float((s * c - ref + ref.mean(dim=1, keepdim=True)).abs().max()) <= tol * (
+            1.0 + float(ref.abs().max())
+        ):
+            scaled = s
     err = min(errs)
+    if scaled is not None:
+        raise LayerNotFoundError(
+            f"CAM reads the classifier's scores of layer {layer!r}, but the model's output is those scores times "
+            f"{scaled:.4g} (a temperature, logits / T?), so the maps would not explain the target's score. Let the "
+            "forward (or a logits_fn) return the classifier's logits, or use 'gradcam' (no head needed)."
+        )
     raise LayerNotFoundError(
         f"CAM needs layer {layer!r} to feed global average pooling and the last nn.Linear directly, but it does "
         f"not: the spatial mean of its class maps plus the bias differs from the logits by up to {err:.3g} "
@@ -226,11 +249,12 @@ def scorecam_weights(
     (``None``: as many as the default memory budget holds, :func:`~lightning_viz.methods.batching.images_per_forward`;
     the result does not depend on it). ``classes`` (e.g. a pass's ``PassResult.classes``) pins the class per image."""
     check_probabilities(probabilities)
+    labels = check_labels_per_image("scorecam", labels, x.shape[0])
     b, k = activations.shape[:2]
     acts = activations.float().flatten(0, 1)  # [B * K, h, w]; each chunk upsamples and normalizes only its masks
     tgt = resolve_target(target)
     if classes is None and not isinstance(tgt, CallableTarget):
-        classes = tgt.classes(model(x), labels)
+        classes = tgt.classes(check_logits("Score-CAM", model(x), x.shape[0]), labels)
     out = torch.empty(b * k, device=x.device, dtype=x.dtype)
     img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
     for sl in chunks(b * k, chunk_size or images_per_forward(model, x)):

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["check_images", "check_eval", "check_classes"]
+from ..targets import describe_output, invalid_classes
+
+__all__ = [
+    "check_images",
+    "check_eval",
+    "check_classes",
+    "check_labels_per_image",
+    "check_logits",
+    "input_matches_model",
+]
 
 
 def check_images(fn: str, x: object) -> None:
@@ -17,6 +29,39 @@ def check_images(fn: str, x: object) -> None:
     if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
         what = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{fn}: x must be a float image batch [B, C, H, W] (one image: x[None]); got {what}")
+
+
+def check_labels_per_image(fn: str, labels: object, batch: int) -> Optional[Tensor]:
+    """``labels`` (``None``, or one label per image: a tensor, list or array) as a tensor, or a clear error naming
+    ``fn`` when their count is not ``batch`` (a method that slices them per chunk would silently pair the images
+    with the first labels of a longer tensor)."""
+    if labels is None:
+        return None
+    t = labels if isinstance(labels, Tensor) else torch.as_tensor(labels)
+    if t.ndim == 0 or t.shape[0] != batch:
+        got = "one label (a 0-d tensor)" if t.ndim == 0 else f"{t.shape[0]} labels"
+        raise ValueError(f"{fn}: labels must hold one label per image: got {got} for {batch} images")
+    return t
+
+
+@contextlib.contextmanager
+def input_matches_model(fn: str, model: nn.Module, x: Tensor) -> Iterator[None]:
+    """Inside the block, torch's bare device / dtype error of a forward given ``x`` on another device or of another
+    dtype than the model's parameters becomes a clear one naming ``fn`` and both. Checked only once a forward
+    failed: a model that moves or casts its input itself, or runs under autocast, is fine."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        p = next((p for p in model.parameters() if p.is_floating_point()), None)
+        text = str(exc)
+        if p is None or (p.device == x.device and p.dtype == x.dtype) or not ("device" in text or "type" in text):
+            raise
+        raise ValueError(
+            f"{fn}: x is {x.dtype} on {x.device} but the model's parameters are {p.dtype} on {p.device}; pass x on "
+            f"the model's device and dtype, e.g. x.to(next(model.parameters())). (torch: {text.splitlines()[0]})"
+        ) from exc
 
 
 def _mode_dependent(module: nn.Module) -> bool:
@@ -48,16 +93,28 @@ def check_eval(fn: str, model: nn.Module) -> None:
 def check_classes(fn: str, classes: Tensor, batch: int, num_classes: Optional[int] = None) -> Tensor:
     """``classes`` as ``long [batch]`` (one int: every image), or a clear error naming ``fn`` when they are not
     one class index ``0..num_classes-1`` per image (``num_classes=None``: the count only)."""
+    bad = invalid_classes(classes.reshape(-1), num_classes)  # 2.7 is no class 2, nor -0.5 class 0
+    if bad.numel():
+        allowed = f"0..{num_classes - 1} (the model has {num_classes} classes)" if num_classes is not None else ">= 0"
+        raise ValueError(f"{fn}: class indices must be {allowed}, whole numbers; got {bad[:5].tolist()}")
     cls = classes.long().view(-1)
     if cls.numel() == 1:
         cls = cls.expand(batch)
     if cls.numel() != batch:
         raise ValueError(f"{fn}: needs one class per image: got {cls.numel()} classes for {batch} images")
-    bad = cls[(cls < 0) | (cls >= num_classes)] if num_classes is not None else cls[:0]
-    if bad.numel():
-        assert num_classes is not None
-        raise ValueError(
-            f"{fn}: class indices must be 0..{num_classes - 1} (the model has {num_classes} classes); got "
-            f"{bad[:5].tolist()}"
-        )
     return cls.clone() if cls.is_inference() else cls
+
+
+def check_logits(fn: str, out: object, batch: Optional[int]) -> Tensor:
+    """``out``, the model's output for ``batch`` images, as logits ``[batch, K]``; else a clear error naming ``fn``
+    that points at :func:`lightning_viz.targets.model_adapter` (dict / dataclass outputs, a ``logits_fn``, one-logit
+    heads squeezed to ``[B]``)."""
+    if isinstance(out, Tensor) and out.ndim == 2 and (batch is None or out.shape[0] == batch):
+        return out
+    here = "" if batch is None else f" (here B={batch})"
+    raise ValueError(
+        f"{fn}: the model must return logits [B, K]{here}, but it returned {describe_output(out)}. Wrap "
+        "it: lightning_viz.targets.model_adapter(model, logits_fn=None) reads a 'logits' entry or attribute, any "
+        "output through logits_fn=<a callable (model, x) -> logits>, and a one-logit head [B] or [B, 1] as two "
+        "classes."
+    )

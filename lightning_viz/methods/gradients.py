@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..progress import progress, reporting
 from ..targets import LabelTarget, PredictedTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
-from .checks import check_eval, check_images
+from .checks import check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
 from .shared_pass import chunks, gradient_pass
 
 __all__ = [
@@ -127,7 +127,8 @@ def integrated_gradients(
     x = x.detach()
     base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
     alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
-    chunk_size = chunk_size or images_per_forward(model, x, grad=True)
+    with input_matches_model("integrated_gradients", model, x):
+        chunk_size = chunk_size or images_per_forward(model, x, grad=True)
     return _path_average(model, x, base, alphas, tgt, labels, chunk_size) * (x - base)
 
 
@@ -149,7 +150,7 @@ def _path_average(model, x, base, alphas, target, labels, chunk_size) -> Tensor:
 
 
 def smoothgrad(
-    method: Callable[..., Tensor],
+    method: Union[str, Callable[..., Tensor]],
     model: nn.Module,
     x: Tensor,
     target: TargetSpec = "label",
@@ -161,7 +162,7 @@ def smoothgrad(
     ids: Optional[Sequence[int]] = None,
     **kwargs,
 ) -> Tensor:
-    """SmoothGrad (Smilkov et al. 2017) around ``method`` (any function above): the mean of ``method`` over
+    """SmoothGrad (Smilkov et al. 2017) around ``method`` (any function above, or its name): the mean of ``method`` over
     ``n_samples`` noisy copies ``x + N(0, (sigma * (max(x_i) - min(x_i)))^2)``. The noise of image ``i`` comes from
     its own ``torch.Generator`` seeded by ``(seed, ids[i])`` (``ids`` default ``0..B-1``; pass global probe
     indices so a DDP split or a different batching draws the same noise per image); the global RNG is
@@ -169,6 +170,10 @@ def smoothgrad(
     budget holds, :func:`lightning_viz.methods.batching.images_per_forward`; for integrated gradients, whose
     every noisy image is ``steps`` path points, that many fewer); the result does not depend on it.
     A ``"predicted"`` target is fixed from the clean input."""
+    if isinstance(method, str):
+        if method not in GRADIENT_METHODS:
+            raise ValueError(f"smoothgrad: unknown method {method!r}; allowed: {', '.join(GRADIENT_METHODS)}")
+        method = GRADIENT_METHODS[method]
     if n_samples < 1:
         raise ValueError(f"smoothgrad needs n_samples >= 1; got {n_samples}")
     if sigma < 0:
@@ -198,7 +203,8 @@ def smoothgrad(
     total = None
     per_forward = chunk_size
     if per_forward is None:
-        per_forward = images_per_forward(model, x, grad=True)
+        with input_matches_model("smoothgrad", model, x):
+            per_forward = images_per_forward(model, x, grad=True)
         if method is integrated_gradients:  # each noisy image becomes `steps` path points (IG budgets its own chunks)
             per_forward = max(1, per_forward // int(kwargs.get("steps", 32)))
     for sl in chunks(n_samples * b, per_forward):
@@ -223,10 +229,11 @@ def _fixed_target(model: nn.Module, x: Tensor, target: TargetSpec, labels: Optio
     Returns ``(target, labels)``."""
     check_images("gradient methods", x)
     check_eval("gradient methods", model)
+    labels = check_labels_per_image("gradient methods", labels, x.shape[0])
     tgt = resolve_target(target)
     if isinstance(tgt, PredictedTarget):
-        with torch.no_grad():
-            return LabelTarget(), model(x.detach()).argmax(dim=1)
+        with torch.no_grad(), input_matches_model("gradient methods", model, x):
+            return LabelTarget(), check_logits("gradient methods", model(x.detach()), x.shape[0]).argmax(dim=1)
     return tgt, labels
 
 

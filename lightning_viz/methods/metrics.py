@@ -27,7 +27,7 @@ from ..targets import Probabilities, TargetSpec, check_probabilities, class_prob
 from . import batching
 from .batching import default_memory_mb, images_per_forward
 from .blur import gaussian_blur
-from .checks import check_classes, check_eval, check_images
+from .checks import check_classes, check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
 
 __all__ = [
     "perturbation_curve",
@@ -66,8 +66,9 @@ def _baseline(x: Tensor, baseline: str, blur_sigma: float | None) -> Tensor:
 def _target_classes(model: nn.Module, x: Tensor, target: Tensor | TargetSpec, labels: Tensor | None) -> Tensor:
     if isinstance(target, Tensor):
         return check_classes("deletion/insertion", target.to(x.device), x.shape[0])  # range: at the first forward
+    labels = check_labels_per_image("deletion/insertion", labels, x.shape[0])
     with torch.no_grad():
-        logits = model(x)
+        logits = check_logits("deletion/insertion", model(x), x.shape[0])
     classes = resolve_target(target).classes(logits, labels)
     if classes is None:
         raise ValueError(
@@ -123,7 +124,7 @@ def perturbation_curves(
     keys = list(maps)
     if not keys:
         return {mode: {} for mode in modes}
-    with torch.no_grad():
+    with torch.no_grad(), input_matches_model("deletion/insertion", model, x):
         classes = _target_classes(model, x, target, labels)
         # sources: the image (0) and each baseline (1, 2, ...), [S, B, C, H, W]
         baselines = list(dict.fromkeys(modes.values()))
@@ -162,15 +163,12 @@ def perturbation_curves(
             row, p = spec[idx // b], idx % b
             moved = (rank_all[row[:, 2], p] < row[:, 3].unsqueeze(1)).view(-1, 1, h, w)
             xp = torch.where(moved, sources[row[:, 1], p], sources[row[:, 0], p])
-            out = model(xp)
-            if not isinstance(out, Tensor) or out.ndim != 2:
-                raise ValueError(
-                    f"deletion/insertion need a model returning logits [B, K]; got {getattr(out, 'shape', type(out))}"
-                )
+            out = check_logits("deletion/insertion", model(xp), xp.shape[0])
             if lo == 0:
                 check_classes("deletion/insertion", classes, b, out.shape[1])
             probs.append(class_probability(out.float(), classes[p], probabilities))
-        flat = torch.cat(probs).view(len(items), b)
+        # an empty batch has no chunk: empty curves
+        flat = torch.cat(probs).view(len(items), b) if probs else torch.zeros(len(items), 0, device=x.device)
         curves: dict[str, dict[str, Tensor]] = {}
         for mode, (first, last) in ends.items():
             curves[mode] = {

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checks import check_logits
+
 __all__ = ["Objective", "class_logit", "channel", "neuron", "feature_match", "per_image"]
 
 ScoreFn = Callable[[Tensor, Mapping[str, Tensor], Tensor], Tensor]
@@ -75,6 +77,8 @@ class Objective:
     def __call__(
         self, logits: Tensor, activations: Mapping[str, Tensor] | None = None, rows: Tensor | None = None
     ) -> Tensor:
+        if self.uses_logits:
+            check_logits(f"objective {self.name!r}", logits, None)  # a dict or [B] output: a clear error
         if rows is None:
             rows = torch.arange(logits.shape[0])
         out = self.fn(logits, activations or {}, rows)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..progress import progress
 from ..targets import Probabilities, Target, TargetSpec, check_probabilities, class_probability, resolve_target
 from .batching import activation_bytes_per_image, images_per_forward
-from .checks import check_eval, check_images
+from .checks import check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
 
 __all__ = [
     "FILLS",
@@ -93,6 +93,11 @@ def fill_values(
             return torch.zeros((1, 1, 1, 1), dtype=x.dtype, device=x.device)
         m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        if {m.shape[1], s.shape[1]} - {1, x.shape[1]}:
+            raise ValueError(
+                f"occlusion fill 'gray': mean and std need one value per channel ({x.shape[1]}) or one for all; got "
+                f"{m.shape[1]} and {s.shape[1]}"
+            )
         return (0.5 - m) / s
     if fill == "mean":
         return x.mean(dim=(2, 3), keepdim=True)
@@ -150,16 +155,17 @@ def occlusion(
     """
     check_images("occlusion", x)
     check_eval("occlusion", model)
+    labels = check_labels_per_image("occlusion", labels, x.shape[0])
     tgt = resolve_target(target)
     check_probabilities(probabilities)
     window, stride = _window_stride(x.shape[-2:], window, stride)
     ys, xs = window_positions(x.shape[-2:], window, stride)
     wh, ww = _pair(window, "window")
     b, n_pos = x.shape[0], len(ys) * len(xs)
-    with torch.no_grad():
+    with torch.no_grad(), input_matches_model("occlusion", model, x):
         x = x.detach()
         fillv = fill_values(x, fill, mean, std, window).expand_as(x)
-        logits = model(x)
+        logits = check_logits("occlusion", model(x), x.shape[0])
         classes = tgt.classes(logits, labels)
         base_score = tgt.score(logits, labels)
         base_prob = None if classes is None else class_probability(logits, classes, probabilities)
@@ -189,10 +195,12 @@ def occlusion(
                 c = classes[bi].view(-1, 1)
                 scores.append(out.gather(1, c).squeeze(1))
                 probs.append(class_probability(out, c, probabilities))
-        occ_score = torch.cat(scores).view(b, n_pos)
+        # an empty batch has no chunk: its drops are empty like its base scores
+        occ_score = torch.cat(scores).view(b, n_pos) if scores else base_score.new_zeros(b, n_pos)
         result = {"score": (base_score.view(b, 1) - occ_score).view(b, len(ys), len(xs))}
         if base_prob is not None:
-            result["prob"] = (base_prob.view(b, 1) - torch.cat(probs).view(b, n_pos)).view(b, len(ys), len(xs))
+            occ_prob = torch.cat(probs).view(b, n_pos) if probs else base_prob.new_zeros(b, n_pos)
+            result["prob"] = (base_prob.view(b, 1) - occ_prob).view(b, len(ys), len(xs))
     return result
 
 

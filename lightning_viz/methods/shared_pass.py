@@ -39,7 +39,7 @@ from ..capture import capture, grad_enabled
 from ..layers import linear_calls
 from ..targets import CallableTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
-from .checks import check_eval, check_images
+from .checks import check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
 from .relu_rules import relu_rule
 
 __all__ = ["INPUT", "PassResult", "gradient_pass", "PassCache", "pass_cache", "target_key", "model_version", "chunks"]
@@ -106,21 +106,37 @@ def gradient_pass(
     x: Tensor,
     target: TargetSpec = "label",
     labels: Optional[Tensor] = None,
-    layers: Iterable[str] = (),
+    layers: str | Iterable[str] = (),
     rule: Optional[str] = None,
     chunk_size: Optional[int] = None,
     input_grad: bool = True,
 ) -> PassResult:
     """One forward + one ``autograd.grad`` per chunk: logits, target scores, input gradient, and the
-    activations and activation gradients of ``layers``, with ReLU backward ``rule`` (None/guided/deconv).
-    Chunks of ``chunk_size`` images (``None``: as many as the default memory budget holds, :func:`pass_chunks`).
+    activations and activation gradients of ``layers`` (one name or several), with ReLU backward ``rule``
+    (None/guided/deconv). Chunks of ``chunk_size`` images (``None``: as many as the default memory budget holds,
+    :func:`pass_chunks`).
 
     ``input_grad=False`` (only with ``layers``): the input does not require grad, so the graph -- and the
     backward -- begins at the earliest recorded layer; ``PassResult.input_grad`` is then ``None``."""
     check_images("gradient_pass", x)
     check_eval("gradient and CAM methods", model)
+    labels = check_labels_per_image("gradient and CAM methods", labels, x.shape[0])
+    with input_matches_model("gradient and CAM methods", model, x):
+        return _gradient_pass(model, x, target, labels, layers, rule, chunk_size, input_grad)
+
+
+def _gradient_pass(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetSpec,
+    labels: Optional[Tensor],
+    layers: str | Iterable[str],
+    rule: Optional[str],
+    chunk_size: Optional[int],
+    input_grad: bool,
+) -> PassResult:
     tgt = resolve_target(target)
-    names = list(dict.fromkeys(layers))
+    names = list(dict.fromkeys([layers] if isinstance(layers, str) else layers))  # one name: not its characters
     if not input_grad and not names:
         raise ValueError(
             "gradient_pass with input_grad=False needs at least one layer: there is nothing to differentiate"
@@ -140,9 +156,7 @@ def gradient_pass(
         # The backward runs inside the hooks and the ReLU rule: gradient checkpointing (torch.utils.checkpoint)
         # recomputes the forward during it, which must be the same forward.
         with grad_enabled(), capture(model, names, grad=True) as cap, relu_rule(rule), linear_calls(model) as calls:
-            logits = model(xc)
-            if not isinstance(logits, Tensor) or logits.ndim != 2:
-                raise ValueError(f"the model must return logits [B, K]; got {getattr(logits, 'shape', type(logits))}")
+            logits = check_logits("gradient and CAM methods", model(xc), xc.shape[0])
             scores = tgt.score(logits, lab)
             cls = tgt.classes(logits, lab) if not isinstance(tgt, CallableTarget) else None
             outs = [cap[n] for n in names]
