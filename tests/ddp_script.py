@@ -163,6 +163,8 @@ class FailingCallback(MapCallback):
     method = "failing"
 
     def __init__(self, fail_in: str = "compute", fail_rank: int = 1, rank0_only: bool = False, **kwargs):
+        # several in one run: each its own name (one family's panels at one tag are refused at setup)
+        kwargs.setdefault("name", f"{fail_in}-rank{fail_rank}{'-only' if rank0_only else ''}-{kwargs.get('on_error')}")
         super().__init__(num_probes=4, **kwargs)
         self.fail_in, self.fail_rank = fail_in, fail_rank
         self.per_probe = not rank0_only  # False: rank 0 computes on every probe, the others wait for its outcome

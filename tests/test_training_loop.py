@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import lightning as L
 import numpy as np
@@ -440,3 +441,103 @@ def test_weight_averaging_which_weights_are_shown(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), bare.state_dict().values()))
         assert [torch.equal(s, w) for s, w in zip(seen, live)] == [shows_live] * 2, (run_on, before)
     assert not torch.equal(seen[-1], bare.net.fc.weight)  # the average, copied in at the end of the fit
+
+
+def test_time_spent_visualizing_does_not_bring_a_time_based_validation_forward(tmp_path, monkeypatch):
+    """With validation by time (val_check_interval as a timedelta) the seconds a callback spends at a train epoch end
+    (or before training) are not training time: Lightning's clock is paused for them, so attaching it does not add
+    validations (nor move ModelCheckpoint/EarlyStopping decisions). Was: a run longer than the interval brought a
+    validation at the next batch after every run. A fake clock (real time plus jumps) keeps the test free of timing."""
+    import time
+    from datetime import timedelta
+
+    real, jump = time.monotonic, [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: real() + jump[0])
+
+    class Slow(CAMCallback):
+        def compute(self, pl_module, probe):
+            jump[0] += 100.0  # a run taking 100 s, twice the interval
+            return super().compute(pl_module, probe)
+
+    class Count(L.Callback):
+        def __init__(self):
+            self.steps: list[int] = []
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            self.steps.append(trainer.global_step)
+
+    count = Count()
+    cbs = [Slow(num_probes=2, run_at_start=True), count]
+    kw = {"val_check_interval": timedelta(seconds=50), "num_sanity_val_steps": 0}
+    tiny_trainer(str(tmp_path), cbs, max_epochs=3, **kw).fit(LitTiny(), *tiny_loaders(n=16))
+    assert count.steps == []  # no validation falls due within the (real) seconds of training
+    assert scalar_steps(read_events(str(tmp_path)), "viz-cam/time_s") == [-1, 0, 1, 2]
+
+
+def test_an_endless_stream_without_epochs_is_said_to_be_visualized_once(tmp_path):
+    """An IterableDataset that never ends (no length, max_epochs=-1 by max_steps) has one epoch that never ends: the
+    callbacks run once, at the end of training, however often it validates. One warning says so and how to get
+    epochs (limit_train_batches=N), which then give one run per N batches. Was: a silent single visualization."""
+    from torch.utils.data import IterableDataset
+
+    from lightning_viz.callbacks.base import VisualizationWarning
+    from lightning_viz.probe import ProbeSet
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            ds = tiny_dataset(8)
+            while True:
+                yield from ds
+
+    x, y = tiny_dataset(8).tensors
+    kw = {"max_epochs": -1, "max_steps": 4, "limit_val_batches": 0}
+
+    def fit(logdir, **more):
+        cam = CAMCallback(num_probes=2, probes=ProbeSet(images=x[:2], labels=y[:2]))
+        tiny_trainer(logdir, [cam], **kw, **more).fit(LitTiny(), DataLoader(Stream(), batch_size=4))
+        return scalar_steps(read_events(logdir), "viz-cam/time_s")
+
+    with pytest.warns(VisualizationWarning, match=r"no length.*visualized once.*limit_train_batches=N") as caught:
+        assert fit(str(tmp_path / "endless")) == [0]
+    assert sum("no length" in str(w.message) for w in caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VisualizationWarning)
+        assert fit(str(tmp_path / "epochs"), limit_train_batches=2) == [0, 1]
+
+
+def test_two_callbacks_of_one_family_writing_the_same_panels_need_names(tmp_path):
+    """Two CAM callbacks with other methods (distinct checkpoint keys) but no name= both wrote viz-cam/panel/<probe>,
+    the tracker's filmstrips, probe accuracy and prediction flips at every step, one over the other (two images per
+    step in TensorBoard, one PNG overwriting the other in the image folder). Refused at setup, naming the fix;
+    layouts whose tags differ (a grid per method/layer) go on."""
+    train, val = tiny_loaders(n=8)
+    cbs = [CAMCallback(num_probes=2, methods=["gradcam"]), CAMCallback(num_probes=2, methods=["layercam"])]
+    with pytest.raises(ValueError, match=r"both write viz-cam/\{panel/\.\.\.\}.*distinct name="):
+        tiny_trainer(str(tmp_path / "a"), cbs).fit(LitTiny(), train, val)
+    cbs = [CAMCallback(num_probes=2, tracker=MapTracker(filmstrip=False)), CAMCallback(num_probes=2, target=1)]
+    with pytest.raises(ValueError, match=r"both write viz-cam/\{panel/\.\.\.\}"):
+        tiny_trainer(str(tmp_path / "b"), cbs).fit(LitTiny(), train, val)
+    cbs = [CAMCallback(num_probes=2, methods=[m], layout="grid") for m in ("gradcam", "layercam")]
+    tiny_trainer(str(tmp_path / "c"), cbs, max_epochs=1).fit(LitTiny(), train, val)
+    tags = read_events(str(tmp_path / "c")).Tags()["images"]
+    assert {"viz-cam/gradcam/net.conv2/grid", "viz-cam/layercam/net.conv2/grid"} <= set(tags)
+
+
+def test_probes_are_picked_before_training_from_a_combined_loader(tmp_path):
+    """fit(model, CombinedLoader({...})): the probes are picked at setup from the first loader it combines, as from
+    a plain DataLoader (data problems stop the run before the first step; under DDP the ranks' picks are compared
+    there). Was: not found at setup, picked at the first epoch end, where no rank compares them."""
+    from lightning.pytorch.utilities import CombinedLoader
+
+    class Lit(LitTiny):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch["a"], batch_idx)
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.picked = cam.probes
+
+    cam, spy = CAMCallback(num_probes=3), Spy()
+    train, _ = tiny_loaders(n=6, batch_size=6)
+    tiny_trainer(str(tmp_path), [cam, spy], max_epochs=1, limit_val_batches=0).fit(Lit(), CombinedLoader({"a": train}))
+    assert spy.picked is not None and sorted(spy.picked.labels.tolist()) == [0, 1, 2]

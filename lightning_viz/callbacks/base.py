@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
@@ -572,6 +572,12 @@ class VisualizationCallback(Callback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Replace the state :meth:`extra_state` keeps by ``state`` (``{}``: forget it, as a fresh fit does)."""
 
+    def shared_tags(self) -> set[str]:
+        """Tags (after ``viz-<family>/<name>/``) this callback writes whatever its methods and layers, e.g. one panel
+        per probe: two callbacks of one family writing one of them must be told apart by ``name=`` (checked at setup).
+        """
+        return set()
+
     def state_key_parts(self) -> tuple[Any, ...]:
         """Distinguish several instances of one callback class in a checkpoint (override to add options)."""
         return (self.name, self.method, self.num_probes, self.probe_seed, self.probe_source)
@@ -592,6 +598,7 @@ class VisualizationCallback(Callback):
             _announce(trainer, stage)
             return
         _check_strategy(self, trainer)
+        _check_tag_clash(self, trainer, stage)
         check_sinks(trainer, self.loggers, type(self).__name__)
         self._num_classes = None
         if not sink_names(trainer, self.loggers):
@@ -843,6 +850,7 @@ class VisualizationCallback(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _warn_epochless(trainer)
         if self.run_at_start and trainer.current_epoch == 0 and trainer.global_step == 0:  # a fresh fit, not a resume
             self._run_and_report(trainer, pl_module, "start", step=BASELINE_STEP, scheduled=True)
 
@@ -884,7 +892,7 @@ class VisualizationCallback(Callback):
         """:meth:`run`, then its part of the one log line of this point (see :func:`_epoch_report`)."""
         if not (scheduled or self.should_run(trainer)) or not sink_names(trainer, self.loggers):
             return
-        start = time.perf_counter()
+        start, clock = time.perf_counter(), time.monotonic()
         cbs = _viz_callbacks(trainer)
         # a later callback runs at this point too: this run's background image writes need not be waited for (the
         # last run waits for all of them), so they overlap the later callbacks' computations
@@ -897,6 +905,7 @@ class VisualizationCallback(Callback):
                 self.run(trainer, pl_module)
         finally:
             self._defer_writes = False
+            _pause_val_clock(trainer, time.monotonic() - clock)
         step = (self._run_step if self._run_step is not None else trainer.current_epoch) if step is None else step
         _epoch_report(self, trainer, step, where, time.perf_counter() - start)
 
@@ -1257,6 +1266,43 @@ class VisualizationCallback(Callback):
             entry["probes"] = probe_bank_get(checkpoint[PROBE_BANK_KEY], probes["bank_ref"])
 
 
+#: trainers already warned that their training data has no epochs (see :func:`_warn_epochless`)
+_epochless_warned: weakref.WeakSet[Trainer] = weakref.WeakSet()
+
+
+def _warn_epochless(trainer: Trainer) -> None:
+    """Once per trainer (rank 0): training data without a length (an ``IterableDataset``) and no last epoch
+    (``max_epochs=-1``, e.g. set by Lightning for ``max_steps``): an epoch ends only where the stream does, so a stream
+    that never ends gets a single visualization, at the end of training, however often it validates."""
+    if trainer in _epochless_warned or trainer.num_training_batches != float("inf"):
+        return
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        return
+    if not any(cb.every_n_epochs > 0 for cb in _viz_callbacks(trainer)):
+        return
+    _epochless_warned.add(trainer)
+    rank_zero_warn(
+        "lightning-viz: the training data has no length (an IterableDataset), so an epoch ends only when the stream "
+        "does: the visualization callbacks run at epoch ends (and once per epoch under run_on='validation_epoch_end'), "
+        "so a stream that never ends is visualized once, at the end of training. Set the Trainer's "
+        "limit_train_batches=N for epochs of N batches (or give the dataset a __len__).",
+        category=VisualizationWarning,
+    )
+
+
+def _pause_val_clock(trainer: Trainer, seconds: float) -> None:
+    """With validation by time (``val_check_interval`` a ``timedelta``, dict or ``"DD:HH:MM:SS"``), the ``seconds`` a
+    run took in training (before it, at a train epoch end or step) are not training time: Lightning's clock since the
+    last validation is moved on by them, so attaching a callback adds no validation (nor moves the checkpoints and
+    early stopping decided there). A run inside a validation needs nothing: Lightning restarts the clock when it ends.
+    """
+    if getattr(trainer, "_val_check_time_interval", None) is None or not _fitting(trainer) or trainer.validating:
+        return
+    last = getattr(trainer, "_last_val_time", None)
+    if isinstance(last, (int, float)):
+        trainer._last_val_time = last + seconds  # type: ignore[attr-defined]
+
+
 def _finish_writes() -> None:
     """Wait for the images still being written in the background (a fit stopped by an error, or ended); an error
     writing them is warned about, not raised over the one that stopped the fit."""
@@ -1365,6 +1411,27 @@ def _rank0_probes(trainer: Trainer, probes: ProbeSet, who: str, dataset: str) ->
     return box[0]
 
 
+def _check_tag_clash(callback: VisualizationCallback, trainer: Trainer, stage: str) -> None:
+    """Refuse two callbacks of one family (``method``) and ``name`` that would write the same images at every step
+    (:meth:`VisualizationCallback.shared_tags`, e.g. two CAM callbacks' panels), one over the other."""
+    mine = callback.shared_tags()
+    for other in _viz_callbacks(trainer):
+        if other is callback:
+            return
+        if other.method != callback.method or other.name != callback.name or not _runs_under(other, stage):
+            continue
+        common = sorted(mine & other.shared_tags())
+        if common:
+            a, b = type(other).__name__, type(callback).__name__
+            raise ValueError(
+                f"{b} and {a} both write viz-{callback.method}/"
+                + ("" if callback.name is None else f"{callback.name}/")
+                + f"{{{', '.join(t + '/...' if t in ('panel', 'filmstrip') else t for t in common)}}} at every step "
+                f"(same family, name={callback.name!r}): one would be written over the other. Give each a distinct "
+                f"name=, e.g. {a}(..., name='a') and {b}(..., name='b') (inserted in their tags)."
+            )
+
+
 def _check_strategy(callback: VisualizationCallback, trainer: Trainer) -> None:
     """Refuse strategies that shard parameters: the unwrapped module there holds only this rank's shard."""
     strategy = getattr(trainer, "strategy", None)
@@ -1434,6 +1501,8 @@ def _find_dataset(trainer: Trainer, source: str, with_iterable: bool = False) ->
                 loaders = _call_loader_hook(trainer, dm, "val_dataloader" if which == "val" else "train_dataloader")
         if loaders is None:
             loaders = _source_loaders(trainer, which)
+        if isinstance(loaders, CombinedLoader):  # fit(model, CombinedLoader(...)): the loaders it combines
+            loaders = loaders.iterables
         if isinstance(loaders, (list, tuple)):
             loaders = loaders[0] if loaders else None
         if isinstance(loaders, dict):

@@ -111,6 +111,14 @@ class MapCallback(VisualizationCallback):
         self.probabilities = probabilities
         self.scales: dict[str, FixedScale] = {}
 
+    def shared_tags(self) -> set[str]:
+        tags = {"panel"} if self.layout == "panel" else set()
+        if self.tracker is not None and self.tracker.filmstrip:
+            tags.add("filmstrip")
+        if self.tracker is not None and self.tracker.drift:
+            tags |= {"drift/prediction_flips", "probe_accuracy"}
+        return tags
+
     # ------------------------------------------------------------------ subclass API
     def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
         """Raw maps ``{key: Tensor[N, H, W]}`` for this rank's probes (``key`` = ``"<method>/<layer>"``)."""
