@@ -3,8 +3,9 @@
 Backends: TensorBoard (images, scalars, projector embeddings, Custom Scalars), MLflow (scalars as metrics,
 images as PNG artifacts under ``lightning_viz/epoch_NNNN/<tag>.png``), Weights & Biases (``wandb.Image``
 with captions, scalars, embeddings as a ``wandb.Table``), any other Lightning logger (scalars through
-its ``log_metrics``, e.g. ``CSVLogger``'s ``metrics.csv``) and a plain image folder (``epoch_NNNN/<tag>.png``
-plus ``scalars.csv``), used when no attached logger can store images (``CSVLogger`` alone, ``logger=False``).
+its ``log_metrics``, e.g. ``CSVLogger``'s ``metrics.csv``) and a plain image folder (``epoch_NNNN/<tag>.png``,
+the ``run_at_start`` baseline in ``before_training/<tag>.png``, plus ``scalars.csv``), used when no attached
+logger can store images (``CSVLogger`` alone, ``logger=False``).
 
 Tag scheme: the first segment is ``viz-<family>``, the callback's ``method`` (``viz-cam``, ``viz-gradients``,
 ``viz-embeddings``, ...), so TensorBoard shows each callback family as its own collapsible group, apart from
@@ -69,6 +70,7 @@ __all__ = [
     "image_folder",
     "image_relpath",
     "FOLDER",
+    "BEFORE_TRAINING",
     "DRY_RUN",
     "logging_disabled",
 ]
@@ -227,9 +229,15 @@ def _safe_part(part: str) -> str:
     return "_" if part in ("", ".", "..") else part
 
 
+#: The folder of the ``run_at_start`` baseline (step ``-1``) in the image folder and in MLflow's artifacts.
+BEFORE_TRAINING = "before_training"
+
+
 def image_relpath(tag: str, step: int, ext: str = ".png") -> str:
-    """``epoch_0003/viz-cam/gradcam/layer4/p000.png``: where a tag's file lands in the folder and in MLflow."""
-    return "/".join([f"epoch_{int(step):04d}"] + [_safe_part(p) for p in tag.split("/")]) + ext
+    """``epoch_0003/viz-cam/gradcam/layer4/p000.png``: where a tag's file lands in the folder and in MLflow; the
+    ``run_at_start`` baseline (step ``-1``) in ``before_training/`` (not ``epoch_-001``)."""
+    folder = BEFORE_TRAINING if int(step) < 0 else f"epoch_{int(step):04d}"
+    return "/".join([folder] + [_safe_part(p) for p in tag.split("/")]) + ext
 
 
 def _write_png(path: str, hwc: np.ndarray) -> None:
@@ -446,8 +454,9 @@ def _share_sprite(writer: Any, earlier: tuple[str, list[int]] | None, digest: st
 class TensorBoardBackend(Backend):
     """A TensorBoard ``SummaryWriter`` (the ``TensorBoardLogger``'s ``experiment``)."""
 
-    def __init__(self, writer: Any):
+    def __init__(self, writer: Any, prefix: str = ""):
         self.writer = writer
+        self.prefix = prefix  # the logger's prefix and join char (``"run1-"``): starts every tag, see _key_prefix
         self.background: WriteOwner | None = None  # in a callback run: images are written in the background
         self.submitted = False  # images went to the background writer: the flush goes there too, after them
         self.pending: list[tuple[str, float, int]] = []  # a run's scalars, written in the background at its flush
@@ -455,6 +464,7 @@ class TensorBoardBackend(Backend):
     def image(self, tag, hwc, step, caption=None):
         from torch.utils.tensorboard import SummaryWriter
 
+        tag = self.prefix + tag
         # add_image's summary with a faster PNG encoding of the same pixels (see _png_summary) and faster record
         # checksums, only where add_image is torch's own: a tensorboardX writer (its own protos) or a
         # replaced/overridden add_image gets the call
@@ -473,6 +483,7 @@ class TensorBoardBackend(Backend):
     def scalar(self, tag, value, step):
         from torch.utils.tensorboard import SummaryWriter
 
+        tag = self.prefix + tag
         # in a callback run, torch's own add_scalar of a float (no torch op) goes to the writer thread, all of the
         # run's at its flush in one job: add_scalar waits whenever TensorBoard's event queue is full of images
         if self.background is None or getattr(self.writer.add_scalar, "__func__", None) is not SummaryWriter.add_scalar:
@@ -481,10 +492,10 @@ class TensorBoardBackend(Backend):
             self.pending.append((tag, float(value), step))
 
     def figure(self, tag: str, fig: Any, step: int) -> None:
-        self.writer.add_figure(tag, fig, step, close=False)
+        self.writer.add_figure(self.prefix + tag, fig, step, close=False)
 
     def embedding(self, tag, features, metadata, label_img, metadata_header, step):
-        writer = self.writer
+        writer, tag = self.writer, self.prefix + tag
 
         def write() -> None:
             _continue_projector_config(writer)
@@ -506,9 +517,16 @@ class TensorBoardBackend(Backend):
             self.submitted = True
 
     def text(self, tag, text, step):
-        self.writer.add_text(tag, text, step)
+        self.writer.add_text(self.prefix + tag, text, step)
 
     def custom_scalars(self, layout):
+        if self.prefix:  # the layout's tag regexes are matched from the tag's start
+            layout = {
+                category: {
+                    chart: [kind, [re.escape(self.prefix) + r for r in regexes]] for chart, (kind, regexes) in c.items()
+                }
+                for category, c in layout.items()
+            }
         self.writer.add_custom_scalars(layout)
 
     def flush(self):
@@ -596,6 +614,7 @@ class MLflowBackend(MetricsBackend, _FileWriter):
     def __init__(self, logger: Any):
         MetricsBackend.__init__(self, logger)
         self.root = ""
+        self.prefix = _key_prefix(logger)  # the scalars get it from the logger's log_metrics, the artifacts here
 
     def _ensure_root(self) -> None:
         if not self.root:
@@ -603,15 +622,15 @@ class MLflowBackend(MetricsBackend, _FileWriter):
 
     def image(self, tag, hwc, step, caption=None):
         self._ensure_root()
-        super().image(tag, hwc, step, caption)
+        super().image(self.prefix + tag, hwc, step, caption)
 
     def embedding(self, tag, features, metadata, label_img, metadata_header, step):
         self._ensure_root()
-        super().embedding(tag, features, metadata, label_img, metadata_header, step)
+        super().embedding(self.prefix + tag, features, metadata, label_img, metadata_header, step)
 
     def text(self, tag, text, step):
         self._ensure_root()
-        super().text(tag, text, step)
+        super().text(self.prefix + tag, text, step)
 
     def flush(self):
         MetricsBackend.flush(self)
@@ -633,11 +652,12 @@ class WandbBackend(Backend):
 
     def __init__(self, logger: Any):
         self.logger = logger
+        self.prefix = _key_prefix(logger)  # starts every key, ``epoch`` too (Lightning logs its ``<prefix>-epoch``)
         self.row: dict[str, Any] = {}
         self.step = 0
 
     def _put(self, tag: str, value: Any, step: int) -> None:
-        self.row[tag] = value
+        self.row[self.prefix + tag] = value
         self.step = step
 
     def image(self, tag, hwc, step, caption=None):
@@ -675,12 +695,22 @@ class WandbBackend(Backend):
             defined = _wandb_defined.setdefault(run, set())
         except TypeError:  # not weak-referenceable: define again (idempotent)
             defined = set()
+        epoch = self.prefix + "epoch"
         for key in self.row:
             if key not in defined:
-                run.define_metric(key, step_metric="epoch")
+                run.define_metric(key, step_metric=epoch)
                 defined.add(key)
-        run.log({**self.row, "epoch": self.step})
+        run.log({**self.row, epoch: self.step})
         self.row = {}
+
+
+def _key_prefix(logger: Any) -> str:
+    """What a Lightning logger puts before every metric key it logs: its ``prefix`` and ``LOGGER_JOIN_CHAR``
+    (``TensorBoardLogger(prefix="run1")``: ``"run1-"``), or ``""``. Every key lightning-viz writes to that logger
+    starts with it, as the user's own metrics do (TensorBoard and W&B are written to directly, not through
+    ``log_metrics``, so the backends add it; ``CSVLogger`` and MLflow's metrics get it from ``log_metrics``)."""
+    prefix = getattr(logger, "_prefix", "")
+    return f"{prefix}{getattr(logger, 'LOGGER_JOIN_CHAR', '-')}" if isinstance(prefix, str) and prefix else ""
 
 
 def _backend_for(trainer: Any, name: str) -> list[Backend]:
@@ -693,7 +723,7 @@ def _backend_for(trainer: Any, name: str) -> list[Backend]:
         if logger_name(lg) != name:
             continue
         if name == "tensorboard":
-            out.append(TensorBoardBackend(lg.experiment))
+            out.append(TensorBoardBackend(lg.experiment, prefix=_key_prefix(lg)))
         elif name == "mlflow":
             out.append(MLflowBackend(lg))
         elif name == "wandb":

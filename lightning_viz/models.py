@@ -181,7 +181,8 @@ def build_model(
 
 
 class ImageClassifier(L.LightningModule):
-    """Cross-entropy classifier trained with Adam; logs ``train_loss``, ``val_loss`` and ``val_acc``.
+    """Cross-entropy classifier trained with Adam; logs ``train_loss``, ``val_loss`` and ``val_acc`` (``test_loss``
+    and ``test_acc`` under ``trainer.test``); ``trainer.predict`` returns class probabilities.
 
     Args:
         arch: ``"small_cnn"`` or a torchvision classification builder name (see :func:`available_archs`).
@@ -243,6 +244,15 @@ class ImageClassifier(L.LightningModule):
         # sync_dist: under DDP the epoch values are averaged over ranks (a no-op on one device).
         self.log("val_loss", loss, prog_bar=True, sync_dist=True)
         self.log("val_acc", acc, prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        loss, acc = self._step(batch)
+        self.log("test_loss", loss, sync_dist=True)
+        self.log("test_acc", acc, sync_dist=True)
+
+    def predict_step(self, batch, batch_idx: int) -> Tensor:
+        """Class probabilities ``[B, num_classes]`` (softmax of the logits); labels in the batch are ignored."""
+        return self(split_sample(batch)[0]).softmax(dim=1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -449,3 +449,30 @@ def test_mlflow_logger_with_a_database_tracking_uri_through_the_cli(tmp_path, mo
     assert [m.step for m in client.get_metric_history(run_id, "viz-filters/net.conv1/mean_norm")] == [0]
     epoch0 = [f.path for f in client.list_artifacts(run_id, "lightning_viz/epoch_0000/viz-filters/net.conv1")]
     assert epoch0 == ["lightning_viz/epoch_0000/viz-filters/net.conv1/grid.png"]
+
+
+def test_test_and_predict_subcommands_run_on_a_checkpoint_of_the_builtin_model(tmp_path, monkeypatch):
+    """``lightning-viz test/predict --ckpt_path`` with the built-in model and data (the test and predict loaders are
+    the validation split). Was: ``MisconfigurationException: No
+    test_step() method defined`` (and no predict or test dataloader)."""
+    import torch
+
+    from lightning_viz.cli import cli_main, main
+
+    monkeypatch.chdir(tmp_path)
+    data = ["--data.num_train=16", "--data.num_val=12", "--data.image_size=16", "--data.batch_size=8"]
+    trainer = [
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    assert main(["fit", "--trainer.max_epochs=1", *trainer, *data]) is None
+    (ckpt,) = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".ckpt")]
+    assert main(["test", "--ckpt_path", ckpt, *trainer, *data]) is None
+    acc = read_events(str(tmp_path / "lightning_logs" / "version_1"))
+    assert scalar_steps(acc, "test_acc") and scalar_steps(acc, "test_loss")
+    cli = cli_main(["predict", "--ckpt_path", ckpt, *trainer, *data])
+    probs = torch.cat(cli.trainer.predict_loop.predictions)
+    assert probs.shape == (12, 4) and torch.allclose(probs.sum(1), torch.ones(12))
+    x = torch.stack([cli.datamodule.val_set[i][0] for i in range(12)])
+    assert torch.allclose(probs, cli.model.eval()(x).softmax(1), atol=1e-6)

@@ -423,6 +423,29 @@ def test_validate_before_fit_then_fit_then_validate(tmp_path, caplog):
     assert caplog.text.count("which a trainer.validate before this fit already wrote to this log directory") == 2
 
 
+def test_validate_before_fit_without_a_logger_says_the_folders_files_are_replaced(tmp_path, caplog):
+    """With ``logger=False`` the fit's epoch 0 replaces the validate's step-0 files in the image folder (same
+    names): the info line says so. Was: "TensorBoard shows both", with no TensorBoard and one file left."""
+    train, val = tiny_loaders(n=16)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        callbacks=[CAMCallback(num_probes=2, run_on="validation_epoch_end")],
+        default_root_dir=str(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    model = LitTiny()
+    with caplog.at_level("INFO"):
+        trainer.validate(model, val, verbose=False)
+        trainer.fit(model, train, val)
+    assert "directory (the image folder's files of that step are replaced by the fit's)" in caplog.text
+    assert "TensorBoard" not in caplog.text
+
+
 class _CountingNet(TinyCNN):
     """A forward with Python-side state: a call counter and a warm-up flag that changes the output (as a
     schedule driven by forward calls would)."""

@@ -168,13 +168,14 @@ def offline(tmp_path, monkeypatch):
         wandb.teardown()  # stops the wandb-core service process
 
 
-def wandb_logger(root):
+def wandb_logger(root, prefix=""):
     import wandb
 
     return WandbLogger(
         save_dir=str(root),
         offline=True,
         project="viz",
+        prefix=prefix,
         settings=wandb.Settings(
             console="off", x_disable_stats=True, x_disable_meta=True, x_save_requirements=False, disable_git=True
         ),
@@ -187,8 +188,10 @@ def mlflow_uri(tmp_path_factory):
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
 
 
-def mlflow_logger(uri, root):
-    return MLFlowLogger(experiment_name=f"viz-{root.name}", tracking_uri=uri, artifact_location=str(root / "artifacts"))
+def mlflow_logger(uri, root, prefix=""):
+    return MLFlowLogger(
+        experiment_name=f"viz-{root.name}", tracking_uri=uri, artifact_location=str(root / "artifacts"), prefix=prefix
+    )
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -208,8 +211,14 @@ def test_logger_false_writes_a_new_image_folder_version_per_trainer(tmp_path):
     folder = tmp_path / "lightning_viz" / "version_0"
     scalars = folder_scalars(str(folder))
     check_split(rec, png_tags(str(folder)), scalars)
-    _rec2, _ = fit(False, tmp_path, every_n_epochs=2)
-    assert {e for e, _ in png_tags(str(tmp_path / "lightning_viz" / "version_1"))} == {1}  # (1 + 1) % 2 == 0
+    _rec2, _ = fit(False, tmp_path, every_n_epochs=2, run_at_start=True)
+    second = tmp_path / "lightning_viz" / "version_1"
+    assert {e for e, _ in png_tags(str(second))} == {1}  # (1 + 1) % 2 == 0
+    # the run_at_start baseline (step -1) in before_training/ (was: epoch_-001/), its scalars at epoch -1
+    assert sorted(os.listdir(second)) == ["before_training", "epoch_0001", "scalars.csv"]
+    assert {e for e, _ in folder_scalars(str(second))} == {-1, 1}
+    assert os.path.isfile(second / "before_training" / "viz-inputgrad" / "panel" / "p000.png")
+    assert image_relpath("viz-cam/panel/p000", -1) == "before_training/viz-cam/panel/p000.png"
 
 
 def test_mlflow_logger_alone_gets_metrics_and_artifacts(offline, mlflow_uri):
@@ -275,28 +284,35 @@ def test_wandb_logger_alone_offline_keeps_every_point_with_epoch_as_x_axis(offli
     assert os.path.exists(offline / "twin" / "epoch_0000" / "viz" / "extra" / "emb" / "tensors.tsv")
 
 
-def test_all_loggers_write_the_same_values_and_pixels_as_tensorboard(offline, mlflow_uri):
+@pytest.mark.parametrize("prefix", ["", "run1"])
+def test_all_loggers_write_the_same_values_and_pixels_as_tensorboard(offline, mlflow_uri, prefix):
+    """Every logger gets the same keys, values and pixels. A logger's ``prefix`` (Lightning: "put at the beginning of
+    metric keys", joined with ``-``) starts every key that logger gets, as it does the user's own metrics: was only
+    in CSV and MLflow (through their ``log_metrics``), while TensorBoard and W&B had the bare keys."""
     from mlflow.tracking import MlflowClient
 
     tb, csvl, ml, wb = (
-        TensorBoardLogger(str(offline), name="tb", version=0),
-        CSVLogger(str(offline), name="csv"),
-        mlflow_logger(mlflow_uri, offline),
-        wandb_logger(offline),
+        TensorBoardLogger(str(offline), name="tb", version=0, prefix=prefix),
+        CSVLogger(str(offline), name="csv", prefix=prefix),
+        mlflow_logger(mlflow_uri, offline, prefix=prefix),
+        wandb_logger(offline, prefix=prefix),
     )
     rec, _ = fit([tb, csvl, ml, wb], offline)
     import wandb
 
     wandb.finish()
     wandb.teardown()  # waits until wandb-core has written the last records, and stops it
+    pre = f"{prefix}-" if prefix else ""
     acc = read_events(tb.log_dir)
-    img_tags = [t for t in acc.Tags()["images"] if t.startswith("viz")]
-    sc_tags = [t for t in acc.Tags()["scalars"] if t.startswith("viz")]
+    img_tags = [t for t in acc.Tags()["images"] if t.startswith(pre + "viz")]
+    sc_tags = [t for t in acc.Tags()["scalars"] if t.startswith(pre + "viz")]
     ref_sc = {(e.step, t): e.value for t in sc_tags for e in acc.Scalars(t)}
     ref_img = {
         (e.step, t): np.asarray(Image.open(io.BytesIO(e.encoded_image_string))) for t in img_tags for e in acc.Images(t)
     }
-    assert set(ref_sc) | set(ref_img) == written(rec) and all(image_steps(acc, t) == [0, 1] for t in img_tags)
+    assert {(e, pre + t) for e, t in written(rec)} == set(ref_sc) | set(ref_img)
+    assert all(image_steps(acc, t) == [0, 1] for t in img_tags)
+    assert {t for t in acc.Tags()["scalars"] if "viz" not in t} == {pre + "train_loss", pre + "val_loss", pre + "epoch"}
     # CSV: metrics.csv, no image folder (TensorBoard keeps the images)
     assert csv_scalars(csvl.log_dir, set(sc_tags)) == pytest.approx(ref_sc, rel=1e-6)
     assert not os.path.exists(os.path.join(csvl.log_dir, "lightning_viz"))
@@ -313,10 +329,12 @@ def test_all_loggers_write_the_same_values_and_pixels_as_tensorboard(offline, ml
     for row in wandb_history(run_dir):
         for t in sc_tags:
             if t in row:
-                wb_sc[(row["epoch"], t)] = row[t]
+                wb_sc[(row[pre + "epoch"], t)] = row[t]
         for t in img_tags:
             if t + "/path" in row:
-                wb_img[(row["epoch"], t)] = np.asarray(Image.open(os.path.join(run_dir, "files", row[t + "/path"])))
+                wb_img[(row[pre + "epoch"], t)] = np.asarray(
+                    Image.open(os.path.join(run_dir, "files", row[t + "/path"]))
+                )
     assert wb_sc == pytest.approx(ref_sc, rel=1e-6)
     assert set(wb_img) == set(ref_img)
     for k, img in ref_img.items():
@@ -528,3 +546,31 @@ def test_fast_dev_run_computes_every_callback_and_writes_nothing(tmp_path, monke
     assert CountingMap.calls == 1 and any(t.startswith("viz-inputgrad/") for t in cb.last_logged_tags)
     assert [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs] == []
     assert "Lightning switched logging off (fast_dev_run)" in caplog.text
+
+
+def test_a_tensorboard_prefix_starts_the_custom_scalars_layout_regexes_too(tmp_path):
+    """TensorBoard matches the Custom Scalars layout's regexes from the tag's start: with a logger prefix they
+    must match the prefixed tags (and no bare one)."""
+    import re
+
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_viz.logging import TensorBoardBackend
+    from lightning_viz.tracking import TRACKING_LAYOUT
+
+    writer = SummaryWriter(str(tmp_path))
+    vl = VizLogger(TensorBoardBackend(writer, prefix="run1-"), step=0)
+    vl.custom_scalars(TRACKING_LAYOUT)
+    vl.scalar("viz-cam/gradcam/net.conv2/drift/rank_corr", 0.5)
+    vl.flush()
+    writer.close()
+    acc = read_events(str(tmp_path))
+    assert [t for t in acc.Tags()["scalars"]] == ["run1-viz-cam/gradcam/net.conv2/drift/rank_corr"]
+    (event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    regexes = [r for c in layout.category for chart in c.chart for r in chart.multiline.tag]
+    assert len(regexes) == sum(len(chart[1]) for c in TRACKING_LAYOUT.values() for chart in c.values())
+    matching = [r for r in regexes if re.match(r, "run1-viz-cam/gradcam/net.conv2/drift/rank_corr")]
+    assert matching == ["run1\\-viz-.*/drift/rank_corr"]
+    assert not [r for r in regexes if re.match(r, "viz-cam/gradcam/net.conv2/drift/rank_corr")]

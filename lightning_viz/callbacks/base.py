@@ -28,6 +28,7 @@ from torch import Tensor
 from ..capture import capture, fork_rng, isolated, torch_threads
 from ..layers import LayerNotFoundError, module_device, module_dtype
 from ..logging import (
+    FOLDER,
     NothingWrittenWarning,
     VizLogger,
     WriteOwner,
@@ -1139,11 +1140,16 @@ class VisualizationCallback(Callback):
         written = self._written.setdefault(_destination(trainer), {})
         fitting = _fitting(trainer)
         if fitting and written.get(step):
+            sinks = sink_names(trainer, self.loggers)
+            files = [w for n, w in ((FOLDER, "the image folder's"), ("mlflow", "MLflow's")) if n in sinks]
+            kept = ["TensorBoard shows both"] if "tensorboard" in sinks else []
+            kept += [f"{' and '.join(files)} files of that step are replaced by the fit's"] if files else []
             _log.info(  # rank 0, inside the fit loop: the lightning_viz logger prints above a progress bar
                 "lightning-viz: %s writes step %d, which a trainer.validate before this fit already wrote to this log "
-                "directory (TensorBoard shows both); give the fit its own logger version to keep them apart.",
+                "directory (%s); give the fit its own logger version to keep them apart.",
                 self._label(),
                 step,
+                "; ".join(kept) or "both are kept",
             )
         written[step] = written.get(step, False) or not fitting
         latest = max(written)

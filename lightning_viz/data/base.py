@@ -12,7 +12,8 @@ __all__ = ["SplitDataModule"]
 
 class SplitDataModule(L.LightningDataModule):
     """``train_set``/``val_set`` (built by the subclass in ``__init__`` or ``setup``) served in batches of
-    ``batch_size`` with ``num_workers`` workers; the train loader shuffles."""
+    ``batch_size`` with ``num_workers`` workers; the train loader shuffles. There is no held-out test split: the
+    test and predict loaders serve the validation split (``lightning-viz test/predict --ckpt_path ...``)."""
 
     def __init__(self, batch_size: int, num_workers: int):
         super().__init__()
@@ -42,3 +43,9 @@ class SplitDataModule(L.LightningDataModule):
             self.setup("validate")
         assert self.val_set is not None, f"{type(self).__name__}.setup('validate') must build val_set"
         return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
