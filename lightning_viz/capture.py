@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .layers import get_layer, module_device, unwrap_model
+from .layers import LayerNotFoundError, get_layer, module_device, unwrap_model
 
 __all__ = [
     "eval_mode",
@@ -40,12 +40,19 @@ __all__ = [
     "grad_enabled",
     "capture",
     "Capture",
+    "LayerNotCalledError",
     "forward_until",
     "fork_rng",
     "deterministic_warn_only",
     "NondeterministicOpWarning",
     "torch_threads",
 ]
+
+
+class LayerNotCalledError(LayerNotFoundError, KeyError):
+    """A layer the forward did not call (read from a :class:`Capture`); a ``KeyError`` too, as it always was."""
+
+    __str__ = LayerNotFoundError.__str__  # the message as written, not KeyError's repr of it
 
 
 @contextlib.contextmanager
@@ -423,9 +430,10 @@ class Capture:
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.outputs:
-            raise KeyError(
-                f"Layer {name!r} produced no output in the forward pass (is it used by forward()?). "
-                f"Recorded: {sorted(self.outputs)}"
+            raise LayerNotCalledError(
+                f"Layer {name!r} produced no output in the forward pass: the model's forward did not call it in eval "
+                "mode, the mode visualizations run it in (e.g. GoogLeNet's and Inception's auxiliary heads run only "
+                f"in training mode); choose a layer the eval-mode forward calls. Recorded: {sorted(self.outputs)}"
             )
         return self.outputs[name]
 

@@ -13,7 +13,14 @@ from helpers import LitTiny, TinyCNN, read_events, tiny_loaders, tiny_trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_viz.callbacks import ActivationCallback, CAMCallback, EmbeddingCallback, TopPatchesCallback, UnitCallback
+from lightning_viz.callbacks import (
+    ActivationCallback,
+    CAMCallback,
+    EmbeddingCallback,
+    InversionCallback,
+    TopPatchesCallback,
+    UnitCallback,
+)
 from lightning_viz.capture import isolated
 from lightning_viz.layers import LayerNotFoundError, default_cam_layer
 from lightning_viz.methods import cam as C
@@ -376,3 +383,42 @@ def test_cam_default_layer_of_concatenated_branches(tmp_path):
     ref = F.relu((w[:, :, None, None] * a).sum(1))
     torch.testing.assert_close(got, ref)
     assert float(ref.abs().max()) > 0
+
+
+class TrainOnlyAux(TinyCNN):
+    """TinyCNN with an auxiliary conv ``aux`` that its forward calls only in training mode (as GoogLeNet's and
+    Inception's auxiliary heads): visualizations run the model in eval mode, where ``aux`` gives no output."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        if self.training:
+            self.aux(x)
+        x = F.relu(self.conv2(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: EmbeddingCallback(layers="net.aux", num_probes=6, projector=False),
+        lambda: InversionCallback(layers="net.aux", steps=2, num_probes=2),
+        lambda: ActivationCallback(layers=["net.aux"], num_probes=2),
+    ],
+)
+def test_a_layer_the_eval_forward_does_not_call_fails_at_setup_naming_the_callback(tmp_path, make):
+    """Embeddings and inversion of a train-only layer failed after the first epoch (a KeyError inside a
+    VisualizationError); the others at setup with a bare KeyError asking 'is it used by forward()?' (it is, in
+    training). Now every one at setup, naming the callback and eval mode."""
+    cb, steps = make(), CountSteps()
+    trainer = tiny_trainer(str(tmp_path), [steps, cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    with pytest.raises(LayerNotFoundError) as err:
+        trainer.fit(LitTiny(TrainOnlyAux()), *tiny_loaders(n=8))
+    assert steps.steps == 0 and isinstance(err.value, KeyError)
+    assert str(err.value).startswith(
+        f"{type(cb).__name__}: Layer 'net.aux' produced no output in the forward pass: the model's forward did not "
+        "call it in eval mode"
+    )

@@ -176,6 +176,29 @@ def test_parallel_branches_of_one_size_are_not_a_chain():
     assert stack_receptive_field(chain, "2", (1, 12, 12)).size == (5, 5)
 
 
+def test_arithmetic_receptive_field_on_a_branched_model_fails_at_setup(tmp_path):
+    """receptive_field='arithmetic' on a layer behind parallel branches (any Inception block or ResNet downsample) was
+    refused only when the first epoch's patches were drawn (a VisualizationError after a whole epoch of training):
+    now at setup, before the first training step, saying what works. A layer before the branches still runs."""
+    net = nn.Sequential(TwoBranches(), nn.Conv2d(2, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    cb = TopPatchesCallback(layers=["net.0.a", "net.1"], receptive_field="arithmetic", num_probes=6, k=2)
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    with pytest.raises(ValueError) as err:
+        trainer.fit(LitTiny(net), *tiny_loaders(n=12, channels=1))
+    assert trainer.global_step == 0
+    assert str(err.value) == (
+        "TopPatchesCallback: receptive_field='arithmetic' does not apply to layer 'net.1': the model branches before "
+        "the end of 'net.1' ('net.0.a' and 'net.0.b' both read one tensor: parallel paths, e.g. an Inception block), "
+        "so layer arithmetic does not apply. Use receptive_field='auto' (layer arithmetic where it applies, else the "
+        "gradient) or 'gradient'."
+    )
+    cb = TopPatchesCallback(layers=["net.0.a"], receptive_field="arithmetic", num_probes=6, k=2)
+    tiny_trainer(str(tmp_path / "ok"), [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1).fit(
+        LitTiny(net), *tiny_loaders(n=12, channels=1)
+    )
+    assert "viz-top_patches/net.0.a/unit000" in cb.last_logged_tags
+
+
 def test_crop_boxes_pads_at_borders():
     img = torch.arange(16.0).view(1, 1, 4, 4)
     crops = crop_boxes(img.expand(2, 1, 4, 4), torch.tensor([[-1, -1, 2, 2], [1, 1, 4, 4]]), pad_value=-1.0)

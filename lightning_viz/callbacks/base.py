@@ -498,16 +498,22 @@ class VisualizationCallback(Callback):
             raise named from exc
 
     def check_layer_outputs(
-        self, model: ModelAdapter, x: Tensor, layers: list[str], dims: tuple[int, ...] = (4,), what: str = "layers"
+        self,
+        model: ModelAdapter,
+        x: Tensor,
+        layers: list[str],
+        dims: Optional[tuple[int, ...]] = (4,),
+        what: str = "layers",
     ) -> dict[str, Tensor]:
         """At setup: one no-grad forward of ``x`` recording ``layers``; each output must have one of ``dims``
         dimensions (4: a ``[B, C, h, w]`` feature map, 2: ``[B, C]`` features), else a clear error naming this
-        callback and option ``what`` (a transformer block's ``[B, tokens, D]`` is no feature map). Returns them."""
+        callback and option ``what`` (a transformer block's ``[B, tokens, D]`` is no feature map); ``None``: any shape.
+        A layer the forward does not call fails too. Returns them."""
         with torch.no_grad(), capture(model, layers) as cap:
             model(x)
         outs = {n: cap[n] for n in layers}
         for n, out in outs.items():
-            if out.ndim not in dims:
+            if dims is not None and out.ndim not in dims:
                 kinds = " or ".join({4: "a [B, C, h, w] feature map", 2: "[B, C] features"}[d] for d in dims)
                 raise ValueError(
                     f"{type(self).__name__}: {what} names {n!r}, whose output has shape {tuple(out.shape)}, but it "

@@ -124,6 +124,8 @@ class EmbeddingCallback(VisualizationCallback):
         if self.layer is None:  # the penultimate features: the input of the last nn.Linear called
             with self._naming():
                 penultimate_layer(model, x)
+        else:  # called by the eval-mode forward (not an auxiliary head that runs only in training)
+            self.check_layer_outputs(model, x, [self.layer], dims=None)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         assert probe is not None  # needs_probes is True: the base class always passes the probes

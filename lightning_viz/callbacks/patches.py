@@ -14,7 +14,7 @@ from ..layers import get_layer, module_device, module_dtype, resolve_layers
 from ..logging import VizLogger, make_tag
 from ..methods.batching import images_per_forward
 from ..methods.patches import TopK, merge_topk, scan_topk
-from ..methods.receptive_field import crop_boxes, receptive_field
+from ..methods.receptive_field import NotAConvStackError, crop_boxes, receptive_field, stack_receptive_field
 from ..probe import ProbeSet
 from ..progress import reporting
 from ..render import _shared_strip, class_name, compose
@@ -121,6 +121,16 @@ class TopPatchesCallback(VisualizationCallback):
     def check_input(self, model: Any, x: Tensor) -> None:  # the outputs' widths (also of blocks and pools)
         for name, out in self.check_layer_outputs(model, x, list(self.layers)).items():
             self._check_units(name, out.shape[1])
+        if self.receptive_field == "arithmetic":  # a branched model (any residual net) is refused now, not at the
+            for name in self.layers:  # first run after a whole epoch: one forward of a zero image per layer
+                try:
+                    stack_receptive_field(model, name, tuple(x.shape[1:]))
+                except NotAConvStackError as exc:
+                    raise ValueError(
+                        f"TopPatchesCallback: receptive_field='arithmetic' does not apply to layer {name!r}: "
+                        f"{str(exc).removesuffix('; use the gradient method')}. Use receptive_field='auto' (layer "
+                        "arithmetic where it applies, else the gradient) or 'gradient'."
+                    ) from None
 
     def check(self, pl_module: LightningModule) -> None:  # before any forward: the layers' declared widths
         self.layers = resolve_layers(pl_module, self.layers)

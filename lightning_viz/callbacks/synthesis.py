@@ -390,6 +390,9 @@ class InversionCallback(_InputOptimizationCallback):
     def check(self, pl_module: LightningModule) -> None:
         get_layer(pl_module, self.layer)
 
+    def check_input(self, model: Any, x: Tensor) -> None:  # called by the eval-mode forward (any output shape)
+        self.check_layer_outputs(model, x, [self.layer], dims=None)
+
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         assert probe is not None  # needs_probes is True: the base class always passes the probes
         pl_module = self.adapted(pl_module)
