@@ -449,3 +449,46 @@ def test_mlflow_logger_with_a_database_tracking_uri_through_the_cli(tmp_path, mo
     assert [m.step for m in client.get_metric_history(run_id, "viz-filters/net.conv1/mean_norm")] == [0]
     epoch0 = [f.path for f in client.list_artifacts(run_id, "lightning_viz/epoch_0000/viz-filters/net.conv1")]
     assert epoch0 == ["lightning_viz/epoch_0000/viz-filters/net.conv1/grid.png"]
+
+
+@pytest.mark.parametrize(
+    "options, lead",
+    [
+        (  # a misspelled option in a YAML config: the callback, the option, a suggestion, every allowed option
+            [
+                "--config",
+                "trainer: {callbacks: [{class_path: lightning_viz.CAMCallback, init_args: {methodz: [cam]}}]}",
+            ],
+            "CAMCallback (trainer.callbacks): unknown option 'methodz' (did you mean 'methods'?); allowed: methods, ",
+        ),
+        (  # nested: the tracker of a callback, with a wrong type
+            [
+                "--trainer.callbacks+=CAMCallback",
+                "--trainer.callbacks.tracker=MapTracker",
+                "--trainer.callbacks.tracker.topk=x",
+            ],
+            "CAMCallback (trainer.callbacks): tracker: MapTracker: topk: expected float, got 'x'",
+        ),
+        (
+            ["--trainer.callbacks+=CAMCallback", "--trainer.callbacks.normalize=fixd"],
+            "CAMCallback (trainer.callbacks): normalize: expected one of 'per_image', 'fixed', 'both', got 'fixd'",
+        ),
+        (
+            ["--trainer.callbacks+=CAMCalback"],
+            "trainer.callbacks: unknown class 'CAMCalback' (did you mean 'CAMCallback'?); allowed: FilterCallback, ",
+        ),
+        (["--model.lrr=0.1"], "ImageClassifier (model): unknown option 'lrr' (did you mean 'lr'?); allowed: arch, "),
+    ],
+)
+def test_a_parse_error_starts_with_the_class_the_option_and_what_is_allowed(options, lead, capsys):
+    """Not only jsonargparse's 'Does not validate against any of the Union subtypes' with the useful line buried
+    inside it, after a usage line listing every Trainer option."""
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--trainer.logger=false", *options], run=False)
+    err = capsys.readouterr().err
+    usage, tip, first, *details = err.splitlines()
+    assert usage.startswith("usage: lightning-viz ") and len(usage) < 100 and tip.startswith("tip: ")  # one line
+    assert first.startswith("error: " + lead), first
+    assert "Does not validate against any of the Union subtypes" in "\n".join(details)  # jsonargparse's, below
