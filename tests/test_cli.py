@@ -492,3 +492,21 @@ def test_a_parse_error_starts_with_the_class_the_option_and_what_is_allowed(opti
     assert usage.startswith("usage: lightning-viz ") and len(usage) < 100 and tip.startswith("tip: ")  # one line
     assert first.startswith("error: " + lead), first
     assert "Does not validate against any of the Union subtypes" in "\n".join(details)  # jsonargparse's, below
+
+
+def test_every_option_of_the_cli_classes_has_its_own_help_line():
+    """``lightning-viz fit --trainer.callbacks.help X`` (and ``--data.help``) describes every option: an ``Args:``
+    entry naming several options at once (``ig_steps, ig_baseline: ...``) gave those options no help at all."""
+    from jsonargparse import ArgumentParser
+
+    from lightning_viz.callbacks import CALLBACKS
+    from lightning_viz.data import DigitsDataModule, ImageFolderDataModule, ShapesDataModule
+    from lightning_viz.models import ImageClassifier
+    from lightning_viz.tracking import MapTracker
+
+    for cls in (*CALLBACKS, MapTracker, ImageClassifier, ShapesDataModule, DigitsDataModule, ImageFolderDataModule):
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, "x")
+        options = [a for a in parser._actions if a.dest.startswith("x.") and not a.dest.endswith(".help")]
+        assert len(options) >= 3, cls
+        assert [a.dest for a in options if not (a.help or "").strip()] == [], cls.__name__

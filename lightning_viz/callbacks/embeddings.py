@@ -58,7 +58,8 @@ class EmbeddingCallback(VisualizationCallback):
         chunk_size: probe images per forward (``None``: as many as the memory budget of
             :mod:`lightning_viz.methods.batching` holds; 128 probes of a 224 px ResNet-50 at once took 1.3 GB).
         num_probes: probe set size (default 128).
-        layer: deprecated alias of ``layers``.  batch_size: deprecated alias of ``chunk_size``.
+        layer: deprecated alias of ``layers``.
+        batch_size: deprecated alias of ``chunk_size``.
         **kwargs: :class:`VisualizationCallback` options.
     """
 

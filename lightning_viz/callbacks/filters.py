@@ -67,7 +67,8 @@ class FilterCallback(VisualizationCallback):
         scale: ``"per_filter"`` (each filter on its own range) or ``"global"`` (one range for all).
         max_filters: at most this many filters (and grayscale input channels) in the grid.
         input_shape: ``[C, H, W]`` of one input, for ``kind="linear"``; default: the probe images' shape.
-        layer: deprecated alias of ``layers``.  normalize: deprecated alias of ``scale``.
+        layer: deprecated alias of ``layers``.
+        normalize: deprecated alias of ``scale``.
         **kwargs: schedule options of :class:`VisualizationCallback` (``every_n_epochs``, ``run_on``, ...);
             ``probe_source``/``probes`` give the input shape of ``kind="linear"`` templates (one image is read).
 

@@ -146,9 +146,11 @@ class GradientCallback(GradientMapCallback):
             ``smoothgrad_<any of those>`` (SmoothGrad around it).
         reduce: how ``[C, H, W]`` attributions become a map: ``abs_max`` (default), ``sum`` (signed;
             ``signed`` then defaults to True), ``abs_sum``. Saliency is already a map.
-        smoothgrad_samples, smoothgrad_sigma, smoothgrad_seed: SmoothGrad noise samples, standard
-            deviation as a fraction of each image's value range, and the seed of its own generator.
-        ig_steps, ig_baseline: integrated-gradients path points and constant baseline value.
+        smoothgrad_samples: SmoothGrad noise samples per image (Smilkov et al. 2017, Eq. 2).
+        smoothgrad_sigma: SmoothGrad noise standard deviation, as a fraction of each image's value range.
+        smoothgrad_seed: seed of SmoothGrad's own noise generator.
+        ig_steps: integrated-gradients path points (Sundararajan et al. 2017, Eq. 3).
+        ig_baseline: integrated-gradients constant baseline value.
         target, chunk_size, share_pass: see :class:`GradientMapCallback`.
         **kwargs: rendering (:class:`MapCallback`) and schedule/probe options (``VisualizationCallback``).
     """
