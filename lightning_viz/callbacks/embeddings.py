@@ -34,6 +34,8 @@ PENULTIMATE = "penultimate"
 class EmbeddingCallback(VisualizationCallback):
     """Embeddings of the probe set, epoch by epoch, so class separation can be watched while training.
 
+    PCA, Pearson 1901; t-SNE, van der Maaten & Hinton 2008; silhouette score, Rousseeuw 1987.
+
     Features are the output of ``layers`` (one layer; conv maps averaged over space) or, by default, the
     penultimate features: the input of the last ``nn.Linear`` called in the model's forward (the
     classifier head of resnet/vgg/densenet/mobilenet; found by one forward at setup). Logged at step = epoch, with

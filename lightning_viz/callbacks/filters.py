@@ -59,6 +59,8 @@ def filter_grid(weights: Tensor, normalize: str = "per_filter", max_filters: int
 class FilterCallback(VisualizationCallback):
     """Log the weights of a conv layer (default: the first) or a linear layer's per-class templates.
 
+    First-layer kernels as images: Krizhevsky et al. 2012, Fig. 3; linear class templates: Simonyan et al. 2014.
+
     Args:
         layers: the layer (one dotted name of ``model.named_modules()``, or a one-element list); default the
             first conv (``kind="conv"``) or the first linear layer (``kind="linear"``). One layer per instance.

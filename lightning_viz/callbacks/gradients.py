@@ -140,6 +140,10 @@ class GradientMapCallback(MapCallback):
 class GradientCallback(GradientMapCallback):
     """Gradient attribution maps of the probe images, logged as one panel per probe ``viz-gradients/panel/<probe-id>``.
 
+    Saliency, Simonyan et al. 2014, Sec. 3.1; guided backprop, Springenberg et al. 2015; deconvnet, Zeiler & Fergus
+    2014, Sec. 2.1; input x gradient, Shrikumar et al. 2016; integrated gradients, Sundararajan et al. 2017, Eq. 3;
+    SmoothGrad, Smilkov et al. 2017, Eq. 2.
+
     Args:
         methods: any of ``saliency`` (Simonyan, max |grad| over channels), ``gradient`` (signed),
             ``guided_backprop``, ``deconvnet``, ``input_x_gradient``, ``integrated_gradients``, and
