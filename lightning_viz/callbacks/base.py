@@ -724,6 +724,12 @@ class VisualizationCallback(Callback):
                         + "; set logits_fn=<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
                     )
                 self._num_classes = int(logits.shape[1])
+                if self.class_names is not None and len(self.class_names) < self._num_classes:
+                    raise ValueError(
+                        f"{name}: class_names: {len(self.class_names)} names for a model with {self._num_classes} "
+                        f"classes ({how} gave logits of shape {tuple(logits.shape)}); give one name per class, by "
+                        "index, or leave class_names out to use the data's `classes`."
+                    )
                 for option, indices in self.class_options().items():
                     bad = [c for c in indices if not 0 <= c < self._num_classes]
                     if bad:
