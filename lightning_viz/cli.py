@@ -116,6 +116,16 @@ class VizArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Optional[Exception] = None) -> Any:
         lead = parse_error_summary(message) if self.exit_on_error else None  # not in jsonargparse's inner parsers
+        unknown = re.match(
+            r"unrecognized arguments: (?:\w+ )?--([\w.]+)|Subcommand '\w+' does not accept option '([\w.]+)'", message
+        )
+        if lead is None and unknown and self.exit_on_error:
+            given = unknown.group(1) or unknown.group(2)
+            subs = getattr(getattr(self, "_subcommands_action", None), "_name_parser_map", {})
+            parsers = [getattr(ex, "subcommand_parser", None) or self, *subs.values()]
+            known = [o[2:] for p in parsers for o in getattr(p, "_option_string_actions", {}) if o.startswith("--")]
+            close = difflib.get_close_matches(given, known, n=1, cutoff=0.8)
+            message += f" (did you mean --{close[0]}?)" if close else ""
         if lead is not None:
             message = lead + "\n  details:\n" + textwrap.indent(message, "    ")
         super().error(message, ex)

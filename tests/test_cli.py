@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -510,3 +511,14 @@ def test_every_option_of_the_cli_classes_has_its_own_help_line():
         options = [a for a in parser._actions if a.dest.startswith("x.") and not a.dest.endswith(".help")]
         assert len(options) >= 3, cls
         assert [a.dest for a in options if not (a.help or "").strip()] == [], cls.__name__
+
+
+def test_an_unrecognized_argument_suggests_the_close_option(capsys):
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--trainer.max_epochz=1"], run=False)
+    err = capsys.readouterr().err
+    assert re.search(
+        r"error: unrecognized arguments: (fit )?--trainer.max_epochz=1 \(did you mean --trainer.max_epochs\?\)", err
+    )
