@@ -72,6 +72,8 @@ class _Run:
     def __init__(self, label: str, every_s: float):
         self.label, self.every_s = label, every_s
         self.start = self.last = time.perf_counter()
+        self.loop: Optional[tuple[str, int]] = None  # (what, total) of the loop reporting now
+        self.loop_start, self.loop_done = self.start, 0  # its first report: when, and how much was done then
 
 
 _current: ContextVar[Optional[_Run]] = ContextVar("lightning_viz_progress", default=None)
@@ -90,12 +92,18 @@ def reporting(label: Optional[str], every_s: Optional[float] = None) -> Iterator
 
 
 def progress(done: int, total: int, what: str = "steps") -> None:
-    """Report ``done`` of ``total`` ``what`` (one line at most every ``every_s`` seconds of a run)."""
+    """Report ``done`` of ``total`` ``what`` (one line at most every ``every_s`` seconds of a run), with the time
+    the run has taken and, once the loop has reported twice, the time left at the loop's rate since its first
+    report."""
     run = _current.get()
     if run is None:
         return
     now = time.perf_counter()
+    if run.loop != (what, total) or done < run.loop_done:  # another loop (or the same one again): its rate anew
+        run.loop, run.loop_start, run.loop_done = (what, total), now, done
     if now - run.last < run.every_s:
         return
     run.last = now
-    logger.info("lightning-viz %s: %d/%d %s (%.0f s)", run.label, done, total, what, now - run.start)
+    rate_done, rate_s = done - run.loop_done, now - run.loop_start
+    left = f", ~{(total - done) * rate_s / rate_done:.0f} s left" if rate_done > 0 and rate_s > 0 else ""
+    logger.info("lightning-viz %s: %d/%d %s (%.0f s%s)", run.label, done, total, what, now - run.start, left)

@@ -175,7 +175,7 @@ class MapTracker:
         faithfulness: log deletion (zero baseline) and insertion (blur baseline) AUC; costs
             ``2 * (deletion_steps - 1)`` images forwarded per probe and key, plus 3 per probe shared by all keys
             (the image and both baselines), batched together.
-        deletion_steps: points on each deletion/insertion curve.
+        deletion_steps: steps of each deletion/insertion curve (``deletion_steps + 1`` points, both ends included).
         chunk_size: images per forward pass of the deletion/insertion curves (``None``: as many as the default
             memory budget holds, on the CPU at most ``CPU_THROUGHPUT_MB`` of activations but ``CPU_MIN_IMAGES``; see
             :func:`lightning_viz.methods.metrics.perturbation_curves`).

@@ -219,6 +219,31 @@ def test_progress_lines_only_inside_a_run(caplog, monkeypatch):
     assert len(msgs) == 1 and msgs[0].startswith("lightning-viz occlusion: 3/10 occluded images")
 
 
+def test_progress_lines_say_the_time_left(caplog, monkeypatch):
+    """From a loop's second report on, a line gives the time left at the loop's rate since its first report; a new
+    loop of the same run starts its rate anew."""
+    import lightning_viz.progress as progress_module
+
+    clock = iter([0.0, 10.0, 20.0, 30.0, 40.0, 50.0])
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    with reporting("occlusion", every_s=0.0):  # run start: 0 s
+        progress(10, 100, "occluded images")  # 10 s: the loop's first report, no rate yet
+        progress(30, 100, "occluded images")  # 20 s: 20 images in 10 s, 70 left
+        progress(50, 100, "occluded images")  # 30 s: 40 images in 20 s, 50 left
+        progress(5, 20, "masked images")  # 40 s: another loop
+        progress(15, 20, "masked images")  # 50 s: 10 in 10 s, 5 left
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    assert msgs == [
+        "lightning-viz occlusion: 10/100 occluded images (10 s)",
+        "lightning-viz occlusion: 30/100 occluded images (20 s, ~35 s left)",
+        "lightning-viz occlusion: 50/100 occluded images (30 s, ~25 s left)",
+        "lightning-viz occlusion: 5/20 masked images (40 s)",
+        "lightning-viz occlusion: 15/20 masked images (50 s, ~5 s left)",
+    ]
+
+
 def test_a_long_callback_shows_progress(tmp_path, caplog, monkeypatch):
     import lightning_viz.progress as progress_module
     from lightning_viz.callbacks.occlusion import OcclusionCallback
@@ -236,8 +261,8 @@ def test_a_long_callback_shows_progress(tmp_path, caplog, monkeypatch):
 
 
 def test_faithfulness_curves_show_progress(tmp_path, caplog, monkeypatch):
-    """The deletion/insertion curves (2 * (steps + 1) forwards per probe and key; minutes on a 224 px ResNet-50)
-    log progress lines like the other long loops, counting every perturbed image of the run."""
+    """The deletion/insertion curves (2 * (steps - 1) images per probe and key, plus 3 per probe; minutes on a
+    224 px ResNet-50) log progress lines like the other long loops, counting every perturbed image of the run."""
     import lightning_viz.progress as progress_module
     from lightning_viz.callbacks.cam import CAMCallback
     from lightning_viz.tracking import MapTracker
@@ -253,6 +278,31 @@ def test_faithfulness_curves_show_progress(tmp_path, caplog, monkeypatch):
     assert len(lines) >= 2 and all("perturbed images" in m for m in lines)
     # 2 probes x (image + zero and blur baselines + 2 modes x 3 inner points of one map key)
     assert {int(m.split("/")[1].split(" ")[0]) for m in lines} == {2 * (3 + 2 * 3)}
+
+
+@pytest.mark.parametrize(
+    "methods, what, total",
+    [
+        (["integrated_gradients"], "path points", 2 * 4),
+        (["smoothgrad_saliency", "smoothgrad_integrated_gradients"], "noisy images", 2 * 16),
+    ],
+)
+def test_path_and_noise_averages_show_progress(tmp_path, caplog, monkeypatch, methods, what, total):
+    """Integrated gradients (``ig_steps`` path points per probe) and SmoothGrad (16 noisy copies; around IG, 16 x 4)
+    run minutes at 224 px on a CPU: progress lines count the points / noisy images of the run, one count per run
+    (SmoothGrad's inner IG stays silent)."""
+    import lightning_viz.progress as progress_module
+    from lightning_viz.callbacks.gradients import GradientCallback
+
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every chunk: a line
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    cb = GradientCallback(methods=methods, num_probes=2, chunk_size=4, ig_steps=4)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    lines = [m for m in msgs if m.startswith("lightning-viz gradients: ")]
+    assert len(lines) >= 2 and all(what in m for m in lines)
+    assert {int(m.split("/")[1].split(" ")[0]) for m in lines} == {total}
 
 
 @pytest.mark.parametrize("method, what", [("scorecam", "masked images"), ("ablationcam", "ablated images")])

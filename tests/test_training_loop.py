@@ -76,7 +76,13 @@ def test_resume_from_a_checkpoint_saved_at_the_epochs_last_step(tmp_path):
     cam = CAMCallback(num_probes=2, tracker=MapTracker())
     tiny_trainer(str(tmp_path / "a"), [cam, ckpt], max_epochs=2, **kw).fit(LitTiny(), train, val)
 
-    again = CAMCallback(num_probes=2, tracker=MapTracker())
+    _resume_from_epoch_0_checkpoint(tmp_path, train, val, kw)
+
+
+def _resume_from_epoch_0_checkpoint(tmp_path, train, val, kw, **cam_options):
+    """Resume a 2-epoch fit from the checkpoint saved at epoch 0's last step: epoch 1 is logged after epoch 0
+    (from the checkpoint) in the history, filmstrip and drift."""
+    again = CAMCallback(num_probes=2, tracker=MapTracker(), **cam_options)
     trainer = tiny_trainer(str(tmp_path / "b"), [again], max_epochs=2, **kw)
     trainer.fit(LitTiny(), train, val, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
     assert again.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
@@ -101,13 +107,7 @@ def test_resume_before_the_validation_a_validation_epoch_end_callback_runs_at(tm
     saved = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=False)["callbacks"][cam.state_key]
     assert saved["extra"]["tracker"]["epochs"] == {"gradcam/net.conv2": [0]}
 
-    again = CAMCallback(num_probes=2, run_on="validation_epoch_end", tracker=MapTracker())
-    trainer = tiny_trainer(str(tmp_path / "b"), [again], max_epochs=2, **kw)
-    trainer.fit(LitTiny(), train, val, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
-    assert again.tracker.epochs == {"gradcam/net.conv2": [0, 1]}
-    acc = read_events(str(tmp_path / "b"))
-    assert image_steps(acc, "viz-cam/filmstrip/p000") == [1]
-    assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [1]
+    _resume_from_epoch_0_checkpoint(tmp_path, train, val, kw, run_on="validation_epoch_end")
 
 
 class _NamedItems(Dataset):

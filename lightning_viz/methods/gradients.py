@@ -28,6 +28,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..progress import progress, reporting
 from ..targets import LabelTarget, PredictedTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
 from .checks import check_eval, check_images
@@ -143,6 +144,7 @@ def _path_average(model, x, base, alphas, target, labels, chunk_size) -> Tensor:
         lab = None if labels is None else labels.to(x.device)[img]
         g = gradient(model, pts, target, lab)
         total.index_add_(0, img, g)
+        progress(sl.stop, steps * b, "path points")  # a line every few seconds inside a callback run (rank 0)
     return total / steps
 
 
@@ -200,7 +202,9 @@ def smoothgrad(
         if method is integrated_gradients:  # each noisy image becomes `steps` path points (IG budgets its own chunks)
             per_forward = max(1, per_forward // int(kwargs.get("steps", 32)))
     for sl in chunks(n_samples * b, per_forward):
-        out = method(model, noisy[sl], tgt, None if lab is None else lab[sl], chunk_size=chunk_size, **kwargs)
+        with reporting(None):  # the inner method's own progress lines (IG's path points) stay silent
+            out = method(model, noisy[sl], tgt, None if lab is None else lab[sl], chunk_size=chunk_size, **kwargs)
+        progress(sl.stop, n_samples * b, "noisy images")  # a line every few seconds inside a callback run (rank 0)
         img = torch.arange(sl.start, sl.stop, device=x.device) % b
         if total is None:
             total = torch.zeros((b,) + tuple(out.shape[1:]), dtype=out.dtype, device=out.device)
