@@ -16,6 +16,8 @@ Callbacks are added under ``trainer.callbacks`` (``class_path`` + ``init_args``)
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import inspect
 import os
 import re
@@ -30,7 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from . import __version__
 
 # Imported so that jsonargparse knows the built-in data modules by their short class names.
-from . import data as _data  # noqa: F401
+from . import data as _data
 
 __all__ = ["main", "cli_main", "VizCLI", "SaveConfig", "packaged_configs", "resolve_config"]
 
@@ -105,6 +107,184 @@ class _HelpFormatter(DefaultHelpFormatter):
         )
 
 
+class VizArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser whose parse errors start with the line that matters: a misspelled or mistyped option of
+    a callback (model, data, tracker, ...) or an unknown class name gives ``CAMCallback (trainer.callbacks): unknown
+    option 'methodz'; did you mean 'methods'? allowed: ...`` before jsonargparse's union report (``Does not validate
+    against any of the Union subtypes``, kept below as details), and the usage printed with the error is one line
+    (``--help`` lists every option) instead of every Trainer option."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> Any:
+        lead = parse_error_summary(message) if self.exit_on_error else None  # not in jsonargparse's inner parsers
+        unknown = re.match(
+            r"unrecognized arguments: (?:\w+ )?--([\w.]+)|Subcommand '\w+' does not accept option '([\w.]+)'", message
+        )
+        if lead is None and unknown and self.exit_on_error:
+            given = unknown.group(1) or unknown.group(2)
+            subs = getattr(getattr(self, "_subcommands_action", None), "_name_parser_map", {})
+            parsers = [getattr(ex, "subcommand_parser", None) or self, *subs.values()]
+            known = [o[2:] for p in parsers for o in getattr(p, "_option_string_actions", {}) if o.startswith("--")]
+            close = difflib.get_close_matches(given, known, n=1, cutoff=0.8)
+            message += f" (did you mean --{close[0]}?)" if close else ""
+        if lead is not None:
+            message = lead + "\n  details:\n" + textwrap.indent(message, "    ")
+        super().error(message, ex)
+
+    def format_usage(self) -> str:
+        return f"usage: {self.prog.replace(' [options]', '')} [-h] [-c CONFIG] [--print_config] [options]\n"
+
+
+_PROBLEM = re.compile(r"^(\s*)- Problem with given class_path '([^']+)':\s*$")
+_PARSER_KEY = re.compile(r'^\s*Parser key "([^"]+)":\s*$')
+_NOT_ACCEPTED = re.compile(r"^\s*Option '([^']+)' is not accepted")
+_NO_IMPORT = re.compile(r"^\s*(No module named|module '[^']+' has no attribute|Unable to import)")
+_NOT_DOTTED = re.compile(r"Expected a dot import path string: (\S+)")
+_NOT_SUBCLASS = re.compile(r"Import path (\S+) does not correspond to a subclass of (\w+)")
+_BASES = {"Callback", "LightningModule", "LightningDataModule", "Logger"}
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name) if module else None
+    except Exception:
+        return None
+
+
+def class_options(cls: Any) -> list[str]:
+    """The init options the CLI accepts for ``cls`` (jsonargparse's view: ``**kwargs`` followed into the bases)."""
+    from jsonargparse import ArgumentParser
+
+    try:
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, "x")
+    except Exception:
+        return []
+    return [a.dest[2:] for a in parser._actions if a.dest.startswith("x.") and not a.dest.endswith(".help")]
+
+
+def _class_candidates(key: str) -> dict[str, str]:
+    """Short class name -> import path of the classes a config key usually takes (for 'did you mean')."""
+    from lightning.pytorch import callbacks as pl_callbacks
+    from lightning.pytorch import loggers as pl_loggers
+
+    from . import callbacks as viz_callbacks
+
+    last = key.split(".")[-1].split("[")[0]
+    bases: dict[str, tuple[type, list[Any]]] = {
+        "callbacks": (pl_callbacks.Callback, [viz_callbacks, pl_callbacks]),
+        "logger": (pl_loggers.Logger, [pl_loggers]),
+        "data": (LightningDataModule, [_data]),
+    }
+    base, modules = bases.get(last, (object, []))
+    found = {"MapTracker": "lightning_viz.tracking.MapTracker"} if last == "tracker" else {}
+    if last == "model":
+        found["ImageClassifier"] = DEFAULT_MODEL
+    for module in modules:
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name, None)
+            if inspect.isclass(obj) and issubclass(obj, base) and name not in _BASES and not inspect.isabstract(obj):
+                found.setdefault(name, f"{obj.__module__}.{name}")
+    return found
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if not close:
+        close = [c for c in choices if c.lower() == word.lower()]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _unknown_class(key: str, given: str, where: str = "", problem: str = "unknown class") -> str:
+    """``<where>: unknown class '<given>'; did you mean ...? allowed: ...`` for a class name the CLI cannot import."""
+    name = given.rpartition(".")[2]
+    candidates = _class_candidates(key)
+    module = _import(given.rpartition(".")[0]) if "." in given else None
+    names = sorted(
+        {*candidates, *(n for n in dir(module) if inspect.isclass(getattr(module, n)))} if module else candidates
+    )
+    viz = [n for n in candidates if n in _viz_callback_names()]
+    listed = ", ".join(viz or candidates)
+    allowed = f" allowed: {listed}, or the full import path of a class" if listed else " give the full import path"
+    hint = _did_you_mean(name, names) if problem == "unknown class" else ""
+    return f"{where or key}: {problem} '{given}'{hint};{allowed}"
+
+
+def _viz_callback_names() -> set[str]:
+    from .callbacks import CALLBACKS
+
+    return {c.__name__ for c in CALLBACKS}
+
+
+def _tidy(expected: str) -> str:
+    """``Expected a <class 'int'>. Got value: x`` -> ``expected int, got 'x'`` (Literal choices listed)."""
+    m = re.match(r"Expected a (.+?)\. Got value: (.*)$", expected.strip())
+    if not m:
+        return expected.strip()
+    kind, value = m.groups()
+    kind = re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", kind)
+    lit = re.fullmatch(r"typing\.Literal\[(.*)\]", kind)
+    kind = f"one of {lit.group(1)}" if lit else kind
+    return f"expected {kind}, got {value!r}"
+
+
+def parse_error_summary(message: str) -> Optional[str]:
+    """One line saying what is wrong in a jsonargparse parse error, naming the class (the callback, the model, the
+    data, a tracker), the option, what was wrong and what is allowed; ``None`` when the message is none of the
+    recognized kinds (an unknown option, a value of the wrong type, an unknown class)."""
+    lines = message.splitlines()
+    top = _PARSER_KEY.match(lines[0]) if lines else None
+    key = top.group(1) if top else "option"
+    context: list[tuple[int, str, str]] = []  # (indent, "CAMCallback (trainer.callbacks): tracker", "tracker")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        context = [c for c in context if c[0] < indent]
+        dotted = _NOT_DOTTED.search(line)
+        if dotted:
+            return (
+                _unknown_class(context[-1][2], dotted.group(1), context[-1][1])
+                if context
+                else _unknown_class(key, dotted.group(1))
+            )
+        wrong = _NOT_SUBCLASS.search(line)
+        if wrong:
+            problem = f"not a subclass of {wrong.group(2)}:"
+            return _unknown_class(
+                context[-1][2] if context else key, wrong.group(1), context[-1][1] if context else "", problem
+            )
+        m = _PROBLEM.match(line)
+        if not m:
+            continue
+        path = m.group(2)
+        name = path.rpartition(".")[2]
+        where = f"{context[-1][1]}: {name}" if context else f"{name} ({key})"
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        after = lines[i + 2] if i + 2 < len(lines) else ""
+        if name in _BASES:  # the base class tried as the union's other member: not what the user meant
+            if re.match(r"^\s*Option 'class_path' is not accepted", nxt):  # init args next to class_path
+                return (
+                    f"{context[-1][1] if context else key}: a class's options go under init_args "
+                    "(class_path: NAME, then init_args: {option: value}), not next to class_path"
+                )
+            continue
+        if opt := _NOT_ACCEPTED.match(nxt):
+            cls = _import(path)
+            allowed = class_options(cls) if cls is not None else []
+            hint = _did_you_mean(opt.group(1), allowed)
+            listed = f"; allowed: {', '.join(allowed)}" if allowed else ""
+            return f"{where}: unknown option '{opt.group(1)}'{hint}{listed}"
+        if _NO_IMPORT.match(nxt):
+            return _unknown_class(context[-1][2], path, context[-1][1]) if context else _unknown_class(key, path)
+        sub = _PARSER_KEY.match(nxt)
+        if sub and after.strip().startswith("Expected"):
+            return f"{where}: {sub.group(1)}: {_tidy(after)}"
+        if sub:
+            context.append((indent, f"{where}: {sub.group(1)}", sub.group(1)))
+    return None
+
+
 class _ConfigFile(ActionConfigFile):
     """``--config``: a path, an inline config, or the name of a packaged config (``demo``)."""
 
@@ -154,7 +334,8 @@ class VizCLI(LightningCLI):
         kwargs.setdefault("description", DESCRIPTION)
         kwargs.setdefault("epilog", callbacks_help())
         kwargs.setdefault("formatter_class", _HelpFormatter)
-        parser = self.parser_class(**kwargs)
+        parser_class = VizArgumentParser if self.parser_class is LightningArgumentParser else self.parser_class
+        parser = parser_class(**kwargs)
         parser.add_argument(
             "-c",
             "--config",

@@ -180,6 +180,14 @@ def test_validation_schedule_that_never_meets_fails_at_setup(tmp_path):
     GradientCallback(run_on="validation_epoch_end", every_n_epochs=3).setup(ok, LitTiny(), "fit")
 
 
+def test_too_few_class_names_fail_at_setup(tmp_path):
+    """Two names for a model with more classes left the other classes' captions as bare indices, silently."""
+    trainer = tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2, class_names=["a", "b"])], max_epochs=1)
+    with pytest.raises(ValueError, match=r"^GradientCallback: class_names: 2 names for a model with 3 classes"):
+        trainer.fit(LitTiny(), *tiny_loaders(n=8))
+    assert trainer.global_step == 0
+
+
 def test_setup_and_option_errors_name_the_callback(tmp_path):
     """With many callbacks attached (the demo has eleven), every setup or option error says which one is wrong."""
     from lightning_viz.callbacks.activations import ActivationCallback

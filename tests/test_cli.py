@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -476,3 +477,75 @@ def test_test_and_predict_subcommands_run_on_a_checkpoint_of_the_builtin_model(t
     assert probs.shape == (12, 4) and torch.allclose(probs.sum(1), torch.ones(12))
     x = torch.stack([cli.datamodule.val_set[i][0] for i in range(12)])
     assert torch.allclose(probs, cli.model.eval()(x).softmax(1), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options, lead",
+    [
+        (  # a misspelled option in a YAML config: the callback, the option, a suggestion, every allowed option
+            [
+                "--config",
+                "trainer: {callbacks: [{class_path: lightning_viz.CAMCallback, init_args: {methodz: [cam]}}]}",
+            ],
+            "CAMCallback (trainer.callbacks): unknown option 'methodz' (did you mean 'methods'?); allowed: methods, ",
+        ),
+        (  # nested: the tracker of a callback, with a wrong type
+            [
+                "--trainer.callbacks+=CAMCallback",
+                "--trainer.callbacks.tracker=MapTracker",
+                "--trainer.callbacks.tracker.topk=x",
+            ],
+            "CAMCallback (trainer.callbacks): tracker: MapTracker: topk: expected float, got 'x'",
+        ),
+        (
+            ["--trainer.callbacks+=CAMCallback", "--trainer.callbacks.normalize=fixd"],
+            "CAMCallback (trainer.callbacks): normalize: expected one of 'per_image', 'fixed', 'both', got 'fixd'",
+        ),
+        (
+            ["--trainer.callbacks+=CAMCalback"],
+            "trainer.callbacks: unknown class 'CAMCalback' (did you mean 'CAMCallback'?); allowed: FilterCallback, ",
+        ),
+        (["--model.lrr=0.1"], "ImageClassifier (model): unknown option 'lrr' (did you mean 'lr'?); allowed: arch, "),
+    ],
+)
+def test_a_parse_error_starts_with_the_class_the_option_and_what_is_allowed(options, lead, capsys):
+    """Not only jsonargparse's 'Does not validate against any of the Union subtypes' with the useful line buried
+    inside it, after a usage line listing every Trainer option."""
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--trainer.logger=false", *options], run=False)
+    err = capsys.readouterr().err
+    usage, tip, first, *details = err.splitlines()
+    assert usage.startswith("usage: lightning-viz ") and len(usage) < 100 and tip.startswith("tip: ")  # one line
+    assert first.startswith("error: " + lead), first
+    assert "Does not validate against any of the Union subtypes" in "\n".join(details)  # jsonargparse's, below
+
+
+def test_every_option_of_the_cli_classes_has_its_own_help_line():
+    """``lightning-viz fit --trainer.callbacks.help X`` (and ``--data.help``) describes every option: an ``Args:``
+    entry naming several options at once (``ig_steps, ig_baseline: ...``) gave those options no help at all."""
+    from jsonargparse import ArgumentParser
+
+    from lightning_viz.callbacks import CALLBACKS
+    from lightning_viz.data import DigitsDataModule, ImageFolderDataModule, ShapesDataModule
+    from lightning_viz.models import ImageClassifier
+    from lightning_viz.tracking import MapTracker
+
+    for cls in (*CALLBACKS, MapTracker, ImageClassifier, ShapesDataModule, DigitsDataModule, ImageFolderDataModule):
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, "x")
+        options = [a for a in parser._actions if a.dest.startswith("x.") and not a.dest.endswith(".help")]
+        assert len(options) >= 3, cls
+        assert [a.dest for a in options if not (a.help or "").strip()] == [], cls.__name__
+
+
+def test_an_unrecognized_argument_suggests_the_close_option(capsys):
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--trainer.max_epochz=1"], run=False)
+    err = capsys.readouterr().err
+    assert re.search(
+        r"error: unrecognized arguments: (fit )?--trainer.max_epochz=1 \(did you mean --trainer.max_epochs\?\)", err
+    )

@@ -790,3 +790,18 @@ def test_docstring_references_name_real_functions_modules_and_classes():
             assert _resolves(ref, module), f"{module}: :`{ref}` names nothing"
             refs += 1
     assert refs >= 100
+
+
+def test_every_callback_docstring_cites_its_papers():
+    """Each callback (and ``MapTracker``) names in its own docstring the papers the README's Methods table gives it,
+    so ``help(CAMCallback)`` says where its method comes from."""
+    from lightning_viz.callbacks import CALLBACKS
+    from lightning_viz.tracking import MapTracker
+
+    rows = {re.match(r"`\w+\.(\w+)`", row[0]).group(1): row[3] for row in _table("| Callback | What it shows |")}
+    for cls in (*CALLBACKS, MapTracker):
+        doc = " ".join(inspect.getdoc(cls).split())
+        cited = re.findall(r"([A-Z][\w-]+)(?: et al\.| & [A-Z][\w-]+)?,? (1[89]\d\d|20\d\d)", rows[cls.__name__])
+        assert cited, cls.__name__
+        for author, year in cited:
+            assert re.search(rf"{author}\b.{{0,40}}\b{year}", doc), (cls.__name__, author, year)

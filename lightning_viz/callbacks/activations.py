@@ -52,6 +52,8 @@ def grid_tile_size(size: tuple[int, ...], display_px: int) -> tuple[int, int]:
 class ActivationCallback(VisualizationCallback):
     """Log feature maps of ``layers`` for every probe image.
 
+    Zeiler & Fergus 2014 (feature maps of chosen units per image); Yosinski et al. 2015 (live activations).
+
     Args:
         layers: dotted layer names; default the first conv layer and the last block feeding global pooling
             (:func:`~lightning_viz.layers.default_cam_layer`, e.g. ``layer4.1``; found by one forward at setup).

@@ -757,6 +757,12 @@ class VisualizationCallback(Callback):
                         + (logits_fn_example(raw) if self.logits_fn is None else _dense_hint(raw))
                     )
                 self._num_classes = int(logits.shape[1])
+                if self.class_names is not None and len(self.class_names) < self._num_classes:
+                    raise ValueError(
+                        f"{name}: class_names: {len(self.class_names)} names for a model with {self._num_classes} "
+                        f"classes ({how} gave logits of shape {tuple(logits.shape)}); give one name per class, by "
+                        "index, or leave class_names out to use the data's `classes`."
+                    )
                 for option, indices in self.class_options().items():
                     bad = [c for c in indices if not 0 <= c < self._num_classes]
                     if bad:

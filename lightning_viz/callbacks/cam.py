@@ -1,5 +1,6 @@
-"""CAM-family callback: CAM, Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, counterfactual Grad-CAM and
-Guided Grad-CAM(++) of chosen layers, logged as one panel per probe ``viz-cam/panel/<probe-id>`` (every method
+"""CAM-family callback: CAM, Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, counterfactual Grad-CAM, HiResCAM, Eigen-CAM,
+Score-CAM, Ablation-CAM and Guided Grad-CAM(++) of chosen layers,
+logged as one panel per probe ``viz-cam/panel/<probe-id>`` (every method
 and layer side by side).
 
 All methods and layers of one callback -- and of every other gradient/CAM callback of the model at the
@@ -96,6 +97,11 @@ def _norms_reading(model: nn.Module, layers: list[str]) -> Iterator[dict[str, st
 
 class CAMCallback(GradientMapCallback):
     """Class activation maps of the probe images.
+
+    ``L = ReLU(sum_k w_k A_k)`` with one weighting per variant: CAM, Zhou et al. 2016, Eq. 2; Grad-CAM, Selvaraju et
+    al. 2017, Eq. 1 (Sec. 5 counterfactual, Sec. 3 guided); Grad-CAM++, Chattopadhay et al. 2018, Eq. 19; XGrad-CAM,
+    Fu et al. 2020, Eq. 9; LayerCAM, Jiang et al. 2021, Eq. 5; Score-CAM, Wang et al. 2020, Eq. 5-7; HiResCAM,
+    Draelos & Carin 2020, Eq. 3; Eigen-CAM, Muhammad & Yeasin 2020; Ablation-CAM, Desai & Ramaswamy 2020, Eq. 3.
 
     Args:
         methods: any of :data:`~lightning_viz.methods.cam.CAM_VARIANTS`: ``cam``, ``gradcam``, ``gradcampp``

@@ -34,6 +34,8 @@ PENULTIMATE = "penultimate"
 class EmbeddingCallback(VisualizationCallback):
     """Embeddings of the probe set, epoch by epoch, so class separation can be watched while training.
 
+    PCA, Pearson 1901; t-SNE, van der Maaten & Hinton 2008; silhouette score, Rousseeuw 1987.
+
     Features are the output of ``layers`` (one layer; conv maps averaged over space) or, by default, the
     penultimate features: the input of the last ``nn.Linear`` called in the model's forward (the
     classifier head of resnet/vgg/densenet/mobilenet; found by one forward at setup). Logged at step = epoch, with
@@ -58,7 +60,8 @@ class EmbeddingCallback(VisualizationCallback):
         chunk_size: probe images per forward (``None``: as many as the memory budget of
             :mod:`lightning_viz.methods.batching` holds; 128 probes of a 224 px ResNet-50 at once took 1.3 GB).
         num_probes: probe set size (default 128).
-        layer: deprecated alias of ``layers``.  batch_size: deprecated alias of ``chunk_size``.
+        layer: deprecated alias of ``layers``.
+        batch_size: deprecated alias of ``chunk_size``.
         **kwargs: :class:`VisualizationCallback` options.
     """
 

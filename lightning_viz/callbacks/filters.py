@@ -59,6 +59,8 @@ def filter_grid(weights: Tensor, normalize: str = "per_filter", max_filters: int
 class FilterCallback(VisualizationCallback):
     """Log the weights of a conv layer (default: the first) or a linear layer's per-class templates.
 
+    First-layer kernels as images: Krizhevsky et al. 2012, Fig. 3; linear class templates: Simonyan et al. 2014.
+
     Args:
         layers: the layer (one dotted name of ``model.named_modules()``, or a one-element list); default the
             first conv (``kind="conv"``) or the first linear layer (``kind="linear"``). One layer per instance.
@@ -67,7 +69,8 @@ class FilterCallback(VisualizationCallback):
         scale: ``"per_filter"`` (each filter on its own range) or ``"global"`` (one range for all).
         max_filters: at most this many filters (and grayscale input channels) in the grid.
         input_shape: ``[C, H, W]`` of one input, for ``kind="linear"``; default: the probe images' shape.
-        layer: deprecated alias of ``layers``.  normalize: deprecated alias of ``scale``.
+        layer: deprecated alias of ``layers``.
+        normalize: deprecated alias of ``scale``.
         **kwargs: schedule options of :class:`VisualizationCallback` (``every_n_epochs``, ``run_on``, ...);
             ``probe_source``/``probes`` give the input shape of ``kind="linear"`` templates (one image is read).
 

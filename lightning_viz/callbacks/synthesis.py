@@ -447,7 +447,8 @@ class AdversarialCallback(VisualizationCallback):
         attack: ``"pgd"`` (Madry et al. 2018) or ``"fgsm"`` (Goodfellow et al. 2015).
         steps: PGD steps.
         step_size: PGD step (default ``2.5 * epsilon / steps``).
-        mode: ``"untargeted"`` or ``"next_class"`` (the attack's goal; ``target`` is a deprecated alias).
+        mode: ``"untargeted"`` or ``"next_class"`` (the attack's goal).
+        target: deprecated alias of ``mode``.
         random_start: PGD starts from a seeded uniform point in the ball.
         seed: seed of the random start (reset every run).
         min_flip: also search the smallest flipping budget per probe (scan and bisection).

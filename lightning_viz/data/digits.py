@@ -57,6 +57,13 @@ class DigitsDataModule(SplitDataModule):
 
     ``mean``/``std`` (one value each, from the training split) are the normalization used; ``classes`` are
     the class names ``"0"`` .. ``"9"``.
+
+    Args:
+        image_size: height and width the 8 x 8 digits are upscaled to.
+        val_fraction: share of the images held out for validation (seeded split).
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes.
+        seed: seed of the train/val split.
     """
 
     num_classes = 10

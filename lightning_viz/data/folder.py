@@ -68,7 +68,11 @@ class ImageFolderDataModule(SplitDataModule):
         root: folder with one sub-folder per class, or with ``train/`` and ``val/`` folders laid out so.
         image_size: side of the square the images are resized to.
         val_fraction: share of the images held out for validation when there is no ``val/`` folder.
-        mean, std: per-channel normalization (default: the ImageNet statistics).
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes.
+        seed: seed of the train/val split.
+        mean: per-channel normalization mean (default: the ImageNet statistics).
+        std: per-channel normalization standard deviation (default: the ImageNet statistics).
     """
 
     in_channels = 3

@@ -141,6 +141,16 @@ class ShapesDataModule(SplitDataModule):
     """Train/val :class:`ShapesDataset` splits (disjoint seeds), batches of ``(x, y, mask)``.
 
     ``mean``/``std`` are the normalization used, so probe images can be shown un-normalized.
+
+    Args:
+        num_train: training images.
+        num_val: validation images.
+        image_size: height and width in pixels (>= 8).
+        num_classes: how many of :data:`SHAPE_NAMES` to use (1..4).
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes.
+        seed: dataset seed (the validation split draws from other seeds than the training split).
+        noise: standard deviation of the per-pixel background/shape noise (on the [0, 1] scale).
     """
 
     def __init__(
