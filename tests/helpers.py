@@ -15,6 +15,31 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_viz.callbacks.maps import MapCallback
 
 
+class RecordingWriter:
+    """Stands in for a SummaryWriter: keeps what was written."""
+
+    def __init__(self):
+        self.images: dict[str, list] = {}
+        self.scalars: dict[str, list] = {}
+        self.layouts: list = []
+
+    def add_image(self, tag, img, step, dataformats="HWC"):
+        self.images.setdefault(tag, []).append((step, img))
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+    def add_custom_scalars(self, layout):
+        self.layouts.append(layout)
+
+    def flush(self):
+        pass
+
+    def last_images(self) -> dict:
+        """The last image written under each tag."""
+        return {tag: written[-1][1] for tag, written in self.images.items()}
+
+
 class TinyCNN(nn.Module):
     """conv-bn-ReLU(inplace) -> conv -> F.relu -> GAP -> linear: in-place and functional relu, a CAM head."""
 

@@ -11,7 +11,16 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from helpers import LitTiny, TinyCNN, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
+from helpers import (
+    LitTiny,
+    RecordingWriter,
+    TinyCNN,
+    image_steps,
+    read_events,
+    scalar_steps,
+    tiny_loaders,
+    tiny_trainer,
+)
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -135,20 +144,14 @@ def test_signed_maps_use_a_diverging_colormap_with_zero_marked():
     assert (bar[:, :8, zero] == 0).all() and (bar[:, :8, zero + 3] > 0).any()  # a black tick at zero
     assert not (bar[:, :8, 0] == 0).all()
     # in a panel of signed maps each per-image tile gets its own symmetric range, zero marked in the middle
-    images = {}
-
-    class Writer:
-        def add_image(self, tag, img, step, dataformats):
-            images[tag] = img
-
-        def add_scalar(self, *args):
-            pass
+    writer = RecordingWriter()
 
     probe = ProbeSet(
         images=torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), labels=torch.tensor([0, 1])
     )
     maps = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1))
-    cb.log_results(VizLogger(Writer(), 0), {"map:gradient/input": maps}, probe, None)
+    cb.log_results(VizLogger(writer, 0), {"map:gradient/input": maps}, probe, None)
+    images = writer.last_images()
     panel = images["viz-gradients/panel/p000"]
     assert panel.shape == (16 + 14 + 2 + 128 + 1 + 24 + 2, 2 * 128 + 3 * 2, 3)
     bar = panel[16 + 14 + 2 + 128 + 1 :][:8, 132:260]  # under the map tile

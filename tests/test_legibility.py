@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 import pytest
-from helpers import LitTiny, TinyCNN, read_events, tiny_loaders, tiny_trainer
+from helpers import LitTiny, RecordingWriter, TinyCNN, read_events, tiny_loaders, tiny_trainer
 
 from lightning_viz.callbacks.activations import ActivationCallback
 from lightning_viz.callbacks.patches import TopPatchesCallback
@@ -136,14 +136,7 @@ def test_activation_per_probe_image_explains_its_colors_with_a_colorbar_of_the_p
     from lightning_viz.probe import ProbeSet
     from lightning_viz.render import colorbar, to_uint8
 
-    images = {}
-
-    class Writer:
-        def add_image(self, tag, img, step, dataformats):
-            images[tag] = img
-
-        def add_scalar(self, *args):
-            pass
+    writer = RecordingWriter()
 
     g = torch.Generator().manual_seed(0)
     probe = ProbeSet(images=torch.rand(2, 3, 8, 8, generator=g), labels=torch.tensor([0, 1]))
@@ -156,7 +149,8 @@ def test_activation_per_probe_image_explains_its_colors_with_a_colorbar_of_the_p
         "chmax:net.conv1": maps.amax(dim=(2, 3)),
     }
     cb = ActivationCallback(layers="net.conv1", max_channels=4, num_probes=2)
-    cb.log_results(VizLogger(Writer(), 0), results, probe, None)
+    cb.log_results(VizLogger(writer, 0), results, probe, None)
+    images = writer.last_images()
     for i in range(2):
         img = images[f"viz-activations/net.conv1/p00{i}"]
         want = to_uint8(colorbar(img.shape[1] - 4, float(maps[i].min()), float(maps[i].max()), "viridis"))
@@ -174,20 +168,14 @@ def test_map_grid_names_each_probe_tile_and_puts_the_fixed_range_under_it():
     from lightning_viz.probe import ProbeSet
     from lightning_viz.render import _shared_strip, colorbar, to_uint8
 
-    images = {}
-
-    class Writer:
-        def add_image(self, tag, img, step, dataformats):
-            images[tag] = img
-
-        def add_scalar(self, *args):
-            pass
+    writer = RecordingWriter()
 
     g = torch.Generator().manual_seed(0)
     probe = ProbeSet(images=torch.rand(3, 3, 8, 8, generator=g), labels=torch.tensor([2, 0, 1]))
     maps = torch.rand(3, 8, 8, generator=g)
     cb = GradientCallback(layout="grid", normalize="both", display_px=32, class_names=["cat", "dog", "eel"])
-    cb.log_map(VizLogger(Writer(), 0), "saliency/input", maps, probe.images, probe, cb.class_names)
+    cb.log_map(VizLogger(writer, 0), "saliency/input", maps, probe.images, probe, cb.class_names)
+    images = writer.last_images()
     grid = images["viz-gradients/saliency/input/grid"]
     # 3 tiles of 32 px in rows of 2: caption (16), then per row 2 + 32 + 1 + label (13), then 2
     assert grid.shape == (16 + 2 * (2 + 32 + 1 + 13) + 2, 2 * 34 + 2, 3)

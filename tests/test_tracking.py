@@ -9,6 +9,7 @@ import torch
 from helpers import (
     InputGradMap,
     LitTiny,
+    RecordingWriter,
     TinyCNN,
     check_untouched,
     image_steps,
@@ -26,28 +27,6 @@ from lightning_viz.logging import VizLogger
 from lightning_viz.methods.metrics import deletion_auc, energy_in_mask, pointing_game
 from lightning_viz.probe import ProbeSet
 from lightning_viz.tracking import TRACKING_LAYOUT, MapTracker, randomized_copy
-
-
-class RecordingWriter:
-    """Stands in for a SummaryWriter: keeps what was written."""
-
-    def __init__(self):
-        self.images: dict[str, list] = {}
-        self.scalars: dict[str, list] = {}
-        self.layouts: list = []
-
-    def add_image(self, tag, img, step, dataformats="HWC"):
-        self.images.setdefault(tag, []).append((step, img))
-
-    def add_scalar(self, tag, value, step):
-        self.scalars.setdefault(tag, []).append((step, value))
-
-    def add_custom_scalars(self, layout):
-        self.layouts.append(layout)
-
-    def flush(self):
-        pass
-
 
 #: filmstrip geometry: caption strip (16 px) + padding 2 above the frames; padding 2 + a 96 px label column
 #: + padding 2 left of them; every frame (64 px at the tracker's default display_px) is followed by 2 px of padding
