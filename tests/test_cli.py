@@ -549,3 +549,20 @@ def test_an_unrecognized_argument_suggests_the_close_option(capsys):
     assert re.search(
         r"error: unrecognized arguments: (fit )?--trainer.max_epochz=1 \(did you mean --trainer.max_epochs\?\)", err
     )
+
+
+def test_one_method_is_a_name_or_a_list_like_one_layer():
+    """``methods: gradcam`` (one name, as ``layers: net.conv1``) and ``methods: [gradcam, layercam]`` both parse, on
+    the command line and in YAML. Was: one name refused ("expected a list") though the callbacks take it."""
+    from lightning_viz.cli import cli_main
+
+    def methods(*args):
+        cli = cli_main([*args, "--trainer.logger=false"], run=False)
+        return [cb.methods for cb in cli.trainer.callbacks if hasattr(cb, "methods")]
+
+    assert methods("--trainer.callbacks+=CAMCallback", "--trainer.callbacks.methods=layercam") == [["layercam"]]
+    assert methods("--trainer.callbacks+=CAMCallback", "--trainer.callbacks.methods=[cam,gradcam++]") == [
+        ["cam", "gradcampp"]
+    ]
+    yaml = "trainer: {callbacks: [{class_path: lightning_viz.GradientCallback, init_args: {methods: saliency}}]}"
+    assert methods("--config", yaml) == [["saliency"]]

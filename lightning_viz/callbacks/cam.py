@@ -125,7 +125,7 @@ class CAMCallback(GradientMapCallback):
 
     def __init__(
         self,
-        methods: list[str] = ["gradcam"],
+        methods: Union[str, list[str]] = ["gradcam"],
         layers: LayersSpec = None,
         target: Union[str, int] = "label",
         reduce: Literal["abs_max", "sum", "abs_sum"] = "abs_max",

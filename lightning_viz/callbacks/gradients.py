@@ -165,7 +165,7 @@ class GradientCallback(GradientMapCallback):
 
     def __init__(
         self,
-        methods: list[str] = ["saliency"],
+        methods: Union[str, list[str]] = ["saliency"],
         target: Union[str, int] = "label",
         reduce: Literal["abs_max", "sum", "abs_sum"] = "abs_max",
         smoothgrad_samples: int = 16,
