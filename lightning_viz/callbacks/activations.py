@@ -29,6 +29,7 @@ from ..render import (
     class_name,
     colormap,
     compose,
+    labeled_grid,
     normalize_maps,
     resize_maps,
     to_uint8,
@@ -176,14 +177,9 @@ class ActivationCallback(VisualizationCallback):
                 m01 = normalize_maps(m, "fixed", vmin=float(m.min()), vmax=float(m.max()))
                 tiles = to_uint8(colormap(resize_maps(m01, size, mode="nearest"), self.cmap))
                 tiles = upscale(tiles, self.display_px) if self.display_px else tiles  # labels need the room
-                chans, w = results[f"channels:{name}"][i].tolist(), int(tiles.shape[-1])
-                ncol = max(1, round(len(tiles) ** 0.5 + 0.499))  # ~square, as before
-                rows = [list(tiles[r : r + ncol]) for r in range(0, len(tiles), ncol)]
-                under = [
-                    [_shared_strip(w, [f"ch {c}"], 12) for c in chans[r : r + ncol]] for r in range(0, len(tiles), ncol)
-                ]
+                chans = [f"ch {c}" for c in results[f"channels:{name}"][i].tolist()]
                 head = pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
-                panel = compose(rows, None, f"{head}: {name}, {order}", under=under)
+                panel = labeled_grid(tiles, chans, caption=f"{head}: {name}, {order}", label_px=12)  # ~square
                 logger.image(make_tag(self.method, name, pid), with_colorbar(panel, m.min(), m.max(), self.cmap))
 
     def layer_grid(self, name: str, maps: Any, channels: Any, probe: ProbeSet, trainer: Trainer) -> Any:
