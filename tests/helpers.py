@@ -126,9 +126,10 @@ def tiny_trainer(logdir: str, callbacks=(), max_epochs: int = 2, **kw) -> L.Trai
 
     kw.setdefault("enable_checkpointing", False)
     kw.setdefault("accelerator", "cpu")
+    if "logger" not in kw:  # logger=False (or another logger) may be given
+        kw["logger"] = TensorBoardLogger(logdir, name="", version=0)
     return L.Trainer(
         max_epochs=max_epochs,
-        logger=TensorBoardLogger(logdir, name="", version=0),
         callbacks=list(callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -427,17 +427,8 @@ def test_validate_before_fit_without_a_logger_says_the_folders_files_are_replace
     """With ``logger=False`` the fit's epoch 0 replaces the validate's step-0 files in the image folder (same
     names): the info line says so. Was: "TensorBoard shows both", with no TensorBoard and one file left."""
     train, val = tiny_loaders(n=16)
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        callbacks=[CAMCallback(num_probes=2, run_on="validation_epoch_end")],
-        default_root_dir=str(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    cam = CAMCallback(num_probes=2, run_on="validation_epoch_end")
+    trainer = tiny_trainer(str(tmp_path), [cam], max_epochs=1, logger=False, default_root_dir=str(tmp_path))
     model = LitTiny()
     with caplog.at_level("INFO"):
         trainer.validate(model, val, verbose=False)
