@@ -237,3 +237,17 @@ def test_empty_batch_gives_empty_maps_like_every_other_method():
         assert G.smoothgrad(G.gradient, model, x, 0, n_samples=2).shape == (0, 3, 8, 8)
         assert G.smoothgrad(G.saliency, model, x, 0, n_samples=2, chunk_size=3).shape == (0, 8, 8)
         assert G.saliency(model, x, 0).shape == (0, 8, 8)
+
+
+def test_ig_baseline_and_chunk_size_errors_are_clear():
+    model = TinyCNN(width=3).eval()
+    x = _x(2, 3, 8)
+    with isolated(model):
+        with pytest.raises(ValueError, match=r"baseline of shape \(3, 5, 5\) does not broadcast.*\[C, 1, 1\]"):
+            G.integrated_gradients(model, x, 0, baseline=torch.zeros(3, 5, 5), steps=2)
+        with pytest.raises(TypeError, match=r"chunk_size must be a whole number.*got 2\.5"):
+            G.integrated_gradients(model, x, 0, chunk_size=2.5, steps=2)  # type: ignore[arg-type]
+        # a per-channel baseline broadcasts; a numpy integer chunk size is a whole number
+        base = torch.zeros(3, 1, 1)
+        per_channel = G.integrated_gradients(model, x, 0, baseline=base, steps=2, chunk_size=np.int64(3))
+        torch.testing.assert_close(per_channel, G.integrated_gradients(model, x, 0, steps=2))

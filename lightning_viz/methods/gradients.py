@@ -125,7 +125,15 @@ def integrated_gradients(
         raise ValueError(f"integrated_gradients needs steps >= 1; got {steps}")
     tgt, labels = _fixed_target(model, x, target, labels)
     x = x.detach()
-    base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
+    base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
+    try:
+        base = base.expand_as(x)
+    except RuntimeError:
+        raise ValueError(
+            f"integrated_gradients: baseline of shape {tuple(base.shape)} does not broadcast to the images "
+            f"{tuple(x.shape)}; allowed: a number, or a tensor broadcastable to [B, C, H, W] "
+            "(e.g. [C, 1, 1] or [C, H, W])"
+        ) from None
     alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
     with input_matches_model("integrated_gradients", model, x):
         chunk_size = chunk_size or images_per_forward(model, x, grad=True)

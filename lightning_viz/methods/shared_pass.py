@@ -26,6 +26,7 @@ No parameter ``.grad`` is written (``autograd.grad`` w.r.t. inputs/activations o
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
@@ -58,6 +59,14 @@ INPUT = "<input>"
 
 def chunks(n: int, chunk_size: Optional[int]) -> list[slice]:
     """Slices covering ``range(n)`` in pieces of ``chunk_size`` (``None`` or ``<= 0``: one piece)."""
+    if chunk_size is not None:
+        try:
+            chunk_size = operator.index(chunk_size)
+        except TypeError:
+            raise TypeError(
+                f"chunk_size must be a whole number of images per forward (or None: from the memory budget); "
+                f"got {chunk_size!r}"
+            ) from None
     if not chunk_size or chunk_size <= 0 or chunk_size >= n:
         return [slice(0, n)]
     return [slice(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
