@@ -62,15 +62,19 @@ def test_compute_channel_selection_and_dead_stats():
     probe = ProbeSet(torch.randn(3, 3, 5, 5))
     first = ActivationCallback(layers=["net.conv2"], max_channels=4)
     top = ActivationCallback(layers=["net.conv2"], max_channels=4, channels="top")
+    chosen = ActivationCallback(layers=["net.conv2"], max_channels=4, channels=[5, 0])
     with isolated(lit):
         r_first = first.compute(lit, probe)
         r_top = top.compute(lit, probe)
+        r_chosen = chosen.compute(lit, probe)
         a = model.conv2(model.relu(model.bn1(model.conv1(probe.images))))
     assert torch.equal(r_first["channels:net.conv2"], torch.arange(4).expand(3, 4))
     assert torch.allclose(r_first["maps:net.conv2"], a[:, :4], atol=1e-6)
     order = a.mean(dim=(2, 3)).argsort(dim=1, descending=True)[:, :4]
     assert torch.equal(r_top["channels:net.conv2"], order)
     assert torch.allclose(r_top["maps:net.conv2"], a.gather(1, order.view(3, 4, 1, 1).expand(-1, -1, 5, 5)), atol=1e-6)
+    assert torch.equal(r_chosen["channels:net.conv2"], torch.tensor([5, 0]).expand(3, 2))
+    assert torch.allclose(r_chosen["maps:net.conv2"], a[:, [5, 0]], atol=1e-6)
     assert torch.equal(r_first["nonpos:net.conv2"], (a <= 0).flatten(1).sum(1))
     assert torch.equal(r_first["chmax:net.conv2"], a.amax(dim=(2, 3)))
 
@@ -139,8 +143,13 @@ def test_compute_on_a_float64_model():
 def test_activation_callback_options_validated(tmp_path):
     with pytest.raises(ValueError, match="max_channels must be >= 1"):
         ActivationCallback(max_channels=0)
-    with pytest.raises(ValueError, match=r"channels must be 'first' or 'top'; got 'best'"):
+    with pytest.raises(ValueError, match=r"channels must be 'first', 'top' or a list of channel indices; got 'best'"):
         ActivationCallback(channels="best")
+    with pytest.raises(ValueError, match=r"channel indices >= 0 \(at least one\); got \[1, -1\]"):
+        ActivationCallback(channels=[1, -1])
+    with pytest.raises(ValueError, match=r"layer 'net.conv2' has 6 channels \(0..5\); got channels \[2, 6\]"):
+        cb = ActivationCallback(layers="net.conv2", channels=[2, 6])
+        tiny_trainer(str(tmp_path), [cb]).fit(LitTiny(TinyCNN(width=6)), *tiny_loaders(n=12))
     with pytest.raises(ValueError, match="unknown colormap 'nope'"):
         tiny_trainer(str(tmp_path), [ActivationCallback(cmap="nope")]).fit(LitTiny(), *tiny_loaders(n=12))
     with pytest.raises(ValueError, match="at least one layer"):

@@ -14,7 +14,7 @@ Tags (step = epoch):
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,10 @@ def grid_tile_size(size: tuple[int, ...], display_px: int) -> tuple[int, int]:
     return h // factor, w // factor
 
 
+#: how a grid's channels were chosen, in its caption
+_ORDER = {"first": "first channels", "top": "strongest channels first", "list": "the chosen channels"}
+
+
 class ActivationCallback(VisualizationCallback):
     """Log feature maps of ``layers`` for every probe image.
 
@@ -61,8 +65,10 @@ class ActivationCallback(VisualizationCallback):
             Each must output a ``[B, C, h, w]`` map (a conv, a block such as ``"layer2"``, an activation module ...).
         max_channels: channels per grid.
         channels: which channels: ``"first"`` (channels ``0..max_channels-1``: the same channels every
-            epoch, so each grid cell can be followed through training) or ``"top"`` (each probe's
-            ``max_channels`` channels with the largest mean activation, strongest first).
+            epoch, so each grid cell can be followed through training), ``"top"`` (each probe's
+            ``max_channels`` channels with the largest mean activation, strongest first), or a list of channel
+            indices (as :class:`UnitCallback` takes them; shown in that order, for every layer; ``max_channels``
+            is then not used).
         cmap: matplotlib colormap for the maps.
         chunk_size: probes per forward pass (``None``: all at once).
         layout: ``"per_probe"`` (one grid image per layer and probe) or ``"grid"`` (one image per layer, a row
@@ -82,7 +88,7 @@ class ActivationCallback(VisualizationCallback):
         self,
         layers: LayersSpec = None,
         max_channels: int = 16,
-        channels: Literal["first", "top"] = "first",
+        channels: Union[Literal["first", "top"], list[int]] = "first",
         cmap: str = "viridis",
         chunk_size: Optional[int] = None,
         layout: Literal["per_probe", "grid"] = "per_probe",
@@ -93,8 +99,19 @@ class ActivationCallback(VisualizationCallback):
         super().__init__(num_probes=num_probes, **kwargs)
         if max_channels < 1:
             raise ValueError(f"ActivationCallback: max_channels must be >= 1; got {max_channels}")
-        if channels not in ("first", "top"):
-            raise ValueError(f"ActivationCallback: channels must be 'first' or 'top'; got {channels!r}")
+        if isinstance(channels, str) or not isinstance(channels, (list, tuple)):
+            if channels not in ("first", "top"):
+                raise ValueError(
+                    "ActivationCallback: channels must be 'first', 'top' or a list of channel indices; "
+                    f"got {channels!r}"
+                )
+        elif not channels or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels):
+            raise ValueError(
+                "ActivationCallback: channels as a list must hold channel indices >= 0 (at least one); "
+                f"got {channels!r}"
+            )
+        else:
+            channels = [int(c) for c in channels]
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"ActivationCallback: chunk_size must be >= 1 or None; got {chunk_size}")
         if layout not in ("per_probe", "grid"):
@@ -112,7 +129,8 @@ class ActivationCallback(VisualizationCallback):
         self._last_block: Optional[str] = None  # the default's deepest layer, found by one forward
 
     def state_key_parts(self) -> tuple[Any, ...]:
-        return (*super().state_key_parts(), tuple(self.layers or ()), self.max_channels, self.channels)
+        channels = self.channels if isinstance(self.channels, str) else tuple(self.channels)
+        return (*super().state_key_parts(), tuple(self.layers or ()), self.max_channels, channels)
 
     def layer_names(self, pl_module: LightningModule, x: Optional[torch.Tensor] = None) -> list[str]:
         """The layers to show; the default needs one forward of an input ``x`` of the data's shape (once)."""
@@ -123,7 +141,14 @@ class ActivationCallback(VisualizationCallback):
         return list(dict.fromkeys(resolve_layers(pl_module, self.layers)))
 
     def check_input(self, model: Any, x: torch.Tensor) -> None:
-        self.check_layer_outputs(model, x, self.layer_names(model, x))
+        outs = self.check_layer_outputs(model, x, self.layer_names(model, x))
+        if not isinstance(self.channels, str):
+            for name, out in outs.items():
+                if max(self.channels) >= out.shape[1]:
+                    raise ValueError(
+                        f"ActivationCallback: layer {name!r} has {out.shape[1]} channels (0..{out.shape[1] - 1}); "
+                        f"got channels {self.channels}"
+                    )
 
     def check(self, pl_module: LightningModule) -> None:
         self._last_block = None  # found again for this setup's model (callbacks reused for another architecture)
@@ -138,7 +163,9 @@ class ActivationCallback(VisualizationCallback):
         for name, a in fmaps.items():
             a = a.float()
             k = min(self.max_channels, a.shape[1])
-            if self.channels == "top":
+            if not isinstance(self.channels, str):
+                idx = torch.tensor(self.channels, device=a.device).expand(a.shape[0], -1)
+            elif self.channels == "top":
                 idx = a.mean(dim=(2, 3)).topk(k, dim=1).indices  # [N, k]
             else:
                 idx = torch.arange(k, device=a.device).expand(a.shape[0], k)
@@ -170,7 +197,7 @@ class ActivationCallback(VisualizationCallback):
                 )
                 continue
             names = self.get_class_names(trainer)
-            order = "first channels" if self.channels == "first" else "strongest channels first"
+            order = _ORDER[self.channels if isinstance(self.channels, str) else "list"]
             for i, (pid, m, finite) in enumerate(zip(probe.ids, maps, ok.tolist())):  # m: [k, h, w]
                 if not finite:
                     continue
@@ -202,5 +229,5 @@ class ActivationCallback(VisualizationCallback):
             under.append([label] + [f"ch {int(c)}" for c in channels[i]])
         w = int(rows[0][0].shape[-1])
         strips = [[_shared_strip(w, [t], 12) for t in r] for r in under]
-        order = "first channels" if self.channels == "first" else "strongest channels first"
+        order = _ORDER[self.channels if isinstance(self.channels, str) else "list"]
         return compose(rows, None, f"{name}: one row per probe ({order})", under=strips)
