@@ -462,3 +462,34 @@ def test_filmstrip_label_column_fits_a_long_method_name():
     assert (label == _shared_strip(need, ["guided_gradcam"], 14).permute(1, 2, 0).numpy()).all()
     cut = (text_strip(96, ["guided_gradcam"], 14) * 255).round().byte().permute(1, 2, 0).numpy()
     assert not (label[:, :96] == cut).all()  # at 96 px the name was cut (an ellipsis)
+
+
+def test_probes_missing_some_masks_score_the_others(tmp_path):
+    """Probes of which only some items carry a mask: the others get an empty mask (NaN, left out of the mean), and
+    the pointing game is the mean over the probes with masks. Before, every mask was dropped: no localization scalars
+    at all, and pointing_game=True failed saying the probes had none."""
+    from lightning_viz.data.shapes import ShapesDataset
+
+    shapes = ShapesDataset(num=6, image_size=16, seed=3)
+
+    class SomeMasks(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            x, y, mask = shapes[i]
+            return (x, y, mask) if i % 2 == 0 else (x, y, i)  # odd items: no mask (an index in its place)
+
+    probe = ProbeSet.from_indices(SomeMasks(), range(6))
+    assert probe.masks is not None and probe.masks.shape == (6, 16, 16)
+    assert probe.masks[1::2].sum() == 0 and torch.equal(
+        probe.masks[0::2], torch.stack([shapes[i][2] for i in (0, 2, 4)])
+    )
+    maps = torch.rand(6, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = MapTracker(drift=False, pointing_game=True).compute(TinyCNN(), probe, {"m/l": maps})
+    pg = out["track:pointing/m/l"]
+    assert torch.isnan(pg[1::2]).all()
+    torch.testing.assert_close(pg[0::2], pointing_game(maps[0::2], probe.masks[0::2]))
+    w = RecordingWriter()
+    MapTracker(drift=False, filmstrip=False).log(VizLogger(w, 0), {"m/l": maps}, out, probe)
+    assert w.scalars["viz-m/m/l/localization/pointing_game"] == [(0, pytest.approx(float(pg[0::2].mean())))]
