@@ -342,7 +342,8 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
 def topk_iou(a: Tensor, b: Tensor, fraction: float = 0.1) -> Tensor:
     """IoU of the top ``fraction`` pixels of two maps (as Adebayo et al. 2018, Sec. 3), ``[B]`` (exactly
     ``ceil(fraction * HW)`` pixels each, ties by pixel index; ``b`` is resized to ``a``'s size); NaN where a map has
-    non-finite values."""
+    non-finite values or is constant (no top pixels, as :func:`rank_correlation`: two all-zero maps would share
+    their first pixels by index alone)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
     _check_pair("topk_iou", a, b)
@@ -357,4 +358,5 @@ def topk_iou(a: Tensor, b: Tensor, fraction: float = 0.1) -> Tensor:
     )
     inter = (sel_a & sel_b).sum(dim=1).float()
     finite = a.isfinite().all(dim=1) & b.isfinite().all(dim=1)  # NaN sorts as the largest value: no top-k
-    return torch.where(finite, inter / (2 * k - inter), torch.full_like(inter, float("nan")))
+    varies = (a.amax(dim=1) > a.amin(dim=1)) & (b.amax(dim=1) > b.amin(dim=1))
+    return torch.where(finite & varies, inter / (2 * k - inter), torch.full_like(inter, float("nan")))
