@@ -396,8 +396,8 @@ class MapTracker:
                     mean = _nanmean(torch.as_tensor(v))
                     if mean is not None:
                         logger.scalar(make_tag(method, key, group, stat), mean)
-        preds = results.get(PREFIX + "pred")
-        if preds is not None:
+        preds = results.get(PREFIX + "pred")  # also there for faithfulness alone: logged only with drift
+        if preds is not None and self.drift:
             if self.prev_preds is not None and self.prev_preds.shape == preds.shape:
                 logger.scalar(make_tag(method, "drift", "prediction_flips"), (preds != self.prev_preds).float().mean())
             if probe.labels is not None and probe.labels.shape == preds.shape:

@@ -493,3 +493,16 @@ def test_probes_missing_some_masks_score_the_others(tmp_path):
     w = RecordingWriter()
     MapTracker(drift=False, filmstrip=False).log(VizLogger(w, 0), {"m/l": maps}, out, probe)
     assert w.scalars["viz-m/m/l/localization/pointing_game"] == [(0, pytest.approx(float(pg[0::2].mean())))]
+
+
+def test_drift_off_logs_no_prediction_flips_nor_probe_accuracy():
+    """drift=False turns off every drift scalar, prediction flips and probe accuracy included, also with faithfulness
+    on (which computes the predictions too). Before, those two were logged anyway."""
+    probe = _probe(n=2)
+    tr = MapTracker(filmstrip=False, drift=False, faithfulness=True, deletion_steps=2)
+    model = TinyCNN().eval()
+    w = RecordingWriter()
+    for epoch in range(2):
+        maps = {"g/l": torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(epoch))}
+        tr.log(VizLogger(w, epoch), maps, tr.compute(model, probe, maps), probe)
+    assert sorted(w.scalars) == ["viz-g/g/l/faithfulness/deletion_auc", "viz-g/g/l/faithfulness/insertion_auc"]
