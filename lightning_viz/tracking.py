@@ -171,7 +171,7 @@ class MapTracker:
             factor that reaches it (0: as stored; ``None``: the callback's ``display_px``). 64 keeps a 12-frame
             filmstrip about 800 px wide (TensorBoard fits wider images to its card anyway) and its rendering cheap.
         drift: log drift scalars (map rank correlation, top-k IoU, prediction flips, probe accuracy).
-        topk: fraction of pixels for the top-k IoU.
+        topk: fraction of pixels for the top-k IoU. Drift compares the maps downsampled to ``frame_size``.
         faithfulness: log deletion (zero baseline) and insertion (blur baseline) AUC; costs
             ``2 * (deletion_steps - 1)`` images forwarded per probe and key, plus 3 per probe shared by all keys
             (the image and both baselines), batched together.
