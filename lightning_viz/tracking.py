@@ -500,7 +500,8 @@ class MapTracker:
         for i, (frame, j) in enumerate(zip(shown, keep)):
             x = i * (w + pad)
             row[: frame.shape[0], x : x + frame.shape[1]] = frame
-            under[:, x : x + w] = np.asarray(_shared_strip(w, [f"epoch {epochs[j]}"], 13).permute(1, 2, 0))
+            label = f"epoch {epochs[j]}" if epochs[j] >= 0 else "start"  # run_at_start's baseline: step -1
+            under[:, x : x + w] = np.asarray(_shared_strip(w, [label], 13).permute(1, 2, 0))
         return torch.from_numpy(row).permute(2, 0, 1), torch.from_numpy(under).permute(2, 0, 1), w
 
     # ------------------------------------------------------------------ checkpoint

@@ -506,3 +506,21 @@ def test_drift_off_logs_no_prediction_flips_nor_probe_accuracy():
         maps = {"g/l": torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(epoch))}
         tr.log(VizLogger(w, epoch), maps, tr.compute(model, probe, maps), probe)
     assert sorted(w.scalars) == ["viz-g/g/l/faithfulness/deletion_auc", "viz-g/g/l/faithfulness/insertion_auc"]
+
+
+def test_filmstrip_labels_the_run_at_start_baseline_start():
+    """run_at_start logs the untrained model at step -1: its filmstrip frame is labeled "start", not "epoch -1"."""
+    from lightning_viz.render import _shared_strip
+
+    probe = _probe(n=1)
+    tr = MapTracker(frame_size=8, display_px=64)
+    w = RecordingWriter()
+    for step in (-1, 0):
+        tr.log(VizLogger(w, step), {"m/l": torch.rand(1, 8, 8)}, {}, probe)
+    seq = tr.frames["m/l"]["p000"]
+    _, under, width = tr._film_row("m/l", "p000", seq, [0, 1], tr.epochs["m/l"], 64)
+    assert width == 64
+    for i, text in enumerate(("start", "epoch 0")):
+        torch.testing.assert_close(
+            under[:, :, i * (width + 2) : i * (width + 2) + width], _shared_strip(width, [text], 13)
+        )
