@@ -12,7 +12,8 @@ Per scheduled epoch and per map key (``"<method>/<layer>"``) it logs, in the cal
 * faithfulness ``viz-<family>/<key>/faithfulness/{deletion_auc,insertion_auc}`` (Petsiuk et al. 2018);
 * localization ``viz-<family>/<key>/localization/{pointing_game,energy_in_mask}`` on probes with masks;
 * sanity ``viz-<family>/<key>/sanity/rank_corr``: similarity of the maps to those of a randomly re-initialized
-  copy of the model (Adebayo et al. 2018, model parameter randomization; high = the map ignores the model);
+  copy of the model (Adebayo et al. 2018, model parameter randomization; high = the map ignores the model); for
+  signed maps also ``sanity/rank_corr_abs``, of their absolute values (Adebayo et al. report both);
 * once, a TensorBoard custom-scalars layout grouping all of these charts.
 
 :meth:`MapTracker.compute` runs on every rank on its probe shard (no collectives); :meth:`MapTracker.log`
@@ -79,7 +80,11 @@ TRACKING_LAYOUT: dict[str, dict[str, list]] = {
         "energy in mask": ["Multiline", [r"viz-.*/localization/energy_in_mask"]],
     },
     "lightning-viz sanity check": {
-        "rank correlation with randomized model (lower passes)": ["Multiline", [r"viz-.*/sanity/rank_corr"]],
+        "rank correlation with randomized model (lower passes)": ["Multiline", [r"viz-.*/sanity/rank_corr$"]],
+        "rank correlation of |maps| with randomized model (signed maps)": [
+            "Multiline",
+            [r"viz-.*/sanity/rank_corr_abs$"],
+        ],
     },
 }
 
@@ -304,11 +309,13 @@ class MapTracker:
                     "attach it as MapCallback(tracker=...)."
                 )
             rand_maps = self._randomized_maps(pl_module, probe, callback, out.get(PREFIX + "pred"))
+            signed = bool(getattr(callback, "signed", False))
             for key, m in maps.items():
                 if key in rand_maps:
-                    out[f"{PREFIX}sanity/{key}"] = rank_correlation(
-                        m.detach().float().cpu(), rand_maps[key].detach().float().cpu()
-                    )
+                    a, b = m.detach().float().cpu(), rand_maps[key].detach().float().cpu()
+                    out[f"{PREFIX}sanity/{key}"] = rank_correlation(a, b)
+                    if signed:  # Adebayo et al. report both; a random sign hides a shared |map| (Quantus' MPRT: abs)
+                        out[f"{PREFIX}sanity_abs/{key}"] = rank_correlation(a.abs(), b.abs())
         return out
 
     def _randomized_maps(
@@ -390,6 +397,7 @@ class MapTracker:
                 ("pointing", "localization", "pointing_game"),
                 ("energy", "localization", "energy_in_mask"),
                 ("sanity", "sanity", "rank_corr"),
+                ("sanity_abs", "sanity", "rank_corr_abs"),
             ):
                 v = results.get(f"{PREFIX}{name}/{key}")
                 if v is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -245,6 +246,47 @@ def test_sanity_check_with_a_predicted_target_explains_the_trained_models_class(
         want = rank_correlation(maps, gradient(copy, probe.images, "label", trained).sum(1))
     torch.testing.assert_close(out["track:sanity/gradient/input"], want, atol=1e-5, rtol=1e-5)
     assert cb.target.name == "predicted"  # the callback's own target is left as it was
+
+
+def test_sanity_check_of_signed_maps_also_correlates_their_absolute_values():
+    """Adebayo et al. 2018 report the rank correlation with and without absolute values: a signed map (input x
+    gradient summed over channels) keeps |x| in its magnitude on a randomized model while its sign turns random, so the
+    raw correlation looks like a pass and only the absolute one shows what is shared. Unsigned maps log one value."""
+    from lightning_viz.callbacks.gradients import GradientCallback
+    from lightning_viz.methods.gradients import input_x_gradient
+    from lightning_viz.methods.metrics import rank_correlation
+
+    module = LitTiny(TinyCNN(width=4))
+    probe = _probe()
+    cb = GradientCallback(
+        methods=["input_x_gradient"],
+        reduce="sum",
+        target="label",
+        tracker=MapTracker(filmstrip=False, drift=False, sanity_check=True, seed=5),
+    )
+    with isolated(module):
+        out = cb.compute(module, probe)
+        maps = input_x_gradient(module, probe.images, "label", probe.labels).sum(1)
+    copy = randomized_copy(module, seed=5)
+    with isolated(copy):
+        rand = input_x_gradient(copy, probe.images, "label", probe.labels).sum(1)
+    raw, absolute = out["track:sanity/input_x_gradient/input"], out["track:sanity_abs/input_x_gradient/input"]
+    torch.testing.assert_close(raw, rank_correlation(maps, rand), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(absolute, rank_correlation(maps.abs(), rand.abs()), atol=1e-5, rtol=1e-5)
+    assert absolute.mean() > raw.mean() + 0.1  # |x| shared by both maps (0.23 vs 0.05)
+    w = RecordingWriter()
+    cb.tracker.log(VizLogger(w, 0), {"input_x_gradient/input": maps}, out, probe, callback=cb)
+    tag = "viz-gradients/input_x_gradient/input/sanity/rank_corr"
+    assert w.scalars[tag + "_abs"] == [(0, pytest.approx(float(absolute.mean())))]
+    charts = [regs for section in TRACKING_LAYOUT.values() for _, (_, regs) in section.items()]
+    assert [c for c in charts if any(re.search(r, tag) for r in c)] != [
+        c for c in charts if any(re.search(r, tag + "_abs") for r in c)
+    ]
+    unsigned = GradientCallback(
+        methods=["saliency"], tracker=MapTracker(filmstrip=False, drift=False, sanity_check=True)
+    )
+    with isolated(module):
+        assert not [k for k in unsigned.compute(module, probe) if "sanity_abs" in k]
 
 
 def test_history_survives_resume_from_a_checkpoint(tmp_path):
