@@ -156,6 +156,14 @@ def _nanmean(v: Tensor) -> float | None:
     return float(v[ok].mean()) if ok.any() else None
 
 
+def _epoch_label(epoch: int, width: int) -> str:
+    """The label under a filmstrip frame ``width`` px wide: ``epoch 12``, or ``12`` where that would be cut (small
+    frames); ``start`` for run_at_start's baseline (step -1)."""
+    if epoch < 0:
+        return "start"
+    return f"epoch {epoch}" if text_px(f"epoch {epoch}", 13) <= width else str(epoch)
+
+
 #: A filmstrip stores at most this many times ``max_frames`` runs (then every other one is dropped).
 STORED_PER_SHOWN = 8
 
@@ -508,7 +516,7 @@ class MapTracker:
         for i, (frame, j) in enumerate(zip(shown, keep)):
             x = i * (w + pad)
             row[: frame.shape[0], x : x + frame.shape[1]] = frame
-            label = f"epoch {epochs[j]}" if epochs[j] >= 0 else "start"  # run_at_start's baseline: step -1
+            label = _epoch_label(epochs[j], w)
             under[:, x : x + w] = np.asarray(_shared_strip(w, [label], 13).permute(1, 2, 0))
         return torch.from_numpy(row).permute(2, 0, 1), torch.from_numpy(under).permute(2, 0, 1), w
 

@@ -566,3 +566,18 @@ def test_filmstrip_labels_the_run_at_start_baseline_start():
         torch.testing.assert_close(
             under[:, :, i * (width + 2) : i * (width + 2) + width], _shared_strip(width, [text], 13)
         )
+
+
+def test_filmstrip_epoch_labels_stay_readable_under_small_frames():
+    """Frames shown at 32 px (display_px=0) are too narrow for "epoch 12": the label is the number alone, not a cut
+    "epoc..." that hid which epoch each frame is."""
+    from lightning_viz.render import _shared_strip
+
+    w = RecordingWriter()
+    tr = MapTracker(frame_size=32, display_px=0)
+    probe = ProbeSet(images=torch.rand(1, 3, 32, 32), labels=torch.tensor([0]))
+    for step in (0, 12):
+        tr.log(VizLogger(w, step), {"m/l": torch.rand(1, 32, 32)}, {}, probe)
+    _, under, width = tr._film_row("m/l", "p000", tr.frames["m/l"]["p000"], [0, 1], tr.epochs["m/l"], 0)
+    assert width == 32
+    torch.testing.assert_close(under[:, :, 34:66], _shared_strip(32, ["12"], 13))
