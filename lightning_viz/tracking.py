@@ -66,8 +66,8 @@ PREFIX = "track:"
 #: Custom-scalars layout (regexes over tags, so one layout serves every callback and layer).
 TRACKING_LAYOUT: dict[str, dict[str, list]] = {
     "lightning-viz drift": {
-        "map rank correlation with previous epoch": ["Multiline", [r"viz-.*/drift/rank_corr"]],
-        "map top-k IoU with previous epoch": ["Multiline", [r"viz-.*/drift/topk_iou"]],
+        "map rank correlation with the previous run": ["Multiline", [r"viz-.*/drift/rank_corr"]],
+        "map top-k IoU with the previous run": ["Multiline", [r"viz-.*/drift/topk_iou"]],
         "prediction flips on probes": ["Multiline", [r"viz-.*/drift/prediction_flips"]],
         "probe accuracy": ["Multiline", [r"viz-.*/probe_accuracy"]],
     },
