@@ -315,7 +315,14 @@ class ProbeSet:
         labels = torch.stack([torch.as_tensor(lab).view(()) for lab in labs]) if scalar else None
         if labels is not None and not _class_indices(labels):
             labels = None
-        mask_t = torch.stack([torch.as_tensor(m).float() for m in masks]) if all(m is not None for m in masks) else None
+        # a probe without a mask among probes with masks gets an empty one (no object: NaN in the localization
+        # metrics, left out of their mean), so the others still score
+        mask_t = None
+        if any(m is not None for m in masks):
+            shape = next(torch.as_tensor(m).shape[-2:] for m in masks if m is not None)
+            mask_t = torch.stack(
+                [torch.as_tensor(m).float().reshape(shape) if m is not None else torch.zeros(shape) for m in masks]
+            )
         if mean is None and std is None and imgs and all(im.dtype == torch.uint8 for im in imgs):
             mean, std = [0.0], [1 / 255]  # uint8 pixels 0..255 are x = p / (1/255) of p in [0, 1]: shown as they are
         return cls(

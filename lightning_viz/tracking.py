@@ -12,7 +12,8 @@ Per scheduled epoch and per map key (``"<method>/<layer>"``) it logs, in the cal
 * faithfulness ``viz-<family>/<key>/faithfulness/{deletion_auc,insertion_auc}`` (Petsiuk et al. 2018);
 * localization ``viz-<family>/<key>/localization/{pointing_game,energy_in_mask}`` on probes with masks;
 * sanity ``viz-<family>/<key>/sanity/rank_corr``: similarity of the maps to those of a randomly re-initialized
-  copy of the model (Adebayo et al. 2018, model parameter randomization; high = the map ignores the model);
+  copy of the model (Adebayo et al. 2018, model parameter randomization; high = the map ignores the model); for
+  signed maps also ``sanity/rank_corr_abs``, of their absolute values (Adebayo et al. report both);
 * once, a TensorBoard custom-scalars layout grouping all of these charts.
 
 :meth:`MapTracker.compute` runs on every rank on its probe shard (no collectives); :meth:`MapTracker.log`
@@ -65,8 +66,8 @@ PREFIX = "track:"
 #: Custom-scalars layout (regexes over tags, so one layout serves every callback and layer).
 TRACKING_LAYOUT: dict[str, dict[str, list]] = {
     "lightning-viz drift": {
-        "map rank correlation with previous epoch": ["Multiline", [r"viz-.*/drift/rank_corr"]],
-        "map top-k IoU with previous epoch": ["Multiline", [r"viz-.*/drift/topk_iou"]],
+        "map rank correlation with the previous run": ["Multiline", [r"viz-.*/drift/rank_corr"]],
+        "map top-k IoU with the previous run": ["Multiline", [r"viz-.*/drift/topk_iou"]],
         "prediction flips on probes": ["Multiline", [r"viz-.*/drift/prediction_flips"]],
         "probe accuracy": ["Multiline", [r"viz-.*/probe_accuracy"]],
     },
@@ -79,7 +80,11 @@ TRACKING_LAYOUT: dict[str, dict[str, list]] = {
         "energy in mask": ["Multiline", [r"viz-.*/localization/energy_in_mask"]],
     },
     "lightning-viz sanity check": {
-        "rank correlation with randomized model (lower passes)": ["Multiline", [r"viz-.*/sanity/rank_corr"]],
+        "rank correlation with randomized model (lower passes)": ["Multiline", [r"viz-.*/sanity/rank_corr$"]],
+        "rank correlation of |maps| with randomized model (signed maps)": [
+            "Multiline",
+            [r"viz-.*/sanity/rank_corr_abs$"],
+        ],
     },
 }
 
@@ -151,6 +156,14 @@ def _nanmean(v: Tensor) -> float | None:
     return float(v[ok].mean()) if ok.any() else None
 
 
+def _epoch_label(epoch: int, width: int) -> str:
+    """The label under a filmstrip frame ``width`` px wide: ``epoch 12``, or ``12`` where that would be cut (small
+    frames); ``start`` for run_at_start's baseline (step -1)."""
+    if epoch < 0:
+        return "start"
+    return f"epoch {epoch}" if text_px(f"epoch {epoch}", 13) <= width else str(epoch)
+
+
 #: A filmstrip stores at most this many times ``max_frames`` runs (then every other one is dropped).
 STORED_PER_SHOWN = 8
 
@@ -171,7 +184,7 @@ class MapTracker:
             factor that reaches it (0: as stored; ``None``: the callback's ``display_px``). 64 keeps a 12-frame
             filmstrip about 800 px wide (TensorBoard fits wider images to its card anyway) and its rendering cheap.
         drift: log drift scalars (map rank correlation, top-k IoU, prediction flips, probe accuracy).
-        topk: fraction of pixels for the top-k IoU.
+        topk: fraction of pixels for the top-k IoU. Drift compares the maps downsampled to ``frame_size``.
         faithfulness: log deletion (zero baseline) and insertion (blur baseline) AUC; costs
             ``2 * (deletion_steps - 1)`` images forwarded per probe and key, plus 3 per probe shared by all keys
             (the image and both baselines), batched together.
@@ -304,11 +317,13 @@ class MapTracker:
                     "attach it as MapCallback(tracker=...)."
                 )
             rand_maps = self._randomized_maps(pl_module, probe, callback, out.get(PREFIX + "pred"))
+            signed = bool(getattr(callback, "signed", False))
             for key, m in maps.items():
                 if key in rand_maps:
-                    out[f"{PREFIX}sanity/{key}"] = rank_correlation(
-                        m.detach().float().cpu(), rand_maps[key].detach().float().cpu()
-                    )
+                    a, b = m.detach().float().cpu(), rand_maps[key].detach().float().cpu()
+                    out[f"{PREFIX}sanity/{key}"] = rank_correlation(a, b)
+                    if signed:  # Adebayo et al. report both; a random sign hides a shared |map| (Quantus' MPRT: abs)
+                        out[f"{PREFIX}sanity_abs/{key}"] = rank_correlation(a.abs(), b.abs())
         return out
 
     def _randomized_maps(
@@ -390,14 +405,15 @@ class MapTracker:
                 ("pointing", "localization", "pointing_game"),
                 ("energy", "localization", "energy_in_mask"),
                 ("sanity", "sanity", "rank_corr"),
+                ("sanity_abs", "sanity", "rank_corr_abs"),
             ):
                 v = results.get(f"{PREFIX}{name}/{key}")
                 if v is not None:
                     mean = _nanmean(torch.as_tensor(v))
                     if mean is not None:
                         logger.scalar(make_tag(method, key, group, stat), mean)
-        preds = results.get(PREFIX + "pred")
-        if preds is not None:
+        preds = results.get(PREFIX + "pred")  # also there for faithfulness alone: logged only with drift
+        if preds is not None and self.drift:
             if self.prev_preds is not None and self.prev_preds.shape == preds.shape:
                 logger.scalar(make_tag(method, "drift", "prediction_flips"), (preds != self.prev_preds).float().mean())
             if probe.labels is not None and probe.labels.shape == preds.shape:
@@ -500,7 +516,8 @@ class MapTracker:
         for i, (frame, j) in enumerate(zip(shown, keep)):
             x = i * (w + pad)
             row[: frame.shape[0], x : x + frame.shape[1]] = frame
-            under[:, x : x + w] = np.asarray(_shared_strip(w, [f"epoch {epochs[j]}"], 13).permute(1, 2, 0))
+            label = _epoch_label(epochs[j], w)
+            under[:, x : x + w] = np.asarray(_shared_strip(w, [label], 13).permute(1, 2, 0))
         return torch.from_numpy(row).permute(2, 0, 1), torch.from_numpy(under).permute(2, 0, 1), w
 
     # ------------------------------------------------------------------ checkpoint

@@ -13,6 +13,7 @@ from helpers import LitTiny, image_steps, read_events, scalar_steps, tiny_loader
 from lightning_viz.callbacks.base import VisualizationError, VisualizationWarning
 from lightning_viz.callbacks.gradients import GradientCallback
 from lightning_viz.callbacks.maps import MapCallback
+from lightning_viz.tracking import MapTracker
 
 
 class FailFromEpoch(MapCallback):
@@ -162,6 +163,17 @@ def test_label_target_without_labels_fails_at_setup(tmp_path):
     cb = GradientCallback(num_probes=2, target="predicted")  # no labels needed: works
     tiny_trainer(str(tmp_path / "ok"), [cb], max_epochs=1).fit(Unsupervised(), datamodule=Unlabeled())
     assert cb.probes.labels is None and cb.last_logged_tags
+
+
+def test_tracker_label_target_without_labels_fails_at_setup(tmp_path):
+    """MapTracker(target='label', faithfulness=True) on unlabeled probes fails before training, naming the tracker's
+    option; before, the first epoch's end failed with the callback's target looking fine."""
+    tracker = MapTracker(faithfulness=True, target="label", filmstrip=False)
+    cb = GradientCallback(num_probes=2, target="predicted", tracker=tracker)
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1)
+    with pytest.raises(ValueError, match=r"GradientCallback\(tracker=MapTracker\(target='label'\)\).*have none"):
+        trainer.fit(Unsupervised(), datamodule=Unlabeled())
+    assert trainer.global_step == 0
 
 
 def test_validation_schedule_that_never_meets_fails_at_setup(tmp_path):

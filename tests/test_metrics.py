@@ -264,3 +264,47 @@ def test_pointing_game_tolerance_is_a_euclidean_radius():
     torch.testing.assert_close(pointing_game(maps, masks, tolerance=8**0.5), torch.tensor([1.0, 1.0]))
     with pytest.raises(ValueError, match="tolerance must be >= 0 pixels; got -2"):
         pointing_game(maps, masks, tolerance=-2)
+
+
+def test_a_map_with_a_nan_pixel_has_no_deletion_curve_nor_rank_correlation():
+    """A map with a NaN pixel has no order of importance: its image's deletion/insertion curve and its rank
+    correlation are NaN (as its pointing game and top-k IoU), the other images' values unchanged. Before, NaN sorted
+    as the most important pixel and the curves and correlations came out finite."""
+    region, model, x = _region_setup()
+    good = region.expand(2, 8, 8).clone() + 0.01 * torch.arange(64.0).view(8, 8)
+    bad = good.clone()
+    bad[0, 7, 7] = float("nan")
+    t = torch.tensor([0, 0])
+    curves = perturbation_curves(model, x, {"good": good, "bad": bad}, t, steps=4)
+    for mode in ("deletion", "insertion"):
+        assert torch.isnan(curves[mode]["bad"][0]).all()
+        torch.testing.assert_close(curves[mode]["bad"][1], curves[mode]["good"][1])
+        assert curves[mode]["good"].isfinite().all()
+    assert torch.isnan(deletion_auc(model, x, bad, target=t, steps=4)[0])
+    other = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0))
+    for a, b in ((bad, other), (other, bad)):
+        rc = rank_correlation(a, b)
+        assert torch.isnan(rc[0]) and rc[1] == rank_correlation(good, other)[1]
+    assert torch.isnan(topk_iou(bad, other)[0]) and torch.isnan(pointing_game(bad, region.expand(2, 8, 8))[0])
+
+
+def test_topk_iou_of_a_constant_map_is_nan_and_drift_logs_none():
+    """A constant map (a dead, all-zero CAM) has no top pixels: its top-k IoU is NaN, as its rank correlation, so
+    the tracker logs no drift for two epochs of dead maps. Before, ties by pixel index picked the same first pixels
+    in both maps: IoU 1 ("the maps did not move")."""
+    from helpers import RecordingWriter
+
+    from lightning_viz.logging import VizLogger
+    from lightning_viz.probe import ProbeSet
+    from lightning_viz.tracking import MapTracker
+
+    zero, ramp = torch.zeros(2, 8, 8), torch.arange(64.0).view(1, 8, 8).repeat(2, 1, 1)
+    for a, b in ((zero, zero), (zero, ramp), (ramp, zero)):
+        assert torch.isnan(topk_iou(a, b)).all() and torch.isnan(rank_correlation(a, b)).all()
+    torch.testing.assert_close(topk_iou(ramp, ramp), torch.ones(2))
+    probe = ProbeSet(images=torch.rand(2, 3, 8, 8), labels=torch.tensor([0, 1]))
+    w = RecordingWriter()
+    tr = MapTracker(filmstrip=False)
+    tr.log(VizLogger(w, 0), {"cam/l": zero}, {}, probe)
+    tr.log(VizLogger(w, 1), {"cam/l": zero}, {}, probe)
+    assert not [t for t in w.scalars if "drift" in t]

@@ -20,6 +20,8 @@ import pytest
 import torch
 from helpers import LitTiny, read_events
 
+from lightning_viz.tracking import MapTracker
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 with open(os.path.join(ROOT, "README.md")) as _f:
@@ -492,7 +494,14 @@ def _tiny_demo_and_other_layouts(root: str) -> tuple[set[str], str]:
     conv3 = {"layers": ["net.conv3"], "methods": ["gradcam"], "num_probes": 2}
     callbacks = [
         cbs.ActivationCallback(num_probes=2),
-        cbs.GradientCallback(layout="per_probe", normalize="both", num_probes=2),
+        cbs.GradientCallback(  # signed maps: the sanity check's rank_corr_abs
+            methods=["gradient"],
+            reduce="sum",
+            layout="per_probe",
+            normalize="both",
+            num_probes=2,
+            tracker=MapTracker(filmstrip=False, drift=False, sanity_check=True),
+        ),
         cbs.CAMCallback(layout="per_probe", normalize="both", **conv3),
         cbs.CAMCallback(name="x", **conv3),
         cbs.CAMCallback(name="y", layout="grid", **conv3),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -247,6 +248,47 @@ def test_sanity_check_with_a_predicted_target_explains_the_trained_models_class(
     assert cb.target.name == "predicted"  # the callback's own target is left as it was
 
 
+def test_sanity_check_of_signed_maps_also_correlates_their_absolute_values():
+    """Adebayo et al. 2018 report the rank correlation with and without absolute values: a signed map (input x
+    gradient summed over channels) keeps |x| in its magnitude on a randomized model while its sign turns random, so the
+    raw correlation looks like a pass and only the absolute one shows what is shared. Unsigned maps log one value."""
+    from lightning_viz.callbacks.gradients import GradientCallback
+    from lightning_viz.methods.gradients import input_x_gradient
+    from lightning_viz.methods.metrics import rank_correlation
+
+    module = LitTiny(TinyCNN(width=4))
+    probe = _probe()
+    cb = GradientCallback(
+        methods=["input_x_gradient"],
+        reduce="sum",
+        target="label",
+        tracker=MapTracker(filmstrip=False, drift=False, sanity_check=True, seed=5),
+    )
+    with isolated(module):
+        out = cb.compute(module, probe)
+        maps = input_x_gradient(module, probe.images, "label", probe.labels).sum(1)
+    copy = randomized_copy(module, seed=5)
+    with isolated(copy):
+        rand = input_x_gradient(copy, probe.images, "label", probe.labels).sum(1)
+    raw, absolute = out["track:sanity/input_x_gradient/input"], out["track:sanity_abs/input_x_gradient/input"]
+    torch.testing.assert_close(raw, rank_correlation(maps, rand), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(absolute, rank_correlation(maps.abs(), rand.abs()), atol=1e-5, rtol=1e-5)
+    assert absolute.mean() > raw.mean() + 0.1  # |x| shared by both maps (0.23 vs 0.05)
+    w = RecordingWriter()
+    cb.tracker.log(VizLogger(w, 0), {"input_x_gradient/input": maps}, out, probe, callback=cb)
+    tag = "viz-gradients/input_x_gradient/input/sanity/rank_corr"
+    assert w.scalars[tag + "_abs"] == [(0, pytest.approx(float(absolute.mean())))]
+    charts = [regs for section in TRACKING_LAYOUT.values() for _, (_, regs) in section.items()]
+    assert [c for c in charts if any(re.search(r, tag) for r in c)] != [
+        c for c in charts if any(re.search(r, tag + "_abs") for r in c)
+    ]
+    unsigned = GradientCallback(
+        methods=["saliency"], tracker=MapTracker(filmstrip=False, drift=False, sanity_check=True)
+    )
+    with isolated(module):
+        assert not [k for k in unsigned.compute(module, probe) if "sanity_abs" in k]
+
+
 def test_history_survives_resume_from_a_checkpoint(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -462,3 +504,80 @@ def test_filmstrip_label_column_fits_a_long_method_name():
     assert (label == _shared_strip(need, ["guided_gradcam"], 14).permute(1, 2, 0).numpy()).all()
     cut = (text_strip(96, ["guided_gradcam"], 14) * 255).round().byte().permute(1, 2, 0).numpy()
     assert not (label[:, :96] == cut).all()  # at 96 px the name was cut (an ellipsis)
+
+
+def test_probes_missing_some_masks_score_the_others(tmp_path):
+    """Probes of which only some items carry a mask: the others get an empty mask (NaN, left out of the mean), and
+    the pointing game is the mean over the probes with masks. Before, every mask was dropped: no localization scalars
+    at all, and pointing_game=True failed saying the probes had none."""
+    from lightning_viz.data.shapes import ShapesDataset
+
+    shapes = ShapesDataset(num=6, image_size=16, seed=3)
+
+    class SomeMasks(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            x, y, mask = shapes[i]
+            return (x, y, mask) if i % 2 == 0 else (x, y, i)  # odd items: no mask (an index in its place)
+
+    probe = ProbeSet.from_indices(SomeMasks(), range(6))
+    assert probe.masks is not None and probe.masks.shape == (6, 16, 16)
+    assert probe.masks[1::2].sum() == 0 and torch.equal(
+        probe.masks[0::2], torch.stack([shapes[i][2] for i in (0, 2, 4)])
+    )
+    maps = torch.rand(6, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = MapTracker(drift=False, pointing_game=True).compute(TinyCNN(), probe, {"m/l": maps})
+    pg = out["track:pointing/m/l"]
+    assert torch.isnan(pg[1::2]).all()
+    torch.testing.assert_close(pg[0::2], pointing_game(maps[0::2], probe.masks[0::2]))
+    w = RecordingWriter()
+    MapTracker(drift=False, filmstrip=False).log(VizLogger(w, 0), {"m/l": maps}, out, probe)
+    assert w.scalars["viz-m/m/l/localization/pointing_game"] == [(0, pytest.approx(float(pg[0::2].mean())))]
+
+
+def test_drift_off_logs_no_prediction_flips_nor_probe_accuracy():
+    """drift=False turns off every drift scalar, prediction flips and probe accuracy included, also with faithfulness
+    on (which computes the predictions too). Before, those two were logged anyway."""
+    probe = _probe(n=2)
+    tr = MapTracker(filmstrip=False, drift=False, faithfulness=True, deletion_steps=2)
+    model = TinyCNN().eval()
+    w = RecordingWriter()
+    for epoch in range(2):
+        maps = {"g/l": torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(epoch))}
+        tr.log(VizLogger(w, epoch), maps, tr.compute(model, probe, maps), probe)
+    assert sorted(w.scalars) == ["viz-g/g/l/faithfulness/deletion_auc", "viz-g/g/l/faithfulness/insertion_auc"]
+
+
+def test_filmstrip_labels_the_run_at_start_baseline_start():
+    """run_at_start logs the untrained model at step -1: its filmstrip frame is labeled "start", not "epoch -1"."""
+    from lightning_viz.render import _shared_strip
+
+    probe = _probe(n=1)
+    tr = MapTracker(frame_size=8, display_px=64)
+    w = RecordingWriter()
+    for step in (-1, 0):
+        tr.log(VizLogger(w, step), {"m/l": torch.rand(1, 8, 8)}, {}, probe)
+    seq = tr.frames["m/l"]["p000"]
+    _, under, width = tr._film_row("m/l", "p000", seq, [0, 1], tr.epochs["m/l"], 64)
+    assert width == 64
+    for i, text in enumerate(("start", "epoch 0")):
+        torch.testing.assert_close(
+            under[:, :, i * (width + 2) : i * (width + 2) + width], _shared_strip(width, [text], 13)
+        )
+
+
+def test_filmstrip_epoch_labels_stay_readable_under_small_frames():
+    """Frames shown at 32 px (display_px=0) are too narrow for "epoch 12": the label is the number alone, not a cut
+    "epoc..." that hid which epoch each frame is."""
+    from lightning_viz.render import _shared_strip
+
+    w = RecordingWriter()
+    tr = MapTracker(frame_size=32, display_px=0)
+    probe = ProbeSet(images=torch.rand(1, 3, 32, 32), labels=torch.tensor([0]))
+    for step in (0, 12):
+        tr.log(VizLogger(w, step), {"m/l": torch.rand(1, 32, 32)}, {}, probe)
+    _, under, width = tr._film_row("m/l", "p000", tr.frames["m/l"]["p000"], [0, 1], tr.epochs["m/l"], 0)
+    assert width == 32
+    torch.testing.assert_close(under[:, :, 34:66], _shared_strip(32, ["12"], 13))

@@ -130,6 +130,19 @@ class MapCallback(VisualizationCallback):
 
     def check_probes(self, probe: ProbeSet) -> None:
         super().check_probes(probe)
+        tracker = self.tracker
+        if (
+            tracker is not None
+            and tracker.faithfulness
+            and tracker.target is not None
+            and isinstance(resolve_target(tracker.target), LabelTarget)
+            and probe.labels is None
+        ):
+            raise ValueError(
+                f"{type(self).__name__}(tracker=MapTracker(target='label')): the deletion/insertion curves follow "
+                "each probe's label, but these probes have none. Use MapTracker target='predicted', a class index or "
+                "None (the callback's target; the prediction on unlabeled probes), or data that yields (x, y)."
+            )
         if self.tracker is not None and self.tracker.pointing_game and probe.masks is None:
             raise ValueError(
                 f"{type(self).__name__}(tracker=MapTracker(pointing_game=True)): the pointing game needs a "

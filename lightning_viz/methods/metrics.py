@@ -169,6 +169,8 @@ def perturbation_curves(
             probs.append(class_probability(out.float(), classes[p], probabilities))
         # an empty batch has no chunk: empty curves
         flat = torch.cat(probs).view(len(items), b) if probs else torch.zeros(len(items), 0, device=x.device)
+        # a map with non-finite values has no order of importance (NaN sorts first): NaN curves for its image
+        broken = {key: ~maps[key].detach().to(x.device).flatten(1).isfinite().all(dim=1) for key in keys}
         curves: dict[str, dict[str, Tensor]] = {}
         for mode, (first, last) in ends.items():
             curves[mode] = {
@@ -180,6 +182,7 @@ def perturbation_curves(
                     ]
                 )
                 .t()
+                .masked_fill(broken[key].unsqueeze(1), float("nan"))
                 .contiguous()
                 for key in keys
             }
@@ -206,7 +209,8 @@ def perturbation_curve(
     replaced by the ``baseline`` (deletion) or taken from the image into the baseline (insertion).
     The ``(steps + 1) * B`` perturbed images go through ``model`` in batches of at most ``chunk_size``
     images (``None``: as in :func:`perturbation_curves`); ties in the map are broken by pixel index,
-    so the result does not depend on chunking. ``target``: class indices ``[B]`` or a target spec resolved on ``x``.
+    so the result does not depend on chunking; a map with non-finite values gets a NaN curve. ``target``: class
+    indices ``[B]`` or a target spec resolved on ``x``.
     Several maps or both modes: :func:`perturbation_curves` (shared images evaluated once).
     """
     if mode not in ("deletion", "insertion"):
@@ -323,20 +327,23 @@ def _check_pair(fn: str, a: Tensor, b: Tensor) -> None:
 
 def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
     """Spearman rank correlation of each pair of maps (as Adebayo et al. 2018, Sec. 3), ``[B]`` (ties get average ranks;
-    ``b`` is resized to ``a``'s size). NaN where a map is constant."""
+    ``b`` is resized to ``a``'s size). NaN where a map is constant or has non-finite values."""
     _check_pair("rank_correlation", a, b)
-    b = _resize(b.to(a.device), (a.shape[-2], a.shape[-1]))
-    ra, rb = _average_ranks(a.detach().float().flatten(1)), _average_ranks(b.flatten(1))
+    b = _resize(b.to(a.device), (a.shape[-2], a.shape[-1])).flatten(1)
+    a = a.detach().float().flatten(1)
+    ra, rb = _average_ranks(a), _average_ranks(b)
     ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
     den = (ra.square().sum(dim=1) * rb.square().sum(dim=1)).sqrt()
     num = (ra * rb).sum(dim=1)
-    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(den, float("nan"))).float()
+    defined = (den > 0) & a.isfinite().all(dim=1) & b.isfinite().all(dim=1)  # NaN ranks last, as a value would
+    return torch.where(defined, num / den.clamp_min(1e-300), torch.full_like(den, float("nan"))).float()
 
 
 def topk_iou(a: Tensor, b: Tensor, fraction: float = 0.1) -> Tensor:
     """IoU of the top ``fraction`` pixels of two maps (as Adebayo et al. 2018, Sec. 3), ``[B]`` (exactly
     ``ceil(fraction * HW)`` pixels each, ties by pixel index; ``b`` is resized to ``a``'s size); NaN where a map has
-    non-finite values."""
+    non-finite values or is constant (no top pixels, as :func:`rank_correlation`: two all-zero maps would share
+    their first pixels by index alone)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
     _check_pair("topk_iou", a, b)
@@ -351,4 +358,5 @@ def topk_iou(a: Tensor, b: Tensor, fraction: float = 0.1) -> Tensor:
     )
     inter = (sel_a & sel_b).sum(dim=1).float()
     finite = a.isfinite().all(dim=1) & b.isfinite().all(dim=1)  # NaN sorts as the largest value: no top-k
-    return torch.where(finite, inter / (2 * k - inter), torch.full_like(inter, float("nan")))
+    varies = (a.amax(dim=1) > a.amin(dim=1)) & (b.amax(dim=1) > b.amin(dim=1))
+    return torch.where(finite & varies, inter / (2 * k - inter), torch.full_like(inter, float("nan")))
