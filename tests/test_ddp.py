@@ -269,7 +269,7 @@ def test_gather_timeout_is_a_clear_error():
     import torch.distributed as dist
     from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
-    from lightning_viz.callbacks.base import VisualizationError, gather_results
+    from lightning_viz.callbacks.base import VisualizationError, _rank0_probes, gather_results
 
     assert not dist.is_initialized()
     port = find_free_network_port()
@@ -293,6 +293,8 @@ def test_gather_timeout_is_a_clear_error():
         )
         with pytest.raises(VisualizationError) as err:
             gather_results(SimpleNamespace(global_rank=0, world_size=2), {"x": torch.zeros(1)}, None, what="probe")
+        with pytest.raises(VisualizationError) as err_probes:  # the probes' check at setup and at each run
+            _rank0_probes(SimpleNamespace(global_rank=0, world_size=2), None, None, "InputGradMap", "")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -301,6 +303,9 @@ def test_gather_timeout_is_a_clear_error():
     msg = str(err.value)
     assert "gathering probe results across 2 ranks failed on rank 0" in msg
     assert "DDPStrategy(timeout=" in msg
+    msg = str(err_probes.value)
+    assert "gathering InputGradMap's probe fingerprints across 2 ranks failed on rank 0" in msg
+    assert "check that no rank skipped the callback or crashed" in msg
 
 
 def test_syncbatchnorm_compiled_bf16_model_in_process(tmp_path):

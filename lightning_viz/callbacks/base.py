@@ -243,6 +243,24 @@ def _concat(parts: list[Any]) -> Any:
     return first
 
 
+def _all_gather(obj: Any, what: str, rank: int, world: int) -> list[Any]:
+    """``all_gather_object`` of ``obj``; a timeout or broken process group raises a :class:`VisualizationError`
+    saying so."""
+    # Objects travel as byte tensors on the current device: CPU for gloo, torch.cuda.current_device()
+    # for nccl (Lightning calls torch.cuda.set_device per rank), so both backends work.
+    gathered: list[Any] = [None] * world
+    try:
+        torch.distributed.all_gather_object(gathered, obj)
+    except Exception as exc:  # timeouts and broken process groups
+        raise VisualizationError(
+            f"lightning-viz: gathering {what} across {world} ranks failed on rank {rank} "
+            f"({type(exc).__name__}: {exc}). Every rank must reach the same point: check that no rank "
+            "skipped the callback or crashed, or raise the process-group timeout (DDPStrategy(timeout=...)) "
+            "if one rank is much slower."
+        ) from exc
+    return gathered
+
+
 def gather_results(trainer: Trainer, local: Any, error: BaseException | None, what: str = "visualization") -> Any:
     """Gather every rank's ``local`` results (concatenated in rank order) on all ranks.
 
@@ -253,18 +271,7 @@ def gather_results(trainer: Trainer, local: Any, error: BaseException | None, wh
     rank, world = _world(trainer)
     payload = (None if error is None else f"{type(error).__name__}: {error}", _to_cpu(local) if error is None else None)
     if world > 1 and _dist_ready():
-        # Objects travel as byte tensors on the current device: CPU for gloo, torch.cuda.current_device()
-        # for nccl (Lightning calls torch.cuda.set_device per rank), so both backends work.
-        gathered: list[Any] = [None] * world
-        try:
-            torch.distributed.all_gather_object(gathered, payload)
-        except Exception as exc:  # timeouts and broken process groups
-            raise VisualizationError(
-                f"lightning-viz: gathering {what} results across {world} ranks failed on rank {rank} "
-                f"({type(exc).__name__}: {exc}). Every rank must reach the same epoch end: check that no rank "
-                "skipped the callback or crashed, or raise the process-group timeout (DDPStrategy(timeout=...)) "
-                "if one rank is much slower."
-            ) from exc
+        gathered = _all_gather(payload, f"{what} results", rank, world)
     else:
         gathered = [payload]
     errors = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
@@ -1077,7 +1084,11 @@ class VisualizationCallback(Callback):
         except Exception as exc:  # re-raised on every rank below
             error = exc
         if distributed:  # probes picked now (or given) may differ across ranks: rank 0's, None if a rank failed
-            probe = self._same_probes(trainer, probe, error)
+            try:
+                probe = self._same_probes(trainer, probe, error)
+            except VisualizationError as exc:  # the gather itself failed (a timeout, a broken process group)
+                self._failed(exc)
+                return None
             self.probes = self.probes if probe is None else probe
         if error is None and (distributed or rank == 0) and not (distributed and probe is None):
             stage = "compute"
@@ -1454,8 +1465,7 @@ def _rank0_probes(
         return probes
     failure = None if error is None else f"{type(error).__name__}: {error}"
     local = (failure, None if probes is None else probes.fingerprint())
-    gathered: list[Any] = [None] * world
-    torch.distributed.all_gather_object(gathered, local)
+    gathered = _all_gather(local, f"{who}'s probe fingerprints", rank, world)
     failed = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
     if failed:
         if not raise_errors:
