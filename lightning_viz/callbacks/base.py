@@ -1058,8 +1058,9 @@ class VisualizationCallback(Callback):
         """Compute on this rank's shard, gather, and log on rank 0 at ``step`` (default: the epoch).
         Returns the gathered results. ``scheduled=True`` skips :meth:`should_run`.
 
-        Under DDP every rank makes the same collective calls whatever happens: one gather (per-probe
-        methods; a rank without probes sends ``None``) and one broadcast of rank 0's outcome, so an
+        Under DDP every rank makes the same collective calls whatever happens: per-probe methods gather the
+        probes' fingerprints (every rank takes rank 0's probes) and the results (a rank without probes sends
+        ``None``); then one broadcast of rank 0's outcome, so an
         error on any rank (picking probes, computing, or rank 0's logging) raises on every rank
         instead of leaving the others waiting in the next collective.
         """
