@@ -129,7 +129,6 @@ RUNS: dict[str, dict[str, Any]] = {
         ],
     },
     "syncbn_validate": {"validate": True, "sync_batchnorm": True, "data": "shapes"},
-    # each rank's dataset is its own shard (as a datamodule's setup may build it): all ranks must use rank 0's probes
     "lazy": {
         "max_epochs": 1,
         "data": "lazy_sharded",
@@ -152,6 +151,7 @@ RUNS: dict[str, dict[str, Any]] = {
         "expect_error": True,
         "callbacks": [{"class_path": "helpers.InputGradMap", "init_args": {"num_probes": 4}}],
     },
+    # each rank's dataset is its own shard (as a datamodule's setup may build it): all ranks must use rank 0's probes
     "sharded": {
         "max_epochs": 1,
         "data": "sharded",
