@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from lightning_viz.callbacks.base import VisualizationWarning
 from lightning_viz.callbacks.maps import MapCallback
+from lightning_viz.probe import ProbeSet
 
 CALLBACKS: list[dict[str, Any]] = [
     {
@@ -118,6 +119,8 @@ RUNS: dict[str, dict[str, Any]] = {
                 "class_path": "ddp_script.FailingCallback",
                 "init_args": {"fail_in": "compute", "fail_rank": 0, "rank0_only": True},
             },
+            # picking probes fails on rank 1 (at the first epoch end): every rank raises, naming rank 1
+            {"class_path": "ddp_script.FailingCallback", "init_args": {"fail_in": "probes", "fail_rank": 1}},
             # on_error="warn": rank 0 warns (naming rank 1), every rank trains on
             {
                 "class_path": "ddp_script.FailingCallback",
@@ -126,6 +129,28 @@ RUNS: dict[str, dict[str, Any]] = {
         ],
     },
     "syncbn_validate": {"validate": True, "sync_batchnorm": True, "data": "shapes"},
+    "lazy": {
+        "max_epochs": 1,
+        "data": "lazy_sharded",
+        "callbacks": [
+            # picked at the first epoch end (the data exists only from the module's on_fit_start), from each rank's
+            # shard; the second callback takes the same pick
+            {"class_path": "helpers.InputGradMap", "init_args": {"num_probes": 6}},
+            {"class_path": "lightning_viz.callbacks.activations.ActivationCallback", "init_args": {"num_probes": 6}},
+            # given probes built from each rank's own random numbers
+            {
+                "class_path": "helpers.InputGradMap",
+                "init_args": {"num_probes": 3, "name": "given", "probes": {"class_path": "ddp_script.rank_probes"}},
+            },
+        ],
+    },
+    # rank 1's items are unreadable: picking at setup fails there; every rank must stop with a clear error
+    "pick_fails": {
+        "max_epochs": 1,
+        "data": "unreadable_on_rank1",
+        "expect_error": True,
+        "callbacks": [{"class_path": "helpers.InputGradMap", "init_args": {"num_probes": 4}}],
+    },
     # each rank's dataset is its own shard (as a datamodule's setup may build it): all ranks must use rank 0's probes
     "sharded": {
         "max_epochs": 1,
@@ -173,6 +198,11 @@ class FailingCallback(MapCallback):
     def state_key_parts(self):
         return super().state_key_parts() + (self.fail_in, self.fail_rank, self.on_error)
 
+    def get_probes(self, trainer):
+        if self.fail_in == "probes" and trainer.global_rank == self.fail_rank:
+            raise RuntimeError("boom in probes")
+        return super().get_probes(trainer)
+
     def compute_maps(self, pl_module, probe):
         if self.fail_in == "compute" and pl_module.global_rank == self.fail_rank:
             raise RuntimeError("boom in compute")
@@ -188,6 +218,46 @@ class FailingCallback(MapCallback):
             return super().run(trainer, pl_module)
         except Exception as exc:
             self.errors.append(f"{type(exc).__name__}: {exc}")
+
+
+def _rank() -> int:
+    """This process's rank, also before the Trainer starts the process group (Lightning sets ``LOCAL_RANK``)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def rank_probes() -> ProbeSet:
+    """Probe images drawn from each rank's own random numbers: other images on every rank."""
+    g = torch.Generator().manual_seed(100 + _rank())
+    return ProbeSet(images=torch.randn(3, 3, 8, 8, generator=g), labels=torch.tensor([0, 1, 2]))
+
+
+class UnreadableOnRank1(torch.utils.data.Dataset):
+    """``tiny_dataset(48)``, whose items on rank 1 are text (a broken shard): no probe can be read from it there."""
+
+    def __init__(self):
+        self.base, self.rank = tiny_dataset(48), _rank()
+
+    def __len__(self) -> int:
+        return 48
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return ("unreadable", y) if self.rank == 1 else (x, y)
+
+
+class LazyShardedLit(LitTiny):
+    """Builds its data (this rank's shard) in ``on_fit_start``, after the callbacks' setup: probes are picked lazily."""
+
+    data = None
+
+    def on_fit_start(self):
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        self.data = torch.utils.data.Subset(tiny_dataset(48), range(rank, 48, world))
+
+    def train_dataloader(self):
+        if self.data is None:
+            raise RuntimeError("the data is built in on_fit_start")
+        return DataLoader(self.data, batch_size=4)
 
 
 def _resolve(class_path: str):
@@ -236,9 +306,11 @@ def fit(
     callbacks: list[dict] | None = None,
     data: str = "tiny",
     validate: bool = False,
+    expect_error: bool = False,
 ):
     """One training run; returns (trainer, callbacks, module). ``validate=True``: one ``Trainer.validate``
-    of the untrained model instead (callbacks run at validation epoch end; ``max_epochs`` unused)."""
+    of the untrained model instead (callbacks run at validation epoch end; ``max_epochs`` unused).
+    ``expect_error``: the error the fit raised is kept in ``trainer.fit_error`` (``None`` if none)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     L.seed_everything(seed, verbose=False)
@@ -249,6 +321,8 @@ def fit(
     elif data == "sharded":  # items rank, rank + world, ... of one dataset: each rank picks from its own
         rank, world = RankStrideSampler._world()
         dataset, classes = torch.utils.data.Subset(tiny_dataset(48), range(rank, 48, world)), 3
+    elif data == "unreadable_on_rank1":
+        dataset, classes = UnreadableOnRank1(), 3
     else:
         dataset, classes = tiny_dataset(48), 3
     net = TinyCNN(num_classes=classes, width=4)
@@ -259,8 +333,8 @@ def fit(
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if compile:
         net = torch.compile(net, backend="aot_eager")  # dynamo + AOTAutograd like inductor, minus the C++ compile
-    module = LitTiny(net, lr=0.05)
-    sampler = None if data == "sharded" else RankStrideSampler(len(dataset))
+    module = (LazyShardedLit if data == "lazy_sharded" else LitTiny)(net, lr=0.05)
+    sampler = None if data in ("sharded", "unreadable_on_rank1") else RankStrideSampler(len(dataset))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     callbacks = build_callbacks(num_probes, callbacks, run_on="validation_epoch_end" if validate else None)
     trainer = L.Trainer(
@@ -279,10 +353,16 @@ def fit(
         limit_val_batches=1 if validate else 0,
         use_distributed_sampler=False,
     )
-    if validate:
-        trainer.validate(module, loader, verbose=False)
-    else:
-        trainer.fit(module, loader)
+    trainer.fit_error = None
+    try:
+        if validate:
+            trainer.validate(module, loader, verbose=False)
+        else:
+            trainer.fit(module, None if data == "lazy_sharded" else loader)
+    except Exception as exc:
+        if not expect_error:
+            raise
+        trainer.fit_error = f"{type(exc).__name__}: {exc}"
     return trainer, callbacks, module
 
 
@@ -314,7 +394,12 @@ def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
             },
             "warnings": [str(w.message) for w in caught if issubclass(w.category, VisualizationWarning)],
             "global_step": trainer.global_step,
-            "probes": {type(cb).__name__: cb.probes.fingerprint() for cb in callbacks if cb.probes is not None},
+            "probes": {
+                type(cb).__name__ + f"/{cb.name}" * bool(cb.name): cb.probes.fingerprint()
+                for cb in callbacks
+                if cb.probes is not None
+            },
+            "fit_error": trainer.fit_error,
         }
         with open(os.path.join(logdir, f"rank{rank}.json"), "w") as f:
             json.dump(info, f)

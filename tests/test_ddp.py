@@ -34,7 +34,7 @@ def _run_script(*args: str, timeout: int = 240) -> None:
 @pytest.fixture(scope="module")
 def ddp_out(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp"))
-    runs = "equal,one_probe_bf16,errors,syncbn_validate,sharded"
+    runs = "equal,one_probe_bf16,errors,syncbn_validate,sharded,lazy,pick_fails"
     _run_script(out, "--runs", runs, "--devices", "2", "--strategy", "ddp")
     return out
 
@@ -211,6 +211,9 @@ def test_an_error_on_one_rank_raises_on_every_rank(ddp_out):
         "RuntimeError: boom in log"
     ]
     assert r1["log@rank0"] == ["VisualizationError: lightning-viz failing failed on rank 0: RuntimeError: boom in log"]
+    # picking the probes failed on rank 1 at the first epoch end: both ranks raise, naming rank 1
+    for errs in (r0["probes@rank1"], r1["probes@rank1"]):
+        assert errs == ["VisualizationError: lightning-viz failing failed: rank 1: RuntimeError: boom in probes"]
     # on_error="warn": nothing raised on any rank, rank 0 warns once naming rank 1, both ranks train on
     assert r0["compute@rank1/warn"] == r1["compute@rank1/warn"] == []
     warned = [w for w in _json(ddp_out, "errors", 0)["warnings"] if "training goes on" in w]
@@ -231,6 +234,32 @@ def test_a_dataset_sharded_per_rank_gives_every_rank_rank_zeros_probes(ddp_out):
     assert image_steps(acc, "viz-inputgrad/panel/p005") == [0]
 
 
+def test_probes_picked_after_setup_or_given_are_rank_zeros_on_every_rank(ddp_out):
+    """Probes picked at the first epoch end (the data exists only from the module's ``on_fit_start``) from each
+    rank's shard, and probes given built from each rank's own random numbers: every rank uses rank 0's, once warned."""
+    r0, r1 = _json(ddp_out, "lazy", 0), _json(ddp_out, "lazy", 1)
+    assert r0["probes"] == r1["probes"] and len(r0["probes"]) == 3
+    assert r0["probes"]["InputGradMap"] == r0["probes"]["ActivationCallback"]
+    warned = sorted(w for w in r0["warnings"] if "differ" in w)
+    assert len(warned) == 2 and r1["warnings"] == []
+    assert warned[0].startswith("InputGradMap: the Subset dataset the probes are picked from differs across the 2")
+    assert warned[1].startswith("InputGradMap: the probes given (probes=...) differ across the 2 ranks")
+    acc = read_events(os.path.join(ddp_out, "lazy"))
+    assert image_steps(acc, "viz-inputgrad/panel/p005") == image_steps(acc, "viz-inputgrad/given/panel/p002") == [0]
+
+
+def test_a_probe_pick_failing_on_one_rank_at_setup_stops_every_rank_clearly(ddp_out):
+    r0, r1 = _json(ddp_out, "pick_fails", 0), _json(ddp_out, "pick_fails", 1)
+    assert r1["fit_error"].startswith(
+        "VisualizationError: InputGradMap: picking 4 probe images (probe_seed=0) from the UnreadableOnRank1 dataset"
+    )
+    assert r0["fit_error"].startswith(
+        "VisualizationError: InputGradMap: picking the probes failed on another rank (rank 1: VisualizationError: "
+        "InputGradMap: picking 4 probe images"
+    )
+    assert r0["global_step"] == r1["global_step"] == 0
+
+
 def test_gather_timeout_is_a_clear_error():
     """This process is rank 0 of a 2-rank gloo group (5 s timeout) whose rank 1 never gathers."""
     from datetime import timedelta
@@ -240,7 +269,7 @@ def test_gather_timeout_is_a_clear_error():
     import torch.distributed as dist
     from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
-    from lightning_viz.callbacks.base import VisualizationError, gather_results
+    from lightning_viz.callbacks.base import VisualizationError, _rank0_probes, gather_results
 
     assert not dist.is_initialized()
     port = find_free_network_port()
@@ -264,6 +293,8 @@ def test_gather_timeout_is_a_clear_error():
         )
         with pytest.raises(VisualizationError) as err:
             gather_results(SimpleNamespace(global_rank=0, world_size=2), {"x": torch.zeros(1)}, None, what="probe")
+        with pytest.raises(VisualizationError) as err_probes:  # the probes' check at setup and at each run
+            _rank0_probes(SimpleNamespace(global_rank=0, world_size=2), None, None, "InputGradMap", "")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -272,6 +303,9 @@ def test_gather_timeout_is_a_clear_error():
     msg = str(err.value)
     assert "gathering probe results across 2 ranks failed on rank 0" in msg
     assert "DDPStrategy(timeout=" in msg
+    msg = str(err_probes.value)
+    assert "gathering InputGradMap's probe fingerprints across 2 ranks failed on rank 0" in msg
+    assert "check that no rank skipped the callback or crashed" in msg
 
 
 def test_syncbatchnorm_compiled_bf16_model_in_process(tmp_path):

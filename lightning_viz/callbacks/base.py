@@ -243,6 +243,24 @@ def _concat(parts: list[Any]) -> Any:
     return first
 
 
+def _all_gather(obj: Any, what: str, rank: int, world: int) -> list[Any]:
+    """``all_gather_object`` of ``obj``; a timeout or broken process group raises a :class:`VisualizationError`
+    saying so."""
+    # Objects travel as byte tensors on the current device: CPU for gloo, torch.cuda.current_device()
+    # for nccl (Lightning calls torch.cuda.set_device per rank), so both backends work.
+    gathered: list[Any] = [None] * world
+    try:
+        torch.distributed.all_gather_object(gathered, obj)
+    except Exception as exc:  # timeouts and broken process groups
+        raise VisualizationError(
+            f"lightning-viz: gathering {what} across {world} ranks failed on rank {rank} "
+            f"({type(exc).__name__}: {exc}). Every rank must reach the same point: check that no rank "
+            "skipped the callback or crashed, or raise the process-group timeout (DDPStrategy(timeout=...)) "
+            "if one rank is much slower."
+        ) from exc
+    return gathered
+
+
 def gather_results(trainer: Trainer, local: Any, error: BaseException | None, what: str = "visualization") -> Any:
     """Gather every rank's ``local`` results (concatenated in rank order) on all ranks.
 
@@ -253,18 +271,7 @@ def gather_results(trainer: Trainer, local: Any, error: BaseException | None, wh
     rank, world = _world(trainer)
     payload = (None if error is None else f"{type(error).__name__}: {error}", _to_cpu(local) if error is None else None)
     if world > 1 and _dist_ready():
-        # Objects travel as byte tensors on the current device: CPU for gloo, torch.cuda.current_device()
-        # for nccl (Lightning calls torch.cuda.set_device per rank), so both backends work.
-        gathered: list[Any] = [None] * world
-        try:
-            torch.distributed.all_gather_object(gathered, payload)
-        except Exception as exc:  # timeouts and broken process groups
-            raise VisualizationError(
-                f"lightning-viz: gathering {what} results across {world} ranks failed on rank {rank} "
-                f"({type(exc).__name__}: {exc}). Every rank must reach the same epoch end: check that no rank "
-                "skipped the callback or crashed, or raise the process-group timeout (DDPStrategy(timeout=...)) "
-                "if one rank is much slower."
-            ) from exc
+        gathered = _all_gather(payload, f"{what} results", rank, world)
     else:
         gathered = [payload]
     errors = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
@@ -943,20 +950,52 @@ class VisualizationCallback(Callback):
         return self.probes
 
     def _setup_probes(self, trainer: Trainer) -> None:
-        """Pick the probes before training when the data allows (every rank picks the same), so that data problems
-        (no labels, no masks, images of different sizes, an IterableDataset) stop the run before the first step."""
+        """Pick the probes before training when the data allows, so that data problems (no labels, no masks, images of
+        different sizes, an IterableDataset) stop the run before the first step. Under DDP every rank then takes rank
+        0's probes (:func:`_rank0_probes`), also given ones, and a failure on one rank raises on all."""
         if not self.needs_probes or (self.every_n_epochs == 0 and not self.run_at_start):
             return
         if not sink_names(trainer, self.loggers):  # nothing would be written: nothing is read or computed
             return
-        if self.probes is None:
-            dataset, iterable = _find_dataset(trainer, self.probe_source, with_iterable=True)
-            if dataset is None and iterable is not None:
-                raise VisualizationError(self._no_dataset_message(iterable))
-            if dataset is None:  # no data known yet: picked at the first run
-                return
-            self.probes = self._pick_probes(trainer, same_on_every_rank=True)
-        self.check_probes(self.probes)
+        probes, error = self.probes, None
+        if probes is None:
+            try:
+                dataset, iterable = _find_dataset(trainer, self.probe_source, with_iterable=True)
+                if dataset is None and iterable is not None:
+                    raise VisualizationError(self._no_dataset_message(iterable))
+                if dataset is not None:  # else no data known yet: picked at the first run
+                    probes = self._pick_probes(trainer)
+            except Exception as exc:  # raised on every rank by _rank0_probes
+                error = exc
+        self.probes = self._same_probes(trainer, probes, error, raise_errors=True)
+        if self.probes is not None:
+            self.check_probes(self.probes)
+
+    def _same_probes(
+        self, trainer: Trainer, probes: ProbeSet | None, error: BaseException | None, raise_errors: bool = False
+    ) -> ProbeSet | None:
+        """Rank 0's probes on every rank (all ranks call this, see :func:`_rank0_probes`); a shared pick that another
+        callback takes too is replaced with them."""
+        world = _world(trainer)[1]
+        if self._probes_given and probes is not None:
+            why = (
+                f"the probes given (probes=...) differ across the {world} ranks (built from unseeded random "
+                "numbers, or from each rank's own data?); every rank uses rank 0's. Build the same probes on every "
+                "rank."
+            )
+        else:
+            why = (
+                f"the {getattr(self, '_probe_origin', 'probe')} dataset the probes are picked from differs across "
+                f"the {world} ranks (sharded per rank?), so each rank picked other images; every rank uses rank 0's "
+                "probes. Give every rank the whole dataset to pick from, or pass probes=ProbeSet(...)."
+            )
+        agreed = _rank0_probes(trainer, probes, error, type(self).__name__, why, raise_errors)
+        if agreed is not probes and probes is not None:
+            picks = _picks.get(trainer, {})
+            for key, value in list(picks.items()):
+                if value is probes:
+                    picks[key] = agreed  # type: ignore[assignment]
+        return agreed
 
     def _origin(self) -> str:
         origin = getattr(self, "_probe_origin", None)
@@ -979,10 +1018,9 @@ class VisualizationCallback(Callback):
             "or such a dict, or pass probes=ProbeSet(images=..., labels=...)."
         )
 
-    def _pick_probes(self, trainer: Trainer, same_on_every_rank: bool = False) -> ProbeSet:
-        """Pick (or take the pick of an earlier callback with the same options). With ``same_on_every_rank`` (every
-        rank calls it: at setup), a pick that differs across DDP ranks is replaced by rank 0's (:func:`_rank0_probes`).
-        """
+    def _pick_probes(self, trainer: Trainer) -> ProbeSet:
+        """Pick (or take the pick of an earlier callback with the same options); this rank's pick (see
+        :meth:`_same_probes`)."""
         dataset = _find_dataset(trainer, self.probe_source)
         if dataset is None:
             raise VisualizationError(self._no_dataset_message())
@@ -1011,8 +1049,6 @@ class VisualizationCallback(Callback):
                     f"{type(self).__name__}: picking {self.num_probes} probe images (probe_seed={self.probe_seed}) "
                     f"from the {type(dataset).__name__} dataset failed: {type(exc).__name__}: {exc}.{hint}"
                 ) from exc
-        if same_on_every_rank:  # every rank gathers, also where an earlier callback's pick is taken
-            picks[key] = _rank0_probes(trainer, picks[key], type(self).__name__, type(dataset).__name__)
         return picks[key]
 
     # ------------------------------------------------------------------ run
@@ -1022,8 +1058,9 @@ class VisualizationCallback(Callback):
         """Compute on this rank's shard, gather, and log on rank 0 at ``step`` (default: the epoch).
         Returns the gathered results. ``scheduled=True`` skips :meth:`should_run`.
 
-        Under DDP every rank makes the same collective calls whatever happens: one gather (per-probe
-        methods; a rank without probes sends ``None``) and one broadcast of rank 0's outcome, so an
+        Under DDP every rank makes the same collective calls whatever happens: per-probe methods gather the
+        probes' fingerprints (every rank takes rank 0's probes) and the results (a rank without probes sends
+        ``None``); then one broadcast of rank 0's outcome, so an
         error on any rank (picking probes, computing, or rank 0's logging) raises on every rank
         instead of leaving the others waiting in the next collective.
         """
@@ -1047,7 +1084,14 @@ class VisualizationCallback(Callback):
                 probe = self.get_probes(trainer)
         except Exception as exc:  # re-raised on every rank below
             error = exc
-        if error is None and (distributed or rank == 0):
+        if distributed:  # probes picked now (or given) may differ across ranks: rank 0's, None if a rank failed
+            try:
+                probe = self._same_probes(trainer, probe, error)
+            except VisualizationError as exc:  # the gather itself failed (a timeout, a broken process group)
+                self._failed(exc)
+                return None
+            self.probes = self.probes if probe is None else probe
+        if error is None and (distributed or rank == 0) and not (distributed and probe is None):
             stage = "compute"
             shard = probe.shard(rank, world) if distributed and probe is not None else probe
             try:
@@ -1400,26 +1444,44 @@ def _chosen_validation(trainer: Trainer) -> bool:
     return progress.is_last_batch or trainer.should_stop or not _validates_after_last_batch(trainer)
 
 
-def _rank0_probes(trainer: Trainer, probes: ProbeSet, who: str, dataset: str) -> ProbeSet:
-    """Under DDP, rank 0's probes on every rank (all ranks call this). Ranks pick by index from their own dataset, the
-    same everywhere unless it is sharded per rank (e.g. built from the rank in a datamodule's ``setup``): then each rank
-    would draw the maps of its share of the probes on other images than rank 0 shows them with. One small gather of
-    the fingerprints; rank 0's images travel only when they differ (one warning)."""
+def _rank0_probes(
+    trainer: Trainer,
+    probes: ProbeSet | None,
+    error: BaseException | None,
+    who: str,
+    why: str,
+    raise_errors: bool = False,
+) -> ProbeSet | None:
+    """Under DDP, rank 0's probes on every rank (all ranks call this, also one whose pick failed: ``error``). Ranks
+    pick by index from their own dataset, the same everywhere unless it is sharded per rank (e.g. built from the rank
+    in a datamodule's ``setup``), and given probes may be built differently per rank: then each rank would draw the
+    maps of its share of the probes on other images than rank 0 shows them with. One small gather of the
+    fingerprints; rank 0's probes travel only when they differ (one warning: ``who: why``). If a rank failed:
+    ``None`` (its error is raised by the caller), or with ``raise_errors`` this rank's error, or one naming the
+    failed ranks."""
     rank, world = _world(trainer)
     if world < 2 or not _dist_ready():
+        if error is not None and raise_errors:
+            raise error
         return probes
-    prints: list[Any] = [None] * world
-    torch.distributed.all_gather_object(prints, probes.fingerprint())
+    failure = None if error is None else f"{type(error).__name__}: {error}"
+    local = (failure, None if probes is None else probes.fingerprint())
+    gathered = _all_gather(local, f"{who}'s probe fingerprints", rank, world)
+    failed = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
+    if failed:
+        if not raise_errors:
+            return None
+        if error is not None:
+            raise error
+        msg = "; ".join(f"rank {r}: {e}" for r, e in failed)
+        raise VisualizationError(f"{who}: picking the probes failed on another rank ({msg})")
+    prints = [fp for _, fp in gathered]
     if len(set(prints)) == 1:
         return probes
     box: list[Any] = [probes if rank == 0 else None]
     torch.distributed.broadcast_object_list(box, src=0)
-    rank_zero_warn(
-        f"{who}: the {dataset} dataset the probes are picked from differs across the {world} ranks (sharded per "
-        "rank?), so each rank picked other images; every rank uses rank 0's probes. Give every rank the whole "
-        "dataset to pick from, or pass probes=ProbeSet(...).",
-        category=VisualizationWarning,
-    )
+    if box[0] is not None:
+        rank_zero_warn(f"{who}: {why}", category=VisualizationWarning)
     return box[0]
 
 
