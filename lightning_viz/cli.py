@@ -16,14 +16,16 @@ Callbacks are added under ``trainer.callbacks`` (``class_path`` + ``init_args``)
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
 import os
 import re
 import textwrap
+import types
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 from jsonargparse import ActionConfigFile, DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -161,6 +163,59 @@ def class_options(cls: Any) -> list[str]:
     except Exception:
         return []
     return [a.dest[2:] for a in parser._actions if a.dest.startswith("x.") and not a.dest.endswith(".help")]
+
+
+def _accepts_none(hint: Any) -> bool:
+    """Whether a jsonargparse type hint takes ``None`` (``Optional[...]``, ``X | None``, ``Any``, a None Literal)."""
+    if hint is None or hint is type(None) or hint is Any or hint is object or isinstance(hint, str):
+        return True
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_accepts_none(a) for a in get_args(hint))
+    if origin is Literal:
+        return None in get_args(hint)
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    return re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", str(hint)).replace("typing.", "")
+
+
+def null_option_error(cfg: Any, key: str = "") -> Optional[str]:
+    """The first ``null`` given to an option whose type does not take ``None``, in the classes of a parsed config
+    (``class_path`` + ``init_args``, nested ones too), as ``CAMCallback (trainer.callbacks): num_probes: null is not
+    allowed; expected int (default: 16)``; ``None`` when there is none. jsonargparse accepts ``null`` for any
+    init argument of a class given by ``class_path``, so ``num_probes: null`` (or ``--model.lr=null``) failed only
+    when the class was built or trained, with Python's ``'<' not supported ...``, or not at all (``log_time: null``)."""
+    from jsonargparse import ArgumentParser, Namespace
+
+    def walk(node: Any, where: str) -> Optional[str]:
+        if isinstance(node, list):
+            return next((m for item in node if (m := walk(item, where)) is not None), None)
+        if not isinstance(node, (Namespace, dict)):
+            return None
+        items = vars(node) if isinstance(node, Namespace) else node
+        path, init = items.get("class_path"), items.get("init_args")
+        if not (isinstance(path, str) and isinstance(init, (Namespace, dict))):
+            return next((m for k, v in items.items() if (m := walk(v, f"{where}.{k}" if where else k))), None)
+        name = path.rpartition(".")[2]
+        here = f"{where}: {name}" if ":" in where else f"{name} ({where})"
+        args = vars(init) if isinstance(init, Namespace) else init
+        nulls = [opt for opt, value in args.items() if value is None]
+        cls = _import(path) if nulls else None
+        if cls is not None:
+            parser = ArgumentParser(exit_on_error=False)
+            with contextlib.suppress(Exception):  # a class jsonargparse cannot describe: nothing to check
+                parser.add_class_arguments(cls, "x")
+            actions = {a.dest[2:]: a for a in parser._actions if a.dest.startswith("x.")}
+            for opt in nulls:
+                hint = getattr(actions.get(opt), "_typehint", None)
+                if hint is not None and not _accepts_none(hint):
+                    default = actions[opt].default
+                    return f"{here}: {opt}: null is not allowed; expected {_type_name(hint)} (default: {default!r})"
+        return next((m for opt, v in args.items() if (m := walk(v, f"{here}: {opt}"))), None)
+
+    return walk(cfg, key)
 
 
 def _class_candidates(key: str) -> dict[str, str]:
@@ -354,7 +409,8 @@ class VizCLI(LightningCLI):
         """As LightningCLI, parsing again with the chosen model/data class as the default where it is not the
         built-in one: jsonargparse carries init_args over to a new class_path, so the built-in defaults'
         values (ShapesDataModule's batch_size=64, ImageClassifier's lr) replaced the own defaults of
-        ``--model=my.Net`` / ``--data=my.Data``."""
+        ``--model=my.Net`` / ``--data=my.Data``. A ``null`` for an option that takes no ``None`` is a parse error
+        (:func:`null_option_error`)."""
         import sys
 
         argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
@@ -363,6 +419,9 @@ class VizCLI(LightningCLI):
         super().parse_arguments(parser, first)
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
+        problem = null_option_error(cfg)
+        if problem is not None:
+            parser.error(problem)
         try:  # jsonargparse's subcommand parser (argparse's _name_parser_map)
             target = parser._subcommands_action._name_parser_map[sub] if sub else parser  # type: ignore[union-attr]
         except (AttributeError, KeyError, TypeError):  # another jsonargparse: parsed once, as LightningCLI does

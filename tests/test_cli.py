@@ -566,3 +566,56 @@ def test_one_method_is_a_name_or_a_list_like_one_layer():
     ]
     yaml = "trainer: {callbacks: [{class_path: lightning_viz.GradientCallback, init_args: {methods: saliency}}]}"
     assert methods("--config", yaml) == [["saliency"]]
+
+
+@pytest.mark.parametrize(
+    "options, lead",
+    [
+        (
+            ["--trainer.callbacks+=GradientCallback", "--trainer.callbacks.num_probes=null"],
+            "GradientCallback (trainer.callbacks): num_probes: null is not allowed; expected int (default: 16)",
+        ),
+        (  # was accepted: log_time None
+            ["--trainer.callbacks+=CAMCallback", "--trainer.callbacks.log_time=null"],
+            "CAMCallback (trainer.callbacks): log_time: null is not allowed; expected bool (default: True)",
+        ),
+        (  # was accepted: the fit failed in configure_optimizers
+            ["--model.lr=null"],
+            "ImageClassifier (model): lr: null is not allowed; expected float (default: 0.001)",
+        ),
+        (
+            [
+                "--config",
+                "trainer: {callbacks: [{class_path: lightning_viz.CAMCallback, init_args: "
+                "{tracker: {class_path: lightning_viz.MapTracker, init_args: {topk: null}}}}]}",
+            ],
+            "CAMCallback (trainer.callbacks): tracker: MapTracker: topk: null is not allowed; expected float",
+        ),
+    ],
+)
+def test_null_for_an_option_that_takes_no_none_is_a_parse_error(options, lead, capsys):
+    """jsonargparse takes ``null`` for any init argument of a class given by class_path: ``num_probes: null`` failed
+    when the callback was built, with Python's ``'<' not supported between instances of 'NoneType' and 'int'``, and
+    ``log_time: null`` or ``--model.lr=null`` were taken as they were."""
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["--trainer.logger=false", *options], run=False)
+    assert f"error: {lead}" in capsys.readouterr().err
+
+
+def test_null_where_an_option_takes_none_still_parses():
+    from lightning_viz.cli import cli_main
+
+    cli = cli_main(
+        [
+            "--trainer.logger=false",
+            "--trainer.callbacks+=GradientCallback",
+            "--trainer.callbacks.chunk_size=null",
+            "--trainer.callbacks.cmap=null",
+            "--trainer.callbacks.name=null",
+        ],
+        run=False,
+    )
+    (cb,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "GradientCallback"]
+    assert (cb.chunk_size, cb.cmap, cb.name) == (None, None, None)
