@@ -283,6 +283,43 @@ def _tidy(expected: str) -> str:
     return f"expected {kind}, got {value!r}"
 
 
+_UNION = "Does not validate against any of the Union subtypes"
+_REQUIRED = re.compile(r"^\s*the following arguments are required: (.+)$")
+
+
+def _union_mismatch(block: list[str]) -> Optional[str]:
+    """``expected list[str] or null, got 'tensorboard' (a list: [tensorboard])`` from jsonargparse's report of a
+    value that matches no member of an option's Union type (``block`` starts at its 'Does not validate' line);
+    ``None`` when a member is a class (a nested class's own error, read further by the caller)."""
+    indent = len(block[0]) - len(block[0].lstrip())
+    own = [b for b in block[1:] if b.strip()]
+    end = next((j for j, b in enumerate(own) if len(b) - len(b.lstrip()) < indent), len(own))
+    own = own[:end]
+    if any(_PROBLEM.match(b) for b in own):
+        return None
+    top = [b.strip().partition(": ") for b in own if len(b) - len(b.lstrip()) == indent]
+    field = {name: text for name, _, text in top}
+    if "Subtypes" not in field or "Given value" not in field:
+        return None
+    kinds = re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", field["Subtypes"].strip("[]()"))
+    kinds = re.sub(r"\bNoneType\b", "null", kinds.replace("typing.", ""))
+    expected = " or ".join(k.strip() for k in re.split(r",\s*(?![^\[]*\])", kinds))
+    value = field["Given value"]
+    is_str = "'str'" in field.get("Given value type", "")
+    hint = ""
+    item = next((m for b in own if (m := re.match(r"^\s*- Expected a <class 'str'>\. Got value: (.*)$", b))), None)
+    if item and item.group(1) in ("True", "False"):
+        hint = f" ({item.group(1)} is a boolean: YAML reads unquoted yes/no/on/off as booleans; quote names, 'no')"
+    elif item and not is_str:
+        hint = f" ({item.group(1)} is a number: quote names, '{item.group(1)}')"
+    elif is_str and value == "None" and "null" in expected:  # jsonargparse re-reads a nested class's null as text
+        hint = " (null on the command line reaches an option of a class inside a class as 'None': set it in YAML)"
+    elif is_str and "list" in expected and not value.startswith("["):
+        hint = f" (a list: [{value}])"
+    shown = repr(value) if is_str else value
+    return f"expected {expected}, got {shown}{hint}"
+
+
 def parse_error_summary(message: str) -> Optional[str]:
     """One line saying what is wrong in a jsonargparse parse error, naming the class (the callback, the model, the
     data, a tracker), the option, what was wrong and what is allowed; ``None`` when the message is none of the
@@ -332,9 +369,15 @@ def parse_error_summary(message: str) -> Optional[str]:
             return f"{where}: unknown option '{opt.group(1)}'{hint}{listed}"
         if _NO_IMPORT.match(nxt):
             return _unknown_class(context[-1][2], path, context[-1][1]) if context else _unknown_class(key, path)
+        if required := _REQUIRED.match(nxt):
+            return f"{where}: missing required option {required.group(1)}"
         sub = _PARSER_KEY.match(nxt)
         if sub and after.strip().startswith("Expected"):
             return f"{where}: {sub.group(1)}: {_tidy(after)}"
+        if sub and after.strip() == _UNION:
+            union = _union_mismatch(lines[i + 2 :])
+            if union is not None:
+                return f"{where}: {sub.group(1)}: {union}"
         if sub:
             context.append((indent, f"{where}: {sub.group(1)}", sub.group(1)))
     return None

@@ -506,6 +506,32 @@ def test_test_and_predict_subcommands_run_on_a_checkpoint_of_the_builtin_model(t
             "trainer.callbacks: unknown class 'CAMCalback' (did you mean 'CAMCallback'?); allowed: FilterCallback, ",
         ),
         (["--model.lrr=0.1"], "ImageClassifier (model): unknown option 'lrr' (did you mean 'lr'?); allowed: arch, "),
+        (  # a value matching no member of an Optional/Union option (was: no lead line, only jsonargparse's report)
+            ["--trainer.callbacks+=GradientCallback", "--trainer.callbacks.loggers=tensorboard"],
+            "GradientCallback (trainer.callbacks): loggers: expected list[str] or null, got 'tensorboard' "
+            "(a list: [tensorboard])",
+        ),
+        (  # YAML reads unquoted digits and yes/no as numbers and booleans
+            [
+                "--config",
+                "trainer: {callbacks: [{class_path: lightning_viz.CAMCallback, init_args: {class_names: [0, no]}}]}",
+            ],
+            "CAMCallback (trainer.callbacks): class_names: expected list[str] or null, got [0, False] "
+            "(0 is a number: quote names, '0')",
+        ),
+        (
+            ["--trainer.callbacks+=UnitCallback", "--trainer.callbacks.channels=3"],
+            "UnitCallback (trainer.callbacks): channels: expected list[int] or null, got '3' (a list: [3])",
+        ),
+        (
+            [
+                "--trainer.callbacks+=CAMCallback",
+                "--trainer.callbacks.tracker=MapTracker",
+                "--trainer.callbacks.tracker.display_px=null",
+            ],
+            "CAMCallback (trainer.callbacks): tracker: MapTracker: display_px: expected int or null, got 'None' "
+            "(null on the command line",
+        ),
     ],
 )
 def test_a_parse_error_starts_with_the_class_the_option_and_what_is_allowed(options, lead, capsys):
@@ -619,3 +645,11 @@ def test_null_where_an_option_takes_none_still_parses():
     )
     (cb,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "GradientCallback"]
     assert (cb.chunk_size, cb.cmap, cb.name) == (None, None, None)
+
+
+def test_a_callback_without_its_required_option_names_it(capsys):
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["--trainer.logger=false", "--trainer.callbacks+=TopPatchesCallback"], run=False)
+    assert "error: TopPatchesCallback (trainer.callbacks): missing required option layers\n" in capsys.readouterr().err
