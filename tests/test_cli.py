@@ -594,6 +594,26 @@ def test_one_method_is_a_name_or_a_list_like_one_layer():
     assert methods("--config", yaml) == [["saliency"]]
 
 
+def test_one_projection_or_occlusion_output_is_a_name_or_a_list():
+    """``projection: tsne`` and ``outputs: prob`` (one name, as ``methods``) parse on the command line and in YAML, as
+    do lists. Was: refused with "expected list, got 'tsne'" (and ``outputs="prob"`` from Python: an error)."""
+    from lightning_viz.callbacks import OcclusionCallback
+    from lightning_viz.cli import cli_main
+
+    def option(name, *args):
+        cli = cli_main([*args, "--trainer.logger=false"], run=False)
+        return [getattr(cb, name) for cb in cli.trainer.callbacks if hasattr(cb, name)]
+
+    emb = "--trainer.callbacks+=EmbeddingCallback"
+    assert option("projection", emb, "--trainer.callbacks.projection=tsne") == [["tsne"]]
+    assert option("projection", emb, "--trainer.callbacks.projection=[tsne,pca]") == [["tsne", "pca"]]
+    occ = "--trainer.callbacks+=OcclusionCallback"
+    assert option("outputs", occ, "--trainer.callbacks.outputs=prob") == [["prob"]]
+    yaml = "trainer: {callbacks: [{class_path: lightning_viz.OcclusionCallback, init_args: {outputs: score}}]}"
+    assert option("outputs", "--config", yaml) == [["score"]]
+    assert OcclusionCallback(outputs="prob").outputs == ["prob"]
+
+
 @pytest.mark.parametrize(
     "options, lead",
     [
