@@ -446,7 +446,18 @@ class VizCLI(LightningCLI):
         return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
+        """``ImageClassifier`` and ``ShapesDataModule`` as the default model and data where they may be chosen:
+        in subclass mode, of a base class they derive from (not in ``VizCLI(MyNet, MyData)``, a script's own)."""
+        defaults = {}
+        for key, path, base, subclass in (
+            ("model", DEFAULT_MODEL, self._model_class, self.subclass_mode_model),
+            ("data", DEFAULT_DATA, self._datamodule_class, self.subclass_mode_data),
+        ):
+            cls = _import(path) if subclass else None
+            if inspect.isclass(cls) and inspect.isclass(base) and issubclass(cls, base):
+                defaults[key] = {"class_path": path}
+        if defaults:
+            parser.set_defaults(defaults)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """As LightningCLI, parsing again with the chosen model/data class as the default where it is not the
@@ -471,7 +482,7 @@ class VizCLI(LightningCLI):
             if printing:
                 super().parse_arguments(parser, args)
             return
-        chosen = {key: cfg[key]["class_path"] for key in ("model", "data") if cfg.get(key) is not None}
+        chosen = {key: cfg[key]["class_path"] for key in ("model", "data") if "class_path" in (cfg.get(key) or {})}
         if chosen and chosen != {"model": DEFAULT_MODEL, "data": DEFAULT_DATA}:
             target.set_defaults({key: {"class_path": path} for key, path in chosen.items()})
             super().parse_arguments(parser, args)

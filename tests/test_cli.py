@@ -673,3 +673,29 @@ def test_a_callback_without_its_required_option_names_it(capsys):
     with pytest.raises(SystemExit):
         cli_main(["--trainer.logger=false", "--trainer.callbacks+=TopPatchesCallback"], run=False)
     assert "error: TopPatchesCallback (trainer.callbacks): missing required option layers\n" in capsys.readouterr().err
+
+
+def test_viz_cli_in_a_script_with_its_own_model_and_data_classes(capsys):
+    """``VizCLI(MyNet, MyData)`` (a script's own LightningCLI with lightning-viz's parse errors and messages):
+    the classes are the script's, and a bad callback option ends with the callback's own message. Was:
+    ``NSKeyError: No action for key "model.class_path"`` (the built-in defaults set on a non-subclass-mode model)."""
+    from lightning.pytorch import LightningModule
+
+    from lightning_viz.cli import VizCLI
+    from lightning_viz.data import ShapesDataModule
+
+    cb = ["--trainer.callbacks+=CAMCallback", "--trainer.callbacks.layers=features.0"]
+    args = ["--model.hidden=5", "--data.image_size=16", "--trainer.logger=false", *cb]
+    cli = VizCLI(UserNet, ShapesDataModule, args=args, run=False)
+    assert type(cli.model) is UserNet and cli.model.head.in_features == 5 and cli.datamodule.image_size == 16
+    assert [
+        type(c).__name__ for c in cli.trainer.callbacks if type(c).__module__.startswith("lightning_viz.callbacks")
+    ] == ["CAMCallback"]
+    with pytest.raises(ValueError, match="^CAMCallback: unknown colormap 'jett'"):
+        VizCLI(UserNet, ShapesDataModule, args=[*args, "--trainer.callbacks.cmap=jett"], run=False)
+    # in subclass mode of the script's own base class, the built-in model (no subclass of it) is no default
+    with pytest.raises(SystemExit):
+        VizCLI(UserNet, subclass_mode_model=True, args=["--trainer.logger=false"], run=False)
+    assert "model" in capsys.readouterr().err
+    cli = VizCLI(LightningModule, subclass_mode_model=True, args=["--trainer.logger=false"], run=False)
+    assert type(cli.model).__name__ == "ImageClassifier" and type(cli.datamodule).__name__ == "ShapesDataModule"
