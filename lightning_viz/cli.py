@@ -287,6 +287,27 @@ _UNION = "Does not validate against any of the Union subtypes"
 _REQUIRED = re.compile(r"^\s*the following arguments are required: (.+)$")
 
 
+def _split_top(text: str) -> list[str]:
+    """``"list[str], Literal['a', 'b']"`` -> ``["list[str]", "Literal['a', 'b']"]`` (commas outside brackets)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return [*parts, text[start:].strip()]
+
+
+def _kind(hint: str) -> str:
+    """A type as the error line says it: ``Literal['a', 'b']`` -> ``one of 'a', 'b'``, ``list[Literal[...]]`` ->
+    ``a list of 'a', 'b'``."""
+    if lit := re.fullmatch(r"Literal\[(.*)\]", hint):
+        return f"one of {lit.group(1)}"
+    if lit := re.fullmatch(r"list\[Literal\[(.*)\]\]", hint):
+        return f"a list of {lit.group(1)}"
+    return hint
+
+
 def _union_mismatch(block: list[str]) -> Optional[str]:
     """``expected list[str] or null, got 'tensorboard' (a list: [tensorboard])`` from jsonargparse's report of a
     value that matches no member of an option's Union type (``block`` starts at its 'Does not validate' line);
@@ -301,9 +322,9 @@ def _union_mismatch(block: list[str]) -> Optional[str]:
     field = {name: text for name, _, text in top}
     if "Subtypes" not in field or "Given value" not in field:
         return None
-    kinds = re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", field["Subtypes"].strip("[]()"))
+    kinds = re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", field["Subtypes"][1:-1])
     kinds = re.sub(r"\bNoneType\b", "null", kinds.replace("typing.", ""))
-    expected = " or ".join(k.strip() for k in re.split(r",\s*(?![^\[]*\])", kinds))
+    expected = " or ".join(_kind(k) for k in _split_top(kinds))
     value = field["Given value"]
     is_str = "'str'" in field.get("Given value type", "")
     hint = ""
@@ -314,7 +335,7 @@ def _union_mismatch(block: list[str]) -> Optional[str]:
         hint = f" ({item.group(1)} is a number: quote names, '{item.group(1)}')"
     elif is_str and value == "None" and "null" in expected:  # jsonargparse re-reads a nested class's null as text
         hint = " (null on the command line reaches an option of a class inside a class as 'None': set it in YAML)"
-    elif is_str and "list" in expected and not value.startswith("["):
+    elif is_str and "list" in expected and "one of" not in expected and not value.startswith("["):
         hint = f" (a list: [{value}])"
     shown = repr(value) if is_str else value
     return f"expected {expected}, got {shown}{hint}"

@@ -519,6 +519,11 @@ def test_test_and_predict_subcommands_run_on_a_checkpoint_of_the_builtin_model(t
             "CAMCallback (trainer.callbacks): class_names: expected list[str] or null, got [0, False] "
             "(0 is a number: quote names, '0')",
         ),
+        (  # one name or a list of Literal choices
+            ["--trainer.callbacks+=EmbeddingCallback", "--trainer.callbacks.projection=[pca,umap]"],
+            "EmbeddingCallback (trainer.callbacks): projection: expected one of 'pca', 'tsne' or a list of 'pca', "
+            "'tsne', got ['pca', 'umap']",
+        ),
         (
             ["--trainer.callbacks+=UnitCallback", "--trainer.callbacks.channels=3"],
             "UnitCallback (trainer.callbacks): channels: expected list[int] or null, got '3' (a list: [3])",
