@@ -346,8 +346,8 @@ def parse_error_summary(message: str) -> Optional[str]:
     data, a tracker), the option, what was wrong and what is allowed; ``None`` when the message is none of the
     recognized kinds (an unknown option, a value of the wrong type, an unknown class)."""
     lines = message.splitlines()
-    top = _PARSER_KEY.match(lines[0]) if lines else None
-    key = top.group(1) if top else "option"
+    top = (_PARSER_KEY.match(lines[0]) or re.match(r"^--([\w.]+)\.help: ", lines[0])) if lines else None
+    key = top.group(1) if top else "option"  # the --trainer.callbacks.help NAME of a misspelled NAME: its key
     context: list[tuple[int, str, str]] = []  # (indent, "CAMCallback (trainer.callbacks): tracker", "tracker")
     for i, line in enumerate(lines):
         if not line.strip():

@@ -704,3 +704,16 @@ def test_viz_cli_in_a_script_with_its_own_model_and_data_classes(capsys):
     assert "model" in capsys.readouterr().err
     cli = VizCLI(LightningModule, subclass_mode_model=True, args=["--trainer.logger=false"], run=False)
     assert type(cli.model).__name__ == "ImageClassifier" and type(cli.datamodule).__name__ == "ShapesDataModule"
+
+
+def test_help_of_a_misspelled_callback_suggests_the_close_name(capsys):
+    """``--trainer.callbacks.help CAMCalback``: was ``option: unknown class 'CAMCalback'; give the full import path``
+    (no key, no suggestion, no list), as if the name could not be known."""
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--trainer.callbacks.help", "CAMCalback"], run=False)
+    assert (
+        "error: trainer.callbacks: unknown class 'CAMCalback' (did you mean 'CAMCallback'?); allowed: FilterCallback, "
+        in capsys.readouterr().err
+    )
