@@ -24,6 +24,7 @@ import os
 import re
 import textwrap
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
@@ -491,7 +492,10 @@ class VizCLI(LightningCLI):
         argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
         printing = argv is not None and any(a.split("=")[0] == "--print_config" for a in argv)
         first = [a for a in argv if a.split("=")[0] != "--print_config"] if printing else args  # type: ignore
-        super().parse_arguments(parser, first)
+        with warnings.catch_warnings():
+            if args is None:  # the command line itself: not "both args and command line arguments" (Lightning's)
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, first)
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
         problem = null_option_error(cfg)

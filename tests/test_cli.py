@@ -717,3 +717,18 @@ def test_help_of_a_misspelled_callback_suggests_the_close_name(capsys):
         "error: trainer.callbacks: unknown class 'CAMCalback' (did you mean 'CAMCallback'?); allowed: FilterCallback, "
         in capsys.readouterr().err
     )
+
+
+def test_print_config_from_the_command_line_warns_of_nothing(monkeypatch, capsys):
+    """``lightning-viz fit --print_config`` (the real command line, no ``args``): was Lightning's warning "not
+    recommended to provide both args and command line arguments", from the CLI's own first parse."""
+    import warnings
+
+    from lightning_viz.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-viz", "fit", "--trainer.max_epochs=2", "--print_config"])
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(SystemExit):
+        warnings.simplefilter("always")
+        main()
+    assert [str(w.message) for w in seen if "args parameter" in str(w.message)] == []
+    assert "max_epochs: 2" in capsys.readouterr().out
