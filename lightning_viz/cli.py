@@ -16,14 +16,17 @@ Callbacks are added under ``trainer.callbacks`` (``class_path`` + ``init_args``)
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
 import os
 import re
 import textwrap
+import types
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 from jsonargparse import ActionConfigFile, DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -163,6 +166,59 @@ def class_options(cls: Any) -> list[str]:
     return [a.dest[2:] for a in parser._actions if a.dest.startswith("x.") and not a.dest.endswith(".help")]
 
 
+def _accepts_none(hint: Any) -> bool:
+    """Whether a jsonargparse type hint takes ``None`` (``Optional[...]``, ``X | None``, ``Any``, a None Literal)."""
+    if hint is None or hint is type(None) or hint is Any or hint is object or isinstance(hint, str):
+        return True
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_accepts_none(a) for a in get_args(hint))
+    if origin is Literal:
+        return None in get_args(hint)
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    return re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", str(hint)).replace("typing.", "")
+
+
+def null_option_error(cfg: Any, key: str = "") -> Optional[str]:
+    """The first ``null`` given to an option whose type does not take ``None``, in the classes of a parsed config
+    (``class_path`` + ``init_args``, nested ones too), as ``CAMCallback (trainer.callbacks): num_probes: null is not
+    allowed; expected int (default: 16)``; ``None`` when there is none. jsonargparse accepts ``null`` for any
+    init argument of a class given by ``class_path``, so ``num_probes: null`` (or ``--model.lr=null``) failed only
+    when the class was built or trained, with Python's ``'<' not supported ...``, or not at all (``log_time: null``)."""
+    from jsonargparse import ArgumentParser, Namespace
+
+    def walk(node: Any, where: str) -> Optional[str]:
+        if isinstance(node, list):
+            return next((m for item in node if (m := walk(item, where)) is not None), None)
+        if not isinstance(node, (Namespace, dict)):
+            return None
+        items = vars(node) if isinstance(node, Namespace) else node
+        path, init = items.get("class_path"), items.get("init_args")
+        if not (isinstance(path, str) and isinstance(init, (Namespace, dict))):
+            return next((m for k, v in items.items() if (m := walk(v, f"{where}.{k}" if where else k))), None)
+        name = path.rpartition(".")[2]
+        here = f"{where}: {name}" if ":" in where else f"{name} ({where})"
+        args = vars(init) if isinstance(init, Namespace) else init
+        nulls = [opt for opt, value in args.items() if value is None]
+        cls = _import(path) if nulls else None
+        if cls is not None:
+            parser = ArgumentParser(exit_on_error=False)
+            with contextlib.suppress(Exception):  # a class jsonargparse cannot describe: nothing to check
+                parser.add_class_arguments(cls, "x")
+            actions = {a.dest[2:]: a for a in parser._actions if a.dest.startswith("x.")}
+            for opt in nulls:
+                hint = getattr(actions.get(opt), "_typehint", None)
+                if hint is not None and not _accepts_none(hint):
+                    default = actions[opt].default
+                    return f"{here}: {opt}: null is not allowed; expected {_type_name(hint)} (default: {default!r})"
+        return next((m for opt, v in args.items() if (m := walk(v, f"{here}: {opt}"))), None)
+
+    return walk(cfg, key)
+
+
 def _class_candidates(key: str) -> dict[str, str]:
     """Short class name -> import path of the classes a config key usually takes (for 'did you mean')."""
     from lightning.pytorch import callbacks as pl_callbacks
@@ -228,13 +284,71 @@ def _tidy(expected: str) -> str:
     return f"expected {kind}, got {value!r}"
 
 
+_UNION = "Does not validate against any of the Union subtypes"
+_REQUIRED = re.compile(r"^\s*the following arguments are required: (.+)$")
+
+
+def _split_top(text: str) -> list[str]:
+    """``"list[str], Literal['a', 'b']"`` -> ``["list[str]", "Literal['a', 'b']"]`` (commas outside brackets)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return [*parts, text[start:].strip()]
+
+
+def _kind(hint: str) -> str:
+    """A type as the error line says it: ``Literal['a', 'b']`` -> ``one of 'a', 'b'``, ``list[Literal[...]]`` ->
+    ``a list of 'a', 'b'``."""
+    if lit := re.fullmatch(r"Literal\[(.*)\]", hint):
+        return f"one of {lit.group(1)}"
+    if lit := re.fullmatch(r"list\[Literal\[(.*)\]\]", hint):
+        return f"a list of {lit.group(1)}"
+    return hint
+
+
+def _union_mismatch(block: list[str]) -> Optional[str]:
+    """``expected list[str] or null, got 'tensorboard' (a list: [tensorboard])`` from jsonargparse's report of a
+    value that matches no member of an option's Union type (``block`` starts at its 'Does not validate' line);
+    ``None`` when a member is a class (a nested class's own error, read further by the caller)."""
+    indent = len(block[0]) - len(block[0].lstrip())
+    own = [b for b in block[1:] if b.strip()]
+    end = next((j for j, b in enumerate(own) if len(b) - len(b.lstrip()) < indent), len(own))
+    own = own[:end]
+    if any(_PROBLEM.match(b) for b in own):
+        return None
+    top = [b.strip().partition(": ") for b in own if len(b) - len(b.lstrip()) == indent]
+    field = {name: text for name, _, text in top}
+    if "Subtypes" not in field or "Given value" not in field:
+        return None
+    kinds = re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", field["Subtypes"][1:-1])
+    kinds = re.sub(r"\bNoneType\b", "null", kinds.replace("typing.", ""))
+    expected = " or ".join(_kind(k) for k in _split_top(kinds))
+    value = field["Given value"]
+    is_str = "'str'" in field.get("Given value type", "")
+    hint = ""
+    item = next((m for b in own if (m := re.match(r"^\s*- Expected a <class 'str'>\. Got value: (.*)$", b))), None)
+    if item and item.group(1) in ("True", "False"):
+        hint = f" ({item.group(1)} is a boolean: YAML reads unquoted yes/no/on/off as booleans; quote names, 'no')"
+    elif item and not is_str:
+        hint = f" ({item.group(1)} is a number: quote names, '{item.group(1)}')"
+    elif is_str and value == "None" and "null" in expected:  # jsonargparse re-reads a nested class's null as text
+        hint = " (null on the command line reaches an option of a class inside a class as 'None': set it in YAML)"
+    elif is_str and "list" in expected and "one of" not in expected and not value.startswith("["):
+        hint = f" (a list: [{value}])"
+    shown = repr(value) if is_str else value
+    return f"expected {expected}, got {shown}{hint}"
+
+
 def parse_error_summary(message: str) -> Optional[str]:
     """One line saying what is wrong in a jsonargparse parse error, naming the class (the callback, the model, the
     data, a tracker), the option, what was wrong and what is allowed; ``None`` when the message is none of the
     recognized kinds (an unknown option, a value of the wrong type, an unknown class)."""
     lines = message.splitlines()
-    top = _PARSER_KEY.match(lines[0]) if lines else None
-    key = top.group(1) if top else "option"
+    top = (_PARSER_KEY.match(lines[0]) or re.match(r"^--([\w.]+)\.help: ", lines[0])) if lines else None
+    key = top.group(1) if top else "option"  # the --trainer.callbacks.help NAME of a misspelled NAME: its key
     context: list[tuple[int, str, str]] = []  # (indent, "CAMCallback (trainer.callbacks): tracker", "tracker")
     for i, line in enumerate(lines):
         if not line.strip():
@@ -277,9 +391,15 @@ def parse_error_summary(message: str) -> Optional[str]:
             return f"{where}: unknown option '{opt.group(1)}'{hint}{listed}"
         if _NO_IMPORT.match(nxt):
             return _unknown_class(context[-1][2], path, context[-1][1]) if context else _unknown_class(key, path)
+        if required := _REQUIRED.match(nxt):
+            return f"{where}: missing required option {required.group(1)}"
         sub = _PARSER_KEY.match(nxt)
         if sub and after.strip().startswith("Expected"):
             return f"{where}: {sub.group(1)}: {_tidy(after)}"
+        if sub and after.strip() == _UNION:
+            union = _union_mismatch(lines[i + 2 :])
+            if union is not None:
+                return f"{where}: {sub.group(1)}: {union}"
         if sub:
             context.append((indent, f"{where}: {sub.group(1)}", sub.group(1)))
     return None
@@ -348,28 +468,46 @@ class VizCLI(LightningCLI):
         return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
+        """``ImageClassifier`` and ``ShapesDataModule`` as the default model and data where they may be chosen:
+        in subclass mode, of a base class they derive from (not in ``VizCLI(MyNet, MyData)``, a script's own)."""
+        defaults = {}
+        for key, path, base, subclass in (
+            ("model", DEFAULT_MODEL, self._model_class, self.subclass_mode_model),
+            ("data", DEFAULT_DATA, self._datamodule_class, self.subclass_mode_data),
+        ):
+            cls = _import(path) if subclass else None
+            if inspect.isclass(cls) and inspect.isclass(base) and issubclass(cls, base):
+                defaults[key] = {"class_path": path}
+        if defaults:
+            parser.set_defaults(defaults)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """As LightningCLI, parsing again with the chosen model/data class as the default where it is not the
         built-in one: jsonargparse carries init_args over to a new class_path, so the built-in defaults'
         values (ShapesDataModule's batch_size=64, ImageClassifier's lr) replaced the own defaults of
-        ``--model=my.Net`` / ``--data=my.Data``."""
+        ``--model=my.Net`` / ``--data=my.Data``. A ``null`` for an option that takes no ``None`` is a parse error
+        (:func:`null_option_error`)."""
         import sys
 
         argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
         printing = argv is not None and any(a.split("=")[0] == "--print_config" for a in argv)
         first = [a for a in argv if a.split("=")[0] != "--print_config"] if printing else args  # type: ignore
-        super().parse_arguments(parser, first)
+        with warnings.catch_warnings():
+            if args is None:  # the command line itself: not "both args and command line arguments" (Lightning's)
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, first)
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
+        problem = null_option_error(cfg)
+        if problem is not None:
+            parser.error(problem)
         try:  # jsonargparse's subcommand parser (argparse's _name_parser_map)
             target = parser._subcommands_action._name_parser_map[sub] if sub else parser  # type: ignore[union-attr]
         except (AttributeError, KeyError, TypeError):  # another jsonargparse: parsed once, as LightningCLI does
             if printing:
                 super().parse_arguments(parser, args)
             return
-        chosen = {key: cfg[key]["class_path"] for key in ("model", "data") if cfg.get(key) is not None}
+        chosen = {key: cfg[key]["class_path"] for key in ("model", "data") if "class_path" in (cfg.get(key) or {})}
         if chosen and chosen != {"model": DEFAULT_MODEL, "data": DEFAULT_DATA}:
             target.set_defaults({key: {"class_path": path} for key, path in chosen.items()})
             super().parse_arguments(parser, args)

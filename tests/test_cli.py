@@ -506,6 +506,37 @@ def test_test_and_predict_subcommands_run_on_a_checkpoint_of_the_builtin_model(t
             "trainer.callbacks: unknown class 'CAMCalback' (did you mean 'CAMCallback'?); allowed: FilterCallback, ",
         ),
         (["--model.lrr=0.1"], "ImageClassifier (model): unknown option 'lrr' (did you mean 'lr'?); allowed: arch, "),
+        (  # a value matching no member of an Optional/Union option (was: no lead line, only jsonargparse's report)
+            ["--trainer.callbacks+=GradientCallback", "--trainer.callbacks.loggers=tensorboard"],
+            "GradientCallback (trainer.callbacks): loggers: expected list[str] or null, got 'tensorboard' "
+            "(a list: [tensorboard])",
+        ),
+        (  # YAML reads unquoted digits and yes/no as numbers and booleans
+            [
+                "--config",
+                "trainer: {callbacks: [{class_path: lightning_viz.CAMCallback, init_args: {class_names: [0, no]}}]}",
+            ],
+            "CAMCallback (trainer.callbacks): class_names: expected list[str] or null, got [0, False] "
+            "(0 is a number: quote names, '0')",
+        ),
+        (  # one name or a list of Literal choices
+            ["--trainer.callbacks+=EmbeddingCallback", "--trainer.callbacks.projection=[pca,umap]"],
+            "EmbeddingCallback (trainer.callbacks): projection: expected one of 'pca', 'tsne' or a list of 'pca', "
+            "'tsne', got ['pca', 'umap']",
+        ),
+        (
+            ["--trainer.callbacks+=UnitCallback", "--trainer.callbacks.channels=3"],
+            "UnitCallback (trainer.callbacks): channels: expected list[int] or null, got '3' (a list: [3])",
+        ),
+        (
+            [
+                "--trainer.callbacks+=CAMCallback",
+                "--trainer.callbacks.tracker=MapTracker",
+                "--trainer.callbacks.tracker.display_px=null",
+            ],
+            "CAMCallback (trainer.callbacks): tracker: MapTracker: display_px: expected int or null, got 'None' "
+            "(null on the command line",
+        ),
     ],
 )
 def test_a_parse_error_starts_with_the_class_the_option_and_what_is_allowed(options, lead, capsys):
@@ -566,3 +597,138 @@ def test_one_method_is_a_name_or_a_list_like_one_layer():
     ]
     yaml = "trainer: {callbacks: [{class_path: lightning_viz.GradientCallback, init_args: {methods: saliency}}]}"
     assert methods("--config", yaml) == [["saliency"]]
+
+
+def test_one_projection_or_occlusion_output_is_a_name_or_a_list():
+    """``projection: tsne`` and ``outputs: prob`` (one name, as ``methods``) parse on the command line and in YAML, as
+    do lists. Was: refused with "expected list, got 'tsne'" (and ``outputs="prob"`` from Python: an error)."""
+    from lightning_viz.callbacks import OcclusionCallback
+    from lightning_viz.cli import cli_main
+
+    def option(name, *args):
+        cli = cli_main([*args, "--trainer.logger=false"], run=False)
+        return [getattr(cb, name) for cb in cli.trainer.callbacks if hasattr(cb, name)]
+
+    emb = "--trainer.callbacks+=EmbeddingCallback"
+    assert option("projection", emb, "--trainer.callbacks.projection=tsne") == [["tsne"]]
+    assert option("projection", emb, "--trainer.callbacks.projection=[tsne,pca]") == [["tsne", "pca"]]
+    occ = "--trainer.callbacks+=OcclusionCallback"
+    assert option("outputs", occ, "--trainer.callbacks.outputs=prob") == [["prob"]]
+    yaml = "trainer: {callbacks: [{class_path: lightning_viz.OcclusionCallback, init_args: {outputs: score}}]}"
+    assert option("outputs", "--config", yaml) == [["score"]]
+    assert OcclusionCallback(outputs="prob").outputs == ["prob"]
+
+
+@pytest.mark.parametrize(
+    "options, lead",
+    [
+        (
+            ["--trainer.callbacks+=GradientCallback", "--trainer.callbacks.num_probes=null"],
+            "GradientCallback (trainer.callbacks): num_probes: null is not allowed; expected int (default: 16)",
+        ),
+        (  # was accepted: log_time None
+            ["--trainer.callbacks+=CAMCallback", "--trainer.callbacks.log_time=null"],
+            "CAMCallback (trainer.callbacks): log_time: null is not allowed; expected bool (default: True)",
+        ),
+        (  # was accepted: the fit failed in configure_optimizers
+            ["--model.lr=null"],
+            "ImageClassifier (model): lr: null is not allowed; expected float (default: 0.001)",
+        ),
+        (
+            [
+                "--config",
+                "trainer: {callbacks: [{class_path: lightning_viz.CAMCallback, init_args: "
+                "{tracker: {class_path: lightning_viz.MapTracker, init_args: {topk: null}}}}]}",
+            ],
+            "CAMCallback (trainer.callbacks): tracker: MapTracker: topk: null is not allowed; expected float",
+        ),
+    ],
+)
+def test_null_for_an_option_that_takes_no_none_is_a_parse_error(options, lead, capsys):
+    """jsonargparse takes ``null`` for any init argument of a class given by class_path: ``num_probes: null`` failed
+    when the callback was built, with Python's ``'<' not supported between instances of 'NoneType' and 'int'``, and
+    ``log_time: null`` or ``--model.lr=null`` were taken as they were."""
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["--trainer.logger=false", *options], run=False)
+    assert f"error: {lead}" in capsys.readouterr().err
+
+
+def test_null_where_an_option_takes_none_still_parses():
+    from lightning_viz.cli import cli_main
+
+    cli = cli_main(
+        [
+            "--trainer.logger=false",
+            "--trainer.callbacks+=GradientCallback",
+            "--trainer.callbacks.chunk_size=null",
+            "--trainer.callbacks.cmap=null",
+            "--trainer.callbacks.name=null",
+        ],
+        run=False,
+    )
+    (cb,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "GradientCallback"]
+    assert (cb.chunk_size, cb.cmap, cb.name) == (None, None, None)
+
+
+def test_a_callback_without_its_required_option_names_it(capsys):
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["--trainer.logger=false", "--trainer.callbacks+=TopPatchesCallback"], run=False)
+    assert "error: TopPatchesCallback (trainer.callbacks): missing required option layers\n" in capsys.readouterr().err
+
+
+def test_viz_cli_in_a_script_with_its_own_model_and_data_classes(capsys):
+    """``VizCLI(MyNet, MyData)`` (a script's own LightningCLI with lightning-viz's parse errors and messages):
+    the classes are the script's, and a bad callback option ends with the callback's own message. Was:
+    ``NSKeyError: No action for key "model.class_path"`` (the built-in defaults set on a non-subclass-mode model)."""
+    from lightning.pytorch import LightningModule
+
+    from lightning_viz.cli import VizCLI
+    from lightning_viz.data import ShapesDataModule
+
+    cb = ["--trainer.callbacks+=CAMCallback", "--trainer.callbacks.layers=features.0"]
+    args = ["--model.hidden=5", "--data.image_size=16", "--trainer.logger=false", *cb]
+    cli = VizCLI(UserNet, ShapesDataModule, args=args, run=False)
+    assert type(cli.model) is UserNet and cli.model.head.in_features == 5 and cli.datamodule.image_size == 16
+    assert [
+        type(c).__name__ for c in cli.trainer.callbacks if type(c).__module__.startswith("lightning_viz.callbacks")
+    ] == ["CAMCallback"]
+    with pytest.raises(ValueError, match="^CAMCallback: unknown colormap 'jett'"):
+        VizCLI(UserNet, ShapesDataModule, args=[*args, "--trainer.callbacks.cmap=jett"], run=False)
+    # in subclass mode of the script's own base class, the built-in model (no subclass of it) is no default
+    with pytest.raises(SystemExit):
+        VizCLI(UserNet, subclass_mode_model=True, args=["--trainer.logger=false"], run=False)
+    assert "model" in capsys.readouterr().err
+    cli = VizCLI(LightningModule, subclass_mode_model=True, args=["--trainer.logger=false"], run=False)
+    assert type(cli.model).__name__ == "ImageClassifier" and type(cli.datamodule).__name__ == "ShapesDataModule"
+
+
+def test_help_of_a_misspelled_callback_suggests_the_close_name(capsys):
+    """``--trainer.callbacks.help CAMCalback``: was ``option: unknown class 'CAMCalback'; give the full import path``
+    (no key, no suggestion, no list), as if the name could not be known."""
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--trainer.callbacks.help", "CAMCalback"], run=False)
+    assert (
+        "error: trainer.callbacks: unknown class 'CAMCalback' (did you mean 'CAMCallback'?); allowed: FilterCallback, "
+        in capsys.readouterr().err
+    )
+
+
+def test_print_config_from_the_command_line_warns_of_nothing(monkeypatch, capsys):
+    """``lightning-viz fit --print_config`` (the real command line, no ``args``): was Lightning's warning "not
+    recommended to provide both args and command line arguments", from the CLI's own first parse."""
+    import warnings
+
+    from lightning_viz.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-viz", "fit", "--trainer.max_epochs=2", "--print_config"])
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(SystemExit):
+        warnings.simplefilter("always")
+        main()
+    assert [str(w.message) for w in seen if "args parameter" in str(w.message)] == []
+    assert "max_epochs: 2" in capsys.readouterr().out

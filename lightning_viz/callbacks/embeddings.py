@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
@@ -49,8 +49,8 @@ class EmbeddingCallback(VisualizationCallback):
     Args:
         layers: the layer (one name of ``model.named_modules()`` or a one-element list), or ``None`` for the
             penultimate features. One layer per instance.
-        projection: 2-D projections to plot: ``"pca"`` (SVD, cheap) and/or ``"tsne"`` (exact t-SNE in torch,
-            deterministic; scikit-learn's Barnes-Hut above 512 probes; slower).
+        projection: 2-D projections to plot, one name or a list: ``"pca"`` (SVD, cheap) and/or ``"tsne"``
+            (exact t-SNE in torch, deterministic; scikit-learn's Barnes-Hut above 512 probes; slower).
         projector: also write the TensorBoard projector files.
         sprite_size: side in pixels of each probe thumbnail in the projector sprite.
         knn_k: neighbours for the leave-one-out kNN accuracy.
@@ -70,7 +70,7 @@ class EmbeddingCallback(VisualizationCallback):
     def __init__(
         self,
         layers: LayersSpec = None,
-        projection: list[Literal["pca", "tsne"]] = ["pca"],
+        projection: Union[Literal["pca", "tsne"], list[Literal["pca", "tsne"]]] = ["pca"],
         projector: bool = True,
         sprite_size: int = 32,
         knn_k: int = 5,

@@ -34,7 +34,7 @@ class OcclusionCallback(MapCallback):
             when they are unknown), ``"mean"`` (image's channel mean), ``"zero"`` (0 in normalized space)
             or ``"blur"`` (Gaussian-blurred image).
         target: ``"label"``, ``"predicted"`` or a class index.
-        outputs: which drops to log, ``"score"`` and/or ``"prob"``.
+        outputs: which drops to log, one name or a list: ``"score"`` and/or ``"prob"``.
         memory_mb: activation memory per forward; the number of occluded images per forward is this
             divided by one image's activations (measured once by a single-image forward). ``None``
             (default): :func:`lightning_viz.methods.batching.default_memory_mb` (512 MiB on the CPU, a
@@ -50,7 +50,7 @@ class OcclusionCallback(MapCallback):
         stride: Optional[int] = None,
         fill: Literal["gray", "mean", "zero", "blur"] = "gray",
         target: Union[int, str] = "label",
-        outputs: list[Literal["score", "prob"]] = ["score", "prob"],
+        outputs: Union[Literal["score", "prob"], list[Literal["score", "prob"]]] = ["score", "prob"],
         memory_mb: Optional[float] = None,
         **kwargs: Any,
     ):
@@ -59,6 +59,7 @@ class OcclusionCallback(MapCallback):
             raise ValueError(f"window and stride must be >= 1; got window={window}, stride={stride}")
         if fill not in FILLS:
             raise ValueError(f"fill must be one of {', '.join(map(repr, FILLS))}; got {fill!r}")
+        outputs = [outputs] if isinstance(outputs, str) else outputs
         bad = [o for o in outputs if o not in ("score", "prob")]
         if bad or not outputs:
             raise ValueError(f"outputs must be a non-empty list of 'score' and/or 'prob'; got {outputs!r}")
