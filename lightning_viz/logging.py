@@ -185,9 +185,12 @@ def describe_sinks(trainer: Any, loggers: Optional[Sequence[str]] = None) -> str
                 "writing nothing: Lightning switched logging off (fast_dev_run), so the visualizations are "
                 "computed, to check them, and not written"
             )
-        if name == "tensorboard":
-            tb = find_tensorboard(trainer)
-            parts.append(f"TensorBoard at {tb.log_dir} (view with: {tensorboard_command(tb.save_dir)})")
+        if name == "tensorboard":  # every TensorBoardLogger is written to
+            for tb in (lg for lg in _attached(trainer) if logger_name(lg) == name):
+                parts.append(f"TensorBoard at {tb.log_dir} (view with: {tensorboard_command(tb.save_dir)})")
+        elif name == "csv":
+            for lg in (lg for lg in _attached(trainer) if logger_name(lg) == name):
+                parts.append(f"CSV at {os.path.join(lg.log_dir, 'metrics.csv')} (scalars only)")
         elif name == FOLDER:
             parts.append(f"an image folder at {image_folder(trainer)}")
         elif name == "mlflow":

@@ -371,6 +371,43 @@ def test_restricting_loggers_writes_only_there_and_an_empty_list_computes_nothin
     assert CountingMap.calls == 0 and cb.last_logged_tags == [] and cb.probes is None
 
 
+def test_the_start_up_line_says_where_each_callback_writes(tmp_path, caplog):
+    """The start-up line names every TensorBoard run and CSV file written to, and, when callbacks write to different
+    loggers (``loggers=[...]``), where each one writes. Was: one line for all, from the Trainer's loggers: a callback
+    with ``loggers=["csv"]`` was said to write to TensorBoard, and only the first TensorBoardLogger was named."""
+    tb1, tb2 = (TensorBoardLogger(str(tmp_path), name=n, version=0) for n in ("tb1", "tb2"))
+    csvl = CSVLogger(str(tmp_path), name="csv", version=0)
+    only_csv = InputGradMap(num_probes=2, loggers=["csv"], name="c")
+    every = InputGradMap(num_probes=2, name="e")
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=[tb1, csvl, tb2],
+        callbacks=[only_csv, every],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+    )
+    with caplog.at_level("INFO"):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning-viz:")]
+    csv_at = f"CSV at {os.path.join(csvl.log_dir, 'metrics.csv')} (scalars only)"
+    tb_at = [f"TensorBoard at {tb.log_dir} (view with: tensorboard --logdir {tmp_path} " for tb in (tb1, tb2)]
+    head, per_callback = line.split("; ", 1)
+    assert head == "lightning-viz: 2 visualization callback(s): inputgrad[c] (every 1), inputgrad[e] (every 1)"
+    only, rest = per_callback.split("; ")
+    assert only == f"inputgrad[c]: writing to {csv_at}"
+    assert rest.startswith(f"inputgrad[e]: writing to {tb_at[0]}") and tb_at[1] in rest and rest.endswith(csv_at)
+    # as said: the restricted callback wrote no image to either TensorBoard run, the other one to both
+    for tb in (tb1, tb2):
+        images = read_events(tb.log_dir).Tags()["images"]
+        assert any(t.startswith("viz-inputgrad/e/") for t in images)
+        assert not any(t.startswith("viz-inputgrad/c/") for t in images)
+
+
 def test_loggers_option_fails_early_naming_what_the_trainer_has(tmp_path):
     with pytest.raises(ValueError, match=r"list of logger names"):
         InputGradMap(loggers="csv")
