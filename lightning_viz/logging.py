@@ -549,12 +549,14 @@ class TensorBoardBackend(Backend):
 
 class MetricsBackend(Backend):
     """Scalars through a Lightning logger's ``log_metrics(metrics, step=epoch)``, one call per run (e.g.
-    ``CSVLogger``: one row of ``metrics.csv`` whose ``step`` is the epoch). Images are not kept."""
+    ``CSVLogger``: one row of ``metrics.csv`` whose ``step`` and ``epoch`` are the epoch). Images are not kept."""
 
     def __init__(self, logger: Any):
         self.logger = logger
         self.metrics: dict[str, float] = {}
         self.step = 0
+        # CSVLogger: the row's ``epoch`` column too, as in Lightning's rows (read by epoch, the rows line up)
+        self.epoch_column = logger_name(logger) == "csv"
 
     def scalar(self, tag, value, step):
         self.metrics[tag] = value
@@ -562,7 +564,8 @@ class MetricsBackend(Backend):
 
     def flush(self):
         if self.metrics:
-            self.logger.log_metrics(self.metrics, step=self.step)
+            metrics = {**self.metrics, "epoch": self.step} if self.epoch_column else self.metrics
+            self.logger.log_metrics(metrics, step=self.step)
             self.logger.save()
             self.metrics = {}
 

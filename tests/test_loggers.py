@@ -207,6 +207,27 @@ def test_csv_logger_alone_gets_scalars_in_metrics_csv_and_images_in_the_folder(t
     assert image_relpath("viz/a b/p0", 3) == "epoch_0003/viz/a_b/p0.png"
 
 
+@pytest.mark.parametrize("prefix", ["", "run1"])
+def test_csv_rows_of_the_visualizations_have_their_epoch_column(tmp_path, prefix):
+    """A ``metrics.csv`` read by its ``epoch`` column (``df.groupby("epoch")``, the usual way) puts each epoch's
+    visualization scalars with that epoch's ``val_loss``. Was: their rows had ``step`` = epoch and an empty ``epoch``,
+    so a read by epoch dropped every one of them (and ``step`` means the global step in Lightning's rows)."""
+    logger = CSVLogger(str(tmp_path), name="", version=0, prefix=prefix)
+    fit(logger, tmp_path, run_at_start=True)
+    pre = f"{prefix}-" if prefix else ""
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    viz = [r for r in rows if any(v and k.startswith(pre + "viz-") for k, v in r.items())]
+    assert len(viz) == EPOCHS + 1  # one row per callback run: before training, then every epoch
+    assert [(int(r[pre + "epoch"]), int(r["step"])) for r in viz] == [(e, e) for e in range(-1, EPOCHS)]
+    by_epoch: dict = {}
+    for r in rows:
+        if r[pre + "epoch"]:
+            by_epoch.setdefault(int(r[pre + "epoch"]), {}).update({k: v for k, v in r.items() if v})
+    tag = pre + "viz-inputgrad/time_s"
+    assert all(pre + "val_loss" in by_epoch[e] and tag in by_epoch[e] for e in range(EPOCHS))
+
+
 def test_logger_false_writes_a_new_image_folder_version_per_trainer(tmp_path):
     rec, _ = fit(False, tmp_path)
     folder = tmp_path / "lightning_viz" / "version_0"
