@@ -28,6 +28,7 @@ import hashlib
 import html
 import os
 import re
+import shlex
 import shutil
 import struct
 import tempfile
@@ -85,8 +86,9 @@ IMAGE_LOGGERS = ("tensorboard", "mlflow", "wandb")
 
 
 def tensorboard_command(logdir: str) -> str:
-    """The command that shows a run's visualizations, every epoch of them."""
-    return f"tensorboard --logdir {logdir} {TENSORBOARD_SAMPLES_FLAG}"
+    """The command that shows a run's visualizations, every epoch of them (the folder quoted for a POSIX shell when it
+    needs it: ``--logdir 'my runs'``)."""
+    return f"tensorboard --logdir {shlex.quote(str(logdir))} {TENSORBOARD_SAMPLES_FLAG}"
 
 
 class NothingWrittenWarning(UserWarning):

@@ -8,6 +8,7 @@ import glob
 import io
 import json
 import os
+import shlex
 import struct
 
 import lightning as L
@@ -19,12 +20,14 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from PIL import Image
 
 from lightning_viz.logging import (
+    TENSORBOARD_SAMPLES_FLAG,
     FolderBackend,
     NothingWrittenWarning,
     VizLogger,
     WandbBackend,
     image_relpath,
     logger_name,
+    tensorboard_command,
 )
 
 EPOCHS = 2
@@ -427,6 +430,14 @@ def test_the_start_up_line_says_where_each_callback_writes(tmp_path, caplog):
         images = read_events(tb.log_dir).Tags()["images"]
         assert any(t.startswith("viz-inputgrad/e/") for t in images)
         assert not any(t.startswith("viz-inputgrad/c/") for t in images)
+
+
+@pytest.mark.parametrize("logdir", ["lightning_logs", "/data/my runs", "runs/it's $HOME"])
+def test_the_tensorboard_command_pastes_into_a_shell_as_is(logdir):
+    """The start-up line's TensorBoard command, pasted into a shell, opens that folder. Was: the folder unquoted, so
+    ``/data/my runs`` became ``--logdir /data/my`` and a stray ``runs`` argument."""
+    args = shlex.split(tensorboard_command(logdir))
+    assert args == ["tensorboard", "--logdir", logdir, *shlex.split(TENSORBOARD_SAMPLES_FLAG)]
 
 
 def test_loggers_option_fails_early_naming_what_the_trainer_has(tmp_path):
