@@ -70,6 +70,7 @@ __all__ = [
     "describe_sinks",
     "image_folder",
     "image_relpath",
+    "step_label",
     "FOLDER",
     "BEFORE_TRAINING",
     "DRY_RUN",
@@ -243,6 +244,12 @@ def image_relpath(tag: str, step: int, ext: str = ".png") -> str:
     ``run_at_start`` baseline (step ``-1``) in ``before_training/`` (not ``epoch_-001``)."""
     folder = BEFORE_TRAINING if int(step) < 0 else f"epoch_{int(step):04d}"
     return "/".join([folder] + [_safe_part(p) for p in tag.split("/")]) + ext
+
+
+def step_label(step: int) -> str:
+    """How an image names the point it shows: ``"epoch 3"``, or ``"before training"`` for the ``run_at_start``
+    baseline (step ``-1``), as its folder and the start-up line say."""
+    return "before training" if int(step) < 0 else f"epoch {int(step)}"
 
 
 def _write_png(path: str, hwc: np.ndarray) -> None:

@@ -500,7 +500,9 @@ class MapTracker:
         for i, (frame, j) in enumerate(zip(shown, keep)):
             x = i * (w + pad)
             row[: frame.shape[0], x : x + frame.shape[1]] = frame
-            under[:, x : x + w] = np.asarray(_shared_strip(w, [f"epoch {epochs[j]}"], 13).permute(1, 2, 0))
+            # the run_at_start baseline (step -1): "before" (training), as its folder before_training/ says
+            label = "before" if epochs[j] < 0 else f"epoch {epochs[j]}"
+            under[:, x : x + w] = np.asarray(_shared_strip(w, [label], 13).permute(1, 2, 0))
         return torch.from_numpy(row).permute(2, 0, 1), torch.from_numpy(under).permute(2, 0, 1), w
 
     # ------------------------------------------------------------------ checkpoint
