@@ -230,6 +230,31 @@ def image_folder(trainer: Any) -> str:
     return folder
 
 
+_folders_checked: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _warn_earlier_run(trainer: Any, folder: str) -> None:
+    """Before a trainer's first write to the image folder: warn when a fresh fit (not resumed from a checkpoint) finds
+    an earlier run's files there (a logger version given again, e.g. ``CSVLogger(version=0)``, which starts its own
+    ``metrics.csv`` afresh): the fit would mix its epochs with the earlier ones."""
+    if trainer in _folders_checked:
+        return
+    _folders_checked.add(trainer)
+    fn = str(getattr(getattr(getattr(trainer, "state", None), "fn", None), "value", ""))
+    if fn != "fit" or getattr(trainer, "ckpt_path", None) is not None or not os.path.isdir(folder):
+        return
+    earlier = sorted(n for n in os.listdir(folder) if n in ("scalars.csv", BEFORE_TRAINING) or n.startswith("epoch_"))
+    if earlier:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        shown = ", ".join(earlier[:3] + (["..."] if len(earlier) > 3 else []))
+        rank_zero_warn(
+            f"lightning-viz: the image folder {folder} already holds an earlier run's files ({shown}); this fit, "
+            "not resumed from a checkpoint, replaces the images of the epochs it writes, leaves the others and adds "
+            "its rows to scalars.csv. Give the logger a new version (or clear the folder) to keep the runs apart."
+        )
+
+
 def _safe_part(part: str) -> str:
     part = re.sub(r"[^A-Za-z0-9_.=+-]", "_", part)
     return "_" if part in ("", ".", "..") else part
@@ -732,7 +757,9 @@ def _backend_for(trainer: Any, name: str) -> list[Backend]:
     if name == DRY_RUN:  # takes every write and keeps none: the callbacks render as usual
         return [Backend()]
     if name == FOLDER:
-        return [FolderBackend(image_folder(trainer))]
+        folder = image_folder(trainer)
+        _warn_earlier_run(trainer, folder)
+        return [FolderBackend(folder)]
     out: list[Backend] = []
     for lg in _attached(trainer):
         if logger_name(lg) != name:

@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import struct
+import warnings
 
 import lightning as L
 import numpy as np
@@ -229,6 +230,39 @@ def test_csv_rows_of_the_visualizations_have_their_epoch_column(tmp_path, prefix
             by_epoch.setdefault(int(r[pre + "epoch"]), {}).update({k: v for k, v in r.items() if v})
     tag = pre + "viz-inputgrad/time_s"
     assert all(pre + "val_loss" in by_epoch[e] and tag in by_epoch[e] for e in range(EPOCHS))
+
+
+def test_a_fresh_fit_into_an_earlier_runs_image_folder_warns_and_a_resumed_one_does_not(tmp_path):
+    """``CSVLogger(version=0)`` given again: Lightning starts ``metrics.csv`` afresh, and the image folder beside it
+    would mix the new run's epochs with the earlier run's images and scalars.csv rows. Was: silently; now one warning
+    naming the folder. A fit resumed from a checkpoint continues the folder, as it should, without a word."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(epochs, ckpt_path=None):
+        torch.manual_seed(0)
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            logger=CSVLogger(str(tmp_path), name="", version=0),
+            callbacks=[InputGradMap(num_probes=1), ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+            limit_train_batches=1,
+            limit_val_batches=1,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6), ckpt_path=ckpt_path)
+        return [str(w.message) for w in caught if "earlier run" in str(w.message)]
+
+    folder = os.path.join(str(tmp_path), "version_0", "lightning_viz")
+    assert run(2) == []
+    assert run(3, ckpt_path=str(tmp_path / "ck" / "last.ckpt")) == []  # resumed: epoch 2 goes on after 0 and 1
+    assert sorted(os.listdir(folder)) == ["epoch_0000", "epoch_0001", "epoch_0002", "scalars.csv"]
+    (message,) = run(1)  # from scratch into the same version
+    assert message.startswith(f"lightning-viz: the image folder {folder} already holds an earlier run's files (")
+    assert "Give the logger a new version" in message
 
 
 def test_logger_false_writes_a_new_image_folder_version_per_trainer(tmp_path):
