@@ -198,8 +198,11 @@ def describe_sinks(trainer: Any, loggers: Optional[Sequence[str]] = None) -> str
             parts.append(f"an image folder at {image_folder(trainer)}")
         elif name == "mlflow":
             parts.append("MLflow (images as artifacts under lightning_viz/)")
-        else:
-            parts.append(f"the {name} logger" + ("" if name in IMAGE_LOGGERS else " (scalars only)"))
+        elif name == "wandb":
+            parts.append("W&B (x-axis: epoch)")
+        else:  # any other logger, by its class name (``MyLogger``, not "the my logger")
+            for lg in (lg for lg in _attached(trainer) if logger_name(lg) == name):
+                parts.append(f"{type(lg).__name__} (scalars only, through its log_metrics)")
     return "writing to " + ", ".join(parts) if parts else "writing nowhere, so computing nothing"
 
 

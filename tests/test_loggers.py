@@ -26,6 +26,7 @@ from lightning_viz.logging import (
     NothingWrittenWarning,
     VizLogger,
     WandbBackend,
+    describe_sinks,
     image_relpath,
     logger_name,
     tensorboard_command,
@@ -520,11 +521,15 @@ def test_an_own_logger_named_like_lightnings_is_not_taken_for_it(tmp_path, cls_n
     at setup (AttributeError: 'NoneType' object has no attribute 'log_dir') or its images were dropped."""
     own = type(cls_name, (_ScalarsOnly,), {})()
     assert logger_name(own) == cls_name.lower()
-    rec, _ = fit(own, tmp_path)
+    rec, trainer = fit(own, tmp_path)
     folder = os.path.join(str(tmp_path), "lightning_viz", "version_0")
     check_split(rec, png_tags(folder), folder_scalars(folder))
     assert {(step, tag) for step, row in own.rows for tag in row if tag.startswith("viz-")} == set(
         folder_scalars(folder)
+    )
+    # the start-up line names it by its class (was: "the tensorboardlogger logger")
+    assert describe_sinks(trainer) == (
+        f"writing to {cls_name} (scalars only, through its log_metrics), an image folder at {folder}"
     )
 
 
