@@ -344,6 +344,37 @@ def test_wandb_logger_alone_offline_keeps_every_point_with_epoch_as_x_axis(offli
     assert os.path.exists(offline / "twin" / "epoch_0000" / "viz" / "extra" / "emb" / "tensors.tsv")
 
 
+def test_wandb_captions_name_the_probe_and_map_of_per_probe_images(offline):
+    """``layout="per_probe"`` overlays carry no text; W&B shows their caption: the probe id, its true class and the
+    map key (and the scale when both are logged). Was: no caption, so a W&B image card did not say whose map it was."""
+    logger = wandb_logger(offline)
+    _, trainer = fit(logger, offline, layout="per_probe", normalize="both")
+    probe = trainer.callbacks[0].probes
+    run_dir = os.path.dirname(logger.experiment.dir)
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
+    captions = {
+        (row["epoch"], k[: -len("/caption")]): v
+        for row in wandb_history(run_dir)
+        for k, v in row.items()
+        if "/caption" in k
+    }
+    assert set(captions) == {
+        (e, f"viz-inputgrad/inputgrad/input/{pid}{s}")
+        for e in range(EPOCHS)
+        for pid in probe.ids
+        for s in ("", "/fixed")
+    }
+    for i, pid in enumerate(probe.ids):
+        true = int(probe.labels[i])
+        assert captions[(0, f"viz-inputgrad/inputgrad/input/{pid}")] == f"{pid}  true: {true}  inputgrad/input"
+        assert captions[(1, f"viz-inputgrad/inputgrad/input/{pid}/fixed")] == (
+            f"{pid}  true: {true}  inputgrad/input (fixed scale)"
+        )
+
+
 @pytest.mark.parametrize("prefix", ["", "run1"])
 def test_all_loggers_write_the_same_values_and_pixels_as_tensorboard(offline, mlflow_uri, prefix):
     """Every logger gets the same keys, values and pixels. A logger's ``prefix`` (Lightning: "put at the beginning of
