@@ -156,9 +156,24 @@ def sink_names(trainer: Any, loggers: Optional[Sequence[str]] = None) -> list[st
     return [n for n in dict.fromkeys(loggers) if n == FOLDER or n in attached]
 
 
-def check_sinks(trainer: Any, loggers: Optional[Sequence[str]], owner: str) -> None:
-    """Fail early when ``loggers`` names a logger that the trainer does not have."""
-    if loggers is None or logging_disabled(trainer):  # fast_dev_run replaced the loggers it would check
+#: What MLflow keeps in a metric name (Lightning's ``MLFlowLogger.log_metrics`` drops the rest, warning each time).
+_MLFLOW_DROPS = re.compile(r"[^a-zA-Z0-9_/. -]")
+
+
+def check_sinks(trainer: Any, loggers: Optional[Sequence[str]], owner: str, name: Optional[str] = None) -> None:
+    """Fail early when ``loggers`` names a logger that the trainer does not have, or when the callback's ``name``
+    (in every tag) has characters that MLflow drops from metric names while it writes to MLflow."""
+    if logging_disabled(trainer):  # fast_dev_run replaced the loggers it would check
+        return
+    dropped = sorted(set(_MLFLOW_DROPS.findall(_clean(name)))) if name is not None else []
+    if dropped and "mlflow" in sink_names(trainer, loggers):
+        fixed = _MLFLOW_DROPS.sub("_", _clean(name))
+        raise ValueError(
+            f"{owner}: name={name!r} has {', '.join(repr(c) for c in dropped)}, which MLflow drops from metric names "
+            f"(its metrics would read {_MLFLOW_DROPS.sub('', _clean(name))!r}, its artifacts {name!r}). Allowed: "
+            f"letters, digits, '_', '-', '.' and ' ', e.g. name={fixed!r}."
+        )
+    if loggers is None:
         return
     allowed = list(dict.fromkeys(logger_name(lg) for lg in _attached(trainer))) + [FOLDER]
     unknown = [n for n in loggers if n not in allowed]

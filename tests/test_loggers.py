@@ -506,6 +506,25 @@ def test_the_tensorboard_command_pastes_into_a_shell_as_is(logdir):
     assert args == ["tensorboard", "--logdir", logdir, *shlex.split(TENSORBOARD_SAMPLES_FLAG)]
 
 
+def test_a_name_mlflow_would_mangle_fails_at_setup_when_mlflow_is_written_to(offline, mlflow_uri):
+    """``name="lr=0.1"``: MLflow drops ``=`` from metric names (Lightning warns at every write), so the metrics read
+    ``viz-inputgrad/lr0.1/...`` and the artifacts ``viz-inputgrad/lr=0.1/...``. Was: so, with a warning per key and
+    epoch; now a setup error naming the callback, the option and a name that works. Without MLflow the name is fine."""
+    logger = mlflow_logger(mlflow_uri, offline)
+    with pytest.raises(ValueError) as err:
+        fit(logger, offline, name="lr=0.1")
+    assert str(err.value) == (
+        "InputGradMap: name='lr=0.1' has '=', which MLflow drops from metric names (its metrics would read 'lr0.1', "
+        "its artifacts 'lr=0.1'). Allowed: letters, digits, '_', '-', '.' and ' ', e.g. name='lr_0.1'."
+    )
+    from mlflow.tracking import MlflowClient
+
+    assert not MlflowClient(mlflow_uri).get_run(logger.run_id).data.metrics  # not one step trained
+    tb = TensorBoardLogger(str(offline), name="tb", version=0)
+    rec, _ = fit([tb, logger], offline, name="lr 0.1", loggers=["tensorboard"])  # no MLflow written to: fine
+    assert any(t.startswith("viz-inputgrad/lr_0.1/") for _, t in written(rec))
+
+
 def test_loggers_option_fails_early_naming_what_the_trainer_has(tmp_path):
     with pytest.raises(ValueError, match=r"list of logger names"):
         InputGradMap(loggers="csv")

@@ -611,7 +611,7 @@ class VisualizationCallback(Callback):
             return
         _check_strategy(self, trainer)
         _check_tag_clash(self, trainer, stage)
-        check_sinks(trainer, self.loggers, type(self).__name__)
+        check_sinks(trainer, self.loggers, type(self).__name__, self.name)
         self._num_classes = None
         if not sink_names(trainer, self.loggers):
             rank_zero_warn(
