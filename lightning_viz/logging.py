@@ -211,8 +211,13 @@ def describe_sinks(trainer: Any, loggers: Optional[Sequence[str]] = None) -> str
                 parts.append(f"CSV at {os.path.join(lg.log_dir, 'metrics.csv')} (scalars only)")
         elif name == FOLDER:
             parts.append(f"an image folder at {image_folder(trainer)}")
-        elif name == "mlflow":
-            parts.append("MLflow (images as artifacts under lightning_viz/)")
+        elif name == "mlflow":  # which run (Lightning creates it right after setup anyway): where the artifacts are
+            for lg in (lg for lg in _attached(trainer) if logger_name(lg) == name):
+                try:
+                    run = f" run {lg.run_id} at {getattr(lg, '_tracking_uri', None) or 'the tracking URI'}"
+                except Exception:  # an unreachable tracking server: Lightning says so when it creates the run
+                    run = ""
+                parts.append(f"MLflow{run} (images as artifacts under {MLflowBackend.ARTIFACT_ROOT}/epoch_NNNN/)")
         elif name == "wandb":
             parts.append("W&B (x-axis: epoch)")
         else:  # any other logger, by its class name (``MyLogger``, not "the my logger")

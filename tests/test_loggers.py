@@ -285,7 +285,7 @@ def test_mlflow_logger_alone_gets_metrics_and_artifacts(offline, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     logger = mlflow_logger(mlflow_uri, offline)
-    rec, _ = fit(logger, offline)
+    rec, trainer = fit(logger, offline)
     client = MlflowClient(mlflow_uri)
     paths = mlflow_artifacts(client, logger.run_id)
     assert paths and all(p.startswith("lightning_viz/epoch_") for p in paths)
@@ -300,6 +300,10 @@ def test_mlflow_logger_alone_gets_metrics_and_artifacts(offline, mlflow_uri):
             scalars[(m.step, tag)] = m.value
     check_split(rec, images, scalars)
     assert not glob.glob(str(offline / "dl" / "*mlflow*"))
+    # the start-up line names the run whose artifacts hold the images (was: "MLflow (images as artifacts ...)")
+    assert describe_sinks(trainer) == (
+        f"writing to MLflow run {logger.run_id} at {mlflow_uri} (images as artifacts under lightning_viz/epoch_NNNN/)"
+    )
 
 
 def test_wandb_logger_alone_offline_keeps_every_point_with_epoch_as_x_axis(offline):
