@@ -28,6 +28,7 @@ import hashlib
 import html
 import os
 import re
+import shlex
 import shutil
 import struct
 import tempfile
@@ -69,6 +70,7 @@ __all__ = [
     "describe_sinks",
     "image_folder",
     "image_relpath",
+    "step_label",
     "FOLDER",
     "BEFORE_TRAINING",
     "DRY_RUN",
@@ -85,8 +87,9 @@ IMAGE_LOGGERS = ("tensorboard", "mlflow", "wandb")
 
 
 def tensorboard_command(logdir: str) -> str:
-    """The command that shows a run's visualizations, every epoch of them."""
-    return f"tensorboard --logdir {logdir} {TENSORBOARD_SAMPLES_FLAG}"
+    """The command that shows a run's visualizations, every epoch of them (the folder quoted for a POSIX shell when it
+    needs it: ``--logdir 'my runs'``)."""
+    return f"tensorboard --logdir {shlex.quote(str(logdir))} {TENSORBOARD_SAMPLES_FLAG}"
 
 
 class NothingWrittenWarning(UserWarning):
@@ -153,9 +156,24 @@ def sink_names(trainer: Any, loggers: Optional[Sequence[str]] = None) -> list[st
     return [n for n in dict.fromkeys(loggers) if n == FOLDER or n in attached]
 
 
-def check_sinks(trainer: Any, loggers: Optional[Sequence[str]], owner: str) -> None:
-    """Fail early when ``loggers`` names a logger that the trainer does not have."""
-    if loggers is None or logging_disabled(trainer):  # fast_dev_run replaced the loggers it would check
+#: What MLflow keeps in a metric name (Lightning's ``MLFlowLogger.log_metrics`` drops the rest, warning each time).
+_MLFLOW_DROPS = re.compile(r"[^a-zA-Z0-9_/. -]")
+
+
+def check_sinks(trainer: Any, loggers: Optional[Sequence[str]], owner: str, name: Optional[str] = None) -> None:
+    """Fail early when ``loggers`` names a logger that the trainer does not have, or when the callback's ``name``
+    (in every tag) has characters that MLflow drops from metric names while it writes to MLflow."""
+    if logging_disabled(trainer):  # fast_dev_run replaced the loggers it would check
+        return
+    dropped = sorted(set(_MLFLOW_DROPS.findall(_clean(name)))) if name is not None else []
+    if dropped and "mlflow" in sink_names(trainer, loggers):
+        fixed = _MLFLOW_DROPS.sub("_", _clean(name))
+        raise ValueError(
+            f"{owner}: name={name!r} has {', '.join(repr(c) for c in dropped)}, which MLflow drops from metric names "
+            f"(its metrics would read {_MLFLOW_DROPS.sub('', _clean(name))!r}, its artifacts {name!r}). Allowed: "
+            f"letters, digits, '_', '-', '.' and ' ', e.g. name={fixed!r}."
+        )
+    if loggers is None:
         return
     allowed = list(dict.fromkeys(logger_name(lg) for lg in _attached(trainer))) + [FOLDER]
     unknown = [n for n in loggers if n not in allowed]
@@ -185,15 +203,26 @@ def describe_sinks(trainer: Any, loggers: Optional[Sequence[str]] = None) -> str
                 "writing nothing: Lightning switched logging off (fast_dev_run), so the visualizations are "
                 "computed, to check them, and not written"
             )
-        if name == "tensorboard":
-            tb = find_tensorboard(trainer)
-            parts.append(f"TensorBoard at {tb.log_dir} (view with: {tensorboard_command(tb.save_dir)})")
+        if name == "tensorboard":  # every TensorBoardLogger is written to
+            for tb in (lg for lg in _attached(trainer) if logger_name(lg) == name):
+                parts.append(f"TensorBoard at {tb.log_dir} (view with: {tensorboard_command(tb.save_dir)})")
+        elif name == "csv":
+            for lg in (lg for lg in _attached(trainer) if logger_name(lg) == name):
+                parts.append(f"CSV at {os.path.join(lg.log_dir, 'metrics.csv')} (scalars only)")
         elif name == FOLDER:
             parts.append(f"an image folder at {image_folder(trainer)}")
-        elif name == "mlflow":
-            parts.append("MLflow (images as artifacts under lightning_viz/)")
-        else:
-            parts.append(f"the {name} logger" + ("" if name in IMAGE_LOGGERS else " (scalars only)"))
+        elif name == "mlflow":  # which run (Lightning creates it right after setup anyway): where the artifacts are
+            for lg in (lg for lg in _attached(trainer) if logger_name(lg) == name):
+                try:
+                    run = f" run {lg.run_id} at {getattr(lg, '_tracking_uri', None) or 'the tracking URI'}"
+                except Exception:  # an unreachable tracking server: Lightning says so when it creates the run
+                    run = ""
+                parts.append(f"MLflow{run} (images as artifacts under {MLflowBackend.ARTIFACT_ROOT}/epoch_NNNN/)")
+        elif name == "wandb":
+            parts.append("W&B (x-axis: epoch)")
+        else:  # any other logger, by its class name (``MyLogger``, not "the my logger")
+            for lg in (lg for lg in _attached(trainer) if logger_name(lg) == name):
+                parts.append(f"{type(lg).__name__} (scalars only, through its log_metrics)")
     return "writing to " + ", ".join(parts) if parts else "writing nowhere, so computing nothing"
 
 
@@ -224,6 +253,31 @@ def image_folder(trainer: Any) -> str:
     return folder
 
 
+_folders_checked: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _warn_earlier_run(trainer: Any, folder: str) -> None:
+    """Before a trainer's first write to the image folder: warn when a fresh fit (not resumed from a checkpoint) finds
+    an earlier run's files there (a logger version given again, e.g. ``CSVLogger(version=0)``, which starts its own
+    ``metrics.csv`` afresh): the fit would mix its epochs with the earlier ones."""
+    if trainer in _folders_checked:
+        return
+    _folders_checked.add(trainer)
+    fn = str(getattr(getattr(getattr(trainer, "state", None), "fn", None), "value", ""))
+    if fn != "fit" or getattr(trainer, "ckpt_path", None) is not None or not os.path.isdir(folder):
+        return
+    earlier = sorted(n for n in os.listdir(folder) if n in ("scalars.csv", BEFORE_TRAINING) or n.startswith("epoch_"))
+    if earlier:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        shown = ", ".join(earlier[:3] + (["..."] if len(earlier) > 3 else []))
+        rank_zero_warn(
+            f"lightning-viz: the image folder {folder} already holds an earlier run's files ({shown}); this fit, "
+            "not resumed from a checkpoint, replaces the images of the epochs it writes, leaves the others and adds "
+            "its rows to scalars.csv. Give the logger a new version (or clear the folder) to keep the runs apart."
+        )
+
+
 def _safe_part(part: str) -> str:
     part = re.sub(r"[^A-Za-z0-9_.=+-]", "_", part)
     return "_" if part in ("", ".", "..") else part
@@ -238,6 +292,12 @@ def image_relpath(tag: str, step: int, ext: str = ".png") -> str:
     ``run_at_start`` baseline (step ``-1``) in ``before_training/`` (not ``epoch_-001``)."""
     folder = BEFORE_TRAINING if int(step) < 0 else f"epoch_{int(step):04d}"
     return "/".join([folder] + [_safe_part(p) for p in tag.split("/")]) + ext
+
+
+def step_label(step: int) -> str:
+    """How an image names the point it shows: ``"epoch 3"``, or ``"before training"`` for the ``run_at_start``
+    baseline (step ``-1``), as its folder and the start-up line say."""
+    return "before training" if int(step) < 0 else f"epoch {int(step)}"
 
 
 def _write_png(path: str, hwc: np.ndarray) -> None:
@@ -546,12 +606,14 @@ class TensorBoardBackend(Backend):
 
 class MetricsBackend(Backend):
     """Scalars through a Lightning logger's ``log_metrics(metrics, step=epoch)``, one call per run (e.g.
-    ``CSVLogger``: one row of ``metrics.csv`` whose ``step`` is the epoch). Images are not kept."""
+    ``CSVLogger``: one row of ``metrics.csv`` whose ``step`` and ``epoch`` are the epoch). Images are not kept."""
 
     def __init__(self, logger: Any):
         self.logger = logger
         self.metrics: dict[str, float] = {}
         self.step = 0
+        # CSVLogger: the row's ``epoch`` column too, as in Lightning's rows (read by epoch, the rows line up)
+        self.epoch_column = logger_name(logger) == "csv"
 
     def scalar(self, tag, value, step):
         self.metrics[tag] = value
@@ -559,7 +621,8 @@ class MetricsBackend(Backend):
 
     def flush(self):
         if self.metrics:
-            self.logger.log_metrics(self.metrics, step=self.step)
+            metrics = {**self.metrics, "epoch": self.step} if self.epoch_column else self.metrics
+            self.logger.log_metrics(metrics, step=self.step)
             self.logger.save()
             self.metrics = {}
 
@@ -717,7 +780,9 @@ def _backend_for(trainer: Any, name: str) -> list[Backend]:
     if name == DRY_RUN:  # takes every write and keeps none: the callbacks render as usual
         return [Backend()]
     if name == FOLDER:
-        return [FolderBackend(image_folder(trainer))]
+        folder = image_folder(trainer)
+        _warn_earlier_run(trainer, folder)
+        return [FolderBackend(folder)]
     out: list[Backend] = []
     for lg in _attached(trainer):
         if logger_name(lg) != name:

@@ -158,9 +158,9 @@ def _nanmean(v: Tensor) -> float | None:
 
 def _epoch_label(epoch: int, width: int) -> str:
     """The label under a filmstrip frame ``width`` px wide: ``epoch 12``, or ``12`` where that would be cut (small
-    frames); ``start`` for run_at_start's baseline (step -1)."""
+    frames); ``before`` for run_at_start's baseline (step -1, as its folder ``before_training/`` says)."""
     if epoch < 0:
-        return "start"
+        return "before"
     return f"epoch {epoch}" if text_px(f"epoch {epoch}", 13) <= width else str(epoch)
 
 

@@ -500,3 +500,36 @@ def test_caption_strips_kept_for_reuse_stay_bounded_in_bytes_over_a_long_run():
     a = compose([[torch.zeros(3, 8, width)]], None, caption="fixed scale")
     b = compose([[torch.zeros(3, 8, width)]], None, caption="fixed scale")
     assert torch.equal(a, b)
+
+
+def test_the_baseline_before_training_is_labeled_so_not_epoch_minus_one(tmp_path, monkeypatch):
+    """The ``run_at_start`` baseline (step -1) reads "before training" in the embedding scatter's title and "before"
+    under its filmstrip frame, as its folder (``before_training/``) and the epoch-end line say. Was: "epoch -1"."""
+    from helpers import InputGradMap
+
+    from lightning_viz.callbacks import embeddings as emb_module
+    from lightning_viz.render import _shared_strip
+    from lightning_viz.tracking import MapTracker
+
+    titles = []
+    scatter = emb_module.scatter_image
+    monkeypatch.setattr(
+        emb_module,
+        "scatter_image",
+        lambda pts, lab, title, **kw: titles.append(title) or scatter(pts, lab, title, **kw),
+    )
+    cbs = [
+        InputGradMap(num_probes=1, run_at_start=True, tracker=MapTracker(frame_size=8, drift=False)),
+        EmbeddingCallback(layers=["net.pool"], num_probes=6, run_at_start=True, projector=False),
+    ]
+    tiny_trainer(str(tmp_path), cbs, max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    assert titles == ["net.pool PCA, before training", "net.pool PCA, epoch 0"]
+    acc = read_events(str(tmp_path))
+    (before, epoch0) = acc.Images("viz-inputgrad/filmstrip/p000")
+    film = np.asarray(Image.open(io.BytesIO(epoch0.encoded_image_string)))
+    y0, x0, frame = 18 + 64 + 1, 100, 64  # the strip under the frames (caption 16 + 2, frames 64 + 1)
+    for i, label in enumerate(["before", "epoch 0"]):
+        x = x0 + i * (frame + 2)
+        expected = _shared_strip(frame, [label], 13).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(film[y0 : y0 + 13, x : x + frame], expected)
+    assert before.step == -1

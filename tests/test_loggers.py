@@ -8,7 +8,9 @@ import glob
 import io
 import json
 import os
+import shlex
 import struct
+import warnings
 
 import lightning as L
 import numpy as np
@@ -19,12 +21,15 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from PIL import Image
 
 from lightning_viz.logging import (
+    TENSORBOARD_SAMPLES_FLAG,
     FolderBackend,
     NothingWrittenWarning,
     VizLogger,
     WandbBackend,
+    describe_sinks,
     image_relpath,
     logger_name,
+    tensorboard_command,
 )
 
 EPOCHS = 2
@@ -207,6 +212,60 @@ def test_csv_logger_alone_gets_scalars_in_metrics_csv_and_images_in_the_folder(t
     assert image_relpath("viz/a b/p0", 3) == "epoch_0003/viz/a_b/p0.png"
 
 
+@pytest.mark.parametrize("prefix", ["", "run1"])
+def test_csv_rows_of_the_visualizations_have_their_epoch_column(tmp_path, prefix):
+    """A ``metrics.csv`` read by its ``epoch`` column (``df.groupby("epoch")``, the usual way) puts each epoch's
+    visualization scalars with that epoch's ``val_loss``. Was: their rows had ``step`` = epoch and an empty ``epoch``,
+    so a read by epoch dropped every one of them (and ``step`` means the global step in Lightning's rows)."""
+    logger = CSVLogger(str(tmp_path), name="", version=0, prefix=prefix)
+    fit(logger, tmp_path, run_at_start=True)
+    pre = f"{prefix}-" if prefix else ""
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    viz = [r for r in rows if any(v and k.startswith(pre + "viz-") for k, v in r.items())]
+    assert len(viz) == EPOCHS + 1  # one row per callback run: before training, then every epoch
+    assert [(int(r[pre + "epoch"]), int(r["step"])) for r in viz] == [(e, e) for e in range(-1, EPOCHS)]
+    by_epoch: dict = {}
+    for r in rows:
+        if r[pre + "epoch"]:
+            by_epoch.setdefault(int(r[pre + "epoch"]), {}).update({k: v for k, v in r.items() if v})
+    tag = pre + "viz-inputgrad/time_s"
+    assert all(pre + "val_loss" in by_epoch[e] and tag in by_epoch[e] for e in range(EPOCHS))
+
+
+def test_a_fresh_fit_into_an_earlier_runs_image_folder_warns_and_a_resumed_one_does_not(tmp_path):
+    """``CSVLogger(version=0)`` given again: Lightning starts ``metrics.csv`` afresh, and the image folder beside it
+    would mix the new run's epochs with the earlier run's images and scalars.csv rows. Was: silently; now one warning
+    naming the folder. A fit resumed from a checkpoint continues the folder, as it should, without a word."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(epochs, ckpt_path=None):
+        torch.manual_seed(0)
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            logger=CSVLogger(str(tmp_path), name="", version=0),
+            callbacks=[InputGradMap(num_probes=1), ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+            limit_train_batches=1,
+            limit_val_batches=1,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6), ckpt_path=ckpt_path)
+        return [str(w.message) for w in caught if "earlier run" in str(w.message)]
+
+    folder = os.path.join(str(tmp_path), "version_0", "lightning_viz")
+    assert run(2) == []
+    assert run(3, ckpt_path=str(tmp_path / "ck" / "last.ckpt")) == []  # resumed: epoch 2 goes on after 0 and 1
+    assert sorted(os.listdir(folder)) == ["epoch_0000", "epoch_0001", "epoch_0002", "scalars.csv"]
+    (message,) = run(1)  # from scratch into the same version
+    assert message.startswith(f"lightning-viz: the image folder {folder} already holds an earlier run's files (")
+    assert "Give the logger a new version" in message
+
+
 def test_logger_false_writes_a_new_image_folder_version_per_trainer(tmp_path):
     rec, _ = fit(False, tmp_path)
     folder = tmp_path / "lightning_viz" / "version_0"
@@ -226,7 +285,7 @@ def test_mlflow_logger_alone_gets_metrics_and_artifacts(offline, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     logger = mlflow_logger(mlflow_uri, offline)
-    rec, _ = fit(logger, offline)
+    rec, trainer = fit(logger, offline)
     client = MlflowClient(mlflow_uri)
     paths = mlflow_artifacts(client, logger.run_id)
     assert paths and all(p.startswith("lightning_viz/epoch_") for p in paths)
@@ -241,6 +300,10 @@ def test_mlflow_logger_alone_gets_metrics_and_artifacts(offline, mlflow_uri):
             scalars[(m.step, tag)] = m.value
     check_split(rec, images, scalars)
     assert not glob.glob(str(offline / "dl" / "*mlflow*"))
+    # the start-up line names the run whose artifacts hold the images (was: "MLflow (images as artifacts ...)")
+    assert describe_sinks(trainer) == (
+        f"writing to MLflow run {logger.run_id} at {mlflow_uri} (images as artifacts under lightning_viz/epoch_NNNN/)"
+    )
 
 
 def test_wandb_logger_alone_offline_keeps_every_point_with_epoch_as_x_axis(offline):
@@ -283,6 +346,37 @@ def test_wandb_logger_alone_offline_keeps_every_point_with_epoch_as_x_axis(offli
     assert last["viz/extra/emb/_type"] == "table-file" and last["viz/extra/emb/nrows"] == 3
     assert last["_step"] > trainer.global_step  # W&B's step went on; the epoch-0 point is there all the same
     assert os.path.exists(offline / "twin" / "epoch_0000" / "viz" / "extra" / "emb" / "tensors.tsv")
+
+
+def test_wandb_captions_name_the_probe_and_map_of_per_probe_images(offline):
+    """``layout="per_probe"`` overlays carry no text; W&B shows their caption: the probe id, its true class and the
+    map key (and the scale when both are logged). Was: no caption, so a W&B image card did not say whose map it was."""
+    logger = wandb_logger(offline)
+    _, trainer = fit(logger, offline, layout="per_probe", normalize="both")
+    probe = trainer.callbacks[0].probes
+    run_dir = os.path.dirname(logger.experiment.dir)
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
+    captions = {
+        (row["epoch"], k[: -len("/caption")]): v
+        for row in wandb_history(run_dir)
+        for k, v in row.items()
+        if "/caption" in k
+    }
+    assert set(captions) == {
+        (e, f"viz-inputgrad/inputgrad/input/{pid}{s}")
+        for e in range(EPOCHS)
+        for pid in probe.ids
+        for s in ("", "/fixed")
+    }
+    for i, pid in enumerate(probe.ids):
+        true = int(probe.labels[i])
+        assert captions[(0, f"viz-inputgrad/inputgrad/input/{pid}")] == f"{pid}  true: {true}  inputgrad/input"
+        assert captions[(1, f"viz-inputgrad/inputgrad/input/{pid}/fixed")] == (
+            f"{pid}  true: {true}  inputgrad/input (fixed scale)"
+        )
 
 
 @pytest.mark.parametrize("prefix", ["", "run1"])
@@ -371,6 +465,70 @@ def test_restricting_loggers_writes_only_there_and_an_empty_list_computes_nothin
     assert CountingMap.calls == 0 and cb.last_logged_tags == [] and cb.probes is None
 
 
+def test_the_start_up_line_says_where_each_callback_writes(tmp_path, caplog):
+    """The start-up line names every TensorBoard run and CSV file written to, and, when callbacks write to different
+    loggers (``loggers=[...]``), where each one writes. Was: one line for all, from the Trainer's loggers: a callback
+    with ``loggers=["csv"]`` was said to write to TensorBoard, and only the first TensorBoardLogger was named."""
+    tb1, tb2 = (TensorBoardLogger(str(tmp_path), name=n, version=0) for n in ("tb1", "tb2"))
+    csvl = CSVLogger(str(tmp_path), name="csv", version=0)
+    only_csv = InputGradMap(num_probes=2, loggers=["csv"], name="c")
+    every = InputGradMap(num_probes=2, name="e")
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=[tb1, csvl, tb2],
+        callbacks=[only_csv, every],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+    )
+    with caplog.at_level("INFO"):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning-viz:")]
+    csv_at = f"CSV at {os.path.join(csvl.log_dir, 'metrics.csv')} (scalars only)"
+    tb_at = [f"TensorBoard at {tb.log_dir} (view with: tensorboard --logdir {tmp_path} " for tb in (tb1, tb2)]
+    head, per_callback = line.split("; ", 1)
+    assert head == "lightning-viz: 2 visualization callback(s): inputgrad[c] (every 1), inputgrad[e] (every 1)"
+    only, rest = per_callback.split("; ")
+    assert only == f"inputgrad[c]: writing to {csv_at}"
+    assert rest.startswith(f"inputgrad[e]: writing to {tb_at[0]}") and tb_at[1] in rest and rest.endswith(csv_at)
+    # as said: the restricted callback wrote no image to either TensorBoard run, the other one to both
+    for tb in (tb1, tb2):
+        images = read_events(tb.log_dir).Tags()["images"]
+        assert any(t.startswith("viz-inputgrad/e/") for t in images)
+        assert not any(t.startswith("viz-inputgrad/c/") for t in images)
+
+
+@pytest.mark.parametrize("logdir", ["lightning_logs", "/data/my runs", "runs/it's $HOME"])
+def test_the_tensorboard_command_pastes_into_a_shell_as_is(logdir):
+    """The start-up line's TensorBoard command, pasted into a shell, opens that folder. Was: the folder unquoted, so
+    ``/data/my runs`` became ``--logdir /data/my`` and a stray ``runs`` argument."""
+    args = shlex.split(tensorboard_command(logdir))
+    assert args == ["tensorboard", "--logdir", logdir, *shlex.split(TENSORBOARD_SAMPLES_FLAG)]
+
+
+def test_a_name_mlflow_would_mangle_fails_at_setup_when_mlflow_is_written_to(offline, mlflow_uri):
+    """``name="lr=0.1"``: MLflow drops ``=`` from metric names (Lightning warns at every write), so the metrics read
+    ``viz-inputgrad/lr0.1/...`` and the artifacts ``viz-inputgrad/lr=0.1/...``. Was: so, with a warning per key and
+    epoch; now a setup error naming the callback, the option and a name that works. Without MLflow the name is fine."""
+    logger = mlflow_logger(mlflow_uri, offline)
+    with pytest.raises(ValueError) as err:
+        fit(logger, offline, name="lr=0.1")
+    assert str(err.value) == (
+        "InputGradMap: name='lr=0.1' has '=', which MLflow drops from metric names (its metrics would read 'lr0.1', "
+        "its artifacts 'lr=0.1'). Allowed: letters, digits, '_', '-', '.' and ' ', e.g. name='lr_0.1'."
+    )
+    from mlflow.tracking import MlflowClient
+
+    assert not MlflowClient(mlflow_uri).get_run(logger.run_id).data.metrics  # not one step trained
+    tb = TensorBoardLogger(str(offline), name="tb", version=0)
+    rec, _ = fit([tb, logger], offline, name="lr 0.1", loggers=["tensorboard"])  # no MLflow written to: fine
+    assert any(t.startswith("viz-inputgrad/lr_0.1/") for _, t in written(rec))
+
+
 def test_loggers_option_fails_early_naming_what_the_trainer_has(tmp_path):
     with pytest.raises(ValueError, match=r"list of logger names"):
         InputGradMap(loggers="csv")
@@ -417,11 +575,15 @@ def test_an_own_logger_named_like_lightnings_is_not_taken_for_it(tmp_path, cls_n
     at setup (AttributeError: 'NoneType' object has no attribute 'log_dir') or its images were dropped."""
     own = type(cls_name, (_ScalarsOnly,), {})()
     assert logger_name(own) == cls_name.lower()
-    rec, _ = fit(own, tmp_path)
+    rec, trainer = fit(own, tmp_path)
     folder = os.path.join(str(tmp_path), "lightning_viz", "version_0")
     check_split(rec, png_tags(folder), folder_scalars(folder))
     assert {(step, tag) for step, row in own.rows for tag in row if tag.startswith("viz-")} == set(
         folder_scalars(folder)
+    )
+    # the start-up line names it by its class (was: "the tensorboardlogger logger")
+    assert describe_sinks(trainer) == (
+        f"writing to {cls_name} (scalars only, through its log_metrics), an image folder at {folder}"
     )
 
 

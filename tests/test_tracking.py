@@ -551,7 +551,7 @@ def test_drift_off_logs_no_prediction_flips_nor_probe_accuracy():
 
 
 def test_filmstrip_labels_the_run_at_start_baseline_start():
-    """run_at_start logs the untrained model at step -1: its filmstrip frame is labeled "start", not "epoch -1"."""
+    """run_at_start logs the untrained model at step -1: its filmstrip frame is labeled "before", not "epoch -1"."""
     from lightning_viz.render import _shared_strip
 
     probe = _probe(n=1)
@@ -562,7 +562,7 @@ def test_filmstrip_labels_the_run_at_start_baseline_start():
     seq = tr.frames["m/l"]["p000"]
     _, under, width = tr._film_row("m/l", "p000", seq, [0, 1], tr.epochs["m/l"], 64)
     assert width == 64
-    for i, text in enumerate(("start", "epoch 0")):
+    for i, text in enumerate(("before", "epoch 0")):
         torch.testing.assert_close(
             under[:, :, i * (width + 2) : i * (width + 2) + width], _shared_strip(width, [text], 13)
         )

@@ -145,12 +145,18 @@ def _announce(trainer: Trainer, stage: str) -> None:
             "in fit, and under trainer.validate when run_on='validation_epoch_end')."
         )
         return
-    where = describe_sinks(trainer) if trainer.is_global_zero else ""
-    names = ", ".join(
-        f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'}"
-        + (f" ({_schedule_words(cb)})" if stage == "fit" else "")
-        for cb in running
-    )
+    label = {id(cb): f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'}" for cb in running}
+    names = ", ".join(label[id(cb)] + (f" ({_schedule_words(cb)})" if stage == "fit" else "") for cb in running)
+    where = ""
+    if trainer.is_global_zero:  # where each callback writes: once when all write alike, else per group (loggers=[...])
+        groups: dict[tuple[str, ...], list[VisualizationCallback]] = {}
+        for cb in running:
+            groups.setdefault(tuple(sink_names(trainer, cb.loggers)), []).append(cb)
+        where = "; ".join(
+            ("" if len(groups) == 1 else ", ".join(label[id(cb)] for cb in cbs) + ": ")
+            + describe_sinks(trainer, cbs[0].loggers)
+            for cbs in groups.values()
+        )
     under = "" if stage == "fit" else f" under trainer.{stage}"
     rank_zero_info(f"lightning-viz: {len(running)} visualization callback(s){under}: {names}; {where}")
 
@@ -612,7 +618,7 @@ class VisualizationCallback(Callback):
             return
         _check_strategy(self, trainer)
         _check_tag_clash(self, trainer, stage)
-        check_sinks(trainer, self.loggers, type(self).__name__)
+        check_sinks(trainer, self.loggers, type(self).__name__, self.name)
         self._num_classes = None
         if not sink_names(trainer, self.loggers):
             rank_zero_warn(

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..layers import get_layer, module_device, module_dtype
-from ..logging import VizLogger, make_tag
+from ..logging import VizLogger, make_tag, step_label
 from ..methods.batching import images_per_forward
 from ..methods.embeddings import (
     extract_features,
@@ -161,7 +161,7 @@ class EmbeddingCallback(VisualizationCallback):
                 pts = tsne_2d(
                     feats, seed=self.probe_seed, perplexity=self.tsne_perplexity, iterations=self.tsne_iterations
                 )
-            title = f"{name} {proj.upper()}, epoch {logger.step}"
+            title = f"{name} {proj.upper()}, {step_label(logger.step)}"
             logger.image(make_tag(self.method, name, proj), scatter_image(pts, labels, title, class_names=names))
         if labels is not None:
             logger.scalar(make_tag(self.method, name, "silhouette"), silhouette(feats, labels))

@@ -252,13 +252,15 @@ class MapCallback(VisualizationCallback):
                     grid = with_colorbar(grid, rng[0], rng[1], self.heat_cmap)
                 logger.image(make_tag(self.method, key, suffix or None, "grid"), grid)
             else:
-                for pid, img, finite, bar in zip(
-                    probe.ids, over, ok.tolist(), self.bars(maps, ok, rng, int(over.shape[-1]))
+                for i, (pid, img, finite, bar) in enumerate(
+                    zip(probe.ids, over, ok.tolist(), self.bars(maps, ok, rng, int(over.shape[-1])))
                 ):
-                    if finite:
+                    if finite:  # the image has no text: the caption (W&B shows it) names the probe, class and map
+                        true = "" if probe.labels is None else f"  true: {class_name(probe.labels[i], class_names)}"
                         logger.image(
                             make_tag(self.method, key, pid, suffix or None),
                             img if bar is None else torch.cat([img, bar], dim=1),
+                            caption=f"{pid}{true}  {key}" + (f" ({suffix} scale)" if suffix else ""),
                         )
 
     def bars(self, maps: Tensor, ok: Tensor | None, rng: tuple[float, float] | None, width: int) -> list[Tensor | None]:
