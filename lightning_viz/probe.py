@@ -23,6 +23,7 @@ __all__ = [
     "ProbeSet",
     "split_sample",
     "read_item",
+    "CollatedItems",
     "class_index",
     "SampleFormatError",
     "PROBE_BANK_KEY",
@@ -145,6 +146,39 @@ def read_item(dataset: Any, index: int, seed: int | None = None) -> tuple[Tensor
             np.random.seed(item_seed)
             random.seed(item_seed)
         return split_sample(dataset[index])
+
+
+class CollatedItems:
+    """The items of ``dataset`` as its DataLoader's ``collate_fn`` hands them to the model: each item collated as a
+    batch of one, then taken out of it (a collate that converts PIL images or HWC numpy arrays, resizes or pads).
+    Other attributes (``targets``, ``classes``, ``mean``, ``std``, ``transform``) are the dataset's."""
+
+    def __init__(self, dataset: Any, collate_fn: Any):
+        self.dataset, self.collate_fn = dataset, collate_fn
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "collate_fn"):  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        batch = self.collate_fn([self.dataset[index]])
+        img, lab, mask = split_sample(batch)
+        name = getattr(self.collate_fn, "__qualname__", type(self.collate_fn).__name__)
+        if not isinstance(img, Tensor) or img.ndim != 4 or img.shape[0] != 1:
+            what = f"shape {list(img.shape)}" if isinstance(img, Tensor) else type(img).__name__
+            raise SampleFormatError(
+                f"the dataloader's collate_fn {name} made a batch of one item whose images are {what}; expected "
+                "[1, C, H, W] (a batch of one image)"
+            )
+        if isinstance(lab, Tensor) and lab.ndim >= 1 and lab.shape[0] == 1:
+            lab = lab[0]
+        if isinstance(mask, Tensor) and mask.ndim >= 3 and mask.shape[0] == 1:
+            mask = mask[0]
+        return img[0], lab, mask
 
 
 def _plain(t: Tensor) -> Tensor:

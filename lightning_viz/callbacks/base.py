@@ -24,6 +24,8 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
+from torch.utils.data import default_collate
+from torch.utils.data._utils.collate import default_convert
 
 from ..capture import capture, fork_rng, isolated, torch_threads
 from ..layers import LayerNotFoundError, module_device, module_dtype
@@ -41,7 +43,15 @@ from ..logging import (
 )
 from ..methods.batching import default_memory_mb, scaled_budget
 from ..methods.checks import check_reaches_input
-from ..probe import PROBE_BANK_KEY, ProbeSet, SampleFormatError, probe_bank_get, probe_bank_put, read_item
+from ..probe import (
+    PROBE_BANK_KEY,
+    CollatedItems,
+    ProbeSet,
+    SampleFormatError,
+    probe_bank_get,
+    probe_bank_put,
+    read_item,
+)
 from ..progress import logger as _log
 from ..progress import reporting
 from ..targets import (
@@ -1499,6 +1509,23 @@ def _source_loaders(trainer: Trainer, which: str) -> Any:
     return instance
 
 
+#: per trainer: the :class:`CollatedItems` view of each (dataset, collate_fn), one object each (probe picks are shared
+#: by the dataset's identity)
+_collated_views: weakref.WeakKeyDictionary[Trainer, dict[tuple[int, int], CollatedItems]] = weakref.WeakKeyDictionary()
+
+
+def _collated(trainer: Trainer, dataset: Any, collate_fn: Any) -> Any:
+    """``dataset`` as its loader gives items to the model: through a ``collate_fn`` of the user's
+    (:class:`CollatedItems`), else as it is (torch's default collate only stacks them)."""
+    if collate_fn is None or collate_fn in (default_collate, default_convert):
+        return dataset
+    views = _collated_views.setdefault(trainer, {})
+    key = (id(dataset), id(collate_fn))
+    if key not in views:
+        views[key] = CollatedItems(dataset, collate_fn)
+    return views[key]
+
+
 def _find_dataset(trainer: Trainer, source: str, with_iterable: bool = False) -> Any:
     """The map-style dataset behind the val (or train) dataloader, without iterating a sampler.
 
@@ -1526,7 +1553,7 @@ def _find_dataset(trainer: Trainer, source: str, with_iterable: bool = False) ->
                 continue
             try:
                 if len(dataset) > 0:
-                    found = dataset
+                    found = _collated(trainer, dataset, getattr(loaders, "collate_fn", None))
                     break
             except TypeError:  # no len(): cannot be sampled by index
                 iterable = iterable if iterable is not None else dataset
