@@ -24,6 +24,8 @@ __all__ = [
     "split_sample",
     "read_item",
     "CollatedItems",
+    "dataset_attr",
+    "dataset_targets",
     "class_index",
     "SampleFormatError",
     "PROBE_BANK_KEY",
@@ -181,6 +183,54 @@ class CollatedItems:
         return img[0], lab, mask
 
 
+def _parts(dataset: Any) -> list[Any]:
+    """The datasets ``dataset`` wraps: a ``Subset``'s (``random_split``) or a view's ``dataset``, a
+    ``ConcatDataset``'s ``datasets``; none for a plain dataset."""
+    inner = getattr(dataset, "datasets", None)
+    if isinstance(inner, (list, tuple)) and inner:
+        return list(inner)
+    inner = dataset.__dict__.get("dataset") if hasattr(dataset, "__dict__") else None
+    return [] if inner is None or inner is dataset else [inner]
+
+
+def dataset_attr(dataset: Any, name: str) -> Any:
+    """``dataset.<name>`` (``classes``, ``mean``, ``std``), else that of the dataset it wraps (``Subset``,
+    ``random_split``; of a ``ConcatDataset`` when all its parts agree); ``None`` when there is none."""
+    value = getattr(dataset, name, None)
+    if value is not None:
+        return value
+    found = [dataset_attr(part, name) for part in _parts(dataset)]
+    if not found or any(v is None for v in found):
+        return None
+    first = found[0]
+    try:
+        same = all(bool(np.array_equal(np.asarray(v, dtype=object), np.asarray(first, dtype=object))) for v in found)
+    except Exception:
+        same = False
+    return first if same else None
+
+
+def dataset_targets(dataset: Any) -> Any:
+    """The labels of every item of ``dataset`` without reading items: its ``targets``, or those of the datasets it
+    wraps (a ``Subset``'s at its ``indices``, a ``ConcatDataset``'s in order); ``None`` when unknown."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return targets
+    parts = _parts(dataset)
+    if not parts:
+        return None
+    found = [dataset_targets(part) for part in parts]
+    if any(t is None for t in found):
+        return None
+    indices = getattr(dataset, "indices", None)
+    if len(parts) == 1 and indices is not None:  # a Subset
+        return [found[0][int(i)] for i in indices]
+    if len(parts) == 1:  # a view over the whole dataset (collate_fn)
+        return found[0] if len(found[0]) == len(dataset) else None
+    out = [t for part in found for t in part]
+    return out if len(out) == len(dataset) else None
+
+
 def _plain(t: Tensor) -> Tensor:
     """Detached CPU tensor that autograd may use: probes picked under ``torch.inference_mode``
     (``trainer.validate``) would otherwise be inference tensors, which cannot be saved for backward
@@ -302,7 +352,7 @@ class ProbeSet:
             chosen = scan[:num]
         else:
             by_class: dict[int, list[int]] = {}
-            labels = getattr(dataset, "targets", None)
+            labels = dataset_targets(dataset)
             for idx in scan:
                 if labels is not None:
                     lab = _stratum(labels[idx])

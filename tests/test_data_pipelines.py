@@ -68,3 +68,81 @@ def test_probes_are_the_items_as_the_loaders_collate_fn_gives_them(tmp_path, kin
     expected_x, expected_y = _collate([ds[i] for i in idx])
     assert torch.equal(p.images, expected_x) and torch.equal(p.labels, expected_y)
     assert {f"viz-cam/panel/{i}" for i in p.ids} <= set(read_events(str(tmp_path)).Tags()["images"])
+
+
+# ----------------------------------------------------------------------------- image folders and wrapped datasets
+CLASSES = ("ant", "bee", "cow")
+
+
+def _write_folder(root, n: int = 4) -> None:
+    """``n`` PNGs per class, each one flat color (R encodes the class, G the index): colors can be checked."""
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (10, 12), (60 * c + 40, 30 * i + 20, 90)).save(root / name / f"{i}.png")
+
+
+class _Counting:
+    """An image loader that counts the files it decodes."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, path):
+        from torchvision.datasets.folder import default_loader
+
+        self.calls += 1
+        return default_loader(path)
+
+
+def _fit_cam(tmp_path, dataset, loader_kw=None) -> tuple[CAMCallback, object]:
+    loader = DataLoader(dataset, batch_size=4, **(loader_kw or {}))
+    cb = CAMCallback(layers=["net.conv2"], num_probes=3)
+    trainer = tiny_trainer(str(tmp_path / "logs"), [cb], max_epochs=1)
+    trainer.fit(LitTiny(TinyCNN()), loader, loader)
+    return cb, trainer
+
+
+@pytest.mark.parametrize("wrap", ["subset", "random_split", "concat"])
+def test_wrapped_datasets_keep_class_names_statistics_and_targets(tmp_path, wrap):
+    """An ImageFolder (with ``mean``/``std`` attributes, as the README asks) inside a Subset, a random_split part or
+    a ConcatDataset: captions name the folder classes, probes are shown un-normalized, and the class-stratified pick
+    reads the wrapped dataset's ``targets`` instead of decoding 20 images per probe (before: class indices, min-max
+    colors, every scanned file decoded)."""
+    from torch.utils.data import ConcatDataset, Subset, random_split
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+    class WithStats(ImageFolder):
+        pass
+
+    WithStats.mean, WithStats.std = mean, std
+    _write_folder(tmp_path / "imgs")
+    count = _Counting()
+    tf = T.Compose([T.Resize((8, 8)), T.ToTensor(), T.Normalize(mean, std)])
+    full = WithStats(str(tmp_path / "imgs"), transform=tf, loader=count)
+    ds = {
+        "subset": lambda: Subset(full, [1, 2, 5, 6, 9, 10]),
+        "random_split": lambda: random_split(full, [0.5, 0.5], generator=torch.Generator().manual_seed(0))[0],
+        "concat": lambda: ConcatDataset([full, full]),
+    }[wrap]()
+
+    class CountPicks(CAMCallback):
+        def _pick_probes(self, trainer, same_on_every_rank=False):
+            before = count.calls
+            probes = super()._pick_probes(trainer, same_on_every_rank)
+            self.decoded = count.calls - before
+            return probes
+
+    loader = DataLoader(ds, batch_size=4)
+    cb = CountPicks(layers=["net.conv2"], num_probes=3)
+    trainer = tiny_trainer(str(tmp_path / "logs"), [cb], max_epochs=1)
+    trainer.fit(LitTiny(TinyCNN()), loader, loader)
+    p = cb.probes
+    assert cb.get_class_names(trainer) == list(CLASSES)
+    assert p.mean == list(mean) and p.std == list(std)
+    assert sorted(p.labels.tolist()) == [0, 1, 2] and cb.decoded == 3  # the three probes only
+    expected_red = (60 * p.labels.float() + 40) / 255  # flat colors: every pixel of the displayed image
+    torch.testing.assert_close(p.display_images()[:, 0, 4, 4], expected_red, atol=1e-5, rtol=0)

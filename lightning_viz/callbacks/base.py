@@ -48,6 +48,7 @@ from ..probe import (
     CollatedItems,
     ProbeSet,
     SampleFormatError,
+    dataset_attr,
     probe_bank_get,
     probe_bank_put,
     read_item,
@@ -939,7 +940,7 @@ class VisualizationCallback(Callback):
         if self._found_class_names is None and trainer is not None:
             names = getattr(getattr(trainer, "datamodule", None), "classes", None)
             if names is None:
-                names = getattr(_find_dataset(trainer, self.probe_source), "classes", None)
+                names = dataset_attr(_find_dataset(trainer, self.probe_source), "classes")
             if names is not None and not isinstance(names, (str, bytes)):
                 self._found_class_names = [str(c) for c in names]
         return self._found_class_names
@@ -997,7 +998,9 @@ class VisualizationCallback(Callback):
         if dataset is None:
             raise VisualizationError(self._no_dataset_message())
         dm = getattr(trainer, "datamodule", None)
-        mean, std = _first_not_none(dm, dataset, "mean"), _first_not_none(dm, dataset, "std")
+        mean, std = _first_not_none(dm, "mean"), _first_not_none(dm, "std")
+        mean = mean if mean is not None else dataset_attr(dataset, "mean")  # also through Subset / ConcatDataset
+        std = std if std is not None else dataset_attr(dataset, "std")
         self._probe_origin = type(dataset).__name__
         picks = _picks.setdefault(trainer, {})
         key = (id(dataset), self.num_probes, self.probe_seed)
