@@ -26,6 +26,7 @@ __all__ = [
     "CollatedItems",
     "dataset_attr",
     "dataset_targets",
+    "dataset_normalization",
     "class_index",
     "SampleFormatError",
     "PROBE_BANK_KEY",
@@ -229,6 +230,47 @@ def dataset_targets(dataset: Any) -> Any:
         return found[0] if len(found[0]) == len(dataset) else None
     out = [t for part in found for t in part]
     return out if len(out) == len(dataset) else None
+
+
+def _transform_parts(t: Any, seen: set[int]) -> list[Any]:
+    """Every transform inside ``t`` (``Compose`` lists, a ``StandardTransform``'s ``transform``), depth first."""
+    if t is None or id(t) in seen:
+        return []
+    seen.add(id(t))
+    out = [t]
+    inner = getattr(t, "transforms", None)
+    for part in inner if isinstance(inner, (list, tuple)) else [inner, getattr(t, "transform", None)]:
+        if part is not None and not isinstance(part, (str, bytes, int, float)):
+            out += _transform_parts(part, seen)
+    return out
+
+
+def dataset_normalization(dataset: Any) -> tuple[list[float], list[float]] | None:
+    """``(mean, std)`` of the one ``Normalize`` transform of ``dataset`` (torchvision's v1 or v2, or any transform of
+    that name with ``mean`` and ``std``; inside ``Compose``, through ``Subset``/``ConcatDataset``), in pixels in
+    ``[0, 1]`` (a mean given in 0..255 units is divided by 255, with its std); ``None`` when there is no such transform
+    or several disagree."""
+    datasets, found = [dataset], set()
+    while datasets:
+        d = datasets.pop()
+        datasets += _parts(d)
+        for t in _transform_parts(getattr(d, "transform", None), set()) + _transform_parts(
+            getattr(d, "transforms", None), set()
+        ):
+            if type(t).__name__ != "Normalize":
+                continue
+            try:
+                mean = torch.as_tensor(t.mean, dtype=torch.float64).flatten().tolist()
+                std = torch.as_tensor(t.std, dtype=torch.float64).flatten().tolist()
+            except (AttributeError, TypeError, ValueError, RuntimeError):
+                return None  # a Normalize whose statistics are not numbers: unknown
+            if max(mean, default=0.0) > 1.0:  # 0..255 units: the same normalization of pixels in [0, 1]
+                mean, std = [m / 255 for m in mean], [v / 255 for v in std]
+            found.add((tuple(mean), tuple(std)))
+    if len(found) != 1:
+        return None
+    stats = found.pop()
+    return list(stats[0]), list(stats[1])
 
 
 def _plain(t: Tensor) -> Tensor:

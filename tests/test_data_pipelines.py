@@ -146,3 +146,59 @@ def test_wrapped_datasets_keep_class_names_statistics_and_targets(tmp_path, wrap
     assert sorted(p.labels.tolist()) == [0, 1, 2] and cb.decoded == 3  # the three probes only
     expected_red = (60 * p.labels.float() + 40) / 255  # flat colors: every pixel of the displayed image
     torch.testing.assert_close(p.display_images()[:, 0, 4, 4], expected_red, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2", "v2_in_255_units", "subset"])
+def test_normalize_of_the_transform_is_undone_for_display(tmp_path, kind):
+    """A user's ImageFolder whose transform ends in Normalize (torchvision v1 or v2; statistics in [0, 1] or in
+    0..255 units; inside a Subset) and no mean/std attribute: the probes are shown in their file colors (before:
+    min-max scaled over all channels, a gray image turned blue), and the occlusion gray / synthesis bounds follow."""
+    from torch.utils.data import Subset
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    _write_folder(tmp_path / "imgs")
+    tf = {
+        "v1": T.Compose([T.Resize((8, 8)), T.ToTensor(), T.Normalize(mean, std)]),
+        "v2": v2.Compose(
+            [v2.Resize((8, 8)), v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        ),
+        "v2_in_255_units": v2.Compose(
+            [
+                v2.Resize((8, 8)),
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=False),
+                v2.Normalize([255 * m for m in mean], [255 * s for s in std]),
+            ]
+        ),
+        "subset": T.Compose([T.Resize((8, 8)), T.ToTensor(), T.Normalize(mean, std)]),
+    }[kind]
+    ds = ImageFolder(str(tmp_path / "imgs"), transform=tf)
+    cb, _ = _fit_cam(tmp_path, Subset(ds, list(range(0, 12, 2))) if kind == "subset" else ds)
+    p = cb.probes
+    assert p.mean == pytest.approx(mean, abs=1e-7)
+    assert p.std == pytest.approx(std, abs=1e-7)
+    files = [Image.open(ds.samples[int(i) if kind != "subset" else 2 * int(i)][0]) for i in p.indices]
+    pixels = torch.stack([torch.tensor(f.getpixel((4, 4)), dtype=torch.float32) / 255 for f in files])
+    torch.testing.assert_close(p.display_images()[:, :, 4, 4], pixels, atol=1e-5, rtol=0)
+
+
+def test_several_different_normalizations_are_not_guessed():
+    """Two parts of a ConcatDataset normalized differently: no statistics (display min-max), not one of them."""
+    from torch.utils.data import ConcatDataset
+    from torchvision import transforms as T
+
+    from lightning_viz.probe import dataset_normalization
+
+    class Tf(Dataset):
+        def __init__(self, m):
+            self.transform = T.Compose([T.ToTensor(), T.Normalize([m] * 3, [0.2] * 3)])
+
+        def __len__(self):
+            return 2
+
+    assert dataset_normalization(Tf(0.5)) == ([0.5] * 3, [0.2] * 3)
+    assert dataset_normalization(ConcatDataset([Tf(0.5), Tf(0.5)])) == ([0.5] * 3, [0.2] * 3)
+    assert dataset_normalization(ConcatDataset([Tf(0.5), Tf(0.4)])) is None

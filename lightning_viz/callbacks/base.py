@@ -49,6 +49,7 @@ from ..probe import (
     ProbeSet,
     SampleFormatError,
     dataset_attr,
+    dataset_normalization,
     probe_bank_get,
     probe_bank_put,
     read_item,
@@ -1001,6 +1002,8 @@ class VisualizationCallback(Callback):
         mean, std = _first_not_none(dm, "mean"), _first_not_none(dm, "std")
         mean = mean if mean is not None else dataset_attr(dataset, "mean")  # also through Subset / ConcatDataset
         std = std if std is not None else dataset_attr(dataset, "std")
+        if mean is None and std is None:  # none declared: the Normalize of the dataset's transform, if any
+            mean, std = dataset_normalization(dataset) or (None, None)
         self._probe_origin = type(dataset).__name__
         picks = _picks.setdefault(trainer, {})
         key = (id(dataset), self.num_probes, self.probe_seed)
