@@ -3,6 +3,8 @@ datasets (Subset, ConcatDataset, random_split) and the normalization of their tr
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -202,3 +204,27 @@ def test_several_different_normalizations_are_not_guessed():
     assert dataset_normalization(Tf(0.5)) == ([0.5] * 3, [0.2] * 3)
     assert dataset_normalization(ConcatDataset([Tf(0.5), Tf(0.5)])) == ([0.5] * 3, [0.2] * 3)
     assert dataset_normalization(ConcatDataset([Tf(0.5), Tf(0.4)])) is None
+
+
+def test_image_folder_reads_16_bit_grayscale_rgba_palette_and_gray_files(tmp_path):
+    """One file of each kind a real folder holds, flat value each; ImageFolderDataModule gives the file's colors
+    (a 16-bit grayscale PNG read as v / 257, not clipped to white by PIL's convert("RGB"))."""
+    from lightning_viz.data.folder import ImageFolderDataModule
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    files = {
+        "rgb": (Image.new("RGB", (6, 5), (200, 100, 50)), (200, 100, 50)),
+        "gray": (Image.new("L", (6, 5), 90), (90, 90, 90)),
+        "rgba": (Image.new("RGBA", (6, 5), (10, 220, 30, 128)), (10, 220, 30)),
+        "palette": (Image.new("RGB", (6, 5), (0, 0, 255)).convert("P"), (0, 0, 255)),
+        "gray16": (Image.fromarray(np.full((5, 6), 20000, dtype=np.uint16)), (78, 78, 78)),  # 20000 / 257 = 77.8
+    }
+    for i, (name, (img, _)) in enumerate(files.items()):
+        img.save(tmp_path / ("a" if i % 2 else "b") / f"{name}.png")
+    assert Image.open(tmp_path / "b" / "gray16.png").mode.startswith("I")  # a real 16-bit file
+    dm = ImageFolderDataModule(str(tmp_path), image_size=4, val_fraction=0.0, mean=[0, 0, 0], std=[1, 1, 1])
+    full = dm.train_set.dataset
+    for (path, _), (x, _) in zip(full.samples, (full[i] for i in range(len(full)))):
+        expected = torch.tensor(files[os.path.basename(path)[:-4]][1], dtype=torch.float32) / 255
+        torch.testing.assert_close(x[:, 2, 2], expected, atol=1e-6, rtol=0, msg=path)
