@@ -10,7 +10,9 @@ Batches may be ``(x, y)``, ``(x, y, mask)``, ``x`` alone, or a dict with keys ``
 
 from __future__ import annotations
 
+import functools
 import random
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,18 +139,88 @@ _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 def read_item(dataset: Any, index: int, seed: int | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``split_sample(dataset[index])`` read inside :func:`~lightning_viz.capture.fork_rng`, so a dataset
-    whose ``__getitem__`` draws a random augmentation leaves every global RNG as it was. With ``seed``, the CPU
-    torch, numpy and python RNGs are seeded from ``(seed, index)`` for the read: the item is the same whatever
+    whose ``__getitem__`` draws a random augmentation leaves every global RNG as it was, and every generator the
+    dataset keeps for itself (its transforms', e.g. albumentations 2's) too. With ``seed``, the CPU torch, numpy and
+    python RNGs and those generators are seeded from ``(seed, index)`` for the read: the item is the same whatever
     their state (every DDP rank, unseeded, reads the same probe images)."""
     from .capture import fork_rng
 
-    with fork_rng():
-        if seed is not None:
-            item_seed = (seed * 1_000_003 + index) % 2**32
-            torch.default_generator.manual_seed(item_seed)  # CPU only: seeding CUDA would queue a lazy seed
-            np.random.seed(item_seed)
-            random.seed(item_seed)
-        return split_sample(dataset[index])
+    own = _own_generators(dataset)
+    saved = [_generator_state(g) for g in own]
+    try:
+        with fork_rng():
+            if seed is not None:
+                item_seed = (seed * 1_000_003 + index) % 2**32
+                torch.default_generator.manual_seed(item_seed)  # CPU only: seeding CUDA would queue a lazy seed
+                np.random.seed(item_seed)
+                random.seed(item_seed)
+                for g in own:
+                    _seed_generator(g, item_seed)
+            return split_sample(dataset[index])
+    finally:
+        for g, state in zip(own, saved):
+            _set_generator_state(g, state)
+
+
+_GENERATORS = (np.random.Generator, np.random.RandomState, random.Random, torch.Generator)
+_LEAVES = (str, bytes, int, float, bool, complex, Tensor, np.ndarray, type, types.ModuleType, types.FunctionType)
+
+
+def _own_generators(root: Any, max_depth: int = 6, max_objects: int = 2000) -> list[Any]:
+    """The random generators a dataset keeps for itself (``np.random.Generator``, ``RandomState``, ``random.Random``,
+    ``torch.Generator``) among its attributes, its transforms' (albumentations 2 ``Compose.random_generator`` /
+    ``py_random``), a wrapped dataset's or a collate_fn's: short lists and dicts are searched, long ones (a file list)
+    are not."""
+    found: list[Any] = []
+    seen: set[int] = set()
+    stack: list[tuple[Any, int]] = [(root, 0)]
+    while stack and len(seen) < max_objects:
+        obj, depth = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, _GENERATORS):
+            found.append(obj)
+            continue
+        if depth >= max_depth or obj is None or isinstance(obj, _LEAVES):
+            continue
+        if isinstance(obj, dict):
+            children = list(obj.values()) if len(obj) <= 64 else []
+        elif isinstance(obj, (list, tuple)):
+            children = list(obj) if len(obj) <= 64 else []
+        elif isinstance(obj, functools.partial):
+            children = [obj.func, *obj.args, *obj.keywords.values()]
+        elif isinstance(obj, types.MethodType):
+            children = [obj.__self__]
+        else:
+            attrs = getattr(obj, "__dict__", None)
+            children = list(attrs.values()) if isinstance(attrs, dict) else []
+        stack += [(c, depth + 1) for c in children]
+    return found
+
+
+def _generator_state(g: Any) -> Any:
+    if isinstance(g, np.random.Generator):
+        return g.bit_generator.state
+    return g.get_state() if isinstance(g, (np.random.RandomState, torch.Generator)) else g.getstate()
+
+
+def _set_generator_state(g: Any, state: Any) -> None:
+    if isinstance(g, np.random.Generator):
+        g.bit_generator.state = state
+    elif isinstance(g, (np.random.RandomState, torch.Generator)):
+        g.set_state(state)
+    else:
+        g.setstate(state)
+
+
+def _seed_generator(g: Any, seed: int) -> None:
+    if isinstance(g, np.random.Generator):
+        g.bit_generator.state = type(g.bit_generator)(seed).state
+    elif isinstance(g, torch.Generator):
+        g.manual_seed(seed)
+    else:
+        g.seed(seed)
 
 
 class CollatedItems:

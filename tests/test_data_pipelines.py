@@ -228,3 +228,65 @@ def test_image_folder_reads_16_bit_grayscale_rgba_palette_and_gray_files(tmp_pat
     for (path, _), (x, _) in zip(full.samples, (full[i] for i in range(len(full)))):
         expected = torch.tensor(files[os.path.basename(path)[:-4]][1], dtype=torch.float32) / 255
         torch.testing.assert_close(x[:, 2, 2], expected, atol=1e-6, rtol=0, msg=path)
+
+
+class _OwnGenerators:
+    """An augmentation that owns its generators, as albumentations 2's ``Compose`` does (``random_generator``,
+    ``py_random``), plus a ``torch.Generator``: none of the global RNGs is drawn from."""
+
+    def __init__(self, seed):
+        import random
+
+        self.random_generator = np.random.default_rng(seed)
+        self.py_random = random.Random(seed)
+        self.torch_gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, image):
+        if self.py_random.random() < 0.5:
+            image = image[:, ::-1]
+        shift = float(torch.rand((), generator=self.torch_gen))
+        return image * self.random_generator.uniform(0.5, 1.5) + shift
+
+
+class _Augmented(Dataset):
+    def __init__(self, aug_seed):
+        self.x = np.random.default_rng(0).random((24, 8, 8, 3)).astype(np.float32)
+        self.transform = {"image": _OwnGenerators(aug_seed)}  # nested, as in a config dict
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        x = np.ascontiguousarray(self.transform["image"](self.x[i]))
+        return torch.from_numpy(x).permute(2, 0, 1), i % 3
+
+
+class _Batches(LitTiny):
+    def __init__(self):
+        super().__init__(TinyCNN())
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[0].clone())
+        return super().training_step(batch, batch_idx)
+
+
+def test_dataset_generators_of_its_own_are_untouched_and_seeded_for_probes(tmp_path):
+    """Reading the probes drew from the augmentation's own generators: the training batches changed when a callback
+    was attached, and the probes depended on the generators' state. Now every training batch is bit-identical with
+    and without callbacks, and two datasets whose generators are seeded differently give the same probes."""
+
+    def fit(callbacks, aug_seed=1):
+        torch.manual_seed(0)
+        model, ds = _Batches(), _Augmented(aug_seed)
+        loader = DataLoader(ds, batch_size=6, shuffle=True)
+        tiny_trainer(str(tmp_path), callbacks, max_epochs=2, logger=False).fit(model, loader, DataLoader(ds, 6))
+        return model.seen
+
+    plain = fit([])
+    cb = CAMCallback(layers=["net.conv2"], num_probes=4, probe_source="train")
+    seen = fit([cb])
+    assert len(seen) == len(plain) == 8 and all(torch.equal(a, b) for a, b in zip(seen, plain))
+    other = CAMCallback(layers=["net.conv2"], num_probes=4, probe_source="train")
+    fit([other], aug_seed=7)
+    assert torch.equal(cb.probes.images, other.probes.images)
