@@ -257,13 +257,13 @@ class CollatedItems:
 
 
 def _parts(dataset: Any) -> list[Any]:
-    """The datasets ``dataset`` wraps: a ``Subset``'s (``random_split``) or a view's ``dataset``, a
-    ``ConcatDataset``'s ``datasets``; none for a plain dataset."""
-    inner = getattr(dataset, "datasets", None)
-    if isinstance(inner, (list, tuple)) and inner:
-        return list(inner)
-    inner = dataset.__dict__.get("dataset") if hasattr(dataset, "__dict__") else None
-    return [] if inner is None or inner is dataset else [inner]
+    """The datasets ``dataset`` wraps: a ``Subset``'s (``random_split``) or a :class:`CollatedItems`' ``dataset``, a
+    ``ConcatDataset``'s ``datasets``; none for any other dataset (a wrapper of one's own may relabel its items)."""
+    from torch.utils.data import ConcatDataset, Subset
+
+    if isinstance(dataset, ConcatDataset):
+        return list(dataset.datasets)
+    return [dataset.dataset] if isinstance(dataset, (Subset, CollatedItems)) else []
 
 
 def dataset_attr(dataset: Any, name: str) -> Any:

@@ -290,3 +290,28 @@ def test_dataset_generators_of_its_own_are_untouched_and_seeded_for_probes(tmp_p
     other = CAMCallback(layers=["net.conv2"], num_probes=4, probe_source="train")
     fit([other], aug_seed=7)
     assert torch.equal(cb.probes.images, other.probes.images)
+
+
+def test_a_relabeling_wrapper_of_ones_own_does_not_inherit_class_names_or_targets():
+    """A wrapper of the user's that maps the wrapped dataset's 3 classes to 2 keeps neither its ``classes`` nor its
+    ``targets`` (only Subset, random_split and ConcatDataset are known to keep the labels)."""
+    from torch.utils.data import Subset
+
+    from lightning_viz.probe import dataset_attr, dataset_targets
+
+    class Base(Dataset):
+        classes, targets = ["a", "b", "c"], [0, 1, 2, 0]
+
+        def __len__(self):
+            return 4
+
+    class Binary(Dataset):
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __len__(self):
+            return len(self.dataset)
+
+    assert dataset_attr(Binary(Base()), "classes") is None and dataset_targets(Binary(Base())) is None
+    assert dataset_attr(Subset(Base(), [3, 1]), "classes") == ["a", "b", "c"]
+    assert dataset_targets(Subset(Base(), [3, 1])) == [0, 1]
