@@ -193,7 +193,10 @@ def _own_generators(root: Any, max_depth: int = 6, max_objects: int = 2000) -> l
         elif isinstance(obj, types.MethodType):
             children = [obj.__self__]
         else:
-            attrs = getattr(obj, "__dict__", None)
+            try:  # an exotic object (a file handle, a database) may refuse even this
+                attrs = getattr(obj, "__dict__", None)
+            except Exception:
+                attrs = None
             children = list(attrs.values()) if isinstance(attrs, dict) else []
         stack += [(c, depth + 1) for c in children]
     return found

@@ -315,3 +315,25 @@ def test_a_relabeling_wrapper_of_ones_own_does_not_inherit_class_names_or_target
     assert dataset_attr(Binary(Base()), "classes") is None and dataset_targets(Binary(Base())) is None
     assert dataset_attr(Subset(Base(), [3, 1]), "classes") == ["a", "b", "c"]
     assert dataset_targets(Subset(Base(), [3, 1])) == [0, 1]
+
+
+def test_probe_reads_pass_over_attributes_that_refuse_inspection():
+    """A dataset holding a handle whose ``__dict__`` raises (a closed file, a database) is read as before."""
+    from lightning_viz.probe import read_item
+
+    class Handle:
+        @property
+        def __dict__(self):
+            raise RuntimeError("closed")
+
+    class WithHandle(Dataset):
+        handle = None
+
+        def __init__(self):
+            self.handle = Handle()
+
+        def __getitem__(self, i):
+            return torch.full((3, 2, 2), float(i)), 1
+
+    image, label, _ = read_item(WithHandle(), 2, seed=0)
+    assert torch.equal(image, torch.full((3, 2, 2), 2.0)) and int(label) == 1
