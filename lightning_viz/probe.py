@@ -243,20 +243,26 @@ class CollatedItems:
         return getattr(self.dataset, name)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        batch = self.collate_fn([self.dataset[index]])
-        img, lab, mask = split_sample(batch)
-        name = getattr(self.collate_fn, "__qualname__", type(self.collate_fn).__name__)
-        if not isinstance(img, Tensor) or img.ndim != 4 or img.shape[0] != 1:
-            what = f"shape {list(img.shape)}" if isinstance(img, Tensor) else type(img).__name__
-            raise SampleFormatError(
-                f"the dataloader's collate_fn {name} made a batch of one item whose images are {what}; expected "
-                "[1, C, H, W] (a batch of one image)"
-            )
-        if isinstance(lab, Tensor) and lab.ndim >= 1 and lab.shape[0] == 1:
-            lab = lab[0]
-        if isinstance(mask, Tensor) and mask.ndim >= 3 and mask.shape[0] == 1:
-            mask = mask[0]
-        return img[0], lab, mask
+        item = self.dataset[index]
+        try:
+            img, lab, mask = split_sample(self.collate_fn([item]))
+        except SampleFormatError:
+            img, lab, mask = None, None, None
+        if isinstance(img, Tensor) and img.ndim == 4 and img.shape[0] == 1:
+            if isinstance(lab, Tensor) and lab.ndim >= 1 and lab.shape[0] == 1:
+                lab = lab[0]
+            if isinstance(mask, Tensor) and mask.ndim >= 3 and mask.shape[0] == 1:
+                mask = mask[0]
+            return img[0], lab, mask
+        raw = split_sample(item)  # a collate that keeps a list of images (detection style): the item as it is
+        if isinstance(raw[0], Tensor):
+            return raw
+        name = getattr(self.collate_fn, "__name__", type(self.collate_fn).__name__)
+        what = f"shape {list(img.shape)}" if isinstance(img, Tensor) else type(img).__name__
+        raise SampleFormatError(
+            f"the dataloader's collate_fn {name} made a batch of one item whose images are {what}, not [1, C, H, W], "
+            f"and the item's image is a {type(raw[0]).__name__}, not a tensor"
+        )
 
 
 def _parts(dataset: Any) -> list[Any]:

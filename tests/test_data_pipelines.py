@@ -337,3 +337,32 @@ def test_probe_reads_pass_over_attributes_that_refuse_inspection():
 
     image, label, _ = read_item(WithHandle(), 2, seed=0)
     assert torch.equal(image, torch.full((3, 2, 2), 2.0)) and int(label) == 1
+
+
+def test_a_collate_fn_that_keeps_a_list_of_images_reads_the_items_and_errors_name_the_dataset(tmp_path):
+    """A detection-style collate (``tuple(zip(*batch))``: a list of images) keeps the probes as the items are (as
+    before collate_fns were read); a pipeline where neither gives an image tensor fails at setup naming the user's
+    dataset class, not lightning-viz's view over it."""
+    from lightning_viz.callbacks.base import VisualizationError
+
+    def as_lists(batch):
+        return tuple(zip(*batch))
+
+    class Lists(LitTiny):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((torch.stack(batch[0]), torch.tensor(batch[1])), batch_idx)
+
+        def validation_step(self, batch, batch_idx):
+            return super().validation_step((torch.stack(batch[0]), torch.tensor(batch[1])), batch_idx)
+
+    ds = _Pictures("sizes")
+    ds.arrays = [a[:6] for a in ds.arrays]  # one size: the model stacks the lists
+    cb = CAMCallback(layers=["net.conv2"], num_probes=3)
+    loader = DataLoader(ds, batch_size=3, collate_fn=as_lists)
+    tiny_trainer(str(tmp_path / "a"), [cb], max_epochs=1, logger=False).fit(Lists(TinyCNN()), loader, loader)
+    assert torch.equal(cb.probes.images, torch.stack([ds[i][0] for i in cb.probes.indices.tolist()]))
+
+    pil = DataLoader(_Pictures("pil"), batch_size=3, collate_fn=as_lists)
+    trainer = tiny_trainer(str(tmp_path / "b"), [CAMCallback(layers=["net.conv2"], num_probes=3)], logger=False)
+    with pytest.raises(VisualizationError, match=r"the _Pictures dataset .*collate_fn .*as_lists.*not a tensor"):
+        trainer.fit(Lists(TinyCNN()), pil, pil)

@@ -986,7 +986,7 @@ class VisualizationCallback(Callback):
 
     def _unreadable_message(self, dataset: Any, exc: Exception) -> str:
         return (
-            f"{type(self).__name__}: reading an item of the {type(dataset).__name__} dataset "
+            f"{type(self).__name__}: reading an item of the {_dataset_name(dataset)} dataset "
             f"(probe_source={self.probe_source!r}) failed: {exc}. Make its items a tensor, (image, label[, mask]) "
             "or such a dict, or pass probes=ProbeSet(images=..., labels=...)."
         )
@@ -1004,7 +1004,7 @@ class VisualizationCallback(Callback):
         std = std if std is not None else dataset_attr(dataset, "std")
         if mean is None and std is None:  # none declared: the Normalize of the dataset's transform, if any
             mean, std = dataset_normalization(dataset) or (None, None)
-        self._probe_origin = type(dataset).__name__
+        self._probe_origin = _dataset_name(dataset)
         picks = _picks.setdefault(trainer, {})
         key = (id(dataset), self.num_probes, self.probe_seed)
         if key not in picks:  # callbacks with the same options share one pick (and one copy in checkpoints)
@@ -1025,10 +1025,10 @@ class VisualizationCallback(Callback):
                 )
                 raise VisualizationError(
                     f"{type(self).__name__}: picking {self.num_probes} probe images (probe_seed={self.probe_seed}) "
-                    f"from the {type(dataset).__name__} dataset failed: {type(exc).__name__}: {exc}.{hint}"
+                    f"from the {_dataset_name(dataset)} dataset failed: {type(exc).__name__}: {exc}.{hint}"
                 ) from exc
         if same_on_every_rank:  # every rank gathers, also where an earlier callback's pick is taken
-            picks[key] = _rank0_probes(trainer, picks[key], type(self).__name__, type(dataset).__name__)
+            picks[key] = _rank0_probes(trainer, picks[key], type(self).__name__, _dataset_name(dataset))
         return picks[key]
 
     # ------------------------------------------------------------------ run
@@ -1530,6 +1530,11 @@ def _collated(trainer: Trainer, dataset: Any, collate_fn: Any) -> Any:
     if key not in views:
         views[key] = CollatedItems(dataset, collate_fn)
     return views[key]
+
+
+def _dataset_name(dataset: Any) -> str:
+    """The class name of the user's dataset (not of the :class:`CollatedItems` view over it)."""
+    return type(dataset.dataset if isinstance(dataset, CollatedItems) else dataset).__name__
 
 
 def _find_dataset(trainer: Trainer, source: str, with_iterable: bool = False) -> Any:
