@@ -306,10 +306,19 @@ def dataset_targets(dataset: Any) -> Any:
         return None
     indices = getattr(dataset, "indices", None)
     if len(parts) == 1 and indices is not None:  # a Subset
-        return [found[0][int(i)] for i in indices]
+        base = found[0]
+        if isinstance(base, (Tensor, np.ndarray)):  # MNIST-style targets: one indexing, not one per item
+            at = np.asarray(indices, dtype=np.int64)
+            return base[at] if isinstance(base, np.ndarray) else base[torch.from_numpy(at)]
+        return [base[int(i)] for i in indices]
     if len(parts) == 1:  # a view over the whole dataset (collate_fn)
         return found[0] if len(found[0]) == len(dataset) else None
-    out = [t for part in found for t in part]
+    if all(isinstance(t, Tensor) for t in found):
+        out: Any = torch.cat(found)
+    elif all(isinstance(t, np.ndarray) for t in found):
+        out = np.concatenate(found)
+    else:
+        out = [t for part in found for t in part]
     return out if len(out) == len(dataset) else None
 
 

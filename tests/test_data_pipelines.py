@@ -366,3 +366,26 @@ def test_a_collate_fn_that_keeps_a_list_of_images_reads_the_items_and_errors_nam
     trainer = tiny_trainer(str(tmp_path / "b"), [CAMCallback(layers=["net.conv2"], num_probes=3)], logger=False)
     with pytest.raises(VisualizationError, match=r"the _Pictures dataset .*collate_fn .*as_lists.*not a tensor"):
         trainer.fit(Lists(TinyCNN()), pil, pil)
+
+
+def test_subset_of_tensor_or_array_targets_is_indexed_at_once():
+    """MNIST-style ``targets`` (a tensor, or an array) of a Subset come out as one indexed tensor / array (one
+    indexing for 60000 items, not a Python loop of 0-d tensors)."""
+    from torch.utils.data import Subset
+
+    from lightning_viz.probe import dataset_targets
+
+    class Digits(Dataset):
+        def __init__(self, targets):
+            self.targets = targets
+
+        def __len__(self):
+            return len(self.targets)
+
+    t = torch.arange(10) % 4
+    got = dataset_targets(Subset(Digits(t), [9, 2, 5]))
+    assert isinstance(got, torch.Tensor) and got.tolist() == [1, 2, 1]
+    got = dataset_targets(Subset(Digits(t.numpy()), [9, 2, 5]))
+    assert isinstance(got, np.ndarray) and got.tolist() == [1, 2, 1]
+    got = dataset_targets(torch.utils.data.ConcatDataset([Digits(t), Digits(t[:3])]))
+    assert isinstance(got, torch.Tensor) and got.tolist() == t.tolist() + [0, 1, 2]
