@@ -389,3 +389,34 @@ def test_subset_of_tensor_or_array_targets_is_indexed_at_once():
     assert isinstance(got, np.ndarray) and got.tolist() == [1, 2, 1]
     got = dataset_targets(torch.utils.data.ConcatDataset([Digits(t), Digits(t[:3])]))
     assert isinstance(got, torch.Tensor) and got.tolist() == t.tolist() + [0, 1, 2]
+
+
+def test_images_prepared_in_a_batch_transfer_hook_are_warned_about_once(tmp_path):
+    """A module that normalizes uint8 batches in ``on_after_batch_transfer`` (GPU preprocessing) trains on [-2, 2]
+    inputs while the probes stay the dataset's 0..255 pixels: one VisualizationWarning at setup says so (before:
+    silent), and a module without such hooks gets none."""
+    import warnings
+
+    from torch.utils.data import TensorDataset
+
+    from lightning_viz import GradientCallback
+    from lightning_viz.callbacks.base import VisualizationWarning
+
+    class GpuNorm(LitTiny):
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            x, y = batch
+            return (x.float() / 255 - 0.5) / 0.25, y
+
+    x = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(12) % 3
+    for module, data, expected in ((GpuNorm(TinyCNN()), x, 1), (LitTiny(TinyCNN()), x.float() / 255, 0)):
+        loader = DataLoader(TensorDataset(data, y), batch_size=6)
+        cbs = [GradientCallback(num_probes=2), CAMCallback(layers=["net.conv2"], num_probes=3)]
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            tiny_trainer(str(tmp_path), cbs, max_epochs=1, logger=False).fit(module, loader, loader)
+        hits = [w for w in seen if issubclass(w.category, VisualizationWarning) and "batch_transfer" in str(w.message)]
+        assert len(hits) == expected
+        if expected:
+            assert "GpuNorm.on_after_batch_transfer" in str(hits[0].message)
+            assert "probes=ProbeSet" in str(hits[0].message)

@@ -1027,6 +1027,7 @@ class VisualizationCallback(Callback):
                     f"{type(self).__name__}: picking {self.num_probes} probe images (probe_seed={self.probe_seed}) "
                     f"from the {_dataset_name(dataset)} dataset failed: {type(exc).__name__}: {exc}.{hint}"
                 ) from exc
+            _warn_batch_hooks(trainer)
         if same_on_every_rank:  # every rank gathers, also where an earlier callback's pick is taken
             picks[key] = _rank0_probes(trainer, picks[key], type(self).__name__, _dataset_name(dataset))
         return picks[key]
@@ -1530,6 +1531,33 @@ def _collated(trainer: Trainer, dataset: Any, collate_fn: Any) -> Any:
     if key not in views:
         views[key] = CollatedItems(dataset, collate_fn)
     return views[key]
+
+
+#: trainers warned that the probes skip their batch-transfer hooks
+_batch_hooks_warned: weakref.WeakSet[Trainer] = weakref.WeakSet()
+
+
+def _warn_batch_hooks(trainer: Trainer) -> None:
+    """Once per trainer: probes are read from the dataset (through its ``collate_fn``), not through the
+    LightningModule's or datamodule's ``on_before_batch_transfer`` / ``on_after_batch_transfer``; a hook there that
+    converts or normalizes the images would leave the visualizations other inputs than training's."""
+    owners = [o for o in (trainer.lightning_module, getattr(trainer, "datamodule", None)) if o is not None]
+    hooks = [
+        f"{type(o).__name__}.{h}"
+        for o in owners
+        for h in ("on_before_batch_transfer", "on_after_batch_transfer")
+        if is_overridden(h, o)
+    ]
+    if not hooks or trainer in _batch_hooks_warned:
+        return
+    _batch_hooks_warned.add(trainer)
+    rank_zero_warn(
+        f"lightning-viz: the probe images are read from the dataset (through the DataLoader's collate_fn) and do not "
+        f"pass through {' and '.join(hooks)}. If that hook converts or normalizes the images (not only augments them "
+        "for training), the visualizations see other inputs than the model trains on: do that step in the dataset's "
+        "transform, the collate_fn or the model's forward, or pass probes=ProbeSet(images as the model gets them).",
+        category=VisualizationWarning,
+    )
 
 
 def _dataset_name(dataset: Any) -> str:
