@@ -349,6 +349,8 @@ def dataset_normalization(dataset: Any) -> tuple[list[float], list[float]] | Non
         ):
             if type(t).__name__ != "Normalize":
                 continue
+            if getattr(t, "normalization", "standard") != "standard":  # albumentations' per-image / min-max modes
+                return None
             try:
                 mean = torch.as_tensor(t.mean, dtype=torch.float64).flatten().tolist()
                 std = torch.as_tensor(t.std, dtype=torch.float64).flatten().tolist()

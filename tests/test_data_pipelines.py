@@ -420,3 +420,26 @@ def test_images_prepared_in_a_batch_transfer_hook_are_warned_about_once(tmp_path
         if expected:
             assert "GpuNorm.on_after_batch_transfer" in str(hits[0].message)
             assert "probes=ProbeSet" in str(hits[0].message)
+
+
+def test_an_albumentations_style_normalize_gives_its_statistics_unless_it_normalizes_per_image():
+    """albumentations' ``Normalize(mean, std, max_pixel_value=255)`` inside ``Compose.transforms`` is the same
+    normalization of pixels in [0, 1]; with ``normalization="image"`` (per-image statistics) there is none to undo."""
+    from lightning_viz.probe import dataset_normalization
+
+    class Normalize:  # albumentations.Normalize's attributes
+        def __init__(self, normalization="standard"):
+            self.mean, self.std, self.max_pixel_value = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0
+            self.normalization = normalization
+
+    class Compose:
+        def __init__(self, transforms):
+            self.transforms = transforms
+
+    class Albu(Dataset):
+        def __init__(self, normalization):
+            self.transform = Compose([object(), Normalize(normalization)])
+
+    mean, std = dataset_normalization(Albu("standard"))
+    assert mean == pytest.approx([0.485, 0.456, 0.406]) and std == pytest.approx([0.229, 0.224, 0.225])
+    assert dataset_normalization(Albu("image")) is None
