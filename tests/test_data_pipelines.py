@@ -280,7 +280,9 @@ def test_dataset_generators_of_its_own_are_untouched_and_seeded_for_probes(tmp_p
         torch.manual_seed(0)
         model, ds = _Batches(), _Augmented(aug_seed)
         loader = DataLoader(ds, batch_size=6, shuffle=True)
-        tiny_trainer(str(tmp_path), callbacks, max_epochs=2, logger=False).fit(model, loader, DataLoader(ds, 6))
+        tiny_trainer(str(tmp_path), callbacks, max_epochs=2, logger=False, default_root_dir=str(tmp_path)).fit(
+            model, loader, DataLoader(ds, 6)
+        )
         return model.seen
 
     plain = fit([])
@@ -359,11 +361,18 @@ def test_a_collate_fn_that_keeps_a_list_of_images_reads_the_items_and_errors_nam
     ds.arrays = [a[:6] for a in ds.arrays]  # one size: the model stacks the lists
     cb = CAMCallback(layers=["net.conv2"], num_probes=3)
     loader = DataLoader(ds, batch_size=3, collate_fn=as_lists)
-    tiny_trainer(str(tmp_path / "a"), [cb], max_epochs=1, logger=False).fit(Lists(TinyCNN()), loader, loader)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1, logger=False, default_root_dir=str(tmp_path / "a")).fit(
+        Lists(TinyCNN()), loader, loader
+    )
     assert torch.equal(cb.probes.images, torch.stack([ds[i][0] for i in cb.probes.indices.tolist()]))
 
     pil = DataLoader(_Pictures("pil"), batch_size=3, collate_fn=as_lists)
-    trainer = tiny_trainer(str(tmp_path / "b"), [CAMCallback(layers=["net.conv2"], num_probes=3)], logger=False)
+    trainer = tiny_trainer(
+        str(tmp_path),
+        [CAMCallback(layers=["net.conv2"], num_probes=3)],
+        logger=False,
+        default_root_dir=str(tmp_path / "b"),
+    )
     with pytest.raises(VisualizationError, match=r"the _Pictures dataset .*collate_fn .*as_lists.*not a tensor"):
         trainer.fit(Lists(TinyCNN()), pil, pil)
 
@@ -414,7 +423,9 @@ def test_images_prepared_in_a_batch_transfer_hook_are_warned_about_once(tmp_path
         cbs = [GradientCallback(num_probes=2), CAMCallback(layers=["net.conv2"], num_probes=3)]
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            tiny_trainer(str(tmp_path), cbs, max_epochs=1, logger=False).fit(module, loader, loader)
+            tiny_trainer(str(tmp_path), cbs, max_epochs=1, logger=False, default_root_dir=str(tmp_path)).fit(
+                module, loader, loader
+            )
         hits = [w for w in seen if issubclass(w.category, VisualizationWarning) and "batch_transfer" in str(w.message)]
         assert len(hits) == expected
         if expected:
