@@ -10,7 +10,9 @@ Batches may be ``(x, y)``, ``(x, y, mask)``, ``x`` alone, or a dict with keys ``
 
 from __future__ import annotations
 
+import functools
 import random
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,10 @@ __all__ = [
     "ProbeSet",
     "split_sample",
     "read_item",
+    "CollatedItems",
+    "dataset_attr",
+    "dataset_targets",
+    "dataset_normalization",
     "class_index",
     "SampleFormatError",
     "PROBE_BANK_KEY",
@@ -133,18 +139,230 @@ _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 def read_item(dataset: Any, index: int, seed: int | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``split_sample(dataset[index])`` read inside :func:`~lightning_viz.capture.fork_rng`, so a dataset
-    whose ``__getitem__`` draws a random augmentation leaves every global RNG as it was. With ``seed``, the CPU
-    torch, numpy and python RNGs are seeded from ``(seed, index)`` for the read: the item is the same whatever
+    whose ``__getitem__`` draws a random augmentation leaves every global RNG as it was, and every generator the
+    dataset keeps for itself (its transforms', e.g. albumentations 2's) too. With ``seed``, the CPU torch, numpy and
+    python RNGs and those generators are seeded from ``(seed, index)`` for the read: the item is the same whatever
     their state (every DDP rank, unseeded, reads the same probe images)."""
     from .capture import fork_rng
 
-    with fork_rng():
-        if seed is not None:
-            item_seed = (seed * 1_000_003 + index) % 2**32
-            torch.default_generator.manual_seed(item_seed)  # CPU only: seeding CUDA would queue a lazy seed
-            np.random.seed(item_seed)
-            random.seed(item_seed)
-        return split_sample(dataset[index])
+    own = _own_generators(dataset)
+    saved = [_generator_state(g) for g in own]
+    try:
+        with fork_rng():
+            if seed is not None:
+                item_seed = (seed * 1_000_003 + index) % 2**32
+                torch.default_generator.manual_seed(item_seed)  # CPU only: seeding CUDA would queue a lazy seed
+                np.random.seed(item_seed)
+                random.seed(item_seed)
+                for g in own:
+                    _seed_generator(g, item_seed)
+            return split_sample(dataset[index])
+    finally:
+        for g, state in zip(own, saved):
+            _set_generator_state(g, state)
+
+
+_GENERATORS = (np.random.Generator, np.random.RandomState, random.Random, torch.Generator)
+_LEAVES = (str, bytes, int, float, bool, complex, Tensor, np.ndarray, type, types.ModuleType, types.FunctionType)
+
+
+def _own_generators(root: Any, max_depth: int = 6, max_objects: int = 2000) -> list[Any]:
+    """The random generators a dataset keeps for itself (``np.random.Generator``, ``RandomState``, ``random.Random``,
+    ``torch.Generator``) among its attributes, its transforms' (albumentations 2 ``Compose.random_generator`` /
+    ``py_random``), a wrapped dataset's or a collate_fn's: short lists and dicts are searched, long ones (a file list)
+    are not."""
+    found: list[Any] = []
+    seen: set[int] = set()
+    stack: list[tuple[Any, int]] = [(root, 0)]
+    while stack and len(seen) < max_objects:
+        obj, depth = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, _GENERATORS):
+            found.append(obj)
+            continue
+        if depth >= max_depth or obj is None or isinstance(obj, _LEAVES):
+            continue
+        if isinstance(obj, dict):
+            children = list(obj.values()) if len(obj) <= 64 else []
+        elif isinstance(obj, (list, tuple)):
+            children = list(obj) if len(obj) <= 64 else []
+        elif isinstance(obj, functools.partial):
+            children = [obj.func, *obj.args, *obj.keywords.values()]
+        elif isinstance(obj, types.MethodType):
+            children = [obj.__self__]
+        else:
+            try:  # an exotic object (a file handle, a database) may refuse even this
+                attrs = getattr(obj, "__dict__", None)
+            except Exception:
+                attrs = None
+            children = list(attrs.values()) if isinstance(attrs, dict) else []
+        stack += [(c, depth + 1) for c in children]
+    return found
+
+
+def _generator_state(g: Any) -> Any:
+    if isinstance(g, np.random.Generator):
+        return g.bit_generator.state
+    return g.get_state() if isinstance(g, (np.random.RandomState, torch.Generator)) else g.getstate()
+
+
+def _set_generator_state(g: Any, state: Any) -> None:
+    if isinstance(g, np.random.Generator):
+        g.bit_generator.state = state
+    elif isinstance(g, (np.random.RandomState, torch.Generator)):
+        g.set_state(state)
+    else:
+        g.setstate(state)
+
+
+def _seed_generator(g: Any, seed: int) -> None:
+    if isinstance(g, np.random.Generator):
+        g.bit_generator.state = type(g.bit_generator)(seed).state
+    elif isinstance(g, torch.Generator):
+        g.manual_seed(seed)
+    else:
+        g.seed(seed)
+
+
+class CollatedItems:
+    """The items of ``dataset`` as its DataLoader's ``collate_fn`` hands them to the model: each item collated as a
+    batch of one, then taken out of it (a collate that converts PIL images or HWC numpy arrays, resizes or pads).
+    Other attributes (``targets``, ``classes``, ``mean``, ``std``, ``transform``) are the dataset's."""
+
+    def __init__(self, dataset: Any, collate_fn: Any):
+        self.dataset, self.collate_fn = dataset, collate_fn
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "collate_fn"):  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        item = self.dataset[index]
+        try:
+            img, lab, mask = split_sample(self.collate_fn([item]))
+        except SampleFormatError:
+            img, lab, mask = None, None, None
+        if isinstance(img, Tensor) and img.ndim == 4 and img.shape[0] == 1:
+            if isinstance(lab, Tensor) and lab.ndim >= 1 and lab.shape[0] == 1:
+                lab = lab[0]
+            if isinstance(mask, Tensor) and mask.ndim >= 3 and mask.shape[0] == 1:
+                mask = mask[0]
+            return img[0], lab, mask
+        raw = split_sample(item)  # a collate that keeps a list of images (detection style): the item as it is
+        if isinstance(raw[0], Tensor):
+            return raw
+        name = getattr(self.collate_fn, "__name__", type(self.collate_fn).__name__)
+        what = f"shape {list(img.shape)}" if isinstance(img, Tensor) else type(img).__name__
+        raise SampleFormatError(
+            f"the dataloader's collate_fn {name} made a batch of one item whose images are {what}, not [1, C, H, W], "
+            f"and the item's image is a {type(raw[0]).__name__}, not a tensor"
+        )
+
+
+def _parts(dataset: Any) -> list[Any]:
+    """The datasets ``dataset`` wraps: a ``Subset``'s (``random_split``) or a :class:`CollatedItems`' ``dataset``, a
+    ``ConcatDataset``'s ``datasets``; none for any other dataset (a wrapper of one's own may relabel its items)."""
+    from torch.utils.data import ConcatDataset, Subset
+
+    if isinstance(dataset, ConcatDataset):
+        return list(dataset.datasets)
+    return [dataset.dataset] if isinstance(dataset, (Subset, CollatedItems)) else []
+
+
+def dataset_attr(dataset: Any, name: str) -> Any:
+    """``dataset.<name>`` (``classes``, ``mean``, ``std``), else that of the dataset it wraps (``Subset``,
+    ``random_split``; of a ``ConcatDataset`` when all its parts agree); ``None`` when there is none."""
+    value = getattr(dataset, name, None)
+    if value is not None:
+        return value
+    found = [dataset_attr(part, name) for part in _parts(dataset)]
+    if not found or any(v is None for v in found):
+        return None
+    first = found[0]
+    try:
+        same = all(bool(np.array_equal(np.asarray(v, dtype=object), np.asarray(first, dtype=object))) for v in found)
+    except Exception:
+        same = False
+    return first if same else None
+
+
+def dataset_targets(dataset: Any) -> Any:
+    """The labels of every item of ``dataset`` without reading items: its ``targets``, or those of the datasets it
+    wraps (a ``Subset``'s at its ``indices``, a ``ConcatDataset``'s in order); ``None`` when unknown."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return targets
+    parts = _parts(dataset)
+    if not parts:
+        return None
+    found = [dataset_targets(part) for part in parts]
+    if any(t is None for t in found):
+        return None
+    indices = getattr(dataset, "indices", None)
+    if len(parts) == 1 and indices is not None:  # a Subset
+        base = found[0]
+        if isinstance(base, (Tensor, np.ndarray)):  # MNIST-style targets: one indexing, not one per item
+            at = np.asarray(indices, dtype=np.int64)
+            return base[at] if isinstance(base, np.ndarray) else base[torch.from_numpy(at)]
+        return [base[int(i)] for i in indices]
+    if len(parts) == 1:  # a view over the whole dataset (collate_fn)
+        return found[0] if len(found[0]) == len(dataset) else None
+    if all(isinstance(t, Tensor) for t in found):
+        out: Any = torch.cat(found)
+    elif all(isinstance(t, np.ndarray) for t in found):
+        out = np.concatenate(found)
+    else:
+        out = [t for part in found for t in part]
+    return out if len(out) == len(dataset) else None
+
+
+def _transform_parts(t: Any, seen: set[int]) -> list[Any]:
+    """Every transform inside ``t`` (``Compose`` lists, a ``StandardTransform``'s ``transform``), depth first."""
+    if t is None or id(t) in seen:
+        return []
+    seen.add(id(t))
+    out = [t]
+    inner = getattr(t, "transforms", None)
+    for part in inner if isinstance(inner, (list, tuple)) else [inner, getattr(t, "transform", None)]:
+        if part is not None and not isinstance(part, (str, bytes, int, float)):
+            out += _transform_parts(part, seen)
+    return out
+
+
+def dataset_normalization(dataset: Any) -> tuple[list[float], list[float]] | None:
+    """``(mean, std)`` of the one ``Normalize`` transform of ``dataset`` (torchvision's v1 or v2, or any transform of
+    that name with ``mean`` and ``std``; inside ``Compose``, through ``Subset``/``ConcatDataset``), in pixels in
+    ``[0, 1]`` (a mean given in 0..255 units is divided by 255, with its std); ``None`` when there is no such transform
+    or several disagree."""
+    datasets, found = [dataset], set()
+    while datasets:
+        d = datasets.pop()
+        datasets += _parts(d)
+        for t in _transform_parts(getattr(d, "transform", None), set()) + _transform_parts(
+            getattr(d, "transforms", None), set()
+        ):
+            if type(t).__name__ != "Normalize":
+                continue
+            if getattr(t, "normalization", "standard") != "standard":  # albumentations' per-image / min-max modes
+                return None
+            try:
+                mean = torch.as_tensor(t.mean, dtype=torch.float64).flatten().tolist()
+                std = torch.as_tensor(t.std, dtype=torch.float64).flatten().tolist()
+            except (AttributeError, TypeError, ValueError, RuntimeError):
+                return None  # a Normalize whose statistics are not numbers: unknown
+            if max(mean, default=0.0) > 1.0:  # 0..255 units: the same normalization of pixels in [0, 1]
+                mean, std = [m / 255 for m in mean], [v / 255 for v in std]
+            found.add((tuple(mean), tuple(std)))
+    if len(found) != 1:
+        return None
+    stats = found.pop()
+    return list(stats[0]), list(stats[1])
 
 
 def _plain(t: Tensor) -> Tensor:
@@ -268,7 +486,7 @@ class ProbeSet:
             chosen = scan[:num]
         else:
             by_class: dict[int, list[int]] = {}
-            labels = getattr(dataset, "targets", None)
+            labels = dataset_targets(dataset)
             for idx in scan:
                 if labels is not None:
                     lab = _stratum(labels[idx])

@@ -24,6 +24,8 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
+from torch.utils.data import default_collate
+from torch.utils.data._utils.collate import default_convert
 
 from ..capture import capture, fork_rng, isolated, torch_threads
 from ..layers import LayerNotFoundError, module_device, module_dtype
@@ -41,7 +43,17 @@ from ..logging import (
 )
 from ..methods.batching import default_memory_mb, scaled_budget
 from ..methods.checks import check_reaches_input
-from ..probe import PROBE_BANK_KEY, ProbeSet, SampleFormatError, probe_bank_get, probe_bank_put, read_item
+from ..probe import (
+    PROBE_BANK_KEY,
+    CollatedItems,
+    ProbeSet,
+    SampleFormatError,
+    dataset_attr,
+    dataset_normalization,
+    probe_bank_get,
+    probe_bank_put,
+    read_item,
+)
 from ..progress import logger as _log
 from ..progress import reporting
 from ..targets import (
@@ -942,7 +954,7 @@ class VisualizationCallback(Callback):
         if self._found_class_names is None and trainer is not None:
             names = getattr(getattr(trainer, "datamodule", None), "classes", None)
             if names is None:
-                names = getattr(_find_dataset(trainer, self.probe_source), "classes", None)
+                names = dataset_attr(_find_dataset(trainer, self.probe_source), "classes")
             if names is not None and not isinstance(names, (str, bytes)):
                 self._found_class_names = [str(c) for c in names]
         return self._found_class_names
@@ -1019,7 +1031,7 @@ class VisualizationCallback(Callback):
 
     def _unreadable_message(self, dataset: Any, exc: Exception) -> str:
         return (
-            f"{type(self).__name__}: reading an item of the {type(dataset).__name__} dataset "
+            f"{type(self).__name__}: reading an item of the {_dataset_name(dataset)} dataset "
             f"(probe_source={self.probe_source!r}) failed: {exc}. Make its items a tensor, (image, label[, mask]) "
             "or such a dict, or pass probes=ProbeSet(images=..., labels=...)."
         )
@@ -1031,8 +1043,12 @@ class VisualizationCallback(Callback):
         if dataset is None:
             raise VisualizationError(self._no_dataset_message())
         dm = getattr(trainer, "datamodule", None)
-        mean, std = _first_not_none(dm, dataset, "mean"), _first_not_none(dm, dataset, "std")
-        self._probe_origin = type(dataset).__name__
+        mean, std = _first_not_none(dm, "mean"), _first_not_none(dm, "std")
+        mean = mean if mean is not None else dataset_attr(dataset, "mean")  # also through Subset / ConcatDataset
+        std = std if std is not None else dataset_attr(dataset, "std")
+        if mean is None and std is None:  # none declared: the Normalize of the dataset's transform, if any
+            mean, std = dataset_normalization(dataset) or (None, None)
+        self._probe_origin = _dataset_name(dataset)
         picks = _picks.setdefault(trainer, {})
         key = (id(dataset), self.num_probes, self.probe_seed)
         if key not in picks:  # callbacks with the same options share one pick (and one copy in checkpoints)
@@ -1053,8 +1069,9 @@ class VisualizationCallback(Callback):
                 )
                 raise VisualizationError(
                     f"{type(self).__name__}: picking {self.num_probes} probe images (probe_seed={self.probe_seed}) "
-                    f"from the {type(dataset).__name__} dataset failed: {type(exc).__name__}: {exc}.{hint}"
+                    f"from the {_dataset_name(dataset)} dataset failed: {type(exc).__name__}: {exc}.{hint}"
                 ) from exc
+            _warn_batch_hooks(trainer)
         return picks[key]
 
     # ------------------------------------------------------------------ run
@@ -1567,6 +1584,55 @@ def _source_loaders(trainer: Trainer, which: str) -> Any:
     return instance
 
 
+#: per trainer: the :class:`CollatedItems` view of each (dataset, collate_fn), one object each (probe picks are shared
+#: by the dataset's identity)
+_collated_views: weakref.WeakKeyDictionary[Trainer, dict[tuple[int, int], CollatedItems]] = weakref.WeakKeyDictionary()
+
+
+def _collated(trainer: Trainer, dataset: Any, collate_fn: Any) -> Any:
+    """``dataset`` as its loader gives items to the model: through a ``collate_fn`` of the user's
+    (:class:`CollatedItems`), else as it is (torch's default collate only stacks them)."""
+    if collate_fn is None or collate_fn in (default_collate, default_convert):
+        return dataset
+    views = _collated_views.setdefault(trainer, {})
+    key = (id(dataset), id(collate_fn))
+    if key not in views:
+        views[key] = CollatedItems(dataset, collate_fn)
+    return views[key]
+
+
+#: trainers warned that the probes skip their batch-transfer hooks
+_batch_hooks_warned: weakref.WeakSet[Trainer] = weakref.WeakSet()
+
+
+def _warn_batch_hooks(trainer: Trainer) -> None:
+    """Once per trainer: probes are read from the dataset (through its ``collate_fn``), not through the
+    LightningModule's or datamodule's ``on_before_batch_transfer`` / ``on_after_batch_transfer``; a hook there that
+    converts or normalizes the images would leave the visualizations other inputs than training's."""
+    owners = [o for o in (trainer.lightning_module, getattr(trainer, "datamodule", None)) if o is not None]
+    hooks = [
+        f"{type(o).__name__}.{h}"
+        for o in owners
+        for h in ("on_before_batch_transfer", "on_after_batch_transfer")
+        if is_overridden(h, o)
+    ]
+    if not hooks or trainer in _batch_hooks_warned:
+        return
+    _batch_hooks_warned.add(trainer)
+    rank_zero_warn(
+        f"lightning-viz: the probe images are read from the dataset (through the DataLoader's collate_fn) and do not "
+        f"pass through {' and '.join(hooks)}. If that hook converts or normalizes the images (not only augments them "
+        "for training), the visualizations see other inputs than the model trains on: do that step in the dataset's "
+        "transform, the collate_fn or the model's forward, or pass probes=ProbeSet(images as the model gets them).",
+        category=VisualizationWarning,
+    )
+
+
+def _dataset_name(dataset: Any) -> str:
+    """The class name of the user's dataset (not of the :class:`CollatedItems` view over it)."""
+    return type(dataset.dataset if isinstance(dataset, CollatedItems) else dataset).__name__
+
+
 def _find_dataset(trainer: Trainer, source: str, with_iterable: bool = False) -> Any:
     """The map-style dataset behind the val (or train) dataloader, without iterating a sampler.
 
@@ -1594,7 +1660,7 @@ def _find_dataset(trainer: Trainer, source: str, with_iterable: bool = False) ->
                 continue
             try:
                 if len(dataset) > 0:
-                    found = dataset
+                    found = _collated(trainer, dataset, getattr(loaders, "collate_fn", None))
                     break
             except TypeError:  # no len(): cannot be sampled by index
                 iterable = iterable if iterable is not None else dataset

@@ -19,7 +19,7 @@ from .base import SplitDataModule
 if TYPE_CHECKING:
     from torchvision.datasets import ImageFolder
 
-__all__ = ["ImageFolderDataModule", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["ImageFolderDataModule", "IMAGENET_MEAN", "IMAGENET_STD", "load_rgb"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,6 +32,20 @@ class _LabeledSubset(Subset):
     def targets(self) -> list[int]:
         base = cast("ImageFolder", self.dataset).targets  # built over an ImageFolder by _build
         return [base[i] for i in self.indices]
+
+
+def load_rgb(path: str):
+    """The image file at ``path`` as an 8-bit RGB PIL image. 16-bit grayscale files (PNG ``I;16``, ``I``) are scaled
+    to 8 bits (``v / 257``): PIL's own ``convert("RGB")``, torchvision's loader, clips them to 255 (white)."""
+    import numpy as np
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+            v = np.asarray(img, dtype=np.float64)
+            return Image.fromarray(np.clip(np.rint(v / 257), 0, 255).astype(np.uint8)).convert("RGB")
+        return img.convert("RGB")
 
 
 def _image_folder(path: str, transform) -> ImageFolder:
@@ -52,7 +66,7 @@ def _image_folder(path: str, transform) -> ImageFolder:
             "Expected root/<class_name>/<image files>, one sub-folder per class."
         )
     try:
-        return ImageFolder(path, transform=transform)
+        return ImageFolder(path, transform=transform, loader=load_rgb)
     except FileNotFoundError as exc:
         raise FileNotFoundError(
             f"ImageFolderDataModule: no images in the class folders of {path!r} "
