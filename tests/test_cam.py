@@ -548,3 +548,25 @@ def test_scorecam_loop_stops_at_its_next_chunk_on_sigterm(tmp_path, caplog, monk
     assert not [t for t in acc.Tags()["images"] + acc.Tags()["scalars"] if t.startswith("viz-")]
     (msg,) = [r.getMessage() for r in caplog.records if "SIGTERM" in r.getMessage()]
     assert "CAMCallback" in msg and "stopped at 1/24 masked images, nothing more logged at step 0" in msg
+
+
+def test_a_checkpoint_saved_after_a_sigterm_is_not_held_up_by_the_epochs_run(tmp_path):
+    """A checkpoint saved at the epoch's last batch (ModelCheckpoint every_n_train_steps) normally runs the epoch's
+    visualization first (so the checkpoint holds it); after a SIGTERM it is saved at once and the run left out (a
+    stopping loop would abort the save, a full one would hold it up for the whole loop)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class SigtermAtLastBatch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1)
+    cam = CAMCallback(methods="scorecam", layers="net.conv2", num_probes=4, chunk_size=1)
+    tl, vl = tiny_loaders(n=16)  # 2 batches of 8
+    with pytest.raises(SIGTERMException):
+        trainer = tiny_trainer(str(tmp_path), [SigtermAtLastBatch(), ckpt, cam], enable_checkpointing=True)
+        trainer.fit(LitTiny(), tl, vl)
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["epoch=0-step=2.ckpt"]
+    assert cam._last_run_epoch != 0  # the run was left out

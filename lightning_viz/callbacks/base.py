@@ -1262,7 +1262,8 @@ class VisualizationCallback(Callback):
         final ones), so the checkpoint holds it and a fit resumed from it goes on after it; then move this callback's
         probes into the checkpoint's shared probe bank (each image stored once)."""
         states = checkpoint.get("callbacks")
-        if isinstance(states, dict) and self.state_key in states and self._due_after_checkpoint(trainer):
+        term = getattr(trainer, "received_sigterm", False)  # after a SIGTERM: saved at once, the run left out
+        if isinstance(states, dict) and self.state_key in states and not term and self._due_after_checkpoint(trainer):
             self._run_and_report(trainer, pl_module, self.run_on)
             states[self.state_key] = self.state_dict()
         entry = (checkpoint.get("callbacks") or {}).get(self.state_key)
