@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Optional, TextIO
 
-__all__ = ["logger", "reporting", "progress", "PROGRESS_EVERY_S"]
+__all__ = ["logger", "reporting", "interruptible", "progress", "PROGRESS_EVERY_S"]
 
 
 class _BarAwareHandler(logging.StreamHandler):
@@ -77,6 +77,7 @@ class _Run:
 
 
 _current: ContextVar[Optional[_Run]] = ContextVar("lightning_viz_progress", default=None)
+_check: ContextVar[Optional[Callable[[int, int, str], None]]] = ContextVar("lightning_viz_stop", default=None)
 
 
 @contextmanager
@@ -91,10 +92,24 @@ def reporting(label: Optional[str], every_s: Optional[float] = None) -> Iterator
         _current.reset(token)
 
 
+@contextmanager
+def interruptible(check: Callable[[int, int, str], None]) -> Iterator[None]:
+    """Let every :func:`progress` call inside (each step of a long loop, on every rank) call ``check(done, total,
+    what)`` first, which may raise to stop the loop there (a callback's run: the Trainer got a SIGTERM)."""
+    token = _check.set(check)
+    try:
+        yield
+    finally:
+        _check.reset(token)
+
+
 def progress(done: int, total: int, what: str = "steps") -> None:
     """Report ``done`` of ``total`` ``what`` (one line at most every ``every_s`` seconds of a run), with the time
     the run has taken and, once the loop has reported twice, the time left at the loop's rate since its first
-    report."""
+    report. Inside :func:`interruptible`, its check runs first (and may raise)."""
+    check = _check.get()
+    if check is not None:
+        check(done, total, what)
     run = _current.get()
     if run is None:
         return

@@ -1,5 +1,9 @@
 """CAM family: hand-computed weights on a 2-layer conv net, chunking, errors, torchvision models, CAMCallback."""
 
+import logging
+import os
+import signal
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,13 +11,16 @@ import torchvision
 from helpers import (
     LitTiny,
     TinyCNN,
+    assert_untouched,
     check_untouched,
     image_steps,
     read_events,
     scalar_steps,
+    snapshot,
     tiny_loaders,
     tiny_trainer,
 )
+from lightning.pytorch import Callback
 from test_gradients import torchvision_model
 from torch import nn
 
@@ -499,3 +506,67 @@ def test_gradcampp_alpha_is_zero_where_its_denominator_vanishes():
     # next to a regular channel: sum(A) = 2, alpha = 1 / (2 + 2) per pixel, weight 2 * 1/4
     a2 = torch.cat([a, -a], dim=1)
     torch.testing.assert_close(C.gradcampp_weights(a2, torch.ones_like(a2)), torch.tensor([[0.0, 0.5]]))
+
+
+class _SigtermAt(Callback):
+    """Before the next callback's epoch-end run: counts the model's forwards and sends this process a SIGTERM at the
+    ``at``-th (as a cluster does at preemption); keeps a snapshot of the model as the run found it."""
+
+    def __init__(self, at: int):
+        self.at, self.calls, self.before = at, 0, None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.before = snapshot(pl_module)
+
+        def hook(_m, _inputs):
+            self.calls += 1
+            if self.calls == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        self.handle = pl_module.net.register_forward_pre_hook(hook)
+
+
+def test_scorecam_loop_stops_at_its_next_chunk_on_sigterm(tmp_path, caplog, monkeypatch):
+    """A SIGTERM (Lightning sets trainer.received_sigterm) stops a long Score-CAM loop at its next chunk of masked
+    images (was: every one of them, e.g. 512 channels x 64 probes, ~25 min on a CPU, before the fit could stop):
+    Lightning's SIGTERMException, the model as it was, nothing logged at that step, and a line saying so."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lightning_viz.progress import logger as viz_logger
+
+    monkeypatch.setattr(viz_logger, "propagate", True)  # caplog listens on the root logger
+    sig = _SigtermAt(at=5)  # 4 forwards before the loop (the CAM pass, the probes' classes, ...), then its 1st chunk
+    cam = CAMCallback(methods="scorecam", layers="net.conv2", num_probes=4, chunk_size=1)  # 4 x 6 = 24 chunks
+    tl, vl = tiny_loaders(n=12)
+    lit = LitTiny(TinyCNN(width=6))
+    with caplog.at_level(logging.WARNING, logger="lightning_viz"), pytest.raises(SIGTERMException):
+        tiny_trainer(str(tmp_path), [sig, cam], max_epochs=2).fit(lit, tl, vl)
+    sig.handle.remove()
+    assert sig.calls == 5  # no chunk after the one the signal came in (was 4 + 24)
+    assert_untouched(sig.before, snapshot(lit))
+    acc = read_events(str(tmp_path))
+    assert not [t for t in acc.Tags()["images"] + acc.Tags()["scalars"] if t.startswith("viz-")]
+    (msg,) = [r.getMessage() for r in caplog.records if "SIGTERM" in r.getMessage()]
+    assert "CAMCallback" in msg and "stopped at 1/24 masked images, nothing more logged at step 0" in msg
+
+
+def test_a_checkpoint_saved_after_a_sigterm_is_not_held_up_by_the_epochs_run(tmp_path):
+    """A checkpoint saved at the epoch's last batch (ModelCheckpoint every_n_train_steps) normally runs the epoch's
+    visualization first (so the checkpoint holds it); after a SIGTERM it is saved at once and the run left out (a
+    stopping loop would abort the save, a full one would hold it up for the whole loop)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class SigtermAtLastBatch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1)
+    cam = CAMCallback(methods="scorecam", layers="net.conv2", num_probes=4, chunk_size=1)
+    tl, vl = tiny_loaders(n=16)  # 2 batches of 8
+    with pytest.raises(SIGTERMException):
+        trainer = tiny_trainer(str(tmp_path), [SigtermAtLastBatch(), ckpt, cam], enable_checkpointing=True)
+        trainer.fit(LitTiny(), tl, vl)
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["epoch=0-step=2.ckpt"]
+    assert cam._last_run_epoch != 0  # the run was left out

@@ -333,8 +333,8 @@ def test_forward_cams_show_progress(tmp_path, caplog, monkeypatch, method, what)
 
 
 def test_gradient_receptive_field_shows_progress(tmp_path, caplog, monkeypatch):
-    """The gradient receptive field of TopPatchesCallback (one backward per output position and trial, minutes
-    at a ResNet-50's layer3 at 224 px; computed once, when the first patches are cropped) logs progress lines."""
+    """The gradient receptive field of TopPatchesCallback (a backward per position of the middle row and column and
+    per trial; computed once, when the first patches are cropped) logs progress lines."""
     import lightning_viz.progress as progress_module
     from lightning_viz.callbacks.patches import TopPatchesCallback
 
@@ -346,8 +346,8 @@ def test_gradient_receptive_field_shows_progress(tmp_path, caplog, monkeypatch):
     msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
     lines = [m for m in msgs if m.startswith("lightning-viz top_patches: ") and "receptive-field positions" in m]
     assert [m.split(" receptive")[0] for m in lines] == [
-        "lightning-viz top_patches: 0/128",  # 2 trials x 8 x 8 positions of conv2 on 8 px images
-        "lightning-viz top_patches: 64/128",
+        "lightning-viz top_patches: 0/62",  # 2 trials x 31 of the 8 x 8 positions of conv2 on 8 px images (the middle
+        "lightning-viz top_patches: 31/62",  # row and column, the corner and quarter checks; the others derived)
     ]
 
 

@@ -13,11 +13,13 @@ from torch import nn
 from lightning_viz.callbacks.base import _concat
 from lightning_viz.callbacks.patches import TopPatchesCallback, resize_patches
 from lightning_viz.capture import isolated
-from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.layers import LayerNotFoundError, get_layer
 from lightning_viz.methods.patches import TopK, merge_topk, scan_topk, topk_per_unit
 from lightning_viz.methods.receptive_field import (
     NotAConvStackError,
+    _unclip,
     crop_boxes,
+    gradient_receptive_boxes,
     gradient_receptive_field,
     receptive_field,
     stack_receptive_field,
@@ -424,3 +426,84 @@ def test_gradient_receptive_field_stops_the_batched_passes_after_the_layer():
             expected[i, j] |= g[0].abs().sum(0) > 0
     assert torch.equal(support, expected)
     assert expected.any() and not expected.all()  # not a trivial support (all or nothing)
+
+
+@pytest.mark.parametrize(
+    "arch,layer,shape",
+    [
+        ("resnet18", "layer1", (3, 50, 37)),  # residual blocks, zero-padded convs and a padded max-pool at the border
+        ("squeezenet1_1", "features.4", (3, 39, 50)),  # ceil_mode max-pools: the last row of windows is cut short
+        ("mobilenet_v3_small", "features.3", (3, 72, 56)),  # depthwise convs, squeeze-excitation (whole image)
+        ("googlenet", "inception3a", (3, 56, 72)),  # parallel branches of several kernel sizes
+    ],
+)
+def test_gradient_receptive_boxes_equal_the_boxes_of_every_position(arch, layer, shape):
+    """The boxes derived from the middle row and column (translation equivariance) equal those of one backward per
+    position, clipped at the border included, on non-square images."""
+    torch.manual_seed(0)
+    kw = {"init_weights": True, "aux_logits": False} if arch == "googlenet" else {}
+    net = getattr(torchvision.models, arch)(weights=None, **kw).eval()
+    _, full = gradient_receptive_field(net, layer, shape)
+    fast = gradient_receptive_boxes(net, layer, shape)
+    assert torch.equal(fast, full)
+    assert full.shape[0] * full.shape[1] >= 63  # a grid where the derivation saves positions
+
+
+def _backward_images(net: nn.Module, layer: str, fn) -> tuple[object, int]:
+    """``fn()``'s result and how many images went through ``layer`` with autograd on (the per-position copies)."""
+    sizes: list[int] = []
+    hook = get_layer(net, layer).register_forward_hook(
+        lambda m, i, out: sizes.append(out.shape[0]) if out.requires_grad else None
+    )
+    try:
+        return fn(), sum(sizes)
+    finally:
+        hook.remove()
+
+
+def test_gradient_receptive_field_of_a_residual_net_runs_rows_and_columns_only():
+    """``receptive_field`` (TopPatchesCallback's boxes) takes the middle row and column of positions and a few checks
+    (was: every position, 392 backward images for resnet18's layer3 at 224 px); the boxes are those of every one."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None).eval()
+    shape = (3, 48, 64)  # layer1: 12 x 16 positions
+    boxes, n = _backward_images(net, "layer1", lambda: receptive_field(net, "layer1", shape, method="gradient"))
+    assert n == 2 * (12 + 16 - 1 + 16)  # 2 trials x (the middle column and row, 16 corner and quarter checks)
+    (_, full), n_full = _backward_images(net, "layer1", lambda: gradient_receptive_field(net, "layer1", shape))
+    assert n_full == 2 * 12 * 16
+    assert torch.equal(boxes, _unclip(full, 48, 64))
+
+
+class _NotEquivariant(nn.Module):
+    """A conv, then a coordinate-dependent step: ``pos`` adds a positional embedding, ``mask`` zeroes the top-left
+    corner of the feature map, ``halves`` uses a dilated conv on the left half and a plain one on the right."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=3, dilation=3)
+        self.pos = nn.Parameter(3 * torch.randn(1, 8, 16, 20))
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x) + (self.pos if self.kind == "pos" else 0))
+        if self.kind == "mask":
+            y = y * (torch.arange(16).view(16, 1) >= 4).logical_or(torch.arange(20) >= 5)
+        if self.kind == "halves":
+            return torch.cat([self.c3(y)[..., :10], self.c2(y)[..., 10:]], -1)
+        return self.c2(y)
+
+
+@pytest.mark.parametrize("kind,derived", [("pos", True), ("mask", False), ("halves", False)])
+def test_gradient_receptive_boxes_of_a_model_that_is_not_translation_equivariant(kind, derived):
+    """Where the checks see that the boxes do not follow the middle row and column, every position is computed: the
+    boxes equal those of one backward per position."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_NotEquivariant(kind)).eval()
+    fast, n = _backward_images(net, "0", lambda: gradient_receptive_boxes(net, "0", (3, 32, 40)))
+    (_, full), n_full = _backward_images(net, "0", lambda: gradient_receptive_field(net, "0", (3, 32, 40)))
+    assert torch.equal(fast, full)
+    assert n == (2 * (16 + 20 - 1 + 16) if derived else n_full)  # checked, then the other positions computed
+    if kind == "mask":  # the masked corner's units see nothing: empty boxes there, not the derived ones
+        assert not full[:3, :4].any() and (full[4:, 5:, 2:] > full[4:, 5:, :2]).all()

@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import default_collate
@@ -54,8 +55,8 @@ from ..probe import (
     probe_bank_put,
     read_item,
 )
+from ..progress import interruptible, reporting
 from ..progress import logger as _log
-from ..progress import reporting
 from ..targets import (
     ClassTarget,
     ModelAdapter,
@@ -936,10 +937,11 @@ class VisualizationCallback(Callback):
         self._defer_writes = self in cbs and any(_runs_at(c, trainer, where) for c in cbs[cbs.index(self) + 1 :])
         self._run_step = None
         try:
-            if scheduled:
-                self.run(trainer, pl_module, step=step, scheduled=True)
-            else:  # the plain call, as subclasses overriding run(trainer, pl_module) expect
-                self.run(trainer, pl_module)
+            with interruptible(functools.partial(_stop_on_sigterm, self, trainer)):  # a long loop stops at a SIGTERM
+                if scheduled:
+                    self.run(trainer, pl_module, step=step, scheduled=True)
+                else:  # the plain call, as subclasses overriding run(trainer, pl_module) expect
+                    self.run(trainer, pl_module)
         finally:
             self._defer_writes = False
             _pause_val_clock(trainer, time.monotonic() - clock)
@@ -1327,7 +1329,8 @@ class VisualizationCallback(Callback):
         final ones), so the checkpoint holds it and a fit resumed from it goes on after it; then move this callback's
         probes into the checkpoint's shared probe bank (each image stored once)."""
         states = checkpoint.get("callbacks")
-        if isinstance(states, dict) and self.state_key in states and self._due_after_checkpoint(trainer):
+        term = getattr(trainer, "received_sigterm", False)  # after a SIGTERM: saved at once, the run left out
+        if isinstance(states, dict) and self.state_key in states and not term and self._due_after_checkpoint(trainer):
             self._run_and_report(trainer, pl_module, self.run_on)
             states[self.state_key] = self.state_dict()
         entry = (checkpoint.get("callbacks") or {}).get(self.state_key)
@@ -1367,6 +1370,26 @@ def _warn_epochless(trainer: Trainer) -> None:
         "limit_train_batches=N for epochs of N batches (or give the dataset a __len__).",
         category=VisualizationWarning,
     )
+
+
+def _stop_on_sigterm(cb: VisualizationCallback, trainer: Trainer, done: int, total: int, what: str) -> None:
+    """Raise Lightning's ``SIGTERMException`` (what its loops raise after the hook) once the Trainer got a SIGTERM: a
+    loop of many chunks (Score-CAM's masked images, occlusion windows, ...) stops at its next step, not minutes
+    later; the model is restored on the way out, nothing more is logged at this point."""
+    if not getattr(trainer, "received_sigterm", False):
+        return
+    rank, world = _world(trainer)
+    where = f" on rank {rank}" if world > 1 else ""
+    _log.warning(
+        "lightning-viz %s: SIGTERM received%s; stopped at %d/%d %s, nothing more logged at step %s (the fit stops)",
+        cb._label(),
+        where,
+        done,
+        total,
+        what,
+        cb._run_step if cb._run_step is not None else trainer.current_epoch,
+    )
+    raise SIGTERMException()
 
 
 def _pause_val_clock(trainer: Trainer, seconds: float) -> None:
