@@ -296,6 +296,8 @@ def _share_rank0_error(error: BaseException | None, what: str, force: bool = Fal
 
 # torch's messages for a conv/pool window larger than what is left of the image after the model's downsampling
 _TOO_SMALL = re.compile(r"too small|Kernel size can't be greater|smaller than kernel size")
+# ... for two paths of a model (a residual add) whose maps differ in size on sides the model's strides do not divide
+_ODD_SIZE = re.compile(r"tensor a \(\d+\) must match the size of tensor b \(\d+\) at non-singleton dimension [23]\b")
 # ... and for a flatten + linear head built for images of another size
 _FLAT_HEAD = re.compile(r"mat1 and mat2 shapes cannot be multiplied")
 
@@ -308,6 +310,12 @@ def image_size_hint(x: Tensor, exc: Exception) -> str:
             f"The images ({h}x{w} px) are too small for the model: its downsampling leaves a feature map smaller "
             "than a later kernel. Use larger images (a resize transform in the data) or a model that downsamples "
             "less."
+        )
+    if _ODD_SIZE.search(str(exc)):
+        return (
+            f"Two paths of the model (e.g. a residual add) likely meet with maps of different sizes on {h}x{w} px "
+            "images: its downsampling needs sides divisible by its total stride (often 32). Resize or crop the "
+            "images to such sides."
         )
     if _FLAT_HEAD.search(str(exc)):
         return (
