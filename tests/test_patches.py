@@ -424,3 +424,35 @@ def test_gradient_receptive_field_stops_the_batched_passes_after_the_layer():
             expected[i, j] |= g[0].abs().sum(0) > 0
     assert torch.equal(support, expected)
     assert expected.any() and not expected.all()  # not a trivial support (all or nothing)
+
+
+class SEStack(nn.Module):
+    """conv3 p1 -> squeeze-and-excitation (torchvision's module, or timm's functional mean) -> conv3 p1."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.se = torchvision.ops.SqueezeExcitation(4, 2)
+        self.reduce, self.expand = nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 1)
+        self.functional = functional
+
+    def forward(self, x):
+        x = self.conv1(x)
+        if self.functional:
+            x = x * self.expand(self.reduce(x.mean((2, 3), keepdim=True)).relu()).sigmoid()
+        else:
+            x = self.se(x)
+        return self.conv2(x)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_gradient_receptive_field_treats_squeeze_and_excitation_gates_as_constants(functional):
+    """After an SE block (EfficientNet, MobileNetV3, SE-ResNets) every unit depends on every pixel through the gate:
+    the receptive field was the whole image for every position (top patches were whole probes); the gate counts as
+    a constant now, so the field is the convs' 5 x 5 (here on a 12 x 20 image)."""
+    model = SEStack(functional).eval()
+    boxes = receptive_field(model, "conv2", (3, 12, 20))
+    assert boxes.shape == (12, 20, 4)
+    assert boxes[4, 7].tolist() == [2, 5, 7, 10] and boxes[0, 0].tolist() == [-2, -2, 3, 3]
+    assert boxes[11, 19].tolist() == [9, 17, 14, 22]

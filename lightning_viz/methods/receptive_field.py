@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ..capture import buffers_kept, capture, eval_mode, forward_until, grad_enabled
 from ..layers import get_layer, named_layers
@@ -260,6 +261,39 @@ def stack_receptive_field(model: nn.Module, layer: str, input_shape: Sequence[in
     return rf
 
 
+_GLOBAL_REDUCTIONS = {
+    torch.mean,
+    Tensor.mean,
+    torch.sum,
+    Tensor.sum,
+    torch.amax,
+    Tensor.amax,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+}
+
+
+class _ConstantGlobalContext(TorchFunctionMode):
+    """Global spatial reductions of a feature map (``[B, C, H, W]`` -> ``[B, C]`` or ``[B, C, 1, 1]``: the squeeze of
+    a squeeze-and-excitation block, a global-context gate) are detached, so the gates they feed count as constants:
+    else every unit after the first SE block (EfficientNet, MobileNetV3, timm's SE-ResNets) depends on every pixel
+    and its receptive field is the whole image."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _GLOBAL_REDUCTIONS and args and isinstance(args[0], Tensor):
+            x, y = args[0], out[0] if isinstance(out, tuple) else out
+            if (
+                x.ndim == 4
+                and x.shape[-2] * x.shape[-1] > 1
+                and isinstance(y, Tensor)
+                and tuple(y.shape[:2]) == tuple(x.shape[:2])
+                and (y.ndim == 2 or (y.ndim == 4 and tuple(y.shape[-2:]) == (1, 1)))
+            ):
+                return tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+        return out
+
+
 def _support_boxes(support: Tensor) -> Tensor:
     """``[P, H, W]`` boolean support -> ``[P, 4]`` bounding boxes (empty support -> zero-size box at 0)."""
     rows, cols = support.any(2), support.any(1)
@@ -287,10 +321,11 @@ def gradient_receptive_field(
     For position ``(i, j)`` the unit is the sum over channels of the layer output at ``(i, j)``; the
     support (pixels with a non-zero gradient in any channel) is united over ``trials`` random normal
     inputs drawn from a seeded generator (a ReLU that happens to be off hides a path for one input
-    only). Positions are batched: ``chunk_size`` copies of the input, one position each, one backward
-    (``None``: as many as ``memory_mb`` of activations hold with their gradients, by default the budget of
-    :mod:`lightning_viz.methods.batching`; a ResNet-50's ``layer4`` at 224 px has 49 positions, 4.4 GB in one
-    batch). Needs autograd w.r.t. the input only (parameters may be frozen).
+    only); global spatial reductions (the squeeze of a squeeze-and-excitation block) count as constants, else
+    every unit after one would see the whole image. Positions are batched: ``chunk_size`` copies of the input, one
+    position each, one backward (``None``: as many as ``memory_mb`` of activations hold with their gradients, by
+    default the budget of :mod:`lightning_viz.methods.batching`; a ResNet-50's ``layer4`` at 224 px has 49
+    positions, 4.4 GB in one batch). Needs autograd w.r.t. the input only (parameters may be frozen).
 
     Returns ``(support[h, w, H, W] bool, boxes[h, w, 4])``, boxes clipped to the image.
     """
@@ -317,7 +352,8 @@ def gradient_receptive_field(
                 pos = torch.arange(s, min(s + chunk_size, h * w))
                 x = x0.expand(len(pos), *x0.shape[1:]).clone().requires_grad_(True)
                 cap.clear()
-                run(partial(model, x))
+                with _ConstantGlobalContext():
+                    run(partial(model, x))
                 act = cap[layer]
                 sel = act.sum(1).flatten(1)[torch.arange(len(pos)), pos.to(device)]
                 (g,) = torch.autograd.grad(sel.sum(), x)
