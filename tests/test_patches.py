@@ -456,3 +456,19 @@ def test_gradient_receptive_field_treats_squeeze_and_excitation_gates_as_constan
     assert boxes.shape == (12, 20, 4)
     assert boxes[4, 7].tolist() == [2, 5, 7, 10] and boxes[0, 0].tolist() == [-2, -2, 3, 3]
     assert boxes[11, 19].tolist() == [9, 17, 14, 22]
+
+
+def test_gradient_receptive_field_larger_than_the_short_side_is_exact():
+    """A 45 px field on a 40 x 64 image: no position's field lies inside the 40 px side, so the boxes cut by both
+    borders were 'extended' to the largest cut size (40), off-center; the edges inside the image give the field,
+    which equals the layer arithmetic (and resnet18's layer2, 99 px, on 64 x 96: [-49, 50) at position 0)."""
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(3 if k == 0 else 4, 4, 5, stride=2 if k < 2 else 1, padding=2) for k in range(4)]
+    net = nn.Sequential(*[m for c in convs for m in (c, nn.ReLU())]).eval()
+    for shape in [(3, 40, 64), (3, 64, 40)]:
+        arith = receptive_field(net, "6", shape, method="arithmetic")
+        assert stack_receptive_field(net, "6", shape).size == (45, 45)
+        assert torch.equal(receptive_field(net, "6", shape, method="gradient"), arith), shape
+    with isolated(torchvision.models.resnet18(weights=None)) as m:
+        boxes = receptive_field(m, "layer2", (3, 64, 96))
+    assert boxes[0, 0].tolist() == [-49, -49, 50, 50] and boxes[7, 11].tolist() == [7, 39, 106, 138]

@@ -388,16 +388,47 @@ def receptive_field(
 
 
 def _unclip(boxes: Tensor, H: int, W: int) -> Tensor:
-    """Extend boxes cut by the image border back to the largest box size (the interior receptive field)."""
+    """Extend boxes cut by the image border back to the full receptive field, per axis.
+
+    With a position whose box lies inside the image on that axis, its size is the field's; else (a field at least
+    as large as the image's side, e.g. on the short side of a non-square image) the field follows from the edges
+    that are inside: ``y0 = i J - P`` of some positions and ``y1 = i J - P + R`` of others, ``J`` from neighbours."""
     b = boxes.clone()
-    for lo, hi, n in ((0, 2, H), (1, 3, W)):
-        full = int((b[..., hi] - b[..., lo]).max())
-        short = (b[..., hi] - b[..., lo]) < full
+    for axis, (lo, hi, n) in enumerate(((0, 2, H), (1, 3, W))):
+        size = b[..., hi] - b[..., lo]
+        inside = (b[..., lo] > 0) & (b[..., hi] < n)
+        exact = _field_from_edges(b, axis, lo, hi, n) if not bool(inside.any()) else None
+        if exact is not None:
+            b[..., lo], b[..., hi] = exact
+            continue
+        full = int(size.max())
+        short = size < full
         at_lo = short & (b[..., lo] == 0) & (b[..., hi] < n)
         at_hi = short & (b[..., hi] == n) & (b[..., lo] > 0)
         b[..., lo] = torch.where(at_lo, b[..., hi] - full, b[..., lo])
         b[..., hi] = torch.where(at_hi, b[..., lo] + full, b[..., hi])
     return b
+
+
+def _field_from_edges(b: Tensor, axis: int, lo: int, hi: int, n: int) -> tuple[Tensor, Tensor] | None:
+    """``(starts, ends)`` of every position's field on ``axis`` from the edges inside the image, or ``None`` when
+    they do not tell the jump, offset and size (every box spans the whole side)."""
+    line = b[:, b.shape[1] // 2] if axis == 0 else b[b.shape[0] // 2]  # [positions, 4]: the boxes along the axis
+    i = torch.arange(line.shape[0])
+    starts, ends = line[:, lo], line[:, hi]
+    free_lo, free_hi = starts > 0, ends < n
+    steps = [int(d) for e, f in ((starts, free_lo), (ends, free_hi)) for d in (e[1:] - e[:-1])[f[1:] & f[:-1]]]
+    if not steps or not bool(free_lo.any()) or not bool(free_hi.any()) or len(set(steps)) != 1 or steps[0] < 1:
+        return None
+    jump = steps[0]
+    offsets = {int(v) for v in (i * jump - starts)[free_lo]}
+    sizes = {int(v) for v in (ends - i * jump)[free_hi]}
+    if len(offsets) != 1 or len(sizes) != 1:  # not a regular grid of fields: keep what was measured
+        return None
+    offset = offsets.pop()
+    size = sizes.pop() + offset
+    start = (torch.arange(b.shape[axis]) * jump - offset).view(*((-1, 1) if axis == 0 else (1, -1)))
+    return start.expand(b.shape[:2]).clone(), (start + size).expand(b.shape[:2]).clone()
 
 
 def crop_boxes(images: Tensor, boxes: Tensor, pad_value: float = 0.5, max_size: Sequence[int] | None = None) -> Tensor:
