@@ -334,6 +334,9 @@ def test_patches_are_shown_at_64_px_and_large_receptive_fields_averaged_down(tmp
     stripes = (torch.arange(32) % 2).float().view(1, 1, 1, 32).expand(2, 3, 32, 32)  # 1 px stripes
     shown = resize_patches(stripes, 8)
     assert shown.shape == (2, 3, 8, 8) and torch.equal(shown, torch.full_like(shown, 0.5))  # nearest: all 0 or 1
+    # non-square crops (a 99 px field capped by a 64 x 96 probe) keep their aspect ratio (were squashed square)
+    assert resize_patches(torch.rand(2, 3, 64, 96), 64).shape == (2, 3, 43, 64)
+    assert resize_patches(torch.rand(1, 1, 5, 3), 64).shape == (1, 1, 64, 38)
 
     cb = TopPatchesCallback(layers=["net.conv2"], units=[0], k=2, num_probes=8)
     tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
