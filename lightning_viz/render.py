@@ -334,10 +334,11 @@ def _nearest_index(n: int, factor: int) -> np.ndarray:
 
 def upscale(images: Tensor, min_px: int, mode: str = "nearest") -> Tensor:
     """``[B, C, H, W]`` upscaled by the smallest integer factor that makes the shorter side ``>= min_px``
-    (nearest: pixels stay crisp) as float32 (uint8 stays uint8 with ``"nearest"``); images already that large
-    are returned as they are."""
+    (nearest: pixels stay crisp) as float32 (uint8 stays uint8 with ``"nearest"``), but with the longer side at most
+    ``4 * min_px`` (a 16 x 256 spectrogram: 32 x 512, not 128 x 2048); images already that large are returned as
+    they are."""
     h, w = images.shape[-2:]
-    factor = -(-int(min_px) // max(1, min(h, w)))
+    factor = min(-(-int(min_px) // max(1, min(h, w))), max(1, 4 * int(min_px) // max(1, h, w)))
     if factor <= 1:
         return images
     if mode == "nearest":  # torch's pixels, gathered by numpy (one thread: no thread pool to wake)
