@@ -87,8 +87,8 @@ def test_activation_callback_logs_grids_and_dead_fraction(tmp_path):
             imgs = acc.Images(f"viz-activations/{layer}/{pid}")
             assert [e.step for e in imgs] == [0, 1]
             # 3 tiles of 8 px shown at 48 (display_px), 2 per row, each with its channel under it; a caption on top,
-            # a colorbar (24) of the probe's range under them
-            assert (imgs[0].width, imgs[0].height) == (2 * 50 + 2, 16 + 2 * (2 + 48 + 1 + 12) + 2 + 24 + 2)
+            # a colorbar (24) of the probe's range under them; the caption wraps onto 3 lines
+            assert (imgs[0].width, imgs[0].height) == (2 * 50 + 2, 3 * 16 + 2 * (2 + 48 + 1 + 12) + 2 + 24 + 2)
     assert "viz-activations/net.fc/p000" not in acc.Tags()["images"]
     # dead statistics at the last epoch, recomputed by hand from the final weights (eval mode)
     with torch.no_grad():

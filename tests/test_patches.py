@@ -274,7 +274,8 @@ def test_callback_logs_one_grid_per_unit_and_ddp_merge_equals_single(tmp_path):
         assert image_steps(acc, f"viz-top_patches/net.conv2/{unit}") == [0, 1]
         assert scalar_steps(acc, f"viz-top_patches/net.conv2/{unit}/max") == [0, 1]
     img = acc.Images("viz-top_patches/net.conv2/unit000")[-1]
-    assert (img.height, img.width) == (16 + 8 + 1 + 11 + 4, 3 * (8 + 2) + 2)  # caption, k=3 patches, classes
+    # caption (3 lines), k=3 patches, classes
+    assert (img.height, img.width) == (3 * 16 + 8 + 1 + 11 + 4, 3 * (8 + 2) + 2)
     assert "viz-top_patches/net.conv2/unit001" not in acc.Tags()["images"]
     # TinyCNN conv1+conv2 (3x3, pad 1): receptive field 5x5, arithmetic
     assert torch.equal(cb.boxes(model, "net.conv2", (3, 8, 8))[0, 0], torch.tensor([-2, -2, 3, 3]))
@@ -341,7 +342,8 @@ def test_patches_are_shown_at_64_px_and_large_receptive_fields_averaged_down(tmp
     cb = TopPatchesCallback(layers=["net.conv2"], units=[0], k=2, num_probes=8)
     tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
     img = read_events(str(tmp_path)).Images("viz-top_patches/net.conv2/unit000")[-1]
-    assert (img.height, img.width) == (16 + 64 + 1 + 11 + 4, 2 * (64 + 2) + 2)  # 5x5 fields shown at 64 px
+    # 5x5 fields shown at 64 px; the caption on 2 lines
+    assert (img.height, img.width) == (2 * 16 + 64 + 1 + 11 + 4, 2 * (64 + 2) + 2)
 
 
 @pytest.mark.parametrize("kind", ["embeddings", "top_patches"])
