@@ -235,6 +235,20 @@ def text_px(text: str, height: int = 14) -> int:
     return math.ceil(width) + 4
 
 
+def wrap_caption(text: str, width: int, height: int, max_lines: int = 3) -> list[str]:
+    """``text`` in lines (split at spaces) that each fit a ``width`` px :func:`text_strip` of this ``height``; at
+    most ``max_lines`` (the last one cut as the strip cuts it). One line when it fits."""
+    if not text or text_px(text, height) <= width:
+        return [text] if text else []
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and text_px(lines[-1] + " " + word, height) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines[: max_lines - 1] + [" ".join(lines[max_lines - 1 :])] if len(lines) > max_lines else lines
+
+
 def fit_names(make: Callable[[int | None], str], width: int, height: int = 16, min_chars: int = 12) -> str:
     """``make(n)``: a caption with each class name cut to ``n`` characters (``None``: whole). The caption with
     names as long as fit in ``width`` pixels of a :func:`text_strip` of this ``height``, so that long names
@@ -334,10 +348,11 @@ def _nearest_index(n: int, factor: int) -> np.ndarray:
 
 def upscale(images: Tensor, min_px: int, mode: str = "nearest") -> Tensor:
     """``[B, C, H, W]`` upscaled by the smallest integer factor that makes the shorter side ``>= min_px``
-    (nearest: pixels stay crisp) as float32 (uint8 stays uint8 with ``"nearest"``); images already that large
-    are returned as they are."""
+    (nearest: pixels stay crisp) as float32 (uint8 stays uint8 with ``"nearest"``), but with the longer side at most
+    ``4 * min_px`` (a 16 x 256 spectrogram: 32 x 512, not 128 x 2048); images already that large are returned as
+    they are."""
     h, w = images.shape[-2:]
-    factor = -(-int(min_px) // max(1, min(h, w)))
+    factor = min(-(-int(min_px) // max(1, min(h, w))), max(1, 4 * int(min_px) // max(1, h, w)))
     if factor <= 1:
         return images
     if mode == "nearest":  # torch's pixels, gathered by numpy (one thread: no thread pool to wake)
@@ -411,8 +426,8 @@ def compose(
     def band(tiles: Sequence[Tensor | None]) -> tuple[int, Sequence[Tensor | None]]:
         return max([int(t.shape[-2]) for t in tiles if t is not None] or [1]), tiles
 
-    if caption:
-        strip = _shared_strip(total_w, [caption], label_px + 2, align="left")
+    for line in wrap_caption(caption or "", total_w, label_px + 2):  # a narrow image: its caption on more lines
+        strip = _shared_strip(total_w, [line], label_px + 2, align="left")
         parts.append((int(strip.shape[-2]), strip))
     if col_labels:
         parts.append(

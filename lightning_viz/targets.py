@@ -448,7 +448,7 @@ def choose_memory_format(adapter: ModelAdapter, x: Tensor, reference: Any) -> No
     adapter.layout_checked = True
     if x.dim() != 4 or x.device.type != "cpu":
         return
-    ref = _tensors(reference)
+    ref = [t.detach() for t in _tensors(reference)]  # a setup forward with grad: compared as values
     if not ref or any(not t.is_floating_point() for t in ref):
         return
     xc = x.contiguous(memory_format=torch.channels_last)

@@ -91,8 +91,8 @@ def test_activation_callback_logs_grids_and_dead_fraction(tmp_path):
             imgs = acc.Images(f"viz-activations/{layer}/{pid}")
             assert [e.step for e in imgs] == [0, 1]
             # 3 tiles of 8 px shown at 48 (display_px), 2 per row, each with its channel under it; a caption on top,
-            # a colorbar (24) of the probe's range under them
-            assert (imgs[0].width, imgs[0].height) == (2 * 50 + 2, 16 + 2 * (2 + 48 + 1 + 12) + 2 + 24 + 2)
+            # a colorbar (24) of the probe's range under them; the caption wraps onto 3 lines
+            assert (imgs[0].width, imgs[0].height) == (2 * 50 + 2, 3 * 16 + 2 * (2 + 48 + 1 + 12) + 2 + 24 + 2)
     assert "viz-activations/net.fc/p000" not in acc.Tags()["images"]
     # dead statistics at the last epoch, recomputed by hand from the final weights (eval mode)
     with torch.no_grad():
@@ -219,3 +219,18 @@ def test_grid_tiles_of_large_probes_are_averaged_down_to_display_px(tmp_path):
         img = read_events(logdir).Images("viz-activations/net.conv1/grid")[-1]
         widths.append((img.width, img.height))
     assert widths[0] == widths[1]
+
+
+def test_a_layer_with_1x1_maps_for_the_data_is_warned_about_at_setup(tmp_path):
+    """resnet18's layer4 on 8 px images gives 1x1 maps: every channel tile was one flat color, without a word (as
+    CAMCallback warns for its constant maps); the setup forward says so, naming the layer and the image size."""
+    import torchvision
+
+    from lightning_viz.callbacks.base import VisualizationWarning
+
+    torch.manual_seed(0)
+    model = LitTiny(torchvision.models.resnet18(weights=None, num_classes=3))
+    cb = ActivationCallback(layers=["net.layer1", "net.layer3", "net.layer4"], num_probes=2)
+    with pytest.warns(VisualizationWarning, match=r"layers 'net.layer3', 'net.layer4' give 1x1 feature maps for 8x8"):
+        tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(model, *tiny_loaders(n=12))
+    assert cb.last_logged_tags

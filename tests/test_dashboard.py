@@ -533,3 +533,18 @@ def test_the_baseline_before_training_is_labeled_so_not_epoch_minus_one(tmp_path
         expected = _shared_strip(frame, [label], 13).permute(1, 2, 0).numpy()
         np.testing.assert_array_equal(film[y0 : y0 + 13, x : x + frame], expected)
     assert before.step == -1
+
+
+def test_a_caption_wider_than_its_image_wraps_instead_of_being_cut(tmp_path):
+    """One probe's grid (a 48 px tile) cut its caption to 'saliency/input: each map on its ...'; it wraps at spaces
+    onto up to three lines, and a caption that fits stays one line."""
+    from lightning_viz.render import text_px, wrap_caption
+
+    caption = "saliency/input: each map on its own range"
+    lines = wrap_caption(caption, 200, 16)
+    assert " ".join(lines) == caption and len(lines) == 2 and all(text_px(t, 16) <= 200 for t in lines)
+    assert wrap_caption("short", 200, 16) == ["short"] and wrap_caption("", 200, 16) == []
+    assert len(wrap_caption(" ".join(["word"] * 40), 60, 16)) == 3
+    tile = torch.rand(3, 48, 48)
+    one, two = compose([[tile]], caption="p000"), compose([[tile]], caption=caption)
+    assert two.shape[-1] == one.shape[-1] and two.shape[-2] > one.shape[-2] + 16  # same width, more lines

@@ -476,3 +476,22 @@ def test_projector_sprite_written_once_for_the_same_probes(tmp_path):
     text_format.Parse(Path(logdir, "projector_config.pbtxt").read_text(), config)
     assert config.embeddings[-1].sprite.image_path == config.embeddings[-2].sprite.image_path
     assert config.embeddings[-2].sprite.image_path.startswith("00005")
+
+
+def test_projector_sprites_of_non_square_probes_keep_their_aspect_ratio(tmp_path):
+    """48x80 probes were squashed into square sprite cells; they keep their shape (the longer side = sprite_size),
+    centered on white."""
+    from helpers import tiny_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = torch.zeros(6, 3, 48, 80), torch.arange(6) % 3
+    x[:, 0] = 1.0  # red images: the white rows above and below them show the letterbox
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    cb = EmbeddingCallback(num_probes=6, projection=["pca"], sprite_size=20)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), loader, loader)
+    (sprite,) = list(tmp_path.rglob("sprite.png"))
+    cell = np.asarray(Image.open(sprite))[:20, :20]  # the first probe's 20 x 20 cell
+    red = (cell[..., 0] > 200) & (cell[..., 1] < 50)
+    rows, cols = np.nonzero(red.any(1))[0], np.nonzero(red.any(0))[0]
+    assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (4, 16, 0, 20)  # 12 x 20: 48 x 80 scaled
+    assert (cell[:4] == 255).all() and (cell[16:] == 255).all()

@@ -248,7 +248,7 @@ def test_numpy_rendering_gives_the_pixels_of_the_torch_formulas():
         assert torch.equal(to_uint8(want), (want * 255).round().to(torch.uint8))
     for factor_px, size in [(64, (7, 13)), (100, (33, 40)), (129, (43, 5))]:
         x = torch.rand(2, 3, *size, generator=g)
-        factor = -(-factor_px // min(size))
+        factor = min(-(-factor_px // min(size)), 4 * factor_px // max(size))  # the longer side <= 4 * factor_px
         want = F.interpolate(x, scale_factor=factor, mode="nearest")
         assert torch.equal(upscale(x, factor_px), want)
         up8 = upscale(to_uint8(x), factor_px)
@@ -480,3 +480,13 @@ def test_eval_mode_restores_on_exception():
         with eval_mode(model):
             raise KeyError("x")
     assert model.training and model.conv1.training and not model.relu.training
+
+
+def test_upscale_keeps_the_longer_side_of_elongated_images_within_four_times_the_target():
+    """A 16 x 256 spectrogram at display_px=128 was upscaled 8x to 128 x 2048 (a panel of three ~6000 px wide); the
+    longer side now stays <= 4 * 128 (factor 2: 32 x 512); square and mildly non-square images are as before."""
+    assert upscale(torch.rand(1, 1, 16, 256), 128).shape == (1, 1, 32, 512)
+    assert upscale(torch.rand(1, 1, 256, 16), 128).shape == (1, 1, 512, 32)
+    assert upscale(torch.rand(1, 3, 8, 8), 128).shape == (1, 3, 128, 128)
+    assert upscale(torch.rand(1, 3, 48, 80), 128).shape == (1, 3, 144, 240)
+    assert upscale(torch.rand(1, 1, 4, 2000), 128).shape == (1, 1, 4, 2000)  # already long: kept

@@ -166,7 +166,7 @@ def test_map_grid_names_each_probe_tile_and_puts_the_fixed_range_under_it():
     from lightning_viz.callbacks.gradients import GradientCallback
     from lightning_viz.logging import VizLogger
     from lightning_viz.probe import ProbeSet
-    from lightning_viz.render import _shared_strip, colorbar, to_uint8
+    from lightning_viz.render import _shared_strip, colorbar, to_uint8, wrap_caption
 
     writer = RecordingWriter()
 
@@ -177,11 +177,14 @@ def test_map_grid_names_each_probe_tile_and_puts_the_fixed_range_under_it():
     cb.log_map(VizLogger(writer, 0), "saliency/input", maps, probe.images, probe, cb.class_names)
     images = writer.last_images()
     grid = images["viz-gradients/saliency/input/grid"]
-    # 3 tiles of 32 px in rows of 2: caption (16), then per row 2 + 32 + 1 + label (13), then 2
-    assert grid.shape == (16 + 2 * (2 + 32 + 1 + 13) + 2, 2 * 34 + 2, 3)
-    caption = _shared_strip(grid.shape[1], ["saliency/input: each map on its own range"], 16, align="left")
-    assert (grid[:16] == caption.permute(1, 2, 0).numpy()).all()
-    for (y, x), text in zip([(16 + 35, 2), (16 + 35, 36), (16 + 48 + 35, 2)], ["p000 eel", "p001 cat", "p002 dog"]):
+    # 3 tiles of 32 px in rows of 2: caption (3 lines of 16), then per row 2 + 32 + 1 + label (13), then 2
+    assert grid.shape == (3 * 16 + 2 * (2 + 32 + 1 + 13) + 2, 2 * 34 + 2, 3)  # the caption wraps onto 3 lines
+    lines = wrap_caption("saliency/input: each map on its own range", grid.shape[1], 16)
+    assert len(lines) == 3
+    for i, line in enumerate(lines):
+        caption = _shared_strip(grid.shape[1], [line], 16, align="left")
+        assert (grid[16 * i : 16 * (i + 1)] == caption.permute(1, 2, 0).numpy()).all()
+    for (y, x), text in zip([(48 + 35, 2), (48 + 35, 36), (48 + 48 + 35, 2)], ["p000 eel", "p001 cat", "p002 dog"]):
         assert (grid[y : y + 13, x : x + 32] == _shared_strip(32, [text], 13).permute(1, 2, 0).numpy()).all()
     fixed = images["viz-gradients/saliency/input/fixed/grid"]
     vmin, vmax = cb.scales["saliency/input"].update(maps)

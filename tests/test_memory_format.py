@@ -118,3 +118,19 @@ def test_a_model_whose_output_depends_on_the_layout_keeps_nchw():
     lin = ModelAdapter(nn.Linear(5, 2))
     choose_memory_format(lin, torch.randn(1, 5), lin(torch.randn(1, 5)))
     assert lin.memory_format is None
+
+
+def test_the_layout_check_of_a_reference_that_requires_grad_warns_nothing():
+    """The setup forward of a gradient callback runs with grad: comparing its output warns nothing (torch warned
+    'Converting a tensor with requires_grad=True to a scalar' in every fit with a GradientCallback)."""
+    import warnings
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    adapter = ModelAdapter(TinyCNN().eval())
+    ref = adapter.call(x.clone().requires_grad_())
+    assert ref.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        choose_memory_format(adapter, x, ref)
+    assert adapter.memory_format is torch.channels_last

@@ -440,3 +440,32 @@ def test_default_cam_layer_plain_models():
         assert default_cam_layer(lit, torch.randn(1, 3, 8, 8)) == "net.conv2"
     with pytest.raises(LayerNotFoundError, match="no layer with a \\[B, C, h, w\\] output before global pooling"):
         default_cam_layer(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), torch.randn(1, 3, 2, 2))
+
+
+class OddSides(nn.Module):
+    """A residual block whose main path (an unpadded strided conv) and shortcut (a strided 1x1 conv) differ in size."""
+
+    def __init__(self):
+        super().__init__()
+        self.main, self.short = nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(3, 4, 1, stride=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc((self.main(x) + self.short(x)).mean((2, 3)))
+
+
+def test_images_too_small_or_of_another_size_than_a_flatten_head_are_named_at_setup(tmp_path):
+    """A model that cannot take the data's image size fails at setup with a message saying so (not the hint about
+    logits_fn, which is for forwards taking other arguments): a pooling left with nothing of an 8x8 image, a
+    flatten + linear head sized for 16x16 images, and a residual add of maps of different sizes (timm's resnetaa34d
+    and dla34 on 48x80 images)."""
+    deep = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.MaxPool2d(2), nn.MaxPool2d(4), nn.Flatten())
+    flat = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 3))
+    for net, expected in [
+        (nn.Sequential(deep, nn.Linear(4, 3)), r"8x8 px\) are too small for the model: its downsampling"),
+        (flat, r"a flatten \+ linear head sized for images other than 8x8 px"),
+        (OddSides(), r"maps of different sizes on 8x8 px images: its downsampling needs sides divisible"),
+    ]:
+        with pytest.raises(ModelOutputError, match=r"GradientCallback: calling the model .* failed .*" + expected) as e:
+            fit(tmp_path, LitTiny(net), [GradientCallback(num_probes=2)])
+        assert "logits_fn" not in str(e.value)

@@ -276,7 +276,8 @@ def test_callback_logs_one_grid_per_unit_and_ddp_merge_equals_single(tmp_path):
         assert image_steps(acc, f"viz-top_patches/net.conv2/{unit}") == [0, 1]
         assert scalar_steps(acc, f"viz-top_patches/net.conv2/{unit}/max") == [0, 1]
     img = acc.Images("viz-top_patches/net.conv2/unit000")[-1]
-    assert (img.height, img.width) == (16 + 8 + 1 + 11 + 4, 3 * (8 + 2) + 2)  # caption, k=3 patches, classes
+    # caption (3 lines), k=3 patches, classes
+    assert (img.height, img.width) == (3 * 16 + 8 + 1 + 11 + 4, 3 * (8 + 2) + 2)
     assert "viz-top_patches/net.conv2/unit001" not in acc.Tags()["images"]
     # TinyCNN conv1+conv2 (3x3, pad 1): receptive field 5x5, arithmetic
     assert torch.equal(cb.boxes(model, "net.conv2", (3, 8, 8))[0, 0], torch.tensor([-2, -2, 3, 3]))
@@ -336,11 +337,15 @@ def test_patches_are_shown_at_64_px_and_large_receptive_fields_averaged_down(tmp
     stripes = (torch.arange(32) % 2).float().view(1, 1, 1, 32).expand(2, 3, 32, 32)  # 1 px stripes
     shown = resize_patches(stripes, 8)
     assert shown.shape == (2, 3, 8, 8) and torch.equal(shown, torch.full_like(shown, 0.5))  # nearest: all 0 or 1
+    # non-square crops (a 99 px field capped by a 64 x 96 probe) keep their aspect ratio (were squashed square)
+    assert resize_patches(torch.rand(2, 3, 64, 96), 64).shape == (2, 3, 43, 64)
+    assert resize_patches(torch.rand(1, 1, 5, 3), 64).shape == (1, 1, 64, 38)
 
     cb = TopPatchesCallback(layers=["net.conv2"], units=[0], k=2, num_probes=8)
     tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
     img = read_events(str(tmp_path)).Images("viz-top_patches/net.conv2/unit000")[-1]
-    assert (img.height, img.width) == (16 + 64 + 1 + 11 + 4, 2 * (64 + 2) + 2)  # 5x5 fields shown at 64 px
+    # 5x5 fields shown at 64 px; the caption on 2 lines
+    assert (img.height, img.width) == (2 * 16 + 64 + 1 + 11 + 4, 2 * (64 + 2) + 2)
 
 
 @pytest.mark.parametrize("kind", ["embeddings", "top_patches"])
@@ -507,3 +512,51 @@ def test_gradient_receptive_boxes_of_a_model_that_is_not_translation_equivariant
     assert n == (2 * (16 + 20 - 1 + 16) if derived else n_full)  # checked, then the other positions computed
     if kind == "mask":  # the masked corner's units see nothing: empty boxes there, not the derived ones
         assert not full[:3, :4].any() and (full[4:, 5:, 2:] > full[4:, 5:, :2]).all()
+
+
+class SEStack(nn.Module):
+    """conv3 p1 -> squeeze-and-excitation (torchvision's module, or timm's functional mean) -> conv3 p1."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.se = torchvision.ops.SqueezeExcitation(4, 2)
+        self.reduce, self.expand = nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 1)
+        self.functional = functional
+
+    def forward(self, x):
+        x = self.conv1(x)
+        if self.functional:
+            x = x * self.expand(self.reduce(x.mean((2, 3), keepdim=True)).relu()).sigmoid()
+        else:
+            x = self.se(x)
+        return self.conv2(x)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_gradient_receptive_field_treats_squeeze_and_excitation_gates_as_constants(functional):
+    """After an SE block (EfficientNet, MobileNetV3, SE-ResNets) every unit depends on every pixel through the gate:
+    the receptive field was the whole image for every position (top patches were whole probes); the gate counts as
+    a constant now, so the field is the convs' 5 x 5 (here on a 12 x 20 image)."""
+    model = SEStack(functional).eval()
+    boxes = receptive_field(model, "conv2", (3, 12, 20))
+    assert boxes.shape == (12, 20, 4)
+    assert boxes[4, 7].tolist() == [2, 5, 7, 10] and boxes[0, 0].tolist() == [-2, -2, 3, 3]
+    assert boxes[11, 19].tolist() == [9, 17, 14, 22]
+
+
+def test_gradient_receptive_field_larger_than_the_short_side_is_exact():
+    """A 45 px field on a 40 x 64 image: no position's field lies inside the 40 px side, so the boxes cut by both
+    borders were 'extended' to the largest cut size (40), off-center; the edges inside the image give the field,
+    which equals the layer arithmetic (and resnet18's layer2, 99 px, on 64 x 96: [-49, 50) at position 0)."""
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(3 if k == 0 else 4, 4, 5, stride=2 if k < 2 else 1, padding=2) for k in range(4)]
+    net = nn.Sequential(*[m for c in convs for m in (c, nn.ReLU())]).eval()
+    for shape in [(3, 40, 64), (3, 64, 40)]:
+        arith = receptive_field(net, "6", shape, method="arithmetic")
+        assert stack_receptive_field(net, "6", shape).size == (45, 45)
+        assert torch.equal(receptive_field(net, "6", shape, method="gradient"), arith), shape
+    with isolated(torchvision.models.resnet18(weights=None)) as m:
+        boxes = receptive_field(m, "layer2", (3, 64, 96))
+    assert boxes[0, 0].tolist() == [-49, -49, 50, 50] and boxes[7, 11].tolist() == [7, 39, 106, 138]

@@ -343,3 +343,24 @@ def test_input_gradient_methods_under_a_callers_no_grad_or_inference_mode(contex
         got = run(x.clone(), classes.clone())
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cls", [ClassModelCallback, UnitCallback])
+def test_an_input_shape_the_model_cannot_take_fails_at_setup(tmp_path, cls):
+    """input_shape is checked by a forward at setup, before any training step (it failed after the first epoch)."""
+    model = LitTiny()
+    steps = []
+    model.on_train_batch_start = lambda *a: steps.append(1)
+    kw = dict(layers="net.conv2", channels=[0]) if cls is UnitCallback else {}
+    tl, vl = tiny_loaders(n=12, batch_size=6)
+    with pytest.raises(
+        ValueError,
+        match=rf"{cls.__name__}: input_shape=\[1, 8, 8\]: the model fails on an image .*"
+        r"expected input\[1, 1, 8, 8\] to have 3 channels.*the data's images are \[3, 8, 8\]",
+    ):
+        tiny_trainer(str(tmp_path), [cls(input_shape=[1, 8, 8], steps=1, **kw)], max_epochs=1).fit(model, tl, vl)
+    assert not steps
+    # a shape the model takes (another size than the data's) runs, at that size
+    cb = cls(input_shape=[3, 12, 10], steps=1, **kw)
+    tiny_trainer(str(tmp_path / "ok"), [cb], max_epochs=1).fit(LitTiny(), tl, vl)
+    assert cb.last_logged_tags

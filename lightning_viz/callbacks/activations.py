@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ..layers import default_cam_layer, first_conv_name, module_device, module_dtype, resolve_layers
 from ..logging import VizLogger, make_tag
@@ -37,7 +38,7 @@ from ..render import (
     with_colorbar,
 )
 from ._options import LayersSpec, as_layer_list
-from .base import VisualizationCallback
+from .base import VisualizationCallback, VisualizationWarning
 
 __all__ = ["ActivationCallback"]
 
@@ -149,6 +150,15 @@ class ActivationCallback(VisualizationCallback):
                         f"ActivationCallback: layer {name!r} has {out.shape[1]} channels (0..{out.shape[1] - 1}); "
                         f"got channels {self.channels}"
                     )
+        flat = [n for n, a in outs.items() if a.shape[-2:].numel() == 1]
+        if flat:  # e.g. the default last block of a ResNet on 32 px images: every tile one flat color
+            rank_zero_warn(
+                f"ActivationCallback: {'layers' if len(flat) > 1 else 'layer'} {', '.join(map(repr, flat))} "
+                f"{'give' if len(flat) > 1 else 'gives'} 1x1 feature maps for {x.shape[-2]}x{x.shape[-1]} images, "
+                "so each channel shows as one flat tile. Name an earlier layer with a spatial map in layers=[...] "
+                "(e.g. 'layer3' of a ResNet) or use larger images.",
+                category=VisualizationWarning,
+            )
 
     def check(self, pl_module: LightningModule) -> None:
         self._last_block = None  # found again for this setup's model (callbacks reused for another architecture)

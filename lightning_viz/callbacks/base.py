@@ -11,6 +11,7 @@ overrides :meth:`compute` (all ranks, its shard of the probes, returns per-probe
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import time
 import warnings
@@ -317,6 +318,38 @@ def _share_rank0_error(error: BaseException | None, what: str, force: bool = Fal
         failed = VisualizationError(f"lightning-viz {what} failed on rank 0: {box[0]}")
         failed.force = bool(box[1])  # type: ignore[attr-defined]
         raise failed
+
+
+# torch's messages for a conv/pool window larger than what is left of the image after the model's downsampling
+_TOO_SMALL = re.compile(r"too small|Kernel size can't be greater|smaller than kernel size")
+# ... for two paths of a model (a residual add) whose maps differ in size on sides the model's strides do not divide
+_ODD_SIZE = re.compile(r"tensor a \(\d+\) must match the size of tensor b \(\d+\) at non-singleton dimension [23]\b")
+# ... and for a flatten + linear head built for images of another size
+_FLAT_HEAD = re.compile(r"mat1 and mat2 shapes cannot be multiplied")
+
+
+def image_size_hint(x: Tensor, exc: Exception) -> str:
+    """Why a model failed on an image of ``x``'s size, when torch's message says so; else ``""``."""
+    h, w = x.shape[-2:]
+    if _TOO_SMALL.search(str(exc)):
+        return (
+            f"The images ({h}x{w} px) are too small for the model: its downsampling leaves a feature map smaller "
+            "than a later kernel. Use larger images (a resize transform in the data) or a model that downsamples "
+            "less."
+        )
+    if _ODD_SIZE.search(str(exc)):
+        return (
+            f"Two paths of the model (e.g. a residual add) likely meet with maps of different sizes on {h}x{w} px "
+            "images: its downsampling needs sides divisible by its total stride (often 32). Resize or crop the "
+            "images to such sides."
+        )
+    if _FLAT_HEAD.search(str(exc)):
+        return (
+            f"A linear layer got another number of features than it was built for: a flatten + linear head sized "
+            f"for images other than {h}x{w} px. Give the images the size the model was built for (a resize "
+            "transform), or end its features with a global pooling (nn.AdaptiveAvgPool2d(1))."
+        )
+    return ""
 
 
 def _dense_hint(out: Any) -> str:
@@ -761,10 +794,13 @@ class VisualizationCallback(Callback):
                 with torch.enable_grad() if x_in.requires_grad else torch.no_grad():
                     out = model.call(x_in)
             except Exception as exc:
+                hint = image_size_hint(x, exc) or (
+                    "If its forward takes other arguments or inputs, set logits_fn=<a callable (model, x) -> "
+                    "logits[B, K]> or its dotted import path (YAML)."
+                )
                 raise ModelOutputError(
                     f"{name}: calling the model as {how} on one data item of shape {tuple(x.shape)} failed "
-                    f"({type(exc).__name__}: {exc}). If its forward takes other arguments or inputs, set logits_fn="
-                    "<a callable (model, x) -> logits[B, K]> or its dotted import path (YAML)."
+                    f"({type(exc).__name__}: {exc}). {hint}"
                 ) from exc
             if self.model_use == "logits":
                 try:

@@ -31,6 +31,19 @@ __all__ = ["EmbeddingCallback"]
 PENULTIMATE = "penultimate"
 
 
+def square_thumbnails(images: Tensor, size: int) -> Tensor:
+    """``images[N, C, H, W]`` (in [0, 1]) as ``size`` x ``size`` thumbnails: the longer side scaled to ``size``, the
+    aspect ratio kept (the projector's sprite cells are square), centered on white."""
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):  # the same pixels
+        return images
+    scale = size / max(h, w)
+    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
+    thumbs = F.interpolate(images, size=(th, tw), mode="bilinear", align_corners=False, antialias=scale < 1)
+    top, left = (size - th) // 2, (size - tw) // 2
+    return F.pad(thumbs, (left, size - tw - left, top, size - th - top), value=1.0)
+
+
 class EmbeddingCallback(VisualizationCallback):
     """Embeddings of the probe set, epoch by epoch, so class separation can be watched while training.
 
@@ -52,7 +65,8 @@ class EmbeddingCallback(VisualizationCallback):
         projection: 2-D projections to plot, one name or a list: ``"pca"`` (SVD, cheap) and/or ``"tsne"``
             (exact t-SNE in torch, deterministic; scikit-learn's Barnes-Hut above 512 probes; slower).
         projector: also write the TensorBoard projector files.
-        sprite_size: side in pixels of each probe thumbnail in the projector sprite.
+        sprite_size: side in pixels of each probe thumbnail in the projector sprite (non-square probes keep their
+            aspect ratio, on white).
         knn_k: neighbours for the leave-one-out kNN accuracy.
         tsne_perplexity: t-SNE perplexity (capped below N/3).
         tsne_iterations: t-SNE gradient steps (>= 250; 500 by default, half of scikit-learn's 1000 at the same
@@ -169,11 +183,7 @@ class EmbeddingCallback(VisualizationCallback):
         if self.projector:
             lab = ["?"] * len(preds) if labels is None else [class_name(v, names) for v in labels]
             metadata = [[a, class_name(p, names)] for a, p in zip(lab, preds)]
-            sprites = probe.display_images()[ok]
-            if tuple(sprites.shape[-2:]) != (self.sprite_size, self.sprite_size):  # (same size: the same pixels)
-                sprites = F.interpolate(
-                    sprites, size=(self.sprite_size, self.sprite_size), mode="bilinear", align_corners=False
-                )
+            sprites = square_thumbnails(probe.display_images()[ok], self.sprite_size)
             sprites = to_rgb(sprites.clamp(0, 1))  # the projector takes RGB: gray repeated, RGBA's alpha dropped
             logger.embedding(
                 feats,

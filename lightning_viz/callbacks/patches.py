@@ -25,10 +25,13 @@ __all__ = ["TopPatchesCallback"]
 
 
 def resize_patches(crops: Tensor, px: int) -> Tensor:
-    """Crops ``[k, C, h, w]`` shown at ``px x px``: small ones upsampled (nearest: crisp pixels), larger ones
+    """Crops ``[k, C, h, w]`` shown with their longer side at ``px`` (the aspect ratio kept: a field capped by a
+    non-square image, or of a non-square kernel): small ones upsampled (nearest: crisp pixels), larger ones
     averaged down (``area``: a 230 px receptive field shown at 64 px without nearest's aliasing)."""
-    mode = "area" if max(crops.shape[-2:]) > px else "nearest"
-    return F.interpolate(crops, size=(px, px), mode=mode)
+    h, w = crops.shape[-2:]
+    size = (max(1, round(h * px / max(h, w))), max(1, round(w * px / max(h, w))))
+    mode = "area" if max(h, w) > px else "nearest"
+    return F.interpolate(crops, size=size, mode=mode)
 
 
 class TopPatchesCallback(VisualizationCallback):

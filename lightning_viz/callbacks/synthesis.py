@@ -43,7 +43,7 @@ from ..methods.synthesis import (
 from ..probe import ProbeSet
 from ..render import _shared_strip, class_name, compose, cut_name, fit_names, labeled_grid, upscale
 from ._options import LayersSpec, reject_options, renamed_option, single_layer
-from .base import VisualizationCallback
+from .base import VisualizationCallback, image_size_hint
 
 __all__ = ["ClassModelCallback", "UnitCallback", "InversionCallback", "AdversarialCallback"]
 
@@ -174,6 +174,26 @@ class _InputOptimizationCallback(VisualizationCallback):
     def show(self, images01: Tensor) -> Tensor:
         """Images upscaled to ``display_px`` for display."""
         return upscale(images01, self.display_px) if self.display_px else images01
+
+    def check_input(self, model: Any, x: Tensor) -> None:
+        self.synthesis_input(model, x)
+
+    def synthesis_input(self, model: Any, x: Tensor) -> Tensor:
+        """One image of the shape that is optimized: ``x`` (one data item), or zeros of ``input_shape`` when given,
+        which the model must take (checked here, at setup, not after the first epoch)."""
+        if self.input_shape is None or list(x.shape[1:]) == self.input_shape:
+            return x
+        z = x.new_zeros(1, *self.input_shape)
+        try:
+            with torch.no_grad():
+                model(z)
+        except Exception as exc:
+            raise ValueError(
+                f"{type(self).__name__}: input_shape={self.input_shape}: the model fails on an image of that shape "
+                f"({type(exc).__name__}: {exc}); the data's images are {list(x.shape[1:])}. "
+                + (image_size_hint(z, exc) or "Give the [C, H, W] the model takes, or leave input_shape out.")
+            ) from exc
+        return z
 
     def image_shape(self, probe: ProbeSet | None) -> list[int]:
         if self.input_shape is not None:
@@ -316,6 +336,7 @@ class UnitCallback(_InputOptimizationCallback):
         self._check_channels(getattr(module, "out_channels", None) or getattr(module, "out_features", None))
 
     def check_input(self, model: Any, x: Tensor) -> None:  # the output's width (also of blocks and pools)
+        x = self.synthesis_input(model, x)
         out = self.check_layer_outputs(model, x, [self.layer], dims=(4, 2), what="layers")[self.layer]
         self._check_channels(out.shape[1])
         if self.unit == "neuron" and out.ndim != 4:

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ..capture import buffers_kept, capture, eval_mode, forward_until, grad_enabled
 from ..layers import get_layer, named_layers
@@ -261,6 +262,39 @@ def stack_receptive_field(model: nn.Module, layer: str, input_shape: Sequence[in
     return rf
 
 
+_GLOBAL_REDUCTIONS = {
+    torch.mean,
+    Tensor.mean,
+    torch.sum,
+    Tensor.sum,
+    torch.amax,
+    Tensor.amax,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+}
+
+
+class _ConstantGlobalContext(TorchFunctionMode):
+    """Global spatial reductions of a feature map (``[B, C, H, W]`` -> ``[B, C]`` or ``[B, C, 1, 1]``: the squeeze of
+    a squeeze-and-excitation block, a global-context gate) are detached, so the gates they feed count as constants:
+    else every unit after the first SE block (EfficientNet, MobileNetV3, timm's SE-ResNets) depends on every pixel
+    and its receptive field is the whole image."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _GLOBAL_REDUCTIONS and args and isinstance(args[0], Tensor):
+            x, y = args[0], out[0] if isinstance(out, tuple) else out
+            if (
+                x.ndim == 4
+                and x.shape[-2] * x.shape[-1] > 1
+                and isinstance(y, Tensor)
+                and tuple(y.shape[:2]) == tuple(x.shape[:2])
+                and (y.ndim == 2 or (y.ndim == 4 and tuple(y.shape[-2:]) == (1, 1)))
+            ):
+                return tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+        return out
+
+
 def _support_boxes(support: Tensor) -> Tensor:
     """``[P, H, W]`` boolean support -> ``[P, 4]`` bounding boxes (empty support -> zero-size box at 0)."""
     rows, cols = support.any(2), support.any(1)
@@ -311,7 +345,8 @@ def _position_supports(
                 pos = chosen[rows]
                 x = x0.expand(len(pos), *x0.shape[1:]).clone().requires_grad_(True)
                 cap.clear()
-                run(partial(model, x))
+                with _ConstantGlobalContext():
+                    run(partial(model, x))
                 act = cap[layer]
                 sel = act.sum(1).flatten(1)[torch.arange(len(pos)), pos.to(device)]
                 (g,) = torch.autograd.grad(sel.sum(), x)
@@ -335,7 +370,9 @@ def gradient_receptive_field(
     For position ``(i, j)`` the unit is the sum over channels of the layer output at ``(i, j)``; the
     support (pixels with a non-zero gradient in any channel) is united over ``trials`` random normal
     inputs drawn from a seeded generator (a ReLU that happens to be off hides a path for one input
-    only). Positions are batched: ``chunk_size`` copies of the input, one position each, one backward
+    only); global spatial reductions (the squeeze of a squeeze-and-excitation block) count as constants, else
+    every unit after one would see the whole image. Positions are batched: ``chunk_size`` copies of the input, one
+    position each, one backward
     (``None``: as many as ``memory_mb`` of activations hold with their gradients, by default the budget of
     :mod:`lightning_viz.methods.batching`; a ResNet-50's ``layer4`` at 224 px has 49 positions, 4.4 GB in one
     batch). Needs autograd w.r.t. the input only (parameters may be frozen). For the boxes alone,
@@ -441,16 +478,47 @@ def receptive_field(
 
 
 def _unclip(boxes: Tensor, H: int, W: int) -> Tensor:
-    """Extend boxes cut by the image border back to the largest box size (the interior receptive field)."""
+    """Extend boxes cut by the image border back to the full receptive field, per axis.
+
+    With a position whose box lies inside the image on that axis, its size is the field's; else (a field at least
+    as large as the image's side, e.g. on the short side of a non-square image) the field follows from the edges
+    that are inside: ``y0 = i J - P`` of some positions and ``y1 = i J - P + R`` of others, ``J`` from neighbours."""
     b = boxes.clone()
-    for lo, hi, n in ((0, 2, H), (1, 3, W)):
-        full = int((b[..., hi] - b[..., lo]).max())
-        short = (b[..., hi] - b[..., lo]) < full
+    for axis, (lo, hi, n) in enumerate(((0, 2, H), (1, 3, W))):
+        size = b[..., hi] - b[..., lo]
+        inside = (b[..., lo] > 0) & (b[..., hi] < n)
+        exact = _field_from_edges(b, axis, lo, hi, n) if not bool(inside.any()) else None
+        if exact is not None:
+            b[..., lo], b[..., hi] = exact
+            continue
+        full = int(size.max())
+        short = size < full
         at_lo = short & (b[..., lo] == 0) & (b[..., hi] < n)
         at_hi = short & (b[..., hi] == n) & (b[..., lo] > 0)
         b[..., lo] = torch.where(at_lo, b[..., hi] - full, b[..., lo])
         b[..., hi] = torch.where(at_hi, b[..., lo] + full, b[..., hi])
     return b
+
+
+def _field_from_edges(b: Tensor, axis: int, lo: int, hi: int, n: int) -> tuple[Tensor, Tensor] | None:
+    """``(starts, ends)`` of every position's field on ``axis`` from the edges inside the image, or ``None`` when
+    they do not tell the jump, offset and size (every box spans the whole side)."""
+    line = b[:, b.shape[1] // 2] if axis == 0 else b[b.shape[0] // 2]  # [positions, 4]: the boxes along the axis
+    i = torch.arange(line.shape[0])
+    starts, ends = line[:, lo], line[:, hi]
+    free_lo, free_hi = starts > 0, ends < n
+    steps = [int(d) for e, f in ((starts, free_lo), (ends, free_hi)) for d in (e[1:] - e[:-1])[f[1:] & f[:-1]]]
+    if not steps or not bool(free_lo.any()) or not bool(free_hi.any()) or len(set(steps)) != 1 or steps[0] < 1:
+        return None
+    jump = steps[0]
+    offsets = {int(v) for v in (i * jump - starts)[free_lo]}
+    sizes = {int(v) for v in (ends - i * jump)[free_hi]}
+    if len(offsets) != 1 or len(sizes) != 1:  # not a regular grid of fields: keep what was measured
+        return None
+    offset = offsets.pop()
+    size = sizes.pop() + offset
+    start = (torch.arange(b.shape[axis]) * jump - offset).view(*((-1, 1) if axis == 0 else (1, -1)))
+    return start.expand(b.shape[:2]).clone(), (start + size).expand(b.shape[:2]).clone()
 
 
 def crop_boxes(images: Tensor, boxes: Tensor, pad_value: float = 0.5, max_size: Sequence[int] | None = None) -> Tensor:
