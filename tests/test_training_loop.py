@@ -541,3 +541,27 @@ def test_probes_are_picked_before_training_from_a_combined_loader(tmp_path):
     train, _ = tiny_loaders(n=6, batch_size=6)
     tiny_trainer(str(tmp_path), [cam, spy], max_epochs=1, limit_val_batches=0).fit(Lit(), CombinedLoader({"a": train}))
     assert spy.picked is not None and sorted(spy.picked.labels.tolist()) == [0, 1, 2]
+
+
+def test_a_datamodules_val_dataloader_is_not_called_at_every_epoch(tmp_path):
+    """Data without ``classes`` and no validation in the fit (``limit_val_batches=0``): the class names were looked
+    up at every run, calling the datamodule's ``val_dataloader()`` (which may build a dataset) once per epoch and
+    keeping every loader it returned for the whole fit."""
+    from lightning_viz.callbacks import base
+
+    calls = []
+
+    class DM(L.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(tiny_dataset(16), batch_size=8)
+
+        def val_dataloader(self):
+            calls.append(1)
+            return DataLoader(tiny_dataset(16), batch_size=8)
+
+    cb = GradientCallback(num_probes=2)
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=5, limit_val_batches=0)
+    trainer.fit(LitTiny(), datamodule=DM())
+    assert image_steps(read_events(str(tmp_path)), "viz-gradients/panel/p000") == [0, 1, 2, 3, 4]
+    assert len(calls) <= 2  # at setup (picking the probes) and at the first run (class names): 6 before
+    assert len(base._hook_loaders[trainer]) <= 1

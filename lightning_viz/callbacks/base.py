@@ -990,11 +990,16 @@ class VisualizationCallback(Callback):
         if self.class_names is not None:
             return self.class_names
         if self._found_class_names is None and trainer is not None:
-            names = getattr(getattr(trainer, "datamodule", None), "classes", None)
-            if names is None:
-                names = dataset_attr(_find_dataset(trainer, self.probe_source), "classes")
-            if names is not None and not isinstance(names, (str, bytes)):
-                self._found_class_names = [str(c) for c in names]
+            looked = _names_looked.setdefault(trainer, {})
+            if self.probe_source not in looked:  # once per trainer: data without names are not asked again each run
+                names = getattr(getattr(trainer, "datamodule", None), "classes", None)
+                if names is None:
+                    names = dataset_attr(_find_dataset(trainer, self.probe_source), "classes")
+                if names is None or isinstance(names, (str, bytes)):
+                    looked[self.probe_source] = None
+                else:
+                    looked[self.probe_source] = [str(c) for c in names]
+            self._found_class_names = looked[self.probe_source]
         return self._found_class_names
 
     # ------------------------------------------------------------------ probes
@@ -1604,6 +1609,9 @@ def _check_strategy(callback: VisualizationCallback, trainer: Trainer) -> None:
 
 _picks: weakref.WeakKeyDictionary[Trainer, dict[tuple, ProbeSet]] = weakref.WeakKeyDictionary()
 
+#: per trainer and ``probe_source``: the class names found in its data (``None``: none there), looked up once
+_names_looked: weakref.WeakKeyDictionary[Trainer, dict[str, list[str] | None]] = weakref.WeakKeyDictionary()
+
 
 #: per trainer: dataloaders a datamodule's / module's hook returned when the callbacks asked for it before the loops
 #: loaded theirs (setup), by (hook owner, hook name, entry point, global step): one call per setup, not per callback
@@ -1620,6 +1628,8 @@ def _call_loader_hook(trainer: Trainer, owner: Any, name: str) -> Any:
     key = (id(owner), name, str(getattr(trainer.state, "fn", None)), trainer.global_step)
     cache = _hook_loaders.setdefault(trainer, {})
     if key not in cache:
+        for old in [k for k in cache if k[:3] == key[:3]]:  # an earlier step's: not asked for again
+            del cache[old]
         try:
             with fork_rng():
                 cache[key] = fn()
