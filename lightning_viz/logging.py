@@ -65,6 +65,7 @@ __all__ = [
     "sink_names",
     "check_sinks",
     "wait_for_writes",
+    "close_writer",
     "submit_write",
     "WriteOwner",
     "describe_sinks",
@@ -402,6 +403,16 @@ def wait_for_writes() -> list[tuple[WriteOwner, Exception]]:
                 raise exc
             if exc is not None:
                 failures.append((owner, exc))
+
+
+def close_writer() -> None:
+    """Wait for every background job, then end the writer thread (at the end of a fit or validate: no thread is left
+    behind; a later write starts a new one). Failures stay for :func:`wait_for_writes`."""
+    global _writer_pool
+    with _writes_lock:
+        pool, _writer_pool = _writer_pool, None
+    if pool is not None and pool[0] == os.getpid():
+        pool[1].shutdown(wait=True)
 
 
 def _fast_record_checksums() -> None:

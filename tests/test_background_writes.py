@@ -194,3 +194,31 @@ def test_a_runs_scalars_go_to_the_writer_thread_at_its_flush(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("viz-test/later")] == [(2, 1.0), (2, 2.0), (3, 4.0)]
     assert [(e.step, e.value) for e in acc.Scalars("viz-test/now")] == [(1, 0.5)]
     writer.close()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_no_writer_thread_is_left_after_a_fit(tmp_path, fails):
+    """The background writer thread ends with the fit (also one stopped by an error in training_step), with every
+    image on disk; a later fit starts a new one."""
+    import threading
+
+    class Failing(LitTiny):
+        def training_step(self, batch, batch_idx):
+            if fails and self.current_epoch == 1:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    def writers():
+        return [t for t in threading.enumerate() if t.name.startswith("lightning-viz-writer")]
+
+    for version in (0, 1):
+        cbs = [InputGradMap(num_probes=2), ActivationCallback(num_probes=2)]
+        trainer = tiny_trainer(str(tmp_path / str(version)), cbs, max_epochs=2)
+        if fails:
+            with pytest.raises(RuntimeError, match="boom"):
+                trainer.fit(Failing(), *tiny_loaders(n=16))
+        else:
+            trainer.fit(Failing(), *tiny_loaders(n=16))
+        assert writers() == []
+        acc = read_events(str(tmp_path / str(version)))
+        assert image_steps(acc, "viz-inputgrad/panel/p000") == ([0] if fails else [0, 1])

@@ -37,6 +37,7 @@ from ..logging import (
     VizLogger,
     WriteOwner,
     check_sinks,
+    close_writer,
     describe_sinks,
     image_folder,
     make_tag,
@@ -1447,8 +1448,9 @@ def _pause_val_clock(trainer: Trainer, seconds: float) -> None:
 
 
 def _finish_writes() -> None:
-    """Wait for the images still being written in the background (a fit stopped by an error, or ended); an error
-    writing them is warned about, not raised over the one that stopped the fit."""
+    """Wait for the images still being written in the background (a fit stopped by an error, or ended) and end the
+    writer thread; an error writing them is warned about, not raised over the one that stopped the fit."""
+    close_writer()
     for owner, failure in wait_for_writes():
         rank_zero_warn(
             f"lightning-viz {owner.label} failed while logging: {type(failure).__name__}: {failure}",
