@@ -565,3 +565,22 @@ def test_a_datamodules_val_dataloader_is_not_called_at_every_epoch(tmp_path):
     assert image_steps(read_events(str(tmp_path)), "viz-gradients/panel/p000") == [0, 1, 2, 3, 4]
     assert len(calls) <= 2  # at setup (picking the probes) and at the first run (class names): 6 before
     assert len(base._hook_loaders[trainer]) <= 1
+
+
+def test_an_error_at_an_epoch_end_frees_the_shared_passes(tmp_path):
+    """A fit stopped by an exception (here a later callback's, at the same epoch end) gets no teardown: the shared
+    passes of the CAM callback (activations, gradients, logits of every probe) were kept as long as the model lived."""
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_viz.methods.shared_pass import pass_cache
+
+    class Fails(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            raise RuntimeError("later callback failed")
+
+    model = LitTiny()
+    cam = CAMCallback(methods=["gradcam"], num_probes=2)
+    with pytest.raises(RuntimeError, match="later callback failed"):
+        tiny_trainer(str(tmp_path), [cam, Fails()], max_epochs=2).fit(model, *tiny_loaders(n=16))
+    assert cam.last_logged_tags  # it ran (one pass), then the fit stopped
+    assert pass_cache(cam.adapted(model)).entries == {}

@@ -110,6 +110,12 @@ class GradientMapCallback(MapCallback):
         super().teardown(trainer, pl_module, stage)
         self.cache(pl_module).clear()
 
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # a fit stopped by an error, Ctrl+C or SIGTERM gets no teardown: the last passes are freed here
+        super().on_exception(trainer, pl_module, exception)
+        self.cache(pl_module).clear()
+
     @staticmethod
     def probe_images(pl_module: LightningModule, probe: ProbeSet) -> Tensor:
         """The probe images on the model's device and in its (floating-point) parameter dtype."""
