@@ -132,9 +132,9 @@ def test_wrapped_datasets_keep_class_names_statistics_and_targets(tmp_path, wrap
     }[wrap]()
 
     class CountPicks(CAMCallback):
-        def _pick_probes(self, trainer, same_on_every_rank=False):
+        def _pick_probes(self, trainer):
             before = count.calls
-            probes = super()._pick_probes(trainer, same_on_every_rank)
+            probes = super()._pick_probes(trainer)
             self.decoded = count.calls - before
             return probes
 
