@@ -372,11 +372,10 @@ def gradient_receptive_field(
     inputs drawn from a seeded generator (a ReLU that happens to be off hides a path for one input
     only); global spatial reductions (the squeeze of a squeeze-and-excitation block) count as constants, else
     every unit after one would see the whole image. Positions are batched: ``chunk_size`` copies of the input, one
-    position each, one backward
-    (``None``: as many as ``memory_mb`` of activations hold with their gradients, by default the budget of
-    :mod:`lightning_viz.methods.batching`; a ResNet-50's ``layer4`` at 224 px has 49 positions, 4.4 GB in one
-    batch). Needs autograd w.r.t. the input only (parameters may be frozen). For the boxes alone,
-    :func:`gradient_receptive_boxes` gets the same from far fewer positions.
+    position each, one backward (``None``: as many as ``memory_mb`` of activations hold with their gradients, by
+    default the budget of :mod:`lightning_viz.methods.batching`; a ResNet-50's ``layer4`` at 224 px has 49
+    positions, 4.4 GB in one batch). Needs autograd w.r.t. the input only (parameters may be frozen). For the
+    boxes alone, :func:`gradient_receptive_boxes` gets the same from far fewer positions.
 
     Returns ``(support[h, w, H, W] bool, boxes[h, w, 4])``, boxes clipped to the image.
     """
