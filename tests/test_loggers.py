@@ -16,7 +16,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import InputGradMap, LitTiny, image_steps, read_events, tiny_loaders
+from helpers import InputGradMap, LitTiny, image_steps, read_events, tiny_loaders, tiny_trainer
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
@@ -241,14 +241,12 @@ def test_a_fresh_fit_into_an_earlier_runs_image_folder_warns_and_a_resumed_one_d
 
     def run(epochs, ckpt_path=None):
         torch.manual_seed(0)
-        trainer = L.Trainer(
+        trainer = tiny_trainer(
+            str(tmp_path),
+            [InputGradMap(num_probes=1), ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)],
             max_epochs=epochs,
             logger=CSVLogger(str(tmp_path), name="", version=0),
-            callbacks=[InputGradMap(num_probes=1), ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-            devices=1,
+            enable_checkpointing=True,
             limit_train_batches=1,
             limit_val_batches=1,
         )
@@ -473,15 +471,11 @@ def test_the_start_up_line_says_where_each_callback_writes(tmp_path, caplog):
     csvl = CSVLogger(str(tmp_path), name="csv", version=0)
     only_csv = InputGradMap(num_probes=2, loggers=["csv"], name="c")
     every = InputGradMap(num_probes=2, name="e")
-    trainer = L.Trainer(
+    trainer = tiny_trainer(
+        str(tmp_path),
+        [only_csv, every],
         max_epochs=1,
         logger=[tb1, csvl, tb2],
-        callbacks=[only_csv, every],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
         limit_train_batches=1,
         limit_val_batches=1,
     )
