@@ -584,3 +584,25 @@ def test_an_error_at_an_epoch_end_frees_the_shared_passes(tmp_path):
         tiny_trainer(str(tmp_path), [cam, Fails()], max_epochs=2).fit(model, *tiny_loaders(n=16))
     assert cam.last_logged_tags  # it ran (one pass), then the fit stopped
     assert pass_cache(cam.adapted(model)).entries == {}
+
+
+def test_validating_a_checkpoint_on_a_fresh_trainer_goes_on_after_its_epochs(tmp_path):
+    """An evaluation script: a fresh Trainer and callbacks validate a fit's ``last.ckpt`` (``ckpt_path=``). The
+    checkpoint restores the callbacks' filmstrips and drift history, so the validation logs after its epochs (step 2
+    after a 2-epoch fit, as trainer.validate after that fit does). Was: at step 0, a filmstrip of epochs 0, 1, 0,
+    and on the fit's log directory a second step 0."""
+    train, val = tiny_loaders(n=12)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+
+    def cam():
+        return CAMCallback(num_probes=2, run_on="validation_epoch_end", tracker=MapTracker())
+
+    tiny_trainer(str(tmp_path), [cam(), ckpt], max_epochs=2, enable_checkpointing=True).fit(LitTiny(), train, val)
+    for logdir in (str(tmp_path), str(tmp_path / "eval")):  # the fit's log directory, a new one
+        fresh = cam()
+        tiny_trainer(logdir, [fresh]).validate(LitTiny(), val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        assert fresh.tracker.epochs == {"gradcam/net.conv2": [0, 1, 2]}
+    assert image_steps(read_events(str(tmp_path / "version_0")), "viz-cam/filmstrip/p000") == [0, 1, 2]
+    acc = read_events(str(tmp_path / "eval"))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [2]
+    assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [2]
