@@ -443,6 +443,26 @@ def test_weight_averaging_which_weights_are_shown(tmp_path):
     assert not torch.equal(seen[-1], bare.net.fc.weight)  # the average, copied in at the end of the fit
 
 
+def test_a_pass_shared_across_a_weight_averaging_swap_is_not_reused(tmp_path):
+    """A CAMCallback at the validation end listed before EMAWeightAveraging computes its gradient pass on the
+    averaged weights, which the averaging callback then swaps out through ``p.data`` (no autograd version bump): a
+    GradientCallback at the train epoch end must compute its own pass on the live weights. Was: it reused the CAM's
+    pass and logged the averaged model's saliency."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    def saliency(with_cam):
+        L.seed_everything(0, verbose=False)
+        grads = GradientCallback(num_probes=2)
+        cam = [CAMCallback(num_probes=2, run_on="validation_epoch_end")] if with_cam else []
+        logdir = str(tmp_path / f"cam{with_cam}")
+        tiny_trainer(logdir, [*cam, EMAWeightAveraging(decay=0.5), grads]).fit(LitTiny(), *tiny_loaders(n=16))
+        acc = read_events(logdir)
+        return [e.value for e in acc.Scalars("viz-gradients/saliency/input/stats/mean_abs")]
+
+    alone = saliency(False)
+    assert len(alone) == 2 and saliency(True) == alone
+
+
 def test_time_spent_visualizing_does_not_bring_a_time_based_validation_forward(tmp_path, monkeypatch):
     """With validation by time (val_check_interval as a timedelta) the seconds a callback spends at a train epoch end
     (or before training) are not training time: Lightning's clock is paused for them, so attaching it does not add

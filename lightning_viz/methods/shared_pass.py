@@ -14,11 +14,11 @@ there (as Captum's ``LayerGradCam`` and torchcam do).
 first consumer to ask at an epoch end
 (``get``) computes one pass over the union of layers; the others reuse it. An entry is valid while the
 model is the same module object, its parameters and buffers are unchanged (their autograd version
-counters, bumped by every optimizer step / BatchNorm update / ``load_state_dict``) and the probe images
-are the same (``ProbeSet.fingerprint``). Each model gets its own cache (:func:`pass_cache`, a weak mapping); its
-entries stay on the probes' device until the model next changes or :meth:`PassCache.clear` is called.
-Writes through ``p.data`` bump no version counter and go unseen: the callbacks therefore clear the cache
-at every training batch start and at teardown.
+counters, bumped by every optimizer step / BatchNorm update / ``load_state_dict``, and a checksum of their bits,
+which sees writes through ``p.data`` too) and the probe images are the same (``ProbeSet.fingerprint``). Each model
+gets its own cache (:func:`pass_cache`, a weak mapping); its entries stay on the probes' device until the model next
+changes or :meth:`PassCache.clear` is called. The callbacks also clear the cache at every training batch start (to
+free it while training) and at teardown.
 
 No parameter ``.grad`` is written (``autograd.grad`` w.r.t. inputs/activations only); call inside
 :func:`lightning_viz.capture.isolated` for eval mode, frozen parameters and an untouched RNG.
@@ -251,11 +251,31 @@ def target_key(target: TargetSpec) -> Hashable:
     return (type(tgt).__name__, tgt.name)
 
 
-def model_version(model: nn.Module) -> tuple[int, int]:
-    """Changes whenever any parameter or buffer is modified in place (optimizer step, BN update, load)."""
-    params = sum(p._version for p in model.parameters())
-    buffers = sum(b._version for b in model.buffers())
-    return params, buffers
+def model_version(model: nn.Module) -> tuple[int, int, Optional[int]]:
+    """Changes whenever any parameter or buffer is modified in place: their autograd version counters (optimizer
+    step, BN update, load) and a checksum of their bits, which also sees writes through ``.data`` (no version bump:
+    Lightning's ``WeightAveraging`` swapping the averaged weights in and out around its validation)."""
+    params, buffers = list(model.parameters()), list(model.buffers())
+    return sum(p._version for p in params), sum(b._version for b in buffers), _checksum(params + buffers)
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _checksum(tensors: list[Tensor]) -> Optional[int]:
+    """An exact checksum of the tensors' bits (their elements read as integers, summed in int64: independent of the
+    reduction order and thread count); ``None`` where it cannot be read (e.g. fake tensors)."""
+    try:
+        per_device: dict[torch.device, Tensor] = {}
+        for t in tensors:
+            t = torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
+            if t.dtype == torch.bool or t.is_floating_point():
+                t = t.view(_INT_OF_SIZE[t.element_size()])
+            total = t.sum(dtype=torch.int64)
+            per_device[t.device] = per_device[t.device] + total if t.device in per_device else total
+        return sum(int(v.item()) for v in per_device.values())
+    except Exception:  # a tensor that cannot be read or viewed: the version counters alone
+        return None
 
 
 class PassCache:
