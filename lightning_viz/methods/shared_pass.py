@@ -14,7 +14,7 @@ there (as Captum's ``LayerGradCam`` and torchcam do).
 first consumer to ask at an epoch end
 (``get``) computes one pass over the union of layers; the others reuse it. An entry is valid while the
 model is the same module object, its parameters and buffers are unchanged (their autograd version
-counters, bumped by every optimizer step / BatchNorm update / ``load_state_dict``, and a checksum of their bits,
+counters, bumped by every optimizer step / BatchNorm update / ``load_state_dict``, and a checksum of their values,
 which sees writes through ``p.data`` too) and the probe images are the same (``ProbeSet.fingerprint``). Each model
 gets its own cache (:func:`pass_cache`, a weak mapping); its entries stay on the probes' device until the model next
 changes or :meth:`PassCache.clear` is called. The callbacks also clear the cache at every training batch start (to
@@ -251,30 +251,27 @@ def target_key(target: TargetSpec) -> Hashable:
     return (type(tgt).__name__, tgt.name)
 
 
-def model_version(model: nn.Module) -> tuple[int, int, Optional[int]]:
+def model_version(model: nn.Module) -> tuple[int, int, Optional[tuple[float, ...]]]:
     """Changes whenever any parameter or buffer is modified in place: their autograd version counters (optimizer
-    step, BN update, load) and a checksum of their bits, which also sees writes through ``.data`` (no version bump:
+    step, BN update, load) and a checksum of their values, which also sees writes through ``.data`` (no version bump:
     Lightning's ``WeightAveraging`` swapping the averaged weights in and out around its validation)."""
     params, buffers = list(model.parameters()), list(model.buffers())
     return sum(p._version for p in params), sum(b._version for b in buffers), _checksum(params + buffers)
 
 
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _checksum(tensors: list[Tensor]) -> Optional[int]:
-    """An exact checksum of the tensors' bits (their elements read as integers, summed in int64: independent of the
-    reduction order and thread count); ``None`` where it cannot be read (e.g. fake tensors)."""
+def _checksum(tensors: list[Tensor]) -> Optional[tuple[float, ...]]:
+    """The sum of each tensor's elements (float32 at least; one device-to-host copy per device and dtype): any write
+    that changes the values changes it in practice. A reduction's order depends on the thread count, so two counts
+    may give other bits for the same tensor (only a pass computed again); ``None`` where the tensors cannot be read
+    (e.g. fake tensors)."""
     try:
-        per_device: dict[torch.device, Tensor] = {}
+        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for t in tensors:
             t = torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
-            if t.dtype == torch.bool or t.is_floating_point():
-                t = t.view(_INT_OF_SIZE[t.element_size()])
-            total = t.sum(dtype=torch.int64)
-            per_device[t.device] = per_device[t.device] + total if t.device in per_device else total
-        return sum(int(v.item()) for v in per_device.values())
-    except Exception:  # a tensor that cannot be read or viewed: the version counters alone
+            dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+            groups.setdefault((t.device, dtype), []).append(t.sum(dtype=dtype))
+        return tuple(v for sums in groups.values() for v in torch.stack(sums).tolist())
+    except Exception:  # a tensor that cannot be read: the version counters alone
         return None
 
 
