@@ -375,7 +375,8 @@ def test_models_built_in_configure_model_are_checked_once_built_and_visualized(t
 
 def test_each_validate_after_fit_gets_its_own_step(tmp_path, caplog):
     """run_on='validation_epoch_end': validating the last and then the best checkpoint after fit writes at
-    steps 1 and 2 (not twice at 1); a fresh Trainer on another log directory starts at 0, on the same one goes on."""
+    steps 1 and 2 (not twice at 1); a fresh Trainer on another log directory validating the fit's last checkpoint logs
+    after its epoch (step 1), on the same one goes on."""
     train, val = tiny_loaders(n=16)
     cbs = [
         CAMCallback(num_probes=2, run_on="validation_epoch_end"),
@@ -400,7 +401,7 @@ def test_each_validate_after_fit_gets_its_own_step(tmp_path, caplog):
     assert sorted(d for d in os.listdir(trainer.logger.log_dir) if d.isdigit()) == ["00000", "00001", "00002"]
 
     tiny_trainer(str(tmp_path / "other"), cbs).validate(model, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert image_steps(read_events(str(tmp_path / "other")), "viz-cam/panel/p000") == [0]
+    assert image_steps(read_events(str(tmp_path / "other")), "viz-cam/panel/p000") == [1]
     tiny_trainer(str(tmp_path), cbs).validate(model, val, verbose=False)  # a fresh Trainer, same log directory
     assert image_steps(read_events(str(tmp_path / "version_0")), "viz-cam/panel/p000") == [0, 1, 2, 3]
 

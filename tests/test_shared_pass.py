@@ -228,6 +228,23 @@ def test_cache_never_serves_one_models_pass_to_another():
     torch.testing.assert_close(rb.activations["conv2"], ref.activations["conv2"])
 
 
+def test_cache_sees_weights_written_through_data():
+    """Weights swapped through ``p.data`` (as Lightning's WeightAveraging does around its validation) bump no
+    version counter: the cache must compute a new pass, not serve the one of the weights before the swap."""
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = TinyCNN(width=3).eval()
+    cache = PassCache()
+    with isolated(model):
+        before = cache.get(model, x, "probes", 0, None, [INPUT])
+        for p in model.parameters():
+            p.data.mul_(0.5)
+        after = cache.get(model, x, "probes", 0, None, [INPUT])
+        ref = gradient_pass(model, x, 0, None, [])
+    assert after is not before
+    torch.testing.assert_close(after.input_grad, ref.input_grad)
+
+
 class DataSGD(torch.optim.Optimizer):
     """Plain SGD written the old way, through ``p.data`` -- which bumps no autograd version counter."""
 

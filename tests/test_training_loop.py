@@ -443,6 +443,26 @@ def test_weight_averaging_which_weights_are_shown(tmp_path):
     assert not torch.equal(seen[-1], bare.net.fc.weight)  # the average, copied in at the end of the fit
 
 
+def test_a_pass_shared_across_a_weight_averaging_swap_is_not_reused(tmp_path):
+    """A CAMCallback at the validation end listed before EMAWeightAveraging computes its gradient pass on the
+    averaged weights, which the averaging callback then swaps out through ``p.data`` (no autograd version bump): a
+    GradientCallback at the train epoch end must compute its own pass on the live weights. Was: it reused the CAM's
+    pass and logged the averaged model's saliency."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    def saliency(with_cam):
+        L.seed_everything(0, verbose=False)
+        grads = GradientCallback(num_probes=2)
+        cam = [CAMCallback(num_probes=2, run_on="validation_epoch_end")] if with_cam else []
+        logdir = str(tmp_path / f"cam{with_cam}")
+        tiny_trainer(logdir, [*cam, EMAWeightAveraging(decay=0.5), grads]).fit(LitTiny(), *tiny_loaders(n=16))
+        acc = read_events(logdir)
+        return [e.value for e in acc.Scalars("viz-gradients/saliency/input/stats/mean_abs")]
+
+    alone = saliency(False)
+    assert len(alone) == 2 and saliency(True) == alone
+
+
 def test_time_spent_visualizing_does_not_bring_a_time_based_validation_forward(tmp_path, monkeypatch):
     """With validation by time (val_check_interval as a timedelta) the seconds a callback spends at a train epoch end
     (or before training) are not training time: Lightning's clock is paused for them, so attaching it does not add
@@ -584,3 +604,25 @@ def test_an_error_at_an_epoch_end_frees_the_shared_passes(tmp_path):
         tiny_trainer(str(tmp_path), [cam, Fails()], max_epochs=2).fit(model, *tiny_loaders(n=16))
     assert cam.last_logged_tags  # it ran (one pass), then the fit stopped
     assert pass_cache(cam.adapted(model)).entries == {}
+
+
+def test_validating_a_checkpoint_on_a_fresh_trainer_goes_on_after_its_epochs(tmp_path):
+    """An evaluation script: a fresh Trainer and callbacks validate a fit's ``last.ckpt`` (``ckpt_path=``). The
+    checkpoint restores the callbacks' filmstrips and drift history, so the validation logs after its epochs (step 2
+    after a 2-epoch fit, as trainer.validate after that fit does). Was: at step 0, a filmstrip of epochs 0, 1, 0,
+    and on the fit's log directory a second step 0."""
+    train, val = tiny_loaders(n=12)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+
+    def cam():
+        return CAMCallback(num_probes=2, run_on="validation_epoch_end", tracker=MapTracker())
+
+    tiny_trainer(str(tmp_path), [cam(), ckpt], max_epochs=2, enable_checkpointing=True).fit(LitTiny(), train, val)
+    for logdir in (str(tmp_path), str(tmp_path / "eval")):  # the fit's log directory, a new one
+        fresh = cam()
+        tiny_trainer(logdir, [fresh]).validate(LitTiny(), val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        assert fresh.tracker.epochs == {"gradcam/net.conv2": [0, 1, 2]}
+    assert image_steps(read_events(str(tmp_path / "version_0")), "viz-cam/filmstrip/p000") == [0, 1, 2]
+    acc = read_events(str(tmp_path / "eval"))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [2]
+    assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [2]

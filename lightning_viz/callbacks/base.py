@@ -522,6 +522,9 @@ class VisualizationCallback(Callback):
     _model_checks_due: str | None = None
     #: the Trainer this callback last ran under (see :meth:`_start_over`)
     _ran_with: weakref.ReferenceType[Trainer] | None = None
+    #: the last epoch run according to a checkpoint restored in this entry point (``trainer.validate(ckpt_path=...)``
+    #: logs after it, see :meth:`_validate_step`), else ``None``
+    _restored_epoch: int | None = None
 
     # ------------------------------------------------------------------ subclass API
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
@@ -659,6 +662,7 @@ class VisualizationCallback(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._restored_epoch = None  # set again by load_state_dict when this entry point restores a checkpoint
         if getattr(trainer, "barebones", False) or not _runs_under(self, stage):  # nothing runs: nothing to check
             self._model_checks_due = None
             _announce(trainer, stage)
@@ -1267,7 +1271,11 @@ class VisualizationCallback(Callback):
 
     def _validate_step(self, trainer: Trainer, step: int) -> int:
         """The step of a ``trainer.validate`` run: ``step`` (the epoch), or past every step this callback
-        wrote to the same log destination (a second validate after fit: the next step, never one step twice)."""
+        wrote to the same log destination (a second validate after fit: the next step, never one step twice), and
+        past the epochs of a checkpoint it validates (``ckpt_path=``: its filmstrips and drift go on from them)."""
+        restored = self._restored_epoch
+        if restored is not None and step <= restored:  # a fresh Trainer (epoch 0) on a fit's checkpoint
+            step = restored + 1
         written = self._written.get(_destination(trainer), {})
         if not written or step > max(written):
             return step
@@ -1341,6 +1349,7 @@ class VisualizationCallback(Callback):
             self.probes = ProbeSet.from_state_dict(state_dict["probes"])
         self.load_extra_state(state_dict.get("extra") or {})
         self._last_run_epoch = state_dict.get("last_run_epoch")
+        self._restored_epoch = self._last_run_epoch
 
     def _due_after_checkpoint(self, trainer: Trainer) -> bool:
         """Whether this epoch's run is still to come though the training it shows is over: a checkpoint saved

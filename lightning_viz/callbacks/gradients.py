@@ -101,8 +101,7 @@ class GradientMapCallback(MapCallback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        # free the last run's passes while training; also the only safe invalidation for an optimizer that
-        # writes ``p.data`` (no autograd version bump, so PassCache alone would serve stale maps)
+        # free the last run's passes while training
         self.cache(pl_module).clear()
 
     @override

@@ -14,11 +14,11 @@ there (as Captum's ``LayerGradCam`` and torchcam do).
 first consumer to ask at an epoch end
 (``get``) computes one pass over the union of layers; the others reuse it. An entry is valid while the
 model is the same module object, its parameters and buffers are unchanged (their autograd version
-counters, bumped by every optimizer step / BatchNorm update / ``load_state_dict``) and the probe images
-are the same (``ProbeSet.fingerprint``). Each model gets its own cache (:func:`pass_cache`, a weak mapping); its
-entries stay on the probes' device until the model next changes or :meth:`PassCache.clear` is called.
-Writes through ``p.data`` bump no version counter and go unseen: the callbacks therefore clear the cache
-at every training batch start and at teardown.
+counters, bumped by every optimizer step / BatchNorm update / ``load_state_dict``, and a checksum of their values,
+which sees writes through ``p.data`` too) and the probe images are the same (``ProbeSet.fingerprint``). Each model
+gets its own cache (:func:`pass_cache`, a weak mapping); its entries stay on the probes' device until the model next
+changes or :meth:`PassCache.clear` is called. The callbacks also clear the cache at every training batch start (to
+free it while training) and at teardown.
 
 No parameter ``.grad`` is written (``autograd.grad`` w.r.t. inputs/activations only); call inside
 :func:`lightning_viz.capture.isolated` for eval mode, frozen parameters and an untouched RNG.
@@ -251,11 +251,28 @@ def target_key(target: TargetSpec) -> Hashable:
     return (type(tgt).__name__, tgt.name)
 
 
-def model_version(model: nn.Module) -> tuple[int, int]:
-    """Changes whenever any parameter or buffer is modified in place (optimizer step, BN update, load)."""
-    params = sum(p._version for p in model.parameters())
-    buffers = sum(b._version for b in model.buffers())
-    return params, buffers
+def model_version(model: nn.Module) -> tuple[int, int, Optional[tuple[float, ...]]]:
+    """Changes whenever any parameter or buffer is modified in place: their autograd version counters (optimizer
+    step, BN update, load) and a checksum of their values, which also sees writes through ``.data`` (no version bump:
+    Lightning's ``WeightAveraging`` swapping the averaged weights in and out around its validation)."""
+    params, buffers = list(model.parameters()), list(model.buffers())
+    return sum(p._version for p in params), sum(b._version for b in buffers), _checksum(params + buffers)
+
+
+def _checksum(tensors: list[Tensor]) -> Optional[tuple[float, ...]]:
+    """The sum of each tensor's elements (float32 at least; one device-to-host copy per device and dtype): any write
+    that changes the values changes it in practice. A reduction's order depends on the thread count, so two counts
+    may give other bits for the same tensor (only a pass computed again); ``None`` where the tensors cannot be read
+    (e.g. fake tensors)."""
+    try:
+        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for t in tensors:
+            t = torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
+            dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+            groups.setdefault((t.device, dtype), []).append(t.sum(dtype=dtype))
+        return tuple(v for sums in groups.values() for v in torch.stack(sums).tolist())
+    except Exception:  # a tensor that cannot be read: the version counters alone
+        return None
 
 
 class PassCache:
