@@ -495,3 +495,30 @@ def test_projector_sprites_of_non_square_probes_keep_their_aspect_ratio(tmp_path
     rows, cols = np.nonzero(red.any(1))[0], np.nonzero(red.any(0))[0]
     assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (4, 16, 0, 20)  # 12 x 20: 48 x 80 scaled
     assert (cell[:4] == 255).all() and (cell[16:] == 255).all()
+
+
+def test_two_embedding_callbacks_of_one_layer_need_names(tmp_path):
+    """Two EmbeddingCallbacks of the penultimate features (one PCA, one t-SNE: distinct checkpoint keys) both wrote
+    viz-embeddings/penultimate/{silhouette,knn_acc} and the projector entry 'viz-embeddings/penultimate:<epoch>' at
+    every epoch: two projector_config.pbtxt entries of one name (TensorBoard shows the first) over one folder of files.
+    Refused at setup naming the fix; with name= each gets its own entries."""
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    train, val = tiny_loaders(n=12)
+    cbs = [EmbeddingCallback(num_probes=6, projection=p) for p in ("pca", "tsne")]
+    with pytest.raises(ValueError, match=r"both write viz-embeddings/\{penultimate \(projector\), penultimate/knn_acc"):
+        tiny_trainer(str(tmp_path / "a"), cbs, max_epochs=1).fit(LitTiny(), train, val)
+    cbs = [EmbeddingCallback(num_probes=6, projection=p, name=p) for p in ("pca", "tsne")]
+    trainer = tiny_trainer(str(tmp_path / "b"), cbs, max_epochs=1)
+    trainer.fit(LitTiny(), train, val)
+    config = ProjectorConfig()
+    text_format.Parse(Path(trainer.logger.log_dir, "projector_config.pbtxt").read_text(), config)
+    names = [e.tensor_name for e in config.embeddings]
+    assert names == ["viz-embeddings/pca/penultimate:00000", "viz-embeddings/tsne/penultimate:00000"]
+    tags = read_events(str(tmp_path / "b")).Tags()["scalars"]
+    want = {f"viz-embeddings/{p}/penultimate/{s}" for p in ("pca", "tsne") for s in ("silhouette", "knn_acc")}
+    assert want <= set(tags)
+    # other layers: no clash
+    cbs = [EmbeddingCallback(num_probes=6, projector=False), EmbeddingCallback(layers="net.conv2", num_probes=6)]
+    tiny_trainer(str(tmp_path / "c"), cbs, max_epochs=1).fit(LitTiny(), train, val)

@@ -130,6 +130,11 @@ class EmbeddingCallback(VisualizationCallback):
     def state_key_parts(self) -> tuple[Any, ...]:
         return super().state_key_parts() + (self.layer_tag, tuple(self.projection))
 
+    def shared_tags(self) -> set[str]:
+        # the separation scores and the projector entry of a layer, whatever the projections
+        tags = {f"{self.layer_tag}/silhouette", f"{self.layer_tag}/knn_acc"}
+        return tags | ({f"{self.layer_tag} (projector)"} if self.projector else set())
+
     def check(self, pl_module: LightningModule) -> None:
         if self.layer is None:
             with self._naming():
