@@ -522,3 +522,24 @@ def test_two_embedding_callbacks_of_one_layer_need_names(tmp_path):
     # other layers: no clash
     cbs = [EmbeddingCallback(num_probes=6, projector=False), EmbeddingCallback(layers="net.conv2", num_probes=6)]
     tiny_trainer(str(tmp_path / "c"), cbs, max_epochs=1).fit(LitTiny(), train, val)
+
+
+def test_sprite_over_tensorboards_limit_fails_at_setup():
+    """2048 probes at sprite_size=224 made a 10304 px sprite, which TensorBoard's Projector refuses ('Sprite image of
+    dimensions 10304px x 10304px exceeds maximum dimensions 8192px x 8192px': the embedding does not load) after a
+    whole epoch; refused at construction naming the largest sprite_size that fits."""
+    from lightning_viz.callbacks.embeddings import SPRITE_MAX_PX, sprite_cell_limit
+    from lightning_viz.probe import ProbeSet
+
+    assert SPRITE_MAX_PX == 8192 and sprite_cell_limit(2048) == 178 and sprite_cell_limit(4096) == 128
+    with pytest.raises(
+        ValueError,
+        match=r"EmbeddingCallback: sprite_size=224 with 2048 probes makes a 10304 px .*"
+        r"8192 px a side: use sprite_size <= 178, fewer probes, or projector=False",
+    ):
+        EmbeddingCallback(num_probes=2048, sprite_size=224)
+    EmbeddingCallback(num_probes=2048, sprite_size=178)  # 46 x 178 = 8188 px
+    EmbeddingCallback(num_probes=2048, sprite_size=224, projector=False)
+    probes = ProbeSet(images=torch.zeros(100, 3, 4, 4))  # an explicit probe set: its size counts
+    with pytest.raises(ValueError, match=r"with 100 probes .* sprite_size <= 819,"):
+        EmbeddingCallback(probes=probes, sprite_size=1000)

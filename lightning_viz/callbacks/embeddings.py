@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional, Union
 
 import torch.nn.functional as F
@@ -29,6 +30,14 @@ from .base import VisualizationCallback, VisualizationWarning
 __all__ = ["EmbeddingCallback"]
 
 PENULTIMATE = "penultimate"
+#: TensorBoard's Projector refuses a sprite image wider or higher than this ("exceeds maximum dimensions").
+SPRITE_MAX_PX = 8192
+
+
+def sprite_cell_limit(num_images: int) -> int:
+    """The largest square cell that fits ``num_images`` in a sprite of at most :data:`SPRITE_MAX_PX` a side
+    (a ``ceil(sqrt(N))`` x ``ceil(sqrt(N))`` grid, as ``add_embedding`` lays it out)."""
+    return SPRITE_MAX_PX // max(1, math.ceil(math.sqrt(num_images)))
 
 
 def square_thumbnails(images: Tensor, size: int) -> Tensor:
@@ -66,7 +75,8 @@ class EmbeddingCallback(VisualizationCallback):
             (exact t-SNE in torch, deterministic; scikit-learn's Barnes-Hut above 512 probes; slower).
         projector: also write the TensorBoard projector files.
         sprite_size: side in pixels of each probe thumbnail in the projector sprite (non-square probes keep their
-            aspect ratio, on white).
+            aspect ratio, on white); the sprite, ``ceil(sqrt(num_probes))`` thumbnails a side, must stay within
+            TensorBoard's 8192 px (e.g. 128 px for 4096 probes).
         knn_k: neighbours for the leave-one-out kNN accuracy.
         tsne_perplexity: t-SNE perplexity (capped below N/3).
         tsne_iterations: t-SNE gradient steps (>= 250; 500 by default, half of scikit-learn's 1000 at the same
@@ -116,6 +126,13 @@ class EmbeddingCallback(VisualizationCallback):
             )
         if tsne_perplexity <= 0:
             raise ValueError(f"tsne_perplexity must be > 0; got {tsne_perplexity}")
+        n = self.num_probes if self.probes is None else len(self.probes)
+        if projector and sprite_size > sprite_cell_limit(n):
+            raise ValueError(
+                f"sprite_size={sprite_size} with {n} probes makes a {math.ceil(math.sqrt(n)) * sprite_size} px "
+                f"sprite, and TensorBoard's Projector refuses sprites over {SPRITE_MAX_PX} px a side: use "
+                f"sprite_size <= {sprite_cell_limit(n)}, fewer probes, or projector=False"
+            )
         self.layer = layer
         self.projection = list(projection)
         self.projector = projector
