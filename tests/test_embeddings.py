@@ -543,3 +543,26 @@ def test_sprite_over_tensorboards_limit_fails_at_setup():
     probes = ProbeSet(images=torch.zeros(100, 3, 4, 4))  # an explicit probe set: its size counts
     with pytest.raises(ValueError, match=r"with 100 probes .* sprite_size <= 819,"):
         EmbeddingCallback(probes=probes, sprite_size=1000)
+
+
+def test_separation_scores_of_probes_without_two_classes_to_compare_are_not_logged(tmp_path):
+    """One class among the probes logged a NaN silhouette and a knn_acc of 1.0 at every epoch; 6 probes of 6 classes
+    (a stratified pick from many classes, as 128 probes of ImageNet) a NaN silhouette and a knn_acc of 0.0 (no
+    neighbour can share a class), read as a model that separates nothing. Neither is logged now, with a warning why."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_viz.callbacks.base import VisualizationWarning
+
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for name, y, classes, msg in (
+        ("one", torch.zeros(16, dtype=torch.long), 3, r"the 6 probes hold one class: nothing to separate; silhouette"),
+        ("each", torch.arange(16) % 8, 8, r"the 6 probes hold 6 classes, one probe each; .*\(raise num_probes"),
+    ):
+        loader = DataLoader(TensorDataset(x, y), batch_size=8)
+        cb = EmbeddingCallback(num_probes=6, projection="pca", projector=False)
+        with pytest.warns(VisualizationWarning, match=msg):
+            tiny_trainer(str(tmp_path / name), [cb], max_epochs=1).fit(LitTiny(TinyCNN(num_classes=classes)), loader)
+        assert len(torch.unique(cb.probes.labels)) == (1 if name == "one" else 6)
+        tags = read_events(str(tmp_path / name)).Tags()
+        assert "viz-embeddings/penultimate/pca" in tags["images"]
+        assert not [t for t in tags["scalars"] if t.endswith(("silhouette", "knn_acc"))], tags["scalars"]

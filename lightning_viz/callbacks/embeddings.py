@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, Optional, Union
 
+import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
@@ -200,8 +201,20 @@ class EmbeddingCallback(VisualizationCallback):
             title = f"{name} {proj.upper()}, {step_label(logger.step)}"
             logger.image(make_tag(self.method, name, proj), scatter_image(pts, labels, title, class_names=names))
         if labels is not None:
-            logger.scalar(make_tag(self.method, name, "silhouette"), silhouette(feats, labels))
-            logger.scalar(make_tag(self.method, name, "knn_acc"), knn_accuracy(feats, labels, self.knn_k))
+            # a silhouette needs 2 <= classes <= N - 1 (else NaN), a kNN vote a class of 2 probes (else 0, or 1)
+            classes = int(torch.unique(labels).numel())
+            if 2 <= classes <= len(labels) - 1:
+                logger.scalar(make_tag(self.method, name, "silhouette"), silhouette(feats, labels))
+                logger.scalar(make_tag(self.method, name, "knn_acc"), knn_accuracy(feats, labels, self.knn_k))
+            else:
+                rank_zero_warn(
+                    f"EmbeddingCallback: the {len(labels)} probes hold "
+                    + ("one class: nothing to separate" if classes < 2 else f"{classes} classes, one probe each")
+                    + "; silhouette and knn_acc need 2 classes or more and a class of 2 probes or more, so they are "
+                    "not logged"
+                    + ("." if classes < 2 else " (raise num_probes above the number of classes, or give probes=)."),
+                    category=VisualizationWarning,
+                )
         if self.projector:
             lab = ["?"] * len(preds) if labels is None else [class_name(v, names) for v in labels]
             metadata = [[a, class_name(p, names)] for a, p in zip(lab, preds)]
