@@ -566,3 +566,33 @@ def test_separation_scores_of_probes_without_two_classes_to_compare_are_not_logg
         tags = read_events(str(tmp_path / name)).Tags()
         assert "viz-embeddings/penultimate/pca" in tags["images"]
         assert not [t for t in tags["scalars"] if t.endswith(("silhouette", "knn_acc"))], tags["scalars"]
+
+
+def test_pca_scatter_says_how_much_variance_it_shows(tmp_path, monkeypatch):
+    """The PCA scatter did not say how much of the features' variance its plane holds (a plane of 10% looks as
+    clustered as one of 90%); its title gives each axis's share, as scikit-learn's explained_variance_ratio_. The
+    t-SNE title said 'TSNE'."""
+    from sklearn.decomposition import PCA
+
+    import lightning_viz.callbacks.embeddings as emb
+    from lightning_viz.methods.embeddings import pca_variance_ratio
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(40, 6, generator=g) * torch.tensor([5.0, 3.0, 1.0, 1.0, 0.5, 0.1])
+    ratio = PCA(2).fit(f.double().numpy()).explained_variance_ratio_
+    np.testing.assert_allclose(pca_variance_ratio(f), ratio, rtol=1e-9)
+    assert pca_variance_ratio(torch.ones(5, 3)) == [0.0, 0.0] and pca_variance_ratio(f[:, :1], 2)[1] == 0.0
+
+    titles = []
+    draw = emb.scatter_image
+    monkeypatch.setattr(
+        emb, "scatter_image", lambda pts, lab, title, **kw: titles.append(title) or draw(pts, lab, title, **kw)
+    )
+    cb = EmbeddingCallback(num_probes=12, projection=["pca", "tsne"], projector=False)
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1)
+    trainer.fit(LitTiny(), *tiny_loaders())
+    r1, r2 = pca_variance_ratio(extract_features(trainer.lightning_module.eval(), cb.probes.images)[0])
+    assert titles == [
+        f"penultimate PCA, epoch 0 (PC1 {r1:.0%}, PC2 {r2:.0%} of variance)",
+        "penultimate t-SNE, epoch 0",
+    ]

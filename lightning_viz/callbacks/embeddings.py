@@ -18,6 +18,7 @@ from ..methods.embeddings import (
     extract_features,
     knn_accuracy,
     pca_2d,
+    pca_variance_ratio,
     penultimate_layer,
     scatter_image,
     silhouette,
@@ -194,11 +195,13 @@ class EmbeddingCallback(VisualizationCallback):
         for proj in self.projection:
             if proj == "pca":
                 pts = pca_2d(feats)
+                r1, r2 = pca_variance_ratio(feats)  # how much of the cloud the plane shows
+                title = f"{name} PCA, {step_label(logger.step)} (PC1 {r1:.0%}, PC2 {r2:.0%} of variance)"
             else:
                 pts = tsne_2d(
                     feats, seed=self.probe_seed, perplexity=self.tsne_perplexity, iterations=self.tsne_iterations
                 )
-            title = f"{name} {proj.upper()}, {step_label(logger.step)}"
+                title = f"{name} t-SNE, {step_label(logger.step)}"
             logger.image(make_tag(self.method, name, proj), scatter_image(pts, labels, title, class_names=names))
         if labels is not None:
             # a silhouette needs 2 <= classes <= N - 1 (else NaN), a kNN vote a class of 2 probes (else 0, or 1)

@@ -28,7 +28,16 @@ from ..capture import capture
 from ..layers import LayerNotFoundError, get_layer, last_called_linear, linear_layer_names, unwrap_model
 from .checks import check_eval
 
-__all__ = ["penultimate_layer", "extract_features", "pca_2d", "tsne_2d", "silhouette", "knn_accuracy", "scatter_image"]
+__all__ = [
+    "penultimate_layer",
+    "extract_features",
+    "pca_2d",
+    "pca_variance_ratio",
+    "tsne_2d",
+    "silhouette",
+    "knn_accuracy",
+    "scatter_image",
+]
 
 
 def penultimate_layer(model: nn.Module, x: Tensor | None = None) -> str:
@@ -116,6 +125,19 @@ def _check_finite(fn: str, features: Tensor) -> None:
             f"{fn}: the features of rows {bad[:8].tolist()} are not finite (NaN/inf inputs or weights); "
             "leave those rows out (the embedding callback does)"
         )
+
+
+def pca_variance_ratio(features: Tensor, dims: int = 2) -> list[float]:
+    """The fraction of the features' variance on each of the ``dims`` leading principal axes (scikit-learn's
+    ``PCA.explained_variance_ratio_``; 0 for missing axes and for features without variance): how much of the
+    point cloud a :func:`pca_2d` scatter shows."""
+    _check_finite("pca_variance_ratio", features)
+    f = features.detach().double()
+    f = f - f.mean(0, keepdim=True)
+    with _one_thread_if_small(features.numel()):
+        var = torch.linalg.svdvals(f).square()
+    ratio = (var / var.sum()).tolist() if float(var.sum()) > 0 else []
+    return (ratio + [0.0] * dims)[:dims]
 
 
 def _pca_scores(features: Tensor, dims: int = 2) -> Tensor:
