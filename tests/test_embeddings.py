@@ -287,9 +287,10 @@ def test_scatter_image_draws_each_class_where_it_is_with_a_legend_beside():
     centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     labels = torch.arange(3).repeat_interleave(10)
     pts = centers[labels] + torch.randn(30, 2, generator=g) * 0.5
-    img = scatter_image(pts, labels, "penultimate TSNE, epoch 3", class_names=["zero", "one", "two"])
+    names = ["zero", "one", "two"]
+    img = scatter_image(pts, labels, "penultimate t-SNE, epoch 3", class_names=names)
     assert img.shape[:2] == (3, 384) and img.shape[2] > 384 and img.min() >= 0 and img.max() <= 1
-    assert torch.equal(img, scatter_image(pts, labels, "penultimate TSNE, epoch 3", class_names=["zero", "one", "two"]))
+    assert torch.equal(img, scatter_image(pts, labels, "penultimate t-SNE, epoch 3", class_names=names))
     arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0)
     frame = ((arr == 0).all(-1).sum(0) > 300).nonzero().flatten()  # the plot frame's two vertical sides
     x_left, x_right = int(frame.min()), int(frame.max())
