@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -597,3 +598,32 @@ def test_pca_scatter_says_how_much_variance_it_shows(tmp_path, monkeypatch):
         f"penultimate PCA, epoch 0 (PC1 {r1:.0%}, PC2 {r2:.0%} of variance)",
         "penultimate t-SNE, epoch 0",
     ]
+
+
+def test_probes_without_class_labels_are_warned_once(tmp_path):
+    """Labels with -1 marking unlabeled items (not class indices: the probes get no labels) silently gave uncolored
+    scatters and no separation scores; now one warning says why, once per run, not at every epoch (likewise for
+    probes of one class)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_viz.callbacks.base import VisualizationWarning
+
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.where(torch.arange(16) % 4 == 0, -1, torch.arange(16) % 3)
+
+    class IgnoreUnlabeled(LitTiny):
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1], ignore_index=-1)
+
+    for name, labels, msg in (
+        ("unlabeled", y, r"no class labels \(.* -1 marking unlabeled items"),
+        ("one", y.clamp(0, 0), "hold one class"),
+    ):
+        loader = DataLoader(TensorDataset(x, labels), batch_size=8)
+        cb = EmbeddingCallback(num_probes=6, projection="pca", projector=False)
+        with pytest.warns(VisualizationWarning) as caught:
+            tiny_trainer(str(tmp_path / name), [cb], max_epochs=2).fit(IgnoreUnlabeled(), loader)
+        said = [str(w.message) for w in caught if re.search(msg, str(w.message))]
+        assert len(said) == 1 and said[0].startswith("EmbeddingCallback: the "), [str(w.message) for w in caught]
+        assert cb.probes.labels is None if name == "unlabeled" else cb.probes.labels.tolist() == [0] * 6
+        assert image_steps(read_events(str(tmp_path / name)), "viz-embeddings/penultimate/pca") == [0, 1]

@@ -142,6 +142,13 @@ class EmbeddingCallback(VisualizationCallback):
         self.chunk_size = chunk_size
         self.tsne_iterations = tsne_iterations
 
+    def _warn_once(self, message: str) -> None:
+        """Warn (rank 0) the first time this callback meets ``message``, not at every epoch."""
+        told = self.__dict__.setdefault("_told", set())
+        if message not in told:
+            told.add(message)
+            rank_zero_warn(message, category=VisualizationWarning)
+
     @property
     def layer_tag(self) -> str:
         return self.layer or PENULTIMATE
@@ -203,20 +210,25 @@ class EmbeddingCallback(VisualizationCallback):
                 )
                 title = f"{name} t-SNE, {step_label(logger.step)}"
             logger.image(make_tag(self.method, name, proj), scatter_image(pts, labels, title, class_names=names))
-        if labels is not None:
+        if labels is None:
+            self._warn_once(
+                "EmbeddingCallback: the probes have no class labels (the data gives none, or labels that are not "
+                "class indices 0..K-1: -1 marking unlabeled items, regression targets), so the scatters are drawn "
+                "in one color and silhouette and knn_acc are not logged."
+            )
+        else:
             # a silhouette needs 2 <= classes <= N - 1 (else NaN), a kNN vote a class of 2 probes (else 0, or 1)
             classes = int(torch.unique(labels).numel())
             if 2 <= classes <= len(labels) - 1:
                 logger.scalar(make_tag(self.method, name, "silhouette"), silhouette(feats, labels))
                 logger.scalar(make_tag(self.method, name, "knn_acc"), knn_accuracy(feats, labels, self.knn_k))
             else:
-                rank_zero_warn(
+                self._warn_once(
                     f"EmbeddingCallback: the {len(labels)} probes hold "
                     + ("one class: nothing to separate" if classes < 2 else f"{classes} classes, one probe each")
                     + "; silhouette and knn_acc need 2 classes or more and a class of 2 probes or more, so they are "
                     "not logged"
-                    + ("." if classes < 2 else " (raise num_probes above the number of classes, or give probes=)."),
-                    category=VisualizationWarning,
+                    + ("." if classes < 2 else " (raise num_probes above the number of classes, or give probes=).")
                 )
         if self.projector:
             lab = ["?"] * len(preds) if labels is None else [class_name(v, names) for v in labels]
