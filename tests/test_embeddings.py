@@ -627,3 +627,18 @@ def test_probes_without_class_labels_are_warned_once(tmp_path):
         assert len(said) == 1 and said[0].startswith("EmbeddingCallback: the "), [str(w.message) for w in caught]
         assert cb.probes.labels is None if name == "unlabeled" else cb.probes.labels.tolist() == [0] * 6
         assert image_steps(read_events(str(tmp_path / name)), "viz-embeddings/penultimate/pca") == [0, 1]
+
+
+def test_knn_accuracy_of_any_integer_labels_matches_sklearn():
+    """knn_accuracy (public) raised 'index -1 is out of bounds' for labels with -1, and allocated a vote column per
+    integer up to the largest label (ids such as 10**9); labels are any integers, as scikit-learn's."""
+    from sklearn.model_selection import LeaveOneOut, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    feats, labels = _clusters(seed=1, per=12, dims=8, spread=0.4)
+    labels = labels % 2  # two classes, k odd: no tied votes (sklearn gives ties to the lowest label, this function
+    # to the nearest neighbour's class)
+    want = cross_val_score(KNeighborsClassifier(5), feats.numpy(), labels.numpy(), cv=LeaveOneOut()).mean()
+    assert 0.3 < want < 1.0  # overlapping clusters: some mistakes
+    for relabeled in (labels, labels - 1, labels * 10**9 - 7):
+        assert knn_accuracy(feats, relabeled, k=5) == pytest.approx(want)

@@ -391,7 +391,8 @@ def silhouette(features: Tensor, labels: Tensor) -> float:
 
 
 def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
-    """Leave-one-out k-NN accuracy (Euclidean; majority vote, ties to the nearer neighbour's class)."""
+    """Leave-one-out k-NN accuracy (Euclidean; majority vote, ties to the nearer neighbour's class); ``labels`` may
+    be any integers (as scikit-learn's, e.g. -1 or sparse ids)."""
     n = features.shape[0]
     if n < 2:
         return float("nan")
@@ -401,9 +402,9 @@ def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
         d = torch.cdist(features.double(), features.double())
         d.fill_diagonal_(float("inf"))
         nn_idx = torch.sort(d, dim=1, stable=True).indices[:, :k]  # [N, k], nearest first
-    nn_lab = labels.long()[nn_idx]
-    num_classes = int(labels.max()) + 1
-    votes = torch.zeros(n, num_classes, dtype=torch.long).scatter_add_(1, nn_lab, torch.ones_like(nn_lab))
+    _, labels = torch.unique(labels.reshape(-1), return_inverse=True)  # any label values (-1, 1000): 0..K-1
+    nn_lab = labels[nn_idx]
+    votes = torch.zeros(n, int(labels.max()) + 1, dtype=torch.long).scatter_add_(1, nn_lab, torch.ones_like(nn_lab))
     # Among the most-voted classes, the one of the nearest neighbour: the first neighbour whose class has max votes.
     top = votes.gather(1, nn_lab) == votes.amax(1, keepdim=True)
     pred = nn_lab.gather(1, top.int().argmax(1, keepdim=True)).squeeze(1)
