@@ -642,3 +642,36 @@ def test_knn_accuracy_of_any_integer_labels_matches_sklearn():
     assert 0.3 < want < 1.0  # overlapping clusters: some mistakes
     for relabeled in (labels, labels - 1, labels * 10**9 - 7):
         assert knn_accuracy(feats, relabeled, k=5) == pytest.approx(want)
+
+
+def test_class_names_with_tabs_or_line_breaks_keep_the_projector_metadata_one_row_per_probe(tmp_path):
+    """A class name with a tab or a line break (names read from a file) split its metadata.tsv row: more lines than
+    probes, which TensorBoard's Projector refuses ('Number of tensors (6) do not match the number of lines in
+    metadata'), and a line break crashed the scatter's legend ('can't measure length of multiline text'). Those
+    characters are written as spaces; TensorBoard's projector plugin serves one row per probe."""
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.projector.projector_plugin import ProjectorPlugin
+    from werkzeug.test import EnvironBuilder
+
+    from lightning_viz.methods.embeddings import scatter_image
+
+    names = ["tabby\tcat", "golden\nretriever", "red\r\nfox"]
+    cb = EmbeddingCallback(num_probes=6, projection="pca", sprite_size=8, class_names=names)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tmp_path))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(tmp_path))
+    plugin = ProjectorPlugin(base_plugin.TBContext(logdir=str(tmp_path), data_provider=provider, multiplexer=mux))
+    route = plugin.get_plugin_apps()["/metadata"]
+    env = EnvironBuilder(query_string={"run": "version_0", "name": "viz-embeddings/penultimate:00000"}).get_environ()
+    rows = b"".join(route(env, lambda *a: None)).decode().splitlines()
+    clean = ["tabby cat", "golden retriever", "red  fox"]
+    assert rows[0] == "label\tprediction" and len(rows) == 7
+    assert [r.split("\t")[0] for r in rows[1:]] == [clean[i] for i in cb.probes.labels.tolist()]
+    assert all(r.split("\t")[1] in clean for r in rows[1:])
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz-embeddings/penultimate/pca") == [0]  # the legend (was: "can't measure length")
+    scatter_image(torch.randn(3, 2), torch.arange(3), "direct", class_names=names)

@@ -42,6 +42,16 @@ def sprite_cell_limit(num_images: int) -> int:
     return SPRITE_MAX_PX // max(1, math.ceil(math.sqrt(num_images)))
 
 
+_CELL_BREAKS = str.maketrans("\t\n\r", "   ")
+
+
+def _cell(text: str) -> str:
+    """``text`` on one line, as a legend entry and a cell of the projector's ``metadata.tsv`` (its tabs and line
+    breaks as spaces: in a class name one split the row, and TensorBoard then refuses the file, its line count no
+    longer the tensor's; the legend could not measure it)."""
+    return text.translate(_CELL_BREAKS)
+
+
 def square_thumbnails(images: Tensor, size: int) -> Tensor:
     """``images[N, C, H, W]`` (in [0, 1]) as ``size`` x ``size`` thumbnails: the longer side scaled to ``size``, the
     aspect ratio kept (the projector's sprite cells are square), centered on white."""
@@ -199,6 +209,7 @@ class EmbeddingCallback(VisualizationCallback):
             labels = None if labels is None else labels[ok]
         name = self.layer_tag
         names = self.get_class_names(trainer)
+        names = None if names is None else [_cell(str(n)) for n in names]  # one line each (legends, metadata.tsv)
         for proj in self.projection:
             if proj == "pca":
                 pts = pca_2d(feats)
