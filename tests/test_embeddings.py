@@ -675,3 +675,23 @@ def test_class_names_with_tabs_or_line_breaks_keep_the_projector_metadata_one_ro
     acc = read_events(str(tmp_path))
     assert image_steps(acc, "viz-embeddings/penultimate/pca") == [0]  # the legend (was: "can't measure length")
     scatter_image(torch.randn(3, 2), torch.arange(3), "direct", class_names=names)
+
+
+def test_embeddings_show_progress_of_the_forward_and_the_tsne(tmp_path, caplog, monkeypatch):
+    """1500 probes took 33 s at an epoch end (the forward, then t-SNE) without a word; the forward's chunks and the
+    exact t-SNE's iterations log progress lines like the other long loops."""
+    import logging
+
+    import lightning_viz.progress as progress_module
+
+    monkeypatch.setattr(progress_module.logger, "propagate", True)
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every check: a line
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    cb = EmbeddingCallback(num_probes=12, projection="tsne", projector=False, chunk_size=4, tsne_iterations=300)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning-viz embeddings: ")]
+    assert [m.split(" (")[0] for m in lines if "probe images" in m] == [
+        f"lightning-viz embeddings: {k}/12 probe images" for k in (4, 8, 12)
+    ]
+    tsne = [int(m.split(": ")[1].split("/")[0]) for m in lines if "/300 t-SNE iterations" in m]
+    assert tsne[:5] == [50, 100, 150, 200, 250] and tsne == sorted(tsne), lines

@@ -25,6 +25,7 @@ from ..methods.embeddings import (
     tsne_2d,
 )
 from ..probe import ProbeSet
+from ..progress import interruptible, reporting
 from ..render import class_name, to_rgb
 from ._options import LayersSpec, renamed_option, single_layer
 from .base import VisualizationCallback, VisualizationWarning
@@ -40,6 +41,10 @@ def sprite_cell_limit(num_images: int) -> int:
     """The largest square cell that fits ``num_images`` in a sprite of at most :data:`SPRITE_MAX_PX` a side
     (a ``ceil(sqrt(N))`` x ``ceil(sqrt(N))`` grid, as ``add_embedding`` lays it out)."""
     return SPRITE_MAX_PX // max(1, math.ceil(math.sqrt(num_images)))
+
+
+def _go_on(done: int, total: int, what: str) -> None:
+    """A progress check that never stops the loop."""
 
 
 _CELL_BREAKS = str.maketrans("\t\n\r", "   ")
@@ -210,17 +215,20 @@ class EmbeddingCallback(VisualizationCallback):
         name = self.layer_tag
         names = self.get_class_names(trainer)
         names = None if names is None else [_cell(str(n)) for n in names]  # one line each (legends, metadata.tsv)
-        for proj in self.projection:
-            if proj == "pca":
-                pts = pca_2d(feats)
-                r1, r2 = pca_variance_ratio(feats)  # how much of the cloud the plane shows
-                title = f"{name} PCA, {step_label(logger.step)} (PC1 {r1:.0%}, PC2 {r2:.0%} of variance)"
-            else:
-                pts = tsne_2d(
-                    feats, seed=self.probe_seed, perplexity=self.tsne_perplexity, iterations=self.tsne_iterations
-                )
-                title = f"{name} t-SNE, {step_label(logger.step)}"
-            logger.image(make_tag(self.method, name, proj), scatter_image(pts, labels, title, class_names=names))
+        # t-SNE of many probes: progress lines, as in the compute; no SIGTERM stop here (rank 0 alone: under DDP the
+        # other ranks wait for it in a collective)
+        with reporting(self.method), interruptible(_go_on):
+            for proj in self.projection:
+                if proj == "pca":
+                    pts = pca_2d(feats)
+                    r1, r2 = pca_variance_ratio(feats)  # how much of the cloud the plane shows
+                    title = f"{name} PCA, {step_label(logger.step)} (PC1 {r1:.0%}, PC2 {r2:.0%} of variance)"
+                else:
+                    pts = tsne_2d(
+                        feats, seed=self.probe_seed, perplexity=self.tsne_perplexity, iterations=self.tsne_iterations
+                    )
+                    title = f"{name} t-SNE, {step_label(logger.step)}"
+                logger.image(make_tag(self.method, name, proj), scatter_image(pts, labels, title, class_names=names))
         if labels is None:
             self._warn_once(
                 "EmbeddingCallback: the probes have no class labels (the data gives none, or labels that are not "

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..capture import capture
 from ..layers import LayerNotFoundError, get_layer, last_called_linear, linear_layer_names, unwrap_model
+from ..progress import progress
 from .checks import check_eval
 
 __all__ = [
@@ -101,6 +102,7 @@ def extract_features(
             f = f.float().mean(dim=(2, 3)) if f.ndim == 4 else f.float().flatten(1)
             feats.append(f)
             logits.append(out.float())
+            progress(s + xb.shape[0], x.shape[0], "probe images")  # a line every few seconds inside a callback run
     return torch.cat(feats), torch.cat(logits)
 
 
@@ -284,6 +286,7 @@ def tsne_exact(
             update.mul_(momentum).addcmul_(gains, g, value=4.0 * lr)  # update = momentum update - lr gains grad
             yt.add_(update)
             if (i + 1) % _CHECK_EVERY == 0 or i == stop_at - 1:
+                progress(i + 1, iterations, "t-SNE iterations")  # a line every few seconds inside a callback run
                 kl = _kl_divergence(pmat, yt.t())
                 if (i + 1) % _CHECK_EVERY == 0:
                     if kl < best:
