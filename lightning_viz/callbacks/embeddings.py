@@ -221,7 +221,7 @@ class EmbeddingCallback(VisualizationCallback):
             for proj in self.projection:
                 if proj == "pca":
                     pts = pca_2d(feats)
-                    r1, r2 = pca_variance_ratio(feats)  # how much of the cloud the plane shows
+                    r1, r2 = pca_variance_ratio(feats, pts)  # how much of the cloud the plane shows
                     title = f"{name} PCA, {step_label(logger.step)} (PC1 {r1:.0%}, PC2 {r2:.0%} of variance)"
                 else:
                     pts = tsne_2d(

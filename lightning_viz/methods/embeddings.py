@@ -129,16 +129,19 @@ def _check_finite(fn: str, features: Tensor) -> None:
         )
 
 
-def pca_variance_ratio(features: Tensor, dims: int = 2) -> list[float]:
+def pca_variance_ratio(features: Tensor, scores: Tensor | None = None, dims: int = 2) -> list[float]:
     """The fraction of the features' variance on each of the ``dims`` leading principal axes (scikit-learn's
     ``PCA.explained_variance_ratio_``; 0 for missing axes and for features without variance): how much of the
-    point cloud a :func:`pca_2d` scatter shows."""
+    point cloud a :func:`pca_2d` scatter shows. ``scores``: the features' :func:`pca_2d` when at hand (no second
+    decomposition: an axis's variance is its scores' squared norm)."""
     _check_finite("pca_variance_ratio", features)
     f = features.detach().double()
     f = f - f.mean(0, keepdim=True)
-    with _one_thread_if_small(features.numel()):
-        var = torch.linalg.svdvals(f).square()
-    ratio = (var / var.sum()).tolist() if float(var.sum()) > 0 else []
+    total = float(f.square().sum())
+    if scores is None:
+        with _one_thread_if_small(features.numel()):
+            scores = _pca_scores(f, dims)
+    ratio = (scores[:, :dims].double().square().sum(0) / total).tolist() if total > 0 else []
     return (ratio + [0.0] * dims)[:dims]
 
 
