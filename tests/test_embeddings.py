@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -287,9 +288,10 @@ def test_scatter_image_draws_each_class_where_it_is_with_a_legend_beside():
     centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     labels = torch.arange(3).repeat_interleave(10)
     pts = centers[labels] + torch.randn(30, 2, generator=g) * 0.5
-    img = scatter_image(pts, labels, "penultimate TSNE, epoch 3", class_names=["zero", "one", "two"])
+    names = ["zero", "one", "two"]
+    img = scatter_image(pts, labels, "penultimate t-SNE, epoch 3", class_names=names)
     assert img.shape[:2] == (3, 384) and img.shape[2] > 384 and img.min() >= 0 and img.max() <= 1
-    assert torch.equal(img, scatter_image(pts, labels, "penultimate TSNE, epoch 3", class_names=["zero", "one", "two"]))
+    assert torch.equal(img, scatter_image(pts, labels, "penultimate t-SNE, epoch 3", class_names=names))
     arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0)
     frame = ((arr == 0).all(-1).sum(0) > 300).nonzero().flatten()  # the plot frame's two vertical sides
     x_left, x_right = int(frame.min()), int(frame.max())
@@ -495,3 +497,202 @@ def test_projector_sprites_of_non_square_probes_keep_their_aspect_ratio(tmp_path
     rows, cols = np.nonzero(red.any(1))[0], np.nonzero(red.any(0))[0]
     assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (4, 16, 0, 20)  # 12 x 20: 48 x 80 scaled
     assert (cell[:4] == 255).all() and (cell[16:] == 255).all()
+
+
+def test_two_embedding_callbacks_of_one_layer_need_names(tmp_path):
+    """Two EmbeddingCallbacks of the penultimate features (one PCA, one t-SNE: distinct checkpoint keys) both wrote
+    viz-embeddings/penultimate/{silhouette,knn_acc} and the projector entry 'viz-embeddings/penultimate:<epoch>' at
+    every epoch: two projector_config.pbtxt entries of one name (TensorBoard shows the first) over one folder of files.
+    Refused at setup naming the fix; with name= each gets its own entries."""
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    train, val = tiny_loaders(n=12)
+    cbs = [EmbeddingCallback(num_probes=6, projection=p) for p in ("pca", "tsne")]
+    with pytest.raises(ValueError, match=r"both write viz-embeddings/\{penultimate \(projector\), penultimate/knn_acc"):
+        tiny_trainer(str(tmp_path / "a"), cbs, max_epochs=1).fit(LitTiny(), train, val)
+    cbs = [EmbeddingCallback(num_probes=6, projection=p, name=p) for p in ("pca", "tsne")]
+    trainer = tiny_trainer(str(tmp_path / "b"), cbs, max_epochs=1)
+    trainer.fit(LitTiny(), train, val)
+    config = ProjectorConfig()
+    text_format.Parse(Path(trainer.logger.log_dir, "projector_config.pbtxt").read_text(), config)
+    names = [e.tensor_name for e in config.embeddings]
+    assert names == ["viz-embeddings/pca/penultimate:00000", "viz-embeddings/tsne/penultimate:00000"]
+    tags = read_events(str(tmp_path / "b")).Tags()["scalars"]
+    want = {f"viz-embeddings/{p}/penultimate/{s}" for p in ("pca", "tsne") for s in ("silhouette", "knn_acc")}
+    assert want <= set(tags)
+    # other layers: no clash
+    cbs = [EmbeddingCallback(num_probes=6, projector=False), EmbeddingCallback(layers="net.conv2", num_probes=6)]
+    tiny_trainer(str(tmp_path / "c"), cbs, max_epochs=1).fit(LitTiny(), train, val)
+
+
+def test_sprite_over_tensorboards_limit_fails_at_setup():
+    """2048 probes at sprite_size=224 made a 10304 px sprite, which TensorBoard's Projector refuses ('Sprite image of
+    dimensions 10304px x 10304px exceeds maximum dimensions 8192px x 8192px': the embedding does not load) after a
+    whole epoch; refused at construction naming the largest sprite_size that fits."""
+    from lightning_viz.callbacks.embeddings import SPRITE_MAX_PX, sprite_cell_limit
+    from lightning_viz.probe import ProbeSet
+
+    assert SPRITE_MAX_PX == 8192 and sprite_cell_limit(2048) == 178 and sprite_cell_limit(4096) == 128
+    with pytest.raises(
+        ValueError,
+        match=r"EmbeddingCallback: sprite_size=224 with 2048 probes makes a 10304 px .*"
+        r"8192 px a side: use sprite_size <= 178, fewer probes, or projector=False",
+    ):
+        EmbeddingCallback(num_probes=2048, sprite_size=224)
+    EmbeddingCallback(num_probes=2048, sprite_size=178)  # 46 x 178 = 8188 px
+    EmbeddingCallback(num_probes=2048, sprite_size=224, projector=False)
+    probes = ProbeSet(images=torch.zeros(100, 3, 4, 4))  # an explicit probe set: its size counts
+    with pytest.raises(ValueError, match=r"with 100 probes .* sprite_size <= 819,"):
+        EmbeddingCallback(probes=probes, sprite_size=1000)
+
+
+def test_separation_scores_of_probes_without_two_classes_to_compare_are_not_logged(tmp_path):
+    """One class among the probes logged a NaN silhouette and a knn_acc of 1.0 at every epoch; 6 probes of 6 classes
+    (a stratified pick from many classes, as 128 probes of ImageNet) a NaN silhouette and a knn_acc of 0.0 (no
+    neighbour can share a class), read as a model that separates nothing. Neither is logged now, with a warning why."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_viz.callbacks.base import VisualizationWarning
+
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for name, y, classes, msg in (
+        ("one", torch.zeros(16, dtype=torch.long), 3, r"the 6 probes hold one class: nothing to separate; silhouette"),
+        ("each", torch.arange(16) % 8, 8, r"the 6 probes hold 6 classes, one probe each; .*\(raise num_probes"),
+    ):
+        loader = DataLoader(TensorDataset(x, y), batch_size=8)
+        cb = EmbeddingCallback(num_probes=6, projection="pca", projector=False)
+        with pytest.warns(VisualizationWarning, match=msg):
+            tiny_trainer(str(tmp_path / name), [cb], max_epochs=1).fit(LitTiny(TinyCNN(num_classes=classes)), loader)
+        assert len(torch.unique(cb.probes.labels)) == (1 if name == "one" else 6)
+        tags = read_events(str(tmp_path / name)).Tags()
+        assert "viz-embeddings/penultimate/pca" in tags["images"]
+        assert not [t for t in tags["scalars"] if t.endswith(("silhouette", "knn_acc"))], tags["scalars"]
+
+
+def test_pca_scatter_says_how_much_variance_it_shows(tmp_path, monkeypatch):
+    """The PCA scatter did not say how much of the features' variance its plane holds (a plane of 10% looks as
+    clustered as one of 90%); its title gives each axis's share, as scikit-learn's explained_variance_ratio_. The
+    t-SNE title said 'TSNE'."""
+    from sklearn.decomposition import PCA
+
+    import lightning_viz.callbacks.embeddings as emb
+    from lightning_viz.methods.embeddings import pca_variance_ratio
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(40, 6, generator=g) * torch.tensor([5.0, 3.0, 1.0, 1.0, 0.5, 0.1])
+    ratio = PCA(2).fit(f.double().numpy()).explained_variance_ratio_
+    np.testing.assert_allclose(pca_variance_ratio(f), ratio, rtol=1e-9)
+    np.testing.assert_allclose(pca_variance_ratio(f, pca_2d(f)), ratio, rtol=1e-6)  # from the scores: no second SVD
+    assert pca_variance_ratio(torch.ones(5, 3)) == [0.0, 0.0] and pca_variance_ratio(f[:, :1])[1] == 0.0
+
+    titles = []
+    draw = emb.scatter_image
+    monkeypatch.setattr(
+        emb, "scatter_image", lambda pts, lab, title, **kw: titles.append(title) or draw(pts, lab, title, **kw)
+    )
+    cb = EmbeddingCallback(num_probes=12, projection=["pca", "tsne"], projector=False)
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1)
+    trainer.fit(LitTiny(), *tiny_loaders())
+    r1, r2 = pca_variance_ratio(extract_features(trainer.lightning_module.eval(), cb.probes.images)[0])
+    assert titles == [
+        f"penultimate PCA, epoch 0 (PC1 {r1:.0%}, PC2 {r2:.0%} of variance)",
+        "penultimate t-SNE, epoch 0",
+    ]
+
+
+def test_probes_without_class_labels_are_warned_once(tmp_path):
+    """Labels with -1 marking unlabeled items (not class indices: the probes get no labels) silently gave uncolored
+    scatters and no separation scores; now one warning says why, once per run, not at every epoch (likewise for
+    probes of one class)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_viz.callbacks.base import VisualizationWarning
+
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.where(torch.arange(16) % 4 == 0, -1, torch.arange(16) % 3)
+
+    class IgnoreUnlabeled(LitTiny):
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1], ignore_index=-1)
+
+    for name, labels, msg in (
+        ("unlabeled", y, r"no class labels \(.* -1 marking unlabeled items"),
+        ("one", y.clamp(0, 0), "hold one class"),
+    ):
+        loader = DataLoader(TensorDataset(x, labels), batch_size=8)
+        cb = EmbeddingCallback(num_probes=6, projection="pca", projector=False)
+        with pytest.warns(VisualizationWarning) as caught:
+            tiny_trainer(str(tmp_path / name), [cb], max_epochs=2).fit(IgnoreUnlabeled(), loader)
+        said = [str(w.message) for w in caught if re.search(msg, str(w.message))]
+        assert len(said) == 1 and said[0].startswith("EmbeddingCallback: the "), [str(w.message) for w in caught]
+        assert cb.probes.labels is None if name == "unlabeled" else cb.probes.labels.tolist() == [0] * 6
+        assert image_steps(read_events(str(tmp_path / name)), "viz-embeddings/penultimate/pca") == [0, 1]
+
+
+def test_knn_accuracy_of_any_integer_labels_matches_sklearn():
+    """knn_accuracy (public) raised 'index -1 is out of bounds' for labels with -1, and allocated a vote column per
+    integer up to the largest label (ids such as 10**9); labels are any integers, as scikit-learn's."""
+    from sklearn.model_selection import LeaveOneOut, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    feats, labels = _clusters(seed=1, per=12, dims=8, spread=0.4)
+    labels = labels % 2  # two classes, k odd: no tied votes (sklearn gives ties to the lowest label, this function
+    # to the nearest neighbour's class)
+    want = cross_val_score(KNeighborsClassifier(5), feats.numpy(), labels.numpy(), cv=LeaveOneOut()).mean()
+    assert 0.3 < want < 1.0  # overlapping clusters: some mistakes
+    for relabeled in (labels, labels - 1, labels * 10**9 - 7):
+        assert knn_accuracy(feats, relabeled, k=5) == pytest.approx(want)
+
+
+def test_class_names_with_tabs_or_line_breaks_keep_the_projector_metadata_one_row_per_probe(tmp_path):
+    """A class name with a tab or a line break (names read from a file) split its metadata.tsv row: more lines than
+    probes, which TensorBoard's Projector refuses ('Number of tensors (6) do not match the number of lines in
+    metadata'), and a line break crashed the scatter's legend ('can't measure length of multiline text'). Those
+    characters are written as spaces; TensorBoard's projector plugin serves one row per probe."""
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.projector.projector_plugin import ProjectorPlugin
+    from werkzeug.test import EnvironBuilder
+
+    from lightning_viz.methods.embeddings import scatter_image
+
+    names = ["tabby\tcat", "golden\nretriever", "red\r\nfox"]
+    cb = EmbeddingCallback(num_probes=6, projection="pca", sprite_size=8, class_names=names)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tmp_path))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(tmp_path))
+    plugin = ProjectorPlugin(base_plugin.TBContext(logdir=str(tmp_path), data_provider=provider, multiplexer=mux))
+    route = plugin.get_plugin_apps()["/metadata"]
+    env = EnvironBuilder(query_string={"run": "version_0", "name": "viz-embeddings/penultimate:00000"}).get_environ()
+    rows = b"".join(route(env, lambda *a: None)).decode().splitlines()
+    clean = ["tabby cat", "golden retriever", "red  fox"]
+    assert rows[0] == "label\tprediction" and len(rows) == 7
+    assert [r.split("\t")[0] for r in rows[1:]] == [clean[i] for i in cb.probes.labels.tolist()]
+    assert all(r.split("\t")[1] in clean for r in rows[1:])
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz-embeddings/penultimate/pca") == [0]  # the legend (was: "can't measure length")
+    scatter_image(torch.randn(3, 2), torch.arange(3), "direct", class_names=names)
+
+
+def test_embeddings_show_progress_of_the_forward_and_the_tsne(tmp_path, caplog, monkeypatch):
+    """1500 probes took 33 s at an epoch end (the forward, then t-SNE) without a word; the forward's chunks and the
+    exact t-SNE's iterations log progress lines like the other long loops."""
+    import logging
+
+    import lightning_viz.progress as progress_module
+
+    monkeypatch.setattr(progress_module.logger, "propagate", True)
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every check: a line
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    cb = EmbeddingCallback(num_probes=12, projection="tsne", projector=False, chunk_size=4, tsne_iterations=300)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning-viz embeddings: ")]
+    assert [m.split(" (")[0] for m in lines if "probe images" in m] == [
+        f"lightning-viz embeddings: {k}/12 probe images" for k in (4, 8, 12)
+    ]
+    tsne = [int(m.split(": ")[1].split("/")[0]) for m in lines if "/300 t-SNE iterations" in m]
+    assert tsne[:5] == [50, 100, 150, 200, 250] and tsne == sorted(tsne), lines

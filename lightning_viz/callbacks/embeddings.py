@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional, Union
 
+import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
@@ -16,12 +18,14 @@ from ..methods.embeddings import (
     extract_features,
     knn_accuracy,
     pca_2d,
+    pca_variance_ratio,
     penultimate_layer,
     scatter_image,
     silhouette,
     tsne_2d,
 )
 from ..probe import ProbeSet
+from ..progress import interruptible, reporting
 from ..render import class_name, to_rgb
 from ._options import LayersSpec, renamed_option, single_layer
 from .base import VisualizationCallback, VisualizationWarning
@@ -29,6 +33,28 @@ from .base import VisualizationCallback, VisualizationWarning
 __all__ = ["EmbeddingCallback"]
 
 PENULTIMATE = "penultimate"
+#: TensorBoard's Projector refuses a sprite image wider or higher than this ("exceeds maximum dimensions").
+SPRITE_MAX_PX = 8192
+
+
+def sprite_cell_limit(num_images: int) -> int:
+    """The largest square cell that fits ``num_images`` in a sprite of at most :data:`SPRITE_MAX_PX` a side
+    (a ``ceil(sqrt(N))`` x ``ceil(sqrt(N))`` grid, as ``add_embedding`` lays it out)."""
+    return SPRITE_MAX_PX // max(1, math.ceil(math.sqrt(num_images)))
+
+
+def _go_on(done: int, total: int, what: str) -> None:
+    """A progress check that never stops the loop."""
+
+
+_CELL_BREAKS = str.maketrans("\t\n\r", "   ")
+
+
+def _cell(text: str) -> str:
+    """``text`` on one line, as a legend entry and a cell of the projector's ``metadata.tsv`` (its tabs and line
+    breaks as spaces: in a class name one split the row, and TensorBoard then refuses the file, its line count no
+    longer the tensor's; the legend could not measure it)."""
+    return text.translate(_CELL_BREAKS)
 
 
 def square_thumbnails(images: Tensor, size: int) -> Tensor:
@@ -66,7 +92,8 @@ class EmbeddingCallback(VisualizationCallback):
             (exact t-SNE in torch, deterministic; scikit-learn's Barnes-Hut above 512 probes; slower).
         projector: also write the TensorBoard projector files.
         sprite_size: side in pixels of each probe thumbnail in the projector sprite (non-square probes keep their
-            aspect ratio, on white).
+            aspect ratio, on white); the sprite, ``ceil(sqrt(num_probes))`` thumbnails a side, must stay within
+            TensorBoard's 8192 px (e.g. 128 px for 4096 probes).
         knn_k: neighbours for the leave-one-out kNN accuracy.
         tsne_perplexity: t-SNE perplexity (capped below N/3).
         tsne_iterations: t-SNE gradient steps (>= 250; 500 by default, half of scikit-learn's 1000 at the same
@@ -116,6 +143,13 @@ class EmbeddingCallback(VisualizationCallback):
             )
         if tsne_perplexity <= 0:
             raise ValueError(f"tsne_perplexity must be > 0; got {tsne_perplexity}")
+        n = self.num_probes if self.probes is None else len(self.probes)
+        if projector and sprite_size > sprite_cell_limit(n):
+            raise ValueError(
+                f"sprite_size={sprite_size} with {n} probes makes a {math.ceil(math.sqrt(n)) * sprite_size} px "
+                f"sprite, and TensorBoard's Projector refuses sprites over {SPRITE_MAX_PX} px a side: use "
+                f"sprite_size <= {sprite_cell_limit(n)}, fewer probes, or projector=False"
+            )
         self.layer = layer
         self.projection = list(projection)
         self.projector = projector
@@ -123,12 +157,24 @@ class EmbeddingCallback(VisualizationCallback):
         self.chunk_size = chunk_size
         self.tsne_iterations = tsne_iterations
 
+    def _warn_once(self, message: str) -> None:
+        """Warn (rank 0) the first time this callback meets ``message``, not at every epoch."""
+        told = self.__dict__.setdefault("_told", set())
+        if message not in told:
+            told.add(message)
+            rank_zero_warn(message, category=VisualizationWarning)
+
     @property
     def layer_tag(self) -> str:
         return self.layer or PENULTIMATE
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return super().state_key_parts() + (self.layer_tag, tuple(self.projection))
+
+    def shared_tags(self) -> set[str]:
+        # the separation scores and the projector entry of a layer, whatever the projections
+        tags = {f"{self.layer_tag}/silhouette", f"{self.layer_tag}/knn_acc"}
+        return tags | ({f"{self.layer_tag} (projector)"} if self.projector else set())
 
     def check(self, pl_module: LightningModule) -> None:
         if self.layer is None:
@@ -168,18 +214,41 @@ class EmbeddingCallback(VisualizationCallback):
             labels = None if labels is None else labels[ok]
         name = self.layer_tag
         names = self.get_class_names(trainer)
-        for proj in self.projection:
-            if proj == "pca":
-                pts = pca_2d(feats)
+        names = None if names is None else [_cell(str(n)) for n in names]  # one line each (legends, metadata.tsv)
+        # t-SNE of many probes: progress lines, as in the compute; no SIGTERM stop here (rank 0 alone: under DDP the
+        # other ranks wait for it in a collective)
+        with reporting(self.method), interruptible(_go_on):
+            for proj in self.projection:
+                if proj == "pca":
+                    pts = pca_2d(feats)
+                    r1, r2 = pca_variance_ratio(feats, pts)  # how much of the cloud the plane shows
+                    title = f"{name} PCA, {step_label(logger.step)} (PC1 {r1:.0%}, PC2 {r2:.0%} of variance)"
+                else:
+                    pts = tsne_2d(
+                        feats, seed=self.probe_seed, perplexity=self.tsne_perplexity, iterations=self.tsne_iterations
+                    )
+                    title = f"{name} t-SNE, {step_label(logger.step)}"
+                logger.image(make_tag(self.method, name, proj), scatter_image(pts, labels, title, class_names=names))
+        if labels is None:
+            self._warn_once(
+                "EmbeddingCallback: the probes have no class labels (the data gives none, or labels that are not "
+                "class indices 0..K-1: -1 marking unlabeled items, regression targets), so the scatters are drawn "
+                "in one color and silhouette and knn_acc are not logged."
+            )
+        else:
+            # a silhouette needs 2 <= classes <= N - 1 (else NaN), a kNN vote a class of 2 probes (else 0, or 1)
+            classes = int(torch.unique(labels).numel())
+            if 2 <= classes <= len(labels) - 1:
+                logger.scalar(make_tag(self.method, name, "silhouette"), silhouette(feats, labels))
+                logger.scalar(make_tag(self.method, name, "knn_acc"), knn_accuracy(feats, labels, self.knn_k))
             else:
-                pts = tsne_2d(
-                    feats, seed=self.probe_seed, perplexity=self.tsne_perplexity, iterations=self.tsne_iterations
+                self._warn_once(
+                    f"EmbeddingCallback: the {len(labels)} probes hold "
+                    + ("one class: nothing to separate" if classes < 2 else f"{classes} classes, one probe each")
+                    + "; silhouette and knn_acc need 2 classes or more and a class of 2 probes or more, so they are "
+                    "not logged"
+                    + ("." if classes < 2 else " (raise num_probes above the number of classes, or give probes=).")
                 )
-            title = f"{name} {proj.upper()}, {step_label(logger.step)}"
-            logger.image(make_tag(self.method, name, proj), scatter_image(pts, labels, title, class_names=names))
-        if labels is not None:
-            logger.scalar(make_tag(self.method, name, "silhouette"), silhouette(feats, labels))
-            logger.scalar(make_tag(self.method, name, "knn_acc"), knn_accuracy(feats, labels, self.knn_k))
         if self.projector:
             lab = ["?"] * len(preds) if labels is None else [class_name(v, names) for v in labels]
             metadata = [[a, class_name(p, names)] for a, p in zip(lab, preds)]

@@ -26,9 +26,19 @@ from torch import Tensor, nn
 
 from ..capture import capture
 from ..layers import LayerNotFoundError, get_layer, last_called_linear, linear_layer_names, unwrap_model
+from ..progress import progress
 from .checks import check_eval
 
-__all__ = ["penultimate_layer", "extract_features", "pca_2d", "tsne_2d", "silhouette", "knn_accuracy", "scatter_image"]
+__all__ = [
+    "penultimate_layer",
+    "extract_features",
+    "pca_2d",
+    "pca_variance_ratio",
+    "tsne_2d",
+    "silhouette",
+    "knn_accuracy",
+    "scatter_image",
+]
 
 
 def penultimate_layer(model: nn.Module, x: Tensor | None = None) -> str:
@@ -92,6 +102,7 @@ def extract_features(
             f = f.float().mean(dim=(2, 3)) if f.ndim == 4 else f.float().flatten(1)
             feats.append(f)
             logits.append(out.float())
+            progress(s + xb.shape[0], x.shape[0], "probe images")  # a line every few seconds inside a callback run
     return torch.cat(feats), torch.cat(logits)
 
 
@@ -116,6 +127,22 @@ def _check_finite(fn: str, features: Tensor) -> None:
             f"{fn}: the features of rows {bad[:8].tolist()} are not finite (NaN/inf inputs or weights); "
             "leave those rows out (the embedding callback does)"
         )
+
+
+def pca_variance_ratio(features: Tensor, scores: Tensor | None = None, dims: int = 2) -> list[float]:
+    """The fraction of the features' variance on each of the ``dims`` leading principal axes (scikit-learn's
+    ``PCA.explained_variance_ratio_``; 0 for missing axes and for features without variance): how much of the
+    point cloud a :func:`pca_2d` scatter shows. ``scores``: the features' :func:`pca_2d` when at hand (no second
+    decomposition: an axis's variance is its scores' squared norm)."""
+    _check_finite("pca_variance_ratio", features)
+    f = features.detach().double()
+    f = f - f.mean(0, keepdim=True)
+    total = float(f.square().sum())
+    if scores is None:
+        with _one_thread_if_small(features.numel()):
+            scores = _pca_scores(f, dims)
+    ratio = (scores[:, :dims].double().square().sum(0) / total).tolist() if total > 0 else []
+    return (ratio + [0.0] * dims)[:dims]
 
 
 def _pca_scores(features: Tensor, dims: int = 2) -> Tensor:
@@ -262,6 +289,7 @@ def tsne_exact(
             update.mul_(momentum).addcmul_(gains, g, value=4.0 * lr)  # update = momentum update - lr gains grad
             yt.add_(update)
             if (i + 1) % _CHECK_EVERY == 0 or i == stop_at - 1:
+                progress(i + 1, iterations, "t-SNE iterations")  # a line every few seconds inside a callback run
                 kl = _kl_divergence(pmat, yt.t())
                 if (i + 1) % _CHECK_EVERY == 0:
                     if kl < best:
@@ -369,7 +397,8 @@ def silhouette(features: Tensor, labels: Tensor) -> float:
 
 
 def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
-    """Leave-one-out k-NN accuracy (Euclidean; majority vote, ties to the nearer neighbour's class)."""
+    """Leave-one-out k-NN accuracy (Euclidean; majority vote, ties to the nearer neighbour's class); ``labels`` may
+    be any integers (as scikit-learn's, e.g. -1 or sparse ids)."""
     n = features.shape[0]
     if n < 2:
         return float("nan")
@@ -379,9 +408,9 @@ def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
         d = torch.cdist(features.double(), features.double())
         d.fill_diagonal_(float("inf"))
         nn_idx = torch.sort(d, dim=1, stable=True).indices[:, :k]  # [N, k], nearest first
-    nn_lab = labels.long()[nn_idx]
-    num_classes = int(labels.max()) + 1
-    votes = torch.zeros(n, num_classes, dtype=torch.long).scatter_add_(1, nn_lab, torch.ones_like(nn_lab))
+    _, labels = torch.unique(labels.reshape(-1), return_inverse=True)  # any label values (-1, 1000): 0..K-1
+    nn_lab = labels[nn_idx]
+    votes = torch.zeros(n, int(labels.max()) + 1, dtype=torch.long).scatter_add_(1, nn_lab, torch.ones_like(nn_lab))
     # Among the most-voted classes, the one of the nearest neighbour: the first neighbour whose class has max votes.
     top = votes.gather(1, nn_lab) == votes.amax(1, keepdim=True)
     pred = nn_lab.gather(1, top.int().argmax(1, keepdim=True)).squeeze(1)
@@ -482,6 +511,7 @@ _TAB20_LIGHT = (
     (219, 219, 141),
     (158, 218, 229),
 )
+_LINE_BREAKS = str.maketrans("\t\n\r", "   ")
 #: The color of the classes past the named ones.
 _OTHERS = (190, 190, 190)
 
@@ -509,6 +539,7 @@ def scatter_image(
     lab = None if labels is None else labels.detach().cpu().reshape(-1).long()
     classes = [] if lab is None else [int(c) for c in torch.unique(lab)]
     names = [str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else str(c) for c in classes]
+    names = [n.translate(_LINE_BREAKS) for n in names]  # PIL measures no multi-line text
     palette: tuple[tuple[int, int, int], ...] = _TAB10 if len(classes) <= 10 else _TAB10 + _TAB20_LIGHT  # none repeated
     if len(classes) > LEGEND_MAX_CLASSES:  # a 1000-class head: the first classes in colors, the others gray
         palette = tuple(c for c in palette if len(set(c)) > 1)  # tab10 and tab20's grays left out
