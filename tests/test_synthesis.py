@@ -364,3 +364,39 @@ def test_an_input_shape_the_model_cannot_take_fails_at_setup(tmp_path, cls):
     cb = cls(input_shape=[3, 12, 10], steps=1, **kw)
     tiny_trainer(str(tmp_path / "ok"), [cb], max_epochs=1).fit(LitTiny(), tl, vl)
     assert cb.last_logged_tags
+
+
+class _Pixels255(TinyCNN):
+    """A TinyCNN taking uint8-range pixels ``0..255`` (its own ``x / 255``)."""
+
+    def forward(self, x):
+        return super().forward(x / 255)
+
+
+@pytest.mark.parametrize("cls", [InversionCallback, ClassModelCallback, UnitCallback])
+def test_uint8_pixel_probes_optimize_in_pixel_units(cls):
+    """uint8 probes (``mean=[0], std=[1/255]``: the model takes 0..255) give the images of the same model taking
+    ``[0, 1]`` pixels, times 255. Was: ``lr``, the init noise and the priors in input units, so every step moved a
+    pixel by 0.05 of 255 levels: flat gray reconstructions, class-model and unit images (pixel std 4e-4)."""
+    from lightning_viz.probe import ProbeSet
+
+    torch.manual_seed(0)
+    net = TinyCNN(width=4)
+    px = torch.rand(3, 3, 8, 8)
+    u8 = LitTiny(_Pixels255()).eval()
+    u8.net.load_state_dict(net.state_dict())
+    kw = dict(steps=20, lr=0.05)
+    if cls is UnitCallback:
+        kw.update(layers="net.conv2", channels=[0, 1])
+    if cls is InversionCallback:
+        kw.update(layers="net.conv2")
+    if cls is ClassModelCallback:
+        kw.update(l2=1e-4)
+    cb = cls(**kw)
+    with isolated(u8):
+        got = cb.compute(u8, ProbeSet(images=px * 255, mean=[0.0], std=[1 / 255]))["images"]
+    ref_model = LitTiny(net).eval()
+    with isolated(ref_model):
+        want = cb.compute(ref_model, ProbeSet(images=px, mean=[0.0], std=[1.0]))["images"]
+    assert want.std() > 0.05  # the reference moved away from gray
+    torch.testing.assert_close(got / 255, want, atol=1e-4, rtol=1e-3)

@@ -66,6 +66,19 @@ def prior_scale(shape: Any) -> float:
     return PRIOR_REFERENCE_PIXELS / float(h * w)
 
 
+def pixel_scale(probe: ProbeSet | None, device: Any = None) -> Optional[Tensor]:
+    """``1 / std`` (``[1, C, 1, 1]``) when the probes' normalization only rescales pixels (``mean`` all 0, ``std`` not
+    1: uint8 pixels ``0..255`` are ``mean=[0], std=[1/255]``), else ``None``. With it the optimization runs in
+    pixel units (``optimize_input(scale=...)``): ``lr``, the init noise and the priors are sized for inputs of order
+    1, and on a ``0..255`` input they moved the image by a fraction of a level (gray reconstructions)."""
+    if probe is None or probe.mean is None or probe.std is None:
+        return None
+    mean, std = [float(v) for v in probe.mean], [float(v) for v in probe.std]
+    if any(m != 0.0 for m in mean) or all(v == 1.0 for v in std):
+        return None
+    return 1.0 / torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+
 class _InputOptimizationCallback(VisualizationCallback):
     """Shared options of the input-optimization callbacks (see :mod:`lightning_viz.methods.synthesis`).
 
@@ -169,6 +182,7 @@ class _InputOptimizationCallback(VisualizationCallback):
             chunk_size=self.chunk_size,
             generator=torch.Generator().manual_seed(self.seed),  # on the CPU: the same draws on every device
             bounds=None if probe is None else valid_range(probe.mean, probe.std, device),
+            scale=pixel_scale(probe, device),
         )
 
     def show(self, images01: Tensor) -> Tensor:
@@ -420,9 +434,10 @@ class InversionCallback(_InputOptimizationCallback):
         kw = self.optimize_kwargs(pl_module, probe)
         x = probe.to(module_device(pl_module), module_dtype(pl_module))
         if self.init == "noise":  # per-probe noise: the same reconstruction whatever the split over ranks
-            kw["init"] = initial_images("gray", x.shape, bounds=kw["bounds"], device=x.device) + 0.1 * per_image_noise(
-                x.shape, self.seed, probe.offset, device=x.device
-            )
+            noise = 0.1 * per_image_noise(x.shape, self.seed, probe.offset, device=x.device)
+            if kw["scale"] is not None:  # 0.1 in pixel units
+                noise = noise * kw["scale"]
+            kw["init"] = initial_images("gray", x.shape, bounds=kw["bounds"], device=x.device) + noise
         res = invert_features(pl_module, x, self.layer, **kw)
         return {"images": res.images.cpu(), "error": (-res.scores).clamp_min(0).sqrt().cpu()}
 
