@@ -400,3 +400,21 @@ def test_uint8_pixel_probes_optimize_in_pixel_units(cls):
         want = cb.compute(ref_model, ProbeSet(images=px, mean=[0.0], std=[1.0]))["images"]
     assert want.std() > 0.05  # the reference moved away from gray
     torch.testing.assert_close(got / 255, want, atol=1e-4, rtol=1e-3)
+
+
+def test_class_and_channel_lists_take_any_integer_indices_and_refuse_the_rest():
+    """``channels`` / ``classes`` as the methods take them (one int, a range, an integer tensor or array) and a clear
+    error naming the option for anything else. Was: ``channels=[0.5, 2]`` silently became ``[0, 2]``, ``channels=3``
+    and ``classes=5`` "'int' object is not iterable", a tensor "Boolean value of Tensor ... is ambiguous"."""
+    import numpy as np
+
+    for given in (torch.arange(3), np.arange(3), range(3), (0, 1, 2), [0, 1, 2]):
+        assert UnitCallback(layers="net.conv2", channels=given).channels == [0, 1, 2]
+        assert ClassModelCallback(classes=given).classes == [0, 1, 2]
+    assert UnitCallback(layers="net.conv2", channels=3).channels == [3]
+    assert ClassModelCallback(classes=np.int64(5)).classes == [5]
+    for bad in ([0.5, 2], [], [-1], ["1"], [True], torch.tensor([0.5])):
+        with pytest.raises(ValueError, match=r"UnitCallback: channels must be one channel index or a non-empty list"):
+            UnitCallback(layers="net.conv2", channels=bad)
+        with pytest.raises(ValueError, match=r"ClassModelCallback: classes must be one class index or a non-empty"):
+            ClassModelCallback(classes=bad)

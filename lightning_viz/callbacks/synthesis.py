@@ -66,6 +66,21 @@ def prior_scale(shape: Any) -> float:
     return PRIOR_REFERENCE_PIXELS / float(h * w)
 
 
+def index_list(owner: str, option: str, values: Any, what: str) -> list[int]:
+    """``values`` (one index, a list, a range, an integer tensor or array) as a non-empty list of ints ``>= 0``; a
+    clear error for anything else. Was: ``[0.5, 2]`` silently became ``[0, 2]``, ``3`` or a tensor a bare TypeError."""
+    items = values.tolist() if hasattr(values, "tolist") else values
+    items = [items] if isinstance(items, int) else items
+    ok = isinstance(items, (list, tuple, range)) and len(items) > 0
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items)
+    if not ok:
+        raise ValueError(
+            f"{owner}: {option} must be one {what} index or a non-empty list of them (integers >= 0, e.g. [0, 1, 2]); "
+            f"got {values!r}"
+        )
+    return [int(v) for v in items]
+
+
 def pixel_scale(probe: ProbeSet | None, device: Any = None) -> Optional[Tensor]:
     """``1 / std`` (``[1, C, 1, 1]``) when the probes' normalization only rescales pixels (``mean`` all 0, ``std`` not
     1: uint8 pixels ``0..255`` are ``mean=[0], std=[1/255]``), else ``None``. With it the optimization runs in
@@ -245,13 +260,11 @@ class ClassModelCallback(_InputOptimizationCallback):
             "one probe image gives the input shape and value range",
         )
         super().__init__(l2=l2, num_probes=1, probe_seed=0, **kwargs)
-        if classes is not None and (not classes or min(classes) < 0):
-            raise ValueError(
-                f"ClassModelCallback: classes must be a non-empty list of class indices >= 0; got {classes}"
-            )
+        if classes is not None:
+            classes = index_list("ClassModelCallback", "classes", classes, "class")
         if max_classes < 1:
             raise ValueError(f"ClassModelCallback: max_classes must be >= 1; got {max_classes}")
-        self.classes = None if classes is None else [int(c) for c in classes]
+        self.classes = classes
         self.max_classes = max_classes
         self.needs_probes = self.input_shape is None
 
@@ -326,8 +339,7 @@ class UnitCallback(_InputOptimizationCallback):
                 f"UnitCallback needs {' and '.join(missing)}: the layer and the indices of its channels to visualize, "
                 "e.g. UnitCallback(layers='net.conv3', channels=[0, 1, 2])"
             )
-        if not channels or min(channels) < 0:
-            raise ValueError(f"UnitCallback: channels must be a non-empty list of channel indices >= 0; got {channels}")
+        channels = index_list("UnitCallback", "channels", channels, "channel")
         if unit not in ("channel", "neuron"):
             raise ValueError(f"UnitCallback: unit must be 'channel' or 'neuron'; got {unit!r}")
         self.layer = canonical_name(layer)
