@@ -418,3 +418,22 @@ def test_class_and_channel_lists_take_any_integer_indices_and_refuse_the_rest():
             UnitCallback(layers="net.conv2", channels=bad)
         with pytest.raises(ValueError, match=r"ClassModelCallback: classes must be one class index or a non-empty"):
             ClassModelCallback(classes=bad)
+
+
+def test_progress_of_a_chunked_optimization_counts_the_steps_of_all_chunks(trained, caplog, monkeypatch):
+    """With ``chunk_size`` the progress lines count on over the chunks (3 chunks of 4 steps: 0..11 of 12), so the
+    time left is for the whole run. Was: "3/4 optimization steps (~0 s left)" at the end of each chunk, then again."""
+    import logging
+
+    from lightning_viz.progress import logger as viz_logger
+    from lightning_viz.progress import reporting
+
+    model, _ = trained
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    with isolated(model), reporting("class_model", every_s=0.0):
+        class_model_images(model, [0, 1, 2], (3, 8, 8), steps=4, chunk_size=1)
+    counts = [
+        r.getMessage().split(": ")[1].split(" optimization")[0] for r in caplog.records if r.name == "lightning_viz"
+    ]
+    assert counts == [f"{i}/12" for i in range(12)]

@@ -149,8 +149,9 @@ class _Ascent:
 
 
 def _optimize_chunk(
-    model, objective, init, rows, steps, lr, regs, param, bounds, optimizer, decorrelate, scale
+    model, objective, init, rows, steps, lr, regs, param, bounds, optimizer, decorrelate, scale, chunk=(0, 1)
 ) -> Tensor:
+    """The optimized images of one chunk (``chunk = (index, count)``: where the progress lines count from)."""
     p = make_param(param, init, decorrelate=decorrelate)
     model_dtype = module_dtype(model)
     opt = _Ascent(p.params, lr, optimizer)
@@ -177,7 +178,8 @@ def _optimize_chunk(
 
     with capture(model, objective.layers, grad=True) as cap, forward_until(model, cut) as run:
         for step in range(steps):
-            progress(step, steps, "optimization steps")  # a line every few seconds inside a callback run (rank 0)
+            # a line every few seconds inside a callback run (rank 0), counting the steps of all chunks
+            progress(chunk[0] * steps + step, chunk[1] * steps, "optimization steps")
             img = p.image()
             if project and step > 0:  # the last step's projections, on the image this step starts from
                 img = projected(img, step - 1)
@@ -273,12 +275,25 @@ def optimize_input(
     b = x0.shape[0]
     chunk = chunk_size or b
     images, scores, start = [], [], []
+    n_chunks = -(-b // chunk)
     for lo in range(0, b, chunk):
         rows = torch.arange(lo, min(lo + chunk, b))
         init_c = x0[lo : lo + chunk]
         start.append(_scores(model, objective, init_c if scale is None else init_c * scale, rows))
         img = _optimize_chunk(
-            model, objective, init_c, rows, steps, lr, regs, param, bounds, optimizer, decorrelate, scale
+            model,
+            objective,
+            init_c,
+            rows,
+            steps,
+            lr,
+            regs,
+            param,
+            bounds,
+            optimizer,
+            decorrelate,
+            scale,
+            (lo // chunk, n_chunks),
         )
         img = img if scale is None else img * scale
         images.append(img)
