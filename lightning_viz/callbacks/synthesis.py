@@ -103,7 +103,7 @@ class _InputOptimizationCallback(VisualizationCallback):
         l2: weight of the ``||I||^2`` penalty (Simonyan et al. 2014, eq. 1), per 32 x 32 px of image (see ``tv``).
         l2_decay: ``I <- (1 - l2_decay) I`` after every step (Yosinski et al. 2015).
         blur_every: Gaussian blur every ``blur_every`` steps (0 = off), of width ``blur_sigma`` pixels.
-        blur_sigma: blur width in pixels.
+        blur_sigma: blur width in pixels (default 0.5; only with ``blur_every``).
         jitter: random shift of up to ``jitter`` pixels before each forward pass (0 = off).
         tv: weight of the total-variation penalty (Mahendran & Vedaldi 2015). Both penalties sum over pixels, so
             ``l2`` and ``tv`` are scaled by :data:`PRIOR_REFERENCE_PIXELS` / ``(H * W)``: they weigh against the
@@ -129,7 +129,7 @@ class _InputOptimizationCallback(VisualizationCallback):
         l2: float = 0.0,
         l2_decay: float = 0.0,
         blur_every: int = 0,
-        blur_sigma: float = 0.5,
+        blur_sigma: Optional[float] = None,
         jitter: int = 0,
         tv: float = 0.0,
         clip_percentile: float = 0.0,
@@ -163,6 +163,12 @@ class _InputOptimizationCallback(VisualizationCallback):
             raise ValueError(f"{name}: {', '.join(negative)} must be >= 0 (0 = off); got {negative}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"{name}: chunk_size must be >= 1 or None; got {chunk_size}")
+        if blur_sigma is not None and not blur_every:  # was: no blur at all, silently
+            raise ValueError(
+                f"{name}: blur_sigma={blur_sigma} does nothing with blur_every=0 (blur off); give blur_every too "
+                "(blur every that many steps, e.g. blur_every=4)"
+            )
+        blur_sigma = 0.5 if blur_sigma is None else blur_sigma
         if input_shape is not None and len(input_shape) != 3:
             raise ValueError(f"{name}: input_shape must be [C, H, W]; got {input_shape}")
         self.steps, self.lr, self.l2 = steps, lr, l2
