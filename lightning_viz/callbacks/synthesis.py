@@ -588,6 +588,18 @@ class AdversarialCallback(VisualizationCallback):
         parts = [self.attack_probes(pl_module, probe.subset(slice(i, i + step))) for i in range(0, n, step)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
+    def check_probes(self, probe: ProbeSet) -> None:
+        """A pixel-unit ``epsilon`` of 1 or more (8 meant as 8 levels of 255?) spans the whole ``[0, 1]`` pixel range:
+        every probe could be replaced by any image (flip rate 1 whatever the model). Refused at setup."""
+        super().check_probes(probe)
+        if self.budget_std(probe) is not None and self.epsilon >= 1:
+            raise ValueError(
+                f"AdversarialCallback: epsilon={self.epsilon:g} is in pixel units (epsilon_units='pixels'), where "
+                f"pixels are in [0, 1]: a budget of 1 or more allows any image. Give it as a fraction, e.g. "
+                f"{self.epsilon:g}/255 = {self.epsilon / 255:.4f} for {self.epsilon:g} levels of 255, or "
+                "epsilon_units='input' for a budget in the model's input units."
+            )
+
     def budget_std(self, probe: ProbeSet) -> Optional[list[float]]:
         """The per-channel std that turns pixel-unit budgets into input units (``None``: input units already)."""
         if self.epsilon_units != "pixels" or probe.std is None:
