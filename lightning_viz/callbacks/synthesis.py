@@ -99,7 +99,8 @@ class _InputOptimizationCallback(VisualizationCallback):
 
     Args:
         steps: optimization steps.
-        lr: learning rate of the optimizer.
+        lr: learning rate of the optimizer, in the model's input units (pixel units ``[0, 1]`` when the normalization
+            only rescales pixels, :func:`pixel_scale`).
         l2: weight of the ``||I||^2`` penalty (Simonyan et al. 2014, eq. 1), per 32 x 32 px of image (see ``tv``).
         l2_decay: ``I <- (1 - l2_decay) I`` after every step (Yosinski et al. 2015).
         blur_every: Gaussian blur every ``blur_every`` steps (0 = off), of width ``blur_sigma`` pixels.
@@ -316,7 +317,8 @@ class UnitCallback(_InputOptimizationCallback):
 
     Args:
         layers: the layer (one dotted name of ``model.named_modules()``, or a one-element list; required).
-        channels: channel indices of that layer, one image each (one batch; required).
+        channels: channel indices of that layer, one image each (one batch; required): a list, a range, one int or
+            an integer tensor.
         unit: ``"channel"`` or ``"neuron"``.
         layer: deprecated alias of ``layers``.
         **kwargs: as :class:`ClassModelCallback`.
