@@ -234,7 +234,13 @@ def test_adversarial_callback_under_validate_and_valid_range(tmp_path):
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
     probes = ProbeSet(images=x.clamp(-2, 2), labels=y, mean=mean, std=std)
     cb = AdversarialCallback(
-        epsilon=3.0, attack="fgsm", mode="next_class", probes=probes, min_flip=False, run_on="validation_epoch_end"
+        epsilon=3.0,
+        epsilon_units="input",  # past the valid range; in pixels (of [0, 1]) a budget of 3 is refused at setup
+        attack="fgsm",
+        mode="next_class",
+        probes=probes,
+        min_flip=False,
+        run_on="validation_epoch_end",
     )
     model = LitTiny(TinyCNN(width=4))
     _, val = tiny_loaders(8)
