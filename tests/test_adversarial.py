@@ -234,7 +234,13 @@ def test_adversarial_callback_under_validate_and_valid_range(tmp_path):
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
     probes = ProbeSet(images=x.clamp(-2, 2), labels=y, mean=mean, std=std)
     cb = AdversarialCallback(
-        epsilon=3.0, attack="fgsm", mode="next_class", probes=probes, min_flip=False, run_on="validation_epoch_end"
+        epsilon=3.0,
+        epsilon_units="input",  # past the valid range; in pixels (of [0, 1]) a budget of 3 is refused at setup
+        attack="fgsm",
+        mode="next_class",
+        probes=probes,
+        min_flip=False,
+        run_on="validation_epoch_end",
     )
     model = LitTiny(TinyCNN(width=4))
     _, val = tiny_loaders(8)
@@ -397,3 +403,20 @@ def test_attacks_feature_maps_and_scan_refuse_one_unbatched_image_and_attacks_a_
     with pytest.raises(ValueError, match="adversarial attack: the model is in training mode"):
         fgsm(model, x, 1, 0.1)
     assert torch.equal(model.bn1.running_mean, running)
+
+
+def test_a_pixel_budget_of_one_or_more_fails_at_setup(tmp_path):
+    """``epsilon=8`` meant as 8 levels of 255, in pixel units (pixels in [0, 1]): any image is within the budget.
+    Refused at setup, with the fraction it likely meant. Was: the attack ran and logged a flip rate of 1."""
+    from lightning_viz.probe import ProbeSet
+
+    x, y = tiny_dataset(4).tensors
+    probes = ProbeSet(images=x.clamp(-1, 1), labels=y, mean=[0.5] * 3, std=[0.25] * 3)
+    model = LitTiny(TinyCNN(width=4))
+    cb = AdversarialCallback(epsilon=8, attack="fgsm", min_flip=False, probes=probes)
+    with pytest.raises(ValueError, match=r"AdversarialCallback: epsilon=8 is in pixel units .* 8/255 = 0\.0314"):
+        tiny_trainer(str(tmp_path), [cb]).fit(model, *tiny_loaders(8))
+    assert model.global_step == 0  # before any training step
+    cb = AdversarialCallback(epsilon=8, epsilon_units="input", attack="fgsm", min_flip=False, probes=probes)
+    with isolated(model):  # in input units a budget of 8 is the user's call
+        assert cb.compute(model, probes)["adv"].shape == x.shape

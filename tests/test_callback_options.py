@@ -273,6 +273,7 @@ def test_results_reach_log_results_detached_on_the_cpu_also_without_ddp(tmp_path
         ("ClassModelCallback(tv=-1)", "tv", ">= 0"),
         ("ClassModelCallback(clip_percentile=200)", "clip_percentile", "(0, 100)"),
         ("ClassModelCallback(blur_every=2, blur_sigma=-1)", "blur_sigma", "> 0"),
+        ("UnitCallback(layers='net.conv2', channels=[0], blur_sigma=1.0)", "blur_sigma", "give blur_every too"),
         ("AdversarialCallback(min_flip_iterations=-1)", "min_flip_iterations", ">= 0"),
         ("MapTracker(topk=1.5)", "topk", "(0, 1]"),
         ("MapTracker(target='foo')", "target", "'label'"),

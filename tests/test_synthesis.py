@@ -364,3 +364,76 @@ def test_an_input_shape_the_model_cannot_take_fails_at_setup(tmp_path, cls):
     cb = cls(input_shape=[3, 12, 10], steps=1, **kw)
     tiny_trainer(str(tmp_path / "ok"), [cb], max_epochs=1).fit(LitTiny(), tl, vl)
     assert cb.last_logged_tags
+
+
+class _Pixels255(TinyCNN):
+    """A TinyCNN taking uint8-range pixels ``0..255`` (its own ``x / 255``)."""
+
+    def forward(self, x):
+        return super().forward(x / 255)
+
+
+@pytest.mark.parametrize("cls", [InversionCallback, ClassModelCallback, UnitCallback])
+def test_uint8_pixel_probes_optimize_in_pixel_units(cls):
+    """uint8 probes (``mean=[0], std=[1/255]``: the model takes 0..255) give the images of the same model taking
+    ``[0, 1]`` pixels, times 255. Was: ``lr``, the init noise and the priors in input units, so every step moved a
+    pixel by 0.05 of 255 levels: flat gray reconstructions, class-model and unit images (pixel std 4e-4)."""
+    from lightning_viz.probe import ProbeSet
+
+    torch.manual_seed(0)
+    net = TinyCNN(width=4)
+    px = torch.rand(3, 3, 8, 8)
+    u8 = LitTiny(_Pixels255()).eval()
+    u8.net.load_state_dict(net.state_dict())
+    kw = dict(steps=20, lr=0.05)
+    if cls is UnitCallback:
+        kw.update(layers="net.conv2", channels=[0, 1])
+    if cls is InversionCallback:
+        kw.update(layers="net.conv2")
+    if cls is ClassModelCallback:
+        kw.update(l2=1e-4)
+    cb = cls(**kw)
+    with isolated(u8):
+        got = cb.compute(u8, ProbeSet(images=px * 255, mean=[0.0], std=[1 / 255]))["images"]
+    ref_model = LitTiny(net).eval()
+    with isolated(ref_model):
+        want = cb.compute(ref_model, ProbeSet(images=px, mean=[0.0], std=[1.0]))["images"]
+    assert want.std() > 0.05  # the reference moved away from gray
+    torch.testing.assert_close(got / 255, want, atol=1e-4, rtol=1e-3)
+
+
+def test_class_and_channel_lists_take_any_integer_indices_and_refuse_the_rest():
+    """``channels`` / ``classes`` as the methods take them (one int, a range, an integer tensor or array) and a clear
+    error naming the option for anything else. Was: ``channels=[0.5, 2]`` silently became ``[0, 2]``, ``channels=3``
+    and ``classes=5`` "'int' object is not iterable", a tensor "Boolean value of Tensor ... is ambiguous"."""
+    import numpy as np
+
+    for given in (torch.arange(3), np.arange(3), range(3), (0, 1, 2), [0, 1, 2]):
+        assert UnitCallback(layers="net.conv2", channels=given).channels == [0, 1, 2]
+        assert ClassModelCallback(classes=given).classes == [0, 1, 2]
+    assert UnitCallback(layers="net.conv2", channels=3).channels == [3]
+    assert ClassModelCallback(classes=np.int64(5)).classes == [5]
+    for bad in ([0.5, 2], [], [-1], ["1"], [True], torch.tensor([0.5])):
+        with pytest.raises(ValueError, match=r"UnitCallback: channels must be one channel index or a non-empty list"):
+            UnitCallback(layers="net.conv2", channels=bad)
+        with pytest.raises(ValueError, match=r"ClassModelCallback: classes must be one class index or a non-empty"):
+            ClassModelCallback(classes=bad)
+
+
+def test_progress_of_a_chunked_optimization_counts_the_steps_of_all_chunks(trained, caplog, monkeypatch):
+    """With ``chunk_size`` the progress lines count on over the chunks (3 chunks of 4 steps: 0..11 of 12), so the
+    time left is for the whole run. Was: "3/4 optimization steps (~0 s left)" at the end of each chunk, then again."""
+    import logging
+
+    from lightning_viz.progress import logger as viz_logger
+    from lightning_viz.progress import reporting
+
+    model, _ = trained
+    monkeypatch.setattr(viz_logger, "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    with isolated(model), reporting("class_model", every_s=0.0):
+        class_model_images(model, [0, 1, 2], (3, 8, 8), steps=4, chunk_size=1)
+    counts = [
+        r.getMessage().split(": ")[1].split(" optimization")[0] for r in caplog.records if r.name == "lightning_viz"
+    ]
+    assert counts == [f"{i}/12" for i in range(12)]

@@ -66,16 +66,45 @@ def prior_scale(shape: Any) -> float:
     return PRIOR_REFERENCE_PIXELS / float(h * w)
 
 
+def index_list(owner: str, option: str, values: Any, what: str) -> list[int]:
+    """``values`` (one index, a list, a range, an integer tensor or array) as a non-empty list of ints ``>= 0``; a
+    clear error for anything else. Was: ``[0.5, 2]`` silently became ``[0, 2]``, ``3`` or a tensor a bare TypeError."""
+    items = values.tolist() if hasattr(values, "tolist") else values
+    items = [items] if isinstance(items, int) else items
+    ok = isinstance(items, (list, tuple, range)) and len(items) > 0
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items)
+    if not ok:
+        raise ValueError(
+            f"{owner}: {option} must be one {what} index or a non-empty list of them (integers >= 0, e.g. [0, 1, 2]); "
+            f"got {values!r}"
+        )
+    return [int(v) for v in items]
+
+
+def pixel_scale(probe: ProbeSet | None, device: Any = None) -> Optional[Tensor]:
+    """``1 / std`` (``[1, C, 1, 1]``) when the probes' normalization only rescales pixels (``mean`` all 0, ``std`` not
+    1: uint8 pixels ``0..255`` are ``mean=[0], std=[1/255]``), else ``None``. With it the optimization runs in
+    pixel units (``optimize_input(scale=...)``): ``lr``, the init noise and the priors are sized for inputs of order
+    1, and on a ``0..255`` input they moved the image by a fraction of a level (gray reconstructions)."""
+    if probe is None or probe.mean is None or probe.std is None:
+        return None
+    mean, std = [float(v) for v in probe.mean], [float(v) for v in probe.std]
+    if any(m != 0.0 for m in mean) or all(v == 1.0 for v in std):
+        return None
+    return 1.0 / torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+
 class _InputOptimizationCallback(VisualizationCallback):
     """Shared options of the input-optimization callbacks (see :mod:`lightning_viz.methods.synthesis`).
 
     Args:
         steps: optimization steps.
-        lr: learning rate of the optimizer.
+        lr: learning rate of the optimizer, in the model's input units (pixel units ``[0, 1]`` when the normalization
+            only rescales pixels, :func:`pixel_scale`).
         l2: weight of the ``||I||^2`` penalty (Simonyan et al. 2014, eq. 1), per 32 x 32 px of image (see ``tv``).
         l2_decay: ``I <- (1 - l2_decay) I`` after every step (Yosinski et al. 2015).
         blur_every: Gaussian blur every ``blur_every`` steps (0 = off), of width ``blur_sigma`` pixels.
-        blur_sigma: blur width in pixels.
+        blur_sigma: blur width in pixels (default 0.5; only with ``blur_every``).
         jitter: random shift of up to ``jitter`` pixels before each forward pass (0 = off).
         tv: weight of the total-variation penalty (Mahendran & Vedaldi 2015). Both penalties sum over pixels, so
             ``l2`` and ``tv`` are scaled by :data:`PRIOR_REFERENCE_PIXELS` / ``(H * W)``: they weigh against the
@@ -101,7 +130,7 @@ class _InputOptimizationCallback(VisualizationCallback):
         l2: float = 0.0,
         l2_decay: float = 0.0,
         blur_every: int = 0,
-        blur_sigma: float = 0.5,
+        blur_sigma: Optional[float] = None,
         jitter: int = 0,
         tv: float = 0.0,
         clip_percentile: float = 0.0,
@@ -135,6 +164,12 @@ class _InputOptimizationCallback(VisualizationCallback):
             raise ValueError(f"{name}: {', '.join(negative)} must be >= 0 (0 = off); got {negative}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"{name}: chunk_size must be >= 1 or None; got {chunk_size}")
+        if blur_sigma is not None and not blur_every:  # was: no blur at all, silently
+            raise ValueError(
+                f"{name}: blur_sigma={blur_sigma} does nothing with blur_every=0 (blur off); give blur_every too "
+                "(blur every that many steps, e.g. blur_every=4)"
+            )
+        blur_sigma = 0.5 if blur_sigma is None else blur_sigma
         if input_shape is not None and len(input_shape) != 3:
             raise ValueError(f"{name}: input_shape must be [C, H, W]; got {input_shape}")
         self.steps, self.lr, self.l2 = steps, lr, l2
@@ -169,6 +204,7 @@ class _InputOptimizationCallback(VisualizationCallback):
             chunk_size=self.chunk_size,
             generator=torch.Generator().manual_seed(self.seed),  # on the CPU: the same draws on every device
             bounds=None if probe is None else valid_range(probe.mean, probe.std, device),
+            scale=pixel_scale(probe, device),
         )
 
     def show(self, images01: Tensor) -> Tensor:
@@ -231,13 +267,11 @@ class ClassModelCallback(_InputOptimizationCallback):
             "one probe image gives the input shape and value range",
         )
         super().__init__(l2=l2, num_probes=1, probe_seed=0, **kwargs)
-        if classes is not None and (not classes or min(classes) < 0):
-            raise ValueError(
-                f"ClassModelCallback: classes must be a non-empty list of class indices >= 0; got {classes}"
-            )
+        if classes is not None:
+            classes = index_list("ClassModelCallback", "classes", classes, "class")
         if max_classes < 1:
             raise ValueError(f"ClassModelCallback: max_classes must be >= 1; got {max_classes}")
-        self.classes = None if classes is None else [int(c) for c in classes]
+        self.classes = classes
         self.max_classes = max_classes
         self.needs_probes = self.input_shape is None
 
@@ -283,7 +317,8 @@ class UnitCallback(_InputOptimizationCallback):
 
     Args:
         layers: the layer (one dotted name of ``model.named_modules()``, or a one-element list; required).
-        channels: channel indices of that layer, one image each (one batch; required).
+        channels: channel indices of that layer, one image each (one batch; required): a list, a range, one int or
+            an integer tensor.
         unit: ``"channel"`` or ``"neuron"``.
         layer: deprecated alias of ``layers``.
         **kwargs: as :class:`ClassModelCallback`.
@@ -312,8 +347,7 @@ class UnitCallback(_InputOptimizationCallback):
                 f"UnitCallback needs {' and '.join(missing)}: the layer and the indices of its channels to visualize, "
                 "e.g. UnitCallback(layers='net.conv3', channels=[0, 1, 2])"
             )
-        if not channels or min(channels) < 0:
-            raise ValueError(f"UnitCallback: channels must be a non-empty list of channel indices >= 0; got {channels}")
+        channels = index_list("UnitCallback", "channels", channels, "channel")
         if unit not in ("channel", "neuron"):
             raise ValueError(f"UnitCallback: unit must be 'channel' or 'neuron'; got {unit!r}")
         self.layer = canonical_name(layer)
@@ -420,9 +454,10 @@ class InversionCallback(_InputOptimizationCallback):
         kw = self.optimize_kwargs(pl_module, probe)
         x = probe.to(module_device(pl_module), module_dtype(pl_module))
         if self.init == "noise":  # per-probe noise: the same reconstruction whatever the split over ranks
-            kw["init"] = initial_images("gray", x.shape, bounds=kw["bounds"], device=x.device) + 0.1 * per_image_noise(
-                x.shape, self.seed, probe.offset, device=x.device
-            )
+            noise = 0.1 * per_image_noise(x.shape, self.seed, probe.offset, device=x.device)
+            if kw["scale"] is not None:  # 0.1 in pixel units
+                noise = noise * kw["scale"]
+            kw["init"] = initial_images("gray", x.shape, bounds=kw["bounds"], device=x.device) + noise
         res = invert_features(pl_module, x, self.layer, **kw)
         return {"images": res.images.cpu(), "error": (-res.scores).clamp_min(0).sqrt().cpu()}
 
@@ -554,6 +589,18 @@ class AdversarialCallback(VisualizationCallback):
         step = self.chunk_size or n
         parts = [self.attack_probes(pl_module, probe.subset(slice(i, i + step))) for i in range(0, n, step)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def check_probes(self, probe: ProbeSet) -> None:
+        """A pixel-unit ``epsilon`` of 1 or more (8 meant as 8 levels of 255?) spans the whole ``[0, 1]`` pixel range:
+        every probe could be replaced by any image (flip rate 1 whatever the model). Refused at setup."""
+        super().check_probes(probe)
+        if self.budget_std(probe) is not None and self.epsilon >= 1:
+            raise ValueError(
+                f"AdversarialCallback: epsilon={self.epsilon:g} is in pixel units (epsilon_units='pixels'), where "
+                f"pixels are in [0, 1]: a budget of 1 or more allows any image. Give it as a fraction, e.g. "
+                f"{self.epsilon:g}/255 = {self.epsilon / 255:.4f} for {self.epsilon:g} levels of 255, or "
+                "epsilon_units='input' for a budget in the model's input units."
+            )
 
     def budget_std(self, probe: ProbeSet) -> Optional[list[float]]:
         """The per-channel std that turns pixel-unit budgets into input units (``None``: input units already)."""

@@ -118,6 +118,7 @@ def work_dtype(model_dtype: torch.dtype) -> torch.dtype:
 
 
 def _scores(model: nn.Module, objective: Objective, images: Tensor, rows: Tensor) -> Tensor:
+    """The objective at model-input ``images``, without a graph."""
     with torch.no_grad(), capture(model, objective.layers) as cap:
         logits = model(images.to(module_dtype(model)))
         return objective(logits, cap.outputs, rows).detach().to(images.dtype)
@@ -147,7 +148,10 @@ class _Ascent:
             p.addcdiv_(m, denom, value=-self.lr / (1 - b1**self.t))
 
 
-def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds, optimizer, decorrelate) -> Tensor:
+def _optimize_chunk(
+    model, objective, init, rows, steps, lr, regs, param, bounds, optimizer, decorrelate, scale, chunk=(0, 1)
+) -> Tensor:
+    """The optimized images of one chunk (``chunk = (index, count)``: where the progress lines count from)."""
     p = make_param(param, init, decorrelate=decorrelate)
     model_dtype = module_dtype(model)
     opt = _Ascent(p.params, lr, optimizer)
@@ -174,7 +178,8 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
 
     with capture(model, objective.layers, grad=True) as cap, forward_until(model, cut) as run:
         for step in range(steps):
-            progress(step, steps, "optimization steps")  # a line every few seconds inside a callback run (rank 0)
+            # a line every few seconds inside a callback run (rank 0), counting the steps of all chunks
+            progress(chunk[0] * steps + step, chunk[1] * steps, "optimization steps")
             img = p.image()
             if project and step > 0:  # the last step's projections, on the image this step starts from
                 img = projected(img, step - 1)
@@ -184,7 +189,7 @@ def _optimize_chunk(model, objective, init, rows, steps, lr, regs, param, bounds
             # with needs_img_grad the model gets a node of its own, which no penalty reaches
             x_in = x.view_as(x) if needs_img_grad else x
             cap.clear()
-            logits = run(partial(model, x_in.to(model_dtype)))
+            logits = run(partial(model, (x_in if scale is None else x_in * scale).to(model_dtype)))
             if logits is None:  # stopped after the objective's layers: no logits (the objective reads none)
                 logits = x.new_empty(x.shape[0], 0)
             obj = objective(logits, cap.outputs, rows).sum().to(img.dtype)
@@ -226,6 +231,7 @@ def optimize_input(
     chunk_size: int | None = None,
     noise_std: float = 0.1,
     decorrelate: bool = True,
+    scale: Tensor | None = None,
 ) -> SynthesisResult:
     """Maximize ``objective`` over a batch of images of ``shape = (B, C, H, W)``.
 
@@ -234,6 +240,11 @@ def optimize_input(
     parameters -> optimizer step -> regularizer projections (decay, blur, clipping) and clamping to
     ``bounds`` (``(lo, hi)`` from :func:`valid_range`). Images are independent (eval mode), so
     ``chunk_size`` images at a time give the same result as one batch.
+
+    ``scale`` (``[1, C, 1, 1]``, e.g. ``1 / std`` of a normalization that only rescales pixels, such as uint8 pixels
+    ``0..255``): the model input is ``scale * z`` and everything else (``lr``, ``noise_std``, the regularizers,
+    the parameterization) acts on ``z``, so the optimization runs in pixel units; ``init``, ``bounds`` and the
+    returned images are in model-input units.
     """
     if steps < 0 or lr <= 0:
         raise ValueError(f"need steps >= 0 and lr > 0; got steps={steps}, lr={lr}")
@@ -245,8 +256,16 @@ def optimize_input(
     if generator is None:  # never the global RNG: the same draws (noise init, jitter) on every call
         generator = torch.Generator().manual_seed(0)
     device, dtype = module_device(model), work_dtype(module_dtype(model))
+    if scale is not None:
+        scale = torch.as_tensor(scale).to(device, dtype)
+        if bool((scale <= 0).any()):
+            raise ValueError(f"scale must be positive; got {scale.flatten().tolist()}")
     if bounds is not None:
         bounds = (bounds[0].to(device, dtype), bounds[1].to(device, dtype))
+        if scale is not None:  # the range of z
+            bounds = (bounds[0] / scale, bounds[1] / scale)
+    if isinstance(init, Tensor) and scale is not None:
+        init = init.to(device, dtype) / scale
     x0 = initial_images(init, shape, generator, bounds, noise_std, device, dtype)
     if bounds is not None:
         x0 = torch.maximum(torch.minimum(x0, bounds[1]), bounds[0])
@@ -256,11 +275,27 @@ def optimize_input(
     b = x0.shape[0]
     chunk = chunk_size or b
     images, scores, start = [], [], []
+    n_chunks = -(-b // chunk)
     for lo in range(0, b, chunk):
         rows = torch.arange(lo, min(lo + chunk, b))
         init_c = x0[lo : lo + chunk]
-        start.append(_scores(model, objective, init_c, rows))
-        img = _optimize_chunk(model, objective, init_c, rows, steps, lr, regs, param, bounds, optimizer, decorrelate)
+        start.append(_scores(model, objective, init_c if scale is None else init_c * scale, rows))
+        img = _optimize_chunk(
+            model,
+            objective,
+            init_c,
+            rows,
+            steps,
+            lr,
+            regs,
+            param,
+            bounds,
+            optimizer,
+            decorrelate,
+            scale,
+            (lo // chunk, n_chunks),
+        )
+        img = img if scale is None else img * scale
         images.append(img)
         scores.append(_scores(model, objective, img, rows))
     return SynthesisResult(torch.cat(images), torch.cat(scores), torch.cat(start))
