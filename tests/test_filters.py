@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import pytest
 import torch
@@ -173,3 +175,32 @@ def test_filter_callback_two_named_instances_on_one_layer(tmp_path):
     acc = read_events(str(tmp_path))
     assert [e.step for e in acc.Images("viz-filters/net.conv1/grid")] == [0]
     assert [e.step for e in acc.Images("viz-filters/global/net.conv1/grid")] == [0]
+
+
+def lazy_net():
+    return nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(3))
+
+
+@pytest.mark.parametrize("sanity", [0, 2])
+def test_a_model_with_lazy_layers_trains_as_without_callbacks(tmp_path, sanity):
+    """LazyConv2d/LazyLinear have no weights before the first forward: the callbacks neither fail at setup nor create
+    them there (or in a run_at_start baseline without sanity check), so training is bit for bit as without them."""
+    from lightning_viz.callbacks.activations import ActivationCallback
+
+    def fit(callbacks):
+        torch.manual_seed(0)
+        model = LitTiny(lazy_net())
+        trainer = tiny_trainer(str(tmp_path), callbacks, max_epochs=2, num_sanity_val_steps=sanity)
+        trainer.fit(model, *tiny_loaders(n=12))
+        return model
+
+    plain = fit([])
+    cbs = [FilterCallback(), FilterCallback(kind="linear", layers="net.4", name="head", input_shape=[4, 1, 1])]
+    cbs += [ActivationCallback(layers="net.0", run_at_start=True)]
+    with pytest.warns(UserWarning, match="lazy layers.*no baseline") if sanity == 0 else contextlib.nullcontext():
+        viz = fit(cbs)
+    for (n, p), q in zip(plain.named_parameters(), viz.parameters()):
+        assert torch.equal(p, q), n
+    assert torch.equal(cbs[0].previous, viz.net[0].weight.detach())
+    with pytest.raises(ValueError, match=r"'0' is a LazyConv2d whose weights do not exist yet"):
+        conv_filters(lazy_net())

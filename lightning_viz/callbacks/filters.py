@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
-from ..layers import canonical_name, first_conv_name, get_layer, linear_layer_names
+from ..layers import (
+    canonical_name,
+    first_conv_name,
+    get_layer,
+    has_lazy_parameters,
+    linear_layer_names,
+    require_conv,
+)
 from ..logging import VizLogger, make_tag
 from ..methods.filters import conv_filters, first_linear_name, linear_templates
 from ..probe import ProbeSet, read_item
@@ -132,7 +139,9 @@ class FilterCallback(VisualizationCallback):
     def check(self, pl_module: LightningModule) -> None:
         name = self.layer_name(pl_module)
         if self.kind == "conv":
-            conv_filters(pl_module, name)
+            conv = require_conv(pl_module, name, "conv_filters")
+            if not has_lazy_parameters(conv):  # a lazy layer's weights come with the first training step
+                conv_filters(pl_module, name)
             return
         lin = get_layer(pl_module, name)
         if not isinstance(lin, nn.Linear):
@@ -140,7 +149,7 @@ class FilterCallback(VisualizationCallback):
                 f"FilterCallback(kind='linear'): layer {name!r} is a {type(lin).__name__}, not nn.Linear. "
                 f"Valid linear layers: {linear_layer_names(pl_module)}."
             )
-        if self.input_shape is not None:
+        if self.input_shape is not None and not has_lazy_parameters(lin):
             linear_templates(pl_module, name, self.input_shape)
 
     def check_model(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -148,7 +157,8 @@ class FilterCallback(VisualizationCallback):
         if self.needs_probes and self.probes is None and stage in ("fit", "validate"):
             # Templates take their shape from the images: check it on one dataset item now, not at the first epoch end.
             dataset = _find_dataset(trainer, self.probe_source)
-            if dataset is not None:  # dataloaders given to fit() are attached later: checked when the probes are picked
+            lazy = has_lazy_parameters(get_layer(pl_module, self.layer_name(pl_module)))
+            if dataset is not None and not lazy:  # dataloaders given to fit() are attached later
                 image, _, _ = read_item(dataset, 0)
                 linear_templates(pl_module, self.layer_name(pl_module), list(torch.as_tensor(image).shape))
 
