@@ -313,6 +313,21 @@ def test_callback_runs_a_model_in_another_dtype_than_the_probes():
     assert as_list(TopK.from_rows(out["net.conv2"])) == as_list(expected)
 
 
+def test_several_layers_are_scanned_in_one_forward_per_chunk():
+    """Two layers: one pass over the probes (not one per layer), each layer's top-k as when scanned alone."""
+    model = LitTiny()
+    calls = []
+    model.net.register_forward_pre_hook(lambda m, inputs: calls.append(inputs[0].shape[0]))
+    x = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cb = TopPatchesCallback(layers=["net.conv1", "net.conv2"], units=[1, 3], k=3, chunk_size=4)
+    with isolated(model):
+        out = cb.compute(model, ProbeSet(images=x, labels=torch.arange(10) % 3))
+        calls_compute = list(calls)
+        for layer in ("net.conv1", "net.conv2"):
+            assert as_list(TopK.from_rows(out[layer])) == as_list(scan_topk(model, x, layer, [1, 3], 3, batch_size=4))
+    assert calls_compute == [4, 4, 2]  # one forward per chunk of 4 probes for both layers (was twice as many)
+
+
 def test_default_units_and_errors():
     model = LitTiny()
     cb = TopPatchesCallback(layers=["net.conv1"], num_units=3, k=2, num_probes=4)

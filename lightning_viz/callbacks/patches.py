@@ -13,7 +13,7 @@ from ..capture import capture, isolated
 from ..layers import get_layer, module_device, module_dtype, resolve_layers
 from ..logging import VizLogger, make_tag
 from ..methods.batching import images_per_forward
-from ..methods.patches import TopK, merge_topk, scan_topk
+from ..methods.patches import TopK, merge_topk, scan_topk_layers
 from ..methods.receptive_field import NotAConvStackError, crop_boxes, receptive_field, stack_receptive_field
 from ..probe import ProbeSet
 from ..progress import reporting
@@ -156,10 +156,10 @@ class TopPatchesCallback(VisualizationCallback):
         x = probe.to(module_device(pl_module), module_dtype(pl_module))
         units = self._units(pl_module, x[:1])
         out: dict[str, Any] = {}
+        chunk = self.chunk_size or images_per_forward(pl_module, x)
+        tops = scan_topk_layers(pl_module, x, units, self.k, chunk, offset=probe.offset)  # one forward for all layers
         for name in self.layers:
-            chunk = self.chunk_size or images_per_forward(pl_module, x)
-            top = scan_topk(pl_module, x, name, units[name], self.k, chunk, offset=probe.offset)
-            out[name] = top.to_rows()  # [k_local, U, 4]: dim 0 = candidate, concatenated over ranks
+            out[name] = tops[name].to_rows()  # [k_local, U, 4]: dim 0 = candidate, concatenated over ranks
             out["units:" + name] = torch.tensor(units[name]).view(1, -1)  # same on every rank
         return out
 
