@@ -51,6 +51,9 @@ def grid_tile_size(size: tuple[int, ...], display_px: int) -> tuple[int, int]:
     return h // factor, w // factor
 
 
+#: the narrowest per-probe panel (a layer with one channel, ``channels=[5]``): room for its caption and colorbar labels
+MIN_PANEL_PX = 160
+
 #: how a grid's channels were chosen, in its caption
 _ORDER = {"first": "first channels", "top": "strongest channels first", "list": "the chosen channels"}
 
@@ -216,7 +219,8 @@ class ActivationCallback(VisualizationCallback):
                 tiles = upscale(tiles, self.display_px) if self.display_px else tiles  # labels need the room
                 chans = [f"ch {c}" for c in results[f"channels:{name}"][i].tolist()]
                 head = pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
-                panel = labeled_grid(tiles, chans, caption=f"{head}: {name}, {order}", label_px=12)  # ~square
+                caption = f"{head}: {name}, {order}"  # ~square; one or two channels: wide enough for the colorbar
+                panel = labeled_grid(tiles, chans, caption=caption, label_px=12, min_width=MIN_PANEL_PX)
                 logger.image(make_tag(self.method, name, pid), with_colorbar(panel, m.min(), m.max(), self.cmap))
 
     def layer_grid(self, name: str, maps: Any, channels: Any, probe: ProbeSet, trainer: Trainer) -> Any:
