@@ -12,9 +12,10 @@ from helpers import LitTiny, TinyCNN, read_events, scalar_steps, tiny_loaders, t
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_viz.callbacks.filters import MIN_TILE_PX, FilterCallback, filter_grid
+from lightning_viz.callbacks.filters import MIN_TILE_PX, MIN_WIDTH_PX, FilterCallback, filter_grid, filter_tiles
 from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.methods.filters import conv_filters, linear_templates
+from lightning_viz.render import compose, labeled_grid
 
 
 def linear_net(c=3, h=8, w=8, k=3):
@@ -113,8 +114,8 @@ def test_filter_callback_logs_grid_norm_and_change(tmp_path):
     acc = read_events(str(tmp_path))
     img = acc.Images("viz-filters/net.conv1/grid")
     assert [e.step for e in img] == [0, 1]
-    tile = 3 * -(-MIN_TILE_PX // 3)
-    assert (img[0].width, img[0].height) == (2 * (tile + 1) + 1, 2 * (tile + 1) + 1)  # 3 RGB tiles, ~square
+    # 3 RGB tiles (2 x 2 grid of 51 px) under a 2-line caption (32 px), MIN_WIDTH_PX wide
+    assert (img[0].width, img[0].height) == (MIN_WIDTH_PX, 2 * 16 + 2 * (3 * -(-MIN_TILE_PX // 3) + 1) + 1)
     w0, w1 = rec.weights
     norms = [e.value for e in acc.Scalars("viz-filters/net.conv1/mean_norm")]
     assert norms == pytest.approx([float(w.flatten(1).norm(dim=1).mean()) for w in (w0, w1)], rel=1e-5)
@@ -140,9 +141,29 @@ def test_filter_callback_linear_templates(tmp_path):
     acc = read_events(str(tmp_path))
     img = acc.Images("viz-filters/net.1/grid")
     assert len(img) == 2  # both instances log the same tag at step 0
-    tile = 8 * -(-MIN_TILE_PX // 8)
-    assert {(e.width, e.height) for e in img} == {(2 * (tile + 1) + 1, 2 * (tile + 1) + 1)}  # 3 RGB templates
+    # 3 RGB templates of 24 px in a 2 x 2 grid, each with its label, under a 2-line caption
+    assert {(e.width, e.height) for e in img} == {(MIN_WIDTH_PX, 2 * 16 + 2 * (2 + 24 + 1 + 12) + 2)}
     assert torch.equal(picked.previous, model.net[1].weight.detach().view(3, 3, 8, 8))
+
+
+def test_linear_templates_are_labeled_with_class_names_and_grids_captioned():
+    """The head's templates carry the class names (else the output index); a grid says what it shows."""
+    w = torch.randn(3, 1, 8, 8)
+    cb = FilterCallback(kind="linear", class_names=["cat", "dog", "horse"])
+    tiles, _ = filter_tiles(w)
+    caption = "net.1: templates of outputs 0-2 of 3 (1x8x8), each on its own range"
+    expected = labeled_grid(tiles, ["cat", "dog", "horse"], caption=caption, label_px=12, min_width=MIN_WIDTH_PX)
+    assert torch.equal(cb.render("net.1", w, None), expected)
+    hidden = FilterCallback(kind="linear", class_names=["cat", "dog"])  # 3 outputs, 2 classes: a hidden layer
+    assert torch.equal(
+        hidden.render("net.1", w, None),
+        labeled_grid(tiles, ["0", "1", "2"], caption=caption, label_px=12, min_width=MIN_WIDTH_PX),
+    )
+    conv = FilterCallback(max_filters=2, scale="global")
+    w4 = torch.randn(5, 4, 3, 3)  # RGB + depth: a row per filter, a column per input channel
+    caption = "net.0: filters 0-1 of 5 (4x3x3), one range for all; a row per filter, a column per input channel"
+    expected = compose([[filter_grid(w4, "global", 2)]], None, caption, pad=0, min_width=MIN_WIDTH_PX)
+    assert torch.equal(conv.render("net.0", w4, None), expected)
 
 
 def test_filter_callback_setup_errors(tmp_path):

@@ -28,14 +28,16 @@ from ..layers import (
 from ..logging import VizLogger, make_tag
 from ..methods.filters import conv_filters, first_linear_name, linear_templates
 from ..probe import ProbeSet, read_item
-from ..render import image_grid, normalize_maps
+from ..render import class_name, compose, image_grid, labeled_grid, normalize_maps
 from ._options import LayersSpec, reject_options, renamed_option, single_layer
 from .base import VisualizationCallback, _find_dataset
 
-__all__ = ["FilterCallback", "filter_grid"]
+__all__ = ["FilterCallback", "filter_grid", "filter_tiles"]
 
 #: Tiles are upscaled (nearest) by an integer factor to at least this many pixels, so 3x3 kernels are visible.
 MIN_TILE_PX = 24
+#: The logged image is at least this wide: room for its caption.
+MIN_WIDTH_PX = 200
 
 
 def filter_grid(weights: Tensor, normalize: str = "per_filter", max_filters: int = 64) -> Tensor:
@@ -45,6 +47,13 @@ def filter_grid(weights: Tensor, normalize: str = "per_filter", max_filters: int
     one row per filter; single-channel filters fill a square grid), min-max scaled per filter (``"per_filter"``)
     or on one range for all shown filters (``"global"``).
     """
+    tiles, nrow = filter_tiles(weights, normalize, max_filters)
+    return image_grid(tiles, nrow=nrow, padding=1)
+
+
+def filter_tiles(weights: Tensor, normalize: str = "per_filter", max_filters: int = 64) -> tuple[Tensor, int | None]:
+    """The tiles of :func:`filter_grid` (``[T, 1 or 3, h, w]`` in ``[0, 1]``, upscaled) and its tiles per row
+    (``None``: a square grid)."""
     w = weights.detach().float()[:max_filters]
     rgb = w.shape[1] == 3
     if not rgb:
@@ -60,7 +69,7 @@ def filter_grid(weights: Tensor, normalize: str = "per_filter", max_filters: int
     scale = max(1, -(-MIN_TILE_PX // max(kh, kw)))
     if scale > 1:
         tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
-    return image_grid(tiles, nrow=None if rgb or cin == 1 else cin, padding=1)
+    return tiles, None if rgb or cin == 1 else cin
 
 
 class FilterCallback(VisualizationCallback):
@@ -178,12 +187,30 @@ class FilterCallback(VisualizationCallback):
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         name, w = results["layer"], results["weights"]
         self.warn_non_finite(f"the {name} weights", w, rows="filters")
-        logger.image(make_tag(self.method, name, "grid"), filter_grid(w, self.scale, self.max_filters))
+        logger.image(make_tag(self.method, name, "grid"), self.render(name, w, trainer))
         logger.scalar(make_tag(self.method, name, "mean_norm"), w.flatten(1).norm(dim=1).mean())
         if self.previous is not None and self.previous.shape == w.shape:
             change = (w - self.previous).norm() / self.previous.norm().clamp_min(1e-12)
             logger.scalar(make_tag(self.method, name, "rel_change"), change)
         self.previous = w.clone()
+
+    def render(self, name: str, w: Tensor, trainer: Trainer) -> Tensor:
+        """The grid with a caption saying what it shows; linear templates (one tile each) labeled with their class
+        (the data's class names when the layer has one output per class), else their output index."""
+        out, cin = int(w.shape[0]), int(w.shape[1])
+        shown = min(out, self.max_filters)
+        scale = "each on its own range" if self.scale == "per_filter" else "one range for all"
+        what = "filters" if self.kind == "conv" else "templates of outputs"
+        caption = f"{name}: {what} 0-{shown - 1} of {out} ({cin}x{w.shape[2]}x{w.shape[3]}), {scale}"
+        if cin not in (1, 3):
+            caption += f"; a row per {what.split()[0][:-1]}, a column per input channel"
+        if self.kind == "linear" and cin in (1, 3):
+            names = self.get_class_names(trainer)
+            names = names if names is not None and len(names) == out else None
+            tiles, _ = filter_tiles(w, self.scale, self.max_filters)
+            labels = [class_name(k, names) for k in range(shown)]
+            return labeled_grid(tiles, labels, caption=caption, label_px=12, min_width=MIN_WIDTH_PX)
+        return compose([[filter_grid(w, self.scale, self.max_filters)]], None, caption, pad=0, min_width=MIN_WIDTH_PX)
 
     def extra_state(self) -> dict[str, Any]:
         return {"previous": self.previous}
