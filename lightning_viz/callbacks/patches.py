@@ -196,17 +196,24 @@ class TopPatchesCallback(VisualizationCallback):
                 if self.patch_px:
                     crops = resize_patches(crops, self.patch_px)
                 w = int(crops.shape[-1])
+                # a probe where the unit is nowhere > 0 does not excite it: its "patch" would be an arbitrary one
+                # (a dead unit's all-zero map: the top-left corner of the first probes), so none is shown
+                fired = (top.values[u] > 0).tolist()
                 labels = [
-                    class_name(probe.labels[j], names) if probe.labels is not None else f"#{int(j)}"
-                    for j in img_idx.tolist()
+                    (class_name(probe.labels[j], names) if probe.labels is not None else f"#{int(j)}")
+                    if on
+                    else "not active"
+                    for j, on in zip(img_idx.tolist(), fired)
                 ]
                 strips = [_shared_strip(w, [t], 11) for t in labels]
+                shown = [crop if on else torch.full_like(crop, 0.9) for crop, on in zip(crops, fired)]  # light gray
+                note = "" if any(fired) else f" (not active on any of the {len(probe)} probes)"
                 if self.layout == "grid":
-                    rows.append([_shared_strip(64, [f"unit {c}"], 14)] + list(crops))
+                    rows.append([_shared_strip(64, [f"unit {c}"], 14)] + shown)
                     under.append([None] + strips)
                 else:  # as a row of the grid: the unit named, each patch's class under it
-                    caption = f"{name} unit {c}: top-{self.k} patches, strongest first"
-                    image = compose([list(crops)], None, caption, under=[strips])
+                    caption = f"{name} unit {c}: top-{self.k} patches, strongest first{note}"
+                    image = compose([shown], None, caption, under=[strips])
                     logger.image(make_tag(self.method, name, f"unit{c:03d}"), image)
                 logger.scalar(make_tag(self.method, name, f"unit{c:03d}", "max"), top.values[u, 0])
             if self.layout == "grid" and rows:
