@@ -251,3 +251,16 @@ def test_a_panel_of_one_channel_has_room_for_its_caption_and_colorbar(tmp_path):
     assert rgb.shape[1] == MIN_PANEL_PX
     bar = rgb[-24]  # the colorbar's top row: colored from edge to edge (padding 2)
     assert (np.abs(bar - 255).sum(axis=1) > 0).sum() == MIN_PANEL_PX - 4
+
+
+def test_grid_rows_say_the_range_their_colors_stand_for():
+    """layout="grid" scales each row on its own range but showed no numbers (a signed pre-ReLU map and a weak one
+    looked alike): the probe's min and max are written under its label, on two more lines."""
+    cb = ActivationCallback(layers="net.conv1", layout="grid", max_channels=2)
+    probe = ProbeSet(images=torch.rand(2, 3, 16, 16), labels=torch.tensor([0, 1]))
+    maps = torch.stack([torch.linspace(-2, 1, 512).view(2, 16, 16), torch.zeros(2, 16, 16)])
+    grid = cb.layer_grid("net.conv1", maps, torch.tensor([[0, 1], [0, 1]]), probe, None).numpy()
+    under = grid[:, -2 - 36 : -2, 2 : 2 + 48]  # the last row's strips under its probe image: 3 lines of 12 px
+    lines = [under[:, 12 * i : 12 * (i + 1)] for i in range(3)]
+    assert [bool((t < 100).any()) and float((t.min(axis=0) >= 250).mean()) > 0.6 for t in lines] == [True] * 3  # text
+    assert grid.shape[2] >= MIN_PANEL_PX

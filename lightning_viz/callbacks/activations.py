@@ -26,6 +26,7 @@ from ..logging import VizLogger, make_tag
 from ..methods.activations import feature_maps
 from ..probe import ProbeSet
 from ..render import (
+    _fmt,
     _shared_strip,
     class_name,
     colormap,
@@ -240,8 +241,11 @@ class ActivationCallback(VisualizationCallback):
             tiles = upscale(tiles, self.display_px) if self.display_px else tiles
             rows.append(list(tiles))
             label = pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
-            under.append([label] + [f"ch {int(c)}" for c in channels[i]])
+            # the row's range (what its darkest and brightest colors stand for) under the probe's label
+            under.append([[label, f"min {_fmt(float(m.min()))}", f"max {_fmt(float(m.max()))}"]])
+            under[-1] += [[f"ch {int(c)}"] for c in channels[i]]
         w = int(rows[0][0].shape[-1])
-        strips = [[_shared_strip(w, [t], 12) for t in r] for r in under]
+        strips = [[torch.cat([_shared_strip(w, [t], 12) for t in lines], dim=1) for lines in r] for r in under]
         order = _ORDER[self.channels if isinstance(self.channels, str) else "list"]
-        return compose(rows, None, f"{name}: one row per probe ({order})", under=strips)
+        caption = f"{name}: one row per probe ({order}), each on its own range (min, max under the probe)"
+        return compose(rows, None, caption, under=strips, min_width=MIN_PANEL_PX)
