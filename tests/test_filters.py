@@ -225,3 +225,19 @@ def test_a_model_with_lazy_layers_trains_as_without_callbacks(tmp_path, sanity):
     assert torch.equal(cbs[0].previous, viz.net[0].weight.detach())
     with pytest.raises(ValueError, match=r"'0' is a LazyConv2d whose weights do not exist yet"):
         conv_filters(lazy_net())
+
+
+def test_a_grouped_first_conv_is_not_shown_as_rgb():
+    """Conv2d(6, 4, groups=2) on 6-channel images: each filter's 3 input channels are its group's (channels 0-2 or
+    3-5), not the colors of an image; they were shown as RGB tiles, now a grayscale row per filter as for 4 channels."""
+    net = nn.Sequential(nn.Conv2d(6, 4, 3, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    cb = FilterCallback()
+    out = cb.compute(LitTiny(net), None)
+    assert out["rgb"] is False and out["weights"].shape == (4, 3, 3, 3)
+    image = cb.render(out["layer"], out["weights"], None, out["rgb"])
+    grid = filter_grid(out["weights"], rgb=False)
+    tile = 3 * -(-MIN_TILE_PX // 3)
+    assert grid.shape == (3, 4 * (tile + 1) + 1, 3 * (tile + 1) + 1)  # a row per filter, a column per channel
+    assert torch.equal(grid[0], grid[1]) and torch.equal(grid[1], grid[2])  # grayscale
+    assert torch.equal(image[:, -grid.shape[1] :, : grid.shape[2]], (grid * 255).round().to(torch.uint8))
+    assert FilterCallback().compute(LitTiny(), None)["rgb"] is None  # an ordinary RGB first conv: RGB tiles

@@ -40,22 +40,27 @@ MIN_TILE_PX = 24
 MIN_WIDTH_PX = 200
 
 
-def filter_grid(weights: Tensor, normalize: str = "per_filter", max_filters: int = 64) -> Tensor:
+def filter_grid(
+    weights: Tensor, normalize: str = "per_filter", max_filters: int = 64, rgb: Optional[bool] = None
+) -> Tensor:
     """``[out, in, kh, kw]`` weights -> one ``[3, H, W]`` grid image in ``[0, 1]``.
 
     The first ``max_filters`` filters are shown (and, without RGB, at most ``max_filters`` input channels,
     one row per filter; single-channel filters fill a square grid), min-max scaled per filter (``"per_filter"``)
-    or on one range for all shown filters (``"global"``).
+    or on one range for all shown filters (``"global"``). ``rgb``: whether 3 input channels are the image's colors
+    (default: when there are 3; not for a grouped convolution, whose 3 are another group's channels).
     """
-    tiles, nrow = filter_tiles(weights, normalize, max_filters)
+    tiles, nrow = filter_tiles(weights, normalize, max_filters, rgb)
     return image_grid(tiles, nrow=nrow, padding=1)
 
 
-def filter_tiles(weights: Tensor, normalize: str = "per_filter", max_filters: int = 64) -> tuple[Tensor, int | None]:
+def filter_tiles(
+    weights: Tensor, normalize: str = "per_filter", max_filters: int = 64, rgb: Optional[bool] = None
+) -> tuple[Tensor, int | None]:
     """The tiles of :func:`filter_grid` (``[T, 1 or 3, h, w]`` in ``[0, 1]``, upscaled) and its tiles per row
     (``None``: a square grid)."""
     w = weights.detach().float()[:max_filters]
-    rgb = w.shape[1] == 3
+    rgb = w.shape[1] == 3 and rgb is not False
     if not rgb:
         w = w[:, :max_filters]
     out, cin, kh, kw = w.shape
@@ -175,6 +180,8 @@ class FilterCallback(VisualizationCallback):
         name = self.layer_name(pl_module)
         if self.kind == "conv":
             weights = conv_filters(pl_module, name)
+            if getattr(get_layer(pl_module, name), "groups", 1) != 1:  # each group reads its own input channels
+                return {"layer": name, "weights": weights.float().cpu(), "rgb": False}
         else:
             if self.input_shape is not None:
                 shape = self.input_shape
@@ -182,19 +189,19 @@ class FilterCallback(VisualizationCallback):
                 assert probe is not None  # needs_probes is True for kind="linear" without input_shape
                 shape = list(probe.images.shape[1:])
             weights = linear_templates(pl_module, name, shape)
-        return {"layer": name, "weights": weights.float().cpu()}
+        return {"layer": name, "weights": weights.float().cpu(), "rgb": None}
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         name, w = results["layer"], results["weights"]
         self.warn_non_finite(f"the {name} weights", w, rows="filters")
-        logger.image(make_tag(self.method, name, "grid"), self.render(name, w, trainer))
+        logger.image(make_tag(self.method, name, "grid"), self.render(name, w, trainer, results.get("rgb")))
         logger.scalar(make_tag(self.method, name, "mean_norm"), w.flatten(1).norm(dim=1).mean())
         if self.previous is not None and self.previous.shape == w.shape:
             change = (w - self.previous).norm() / self.previous.norm().clamp_min(1e-12)
             logger.scalar(make_tag(self.method, name, "rel_change"), change)
         self.previous = w.clone()
 
-    def render(self, name: str, w: Tensor, trainer: Trainer) -> Tensor:
+    def render(self, name: str, w: Tensor, trainer: Optional[Trainer], rgb: Optional[bool] = None) -> Tensor:
         """The grid with a caption saying what it shows; linear templates (one tile each) labeled with their class
         (the data's class names when the layer has one output per class), else their output index."""
         out, cin = int(w.shape[0]), int(w.shape[1])
@@ -202,7 +209,7 @@ class FilterCallback(VisualizationCallback):
         scale = "each on its own range" if self.scale == "per_filter" else "one range for all"
         what = "filters" if self.kind == "conv" else "templates of outputs"
         caption = f"{name}: {what} 0-{shown - 1} of {out} ({cin}x{w.shape[2]}x{w.shape[3]}), {scale}"
-        if cin not in (1, 3):
+        if cin != 1 and (cin != 3 or rgb is False):
             caption += f"; a row per {what.split()[0][:-1]}, a column per input channel"
         if self.kind == "linear" and cin in (1, 3):
             names = self.get_class_names(trainer)
@@ -210,7 +217,8 @@ class FilterCallback(VisualizationCallback):
             tiles, _ = filter_tiles(w, self.scale, self.max_filters)
             labels = [class_name(k, names) for k in range(shown)]
             return labeled_grid(tiles, labels, caption=caption, label_px=12, min_width=MIN_WIDTH_PX)
-        return compose([[filter_grid(w, self.scale, self.max_filters)]], None, caption, pad=0, min_width=MIN_WIDTH_PX)
+        grid = filter_grid(w, self.scale, self.max_filters, rgb)
+        return compose([[grid]], None, caption, pad=0, min_width=MIN_WIDTH_PX)
 
     def extra_state(self) -> dict[str, Any]:
         return {"previous": self.previous}
