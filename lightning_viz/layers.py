@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from .targets import ModelAdapter
 
@@ -36,6 +37,7 @@ __all__ = [
     "resolve_layers",
     "module_device",
     "module_dtype",
+    "has_lazy_parameters",
     "default_cam_layer",
 ]
 
@@ -205,6 +207,12 @@ def module_dtype(module: nn.Module) -> torch.dtype:
     inputs must have (e.g. float64 under ``precision="64-true"``)."""
     p = next((p for p in module.parameters() if p.is_floating_point()), None)
     return p.dtype if p is not None else torch.float32
+
+
+def has_lazy_parameters(module: nn.Module) -> bool:
+    """Whether ``module`` holds parameters or buffers of lazy layers (``nn.LazyConv2d``, ...) that its first forward
+    has not created yet (their shape, and values, are not known before it)."""
+    return any(is_lazy(t) for t in (*module.parameters(), *module.buffers()))
 
 
 _ADAPTIVE_POOLS = (

@@ -406,11 +406,13 @@ def compose(
     under: Sequence[Sequence[Tensor | None]] | None = None,
     pad: int = 2,
     label_px: int = 14,
+    min_width: int = 0,
 ) -> Tensor:
     """Tiles ``[C, h, w]`` (``None``: blank; floats in ``[0, 1]`` or uint8, see :func:`to_uint8_hwc`) in rows -> one
     uint8 ``[3, H, W]`` image on white: a ``caption`` strip on top, ``col_labels`` over the columns, and for each
     row an optional strip per column under it (``under[r][c]``, e.g. a colorbar). A column is as wide as its widest
-    tile; wider labels and strips under it are cut."""
+    tile; wider labels and strips under it are cut. The image is at least ``min_width`` wide (white on the right:
+    room for the caption, and for a colorbar added under it)."""
     ncol = max(len(r) for r in rows)
     widths = [0] * ncol
     for r in rows:
@@ -418,7 +420,7 @@ def compose(
             if t is not None:
                 widths[c] = max(widths[c], int(t.shape[-1]))
     widths = [w or 1 for w in widths]
-    total_w = sum(widths) + pad * (ncol + 1)
+    total_w = max(sum(widths) + pad * (ncol + 1), min_width)
     # the layout first (a full-width strip, a band of tiles, or white space, each with its height), then one white
     # uint8 canvas that every piece is pasted into as uint8 (the pixels to_uint8_hwc gives it)
     parts: list[tuple[int, Tensor | Sequence[Tensor | None] | None]] = []
@@ -492,17 +494,22 @@ def to_uint8_hwc(image: Tensor) -> np.ndarray:
 
 
 def labeled_grid(
-    tiles: Tensor, labels: Sequence[str], nrow: int | None = None, caption: str | None = None, label_px: int = 13
+    tiles: Tensor,
+    labels: Sequence[str],
+    nrow: int | None = None,
+    caption: str | None = None,
+    label_px: int = 13,
+    min_width: int = 0,
 ) -> Tensor:
     """``[B, C, h, w]`` tiles in rows of ``nrow`` (default ~square), each with its label underneath, and an
-    optional caption on top -> one uint8 ``[3, H, W]`` image (:func:`compose`)."""
+    optional caption on top -> one uint8 ``[3, H, W]`` image (:func:`compose`), at least ``min_width`` wide."""
     b = tiles.shape[0]
     if nrow is None:
         nrow = max(1, round(b**0.5 + 0.499))
     w = int(tiles.shape[-1])
     rows = [list(tiles[i : i + nrow]) for i in range(0, b, nrow)]
     under = [[_shared_strip(w, [labels[j]], label_px) for j in range(i, min(i + nrow, b))] for i in range(0, b, nrow)]
-    return compose(rows, None, caption, under=under)
+    return compose(rows, None, caption, under=under, min_width=min_width)
 
 
 def with_colorbar(panel: Tensor, vmin: Tensor | float, vmax: Tensor | float, cmap: str, pad: int = 2) -> Tensor:

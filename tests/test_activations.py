@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from helpers import LitTiny, TinyCNN, check_untouched, image_steps, read_events, tiny_loaders, tiny_trainer
 from torch import nn
 
-from lightning_viz.callbacks.activations import ActivationCallback
+from lightning_viz.callbacks.activations import MIN_PANEL_PX, ActivationCallback
 from lightning_viz.capture import isolated
 from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.methods.activations import feature_maps
@@ -91,8 +91,8 @@ def test_activation_callback_logs_grids_and_dead_fraction(tmp_path):
             imgs = acc.Images(f"viz-activations/{layer}/{pid}")
             assert [e.step for e in imgs] == [0, 1]
             # 3 tiles of 8 px shown at 48 (display_px), 2 per row, each with its channel under it; a caption on top,
-            # a colorbar (24) of the probe's range under them; the caption wraps onto 3 lines
-            assert (imgs[0].width, imgs[0].height) == (2 * 50 + 2, 3 * 16 + 2 * (2 + 48 + 1 + 12) + 2 + 24 + 2)
+            # a colorbar (24) of the probe's range under them; the panel MIN_PANEL_PX wide: the caption on 2 lines
+            assert (imgs[0].width, imgs[0].height) == (MIN_PANEL_PX, 2 * 16 + 2 * (2 + 48 + 1 + 12) + 2 + 24 + 2)
     assert "viz-activations/net.fc/p000" not in acc.Tags()["images"]
     # dead statistics at the last epoch, recomputed by hand from the final weights (eval mode)
     with torch.no_grad():
@@ -234,3 +234,33 @@ def test_a_layer_with_1x1_maps_for_the_data_is_warned_about_at_setup(tmp_path):
     with pytest.warns(VisualizationWarning, match=r"layers 'net.layer3', 'net.layer4' give 1x1 feature maps for 8x8"):
         tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(model, *tiny_loaders(n=12))
     assert cb.last_logged_tags
+
+
+def test_a_panel_of_one_channel_has_room_for_its_caption_and_colorbar(tmp_path):
+    """One channel (channels=[1], or a layer with one): the panel was one 48 px tile wide, its caption cut and the
+    colorbar's two value labels printed over each other; now MIN_PANEL_PX wide, the bar as wide as the panel."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    cb = ActivationCallback(layers="net.conv1", channels=[1], num_probes=1)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(), *tiny_loaders(n=12))
+    (img,) = read_events(str(tmp_path)).Images("viz-activations/net.conv1/p000")
+    rgb = np.asarray(Image.open(io.BytesIO(img.encoded_image_string)).convert("RGB")).astype(int)
+    assert rgb.shape[1] == MIN_PANEL_PX
+    bar = rgb[-24]  # the colorbar's top row: colored from edge to edge (padding 2)
+    assert (np.abs(bar - 255).sum(axis=1) > 0).sum() == MIN_PANEL_PX - 4
+
+
+def test_grid_rows_say_the_range_their_colors_stand_for():
+    """layout="grid" scales each row on its own range but showed no numbers (a signed pre-ReLU map and a weak one
+    looked alike): the probe's min and max are written under its label, on two more lines."""
+    cb = ActivationCallback(layers="net.conv1", layout="grid", max_channels=2)
+    probe = ProbeSet(images=torch.rand(2, 3, 16, 16), labels=torch.tensor([0, 1]))
+    maps = torch.stack([torch.linspace(-2, 1, 512).view(2, 16, 16), torch.zeros(2, 16, 16)])
+    grid = cb.layer_grid("net.conv1", maps, torch.tensor([[0, 1], [0, 1]]), probe, None).numpy()
+    under = grid[:, -2 - 36 : -2, 2 : 2 + 48]  # the last row's strips under its probe image: 3 lines of 12 px
+    lines = [under[:, 12 * i : 12 * (i + 1)] for i in range(3)]
+    assert [bool((t < 100).any()) and float((t.min(axis=0) >= 250).mean()) > 0.6 for t in lines] == [True] * 3  # text
+    assert grid.shape[2] >= MIN_PANEL_PX

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import pytest
 import torch
@@ -10,9 +12,10 @@ from helpers import LitTiny, TinyCNN, read_events, scalar_steps, tiny_loaders, t
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_viz.callbacks.filters import MIN_TILE_PX, FilterCallback, filter_grid
+from lightning_viz.callbacks.filters import MIN_TILE_PX, MIN_WIDTH_PX, FilterCallback, filter_grid, filter_tiles
 from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.methods.filters import conv_filters, linear_templates
+from lightning_viz.render import compose, labeled_grid
 
 
 def linear_net(c=3, h=8, w=8, k=3):
@@ -111,8 +114,8 @@ def test_filter_callback_logs_grid_norm_and_change(tmp_path):
     acc = read_events(str(tmp_path))
     img = acc.Images("viz-filters/net.conv1/grid")
     assert [e.step for e in img] == [0, 1]
-    tile = 3 * -(-MIN_TILE_PX // 3)
-    assert (img[0].width, img[0].height) == (2 * (tile + 1) + 1, 2 * (tile + 1) + 1)  # 3 RGB tiles, ~square
+    # 3 RGB tiles (2 x 2 grid of 51 px) under a 2-line caption (32 px), MIN_WIDTH_PX wide
+    assert (img[0].width, img[0].height) == (MIN_WIDTH_PX, 2 * 16 + 2 * (3 * -(-MIN_TILE_PX // 3) + 1) + 1)
     w0, w1 = rec.weights
     norms = [e.value for e in acc.Scalars("viz-filters/net.conv1/mean_norm")]
     assert norms == pytest.approx([float(w.flatten(1).norm(dim=1).mean()) for w in (w0, w1)], rel=1e-5)
@@ -138,9 +141,29 @@ def test_filter_callback_linear_templates(tmp_path):
     acc = read_events(str(tmp_path))
     img = acc.Images("viz-filters/net.1/grid")
     assert len(img) == 2  # both instances log the same tag at step 0
-    tile = 8 * -(-MIN_TILE_PX // 8)
-    assert {(e.width, e.height) for e in img} == {(2 * (tile + 1) + 1, 2 * (tile + 1) + 1)}  # 3 RGB templates
+    # 3 RGB templates of 24 px in a 2 x 2 grid, each with its label, under a 2-line caption
+    assert {(e.width, e.height) for e in img} == {(MIN_WIDTH_PX, 2 * 16 + 2 * (2 + 24 + 1 + 12) + 2)}
     assert torch.equal(picked.previous, model.net[1].weight.detach().view(3, 3, 8, 8))
+
+
+def test_linear_templates_are_labeled_with_class_names_and_grids_captioned():
+    """The head's templates carry the class names (else the output index); a grid says what it shows."""
+    w = torch.randn(3, 1, 8, 8)
+    cb = FilterCallback(kind="linear", class_names=["cat", "dog", "horse"])
+    tiles, _ = filter_tiles(w)
+    caption = "net.1: templates of outputs 0-2 of 3 (1x8x8), each on its own range"
+    expected = labeled_grid(tiles, ["cat", "dog", "horse"], caption=caption, label_px=12, min_width=MIN_WIDTH_PX)
+    assert torch.equal(cb.render("net.1", w, None), expected)
+    hidden = FilterCallback(kind="linear", class_names=["cat", "dog"])  # 3 outputs, 2 classes: a hidden layer
+    assert torch.equal(
+        hidden.render("net.1", w, None),
+        labeled_grid(tiles, ["0", "1", "2"], caption=caption, label_px=12, min_width=MIN_WIDTH_PX),
+    )
+    conv = FilterCallback(max_filters=2, scale="global")
+    w4 = torch.randn(5, 4, 3, 3)  # RGB + depth: a row per filter, a column per input channel
+    caption = "net.0: filters 0-1 of 5 (4x3x3), one range for all; a row per filter, a column per input channel"
+    expected = compose([[filter_grid(w4, "global", 2)]], None, caption, pad=0, min_width=MIN_WIDTH_PX)
+    assert torch.equal(conv.render("net.0", w4, None), expected)
 
 
 def test_filter_callback_setup_errors(tmp_path):
@@ -173,3 +196,48 @@ def test_filter_callback_two_named_instances_on_one_layer(tmp_path):
     acc = read_events(str(tmp_path))
     assert [e.step for e in acc.Images("viz-filters/net.conv1/grid")] == [0]
     assert [e.step for e in acc.Images("viz-filters/global/net.conv1/grid")] == [0]
+
+
+def lazy_net():
+    return nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(3))
+
+
+@pytest.mark.parametrize("sanity", [0, 2])
+def test_a_model_with_lazy_layers_trains_as_without_callbacks(tmp_path, sanity):
+    """LazyConv2d/LazyLinear have no weights before the first forward: the callbacks neither fail at setup nor create
+    them there (or in a run_at_start baseline without sanity check), so training is bit for bit as without them."""
+    from lightning_viz.callbacks.activations import ActivationCallback
+
+    def fit(callbacks):
+        torch.manual_seed(0)
+        model = LitTiny(lazy_net())
+        trainer = tiny_trainer(str(tmp_path), callbacks, max_epochs=2, num_sanity_val_steps=sanity)
+        trainer.fit(model, *tiny_loaders(n=12))
+        return model
+
+    plain = fit([])
+    cbs = [FilterCallback(), FilterCallback(kind="linear", layers="net.4", name="head", input_shape=[4, 1, 1])]
+    cbs += [ActivationCallback(layers="net.0", run_at_start=True)]
+    with pytest.warns(UserWarning, match="lazy layers.*no baseline") if sanity == 0 else contextlib.nullcontext():
+        viz = fit(cbs)
+    for (n, p), q in zip(plain.named_parameters(), viz.parameters()):
+        assert torch.equal(p, q), n
+    assert torch.equal(cbs[0].previous, viz.net[0].weight.detach())
+    with pytest.raises(ValueError, match=r"'0' is a LazyConv2d whose weights do not exist yet"):
+        conv_filters(lazy_net())
+
+
+def test_a_grouped_first_conv_is_not_shown_as_rgb():
+    """Conv2d(6, 4, groups=2) on 6-channel images: each filter's 3 input channels are its group's (channels 0-2 or
+    3-5), not the colors of an image; they were shown as RGB tiles, now a grayscale row per filter as for 4 channels."""
+    net = nn.Sequential(nn.Conv2d(6, 4, 3, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    cb = FilterCallback()
+    out = cb.compute(LitTiny(net), None)
+    assert out["rgb"] is False and out["weights"].shape == (4, 3, 3, 3)
+    image = cb.render(out["layer"], out["weights"], None, out["rgb"])
+    grid = filter_grid(out["weights"], rgb=False)
+    tile = 3 * -(-MIN_TILE_PX // 3)
+    assert grid.shape == (3, 4 * (tile + 1) + 1, 3 * (tile + 1) + 1)  # a row per filter, a column per channel
+    assert torch.equal(grid[0], grid[1]) and torch.equal(grid[1], grid[2])  # grayscale
+    assert torch.equal(image[:, -grid.shape[1] :, : grid.shape[2]], (grid * 255).round().to(torch.uint8))
+    assert FilterCallback().compute(LitTiny(), None)["rgb"] is None  # an ordinary RGB first conv: RGB tiles

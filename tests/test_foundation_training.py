@@ -294,9 +294,9 @@ def test_torchvision_resnet18(tmp_path):
     assert "viz-activations/net.conv1/p001" in images
     assert "viz-activations/net.layer4.1/p001" in images  # the default: the last block feeding global pooling
     assert "viz-inputgrad/panel/p001" in images
-    # RGB filter grid: 64 filters of 7x7 upscaled to 28 px -> 8x8 tiles with 1 px padding.
+    # RGB filter grid: 64 filters of 7x7 upscaled to 28 px -> 8x8 tiles with 1 px padding, under a 2-line caption.
     img = acc.Images("viz-filters/net.conv1/grid")[0]
-    assert (img.width, img.height) == (8 * 29 + 1, 8 * 29 + 1)
+    assert (img.width, img.height) == (8 * 29 + 1, 2 * 16 + 8 * 29 + 1)
 
 
 class InplaceNet(nn.Module):

@@ -122,7 +122,7 @@ def test_top_patches_per_unit_image_names_the_unit_and_each_patch_class(acc):
 
 def test_activation_per_probe_image_names_its_channels_at_a_readable_size(acc):
     img = pixels(acc, "viz-activations/net.conv1/p000")
-    assert img.shape[1] == 2 * 50 + 2  # 4 channels in 2 x 2 tiles, 8 px maps shown at 48 (display_px)
+    assert img.shape[1] == 160  # 4 channels in 2 x 2 tiles, 8 px maps at 48 (display_px): 102 px, widened to 160
     assert has_text(img, tiles(2, 48), "below") == [True] * 2  # "ch 2", "ch 3" under the last row
     assert has_text(img, tiles(2, 48), "above")[0]  # "p000 1: net.conv1, first channels"
 

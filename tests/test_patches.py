@@ -313,6 +313,55 @@ def test_callback_runs_a_model_in_another_dtype_than_the_probes():
     assert as_list(TopK.from_rows(out["net.conv2"])) == as_list(expected)
 
 
+def test_several_layers_are_scanned_in_one_forward_per_chunk():
+    """Two layers: one pass over the probes (not one per layer), each layer's top-k as when scanned alone."""
+    model = LitTiny()
+    calls = []
+    model.net.register_forward_pre_hook(lambda m, inputs: calls.append(inputs[0].shape[0]))
+    x = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cb = TopPatchesCallback(layers=["net.conv1", "net.conv2"], units=[1, 3], k=3, chunk_size=4)
+    with isolated(model):
+        out = cb.compute(model, ProbeSet(images=x, labels=torch.arange(10) % 3))
+        calls_compute = list(calls)
+        for layer in ("net.conv1", "net.conv2"):
+            assert as_list(TopK.from_rows(out[layer])) == as_list(scan_topk(model, x, layer, [1, 3], 3, batch_size=4))
+    assert calls_compute == [4, 4, 2]  # one forward per chunk of 4 probes for both layers (was twice as many)
+
+
+def test_probes_that_do_not_activate_a_unit_are_not_shown_as_its_top_patches(tmp_path):
+    """A dead unit (all-zero map after the ReLU) had its "top patches" drawn from the top-left corners of the first
+    probes, and a unit active on one probe only filled its row with arbitrary ones: those tiles are now blank (light
+    gray), labeled "not active", and the caption of a unit active nowhere says so."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net.append(nn.Linear(2, 3))
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.copy_(torch.tensor([-1.0, -1.0]))  # unit 0: never > 0
+        net[0].weight[1, 0, 1, 1] = 1.0  # unit 1: > 0 only where input channel 0 exceeds 1
+    x = torch.zeros(4, 3, 8, 8)
+    x[2, 0, 3, 3] = 5.0
+    probes = ProbeSet(images=x, labels=torch.tensor([0, 1, 2, 0]))
+    cb = TopPatchesCallback(layers="net.1", k=3, probes=probes, class_names=["cat", "dog", "bird"])
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(net, lr=0.0), *tiny_loaders(n=12))
+    acc = read_events(str(tmp_path))
+
+    def patches(unit):
+        (img,) = acc.Images(f"viz-top_patches/net.1/unit{unit:03d}")
+        rgb = np.asarray(Image.open(io.BytesIO(img.encoded_image_string)).convert("RGB"))
+        band = rgb[-2 - 11 - 1 - 64 : -2 - 11 - 1]  # the 64 px patches above their labels (11) and the padding
+        return [band[:, 2 + 66 * i : 66 * (i + 1)] for i in range(3)]
+
+    assert all((p == 230).all() for p in patches(0))  # light gray: no probe excites unit 0
+    first, *rest = patches(1)
+    assert all((p == 230).all() for p in rest) and not (first == 230).all()  # only probe 2 excites unit 1
+    assert [v.value for v in acc.Scalars("viz-top_patches/net.1/unit001/max")] == [4.0]
+
+
 def test_default_units_and_errors():
     model = LitTiny()
     cb = TopPatchesCallback(layers=["net.conv1"], num_units=3, k=2, num_probes=4)

@@ -26,6 +26,7 @@ from ..logging import VizLogger, make_tag
 from ..methods.activations import feature_maps
 from ..probe import ProbeSet
 from ..render import (
+    _fmt,
     _shared_strip,
     class_name,
     colormap,
@@ -50,6 +51,9 @@ def grid_tile_size(size: tuple[int, ...], display_px: int) -> tuple[int, int]:
     factor = max(1, min(h, w) // display_px) if display_px else 1
     return h // factor, w // factor
 
+
+#: the narrowest per-probe panel (a layer with one channel, ``channels=[5]``): room for its caption and colorbar labels
+MIN_PANEL_PX = 160
 
 #: how a grid's channels were chosen, in its caption
 _ORDER = {"first": "first channels", "top": "strongest channels first", "list": "the chosen channels"}
@@ -216,7 +220,8 @@ class ActivationCallback(VisualizationCallback):
                 tiles = upscale(tiles, self.display_px) if self.display_px else tiles  # labels need the room
                 chans = [f"ch {c}" for c in results[f"channels:{name}"][i].tolist()]
                 head = pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
-                panel = labeled_grid(tiles, chans, caption=f"{head}: {name}, {order}", label_px=12)  # ~square
+                caption = f"{head}: {name}, {order}"  # ~square; one or two channels: wide enough for the colorbar
+                panel = labeled_grid(tiles, chans, caption=caption, label_px=12, min_width=MIN_PANEL_PX)
                 logger.image(make_tag(self.method, name, pid), with_colorbar(panel, m.min(), m.max(), self.cmap))
 
     def layer_grid(self, name: str, maps: Any, channels: Any, probe: ProbeSet, trainer: Trainer) -> Any:
@@ -236,8 +241,11 @@ class ActivationCallback(VisualizationCallback):
             tiles = upscale(tiles, self.display_px) if self.display_px else tiles
             rows.append(list(tiles))
             label = pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
-            under.append([label] + [f"ch {int(c)}" for c in channels[i]])
+            # the row's range (what its darkest and brightest colors stand for) under the probe's label
+            under.append([[label, f"min {_fmt(float(m.min()))}", f"max {_fmt(float(m.max()))}"]])
+            under[-1] += [[f"ch {int(c)}"] for c in channels[i]]
         w = int(rows[0][0].shape[-1])
-        strips = [[_shared_strip(w, [t], 12) for t in r] for r in under]
+        strips = [[torch.cat([_shared_strip(w, [t], 12) for t in lines], dim=1) for lines in r] for r in under]
         order = _ORDER[self.channels if isinstance(self.channels, str) else "list"]
-        return compose(rows, None, f"{name}: one row per probe ({order})", under=strips)
+        caption = f"{name}: one row per probe ({order}), each on its own range (min, max under the probe)"
+        return compose(rows, None, caption, under=strips, min_width=MIN_PANEL_PX)

@@ -30,7 +30,7 @@ from torch.utils.data import default_collate
 from torch.utils.data._utils.collate import default_convert
 
 from ..capture import capture, fork_rng, isolated, torch_threads
-from ..layers import LayerNotFoundError, module_device, module_dtype
+from ..layers import LayerNotFoundError, has_lazy_parameters, module_device, module_dtype
 from ..logging import (
     FOLDER,
     NothingWrittenWarning,
@@ -772,6 +772,8 @@ class VisualizationCallback(Callback):
             return
         if not sink_names(trainer, self.loggers):  # nothing would be written: nothing is computed
             return
+        if has_lazy_parameters(pl_module):  # its first training forward creates them (drawing from the RNGs): a
+            return  # forward here would initialize them otherwise; the checks are made at the first run instead
         x, label = None, None
         if self.probes is not None and len(self.probes) > 0:
             x = self.probes.subset(slice(0, 1)).to("cpu")
@@ -931,6 +933,14 @@ class VisualizationCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         _warn_epochless(trainer)
         if self.run_at_start and trainer.current_epoch == 0 and trainer.global_step == 0:  # a fresh fit, not a resume
+            if has_lazy_parameters(pl_module):  # no forward created them yet (no sanity check): the first step will
+                rank_zero_warn(
+                    f"{type(self).__name__}: run_at_start=True, but the model's lazy layers (nn.LazyConv2d, ...) have "
+                    "no weights before the first training step: no baseline is logged. Call the model once on a "
+                    "batch before fit (in __init__ or setup) to get one.",
+                    category=VisualizationWarning,
+                )
+                return
             self._run_and_report(trainer, pl_module, "start", step=BASELINE_STEP, scheduled=True)
 
     @override

@@ -17,29 +17,50 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
-from ..layers import canonical_name, first_conv_name, get_layer, linear_layer_names
+from ..layers import (
+    canonical_name,
+    first_conv_name,
+    get_layer,
+    has_lazy_parameters,
+    linear_layer_names,
+    require_conv,
+)
 from ..logging import VizLogger, make_tag
 from ..methods.filters import conv_filters, first_linear_name, linear_templates
 from ..probe import ProbeSet, read_item
-from ..render import image_grid, normalize_maps
+from ..render import class_name, compose, image_grid, labeled_grid, normalize_maps
 from ._options import LayersSpec, reject_options, renamed_option, single_layer
 from .base import VisualizationCallback, _find_dataset
 
-__all__ = ["FilterCallback", "filter_grid"]
+__all__ = ["FilterCallback", "filter_grid", "filter_tiles"]
 
 #: Tiles are upscaled (nearest) by an integer factor to at least this many pixels, so 3x3 kernels are visible.
 MIN_TILE_PX = 24
+#: The logged image is at least this wide: room for its caption.
+MIN_WIDTH_PX = 200
 
 
-def filter_grid(weights: Tensor, normalize: str = "per_filter", max_filters: int = 64) -> Tensor:
+def filter_grid(
+    weights: Tensor, normalize: str = "per_filter", max_filters: int = 64, rgb: Optional[bool] = None
+) -> Tensor:
     """``[out, in, kh, kw]`` weights -> one ``[3, H, W]`` grid image in ``[0, 1]``.
 
     The first ``max_filters`` filters are shown (and, without RGB, at most ``max_filters`` input channels,
     one row per filter; single-channel filters fill a square grid), min-max scaled per filter (``"per_filter"``)
-    or on one range for all shown filters (``"global"``).
+    or on one range for all shown filters (``"global"``). ``rgb``: whether 3 input channels are the image's colors
+    (default: when there are 3; not for a grouped convolution, whose 3 are another group's channels).
     """
+    tiles, nrow = filter_tiles(weights, normalize, max_filters, rgb)
+    return image_grid(tiles, nrow=nrow, padding=1)
+
+
+def filter_tiles(
+    weights: Tensor, normalize: str = "per_filter", max_filters: int = 64, rgb: Optional[bool] = None
+) -> tuple[Tensor, int | None]:
+    """The tiles of :func:`filter_grid` (``[T, 1 or 3, h, w]`` in ``[0, 1]``, upscaled) and its tiles per row
+    (``None``: a square grid)."""
     w = weights.detach().float()[:max_filters]
-    rgb = w.shape[1] == 3
+    rgb = w.shape[1] == 3 and rgb is not False
     if not rgb:
         w = w[:, :max_filters]
     out, cin, kh, kw = w.shape
@@ -53,7 +74,7 @@ def filter_grid(weights: Tensor, normalize: str = "per_filter", max_filters: int
     scale = max(1, -(-MIN_TILE_PX // max(kh, kw)))
     if scale > 1:
         tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
-    return image_grid(tiles, nrow=None if rgb or cin == 1 else cin, padding=1)
+    return tiles, None if rgb or cin == 1 else cin
 
 
 class FilterCallback(VisualizationCallback):
@@ -132,7 +153,9 @@ class FilterCallback(VisualizationCallback):
     def check(self, pl_module: LightningModule) -> None:
         name = self.layer_name(pl_module)
         if self.kind == "conv":
-            conv_filters(pl_module, name)
+            conv = require_conv(pl_module, name, "conv_filters")
+            if not has_lazy_parameters(conv):  # a lazy layer's weights come with the first training step
+                conv_filters(pl_module, name)
             return
         lin = get_layer(pl_module, name)
         if not isinstance(lin, nn.Linear):
@@ -140,7 +163,7 @@ class FilterCallback(VisualizationCallback):
                 f"FilterCallback(kind='linear'): layer {name!r} is a {type(lin).__name__}, not nn.Linear. "
                 f"Valid linear layers: {linear_layer_names(pl_module)}."
             )
-        if self.input_shape is not None:
+        if self.input_shape is not None and not has_lazy_parameters(lin):
             linear_templates(pl_module, name, self.input_shape)
 
     def check_model(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -148,7 +171,8 @@ class FilterCallback(VisualizationCallback):
         if self.needs_probes and self.probes is None and stage in ("fit", "validate"):
             # Templates take their shape from the images: check it on one dataset item now, not at the first epoch end.
             dataset = _find_dataset(trainer, self.probe_source)
-            if dataset is not None:  # dataloaders given to fit() are attached later: checked when the probes are picked
+            lazy = has_lazy_parameters(get_layer(pl_module, self.layer_name(pl_module)))
+            if dataset is not None and not lazy:  # dataloaders given to fit() are attached later
                 image, _, _ = read_item(dataset, 0)
                 linear_templates(pl_module, self.layer_name(pl_module), list(torch.as_tensor(image).shape))
 
@@ -156,6 +180,8 @@ class FilterCallback(VisualizationCallback):
         name = self.layer_name(pl_module)
         if self.kind == "conv":
             weights = conv_filters(pl_module, name)
+            if getattr(get_layer(pl_module, name), "groups", 1) != 1:  # each group reads its own input channels
+                return {"layer": name, "weights": weights.float().cpu(), "rgb": False}
         else:
             if self.input_shape is not None:
                 shape = self.input_shape
@@ -163,17 +189,36 @@ class FilterCallback(VisualizationCallback):
                 assert probe is not None  # needs_probes is True for kind="linear" without input_shape
                 shape = list(probe.images.shape[1:])
             weights = linear_templates(pl_module, name, shape)
-        return {"layer": name, "weights": weights.float().cpu()}
+        return {"layer": name, "weights": weights.float().cpu(), "rgb": None}
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
         name, w = results["layer"], results["weights"]
         self.warn_non_finite(f"the {name} weights", w, rows="filters")
-        logger.image(make_tag(self.method, name, "grid"), filter_grid(w, self.scale, self.max_filters))
+        logger.image(make_tag(self.method, name, "grid"), self.render(name, w, trainer, results.get("rgb")))
         logger.scalar(make_tag(self.method, name, "mean_norm"), w.flatten(1).norm(dim=1).mean())
         if self.previous is not None and self.previous.shape == w.shape:
             change = (w - self.previous).norm() / self.previous.norm().clamp_min(1e-12)
             logger.scalar(make_tag(self.method, name, "rel_change"), change)
         self.previous = w.clone()
+
+    def render(self, name: str, w: Tensor, trainer: Optional[Trainer], rgb: Optional[bool] = None) -> Tensor:
+        """The grid with a caption saying what it shows; linear templates (one tile each) labeled with their class
+        (the data's class names when the layer has one output per class), else their output index."""
+        out, cin = int(w.shape[0]), int(w.shape[1])
+        shown = min(out, self.max_filters)
+        scale = "each on its own range" if self.scale == "per_filter" else "one range for all"
+        what = "filters" if self.kind == "conv" else "templates of outputs"
+        caption = f"{name}: {what} 0-{shown - 1} of {out} ({cin}x{w.shape[2]}x{w.shape[3]}), {scale}"
+        if cin != 1 and (cin != 3 or rgb is False):
+            caption += f"; a row per {what.split()[0][:-1]}, a column per input channel"
+        if self.kind == "linear" and cin in (1, 3):
+            names = self.get_class_names(trainer)
+            names = names if names is not None and len(names) == out else None
+            tiles, _ = filter_tiles(w, self.scale, self.max_filters)
+            labels = [class_name(k, names) for k in range(shown)]
+            return labeled_grid(tiles, labels, caption=caption, label_px=12, min_width=MIN_WIDTH_PX)
+        grid = filter_grid(w, self.scale, self.max_filters, rgb)
+        return compose([[grid]], None, caption, pad=0, min_width=MIN_WIDTH_PX)
 
     def extra_state(self) -> dict[str, Any]:
         return {"previous": self.previous}

@@ -13,7 +13,7 @@ from ..capture import capture, isolated
 from ..layers import get_layer, module_device, module_dtype, resolve_layers
 from ..logging import VizLogger, make_tag
 from ..methods.batching import images_per_forward
-from ..methods.patches import TopK, merge_topk, scan_topk
+from ..methods.patches import TopK, merge_topk, scan_topk_layers
 from ..methods.receptive_field import NotAConvStackError, crop_boxes, receptive_field, stack_receptive_field
 from ..probe import ProbeSet
 from ..progress import reporting
@@ -156,10 +156,10 @@ class TopPatchesCallback(VisualizationCallback):
         x = probe.to(module_device(pl_module), module_dtype(pl_module))
         units = self._units(pl_module, x[:1])
         out: dict[str, Any] = {}
+        chunk = self.chunk_size or images_per_forward(pl_module, x)
+        tops = scan_topk_layers(pl_module, x, units, self.k, chunk, offset=probe.offset)  # one forward for all layers
         for name in self.layers:
-            chunk = self.chunk_size or images_per_forward(pl_module, x)
-            top = scan_topk(pl_module, x, name, units[name], self.k, chunk, offset=probe.offset)
-            out[name] = top.to_rows()  # [k_local, U, 4]: dim 0 = candidate, concatenated over ranks
+            out[name] = tops[name].to_rows()  # [k_local, U, 4]: dim 0 = candidate, concatenated over ranks
             out["units:" + name] = torch.tensor(units[name]).view(1, -1)  # same on every rank
         return out
 
@@ -196,17 +196,24 @@ class TopPatchesCallback(VisualizationCallback):
                 if self.patch_px:
                     crops = resize_patches(crops, self.patch_px)
                 w = int(crops.shape[-1])
+                # a probe where the unit is nowhere > 0 does not excite it: its "patch" would be an arbitrary one
+                # (a dead unit's all-zero map: the top-left corner of the first probes), so none is shown
+                fired = (top.values[u] > 0).tolist()
                 labels = [
-                    class_name(probe.labels[j], names) if probe.labels is not None else f"#{int(j)}"
-                    for j in img_idx.tolist()
+                    (class_name(probe.labels[j], names) if probe.labels is not None else f"#{int(j)}")
+                    if on
+                    else "not active"
+                    for j, on in zip(img_idx.tolist(), fired)
                 ]
                 strips = [_shared_strip(w, [t], 11) for t in labels]
+                shown = [crop if on else torch.full_like(crop, 0.9) for crop, on in zip(crops, fired)]  # light gray
+                note = "" if any(fired) else f" (not active on any of the {len(probe)} probes)"
                 if self.layout == "grid":
-                    rows.append([_shared_strip(64, [f"unit {c}"], 14)] + list(crops))
+                    rows.append([_shared_strip(64, [f"unit {c}"], 14)] + shown)
                     under.append([None] + strips)
                 else:  # as a row of the grid: the unit named, each patch's class under it
-                    caption = f"{name} unit {c}: top-{self.k} patches, strongest first"
-                    image = compose([list(crops)], None, caption, under=[strips])
+                    caption = f"{name} unit {c}: top-{self.k} patches, strongest first{note}"
+                    image = compose([shown], None, caption, under=[strips])
                     logger.image(make_tag(self.method, name, f"unit{c:03d}"), image)
                 logger.scalar(make_tag(self.method, name, f"unit{c:03d}", "max"), top.values[u, 0])
             if self.layout == "grid" and rows:

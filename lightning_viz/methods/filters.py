@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import cast
 
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from ..layers import LayerNotFoundError, first_conv_name, get_layer, linear_layer_names, require_conv, unwrap_model
 
@@ -31,12 +32,21 @@ def conv_filters(model: nn.Module, layer: str | None = None) -> Tensor:
     name = layer if layer is not None else first_conv_name(model)
     conv = require_conv(model, name, "conv_filters")
     weight = cast(Tensor, conv.weight)  # require_conv returns a convolution, whose weight is a tensor
+    _require_created(weight, name, type(conv).__name__, "conv_filters")
     if weight.ndim != 4:
         raise LayerNotFoundError(
             f"conv_filters needs a 2-D convolution (nn.Conv2d), but {name!r} is a {type(conv).__name__} "
             f"with weight shape {tuple(weight.shape)}."
         )
     return weight.detach().clone()
+
+
+def _require_created(weight: Tensor, name: str, kind: str, method: str) -> None:
+    if is_lazy(weight):
+        raise ValueError(
+            f"{method}: layer {name!r} is a {kind} whose weights do not exist yet (a lazy layer creates them at "
+            "the model's first forward); call the model once first."
+        )
 
 
 def first_linear_name(model: nn.Module) -> str:
@@ -70,6 +80,7 @@ def linear_templates(model: nn.Module, layer: str | None, input_shape: Sequence[
             f"linear_templates needs an nn.Linear layer, but {name!r} is a {type(lin).__name__}. "
             f"Valid linear layers: {', '.join(repr(n) for n in linear_layer_names(model)) or '(none)'}."
         )
+    _require_created(lin.weight, name, type(lin).__name__, "linear_templates")
     c, h, w = shape
     if lin.in_features != c * h * w:
         raise ValueError(

@@ -9,7 +9,7 @@ merge of shards equals the top-``k`` of the whole set, ties included.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ from ..capture import capture
 from ..progress import progress
 from .checks import check_eval, check_images
 
-__all__ = ["TopK", "unit_activations", "topk_per_unit", "merge_topk", "scan_topk"]
+__all__ = ["TopK", "unit_activations", "topk_per_unit", "merge_topk", "scan_topk", "scan_topk_layers"]
 
 
 @dataclass
@@ -50,23 +50,32 @@ class TopK:
 
 def unit_activations(model: nn.Module, x: Tensor, layer: str, units: Sequence[int] | None = None) -> Tensor:
     """``[B, U, h, w]`` output of ``layer`` for ``units`` (channels; all if ``None``), no autograd."""
-    with torch.no_grad(), capture(model, [layer]) as cap:
+    return _layer_activations(model, x, {layer: units})[layer]
+
+
+def _layer_activations(model: nn.Module, x: Tensor, units: Mapping[str, Sequence[int] | None]) -> dict[str, Tensor]:
+    """:func:`unit_activations` of several layers (``{layer: units}``) from one forward."""
+    with torch.no_grad(), capture(model, list(units)) as cap:
         model(x)
-        act = cap[layer]
-    if act.ndim != 4:
-        raise ValueError(
-            f"top patches need a conv feature map [B, C, h, w] from layer {layer!r}; "
-            f"it outputs shape {tuple(act.shape)}"
-        )
-    if units is not None:
-        units = list(units)
-        bad = [u for u in units if not 0 <= u < act.shape[1]]
-        if bad:
+        acts = {layer: cap[layer] for layer in units}
+    out = {}
+    for layer, act in acts.items():
+        if act.ndim != 4:
             raise ValueError(
-                f"units {bad} out of range for layer {layer!r} with {act.shape[1]} channels (0..{act.shape[1] - 1})"
+                f"top patches need a conv feature map [B, C, h, w] from layer {layer!r}; "
+                f"it outputs shape {tuple(act.shape)}"
             )
-        act = act[:, units]
-    return act
+        chosen = units[layer]
+        if chosen is not None:
+            chosen = list(chosen)
+            bad = [u for u in chosen if not 0 <= u < act.shape[1]]
+            if bad:
+                raise ValueError(
+                    f"units {bad} out of range for layer {layer!r} with {act.shape[1]} channels (0..{act.shape[1] - 1})"
+                )
+            act = act[:, chosen]
+        out[layer] = act
+    return out
 
 
 def _order(values: Tensor, image: Tensor) -> Tensor:
@@ -120,14 +129,28 @@ def scan_topk(
     """Top-``k`` images per unit (Zeiler & Fergus 2014, Sec. 4): scan ``images[N, C, H, W]`` (on the model's
     device) in batches; global image index = ``offset + n``. The model must be in eval mode (BatchNorm statistics
     of a batch would rank each image against the others of its batch)."""
+    return scan_topk_layers(model, images, {layer: units}, k, batch_size, offset)[layer]
+
+
+def scan_topk_layers(
+    model: nn.Module,
+    images: Tensor,
+    units: Mapping[str, Sequence[int] | None],
+    k: int,
+    batch_size: int = 64,
+    offset: int = 0,
+) -> dict[str, TopK]:
+    """:func:`scan_topk` of several layers (``{layer: units}``) in one scan: one forward per batch for all of them."""
     check_images("scan_topk", images)
     check_eval("scan_topk", model)
-    best: TopK | None = None
+    best: dict[str, TopK] = {}
     for s in range(0, images.shape[0], batch_size):
         progress(s, images.shape[0], "images scanned")  # a line every few seconds inside a callback run (rank 0)
-        act = unit_activations(model, images[s : s + batch_size], layer, units)
-        cand = topk_per_unit(act, k, torch.arange(offset + s, offset + s + act.shape[0]))
-        best = cand if best is None else merge_topk([best, cand], k)
-    if best is None:
+        acts = _layer_activations(model, images[s : s + batch_size], units)
+        index = torch.arange(offset + s, offset + s + images[s : s + batch_size].shape[0])
+        for layer, act in acts.items():
+            cand = topk_per_unit(act, k, index)
+            best[layer] = cand if layer not in best else merge_topk([best[layer], cand], k)
+    if not best:
         raise ValueError("scan_topk got no images")
     return best
