@@ -1116,6 +1116,13 @@ class VisualizationCallback(Callback):
                     f"from the {_dataset_name(dataset)} dataset failed: {type(exc).__name__}: {exc}.{hint}"
                 ) from exc
             _warn_batch_hooks(trainer)
+        if len(picks[key]) < self.num_probes:
+            rank_zero_warn(
+                f"{type(self).__name__}{'' if self.name is None else f' {self.name!r}'}: num_probes={self.num_probes} "
+                f"but the {_dataset_name(dataset)} dataset it picks from (probe_source={self.probe_source!r}) has only "
+                f"{len(picks[key])} items: all {len(picks[key])} are the probes. Lower num_probes to silence this.",
+                category=VisualizationWarning,
+            )
         return picks[key]
 
     # ------------------------------------------------------------------ run
