@@ -90,6 +90,19 @@ def test_a_failing_callback_is_named_by_its_name(tmp_path):
         trainer.fit(LitTiny(), *tiny_loaders(n=12))
 
 
+def test_setup_errors_name_the_instance_by_its_name(tmp_path):
+    """Of two CAMCallbacks, the one with a bad layer is named by its ``name=`` in the setup error (``CAMCallback 'b':``;
+    was: ``CAMCallback:`` for either); the message itself is unchanged."""
+    from lightning_viz.callbacks.cam import CAMCallback
+    from lightning_viz.layers import LayerNotFoundError
+
+    cbs = [CAMCallback(layers="net.conv2", name="a"), CAMCallback(layers="net.conv9", name="b")]
+    with pytest.raises(LayerNotFoundError, match=r"^CAMCallback 'b': Unknown layer 'net.conv9' in LitTiny\."):
+        tiny_trainer(str(tmp_path), cbs, max_epochs=1).fit(LitTiny(), *tiny_loaders(n=8))
+    with pytest.raises(ValueError, match=r"^GradientCallback 'c': methods: unknown gradient method 'x'"):
+        GradientCallback(methods=["x"], name="c")  # an option error in __init__ too
+
+
 @pytest.mark.parametrize("bad", ["", "a/b"])
 def test_bad_name_is_refused(bad):
     with pytest.raises(ValueError, match="name must be"):

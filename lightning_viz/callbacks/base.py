@@ -545,16 +545,18 @@ class VisualizationCallback(Callback):
 
     @contextmanager
     def _naming(self) -> Iterator[None]:
-        """Layer and option errors raised inside start with this callback's name (with several callbacks
-        attached, the user sees which one is wrong); messages that already name it pass unchanged."""
+        """Layer and option errors raised inside start with this callback's class and ``name=`` if given
+        (``CAMCallback 'b': ...``: with several callbacks attached, the user sees which one is wrong)."""
         try:
             yield
         except (LayerNotFoundError, ValueError, TypeError) as exc:
-            who = type(self).__name__
-            if str(exc).startswith(who) or isinstance(exc, VisualizationError):
+            who, name = type(self).__name__, getattr(self, "name", None)
+            label = who if name is None else f"{who} {name!r}"  # with name=: which of several instances
+            message = str(exc)
+            if message.startswith(label) or isinstance(exc, VisualizationError):
                 raise
             try:
-                named = type(exc)(f"{who}: {exc}")
+                named = type(exc)(label + message[len(who) :] if message.startswith(who) else f"{label}: {message}")
             except Exception:  # an exception type that takes other arguments: as it was
                 raise exc from None
             raise named from exc
