@@ -346,6 +346,43 @@ def test_option_errors_at_construction_name_the_callback_the_option_and_what_is_
     assert option in message and allowed in message, message
 
 
+@pytest.mark.parametrize(
+    "make, option",
+    [
+        ("GradientCallback(smoothgrad_sigma=float('nan'))", "smoothgrad_sigma"),
+        ("GradientCallback(ig_baseline=float('inf'))", "ig_baseline"),
+        ("ClassModelCallback(lr=float('nan'))", "lr"),
+        ("ClassModelCallback(None, 16, float('inf'))", "l2"),  # positional: named all the same
+        ("InversionCallback(layers='net.conv1', tv=float('nan'))", "tv"),
+        ("AdversarialCallback(epsilon=float('inf'))", "epsilon"),
+        ("AdversarialCallback(step_size=float('nan'))", "step_size"),
+        ("EmbeddingCallback(tsne_perplexity=float('nan'))", "tsne_perplexity"),
+        ("OcclusionCallback(memory_mb=float('inf'))", "memory_mb"),
+        ("MapTracker(pointing_tolerance=float('nan'))", "pointing_tolerance"),
+    ],
+)
+def test_nan_or_inf_for_a_float_option_is_refused_at_construction_naming_it(make, option):
+    """NaN and inf passed every ``< 0`` check: an ``lr`` or ``epsilon`` of NaN gave NaN images at the first run,
+    ``memory_mb=inf`` an OverflowError there. Now refused when the callback is built (in a CLI run too)."""
+    import lightning_viz
+    from lightning_viz.tracking import MapTracker
+
+    owner = make.split("(")[0]
+    with pytest.raises(ValueError) as info:
+        eval(make, {**{c: getattr(lightning_viz, c) for c in lightning_viz.__all__}, "MapTracker": MapTracker})
+    message = str(info.value)
+    assert message.startswith(f"{owner}: {option} must be a finite number; got "), message
+
+
+def test_inf_in_a_yaml_config_is_refused_naming_the_callback_and_option():
+    """YAML's ``.inf`` / ``.nan`` are floats (jsonargparse refuses ``nan`` on the command line, not in YAML)."""
+    from lightning_viz.cli import cli_main
+
+    yaml = "trainer: {callbacks: [{class_path: lightning_viz.ClassModelCallback, init_args: {lr: .inf}}]}"
+    with pytest.raises(ValueError, match="^ClassModelCallback: lr must be a finite number; got inf"):
+        cli_main(["--trainer.logger=false", "--config", yaml], run=False)
+
+
 class ThreadsSeen(FailFromEpoch):
     """Records torch's CPU thread count while computing (never fails: ``fail_from`` is out of reach)."""
 

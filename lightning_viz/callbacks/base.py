@@ -11,6 +11,7 @@ overrides :meth:`compute` (all ranks, its shard of the probes, returns per-probe
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import sys
 import time
@@ -73,6 +74,7 @@ from ..targets import (
     resolve_logits_fn,
     resolve_target,
 )
+from ._options import refuse_non_finite
 
 if sys.version_info >= (3, 12):
     from typing import override
@@ -437,9 +439,14 @@ class VisualizationCallback(Callback):
         if init is None or getattr(init, "_names_errors", False):
             return
 
+        params = list(inspect.signature(init).parameters)[1:]
+        own = cls.__module__.startswith("lightning_viz.")  # a subclass of yours may take inf for its own options
+
         @functools.wraps(init)
         def named_init(self: VisualizationCallback, *args: Any, **kw: Any) -> None:
             with self._naming():
+                if own:
+                    refuse_non_finite({**dict(zip(params, args)), **kw})
                 init(self, *args, **kw)
 
         named_init._names_errors = True  # type: ignore[attr-defined]
