@@ -1606,7 +1606,7 @@ def _number_twins(trainer: Trainer) -> None:
     """Number the trainer's callbacks of one family and ``name`` in ``trainer.callbacks`` order
     (:attr:`VisualizationCallback._twin`: 1, 2, ...), so the second writes ``time_s_2``, not the first's tag."""
     seen: dict[tuple[str, str | None], int] = {}
-    for cb in _viz_callbacks(trainer):
+    for cb in _viz_callbacks(trainer) if hasattr(trainer, "callbacks") else []:
         key = (cb.method, cb.name)
         seen[key] = cb._twin = seen.get(key, 0) + 1
 
