@@ -17,6 +17,7 @@ Callbacks are added under ``trainer.callbacks`` (``class_path`` + ``init_args``)
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import importlib
 import inspect
@@ -97,8 +98,20 @@ def callbacks_help(width: int = 100) -> str:
     return "\n".join(lines)
 
 
+#: the end of an option's docstring entry that marks it required though its default is ``None`` (a deprecated alias
+#: may stand in for it: ``UnitCallback``'s ``layer`` for ``layers``)
+_REQUIRED_HELP = re.compile(r"[(;,]\s*required\)\.?\s*$")
+
+
 class _HelpFormatter(DefaultHelpFormatter):
-    """jsonargparse's help formatter, keeping the line breaks of indented lists (the callbacks list)."""
+    """jsonargparse's help formatter, keeping the line breaks of indented lists (the callbacks list), and saying
+    ``required`` (not ``default: null``) for an option whose docstring says ``required)``."""
+
+    def _get_help_string(self, action: Any) -> str:
+        if action.default is None and not action.required and _REQUIRED_HELP.search(action.help or ""):
+            action = copy.copy(action)
+            action.required = True  # this copy only: the parser still takes the alias instead
+        return super()._get_help_string(action)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         blocks = text.split("\n\n")
@@ -116,6 +129,11 @@ class VizArgumentParser(LightningArgumentParser):
     option 'methodz'; did you mean 'methods'? allowed: ...`` before jsonargparse's union report (``Does not validate
     against any of the Union subtypes``, kept below as details), and the usage printed with the error is one line
     (``--help`` lists every option) instead of every Trainer option."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # also the parser jsonargparse builds for ``--trainer.callbacks.help NAME`` (it passes no formatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Optional[Exception] = None) -> Any:
         lead = parse_error_summary(message) if self.exit_on_error else None  # not in jsonargparse's inner parsers

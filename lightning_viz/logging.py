@@ -232,8 +232,9 @@ _folders: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 def image_folder(trainer: Any) -> str:
     """The plain image folder of a trainer: ``<log_dir>/lightning_viz`` of its first logger that has a
-    ``log_dir`` (e.g. ``CSVLogger``: ``lightning_logs/version_0/lightning_viz``), else (``logger=False``)
-    ``<default_root_dir>/lightning_viz/version_<n>``, a new version per trainer."""
+    ``log_dir`` (e.g. ``CSVLogger``: ``lightning_logs/version_0/lightning_viz``), else (``logger=False``, W&B,
+    MLflow) ``<default_root_dir>/lightning_logs/version_<n>/lightning_viz``, where Lightning's default logger would
+    have put it, a new version per trainer (never ``./lightning_viz``, the package's own name at a checkout's root)."""
     if trainer in _folders:
         return _folders[trainer]
     folder = None
@@ -243,13 +244,13 @@ def image_folder(trainer: Any) -> str:
             folder = os.path.join(log_dir, "lightning_viz")
             break
     if folder is None:
-        root = os.path.join(getattr(trainer, "default_root_dir", None) or os.getcwd(), "lightning_viz")
+        root = os.path.join(getattr(trainer, "default_root_dir", None) or os.getcwd(), "lightning_logs")
         taken = [
             int(d[len("version_") :])
             for d in (os.listdir(root) if os.path.isdir(root) else [])
             if re.fullmatch(r"version_\d+", d)
         ]
-        folder = os.path.join(root, f"version_{max(taken, default=-1) + 1}")
+        folder = os.path.join(root, f"version_{max(taken, default=-1) + 1}", "lightning_viz")
     _folders[trainer] = folder
     return folder
 

@@ -224,6 +224,9 @@ class MapTracker:
         target: Optional[Union[str, int]] = None,
         custom_scalars: bool = True,
     ):
+        for option, value in (("topk", topk), ("pointing_tolerance", pointing_tolerance)):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"MapTracker: {option} must be a finite number; got {value!r}")
         if max_frames < 2:
             raise ValueError(f"MapTracker: max_frames must be >= 2 (first and latest epoch); got {max_frames}")
         if frame_size < 4:

@@ -49,6 +49,60 @@ def test_name_namespaces_tags_and_separates_two_instances(tmp_path):
     assert scalar_steps(acc, "viz-gradients/pred/time_s") == [0, 1]
 
 
+def test_two_unnamed_callbacks_of_one_family_each_log_their_own_time_and_are_told_apart(tmp_path, caplog):
+    """Two GradientCallbacks (other methods, no name=) may run side by side: each keeps its own ``time_s`` (the second
+    ``time_s_2``, in ``trainer.callbacks`` order), and the start-up and epoch lines say ``gradients#2``. Was: both
+    wrote ``viz-gradients/time_s`` at the same step (one hid the other) and the lines showed ``gradients`` twice."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    first = GradientCallback(methods=["saliency"], layout="per_probe", num_probes=2)
+    second = GradientCallback(methods=["gradient"], layout="per_probe", num_probes=2)
+    named = GradientCallback(methods=["gradient"], layout="per_probe", num_probes=2, name="b")
+    tb_dir, csv_dir = tmp_path / "tb", tmp_path / "csv"
+    for logger in (None, CSVLogger(str(csv_dir), name="", version=0)):
+        kw = {} if logger is None else {"logger": logger}
+        tiny_trainer(str(tb_dir), [first, second, named], max_epochs=2, **kw).fit(LitTiny(), *tiny_loaders(n=12))
+    acc = read_events(str(tb_dir))
+    timings = {t: [e.value for e in acc.Scalars(t)] for t in acc.Tags()["scalars"] if "time_s" in t}
+    assert sorted(timings) == ["viz-gradients/b/time_s", "viz-gradients/time_s", "viz-gradients/time_s_2"]
+    assert scalar_steps(acc, "viz-gradients/time_s") == scalar_steps(acc, "viz-gradients/time_s_2") == [0, 1]
+    assert timings["viz-gradients/time_s"] != timings["viz-gradients/time_s_2"]
+    assert (first._twin, second._twin, named._twin) == (1, 2, 1)
+    import csv
+
+    with open(csv_dir / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f)]
+    assert sum(bool(r.get("viz-gradients/time_s")) for r in rows) == 2
+    assert sum(bool(r.get("viz-gradients/time_s_2")) for r in rows) == 2
+    last = [float(r["viz-gradients/time_s_2"]) for r in rows if r.get("viz-gradients/time_s_2")][-1]
+    assert last == pytest.approx(second.last_duration_s)  # the second's own seconds
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("gradients (every 1), gradients#2 (every 1), gradients[b] (every 1)" in ln for ln in lines), lines
+    assert any(ln.startswith("lightning-viz epoch 1:") and "gradients#2 " in ln for ln in lines), lines
+
+
+def test_a_failing_callback_is_named_by_its_name(tmp_path):
+    """A compute error names the instance (``failing[mine]``), not only its family. Was: ``lightning-viz failing
+    failed``, the same for every instance of the family."""
+    trainer = tiny_trainer(str(tmp_path), [FailFromEpoch(fail_from=0, num_probes=2, name="mine")], max_epochs=1)
+    with pytest.raises(VisualizationError, match=r"^lightning-viz failing\[mine\] failed: RuntimeError: boom at epoch"):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12))
+
+
+def test_setup_errors_name_the_instance_by_its_name(tmp_path):
+    """Of two CAMCallbacks, the one with a bad layer is named by its ``name=`` in the setup error (``CAMCallback 'b':``;
+    was: ``CAMCallback:`` for either); the message itself is unchanged."""
+    from lightning_viz.callbacks.cam import CAMCallback
+    from lightning_viz.layers import LayerNotFoundError
+
+    cbs = [CAMCallback(layers="net.conv2", name="a"), CAMCallback(layers="net.conv9", name="b")]
+    with pytest.raises(LayerNotFoundError, match=r"^CAMCallback 'b': Unknown layer 'net.conv9' in LitTiny\."):
+        tiny_trainer(str(tmp_path), cbs, max_epochs=1).fit(LitTiny(), *tiny_loaders(n=8))
+    with pytest.raises(ValueError, match=r"^GradientCallback 'c': methods: unknown gradient method 'x'"):
+        GradientCallback(methods=["x"], name="c")  # an option error in __init__ too
+
+
 @pytest.mark.parametrize("bad", ["", "a/b"])
 def test_bad_name_is_refused(bad):
     with pytest.raises(ValueError, match="name must be"):
@@ -291,6 +345,43 @@ def test_option_errors_at_construction_name_the_callback_the_option_and_what_is_
     message = str(info.value)
     assert message.startswith(f"{owner}: "), message
     assert option in message and allowed in message, message
+
+
+@pytest.mark.parametrize(
+    "make, option",
+    [
+        ("GradientCallback(smoothgrad_sigma=float('nan'))", "smoothgrad_sigma"),
+        ("GradientCallback(ig_baseline=float('inf'))", "ig_baseline"),
+        ("ClassModelCallback(lr=float('nan'))", "lr"),
+        ("ClassModelCallback(None, 16, float('inf'))", "l2"),  # positional: named all the same
+        ("InversionCallback(layers='net.conv1', tv=float('nan'))", "tv"),
+        ("AdversarialCallback(epsilon=float('inf'))", "epsilon"),
+        ("AdversarialCallback(step_size=float('nan'))", "step_size"),
+        ("EmbeddingCallback(tsne_perplexity=float('nan'))", "tsne_perplexity"),
+        ("OcclusionCallback(memory_mb=float('inf'))", "memory_mb"),
+        ("MapTracker(pointing_tolerance=float('nan'))", "pointing_tolerance"),
+    ],
+)
+def test_nan_or_inf_for_a_float_option_is_refused_at_construction_naming_it(make, option):
+    """NaN and inf passed every ``< 0`` check: an ``lr`` or ``epsilon`` of NaN gave NaN images at the first run,
+    ``memory_mb=inf`` an OverflowError there. Now refused when the callback is built (in a CLI run too)."""
+    import lightning_viz
+    from lightning_viz.tracking import MapTracker
+
+    owner = make.split("(")[0]
+    with pytest.raises(ValueError) as info:
+        eval(make, {**{c: getattr(lightning_viz, c) for c in lightning_viz.__all__}, "MapTracker": MapTracker})
+    message = str(info.value)
+    assert message.startswith(f"{owner}: {option} must be a finite number; got "), message
+
+
+def test_inf_in_a_yaml_config_is_refused_naming_the_callback_and_option():
+    """YAML's ``.inf`` / ``.nan`` are floats (jsonargparse refuses ``nan`` on the command line, not in YAML)."""
+    from lightning_viz.cli import cli_main
+
+    yaml = "trainer: {callbacks: [{class_path: lightning_viz.ClassModelCallback, init_args: {lr: .inf}}]}"
+    with pytest.raises(ValueError, match="^ClassModelCallback: lr must be a finite number; got inf"):
+        cli_main(["--trainer.logger=false", "--config", yaml], run=False)
 
 
 class ThreadsSeen(FailFromEpoch):

@@ -732,3 +732,24 @@ def test_print_config_from_the_command_line_warns_of_nothing(monkeypatch, capsys
         main()
     assert [str(w.message) for w in seen if "args parameter" in str(w.message)] == []
     assert "max_epochs: 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name, required",
+    [("UnitCallback", ["layers", "channels"]), ("InversionCallback", ["layers"])],
+)
+def test_help_says_required_for_options_a_deprecated_alias_keeps_optional(name, required, capsys):
+    """``--trainer.callbacks.help UnitCallback``: ``layers`` and ``channels`` are required (their defaults are ``None``
+    only so that the deprecated ``layer`` still works): the help says ``required``. Was: ``default: null``."""
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--trainer.callbacks.help", name], run=False)
+    out = capsys.readouterr().out
+    entries = {
+        m.group(1): " ".join(m.group(2).split())
+        for m in re.finditer(r"^  --trainer\.callbacks\.(\w+) .*\n((?:^ {20,}.*\n)+)", out, re.MULTILINE)
+    }
+    for option in required:
+        assert "(required, type:" in entries[option] and "default:" not in entries[option], entries[option]
+    assert "default: noise" in entries["init"] or "default: channel" in entries["unit"]  # the others keep theirs

@@ -198,27 +198,30 @@ def test_one_probe_on_two_ranks_with_bf16_and_a_compiled_model(ddp_out):
 
 
 def test_an_error_on_one_rank_raises_on_every_rank(ddp_out):
+    # each FailingCallback has its own name=, which the messages give after the family (failing[<name>])
+    err = "VisualizationError: lightning-viz failing"
     r0, r1 = _json(ddp_out, "errors", 0)["errors"], _json(ddp_out, "errors", 1)["errors"]
     # compute failed on rank 1: both ranks raise, naming rank 1
     for errs in (r0["compute@rank1"], r1["compute@rank1"]):
-        assert errs == ["VisualizationError: lightning-viz failing failed: rank 1: RuntimeError: boom in compute"]
+        assert errs == [err + "[compute-rank1-None] failed: rank 1: RuntimeError: boom in compute"]
     # a rank-0-only computation failed: both ranks raise, naming rank 0
     for errs in (r0["compute@rank0"], r1["compute@rank0"]):
-        assert errs == ["VisualizationError: lightning-viz failing failed on rank 0: RuntimeError: boom in compute"]
+        assert errs == [err + "[compute-rank0-only-None] failed on rank 0: RuntimeError: boom in compute"]
     # rank 0's logging failed: rank 0 raises its own error, rank 1 learns of it (instead of hanging later)
     assert r0["log@rank0"] == [
-        "VisualizationError: lightning-viz FailingCallback (failing) failed while logging at step 0: "
+        "VisualizationError: lightning-viz FailingCallback (failing[log-rank0-None]) failed while logging at step 0: "
         "RuntimeError: boom in log"
     ]
-    assert r1["log@rank0"] == ["VisualizationError: lightning-viz failing failed on rank 0: RuntimeError: boom in log"]
+    assert r1["log@rank0"] == [err + "[log-rank0-None] failed on rank 0: RuntimeError: boom in log"]
     # picking the probes failed on rank 1 at the first epoch end: both ranks raise, naming rank 1
     for errs in (r0["probes@rank1"], r1["probes@rank1"]):
-        assert errs == ["VisualizationError: lightning-viz failing failed: rank 1: RuntimeError: boom in probes"]
+        assert errs == [err + "[probes-rank1-None] failed: rank 1: RuntimeError: boom in probes"]
     # on_error="warn": nothing raised on any rank, rank 0 warns once naming rank 1, both ranks train on
     assert r0["compute@rank1/warn"] == r1["compute@rank1/warn"] == []
     warned = [w for w in _json(ddp_out, "errors", 0)["warnings"] if "training goes on" in w]
     assert warned == [
-        "lightning-viz failing failed: rank 1: RuntimeError: boom in compute (on_error='warn': training goes on)"
+        "lightning-viz failing[compute-rank1-warn] failed: rank 1: RuntimeError: boom in compute "
+        "(on_error='warn': training goes on)"
     ]
     assert _json(ddp_out, "errors", 1)["warnings"] == []
     assert _json(ddp_out, "errors", 0)["global_step"] == _json(ddp_out, "errors", 1)["global_step"] == 6

@@ -517,3 +517,32 @@ def test_dataloader_hooks_that_draw_random_numbers_leave_training_unchanged(tmp_
     assert viz_calls["train"] == plain_calls["train"]
     assert viz_calls["val"] <= plain_calls["val"] + 1, (plain_calls, viz_calls)
     assert image_steps(read_events(str(tmp_path / "viz")), "viz-filters/net.conv1/grid") == [0, 1]
+
+
+def test_fewer_items_than_num_probes_warns_once_at_setup_naming_the_callback(tmp_path):
+    """A val dataset of 5 items and num_probes=16: every item is a probe, and each callback that asked for more says so
+    once, at setup (before the first step), with the numbers asked and found. Was: silent (a panel grid of 5 where
+    16 were asked, with no word why)."""
+    import warnings
+
+    seen_at_first_step = []
+
+    class FirstStep(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 0:
+                seen_at_first_step.append(sum("num_probes=" in str(w.message) for w in caught))
+
+    cbs = [GradientCallback(num_probes=16), CAMCallback(num_probes=16, name="cam16"), CAMCallback(num_probes=5)]
+    train, val = DataLoader(tiny_dataset(8), batch_size=4), DataLoader(tiny_dataset(5), batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_trainer(str(tmp_path), [*cbs, FirstStep()], max_epochs=2).fit(LitTiny(), train, val)
+    messages = [str(w.message) for w in caught if "num_probes=" in str(w.message)]
+    assert messages == [
+        "GradientCallback: num_probes=16 but the TensorDataset dataset it picks from (probe_source='val') has only 5 "
+        "items: all 5 are the probes. Lower num_probes to silence this.",
+        "CAMCallback 'cam16': num_probes=16 but the TensorDataset dataset it picks from (probe_source='val') has only "
+        "5 items: all 5 are the probes. Lower num_probes to silence this.",
+    ]
+    assert seen_at_first_step == [2]  # both before the first step
+    assert [len(cb.probes) for cb in cbs] == [5, 5, 5]

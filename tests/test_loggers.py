@@ -266,17 +266,34 @@ def test_a_fresh_fit_into_an_earlier_runs_image_folder_warns_and_a_resumed_one_d
 
 def test_logger_false_writes_a_new_image_folder_version_per_trainer(tmp_path):
     rec, _ = fit(False, tmp_path)
-    folder = tmp_path / "lightning_viz" / "version_0"
+    folder = tmp_path / "lightning_logs" / "version_0" / "lightning_viz"
     scalars = folder_scalars(str(folder))
     check_split(rec, png_tags(str(folder)), scalars)
     _rec2, _ = fit(False, tmp_path, every_n_epochs=2, run_at_start=True)
-    second = tmp_path / "lightning_viz" / "version_1"
+    second = tmp_path / "lightning_logs" / "version_1" / "lightning_viz"
     assert {e for e, _ in png_tags(str(second))} == {1}  # (1 + 1) % 2 == 0
     # the run_at_start baseline (step -1) in before_training/ (was: epoch_-001/), its scalars at epoch -1
     assert sorted(os.listdir(second)) == ["before_training", "epoch_0001", "scalars.csv"]
     assert {e for e, _ in folder_scalars(str(second))} == {-1, 1}
     assert os.path.isfile(second / "before_training" / "viz-inputgrad" / "panel" / "p000.png")
     assert image_relpath("viz-cam/panel/p000", -1) == "before_training/viz-cam/panel/p000.png"
+
+
+def test_logger_false_at_a_checkout_root_leaves_the_package_folder_alone(tmp_path):
+    """``logger=False`` run from a directory holding a ``lightning_viz`` package (a checkout's root, the default
+    ``default_root_dir``): the images go under ``lightning_logs/version_<n>/lightning_viz``, where Lightning's default
+    logger writes, and a later run with that logger takes the next version. Was: ``./lightning_viz/version_0``,
+    inside the package."""
+    package = tmp_path / "lightning_viz"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    rec, trainer = fit(False, tmp_path)
+    assert sorted(os.listdir(package)) == ["__init__.py"]
+    folder = tmp_path / "lightning_logs" / "version_0" / "lightning_viz"
+    check_split(rec, png_tags(str(folder)), folder_scalars(str(folder)))
+    assert describe_sinks(trainer) == f"writing to an image folder at {folder}"
+    _rec, later = fit(None, tmp_path)  # Lightning's default TensorBoardLogger under the same default_root_dir
+    assert later.logger.log_dir == str(tmp_path / "lightning_logs" / "version_1")
 
 
 def test_mlflow_logger_alone_gets_metrics_and_artifacts(offline, mlflow_uri):
@@ -570,7 +587,7 @@ def test_an_own_logger_named_like_lightnings_is_not_taken_for_it(tmp_path, cls_n
     own = type(cls_name, (_ScalarsOnly,), {})()
     assert logger_name(own) == cls_name.lower()
     rec, trainer = fit(own, tmp_path)
-    folder = os.path.join(str(tmp_path), "lightning_viz", "version_0")
+    folder = os.path.join(str(tmp_path), "lightning_logs", "version_0", "lightning_viz")
     check_split(rec, png_tags(folder), folder_scalars(folder))
     assert {(step, tag) for step, row in own.rows for tag in row if tag.startswith("viz-")} == set(
         folder_scalars(folder)

@@ -219,3 +219,38 @@ def test_invalid_options_have_clear_errors():
     probe = ProbeSet(images=torch.zeros(1, 3, 8, 8), labels=torch.tensor([0]))
     with pytest.raises(ValueError, match="window=16 is larger than the 8x8"):
         OcclusionCallback(window=16).compute_maps(LitTiny(), probe)
+
+
+def test_callback_takes_a_rectangular_window_and_stride_from_python_and_the_cli():
+    """``window`` / ``stride`` take ``(h, w)`` as the pure method does (a list from YAML or the command line).
+    Was: only an int (a pair failed with TypeError: '<' not supported between 'tuple' and 'int')."""
+    from lightning_viz.cli import cli_main
+
+    net = RegionSum()
+    x = torch.ones(1, 1, 8, 8)
+    probe = ProbeSet(images=x, labels=torch.tensor([0]))
+    cb = OcclusionCallback(window=[2, 4], stride=(2, 4), fill="zero", target=0, outputs=["score"])
+    assert (cb.window, cb.stride) == ((2, 4), (2, 4))
+    maps = cb.compute_maps(LitTiny(net), probe)
+    drops = occlusion(net, x, 0, window=(2, 4), stride=(2, 4), fill="zero")["score"]
+    assert drops.shape == (1, 4, 2)
+    assert torch.equal(maps["occlusion/score"], spread_to_pixels(drops, (8, 8), (2, 4), (2, 4)))
+    # rows 2-3 x cols 4-7 overlap the region (rows 2..5, cols 3..6) in 2 x 3 pixels of ones
+    assert maps["occlusion/score"][0, 2, 5] == 6.0
+    too_large = r"window=\(16, 4\) is larger than the 8x8 probe images; use window <= \(8, 8\)"
+    with pytest.raises(ValueError, match=too_large):
+        OcclusionCallback(window=(16, 4)).compute_maps(LitTiny(net), probe)
+    for bad in ((0, 2), (2, 2, 2), 2.5, True, "8"):
+        with pytest.raises(ValueError, match=r"^OcclusionCallback: window must be an int >= 1 .* or a pair \(h, w\)"):
+            OcclusionCallback(window=bad)
+    with pytest.raises(ValueError, match="window must be a positive int or a pair of positive ints; got 2.5"):
+        occlusion(net, x, 0, window=2.5)  # the pure method: was TypeError: 'float' object is not iterable
+
+    def parsed(*args):
+        cli = cli_main([*args, "--trainer.logger=false"], run=False)
+        return [(cb.window, cb.stride) for cb in cli.trainer.callbacks if isinstance(cb, OcclusionCallback)]
+
+    occ = "--trainer.callbacks+=OcclusionCallback"
+    assert parsed(occ, "--trainer.callbacks.window=[4,8]", "--trainer.callbacks.stride=2") == [((4, 8), 2)]
+    yaml = "trainer: {callbacks: [{class_path: lightning_viz.OcclusionCallback, init_args: {window: [4, 8]}}]}"
+    assert parsed("--config", yaml) == [((4, 8), None)]

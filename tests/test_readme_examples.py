@@ -160,7 +160,7 @@ def _check_logger_block(body, ns, values, tmp_path):
             rows = [r for r in csv.DictReader(f) if r.get("viz-cam/time_s")]
         assert [int(r["step"]) for r in rows] == [0, 1]
     if "default_root_dir" in body:  # "scalars.csv (epoch,tag,value)"
-        with open("runs/lightning_viz/version_0/scalars.csv") as f:
+        with open("runs/lightning_logs/version_0/lightning_viz/scalars.csv") as f:
             lines = f.read().splitlines()
         assert lines[0] == "epoch,tag,value" and any(ln.startswith("1,viz-cam/time_s,") for ln in lines)
     if "MLFlowLogger" in body:  # "scalars as metrics (step = epoch, ... get_metric_history(run_id, tag))"

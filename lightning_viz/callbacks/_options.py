@@ -7,10 +7,19 @@ old name as a deprecated alias: accepted with a :class:`DeprecationWarning` nami
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Optional, Union
 
-__all__ = ["LayersSpec", "VizDeprecationWarning", "renamed_option", "as_layer_list", "single_layer", "reject_options"]
+__all__ = [
+    "LayersSpec",
+    "VizDeprecationWarning",
+    "renamed_option",
+    "as_layer_list",
+    "single_layer",
+    "reject_options",
+    "refuse_non_finite",
+]
 
 
 class VizDeprecationWarning(DeprecationWarning):
@@ -74,3 +83,12 @@ def reject_options(owner: str, kwargs: dict[str, Any], unused: tuple[str, ...], 
     given = [k for k in unused if k in kwargs]
     if given:
         raise TypeError(f"{owner} takes no {', '.join(given)}: {why}")
+
+
+def refuse_non_finite(options: dict[str, Any], owner: str = "") -> None:
+    """A float option (or a float in a list option) that is NaN or infinite is an error naming it: it would fail late,
+    or silently give NaN images (an ``lr`` or ``epsilon`` of NaN), instead of at construction."""
+    for option, value in options.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"{owner + ': ' if owner else ''}{option} must be a finite number; got {value!r}")

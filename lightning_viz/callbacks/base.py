@@ -11,6 +11,7 @@ overrides :meth:`compute` (all ranks, its shard of the probes, returns per-probe
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import sys
 import time
@@ -73,6 +74,7 @@ from ..targets import (
     resolve_logits_fn,
     resolve_target,
 )
+from ._options import refuse_non_finite
 
 if sys.version_info >= (3, 12):
     from typing import override
@@ -160,7 +162,7 @@ def _announce(trainer: Trainer, stage: str) -> None:
             "in fit, and under trainer.validate when run_on='validation_epoch_end')."
         )
         return
-    label = {id(cb): f"{cb.method}{'' if cb.name is None else f'[{cb.name}]'}" for cb in running}
+    label = {id(cb): cb._instance() for cb in running}
     names = ", ".join(label[id(cb)] + (f" ({_schedule_words(cb)})" if stage == "fit" else "") for cb in running)
     where = ""
     if trainer.is_global_zero:  # where each callback writes: once when all write alike, else per group (loggers=[...])
@@ -209,7 +211,7 @@ def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where:
         _epoch_runs[trainer] = ((step, where), [])
     runs = _epoch_runs[trainer][1]
     if cb.epoch_summary:
-        runs.append((cb.method if cb.name is None else f"{cb.method}[{cb.name}]", seconds))
+        runs.append((cb._instance(), seconds))
     cbs = _viz_callbacks(trainer)
     if any(_runs_at(c, trainer, where) for c in cbs[cbs.index(cb) + 1 :]):
         return
@@ -437,9 +439,14 @@ class VisualizationCallback(Callback):
         if init is None or getattr(init, "_names_errors", False):
             return
 
+        params = list(inspect.signature(init).parameters)[1:]
+        own = cls.__module__.startswith("lightning_viz.")  # a subclass of yours may take inf for its own options
+
         @functools.wraps(init)
         def named_init(self: VisualizationCallback, *args: Any, **kw: Any) -> None:
             with self._naming():
+                if own:
+                    refuse_non_finite({**dict(zip(params, args)), **kw})
                 init(self, *args, **kw)
 
         named_init._names_errors = True  # type: ignore[attr-defined]
@@ -520,6 +527,8 @@ class VisualizationCallback(Callback):
     _run_step: int | None = None
     #: the setup stage whose model checks wait for ``configure_model`` (see :meth:`setup`), else ``None``
     _model_checks_due: str | None = None
+    #: 1, or ``k`` for the k-th callback of one family and ``name`` on a Trainer (set at setup): its ``time_s_<k>``
+    _twin: int = 1
     #: the Trainer this callback last ran under (see :meth:`_start_over`)
     _ran_with: weakref.ReferenceType[Trainer] | None = None
     #: the last epoch run according to a checkpoint restored in this entry point (``trainer.validate(ckpt_path=...)``
@@ -546,16 +555,18 @@ class VisualizationCallback(Callback):
 
     @contextmanager
     def _naming(self) -> Iterator[None]:
-        """Layer and option errors raised inside start with this callback's name (with several callbacks
-        attached, the user sees which one is wrong); messages that already name it pass unchanged."""
+        """Layer and option errors raised inside start with this callback's class and ``name=`` if given
+        (``CAMCallback 'b': ...``: with several callbacks attached, the user sees which one is wrong)."""
         try:
             yield
         except (LayerNotFoundError, ValueError, TypeError) as exc:
-            who = type(self).__name__
-            if str(exc).startswith(who) or isinstance(exc, VisualizationError):
+            who, name = type(self).__name__, getattr(self, "name", None)
+            label = who if name is None else f"{who} {name!r}"  # with name=: which of several instances
+            message = str(exc)
+            if message.startswith(label) or isinstance(exc, VisualizationError):
                 raise
             try:
-                named = type(exc)(f"{who}: {exc}")
+                named = type(exc)(label + message[len(who) :] if message.startswith(who) else f"{label}: {message}")
             except Exception:  # an exception type that takes other arguments: as it was
                 raise exc from None
             raise named from exc
@@ -663,6 +674,7 @@ class VisualizationCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restored_epoch = None  # set again by load_state_dict when this entry point restores a checkpoint
+        _number_twins(trainer)
         if getattr(trainer, "barebones", False) or not _runs_under(self, stage):  # nothing runs: nothing to check
             self._model_checks_due = None
             _announce(trainer, stage)
@@ -1130,6 +1142,13 @@ class VisualizationCallback(Callback):
                     f"from the {_dataset_name(dataset)} dataset failed: {type(exc).__name__}: {exc}.{hint}"
                 ) from exc
             _warn_batch_hooks(trainer)
+        if len(picks[key]) < self.num_probes:
+            rank_zero_warn(
+                f"{type(self).__name__}{'' if self.name is None else f' {self.name!r}'}: num_probes={self.num_probes} "
+                f"but the {_dataset_name(dataset)} dataset it picks from (probe_source={self.probe_source!r}) has only "
+                f"{len(picks[key])} items: all {len(picks[key])} are the probes. Lower num_probes to silence this.",
+                category=VisualizationWarning,
+            )
         return picks[key]
 
     # ------------------------------------------------------------------ run
@@ -1184,7 +1203,7 @@ class VisualizationCallback(Callback):
                 error = exc
         if distributed:
             try:
-                results = gather_results(trainer, local, error, what=self.method)
+                results = gather_results(trainer, local, error, what=self._instance())
             except VisualizationError as exc:  # raised on every rank alike
                 self._failed(exc)
                 return None
@@ -1201,7 +1220,8 @@ class VisualizationCallback(Callback):
                     self.log_results(logger, results, probe, trainer)
                     self.last_duration_s = time.perf_counter() - start
                     if self.log_time:
-                        logger.scalar(make_tag(self.method, "time_s"), self.last_duration_s)
+                        timing = "time_s" if self._twin == 1 else f"time_s_{self._twin}"
+                        logger.scalar(make_tag(self.method, timing), self.last_duration_s)
                 finally:
                     self.last_logged_tags = logger.written
                     logger.flush()
@@ -1220,7 +1240,7 @@ class VisualizationCallback(Callback):
                     error, stage, culprit, force = failure, "log", owner.label, owner.key != id(self)
         if world > 1 and _dist_ready():
             try:
-                _share_rank0_error(error if rank == 0 else None, self.method, force)
+                _share_rank0_error(error if rank == 0 else None, self._instance(), force)
             except VisualizationError as exc:  # rank 0 failed: every other rank gets here
                 self._failed(exc, force=getattr(exc, "force", False))
                 return None
@@ -1238,7 +1258,9 @@ class VisualizationCallback(Callback):
             else:  # a rank-0-only computation under DDP names its rank, as the other ranks' message does
                 where = " on rank 0" if world > 1 and not distributed else ""
                 self._failed(
-                    VisualizationError(f"lightning-viz {self.method} failed{where}: {type(error).__name__}: {error}"),
+                    VisualizationError(
+                        f"lightning-viz {self._instance()} failed{where}: {type(error).__name__}: {error}"
+                    ),
                     error,
                 )
             return None
@@ -1254,7 +1276,7 @@ class VisualizationCallback(Callback):
                     scaled_budget(self._budget_scale),
                     isolated(pl_module),
                     torch_threads(self.num_threads),
-                    reporting(self.method if rank == 0 else None),
+                    reporting(self._instance() if rank == 0 else None),
                 ):
                     return self.compute(pl_module, shard)
             except torch.OutOfMemoryError as exc:
@@ -1320,9 +1342,15 @@ class VisualizationCallback(Callback):
         for s in [s for s, by_validate in written.items() if not by_validate and s < latest]:
             del written[s]  # a fit's step below the latest: never asked about again (bounded over long runs)
 
+    def _instance(self) -> str:
+        """This instance in messages and the epoch line: ``gradients``, ``gradients[a]`` with ``name="a"``, and
+        ``gradients#2`` for the second of several callbacks of one family and name on one Trainer (:attr:`_twin`)."""
+        label = self.method if self.name is None else f"{self.method}[{self.name}]"
+        return label if self._twin == 1 else f"{label}#{self._twin}"
+
     def _label(self) -> str:
-        """``"GradientCallback (gradients)"``: the callback in messages."""
-        return f"{type(self).__name__} ({self.method})"
+        """``"GradientCallback (gradients[a])"``: the callback in messages."""
+        return f"{type(self).__name__} ({self._instance()})"
 
     def _owner(self) -> WriteOwner:
         return WriteOwner(self._label(), id(self), self.on_error == "warn")
@@ -1591,6 +1619,15 @@ def _rank0_probes(
     if box[0] is not None:
         rank_zero_warn(f"{who}: {why}", category=VisualizationWarning)
     return box[0]
+
+
+def _number_twins(trainer: Trainer) -> None:
+    """Number the trainer's callbacks of one family and ``name`` in ``trainer.callbacks`` order
+    (:attr:`VisualizationCallback._twin`: 1, 2, ...), so the second writes ``time_s_2``, not the first's tag."""
+    seen: dict[tuple[str, str | None], int] = {}
+    for cb in _viz_callbacks(trainer) if hasattr(trainer, "callbacks") else []:
+        key = (cb.method, cb.name)
+        seen[key] = cb._twin = seen.get(key, 0) + 1
 
 
 def _check_tag_clash(callback: VisualizationCallback, trainer: Trainer, stage: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any, Literal, Optional, Union
 
 from lightning.pytorch import LightningModule
@@ -25,11 +26,12 @@ class OcclusionCallback(MapCallback):
     windows covering it.
 
     Args:
-        window: side of the square occluding window, pixels; ``None`` (default): scales with the image,
-            ``ceil(side / 8)`` per axis (8 px on 64 px images, 28 px on 224 px), so the number of window
-            positions -- and the cost -- does not grow with the resolution (at most 16 x 16 positions).
-        stride: step between window positions, pixels (a last window flush with the border is added);
-            ``None`` (default): ``ceil(window / 2)``.
+        window: the occluding window, pixels: an int (a square) or ``(h, w)`` (``[h, w]`` in YAML); ``None``
+            (default): scales with the image, ``ceil(side / 8)`` per axis (8 px on 64 px images, 28 px on 224 px),
+            so the number of window positions -- and the cost -- does not grow with the resolution (at most
+            16 x 16 positions).
+        stride: step between window positions, pixels, an int or ``(h, w)`` (a last window flush with the border
+            is added); ``None`` (default): ``ceil(window / 2)`` per axis.
         fill: ``"gray"`` (0.5 after un-normalizing with the probe set's mean/std; 0 in normalized space
             when they are unknown), ``"mean"`` (image's channel mean), ``"zero"`` (0 in normalized space)
             or ``"blur"`` (Gaussian-blurred image).
@@ -46,8 +48,8 @@ class OcclusionCallback(MapCallback):
 
     def __init__(
         self,
-        window: Optional[int] = None,
-        stride: Optional[int] = None,
+        window: Optional[Union[int, tuple[int, int]]] = None,
+        stride: Optional[Union[int, tuple[int, int]]] = None,
         fill: Literal["gray", "mean", "zero", "blur"] = "gray",
         target: Union[int, str] = "label",
         outputs: Union[Literal["score", "prob"], list[Literal["score", "prob"]]] = ["score", "prob"],
@@ -55,8 +57,7 @@ class OcclusionCallback(MapCallback):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        if (window is not None and window < 1) or (stride is not None and stride < 1):
-            raise ValueError(f"window and stride must be >= 1; got window={window}, stride={stride}")
+        window, stride = _side_option("window", window), _side_option("stride", stride)
         if fill not in FILLS:
             raise ValueError(f"fill must be one of {', '.join(map(repr, FILLS))}; got {fill!r}")
         outputs = [outputs] if isinstance(outputs, str) else outputs
@@ -77,10 +78,14 @@ class OcclusionCallback(MapCallback):
         self._check_window(x.shape[-2:])
 
     def _check_window(self, size: Any) -> None:
-        if self.window is not None and self.window > min(size):
+        if self.window is None:
+            return
+        wh, ww = (self.window, self.window) if isinstance(self.window, int) else self.window
+        if wh > size[0] or ww > size[1]:
+            most = min(size) if isinstance(self.window, int) else (int(size[0]), int(size[1]))
             raise ValueError(
                 f"occlusion window={self.window} is larger than the {size[0]}x{size[1]} probe images; "
-                f"use window <= {min(size)}"
+                f"use window <= {most}"
             )
 
     def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:
@@ -109,3 +114,21 @@ class OcclusionCallback(MapCallback):
             for o in self.outputs
             if o in drops
         }
+
+
+def _side_option(option: str, value: Any) -> Union[int, tuple[int, int], None]:
+    """``window`` / ``stride``: ``None``, an int >= 1 (a square) or a pair ``(h, w)`` of them (a list from YAML)."""
+    if value is None:
+        return None
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, Integral) and not isinstance(v, bool) and int(v) >= 1
+
+    if whole(value):
+        return int(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(whole(v) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(
+        f"{option} must be an int >= 1 (pixels, a square) or a pair (h, w) of them, or None for the default; "
+        f"got {value!r}"
+    )

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, Optional, Union
+from numbers import Integral
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -42,10 +43,11 @@ IntPair = Union[int, Sequence[int]]
 
 
 def _pair(v: IntPair, what: str) -> tuple[int, int]:
-    t = (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
-    if len(t) != 2 or min(t) < 1:
+    t: tuple[Any, ...] = (v, v) if isinstance(v, Integral) else tuple(v) if isinstance(v, Sequence) else ()
+    ints = len(t) == 2 and not isinstance(v, str) and all(isinstance(a, Integral) and a is not True for a in t)
+    if not ints or min(int(a) for a in t) < 1:
         raise ValueError(f"{what} must be a positive int or a pair of positive ints; got {v!r}")
-    return t
+    return (int(t[0]), int(t[1]))
 
 
 def _axis_starts(size: int, win: int, stride: int) -> list[int]:
