@@ -814,3 +814,43 @@ def test_every_callback_docstring_cites_its_papers():
         assert cited, cls.__name__
         for author, year in cited:
             assert re.search(rf"{author}\b.{{0,40}}\b{year}", doc), (cls.__name__, author, year)
+
+
+def _cli_help(cls, option: str) -> str:
+    """The help text ``lightning-viz fit --trainer.callbacks.help <cls>`` prints for ``option`` (jsonargparse's
+    reading of the docstrings, ``**kwargs`` followed into the bases)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "x")
+    (action,) = [a for a in parser._actions if a.dest == f"x.{option}"]
+    return " ".join((action.help or "").split())
+
+
+def test_chunk_size_help_says_what_none_does_as_the_readme(monkeypatch):
+    """README: ``chunk_size`` ``None`` is "as many as the memory budget holds for the gradient, CAM, embedding and
+    top-patch callbacks, all at once for the others"; each callback's ``--trainer.callbacks.help`` says the same (the
+    gradient and CAM help said "all at once" while their passes were sized by the memory budget)."""
+    import lightning_viz.callbacks as cbs
+    from lightning_viz.methods.shared_pass import pass_chunks
+
+    (families,) = re.findall(r"as many as the memory\s+budget holds for the ([\w, -]+?) callbacks, all at once", README)
+    names = {"gradient": "gradients", "CAM": "cam", "embedding": "embeddings", "top-patch": "top_patches"}
+    budget = {names[f.strip()] for f in re.split(r",|\band\b", families) if f.strip()}
+    assert budget == {"gradients", "cam", "embeddings", "top_patches"}
+    checked = set()
+    for cls in cbs.CALLBACKS:
+        if "chunk_size" not in _accepted(cls):
+            continue
+        text = _cli_help(cls, "chunk_size")
+        assert ("memory budget" in text) == (cls.method in budget), (cls.__name__, text)
+        assert ("all at once" in text) == (cls.method not in budget), (cls.__name__, text)
+        checked.add(cls.method)
+    assert budget <= checked
+    # and the gradient/CAM pass does size its chunks by the budget: a 1-image budget gives one image per chunk
+    from helpers import TinyCNN
+
+    import lightning_viz.methods.shared_pass as sp
+
+    monkeypatch.setattr(sp, "images_per_forward", lambda model, x, grad=False: 1)
+    assert len(pass_chunks(TinyCNN(), torch.zeros(3, 3, 8, 8), None)) == 3
