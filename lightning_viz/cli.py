@@ -48,6 +48,11 @@ CALLBACKS_HELP_HINT = (
     "Add one with --trainer.callbacks+=NAME (then --trainer.callbacks.OPTION=VALUE for that callback) or under "
     "trainer.callbacks in a YAML config; `lightning-viz fit --trainer.callbacks.help NAME` lists its options."
 )
+TRACKER_HINT = (
+    "MapTracker is no callback but the tracker option of GradientCallback, CAMCallback and OcclusionCallback "
+    "(--trainer.callbacks+=CAMCallback --trainer.callbacks.tracker=MapTracker); "
+    "`lightning-viz fit --trainer.callbacks+=CAMCallback --trainer.callbacks.tracker.help MapTracker` lists its options"
+)
 DEFAULT_MODEL = "lightning_viz.models.ImageClassifier"
 DEFAULT_DATA = "lightning_viz.data.ShapesDataModule"
 
@@ -93,7 +98,8 @@ def callbacks_help(width: int = 100) -> str:
         first = " ".join(inspect.getdoc(cls).split("\n\n")[0].split()).replace("``", "")  # type: ignore[union-attr]
         summary = re.split(r"(?<!\bal)(?<!Sec)(?<!Fig)(?<!eq)\.\s", first)[0].rstrip(".") + "."
         lines.append(textwrap.fill(summary, width, initial_indent=f"  {cls.__name__:<22}", subsequent_indent=" " * 24))
-    lines.append(textwrap.fill(CALLBACKS_HELP_HINT, width, initial_indent="  ", subsequent_indent="  "))
+    for hint in (CALLBACKS_HELP_HINT, TRACKER_HINT + "."):
+        lines.append(textwrap.fill(hint, width, initial_indent="  ", subsequent_indent="  "))
     return "\n".join(lines)
 
 
@@ -254,6 +260,8 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
 def _unknown_class(key: str, given: str, where: str = "", problem: str = "unknown class") -> str:
     """``<where>: unknown class '<given>'; did you mean ...? allowed: ...`` for a class name the CLI cannot import."""
     name = given.rpartition(".")[2]
+    if name == "MapTracker" and key.split(".")[-1] == "callbacks":
+        return f"{where or key}: {TRACKER_HINT}"
     candidates = _class_candidates(key)
     module = _import(given.rpartition(".")[0]) if "." in given else None
     names = sorted(

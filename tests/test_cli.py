@@ -732,3 +732,29 @@ def test_print_config_from_the_command_line_warns_of_nothing(monkeypatch, capsys
         main()
     assert [str(w.message) for w in seen if "args parameter" in str(w.message)] == []
     assert "max_epochs: 2" in capsys.readouterr().out
+
+
+def test_maptracker_listed_in_the_help_says_how_to_see_and_attach_it(capsys):
+    """``lightning-viz --help`` lists MapTracker beside the callbacks and says ``--trainer.callbacks.help NAME`` lists
+    options; for MapTracker that failed with ``unknown class 'MapTracker'; allowed: FilterCallback, ...``. The help,
+    and that error (also for ``--trainer.callbacks+=MapTracker``), now give the commands that work, and they do."""
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    shown = "--trainer.callbacks+=CAMCallback --trainer.callbacks.tracker.help MapTracker"
+    assert f"`lightning-viz fit {shown}` lists its options" in out
+    for args in (["--trainer.callbacks.help", "MapTracker"], ["--trainer.callbacks+=MapTracker"]):
+        with pytest.raises(SystemExit):
+            cli_main(["fit", *args, "--trainer.logger=false"], run=False)
+        err = capsys.readouterr().err
+        assert "error: trainer.callbacks: MapTracker is no callback but the tracker option of GradientCallback" in err
+        assert shown in err and "--trainer.callbacks.tracker=MapTracker" in err
+    with pytest.raises(SystemExit) as done:
+        cli_main(shown.split(), run=False)
+    assert done.value.code == 0 and "--tracker.faithfulness" in capsys.readouterr().out
+    attach = ["--trainer.callbacks+=CAMCallback", "--trainer.callbacks.tracker=MapTracker", "--trainer.logger=false"]
+    cli = cli_main(attach, run=False)
+    (cam,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "CAMCallback"]
+    assert type(cam.tracker).__name__ == "MapTracker"
