@@ -854,3 +854,28 @@ def test_chunk_size_help_says_what_none_does_as_the_readme(monkeypatch):
 
     monkeypatch.setattr(sp, "images_per_forward", lambda model, x, grad=False: 1)
     assert len(pass_chunks(TinyCNN(), torch.zeros(3, 3, 8, 8), None)) == 3
+
+
+def test_every_public_name_of_the_package_is_in_the_readme():
+    """Each name ``from lightning_viz import *`` gives (``lightning_viz.__all__``) is named in the README, where a
+    user looks for it (``GradientMapCallback``, ``get_layer``, ``LayerNotFoundError``, ``eval_mode`` and
+    ``resolve_target`` were exported but named nowhere), and what it says of the helpers holds."""
+    import torchvision
+
+    import lightning_viz
+
+    text = re.sub(r"```.*?```", "", README, flags=re.S)
+    spans = re.findall(r"`([^`]+)`", text)
+    missing = [n for n in lightning_viz.__all__ if not any(re.search(rf"\b{n}\b", span) for span in spans)]
+    assert not missing, missing
+    model = torchvision.models.resnet18(weights=None, num_classes=4)
+    assert lightning_viz.get_layer(model, "layer4") is model.layer4
+    with pytest.raises(lightning_viz.LayerNotFoundError, match="layer4"):  # lists the valid names
+        lightning_viz.get_layer(model, "layer5")
+    with lightning_viz.eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    torch.testing.assert_close(lightning_viz.resolve_target("predicted")(logits), torch.tensor([2.0, 3.0]))
+    torch.testing.assert_close(lightning_viz.resolve_target(2)(logits), torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(lightning_viz.resolve_target("label")(logits, torch.tensor([0, 0])), logits[:, 0])
