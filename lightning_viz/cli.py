@@ -475,6 +475,20 @@ class VizCLI(LightningCLI):
         parser.add_argument("--version", action="version", version=f"lightning-viz {__version__}")
         return parser
 
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """As LightningCLI, with each subcommand's whole first docstring sentence as its help: Lightning takes the
+        first line only, which cut ``test`` and ``predict`` mid-sentence (``... never run on your``)."""
+        trainer = self.trainer_class if isinstance(self.trainer_class, type) else None
+        full: dict[str, str] = {}
+        for name in self.subcommands() if trainer is not None else ():
+            doc = inspect.getdoc(getattr(trainer, name, None)) or ""
+            full[name] = " ".join(doc.split("\n\n")[0].split())
+            kwargs[name] = {"description": full[name], **kwargs.get(name, {})}
+        super()._add_subcommands(parser, **kwargs)
+        for action in getattr(getattr(parser, "_subcommands_action", None), "_choices_actions", []):
+            if full.get(action.dest):
+                action.help = full[action.dest]
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """``ImageClassifier`` and ``ShapesDataModule`` as the default model and data where they may be chosen:
         in subclass mode, of a base class they derive from (not in ``VizCLI(MyNet, MyData)``, a script's own)."""

@@ -758,3 +758,19 @@ def test_maptracker_listed_in_the_help_says_how_to_see_and_attach_it(capsys):
     cli = cli_main(attach, run=False)
     (cam,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "CAMCallback"]
     assert type(cam.tracker).__name__ == "MapTracker"
+
+
+def test_help_gives_each_subcommand_its_whole_first_sentence(capsys):
+    """``lightning-viz --help`` cut ``test`` and ``predict`` mid-sentence (``It's separated from fit to make sure you
+    never run on your``: Lightning keeps the docstring's first line); now the whole first paragraph, also on top of
+    ``lightning-viz test --help``."""
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "never run on your test set until you want to." in out
+    assert "Useful to perform distributed and batched predictions." in out
+    with pytest.raises(SystemExit):
+        cli_main(["test", "--help"])
+    assert "never run on your test set until you want to." in " ".join(capsys.readouterr().out.split())
