@@ -103,10 +103,23 @@ def callbacks_help(width: int = 100) -> str:
     return "\n".join(lines)
 
 
+_SPHINX_ROLE = re.compile(r":(?:func|class|data|meth|mod|attr|exc|obj):`(~?)([\w.]+)`")
+
+
+def _plain(text: str) -> str:
+    """The docstrings' Sphinx roles as plain names: ``:class:`~a.B``` -> ````B````, ``:mod:`a.b``` -> ````a.b````."""
+    return _SPHINX_ROLE.sub(lambda m: f"``{m.group(2).rpartition('.')[2] if m.group(1) else m.group(2)}``", text)
+
+
 class _HelpFormatter(DefaultHelpFormatter):
-    """jsonargparse's help formatter, keeping the line breaks of indented lists (the callbacks list)."""
+    """jsonargparse's help formatter, keeping the line breaks of indented lists (the callbacks list), with the
+    docstrings' Sphinx roles as plain names."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return super()._split_lines(_plain(text), width)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
+        text = _plain(text)
         blocks = text.split("\n\n")
         return "\n\n".join(
             "".join(indent + line for line in b.splitlines(keepends=True))
@@ -122,6 +135,10 @@ class VizArgumentParser(LightningArgumentParser):
     option 'methodz'; did you mean 'methods'? allowed: ...`` before jsonargparse's union report (``Does not validate
     against any of the Union subtypes``, kept below as details), and the usage printed with the error is one line
     (``--help`` lists every option) instead of every Trainer option."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)  # also for the --*.help of a class
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Optional[Exception] = None) -> Any:
         lead = parse_error_summary(message) if self.exit_on_error else None  # not in jsonargparse's inner parsers

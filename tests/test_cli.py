@@ -774,3 +774,23 @@ def test_help_gives_each_subcommand_its_whole_first_sentence(capsys):
     with pytest.raises(SystemExit):
         cli_main(["test", "--help"])
     assert "never run on your test set until you want to." in " ".join(capsys.readouterr().out.split())
+
+
+def test_callback_help_shows_no_sphinx_markup(capsys):
+    """``--trainer.callbacks.help CAMCallback`` printed the docstrings' roles as written (``:data:`~lightning_viz.
+    methods.cam.CAM_VARIANTS```, ``:class:`VisualizationError```, ``:data:`BASELINE_STEP```); now plain names."""
+    from lightning_viz.callbacks import CALLBACKS
+    from lightning_viz.cli import cli_main
+
+    role = re.compile(r":(?:func|class|data|meth|mod|attr|exc|obj):`")
+    for cls in CALLBACKS:
+        with pytest.raises(SystemExit):
+            cli_main(["fit", "--trainer.callbacks.help", cls.__name__], run=False)
+        out = capsys.readouterr().out
+        assert "--trainer.callbacks.on_error" in out and not role.search(out), (cls.__name__, role.findall(out))
+        if cls.__name__ == "CAMCallback":
+            assert "any of ``CAM_VARIANTS``: ``cam``, ``gradcam``" in " ".join(out.split())
+            assert "a ``VisualizationError``" in " ".join(out.split())
+    with pytest.raises(SystemExit):
+        cli_main(["--trainer.callbacks+=CAMCallback", "--trainer.callbacks.tracker.help", "MapTracker"], run=False)
+    assert not role.search(capsys.readouterr().out)
