@@ -857,16 +857,19 @@ def test_chunk_size_help_says_what_none_does_as_the_readme(monkeypatch):
 
 
 def test_every_public_name_of_the_package_is_in_the_readme():
-    """Each name ``from lightning_viz import *`` gives (``lightning_viz.__all__``) is named in the README, where a
-    user looks for it (``GradientMapCallback``, ``get_layer``, ``LayerNotFoundError``, ``eval_mode`` and
-    ``resolve_target`` were exported but named nowhere), and what it says of the helpers holds."""
+    """Each name of ``lightning_viz.__all__`` and ``lightning_viz.methods.__all__`` is named in the README, where a
+    user looks for it (``GradientMapCallback``, ``get_layer``, ``LayerNotFoundError``, ``eval_mode``,
+    ``resolve_target``, ``gradient_pass``, ``optimize_input``, ... were exported but named nowhere), and what it
+    says of the helpers holds."""
     import torchvision
 
     import lightning_viz
+    import lightning_viz.methods
 
     text = re.sub(r"```.*?```", "", README, flags=re.S)
     spans = re.findall(r"`([^`]+)`", text)
-    missing = [n for n in lightning_viz.__all__ if not any(re.search(rf"\b{n}\b", span) for span in spans)]
+    names = [*lightning_viz.__all__, *lightning_viz.methods.__all__]  # the package and its pure methods
+    missing = [n for n in names if not any(re.search(rf"\b{n}\b", span) for span in spans)]
     assert not missing, missing
     model = torchvision.models.resnet18(weights=None, num_classes=4)
     assert lightning_viz.get_layer(model, "layer4") is model.layer4
