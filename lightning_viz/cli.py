@@ -53,6 +53,8 @@ TRACKER_HINT = (
     "(--trainer.callbacks+=CAMCallback --trainer.callbacks.tracker=MapTracker); "
     "`lightning-viz fit --trainer.callbacks+=CAMCallback --trainer.callbacks.tracker.help MapTracker` lists its options"
 )
+#: Options of the visualization callbacks that take a class (their ``--trainer.callbacks.<option>.help``).
+CALLBACK_CLASS_OPTIONS = ("tracker", "probes")
 DEFAULT_MODEL = "lightning_viz.models.ImageClassifier"
 DEFAULT_DATA = "lightning_viz.data.ShapesDataModule"
 
@@ -158,6 +160,16 @@ class VizArgumentParser(LightningArgumentParser):
 
     def format_usage(self) -> str:
         return f"usage: {self.prog.replace(' [options]', '')} [-h] [-c CONFIG] [--print_config] [options]\n"
+
+    def format_help(self, *args: Any, **kwargs: Any) -> str:
+        """jsonargparse's help; that of a callback's class option (``--trainer.callbacks.tracker.help MapTracker``)
+        names its options as given on the command line, ``--trainer.callbacks.tracker.filmstrip``, not as inside the
+        callback's own parser (``--tracker.filmstrip``, which the command line refuses)."""
+        text = super().format_help(*args, **kwargs)
+        nested = re.match(r"Help for --(\w+)\.help=", self.description or "")
+        if nested and nested.group(1) in CALLBACK_CLASS_OPTIONS:
+            text = re.sub(rf"(?<![\w.-])--{nested.group(1)}\.", f"--trainer.callbacks.{nested.group(1)}.", text)
+        return text
 
 
 _PROBLEM = re.compile(r"^(\s*)- Problem with given class_path '([^']+)':\s*$")

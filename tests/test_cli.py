@@ -753,11 +753,13 @@ def test_maptracker_listed_in_the_help_says_how_to_see_and_attach_it(capsys):
         assert shown in err and "--trainer.callbacks.tracker=MapTracker" in err
     with pytest.raises(SystemExit) as done:
         cli_main(shown.split(), run=False)
-    assert done.value.code == 0 and "--tracker.faithfulness" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "--trainer.callbacks.tracker.faithfulness {true,false}" in out
+    assert not re.search(r"(?<![\w.-])--tracker\.", out)  # was --tracker.faithfulness, refused on the command line
     attach = ["--trainer.callbacks+=CAMCallback", "--trainer.callbacks.tracker=MapTracker", "--trainer.logger=false"]
-    cli = cli_main(attach, run=False)
+    cli = cli_main([*attach, "--trainer.callbacks.tracker.faithfulness=true"], run=False)  # as the help names it
     (cam,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "CAMCallback"]
-    assert type(cam.tracker).__name__ == "MapTracker"
+    assert type(cam.tracker).__name__ == "MapTracker" and cam.tracker.faithfulness
 
 
 def test_help_gives_each_subcommand_its_whole_first_sentence(capsys):
