@@ -517,6 +517,10 @@ class VizCLI(LightningCLI):
         for action in getattr(getattr(parser, "_subcommands_action", None), "_choices_actions", []):
             if full.get(action.dest):
                 action.help = full[action.dest]
+        for name, sub in getattr(self, "_subcommand_parsers", {}).items():
+            for group in sub._action_groups if full.get(name) else ():  # the method's own arguments (ckpt_path)
+                if group.title and full[name].startswith(group.title) and len(group.title) < len(full[name]) - 1:
+                    group.title = full[name].rstrip(".")  # argparse adds the ':
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """``ImageClassifier`` and ``ShapesDataModule`` as the default model and data where they may be chosen:
