@@ -882,3 +882,46 @@ def test_every_public_name_of_the_package_is_in_the_readme():
     torch.testing.assert_close(lightning_viz.resolve_target("predicted")(logits), torch.tensor([2.0, 3.0]))
     torch.testing.assert_close(lightning_viz.resolve_target(2)(logits), torch.tensor([1.0, 1.0]))
     torch.testing.assert_close(lightning_viz.resolve_target("label")(logits, torch.tensor([0, 0])), logits[:, 0])
+
+
+def test_readme_benchmark_commands_parse_and_their_comments_state_the_defaults(monkeypatch):
+    """Each ``python benchmarks/<script>.py ...`` line of the README's bash blocks parses with that script's own
+    argument parser (stopped right after parsing: no benchmark runs), and the defaults its comment states
+    (``resnet18, 64 px, 16 probes, 2 threads``; ``the demo, 2 epochs``) are the parser's."""
+    import argparse
+    import runpy
+    import shlex
+
+    class Parsed(Exception):
+        pass
+
+    seen = {}
+
+    def stop(self, args=None, namespace=None):
+        seen["args"] = argparse.ArgumentParser.parse_known_args(self, args, namespace)
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop)
+    lines = [ln for _, body in blocks("bash") for ln in body.splitlines() if ln.startswith("python benchmarks/")]
+    assert len(lines) >= 3
+    for line in lines:
+        command, _, comment = line.partition("#")
+        argv = shlex.split(command)[1:]
+        monkeypatch.setattr(sys, "argv", argv)
+        seen.clear()
+        with pytest.raises(Parsed):
+            runpy.run_path(os.path.join(ROOT, argv[0]), run_name="__main__")
+        args, unknown = seen["args"]
+        assert not unknown, (line, unknown)
+        stated = {
+            "arch": re.search(r"\b(resnet\d+)\b", comment),
+            "size": re.search(r"(\d+) px", comment),
+            "batch": re.search(r"(\d+) probes", comment),
+            "threads": re.search(r"(\d+) threads", comment),
+            "epochs": re.search(r"(\d+) epochs", comment),
+        }
+        for name, found in stated.items():
+            if found:
+                assert str(getattr(args, name)) == found.group(1), (line, name, getattr(args, name))
+        if "the demo" in comment:
+            assert os.path.samefile(args.config, os.path.join(ROOT, "configs", "demo.yaml"))
