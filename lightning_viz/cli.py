@@ -88,6 +88,13 @@ def resolve_config(value: Any) -> Any:
     return str(packaged_configs().get(stem, value))
 
 
+def _summary(cls: Any, plain: bool = True) -> str:
+    """The first sentence of ``cls``'s docstring on one line (``plain``: without the double backticks of literals)."""
+    first = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
+    first = first.replace("``", "") if plain else first
+    return re.split(r"(?<!\bal)(?<!Sec)(?<!Fig)(?<!eq)\.\s", first)[0].rstrip(".") + "." if first else ""
+
+
 def callbacks_help(width: int = 100) -> str:
     """The help's list of the visualization callbacks: each name with the first sentence of its docstring."""
     from .callbacks import CALLBACKS
@@ -97,8 +104,7 @@ def callbacks_help(width: int = 100) -> str:
         "visualization callbacks (lightning_viz.callbacks; MapTracker is the tracker= option of the heatmap ones):"
     ]
     for cls in (*CALLBACKS, MapTracker):
-        first = " ".join(inspect.getdoc(cls).split("\n\n")[0].split()).replace("``", "")  # type: ignore[union-attr]
-        summary = re.split(r"(?<!\bal)(?<!Sec)(?<!Fig)(?<!eq)\.\s", first)[0].rstrip(".") + "."
+        summary = _summary(cls)
         lines.append(textwrap.fill(summary, width, initial_indent=f"  {cls.__name__:<22}", subsequent_indent=" " * 24))
     for hint in (CALLBACKS_HELP_HINT, TRACKER_HINT + "."):
         lines.append(textwrap.fill(hint, width, initial_indent="  ", subsequent_indent="  "))
@@ -141,6 +147,18 @@ class VizArgumentParser(LightningArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)  # also for the --*.help of a class
         super().__init__(*args, **kwargs)
+
+    def add_class_arguments(self, theclass: Any, nested_key: Optional[str] = None, *args: Any, **kwargs: Any) -> Any:
+        """As jsonargparse, with the class's whole first docstring sentence as the title of its options: jsonargparse
+        takes the first line, which cut ``--trainer.callbacks.help UnitCallback`` and ``--model.help`` mid-sentence."""
+        added = super().add_class_arguments(theclass, nested_key, *args, **kwargs)
+        if not inspect.isclass(theclass):
+            return added
+        group = getattr(self, "groups", {}).get(nested_key if nested_key is not None else theclass.__name__)
+        summary = _summary(theclass, plain=False)
+        if group is not None and summary and group.title and summary.startswith(group.title.rstrip(":")):
+            group.title = summary.rstrip(".")
+        return added
 
     def error(self, message: str, ex: Optional[Exception] = None) -> Any:
         lead = parse_error_summary(message) if self.exit_on_error else None  # not in jsonargparse's inner parsers

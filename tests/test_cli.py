@@ -798,3 +798,20 @@ def test_callback_help_shows_no_sphinx_markup(capsys):
     with pytest.raises(SystemExit):
         cli_main(["--trainer.callbacks+=CAMCallback", "--trainer.callbacks.tracker.help", "MapTracker"], run=False)
     assert not role.search(capsys.readouterr().out)
+
+
+def test_class_help_titles_are_whole_sentences(capsys):
+    """``--trainer.callbacks.help UnitCallback`` and ``--model.help ImageClassifier`` titled the options with the
+    docstring's first line, cut mid-sentence (``... for each channel of ``layers`` the image:``); now the sentence."""
+    from lightning_viz.cli import cli_main
+
+    cases = {
+        ("--trainer.callbacks.help", "UnitCallback"): 'its center unit (``"neuron"``); rank 0 only:',
+        ("--trainer.callbacks.help", "AdversarialCallback"): "as a robustness curve over training:",
+        ("--trainer.callbacks.help", "CAMCallback"): "\nClass activation maps of the probe images:\n",
+        ("--model.help", "ImageClassifier"): "``trainer.predict`` returns class probabilities:",
+    }
+    for args, title in cases.items():
+        with pytest.raises(SystemExit):
+            cli_main(["fit", *args], run=False)
+        assert title in capsys.readouterr().out, args
