@@ -115,7 +115,7 @@ _SPHINX_ROLE = re.compile(r":(?:func|class|data|meth|mod|attr|exc|obj):`(~?)([\w
 
 
 def _plain(text: str) -> str:
-    """The docstrings' Sphinx roles as plain names: ``:class:`~a.B``` -> ````B````, ``:mod:`a.b``` -> ````a.b````."""
+    """The docstrings' Sphinx roles (class, func, data, ...) as plain literal names; a ``~`` keeps the last part."""
     return _SPHINX_ROLE.sub(lambda m: f"``{m.group(2).rpartition('.')[2] if m.group(1) else m.group(2)}``", text)
 
 
