@@ -49,6 +49,13 @@ CALLBACKS_HELP_HINT = (
     "Add one with --trainer.callbacks+=NAME (then --trainer.callbacks.OPTION=VALUE for that callback) or under "
     "trainer.callbacks in a YAML config; `lightning-viz fit --trainer.callbacks.help NAME` lists its options."
 )
+TRACKER_HINT = (
+    "MapTracker is no callback but the tracker option of GradientCallback, CAMCallback and OcclusionCallback "
+    "(--trainer.callbacks+=CAMCallback --trainer.callbacks.tracker=MapTracker); "
+    "`lightning-viz fit --trainer.callbacks+=CAMCallback --trainer.callbacks.tracker.help MapTracker` lists its options"
+)
+#: Options of the visualization callbacks that take a class (their ``--trainer.callbacks.<option>.help``).
+CALLBACK_CLASS_OPTIONS = ("tracker", "probes")
 DEFAULT_MODEL = "lightning_viz.models.ImageClassifier"
 DEFAULT_DATA = "lightning_viz.data.ShapesDataModule"
 
@@ -82,6 +89,13 @@ def resolve_config(value: Any) -> Any:
     return str(packaged_configs().get(stem, value))
 
 
+def _summary(cls: Any, plain: bool = True) -> str:
+    """The first sentence of ``cls``'s docstring on one line (``plain``: without the double backticks of literals)."""
+    first = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
+    first = first.replace("``", "") if plain else first
+    return re.split(r"(?<!\bal)(?<!Sec)(?<!Fig)(?<!eq)\.\s", first)[0].rstrip(".") + "." if first else ""
+
+
 def callbacks_help(width: int = 100) -> str:
     """The help's list of the visualization callbacks: each name with the first sentence of its docstring."""
     from .callbacks import CALLBACKS
@@ -91,21 +105,28 @@ def callbacks_help(width: int = 100) -> str:
         "visualization callbacks (lightning_viz.callbacks; MapTracker is the tracker= option of the heatmap ones):"
     ]
     for cls in (*CALLBACKS, MapTracker):
-        first = " ".join(inspect.getdoc(cls).split("\n\n")[0].split()).replace("``", "")  # type: ignore[union-attr]
-        summary = re.split(r"(?<!\bal)(?<!Sec)(?<!Fig)(?<!eq)\.\s", first)[0].rstrip(".") + "."
+        summary = _summary(cls)
         lines.append(textwrap.fill(summary, width, initial_indent=f"  {cls.__name__:<22}", subsequent_indent=" " * 24))
-    lines.append(textwrap.fill(CALLBACKS_HELP_HINT, width, initial_indent="  ", subsequent_indent="  "))
+    for hint in (CALLBACKS_HELP_HINT, TRACKER_HINT + "."):
+        lines.append(textwrap.fill(hint, width, initial_indent="  ", subsequent_indent="  "))
     return "\n".join(lines)
 
 
 #: the end of an option's docstring entry that marks it required though its default is ``None`` (a deprecated alias
 #: may stand in for it: ``UnitCallback``'s ``layer`` for ``layers``)
 _REQUIRED_HELP = re.compile(r"[(;,]\s*required\)\.?\s*$")
+_SPHINX_ROLE = re.compile(r":(?:func|class|data|meth|mod|attr|exc|obj):`(~?)([\w.]+)`")
+
+
+def _plain(text: str) -> str:
+    """The docstrings' Sphinx roles (class, func, data, ...) as plain literal names; a ``~`` keeps the last part."""
+    return _SPHINX_ROLE.sub(lambda m: f"``{m.group(2).rpartition('.')[2] if m.group(1) else m.group(2)}``", text)
 
 
 class _HelpFormatter(DefaultHelpFormatter):
-    """jsonargparse's help formatter, keeping the line breaks of indented lists (the callbacks list), and saying
-    ``required`` (not ``default: null``) for an option whose docstring says ``required)``."""
+    """jsonargparse's help formatter, keeping the line breaks of indented lists (the callbacks list), with the
+    docstrings' Sphinx roles as plain names, and saying ``required`` (not ``default: null``) for an option whose
+    docstring says ``required)``."""
 
     def _get_help_string(self, action: Any) -> str:
         if action.default is None and not action.required and _REQUIRED_HELP.search(action.help or ""):
@@ -113,7 +134,11 @@ class _HelpFormatter(DefaultHelpFormatter):
             action.required = True  # this copy only: the parser still takes the alias instead
         return super()._get_help_string(action)
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return super()._split_lines(_plain(text), width)
+
     def _fill_text(self, text: str, width: int, indent: str) -> str:
+        text = _plain(text)
         blocks = text.split("\n\n")
         return "\n\n".join(
             "".join(indent + line for line in b.splitlines(keepends=True))
@@ -131,9 +156,20 @@ class VizArgumentParser(LightningArgumentParser):
     (``--help`` lists every option) instead of every Trainer option."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # also the parser jsonargparse builds for ``--trainer.callbacks.help NAME`` (it passes no formatter)
-        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)  # also the parser of ``--trainer.callbacks.help NAME``
         super().__init__(*args, **kwargs)
+
+    def add_class_arguments(self, theclass: Any, nested_key: Optional[str] = None, *args: Any, **kwargs: Any) -> Any:
+        """As jsonargparse, with the class's whole first docstring sentence as the title of its options: jsonargparse
+        takes the first line, which cut ``--trainer.callbacks.help UnitCallback`` and ``--model.help`` mid-sentence."""
+        added = super().add_class_arguments(theclass, nested_key, *args, **kwargs)
+        if not inspect.isclass(theclass):
+            return added
+        group = getattr(self, "groups", {}).get(nested_key if nested_key is not None else theclass.__name__)
+        summary = _summary(theclass, plain=False)
+        if group is not None and summary and group.title and summary.startswith(group.title.rstrip(":")):
+            group.title = summary.rstrip(".")
+        return added
 
     def error(self, message: str, ex: Optional[Exception] = None) -> Any:
         lead = parse_error_summary(message) if self.exit_on_error else None  # not in jsonargparse's inner parsers
@@ -153,6 +189,16 @@ class VizArgumentParser(LightningArgumentParser):
 
     def format_usage(self) -> str:
         return f"usage: {self.prog.replace(' [options]', '')} [-h] [-c CONFIG] [--print_config] [options]\n"
+
+    def format_help(self, *args: Any, **kwargs: Any) -> str:
+        """jsonargparse's help; that of a callback's class option (``--trainer.callbacks.tracker.help MapTracker``)
+        names its options as given on the command line, ``--trainer.callbacks.tracker.filmstrip``, not as inside the
+        callback's own parser (``--tracker.filmstrip``, which the command line refuses)."""
+        text = super().format_help(*args, **kwargs)
+        nested = re.match(r"Help for --(\w+)\.help=", self.description or "")
+        if nested and nested.group(1) in CALLBACK_CLASS_OPTIONS:
+            text = re.sub(rf"(?<![\w.-])--{nested.group(1)}\.", f"--trainer.callbacks.{nested.group(1)}.", text)
+        return text
 
 
 _PROBLEM = re.compile(r"^(\s*)- Problem with given class_path '([^']+)':\s*$")
@@ -272,6 +318,8 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
 def _unknown_class(key: str, given: str, where: str = "", problem: str = "unknown class") -> str:
     """``<where>: unknown class '<given>'; did you mean ...? allowed: ...`` for a class name the CLI cannot import."""
     name = given.rpartition(".")[2]
+    if name == "MapTracker" and key.split(".")[-1] == "callbacks":
+        return f"{where or key}: {TRACKER_HINT}"
     candidates = _class_candidates(key)
     module = _import(given.rpartition(".")[0]) if "." in given else None
     names = sorted(
@@ -484,6 +532,24 @@ class VizCLI(LightningCLI):
         )
         parser.add_argument("--version", action="version", version=f"lightning-viz {__version__}")
         return parser
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """As LightningCLI, with each subcommand's whole first docstring sentence as its help: Lightning takes the
+        first line only, which cut ``test`` and ``predict`` mid-sentence (``... never run on your``)."""
+        trainer = self.trainer_class if isinstance(self.trainer_class, type) else None
+        full: dict[str, str] = {}
+        for name in self.subcommands() if trainer is not None else ():
+            doc = inspect.getdoc(getattr(trainer, name, None)) or ""
+            full[name] = " ".join(doc.split("\n\n")[0].split())
+            kwargs[name] = {"description": full[name], **kwargs.get(name, {})}
+        super()._add_subcommands(parser, **kwargs)
+        for action in getattr(getattr(parser, "_subcommands_action", None), "_choices_actions", []):
+            if full.get(action.dest):
+                action.help = full[action.dest]
+        for name, sub in getattr(self, "_subcommand_parsers", {}).items():
+            for group in sub._action_groups if full.get(name) else ():  # the method's own arguments (ckpt_path)
+                if group.title and full[name].startswith(group.title) and len(group.title) < len(full[name]) - 1:
+                    group.title = full[name].rstrip(".")  # argparse adds the ':
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """``ImageClassifier`` and ``ShapesDataModule`` as the default model and data where they may be chosen:

@@ -753,3 +753,86 @@ def test_help_says_required_for_options_a_deprecated_alias_keeps_optional(name, 
     for option in required:
         assert "(required, type:" in entries[option] and "default:" not in entries[option], entries[option]
     assert "default: noise" in entries["init"] or "default: channel" in entries["unit"]  # the others keep theirs
+
+
+def test_maptracker_listed_in_the_help_says_how_to_see_and_attach_it(capsys):
+    """``lightning-viz --help`` lists MapTracker beside the callbacks and says ``--trainer.callbacks.help NAME`` lists
+    options; for MapTracker that failed with ``unknown class 'MapTracker'; allowed: FilterCallback, ...``. The help,
+    and that error (also for ``--trainer.callbacks+=MapTracker``), now give the commands that work, and they do."""
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    shown = "--trainer.callbacks+=CAMCallback --trainer.callbacks.tracker.help MapTracker"
+    assert f"`lightning-viz fit {shown}` lists its options" in out
+    for args in (["--trainer.callbacks.help", "MapTracker"], ["--trainer.callbacks+=MapTracker"]):
+        with pytest.raises(SystemExit):
+            cli_main(["fit", *args, "--trainer.logger=false"], run=False)
+        err = capsys.readouterr().err
+        assert "error: trainer.callbacks: MapTracker is no callback but the tracker option of GradientCallback" in err
+        assert shown in err and "--trainer.callbacks.tracker=MapTracker" in err
+    with pytest.raises(SystemExit) as done:
+        cli_main(shown.split(), run=False)
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "--trainer.callbacks.tracker.faithfulness {true,false}" in out
+    assert not re.search(r"(?<![\w.-])--tracker\.", out)  # was --tracker.faithfulness, refused on the command line
+    attach = ["--trainer.callbacks+=CAMCallback", "--trainer.callbacks.tracker=MapTracker", "--trainer.logger=false"]
+    cli = cli_main([*attach, "--trainer.callbacks.tracker.faithfulness=true"], run=False)  # as the help names it
+    (cam,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "CAMCallback"]
+    assert type(cam.tracker).__name__ == "MapTracker" and cam.tracker.faithfulness
+
+
+def test_help_gives_each_subcommand_its_whole_first_sentence(capsys):
+    """``lightning-viz --help`` cut ``test`` and ``predict`` mid-sentence (``It's separated from fit to make sure you
+    never run on your``: Lightning keeps the docstring's first line); now the whole first paragraph, also on top of
+    ``lightning-viz test --help``."""
+    from lightning_viz.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "never run on your test set until you want to." in out
+    assert "Useful to perform distributed and batched predictions." in out
+    with pytest.raises(SystemExit):
+        cli_main(["test", "--help"])
+    out = capsys.readouterr().out
+    assert "never run on your test set until you want to." in " ".join(out.split())
+    assert "never run on your:" not in out  # the title of the ckpt_path group was cut too
+
+
+def test_callback_help_shows_no_sphinx_markup(capsys):
+    """``--trainer.callbacks.help CAMCallback`` printed the docstrings' roles as written (``:data:`~lightning_viz.
+    methods.cam.CAM_VARIANTS```, ``:class:`VisualizationError```, ``:data:`BASELINE_STEP```); now plain names."""
+    from lightning_viz.callbacks import CALLBACKS
+    from lightning_viz.cli import cli_main
+
+    role = re.compile(r":(?:func|class|data|meth|mod|attr|exc|obj):`")
+    for cls in CALLBACKS:
+        with pytest.raises(SystemExit):
+            cli_main(["fit", "--trainer.callbacks.help", cls.__name__], run=False)
+        out = capsys.readouterr().out
+        assert "--trainer.callbacks.on_error" in out and not role.search(out), (cls.__name__, role.findall(out))
+        if cls.__name__ == "CAMCallback":
+            assert "any of ``CAM_VARIANTS``: ``cam``, ``gradcam``" in " ".join(out.split())
+            assert "a ``VisualizationError``" in " ".join(out.split())
+    with pytest.raises(SystemExit):
+        cli_main(["--trainer.callbacks+=CAMCallback", "--trainer.callbacks.tracker.help", "MapTracker"], run=False)
+    assert not role.search(capsys.readouterr().out)
+
+
+def test_class_help_titles_are_whole_sentences(capsys):
+    """``--trainer.callbacks.help UnitCallback`` and ``--model.help ImageClassifier`` titled the options with the
+    docstring's first line, cut mid-sentence (``... for each channel of ``layers`` the image:``); now the sentence."""
+    from lightning_viz.cli import cli_main
+
+    cases = {
+        ("--trainer.callbacks.help", "UnitCallback"): 'its center unit (``"neuron"``); rank 0 only:',
+        ("--trainer.callbacks.help", "AdversarialCallback"): "as a robustness curve over training:",
+        ("--trainer.callbacks.help", "CAMCallback"): "\nClass activation maps of the probe images:\n",
+        ("--model.help", "ImageClassifier"): "``trainer.predict`` returns class probabilities:",
+    }
+    for args, title in cases.items():
+        with pytest.raises(SystemExit):
+            cli_main(["fit", *args], run=False)
+        assert title in capsys.readouterr().out, args

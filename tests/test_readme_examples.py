@@ -814,3 +814,114 @@ def test_every_callback_docstring_cites_its_papers():
         assert cited, cls.__name__
         for author, year in cited:
             assert re.search(rf"{author}\b.{{0,40}}\b{year}", doc), (cls.__name__, author, year)
+
+
+def _cli_help(cls, option: str) -> str:
+    """The help text ``lightning-viz fit --trainer.callbacks.help <cls>`` prints for ``option`` (jsonargparse's
+    reading of the docstrings, ``**kwargs`` followed into the bases)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "x")
+    (action,) = [a for a in parser._actions if a.dest == f"x.{option}"]
+    return " ".join((action.help or "").split())
+
+
+def test_chunk_size_help_says_what_none_does_as_the_readme(monkeypatch):
+    """README: ``chunk_size`` ``None`` is "as many as the memory budget holds for the gradient, CAM, embedding and
+    top-patch callbacks, all at once for the others"; each callback's ``--trainer.callbacks.help`` says the same (the
+    gradient and CAM help said "all at once" while their passes were sized by the memory budget)."""
+    import lightning_viz.callbacks as cbs
+    from lightning_viz.methods.shared_pass import pass_chunks
+
+    (families,) = re.findall(r"as many as the memory\s+budget holds for the ([\w, -]+?) callbacks, all at once", README)
+    names = {"gradient": "gradients", "CAM": "cam", "embedding": "embeddings", "top-patch": "top_patches"}
+    budget = {names[f.strip()] for f in re.split(r",|\band\b", families) if f.strip()}
+    assert budget == {"gradients", "cam", "embeddings", "top_patches"}
+    checked = set()
+    for cls in cbs.CALLBACKS:
+        if "chunk_size" not in _accepted(cls):
+            continue
+        text = _cli_help(cls, "chunk_size")
+        assert ("memory budget" in text) == (cls.method in budget), (cls.__name__, text)
+        assert ("all at once" in text) == (cls.method not in budget), (cls.__name__, text)
+        checked.add(cls.method)
+    assert budget <= checked
+    # and the gradient/CAM pass does size its chunks by the budget: a 1-image budget gives one image per chunk
+    from helpers import TinyCNN
+
+    import lightning_viz.methods.shared_pass as sp
+
+    monkeypatch.setattr(sp, "images_per_forward", lambda model, x, grad=False: 1)
+    assert len(pass_chunks(TinyCNN(), torch.zeros(3, 3, 8, 8), None)) == 3
+
+
+def test_every_public_name_of_the_package_is_in_the_readme():
+    """Each name of ``lightning_viz.__all__`` and ``lightning_viz.methods.__all__`` is named in the README, where a
+    user looks for it (``GradientMapCallback``, ``get_layer``, ``LayerNotFoundError``, ``eval_mode``,
+    ``resolve_target``, ``gradient_pass``, ``optimize_input``, ... were exported but named nowhere), and what it
+    says of the helpers holds."""
+    import torchvision
+
+    import lightning_viz
+    import lightning_viz.methods
+
+    text = re.sub(r"```.*?```", "", README, flags=re.S)
+    spans = re.findall(r"`([^`]+)`", text)
+    names = [*lightning_viz.__all__, *lightning_viz.methods.__all__]  # the package and its pure methods
+    missing = [n for n in names if not any(re.search(rf"\b{n}\b", span) for span in spans)]
+    assert not missing, missing
+    model = torchvision.models.resnet18(weights=None, num_classes=4)
+    assert lightning_viz.get_layer(model, "layer4") is model.layer4
+    with pytest.raises(lightning_viz.LayerNotFoundError, match="layer4"):  # lists the valid names
+        lightning_viz.get_layer(model, "layer5")
+    with lightning_viz.eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    torch.testing.assert_close(lightning_viz.resolve_target("predicted")(logits), torch.tensor([2.0, 3.0]))
+    torch.testing.assert_close(lightning_viz.resolve_target(2)(logits), torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(lightning_viz.resolve_target("label")(logits, torch.tensor([0, 0])), logits[:, 0])
+
+
+def test_readme_benchmark_commands_parse_and_their_comments_state_the_defaults(monkeypatch):
+    """Each ``python benchmarks/<script>.py ...`` line of the README's bash blocks parses with that script's own
+    argument parser (stopped right after parsing: no benchmark runs), and the defaults its comment states
+    (``resnet18, 64 px, 16 probes, 2 threads``; ``the demo, 2 epochs``) are the parser's."""
+    import argparse
+    import runpy
+    import shlex
+
+    class Parsed(Exception):
+        pass
+
+    seen = {}
+
+    def stop(self, args=None, namespace=None):
+        seen["args"] = argparse.ArgumentParser.parse_known_args(self, args, namespace)
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop)
+    lines = [ln for _, body in blocks("bash") for ln in body.splitlines() if ln.startswith("python benchmarks/")]
+    assert len(lines) >= 3
+    for line in lines:
+        command, _, comment = line.partition("#")
+        argv = shlex.split(command)[1:]
+        monkeypatch.setattr(sys, "argv", argv)
+        seen.clear()
+        with pytest.raises(Parsed):
+            runpy.run_path(os.path.join(ROOT, argv[0]), run_name="__main__")
+        args, unknown = seen["args"]
+        assert not unknown, (line, unknown)
+        stated = {
+            "arch": re.search(r"\b(resnet\d+)\b", comment),
+            "size": re.search(r"(\d+) px", comment),
+            "batch": re.search(r"(\d+) probes", comment),
+            "threads": re.search(r"(\d+) threads", comment),
+            "epochs": re.search(r"(\d+) epochs", comment),
+        }
+        for name, found in stated.items():
+            if found:
+                assert str(getattr(args, name)) == found.group(1), (line, name, getattr(args, name))
+        if "the demo" in comment:
+            assert os.path.samefile(args.config, os.path.join(ROOT, "configs", "demo.yaml"))

@@ -42,7 +42,8 @@ class GradientMapCallback(MapCallback):
     Args:
         target: ``"label"`` (default), ``"predicted"``, a class index, or (from Python) a callable
             ``logits -> score[B]``.
-        chunk_size: probe images per forward/backward (``None``: all at once); results do not depend on it.
+        chunk_size: probe images per forward/backward (``None``: as many as the memory budget of
+            :mod:`lightning_viz.methods.batching` holds); results do not depend on it.
         share_pass: reuse one pass per epoch with the other gradient/CAM callbacks of the model
             (``False``: the methods of this callback still share one pass, but no other callback does).
     """
