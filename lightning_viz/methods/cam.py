@@ -265,7 +265,8 @@ def scorecam_weights(
         # constant at the layer's resolution (a 1 x 1 map, a saturated channel): a zero mask; testing the upsampled
         # map alone would stretch the rounding noise of the interpolation (~1e-7 relative) to a [0, 1] random mask
         varies = (acts[sl].flatten(1).amax(1) > acts[sl].flatten(1).amin(1))[:, None, None, None] & (hi > lo)
-        masks = torch.where(varies, (masks - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(masks))
+        # no floor on the range: activations of ~1e-13 (an untrained EfficientNet) still give masks up to 1
+        masks = torch.where(varies, (masks - lo) / torch.where(varies, hi - lo, 1.0), torch.zeros_like(masks))
         masked = x[img[sl]] * masks.to(x.dtype)
         logits = model(masked)
         if isinstance(tgt, CallableTarget):
