@@ -74,16 +74,17 @@ def normalize_maps(
     if mode == "fixed":
         if vmin is None or vmax is None:
             raise ValueError("mode='fixed' needs vmin and vmax")
-        return ((m - vmin) / max(vmax - vmin, 1e-12)).clamp(0, 1)
+        return ((m - vmin) / (vmax - vmin if vmax > vmin else 1e-12)).clamp(0, 1)
     if mode != "per_image":
         raise ValueError(f"unknown normalization {mode!r}; allowed: 'per_image', 'fixed'")
     flat = m.flatten(1)
     if signed:
-        scale = flat.abs().amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+        top = flat.abs().amax(dim=1).view(-1, 1, 1)
+        scale = torch.where(top > 0, top, 1.0)  # no floor but 0: a map of 1e-14 (an untrained net) fills the colormap
         return (0.5 + m / (2 * scale)).clamp(0, 1)
     lo = flat.amin(dim=1).view(-1, 1, 1)
     hi = flat.amax(dim=1).view(-1, 1, 1)
-    span = torch.where(is_flat(lo, hi), torch.inf, (hi - lo).clamp_min(1e-12))  # flat: all 0, not rounding noise
+    span = torch.where(is_flat(lo, hi), torch.inf, hi - lo)  # flat: all 0, not rounding noise; else hi > lo
     return ((m - lo) / span).clamp(0, 1)
 
 
@@ -117,7 +118,8 @@ class FixedScale:
                 return (-1.0 if self.signed else 0.0), 1.0
             if flat.numel() > 1_000_000:
                 flat = flat[torch.linspace(0, flat.numel() - 1, 1_000_000).long()]
-            self.vmax = float(torch.quantile(flat, self.quantile).clamp_min(1e-12))
+            q = float(torch.quantile(flat, self.quantile))
+            self.vmax = q if q > 0 else 1e-12  # only a zero quantile gets a floor: tiny maps keep their own scale
         return (-self.vmax if self.signed else 0.0), self.vmax
 
     def state_dict(self) -> dict:

@@ -348,6 +348,18 @@ def test_scorecam_against_per_channel_loop():
         assert margin.shape == (3, 8, 8) and not torch.allclose(margin, full)
 
 
+def test_scorecam_masks_of_tiny_activations_span_zero_to_one():
+    """An as-built EfficientNet-B0's last block has activations of ~1e-13 (its BatchNorm statistics still the initial
+    ones): every channel's range was under the 1e-12 floor of the mask normalization, so the masks peaked at ~0.1
+    instead of 1. Score-CAM's weights do not depend on the activations' scale (Wang et al. Eq. 5: min-max masks)."""
+    model = TwoConv()
+    acts = torch.stack([A2_0, A2_1])[None]
+    with isolated(model):
+        want = C.scorecam_weights(model, X, acts, target=0)
+        for scale in (1e-13, 1e-20):
+            torch.testing.assert_close(C.scorecam_weights(model, X, acts * scale, target=0), want)
+
+
 def test_errors_are_clear():
     model = TinyCNN(width=3)
     x = torch.randn(2, 3, 8, 8)

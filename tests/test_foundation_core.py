@@ -23,7 +23,16 @@ from lightning_viz.layers import (
     resolve_layers,
 )
 from lightning_viz.probe import ProbeSet
-from lightning_viz.render import colormap, filmstrip, normalize_maps, overlay, to_uint8, to_uint8_hwc, upscale
+from lightning_viz.render import (
+    FixedScale,
+    colormap,
+    filmstrip,
+    normalize_maps,
+    overlay,
+    to_uint8,
+    to_uint8_hwc,
+    upscale,
+)
 from lightning_viz.targets import ClassTarget, resolve_target
 
 
@@ -490,3 +499,20 @@ def test_upscale_keeps_the_longer_side_of_elongated_images_within_four_times_the
     assert upscale(torch.rand(1, 3, 8, 8), 128).shape == (1, 3, 128, 128)
     assert upscale(torch.rand(1, 3, 48, 80), 128).shape == (1, 3, 144, 240)
     assert upscale(torch.rand(1, 1, 4, 2000), 128).shape == (1, 1, 4, 2000)  # already long: kept
+
+
+def test_normalize_maps_keeps_the_full_colormap_for_maps_of_tiny_magnitude():
+    # an as-built EfficientNet-B0's saliency is ~1e-14 (its BatchNorm statistics are still the initial ones): drawn
+    # on the full colormap as any other map, not squeezed into its bottom by a 1e-12 floor of the range
+    m = torch.tensor([[[0.0, 1.0], [2.0, 4.0]]])
+    s = torch.tensor([[[-2.0, 1.0], [0.5, 4.0]]])
+    for tiny in (1e-14, 1e-20):
+        torch.testing.assert_close(normalize_maps(m * tiny), normalize_maps(m))
+        torch.testing.assert_close(normalize_maps(s * tiny, signed=True), normalize_maps(s, signed=True))
+        torch.testing.assert_close(
+            normalize_maps(m * tiny, "fixed", vmin=tiny, vmax=3 * tiny), normalize_maps(m, "fixed", vmin=1, vmax=3)
+        )
+        scale = FixedScale(quantile=1.0, signed=True)
+        assert scale.update(s * tiny) == pytest.approx((-4 * tiny, 4 * tiny))
+    assert (normalize_maps(torch.zeros(1, 2, 2), signed=True) == 0.5).all()  # all zero: still drawn as zero
+    assert FixedScale().update(torch.zeros(1, 2, 2))[1] > 0

@@ -190,3 +190,19 @@ def test_map_grid_names_each_probe_tile_and_puts_the_fixed_range_under_it():
     vmin, vmax = cb.scales["saliency/input"].update(maps)
     want = to_uint8(colorbar(fixed.shape[1] - 4, vmin, vmax, "jet")).permute(1, 2, 0).numpy()
     assert fixed.shape[0] == grid.shape[0] + 24 + 2 and (fixed[-26:-2, 2:-2] == want).all()
+
+
+def test_signed_map_colorbar_gives_the_range_of_a_tiny_map_and_notes_an_all_zero_one():
+    """A signed map of an as-built EfficientNet (~1e-14) was drawn on a +-1e-12 floor: a pale tile under a colorbar
+    that did not give its range. It now spans its own +-max|m|; an all-zero map gets the note unsigned maps get."""
+    import torch
+
+    from lightning_viz.callbacks.gradients import GradientCallback
+    from lightning_viz.callbacks.maps import _empty_map_notes
+    from lightning_viz.render import colorbar, to_uint8
+
+    cb = GradientCallback(methods=["gradient"], reduce="sum", signed=True)
+    maps = torch.stack([torch.tensor([[-2.0, 1.0], [0.5, 4.0]]) * 1e-14, torch.zeros(2, 2)])
+    bars = cb.bars(maps, None, None, 40)
+    assert torch.equal(bars[0], to_uint8(colorbar(40, -4e-14, 4e-14, cb.heat_cmap)))
+    assert bars[1] is _empty_map_notes(maps, None, 40)[1] and bars[1] is not None

@@ -349,6 +349,27 @@ def test_cam_of_a_log_softmax_model_and_a_temperature_refused_by_name():
         class_activation_map(ScaledOutput(net, "temperature"), x, "net.conv2", "cam", "label", y)
 
 
+def test_cam_head_check_sees_a_layer_that_does_not_feed_the_head_at_any_scale():
+    """An as-built EfficientNet-B0 has activations and logits of ~1e-13: the head check's tolerance of 1e-3 (times
+    1 + max |logit|) let any layer of the head's width pass, e.g. the BatchNorm before the SiLU (SiLU(a) ~ a / 2 for
+    tiny a), and the callback checks once, at setup. The tolerance now scales with the class maps' terms."""
+    from lightning_viz.methods.cam import class_activation_map
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    net.append(nn.Linear(4, 3)).eval()
+    nn.init.zeros_(net[4].bias)
+    x, y = torch.randn(2, 3, 6, 6), torch.tensor([0, 2])
+    for scale in (1.0, 1e-13):
+        a = F.silu(net[0](x * scale))
+        want = F.relu(torch.einsum("bk,bkhw->bhw", net[4].weight[y], a))
+        want = F.interpolate(want[:, None], size=(6, 6), mode="bilinear")[:, 0]
+        torch.testing.assert_close(class_activation_map(net, x * scale, "1", "cam", "label", y), want)
+        # at 1e-13 SiLU(a) = a / 2 up to 1e-14: the pre-SiLU layer reads as the scores times 0.5
+        with pytest.raises(LayerNotFoundError, match="does not: the spatial mean|times 0.5 .* a SiLU on activations"):
+            class_activation_map(net, x * scale, "0", "cam", "label", y)
+
+
 def test_cam_uses_the_rectified_map_when_a_functional_relu_feeds_the_head():
     """TinyCNN: conv2 -> F.relu -> GAP -> fc. The head reads ReLU(A), so CAM is relu(sum_k W_ck ReLU(A_k))."""
     from lightning_viz.capture import capture

@@ -269,8 +269,8 @@ class MapCallback(VisualizationCallback):
         if rng is not None:  # fixed scale: one range for every probe
             return [to_uint8(colorbar(width, rng[0], rng[1], self.heat_cmap))] * len(maps)
         if self.signed:  # per image, signed: each probe's own symmetric range, zero marked
-            top = maps.flatten(1).abs().amax(dim=1).clamp_min(1e-12).tolist()
-            return [to_uint8(colorbar(width, -t, t, self.heat_cmap)) for t in top]
+            top, notes = maps.flatten(1).abs().amax(dim=1).tolist(), _empty_map_notes(maps, ok, width)
+            return [to_uint8(colorbar(width, -t, t, self.heat_cmap)) if t > 0 else n for t, n in zip(top, notes)]
         return _per_image_bars(maps, ok, width, self.heat_cmap)  # per image: own range, or a note
 
     def log_panels(

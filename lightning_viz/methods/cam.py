@@ -189,11 +189,17 @@ def verify_cam_head(
     if a.shape[0] == 0:  # no image to compare the head with (an empty batch): nothing to tell from it
         return False
     tol = 1e-3 if logits.dtype in (torch.float32, torch.float64) else 3e-2
+    # the bound scales with the class maps' terms sum_k |W_ck mean(A_k)| + |b_c| (the logits' own rounding aside), not
+    # with 1 + max |logit|: an as-built EfficientNet's activations and logits of ~1e-13 made that bound vacuous
+    rounding = 8 * torch.finfo(logits.dtype).eps * float(ref.abs().max()) if logits.is_floating_point() else 0.0
     errs, scaled = [], None
     for rectified in (False, True):
-        pred = (a.relu() if rectified else a).mean(dim=(2, 3)) @ w.T
+        pooled = (a.relu() if rectified else a).mean(dim=(2, 3))
+        pred, terms = pooled @ w.T, pooled.abs() @ w.abs().T
         if head.bias is not None:
-            pred = pred + _two_class(head.bias.detach().double().to(pred.device))
+            bias = _two_class(head.bias.detach().double().to(pred.device))
+            pred, terms = pred + bias, terms + bias.abs()
+        bound = tol * float(terms.max()) + rounding
         if not (torch.isfinite(pred).all() and torch.isfinite(ref).all()):
             return False  # a non-finite model: nothing to tell from it
         if ref.shape != pred.shape:
@@ -204,19 +210,18 @@ def verify_cam_head(
         # before the softmax)
         d = pred - ref
         errs.append(float((d - d.mean(dim=1, keepdim=True)).abs().max()))
-        if errs[-1] <= tol * (1.0 + float(ref.abs().max())):
+        if errs[-1] <= bound:
             return rectified
         c = pred - pred.mean(dim=1, keepdim=True)
         s = float((c * (ref - ref.mean(dim=1, keepdim=True))).sum() / (c * c).sum().clamp_min(1e-30))
-        if abs(s - 1.0) > 1e-2 and float((s * c - ref + ref.mean(dim=1, keepdim=True)).abs().max()) <= tol * (
-            1.0 + float(ref.abs().max())
-        ):
+        if abs(s - 1.0) > 1e-2 and float((s * c - ref + ref.mean(dim=1, keepdim=True)).abs().max()) <= abs(s) * bound:
             scaled = s
     err = min(errs)
     if scaled is not None:
         raise LayerNotFoundError(
             f"CAM reads the classifier's scores of layer {layer!r}, but the model's output is those scores times "
-            f"{scaled:.4g} (a temperature, logits / T?), so the maps would not explain the target's score. Let the "
+            f"{scaled:.4g} (a temperature, logits / T? or a layer between them that scales them, e.g. a SiLU on "
+            "activations near 0), so the maps would not explain the target's score. Let the "
             "forward (or a logits_fn) return the classifier's logits, or use 'gradcam' (no head needed)."
         )
     raise LayerNotFoundError(
@@ -265,7 +270,8 @@ def scorecam_weights(
         # constant at the layer's resolution (a 1 x 1 map, a saturated channel): a zero mask; testing the upsampled
         # map alone would stretch the rounding noise of the interpolation (~1e-7 relative) to a [0, 1] random mask
         varies = (acts[sl].flatten(1).amax(1) > acts[sl].flatten(1).amin(1))[:, None, None, None] & (hi > lo)
-        masks = torch.where(varies, (masks - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(masks))
+        # no floor on the range: activations of ~1e-13 (an untrained EfficientNet) still give masks up to 1
+        masks = torch.where(varies, (masks - lo) / torch.where(varies, hi - lo, 1.0), torch.zeros_like(masks))
         masked = x[img[sl]] * masks.to(x.dtype)
         logits = model(masked)
         if isinstance(tgt, CallableTarget):
