@@ -336,7 +336,7 @@ def main() -> None:
                 print(
                     f"| {name} | {med['ours']:.1f} | {ratio['ours']:.2f} | {best} | {med[best]:.1f} "
                     f"| {ratio[best]:.2f} "
-                    f"| **{vs:.2f}** | {others} |"
+                    f"| **{vs:.3f}** | {others} |"
                 )
             else:
                 print(f"| {name} | {med['ours']:.1f} | {ratio['ours']:.2f} | - | - | - | - | - |")
