@@ -317,8 +317,8 @@ class UnitCallback(_InputOptimizationCallback):
 
     Args:
         layers: the layer (one dotted name of ``model.named_modules()``, or a one-element list; required).
-        channels: channel indices of that layer, one image each (one batch; required): a list, a range, one int or
-            an integer tensor.
+        channels: channel indices of that layer, one image each, in one batch (a list, a range, one int or an
+            integer tensor; required).
         unit: ``"channel"`` or ``"neuron"``.
         layer: deprecated alias of ``layers``.
         **kwargs: as :class:`ClassModelCallback`.
