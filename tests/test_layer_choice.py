@@ -455,3 +455,22 @@ def test_swin_channels_last_maps_are_no_cam_layer(tmp_path):
         LitTiny(tiny_swin()), *tiny_loaders(n=4, size=32)
     )
     assert "viz-cam/panel/p000" in cb.last_logged_tags
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ActivationCallback(layers=["net.features.3"], num_probes=2),
+        lambda: TopPatchesCallback(layers=["net.features.2"], num_probes=4),
+        lambda: UnitCallback(layers="net.features.0", channels=[0], steps=1),
+    ],
+    ids=["activations", "top_patches", "units"],
+)
+def test_channels_last_swin_stages_are_refused_as_unit_layers(tmp_path, make):
+    """A Swin stage's [B, h, w, C] output read as [B, C, h, w] made its rows the 'channels' (units, activation
+    maps, top patches): refused at setup, before the first step, naming the layer and the shape."""
+    cb, steps = make(), CountSteps()
+    trainer = tiny_trainer(str(tmp_path), [steps, cb], max_epochs=1)
+    with pytest.raises(ValueError, match=rf"^{type(cb).__name__}: layers names 'net\.features\.\d' gives a channels"):
+        trainer.fit(LitTiny(tiny_swin()), *tiny_loaders(n=4, size=32))
+    assert steps.steps == 0
