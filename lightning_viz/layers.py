@@ -140,8 +140,15 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
         return layers[key[len("module.") :]]
     convs = conv_layer_names(model)
     linears = linear_layer_names(model)
+    within = [n for n in layers if n.endswith("." + key)]  # 'layer4' of the network held as 'net' of a module
+    nearest = min(within, key=lambda n: n.count("."), default=None)
+    hint = (
+        f" Did you mean {nearest!r}? Names start at the model given (for callbacks the LightningModule)."
+        if within
+        else ""
+    )
     raise LayerNotFoundError(
-        f"Unknown layer {name!r} in {type(unwrap_model(model)).__name__}. "
+        f"Unknown layer {name!r} in {type(unwrap_model(model)).__name__}.{hint} "
         f"Valid conv layers: {_format_names(convs)}. Valid linear layers: {_format_names(linears)}. "
         "Any dotted name from model.named_modules() is accepted (e.g. a block such as 'layer4')."
     )
