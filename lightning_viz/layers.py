@@ -26,6 +26,8 @@ __all__ = [
     "canonical_name",
     "named_layers",
     "conv_produced_maps",
+    "channels_last_maps",
+    "channels_last_note",
     "get_layer",
     "conv_layer_names",
     "linear_layer_names",
@@ -140,8 +142,15 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
         return layers[key[len("module.") :]]
     convs = conv_layer_names(model)
     linears = linear_layer_names(model)
+    within = [n for n in layers if n.endswith("." + key)]  # 'layer4' of the network held as 'net' of a module
+    nearest = min(within, key=lambda n: n.count("."), default=None)
+    hint = (
+        f" Did you mean {nearest!r}? Names start at the model given (for callbacks the LightningModule)."
+        if within
+        else ""
+    )
     raise LayerNotFoundError(
-        f"Unknown layer {name!r} in {type(unwrap_model(model)).__name__}. "
+        f"Unknown layer {name!r} in {type(unwrap_model(model)).__name__}.{hint} "
         f"Valid conv layers: {_format_names(convs)}. Valid linear layers: {_format_names(linears)}. "
         "Any dotted name from model.named_modules() is accepted (e.g. a block such as 'layer4')."
     )
@@ -239,6 +248,7 @@ class _MapTrace:
     pool_start: list[int]  # clock of each pooling (without convs) that reduces space away
     token_calls: list[tuple[int, str, tuple[int, ...]]]  # weighted modules called on >= 3-D non-maps
     clock: int
+    channels_last: dict[str, str]  # 4-D outputs read as [B, h, w, C]: name -> a module reading the last axis
 
 
 def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
@@ -254,12 +264,24 @@ def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
     pool_start: list[int] = []
     map_shape: list[Any] = [None]  # shape of the latest conv-produced map
     token_calls: list[tuple[int, str, tuple[int, ...]]] = []  # weighted modules called on >= 3-D non-maps
+    last_axis_readers: dict[tuple[int, ...], str] = {}  # 4-D shapes a Linear / LayerNorm read channels-last
+    shapes: dict[str, tuple[int, ...]] = {}  # every 4-D module output
 
     def pre_hook(name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
             clock[0] += 1
             starts.setdefault(name, clock[0])
             first = inputs[0] if inputs else None
+            if isinstance(first, Tensor) and first.ndim == 4 and first.shape[1] != first.shape[-1]:
+                width = (
+                    module.in_features
+                    if isinstance(module, nn.Linear)
+                    else module.normalized_shape[0]
+                    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
+                    else None
+                )
+                if width == first.shape[-1]:  # mixes or normalizes the last axis: channels-last [B, h, w, C]
+                    last_axis_readers.setdefault(tuple(first.shape), name)
             if name in weighted and isinstance(first, Tensor) and first.ndim >= 3 and first.shape != map_shape[0]:
                 token_calls.append((clock[0], name, tuple(first.shape)))
 
@@ -268,6 +290,8 @@ def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
     def post_hook(name: str):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             clock[0] += 1
+            if isinstance(output, Tensor) and output.ndim == 4:
+                shapes[name] = tuple(output.shape)
             first = inputs[0] if inputs else None
             if (
                 not has_conv[name]
@@ -311,14 +335,31 @@ def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
     finally:
         for h in handles:
             h.remove()
-    return _MapTrace(layers, ends, pool_start, token_calls, clock[0])
+    channels_last = {n: last_axis_readers[shape] for n, shape in shapes.items() if shape in last_axis_readers}
+    return _MapTrace(layers, ends, pool_start, token_calls, clock[0], channels_last)
 
 
 def conv_produced_maps(model: nn.Module, x: Tensor) -> set[str]:
     """Names of the layers whose output is a conv-produced ``[B, C, h, w]`` map in a forward of ``x`` (call inside
     :func:`lightning_viz.capture.isolated`): what a CAM method can explain (e.g. DenseNet's ``features.norm5``,
-    VGG's last ``MaxPool2d``), but not a transformer's token tensors."""
-    return set(_trace_maps(model, x).ends)
+    VGG's last ``MaxPool2d``), but not a transformer's token tensors nor a channels-last ``[B, h, w, C]`` map."""
+    trace = _trace_maps(model, x)
+    return set(trace.ends) - set(trace.channels_last)
+
+
+def channels_last_maps(model: nn.Module, x: Tensor) -> dict[str, str]:
+    """The layers whose 4-D output, in a forward of ``x``, is a channels-last ``[B, h, w, C]`` map (torchvision's
+    Swin transformer: a conv, then ``Permute``; its stages' LayerNorms and Linears read the last axis), each with
+    the module that reads its last axis as channels."""
+    return _trace_maps(model, x).channels_last
+
+
+def channels_last_note(name: str, shape: Any, reader: str) -> str:
+    """Why the output of layer ``name`` (``shape``) is no ``[B, C, h, w]`` map: ``reader`` reads its last axis."""
+    return (
+        f"{name!r} gives a channels-last [B, h, w, C] map (shape {list(shape)}; {reader!r} reads its last axis as "
+        "channels: a Swin transformer?), not a [B, C, h, w] map"
+    )
 
 
 def default_cam_layer(model: nn.Module, x: Tensor, owner: str = "") -> str:
@@ -350,6 +391,13 @@ def default_cam_layer(model: nn.Module, x: Tensor, owner: str = "") -> str:
             f"(its layers: {_format_names(layers)}); name the layer to explain with layers=[...]: {allowed}."
         )
     end, final = max(before.values(), key=lambda e: e[0])
+    last_maps = [n for n, e in before.items() if e[0] == end]
+    if last_maps[0] in trace.channels_last:
+        note = channels_last_note(last_maps[0], final.shape, trace.channels_last[last_maps[0]])
+        raise LayerNotFoundError(
+            f"{who}found no final [B, C, h, w] feature map before global pooling in {kind}: the last one, {note}; "
+            f"name the layer to explain with layers=[...]: {allowed}."
+        )
     later = [c for c in token_calls if end < c[0] < limit]
     if later:
         last = max(before, key=lambda n: (before[n][0], -n.count(".")))

@@ -241,3 +241,36 @@ def test_a_grouped_first_conv_is_not_shown_as_rgb():
     assert torch.equal(grid[0], grid[1]) and torch.equal(grid[1], grid[2])  # grayscale
     assert torch.equal(image[:, -grid.shape[1] :, : grid.shape[2]], (grid * 255).round().to(torch.uint8))
     assert FilterCallback().compute(LitTiny(), None)["rgb"] is None  # an ordinary RGB first conv: RGB tiles
+
+
+def test_weight_standardized_convs_show_the_kernels_they_convolve_with(tmp_path):
+    """timm's StdConv2d (BiT ResNets) and ScaledStdConv2d (NFNets) standardize each filter in their forward (and
+    scale it by a learned gain): the filters shown, their norms and changes are those kernels (were: the raw
+    ``weight``, whose mean and scale the forward removes), and the fit trains as without the callback."""
+    from timm.layers import ScaledStdConv2d, StdConv2d
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for conv in (StdConv2d(3, 4, 3), ScaledStdConv2d(3, 4, 3, gain_init=0.5)):
+        with torch.no_grad():
+            conv.weight.mul_(5).add_(1)  # a scale and an offset the forward standardizes away
+        w = conv_filters(nn.Sequential(conv))
+        torch.testing.assert_close(F.conv2d(x, w, conv.bias, padding=1), conv(x))
+        assert w.flatten(1).mean(1).abs().max() < 1e-5 and not torch.allclose(w, conv.weight)
+
+    def fit(callbacks, logdir):
+        torch.manual_seed(0)
+        net = nn.Sequential(ScaledStdConv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        model = LitTiny(net)
+        tiny_trainer(logdir, callbacks, max_epochs=1, limit_val_batches=0).fit(model, tiny_loaders(n=16)[0])
+        return model
+
+    plain = fit([], str(tmp_path / "plain"))
+    model = fit([FilterCallback(scale="global")], str(tmp_path / "viz"))
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
+    (norm,) = [e.value for e in read_events(str(tmp_path / "viz")).Scalars("viz-filters/net.0/mean_norm")]
+    conv = model.net[0]
+    applied = F.batch_norm(
+        conv.weight.reshape(1, 4, -1), None, None, (conv.gain * conv.scale).view(-1), training=True, eps=conv.eps
+    )
+    assert norm == pytest.approx(float(applied.reshape(4, -1).norm(dim=1).mean()), rel=1e-5)
+    assert norm != pytest.approx(float(conv.weight.flatten(1).norm(dim=1).mean()), rel=1e-2)

@@ -422,3 +422,55 @@ def test_a_layer_the_eval_forward_does_not_call_fails_at_setup_naming_the_callba
         f"{type(cb).__name__}: Layer 'net.aux' produced no output in the forward pass: the model's forward did not "
         "call it in eval mode"
     )
+
+
+def tiny_swin():
+    """torchvision's Swin transformer, tiny: a conv patch embedding, then Permute: every later map is channels-last
+    [B, h, w, C], which its LayerNorms and Linears read along the last axis."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    return SwinTransformer([4, 4], embed_dim=6, depths=[1, 1], num_heads=[1, 1], window_size=[2, 2], num_classes=3)
+
+
+def test_swin_channels_last_maps_are_no_cam_layer(tmp_path):
+    """torchvision's Swin ends with norm -> Permute -> AdaptiveAvgPool2d: the last 4-D output before the pooling is
+    'norm', [B, h, w, C] (was: the default CAM layer, its rows read as channels, giving [B, w, C] 'maps'). Refused
+    at setup, as default and as a named layer, before the first step; a conv-produced NCHW map still works."""
+    with isolated(tiny_swin()) as net, pytest.raises(LayerNotFoundError) as err:
+        default_cam_layer(net, torch.randn(1, 3, 32, 32), "CAMCallback")
+    assert str(err.value).startswith(
+        "CAMCallback: found no final [B, C, h, w] feature map before global pooling in SwinTransformer: the last one, "
+        "'norm' gives a channels-last [B, h, w, C] map (shape [1, 4, 4, 12]; 'features.3.0.norm1' reads its last "
+        "axis as channels: a Swin transformer?), not a [B, C, h, w] map; name the layer to explain with layers=[...]"
+    )
+    for layers, bad in [(None, "'net.norm' gives"), (["net.features.0"], "'net.features.0' gives")]:
+        steps = CountSteps()
+        trainer = tiny_trainer(str(tmp_path), [steps, CAMCallback(num_probes=2, layers=layers)], max_epochs=1)
+        with pytest.raises(LayerNotFoundError, match=r"^CAMCallback: ") as err:
+            trainer.fit(LitTiny(tiny_swin()), *tiny_loaders(n=4, size=32))
+        assert steps.steps == 0 and f"{bad} a channels-last [B, h, w, C] map" in str(err.value)
+    cb = CAMCallback(num_probes=2, layers=["net.features.0.0"])  # the patch embedding's conv: [B, C, h, w]
+    tiny_trainer(str(tmp_path / "ok"), [cb], max_epochs=1, limit_train_batches=1).fit(
+        LitTiny(tiny_swin()), *tiny_loaders(n=4, size=32)
+    )
+    assert "viz-cam/panel/p000" in cb.last_logged_tags
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ActivationCallback(layers=["net.features.3"], num_probes=2),
+        lambda: TopPatchesCallback(layers=["net.features.2"], num_probes=4),
+        lambda: UnitCallback(layers="net.features.0", channels=[0], steps=1),
+    ],
+    ids=["activations", "top_patches", "units"],
+)
+def test_channels_last_swin_stages_are_refused_as_unit_layers(tmp_path, make):
+    """A Swin stage's [B, h, w, C] output read as [B, C, h, w] made its rows the 'channels' (units, activation
+    maps, top patches): refused at setup, before the first step, naming the layer and the shape."""
+    cb, steps = make(), CountSteps()
+    trainer = tiny_trainer(str(tmp_path), [steps, cb], max_epochs=1)
+    with pytest.raises(ValueError, match=rf"^{type(cb).__name__}: layers names 'net\.features\.\d' gives a channels"):
+        trainer.fit(LitTiny(tiny_swin()), *tiny_loaders(n=4, size=32))
+    assert steps.steps == 0

@@ -170,3 +170,20 @@ def test_missing_pretrained_weights_name_the_file_and_url_and_never_download(hub
         ImageClassifier(arch="resnet18", weights="IMAGENET9")
     with pytest.raises(ValueError, match="small_cnn has no pretrained weights"):
         ImageClassifier(weights="DEFAULT")
+
+
+def test_a_layer_name_of_the_inner_network_suggests_the_full_name(tmp_path):
+    """'layer4' (the torchvision name) on ImageClassifier, whose network is ``net``: the error suggests 'net.layer4'
+    (was: only the list of every conv and linear layer, 'net.layer4' not among them as it is a block)."""
+    from lightning_viz.callbacks import CAMCallback
+    from lightning_viz.layers import LayerNotFoundError, get_layer
+
+    model = ImageClassifier(arch="resnet18", num_classes=4)
+    with pytest.raises(LayerNotFoundError, match=r"^Unknown layer 'layer4' in ImageClassifier\. Did you mean 'net\.l"):
+        get_layer(model, "layer4")
+    with pytest.raises(LayerNotFoundError, match=r"Did you mean 'net\.conv1'\?"):  # not 'net.layer1.0.conv1'
+        get_layer(model, "conv1")
+    trainer = tiny_trainer(str(tmp_path), [CAMCallback(layers=["layer3"], num_probes=2)], max_epochs=1)
+    with pytest.raises(LayerNotFoundError, match=r"^CAMCallback: Unknown layer 'layer3' in ImageClassifier\. Did you"):
+        trainer.fit(model, datamodule=ShapesDataModule(num_train=8, num_val=4, image_size=32, batch_size=4))
+    assert trainer.global_step == 0

@@ -31,7 +31,14 @@ from torch.utils.data import default_collate
 from torch.utils.data._utils.collate import default_convert
 
 from ..capture import capture, fork_rng, isolated, torch_threads
-from ..layers import LayerNotFoundError, has_lazy_parameters, module_device, module_dtype
+from ..layers import (
+    LayerNotFoundError,
+    channels_last_maps,
+    channels_last_note,
+    has_lazy_parameters,
+    module_device,
+    module_dtype,
+)
 from ..logging import (
     FOLDER,
     NothingWrittenWarning,
@@ -581,7 +588,8 @@ class VisualizationCallback(Callback):
     ) -> dict[str, Tensor]:
         """At setup: one no-grad forward of ``x`` recording ``layers``; each output must have one of ``dims``
         dimensions (4: a ``[B, C, h, w]`` feature map, 2: ``[B, C]`` features), else a clear error naming this
-        callback and option ``what`` (a transformer block's ``[B, tokens, D]`` is no feature map); ``None``: any shape.
+        callback and option ``what`` (a transformer block's ``[B, tokens, D]`` is no feature map, nor a Swin stage's
+        channels-last ``[B, h, w, C]``); ``None``: any shape.
         A layer the forward does not call fails too. Returns them."""
         with torch.no_grad(), capture(model, layers) as cap:
             model(x)
@@ -594,6 +602,15 @@ class VisualizationCallback(Callback):
                     f"needs {kinds} (channels are the units). Choose a convolution layer or a block of them "
                     "(e.g. 'layer4' of a ResNet); a transformer block's [B, tokens, D] output is not one."
                 )
+        if dims is not None and 4 in dims and any(out.ndim == 4 for out in outs.values()):
+            readers = channels_last_maps(model, x)  # a Swin stage's [B, h, w, C]: its rows are no channels
+            for n, out in outs.items():
+                if out.ndim == 4 and n in readers:
+                    raise ValueError(
+                        f"{type(self).__name__}: {what} names {channels_last_note(n, out.shape, readers[n])}; "
+                        "channels are the units here. Choose a convolution layer or a block of them with a "
+                        "[B, C, h, w] output."
+                    )
         return outs
 
     def adapted(self, pl_module: torch.nn.Module) -> Any:

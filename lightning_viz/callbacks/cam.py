@@ -23,6 +23,8 @@ from ..capture import capture
 from ..layers import (
     CONV_TYPES,
     LayerNotFoundError,
+    channels_last_maps,
+    channels_last_note,
     conv_layer_names,
     conv_produced_maps,
     default_cam_layer,
@@ -211,6 +213,8 @@ class CAMCallback(GradientMapCallback):
         if self.layer_names is None:
             self.layers = [default_cam_layer(model, x, type(self).__name__)]
             self.check(model)
+        else:
+            self._refuse_channels_last(model, x)
         self._verify_maps(model, x)
         self._warn_single_position(model, x)
         if self._uses_head():
@@ -249,6 +253,19 @@ class CAMCallback(GradientMapCallback):
                 "images.",
                 category=VisualizationWarning,
             )
+
+    def _refuse_channels_last(self, model: Any, x: Tensor) -> None:
+        """Named layers whose output is a channels-last ``[B, h, w, C]`` map (a Swin stage) would be read with their
+        rows as channels: refused, naming the layer (``default_cam_layer`` refuses such a default itself)."""
+        for name, reader in channels_last_maps(model, x).items():
+            if name in self.layers:
+                with capture(model, [name]) as cap, torch.no_grad():
+                    model(x)
+                raise LayerNotFoundError(
+                    f"{type(self).__name__}: layers names {channels_last_note(name, cap[name].shape, reader)}; CAM "
+                    "needs a convolution, a block containing one, or a norm / activation / pooling right after them "
+                    "with a [B, C, h, w] output."
+                )
 
     def _verify_maps(self, model: Any, x: Tensor) -> None:
         """Named layers without convolutions must give a conv-produced ``[B, C, h, w]`` map in a forward of ``x``: a

@@ -13,18 +13,23 @@ Both read weights only (no forward pass) and return detached copies.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, Optional, cast
 
+import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
+from torch.overrides import TorchFunctionMode
 
+from ..capture import isolated
 from ..layers import LayerNotFoundError, first_conv_name, get_layer, linear_layer_names, require_conv, unwrap_model
 
-__all__ = ["conv_filters", "linear_templates", "first_linear_name"]
+__all__ = ["conv_filters", "applied_weight", "linear_templates", "first_linear_name"]
 
 
 def conv_filters(model: nn.Module, layer: str | None = None) -> Tensor:
-    """Kernels of the 2-D convolution ``layer`` (default: the first conv), ``Tensor[out, in/groups, kh, kw]``.
+    """Kernels of the 2-D convolution ``layer`` (default: the first conv), ``Tensor[out, in/groups, kh, kw]``: the
+    ones its forward convolves with (:func:`applied_weight`: standardized, scaled or fake-quantized where the conv
+    does that, as timm's NFNets and BiT ResNets do), else ``weight``.
 
     Raises:
         LayerNotFoundError: unknown name (listing valid ones) or a layer that is not a 2-D convolution.
@@ -38,7 +43,42 @@ def conv_filters(model: nn.Module, layer: str | None = None) -> Tensor:
             f"conv_filters needs a 2-D convolution (nn.Conv2d), but {name!r} is a {type(conv).__name__} "
             f"with weight shape {tuple(weight.shape)}."
         )
-    return weight.detach().clone()
+    applied = applied_weight(conv)
+    return (applied if applied is not None else weight).detach().clone()
+
+
+class _ConvWeight(TorchFunctionMode):
+    """Records the ``weight`` of the first ``conv2d`` call."""
+
+    weight: Optional[Tensor] = None
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.conv2d and self.weight is None:
+            self.weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
+        return func(*args, **kwargs)
+
+
+def applied_weight(conv: nn.Module) -> Optional[Tensor]:
+    """The kernel a 2-D convolution's forward actually convolves with, when it is another tensor of the weight's
+    shape than ``conv.weight``: weight standardization (timm's ``StdConv2d`` of BiT, ``ScaledStdConv2d`` of
+    NFNets, which standardize each filter and scale it by a learned gain) or fake quantization (QAT). One forward of
+    a small zero image through ``conv.forward`` (no hooks; inside :func:`~lightning_viz.capture.isolated`, so
+    nothing changes); ``None`` when the forward convolves ``conv.weight`` itself or fails."""
+    weight = cast(Tensor, conv.weight)
+    pads = getattr(conv, "padding", 0)
+    pad = max(pads) if isinstance(pads, tuple) else 0
+    size = [2 * ((k - 1) * d + 1 + pad) for k, d in zip(weight.shape[-2:], getattr(conv, "dilation", (1, 1)))]
+    x = torch.zeros(1, weight.shape[1] * getattr(conv, "groups", 1), *size, dtype=weight.dtype, device=weight.device)
+    try:
+        with isolated(conv), torch.no_grad(), _ConvWeight() as mode:
+            conv.forward(x)
+    except Exception:
+        return None
+    w = mode.weight
+    if not isinstance(w, Tensor) or w.shape != weight.shape or w is weight:
+        return None
+    return w
 
 
 def _require_created(weight: Tensor, name: str, kind: str, method: str) -> None:
