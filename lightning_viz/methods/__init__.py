@@ -13,7 +13,15 @@ from .cam import (
     guided_class_activation_map,
     register_cam_variant,
 )
-from .embeddings import extract_features, knn_accuracy, pca_2d, penultimate_layer, silhouette, tsne_2d
+from .embeddings import (
+    extract_features,
+    knn_accuracy,
+    pca_2d,
+    pca_variance_ratio,
+    penultimate_layer,
+    silhouette,
+    tsne_2d,
+)
 from .filters import conv_filters, linear_templates
 from .gradients import (
     deconvnet,
@@ -47,6 +55,7 @@ __all__ = [
     "extract_features",
     "penultimate_layer",
     "pca_2d",
+    "pca_variance_ratio",
     "tsne_2d",
     "silhouette",
     "knn_accuracy",
