@@ -274,6 +274,10 @@ def cut_name(name: str, n: int | None) -> str:
     return name if n is None or len(name) <= n else name[: max(1, n - 3)].rstrip(" ,") + "..."
 
 
+#: line breaks and tabs (a class name read from a labels file) drawn as spaces: a strip is one line
+_ONE_LINE = str.maketrans("\t\n\r\v\f", "     ")
+
+
 def _fit(draw: object, text: str, font: object, width: float) -> str:
     """``text`` cut (with an ellipsis) so that it fits in ``width`` pixels."""
     if draw.textlength(text, font=font) <= width:  # type: ignore[attr-defined]
@@ -333,7 +337,7 @@ def _text_strip(width: int, texts: tuple[str, ...], height: int, align: str, cel
     cw = cell if cell is not None else (width - pad * (n - 1)) / n
     for i, t in enumerate(texts):
         x0 = i * (cw + pad)
-        t = _fit(draw, str(t), font, cw - 2)
+        t = _fit(draw, str(t).translate(_ONE_LINE), font, cw - 2)  # Pillow measures no multi-line text
         x = x0 + 2 if align == "left" else x0 + (cw - draw.textlength(t, font=font)) / 2
         try:
             draw.text((x, height / 2), t, fill=(0, 0, 0), font=font, anchor="lm")

@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from helpers import LitTiny, RecordingWriter, TinyCNN, read_events, tiny_loaders, tiny_trainer
 
 from lightning_viz.callbacks.activations import ActivationCallback
@@ -206,3 +207,22 @@ def test_signed_map_colorbar_gives_the_range_of_a_tiny_map_and_notes_an_all_zero
     bars = cb.bars(maps, None, None, 40)
     assert torch.equal(bars[0], to_uint8(colorbar(40, -4e-14, 4e-14, cb.heat_cmap)))
     assert bars[1] is _empty_map_notes(maps, None, 40)[1] and bars[1] is not None
+
+
+def test_class_names_with_line_breaks_are_drawn_on_one_line(tmp_path):
+    """A class name with a line break or a tab (read from a labels file, say) crashed every caption strip (Pillow:
+    "can't measure length of multiline text") at the first epoch end; the strips draw it on one line, as spaces."""
+    from lightning_viz.callbacks.gradients import GradientCallback
+    from lightning_viz.render import text_strip
+
+    assert torch.equal(text_strip(120, ["tabby\ncat\tx"]), text_strip(120, ["tabby cat x"]))
+    names = ["tabby\ncat", "tiger\r\nshark", "a\tb"]
+    cbs = [
+        GradientCallback(class_names=names, num_probes=2, on_error="raise"),
+        AdversarialCallback(class_names=names, num_probes=2, layout="grid", on_error="raise"),
+    ]
+    train, val = tiny_loaders()
+    tiny_trainer(str(tmp_path), cbs, max_epochs=1).fit(LitTiny(), train, val)
+    acc = read_events(str(tmp_path))
+    tags = acc.Tags()["images"]
+    assert any(t.startswith("viz-gradients/") for t in tags) and "viz-adversarial/grid" in tags
