@@ -409,3 +409,21 @@ def test_num_threads_holds_while_computing_and_is_restored(tmp_path):
 def test_bad_num_threads_is_refused(bad):
     with pytest.raises(ValueError, match="GradientCallback: num_threads must be an int >= 1 or None"):
         GradientCallback(num_threads=bad)
+
+
+def test_an_unknown_option_is_named_with_the_callbacks_options():
+    """``GradientCallback(layers=...)`` raised Python's ``VisualizationCallback.__init__() got an unexpected keyword
+    argument 'layers'`` (another class than the one written); the error names the user's class, the option, the
+    closest names and every option."""
+    from lightning_viz.callbacks.cam import CAMCallback
+    from lightning_viz.callbacks.gradients import GradientCallback
+
+    with pytest.raises(TypeError) as err:
+        GradientCallback(layers=["net.conv1"])
+    msg = str(err.value)
+    assert msg.startswith("GradientCallback: unknown option 'layers'") and "; its options: " in msg
+    assert "smoothgrad_samples" in msg and "num_probes" in msg and "VisualizationCallback" not in msg
+    with pytest.raises(TypeError, match=r"CAMCallback: unknown option 'num_probe' \(did you mean 'num_probes'"):
+        CAMCallback(num_probe=4)
+    with pytest.raises(TypeError, match="CAMCallback 'b': unknown option 'methodz'"):
+        CAMCallback(name="b", methodz=["gradcam"])

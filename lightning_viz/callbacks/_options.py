@@ -92,3 +92,25 @@ def refuse_non_finite(options: dict[str, Any], owner: str = "") -> None:
         values = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
             raise ValueError(f"{owner + ': ' if owner else ''}{option} must be a finite number; got {value!r}")
+
+
+def unknown_option_error(cls: type, option: str, stop: type, name: Any = None) -> TypeError:
+    """``cls(option=...)`` for an option no ``__init__`` of ``cls`` (up to ``stop``) takes: a message naming the option,
+    the closest option names and every option (was Python's ``VisualizationCallback.__init__() got an unexpected
+    keyword argument``, naming another class than the user's)."""
+    import difflib
+    import inspect
+
+    options: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            for p in inspect.signature(init).parameters.values():
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in options:
+                    options.append(p.name)
+        if klass is stop:
+            break
+    close = difflib.get_close_matches(option, options, n=2, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    label = cls.__name__ if name is None else f"{cls.__name__} {name!r}"  # with name=: which of several instances
+    return TypeError(f"{label}: unknown option {option!r}{hint}; its options: {', '.join(sorted(options))}.")

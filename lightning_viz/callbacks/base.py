@@ -81,7 +81,7 @@ from ..targets import (
     resolve_logits_fn,
     resolve_target,
 )
-from ._options import refuse_non_finite
+from ._options import refuse_non_finite, unknown_option_error
 
 if sys.version_info >= (3, 12):
     from typing import override
@@ -454,7 +454,14 @@ class VisualizationCallback(Callback):
             with self._naming():
                 if own:
                     refuse_non_finite({**dict(zip(params, args)), **kw})
-                init(self, *args, **kw)
+                try:
+                    init(self, *args, **kw)
+                except TypeError as exc:  # the innermost __init__ that refused it says so, naming the user's class
+                    unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+                    if unknown is None or unknown.group(1) not in kw:
+                        raise
+                    option, name = unknown.group(1), kw.get("name")
+                    raise unknown_option_error(type(self), option, VisualizationCallback, name) from None
 
         named_init._names_errors = True  # type: ignore[attr-defined]
         cls.__init__ = named_init  # type: ignore[method-assign]
