@@ -274,8 +274,13 @@ def cut_name(name: str, n: int | None) -> str:
     return name if n is None or len(name) <= n else name[: max(1, n - 3)].rstrip(" ,") + "..."
 
 
-#: line breaks and tabs (a class name read from a labels file) drawn as spaces: a strip is one line
 _ONE_LINE = str.maketrans("\t\n\r\v\f", "     ")
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and tabs as spaces (a class name read from a labels file): a caption strip, a
+    legend entry and a cell of the projector's ``metadata.tsv`` hold one line."""
+    return text.translate(_ONE_LINE)
 
 
 def _fit(draw: object, text: str, font: object, width: float) -> str:
@@ -337,7 +342,7 @@ def _text_strip(width: int, texts: tuple[str, ...], height: int, align: str, cel
     cw = cell if cell is not None else (width - pad * (n - 1)) / n
     for i, t in enumerate(texts):
         x0 = i * (cw + pad)
-        t = _fit(draw, str(t).translate(_ONE_LINE), font, cw - 2)  # Pillow measures no multi-line text
+        t = _fit(draw, one_line(str(t)), font, cw - 2)  # Pillow measures no multi-line text
         x = x0 + 2 if align == "left" else x0 + (cw - draw.textlength(t, font=font)) / 2
         try:
             draw.text((x, height / 2), t, fill=(0, 0, 0), font=font, anchor="lm")

@@ -19,6 +19,8 @@ __all__ = [
     "single_layer",
     "reject_options",
     "refuse_non_finite",
+    "index_list",
+    "instance_label",
 ]
 
 
@@ -112,5 +114,25 @@ def unknown_option_error(cls: type, option: str, stop: type, name: Any = None) -
             break
     close = difflib.get_close_matches(option, options, n=2, cutoff=0.6)
     hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-    label = cls.__name__ if name is None else f"{cls.__name__} {name!r}"  # with name=: which of several instances
-    return TypeError(f"{label}: unknown option {option!r}{hint}; its options: {', '.join(sorted(options))}.")
+    listed = ", ".join(sorted(options))
+    return TypeError(f"{instance_label(cls.__name__, name)}: unknown option {option!r}{hint}; its options: {listed}.")
+
+
+def index_list(owner: str, option: str, values: Any, what: str) -> list[int]:
+    """``values`` (one index, a list, a range, an integer tensor or array) as a non-empty list of ints ``>= 0``; a
+    clear error for anything else. Was: ``[0.5, 2]`` silently became ``[0, 2]``, ``3`` or a tensor a bare TypeError."""
+    items = values.tolist() if hasattr(values, "tolist") else values
+    items = [items] if isinstance(items, int) else items
+    ok = isinstance(items, (list, tuple, range)) and len(items) > 0
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items)
+    if not ok:
+        raise ValueError(
+            f"{owner}: {option} must be one {what} index or a non-empty list of them, e.g. [0, 1, 2]: {what} indices "
+            f">= 0 (at least one); got {values!r}"
+        )
+    return [int(v) for v in items]
+
+
+def instance_label(owner: str, name: Any = None) -> str:
+    """A callback in messages: its class, and its ``name=`` when given (``CAMCallback 'b'``: which of several)."""
+    return owner if name is None else f"{owner} {name!r}"

@@ -38,7 +38,7 @@ from ..render import (
     upscale,
     with_colorbar,
 )
-from ._options import LayersSpec, as_layer_list
+from ._options import LayersSpec, as_layer_list, index_list
 from .base import VisualizationCallback, VisualizationWarning
 
 __all__ = ["ActivationCallback"]
@@ -110,13 +110,8 @@ class ActivationCallback(VisualizationCallback):
                     "ActivationCallback: channels must be 'first', 'top' or a list of channel indices; "
                     f"got {channels!r}"
                 )
-        elif not channels or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels):
-            raise ValueError(
-                "ActivationCallback: channels as a list must hold channel indices >= 0 (at least one); "
-                f"got {channels!r}"
-            )
         else:
-            channels = [int(c) for c in channels]
+            channels = index_list("ActivationCallback", "channels", channels, "channel")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"ActivationCallback: chunk_size must be >= 1 or None; got {chunk_size}")
         if layout not in ("per_probe", "grid"):

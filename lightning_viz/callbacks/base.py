@@ -81,7 +81,7 @@ from ..targets import (
     resolve_logits_fn,
     resolve_target,
 )
-from ._options import refuse_non_finite, unknown_option_error
+from ._options import instance_label, refuse_non_finite, unknown_option_error
 
 if sys.version_info >= (3, 12):
     from typing import override
@@ -574,8 +574,8 @@ class VisualizationCallback(Callback):
         try:
             yield
         except (LayerNotFoundError, ValueError, TypeError) as exc:
-            who, name = type(self).__name__, getattr(self, "name", None)
-            label = who if name is None else f"{who} {name!r}"  # with name=: which of several instances
+            who = type(self).__name__
+            label = instance_label(who, getattr(self, "name", None))
             message = str(exc)
             if message.startswith(label) or isinstance(exc, VisualizationError):
                 raise
@@ -1168,7 +1168,7 @@ class VisualizationCallback(Callback):
             _warn_batch_hooks(trainer)
         if len(picks[key]) < self.num_probes:
             rank_zero_warn(
-                f"{type(self).__name__}{'' if self.name is None else f' {self.name!r}'}: num_probes={self.num_probes} "
+                f"{instance_label(type(self).__name__, self.name)}: num_probes={self.num_probes} "
                 f"but the {_dataset_name(dataset)} dataset it picks from (probe_source={self.probe_source!r}) has only "
                 f"{len(picks[key])} items: all {len(picks[key])} are the probes. Lower num_probes to silence this.",
                 category=VisualizationWarning,

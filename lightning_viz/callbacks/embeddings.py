@@ -26,7 +26,7 @@ from ..methods.embeddings import (
 )
 from ..probe import ProbeSet
 from ..progress import interruptible, reporting
-from ..render import class_name, to_rgb
+from ..render import class_name, one_line, to_rgb
 from ._options import LayersSpec, renamed_option, single_layer
 from .base import VisualizationCallback, VisualizationWarning
 
@@ -45,16 +45,6 @@ def sprite_cell_limit(num_images: int) -> int:
 
 def _go_on(done: int, total: int, what: str) -> None:
     """A progress check that never stops the loop."""
-
-
-_CELL_BREAKS = str.maketrans("\t\n\r", "   ")
-
-
-def _cell(text: str) -> str:
-    """``text`` on one line, as a legend entry and a cell of the projector's ``metadata.tsv`` (its tabs and line
-    breaks as spaces: in a class name one split the row, and TensorBoard then refuses the file, its line count no
-    longer the tensor's; the legend could not measure it)."""
-    return text.translate(_CELL_BREAKS)
 
 
 def square_thumbnails(images: Tensor, size: int) -> Tensor:
@@ -214,7 +204,9 @@ class EmbeddingCallback(VisualizationCallback):
             labels = None if labels is None else labels[ok]
         name = self.layer_tag
         names = self.get_class_names(trainer)
-        names = None if names is None else [_cell(str(n)) for n in names]  # one line each (legends, metadata.tsv)
+        # one line each: a line break in a class name split its metadata.tsv row (TensorBoard then refuses the file, its
+        # line count no longer the tensor's) and the legend could not measure it
+        names = None if names is None else [one_line(str(n)) for n in names]
         # t-SNE of many probes: progress lines, as in the compute; no SIGTERM stop here (rank 0 alone: under DDP the
         # other ranks wait for it in a collective)
         with reporting(self.method), interruptible(_go_on):

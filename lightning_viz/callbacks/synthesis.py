@@ -42,7 +42,7 @@ from ..methods.synthesis import (
 )
 from ..probe import ProbeSet
 from ..render import _shared_strip, class_name, compose, cut_name, fit_names, labeled_grid, upscale
-from ._options import LayersSpec, reject_options, renamed_option, single_layer
+from ._options import LayersSpec, index_list, reject_options, renamed_option, single_layer
 from .base import VisualizationCallback, image_size_hint
 
 __all__ = ["ClassModelCallback", "UnitCallback", "InversionCallback", "AdversarialCallback"]
@@ -64,21 +64,6 @@ def prior_scale(shape: Any) -> float:
     normalize their priors by the pixel count too)."""
     h, w = int(shape[-2]), int(shape[-1])
     return PRIOR_REFERENCE_PIXELS / float(h * w)
-
-
-def index_list(owner: str, option: str, values: Any, what: str) -> list[int]:
-    """``values`` (one index, a list, a range, an integer tensor or array) as a non-empty list of ints ``>= 0``; a
-    clear error for anything else. Was: ``[0.5, 2]`` silently became ``[0, 2]``, ``3`` or a tensor a bare TypeError."""
-    items = values.tolist() if hasattr(values, "tolist") else values
-    items = [items] if isinstance(items, int) else items
-    ok = isinstance(items, (list, tuple, range)) and len(items) > 0
-    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items)
-    if not ok:
-        raise ValueError(
-            f"{owner}: {option} must be one {what} index or a non-empty list of them (integers >= 0, e.g. [0, 1, 2]); "
-            f"got {values!r}"
-        )
-    return [int(v) for v in items]
 
 
 def pixel_scale(probe: ProbeSet | None, device: Any = None) -> Optional[Tensor]:
