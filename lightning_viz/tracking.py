@@ -224,9 +224,9 @@ class MapTracker:
         target: Optional[Union[str, int]] = None,
         custom_scalars: bool = True,
     ):
-        for option, value in (("topk", topk), ("pointing_tolerance", pointing_tolerance)):
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"MapTracker: {option} must be a finite number; got {value!r}")
+        from .callbacks._options import refuse_non_finite  # here: the callbacks package imports this module
+
+        refuse_non_finite({"topk": topk, "pointing_tolerance": pointing_tolerance}, "MapTracker")
         if max_frames < 2:
             raise ValueError(f"MapTracker: max_frames must be >= 2 (first and latest epoch); got {max_frames}")
         if frame_size < 4:

@@ -511,7 +511,6 @@ _TAB20_LIGHT = (
     (219, 219, 141),
     (158, 218, 229),
 )
-_LINE_BREAKS = str.maketrans("\t\n\r", "   ")
 #: The color of the classes past the named ones.
 _OTHERS = (190, 190, 190)
 
@@ -532,14 +531,14 @@ def scatter_image(
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from ..render import _fit, _font
+    from ..render import _fit, _font, one_line
 
     p = points.detach().cpu().double()[:, :2]
     finite = torch.isfinite(p).all(1)
     lab = None if labels is None else labels.detach().cpu().reshape(-1).long()
     classes = [] if lab is None else [int(c) for c in torch.unique(lab)]
     names = [str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else str(c) for c in classes]
-    names = [n.translate(_LINE_BREAKS) for n in names]  # PIL measures no multi-line text
+    names = [one_line(n) for n in names]  # PIL measures no multi-line text
     palette: tuple[tuple[int, int, int], ...] = _TAB10 if len(classes) <= 10 else _TAB10 + _TAB20_LIGHT  # none repeated
     if len(classes) > LEGEND_MAX_CLASSES:  # a 1000-class head: the first classes in colors, the others gray
         palette = tuple(c for c in palette if len(set(c)) > 1)  # tab10 and tab20's grays left out

@@ -146,8 +146,9 @@ def scan_topk_layers(
     best: dict[str, TopK] = {}
     for s in range(0, images.shape[0], batch_size):
         progress(s, images.shape[0], "images scanned")  # a line every few seconds inside a callback run (rank 0)
-        acts = _layer_activations(model, images[s : s + batch_size], units)
-        index = torch.arange(offset + s, offset + s + images[s : s + batch_size].shape[0])
+        batch = images[s : s + batch_size]
+        acts = _layer_activations(model, batch, units)
+        index = torch.arange(offset + s, offset + s + batch.shape[0])
         for layer, act in acts.items():
             cand = topk_per_unit(act, k, index)
             best[layer] = cand if layer not in best else merge_topk([best[layer], cand], k)

@@ -14,8 +14,9 @@ there (as Captum's ``LayerGradCam`` and torchcam do).
 first consumer to ask at an epoch end
 (``get``) computes one pass over the union of layers; the others reuse it. An entry is valid while the
 model is the same module object, its parameters and buffers are unchanged (their autograd version
-counters, bumped by every optimizer step / BatchNorm update / ``load_state_dict``, and a checksum of their values,
-which sees writes through ``p.data`` too) and the probe images are the same (``ProbeSet.fingerprint``). Each model
+counters, bumped by every optimizer step / BatchNorm update / ``load_state_dict``, and a checksum of a strided
+sample of their values, which sees writes through ``p.data`` too) and the probe images are the same
+(``ProbeSet.fingerprint``). Each model
 gets its own cache (:func:`pass_cache`, a weak mapping); its entries stay on the probes' device until the model next
 changes or :meth:`PassCache.clear` is called. The callbacks also clear the cache at every training batch start (to
 free it while training) and at teardown.
