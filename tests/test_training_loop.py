@@ -626,3 +626,30 @@ def test_validating_a_checkpoint_on_a_fresh_trainer_goes_on_after_its_epochs(tmp
     acc = read_events(str(tmp_path / "eval"))
     assert image_steps(acc, "viz-cam/filmstrip/p000") == [2]
     assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [2]
+
+
+@pytest.mark.parametrize("entry", ["test", "validate"])
+def test_a_checkpoint_evaluated_where_a_callback_does_not_run_leaves_it_fresh(tmp_path, entry):
+    """Callbacks that do not run under an entry point (trainer.test; trainer.validate for run_on='train_epoch_end')
+    take nothing from its ``ckpt_path``: a later fresh fit with them starts its own history. Was: the checkpoint's
+    filmstrip frames, previous maps and filters stayed, so the new fit's filmstrip read epochs 0, 1, 0 and it logged
+    drift and rel_change at epoch 0 against another run's model."""
+    train, val = tiny_loaders(n=12)
+
+    def callbacks():
+        return [CAMCallback(num_probes=2, tracker=MapTracker()), FilterCallback()]
+
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer = tiny_trainer(str(tmp_path / "fit"), [*callbacks(), ckpt], enable_checkpointing=True)
+    trainer.fit(_Evaluated(), train, val)
+    cam, filters = reused = callbacks()
+    evaluation = tiny_trainer(str(tmp_path / "eval"), reused)
+    getattr(evaluation, entry)(_Evaluated(), val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert cam.probes is None and cam.tracker.epochs == {} and filters.previous is None
+    tiny_trainer(str(tmp_path / "new"), reused, max_epochs=1).fit(_Evaluated(), train, val)
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [0]}
+    acc = read_events(str(tmp_path / "new"))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [0]
+    tags = acc.Tags()["scalars"]
+    assert "viz-filters/net.conv1/mean_norm" in tags
+    assert not [t for t in tags if "drift" in t or "rel_change" in t]

@@ -548,6 +548,9 @@ class VisualizationCallback(Callback):
     #: the last epoch run according to a checkpoint restored in this entry point (``trainer.validate(ckpt_path=...)``
     #: logs after it, see :meth:`_validate_step`), else ``None``
     _restored_epoch: int | None = None
+    #: ``False`` from :meth:`on_load_checkpoint` until :meth:`load_state_dict` when this entry point does not run the
+    #: callback (``trainer.test`` / ``predict``, ``trainer.validate`` of a ``train_epoch_end`` one): state left alone
+    _takes_state: bool = True
 
     # ------------------------------------------------------------------ subclass API
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
@@ -698,6 +701,7 @@ class VisualizationCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restored_epoch = None  # set again by load_state_dict when this entry point restores a checkpoint
+        self._takes_state = True
         _number_twins(trainer)
         if getattr(trainer, "barebones", False) or not _runs_under(self, stage):  # nothing runs: nothing to check
             self._model_checks_due = None
@@ -1407,6 +1411,9 @@ class VisualizationCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self._takes_state:  # a checkpoint restored by an entry point this callback does not run under
+            self._takes_state = True
+            return
         if state_dict.get("probes") is not None:
             self.probes = ProbeSet.from_state_dict(state_dict["probes"])
         self.load_extra_state(state_dict.get("extra") or {})
@@ -1453,7 +1460,11 @@ class VisualizationCallback(Callback):
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Lightning calls this before :meth:`load_state_dict`: resolve the probe-bank reference in place."""
+        """Lightning calls this before :meth:`load_state_dict`: resolve the probe-bank reference in place. An entry
+        point that does not run this callback (``trainer.test(ckpt_path=...)``) restores nothing: its probes and
+        history would otherwise carry into a later fresh fit as if it were that checkpoint's run."""
+        stage = getattr(getattr(trainer, "state", None), "fn", None)
+        self._takes_state = stage is None or _runs_under(self, str(getattr(stage, "value", stage)))
         states = checkpoint.get("callbacks") or {}
         entry = states.get(self.state_key, states.get(self._legacy_state_key))
         probes = entry.get("probes") if isinstance(entry, dict) else None
