@@ -653,3 +653,21 @@ def test_a_checkpoint_evaluated_where_a_callback_does_not_run_leaves_it_fresh(tm
     tags = acc.Tags()["scalars"]
     assert "viz-filters/net.conv1/mean_norm" in tags
     assert not [t for t in tags if "drift" in t or "rel_change" in t]
+
+
+class _OwnCallbacks(LitTiny):
+    """A module that brings its callbacks: Lightning calls configure_callbacks at every entry point (new instances)."""
+
+    def configure_callbacks(self):
+        return [CAMCallback(num_probes=2, run_on="validation_epoch_end")]
+
+
+def test_callbacks_made_anew_for_each_validate_still_get_their_own_step(tmp_path):
+    """LightningModule.configure_callbacks gives fresh callbacks to each trainer.validate after the fit: each
+    validation still logs at its own step (1, then 2), as the fit's own callbacks do. Was: both at step 1."""
+    model, (train, val) = _OwnCallbacks(), tiny_loaders(n=12)
+    trainer = tiny_trainer(str(tmp_path), max_epochs=1)
+    trainer.fit(model, train, val)
+    trainer.validate(model, val, verbose=False)
+    trainer.validate(model, val, verbose=False)
+    assert image_steps(read_events(str(tmp_path)), "viz-cam/panel/p000") == [0, 1, 2]

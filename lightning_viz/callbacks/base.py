@@ -527,7 +527,8 @@ class VisualizationCallback(Callback):
         self.run_at_start = run_at_start
         self._last_run_epoch: int | None = None  # last epoch run in this fit (never run an epoch twice)
         self._trained_epoch: int | None = None  # last epoch trained in this fit
-        #: per log destination (:func:`_destination`): each step this callback wrote there -> by trainer.validate
+        #: per log destination (:func:`_destination`): each step written there -> by trainer.validate (shared by the
+        #: callbacks of one state key, see :meth:`_steps_written`)
         self._written: dict[tuple[str, ...], dict[int, bool]] = {}
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.epoch_summary = epoch_summary
@@ -1336,7 +1337,7 @@ class VisualizationCallback(Callback):
         restored = self._restored_epoch
         if restored is not None and step <= restored:  # a fresh Trainer (epoch 0) on a fit's checkpoint
             step = restored + 1
-        written = self._written.get(_destination(trainer), {})
+        written = self._steps_written(trainer)
         if not written or step > max(written):
             return step
         free = max(written) + 1
@@ -1351,7 +1352,7 @@ class VisualizationCallback(Callback):
 
     def _note_step(self, trainer: Trainer, step: int) -> None:
         """Remember that this callback writes ``step`` (rank 0); a fit writing where a validate wrote says so."""
-        written = self._written.setdefault(_destination(trainer), {})
+        written = self._steps_written(trainer)
         fitting = _fitting(trainer)
         if fitting and written.get(step):
             sinks = sink_names(trainer, self.loggers)
@@ -1369,6 +1370,14 @@ class VisualizationCallback(Callback):
         latest = max(written)
         for s in [s for s, by_validate in written.items() if not by_validate and s < latest]:
             del written[s]  # a fit's step below the latest: never asked about again (bounded over long runs)
+
+    def _steps_written(self, trainer: Trainer) -> dict[int, bool]:
+        """The steps written to this trainer's log destination by this callback or any other with its state key (the
+        same tags): a fresh instance for each entry point (``LightningModule.configure_callbacks``) goes on after
+        them too. Each step maps to whether a ``trainer.validate`` wrote it."""
+        destination = _destination(trainer)
+        written = self._written[destination] = _steps_by_key.setdefault((destination, self.state_key), {})
+        return written
 
     def _instance(self) -> str:
         """This instance in messages and the epoch line: ``gradients``, ``gradients[a]`` with ``name="a"``, and
@@ -1471,6 +1480,9 @@ class VisualizationCallback(Callback):
         if isinstance(entry, dict) and isinstance(probes, dict) and "bank_ref" in probes:
             entry["probes"] = probe_bank_get(checkpoint[PROBE_BANK_KEY], probes["bank_ref"])
 
+
+#: per log destination and callback state key: the steps written there (see ``VisualizationCallback._steps_written``)
+_steps_by_key: dict[tuple[tuple[str, ...], str], dict[int, bool]] = {}
 
 #: trainers already warned that their training data has no epochs (see :func:`_warn_epochless`)
 _epochless_warned: weakref.WeakSet[Trainer] = weakref.WeakSet()
