@@ -13,6 +13,7 @@ from helpers import LitTiny, TinyCNN, image_steps, read_events, scalar_steps, ti
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_viz.callbacks.base import VisualizationWarning
 from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.callbacks.filters import FilterCallback
 from lightning_viz.callbacks.gradients import GradientCallback
@@ -671,3 +672,22 @@ def test_callbacks_made_anew_for_each_validate_still_get_their_own_step(tmp_path
     trainer.validate(model, val, verbose=False)
     trainer.validate(model, val, verbose=False)
     assert image_steps(read_events(str(tmp_path)), "viz-cam/panel/p000") == [0, 1, 2]
+
+
+def test_resuming_with_other_options_says_the_history_starts_afresh(tmp_path):
+    """A resumed fit whose callback has other options than the checkpointed one (num_probes 2 -> 3: another
+    checkpoint key) cannot take its state: one warning names the callback and what changed. Was: only Lightning's
+    generic "callbacks used to create the checkpoint need to be provided", and filmstrips silently restarted."""
+    train, val = tiny_loaders(n=12)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    first = [CAMCallback(num_probes=2, tracker=MapTracker()), GradientCallback(num_probes=2, name="g"), ckpt]
+    tiny_trainer(str(tmp_path), first, max_epochs=1, enable_checkpointing=True).fit(LitTiny(), train, val)
+    cam, same = CAMCallback(num_probes=3, tracker=MapTracker()), GradientCallback(num_probes=2, name="g")
+    with pytest.warns(VisualizationWarning) as record:
+        tiny_trainer(str(tmp_path), [cam, same], max_epochs=2).fit(
+            LitTiny(), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+        )
+    said = [str(w.message) for w in record if "saved with other options" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("CAMCallback (cam): the checkpoint holds the state of a CAMCallback")
+    assert "(2 -> 3;" in said[0]
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [1]} and same.probes is not None

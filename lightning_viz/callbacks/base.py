@@ -10,6 +10,7 @@ overrides :meth:`compute` (all ranks, its shard of the probes, returns per-probe
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
 import re
@@ -1476,9 +1477,36 @@ class VisualizationCallback(Callback):
         self._takes_state = stage is None or _runs_under(self, str(getattr(stage, "value", stage)))
         states = checkpoint.get("callbacks") or {}
         entry = states.get(self.state_key, states.get(self._legacy_state_key))
+        if entry is None and self._takes_state:
+            self._say_options_changed(trainer, states)
         probes = entry.get("probes") if isinstance(entry, dict) else None
         if isinstance(entry, dict) and isinstance(probes, dict) and "bank_ref" in probes:
             entry["probes"] = probe_bank_get(checkpoint[PROBE_BANK_KEY], probes["bank_ref"])
+
+    def _say_options_changed(self, trainer: Trainer, states: dict[Any, Any]) -> None:
+        """A checkpoint without this callback's state but with one of its class and ``name`` that no callback of this
+        Trainer takes: it was saved with other options (those of :meth:`state_key_parts`). Say what that costs."""
+        cls, taken = type(self).__qualname__, {cb.state_key for cb in _viz_callbacks(trainer)}
+        for key in states:
+            if not isinstance(key, str) or not key.startswith(cls + "{") or key in taken:
+                continue
+            try:
+                parts = ast.literal_eval(key[len(cls) :]).get("key")
+            except (ValueError, SyntaxError, TypeError, AttributeError, MemoryError, RecursionError):
+                continue
+            if isinstance(parts, tuple) and parts and parts[0] == self.name:
+                now = self.state_key_parts()
+                changed = ", ".join(f"{a!r} -> {b!r}" for a, b in zip(parts, now) if a != b) or "other parts"
+                rank_zero_warn(
+                    f"{self._label()}: the checkpoint holds the state of a {cls} of this name saved with other "
+                    f"options ({changed}; its key {parts}, here {now}: name, family, num_probes, probe_seed, "
+                    "probe_source, then options of its own such as target, methods and layers), so its probes, "
+                    "filmstrips, drift and fixed scales are not restored: they start afresh in this run. Give it "
+                    "the checkpointed run's options to go on with them, or another name= to start afresh without "
+                    "this warning.",
+                    category=VisualizationWarning,
+                )
+                return
 
 
 #: per log destination and callback state key: the steps written there (see ``VisualizationCallback._steps_written``)
