@@ -691,3 +691,23 @@ def test_resuming_with_other_options_says_the_history_starts_afresh(tmp_path):
     assert len(said) == 1 and said[0].startswith("CAMCallback (cam): the checkpoint holds the state of a CAMCallback")
     assert "(2 -> 3;" in said[0]
     assert cam.tracker.epochs == {"gradcam/net.conv2": [1]} and same.probes is not None
+
+
+class _BrokenStep(LitTiny):
+    def training_step(self, batch, batch_idx):
+        raise RuntimeError("a bug in training_step")
+
+
+def test_callbacks_of_a_fit_that_failed_before_visualizing_start_over_on_new_data(tmp_path):
+    """A fit that fails in its first epoch (before any visualization), then a new Trainer on other data with the same
+    callbacks (a notebook: fix the bug, change the data, run again): the probes come from the new data. Was: the
+    probes picked at the failed fit's start, 8 px images of the old data shown for a model trained on 16 px ones."""
+    cam = CAMCallback(num_probes=2, tracker=MapTracker())
+    with pytest.raises(RuntimeError, match="a bug in training_step"):
+        tiny_trainer(str(tmp_path / "a"), [cam], max_epochs=1).fit(_BrokenStep(), *tiny_loaders(n=12, size=8))
+    assert cam.probes is not None and cam.probes.images.shape[-1] == 8
+    train, val = tiny_loaders(n=12, size=16, seed=1)
+    tiny_trainer(str(tmp_path / "b"), [cam], max_epochs=1).fit(LitTiny(), train, val)
+    assert cam.probes.images.shape[-2:] == (16, 16)
+    assert torch.equal(cam.probes.images, val.dataset.tensors[0][cam.probes.indices])
+    assert image_steps(read_events(str(tmp_path / "b")), "viz-cam/filmstrip/p000") == [0]

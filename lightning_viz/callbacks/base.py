@@ -545,7 +545,7 @@ class VisualizationCallback(Callback):
     _model_checks_due: str | None = None
     #: 1, or ``k`` for the k-th callback of one family and ``name`` on a Trainer (set at setup): its ``time_s_<k>``
     _twin: int = 1
-    #: the Trainer this callback last ran under (see :meth:`_start_over`)
+    #: the Trainer this callback last ran or was set up under (see :meth:`_start_over`)
     _ran_with: weakref.ReferenceType[Trainer] | None = None
     #: the last epoch run according to a checkpoint restored in this entry point (``trainer.validate(ckpt_path=...)``
     #: logs after it, see :meth:`_validate_step`), else ``None``
@@ -738,11 +738,13 @@ class VisualizationCallback(Callback):
         """A fresh fit (or a ``trainer.validate``) under another Trainer than the one this callback last ran under
         (callbacks reused for a new model or data: a sweep, a notebook cell run again) starts over: probes it picked
         are picked again from this run's data, class names found again, and the history (filmstrips, drift, fixed
-        scales) forgotten. A resumed fit (``ckpt_path``) gets them back from the checkpoint, restored after setup."""
-        ran_with = None if self._ran_with is None else self._ran_with()
-        if self._ran_with is None or ran_with is trainer or trainer.current_epoch != 0 or trainer.global_step != 0:
+        scales) forgotten. A resumed fit (``ckpt_path``) gets them back from the checkpoint, restored after setup.
+        Being set up counts as running: probes picked for a fit that stopped before any visualization (an error in
+        the first epoch) are not taken into the next Trainer's fit on other data."""
+        before, ran_with = self._ran_with, None if self._ran_with is None else self._ran_with()
+        self._ran_with = weakref.ref(trainer)
+        if before is None or ran_with is trainer or trainer.current_epoch != 0 or trainer.global_step != 0:
             return
-        self._ran_with = None
         if not self._probes_given:
             self.probes = None
         self._found_class_names = None
