@@ -227,7 +227,10 @@ def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where:
     if runs:
         when = {
             "start": "before training",
-            "validation_epoch_end": f"epoch {step} (validation end)",
+            # trainer.validate logs at a step that need not be an epoch trained (the next free one: see run_on)
+            "validation_epoch_end": f"epoch {step} (validation end)"
+            if _fitting(trainer)
+            else f"trainer.validate, step {step}",
             "end": f"epoch {step} (end of training)",
         }.get(where, f"epoch {step}")
         parts = ", ".join(f"{label} {t:.2f} s" for label, t in sorted(runs, key=lambda r: -r[1]))
