@@ -239,6 +239,8 @@ def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where:
 
 def _schedule_words(cb: VisualizationCallback) -> str:
     every = f"every {cb.every_n_epochs}" if cb.every_n_epochs else "epoch ends off"
+    if cb.every_n_epochs and cb.run_on == "validation_epoch_end":  # only epochs that validate (check_val_every_n_epoch)
+        every += ", at validation ends"
     return every + (", and before training" if cb.run_at_start else "")
 
 
