@@ -11,6 +11,7 @@ import torch
 from helpers import LitTiny, image_steps, read_events, scalar_steps, tiny_loaders, tiny_trainer
 
 from lightning_viz.callbacks.base import VisualizationError, VisualizationWarning
+from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.callbacks.gradients import GradientCallback
 from lightning_viz.callbacks.maps import MapCallback
 from lightning_viz.tracking import MapTracker
@@ -132,13 +133,15 @@ def test_bad_on_error_is_refused():
 
 
 def test_startup_message_names_callbacks_and_tensorboard_command(tmp_path, caplog):
+    """The schedule of each callback, where it runs included: a run_on='validation_epoch_end' one runs only at epochs
+    that validate (was: 'every 1' alike, though with check_val_every_n_epoch=2 it runs every other epoch)."""
+    cbs = [GradientCallback(num_probes=2, every_n_epochs=2), CAMCallback(num_probes=2, run_on="validation_epoch_end")]
     with caplog.at_level(logging.INFO):
-        tiny_trainer(str(tmp_path), [GradientCallback(num_probes=2, every_n_epochs=2)], max_epochs=1).fit(
-            LitTiny(), *tiny_loaders(n=12)
-        )
+        tiny_trainer(str(tmp_path), cbs, max_epochs=2, check_val_every_n_epoch=2).fit(LitTiny(), *tiny_loaders(n=12))
     msgs = [r.getMessage() for r in caplog.records if "lightning-viz:" in r.getMessage()]
     assert len(msgs) == 1, msgs
-    assert "gradients (every 2)" in msgs[0] and f"tensorboard --logdir {tmp_path}" in msgs[0]
+    assert "gradients (every 2), cam (every 1, at validation ends);" in msgs[0]
+    assert f"tensorboard --logdir {tmp_path}" in msgs[0]
 
 
 class TensorStatsData(L.LightningDataModule):

@@ -56,8 +56,8 @@ def test_lines_print_above_a_rich_progress_bar(tmp_path):
     out = screen.getvalue()
     expected = [
         *(f"lightning-viz epoch {e}{w}: " for e in (0, 1) for w in ("", " (validation end)")),
-        "lightning-viz epoch 2 (validation end): ",
-        "lightning-viz epoch 3 (validation end): ",
+        "lightning-viz trainer.validate, step 2: ",  # not "epoch 2": a 2-epoch fit has no epoch 2
+        "lightning-viz trainer.validate, step 3: ",
         "lightning-viz: CAMCallback (cam) under trainer.validate logs at step 3 ",
     ]
     for start in expected:  # each line once, on a line of its own on the bar's console (above the bars)

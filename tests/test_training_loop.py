@@ -13,6 +13,7 @@ from helpers import LitTiny, TinyCNN, image_steps, read_events, scalar_steps, ti
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_viz.callbacks.base import VisualizationWarning
 from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.callbacks.filters import FilterCallback
 from lightning_viz.callbacks.gradients import GradientCallback
@@ -626,3 +627,87 @@ def test_validating_a_checkpoint_on_a_fresh_trainer_goes_on_after_its_epochs(tmp
     acc = read_events(str(tmp_path / "eval"))
     assert image_steps(acc, "viz-cam/filmstrip/p000") == [2]
     assert scalar_steps(acc, "viz-cam/gradcam/net.conv2/drift/rank_corr") == [2]
+
+
+@pytest.mark.parametrize("entry", ["test", "validate"])
+def test_a_checkpoint_evaluated_where_a_callback_does_not_run_leaves_it_fresh(tmp_path, entry):
+    """Callbacks that do not run under an entry point (trainer.test; trainer.validate for run_on='train_epoch_end')
+    take nothing from its ``ckpt_path``: a later fresh fit with them starts its own history. Was: the checkpoint's
+    filmstrip frames, previous maps and filters stayed, so the new fit's filmstrip read epochs 0, 1, 0 and it logged
+    drift and rel_change at epoch 0 against another run's model."""
+    train, val = tiny_loaders(n=12)
+
+    def callbacks():
+        return [CAMCallback(num_probes=2, tracker=MapTracker()), FilterCallback()]
+
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer = tiny_trainer(str(tmp_path / "fit"), [*callbacks(), ckpt], enable_checkpointing=True)
+    trainer.fit(_Evaluated(), train, val)
+    cam, filters = reused = callbacks()
+    evaluation = tiny_trainer(str(tmp_path / "eval"), reused)
+    getattr(evaluation, entry)(_Evaluated(), val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert cam.probes is None and cam.tracker.epochs == {} and filters.previous is None
+    tiny_trainer(str(tmp_path / "new"), reused, max_epochs=1).fit(_Evaluated(), train, val)
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [0]}
+    acc = read_events(str(tmp_path / "new"))
+    assert image_steps(acc, "viz-cam/filmstrip/p000") == [0]
+    tags = acc.Tags()["scalars"]
+    assert "viz-filters/net.conv1/mean_norm" in tags
+    assert not [t for t in tags if "drift" in t or "rel_change" in t]
+
+
+class _OwnCallbacks(LitTiny):
+    """A module that brings its callbacks: Lightning calls configure_callbacks at every entry point (new instances)."""
+
+    def configure_callbacks(self):
+        return [CAMCallback(num_probes=2, run_on="validation_epoch_end")]
+
+
+def test_callbacks_made_anew_for_each_validate_still_get_their_own_step(tmp_path):
+    """LightningModule.configure_callbacks gives fresh callbacks to each trainer.validate after the fit: each
+    validation still logs at its own step (1, then 2), as the fit's own callbacks do. Was: both at step 1."""
+    model, (train, val) = _OwnCallbacks(), tiny_loaders(n=12)
+    trainer = tiny_trainer(str(tmp_path), max_epochs=1)
+    trainer.fit(model, train, val)
+    trainer.validate(model, val, verbose=False)
+    trainer.validate(model, val, verbose=False)
+    assert image_steps(read_events(str(tmp_path)), "viz-cam/panel/p000") == [0, 1, 2]
+
+
+def test_resuming_with_other_options_says_the_history_starts_afresh(tmp_path):
+    """A resumed fit whose callback has other options than the checkpointed one (num_probes 2 -> 3: another
+    checkpoint key) cannot take its state: one warning names the callback and what changed. Was: only Lightning's
+    generic "callbacks used to create the checkpoint need to be provided", and filmstrips silently restarted."""
+    train, val = tiny_loaders(n=12)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    first = [CAMCallback(num_probes=2, tracker=MapTracker()), GradientCallback(num_probes=2, name="g"), ckpt]
+    tiny_trainer(str(tmp_path), first, max_epochs=1, enable_checkpointing=True).fit(LitTiny(), train, val)
+    cam, same = CAMCallback(num_probes=3, tracker=MapTracker()), GradientCallback(num_probes=2, name="g")
+    with pytest.warns(VisualizationWarning) as record:
+        tiny_trainer(str(tmp_path), [cam, same], max_epochs=2).fit(
+            LitTiny(), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+        )
+    said = [str(w.message) for w in record if "saved with other options" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("CAMCallback (cam): the checkpoint holds the state of a CAMCallback")
+    assert "(2 -> 3;" in said[0]
+    assert cam.tracker.epochs == {"gradcam/net.conv2": [1]} and same.probes is not None
+
+
+class _BrokenStep(LitTiny):
+    def training_step(self, batch, batch_idx):
+        raise RuntimeError("a bug in training_step")
+
+
+def test_callbacks_of_a_fit_that_failed_before_visualizing_start_over_on_new_data(tmp_path):
+    """A fit that fails in its first epoch (before any visualization), then a new Trainer on other data with the same
+    callbacks (a notebook: fix the bug, change the data, run again): the probes come from the new data. Was: the
+    probes picked at the failed fit's start, 8 px images of the old data shown for a model trained on 16 px ones."""
+    cam = CAMCallback(num_probes=2, tracker=MapTracker())
+    with pytest.raises(RuntimeError, match="a bug in training_step"):
+        tiny_trainer(str(tmp_path / "a"), [cam], max_epochs=1).fit(_BrokenStep(), *tiny_loaders(n=12, size=8))
+    assert cam.probes is not None and cam.probes.images.shape[-1] == 8
+    train, val = tiny_loaders(n=12, size=16, seed=1)
+    tiny_trainer(str(tmp_path / "b"), [cam], max_epochs=1).fit(LitTiny(), train, val)
+    assert cam.probes.images.shape[-2:] == (16, 16)
+    assert torch.equal(cam.probes.images, val.dataset.tensors[0][cam.probes.indices])
+    assert image_steps(read_events(str(tmp_path / "b")), "viz-cam/filmstrip/p000") == [0]

@@ -10,6 +10,7 @@ overrides :meth:`compute` (all ranks, its shard of the probes, returns per-probe
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
 import re
@@ -226,7 +227,10 @@ def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where:
     if runs:
         when = {
             "start": "before training",
-            "validation_epoch_end": f"epoch {step} (validation end)",
+            # trainer.validate logs at a step that need not be an epoch trained (the next free one: see run_on)
+            "validation_epoch_end": f"epoch {step} (validation end)"
+            if _fitting(trainer)
+            else f"trainer.validate, step {step}",
             "end": f"epoch {step} (end of training)",
         }.get(where, f"epoch {step}")
         parts = ", ".join(f"{label} {t:.2f} s" for label, t in sorted(runs, key=lambda r: -r[1]))
@@ -235,6 +239,8 @@ def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where:
 
 def _schedule_words(cb: VisualizationCallback) -> str:
     every = f"every {cb.every_n_epochs}" if cb.every_n_epochs else "epoch ends off"
+    if cb.every_n_epochs and cb.run_on == "validation_epoch_end":  # only epochs that validate (check_val_every_n_epoch)
+        every += ", at validation ends"
     return every + (", and before training" if cb.run_at_start else "")
 
 
@@ -527,7 +533,8 @@ class VisualizationCallback(Callback):
         self.run_at_start = run_at_start
         self._last_run_epoch: int | None = None  # last epoch run in this fit (never run an epoch twice)
         self._trained_epoch: int | None = None  # last epoch trained in this fit
-        #: per log destination (:func:`_destination`): each step this callback wrote there -> by trainer.validate
+        #: per log destination (:func:`_destination`): each step written there -> by trainer.validate (shared by the
+        #: callbacks of one state key, see :meth:`_steps_written`)
         self._written: dict[tuple[str, ...], dict[int, bool]] = {}
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.epoch_summary = epoch_summary
@@ -543,11 +550,14 @@ class VisualizationCallback(Callback):
     _model_checks_due: str | None = None
     #: 1, or ``k`` for the k-th callback of one family and ``name`` on a Trainer (set at setup): its ``time_s_<k>``
     _twin: int = 1
-    #: the Trainer this callback last ran under (see :meth:`_start_over`)
+    #: the Trainer this callback last ran or was set up under (see :meth:`_start_over`)
     _ran_with: weakref.ReferenceType[Trainer] | None = None
     #: the last epoch run according to a checkpoint restored in this entry point (``trainer.validate(ckpt_path=...)``
     #: logs after it, see :meth:`_validate_step`), else ``None``
     _restored_epoch: int | None = None
+    #: ``False`` from :meth:`on_load_checkpoint` until :meth:`load_state_dict` when this entry point does not run the
+    #: callback (``trainer.test`` / ``predict``, ``trainer.validate`` of a ``train_epoch_end`` one): state left alone
+    _takes_state: bool = True
 
     # ------------------------------------------------------------------ subclass API
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
@@ -698,6 +708,7 @@ class VisualizationCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restored_epoch = None  # set again by load_state_dict when this entry point restores a checkpoint
+        self._takes_state = True
         _number_twins(trainer)
         if getattr(trainer, "barebones", False) or not _runs_under(self, stage):  # nothing runs: nothing to check
             self._model_checks_due = None
@@ -732,11 +743,13 @@ class VisualizationCallback(Callback):
         """A fresh fit (or a ``trainer.validate``) under another Trainer than the one this callback last ran under
         (callbacks reused for a new model or data: a sweep, a notebook cell run again) starts over: probes it picked
         are picked again from this run's data, class names found again, and the history (filmstrips, drift, fixed
-        scales) forgotten. A resumed fit (``ckpt_path``) gets them back from the checkpoint, restored after setup."""
-        ran_with = None if self._ran_with is None else self._ran_with()
-        if self._ran_with is None or ran_with is trainer or trainer.current_epoch != 0 or trainer.global_step != 0:
+        scales) forgotten. A resumed fit (``ckpt_path``) gets them back from the checkpoint, restored after setup.
+        Being set up counts as running: probes picked for a fit that stopped before any visualization (an error in
+        the first epoch) are not taken into the next Trainer's fit on other data."""
+        before, ran_with = self._ran_with, None if self._ran_with is None else self._ran_with()
+        self._ran_with = weakref.ref(trainer)
+        if before is None or ran_with is trainer or trainer.current_epoch != 0 or trainer.global_step != 0:
             return
-        self._ran_with = None
         if not self._probes_given:
             self.probes = None
         self._found_class_names = None
@@ -1332,7 +1345,7 @@ class VisualizationCallback(Callback):
         restored = self._restored_epoch
         if restored is not None and step <= restored:  # a fresh Trainer (epoch 0) on a fit's checkpoint
             step = restored + 1
-        written = self._written.get(_destination(trainer), {})
+        written = self._steps_written(trainer)
         if not written or step > max(written):
             return step
         free = max(written) + 1
@@ -1347,7 +1360,7 @@ class VisualizationCallback(Callback):
 
     def _note_step(self, trainer: Trainer, step: int) -> None:
         """Remember that this callback writes ``step`` (rank 0); a fit writing where a validate wrote says so."""
-        written = self._written.setdefault(_destination(trainer), {})
+        written = self._steps_written(trainer)
         fitting = _fitting(trainer)
         if fitting and written.get(step):
             sinks = sink_names(trainer, self.loggers)
@@ -1365,6 +1378,14 @@ class VisualizationCallback(Callback):
         latest = max(written)
         for s in [s for s, by_validate in written.items() if not by_validate and s < latest]:
             del written[s]  # a fit's step below the latest: never asked about again (bounded over long runs)
+
+    def _steps_written(self, trainer: Trainer) -> dict[int, bool]:
+        """The steps written to this trainer's log destination by this callback or any other with its state key (the
+        same tags): a fresh instance for each entry point (``LightningModule.configure_callbacks``) goes on after
+        them too. Each step maps to whether a ``trainer.validate`` wrote it."""
+        destination = _destination(trainer)
+        written = self._written[destination] = _steps_by_key.setdefault((destination, self.state_key), {})
+        return written
 
     def _instance(self) -> str:
         """This instance in messages and the epoch line: ``gradients``, ``gradients[a]`` with ``name="a"``, and
@@ -1407,6 +1428,9 @@ class VisualizationCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self._takes_state:  # a checkpoint restored by an entry point this callback does not run under
+            self._takes_state = True
+            return
         if state_dict.get("probes") is not None:
             self.probes = ProbeSet.from_state_dict(state_dict["probes"])
         self.load_extra_state(state_dict.get("extra") or {})
@@ -1453,13 +1477,47 @@ class VisualizationCallback(Callback):
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Lightning calls this before :meth:`load_state_dict`: resolve the probe-bank reference in place."""
+        """Lightning calls this before :meth:`load_state_dict`: resolve the probe-bank reference in place. An entry
+        point that does not run this callback (``trainer.test(ckpt_path=...)``) restores nothing: its probes and
+        history would otherwise carry into a later fresh fit as if it were that checkpoint's run."""
+        stage = getattr(getattr(trainer, "state", None), "fn", None)
+        self._takes_state = stage is None or _runs_under(self, str(getattr(stage, "value", stage)))
         states = checkpoint.get("callbacks") or {}
         entry = states.get(self.state_key, states.get(self._legacy_state_key))
+        if entry is None and self._takes_state:
+            self._say_options_changed(trainer, states)
         probes = entry.get("probes") if isinstance(entry, dict) else None
         if isinstance(entry, dict) and isinstance(probes, dict) and "bank_ref" in probes:
             entry["probes"] = probe_bank_get(checkpoint[PROBE_BANK_KEY], probes["bank_ref"])
 
+    def _say_options_changed(self, trainer: Trainer, states: dict[Any, Any]) -> None:
+        """A checkpoint without this callback's state but with one of its class and ``name`` that no callback of this
+        Trainer takes: it was saved with other options (those of :meth:`state_key_parts`). Say what that costs."""
+        cls, taken = type(self).__qualname__, {cb.state_key for cb in _viz_callbacks(trainer)}
+        for key in states:
+            if not isinstance(key, str) or not key.startswith(cls + "{") or key in taken:
+                continue
+            try:
+                parts = ast.literal_eval(key[len(cls) :]).get("key")
+            except (ValueError, SyntaxError, TypeError, AttributeError, MemoryError, RecursionError):
+                continue
+            if isinstance(parts, tuple) and parts and parts[0] == self.name:
+                now = self.state_key_parts()
+                changed = ", ".join(f"{a!r} -> {b!r}" for a, b in zip(parts, now) if a != b) or "other parts"
+                rank_zero_warn(
+                    f"{self._label()}: the checkpoint holds the state of a {cls} of this name saved with other "
+                    f"options ({changed}; its key {parts}, here {now}: name, family, num_probes, probe_seed, "
+                    "probe_source, then options of its own such as target, methods and layers), so its probes, "
+                    "filmstrips, drift and fixed scales are not restored: they start afresh in this run. Give it "
+                    "the checkpointed run's options to go on with them, or another name= to start afresh without "
+                    "this warning.",
+                    category=VisualizationWarning,
+                )
+                return
+
+
+#: per log destination and callback state key: the steps written there (see ``VisualizationCallback._steps_written``)
+_steps_by_key: dict[tuple[tuple[str, ...], str], dict[int, bool]] = {}
 
 #: trainers already warned that their training data has no epochs (see :func:`_warn_epochless`)
 _epochless_warned: weakref.WeakSet[Trainer] = weakref.WeakSet()
