@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..layers import module_device, module_dtype, unwrap_model
+from ..methods.checks import check_chunk_size
 from ..methods.gradients import GRADIENT_METHODS, PASS_RULES, gradient_from_pass, reduce_channels, smoothgrad
 from ..methods.relu_rules import relu_rule
 from ..methods.shared_pass import INPUT, PassCache, PassResult, model_version, pass_cache
@@ -57,8 +58,7 @@ class GradientMapCallback(MapCallback):
     ):
         super().__init__(**kwargs)
         self.target = resolve_target(target)  # raises a clear error for an unknown spec
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
+        chunk_size = check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
         self.share_pass = share_pass
         self._own_cache = PassCache()  # used when share_pass is False

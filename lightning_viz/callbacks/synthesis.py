@@ -31,6 +31,7 @@ from torch import Tensor
 from ..layers import canonical_name, get_layer, module_device, module_dtype
 from ..logging import VizLogger, make_tag
 from ..methods.adversarial import fgsm, minimal_flip_budget, pgd, predict
+from ..methods.checks import check_chunk_size
 from ..methods.regularizers import build_regularizers
 from ..methods.synthesis import (
     class_model_images,
@@ -147,8 +148,7 @@ class _InputOptimizationCallback(VisualizationCallback):
         negative = {k: v for k, v in nonneg.items() if v < 0}
         if negative:
             raise ValueError(f"{name}: {', '.join(negative)} must be >= 0 (0 = off); got {negative}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"{name}: chunk_size must be >= 1 or None; got {chunk_size}")
+        chunk_size = check_chunk_size(chunk_size)
         if blur_sigma is not None and not blur_every:  # was: no blur at all, silently
             raise ValueError(
                 f"{name}: blur_sigma={blur_sigma} does nothing with blur_every=0 (blur off); give blur_every too "
@@ -548,8 +548,7 @@ class AdversarialCallback(VisualizationCallback):
                 "AdversarialCallback: attack and min_flip_attack must be 'pgd' or 'fgsm'; "
                 f"got {attack!r}, {min_flip_attack!r}"
             )
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"AdversarialCallback: chunk_size must be >= 1 or None; got {chunk_size}")
+        chunk_size = check_chunk_size(chunk_size)
         if loss not in ("ce", "score"):
             raise ValueError(f"AdversarialCallback: loss must be 'ce' or 'score'; got {loss!r}")
         if mode not in ("untargeted", "next_class"):

@@ -27,7 +27,15 @@ from ..targets import Probabilities, TargetSpec, check_probabilities, class_prob
 from . import batching
 from .batching import default_memory_mb, images_per_forward
 from .blur import gaussian_blur
-from .checks import check_classes, check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
+from .checks import (
+    check_chunk_size,
+    check_classes,
+    check_eval,
+    check_images,
+    check_labels_per_image,
+    check_logits,
+    input_matches_model,
+)
 
 __all__ = [
     "perturbation_curve",
@@ -111,8 +119,7 @@ def perturbation_curves(
             raise ValueError(f"unknown baseline {baseline!r}; allowed: 'zero', 'blur'")
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
+    chunk_size = check_chunk_size(chunk_size)
     check_images("deletion/insertion", x)
     check_eval("deletion/insertion", model)
     b, _c, h, w = x.shape
