@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..capture import capture, forward_until, grad_enabled
 from ..layers import module_device, module_dtype
 from ..progress import progress
-from .checks import check_eval, check_images, check_reaches_input
+from .checks import check_chunk_size, check_eval, check_images, check_reaches_input
 from .objectives import Objective, channel, class_logit, feature_match, neuron
 from .parameterization import make_param
 from .regularizers import L2Penalty, Regularizer, penalty_grads, total_penalty
@@ -239,7 +239,7 @@ def optimize_input(
     ``loss = -sum_b objective_b + sum_b penalty_b`` -> ``torch.autograd.grad`` w.r.t. the image
     parameters -> optimizer step -> regularizer projections (decay, blur, clipping) and clamping to
     ``bounds`` (``(lo, hi)`` from :func:`valid_range`). Images are independent (eval mode), so
-    ``chunk_size`` images at a time give the same result as one batch.
+    ``chunk_size`` images at a time give the same result as one batch (``None`` or ``0``: one batch).
 
     ``scale`` (``[1, C, 1, 1]``, e.g. ``1 / std`` of a normalization that only rescales pixels, such as uint8 pixels
     ``0..255``): the model input is ``scale * z`` and everything else (``lr``, ``noise_std``, the regularizers,
@@ -273,8 +273,8 @@ def optimize_input(
     for r in regs:
         r.reset(steps, generator, device)
     b = x0.shape[0]
-    chunk = chunk_size or b
-    images, scores, start = [], [], []
+    chunk = check_chunk_size(chunk_size or None) or max(b, 1)  # 0: one chunk, as None
+    images, scores, start = [x0[:0]], [x0.new_zeros(0)], [x0.new_zeros(0)]  # an empty batch: empty results
     n_chunks = -(-b // chunk)
     for lo in range(0, b, chunk):
         rows = torch.arange(lo, min(lo + chunk, b))
