@@ -148,13 +148,31 @@ class _Ascent:
             p.addcdiv_(m, denom, value=-self.lr / (1 - b1**self.t))
 
 
-def _optimize_chunk(
-    model, objective, init, rows, steps, lr, regs, param, bounds, optimizer, decorrelate, scale, chunk=(0, 1)
-) -> Tensor:
-    """The optimized images of one chunk (``chunk = (index, count)``: where the progress lines count from)."""
-    p = make_param(param, init, decorrelate=decorrelate)
+@dataclass(frozen=True, eq=False)
+class _Loop:
+    """What every chunk of one :func:`optimize_input` call is optimized with (its arguments, resolved: ``bounds``
+    and ``scale`` on the model's device in the work dtype, the regularizers reset)."""
+
+    model: nn.Module
+    objective: Objective
+    steps: int
+    lr: float
+    regs: Sequence[Regularizer]
+    param: Literal["pixel", "fft"]
+    bounds: tuple[Tensor, Tensor] | None
+    optimizer: Literal["adam", "sgd"]
+    decorrelate: bool
+    scale: Tensor | None
+
+
+def _optimize_chunk(loop: _Loop, init: Tensor, rows: Tensor, chunk: tuple[int, int] = (0, 1)) -> Tensor:
+    """The optimized images of one chunk: ``init`` ``[b, C, H, W]`` (in ``z`` units when there is a ``scale``) for
+    the objective's ``rows``; ``chunk = (index, count)``: where the progress lines count from."""
+    model, objective, regs = loop.model, loop.objective, loop.regs
+    steps, bounds, scale = loop.steps, loop.bounds, loop.scale
+    p = make_param(loop.param, init, decorrelate=loop.decorrelate)
     model_dtype = module_dtype(model)
-    opt = _Ascent(p.params, lr, optimizer)
+    opt = _Ascent(p.params, loop.lr, loop.optimizer)
     needs_img_grad = any(r.needs_grad for r in regs)
     project = bounds is not None or any(type(r).project is not Regularizer.project for r in regs)
     # an objective that reads only activations needs no layer after its last one: those passes stop there
@@ -276,25 +294,12 @@ def optimize_input(
     chunk = check_chunk_size(chunk_size or None) or max(b, 1)  # 0: one chunk, as None
     images, scores, start = [x0[:0]], [x0.new_zeros(0)], [x0.new_zeros(0)]  # an empty batch: empty results
     n_chunks = -(-b // chunk)
+    loop = _Loop(model, objective, steps, lr, regs, param, bounds, optimizer, decorrelate, scale)
     for lo in range(0, b, chunk):
         rows = torch.arange(lo, min(lo + chunk, b))
         init_c = x0[lo : lo + chunk]
         start.append(_scores(model, objective, init_c if scale is None else init_c * scale, rows))
-        img = _optimize_chunk(
-            model,
-            objective,
-            init_c,
-            rows,
-            steps,
-            lr,
-            regs,
-            param,
-            bounds,
-            optimizer,
-            decorrelate,
-            scale,
-            (lo // chunk, n_chunks),
-        )
+        img = _optimize_chunk(loop, init_c, rows, (lo // chunk, n_chunks))
         img = img if scale is None else img * scale
         images.append(img)
         scores.append(_scores(model, objective, img, rows))
