@@ -173,7 +173,7 @@ class MapTracker:
     """How a ``MapCallback``'s maps evolve over training: filmstrips, drift, faithfulness, localization, sanity check.
 
     The tags are listed in the module docstring. Deletion/insertion AUC: Petsiuk et al. 2018 (RISE), Sec. 4.1;
-    pointing game: Zhang et al. 2016; energy in mask: Wang et al. 2020 (Score-CAM), Eq. 11; sanity check: Adebayo
+    pointing game: Zhang et al. 2016; energy in mask: Wang et al. 2020 (Score-CAM), Sec. 4.3; sanity check: Adebayo
     et al. 2018, Sec. 3.1 (model parameter randomization).
 
     Args:

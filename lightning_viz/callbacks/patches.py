@@ -38,7 +38,7 @@ def resize_patches(crops: Tensor, px: int) -> Tensor:
 class TopPatchesCallback(VisualizationCallback):
     """Top-``k`` activating patches per unit (Zeiler & Fergus 2014, Fig. 2), one image grid per unit.
 
-    Top-scoring regions per unit as in Girshick et al. 2014, Sec. 3.1; receptive fields: Araujo et al. 2019, Eq. 1-2.
+    Top-scoring regions per unit as in Girshick et al. 2014, Sec. 3.1; receptive fields: Araujo et al. 2019.
 
     Every rank scans its shard of the (larger) probe set in batches and keeps its own top-``k`` per
     unit; rank 0 merges the candidate lists with :func:`~lightning_viz.methods.patches.merge_topk`

@@ -87,7 +87,7 @@ class _InputOptimizationCallback(VisualizationCallback):
         steps: optimization steps.
         lr: learning rate of the optimizer, in the model's input units (pixel units ``[0, 1]`` when the normalization
             only rescales pixels, :func:`pixel_scale`).
-        l2: weight of the ``||I||^2`` penalty (Simonyan et al. 2014, eq. 1), per 32 x 32 px of image (see ``tv``).
+        l2: weight of the ``||I||^2`` penalty (Simonyan et al. 2014), per 32 x 32 px of image (see ``tv``).
         l2_decay: ``I <- (1 - l2_decay) I`` after every step (Yosinski et al. 2015).
         blur_every: Gaussian blur every ``blur_every`` steps (0 = off), of width ``blur_sigma`` pixels.
         blur_sigma: blur width in pixels (default 0.5; only with ``blur_every``).
@@ -227,13 +227,13 @@ class _InputOptimizationCallback(VisualizationCallback):
 
 
 class ClassModelCallback(_InputOptimizationCallback):
-    """Class-model images (Simonyan et al. 2014, eq. 1): for each class ``c``, the image maximizing
+    """Class-model images (Simonyan et al. 2014): for each class ``c``, the image maximizing
     ``S_c(I) - l2 ||I||^2`` from the same start, all classes in one batch; rank 0 only.
 
     Args:
         classes: class indices (default: the first ``max_classes`` classes of the model).
         max_classes: cap on the number of classes when ``classes`` is not given.
-        l2: the lambda of eq. 1.
+        l2: the lambda of that objective.
         **kwargs: the options of the input optimization (``steps``, ``lr``, ``blur_every``, ...) and of
             :class:`VisualizationCallback`. One probe image (``probe_source``, or ``probes``) gives the input
             shape and valid range unless ``input_shape`` is given; ``num_probes``/``probe_seed`` do not apply.
@@ -276,7 +276,7 @@ class ClassModelCallback(_InputOptimizationCallback):
                     torch.zeros(1, *shape, device=module_device(pl_module), dtype=module_dtype(pl_module))
                 ).shape[1]
             classes = list(range(min(n, self.max_classes)))
-        # the l2 penalty of eq. 1 is among the regularizers of optimize_kwargs
+        # the l2 penalty of the objective is among the regularizers of optimize_kwargs
         res = class_model_images(pl_module, classes, shape, l2=0.0, **self.optimize_kwargs(pl_module, probe))
         return {
             "images": res.images.cpu(),

@@ -2,7 +2,7 @@
 
 * :func:`fgsm` -- ``x' = x + eps * sign(grad_x J(x, y))`` (Goodfellow et al. 2015, sec. 4);
 * :func:`pgd` -- ``x^{t+1} = Proj_{||x' - x||_inf <= eps}(x^t + alpha * sign(grad_x J(x^t, y)))`` from a
-  seeded random start (Madry et al. 2018, eq. 2 and sec. 2.1);
+  seeded random start (Madry et al. 2018, Sec. 2.1: PGD on the inner maximization of their eq. 2.1);
 * :func:`minimal_flip_budget` -- per image, the smallest ``eps`` for which the attack flips the
   prediction, by bisection over ``eps`` (all images bisected together, one attack per halving).
 

@@ -5,7 +5,7 @@
   class probability. Low deletion AUC / high insertion AUC = faithful map.
 * :func:`pointing_game` -- Zhang et al., "Top-down neural attention by excitation backprop" (ECCV 2016):
   hit if the map's maximum falls inside the ground-truth mask (within a Euclidean ``tolerance`` in pixels).
-* :func:`energy_in_mask` -- Wang et al., "Score-CAM" (CVPRW 2020), Eq. 11: share of the positive
+* :func:`energy_in_mask` -- Wang et al., "Score-CAM" (CVPRW 2020), Sec. 4.3: share of the positive
   map energy that lies inside the mask.
 * :func:`rank_correlation` (Spearman, tie-aware) and :func:`topk_iou` -- similarity of two maps of one
   image, as used by Adebayo et al., "Sanity checks for saliency maps" (NeurIPS 2018), Sec. 3.
@@ -296,7 +296,7 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: float = 0) -> Tensor:
 
 
 def energy_in_mask(maps: Tensor, masks: Tensor) -> Tensor:
-    """Energy-based pointing game (Score-CAM, Wang et al. 2020, Eq. 11), ``[B]``:
+    """Energy-based pointing game (Score-CAM, Wang et al. 2020, Sec. 4.3), ``[B]``:
     ``sum(relu(map) * mask) / sum(relu(map))`` at mask resolution; NaN where the map has no positive energy or the
     mask is empty (no object: undefined, as in :func:`pointing_game`)."""
     m = _check_masks(maps, masks).flatten(1).float()

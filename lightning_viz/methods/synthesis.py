@@ -4,7 +4,7 @@ One loop, :func:`optimize_input`, maximizes an :mod:`~lightning_viz.methods.obje
 a batch of images (one image per class / unit / probe, all in one batch) under the priors of
 :mod:`~lightning_viz.methods.regularizers`, in a pixel or FFT :mod:`~lightning_viz.methods.parameterization`.
 
-* :func:`class_model_images` -- ``argmax_I S_c(I) - lambda ||I||_2^2`` (Simonyan et al. 2014, eq. 1);
+* :func:`class_model_images` -- ``argmax_I S_c(I) - lambda ||I||_2^2`` (Simonyan et al. 2014);
 * :func:`unit_images` -- ``argmax_x h_ij(x)`` for channels of a layer (Erhan et al. 2009), with the
   regularizers of Yosinski et al. 2015;
 * :func:`invert_features` -- ``argmin_x ||phi(x) - phi0||^2 / ||phi0||^2 + lambda R(x)``
@@ -320,7 +320,7 @@ def class_model_images(
     regularizers: Sequence[Regularizer] = (),
     **kwargs,
 ) -> SynthesisResult:
-    """One image per class maximizing ``S_c(I) - l2 * ||I||_2^2`` (Simonyan et al. 2014, eq. 1), all classes
+    """One image per class maximizing ``S_c(I) - l2 * ||I||_2^2`` (Simonyan et al. 2014), all classes
     in one batch. ``shape = (C, H, W)`` of one image; ``kwargs`` go to :func:`optimize_input`."""
     _check_one_image_shape("class_model_images", shape)
     cls = torch.as_tensor(classes, dtype=torch.long).view(-1).clone()  # also a normal tensor from inference mode
