@@ -337,7 +337,7 @@ class UnitCallback(_InputOptimizationCallback):
             raise ValueError(f"UnitCallback: unit must be 'channel' or 'neuron'; got {unit!r}")
         self.layer = canonical_name(layer)
         self.channels = [int(c) for c in channels]
-        self.unit = unit
+        self.unit: Literal["channel", "neuron"] = unit
         self.needs_probes = self.input_shape is None
 
     def state_key_parts(self) -> tuple[Any, ...]:
@@ -557,6 +557,9 @@ class AdversarialCallback(VisualizationCallback):
             raise ValueError(f"AdversarialCallback: need steps >= 1 and step_size > 0; got {steps}, {step_size}")
         if min_flip_iterations < 0 or (min_flip_max_epsilon is not None and min_flip_max_epsilon <= 0):
             raise ValueError("AdversarialCallback: min_flip_iterations must be >= 0 and min_flip_max_epsilon > 0")
+        self.attack: Literal["pgd", "fgsm"]
+        self.loss: Literal["ce", "score"]
+        self.min_flip_attack: Literal["fgsm", "pgd"]
         self.epsilon, self.attack, self.steps, self.step_size = epsilon, attack, steps, step_size
         self.mode, self.random_start, self.seed, self.loss = mode, random_start, seed, loss
         self.chunk_size = chunk_size
