@@ -377,7 +377,8 @@ def _tsne_sklearn(features: Tensor, seed: int, perplexity: float, iterations: in
 
 
 def silhouette(features: Tensor, labels: Tensor) -> float:
-    """Mean silhouette coefficient (Rousseeuw 1987) with Euclidean distance, as scikit-learn's
+    """Mean silhouette coefficient in ``[-1, 1]`` of ``features[N, D]`` grouped by ``labels[N]`` (Rousseeuw 1987) with
+    Euclidean distance, as scikit-learn's
     ``silhouette_score``: ``s_i = (b_i - a_i) / max(a_i, b_i)`` with ``a_i`` the mean distance to the other
     points of its class and ``b_i`` the smallest mean distance to another class; 0 for a class of one point.
     NaN unless 2 <= #classes <= N - 1. float64 torch (no scikit-learn import)."""
@@ -397,8 +398,9 @@ def silhouette(features: Tensor, labels: Tensor) -> float:
 
 
 def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
-    """Leave-one-out k-NN accuracy (Euclidean; majority vote, ties to the nearer neighbour's class); ``labels`` may
-    be any integers (as scikit-learn's, e.g. -1 or sparse ids)."""
+    """Leave-one-out k-NN accuracy of ``features[N, D]`` in ``[0, 1]`` (Euclidean; majority vote of the ``k``=5
+    nearest, ties to the nearer neighbour's class); ``labels[N]`` may be any integers (as scikit-learn's, e.g. -1 or
+    sparse ids)."""
     n = features.shape[0]
     if n < 2:
         return float("nan")

@@ -321,7 +321,9 @@ def class_model_images(
     **kwargs,
 ) -> SynthesisResult:
     """One image per class maximizing ``S_c(I) - l2 * ||I||_2^2`` (Simonyan et al. 2014), all classes
-    in one batch. ``shape = (C, H, W)`` of one image; ``kwargs`` go to :func:`optimize_input`."""
+    in one batch. ``shape = (C, H, W)`` of one image; ``l2`` default ``1e-3``; ``kwargs`` go to :func:`optimize_input`
+    (``steps=64``, ``lr=0.05``, ``param="pixel"``, ``init="gray"``, ...). Returns :class:`SynthesisResult` with
+    ``images[len(classes), C, H, W]``."""
     _check_one_image_shape("class_model_images", shape)
     cls = torch.as_tensor(classes, dtype=torch.long).view(-1).clone()  # also a normal tensor from inference mode
     regs = ([L2Penalty(l2)] if l2 else []) + list(regularizers)
@@ -338,7 +340,9 @@ def unit_images(
     **kwargs,
 ) -> SynthesisResult:
     """One image per channel of ``layer`` maximizing its mean activation (``unit="channel"``) or its center
-    unit (``"neuron"``) (Erhan et al. 2009; regularized as Yosinski et al. 2015). ``shape = (C, H, W)``."""
+    unit (``"neuron"``) (Erhan et al. 2009; regularized as Yosinski et al. 2015). ``shape = (C, H, W)`` of one image;
+    ``kwargs`` go to :func:`optimize_input`. Returns :class:`SynthesisResult` with
+    ``images[len(channels), C, H, W]``."""
     _check_one_image_shape("unit_images", shape)
     ch = torch.as_tensor(channels, dtype=torch.long).view(-1).clone()  # also a normal tensor from inference mode
     if unit not in ("channel", "neuron"):
