@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache, partial
@@ -316,6 +317,8 @@ def tsne_2d(features: Tensor, seed: int = 0, perplexity: float = 30.0, iteration
     scikit-learn's Barnes-Hut ``TSNE`` (seeded with ``seed``, one OpenMP thread) as before.
     """
     _check_finite("tsne_2d", features)
+    if not (math.isfinite(perplexity) and perplexity > 0):  # was: 0, < 0 and NaN ran with perplexity 1
+        raise ValueError(f"tsne_2d: perplexity must be a finite number > 0; got {perplexity}")
     if iterations < 250:
         raise ValueError(f"t-SNE needs iterations >= 250 (the early-exaggeration phase); got {iterations}")
     n = features.shape[0]
@@ -401,10 +404,12 @@ def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
     """Leave-one-out k-NN accuracy of ``features[N, D]`` in ``[0, 1]`` (Euclidean; majority vote of the ``k``=5
     nearest, ties to the nearer neighbour's class); ``labels[N]`` may be any integers (as scikit-learn's, e.g. -1 or
     sparse ids)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"knn_accuracy: k must be a whole number >= 1; got {k!r}")
     n = features.shape[0]
     if n < 2:
         return float("nan")
-    k = min(k, n - 1)
+    k = min(int(k), n - 1)
     features, labels = features.detach().cpu(), labels.cpu()  # [N, N] work, small: on the CPU like silhouette
     with _one_thread_if_small(n * max(n, features[0].numel())):
         d = torch.cdist(features.double(), features.double())
