@@ -35,6 +35,7 @@ from lightning_viz.methods.embeddings import (
     knn_accuracy,
     pca_2d,
     penultimate_layer,
+    scatter_image,
     silhouette,
     squared_distances,
     tsne_2d,
@@ -712,3 +713,16 @@ def test_tsne_refuses_a_perplexity_that_is_not_positive_and_finite(perplexity):
     """Was: 0, a negative or a NaN perplexity silently ran with perplexity 1 (and inf with N / 3)."""
     with pytest.raises(ValueError, match=rf"tsne_2d: perplexity must be a finite number > 0; got {perplexity}"):
         tsne_2d(torch.randn(20, 3), perplexity=perplexity)
+
+
+def test_embedding_scores_and_scatter_refuse_labels_that_are_not_one_per_point():
+    """Was: silhouette -> torch's "index_add_(): Number of indices (3) should be equal to source.size(dim)",
+    knn_accuracy -> an IndexError, scatter_image -> silently left points 3 and 4 out (more labels than points: an
+    IndexError); and a [N, 3] scatter silently dropped the third coordinate."""
+    feats, three = torch.randn(5, 2), torch.tensor([0, 1, 0])
+    for fn in (silhouette, knn_accuracy, scatter_image):
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: labels must hold one label per point: got 3 for 5"):
+            fn(feats, three)
+    with pytest.raises(ValueError, match=r"scatter_image: points must be \[N, 2\]; got \(5, 3\)"):
+        scatter_image(torch.randn(5, 3), None)
+    assert scatter_image(feats, torch.tensor([[0], [1], [0], [1], [1]])).shape[0] == 3  # [N, 1] labels are fine

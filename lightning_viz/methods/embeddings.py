@@ -120,6 +120,12 @@ def pca_2d(features: Tensor, dims: int = 2) -> Tensor:
         return _pca_scores(features, dims).float()
 
 
+def _check_labels(fn: str, n: int, labels: Tensor) -> None:
+    """One label per point (any shape holding ``n`` values, e.g. ``[N]`` or ``[N, 1]``), or a clear error."""
+    if labels.numel() != n:
+        raise ValueError(f"{fn}: labels must hold one label per point: got {labels.numel()} for {n} points")
+
+
 def _check_finite(fn: str, features: Tensor) -> None:
     """A projection of non-finite features has no meaning (and the SVD fails for all rows): name the rows."""
     bad = (~features.detach().isfinite()).reshape(features.shape[0], -1).any(dim=1).nonzero().flatten()
@@ -386,6 +392,7 @@ def silhouette(features: Tensor, labels: Tensor) -> float:
     points of its class and ``b_i`` the smallest mean distance to another class; 0 for a class of one point.
     NaN unless 2 <= #classes <= N - 1. float64 torch (no scikit-learn import)."""
     n = features.shape[0]
+    _check_labels("silhouette", n, labels)
     classes, inv, counts = torch.unique(labels.cpu().reshape(-1), return_inverse=True, return_counts=True)
     if not 2 <= classes.numel() <= n - 1:
         return float("nan")
@@ -407,6 +414,7 @@ def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"knn_accuracy: k must be a whole number >= 1; got {k!r}")
     n = features.shape[0]
+    _check_labels("knn_accuracy", n, labels)
     if n < 2:
         return float("nan")
     k = min(int(k), n - 1)
@@ -540,7 +548,11 @@ def scatter_image(
 
     from ..render import _fit, _font, one_line
 
-    p = points.detach().cpu().double()[:, :2]
+    if points.ndim != 2 or points.shape[1] != 2:  # was: [N, 3] drew the first two coordinates
+        raise ValueError(f"scatter_image: points must be [N, 2]; got {tuple(points.shape)}")
+    if labels is not None:
+        _check_labels("scatter_image", points.shape[0], labels)
+    p = points.detach().cpu().double()
     finite = torch.isfinite(p).all(1)
     lab = None if labels is None else labels.detach().cpu().reshape(-1).long()
     classes = [] if lab is None else [int(c) for c in torch.unique(lab)]
