@@ -20,7 +20,8 @@ bilinearly upsampled to the input size (:func:`cam_map`). A variant only chooses
   ``[B, C, H, W]`` times the (Grad-CAM / Grad-CAM++) map upsampled to the input.
 * ``scorecam`` -- Wang et al., "Score-CAM", CVPR-W 2020, Eq. 6-10 and Sec. 3.2 (gradient-free): ``w_k`` is the
   softmax probability of the target class (a callable target's own score) for the input masked by
-  ``A_k`` upsampled and min-max normalized; ``K`` extra forwards per image, batched in chunks.
+  ``A_k`` upsampled and min-max normalized (Eq. 6's baseline score ``f(X_b)`` is not subtracted); ``K`` extra
+  forwards per image, batched in chunks.
 * ``hirescam`` -- Draelos & Carin, "Use HiResCAM instead of Grad-CAM for faithful explanations of
   convolutional neural networks", 2020: element-wise ``w_kij = G_kij`` (``sum_k G_k * A_k``).
 * ``eigencam`` -- Muhammad & Yeasin, "Eigen-CAM", IJCNN 2020 (class-agnostic, no gradient): the
