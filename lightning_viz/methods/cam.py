@@ -10,7 +10,7 @@ bilinearly upsampled to the input size (:func:`cam_map`). A variant only chooses
   ``w_k = W_fc[c, k]`` of the linear layer after global average pooling (needs a class, and a model
   whose last ``nn.Linear`` called in the forward takes the ``K`` pooled channels of the layer -- else a clear error).
 * ``gradcam`` -- Selvaraju et al., ICCV 2017: ``w_k = mean_ij G_kij``.
-* ``gradcampp`` -- Chattopadhay et al., "Grad-CAM++", WACV 2018, Eq. 19 with the exponential trick
+* ``gradcampp`` -- Chattopadhay et al., "Grad-CAM++", WACV 2018 (arXiv:1710.11063), Eq. 19, exponential trick
   (score ``exp(S)``, so 2nd/3rd-order derivatives are powers of ``G``):
   ``alpha_kij = G^2 / (2 G^2 + sum_ab A_kab G^3)``, ``w_k = sum_ij alpha_kij ReLU(G_kij)``.
 * ``xgradcam`` -- Fu et al., "Axiom-based Grad-CAM", BMVC 2020: ``w_k = sum_ij (A_kij / sum_ab A_kab) G_kij``.
