@@ -105,7 +105,7 @@ def check_eval(fn: str, model: nn.Module) -> None:
         shown = ", ".join(repr(n) for n in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise ValueError(
             f"{fn}: the model is in training mode ({shown}: batch statistics / random drops, and BatchNorm would "
-            "update its running statistics). Call it inside lightning_viz.capture.isolated(model) (eval mode, "
+            "update its running statistics). Call it inside lightning_viz.isolated(model) (eval mode, "
             "restored on exit) or call model.eval() first."
         )
 
