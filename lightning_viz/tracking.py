@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .capture import fork_rng
 from .layers import module_device, module_dtype
 from .logging import VizLogger, make_tag
+from .methods.checks import check_chunk_size
 from .methods.metrics import (
     curve_auc,
     energy_in_mask,
@@ -172,7 +173,7 @@ class MapTracker:
     """How a ``MapCallback``'s maps evolve over training: filmstrips, drift, faithfulness, localization, sanity check.
 
     The tags are listed in the module docstring. Deletion/insertion AUC: Petsiuk et al. 2018 (RISE), Sec. 4.1;
-    pointing game: Zhang et al. 2016; energy in mask: Wang et al. 2020 (Score-CAM), Eq. 11; sanity check: Adebayo
+    pointing game: Zhang et al. 2016; energy in mask: Wang et al. 2020 (Score-CAM), Sec. 4.3; sanity check: Adebayo
     et al. 2018, Sec. 3.1 (model parameter randomization).
 
     Args:
@@ -237,8 +238,7 @@ class MapTracker:
             raise ValueError(f"MapTracker: topk must be a fraction in (0, 1]; got {topk}")
         if deletion_steps < 1:
             raise ValueError(f"MapTracker: deletion_steps must be >= 1; got {deletion_steps}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"MapTracker: chunk_size must be >= 1 or None; got {chunk_size}")
+        chunk_size = check_chunk_size(chunk_size, "MapTracker")
         if pointing_tolerance < 0:
             raise ValueError(f"MapTracker: pointing_tolerance must be >= 0; got {pointing_tolerance}")
         if target is not None:

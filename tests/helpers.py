@@ -84,7 +84,7 @@ class LitTiny(L.LightningModule):
 
 
 class InputGradMap(MapCallback):
-    """Test-only map method: ``|d logit_label / d x|``, max over channels (Simonyan et al. 2014, Eq. 3)."""
+    """Test-only map method: ``|d logit_label / d x|``, max over channels (Simonyan et al. 2014, Sec. 3.1)."""
 
     method = "inputgrad"
 

@@ -430,3 +430,39 @@ def test_an_unknown_option_is_named_with_the_callbacks_options():
         CAMCallback(num_probe=4)
     with pytest.raises(TypeError, match="CAMCallback 'b': unknown option 'methodz'"):
         CAMCallback(name="b", methodz=["gradcam"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        "GradientCallback(chunk_size={v})",
+        "CAMCallback(chunk_size={v})",
+        "ActivationCallback(chunk_size={v})",
+        "EmbeddingCallback(chunk_size={v})",
+        "TopPatchesCallback(layers='net.conv2', chunk_size={v})",
+        "ClassModelCallback(chunk_size={v})",
+        "AdversarialCallback(chunk_size={v})",
+        "MapTracker(chunk_size={v})",
+    ],
+)
+@pytest.mark.parametrize("value", ["2.5", "True", "'4'"])
+def test_chunk_size_that_is_not_a_whole_number_fails_at_construction(make, value):
+    """Was: 2.5 and True passed the ``>= 1`` check and 2.5 failed at the first epoch end (a string: Python's
+    "'<' not supported"); now every callback refuses them when built, with the same message."""
+    import lightning_viz
+    from lightning_viz.tracking import MapTracker
+
+    make = make.format(v=value)
+    with pytest.raises(TypeError) as info:
+        eval(make, {**{c: getattr(lightning_viz, c) for c in lightning_viz.__all__}, "MapTracker": MapTracker})
+    message = str(info.value)
+    assert message.startswith(make.split("(")[0] + ": "), message
+    assert f"chunk_size must be a whole number of images >= 1, or None; got {value}" in message, message
+
+
+def test_chunk_size_accepts_numpy_integers():
+    import numpy as np
+
+    from lightning_viz import GradientCallback
+
+    assert GradientCallback(chunk_size=np.int64(3)).chunk_size == 3

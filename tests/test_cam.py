@@ -351,7 +351,7 @@ def test_scorecam_against_per_channel_loop():
 def test_scorecam_masks_of_tiny_activations_span_zero_to_one():
     """An as-built EfficientNet-B0's last block has activations of ~1e-13 (its BatchNorm statistics still the initial
     ones): every channel's range was under the 1e-12 floor of the mask normalization, so the masks peaked at ~0.1
-    instead of 1. Score-CAM's weights do not depend on the activations' scale (Wang et al. Eq. 5: min-max masks)."""
+    instead of 1. Score-CAM's weights do not depend on the activations' scale (Wang et al. Eq. 8: min-max masks)."""
     model = TwoConv()
     acts = torch.stack([A2_0, A2_1])[None]
     with isolated(model):

@@ -35,6 +35,7 @@ from lightning_viz.methods.embeddings import (
     knn_accuracy,
     pca_2d,
     penultimate_layer,
+    scatter_image,
     silhouette,
     squared_distances,
     tsne_2d,
@@ -696,3 +697,32 @@ def test_embeddings_show_progress_of_the_forward_and_the_tsne(tmp_path, caplog, 
     ]
     tsne = [int(m.split(": ")[1].split("/")[0]) for m in lines if "/300 t-SNE iterations" in m]
     assert tsne[:5] == [50, 100, 150, 200, 250] and tsne == sorted(tsne), lines
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+def test_knn_accuracy_refuses_a_k_that_is_not_a_count(k):
+    """Was: k=0 -> torch's "argmax(): Expected reduction dim 1 to have non-zero size", 2.5 -> a slicing TypeError."""
+    feats, labels = torch.randn(6, 3), torch.tensor([0, 0, 0, 1, 1, 1])
+    with pytest.raises(ValueError, match=rf"knn_accuracy: k must be a whole number >= 1; got {k!r}"):
+        knn_accuracy(feats, labels, k=k)
+    assert knn_accuracy(feats, labels, k=np.int64(9)) == knn_accuracy(feats, labels, k=5)  # capped at N - 1 = 5
+
+
+@pytest.mark.parametrize("perplexity", [0.0, -5.0, float("nan"), float("inf")])
+def test_tsne_refuses_a_perplexity_that_is_not_positive_and_finite(perplexity):
+    """Was: 0, a negative or a NaN perplexity silently ran with perplexity 1 (and inf with N / 3)."""
+    with pytest.raises(ValueError, match=rf"tsne_2d: perplexity must be a finite number > 0; got {perplexity}"):
+        tsne_2d(torch.randn(20, 3), perplexity=perplexity)
+
+
+def test_embedding_scores_and_scatter_refuse_labels_that_are_not_one_per_point():
+    """Was: silhouette -> torch's "index_add_(): Number of indices (3) should be equal to source.size(dim)",
+    knn_accuracy -> an IndexError, scatter_image -> silently left points 3 and 4 out (more labels than points: an
+    IndexError); and a [N, 3] scatter silently dropped the third coordinate."""
+    feats, three = torch.randn(5, 2), torch.tensor([0, 1, 0])
+    for fn in (silhouette, knn_accuracy, scatter_image):
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: labels must hold one label per point: got 3 for 5"):
+            fn(feats, three)
+    with pytest.raises(ValueError, match=r"scatter_image: points must be \[N, 2\]; got \(5, 3\)"):
+        scatter_image(torch.randn(5, 3), None)
+    assert scatter_image(feats, torch.tensor([[0], [1], [0], [1], [1]])).shape[0] == 3  # [N, 1] labels are fine

@@ -165,7 +165,7 @@ def test_cam_head_and_penultimate_features_are_the_last_linear_called(tmp_path, 
         feats, _ = extract_features(lit, x)
         assert penultimate_layer(lit, x[:1]) == f"{net}.fc"
         pooled = F.relu(cnn.conv2(cnn.relu(cnn.bn1(cnn.conv1(x)))))  # TinyCNN: conv2 -> F.relu -> GAP -> fc
-    expected = F.relu(torch.einsum("bk,bkhw->bhw", cnn.fc.weight[labels], pooled))  # Zhou et al. 2016, Eq. 2
+    expected = F.relu(torch.einsum("bk,bkhw->bhw", cnn.fc.weight[labels], pooled))  # Zhou et al. 2016
     torch.testing.assert_close(maps[f"cam/{net}.conv2"], expected)
     torch.testing.assert_close(feats, pooled.mean(dim=(2, 3)))
 
@@ -305,7 +305,7 @@ def test_unit_options_checked_against_the_layer_output_at_setup(tmp_path):
 def test_cam_explains_the_layers_pytorch_grad_cam_names(tmp_path, arch, layer):
     """pytorch-grad-cam's docs name ``model.features[-1]``: DenseNet's final BatchNorm, VGG's last MaxPool2d.
     Neither contains a convolution, but both keep the convolutions' feature map: named, they run (was: refused
-    with 'CAM needs a convolution layer'), and the map is Grad-CAM of that layer's output (Eq. 1-2, by hand)."""
+    with 'CAM needs a convolution layer'), and the map is Grad-CAM of that layer's output (by hand)."""
     from test_gradients import torchvision_model  # vgg11 with a narrowed classifier
 
     from lightning_viz.capture import capture
@@ -367,7 +367,7 @@ class ConcatNet(nn.Module):
 def test_cam_default_layer_of_concatenated_branches(tmp_path):
     """'cam' on a GAP + linear head over a block that concatenates branches (GoogLeNet, Inception v3) runs on the
     default layer (was refused at setup: no module of the block has the 5 channels the classifier reads), and its
-    map is Zhou et al.'s Eq. 2 by hand: ReLU(sum_k W[c, k] A_k)."""
+    map is Zhou et al.'s CAM by hand: ReLU(sum_k W[c, k] A_k)."""
     torch.manual_seed(0)
     lit = LitTiny(ConcatNet())
     cb = CAMCallback(methods=["cam"], num_probes=2)

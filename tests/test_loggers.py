@@ -58,17 +58,12 @@ def fit(logger, root, **cb_kw):
     torch.manual_seed(0)
     viz = InputGradMap(num_probes=2, **cb_kw)
     rec = Recorder(viz)
-    trainer = L.Trainer(
-        max_epochs=EPOCHS,
+    trainer = tiny_trainer(
+        str(root),
+        [viz, rec],
+        EPOCHS,
         logger=logger,
-        callbacks=[viz, rec],
         default_root_dir=str(root),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        log_every_n_steps=1,
         limit_train_batches=2,
         limit_val_batches=1,
     )
@@ -462,15 +457,11 @@ def test_restricting_loggers_writes_only_there_and_an_empty_list_computes_nothin
 
     CountingMap.calls = 0
     cb = CountingMap(num_probes=2, loggers=[])
-    trainer = L.Trainer(
-        max_epochs=EPOCHS,
+    trainer = tiny_trainer(
+        str(tmp_path),
+        [cb],
+        EPOCHS,
         logger=TensorBoardLogger(str(tmp_path), name="none", version=0),
-        callbacks=[cb],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
         limit_train_batches=1,
         limit_val_batches=1,
     )
@@ -544,15 +535,7 @@ def test_loggers_option_fails_early_naming_what_the_trainer_has(tmp_path):
     with pytest.raises(ValueError, match=r"list of logger names"):
         InputGradMap(loggers="csv")
     cb = InputGradMap(num_probes=2, loggers=["wandb", "folder"])
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=CSVLogger(str(tmp_path)),
-        callbacks=[cb],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = tiny_trainer(str(tmp_path), [cb], 1, logger=CSVLogger(str(tmp_path)))
     with pytest.raises(
         ValueError,
         match=r"InputGradMap: loggers=\['wandb', 'folder'\] names \['wandb'\].*"
@@ -705,14 +688,11 @@ def test_fast_dev_run_computes_every_callback_and_writes_nothing(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     CountingMap.calls = 0
     cb = CountingMap(num_probes=2, loggers=loggers)
-    trainer = L.Trainer(
-        fast_dev_run=True,
+    trainer = tiny_trainer(
+        str(tmp_path),
+        [cb],
         logger=TensorBoardLogger(str(tmp_path / "logs")),
-        callbacks=[cb],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
+        fast_dev_run=True,
         default_root_dir=str(tmp_path),
     )
     with caplog.at_level("INFO"):

@@ -3,11 +3,15 @@ for wrong inputs, the model and the global RNG left as they were, and edge numer
 
 from __future__ import annotations
 
+import functools
+import re
+
 import pytest
 import torch
 import torchvision
 from helpers import LitTiny, TinyCNN
 
+import lightning_viz
 from lightning_viz.callbacks import CAMCallback
 from lightning_viz.capture import isolated
 from lightning_viz.layers import LayerNotFoundError
@@ -64,10 +68,13 @@ def test_a_model_in_training_mode_is_refused_before_any_forward(call):
     # forward (or the memory probe's batch of one failed with "Expected more than 1 value per channel")
     model, x = _resnet(), _images()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"training mode \('bn1'.*isolated\(model\)"):
+    with pytest.raises(ValueError, match=r"training mode \('bn1'.*isolated\(model\)") as info:
         call(model, x)
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    with isolated(model) as m:  # as documented: eval mode inside, restored on exit
+    # the advice as typed after `import lightning_viz` (was lightning_viz.capture.isolated: the function capture)
+    advice = re.search(r"inside (lightning_viz[\w.]*)\(model\)", str(info.value)).group(1)
+    isolate = functools.reduce(getattr, advice.split(".")[1:], lightning_viz)
+    with isolate(model) as m:  # as documented: eval mode inside, restored on exit
         call(m, x)
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 

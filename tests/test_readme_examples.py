@@ -764,6 +764,12 @@ def test_readme_paths_and_dotted_names_exist():
         for part in (attr or "").split(".") if attr else []:
             obj = getattr(obj, part)
         assert obj is not None, name
+        # as typed after the import: a package attribute named like its module (lightning_viz.capture is the function
+        # capture, lightning_viz.methods.occlusion the function occlusion) hides the module's other names
+        obj = importlib.import_module("lightning_viz")
+        for part in name.split(".")[1:]:
+            assert hasattr(obj, part), f"{name}: {part!r} is not an attribute of {obj!r} (a function hides its module)"
+            obj = getattr(obj, part)
 
 
 def _resolves(ref: str, module: str) -> bool:

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..layers import default_cam_layer, first_conv_name, module_device, module_dtype, resolve_layers
 from ..logging import VizLogger, make_tag
 from ..methods.activations import feature_maps
+from ..methods.checks import check_chunk_size
 from ..probe import ProbeSet
 from ..render import (
     _fmt,
@@ -112,8 +113,7 @@ class ActivationCallback(VisualizationCallback):
                 )
         else:
             channels = index_list("ActivationCallback", "channels", channels, "channel")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"ActivationCallback: chunk_size must be >= 1 or None; got {chunk_size}")
+        chunk_size = check_chunk_size(chunk_size)
         if layout not in ("per_probe", "grid"):
             raise ValueError(f"ActivationCallback: layout must be 'per_probe' or 'grid'; got {layout!r}")
         if display_px < 0:

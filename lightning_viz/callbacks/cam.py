@@ -100,10 +100,10 @@ def _norms_reading(model: nn.Module, layers: list[str]) -> Iterator[dict[str, st
 class CAMCallback(GradientMapCallback):
     """Class activation maps of the probe images.
 
-    ``L = ReLU(sum_k w_k A_k)`` with one weighting per variant: CAM, Zhou et al. 2016, Eq. 2; Grad-CAM, Selvaraju et
-    al. 2017, Eq. 1 (Sec. 5 counterfactual, Sec. 3 guided); Grad-CAM++, Chattopadhay et al. 2018, Eq. 19; XGrad-CAM,
-    Fu et al. 2020, Eq. 9; LayerCAM, Jiang et al. 2021, Eq. 5; Score-CAM, Wang et al. 2020, Eq. 5-7; HiResCAM,
-    Draelos & Carin 2020, Eq. 3; Eigen-CAM, Muhammad & Yeasin 2020; Ablation-CAM, Desai & Ramaswamy 2020, Eq. 3.
+    ``L = ReLU(sum_k w_k A_k)`` with one weighting per variant: CAM, Zhou et al. 2016; Grad-CAM, Selvaraju et
+    al. 2017 (Sec. 5 counterfactual, Sec. 3 guided); Grad-CAM++, Chattopadhay et al. 2018, Eq. 19; XGrad-CAM,
+    Fu et al. 2020; LayerCAM, Jiang et al. 2021; Score-CAM, Wang et al. 2020, Eq. 6-10; HiResCAM,
+    Draelos & Carin 2020; Eigen-CAM, Muhammad & Yeasin 2020; Ablation-CAM, Desai & Ramaswamy 2020.
 
     Args:
         methods: any of :data:`~lightning_viz.methods.cam.CAM_VARIANTS`: ``cam``, ``gradcam``, ``gradcampp``

@@ -14,6 +14,7 @@ from torch import Tensor
 from ..layers import get_layer, module_device, module_dtype
 from ..logging import VizLogger, make_tag, step_label
 from ..methods.batching import images_per_forward
+from ..methods.checks import check_chunk_size
 from ..methods.embeddings import (
     extract_features,
     knn_accuracy,
@@ -125,8 +126,7 @@ class EmbeddingCallback(VisualizationCallback):
         for name, v in (("sprite_size", sprite_size), ("knn_k", knn_k)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1; got {v}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
+        chunk_size = check_chunk_size(chunk_size)
         if tsne_iterations < 250:
             raise ValueError(
                 f"tsne_iterations must be >= 250 (t-SNE's early-exaggeration phase); got {tsne_iterations}"

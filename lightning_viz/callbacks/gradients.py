@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..layers import module_device, module_dtype, unwrap_model
+from ..methods.checks import check_chunk_size
 from ..methods.gradients import GRADIENT_METHODS, PASS_RULES, gradient_from_pass, reduce_channels, smoothgrad
 from ..methods.relu_rules import relu_rule
 from ..methods.shared_pass import INPUT, PassCache, PassResult, model_version, pass_cache
@@ -57,8 +58,7 @@ class GradientMapCallback(MapCallback):
     ):
         super().__init__(**kwargs)
         self.target = resolve_target(target)  # raises a clear error for an unknown spec
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
+        chunk_size = check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
         self.share_pass = share_pass
         self._own_cache = PassCache()  # used when share_pass is False
@@ -147,8 +147,8 @@ class GradientCallback(GradientMapCallback):
     """Gradient attribution maps of the probe images, logged as one panel per probe ``viz-gradients/panel/<probe-id>``.
 
     Saliency, Simonyan et al. 2014, Sec. 3.1; guided backprop, Springenberg et al. 2015; deconvnet, Zeiler & Fergus
-    2014, Sec. 2.1; input x gradient, Shrikumar et al. 2016; integrated gradients, Sundararajan et al. 2017, Eq. 3;
-    SmoothGrad, Smilkov et al. 2017, Eq. 2.
+    2014, Sec. 2.1; input x gradient, Shrikumar et al. 2016; integrated gradients, Sundararajan et al. 2017;
+    SmoothGrad, Smilkov et al. 2017.
 
     Args:
         methods: any of ``saliency`` (Simonyan, max |grad| over channels), ``gradient`` (signed),
@@ -156,10 +156,10 @@ class GradientCallback(GradientMapCallback):
             ``smoothgrad_<any of those>`` (SmoothGrad around it).
         reduce: how ``[C, H, W]`` attributions become a map: ``abs_max`` (default), ``sum`` (signed;
             ``signed`` then defaults to True), ``abs_sum``. Saliency is already a map.
-        smoothgrad_samples: SmoothGrad noise samples per image (Smilkov et al. 2017, Eq. 2).
+        smoothgrad_samples: SmoothGrad noise samples per image (Smilkov et al. 2017).
         smoothgrad_sigma: SmoothGrad noise standard deviation, as a fraction of each image's value range.
         smoothgrad_seed: seed of SmoothGrad's own noise generator.
-        ig_steps: integrated-gradients path points (Sundararajan et al. 2017, Eq. 3).
+        ig_steps: integrated-gradients path points (Sundararajan et al. 2017).
         ig_baseline: integrated-gradients constant baseline value.
         target, chunk_size, share_pass: see :class:`GradientMapCallback`.
         **kwargs: rendering (:class:`MapCallback`) and schedule/probe options (``VisualizationCallback``).

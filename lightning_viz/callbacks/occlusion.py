@@ -9,7 +9,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from ..layers import module_device, module_dtype
-from ..methods.occlusion import FILLS, occlusion, positions_per_forward, spread_to_pixels
+from ..methods.occlusion import FILLS, Fill, occlusion, positions_per_forward, spread_to_pixels
 from ..probe import ProbeSet
 from ..targets import resolve_target
 from .maps import MapCallback
@@ -67,6 +67,7 @@ class OcclusionCallback(MapCallback):
         if memory_mb is not None and memory_mb <= 0:
             raise ValueError(f"memory_mb must be > 0; got {memory_mb}")
         resolve_target(target)  # validates the spelling now
+        self.fill: Fill
         self.window, self.stride, self.fill = window, stride, fill
         self.target, self.outputs, self.memory_mb = target, list(outputs), memory_mb
 

@@ -13,6 +13,7 @@ from ..capture import capture, isolated
 from ..layers import get_layer, module_device, module_dtype, resolve_layers
 from ..logging import VizLogger, make_tag
 from ..methods.batching import images_per_forward
+from ..methods.checks import check_chunk_size
 from ..methods.patches import TopK, merge_topk, scan_topk_layers
 from ..methods.receptive_field import NotAConvStackError, crop_boxes, receptive_field, stack_receptive_field
 from ..probe import ProbeSet
@@ -37,7 +38,7 @@ def resize_patches(crops: Tensor, px: int) -> Tensor:
 class TopPatchesCallback(VisualizationCallback):
     """Top-``k`` activating patches per unit (Zeiler & Fergus 2014, Fig. 2), one image grid per unit.
 
-    Top-scoring regions per unit as in Girshick et al. 2014, Sec. 3.1; receptive fields: Araujo et al. 2019, Eq. 1-2.
+    Top-scoring regions per unit as in Girshick et al. 2014, Sec. 3.1; receptive fields: Araujo et al. 2019.
 
     Every rank scans its shard of the (larger) probe set in batches and keeps its own top-``k`` per
     unit; rank 0 merges the candidate lists with :func:`~lightning_viz.methods.patches.merge_topk`
@@ -92,8 +93,7 @@ class TopPatchesCallback(VisualizationCallback):
         for name, v in (("num_units", num_units), ("k", k)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1; got {v}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
+        chunk_size = check_chunk_size(chunk_size)
         if receptive_field not in ("auto", "arithmetic", "gradient"):
             raise ValueError(f"receptive_field must be 'auto', 'arithmetic' or 'gradient'; got {receptive_field!r}")
         if patch_px < 0:

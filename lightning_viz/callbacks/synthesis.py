@@ -31,6 +31,7 @@ from torch import Tensor
 from ..layers import canonical_name, get_layer, module_device, module_dtype
 from ..logging import VizLogger, make_tag
 from ..methods.adversarial import fgsm, minimal_flip_budget, pgd, predict
+from ..methods.checks import check_chunk_size
 from ..methods.regularizers import build_regularizers
 from ..methods.synthesis import (
     class_model_images,
@@ -86,7 +87,7 @@ class _InputOptimizationCallback(VisualizationCallback):
         steps: optimization steps.
         lr: learning rate of the optimizer, in the model's input units (pixel units ``[0, 1]`` when the normalization
             only rescales pixels, :func:`pixel_scale`).
-        l2: weight of the ``||I||^2`` penalty (Simonyan et al. 2014, eq. 1), per 32 x 32 px of image (see ``tv``).
+        l2: weight of the ``||I||^2`` penalty (Simonyan et al. 2014), per 32 x 32 px of image (see ``tv``).
         l2_decay: ``I <- (1 - l2_decay) I`` after every step (Yosinski et al. 2015).
         blur_every: Gaussian blur every ``blur_every`` steps (0 = off), of width ``blur_sigma`` pixels.
         blur_sigma: blur width in pixels (default 0.5; only with ``blur_every``).
@@ -147,8 +148,7 @@ class _InputOptimizationCallback(VisualizationCallback):
         negative = {k: v for k, v in nonneg.items() if v < 0}
         if negative:
             raise ValueError(f"{name}: {', '.join(negative)} must be >= 0 (0 = off); got {negative}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"{name}: chunk_size must be >= 1 or None; got {chunk_size}")
+        chunk_size = check_chunk_size(chunk_size)
         if blur_sigma is not None and not blur_every:  # was: no blur at all, silently
             raise ValueError(
                 f"{name}: blur_sigma={blur_sigma} does nothing with blur_every=0 (blur off); give blur_every too "
@@ -227,13 +227,13 @@ class _InputOptimizationCallback(VisualizationCallback):
 
 
 class ClassModelCallback(_InputOptimizationCallback):
-    """Class-model images (Simonyan et al. 2014, eq. 1): for each class ``c``, the image maximizing
+    """Class-model images (Simonyan et al. 2014): for each class ``c``, the image maximizing
     ``S_c(I) - l2 ||I||^2`` from the same start, all classes in one batch; rank 0 only.
 
     Args:
         classes: class indices (default: the first ``max_classes`` classes of the model).
         max_classes: cap on the number of classes when ``classes`` is not given.
-        l2: the lambda of eq. 1.
+        l2: the lambda of that objective.
         **kwargs: the options of the input optimization (``steps``, ``lr``, ``blur_every``, ...) and of
             :class:`VisualizationCallback`. One probe image (``probe_source``, or ``probes``) gives the input
             shape and valid range unless ``input_shape`` is given; ``num_probes``/``probe_seed`` do not apply.
@@ -276,7 +276,7 @@ class ClassModelCallback(_InputOptimizationCallback):
                     torch.zeros(1, *shape, device=module_device(pl_module), dtype=module_dtype(pl_module))
                 ).shape[1]
             classes = list(range(min(n, self.max_classes)))
-        # the l2 penalty of eq. 1 is among the regularizers of optimize_kwargs
+        # the l2 penalty of the objective is among the regularizers of optimize_kwargs
         res = class_model_images(pl_module, classes, shape, l2=0.0, **self.optimize_kwargs(pl_module, probe))
         return {
             "images": res.images.cpu(),
@@ -337,7 +337,7 @@ class UnitCallback(_InputOptimizationCallback):
             raise ValueError(f"UnitCallback: unit must be 'channel' or 'neuron'; got {unit!r}")
         self.layer = canonical_name(layer)
         self.channels = [int(c) for c in channels]
-        self.unit = unit
+        self.unit: Literal["channel", "neuron"] = unit
         self.needs_probes = self.input_shape is None
 
     def state_key_parts(self) -> tuple[Any, ...]:
@@ -548,8 +548,7 @@ class AdversarialCallback(VisualizationCallback):
                 "AdversarialCallback: attack and min_flip_attack must be 'pgd' or 'fgsm'; "
                 f"got {attack!r}, {min_flip_attack!r}"
             )
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"AdversarialCallback: chunk_size must be >= 1 or None; got {chunk_size}")
+        chunk_size = check_chunk_size(chunk_size)
         if loss not in ("ce", "score"):
             raise ValueError(f"AdversarialCallback: loss must be 'ce' or 'score'; got {loss!r}")
         if mode not in ("untargeted", "next_class"):
@@ -558,6 +557,9 @@ class AdversarialCallback(VisualizationCallback):
             raise ValueError(f"AdversarialCallback: need steps >= 1 and step_size > 0; got {steps}, {step_size}")
         if min_flip_iterations < 0 or (min_flip_max_epsilon is not None and min_flip_max_epsilon <= 0):
             raise ValueError("AdversarialCallback: min_flip_iterations must be >= 0 and min_flip_max_epsilon > 0")
+        self.attack: Literal["pgd", "fgsm"]
+        self.loss: Literal["ce", "score"]
+        self.min_flip_attack: Literal["fgsm", "pgd"]
         self.epsilon, self.attack, self.steps, self.step_size = epsilon, attack, steps, step_size
         self.mode, self.random_start, self.seed, self.loss = mode, random_start, seed, loss
         self.chunk_size = chunk_size

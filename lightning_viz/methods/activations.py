@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import capture
-from .checks import check_images, input_matches_model
+from .checks import check_chunk_size, check_images, input_matches_model
 
 __all__ = ["feature_maps"]
 
@@ -33,8 +33,7 @@ def feature_maps(
     """
     check_images("feature_maps", x)
     names = [layers] if isinstance(layers, str) else list(layers)  # one name is a layer, not its characters
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
+    chunk_size = check_chunk_size(chunk_size)
     step = x.shape[0] if chunk_size is None else chunk_size
     parts: dict[str, list[Tensor]] = {n: [] for n in names}
     with torch.no_grad(), capture(model, names) as cap, input_matches_model("feature_maps", model, x):

@@ -2,7 +2,7 @@
 
 * :func:`fgsm` -- ``x' = x + eps * sign(grad_x J(x, y))`` (Goodfellow et al. 2015, sec. 4);
 * :func:`pgd` -- ``x^{t+1} = Proj_{||x' - x||_inf <= eps}(x^t + alpha * sign(grad_x J(x^t, y)))`` from a
-  seeded random start (Madry et al. 2018, eq. 2 and sec. 2.1);
+  seeded random start (Madry et al. 2018, Sec. 2.1: PGD on the inner maximization of their eq. 2.1);
 * :func:`minimal_flip_budget` -- per image, the smallest ``eps`` for which the attack flips the
   prediction, by bisection over ``eps`` (all images bisected together, one attack per halving).
 
@@ -35,7 +35,7 @@ __all__ = ["predict", "fgsm", "pgd", "is_flipped", "minimal_flip_budget"]
 
 
 def predict(model: nn.Module, x: Tensor) -> Tensor:
-    """Arg-max class of each image (no graph)."""
+    """Arg-max class ``[B]`` (long) of each image of ``x[B, C, H, W]`` (no graph)."""
     with torch.no_grad():
         return check_logits("adversarial attack", model(x), x.shape[0]).argmax(dim=1)
 
@@ -104,9 +104,10 @@ def fgsm(
     loss: LossSpec = "ce",
     std: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
-    """Fast gradient sign method (Goodfellow et al. 2015): one signed-gradient step of size ``epsilon``
-    (pixel units with ``std``, see the module docstring). ``classes``: the class to move away from (untargeted) or
-    toward (``targeted``)."""
+    """Fast gradient sign method (Goodfellow et al. 2015, Sec. 4): ``x[B, C, H, W]`` plus one signed-gradient step
+    of size ``epsilon`` (a float or one per image ``[B]``; pixel units with ``std``, see the module docstring),
+    clamped to ``bounds`` -> adversarial images ``[B, C, H, W]``, detached. ``classes`` ``[B]``: the class to move
+    away from (untargeted, default) or toward (``targeted``); ``loss``: ``"ce"`` (default) or ``"score"``."""
     x = x.detach()
     return _fgsm_step(x, _loss_sign_grad(model, x, classes, targeted, loss), epsilon, bounds, std)
 
@@ -164,7 +165,8 @@ def pgd(
 
 
 def is_flipped(pred: Tensor, classes: Tensor, targeted: bool) -> Tensor:
-    """Attack success per image: the prediction left ``classes`` (untargeted) or reached it (targeted)."""
+    """Attack success per image, bool ``[B]``: the prediction ``pred[B]`` left ``classes[B]`` (untargeted) or reached
+    it (targeted)."""
     classes = classes.to(pred.device)
     return pred == classes if targeted else pred != classes
 

@@ -6,27 +6,28 @@ bilinearly upsampled to the input size (:func:`cam_map`). A variant only chooses
 ``G = dS/dA`` of the target score -- both read off one :func:`~lightning_viz.methods.shared_pass.gradient_pass`
 (``A`` is ``ReLU(output)`` when the forward rectifies the layer's output in place, e.g. DenseNet's ``norm5``):
 
-* ``cam`` -- Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016, Eq. 2:
+* ``cam`` -- Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016:
   ``w_k = W_fc[c, k]`` of the linear layer after global average pooling (needs a class, and a model
   whose last ``nn.Linear`` called in the forward takes the ``K`` pooled channels of the layer -- else a clear error).
-* ``gradcam`` -- Selvaraju et al., ICCV 2017, Eq. 1: ``w_k = mean_ij G_kij``.
-* ``gradcampp`` -- Chattopadhay et al., "Grad-CAM++", WACV 2018, Eq. 19 with the exponential trick
+* ``gradcam`` -- Selvaraju et al., ICCV 2017: ``w_k = mean_ij G_kij``.
+* ``gradcampp`` -- Chattopadhay et al., "Grad-CAM++", WACV 2018 (arXiv:1710.11063), Eq. 19, exponential trick
   (score ``exp(S)``, so 2nd/3rd-order derivatives are powers of ``G``):
   ``alpha_kij = G^2 / (2 G^2 + sum_ab A_kab G^3)``, ``w_k = sum_ij alpha_kij ReLU(G_kij)``.
-* ``xgradcam`` -- Fu et al., "Axiom-based Grad-CAM", BMVC 2020, Eq. 9: ``w_k = sum_ij (A_kij / sum_ab A_kab) G_kij``.
-* ``layercam`` -- Jiang et al., "LayerCAM", TIP 2021, Eq. 5: element-wise ``w_kij = ReLU(G_kij)``.
+* ``xgradcam`` -- Fu et al., "Axiom-based Grad-CAM", BMVC 2020: ``w_k = sum_ij (A_kij / sum_ab A_kab) G_kij``.
+* ``layercam`` -- Jiang et al., "LayerCAM", TIP 2021: element-wise ``w_kij = ReLU(G_kij)``.
 * ``counterfactual_gradcam`` -- Selvaraju et al. 2017, Sec. 5: Grad-CAM with negated gradients.
 * ``guided_gradcam`` / ``guided_gradcampp`` -- Selvaraju et al. 2017, Sec. 3: guided backprop
   ``[B, C, H, W]`` times the (Grad-CAM / Grad-CAM++) map upsampled to the input.
-* ``scorecam`` -- Wang et al., "Score-CAM", CVPR-W 2020, Eq. 5-7 (gradient-free): ``w_k`` is the
+* ``scorecam`` -- Wang et al., "Score-CAM", CVPR-W 2020, Eq. 6-10 and Sec. 3.2 (gradient-free): ``w_k`` is the
   softmax probability of the target class (a callable target's own score) for the input masked by
-  ``A_k`` upsampled and min-max normalized; ``K`` extra forwards per image, batched in chunks.
+  ``A_k`` upsampled and min-max normalized (Eq. 6's baseline score ``f(X_b)`` is not subtracted); ``K`` extra
+  forwards per image, batched in chunks.
 * ``hirescam`` -- Draelos & Carin, "Use HiResCAM instead of Grad-CAM for faithful explanations of
-  convolutional neural networks", 2020, Eq. 3: element-wise ``w_kij = G_kij`` (``sum_k G_k * A_k``).
-* ``eigencam`` -- Muhammad & Yeasin, "Eigen-CAM", IJCNN 2020, Eq. 5-6 (class-agnostic, no gradient): the
+  convolutional neural networks", 2020: element-wise ``w_kij = G_kij`` (``sum_k G_k * A_k``).
+* ``eigencam`` -- Muhammad & Yeasin, "Eigen-CAM", IJCNN 2020 (class-agnostic, no gradient): the
   projection of each position's centred activations on their first principal component (sign chosen to
   correlate positively with ``sum_k A_k``, since the SVD leaves it open).
-* ``ablationcam`` -- Desai & Ramaswamy, "Ablation-CAM", WACV 2020, Eq. 3: ``w_k = (y_c - y_c^k) / y_c``
+* ``ablationcam`` -- Desai & Ramaswamy, "Ablation-CAM", WACV 2020: ``w_k = (y_c - y_c^k) / y_c``
   with ``y_c^k`` the target score with channel ``k`` of the layer zeroed; ``K`` extra forwards per image.
 
 Every variant is one :class:`CAMVariant` entry of :data:`CAM_VARIANTS` saying what it needs: weights
@@ -160,7 +161,7 @@ def cam_head(
 def verify_cam_head(
     activations: Tensor, logits: Tensor, head: nn.Linear, layer: str = "?", advice: Optional[str] = None
 ) -> bool:
-    """Check numerically that ``layer`` feeds a GAP + linear head (Zhou et al. 2016, Eq. 2): for every class ``c``,
+    """Check numerically that ``layer`` feeds a GAP + linear head (Zhou et al. 2016): for every class ``c``,
     ``mean_ij sum_k W[c, k] A_kij + b_c`` (the spatial mean of the pre-ReLU class map plus the bias) must equal
     logit ``c``, up to one shift per image (a ``log_softmax`` after the classifier). Else CAM's weights do not
     belong to that layer (a block before the last, a conv before its BatchNorm / residual add) or the output is
@@ -471,25 +472,23 @@ GUIDED_CAM_METHODS: tuple[str, ...] = ()
 WEIGHT_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
 
 for _v in (
-    CAMVariant("cam", "Zhou et al. 2016, Eq. 2", head=True, needs_class=True),
-    CAMVariant("gradcam", "Selvaraju et al. 2017, Eq. 1", weights=gradcam_weights, aliases=("grad-cam",)),
+    CAMVariant("cam", "Zhou et al. 2016", head=True, needs_class=True),
+    CAMVariant("gradcam", "Selvaraju et al. 2017", weights=gradcam_weights, aliases=("grad-cam",)),
     CAMVariant(
         "gradcampp", "Chattopadhay et al. 2018, Eq. 19", weights=gradcampp_weights, aliases=("gradcam++", "grad-cam++")
     ),
-    CAMVariant("xgradcam", "Fu et al. 2020, Eq. 9", weights=xgradcam_weights),
-    CAMVariant("layercam", "Jiang et al. 2021, Eq. 5", weights=layercam_weights),
+    CAMVariant("xgradcam", "Fu et al. 2020", weights=xgradcam_weights),
+    CAMVariant("layercam", "Jiang et al. 2021", weights=layercam_weights),
     CAMVariant(
         "counterfactual_gradcam",
         "Selvaraju et al. 2017, Sec. 5",
         weights=counterfactual_weights,
         aliases=("counterfactual",),
     ),
-    CAMVariant("hirescam", "Draelos & Carin 2020, Eq. 3", weights=hirescam_weights),
-    CAMVariant("eigencam", "Muhammad & Yeasin 2020, Eq. 5-6", activation_map=eigencam_map),
-    CAMVariant("scorecam", "Wang et al. 2020, Eq. 5-7", forward_weights=_scorecam_forward),
-    CAMVariant(
-        "ablationcam", "Desai & Ramaswamy 2020, Eq. 3", forward_weights=_ablation_forward, aliases=("ablation-cam",)
-    ),
+    CAMVariant("hirescam", "Draelos & Carin 2020", weights=hirescam_weights),
+    CAMVariant("eigencam", "Muhammad & Yeasin 2020", activation_map=eigencam_map),
+    CAMVariant("scorecam", "Wang et al. 2020, Eq. 6-10", forward_weights=_scorecam_forward),
+    CAMVariant("ablationcam", "Desai & Ramaswamy 2020", forward_weights=_ablation_forward, aliases=("ablation-cam",)),
     CAMVariant("guided_gradcam", "Selvaraju et al. 2017, Sec. 3", guided_of="gradcam"),
     CAMVariant(
         "guided_gradcampp",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator
 from typing import Optional
 
@@ -22,7 +23,25 @@ __all__ = [
     "check_logits",
     "input_matches_model",
     "check_reaches_input",
+    "check_chunk_size",
 ]
+
+
+def check_chunk_size(chunk_size: object, owner: str = "") -> Optional[int]:
+    """``chunk_size`` (images per forward) as an ``int >= 1``, or ``None``; a numpy integer counts, a bool or float
+    does not. ``owner`` prefixes the message (``"MapTracker"``; callbacks get theirs from the base class)."""
+    who = f"{owner}: " if owner else ""
+    if chunk_size is None:
+        return None
+    try:
+        if isinstance(chunk_size, bool):
+            raise TypeError
+        n = operator.index(chunk_size)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{who}chunk_size must be a whole number of images >= 1, or None; got {chunk_size!r}") from None
+    if n < 1:
+        raise ValueError(f"{who}chunk_size must be >= 1 or None; got {chunk_size}")
+    return n
 
 
 def check_images(fn: str, x: object) -> None:
@@ -86,7 +105,7 @@ def check_eval(fn: str, model: nn.Module) -> None:
         shown = ", ".join(repr(n) for n in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise ValueError(
             f"{fn}: the model is in training mode ({shown}: batch statistics / random drops, and BatchNorm would "
-            "update its running statistics). Call it inside lightning_viz.capture.isolated(model) (eval mode, "
+            "update its running statistics). Call it inside lightning_viz.isolated(model) (eval mode, "
             "restored on exit) or call model.eval() first."
         )
 

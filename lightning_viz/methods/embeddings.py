@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache, partial
@@ -117,6 +118,12 @@ def pca_2d(features: Tensor, dims: int = 2) -> Tensor:
     _check_finite("pca_2d", features)
     with _one_thread_if_small(features.numel()):
         return _pca_scores(features, dims).float()
+
+
+def _check_labels(fn: str, n: int, labels: Tensor) -> None:
+    """One label per point (any shape holding ``n`` values, e.g. ``[N]`` or ``[N, 1]``), or a clear error."""
+    if labels.numel() != n:
+        raise ValueError(f"{fn}: labels must hold one label per point: got {labels.numel()} for {n} points")
 
 
 def _check_finite(fn: str, features: Tensor) -> None:
@@ -316,6 +323,8 @@ def tsne_2d(features: Tensor, seed: int = 0, perplexity: float = 30.0, iteration
     scikit-learn's Barnes-Hut ``TSNE`` (seeded with ``seed``, one OpenMP thread) as before.
     """
     _check_finite("tsne_2d", features)
+    if not (math.isfinite(perplexity) and perplexity > 0):  # was: 0, < 0 and NaN ran with perplexity 1
+        raise ValueError(f"tsne_2d: perplexity must be a finite number > 0; got {perplexity}")
     if iterations < 250:
         raise ValueError(f"t-SNE needs iterations >= 250 (the early-exaggeration phase); got {iterations}")
     n = features.shape[0]
@@ -377,11 +386,13 @@ def _tsne_sklearn(features: Tensor, seed: int, perplexity: float, iterations: in
 
 
 def silhouette(features: Tensor, labels: Tensor) -> float:
-    """Mean silhouette coefficient (Rousseeuw 1987) with Euclidean distance, as scikit-learn's
+    """Mean silhouette coefficient in ``[-1, 1]`` of ``features[N, D]`` grouped by ``labels[N]`` (Rousseeuw 1987) with
+    Euclidean distance, as scikit-learn's
     ``silhouette_score``: ``s_i = (b_i - a_i) / max(a_i, b_i)`` with ``a_i`` the mean distance to the other
     points of its class and ``b_i`` the smallest mean distance to another class; 0 for a class of one point.
     NaN unless 2 <= #classes <= N - 1. float64 torch (no scikit-learn import)."""
     n = features.shape[0]
+    _check_labels("silhouette", n, labels)
     classes, inv, counts = torch.unique(labels.cpu().reshape(-1), return_inverse=True, return_counts=True)
     if not 2 <= classes.numel() <= n - 1:
         return float("nan")
@@ -397,12 +408,16 @@ def silhouette(features: Tensor, labels: Tensor) -> float:
 
 
 def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
-    """Leave-one-out k-NN accuracy (Euclidean; majority vote, ties to the nearer neighbour's class); ``labels`` may
-    be any integers (as scikit-learn's, e.g. -1 or sparse ids)."""
+    """Leave-one-out k-NN accuracy of ``features[N, D]`` in ``[0, 1]`` (Euclidean; majority vote of the ``k``=5
+    nearest, ties to the nearer neighbour's class); ``labels[N]`` may be any integers (as scikit-learn's, e.g. -1 or
+    sparse ids)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"knn_accuracy: k must be a whole number >= 1; got {k!r}")
     n = features.shape[0]
+    _check_labels("knn_accuracy", n, labels)
     if n < 2:
         return float("nan")
-    k = min(k, n - 1)
+    k = min(int(k), n - 1)
     features, labels = features.detach().cpu(), labels.cpu()  # [N, N] work, small: on the CPU like silhouette
     with _one_thread_if_small(n * max(n, features[0].numel())):
         d = torch.cdist(features.double(), features.double())
@@ -533,7 +548,11 @@ def scatter_image(
 
     from ..render import _fit, _font, one_line
 
-    p = points.detach().cpu().double()[:, :2]
+    if points.ndim != 2 or points.shape[1] != 2:  # was: [N, 3] drew the first two coordinates
+        raise ValueError(f"scatter_image: points must be [N, 2]; got {tuple(points.shape)}")
+    if labels is not None:
+        _check_labels("scatter_image", points.shape[0], labels)
+    p = points.detach().cpu().double()
     finite = torch.isfinite(p).all(1)
     lab = None if labels is None else labels.detach().cpu().reshape(-1).long()
     classes = [] if lab is None else [int(c) for c in torch.unique(lab)]

@@ -5,7 +5,7 @@
   Zeiler & Fergus 2014, Fig. 6).
 * :func:`linear_templates`: the rows ``w_k`` of a linear classifier ``s_k = w_k . vec(x) + b_k`` fed
   directly by the flattened image, reshaped to the image shape: one "template" per class
-  (Simonyan et al. 2014, "Deep Inside Convolutional Networks", the linear-model intuition of eq. 2).
+  (Simonyan et al. 2014, "Deep Inside Convolutional Networks", its linear-model intuition).
 
 Both read weights only (no forward pass) and return detached copies.
 """

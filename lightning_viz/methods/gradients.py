@@ -13,9 +13,9 @@ a class index, or a callable ``logits -> score[B]`` (see :mod:`lightning_viz.tar
   ``Tensor.relu`` and their in-place forms are all covered).
 * :func:`input_x_gradient` -- Shrikumar et al., 2016 ("Not Just a Black Box"): ``x * dS/dx``.
 * :func:`integrated_gradients` -- Sundararajan et al., "Axiomatic Attribution for Deep Networks",
-  ICML 2017, Eq. 3 with the midpoint rule: ``(x - x') * 1/m sum_k dS/dx(x' + (k - 1/2)/m (x - x'))`` (the paper's
+  ICML 2017, with the midpoint rule: ``(x - x') * 1/m sum_k dS/dx(x' + (k - 1/2)/m (x - x'))`` (the paper's
   right sum, as zennit, samples ``k/m``; the midpoint's error falls as ``1/m^2``, as Captum's ``riemann_middle``).
-* :func:`smoothgrad` -- Smilkov et al., "SmoothGrad", 2017, Eq. 2: ``1/n sum_i M(x + N(0, sigma^2))``
+* :func:`smoothgrad` -- Smilkov et al., "SmoothGrad", 2017: ``1/n sum_i M(x + N(0, sigma^2))``
   around any of the above, ``sigma`` a fraction of each image's value range, noise from a seeded
   ``torch.Generator`` (the global RNG is never used).
 """

@@ -5,7 +5,7 @@
   class probability. Low deletion AUC / high insertion AUC = faithful map.
 * :func:`pointing_game` -- Zhang et al., "Top-down neural attention by excitation backprop" (ECCV 2016):
   hit if the map's maximum falls inside the ground-truth mask (within a Euclidean ``tolerance`` in pixels).
-* :func:`energy_in_mask` -- Wang et al., "Score-CAM" (CVPRW 2020), Eq. 11: share of the positive
+* :func:`energy_in_mask` -- Wang et al., "Score-CAM" (CVPRW 2020), Sec. 4.3: share of the positive
   map energy that lies inside the mask.
 * :func:`rank_correlation` (Spearman, tie-aware) and :func:`topk_iou` -- similarity of two maps of one
   image, as used by Adebayo et al., "Sanity checks for saliency maps" (NeurIPS 2018), Sec. 3.
@@ -27,7 +27,15 @@ from ..targets import Probabilities, TargetSpec, check_probabilities, class_prob
 from . import batching
 from .batching import default_memory_mb, images_per_forward
 from .blur import gaussian_blur
-from .checks import check_classes, check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
+from .checks import (
+    check_chunk_size,
+    check_classes,
+    check_eval,
+    check_images,
+    check_labels_per_image,
+    check_logits,
+    input_matches_model,
+)
 
 __all__ = [
     "perturbation_curve",
@@ -111,8 +119,7 @@ def perturbation_curves(
             raise ValueError(f"unknown baseline {baseline!r}; allowed: 'zero', 'blur'")
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
+    chunk_size = check_chunk_size(chunk_size)
     check_images("deletion/insertion", x)
     check_eval("deletion/insertion", model)
     b, _c, h, w = x.shape
@@ -289,7 +296,7 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: float = 0) -> Tensor:
 
 
 def energy_in_mask(maps: Tensor, masks: Tensor) -> Tensor:
-    """Energy-based pointing game (Score-CAM, Wang et al. 2020, Eq. 11), ``[B]``:
+    """Energy-based pointing game (Score-CAM, Wang et al. 2020, Sec. 4.3), ``[B]``:
     ``sum(relu(map) * mask) / sum(relu(map))`` at mask resolution; NaN where the map has no positive energy or the
     mask is empty (no object: undefined, as in :func:`pointing_game`)."""
     m = _check_masks(maps, masks).flatten(1).float()

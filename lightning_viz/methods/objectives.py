@@ -124,7 +124,7 @@ class Objective:
 
 
 def class_logit(classes: int | Sequence[int] | Tensor) -> Objective:
-    """Unnormalized class score S_c(I) of class ``classes[b]`` for image ``b`` (Simonyan et al. 2014, eq. 1:
+    """Unnormalized class score S_c(I) of class ``classes[b]`` for image ``b`` (Simonyan et al. 2014:
     the logit, not the softmax, so the image cannot win by suppressing the other classes)."""
     idx = as_index(classes)
     memo = _PerChunk()

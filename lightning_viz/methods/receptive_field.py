@@ -3,7 +3,7 @@
 Two ways, which agree on conv/pool stacks:
 
 * :func:`stack_receptive_field` -- exact layer arithmetic (Araujo et al., "Computing Receptive Fields
-  of Convolutional Neural Networks", Distill 2019, Eq. 1-2). Walking the conv/pool layers in
+  of Convolutional Neural Networks", Distill 2019). Walking the conv/pool layers in
   execution order, with kernel ``k``, stride ``s``, padding ``p``, dilation ``d``:
   ``R_l = R_{l-1} + (d_l (k_l - 1)) J_{l-1}``, ``J_l = J_{l-1} s_l``, ``P_l = P_{l-1} + p_l J_{l-1}``;
   unit ``i`` then covers input pixels ``[i J - P, i J - P + R)``. The walk checks that every layer's

@@ -70,7 +70,7 @@ def _below_percentile(values: Tensor, percentile: float) -> Tensor:
 
 
 class L2Penalty(Regularizer):
-    """``weight * ||I||_2^2`` per image, the lambda term of Simonyan et al. 2014, eq. 1."""
+    """``weight * ||I||_2^2`` per image, the lambda term of Simonyan et al. 2014."""
 
     def __init__(self, weight: float):
         self.weight = float(weight)

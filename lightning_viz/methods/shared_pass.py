@@ -185,7 +185,7 @@ def _gradient_pass(
                 raise ValueError(
                     f"layer(s) {sorted(cap.without_grad)} ran with autograd off, so no gradient reaches them: inside "
                     "torch.no_grad() in the model's forward, or torch.utils.checkpoint(..., use_reentrant=True) "
-                    "outside lightning_viz.capture.isolated (which runs such blocks as plain calls). Use "
+                    "outside lightning_viz.isolated (which runs such blocks as plain calls). Use "
                     "use_reentrant=False, or turn gradient checkpointing off for the visualized model."
                 )
             if input_grad:  # else every input gradient is missing: silently zero maps

@@ -4,7 +4,7 @@ One loop, :func:`optimize_input`, maximizes an :mod:`~lightning_viz.methods.obje
 a batch of images (one image per class / unit / probe, all in one batch) under the priors of
 :mod:`~lightning_viz.methods.regularizers`, in a pixel or FFT :mod:`~lightning_viz.methods.parameterization`.
 
-* :func:`class_model_images` -- ``argmax_I S_c(I) - lambda ||I||_2^2`` (Simonyan et al. 2014, eq. 1);
+* :func:`class_model_images` -- ``argmax_I S_c(I) - lambda ||I||_2^2`` (Simonyan et al. 2014);
 * :func:`unit_images` -- ``argmax_x h_ij(x)`` for channels of a layer (Erhan et al. 2009), with the
   regularizers of Yosinski et al. 2015;
 * :func:`invert_features` -- ``argmin_x ||phi(x) - phi0||^2 / ||phi0||^2 + lambda R(x)``
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..capture import capture, forward_until, grad_enabled
 from ..layers import module_device, module_dtype
 from ..progress import progress
-from .checks import check_eval, check_images, check_reaches_input
+from .checks import check_chunk_size, check_eval, check_images, check_reaches_input
 from .objectives import Objective, channel, class_logit, feature_match, neuron
 from .parameterization import make_param
 from .regularizers import L2Penalty, Regularizer, penalty_grads, total_penalty
@@ -148,13 +148,31 @@ class _Ascent:
             p.addcdiv_(m, denom, value=-self.lr / (1 - b1**self.t))
 
 
-def _optimize_chunk(
-    model, objective, init, rows, steps, lr, regs, param, bounds, optimizer, decorrelate, scale, chunk=(0, 1)
-) -> Tensor:
-    """The optimized images of one chunk (``chunk = (index, count)``: where the progress lines count from)."""
-    p = make_param(param, init, decorrelate=decorrelate)
+@dataclass(frozen=True, eq=False)
+class _Loop:
+    """What every chunk of one :func:`optimize_input` call is optimized with (its arguments, resolved: ``bounds``
+    and ``scale`` on the model's device in the work dtype, the regularizers reset)."""
+
+    model: nn.Module
+    objective: Objective
+    steps: int
+    lr: float
+    regs: Sequence[Regularizer]
+    param: Literal["pixel", "fft"]
+    bounds: tuple[Tensor, Tensor] | None
+    optimizer: Literal["adam", "sgd"]
+    decorrelate: bool
+    scale: Tensor | None
+
+
+def _optimize_chunk(loop: _Loop, init: Tensor, rows: Tensor, chunk: tuple[int, int] = (0, 1)) -> Tensor:
+    """The optimized images of one chunk: ``init`` ``[b, C, H, W]`` (in ``z`` units when there is a ``scale``) for
+    the objective's ``rows``; ``chunk = (index, count)``: where the progress lines count from."""
+    model, objective, regs = loop.model, loop.objective, loop.regs
+    steps, bounds, scale = loop.steps, loop.bounds, loop.scale
+    p = make_param(loop.param, init, decorrelate=loop.decorrelate)
     model_dtype = module_dtype(model)
-    opt = _Ascent(p.params, lr, optimizer)
+    opt = _Ascent(p.params, loop.lr, loop.optimizer)
     needs_img_grad = any(r.needs_grad for r in regs)
     project = bounds is not None or any(type(r).project is not Regularizer.project for r in regs)
     # an objective that reads only activations needs no layer after its last one: those passes stop there
@@ -239,7 +257,7 @@ def optimize_input(
     ``loss = -sum_b objective_b + sum_b penalty_b`` -> ``torch.autograd.grad`` w.r.t. the image
     parameters -> optimizer step -> regularizer projections (decay, blur, clipping) and clamping to
     ``bounds`` (``(lo, hi)`` from :func:`valid_range`). Images are independent (eval mode), so
-    ``chunk_size`` images at a time give the same result as one batch.
+    ``chunk_size`` images at a time give the same result as one batch (``None`` or ``0``: one batch).
 
     ``scale`` (``[1, C, 1, 1]``, e.g. ``1 / std`` of a normalization that only rescales pixels, such as uint8 pixels
     ``0..255``): the model input is ``scale * z`` and everything else (``lr``, ``noise_std``, the regularizers,
@@ -273,28 +291,15 @@ def optimize_input(
     for r in regs:
         r.reset(steps, generator, device)
     b = x0.shape[0]
-    chunk = chunk_size or b
-    images, scores, start = [], [], []
+    chunk = check_chunk_size(chunk_size or None) or max(b, 1)  # 0: one chunk, as None
+    images, scores, start = [x0[:0]], [x0.new_zeros(0)], [x0.new_zeros(0)]  # an empty batch: empty results
     n_chunks = -(-b // chunk)
+    loop = _Loop(model, objective, steps, lr, regs, param, bounds, optimizer, decorrelate, scale)
     for lo in range(0, b, chunk):
         rows = torch.arange(lo, min(lo + chunk, b))
         init_c = x0[lo : lo + chunk]
         start.append(_scores(model, objective, init_c if scale is None else init_c * scale, rows))
-        img = _optimize_chunk(
-            model,
-            objective,
-            init_c,
-            rows,
-            steps,
-            lr,
-            regs,
-            param,
-            bounds,
-            optimizer,
-            decorrelate,
-            scale,
-            (lo // chunk, n_chunks),
-        )
+        img = _optimize_chunk(loop, init_c, rows, (lo // chunk, n_chunks))
         img = img if scale is None else img * scale
         images.append(img)
         scores.append(_scores(model, objective, img, rows))
@@ -315,8 +320,10 @@ def class_model_images(
     regularizers: Sequence[Regularizer] = (),
     **kwargs,
 ) -> SynthesisResult:
-    """One image per class maximizing ``S_c(I) - l2 * ||I||_2^2`` (Simonyan et al. 2014, eq. 1), all classes
-    in one batch. ``shape = (C, H, W)`` of one image; ``kwargs`` go to :func:`optimize_input`."""
+    """One image per class maximizing ``S_c(I) - l2 * ||I||_2^2`` (Simonyan et al. 2014), all classes
+    in one batch. ``shape = (C, H, W)`` of one image; ``l2`` default ``1e-3``; ``kwargs`` go to :func:`optimize_input`
+    (``steps=64``, ``lr=0.05``, ``param="pixel"``, ``init="gray"``, ...). Returns :class:`SynthesisResult` with
+    ``images[len(classes), C, H, W]``."""
     _check_one_image_shape("class_model_images", shape)
     cls = torch.as_tensor(classes, dtype=torch.long).view(-1).clone()  # also a normal tensor from inference mode
     regs = ([L2Penalty(l2)] if l2 else []) + list(regularizers)
@@ -333,7 +340,9 @@ def unit_images(
     **kwargs,
 ) -> SynthesisResult:
     """One image per channel of ``layer`` maximizing its mean activation (``unit="channel"``) or its center
-    unit (``"neuron"``) (Erhan et al. 2009; regularized as Yosinski et al. 2015). ``shape = (C, H, W)``."""
+    unit (``"neuron"``) (Erhan et al. 2009; regularized as Yosinski et al. 2015). ``shape = (C, H, W)`` of one image;
+    ``kwargs`` go to :func:`optimize_input`. Returns :class:`SynthesisResult` with
+    ``images[len(channels), C, H, W]``."""
     _check_one_image_shape("unit_images", shape)
     ch = torch.as_tensor(channels, dtype=torch.long).view(-1).clone()  # also a normal tensor from inference mode
     if unit not in ("channel", "neuron"):
