@@ -415,10 +415,45 @@ def test_sigmoid_reaches_the_tracker_and_occlusion_callback():
             )
 
 
+@pytest.mark.parametrize(
+    "mode,how,expected",
+    [
+        ("untargeted", "softmax", 3 / 8),  # z_0 - 4e < z_2 + 4e: the arg-max moves to class 2
+        ("next_class", "softmax", 3 / 4),  # z_1 + 4e > z_0 - 4e
+        ("untargeted", "sigmoid", 1.0),  # class 0's own decision: z_0 - 4e <= 0 (class 0 no longer predicted)
+        ("next_class", "sigmoid", 1 / 2),  # class 1 becomes a yes: z_1 + 4e > 0
+    ],
+)
+def test_sigmoid_adversarial_flips_one_class_decision(mode, how, expected):
+    """Multi-label: with probabilities='sigmoid' AdversarialCallback flips one class's own decision (sigmoid > 0.5)
+    instead of the arg-max (which was all it measured: a flip of the arg-max among classes that all stay predicted).
+    FGSM moves each channel mean by epsilon, so each logit z_c = 4 mean(x_c) by 4 epsilon; z = (4, -2, 1)."""
+    probe = ProbeSet(multilabel_image())
+    cb = AdversarialCallback(
+        epsilon=0.5,
+        epsilon_units="input",
+        attack="fgsm",
+        min_flip_attack="fgsm",
+        min_flip_max_epsilon=2.0,
+        min_flip_iterations=10,
+        mode=mode,
+        probabilities=how,
+    )
+    out = cb.compute(ChannelMeans(), probe)
+    assert out["min_eps"].item() == pytest.approx(expected, abs=2 / 1024 + 1e-6)
+    assert out["flipped"].item() == (expected < 0.5)  # the logged attack's budget is 0.5
+    if how == "sigmoid":
+        decided, z = (0, 4.0) if mode == "untargeted" else (1, -2.0)
+        assert out["decided"].item() == decided
+        assert out["prob"].item() == pytest.approx(torch.sigmoid(torch.tensor(z)).item(), abs=1e-6)
+        z_adv = z - 2.0 if mode == "untargeted" else z + 2.0
+        assert out["adv_prob"].item() == pytest.approx(torch.sigmoid(torch.tensor(z_adv)).item(), abs=1e-6)
+
+
 def test_probabilities_option_is_validated(tmp_path):
     """A bad value fails at construction, naming the callback, the option and the allowed values; 'sigmoid' on a
     one-logit head (whose softmax already is sigmoid(z)) fails at setup."""
-    for cls in (GradientCallback, OcclusionCallback, CAMCallback):
+    for cls in (GradientCallback, OcclusionCallback, CAMCallback, AdversarialCallback):
         with pytest.raises(ValueError, match=rf"{cls.__name__}\(probabilities=...\) must be 'softmax' or 'sigmoid'"):
             cls(probabilities="softmx")
     with pytest.raises(ValueError, match=r"probabilities must be 'softmax' or 'sigmoid'.*'log'"):
@@ -443,9 +478,13 @@ def test_sigmoid_probabilities_through_fit(tmp_path):
         ),
         OcclusionCallback(num_probes=2, target="predicted", window=4, probabilities="sigmoid"),
         CAMCallback(methods=["scorecam"], num_probes=2, target="predicted", probabilities="sigmoid"),
+        AdversarialCallback(num_probes=2, steps=2, min_flip_iterations=2, probabilities="sigmoid"),
     ]
     tiny_trainer(str(tmp_path), cbs, max_epochs=1, limit_train_batches=1).fit(
         LitHead(TinyCNN(num_classes=4), F.binary_cross_entropy_with_logits), *loaders
     )
-    tags = set(read_events(str(tmp_path)).Tags()["images"])
+    acc = read_events(str(tmp_path))
+    tags = set(acc.Tags()["images"])
     assert any("occlusion" in t for t in tags) and any("scorecam" in t or "cam" in t for t in tags)
+    assert {"viz-adversarial/p000", "viz-adversarial/p001"} <= tags
+    assert 0.0 <= acc.Scalars("viz-adversarial/flip_rate")[-1].value <= 1.0
