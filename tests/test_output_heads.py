@@ -20,7 +20,7 @@ from lightning_viz.callbacks import (
     OcclusionCallback,
 )
 from lightning_viz.callbacks.base import VisualizationWarning
-from lightning_viz.callbacks.maps import probabilities
+from lightning_viz.callbacks.maps import panel_caption, probabilities
 from lightning_viz.layers import LayerNotFoundError
 from lightning_viz.methods import class_activation_map, fgsm, gradient, occlusion
 from lightning_viz.methods.adversarial import predict
@@ -343,6 +343,22 @@ def test_sigmoid_captions_are_sigmoid_of_the_max_logit():
     assert torch.allclose(soft["pred:prob"], z.softmax(0)[:1])
     assert not torch.allclose(sig["pred:prob"], soft["pred:prob"])
     assert torch.allclose(probabilities(z[None], "sigmoid")["pred:prob"], torch.sigmoid(z[:1]))
+
+
+def test_sigmoid_captions_name_every_predicted_class():
+    """Multi-label panels named only the arg-max class ('pred: circle 98%' on an image the model also finds a
+    triangle in); with probabilities='sigmoid' they name every class over 50%, most probable first (at most 3,
+    then '+n'), or the most probable one when none is over 50%. Softmax captions keep one class."""
+    names = ["circle", "square", "triangle", "cross", "star"]
+    probe = ProbeSet(multilabel_image())  # z = (4, -2, 1)
+    sig = GradientCallback(probabilities="sigmoid").predict(ChannelMeans(), probe)
+    assert panel_caption("p000", probe, sig, 0, names) == "p000  pred: circle 98%, triangle 73%"
+    soft = GradientCallback().predict(ChannelMeans(), probe)
+    assert panel_caption("p000", probe, soft, 0, names) == "p000  pred: circle 95%"
+    none = probabilities(torch.tensor([[-1.0, -3.0, -0.5]]), "sigmoid")
+    assert panel_caption("p000", probe, none, 0, names) == "p000  pred: triangle 38%"
+    many = probabilities(torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]]), "sigmoid")
+    assert panel_caption("p000", probe, many, 0, names) == "p000  pred: star 99%, cross 98%, triangle 95% +2"
 
 
 def test_sigmoid_faithfulness_curve_end_points():
