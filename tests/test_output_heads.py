@@ -495,12 +495,17 @@ def test_sigmoid_probabilities_through_fit(tmp_path):
         OcclusionCallback(num_probes=2, target="predicted", window=4, probabilities="sigmoid"),
         CAMCallback(methods=["scorecam"], num_probes=2, target="predicted", probabilities="sigmoid"),
         AdversarialCallback(num_probes=2, steps=2, min_flip_iterations=2, probabilities="sigmoid"),
+        EmbeddingCallback(num_probes=8, projector=False),
     ]
-    tiny_trainer(str(tmp_path), cbs, max_epochs=1, limit_train_batches=1).fit(
-        LitHead(TinyCNN(num_classes=4), F.binary_cross_entropy_with_logits), *loaders
-    )
+    # multi-hot labels are no class indices: the embeddings say so and what to do
+    with pytest.warns(VisualizationWarning, match=r"multi-hot rows of a multi-label task.*probes=ProbeSet\(images"):
+        tiny_trainer(str(tmp_path), cbs, max_epochs=1, limit_train_batches=1).fit(
+            LitHead(TinyCNN(num_classes=4), F.binary_cross_entropy_with_logits), *loaders
+        )
     acc = read_events(str(tmp_path))
     tags = set(acc.Tags()["images"])
+    assert "viz-embeddings/penultimate/pca" in tags
+    assert "viz-embeddings/penultimate/silhouette" not in acc.Tags()["scalars"]
     assert any("occlusion" in t for t in tags) and any("scorecam" in t or "cam" in t for t in tags)
     assert {"viz-adversarial/p000", "viz-adversarial/p001"} <= tags
     assert 0.0 <= acc.Scalars("viz-adversarial/flip_rate")[-1].value <= 1.0
