@@ -281,6 +281,44 @@ def test_probabilities_from_forward_warn_at_setup_and_run(tmp_path):
         )
 
 
+class SigmoidNet(TinyCNN):
+    """A binary classifier ending in nn.Sigmoid (trained with BCELoss): probabilities out of the forward."""
+
+    def __init__(self):
+        super().__init__(num_classes=1)
+        self.out = torch.nn.Sigmoid()
+
+    def forward(self, x):
+        return self.out(super().forward(x)).squeeze(1)
+
+
+def test_sigmoid_in_forward_warns_at_setup(tmp_path):
+    """A forward ending in a sigmoid returned p in (0, 1), read as the logit of class 1: every probe was predicted
+    class 1 (argmax of (-p/2, p/2)) at 50-73%, silently. Now a warning at setup names the callback and the fix;
+    logits_fn with torch.logit is silent and predicts as the model does."""
+    torch.manual_seed(0)
+    loaders = DataLoader(binary_data(), batch_size=8), DataLoader(binary_data(), batch_size=8)
+    model = LitHead(SigmoidNet(), F.binary_cross_entropy)
+    cbs = [GradientCallback(num_probes=4), CAMCallback(methods=["gradcam"], num_probes=4)]
+    with pytest.warns(VisualizationWarning, match=r"GradientCallback: model\(x\) ends in a sigmoid.*every probe is "):
+        tiny_trainer(str(tmp_path / "a"), cbs, max_epochs=1, limit_train_batches=2).fit(model, *loaders)
+    fixed = GradientCallback(num_probes=4, logits_fn=lambda m, x: torch.logit(m(x), eps=1e-6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VisualizationWarning)
+        tiny_trainer(str(tmp_path / "b"), [fixed], max_epochs=1, limit_train_batches=2).fit(model, *loaders)
+    x = fixed.probes.images
+    with torch.no_grad():
+        p = model.net.eval()(x)
+    got = fixed.predict(fixed.adapted(model), fixed.probes)
+    assert torch.equal(got["pred:class"], (p > 0.5).long())
+    assert torch.allclose(got["pred:prob"], torch.maximum(p, 1 - p), atol=1e-5)
+    # a multi-label head ending in torch.sigmoid is seen as well (functional, then a reshape)
+    multi = LitHead(TinyCNN(num_classes=4), F.binary_cross_entropy)
+    multi.forward = lambda x: torch.sigmoid(multi.net(x)).view(x.shape[0], 4)
+    with pytest.warns(VisualizationWarning, match=r"ends in a sigmoid, so it returns probabilities.*torch.logit"):
+        GradientCallback(num_probes=2, target=0)._warn_sigmoid(multi(x[:1].requires_grad_()), "model(x)")
+
+
 def tiny_data():
     g = torch.Generator().manual_seed(0)
     return torch.randn(12, 3, 8, 8, generator=g), torch.arange(12) % 3

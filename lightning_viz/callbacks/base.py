@@ -372,6 +372,10 @@ def _dense_hint(out: Any) -> str:
     )
 
 
+#: autograd nodes that only reshape, select or cast the output (looked through for the op that made it)
+_SHAPE_OPS = ("Squeeze", "Unsqueeze", "View", "Reshape", "Select", "Slice", "Clone", "ToCopy", "Expand", "Alias")
+
+
 class VisualizationCallback(Callback):
     """Base class. Subclasses set ``method`` and override :meth:`compute` and :meth:`log_results`.
 
@@ -766,6 +770,30 @@ class VisualizationCallback(Callback):
             category=VisualizationWarning,
         )
 
+    def _warn_sigmoid(self, raw: Tensor, how: str) -> None:
+        """Warn when the model's output is a sigmoid's (its autograd graph ends in one, up to reshapes and casts): a
+        forward ending in ``nn.Sigmoid`` / ``torch.sigmoid`` (a binary or multi-label model trained with ``BCELoss``)
+        returns probabilities where lightning-viz reads logits. Seen only when the setup forward builds a graph."""
+        fn = raw.grad_fn
+        while fn is not None and type(fn).__name__.startswith(_SHAPE_OPS) and fn.next_functions:
+            fn = fn.next_functions[0][0]
+        if fn is None or type(fn).__name__ != "SigmoidBackward0":
+            return
+        one = raw.numel() == 1
+        rank_zero_warn(
+            f"{type(self).__name__}: {how} ends in a sigmoid, so it returns probabilities, but lightning-viz reads "
+            "logits: the maps explain the probabilities (flat where they saturate), and the probabilities it shows "
+            "(captions, faithfulness curves, occlusion 'prob', Score-CAM) are taken of them again"
+            + (
+                " (one output p is read as the logit of class 1: every probe is predicted class 1, shown at 50-73%)"
+                if one
+                else ""
+            )
+            + ". Return the logits before the sigmoid (and train with BCEWithLogitsLoss), or set logits_fn=lambda "
+            "model, x: torch.logit(model(x), eps=1e-6) (the logits of the model's probabilities).",
+            category=VisualizationWarning,
+        )
+
     def _check_uint8_call(self, model: ModelAdapter, x_u8: Tensor, logits: Tensor, how: str) -> None:
         """8-bit data: the callbacks call the model on the same pixels as floats (gradients need them); a forward
         that treats ``uint8`` inputs otherwise (``if x.dtype == torch.uint8: x = x.float() / 255``) would be
@@ -883,6 +911,7 @@ class VisualizationCallback(Callback):
                         "is for multi-label heads with one logit per class)."
                     )
                 self._warn_probabilities(logits, how)
+                self._warn_sigmoid(raw, how)
                 if x_u8 is not None:
                     self._check_uint8_call(model, x_u8, logits, how)
                 if self.needs_labels() and isinstance(label, Tensor) and label.numel() == 1:
