@@ -213,6 +213,21 @@ def test_regression_targets_are_no_class_labels(tmp_path):
     assert all(cb.last_logged_tags for cb in cbs)
 
 
+def test_explicit_probe_labels_are_read_as_items_labels_are():
+    """ProbeSet(images, labels=...) cast labels to long: regression targets 0.5, 1.2 became classes 0, 1 silently,
+    multi-hot and one-hot rows [N, K] failed with '4 probe images but 16 labels'. Now one-hot rows are their class (as
+    a dataset's items), [N, 1] a column, and multi-hot rows, fractions and negatives fail saying what they look like."""
+    x = torch.zeros(4, 3, 8, 8)
+    assert ProbeSet(x, labels=F.one_hot(torch.tensor([2, 0, 1, 3]), 4).float()).labels.tolist() == [2, 0, 1, 3]
+    assert ProbeSet(x, labels=torch.tensor([[1.0], [0.0], [1.0], [1.0]])).labels.tolist() == [1, 0, 1, 1]
+    with pytest.raises(ValueError, match=r"one class index per probe \(\[4\]\); got shape \(4, 3\) .*multi-hot"):
+        ProbeSet(x, labels=torch.tensor([[1.0, 0.0, 1.0]] * 4))
+    with pytest.raises(ValueError, match=r"class indices \(whole numbers >= 0\); got \[0.5, 1.2\] \(regression"):
+        ProbeSet(x, labels=torch.tensor([0.5, 1.2, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"got \[-1\] .*-1 marking unlabeled"):
+        ProbeSet(x, labels=torch.tensor([0, -1, 1, 2]))
+
+
 def test_label_out_of_range_fails_at_setup(tmp_path):
     """Labels 1..K on a K-class head (an off-by-one) fail before training with the callback's name, not with an
     index error at the first epoch end."""
