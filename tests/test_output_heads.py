@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LitTiny, TinyCNN, read_events, tiny_trainer
+from helpers import LitTiny, RecordingWriter, TinyCNN, read_events, tiny_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_viz.callbacks import (
@@ -22,6 +22,7 @@ from lightning_viz.callbacks import (
 from lightning_viz.callbacks.base import VisualizationWarning
 from lightning_viz.callbacks.maps import panel_caption, probabilities
 from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.logging import VizLogger
 from lightning_viz.methods import class_activation_map, fgsm, gradient, occlusion
 from lightning_viz.methods.adversarial import predict
 from lightning_viz.methods.cam import scorecam_weights
@@ -517,6 +518,25 @@ def test_sigmoid_adversarial_flips_one_class_decision(mode, how, expected):
         assert out["prob"].item() == pytest.approx(torch.sigmoid(torch.tensor(z)).item(), abs=1e-6)
         z_adv = z - 2.0 if mode == "untargeted" else z + 2.0
         assert out["adv_prob"].item() == pytest.approx(torch.sigmoid(torch.tensor(z_adv)).item(), abs=1e-6)
+
+
+def test_sigmoid_prediction_flips_count_any_class_decision():
+    """Multi-label drift: a probe whose arg-max stays but another class's decision changes (z_2 from 1 to -1: the
+    triangle no longer predicted) counted as no flip; with probabilities='sigmoid' it is one (any class's sigmoid
+    crossing 0.5), while the softmax default keeps arg-max flips."""
+    before, after = multilabel_image(), multilabel_image()
+    after[0, 2, :, :4] = -0.5  # z_2 = 1 -> -1; z_0 = 4 stays the largest
+    for how, expected in (("sigmoid", 1.0), ("softmax", 0.0)):
+        tracker = MapTracker(filmstrip=False, custom_scalars=False)
+        cb = GradientCallback(target="predicted", probabilities=how, tracker=tracker)
+        w = RecordingWriter()
+        for step, x in enumerate((before, after)):
+            probe = ProbeSet(x)
+            maps = {"m": torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(step))}
+            results = tracker.compute(ChannelMeans(), probe, maps, callback=cb)
+            assert results["track:pred"].tolist() == [0]
+            tracker.log(VizLogger(w, step), maps, results, probe, callback=cb)
+        assert w.scalars["viz-gradients/drift/prediction_flips"] == [(1, expected)], how
 
 
 def test_probabilities_option_is_validated(tmp_path):
