@@ -229,6 +229,18 @@ def test_explicit_probe_labels_are_read_as_items_labels_are():
         ProbeSet(x, labels=torch.tensor([0, -1, 1, 2]))
 
 
+def test_one_logit_class_errors_say_how_the_logit_is_read(tmp_path):
+    """A class out of range or one class name on a one-logit model said 'model(x) gave logits of shape (1, 2)' (the
+    model gave (1, 1)); now it says the one logit is read as classes 0 and 1 and, for names, what to give."""
+    loaders = DataLoader(binary_data(), batch_size=8), DataLoader(binary_data(), batch_size=8)
+    for cb, msg in (
+        (GradientCallback(num_probes=2, target=2), r"class 2 is out of range: .*gave one logit, shape \(1, 1\), read"),
+        (CAMCallback(num_probes=2, class_names=["dog"]), r"1 names .* classes 0 \(negative\) .*\['not dog', 'dog'\]"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitBinary(), *loaders)
+
+
 def test_label_out_of_range_fails_at_setup(tmp_path):
     """Labels 1..K on a K-class head (an off-by-one) fail before training with the callback's name, not with an
     index error at the first epoch end."""

@@ -890,19 +890,25 @@ class VisualizationCallback(Callback):
                         + (logits_fn_example(raw) if self.logits_fn is None else _dense_hint(raw))
                     )
                 self._num_classes = int(logits.shape[1])
+                gave = (
+                    f"{how} gave logits of shape {tuple(logits.shape)}"
+                    if logits is raw
+                    else f"{how} gave one logit, shape {tuple(raw.shape)}, read as classes 0 (negative) and 1 "
+                    "(positive)"
+                )
                 if self.class_names is not None and len(self.class_names) < self._num_classes:
+                    pair = f", e.g. ['not {self.class_names[0]}', '{self.class_names[0]}']" if logits is not raw else ""
                     raise ValueError(
                         f"{name}: class_names: {len(self.class_names)} names for a model with {self._num_classes} "
-                        f"classes ({how} gave logits of shape {tuple(logits.shape)}); give one name per class, by "
-                        "index, or leave class_names out to use the data's `classes`."
+                        f"classes ({gave}); give one name per class, by index{pair}, or leave class_names out to use "
+                        "the data's `classes`."
                     )
                 for option, indices in self.class_options().items():
                     bad = [c for c in indices if not 0 <= c < self._num_classes]
                     if bad:
                         raise ValueError(
                             f"{name}: {option}: class {bad[0] if len(bad) == 1 else bad} is out of range: the model "
-                            f"has {self._num_classes} classes (0..{self._num_classes - 1}; {how} gave logits of shape "
-                            f"{tuple(logits.shape)})."
+                            f"has {self._num_classes} classes (0..{self._num_classes - 1}; {gave})."
                         )
                 if getattr(self, "probabilities", "softmax") == "sigmoid" and logits is not raw:
                     raise ValueError(
