@@ -241,6 +241,28 @@ def test_one_logit_class_errors_say_how_the_logit_is_read(tmp_path):
             tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitBinary(), *loaders)
 
 
+def test_one_class_name_of_a_one_logit_model_names_the_positive_class(tmp_path):
+    """Data naming its one class (classes = ['dog']) for a one-logit model: class 0, the negative one, was captioned
+    'dog' and class 1 '1'; now the names are ['not dog', 'dog']."""
+
+    class Dogs(TensorDataset):
+        classes = ["dog"]
+
+    ds = Dogs(*binary_data().tensors)
+    cb = GradientCallback(num_probes=2)
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1, limit_train_batches=1)
+    trainer.fit(LitBinary(), DataLoader(ds, batch_size=8), DataLoader(ds, batch_size=8))
+    assert cb.get_class_names(trainer) == ["not dog", "dog"]
+    caption = panel_caption(
+        "p000",
+        cb.probes,
+        {"pred:class": torch.tensor([0]), "pred:prob": torch.tensor([0.8])},
+        0,
+        cb.get_class_names(trainer),
+    )
+    assert caption.endswith("pred: not dog 80%")
+
+
 def test_label_out_of_range_fails_at_setup(tmp_path):
     """Labels 1..K on a K-class head (an off-by-one) fail before training with the callback's name, not with an
     index error at the first epoch end."""

@@ -527,6 +527,7 @@ class VisualizationCallback(Callback):
         self.logits_fn = logits_fn
         self._adapter: ModelAdapter | None = None
         self._num_classes: int | None = None  # columns of the logits, seen at the setup forward
+        self._one_logit = False  # the model gives one logit, read as classes 0 and 1 (seen at the setup forward)
         self.loggers = None if loggers is None else list(loggers)
         self.run_at_start = run_at_start
         self._last_run_epoch: int | None = None  # last epoch run in this fit (never run an epoch twice)
@@ -890,6 +891,7 @@ class VisualizationCallback(Callback):
                         + (logits_fn_example(raw) if self.logits_fn is None else _dense_hint(raw))
                     )
                 self._num_classes = int(logits.shape[1])
+                self._one_logit = logits is not raw
                 gave = (
                     f"{how} gave logits of shape {tuple(logits.shape)}"
                     if logits is raw
@@ -1086,7 +1088,10 @@ class VisualizationCallback(Callback):
                 else:
                     looked[self.probe_source] = [str(c) for c in names]
             self._found_class_names = looked[self.probe_source]
-        return self._found_class_names
+        names = self._found_class_names
+        if names is not None and len(names) == 1 and self._one_logit:  # the data names the positive class alone
+            return [f"not {names[0]}", names[0]]
+        return names
 
     # ------------------------------------------------------------------ probes
     def get_probes(self, trainer: Trainer) -> ProbeSet:
