@@ -180,6 +180,22 @@ def build_model(
     return net
 
 
+def _check_class_probabilities(y: Tensor) -> None:
+    """``[B, K]`` labels ImageClassifier's cross-entropy can take: rows of class probabilities (one-hot, smoothed,
+    mixed), each non-negative and summing to 1; multi-hot rows (multi-label targets) are refused, naming a row."""
+    sums = y.detach().sum(dim=1)
+    bad = ((sums - 1).abs() > 1e-3) | (y.detach() < 0).any(dim=1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"ImageClassifier trains with cross-entropy (one class per image), so [B, K] labels must be class "
+            f"probabilities (one-hot or soft rows, non-negative and summing to 1); row {i} of this batch is "
+            f"{[round(v, 4) for v in y[i].tolist()][:16]} (sum {float(sums[i]):.4g}): multi-hot labels (a "
+            "multi-label task)? Train those with your own LightningModule and BCEWithLogitsLoss (README: Binary, "
+            "multi-label and regression heads)"
+        )
+
+
 class ImageClassifier(L.LightningModule):
     """Cross-entropy classifier trained with Adam; logs ``train_loss``, ``val_loss`` and ``val_acc`` (``test_loss``
     and ``test_acc`` under ``trainer.test``); ``trainer.predict`` returns class probabilities.
@@ -208,6 +224,12 @@ class ImageClassifier(L.LightningModule):
         width: int = 16,
         weights: Optional[str] = None,
     ):
+        if num_classes < 2:
+            raise ValueError(
+                f"ImageClassifier(num_classes={num_classes}): it trains with cross-entropy over the classes, which "
+                "is 0 for a single class (nothing would be learnt); a binary classifier is num_classes=2 with "
+                "labels 0/1 (for one logit trained with BCEWithLogitsLoss, write your own LightningModule)"
+            )
         super().__init__()
         self.save_hyperparameters()
         self.net = build_model(arch, num_classes=num_classes, in_channels=in_channels, width=width, weights=weights)
@@ -234,6 +256,7 @@ class ImageClassifier(L.LightningModule):
         logits = self(x)
         if y.ndim == 2 and y.shape == logits.shape:  # one-hot or soft labels (label smoothing, mixup, cutmix)
             y = y.to(logits.dtype)  # class probabilities: cross-entropy against them, not against their arg-max
+            _check_class_probabilities(y)
             return F.cross_entropy(logits, y), (logits.argmax(dim=1) == y.argmax(dim=1)).float().mean()
         return F.cross_entropy(logits, y), (logits.argmax(dim=1) == y).float().mean()
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .targets import invalid_classes
+
 __all__ = [
     "ProbeSet",
     "split_sample",
@@ -135,6 +137,31 @@ def _class_indices(labels: Tensor) -> bool:
 
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _probe_labels(labels: Tensor, n: int) -> Tensor:
+    """Given probe labels as ``[n]`` class indices: one-hot / probability rows ``[n, K]`` as their largest entry (as
+    items' labels are read), a column ``[n, 1]`` as it is; multi-hot rows, fractions and negatives are refused (cast
+    to ``long`` they were other classes, or a row of K labels per probe)."""
+    if labels.ndim == 2 and labels.shape[0] == n and labels.shape[1] > 1:
+        labels = _vector_class(labels, per_item=False)
+        if labels.ndim == 2:
+            raise ValueError(
+                f"probe labels must be one class index per probe ([{n}]); got shape {tuple(labels.shape)} with rows "
+                f"such as {labels[0].tolist()[:8]} that are no one-hot / probability vector (multi-hot: a multi-label "
+                "target?). Give one class per probe (e.g. the class to color or explain), or no labels"
+            )
+    labels = labels.reshape(-1) if labels.ndim == 2 and labels.shape[1] == 1 else labels
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"{n} probe images but labels of shape {tuple(labels.shape)}; give one class index per probe")
+    if labels.numel() and not _class_indices(labels):
+        wrong = (labels if labels.is_complex() else invalid_classes(labels))[:5]
+        bad = [round(float(v), 4) for v in wrong] if wrong.is_floating_point() else wrong.tolist()
+        raise ValueError(
+            f"probe labels must be class indices (whole numbers >= 0); got {bad} (regression "
+            "targets, or -1 marking unlabeled images?). Give one class per probe, or no labels (target='predicted')"
+        )
+    return labels.long()
 
 
 def read_item(dataset: Any, index: int, seed: int | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -424,9 +451,7 @@ class ProbeSet:
                     )
                 setattr(self, attr, value)
         if self.labels is not None:
-            self.labels = _plain(torch.as_tensor(self.labels).long().view(-1))
-            if self.labels.shape[0] != n:
-                raise ValueError(f"{n} probe images but {self.labels.shape[0]} labels")
+            self.labels = _plain(_probe_labels(torch.as_tensor(self.labels), n))
         if self.masks is not None:
             m = _plain(self.masks)
             if m.ndim == 4 and m.shape[1] == 1:

@@ -326,6 +326,13 @@ def class_probabilities(logits: Tensor, probabilities: Probabilities = "softmax"
     """Class probabilities ``[B, K]`` of logits ``[B, K]``: their softmax over classes, or with ``"sigmoid"``
     each class's own ``sigmoid(z_c)`` (multi-label: independent per class, not summing to 1)."""
     check_probabilities(probabilities)
+    if probabilities == "softmax" and logits.ndim == 2 and logits.shape[1] == 1:
+        raise ValueError(
+            "the model returns one logit [B, 1], whose softmax is 1 whatever the input (flat curves, no "
+            "probability drop, equal Score-CAM weights); a one-logit binary head is read as classes 0 and 1 "
+            "(softmax = sigmoid(z)) through lightning_viz.targets.model_adapter(model), or pass "
+            "probabilities='sigmoid'"
+        )
     return logits.softmax(dim=1) if probabilities == "softmax" else logits.sigmoid()
 
 

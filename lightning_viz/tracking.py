@@ -267,7 +267,7 @@ class MapTracker:
         self.run_ids: dict[str, list[int]] = {}  # key -> run index (0, 1, ...) of each stored frame
         self.strides: dict[str, int] = {}  # key -> runs kept are multiples of this (see _thin)
         self.prev_maps: dict[str, Tensor] = {}  # key -> [N, h, w] downsampled maps of the previous run
-        self.prev_preds: Tensor | None = None
+        self.prev_preds: Tensor | None = None  # [N] predicted classes, or [N, K] decisions (probabilities="sigmoid")
         self._layout_written = False
         # (key, probe id) -> (display_px, {run index: shown frame, upscaled}); not saved, rebuilt from the frames
         self._shown: dict[tuple[str, str], tuple[int, dict[int, np.ndarray]]] = {}
@@ -292,6 +292,8 @@ class MapTracker:
                     f"got {getattr(logits, 'shape', type(logits).__name__)}. Set drift=False and faithfulness=False."
                 )
             out[PREFIX + "pred"] = logits.argmax(dim=1).cpu()
+            if getattr(callback, "probabilities", "softmax") == "sigmoid":  # multi-label: the predicted set flips
+                out[PREFIX + "decisions"] = (logits.detach() > 0).cpu()
             if self.faithfulness:
                 classes = self._classes(logits, probe, callback)
                 # every key's deletion (zero baseline) and insertion (blur baseline) curve in one batched pass
@@ -417,11 +419,14 @@ class MapTracker:
                         logger.scalar(make_tag(method, key, group, stat), mean)
         preds = results.get(PREFIX + "pred")  # also there for faithfulness alone: logged only with drift
         if preds is not None and self.drift:
-            if self.prev_preds is not None and self.prev_preds.shape == preds.shape:
-                logger.scalar(make_tag(method, "drift", "prediction_flips"), (preds != self.prev_preds).float().mean())
+            # multi-label (probabilities="sigmoid"): each class's own decision [N, K], a flip is any of them changing
+            decided = results.get(PREFIX + "decisions", preds)
+            if self.prev_preds is not None and self.prev_preds.shape == decided.shape:
+                flips = (decided != self.prev_preds).reshape(len(decided), -1).any(dim=1)
+                logger.scalar(make_tag(method, "drift", "prediction_flips"), flips.float().mean())
             if probe.labels is not None and probe.labels.shape == preds.shape:
                 logger.scalar(make_tag(method, "probe_accuracy"), (preds == probe.labels).float().mean())
-            self.prev_preds = preds.clone()
+            self.prev_preds = decided.clone()
 
     def _small(self, images: Tensor) -> Tensor:
         """``[N, C, H, W]`` downsampled so the longest side is at most ``frame_size``."""

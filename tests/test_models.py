@@ -80,6 +80,22 @@ def test_steps_train_on_soft_labels_not_their_arg_max():
     )
 
 
+def test_multi_hot_labels_and_one_class_are_refused():
+    """Multi-hot labels (a multi-label task) used to be taken as class probabilities summing to 2 (a cross-entropy
+    that fits no distribution, val_acc by arg-max); num_classes=1 trained on a loss of 0. Both now fail clearly."""
+    model = ImageClassifier(num_classes=4, width=4)
+    x = torch.randn(3, 3, 16, 16)
+    multi_hot = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"row 1 of this batch is \[1.0, 1.0, 0.0, 0.0\] \(sum 2\): multi-hot"):
+        model.training_step((x, multi_hot), 0)
+    with pytest.raises(ValueError, match=r"row 0 .* \(sum 0\)"):
+        model.validation_step((x[:1], multi_hot[2:]), 0)
+    smoothed = torch.full((3, 4), 0.1 / 4) + 0.9 * F.one_hot(torch.tensor([0, 1, 3]), 4)  # label smoothing: fine
+    torch.testing.assert_close(model.training_step((x, smoothed), 0), F.cross_entropy(model(x), smoothed))
+    with pytest.raises(ValueError, match=r"ImageClassifier\(num_classes=1\): .* is 0 for a single class"):
+        ImageClassifier(num_classes=1)
+
+
 @pytest.mark.parametrize(
     "opts,bad",
     [

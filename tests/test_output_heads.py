@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LitTiny, TinyCNN, read_events, tiny_trainer
+from helpers import LitTiny, RecordingWriter, TinyCNN, read_events, tiny_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_viz.callbacks import (
@@ -20,8 +20,9 @@ from lightning_viz.callbacks import (
     OcclusionCallback,
 )
 from lightning_viz.callbacks.base import VisualizationWarning
-from lightning_viz.callbacks.maps import probabilities
+from lightning_viz.callbacks.maps import panel_caption, probabilities
 from lightning_viz.layers import LayerNotFoundError
+from lightning_viz.logging import VizLogger
 from lightning_viz.methods import class_activation_map, fgsm, gradient, occlusion
 from lightning_viz.methods.adversarial import predict
 from lightning_viz.methods.cam import scorecam_weights
@@ -213,6 +214,55 @@ def test_regression_targets_are_no_class_labels(tmp_path):
     assert all(cb.last_logged_tags for cb in cbs)
 
 
+def test_explicit_probe_labels_are_read_as_items_labels_are():
+    """ProbeSet(images, labels=...) cast labels to long: regression targets 0.5, 1.2 became classes 0, 1 silently,
+    multi-hot and one-hot rows [N, K] failed with '4 probe images but 16 labels'. Now one-hot rows are their class (as
+    a dataset's items), [N, 1] a column, and multi-hot rows, fractions and negatives fail saying what they look like."""
+    x = torch.zeros(4, 3, 8, 8)
+    assert ProbeSet(x, labels=F.one_hot(torch.tensor([2, 0, 1, 3]), 4).float()).labels.tolist() == [2, 0, 1, 3]
+    assert ProbeSet(x, labels=torch.tensor([[1.0], [0.0], [1.0], [1.0]])).labels.tolist() == [1, 0, 1, 1]
+    with pytest.raises(ValueError, match=r"one class index per probe \(\[4\]\); got shape \(4, 3\) .*multi-hot"):
+        ProbeSet(x, labels=torch.tensor([[1.0, 0.0, 1.0]] * 4))
+    with pytest.raises(ValueError, match=r"class indices \(whole numbers >= 0\); got \[0.5, 1.2\] \(regression"):
+        ProbeSet(x, labels=torch.tensor([0.5, 1.2, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"got \[-1\] .*-1 marking unlabeled"):
+        ProbeSet(x, labels=torch.tensor([0, -1, 1, 2]))
+
+
+def test_one_logit_class_errors_say_how_the_logit_is_read(tmp_path):
+    """A class out of range or one class name on a one-logit model said 'model(x) gave logits of shape (1, 2)' (the
+    model gave (1, 1)); now it says the one logit is read as classes 0 and 1 and, for names, what to give."""
+    loaders = DataLoader(binary_data(), batch_size=8), DataLoader(binary_data(), batch_size=8)
+    for cb, msg in (
+        (GradientCallback(num_probes=2, target=2), r"class 2 is out of range: .*gave one logit, shape \(1, 1\), read"),
+        (CAMCallback(num_probes=2, class_names=["dog"]), r"1 names .* classes 0 \(negative\) .*\['not dog', 'dog'\]"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitBinary(), *loaders)
+
+
+def test_one_class_name_of_a_one_logit_model_names_the_positive_class(tmp_path):
+    """Data naming its one class (classes = ['dog']) for a one-logit model: class 0, the negative one, was captioned
+    'dog' and class 1 '1'; now the names are ['not dog', 'dog']."""
+
+    class Dogs(TensorDataset):
+        classes = ["dog"]
+
+    ds = Dogs(*binary_data().tensors)
+    cb = GradientCallback(num_probes=2)
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1, limit_train_batches=1)
+    trainer.fit(LitBinary(), DataLoader(ds, batch_size=8), DataLoader(ds, batch_size=8))
+    assert cb.get_class_names(trainer) == ["not dog", "dog"]
+    caption = panel_caption(
+        "p000",
+        cb.probes,
+        {"pred:class": torch.tensor([0]), "pred:prob": torch.tensor([0.8])},
+        0,
+        cb.get_class_names(trainer),
+    )
+    assert caption.endswith("pred: not dog 80%")
+
+
 def test_label_out_of_range_fails_at_setup(tmp_path):
     """Labels 1..K on a K-class head (an off-by-one) fail before training with the callback's name, not with an
     index error at the first epoch end."""
@@ -281,6 +331,44 @@ def test_probabilities_from_forward_warn_at_setup_and_run(tmp_path):
         )
 
 
+class SigmoidNet(TinyCNN):
+    """A binary classifier ending in nn.Sigmoid (trained with BCELoss): probabilities out of the forward."""
+
+    def __init__(self):
+        super().__init__(num_classes=1)
+        self.out = torch.nn.Sigmoid()
+
+    def forward(self, x):
+        return self.out(super().forward(x)).squeeze(1)
+
+
+def test_sigmoid_in_forward_warns_at_setup(tmp_path):
+    """A forward ending in a sigmoid returned p in (0, 1), read as the logit of class 1: every probe was predicted
+    class 1 (argmax of (-p/2, p/2)) at 50-73%, silently. Now a warning at setup names the callback and the fix;
+    logits_fn with torch.logit is silent and predicts as the model does."""
+    torch.manual_seed(0)
+    loaders = DataLoader(binary_data(), batch_size=8), DataLoader(binary_data(), batch_size=8)
+    model = LitHead(SigmoidNet(), F.binary_cross_entropy)
+    cbs = [GradientCallback(num_probes=4), CAMCallback(methods=["gradcam"], num_probes=4)]
+    with pytest.warns(VisualizationWarning, match=r"GradientCallback: model\(x\) ends in a sigmoid.*every probe is "):
+        tiny_trainer(str(tmp_path / "a"), cbs, max_epochs=1, limit_train_batches=2).fit(model, *loaders)
+    fixed = GradientCallback(num_probes=4, logits_fn=lambda m, x: torch.logit(m(x), eps=1e-6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VisualizationWarning)
+        tiny_trainer(str(tmp_path / "b"), [fixed], max_epochs=1, limit_train_batches=2).fit(model, *loaders)
+    x = fixed.probes.images
+    with torch.no_grad():
+        p = model.net.eval()(x)
+    got = fixed.predict(fixed.adapted(model), fixed.probes)
+    assert torch.equal(got["pred:class"], (p > 0.5).long())
+    assert torch.allclose(got["pred:prob"], torch.maximum(p, 1 - p), atol=1e-5)
+    # a multi-label head ending in torch.sigmoid is seen as well (functional, then a reshape)
+    multi = LitHead(TinyCNN(num_classes=4), F.binary_cross_entropy)
+    multi.forward = lambda x: torch.sigmoid(multi.net(x)).view(x.shape[0], 4)
+    with pytest.warns(VisualizationWarning, match=r"ends in a sigmoid, so it returns probabilities.*torch.logit"):
+        GradientCallback(num_probes=2, target=0)._warn_sigmoid(multi(x[:1].requires_grad_()), "model(x)")
+
+
 def tiny_data():
     g = torch.Generator().manual_seed(0)
     return torch.randn(12, 3, 8, 8, generator=g), torch.arange(12) % 3
@@ -343,6 +431,22 @@ def test_sigmoid_captions_are_sigmoid_of_the_max_logit():
     assert torch.allclose(soft["pred:prob"], z.softmax(0)[:1])
     assert not torch.allclose(sig["pred:prob"], soft["pred:prob"])
     assert torch.allclose(probabilities(z[None], "sigmoid")["pred:prob"], torch.sigmoid(z[:1]))
+
+
+def test_sigmoid_captions_name_every_predicted_class():
+    """Multi-label panels named only the arg-max class ('pred: circle 98%' on an image the model also finds a
+    triangle in); with probabilities='sigmoid' they name every class over 50%, most probable first (at most 3,
+    then '+n'), or the most probable one when none is over 50%. Softmax captions keep one class."""
+    names = ["circle", "square", "triangle", "cross", "star"]
+    probe = ProbeSet(multilabel_image())  # z = (4, -2, 1)
+    sig = GradientCallback(probabilities="sigmoid").predict(ChannelMeans(), probe)
+    assert panel_caption("p000", probe, sig, 0, names) == "p000  pred: circle 98%, triangle 73%"
+    soft = GradientCallback().predict(ChannelMeans(), probe)
+    assert panel_caption("p000", probe, soft, 0, names) == "p000  pred: circle 95%"
+    none = probabilities(torch.tensor([[-1.0, -3.0, -0.5]]), "sigmoid")
+    assert panel_caption("p000", probe, none, 0, names) == "p000  pred: triangle 38%"
+    many = probabilities(torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]]), "sigmoid")
+    assert panel_caption("p000", probe, many, 0, names) == "p000  pred: star 99%, cross 98%, triangle 95% +2"
 
 
 def test_sigmoid_faithfulness_curve_end_points():
@@ -415,10 +519,64 @@ def test_sigmoid_reaches_the_tracker_and_occlusion_callback():
             )
 
 
+@pytest.mark.parametrize(
+    "mode,how,expected",
+    [
+        ("untargeted", "softmax", 3 / 8),  # z_0 - 4e < z_2 + 4e: the arg-max moves to class 2
+        ("next_class", "softmax", 3 / 4),  # z_1 + 4e > z_0 - 4e
+        ("untargeted", "sigmoid", 1.0),  # class 0's own decision: z_0 - 4e <= 0 (class 0 no longer predicted)
+        ("next_class", "sigmoid", 1 / 2),  # class 1 becomes a yes: z_1 + 4e > 0
+    ],
+)
+def test_sigmoid_adversarial_flips_one_class_decision(mode, how, expected):
+    """Multi-label: with probabilities='sigmoid' AdversarialCallback flips one class's own decision (sigmoid > 0.5)
+    instead of the arg-max (which was all it measured: a flip of the arg-max among classes that all stay predicted).
+    FGSM moves each channel mean by epsilon, so each logit z_c = 4 mean(x_c) by 4 epsilon; z = (4, -2, 1)."""
+    probe = ProbeSet(multilabel_image())
+    cb = AdversarialCallback(
+        epsilon=0.5,
+        epsilon_units="input",
+        attack="fgsm",
+        min_flip_attack="fgsm",
+        min_flip_max_epsilon=2.0,
+        min_flip_iterations=10,
+        mode=mode,
+        probabilities=how,
+    )
+    out = cb.compute(ChannelMeans(), probe)
+    assert out["min_eps"].item() == pytest.approx(expected, abs=2 / 1024 + 1e-6)
+    assert out["flipped"].item() == (expected < 0.5)  # the logged attack's budget is 0.5
+    if how == "sigmoid":
+        decided, z = (0, 4.0) if mode == "untargeted" else (1, -2.0)
+        assert out["decided"].item() == decided
+        assert out["prob"].item() == pytest.approx(torch.sigmoid(torch.tensor(z)).item(), abs=1e-6)
+        z_adv = z - 2.0 if mode == "untargeted" else z + 2.0
+        assert out["adv_prob"].item() == pytest.approx(torch.sigmoid(torch.tensor(z_adv)).item(), abs=1e-6)
+
+
+def test_sigmoid_prediction_flips_count_any_class_decision():
+    """Multi-label drift: a probe whose arg-max stays but another class's decision changes (z_2 from 1 to -1: the
+    triangle no longer predicted) counted as no flip; with probabilities='sigmoid' it is one (any class's sigmoid
+    crossing 0.5), while the softmax default keeps arg-max flips."""
+    before, after = multilabel_image(), multilabel_image()
+    after[0, 2, :, :4] = -0.5  # z_2 = 1 -> -1; z_0 = 4 stays the largest
+    for how, expected in (("sigmoid", 1.0), ("softmax", 0.0)):
+        tracker = MapTracker(filmstrip=False, custom_scalars=False)
+        cb = GradientCallback(target="predicted", probabilities=how, tracker=tracker)
+        w = RecordingWriter()
+        for step, x in enumerate((before, after)):
+            probe = ProbeSet(x)
+            maps = {"m": torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(step))}
+            results = tracker.compute(ChannelMeans(), probe, maps, callback=cb)
+            assert results["track:pred"].tolist() == [0]
+            tracker.log(VizLogger(w, step), maps, results, probe, callback=cb)
+        assert w.scalars["viz-gradients/drift/prediction_flips"] == [(1, expected)], how
+
+
 def test_probabilities_option_is_validated(tmp_path):
     """A bad value fails at construction, naming the callback, the option and the allowed values; 'sigmoid' on a
     one-logit head (whose softmax already is sigmoid(z)) fails at setup."""
-    for cls in (GradientCallback, OcclusionCallback, CAMCallback):
+    for cls in (GradientCallback, OcclusionCallback, CAMCallback, AdversarialCallback):
         with pytest.raises(ValueError, match=rf"{cls.__name__}\(probabilities=...\) must be 'softmax' or 'sigmoid'"):
             cls(probabilities="softmx")
     with pytest.raises(ValueError, match=r"probabilities must be 'softmax' or 'sigmoid'.*'log'"):
@@ -443,9 +601,18 @@ def test_sigmoid_probabilities_through_fit(tmp_path):
         ),
         OcclusionCallback(num_probes=2, target="predicted", window=4, probabilities="sigmoid"),
         CAMCallback(methods=["scorecam"], num_probes=2, target="predicted", probabilities="sigmoid"),
+        AdversarialCallback(num_probes=2, steps=2, min_flip_iterations=2, probabilities="sigmoid"),
+        EmbeddingCallback(num_probes=8, projector=False),
     ]
-    tiny_trainer(str(tmp_path), cbs, max_epochs=1, limit_train_batches=1).fit(
-        LitHead(TinyCNN(num_classes=4), F.binary_cross_entropy_with_logits), *loaders
-    )
-    tags = set(read_events(str(tmp_path)).Tags()["images"])
+    # multi-hot labels are no class indices: the embeddings say so and what to do
+    with pytest.warns(VisualizationWarning, match=r"multi-hot rows of a multi-label task.*probes=ProbeSet\(images"):
+        tiny_trainer(str(tmp_path), cbs, max_epochs=1, limit_train_batches=1).fit(
+            LitHead(TinyCNN(num_classes=4), F.binary_cross_entropy_with_logits), *loaders
+        )
+    acc = read_events(str(tmp_path))
+    tags = set(acc.Tags()["images"])
+    assert "viz-embeddings/penultimate/pca" in tags
+    assert "viz-embeddings/penultimate/silhouette" not in acc.Tags()["scalars"]
     assert any("occlusion" in t for t in tags) and any("scorecam" in t or "cam" in t for t in tags)
+    assert {"viz-adversarial/p000", "viz-adversarial/p001"} <= tags
+    assert 0.0 <= acc.Scalars("viz-adversarial/flip_rate")[-1].value <= 1.0

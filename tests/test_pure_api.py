@@ -33,10 +33,12 @@ from lightning_viz.methods import (
     tsne_2d,
     unit_images,
 )
+from lightning_viz.methods.adversarial import minimal_flip_budget
 from lightning_viz.methods.cam import scorecam_weights
+from lightning_viz.methods.metrics import perturbation_curve
 from lightning_viz.methods.shared_pass import gradient_pass
 from lightning_viz.probe import ProbeSet
-from lightning_viz.targets import model_adapter
+from lightning_viz.targets import ModelAdapter, model_adapter
 
 
 def _resnet(num_classes: int = 3) -> torch.nn.Module:
@@ -143,6 +145,39 @@ def test_a_model_returning_no_logits_tensor_is_told_to_use_model_adapter(call, f
         with pytest.raises(ValueError, match=rf"{fn}.*must return logits \[B, K\].*{got}.*model_adapter"):
             call(model, x)
         call(model_adapter(model), x)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x: perturbation_curve(m, x, torch.rand(2, 8, 8), "predicted", steps=3),
+        lambda m, x: occlusion(m, x, 1 if isinstance(m, ModelAdapter) else 0, window=4)["prob"],
+        lambda m, x: class_activation_map(m, x, "conv2", "scorecam", target=0),
+        lambda m, x: fgsm(m, x, torch.tensor([0, 0]), 0.5) - x,
+        lambda m, x: minimal_flip_budget(m, x, _clean(m, x), 4.0),
+    ],
+    ids=["deletion_curve", "occlusion_prob", "scorecam", "fgsm", "min_flip"],
+)
+def test_a_raw_one_logit_head_is_refused_where_its_softmax_is_degenerate(call):
+    """A [B, 1] model given unwrapped to the methods that take a softmax or arg-max over the classes: curves flat at 1,
+    occlusion's prob drop 0, Score-CAM all zero, FGSM no step at all, no budget flipping anything (a softmax / arg-max
+    over one column), silently. Now a clear error pointing at model_adapter; wrapped, the values move."""
+    torch.manual_seed(0)
+    net, x = TinyCNN(num_classes=1).eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():  # a logit that the input moves across 0
+        net.fc.bias.zero_()
+        net.fc.weight.mul_(10)
+    with pytest.raises(ValueError, match=r"one logit \[B, 1\].*model_adapter\(model\)"):
+        call(net, x)
+    out = call(model_adapter(net), x)
+    finite = out[torch.isfinite(out)]
+    assert finite.numel() and float(finite.std() if finite.numel() > 1 else finite.abs().sum()) > 0
+
+
+def _clean(m, x):
+    """The model's predicted classes (through the adapter; class 0 for a raw one-logit model, refused later)."""
+    with torch.no_grad():
+        return m(x).argmax(1)
 
 
 def test_synthesis_without_generator_never_draws_from_the_global_rng():

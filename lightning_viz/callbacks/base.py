@@ -378,6 +378,10 @@ def _dense_hint(out: Any) -> str:
     )
 
 
+#: autograd nodes that only reshape, select or cast the output (looked through for the op that made it)
+_SHAPE_OPS = ("Squeeze", "Unsqueeze", "View", "Reshape", "Select", "Slice", "Clone", "ToCopy", "Expand", "Alias")
+
+
 class VisualizationCallback(Callback):
     """Base class. Subclasses set ``method`` and override :meth:`compute` and :meth:`log_results`.
 
@@ -529,6 +533,7 @@ class VisualizationCallback(Callback):
         self.logits_fn = logits_fn
         self._adapter: ModelAdapter | None = None
         self._num_classes: int | None = None  # columns of the logits, seen at the setup forward
+        self._one_logit = False  # the model gives one logit, read as classes 0 and 1 (seen at the setup forward)
         self.loggers = None if loggers is None else list(loggers)
         self.run_at_start = run_at_start
         self._last_run_epoch: int | None = None  # last epoch run in this fit (never run an epoch twice)
@@ -779,6 +784,30 @@ class VisualizationCallback(Callback):
             category=VisualizationWarning,
         )
 
+    def _warn_sigmoid(self, raw: Tensor, how: str) -> None:
+        """Warn when the model's output is a sigmoid's (its autograd graph ends in one, up to reshapes and casts): a
+        forward ending in ``nn.Sigmoid`` / ``torch.sigmoid`` (a binary or multi-label model trained with ``BCELoss``)
+        returns probabilities where lightning-viz reads logits. Seen only when the setup forward builds a graph."""
+        fn = raw.grad_fn
+        while fn is not None and type(fn).__name__.startswith(_SHAPE_OPS) and fn.next_functions:
+            fn = fn.next_functions[0][0]
+        if fn is None or type(fn).__name__ != "SigmoidBackward0":
+            return
+        one = raw.numel() == 1
+        rank_zero_warn(
+            f"{type(self).__name__}: {how} ends in a sigmoid, so it returns probabilities, but lightning-viz reads "
+            "logits: the maps explain the probabilities (flat where they saturate), and the probabilities it shows "
+            "(captions, faithfulness curves, occlusion 'prob', Score-CAM) are taken of them again"
+            + (
+                " (one output p is read as the logit of class 1: every probe is predicted class 1, shown at 50-73%)"
+                if one
+                else ""
+            )
+            + ". Return the logits before the sigmoid (and train with BCEWithLogitsLoss), or set logits_fn=lambda "
+            "model, x: torch.logit(model(x), eps=1e-6) (the logits of the model's probabilities).",
+            category=VisualizationWarning,
+        )
+
     def _check_uint8_call(self, model: ModelAdapter, x_u8: Tensor, logits: Tensor, how: str) -> None:
         """8-bit data: the callbacks call the model on the same pixels as floats (gradients need them); a forward
         that treats ``uint8`` inputs otherwise (``if x.dtype == torch.uint8: x = x.float() / 255``) would be
@@ -875,19 +904,26 @@ class VisualizationCallback(Callback):
                         + (logits_fn_example(raw) if self.logits_fn is None else _dense_hint(raw))
                     )
                 self._num_classes = int(logits.shape[1])
+                self._one_logit = logits is not raw
+                gave = (
+                    f"{how} gave logits of shape {tuple(logits.shape)}"
+                    if logits is raw
+                    else f"{how} gave one logit, shape {tuple(raw.shape)}, read as classes 0 (negative) and 1 "
+                    "(positive)"
+                )
                 if self.class_names is not None and len(self.class_names) < self._num_classes:
+                    pair = f", e.g. ['not {self.class_names[0]}', '{self.class_names[0]}']" if logits is not raw else ""
                     raise ValueError(
                         f"{name}: class_names: {len(self.class_names)} names for a model with {self._num_classes} "
-                        f"classes ({how} gave logits of shape {tuple(logits.shape)}); give one name per class, by "
-                        "index, or leave class_names out to use the data's `classes`."
+                        f"classes ({gave}); give one name per class, by index{pair}, or leave class_names out to use "
+                        "the data's `classes`."
                     )
                 for option, indices in self.class_options().items():
                     bad = [c for c in indices if not 0 <= c < self._num_classes]
                     if bad:
                         raise ValueError(
                             f"{name}: {option}: class {bad[0] if len(bad) == 1 else bad} is out of range: the model "
-                            f"has {self._num_classes} classes (0..{self._num_classes - 1}; {how} gave logits of shape "
-                            f"{tuple(logits.shape)})."
+                            f"has {self._num_classes} classes (0..{self._num_classes - 1}; {gave})."
                         )
                 if getattr(self, "probabilities", "softmax") == "sigmoid" and logits is not raw:
                     raise ValueError(
@@ -896,6 +932,7 @@ class VisualizationCallback(Callback):
                         "is for multi-label heads with one logit per class)."
                     )
                 self._warn_probabilities(logits, how)
+                self._warn_sigmoid(raw, how)
                 if x_u8 is not None:
                     self._check_uint8_call(model, x_u8, logits, how)
                 if self.needs_labels() and isinstance(label, Tensor) and label.numel() == 1:
@@ -1064,7 +1101,10 @@ class VisualizationCallback(Callback):
                 else:
                     looked[self.probe_source] = [str(c) for c in names]
             self._found_class_names = looked[self.probe_source]
-        return self._found_class_names
+        names = self._found_class_names
+        if names is not None and len(names) == 1 and self._one_logit:  # the data names the positive class alone
+            return [f"not {names[0]}", names[0]]
+        return names
 
     # ------------------------------------------------------------------ probes
     def get_probes(self, trainer: Trainer) -> ProbeSet:

@@ -224,8 +224,10 @@ class EmbeddingCallback(VisualizationCallback):
         if labels is None:
             self._warn_once(
                 "EmbeddingCallback: the probes have no class labels (the data gives none, or labels that are not "
-                "class indices 0..K-1: -1 marking unlabeled items, regression targets), so the scatters are drawn "
-                "in one color and silhouette and knn_acc are not logged."
+                "one class index 0..K-1 per item: multi-hot rows of a multi-label task, -1 marking unlabeled items, "
+                "regression targets), so the scatters are drawn in one color and silhouette and knn_acc are not "
+                "logged. To color them by a class of your choice, pass probes=ProbeSet(images, labels=<one class "
+                "index per probe>)."
             )
         else:
             # a silhouette needs 2 <= classes <= N - 1 (else NaN), a kNN vote a class of 2 probes (else 0, or 1)

@@ -335,8 +335,30 @@ def probabilities(logits: Tensor, probabilities: Probabilities = "softmax") -> d
 
 
 def _predicted(logits: Tensor, how: Probabilities) -> dict[str, Tensor]:
-    prob, cls = class_probabilities(logits.detach().float(), how).max(dim=1)
-    return {PRED_PREFIX + "class": cls.cpu(), PRED_PREFIX + "prob": prob.cpu()}
+    probs = class_probabilities(logits.detach().float(), how)
+    prob, cls = probs.max(dim=1)
+    out = {PRED_PREFIX + "class": cls.cpu(), PRED_PREFIX + "prob": prob.cpu()}
+    if how == "sigmoid":  # multi-label: every class's own probability, for captions naming each predicted class
+        out[PRED_PREFIX + "probs"] = probs.cpu()
+    return out
+
+
+#: most predicted classes a multi-label caption names (by probability), the others counted as "+n"
+CAPTION_CLASSES = 3
+
+
+def predicted_text(results: dict[str, Any], i: int, class_names: list[str] | None, n: int | None = None) -> str:
+    """``"circle 87%"``: probe ``i``'s predicted class and its probability; with per-class sigmoid probabilities
+    (``pred:probs``, multi-label) every class over 50%, most probable first (``"circle 91%, cross 77%"``, beyond
+    :data:`CAPTION_CLASSES` ``"+2"``), or the most probable one when none is. Names cut to ``n`` characters."""
+    cls, prob, probs = results[PRED_PREFIX + "class"], results[PRED_PREFIX + "prob"], results.get(PRED_PREFIX + "probs")
+    picked = [(int(cls[i]), float(prob[i]))]
+    if probs is not None:
+        p = probs[i]
+        yes = [(int(c), float(p[c])) for c in p.argsort(descending=True, stable=True) if float(p[c]) > 0.5]
+        picked = yes or picked
+    text = ", ".join(f"{cut_name(class_name(c, class_names), n)} {q:.0%}" for c, q in picked[:CAPTION_CLASSES])
+    return text + (f" +{len(picked) - CAPTION_CLASSES}" if len(picked) > CAPTION_CLASSES else "")
 
 
 def predictions(
@@ -400,9 +422,8 @@ def panel_caption(
         parts = [pid]
         if probe.labels is not None:
             parts.append(f"true: {cut_name(class_name(probe.labels[i], class_names), n)}")
-        cls, prob = results.get(PRED_PREFIX + "class"), results.get(PRED_PREFIX + "prob")
-        if cls is not None and prob is not None:
-            parts.append(f"pred: {cut_name(class_name(cls[i], class_names), n)} {float(prob[i]):.0%}")
+        if results.get(PRED_PREFIX + "class") is not None and results.get(PRED_PREFIX + "prob") is not None:
+            parts.append(f"pred: {predicted_text(results, i, class_names, n)}")
         return "  ".join(parts) + suffix
 
     return make(None) if width is None else fit_names(make, width)

@@ -26,11 +26,11 @@ from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..layers import canonical_name, get_layer, module_device, module_dtype
 from ..logging import VizLogger, make_tag
-from ..methods.adversarial import fgsm, minimal_flip_budget, pgd, predict
+from ..methods.adversarial import fgsm, minimal_flip_budget, pgd
 from ..methods.checks import check_chunk_size
 from ..methods.regularizers import build_regularizers
 from ..methods.synthesis import (
@@ -43,6 +43,7 @@ from ..methods.synthesis import (
 )
 from ..probe import ProbeSet
 from ..render import _shared_strip, class_name, compose, cut_name, fit_names, labeled_grid, upscale
+from ..targets import binary_logits, check_probabilities
 from ._options import LayersSpec, index_list, reject_options, renamed_option, single_layer
 from .base import VisualizationCallback, image_size_hint
 
@@ -469,6 +470,18 @@ class InversionCallback(_InputOptimizationCallback):
         logger.scalar(make_tag(self.method, self.layer, "feature_error"), results["error"].mean())
 
 
+class _ClassDecision(nn.Module):
+    """One class's logit of each image (``classes[b]``) as a two-class model ``(-z/2, z/2)``: its arg-max is the
+    class's own sigmoid decision ``z > 0``, its cross-entropy the binary one of ``z`` (a multi-label head's class)."""
+
+    def __init__(self, module: nn.Module, classes: Tensor):
+        super().__init__()
+        self.module, self.classes = module, classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        return binary_logits(self.module(x).gather(1, self.classes.view(-1, 1)))
+
+
 class AdversarialCallback(VisualizationCallback):
     """Adversarial examples of the probes under an L-inf budget ``epsilon`` (pixel units by default), and the
     smallest budget that flips each probe, as a robustness curve over training. Per probe, split over ranks.
@@ -499,6 +512,12 @@ class AdversarialCallback(VisualizationCallback):
             scan of 4 budgets, as flipping need not be monotone in the budget).
         min_flip_attack: attack used in the search (``"fgsm"`` is cheapest; ``"pgd"`` uses ``steps``).
         loss: what the attacks climb: ``"ce"`` (cross-entropy) or ``"score"`` (the class logit itself).
+        probabilities: ``"softmax"`` (one class per image: the prediction is the arg-max) or ``"sigmoid"``
+            (multi-label heads: each class has its own decision ``sigmoid(z_c) > 0.5``; an arg-max change says
+            nothing about them). With ``"sigmoid"`` the attack flips one class's decision, climbing its binary
+            cross-entropy: ``"untargeted"`` that of the arg-max class (yes -> no, or no -> yes when no class is
+            predicted), ``"next_class"`` makes class ``(pred + 1) % K`` a yes; captions show the class's
+            probability before and after.
         chunk_size: attack this many probes at a time (``None``: all at once); results are the same.
         layout: ``"per_probe"`` (one image per probe) or ``"grid"`` (one image, a row per probe).
         display_px: shorter side each shown image is upscaled to (0: as computed).
@@ -524,6 +543,7 @@ class AdversarialCallback(VisualizationCallback):
         min_flip_iterations: int = 6,
         min_flip_attack: Literal["fgsm", "pgd"] = "fgsm",
         loss: Literal["ce", "score"] = "ce",
+        probabilities: Literal["softmax", "sigmoid"] = "softmax",
         chunk_size: Optional[int] = None,
         layout: Literal["per_probe", "grid"] = "per_probe",
         display_px: int = 96,
@@ -553,6 +573,8 @@ class AdversarialCallback(VisualizationCallback):
             raise ValueError(f"AdversarialCallback: loss must be 'ce' or 'score'; got {loss!r}")
         if mode not in ("untargeted", "next_class"):
             raise ValueError(f"AdversarialCallback: mode must be 'untargeted' or 'next_class'; got {mode!r}")
+        check_probabilities(probabilities, "AdversarialCallback(probabilities=...)")
+        self.probabilities = probabilities
         if steps < 1 or (step_size is not None and step_size <= 0):
             raise ValueError(f"AdversarialCallback: need steps >= 1 and step_size > 0; got {steps}, {step_size}")
         if min_flip_iterations < 0 or (min_flip_max_epsilon is not None and min_flip_max_epsilon <= 0):
@@ -606,8 +628,14 @@ class AdversarialCallback(VisualizationCallback):
         clean = logits.argmax(1)
         targeted = self.mode == "next_class"
         classes = (clean + 1) % logits.shape[1] if targeted else clean
+        model: nn.Module = pl_module
+        decided = classes  # sigmoid: the class whose own decision is attacked
+        if self.probabilities == "sigmoid":
+            # that class's yes/no as a two-class model (-z_c/2, z_c/2): the attacks flip its arg-max, z_c's sign
+            model = _ClassDecision(pl_module, decided)
+            classes = torch.ones_like(decided) if targeted else (logits.gather(1, decided.view(-1, 1))[:, 0] > 0).long()
         if self.attack == "fgsm":
-            adv = fgsm(pl_module, x, classes, self.epsilon, targeted=targeted, bounds=bounds, loss=self.loss, std=std)
+            adv = fgsm(model, x, classes, self.epsilon, targeted=targeted, bounds=bounds, loss=self.loss, std=std)
         else:
             # per-probe random start: the same attack whatever the split of the probes over ranks
             start = (
@@ -616,7 +644,7 @@ class AdversarialCallback(VisualizationCallback):
                 else None
             )
             adv = pgd(
-                pl_module,
+                model,
                 x,
                 classes,
                 self.epsilon,
@@ -629,15 +657,19 @@ class AdversarialCallback(VisualizationCallback):
                 loss=self.loss,
                 std=std,
             )
-        out = {
-            "adv": adv.cpu(),
-            "clean_pred": clean.cpu(),
-            "adv_pred": predict(pl_module, adv).cpu(),
-            "classes": classes.cpu(),
-        }
+        with torch.no_grad():
+            adv_logits = pl_module(adv)
+        adv_pred = adv_logits.argmax(1)
+        out = {"adv": adv.cpu(), "clean_pred": clean.cpu(), "adv_pred": adv_pred.cpu(), "classes": classes.cpu()}
+        if self.probabilities == "sigmoid":
+            z, z_adv = (t.gather(1, decided.view(-1, 1))[:, 0].float() for t in (logits, adv_logits))
+            out.update(decided=decided.cpu(), prob=z.sigmoid().cpu(), adv_prob=z_adv.sigmoid().cpu())
+            out["flipped"] = ((z_adv > 0).long() == classes if targeted else (z_adv > 0).long() != classes).cpu()
+        else:
+            out["flipped"] = (adv_pred == classes if targeted else adv_pred != classes).cpu()
         if self.min_flip:
             out["min_eps"] = minimal_flip_budget(
-                pl_module,
+                model,
                 x,
                 classes,
                 self.min_flip_max_epsilon,
@@ -666,15 +698,19 @@ class AdversarialCallback(VisualizationCallback):
         if self.display_px:
             originals, amplified, advs = (upscale(t, self.display_px) for t in (originals, amplified, advs))
         names = self.get_class_names(trainer)
-        captions = [
-            f"pred {class_name(results['clean_pred'][i], names)} -> {class_name(results['adv_pred'][i], names)}"
-            for i in range(len(probe))
-        ]
         head = ["prediction", "original", f"delta +-{self.epsilon:g}", "adversarial"]
 
-        def fitted(i: int, prefix: str, width: int, height: int) -> str:  # long class names cut, both shown
+        def line(i: int, n: int | None = None, pred: str = "pred ") -> str:  # class names cut to n characters
+            if "prob" in results:  # sigmoid: the attacked class's own probability, before -> after
+                c, p, q = class_name(results["decided"][i], names), results["prob"][i], results["adv_prob"][i]
+                return f"{cut_name(c, n)} {float(p):.0%} -> {float(q):.0%}"
             a, b = (class_name(results[k][i], names) for k in ("clean_pred", "adv_pred"))
-            return fit_names(lambda n: f"{prefix}{cut_name(a, n)} -> {cut_name(b, n)}", width, height)
+            return f"{pred}{cut_name(a, n)} -> {cut_name(b, n)}"
+
+        captions = [line(i) for i in range(len(probe))]
+
+        def fitted(i: int, prefix: str, width: int, height: int, pred: str = "") -> str:  # long class names cut
+            return fit_names(lambda n: prefix + line(i, n, pred), width, height)
 
         if self.layout == "grid":
             rows = [
@@ -692,15 +728,16 @@ class AdversarialCallback(VisualizationCallback):
                     [[originals[i], amplified[i], advs[i]]],
                     head[1:],
                     fitted(
-                        i, f"{pid}: pred ", sum(int(t[i].shape[-1]) + 2 for t in (originals, amplified, advs)) + 2, 16
+                        i,
+                        f"{pid}: ",
+                        sum(int(t[i].shape[-1]) + 2 for t in (originals, amplified, advs)) + 2,
+                        16,
+                        "pred ",
                     ),
                 ),
                 caption=f"{pid}: {captions[i]}",
             )
-        if self.mode == "next_class":
-            flipped = results["adv_pred"] == results["classes"]
-        else:
-            flipped = results["adv_pred"] != results["clean_pred"]
+        flipped = results["flipped"]
         logger.scalar(make_tag(self.method, "linf"), flat.abs().amax(1).mean())
         logger.scalar(make_tag(self.method, "l2"), flat.norm(dim=1).mean())
         logger.scalar(make_tag(self.method, "flip_rate"), flipped.float().mean())

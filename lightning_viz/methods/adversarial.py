@@ -37,7 +37,19 @@ __all__ = ["predict", "fgsm", "pgd", "is_flipped", "minimal_flip_budget"]
 def predict(model: nn.Module, x: Tensor) -> Tensor:
     """Arg-max class ``[B]`` (long) of each image of ``x[B, C, H, W]`` (no graph)."""
     with torch.no_grad():
-        return check_logits("adversarial attack", model(x), x.shape[0]).argmax(dim=1)
+        return _two_or_more(check_logits("adversarial attack", model(x), x.shape[0])).argmax(dim=1)
+
+
+def _two_or_more(logits: Tensor) -> Tensor:
+    """``logits``, unless they have one column: its arg-max is always 0 and its cross-entropy 0 (no attack could move
+    or flip anything): a clear error pointing at the adapter that reads a one-logit head as two classes."""
+    if logits.shape[1] == 1:
+        raise ValueError(
+            "adversarial attack: the model returns one logit [B, 1], whose arg-max is always class 0 and whose "
+            "cross-entropy is 0 (nothing to attack, nothing can flip); a one-logit binary head is read as classes "
+            "0 and 1 through lightning_viz.targets.model_adapter(model)"
+        )
+    return logits
 
 
 def _per_image(value: float | Tensor, x: Tensor, std: Sequence[float] | Tensor | None = None) -> Tensor:
@@ -81,7 +93,7 @@ def _loss_sign_grad(model: nn.Module, x: Tensor, classes: Tensor, targeted: bool
     check_eval("adversarial attack", model)  # training-mode BatchNorm: mixed images, running statistics updated
     x = x.detach().clone().requires_grad_(True)
     with input_matches_model("adversarial attack", model, x):
-        logits = check_logits("adversarial attack", model(x), x.shape[0])
+        logits = _two_or_more(check_logits("adversarial attack", model(x), x.shape[0]))
     cls = check_classes("adversarial attack", torch.as_tensor(classes, device=x.device), x.shape[0], logits.shape[-1])
     if loss == "ce":
         j = F.cross_entropy(logits, cls, reduction="sum")
