@@ -151,6 +151,26 @@ RUNS: dict[str, dict[str, Any]] = {
         "expect_error": True,
         "callbacks": [{"class_path": "helpers.InputGradMap", "init_args": {"num_probes": 4}}],
     },
+    # a setup check fails on rank 1 only (its shard's item 0 has label 7, the model 3 classes): every rank must stop
+    # at setup with the error (rank 0: naming rank 1's), none waiting in Lightning's post-setup barrier
+    "check_fails": {
+        "max_epochs": 1,
+        "data": "bad_label_on_rank1",
+        "expect_error": True,
+        "callbacks": [
+            {"class_path": "lightning_viz.callbacks.gradients.GradientCallback", "init_args": {"target": "label"}}
+        ],
+    },
+    # the same in trainer.validate of a module with configure_model (checked at on_validation_start)
+    "check_fails_late": {
+        "validate": True,
+        "data": "bad_label_on_rank1",
+        "module_kind": "configure_model",
+        "expect_error": True,
+        "callbacks": [
+            {"class_path": "lightning_viz.callbacks.gradients.GradientCallback", "init_args": {"target": "label"}}
+        ],
+    },
     # each rank's dataset is its own shard (as a datamodule's setup may build it): all ranks must use rank 0's probes
     "sharded": {
         "max_epochs": 1,
@@ -245,6 +265,22 @@ class UnreadableOnRank1(torch.utils.data.Dataset):
         return ("unreadable", y) if self.rank == 1 else (x, y)
 
 
+def bad_label_on_rank1() -> torch.utils.data.Dataset:
+    """``tiny_dataset(48)`` (3 classes), whose item 0 on rank 1 has label 7 (a broken shard)."""
+    x, y = tiny_dataset(48).tensors
+    y = y.clone()
+    if _rank() == 1:
+        y[0] = 7
+    return torch.utils.data.TensorDataset(x, y)
+
+
+class ConfigureModelLit(LitTiny):
+    """Overrides ``configure_model``: the callbacks check the model at ``on_fit_start`` / ``on_validation_start``."""
+
+    def configure_model(self):
+        pass
+
+
 class LazyShardedLit(LitTiny):
     """Builds its data (this rank's shard) in ``on_fit_start``, after the callbacks' setup: probes are picked lazily."""
 
@@ -307,10 +343,12 @@ def fit(
     data: str = "tiny",
     validate: bool = False,
     expect_error: bool = False,
+    module_kind: str | None = None,
 ):
     """One training run; returns (trainer, callbacks, module). ``validate=True``: one ``Trainer.validate``
     of the untrained model instead (callbacks run at validation epoch end; ``max_epochs`` unused).
-    ``expect_error``: the error the fit raised is kept in ``trainer.fit_error`` (``None`` if none)."""
+    ``expect_error``: the error the fit raised is kept in ``trainer.fit_error`` (``None`` if none). ``module_kind``:
+    ``"configure_model"`` for a LightningModule overriding that hook."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     L.seed_everything(seed, verbose=False)
@@ -323,6 +361,8 @@ def fit(
         dataset, classes = torch.utils.data.Subset(tiny_dataset(48), range(rank, 48, world)), 3
     elif data == "unreadable_on_rank1":
         dataset, classes = UnreadableOnRank1(), 3
+    elif data == "bad_label_on_rank1":
+        dataset, classes = bad_label_on_rank1(), 3
     else:
         dataset, classes = tiny_dataset(48), 3
     net = TinyCNN(num_classes=classes, width=4)
@@ -333,8 +373,10 @@ def fit(
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if compile:
         net = torch.compile(net, backend="aot_eager")  # dynamo + AOTAutograd like inductor, minus the C++ compile
-    module = (LazyShardedLit if data == "lazy_sharded" else LitTiny)(net, lr=0.05)
-    sampler = None if data in ("sharded", "unreadable_on_rank1") else RankStrideSampler(len(dataset))
+    lit = {"configure_model": ConfigureModelLit}.get(module_kind or "", LitTiny)
+    module = (LazyShardedLit if data == "lazy_sharded" else lit)(net, lr=0.05)
+    per_rank = data in ("sharded", "unreadable_on_rank1", "bad_label_on_rank1")  # each rank's own data: no sampler
+    sampler = None if per_rank else RankStrideSampler(len(dataset))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     callbacks = build_callbacks(num_probes, callbacks, run_on="validation_epoch_end" if validate else None)
     trainer = L.Trainer(

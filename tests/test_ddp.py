@@ -40,6 +40,14 @@ def ddp_out(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def failures_out(tmp_path_factory):
+    """Runs where one rank fails: a hang (a rank left waiting in a collective) fails fast."""
+    out = str(tmp_path_factory.mktemp("ddp_failures"))
+    _run_script(out, "--runs", "check_fails,check_fails_late", "--devices", "2", "--strategy", "ddp", timeout=90)
+    return out
+
+
+@pytest.fixture(scope="module")
 def single_out(tmp_path_factory):
     """The 'equal' run on one process with the union batch (2 x 4 = 8)."""
     out = str(tmp_path_factory.mktemp("single"))
@@ -260,6 +268,23 @@ def test_a_probe_pick_failing_on_one_rank_at_setup_stops_every_rank_clearly(ddp_
         "VisualizationError: InputGradMap: picking the probes failed on another rank (rank 1: VisualizationError: "
         "InputGradMap: picking 4 probe images"
     )
+    assert r0["global_step"] == r1["global_step"] == 0
+
+
+@pytest.mark.parametrize("run", ["check_fails", "check_fails_late"])
+def test_a_setup_check_failing_on_one_rank_stops_every_rank_clearly(failures_out, run):
+    """Rank 1's shard has label 7 at item 0 (the model has 3 classes): the setup forward's label check fails there
+    only. Rank 1 raises its error; rank 0 raises one naming it, at setup too (fit), or at on_validation_start
+    (trainer.validate of a module with configure_model), instead of gloo's "Connection closed by peer" after
+    waiting in Lightning's post-setup barrier (or a hang while rank 1 lives on)."""
+    r0, r1 = _json(failures_out, run, 0), _json(failures_out, run, 1)
+    own = "ValueError: GradientCallback: target='label' needs class indices 0..2 (the model has 3 classes), but the "
+    assert r1["fit_error"].startswith(own + "labels include [7]")
+    assert r0["fit_error"].startswith(
+        "VisualizationError: lightning-viz GradientCallback (gradients): the setup checks failed on another rank "
+        f"(rank 1: {own}labels include [7]"
+    )
+    assert r0["fit_error"].endswith("); every rank stops.")
     assert r0["global_step"] == r1["global_step"] == 0
 
 

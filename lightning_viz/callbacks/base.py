@@ -313,6 +313,22 @@ def gather_results(trainer: Trainer, local: Any, error: BaseException | None, wh
     return _concat([res for _, res in gathered])
 
 
+def _stop_all_ranks(trainer: Trainer, error: BaseException | None, who: str, what: str) -> None:
+    """Raise ``error`` if this rank's ``what`` failed, and under DDP on every other rank too (all ranks call this:
+    one small gather): a check of one rank's data (item 0 of a dataset sharded per rank) fails there only, and the
+    others would wait in the next collective (Lightning's post-setup barrier) until gloo or nccl gives up."""
+    rank, world = _world(trainer)
+    if world > 1 and _dist_ready():
+        failure = None if error is None else f"{type(error).__name__}: {error}"
+        gathered = _all_gather(failure, f"{who}'s outcome of {what}", rank, world)
+        failed = [(r, e) for r, e in enumerate(gathered) if e is not None]
+        if failed and error is None:
+            msg = "; ".join(f"rank {r}: {e}" for r, e in failed)
+            raise VisualizationError(f"lightning-viz {who}: {what} failed on another rank ({msg}); every rank stops.")
+    if error is not None:
+        raise error
+
+
 def _share_rank0_error(error: BaseException | None, what: str, force: bool = False) -> None:
     """Broadcast rank 0's outcome; every other rank raises if rank 0 failed (all ranks call this), with
     ``force`` (see :meth:`VisualizationCallback._failed`) as the error's attribute."""
@@ -703,6 +719,15 @@ class VisualizationCallback(Callback):
             self._model_checks_due = None
             _announce(trainer, stage)
             return
+        error = None
+        try:  # the checks of one rank's data (item 0 of a dataset sharded per rank) may fail there only
+            self._setup_checks(trainer, pl_module, stage)
+        except Exception as exc:  # raised on every rank by _stop_all_ranks
+            error = exc
+        _stop_all_ranks(trainer, error, self._label(), "the setup checks")
+        _announce(trainer, stage)
+
+    def _setup_checks(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _check_strategy(self, trainer)
         _check_tag_clash(self, trainer, stage)
         check_sinks(trainer, self.loggers, type(self).__name__, self.name)
@@ -726,7 +751,6 @@ class VisualizationCallback(Callback):
         if self._model_checks_due is None:
             with self._naming():
                 self.check_model(trainer, pl_module, stage)
-        _announce(trainer, stage)
 
     def _start_over(self, trainer: Trainer) -> None:
         """A fresh fit (or a ``trainer.validate``) under another Trainer than the one this callback last ran under
@@ -797,8 +821,13 @@ class VisualizationCallback(Callback):
         stage = self._model_checks_due
         if stage is not None:
             self._model_checks_due = None
-            with self._naming():
-                self.check_model(trainer, pl_module, stage)
+            error = None
+            try:
+                with self._naming():
+                    self.check_model(trainer, pl_module, stage)
+            except Exception as exc:  # raised on every rank by _stop_all_ranks
+                error = exc
+            _stop_all_ranks(trainer, error, self._label(), "the setup checks")
 
     def _check_model_call(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """One forward of one data item (a probe, else item 0 of the probe dataset; skipped when neither is
