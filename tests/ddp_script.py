@@ -30,7 +30,7 @@ import torch
 from helpers import LitTiny, TinyCNN, tiny_dataset
 from torch.utils.data import DataLoader, Sampler
 
-from lightning_viz.callbacks.base import VisualizationWarning
+from lightning_viz.callbacks.base import VisualizationCallback, VisualizationWarning
 from lightning_viz.callbacks.maps import MapCallback
 from lightning_viz.probe import ProbeSet
 
@@ -412,8 +412,27 @@ def checksum(module) -> float:
     return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
 
 
+def _rows(results: Any) -> int:
+    """How many probes' results ``run`` returned on this rank (the most rows of a tensor in them; ``None``: 0)."""
+    if isinstance(results, torch.Tensor):
+        return int(results.shape[0]) if results.ndim else 1
+    if isinstance(results, dict):
+        return max((_rows(v) for v in results.values()), default=0)
+    return 0
+
+
 def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
+    received: dict[str, list[int]] = {}  # per callback class: the probes' results each run returned on this rank
+    base_run = VisualizationCallback.run
+
+    def run(self, trainer, pl_module, *args, **kwargs):
+        results = base_run(self, trainer, pl_module, *args, **kwargs)
+        received.setdefault(type(self).__name__, []).append(_rows(results))
+        return results
+
+    VisualizationCallback.run = run  # type: ignore[method-assign]
     for name in runs:
+        received.clear()
         opts = dict(RUNS[name])
         logdir = os.path.join(out, name)
         with warnings.catch_warnings(record=True) as caught:
@@ -442,6 +461,7 @@ def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
                 if cb.probes is not None
             },
             "fit_error": trainer.fit_error,
+            "received": dict(received),
         }
         with open(os.path.join(logdir, f"rank{rank}.json"), "w") as f:
             json.dump(info, f)

@@ -172,6 +172,16 @@ def single_validate_out(tmp_path_factory):
     return out, module
 
 
+def test_only_rank_zero_receives_the_gathered_results(ddp_out):
+    """Rank 0 writes, so it alone gets every rank's results: the other ranks do not hold all probes' maps (with
+    NCCL, all of them at once on the GPU) until the run ends."""
+    r0, r1 = _json(ddp_out, "equal", 0)["received"], _json(ddp_out, "equal", 1)["received"]
+    # 5 probes (rank 0 computes 3, rank 1 computes 2), 12 for the embeddings; at epochs 0 and 1
+    for name in ("InputGradMap", "ActivationCallback", "GradientCallback", "CAMCallback", "OcclusionCallback"):
+        assert r0[name] == [5, 5] and r1[name] == [0, 0], name
+    assert r0["EmbeddingCallback"] == [12, 12] and r1["EmbeddingCallback"] == [0, 0]
+
+
 def test_syncbatchnorm_validate_on_two_ranks_logs_the_same_as_one(ddp_out, single_validate_out):
     """Lightning wraps the model in DDP only when fitting, and the callbacks run it in eval mode (no
     cross-rank sync), so every callback works on a SyncBatchNorm model under ``Trainer.validate``."""
@@ -329,7 +339,7 @@ def test_gather_timeout_is_a_clear_error():
         peer.kill()
         peer.wait()
     msg = str(err.value)
-    assert "gathering probe results across 2 ranks failed on rank 0" in msg
+    assert "gathering probe outcomes across 2 ranks failed on rank 0" in msg  # the first of its two gathers
     assert "DDPStrategy(timeout=" in msg
     msg = str(err_probes.value)
     assert "gathering InputGradMap's probe fingerprints across 2 ranks failed on rank 0" in msg

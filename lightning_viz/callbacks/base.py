@@ -292,25 +292,36 @@ def _all_gather(obj: Any, what: str, rank: int, world: int) -> list[Any]:
 
 
 def gather_results(trainer: Trainer, local: Any, error: BaseException | None, what: str = "visualization") -> Any:
-    """Gather every rank's ``local`` results (concatenated in rank order) on all ranks.
+    """Gather every rank's ``local`` results (concatenated in rank order) on rank 0, which writes them; the other
+    ranks get ``None`` (they would only hold every rank's maps until the run ends).
 
     Every rank calls this exactly once per run, also a rank that failed or has no probes (it sends
-    ``None``), so all ranks make the same collective calls. If any rank failed, every rank raises a
-    :class:`VisualizationError` naming the failed ranks and their errors.
+    ``None``), so all ranks make the same collective calls: a small gather of the outcomes on all ranks, then one of
+    the results on rank 0. If any rank failed, every rank raises a :class:`VisualizationError` naming the failed
+    ranks and their errors.
     """
     rank, world = _world(trainer)
-    payload = (None if error is None else f"{type(error).__name__}: {error}", _to_cpu(local) if error is None else None)
-    if world > 1 and _dist_ready():
-        gathered = _all_gather(payload, f"{what} results", rank, world)
-    else:
-        gathered = [payload]
-    errors = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
+    failure = None if error is None else f"{type(error).__name__}: {error}"
+    distributed = world > 1 and _dist_ready()
+    failures = _all_gather(failure, f"{what} outcomes", rank, world) if distributed else [failure]
+    errors = [(r, e) for r, e in enumerate(failures) if e is not None]
     if errors:
         msg = "; ".join(f"rank {r}: {e}" for r, e in errors)
         if error is not None:
             raise VisualizationError(f"lightning-viz {what} failed: {msg}") from error
         raise VisualizationError(f"lightning-viz {what} failed: {msg}")
-    return _concat([res for _, res in gathered])
+    if not distributed:
+        return _concat([_to_cpu(local)])
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    try:
+        torch.distributed.gather_object(_to_cpu(local), gathered, dst=0)
+    except Exception as exc:  # timeouts and broken process groups
+        raise VisualizationError(
+            f"lightning-viz: gathering {what} results on rank 0 failed on rank {rank} ({type(exc).__name__}: {exc}). "
+            "Every rank must reach the same point: check that no rank crashed, or raise the process-group timeout "
+            "(DDPStrategy(timeout=...)) if one rank is much slower."
+        ) from exc
+    return None if gathered is None else _concat(gathered)
 
 
 def _stop_all_ranks(trainer: Trainer, error: BaseException | None, who: str, what: str) -> None:
@@ -1209,7 +1220,8 @@ class VisualizationCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, step: int | None = None, scheduled: bool = False
     ) -> dict[str, Any] | None:
         """Compute on this rank's shard, gather, and log on rank 0 at ``step`` (default: the epoch).
-        Returns the gathered results. ``scheduled=True`` skips :meth:`should_run`.
+        Returns the gathered results (on rank 0; ``None`` on the others under DDP, see :func:`gather_results`).
+        ``scheduled=True`` skips :meth:`should_run`.
 
         Under DDP every rank makes the same collective calls whatever happens: per-probe methods gather the
         probes' fingerprints (every rank takes rank 0's probes) and the results (a rank without probes sends
