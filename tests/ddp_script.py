@@ -171,6 +171,33 @@ RUNS: dict[str, dict[str, Any]] = {
             {"class_path": "lightning_viz.callbacks.gradients.GradientCallback", "init_args": {"target": "label"}}
         ],
     },
+    # probes picked at the first epoch end from each rank's shard; rank 1's has no labels, which target='label' needs:
+    # every rank uses rank 0's (labeled) probes, so the run must not fail over rank 1's own pick
+    "lazy_unlabeled_rank1": {
+        "max_epochs": 1,
+        "data": "lazy_sharded",
+        "module_kind": "unlabeled_on_rank1",
+        "expect_error": True,
+        "callbacks": [
+            {
+                "class_path": "lightning_viz.callbacks.gradients.GradientCallback",
+                "init_args": {"target": "label", "num_probes": 4},
+            }
+        ],
+    },
+    # ... and with no labels on any rank: rank 0's probes fail the check on every rank, one error named once
+    "lazy_unlabeled": {
+        "max_epochs": 1,
+        "data": "lazy_sharded",
+        "module_kind": "unlabeled",
+        "expect_error": True,
+        "callbacks": [
+            {
+                "class_path": "lightning_viz.callbacks.gradients.GradientCallback",
+                "init_args": {"target": "label", "num_probes": 4},
+            }
+        ],
+    },
     # each rank's dataset is its own shard (as a datamodule's setup may build it): all ranks must use rank 0's probes
     "sharded": {
         "max_epochs": 1,
@@ -296,6 +323,27 @@ class LazyShardedLit(LitTiny):
         return DataLoader(self.data, batch_size=4)
 
 
+class LazyUnlabeledOnRank1(LazyShardedLit):
+    """As :class:`LazyShardedLit`, but rank 1's shard has images only (no labels; it trains on label 0)."""
+
+    unlabeled_ranks = (1,)
+
+    def on_fit_start(self):
+        super().on_fit_start()
+        if self.trainer.global_rank in self.unlabeled_ranks:
+            self.data = torch.utils.data.TensorDataset(torch.stack([self.data[i][0] for i in range(len(self.data))]))
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        return super().training_step((x, batch[1] if len(batch) > 1 else torch.zeros(len(x), dtype=torch.long)), 0)
+
+
+class LazyUnlabeled(LazyUnlabeledOnRank1):
+    """Every rank's shard has images only."""
+
+    unlabeled_ranks = (0, 1)
+
+
 def _resolve(class_path: str):
     module, _, name = class_path.rpartition(".")
     if module == "ddp_script" and __name__ == "__main__":
@@ -348,7 +396,8 @@ def fit(
     """One training run; returns (trainer, callbacks, module). ``validate=True``: one ``Trainer.validate``
     of the untrained model instead (callbacks run at validation epoch end; ``max_epochs`` unused).
     ``expect_error``: the error the fit raised is kept in ``trainer.fit_error`` (``None`` if none). ``module_kind``:
-    ``"configure_model"`` for a LightningModule overriding that hook."""
+    ``"configure_model"`` for a LightningModule overriding that hook, ``"unlabeled_on_rank1"`` / ``"unlabeled"``:
+    see :class:`LazyUnlabeledOnRank1`."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     L.seed_everything(seed, verbose=False)
@@ -373,8 +422,13 @@ def fit(
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if compile:
         net = torch.compile(net, backend="aot_eager")  # dynamo + AOTAutograd like inductor, minus the C++ compile
-    lit = {"configure_model": ConfigureModelLit}.get(module_kind or "", LitTiny)
-    module = (LazyShardedLit if data == "lazy_sharded" else lit)(net, lr=0.05)
+    lazy = data == "lazy_sharded"
+    kinds = {
+        "configure_model": ConfigureModelLit,
+        "unlabeled_on_rank1": LazyUnlabeledOnRank1,
+        "unlabeled": LazyUnlabeled,
+    }
+    module = kinds.get(module_kind or "", LazyShardedLit if lazy else LitTiny)(net, lr=0.05)
     per_rank = data in ("sharded", "unreadable_on_rank1", "bad_label_on_rank1")  # each rank's own data: no sampler
     sampler = None if per_rank else RankStrideSampler(len(dataset))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
@@ -400,7 +454,7 @@ def fit(
         if validate:
             trainer.validate(module, loader, verbose=False)
         else:
-            trainer.fit(module, None if data == "lazy_sharded" else loader)
+            trainer.fit(module, None if lazy else loader)
     except Exception as exc:
         if not expect_error:
             raise

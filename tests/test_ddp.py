@@ -43,7 +43,8 @@ def ddp_out(tmp_path_factory):
 def failures_out(tmp_path_factory):
     """Runs where one rank fails: a hang (a rank left waiting in a collective) fails fast."""
     out = str(tmp_path_factory.mktemp("ddp_failures"))
-    _run_script(out, "--runs", "check_fails,check_fails_late", "--devices", "2", "--strategy", "ddp", timeout=90)
+    runs = "check_fails,check_fails_late,lazy_unlabeled_rank1,lazy_unlabeled"
+    _run_script(out, "--runs", runs, "--devices", "2", "--strategy", "ddp", timeout=90)
     return out
 
 
@@ -296,6 +297,30 @@ def test_a_setup_check_failing_on_one_rank_stops_every_rank_clearly(failures_out
     )
     assert r0["fit_error"].endswith("); every rank stops.")
     assert r0["global_step"] == r1["global_step"] == 0
+
+
+def test_probes_picked_at_a_run_are_checked_once_they_are_rank_zeros(failures_out):
+    """Probes picked at the first epoch end from each rank's shard: rank 1's pick has no labels (target='label' needs
+    them), but every rank uses rank 0's labeled probes, so the run goes on. Was: every rank failed on rank 1's pick
+    ("rank 1: ValueError: GradientCallback: target='label' needs a class label per image")."""
+    r0, r1 = _json(failures_out, "lazy_unlabeled_rank1", 0), _json(failures_out, "lazy_unlabeled_rank1", 1)
+    assert r0["fit_error"] is None and r1["fit_error"] is None
+    assert r0["probes"] == r1["probes"]
+    assert [w for w in r0["warnings"] if "differs across the 2 ranks" in w] and r1["warnings"] == []
+    acc = read_events(os.path.join(failures_out, "lazy_unlabeled_rank1"))
+    assert image_steps(acc, "viz-gradients/panel/p003") == [0]
+
+
+def test_a_check_failing_alike_on_every_rank_names_the_error_once(failures_out):
+    """No rank's shard has labels: rank 0's probes, which every rank uses, fail the check on every rank; each rank
+    raises one message naming the ranks together (was: the same long error once per rank)."""
+    for rank in (0, 1):
+        err = _json(failures_out, "lazy_unlabeled", rank)["fit_error"]
+        assert err.startswith(
+            "VisualizationError: lightning-viz gradients failed: ranks 0, 1: ValueError: GradientCallback: "
+            "target='label' needs a class label per image"
+        )
+        assert err.count("needs a class label") == 1
 
 
 def test_gather_timeout_is_a_clear_error():

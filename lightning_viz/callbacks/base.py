@@ -304,9 +304,12 @@ def gather_results(trainer: Trainer, local: Any, error: BaseException | None, wh
     failure = None if error is None else f"{type(error).__name__}: {error}"
     distributed = world > 1 and _dist_ready()
     failures = _all_gather(failure, f"{what} outcomes", rank, world) if distributed else [failure]
-    errors = [(r, e) for r, e in enumerate(failures) if e is not None]
-    if errors:
-        msg = "; ".join(f"rank {r}: {e}" for r, e in errors)
+    by_error: dict[str, list[int]] = {}  # one error on several ranks (a check of the probes they share) named once
+    for r, e in enumerate(failures):
+        if e is not None:
+            by_error.setdefault(e, []).append(r)
+    if by_error:
+        msg = "; ".join(f"rank{'s' * (len(rs) > 1)} {', '.join(map(str, rs))}: {e}" for e, rs in by_error.items())
         if error is not None:
             raise VisualizationError(f"lightning-viz {what} failed: {msg}") from error
         raise VisualizationError(f"lightning-viz {what} failed: {msg}")
@@ -1097,8 +1100,9 @@ class VisualizationCallback(Callback):
     def get_probes(self, trainer: Trainer) -> ProbeSet:
         """The full probe set (same on every rank): given, picked at setup, or picked on first use."""
         if self.probes is None:
-            self.probes = self._pick_probes(trainer)
-            self.check_probes(self.probes)
+            probes = self._pick_probes(trainer)
+            self.check_probes(probes)  # failing: picked and checked again at the next run (not computed unchecked)
+            self.probes = probes
         return self.probes
 
     def _setup_probes(self, trainer: Trainer) -> None:
@@ -1243,9 +1247,11 @@ class VisualizationCallback(Callback):
         rank, world = _world(trainer)
         start = time.perf_counter()
         distributed = self.per_probe and self.needs_probes and world > 1  # without probes there is nothing to split
-        probe, local, error, stage = None, None, None, "probes"
+        probe, local, error, stage, picked = None, None, None, "probes", False
         try:
             if self.needs_probes and (distributed or rank == 0):
+                if distributed and self.probes is None:  # this rank's pick, checked once it is rank 0's (below)
+                    self.probes, picked = self._pick_probes(trainer), True
                 probe = self.get_probes(trainer)
         except Exception as exc:  # re-raised on every rank below
             error = exc
@@ -1256,6 +1262,11 @@ class VisualizationCallback(Callback):
                 self._failed(exc)
                 return None
             self.probes = self.probes if probe is None else probe
+            if picked and probe is not None:  # the probes every rank uses: the same check (and outcome) everywhere
+                try:
+                    self.check_probes(probe)
+                except Exception as exc:  # re-raised on every rank by gather_results
+                    error, self.probes = exc, None
         if error is None and (distributed or rank == 0) and not (distributed and probe is None):
             stage = "compute"
             shard = probe.shard(rank, world) if distributed and probe is not None else probe
