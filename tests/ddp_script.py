@@ -16,6 +16,7 @@ families' callbacks there.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -30,6 +31,7 @@ import torch
 from helpers import LitTiny, TinyCNN, tiny_dataset
 from torch.utils.data import DataLoader, Sampler
 
+import lightning_viz.logging as vlog
 from lightning_viz.callbacks.base import VisualizationCallback, VisualizationWarning
 from lightning_viz.callbacks.maps import MapCallback
 from lightning_viz.probe import ProbeSet
@@ -196,6 +198,20 @@ RUNS: dict[str, dict[str, Any]] = {
                 "class_path": "lightning_viz.callbacks.gradients.GradientCallback",
                 "init_args": {"target": "label", "num_probes": 4},
             }
+        ],
+    },
+    # rank 0's disk fills while the first callback's image is written in the background (the second callback's run
+    # waits for it): every rank must raise rank 0's error, naming the first callback
+    "full_disk": {
+        "max_epochs": 1,
+        "full_disk": "viz-inputgrad/",
+        "expect_error": True,
+        "callbacks": [
+            {"class_path": "helpers.InputGradMap", "init_args": {"num_probes": 2}},
+            {
+                "class_path": "lightning_viz.callbacks.activations.ActivationCallback",
+                "init_args": {"layers": ["net.conv1"], "num_probes": 2},
+            },
         ],
     },
     # each rank's dataset is its own shard (as a datamodule's setup may build it): all ranks must use rank 0's probes
@@ -392,12 +408,13 @@ def fit(
     validate: bool = False,
     expect_error: bool = False,
     module_kind: str | None = None,
+    full_disk: str | None = None,
 ):
     """One training run; returns (trainer, callbacks, module). ``validate=True``: one ``Trainer.validate``
     of the untrained model instead (callbacks run at validation epoch end; ``max_epochs`` unused).
     ``expect_error``: the error the fit raised is kept in ``trainer.fit_error`` (``None`` if none). ``module_kind``:
     ``"configure_model"`` for a LightningModule overriding that hook, ``"unlabeled_on_rank1"`` / ``"unlabeled"``:
-    see :class:`LazyUnlabeledOnRank1`."""
+    see :class:`LazyUnlabeledOnRank1`. ``full_disk``: writing an image whose tag starts with it fails (ENOSPC)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     L.seed_everything(seed, verbose=False)
@@ -450,6 +467,15 @@ def fit(
         use_distributed_sampler=False,
     )
     trainer.fit_error = None
+    png_summary = vlog._png_summary
+    if full_disk is not None:
+
+        def no_space(tag, hwc):
+            if tag.startswith(full_disk):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return png_summary(tag, hwc)
+
+        vlog._png_summary = no_space
     try:
         if validate:
             trainer.validate(module, loader, verbose=False)
@@ -459,6 +485,8 @@ def fit(
         if not expect_error:
             raise
         trainer.fit_error = f"{type(exc).__name__}: {exc}"
+    finally:
+        vlog._png_summary = png_summary
     return trainer, callbacks, module
 
 

@@ -43,7 +43,7 @@ def ddp_out(tmp_path_factory):
 def failures_out(tmp_path_factory):
     """Runs where one rank fails: a hang (a rank left waiting in a collective) fails fast."""
     out = str(tmp_path_factory.mktemp("ddp_failures"))
-    runs = "check_fails,check_fails_late,lazy_unlabeled_rank1,lazy_unlabeled"
+    runs = "check_fails,check_fails_late,lazy_unlabeled_rank1,lazy_unlabeled,full_disk"
     _run_script(out, "--runs", runs, "--devices", "2", "--strategy", "ddp", timeout=90)
     return out
 
@@ -226,12 +226,9 @@ def test_an_error_on_one_rank_raises_on_every_rank(ddp_out):
     # a rank-0-only computation failed: both ranks raise, naming rank 0
     for errs in (r0["compute@rank0"], r1["compute@rank0"]):
         assert errs == [err + "[compute-rank0-only-None] failed on rank 0: RuntimeError: boom in compute"]
-    # rank 0's logging failed: rank 0 raises its own error, rank 1 learns of it (instead of hanging later)
-    assert r0["log@rank0"] == [
-        "VisualizationError: lightning-viz FailingCallback (failing[log-rank0-None]) failed while logging at step 0: "
-        "RuntimeError: boom in log"
-    ]
-    assert r1["log@rank0"] == [err + "[log-rank0-None] failed on rank 0: RuntimeError: boom in log"]
+    # rank 0's logging failed: rank 0 raises its error, rank 1 the same (instead of hanging later)
+    logged = "VisualizationError: lightning-viz FailingCallback (failing[log-rank0-None]) failed while logging at step"
+    assert r0["log@rank0"] == r1["log@rank0"] == [logged + " 0: RuntimeError: boom in log"]
     # picking the probes failed on rank 1 at the first epoch end: both ranks raise, naming rank 1
     for errs in (r0["probes@rank1"], r1["probes@rank1"]):
         assert errs == [err + "[probes-rank1-None] failed: rank 1: RuntimeError: boom in probes"]
@@ -321,6 +318,18 @@ def test_a_check_failing_alike_on_every_rank_names_the_error_once(failures_out):
             "target='label' needs a class label per image"
         )
         assert err.count("needs a class label") == 1
+
+
+def test_a_background_write_failing_on_rank_zero_names_its_callback_on_every_rank(failures_out):
+    """The disk fills while InputGradMap's image is written in the background; ActivationCallback's run (the next at
+    that epoch end) waits for it and raises. Every rank says which callback failed and how, as rank 0 does. Was, on
+    rank 1: "lightning-viz activations failed on rank 0: OSError: ..." (another callback, no word of logging)."""
+    expected = (
+        "VisualizationError: lightning-viz InputGradMap (inputgrad) failed while logging at step 0: OSError: "
+        "[Errno 28] No space left on device"
+    )
+    r0, r1 = _json(failures_out, "full_disk", 0), _json(failures_out, "full_disk", 1)
+    assert r0["fit_error"] == r1["fit_error"] == expected
 
 
 def test_gather_timeout_is_a_clear_error():

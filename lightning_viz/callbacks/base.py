@@ -345,8 +345,13 @@ def _stop_all_ranks(trainer: Trainer, error: BaseException | None, who: str, wha
 
 def _share_rank0_error(error: BaseException | None, what: str, force: bool = False) -> None:
     """Broadcast rank 0's outcome; every other rank raises if rank 0 failed (all ranks call this), with
-    ``force`` (see :meth:`VisualizationCallback._failed`) as the error's attribute."""
-    box: list[Any] = [None if error is None else f"{type(error).__name__}: {error}", force]
+    ``force`` (see :meth:`VisualizationCallback._failed`) as the error's attribute: rank 0's
+    :class:`VisualizationError` word for word (it names the callback and the rank), another error as
+    ``lightning-viz <what> failed on rank 0: <error>``."""
+    text = None if error is None else f"{type(error).__name__}: {error}"
+    if isinstance(error, VisualizationError):
+        text = str(error)
+    box: list[Any] = [text, force, isinstance(error, VisualizationError)]
     try:
         torch.distributed.broadcast_object_list(box, src=0)
     except Exception as exc:  # timeouts and broken process groups
@@ -355,7 +360,7 @@ def _share_rank0_error(error: BaseException | None, what: str, force: bool = Fal
             "Every rank must reach the same epoch end; check that no rank skipped or crashed."
         ) from exc
     if box[0] is not None and error is None:
-        failed = VisualizationError(f"lightning-viz {what} failed on rank 0: {box[0]}")
+        failed = VisualizationError(box[0] if box[2] else f"lightning-viz {what} failed on rank 0: {box[0]}")
         failed.force = bool(box[1])  # type: ignore[attr-defined]
         raise failed
 
@@ -1314,31 +1319,24 @@ class VisualizationCallback(Callback):
                     )
                 elif error is None:  # this callback's own, or an earlier one's that raises whatever this one does
                     error, stage, culprit, force = failure, "log", owner.label, owner.key != id(self)
+        failed: BaseException | None = None  # what this rank raises: under DDP rank 0 shares it with the others
+        if error is not None and stage == "log":
+            msg = f"lightning-viz {culprit} failed while logging at step {step}: {type(error).__name__}: {error}"
+            failed = VisualizationError(msg)
+        elif error is not None and stage == "compute":  # a rank-0-only computation under DDP names its rank
+            where = " on rank 0" if world > 1 and not distributed else ""
+            msg = f"lightning-viz {self._instance()} failed{where}: {type(error).__name__}: {error}"
+            failed = VisualizationError(msg)
+        elif error is not None:
+            failed = error  # rank 0's own probe-picking error: unchanged type
         if world > 1 and _dist_ready():
             try:
-                _share_rank0_error(error if rank == 0 else None, self._instance(), force)
+                _share_rank0_error(failed if rank == 0 else None, self._instance(), force)
             except VisualizationError as exc:  # rank 0 failed: every other rank gets here
                 self._failed(exc, force=getattr(exc, "force", False))
                 return None
-        if error is not None:
-            if stage == "log":
-                self._failed(
-                    VisualizationError(
-                        f"lightning-viz {culprit} failed while logging at step {step}: {type(error).__name__}: {error}"
-                    ),
-                    error,
-                    force=force,
-                )
-            elif stage != "compute":
-                self._failed(error)  # rank 0's own probe-picking error: unchanged type
-            else:  # a rank-0-only computation under DDP names its rank, as the other ranks' message does
-                where = " on rank 0" if world > 1 and not distributed else ""
-                self._failed(
-                    VisualizationError(
-                        f"lightning-viz {self._instance()} failed{where}: {type(error).__name__}: {error}"
-                    ),
-                    error,
-                )
+        if failed is not None:
+            self._failed(failed, None if failed is error else error, force=force)
             return None
         return results
 
