@@ -16,6 +16,7 @@ families' callbacks there.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -30,7 +31,8 @@ import torch
 from helpers import LitTiny, TinyCNN, tiny_dataset
 from torch.utils.data import DataLoader, Sampler
 
-from lightning_viz.callbacks.base import VisualizationWarning
+import lightning_viz.logging as vlog
+from lightning_viz.callbacks.base import VisualizationCallback, VisualizationWarning
 from lightning_viz.callbacks.maps import MapCallback
 from lightning_viz.probe import ProbeSet
 
@@ -151,6 +153,67 @@ RUNS: dict[str, dict[str, Any]] = {
         "expect_error": True,
         "callbacks": [{"class_path": "helpers.InputGradMap", "init_args": {"num_probes": 4}}],
     },
+    # a setup check fails on rank 1 only (its shard's item 0 has label 7, the model 3 classes): every rank must stop
+    # at setup with the error (rank 0: naming rank 1's), none waiting in Lightning's post-setup barrier
+    "check_fails": {
+        "max_epochs": 1,
+        "data": "bad_label_on_rank1",
+        "expect_error": True,
+        "callbacks": [
+            {"class_path": "lightning_viz.callbacks.gradients.GradientCallback", "init_args": {"target": "label"}}
+        ],
+    },
+    # the same in trainer.validate of a module with configure_model (checked at on_validation_start)
+    "check_fails_late": {
+        "validate": True,
+        "data": "bad_label_on_rank1",
+        "module_kind": "configure_model",
+        "expect_error": True,
+        "callbacks": [
+            {"class_path": "lightning_viz.callbacks.gradients.GradientCallback", "init_args": {"target": "label"}}
+        ],
+    },
+    # probes picked at the first epoch end from each rank's shard; rank 1's has no labels, which target='label' needs:
+    # every rank uses rank 0's (labeled) probes, so the run must not fail over rank 1's own pick
+    "lazy_unlabeled_rank1": {
+        "max_epochs": 1,
+        "data": "lazy_sharded",
+        "module_kind": "unlabeled_on_rank1",
+        "expect_error": True,
+        "callbacks": [
+            {
+                "class_path": "lightning_viz.callbacks.gradients.GradientCallback",
+                "init_args": {"target": "label", "num_probes": 4},
+            }
+        ],
+    },
+    # ... and with no labels on any rank: rank 0's probes fail the check on every rank, one error named once
+    "lazy_unlabeled": {
+        "max_epochs": 1,
+        "data": "lazy_sharded",
+        "module_kind": "unlabeled",
+        "expect_error": True,
+        "callbacks": [
+            {
+                "class_path": "lightning_viz.callbacks.gradients.GradientCallback",
+                "init_args": {"target": "label", "num_probes": 4},
+            }
+        ],
+    },
+    # rank 0's disk fills while the first callback's image is written in the background (the second callback's run
+    # waits for it): every rank must raise rank 0's error, naming the first callback
+    "full_disk": {
+        "max_epochs": 1,
+        "full_disk": "viz-inputgrad/",
+        "expect_error": True,
+        "callbacks": [
+            {"class_path": "helpers.InputGradMap", "init_args": {"num_probes": 2}},
+            {
+                "class_path": "lightning_viz.callbacks.activations.ActivationCallback",
+                "init_args": {"layers": ["net.conv1"], "num_probes": 2},
+            },
+        ],
+    },
     # each rank's dataset is its own shard (as a datamodule's setup may build it): all ranks must use rank 0's probes
     "sharded": {
         "max_epochs": 1,
@@ -245,6 +308,22 @@ class UnreadableOnRank1(torch.utils.data.Dataset):
         return ("unreadable", y) if self.rank == 1 else (x, y)
 
 
+def bad_label_on_rank1() -> torch.utils.data.Dataset:
+    """``tiny_dataset(48)`` (3 classes), whose item 0 on rank 1 has label 7 (a broken shard)."""
+    x, y = tiny_dataset(48).tensors
+    y = y.clone()
+    if _rank() == 1:
+        y[0] = 7
+    return torch.utils.data.TensorDataset(x, y)
+
+
+class ConfigureModelLit(LitTiny):
+    """Overrides ``configure_model``: the callbacks check the model at ``on_fit_start`` / ``on_validation_start``."""
+
+    def configure_model(self):
+        pass
+
+
 class LazyShardedLit(LitTiny):
     """Builds its data (this rank's shard) in ``on_fit_start``, after the callbacks' setup: probes are picked lazily."""
 
@@ -258,6 +337,27 @@ class LazyShardedLit(LitTiny):
         if self.data is None:
             raise RuntimeError("the data is built in on_fit_start")
         return DataLoader(self.data, batch_size=4)
+
+
+class LazyUnlabeledOnRank1(LazyShardedLit):
+    """As :class:`LazyShardedLit`, but rank 1's shard has images only (no labels; it trains on label 0)."""
+
+    unlabeled_ranks = (1,)
+
+    def on_fit_start(self):
+        super().on_fit_start()
+        if self.trainer.global_rank in self.unlabeled_ranks:
+            self.data = torch.utils.data.TensorDataset(torch.stack([self.data[i][0] for i in range(len(self.data))]))
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        return super().training_step((x, batch[1] if len(batch) > 1 else torch.zeros(len(x), dtype=torch.long)), 0)
+
+
+class LazyUnlabeled(LazyUnlabeledOnRank1):
+    """Every rank's shard has images only."""
+
+    unlabeled_ranks = (0, 1)
 
 
 def _resolve(class_path: str):
@@ -307,10 +407,14 @@ def fit(
     data: str = "tiny",
     validate: bool = False,
     expect_error: bool = False,
+    module_kind: str | None = None,
+    full_disk: str | None = None,
 ):
     """One training run; returns (trainer, callbacks, module). ``validate=True``: one ``Trainer.validate``
     of the untrained model instead (callbacks run at validation epoch end; ``max_epochs`` unused).
-    ``expect_error``: the error the fit raised is kept in ``trainer.fit_error`` (``None`` if none)."""
+    ``expect_error``: the error the fit raised is kept in ``trainer.fit_error`` (``None`` if none). ``module_kind``:
+    ``"configure_model"`` for a LightningModule overriding that hook, ``"unlabeled_on_rank1"`` / ``"unlabeled"``:
+    see :class:`LazyUnlabeledOnRank1`. ``full_disk``: writing an image whose tag starts with it fails (ENOSPC)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     L.seed_everything(seed, verbose=False)
@@ -323,6 +427,8 @@ def fit(
         dataset, classes = torch.utils.data.Subset(tiny_dataset(48), range(rank, 48, world)), 3
     elif data == "unreadable_on_rank1":
         dataset, classes = UnreadableOnRank1(), 3
+    elif data == "bad_label_on_rank1":
+        dataset, classes = bad_label_on_rank1(), 3
     else:
         dataset, classes = tiny_dataset(48), 3
     net = TinyCNN(num_classes=classes, width=4)
@@ -333,8 +439,15 @@ def fit(
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if compile:
         net = torch.compile(net, backend="aot_eager")  # dynamo + AOTAutograd like inductor, minus the C++ compile
-    module = (LazyShardedLit if data == "lazy_sharded" else LitTiny)(net, lr=0.05)
-    sampler = None if data in ("sharded", "unreadable_on_rank1") else RankStrideSampler(len(dataset))
+    lazy = data == "lazy_sharded"
+    kinds = {
+        "configure_model": ConfigureModelLit,
+        "unlabeled_on_rank1": LazyUnlabeledOnRank1,
+        "unlabeled": LazyUnlabeled,
+    }
+    module = kinds.get(module_kind or "", LazyShardedLit if lazy else LitTiny)(net, lr=0.05)
+    per_rank = data in ("sharded", "unreadable_on_rank1", "bad_label_on_rank1")  # each rank's own data: no sampler
+    sampler = None if per_rank else RankStrideSampler(len(dataset))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     callbacks = build_callbacks(num_probes, callbacks, run_on="validation_epoch_end" if validate else None)
     trainer = L.Trainer(
@@ -354,15 +467,26 @@ def fit(
         use_distributed_sampler=False,
     )
     trainer.fit_error = None
+    png_summary = vlog._png_summary
+    if full_disk is not None:
+
+        def no_space(tag, hwc):
+            if tag.startswith(full_disk):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return png_summary(tag, hwc)
+
+        vlog._png_summary = no_space
     try:
         if validate:
             trainer.validate(module, loader, verbose=False)
         else:
-            trainer.fit(module, None if data == "lazy_sharded" else loader)
+            trainer.fit(module, None if lazy else loader)
     except Exception as exc:
         if not expect_error:
             raise
         trainer.fit_error = f"{type(exc).__name__}: {exc}"
+    finally:
+        vlog._png_summary = png_summary
     return trainer, callbacks, module
 
 
@@ -370,8 +494,27 @@ def checksum(module) -> float:
     return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
 
 
+def _rows(results: Any) -> int:
+    """How many probes' results ``run`` returned on this rank (the most rows of a tensor in them; ``None``: 0)."""
+    if isinstance(results, torch.Tensor):
+        return int(results.shape[0]) if results.ndim else 1
+    if isinstance(results, dict):
+        return max((_rows(v) for v in results.values()), default=0)
+    return 0
+
+
 def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
+    received: dict[str, list[int]] = {}  # per callback class: the probes' results each run returned on this rank
+    base_run = VisualizationCallback.run
+
+    def run(self, trainer, pl_module, *args, **kwargs):
+        results = base_run(self, trainer, pl_module, *args, **kwargs)
+        received.setdefault(type(self).__name__, []).append(_rows(results))
+        return results
+
+    VisualizationCallback.run = run  # type: ignore[method-assign]
     for name in runs:
+        received.clear()
         opts = dict(RUNS[name])
         logdir = os.path.join(out, name)
         with warnings.catch_warnings(record=True) as caught:
@@ -400,6 +543,7 @@ def main_runs(out: str, runs: list[str], devices: int, strategy: str) -> None:
                 if cb.probes is not None
             },
             "fit_error": trainer.fit_error,
+            "received": dict(received),
         }
         with open(os.path.join(logdir, f"rank{rank}.json"), "w") as f:
             json.dump(info, f)

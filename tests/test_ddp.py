@@ -40,6 +40,15 @@ def ddp_out(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def failures_out(tmp_path_factory):
+    """Runs where one rank fails: a hang (a rank left waiting in a collective) fails fast."""
+    out = str(tmp_path_factory.mktemp("ddp_failures"))
+    runs = "check_fails,check_fails_late,lazy_unlabeled_rank1,lazy_unlabeled,full_disk"
+    _run_script(out, "--runs", runs, "--devices", "2", "--strategy", "ddp", timeout=90)
+    return out
+
+
+@pytest.fixture(scope="module")
 def single_out(tmp_path_factory):
     """The 'equal' run on one process with the union batch (2 x 4 = 8)."""
     out = str(tmp_path_factory.mktemp("single"))
@@ -164,6 +173,16 @@ def single_validate_out(tmp_path_factory):
     return out, module
 
 
+def test_only_rank_zero_receives_the_gathered_results(ddp_out):
+    """Rank 0 writes, so it alone gets every rank's results: the other ranks do not hold all probes' maps (with
+    NCCL, all of them at once on the GPU) until the run ends."""
+    r0, r1 = _json(ddp_out, "equal", 0)["received"], _json(ddp_out, "equal", 1)["received"]
+    # 5 probes (rank 0 computes 3, rank 1 computes 2), 12 for the embeddings; at epochs 0 and 1
+    for name in ("InputGradMap", "ActivationCallback", "GradientCallback", "CAMCallback", "OcclusionCallback"):
+        assert r0[name] == [5, 5] and r1[name] == [0, 0], name
+    assert r0["EmbeddingCallback"] == [12, 12] and r1["EmbeddingCallback"] == [0, 0]
+
+
 def test_syncbatchnorm_validate_on_two_ranks_logs_the_same_as_one(ddp_out, single_validate_out):
     """Lightning wraps the model in DDP only when fitting, and the callbacks run it in eval mode (no
     cross-rank sync), so every callback works on a SyncBatchNorm model under ``Trainer.validate``."""
@@ -207,12 +226,9 @@ def test_an_error_on_one_rank_raises_on_every_rank(ddp_out):
     # a rank-0-only computation failed: both ranks raise, naming rank 0
     for errs in (r0["compute@rank0"], r1["compute@rank0"]):
         assert errs == [err + "[compute-rank0-only-None] failed on rank 0: RuntimeError: boom in compute"]
-    # rank 0's logging failed: rank 0 raises its own error, rank 1 learns of it (instead of hanging later)
-    assert r0["log@rank0"] == [
-        "VisualizationError: lightning-viz FailingCallback (failing[log-rank0-None]) failed while logging at step 0: "
-        "RuntimeError: boom in log"
-    ]
-    assert r1["log@rank0"] == [err + "[log-rank0-None] failed on rank 0: RuntimeError: boom in log"]
+    # rank 0's logging failed: rank 0 raises its error, rank 1 the same (instead of hanging later)
+    logged = "VisualizationError: lightning-viz FailingCallback (failing[log-rank0-None]) failed while logging at step"
+    assert r0["log@rank0"] == r1["log@rank0"] == [logged + " 0: RuntimeError: boom in log"]
     # picking the probes failed on rank 1 at the first epoch end: both ranks raise, naming rank 1
     for errs in (r0["probes@rank1"], r1["probes@rank1"]):
         assert errs == [err + "[probes-rank1-None] failed: rank 1: RuntimeError: boom in probes"]
@@ -263,6 +279,59 @@ def test_a_probe_pick_failing_on_one_rank_at_setup_stops_every_rank_clearly(ddp_
     assert r0["global_step"] == r1["global_step"] == 0
 
 
+@pytest.mark.parametrize("run", ["check_fails", "check_fails_late"])
+def test_a_setup_check_failing_on_one_rank_stops_every_rank_clearly(failures_out, run):
+    """Rank 1's shard has label 7 at item 0 (the model has 3 classes): the setup forward's label check fails there
+    only. Rank 1 raises its error; rank 0 raises one naming it, at setup too (fit), or at on_validation_start
+    (trainer.validate of a module with configure_model), instead of gloo's "Connection closed by peer" after
+    waiting in Lightning's post-setup barrier (or a hang while rank 1 lives on)."""
+    r0, r1 = _json(failures_out, run, 0), _json(failures_out, run, 1)
+    own = "ValueError: GradientCallback: target='label' needs class indices 0..2 (the model has 3 classes), but the "
+    assert r1["fit_error"].startswith(own + "labels include [7]")
+    assert r0["fit_error"].startswith(
+        "VisualizationError: lightning-viz GradientCallback (gradients): the setup checks failed on another rank "
+        f"(rank 1: {own}labels include [7]"
+    )
+    assert r0["fit_error"].endswith("); every rank stops.")
+    assert r0["global_step"] == r1["global_step"] == 0
+
+
+def test_probes_picked_at_a_run_are_checked_once_they_are_rank_zeros(failures_out):
+    """Probes picked at the first epoch end from each rank's shard: rank 1's pick has no labels (target='label' needs
+    them), but every rank uses rank 0's labeled probes, so the run goes on. Was: every rank failed on rank 1's pick
+    ("rank 1: ValueError: GradientCallback: target='label' needs a class label per image")."""
+    r0, r1 = _json(failures_out, "lazy_unlabeled_rank1", 0), _json(failures_out, "lazy_unlabeled_rank1", 1)
+    assert r0["fit_error"] is None and r1["fit_error"] is None
+    assert r0["probes"] == r1["probes"]
+    assert [w for w in r0["warnings"] if "differs across the 2 ranks" in w] and r1["warnings"] == []
+    acc = read_events(os.path.join(failures_out, "lazy_unlabeled_rank1"))
+    assert image_steps(acc, "viz-gradients/panel/p003") == [0]
+
+
+def test_a_check_failing_alike_on_every_rank_names_the_error_once(failures_out):
+    """No rank's shard has labels: rank 0's probes, which every rank uses, fail the check on every rank; each rank
+    raises one message naming the ranks together (was: the same long error once per rank)."""
+    for rank in (0, 1):
+        err = _json(failures_out, "lazy_unlabeled", rank)["fit_error"]
+        assert err.startswith(
+            "VisualizationError: lightning-viz gradients failed: ranks 0, 1: ValueError: GradientCallback: "
+            "target='label' needs a class label per image"
+        )
+        assert err.count("needs a class label") == 1
+
+
+def test_a_background_write_failing_on_rank_zero_names_its_callback_on_every_rank(failures_out):
+    """The disk fills while InputGradMap's image is written in the background; ActivationCallback's run (the next at
+    that epoch end) waits for it and raises. Every rank says which callback failed and how, as rank 0 does. Was, on
+    rank 1: "lightning-viz activations failed on rank 0: OSError: ..." (another callback, no word of logging)."""
+    expected = (
+        "VisualizationError: lightning-viz InputGradMap (inputgrad) failed while logging at step 0: OSError: "
+        "[Errno 28] No space left on device"
+    )
+    r0, r1 = _json(failures_out, "full_disk", 0), _json(failures_out, "full_disk", 1)
+    assert r0["fit_error"] == r1["fit_error"] == expected
+
+
 def test_gather_timeout_is_a_clear_error():
     """This process is rank 0 of a 2-rank gloo group (5 s timeout) whose rank 1 never gathers."""
     from datetime import timedelta
@@ -304,7 +373,7 @@ def test_gather_timeout_is_a_clear_error():
         peer.kill()
         peer.wait()
     msg = str(err.value)
-    assert "gathering probe results across 2 ranks failed on rank 0" in msg
+    assert "gathering probe outcomes across 2 ranks failed on rank 0" in msg  # the first of its two gathers
     assert "DDPStrategy(timeout=" in msg
     msg = str(err_probes.value)
     assert "gathering InputGradMap's probe fingerprints across 2 ranks failed on rank 0" in msg

@@ -711,3 +711,46 @@ def test_callbacks_of_a_fit_that_failed_before_visualizing_start_over_on_new_dat
     assert cam.probes.images.shape[-2:] == (16, 16)
     assert torch.equal(cam.probes.images, val.dataset.tensors[0][cam.probes.indices])
     assert image_steps(read_events(str(tmp_path / "b")), "viz-cam/filmstrip/p000") == [0]
+
+
+class _UnlabeledLater(LitTiny):
+    """Builds its data (images only, no labels) in ``on_fit_start``, after the callbacks' setup: probes are picked at
+    the first run."""
+
+    data = None
+
+    def on_fit_start(self):
+        self.data = TensorDataset(tiny_dataset(16).tensors[0])
+
+    def train_dataloader(self):
+        if self.data is None:
+            raise RuntimeError("the data is built in on_fit_start")
+        return DataLoader(self.data, batch_size=4)
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch[0], torch.zeros(len(batch[0]), dtype=torch.long)), batch_idx)
+
+
+def test_probes_failing_their_check_at_a_run_are_checked_again_at_the_next(tmp_path):
+    """Probes picked at a run that fail their check (no labels for target='label'): with on_error='warn' the next run
+    picks and checks them again, giving the same clear message. Was: the failed pick was kept and the next run
+    computed on it unchecked ("target='label' needs labels; the probe set has none")."""
+    from lightning_viz.callbacks.base import VisualizationWarning
+
+    cb = GradientCallback(num_probes=2, target="label", on_error="warn", loggers=["folder"])
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[cb],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", VisualizationWarning)
+        trainer.fit(_UnlabeledLater(TinyCNN(width=4)))
+    warned = [str(w.message) for w in caught if issubclass(w.category, VisualizationWarning)]
+    assert len(warned) == 2, warned
+    assert all(w.startswith("GradientCallback: target='label' needs a class label per image") for w in warned)
+    assert cb.probes is None

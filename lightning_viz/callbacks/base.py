@@ -298,31 +298,66 @@ def _all_gather(obj: Any, what: str, rank: int, world: int) -> list[Any]:
 
 
 def gather_results(trainer: Trainer, local: Any, error: BaseException | None, what: str = "visualization") -> Any:
-    """Gather every rank's ``local`` results (concatenated in rank order) on all ranks.
+    """Gather every rank's ``local`` results (concatenated in rank order) on rank 0, which writes them; the other
+    ranks get ``None`` (they would only hold every rank's maps until the run ends).
 
     Every rank calls this exactly once per run, also a rank that failed or has no probes (it sends
-    ``None``), so all ranks make the same collective calls. If any rank failed, every rank raises a
-    :class:`VisualizationError` naming the failed ranks and their errors.
+    ``None``), so all ranks make the same collective calls: a small gather of the outcomes on all ranks, then one of
+    the results on rank 0. If any rank failed, every rank raises a :class:`VisualizationError` naming the failed
+    ranks and their errors.
     """
     rank, world = _world(trainer)
-    payload = (None if error is None else f"{type(error).__name__}: {error}", _to_cpu(local) if error is None else None)
-    if world > 1 and _dist_ready():
-        gathered = _all_gather(payload, f"{what} results", rank, world)
-    else:
-        gathered = [payload]
-    errors = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
-    if errors:
-        msg = "; ".join(f"rank {r}: {e}" for r, e in errors)
+    failure = None if error is None else f"{type(error).__name__}: {error}"
+    distributed = world > 1 and _dist_ready()
+    failures = _all_gather(failure, f"{what} outcomes", rank, world) if distributed else [failure]
+    by_error: dict[str, list[int]] = {}  # one error on several ranks (a check of the probes they share) named once
+    for r, e in enumerate(failures):
+        if e is not None:
+            by_error.setdefault(e, []).append(r)
+    if by_error:
+        msg = "; ".join(f"rank{'s' * (len(rs) > 1)} {', '.join(map(str, rs))}: {e}" for e, rs in by_error.items())
         if error is not None:
             raise VisualizationError(f"lightning-viz {what} failed: {msg}") from error
         raise VisualizationError(f"lightning-viz {what} failed: {msg}")
-    return _concat([res for _, res in gathered])
+    if not distributed:
+        return _concat([_to_cpu(local)])
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    try:
+        torch.distributed.gather_object(_to_cpu(local), gathered, dst=0)
+    except Exception as exc:  # timeouts and broken process groups
+        raise VisualizationError(
+            f"lightning-viz: gathering {what} results on rank 0 failed on rank {rank} ({type(exc).__name__}: {exc}). "
+            "Every rank must reach the same point: check that no rank crashed, or raise the process-group timeout "
+            "(DDPStrategy(timeout=...)) if one rank is much slower."
+        ) from exc
+    return None if gathered is None else _concat(gathered)
+
+
+def _stop_all_ranks(trainer: Trainer, error: BaseException | None, who: str, what: str) -> None:
+    """Raise ``error`` if this rank's ``what`` failed, and under DDP on every other rank too (all ranks call this:
+    one small gather): a check of one rank's data (item 0 of a dataset sharded per rank) fails there only, and the
+    others would wait in the next collective (Lightning's post-setup barrier) until gloo or nccl gives up."""
+    rank, world = _world(trainer)
+    if world > 1 and _dist_ready():
+        failure = None if error is None else f"{type(error).__name__}: {error}"
+        gathered = _all_gather(failure, f"{who}'s outcome of {what}", rank, world)
+        failed = [(r, e) for r, e in enumerate(gathered) if e is not None]
+        if failed and error is None:
+            msg = "; ".join(f"rank {r}: {e}" for r, e in failed)
+            raise VisualizationError(f"lightning-viz {who}: {what} failed on another rank ({msg}); every rank stops.")
+    if error is not None:
+        raise error
 
 
 def _share_rank0_error(error: BaseException | None, what: str, force: bool = False) -> None:
     """Broadcast rank 0's outcome; every other rank raises if rank 0 failed (all ranks call this), with
-    ``force`` (see :meth:`VisualizationCallback._failed`) as the error's attribute."""
-    box: list[Any] = [None if error is None else f"{type(error).__name__}: {error}", force]
+    ``force`` (see :meth:`VisualizationCallback._failed`) as the error's attribute: rank 0's
+    :class:`VisualizationError` word for word (it names the callback and the rank), another error as
+    ``lightning-viz <what> failed on rank 0: <error>``."""
+    text = None if error is None else f"{type(error).__name__}: {error}"
+    if isinstance(error, VisualizationError):
+        text = str(error)
+    box: list[Any] = [text, force, isinstance(error, VisualizationError)]
     try:
         torch.distributed.broadcast_object_list(box, src=0)
     except Exception as exc:  # timeouts and broken process groups
@@ -331,7 +366,7 @@ def _share_rank0_error(error: BaseException | None, what: str, force: bool = Fal
             "Every rank must reach the same epoch end; check that no rank skipped or crashed."
         ) from exc
     if box[0] is not None and error is None:
-        failed = VisualizationError(f"lightning-viz {what} failed on rank 0: {box[0]}")
+        failed = VisualizationError(box[0] if box[2] else f"lightning-viz {what} failed on rank 0: {box[0]}")
         failed.force = bool(box[1])  # type: ignore[attr-defined]
         raise failed
 
@@ -719,6 +754,15 @@ class VisualizationCallback(Callback):
             self._model_checks_due = None
             _announce(trainer, stage)
             return
+        error = None
+        try:  # the checks of one rank's data (item 0 of a dataset sharded per rank) may fail there only
+            self._setup_checks(trainer, pl_module, stage)
+        except Exception as exc:  # raised on every rank by _stop_all_ranks
+            error = exc
+        _stop_all_ranks(trainer, error, self._label(), "the setup checks")
+        _announce(trainer, stage)
+
+    def _setup_checks(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _check_strategy(self, trainer)
         _check_tag_clash(self, trainer, stage)
         check_sinks(trainer, self.loggers, type(self).__name__, self.name)
@@ -742,7 +786,6 @@ class VisualizationCallback(Callback):
         if self._model_checks_due is None:
             with self._naming():
                 self.check_model(trainer, pl_module, stage)
-        _announce(trainer, stage)
 
     def _start_over(self, trainer: Trainer) -> None:
         """A fresh fit (or a ``trainer.validate``) under another Trainer than the one this callback last ran under
@@ -839,8 +882,13 @@ class VisualizationCallback(Callback):
         stage = self._model_checks_due
         if stage is not None:
             self._model_checks_due = None
-            with self._naming():
-                self.check_model(trainer, pl_module, stage)
+            error = None
+            try:
+                with self._naming():
+                    self.check_model(trainer, pl_module, stage)
+            except Exception as exc:  # raised on every rank by _stop_all_ranks
+                error = exc
+            _stop_all_ranks(trainer, error, self._label(), "the setup checks")
 
     def _check_model_call(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """One forward of one data item (a probe, else item 0 of the probe dataset; skipped when neither is
@@ -1110,8 +1158,9 @@ class VisualizationCallback(Callback):
     def get_probes(self, trainer: Trainer) -> ProbeSet:
         """The full probe set (same on every rank): given, picked at setup, or picked on first use."""
         if self.probes is None:
-            self.probes = self._pick_probes(trainer)
-            self.check_probes(self.probes)
+            probes = self._pick_probes(trainer)
+            self.check_probes(probes)  # failing: picked and checked again at the next run (not computed unchecked)
+            self.probes = probes
         return self.probes
 
     def _setup_probes(self, trainer: Trainer) -> None:
@@ -1233,7 +1282,8 @@ class VisualizationCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, step: int | None = None, scheduled: bool = False
     ) -> dict[str, Any] | None:
         """Compute on this rank's shard, gather, and log on rank 0 at ``step`` (default: the epoch).
-        Returns the gathered results. ``scheduled=True`` skips :meth:`should_run`.
+        Returns the gathered results (on rank 0; ``None`` on the others under DDP, see :func:`gather_results`).
+        ``scheduled=True`` skips :meth:`should_run`.
 
         Under DDP every rank makes the same collective calls whatever happens: per-probe methods gather the
         probes' fingerprints (every rank takes rank 0's probes) and the results (a rank without probes sends
@@ -1255,9 +1305,11 @@ class VisualizationCallback(Callback):
         rank, world = _world(trainer)
         start = time.perf_counter()
         distributed = self.per_probe and self.needs_probes and world > 1  # without probes there is nothing to split
-        probe, local, error, stage = None, None, None, "probes"
+        probe, local, error, stage, picked = None, None, None, "probes", False
         try:
             if self.needs_probes and (distributed or rank == 0):
+                if distributed and self.probes is None:  # this rank's pick, checked once it is rank 0's (below)
+                    self.probes, picked = self._pick_probes(trainer), True
                 probe = self.get_probes(trainer)
         except Exception as exc:  # re-raised on every rank below
             error = exc
@@ -1268,6 +1320,11 @@ class VisualizationCallback(Callback):
                 self._failed(exc)
                 return None
             self.probes = self.probes if probe is None else probe
+            if picked and probe is not None:  # the probes every rank uses: the same check (and outcome) everywhere
+                try:
+                    self.check_probes(probe)
+                except Exception as exc:  # re-raised on every rank by gather_results
+                    error, self.probes = exc, None
         if error is None and (distributed or rank == 0) and not (distributed and probe is None):
             stage = "compute"
             shard = probe.shard(rank, world) if distributed and probe is not None else probe
@@ -1315,31 +1372,24 @@ class VisualizationCallback(Callback):
                     )
                 elif error is None:  # this callback's own, or an earlier one's that raises whatever this one does
                     error, stage, culprit, force = failure, "log", owner.label, owner.key != id(self)
+        failed: BaseException | None = None  # what this rank raises: under DDP rank 0 shares it with the others
+        if error is not None and stage == "log":
+            msg = f"lightning-viz {culprit} failed while logging at step {step}: {type(error).__name__}: {error}"
+            failed = VisualizationError(msg)
+        elif error is not None and stage == "compute":  # a rank-0-only computation under DDP names its rank
+            where = " on rank 0" if world > 1 and not distributed else ""
+            msg = f"lightning-viz {self._instance()} failed{where}: {type(error).__name__}: {error}"
+            failed = VisualizationError(msg)
+        elif error is not None:
+            failed = error  # rank 0's own probe-picking error: unchanged type
         if world > 1 and _dist_ready():
             try:
-                _share_rank0_error(error if rank == 0 else None, self._instance(), force)
+                _share_rank0_error(failed if rank == 0 else None, self._instance(), force)
             except VisualizationError as exc:  # rank 0 failed: every other rank gets here
                 self._failed(exc, force=getattr(exc, "force", False))
                 return None
-        if error is not None:
-            if stage == "log":
-                self._failed(
-                    VisualizationError(
-                        f"lightning-viz {culprit} failed while logging at step {step}: {type(error).__name__}: {error}"
-                    ),
-                    error,
-                    force=force,
-                )
-            elif stage != "compute":
-                self._failed(error)  # rank 0's own probe-picking error: unchanged type
-            else:  # a rank-0-only computation under DDP names its rank, as the other ranks' message does
-                where = " on rank 0" if world > 1 and not distributed else ""
-                self._failed(
-                    VisualizationError(
-                        f"lightning-viz {self._instance()} failed{where}: {type(error).__name__}: {error}"
-                    ),
-                    error,
-                )
+        if failed is not None:
+            self._failed(failed, None if failed is error else error, force=force)
             return None
         return results
 
