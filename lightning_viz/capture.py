@@ -21,6 +21,7 @@ import contextlib
 import operator
 import random
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .layers import LayerNotFoundError, get_layer, module_device, unwrap_model
+from .layers import LayerNotFoundError, MapLayout, get_layer, module_device, unwrap_model
 
 __all__ = [
     "eval_mode",
@@ -46,7 +47,28 @@ __all__ = [
     "deterministic_warn_only",
     "NondeterministicOpWarning",
     "torch_threads",
+    "read_as_map",
+    "layout_of",
 ]
+
+#: Layers whose output visualizations read as a [B, C, h, w] map (see :func:`read_as_map`), by module.
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, MapLayout] = weakref.WeakKeyDictionary()
+
+
+def read_as_map(model: nn.Module, layouts: dict[str, MapLayout]) -> None:
+    """From now on :func:`capture` records each named layer's output as the ``[B, C, h, w]`` map its
+    :class:`~lightning_viz.layers.MapLayout` gives (a Swin stage's channels-last map permuted, a ViT block's patch
+    tokens on their grid): what pytorch-grad-cam's ``reshape_transform`` does, for every method. Callbacks call it
+    at setup for the layers they are given (:func:`lightning_viz.layers.map_layouts` finds the layouts); the
+    model's forward itself is unchanged."""
+    for name, layout in layouts.items():
+        _LAYOUTS[get_layer(model, name)] = layout
+
+
+def layout_of(model: nn.Module, name: str) -> MapLayout | None:
+    """The :class:`~lightning_viz.layers.MapLayout` layer ``name``'s output is read with (:func:`read_as_map`), or
+    ``None``: as it is."""
+    return _LAYOUTS.get(get_layer(model, name))
 
 
 class LayerNotCalledError(LayerNotFoundError, KeyError):
@@ -468,6 +490,7 @@ def capture(model: nn.Module, layer_names: Iterable[str], grad: bool = False) ->
                     f"Layer {name!r} ({type(module).__name__}) returns {type(output).__name__}, not a tensor; "
                     "choose a layer whose output is a single tensor."
                 )
+            layout = _LAYOUTS.get(module)
             if grad:
                 if not torch.is_grad_enabled():  # e.g. inside torch.utils.checkpoint(use_reentrant=True)'s forward
                     cap.without_grad.add(name)
@@ -475,11 +498,17 @@ def capture(model: nn.Module, layer_names: Iterable[str], grad: bool = False) ->
                 # cannot modify the recorded tensor (which would break autograd.grad w.r.t. it).
                 # With frozen parameters and an input that needs no grad, make it a leaf that does.
                 node = output if output.requires_grad else output.detach().requires_grad_(True)
-                cap.outputs[name] = node
-                cap.passed_on[name] = node.clone()  # a fresh tensor: its version counts later in-place ops
+                if layout is not None:  # record the map view; downstream reads the output rebuilt from it
+                    view = layout.to_map(node, name)
+                    cap.outputs[name] = view
+                    cap.passed_on[name] = layout.from_map(view, node).clone()
+                else:
+                    cap.outputs[name] = node
+                    cap.passed_on[name] = node.clone()  # a fresh tensor: its version counts later in-place ops
                 cap._handed[name] = cap.passed_on[name].grad_fn
                 return cap.passed_on[name]
-            cap.outputs[name] = output.detach().clone()
+            out = output.detach() if layout is None else layout.to_map(output.detach(), name)
+            cap.outputs[name] = out.clone()
             return None
 
         return hook

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..capture import layout_of
 from ..layers import LayerNotFoundError, get_layer, last_called_linear
 from ..progress import progress
 from ..targets import (
@@ -329,6 +330,7 @@ def ablationcam_weights(
     if classes is None and not isinstance(tgt, CallableTarget):
         raise ValueError("ablationcam needs the target classes of the pass (PassResult.classes)")
     module = get_layer(model, layer)
+    layout = layout_of(model, layer)
     out = torch.empty(b * k, device=x.device, dtype=torch.float64)
     img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
     channel = torch.arange(b * k, device=x.device) % k
@@ -338,7 +340,9 @@ def ablationcam_weights(
         keep[torch.arange(len(keep), device=x.device), channel[sl]] = 0
 
         def ablate(_m: nn.Module, _inputs: object, output: Tensor, keep: Tensor = keep) -> Tensor:
-            return output * keep.to(output.dtype).view(*keep.shape, *([1] * (output.ndim - 2)))
+            a = output if layout is None else layout.to_map(output, layer)  # the map of read_as_map, if any
+            a = a * keep.to(output.dtype).view(*keep.shape, *([1] * (a.ndim - 2)))
+            return a if layout is None else layout.from_map(a, output)
 
         handle = module.register_forward_hook(ablate)
         try:
