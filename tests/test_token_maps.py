@@ -194,3 +194,33 @@ def test_callbacks_on_swin_stages_and_vit_blocks_keep_training_bit_identical(tmp
     assert acc.Scalars(f"viz-cam/gradcam/{cam.layers[0]}/stats/max_abs")[-1].value > 0
     height = acc.Images(f"viz-activations/{layer}/p000")[-1].height
     assert height > 0
+
+
+@pytest.mark.parametrize("kind", ["swin", "vit"])
+def test_embeddings_of_a_swin_stage_or_vit_block_average_the_map_over_space(tmp_path, kind):
+    """EmbeddingCallback(layers=...) on Swin's 'norm' ([B, 4, 4, 12], channels-last) and on a ViT block ([B, 17, 8],
+    a class token then 4x4 patch tokens): the features are the map's channels averaged over space, 12 and 8 of them
+    (was: Swin's averaged over w and C, 4 'features', one per row; the ViT's all 136 token values flattened -- and
+    either read otherwise as soon as another callback named the layer)."""
+    import os
+
+    from lightning_viz.callbacks.embeddings import EmbeddingCallback
+
+    net = tiny_swin() if kind == "swin" else tiny_vit()
+    layer = "norm" if kind == "swin" else "encoder.layers.encoder_layer_1"
+    cb = EmbeddingCallback(layers=f"net.{layer}", num_probes=6, projection=["pca"])
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(LitTiny(net), *tiny_loaders(n=6, size=32, batch_size=3))
+    folder = next(os.path.join(r, "tensors.tsv") for r, _, files in os.walk(tmp_path) if "tensors.tsv" in files)
+    with open(folder) as fh:
+        logged = torch.tensor([[float(v) for v in row.split("\t")] for row in fh.read().splitlines()])
+    net.eval()
+    with torch.no_grad():
+        out = {}
+        h = net.get_submodule(layer).register_forward_hook(lambda m, i, o: out.setdefault("o", o))
+        net(cb.probes.images)
+        h.remove()
+    o = out["o"]
+    expected = o.mean((1, 2)) if kind == "swin" else o[:, 1:].mean(1)
+    assert logged.shape == (6, 12 if kind == "swin" else 8)
+    torch.testing.assert_close(logged, expected, atol=1e-4, rtol=1e-4)
