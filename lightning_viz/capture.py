@@ -49,20 +49,36 @@ __all__ = [
     "torch_threads",
     "read_as_map",
     "layout_of",
+    "layout_set_explicitly",
 ]
 
 #: Layers whose output visualizations read as a [B, C, h, w] map (see :func:`read_as_map`), by module.
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, MapLayout] = weakref.WeakKeyDictionary()
+_EXPLICIT: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layouts the user set: setup's detection keeps them
 
 
-def read_as_map(model: nn.Module, layouts: dict[str, MapLayout]) -> None:
+def read_as_map(model: nn.Module, layouts: dict[str, MapLayout | None], explicit: bool = True) -> None:
     """From now on :func:`capture` records each named layer's output as the ``[B, C, h, w]`` map its
     :class:`~lightning_viz.layers.MapLayout` gives (a Swin stage's channels-last map permuted, a ViT block's patch
-    tokens on their grid): what pytorch-grad-cam's ``reshape_transform`` does, for every method. Callbacks call it
-    at setup for the layers they are given (:func:`lightning_viz.layers.map_layouts` finds the layouts); the
-    model's forward itself is unchanged."""
+    tokens on their grid; ``None``: as it is): what pytorch-grad-cam's ``reshape_transform`` does, for every method.
+    Callbacks call it at setup (``explicit=False``) for the layers they are given, with the layouts
+    :func:`lightning_viz.layers.map_layouts` finds; call it yourself before ``fit`` where that detection cannot tell
+    (a channels-last map with ``h == C``): the callbacks keep what you set. The model's forward is unchanged."""
     for name, layout in layouts.items():
-        _LAYOUTS[get_layer(model, name)] = layout
+        module = get_layer(model, name)
+        if not explicit and module in _EXPLICIT:
+            continue
+        if explicit:
+            _EXPLICIT.add(module)
+        if layout is None:
+            _LAYOUTS.pop(module, None)
+        else:
+            _LAYOUTS[module] = layout
+
+
+def layout_set_explicitly(model: nn.Module, name: str) -> bool:
+    """``True`` when the user set layer ``name``'s layout with :func:`read_as_map` (``explicit=True``)."""
+    return get_layer(model, name) in _EXPLICIT
 
 
 def layout_of(model: nn.Module, name: str) -> MapLayout | None:

@@ -293,6 +293,7 @@ class _MapTrace:
     clock: int
     channels_last: dict[str, str]  # 4-D outputs read as [B, h, w, C]: name -> a module reading the last axis
     tokens: dict[str, MapLayout]  # 3-D [B, skip + h * w, C] outputs after an h x w conv-produced map
+    ambiguous: dict[str, str]  # 4-D outputs of a shape [B, n, w, n] whose last axis a module reads: NCHW or NHWC?
 
 
 def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
@@ -309,6 +310,7 @@ def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
     map_shape: list[Any] = [None]  # shape of the latest conv-produced map
     token_calls: list[tuple[int, str, tuple[int, ...]]] = []  # weighted modules called on >= 3-D non-maps
     last_axis_readers: dict[tuple[int, ...], str] = {}  # 4-D shapes a Linear / LayerNorm read channels-last
+    cube_readers: dict[tuple[int, ...], str] = {}  # the same for shapes with h == C: NCHW and NHWC look alike
     shapes: dict[str, tuple[int, ...]] = {}  # every 4-D module output
     tokens: dict[str, MapLayout] = {}
 
@@ -327,6 +329,8 @@ def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
                 )
                 if width == first.shape[-1]:  # mixes or normalizes the last axis: channels-last [B, h, w, C]
                     last_axis_readers.setdefault(tuple(first.shape), name)
+            elif isinstance(first, Tensor) and first.ndim == 4 and _reads_last_axis(module, first):
+                cube_readers.setdefault(tuple(first.shape), name)  # [B, n, w, n]: channels-last or not?
             if name in weighted and isinstance(first, Tensor) and first.ndim >= 3 and first.shape != map_shape[0]:
                 token_calls.append((clock[0], name, tuple(first.shape)))
 
@@ -386,19 +390,31 @@ def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
         for h in handles:
             h.remove()
     channels_last = {n: last_axis_readers[shape] for n, shape in shapes.items() if shape in last_axis_readers}
-    return _MapTrace(layers, ends, pool_start, token_calls, clock[0], channels_last, tokens)
+    ambiguous = {n: cube_readers[shape] for n, shape in shapes.items() if shape in cube_readers}
+    return _MapTrace(layers, ends, pool_start, token_calls, clock[0], channels_last, tokens, ambiguous)
+
+
+def _reads_last_axis(module: nn.Module, t: Tensor) -> bool:
+    """``module`` (an ``nn.Linear`` or a one-axis ``nn.LayerNorm``) mixes or normalizes the last axis of ``t``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features == t.shape[-1]
+    return isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (t.shape[-1],)
 
 
 #: The most leading tokens (class, distillation, register tokens) a token layout drops before the patch tokens.
 MAX_PREFIX_TOKENS = 16
 
 
-def map_layouts(model: nn.Module, x: Tensor, names: Iterable[str]) -> dict[str, MapLayout]:
+def map_layouts(
+    model: nn.Module, x: Tensor, names: Iterable[str], ambiguous: Optional[dict[str, str]] = None
+) -> dict[str, MapLayout]:
     """How each of ``names`` whose output in a forward of ``x`` is no ``[B, C, h, w]`` map is read as one
     (:class:`MapLayout`): a channels-last ``[B, h, w, C]`` output (:func:`channels_last_maps`) is permuted, a
     ``[B, N, C]`` token output with ``N = skip + h * w`` for the ``h x w`` grid of the latest conv-produced map
     before it (a ViT's patch embedding) drops its ``skip`` leading tokens (``<= MAX_PREFIX_TOKENS``). Call inside
-    :func:`lightning_viz.capture.isolated`."""
+    :func:`lightning_viz.capture.isolated`. ``ambiguous`` (a dict, if given) receives the names whose output has
+    ``h == C`` where a module reads the last axis of a tensor of that shape (Swin-T at 384 px: ``[B, 96, 96, 96]``):
+    channels-last or not cannot be told, they are read as they are (each with the module reading such a tensor)."""
     trace = _trace_maps(model, x)
     out: dict[str, MapLayout] = {}
     for n in names:
@@ -408,6 +424,8 @@ def map_layouts(model: nn.Module, x: Tensor, names: Iterable[str]) -> dict[str, 
             out[n] = MapLayout("channels_last")
         elif key in trace.tokens:
             out[n] = trace.tokens[key]
+        elif key in trace.ambiguous and ambiguous is not None:
+            ambiguous[n] = trace.ambiguous[key]
     return out
 
 

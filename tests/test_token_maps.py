@@ -1,6 +1,8 @@
 """Swin's channels-last [B, h, w, C] stages and a ViT's [B, tokens, C] blocks read as [B, C, h, w] maps (what
 pytorch-grad-cam's reshape_transform does): parity with pytorch-grad-cam, the callbacks end to end, training kept."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -224,3 +226,26 @@ def test_embeddings_of_a_swin_stage_or_vit_block_average_the_map_over_space(tmp_
     expected = o.mean((1, 2)) if kind == "swin" else o[:, 1:].mean(1)
     assert logged.shape == (6, 12 if kind == "swin" else 8)
     torch.testing.assert_close(logged, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_cube_shaped_map_is_warned_about_and_an_explicit_layout_is_kept(tmp_path):
+    """Swin at 24 px: stage 1 gives [B, 6, 6, 6], h == C, so channels-last cannot be told from the shapes: read as
+    it is with a warning at setup that says how to choose (was: silently read with its rows as channels); with
+    read_as_map(...) before fit the callbacks keep that layout, without the warning."""
+    lit = LitTiny(tiny_swin())
+    cb = ActivationCallback(num_probes=2, layers=["net.features.1"])
+    trainer = tiny_trainer(str(tmp_path / "a"), [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    with pytest.warns(UserWarning, match=r"ActivationCallback: layer 'net.features.1' gives shape \[1, 6, 6, 6\], and"):
+        trainer.fit(lit, *tiny_loaders(n=4, size=24, batch_size=2))
+    read_as_map(lit, {"net.features.1": MapLayout("channels_last")})
+    cb = ActivationCallback(num_probes=2, layers=["net.features.1"])
+    trainer = tiny_trainer(str(tmp_path / "b"), [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(lit, *tiny_loaders(n=4, size=24, batch_size=2))
+    assert not [w for w in caught if "cannot be told" in str(w.message)]
+    x = torch.randn(2, 3, 24, 24)
+    with isolated(lit), capture(lit, ["net.features.1"]) as cap, torch.no_grad():
+        lit(x)
+        raw = lit.net.features[1](lit.net.features[0](x))
+    torch.testing.assert_close(cap["net.features.1"], raw.permute(0, 3, 1, 2))

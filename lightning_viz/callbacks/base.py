@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 from torch.utils.data._utils.collate import default_convert
 
-from ..capture import capture, fork_rng, isolated, read_as_map, torch_threads
+from ..capture import capture, fork_rng, isolated, layout_of, layout_set_explicitly, read_as_map, torch_threads
 from ..layers import (
     LayerNotFoundError,
     MapLayout,
@@ -618,10 +618,23 @@ class VisualizationCallback(Callback):
         """At setup: ``layers`` whose output is a channels-last ``[B, h, w, C]`` map (a Swin stage) or ``[B, tokens,
         C]`` after a conv patch embedding (a ViT block) are read as ``[B, C, h, w]`` maps from now on, as
         pytorch-grad-cam's ``reshape_transform`` does (:func:`~lightning_viz.capture.read_as_map`); says so once."""
-        layouts = map_layouts(model, x, layers)
-        read_as_map(model, layouts)
+        unsure: dict[str, str] = {}
+        read_as_map(model, dict(map_layouts(model, x, layers, unsure)), explicit=False)
+        layouts = {n: lay for n in layers if (lay := layout_of(model, n)) is not None}
         for name, layout in layouts.items():
             rank_zero_info(f"lightning-viz: {type(self).__name__}: {layout.describe(name)}")
+        for name, reader in unsure.items():
+            if not layout_set_explicitly(model, name):
+                with torch.no_grad(), capture(model, [name]) as cap:
+                    model(x)
+                rank_zero_warn(
+                    f"{type(self).__name__}: layer {name!r} gives shape {list(cap[name].shape)}, and {reader!r} "
+                    "reads the last axis of a tensor of that shape: whether it is a channels-last [B, h, w, C] map "
+                    "(a Swin or ConvNeXt stage at h == C) cannot be told, so it is read as [B, C, h, w]. If it is "
+                    "channels-last, say so before fit: lightning_viz.capture.read_as_map(model, "
+                    f"{{{name!r}: MapLayout('channels_last')}}) (None: as it is, and no warning).",
+                    category=VisualizationWarning,
+                )
         return layouts
 
     def adapted(self, pl_module: torch.nn.Module) -> Any:
