@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .layers import LayerNotFoundError, MapLayout, get_layer, module_device, unwrap_model
+from .layers import CONV_TYPES, LayerNotFoundError, MapLayout, get_layer, map_layouts, module_device, unwrap_model
 
 __all__ = [
     "eval_mode",
@@ -50,6 +50,7 @@ __all__ = [
     "read_as_map",
     "layout_of",
     "layout_set_explicitly",
+    "detect_layouts",
 ]
 
 #: Layers whose output visualizations read as a [B, C, h, w] map (see :func:`read_as_map`), by module.
@@ -74,6 +75,20 @@ def read_as_map(model: nn.Module, layouts: dict[str, MapLayout | None], explicit
             _LAYOUTS.pop(module, None)
         else:
             _LAYOUTS[module] = layout
+
+
+_DECIDED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers detect_layouts looked at (found a layout or not)
+
+
+def detect_layouts(model: nn.Module, x: Tensor, names: Iterable[str]) -> None:
+    """For the functions of :mod:`lightning_viz.methods`: once per layer, one no-grad forward of ``x[:1]`` tells
+    whether it gives a channels-last map or tokens (:func:`lightning_viz.layers.map_layouts`), read as a
+    ``[B, C, h, w]`` map from then on (:func:`read_as_map`, ``explicit=False``); a convolution's output needs none.
+    Nothing on a model with modules in training mode (that forward would change BatchNorm's statistics)."""
+    todo = [n for n in names if not isinstance(get_layer(model, n), CONV_TYPES) and get_layer(model, n) not in _DECIDED]
+    if todo and x.shape[0] and not any(m.training for m in model.modules()):  # a forward in training mode changes it
+        read_as_map(model, dict(map_layouts(model, x[:1], todo)), explicit=False)
+        _DECIDED.update(get_layer(model, n) for n in todo)
 
 
 def layout_set_explicitly(model: nn.Module, name: str) -> bool:

@@ -249,3 +249,28 @@ def test_a_cube_shaped_map_is_warned_about_and_an_explicit_layout_is_kept(tmp_pa
         lit(x)
         raw = lit.net.features[1](lit.net.features[0](x))
     torch.testing.assert_close(cap["net.features.1"], raw.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("kind", ["swin", "vit"])
+def test_the_functions_read_swin_stages_and_vit_blocks_as_maps_by_themselves(kind):
+    """class_activation_map and feature_maps on a model no callback has seen: the layer's channels-last map /
+    patch tokens are read as [B, C, h, w] (was: Swin's [B, h, w, C] taken as is, its rows as channels -- a
+    [B, w, C]-shaped 'CAM' upsampled; the ViT's tokens refused)."""
+    from lightning_viz.methods.activations import feature_maps
+
+    model = (tiny_swin() if kind == "swin" else tiny_vit()).eval()
+    layer = "norm" if kind == "swin" else "encoder.layers.encoder_layer_1.ln_1"
+    reshape = swin_reshape if kind == "swin" else vit_reshape(4)
+    x, labels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4)), torch.tensor([0, 1, 2])
+    with isolated(model):
+        got = C.class_activation_map(model, x, layer, "gradcam", "label", labels)
+        maps = feature_maps(model, x, [layer])[layer]
+    out = {}
+    h = model.get_submodule(layer).register_forward_hook(lambda m, i, o: out.setdefault("o", o))
+    score = model(x).gather(1, labels[:, None]).sum()
+    h.remove()
+    (g,) = torch.autograd.grad(score, out["o"])
+    a, g = reshape(out["o"].detach()), reshape(g)
+    ref = F.interpolate((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True).relu(), size=(32, 32), mode="bilinear")
+    torch.testing.assert_close(got, ref[:, 0], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(maps, a)
