@@ -274,3 +274,32 @@ def test_the_functions_read_swin_stages_and_vit_blocks_as_maps_by_themselves(kin
     ref = F.interpolate((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True).relu(), size=(32, 32), mode="bilinear")
     torch.testing.assert_close(got, ref[:, 0], atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(maps, a)
+
+
+def test_a_vit_block_after_the_last_attention_is_warned_about_at_setup(tmp_path):
+    """torchvision's ViT reads only the class token after its last block: Grad-CAM of that block's output is zero
+    everywhere (was: blank panels, 'map all zero', without a word); a warning at setup names the layer and what to
+    pick instead. The block's first LayerNorm is fine: no warning."""
+    for layer, warned in (
+        ("net.encoder.layers.encoder_layer_1", True),
+        ("net.encoder.layers.encoder_layer_1.ln_1", False),
+    ):
+        cb = CAMCallback(num_probes=2, layers=[layer])
+        trainer = tiny_trainer(
+            str(tmp_path / str(warned)), [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(LitTiny(tiny_vit()), *tiny_loaders(n=4, size=32, batch_size=2))
+        said = [str(w.message) for w in caught if "does not reach the patch tokens" in str(w.message)]
+        assert said == (
+            [
+                f"CAMCallback: the score's gradient does not reach the patch tokens of layer {layer!r} "
+                "(after the last attention only the class token reaches the head), so its "
+                "gradient-weighted maps are all zero. Name a layer before the last block's attention, e.g. "
+                "its first LayerNorm ('blocks.11.norm1' of a timm ViT, "
+                "'encoder.layers.encoder_layer_11.ln_1' of torchvision's)."
+            ]
+            if warned
+            else []
+        )

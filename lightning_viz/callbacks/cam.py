@@ -45,6 +45,7 @@ from ..methods.cam import (
     verify_cam_head,
 )
 from ..methods.gradients import reduce_channels
+from ..methods.shared_pass import gradient_pass
 from ..probe import ProbeSet
 from ..targets import CallableTarget
 from ._options import LayersSpec, as_layer_list
@@ -261,6 +262,24 @@ class CAMCallback(GradientMapCallback):
         ``reshape_transform`` does (:func:`~lightning_viz.layers.map_layouts`); the captions say so."""
         self._layouts = self.read_as_maps(model, x, self.layers)
         self._maps_read = True
+        self._warn_tokens_without_gradient(model, x)
+
+    def _warn_tokens_without_gradient(self, model: Any, x: Tensor) -> None:
+        """A ViT's last block (or anything after its last attention): only the class token reaches the head, so
+        the patch tokens' gradient is 0 and every gradient-weighted map is blank; say so at setup."""
+        tokens = [n for n, lay in self._layouts.items() if lay.kind == "tokens"]
+        if not tokens or not any(cam_variant(m).weights is not None for m in self.methods):
+            return
+        result = gradient_pass(model, x, "predicted", None, tokens, None, None, input_grad=False)
+        for name in tokens:
+            if not bool(result.grads[name].any()):
+                rank_zero_warn(
+                    f"{type(self).__name__}: the score's gradient does not reach the patch tokens of layer {name!r} "
+                    "(after the last attention only the class token reaches the head), so its gradient-weighted "
+                    "maps are all zero. Name a layer before the last block's attention, e.g. its first LayerNorm "
+                    "('blocks.11.norm1' of a timm ViT, 'encoder.layers.encoder_layer_11.ln_1' of torchvision's).",
+                    category=VisualizationWarning,
+                )
 
     def _verify_maps(self, model: Any, x: Tensor) -> None:
         """Named layers without convolutions must give a conv-produced ``[B, C, h, w]`` map in a forward of ``x``: a
