@@ -27,7 +27,6 @@ __all__ = [
     "named_layers",
     "conv_produced_maps",
     "channels_last_maps",
-    "channels_last_note",
     "MapLayout",
     "map_layouts",
     "get_layer",
@@ -442,14 +441,6 @@ def channels_last_maps(model: nn.Module, x: Tensor) -> dict[str, str]:
     Swin transformer: a conv, then ``Permute``; its stages' LayerNorms and Linears read the last axis), each with
     the module that reads its last axis as channels."""
     return _trace_maps(model, x).channels_last
-
-
-def channels_last_note(name: str, shape: Any, reader: str) -> str:
-    """Why the output of layer ``name`` (``shape``) is no ``[B, C, h, w]`` map: ``reader`` reads its last axis."""
-    return (
-        f"{name!r} gives a channels-last [B, h, w, C] map (shape {list(shape)}; {reader!r} reads its last axis as "
-        "channels: a Swin transformer?), not a [B, C, h, w] map"
-    )
 
 
 def default_cam_layer(model: nn.Module, x: Tensor, owner: str = "") -> str:
