@@ -21,6 +21,7 @@ import contextlib
 import operator
 import random
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .layers import LayerNotFoundError, get_layer, module_device, unwrap_model
+from .layers import CONV_TYPES, LayerNotFoundError, MapLayout, get_layer, map_layouts, module_device, unwrap_model
 
 __all__ = [
     "eval_mode",
@@ -46,7 +47,59 @@ __all__ = [
     "deterministic_warn_only",
     "NondeterministicOpWarning",
     "torch_threads",
+    "read_as_map",
+    "layout_of",
+    "layout_set_explicitly",
+    "detect_layouts",
 ]
+
+#: Layers whose output visualizations read as a [B, C, h, w] map (see :func:`read_as_map`), by module.
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, MapLayout] = weakref.WeakKeyDictionary()
+_EXPLICIT: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layouts the user set: setup's detection keeps them
+
+
+def read_as_map(model: nn.Module, layouts: dict[str, MapLayout | None], explicit: bool = True) -> None:
+    """From now on :func:`capture` records each named layer's output as the ``[B, C, h, w]`` map its
+    :class:`~lightning_viz.layers.MapLayout` gives (a Swin stage's channels-last map permuted, a ViT block's patch
+    tokens on their grid; ``None``: as it is): what pytorch-grad-cam's ``reshape_transform`` does, for every method.
+    Callbacks call it at setup (``explicit=False``) for the layers they are given, with the layouts
+    :func:`lightning_viz.layers.map_layouts` finds; call it yourself before ``fit`` where that detection cannot tell
+    (a channels-last map with ``h == C``): the callbacks keep what you set. The model's forward is unchanged."""
+    for name, layout in layouts.items():
+        module = get_layer(model, name)
+        if not explicit and module in _EXPLICIT:
+            continue
+        if explicit:
+            _EXPLICIT.add(module)
+        if layout is None:
+            _LAYOUTS.pop(module, None)
+        else:
+            _LAYOUTS[module] = layout
+
+
+_DECIDED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers detect_layouts looked at (found a layout or not)
+
+
+def detect_layouts(model: nn.Module, x: Tensor, names: Iterable[str]) -> None:
+    """For the functions of :mod:`lightning_viz.methods`: once per layer, one no-grad forward of ``x[:1]`` tells
+    whether it gives a channels-last map or tokens (:func:`lightning_viz.layers.map_layouts`), read as a
+    ``[B, C, h, w]`` map from then on (:func:`read_as_map`, ``explicit=False``); a convolution's output needs none.
+    Nothing on a model with modules in training mode (that forward would change BatchNorm's statistics)."""
+    todo = [n for n in names if not isinstance(get_layer(model, n), CONV_TYPES) and get_layer(model, n) not in _DECIDED]
+    if todo and x.shape[0] and not any(m.training for m in model.modules()):  # a forward in training mode changes it
+        read_as_map(model, dict(map_layouts(model, x[:1], todo)), explicit=False)
+        _DECIDED.update(get_layer(model, n) for n in todo)
+
+
+def layout_set_explicitly(model: nn.Module, name: str) -> bool:
+    """``True`` when the user set layer ``name``'s layout with :func:`read_as_map` (``explicit=True``)."""
+    return get_layer(model, name) in _EXPLICIT
+
+
+def layout_of(model: nn.Module, name: str) -> MapLayout | None:
+    """The :class:`~lightning_viz.layers.MapLayout` layer ``name``'s output is read with (:func:`read_as_map`), or
+    ``None``: as it is."""
+    return _LAYOUTS.get(get_layer(model, name))
 
 
 class LayerNotCalledError(LayerNotFoundError, KeyError):
@@ -468,6 +521,7 @@ def capture(model: nn.Module, layer_names: Iterable[str], grad: bool = False) ->
                     f"Layer {name!r} ({type(module).__name__}) returns {type(output).__name__}, not a tensor; "
                     "choose a layer whose output is a single tensor."
                 )
+            layout = _LAYOUTS.get(module)
             if grad:
                 if not torch.is_grad_enabled():  # e.g. inside torch.utils.checkpoint(use_reentrant=True)'s forward
                     cap.without_grad.add(name)
@@ -475,11 +529,17 @@ def capture(model: nn.Module, layer_names: Iterable[str], grad: bool = False) ->
                 # cannot modify the recorded tensor (which would break autograd.grad w.r.t. it).
                 # With frozen parameters and an input that needs no grad, make it a leaf that does.
                 node = output if output.requires_grad else output.detach().requires_grad_(True)
-                cap.outputs[name] = node
-                cap.passed_on[name] = node.clone()  # a fresh tensor: its version counts later in-place ops
+                if layout is not None:  # record the map view; downstream reads the output rebuilt from it
+                    view = layout.to_map(node, name)
+                    cap.outputs[name] = view
+                    cap.passed_on[name] = layout.from_map(view, node).clone()
+                else:
+                    cap.outputs[name] = node
+                    cap.passed_on[name] = node.clone()  # a fresh tensor: its version counts later in-place ops
                 cap._handed[name] = cap.passed_on[name].grad_fn
                 return cap.passed_on[name]
-            cap.outputs[name] = output.detach().clone()
+            out = output.detach() if layout is None else layout.to_map(output.detach(), name)
+            cap.outputs[name] = out.clone()
             return None
 
         return hook

@@ -27,7 +27,8 @@ __all__ = [
     "named_layers",
     "conv_produced_maps",
     "channels_last_maps",
-    "channels_last_note",
+    "MapLayout",
+    "map_layouts",
     "get_layer",
     "conv_layer_names",
     "linear_layer_names",
@@ -239,6 +240,47 @@ def _spatial(t: Any) -> int:
     return int(t.shape[-1] * t.shape[-2]) if isinstance(t, Tensor) and t.ndim == 4 else 0
 
 
+@dataclass(frozen=True)
+class MapLayout:
+    """How a layer output that is no ``[B, C, h, w]`` tensor is read as one (pytorch-grad-cam's
+    ``reshape_transform``): ``"channels_last"``, a ``[B, h, w, C]`` map (torchvision's Swin stages), permuted; or
+    ``"tokens"``, a transformer's ``[B, skip + h * w, C]`` tokens (a ViT block's), whose ``skip`` leading class /
+    register tokens are dropped and whose patch tokens are laid out on the ``h x w`` grid of the patch embedding."""
+
+    kind: str  # "channels_last" or "tokens"
+    skip: int = 0
+    grid: tuple[int, int] = (0, 0)
+
+    def to_map(self, t: Tensor, name: str = "") -> Tensor:
+        """``t`` (the layer's output) as ``[B, C, h, w]``, a view of it (autograd reaches ``t`` through it)."""
+        if self.kind == "channels_last":
+            if t.ndim != 4:
+                raise ValueError(f"layer {name!r}: a channels-last [B, h, w, C] map expected, got {tuple(t.shape)}")
+            return t.permute(0, 3, 1, 2)
+        h, w = self.grid
+        if t.ndim != 3 or t.shape[1] != self.skip + h * w:
+            raise ValueError(
+                f"layer {name!r}: {self.skip} + {h} x {w} tokens [B, N, C] expected (as at setup), got "
+                f"{tuple(t.shape)}: images of another size than the data's?"
+            )
+        return t[:, self.skip :].unflatten(1, (h, w)).permute(0, 3, 1, 2)
+
+    def from_map(self, m: Tensor, t: Tensor) -> Tensor:
+        """The layer output a ``[B, C, h, w]`` map ``m`` stands for (the inverse of :meth:`to_map`; ``t``: the
+        output ``m`` was read from, whose class / register tokens are kept)."""
+        if self.kind == "channels_last":
+            return m.permute(0, 2, 3, 1)
+        return torch.cat([t[:, : self.skip], m.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+    def describe(self, name: str) -> str:
+        """One line for captions and messages: what was done to ``name``'s output."""
+        if self.kind == "channels_last":
+            return f"{name!r}: channels-last [B, h, w, C] output read as [B, C, h, w]"
+        h, w = self.grid
+        drop = f"{self.skip} class/register token(s) dropped, " if self.skip else ""
+        return f"{name!r}: [B, tokens, C] output read as [B, C, {h}, {w}] ({drop}patch tokens on the {h}x{w} grid)"
+
+
 @dataclass
 class _MapTrace:
     """What one forward tells about a model's feature maps (see :func:`_trace_maps`)."""
@@ -249,6 +291,8 @@ class _MapTrace:
     token_calls: list[tuple[int, str, tuple[int, ...]]]  # weighted modules called on >= 3-D non-maps
     clock: int
     channels_last: dict[str, str]  # 4-D outputs read as [B, h, w, C]: name -> a module reading the last axis
+    tokens: dict[str, MapLayout]  # 3-D [B, skip + h * w, C] outputs after an h x w conv-produced map
+    ambiguous: dict[str, str]  # 4-D outputs of a shape [B, n, w, n] whose last axis a module reads: NCHW or NHWC?
 
 
 def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
@@ -265,7 +309,9 @@ def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
     map_shape: list[Any] = [None]  # shape of the latest conv-produced map
     token_calls: list[tuple[int, str, tuple[int, ...]]] = []  # weighted modules called on >= 3-D non-maps
     last_axis_readers: dict[tuple[int, ...], str] = {}  # 4-D shapes a Linear / LayerNorm read channels-last
+    cube_readers: dict[tuple[int, ...], str] = {}  # the same for shapes with h == C: NCHW and NHWC look alike
     shapes: dict[str, tuple[int, ...]] = {}  # every 4-D module output
+    tokens: dict[str, MapLayout] = {}
 
     def pre_hook(name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
@@ -282,6 +328,8 @@ def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
                 )
                 if width == first.shape[-1]:  # mixes or normalizes the last axis: channels-last [B, h, w, C]
                     last_axis_readers.setdefault(tuple(first.shape), name)
+            elif isinstance(first, Tensor) and first.ndim == 4 and _reads_last_axis(module, first):
+                cube_readers.setdefault(tuple(first.shape), name)  # [B, n, w, n]: channels-last or not?
             if name in weighted and isinstance(first, Tensor) and first.ndim >= 3 and first.shape != map_shape[0]:
                 token_calls.append((clock[0], name, tuple(first.shape)))
 
@@ -292,6 +340,11 @@ def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
             clock[0] += 1
             if isinstance(output, Tensor) and output.ndim == 4:
                 shapes[name] = tuple(output.shape)
+            grid = map_shape[0]
+            if isinstance(output, Tensor) and output.ndim == 3 and grid is not None and len(grid) == 4:
+                skip = output.shape[1] - grid[-2] * grid[-1]  # patch tokens of the latest map, after class tokens
+                if 0 <= skip <= MAX_PREFIX_TOKENS and output.shape[0] == grid[0]:
+                    tokens[name] = MapLayout("tokens", int(skip), (int(grid[-2]), int(grid[-1])))
             first = inputs[0] if inputs else None
             if (
                 not has_conv[name]
@@ -336,7 +389,43 @@ def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
         for h in handles:
             h.remove()
     channels_last = {n: last_axis_readers[shape] for n, shape in shapes.items() if shape in last_axis_readers}
-    return _MapTrace(layers, ends, pool_start, token_calls, clock[0], channels_last)
+    ambiguous = {n: cube_readers[shape] for n, shape in shapes.items() if shape in cube_readers}
+    return _MapTrace(layers, ends, pool_start, token_calls, clock[0], channels_last, tokens, ambiguous)
+
+
+def _reads_last_axis(module: nn.Module, t: Tensor) -> bool:
+    """``module`` (an ``nn.Linear`` or a one-axis ``nn.LayerNorm``) mixes or normalizes the last axis of ``t``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features == t.shape[-1]
+    return isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (t.shape[-1],)
+
+
+#: The most leading tokens (class, distillation, register tokens) a token layout drops before the patch tokens.
+MAX_PREFIX_TOKENS = 16
+
+
+def map_layouts(
+    model: nn.Module, x: Tensor, names: Iterable[str], ambiguous: Optional[dict[str, str]] = None
+) -> dict[str, MapLayout]:
+    """How each of ``names`` whose output in a forward of ``x`` is no ``[B, C, h, w]`` map is read as one
+    (:class:`MapLayout`): a channels-last ``[B, h, w, C]`` output (:func:`channels_last_maps`) is permuted, a
+    ``[B, N, C]`` token output with ``N = skip + h * w`` for the ``h x w`` grid of the latest conv-produced map
+    before it (a ViT's patch embedding) drops its ``skip`` leading tokens (``<= MAX_PREFIX_TOKENS``). Call inside
+    :func:`lightning_viz.capture.isolated`. ``ambiguous`` (a dict, if given) receives the names whose output has
+    ``h == C`` where a module reads the last axis of a tensor of that shape (Swin-T at 384 px: ``[B, 96, 96, 96]``):
+    channels-last or not cannot be told, they are read as they are (each with the module reading such a tensor)."""
+    trace = _trace_maps(model, x)
+    out: dict[str, MapLayout] = {}
+    for n in names:
+        module = get_layer(model, n)
+        key = next((k for k, m in trace.layers.items() if m is module), None)
+        if key in trace.channels_last:
+            out[n] = MapLayout("channels_last")
+        elif key in trace.tokens:
+            out[n] = trace.tokens[key]
+        elif key in trace.ambiguous and ambiguous is not None:
+            ambiguous[n] = trace.ambiguous[key]
+    return out
 
 
 def conv_produced_maps(model: nn.Module, x: Tensor) -> set[str]:
@@ -354,14 +443,6 @@ def channels_last_maps(model: nn.Module, x: Tensor) -> dict[str, str]:
     return _trace_maps(model, x).channels_last
 
 
-def channels_last_note(name: str, shape: Any, reader: str) -> str:
-    """Why the output of layer ``name`` (``shape``) is no ``[B, C, h, w]`` map: ``reader`` reads its last axis."""
-    return (
-        f"{name!r} gives a channels-last [B, h, w, C] map (shape {list(shape)}; {reader!r} reads its last axis as "
-        "channels: a Swin transformer?), not a [B, C, h, w] map"
-    )
-
-
 def default_cam_layer(model: nn.Module, x: Tensor, owner: str = "") -> str:
     """The layer CAM methods explain by default: the last block feeding global pooling, found by one forward of
     ``x`` (a batch of the data's shape; call inside :func:`lightning_viz.capture.isolated`).
@@ -375,8 +456,10 @@ def default_cam_layer(model: nn.Module, x: Tensor, owner: str = "") -> str:
     and its child returning it the last block: ``layer4.1`` of a ResNet (``model.layer4[-1]``), ``features.<last>``
     of VGG / DenseNet / MobileNet / EfficientNet / ConvNeXt -- the layer CAM libraries tell users to pick. Not the
     last conv, which sits before the last BatchNorm, residual add and ReLU (Grad-CAM maps of residual nets are
-    degenerate there). A map that layers with weights then process as tokens before the pooling (a vision
-    transformer's patch embedding) is no final map: error. ``owner`` (e.g. ``"CAMCallback"``) starts the errors.
+    degenerate there). A channels-last ``[B, h, w, C]`` final map (torchvision's Swin: ``norm``) is one, read as
+    ``[B, C, h, w]`` by the callers (:func:`map_layouts`). A map that layers with weights then process as tokens
+    before the pooling (a vision transformer's patch embedding) is no final map: error. ``owner`` (e.g.
+    ``"CAMCallback"``) starts the errors.
     """
     trace = _trace_maps(model, x)
     layers, ends, token_calls = trace.layers, trace.ends, trace.token_calls
@@ -391,13 +474,6 @@ def default_cam_layer(model: nn.Module, x: Tensor, owner: str = "") -> str:
             f"(its layers: {_format_names(layers)}); name the layer to explain with layers=[...]: {allowed}."
         )
     end, final = max(before.values(), key=lambda e: e[0])
-    last_maps = [n for n, e in before.items() if e[0] == end]
-    if last_maps[0] in trace.channels_last:
-        note = channels_last_note(last_maps[0], final.shape, trace.channels_last[last_maps[0]])
-        raise LayerNotFoundError(
-            f"{who}found no final [B, C, h, w] feature map before global pooling in {kind}: the last one, {note}; "
-            f"name the layer to explain with layers=[...]: {allowed}."
-        )
     later = [c for c in token_calls if end < c[0] < limit]
     if later:
         last = max(before, key=lambda n: (before[n][0], -n.count(".")))
@@ -405,7 +481,9 @@ def default_cam_layer(model: nn.Module, x: Tensor, owner: str = "") -> str:
             f"{who}found no final [B, C, h, w] feature map before global pooling in {kind}: the last conv-produced "
             f"map, {last!r}, is processed further as tokens (e.g. {later[0][1]!r} on shape "
             f"{list(later[0][2])}), not as a feature map (a vision transformer?); name the layer to explain with "
-            f"layers=[...]: {allowed}."
+            f"layers=[...]: {allowed}; or a layer of tokens, read on the patch grid, before the last block's "
+            "attention (after it only the class token reaches the head): 'blocks.11.norm1' of a timm ViT, "
+            "'encoder.layers.encoder_layer_11.ln_1' of torchvision's."
         )
     same = {n: e[0] for n, e in before.items() if e[1] is final}  # modules returning the final map itself
     depth = min(n.count(".") for n in same)

@@ -53,7 +53,9 @@ def test_vit_has_no_default_cam_layer():
     assert "'patch_embed.proj'" in msg and "'blocks.0.norm1' on shape [1, 17, 192]" in msg
     assert msg.endswith(
         "layers=[...]: a convolution or a block containing convolutions with a [B, C, h, w] output "
-        "(e.g. 'layer4' of a ResNet)."
+        "(e.g. 'layer4' of a ResNet); or a layer of tokens, read on the patch grid, before the last block's "
+        "attention (after it only the class token reaches the head): 'blocks.11.norm1' of a timm ViT, "
+        "'encoder.layers.encoder_layer_11.ln_1' of torchvision's."
     )
 
 
@@ -265,21 +267,38 @@ def test_never_running_validation_schedule_suggests_what_helps(tmp_path, every_n
         assert cb.last_logged_tags
 
 
+class LinearTokens(nn.Module):
+    """A transformer without a conv patch embedding: 4x4 pixel patches cut by reshapes, embedded by an nn.Linear,
+    then a token-wise block; its [B, tokens, D] have no conv-produced grid to be laid out on."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(48, 8)
+        self.block = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        b, c = x.shape[:2]
+        patches = x.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(b, -1, c * 16)
+        return self.head(self.block(self.embed(patches)).mean(1))
+
+
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: ActivationCallback(layers=["net.blocks.1"], num_probes=2), r"ActivationCallback: layers names"),
-        (lambda: TopPatchesCallback(layers=["net.blocks.1"], num_probes=4, k=2), r"TopPatchesCallback: layers names"),
-        (lambda: UnitCallback(layers="net.blocks.1", channels=[0, 1], steps=2), r"UnitCallback: layers names"),
+        (lambda: ActivationCallback(layers=["net.block"], num_probes=2), r"ActivationCallback: layers names"),
+        (lambda: TopPatchesCallback(layers=["net.block"], num_probes=4, k=2), r"TopPatchesCallback: layers names"),
+        (lambda: UnitCallback(layers="net.block", channels=[0, 1], steps=2), r"UnitCallback: layers names"),
     ],
 )
 def test_token_outputs_named_as_feature_maps_fail_at_setup(tmp_path, make, match):
-    """A transformer block gives [B, tokens, D]: its dimension 1 is tokens, not channels; refused before training
-    (was: activations and top patches failed after the first epoch; units silently optimized tokens 0 and 1)."""
+    """A transformer block gives [B, tokens, D]: its dimension 1 is tokens, not channels; without a conv patch
+    embedding to tell their grid, refused before training (was: activations and top patches failed after the
+    first epoch; units silently optimized tokens 0 and 1). After one (a ViT's), read on its grid: test_token_maps."""
     cb, steps = make(), CountSteps()
     trainer = tiny_trainer(str(tmp_path), [steps, cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
-    with pytest.raises(ValueError, match=match + r" 'net.blocks.1', whose output has shape \(1, 17, 192\)"):
-        trainer.fit(LitTiny(tiny_vit()), *tiny_loaders(n=8, size=32))
+    with pytest.raises(ValueError, match=match + r" 'net.block', whose output has shape \(1, 4, 8\)"):
+        trainer.fit(LitTiny(LinearTokens()), *tiny_loaders(n=8, size=8))
     assert steps.steps == 0
 
 
@@ -332,12 +351,17 @@ def test_cam_explains_the_layers_pytorch_grad_cam_names(tmp_path, arch, layer):
 
 
 def test_cam_refuses_a_named_layer_that_is_no_conv_feature_map(tmp_path):
-    """A transformer's LayerNorm has no convolution and gives tokens: refused at setup, listing the conv layers."""
-    cb, steps = CAMCallback(layers=["net.blocks.0.norm1"], num_probes=2), CountSteps()
-    trainer = tiny_trainer(str(tmp_path), [steps, cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
-    with pytest.raises(LayerNotFoundError, match=r"CAMCallback: layers names 'net.blocks.0.norm1', a LayerNorm whose"):
-        trainer.fit(LitTiny(tiny_vit()), *tiny_loaders(n=8, size=32))
-    assert steps.steps == 0
+    """A LayerNorm on tokens without a conv patch embedding (no grid), a linear layer's [B, C]: refused at setup,
+    listing the conv layers (a ViT block's LayerNorm is read on its patch grid: test_token_maps)."""
+    for layer, match in (
+        ("net.block.0", "layers names 'net.block.0', a LayerNorm whose output is no feature map"),
+        ("net.head", "CAM needs a convolution layer, but LitTiny has none"),
+    ):
+        cb, steps = CAMCallback(layers=[layer], num_probes=2), CountSteps()
+        trainer = tiny_trainer(str(tmp_path), [steps, cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+        with pytest.raises(LayerNotFoundError, match=rf"^CAMCallback: {match}"):
+            trainer.fit(LitTiny(LinearTokens()), *tiny_loaders(n=8, size=8))
+        assert steps.steps == 0
 
 
 class ConcatBranches(nn.Module):
@@ -433,44 +457,19 @@ def tiny_swin():
     return SwinTransformer([4, 4], embed_dim=6, depths=[1, 1], num_heads=[1, 1], window_size=[2, 2], num_classes=3)
 
 
-def test_swin_channels_last_maps_are_no_cam_layer(tmp_path):
-    """torchvision's Swin ends with norm -> Permute -> AdaptiveAvgPool2d: the last 4-D output before the pooling is
-    'norm', [B, h, w, C] (was: the default CAM layer, its rows read as channels, giving [B, w, C] 'maps'). Refused
-    at setup, as default and as a named layer, before the first step; a conv-produced NCHW map still works."""
-    with isolated(tiny_swin()) as net, pytest.raises(LayerNotFoundError) as err:
-        default_cam_layer(net, torch.randn(1, 3, 32, 32), "CAMCallback")
-    assert str(err.value).startswith(
-        "CAMCallback: found no final [B, C, h, w] feature map before global pooling in SwinTransformer: the last one, "
-        "'norm' gives a channels-last [B, h, w, C] map (shape [1, 4, 4, 12]; 'features.3.0.norm1' reads its last "
-        "axis as channels: a Swin transformer?), not a [B, C, h, w] map; name the layer to explain with layers=[...]"
-    )
-    for layers, bad in [(None, "'net.norm' gives"), (["net.features.0"], "'net.features.0' gives")]:
+def test_swin_channels_last_maps_are_read_as_maps(tmp_path):
+    """torchvision's Swin ends with norm -> Permute -> AdaptiveAvgPool2d: the last map before the pooling is 'norm',
+    [B, h, w, C]; it is the default CAM layer, read as [B, C, h, w] (was: refused at setup; before that its rows
+    were read as channels, giving [B, w, C] 'maps'); the units of a stage are its C channels."""
+    with isolated(tiny_swin()) as net:
+        assert default_cam_layer(net, torch.randn(1, 3, 32, 32), "CAMCallback") == "norm"
+    for cb, match in (
+        (UnitCallback(layers="net.features.3", channels=[12], steps=1), r"layer 'net.features.3' has 12 channels"),
+        (TopPatchesCallback(layers=["net.features.1"], units=[6], num_probes=4), r"'net.features.1' with 6 channels"),
+    ):
         steps = CountSteps()
-        trainer = tiny_trainer(str(tmp_path), [steps, CAMCallback(num_probes=2, layers=layers)], max_epochs=1)
-        with pytest.raises(LayerNotFoundError, match=r"^CAMCallback: ") as err:
-            trainer.fit(LitTiny(tiny_swin()), *tiny_loaders(n=4, size=32))
-        assert steps.steps == 0 and f"{bad} a channels-last [B, h, w, C] map" in str(err.value)
-    cb = CAMCallback(num_probes=2, layers=["net.features.0.0"])  # the patch embedding's conv: [B, C, h, w]
-    tiny_trainer(str(tmp_path / "ok"), [cb], max_epochs=1, limit_train_batches=1).fit(
-        LitTiny(tiny_swin()), *tiny_loaders(n=4, size=32)
-    )
-    assert "viz-cam/panel/p000" in cb.last_logged_tags
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: ActivationCallback(layers=["net.features.3"], num_probes=2),
-        lambda: TopPatchesCallback(layers=["net.features.2"], num_probes=4),
-        lambda: UnitCallback(layers="net.features.0", channels=[0], steps=1),
-    ],
-    ids=["activations", "top_patches", "units"],
-)
-def test_channels_last_swin_stages_are_refused_as_unit_layers(tmp_path, make):
-    """A Swin stage's [B, h, w, C] output read as [B, C, h, w] made its rows the 'channels' (units, activation
-    maps, top patches): refused at setup, before the first step, naming the layer and the shape."""
-    cb, steps = make(), CountSteps()
-    trainer = tiny_trainer(str(tmp_path), [steps, cb], max_epochs=1)
-    with pytest.raises(ValueError, match=rf"^{type(cb).__name__}: layers names 'net\.features\.\d' gives a channels"):
-        trainer.fit(LitTiny(tiny_swin()), *tiny_loaders(n=4, size=32))
-    assert steps.steps == 0
+        with pytest.raises(ValueError, match=match):
+            tiny_trainer(str(tmp_path), [steps, cb], max_epochs=1).fit(
+                LitTiny(tiny_swin()), *tiny_loaders(n=4, size=32)
+            )
+        assert steps.steps == 0

@@ -31,12 +31,12 @@ from torch import Tensor
 from torch.utils.data import default_collate
 from torch.utils.data._utils.collate import default_convert
 
-from ..capture import capture, fork_rng, isolated, torch_threads
+from ..capture import capture, fork_rng, isolated, layout_of, layout_set_explicitly, read_as_map, torch_threads
 from ..layers import (
     LayerNotFoundError,
-    channels_last_maps,
-    channels_last_note,
+    MapLayout,
     has_lazy_parameters,
+    map_layouts,
     module_device,
     module_dtype,
 )
@@ -645,9 +645,11 @@ class VisualizationCallback(Callback):
     ) -> dict[str, Tensor]:
         """At setup: one no-grad forward of ``x`` recording ``layers``; each output must have one of ``dims``
         dimensions (4: a ``[B, C, h, w]`` feature map, 2: ``[B, C]`` features), else a clear error naming this
-        callback and option ``what`` (a transformer block's ``[B, tokens, D]`` is no feature map, nor a Swin stage's
-        channels-last ``[B, h, w, C]``); ``None``: any shape.
+        callback and option ``what``; ``None``: any shape. With 4, a Swin stage's channels-last ``[B, h, w, C]`` and a
+        ViT block's ``[B, tokens, C]`` are read as ``[B, C, h, w]`` maps from now on (``read_as_map``).
         A layer the forward does not call fails too. Returns them."""
+        if dims is not None and 4 in dims:  # a Swin stage's [B, h, w, C], a ViT block's tokens: read as maps
+            self.read_as_maps(model, x, layers)
         with torch.no_grad(), capture(model, layers) as cap:
             model(x)
         outs = {n: cap[n] for n in layers}
@@ -657,18 +659,33 @@ class VisualizationCallback(Callback):
                 raise ValueError(
                     f"{type(self).__name__}: {what} names {n!r}, whose output has shape {tuple(out.shape)}, but it "
                     f"needs {kinds} (channels are the units). Choose a convolution layer or a block of them "
-                    "(e.g. 'layer4' of a ResNet); a transformer block's [B, tokens, D] output is not one."
+                    "(e.g. 'layer4' of a ResNet); a transformer block's [B, tokens, D] output is one only after a "
+                    "conv patch embedding (a ViT's, read on its grid)."
                 )
-        if dims is not None and 4 in dims and any(out.ndim == 4 for out in outs.values()):
-            readers = channels_last_maps(model, x)  # a Swin stage's [B, h, w, C]: its rows are no channels
-            for n, out in outs.items():
-                if out.ndim == 4 and n in readers:
-                    raise ValueError(
-                        f"{type(self).__name__}: {what} names {channels_last_note(n, out.shape, readers[n])}; "
-                        "channels are the units here. Choose a convolution layer or a block of them with a "
-                        "[B, C, h, w] output."
-                    )
         return outs
+
+    def read_as_maps(self, model: ModelAdapter, x: Tensor, layers: list[str]) -> dict[str, MapLayout]:
+        """At setup: ``layers`` whose output is a channels-last ``[B, h, w, C]`` map (a Swin stage) or ``[B, tokens,
+        C]`` after a conv patch embedding (a ViT block) are read as ``[B, C, h, w]`` maps from now on, as
+        pytorch-grad-cam's ``reshape_transform`` does (:func:`~lightning_viz.capture.read_as_map`); says so once."""
+        unsure: dict[str, str] = {}
+        read_as_map(model, dict(map_layouts(model, x, layers, unsure)), explicit=False)
+        layouts = {n: lay for n in layers if (lay := layout_of(model, n)) is not None}
+        for name, layout in layouts.items():
+            rank_zero_info(f"lightning-viz: {type(self).__name__}: {layout.describe(name)}")
+        for name, reader in unsure.items():
+            if not layout_set_explicitly(model, name):
+                with torch.no_grad(), capture(model, [name]) as cap:
+                    model(x)
+                rank_zero_warn(
+                    f"{type(self).__name__}: layer {name!r} gives shape {list(cap[name].shape)}, and {reader!r} "
+                    "reads the last axis of a tensor of that shape: whether it is a channels-last [B, h, w, C] map "
+                    "(a Swin or ConvNeXt stage at h == C) cannot be told, so it is read as [B, C, h, w]. If it is "
+                    "channels-last, say so before fit: lightning_viz.capture.read_as_map(model, "
+                    f"{{{name!r}: MapLayout('channels_last')}}) (None: as it is, and no warning).",
+                    category=VisualizationWarning,
+                )
+        return layouts
 
     def adapted(self, pl_module: torch.nn.Module) -> Any:
         """``pl_module`` behind this callback's model adapter (a :class:`~lightning_viz.targets.ModelAdapter`, typed

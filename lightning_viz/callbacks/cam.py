@@ -23,8 +23,7 @@ from ..capture import capture
 from ..layers import (
     CONV_TYPES,
     LayerNotFoundError,
-    channels_last_maps,
-    channels_last_note,
+    MapLayout,
     conv_layer_names,
     conv_produced_maps,
     default_cam_layer,
@@ -46,6 +45,7 @@ from ..methods.cam import (
     verify_cam_head,
 )
 from ..methods.gradients import reduce_channels
+from ..methods.shared_pass import gradient_pass
 from ..probe import ProbeSet
 from ..targets import CallableTarget
 from ._options import LayersSpec, as_layer_list
@@ -158,10 +158,13 @@ class CAMCallback(GradientMapCallback):
         self._head_verified = False
         self._rectified: dict[str, bool] = {}  # cam: layers whose output reaches the head through a functional ReLU
         self._unverified: list[str] = []  # named layers without convs: a forward must show a conv-produced map
+        self._layouts: dict[str, MapLayout] = {}  # layers read as [B, C, h, w] maps (see _read_as_maps)
+        self._maps_read = False
 
     def check_model(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.layer_names is None:  # the default layer of this setup's model (callbacks reused for another one)
             self.layers, self._head_verified, self._rectified = [], False, {}
+        self._maps_read = False
         super().check_model(trainer, pl_module, stage)
 
     def check(self, pl_module: LightningModule) -> None:
@@ -179,9 +182,9 @@ class CAMCallback(GradientMapCallback):
         for name in self.layers:
             layer = get_layer(pl_module, name)
             if self.layer_names is not None and not any(isinstance(m, CONV_TYPES) for m in layer.modules()):
-                if any(isinstance(m, nn.Linear) for m in layer.modules()):
-                    require_conv(pl_module, name, "CAM")  # raises, listing the conv layers
-                self._unverified.append(name)  # a norm / activation / pooling after convs is fine: see _verify_maps
+                # a norm / activation / pooling after convs, a Swin stage's channels-last map, a ViT block's tokens
+                # are fine; a linear layer's [B, C] is not: see _verify_maps
+                self._unverified.append(name)
             if self._uses_head() and isinstance(layer, CONV_TYPES):
                 self._head_possible(pl_module, {layer.out_channels}, name)
         super().check(pl_module)
@@ -213,8 +216,7 @@ class CAMCallback(GradientMapCallback):
         if self.layer_names is None:
             self.layers = [default_cam_layer(model, x, type(self).__name__)]
             self.check(model)
-        else:
-            self._refuse_channels_last(model, x)
+        self._read_as_maps(model, x)
         self._verify_maps(model, x)
         self._warn_single_position(model, x)
         if self._uses_head():
@@ -254,17 +256,29 @@ class CAMCallback(GradientMapCallback):
                 category=VisualizationWarning,
             )
 
-    def _refuse_channels_last(self, model: Any, x: Tensor) -> None:
-        """Named layers whose output is a channels-last ``[B, h, w, C]`` map (a Swin stage) would be read with their
-        rows as channels: refused, naming the layer (``default_cam_layer`` refuses such a default itself)."""
-        for name, reader in channels_last_maps(model, x).items():
-            if name in self.layers:
-                with capture(model, [name]) as cap, torch.no_grad():
-                    model(x)
-                raise LayerNotFoundError(
-                    f"{type(self).__name__}: layers names {channels_last_note(name, cap[name].shape, reader)}; CAM "
-                    "needs a convolution, a block containing one, or a norm / activation / pooling right after them "
-                    "with a [B, C, h, w] output."
+    def _read_as_maps(self, model: Any, x: Tensor) -> None:
+        """Layers whose output is a channels-last ``[B, h, w, C]`` map (a Swin stage) or ``[B, tokens, C]`` patch
+        tokens (a ViT block) are read as ``[B, C, h, w]`` maps from now on, as pytorch-grad-cam's
+        ``reshape_transform`` does (:func:`~lightning_viz.layers.map_layouts`); the captions say so."""
+        self._layouts = self.read_as_maps(model, x, self.layers)
+        self._maps_read = True
+        self._warn_tokens_without_gradient(model, x)
+
+    def _warn_tokens_without_gradient(self, model: Any, x: Tensor) -> None:
+        """A ViT's last block (or anything after its last attention): only the class token reaches the head, so
+        the patch tokens' gradient is 0 and every gradient-weighted map is blank; say so at setup."""
+        tokens = [n for n, lay in self._layouts.items() if lay.kind == "tokens"]
+        if not tokens or not any(cam_variant(m).weights is not None for m in self.methods):
+            return
+        result = gradient_pass(model, x, "predicted", None, tokens, None, None, input_grad=False)
+        for name in tokens:
+            if not bool(result.grads[name].any()):
+                rank_zero_warn(
+                    f"{type(self).__name__}: the score's gradient does not reach the patch tokens of layer {name!r} "
+                    "(after the last attention only the class token reaches the head), so its gradient-weighted "
+                    "maps are all zero. Name a layer before the last block's attention, e.g. its first LayerNorm "
+                    "('blocks.11.norm1' of a timm ViT, 'encoder.layers.encoder_layer_11.ln_1' of torchvision's).",
+                    category=VisualizationWarning,
                 )
 
     def _verify_maps(self, model: Any, x: Tensor) -> None:
@@ -275,13 +289,17 @@ class CAMCallback(GradientMapCallback):
             return
         maps = conv_produced_maps(model, x)
         for name in self._unverified:
-            if name not in maps:
+            if name not in maps and name not in self._layouts:
+                if any(isinstance(m, nn.Linear) for m in get_layer(model, name).modules()):
+                    with self._naming():
+                        require_conv(model, name, "CAM")  # raises, listing the conv layers
                 convs = conv_layer_names(model)
                 raise LayerNotFoundError(
                     f"{type(self).__name__}: layers names {name!r}, a {type(get_layer(model, name)).__name__} whose "
                     "output is no feature map produced by convolutions; CAM needs a convolution, a block containing "
-                    "one, or a norm / activation / pooling right after them ([B, C, h, w]). Conv layers: "
-                    f"{', '.join(repr(c) for c in convs[-8:]) or '(none)'}."
+                    "one, or a norm / activation / pooling right after them ([B, C, h, w]), a channels-last "
+                    "[B, h, w, C] map (a Swin stage) or a transformer's [B, tokens, C] after a conv patch embedding "
+                    f"(a ViT block). Conv layers: {', '.join(repr(c) for c in convs[-8:]) or '(none)'}."
                 )
         self._unverified = []
 
@@ -325,6 +343,10 @@ class CAMCallback(GradientMapCallback):
             if not self.layers:  # setup found no data item: the default layer from the first probe
                 self.layers = [default_cam_layer(pl_module, x[:1], type(self).__name__)]
                 self.check(pl_module)
+        if not self._maps_read:  # setup found no data item; a conv's own output is [B, C, h, w]
+            if any(not isinstance(get_layer(pl_module, n), CONV_TYPES) for n in self.layers):
+                self._read_as_maps(pl_module, x[:1])
+            self._maps_read = True
         self._verify_maps(pl_module, x[:1])  # setup found no data item to check the named layers on
         plain = self.get_pass(pl_module, probe, x, None, self.layers)
         if self._uses_head() and not self._head_verified:

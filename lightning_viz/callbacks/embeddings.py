@@ -178,6 +178,7 @@ class EmbeddingCallback(VisualizationCallback):
             with self._naming():
                 penultimate_layer(model, x)
         else:  # called by the eval-mode forward (not an auxiliary head that runs only in training)
+            self.read_as_maps(model, x, [self.layer])  # a Swin stage, a ViT block: averaged as [B, C, h, w] maps
             self.check_layer_outputs(model, x, [self.layer], dims=None)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:

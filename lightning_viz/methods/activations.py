@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from ..capture import capture
+from ..capture import capture, detect_layouts
 from .checks import check_chunk_size, check_images, input_matches_model
 
 __all__ = ["feature_maps"]
@@ -37,6 +37,7 @@ def feature_maps(
     step = x.shape[0] if chunk_size is None else chunk_size
     parts: dict[str, list[Tensor]] = {n: [] for n in names}
     with torch.no_grad(), capture(model, names) as cap, input_matches_model("feature_maps", model, x):
+        detect_layouts(model, x, names)  # a Swin stage, a ViT block: read as [B, C, h, w] maps
         for start in range(0, max(x.shape[0], 1), max(step, 1)):  # an empty batch: one empty pass, empty maps
             cap.clear()
             model(x[start : start + step])

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..capture import detect_layouts, layout_of
 from ..layers import LayerNotFoundError, get_layer, last_called_linear
 from ..progress import progress
 from ..targets import (
@@ -56,7 +57,7 @@ from ..targets import (
     resolve_target,
 )
 from .batching import images_per_forward
-from .checks import check_labels_per_image, check_logits
+from .checks import check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
 from .shared_pass import PassResult, chunks, gradient_pass
 
 __all__ = [
@@ -330,6 +331,7 @@ def ablationcam_weights(
     if classes is None and not isinstance(tgt, CallableTarget):
         raise ValueError("ablationcam needs the target classes of the pass (PassResult.classes)")
     module = get_layer(model, layer)
+    layout = layout_of(model, layer)
     out = torch.empty(b * k, device=x.device, dtype=torch.float64)
     img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
     channel = torch.arange(b * k, device=x.device) % k
@@ -339,7 +341,9 @@ def ablationcam_weights(
         keep[torch.arange(len(keep), device=x.device), channel[sl]] = 0
 
         def ablate(_m: nn.Module, _inputs: object, output: Tensor, keep: Tensor = keep) -> Tensor:
-            return output * keep.to(output.dtype).view(*keep.shape, *([1] * (output.ndim - 2)))
+            a = output if layout is None else layout.to_map(output, layer)  # the map of read_as_map, if any
+            a = a * keep.to(output.dtype).view(*keep.shape, *([1] * (a.ndim - 2)))
+            return a if layout is None else layout.from_map(a, output)
 
         handle = module.register_forward_hook(ablate)
         try:
@@ -640,6 +644,13 @@ def rectified(result: PassResult, layer: str) -> PassResult:
     return replace(result, activations={**result.activations, layer: result.layer(layer)[0].relu()})
 
 
+def _detect_layouts(model: nn.Module, x: Tensor, layer: str) -> None:
+    check_images("class_activation_map", x)
+    check_eval("gradient and CAM methods", model)  # before any forward, as gradient_pass
+    with input_matches_model("class_activation_map", model, x), torch.no_grad():
+        detect_layouts(model, x, [layer])
+
+
 def class_activation_map(
     model: nn.Module,
     x: Tensor,
@@ -654,7 +665,9 @@ def class_activation_map(
     forward + one backward per chunk, plus the variant's extra forwards (the backward stops at ``layer``: no input
     gradient is taken). ``probabilities``: Score-CAM's softmax or per-class sigmoid (:func:`scorecam_weights`).
     ``"cam"`` checks numerically, as the callback does at setup, that ``layer`` feeds the GAP + linear head
-    (:func:`verify_cam_head`; a functional ReLU in between: CAM of ``ReLU(A)``)."""
+    (:func:`verify_cam_head`; a functional ReLU in between: CAM of ``ReLU(A)``). A Swin stage's channels-last map
+    and a ViT block's tokens are read as ``[B, C, h, w]`` maps (:func:`~lightning_viz.capture.detect_layouts`)."""
+    _detect_layouts(model, x, layer)
     result = gradient_pass(model, x, target, labels, [layer], None, chunk_size, input_grad=False)
     if cam_variant(method).head and result.classes is not None:
         a = result.layer(layer)[0]
@@ -676,6 +689,7 @@ def guided_class_activation_map(
 ) -> Tensor:
     """``[B, C, H, W]`` Guided Grad-CAM(++) of ``layer`` (Selvaraju et al. 2017, Sec. 3: guided backprop times the
     upsampled CAM; a plain and a guided pass per chunk)."""
+    _detect_layouts(model, x, layer)
     plain = gradient_pass(model, x, target, labels, [layer], None, chunk_size, input_grad=False)
     guided = gradient_pass(model, x, target, labels, (), "guided", chunk_size)
     return guided_cam_from_passes(plain, guided, layer, method)
