@@ -6,8 +6,8 @@ use live in :mod:`lightning_viz.methods`.
 
 from . import callbacks as _callbacks
 from .callbacks import *  # noqa: F403 - exactly callbacks.__all__ (its CALLBACKS list)
-from .capture import capture, eval_mode, isolated
-from .layers import LayerNotFoundError, get_layer
+from .capture import capture, eval_mode, isolated, read_as_map
+from .layers import LayerNotFoundError, MapLayout, get_layer
 from .probe import ProbeSet
 from .targets import resolve_target
 from .tracking import MapTracker
@@ -19,9 +19,11 @@ __all__ = [
     "MapTracker",
     "ProbeSet",
     "LayerNotFoundError",
+    "MapLayout",
     "capture",
     "eval_mode",
     "get_layer",
     "isolated",
+    "read_as_map",
     "resolve_target",
 ]

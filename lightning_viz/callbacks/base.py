@@ -681,8 +681,8 @@ class VisualizationCallback(Callback):
                     f"{type(self).__name__}: layer {name!r} gives shape {list(cap[name].shape)}, and {reader!r} "
                     "reads the last axis of a tensor of that shape: whether it is a channels-last [B, h, w, C] map "
                     "(a Swin or ConvNeXt stage at h == C) cannot be told, so it is read as [B, C, h, w]. If it is "
-                    "channels-last, say so before fit: lightning_viz.capture.read_as_map(model, "
-                    f"{{{name!r}: MapLayout('channels_last')}}) (None: as it is, and no warning).",
+                    "channels-last, say so before fit: lightning_viz.read_as_map(model, "
+                    f"{{{name!r}: lightning_viz.MapLayout('channels_last')}}) (None: as it is, and no warning).",
                     category=VisualizationWarning,
                 )
         return layouts
