@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
@@ -164,10 +164,13 @@ def _announce(trainer: Trainer, stage: str) -> None:
         return
     running = [cb for cb in cbs if _runs_under(cb, stage)]
     if not running:
-        rank_zero_info(
-            f"lightning-viz: the {len(cbs)} visualization callback(s) do not run under trainer.{stage} (they run "
-            "in fit, and under trainer.validate when run_on='validation_epoch_end')."
-        )
+        if trainer.is_global_zero:  # the lightning_viz logger, which users silence (not Lightning's)
+            _log.info(
+                "lightning-viz: the %d visualization callback(s) do not run under trainer.%s (they run in fit, and "
+                "under trainer.validate when run_on='validation_epoch_end').",
+                len(cbs),
+                stage,
+            )
         return
     label = {id(cb): cb._instance() for cb in running}
     names = ", ".join(label[id(cb)] + (f" ({_schedule_words(cb)})" if stage == "fit" else "") for cb in running)
@@ -182,7 +185,8 @@ def _announce(trainer: Trainer, stage: str) -> None:
             for cbs in groups.values()
         )
     under = "" if stage == "fit" else f" under trainer.{stage}"
-    rank_zero_info(f"lightning-viz: {len(running)} visualization callback(s){under}: {names}; {where}")
+    if trainer.is_global_zero:
+        _log.info("lightning-viz: %d visualization callback(s)%s: %s; %s", len(running), under, names, where)
 
 
 #: per trainer: the point being summed up ((step, where)) and (callback label, seconds) of each run there
