@@ -4,9 +4,14 @@ silences them), warnings once, progress on long work. Real ``Trainer.fit`` runs,
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
+import torch
 from helpers import InputGradMap, LitTiny, tiny_loaders, tiny_trainer
+
+from lightning_viz.callbacks.cam import CAMCallback
+from lightning_viz.callbacks.gradients import GradientCallback
 
 
 class _Tested(LitTiny):
@@ -46,3 +51,27 @@ def test_the_readme_line_silences_every_info_line_start_up_included(tmp_path, ca
         trainer.test(model, val, verbose=False)
     assert [r.getMessage() for r in caplog.records if "lightning-viz" in r.getMessage()] == []
     assert any(r.name.startswith("lightning.pytorch") for r in caplog.records)  # Lightning's own lines still show
+
+
+class _Noisy(LitTiny):
+    def training_step(self, batch, batch_idx):
+        warnings.warn("the model's own note", UserWarning, stacklevel=1)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_a_warning_of_the_users_model_prints_once_with_the_callbacks_attached(tmp_path, deterministic):
+    """Python shows a warning once per place; attaching the callbacks keeps it so. Was: every run changed the warning
+    filters (``catch_warnings`` for torch's backward-hook note; for ``deterministic=True`` its op warnings), which
+    resets Python's memory of the warnings shown, so the model's own warning (and Lightning's) printed again after
+    every epoch's visualizations."""
+    callbacks = [GradientCallback(num_probes=2), CAMCallback(num_probes=2)]
+    trainer = tiny_trainer(str(tmp_path), callbacks, max_epochs=3, limit_train_batches=2, deterministic=deterministic)
+    try:
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("default")  # Python's own default for a UserWarning: once per place
+            trainer.fit(_Noisy(), *tiny_loaders(n=12, batch_size=6))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [str(w.message) for w in shown].count("the model's own note") == 1
+    assert [cb.last_logged_tags is not None for cb in callbacks] == [True, True]
