@@ -16,12 +16,19 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
-from typing import Optional, TextIO
+from typing import Any, Optional, TextIO
 
-__all__ = ["logger", "reporting", "interruptible", "progress", "PROGRESS_EVERY_S"]
+__all__ = ["logger", "reporting", "interruptible", "progress", "warnings_above_bars", "PROGRESS_EVERY_S"]
+
+
+def _tqdm_bars() -> Any:
+    """tqdm's module while it shows progress bars (Lightning's ``TQDMProgressBar``), else ``None``."""
+    std = sys.modules.get("tqdm.std")  # imported only where tqdm is in use
+    return std if getattr(getattr(std, "tqdm", None), "_instances", None) else None
 
 
 class _BarAwareHandler(logging.StreamHandler):
@@ -47,9 +54,8 @@ class _BarAwareHandler(logging.StreamHandler):
         self._stream = value
 
     def emit(self, record: logging.LogRecord) -> None:
-        std = sys.modules.get("tqdm.std")  # imported only where tqdm is in use
-        bars = getattr(getattr(std, "tqdm", None), "_instances", None)
-        if std is None or not bars:
+        std = _tqdm_bars()
+        if std is None:
             super().emit(record)
             return
         try:
@@ -63,6 +69,35 @@ if not logging.getLogger().hasHandlers() and not logger.handlers:
     logger.setLevel(logging.INFO)
     logger.addHandler(_BarAwareHandler())
     logger.propagate = False
+
+
+@contextmanager
+def warnings_above_bars() -> Iterator[None]:
+    """Inside the block (a callback's run), a warning shown while tqdm bars are up prints through ``tqdm.write``, on a
+    line of its own above the bars, as the log lines do. Python prints warnings straight to ``sys.stderr``, which glued
+    them to the end of the bar (``Epoch 1: 100%|...| 6/6 [00:04<00:00]/path/base.py:647: GradientCallback: ...``).
+    Warnings recorded (``catch_warnings(record=True)``: its log list), sent to a file or to a ``showwarning`` of the
+    program's own are left as they are."""
+    show = warnings.showwarning
+
+    def above(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        std = _tqdm_bars()
+        recorded = isinstance(getattr(getattr(warnings, "_showwarnmsg_impl", None), "__self__", None), list)
+        own = show is not getattr(warnings, "_showwarning_orig", None)  # a showwarning of the program's own
+        if std is None or file is not None or own or recorded:
+            show(message, category, filename, lineno, file, line)
+            return
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        with suppress(OSError):  # as Python's own showwarning: a closed stream loses the warning, not the run
+            std.tqdm.write(text.rstrip("\n"), file=sys.stderr)
+
+    warnings.showwarning = above
+    try:
+        yield
+    finally:
+        if warnings.showwarning is above:
+            warnings.showwarning = show
+
 
 #: Seconds between two progress lines of one run.
 PROGRESS_EVERY_S = 5.0

@@ -3,12 +3,18 @@ silences them), warnings once, progress on long work. Real ``Trainer.fit`` runs,
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
+import sys
 import warnings
 
+import lightning as L
 import pytest
 import torch
 from helpers import InputGradMap, LitTiny, tiny_loaders, tiny_trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.callbacks.gradients import GradientCallback
@@ -75,3 +81,36 @@ def test_a_warning_of_the_users_model_prints_once_with_the_callbacks_attached(tm
         torch.use_deterministic_algorithms(False)
     assert [str(w.message) for w in shown].count("the model's own note") == 1
     assert [cb.last_logged_tags is not None for cb in callbacks] == [True, True]
+
+
+class _Diverged(LitTiny):
+    def on_train_epoch_end(self):
+        with torch.no_grad():
+            self.net.fc.weight.fill_(float("nan"))
+
+
+def test_a_warning_during_a_run_prints_above_the_tqdm_bar(tmp_path, monkeypatch):
+    """Lightning's ``TQDMProgressBar`` on the terminal, warnings shown as Python shows them (no recorder). Was: a
+    warning of a run went straight to ``sys.stderr`` and was glued to the end of the bar
+    (``Epoch 0: 100%|...| 2/2 [00:00<00:00]/.../base.py:647: InputGradMap: the inputgrad/input maps ...``)."""
+    monkeypatch.setattr(warnings, "showwarning", warnings._showwarning_orig)  # as outside pytest's recorder
+    monkeypatch.setattr(warnings, "_showwarnmsg_impl", lambda msg: sys.stderr.write(warnings._formatwarnmsg(msg)))
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[InputGradMap(num_probes=2), TQDMProgressBar()],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    screen = io.StringIO()  # the terminal: the bar (stdout) and the warnings (stderr) on one screen
+    with contextlib.redirect_stdout(screen), contextlib.redirect_stderr(screen), warnings.catch_warnings():
+        warnings.simplefilter("default")
+        trainer.fit(_Diverged(), *tiny_loaders(n=12, batch_size=6))
+    out = screen.getvalue()
+    assert "Epoch 1: 100%" in out
+    (line,) = [ln for ln in re.split(r"[\r\n]", out) if "non-finite values" in ln]
+    assert "Epoch" not in line and "InputGradMap: the inputgrad/input maps contain non-finite values" in line

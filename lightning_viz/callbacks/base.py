@@ -65,7 +65,7 @@ from ..probe import (
     probe_bank_put,
     read_item,
 )
-from ..progress import interruptible, reporting
+from ..progress import interruptible, reporting, warnings_above_bars
 from ..progress import logger as _log
 from ..targets import (
     ClassTarget,
@@ -1028,7 +1028,10 @@ class VisualizationCallback(Callback):
         self._defer_writes = self in cbs and any(_runs_at(c, trainer, where) for c in cbs[cbs.index(self) + 1 :])
         self._run_step = None
         try:
-            with interruptible(functools.partial(_stop_on_sigterm, self, trainer)):  # a long loop stops at a SIGTERM
+            with (
+                interruptible(functools.partial(_stop_on_sigterm, self, trainer)),  # a long loop stops at a SIGTERM
+                warnings_above_bars(),  # not glued to a tqdm bar
+            ):
                 if scheduled:
                     self.run(trainer, pl_module, step=step, scheduled=True)
                 else:  # the plain call, as subclasses overriding run(trainer, pl_module) expect
