@@ -45,7 +45,7 @@ def test_the_readme_line_silences_every_info_line_start_up_included(tmp_path, ca
         trainer.test(model, val, verbose=False)
     ours = [(r.name, r.getMessage()) for r in caplog.records if r.getMessage().startswith("lightning-viz")]
     assert [m.split(":")[0] for _, m in ours] == ["lightning-viz", "lightning-viz epoch 0", "lightning-viz"]
-    assert ours[0][1].startswith("lightning-viz: 1 visualization callback(s): inputgrad (every 1); writing to ")
+    assert ours[0][1].startswith("lightning-viz: 1 visualization callback(s) (every epoch): inputgrad; writing to ")
     assert ours[2][1].startswith("lightning-viz: the 1 visualization callback(s) do not run under trainer.test ")
     assert {name for name, _ in ours} == {"lightning_viz"}
 
@@ -114,3 +114,20 @@ def test_a_warning_during_a_run_prints_above_the_tqdm_bar(tmp_path, monkeypatch)
     assert "Epoch 1: 100%" in out
     (line,) = [ln for ln in re.split(r"[\r\n]", out) if "non-finite values" in ln]
     assert "Epoch" not in line and "InputGradMap: the inputgrad/input maps contain non-finite values" in line
+
+
+def test_the_start_up_line_says_each_schedule_in_words_once(tmp_path, caplog):
+    """Was: ``gradients (every 1), cam (every 1), ...`` after each of the demo's 11 callbacks ("every 1" what?)."""
+    trainer = tiny_trainer(
+        str(tmp_path),
+        [GradientCallback(num_probes=2, every_n_epochs=2, run_at_start=True), CAMCallback(num_probes=2)],
+        max_epochs=1,
+        limit_train_batches=1,
+    )
+    with caplog.at_level(logging.INFO):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning-viz: ")]
+    assert line.startswith(
+        "lightning-viz: 2 visualization callback(s): gradients (every 2 epochs, and before training), "
+        "cam (every epoch); writing to TensorBoard at "
+    )

@@ -173,7 +173,11 @@ def _announce(trainer: Trainer, stage: str) -> None:
             )
         return
     label = {id(cb): cb._instance() for cb in running}
-    names = ", ".join(label[id(cb)] + (f" ({_schedule_words(cb)})" if stage == "fit" else "") for cb in running)
+    schedules = {_schedule_words(cb) for cb in running} if stage == "fit" else set()
+    if len(schedules) == 1:  # one schedule for all, said once: "(every epoch): gradients, cam"
+        names = f" ({schedules.pop()}): " + ", ".join(label[id(cb)] for cb in running)
+    else:
+        names = ": " + ", ".join(label[id(cb)] + (f" ({_schedule_words(cb)})" if schedules else "") for cb in running)
     where = ""
     if trainer.is_global_zero:  # where each callback writes: once when all write alike, else per group (loggers=[...])
         groups: dict[tuple[str, ...], list[VisualizationCallback]] = {}
@@ -186,7 +190,7 @@ def _announce(trainer: Trainer, stage: str) -> None:
         )
     under = "" if stage == "fit" else f" under trainer.{stage}"
     if trainer.is_global_zero:
-        _log.info("lightning-viz: %d visualization callback(s)%s: %s; %s", len(running), under, names, where)
+        _log.info("lightning-viz: %d visualization callback(s)%s%s; %s", len(running), under, names, where)
 
 
 #: per trainer: the point being summed up ((step, where)) and (callback label, seconds) of each run there
@@ -238,7 +242,9 @@ def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where:
 
 
 def _schedule_words(cb: VisualizationCallback) -> str:
-    every = f"every {cb.every_n_epochs}" if cb.every_n_epochs else "epoch ends off"
+    """When ``cb`` runs in a fit: ``"every epoch"``, ``"every 2 epochs, and before training"``, ..."""
+    n = cb.every_n_epochs
+    every = ("every epoch" if n == 1 else f"every {n} epochs") if n else "epoch ends off"
     return every + (", and before training" if cb.run_at_start else "")
 
 
