@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
+import subprocess
 import sys
 import warnings
 
@@ -131,3 +133,17 @@ def test_the_start_up_line_says_each_schedule_in_words_once(tmp_path, caplog):
         "lightning-viz: 2 visualization callback(s): gradients (every 2 epochs, and before training), "
         "cam (every epoch); writing to TensorBoard at "
     )
+
+
+def test_a_deprecated_option_warns_on_rank_zero_only():
+    """DDP (``strategy="ddp"``) runs the script again for each other rank, with ``LOCAL_RANK`` set, which builds the
+    callbacks again. Was: every rank printed the deprecation, the same line once per rank."""
+    from lightning_viz.callbacks._options import VizDeprecationWarning
+    from lightning_viz.callbacks.embeddings import EmbeddingCallback
+
+    with pytest.warns(VizDeprecationWarning, match="option 'batch_size' is deprecated"):
+        EmbeddingCallback(batch_size=8)
+    code = "from lightning_viz.callbacks.embeddings import EmbeddingCallback; EmbeddingCallback(batch_size=8)"
+    env = {**os.environ, "LOCAL_RANK": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert "deprecated" not in proc.stderr, proc.stderr
