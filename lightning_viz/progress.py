@@ -109,6 +109,7 @@ class _Run:
         self.start = self.last = time.perf_counter()
         self.loop: Optional[tuple[str, int]] = None  # (what, total) of the loop reporting now
         self.loop_start, self.loop_done = self.start, 0  # its first report: when, and how much was done then
+        self.loop_last = 0  # how much it had done at its latest call
 
 
 _current: ContextVar[Optional[_Run]] = ContextVar("lightning_viz_progress", default=None)
@@ -149,8 +150,9 @@ def progress(done: int, total: int, what: str = "steps") -> None:
     if run is None:
         return
     now = time.perf_counter()
-    if run.loop != (what, total) or done < run.loop_done:  # another loop (or the same one again): its rate anew
+    if run.loop != (what, total) or done < run.loop_last:  # another loop (or the same one again): its rate anew
         run.loop, run.loop_start, run.loop_done = (what, total), now, done
+    run.loop_last = done
     if now - run.last < run.every_s:
         return
     run.last = now

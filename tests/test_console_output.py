@@ -147,3 +147,26 @@ def test_a_deprecated_option_warns_on_rank_zero_only():
     env = {**os.environ, "LOCAL_RANK": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert "deprecated" not in proc.stderr, proc.stderr
+
+
+def test_the_same_loop_again_from_zero_starts_its_rate_anew(caplog, monkeypatch):
+    """A run can go through the same loop twice (Score-CAM's masked images, then again on the randomized model of the
+    tracker's sanity check). Was: the second pass, starting at 0 like the first, counted as the same loop, so its rate
+    ran from the first pass's start: ``17/512 masked images (218 s, ~6047 s left)`` where ~180 s were left."""
+    from lightning_viz import progress as progress_module
+
+    clock = iter([0.0, 10.0, 20.0, 30.0, 40.0, 50.0])
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(progress_module.logger, "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    with progress_module.reporting("cam", every_s=0.0):  # run start: 0 s
+        progress_module.progress(0, 20, "masked images")  # 10 s: the first pass's first report
+        progress_module.progress(10, 20, "masked images")  # 20 s: 10 in 10 s
+        progress_module.progress(20, 20, "masked images")  # 30 s: done
+        progress_module.progress(0, 20, "masked images")  # 40 s: the second pass
+        progress_module.progress(10, 20, "masked images")  # 50 s: 10 in 10 s again, 10 left
+    msgs = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    assert msgs[-2:] == [
+        "lightning-viz cam: 0/20 masked images (40 s)",
+        "lightning-viz cam: 10/20 masked images (50 s, ~10 s left)",
+    ]
