@@ -22,7 +22,15 @@ from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from typing import Any, Optional, TextIO
 
-__all__ = ["logger", "reporting", "interruptible", "progress", "warnings_above_bars", "PROGRESS_EVERY_S"]
+__all__ = [
+    "logger",
+    "reporting",
+    "reporting_part",
+    "interruptible",
+    "progress",
+    "warnings_above_bars",
+    "PROGRESS_EVERY_S",
+]
 
 
 def _tqdm_bars() -> Any:
@@ -126,6 +134,22 @@ def reporting(label: Optional[str], every_s: Optional[float] = None) -> Iterator
         yield
     finally:
         _current.reset(token)
+
+
+@contextmanager
+def reporting_part(name: str) -> Iterator[None]:
+    """Inside the block, progress lines name this part of the run, e.g. the maps computed again on a randomized model:
+    ``lightning-viz cam (sanity check): 17/512 masked images``, not a second ``cam: 0/512`` out of nowhere."""
+    run = _current.get()
+    if run is None:
+        yield
+        return
+    label = run.label
+    run.label = f"{label} ({name})"
+    try:
+        yield
+    finally:
+        run.label = label
 
 
 @contextmanager

@@ -170,3 +170,23 @@ def test_the_same_loop_again_from_zero_starts_its_rate_anew(caplog, monkeypatch)
         "lightning-viz cam: 0/20 masked images (40 s)",
         "lightning-viz cam: 10/20 masked images (50 s, ~10 s left)",
     ]
+
+
+def test_the_sanity_checks_second_pass_says_so_in_its_progress_lines(tmp_path, caplog, monkeypatch):
+    """``MapTracker(sanity_check=True)`` computes the maps again on a randomized model. Was: its Score-CAM pass logged
+    ``lightning-viz cam: 0/512 masked images`` right after the first pass's ``510/512``, as if it started over."""
+    from lightning_viz import progress as progress_module
+    from lightning_viz.tracking import MapTracker
+
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)  # every chunk: a line
+    monkeypatch.setattr(progress_module.logger, "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    tracker = MapTracker(sanity_check=True, filmstrip=False, drift=False)
+    cb = CAMCallback(methods=["scorecam"], layers=["net.conv2"], num_probes=2, chunk_size=4, tracker=tracker)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1, limit_train_batches=1).fit(LitTiny(), *tiny_loaders(n=12))
+    lines = [r.getMessage() for r in caplog.records if "masked images" in r.getMessage()]
+    labels = [m.split(":")[0] for m in lines]
+    first = labels.index("lightning-viz cam (sanity check)")
+    assert first > 0 and set(labels[:first]) == {"lightning-viz cam"}
+    assert set(labels[first:]) == {"lightning-viz cam (sanity check)"}
+    assert lines[first].startswith("lightning-viz cam (sanity check): 0/8 masked images")
