@@ -190,3 +190,22 @@ def test_the_sanity_checks_second_pass_says_so_in_its_progress_lines(tmp_path, c
     assert first > 0 and set(labels[:first]) == {"lightning-viz cam"}
     assert set(labels[first:]) == {"lightning-viz cam (sanity check)"}
     assert lines[first].startswith("lightning-viz cam (sanity check): 0/8 masked images")
+
+
+class _Failing(InputGradMap):
+    def compute_maps(self, pl_module, probe):
+        raise RuntimeError("shape mismatch in my layer")
+
+
+def test_the_epoch_line_says_which_run_failed_under_on_error_warn(tmp_path, caplog):
+    """``on_error="warn"``: Python shows the same warning once, so a callback failing every epoch warns at the first
+    only. Was: the later epochs' lines read ``inputgrad 0.00 s`` as if it had run; now ``inputgrad failed 0.00 s``."""
+    cbs = [_Failing(num_probes=2, on_error="warn"), InputGradMap(num_probes=2, name="ok")]
+    trainer = tiny_trainer(str(tmp_path), cbs, max_epochs=2, limit_train_batches=1)
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="shape mismatch in my layer"):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning-viz epoch")]
+    assert len(lines) == 2
+    for line in lines:
+        parts = line.split(" (", 1)[1].rstrip(")").split(", ")
+        assert sorted(p.rsplit(" ", 2)[0] for p in parts) == ["inputgrad failed", "inputgrad[ok]"], line

@@ -225,8 +225,8 @@ def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where:
     if _epoch_runs.get(trainer, (None,))[0] != (step, where):  # a new point (or one cut short by an error)
         _epoch_runs[trainer] = ((step, where), [])
     runs = _epoch_runs[trainer][1]
-    if cb.epoch_summary:
-        runs.append((cb._instance(), seconds))
+    if cb.epoch_summary:  # a run that failed under on_error="warn" says so: its warning is shown only once
+        runs.append((cb._instance() + (" failed" if getattr(cb, "_run_failed", False) else ""), seconds))
     cbs = _viz_callbacks(trainer)
     if any(_runs_at(c, trainer, where) for c in cbs[cbs.index(cb) + 1 :]):
         return
@@ -1032,7 +1032,7 @@ class VisualizationCallback(Callback):
         # a later callback runs at this point too: this run's background image writes need not be waited for (the
         # last run waits for all of them), so they overlap the later callbacks' computations
         self._defer_writes = self in cbs and any(_runs_at(c, trainer, where) for c in cbs[cbs.index(self) + 1 :])
-        self._run_step = None
+        self._run_step, self._run_failed = None, False
         try:
             with (
                 interruptible(functools.partial(_stop_on_sigterm, self, trainer)),  # a long loop stops at a SIGTERM
@@ -1397,6 +1397,7 @@ class VisualizationCallback(Callback):
         "raise") or warn and let training go on (``"warn"``)."""
         if self.on_error == "warn" and not force:
             rank_zero_warn(f"{error} (on_error='warn': training goes on)", category=VisualizationWarning)
+            self._run_failed = True  # the epoch's line says so
             return None
         if cause is not None:
             raise error from cause
