@@ -274,6 +274,13 @@ class NondeterministicOpWarning(UserWarning):
 
 _NO_DETERMINISTIC = " does not have a deterministic implementation"
 _warned_ops: set[str] = set()
+#: the "shown once" memory of the warnings :func:`deterministic_warn_only` passes on (else shown at every run)
+_passed_on: dict[Any, Any] = {}
+
+
+def _off_rank_zero() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 _FULL_BACKWARD_HOOK_NOTE = "Full backward hook is firing when gradients are computed with respect to module outputs"
@@ -348,12 +355,14 @@ def deterministic_warn_only() -> Iterator[None]:
         torch.use_deterministic_algorithms(True)
         for w in caught:
             text = str(w.message)
-            if _NO_DETERMINISTIC not in text:  # not ours to rephrase: as it came
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            if _NO_DETERMINISTIC not in text:  # not ours to rephrase: as it came, once per place as Python shows it
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=_passed_on)
                 continue
             op = text.split(_NO_DETERMINISTIC)[0].strip()
             if op not in _warned_ops:
                 _warned_ops.add(op)
+                if _off_rank_zero():  # every DDP rank runs the op: one line, rank 0's
+                    continue
                 warnings.warn(
                     f"lightning-viz: a visualization ran {op}, which has no deterministic implementation, under "
                     "deterministic=True (torch.use_deterministic_algorithms). It ran anyway: training does not run "

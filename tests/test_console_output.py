@@ -21,6 +21,10 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning_viz.callbacks.cam import CAMCallback
 from lightning_viz.callbacks.gradients import GradientCallback
 
+#: the child processes import this checkout's lightning_viz (not an installed one)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([_ROOT, os.environ.get("PYTHONPATH", "")])}
+
 
 class _Tested(LitTiny):
     def test_step(self, batch, batch_idx):
@@ -144,7 +148,7 @@ def test_a_deprecated_option_warns_on_rank_zero_only():
     with pytest.warns(VizDeprecationWarning, match="option 'batch_size' is deprecated"):
         EmbeddingCallback(batch_size=8)
     code = "from lightning_viz.callbacks.embeddings import EmbeddingCallback; EmbeddingCallback(batch_size=8)"
-    env = {**os.environ, "LOCAL_RANK": "1"}
+    env = {**_ENV, "LOCAL_RANK": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert "deprecated" not in proc.stderr, proc.stderr
 
@@ -209,3 +213,55 @@ def test_the_epoch_line_says_which_run_failed_under_on_error_warn(tmp_path, capl
     for line in lines:
         parts = line.split(" (", 1)[1].rstrip(")").split(", ")
         assert sorted(p.rsplit(" ", 2)[0] for p in parts) == ["inputgrad failed", "inputgrad[ok]"], line
+
+
+_TWO_RANKS = """
+import os, sys, warnings, torch, torch.distributed as dist, torch.multiprocessing as mp
+
+def work(rank, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    from lightning_viz.capture import deterministic_warn_only
+
+    torch.use_deterministic_algorithms(True)
+    with deterministic_warn_only():  # what a visualization meets on each rank (on the GPU: e.g. a bilinear backward)
+        warnings.warn("foo_backward_cuda does not have a deterministic implementation, but you set ...")
+    dist.barrier()
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(work, args=(int(sys.argv[1]),), nprocs=2)
+"""
+
+
+def test_a_nondeterministic_op_is_warned_once_under_ddp_not_per_rank(tmp_path):
+    """``deterministic=True`` on two ranks: every rank runs the visualization's op. Was: each rank printed the same
+    ``NondeterministicOpWarning``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(port)], capture_output=True, text=True, check=True, timeout=120, env=_ENV
+    )
+    assert proc.stderr.count("lightning-viz: a visualization ran foo_backward_cuda") == 1, proc.stderr
+
+
+def test_a_warning_passed_on_under_deterministic_mode_shows_once(monkeypatch):
+    """``deterministic=True``: the warnings a visualization meets are caught (to rephrase torch's op warnings) and the
+    others passed on. Was: passed on without Python's memory of those shown, so the model's own warning in its
+    forward printed at every run."""
+    from lightning_viz.capture import deterministic_warn_only
+
+    try:
+        torch.use_deterministic_algorithms(True)
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("default")
+            for _ in range(3):  # three epochs' runs
+                with deterministic_warn_only():
+                    warnings.warn("the model's forward note", UserWarning, stacklevel=1)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [str(w.message) for w in shown] == ["the model's forward note"]
