@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import random
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -286,53 +287,47 @@ def _off_rank_zero() -> bool:
 _FULL_BACKWARD_HOOK_NOTE = "Full backward hook is firing when gradients are computed with respect to module outputs"
 
 
-def _has_full_backward_hooks(model: nn.Module) -> bool:
-    """Whether a full backward hook (``register_full_backward_hook``, on a module of ``model`` or global) may fire."""
-    from torch.nn.modules import module as _module
-
-    if _module._global_backward_hooks and _module._global_is_full_backward_hook:
-        return True
-    return any(m._backward_hooks and m._is_full_backward_hook for m in model.modules())
+@contextlib.contextmanager
+def _filter_first(entry: tuple[Any, ...]) -> Iterator[None]:
+    """``entry`` first among Python's warning filters inside the block, put in the list in place: a change through
+    ``warnings.filterwarnings`` or ``catch_warnings`` resets Python's "shown once" memory of every warning, so the
+    user's own warnings (and Lightning's) printed again after every visualization run."""
+    filters: list[Any] = warnings.filters  # type: ignore[assignment]  # the list the C module reads
+    filters.insert(0, entry)
+    try:
+        yield
+    finally:
+        for i, f in enumerate(filters):
+            if f is entry:
+                del filters[i]
+                break
 
 
 @contextlib.contextmanager
-def user_backward_hooks_quiet(model: nn.Module | None = None) -> Iterator[None]:
+def user_backward_hooks_quiet() -> Iterator[None]:
     """Inside the block, silence torch's note that a user's ``register_full_backward_hook`` fires "with respect to
     module outputs since no inputs require gradients": a visualization freezes the parameters and differentiates
     w.r.t. activations, so a hooked layer's inputs need no gradient there, never in training. The user's hook still
-    runs; other warnings pass. Given a ``model`` without such hooks it does nothing: changing the warning filters
-    resets Python's "shown once" memory of every warning, so the user's own warnings (and Lightning's) would print
-    again after every visualization run."""
-    if model is not None and not _has_full_backward_hooks(model):
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_FULL_BACKWARD_HOOK_NOTE, category=UserWarning)
+    runs; other warnings pass (an ignored warning leaves Python's memory of those shown as it was)."""
+    with _filter_first(("ignore", re.compile(re.escape(_FULL_BACKWARD_HOOK_NOTE), re.I), UserWarning, None, 0)):
         yield
 
 
 @contextlib.contextmanager
 def _recorded(caught: list[warnings.WarningMessage]) -> Iterator[None]:
     """Every warning inside the block appended to ``caught``, not shown: ``catch_warnings(record=True)`` with
-    ``simplefilter("always")``, minus their side effect: a change of the warning filters resets Python's "shown once"
-    memory of every warning, so the user's own warnings (and Lightning's) printed again after every run."""
-    entry = ("always", None, Warning, None, 0)
-    filters: list[Any] = warnings.filters  # type: ignore[assignment]  # the list the C module reads, edited in place
+    ``simplefilter("always")`` (no "shown once" memory kept), without resetting that memory (:func:`_filter_first`)."""
     show = warnings.showwarning
 
     def keep(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
         caught.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
 
-    filters.insert(0, entry)  # no warnings.simplefilter: it calls _filters_mutated(), which resets every registry
-    warnings.showwarning = keep
-    try:
-        yield
-    finally:
-        warnings.showwarning = show
-        for i, f in enumerate(filters):
-            if f is entry:
-                del filters[i]
-                break
+    with _filter_first(("always", None, Warning, None, 0)):
+        warnings.showwarning = keep
+        try:
+            yield
+        finally:
+            warnings.showwarning = show
 
 
 @contextlib.contextmanager
@@ -417,7 +412,7 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(attributes_kept(model))  # first in, last out: after eval_mode restored the modes
         stack.enter_context(deterministic_warn_only())
-        stack.enter_context(user_backward_hooks_quiet(model))
+        stack.enter_context(user_backward_hooks_quiet())
         stack.enter_context(fork_rng())
         stack.enter_context(grad_enabled())
         stack.enter_context(_autocast_off(model))

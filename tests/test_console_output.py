@@ -71,18 +71,21 @@ class _Noisy(LitTiny):
         return super().training_step(batch, batch_idx)
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_a_warning_of_the_users_model_prints_once_with_the_callbacks_attached(tmp_path, deterministic):
+@pytest.mark.parametrize("deterministic, hooked", [(False, False), (True, False), (False, True)])
+def test_a_warning_of_the_users_model_prints_once_with_the_callbacks_attached(tmp_path, deterministic, hooked):
     """Python shows a warning once per place; attaching the callbacks keeps it so. Was: every run changed the warning
     filters (``catch_warnings`` for torch's backward-hook note; for ``deterministic=True`` its op warnings), which
     resets Python's memory of the warnings shown, so the model's own warning (and Lightning's) printed again after
     every epoch's visualizations."""
     callbacks = [GradientCallback(num_probes=2), CAMCallback(num_probes=2)]
     trainer = tiny_trainer(str(tmp_path), callbacks, max_epochs=3, limit_train_batches=2, deterministic=deterministic)
+    model = _Noisy()
+    if hooked:  # a user's full backward hook: torch's note about it is silenced inside a visualization
+        model.net.conv2.register_full_backward_hook(lambda m, grad_in, grad_out: None)
     try:
         with warnings.catch_warnings(record=True) as shown:
             warnings.simplefilter("default")  # Python's own default for a UserWarning: once per place
-            trainer.fit(_Noisy(), *tiny_loaders(n=12, batch_size=6))
+            trainer.fit(model, *tiny_loaders(n=12, batch_size=6))
     finally:
         torch.use_deterministic_algorithms(False)
     assert [str(w.message) for w in shown].count("the model's own note") == 1
