@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import random
+import re
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -327,9 +328,32 @@ class NondeterministicOpWarning(UserWarning):
 
 _NO_DETERMINISTIC = " does not have a deterministic implementation"
 _warned_ops: set[str] = set()
+#: the "shown once" memory of the warnings :func:`deterministic_warn_only` passes on (else shown at every run)
+_passed_on: dict[Any, Any] = {}
+
+
+def _off_rank_zero() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 _FULL_BACKWARD_HOOK_NOTE = "Full backward hook is firing when gradients are computed with respect to module outputs"
+
+
+@contextlib.contextmanager
+def _filter_first(entry: tuple[Any, ...]) -> Iterator[None]:
+    """``entry`` first among Python's warning filters inside the block, put in the list in place: a change through
+    ``warnings.filterwarnings`` or ``catch_warnings`` resets Python's "shown once" memory of every warning, so the
+    user's own warnings (and Lightning's) printed again after every visualization run."""
+    filters: list[Any] = warnings.filters  # type: ignore[assignment]  # the list the C module reads
+    filters.insert(0, entry)
+    try:
+        yield
+    finally:
+        for i, f in enumerate(filters):
+            if f is entry:
+                del filters[i]
+                break
 
 
 @contextlib.contextmanager
@@ -337,10 +361,26 @@ def user_backward_hooks_quiet() -> Iterator[None]:
     """Inside the block, silence torch's note that a user's ``register_full_backward_hook`` fires "with respect to
     module outputs since no inputs require gradients": a visualization freezes the parameters and differentiates
     w.r.t. activations, so a hooked layer's inputs need no gradient there, never in training. The user's hook still
-    runs; other warnings pass."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_FULL_BACKWARD_HOOK_NOTE, category=UserWarning)
+    runs; other warnings pass (an ignored warning leaves Python's memory of those shown as it was)."""
+    with _filter_first(("ignore", re.compile(re.escape(_FULL_BACKWARD_HOOK_NOTE), re.I), UserWarning, None, 0)):
         yield
+
+
+@contextlib.contextmanager
+def _recorded(caught: list[warnings.WarningMessage]) -> Iterator[None]:
+    """Every warning inside the block appended to ``caught``, not shown: ``catch_warnings(record=True)`` with
+    ``simplefilter("always")`` (no "shown once" memory kept), without resetting that memory (:func:`_filter_first`)."""
+    show = warnings.showwarning
+
+    def keep(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        caught.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+
+    with _filter_first(("always", None, Warning, None, 0)):
+        warnings.showwarning = keep
+        try:
+            yield
+        finally:
+            warnings.showwarning = show
 
 
 @contextlib.contextmanager
@@ -357,19 +397,20 @@ def deterministic_warn_only() -> Iterator[None]:
     torch.use_deterministic_algorithms(True, warn_only=True)
     caught: list[warnings.WarningMessage] = []
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _recorded(caught):
             yield
     finally:
         torch.use_deterministic_algorithms(True)
         for w in caught:
             text = str(w.message)
-            if _NO_DETERMINISTIC not in text:  # not ours to rephrase: as it came
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            if _NO_DETERMINISTIC not in text:  # not ours to rephrase: as it came, once per place as Python shows it
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=_passed_on)
                 continue
             op = text.split(_NO_DETERMINISTIC)[0].strip()
             if op not in _warned_ops:
                 _warned_ops.add(op)
+                if _off_rank_zero():  # every DDP rank runs the op: one line, rank 0's
+                    continue
                 warnings.warn(
                     f"lightning-viz: a visualization ran {op}, which has no deterministic implementation, under "
                     "deterministic=True (torch.use_deterministic_algorithms). It ran anyway: training does not run "

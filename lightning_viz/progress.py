@@ -16,12 +16,27 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
-from typing import Optional, TextIO
+from typing import Any, Optional, TextIO
 
-__all__ = ["logger", "reporting", "interruptible", "progress", "PROGRESS_EVERY_S"]
+__all__ = [
+    "logger",
+    "reporting",
+    "reporting_part",
+    "interruptible",
+    "progress",
+    "warnings_above_bars",
+    "PROGRESS_EVERY_S",
+]
+
+
+def _tqdm_bars() -> Any:
+    """tqdm's module while it shows progress bars (Lightning's ``TQDMProgressBar``), else ``None``."""
+    std = sys.modules.get("tqdm.std")  # imported only where tqdm is in use
+    return std if getattr(getattr(std, "tqdm", None), "_instances", None) else None
 
 
 class _BarAwareHandler(logging.StreamHandler):
@@ -47,9 +62,8 @@ class _BarAwareHandler(logging.StreamHandler):
         self._stream = value
 
     def emit(self, record: logging.LogRecord) -> None:
-        std = sys.modules.get("tqdm.std")  # imported only where tqdm is in use
-        bars = getattr(getattr(std, "tqdm", None), "_instances", None)
-        if std is None or not bars:
+        std = _tqdm_bars()
+        if std is None:
             super().emit(record)
             return
         try:
@@ -64,6 +78,35 @@ if not logging.getLogger().hasHandlers() and not logger.handlers:
     logger.addHandler(_BarAwareHandler())
     logger.propagate = False
 
+
+@contextmanager
+def warnings_above_bars() -> Iterator[None]:
+    """Inside the block (a callback's run), a warning shown while tqdm bars are up prints through ``tqdm.write``, on a
+    line of its own above the bars, as the log lines do. Python prints warnings straight to ``sys.stderr``, which glued
+    them to the end of the bar (``Epoch 1: 100%|...| 6/6 [00:04<00:00]/path/base.py:647: GradientCallback: ...``).
+    Warnings recorded (``catch_warnings(record=True)``: its log list), sent to a file or to a ``showwarning`` of the
+    program's own are left as they are."""
+    show = warnings.showwarning
+
+    def above(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        std = _tqdm_bars()
+        recorded = isinstance(getattr(getattr(warnings, "_showwarnmsg_impl", None), "__self__", None), list)
+        own = show is not getattr(warnings, "_showwarning_orig", None)  # a showwarning of the program's own
+        if std is None or file is not None or own or recorded:
+            show(message, category, filename, lineno, file, line)
+            return
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        with suppress(OSError):  # as Python's own showwarning: a closed stream loses the warning, not the run
+            std.tqdm.write(text.rstrip("\n"), file=sys.stderr)
+
+    warnings.showwarning = above
+    try:
+        yield
+    finally:
+        if warnings.showwarning is above:
+            warnings.showwarning = show
+
+
 #: Seconds between two progress lines of one run.
 PROGRESS_EVERY_S = 5.0
 
@@ -74,6 +117,7 @@ class _Run:
         self.start = self.last = time.perf_counter()
         self.loop: Optional[tuple[str, int]] = None  # (what, total) of the loop reporting now
         self.loop_start, self.loop_done = self.start, 0  # its first report: when, and how much was done then
+        self.loop_last = 0  # how much it had done at its latest call
 
 
 _current: ContextVar[Optional[_Run]] = ContextVar("lightning_viz_progress", default=None)
@@ -90,6 +134,22 @@ def reporting(label: Optional[str], every_s: Optional[float] = None) -> Iterator
         yield
     finally:
         _current.reset(token)
+
+
+@contextmanager
+def reporting_part(name: str) -> Iterator[None]:
+    """Inside the block, progress lines name this part of the run, e.g. the maps computed again on a randomized model:
+    ``lightning-viz cam (sanity check): 17/512 masked images``, not a second ``cam: 0/512`` out of nowhere."""
+    run = _current.get()
+    if run is None:
+        yield
+        return
+    label = run.label
+    run.label = f"{label} ({name})"
+    try:
+        yield
+    finally:
+        run.label = label
 
 
 @contextmanager
@@ -114,8 +174,9 @@ def progress(done: int, total: int, what: str = "steps") -> None:
     if run is None:
         return
     now = time.perf_counter()
-    if run.loop != (what, total) or done < run.loop_done:  # another loop (or the same one again): its rate anew
+    if run.loop != (what, total) or done < run.loop_last:  # another loop (or the same one again): its rate anew
         run.loop, run.loop_start, run.loop_done = (what, total), now, done
+    run.loop_last = done
     if now - run.last < run.every_s:
         return
     run.last = now

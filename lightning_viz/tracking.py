@@ -46,6 +46,7 @@ from .methods.metrics import (
     topk_iou,
 )
 from .probe import ProbeSet
+from .progress import reporting_part
 from .render import (
     _shared_strip,
     class_name,
@@ -321,7 +322,8 @@ class MapTracker:
                     "MapTracker(sanity_check=True) needs the MapCallback to recompute maps; "
                     "attach it as MapCallback(tracker=...)."
                 )
-            rand_maps = self._randomized_maps(pl_module, probe, callback, out.get(PREFIX + "pred"))
+            with reporting_part("sanity check"):  # its progress lines say which maps these are
+                rand_maps = self._randomized_maps(pl_module, probe, callback, out.get(PREFIX + "pred"))
             signed = bool(getattr(callback, "signed", False))
             for key, m in maps.items():
                 if key in rand_maps:

@@ -79,7 +79,7 @@ def test_two_unnamed_callbacks_of_one_family_each_log_their_own_time_and_are_tol
     last = [float(r["viz-gradients/time_s_2"]) for r in rows if r.get("viz-gradients/time_s_2")][-1]
     assert last == pytest.approx(second.last_duration_s)  # the second's own seconds
     lines = [r.getMessage() for r in caplog.records]
-    assert any("gradients (every 1), gradients#2 (every 1), gradients[b] (every 1)" in ln for ln in lines), lines
+    assert any("callback(s) (every epoch): gradients, gradients#2, gradients[b]; " in ln for ln in lines), lines
     assert any(ln.startswith("lightning-viz epoch 1:") and "gradients#2 " in ln for ln in lines), lines
 
 
@@ -140,7 +140,7 @@ def test_startup_message_names_callbacks_and_tensorboard_command(tmp_path, caplo
         tiny_trainer(str(tmp_path), cbs, max_epochs=2, check_val_every_n_epoch=2).fit(LitTiny(), *tiny_loaders(n=12))
     msgs = [r.getMessage() for r in caplog.records if "lightning-viz:" in r.getMessage()]
     assert len(msgs) == 1, msgs
-    assert "gradients (every 2), cam (every 1, at validation ends);" in msgs[0]
+    assert "2 visualization callback(s): gradients (every 2 epochs), cam (every epoch, at validation ends);" in msgs[0]
     assert f"tensorboard --logdir {tmp_path}" in msgs[0]
 
 

@@ -493,7 +493,7 @@ def test_the_start_up_line_says_where_each_callback_writes(tmp_path, caplog):
     csv_at = f"CSV at {os.path.join(csvl.log_dir, 'metrics.csv')} (scalars only)"
     tb_at = [f"TensorBoard at {tb.log_dir} (view with: tensorboard --logdir {tmp_path} " for tb in (tb1, tb2)]
     head, per_callback = line.split("; ", 1)
-    assert head == "lightning-viz: 2 visualization callback(s): inputgrad[c] (every 1), inputgrad[e] (every 1)"
+    assert head == "lightning-viz: 2 visualization callback(s) (every epoch): inputgrad[c], inputgrad[e]"
     only, rest = per_callback.split("; ")
     assert only == f"inputgrad[c]: writing to {csv_at}"
     assert rest.startswith(f"inputgrad[e]: writing to {tb_at[0]}") and tb_at[1] in rest and rest.endswith(csv_at)

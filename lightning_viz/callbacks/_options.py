@@ -42,11 +42,14 @@ def renamed_option(owner: str, old: str, new: str, old_value: Any, new_value: An
     """
     if old_value is None:
         return new_value
-    warnings.warn(
-        f"{owner}: option {old!r} is deprecated and will be removed; use {new!r} instead ({new}={old_value!r})",
-        VizDeprecationWarning,
-        stacklevel=4,  # the caller of the callback's __init__ (wrapped by VisualizationCallback.__init_subclass__)
-    )
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:  # DDP builds the callbacks on every rank: one line, not one per rank
+        warnings.warn(
+            f"{owner}: option {old!r} is deprecated and will be removed; use {new!r} instead ({new}={old_value!r})",
+            VizDeprecationWarning,
+            stacklevel=4,  # the caller of the callback's __init__ (wrapped by VisualizationCallback.__init_subclass__)
+        )
     if new_value is not None and new_value != new_default and new_value != old_value:
         raise ValueError(
             f"{owner}: got both {new}={new_value!r} and its deprecated alias {old}={old_value!r}; use only {new!r}"

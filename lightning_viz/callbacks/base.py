@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
@@ -66,7 +66,7 @@ from ..probe import (
     probe_bank_put,
     read_item,
 )
-from ..progress import interruptible, reporting
+from ..progress import interruptible, reporting, warnings_above_bars
 from ..progress import logger as _log
 from ..targets import (
     ClassTarget,
@@ -165,13 +165,20 @@ def _announce(trainer: Trainer, stage: str) -> None:
         return
     running = [cb for cb in cbs if _runs_under(cb, stage)]
     if not running:
-        rank_zero_info(
-            f"lightning-viz: the {len(cbs)} visualization callback(s) do not run under trainer.{stage} (they run "
-            "in fit, and under trainer.validate when run_on='validation_epoch_end')."
-        )
+        if trainer.is_global_zero:  # the lightning_viz logger, which users silence (not Lightning's)
+            _log.info(
+                "lightning-viz: the %d visualization callback(s) do not run under trainer.%s (they run in fit, and "
+                "under trainer.validate when run_on='validation_epoch_end').",
+                len(cbs),
+                stage,
+            )
         return
     label = {id(cb): cb._instance() for cb in running}
-    names = ", ".join(label[id(cb)] + (f" ({_schedule_words(cb)})" if stage == "fit" else "") for cb in running)
+    schedules = {_schedule_words(cb) for cb in running} if stage == "fit" else set()
+    if len(schedules) == 1:  # one schedule for all, said once: "(every epoch): gradients, cam"
+        names = f" ({schedules.pop()}): " + ", ".join(label[id(cb)] for cb in running)
+    else:
+        names = ": " + ", ".join(label[id(cb)] + (f" ({_schedule_words(cb)})" if schedules else "") for cb in running)
     where = ""
     if trainer.is_global_zero:  # where each callback writes: once when all write alike, else per group (loggers=[...])
         groups: dict[tuple[str, ...], list[VisualizationCallback]] = {}
@@ -183,7 +190,8 @@ def _announce(trainer: Trainer, stage: str) -> None:
             for cbs in groups.values()
         )
     under = "" if stage == "fit" else f" under trainer.{stage}"
-    rank_zero_info(f"lightning-viz: {len(running)} visualization callback(s){under}: {names}; {where}")
+    if trainer.is_global_zero:
+        _log.info("lightning-viz: %d visualization callback(s)%s%s; %s", len(running), under, names, where)
 
 
 #: per trainer: the point being summed up ((step, where)) and (callback label, seconds) of each run there
@@ -218,8 +226,8 @@ def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where:
     if _epoch_runs.get(trainer, (None,))[0] != (step, where):  # a new point (or one cut short by an error)
         _epoch_runs[trainer] = ((step, where), [])
     runs = _epoch_runs[trainer][1]
-    if cb.epoch_summary:
-        runs.append((cb._instance(), seconds))
+    if cb.epoch_summary:  # a run that failed under on_error="warn" says so: its warning is shown only once
+        runs.append((cb._instance() + (" failed" if getattr(cb, "_run_failed", False) else ""), seconds))
     cbs = _viz_callbacks(trainer)
     if any(_runs_at(c, trainer, where) for c in cbs[cbs.index(cb) + 1 :]):
         return
@@ -238,8 +246,10 @@ def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where:
 
 
 def _schedule_words(cb: VisualizationCallback) -> str:
-    every = f"every {cb.every_n_epochs}" if cb.every_n_epochs else "epoch ends off"
-    if cb.every_n_epochs and cb.run_on == "validation_epoch_end":  # only epochs that validate (check_val_every_n_epoch)
+    """When ``cb`` runs in a fit: ``"every epoch"``, ``"every 2 epochs, at validation ends, and before training"``..."""
+    n = cb.every_n_epochs
+    every = ("every epoch" if n == 1 else f"every {n} epochs") if n else "epoch ends off"
+    if n and cb.run_on == "validation_epoch_end":  # only epochs that validate (check_val_every_n_epoch)
         every += ", at validation ends"
     return every + (", and before training" if cb.run_at_start else "")
 
@@ -672,7 +682,8 @@ class VisualizationCallback(Callback):
         read_as_map(model, dict(map_layouts(model, x, layers, unsure)), explicit=False)
         layouts = {n: lay for n in layers if (lay := layout_of(model, n)) is not None}
         for name, layout in layouts.items():
-            rank_zero_info(f"lightning-viz: {type(self).__name__}: {layout.describe(name)}")
+            if getattr(rank_zero_only, "rank", 0) == 0:  # the lightning_viz logger, as the start-up line
+                _log.info("lightning-viz: %s: %s", type(self).__name__, layout.describe(name))
         for name, reader in unsure.items():
             if not layout_set_explicitly(model, name):
                 with torch.no_grad(), capture(model, [name]) as cap:
@@ -1137,9 +1148,12 @@ class VisualizationCallback(Callback):
         # a later callback runs at this point too: this run's background image writes need not be waited for (the
         # last run waits for all of them), so they overlap the later callbacks' computations
         self._defer_writes = self in cbs and any(_runs_at(c, trainer, where) for c in cbs[cbs.index(self) + 1 :])
-        self._run_step = None
+        self._run_step, self._run_failed = None, False
         try:
-            with interruptible(functools.partial(_stop_on_sigterm, self, trainer)):  # a long loop stops at a SIGTERM
+            with (
+                interruptible(functools.partial(_stop_on_sigterm, self, trainer)),  # a long loop stops at a SIGTERM
+                warnings_above_bars(),  # not glued to a tqdm bar
+            ):
                 if scheduled:
                     self.run(trainer, pl_module, step=step, scheduled=True)
                 else:  # the plain call, as subclasses overriding run(trainer, pl_module) expect
@@ -1512,6 +1526,7 @@ class VisualizationCallback(Callback):
         "raise") or warn and let training go on (``"warn"``)."""
         if self.on_error == "warn" and not force:
             rank_zero_warn(f"{error} (on_error='warn': training goes on)", category=VisualizationWarning)
+            self._run_failed = True  # the epoch's line says so
             return None
         if cause is not None:
             raise error from cause
