@@ -303,3 +303,32 @@ def test_a_vit_block_after_the_last_attention_is_warned_about_at_setup(tmp_path)
             if warned
             else []
         )
+
+
+def test_the_layout_setup_line_goes_through_the_lightning_viz_logger(tmp_path, caplog):
+    """The setup line saying a Swin stage is read as a map goes through the ``lightning_viz`` logger, as the start-up
+    line does, so the README's ``setLevel(WARNING)`` silences it (was: Lightning's rank_zero_info logger)."""
+    import logging
+
+    from lightning_viz.callbacks.cam import CAMCallback
+
+    def fit(logdir):
+        cb = CAMCallback(layers="net.norm", num_probes=2)
+        trainer = tiny_trainer(logdir, [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+        trainer.fit(LitTiny(tiny_swin()), *tiny_loaders(n=4, size=32, batch_size=2))
+
+    def layout_lines():
+        return [r for r in caplog.records if "read as [B, C, h, w]" in r.getMessage()]
+
+    with caplog.at_level(logging.INFO):
+        fit(str(tmp_path / "a"))
+    assert [r.name for r in layout_lines()] == ["lightning_viz"]
+    assert "CAMCallback: 'net.norm'" in layout_lines()[0].getMessage()
+    caplog.clear()
+    logging.getLogger("lightning_viz").setLevel(logging.WARNING)
+    try:
+        with caplog.at_level(logging.INFO, logger="lightning"):
+            fit(str(tmp_path / "b"))
+    finally:
+        logging.getLogger("lightning_viz").setLevel(logging.NOTSET)
+    assert layout_lines() == []
