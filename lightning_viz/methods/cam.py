@@ -323,7 +323,9 @@ def ablationcam_weights(
     """Ablation-CAM weights ``[B, K]``: ``(y - y^k) / y`` with ``y`` the target score (``scores``, e.g. a
     pass's ``PassResult.scores``) and ``y^k`` the same score with channel ``k`` of ``layer``'s output
     zeroed (a forward hook); ``chunk_size`` ablated images per forward (``None``: as many as the default memory
-    budget holds, :func:`~lightning_viz.methods.batching.images_per_forward`); 0 where ``y = 0``."""
+    budget holds, :func:`~lightning_viz.methods.batching.images_per_forward`); 0 where ``y = 0``. What precedes
+    ``layer`` runs once per image and chunk (its output copied, one channel zeroed per copy) where that gives the
+    whole forwards' scores on the first two ablations, else every ablated image runs whole."""
     b, k = activations.shape[:2]
     tgt = resolve_target(target)
     if classes is None and not isinstance(tgt, CallableTarget):
@@ -332,19 +334,46 @@ def ablationcam_weights(
     out = torch.empty(b * k, device=x.device, dtype=torch.float64)
     img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
     channel = torch.arange(b * k, device=x.device) % k
-    for sl in chunks(b * k, chunk_size or images_per_forward(model, x)):
-        progress(sl.start, b * k, "ablated images")  # a line every few seconds inside a callback run (rank 0)
-        keep = torch.ones(len(img[sl]), k, device=x.device)
-        keep[torch.arange(len(keep), device=x.device), channel[sl]] = 0
+    size = chunk_size or images_per_forward(model, x)
 
-        def ablate(_m: nn.Module, _inputs: object, output: Tensor, keep: Tensor = keep) -> Tensor:
+    def ablated_logits(sl: slice, shared: bool) -> Tensor:
+        """Logits of the chunk's ablated images; ``shared`` (one image): that image once up to ``layer``, then
+        the chunk's copies of its output, each with its channel zeroed (what precedes ``layer`` is the same for
+        every copy, and tensors of it broadcast against the copies)."""
+        n = sl.stop - sl.start
+        keep = torch.ones(n, k, device=x.device)
+        keep[torch.arange(n, device=x.device), channel[sl]] = 0
+
+        def ablate(_m: nn.Module, _inputs: object, output: Tensor) -> Tensor:
+            if shared and output.shape[0] == 1:
+                output = output.expand(n, *output.shape[1:])
             return output * keep.to(output.dtype).view(*keep.shape, *([1] * (output.ndim - 2)))
 
         handle = module.register_forward_hook(ablate)
         try:
-            logits = model(x[img[sl]])
+            return model(x[img[sl.start]][None] if shared else x[img[sl]])
         finally:
             handle.remove()
+
+    # One image's copies share everything before ``layer`` (a ResNet-50's ``layer4``: ~all of the forward), checked
+    # on the first two ablations against whole forwards; a model where the copies do not broadcast (a concatenation
+    # with an earlier tensor, a batch-size-dependent reshape) takes whole forwards of every ablated image.
+    check, shared_ok = slice(0, min(2, k)), False
+    if b * k:
+        whole = ablated_logits(check, False)
+        try:
+            shared = ablated_logits(check, True)
+            scale = float(whole.abs().amax().clamp_min(1e-30))
+            ok = shared.shape == whole.shape and torch.allclose(shared.double(), whole.double(), 1e-4, 1e-5 * scale)
+            shared_ok = bool(ok)
+        except Exception:  # the model's own check of the batch, a shape error: whole forwards, as before
+            pass
+    starts = [s for i in range(b) for s in range(i * k, (i + 1) * k, size)] if shared_ok else range(0, b * k, size)
+    for start in starts:
+        stop = min(start + size, (int(img[start]) + 1) * k if shared_ok else b * k)
+        sl = slice(start, stop)
+        progress(sl.start, b * k, "ablated images")  # a line every few seconds inside a callback run (rank 0)
+        logits = ablated_logits(sl, shared_ok)
         if isinstance(tgt, CallableTarget):
             out[sl] = tgt.score(logits, None).double()
         else:
