@@ -167,6 +167,14 @@ def test_ablation_cam_runs_what_precedes_the_layer_once_per_image(arch, layer, s
     torch.testing.assert_close(w.double(), ref.to(w.dtype).double(), rtol=1e-4, atol=1e-4)
     # the check: two ablations whole and shared; then per image and 64-channel chunk one image (shared)
     assert sum(seen) == (2 + 1 + 2 * -(-k // 64) if shared else 2 + 1 + 2 * k)
+    if shared:  # by default as many copies as the memory budget holds: here all of an image's channels at once
+        seen.clear()
+        with isolated(model):
+            handle = first.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+            again = C.ablationcam_weights(model, x, layer, res.activations[layer], res.scores, "predicted", res.classes)
+            handle.remove()
+        assert sum(seen) == 2 + 1 + 2
+        torch.testing.assert_close(again, w, rtol=1e-4, atol=1e-5)
 
 
 def test_hand_computed_eigencam():

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Optional, cast
 
 import torch
@@ -54,7 +55,7 @@ from ..targets import (
     class_probability,
     resolve_target,
 )
-from .batching import images_per_forward
+from .batching import default_memory_mb, images_per_forward
 from .checks import check_labels_per_image, check_logits
 from .shared_pass import PassResult, chunks, gradient_pass
 
@@ -347,13 +348,25 @@ def ablationcam_weights(
         def ablate(_m: nn.Module, _inputs: object, output: Tensor) -> Tensor:
             if shared and output.shape[0] == 1:
                 output = output.expand(n, *output.shape[1:])
+                copies[0] += output[0].numel() * output.element_size()
             return output * keep.to(output.dtype).view(*keep.shape, *([1] * (output.ndim - 2)))
 
-        handle = module.register_forward_hook(ablate)
+        handles = [module.register_forward_hook(ablate)]
+        if shared:  # what each copy costs: the outputs of the modules after the layer (batch n, not 1)
+            copies[0] = 0
+            leaves = [m for m in model.modules() if not list(m.children())]
+            handles += [m.register_forward_hook(partial(count_copies, n)) for m in leaves]
         try:
             return model(x[img[sl.start]][None] if shared else x[img[sl]])
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
+
+    copies = [0]
+
+    def count_copies(n: int, _m: nn.Module, _inputs: object, output: object) -> None:
+        if isinstance(output, Tensor) and output.ndim and output.shape[0] == n > 1:
+            copies[0] += output.numel() * output.element_size() // n
 
     # One image's copies share everything before ``layer`` (a ResNet-50's ``layer4``: ~all of the forward), checked
     # on the first two ablations against whole forwards; a model where the copies do not broadcast (a concatenation
@@ -368,6 +381,8 @@ def ablationcam_weights(
             shared_ok = bool(ok)
         except Exception:  # the model's own check of the batch, a shape error: whole forwards, as before
             pass
+    if shared_ok and chunk_size is None:  # copies within the budget: all of an image's channels at a deep layer
+        size = max(size, min(k, int(default_memory_mb(x.device) * 2**20) // max(1, copies[0])))
     starts = [s for i in range(b) for s in range(i * k, (i + 1) * k, size)] if shared_ok else range(0, b * k, size)
     for start in starts:
         stop = min(start + size, (int(img[start]) + 1) * k if shared_ok else b * k)
