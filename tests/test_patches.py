@@ -644,14 +644,19 @@ def test_receptive_field_of_a_branched_model_by_arithmetic_equals_the_gradient_b
 
 
 class _Written(nn.Module):
-    """conv, then rows 0-3 of the map written over: by item assignment, or in place through a view."""
+    """conv, then rows 0-3 of the map written over: by item assignment, or in place through a view; or a residual
+    branch through a scripted conv, whose ops the walk does not see."""
 
     def __init__(self, kind: str):
         super().__init__()
         self.kind, self.c1, self.c2 = kind, nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        if kind == "scripted":
+            self.c2 = torch.jit.script(self.c2)
 
     def forward(self, x):
         y = torch.relu(self.c1(x))
+        if self.kind == "scripted":
+            return self.c2(y) + y
         if self.kind == "setitem":
             y[:, :, :4] = 0.0
         else:
@@ -659,10 +664,11 @@ class _Written(nn.Module):
         return self.c2(y)
 
 
-@pytest.mark.parametrize("kind", ["pos", "mask", "halves", "setitem", "view"])
+@pytest.mark.parametrize("kind", ["pos", "mask", "halves", "setitem", "view", "scripted"])
 def test_receptive_field_by_arithmetic_refuses_ops_that_move_or_cut_positions(kind):
     """A positional embedding (added: no path cut) keeps the arithmetic; a positional mask, a per-half conv and a
-    write over some rows cut paths the gradient sees: refused (``auto`` then takes the gradient method)."""
+    write over some rows cut paths the gradient sees: refused (``auto`` then takes the gradient method); so is a
+    tensor made where the walk cannot see (a scripted conv's output was taken for a constant: a smaller field)."""
     torch.manual_seed(0)
     net = nn.Sequential(_NotEquivariant(kind) if kind in ("pos", "mask", "halves") else _Written(kind)).eval()
     if kind == "pos":

@@ -593,13 +593,21 @@ class _FieldWalk(TorchFunctionMode):
     windows compose, sums and concatenations unite, pointwise ops pass it on, global reductions are constants as
     in :class:`_ConstantGlobalContext`); any other op that reads a tracked tensor makes its outputs unknown."""
 
-    def __init__(self, x: Tensor):
+    def __init__(self, x: Tensor, model: nn.Module):
         super().__init__()
         rows, cols = torch.arange(x.shape[-2]), torch.arange(x.shape[-1])
         # weak references: the activations are freed as the forward goes (an id reused later is a new tensor,
-        # which the walk marks when an op on tracked tensors makes it; unmarked ones are constants)
+        # which the walk marks when an op makes it)
         self.fields: dict[int, tuple[weakref.ref, Optional[_Field]]] = {}
         self.mark(x, ((rows, rows + 1), (cols, cols + 1)))
+        # constants: the model's parameters and buffers, and what ops on constants make; a tensor that is none of
+        # these nor tracked was made where the walk cannot see (a scripted module): unknown
+        self.state = {id(t) for t in (*model.parameters(), *model.buffers())}
+        self.consts: dict[int, weakref.ref] = {}
+
+    def const(self, t: Tensor) -> bool:
+        seen = self.consts.get(id(t))
+        return id(t) in self.state or (seen is not None and seen() is t)
 
     def mark(self, t: Tensor, field: Optional[_Field]) -> None:
         self.fields[id(t)] = (weakref.ref(t), field)
@@ -614,10 +622,14 @@ class _FieldWalk(TorchFunctionMode):
         out = func(*args, **kwargs)
         flat = [v for a in (*args, *kwargs.values()) for v in (a if isinstance(a, (list, tuple)) else (a,))]
         tracked = [(t, f) for t in flat if isinstance(t, Tensor) for ok, f in [self.field(t)] if ok]
-        if not tracked or _global_reduction(func, args, out):
-            return out
+        unseen = [t for t in flat if isinstance(t, Tensor) and not self.field(t)[0] and not self.const(t)]
+        tracked += [(t, _POISON) for t in unseen[:1]]
         name = getattr(func, "__name__", "")
-        if name == "detach":  # no gradient flows back through it: a constant, as for the gradient method
+        # no gradient flows back through a detach or a global reduction: a constant, as for the gradient method
+        if not tracked or _global_reduction(func, args, out) or name == "detach":
+            for o in out if isinstance(out, (list, tuple)) else (out,):
+                if isinstance(o, Tensor) and not self.field(o)[0]:
+                    self.consts[id(o)] = weakref.ref(o)
             return out
         field = self._rule(name, args, kwargs, tracked, out)
         outs = out if isinstance(out, (list, tuple)) else (out,)
@@ -697,7 +709,7 @@ def graph_receptive_boxes(model: nn.Module, layer: str, input_shape: Sequence[in
     x = torch.zeros(
         1, *input_shape, device=p.device if p is not None else "cpu", dtype=p.dtype if p is not None else torch.float32
     )
-    walk = _FieldWalk(x)
+    walk = _FieldWalk(x, model)
 
     def hook(m, inputs, out):
         tracked, field = walk.field(out) if isinstance(out, Tensor) else (False, None)
