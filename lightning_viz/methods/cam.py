@@ -352,11 +352,12 @@ def ablationcam_weights(
             return output * keep.to(output.dtype).view(*keep.shape, *([1] * (output.ndim - 2)))
 
         handles = [module.register_forward_hook(ablate)]
-        if shared:  # what each copy costs: the outputs of the modules after the layer (batch n, not 1)
-            copies[0] = 0
-            leaves = [m for m in model.modules() if not list(m.children())]
-            handles += [m.register_forward_hook(partial(count_copies, n)) for m in leaves]
         try:
+            if shared:  # what each copy costs: the outputs of the modules after the layer (batch n, not 1)
+                copies[0] = 0
+                for m in model.modules():
+                    if not list(m.children()):
+                        handles.append(m.register_forward_hook(partial(count_copies, n)))
             return model(x[img[sl.start]][None] if shared else x[img[sl]])
         finally:
             for h in handles:
