@@ -114,6 +114,86 @@ def test_hand_computed_ablation_on_conv1_and_weights():
     assert margin.shape == (1, 2, 2) and torch.isfinite(margin).all() and torch.equal(zero, torch.zeros(1, 2, 2))
 
 
+class _CatAfter(nn.Module):
+    """conv1 -> conv2, then conv2's output concatenated with conv1's (an earlier tensor) -> pool -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1), nn.Linear(10, 3)
+
+    def forward(self, x):
+        a = self.conv1(x).relu()
+        return self.fc(torch.cat([self.conv2(a).relu(), a], 1).mean((2, 3)))
+
+
+class _ScriptedHead(nn.Module):
+    """conv1 -> conv2 -> a scripted ReLU (no forward hooks on it) -> pool -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1), nn.Linear(6, 3)
+        self.act = torch.jit.script(nn.ReLU())
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv2(self.conv1(x).relu())).mean((2, 3)))
+
+
+def _ablation_reference(model: nn.Module, x: torch.Tensor, layer: str, classes: torch.Tensor) -> torch.Tensor:
+    """Ablation-CAM weights from one whole forward per image and channel."""
+    module = dict(model.named_modules())[layer]
+    with torch.no_grad():
+        y = model(x).gather(1, classes[:, None])[:, 0].double()
+        acts: list[torch.Tensor] = []
+        h = module.register_forward_hook(lambda m, i, o: acts.append(o))
+        model(x[:1])
+        h.remove()
+        k = acts[0].shape[1]
+        w = torch.zeros(x.shape[0], k, dtype=torch.float64)
+        for c in range(k):
+            h = module.register_forward_hook(lambda m, i, o, c=c: o * (torch.arange(o.shape[1]) != c).view(1, -1, 1, 1))
+            yc = model(x).gather(1, classes[:, None])[:, 0].double()
+            h.remove()
+            w[:, c] = (y - yc) / y
+    return w
+
+
+@pytest.mark.parametrize(
+    "arch,layer,shared", [("resnet18", "layer2.1", True), ("cat", "conv2", False), ("scripted", "conv2", False)]
+)
+def test_ablation_cam_runs_what_precedes_the_layer_once_per_image(arch, layer, shared):
+    """Every ablated copy of an image is the same up to ``layer``: that part runs once per image and chunk, its
+    output copied (was: a whole forward per channel, 2048 per probe at a ResNet-50's ``layer4``, ~all of the
+    forward's cost); a model whose copies do not broadcast (a concatenation with an earlier tensor) takes whole
+    forwards as before. The weights equal those of one whole forward per image and channel."""
+    torch.manual_seed(0)
+    nets = {"resnet18": lambda: torchvision.models.resnet18(weights=None), "cat": _CatAfter, "scripted": _ScriptedHead}
+    model = nets[arch]().eval()
+    x = torch.rand(2, 3, 32, 32)
+    first = model.conv1
+    seen: list[int] = []
+    with isolated(model):
+        res = gradient_pass(model, x, "predicted", None, [layer], None, 64)
+        handle = first.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+        w = C.ablationcam_weights(model, x, layer, res.activations[layer], res.scores, "predicted", res.classes, 64)
+        handle.remove()
+    k = res.activations[layer].shape[1]
+    ref = _ablation_reference(model, x, layer, res.classes)
+    torch.testing.assert_close(w.double(), ref.to(w.dtype).double(), rtol=1e-4, atol=1e-4)
+    # the check: two ablations whole and shared; then per image and 64-channel chunk one image (shared)
+    assert sum(seen) == (2 + 1 + 2 * -(-k // 64) if shared else 2 + (arch == "cat") + 2 * k)
+    assert not any(m._forward_hooks for m in model.modules() if not isinstance(m, torch.jit.ScriptModule))
+    if shared:  # by default as many copies as the memory budget holds: here all of an image's channels at once
+        seen.clear()
+        with isolated(model):
+            handle = first.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+            again = C.ablationcam_weights(model, x, layer, res.activations[layer], res.scores, "predicted", res.classes)
+            handle.remove()
+        assert sum(seen) == 1 + 2 + 1 + 2  # the memory budget's one-image measurement, the check, one per image
+        torch.testing.assert_close(again, w, rtol=1e-4, atol=1e-5)
+
+
 def test_hand_computed_eigencam():
     """Centred positions x channels = u [1, 2] (rank 1): first component [1, 2] / sqrt 5, projection sqrt 5 u."""
     v = torch.tensor([[0.0, 1.0], [2.0, 3.0]])

@@ -21,6 +21,7 @@ from lightning_viz.methods.receptive_field import (
     crop_boxes,
     gradient_receptive_boxes,
     gradient_receptive_field,
+    graph_receptive_boxes,
     receptive_field,
     stack_receptive_field,
 )
@@ -58,7 +59,8 @@ def test_stack_receptive_field_is_hand_computed():
 
 def test_arithmetic_receptive_field_leaves_a_training_model_as_it_was():
     """The shape-probing forward of a training-mode model (BatchNorm, dropout) updates no running statistics and
-    draws no dropout mask; 'auto' on a training-mode branching model is refused with its buffers untouched."""
+    draws no dropout mask; so for a branching model ('auto' follows its ops); the gradient method refuses a
+    training-mode model (batch statistics), with its buffers untouched."""
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Dropout(0.5), nn.MaxPool2d(2))
     model.train()
     mean, batches, rng = model[1].running_mean.clone(), int(model[1].num_batches_tracked), torch.get_rng_state()
@@ -68,8 +70,12 @@ def test_arithmetic_receptive_field_leaves_a_training_model_as_it_was():
     assert torch.equal(torch.get_rng_state(), rng) and model.training and model[1].training
     branching = torchvision.models.resnet18(weights=None)
     buffers = [b.clone() for b in branching.buffers()]
+    rng = torch.get_rng_state()
+    rf = receptive_field(branching, "layer2", (3, 16, 16))
+    assert rf.shape == (2, 2, 4) and branching.training and branching.bn1.training
     with pytest.raises(ValueError, match="training mode"):
-        receptive_field(branching, "layer2", (3, 16, 16))
+        receptive_field(branching, "layer2", (3, 16, 16), method="gradient")
+    assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(a, b) for a, b in zip(buffers, branching.buffers()))
 
 
@@ -609,3 +615,66 @@ def test_gradient_receptive_field_larger_than_the_short_side_is_exact():
     with isolated(torchvision.models.resnet18(weights=None)) as m:
         boxes = receptive_field(m, "layer2", (3, 64, 96))
     assert boxes[0, 0].tolist() == [-49, -49, 50, 50] and boxes[7, 11].tolist() == [7, 39, 106, 138]
+
+
+@pytest.mark.parametrize(
+    "arch,layer,shape",
+    [
+        ("resnet18", "layer2", (3, 64, 80)),  # residual sums, a strided 1x1 shortcut
+        ("resnet18", "layer3", (3, 64, 80)),  # a field larger than the image both ways: cut boxes, as the gradient's
+        ("resnet50", "layer2.1", (3, 56, 72)),  # bottlenecks
+        ("densenet121", "features.transition1", (3, 48, 64)),  # concatenations, an average pool
+        ("efficientnet_b0", "features.3", (3, 64, 48)),  # depthwise convs, squeeze-and-excitation gates
+        ("squeezenet1_1", "features.4", (3, 39, 50)),  # ceil-mode pools; the last column is seen by no unit
+        ("googlenet", "inception3a", (3, 56, 72)),  # parallel branches of several kernel sizes
+        ("shufflenet_v2_x0_5", "stage2", (3, 64, 64)),  # chunk and channel shuffle (view, transpose)
+    ],
+)
+def test_receptive_field_of_a_branched_model_by_arithmetic_equals_the_gradient_boxes(arch, layer, shape):
+    """``receptive_field`` (TopPatchesCallback's boxes, ``auto``) of a model with residual sums, concatenations or
+    gates follows one forward op by op, no backward (was: 2 x (h + w + 15) backward images; resnet50's layer3 at
+    224 px, 86 images through the net, took minutes on a CPU); the boxes equal the gradient method's."""
+    torch.manual_seed(0)
+    kw = {"init_weights": True, "aux_logits": False} if arch == "googlenet" else {}
+    net = getattr(torchvision.models, arch)(weights=None, **kw).eval()
+    boxes, n = _backward_images(net, layer, lambda: receptive_field(net, layer, shape))
+    assert n == 0
+    assert torch.equal(boxes, receptive_field(net, layer, shape, method="gradient"))
+    assert torch.equal(graph_receptive_boxes(net, layer, shape), gradient_receptive_boxes(net, layer, shape))
+
+
+class _Written(nn.Module):
+    """conv, then rows 0-3 of the map written over: by item assignment, or in place through a view; or a residual
+    branch through a scripted conv, whose ops the walk does not see."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.c1, self.c2 = kind, nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        if kind == "scripted":
+            self.c2 = torch.jit.script(self.c2)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        if self.kind == "scripted":
+            return self.c2(y) + y
+        if self.kind == "setitem":
+            y[:, :, :4] = 0.0
+        else:
+            y[:, :, :4].zero_()
+        return self.c2(y)
+
+
+@pytest.mark.parametrize("kind", ["pos", "mask", "halves", "setitem", "view", "scripted"])
+def test_receptive_field_by_arithmetic_refuses_ops_that_move_or_cut_positions(kind):
+    """A positional embedding (added: no path cut) keeps the arithmetic; a positional mask, a per-half conv and a
+    write over some rows cut paths the gradient sees: refused (``auto`` then takes the gradient method); so is a
+    tensor made where the walk cannot see (a scripted conv's output was taken for a constant: a smaller field)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_NotEquivariant(kind) if kind in ("pos", "mask", "halves") else _Written(kind)).eval()
+    if kind == "pos":
+        assert torch.equal(
+            graph_receptive_boxes(net, "0", (3, 32, 40)), gradient_receptive_boxes(net, "0", (3, 32, 40))
+        )
+    else:
+        with pytest.raises(NotAConvStackError, match="not conv/pool/pointwise"):
+            graph_receptive_boxes(net, "0", (3, 32, 40))

@@ -56,8 +56,9 @@ class TopPatchesCallback(VisualizationCallback):
         chunk_size: probe images per forward while scanning (``None``: as many as the memory budget of
             :mod:`lightning_viz.methods.batching` holds).
         batch_size: deprecated alias of ``chunk_size``.
-        receptive_field: ``"auto"`` (layer arithmetic on plain conv/pool chains, else gradient support),
-            ``"arithmetic"`` or ``"gradient"``.
+        receptive_field: ``"auto"`` (layer arithmetic on plain conv/pool chains, followed op by op through
+            residual sums, concatenations and gates: the gradient support's boxes from one forward; else gradient
+            support), ``"arithmetic"`` (plain chains only) or ``"gradient"``.
         patch_px: displayed size of each patch (nearest upsampling of small receptive fields, area averaging of
             large ones: a deep layer's field spans a 224 px image; 0 keeps the receptive-field size).
         layout: ``"per_unit"`` (one image per unit) or ``"grid"`` (one image per layer, a row per unit).

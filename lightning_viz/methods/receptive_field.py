@@ -12,13 +12,17 @@ Two ways, which agree on conv/pool stacks:
 * :func:`gradient_receptive_field` -- for any model: the non-zero support of ``d unit / d input``,
   united over a few random inputs (seeded generator), one batched backward for all positions.
 
-Both return a :class:`ReceptiveField` whose :meth:`ReceptiveField.boxes` give, for every output
+:func:`graph_receptive_boxes` gives the gradient method's boxes by layer arithmetic followed op by op through
+residual sums, concatenations and squeeze-and-excitation gates (one forward, no backward).
+
+The first two return a :class:`ReceptiveField` whose :meth:`ReceptiveField.boxes` give, for every output
 position, the input box ``(y0, x0, y1, x1)`` (end exclusive; may extend past the image border, the
 crop pads there, see :func:`crop_boxes`).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +45,7 @@ __all__ = [
     "layer_geometry",
     "compose",
     "stack_receptive_field",
+    "graph_receptive_boxes",
     "gradient_receptive_field",
     "gradient_receptive_boxes",
     "receptive_field",
@@ -452,6 +457,292 @@ def gradient_receptive_boxes(
     return boxes.view(h, w, 4)
 
 
+# ---- layer arithmetic over a graph (residual sums, concatenations, gates) ----------------------------------------
+
+# Per axis, the input pixels ``[lo[i], hi[i])`` that unit ``i`` sees inside the image (empty: ``lo > hi``).
+_Axis = tuple[Tensor, Tensor]
+_Field = tuple[_Axis, _Axis]  # (rows, columns)
+_POISON = None  # the field of a tensor that an op the walk does not know has touched
+_FAR = 1 << 40  # the edges of an empty field
+# Ops that keep every position where it is and mix nothing across positions (one tracked input, the same grid out).
+_POINTWISE = frozenset(
+    [
+        "relu",
+        "relu_",
+        "relu6",
+        "hardtanh",
+        "hardtanh_",
+        "leaky_relu",
+        "leaky_relu_",
+        "elu",
+        "elu_",
+        "selu",
+        "selu_",
+        "celu",
+        "gelu",
+        "silu",
+        "silu_",
+        "mish",
+        "sigmoid",
+        "sigmoid_",
+        "tanh",
+        "tanh_",
+        "hardswish",
+        "hardswish_",
+        "hardsigmoid",
+        "hardsigmoid_",
+        "softplus",
+        "prelu",
+        "rrelu",
+        "threshold",
+        "dropout",
+        "dropout2d",
+        "feature_dropout",
+        "alpha_dropout",
+        "clone",
+        "contiguous",
+        "to",
+        "float",
+        "half",
+        "double",
+        "bfloat16",
+        "type",
+        "abs",
+        "neg",
+        "exp",
+        "clamp",
+        "clamp_",
+        "clip",
+        "clip_",
+        "square",
+        "sqrt",
+        "rsqrt",
+        "pow",
+    ]
+)
+# Reshapes that keep the last two dims: a row-major view or reshape then keeps every element's (row, column).
+_RESHAPE = frozenset(["view", "reshape", "flatten", "unsqueeze", "squeeze", "contiguous"])
+_SUM = frozenset(["add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__"])
+_PRODUCT = frozenset(
+    [
+        "mul",
+        "mul_",
+        "__mul__",
+        "__rmul__",
+        "__imul__",
+        "div",
+        "div_",
+        "__truediv__",
+        "__rtruediv__",
+        "__itruediv__",
+        "true_divide",
+    ]
+)
+_IN_PLACE = frozenset(
+    ["__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__"]
+)
+_POOLS = frozenset(["max_pool2d", "max_pool2d_with_indices", "_max_pool2d", "avg_pool2d"])
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default):
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _global_reduction(func, args: tuple, out) -> bool:
+    """What :class:`_ConstantGlobalContext` detaches (the squeeze of a squeeze-and-excitation block)."""
+    if func not in _GLOBAL_REDUCTIONS or not args or not isinstance(args[0], Tensor):
+        return False
+    x, y = args[0], out[0] if isinstance(out, tuple) else out
+    return (
+        x.ndim == 4
+        and x.shape[-2] * x.shape[-1] > 1
+        and isinstance(y, Tensor)
+        and tuple(y.shape[:2]) == tuple(x.shape[:2])
+        and (y.ndim == 2 or (y.ndim == 4 and tuple(y.shape[-2:]) == (1, 1)))
+    )
+
+
+def _window(field: _Field, kernel, stride, padding, dilation, grid: Sequence[int]) -> _Field:
+    """The field of a conv/pool window's ``grid`` of outputs: output ``i`` reads inputs ``i s - p + t d``
+    (``t < k``) that lie inside the input, and sees what they see (Araujo et al. Eq. 1-2, cut at the border)."""
+    k, d = _two(kernel), _two(dilation)
+    s = _two(stride) if stride is not None and stride != [] and stride != () else k
+    if isinstance(padding, str):  # 'valid', or 'same' (stride 1; the left part of d (k - 1))
+        p = (0, 0) if padding == "valid" else (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
+    else:
+        p = _two(padding)
+    out = []
+    for a, (lo, hi) in enumerate(field):
+        taps = torch.arange(int(grid[a])).view(-1, 1) * s[a] - p[a] + torch.arange(k[a]).view(1, -1) * d[a]
+        inside = (taps >= 0) & (taps < len(lo))
+        at = taps.clamp(0, len(lo) - 1)
+        out.append((torch.where(inside, lo[at], _FAR).amin(1), torch.where(inside, hi[at], -_FAR).amax(1)))
+    return (out[0], out[1])
+
+
+def _union(fields: list[_Field]) -> _Field:
+    """The field of a sum or concatenation: per unit and axis, the outermost edges of its inputs' fields."""
+    return (
+        (torch.stack([f[0][0] for f in fields]).amin(0), torch.stack([f[0][1] for f in fields]).amax(0)),
+        (torch.stack([f[1][0] for f in fields]).amin(0), torch.stack([f[1][1] for f in fields]).amax(0)),
+    )
+
+
+class _FieldWalk(TorchFunctionMode):
+    """Follows one forward op by op: each tensor that depends on the input gets its field per position (conv/pool
+    windows compose, sums and concatenations unite, pointwise ops pass it on, global reductions are constants as
+    in :class:`_ConstantGlobalContext`); any other op that reads a tracked tensor makes its outputs unknown."""
+
+    def __init__(self, x: Tensor, model: nn.Module):
+        super().__init__()
+        rows, cols = torch.arange(x.shape[-2]), torch.arange(x.shape[-1])
+        # weak references: the activations are freed as the forward goes (an id reused later is a new tensor,
+        # which the walk marks when an op makes it)
+        self.fields: dict[int, tuple[weakref.ref, Optional[_Field]]] = {}
+        self.mark(x, ((rows, rows + 1), (cols, cols + 1)))
+        # constants: the model's parameters and buffers, and what ops on constants make; a tensor that is none of
+        # these nor tracked was made where the walk cannot see (a scripted module): unknown
+        self.state = {id(t) for t in (*model.parameters(), *model.buffers())}
+        self.consts: dict[int, weakref.ref] = {}
+
+    def const(self, t: Tensor) -> bool:
+        seen = self.consts.get(id(t))
+        return id(t) in self.state or (seen is not None and seen() is t)
+
+    def mark(self, t: Tensor, field: Optional[_Field]) -> None:
+        self.fields[id(t)] = (weakref.ref(t), field)
+
+    def field(self, t: Tensor) -> tuple[bool, Optional[_Field]]:
+        """``(tracked, field)``: not tracked = a constant; a tracked field of ``None`` = unknown."""
+        seen = self.fields.get(id(t))
+        return (False, None) if seen is None or seen[0]() is not t else (True, seen[1])
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flat = [v for a in (*args, *kwargs.values()) for v in (a if isinstance(a, (list, tuple)) else (a,))]
+        tracked = [(t, f) for t in flat if isinstance(t, Tensor) for ok, f in [self.field(t)] if ok]
+        unseen = [t for t in flat if isinstance(t, Tensor) and not self.field(t)[0] and not self.const(t)]
+        tracked += [(t, _POISON) for t in unseen[:1]]
+        name = getattr(func, "__name__", "")
+        # no gradient flows back through a detach or a global reduction: a constant, as for the gradient method
+        if not tracked or _global_reduction(func, args, out) or name == "detach":
+            for o in out if isinstance(out, (list, tuple)) else (out,):
+                if isinstance(o, Tensor) and not self.field(o)[0]:
+                    self.consts[id(o)] = weakref.ref(o)
+            return out
+        field = self._rule(name, args, kwargs, tracked, out)
+        outs = out if isinstance(out, (list, tuple)) else (out,)
+        in_place = (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE
+        if in_place and args and isinstance(args[0], Tensor):
+            outs = (*outs, args[0])
+            if args[0]._base is not None:  # a view: the tensor it shows changed too, in a part only
+                self.mark(args[0]._base, _POISON)
+        for i, o in enumerate(outs):
+            if isinstance(o, Tensor):
+                self.mark(o, field if i == 0 or name in ("chunk", "split") or o is args[0] else _POISON)
+        return out
+
+    def _rule(self, name: str, args: tuple, kwargs: dict, tracked: list, out) -> Optional[_Field]:
+        lead = out[0] if isinstance(out, (list, tuple)) and out else out
+        if not isinstance(lead, Tensor) or lead.ndim < 2 or any(f is _POISON for _, f in tracked):
+            return _POISON
+        src, field = tracked[0]
+        same_grid = all(t.ndim >= 2 and t.shape[-2:] == lead.shape[-2:] for t, _ in tracked)
+        if name == "conv2d" or name in _POOLS:
+            if len(tracked) != 1 or src is not args[0] or src.ndim != 4:
+                return _POISON
+            if name == "conv2d":
+                stride, padding = _arg(args, kwargs, 3, "stride", 1), _arg(args, kwargs, 4, "padding", 0)
+                dilation = _arg(args, kwargs, 5, "dilation", 1)
+                return _window(field, args[1].shape[-2:], stride, padding, dilation, lead.shape[-2:])
+            kernel = _arg(args, kwargs, 1, "kernel_size", None)
+            stride = _arg(args, kwargs, 2, "stride", None)
+            padding = _arg(args, kwargs, 3, "padding", 0)
+            dilation = 1 if name == "avg_pool2d" else _arg(args, kwargs, 4, "dilation", 1)
+            return _window(field, kernel, stride, padding, dilation, lead.shape[-2:])
+        if not same_grid:
+            return _POISON
+        if name in _POINTWISE or name == "batch_norm":
+            if len(tracked) != 1 or (name == "batch_norm" and _arg(args, kwargs, 5, "training", False)):
+                return _POISON  # batch statistics of the positions mix them all
+            return field
+        if name in _SUM or name in _PRODUCT or name in ("cat", "concat", "concatenate"):
+            if name in _PRODUCT:  # a constant factor that varies over positions (a mask) cuts paths: unknown
+                consts = [a for a in args if isinstance(a, Tensor) and not self.field(a)[0]]
+                if any(c.ndim >= 2 and c.shape[-2] * c.shape[-1] > 1 for c in consts):
+                    return _POISON
+            if name.startswith("cat") or name == "concat":
+                dim = _arg(args, kwargs, 1, "dim", 0)
+                if dim % lead.ndim >= lead.ndim - 2:
+                    return _POISON
+            return _union([f for _, f in tracked])
+        if len(tracked) != 1:
+            return _POISON
+        if name in _RESHAPE:
+            return field
+        if name in ("chunk", "split"):
+            dim = _arg(args, kwargs, 2, "dim", 0)
+            return field if dim % src.ndim < src.ndim - 2 else _POISON
+        if name in ("transpose", "swapaxes"):
+            dims = [_arg(args, kwargs, 1, "dim0", 0), _arg(args, kwargs, 2, "dim1", 0)]
+            return field if all(d % src.ndim < src.ndim - 2 for d in dims) else _POISON
+        if name == "__getitem__":
+            idx = args[1]
+            items = idx if isinstance(idx, tuple) else (idx,)
+            if len(items) <= src.ndim - 2 and all(isinstance(i, (int, slice)) for i in items):
+                return field
+        return _POISON
+
+
+def graph_receptive_boxes(model: nn.Module, layer: str, input_shape: Sequence[int]) -> Tensor:
+    """The boxes ``[h, w, 4]`` of :func:`gradient_receptive_boxes` (cut at the image border as those are) by layer
+    arithmetic, for models with residual sums, parallel branches joined by concatenation and squeeze-and-excitation
+    gates: one forward of zeros ``[1, *input_shape]`` followed op by op (:class:`_FieldWalk`), no backward. Unit
+    ``i`` of a conv/pool sees what its inputs inside the map see; a sum or concatenation what any of its inputs
+    sees. The gradient support is that wherever no weight on a path is zero (and a max-pool's argmax reaches each
+    window's edge for some channel and trial). Raises :class:`NotAConvStackError` where an op on the path is not
+    known (a positional mask, a resize, a permute, a normalization over positions)."""
+    target = get_layer(model, layer)
+    found: list[Optional[_Field]] = []
+    p = next(model.parameters(), None)
+    x = torch.zeros(
+        1, *input_shape, device=p.device if p is not None else "cpu", dtype=p.dtype if p is not None else torch.float32
+    )
+    walk = _FieldWalk(x, model)
+
+    def hook(m, inputs, out):
+        tracked, field = walk.field(out) if isinstance(out, Tensor) else (False, None)
+        found.append(field if tracked and out.ndim >= 3 else _POISON)
+
+    handle = target.register_forward_hook(hook)
+    try:
+        with torch.no_grad(), eval_mode(model), buffers_kept(model), walk:
+            try:
+                model(x)
+            except Exception as exc:
+                raise NotAConvStackError(f"forward of a {tuple(input_shape)} input failed: {exc}") from exc
+    finally:
+        handle.remove()
+        walk.fields.clear()
+    field = found[0] if len(found) == 1 else _POISON
+    if field is _POISON:
+        raise NotAConvStackError(f"no layer arithmetic for {layer!r}: an op on its path is not conv/pool/pointwise")
+    (y0, y1), (x0, x1) = field
+    h, w = len(y0), len(x0)
+    empty = ((y0 >= y1).view(h, 1) | (x0 >= x1).view(1, w)).unsqueeze(-1)  # as _support_boxes: (0, 0, 0, 0)
+    boxes = torch.stack(
+        [
+            y0.view(h, 1).expand(h, w),
+            x0.view(1, w).expand(h, w),
+            y1.view(h, 1).expand(h, w),
+            x1.view(1, w).expand(h, w),
+        ],
+        -1,
+    )
+    return torch.where(empty, torch.zeros_like(boxes), boxes)
+
+
 def receptive_field(
     model: nn.Module, layer: str, input_shape: Sequence[int], method: str = "auto", memory_mb: Optional[float] = None
 ) -> Tensor:
@@ -461,7 +752,9 @@ def receptive_field(
     ``method``: ``"arithmetic"`` (:func:`stack_receptive_field`, boxes may extend past the border),
     ``"gradient"`` (:func:`gradient_receptive_field`; boxes clipped by the border are extended back to
     the full receptive-field size seen at interior positions), or ``"auto"`` (arithmetic when the path
-    is a plain conv/pool chain, else gradient; ``memory_mb``: its activation budget per batch).
+    is a plain conv/pool chain; else, for residual sums, concatenations and gates, the gradient method's
+    boxes by arithmetic op by op, :func:`graph_receptive_boxes`; else gradient, ``memory_mb``: its activation
+    budget per batch).
     """
     if method not in ("auto", "arithmetic", "gradient"):
         raise ValueError(f"receptive field method must be 'auto', 'arithmetic' or 'gradient'; got {method!r}")
@@ -471,6 +764,10 @@ def receptive_field(
         except NotAConvStackError:
             if method == "arithmetic":
                 raise
+        try:  # residual sums, concatenations, gates: the gradient method's boxes without a backward
+            return _unclip(graph_receptive_boxes(model, layer, input_shape), int(input_shape[-2]), int(input_shape[-1]))
+        except NotAConvStackError:
+            pass
     check_eval("receptive_field (gradient)", model)  # batch statistics would spread every input over every output
     boxes = gradient_receptive_boxes(model, layer, input_shape, memory_mb=memory_mb)
     return _unclip(boxes, int(input_shape[-2]), int(input_shape[-1]))
