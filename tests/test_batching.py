@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import TinyCNN
+from torch import nn
 
 from lightning_viz.capture import isolated
 from lightning_viz.methods import batching
@@ -192,3 +193,20 @@ def test_a_callback_out_of_device_memory_computes_again_at_half_the_budget(tmp_p
     for tag in tags:
         assert [e.step for e in got.Images(tag)] == [0, 1]
         assert [e.encoded_image_string for e in got.Images(tag)] == [e.encoded_image_string for e in ref.Images(tag)]
+
+
+def test_activation_bytes_of_a_model_with_a_scripted_leaf_leave_no_hooks():
+    """A scripted leaf (it takes no forward hooks) is left uncounted: the others' outputs and the image are summed
+    and no hook stays behind (was: RuntimeError 'not supported on ScriptModules', with a hook left on the conv
+    registered before it)."""
+    import warnings
+
+    from lightning_viz.methods.batching import activation_bytes_per_image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(nn.ReLU())
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), scripted, nn.Conv2d(4, 4, 3))
+    got = activation_bytes_per_image(model, torch.randn(1, 3, 8, 8))
+    assert got == 4 * (3 * 8 * 8 + 4 * 6 * 6 + 4 * 4 * 4)  # the image, conv1's and conv2's outputs (float32)
+    assert [len(model[i]._forward_hooks) for i in (0, 2)] == [0, 0]

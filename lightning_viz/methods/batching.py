@@ -72,8 +72,11 @@ def activation_bytes_per_image(model: nn.Module, x1: Tensor) -> int:
         if isinstance(out, Tensor):
             total[0] += out.numel() * out.element_size()
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
+    handles = []
+    try:  # a scripted module takes no hooks (its outputs go uncounted): none left behind on the others either
+        for m in model.modules():
+            if not list(m.children()) and not isinstance(m, torch.jit.ScriptModule):
+                handles.append(m.register_forward_hook(hook))
         with torch.no_grad():
             model(x1[:1].detach())
     finally:
