@@ -678,3 +678,20 @@ def test_receptive_field_by_arithmetic_refuses_ops_that_move_or_cut_positions(ki
     else:
         with pytest.raises(NotAConvStackError, match="not conv/pool/pointwise"):
             graph_receptive_boxes(net, "0", (3, 32, 40))
+
+
+def test_stack_receptive_field_of_a_model_with_a_scripted_leaf_refuses_and_leaves_no_hooks():
+    """A scripted module takes no forward hooks: the arithmetic of a plain stack says it cannot follow the model
+    (NotAConvStackError, which ``auto`` answers with another method) and no hook stays on the modules before it
+    (was: RuntimeError 'not supported on ScriptModules', with the first conv's hooks left on the model)."""
+    import warnings
+
+    from lightning_viz.methods.receptive_field import NotAConvStackError, stack_receptive_field
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(torch.nn.ReLU())
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), scripted, torch.nn.Conv2d(4, 4, 3))
+    with pytest.raises(NotAConvStackError, match="takes no forward hooks"):
+        stack_receptive_field(model, "2", (3, 16, 16))
+    assert [(len(model[i]._forward_hooks), len(model[i]._forward_pre_hooks)) for i in (0, 2)] == [(0, 0), (0, 0)]

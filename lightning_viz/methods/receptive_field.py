@@ -211,10 +211,14 @@ def stack_receptive_field(model: nn.Module, layer: str, input_shape: Sequence[in
         readers[id(inputs[0])] = (inputs[0], name)  # the tensor kept alive, so its id is not reused
 
     leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_pre_hook(pre) for m in leaves]
-    handles += [m.register_forward_hook(post) for m in leaves]
-    handles.append(target.register_forward_hook(post_target))
+    handles = []
     try:
+        try:
+            for m in leaves:
+                handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+            handles.append(target.register_forward_hook(post_target))
+        except RuntimeError as exc:  # a scripted module takes no hooks: not followed here (no hook left behind)
+            raise NotAConvStackError(f"a module of the model takes no forward hooks ({exc})") from exc
         p = next(model.parameters(), None)
         x = torch.zeros(
             1,
