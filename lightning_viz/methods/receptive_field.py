@@ -291,16 +291,8 @@ class _ConstantGlobalContext(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in _GLOBAL_REDUCTIONS and args and isinstance(args[0], Tensor):
-            x, y = args[0], out[0] if isinstance(out, tuple) else out
-            if (
-                x.ndim == 4
-                and x.shape[-2] * x.shape[-1] > 1
-                and isinstance(y, Tensor)
-                and tuple(y.shape[:2]) == tuple(x.shape[:2])
-                and (y.ndim == 2 or (y.ndim == 4 and tuple(y.shape[-2:]) == (1, 1)))
-            ):
-                return tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+        if _global_reduction(func, args, out):
+            return tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
         return out
 
 
@@ -553,7 +545,9 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default):
 
 
 def _global_reduction(func, args: tuple, out) -> bool:
-    """What :class:`_ConstantGlobalContext` detaches (the squeeze of a squeeze-and-excitation block)."""
+    """A global spatial reduction of a feature map, ``[B, C, H, W]`` -> ``[B, C]`` or ``[B, C, 1, 1]`` (the squeeze of a
+    squeeze-and-excitation block): what :class:`_ConstantGlobalContext` detaches and the arithmetic walk counts as
+    a constant."""
     if func not in _GLOBAL_REDUCTIONS or not args or not isinstance(args[0], Tensor):
         return False
     x, y = args[0], out[0] if isinstance(out, tuple) else out
