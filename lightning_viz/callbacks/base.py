@@ -307,6 +307,21 @@ def _all_gather(obj: Any, what: str, rank: int, world: int) -> list[Any]:
     return gathered
 
 
+def _failure(error: BaseException | None) -> str | None:
+    """What a rank sends of its outcome: ``None``, or ``"<ErrorType>: <message>"``."""
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+def _ranks_failed(failures: list[str | None]) -> str:
+    """The failed ranks of gathered :func:`_failure` outcomes: ``"rank 1: E"``, one error on several ranks named
+    once (``"ranks 0, 1: E"``: a check of the probes they share); ``""`` when none failed."""
+    by_error: dict[str, list[int]] = {}
+    for r, e in enumerate(failures):
+        if e is not None:
+            by_error.setdefault(e, []).append(r)
+    return "; ".join(f"rank{'s' * (len(rs) > 1)} {', '.join(map(str, rs))}: {e}" for e, rs in by_error.items())
+
+
 def gather_results(trainer: Trainer, local: Any, error: BaseException | None, what: str = "visualization") -> Any:
     """Gather every rank's ``local`` results (concatenated in rank order) on rank 0, which writes them; the other
     ranks get ``None`` (they would only hold every rank's maps until the run ends).
@@ -317,15 +332,11 @@ def gather_results(trainer: Trainer, local: Any, error: BaseException | None, wh
     ranks and their errors.
     """
     rank, world = _world(trainer)
-    failure = None if error is None else f"{type(error).__name__}: {error}"
+    failure = _failure(error)
     distributed = world > 1 and _dist_ready()
     failures = _all_gather(failure, f"{what} outcomes", rank, world) if distributed else [failure]
-    by_error: dict[str, list[int]] = {}  # one error on several ranks (a check of the probes they share) named once
-    for r, e in enumerate(failures):
-        if e is not None:
-            by_error.setdefault(e, []).append(r)
-    if by_error:
-        msg = "; ".join(f"rank{'s' * (len(rs) > 1)} {', '.join(map(str, rs))}: {e}" for e, rs in by_error.items())
+    msg = _ranks_failed(failures)
+    if msg:
         if error is not None:
             raise VisualizationError(f"lightning-viz {what} failed: {msg}") from error
         raise VisualizationError(f"lightning-viz {what} failed: {msg}")
@@ -349,11 +360,8 @@ def _stop_all_ranks(trainer: Trainer, error: BaseException | None, who: str, wha
     others would wait in the next collective (Lightning's post-setup barrier) until gloo or nccl gives up."""
     rank, world = _world(trainer)
     if world > 1 and _dist_ready():
-        failure = None if error is None else f"{type(error).__name__}: {error}"
-        gathered = _all_gather(failure, f"{who}'s outcome of {what}", rank, world)
-        failed = [(r, e) for r, e in enumerate(gathered) if e is not None]
-        if failed and error is None:
-            msg = "; ".join(f"rank {r}: {e}" for r, e in failed)
+        msg = _ranks_failed(_all_gather(_failure(error), f"{who}'s outcome of {what}", rank, world))
+        if msg and error is None:
             raise VisualizationError(f"lightning-viz {who}: {what} failed on another rank ({msg}); every rank stops.")
     if error is not None:
         raise error
@@ -364,7 +372,7 @@ def _share_rank0_error(error: BaseException | None, what: str, force: bool = Fal
     ``force`` (see :meth:`VisualizationCallback._failed`) as the error's attribute: rank 0's
     :class:`VisualizationError` word for word (it names the callback and the rank), another error as
     ``lightning-viz <what> failed on rank 0: <error>``."""
-    text = None if error is None else f"{type(error).__name__}: {error}"
+    text = _failure(error)
     if isinstance(error, VisualizationError):
         text = str(error)
     box: list[Any] = [text, force, isinstance(error, VisualizationError)]
@@ -1804,16 +1812,14 @@ def _rank0_probes(
         if error is not None and raise_errors:
             raise error
         return probes
-    failure = None if error is None else f"{type(error).__name__}: {error}"
-    local = (failure, None if probes is None else probes.fingerprint())
+    local = (_failure(error), None if probes is None else probes.fingerprint())
     gathered = _all_gather(local, f"{who}'s probe fingerprints", rank, world)
-    failed = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
-    if failed:
+    msg = _ranks_failed([e for e, _ in gathered])
+    if msg:
         if not raise_errors:
             return None
         if error is not None:
             raise error
-        msg = "; ".join(f"rank {r}: {e}" for r, e in failed)
         raise VisualizationError(f"{who}: picking the probes failed on another rank ({msg})")
     prints = [fp for _, fp in gathered]
     if len(set(prints)) == 1:
