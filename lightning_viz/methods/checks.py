@@ -29,7 +29,11 @@ __all__ = [
 
 def check_chunk_size(chunk_size: object, owner: str = "") -> Optional[int]:
     """``chunk_size`` (images per forward) as an ``int >= 1``, or ``None``; a numpy integer counts, a bool or float
-    does not. ``owner`` prefixes the message (``"MapTracker"``; callbacks get theirs from the base class)."""
+    does not, and ``0`` or a negative number is refused (no "one chunk" or "automatic" meaning). ``None`` is
+    automatic: as many as the memory budget holds (:mod:`~lightning_viz.methods.batching`), or all at once where a
+    method has no budget. The one rule of every pure method and callback taking ``chunk_size``: the pure methods check
+    it when called, before any forward; the callbacks when built. ``owner`` prefixes the message (``"MapTracker"``;
+    callbacks get theirs from the base class)."""
     who = f"{owner}: " if owner else ""
     if chunk_size is None:
         return None
