@@ -49,10 +49,13 @@ from .checks import (
     check_reaches_input,
     input_matches_model,
 )
-from .relu_rules import relu_rule
+from .relu_rules import check_scripted_relus, relu_rule
 
 __all__ = ["INPUT", "PassResult", "gradient_pass", "PassCache", "pass_cache", "target_key", "model_version", "chunks"]
 
+
+#: the methods that take a pass with each ReLU rule, as errors name them
+_RULE_METHODS = {"guided": "guided backprop and guided Grad-CAM", "deconv": "deconvnet"}
 
 #: the "layer" name a :class:`PassCache` consumer lists when it reads the input gradient ``dS/dx``
 INPUT = "<input>"
@@ -133,6 +136,8 @@ def gradient_pass(
     chunk_size = check_chunk_size(chunk_size)
     check_eval("gradient and CAM methods", model)
     labels = check_labels_per_image("gradient and CAM methods", labels, x.shape[0])
+    if rule is not None:
+        check_scripted_relus(_RULE_METHODS.get(rule, "gradient_pass"), model, f"the ReLU rule {rule!r}", False)
     with input_matches_model("gradient and CAM methods", model, x):
         return _gradient_pass(model, x, target, labels, layers, rule, chunk_size, input_grad)
 
