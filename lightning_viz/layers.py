@@ -299,7 +299,8 @@ def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
     """One no-grad forward of ``x`` recording, in call order, every module output that is a conv-produced
     ``[B, C, h, w]`` map: the output of a convolution or of a module containing one, or of a module without one
     (norm, activation, pooling, ``Identity``) that keeps the ``[B, C]`` of such a map."""
-    layers = {n: m for n, m in named_layers(model).items() if n}
+    # a TorchScript module (and each module inside it) takes no hooks: its outputs go unseen
+    layers = {n: m for n, m in named_layers(model).items() if n and not isinstance(m, torch.jit.ScriptModule)}
     has_conv = {n: any(isinstance(s, CONV_TYPES) for s in m.modules()) for n, m in layers.items()}
     weighted = {n for n, m in layers.items() if next(m.parameters(recurse=False), None) is not None}
     clock = [0]
