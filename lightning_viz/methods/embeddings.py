@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache, partial
@@ -389,11 +390,44 @@ def _tsne_sklearn(features: Tensor, seed: int, perplexity: float, iterations: in
     from threadpoolctl import threadpool_limits
 
     init = "pca" if features.shape[1] >= 2 else "random"
-    with threadpool_limits(limits=1):
+    with threadpool_limits(limits=1), _reporting_bh_steps(iterations):
         key = "max_iter" if "max_iter" in inspect.signature(TSNE).parameters else "n_iter"  # n_iter: sklearn < 1.5
         tsne = TSNE(n_components=2, perplexity=perplexity, init=init, random_state=seed, **{key: int(iterations)})
         emb = tsne.fit_transform(features.detach().cpu().double().numpy())
     return torch.as_tensor(emb, dtype=torch.float32)
+
+
+_BH_PATCH = threading.Lock()
+
+
+@contextmanager
+def _reporting_bh_steps(iterations: int) -> Iterator[None]:
+    """Inside the block, each gradient step of scikit-learn's Barnes-Hut ``TSNE`` (one call of its objective,
+    ``sklearn.manifold._t_sne._kl_divergence_bh``) counts, and every :data:`_CHECK_EVERY` steps and the last go to
+    :func:`progress` as :func:`tsne_exact`'s do (a line inside a callback run; its stop check). scikit-learn has no
+    callback: the module's objective is wrapped for the block (one block at a time), then put back; a scikit-learn
+    that names it otherwise runs as it is, without lines."""
+    from sklearn.manifold import _t_sne
+
+    with _BH_PATCH:  # read and put back under the lock: a concurrent block never wraps this one's wrapper
+        objective = getattr(_t_sne, "_kl_divergence_bh", None)
+        if objective is None:
+            yield
+            return
+        steps = 0
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal steps
+            steps += 1
+            if steps % _CHECK_EVERY == 0 or steps == iterations:
+                progress(steps, iterations, "t-SNE iterations")  # a line every few seconds inside a callback run
+            return objective(*args, **kwargs)
+
+        _t_sne._kl_divergence_bh = counted
+        try:
+            yield
+        finally:
+            _t_sne._kl_divergence_bh = objective
 
 
 def silhouette(features: Tensor, labels: Tensor) -> float:
