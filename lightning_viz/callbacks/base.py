@@ -1511,9 +1511,15 @@ class VisualizationCallback(Callback):
     def _steps_written(self, trainer: Trainer) -> dict[int, bool]:
         """The steps written to this trainer's log destination by this callback or any other with its state key (the
         same tags): a fresh instance for each entry point (``LightningModule.configure_callbacks``) goes on after
-        them too. Each step maps to whether a ``trainer.validate`` wrote it."""
+        them too. Each step maps to whether a ``trainer.validate`` wrote it. A destination's entries last while a
+        Trainer that wrote there does (:func:`_writes_to`); this instance keeps its own steps beyond."""
         destination = _destination(trainer)
-        written = self._written[destination] = _steps_by_key.setdefault((destination, self.state_key), {})
+        _writes_to(trainer, destination)
+        key = (destination, self.state_key)
+        written = _steps_by_key.get(key)
+        if written is None:
+            written = _steps_by_key[key] = self._written.get(destination, {})
+        self._written[destination] = written
         return written
 
     def _instance(self) -> str:
@@ -1648,6 +1654,28 @@ class VisualizationCallback(Callback):
 
 #: per log destination and callback state key: the steps written there (see ``VisualizationCallback._steps_written``)
 _steps_by_key: dict[tuple[tuple[str, ...], str], dict[int, bool]] = {}
+#: the live Trainers that wrote to each destination of :data:`_steps_by_key`
+_trainers_by_destination: dict[tuple[str, ...], weakref.WeakSet[Trainer]] = {}
+
+
+def _writes_to(trainer: Trainer, destination: tuple[str, ...]) -> None:
+    """Note that ``trainer`` writes to ``destination``: once the last such Trainer is garbage-collected, the
+    destination's folders are done with and its entries of :data:`_steps_by_key` go (a sweep of many fits kept one
+    per run and callback for the whole process)."""
+    trainers = _trainers_by_destination.setdefault(destination, weakref.WeakSet())
+    if trainer not in trainers:
+        trainers.add(trainer)
+        weakref.finalize(trainer, _trainer_gone, destination)
+
+
+def _trainer_gone(destination: tuple[str, ...]) -> None:
+    trainers = _trainers_by_destination.get(destination)
+    if trainers is not None and any(True for _ in trainers):  # another Trainer still writes there
+        return
+    _trainers_by_destination.pop(destination, None)
+    for key in [k for k in _steps_by_key if k[0] == destination]:
+        del _steps_by_key[key]
+
 
 #: trainers already warned that their training data has no epochs (see :func:`_warn_epochless`)
 _epochless_warned: weakref.WeakSet[Trainer] = weakref.WeakSet()
