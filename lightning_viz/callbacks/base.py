@@ -307,6 +307,21 @@ def _all_gather(obj: Any, what: str, rank: int, world: int) -> list[Any]:
     return gathered
 
 
+def _broadcast_from_rank0(box: list[Any], who: str, what: str) -> None:
+    """``broadcast_object_list`` of ``box`` from rank 0; a timeout or broken process group (a rank that crashed or
+    was killed meanwhile: gloo's bare "Connection reset by peer") raises a :class:`VisualizationError` starting with
+    ``who`` and naming ``what`` was being shared."""
+    try:
+        torch.distributed.broadcast_object_list(box, src=0)
+    except Exception as exc:  # timeouts and broken process groups
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        raise VisualizationError(
+            f"{who}: sharing {what} across {world} ranks failed on rank {rank} ({type(exc).__name__}: {exc}). Every "
+            "rank must reach the same point: check that no rank skipped the callback or crashed, or raise the "
+            "process-group timeout (DDPStrategy(timeout=...)) if one rank is much slower."
+        ) from exc
+
+
 def _failure(error: BaseException | None) -> str | None:
     """What a rank sends of its outcome: ``None``, or ``"<ErrorType>: <message>"``."""
     return None if error is None else f"{type(error).__name__}: {error}"
@@ -376,13 +391,7 @@ def _share_rank0_error(error: BaseException | None, what: str, force: bool = Fal
     if isinstance(error, VisualizationError):
         text = str(error)
     box: list[Any] = [text, force, isinstance(error, VisualizationError)]
-    try:
-        torch.distributed.broadcast_object_list(box, src=0)
-    except Exception as exc:  # timeouts and broken process groups
-        raise VisualizationError(
-            f"lightning-viz: sharing rank 0's {what} status failed on rank {torch.distributed.get_rank()} ({exc}). "
-            "Every rank must reach the same epoch end; check that no rank skipped or crashed."
-        ) from exc
+    _broadcast_from_rank0(box, "lightning-viz", f"rank 0's {what} status")
     if box[0] is not None and error is None:
         failed = VisualizationError(box[0] if box[2] else f"lightning-viz {what} failed on rank 0: {box[0]}")
         failed.force = bool(box[1])  # type: ignore[attr-defined]
@@ -1853,7 +1862,7 @@ def _rank0_probes(
     if len(set(prints)) == 1:
         return probes
     box: list[Any] = [probes if rank == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
+    _broadcast_from_rank0(box, who, "rank 0's probes")
     if box[0] is not None:
         rank_zero_warn(f"{who}: {why}", category=VisualizationWarning)
     return box[0]
