@@ -19,6 +19,7 @@ from lightning_viz.methods import (
     class_activation_map,
     class_model_images,
     deletion_auc,
+    extract_features,
     feature_maps,
     fgsm,
     guided_class_activation_map,
@@ -30,6 +31,7 @@ from lightning_viz.methods import (
     rank_correlation,
     receptive_field,
     saliency,
+    scan_topk,
     smoothgrad,
     topk_iou,
     tsne_2d,
@@ -428,3 +430,31 @@ def test_chunk_size_below_one_is_refused_by_every_pure_method(call, value):
             call(model, x, value)
         call(model, x, 1)
         call(model, x, None)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x, c: extract_features(m, x, "conv2", batch_size=c),
+        lambda m, x, c: scan_topk(m, x, "conv2", [0, 1], k=2, batch_size=c),
+    ],
+    ids=["extract_features", "scan_topk"],
+)
+def test_batch_size_of_the_feature_scans_follows_the_chunk_size_rule(call):
+    """``batch_size`` of extract_features and scan_topk is their chunk size (images per forward): the same rule.
+    Was: 0 -> "range() arg 3 must not be zero", -1 -> "torch.cat(): expected a non-empty list of Tensors" or
+    "scan_topk got no images", 2.5 -> "'float' object cannot be interpreted as an integer"."""
+    model = TinyCNN(width=3).eval()
+    x = _images(3, 8)
+    with isolated(model):
+        for value in (0, -1):
+            with pytest.raises(ValueError, match=rf"^batch_size must be >= 1 or None; got {value}$"):
+                call(model, x, value)
+        with pytest.raises(TypeError, match=r"^batch_size must be a whole number of images >= 1, or None; got 2\.5$"):
+            call(model, x, 2.5)
+
+        def parts(result):
+            return list(result) if isinstance(result, tuple) else [result.values, result.image, result.y, result.x]
+
+        for a, b in zip(parts(call(model, x, None)), parts(call(model, x, 2))):  # None: all at once
+            torch.testing.assert_close(a, b)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..capture import capture
 from ..layers import LayerNotFoundError, get_layer, last_called_linear, linear_layer_names, unwrap_model
 from ..progress import progress
-from .checks import check_eval
+from .checks import check_chunk_size, check_eval
 
 __all__ = [
     "penultimate_layer",
@@ -67,15 +67,17 @@ def _keep_input(seen: list[Tensor], module: nn.Module, inputs: tuple) -> None:
 
 
 def extract_features(
-    model: nn.Module, x: Tensor, layer: str | None = None, batch_size: int = 256
+    model: nn.Module, x: Tensor, layer: str | None = None, batch_size: int | None = 256
 ) -> tuple[Tensor, Tensor]:
     """``(features[B, D], logits[B, K])`` of ``x``; no autograd.
 
     ``layer=None``: the input of the last linear layer called in the forward (penultimate features). Otherwise the
     output of ``layer``; ``[B, C, h, w]`` maps are averaged over ``h, w``, other shapes flattened. The model must be
-    in eval mode (:func:`~lightning_viz.methods.checks.check_eval`).
+    in eval mode (:func:`~lightning_viz.methods.checks.check_eval`). ``batch_size`` images per forward (``None``: all
+    at once; as :func:`~lightning_viz.methods.checks.check_chunk_size` allows).
     """
     check_eval("extract_features", model)
+    batch_size = check_chunk_size(batch_size, option="batch_size") or max(1, x.shape[0])
     feats, logits = [], []
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
