@@ -1674,7 +1674,7 @@ def _writes_to(trainer: Trainer, destination: tuple[str, ...]) -> None:
     trainers = _trainers_by_destination.setdefault(destination, weakref.WeakSet())
     if trainer not in trainers:
         trainers.add(trainer)
-        weakref.finalize(trainer, _trainer_gone, destination)
+        weakref.finalize(trainer, _trainer_gone, destination).atexit = False  # nothing to free at exit
 
 
 def _trainer_gone(destination: tuple[str, ...]) -> None:
