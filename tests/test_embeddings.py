@@ -315,6 +315,30 @@ def test_barnes_hut_tsne_shows_progress_and_stops_as_the_exact_one(caplog, monke
     assert torch.equal(tsne_2d(feats, seed=2, iterations=300), quiet)
 
 
+def test_barnes_hut_progress_counts_only_its_own_threads_steps(caplog, monkeypatch):
+    """The objective is wrapped module-wide while a Barnes-Hut t-SNE runs: a scikit-learn t-SNE of another thread
+    meanwhile calls the wrapper too, and its steps were counted as this run's (lines past the real progress)."""
+    import logging
+    import threading
+
+    from sklearn.manifold import _t_sne
+
+    import lightning_viz.methods.embeddings as emb_mod
+    import lightning_viz.progress as progress_module
+
+    monkeypatch.setattr(_t_sne, "_kl_divergence_bh", lambda *a, **k: (0.0, None))
+    monkeypatch.setattr(progress_module.logger, "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    with progress_module.reporting("embeddings", every_s=0.0), emb_mod._reporting_bh_steps(300):
+        other = threading.Thread(target=lambda: [_t_sne._kl_divergence_bh() for _ in range(100)])
+        other.start()
+        other.join()
+        for _ in range(100):
+            _t_sne._kl_divergence_bh()
+    lines = [r.getMessage().split(" (")[0] for r in caplog.records if "t-SNE iterations" in r.getMessage()]
+    assert lines == [f"lightning-viz embeddings: {k}/300 t-SNE iterations" for k in (50, 100)], lines
+
+
 def test_tsne_default_iterations_are_as_faithful_as_sklearns_1000():
     """The cheaper default (500 steps) keeps the neighbourhoods of sklearn's default 1000: 4 clusters of 16
     points stay apart, trustworthiness (Venna & Kaski) is within 0.01, output shape and determinism unchanged."""

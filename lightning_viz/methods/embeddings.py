@@ -416,13 +416,14 @@ def _reporting_bh_steps(iterations: int) -> Iterator[None]:
         if objective is None:
             yield
             return
-        steps = 0
+        steps, owner = 0, threading.get_ident()
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             nonlocal steps
-            steps += 1
-            if steps % _CHECK_EVERY == 0 or steps == iterations:
-                progress(steps, iterations, "t-SNE iterations")  # a line every few seconds inside a callback run
+            if threading.get_ident() == owner:  # another thread's scikit-learn t-SNE meanwhile: not counted
+                steps += 1
+                if steps % _CHECK_EVERY == 0 or steps == iterations:
+                    progress(steps, iterations, "t-SNE iterations")  # a line every few seconds inside a callback run
             return objective(*args, **kwargs)
 
         _t_sne._kl_divergence_bh = counted
