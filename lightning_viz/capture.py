@@ -30,7 +30,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .layers import CONV_TYPES, LayerNotFoundError, MapLayout, get_layer, map_layouts, module_device, unwrap_model
+from .layers import (
+    CONV_TYPES,
+    LayerNotFoundError,
+    MapLayout,
+    get_layer,
+    hookable_layer,
+    map_layouts,
+    module_device,
+    unwrap_model,
+)
 
 __all__ = [
     "eval_mode",
@@ -595,7 +604,7 @@ def _forward_hooks(model: nn.Module, names: Iterable[str], make_hook: Callable[[
     handles = []
     try:
         for name in names:
-            handles.append(get_layer(model, name).register_forward_hook(make_hook(name)))
+            handles.append(hookable_layer(model, name).register_forward_hook(make_hook(name)))
         yield
     finally:
         for h in handles:

@@ -30,6 +30,7 @@ __all__ = [
     "MapLayout",
     "map_layouts",
     "get_layer",
+    "hookable_layer",
     "conv_layer_names",
     "linear_layer_names",
     "linear_calls",
@@ -157,8 +158,34 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     )
 
 
+def hookable_layer(model: nn.Module, name: str) -> nn.Module:
+    """:func:`get_layer`, for a layer whose output is to be recorded: a TorchScript module (``torch.jit.script`` /
+    ``torch.jit.trace``) and each module inside one take no hooks (torch's bare "register_forward_hook is not
+    supported on ScriptModules"), so such a layer raises a :class:`LayerNotFoundError` saying what to name instead."""
+    module = get_layer(model, name)
+    if not isinstance(module, torch.jit.ScriptModule):
+        return module
+    outer = next(  # the outermost TorchScript module holding it (named_modules: parents first)
+        n for n, m in named_layers(model).items() if isinstance(m, torch.jit.ScriptModule) and module in m.modules()
+    )
+    key = canonical_name(name)
+    what = (
+        f"is a TorchScript module ({type(module).__name__})"
+        if outer == key
+        else f"is inside a TorchScript module ({outer!r})"
+        if outer
+        else "is inside a TorchScript model"
+    )
+    raise LayerNotFoundError(
+        f"layer {name!r} {what}, made by torch.jit.script / torch.jit.trace, which takes no hooks: its output cannot "
+        "be recorded. Name an eager layer before or after it, or visualize the eager (unscripted) module. Conv layers: "
+        f"{_format_names(conv_layer_names(model))}."
+    )
+
+
 def resolve_layers(model: nn.Module, names: str | Iterable[str] | None, default: str = "last_conv") -> list[str]:
-    """Validate layer names (or pick a default) and return canonical names.
+    """Validate layer names (or pick a default) and return canonical names (layers whose output can be recorded:
+    :func:`hookable_layer`).
 
     ``names`` may be one name, a list of names, or ``None`` for ``default``
     (``"last_conv"`` or ``"first_conv"``).
@@ -169,7 +196,7 @@ def resolve_layers(model: nn.Module, names: str | Iterable[str] | None, default:
         names = [names]
     out = []
     for n in names:
-        get_layer(model, n)
+        hookable_layer(model, n)
         out.append(canonical_name(n))
     return out
 
@@ -299,7 +326,8 @@ def _trace_maps(model: nn.Module, x: Tensor) -> _MapTrace:
     """One no-grad forward of ``x`` recording, in call order, every module output that is a conv-produced
     ``[B, C, h, w]`` map: the output of a convolution or of a module containing one, or of a module without one
     (norm, activation, pooling, ``Identity``) that keeps the ``[B, C]`` of such a map."""
-    layers = {n: m for n, m in named_layers(model).items() if n}
+    # a TorchScript module (and each module inside it) takes no hooks: its outputs go unseen
+    layers = {n: m for n, m in named_layers(model).items() if n and not isinstance(m, torch.jit.ScriptModule)}
     has_conv = {n: any(isinstance(s, CONV_TYPES) for s in m.modules()) for n, m in layers.items()}
     weighted = {n for n, m in layers.items() if next(m.parameters(recurse=False), None) is not None}
     clock = [0]

@@ -664,3 +664,16 @@ def test_a_checkpoint_saved_after_a_sigterm_is_not_held_up_by_the_epochs_run(tmp
         trainer.fit(LitTiny(), tl, vl)
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["epoch=0-step=2.ckpt"]
     assert cam._last_run_epoch != 0  # the run was left out
+
+
+def test_cam_callback_runs_on_a_model_with_a_scripted_block(tmp_path):
+    """A TorchScript submodule takes no hooks: the setup forward that reads the layers' maps registered them on every
+    module and failed with torch's "register_forward_pre_hook is not supported on ScriptModules". Now the scripted
+    module is left out of that trace (as of the memory measurement), and Grad-CAM of a layer before it is logged."""
+    from test_relu_rules import _ScriptedBlockNet
+
+    cam = CAMCallback(layers="net.conv", methods=["gradcam"], num_probes=2)
+    trainer = tiny_trainer(str(tmp_path), [cam], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(LitTiny(_ScriptedBlockNet("script")), *tiny_loaders(n=6))
+    tags = read_events(str(tmp_path)).Tags()["images"]
+    assert tags == ["viz-cam/panel/p000", "viz-cam/panel/p001"], tags

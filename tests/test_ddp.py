@@ -380,6 +380,54 @@ def test_gather_timeout_is_a_clear_error():
     assert "check that no rank skipped the callback or crashed" in msg
 
 
+def test_a_process_group_breaking_while_probes_are_shared_is_a_clear_error():
+    """This process is rank 0 of a 2-rank gloo group whose rank 1 sends other probe fingerprints, then dies before
+    rank 0's probes are broadcast. Was: gloo's raw error (``RuntimeError: [../gloo/transport/tcp/pair.cc:...]
+    Connection closed by peer``); now a VisualizationError naming the callback and what was being shared."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    from lightning_viz.callbacks.base import VisualizationError, _rank0_probes
+    from lightning_viz.probe import ProbeSet
+
+    assert not dist.is_initialized()
+    port = find_free_network_port()
+    peer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import os, datetime, torch.distributed as d; print('ready', flush=True); "
+                f"d.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=1, world_size=2, "
+                "timeout=datetime.timedelta(seconds=5)); "
+                "d.all_gather_object([None, None], (None, 'rank 1 picked other probes')); os._exit(0)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    probes = ProbeSet(torch.zeros(2, 3, 4, 4), labels=torch.tensor([0, 1]))
+    try:
+        assert peer.stdout.readline().strip() == "ready"
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2, timeout=timedelta(seconds=5)
+        )
+        with pytest.raises(VisualizationError) as err:
+            _rank0_probes(SimpleNamespace(global_rank=0, world_size=2), probes, None, "InputGradMap", "they differ")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        peer.kill()
+        peer.wait()
+    msg = str(err.value)
+    assert msg.startswith("InputGradMap: sharing rank 0's probes across 2 ranks failed on rank 0 ("), msg
+    assert "check that no rank skipped the callback or crashed" in msg and "DDPStrategy(timeout=" in msg, msg
+
+
 def test_syncbatchnorm_compiled_bf16_model_in_process(tmp_path):
     import torch
 

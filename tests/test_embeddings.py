@@ -278,6 +278,67 @@ def test_tsne_above_the_exact_range_is_sklearns_barnes_hut(monkeypatch):
     assert knn_accuracy(bh, labels) == 1.0
 
 
+def test_barnes_hut_tsne_shows_progress_and_stops_as_the_exact_one(caplog, monkeypatch):
+    """Above TSNE_EXACT_MAX_POINTS, scikit-learn's Barnes-Hut ran without a word (and could not be stopped by a
+    SIGTERM) while the exact t-SNE logs its iterations: it now logs the same lines, every 50 iterations, and stops at
+    the check of an interruptible run; the embedding is the same, and scikit-learn is left as it was."""
+    import logging
+
+    from sklearn.manifold import _t_sne
+
+    import lightning_viz.methods.embeddings as emb_mod
+    import lightning_viz.progress as progress_module
+
+    objective = _t_sne._kl_divergence_bh
+    monkeypatch.setattr(emb_mod, "TSNE_EXACT_MAX_POINTS", 32)
+    monkeypatch.setattr(progress_module.logger, "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    feats, _ = _clusters(per=16)
+    quiet = tsne_2d(feats, seed=2, iterations=300)
+    with progress_module.reporting("embeddings", every_s=0.0):
+        shown = tsne_2d(feats, seed=2, iterations=300)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning-viz embeddings: ")]
+    done = [int(m.split(": ")[1].split("/")[0]) for m in lines if "/300 t-SNE iterations" in m]
+    assert done[:5] == [50, 100, 150, 200, 250] and done == sorted(done) and len(done) == len(lines), lines
+    assert torch.equal(shown, quiet) and _t_sne._kl_divergence_bh is objective
+
+    class Stop(Exception):
+        pass
+
+    def check(done: int, total: int, what: str) -> None:
+        if what == "t-SNE iterations" and done >= 100:
+            raise Stop(done)
+
+    with progress_module.interruptible(check), pytest.raises(Stop, match="100"):
+        tsne_2d(feats, seed=2, iterations=300)
+    assert _t_sne._kl_divergence_bh is objective
+    assert torch.equal(tsne_2d(feats, seed=2, iterations=300), quiet)
+
+
+def test_barnes_hut_progress_counts_only_its_own_threads_steps(caplog, monkeypatch):
+    """The objective is wrapped module-wide while a Barnes-Hut t-SNE runs: a scikit-learn t-SNE of another thread
+    meanwhile calls the wrapper too, and its steps were counted as this run's (lines past the real progress)."""
+    import logging
+    import threading
+
+    from sklearn.manifold import _t_sne
+
+    import lightning_viz.methods.embeddings as emb_mod
+    import lightning_viz.progress as progress_module
+
+    monkeypatch.setattr(_t_sne, "_kl_divergence_bh", lambda *a, **k: (0.0, None))
+    monkeypatch.setattr(progress_module.logger, "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning_viz")
+    with progress_module.reporting("embeddings", every_s=0.0), emb_mod._reporting_bh_steps(300):
+        other = threading.Thread(target=lambda: [_t_sne._kl_divergence_bh() for _ in range(100)])
+        other.start()
+        other.join()
+        for _ in range(100):
+            _t_sne._kl_divergence_bh()
+    lines = [r.getMessage().split(" (")[0] for r in caplog.records if "t-SNE iterations" in r.getMessage()]
+    assert lines == [f"lightning-viz embeddings: {k}/300 t-SNE iterations" for k in (50, 100)], lines
+
+
 def test_tsne_default_iterations_are_as_faithful_as_sklearns_1000():
     """The cheaper default (500 steps) keeps the neighbourhoods of sklearn's default 1000: 4 clusters of 16
     points stay apart, trustworthiness (Venna & Kaski) is within 0.01, output shape and determinism unchanged."""

@@ -473,3 +473,44 @@ def test_swin_channels_last_maps_are_read_as_maps(tmp_path):
                 LitTiny(tiny_swin()), *tiny_loaders(n=4, size=32)
             )
         assert steps.steps == 0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ActivationCallback(layers="net.block", num_probes=2),
+        lambda: EmbeddingCallback(layers="net.block", num_probes=4, projection="pca", projector=False),
+        lambda: TopPatchesCallback(layers="net.block", num_probes=4, num_units=2, k=2),
+        lambda: CAMCallback(layers="net.block.0", num_probes=2),
+    ],
+    ids=["activations", "embeddings", "top_patches", "cam"],
+)
+def test_a_torchscript_layer_is_refused_at_setup_with_what_to_name_instead(tmp_path, make):
+    """A TorchScript module (and each module inside it) takes no hooks. Naming one failed with torch's bare
+    "register_forward_hook is not supported on ScriptModules" at the first run (CAM: "no feature map produced by
+    convolutions", of a scripted block holding a conv); now at setup, naming the callback, the layer and what to do."""
+    from test_relu_rules import _ScriptedBlockNet
+
+    cb = make()
+    trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    with pytest.raises(LayerNotFoundError) as info:
+        trainer.fit(LitTiny(_ScriptedBlockNet("script")), *tiny_loaders(n=6))
+    message = str(info.value)
+    assert message.startswith(f"{type(cb).__name__}: layer 'net.block"), message
+    assert "is inside a TorchScript module ('net.block'" in message or "is a TorchScript module" in message, message
+    assert "takes no hooks" in message and "Conv layers: 'net.conv'" in message, message
+
+
+def test_pure_methods_refuse_a_torchscript_layer_clearly():
+    from test_relu_rules import _ScriptedBlockNet
+
+    from lightning_viz.methods import feature_maps
+
+    model = _ScriptedBlockNet("script").eval()
+    x = torch.randn(2, 3, 8, 8)
+    with isolated(model):
+        with pytest.raises(LayerNotFoundError, match=r"^layer 'block' is a TorchScript module \(RecursiveScriptModule"):
+            feature_maps(model, x, "block")
+        with pytest.raises(LayerNotFoundError, match=r"^layer 'block.1' is inside a TorchScript module \('block'"):
+            C.class_activation_map(model, x, "block.1", target=0)
+        assert list(feature_maps(model, x, "conv")) == ["conv"]

@@ -19,7 +19,10 @@ from lightning_viz.methods import (
     class_activation_map,
     class_model_images,
     deletion_auc,
+    extract_features,
+    feature_maps,
     fgsm,
+    guided_class_activation_map,
     integrated_gradients,
     invert_features,
     occlusion,
@@ -28,6 +31,7 @@ from lightning_viz.methods import (
     rank_correlation,
     receptive_field,
     saliency,
+    scan_topk,
     smoothgrad,
     topk_iou,
     tsne_2d,
@@ -36,6 +40,7 @@ from lightning_viz.methods import (
 from lightning_viz.methods.adversarial import minimal_flip_budget
 from lightning_viz.methods.cam import scorecam_weights
 from lightning_viz.methods.metrics import perturbation_curve
+from lightning_viz.methods.receptive_field import gradient_receptive_field
 from lightning_viz.methods.shared_pass import gradient_pass
 from lightning_viz.probe import ProbeSet
 from lightning_viz.targets import ModelAdapter, model_adapter
@@ -326,8 +331,6 @@ def test_a_numpy_or_0d_tensor_class_index_is_a_target_and_per_image_classes_poin
 
 def test_one_layer_name_is_a_layer_not_its_characters():
     """``feature_maps(model, x, "conv2")`` failed with "Unknown layer 'c'" (the name was iterated)."""
-    from lightning_viz.methods import feature_maps
-
     model = TinyCNN(width=3).eval()
     x = _images(2, 8)
     with isolated(model):
@@ -376,3 +379,82 @@ def test_gray_occlusion_with_a_normalization_of_another_channel_count_fails_clea
             occlusion(model, x, 0, window=4, mean=[0.5, 0.5], std=[0.2, 0.2])
         gray = occlusion(model, x, 0, window=4, mean=[0.5], std=[0.25])["score"]
         torch.testing.assert_close(gray, occlusion(model, x, 0, window=4, fill=0.0)["score"])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x, c: saliency(m, x, 0, chunk_size=c),
+        lambda m, x, c: gradient_pass(m, x, 0, None, "conv2", chunk_size=c),
+        lambda m, x, c: integrated_gradients(m, x, 0, steps=2, chunk_size=c),
+        lambda m, x, c: smoothgrad(saliency, m, x, 0, n_samples=2, chunk_size=c),
+        lambda m, x, c: smoothgrad(integrated_gradients, m, x, 0, n_samples=2, steps=2, chunk_size=c),
+        lambda m, x, c: class_activation_map(m, x, "conv2", "gradcam", 0, chunk_size=c),
+        lambda m, x, c: class_activation_map(m, x, "conv2", "scorecam", 0, chunk_size=c),
+        lambda m, x, c: class_activation_map(m, x, "conv2", "ablationcam", 0, chunk_size=c),
+        lambda m, x, c: guided_class_activation_map(m, x, "conv2", target=0, chunk_size=c),
+        lambda m, x, c: occlusion(m, x, 0, window=4, chunk_size=c),
+        lambda m, x, c: feature_maps(m, x, "conv2", chunk_size=c),
+        lambda m, x, c: deletion_auc(m, x, x[:, 0], 0, chunk_size=c),
+        lambda m, x, c: class_model_images(m, [0, 1], (3, 8, 8), steps=1, chunk_size=c),
+        lambda m, x, c: gradient_receptive_field(m, "conv2", (3, 8, 8), trials=1, chunk_size=c),
+    ],
+    ids=[
+        "saliency",
+        "gradient_pass",
+        "ig",
+        "smoothgrad",
+        "smoothgrad_ig",
+        "gradcam",
+        "scorecam",
+        "ablationcam",
+        "guided_gradcam",
+        "occlusion",
+        "feature_maps",
+        "deletion",
+        "class_model",
+        "rf_gradient",
+    ],
+)
+@pytest.mark.parametrize("value", [0, -1])
+def test_chunk_size_below_one_is_refused_by_every_pure_method(call, value):
+    """One rule for ``chunk_size`` (:func:`lightning_viz.methods.checks.check_chunk_size`): ``None`` or a whole number
+    >= 1. Was: 0 meant the memory budget in integrated gradients, SmoothGrad and Score-CAM, one chunk in
+    gradient_pass, Grad-CAM and class_model_images, one image per forward in occlusion, a bare ``range()`` error in
+    the gradient receptive field, and was refused by feature_maps and deletion_auc; -1 meant one chunk here, one
+    image there, and was refused elsewhere."""
+    model = TinyCNN(width=3).eval()
+    x = _images(2, 8)
+    with isolated(model):
+        with pytest.raises(ValueError, match=rf"^chunk_size must be >= 1 or None; got {value}$"):
+            call(model, x, value)
+        call(model, x, 1)
+        call(model, x, None)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x, c: extract_features(m, x, "conv2", batch_size=c),
+        lambda m, x, c: scan_topk(m, x, "conv2", [0, 1], k=2, batch_size=c),
+    ],
+    ids=["extract_features", "scan_topk"],
+)
+def test_batch_size_of_the_feature_scans_follows_the_chunk_size_rule(call):
+    """``batch_size`` of extract_features and scan_topk is their chunk size (images per forward): the same rule.
+    Was: 0 -> "range() arg 3 must not be zero", -1 -> "torch.cat(): expected a non-empty list of Tensors" or
+    "scan_topk got no images", 2.5 -> "'float' object cannot be interpreted as an integer"."""
+    model = TinyCNN(width=3).eval()
+    x = _images(3, 8)
+    with isolated(model):
+        for value in (0, -1):
+            with pytest.raises(ValueError, match=rf"^batch_size must be >= 1 or None; got {value}$"):
+                call(model, x, value)
+        with pytest.raises(TypeError, match=r"^batch_size must be a whole number of images >= 1, or None; got 2\.5$"):
+            call(model, x, 2.5)
+
+        def parts(result):
+            return list(result) if isinstance(result, tuple) else [result.values, result.image, result.y, result.x]
+
+        for a, b in zip(parts(call(model, x, None)), parts(call(model, x, 2))):  # None: all at once
+            torch.testing.assert_close(a, b)

@@ -1,6 +1,8 @@
 """Guided-backprop / deconvnet ReLU rules: every ReLU spelling, in-place semantics, reused modules, torchvision."""
 
 import copy
+import re
+import warnings
 
 import pytest
 import torch
@@ -187,3 +189,86 @@ def test_guided_methods_on_a_forward_without_relu_warn_at_setup(tmp_path):
     torch.testing.assert_close(maps["guided_backprop/input"], maps["saliency/input"], rtol=0, atol=0)  # as it says
     _, messages = fit(TinyCNN(), tmp_path / "relu")
     assert not [m for m in messages if "calls no ReLU" in m]
+
+
+class _ScriptedBlockNet(nn.Module):
+    """conv -> block (conv, nn.ReLU, F.relu in place) -> GAP -> linear; ``how`` turns the block into TorchScript."""
+
+    def __init__(self, how: str = "eager"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), _InplaceReLU())
+        self.fc = nn.Linear(4, 3)
+        if how == "script":
+            self.block = torch.jit.script(self.block)
+        elif how == "script_relu":  # only the ReLU module scripted
+            self.block[1] = torch.jit.script(self.block[1])
+        elif how == "trace":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated
+                self.block = torch.jit.trace(self.block, torch.randn(1, 4, 8, 8))
+        elif how == "script_conv":  # a scripted module without ReLUs: the rules still reach every ReLU
+            self.block[0] = torch.jit.script(self.block[0])
+
+    def forward(self, x):
+        return self.fc(self.block(self.conv(x) - 0.1).mean((2, 3)))
+
+
+class _InplaceReLU(nn.Module):
+    def forward(self, x):
+        return F.relu(x - 0.05, inplace=True)
+
+
+@pytest.mark.parametrize("how, where", [("script", "'block'"), ("script_relu", "'block.1'"), ("trace", "'block'")])
+def test_a_relu_inside_torchscript_is_refused_by_the_relu_rule_methods(how, where):
+    """A TorchScript module runs its ReLUs in the TorchScript interpreter, where the rule's TorchFunctionMode never sees
+    them: guided backprop, the deconvnet and guided Grad-CAM silently became the plain gradient there (was: maps that
+    differ from the eager model's, no word). Now a clear error naming the scripted module; the methods without a rule
+    are unaffected, and a scripted module without ReLUs is fine."""
+    from lightning_viz.methods import deconvnet, guided_backprop, guided_class_activation_map, saliency
+    from lightning_viz.methods.cam import class_activation_map
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    eager, scripted = _ScriptedBlockNet().eval(), _ScriptedBlockNet(how).eval()
+    scripted.load_state_dict(eager.state_dict())
+    with isolated(scripted):
+        for call in (
+            lambda m: guided_backprop(m, x, 0),
+            lambda m: deconvnet(m, x, 0),
+            lambda m: guided_class_activation_map(m, x, "conv", target=0),
+        ):
+            with pytest.raises(ValueError, match=rf"TorchScript module {re.escape(where)} runs its ReLUs") as info:
+                call(scripted)
+            assert "the eager (unscripted) module" in str(info.value)
+        torch.testing.assert_close(saliency(scripted, x, 0), saliency(eager, x, 0))
+        torch.testing.assert_close(
+            class_activation_map(scripted, x, "conv", target=0), class_activation_map(eager, x, "conv", target=0)
+        )
+    conv_only = _ScriptedBlockNet("script_conv").eval()
+    conv_only.load_state_dict(eager.state_dict())
+    with isolated(conv_only), isolated(eager):
+        torch.testing.assert_close(guided_backprop(conv_only, x, 0), guided_backprop(eager, x, 0))
+        torch.testing.assert_close(deconvnet(conv_only, x, 0), deconvnet(eager, x, 0))
+
+
+def test_callbacks_refuse_relu_rule_methods_on_a_scripted_relu_at_setup(tmp_path):
+    """The callbacks say so at setup, naming themselves, the methods and the scripted module (was: silent maps of
+    another method); their other methods run on the same model."""
+    from helpers import LitTiny, tiny_loaders, tiny_trainer
+
+    from lightning_viz.callbacks import CAMCallback, GradientCallback
+
+    def fit(cb, path):
+        trainer = tiny_trainer(str(path), [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+        trainer.fit(LitTiny(_ScriptedBlockNet("script")), *tiny_loaders(n=6))
+
+    grads = GradientCallback(methods=["saliency", "guided_backprop", "smoothgrad_deconvnet"], num_probes=2)
+    with pytest.raises(ValueError) as info:
+        fit(grads, tmp_path / "g")
+    message = str(info.value)
+    assert message.startswith("GradientCallback: methods 'guided_backprop', 'smoothgrad_deconvnet' change the backward")
+    assert "TorchScript module 'net.block' runs its ReLUs" in message, message
+    with pytest.raises(ValueError, match=r"^CAMCallback: methods 'guided_gradcam' change the backward"):
+        fit(CAMCallback(layers="net.conv", methods=["gradcam", "guided_gradcam"], num_probes=2), tmp_path / "c")
+    fit(GradientCallback(methods=["saliency"], num_probes=2), tmp_path / "s")

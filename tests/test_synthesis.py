@@ -442,7 +442,7 @@ def test_progress_of_a_chunked_optimization_counts_the_steps_of_all_chunks(train
 def test_optimize_input_takes_an_empty_batch_and_refuses_a_bad_chunk_size(trained):
     """Was: no classes -> ZeroDivisionError, chunk_size=-1 -> "torch.cat(): expected a non-empty list", 2.5 ->
     "'float' object cannot be interpreted as an integer"; now an empty result (as the gradient methods give) and
-    the chunk_size message of every other method. ``chunk_size=0`` stays one chunk."""
+    the chunk_size message of every other method (``chunk_size=0`` too, which was one chunk here alone)."""
     model, _ = trained
     with isolated(model):
         empty = class_model_images(model, [], (3, 8, 8), steps=2)
@@ -451,7 +451,5 @@ def test_optimize_input_takes_an_empty_batch_and_refuses_a_bad_chunk_size(traine
             class_model_images(model, [0, 1], (3, 8, 8), steps=2, chunk_size=-1)
         with pytest.raises(TypeError, match=r"chunk_size must be a whole number of images >= 1, or None; got 2\.5"):
             class_model_images(model, [0, 1], (3, 8, 8), steps=2, chunk_size=2.5)
-        whole = class_model_images(model, [0, 1], (3, 8, 8), steps=2)
-        torch.testing.assert_close(
-            class_model_images(model, [0, 1], (3, 8, 8), steps=2, chunk_size=0).images, whole.images
-        )
+        with pytest.raises(ValueError, match=r"chunk_size must be >= 1 or None; got 0"):
+            class_model_images(model, [0, 1], (3, 8, 8), steps=2, chunk_size=0)

@@ -410,6 +410,38 @@ def test_steps_remembered_per_log_directory_stay_bounded_over_a_long_fit(tmp_pat
     assert image_steps(read_events(str(tmp_path)), "viz-filters/net.conv1/grid") == [0, *range(9)]
 
 
+def test_steps_remembered_per_log_directory_go_with_the_last_trainer_writing_there(tmp_path):
+    """The steps written per log directory and state key were kept in a module-level dict for the whole process (a
+    sweep of many fits: one entry per run and callback, never freed). Now a directory's entries go once no Trainer
+    that wrote there is left; while one is, a validate after its fit goes on past the fit's steps, and the same
+    callback on a fresh Trainer over a directory it wrote to goes on after its own steps."""
+    import gc
+
+    from lightning_viz.callbacks import base
+
+    def entries(path):
+        return [dict(steps) for key, steps in base._steps_by_key.items() if key[0][0].startswith(str(path))]
+
+    train, val = tiny_loaders(n=16)
+    cb = FilterCallback(run_on="validation_epoch_end")
+    model_a = LitTiny()
+    trainer_a = tiny_trainer(str(tmp_path / "a"), [cb], max_epochs=2, num_sanity_val_steps=0)
+    trainer_a.fit(model_a, train, val)
+    trainer_a.validate(model_a, val, verbose=False)  # after the fit's steps 0 and 1
+    trainer_b = tiny_trainer(str(tmp_path / "b"), [cb], max_epochs=1, num_sanity_val_steps=0)
+    trainer_b.fit(LitTiny(), train, val)
+    gc.collect()
+    assert entries(tmp_path / "a") == [{2: True}] and entries(tmp_path / "b") == [{0: False}]
+    del trainer_a, model_a  # (a model keeps its last Trainer)
+    gc.collect()
+    assert entries(tmp_path / "a") == [] and entries(tmp_path / "b") == [{0: False}]
+    tiny_trainer(str(tmp_path / "a"), [cb]).validate(LitTiny(), val, verbose=False)  # a fresh Trainer: step 3
+    assert image_steps(read_events(str(tmp_path / "a")), "viz-filters/net.conv1/grid") == [0, 1, 2, 3]
+    del trainer_b, cb  # (a callback keeps its last model)
+    gc.collect()
+    assert entries(tmp_path) == []
+
+
 class _SeenWeights(FilterCallback):
     """Records the head weights each run sees (the README's weight-averaging paragraph states which)."""
 

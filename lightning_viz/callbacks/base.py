@@ -307,6 +307,21 @@ def _all_gather(obj: Any, what: str, rank: int, world: int) -> list[Any]:
     return gathered
 
 
+def _broadcast_from_rank0(box: list[Any], who: str, what: str) -> None:
+    """``broadcast_object_list`` of ``box`` from rank 0; a timeout or broken process group (a rank that crashed or
+    was killed meanwhile: gloo's bare "Connection reset by peer") raises a :class:`VisualizationError` starting with
+    ``who`` and naming ``what`` was being shared."""
+    try:
+        torch.distributed.broadcast_object_list(box, src=0)
+    except Exception as exc:  # timeouts and broken process groups
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        raise VisualizationError(
+            f"{who}: sharing {what} across {world} ranks failed on rank {rank} ({type(exc).__name__}: {exc}). Every "
+            "rank must reach the same point: check that no rank skipped the callback or crashed, or raise the "
+            "process-group timeout (DDPStrategy(timeout=...)) if one rank is much slower."
+        ) from exc
+
+
 def _failure(error: BaseException | None) -> str | None:
     """What a rank sends of its outcome: ``None``, or ``"<ErrorType>: <message>"``."""
     return None if error is None else f"{type(error).__name__}: {error}"
@@ -376,13 +391,7 @@ def _share_rank0_error(error: BaseException | None, what: str, force: bool = Fal
     if isinstance(error, VisualizationError):
         text = str(error)
     box: list[Any] = [text, force, isinstance(error, VisualizationError)]
-    try:
-        torch.distributed.broadcast_object_list(box, src=0)
-    except Exception as exc:  # timeouts and broken process groups
-        raise VisualizationError(
-            f"lightning-viz: sharing rank 0's {what} status failed on rank {torch.distributed.get_rank()} ({exc}). "
-            "Every rank must reach the same epoch end; check that no rank skipped or crashed."
-        ) from exc
+    _broadcast_from_rank0(box, "lightning-viz", f"rank 0's {what} status")
     if box[0] is not None and error is None:
         failed = VisualizationError(box[0] if box[2] else f"lightning-viz {what} failed on rank 0: {box[0]}")
         failed.force = bool(box[1])  # type: ignore[attr-defined]
@@ -1511,9 +1520,15 @@ class VisualizationCallback(Callback):
     def _steps_written(self, trainer: Trainer) -> dict[int, bool]:
         """The steps written to this trainer's log destination by this callback or any other with its state key (the
         same tags): a fresh instance for each entry point (``LightningModule.configure_callbacks``) goes on after
-        them too. Each step maps to whether a ``trainer.validate`` wrote it."""
+        them too. Each step maps to whether a ``trainer.validate`` wrote it. A destination's entries last while a
+        Trainer that wrote there does (:func:`_writes_to`); this instance keeps its own steps beyond."""
         destination = _destination(trainer)
-        written = self._written[destination] = _steps_by_key.setdefault((destination, self.state_key), {})
+        _writes_to(trainer, destination)
+        key = (destination, self.state_key)
+        written = _steps_by_key.get(key)
+        if written is None:
+            written = _steps_by_key[key] = self._written.get(destination, {})
+        self._written[destination] = written
         return written
 
     def _instance(self) -> str:
@@ -1648,6 +1663,28 @@ class VisualizationCallback(Callback):
 
 #: per log destination and callback state key: the steps written there (see ``VisualizationCallback._steps_written``)
 _steps_by_key: dict[tuple[tuple[str, ...], str], dict[int, bool]] = {}
+#: the live Trainers that wrote to each destination of :data:`_steps_by_key`
+_trainers_by_destination: dict[tuple[str, ...], weakref.WeakSet[Trainer]] = {}
+
+
+def _writes_to(trainer: Trainer, destination: tuple[str, ...]) -> None:
+    """Note that ``trainer`` writes to ``destination``: once the last such Trainer is garbage-collected, the
+    destination's folders are done with and its entries of :data:`_steps_by_key` go (a sweep of many fits kept one
+    per run and callback for the whole process)."""
+    trainers = _trainers_by_destination.setdefault(destination, weakref.WeakSet())
+    if trainer not in trainers:
+        trainers.add(trainer)
+        weakref.finalize(trainer, _trainer_gone, destination).atexit = False  # nothing to free at exit
+
+
+def _trainer_gone(destination: tuple[str, ...]) -> None:
+    trainers = _trainers_by_destination.get(destination)
+    if trainers is not None and any(True for _ in trainers):  # another Trainer still writes there
+        return
+    _trainers_by_destination.pop(destination, None)
+    for key in [k for k in _steps_by_key if k[0] == destination]:
+        del _steps_by_key[key]
+
 
 #: trainers already warned that their training data has no epochs (see :func:`_warn_epochless`)
 _epochless_warned: weakref.WeakSet[Trainer] = weakref.WeakSet()
@@ -1825,7 +1862,7 @@ def _rank0_probes(
     if len(set(prints)) == 1:
         return probes
     box: list[Any] = [probes if rank == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
+    _broadcast_from_rank0(box, who, "rank 0's probes")
     if box[0] is not None:
         rank_zero_warn(f"{who}: {why}", category=VisualizationWarning)
     return box[0]

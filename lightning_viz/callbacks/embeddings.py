@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ..layers import get_layer, module_device, module_dtype
+from ..layers import hookable_layer, module_device, module_dtype
 from ..logging import VizLogger, make_tag, step_label
 from ..methods.batching import images_per_forward
 from ..methods.checks import check_chunk_size
@@ -171,7 +171,7 @@ class EmbeddingCallback(VisualizationCallback):
             with self._naming():
                 penultimate_layer(pl_module)  # raises a clear error when the model has no nn.Linear
         else:
-            get_layer(pl_module, self.layer)
+            hookable_layer(pl_module, self.layer)
 
     def check_input(self, model: Any, x: Tensor) -> None:
         if self.layer is None:  # the penultimate features: the input of the last nn.Linear called

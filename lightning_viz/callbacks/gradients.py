@@ -22,7 +22,7 @@ from torch import Tensor
 from ..layers import module_device, module_dtype, unwrap_model
 from ..methods.checks import check_chunk_size
 from ..methods.gradients import GRADIENT_METHODS, PASS_RULES, gradient_from_pass, reduce_channels, smoothgrad
-from ..methods.relu_rules import relu_rule
+from ..methods.relu_rules import check_scripted_relus, relu_rule
 from ..methods.shared_pass import INPUT, PassCache, PassResult, model_version, pass_cache
 from ..probe import ProbeSet
 from ..targets import resolve_target
@@ -96,6 +96,11 @@ class GradientMapCallback(MapCallback):
             )
 
     def check(self, pl_module: LightningModule) -> None:
+        methods = self.relu_rule_methods()
+        if methods:  # before any forward: a TorchScript module's ReLUs are out of the rule's reach
+            check_scripted_relus(
+                type(self).__name__, unwrap_model(pl_module), f"methods {', '.join(map(repr, methods))}"
+            )
         cache = self.cache(pl_module)
         for rule, layers in self.pass_needs(pl_module).items():
             cache.register(self.target, rule, layers)

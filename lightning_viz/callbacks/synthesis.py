@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
-from ..layers import canonical_name, get_layer, module_device, module_dtype
+from ..layers import canonical_name, hookable_layer, module_device, module_dtype
 from ..logging import VizLogger, make_tag
 from ..methods.adversarial import fgsm, minimal_flip_budget, pgd
 from ..methods.checks import check_chunk_size
@@ -352,7 +352,7 @@ class UnitCallback(_InputOptimizationCallback):
             )
 
     def check(self, pl_module: LightningModule) -> None:  # before any forward: the layer's declared width
-        module = get_layer(pl_module, self.layer)
+        module = hookable_layer(pl_module, self.layer)
         self._check_channels(getattr(module, "out_channels", None) or getattr(module, "out_features", None))
 
     def check_input(self, model: Any, x: Tensor) -> None:  # the output's width (also of blocks and pools)
@@ -429,7 +429,7 @@ class InversionCallback(_InputOptimizationCallback):
         return (*super().state_key_parts(), self.layer)
 
     def check(self, pl_module: LightningModule) -> None:
-        get_layer(pl_module, self.layer)
+        hookable_layer(pl_module, self.layer)
 
     def check_input(self, model: Any, x: Tensor) -> None:  # called by the eval-mode forward (any output shape)
         self.check_layer_outputs(model, x, [self.layer], dims=None)

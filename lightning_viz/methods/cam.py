@@ -58,7 +58,14 @@ from ..targets import (
     resolve_target,
 )
 from .batching import default_memory_mb, images_per_forward
-from .checks import check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
+from .checks import (
+    check_chunk_size,
+    check_eval,
+    check_images,
+    check_labels_per_image,
+    check_logits,
+    input_matches_model,
+)
 from .shared_pass import PassResult, chunks, gradient_pass
 
 __all__ = [
@@ -265,7 +272,7 @@ def scorecam_weights(
         classes = tgt.classes(check_logits("Score-CAM", model(x), x.shape[0]), labels)
     out = torch.empty(b * k, device=x.device, dtype=x.dtype)
     img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
-    for sl in chunks(b * k, chunk_size or images_per_forward(model, x)):
+    for sl in chunks(b * k, check_chunk_size(chunk_size) or images_per_forward(model, x)):
         progress(sl.start, b * k, "masked images")  # a line every few seconds inside a callback run (rank 0)
         masks = F.interpolate(acts[sl, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
         lo = masks.flatten(1).amin(1)[:, None, None, None]
@@ -338,7 +345,7 @@ def ablationcam_weights(
     out = torch.empty(b * k, device=x.device, dtype=torch.float64)
     img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
     channel = torch.arange(b * k, device=x.device) % k
-    size = chunk_size or images_per_forward(model, x)
+    size = check_chunk_size(chunk_size) or images_per_forward(model, x)
 
     def ablated_logits(sl: slice, shared: bool) -> Tensor:
         """Logits of the chunk's ablated images; ``shared`` (one image): that image once up to ``layer``, then

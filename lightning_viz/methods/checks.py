@@ -27,10 +27,15 @@ __all__ = [
 ]
 
 
-def check_chunk_size(chunk_size: object, owner: str = "") -> Optional[int]:
+def check_chunk_size(chunk_size: object, owner: str = "", option: str = "chunk_size") -> Optional[int]:
     """``chunk_size`` (images per forward) as an ``int >= 1``, or ``None``; a numpy integer counts, a bool or float
-    does not. ``owner`` prefixes the message (``"MapTracker"``; callbacks get theirs from the base class)."""
-    who = f"{owner}: " if owner else ""
+    does not, and ``0`` or a negative number is refused (no "one chunk" or "automatic" meaning). ``None`` is
+    automatic: as many as the memory budget holds (:mod:`~lightning_viz.methods.batching`), or all at once where a
+    method has no budget. The one rule of every pure method and callback taking ``chunk_size``: the pure methods check
+    it when called, before any forward; the callbacks when built. ``owner`` prefixes the message (``"MapTracker"``;
+    callbacks get theirs from the base class); ``option``: the name it goes by (``batch_size`` of
+    :func:`~lightning_viz.methods.embeddings.extract_features` and :func:`~lightning_viz.methods.patches.scan_topk`)."""
+    who = f"{owner}: {option}" if owner else option
     if chunk_size is None:
         return None
     try:
@@ -38,9 +43,9 @@ def check_chunk_size(chunk_size: object, owner: str = "") -> Optional[int]:
             raise TypeError
         n = operator.index(chunk_size)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"{who}chunk_size must be a whole number of images >= 1, or None; got {chunk_size!r}") from None
+        raise TypeError(f"{who} must be a whole number of images >= 1, or None; got {chunk_size!r}") from None
     if n < 1:
-        raise ValueError(f"{who}chunk_size must be >= 1 or None; got {chunk_size}")
+        raise ValueError(f"{who} must be >= 1 or None; got {chunk_size}")
     return n
 
 

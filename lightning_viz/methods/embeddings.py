@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache, partial
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from ..capture import capture
 from ..layers import LayerNotFoundError, get_layer, last_called_linear, linear_layer_names, unwrap_model
 from ..progress import progress
-from .checks import check_eval
+from .checks import check_chunk_size, check_eval
 
 __all__ = [
     "penultimate_layer",
@@ -66,15 +67,17 @@ def _keep_input(seen: list[Tensor], module: nn.Module, inputs: tuple) -> None:
 
 
 def extract_features(
-    model: nn.Module, x: Tensor, layer: str | None = None, batch_size: int = 256
+    model: nn.Module, x: Tensor, layer: str | None = None, batch_size: int | None = 256
 ) -> tuple[Tensor, Tensor]:
     """``(features[B, D], logits[B, K])`` of ``x``; no autograd.
 
     ``layer=None``: the input of the last linear layer called in the forward (penultimate features). Otherwise the
     output of ``layer``; ``[B, C, h, w]`` maps are averaged over ``h, w``, other shapes flattened. The model must be
-    in eval mode (:func:`~lightning_viz.methods.checks.check_eval`).
+    in eval mode (:func:`~lightning_viz.methods.checks.check_eval`). ``batch_size`` images per forward (``None``: all
+    at once; as :func:`~lightning_viz.methods.checks.check_chunk_size` allows).
     """
     check_eval("extract_features", model)
+    batch_size = check_chunk_size(batch_size, option="batch_size") or max(1, x.shape[0])
     feats, logits = [], []
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
@@ -389,11 +392,45 @@ def _tsne_sklearn(features: Tensor, seed: int, perplexity: float, iterations: in
     from threadpoolctl import threadpool_limits
 
     init = "pca" if features.shape[1] >= 2 else "random"
-    with threadpool_limits(limits=1):
+    with threadpool_limits(limits=1), _reporting_bh_steps(iterations):
         key = "max_iter" if "max_iter" in inspect.signature(TSNE).parameters else "n_iter"  # n_iter: sklearn < 1.5
         tsne = TSNE(n_components=2, perplexity=perplexity, init=init, random_state=seed, **{key: int(iterations)})
         emb = tsne.fit_transform(features.detach().cpu().double().numpy())
     return torch.as_tensor(emb, dtype=torch.float32)
+
+
+_BH_PATCH = threading.Lock()
+
+
+@contextmanager
+def _reporting_bh_steps(iterations: int) -> Iterator[None]:
+    """Inside the block, each gradient step of scikit-learn's Barnes-Hut ``TSNE`` (one call of its objective,
+    ``sklearn.manifold._t_sne._kl_divergence_bh``) counts, and every :data:`_CHECK_EVERY` steps and the last go to
+    :func:`progress` as :func:`tsne_exact`'s do (a line inside a callback run; its stop check). scikit-learn has no
+    callback: the module's objective is wrapped for the block (one block at a time), then put back; a scikit-learn
+    that names it otherwise runs as it is, without lines."""
+    from sklearn.manifold import _t_sne
+
+    with _BH_PATCH:  # read and put back under the lock: a concurrent block never wraps this one's wrapper
+        objective = getattr(_t_sne, "_kl_divergence_bh", None)
+        if objective is None:
+            yield
+            return
+        steps, owner = 0, threading.get_ident()
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal steps
+            if threading.get_ident() == owner:  # another thread's scikit-learn t-SNE meanwhile: not counted
+                steps += 1
+                if steps % _CHECK_EVERY == 0 or steps == iterations:
+                    progress(steps, iterations, "t-SNE iterations")  # a line every few seconds inside a callback run
+            return objective(*args, **kwargs)
+
+        _t_sne._kl_divergence_bh = counted
+        try:
+            yield
+        finally:
+            _t_sne._kl_divergence_bh = objective
 
 
 def silhouette(features: Tensor, labels: Tensor) -> float:

@@ -31,7 +31,14 @@ from torch import Tensor, nn
 from ..progress import progress, reporting
 from ..targets import LabelTarget, PredictedTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
-from .checks import check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
+from .checks import (
+    check_chunk_size,
+    check_eval,
+    check_images,
+    check_labels_per_image,
+    check_logits,
+    input_matches_model,
+)
 from .shared_pass import chunks, gradient_pass
 
 __all__ = [
@@ -123,6 +130,7 @@ def integrated_gradients(
     ``sum`` of the result ~= ``S(x) - S(baseline)`` (completeness)."""
     if steps < 1:
         raise ValueError(f"integrated_gradients needs steps >= 1; got {steps}")
+    chunk_size = check_chunk_size(chunk_size)
     tgt, labels = _fixed_target(model, x, target, labels)
     x = x.detach()
     base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
@@ -186,6 +194,7 @@ def smoothgrad(
         raise ValueError(f"smoothgrad needs n_samples >= 1; got {n_samples}")
     if sigma < 0:
         raise ValueError(f"smoothgrad needs sigma >= 0 (a fraction of the input range); got {sigma}")
+    chunk_size = check_chunk_size(chunk_size)
     tgt, labels = _fixed_target(model, x, target, labels)
     x = x.detach()
     b = x.shape[0]

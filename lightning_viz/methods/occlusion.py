@@ -24,7 +24,14 @@ from torch import Tensor, nn
 from ..progress import progress
 from ..targets import Probabilities, Target, TargetSpec, check_probabilities, class_probability, resolve_target
 from .batching import activation_bytes_per_image, images_per_forward
-from .checks import check_eval, check_images, check_labels_per_image, check_logits, input_matches_model
+from .checks import (
+    check_chunk_size,
+    check_eval,
+    check_images,
+    check_labels_per_image,
+    check_logits,
+    input_matches_model,
+)
 
 __all__ = [
     "FILLS",
@@ -160,6 +167,7 @@ def occlusion(
     labels = check_labels_per_image("occlusion", labels, x.shape[0])
     tgt = resolve_target(target)
     check_probabilities(probabilities)
+    chunk_size = check_chunk_size(chunk_size)
     window, stride = _window_stride(x.shape[-2:], window, stride)
     ys, xs = window_positions(x.shape[-2:], window, stride)
     wh, ww = _pair(window, "window")
@@ -181,7 +189,7 @@ def occlusion(
         pairs_img = torch.arange(b, device=x.device).repeat_interleave(n_pos)
         pairs_pos = torch.arange(n_pos, device=x.device).repeat(b)
         total = b * n_pos
-        chunk = images_per_forward(model, x) if chunk_size is None else max(1, int(chunk_size))
+        chunk = chunk_size or images_per_forward(model, x)
         scores, probs = [], []
         for s in range(0, total, chunk):
             progress(s, total, "occluded images")  # a line every few seconds inside a callback run (rank 0)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..capture import capture
 from ..progress import progress
-from .checks import check_eval, check_images
+from .checks import check_chunk_size, check_eval, check_images
 
 __all__ = ["TopK", "unit_activations", "topk_per_unit", "merge_topk", "scan_topk", "scan_topk_layers"]
 
@@ -123,12 +123,13 @@ def scan_topk(
     layer: str,
     units: Sequence[int] | None,
     k: int,
-    batch_size: int = 64,
+    batch_size: int | None = 64,
     offset: int = 0,
 ) -> TopK:
     """Top-``k`` images per unit (Zeiler & Fergus 2014, Sec. 4): scan ``images[N, C, H, W]`` (on the model's
-    device) in batches; global image index = ``offset + n``. The model must be in eval mode (BatchNorm statistics
-    of a batch would rank each image against the others of its batch)."""
+    device) in batches of ``batch_size`` (``None``: all at once; as
+    :func:`~lightning_viz.methods.checks.check_chunk_size` allows); global image index = ``offset + n``. The model
+    must be in eval mode (BatchNorm statistics of a batch would rank each image against the others of its batch)."""
     return scan_topk_layers(model, images, {layer: units}, k, batch_size, offset)[layer]
 
 
@@ -137,12 +138,13 @@ def scan_topk_layers(
     images: Tensor,
     units: Mapping[str, Sequence[int] | None],
     k: int,
-    batch_size: int = 64,
+    batch_size: int | None = 64,
     offset: int = 0,
 ) -> dict[str, TopK]:
     """:func:`scan_topk` of several layers (``{layer: units}``) in one scan: one forward per batch for all of them."""
     check_images("scan_topk", images)
     check_eval("scan_topk", model)
+    batch_size = check_chunk_size(batch_size, option="batch_size") or max(1, images.shape[0])
     best: dict[str, TopK] = {}
     for s in range(0, images.shape[0], batch_size):
         progress(s, images.shape[0], "images scanned")  # a line every few seconds inside a callback run (rank 0)

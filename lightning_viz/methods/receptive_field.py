@@ -37,7 +37,7 @@ from ..capture import buffers_kept, capture, eval_mode, forward_until, grad_enab
 from ..layers import get_layer, named_layers
 from ..progress import progress
 from .batching import images_per_forward
-from .checks import check_eval
+from .checks import check_chunk_size, check_eval
 
 __all__ = [
     "ReceptiveField",
@@ -320,6 +320,7 @@ def _position_supports(
 ) -> tuple[int, int, Tensor, Tensor]:
     """``(h, w, pos, support[P, H, W])``: the gradient support of the flat positions ``pos = positions(h, w)`` of
     ``layer``'s ``h x w`` grid, united over ``trials`` seeded inputs (the same inputs for every ``pos``)."""
+    chunk_size = check_chunk_size(chunk_size)
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None else torch.float32

@@ -19,20 +19,25 @@ incoming gradient -- one elementwise kernel per ReLU in the backward, as Captum'
 but also for functional ReLUs. The deconv rule replaces the ReLU by :class:`DeconvReLU` (the mask
 must go), in place for in-place calls (``ctx.mark_dirty``).
 Other activations (``hardswish``, ``relu6``, ``gelu``) keep their ordinary gradient.
+
+A TorchScript module (scripted or traced) runs its ReLUs in the TorchScript interpreter, which no
+``TorchFunctionMode`` sees: there the rule cannot apply, and the map would silently be the plain gradient's.
+:func:`check_scripted_relus` refuses such a model (every pass with a rule, and the callbacks at setup).
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
-from typing import Literal, Optional
+from typing import Literal, Optional, cast
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["RULES", "ReLURule", "relu_rule", "GuidedReLU", "DeconvReLU"]
+__all__ = ["RULES", "ReLURule", "relu_rule", "GuidedReLU", "DeconvReLU", "scripted_relus", "check_scripted_relus"]
 
 ReLURule = Literal["guided", "deconv"]
 RULES = ("guided", "deconv")
@@ -123,3 +128,54 @@ def relu_rule(rule: Optional[str]) -> Iterator[Optional[_ReLURuleMode]]:
         raise ValueError(f"unknown ReLU rule {rule!r}; allowed: {', '.join(map(repr, RULES))} or None (plain gradient)")
     with _ReLURuleMode(rule) as mode:
         yield mode
+
+
+#: TorchScript graph nodes of a ReLU (``nn.ReLU``, ``F.relu`` and their in-place spellings compile to these)
+_SCRIPT_RELUS = ("aten::relu", "aten::relu_")
+_CALLS_RELU: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _block_calls_relu(block: torch._C.Block | torch._C.Graph) -> bool:
+    return any(
+        node.kind() in _SCRIPT_RELUS or any(_block_calls_relu(b) for b in node.blocks()) for node in block.nodes()
+    )
+
+
+def _script_calls_relu(module: nn.Module) -> bool:
+    if module not in _CALLS_RELU:
+        try:
+            _CALLS_RELU[module] = _block_calls_relu(cast(torch._C.Graph, module.inlined_graph))
+        except (AttributeError, RuntimeError):  # no forward compiled (an attribute container): nothing it runs
+            _CALLS_RELU[module] = False
+    return _CALLS_RELU[module]
+
+
+def scripted_relus(model: nn.Module) -> list[str]:
+    """Names of the outermost TorchScript modules of ``model`` (``torch.jit.script`` / ``torch.jit.trace``; ``""``:
+    the model itself) whose compiled forward calls a ReLU, which :func:`relu_rule` cannot reach."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if any(f == "" or name.startswith(f + ".") for f in found):
+            continue
+        if isinstance(module, torch.jit.ScriptModule) and _script_calls_relu(module):
+            found.append(name)
+    return found
+
+
+def check_scripted_relus(who: str, model: nn.Module, what: str, plural: bool = True) -> None:
+    """Refuse ``model`` when a TorchScript module of it calls ReLUs (:func:`scripted_relus`): ``what`` (the rule, or
+    the methods using one: ``plural``) would give the plain gradient there. ``who`` starts the message."""
+    names = scripted_relus(model)
+    if not names:
+        return
+    one = len(names) == 1
+    shown = ", ".join(map(repr, names))
+    where = (
+        "the model, a TorchScript module," if names == [""] else f"the TorchScript module{'' if one else 's'} {shown}"
+    )
+    raise ValueError(
+        f"{who}: {what} change{'' if plural else 's'} the backward of every ReLU, but {where} "
+        f"{'runs its' if one else 'run their'} ReLUs in the TorchScript interpreter, where no rule can reach them (the "
+        "map there would be the plain gradient's). Visualize the eager (unscripted) module, or use methods without a "
+        "ReLU rule ('saliency', 'gradient'; CAMs: 'gradcam')."
+    )

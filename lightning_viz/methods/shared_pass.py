@@ -27,7 +27,6 @@ No parameter ``.grad`` is written (``autograd.grad`` w.r.t. inputs/activations o
 
 from __future__ import annotations
 
-import operator
 import weakref
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from ..layers import linear_calls
 from ..targets import CallableTarget, TargetSpec, resolve_target
 from .batching import images_per_forward
 from .checks import (
+    check_chunk_size,
     check_eval,
     check_images,
     check_labels_per_image,
@@ -49,26 +49,23 @@ from .checks import (
     check_reaches_input,
     input_matches_model,
 )
-from .relu_rules import relu_rule
+from .relu_rules import check_scripted_relus, relu_rule
 
 __all__ = ["INPUT", "PassResult", "gradient_pass", "PassCache", "pass_cache", "target_key", "model_version", "chunks"]
 
+
+#: the methods that take a pass with each ReLU rule, as errors name them
+_RULE_METHODS = {"guided": "guided backprop and guided Grad-CAM", "deconv": "deconvnet"}
 
 #: the "layer" name a :class:`PassCache` consumer lists when it reads the input gradient ``dS/dx``
 INPUT = "<input>"
 
 
 def chunks(n: int, chunk_size: Optional[int]) -> list[slice]:
-    """Slices covering ``range(n)`` in pieces of ``chunk_size`` (``None`` or ``<= 0``: one piece)."""
-    if chunk_size is not None:
-        try:
-            chunk_size = operator.index(chunk_size)
-        except TypeError:
-            raise TypeError(
-                f"chunk_size must be a whole number of images per forward (or None: from the memory budget); "
-                f"got {chunk_size!r}"
-            ) from None
-    if not chunk_size or chunk_size <= 0 or chunk_size >= n:
+    """Slices covering ``range(n)`` in pieces of ``chunk_size`` (``None``: one piece; else as
+    :func:`~lightning_viz.methods.checks.check_chunk_size` allows)."""
+    chunk_size = check_chunk_size(chunk_size)
+    if chunk_size is None or chunk_size >= n:
         return [slice(0, n)]
     return [slice(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
 
@@ -136,8 +133,11 @@ def gradient_pass(
     ``input_grad=False`` (only with ``layers``): the input does not require grad, so the graph -- and the
     backward -- begins at the earliest recorded layer; ``PassResult.input_grad`` is then ``None``."""
     check_images("gradient_pass", x)
+    chunk_size = check_chunk_size(chunk_size)
     check_eval("gradient and CAM methods", model)
     labels = check_labels_per_image("gradient and CAM methods", labels, x.shape[0])
+    if rule is not None:
+        check_scripted_relus(_RULE_METHODS.get(rule, "gradient_pass"), model, f"the ReLU rule {rule!r}", False)
     with input_matches_model("gradient and CAM methods", model, x):
         return _gradient_pass(model, x, target, labels, layers, rule, chunk_size, input_grad)
 

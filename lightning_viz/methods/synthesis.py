@@ -257,7 +257,7 @@ def optimize_input(
     ``loss = -sum_b objective_b + sum_b penalty_b`` -> ``torch.autograd.grad`` w.r.t. the image
     parameters -> optimizer step -> regularizer projections (decay, blur, clipping) and clamping to
     ``bounds`` (``(lo, hi)`` from :func:`valid_range`). Images are independent (eval mode), so
-    ``chunk_size`` images at a time give the same result as one batch (``None`` or ``0``: one batch).
+    ``chunk_size`` images at a time give the same result as one batch (``None``: one batch).
 
     ``scale`` (``[1, C, 1, 1]``, e.g. ``1 / std`` of a normalization that only rescales pixels, such as uint8 pixels
     ``0..255``): the model input is ``scale * z`` and everything else (``lr``, ``noise_std``, the regularizers,
@@ -291,7 +291,7 @@ def optimize_input(
     for r in regs:
         r.reset(steps, generator, device)
     b = x0.shape[0]
-    chunk = check_chunk_size(chunk_size or None) or max(b, 1)  # 0: one chunk, as None
+    chunk = check_chunk_size(chunk_size) or max(b, 1)
     images, scores, start = [x0[:0]], [x0.new_zeros(0)], [x0.new_zeros(0)]  # an empty batch: empty results
     n_chunks = -(-b // chunk)
     loop = _Loop(model, objective, steps, lr, regs, param, bounds, optimizer, decorrelate, scale)
