@@ -385,29 +385,46 @@ def _fmt(v: float) -> str:
 
 
 def colorbar(width: int, vmin: float, vmax: float, cmap: str = "jet", height: int = 24) -> Tensor:
-    """A horizontal colorbar ``[3, height, width]``: the colormap from ``vmin`` to ``vmax`` with both values
-    written underneath, and ``0`` marked (a black tick and label) when the range spans zero."""
+    """A horizontal colorbar ``[3, height, width]`` in ``[0, 1]``: the colormap from ``vmin`` to ``vmax`` with both
+    values written underneath, and ``0`` marked (a black tick and label) when the range spans zero. Its pixels are
+    uint8 levels (``/ 255``): :func:`_shared_colorbar`'s."""
+    return _shared_colorbar(width, vmin, vmax, cmap, height).float() / 255.0
+
+
+def _shared_colorbar(width: int, vmin: float, vmax: float, cmap: str = "jet", height: int = 24) -> Tensor:
+    """:func:`colorbar` as uint8 ``[3, height, width]`` (the pixels ``to_uint8(colorbar(...))`` gave), built in
+    numpy from the cached bar of this width and colormap and the cached text strips of the two values: a panel
+    has a colorbar under every tile, ~100 an epoch, whose values change every epoch."""
     bar_h = max(3, height // 3)
-    bar = colormap(torch.linspace(0, 1, width).view(1, 1, -1).expand(1, bar_h, width), cmap)[0]
-    ticks = torch.ones(3, 2, width)
+    top = _bar_rows(int(width), cmap, bar_h).copy()  # the colormap, then 2 white rows for the zero tick
     zero = None
     if vmin < 0 < vmax:  # a black line through the bar and a tick under it at zero
         zero = round(-vmin / (vmax - vmin) * (width - 1))
-        bar[:, :, zero] = 0.0
-        ticks[:, :, zero] = 0.0
+        top[:, zero] = 0
     label_h = height - bar_h - 2
-    labels = text_strip(width, [_fmt(vmin)], label_h, align="left")
-    right = text_strip(width // 2, [_fmt(vmax)], label_h, align="left")
-    ink = (right.min(dim=0).values < 0.5).any(dim=0).nonzero()
+    labels = _hwc(_shared_strip(width, [_fmt(vmin)], label_h, align="left")).copy()
+    right = _hwc(_shared_strip(width // 2, [_fmt(vmax)], label_h, align="left"))
+    ink = np.flatnonzero((right.min(axis=2) < 128).any(axis=0))  # a level under 128: a value under 0.5
     if len(ink):  # right-align the vmax label: keep only the width of its text
-        right = right[:, :, : int(ink.max()) + 3]
-    rw = int(right.shape[-1])
-    labels[:, :, width - rw :] = torch.minimum(labels[:, :, width - rw :], right)
+        right = right[:, : int(ink[-1]) + 3]
+    rw = int(right.shape[1])
+    np.minimum(labels[:, width - rw :], right, out=labels[:, width - rw :])
     if zero is not None and 0.2 * width < zero < 0.8 * width:
-        z = text_strip(16, ["0"], label_h)
+        z = _hwc(_shared_strip(16, ["0"], label_h))
         x0 = max(0, min(width - 16, zero - 8))
-        labels[:, :, x0 : x0 + 16] = torch.minimum(labels[:, :, x0 : x0 + 16], z)
-    return torch.cat([bar, ticks, labels], dim=1)
+        np.minimum(labels[:, x0 : x0 + 16], z, out=labels[:, x0 : x0 + 16])
+    return torch.from_numpy(np.concatenate([top, labels])).permute(2, 0, 1)
+
+
+@lru_cache(maxsize=64)
+def _bar_rows(width: int, cmap: str, bar_h: int) -> np.ndarray:
+    """The top of a :func:`colorbar` without its zero mark, uint8 ``[bar_h + 2, width, 3]``: ``bar_h`` rows of the
+    colormap from 0 to 1, then 2 white rows (read-only: cached)."""
+    levels = _levels(torch.from_numpy(_lut(cmap).copy())).astype(np.uint8)  # to_uint8 of each colormap entry
+    out = np.full((bar_h + 2, width, 3), 255, np.uint8)
+    out[:bar_h] = levels[_levels(torch.linspace(0, 1, width)).astype(np.intp)]
+    out.flags.writeable = False
+    return out
 
 
 def compose(
@@ -527,7 +544,7 @@ def with_colorbar(panel: Tensor, vmin: Tensor | float, vmax: Tensor | float, cma
     """A uint8 ``[3, H, W]`` image (:func:`compose`'s) with a :func:`colorbar` from ``vmin`` to ``vmax`` under it,
     as wide as the image less its padding: the values the colors of its maps stand for."""
     width = int(panel.shape[-1])
-    bar = to_uint8(colorbar(width - 2 * pad, float(vmin), float(vmax), cmap))
+    bar = _shared_colorbar(width - 2 * pad, float(vmin), float(vmax), cmap)
     strip = torch.full((3, int(bar.shape[-2]) + pad, width), 255, dtype=torch.uint8)
     strip[:, : bar.shape[-2], pad : width - pad] = bar
     return torch.cat([panel, strip], dim=1)

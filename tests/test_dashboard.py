@@ -135,6 +135,61 @@ def test_panel_tiles_size_caption_and_fixed_row_with_colorbars(tmp_path):
     )
 
 
+def _colorbar_step_by_step(width, vmin, vmax, cmap, height=24):
+    """The colorbar as it was drawn before it moved to uint8 numpy with a cached bar: in floats, with torch."""
+    from lightning_viz.render import _fmt, text_strip
+
+    bar_h = max(3, height // 3)
+    bar = colormap(torch.linspace(0, 1, width).view(1, 1, -1).expand(1, bar_h, width), cmap)[0]
+    ticks = torch.ones(3, 2, width)
+    zero = None
+    if vmin < 0 < vmax:
+        zero = round(-vmin / (vmax - vmin) * (width - 1))
+        bar[:, :, zero] = 0.0
+        ticks[:, :, zero] = 0.0
+    label_h = height - bar_h - 2
+    labels = text_strip(width, [_fmt(vmin)], label_h, align="left")
+    right = text_strip(width // 2, [_fmt(vmax)], label_h, align="left")
+    ink = (right.min(dim=0).values < 0.5).any(dim=0).nonzero()
+    if len(ink):
+        right = right[:, :, : int(ink.max()) + 3]
+    rw = int(right.shape[-1])
+    labels[:, :, width - rw :] = torch.minimum(labels[:, :, width - rw :], right)
+    if zero is not None and 0.2 * width < zero < 0.8 * width:
+        z = text_strip(16, ["0"], label_h)
+        x0 = max(0, min(width - 16, zero - 8))
+        labels[:, :, x0 : x0 + 16] = torch.minimum(labels[:, :, x0 : x0 + 16], z)
+    return to_uint8(torch.cat([bar, ticks, labels], dim=1))
+
+
+@pytest.mark.parametrize("cmap", ["jet", "RdBu_r", "viridis"])
+def test_the_uint8_colorbar_has_the_pixels_of_the_float_one_drawn_step_by_step(cmap):
+    """Panels take their colorbars as uint8 from a cached bar and numpy (``_shared_colorbar``): the same pixels as
+    the colormap, ticks and value labels drawn in floats and converted, for any width and range (zero marked or
+    not, its label in the middle or left out near an end, long and short labels, narrow bars)."""
+    from lightning_viz.render import _shared_colorbar
+
+    for width in (16, 40, 101, 128, 300):
+        for vmin, vmax in [
+            (0.0, 1.0),
+            (-1.0, 3.0),
+            (-4e-14, 4e-14),
+            (-0.5, 1e5),
+            (0.0123, 0.0456),
+            (-3.0, -1.0),
+            (-1.0, 0.001),
+            (float("nan"), 1.0),
+            (-7.25e-3, 9.99e-3),
+        ]:
+            want = _colorbar_step_by_step(width, vmin, vmax, cmap)
+            got = _shared_colorbar(width, vmin, vmax, cmap)
+            assert got.dtype == torch.uint8 and torch.equal(got, want), (width, vmin, vmax)
+            assert torch.equal(colorbar(width, vmin, vmax, cmap), want.float() / 255)
+    bar = _shared_colorbar(128, -1.0, 3.0, cmap)
+    bar[:, 0, 0] = 7  # a caller that writes into its colorbar changes no later one (the cached bar is copied)
+    assert torch.equal(_shared_colorbar(128, -1.0, 3.0, cmap), _colorbar_step_by_step(128, -1.0, 3.0, cmap))
+
+
 def test_signed_maps_use_a_diverging_colormap_with_zero_marked():
     cb = GradientCallback(methods=["gradient"], reduce="sum")
     assert cb.signed and cb.heat_cmap == "RdBu_r"
