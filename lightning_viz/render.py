@@ -17,6 +17,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -231,10 +232,17 @@ def text_px(text: str, height: int = 14) -> int:
     """Pixels a :func:`text_strip` of this ``height`` needs to show ``text`` uncut (its margins included)."""
     font = _font(max(6, round(height * 0.78)))
     try:
-        width = float(font.getlength(text))
+        width = _text_length(text, font)
     except AttributeError:  # a bitmap font of an old Pillow
         width = 6.0 * len(text)
     return math.ceil(width) + 4
+
+
+@lru_cache(maxsize=4096)
+def _text_length(text: str, font: Any) -> float:
+    """Pixels ``font`` advances over ``text`` (Pillow's ``textlength``), measured once per text and font: a caption
+    is measured to fit it (:func:`fit_names`, :func:`wrap_caption`) and again when drawn (:func:`_fit`)."""
+    return float(font.getlength(text))
 
 
 def wrap_caption(text: str, width: int, height: int, max_lines: int = 3) -> list[str]:
@@ -285,7 +293,7 @@ def one_line(text: str) -> str:
 
 def _fit(draw: object, text: str, font: object, width: float) -> str:
     """``text`` cut (with an ellipsis) so that it fits in ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:  # type: ignore[attr-defined]
+    if _text_length(text, font) <= width:
         return text
     while text and draw.textlength(text + "...", font=font) > width:  # type: ignore[attr-defined]
         text = text[:-1]
@@ -343,7 +351,7 @@ def _text_strip(width: int, texts: tuple[str, ...], height: int, align: str, cel
     for i, t in enumerate(texts):
         x0 = i * (cw + pad)
         t = _fit(draw, one_line(str(t)), font, cw - 2)  # Pillow measures no multi-line text
-        x = x0 + 2 if align == "left" else x0 + (cw - draw.textlength(t, font=font)) / 2
+        x = x0 + 2 if align == "left" else x0 + (cw - _text_length(t, font)) / 2
         try:
             draw.text((x, height / 2), t, fill=(0, 0, 0), font=font, anchor="lm")
         except ValueError:  # a bitmap font (old Pillow without FreeType) has no anchors
