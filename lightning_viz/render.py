@@ -417,10 +417,11 @@ def _shared_colorbar(width: int, vmin: float, vmax: float, cmap: str = "jet", he
         right = right[:, : int(ink[-1]) + 3]
     rw = int(right.shape[1])
     np.minimum(labels[:, width - rw :], right, out=labels[:, width - rw :])
-    if zero is not None and 0.2 * width < zero < 0.8 * width:
-        z = _hwc(_shared_strip(16, ["0"], label_h))
-        x0 = max(0, min(width - 16, zero - 8))
-        np.minimum(labels[:, x0 : x0 + 16], z, out=labels[:, x0 : x0 + 16])
+    if zero is not None and 0.2 * width < zero < 0.8 * width:  # "0" centered on 16 px (or the bar's width) at zero
+        zw = min(16, width)
+        z = _hwc(_shared_strip(zw, ["0"], label_h))
+        x0 = max(0, min(width - zw, zero - zw // 2))
+        np.minimum(labels[:, x0 : x0 + zw], z, out=labels[:, x0 : x0 + zw])
     return torch.from_numpy(np.concatenate([top, labels])).permute(2, 0, 1)
 
 

@@ -218,6 +218,27 @@ def test_text_widths_are_pillows_measured_once_per_text_and_font():
     assert font.calls == 1
 
 
+def test_a_signed_panel_of_tiles_narrower_than_the_zero_label_is_logged():
+    """With ``display_px=0`` an 8 px probe's tile is 8 px wide: the colorbar under it marks zero with its "0" label
+    in the bar's width (it was pasted 16 px wide: a shape error, and the callback failed at every epoch)."""
+    bar = colorbar(12, -1.0, 1.0, "RdBu_r")
+    assert bar.shape == (3, 24, 12)
+    zero = round(0.5 * 11)
+    assert (bar[:, :10, zero] == 0).all()  # the zero line and tick
+    assert (bar[:, 10:, 3:9] < 0.5).any()  # the "0" under it
+    assert torch.equal(colorbar(40, -1.0, 1.0, "RdBu_r"), _colorbar_step_by_step(40, -1.0, 1.0, "RdBu_r").float() / 255)
+    cb = GradientCallback(methods=["gradient"], reduce="sum", display_px=0)
+    writer = RecordingWriter()
+    probe = ProbeSet(
+        images=torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), labels=torch.tensor([0, 1])
+    )
+    maps = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    cb.log_results(VizLogger(writer, 0), {"map:gradient/input": maps}, probe, None)
+    panel = writer.last_images()["viz-gradients/panel/p000"]
+    assert panel.shape[1] >= 2 * 8 + 3 * 2
+    assert (panel[-26:-2, 12:20][:10].min(axis=2) == 0).any()  # the colorbar's zero line under the map tile
+
+
 def test_signed_maps_use_a_diverging_colormap_with_zero_marked():
     cb = GradientCallback(methods=["gradient"], reduce="sum")
     assert cb.signed and cb.heat_cmap == "RdBu_r"
