@@ -18,6 +18,7 @@ they are untouched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import random
 import re
@@ -57,6 +58,7 @@ __all__ = [
     "deterministic_warn_only",
     "NondeterministicOpWarning",
     "torch_threads",
+    "one_thread",
     "read_as_map",
     "layout_of",
     "layout_set_explicitly",
@@ -131,6 +133,29 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's intra-op threads set to 1 for the block, then restored (with the OpenMP backend; the native one cannot
+    change its count once it has run). Small products and element-wise ops (t-SNE on a probe set, the rendering and
+    statistics of the log stage) gain nothing from threads, while MKL's threaded GEMMs and OpenMP barriers were
+    measured 5-6x slower on a loaded 2-core machine; one thread also makes the result independent of the thread
+    count."""
+    threads = torch.get_num_threads()
+    if threads == 1 or not _openmp_backend():
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=1)
+def _openmp_backend() -> bool:
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -231,10 +232,17 @@ def text_px(text: str, height: int = 14) -> int:
     """Pixels a :func:`text_strip` of this ``height`` needs to show ``text`` uncut (its margins included)."""
     font = _font(max(6, round(height * 0.78)))
     try:
-        width = float(font.getlength(text))
+        width = _text_length(text, font)
     except AttributeError:  # a bitmap font of an old Pillow
         width = 6.0 * len(text)
     return math.ceil(width) + 4
+
+
+@lru_cache(maxsize=4096)
+def _text_length(text: str, font: Any) -> float:
+    """Pixels ``font`` advances over ``text`` (Pillow's ``textlength``), measured once per text and font: a caption
+    is measured to fit it (:func:`fit_names`, :func:`wrap_caption`) and again when drawn (:func:`_fit`)."""
+    return float(font.getlength(text))
 
 
 def wrap_caption(text: str, width: int, height: int, max_lines: int = 3) -> list[str]:
@@ -285,7 +293,7 @@ def one_line(text: str) -> str:
 
 def _fit(draw: object, text: str, font: object, width: float) -> str:
     """``text`` cut (with an ellipsis) so that it fits in ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:  # type: ignore[attr-defined]
+    if _text_length(text, font) <= width:
         return text
     while text and draw.textlength(text + "...", font=font) > width:  # type: ignore[attr-defined]
         text = text[:-1]
@@ -343,7 +351,7 @@ def _text_strip(width: int, texts: tuple[str, ...], height: int, align: str, cel
     for i, t in enumerate(texts):
         x0 = i * (cw + pad)
         t = _fit(draw, one_line(str(t)), font, cw - 2)  # Pillow measures no multi-line text
-        x = x0 + 2 if align == "left" else x0 + (cw - draw.textlength(t, font=font)) / 2
+        x = x0 + 2 if align == "left" else x0 + (cw - _text_length(t, font)) / 2
         try:
             draw.text((x, height / 2), t, fill=(0, 0, 0), font=font, anchor="lm")
         except ValueError:  # a bitmap font (old Pillow without FreeType) has no anchors
@@ -385,29 +393,47 @@ def _fmt(v: float) -> str:
 
 
 def colorbar(width: int, vmin: float, vmax: float, cmap: str = "jet", height: int = 24) -> Tensor:
-    """A horizontal colorbar ``[3, height, width]``: the colormap from ``vmin`` to ``vmax`` with both values
-    written underneath, and ``0`` marked (a black tick and label) when the range spans zero."""
+    """A horizontal colorbar ``[3, height, width]`` in ``[0, 1]``: the colormap from ``vmin`` to ``vmax`` with both
+    values written underneath, and ``0`` marked (a black tick and label) when the range spans zero. Its pixels are
+    uint8 levels (``/ 255``): :func:`_shared_colorbar`'s."""
+    return _shared_colorbar(width, vmin, vmax, cmap, height).float() / 255.0
+
+
+def _shared_colorbar(width: int, vmin: float, vmax: float, cmap: str = "jet", height: int = 24) -> Tensor:
+    """:func:`colorbar` as uint8 ``[3, height, width]`` (the pixels ``to_uint8(colorbar(...))`` gave), built in
+    numpy from the cached bar of this width and colormap and the cached text strips of the two values: a panel
+    has a colorbar under every tile, ~100 an epoch, whose values change every epoch."""
     bar_h = max(3, height // 3)
-    bar = colormap(torch.linspace(0, 1, width).view(1, 1, -1).expand(1, bar_h, width), cmap)[0]
-    ticks = torch.ones(3, 2, width)
+    top = _bar_rows(int(width), cmap, bar_h).copy()  # the colormap, then 2 white rows for the zero tick
     zero = None
     if vmin < 0 < vmax:  # a black line through the bar and a tick under it at zero
         zero = round(-vmin / (vmax - vmin) * (width - 1))
-        bar[:, :, zero] = 0.0
-        ticks[:, :, zero] = 0.0
+        top[:, zero] = 0
     label_h = height - bar_h - 2
-    labels = text_strip(width, [_fmt(vmin)], label_h, align="left")
-    right = text_strip(width // 2, [_fmt(vmax)], label_h, align="left")
-    ink = (right.min(dim=0).values < 0.5).any(dim=0).nonzero()
+    labels = _hwc(_shared_strip(width, [_fmt(vmin)], label_h, align="left")).copy()
+    right = _hwc(_shared_strip(width // 2, [_fmt(vmax)], label_h, align="left"))
+    ink = np.flatnonzero((right.min(axis=2) < 128).any(axis=0))  # a level under 128: a value under 0.5
     if len(ink):  # right-align the vmax label: keep only the width of its text
-        right = right[:, :, : int(ink.max()) + 3]
-    rw = int(right.shape[-1])
-    labels[:, :, width - rw :] = torch.minimum(labels[:, :, width - rw :], right)
-    if zero is not None and 0.2 * width < zero < 0.8 * width:
-        z = text_strip(16, ["0"], label_h)
-        x0 = max(0, min(width - 16, zero - 8))
-        labels[:, :, x0 : x0 + 16] = torch.minimum(labels[:, :, x0 : x0 + 16], z)
-    return torch.cat([bar, ticks, labels], dim=1)
+        right = right[:, : int(ink[-1]) + 3]
+    rw = int(right.shape[1])
+    np.minimum(labels[:, width - rw :], right, out=labels[:, width - rw :])
+    if zero is not None and 0.2 * width < zero < 0.8 * width:  # "0" centered on 16 px (or the bar's width) at zero
+        zw = min(16, width)
+        z = _hwc(_shared_strip(zw, ["0"], label_h))
+        x0 = max(0, min(width - zw, zero - zw // 2))
+        np.minimum(labels[:, x0 : x0 + zw], z, out=labels[:, x0 : x0 + zw])
+    return torch.from_numpy(np.concatenate([top, labels])).permute(2, 0, 1)
+
+
+@lru_cache(maxsize=64)
+def _bar_rows(width: int, cmap: str, bar_h: int) -> np.ndarray:
+    """The top of a :func:`colorbar` without its zero mark, uint8 ``[bar_h + 2, width, 3]``: ``bar_h`` rows of the
+    colormap from 0 to 1, then 2 white rows (read-only: cached)."""
+    levels = _levels(torch.from_numpy(_lut(cmap).copy())).astype(np.uint8)  # to_uint8 of each colormap entry
+    out = np.full((bar_h + 2, width, 3), 255, np.uint8)
+    out[:bar_h] = levels[_levels(torch.linspace(0, 1, width)).astype(np.intp)]
+    out.flags.writeable = False
+    return out
 
 
 def compose(
@@ -527,7 +553,7 @@ def with_colorbar(panel: Tensor, vmin: Tensor | float, vmax: Tensor | float, cma
     """A uint8 ``[3, H, W]`` image (:func:`compose`'s) with a :func:`colorbar` from ``vmin`` to ``vmax`` under it,
     as wide as the image less its padding: the values the colors of its maps stand for."""
     width = int(panel.shape[-1])
-    bar = to_uint8(colorbar(width - 2 * pad, float(vmin), float(vmax), cmap))
+    bar = _shared_colorbar(width - 2 * pad, float(vmin), float(vmax), cmap)
     strip = torch.full((3, int(bar.shape[-2]) + pad, width), 255, dtype=torch.uint8)
     strip[:, : bar.shape[-2], pad : width - pad] = bar
     return torch.cat([panel, strip], dim=1)

@@ -408,6 +408,34 @@ def test_num_threads_holds_while_computing_and_is_restored(tmp_path):
     assert image_steps(read_events(str(tmp_path)), "viz-threads/panel/p000") == [0]
 
 
+class LogThreadsSeen(ThreadsSeen):
+    """Records torch's CPU thread count while logging too."""
+
+    def log_results(self, logger, results, probe, trainer):
+        self.seen_logging = torch.get_num_threads()
+        return super().log_results(logger, results, probe, trainer)
+
+
+def test_the_log_stage_runs_on_one_torch_thread_and_the_count_is_restored(tmp_path):
+    """Rendering, statistics and t-SNE at log time work on small tensors: on 2 threads of a loaded 2-core machine each
+    parallel op waited for the other thread (a torch min over a [3, 14, 64] strip took ~16 ms), so the log stage
+    runs on one thread (with OpenMP, torch's CPU backend here) and training gets its count back."""
+    from lightning_viz.capture import _openmp_backend
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cb = LogThreadsSeen(fail_from=99, num_probes=2)
+        trainer = tiny_trainer(str(tmp_path), [cb], max_epochs=1)
+        trainer.fit(LitTiny(), *tiny_loaders(n=12))
+        assert cb.seen == 2  # the compute as training (num_threads=None)
+        assert cb.seen_logging == (1 if _openmp_backend() else 2)
+        assert torch.get_num_threads() == 2
+        assert image_steps(read_events(str(tmp_path)), "viz-threads/panel/p000") == [0]
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
 def test_bad_num_threads_is_refused(bad):
     with pytest.raises(ValueError, match="GradientCallback: num_threads must be an int >= 1 or None"):

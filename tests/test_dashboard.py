@@ -135,6 +135,110 @@ def test_panel_tiles_size_caption_and_fixed_row_with_colorbars(tmp_path):
     )
 
 
+def _colorbar_step_by_step(width, vmin, vmax, cmap, height=24):
+    """The colorbar as it was drawn before it moved to uint8 numpy with a cached bar: in floats, with torch."""
+    from lightning_viz.render import _fmt, text_strip
+
+    bar_h = max(3, height // 3)
+    bar = colormap(torch.linspace(0, 1, width).view(1, 1, -1).expand(1, bar_h, width), cmap)[0]
+    ticks = torch.ones(3, 2, width)
+    zero = None
+    if vmin < 0 < vmax:
+        zero = round(-vmin / (vmax - vmin) * (width - 1))
+        bar[:, :, zero] = 0.0
+        ticks[:, :, zero] = 0.0
+    label_h = height - bar_h - 2
+    labels = text_strip(width, [_fmt(vmin)], label_h, align="left")
+    right = text_strip(width // 2, [_fmt(vmax)], label_h, align="left")
+    ink = (right.min(dim=0).values < 0.5).any(dim=0).nonzero()
+    if len(ink):
+        right = right[:, :, : int(ink.max()) + 3]
+    rw = int(right.shape[-1])
+    labels[:, :, width - rw :] = torch.minimum(labels[:, :, width - rw :], right)
+    if zero is not None and 0.2 * width < zero < 0.8 * width:
+        z = text_strip(16, ["0"], label_h)
+        x0 = max(0, min(width - 16, zero - 8))
+        labels[:, :, x0 : x0 + 16] = torch.minimum(labels[:, :, x0 : x0 + 16], z)
+    return to_uint8(torch.cat([bar, ticks, labels], dim=1))
+
+
+@pytest.mark.parametrize("cmap", ["jet", "RdBu_r", "viridis"])
+def test_the_uint8_colorbar_has_the_pixels_of_the_float_one_drawn_step_by_step(cmap):
+    """Panels take their colorbars as uint8 from a cached bar and numpy (``_shared_colorbar``): the same pixels as
+    the colormap, ticks and value labels drawn in floats and converted, for any width and range (zero marked or
+    not, its label in the middle or left out near an end, long and short labels, narrow bars)."""
+    from lightning_viz.render import _shared_colorbar
+
+    for width in (16, 40, 101, 128, 300):
+        for vmin, vmax in [
+            (0.0, 1.0),
+            (-1.0, 3.0),
+            (-4e-14, 4e-14),
+            (-0.5, 1e5),
+            (0.0123, 0.0456),
+            (-3.0, -1.0),
+            (-1.0, 0.001),
+            (float("nan"), 1.0),
+            (-7.25e-3, 9.99e-3),
+        ]:
+            want = _colorbar_step_by_step(width, vmin, vmax, cmap)
+            got = _shared_colorbar(width, vmin, vmax, cmap)
+            assert got.dtype == torch.uint8 and torch.equal(got, want), (width, vmin, vmax)
+            assert torch.equal(colorbar(width, vmin, vmax, cmap), want.float() / 255)
+    bar = _shared_colorbar(128, -1.0, 3.0, cmap)
+    bar[:, 0, 0] = 7  # a caller that writes into its colorbar changes no later one (the cached bar is copied)
+    assert torch.equal(_shared_colorbar(128, -1.0, 3.0, cmap), _colorbar_step_by_step(128, -1.0, 3.0, cmap))
+
+
+def test_text_widths_are_pillows_measured_once_per_text_and_font():
+    """Captions are measured to fit them (``fit_names``, ``wrap_caption``) and again when drawn: the width is
+    Pillow's ``textlength``, measured once per text and font (the longest captions cost ~0.1 ms to measure)."""
+    from PIL import Image, ImageDraw
+
+    from lightning_viz.render import _font, _text_length, text_px
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    for size in (9, 11, 12):
+        for text in ["0.0123", "p001  true: triangle  pred: triangle 75%", "W.", "", "-4.0e-14"]:
+            assert _text_length(text, _font(size)) == draw.textlength(text, font=_font(size))
+    assert (
+        text_px("p001  true: triangle", 14) == int(np.ceil(draw.textlength("p001  true: triangle", font=_font(11)))) + 4
+    )
+
+    class Counting:
+        def __init__(self):
+            self.calls = 0
+
+        def getlength(self, text):
+            self.calls += 1
+            return 5.0 * len(text)
+
+    font = Counting()
+    assert _text_length("p001  true: circle", font) == _text_length("p001  true: circle", font) == 90.0
+    assert font.calls == 1
+
+
+def test_a_signed_panel_of_tiles_narrower_than_the_zero_label_is_logged():
+    """With ``display_px=0`` an 8 px probe's tile is 8 px wide: the colorbar under it marks zero with its "0" label
+    in the bar's width (it was pasted 16 px wide: a shape error, and the callback failed at every epoch)."""
+    bar = colorbar(12, -1.0, 1.0, "RdBu_r")
+    assert bar.shape == (3, 24, 12)
+    zero = round(0.5 * 11)
+    assert (bar[:, :10, zero] == 0).all()  # the zero line and tick
+    assert (bar[:, 10:, 3:9] < 0.5).any()  # the "0" under it
+    assert torch.equal(colorbar(40, -1.0, 1.0, "RdBu_r"), _colorbar_step_by_step(40, -1.0, 1.0, "RdBu_r").float() / 255)
+    cb = GradientCallback(methods=["gradient"], reduce="sum", display_px=0)
+    writer = RecordingWriter()
+    probe = ProbeSet(
+        images=torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), labels=torch.tensor([0, 1])
+    )
+    maps = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    cb.log_results(VizLogger(writer, 0), {"map:gradient/input": maps}, probe, None)
+    panel = writer.last_images()["viz-gradients/panel/p000"]
+    assert panel.shape[1] >= 2 * 8 + 3 * 2
+    assert (panel[-26:-2, 12:20][:10].min(axis=2) == 0).any()  # the colorbar's zero line under the map tile
+
+
 def test_signed_maps_use_a_diverging_colormap_with_zero_marked():
     cb = GradientCallback(methods=["gradient"], reduce="sum")
     assert cb.signed and cb.heat_cmap == "RdBu_r"

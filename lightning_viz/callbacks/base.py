@@ -31,7 +31,16 @@ from torch import Tensor
 from torch.utils.data import default_collate
 from torch.utils.data._utils.collate import default_convert
 
-from ..capture import capture, fork_rng, isolated, layout_of, layout_set_explicitly, read_as_map, torch_threads
+from ..capture import (
+    capture,
+    fork_rng,
+    isolated,
+    layout_of,
+    layout_set_explicitly,
+    one_thread,
+    read_as_map,
+    torch_threads,
+)
 from ..layers import (
     LayerNotFoundError,
     MapLayout,
@@ -1399,7 +1408,8 @@ class VisualizationCallback(Callback):
                 logger = VizLogger.from_trainer(trainer, step=step, namespace=self.name, loggers=self.loggers)
                 logger.write_in_background(self._owner())
                 try:
-                    self.log_results(logger, results, probe, trainer)
+                    with one_thread():  # small tensors: threads cost more than they give, the most on a busy machine
+                        self.log_results(logger, results, probe, trainer)
                     self.last_duration_s = time.perf_counter() - start
                     if self.log_time:
                         timing = "time_s" if self._twin == 1 else f"time_s_{self._twin}"

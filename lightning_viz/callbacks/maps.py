@@ -27,9 +27,9 @@ from ..logging import VizLogger, make_tag
 from ..probe import ProbeSet
 from ..render import (
     FixedScale,
+    _shared_colorbar,
     _shared_strip,
     class_name,
-    colorbar,
     colormap,
     compose,
     cut_name,
@@ -267,10 +267,10 @@ class MapCallback(VisualizationCallback):
         """Per probe, the uint8 strip under its overlay of raw ``maps``: the colorbar of the fixed range ``rng``, else
         of the map's own range (signed: ``-max|m|..max|m|``, zero marked), or a note on a constant map."""
         if rng is not None:  # fixed scale: one range for every probe
-            return [to_uint8(colorbar(width, rng[0], rng[1], self.heat_cmap))] * len(maps)
+            return [_shared_colorbar(width, rng[0], rng[1], self.heat_cmap)] * len(maps)
         if self.signed:  # per image, signed: each probe's own symmetric range, zero marked
             top, notes = maps.flatten(1).abs().amax(dim=1).tolist(), _empty_map_notes(maps, ok, width)
-            return [to_uint8(colorbar(width, -t, t, self.heat_cmap)) if t > 0 else n for t, n in zip(top, notes)]
+            return [_shared_colorbar(width, -t, t, self.heat_cmap) if t > 0 else n for t, n in zip(top, notes)]
         return _per_image_bars(maps, ok, width, self.heat_cmap)  # per image: own range, or a note
 
     def log_panels(
@@ -386,7 +386,7 @@ def _per_image_bars(maps: Tensor, ok: Tensor | None, width: int, cmap: str) -> l
     flat = maps.flatten(1)
     lo, hi = flat.amin(dim=1).tolist(), flat.amax(dim=1).tolist()
     notes = _empty_map_notes(maps, ok, width)
-    return [to_uint8(colorbar(width, lo[i], hi[i], cmap)) if n is None else n for i, n in enumerate(notes)]
+    return [_shared_colorbar(width, lo[i], hi[i], cmap) if n is None else n for i, n in enumerate(notes)]
 
 
 def _empty_map_notes(maps: Tensor, ok: Tensor | None, width: int) -> list[Tensor | None]:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..capture import capture
+from ..capture import capture, one_thread
 from ..layers import LayerNotFoundError, get_layer, last_called_linear, linear_layer_names, unwrap_model
 from ..progress import progress
 from .checks import check_chunk_size, check_eval
@@ -348,7 +348,7 @@ def tsne_2d(features: Tensor, seed: int = 0, perplexity: float = 30.0, iteration
     if n > TSNE_EXACT_MAX_POINTS:
         return _tsne_sklearn(features, seed, perp, iterations)
     f = features.detach().cpu().double()
-    with _one_thread():
+    with one_thread():
         init = _pca_scores(f, 2)
         std = init.std(0, correction=0)
         if float(std[1]) <= 1e-12 * float(std[0]):  # rank < 2 (1-D, equal points): a line stays a tangled line
@@ -360,29 +360,8 @@ def tsne_2d(features: Tensor, seed: int = 0, perplexity: float = 30.0, iteration
 
 
 def _one_thread_if_small(numel: int) -> AbstractContextManager[None]:
-    """:func:`_one_thread` for work on up to 2^20 values (probe-set sizes), else nothing."""
-    return _one_thread() if numel <= 2**20 else nullcontext()
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """torch's intra-op threads set to 1 for the block, then restored. The small t-SNE products and
-    element-wise ops gain nothing from threads, while MKL's threaded GEMMs and OpenMP barriers were measured
-    5-6x slower on a loaded 2-core machine; one thread also makes the result independent of the thread count."""
-    threads = torch.get_num_threads()
-    if threads == 1 or not _openmp_backend():  # the native backend cannot change its count once it has run
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@lru_cache(maxsize=1)
-def _openmp_backend() -> bool:
-    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    """:func:`~lightning_viz.capture.one_thread` for work on up to 2^20 values (probe-set sizes), else nothing."""
+    return one_thread() if numel <= 2**20 else nullcontext()
 
 
 def _tsne_sklearn(features: Tensor, seed: int, perplexity: float, iterations: int) -> Tensor:
