@@ -682,6 +682,27 @@ def test_gradient_checkpointing_limits_fail_clearly():
         G.deconvnet(model, x, "label", y)
 
 
+def test_gradient_free_cams_of_a_layer_run_without_autograd():
+    """CAM (the head's weights), Eigen-CAM, Score-CAM and Ablation-CAM read only the activations (and forwards): a
+    layer inside a backbone the forward runs under torch.no_grad() gives the maps of the same model without it.
+    Was: every CAM variant refused it ("ran with autograd off"), as the gradient-weighted ones rightly do."""
+    from lightning_viz.methods import cam as C
+
+    torch.manual_seed(0)
+    plain, cut = TinyCNN().eval(), _NoGradBlock().eval()
+    cut.load_state_dict(plain.state_dict())
+    x, y = tiny_dataset(4).tensors
+    for method in ["cam", "eigencam", "scorecam", "ablationcam"]:
+        with isolated(plain):
+            want = C.class_activation_map(plain, x, "conv2", method, "label", y)
+        with isolated(cut):
+            got = C.class_activation_map(cut, x, "conv2", method, "label", y)
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, msg=method)
+    with isolated(cut), pytest.raises(ValueError, match=r"gradcam: layer\(s\) \['conv2'\] ran with autograd off"):
+        C.class_activation_map(cut, x, "conv2", "gradcam", "label", y)
+
+
 def test_reentrant_gradient_checkpointing_gives_the_same_maps(tmp_path):
     """``torch.utils.checkpoint(..., use_reentrant=True)`` refuses ``torch.autograd.grad``, so every gradient w.r.t.
     the input failed through it and CAMs of a layer inside it had no gradient (was: the GradientCallback stopped the

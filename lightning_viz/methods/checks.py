@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Optional
 
 import torch
@@ -23,6 +23,7 @@ __all__ = [
     "check_logits",
     "input_matches_model",
     "check_reaches_input",
+    "check_layers_get_gradients",
     "check_chunk_size",
 ]
 
@@ -138,6 +139,21 @@ def check_logits(fn: str, out: object, batch: Optional[int]) -> Tensor:
         "output through logits_fn=<a callable (model, x) -> logits>, and a one-logit head [B] or [B, 1] as two "
         "classes."
     )
+
+
+def check_layers_get_gradients(fn: str, without_grad: Iterable[str], instead: str = "") -> None:
+    """Refuse a gradient w.r.t. layers that ran with autograd off (``without_grad``, named in the message with
+    ``fn``; ``instead``: a sentence on what works without one): inside ``torch.no_grad()`` in the forward, or
+    reentrant gradient checkpointing outside :func:`~lightning_viz.capture.isolated`. Their gradient would be
+    missing: all-zero maps."""
+    names = sorted(without_grad)
+    if names:
+        raise ValueError(
+            f"{fn}: layer(s) {names} ran with autograd off, so no gradient reaches them: inside torch.no_grad() in "
+            "the model's forward (freeze such a backbone with requires_grad_(False) instead: training is the same), "
+            "or torch.utils.checkpoint(..., use_reentrant=True) outside lightning_viz.isolated (which runs such "
+            "blocks as plain calls; or use use_reentrant=False)." + (f" {instead}" if instead else "")
+        )
 
 
 def check_reaches_input(fn: str, reaches: bool) -> None:
