@@ -765,3 +765,27 @@ def test_a_forward_that_cuts_the_input_off_autograd_fails_at_setup(tmp_path):
     with pytest.raises(ValueError, match="GradientCallback needs gradients w.r.t. the input, but the model's output"):
         trainer.fit(LitTiny(_NoGradBlock()), *tiny_loaders(n=8))
     assert counter.steps == 0
+
+
+def test_layers_a_forward_runs_without_autograd_fail_at_setup(tmp_path):
+    """Gradient-weighted CAMs, unit images and inversions of a layer inside a backbone the forward runs under
+    torch.no_grad() fail at setup, naming the callback and the layer (was: after the first epoch's training); the
+    gradient-free CAMs of that layer run."""
+    from test_foundation_training import StepCounter
+
+    from lightning_viz.callbacks.cam import CAMCallback
+    from lightning_viz.callbacks.synthesis import InversionCallback, UnitCallback
+
+    for cb, says in [
+        (CAMCallback(methods=["cam", "gradcam"], layers="net.conv2", num_probes=2), "CAMCallback: layer"),
+        (UnitCallback(layers="net.conv1", channels=[0], steps=2), "UnitCallback: layer"),
+        (InversionCallback(layers="net.conv1", steps=2, num_probes=1), "InversionCallback: layer"),
+    ]:
+        counter = StepCounter()
+        trainer = tiny_trainer(str(tmp_path), [counter, cb], max_epochs=1)
+        with pytest.raises(ValueError, match=rf"{says}\(s\) \['net.conv\d'\] ran with autograd off.*requires_grad_"):
+            trainer.fit(LitTiny(_NoGradBlock()), *tiny_loaders(n=8))
+        assert counter.steps == 0, type(cb).__name__
+    free = CAMCallback(methods=["cam", "eigencam", "scorecam", "ablationcam"], layers="net.conv2", num_probes=2)
+    tiny_trainer(str(tmp_path / "free"), [free], max_epochs=1).fit(LitTiny(_NoGradBlock()), *tiny_loaders(n=8))
+    assert {t.split("/")[1] for t in free.last_logged_tags} >= {"panel", "cam", "eigencam", "scorecam", "ablationcam"}

@@ -31,7 +31,16 @@ from torch import Tensor
 from torch.utils.data import default_collate
 from torch.utils.data._utils.collate import default_convert
 
-from ..capture import capture, fork_rng, isolated, layout_of, layout_set_explicitly, read_as_map, torch_threads
+from ..capture import (
+    capture,
+    fork_rng,
+    grad_enabled,
+    isolated,
+    layout_of,
+    layout_set_explicitly,
+    read_as_map,
+    torch_threads,
+)
 from ..layers import (
     LayerNotFoundError,
     MapLayout,
@@ -54,7 +63,7 @@ from ..logging import (
     wait_for_writes,
 )
 from ..methods.batching import default_memory_mb, scaled_budget
-from ..methods.checks import check_reaches_input
+from ..methods.checks import check_layers_get_gradients, check_reaches_input
 from ..probe import (
     PROBE_BANK_KEY,
     CollatedItems,
@@ -660,17 +669,22 @@ class VisualizationCallback(Callback):
         layers: list[str],
         dims: Optional[tuple[int, ...]] = (4,),
         what: str = "layers",
+        grad: str = "",
     ) -> dict[str, Tensor]:
         """At setup: one no-grad forward of ``x`` recording ``layers``; each output must have one of ``dims``
         dimensions (4: a ``[B, C, h, w]`` feature map, 2: ``[B, C]`` features), else a clear error naming this
         callback and option ``what``; ``None``: any shape. With 4, a Swin stage's channels-last ``[B, h, w, C]`` and a
         ViT block's ``[B, tokens, C]`` are read as ``[B, C, h, w]`` maps from now on (``read_as_map``).
-        A layer the forward does not call fails too. Returns them."""
+        A layer the forward does not call fails too. With ``grad`` (what works instead, a sentence for the error) the
+        forward runs with autograd on, and a layer that runs with it off (inside ``torch.no_grad()`` in the forward)
+        fails: the callback needs gradients of it. Returns the outputs (detached)."""
         if dims is not None and 4 in dims:  # a Swin stage's [B, h, w, C], a ViT block's tokens: read as maps
             self.read_as_maps(model, x, layers)
-        with torch.no_grad(), capture(model, layers) as cap:
-            model(x)
-        outs = {n: cap[n] for n in layers}
+        with grad_enabled() if grad else torch.no_grad(), capture(model, layers, grad=bool(grad)) as cap:
+            model(x.detach().requires_grad_() if grad else x)
+        if grad:
+            check_layers_get_gradients(type(self).__name__, cap.without_grad, grad)
+        outs = {n: cap[n].detach() for n in layers}
         for n, out in outs.items():
             if dims is not None and out.ndim not in dims:
                 kinds = " or ".join({4: "a [B, C, h, w] feature map", 2: "[B, C] features"}[d] for d in dims)

@@ -39,6 +39,7 @@ from ..methods.cam import (
     cam_head,
     cam_variant,
     canonical_cam_method,
+    gradient_free_hint,
     guided_cam_from_passes,
     rectified,
     variant_from_pass,
@@ -216,6 +217,10 @@ class CAMCallback(GradientMapCallback):
         if self.layer_names is None:
             self.layers = [default_cam_layer(model, x, type(self).__name__)]
             self.check(model)
+        weighted = [m for m in self.methods if cam_variant(m).weights is not None or cam_variant(m).guided_of]
+        if weighted:  # their gradient must reach the layers: not inside a torch.no_grad() in the forward
+            instead = f"Leave out methods {weighted} for these layers. {gradient_free_hint()}"
+            self.check_layer_outputs(model, x, self.layers, dims=None, grad=instead)
         self._read_as_maps(model, x)
         self._verify_maps(model, x)
         self._warn_single_position(model, x)
