@@ -789,3 +789,38 @@ def test_layers_a_forward_runs_without_autograd_fail_at_setup(tmp_path):
     free = CAMCallback(methods=["cam", "eigencam", "scorecam", "ablationcam"], layers="net.conv2", num_probes=2)
     tiny_trainer(str(tmp_path / "free"), [free], max_epochs=1).fit(LitTiny(_NoGradBlock()), *tiny_loaders(n=8))
     assert {t.split("/")[1] for t in free.last_logged_tags} >= {"panel", "cam", "eigencam", "scorecam", "ablationcam"}
+
+
+class _DetachedBlock(_Checkpointed):
+    """A frozen backbone cut off with ``.detach()`` (``features = backbone(x).detach()``) instead of torch.no_grad()."""
+
+    def forward(self, x):
+        return self.fc(self.pool(self.block(x).detach()).flatten(1))
+
+
+def test_gradient_weighted_cams_of_a_layer_cut_off_by_detach_fail_clearly(tmp_path):
+    """A layer whose output the forward detaches before the head: no gradient of the score reaches it. Was: all-zero
+    Grad-CAM and LayerCAM maps, silently, at every epoch; now a clear error (at setup in a fit), while the
+    gradient-free CAM of that layer still runs."""
+    from test_foundation_training import StepCounter
+
+    from lightning_viz.callbacks.cam import CAMCallback
+    from lightning_viz.methods import cam as C
+
+    x, y = tiny_dataset(4).tensors
+    model = _DetachedBlock().eval()
+    for method in ["gradcam", "layercam"]:
+        with (
+            isolated(model),
+            pytest.raises(ValueError, match=rf"{method}: the score does not depend on layer\(s\) \['conv2'\]"),
+        ):
+            C.class_activation_map(model, x, "conv2", method, "label", y)
+    with isolated(model):
+        assert C.class_activation_map(model, x, "conv2", "eigencam", "label", y).abs().sum() > 0
+    counter = StepCounter()
+    trainer = tiny_trainer(str(tmp_path), [counter, CAMCallback(methods=["gradcam"], layers="net.conv2", num_probes=2)])
+    with pytest.raises(
+        ValueError, match=r"CAMCallback: the score does not depend on layer\(s\) \['net.conv2'\].*\.detach\(\)"
+    ):
+        trainer.fit(LitTiny(_DetachedBlock()), *tiny_loaders(n=8))
+    assert counter.steps == 0

@@ -96,7 +96,8 @@ class PassResult:
         ``relu5_3``) and pytorch-grad-cam on the CPU; its gradient stays d score / d output (torchcam takes it after
         the ReLU). rule: the ReLU rule used.
         head: the last ``nn.Linear`` called in the forward (the classifier of CAM's head), ``None`` if none was.
-        without_grad: layers that ran with autograd off (inside ``torch.no_grad()`` in the forward): their
+        without_grad: layers that ran with autograd off (inside ``torch.no_grad()`` in the forward); unreached: layers
+        the score does not depend on through autograd (those, and layers whose output the forward detaches). Their
         activations are recorded, their gradients are zeros that :meth:`gradient` refuses to hand out.
     """
 
@@ -109,6 +110,7 @@ class PassResult:
     rule: Optional[str] = None
     head: Optional[str] = None
     without_grad: frozenset[str] = frozenset()
+    unreached: frozenset[str] = frozenset()
 
     def layer(self, name: str) -> tuple[Tensor, Tensor]:
         if name not in self.activations:
@@ -118,7 +120,7 @@ class PassResult:
     def gradient(self, name: str, fn: str, instead: str = "") -> Tensor:
         """d score / d output of layer ``name`` for ``fn`` (named in the error, with ``instead``): refused for a layer
         that ran with autograd off, whose zeros are no gradient (:func:`~.checks.check_layers_get_gradients`)."""
-        check_layers_get_gradients(fn, [name] if name in self.without_grad else [], instead)
+        check_layers_get_gradients(fn, self.without_grad & {name}, instead, self.unreached & {name})
         return self.layer(name)[1]
 
 
@@ -173,6 +175,7 @@ def _gradient_pass(
     grads: dict[str, list] = {n: [] for n in names}
     head: Optional[str] = None  # the last nn.Linear called
     without_grad: set[str] = set()
+    unreached: set[str] = set()
     for sl in pass_chunks(model, x, chunk_size):
         with grad_enabled():  # a caller's torch.no_grad() / inference_mode() would zero every gradient
             xc = x[sl].detach()
@@ -214,6 +217,7 @@ def _gradient_pass(
             g = (None,) + tuple(g)
         else:
             check_reaches_input("a gradient method", g[0] is not None)
+        unreached.update(n for n, ga in zip(names, g[1:]) if ga is None)
         parts["logits"].append(logits.detach())
         parts["scores"].append(scores.detach())
         parts["classes"].append(None if cls is None else cls.detach())
@@ -232,6 +236,7 @@ def _gradient_pass(
         rule=rule,
         head=head,
         without_grad=frozenset(without_grad),
+        unreached=frozenset(unreached),
     )
 
 
