@@ -30,6 +30,7 @@ from helpers import (
 )
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from test_foundation_training import CALLBACK_FACTORIES
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_viz.callbacks.activations import ActivationCallback
@@ -680,6 +681,67 @@ def test_gradient_checkpointing_limits_fail_clearly():
         pytest.raises(ValueError, match="the deconv ReLU rule cannot run through torch.utils.checkpoint"),
     ):
         G.deconvnet(model, x, "label", y)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_layers_wrapped_for_activation_checkpointing_give_the_same_maps(tmp_path, reentrant):
+    """Convolutions wrapped by ``apply_activation_checkpointing`` (Lightning's FSDP ``activation_checkpointing_policy``
+    does it): filters, Grad-CAM, saliency and unit images of the layers by their own names are those of the model
+    without the wrappers, and a fit trains bit-identically with the callbacks. Was: 'net.conv1' was refused (a
+    CheckpointWrapper, no convolution)."""
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    from lightning_viz.callbacks.cam import CAMCallback
+    from lightning_viz.callbacks.filters import FilterCallback
+    from lightning_viz.callbacks.synthesis import UnitCallback
+    from lightning_viz.methods import cam as C
+    from lightning_viz.methods import gradients as G
+    from lightning_viz.methods.synthesis import unit_images
+
+    impl = CheckpointImpl.REENTRANT if reentrant else CheckpointImpl.NO_REENTRANT
+
+    def wrapped(net):
+        wrapper = partial(checkpoint_wrapper, checkpoint_impl=impl)
+        apply_activation_checkpointing(net, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, nn.Conv2d))
+        return net
+
+    torch.manual_seed(0)
+    plain = TinyCNN().eval()
+    ckpt = wrapped(TinyCNN()).eval()
+    ckpt.load_state_dict(plain.state_dict())
+    x, y = tiny_dataset(4).tensors
+
+    def maps(m):
+        with isolated(m):
+            return [
+                C.class_activation_map(m, x, "conv2", "gradcam", "label", y),
+                G.saliency(m, x, "label", y),
+                unit_images(m, "conv1", [0, 1], (3, 8, 8), steps=3).images,
+            ]
+
+    for a, b in zip(maps(plain), maps(ckpt)):
+        torch.testing.assert_close(a, b)
+
+    def fit(callbacks):
+        L.seed_everything(0, verbose=False)
+        model = LitTiny(wrapped(TinyCNN()))
+        tiny_trainer(str(tmp_path), callbacks, max_epochs=2, limit_val_batches=1).fit(model, *tiny_loaders(n=16))
+        return model.state_dict()
+
+    cbs = [
+        FilterCallback(layers="net.conv1"),
+        CAMCallback(layers="net.conv2", num_probes=2),
+        UnitCallback(layers="net.conv1", channels=[0], steps=2),
+    ]
+    viz, bare = fit(cbs), fit([])
+    assert all(cb.last_logged_tags for cb in cbs)
+    assert all(torch.equal(viz[k], bare[k]) for k in bare)
 
 
 def test_gradient_free_cams_of_a_layer_run_without_autograd():
