@@ -499,9 +499,10 @@ class Capture:
         of the network reads that rectified map, :meth:`read_later`. Told by the operation (the autograd node now on
         that tensor is the rectifier, applied to it directly), not by the values, which would mistake a ReLU6 for a
         ReLU as long as no value exceeds 6. Another in-place op (an add, SiLU, Hardswish) leaves it ``False``.
-        Only with ``grad=True``; ask after the forward."""
+        Only with ``grad=True``; ask after the forward. (An inference tensor, made under ``torch.inference_mode()`` in
+        the forward, keeps no version counter nor autograd record to tell it by: ``False``.)"""
         passed = self.passed_on.get(name)
-        if passed is None or passed._version == 0 or name not in self.outputs:
+        if passed is None or passed.is_inference() or passed._version == 0 or name not in self.outputs:
             return False
         node = passed.grad_fn
         if node is None or not node.next_functions or node.next_functions[0][0] is not self._handed.get(name):

@@ -744,14 +744,25 @@ def test_layers_wrapped_for_activation_checkpointing_give_the_same_maps(tmp_path
     assert all(torch.equal(viz[k], bare[k]) for k in bare)
 
 
-def test_gradient_free_cams_of_a_layer_run_without_autograd():
+class _InferenceModeBlock(_Checkpointed):
+    """A frozen backbone run under torch.inference_mode() (its output cloned, so the head can train on it)."""
+
+    def forward(self, x):
+        with torch.inference_mode():
+            x = self.block(x)
+        return self.fc(self.pool(x.clone()).flatten(1))
+
+
+@pytest.mark.parametrize("cut_off", ["no_grad", "inference_mode"])
+def test_gradient_free_cams_of_a_layer_run_without_autograd(cut_off):
     """CAM (the head's weights), Eigen-CAM, Score-CAM and Ablation-CAM read only the activations (and forwards): a
-    layer inside a backbone the forward runs under torch.no_grad() gives the maps of the same model without it.
-    Was: every CAM variant refused it ("ran with autograd off"), as the gradient-weighted ones rightly do."""
+    layer inside a backbone the forward runs under torch.no_grad() or torch.inference_mode() gives the maps of the
+    same model without it. Was: every CAM variant refused it ("ran with autograd off"), as the gradient-weighted ones
+    rightly do; under inference_mode a RuntimeError ("Inference tensors do not track version counter")."""
     from lightning_viz.methods import cam as C
 
     torch.manual_seed(0)
-    plain, cut = TinyCNN().eval(), _NoGradBlock().eval()
+    plain, cut = TinyCNN().eval(), {"no_grad": _NoGradBlock, "inference_mode": _InferenceModeBlock}[cut_off]().eval()
     cut.load_state_dict(plain.state_dict())
     x, y = tiny_dataset(4).tensors
     for method in ["cam", "eigencam", "scorecam", "ablationcam"]:

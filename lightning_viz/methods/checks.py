@@ -155,10 +155,10 @@ def check_layers_get_gradients(
     tail = f" {instead}" if instead else ""
     if off:
         raise ValueError(
-            f"{fn}: layer(s) {off} ran with autograd off, so no gradient reaches them: inside torch.no_grad() in "
-            "the model's forward (freeze such a backbone with requires_grad_(False) instead: training is the same), "
-            "or torch.utils.checkpoint(..., use_reentrant=True) outside lightning_viz.isolated (which runs such "
-            "blocks as plain calls; or use use_reentrant=False)." + tail
+            f"{fn}: layer(s) {off} ran with autograd off, so no gradient reaches them: inside torch.no_grad() or "
+            "torch.inference_mode() in the model's forward (freeze such a backbone with requires_grad_(False) "
+            "instead: training is the same), or torch.utils.checkpoint(..., use_reentrant=True) outside "
+            "lightning_viz.isolated (which runs such blocks as plain calls; or use use_reentrant=False)." + tail
         )
     raise ValueError(
         f"{fn}: the score does not depend on layer(s) {cut} through autograd, so no gradient reaches them: the "
