@@ -361,7 +361,9 @@ class UnitCallback(_InputOptimizationCallback):
 
     def check_input(self, model: Any, x: Tensor) -> None:  # the output's width (also of blocks and pools)
         x = self.synthesis_input(model, x)
-        out = self.check_layer_outputs(model, x, [self.layer], dims=(4, 2), what="layers", grad=_OUTSIDE)[self.layer]
+        out = self.check_layer_outputs(model, x, [self.layer], dims=(4, 2), what="layers", needs_grad=_OUTSIDE)[
+            self.layer
+        ]
         self._check_channels(out.shape[1])
         if self.unit == "neuron" and out.ndim != 4:
             raise ValueError(
@@ -436,7 +438,7 @@ class InversionCallback(_InputOptimizationCallback):
         get_layer(pl_module, self.layer)
 
     def check_input(self, model: Any, x: Tensor) -> None:  # called by the eval-mode forward (any output shape)
-        self.check_layer_outputs(model, x, [self.layer], dims=None, grad=_OUTSIDE)
+        self.check_layer_outputs(model, x, [self.layer], dims=None, needs_grad=_OUTSIDE)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         assert probe is not None  # needs_probes is True: the base class always passes the probes
