@@ -119,7 +119,8 @@ class PassResult:
 
     def gradient(self, name: str, fn: str, instead: str = "") -> Tensor:
         """d score / d output of layer ``name`` for ``fn`` (named in the error, with ``instead``): refused for a layer
-        that ran with autograd off, whose zeros are no gradient (:func:`~.checks.check_layers_get_gradients`)."""
+        no gradient reaches (:attr:`without_grad`, :attr:`unreached`), whose zeros are no gradient
+        (:func:`~lightning_viz.methods.checks.check_layers_get_gradients`)."""
         check_layers_get_gradients(fn, self.without_grad & {name}, instead, self.unreached & {name})
         return self.layer(name)[1]
 
