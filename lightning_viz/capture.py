@@ -30,7 +30,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .layers import CONV_TYPES, LayerNotFoundError, MapLayout, get_layer, map_layouts, module_device, unwrap_model
+from .layers import (
+    CONV_TYPES,
+    LayerNotFoundError,
+    MapLayout,
+    get_layer,
+    map_layouts,
+    module_device,
+    named_layers,
+    unwrap_model,
+)
 
 __all__ = [
     "eval_mode",
@@ -485,8 +494,9 @@ class Capture:
     ``torch.autograd.grad(score, [cap[n] for n in names])`` gives d score / d activation.
     """
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], model: nn.Module | None = None):
         self.names = names
+        self.model = model  # to name the same layer elsewhere when one is not called
         self.outputs: dict[str, Tensor] = {}
         self.without_grad: set[str] = set()  # grad=True: layers that ran with autograd off (see capture)
         self.passed_on: dict[str, Tensor] = {}  # grad=True: the copy each layer handed downstream
@@ -529,8 +539,24 @@ class Capture:
                 f"Layer {name!r} produced no output in the forward pass: the model's forward did not call it in eval "
                 "mode, the mode visualizations run it in (e.g. GoogLeNet's and Inception's auxiliary heads run only "
                 f"in training mode); choose a layer the eval-mode forward calls. Recorded: {sorted(self.outputs)}"
+                + self._elsewhere(name)
             )
         return self.outputs[name]
+
+    def _elsewhere(self, name: str) -> str:
+        """A hint naming the same layer under another prefix (``ema.module.conv2`` for ``net.conv2``: an averaged
+        copy of the network the eval-mode forward runs instead, torch's ``AveragedModel``), if the model has one."""
+        if self.model is None or "." not in name:
+            return ""
+        layers = named_layers(self.model)
+        suffix = "." + name.split(".", 1)[1]
+        alike = [n for n, m in layers.items() if n != name and n.endswith(suffix) and type(m) is type(layers.get(name))]
+        if not alike:
+            return ""
+        return (
+            f". The model has the same layer as {', '.join(repr(n) for n in alike)} (e.g. an averaged copy of the "
+            "network that the eval-mode forward runs): name that one to explain what the forward runs."
+        )
 
     def __contains__(self, name: str) -> bool:
         return name in self.outputs
@@ -554,7 +580,7 @@ def capture(model: nn.Module, layer_names: Iterable[str], grad: bool = False) ->
     Hooks are removed on exit, also on error.
     """
     names = list(layer_names)
-    cap = Capture(names)
+    cap = Capture(names, model)
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs, output):

@@ -488,6 +488,34 @@ def test_a_users_weight_swap_at_the_epoch_end_which_weights_are_shown(tmp_path):
         assert torch.equal(seen[-1], shown) and not torch.equal(ema.ema[-2], ema.live[-2])
 
 
+class _EvalOnAverage(LitTiny):
+    """Keeps an EMA copy of its network (torch's AveragedModel, ``self.ema.module``) and evaluates with it."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(0.5))
+
+    def forward(self, x):
+        return self.net(x) if self.training else self.ema(x)
+
+    def on_train_batch_end(self, *args):
+        self.ema.update_parameters(self.net)
+
+
+def test_a_layer_an_averaged_copy_replaces_in_eval_mode_is_named_at_setup(tmp_path):
+    """A module evaluating with its AveragedModel copy: 'net.conv2' is not called by the eval-mode forward the
+    callbacks run, so the setup error names the copy's layer to use instead ('ema.module.conv2'), which then works.
+    Was: only "choose a layer the eval-mode forward calls"."""
+    cam = CAMCallback(layers="net.conv2", num_probes=2)
+    with pytest.raises(ValueError, match=r"'net.conv2' produced no output.*'ema.module.conv2'"):
+        tiny_trainer(str(tmp_path), [cam], max_epochs=1).fit(_EvalOnAverage(), *tiny_loaders(n=8))
+    cam = CAMCallback(layers="ema.module.conv2", num_probes=2)
+    tiny_trainer(str(tmp_path / "ema"), [cam], max_epochs=1).fit(_EvalOnAverage(), *tiny_loaders(n=8))
+    assert "viz-cam/panel/p000" in cam.last_logged_tags
+
+
 def test_a_pass_shared_across_a_weight_averaging_swap_is_not_reused(tmp_path):
     """A CAMCallback at the validation end listed before EMAWeightAveraging computes its gradient pass on the
     averaged weights, which the averaging callback then swaps out through ``p.data`` (no autograd version bump): a
