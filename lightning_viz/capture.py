@@ -39,6 +39,7 @@ from .layers import (
     hookable_layer,
     map_layouts,
     module_device,
+    named_layers,
     unwrap_model,
 )
 
@@ -519,8 +520,9 @@ class Capture:
     ``torch.autograd.grad(score, [cap[n] for n in names])`` gives d score / d activation.
     """
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], model: nn.Module | None = None):
         self.names = names
+        self.model = model  # to name the same layer elsewhere when one is not called
         self.outputs: dict[str, Tensor] = {}
         self.without_grad: set[str] = set()  # grad=True: layers that ran with autograd off (see capture)
         self.passed_on: dict[str, Tensor] = {}  # grad=True: the copy each layer handed downstream
@@ -533,9 +535,10 @@ class Capture:
         of the network reads that rectified map, :meth:`read_later`. Told by the operation (the autograd node now on
         that tensor is the rectifier, applied to it directly), not by the values, which would mistake a ReLU6 for a
         ReLU as long as no value exceeds 6. Another in-place op (an add, SiLU, Hardswish) leaves it ``False``.
-        Only with ``grad=True``; ask after the forward."""
+        Only with ``grad=True``; ask after the forward. (An inference tensor, made under ``torch.inference_mode()`` in
+        the forward, keeps no version counter nor autograd record to tell it by: ``False``.)"""
         passed = self.passed_on.get(name)
-        if passed is None or passed._version == 0 or name not in self.outputs:
+        if passed is None or passed.is_inference() or passed._version == 0 or name not in self.outputs:
             return False
         node = passed.grad_fn
         if node is None or not node.next_functions or node.next_functions[0][0] is not self._handed.get(name):
@@ -562,8 +565,24 @@ class Capture:
                 f"Layer {name!r} produced no output in the forward pass: the model's forward did not call it in eval "
                 "mode, the mode visualizations run it in (e.g. GoogLeNet's and Inception's auxiliary heads run only "
                 f"in training mode); choose a layer the eval-mode forward calls. Recorded: {sorted(self.outputs)}"
+                + self._elsewhere(name)
             )
         return self.outputs[name]
+
+    def _elsewhere(self, name: str) -> str:
+        """A hint naming the same layer under another prefix (``ema.module.conv2`` for ``net.conv2``: an averaged
+        copy of the network the eval-mode forward runs instead, torch's ``AveragedModel``), if the model has one."""
+        if self.model is None or "." not in name:
+            return ""
+        layers = named_layers(self.model)
+        suffix = "." + name.split(".", 1)[1]
+        alike = [n for n, m in layers.items() if n != name and n.endswith(suffix) and type(m) is type(layers.get(name))]
+        if not alike:
+            return ""
+        return (
+            f". The model has the same layer as {', '.join(repr(n) for n in alike)} (e.g. an averaged copy of the "
+            "network that the eval-mode forward runs): name that one to explain what the forward runs."
+        )
 
     def __contains__(self, name: str) -> bool:
         return name in self.outputs
@@ -587,7 +606,7 @@ def capture(model: nn.Module, layer_names: Iterable[str], grad: bool = False) ->
     Hooks are removed on exit, also on error.
     """
     names = list(layer_names)
-    cap = Capture(names)
+    cap = Capture(names, model)
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs, output):

@@ -67,17 +67,26 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+#: the attribute under which torch's activation-checkpoint wrapper (``apply_activation_checkpointing``, used by
+#: Lightning's FSDP ``activation_checkpointing_policy``) holds the layer it wraps
+_CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"
+
+
 def canonical_name(name: str) -> str:
-    """Drop wrapper prefixes anywhere in a dotted name (``_orig_mod.model.conv1`` -> ``model.conv1``)."""
-    return ".".join(p for p in name.split(".") if p != "_orig_mod")
+    """Drop wrapper segments anywhere in a dotted name: ``torch.compile``'s (``_orig_mod.model.conv1`` ->
+    ``model.conv1``) and the activation-checkpoint wrapper's (``conv1._checkpoint_wrapped_module`` -> ``conv1``)."""
+    return ".".join(p for p in name.split(".") if p not in ("_orig_mod", _CHECKPOINT_WRAPPED))
 
 
 def named_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """All submodules by canonical dotted name (the root is ``""``)."""
+    """All submodules by canonical dotted name (the root is ``""``); a layer wrapped for activation checkpointing
+    under its own name (the wrapper's), so it keeps its kind (a conv) and its hooks fire inside the checkpoint."""
     model = unwrap_model(model)
     out: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        out.setdefault(canonical_name(name), module)
+        key = canonical_name(name)
+        if key not in out or name.endswith(_CHECKPOINT_WRAPPED):
+            out[key] = module
     return out
 
 

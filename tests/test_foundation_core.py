@@ -183,6 +183,23 @@ def test_layers_canonical_names_through_compile_wrapper():
     assert resolve_layers(compiled, "_orig_mod.bn1") == ["bn1"]
 
 
+def test_layers_canonical_names_through_activation_checkpoint_wrappers():
+    """``apply_activation_checkpointing`` (what Lightning's FSDP ``activation_checkpointing_policy`` does) wraps
+    layers in a CheckpointWrapper holding them as ``_checkpoint_wrapped_module``: the layer keeps its name and kind.
+    Was: 'conv1' named the wrapper (not a convolution) and the conv was '...conv1._checkpoint_wrapped_module'."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    model = TinyCNN()
+    conv1, conv2 = model.conv1, model.conv2
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, nn.Conv2d))
+    assert type(model.conv1).__name__ == "CheckpointWrapper"
+    assert canonical_name("net.conv1._checkpoint_wrapped_module") == "net.conv1"
+    assert get_layer(model, "conv1") is conv1 and get_layer(model, "conv2._checkpoint_wrapped_module") is conv2
+    assert not any("_checkpoint_wrapped_module" in n for n in named_layers(model))
+    assert first_conv_name(model) == "conv1" and last_conv_name(model) == "conv2"
+    assert resolve_layers(model, None) == ["conv2"]
+
+
 def test_layers_errors_list_valid_names():
     model = TinyCNN()
     with pytest.raises(LayerNotFoundError, match=r"'conv3'.*'conv1', 'conv2'.*'fc'"):

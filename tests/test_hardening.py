@@ -30,6 +30,7 @@ from helpers import (
 )
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from test_foundation_training import CALLBACK_FACTORIES
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_viz.callbacks.activations import ActivationCallback
@@ -682,6 +683,99 @@ def test_gradient_checkpointing_limits_fail_clearly():
         G.deconvnet(model, x, "label", y)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_layers_wrapped_for_activation_checkpointing_give_the_same_maps(tmp_path, reentrant):
+    """Convolutions wrapped by ``apply_activation_checkpointing`` (Lightning's FSDP ``activation_checkpointing_policy``
+    does it): filters, Grad-CAM, saliency and unit images of the layers by their own names are those of the model
+    without the wrappers, and a fit trains bit-identically with the callbacks. Was: 'net.conv1' was refused (a
+    CheckpointWrapper, no convolution)."""
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    from lightning_viz.callbacks.cam import CAMCallback
+    from lightning_viz.callbacks.filters import FilterCallback
+    from lightning_viz.callbacks.synthesis import UnitCallback
+    from lightning_viz.methods import cam as C
+    from lightning_viz.methods import gradients as G
+    from lightning_viz.methods.synthesis import unit_images
+
+    impl = CheckpointImpl.REENTRANT if reentrant else CheckpointImpl.NO_REENTRANT
+
+    def wrapped(net):
+        wrapper = partial(checkpoint_wrapper, checkpoint_impl=impl)
+        apply_activation_checkpointing(net, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, nn.Conv2d))
+        return net
+
+    torch.manual_seed(0)
+    plain = TinyCNN().eval()
+    ckpt = wrapped(TinyCNN()).eval()
+    ckpt.load_state_dict(plain.state_dict())
+    x, y = tiny_dataset(4).tensors
+
+    def maps(m):
+        with isolated(m):
+            return [
+                C.class_activation_map(m, x, "conv2", "gradcam", "label", y),
+                G.saliency(m, x, "label", y),
+                unit_images(m, "conv1", [0, 1], (3, 8, 8), steps=3).images,
+            ]
+
+    for a, b in zip(maps(plain), maps(ckpt)):
+        torch.testing.assert_close(a, b)
+
+    def fit(callbacks):
+        L.seed_everything(0, verbose=False)
+        model = LitTiny(wrapped(TinyCNN()))
+        tiny_trainer(str(tmp_path), callbacks, max_epochs=2, limit_val_batches=1).fit(model, *tiny_loaders(n=16))
+        return model.state_dict()
+
+    cbs = [
+        FilterCallback(layers="net.conv1"),
+        CAMCallback(layers="net.conv2", num_probes=2),
+        UnitCallback(layers="net.conv1", channels=[0], steps=2),
+    ]
+    viz, bare = fit(cbs), fit([])
+    assert all(cb.last_logged_tags for cb in cbs)
+    assert all(torch.equal(viz[k], bare[k]) for k in bare)
+
+
+class _InferenceModeBlock(_Checkpointed):
+    """A frozen backbone run under torch.inference_mode() (its output cloned, so the head can train on it)."""
+
+    def forward(self, x):
+        with torch.inference_mode():
+            x = self.block(x)
+        return self.fc(self.pool(x.clone()).flatten(1))
+
+
+@pytest.mark.parametrize("cut_off", ["no_grad", "inference_mode"])
+def test_gradient_free_cams_of_a_layer_run_without_autograd(cut_off):
+    """CAM (the head's weights), Eigen-CAM, Score-CAM and Ablation-CAM read only the activations (and forwards): a
+    layer inside a backbone the forward runs under torch.no_grad() or torch.inference_mode() gives the maps of the
+    same model without it. Was: every CAM variant refused it ("ran with autograd off"), as the gradient-weighted ones
+    rightly do; under inference_mode a RuntimeError ("Inference tensors do not track version counter")."""
+    from lightning_viz.methods import cam as C
+
+    torch.manual_seed(0)
+    plain, cut = TinyCNN().eval(), {"no_grad": _NoGradBlock, "inference_mode": _InferenceModeBlock}[cut_off]().eval()
+    cut.load_state_dict(plain.state_dict())
+    x, y = tiny_dataset(4).tensors
+    for method in ["cam", "eigencam", "scorecam", "ablationcam"]:
+        with isolated(plain):
+            want = C.class_activation_map(plain, x, "conv2", method, "label", y)
+        with isolated(cut):
+            got = C.class_activation_map(cut, x, "conv2", method, "label", y)
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, msg=method)
+    with isolated(cut), pytest.raises(ValueError, match=r"gradcam: layer\(s\) \['conv2'\] ran with autograd off"):
+        C.class_activation_map(cut, x, "conv2", "gradcam", "label", y)
+
+
 def test_reentrant_gradient_checkpointing_gives_the_same_maps(tmp_path):
     """``torch.utils.checkpoint(..., use_reentrant=True)`` refuses ``torch.autograd.grad``, so every gradient w.r.t.
     the input failed through it and CAMs of a layer inside it had no gradient (was: the GradientCallback stopped the
@@ -743,4 +837,63 @@ def test_a_forward_that_cuts_the_input_off_autograd_fails_at_setup(tmp_path):
     trainer = tiny_trainer(str(tmp_path), [counter, GradientCallback(methods=["saliency"], num_probes=2)])
     with pytest.raises(ValueError, match="GradientCallback needs gradients w.r.t. the input, but the model's output"):
         trainer.fit(LitTiny(_NoGradBlock()), *tiny_loaders(n=8))
+    assert counter.steps == 0
+
+
+def test_layers_a_forward_runs_without_autograd_fail_at_setup(tmp_path):
+    """Gradient-weighted CAMs, unit images and inversions of a layer inside a backbone the forward runs under
+    torch.no_grad() fail at setup, naming the callback and the layer (was: after the first epoch's training); the
+    gradient-free CAMs of that layer run."""
+    from test_foundation_training import StepCounter
+
+    from lightning_viz.callbacks.cam import CAMCallback
+    from lightning_viz.callbacks.synthesis import InversionCallback, UnitCallback
+
+    for cb, says in [
+        (CAMCallback(methods=["cam", "gradcam"], layers="net.conv2", num_probes=2), "CAMCallback: layer"),
+        (UnitCallback(layers="net.conv1", channels=[0], steps=2), "UnitCallback: layer"),
+        (InversionCallback(layers="net.conv1", steps=2, num_probes=1), "InversionCallback: layer"),
+    ]:
+        counter = StepCounter()
+        trainer = tiny_trainer(str(tmp_path), [counter, cb], max_epochs=1)
+        with pytest.raises(ValueError, match=rf"{says}\(s\) \['net.conv\d'\] ran with autograd off.*requires_grad_"):
+            trainer.fit(LitTiny(_NoGradBlock()), *tiny_loaders(n=8))
+        assert counter.steps == 0, type(cb).__name__
+    free = CAMCallback(methods=["cam", "eigencam", "scorecam", "ablationcam"], layers="net.conv2", num_probes=2)
+    tiny_trainer(str(tmp_path / "free"), [free], max_epochs=1).fit(LitTiny(_NoGradBlock()), *tiny_loaders(n=8))
+    assert {t.split("/")[1] for t in free.last_logged_tags} >= {"panel", "cam", "eigencam", "scorecam", "ablationcam"}
+
+
+class _DetachedBlock(_Checkpointed):
+    """A frozen backbone cut off with ``.detach()`` (``features = backbone(x).detach()``) instead of torch.no_grad()."""
+
+    def forward(self, x):
+        return self.fc(self.pool(self.block(x).detach()).flatten(1))
+
+
+def test_gradient_weighted_cams_of_a_layer_cut_off_by_detach_fail_clearly(tmp_path):
+    """A layer whose output the forward detaches before the head: no gradient of the score reaches it. Was: all-zero
+    Grad-CAM and LayerCAM maps, silently, at every epoch; now a clear error (at setup in a fit), while the
+    gradient-free CAM of that layer still runs."""
+    from test_foundation_training import StepCounter
+
+    from lightning_viz.callbacks.cam import CAMCallback
+    from lightning_viz.methods import cam as C
+
+    x, y = tiny_dataset(4).tensors
+    model = _DetachedBlock().eval()
+    for method in ["gradcam", "layercam"]:
+        with (
+            isolated(model),
+            pytest.raises(ValueError, match=rf"{method}: the score does not depend on layer\(s\) \['conv2'\]"),
+        ):
+            C.class_activation_map(model, x, "conv2", method, "label", y)
+    with isolated(model):
+        assert C.class_activation_map(model, x, "conv2", "eigencam", "label", y).abs().sum() > 0
+    counter = StepCounter()
+    trainer = tiny_trainer(str(tmp_path), [counter, CAMCallback(methods=["gradcam"], layers="net.conv2", num_probes=2)])
+    with pytest.raises(
+        ValueError, match=r"CAMCallback: the score does not depend on layer\(s\) \['net.conv2'\].*\.detach\(\)"
+    ):
+        trainer.fit(LitTiny(_DetachedBlock()), *tiny_loaders(n=8))
     assert counter.steps == 0

@@ -476,6 +476,78 @@ def test_weight_averaging_which_weights_are_shown(tmp_path):
     assert not torch.equal(seen[-1], bare.net.fc.weight)  # the average, copied in at the end of the fit
 
 
+class _UserEMA(L.Callback):
+    """A user's EMA (decay 0.5, updated every step), swapped into the model through ``p.data`` at the train epoch end
+    (for the checkpoint saved there) and swapped back at the next epoch start."""
+
+    def __init__(self):
+        self.ema, self.live = None, None
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        ps = [p.detach() for p in pl_module.parameters()]
+        self.ema = [p.clone() for p in ps] if self.ema is None else [0.5 * e + 0.5 * p for e, p in zip(self.ema, ps)]
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.live = [p.detach().clone() for p in pl_module.parameters()]
+        for p, e in zip(pl_module.parameters(), self.ema):
+            p.data.copy_(e)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        for p, w in zip(pl_module.parameters(), self.live or []):
+            p.data.copy_(w)
+
+
+def test_a_users_weight_swap_at_the_epoch_end_which_weights_are_shown(tmp_path):
+    """A user's callback swapping averaged weights in at ``on_train_epoch_end``: the callbacks show the weights the
+    model holds when their hook runs (the README's weight-averaging paragraph): listed after it the averaged ones,
+    before it the live ones. Training stays bit-identical either way."""
+
+    def fit(order):
+        L.seed_everything(0, verbose=False)
+        model, ema = LitTiny(), _UserEMA()
+        seen = _SeenWeights(layers="net.conv1")
+        viz = {"before": [seen, GradientCallback(num_probes=2)], "after": [CAMCallback(num_probes=2), seen]}
+        cbs = [] if order is None else viz[order]
+        callbacks = [ema, *cbs] if order == "after" else [*cbs, ema]
+        tiny_trainer(str(tmp_path / str(order)), callbacks, max_epochs=2).fit(model, *tiny_loaders(n=16))
+        return model, getattr(seen, "seen", None), ema
+
+    bare, _, _ = fit(None)
+    for order in ("before", "after"):
+        model, seen, ema = fit(order)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), bare.state_dict().values()))
+        shown = ema.ema[-2] if order == "after" else ema.live[-2]  # the fc weight of the last epoch
+        assert torch.equal(seen[-1], shown) and not torch.equal(ema.ema[-2], ema.live[-2])
+
+
+class _EvalOnAverage(LitTiny):
+    """Keeps an EMA copy of its network (torch's AveragedModel, ``self.ema.module``) and evaluates with it."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(0.5))
+
+    def forward(self, x):
+        return self.net(x) if self.training else self.ema(x)
+
+    def on_train_batch_end(self, *args):
+        self.ema.update_parameters(self.net)
+
+
+def test_a_layer_an_averaged_copy_replaces_in_eval_mode_is_named_at_setup(tmp_path):
+    """A module evaluating with its AveragedModel copy: 'net.conv2' is not called by the eval-mode forward the
+    callbacks run, so the setup error names the copy's layer to use instead ('ema.module.conv2'), which then works.
+    Was: only "choose a layer the eval-mode forward calls"."""
+    cam = CAMCallback(layers="net.conv2", num_probes=2)
+    with pytest.raises(ValueError, match=r"'net.conv2' produced no output.*'ema.module.conv2'"):
+        tiny_trainer(str(tmp_path), [cam], max_epochs=1).fit(_EvalOnAverage(), *tiny_loaders(n=8))
+    cam = CAMCallback(layers="ema.module.conv2", num_probes=2)
+    tiny_trainer(str(tmp_path / "ema"), [cam], max_epochs=1).fit(_EvalOnAverage(), *tiny_loaders(n=8))
+    assert "viz-cam/panel/p000" in cam.last_logged_tags
+
+
 def test_a_pass_shared_across_a_weight_averaging_swap_is_not_reused(tmp_path):
     """A CAMCallback at the validation end listed before EMAWeightAveraging computes its gradient pass on the
     averaged weights, which the averaging callback then swaps out through ``p.data`` (no autograd version bump): a

@@ -34,6 +34,7 @@ from torch.utils.data._utils.collate import default_convert
 from ..capture import (
     capture,
     fork_rng,
+    grad_enabled,
     isolated,
     layout_of,
     layout_set_explicitly,
@@ -63,7 +64,7 @@ from ..logging import (
     wait_for_writes,
 )
 from ..methods.batching import default_memory_mb, scaled_budget
-from ..methods.checks import check_reaches_input
+from ..methods.checks import check_layers_get_gradients, check_reaches_input
 from ..probe import (
     PROBE_BANK_KEY,
     CollatedItems,
@@ -678,17 +679,23 @@ class VisualizationCallback(Callback):
         layers: list[str],
         dims: Optional[tuple[int, ...]] = (4,),
         what: str = "layers",
+        needs_grad: Optional[str] = None,
     ) -> dict[str, Tensor]:
         """At setup: one no-grad forward of ``x`` recording ``layers``; each output must have one of ``dims``
         dimensions (4: a ``[B, C, h, w]`` feature map, 2: ``[B, C]`` features), else a clear error naming this
         callback and option ``what``; ``None``: any shape. With 4, a Swin stage's channels-last ``[B, h, w, C]`` and a
         ViT block's ``[B, tokens, C]`` are read as ``[B, C, h, w]`` maps from now on (``read_as_map``).
-        A layer the forward does not call fails too. Returns them."""
+        A layer the forward does not call fails too. With ``needs_grad`` (the callback needs gradients of the layers;
+        what works instead, a sentence ending the error) the forward runs with autograd on, and a layer that runs with
+        it off (inside ``torch.no_grad()`` in the forward) fails. Returns the outputs (detached)."""
         if dims is not None and 4 in dims:  # a Swin stage's [B, h, w, C], a ViT block's tokens: read as maps
             self.read_as_maps(model, x, layers)
-        with torch.no_grad(), capture(model, layers) as cap:
-            model(x)
-        outs = {n: cap[n] for n in layers}
+        grad = needs_grad is not None
+        with grad_enabled() if grad else torch.no_grad(), capture(model, layers, grad=grad) as cap:
+            model(x.detach().clone().requires_grad_() if grad else x)
+        if needs_grad is not None:
+            check_layers_get_gradients(type(self).__name__, cap.without_grad, needs_grad)
+        outs = {n: cap[n].detach() for n in layers}
         for n, out in outs.items():
             if dims is not None and out.ndim not in dims:
                 kinds = " or ".join({4: "a [B, C, h, w] feature map", 2: "[B, C] features"}[d] for d in dims)

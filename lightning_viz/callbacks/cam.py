@@ -39,11 +39,13 @@ from ..methods.cam import (
     cam_head,
     cam_variant,
     canonical_cam_method,
+    gradient_free_hint,
     guided_cam_from_passes,
     rectified,
     variant_from_pass,
     verify_cam_head,
 )
+from ..methods.checks import check_layers_get_gradients
 from ..methods.gradients import reduce_channels
 from ..methods.shared_pass import gradient_pass
 from ..probe import ProbeSet
@@ -216,6 +218,15 @@ class CAMCallback(GradientMapCallback):
         if self.layer_names is None:
             self.layers = [default_cam_layer(model, x, type(self).__name__)]
             self.check(model)
+        weighted = [m for m in self.methods if cam_variant(m).weights is not None or cam_variant(m).guided_of]
+        if weighted:  # their gradient must reach the layers: not inside torch.no_grad() or before a .detach()
+            result = gradient_pass(model, x, "predicted", None, self.layers, None, None, input_grad=False)
+            check_layers_get_gradients(
+                type(self).__name__,
+                result.without_grad,
+                f"Leave out methods {weighted} for these layers. {gradient_free_hint()}",
+                result.unreached,
+            )
         self._read_as_maps(model, x)
         self._verify_maps(model, x)
         self._warn_single_position(model, x)

@@ -227,6 +227,10 @@ class _InputOptimizationCallback(VisualizationCallback):
         return (*super().state_key_parts(), self.steps, self.parameterization, self.init, self.seed)
 
 
+#: what works instead for unit images and inversions of a layer no gradient reaches
+_OUTSIDE = "Name a layer the forward runs with autograd on in layers=."
+
+
 class ClassModelCallback(_InputOptimizationCallback):
     """Class-model images (Simonyan et al. 2014): for each class ``c``, the image maximizing
     ``S_c(I) - l2 ||I||^2`` from the same start, all classes in one batch; rank 0 only.
@@ -357,7 +361,9 @@ class UnitCallback(_InputOptimizationCallback):
 
     def check_input(self, model: Any, x: Tensor) -> None:  # the output's width (also of blocks and pools)
         x = self.synthesis_input(model, x)
-        out = self.check_layer_outputs(model, x, [self.layer], dims=(4, 2), what="layers")[self.layer]
+        out = self.check_layer_outputs(model, x, [self.layer], dims=(4, 2), what="layers", needs_grad=_OUTSIDE)[
+            self.layer
+        ]
         self._check_channels(out.shape[1])
         if self.unit == "neuron" and out.ndim != 4:
             raise ValueError(
@@ -432,7 +438,7 @@ class InversionCallback(_InputOptimizationCallback):
         hookable_layer(pl_module, self.layer)
 
     def check_input(self, model: Any, x: Tensor) -> None:  # called by the eval-mode forward (any output shape)
-        self.check_layer_outputs(model, x, [self.layer], dims=None)
+        self.check_layer_outputs(model, x, [self.layer], dims=None, needs_grad=_OUTSIDE)
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         assert probe is not None  # needs_probes is True: the base class always passes the probes

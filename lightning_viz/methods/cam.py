@@ -570,6 +570,12 @@ def cam_variant(name: str) -> CAMVariant:
     return CAM_VARIANTS[canonical_cam_method(name)]
 
 
+def gradient_free_hint() -> str:
+    """The sentence naming the CAM variants that need no gradient (for a layer no gradient reaches)."""
+    free = [n for n, v in CAM_VARIANTS.items() if v.weights is None and v.guided_of is None]
+    return f"The CAM variants {', '.join(free)} need no gradient."
+
+
 def _check_layer(a: Tensor, layer: str, what: str = "CAM") -> None:
     if a.ndim != 4:
         raise ValueError(
@@ -623,7 +629,7 @@ def variant_from_pass(
         )
     if result.rule is not None:
         raise ValueError(f"CAM weights need plain gradients; this pass used the {result.rule!r} ReLU rule")
-    a, g = result.layer(layer)
+    a = result.layer(layer)[0]
     _check_layer(a, layer, v.name)
     if v.activation_map is not None:
         cam = F.relu(v.activation_map(a))
@@ -639,7 +645,7 @@ def variant_from_pass(
         w = _head_weights(a, result.classes, model, layer, result.head)
     else:
         assert v.weights is not None  # exactly one way per variant (CAMVariant.__post_init__)
-        w = v.weights(a, g)
+        w = v.weights(a, result.gradient(layer, v.name, gradient_free_hint()))
     return cam_map(a, w, None if size is None else tuple(size))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Optional
 
 import torch
@@ -23,6 +23,7 @@ __all__ = [
     "check_logits",
     "input_matches_model",
     "check_reaches_input",
+    "check_layers_get_gradients",
     "check_chunk_size",
 ]
 
@@ -142,6 +143,33 @@ def check_logits(fn: str, out: object, batch: Optional[int]) -> Tensor:
         "it: lightning_viz.targets.model_adapter(model, logits_fn=None) reads a 'logits' entry or attribute, any "
         "output through logits_fn=<a callable (model, x) -> logits>, and a one-logit head [B] or [B, 1] as two "
         "classes."
+    )
+
+
+def check_layers_get_gradients(
+    fn: str, without_grad: Iterable[str], instead: str = "", unreached: Iterable[str] = ()
+) -> None:
+    """Refuse a gradient w.r.t. layers no gradient reaches (named in the message with ``fn``; ``instead``: a sentence
+    on what works without one): ``without_grad``, those that ran with autograd off (inside ``torch.no_grad()`` in the
+    forward, or reentrant gradient checkpointing outside :func:`~lightning_viz.capture.isolated`), and ``unreached``,
+    those the score does not depend on through autograd (a ``.detach()`` after them). Their gradient would be missing:
+    all-zero maps."""
+    off, cut = sorted(without_grad), sorted(set(unreached) - set(without_grad))
+    if not off and not cut:
+        return
+    tail = f" {instead}" if instead else ""
+    if off:
+        raise ValueError(
+            f"{fn}: layer(s) {off} ran with autograd off, so no gradient reaches them: inside torch.no_grad() or "
+            "torch.inference_mode() in the model's forward (freeze such a backbone with requires_grad_(False) "
+            "instead: training is the same), or torch.utils.checkpoint(..., use_reentrant=True) outside "
+            "lightning_viz.isolated (which runs such blocks as plain calls; or use use_reentrant=False)." + tail
+        )
+    raise ValueError(
+        f"{fn}: the score does not depend on layer(s) {cut} through autograd, so no gradient reaches them: the "
+        "forward detaches their output or a tensor after them before the logits (e.g. features = backbone(x)"
+        ".detach(): freeze the backbone with requires_grad_(False) instead, training is the same), or they do not "
+        "feed the logits." + tail
     )
 
 

@@ -45,6 +45,7 @@ from .checks import (
     check_eval,
     check_images,
     check_labels_per_image,
+    check_layers_get_gradients,
     check_logits,
     check_reaches_input,
     input_matches_model,
@@ -92,6 +93,9 @@ class PassResult:
         ``relu5_3``) and pytorch-grad-cam on the CPU; its gradient stays d score / d output (torchcam takes it after
         the ReLU). rule: the ReLU rule used.
         head: the last ``nn.Linear`` called in the forward (the classifier of CAM's head), ``None`` if none was.
+        without_grad: layers that ran with autograd off (inside ``torch.no_grad()`` in the forward); unreached: layers
+        the score does not depend on through autograd (those, and layers whose output the forward detaches). Their
+        activations are recorded, their gradients are zeros that :meth:`gradient` refuses to hand out.
     """
 
     logits: Tensor
@@ -102,11 +106,20 @@ class PassResult:
     grads: dict[str, Tensor] = field(default_factory=dict)
     rule: Optional[str] = None
     head: Optional[str] = None
+    without_grad: frozenset[str] = frozenset()
+    unreached: frozenset[str] = frozenset()
 
     def layer(self, name: str) -> tuple[Tensor, Tensor]:
         if name not in self.activations:
             raise KeyError(f"layer {name!r} was not recorded in this pass; recorded: {sorted(self.activations)}")
         return self.activations[name], self.grads[name]
+
+    def gradient(self, name: str, fn: str, instead: str = "") -> Tensor:
+        """d score / d output of layer ``name`` for ``fn`` (named in the error, with ``instead``): refused for a layer
+        no gradient reaches (:attr:`without_grad`, :attr:`unreached`), whose zeros are no gradient
+        (:func:`~lightning_viz.methods.checks.check_layers_get_gradients`)."""
+        check_layers_get_gradients(fn, self.without_grad & {name}, instead, self.unreached & {name})
+        return self.layer(name)[1]
 
 
 def _cat(parts: list[Any]) -> Any:
@@ -162,6 +175,8 @@ def _gradient_pass(
     acts: dict[str, list] = {n: [] for n in names}
     grads: dict[str, list] = {n: [] for n in names}
     head: Optional[str] = None  # the last nn.Linear called
+    without_grad: set[str] = set()
+    unreached: set[str] = set()
     for sl in pass_chunks(model, x, chunk_size):
         with grad_enabled():  # a caller's torch.no_grad() / inference_mode() would zero every gradient
             xc = x[sl].detach()
@@ -181,13 +196,7 @@ def _gradient_pass(
             # (or ReLU6) to the layer's output (a conv followed by ReLU(inplace=True), DenseNet's norm5)
             reads = [cap.read_later(n) for n in names]
             head = calls[-1] if calls else None
-            if cap.without_grad:
-                raise ValueError(
-                    f"layer(s) {sorted(cap.without_grad)} ran with autograd off, so no gradient reaches them: inside "
-                    "torch.no_grad() in the model's forward, or torch.utils.checkpoint(..., use_reentrant=True) "
-                    "outside lightning_viz.isolated (which runs such blocks as plain calls). Use "
-                    "use_reentrant=False, or turn gradient checkpointing off for the visualized model."
-                )
+            without_grad |= cap.without_grad  # their activations are read; a gradient of them is refused
             if input_grad:  # else every input gradient is missing: silently zero maps
                 check_reaches_input("a gradient method", scores.requires_grad)
             wrt = ([xc] if input_grad else []) + outs
@@ -209,6 +218,7 @@ def _gradient_pass(
             g = (None,) + tuple(g)
         else:
             check_reaches_input("a gradient method", g[0] is not None)
+        unreached.update(n for n, ga in zip(names, g[1:]) if ga is None)
         parts["logits"].append(logits.detach())
         parts["scores"].append(scores.detach())
         parts["classes"].append(None if cls is None else cls.detach())
@@ -226,6 +236,8 @@ def _gradient_pass(
         grads={n: _cat(v) for n, v in grads.items()},
         rule=rule,
         head=head,
+        without_grad=frozenset(without_grad),
+        unreached=frozenset(unreached),
     )
 
 
