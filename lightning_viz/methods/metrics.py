@@ -24,8 +24,7 @@ from torch import Tensor, nn
 
 from ..progress import progress
 from ..targets import Probabilities, TargetSpec, check_probabilities, class_probability, resolve_target
-from . import batching
-from .batching import default_memory_mb, images_per_forward
+from .batching import throughput_images
 from .blur import gaussian_blur
 from .checks import (
     check_chunk_size,
@@ -105,9 +104,8 @@ def perturbation_curves(
     :func:`perturbation_curve` gives it. The images every curve shares are evaluated once: the image itself
     (deletion start, insertion end) and each baseline (deletion end, insertion start); the other perturbed
     images of all keys and modes go through ``model`` in batches of at most ``chunk_size`` images (``None``:
-    as many as the default memory budget holds, on the CPU at most
-    :data:`~lightning_viz.methods.batching.CPU_THROUGHPUT_MB` of activations, but at least
-    :data:`~lightning_viz.methods.batching.CPU_MIN_IMAGES` images the budget holds); the result does not depend on
+    :func:`~lightning_viz.methods.batching.throughput_images`: the default memory budget, on the CPU at most
+    :data:`~lightning_viz.methods.batching.CPU_THROUGHPUT_MB` of activations); the result does not depend on
     chunking (up to the float rounding of batched kernels). ``probabilities``: ``"softmax"`` over the classes or
     ``"sigmoid"`` of the class's own logit (multi-label heads; :func:`~lightning_viz.targets.class_probabilities`)."""
     check_probabilities(probabilities)
@@ -158,12 +156,7 @@ def perturbation_curves(
                 items.extend((first, last, r, counts[k]) for k in range(1, steps))
         spec = torch.tensor(items, dtype=torch.long, device=x.device)  # [N, 4]
         total = len(items) * b  # flat item i: spec row i // B, probe i % B
-        budget = default_memory_mb(x.device)
-        if x.device.type == "cpu":
-            budget = min(budget, batching.CPU_THROUGHPUT_MB)
-        chunk = chunk_size or images_per_forward(model, x, budget)
-        if chunk_size is None and x.device.type == "cpu":  # large images: a few a forward, within the memory budget
-            chunk = max(chunk, min(batching.CPU_MIN_IMAGES, images_per_forward(model, x)))
+        chunk = chunk_size or throughput_images(model, x)
         # The perturbed images are made in the layout the model is called in (a ModelAdapter's channels_last on the
         # CPU: [.., H, W, C] rows, handed on as an NCHW view with channels_last strides, which it takes as they are),
         # so no chunk is copied again into that layout; the values are the same either way.
