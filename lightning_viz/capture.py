@@ -286,8 +286,9 @@ def grad_enabled() -> Iterator[None]:
 
 
 def _rng_devices() -> list[int]:
-    """Every initialized CUDA device (a data pipeline may draw on any of them)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    """Every initialized CUDA device (a data pipeline may draw on any of them). ``is_initialized`` first: a flag,
+    where ``is_available`` asks the driver (~0.1 ms, at every :func:`isolated` of every callback on a CPU run)."""
+    if torch.cuda.is_initialized() and torch.cuda.is_available():
         return list(range(torch.cuda.device_count()))
     return []
 

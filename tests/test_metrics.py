@@ -155,6 +155,30 @@ def test_curves_of_several_maps_and_both_modes_equal_single_curves_and_share_ima
         perturbation_curves(model, x, maps, labels, modes={"both": "zero"})
 
 
+def test_curves_hand_a_channels_last_adapter_its_layout_with_the_same_images():
+    """A ModelAdapter that calls its model in channels_last gets the perturbed images made in that layout (no copy
+    of every chunk into it), with the same values as the plain NCHW images of an adapter without it."""
+    from lightning_viz.targets import ModelAdapter
+
+    torch.manual_seed(0)
+    net = conv_bn_gap_head()
+    x, labels = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 1])
+    maps = {"a": torch.rand(3, 4, 4), "b": torch.rand(3, 8, 8)}
+    seen: dict[str, list[torch.Tensor]] = {"plain": [], "nhwc": []}
+    for name in seen:
+        adapter = ModelAdapter(net)
+        adapter.memory_format = torch.channels_last if name == "nhwc" else None
+        handle = adapter.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0]))
+        try:
+            perturbation_curves(adapter, x, maps, labels, steps=4, chunk_size=7)
+        finally:
+            handle.remove()
+    assert len(seen["nhwc"]) == len(seen["plain"]) > 3
+    for plain, nhwc in zip(seen["plain"], seen["nhwc"]):
+        assert plain.is_contiguous() and nhwc.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(plain, nhwc)
+
+
 def test_gaussian_blur_keeps_constants_and_smooths():
     c = torch.full((1, 3, 6, 6), 2.5)
     torch.testing.assert_close(gaussian_blur(c, 1.5), c)

@@ -12,9 +12,9 @@ from torch import nn
 
 from lightning_viz.callbacks.base import _concat
 from lightning_viz.callbacks.patches import TopPatchesCallback, resize_patches
-from lightning_viz.capture import isolated
+from lightning_viz.capture import capture, isolated
 from lightning_viz.layers import LayerNotFoundError, get_layer
-from lightning_viz.methods.patches import TopK, merge_topk, scan_topk, topk_per_unit
+from lightning_viz.methods.patches import TopK, merge_topk, scan_topk, scan_topk_layers, topk_per_unit
 from lightning_viz.methods.receptive_field import (
     NotAConvStackError,
     _unclip,
@@ -331,7 +331,27 @@ def test_several_layers_are_scanned_in_one_forward_per_chunk():
         calls_compute = list(calls)
         for layer in ("net.conv1", "net.conv2"):
             assert as_list(TopK.from_rows(out[layer])) == as_list(scan_topk(model, x, layer, [1, 3], 3, batch_size=4))
-    assert calls_compute == [4, 4, 2]  # one forward per chunk of 4 probes for both layers (was twice as many)
+    # one forward per chunk of 4 probes for both layers (was twice as many), after one of an image that finds the cut
+    assert calls_compute == [1, 4, 4, 2]
+
+
+def test_scan_stops_each_forward_after_the_layers_with_the_top_k_of_the_whole_forward():
+    """What follows the scanned layers is not computed (after one image's pass finds the cut), and the top-k is that
+    of plain whole forwards; a layer whose output a later in-place ReLU rectifies (bn1) keeps its own values."""
+    model = LitTiny().eval()
+    x = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    heads = []
+    model.net.fc.register_forward_pre_hook(lambda m, inputs: heads.append(inputs[0].shape[0]))
+    units = {"net.bn1": [0, 2], "net.conv1": None}
+    with isolated(model):
+        tops = scan_topk_layers(model, x, units, 3, batch_size=4)
+        cut = list(heads)
+        with torch.no_grad(), capture(model, list(units)) as cap:
+            model(x)  # the straightforward way: one whole forward of every probe
+            whole = {"net.bn1": cap["net.bn1"][:, [0, 2]], "net.conv1": cap["net.conv1"]}
+    assert cut == [1]  # only the first image's pass reached the head
+    for layer, act in whole.items():
+        assert as_list(tops[layer]) == as_list(topk_per_unit(act, 3))
 
 
 def test_probes_that_do_not_activate_a_unit_are_not_shown_as_its_top_patches(tmp_path):

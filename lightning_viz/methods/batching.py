@@ -33,6 +33,7 @@ __all__ = [
     "activation_bytes_per_image",
     "default_memory_mb",
     "images_per_forward",
+    "throughput_images",
     "scaled_budget",
 ]
 
@@ -43,9 +44,9 @@ CPU_MEMORY_MB = 512.0
 GPU_MEMORY_MB = 4096.0
 #: a forward + backward holds about this many times the activations of a no-grad forward
 GRAD_FACTOR = 2
-#: on the CPU, the deletion/insertion curves forward at most this much activation memory at a time: larger
-#: batches leave the cache and cost more per image (SmallCNN at 32 px, one thread: ~2x per image at 1360 images
-#: a forward than at 136-272)
+#: on the CPU, the no-grad forwards of many perturbed images (deletion/insertion curves, occlusion windows) hold at
+#: most this much activation memory at a time: larger batches leave the cache and cost more per image (SmallCNN at
+#: 32 px, one thread: ~2x per image at 1360 images a forward than at 136-272; occlusion's 392 at once ~1.5x 144)
 CPU_THROUGHPUT_MB = 48.0
 #: ... but at least this many images a forward where the memory budget holds them: resnet18 at 224 px has ~29 MiB of
 #: activations per image, so the cap alone gave one image per forward (74 vs 53 ms per image at 8, one thread)
@@ -122,3 +123,15 @@ def images_per_forward(model: nn.Module, x: Tensor, memory_mb: Optional[float] =
         raise ValueError(f"memory_mb must be > 0; got {memory_mb}")
     per_image = activation_bytes_per_image(model, x[:1]) * (GRAD_FACTOR if grad else 1)
     return max(1, int(memory_mb * 2**20 // max(per_image, 1)))
+
+
+def throughput_images(model: nn.Module, x: Tensor) -> int:
+    """Images like ``x[0]`` per no-grad forward of a method that pushes many perturbed copies (deletion/insertion
+    curves, occlusion): as many as the default memory budget holds (:func:`images_per_forward`), on the CPU at most
+    :data:`CPU_THROUGHPUT_MB` of activations (cache-sized batches cost less per image), but at least
+    :data:`CPU_MIN_IMAGES` images the budget holds."""
+    budget = default_memory_mb(x.device)
+    if x.device.type != "cpu":
+        return images_per_forward(model, x, budget)
+    chunk = images_per_forward(model, x, min(budget, CPU_THROUGHPUT_MB))
+    return max(chunk, min(CPU_MIN_IMAGES, images_per_forward(model, x, budget)))

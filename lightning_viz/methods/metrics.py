@@ -24,8 +24,7 @@ from torch import Tensor, nn
 
 from ..progress import progress
 from ..targets import Probabilities, TargetSpec, check_probabilities, class_probability, resolve_target
-from . import batching
-from .batching import default_memory_mb, images_per_forward
+from .batching import throughput_images
 from .blur import gaussian_blur
 from .checks import (
     check_chunk_size,
@@ -105,9 +104,8 @@ def perturbation_curves(
     :func:`perturbation_curve` gives it. The images every curve shares are evaluated once: the image itself
     (deletion start, insertion end) and each baseline (deletion end, insertion start); the other perturbed
     images of all keys and modes go through ``model`` in batches of at most ``chunk_size`` images (``None``:
-    as many as the default memory budget holds, on the CPU at most
-    :data:`~lightning_viz.methods.batching.CPU_THROUGHPUT_MB` of activations, but at least
-    :data:`~lightning_viz.methods.batching.CPU_MIN_IMAGES` images the budget holds); the result does not depend on
+    :func:`~lightning_viz.methods.batching.throughput_images`: the default memory budget, on the CPU at most
+    :data:`~lightning_viz.methods.batching.CPU_THROUGHPUT_MB` of activations); the result does not depend on
     chunking (up to the float rounding of batched kernels). ``probabilities``: ``"softmax"`` over the classes or
     ``"sigmoid"`` of the class's own logit (multi-label heads; :func:`~lightning_viz.targets.class_probabilities`)."""
     check_probabilities(probabilities)
@@ -143,7 +141,8 @@ def perturbation_curves(
             rank = torch.empty_like(order)
             rank.scatter_(1, order, torch.arange(h * w, device=x.device).expand(b, -1))
             ranks.append(rank)
-        rank_all = torch.stack(ranks)
+        # [K * B, HW] in int32 (read once per perturbed image: half the bytes of int64)
+        rank_all = torch.stack(ranks).to(torch.int32).view(len(keys) * b, h * w)
         counts = torch.round(torch.arange(steps + 1, dtype=torch.float64) * (h * w) / steps).long().tolist()
         # every evaluated image: (start source, end source, key, pixels moved) per probe; first the shared ones
         # (nothing moved), then the inner points of every (mode, key) curve
@@ -157,19 +156,26 @@ def perturbation_curves(
                 items.extend((first, last, r, counts[k]) for k in range(1, steps))
         spec = torch.tensor(items, dtype=torch.long, device=x.device)  # [N, 4]
         total = len(items) * b  # flat item i: spec row i // B, probe i % B
-        budget = default_memory_mb(x.device)
-        if x.device.type == "cpu":
-            budget = min(budget, batching.CPU_THROUGHPUT_MB)
-        chunk = chunk_size or images_per_forward(model, x, budget)
-        if chunk_size is None and x.device.type == "cpu":  # large images: a few a forward, within the memory budget
-            chunk = max(chunk, min(batching.CPU_MIN_IMAGES, images_per_forward(model, x)))
+        chunk = chunk_size or throughput_images(model, x)
+        # The perturbed images are made in the layout the model is called in (a ModelAdapter's channels_last on the
+        # CPU: [.., H, W, C] rows, handed on as an NCHW view with channels_last strides, which it takes as they are),
+        # so no chunk is copied again into that layout; the values are the same either way.
+        nhwc = getattr(model, "memory_format", None) == torch.channels_last and x.device.type == "cpu"
+        shape = (h, w, _c) if nhwc else (_c, h, w)
+        flat_sources = (sources.permute(0, 1, 3, 4, 2) if nhwc else sources).reshape(len(sources) * b, -1)
         probs = []
         for lo in range(0, total, chunk):
             progress(lo, total, "perturbed images")  # a line every few seconds inside a callback run (rank 0)
             idx = torch.arange(lo, min(lo + chunk, total), device=x.device)
             row, p = spec[idx // b], idx % b
-            moved = (rank_all[row[:, 2], p] < row[:, 3].unsqueeze(1)).view(-1, 1, h, w)
-            xp = torch.where(moved, sources[row[:, 1], p], sources[row[:, 0], p])
+            moved = rank_all.index_select(0, row[:, 2] * b + p) < row[:, 3:].to(torch.int32)  # [n, HW]
+            # the mask spelled out over the channels in NHWC (a where broadcasting it over the innermost axis runs
+            # a slow strided loop), broadcast over the outer channel axis in NCHW
+            moved = moved.view(-1, h, w, 1).expand(-1, h, w, _c).contiguous() if nhwc else moved.view(-1, 1, h, w)
+            start = flat_sources.index_select(0, row[:, 0] * b + p).view(-1, *shape)
+            end = flat_sources.index_select(0, row[:, 1] * b + p).view(-1, *shape)
+            xp = torch.where(moved, end, start)
+            xp = xp.permute(0, 3, 1, 2) if nhwc else xp
             out = check_logits("deletion/insertion", model(xp), xp.shape[0])
             if lo == 0:
                 check_classes("deletion/insertion", classes, b, out.shape[1])
