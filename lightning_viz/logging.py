@@ -523,6 +523,10 @@ def _share_sprite(writer: Any, earlier: tuple[str, list[int]] | None, digest: st
     write_pbtxt(writer._get_file_writer().get_logdir(), text_format.MessageToString(config))
 
 
+#: per TensorBoard writer: the Custom Scalars charts written to it so far (category -> chart -> spec)
+_custom_scalars_written: weakref.WeakKeyDictionary[Any, dict[str, dict[str, list]]] = weakref.WeakKeyDictionary()
+
+
 class TensorBoardBackend(Backend):
     """A TensorBoard ``SummaryWriter`` (the ``TensorBoardLogger``'s ``experiment``)."""
 
@@ -592,6 +596,18 @@ class TensorBoardBackend(Backend):
         self.writer.add_text(self.prefix + tag, text, step)
 
     def custom_scalars(self, layout):
+        """Add ``layout``'s charts to those written before to this writer and write the whole when it gained one:
+        TensorBoard shows a run's last layout only, so one tracker's layout would hide another's charts."""
+        try:
+            merged = _custom_scalars_written.setdefault(self.writer, {})
+        except TypeError:  # not weak-referenceable: each layout as given
+            merged = {}
+        added = {c: {t: s for t, s in charts.items() if merged.get(c, {}).get(t) != s} for c, charts in layout.items()}
+        if not any(added.values()):
+            return
+        for category, charts in added.items():
+            merged.setdefault(category, {}).update(charts)
+        layout = {category: dict(charts) for category, charts in merged.items()}  # the writer's, not the record
         if self.prefix:  # the layout's tag regexes are matched from the tag's start
             layout = {
                 category: {
