@@ -196,7 +196,8 @@ def find_tensorboard(trainer: Any):
 
 
 def describe_sinks(trainer: Any, loggers: Optional[Sequence[str]] = None) -> str:
-    """One line for the user: where the visualizations go (rank 0; may create no experiment)."""
+    """One line for the user: where the visualizations go (rank 0; creates the MLflow and W&B runs to name them, as
+    Lightning does at the fit's start)."""
     parts = []
     for name in sink_names(trainer, loggers):
         if name == DRY_RUN:
@@ -219,12 +220,27 @@ def describe_sinks(trainer: Any, loggers: Optional[Sequence[str]] = None) -> str
                 except Exception:  # an unreachable tracking server: Lightning says so when it creates the run
                     run = ""
                 parts.append(f"MLflow{run} (images as artifacts under {MLflowBackend.ARTIFACT_ROOT}/epoch_NNNN/)")
-        elif name == "wandb":
-            parts.append("W&B (x-axis: epoch)")
+        elif name == "wandb":  # which run (Lightning creates it at the fit's start anyway): where its files are
+            for lg in (lg for lg in _attached(trainer) if logger_name(lg) == name):
+                parts.append(_wandb_run_words(lg))
         else:  # any other logger, by its class name (``MyLogger``, not "the my logger")
             for lg in (lg for lg in _attached(trainer) if logger_name(lg) == name):
                 parts.append(f"{type(lg).__name__} (scalars only, through its log_metrics)")
     return "writing to " + ", ".join(parts) if parts else "writing nowhere, so computing nothing"
+
+
+def _wandb_run_words(logger: Any) -> str:
+    """``W&B run <id> at <page>``, or for an offline run its folder (where its media are) and how to upload it."""
+    try:
+        run = logger.experiment
+        if getattr(run, "disabled", False):  # WANDB_MODE=disabled: a run that keeps nothing
+            return "W&B, disabled (WANDB_MODE=disabled: nothing is kept)"
+        if getattr(run, "offline", False):
+            folder = os.path.dirname(run.dir)  # wandb/offline-run-<time>-<id>; its files/ holds the media
+            return f"W&B run {run.id} at {folder} (offline: wandb sync {shlex.quote(folder)} uploads it; x-axis: epoch)"
+        return f"W&B run {run.id} at {run.url or run.dir} (x-axis: epoch)"
+    except Exception:  # no run to name (W&B unreachable, disabled): Lightning says so when it creates the run
+        return "W&B (x-axis: epoch)"
 
 
 _folders: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
@@ -523,6 +539,10 @@ def _share_sprite(writer: Any, earlier: tuple[str, list[int]] | None, digest: st
     write_pbtxt(writer._get_file_writer().get_logdir(), text_format.MessageToString(config))
 
 
+#: per TensorBoard writer: the Custom Scalars charts written to it so far (category -> chart -> spec)
+_custom_scalars_written: weakref.WeakKeyDictionary[Any, dict[str, dict[str, list]]] = weakref.WeakKeyDictionary()
+
+
 class TensorBoardBackend(Backend):
     """A TensorBoard ``SummaryWriter`` (the ``TensorBoardLogger``'s ``experiment``)."""
 
@@ -592,6 +612,18 @@ class TensorBoardBackend(Backend):
         self.writer.add_text(self.prefix + tag, text, step)
 
     def custom_scalars(self, layout):
+        """Add ``layout``'s charts to those written before to this writer and write the whole when it gained one:
+        TensorBoard shows a run's last layout only, so one tracker's layout would hide another's charts."""
+        try:
+            merged = _custom_scalars_written.setdefault(self.writer, {})
+        except TypeError:  # not weak-referenceable: each layout as given
+            merged = {}
+        added = {c: {t: s for t, s in charts.items() if merged.get(c, {}).get(t) != s} for c, charts in layout.items()}
+        if not any(added.values()):
+            return
+        for category, charts in added.items():
+            merged.setdefault(category, {}).update(charts)
+        layout = {category: dict(charts) for category, charts in merged.items()}  # the writer's, not the record
         if self.prefix:  # the layout's tag regexes are matched from the tag's start
             layout = {
                 category: {

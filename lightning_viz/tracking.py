@@ -26,7 +26,9 @@ import copy
 import dataclasses
 import inspect
 import math
+import re
 import types
+from collections.abc import Iterable
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -89,6 +91,18 @@ TRACKING_LAYOUT: dict[str, dict[str, list]] = {
         ],
     },
 }
+
+
+def charts_of(tags: Iterable[str]) -> dict[str, dict[str, list]]:
+    """The charts of :data:`TRACKING_LAYOUT` that show one of ``tags`` (regexes matched from the tag's start, as
+    TensorBoard does): a chart no tracker fills (no masks: no pointing game) is left out of the layout."""
+    tags = list(tags)
+    out: dict[str, dict[str, list]] = {}
+    for category, charts in TRACKING_LAYOUT.items():
+        shown = {title: spec for title, spec in charts.items() if any(re.match(r, t) for r in spec[1] for t in tags)}
+        if shown:
+            out[category] = shown
+    return out
 
 
 def randomized_copy(module: nn.Module, seed: int = 2018) -> nn.Module:
@@ -269,7 +283,6 @@ class MapTracker:
         self.strides: dict[str, int] = {}  # key -> runs kept are multiples of this (see _thin)
         self.prev_maps: dict[str, Tensor] = {}  # key -> [N, h, w] downsampled maps of the previous run
         self.prev_preds: Tensor | None = None  # [N] predicted classes, or [N, K] decisions (probabilities="sigmoid")
-        self._layout_written = False
         # (key, probe id) -> (display_px, {run index: shown frame, upscaled}); not saved, rebuilt from the frames
         self._shown: dict[tuple[str, str], tuple[int, dict[int, np.ndarray]]] = {}
 
@@ -388,9 +401,6 @@ class MapTracker:
         callback: Any = None,
     ) -> None:
         """Write filmstrips and tracking scalars for the gathered ``maps``/``results`` (rank 0)."""
-        if self.custom_scalars and not self._layout_written:
-            logger.custom_scalars(TRACKING_LAYOUT)
-            self._layout_written = True
         method = getattr(callback, "method", None) or (next(iter(maps)).split("/")[0] if maps else "viz")
         if self.filmstrip and maps:
             self._log_filmstrips(logger, maps, probe, trainer, callback, method)
@@ -429,6 +439,10 @@ class MapTracker:
             if probe.labels is not None and probe.labels.shape == preds.shape:
                 logger.scalar(make_tag(method, "probe_accuracy"), (preds == probe.labels).float().mean())
             self.prev_preds = decided.clone()
+        if self.custom_scalars:  # the charts of what was logged (drift's from the second run); TensorBoard adds them
+            layout = charts_of(logger.written)
+            if layout:
+                logger.custom_scalars(layout)
 
     def _small(self, images: Tensor) -> Tensor:
         """``[N, C, H, W]`` downsampled so the longest side is at most ``frame_size``."""
@@ -550,5 +564,4 @@ class MapTracker:
         self.strides = dict(state.get("strides") or {})
         self.prev_maps = dict(state.get("prev_maps") or {})
         self.prev_preds = state.get("prev_preds")
-        self._layout_written = False  # a resumed or new run's event files get the Custom Scalars layout too
         self._shown = {}

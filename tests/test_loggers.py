@@ -504,6 +504,28 @@ def test_the_start_up_line_says_where_each_callback_writes(tmp_path, caplog):
         assert not any(t.startswith("viz-inputgrad/c/") for t in images)
 
 
+def test_the_start_up_line_names_the_wandb_run_and_where_its_files_are(offline, caplog):
+    """As it does for TensorBoard, CSV and MLflow, the start-up line says which W&B run gets the visualizations and
+    where: an offline run's folder (where its images are, and what ``wandb sync`` uploads), an online run's page.
+    Was: "W&B (x-axis: epoch)", no run named."""
+    logger = wandb_logger(offline)
+    with caplog.at_level("INFO"):
+        fit(logger, offline)
+    run = logger.experiment
+    run_dir = os.path.dirname(run.dir)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning-viz:")]
+    assert line.endswith(
+        f"writing to W&B run {run.id} at {run_dir} (offline: wandb sync {shlex.quote(run_dir)} uploads it; "
+        "x-axis: epoch)"
+    )
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
+    images = [row[k] for row in wandb_history(run_dir) for k in row if k.endswith("/path")]
+    assert images and all(os.path.isfile(os.path.join(run_dir, "files", p)) for p in images)
+
+
 @pytest.mark.parametrize("logdir", ["lightning_logs", "/data/my runs", "runs/it's $HOME"])
 def test_the_tensorboard_command_pastes_into_a_shell_as_is(logdir):
     """The start-up line's TensorBoard command, pasted into a shell, opens that folder. Was: the folder unquoted, so

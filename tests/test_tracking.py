@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 
 import pytest
@@ -64,6 +65,53 @@ def test_tracking_over_real_training(tmp_path):
     assert tracker.frames["inputgrad/input"]["p000"][0].dtype == torch.uint8
 
 
+def test_the_custom_scalars_layout_holds_only_charts_with_data_from_every_tracker(tmp_path):
+    """TensorBoard's Custom Scalars tab shows the last layout of a run. Its charts are those of the statistics some
+    tracker logs, from every tracker of the run (each adds its charts as their first value is logged). Was: every
+    tracker wrote the whole layout: with the default tracker (filmstrip and drift), 6 of the 10 charts (faithfulness,
+    pointing game, energy in mask, sanity check) stayed empty for good, and no masks meant 2 empty charts always."""
+    drift = InputGradMap(num_probes=3, name="a", tracker=MapTracker(filmstrip=False))
+    faithful = InputGradMap(
+        num_probes=3,
+        name="b",
+        tracker=MapTracker(filmstrip=False, drift=False, faithfulness=True, deletion_steps=4),
+    )
+    train, _ = tiny_loaders(n=24, batch_size=8)
+    tiny_trainer(str(tmp_path), [drift, faithful], max_epochs=2).fit(LitTiny(TinyCNN(width=4)), train)
+    # the layout as TensorBoard's Custom Scalars tab gets it (its plugin over the run's event files)
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins.base_plugin import TBContext
+    from tensorboard.plugins.custom_scalar.custom_scalars_plugin import CustomScalarsPlugin
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(tmp_path))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(tmp_path))
+    plugin = CustomScalarsPlugin(TBContext(logdir=str(tmp_path), multiplexer=multiplexer, data_provider=provider))
+    layout = json.loads(plugin.layout_impl(context.RequestContext(), ""))
+    charts = {
+        (c["title"], chart["title"]): chart["multiline"]["tag"] for c in layout["category"] for chart in c["chart"]
+    }
+    tags = read_events(str(tmp_path)).Tags()["scalars"]
+    assert {k: [t for t in tags if any(re.match(r, t) for r in regs)] for k, regs in charts.items()} == {
+        ("lightning-viz drift", "map rank correlation with the previous run"): [
+            "viz-inputgrad/a/inputgrad/input/drift/rank_corr"
+        ],
+        ("lightning-viz drift", "map top-k IoU with the previous run"): [
+            "viz-inputgrad/a/inputgrad/input/drift/topk_iou"
+        ],
+        ("lightning-viz drift", "prediction flips on probes"): ["viz-inputgrad/a/drift/prediction_flips"],
+        ("lightning-viz drift", "probe accuracy"): ["viz-inputgrad/a/probe_accuracy"],
+        ("lightning-viz faithfulness", "deletion AUC (lower is better)"): [
+            "viz-inputgrad/b/inputgrad/input/faithfulness/deletion_auc"
+        ],
+        ("lightning-viz faithfulness", "insertion AUC (higher is better)"): [
+            "viz-inputgrad/b/inputgrad/input/faithfulness/insertion_auc"
+        ],
+    }
+
+
 def _probe(n=4, size=8):
     g = torch.Generator().manual_seed(0)
     return ProbeSet(images=torch.rand(n, 3, size, size, generator=g), labels=torch.tensor([0, 1, 2, 0][:n]))
@@ -98,7 +146,12 @@ def test_drift_flips_filmstrip_bound_and_resume_by_hand():
     assert w.scalars["viz-m/m/l/drift/topk_iou"] == [(1, pytest.approx(0.0))]
     assert w.scalars["viz-m/drift/prediction_flips"] == [(1, pytest.approx(0.5))]
     assert w.scalars["viz-m/probe_accuracy"] == [(0, pytest.approx(1.0)), (1, pytest.approx(0.5))]
-    assert w.layouts == [TRACKING_LAYOUT]  # written once
+    # the Custom Scalars charts of what was logged: probe accuracy, then the drift charts from the second run on
+    drift = TRACKING_LAYOUT["lightning-viz drift"]
+    assert w.layouts == [
+        {"lightning-viz drift": {"probe accuracy": drift["probe accuracy"]}},
+        {"lightning-viz drift": drift},
+    ]
     first = w.images["viz-m/filmstrip/p001"][0][1]  # frame 0 alone, 8 px shown at 64 px
     second = w.images["viz-m/filmstrip/p001"][1][1]
     height = FILM_Y0 + FRAME + 16
