@@ -162,7 +162,7 @@ def perturbation_curves(
         # so no chunk is copied again into that layout; the values are the same either way.
         nhwc = getattr(model, "memory_format", None) == torch.channels_last and x.device.type == "cpu"
         shape = (h, w, _c) if nhwc else (_c, h, w)
-        flat_sources = (sources.permute(0, 1, 3, 4, 2) if nhwc else sources).reshape(len(sources) * b, -1)
+        flat_sources = (sources.permute(0, 1, 3, 4, 2) if nhwc else sources).reshape(len(sources) * b, _c * h * w)
         probs = []
         for lo in range(0, total, chunk):
             progress(lo, total, "perturbed images")  # a line every few seconds inside a callback run (rank 0)
