@@ -9,6 +9,7 @@ fitting), so SyncBatchNorm training, with ``torch.compile``, is tested in-proces
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -332,16 +333,14 @@ def test_a_background_write_failing_on_rank_zero_names_its_callback_on_every_ran
     assert r0["fit_error"] == r1["fit_error"] == expected
 
 
-def test_gather_timeout_is_a_clear_error():
-    """This process is rank 0 of a 2-rank gloo group (5 s timeout) whose rank 1 never gathers."""
+@contextlib.contextmanager
+def _rank0_of_two(peer_code: str):
+    """This process as rank 0 of a 2-rank gloo group (5 s timeout) whose rank 1 is a subprocess that joins the group
+    and then runs ``peer_code`` (``d`` is ``torch.distributed``); the group is destroyed and the peer killed after."""
     from datetime import timedelta
-    from types import SimpleNamespace
 
-    import torch
     import torch.distributed as dist
     from lightning.fabric.plugins.environments.lightning import find_free_network_port
-
-    from lightning_viz.callbacks.base import VisualizationError, _rank0_probes, gather_results
 
     assert not dist.is_initialized()
     port = find_free_network_port()
@@ -350,9 +349,9 @@ def test_gather_timeout_is_a_clear_error():
             sys.executable,
             "-c",
             (
-                "import sys, time, datetime, torch.distributed as d; print('ready', flush=True); "
+                "import os, sys, time, datetime, torch.distributed as d; print('ready', flush=True); "
                 f"d.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=1, world_size=2, "
-                "timeout=datetime.timedelta(seconds=5)); time.sleep(8)"
+                f"timeout=datetime.timedelta(seconds=5)); {peer_code}"
             ),
         ],
         stdout=subprocess.PIPE,
@@ -363,15 +362,27 @@ def test_gather_timeout_is_a_clear_error():
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2, timeout=timedelta(seconds=5)
         )
-        with pytest.raises(VisualizationError) as err:
-            gather_results(SimpleNamespace(global_rank=0, world_size=2), {"x": torch.zeros(1)}, None, what="probe")
-        with pytest.raises(VisualizationError) as err_probes:  # the probes' check at setup and at each run
-            _rank0_probes(SimpleNamespace(global_rank=0, world_size=2), None, None, "InputGradMap", "")
+        yield
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
         peer.kill()
         peer.wait()
+
+
+def test_gather_timeout_is_a_clear_error():
+    """This process is rank 0 of a 2-rank gloo group (5 s timeout) whose rank 1 never gathers."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lightning_viz.callbacks.base import VisualizationError, _rank0_probes, gather_results
+
+    with _rank0_of_two("time.sleep(8)"):
+        with pytest.raises(VisualizationError) as err:
+            gather_results(SimpleNamespace(global_rank=0, world_size=2), {"x": torch.zeros(1)}, None, what="probe")
+        with pytest.raises(VisualizationError) as err_probes:  # the probes' check at setup and at each run
+            _rank0_probes(SimpleNamespace(global_rank=0, world_size=2), None, None, "InputGradMap", "")
     msg = str(err.value)
     assert "gathering probe outcomes across 2 ranks failed on rank 0" in msg  # the first of its two gathers
     assert "DDPStrategy(timeout=" in msg
@@ -384,45 +395,17 @@ def test_a_process_group_breaking_while_probes_are_shared_is_a_clear_error():
     """This process is rank 0 of a 2-rank gloo group whose rank 1 sends other probe fingerprints, then dies before
     rank 0's probes are broadcast. Was: gloo's raw error (``RuntimeError: [../gloo/transport/tcp/pair.cc:...]
     Connection closed by peer``); now a VisualizationError naming the callback and what was being shared."""
-    from datetime import timedelta
     from types import SimpleNamespace
 
     import torch
-    import torch.distributed as dist
-    from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
     from lightning_viz.callbacks.base import VisualizationError, _rank0_probes
     from lightning_viz.probe import ProbeSet
 
-    assert not dist.is_initialized()
-    port = find_free_network_port()
-    peer = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            (
-                "import os, datetime, torch.distributed as d; print('ready', flush=True); "
-                f"d.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=1, world_size=2, "
-                "timeout=datetime.timedelta(seconds=5)); "
-                "d.all_gather_object([None, None], (None, 'rank 1 picked other probes')); os._exit(0)"
-            ),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     probes = ProbeSet(torch.zeros(2, 3, 4, 4), labels=torch.tensor([0, 1]))
-    try:
-        assert peer.stdout.readline().strip() == "ready"
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2, timeout=timedelta(seconds=5)
-        )
+    with _rank0_of_two("d.all_gather_object([None, None], (None, 'rank 1 picked other probes')); os._exit(0)"):
         with pytest.raises(VisualizationError) as err:
             _rank0_probes(SimpleNamespace(global_rank=0, world_size=2), probes, None, "InputGradMap", "they differ")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        peer.kill()
-        peer.wait()
     msg = str(err.value)
     assert msg.startswith("InputGradMap: sharing rank 0's probes across 2 ranks failed on rank 0 ("), msg
     assert "check that no rank skipped the callback or crashed" in msg and "DDPStrategy(timeout=" in msg, msg
