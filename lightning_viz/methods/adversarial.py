@@ -94,6 +94,7 @@ def _project(x_adv: Tensor, x: Tensor, eps: Tensor, bounds: tuple[Tensor, Tensor
 LossSpec = Literal["ce", "score"]
 
 
+@grad_enabled()  # a normal tensor (the autograd steps read it) also from a caller's inference mode
 def _attack_classes(classes: Tensor, x: Tensor, num_classes: int | None = None) -> Tensor:
     """``classes`` as ``long [B]`` on ``x``'s device, checked (indices below ``num_classes`` when given)."""
     return check_classes("adversarial attack", torch.as_tensor(classes, device=x.device), x.shape[0], num_classes)
