@@ -178,6 +178,7 @@ def _optimize_chunk(loop: _Loop, init: Tensor, rows: Tensor, chunk: tuple[int, i
     # an objective that reads only activations needs no layer after its last one: those passes stop there
     cut = () if objective.uses_logits else objective.layers
     ascent: Tensor | None = None
+    minus_one = init.new_full((), -1.0)  # d loss / d obj for the loss -obj
 
     def projected(img: Tensor, step: int) -> Tensor:
         """``img`` after ``step``'s projections and clamping. Written back into the parameters (and made again from
@@ -215,8 +216,10 @@ def _optimize_chunk(loop: _Loop, init: Tensor, rows: Tensor, chunk: tuple[int, i
             # penalties with a closed-form gradient enter the backward at the image (no graph of their own); the
             # others go through autograd as part of the loss
             closed, traced = penalty_grads(regs, img)
-            loss = -obj + total_penalty(traced, img).sum() if traced else -obj
-            outputs, seeds = ([loss], [None]) if closed is None else ([loss, img], [None, closed])
+            # without traced penalties the loss is -obj: the backward starts from obj with the seed -1 (what the
+            # negation's backward would send it: the same gradients, one node fewer)
+            loss, seed = (-obj + total_penalty(traced, img).sum(), None) if traced else (obj, minus_one)
+            outputs, seeds = ([loss], [seed]) if closed is None else ([loss, img], [seed, closed])
             ascent = None
             if needs_img_grad:
                 # one backward through the model for both: d loss / d x_in is exactly -(d objective / d x), which
