@@ -31,7 +31,7 @@ from ..layers import module_device, module_dtype
 from ..progress import progress
 from .checks import check_chunk_size, check_eval, check_images, check_reaches_input
 from .objectives import Objective, channel, class_logit, feature_match, neuron
-from .parameterization import make_param
+from .parameterization import PixelParam, make_param
 from .regularizers import L2Penalty, Regularizer, penalty_grads, total_penalty
 
 __all__ = [
@@ -185,9 +185,15 @@ def _optimize_chunk(loop: _Loop, init: Tensor, rows: Tensor, chunk: tuple[int, i
         them) only when they change it: no parameter -> image -> parameter round trip between two blurs while the
         image stays in range."""
         with torch.no_grad():
-            out = img.detach()
+            out = start = img.detach()
             for r in regs:
                 out = r.project(out, ascent, step)
+            if isinstance(p, PixelParam):  # the image is the parameter: clamped into it, nothing to compare
+                if bounds is not None:
+                    torch.clamp(out, bounds[0], bounds[1], out=start)
+                elif out is not start:
+                    p.set_image(out)
+                return img
             if bounds is not None:
                 out = torch.clamp(out, bounds[0], bounds[1])
             if torch.equal(out, img):
