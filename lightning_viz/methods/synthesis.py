@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..capture import capture, forward_until, grad_enabled
 from ..layers import module_device, module_dtype
 from ..progress import progress
+from ..targets import ModelAdapter
 from .checks import check_chunk_size, check_eval, check_images, check_reaches_input
 from .objectives import Objective, channel, class_logit, feature_match, neuron
 from .parameterization import PixelParam, make_param
@@ -170,6 +171,11 @@ def _optimize_chunk(loop: _Loop, init: Tensor, rows: Tensor, chunk: tuple[int, i
     the objective's ``rows``; ``chunk = (index, count)``: where the progress lines count from."""
     model, objective, regs = loop.model, loop.objective, loop.regs
     steps, bounds, scale = loop.steps, loop.bounds, loop.scale
+    layout = model.memory_format if isinstance(model, ModelAdapter) and init.device.type == "cpu" else None
+    if layout is not None and loop.param == "pixel":
+        # pixels in the layout the model takes them in (channels_last on the CPU): no copy into it per forward, and
+        # the gradient, the penalties' gradients and Adam's state share one layout (the values are the same)
+        init = init.contiguous(memory_format=layout)
     p = make_param(loop.param, init, decorrelate=loop.decorrelate)
     model_dtype = module_dtype(model)
     opt = _Ascent(p.params, loop.lr, loop.optimizer)
@@ -239,7 +245,7 @@ def _optimize_chunk(loop: _Loop, init: Tensor, rows: Tensor, chunk: tuple[int, i
         final = p.image()
         if project and steps > 0:
             final = projected(final, steps - 1)
-    return final.detach()
+    return final.detach().contiguous()
 
 
 @grad_enabled()  # also under a caller's torch.no_grad() / inference_mode()
