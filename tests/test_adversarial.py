@@ -156,6 +156,43 @@ def test_pgd_seeded_projected_and_targeted(trained):
     assert is_flipped(reached, target, targeted=True).float().mean() >= 0.75
 
 
+def _reference_pgd(model, x, classes, eps, alpha, start, bounds, steps, targeted=False):
+    """Madry et al.'s PGD written out: a signed cross-entropy gradient step, then the clamp to the eps-ball, then the
+    clamp to bounds, with every check at every step."""
+    lo_b, hi_b = bounds
+
+    def project(a):
+        a = torch.maximum(torch.minimum(a, x + eps), x - eps)
+        return torch.maximum(torch.minimum(a, hi_b), lo_b)
+
+    x_adv = x if start is None else project(x + start * eps)  # FGSM: no start, one step of eps
+    for _ in range(steps):
+        z = x_adv.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(z), classes, reduction="sum"), [z])
+        x_adv = project(x_adv + alpha * (-g.sign() if targeted else g.sign()))
+    return x_adv
+
+
+def test_pgd_equals_the_step_by_step_formula_bit_for_bit(trained):
+    # the attack clamps to the ball-within-bounds it computes once and checks its inputs at the first step only:
+    # the same images, bit for bit, also where the bounds cut the ball and for images outside the bounds
+    model, x, _ = trained
+    clean = predict(model, x)
+    g = torch.Generator().manual_seed(3)
+    start = 2 * torch.rand(x.shape, generator=g) - 1
+    eps = torch.linspace(0.05, 0.9, x.shape[0]).view(-1, 1, 1, 1)
+    lo = x.amin(dim=(0, 2, 3), keepdim=True) + 0.3  # above some pixels of x: x itself out of bounds there
+    bounds = (lo, x.amax(dim=(0, 2, 3), keepdim=True) - 0.1)
+    with isolated(model):
+        for targeted, cls in ((False, clean), (True, (clean + 1) % 3)):
+            ours = pgd(model, x, cls, eps.flatten(), steps=5, start=start, bounds=bounds, targeted=targeted)
+            ref = _reference_pgd(model, x, cls, eps, 2.5 * eps / 5, start, bounds, 5, targeted)
+            assert torch.equal(ours, ref)
+            assert not torch.equal(ours, _reference_pgd(model, x, cls, eps, 2.5 * eps / 5, start, bounds, 4))
+            one = fgsm(model, x, cls, eps.flatten(), targeted=targeted, bounds=bounds)
+            assert torch.equal(one, _reference_pgd(model, x, cls, eps, eps, None, bounds, 1, targeted))
+
+
 def test_pgd_random_start_without_generator_is_seeded_and_leaves_the_global_rng(trained):
     """generator=None: a fresh generator seeded 0 (same start every call), the global RNG neither read nor moved."""
     model, x, _ = trained

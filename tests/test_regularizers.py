@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import TinyCNN
 
 from lightning_viz.capture import isolated
@@ -43,6 +46,40 @@ def test_gaussian_blur_lowers_high_frequencies_and_keeps_constants():
     reg = GaussianBlur(1.0, every=3)
     assert torch.equal(reg.project(x, None, 0), x)
     torch.testing.assert_close(reg.project(x, None, 2), blurred)
+
+
+def _conv_blur(x: torch.Tensor, sigma: float, truncate: float = 3.0) -> torch.Tensor:
+    """The straightforward separable blur: a depthwise convolution per axis on the reflect-padded image."""
+    c, out = x.shape[1], x
+    for axis in (-1, -2):
+        r = min(max(1, math.ceil(truncate * sigma)), x.shape[axis] - 1)
+        if r <= 0:
+            continue
+        t = torch.arange(-r, r + 1, dtype=x.dtype)
+        k = torch.exp(-0.5 * (t / sigma) ** 2)
+        k = k / k.sum()
+        if axis == -1:
+            out = F.conv2d(F.pad(out, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        else:
+            out = F.conv2d(F.pad(out, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gaussian_blur_equals_the_depthwise_convolution(dtype):
+    # the blur adds the weighted shifted images (few small kernels) instead of convolving: the same sums, in the
+    # same order (bit for bit on the CPUs measured; 1 ulp of slack for another accumulation order)
+    g = torch.Generator().manual_seed(0)
+    for shape, sigma, truncate in [((4, 3, 32, 32), 0.5, 3.0), ((2, 1, 9, 7), 1.5, 2.0), ((1, 3, 2, 5), 1.0, 3.0)]:
+        x = torch.randn(shape, generator=g, dtype=dtype)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(-1, -2).contiguous().mT):
+            torch.testing.assert_close(
+                gaussian_blur(inp, sigma, truncate), _conv_blur(x, sigma, truncate), rtol=0, atol=1e-6
+            )
+    x = torch.randn(2, 3, 8, 8, generator=g, dtype=dtype, requires_grad=True)  # differentiable as before
+    (gx,) = torch.autograd.grad(gaussian_blur(x, 0.7).pow(2).sum(), x)
+    (gc,) = torch.autograd.grad(_conv_blur(x, 0.7).pow(2).sum(), x)
+    torch.testing.assert_close(gx, gc, rtol=0, atol=1e-5)
 
 
 def test_l2_penalty_decay_and_tv_values_by_hand():
@@ -199,6 +236,29 @@ def test_fft_parameterization_roundtrip(decorrelate):
     assert torch.equal(make_param("pixel", x).image(), x) and isinstance(make_param("pixel", x), PixelParam)
     with pytest.raises(ValueError, match="allowed: 'pixel', 'fft'"):
         make_param("dct", x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fft_parameterization_equals_the_einsum_formula_bit_for_bit(dtype):
+    # image(): the color mix as one batched product and the complex scale made once, not einsum and a promotion of the
+    # real scale per call: the same image, gradient and written-back spectrum, bit for bit
+    g = torch.Generator().manual_seed(4)
+    for shape in ((4, 3, 32, 32), (1, 3, 7, 8), (2, 3, 16, 9)):
+        x = torch.randn(shape, generator=g, dtype=dtype)
+        p = FFTParam(x)
+        img = p.image()
+        ref = torch.einsum(
+            "ij,bjhw->bihw",
+            p.color,
+            torch.fft.irfft2(torch.view_as_complex(p.spectrum) * p.scale, s=p.size, norm="ortho"),
+        )
+        assert torch.equal(img, ref)
+        seed = torch.randn(shape, generator=g, dtype=dtype)
+        assert torch.equal(*(torch.autograd.grad(t, p.spectrum, seed)[0] for t in (img, ref)))
+        y = x.flip(-1)
+        p.set_image(y)
+        coeffs = torch.fft.rfft2(torch.einsum("ij,bjhw->bihw", p.color_inv, y), norm="ortho") / p.scale
+        assert torch.equal(p.spectrum.detach(), torch.view_as_real(coeffs))
 
 
 def test_objectives_compose_and_pick_per_image_targets():

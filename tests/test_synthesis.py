@@ -33,6 +33,7 @@ from lightning_viz.methods.synthesis import (
     unit_images,
     valid_range,
 )
+from lightning_viz.targets import model_adapter
 
 
 @pytest.fixture(scope="module")
@@ -453,3 +454,38 @@ def test_optimize_input_takes_an_empty_batch_and_refuses_a_bad_chunk_size(traine
             class_model_images(model, [0, 1], (3, 8, 8), steps=2, chunk_size=2.5)
         with pytest.raises(ValueError, match=r"chunk_size must be >= 1 or None; got 0"):
             class_model_images(model, [0, 1], (3, 8, 8), steps=2, chunk_size=0)
+
+
+class _ChannelsLastInside(torch.nn.Module):
+    """The model given its input in channels_last by its own forward (no adapter the optimization could see)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+
+def test_pixel_images_kept_in_the_adapters_layout_give_the_same_images(trained):
+    # behind a channels_last adapter the pixels, their gradients and Adam's state live in channels_last (no copy per
+    # forward); the model sees the same values in the same layout as when it converts them itself: the same images,
+    # scores and inversions bit for bit, returned in the usual contiguous layout
+    model, x = trained
+    adapter = model_adapter(model)
+    adapter.memory_format = torch.channels_last
+    inside = _ChannelsLastInside(model)
+    bounds = (x.amin(dim=(0, 2, 3), keepdim=True), x.amax(dim=(0, 2, 3), keepdim=True))
+    opts = dict(steps=6, regularizers=build_regularizers(tv=1e-2, l2=1e-3, blur_every=2, jitter=1), bounds=bounds)
+    with isolated(model):
+        for m in (adapter, inside):
+            m.eval()
+        got = [
+            (
+                unit_images(m, "conv1" if m is adapter else "net.conv1", [0, 1, 2], (3, 8, 8), init="noise", **opts),
+                invert_features(m, x[:3], "conv2" if m is adapter else "net.conv2", **opts),
+            )
+            for m in (adapter, inside)
+        ]
+    for a, b in zip(*got):
+        assert a.images.is_contiguous() and torch.equal(a.images, b.images) and torch.equal(a.scores, b.scores)

@@ -106,9 +106,9 @@ class TotalVariation(Regularizer):
         dx = (x[..., :-1, 1:] - x[..., :-1, :-1]).mul_(2 * self.weight)
         dy = (x[..., 1:, :-1] - x[..., :-1, :-1]).mul_(2 * self.weight)
         g = torch.zeros_like(x)
-        g[..., :-1, 1:] += dx
-        g[..., 1:, :-1] += dy
-        g[..., :-1, :-1] -= dx + dy
+        g[..., :-1, 1:].add_(dx)  # in place on the views (``g[...] += d`` would also copy each view onto itself)
+        g[..., 1:, :-1].add_(dy)
+        g[..., :-1, :-1].sub_(dx + dy)
         return g
 
 

@@ -29,9 +29,10 @@ from torch import Tensor, nn
 from ..capture import capture, forward_until, grad_enabled
 from ..layers import module_device, module_dtype
 from ..progress import progress
+from ..targets import ModelAdapter
 from .checks import check_chunk_size, check_eval, check_images, check_reaches_input
 from .objectives import Objective, channel, class_logit, feature_match, neuron
-from .parameterization import make_param
+from .parameterization import PixelParam, make_param
 from .regularizers import L2Penalty, Regularizer, penalty_grads, total_penalty
 
 __all__ = [
@@ -170,6 +171,11 @@ def _optimize_chunk(loop: _Loop, init: Tensor, rows: Tensor, chunk: tuple[int, i
     the objective's ``rows``; ``chunk = (index, count)``: where the progress lines count from."""
     model, objective, regs = loop.model, loop.objective, loop.regs
     steps, bounds, scale = loop.steps, loop.bounds, loop.scale
+    layout = model.memory_format if isinstance(model, ModelAdapter) and init.device.type == "cpu" else None
+    if layout is not None and loop.param == "pixel":
+        # pixels in the layout the model takes them in (channels_last on the CPU): no copy into it per forward, and
+        # the gradient, the penalties' gradients and Adam's state share one layout (the values are the same)
+        init = init.contiguous(memory_format=layout)
     p = make_param(loop.param, init, decorrelate=loop.decorrelate)
     model_dtype = module_dtype(model)
     opt = _Ascent(p.params, loop.lr, loop.optimizer)
@@ -178,15 +184,22 @@ def _optimize_chunk(loop: _Loop, init: Tensor, rows: Tensor, chunk: tuple[int, i
     # an objective that reads only activations needs no layer after its last one: those passes stop there
     cut = () if objective.uses_logits else objective.layers
     ascent: Tensor | None = None
+    minus_one = init.new_full((), -1.0)  # d loss / d obj for the loss -obj
 
     def projected(img: Tensor, step: int) -> Tensor:
         """``img`` after ``step``'s projections and clamping. Written back into the parameters (and made again from
         them) only when they change it: no parameter -> image -> parameter round trip between two blurs while the
         image stays in range."""
         with torch.no_grad():
-            out = img.detach()
+            out = start = img.detach()
             for r in regs:
                 out = r.project(out, ascent, step)
+            if isinstance(p, PixelParam):  # the image is the parameter: clamped into it, nothing to compare
+                if bounds is not None:
+                    torch.clamp(out, bounds[0], bounds[1], out=start)
+                elif out is not start:
+                    p.set_image(out)
+                return img
             if bounds is not None:
                 out = torch.clamp(out, bounds[0], bounds[1])
             if torch.equal(out, img):
@@ -215,8 +228,10 @@ def _optimize_chunk(loop: _Loop, init: Tensor, rows: Tensor, chunk: tuple[int, i
             # penalties with a closed-form gradient enter the backward at the image (no graph of their own); the
             # others go through autograd as part of the loss
             closed, traced = penalty_grads(regs, img)
-            loss = -obj + total_penalty(traced, img).sum() if traced else -obj
-            outputs, seeds = ([loss], [None]) if closed is None else ([loss, img], [None, closed])
+            # without traced penalties the loss is -obj: the backward starts from obj with the seed -1 (what the
+            # negation's backward would send it: the same gradients, one node fewer)
+            loss, seed = (-obj + total_penalty(traced, img).sum(), None) if traced else (obj, minus_one)
+            outputs, seeds = ([loss], [seed]) if closed is None else ([loss, img], [seed, closed])
             ascent = None
             if needs_img_grad:
                 # one backward through the model for both: d loss / d x_in is exactly -(d objective / d x), which
@@ -230,7 +245,7 @@ def _optimize_chunk(loop: _Loop, init: Tensor, rows: Tensor, chunk: tuple[int, i
         final = p.image()
         if project and steps > 0:
             final = projected(final, steps - 1)
-    return final.detach()
+    return final.detach().contiguous()
 
 
 @grad_enabled()  # also under a caller's torch.no_grad() / inference_mode()
