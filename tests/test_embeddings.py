@@ -229,6 +229,57 @@ def test_tsne_exact_steps_are_sklearns_optimizer():
         torch.testing.assert_close(y, torch.from_numpy(ref.reshape(n, 2)), rtol=1e-9, atol=1e-12)
 
 
+def _tsne_plain(p: torch.Tensor, init: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The t-SNE loop written plainly (a fresh tensor per operation, torch only): eq. 5's gradient, momentum 0.5 then
+    0.8, delta-bar-delta gains, as :func:`tsne_exact` (without its early stops, which these inputs do not reach)."""
+    n = p.shape[0]
+    ya = torch.ones(3, n, dtype=p.dtype)
+    ya[:2] = init.t()
+    yt = ya[:2]
+    lr = max(n / 12.0 / 4.0, 50.0)
+    for pmat, momentum, steps in ((p * 12.0, 0.5, 250), (p, 0.8, iterations - 250)):
+        update, gains = torch.zeros_like(yt), torch.ones_like(yt)
+        for _ in range(steps):
+            sq = torch.addcmul(yt[0] * yt[0], yt[1], yt[1])
+            w = torch.add((sq + 1.0)[:, None], sq).addmm_(yt.t(), yt, alpha=-2.0).reciprocal_().fill_diagonal_(0.0)
+            m = torch.add(pmat, w, alpha=-1.0 / float(w.sum())).mul_(w)
+            my = ya @ m
+            g = torch.addcmul(my[:2], yt, my[2:], value=-1.0)
+            gains = torch.where(update * g > 0.0, gains + 0.2, gains * 0.8).clamp_(min=0.01)
+            update.mul_(momentum).addcmul_(gains, g, value=4.0 * lr)
+            yt.add_(update)
+    return yt.t().contiguous()
+
+
+def test_tsne_exact_is_the_plain_loop_bit_for_bit():
+    """The loop's preallocated buffers, out= ops and numpy gains step change no bit: 500 steps equal the plain
+    loop's on clustered features (the steps amplify any rounding difference, so a changed op would show)."""
+    feats, _ = _clusters(per=16, dims=32)
+    p = joint_probabilities(squared_distances(feats), 20.0)
+    init = pca_2d(feats).double() * 1e-4
+    y, _, it = tsne_exact(p, init, 500)
+    assert it == 500 and torch.equal(y, _tsne_plain(p, init, 500))
+
+
+@pytest.mark.parametrize("use_numpy", [True, False])
+def test_tsne_gains_step_numpy_and_torch_alike(use_numpy):
+    """The gains step (numpy on the CPU, torch elsewhere) is ``where(update * g > 0, gains + 0.2, gains * 0.8)``
+    floored at 0.01, in place, bit for bit."""
+    from lightning_viz.methods.embeddings import _gains_step
+
+    gen = torch.Generator().manual_seed(3)
+    update, g = (
+        torch.randn(2, 64, generator=gen, dtype=torch.float64),
+        torch.randn(2, 64, generator=gen, dtype=torch.float64),
+    )
+    update[0, :4] = 0.0  # a zero product shrinks
+    gains = torch.rand(2, 64, generator=gen, dtype=torch.float64) * 2
+    gains[1, :8] = 0.011  # shrunk below the floor
+    want = torch.where(update * g > 0.0, gains + 0.2, gains * 0.8).clamp_(min=0.01)
+    _gains_step(update, g, gains, torch.empty_like(gains), use_numpy=use_numpy)()
+    assert torch.equal(gains, want) and float(gains.min()) == 0.01
+
+
 def test_tsne_separates_clusters_like_sklearn():
     """4 clusters of 32 points in 64-d: neighbourhoods kept (trustworthiness measured 0.960-0.964 over 4 seeds,
     scikit-learn's Barnes-Hut 0.960-0.964) and classes apart (silhouette measured 0.95-0.96)."""
