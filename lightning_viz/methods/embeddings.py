@@ -211,14 +211,13 @@ def conditional_probabilities(sq_distances: Tensor, perplexity: float, steps: in
     lo = d.new_full((n,), -math.inf)
     hi = d.new_full((n,), math.inf)
     active = torch.ones(n, dtype=torch.bool, device=d.device)
-    eye = torch.eye(n, dtype=torch.bool, device=d.device)
-    p = d.new_zeros(n, n)
+    neg_d, p, dp = -d, d.new_zeros(n, n), d.new_empty(n, n)  # each step writes into p and dp
     for _ in range(steps):
-        p = torch.exp(-d * beta[:, None]).masked_fill_(eye, 0.0)
+        torch.mul(neg_d, beta[:, None], out=p).exp_().fill_diagonal_(0.0)
         s = p.sum(1)
         s = torch.where(s == 0, s.new_tensor(1e-8), s)
         p /= s[:, None]
-        entropy = torch.log(s) + beta * (d * p).sum(1)
+        entropy = torch.log(s) + beta * torch.mul(d, p, out=dp).sum(1)
         diff = entropy - target
         active &= diff.abs() > tol  # converged rows keep their beta (and so their p) from now on
         if not bool(active.any()):
