@@ -622,6 +622,37 @@ def test_projector_sprite_written_once_for_the_same_probes(tmp_path):
     assert config.embeddings[-2].sprite.image_path.startswith("00005")
 
 
+def test_projector_files_are_add_embeddings_byte_for_byte(tmp_path):
+    """The backend writes tensors.tsv in one piece (SummaryWriter.add_embedding: value by value, a file open per
+    line): every file and the projector config are add_embedding's, byte for byte, for float32 features with tiny,
+    huge, negative and integral values, metadata with a header, a sprite, and a second step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_viz.logging import _add_embedding
+
+    gen = torch.Generator().manual_seed(5)
+    feats = torch.randn(9, 5, generator=gen) * torch.tensor([1e-9, 1.0, 1e7, -3.0, 0.0])
+    feats[0] = torch.tensor([1.0, -0.0, 1e-45, 3.4e38, 0.1])
+    meta = [[f"c{i % 3}", f"p {i % 2}"] for i in range(9)]
+    imgs = torch.rand(9, 3, 4, 4, generator=gen)
+    files = []
+    for k, write in enumerate((SummaryWriter.add_embedding, None)):
+        writer = SummaryWriter(str(tmp_path / str(k)))
+        for step, img in ((3, imgs), (4, None)):
+            args = (feats * step, meta, img, step, "viz-embeddings/pen ultimate", ["label", "prediction"])
+            if write is None:
+                _add_embedding(writer, *args)
+            else:
+                writer.add_embedding(args[0], metadata=meta, label_img=img, global_step=step, tag=args[4],
+                                     metadata_header=args[5])  # fmt: skip
+        writer.close()
+        root = tmp_path / str(k)
+        files.append({str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and
+                      "tfevents" not in p.name})  # fmt: skip
+    assert len(files[0]) == 6 and files[0] == files[1]  # 2 x (tensors, metadata), a sprite, the config
+    assert files[1]["00003/viz-embeddings%2fpen ultimate/tensors.tsv"].startswith(b"3.0\t-0.0\t4.203895392974451e-45\t")
+
+
 def test_projector_sprites_of_non_square_probes_keep_their_aspect_ratio(tmp_path):
     """48x80 probes were squashed into square sprite cells; they keep their shape (the longer side = sprite_size),
     centered on white."""
