@@ -252,13 +252,16 @@ def _tsne_plain(p: torch.Tensor, init: torch.Tensor, iterations: int) -> torch.T
 
 
 def test_tsne_exact_is_the_plain_loop_bit_for_bit():
-    """The loop's preallocated buffers, out= ops and numpy gains step change no bit: 500 steps equal the plain
-    loop's on clustered features (the steps amplify any rounding difference, so a changed op would show)."""
+    """The loop's preallocated buffers, out= ops, numpy gains step and inference mode change no bit: 500 steps equal
+    the plain loop's on clustered features (the steps amplify any rounding difference, so a changed op would show)."""
     feats, _ = _clusters(per=16, dims=32)
     p = joint_probabilities(squared_distances(feats), 20.0)
     init = pca_2d(feats).double() * 1e-4
     y, _, it = tsne_exact(p, init, 500)
     assert it == 500 and torch.equal(y, _tsne_plain(p, init, 500))
+    # the steps run in inference mode; the result is an ordinary tensor (in-place ops and autograd take it)
+    assert not y.is_inference() and y.is_contiguous() and y.shape == (64, 2)
+    assert torch.equal(y.add_(1.0).requires_grad_().sum().backward() or y.grad, torch.ones(64, 2, dtype=y.dtype))
 
 
 @pytest.mark.parametrize("use_numpy", [True, False])

@@ -274,6 +274,13 @@ def tsne_exact(
     gives bit-identical output (for a given number of torch threads). Runs in ``p``'s dtype. Returns
     ``(Y [N, 2], KL divergence, iterations run)``.
     """
+    y, kl, it = _tsne_steps(p, init, iterations, learning_rate)
+    return y.clone(memory_format=torch.contiguous_format), kl, it  # an ordinary tensor, out of inference mode
+
+
+@torch.inference_mode()  # no autograd bookkeeping on the ~17 small ops of a step: ~7% of the time
+def _tsne_steps(p: Tensor, init: Tensor, iterations: int, learning_rate: float | None) -> tuple[Tensor, float, int]:
+    """:func:`tsne_exact`'s gradient descent, in inference mode: ``(Y^T [2, N] view, KL, iterations run)``."""
     n = p.shape[0]
     # Coordinates as rows of a [3, N] array whose last row is ones: one (3 x N) @ (N x N) product gives
     # (M Y)^T and M's row sums (M is symmetric), and runs ~3x faster than (N x N) @ (N x 3) with MKL.
@@ -325,7 +332,7 @@ def tsne_exact(
                     if 4.0 * float(torch.linalg.vector_norm(gains * g)) <= _MIN_GRAD_NORM:
                         break
         it = i + 1
-    return yt.t().contiguous(), kl, it
+    return yt.t(), kl, it
 
 
 def _gains_step(
