@@ -291,6 +291,7 @@ def test_tsne_separates_clusters_like_sklearn():
     feats, labels = _clusters()
     emb = tsne_2d(feats)
     assert emb.shape == (128, 2) and emb.dtype == torch.float32 and torch.isfinite(emb).all()
+    assert not emb.is_inference()  # computed in inference mode, returned as an ordinary tensor
     assert trustworthiness(feats.numpy(), emb.numpy(), n_neighbors=5) > 0.95
     assert knn_accuracy(emb, labels, k=5) == 1.0 and silhouette(emb, labels) > 0.9
 

@@ -390,7 +390,7 @@ def tsne_2d(features: Tensor, seed: int = 0, perplexity: float = 30.0, iteration
     if n > TSNE_EXACT_MAX_POINTS:
         return _tsne_sklearn(features, seed, perp, iterations)
     f = features.detach().cpu().double()
-    with one_thread():
+    with one_thread(), torch.inference_mode():  # no autograd dispatch; the float32 copy returned is made outside
         init = _pca_scores(f, 2)
         std = init.std(0, correction=0)
         if float(std[1]) <= 1e-12 * float(std[0]):  # rank < 2 (1-D, equal points): a line stays a tangled line
