@@ -520,23 +520,14 @@ def _earlier_sprite(writer: Any, label_img: Tensor | None) -> tuple[tuple[str, l
     return earlier, digest
 
 
-def _share_sprite(writer: Any, earlier: tuple[str, list[int]] | None, digest: str | None) -> None:
-    """After ``add_embedding``: remember the sprite it wrote, or point its new projector entry (written without a
-    sprite) to the earlier one and rewrite the config, so a long run stores the probes' sprite once."""
+def _remember_sprite(writer: Any, digest: str | None) -> None:
+    """After :func:`_add_embedding` wrote a sprite: remember it for the later embeddings of the same images."""
     config = getattr(writer, "_projector_config", None)
     if digest is None or config is None or not config.embeddings:
         return
     entry = config.embeddings[-1]
-    if earlier is None:
-        if entry.sprite.image_path:
-            _tb_sprites.setdefault(writer, {})[digest] = (entry.sprite.image_path, list(entry.sprite.single_image_dim))
-        return
-    from google.protobuf import text_format
-    from torch.utils.tensorboard._embedding import write_pbtxt
-
-    entry.sprite.image_path = earlier[0]
-    entry.sprite.single_image_dim.extend(earlier[1])
-    write_pbtxt(writer._get_file_writer().get_logdir(), text_format.MessageToString(config))
+    if entry.sprite.image_path:
+        _tb_sprites.setdefault(writer, {})[digest] = (entry.sprite.image_path, list(entry.sprite.single_image_dim))
 
 
 def _add_embedding(
@@ -547,11 +538,14 @@ def _add_embedding(
     step: int,
     tag: str,
     metadata_header: list[str] | None,
+    sprite: tuple[str, list[int]] | None = None,
 ) -> None:
     """``writer.add_embedding(features, metadata, label_img, step, tag, metadata_header)``: the same files byte for
     byte and the same projector config entry, but ``tensors.tsv`` is formatted from one ``tolist()`` and written at
     once. ``SummaryWriter`` formats it value by value (a numpy scalar's ``.item()`` each) and appends line by line
-    through TensorBoard's gfile, a file open per line: 6.7 -> 3.5 ms for 128 x 64 features (the rest is float repr)."""
+    through TensorBoard's gfile, a file open per line: 6.7 -> 3.5 ms for 128 x 64 features (the rest is float repr).
+    ``sprite``: ``(path, [w, h])`` of a sprite written before (of the same images; ``label_img`` is then ``None``),
+    which the entry points to, so a long run stores the probes' sprite once; the config is written once."""
     from google.protobuf import text_format
     from tensorboard.compat import tf
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
@@ -579,7 +573,11 @@ def _add_embedding(
         f.write(tf.compat.as_bytes(rows))
     if not hasattr(writer, "_projector_config"):
         writer._projector_config = ProjectorConfig()
-    writer._projector_config.embeddings.extend([get_embedding_info(metadata, label_img, subdir, step, tag)])
+    entry = get_embedding_info(metadata, label_img, subdir, step, tag)
+    if sprite is not None:
+        entry.sprite.image_path = sprite[0]
+        entry.sprite.single_image_dim.extend(sprite[1])
+    writer._projector_config.embeddings.extend([entry])
     write_pbtxt(logdir, text_format.MessageToString(writer._projector_config))
 
 
@@ -636,8 +634,10 @@ class TensorBoardBackend(Backend):
         def write() -> None:
             _continue_projector_config(writer)
             earlier, digest = _earlier_sprite(writer, label_img)
-            _add_embedding(writer, features, metadata, None if earlier else label_img, step, tag, metadata_header)
-            _share_sprite(writer, earlier, digest)
+            img = None if earlier else label_img
+            _add_embedding(writer, features, metadata, img, step, tag, metadata_header, sprite=earlier)
+            if earlier is None:
+                _remember_sprite(writer, digest)
 
         if self.background is None:
             write()
