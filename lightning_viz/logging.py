@@ -520,23 +520,65 @@ def _earlier_sprite(writer: Any, label_img: Tensor | None) -> tuple[tuple[str, l
     return earlier, digest
 
 
-def _share_sprite(writer: Any, earlier: tuple[str, list[int]] | None, digest: str | None) -> None:
-    """After ``add_embedding``: remember the sprite it wrote, or point its new projector entry (written without a
-    sprite) to the earlier one and rewrite the config, so a long run stores the probes' sprite once."""
+def _remember_sprite(writer: Any, digest: str | None) -> None:
+    """After :func:`_add_embedding` wrote a sprite: remember it for the later embeddings of the same images."""
     config = getattr(writer, "_projector_config", None)
     if digest is None or config is None or not config.embeddings:
         return
     entry = config.embeddings[-1]
-    if earlier is None:
-        if entry.sprite.image_path:
-            _tb_sprites.setdefault(writer, {})[digest] = (entry.sprite.image_path, list(entry.sprite.single_image_dim))
-        return
-    from google.protobuf import text_format
-    from torch.utils.tensorboard._embedding import write_pbtxt
+    if entry.sprite.image_path:
+        _tb_sprites.setdefault(writer, {})[digest] = (entry.sprite.image_path, list(entry.sprite.single_image_dim))
 
-    entry.sprite.image_path = earlier[0]
-    entry.sprite.single_image_dim.extend(earlier[1])
-    write_pbtxt(writer._get_file_writer().get_logdir(), text_format.MessageToString(config))
+
+def _add_embedding(
+    writer: Any,
+    features: Tensor,
+    metadata: list | None,
+    label_img: Tensor | None,
+    step: int,
+    tag: str,
+    metadata_header: list[str] | None,
+    sprite: tuple[str, list[int]] | None = None,
+) -> None:
+    """``writer.add_embedding(features, metadata, label_img, step, tag, metadata_header)``: the same files byte for
+    byte and the same projector config entry, but ``tensors.tsv`` is formatted from one ``tolist()`` and written at
+    once. ``SummaryWriter`` formats it value by value (a numpy scalar's ``.item()`` each) and appends line by line
+    through TensorBoard's gfile, a file open per line: 6.7 -> 3.5 ms for 128 x 64 features (the rest is float repr).
+    ``sprite``: ``(path, [w, h])`` of a sprite written before (of the same images; ``label_img`` is then ``None``),
+    which the entry points to, so a long run stores the probes' sprite once; the config is written once."""
+    from google.protobuf import text_format
+    from tensorboard.compat import tf
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+    from torch.utils.tensorboard._convert_np import make_np
+    from torch.utils.tensorboard._embedding import _gfile_join, get_embedding_info, make_sprite, make_tsv, write_pbtxt
+
+    mat = make_np(features)
+    subdir = f"{str(step).zfill(5)}/{writer._encode(tag)}"
+    logdir = writer._get_file_writer().get_logdir()
+    save_path = os.path.join(logdir, subdir)
+    if not tf.io.gfile.exists(save_path):  # an existing folder (the same step again): its files written over
+        tf.io.gfile.makedirs(save_path)
+    if metadata is not None:
+        if mat.shape[0] != len(metadata):
+            raise AssertionError("#labels should equal with #data points")
+        make_tsv(metadata, save_path, metadata_header=metadata_header)
+    if label_img is not None:
+        if mat.shape[0] != label_img.shape[0]:
+            raise AssertionError("#images should equal with #data points")
+        make_sprite(label_img, save_path)
+    if mat.ndim != 2:
+        raise AssertionError("mat should be 2D, where mat.size(0) is the number of data points")
+    rows = "".join("\t".join(map(str, row)) + "\n" for row in mat.tolist())  # str(float), as .item() then str
+    with tf.io.gfile.GFile(_gfile_join(save_path, "tensors.tsv"), "wb") as f:
+        f.write(tf.compat.as_bytes(rows))
+    if not hasattr(writer, "_projector_config"):
+        writer._projector_config = ProjectorConfig()
+    entry = get_embedding_info(metadata, label_img, subdir, step, tag)
+    if sprite is not None:
+        entry.sprite.image_path = sprite[0]
+        entry.sprite.single_image_dim.extend(sprite[1])
+    writer._projector_config.embeddings.extend([entry])
+    write_pbtxt(logdir, text_format.MessageToString(writer._projector_config))
 
 
 #: per TensorBoard writer: the Custom Scalars charts written to it so far (category -> chart -> spec)
@@ -592,15 +634,10 @@ class TensorBoardBackend(Backend):
         def write() -> None:
             _continue_projector_config(writer)
             earlier, digest = _earlier_sprite(writer, label_img)
-            writer.add_embedding(
-                features,
-                metadata=metadata,
-                label_img=None if earlier else label_img,
-                global_step=step,
-                tag=tag,
-                metadata_header=metadata_header,
-            )
-            _share_sprite(writer, earlier, digest)
+            img = None if earlier else label_img
+            _add_embedding(writer, features, metadata, img, step, tag, metadata_header, sprite=earlier)
+            if earlier is None:
+                _remember_sprite(writer, digest)
 
         if self.background is None:
             write()

@@ -229,6 +229,60 @@ def test_tsne_exact_steps_are_sklearns_optimizer():
         torch.testing.assert_close(y, torch.from_numpy(ref.reshape(n, 2)), rtol=1e-9, atol=1e-12)
 
 
+def _tsne_plain(p: torch.Tensor, init: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The t-SNE loop written plainly (a fresh tensor per operation, torch only): eq. 5's gradient, momentum 0.5 then
+    0.8, delta-bar-delta gains, as :func:`tsne_exact` (without its early stops, which these inputs do not reach)."""
+    n = p.shape[0]
+    ya = torch.ones(3, n, dtype=p.dtype)
+    ya[:2] = init.t()
+    yt = ya[:2]
+    lr = max(n / 12.0 / 4.0, 50.0)
+    for pmat, momentum, steps in ((p * 12.0, 0.5, 250), (p, 0.8, iterations - 250)):
+        update, gains = torch.zeros_like(yt), torch.ones_like(yt)
+        for _ in range(steps):
+            sq = torch.addcmul(yt[0] * yt[0], yt[1], yt[1])
+            w = torch.add((sq + 1.0)[:, None], sq).addmm_(yt.t(), yt, alpha=-2.0).reciprocal_().fill_diagonal_(0.0)
+            m = torch.add(pmat, w, alpha=-1.0 / float(w.sum())).mul_(w)
+            my = ya @ m
+            g = torch.addcmul(my[:2], yt, my[2:], value=-1.0)
+            gains = torch.where(update * g > 0.0, gains + 0.2, gains * 0.8).clamp_(min=0.01)
+            update.mul_(momentum).addcmul_(gains, g, value=4.0 * lr)
+            yt.add_(update)
+    return yt.t().contiguous()
+
+
+def test_tsne_exact_is_the_plain_loop_bit_for_bit():
+    """The loop's preallocated buffers, out= ops, numpy gains step and inference mode change no bit: 500 steps equal
+    the plain loop's on clustered features (the steps amplify any rounding difference, so a changed op would show)."""
+    feats, _ = _clusters(per=16, dims=32)
+    p = joint_probabilities(squared_distances(feats), 20.0)
+    init = pca_2d(feats).double() * 1e-4
+    y, _, it = tsne_exact(p, init, 500)
+    assert it == 500 and torch.equal(y, _tsne_plain(p, init, 500))
+    # the steps run in inference mode; the result is an ordinary tensor (in-place ops and autograd take it)
+    assert not y.is_inference() and y.is_contiguous() and y.shape == (64, 2)
+    assert torch.equal(y.add_(1.0).requires_grad_().sum().backward() or y.grad, torch.ones(64, 2, dtype=y.dtype))
+
+
+@pytest.mark.parametrize("use_numpy", [True, False])
+def test_tsne_gains_step_numpy_and_torch_alike(use_numpy):
+    """The gains step (numpy on the CPU, torch elsewhere) is ``where(update * g > 0, gains + 0.2, gains * 0.8)``
+    floored at 0.01, in place, bit for bit."""
+    from lightning_viz.methods.embeddings import _gains_step
+
+    gen = torch.Generator().manual_seed(3)
+    update, g = (
+        torch.randn(2, 64, generator=gen, dtype=torch.float64),
+        torch.randn(2, 64, generator=gen, dtype=torch.float64),
+    )
+    update[0, :4] = 0.0  # a zero product shrinks
+    gains = torch.rand(2, 64, generator=gen, dtype=torch.float64) * 2
+    gains[1, :8] = 0.011  # shrunk below the floor
+    want = torch.where(update * g > 0.0, gains + 0.2, gains * 0.8).clamp_(min=0.01)
+    _gains_step(update, g, gains, torch.empty_like(gains), use_numpy=use_numpy)()
+    assert torch.equal(gains, want) and float(gains.min()) == 0.01
+
+
 def test_tsne_separates_clusters_like_sklearn():
     """4 clusters of 32 points in 64-d: neighbourhoods kept (trustworthiness measured 0.960-0.964 over 4 seeds,
     scikit-learn's Barnes-Hut 0.960-0.964) and classes apart (silhouette measured 0.95-0.96)."""
@@ -237,6 +291,7 @@ def test_tsne_separates_clusters_like_sklearn():
     feats, labels = _clusters()
     emb = tsne_2d(feats)
     assert emb.shape == (128, 2) and emb.dtype == torch.float32 and torch.isfinite(emb).all()
+    assert not emb.is_inference()  # computed in inference mode, returned as an ordinary tensor
     assert trustworthiness(feats.numpy(), emb.numpy(), n_neighbors=5) > 0.95
     assert knn_accuracy(emb, labels, k=5) == 1.0 and silhouette(emb, labels) > 0.9
 
@@ -569,6 +624,37 @@ def test_projector_sprite_written_once_for_the_same_probes(tmp_path):
     text_format.Parse(Path(logdir, "projector_config.pbtxt").read_text(), config)
     assert config.embeddings[-1].sprite.image_path == config.embeddings[-2].sprite.image_path
     assert config.embeddings[-2].sprite.image_path.startswith("00005")
+
+
+def test_projector_files_are_add_embeddings_byte_for_byte(tmp_path):
+    """The backend writes tensors.tsv in one piece (SummaryWriter.add_embedding: value by value, a file open per
+    line): every file and the projector config are add_embedding's, byte for byte, for float32 features with tiny,
+    huge, negative and integral values, metadata with a header, a sprite, and a second step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_viz.logging import _add_embedding
+
+    gen = torch.Generator().manual_seed(5)
+    feats = torch.randn(9, 5, generator=gen) * torch.tensor([1e-9, 1.0, 1e7, -3.0, 0.0])
+    feats[0] = torch.tensor([1.0, -0.0, 1e-45, 3.4e38, 0.1])
+    meta = [[f"c{i % 3}", f"p {i % 2}"] for i in range(9)]
+    imgs = torch.rand(9, 3, 4, 4, generator=gen)
+    files = []
+    for k, write in enumerate((SummaryWriter.add_embedding, None)):
+        writer = SummaryWriter(str(tmp_path / str(k)))
+        for step, img in ((3, imgs), (4, None)):
+            args = (feats * step, meta, img, step, "viz-embeddings/pen ultimate", ["label", "prediction"])
+            if write is None:
+                _add_embedding(writer, *args)
+            else:
+                writer.add_embedding(args[0], metadata=meta, label_img=img, global_step=step, tag=args[4],
+                                     metadata_header=args[5])  # fmt: skip
+        writer.close()
+        root = tmp_path / str(k)
+        files.append({str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and
+                      "tfevents" not in p.name})  # fmt: skip
+    assert len(files[0]) == 6 and files[0] == files[1]  # 2 x (tensors, metadata), a sprite, the config
+    assert files[1]["00003/viz-embeddings%2fpen ultimate/tensors.tsv"].startswith(b"3.0\t-0.0\t4.203895392974451e-45\t")
 
 
 def test_projector_sprites_of_non_square_probes_keep_their_aspect_ratio(tmp_path):
