@@ -155,6 +155,40 @@ def test_curves_of_several_maps_and_both_modes_equal_single_curves_and_share_ima
         perturbation_curves(model, x, maps, labels, modes={"both": "zero"})
 
 
+def test_keys_whose_maps_rank_the_pixels_alike_share_their_perturbed_images_per_probe():
+    """A curve depends on a map only through its pixel ranking: keys ranking a probe's pixels exactly alike (a positive
+    multiple; a map already at image size vs. the same map upsampled differs) forward that probe's images once, and
+    each key's curves equal its own perturbation_curve bit for bit (one image per forward: no batching rounding)."""
+    torch.manual_seed(0)
+    model = conv_bn_gap_head()
+    x, labels = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 1])
+    a = torch.rand(3, 8, 8)
+    a[:, :3] = 0.5  # ties, broken by pixel index in both
+    part = a.clone()
+    part[1] = torch.rand(8, 8)  # ranks probes 0 and 2 as a does, probe 1 not
+    maps = {"a": a, "scaled": a * 64, "b": torch.rand(3, 8, 8), "part": part, "again": a.clone()}
+    perturbation_curves(model, x, maps, labels, steps=2, chunk_size=1)
+    sizes: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        for modes in (None, {"insertion": "zero"}):
+            sizes.clear()
+            curves = perturbation_curves(model, x, maps, labels, modes=modes, steps=6, chunk_size=1)
+            pairs = (modes or {"deletion": "zero", "insertion": "blur"}).items()
+            shared = 1 + len(set(dict(pairs).values()))
+            # per probe and curve: a and b (and part's probe 1) have their own 5 inner images, the others share a's
+            assert sum(sizes) == shared * 3 + len(pairs) * 5 * (2 * 3 + 1), modes
+            for mode, baseline in pairs:
+                for key, m in maps.items():
+                    single = perturbation_curve(
+                        model, x, m, labels, mode=mode, steps=6, baseline=baseline, chunk_size=1
+                    )
+                    assert torch.equal(curves[mode][key], single), (mode, key)
+            assert torch.equal(curves[next(iter(dict(pairs)))]["scaled"], curves[next(iter(dict(pairs)))]["a"])
+    finally:
+        handle.remove()
+
+
 def test_curves_hand_a_channels_last_adapter_its_layout_with_the_same_images():
     """A ModelAdapter that calls its model in channels_last gets the perturbed images made in that layout (no copy
     of every chunk into it), with the same values as the plain NCHW images of an adapter without it."""

@@ -103,7 +103,9 @@ def perturbation_curves(
     "insertion": "blur"}``). Returns ``{mode: {key: [B, steps + 1]}}``, each curve as
     :func:`perturbation_curve` gives it. The images every curve shares are evaluated once: the image itself
     (deletion start, insertion end) and each baseline (deletion end, insertion start); the other perturbed
-    images of all keys and modes go through ``model`` in batches of at most ``chunk_size`` images (``None``:
+    images of all keys and modes go through ``model`` in batches of at most ``chunk_size`` images, those of a key
+    whose map ranks a probe's pixels exactly as an earlier key's does (a curve depends on the map only through that
+    ranking) taken from that key's instead (``None``:
     :func:`~lightning_viz.methods.batching.throughput_images`: the default memory budget, on the CPU at most
     :data:`~lightning_viz.methods.batching.CPU_THROUGHPUT_MB` of activations); the result does not depend on
     chunking (up to the float rounding of batched kernels). ``probabilities``: ``"softmax"`` over the classes or
@@ -143,6 +145,15 @@ def perturbation_curves(
             ranks.append(rank)
         # [K * B, HW] in int32 (read once per perturbed image: half the bytes of int64)
         rank_all = torch.stack(ranks).to(torch.int32).view(len(keys) * b, h * w)
+        # a curve depends on its map only through this ranking: a key ranking a probe's pixels exactly as an earlier
+        # key does (CAM and Grad-CAM on a global-average-pooling + linear head) takes the first such key's images
+        # ([K, B]; decided on the host, with one device -> host copy)
+        same_as = torch.arange(len(keys)).unsqueeze(1).repeat(1, b)
+        pairs = [(r0, r) for r in range(1, len(keys)) for r0 in range(r)]
+        if pairs:
+            alike = torch.stack([(ranks[r0] == ranks[r]).all(dim=1) for r0, r in pairs]).cpu()  # [pairs, B]
+            for (r0, r), eq in zip(pairs, alike):
+                same_as[r] = torch.where(eq & (same_as[r] == r), same_as[r0], same_as[r])
         counts = torch.round(torch.arange(steps + 1, dtype=torch.float64) * (h * w) / steps).long().tolist()
         # every evaluated image: (start source, end source, key, pixels moved) per probe; first the shared ones
         # (nothing moved), then the inner points of every (mode, key) curve
@@ -155,7 +166,16 @@ def perturbation_curves(
                 inner[(mode, key)] = len(items)
                 items.extend((first, last, r, counts[k]) for k in range(1, steps))
         spec = torch.tensor(items, dtype=torch.long, device=x.device)  # [N, 4]
-        total = len(items) * b  # flat item i: spec row i // B, probe i % B
+        # flat item i: spec row i // B, probe i % B; an inner point of a key sharing an earlier key's ranking for the
+        # probe is read from that key's point (the same step, (r - r0) * (steps - 1) rows earlier): not evaluated
+        key_of = torch.tensor([item[2] for item in items]).unsqueeze(1).expand(-1, b)  # [N, B]
+        owner = same_as.index_select(0, key_of[:, 0])  # [N, B]
+        owner[: len(sources)] = 0  # the shared images: every key's
+        flat_idx = torch.arange(len(items) * b).view(len(items), b)
+        read = (flat_idx - (key_of - owner) * (steps - 1) * b).to(x.device)  # [N, B]: the flat item of each point
+        # in flat order: all items when no key shares (the chunks as before)
+        evaluated = flat_idx[owner == key_of].to(x.device)
+        total = len(evaluated)
         chunk = chunk_size or throughput_images(model, x)
         # The perturbed images are made in the layout the model is called in (a ModelAdapter's channels_last on the
         # CPU: [.., H, W, C] rows, handed on as an NCHW view with channels_last strides, which it takes as they are),
@@ -166,7 +186,7 @@ def perturbation_curves(
         probs = []
         for lo in range(0, total, chunk):
             progress(lo, total, "perturbed images")  # a line every few seconds inside a callback run (rank 0)
-            idx = torch.arange(lo, min(lo + chunk, total), device=x.device)
+            idx = evaluated[lo : lo + chunk]
             row, p = spec[idx // b], idx % b
             moved = rank_all.index_select(0, row[:, 2] * b + p) < row[:, 3:].to(torch.int32)  # [n, HW]
             # the mask spelled out over the channels in NHWC (a where broadcasting it over the innermost axis runs
@@ -181,7 +201,11 @@ def perturbation_curves(
                 check_classes("deletion/insertion", classes, b, out.shape[1])
             probs.append(class_probability(out.float(), classes[p], probabilities))
         # an empty batch has no chunk: empty curves
-        flat = torch.cat(probs).view(len(items), b) if probs else torch.zeros(len(items), 0, device=x.device)
+        if probs:
+            values = torch.cat(probs)
+            flat = values.new_empty(len(items) * b).index_copy_(0, evaluated, values)[read]
+        else:
+            flat = torch.zeros(len(items), 0, device=x.device)
         # a map with non-finite values has no order of importance (NaN sorts first): NaN curves for its image
         broken = {key: ~maps[key].detach().to(x.device).flatten(1).isfinite().all(dim=1) for key in keys}
         curves: dict[str, dict[str, Tensor]] = {}
