@@ -296,6 +296,31 @@ def test_average_ranks_match_scipy_with_ties_infinities_and_nans_last():
     assert _average_ranks(torch.empty(2, 0)).shape == (2, 0)
 
 
+def test_average_ranks_on_the_cpu_equal_those_of_torchs_sort_bit_for_bit():
+    """The CPU's numpy sort orders ties otherwise than torch's: the average ranks are the same bits (signed zeros,
+    infinities, NaNs, float64, a non-contiguous view, a row of one value)."""
+    from lightning_viz.methods.metrics import _average_ranks
+
+    def reference(v):  # the formula on torch's own sort
+        s, order = v.sort(dim=1)
+        n, nan = s.shape[1], s.isnan()
+        same = (s[:, 1:] == s[:, :-1]) | (nan[:, 1:] & nan[:, :-1])
+        pos = torch.arange(n).expand_as(s)
+        starts, ends = torch.ones_like(nan), torch.ones_like(nan)
+        starts[:, 1:], ends[:, :-1] = ~same, ~same
+        first = torch.where(starts, pos, 0).cummax(dim=1).values
+        last = torch.where(ends, pos, n).flip(1).cummin(dim=1).values.flip(1)
+        return torch.empty(s.shape, dtype=torch.float64).scatter_(1, order, (first + last).double() / 2)
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(6, 1024, generator=g).round(decimals=1).clamp_min(0)
+    v[0, ::3] = -0.0
+    v[1, :7], v[1, 9:20], v[1, 30:33] = float("nan"), float("inf"), -float("inf")
+    v[2] = 0.25
+    for rows in (v, v.double(), v.t().contiguous().t(), v[:, ::2]):
+        assert torch.equal(_average_ranks(rows), reference(rows))
+
+
 def test_topk_iou_hand_values():
     a = torch.arange(16.0).view(1, 4, 4)  # top 25% (4 pixels): 12..15
     b = a.clone()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -337,10 +338,21 @@ def energy_in_mask(maps: Tensor, masks: Tensor) -> Tensor:
     return torch.where(defined, inside / total.clamp_min(1e-30), torch.full_like(total, float("nan")))
 
 
+def _sort_rows(v: Tensor) -> tuple[Tensor, Tensor]:
+    """``v.sort(dim=1)``, tied values in any order; on the CPU numpy's (vectorized) quicksort, ~3x faster than
+    torch's on [8, 1024] map rows. Both sort NaN last; values comparing equal (``-0.0`` and ``0.0``) stay adjacent."""
+    if v.device.type != "cpu" or v.requires_grad or v.dtype not in (torch.float32, torch.float64):
+        return v.sort(dim=1)
+    a = v.numpy()
+    order = np.argsort(a, axis=1)
+    return torch.from_numpy(np.take_along_axis(a, order, axis=1)), torch.from_numpy(order).long()
+
+
 def _average_ranks(v: Tensor) -> Tensor:
     """Ranks 0..N-1 per row, tied values (NaNs among themselves, ranked last) sharing their average rank: one
-    sort, then each sorted run of equal values gets ``(first + last) / 2`` of its positions."""
-    s, order = v.sort(dim=1)
+    sort (ties in any order: they get the same rank), then each sorted run of equal values gets ``(first + last) / 2``
+    of its positions."""
+    s, order = _sort_rows(v)
     n = s.shape[1]
     if n == 0:
         return torch.empty(s.shape, dtype=torch.float64, device=v.device)
