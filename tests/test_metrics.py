@@ -321,6 +321,23 @@ def test_average_ranks_on_the_cpu_equal_those_of_torchs_sort_bit_for_bit():
         assert torch.equal(_average_ranks(rows), reference(rows))
 
 
+def test_top_k_pixels_are_a_stable_descending_sorts_first_k():
+    """topk_iou's selection without a sort: the pixels of a stable descending sort's first k, ties by pixel index
+    (signed zeros equal, infinities, constant rows, k = 1 and k = N)."""
+    from lightning_viz.methods.metrics import _top_k
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(6, 1024, generator=g).round(decimals=1).clamp_min(0)
+    v[0, ::3] = -0.0
+    v[1, 9:20], v[1, 30:33] = float("inf"), -float("inf")
+    v[2] = 0.25
+    for k in (1, 7, 103, 512, 1024):
+        want = torch.zeros_like(v, dtype=torch.bool).scatter_(
+            1, v.argsort(dim=1, descending=True, stable=True)[:, :k], True
+        )
+        assert torch.equal(_top_k(v, k), want), k
+
+
 def test_topk_iou_hand_values():
     a = torch.arange(16.0).view(1, 4, 4)  # top 25% (4 pixels): 12..15
     b = a.clone()

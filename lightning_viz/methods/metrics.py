@@ -388,6 +388,14 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(defined, num / den.clamp_min(1e-300), torch.full_like(den, float("nan"))).float()
 
 
+def _top_k(v: Tensor, k: int) -> Tensor:
+    """``[B, N]`` bool: the first ``k`` of each row in decreasing order, ties by index (a stable descending sort's
+    first ``k``) without the sort: the values above the row's ``k``-th largest and the first of those equal to it."""
+    kth = v.topk(k, dim=1).values[:, -1:]
+    tied = v == kth
+    return (v > kth) | (tied & (tied.cumsum(dim=1) <= k - (v > kth).sum(dim=1, keepdim=True)))
+
+
 def topk_iou(a: Tensor, b: Tensor, fraction: float = 0.1) -> Tensor:
     """IoU of the top ``fraction`` pixels of two maps (as Adebayo et al. 2018, Sec. 3), ``[B]`` (exactly
     ``ceil(fraction * HW)`` pixels each, ties by pixel index; ``b`` is resized to ``a``'s size); NaN where a map has
@@ -399,13 +407,7 @@ def topk_iou(a: Tensor, b: Tensor, fraction: float = 0.1) -> Tensor:
     b = _resize(b.to(a.device), (a.shape[-2], a.shape[-1])).flatten(1)
     a = a.detach().float().flatten(1)
     k = max(1, math.ceil(fraction * a.shape[1]))
-    sel_a = torch.zeros_like(a, dtype=torch.bool).scatter_(
-        1, a.argsort(dim=1, descending=True, stable=True)[:, :k], True
-    )
-    sel_b = torch.zeros_like(b, dtype=torch.bool).scatter_(
-        1, b.argsort(dim=1, descending=True, stable=True)[:, :k], True
-    )
-    inter = (sel_a & sel_b).sum(dim=1).float()
+    inter = (_top_k(a, k) & _top_k(b, k)).sum(dim=1).float()
     finite = a.isfinite().all(dim=1) & b.isfinite().all(dim=1)  # NaN sorts as the largest value: no top-k
     varies = (a.amax(dim=1) > a.amin(dim=1)) & (b.amax(dim=1) > b.amin(dim=1))
     return torch.where(finite & varies, inter / (2 * k - inter), torch.full_like(inter, float("nan")))
