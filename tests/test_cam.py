@@ -379,6 +379,24 @@ def test_hand_computed_literals_and_weights():
     assert torch.isfinite(C.gradcampp_weights(a, torch.zeros_like(g))).all()
 
 
+def test_gradcam_is_cam_over_the_pooled_size_exactly_on_a_gap_linear_head():
+    """On a global-average-pooling + linear head Grad-CAM's weights are the head's weights over h * w (Selvaraju et
+    al. 2017, Sec. 3.1): pooled in float64 (the float32 mean of h * w equal gradients rounds), a power-of-two h * w
+    makes the Grad-CAM map exactly the CAM map scaled, so both rank the pixels alike (the tracker's curves share their
+    images); the weights stay the plain mean of the gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)
+    ).eval()
+    x, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 3, 1, 4])
+    with isolated(model):
+        cam = C.class_activation_map(model, x, "1", "cam", labels=labels)
+        gradcam = C.class_activation_map(model, x, "1", "gradcam", labels=labels)
+    assert cam.abs().sum() > 0 and torch.equal(gradcam * 256, cam)
+    g = torch.randn(2, 3, 5, 7)
+    torch.testing.assert_close(C.gradcam_weights(g, g), g.mean(dim=(2, 3)), rtol=1e-6, atol=0)
+
+
 def test_guided_gradcam_is_guided_backprop_times_cam():
     model = TinyCNN(width=3).eval()
     x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -155,6 +155,40 @@ def test_curves_of_several_maps_and_both_modes_equal_single_curves_and_share_ima
         perturbation_curves(model, x, maps, labels, modes={"both": "zero"})
 
 
+def test_keys_whose_maps_rank_the_pixels_alike_share_their_perturbed_images_per_probe():
+    """A curve depends on a map only through its pixel ranking: keys ranking a probe's pixels exactly alike (a positive
+    multiple; a map already at image size vs. the same map upsampled differs) forward that probe's images once, and
+    each key's curves equal its own perturbation_curve bit for bit (one image per forward: no batching rounding)."""
+    torch.manual_seed(0)
+    model = conv_bn_gap_head()
+    x, labels = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 1])
+    a = torch.rand(3, 8, 8)
+    a[:, :3] = 0.5  # ties, broken by pixel index in both
+    part = a.clone()
+    part[1] = torch.rand(8, 8)  # ranks probes 0 and 2 as a does, probe 1 not
+    maps = {"a": a, "scaled": a * 64, "b": torch.rand(3, 8, 8), "part": part, "again": a.clone()}
+    perturbation_curves(model, x, maps, labels, steps=2, chunk_size=1)
+    sizes: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        for modes in (None, {"insertion": "zero"}):
+            sizes.clear()
+            curves = perturbation_curves(model, x, maps, labels, modes=modes, steps=6, chunk_size=1)
+            pairs = (modes or {"deletion": "zero", "insertion": "blur"}).items()
+            shared = 1 + len(set(dict(pairs).values()))
+            # per probe and curve: a and b (and part's probe 1) have their own 5 inner images, the others share a's
+            assert sum(sizes) == shared * 3 + len(pairs) * 5 * (2 * 3 + 1), modes
+            for mode, baseline in pairs:
+                for key, m in maps.items():
+                    single = perturbation_curve(
+                        model, x, m, labels, mode=mode, steps=6, baseline=baseline, chunk_size=1
+                    )
+                    assert torch.equal(curves[mode][key], single), (mode, key)
+            assert torch.equal(curves[next(iter(dict(pairs)))]["scaled"], curves[next(iter(dict(pairs)))]["a"])
+    finally:
+        handle.remove()
+
+
 def test_curves_hand_a_channels_last_adapter_its_layout_with_the_same_images():
     """A ModelAdapter that calls its model in channels_last gets the perturbed images made in that layout (no copy
     of every chunk into it), with the same values as the plain NCHW images of an adapter without it."""
@@ -260,6 +294,48 @@ def test_average_ranks_match_scipy_with_ties_infinities_and_nans_last():
     v = torch.tensor([[0.5, float("nan"), 0.1, float("nan"), 0.1, float("inf")]])
     assert _average_ranks(v).tolist() == [[2.0, 4.5, 0.5, 4.5, 0.5, 3.0]]
     assert _average_ranks(torch.empty(2, 0)).shape == (2, 0)
+
+
+def test_average_ranks_on_the_cpu_equal_those_of_torchs_sort_bit_for_bit():
+    """The CPU's numpy sort orders ties otherwise than torch's: the average ranks are the same bits (signed zeros,
+    infinities, NaNs, float64, a non-contiguous view, a row of one value)."""
+    from lightning_viz.methods.metrics import _average_ranks
+
+    def reference(v):  # the formula on torch's own sort
+        s, order = v.sort(dim=1)
+        n, nan = s.shape[1], s.isnan()
+        same = (s[:, 1:] == s[:, :-1]) | (nan[:, 1:] & nan[:, :-1])
+        pos = torch.arange(n).expand_as(s)
+        starts, ends = torch.ones_like(nan), torch.ones_like(nan)
+        starts[:, 1:], ends[:, :-1] = ~same, ~same
+        first = torch.where(starts, pos, 0).cummax(dim=1).values
+        last = torch.where(ends, pos, n).flip(1).cummin(dim=1).values.flip(1)
+        return torch.empty(s.shape, dtype=torch.float64).scatter_(1, order, (first + last).double() / 2)
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(6, 1024, generator=g).round(decimals=1).clamp_min(0)
+    v[0, ::3] = -0.0
+    v[1, :7], v[1, 9:20], v[1, 30:33] = float("nan"), float("inf"), -float("inf")
+    v[2] = 0.25
+    for rows in (v, v.double(), v.t().contiguous().t(), v[:, ::2]):
+        assert torch.equal(_average_ranks(rows), reference(rows))
+
+
+def test_top_k_pixels_are_a_stable_descending_sorts_first_k():
+    """topk_iou's selection without a sort: the pixels of a stable descending sort's first k, ties by pixel index
+    (signed zeros equal, infinities, constant rows, k = 1 and k = N)."""
+    from lightning_viz.methods.metrics import _top_k
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(6, 1024, generator=g).round(decimals=1).clamp_min(0)
+    v[0, ::3] = -0.0
+    v[1, 9:20], v[1, 30:33] = float("inf"), -float("inf")
+    v[2] = 0.25
+    for k in (1, 7, 103, 512, 1024):
+        want = torch.zeros_like(v, dtype=torch.bool).scatter_(
+            1, v.argsort(dim=1, descending=True, stable=True)[:, :k], True
+        )
+        assert torch.equal(_top_k(v, k), want), k
 
 
 def test_topk_iou_hand_values():

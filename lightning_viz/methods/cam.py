@@ -115,8 +115,10 @@ def cam_map(activations: Tensor, weights: Tensor, size: Optional[tuple[int, ...]
 
 
 def gradcam_weights(a: Tensor, g: Tensor) -> Tensor:
-    """Grad-CAM: global-average-pooled gradients ``[B, K]``."""
-    return g.mean(dim=(2, 3))
+    """Grad-CAM: global-average-pooled gradients ``[B, K]``, summed in float64: on a global-average-pooling + linear
+    head the ``h * w`` equal gradients then pool exactly to the head's weight over ``h * w`` (a float32 sum rounds),
+    so Grad-CAM is CAM scaled, exactly where ``h * w`` is a power of two, and ranks the pixels alike."""
+    return g.mean(dim=(2, 3), dtype=torch.float64).to(g.dtype)
 
 
 def counterfactual_weights(a: Tensor, g: Tensor) -> Tensor:
