@@ -169,8 +169,9 @@ def perturbation_curves(
         spec = torch.tensor(items, dtype=torch.long, device=x.device)  # [N, 4]
         # flat item i: spec row i // B, probe i % B; an inner point of a key sharing an earlier key's ranking for the
         # probe is read from that key's point (the same step, (r - r0) * (steps - 1) rows earlier): not evaluated
-        key_of = torch.tensor([item[2] for item in items]).unsqueeze(1).expand(-1, b)  # [N, B]
-        owner = same_as.index_select(0, key_of[:, 0])  # [N, B]
+        item_key = torch.tensor([item[2] for item in items])  # [N]
+        key_of = item_key.unsqueeze(1).expand(-1, b)  # [N, B]
+        owner = same_as.index_select(0, item_key)  # [N, B]
         owner[: len(sources)] = 0  # the shared images: every key's
         flat_idx = torch.arange(len(items) * b).view(len(items), b)
         read = (flat_idx - (key_of - owner) * (steps - 1) * b).to(x.device)  # [N, B]: the flat item of each point
