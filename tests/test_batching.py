@@ -140,6 +140,30 @@ def test_scorecam_on_the_cpu_forwards_at_most_the_throughput_budget(monkeypatch)
     torch.testing.assert_close(capped, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_integrated_gradients_and_smoothgrad_on_the_cpu_go_at_most_64_images_at_a_time():
+    """The path points of integrated gradients and SmoothGrad's noisy images go forward + backward at most
+    CPU_GRAD_MAX_IMAGES (64) at a time on the CPU, though the memory budget holds them all (the demo's 128 points in
+    one batch cost ~1.35x what batches of 64 do), with the result of one batch."""
+    model = TinyCNN(width=2).eval()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 2
+    assert batching.CPU_GRAD_MAX_IMAGES == 64 and batching.images_per_forward(model, x, grad=True) > 8 * 16
+    with isolated(model):
+        whole_ig = G.integrated_gradients(model, x, "label", y, steps=16, chunk_size=10**6)
+        whole_sg = G.smoothgrad("saliency", model, x, "label", y, chunk_size=10**6, n_samples=16)
+        sizes, handle = _batches(model)
+        try:
+            ig = G.integrated_gradients(model, x, "label", y, steps=16)
+            ig_sizes, sizes[:] = list(sizes), []
+            sg = G.smoothgrad("saliency", model, x, "label", y, n_samples=16)
+        finally:
+            handle.remove()
+    assert max(ig_sizes) == 64 and sum(s for s in ig_sizes if s != 8) == 8 * 16  # after the target's forward
+    assert max(sizes) == 64 and sum(s for s in sizes if s != 8) == 8 * 16
+    torch.testing.assert_close(ig, whole_ig, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sg, whole_sg, rtol=1e-5, atol=1e-6)
+
+
 def test_deletion_curves_on_the_cpu_forward_a_few_large_images_at_once(monkeypatch):
     """Images whose activations exceed CPU_THROUGHPUT_MB (resnet18 at 224 px: ~29 MiB each, the cap 48 MiB) still go
     CPU_MIN_IMAGES at a time (was: one image per forward, ~1.4x the time per image), never more than the memory budget

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..progress import progress, reporting
 from ..targets import LabelTarget, PredictedTarget, TargetSpec, resolve_target
-from .batching import images_per_forward
+from .batching import grad_throughput_images
 from .checks import (
     check_chunk_size,
     check_eval,
@@ -125,8 +125,8 @@ def integrated_gradients(
 ) -> Tensor:
     """Integrated gradients (Sundararajan et al. 2017) ``[B, C, H, W]`` along the straight path from ``baseline``
     (a value or a tensor broadcastable to ``x``) with ``steps`` midpoint samples; ``chunk_size`` bounds the number of
-    path points (images) per forward + backward (``None``: as many as the default memory budget holds,
-    :func:`lightning_viz.methods.batching.images_per_forward`); the result does not depend on it.
+    path points (images) per forward + backward (``None``: as many as the default memory budget holds, on the CPU at
+    most 64, :func:`lightning_viz.methods.batching.grad_throughput_images`); the result does not depend on it.
     ``sum`` of the result ~= ``S(x) - S(baseline)`` (completeness)."""
     if steps < 1:
         raise ValueError(f"integrated_gradients needs steps >= 1; got {steps}")
@@ -144,7 +144,7 @@ def integrated_gradients(
         ) from None
     alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
     with input_matches_model("integrated_gradients", model, x):
-        chunk_size = chunk_size or images_per_forward(model, x, grad=True)
+        chunk_size = chunk_size or grad_throughput_images(model, x)
     return _path_average(model, x, base, alphas, tgt, labels, chunk_size) * (x - base)
 
 
@@ -183,8 +183,9 @@ def smoothgrad(
     its own ``torch.Generator`` seeded by ``(seed, ids[i])`` (``ids`` default ``0..B-1``; pass global probe
     indices so a DDP split or a different batching draws the same noise per image); the global RNG is
     never used. ``chunk_size`` bounds the noisy images per forward (``None``: as many as the default memory
-    budget holds, :func:`lightning_viz.methods.batching.images_per_forward`; for integrated gradients, whose
-    every noisy image is ``steps`` path points, that many fewer); the result does not depend on it.
+    budget holds, on the CPU at most 64, :func:`lightning_viz.methods.batching.grad_throughput_images`; for
+    integrated gradients, whose every noisy image is ``steps`` path points, that many fewer); the result does not
+    depend on it.
     A ``"predicted"`` target is fixed from the clean input."""
     if isinstance(method, str):
         if method not in GRADIENT_METHODS:
@@ -221,7 +222,7 @@ def smoothgrad(
     per_forward = chunk_size
     if per_forward is None:
         with input_matches_model("smoothgrad", model, x):
-            per_forward = images_per_forward(model, x, grad=True)
+            per_forward = grad_throughput_images(model, x)
         if method is integrated_gradients:  # each noisy image becomes `steps` path points (IG budgets its own chunks)
             per_forward = max(1, per_forward // int(kwargs.get("steps", 32)))
     for sl in chunks(n_samples * b, per_forward):
