@@ -183,7 +183,7 @@ def test_callbacks_log_grids_pairs_and_scalars_every_epoch(tmp_path):
     tiny_trainer(str(tmp_path), cbs, max_epochs=2).fit(model, train, val)
     acc = read_events(str(tmp_path))
     assert image_steps(acc, "viz-class_model/grid") == [0, 1]
-    assert [scalar_steps(acc, f"viz-class_model/class{c}/score") for c in range(3)] == [[0, 1]] * 3
+    assert [scalar_steps(acc, f"viz-class_model/class{c:03d}/score") for c in range(3)] == [[0, 1]] * 3
     assert image_steps(acc, "viz-units/net.conv2/grid") == [0, 1]
     assert scalar_steps(acc, "viz-units/net.conv2/ch3/activation") == [0, 1]
     for pid in ("p000", "p001"):
@@ -192,6 +192,22 @@ def test_callbacks_log_grids_pairs_and_scalars_every_epoch(tmp_path):
     pair = acc.Images("viz-inversion/net.conv1/p000")[0]
     assert (pair.width, pair.height) == (2 * 96 + 3 * 2, 14 + 96 + 2 * 2)  # the headers, original | reconstruction
     assert len({cb.state_key for cb in cbs}) == 3
+
+
+def test_class_model_score_tags_sort_by_class_and_carry_the_class_names(tmp_path):
+    """12 classes: ``class10`` sorted before ``class2`` in TensorBoard; now ``class000_<name>`` .. ``class011_<name>``
+    (the class names as one tag segment), in the class order of a string sort."""
+    names = ["T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal"] + [f"kind {c}" for c in range(6, 12)]
+    cb = ClassModelCallback(steps=1, input_shape=[3, 8, 8], max_classes=12, class_names=names)
+    train, val = tiny_loaders(16)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(TinyCNN(width=4, num_classes=12)), train, val)
+    tags = sorted(t for t in read_events(str(tmp_path)).Tags()["scalars"] if t.startswith("viz-class_model/class"))
+    assert tags[:3] == [
+        "viz-class_model/class000_T-shirt_top/score",
+        "viz-class_model/class001_trouser/score",
+        "viz-class_model/class002_pullover/score",
+    ]
+    assert tags[10:] == ["viz-class_model/class010_kind_10/score", "viz-class_model/class011_kind_11/score"]
 
 
 def test_callbacks_and_methods_run_a_model_in_another_dtype_than_the_probes():

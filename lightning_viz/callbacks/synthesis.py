@@ -3,7 +3,7 @@ inversion and adversarial examples, every ``every_n_epochs`` epochs (step = epoc
 
 Tags:
 * :class:`ClassModelCallback` -- ``viz-class_model/grid`` (each image with its class name underneath) and
-  ``viz-class_model/class<c>/score``;
+  ``viz-class_model/class<c>/score`` (``class000_circle``: :func:`~lightning_viz.logging.indexed`);
 * :class:`UnitCallback` -- ``viz-units/<layer>/grid`` and ``viz-units/<layer>/ch<k>/activation``;
 * :class:`InversionCallback` -- ``viz-inversion/<layer>/<probe-id>`` (original | reconstruction), or one
   ``viz-inversion/<layer>/grid`` with ``layout="grid"``, and ``viz-inversion/<layer>/feature_error``;
@@ -29,7 +29,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
 from ..layers import canonical_name, hookable_layer, module_device, module_dtype
-from ..logging import VizLogger, make_tag
+from ..logging import VizLogger, indexed, make_tag
 from ..methods.adversarial import fgsm, minimal_flip_budget, pgd
 from ..methods.checks import check_chunk_size
 from ..methods.regularizers import build_regularizers
@@ -274,7 +274,7 @@ class ClassModelCallback(_InputOptimizationCallback):
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         pl_module = self.adapted(pl_module)
         shape = self.image_shape(probe)
-        classes = self.classes
+        classes, n = self.classes, self._num_classes
         if classes is None:
             with torch.no_grad():
                 n = pl_module(
@@ -288,6 +288,7 @@ class ClassModelCallback(_InputOptimizationCallback):
             "scores": res.scores.cpu(),
             "start_scores": res.start_scores.cpu(),
             "classes": torch.as_tensor(classes),
+            "num_classes": torch.tensor([max(classes) + 1 if n is None else n]),  # the score tags' index width
         }
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
@@ -297,8 +298,9 @@ class ClassModelCallback(_InputOptimizationCallback):
         labels = [class_name(c, names) for c in results["classes"].tolist()]
         tiles = self.show(_display(results["images"], mean, std))
         logger.image(make_tag(self.method, "grid"), labeled_grid(tiles, labels))
-        for c, s in zip(results["classes"].tolist(), results["scores"]):
-            logger.scalar(make_tag(self.method, f"class{c}", "score"), s)
+        largest = int(results["num_classes"][0]) - 1
+        for c, label, s in zip(results["classes"].tolist(), labels, results["scores"]):
+            logger.scalar(make_tag(self.method, indexed("class", c, largest, label), "score"), s)
 
 
 class UnitCallback(_InputOptimizationCallback):
