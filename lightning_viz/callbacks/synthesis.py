@@ -4,7 +4,7 @@ inversion and adversarial examples, every ``every_n_epochs`` epochs (step = epoc
 Tags:
 * :class:`ClassModelCallback` -- ``viz-class_model/grid`` (each image with its class name underneath) and
   ``viz-class_model/class<c>/score`` (``class000_circle``: :func:`~lightning_viz.logging.indexed`);
-* :class:`UnitCallback` -- ``viz-units/<layer>/grid`` and ``viz-units/<layer>/ch<k>/activation``;
+* :class:`UnitCallback` -- ``viz-units/<layer>/grid`` and ``viz-units/<layer>/unit<c>/activation`` (``unit003``);
 * :class:`InversionCallback` -- ``viz-inversion/<layer>/<probe-id>`` (original | reconstruction), or one
   ``viz-inversion/<layer>/grid`` with ``layout="grid"``, and ``viz-inversion/<layer>/feature_error``;
 * :class:`AdversarialCallback` -- ``viz-adversarial/<probe-id>`` (image | amplified perturbation |
@@ -346,18 +346,22 @@ class UnitCallback(_InputOptimizationCallback):
         self.channels = [int(c) for c in channels]
         self.unit: Literal["channel", "neuron"] = unit
         self.needs_probes = self.input_shape is None
+        self._layer_channels: int | None = None  # seen at setup: the width of the unit tags' indices
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return (*super().state_key_parts(), self.layer, tuple(self.channels), self.unit)
 
     def _check_channels(self, n: int | None) -> None:
         """``channels`` within the layer's ``n`` channels (``None``: not known yet)."""
+        if n is not None:
+            self._layer_channels = n
         if n is not None and max(self.channels) >= n:
             raise ValueError(
                 f"UnitCallback: layer {self.layer!r} has {n} channels (0..{n - 1}); got channels {self.channels}"
             )
 
     def check(self, pl_module: LightningModule) -> None:  # before any forward: the layer's declared width
+        self._layer_channels = None
         module = hookable_layer(pl_module, self.layer)
         self._check_channels(getattr(module, "out_channels", None) or getattr(module, "out_features", None))
 
@@ -390,10 +394,11 @@ class UnitCallback(_InputOptimizationCallback):
         self.warn_non_finite(f"the {self.layer} unit images", results["images"], rows="channels")
         logger.image(
             make_tag(self.method, self.layer, "grid"),
-            labeled_grid(self.show(_display(results["images"], mean, std)), [f"ch {c}" for c in self.channels]),
+            labeled_grid(self.show(_display(results["images"], mean, std)), [f"unit {c}" for c in self.channels]),
         )
+        largest = (self._layer_channels or max(self.channels) + 1) - 1
         for c, s in zip(self.channels, results["scores"]):
-            logger.scalar(make_tag(self.method, self.layer, f"ch{c}", "activation"), s)
+            logger.scalar(make_tag(self.method, self.layer, indexed("unit", c, largest), "activation"), s)
 
 
 class InversionCallback(_InputOptimizationCallback):
