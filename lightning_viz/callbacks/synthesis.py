@@ -297,7 +297,8 @@ class ClassModelCallback(_InputOptimizationCallback):
         names = self.get_class_names(trainer)
         labels = [class_name(c, names) for c in results["classes"].tolist()]
         tiles = self.show(_display(results["images"], mean, std))
-        logger.image(make_tag(self.method, "grid"), labeled_grid(tiles, labels))
+        title = f"the input maximizing each class score ({self.steps} steps)"
+        logger.image(make_tag(self.method, "grid"), labeled_grid(tiles, labels, caption=title))
         largest = int(results["num_classes"][0]) - 1
         for c, label, s in zip(results["classes"].tolist(), labels, results["scores"]):
             logger.scalar(make_tag(self.method, indexed("class", c, largest, label), "score"), s)
@@ -394,7 +395,12 @@ class UnitCallback(_InputOptimizationCallback):
         self.warn_non_finite(f"the {self.layer} unit images", results["images"], rows="channels")
         logger.image(
             make_tag(self.method, self.layer, "grid"),
-            labeled_grid(self.show(_display(results["images"], mean, std)), [f"unit {c}" for c in self.channels]),
+            labeled_grid(
+                self.show(_display(results["images"], mean, std)),
+                [f"unit {c}" for c in self.channels],
+                caption=f"{self.layer}: the input maximizing each unit's "
+                f"{'mean' if self.unit == 'channel' else 'center'} activation ({self.steps} steps)",
+            ),
         )
         largest = (self._layer_channels or max(self.channels) + 1) - 1
         for c, s in zip(self.channels, results["scores"]):
