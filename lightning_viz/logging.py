@@ -33,6 +33,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import unicodedata
 import weakref
 import zlib
 from collections.abc import Callable, Sequence
@@ -908,11 +909,13 @@ def indexed(prefix: str, index: int, largest: int, name: Any = None) -> str:
     ``indexed("class", 2, 9, "cat")`` -> ``"class002_cat"``. The index is zero-padded to the digits of ``largest``,
     the run's largest index (the probes', the layer's channels', the model's classes' count less one), at least
     :data:`INDEX_DIGITS`, so that TensorBoard's string sort is the numeric one. A ``name`` (a class name) other than
-    the index itself follows after ``_``, characters other than letters, digits, ``.`` and ``-`` as ``_`` (a ``/``
-    would start a new segment; MLflow takes no ``,``), at most :data:`TAG_NAME_CHARS` of them."""
+    the index itself follows after ``_``: accents dropped, other characters than ASCII letters, digits, ``.`` and
+    ``-`` as ``_`` (a ``/`` would start a new segment; Lightning's MLflow logger drops the others from metric names,
+    ``,`` and non-ASCII letters), at most :data:`TAG_NAME_CHARS` of them."""
     index = int(index)
     out = f"{prefix}{index:0{max(INDEX_DIGITS, len(str(max(index, int(largest)))))}d}"
-    label = "" if name is None else re.sub(r"[^\w.-]+", "_", str(name)).strip("_")[:TAG_NAME_CHARS]
+    label = "" if name is None else unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")[:TAG_NAME_CHARS]
     return out if label in ("", str(index)) else f"{out}_{label}"
 
 

@@ -91,6 +91,12 @@ def test_indices_in_tags_are_zero_padded_to_the_runs_largest_index_so_they_sort_
     assert indexed("class", 0, 9, "T-shirt/top") == "class000_T-shirt_top"  # a '/' would start a new segment
     assert indexed("class", 0, 999, "tench, Tinca tinca") == "class000_tench_Tinca_tinca"
     assert indexed("class", 5, 9, " ") == "class005"
+    # Lightning's MLFlowLogger drops what is not ASCII from metric names (warning at every write): accents go
+    assert indexed("class", 1, 9, "Café crème") == "class001_Cafe_creme" and indexed("class", 2, 9, "猫") == "class002"
+    from lightning_viz.logging import _MLFLOW_DROPS
+
+    odd = ["a/b", "x, y", "ü=1", "50%", "(c)", "tab\there", "new\nline", "é" * 40, "🐱 cat", "a+b", "#3"]
+    assert not any(_MLFLOW_DROPS.search(indexed("class", 0, 9, name)) for name in odd)
     assert ProbeSet(torch.zeros(16, 1, 2, 2)).ids[-1] == "p015"  # the ids of up to 1000 probes as they were
     ids = ProbeSet(torch.zeros(1001, 1, 2, 2)).ids
     assert ids[:2] == ["p0000", "p0001"] and ids[-1] == "p1000" and sorted(ids) == ids
