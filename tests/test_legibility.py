@@ -63,6 +63,9 @@ def test_inversion_per_probe_image_names_original_and_reconstruction(acc):
     img = pixels(acc, "viz-inversion/net.conv1/p000")
     assert img.shape[1] == 2 * 98 + 2  # original | reconstruction, 8 px shown at 96
     assert has_text(img, tiles(2), "above") == [True] * 2
+    # and, as the grid and the other per-probe images, a title line naming the probe, its class and the layer
+    rows = np.flatnonzero((img[:, 2:40] != 255).all(-1).all(1))  # the image rows
+    assert rows.min() >= 14 + 2 + 16 and (img[:16].max(-1) < 100).any()  # "p000 1: inversion of net.conv1"
 
 
 def test_panel_caption_cuts_long_class_names_not_the_prediction():

@@ -190,7 +190,8 @@ def test_callbacks_log_grids_pairs_and_scalars_every_epoch(tmp_path):
         assert image_steps(acc, f"viz-inversion/net.conv1/{pid}") == [0, 1]
     assert scalar_steps(acc, "viz-inversion/net.conv1/feature_error") == [0, 1]
     pair = acc.Images("viz-inversion/net.conv1/p000")[0]
-    assert (pair.width, pair.height) == (2 * 96 + 3 * 2, 14 + 96 + 2 * 2)  # the headers, original | reconstruction
+    # a title line (the probe, its class, the layer), the headers, original | reconstruction
+    assert (pair.width, pair.height) == (2 * 96 + 3 * 2, 16 + 14 + 96 + 2 * 2)
     assert len({cb.state_key for cb in cbs}) == 3
 
 

@@ -471,21 +471,22 @@ class InversionCallback(_InputOptimizationCallback):
         self.warn_non_finite(f"the {self.layer} reconstructions", results["images"], rows="probes")
         originals = self.show(probe.display_images())
         recons = self.show(_display(results["images"], probe.mean, probe.std))
+        names = self.get_class_names(trainer)
+        heads = [
+            pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
+            for i, pid in enumerate(probe.ids)
+        ]
         if self.layout == "grid":
-            names = self.get_class_names(trainer)
-            heads = [
-                pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
-                for i, pid in enumerate(probe.ids)
-            ]
             rows = [[_shared_strip(96, [h], 13), o, r] for h, o, r in zip(heads, originals, recons)]
             logger.image(
                 make_tag(self.method, self.layer, "grid"),
                 compose(rows, ["", "original", "reconstruction"], f"inversion of {self.layer}"),
             )
         else:
-            for pid, orig, rec in zip(probe.ids, originals, recons):
-                image = compose([[orig, rec]], ["original", "reconstruction"])  # named, as in the grid
-                logger.image(make_tag(self.method, self.layer, pid), image)
+            for pid, head, orig, rec in zip(probe.ids, heads, originals, recons):
+                title = f"{head}: inversion of {self.layer}"  # the probe and the layer, as the grid names them
+                image = compose([[orig, rec]], ["original", "reconstruction"], title)
+                logger.image(make_tag(self.method, self.layer, pid), image, caption=title)
         logger.scalar(make_tag(self.method, self.layer, "feature_error"), results["error"].mean())
 
 
