@@ -33,6 +33,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import unicodedata
 import weakref
 import zlib
 from collections.abc import Callable, Sequence
@@ -49,6 +50,8 @@ from .render import to_uint8_hwc
 __all__ = [
     "find_tensorboard",
     "make_tag",
+    "indexed",
+    "INDEX_DIGITS",
     "namespaced",
     "TAG_PREFIX",
     "tensorboard_command",
@@ -893,6 +896,27 @@ def make_tag(family: str, *parts: Any) -> str:
     segment ``viz-<family>`` is TensorBoard's group (``family`` = the callback's ``method``); empty parts skipped.
     A part may hold several segments (``"gradcam/layer4"``)."""
     return "/".join([TAG_PREFIX + _clean(family)] + [_clean(p) for p in parts if p is not None and str(p) != ""])
+
+
+#: Fewest digits of an index in a tag (``p000``, ``unit000``, ``class000``): the same tags in runs of up to 1000.
+INDEX_DIGITS = 3
+#: Most characters of a class name in a tag (ImageNet's run to 80 with their synonyms).
+TAG_NAME_CHARS = 32
+
+
+def indexed(prefix: str, index: int, largest: int, name: Any = None) -> str:
+    """One tag segment naming item ``index`` of a numbered set: ``indexed("unit", 7, 511)`` -> ``"unit007"``,
+    ``indexed("class", 2, 9, "cat")`` -> ``"class002_cat"``. The index is zero-padded to the digits of ``largest``,
+    the run's largest index (the probes', the layer's channels', the model's classes' count less one), at least
+    :data:`INDEX_DIGITS`, so that TensorBoard's string sort is the numeric one. A ``name`` (a class name) other than
+    the index itself follows after ``_``: accents dropped, other characters than ASCII letters, digits, ``.`` and
+    ``-`` as ``_`` (a ``/`` would start a new segment; Lightning's MLflow logger drops the others from metric names,
+    ``,`` and non-ASCII letters), at most :data:`TAG_NAME_CHARS` of them."""
+    index = int(index)
+    out = f"{prefix}{index:0{max(INDEX_DIGITS, len(str(max(index, int(largest)))))}d}"
+    label = "" if name is None else unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")[:TAG_NAME_CHARS]
+    return out if label in ("", str(index)) else f"{out}_{label}"
 
 
 def namespaced(tag: str, namespace: str | None) -> str:

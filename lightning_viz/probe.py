@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .logging import indexed
 from .targets import invalid_classes
 
 __all__ = [
@@ -424,6 +425,7 @@ class ProbeSet:
         indices: ``[N]`` dataset indices the probes came from (``-1`` when given explicitly).
         mean, std: per-channel normalization to undo for display, or ``None`` (display min-max scales).
         offset: index of the first probe in the full set (non-zero for a rank's shard).
+        total: the number of probes in the full set (``None``: ``offset + N``); the ids are padded to its digits.
     """
 
     images: Tensor
@@ -433,6 +435,7 @@ class ProbeSet:
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
     offset: int = 0
+    total: int | None = None
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -461,14 +464,18 @@ class ProbeSet:
             self.masks = _plain(m.float())
         if self.indices is None:
             self.indices = torch.full((n,), -1, dtype=torch.long)
+        if self.total is None:
+            self.total = self.offset + n
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     @property
     def ids(self) -> list[str]:
-        """Stable probe ids used in TensorBoard tags: ``p000``, ``p001``, ..."""
-        return [f"p{self.offset + i:03d}" for i in range(len(self))]
+        """Stable probe ids used in TensorBoard tags: ``p000``, ``p001``, ... (``p0000`` .. ``p1000`` for 1001
+        probes: :func:`~lightning_viz.logging.indexed`)."""
+        largest = int(self.total or 0) - 1
+        return [indexed("p", self.offset + i, largest) for i in range(len(self))]
 
     def fingerprint(self) -> str:
         """Content hash: equal probe sets share cached passes."""
@@ -603,6 +610,7 @@ class ProbeSet:
             mean=self.mean,
             std=self.std,
             offset=self.offset + start,
+            total=self.total,
         )
 
     # ----------------------------------------------------------------- display

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .capture import fork_rng
 from .layers import module_device, module_dtype
-from .logging import VizLogger, make_tag
+from .logging import VizLogger, indexed, make_tag
 from .methods.checks import check_chunk_size
 from .methods.metrics import (
     curve_auc,
@@ -558,7 +558,8 @@ class MapTracker:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.frames = {
-            k: {pid: list(t.unbind(0)) for pid, t in h.items()} for k, h in (state.get("frames") or {}).items()
+            k: {pid: list(t.unbind(0)) for pid, t in _padded_ids(h).items()}
+            for k, h in (state.get("frames") or {}).items()
         }
         self.epochs = {k: list(v) for k, v in (state.get("epochs") or {}).items()}
         self.run_ids = {k: list(v) for k, v in (state.get("run_ids") or {}).items()}
@@ -566,3 +567,13 @@ class MapTracker:
         self.prev_maps = dict(state.get("prev_maps") or {})
         self.prev_preds = state.get("prev_preds")
         self._shown = {}
+
+
+def _padded_ids(history: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's frames by probe id under today's ids: before :func:`indexed` padded every id to the digits of
+    the largest, 1001 probes were ``p000`` .. ``p999``, ``p1000`` (``p0000`` .. ``p1000`` now); up to 1000 alike."""
+    numbers = {pid: int(pid[1:]) for pid in history if re.fullmatch(r"p\d+", pid)}
+    if len(numbers) < len(history) or not numbers:
+        return history
+    largest = max(numbers.values())
+    return {indexed("p", n, largest): history[pid] for pid, n in numbers.items()}

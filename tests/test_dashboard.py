@@ -77,6 +77,32 @@ def test_tags_start_with_the_family_and_name_goes_after_it():
     assert not any(re.search(p, "viz/gradcam/net.conv3/drift/rank_corr") for p in patterns)  # old scheme gone
 
 
+def test_indices_in_tags_are_zero_padded_to_the_runs_largest_index_so_they_sort_numerically():
+    """TensorBoard sorts tags as strings (``class10`` before ``class2``): every index in a tag is zero-padded to
+    the digits of the run's largest index, at least 3 (``p000``, ``unit000``, ``class000``); a class name other
+    than the index itself follows as one tag segment."""
+    from lightning_viz.logging import indexed
+
+    assert indexed("class", 2, 9) == "class002" and indexed("unit", 7, 2047) == "unit0007"
+    tags = [indexed("class", c, 1999) for c in (2, 10, 100, 1000)]
+    assert tags == ["class0002", "class0010", "class0100", "class1000"] and sorted(tags) == tags
+    assert indexed("class", 2, 9, "cat") == "class002_cat"
+    assert indexed("class", 3, 9, "3") == "class003"  # the digits' class names are their indices: said once
+    assert indexed("class", 0, 9, "T-shirt/top") == "class000_T-shirt_top"  # a '/' would start a new segment
+    assert indexed("class", 0, 999, "tench, Tinca tinca") == "class000_tench_Tinca_tinca"
+    assert indexed("class", 5, 9, " ") == "class005"
+    # Lightning's MLFlowLogger drops what is not ASCII from metric names (warning at every write): accents go
+    assert indexed("class", 1, 9, "Café crème") == "class001_Cafe_creme" and indexed("class", 2, 9, "猫") == "class002"
+    from lightning_viz.logging import _MLFLOW_DROPS
+
+    odd = ["a/b", "x, y", "ü=1", "50%", "(c)", "tab\there", "new\nline", "é" * 40, "🐱 cat", "a+b", "#3"]
+    assert not any(_MLFLOW_DROPS.search(indexed("class", 0, 9, name)) for name in odd)
+    assert ProbeSet(torch.zeros(16, 1, 2, 2)).ids[-1] == "p015"  # the ids of up to 1000 probes as they were
+    ids = ProbeSet(torch.zeros(1001, 1, 2, 2)).ids
+    assert ids[:2] == ["p0000", "p0001"] and ids[-1] == "p1000" and sorted(ids) == ids
+    assert ProbeSet(torch.zeros(1001, 1, 2, 2)).shard(1, 2).ids == ids[501:]  # a rank's shard: the whole set's ids
+
+
 def test_panel_tiles_size_caption_and_fixed_row_with_colorbars(tmp_path):
     cb = GradientCallback(
         methods=["saliency", "guided_backprop", "input_x_gradient"],

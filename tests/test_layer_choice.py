@@ -317,7 +317,7 @@ def test_unit_options_checked_against_the_layer_output_at_setup(tmp_path):
     tiny_trainer(str(tmp_path / "ok"), [cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1).fit(
         LitTiny(), *tiny_loaders(n=8)
     )
-    assert "viz-units/net.fc/ch2/activation" in cb.last_logged_tags
+    assert "viz-units/net.fc/unit002/activation" in cb.last_logged_tags
 
 
 @pytest.mark.parametrize("arch,layer", [("densenet121", "features.norm5"), ("vgg11", "features.20")])

@@ -12,7 +12,7 @@ from helpers import LitTiny, RecordingWriter, TinyCNN, read_events, tiny_loaders
 
 from lightning_viz.callbacks.activations import ActivationCallback
 from lightning_viz.callbacks.patches import TopPatchesCallback
-from lightning_viz.callbacks.synthesis import AdversarialCallback, InversionCallback
+from lightning_viz.callbacks.synthesis import AdversarialCallback, ClassModelCallback, InversionCallback, UnitCallback
 
 #: ImageNet-like class names, alike up to their last characters (so that cut, they read the same whatever the class)
 LONG = [f"n01440764 a long class name, with synonyms, and its latin name number {i}" for i in range(3)]
@@ -26,6 +26,8 @@ def acc(tmp_path_factory):
         InversionCallback(layers="net.conv1", steps=2, num_probes=2),
         TopPatchesCallback(layers="net.conv1", num_units=2, k=3, num_probes=8),
         ActivationCallback(layers="net.conv1", max_channels=4, num_probes=2),
+        ClassModelCallback(steps=1),
+        UnitCallback(layers="net.conv2", channels=[0, 1, 2], steps=1),
     ]
     train, val = tiny_loaders(16)
     tiny_trainer(logdir, cbs, max_epochs=1).fit(LitTiny(TinyCNN(width=4)), train, val)
@@ -61,6 +63,9 @@ def test_inversion_per_probe_image_names_original_and_reconstruction(acc):
     img = pixels(acc, "viz-inversion/net.conv1/p000")
     assert img.shape[1] == 2 * 98 + 2  # original | reconstruction, 8 px shown at 96
     assert has_text(img, tiles(2), "above") == [True] * 2
+    # and, as the grid and the other per-probe images, a title line naming the probe, its class and the layer
+    rows = np.flatnonzero((img[:, 2:40] != 255).all(-1).all(1))  # the image rows
+    assert rows.min() >= 14 + 2 + 16 and (img[:16].max(-1) < 100).any()  # "p000 1: inversion of net.conv1"
 
 
 def test_panel_caption_cuts_long_class_names_not_the_prediction():
@@ -119,6 +124,15 @@ def test_top_patches_per_unit_image_names_the_unit_and_each_patch_class(acc):
     assert img.shape[1] == 3 * 66 + 2  # k=3 patches shown at 64 px
     assert has_text(img, tiles(3, 64), "below") == [True] * 3  # the class of the probe each patch is from
     assert has_text(img, tiles(3, 64), "above")[0]  # "net.conv1 unit 0: top-3 patches, strongest first"
+
+
+@pytest.mark.parametrize("tag", ["viz-class_model/grid", "viz-units/net.conv2/grid"])
+def test_class_model_and_unit_grids_say_what_they_show_in_a_title_line_as_the_other_grids(acc, tag):
+    """The filters', activations', top patches', inversion and adversarial grids open with a title line; the
+    class-model and unit grids began with their first images."""
+    img = pixels(acc, tag)
+    rows = np.flatnonzero((img[:, 2:40] != 255).all(-1).all(1))  # the rows of the first column's images
+    assert rows.min() > 14 and (img[: rows.min()].max(-1) < 100).any()  # a line of text above them
 
 
 def test_activation_per_probe_image_names_its_channels_at_a_readable_size(acc):

@@ -132,7 +132,7 @@ def test_one_logit_binary_classifier_through_fit(tmp_path):
     auc = scalars["viz-gradients/saliency/input/faithfulness/deletion_auc"]
     assert 0.0 < auc < 0.99  # a sigmoid probability, not a softmax over one column (always 1)
     assert scalars["viz-occlusion/occlusion/prob/stats/max_abs"] > 0
-    assert {"viz-class_model/class0/score", "viz-class_model/class1/score"} <= set(scalars)
+    assert {"viz-class_model/class000/score", "viz-class_model/class001/score"} <= set(scalars)
     for cb in cbs:
         assert cb.last_logged_tags, type(cb).__name__
     # the faithfulness curve follows sigmoid(z) for label 1 and 1 - sigmoid(z) for label 0

@@ -183,15 +183,65 @@ def test_callbacks_log_grids_pairs_and_scalars_every_epoch(tmp_path):
     tiny_trainer(str(tmp_path), cbs, max_epochs=2).fit(model, train, val)
     acc = read_events(str(tmp_path))
     assert image_steps(acc, "viz-class_model/grid") == [0, 1]
-    assert [scalar_steps(acc, f"viz-class_model/class{c}/score") for c in range(3)] == [[0, 1]] * 3
+    assert [scalar_steps(acc, f"viz-class_model/class{c:03d}/score") for c in range(3)] == [[0, 1]] * 3
     assert image_steps(acc, "viz-units/net.conv2/grid") == [0, 1]
-    assert scalar_steps(acc, "viz-units/net.conv2/ch3/activation") == [0, 1]
+    assert scalar_steps(acc, "viz-units/net.conv2/unit003/activation") == [0, 1]
     for pid in ("p000", "p001"):
         assert image_steps(acc, f"viz-inversion/net.conv1/{pid}") == [0, 1]
     assert scalar_steps(acc, "viz-inversion/net.conv1/feature_error") == [0, 1]
     pair = acc.Images("viz-inversion/net.conv1/p000")[0]
-    assert (pair.width, pair.height) == (2 * 96 + 3 * 2, 14 + 96 + 2 * 2)  # the headers, original | reconstruction
+    # a title line (the probe, its class, the layer), the headers, original | reconstruction
+    assert (pair.width, pair.height) == (2 * 96 + 3 * 2, 16 + 14 + 96 + 2 * 2)
     assert len({cb.state_key for cb in cbs}) == 3
+
+
+def test_class_model_score_tags_sort_by_class_and_carry_the_class_names(tmp_path):
+    """12 classes: ``class10`` sorted before ``class2`` in TensorBoard; now ``class000_<name>`` .. ``class011_<name>``
+    (the class names as one tag segment), in the class order of a string sort."""
+    names = ["T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal"] + [f"kind {c}" for c in range(6, 12)]
+    cb = ClassModelCallback(steps=1, input_shape=[3, 8, 8], max_classes=12, class_names=names)
+    train, val = tiny_loaders(16)
+    tiny_trainer(str(tmp_path), [cb], max_epochs=1).fit(LitTiny(TinyCNN(width=4, num_classes=12)), train, val)
+    tags = sorted(t for t in read_events(str(tmp_path)).Tags()["scalars"] if t.startswith("viz-class_model/class"))
+    assert tags[:3] == [
+        "viz-class_model/class000_T-shirt_top/score",
+        "viz-class_model/class001_trouser/score",
+        "viz-class_model/class002_pullover/score",
+    ]
+    assert tags[10:] == ["viz-class_model/class010_kind_10/score", "viz-class_model/class011_kind_11/score"]
+
+
+def test_a_unit_is_named_unit_padded_to_its_layers_channels_by_both_unit_callbacks(tmp_path):
+    """One concept, one name: UnitCallback wrote ``ch3`` where TopPatchesCallback wrote ``unit003``, and the top
+    patches' three digits sorted ``unit1000`` before ``unit200``; now both write ``unit<c>`` padded to the layer's
+    channels (1001 here: ``unit0000`` .. ``unit1000``; up to 1000 channels ``unit000`` as before)."""
+    from torch import nn
+
+    from lightning_viz.callbacks.patches import TopPatchesCallback
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 1001, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1001, 3)
+    )
+    cbs = [
+        UnitCallback(layers="net.0", channels=[3, 200, 1000], steps=1),
+        TopPatchesCallback(layers="net.0", units=[3, 1000], k=2, num_probes=4),
+        UnitCallback(layers="net.conv2", channels=[0, 3], steps=1, name="tiny"),
+    ]
+    train, val = tiny_loaders(8)
+    tiny_trainer(str(tmp_path), cbs[:2], max_epochs=1).fit(LitTiny(net), train, val)
+    tags = read_events(str(tmp_path)).Tags()
+    assert sorted(t for t in tags["scalars"] if t.startswith("viz-units/")) == [
+        "viz-units/net.0/unit0003/activation",
+        "viz-units/net.0/unit0200/activation",
+        "viz-units/net.0/unit1000/activation",
+        "viz-units/time_s",
+    ]
+    assert sorted(t for t in tags["images"] if t.startswith("viz-top_patches/")) == [
+        "viz-top_patches/net.0/unit0003",
+        "viz-top_patches/net.0/unit1000",
+    ]
+    tiny_trainer(str(tmp_path / "tiny"), cbs[2:], max_epochs=1).fit(LitTiny(), train, val)
+    assert "viz-units/tiny/net.conv2/unit003/activation" in cbs[2].last_logged_tags
 
 
 def test_callbacks_and_methods_run_a_model_in_another_dtype_than_the_probes():

@@ -476,6 +476,21 @@ def test_randomized_copy_reinitializes_pruned_and_weight_normed_layers():
     assert not torch.equal(randomized_copy(model, seed=1)[0].weight_orig, pruned.weight_orig)
 
 
+def test_a_checkpoint_of_more_than_1000_probes_resumes_under_their_padded_ids():
+    """Probe ids are padded to the digits of the largest (``p0999``, ``p1000`` for 1001 probes); an earlier
+    checkpoint stored them as ``p999``, ``p1000``: its filmstrip frames come back under today's ids."""
+    frame = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    old = {"frames": {"m/l": {f"p{i:03d}": frame + i % 200 for i in (0, 999, 1000)}}, "epochs": {"m/l": [0, 1]}}
+    tr = MapTracker()
+    tr.load_state_dict(old)
+    ids = ProbeSet(torch.zeros(1001, 1, 2, 2)).ids
+    assert list(tr.frames["m/l"]) == ["p0000", "p0999", "p1000"] == [ids[0], ids[999], ids[1000]]
+    assert int(tr.frames["m/l"]["p0999"][1].max()) == 999 % 200
+    small = {"frames": {"m/l": {"p000": frame, "p015": frame}}}  # up to 1000 probes: the ids as they were
+    tr.load_state_dict(small)
+    assert list(tr.frames["m/l"]) == ["p000", "p015"]
+
+
 def test_filmstrip_storage_stays_bounded_over_long_runs_and_spans_the_whole_run():
     """Past 8 * max_frames runs every other stored frame is dropped (first and latest kept): memory and checkpoints
     stay bounded, and the frames shown still run from the first epoch to the latest, evenly."""

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..capture import capture, isolated
 from ..layers import get_layer, module_device, module_dtype, resolve_layers
-from ..logging import VizLogger, make_tag
+from ..logging import VizLogger, indexed, make_tag
 from ..methods.batching import images_per_forward
 from ..methods.checks import check_chunk_size
 from ..methods.patches import TopK, merge_topk, scan_topk_layers
@@ -107,6 +107,7 @@ class TopPatchesCallback(VisualizationCallback):
         self.num_units, self.k, self.chunk_size = num_units, k, chunk_size
         self.receptive_field, self.patch_px = receptive_field, patch_px
         self._boxes: dict[tuple, Tensor] = {}
+        self._layer_channels: dict[str, int] = {}  # seen at setup: the width of the unit tags' indices
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return super().state_key_parts() + (
@@ -118,6 +119,8 @@ class TopPatchesCallback(VisualizationCallback):
 
     def _check_units(self, name: str, channels: int | None) -> None:
         """``units`` within layer ``name``'s ``channels`` (``None``: not known yet)."""
+        if channels is not None:
+            self._layer_channels[name] = channels
         if self.units is not None and channels is not None and max(self.units) >= channels:
             raise ValueError(
                 f"TopPatchesCallback: units {self.units} out of range for layer {name!r} with {channels} channels "
@@ -141,6 +144,7 @@ class TopPatchesCallback(VisualizationCallback):
     def check(self, pl_module: LightningModule) -> None:  # before any forward: the layers' declared widths
         self.layers = resolve_layers(pl_module, self.layers)
         self._boxes = {}  # receptive fields of this setup's model (callbacks reused for another architecture)
+        self._layer_channels = {}
         for name in self.layers:
             self._check_units(name, getattr(get_layer(pl_module, name), "out_channels", None))
 
@@ -188,6 +192,7 @@ class TopPatchesCallback(VisualizationCallback):
                 continue
             boxes = self.boxes(trainer.lightning_module, name, tuple(probe.images.shape[1:]))
             rows, under = [], []
+            largest = self._layer_channels.get(name, max(units) + 1) - 1
             for u, c in enumerate(units):
                 if not bool(finite[u]):  # left out, as the warning says
                     continue
@@ -215,8 +220,8 @@ class TopPatchesCallback(VisualizationCallback):
                 else:  # as a row of the grid: the unit named, each patch's class under it
                     caption = f"{name} unit {c}: top-{self.k} patches, strongest first{note}"
                     image = compose([shown], None, caption, under=[strips])
-                    logger.image(make_tag(self.method, name, f"unit{c:03d}"), image)
-                logger.scalar(make_tag(self.method, name, f"unit{c:03d}", "max"), top.values[u, 0])
+                    logger.image(make_tag(self.method, name, indexed("unit", c, largest)), image)
+                logger.scalar(make_tag(self.method, name, indexed("unit", c, largest), "max"), top.values[u, 0])
             if self.layout == "grid" and rows:
                 caption = f"{name}: top-{self.k} patches per unit, strongest first"
                 logger.image(make_tag(self.method, name, "grid"), compose(rows, None, caption, under=under))

@@ -3,8 +3,8 @@ inversion and adversarial examples, every ``every_n_epochs`` epochs (step = epoc
 
 Tags:
 * :class:`ClassModelCallback` -- ``viz-class_model/grid`` (each image with its class name underneath) and
-  ``viz-class_model/class<c>/score``;
-* :class:`UnitCallback` -- ``viz-units/<layer>/grid`` and ``viz-units/<layer>/ch<k>/activation``;
+  ``viz-class_model/class<c>/score`` (``class000_circle``: :func:`~lightning_viz.logging.indexed`);
+* :class:`UnitCallback` -- ``viz-units/<layer>/grid`` and ``viz-units/<layer>/unit<c>/activation`` (``unit003``);
 * :class:`InversionCallback` -- ``viz-inversion/<layer>/<probe-id>`` (original | reconstruction), or one
   ``viz-inversion/<layer>/grid`` with ``layout="grid"``, and ``viz-inversion/<layer>/feature_error``;
 * :class:`AdversarialCallback` -- ``viz-adversarial/<probe-id>`` (image | amplified perturbation |
@@ -29,7 +29,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
 from ..layers import canonical_name, hookable_layer, module_device, module_dtype
-from ..logging import VizLogger, make_tag
+from ..logging import VizLogger, indexed, make_tag
 from ..methods.adversarial import fgsm, minimal_flip_budget, pgd
 from ..methods.checks import check_chunk_size
 from ..methods.regularizers import build_regularizers
@@ -274,7 +274,7 @@ class ClassModelCallback(_InputOptimizationCallback):
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         pl_module = self.adapted(pl_module)
         shape = self.image_shape(probe)
-        classes = self.classes
+        classes, n = self.classes, self._num_classes
         if classes is None:
             with torch.no_grad():
                 n = pl_module(
@@ -288,6 +288,7 @@ class ClassModelCallback(_InputOptimizationCallback):
             "scores": res.scores.cpu(),
             "start_scores": res.start_scores.cpu(),
             "classes": torch.as_tensor(classes),
+            "num_classes": torch.tensor([max(classes) + 1 if n is None else n]),  # the score tags' index width
         }
 
     def log_results(self, logger: VizLogger, results: dict[str, Any], probe: ProbeSet | None, trainer: Trainer) -> None:
@@ -296,9 +297,11 @@ class ClassModelCallback(_InputOptimizationCallback):
         names = self.get_class_names(trainer)
         labels = [class_name(c, names) for c in results["classes"].tolist()]
         tiles = self.show(_display(results["images"], mean, std))
-        logger.image(make_tag(self.method, "grid"), labeled_grid(tiles, labels))
-        for c, s in zip(results["classes"].tolist(), results["scores"]):
-            logger.scalar(make_tag(self.method, f"class{c}", "score"), s)
+        title = f"the input maximizing each class score ({self.steps} steps)"
+        logger.image(make_tag(self.method, "grid"), labeled_grid(tiles, labels, caption=title))
+        largest = int(results["num_classes"][0]) - 1
+        for c, label, s in zip(results["classes"].tolist(), labels, results["scores"]):
+            logger.scalar(make_tag(self.method, indexed("class", c, largest, label), "score"), s)
 
 
 class UnitCallback(_InputOptimizationCallback):
@@ -344,18 +347,22 @@ class UnitCallback(_InputOptimizationCallback):
         self.channels = [int(c) for c in channels]
         self.unit: Literal["channel", "neuron"] = unit
         self.needs_probes = self.input_shape is None
+        self._layer_channels: int | None = None  # seen at setup: the width of the unit tags' indices
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return (*super().state_key_parts(), self.layer, tuple(self.channels), self.unit)
 
     def _check_channels(self, n: int | None) -> None:
         """``channels`` within the layer's ``n`` channels (``None``: not known yet)."""
+        if n is not None:
+            self._layer_channels = n
         if n is not None and max(self.channels) >= n:
             raise ValueError(
                 f"UnitCallback: layer {self.layer!r} has {n} channels (0..{n - 1}); got channels {self.channels}"
             )
 
     def check(self, pl_module: LightningModule) -> None:  # before any forward: the layer's declared width
+        self._layer_channels = None
         module = hookable_layer(pl_module, self.layer)
         self._check_channels(getattr(module, "out_channels", None) or getattr(module, "out_features", None))
 
@@ -388,10 +395,16 @@ class UnitCallback(_InputOptimizationCallback):
         self.warn_non_finite(f"the {self.layer} unit images", results["images"], rows="channels")
         logger.image(
             make_tag(self.method, self.layer, "grid"),
-            labeled_grid(self.show(_display(results["images"], mean, std)), [f"ch {c}" for c in self.channels]),
+            labeled_grid(
+                self.show(_display(results["images"], mean, std)),
+                [f"unit {c}" for c in self.channels],
+                caption=f"{self.layer}: the input maximizing each unit's "
+                f"{'mean' if self.unit == 'channel' else 'center'} activation ({self.steps} steps)",
+            ),
         )
+        largest = (self._layer_channels or max(self.channels) + 1) - 1
         for c, s in zip(self.channels, results["scores"]):
-            logger.scalar(make_tag(self.method, self.layer, f"ch{c}", "activation"), s)
+            logger.scalar(make_tag(self.method, self.layer, indexed("unit", c, largest), "activation"), s)
 
 
 class InversionCallback(_InputOptimizationCallback):
@@ -458,21 +471,22 @@ class InversionCallback(_InputOptimizationCallback):
         self.warn_non_finite(f"the {self.layer} reconstructions", results["images"], rows="probes")
         originals = self.show(probe.display_images())
         recons = self.show(_display(results["images"], probe.mean, probe.std))
+        names = self.get_class_names(trainer)
+        heads = [
+            pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
+            for i, pid in enumerate(probe.ids)
+        ]
         if self.layout == "grid":
-            names = self.get_class_names(trainer)
-            heads = [
-                pid if probe.labels is None else f"{pid} {class_name(probe.labels[i], names)}"
-                for i, pid in enumerate(probe.ids)
-            ]
             rows = [[_shared_strip(96, [h], 13), o, r] for h, o, r in zip(heads, originals, recons)]
             logger.image(
                 make_tag(self.method, self.layer, "grid"),
                 compose(rows, ["", "original", "reconstruction"], f"inversion of {self.layer}"),
             )
         else:
-            for pid, orig, rec in zip(probe.ids, originals, recons):
-                image = compose([[orig, rec]], ["original", "reconstruction"])  # named, as in the grid
-                logger.image(make_tag(self.method, self.layer, pid), image)
+            for pid, head, orig, rec in zip(probe.ids, heads, originals, recons):
+                title = f"{head}: inversion of {self.layer}"  # the probe and the layer, as the grid names them
+                image = compose([[orig, rec]], ["original", "reconstruction"], title)
+                logger.image(make_tag(self.method, self.layer, pid), image, caption=title)
         logger.scalar(make_tag(self.method, self.layer, "feature_error"), results["error"].mean())
 
 
