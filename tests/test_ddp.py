@@ -158,7 +158,7 @@ FAMILY_TAGS = {
     ),
     "OcclusionCallback": ("viz-occlusion/panel/p004", "viz-occlusion/occlusion/prob/stats/max_abs"),
     "TopPatchesCallback": ("viz-top_patches/net.conv2/unit001", "viz-top_patches/net.conv2/unit000/max"),
-    "EmbeddingCallback": ("viz-embeddings/penultimate/pca", "viz-embeddings/penultimate/knn_acc"),
+    "EmbeddingCallback": ("viz-embeddings/penultimate/pca", "viz-embeddings/penultimate/knn_accuracy"),
     "ClassModelCallback": ("viz-class_model/grid", "viz-class_model/class003_cross/score"),
     "UnitCallback": ("viz-units/net.conv2/grid", "viz-units/net.conv2/unit001/activation"),
     "InversionCallback": ("viz-inversion/net.conv1/p004", "viz-inversion/net.conv1/feature_error"),

@@ -473,9 +473,9 @@ def test_projector_files_and_scalars_per_scheduled_epoch(tmp_path):
     acc = read_events(str(tmp_path))
     for proj in ("pca", "tsne"):
         assert image_steps(acc, f"viz-embeddings/penultimate/{proj}") == [1, 2]
-    for stat in ("silhouette", "knn_acc"):
+    for stat in ("silhouette", "knn_accuracy"):
         assert scalar_steps(acc, f"viz-embeddings/penultimate/{stat}") == [1, 2]
-    knn = [e.value for e in acc.Scalars("viz-embeddings/penultimate/knn_acc")]
+    knn = [e.value for e in acc.Scalars("viz-embeddings/penultimate/knn_accuracy")]
     assert all(0.0 <= v <= 1.0 for v in knn)
 
     labels = cb.probes.labels.tolist()
@@ -678,7 +678,7 @@ def test_projector_sprites_of_non_square_probes_keep_their_aspect_ratio(tmp_path
 
 def test_two_embedding_callbacks_of_one_layer_need_names(tmp_path):
     """Two EmbeddingCallbacks of the penultimate features (one PCA, one t-SNE: distinct checkpoint keys) both wrote
-    viz-embeddings/penultimate/{silhouette,knn_acc} and the projector entry 'viz-embeddings/penultimate:<epoch>' at
+    viz-embeddings/penultimate/{silhouette,knn_accuracy} and the projector entry 'viz-embeddings/penultimate:<epoch>' at
     every epoch: two projector_config.pbtxt entries of one name (TensorBoard shows the first) over one folder of files.
     Refused at setup naming the fix; with name= each gets its own entries."""
     from google.protobuf import text_format
@@ -686,7 +686,8 @@ def test_two_embedding_callbacks_of_one_layer_need_names(tmp_path):
 
     train, val = tiny_loaders(n=12)
     cbs = [EmbeddingCallback(num_probes=6, projection=p) for p in ("pca", "tsne")]
-    with pytest.raises(ValueError, match=r"both write viz-embeddings/\{penultimate \(projector\), penultimate/knn_acc"):
+    clash = r"both write viz-embeddings/\{penultimate \(projector\), penultimate/knn_accuracy"
+    with pytest.raises(ValueError, match=clash):
         tiny_trainer(str(tmp_path / "a"), cbs, max_epochs=1).fit(LitTiny(), train, val)
     cbs = [EmbeddingCallback(num_probes=6, projection=p, name=p) for p in ("pca", "tsne")]
     trainer = tiny_trainer(str(tmp_path / "b"), cbs, max_epochs=1)
@@ -696,7 +697,7 @@ def test_two_embedding_callbacks_of_one_layer_need_names(tmp_path):
     names = [e.tensor_name for e in config.embeddings]
     assert names == ["viz-embeddings/pca/penultimate:00000", "viz-embeddings/tsne/penultimate:00000"]
     tags = read_events(str(tmp_path / "b")).Tags()["scalars"]
-    want = {f"viz-embeddings/{p}/penultimate/{s}" for p in ("pca", "tsne") for s in ("silhouette", "knn_acc")}
+    want = {f"viz-embeddings/{p}/penultimate/{s}" for p in ("pca", "tsne") for s in ("silhouette", "knn_accuracy")}
     assert want <= set(tags)
     # other layers: no clash
     cbs = [EmbeddingCallback(num_probes=6, projector=False), EmbeddingCallback(layers="net.conv2", num_probes=6)]
@@ -725,9 +726,10 @@ def test_sprite_over_tensorboards_limit_fails_at_setup():
 
 
 def test_separation_scores_of_probes_without_two_classes_to_compare_are_not_logged(tmp_path):
-    """One class among the probes logged a NaN silhouette and a knn_acc of 1.0 at every epoch; 6 probes of 6 classes
-    (a stratified pick from many classes, as 128 probes of ImageNet) a NaN silhouette and a knn_acc of 0.0 (no
-    neighbour can share a class), read as a model that separates nothing. Neither is logged now, with a warning why."""
+    """One class among the probes logged a NaN silhouette and a knn_accuracy of 1.0 at every epoch; 6 probes of 6
+    classes (a stratified pick from many classes, as 128 probes of ImageNet) a NaN silhouette and a knn_accuracy of
+    0.0 (no neighbour can share a class), read as a model that separates nothing. Neither is logged now, with a
+    warning why."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_viz.callbacks.base import VisualizationWarning
@@ -744,7 +746,7 @@ def test_separation_scores_of_probes_without_two_classes_to_compare_are_not_logg
         assert len(torch.unique(cb.probes.labels)) == (1 if name == "one" else 6)
         tags = read_events(str(tmp_path / name)).Tags()
         assert "viz-embeddings/penultimate/pca" in tags["images"]
-        assert not [t for t in tags["scalars"] if t.endswith(("silhouette", "knn_acc"))], tags["scalars"]
+        assert not [t for t in tags["scalars"] if t.endswith(("silhouette", "knn_accuracy"))], tags["scalars"]
 
 
 def test_pca_scatter_says_how_much_variance_it_shows(tmp_path, monkeypatch):

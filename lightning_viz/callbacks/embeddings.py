@@ -72,7 +72,7 @@ class EmbeddingCallback(VisualizationCallback):
     ``<layer>`` = the layer name or ``"penultimate"``:
 
     * ``viz-embeddings/<layer>/pca`` (and ``/tsne``): scatter image colored by class, class names in the legend;
-    * ``viz-embeddings/<layer>/silhouette`` and ``/knn_acc``: class-separation scalars (need labels);
+    * ``viz-embeddings/<layer>/silhouette`` and ``/knn_accuracy``: class-separation scalars (need labels);
     * the TensorBoard projector (``projector: true``): features with metadata columns
       ``label``/``prediction`` (class names when known) and image sprites, under ``<log_dir>/<epoch:05d>/<tag>/``.
 
@@ -163,7 +163,7 @@ class EmbeddingCallback(VisualizationCallback):
 
     def shared_tags(self) -> set[str]:
         # the separation scores and the projector entry of a layer, whatever the projections
-        tags = {f"{self.layer_tag}/silhouette", f"{self.layer_tag}/knn_acc"}
+        tags = {f"{self.layer_tag}/silhouette", f"{self.layer_tag}/knn_accuracy"}
         return tags | ({f"{self.layer_tag} (projector)"} if self.projector else set())
 
     def check(self, pl_module: LightningModule) -> None:
@@ -226,7 +226,7 @@ class EmbeddingCallback(VisualizationCallback):
             self._warn_once(
                 "EmbeddingCallback: the probes have no class labels (the data gives none, or labels that are not "
                 "one class index 0..K-1 per item: multi-hot rows of a multi-label task, -1 marking unlabeled items, "
-                "regression targets), so the scatters are drawn in one color and silhouette and knn_acc are not "
+                "regression targets), so the scatters are drawn in one color and silhouette and knn_accuracy are not "
                 "logged. To color them by a class of your choice, pass probes=ProbeSet(images, labels=<one class "
                 "index per probe>)."
             )
@@ -235,13 +235,13 @@ class EmbeddingCallback(VisualizationCallback):
             classes = int(torch.unique(labels).numel())
             if 2 <= classes <= len(labels) - 1:
                 logger.scalar(make_tag(self.method, name, "silhouette"), silhouette(feats, labels))
-                logger.scalar(make_tag(self.method, name, "knn_acc"), knn_accuracy(feats, labels, self.knn_k))
+                logger.scalar(make_tag(self.method, name, "knn_accuracy"), knn_accuracy(feats, labels, self.knn_k))
             else:
                 self._warn_once(
                     f"EmbeddingCallback: the {len(labels)} probes hold "
                     + ("one class: nothing to separate" if classes < 2 else f"{classes} classes, one probe each")
-                    + "; silhouette and knn_acc need 2 classes or more and a class of 2 probes or more, so they are "
-                    "not logged"
+                    + "; silhouette and knn_accuracy need 2 classes or more and a class of 2 probes or more, so they "
+                    "are not logged"
                     + ("." if classes < 2 else " (raise num_probes above the number of classes, or give probes=).")
                 )
         if self.projector:
