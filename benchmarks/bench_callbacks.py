@@ -1,8 +1,11 @@
 """Cost of every callback in ``configs/demo.yaml`` per run, against one training epoch of the demo.
 
 For each callback: seconds per run, model forward calls and images pushed through the model during the
-run (counted with a forward pre-hook on the LightningModule), and that time as a multiple of one
-training epoch (2000 shapes, batch 64, SmallCNN). A method that needs P passes over N probes should
+run (counted with a forward pre-hook on the LightningModule), that time as a multiple of one
+training epoch (2000 shapes, batch 64, SmallCNN), and the process's minor page faults during the run (median;
+each a 4 KiB page of fresh memory the kernel maps and zeroes: glibc hands large blocks back to the system and
+maps them again, depending on what the process allocated before, so a change of batch size in one callback moves
+faults into others; Unix only). A method that needs P passes over N probes should
 show about P * N images forwarded in a handful of batched calls.
 
 The training epoch is timed *in the same run*, just before the epoch-end pause it is compared with
@@ -36,6 +39,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_viz.callbacks.base import VisualizationCallback
 
+try:
+    import resource
+except ImportError:  # Windows: no getrusage
+    resource = None  # type: ignore[assignment]
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (-1 where getrusage is missing)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else -1
+
 
 def instantiate(spec):
     """A ``{class_path, init_args}`` dict (nested ones too) -> the object."""
@@ -54,7 +67,7 @@ class Counted:
     profiler = None  # a cProfile.Profile enabled around every run when --profile is given
 
     def __init__(self, cb: VisualizationCallback):
-        self.cb, self.calls, self.images, self.seconds = cb, 0, 0, []
+        self.cb, self.calls, self.images, self.seconds, self.faults = cb, 0, 0, [], []
         run = cb.run
 
         def counted_run(trainer, pl_module):
@@ -65,7 +78,7 @@ class Counted:
                 counts[1] += int(args[0].shape[0]) if args and hasattr(args[0], "shape") else 0
 
             handle = pl_module.register_forward_pre_hook(pre_hook)
-            start = time.perf_counter()
+            start, faults = time.perf_counter(), minor_faults()
             if Counted.profiler is not None:
                 Counted.profiler.enable()
             try:
@@ -75,6 +88,7 @@ class Counted:
                     Counted.profiler.disable()
                 if cb.should_run(trainer):
                     self.seconds.append(time.perf_counter() - start)
+                    self.faults.append(minor_faults() - faults)
                     self.calls, self.images = counts
                 handle.remove()
 
@@ -85,10 +99,10 @@ class EpochClock(L.Callback):
     """Training time of each epoch: first training batch start to last training batch end."""
 
     def __init__(self):
-        self.start, self.end, self.train_s = 0.0, 0.0, []
+        self.start, self.end, self.train_s, self.faults = 0.0, 0.0, [], []
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.start = time.perf_counter()
+        self.start, self.start_faults = time.perf_counter(), minor_faults()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.end = time.perf_counter()
@@ -98,6 +112,7 @@ class EpochClock(L.Callback):
             torch.cuda.synchronize(pl_module.device)
             self.end = time.perf_counter()
         self.train_s.append(self.end - self.start)
+        self.faults.append(minor_faults() - self.start_faults)
         self.pause_start = time.perf_counter()
 
 
@@ -160,16 +175,18 @@ def main() -> None:
         trainer.fit(model, datamodule=data)
     epoch_s = statistics.median(clock.train_s)
     print(
-        f"training epoch (same run, median of {len(clock.train_s)}): {epoch_s:.2f} s  "
+        f"training epoch (same run, median of {len(clock.train_s)}): {epoch_s:.2f} s, "
+        f"{statistics.median(clock.faults):.0f} page faults  "
         f"(torch threads: {torch.get_num_threads()}, accelerator: {args.accelerator})"
     )
-    print("| callback | s per run | x epoch | forward calls | images forwarded |")
-    print("|---|---:|---:|---:|---:|")
+    print("| callback | s per run | x epoch | forward calls | images forwarded | page faults |")
+    print("|---|---:|---:|---:|---:|---:|")
     for c in counted:
         ratio = statistics.median(s / t for s, t in zip(c.seconds, clock.train_s)) if c.seconds else float("nan")
         s = statistics.median(c.seconds) if c.seconds else float("nan")
         label = type(c.cb).__name__ + ("" if not getattr(c.cb, "methods", None) else f" {list(c.cb.methods)}")
-        print(f"| {label} | {s:.3f} | {ratio:.2f} | {c.calls} | {c.images} |")
+        faults = statistics.median(c.faults) if c.faults else float("nan")
+        print(f"| {label} | {s:.3f} | {ratio:.2f} | {c.calls} | {c.images} | {faults:.0f} |")
     pauses = end.pause_s
     print(
         "whole epoch-end pause / that epoch's training: "
