@@ -251,7 +251,7 @@ def feature_match(layer: str, target: Tensor) -> Objective:
     """Negative normalized reconstruction loss ``-||phi(x) - phi0||^2 / ||phi0||^2`` at ``layer``
     (feature inversion, Mahendran & Vedaldi 2015: their objective with the normalized Euclidean loss)."""
     phi0 = target.detach()
-    memo = _PerChunk()
+    memo, coef = _PerChunk(), _PerChunk()
 
     def targets(a: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         t = per_image(phi0, rows, a.shape[0]).to(a.device, a.dtype)  # a: float32 at least (below)
@@ -271,13 +271,16 @@ def feature_match(layer: str, target: Tensor) -> Objective:
     def seeds(
         logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor, seed: Tensor
     ) -> list[tuple[Tensor, Tensor]] | None:
-        """``d (seed * sum_b fn_b) / d a = -(seed / norm_b) * 2 (a - t)``, in the roundings of ``fn``'s backward (the
-        quotient's, the negation's, then the square's ``grad * (2 * x)``)."""
+        """``d (seed * sum_b fn_b) / d a = 2 c_b (a - t)`` with ``c_b = -(seed / norm_b)`` (rounded as ``fn``'s backward
+        rounds it: the quotient, then the negation), made once per chunk: its backward's ``c_b * (2 (a - t))`` is the
+        same number (doubling is exact), in two kernels instead of seven."""
         a = _layer_output(acts, layer)
         if a.dtype in (torch.float16, torch.bfloat16):  # fn squares a float32 copy
             return None
         t, norm = memo.get(rows, (*a.shape, a.device, a.dtype), lambda: targets(a, rows))
-        coef = -(seed.expand(a.shape[0]) / norm)
-        return [(a, coef.view(-1, *[1] * (a.ndim - 1)) * (2.0 * (a.detach() - t)))]
+        c2 = coef.get(
+            rows, (seed, *a.shape, a.device, a.dtype), lambda: 2 * -(seed / norm).view(-1, *[1] * (a.ndim - 1))
+        )
+        return [(a, torch.sub(a.detach(), t).mul_(c2))]
 
     return Objective(fn, (layer,), f"feature_match({layer})", uses_logits=False, seeds=seeds)
