@@ -511,6 +511,10 @@ def test_objective_seeds_equal_autograd_and_the_loop_skips_the_objective_with_th
                 if e is not None:
                     assert torch.equal(got[id(leaf)], e), obj
     assert (2 * objectives[3]).backward_seeds(logits, {"c": a}, rows, seed) is None  # composed, not linear
+    # a layer it lists but does not read gets no seed (autograd would send it none); reading nothing: no seeds at all
+    first = Objective(lambda lg, acts, r: lg[:, 0], ("c",), linear=True)
+    assert [t for t, _ in first.backward_seeds(logits, {"c": a}, rows, seed)] == [logits]
+    assert Objective(lambda lg, acts, r: lg[:, 0].detach(), linear=True).backward_seeds(logits, {}, rows, seed) is None
 
     calls = []
 

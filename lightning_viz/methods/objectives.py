@@ -124,15 +124,19 @@ class Objective:
         read = ([logits] if self.uses_logits else []) + [_layer_output(activations, n) for n in self.layers]
         key = (seed, *((t.shape, t.dtype, t.device) for t in read))
 
-        def gradients() -> list[Tensor]:
+        def gradients() -> list[Tensor | None]:
             leaves = [t.detach().requires_grad_(True) for t in read]
             acts = dict(activations)
             acts.update(zip(self.layers, leaves[1:] if self.uses_logits else leaves))
             with torch.enable_grad():
                 score = self(leaves[0] if self.uses_logits else logits, acts, rows).sum()
-            return list(torch.autograd.grad(score, leaves, seed, allow_unused=True, materialize_grads=True))
+            if not score.requires_grad:  # reads none of them: the loop's own check says so
+                return [None] * len(leaves)
+            return list(torch.autograd.grad(score, leaves, seed, allow_unused=True))
 
-        return list(zip(read, self._grads.get(rows, key, gradients)))
+        # a tensor the score does not depend on gets no gradient (as in autograd's backward); none at all: no seeds
+        pairs = [(t, g) for t, g in zip(read, self._grads.get(rows, key, gradients)) if g is not None]
+        return pairs or None
 
     def __add__(self, other: Objective | float) -> Objective:
         if isinstance(other, (int, float)):
