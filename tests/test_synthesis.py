@@ -539,3 +539,69 @@ def test_pixel_images_kept_in_the_adapters_layout_give_the_same_images(trained):
         ]
     for a, b in zip(*got):
         assert a.images.is_contiguous() and torch.equal(a.images, b.images) and torch.equal(a.scores, b.scores)
+
+
+def test_objective_seeds_equal_autograd_and_the_loop_skips_the_objective_with_the_same_images(trained):
+    """class_logit, channel and neuron are linear (their gradient taken once per chunk), feature_match has a closed
+    form: the backward starts at the tensors they read, with the gradients autograd gives them bit for bit, and the
+    optimization runs the objective only for its start and final scores, with the same images and scores."""
+    model, x = trained
+    torch.manual_seed(0)
+    a, logits, rows, seed = torch.randn(3, 4, 5, 5), torch.randn(3, 6), torch.tensor([1, 2, 3]), torch.tensor(-1.0)
+    a = a.contiguous(memory_format=torch.channels_last)
+    target = torch.randn(4, 4, 5, 5)
+    objectives = [class_logit([5, 0, 2, 1]), channel("c", [3, 0, 1, 2]), neuron("c", 2), feature_match("c", target)]
+    objectives.append(0.5 * objectives[0] - objectives[1])  # linear too: no closed form of its own needed
+    for obj in objectives:
+        leaves = [logits.clone().requires_grad_(True), a.clone().requires_grad_(True)]
+        expected = torch.autograd.grad(obj(leaves[0], {"c": leaves[1]}, rows).sum(), leaves, seed, allow_unused=True)
+        for _ in range(2):  # the second time from the chunk's memo
+            got = {id(t): g for t, g in obj.backward_seeds(leaves[0], {"c": leaves[1]}, rows, seed)}
+            for leaf, e in zip(leaves, expected):
+                if e is not None:
+                    assert torch.equal(got[id(leaf)], e), obj
+    assert (2 * objectives[3]).backward_seeds(logits, {"c": a}, rows, seed) is None  # composed, not linear
+    # a layer it lists but does not read gets no seed (autograd would send it none); reading nothing: no seeds at all
+    first = Objective(lambda lg, acts, r: lg[:, 0], ("c",), linear=True)
+    assert [t for t, _ in first.backward_seeds(logits, {"c": a}, rows, seed)] == [logits]
+    assert Objective(lambda lg, acts, r: lg[:, 0].detach(), linear=True).backward_seeds(logits, {}, rows, seed) is None
+
+    calls = []
+
+    def counted(obj):
+        def fn(lg, acts, r):
+            calls.append(1)
+            return obj.fn(lg, acts, r)
+
+        return fn
+
+    with isolated(model), torch.no_grad(), capture(model, ["conv2"]) as cap:
+        model(x[:2])
+    for obj in (
+        class_logit([0, 2]),
+        channel("conv1", [0, 3]),
+        neuron("conv2", [1, 2]),
+        feature_match("conv2", cap["conv2"]),
+    ):
+        plain = Objective(obj.fn, obj.layers, obj.name, obj.uses_logits)  # no seeds: the score differentiated
+        regs = dict(tv=1e-3, l2=1e-3, jitter=1, blur_every=2)
+        results = []
+        for o in (plain, Objective(counted(obj), obj.layers, obj.name, obj.uses_logits, obj.linear, obj.seeds)):
+            calls.clear()
+            with isolated(model):
+                results.append(
+                    optimize_input(
+                        model,
+                        o,
+                        (2, 3, 8, 8),
+                        steps=5,
+                        lr=0.1,
+                        param="fft",
+                        regularizers=build_regularizers(**regs),
+                        init="noise",
+                        bounds=valid_range([0.5] * 3, [0.5] * 3),
+                    )
+                )
+        assert len(calls) == (3 if obj.linear else 2), obj  # the scores before and after (a linear one: + its gradient)
+        for field in ("images", "scores", "start_scores"):
+            assert torch.equal(getattr(results[0], field), getattr(results[1], field)), (obj, field)

@@ -21,6 +21,8 @@ from .checks import check_logits
 __all__ = ["Objective", "class_logit", "channel", "neuron", "feature_match", "per_image"]
 
 ScoreFn = Callable[[Tensor, Mapping[str, Tensor], Tensor], Tensor]
+#: ``(logits, activations, rows, seed) -> [(tensor, gradient), ...]`` (see :meth:`Objective.backward_seeds`)
+SeedFn = Callable[[Tensor, Mapping[str, Tensor], Tensor, Tensor], "list[tuple[Tensor, Tensor]] | None"]
 
 
 def as_index(values: int | Sequence[int] | Tensor) -> Tensor:
@@ -66,13 +68,28 @@ class Objective:
     ``logits`` (only activations): the forward pass may then stop after the last of ``layers`` (``fn`` gets an
     empty ``[B, 0]`` tensor as logits when it did). ``a + b``, ``w * a``, ``a - b`` and ``-a`` build new objectives
     (weights are plain floats), so ``sum([...])`` also works.
+
+    ``linear=True`` says ``fn`` is linear in what it reads (a logit, a channel's mean, a unit: its gradient does not
+    depend on their values), ``seeds`` gives the gradient in closed form (see :meth:`backward_seeds`); with either, an
+    optimization step starts its backward at the tensors ``fn`` reads without running ``fn``.
     """
 
-    def __init__(self, fn: ScoreFn, layers: Sequence[str] = (), name: str = "objective", uses_logits: bool = True):
+    def __init__(
+        self,
+        fn: ScoreFn,
+        layers: Sequence[str] = (),
+        name: str = "objective",
+        uses_logits: bool = True,
+        linear: bool = False,
+        seeds: SeedFn | None = None,
+    ):
         self.fn = fn
         self.layers = tuple(dict.fromkeys(layers))
         self.name = name
         self.uses_logits = bool(uses_logits)
+        self.linear = bool(linear)
+        self.seeds = seeds
+        self._grads = _PerChunk()  # a linear objective's gradient, per chunk
 
     def __call__(
         self, logits: Tensor, activations: Mapping[str, Tensor] | None = None, rows: Tensor | None = None
@@ -89,6 +106,38 @@ class Objective:
             )
         return out
 
+    def backward_seeds(
+        self, logits: Tensor, activations: Mapping[str, Tensor], rows: Tensor, seed: Tensor
+    ) -> list[tuple[Tensor, Tensor]] | None:
+        """The tensors ``fn`` reads (``logits``, ``activations[name]``), each with ``d (seed * sum_b score_b) / d``
+        tensor -- the values the backward through ``fn`` would give them, bit for bit -- without running ``fn``
+        (``seed``: a 0-dim tensor, the loss's derivative w.r.t. the summed score; the same object every step).
+        ``None`` when the objective has neither ``seeds`` nor ``linear``: differentiate its score then.
+
+        A linear objective's gradient does not depend on the values it reads: it is taken once per chunk (``rows``,
+        shapes), by autograd through ``self`` on stand-in leaves, and reused; a gather's, an index's and a mean's
+        backward do not read their input."""
+        if self.seeds is not None:
+            return self.seeds(logits, activations, rows, seed)
+        if not self.linear:
+            return None
+        read = ([logits] if self.uses_logits else []) + [_layer_output(activations, n) for n in self.layers]
+        key = (seed, *((t.shape, t.dtype, t.device) for t in read))
+
+        def gradients() -> list[Tensor | None]:
+            leaves = [t.detach().requires_grad_(True) for t in read]
+            acts = dict(activations)
+            acts.update(zip(self.layers, leaves[1:] if self.uses_logits else leaves))
+            with torch.enable_grad():
+                score = self(leaves[0] if self.uses_logits else logits, acts, rows).sum()
+            if not score.requires_grad:  # reads none of them: the loop's own check says so
+                return [None] * len(leaves)
+            return list(torch.autograd.grad(score, leaves, seed, allow_unused=True))
+
+        # a tensor the score does not depend on gets no gradient (as in autograd's backward); none at all: no seeds
+        pairs = [(t, g) for t, g in zip(read, self._grads.get(rows, key, gradients)) if g is not None]
+        return pairs or None
+
     def __add__(self, other: Objective | float) -> Objective:
         if isinstance(other, (int, float)):
             if other == 0:  # sum([...]) starts from 0
@@ -99,6 +148,7 @@ class Objective:
             self.layers + other.layers,
             f"{self.name} + {other.name}",
             self.uses_logits or other.uses_logits,
+            linear=self.linear and other.linear,
         )
 
     __radd__ = __add__
@@ -108,7 +158,11 @@ class Objective:
             return NotImplemented
         w = float(weight)
         return Objective(
-            lambda lg, acts, rows: w * self(lg, acts, rows), self.layers, f"{w:g} * {self.name}", self.uses_logits
+            lambda lg, acts, rows: w * self(lg, acts, rows),
+            self.layers,
+            f"{w:g} * {self.name}",
+            self.uses_logits,
+            linear=self.linear,
         )
 
     __rmul__ = __mul__
@@ -142,7 +196,7 @@ def class_logit(classes: int | Sequence[int] | Tensor) -> Objective:
         cls = memo.get(rows, (*logits.shape, logits.device), lambda: pick(logits, rows))
         return logits.gather(1, cls).squeeze(1)
 
-    return Objective(fn, (), f"class_logit{idx.tolist()}")
+    return Objective(fn, (), f"class_logit{idx.tolist()}", linear=True)
 
 
 def _layer_output(acts: Mapping[str, Tensor], layer: str) -> Tensor:
@@ -178,7 +232,7 @@ def channel(layer: str, channels: int | Sequence[int] | Tensor) -> Objective:
         sel = _selected_channels(acts, layer, idx, rows, memo)
         return sel.flatten(1).mean(1) if sel.ndim > 1 else sel
 
-    return Objective(fn, (layer,), f"channel({layer}, {idx.tolist()})", uses_logits=False)
+    return Objective(fn, (layer,), f"channel({layer}, {idx.tolist()})", uses_logits=False, linear=True)
 
 
 def neuron(layer: str, channels: int | Sequence[int] | Tensor, y: int | None = None, x: int | None = None) -> Objective:
@@ -194,14 +248,14 @@ def neuron(layer: str, channels: int | Sequence[int] | Tensor, y: int | None = N
         h, w = sel.shape[-2:]
         return sel[:, h // 2 if y is None else y, w // 2 if x is None else x]
 
-    return Objective(fn, (layer,), f"neuron({layer}, {idx.tolist()})", uses_logits=False)
+    return Objective(fn, (layer,), f"neuron({layer}, {idx.tolist()})", uses_logits=False, linear=True)
 
 
 def feature_match(layer: str, target: Tensor) -> Objective:
     """Negative normalized reconstruction loss ``-||phi(x) - phi0||^2 / ||phi0||^2`` at ``layer``
     (feature inversion, Mahendran & Vedaldi 2015: their objective with the normalized Euclidean loss)."""
     phi0 = target.detach()
-    memo = _PerChunk()
+    memo, coef = _PerChunk(), _PerChunk()
 
     def targets(a: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         t = per_image(phi0, rows, a.shape[0]).to(a.device, a.dtype)  # a: float32 at least (below)
@@ -218,4 +272,19 @@ def feature_match(layer: str, target: Tensor) -> Objective:
         t, norm = memo.get(rows, (*a.shape, a.device, a.dtype), lambda: targets(a, rows))
         return -(a - t).flatten(1).pow(2).sum(1) / norm
 
-    return Objective(fn, (layer,), f"feature_match({layer})", uses_logits=False)
+    def seeds(
+        logits: Tensor, acts: Mapping[str, Tensor], rows: Tensor, seed: Tensor
+    ) -> list[tuple[Tensor, Tensor]] | None:
+        """``d (seed * sum_b fn_b) / d a = 2 c_b (a - t)`` with ``c_b = -(seed / norm_b)`` (rounded as ``fn``'s backward
+        rounds it: the quotient, then the negation), made once per chunk: its backward's ``c_b * (2 (a - t))`` is the
+        same number (doubling is exact), in two kernels instead of seven."""
+        a = _layer_output(acts, layer)
+        if a.dtype in (torch.float16, torch.bfloat16):  # fn squares a float32 copy
+            return None
+        t, norm = memo.get(rows, (*a.shape, a.device, a.dtype), lambda: targets(a, rows))
+        c2 = coef.get(
+            rows, (seed, *a.shape, a.device, a.dtype), lambda: 2 * -(seed / norm).view(-1, *[1] * (a.ndim - 1))
+        )
+        return [(a, torch.sub(a.detach(), t).mul_(c2))]
+
+    return Objective(fn, (layer,), f"feature_match({layer})", uses_logits=False, seeds=seeds)

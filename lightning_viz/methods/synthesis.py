@@ -185,6 +185,7 @@ def _optimize_chunk(loop: _Loop, init: Tensor, rows: Tensor, chunk: tuple[int, i
     cut = () if objective.uses_logits else objective.layers
     ascent: Tensor | None = None
     minus_one = init.new_full((), -1.0)  # d loss / d obj for the loss -obj
+    same_dtype = model_dtype == init.dtype  # else the objective's score is cast to the image's dtype: no seeds
 
     def projected(img: Tensor, step: int) -> Tensor:
         """``img`` after ``step``'s projections and clamping. Written back into the parameters (and made again from
@@ -223,15 +224,24 @@ def _optimize_chunk(loop: _Loop, init: Tensor, rows: Tensor, chunk: tuple[int, i
             logits = run(partial(model, (x_in if scale is None else x_in * scale).to(model_dtype)))
             if logits is None:  # stopped after the objective's layers: no logits (the objective reads none)
                 logits = x.new_empty(x.shape[0], 0)
-            obj = objective(logits, cap.outputs, rows).sum().to(img.dtype)
-            check_reaches_input("input optimization", obj.requires_grad and not cap.without_grad)
             # penalties with a closed-form gradient enter the backward at the image (no graph of their own); the
             # others go through autograd as part of the loss
             closed, traced = penalty_grads(regs, img)
-            # without traced penalties the loss is -obj: the backward starts from obj with the seed -1 (what the
-            # negation's backward would send it: the same gradients, one node fewer)
-            loss, seed = (-obj + total_penalty(traced, img).sum(), None) if traced else (obj, minus_one)
-            outputs, seeds = ([loss], [seed]) if closed is None else ([loss, img], [seed, closed])
+            # without traced penalties the loss is -obj: the backward starts at the tensors the objective reads, with
+            # its gradient for the seed -1 when it has one in closed form (the objective itself is not run), else
+            # from obj with the seed -1 (what the negation's backward would send it: the same gradients)
+            pairs = None if traced or not same_dtype else objective.backward_seeds(logits, cap.outputs, rows, minus_one)
+            seeds: list[Tensor | None]
+            if pairs is not None:
+                outputs, seeds = [t for t, _ in pairs], [g for _, g in pairs]
+                reaches = all(t.requires_grad for t in outputs)
+            else:
+                obj = objective(logits, cap.outputs, rows).sum().to(img.dtype)
+                loss, seed = (-obj + total_penalty(traced, img).sum(), None) if traced else (obj, minus_one)
+                outputs, seeds, reaches = [loss], [seed], obj.requires_grad
+            check_reaches_input("input optimization", reaches and not cap.without_grad)
+            if closed is not None:
+                outputs, seeds = [*outputs, img], [*seeds, closed]
             ascent = None
             if needs_img_grad:
                 # one backward through the model for both: d loss / d x_in is exactly -(d objective / d x), which
