@@ -44,6 +44,7 @@ import numpy as np
 from torch import Tensor
 
 from . import _crc32c
+from ._warnings import LightningVizWarning, VisualizationWarning
 from .render import to_uint8_hwc
 
 __all__ = [
@@ -93,7 +94,7 @@ def tensorboard_command(logdir: str) -> str:
     return f"tensorboard --logdir {shlex.quote(str(logdir))} {TENSORBOARD_SAMPLES_FLAG}"
 
 
-class NothingWrittenWarning(UserWarning):
+class NothingWrittenWarning(LightningVizWarning):
     """Warned once per callback when it would write nowhere, so its computation is skipped."""
 
 
@@ -292,7 +293,8 @@ def _warn_earlier_run(trainer: Any, folder: str) -> None:
         rank_zero_warn(
             f"lightning-viz: the image folder {folder} already holds an earlier run's files ({shown}); this fit, "
             "not resumed from a checkpoint, replaces the images of the epochs it writes, leaves the others and adds "
-            "its rows to scalars.csv. Give the logger a new version (or clear the folder) to keep the runs apart."
+            "its rows to scalars.csv. Give the logger a new version (or clear the folder) to keep the runs apart.",
+            category=VisualizationWarning,
         )
 
 

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 from torch.utils.data._utils.collate import default_convert
 
+from .._warnings import VisualizationWarning
 from ..capture import (
     capture,
     fork_rng,
@@ -121,10 +122,6 @@ SHARDING_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrate
 
 class VisualizationError(RuntimeError):
     """A visualization failed; raised on every rank so DDP ranks stay in step."""
-
-
-class VisualizationWarning(UserWarning):
-    """A visualization failed and ``on_error="warn"`` let training go on."""
 
 
 def _first_not_none(*sources_and_attr: Any) -> Any:
