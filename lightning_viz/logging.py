@@ -144,7 +144,8 @@ def sink_names(trainer: Any, loggers: Optional[Sequence[str]] = None) -> list[st
     images (``CSVLogger`` alone, ``logger=False``). A list picks among the attached loggers' names and
     ``"folder"``; ``[]`` writes nowhere. The same on every rank (no logger experiment is created).
     When Lightning switched logging off (:func:`logging_disabled`: ``fast_dev_run``), ``[DRY_RUN]``: the callbacks
-    still compute everything (that is what a fast dev run is for: find the bugs) and write nothing, like
+    still compute and render (that is what a fast dev run is for: find the bugs; once, at a reduced size, see
+    :meth:`~lightning_viz.callbacks.base.VisualizationCallback.dev_run_options`) and write nothing, like
     Lightning's own logging callbacks, whatever ``loggers`` names (except ``[]``). Under ``Trainer(barebones=True)``
     (logging off to measure the loop's raw speed) ``[]``: nothing is computed either.
     """
@@ -202,8 +203,13 @@ def describe_sinks(trainer: Any, loggers: Optional[Sequence[str]] = None) -> str
     parts = []
     for name in sink_names(trainer, loggers):
         if name == DRY_RUN:
+            if getattr(trainer, "fast_dev_run", False):
+                return (
+                    "writing nothing: Lightning switched logging off (fast_dev_run); each runs once, at a reduced "
+                    "size (a few probes and steps) that still checks every code path"
+                )
             return (
-                "writing nothing: Lightning switched logging off (fast_dev_run), so the visualizations are "
+                "writing nothing: every logger is Lightning's no-op DummyLogger, so the visualizations are "
                 "computed, to check them, and not written"
             )
         if name == "tensorboard":  # every TensorBoardLogger is written to

@@ -107,6 +107,8 @@ __all__ = [
     "gather_results",
     "BASELINE_STEP",
     "OOM_RETRIES",
+    "DEV_RUN_STEPS",
+    "dev_run",
     "SHARDING_STRATEGIES",
 ]
 
@@ -115,6 +117,10 @@ BASELINE_STEP = -1
 
 #: How many times a callback that ran out of device memory halves its default memory budget and computes again.
 OOM_RETRIES = 3
+
+#: Under ``Trainer(fast_dev_run=...)``: the most steps of a callback's iterative loops (input optimizations, attacks,
+#: integrated-gradient points, deletion curves) in its one run (see :meth:`VisualizationCallback.dev_run_options`).
+DEV_RUN_STEPS = 2
 
 #: Strategies whose module holds only a shard of the parameters (refused at setup).
 SHARDING_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
@@ -213,10 +219,24 @@ def _builds_in_configure_model(pl_module: LightningModule) -> bool:
     return any(is_overridden(hook, pl_module) for hook in ("configure_model", "configure_sharded_model", "setup"))
 
 
+def dev_run(trainer: Trainer) -> bool:
+    """Whether the trainer is a ``Trainer(fast_dev_run=True or n)``: one batch (or ``n``) to find bugs fast, logging
+    and checkpointing off. The callbacks then run once, at a reduced size
+    (:meth:`VisualizationCallback.dev_run_options`), and write nothing."""
+    return bool(getattr(trainer, "fast_dev_run", False))
+
+
+def _baseline_due(c: VisualizationCallback, trainer: Trainer) -> bool:
+    """Whether ``c`` runs before training (``run_at_start``): at a fresh fit's start, not a resume; under fast_dev_run
+    only when no epoch end runs it (``every_n_epochs=0``), so that it runs once there."""
+    fresh = trainer.current_epoch == 0 and trainer.global_step == 0
+    return c.run_at_start and fresh and not (dev_run(trainer) and c.every_n_epochs > 0)
+
+
 def _runs_at(c: VisualizationCallback, trainer: Trainer, where: str) -> bool:
     """Whether callback ``c`` (not run yet at this point) will run at ``where`` of the current epoch."""
     if where == "start":  # as on_train_start: a fresh fit, not a resume
-        return c.run_at_start and trainer.current_epoch == 0 and trainer.global_step == 0
+        return _baseline_due(c, trainer)
     if where == "end":
         return c._trained_epoch is not None and c.every_n_epochs > 0 and c._last_run_epoch != c._trained_epoch
     if c.run_on != where or not c.should_run(trainer) or not sink_names(trainer, c.loggers):
@@ -249,6 +269,17 @@ def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where:
             "end": f"epoch {step} (end of training)",
         }.get(where, f"epoch {step}")
         parts = ", ".join(f"{label} {t:.2f} s" for label, t in sorted(runs, key=lambda r: -r[1]))
+        if dev_run(trainer):  # the one line of a fast dev run: what ran, and that it was not the real size
+            _log.info(
+                "lightning-viz fast_dev_run, %s: %d visualization callback%s ran once at a reduced size (a few probes "
+                "and steps, to check every code path), writing nothing: %.1f s (%s)",
+                when,
+                len(runs),
+                "s" if len(runs) > 1 else "",
+                sum(t for _, t in runs),
+                parts,
+            )
+            return
         _log.info("lightning-viz %s: %.1f s (%s)", when, sum(t for _, t in runs), parts)
 
 
@@ -650,6 +681,42 @@ class VisualizationCallback(Callback):
     def check_input(self, model: ModelAdapter, x: Tensor) -> None:
         """Checks that need one forward (``x``: one data item, ``[1, C, H, W]``), run at setup inside
         :func:`isolated` after the model output was checked; ``model`` is :meth:`adapted`."""
+
+    def dev_run_probes(self) -> int:
+        """Under ``Trainer(fast_dev_run=...)``: how many probes the one run takes at most, the first ones of the set
+        (the pick goes round the classes: one per class first)."""
+        return 2
+
+    def dev_run_options(self) -> dict[str, Any]:
+        """Under ``Trainer(fast_dev_run=...)``: the options the one run takes instead of the callback's own, smaller
+        ones that still go through every part of it (``{"steps": 2}``), by attribute name (a dotted name reaches an
+        attribute's own: ``"tracker.deletion_steps"``). Set for the run, restored after it; the setup checks saw the
+        options as given, so a fast dev run fails on them as a real run would."""
+        return {}
+
+    #: set by :meth:`_dev_sized` for the run of a fast dev run: :meth:`run` takes :meth:`dev_run_probes` probes
+    _dev_run_size = False
+
+    @contextmanager
+    def _dev_sized(self, trainer: Trainer) -> Iterator[None]:
+        """Inside the block, under fast_dev_run, the options of :meth:`dev_run_options` and the probe cap; else
+        nothing changes."""
+        if not dev_run(trainer):
+            yield
+            return
+        saved: list[tuple[Any, str, Any]] = []
+        try:
+            for path, value in self.dev_run_options().items():
+                *parents, attr = path.split(".")
+                owner = functools.reduce(getattr, parents, self)
+                saved.append((owner, attr, getattr(owner, attr)))
+                setattr(owner, attr, value)
+            self._dev_run_size = True
+            yield
+        finally:
+            self._dev_run_size = False
+            for owner, attr, value in reversed(saved):
+                setattr(owner, attr, value)
 
     @contextmanager
     def _naming(self) -> Iterator[None]:
@@ -1124,7 +1191,7 @@ class VisualizationCallback(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         _warn_epochless(trainer)
-        if self.run_at_start and trainer.current_epoch == 0 and trainer.global_step == 0:  # a fresh fit, not a resume
+        if _baseline_due(self, trainer):  # a fresh fit, not a resume
             if has_lazy_parameters(pl_module):  # no forward created them yet (no sanity check): the first step will
                 rank_zero_warn(
                     f"{type(self).__name__}: run_at_start=True, but the model's lazy layers (nn.LazyConv2d, ...) have "
@@ -1183,6 +1250,7 @@ class VisualizationCallback(Callback):
             with (
                 interruptible(functools.partial(_stop_on_sigterm, self, trainer)),  # a long loop stops at a SIGTERM
                 warnings_above_bars(),  # not glued to a tqdm bar
+                self._dev_sized(trainer),  # fast_dev_run: the reduced options, restored after the run
             ):
                 if scheduled:
                     self.run(trainer, pl_module, step=step, scheduled=True)
@@ -1386,6 +1454,8 @@ class VisualizationCallback(Callback):
                     self.check_probes(probe)
                 except Exception as exc:  # re-raised on every rank by gather_results
                     error, self.probes = exc, None
+        if probe is not None and self._dev_run_size:  # fast_dev_run: the first probes (one per class first)
+            probe = probe.subset(slice(0, self.dev_run_probes()))
         if error is None and (distributed or rank == 0) and not (distributed and probe is None):
             stage = "compute"
             shard = probe.shard(rank, world) if distributed and probe is not None else probe
