@@ -354,3 +354,21 @@ def test_a_real_warning_is_a_lightning_viz_warning_and_one_filter_silences_them_
 
     assert len(ours(silenced=False)) == 3  # the earlier run's folder, the deprecated option, the 12 items
     assert ours(silenced=True) == []
+
+
+def test_a_fast_dev_run_says_in_one_line_that_the_callbacks_ran_at_a_reduced_size(tmp_path, caplog):
+    """Callbacks that run at different points of a fast dev run (before training, at the validation end, at the epoch
+    end) are summed up in one line at the fit's end, naming each. Was: one line per point, each counting only its
+    own."""
+    cbs = [
+        InputGradMap(num_probes=3, name="start", every_n_epochs=0, run_at_start=True),
+        InputGradMap(num_probes=3, name="val", run_on="validation_epoch_end"),
+        GradientCallback(num_probes=3),
+    ]
+    with caplog.at_level(logging.INFO, logger="lightning_viz"):
+        tiny_trainer(str(tmp_path), cbs, fast_dev_run=True).fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
+    lines = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    (line,) = [m for m in lines if "ran once" in m]
+    assert line.startswith("lightning-viz fast_dev_run: 3 visualization callbacks ran once at a reduced size (")
+    assert all(f"{label} 0." in line for label in ("inputgrad[start]", "inputgrad[val]", "gradients")), line
+    assert not [m for m in lines if m.startswith("lightning-viz epoch") or m.startswith("lightning-viz before")]

@@ -244,17 +244,50 @@ def _runs_at(c: VisualizationCallback, trainer: Trainer, where: str) -> bool:
     return not (_fitting(trainer) and c._last_run_epoch == trainer.current_epoch)
 
 
+#: per trainer in a fast dev run's fit: (callback label, seconds) of each run, said in one line at its end
+_dev_runs: weakref.WeakKeyDictionary[Trainer, list[tuple[str, float]]] = weakref.WeakKeyDictionary()
+
+
+def _run_label(cb: VisualizationCallback) -> str:
+    """``cb``'s name in the epoch line: ``cam``, ``cam 'b'``, ``cam failed`` (a run that failed under on_error="warn"
+    says so: its warning is shown only once)."""
+    return cb._instance() + (" failed" if getattr(cb, "_run_failed", False) else "")
+
+
+def _say_runs(what: str, runs: list[tuple[str, float]]) -> None:
+    """The one line of ``runs``: ``lightning-viz <what>: 7.1 s (cam 2.88 s, ...)``, slowest first."""
+    parts = ", ".join(f"{label} {t:.2f} s" for label, t in sorted(runs, key=lambda r: -r[1]))
+    _log.info("lightning-viz %s: %.1f s (%s)", what, sum(t for _, t in runs), parts)
+
+
+def _dev_report(trainer: Trainer) -> None:
+    """At the end of a fast dev run's fit (rank 0): one line for the runs of all its callbacks, whatever point each
+    ran at."""
+    runs = _dev_runs.pop(trainer, None)
+    if runs:
+        _say_runs(
+            f"fast_dev_run: {len(runs)} visualization callback{'s' * (len(runs) > 1)} ran once at a reduced size (a "
+            "few probes and steps, to check every code path), writing nothing",
+            runs,
+        )
+
+
 def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where: str, seconds: float) -> None:
     """After ``cb`` ran at ``where`` (``"start"``, ``"train_epoch_end"``, ``"validation_epoch_end"``, ``"end"``):
     note its seconds; when no later visualization callback (``trainer.callbacks`` order) runs there, log one
-    line for all of them (rank 0, logger ``lightning_viz``)."""
+    line for all of them (rank 0, logger ``lightning_viz``); in a fast dev run's fit one line at its end
+    (:func:`_dev_report`)."""
     if not trainer.is_global_zero:
+        return
+    if dev_run(trainer) and _fitting(trainer):
+        if cb.epoch_summary:
+            _dev_runs.setdefault(trainer, []).append((_run_label(cb), seconds))
         return
     if _epoch_runs.get(trainer, (None,))[0] != (step, where):  # a new point (or one cut short by an error)
         _epoch_runs[trainer] = ((step, where), [])
     runs = _epoch_runs[trainer][1]
-    if cb.epoch_summary:  # a run that failed under on_error="warn" says so: its warning is shown only once
-        runs.append((cb._instance() + (" failed" if getattr(cb, "_run_failed", False) else ""), seconds))
+    if cb.epoch_summary:
+        runs.append((_run_label(cb), seconds))
     cbs = _viz_callbacks(trainer)
     if any(_runs_at(c, trainer, where) for c in cbs[cbs.index(cb) + 1 :]):
         return
@@ -268,19 +301,10 @@ def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where:
             else f"trainer.validate, step {step}",
             "end": f"epoch {step} (end of training)",
         }.get(where, f"epoch {step}")
-        parts = ", ".join(f"{label} {t:.2f} s" for label, t in sorted(runs, key=lambda r: -r[1]))
-        if dev_run(trainer):  # the one line of a fast dev run: what ran, and that it was not the real size
-            _log.info(
-                "lightning-viz fast_dev_run, %s: %d visualization callback%s ran once at a reduced size (a few probes "
-                "and steps, to check every code path), writing nothing: %.1f s (%s)",
-                when,
-                len(runs),
-                "s" if len(runs) > 1 else "",
-                sum(t for _, t in runs),
-                parts,
-            )
-            return
-        _log.info("lightning-viz %s: %.1f s (%s)", when, sum(t for _, t in runs), parts)
+        if dev_run(trainer):  # trainer.validate of a fast dev run: its one point
+            when = f"fast_dev_run, {when}: {len(runs)} visualization callback{'s' * (len(runs) > 1)} ran once at a "
+            when += "reduced size (a few probes and steps, to check every code path), writing nothing"
+        _say_runs(when, runs)
 
 
 def _schedule_words(cb: VisualizationCallback) -> str:
@@ -1208,6 +1232,10 @@ class VisualizationCallback(Callback):
         # already run: at a checkpoint saved before this hook (see on_save_checkpoint), also in the fit resumed from it
         if self.run_on == "train_epoch_end" and self._last_run_epoch != trainer.current_epoch:
             self._run_and_report(trainer, pl_module, "train_epoch_end")
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _dev_report(trainer)  # the first callback's call says it for all
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
