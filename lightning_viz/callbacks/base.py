@@ -60,6 +60,7 @@ from ..logging import (
     close_writer,
     describe_sinks,
     image_folder,
+    logging_disabled,
     make_tag,
     sink_names,
     wait_for_writes,
@@ -1506,7 +1507,8 @@ class VisualizationCallback(Callback):
         if rank == 0 and error is None and results is not None:
             stage = "log"
             try:
-                self._note_step(trainer, step)
+                if not logging_disabled(trainer):  # a dry run (fast_dev_run) writes no step
+                    self._note_step(trainer, step)
                 logger = VizLogger.from_trainer(trainer, step=step, namespace=self.name, loggers=self.loggers)
                 logger.write_in_background(self._owner())
                 try:
