@@ -5,6 +5,7 @@ use live in :mod:`lightning_viz.methods`.
 """
 
 from . import callbacks as _callbacks
+from ._warnings import LightningVizWarning
 from .callbacks import *  # noqa: F403 - exactly callbacks.__all__ (its CALLBACKS list)
 from .capture import capture, eval_mode, isolated, read_as_map
 from .layers import LayerNotFoundError, MapLayout, get_layer
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     *_callbacks.__all__,
+    "LightningVizWarning",
     "MapTracker",
     "ProbeSet",
     "LayerNotFoundError",

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._warnings import LightningVizWarning
 from .layers import (
     CONV_TYPES,
     LayerNotFoundError,
@@ -358,7 +359,7 @@ def reentrant_checkpoint_direct() -> Iterator[None]:
             CheckpointFunction.apply = own
 
 
-class NondeterministicOpWarning(UserWarning):
+class NondeterministicOpWarning(LightningVizWarning):
     """A visualization ran an op without a deterministic implementation under ``deterministic=True``."""
 
 

@@ -45,6 +45,7 @@ import numpy as np
 from torch import Tensor
 
 from . import _crc32c
+from ._warnings import LightningVizWarning, VisualizationWarning
 from .render import to_uint8_hwc
 
 __all__ = [
@@ -96,7 +97,7 @@ def tensorboard_command(logdir: str) -> str:
     return f"tensorboard --logdir {shlex.quote(str(logdir))} {TENSORBOARD_SAMPLES_FLAG}"
 
 
-class NothingWrittenWarning(UserWarning):
+class NothingWrittenWarning(LightningVizWarning):
     """Warned once per callback when it would write nowhere, so its computation is skipped."""
 
 
@@ -146,7 +147,8 @@ def sink_names(trainer: Any, loggers: Optional[Sequence[str]] = None) -> list[st
     images (``CSVLogger`` alone, ``logger=False``). A list picks among the attached loggers' names and
     ``"folder"``; ``[]`` writes nowhere. The same on every rank (no logger experiment is created).
     When Lightning switched logging off (:func:`logging_disabled`: ``fast_dev_run``), ``[DRY_RUN]``: the callbacks
-    still compute everything (that is what a fast dev run is for: find the bugs) and write nothing, like
+    still compute and render (that is what a fast dev run is for: find the bugs; once, at a reduced size, see
+    :meth:`~lightning_viz.callbacks.base.VisualizationCallback.dev_run_options`) and write nothing, like
     Lightning's own logging callbacks, whatever ``loggers`` names (except ``[]``). Under ``Trainer(barebones=True)``
     (logging off to measure the loop's raw speed) ``[]``: nothing is computed either.
     """
@@ -204,8 +206,13 @@ def describe_sinks(trainer: Any, loggers: Optional[Sequence[str]] = None) -> str
     parts = []
     for name in sink_names(trainer, loggers):
         if name == DRY_RUN:
+            if getattr(trainer, "fast_dev_run", False):
+                return (
+                    "writing nothing: Lightning switched logging off (fast_dev_run); each runs once, at a reduced "
+                    "size (a few probes and steps) that still checks every code path"
+                )
             return (
-                "writing nothing: Lightning switched logging off (fast_dev_run), so the visualizations are "
+                "writing nothing: every logger is Lightning's no-op DummyLogger, so the visualizations are "
                 "computed, to check them, and not written"
             )
         if name == "tensorboard":  # every TensorBoardLogger is written to
@@ -295,7 +302,8 @@ def _warn_earlier_run(trainer: Any, folder: str) -> None:
         rank_zero_warn(
             f"lightning-viz: the image folder {folder} already holds an earlier run's files ({shown}); this fit, "
             "not resumed from a checkpoint, replaces the images of the epochs it writes, leaves the others and adds "
-            "its rows to scalars.csv. Give the logger a new version (or clear the folder) to keep the runs apart."
+            "its rows to scalars.csv. Give the logger a new version (or clear the folder) to keep the runs apart.",
+            category=VisualizationWarning,
         )
 
 

@@ -68,6 +68,49 @@ def test_demo_config_through_console_entry_point(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "lightning_logs")  # the save_dir override took effect
 
 
+def test_demo_config_under_fast_dev_run_runs_each_callback_once_small_and_writes_nothing(tmp_path, monkeypatch, caplog):
+    """``--trainer.fast_dev_run=true`` on the demo config (Lightning: one batch, loggers swapped for ``DummyLogger``):
+    each callback computes and renders once, on at most 2 probes (the embeddings: 2 per class + 1, for the separation
+    scores and a t-SNE), its input optimizations and attacks capped to 2 steps, and writes no file; one line says so.
+    Was: every callback at full size (the demo's 64-step class-model images, 100-step inversions, 8 probes' PGD and
+    min-flip searches...: 47 s of visualization on this machine after one batch of training)."""
+    import logging
+
+    from lightning_viz.callbacks import CALLBACKS
+    from lightning_viz.cli import cli_main
+
+    runs = []
+    for cls in CALLBACKS:  # each callback's own compute, counted (the real one runs)
+
+        def counted(self, pl_module, probe, _compute=cls.compute):
+            steps = {k: getattr(self, k) for k in ("steps", "ig_steps", "smoothgrad_samples") if hasattr(self, k)}
+            runs.append((type(self).__name__, None if probe is None else len(probe), steps))
+            return _compute(self, pl_module, probe)
+
+        monkeypatch.setattr(cls, "compute", counted)
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", DEMO, "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu"]
+    args += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    args += ["--data.init_args.num_train=32", "--data.init_args.num_val=24", "--data.init_args.batch_size=8"]
+    with caplog.at_level(logging.INFO, logger="lightning_viz"):
+        cli = cli_main(args)
+    assert sorted(name for name, _, _ in runs) == sorted(cls.__name__ for cls in CALLBACKS)  # each once
+    probes = {name: n for name, n, _ in runs}
+    assert probes.pop("EmbeddingCallback") == 9  # 4 classes
+    assert probes.pop("ClassModelCallback") == probes.pop("UnitCallback") == 1  # the input's shape and range
+    assert probes.pop("FilterCallback") is None and set(probes.values()) == {2}
+    assert all(v <= 2 for _, _, steps in runs for v in steps.values()), runs
+    cbs = [cb for cb in cli.trainer.callbacks if type(cb) in CALLBACKS]
+    assert all(cb.last_logged_tags for cb in cbs)  # each rendered its images (written nowhere)
+    by_type = {type(cb).__name__: cb for cb in cbs}
+    assert by_type["ClassModelCallback"].steps == 64 and by_type["UnitCallback"].channels == list(range(8))
+    assert [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs] == []
+    lines = [r.getMessage() for r in caplog.records if r.name == "lightning_viz" and "fast_dev_run" in r.getMessage()]
+    assert len(lines) == 2, lines  # the start-up line, and one when they ran
+    assert "each runs once, at a reduced size" in lines[0]
+    assert "11 visualization callbacks ran once at a reduced size" in lines[1], lines
+
+
 def test_digits_config_in_process(tmp_path, monkeypatch):
     from lightning_viz.cli import cli_main
     from lightning_viz.data.digits import DigitsDataModule

@@ -268,3 +268,107 @@ def test_a_warning_passed_on_under_deterministic_mode_shows_once(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(False)
     assert [str(w.message) for w in shown] == ["the model's forward note"]
+
+
+#: the calls that issue a warning, and where their category goes (positional index, else the ``category`` keyword)
+_WARNING_CALLS = {"warn": 1, "warn_explicit": 1, "rank_zero_warn": None}
+#: warnings passed on as they came (another library's, caught while a visualization ran): not the library's own
+_PASSED_ON = {("lightning_viz.capture", "w.category")}
+
+
+def _warning_sites() -> list[tuple[str, int, str]]:
+    """``(module, line, category expression)`` of every call in lightning_viz that issues a warning."""
+    import ast
+    import glob
+
+    sites = []
+    for path in sorted(glob.glob(os.path.join(_ROOT, "lightning_viz", "**", "*.py"), recursive=True)):
+        module = os.path.relpath(path, _ROOT)[: -len(".py")].replace(os.sep, ".").removesuffix(".__init__")
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if name not in _WARNING_CALLS:
+                continue
+            at = _WARNING_CALLS[name]
+            category = next((k.value for k in node.keywords if k.arg == "category"), None)
+            if category is None and at is not None and len(node.args) > at:
+                category = node.args[at]
+            sites.append((module, node.lineno, "" if category is None else ast.unparse(category)))
+    return sites
+
+
+def test_every_warning_the_library_issues_is_a_lightning_viz_warning():
+    """Every ``warnings.warn`` / ``rank_zero_warn`` in lightning_viz names a category under the one public
+    ``LightningVizWarning`` (a ``UserWarning``), so ``warnings.filterwarnings("ignore" or "error",
+    category=LightningVizWarning)`` reaches them all. Was: four unrelated bases and a bare ``UserWarning`` (the image
+    folder's earlier-run warning)."""
+    import importlib
+
+    import lightning_viz
+    from lightning_viz import LightningVizWarning
+
+    assert issubclass(LightningVizWarning, UserWarning) and "LightningVizWarning" in lightning_viz.__all__
+    sites = _warning_sites()
+    assert len(sites) > 20  # the walk found them (25 today)
+    wrong = []
+    for module, line, category in sites:
+        if (module, category) in _PASSED_ON:
+            continue
+        cls = getattr(importlib.import_module(module), category, None) if category.isidentifier() else None
+        if not (isinstance(cls, type) and issubclass(cls, LightningVizWarning)):
+            wrong.append(f"{module}:{line} category={category or None}")
+    assert wrong == []
+
+
+def test_a_real_warning_is_a_lightning_viz_warning_and_one_filter_silences_them_all(tmp_path):
+    """A fresh fit into an earlier run's image folder (``CSVLogger(version=0)`` again) warns with a
+    ``LightningVizWarning``; ``filterwarnings("ignore", category=LightningVizWarning)`` silences it and the others
+    (more probes asked than items, a deprecated option) while Lightning's own warnings still show."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_viz import LightningVizWarning
+    from lightning_viz.callbacks.filters import FilterCallback
+
+    def fit(callbacks):
+        trainer = tiny_trainer(
+            str(tmp_path), callbacks, max_epochs=1, logger=CSVLogger(str(tmp_path), name="", version=0)
+        )
+        trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
+
+    fit([InputGradMap(num_probes=1)])
+    with pytest.warns(LightningVizWarning, match="already holds an earlier run's files"):
+        fit([InputGradMap(num_probes=1)])
+
+    def ours(silenced):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if silenced:
+                warnings.filterwarnings("ignore", category=LightningVizWarning)
+            fit([InputGradMap(num_probes=20), FilterCallback(layer="net.conv1")])
+        shown = [str(w.message) for w in caught]
+        assert any("Experiment logs directory" in m for m in shown), shown  # Lightning's own: always shown
+        return [m for m in shown if "lightning-viz" in m or "is deprecated and will" in m or "num_probes=20" in m]
+
+    assert len(ours(silenced=False)) == 3  # the earlier run's folder, the deprecated option, the 12 items
+    assert ours(silenced=True) == []
+
+
+def test_a_fast_dev_run_says_in_one_line_that_the_callbacks_ran_at_a_reduced_size(tmp_path, caplog):
+    """Callbacks that run at different points of a fast dev run (before training, at the validation end, at the epoch
+    end) are summed up in one line at the fit's end, naming each. Was: one line per point, each counting only its
+    own."""
+    cbs = [
+        InputGradMap(num_probes=3, name="start", every_n_epochs=0, run_at_start=True),
+        InputGradMap(num_probes=3, name="val", run_on="validation_epoch_end"),
+        GradientCallback(num_probes=3),
+    ]
+    with caplog.at_level(logging.INFO, logger="lightning_viz"):
+        tiny_trainer(str(tmp_path), cbs, fast_dev_run=True).fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
+    lines = [r.getMessage() for r in caplog.records if r.name == "lightning_viz"]
+    (line,) = [m for m in lines if "ran once" in m]
+    assert line.startswith("lightning-viz fast_dev_run: 3 visualization callbacks ran once at a reduced size (")
+    assert all(f"{label} 0." in line for label in ("inputgrad[start]", "inputgrad[val]", "gradients")), line
+    assert not [m for m in lines if m.startswith("lightning-viz epoch") or m.startswith("lightning-viz before")]

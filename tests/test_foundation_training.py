@@ -546,3 +546,76 @@ def test_fewer_items_than_num_probes_warns_once_at_setup_naming_the_callback(tmp
     ]
     assert seen_at_first_step == [2]  # both before the first step
     assert [len(cb.probes) for cb in cbs] == [5, 5, 5]
+
+
+def _option(cb, path):
+    """``cb``'s option at a dotted ``path`` of :meth:`dev_run_options` (``"tracker.deletion_steps"``)."""
+    import functools
+
+    return functools.reduce(getattr, path.split("."), cb)
+
+
+def test_fast_dev_run_trains_the_same_and_runs_each_callback_once_at_a_reduced_size(tmp_path):
+    """``Trainer(fast_dev_run=2)`` (Lightning: 2 batches, logging and checkpointing off) with every family attached,
+    ``run_at_start=True`` too: the weights are bit for bit those of the plain fast dev run; each callback computes
+    once (the epoch end; was: the baseline and the epoch end), on at most 2 probes (the embeddings: 2 per class and
+    one, 7), and holds its own options again afterwards (the reduced ones were set for the run only)."""
+
+    def fit(callbacks):
+        L.seed_everything(0, verbose=False)
+        model = LitTiny()
+        train, val = DataLoader(tiny_dataset(24), batch_size=8, shuffle=True), tiny_loaders(n=12)[1]
+        tiny_trainer(str(tmp_path), callbacks, fast_dev_run=2, deterministic=True).fit(model, train, val)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    cbs = all_callbacks(run_at_start=True)
+    computed: dict[str, list] = {name: [] for name in FACTORY_IDS}
+    for name, cb in zip(FACTORY_IDS, cbs):
+
+        def counted(pl_module, probe, _compute=cb.compute, _name=name):
+            computed[_name].append(None if probe is None else len(probe))
+            return _compute(pl_module, probe)
+
+        cb.compute = counted
+    options = [{path: _option(cb, path) for path in cb.dev_run_options()} for cb in cbs]
+    plain, viz = fit([]), fit(cbs)
+    assert all(torch.equal(plain[k], viz[k]) for k in plain)
+    assert computed == {
+        **{name: [2] for name in FACTORY_IDS},
+        "filters": [None],
+        "embeddings": [7],
+        "class_model": [1],  # the input's shape
+        "units": [1],
+    }
+    assert [{path: _option(cb, path) for path in opts} for cb, opts in zip(cbs, options)] == options
+    assert options[FACTORY_IDS.index("class_model")]["steps"] == 3 and all(cb.last_logged_tags for cb in cbs)
+
+
+def _one_image_at_a_time(model, x):
+    """A ``logits_fn`` of a model that cannot take batches: the setup's one-item forward passes, a run fails."""
+    if x.shape[0] > 1:
+        raise RuntimeError("this head takes one image at a time")
+    return model(x)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: GradientCallback(methods=["saliency", "integrated_gradients"], logits_fn=_one_image_at_a_time),
+        lambda: UnitCallback(layers="net.conv2", channels=[0, 1, 7], steps=3),  # a width-4 layer: at setup
+    ],
+    ids=["in_the_run", "at_setup"],
+)
+def test_a_callback_that_fails_fails_alike_under_fast_dev_run(tmp_path, make):
+    """``on_error="raise"``: a failure in the run (or at setup, on an option the reduced run would not use) stops a
+    fast dev run with the error a real fit stops with, word for word."""
+
+    def failure(**kw):
+        trainer = tiny_trainer(str(tmp_path), [make()], max_epochs=1, **kw)
+        with pytest.raises(Exception) as info:
+            trainer.fit(LitTiny(), *tiny_loaders(n=12))
+        return type(info.value), str(info.value)
+
+    real, dev = failure(), failure(fast_dev_run=True)
+    assert dev == real
+    assert "one image at a time" in real[1] or "channels [0, 1, 7]" in real[1], real

@@ -724,6 +724,40 @@ def test_fast_dev_run_computes_every_callback_and_writes_nothing(tmp_path, monke
     assert "Lightning switched logging off (fast_dev_run)" in caplog.text
 
 
+def test_a_fast_dev_run_validate_then_fit_says_nothing_of_steps_written_before(tmp_path, caplog, monkeypatch):
+    """``trainer.validate`` then ``trainer.fit`` under fast_dev_run: neither writes anything, so the fit has no earlier
+    step to warn of. Was: "writes step 0, which a trainer.validate before this fit already wrote to this log
+    directory" (the dry run's steps counted as written)."""
+    monkeypatch.chdir(tmp_path)
+    cb = InputGradMap(num_probes=2, run_on="validation_epoch_end")
+    train, val = tiny_loaders(n=12, batch_size=6)
+    with caplog.at_level("INFO", logger="lightning_viz"):
+        tiny_trainer(str(tmp_path), [cb], fast_dev_run=True).validate(LitTiny(), val)
+        tiny_trainer(str(tmp_path), [cb], fast_dev_run=True).fit(LitTiny(), train, val)
+    assert "ran once at a reduced size" in caplog.text and "already wrote" not in caplog.text
+    assert [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs] == []
+
+
+def test_only_dummy_loggers_compute_at_full_size_and_say_so_without_naming_fast_dev_run(tmp_path, caplog):
+    """``logger=DummyLogger()`` (not a fast dev run): the callbacks compute and write nothing, at their full size
+    (every probe), and the start-up line names the DummyLogger. Was: it said "Lightning switched logging off
+    (fast_dev_run)", which the user had not asked for."""
+    from lightning.pytorch.loggers.logger import DummyLogger
+
+    sizes = []
+
+    class Sized(InputGradMap):
+        def compute_maps(self, pl_module, probe):
+            sizes.append(len(probe))
+            return super().compute_maps(pl_module, probe)
+
+    trainer = tiny_trainer(str(tmp_path), [Sized(num_probes=5)], max_epochs=1, logger=DummyLogger())
+    with caplog.at_level("INFO", logger="lightning_viz"):
+        trainer.fit(LitTiny(), *tiny_loaders(n=12, batch_size=6))
+    assert sizes == [5]
+    assert "every logger is Lightning's no-op DummyLogger" in caplog.text and "fast_dev_run" not in caplog.text
+
+
 def test_a_tensorboard_prefix_starts_the_custom_scalars_layout_regexes_too(tmp_path):
     """TensorBoard matches the Custom Scalars layout's regexes from the tag's start: with a logger prefix they
     must match the prefixed tags (and no bare one)."""

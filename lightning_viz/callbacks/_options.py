@@ -11,6 +11,8 @@ import math
 import warnings
 from typing import Any, Optional, Union
 
+from .._warnings import LightningVizWarning
+
 __all__ = [
     "LayersSpec",
     "VizDeprecationWarning",
@@ -24,7 +26,7 @@ __all__ = [
 ]
 
 
-class VizDeprecationWarning(DeprecationWarning):
+class VizDeprecationWarning(LightningVizWarning, DeprecationWarning):
     """A deprecated lightning-viz option; shown by default (plain DeprecationWarnings are hidden outside
     ``__main__``, e.g. when LightningCLI builds the callbacks), as Lightning does for its own."""
 

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 from torch.utils.data._utils.collate import default_convert
 
+from .._warnings import VisualizationWarning
 from ..capture import (
     capture,
     fork_rng,
@@ -59,6 +60,7 @@ from ..logging import (
     close_writer,
     describe_sinks,
     image_folder,
+    logging_disabled,
     make_tag,
     sink_names,
     wait_for_writes,
@@ -106,6 +108,8 @@ __all__ = [
     "gather_results",
     "BASELINE_STEP",
     "OOM_RETRIES",
+    "DEV_RUN_STEPS",
+    "dev_run",
     "SHARDING_STRATEGIES",
 ]
 
@@ -115,16 +119,16 @@ BASELINE_STEP = -1
 #: How many times a callback that ran out of device memory halves its default memory budget and computes again.
 OOM_RETRIES = 3
 
+#: Under ``Trainer(fast_dev_run=...)``: the most steps of a callback's iterative loops (input optimizations, attacks,
+#: integrated-gradient points, deletion curves) in its one run (see :meth:`VisualizationCallback.dev_run_options`).
+DEV_RUN_STEPS = 2
+
 #: Strategies whose module holds only a shard of the parameters (refused at setup).
 SHARDING_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
 class VisualizationError(RuntimeError):
     """A visualization failed; raised on every rank so DDP ranks stay in step."""
-
-
-class VisualizationWarning(UserWarning):
-    """A visualization failed and ``on_error="warn"`` let training go on."""
 
 
 def _first_not_none(*sources_and_attr: Any) -> Any:
@@ -216,10 +220,24 @@ def _builds_in_configure_model(pl_module: LightningModule) -> bool:
     return any(is_overridden(hook, pl_module) for hook in ("configure_model", "configure_sharded_model", "setup"))
 
 
+def dev_run(trainer: Trainer) -> bool:
+    """Whether the trainer is a ``Trainer(fast_dev_run=True or n)``: one batch (or ``n``) to find bugs fast, logging
+    and checkpointing off. The callbacks then run once, at a reduced size
+    (:meth:`VisualizationCallback.dev_run_options`), and write nothing."""
+    return bool(getattr(trainer, "fast_dev_run", False))
+
+
+def _baseline_due(c: VisualizationCallback, trainer: Trainer) -> bool:
+    """Whether ``c`` runs before training (``run_at_start``): at a fresh fit's start, not a resume; under fast_dev_run
+    only when no epoch end runs it (``every_n_epochs=0``), so that it runs once there."""
+    fresh = trainer.current_epoch == 0 and trainer.global_step == 0
+    return c.run_at_start and fresh and not (dev_run(trainer) and c.every_n_epochs > 0)
+
+
 def _runs_at(c: VisualizationCallback, trainer: Trainer, where: str) -> bool:
     """Whether callback ``c`` (not run yet at this point) will run at ``where`` of the current epoch."""
     if where == "start":  # as on_train_start: a fresh fit, not a resume
-        return c.run_at_start and trainer.current_epoch == 0 and trainer.global_step == 0
+        return _baseline_due(c, trainer)
     if where == "end":
         return c._trained_epoch is not None and c.every_n_epochs > 0 and c._last_run_epoch != c._trained_epoch
     if c.run_on != where or not c.should_run(trainer) or not sink_names(trainer, c.loggers):
@@ -227,17 +245,50 @@ def _runs_at(c: VisualizationCallback, trainer: Trainer, where: str) -> bool:
     return not (_fitting(trainer) and c._last_run_epoch == trainer.current_epoch)
 
 
+#: per trainer in a fast dev run's fit: (callback label, seconds) of each run, said in one line at its end
+_dev_runs: weakref.WeakKeyDictionary[Trainer, list[tuple[str, float]]] = weakref.WeakKeyDictionary()
+
+
+def _run_label(cb: VisualizationCallback) -> str:
+    """``cb``'s name in the epoch line: ``cam``, ``cam 'b'``, ``cam failed`` (a run that failed under on_error="warn"
+    says so: its warning is shown only once)."""
+    return cb._instance() + (" failed" if getattr(cb, "_run_failed", False) else "")
+
+
+def _say_runs(what: str, runs: list[tuple[str, float]]) -> None:
+    """The one line of ``runs``: ``lightning-viz <what>: 7.1 s (cam 2.88 s, ...)``, slowest first."""
+    parts = ", ".join(f"{label} {t:.2f} s" for label, t in sorted(runs, key=lambda r: -r[1]))
+    _log.info("lightning-viz %s: %.1f s (%s)", what, sum(t for _, t in runs), parts)
+
+
+def _dev_report(trainer: Trainer) -> None:
+    """At the end of a fast dev run's fit (rank 0): one line for the runs of all its callbacks, whatever point each
+    ran at."""
+    runs = _dev_runs.pop(trainer, None)
+    if runs:
+        _say_runs(
+            f"fast_dev_run: {len(runs)} visualization callback{'s' * (len(runs) > 1)} ran once at a reduced size (a "
+            "few probes and steps, to check every code path), writing nothing",
+            runs,
+        )
+
+
 def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where: str, seconds: float) -> None:
     """After ``cb`` ran at ``where`` (``"start"``, ``"train_epoch_end"``, ``"validation_epoch_end"``, ``"end"``):
     note its seconds; when no later visualization callback (``trainer.callbacks`` order) runs there, log one
-    line for all of them (rank 0, logger ``lightning_viz``)."""
+    line for all of them (rank 0, logger ``lightning_viz``); in a fast dev run's fit one line at its end
+    (:func:`_dev_report`)."""
     if not trainer.is_global_zero:
+        return
+    if dev_run(trainer) and _fitting(trainer):
+        if cb.epoch_summary:
+            _dev_runs.setdefault(trainer, []).append((_run_label(cb), seconds))
         return
     if _epoch_runs.get(trainer, (None,))[0] != (step, where):  # a new point (or one cut short by an error)
         _epoch_runs[trainer] = ((step, where), [])
     runs = _epoch_runs[trainer][1]
-    if cb.epoch_summary:  # a run that failed under on_error="warn" says so: its warning is shown only once
-        runs.append((cb._instance() + (" failed" if getattr(cb, "_run_failed", False) else ""), seconds))
+    if cb.epoch_summary:
+        runs.append((_run_label(cb), seconds))
     cbs = _viz_callbacks(trainer)
     if any(_runs_at(c, trainer, where) for c in cbs[cbs.index(cb) + 1 :]):
         return
@@ -251,8 +302,10 @@ def _epoch_report(cb: VisualizationCallback, trainer: Trainer, step: int, where:
             else f"trainer.validate, step {step}",
             "end": f"epoch {step} (end of training)",
         }.get(where, f"epoch {step}")
-        parts = ", ".join(f"{label} {t:.2f} s" for label, t in sorted(runs, key=lambda r: -r[1]))
-        _log.info("lightning-viz %s: %.1f s (%s)", when, sum(t for _, t in runs), parts)
+        if dev_run(trainer):  # trainer.validate of a fast dev run: its one point
+            when = f"fast_dev_run, {when}: {len(runs)} visualization callback{'s' * (len(runs) > 1)} ran once at a "
+            when += "reduced size (a few probes and steps, to check every code path), writing nothing"
+        _say_runs(when, runs)
 
 
 def _schedule_words(cb: VisualizationCallback) -> str:
@@ -653,6 +706,42 @@ class VisualizationCallback(Callback):
     def check_input(self, model: ModelAdapter, x: Tensor) -> None:
         """Checks that need one forward (``x``: one data item, ``[1, C, H, W]``), run at setup inside
         :func:`isolated` after the model output was checked; ``model`` is :meth:`adapted`."""
+
+    def dev_run_probes(self) -> int:
+        """Under ``Trainer(fast_dev_run=...)``: how many probes the one run takes at most, the first ones of the set
+        (the pick goes round the classes: one per class first)."""
+        return 2
+
+    def dev_run_options(self) -> dict[str, Any]:
+        """Under ``Trainer(fast_dev_run=...)``: the options the one run takes instead of the callback's own, smaller
+        ones that still go through every part of it (``{"steps": 2}``), by attribute name (a dotted name reaches an
+        attribute's own: ``"tracker.deletion_steps"``). Set for the run, restored after it; the setup checks saw the
+        options as given, so a fast dev run fails on them as a real run would."""
+        return {}
+
+    #: set by :meth:`_dev_sized` for the run of a fast dev run: :meth:`run` takes :meth:`dev_run_probes` probes
+    _dev_run_size = False
+
+    @contextmanager
+    def _dev_sized(self, trainer: Trainer) -> Iterator[None]:
+        """Inside the block, under fast_dev_run, the options of :meth:`dev_run_options` and the probe cap; else
+        nothing changes."""
+        if not dev_run(trainer):
+            yield
+            return
+        saved: list[tuple[Any, str, Any]] = []
+        try:
+            for path, value in self.dev_run_options().items():
+                *parents, attr = path.split(".")
+                owner = functools.reduce(getattr, parents, self)
+                saved.append((owner, attr, getattr(owner, attr)))
+                setattr(owner, attr, value)
+            self._dev_run_size = True
+            yield
+        finally:
+            self._dev_run_size = False
+            for owner, attr, value in reversed(saved):
+                setattr(owner, attr, value)
 
     @contextmanager
     def _naming(self) -> Iterator[None]:
@@ -1127,7 +1216,7 @@ class VisualizationCallback(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         _warn_epochless(trainer)
-        if self.run_at_start and trainer.current_epoch == 0 and trainer.global_step == 0:  # a fresh fit, not a resume
+        if _baseline_due(self, trainer):  # a fresh fit, not a resume
             if has_lazy_parameters(pl_module):  # no forward created them yet (no sanity check): the first step will
                 rank_zero_warn(
                     f"{type(self).__name__}: run_at_start=True, but the model's lazy layers (nn.LazyConv2d, ...) have "
@@ -1144,6 +1233,10 @@ class VisualizationCallback(Callback):
         # already run: at a checkpoint saved before this hook (see on_save_checkpoint), also in the fit resumed from it
         if self.run_on == "train_epoch_end" and self._last_run_epoch != trainer.current_epoch:
             self._run_and_report(trainer, pl_module, "train_epoch_end")
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _dev_report(trainer)  # the first callback's call says it for all
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -1186,6 +1279,7 @@ class VisualizationCallback(Callback):
             with (
                 interruptible(functools.partial(_stop_on_sigterm, self, trainer)),  # a long loop stops at a SIGTERM
                 warnings_above_bars(),  # not glued to a tqdm bar
+                self._dev_sized(trainer),  # fast_dev_run: the reduced options, restored after the run
             ):
                 if scheduled:
                     self.run(trainer, pl_module, step=step, scheduled=True)
@@ -1389,6 +1483,8 @@ class VisualizationCallback(Callback):
                     self.check_probes(probe)
                 except Exception as exc:  # re-raised on every rank by gather_results
                     error, self.probes = exc, None
+        if probe is not None and self._dev_run_size:  # fast_dev_run: the first probes (one per class first)
+            probe = probe.subset(slice(0, self.dev_run_probes()))
         if error is None and (distributed or rank == 0) and not (distributed and probe is None):
             stage = "compute"
             shard = probe.shard(rank, world) if distributed and probe is not None else probe
@@ -1411,7 +1507,8 @@ class VisualizationCallback(Callback):
         if rank == 0 and error is None and results is not None:
             stage = "log"
             try:
-                self._note_step(trainer, step)
+                if not logging_disabled(trainer):  # a dry run (fast_dev_run) writes no step
+                    self._note_step(trainer, step)
                 logger = VizLogger.from_trainer(trainer, step=step, namespace=self.name, loggers=self.loggers)
                 logger.write_in_background(self._owner())
                 try:

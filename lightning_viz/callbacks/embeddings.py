@@ -147,6 +147,14 @@ class EmbeddingCallback(VisualizationCallback):
         self.chunk_size = chunk_size
         self.tsne_iterations = tsne_iterations
 
+    def dev_run_probes(self) -> int:
+        """Two probes per class and one more (the pick goes round the classes): enough for the silhouette, the kNN
+        vote and a t-SNE (3 points or more)."""
+        return 2 * (self._num_classes or 2) + 1
+
+    def dev_run_options(self) -> dict[str, Any]:  # t-SNE's early-exaggeration phase only
+        return {**super().dev_run_options(), "tsne_iterations": min(self.tsne_iterations, 250)}
+
     def _warn_once(self, message: str) -> None:
         """Warn (rank 0) the first time this callback meets ``message``, not at every epoch."""
         told = self.__dict__.setdefault("_told", set())

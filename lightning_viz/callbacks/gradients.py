@@ -26,7 +26,7 @@ from ..methods.relu_rules import check_scripted_relus, relu_rule
 from ..methods.shared_pass import INPUT, PassCache, PassResult, model_version, pass_cache
 from ..probe import ProbeSet
 from ..targets import resolve_target
-from .base import VisualizationWarning, override
+from .base import DEV_RUN_STEPS, VisualizationWarning, override
 from .maps import MapCallback, probabilities
 
 __all__ = ["GradientMapCallback", "GradientCallback", "SMOOTHGRAD_PREFIX"]
@@ -222,6 +222,13 @@ class GradientCallback(GradientMapCallback):
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return super().state_key_parts() + (tuple(self.methods), self.reduce)
+
+    def dev_run_options(self) -> dict[str, Any]:
+        return {
+            **super().dev_run_options(),
+            "ig_steps": min(self.ig_steps, DEV_RUN_STEPS),
+            "smoothgrad_samples": min(self.smoothgrad_samples, DEV_RUN_STEPS),
+        }
 
     def attribution(self, pl_module: LightningModule, probe: ProbeSet, x: Tensor, method: str) -> Tensor:
         """Raw attribution of one method: ``[N, C, H, W]`` (saliency ``[N, H, W]``)."""

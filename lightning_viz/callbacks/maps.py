@@ -45,7 +45,7 @@ from ..render import (
 )
 from ..targets import LabelTarget, Probabilities, check_probabilities, class_probabilities, resolve_target
 from ..tracking import MapTracker
-from .base import VisualizationCallback
+from .base import DEV_RUN_STEPS, VisualizationCallback
 
 __all__ = ["MapCallback"]
 
@@ -118,6 +118,12 @@ class MapCallback(VisualizationCallback):
         if self.tracker is not None and self.tracker.drift:
             tags |= {"drift/prediction_flips", "probe_accuracy"}
         return tags
+
+    def dev_run_options(self) -> dict[str, Any]:
+        options = super().dev_run_options()
+        if self.tracker is not None:  # deletion/insertion curves of 3 points
+            options["tracker.deletion_steps"] = min(self.tracker.deletion_steps, DEV_RUN_STEPS)
+        return options
 
     # ------------------------------------------------------------------ subclass API
     def compute_maps(self, pl_module: LightningModule, probe: ProbeSet) -> dict[str, Tensor]:

@@ -20,7 +20,7 @@ from ..probe import ProbeSet
 from ..progress import reporting
 from ..render import _shared_strip, class_name, compose
 from ._options import as_layer_list, renamed_option
-from .base import VisualizationCallback
+from .base import DEV_RUN_STEPS, VisualizationCallback
 
 __all__ = ["TopPatchesCallback"]
 
@@ -116,6 +116,11 @@ class TopPatchesCallback(VisualizationCallback):
             self.num_units,
             self.k,
         )
+
+    def dev_run_options(self) -> dict[str, Any]:  # 2 units, 2 patches each
+        units = None if self.units is None else self.units[:DEV_RUN_STEPS]
+        options = {"units": units, "num_units": min(self.num_units, DEV_RUN_STEPS), "k": min(self.k, DEV_RUN_STEPS)}
+        return {**super().dev_run_options(), **options}
 
     def _check_units(self, name: str, channels: int | None) -> None:
         """``units`` within layer ``name``'s ``channels`` (``None``: not known yet)."""

@@ -45,7 +45,7 @@ from ..probe import ProbeSet
 from ..render import _shared_strip, class_name, compose, cut_name, fit_names, labeled_grid, upscale
 from ..targets import binary_logits, check_probabilities
 from ._options import LayersSpec, index_list, reject_options, renamed_option, single_layer
-from .base import VisualizationCallback, image_size_hint
+from .base import DEV_RUN_STEPS, VisualizationCallback, image_size_hint
 
 __all__ = ["ClassModelCallback", "UnitCallback", "InversionCallback", "AdversarialCallback"]
 
@@ -226,6 +226,11 @@ class _InputOptimizationCallback(VisualizationCallback):
     def state_key_parts(self) -> tuple[Any, ...]:
         return (*super().state_key_parts(), self.steps, self.parameterization, self.init, self.seed)
 
+    def dev_run_options(self) -> dict[str, Any]:
+        """Two optimization steps, a blur (when on) in them."""
+        reg_options = {**self.reg_options, "blur_every": min(self.reg_options["blur_every"], DEV_RUN_STEPS)}
+        return {**super().dev_run_options(), "steps": min(self.steps, DEV_RUN_STEPS), "reg_options": reg_options}
+
 
 #: what works instead for unit images and inversions of a layer no gradient reaches
 _OUTSIDE = "Name a layer the forward runs with autograd on in layers=."
@@ -267,6 +272,11 @@ class ClassModelCallback(_InputOptimizationCallback):
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return (*super().state_key_parts(), tuple(self.classes or ()), self.l2)
+
+    def dev_run_options(self) -> dict[str, Any]:  # two classes
+        classes = None if self.classes is None else self.classes[:DEV_RUN_STEPS]
+        options = {"classes": classes, "max_classes": min(self.max_classes, DEV_RUN_STEPS)}
+        return {**super().dev_run_options(), **options}
 
     def class_options(self) -> dict[str, list[int]]:
         return {**super().class_options(), **({"classes": self.classes} if self.classes else {})}
@@ -351,6 +361,9 @@ class UnitCallback(_InputOptimizationCallback):
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return (*super().state_key_parts(), self.layer, tuple(self.channels), self.unit)
+
+    def dev_run_options(self) -> dict[str, Any]:  # two channels
+        return {**super().dev_run_options(), "channels": self.channels[:DEV_RUN_STEPS]}
 
     def _check_channels(self, n: int | None) -> None:
         """``channels`` within the layer's ``n`` channels (``None``: not known yet)."""
@@ -610,6 +623,11 @@ class AdversarialCallback(VisualizationCallback):
 
     def state_key_parts(self) -> tuple[Any, ...]:
         return (*super().state_key_parts(), self.epsilon, self.attack, self.mode)
+
+    def dev_run_options(self) -> dict[str, Any]:
+        """Two PGD steps; a min-flip search of a scan and one bisection (3 halvings)."""
+        options = {"steps": min(self.steps, DEV_RUN_STEPS), "min_flip_iterations": min(self.min_flip_iterations, 3)}
+        return {**super().dev_run_options(), **options}
 
     def compute(self, pl_module: LightningModule, probe: ProbeSet | None) -> dict[str, Any]:
         assert probe is not None  # needs_probes is True: the base class always passes the probes
