@@ -48,6 +48,10 @@ class SampleFormatError(ValueError):
     """A dataset item (or batch) lightning-viz cannot read an image from."""
 
 
+class NormalizationMismatchError(ValueError):
+    """A probe ``mean``/``std`` with neither 1 value nor one per channel of the images."""
+
+
 def split_sample(sample: Any, classes: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Return ``(image, label, mask)`` from one dataset item or one batch (missing parts are ``None``).
 
@@ -448,9 +452,10 @@ class ProbeSet:
             if value is not None:
                 value = torch.as_tensor(value, dtype=torch.float64).flatten().tolist()
                 if len(value) not in (1, c):
-                    raise ValueError(
-                        f"probe {attr} has {len(value)} values but the probe images have {c} channels; "
-                        f"give 1 or {c} values (one per channel)"
+                    allowed = "1 value" if c == 1 else f"1 or {c} values"
+                    raise NormalizationMismatchError(
+                        f"probe {attr} has {len(value)} values but the probe images have {c} channel"
+                        f"{'s' if c != 1 else ''}; give {allowed} (one per channel)"
                     )
                 setattr(self, attr, value)
         if self.labels is not None:

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LitTiny, read_events, tiny_loaders, tiny_trainer
+from helpers import LitTiny, TinyCNN, read_events, tiny_loaders, tiny_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -171,3 +171,28 @@ def test_cam_layer_with_a_one_by_one_map_warns_at_setup(tmp_path):
         warnings.simplefilter("error", VisualizationWarning)
         trainer = tiny_trainer(str(tmp_path / "l3"), [CAMCallback(layers="net.layer3", num_probes=2)], max_epochs=1)
         trainer.fit(model, *tiny_loaders(n=8, size=32))
+
+
+class _GrayImagenetStats(TensorDataset):
+    """1-channel images whose dataset declares ImageNet's 3-channel ``mean``/``std`` (copied from an RGB pipeline)."""
+
+    mean = [0.485, 0.456, 0.406]
+    std = [0.229, 0.224, 0.225]
+
+
+def test_display_normalization_of_another_channel_count_names_where_it_comes_from(tmp_path):
+    """Grayscale images with a 3-value ``mean``/``std`` attribute: refused before the first step, saying which
+    values came from where and what fits 1 channel. Was: "probe mean has 3 values but the probe images have 1
+    channels; give 1 or 1 values (one per channel)", with no word of where the 3 values came from."""
+    x, y = torch.rand(12, 1, 8, 8), torch.arange(12) % 3
+    loader = DataLoader(_GrayImagenetStats(x, y), batch_size=4)
+    steps = _Steps()
+    trainer = tiny_trainer(str(tmp_path), [steps, GradientCallback(num_probes=2)], max_epochs=1)
+    with pytest.raises(Exception) as err:
+        trainer.fit(LitTiny(TinyCNN(in_channels=1)), loader, loader)
+    assert steps.steps == 0
+    msg = str(err.value)
+    assert msg.startswith("GradientCallback: ") and "1 or 1" not in msg and "1 channels" not in msg, msg
+    assert "mean=[0.485, 0.456, 0.406]" in msg and "std=[0.229, 0.224, 0.225]" in msg, msg
+    assert "the _GrayImagenetStats dataset's mean/std attributes" in msg, msg
+    assert "3 values but the probe images have 1 channel; give 1 value" in msg, msg

@@ -153,7 +153,8 @@ class NoReLUNet(nn.Module):
 
 def test_guided_methods_on_a_forward_without_relu_warn_at_setup(tmp_path):
     """Guided backprop and the deconvnet change only the backward of ReLUs: on a model without any, their maps are
-    the plain gradient's under another name. Said at setup, naming the callback and the methods (was: silent);
+    the plain gradient's under another name. Said at setup, naming the callback and the methods (was: silent),
+    and what to use instead in that callback (was: 'saliency' offered to a CAMCallback, and "'guided_gradcam' give");
     a model with ReLUs gets no such warning."""
     import warnings
 
@@ -180,8 +181,9 @@ def test_guided_methods_on_a_forward_without_relu_warn_at_setup(tmp_path):
     assert len(no_relu) == 2
     assert no_relu[0].startswith("GradientCallback: LitTiny calls no ReLU in its forward")
     assert "so 'guided_backprop', 'smoothgrad_deconvnet' give the plain gradient's maps here" in no_relu[0]
-    assert no_relu[0].endswith("Use 'saliency' or 'gradient' (CAMs: 'gradcam') instead.")
-    assert no_relu[1].startswith("CAMCallback: LitTiny calls no ReLU") and "so 'guided_gradcam' give" in no_relu[1]
+    assert no_relu[0].endswith("Use 'saliency' or 'gradient' instead.")
+    assert no_relu[1].startswith("CAMCallback: LitTiny calls no ReLU") and "so 'guided_gradcam' gives" in no_relu[1]
+    assert no_relu[1].endswith("Use 'gradcam' instead.")  # the plain CAM it multiplies, not 'saliency'
     lit = LitTiny(NoReLUNet())
     probe = ProbeSet(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), labels=torch.tensor([0, 2]))
     with isolated(lit):

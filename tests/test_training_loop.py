@@ -858,3 +858,21 @@ def test_probes_failing_their_check_at_a_run_are_checked_again_at_the_next(tmp_p
     assert len(warned) == 2, warned
     assert all(w.startswith("GradientCallback: target='label' needs a class label per image") for w in warned)
     assert cb.probes is None
+
+
+@pytest.mark.parametrize("interval,val_end_steps", [(5, [0, 1]), (10, [1]), (20, [1])])
+def test_validation_by_global_step_visualizes_each_epoch_once(tmp_path, interval, val_end_steps):
+    """``check_val_every_n_epoch=None`` with an int ``val_check_interval`` validates every ``interval`` steps across
+    epoch ends (8 steps an epoch): 5 validates at steps 5 (epoch 0), 10 and 15 (epoch 1); 10 only in epoch 1; 20
+    never. A ``validation_epoch_end`` callback runs once in each epoch that validates (not in one that does not),
+    a fit that never validates gets its catch-up at the end; ``train_epoch_end`` runs every epoch."""
+    cbs = [
+        CAMCallback(num_probes=2, tracker=MapTracker(), name="t"),
+        CAMCallback(num_probes=2, tracker=MapTracker(), run_on="validation_epoch_end", name="v"),
+    ]
+    trainer = tiny_trainer(str(tmp_path), cbs, val_check_interval=interval, check_val_every_n_epoch=None)
+    trainer.fit(LitTiny(), *tiny_loaders(n=32, batch_size=4))
+    acc = read_events(str(tmp_path))
+    assert image_steps(acc, "viz-cam/t/filmstrip/p000") == [0, 1]
+    assert image_steps(acc, "viz-cam/v/filmstrip/p000") == val_end_steps
+    assert cbs[1].tracker.epochs == {"gradcam/net.conv2": val_end_steps}

@@ -70,6 +70,7 @@ from ..methods.checks import check_layers_get_gradients, check_reaches_input
 from ..probe import (
     PROBE_BANK_KEY,
     CollatedItems,
+    NormalizationMismatchError,
     ProbeSet,
     SampleFormatError,
     dataset_attr,
@@ -1398,10 +1399,14 @@ class VisualizationCallback(Callback):
             raise VisualizationError(self._no_dataset_message())
         dm = getattr(trainer, "datamodule", None)
         mean, std = _first_not_none(dm, "mean"), _first_not_none(dm, "std")
+        source = f"the {type(dm).__name__} datamodule's mean/std attributes"
+        if mean is None:
+            source = f"the {_dataset_name(dataset)} dataset's mean/std attributes"
         mean = mean if mean is not None else dataset_attr(dataset, "mean")  # also through Subset / ConcatDataset
         std = std if std is not None else dataset_attr(dataset, "std")
         if mean is None and std is None:  # none declared: the Normalize of the dataset's transform, if any
             mean, std = dataset_normalization(dataset) or (None, None)
+            source = f"the Normalize transform of the {_dataset_name(dataset)} dataset"
         self._probe_origin = _dataset_name(dataset)
         picks = _picks.setdefault(trainer, {})
         key = (id(dataset), self.num_probes, self.probe_seed)
@@ -1412,6 +1417,17 @@ class VisualizationCallback(Callback):
                 )
             except SampleFormatError as exc:
                 raise VisualizationError(self._unreadable_message(dataset, exc)) from exc
+            except NormalizationMismatchError as exc:
+                shown = ", ".join(
+                    f"{name}={torch.as_tensor(v, dtype=torch.float64).flatten().tolist()}"
+                    for name, v in (("mean", mean), ("std", std))
+                    if v is not None
+                )
+                raise VisualizationError(
+                    f"{type(self).__name__}: the normalization the probes are shown with, {shown} from {source}, "
+                    f"does not fit the images: {exc}. Fix those values, or pass probes=ProbeSet(..., mean=..., "
+                    "std=...)."
+                ) from exc
             except Exception as exc:
                 # images of different sizes: the usual cause (unless the message already says what to do)
                 sizes = ("size" in str(exc) or "stack" in str(exc)) and "Resize" not in str(exc)

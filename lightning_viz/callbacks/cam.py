@@ -213,6 +213,10 @@ class CAMCallback(GradientMapCallback):
     def relu_rule_methods(self) -> list[str]:
         return [m for m in self.methods if cam_variant(m).guided]
 
+    def plain_methods(self) -> list[str]:
+        """The CAMs the guided methods multiply (``gradcam`` for ``guided_gradcam``)."""
+        return list(dict.fromkeys(str(cam_variant(m).guided_of) for m in self.relu_rule_methods()))
+
     def check_input(self, model: Any, x: Tensor) -> None:
         super().check_input(model, x)  # guided methods on a forward without ReLUs: a warning
         if self.layer_names is None:

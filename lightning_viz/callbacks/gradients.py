@@ -76,6 +76,10 @@ class GradientMapCallback(MapCallback):
         """This callback's methods that change the backward of ReLUs (guided backprop, deconvnet, guided CAMs)."""
         return []
 
+    def plain_methods(self) -> list[str]:
+        """What to use instead of :meth:`relu_rule_methods` on a model without ReLUs (they give its maps)."""
+        return ["saliency", "gradient"]
+
     def check_input(self, model: Any, x: Tensor) -> None:
         """Warn when the methods that only change the backward of ReLUs meet a forward that calls no ReLU
         (EfficientNet's SiLU, ConvNeXt's GELU): their maps are then the plain gradient's, under another name."""
@@ -88,10 +92,10 @@ class GradientMapCallback(MapCallback):
         if mode is not None and mode.calls == 0:
             rank_zero_warn(
                 f"{type(self).__name__}: {type(unwrap_model(model)).__name__} calls no ReLU in its forward (nn.ReLU, "
-                f"F.relu, torch.relu or Tensor.relu), so {', '.join(map(repr, methods))} give the plain gradient's "
-                "maps here (guided CAMs: the gradient times the CAM): guided backprop and the deconvnet change only "
-                "the backward of ReLUs (SiLU, GELU or Hardswish keep their gradient). Use 'saliency' or 'gradient' "
-                "(CAMs: 'gradcam') instead.",
+                f"F.relu, torch.relu or Tensor.relu), so {', '.join(map(repr, methods))} "
+                f"give{'s' if len(methods) == 1 else ''} the plain gradient's maps here (guided CAMs: the gradient "
+                "times the CAM): guided backprop and the deconvnet change only the backward of ReLUs (SiLU, GELU or "
+                f"Hardswish keep their gradient). Use {' or '.join(map(repr, self.plain_methods()))} instead.",
                 category=VisualizationWarning,
             )
 
