@@ -203,8 +203,8 @@ class MapTracker:
         topk: fraction of pixels for the top-k IoU. Drift compares the maps downsampled to ``frame_size``.
         faithfulness: log deletion (zero baseline) and insertion (blur baseline) AUC; costs
             ``2 * (deletion_steps - 1)`` images forwarded per probe and key, plus 3 per probe shared by all keys
-            (the image and both baselines), batched together; keys whose maps rank a probe's pixels exactly alike
-            (CAM and Grad-CAM on a global-average-pooling head) share that probe's images.
+            (the image and both baselines), batched together; keys whose maps move exactly the same pixels of a probe
+            at a step (CAM and Grad-CAM on a global-average-pooling head at every step) share that image.
         deletion_steps: steps of each deletion/insertion curve (``deletion_steps + 1`` points, both ends included).
         chunk_size: images per forward pass of the deletion/insertion curves (``None``: as many as the default
             memory budget holds, on the CPU at most ``CPU_THROUGHPUT_MB`` of activations but ``CPU_MIN_IMAGES``; see
