@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import itertools
 import math
 import re
 import types
@@ -166,6 +167,13 @@ def _own_methods(clone: nn.Module, memo: dict[int, Any]) -> None:
             vars(m)["_compiler_ctx"] = None
 
 
+def _same_tensors(a: list[Tensor], b: list[Tensor]) -> bool:
+    """The same tensors bit for bit (shapes, dtypes, values; a NaN is never equal)."""
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y) for x, y in zip(a, b)
+    )
+
+
 def _nanmean(v: Tensor) -> float | None:
     v = v.float()
     ok = ~torch.isnan(v)
@@ -213,7 +221,10 @@ class MapTracker:
         pointing_tolerance: pixels of tolerance of the pointing game (distance <= it: a closed disc, see
             :func:`~lightning_viz.methods.metrics.pointing_game` for TorchRay's open one).
         sanity_check: log the rank correlation between the maps and those of a randomized copy of the
-            model (one extra ``compute_maps`` per run; a ``"predicted"`` target stays the trained model's class).
+            model (one extra ``compute_maps`` per run; a ``"predicted"`` target stays the trained model's class). On
+            the CPU the last run's randomized copy and its maps are kept: a run whose copy has the same parameters and
+            buffers bit for bit (every layer reset by ``reset_parameters``: the same whatever training did), on the
+            same probes and classes, takes those maps instead of computing them again.
         seed: seed of the randomized copy (same on every rank). Keep it different from the seed the
             model was initialized with: an untrained model re-initialized with its own seed is itself.
         target: class whose probability (the callback's ``probabilities``: softmax or per-class sigmoid) the
@@ -286,6 +297,8 @@ class MapTracker:
         self.prev_preds: Tensor | None = None  # [N] predicted classes, or [N, K] decisions (probabilities="sigmoid")
         # (key, probe id) -> (display_px, {run index: shown frame, upscaled}); not saved, rebuilt from the frames
         self._shown: dict[tuple[str, str], tuple[int, dict[int, np.ndarray]]] = {}
+        # the sanity check's last randomized copy on the CPU: (what its maps depend on, its tensors, its maps)
+        self._sanity_memo: tuple[tuple, list[Tensor], dict[str, Tensor]] | None = None
 
     # ------------------------------------------------------------------ all ranks
     def compute(
@@ -355,17 +368,36 @@ class MapTracker:
         Quantus' MPRT keeps ``y``), not the copy's own."""
         copy = randomized_copy(pl_module, self.seed)
         target = getattr(callback, "target", None)
-        if target is None or not isinstance(resolve_target(target), PredictedTarget):
-            return callback.compute_maps(copy, probe)
-        if classes is None:
+        predicted = target is not None and isinstance(resolve_target(target), PredictedTarget)
+        if predicted and classes is None:
             with torch.no_grad():
                 classes = pl_module(probe.to(module_device(pl_module), module_dtype(pl_module))).argmax(dim=1).cpu()
-        pinned = dataclasses.replace(probe, labels=classes, _fingerprint=None)
-        callback.target = LabelTarget() if isinstance(target, Target) else "label"
-        try:
-            return callback.compute_maps(copy, pinned)
-        finally:
-            callback.target = target
+        # the maps are a function of the copy (its modules, parameters and buffers), the probes, the classes and the
+        # callback's options (and the thread count: a reduction's order may follow it)
+        tensors = [t.detach() for t in itertools.chain(copy.parameters(), copy.buffers())]
+        key = (
+            id(callback),
+            callback.state_key_parts() if hasattr(callback, "state_key_parts") else None,
+            tuple((n, type(m)) for n, m in copy.named_modules()),
+            probe.fingerprint(),
+            tuple(classes.tolist()) if predicted and classes is not None else None,
+            torch.get_num_threads(),
+        )
+        memo = self._sanity_memo
+        if memo is not None and memo[0] == key and _same_tensors(memo[1], tensors):
+            return memo[2]
+        if not predicted:
+            maps = callback.compute_maps(copy, probe)
+        else:
+            pinned = dataclasses.replace(probe, labels=classes, _fingerprint=None)
+            callback.target = LabelTarget() if isinstance(target, Target) else "label"
+            try:
+                maps = callback.compute_maps(copy, pinned)
+            finally:
+                callback.target = target
+        on_cpu = all(t.device.type == "cpu" for t in tensors) and all(m.device.type == "cpu" for m in maps.values())
+        self._sanity_memo = (key, tensors, maps) if on_cpu else None
+        return maps
 
     def _use_masks(self, probe: ProbeSet) -> bool:
         if self.pointing_game is False:
@@ -566,3 +598,4 @@ class MapTracker:
         self.prev_maps = dict(state.get("prev_maps") or {})
         self.prev_preds = state.get("prev_preds")
         self._shown = {}
+        self._sanity_memo = None
