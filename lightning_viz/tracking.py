@@ -41,6 +41,7 @@ from .layers import module_device, module_dtype
 from .logging import VizLogger, make_tag
 from .methods.checks import check_chunk_size
 from .methods.metrics import (
+    average_ranks,
     curve_auc,
     energy_in_mask,
     perturbation_curves,
@@ -299,6 +300,9 @@ class MapTracker:
         self._shown: dict[tuple[str, str], tuple[int, dict[int, np.ndarray]]] = {}
         # the sanity check's last randomized copy on the CPU: (what its maps depend on, its tensors, its maps)
         self._sanity_memo: tuple[tuple, list[Tensor], dict[str, Tensor]] | None = None
+        # key -> (maps, their average_ranks): the drift's previous maps, the randomized copy's maps (not saved)
+        self._prev_ranks: dict[str, tuple[Tensor, Tensor]] = {}
+        self._rand_ranks: dict[str, tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ all ranks
     def compute(
@@ -355,7 +359,12 @@ class MapTracker:
             for key, m in maps.items():
                 if key in rand_maps:
                     a, b = m.detach().float().cpu(), rand_maps[key].detach().float().cpu()
-                    out[f"{PREFIX}sanity/{key}"] = rank_correlation(a, b)
+                    b_ranks = None
+                    if a.shape == b.shape:  # the randomized copy's maps of the last run again: their ranks too
+                        kept = self._rand_ranks.get(key)
+                        b_ranks = kept[1] if kept is not None and kept[0] is rand_maps[key] else average_ranks(b)
+                        self._rand_ranks[key] = (rand_maps[key], b_ranks)
+                    out[f"{PREFIX}sanity/{key}"] = rank_correlation(a, b, b_ranks=b_ranks)
                     if signed:  # Adebayo et al. report both; a random sign hides a shared |map| (Quantus' MPRT: abs)
                         out[f"{PREFIX}sanity_abs/{key}"] = rank_correlation(a.abs(), b.abs())
         return out
@@ -441,8 +450,12 @@ class MapTracker:
             if self.drift:
                 cur = self._small(m.float().unsqueeze(1)).squeeze(1)
                 prev = self.prev_maps.get(key)
-                if prev is not None and prev.shape == cur.shape:
-                    rc = _nanmean(rank_correlation(cur, prev))
+                if prev is not None and prev.shape == cur.shape:  # the last run's ranks were kept with its maps
+                    cur_ranks = average_ranks(cur)
+                    kept = self._prev_ranks.get(key)
+                    prev_ranks = kept[1] if kept is not None and kept[0] is prev else None
+                    rc = _nanmean(rank_correlation(cur, prev, cur_ranks, prev_ranks))
+                    self._prev_ranks[key] = (cur, cur_ranks)
                     if rc is not None:
                         logger.scalar(make_tag(method, key, "drift", "rank_corr"), rc)
                     iou = _nanmean(topk_iou(cur, prev, self.topk))
@@ -599,3 +612,4 @@ class MapTracker:
         self.prev_preds = state.get("prev_preds")
         self._shown = {}
         self._sanity_memo = None
+        self._prev_ranks, self._rand_ranks = {}, {}

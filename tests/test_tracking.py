@@ -134,6 +134,34 @@ def test_drift_skips_a_diverged_probe_map():
     assert [s for s, _ in w.scalars["viz-m/m/l/drift/topk_iou"]] == [1]  # no map to compare: no scalar, not NaN
 
 
+def test_drift_ranks_each_runs_maps_once(monkeypatch):
+    """Spearman drift compares this run's maps with the last run's: the last run's ranks are kept with its maps, so each
+    run sorts only its own (the same scalars as ranking both again); after a resume they are ranked once more."""
+    from lightning_viz.methods import metrics
+
+    calls = []
+    ranks = metrics._average_ranks
+    monkeypatch.setattr(metrics, "_average_ranks", lambda v: calls.append(v.shape) or ranks(v))
+    probe = _probe()
+    g = torch.Generator().manual_seed(0)
+    runs = [torch.rand(4, 8, 8, generator=g) for _ in range(4)]
+    w = RecordingWriter()
+    tr = MapTracker(frame_size=8, filmstrip=False)
+    for step, m in enumerate(runs[:3]):
+        tr.log(VizLogger(w, step), {"m/l": m}, {}, probe)
+    assert len(calls) == 2 + 1  # run 0: nothing to compare; run 1: both ranked; run 2: its own maps only
+    want = [float(metrics.rank_correlation(b, a).mean()) for a, b in itertools.pairwise(runs[:3])]
+    assert [v for _, v in w.scalars["viz-m/m/l/drift/rank_corr"]] == want  # the same bits
+    resumed = MapTracker(frame_size=8, filmstrip=False)
+    resumed.load_state_dict(tr.state_dict())
+    calls.clear()
+    resumed.log(VizLogger(w, 3), {"m/l": runs[3]}, {}, probe)
+    assert len(calls) == 2
+    assert w.scalars["viz-m/m/l/drift/rank_corr"][-1][1] == pytest.approx(
+        float(metrics.rank_correlation(runs[3], runs[2]).mean())
+    )
+
+
 def test_drift_flips_filmstrip_bound_and_resume_by_hand():
     probe = _probe()
     a = torch.arange(64.0).view(1, 8, 8).repeat(4, 1, 1)

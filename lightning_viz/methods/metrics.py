@@ -47,6 +47,7 @@ __all__ = [
     "pointing_game",
     "energy_in_mask",
     "rank_correlation",
+    "average_ranks",
     "topk_iou",
 ]
 
@@ -391,13 +392,21 @@ def _check_pair(fn: str, a: Tensor, b: Tensor) -> None:
         raise ValueError(f"{fn} compares maps [B, h, w] image by image; got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
-def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
+def average_ranks(maps: Tensor) -> Tensor:
+    """The ranks :func:`rank_correlation` gives the pixels of each of ``maps [B, h, w]`` (ties: their average rank),
+    ``[B, h * w]`` float64: hand them back (``a_ranks`` / ``b_ranks``) to compare the same maps again unsorted."""
+    return _average_ranks(maps.detach().float().flatten(1))
+
+
+def rank_correlation(a: Tensor, b: Tensor, a_ranks: Tensor | None = None, b_ranks: Tensor | None = None) -> Tensor:
     """Spearman rank correlation of each pair of maps (as Adebayo et al. 2018, Sec. 3), ``[B]`` (ties get average ranks;
-    ``b`` is resized to ``a``'s size). NaN where a map is constant or has non-finite values."""
+    ``b`` is resized to ``a``'s size). NaN where a map is constant or has non-finite values. ``a_ranks`` / ``b_ranks``:
+    :func:`average_ranks` of ``a`` / of ``b`` at ``a``'s size, when the caller kept them (the same result, no sort)."""
     _check_pair("rank_correlation", a, b)
     b = _resize(b.to(a.device), (a.shape[-2], a.shape[-1])).flatten(1)
     a = a.detach().float().flatten(1)
-    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra = _average_ranks(a) if a_ranks is None else a_ranks.to(a.device)
+    rb = _average_ranks(b) if b_ranks is None else b_ranks.to(a.device)
     ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
     den = (ra.square().sum(dim=1) * rb.square().sum(dim=1)).sqrt()
     num = (ra * rb).sum(dim=1)
