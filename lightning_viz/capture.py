@@ -99,10 +99,11 @@ def detect_layouts(model: nn.Module, x: Tensor, names: Iterable[str]) -> None:
     whether it gives a channels-last map or tokens (:func:`lightning_viz.layers.map_layouts`), read as a
     ``[B, C, h, w]`` map from then on (:func:`read_as_map`, ``explicit=False``); a convolution's output needs none.
     Nothing on a model with modules in training mode (that forward would change BatchNorm's statistics)."""
-    todo = [n for n in names if not isinstance(get_layer(model, n), CONV_TYPES) and get_layer(model, n) not in _DECIDED]
+    layers = {n: get_layer(model, n) for n in names}
+    todo = [n for n, m in layers.items() if not isinstance(m, CONV_TYPES) and m not in _DECIDED]
     if todo and x.shape[0] and not any(m.training for m in model.modules()):  # a forward in training mode changes it
         read_as_map(model, dict(map_layouts(model, x[:1], todo)), explicit=False)
-        _DECIDED.update(get_layer(model, n) for n in todo)
+        _DECIDED.update(layers[n] for n in todo)
 
 
 def layout_set_explicitly(model: nn.Module, name: str) -> bool:

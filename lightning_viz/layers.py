@@ -75,6 +75,8 @@ _CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"
 def canonical_name(name: str) -> str:
     """Drop wrapper segments anywhere in a dotted name: ``torch.compile``'s (``_orig_mod.model.conv1`` ->
     ``model.conv1``) and the activation-checkpoint wrapper's (``conv1._checkpoint_wrapped_module`` -> ``conv1``)."""
+    if "_orig_mod" not in name and _CHECKPOINT_WRAPPED not in name:  # most names: as they are (no split and join)
+        return name
     return ".".join(p for p in name.split(".") if p not in ("_orig_mod", _CHECKPOINT_WRAPPED))
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import itertools
 import math
 import re
 import types
@@ -40,6 +41,7 @@ from .layers import module_device, module_dtype
 from .logging import VizLogger, indexed, make_tag
 from .methods.checks import check_chunk_size
 from .methods.metrics import (
+    average_ranks,
     curve_auc,
     energy_in_mask,
     perturbation_curves,
@@ -166,6 +168,13 @@ def _own_methods(clone: nn.Module, memo: dict[int, Any]) -> None:
             vars(m)["_compiler_ctx"] = None
 
 
+def _same_tensors(a: list[Tensor], b: list[Tensor]) -> bool:
+    """The same tensors bit for bit (shapes, dtypes, values; a NaN is never equal)."""
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y) for x, y in zip(a, b)
+    )
+
+
 def _nanmean(v: Tensor) -> float | None:
     v = v.float()
     ok = ~torch.isnan(v)
@@ -203,8 +212,8 @@ class MapTracker:
         topk: fraction of pixels for the top-k IoU. Drift compares the maps downsampled to ``frame_size``.
         faithfulness: log deletion (zero baseline) and insertion (blur baseline) AUC; costs
             ``2 * (deletion_steps - 1)`` images forwarded per probe and key, plus 3 per probe shared by all keys
-            (the image and both baselines), batched together; keys whose maps rank a probe's pixels exactly alike
-            (CAM and Grad-CAM on a global-average-pooling head) share that probe's images.
+            (the image and both baselines), batched together; keys whose maps move exactly the same pixels of a probe
+            at a step (CAM and Grad-CAM on a global-average-pooling head at every step) share that image.
         deletion_steps: steps of each deletion/insertion curve (``deletion_steps + 1`` points, both ends included).
         chunk_size: images per forward pass of the deletion/insertion curves (``None``: as many as the default
             memory budget holds, on the CPU at most ``CPU_THROUGHPUT_MB`` of activations but ``CPU_MIN_IMAGES``; see
@@ -213,7 +222,10 @@ class MapTracker:
         pointing_tolerance: pixels of tolerance of the pointing game (distance <= it: a closed disc, see
             :func:`~lightning_viz.methods.metrics.pointing_game` for TorchRay's open one).
         sanity_check: log the rank correlation between the maps and those of a randomized copy of the
-            model (one extra ``compute_maps`` per run; a ``"predicted"`` target stays the trained model's class).
+            model (one extra ``compute_maps`` per run; a ``"predicted"`` target stays the trained model's class). On
+            the CPU the last run's randomized copy and its maps are kept: a run whose copy has the same parameters and
+            buffers bit for bit (every layer reset by ``reset_parameters``: the same whatever training did), on the
+            same probes and classes, takes those maps instead of computing them again.
         seed: seed of the randomized copy (same on every rank). Keep it different from the seed the
             model was initialized with: an untrained model re-initialized with its own seed is itself.
         target: class whose probability (the callback's ``probabilities``: softmax or per-class sigmoid) the
@@ -286,6 +298,11 @@ class MapTracker:
         self.prev_preds: Tensor | None = None  # [N] predicted classes, or [N, K] decisions (probabilities="sigmoid")
         # (key, probe id) -> (display_px, {run index: shown frame, upscaled}); not saved, rebuilt from the frames
         self._shown: dict[tuple[str, str], tuple[int, dict[int, np.ndarray]]] = {}
+        # the sanity check's last randomized copy on the CPU: (what its maps depend on, its tensors, its maps)
+        self._sanity_memo: tuple[tuple, list[Tensor], dict[str, Tensor]] | None = None
+        # key -> (maps, their average_ranks): the drift's previous maps, the randomized copy's maps (not saved)
+        self._prev_ranks: dict[str, tuple[Tensor, Tensor]] = {}
+        self._rand_ranks: dict[str, tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ all ranks
     def compute(
@@ -342,7 +359,12 @@ class MapTracker:
             for key, m in maps.items():
                 if key in rand_maps:
                     a, b = m.detach().float().cpu(), rand_maps[key].detach().float().cpu()
-                    out[f"{PREFIX}sanity/{key}"] = rank_correlation(a, b)
+                    b_ranks = None
+                    if a.shape == b.shape:  # the randomized copy's maps of the last run again: their ranks too
+                        kept = self._rand_ranks.get(key)
+                        b_ranks = kept[1] if kept is not None and kept[0] is rand_maps[key] else average_ranks(b)
+                        self._rand_ranks[key] = (rand_maps[key], b_ranks)
+                    out[f"{PREFIX}sanity/{key}"] = rank_correlation(a, b, b_ranks=b_ranks)
                     if signed:  # Adebayo et al. report both; a random sign hides a shared |map| (Quantus' MPRT: abs)
                         out[f"{PREFIX}sanity_abs/{key}"] = rank_correlation(a.abs(), b.abs())
         return out
@@ -355,17 +377,36 @@ class MapTracker:
         Quantus' MPRT keeps ``y``), not the copy's own."""
         copy = randomized_copy(pl_module, self.seed)
         target = getattr(callback, "target", None)
-        if target is None or not isinstance(resolve_target(target), PredictedTarget):
-            return callback.compute_maps(copy, probe)
-        if classes is None:
+        predicted = target is not None and isinstance(resolve_target(target), PredictedTarget)
+        if predicted and classes is None:
             with torch.no_grad():
                 classes = pl_module(probe.to(module_device(pl_module), module_dtype(pl_module))).argmax(dim=1).cpu()
-        pinned = dataclasses.replace(probe, labels=classes, _fingerprint=None)
-        callback.target = LabelTarget() if isinstance(target, Target) else "label"
-        try:
-            return callback.compute_maps(copy, pinned)
-        finally:
-            callback.target = target
+        # the maps are a function of the copy (its modules, parameters and buffers), the probes, the classes and the
+        # callback's options (and the thread count: a reduction's order may follow it)
+        tensors = [t.detach() for t in itertools.chain(copy.parameters(), copy.buffers())]
+        key = (
+            id(callback),
+            callback.state_key_parts() if hasattr(callback, "state_key_parts") else None,
+            tuple((n, type(m)) for n, m in copy.named_modules()),
+            probe.fingerprint(),
+            tuple(classes.tolist()) if predicted and classes is not None else None,
+            torch.get_num_threads(),
+        )
+        memo = self._sanity_memo
+        if memo is not None and memo[0] == key and _same_tensors(memo[1], tensors):
+            return memo[2]
+        if not predicted:
+            maps = callback.compute_maps(copy, probe)
+        else:
+            pinned = dataclasses.replace(probe, labels=classes, _fingerprint=None)
+            callback.target = LabelTarget() if isinstance(target, Target) else "label"
+            try:
+                maps = callback.compute_maps(copy, pinned)
+            finally:
+                callback.target = target
+        on_cpu = all(t.device.type == "cpu" for t in tensors) and all(m.device.type == "cpu" for m in maps.values())
+        self._sanity_memo = (key, tensors, maps) if on_cpu else None
+        return maps
 
     def _use_masks(self, probe: ProbeSet) -> bool:
         if self.pointing_game is False:
@@ -409,8 +450,12 @@ class MapTracker:
             if self.drift:
                 cur = self._small(m.float().unsqueeze(1)).squeeze(1)
                 prev = self.prev_maps.get(key)
-                if prev is not None and prev.shape == cur.shape:
-                    rc = _nanmean(rank_correlation(cur, prev))
+                if prev is not None and prev.shape == cur.shape:  # the last run's ranks were kept with its maps
+                    cur_ranks = average_ranks(cur)
+                    kept = self._prev_ranks.get(key)
+                    prev_ranks = kept[1] if kept is not None and kept[0] is prev else None
+                    rc = _nanmean(rank_correlation(cur, prev, cur_ranks, prev_ranks))
+                    self._prev_ranks[key] = (cur, cur_ranks)
                     if rc is not None:
                         logger.scalar(make_tag(method, key, "drift", "rank_corr"), rc)
                     iou = _nanmean(topk_iou(cur, prev, self.topk))
@@ -567,6 +612,8 @@ class MapTracker:
         self.prev_maps = dict(state.get("prev_maps") or {})
         self.prev_preds = state.get("prev_preds")
         self._shown = {}
+        self._sanity_memo = None
+        self._prev_ranks, self._rand_ranks = {}, {}
 
 
 def _padded_ids(history: dict[str, Any]) -> dict[str, Any]:

@@ -174,6 +174,10 @@ def test_layers_canonical_names_through_compile_wrapper():
     compiled = CompiledLike(model)  # names gain '_orig_mod.'
     assert any(n.startswith("_orig_mod.") for n, _ in compiled.named_modules())
     assert canonical_name("_orig_mod.net._orig_mod.conv1") == "net.conv1"
+    # only whole segments are wrappers' (names that merely contain them stay as they are)
+    assert canonical_name("net.my_orig_mode._orig_mod") == "net.my_orig_mode"
+    assert canonical_name("x_checkpoint_wrapped_modules.conv1") == "x_checkpoint_wrapped_modules.conv1"
+    assert canonical_name("") == "" and canonical_name("net.conv1") == "net.conv1"
     assert get_layer(compiled, "conv1") is model.conv1
     assert get_layer(compiled, "_orig_mod.conv2") is model.conv2
     assert "conv1" in named_layers(compiled) and not any("_orig_mod" in n for n in named_layers(compiled))

@@ -189,6 +189,37 @@ def test_keys_whose_maps_rank_the_pixels_alike_share_their_perturbed_images_per_
         handle.remove()
 
 
+def test_keys_moving_the_same_pixels_at_a_step_share_that_steps_image():
+    """A point of a curve depends on its map only through the set of pixels moved at that step: keys whose maps rank
+    the pixels differently but agree on a step's top pixels (the same peak, other orders below it) forward that
+    step's image once per probe, and each key's curves equal its own perturbation_curve bit for bit."""
+    torch.manual_seed(0)
+    model = conv_bn_gap_head()
+    x, labels = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 1])
+    a = torch.rand(3, 8, 8)
+    b = a.clone()
+    top = a.flatten(1).argsort(dim=1, descending=True)
+    # b keeps a's 16 top pixels (steps 1 and 2 of 6 move 11 and 21 pixels: step 1 alike), the others in another order
+    rest = torch.rand(3, 48) * a.flatten(1).gather(1, top[:, 15:16])  # below a's 16th value
+    b.view(3, -1).scatter_(1, top[:, 16:], rest)
+    maps = {"a": a, "b": b, "c": torch.rand(3, 8, 8)}
+    perturbation_curves(model, x, maps, labels, steps=2, chunk_size=1)
+    sizes: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        curves = perturbation_curves(model, x, maps, labels, steps=6, chunk_size=1)
+    finally:
+        handle.remove()
+    # per probe and mode: a and c have 5 inner images each, b 4 (its step 1 is a's); plus the image and 2 baselines
+    assert sum(sizes) == 3 * 3 + 2 * 3 * (5 + 4 + 5)
+    for mode, baseline in (("deletion", "zero"), ("insertion", "blur")):
+        for key, m in maps.items():
+            single = perturbation_curve(model, x, m, labels, mode=mode, steps=6, baseline=baseline, chunk_size=1)
+            assert torch.equal(curves[mode][key], single), (mode, key)
+        assert torch.equal(curves[mode]["b"][:, 1], curves[mode]["a"][:, 1])
+        assert not torch.equal(curves[mode]["b"][:, 3], curves[mode]["a"][:, 3])
+
+
 def test_curves_hand_a_channels_last_adapter_its_layout_with_the_same_images():
     """A ModelAdapter that calls its model in channels_last gets the perturbed images made in that layout (no copy
     of every chunk into it), with the same values as the plain NCHW images of an adapter without it."""

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from lightning_viz.callbacks.maps import MapCallback
 from lightning_viz.capture import isolated
 from lightning_viz.logging import VizLogger
-from lightning_viz.methods.metrics import deletion_auc, energy_in_mask, pointing_game
+from lightning_viz.methods.metrics import deletion_auc, energy_in_mask, pointing_game, rank_correlation
 from lightning_viz.probe import ProbeSet
 from lightning_viz.tracking import TRACKING_LAYOUT, MapTracker, randomized_copy
 
@@ -132,6 +132,34 @@ def test_drift_skips_a_diverged_probe_map():
     assert w.scalars["viz-m/m/l/drift/rank_corr"] == [(1, pytest.approx(1.0))]
     tr.log(VizLogger(w, 2), {"m/l": torch.full_like(a, float("nan"))}, {}, probe)
     assert [s for s, _ in w.scalars["viz-m/m/l/drift/topk_iou"]] == [1]  # no map to compare: no scalar, not NaN
+
+
+def test_drift_ranks_each_runs_maps_once(monkeypatch):
+    """Spearman drift compares this run's maps with the last run's: the last run's ranks are kept with its maps, so each
+    run sorts only its own (the same scalars as ranking both again); after a resume they are ranked once more."""
+    from lightning_viz.methods import metrics
+
+    calls = []
+    ranks = metrics._average_ranks
+    monkeypatch.setattr(metrics, "_average_ranks", lambda v: calls.append(v.shape) or ranks(v))
+    probe = _probe()
+    g = torch.Generator().manual_seed(0)
+    runs = [torch.rand(4, 8, 8, generator=g) for _ in range(4)]
+    w = RecordingWriter()
+    tr = MapTracker(frame_size=8, filmstrip=False)
+    for step, m in enumerate(runs[:3]):
+        tr.log(VizLogger(w, step), {"m/l": m}, {}, probe)
+    assert len(calls) == 2 + 1  # run 0: nothing to compare; run 1: both ranked; run 2: its own maps only
+    want = [float(metrics.rank_correlation(b, a).mean()) for a, b in itertools.pairwise(runs[:3])]
+    assert [v for _, v in w.scalars["viz-m/m/l/drift/rank_corr"]] == want  # the same bits
+    resumed = MapTracker(frame_size=8, filmstrip=False)
+    resumed.load_state_dict(tr.state_dict())
+    calls.clear()
+    resumed.log(VizLogger(w, 3), {"m/l": runs[3]}, {}, probe)
+    assert len(calls) == 2
+    assert w.scalars["viz-m/m/l/drift/rank_corr"][-1][1] == pytest.approx(
+        float(metrics.rank_correlation(runs[3], runs[2]).mean())
+    )
 
 
 def test_drift_flips_filmstrip_bound_and_resume_by_hand():
@@ -276,6 +304,58 @@ def test_tracker_compute_keys_and_sanity_copy_leave_the_model_untouched():
         [spearmanr(trained[i].flatten().numpy(), rand_maps[i].flatten().numpy())[0] for i in range(4)]
     )
     torch.testing.assert_close(out["track:sanity/inputgrad/input"], expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_sanity_check_computes_the_randomized_models_maps_again_only_when_that_model_changed():
+    """Every layer of TinyCNN has reset_parameters: its randomized copy is the same whatever training did, so later runs
+    take the maps of the last one (the same bits) instead of computing them again; a parameter no reset writes (noise
+    with the trained parameter's std), other probes or another seed compute them again."""
+
+    class Counted(InputGradMap):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.copies = 0
+
+        def compute_maps(self, pl_module, probe):
+            self.copies += next(pl_module.parameters()) is not next(module.parameters())  # a randomized copy's
+            return super().compute_maps(pl_module, probe)
+
+    module = LitTiny(TinyCNN(width=4))
+    probe = _probe()
+    cb = Counted(tracker=MapTracker(filmstrip=False, drift=False, sanity_check=True, seed=5))
+
+    def sanity(p=probe):
+        with isolated(module):
+            return cb.compute(module, p)["track:sanity/inputgrad/input"]
+
+    def fresh(p=probe):
+        with isolated(module):
+            trained = InputGradMap().compute_maps(module, p)["inputgrad/input"]
+        copy = randomized_copy(module, seed=5)
+        with isolated(copy):
+            return rank_correlation(trained, InputGradMap().compute_maps(copy, p)["inputgrad/input"])
+
+    first = sanity()
+    assert cb.copies == 1 and torch.equal(first, fresh())
+    with torch.no_grad():  # a training step's worth of change: the randomized copy stays the same
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    second = sanity()
+    assert cb.copies == 1 and torch.equal(second, fresh()) and not torch.equal(second, first)
+    other = ProbeSet(images=torch.rand(4, 3, 8, 8), labels=torch.tensor([2, 1, 0, 0]))
+    assert torch.equal(sanity(other), fresh(other)) and cb.copies == 2
+    cb.tracker.seed = 6
+    sanity()
+    assert cb.copies == 3
+    module.net.scale = torch.nn.Parameter(torch.ones(1, 4))  # no reset_parameters: noise with its own std (1.0)
+    cb.tracker.seed = 5
+    sanity()
+    assert cb.copies == 4
+    with torch.no_grad():
+        module.net.scale.mul_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))  # another std: another randomized copy
+    sanity()
+    sanity()
+    assert cb.copies == 5
 
 
 def test_sanity_check_with_a_predicted_target_explains_the_trained_models_class():

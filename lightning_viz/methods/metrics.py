@@ -47,6 +47,7 @@ __all__ = [
     "pointing_game",
     "energy_in_mask",
     "rank_correlation",
+    "average_ranks",
     "topk_iou",
 ]
 
@@ -104,9 +105,9 @@ def perturbation_curves(
     "insertion": "blur"}``). Returns ``{mode: {key: [B, steps + 1]}}``, each curve as
     :func:`perturbation_curve` gives it. The images every curve shares are evaluated once: the image itself
     (deletion start, insertion end) and each baseline (deletion end, insertion start); the other perturbed
-    images of all keys and modes go through ``model`` in batches of at most ``chunk_size`` images, those of a key
-    whose map ranks a probe's pixels exactly as an earlier key's does (a curve depends on the map only through that
-    ranking) taken from that key's instead (``None``:
+    images of all keys and modes go through ``model`` in batches of at most ``chunk_size`` images, a point of a key
+    whose map moves exactly the pixels of an earlier key's at that step for that probe (a point depends on the map only
+    through that set: the whole ranking alike, or only its top) taken from that key's instead (``None``:
     :func:`~lightning_viz.methods.batching.throughput_images`: the default memory budget, on the CPU at most
     :data:`~lightning_viz.methods.batching.CPU_THROUGHPUT_MB` of activations); the result does not depend on
     chunking (up to the float rounding of batched kernels). ``probabilities``: ``"softmax"`` over the classes or
@@ -138,24 +139,37 @@ def perturbation_curves(
         baselines = list(dict.fromkeys(modes.values()))
         sources = torch.stack([x] + [_baseline(x, name, blur_sigma) for name in baselines])
         src = {name: i + 1 for i, name in enumerate(baselines)}
-        ranks = []  # per key: rank of each pixel in order of decreasing saliency (ties by pixel index), [B, HW]
+        ranks, orders = [], []  # per key: rank of each pixel in order of decreasing saliency (ties by index), [B, HW]
         for key in keys:
             order = _resize(maps[key].to(x.device), (h, w)).flatten(1).argsort(dim=1, descending=True, stable=True)
             rank = torch.empty_like(order)
             rank.scatter_(1, order, torch.arange(h * w, device=x.device).expand(b, -1))
             ranks.append(rank)
+            orders.append(order)
         # [K * B, HW] in int32 (read once per perturbed image: half the bytes of int64)
         rank_all = torch.stack(ranks).to(torch.int32).view(len(keys) * b, h * w)
-        # a curve depends on its map only through this ranking: a key ranking a probe's pixels exactly as an earlier
-        # key does (CAM and Grad-CAM on a global-average-pooling + linear head) takes the first such key's images
-        # ([K, B]; decided on the host, with one device -> host copy)
-        same_as = torch.arange(len(keys)).unsqueeze(1).repeat(1, b)
+        counts = torch.round(torch.arange(steps + 1, dtype=torch.float64) * (h * w) / steps).long().tolist()
+        # a point depends on its map only through the set of pixels it moves: a key whose first counts[k] pixels of a
+        # probe are exactly an earlier key's (the whole ranking alike: CAM and Grad-CAM on a global-average-pooling +
+        # linear head; or only the top ones: the same peak, other orders below it) takes the first such key's image of
+        # that step ([K, steps - 1, B]; decided on the host, with one device -> host copy). Key r's first c pixels are
+        # key r0's first c where the largest rank under r0 among them is c - 1.
+        same_as = torch.arange(len(keys)).view(-1, 1, 1).repeat(1, steps - 1, b)
         pairs = [(r0, r) for r in range(1, len(keys)) for r0 in range(r)]
         if pairs:
-            alike = torch.stack([(ranks[r0] == ranks[r]).all(dim=1) for r0, r in pairs]).cpu()  # [pairs, B]
+            top = torch.tensor([max(c - 1, 0) for c in counts[1:steps]], dtype=torch.long, device=x.device)
+            empty = torch.tensor([c == 0 for c in counts[1:steps]], dtype=torch.bool, device=x.device)[
+                :, None
+            ]  # none moved
+            positions = torch.arange(h * w, device=x.device)
+            alike = torch.stack(
+                [
+                    (ranks[r0].gather(1, orders[r]).cummax(dim=1).values == positions)[:, top].t() | empty
+                    for r0, r in pairs
+                ]
+            ).cpu()  # [pairs, steps - 1, B]
             for (r0, r), eq in zip(pairs, alike):
                 same_as[r] = torch.where(eq & (same_as[r] == r), same_as[r0], same_as[r])
-        counts = torch.round(torch.arange(steps + 1, dtype=torch.float64) * (h * w) / steps).long().tolist()
         # every evaluated image: (start source, end source, key, pixels moved) per probe; first the shared ones
         # (nothing moved), then the inner points of every (mode, key) curve
         items = [(i, i, 0, 0) for i in range(len(sources))]
@@ -167,12 +181,15 @@ def perturbation_curves(
                 inner[(mode, key)] = len(items)
                 items.extend((first, last, r, counts[k]) for k in range(1, steps))
         spec = torch.tensor(items, dtype=torch.long, device=x.device)  # [N, 4]
-        # flat item i: spec row i // B, probe i % B; an inner point of a key sharing an earlier key's ranking for the
-        # probe is read from that key's point (the same step, (r - r0) * (steps - 1) rows earlier): not evaluated
+        # flat item i: spec row i // B, probe i % B; an inner point of a key sharing an earlier key's moved pixels for
+        # the probe is read from that key's point (the same step, (r - r0) * (steps - 1) rows earlier): not evaluated
         item_key = torch.tensor([item[2] for item in items])  # [N]
         key_of = item_key.unsqueeze(1).expand(-1, b)  # [N, B]
-        owner = same_as.index_select(0, item_key)  # [N, B]
-        owner[: len(sources)] = 0  # the shared images: every key's
+        owner = key_of.clone()  # [N, B]; the shared images (key 0): every key's
+        if len(items) > len(sources):  # the inner points, (mode, key) after (mode, key), steps 1 .. steps - 1 each
+            owner[len(sources) :] = same_as[
+                item_key[len(sources) :], torch.arange(steps - 1).repeat(len(ends) * len(keys))
+            ]
         flat_idx = torch.arange(len(items) * b).view(len(items), b)
         read = (flat_idx - (key_of - owner) * (steps - 1) * b).to(x.device)  # [N, B]: the flat item of each point
         # in flat order: all items when no key shares (the chunks as before)
@@ -375,13 +392,21 @@ def _check_pair(fn: str, a: Tensor, b: Tensor) -> None:
         raise ValueError(f"{fn} compares maps [B, h, w] image by image; got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
-def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
+def average_ranks(maps: Tensor) -> Tensor:
+    """The ranks :func:`rank_correlation` gives the pixels of each of ``maps [B, h, w]`` (ties: their average rank),
+    ``[B, h * w]`` float64: hand them back (``a_ranks`` / ``b_ranks``) to compare the same maps again unsorted."""
+    return _average_ranks(maps.detach().float().flatten(1))
+
+
+def rank_correlation(a: Tensor, b: Tensor, a_ranks: Tensor | None = None, b_ranks: Tensor | None = None) -> Tensor:
     """Spearman rank correlation of each pair of maps (as Adebayo et al. 2018, Sec. 3), ``[B]`` (ties get average ranks;
-    ``b`` is resized to ``a``'s size). NaN where a map is constant or has non-finite values."""
+    ``b`` is resized to ``a``'s size). NaN where a map is constant or has non-finite values. ``a_ranks`` / ``b_ranks``:
+    :func:`average_ranks` of ``a`` / of ``b`` at ``a``'s size, when the caller kept them (the same result, no sort)."""
     _check_pair("rank_correlation", a, b)
     b = _resize(b.to(a.device), (a.shape[-2], a.shape[-1])).flatten(1)
     a = a.detach().float().flatten(1)
-    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra = _average_ranks(a) if a_ranks is None else a_ranks.to(a.device)
+    rb = _average_ranks(b) if b_ranks is None else b_ranks.to(a.device)
     ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
     den = (ra.square().sum(dim=1) * rb.square().sum(dim=1)).sqrt()
     num = (ra * rb).sum(dim=1)
