@@ -14,6 +14,7 @@ import glob
 import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -409,6 +410,87 @@ def test_a_process_group_breaking_while_probes_are_shared_is_a_clear_error():
     msg = str(err.value)
     assert msg.startswith("InputGradMap: sharing rank 0's probes across 2 ranks failed on rank 0 ("), msg
     assert "check that no rank skipped the callback or crashed" in msg and "DDPStrategy(timeout=" in msg, msg
+
+
+def _gloo_threads() -> set[int]:
+    """This process's gloo worker threads (``pt_gloo_runloop``; a worker names itself once it runs)."""
+    tasks = pathlib.Path("/proc/self/task")
+    return {int(t.name) for t in tasks.iterdir() if (t / "comm").read_text().strip() == "pt_gloo_runloop"}
+
+
+def _gloo_workers_late(earlier: set[int]) -> set[int]:
+    """The gloo worker threads of this process's process group (not in ``earlier``: an earlier group's) made to run
+    only when nothing else can, on the one CPU this process is then left on: as a worker descheduled on a loaded
+    machine, it frees a finished collective's tensors only once the caller waits. Returns the CPUs to restore
+    (``os.sched_setaffinity(0, ...)``)."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    threads = dist.group.WORLD._get_backend(torch.device("cpu")).options._threads
+
+    deadline = time.monotonic() + 30
+    while len(tids := _gloo_threads() - earlier) < threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(tids) == threads, f"{len(tids)} of gloo's {threads} worker threads found"
+    cpus = os.sched_getaffinity(0)
+    cpu = min(cpus)
+    os.sched_setaffinity(0, {cpu})  # this (the main) thread
+    for tid in tids:
+        os.sched_setaffinity(tid, {cpu})
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    return cpus
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="needs Linux thread scheduling")
+def test_collectives_return_once_gloo_let_go_of_their_tensors():
+    """gloo's worker thread frees a finished collective's tensors after the caller got its result, taking the GIL
+    (they were made in Python). A callback's last collective of a fit was followed by the process exit: a late
+    worker (a loaded machine) was stopped inside that free by the exiting interpreter, and the rank aborted
+    ("terminate called without an active exception"; the ddp_spawn launcher then killed the other rank). Now each
+    of our collectives returns once gloo holds none of its tensors. The peer runs torch's object collectives."""
+    import gc
+    from types import SimpleNamespace
+
+    import torch
+
+    from lightning_viz.callbacks.base import _all_gather, _broadcast_from_rank0, gather_results
+
+    def tensors() -> dict[int, int]:
+        return {id(o): o._use_count() for o in gc.get_objects() if type(o) is torch.Tensor}
+
+    peer = (
+        "[(d.all_gather_object([None, None], 'peer'), d.all_gather_object([None, None], None), "
+        "d.gather_object(torch.ones(1), None, dst=0), d.broadcast_object_list([None])) for _ in range(5)]; "
+        "d.barrier()"
+    )
+    trainer = SimpleNamespace(global_rank=0, world_size=2)
+    held = []
+    earlier = _gloo_threads()
+    with _rank0_of_two("import torch; " + peer):
+        cpus = _gloo_workers_late(earlier)
+        try:
+            for _ in range(5):
+                before = tensors()
+                assert _all_gather("rank 0", "names", 0, 2) == ["rank 0", "peer"]
+                after_gather = tensors()
+                assert torch.equal(gather_results(trainer, torch.zeros(1), None), torch.tensor([0.0, 1.0]))
+                after_results = tensors()
+                box = ["rank 0's"]
+                _broadcast_from_rank0(box, "test", "a box")
+                assert box == ["rank 0's"]
+                after_box = tensors()
+                # tensors made by the call still held by another reference than their Python object's: gloo's
+                for now in (after_gather, after_results, after_box):
+                    held += [n for key, n in now.items() if key not in before and n > 1]
+                    before = now
+        finally:
+            os.sched_setaffinity(0, cpus)
+        import torch.distributed as dist
+
+        dist.barrier()
+    assert held == []
 
 
 def test_syncbatchnorm_compiled_bf16_model_in_process(tmp_path):

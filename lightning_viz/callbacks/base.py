@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import pickle
 import re
 import sys
 import time
@@ -354,13 +355,10 @@ def _concat(parts: list[Any]) -> Any:
 
 
 def _all_gather(obj: Any, what: str, rank: int, world: int) -> list[Any]:
-    """``all_gather_object`` of ``obj``; a timeout or broken process group raises a :class:`VisualizationError`
-    saying so."""
-    # Objects travel as byte tensors on the current device: CPU for gloo, torch.cuda.current_device()
-    # for nccl (Lightning calls torch.cuda.set_device per rank), so both backends work.
-    gathered: list[Any] = [None] * world
+    """Every rank's ``obj`` (as ``all_gather_object``); a timeout or broken process group raises a
+    :class:`VisualizationError` saying so."""
     try:
-        torch.distributed.all_gather_object(gathered, obj)
+        gathered = _exchange_objects(obj, world, to=None)
     except Exception as exc:  # timeouts and broken process groups
         raise VisualizationError(
             f"lightning-viz: gathering {what} across {world} ranks failed on rank {rank} "
@@ -371,14 +369,64 @@ def _all_gather(obj: Any, what: str, rank: int, world: int) -> list[Any]:
     return gathered
 
 
+def _exchange_objects(obj: Any, world: int, to: int | None, src: int | None = None) -> Any:
+    """Picklable objects across the ranks: every rank's ``obj`` on every rank (``to=None``, as torch's
+    ``all_gather_object``, with the same tensor collectives), or on rank ``to`` only (the others get ``None``; as
+    ``gather_object``), or rank ``src``'s ``obj`` on every rank. They travel as byte tensors on the current device:
+    the CPU for gloo, ``torch.cuda.current_device()`` for nccl (Lightning sets it per rank). Unlike torch's, a call
+    returns only once gloo's threads have let go of its tensors (see :func:`_released`)."""
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    rank = dist.get_rank()
+    data = None
+    if src is None or rank == src:
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+    if src is not None:  # its size, then its bytes, from src
+        size = torch.tensor([0 if data is None else data.numel()], dtype=torch.long, device=device)
+        _released(dist.broadcast, [size], size, src=src)
+        if data is None:
+            data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+        _released(dist.broadcast, [data], data, src=src)
+        return pickle.loads(data.cpu().numpy().tobytes())
+    assert data is not None
+    size = torch.tensor([data.numel()], dtype=torch.long, device=device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    _released(dist.all_gather, [size, *sizes], sizes, size)
+    longest = max(int(n.item()) for n in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    parts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)] if to in (None, rank) else []
+    if to is None:
+        _released(dist.all_gather, [padded, *parts], parts, padded)
+    else:
+        _released(dist.gather, [padded, *parts], padded, parts or None, dst=to)
+        if rank != to:
+            return None
+    return [pickle.loads(p[: int(n.item())].cpu().numpy().tobytes()) for p, n in zip(parts, sizes)]
+
+
+def _released(collective: Callable[..., Any], tensors: list[Tensor], *args: Any, **kwargs: Any) -> None:
+    """``collective(*args, **kwargs)`` (synchronous), then wait until the process group's threads have let go of
+    ``tensors`` (at most 10 s). gloo's worker thread frees a finished collective's tensors after the caller got its
+    result, and for tensors made in Python that takes the GIL: when that thread is late (a loaded machine) and it
+    was the run's last collective, the interpreter may have begun to exit, the thread is stopped (Python 3.11:
+    ``pthread_exit``) inside the free, and the process aborts ("terminate called without an active exception",
+    the rank's exit code lost: the DDP launcher kills the other ranks). Our references keep them until then."""
+    collective(*args, **kwargs)
+    cpu = [t for t in tensors if t.device.type == "cpu"]  # nccl's are its watchdog's until it polls
+    deadline = time.monotonic() + 10.0
+    while any(t._use_count() > 1 for t in cpu) and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(1e-4)  # lets that thread take the GIL
+
+
 def _broadcast_from_rank0(box: list[Any], who: str, what: str) -> None:
-    """``broadcast_object_list`` of ``box`` from rank 0; a timeout or broken process group (a rank that crashed or
-    was killed meanwhile: gloo's bare "Connection reset by peer") raises a :class:`VisualizationError` starting with
-    ``who`` and naming ``what`` was being shared."""
+    """Rank 0's ``box`` (a list) into ``box`` on every rank (as ``broadcast_object_list``); a timeout or broken
+    process group (a rank that crashed or was killed meanwhile: gloo's bare "Connection reset by peer") raises a
+    :class:`VisualizationError` starting with ``who`` and naming ``what`` was being shared."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     try:
-        torch.distributed.broadcast_object_list(box, src=0)
+        box[:] = _exchange_objects(box if rank == 0 else None, world, to=None, src=0)
     except Exception as exc:  # timeouts and broken process groups
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         raise VisualizationError(
             f"{who}: sharing {what} across {world} ranks failed on rank {rank} ({type(exc).__name__}: {exc}). Every "
             "rank must reach the same point: check that no rank skipped the callback or crashed, or raise the "
@@ -421,9 +469,8 @@ def gather_results(trainer: Trainer, local: Any, error: BaseException | None, wh
         raise VisualizationError(f"lightning-viz {what} failed: {msg}")
     if not distributed:
         return _concat([_to_cpu(local)])
-    gathered: list[Any] | None = [None] * world if rank == 0 else None
     try:
-        torch.distributed.gather_object(_to_cpu(local), gathered, dst=0)
+        gathered = _exchange_objects(_to_cpu(local), world, to=0)
     except Exception as exc:  # timeouts and broken process groups
         raise VisualizationError(
             f"lightning-viz: gathering {what} results on rank 0 failed on rank {rank} ({type(exc).__name__}: {exc}). "
