@@ -119,24 +119,30 @@ def test_occlusion_on_the_cpu_forwards_at_most_the_throughput_budget(monkeypatch
         torch.testing.assert_close(capped[key], whole[key], rtol=1e-5, atol=1e-6)
 
 
-def test_scorecam_on_the_cpu_forwards_at_most_the_throughput_budget(monkeypatch):
-    """Score-CAM's masked images go in cache-sized batches on the CPU too (resnet18 at 64 px, 2 threads: 215 masked
-    images a forward, the memory budget, cost ~1.2x per image what 20 do), with the same weights as one forward."""
+def test_scorecam_on_the_cpu_forwards_at_most_its_own_budget(monkeypatch):
+    """Score-CAM's masked images go in batches of at most CPU_SCORECAM_MB of activations and CPU_SCORECAM_MAX_IMAGES
+    on the CPU (resnet18 at 64 px, 2 threads: 215 masked images a forward, the memory budget, cost ~1.2x per image
+    what 20 do; 20, the curves' CPU_THROUGHPUT_MB, ~1.1x what 32-33 do), with the same weights as one forward."""
     from lightning_viz.methods.cam import class_activation_map
 
     model = TinyCNN(width=2).eval()
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     per_image = batching.activation_bytes_per_image(model, x[:1])
-    monkeypatch.setattr(batching, "CPU_THROUGHPUT_MB", 10 * per_image / 2**20)  # above CPU_MIN_IMAGES (8)
+    monkeypatch.setattr(batching, "CPU_THROUGHPUT_MB", 3 * per_image / 2**20)  # not Score-CAM's
+    monkeypatch.setattr(batching, "CPU_SCORECAM_MB", 10 * per_image / 2**20)  # above CPU_MIN_IMAGES (8)
     assert batching.images_per_forward(model, x) > 8 * 2
     with isolated(model):
         whole = class_activation_map(model, x, "conv2", "scorecam", "predicted", chunk_size=10**6)
         sizes, handle = _batches(model)
         try:
             capped = class_activation_map(model, x, "conv2", "scorecam", "predicted")
+            monkeypatch.setattr(batching, "CPU_SCORECAM_MAX_IMAGES", 9)
+            class_activation_map(model, x, "conv2", "scorecam", "predicted")
         finally:
             handle.remove()
-    assert model.conv2.out_channels == 2 and sizes == [8, 10, 6]  # the probes, then 8 x 2 masked images ten at a time
+    assert model.conv2.out_channels == 2
+    # the probes, then 8 x 2 masked images ten at a time; with the cap, nine
+    assert sizes == [8, 10, 6, 8, 9, 7]
     torch.testing.assert_close(capped, whole, rtol=1e-5, atol=1e-6)
 
 

@@ -31,6 +31,8 @@ __all__ = [
     "CPU_THROUGHPUT_MB",
     "CPU_MIN_IMAGES",
     "CPU_GRAD_MAX_IMAGES",
+    "CPU_SCORECAM_MB",
+    "CPU_SCORECAM_MAX_IMAGES",
     "activation_bytes_per_image",
     "default_memory_mb",
     "images_per_forward",
@@ -58,6 +60,12 @@ CPU_MIN_IMAGES = 8
 #: integrated gradients: SmallCNN at 32 px, channels_last, 128 points 18.6 ms in one batch, 13.5-14.1 ms in batches
 #: of 32-72; resnet18 at 64 px, 512 points 1092 ms in batches of 107, 1039 ms of 64, 1151 ms of 32, 1706 ms of 10)
 CPU_GRAD_MAX_IMAGES = 64
+#: on the CPU, Score-CAM's masked images (each a new input, its mask upsampled and normalized) go at most this much
+#: activation memory and this many images a forward: resnet18 at 64 px, 2 threads, 2048 masked images (wall, against
+#: torchcam's batches of 32 in one process): 20 a forward (CPU_THROUGHPUT_MB) 1.09-1.11x, 32 0.99-1.01x, 48 1.13x,
+#: 64 1.12-1.19x; at 128 px (512 images) 8 0.87x, 16 0.82x, 32 1.07x. This budget gives 33 and 8 (CPU_MIN_IMAGES).
+CPU_SCORECAM_MB = 80.0
+CPU_SCORECAM_MAX_IMAGES = 64
 
 _BUDGET_SCALE: ContextVar[float] = ContextVar("lightning_viz_budget_scale", default=1.0)
 
@@ -132,15 +140,19 @@ def images_per_forward(model: nn.Module, x: Tensor, memory_mb: Optional[float] =
     return max(1, int(memory_mb * 2**20 // max(per_image, 1)))
 
 
-def throughput_images(model: nn.Module, x: Tensor) -> int:
+def throughput_images(
+    model: nn.Module, x: Tensor, cpu_mb: Optional[float] = None, cpu_max_images: Optional[int] = None
+) -> int:
     """Images like ``x[0]`` per no-grad forward of a method that pushes many perturbed copies (deletion/insertion
     curves, occlusion): as many as the default memory budget holds (:func:`images_per_forward`), on the CPU at most
-    :data:`CPU_THROUGHPUT_MB` of activations (cache-sized batches cost less per image), but at least
-    :data:`CPU_MIN_IMAGES` images the budget holds."""
+    ``cpu_mb`` (default :data:`CPU_THROUGHPUT_MB`) of activations (cache-sized batches cost less per image) and
+    ``cpu_max_images``, but at least :data:`CPU_MIN_IMAGES` images the budget holds."""
     budget = default_memory_mb(x.device)
     if x.device.type != "cpu":
         return images_per_forward(model, x, budget)
-    chunk = images_per_forward(model, x, min(budget, CPU_THROUGHPUT_MB))
+    chunk = images_per_forward(model, x, min(budget, CPU_THROUGHPUT_MB if cpu_mb is None else cpu_mb))
+    if cpu_max_images is not None:
+        chunk = min(chunk, cpu_max_images)
     return max(chunk, min(CPU_MIN_IMAGES, images_per_forward(model, x, budget)))
 
 

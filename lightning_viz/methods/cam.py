@@ -57,6 +57,7 @@ from ..targets import (
     class_probability,
     resolve_target,
 )
+from . import batching
 from .batching import default_memory_mb, images_per_forward, throughput_images
 from .checks import (
     check_chunk_size,
@@ -263,9 +264,9 @@ def scorecam_weights(
     """Score-CAM weights ``[B, K]``: the target's probability (softmax, or with ``probabilities="sigmoid"`` its
     own ``sigmoid(z_c)`` for multi-label heads; for a callable target, its score)
     on ``x * norm(upsample(A_k))`` for every channel ``k``; ``chunk_size`` masked images per forward
-    (``None``: :func:`~lightning_viz.methods.batching.throughput_images`, the default memory budget, on the CPU in
-    cache-sized batches as occlusion's; the result does not depend on it). ``classes`` (e.g. a pass's
-    ``PassResult.classes``) pins the class per image."""
+    (``None``: :func:`~lightning_viz.methods.batching.throughput_images`, the default memory budget, on the CPU at
+    most :data:`~lightning_viz.methods.batching.CPU_SCORECAM_MB` of activations; the result does not depend on
+    it). ``classes`` (e.g. a pass's ``PassResult.classes``) pins the class per image."""
     check_probabilities(probabilities)
     labels = check_labels_per_image("scorecam", labels, x.shape[0])
     b, k = activations.shape[:2]
@@ -275,7 +276,10 @@ def scorecam_weights(
         classes = tgt.classes(check_logits("Score-CAM", model(x), x.shape[0]), labels)
     out = torch.empty(b * k, device=x.device, dtype=x.dtype)
     img = torch.arange(b * k, device=x.device) // k  # flat index = image * K + channel
-    for sl in chunks(b * k, check_chunk_size(chunk_size) or throughput_images(model, x)):
+    chunk_size = check_chunk_size(chunk_size) or throughput_images(
+        model, x, batching.CPU_SCORECAM_MB, batching.CPU_SCORECAM_MAX_IMAGES
+    )
+    for sl in chunks(b * k, chunk_size):
         progress(sl.start, b * k, "masked images")  # a line every few seconds inside a callback run (rank 0)
         masks = F.interpolate(acts[sl, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
         lo = masks.flatten(1).amin(1)[:, None, None, None]
