@@ -619,3 +619,34 @@ def test_a_callback_that_fails_fails_alike_under_fast_dev_run(tmp_path, make):
     real, dev = failure(), failure(fast_dev_run=True)
     assert dev == real
     assert "one image at a time" in real[1] or "channels [0, 1, 7]" in real[1], real
+
+
+def test_callbacks_let_go_of_the_model_and_trainer_after_the_fit(tmp_path):
+    """A callback object kept after ``trainer.fit`` (a notebook's list of callbacks, reused for the next model) held
+    the fitted LightningModule through its model adapter, and through it the Trainer, until its next fit: a model per
+    experiment stayed in memory. Now nothing of ours refers to them once the fit is over."""
+    import gc
+    import weakref
+
+    train, val = tiny_loaders(n=16)
+    cbs = [
+        GradientCallback(methods=["saliency"], num_probes=2),
+        CAMCallback(methods=["gradcam"], layers=["net.conv2"], num_probes=2, tracker=MapTracker(sanity_check=True)),
+        ActivationCallback(layers=["net.conv1"], num_probes=2),
+        ClassModelCallback(steps=2),
+        UnitCallback(layers="net.conv2", channels=[0], steps=2),
+        InversionCallback(layers="net.conv1", steps=2, num_probes=2),
+        AdversarialCallback(steps=2, num_probes=2),
+        OcclusionCallback(num_probes=2),
+        TopPatchesCallback(layers=["net.conv2"], num_units=2, k=2, num_probes=8),
+        EmbeddingCallback(projection="pca", num_probes=8, projector=False),
+        FilterCallback(layers="net.conv1"),
+    ]
+    model = LitTiny()
+    trainer = tiny_trainer(str(tmp_path), cbs, max_epochs=1)
+    trainer.fit(model, train, val)
+    assert all(cb._last_run_epoch == 0 for cb in cbs)  # every callback ran
+    model_ref, trainer_ref = weakref.ref(model), weakref.ref(trainer)
+    del model, trainer
+    gc.collect()
+    assert model_ref() is None and trainer_ref() is None

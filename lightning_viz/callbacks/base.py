@@ -1289,10 +1289,22 @@ class VisualizationCallback(Callback):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         _finish_writes()
+        self._release_model(pl_module)  # a fit stopped by an error, Ctrl+C or SIGTERM gets no teardown
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _finish_writes()
+        self._release_model(pl_module)
+
+    def _release_model(self, pl_module: LightningModule) -> None:
+        """The fit (validate, test) is over: keep no reference to its model, and through it its Trainer (a callback
+        kept for the next experiment held both until its next fit): our adapter (the next stage's setup adapts the
+        model again), and the model's ``log`` / ``log_dict`` Lightning attached to every callback (it attaches them
+        again at the next fit, validate or test)."""
+        self._adapter = None
+        for name in ("log", "log_dict"):
+            if getattr(vars(self).get(name), "__self__", None) is pl_module:
+                delattr(self, name)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -116,14 +116,14 @@ class GradientMapCallback(MapCallback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.cache(pl_module).clear()  # before the base releases the model (the cache is looked up through it)
         super().teardown(trainer, pl_module, stage)
-        self.cache(pl_module).clear()
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # a fit stopped by an error, Ctrl+C or SIGTERM gets no teardown: the last passes are freed here
-        super().on_exception(trainer, pl_module, exception)
         self.cache(pl_module).clear()
+        super().on_exception(trainer, pl_module, exception)
 
     @staticmethod
     def probe_images(pl_module: LightningModule, probe: ProbeSet) -> Tensor:
