@@ -59,6 +59,16 @@ class ForgetSetup(L.Callback):
         self.seen.clear()
 
 
+class KeepAdapter(L.Callback):
+    """Keeps a callback's model adapter as it was at the end of training (the callback drops it at teardown)."""
+
+    def __init__(self, cb):
+        self.cb, self.adapter = cb, None
+
+    def on_train_end(self, trainer, pl_module):
+        self.adapter = self.cb.adapted(pl_module)
+
+
 def test_callbacks_call_the_model_in_channels_last_on_the_cpu(tmp_path):
     """A model that takes either layout gets its inputs in channels_last in every callback run (after the setup
     check), training keeps NCHW, and the maps equal the NCHW ones up to rounding."""
@@ -67,10 +77,11 @@ def test_callbacks_call_the_model_in_channels_last_on_the_cpu(tmp_path):
     cbs = [GradientCallback(methods=["saliency"], num_probes=2), CAMCallback(methods=["gradcam"], num_probes=2)]
     seen, handle = layouts_seen(model, model.net.conv1)
     tl, vl = tiny_loaders(n=12, batch_size=6)
-    tiny_trainer(str(tmp_path), cbs, max_epochs=1).fit(model, tl, vl)
+    kept = KeepAdapter(cbs[0])  # the callbacks let go of their adapter when the fit ends
+    tiny_trainer(str(tmp_path), [*cbs, kept], max_epochs=1).fit(model, tl, vl)
     handle.remove()
-    adapter = cbs[0].adapted(model)
-    assert adapter.memory_format is torch.channels_last
+    adapter = kept.adapter
+    assert adapter is not None and adapter.memory_format is torch.channels_last
     assert False in seen and True in seen  # training batches NCHW, visualization passes channels_last
     assert any(t.startswith("viz-cam/panel/") for t in read_events(str(tmp_path)).Tags()["images"])
     x = torch.randn(4, 3, 8, 8)
@@ -97,9 +108,10 @@ def test_a_model_that_views_its_feature_map_keeps_nchw(tmp_path):
     ]
     seen, handle = layouts_seen(model, model.net.conv1)
     tl, vl = tiny_loaders(n=12, batch_size=6)
-    tiny_trainer(str(tmp_path), [*cbs, ForgetSetup(seen)], max_epochs=1).fit(model, tl, vl)
+    kept = KeepAdapter(cbs[0])  # the callbacks let go of their adapter when the fit ends
+    tiny_trainer(str(tmp_path), [*cbs, ForgetSetup(seen), kept], max_epochs=1).fit(model, tl, vl)
     handle.remove()
-    assert cbs[0].adapted(model).layout_checked and cbs[0].adapted(model).memory_format is None
+    assert kept.adapter is not None and kept.adapter.layout_checked and kept.adapter.memory_format is None
     assert seen and not any(seen)
     assert all(cb.last_logged_tags for cb in cbs)
 
