@@ -68,6 +68,9 @@ from .targets import LabelTarget, PredictedTarget, Target, resolve_target
 __all__ = ["MapTracker", "randomized_copy", "TRACKING_LAYOUT"]
 
 PREFIX = "track:"
+#: The sanity check keeps its last randomized copy's tensors (to see the next copy is the same and reuse its maps)
+#: only for a model of at most this many MiB of parameters and buffers: a larger CPU model is not held twice.
+SANITY_MEMO_MB = 256.0
 
 #: Custom-scalars layout (regexes over tags, so one layout serves every callback and layer).
 TRACKING_LAYOUT: dict[str, dict[str, list]] = {
@@ -225,7 +228,8 @@ class MapTracker:
             model (one extra ``compute_maps`` per run; a ``"predicted"`` target stays the trained model's class). On
             the CPU the last run's randomized copy and its maps are kept: a run whose copy has the same parameters and
             buffers bit for bit (every layer reset by ``reset_parameters``: the same whatever training did), on the
-            same probes and classes, takes those maps instead of computing them again.
+            same probes and classes, takes those maps instead of computing them again (models of at most
+            ``SANITY_MEMO_MB`` of parameters and buffers).
         seed: seed of the randomized copy (same on every rank). Keep it different from the seed the
             model was initialized with: an untrained model re-initialized with its own seed is itself.
         target: class whose probability (the callback's ``probabilities``: softmax or per-class sigmoid) the
@@ -405,7 +409,8 @@ class MapTracker:
             finally:
                 callback.target = target
         on_cpu = all(t.device.type == "cpu" for t in tensors) and all(m.device.type == "cpu" for m in maps.values())
-        self._sanity_memo = (key, tensors, maps) if on_cpu else None
+        small = sum(t.numel() * t.element_size() for t in tensors) <= SANITY_MEMO_MB * 2**20
+        self._sanity_memo = (key, tensors, maps) if on_cpu and small else None
         return maps
 
     def _use_masks(self, probe: ProbeSet) -> bool:

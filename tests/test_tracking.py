@@ -729,3 +729,36 @@ def test_filmstrip_epoch_labels_stay_readable_under_small_frames():
     _, under, width = tr._film_row("m/l", "p000", tr.frames["m/l"]["p000"], [0, 1], tr.epochs["m/l"], 0)
     assert width == 32
     torch.testing.assert_close(under[:, :, 34:66], _shared_strip(32, ["12"], 13))
+
+
+def test_sanity_check_keeps_no_randomized_copy_above_its_memory_cap(monkeypatch):
+    """The sanity check's memo keeps the randomized copy's tensors (to tell the next copy is the same): a model above
+    SANITY_MEMO_MB of parameters and buffers keeps none (its maps are computed each run), so a large CPU model is not
+    held twice between runs."""
+    import lightning_viz.tracking as tracking
+
+    class Counted(InputGradMap):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.copies = 0
+
+        def compute_maps(self, pl_module, probe):
+            self.copies += next(pl_module.parameters()) is not next(module.parameters())  # a randomized copy's
+            return super().compute_maps(pl_module, probe)
+
+    module = LitTiny(TinyCNN(width=4))
+    probe = _probe()
+    cb = Counted(tracker=MapTracker(filmstrip=False, drift=False, sanity_check=True, seed=5))
+
+    def sanity():
+        with isolated(module):
+            return cb.compute(module, probe)["track:sanity/inputgrad/input"]
+
+    size_mb = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]) / 2**20
+    monkeypatch.setattr(tracking, "SANITY_MEMO_MB", size_mb / 2)
+    first = sanity()
+    assert torch.equal(sanity(), first) and cb.copies == 2 and cb.tracker._sanity_memo is None
+    monkeypatch.setattr(tracking, "SANITY_MEMO_MB", size_mb * 2)
+    sanity()
+    sanity()
+    assert cb.copies == 3 and cb.tracker._sanity_memo is not None
