@@ -306,23 +306,26 @@ def test_tracker_compute_keys_and_sanity_copy_leave_the_model_untouched():
     torch.testing.assert_close(out["track:sanity/inputgrad/input"], expected.float(), atol=1e-5, rtol=1e-5)
 
 
+class CountsCopies(InputGradMap):
+    """Counts the maps it computes of models other than ``trained`` (the sanity check's randomized copies)."""
+
+    def __init__(self, trained, **kw):
+        super().__init__(**kw)
+        self.trained, self.copies = trained, 0
+
+    def compute_maps(self, pl_module, probe):
+        self.copies += next(pl_module.parameters()) is not next(self.trained.parameters())
+        return super().compute_maps(pl_module, probe)
+
+
 def test_sanity_check_computes_the_randomized_models_maps_again_only_when_that_model_changed():
     """Every layer of TinyCNN has reset_parameters: its randomized copy is the same whatever training did, so later runs
     take the maps of the last one (the same bits) instead of computing them again; a parameter no reset writes (noise
     with the trained parameter's std), other probes or another seed compute them again."""
 
-    class Counted(InputGradMap):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.copies = 0
-
-        def compute_maps(self, pl_module, probe):
-            self.copies += next(pl_module.parameters()) is not next(module.parameters())  # a randomized copy's
-            return super().compute_maps(pl_module, probe)
-
     module = LitTiny(TinyCNN(width=4))
     probe = _probe()
-    cb = Counted(tracker=MapTracker(filmstrip=False, drift=False, sanity_check=True, seed=5))
+    cb = CountsCopies(module, tracker=MapTracker(filmstrip=False, drift=False, sanity_check=True, seed=5))
 
     def sanity(p=probe):
         with isolated(module):
@@ -737,18 +740,9 @@ def test_sanity_check_keeps_no_randomized_copy_above_its_memory_cap(monkeypatch)
     held twice between runs."""
     import lightning_viz.tracking as tracking
 
-    class Counted(InputGradMap):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.copies = 0
-
-        def compute_maps(self, pl_module, probe):
-            self.copies += next(pl_module.parameters()) is not next(module.parameters())  # a randomized copy's
-            return super().compute_maps(pl_module, probe)
-
     module = LitTiny(TinyCNN(width=4))
     probe = _probe()
-    cb = Counted(tracker=MapTracker(filmstrip=False, drift=False, sanity_check=True, seed=5))
+    cb = CountsCopies(module, tracker=MapTracker(filmstrip=False, drift=False, sanity_check=True, seed=5))
 
     def sanity():
         with isolated(module):
